@@ -1,0 +1,34 @@
+"""Expert math: grouped-GEMM MoE kernels and their plain PyTorch reference.
+
+The model never calls Triton directly: it asks for a backend by name.
+
+    from kernels import moe_experts
+    y_TD = moe_experts(x_TD, w13_EJD, w2_EDI, topk_ids_TK, topk_weights_TK, backend="torch")
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .reference import check_moe_inputs, expert_mlp_reference, moe_experts_reference
+
+BACKENDS = ("torch", "triton")
+
+
+def get_backend(name: str) -> Callable[..., torch.Tensor]:
+    """The expert function of a backend: f(x_TD, w13_EJD, w2_EDI, topk_ids_TK, topk_weights_TK) -> y_TD."""
+    if name == "torch":
+        return moe_experts_reference
+    if name == "triton":
+        from .fused_moe import fused_moe  # imported lazily: Triton is only needed when asked for
+        return fused_moe
+    raise ValueError(f"unknown expert backend {name!r}; choose one of {BACKENDS}")
+
+
+def moe_experts(x_TD, w13_EJD, w2_EDI, topk_ids_TK, topk_weights_TK, backend: str = "torch") -> torch.Tensor:
+    return get_backend(backend)(x_TD, w13_EJD, w2_EDI, topk_ids_TK, topk_weights_TK)
+
+
+__all__ = ["BACKENDS", "get_backend", "moe_experts", "moe_experts_reference", "expert_mlp_reference",
+           "check_moe_inputs"]

@@ -1,0 +1,3 @@
+"""The MoE model core: config, decoder model, checkpoint loading, generation, training, CLI."""
+
+__all__: list[str] = []

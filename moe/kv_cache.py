@@ -1,0 +1,82 @@
+"""Per-row KV cache: each batch row has its own length, so rows of different lengths share
+one batch with no left padding, and a row can be reset and reused (continuous batching).
+
+Shape legend: B = batch rows, H = KV heads, S = cache slots (max_len), T = new tokens,
+Dk / Dv = key / value head size (they differ under MLA).
+
+A forward over new tokens ``input_ids [B, T]`` with ``valid [B, T]`` (right padding: the valid
+tokens of a row are a prefix) writes each row's tokens at slots ``lengths[b] + i`` and lets
+query ``(b, i)`` see slots ``0 .. lengths[b] + i``. ``advance(valid)`` then adds the number of
+valid tokens to each row's length; invalid tokens were written past the row's length and are
+overwritten later.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, batch_size: int, max_len: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        if batch_size <= 0 or max_len <= 0:
+            raise ValueError(f"batch_size ({batch_size}) and max_len ({max_len}) must be positive")
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # [B]
+        self._k: dict[int, torch.Tensor] = {}  # layer -> [B, H, S, Dk]
+        self._v: dict[int, torch.Tensor] = {}  # layer -> [B, H, S, Dv]
+
+    # --- positions and masks (computed once per forward, shared by all layers) -------------
+    def positions(self, T: int) -> torch.Tensor:
+        """Absolute positions of T new tokens: [B, T]."""
+        return self.lengths[:, None] + torch.arange(T, device=self.device)[None, :]
+
+    def check_room(self, T: int) -> None:
+        # one host sync per forward; the generation engine checks lengths itself before a step
+        need = int(self.lengths.max()) + T
+        if need > self.max_len:
+            raise ValueError(f"KV cache full: a row would hold {need} tokens but max_len is {self.max_len}; "
+                             "create the cache with a larger max_len (prompt + max_new_tokens)")
+
+    def attention_mask(self, T: int, num_slots: int) -> torch.Tensor:
+        """Boolean mask [B, 1, T, num_slots]: query i of row b sees slots <= lengths[b] + i."""
+        q_pos = self.positions(T)  # [B, T]
+        slots = torch.arange(num_slots, device=self.device)
+        return (slots[None, None, :] <= q_pos[:, :, None])[:, None]
+
+    # --- storage ---------------------------------------------------------------------------
+    def update(self, layer: int, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor, num_slots: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys/values of ``layer``; return the first ``num_slots`` slots [B, H, num_slots, D]."""
+        B, H, T, Dk = k_BHTD.shape
+        if layer not in self._k:
+            self._k[layer] = torch.zeros(self.batch_size, H, self.max_len, Dk, device=self.device, dtype=self.dtype)
+            self._v[layer] = torch.zeros(self.batch_size, H, self.max_len, v_BHTD.shape[-1],
+                                         device=self.device, dtype=self.dtype)
+        k_all, v_all = self._k[layer], self._v[layer]
+        # slot of each new token, clamped so padding past the end never writes out of bounds
+        slot_BT = self.positions(T).clamp_(max=self.max_len - 1)
+        idx_k = slot_BT[:, None, :, None].expand(B, H, T, Dk)
+        idx_v = slot_BT[:, None, :, None].expand(B, H, T, v_BHTD.shape[-1])
+        k_all.scatter_(2, idx_k, k_BHTD.to(self.dtype))
+        v_all.scatter_(2, idx_v, v_BHTD.to(self.dtype))
+        return k_all[:, :, :num_slots], v_all[:, :, :num_slots]
+
+    def advance(self, valid_BT: torch.Tensor | None, T: int) -> None:
+        if valid_BT is None:
+            self.lengths += T
+        else:
+            self.lengths += valid_BT.sum(dim=1).to(torch.long)
+
+    def reset(self, rows: torch.Tensor | list[int] | None = None) -> None:
+        """Empty some rows (all by default) so new sequences can use them."""
+        if rows is None:
+            self.lengths.zero_()
+        else:
+            self.lengths[torch.as_tensor(rows, device=self.device, dtype=torch.long)] = 0
+
+    def num_slots_for(self, T: int) -> int:
+        """Slots attention must look at this forward: max(lengths) + T (one host sync)."""
+        return min(int(self.lengths.max()) + T, self.max_len)

@@ -1,0 +1,154 @@
+"""RoutingTrace: which experts each token took at each MoE layer.
+
+The one record of routing shared by the predictor, the placer, the cache simulator and the
+benchmarks (DESIGN.md, "Contracts").
+
+Shape legend: L = MoE layers, T = tokens, K = experts per token (top-k).
+
+    expert_ids   [L, T, K] int16   expert chosen (-1 = no expert, e.g. a dropped token)
+    weights      [L, T, K] float32 optional routing weights
+    request_ids  [T]       int32   which request (sequence) a token belongs to
+    positions    [T]       int32   the token's position inside its request
+
+Tokens are stored in the order they were processed; within one request, positions increase.
+Saved as a compressed ``.npz``; nothing is pickled.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, eq=False)
+class RoutingTrace:
+    expert_ids: np.ndarray  # [L, T, K] int16
+    num_experts: int
+    weights: np.ndarray | None = None  # [L, T, K] float32
+    request_ids: np.ndarray | None = None  # [T] int32
+    positions: np.ndarray | None = None  # [T] int32
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        ids = np.asarray(self.expert_ids)
+        if ids.ndim != 3:
+            raise ValueError(
+                f"expert_ids must be [layers, tokens, top_k], got shape {tuple(ids.shape)}; "
+                "for a single layer add a leading axis (ids[None])")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"expert_ids must be integers, got dtype {ids.dtype}")
+        if self.num_experts <= 0 or self.num_experts > np.iinfo(np.int16).max:
+            raise ValueError(f"num_experts must be in 1..32767, got {self.num_experts}")
+        if ids.size and (ids.min() < -1 or ids.max() >= self.num_experts):
+            raise ValueError(
+                f"expert_ids must lie in -1..{self.num_experts - 1} (num_experts={self.num_experts}), "
+                f"found values in {int(ids.min())}..{int(ids.max())}: wrong num_experts for this trace?")
+        object.__setattr__(self, "expert_ids", ids.astype(np.int16, copy=False))
+        L, T, K = ids.shape
+        if self.weights is not None:
+            w = np.asarray(self.weights, dtype=np.float32)
+            if w.shape != ids.shape:
+                raise ValueError(f"weights shape {tuple(w.shape)} must equal expert_ids shape {tuple(ids.shape)}")
+            object.__setattr__(self, "weights", w)
+        for name in ("request_ids", "positions"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            v = np.asarray(v)
+            if v.shape != (T,):
+                raise ValueError(f"{name} must have shape [tokens]=({T},), got {tuple(v.shape)}")
+            object.__setattr__(self, name, v.astype(np.int32, copy=False))
+
+    # --- shape ----------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.expert_ids.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.expert_ids.shape[1]
+
+    @property
+    def top_k(self) -> int:
+        return self.expert_ids.shape[2]
+
+    def request_ids_or_default(self) -> np.ndarray:
+        """Request ids, or all zeros (one request) when the trace has none."""
+        if self.request_ids is not None:
+            return self.request_ids
+        return np.zeros(self.num_tokens, dtype=np.int32)
+
+    # --- slicing --------------------------------------------------------------------------
+    def select_tokens(self, index) -> "RoutingTrace":
+        """A trace of a subset of tokens (a slice, a boolean mask or an index array)."""
+        def pick(a):
+            return None if a is None else a[..., index] if a.ndim == 1 else a[:, index]
+        return RoutingTrace(self.expert_ids[:, index], self.num_experts, pick(self.weights),
+                            pick(self.request_ids), pick(self.positions), dict(self.meta))
+
+    def select_layers(self, index) -> "RoutingTrace":
+        w = None if self.weights is None else self.weights[index]
+        return RoutingTrace(self.expert_ids[index], self.num_experts, w, self.request_ids,
+                            self.positions, dict(self.meta))
+
+    def split_requests(self, fraction: float, seed: int = 0) -> tuple["RoutingTrace", "RoutingTrace"]:
+        """Split by request (never inside one), e.g. into train / held-out parts."""
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+        req = self.request_ids_or_default()
+        uniq = np.unique(req)
+        if len(uniq) < 2:
+            raise ValueError("the trace holds a single request; record several to split by request")
+        rng = np.random.default_rng(seed)
+        rng.shuffle(uniq)
+        n_first = min(max(1, int(round(len(uniq) * fraction))), len(uniq) - 1)
+        first = np.isin(req, uniq[:n_first])
+        return self.select_tokens(first), self.select_tokens(~first)
+
+    # --- disk -----------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        if path.suffix != ".npz":
+            path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
+        arrays = {"expert_ids": self.expert_ids,
+                  "header": np.frombuffer(json.dumps({
+                      "format": "moeflow.RoutingTrace", "version": _FORMAT_VERSION,
+                      "num_experts": int(self.num_experts), "meta": self.meta}).encode(), dtype=np.uint8)}
+        for name in ("weights", "request_ids", "positions"):
+            if getattr(self, name) is not None:
+                arrays[name] = getattr(self, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RoutingTrace":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"routing trace {path} does not exist")
+        try:
+            z = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{path} is not a RoutingTrace .npz file ({e}); "
+                             "record one with moeflow's trace recorder or RoutingTrace.save") from e
+        with z:
+            if "header" not in z or "expert_ids" not in z:
+                raise ValueError(f"{path} lacks the 'header'/'expert_ids' arrays of a RoutingTrace; "
+                                 "was it written by RoutingTrace.save?")
+            try:
+                header = json.loads(bytes(z["header"]).decode())
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{path}: corrupt RoutingTrace header ({e})") from e
+            if header.get("format") != "moeflow.RoutingTrace" or header.get("version") != _FORMAT_VERSION:
+                raise ValueError(f"{path}: unsupported trace format {header.get('format')} "
+                                 f"version {header.get('version')} (this moeflow reads version {_FORMAT_VERSION})")
+            opt = {n: (z[n] if n in z else None) for n in ("weights", "request_ids", "positions")}
+            return cls(z["expert_ids"], int(header["num_experts"]), meta=header.get("meta", {}), **opt)
+
+    def __repr__(self) -> str:
+        return (f"RoutingTrace(layers={self.num_layers}, tokens={self.num_tokens}, top_k={self.top_k}, "
+                f"num_experts={self.num_experts})")

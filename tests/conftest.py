@@ -1,0 +1,45 @@
+"""Test-suite set-up.
+
+TRITON_INTERPRET=1 must be set before any Triton kernel module is imported, so it is set here,
+at the top, when no CUDA device is present: the Triton kernels then run in the interpreter on
+the CPU. On a GPU machine the same tests run the compiled kernels.
+"""
+import os
+
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import pytest  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not ON_GPU:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (2 CPUs; actors use fractional CPUs).
+
+    Tests that use it run inside a loopback-only network namespace (.ci/test makes one), since
+    Ray otherwise binds the machine's external address.
+    """
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1", ignore_reinit_error=True)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
