@@ -1,0 +1,151 @@
+"""Token alignment: (token, slot) pairs sorted by expert, each expert's run padded to the block size.
+
+The grouped GEMMs process one block of BLOCK_M rows at a time, all rows of a block belonging to
+one expert. This module builds that layout on the device with no host synchronisation (no
+``.item()``, ``.tolist()``, no data-dependent shapes), so a decode step can be captured in a CUDA
+graph: every output has a size that depends only on (pairs, experts, BLOCK_M).
+
+Shape legend: T = tokens, K = experts per token, P = T*K pairs (pair p = token p // K, slot p % K),
+E = experts, S = padded rows (an upper bound, ``max_padded_rows``), B = S / BLOCK_M blocks.
+
+    sorted_pair_S     pair held by each padded row; ``P`` (a sentinel) marks padding
+    block_expert_B    expert of each block; -1 for blocks past the last used one
+    num_padded_1      rows actually used (a one-element device tensor)
+    expert_start_E1   first padded row of each expert (E + 1 entries; the last = num_padded)
+
+Ids of -1 (expert not on this rank) and ids outside [0, E) are dropped: they get no row, so they
+contribute zero. Two implementations compute the same layout: a single-program Triton kernel for
+decode-sized inputs (one launch instead of a dozen small torch ops), and plain torch ops for the
+rest; ``align_reference`` is the torch one, and the tests hold the Triton one to it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# The single-program kernel walks every pair and every expert once per pair chunk; past this many
+# pairs the sort-based torch path (parallel over the whole GPU) is faster.
+TRITON_ALIGN_MAX_PAIRS = 4096
+
+
+@dataclass(frozen=True)
+class AlignedRouting:
+    """The block layout shared by every grouped GEMM of one MoE call (forward and backward)."""
+    sorted_pair_S: torch.Tensor      # int32
+    block_expert_B: torch.Tensor     # int32
+    num_padded_1: torch.Tensor       # int32 [1]
+    expert_start_E1: torch.Tensor    # int32 [E + 1]
+    num_pairs: int
+    top_k: int
+    block_m: int
+
+    @property
+    def max_blocks(self) -> int:
+        return self.block_expert_B.shape[0]
+
+
+def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Upper bound on padded rows: every used expert wastes at most block_m - 1 rows."""
+    blocks = triton.cdiv(num_pairs, block_m) + min(num_experts, num_pairs)
+    return max(blocks, 1) * block_m
+
+
+def align_reference(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> AlignedRouting:
+    """Sort-based alignment with plain torch ops (no host sync); the reference and the large-P path."""
+    T, K = topk_ids_TK.shape
+    P, E, dev = T * K, num_experts, topk_ids_TK.device
+    S = max_padded_rows(P, E, block_m)
+    flat = topk_ids_TK.reshape(-1).long()
+    key = torch.where((flat < 0) | (flat >= E), torch.full_like(flat, E), flat)  # dropped -> bucket E
+    counts = torch.zeros(E + 1, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))
+    sorted_key, order = torch.sort(key, stable=True)
+    padded = (counts[:E] + block_m - 1) // block_m * block_m
+    pad_end = torch.cumsum(padded, 0)
+    pad_start = pad_end - padded
+    raw_start = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(P, device=dev) - raw_start[sorted_key]
+    real = sorted_key < E
+    dest = torch.where(real, pad_start[sorted_key.clamp(max=E - 1)] + rank, torch.full_like(rank, S))
+    sorted_pair = torch.full((S + 1,), P, dtype=torch.long, device=dev)
+    sorted_pair.scatter_(0, dest, order)
+    first_row = torch.arange(S // block_m, device=dev) * block_m
+    block_expert = torch.searchsorted(pad_end, first_row, right=True)
+    block_expert = torch.where(block_expert < E, block_expert, torch.full_like(block_expert, -1))
+    expert_start = torch.cat([pad_start, pad_end[-1:]])
+    return AlignedRouting(sorted_pair[:S].int(), block_expert.int(), pad_end[-1:].int(), expert_start.int(),
+                          P, K, block_m)
+
+
+@triton.jit
+def _align_kernel(ids_ptr, sorted_pair_ptr, block_expert_ptr, num_padded_ptr, expert_start_ptr,
+                  P, E, S, NUM_BLOCKS,
+                  BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr):
+    """One program: counts, padded offsets, ranks within each expert, block -> expert map."""
+    experts = tl.arange(0, E_P2)
+    offs = tl.arange(0, CHUNK)
+    # pass 0: every padded row starts as padding (sentinel P)
+    for s0 in range(0, S, CHUNK):
+        tl.store(sorted_pair_ptr + s0 + offs, tl.zeros([CHUNK], dtype=tl.int32) + P, mask=s0 + offs < S)
+    # pass 1: tokens per expert, by a one-hot [CHUNK, E_P2] compare (E is small: <= a few hundred)
+    counts = tl.zeros([E_P2], dtype=tl.int32)
+    for p0 in range(0, P, CHUNK):
+        ids = tl.load(ids_ptr + p0 + offs, mask=p0 + offs < P, other=-1).to(tl.int32)
+        hit = (ids[:, None] == experts[None, :]) & (experts[None, :] < E)
+        counts += tl.sum(hit.to(tl.int32), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    pad_end = tl.cumsum(padded, axis=0)
+    pad_start = pad_end - padded
+    total = tl.sum(padded, axis=0)
+    tl.store(expert_start_ptr + experts, pad_start, mask=experts < E)
+    tl.store(expert_start_ptr + E, total)
+    tl.store(num_padded_ptr, total)
+    # the sentinel stores above and the pair stores below hit the same addresses from other threads
+    tl.debug_barrier()
+    # pass 2: rank of each pair within its expert = earlier pairs of that expert (stable order)
+    seen = tl.zeros([E_P2], dtype=tl.int32)
+    for p0 in range(0, P, CHUNK):
+        ids = tl.load(ids_ptr + p0 + offs, mask=p0 + offs < P, other=-1).to(tl.int32)
+        hit = ((ids[:, None] == experts[None, :]) & (experts[None, :] < E)).to(tl.int32)
+        before = tl.cumsum(hit, axis=0) - hit + seen[None, :]
+        dest = tl.sum(hit * (before + pad_start[None, :]), axis=1)
+        real = tl.sum(hit, axis=1) > 0
+        tl.store(sorted_pair_ptr + dest, p0 + offs, mask=real)
+        seen += tl.sum(hit, axis=0)
+    # block -> expert: the number of experts whose padded run ends at or before the block's first row
+    for b0 in range(0, NUM_BLOCKS, CHUNK):
+        row = (b0 + offs) * BLOCK_M
+        after = (pad_end[None, :] <= row[:, None]) & (experts[None, :] < E)
+        e = tl.sum(after.to(tl.int32), axis=1)
+        e = tl.where(row < total, e, -1)
+        tl.store(block_expert_ptr + b0 + offs, e, mask=b0 + offs < NUM_BLOCKS)
+
+
+def align_triton(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> AlignedRouting:
+    """The same layout as ``align_reference`` from one single-program Triton launch."""
+    T, K = topk_ids_TK.shape
+    P, E, dev = T * K, num_experts, topk_ids_TK.device
+    S = max_padded_rows(P, E, block_m)
+    ids = topk_ids_TK.reshape(-1)
+    if not ids.is_contiguous():
+        ids = ids.contiguous()
+    sorted_pair = torch.empty(S, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(S // block_m, dtype=torch.int32, device=dev)
+    num_padded = torch.empty(1, dtype=torch.int32, device=dev)
+    expert_start = torch.empty(E + 1, dtype=torch.int32, device=dev)
+    e_p2 = triton.next_power_of_2(max(E, 2))
+    chunk = max(16, min(triton.next_power_of_2(max(P, 1)), 8192 // e_p2 if e_p2 <= 512 else 16))
+    _align_kernel[(1,)](ids, sorted_pair, block_expert, num_padded, expert_start, P, E, S, S // block_m,
+                        BLOCK_M=block_m, E_P2=e_p2, CHUNK=chunk, num_warps=4 if e_p2 * chunk <= 4096 else 8)
+    return AlignedRouting(sorted_pair, block_expert, num_padded, expert_start, P, K, block_m)
+
+
+def align_tokens(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> AlignedRouting:
+    """The block layout, by the faster of the two implementations for this many pairs."""
+    if block_m < 1 or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two, got {block_m}")
+    if topk_ids_TK.numel() <= TRITON_ALIGN_MAX_PAIRS and num_experts <= 1024:
+        return align_triton(topk_ids_TK, num_experts, block_m)
+    return align_reference(topk_ids_TK, num_experts, block_m)

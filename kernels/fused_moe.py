@@ -1,0 +1,153 @@
+"""Fused MoE expert computation on Triton: the ``"triton"`` backend of ``kernels.get_backend``.
+
+    router ─► topk_ids_TK, topk_weights_TK
+       │
+       ▼
+    align_tokens        pairs sorted by expert, padded to BLOCK_M, block → expert      (align.py)
+       ▼
+    moe_up              h_SI = silu(x[tok] Wg[e]ᵀ) · (x[tok] Wu[e]ᵀ), x gathered unsorted (grouped_gemm.py)
+       ▼
+    moe_gemm (down)     out_PD[pair] = w[pair] · h_SI Wd[e]ᵀ, scattered to pair order
+       ▼
+    moe_sum             y_TD = Σ_k out_PD[t·K + k] over real slots                       (no atomics)
+
+Shape legend: T = tokens, D = hidden, I = expert ffn size, J = 2I, E = experts, K = experts per
+token, P = T·K pairs, S = padded sorted rows.
+
+Nothing on the forward path reads a device value on the host, so a decode step can be captured in
+a CUDA graph. The launch configuration is picked by token count (tuned files, else a heuristic):
+few tokens get the decode tiles (narrow N, so the whole GPU streams the weights).
+
+The backward pass (``torch.autograd.Function``) reuses the same layout and kernels:
+    dh_SI   = dy[tok] Wd[e]                         moe_gemm, B = w2 read transposed through strides
+    dw[p]   = Σ_i dh · act,   da = w · dh            plain torch on the sorted rows (elementwise)
+    dgu_SJ  = SwiGLU backward of da                  plain torch (elementwise)
+    dx_TD   = Σ_k (dgu Wgu[e])[t·K + k]              moe_gemm + moe_sum
+    dW2[e]  = Σ_rows (w · dy[tok])ᵀ act              moe_wgrad
+    dW13[e] = Σ_rows dguᵀ x[tok]                     moe_wgrad
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from .align import AlignedRouting, align_tokens
+from .grouped_gemm import moe_gemm, moe_sum, moe_up, moe_wgrad
+from .launch_config import MoEConfig, pick_config
+from .reference import check_moe_inputs
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def config_for(x_TD: torch.Tensor, w13_EJD: torch.Tensor, top_k: int) -> MoEConfig:
+    E, J, D = w13_EJD.shape
+    name = _device_name(x_TD.device.index or 0) if x_TD.is_cuda else None
+    return pick_config(x_TD.shape[0], top_k, E, J // 2, D, name)
+
+
+def _check_device(x_TD, w13_EJD, w2_EDI, topk_ids_TK, topk_weights_TK) -> None:
+    if x_TD.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"triton backend supports {SUPPORTED_DTYPES}, got x of dtype {x_TD.dtype}; "
+                         f"use backend='torch' for other dtypes")
+    if w13_EJD.dtype != x_TD.dtype or w2_EDI.dtype != x_TD.dtype:
+        raise ValueError(f"x ({x_TD.dtype}), w13 ({w13_EJD.dtype}) and w2 ({w2_EDI.dtype}) must share one dtype")
+    if topk_ids_TK.dtype not in (torch.int32, torch.int64, torch.int16):
+        raise ValueError(f"topk_ids must be an integer tensor, got {topk_ids_TK.dtype}")
+    devs = {t.device for t in (x_TD, w13_EJD, w2_EDI, topk_ids_TK, topk_weights_TK)}
+    if len(devs) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devs))}")
+    if not x_TD.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for the slow CPU "
+                         "interpreter); use backend='torch' on the CPU")
+
+
+def _forward(x_TD, w13_EJD, w2_EDI, topk_ids_TK, w_P, cfg: MoEConfig, save: bool):
+    E, J, D = w13_EJD.shape
+    al = align_tokens(topk_ids_TK, E, cfg.block_m)
+    h_SI, gu_SJ = moe_up(x_TD, w13_EJD, al, cfg.up, save_preact=save)
+    out_PD = moe_gemm(h_SI, w2_EDI, (w2_EDI.stride(0), w2_EDI.stride(1), w2_EDI.stride(2)), D, J // 2, al,
+                      cfg.down, a_gather=False, c_scatter=True, weight_P=w_P)
+    y_TD = moe_sum(out_PD, topk_ids_TK, E, x_TD.dtype)
+    return y_TD, al, h_SI, gu_SJ
+
+
+class _FusedMoE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, w13_EJD, w2_EDI, topk_ids_TK, topk_weights_TK, cfg: MoEConfig):
+        w_P = topk_weights_TK.reshape(-1).contiguous()
+        y_TD, al, h_SI, gu_SJ = _forward(x_TD, w13_EJD, w2_EDI, topk_ids_TK, w_P, cfg, save=True)
+        ctx.save_for_backward(x_TD, w13_EJD, w2_EDI, topk_ids_TK, w_P, h_SI, gu_SJ)
+        ctx.al, ctx.cfg, ctx.w_dtype = al, cfg, topk_weights_TK.dtype
+        return y_TD
+
+    @staticmethod
+    def backward(ctx, dy_TD):
+        x_TD, w13_EJD, w2_EDI, topk_ids_TK, w_P, h_SI, gu_SJ = ctx.saved_tensors
+        al: AlignedRouting = ctx.al
+        cfg: MoEConfig = ctx.cfg
+        need_x, need_w13, need_w2, _, need_w, _ = ctx.needs_input_grad
+        E, J, D = w13_EJD.shape
+        I = J // 2
+        T, K = topk_ids_TK.shape
+        P = al.num_pairs
+        dy_TD = dy_TD.to(x_TD.dtype).contiguous()
+        # dh = dy[tok] @ W2[e]: B[e][n=i, k=d] = w2[e, d, i]
+        dh_SI = moe_gemm(dy_TD, w2_EDI, (w2_EDI.stride(0), w2_EDI.stride(2), w2_EDI.stride(1)), I, D, al, cfg.up,
+                         a_gather=True, c_scatter=False, out_dtype=torch.float32)
+        # elementwise SwiGLU backward on the sorted rows (padding rows carry pair = P and weight 0)
+        pair_S = al.sorted_pair_S.long()
+        w_pad = torch.cat([w_P.float(), w_P.new_zeros(1, dtype=torch.float32)])
+        w_S = w_pad[pair_S.clamp(max=P)]
+        g_SI, u_SI = gu_SJ.float().split(I, dim=1)
+        sig = torch.sigmoid(g_SI)
+        silu = g_SI * sig
+        grads = [None] * 6
+        if need_w:
+            dw_S = (dh_SI * (silu * u_SI)).sum(-1)
+            dw_pad = torch.zeros(P + 1, dtype=torch.float32, device=dy_TD.device).scatter_(0, pair_S, dw_S)
+            grads[4] = dw_pad[:P].view(T, K).to(ctx.w_dtype)
+        da_SI = dh_SI * w_S[:, None]
+        dgu_SJ = torch.cat([da_SI * u_SI * sig * (1 + g_SI * (1 - sig)), da_SI * silu], dim=1).to(x_TD.dtype)
+        if need_x:
+            # dx = dgu @ W13[e]: B[e][n=d, k=j] = w13[e, j, d]
+            dx_PD = moe_gemm(dgu_SJ, w13_EJD, (w13_EJD.stride(0), w13_EJD.stride(2), w13_EJD.stride(1)), D, J,
+                             al, cfg.down, a_gather=False, c_scatter=True)
+            grads[0] = moe_sum(dx_PD, topk_ids_TK, E, x_TD.dtype)
+        if need_w2:
+            grads[2] = moe_wgrad(dy_TD, h_SI, E, al, a_gather=True, b_gather=False, a_scale_P=w_P)
+        if need_w13:
+            grads[1] = moe_wgrad(dgu_SJ, x_TD, E, al, a_gather=False, b_gather=True)
+        return tuple(grads)
+
+
+def fused_moe(x_TD: torch.Tensor, w13_EJD: torch.Tensor, w2_EDI: torch.Tensor, topk_ids_TK: torch.Tensor,
+              topk_weights_TK: torch.Tensor, config: MoEConfig | None = None) -> torch.Tensor:
+    """y_TD = Σ_k w[t,k] · SwiGLU expert ids[t,k] (x_t); ids of -1 (or outside [0, E)) contribute zero.
+
+    Same function as ``kernels.moe_experts_reference``; differentiable in x, w13, w2 and the weights.
+    """
+    check_moe_inputs(x_TD, w13_EJD, w2_EDI, topk_ids_TK, topk_weights_TK)
+    _check_device(x_TD, w13_EJD, w2_EDI, topk_ids_TK, topk_weights_TK)
+    T, K = topk_ids_TK.shape
+    if T == 0 or K == 0:
+        return torch.zeros_like(x_TD)
+    if x_TD.stride(-1) != 1:
+        x_TD = x_TD.contiguous()
+    if w13_EJD.stride(-1) != 1 or w2_EDI.stride(-1) != 1:
+        raise ValueError("w13 and w2 must be contiguous in their last dimension; call .contiguous() on them")
+    cfg = config or config_for(x_TD, w13_EJD, K)
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x_TD, w13_EJD, w2_EDI, topk_weights_TK))
+    if needs_grad:
+        return _FusedMoE.apply(x_TD, w13_EJD, w2_EDI, topk_ids_TK, topk_weights_TK, cfg)
+    w_P = topk_weights_TK.reshape(-1)
+    if not w_P.is_contiguous():
+        w_P = w_P.contiguous()
+    return _forward(x_TD, w13_EJD, w2_EDI, topk_ids_TK, w_P, cfg, save=False)[0]

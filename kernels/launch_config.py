@@ -1,0 +1,105 @@
+"""Launch configurations of the grouped GEMMs: tuned ones stored as data, a heuristic for the rest.
+
+Tuned files live in ``kernels/configs/`` and are named by shape and GPU, e.g.
+``E=128,N=768,K=2048,device_name=NVIDIA_H200.json`` (E experts, N = expert ffn size I, K = hidden
+size D). Each maps a token count to one ``MoEConfig``; a call with T tokens takes the entry of the
+smallest tuned count >= T (else the largest). ``benchmarks/tune_kernels.py`` writes these files.
+
+Small token counts (decode) get narrow N tiles and long K steps, so that even one token's few
+experts spread over every SM and the whole GPU streams the weights; large counts get big tiles that
+reuse each weight tile across many rows.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def _pow2(name: str, v: int, lo: int, hi: int) -> None:
+    if v < lo or v > hi or v & (v - 1):
+        raise ValueError(f"{name} must be a power of two in [{lo}, {hi}], got {v}")
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile of one grouped GEMM (the M tile is shared and lives in MoEConfig)."""
+    block_n: int = 64
+    block_k: int = 64
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        _pow2("block_n", self.block_n, 16, 256)
+        _pow2("block_k", self.block_k, 16, 512)
+        _pow2("num_warps", self.num_warps, 1, 16)
+        if self.group_m < 1 or self.num_stages < 1:
+            raise ValueError(f"group_m and num_stages must be >= 1, got {self.group_m}, {self.num_stages}")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """One MoE call's launch settings: the row block (alignment) plus the up and down GEMM tiles."""
+    block_m: int = 64
+    up: GemmConfig = GemmConfig()
+    down: GemmConfig = GemmConfig()
+
+    def __post_init__(self):
+        _pow2("block_m", self.block_m, 16, 256)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MoEConfig":
+        unknown = set(d) - {"block_m", "up", "down"}
+        if unknown:
+            raise ValueError(f"unknown MoEConfig keys {sorted(unknown)}; expected block_m, up, down")
+        return cls(block_m=int(d.get("block_m", 64)), up=GemmConfig(**d.get("up", {})),
+                   down=GemmConfig(**d.get("down", {})))
+
+
+def config_file_name(num_experts: int, ffn: int, hidden: int, device_name: str) -> str:
+    return f"E={num_experts},N={ffn},K={hidden},device_name={device_name.replace(' ', '_')}.json"
+
+
+def default_config(num_tokens: int, top_k: int, num_experts: int, interpreted: bool = False) -> MoEConfig:
+    """A sane choice for an untuned shape or GPU, by the average rows per expert."""
+    if interpreted:
+        # the interpreter pays per program: few, small programs keep CPU tests fast
+        return MoEConfig(16, GemmConfig(32, 32, 1, 1, 1), GemmConfig(32, 32, 1, 1, 1))
+    rows = num_tokens * top_k / max(num_experts, 1)
+    if rows <= 16 and num_tokens <= 64:
+        # decode: weight streaming; narrow N so that every SM gets tiles
+        return MoEConfig(16, GemmConfig(32, 128, 1, 4, 4), GemmConfig(32, 128, 1, 4, 4))
+    if rows <= 64:
+        return MoEConfig(32, GemmConfig(64, 128, 4, 4, 3), GemmConfig(64, 128, 4, 4, 3))
+    if rows <= 256:
+        return MoEConfig(64, GemmConfig(64, 64, 8, 4, 4), GemmConfig(128, 64, 8, 4, 4))
+    return MoEConfig(128, GemmConfig(64, 64, 8, 8, 3), GemmConfig(128, 64, 8, 8, 3))
+
+
+@functools.lru_cache(maxsize=64)
+def load_tuned(num_experts: int, ffn: int, hidden: int, device_name: str) -> dict[int, MoEConfig] | None:
+    """The tuned table for a shape and GPU, or None. Read once per process (files are data, not state)."""
+    path = CONFIG_DIR / config_file_name(num_experts, ffn, hidden, device_name)
+    if not path.exists():
+        return None
+    raw = json.loads(path.read_text())
+    return {int(t): MoEConfig.from_dict(c) for t, c in raw.items() if not t.startswith("_")}
+
+
+def pick_config(num_tokens: int, top_k: int, num_experts: int, ffn: int, hidden: int,
+                device_name: str | None) -> MoEConfig:
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if not interpreted and device_name is not None:
+        table = load_tuned(num_experts, ffn, hidden, device_name)
+        if table:
+            above = [t for t in table if t >= num_tokens]
+            return table[min(above)] if above else table[max(table)]
+    return default_config(num_tokens, top_k, num_experts, interpreted)

@@ -1,0 +1,167 @@
+"""The Triton fused MoE (forward and backward) against the plain reference over a table of shapes.
+
+On the CPU the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1)
+in fp32, with tiny shapes; on a GPU the same table runs compiled, in bf16 against an fp32 reference.
+"""
+import pytest
+import torch
+
+from kernels import expert_mlp_reference, get_backend, moe_experts_reference
+from kernels.fused_moe import fused_moe
+from kernels.launch_config import GemmConfig, MoEConfig
+from tests.conftest import ON_GPU
+
+DEV = "cuda" if ON_GPU else "cpu"
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+# bf16 operands land between 1e-3 and 1e-2 relative error; fp32 (ieee dots) far below
+TOL = 1.5e-2 if ON_GPU else 1e-5
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_case(T, D, I, E, K, ids="random", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, D, generator=g)
+    w13 = torch.randn(E, 2 * I, D, generator=g) / D ** 0.5
+    w2 = torch.randn(E, D, I, generator=g) / I ** 0.5
+    w = torch.rand(T, K, generator=g) + 0.1
+    if ids == "random":
+        topk = torch.randint(-1, E, (T, K), generator=g)
+    elif ids == "distinct":       # each token's K experts distinct (what a router gives)
+        topk = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else torch.zeros(0, K, dtype=torch.long)
+    elif ids == "sparse":         # only experts 0 and E-1 used: the rest are empty
+        topk = torch.where(torch.rand(T, K, generator=g) < 0.5, 0, E - 1)
+    elif ids == "one":            # every token to expert 1
+        topk = torch.ones(T, K, dtype=torch.long)
+    else:
+        raise AssertionError(ids)
+    return x, w13, w2, topk, w
+
+
+# (T, D, I, E, K, ids): 1 token, 33 tokens, odd hidden sizes, empty experts, all to one expert,
+# top-k = E, -1 ids (in "random"), more rows than one block
+SHAPES = [
+    (1, 16, 24, 4, 2, "distinct"),
+    (33, 17, 20, 5, 3, "random"),
+    (7, 33, 19, 6, 2, "random"),
+    (20, 16, 16, 8, 2, "sparse"),
+    (40, 16, 16, 4, 1, "one"),
+    (9, 16, 16, 3, 3, "distinct"),
+    (5, 16, 16, 3, 2, "random"),
+]
+
+
+def _to(tensors, dtype, grad=False):
+    out = []
+    for t in tensors:
+        t = t.to(DEV)
+        if t.is_floating_point():
+            t = t.to(dtype)
+        out.append(t.requires_grad_(grad) if t.is_floating_point() else t)
+    return out
+
+
+@pytest.mark.parametrize("T,D,I,E,K,ids", SHAPES)
+def test_forward_matches_reference(T, D, I, E, K, ids):
+    case = make_case(T, D, I, E, K, ids)
+    want = moe_experts_reference(*_to(case, torch.float32))
+    x, w13, w2, topk, w = _to(case, DTYPE)
+    out = torch.full((T, D), float("nan"), device=DEV, dtype=DTYPE)  # poison: every element must be written
+    out.copy_(fused_moe(x, w13, w2, topk, w))
+    assert torch.isfinite(out).all()
+    assert rel_err(out, want) < TOL
+
+
+@pytest.mark.parametrize("T,D,I,E,K,ids", [SHAPES[0], SHAPES[1], SHAPES[3], SHAPES[4], SHAPES[5]])
+def test_backward_matches_reference_autograd(T, D, I, E, K, ids):
+    case = make_case(T, D, I, E, K, ids, seed=1)
+    ref = _to(case, torch.float32, grad=True)
+    got = _to(case, DTYPE, grad=True)
+    y_ref = moe_experts_reference(*ref)
+    y = fused_moe(*got)
+    dy = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(2)).to(DEV)
+    y_ref.backward(dy)
+    y.backward(dy.to(DTYPE))
+    for name, a, b in zip(("x", "w13", "w2", "topk_weights"), (got[0], got[1], got[2], got[4]),
+                          (ref[0], ref[1], ref[2], ref[4])):
+        assert a.grad is not None and a.grad.dtype == a.dtype, name
+        assert rel_err(a.grad, b.grad) < 2 * TOL, (name, rel_err(a.grad, b.grad))
+
+
+def test_one_expert_equals_dense_mlp_outputs_and_gradients():
+    x, w13, w2, _, _ = make_case(21, 24, 40, 1, 1)
+    ones, zeros = torch.ones(21, 1), torch.zeros(21, 1, dtype=torch.long)
+    xr, w13r, w2r = _to((x, w13, w2), torch.float32, grad=True)
+    xg, w13g, w2g, ids, wg = _to((x, w13, w2, zeros, ones), DTYPE, grad=True)
+    y_ref = expert_mlp_reference(xr, w13r[0], w2r[0])
+    y = fused_moe(xg, w13g, w2g, ids, wg)
+    assert rel_err(y, y_ref) < TOL
+    y_ref.square().sum().backward()
+    y.float().square().sum().backward()
+    for a, b in ((xg, xr), (w13g, w13r), (w2g, w2r)):
+        assert rel_err(a.grad, b.grad) < 2 * TOL
+
+
+def test_minus_one_slots_contribute_zero_and_get_zero_weight_grad():
+    x, w13, w2, topk, w = make_case(6, 16, 16, 4, 2, "distinct")
+    topk[:, 1] = -1
+    topk[2, 0] = -1                                    # token 2 goes nowhere: output row is zero
+    xg, w13g, w2g, ids, wg = _to((x, w13, w2, topk, w), DTYPE, grad=True)
+    y = fused_moe(xg, w13g, w2g, ids, wg)
+    assert torch.equal(y[2], torch.zeros_like(y[2]))
+    y.float().sum().backward()
+    assert torch.equal(wg.grad[:, 1], torch.zeros_like(wg.grad[:, 1]))
+    assert wg.grad[0, 0] != 0
+
+
+def test_zero_tokens_and_backend_seam():
+    x, w13, w2, topk, w = _to(make_case(0, 16, 16, 4, 2), DTYPE)
+    assert fused_moe(x, w13, w2, topk, w).shape == (0, 16)
+    assert get_backend("triton") is fused_moe
+
+
+def test_explicit_config_and_bad_inputs(monkeypatch):
+    x, w13, w2, topk, w = _to(make_case(5, 16, 16, 3, 2), DTYPE)
+    cfg = MoEConfig(32, GemmConfig(16, 16, 1, 2, 1), GemmConfig(16, 32, 2, 2, 1))
+    want = moe_experts_reference(*_to(make_case(5, 16, 16, 3, 2), torch.float32))
+    assert rel_err(fused_moe(x, w13, w2, topk, w, config=cfg), want) < TOL
+    with pytest.raises(ValueError, match="dtype"):
+        fused_moe(x.double(), w13.double(), w2.double(), topk, w)
+    with pytest.raises(ValueError, match="share one dtype"):
+        fused_moe(x, w13.half(), w2, topk, w)
+    with pytest.raises(ValueError, match="block_m"):
+        MoEConfig(block_m=24)
+    if not ON_GPU:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="CUDA"):
+            fused_moe(x, w13, w2, topk, w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 3, 64, 300])
+def test_gpu_cuda_graph_capture_and_decode_configs(T):
+    """The forward path has no host sync: it captures into a CUDA graph and replays on new inputs."""
+    E, D, I, K = 16, 256, 192, 4
+    x, w13, w2, topk, w = _to(make_case(T, D, I, E, K, "distinct"), torch.bfloat16)
+    fused_moe(x, w13, w2, topk, w)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fused_moe(x, w13, w2, topk, w)
+    for seed in range(3):
+        x2, _, _, topk2, w_2 = make_case(T, D, I, E, K, "random", seed=seed + 10)
+        x.copy_(x2.to(x)), topk.copy_(topk2.to(topk)), w.copy_(w_2.to(w))
+        graph.replay()
+        want = moe_experts_reference(x.float(), w13.float(), w2.float(), topk, w.float())
+        assert rel_err(y, want) < TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precisions(dtype):
+    """fp16/bf16 inputs (fp32 accumulation): within bf16 rounding of the fp32 reference."""
+    case = make_case(33, 17, 20, 5, 3, "random", seed=3)
+    want = moe_experts_reference(*_to(case, torch.float32))
+    out = fused_moe(*_to(case, dtype))
+    assert out.dtype == dtype and rel_err(out, want) < 1.5e-2
