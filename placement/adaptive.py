@@ -1,0 +1,410 @@
+"""Adaptive parallelism for one MoE layer, switched per call without moving weights (Tutel).
+
+Shape legend: T = this rank's tokens, D = hidden, E = experts, I = expert ffn size, K = top-k,
+W = ranks, S = slices per expert, U = E*S weight units, Uw = U/W units per rank,
+N = (token, slot, slice) rows.
+
+One weight layout serves every strategy. Each expert's ffn dimension is cut into
+S = max(1, W/E) slices; the E*S units are dealt out in order, Uw per rank. Because
+SiLU(gate)*up is elementwise over the ffn index, an expert's output is the sum of its slices'
+outputs, so any strategy that sums unit outputs computes exactly the unsliced layer.
+
+Strategies (``Strategy.name``), each a different way to bring tokens and units together:
+  "ep"  expert parallel (+ slicing when S > 1; Tutel's r = W/E): rows go by all-to-all to the
+        rank holding their unit and come back by a second all-to-all. ``degree`` d splits the
+        rows into d chunks whose dispatch is issued ahead of the compute (pipelining).
+  "dp"  data parallel (Tutel's r = 0): all-gather every unit's weights, compute local tokens;
+        in backward the weight gradients are reduce-scattered back to their owners.
+  "tp"  sliced/tensor parallel: all-gather the tokens, each rank computes its own units for
+        every token, a reduce-scatter sums the partial outputs back to the tokens' ranks.
+Capacity (Tutel's rule) is applied to the routing before any strategy runs, so dropped
+tokens are the same whatever the strategy: f > 0 fixed factor, f = 0 dropless, f < 0 the
+capacity the batch needs, capped at |f| × the mean load.
+
+The chooser predicts each strategy's step time from a cost model calibrated on the machine
+(collective latency and bandwidth, expert GEMM rate) and corrects it online with measured step
+times; a switch takes effect at the next call and moves no weight.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from kernels import get_backend
+
+from .collectives import all_gather_v, all_to_all_v, exchange_counts, gather_sizes, reduce_scatter_v
+
+STRATEGIES = ("ep", "dp", "tp")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str = "ep"
+    degree: int = 1  # pipelining degree (chunks), "ep" only
+
+    def __post_init__(self):
+        if self.name not in STRATEGIES:
+            raise ValueError(f"unknown parallel strategy {self.name!r}; choose one of {STRATEGIES}")
+        if self.degree < 1 or (self.name != "ep" and self.degree != 1):
+            raise ValueError(f"pipelining degree must be >= 1 and is only defined for 'ep' "
+                             f"(got {self.name!r} with degree {self.degree})")
+
+    def __str__(self) -> str:
+        return self.name if self.name != "ep" else f"ep:d{self.degree}"
+
+
+# --- layout --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardLayout:
+    num_experts: int
+    ffn_size: int
+    world_size: int
+
+    def __post_init__(self):
+        E, W, I = self.num_experts, self.world_size, self.ffn_size
+        if E % W and W % E:
+            raise ValueError(f"num_experts ({E}) and ranks ({W}) must divide one another "
+                             "(e.g. 8 experts on 2, 4 or 8 ranks, or 2 experts on 4 ranks)")
+        if I % self.slices:
+            raise ValueError(f"expert ffn size {I} must be divisible by the {self.slices} slices per expert "
+                             f"that {W} ranks over {E} experts need")
+
+    @property
+    def slices(self) -> int:
+        return max(1, self.world_size // self.num_experts)
+
+    @property
+    def units(self) -> int:
+        return self.num_experts * self.slices
+
+    @property
+    def units_per_rank(self) -> int:
+        return self.units // self.world_size
+
+    @property
+    def slice_size(self) -> int:
+        return self.ffn_size // self.slices
+
+    def shard(self, w13_EJD: torch.Tensor, w2_EDI: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The units rank ``rank`` holds: w13 [Uw, 2*Is, D] and w2 [Uw, D, Is] (copies)."""
+        return self.slice_units(w13_EJD, w2_EDI, range(rank * self.units_per_rank, (rank + 1) * self.units_per_rank))
+
+    def slice_units(self, w13_EJD, w2_EDI, units) -> tuple[torch.Tensor, torch.Tensor]:
+        I, Is, S = self.ffn_size, self.slice_size, self.slices
+        w13, w2 = [], []
+        for u in units:
+            e, s = divmod(u, S)
+            lo, hi = s * Is, (s + 1) * Is
+            w13.append(torch.cat([w13_EJD[e, lo:hi], w13_EJD[e, I + lo:I + hi]], dim=0))
+            w2.append(w2_EDI[e][:, lo:hi])
+        return torch.stack(w13).contiguous(), torch.stack(w2).contiguous()
+
+    def unshard(self, w13_UJD: torch.Tensor, w2_UDI: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inverse of slicing all units: [U, 2Is, D], [U, D, Is] -> [E, 2I, D], [E, D, I]."""
+        E, S, Is = self.num_experts, self.slices, self.slice_size
+        g = w13_UJD[:, :Is].reshape(E, S * Is, -1)
+        up = w13_UJD[:, Is:].reshape(E, S * Is, -1)
+        w2 = w2_UDI.reshape(E, S, w2_UDI.shape[1], Is).permute(0, 2, 1, 3).reshape(E, w2_UDI.shape[1], S * Is)
+        return torch.cat([g, up], dim=1), w2
+
+
+# --- capacity ------------------------------------------------------------------------------
+def capacity_for(needed_max: int, tokens: int, top_k: int, num_experts: int, factor: float) -> int | None:
+    """Tutel's adaptive capacity. None = dropless."""
+    if factor == 0:
+        return None
+    mean = max(1, math.ceil(tokens * top_k / num_experts))
+    if factor > 0:
+        return max(1, math.ceil(factor * mean))
+    return max(1, min(needed_max, math.ceil(-factor * mean)))
+
+
+def apply_capacity(topk_ids_TK: torch.Tensor, num_experts: int, capacity: int | None) -> tuple[torch.Tensor, int]:
+    """Drop (set to -1) the (token, slot) pairs beyond ``capacity`` per expert, in token order."""
+    if capacity is None:
+        return topk_ids_TK, 0
+    flat = topk_ids_TK.reshape(-1)
+    valid = flat >= 0
+    onehot = torch.nn.functional.one_hot(flat.clamp(min=0), num_experts) * valid[:, None]
+    rank_in_expert = (onehot.cumsum(0) * onehot).sum(1) - 1  # 0-based order within its expert
+    keep = valid & (rank_in_expert < capacity)
+    dropped = int((valid & ~keep).sum())
+    return torch.where(keep, flat, torch.full_like(flat, -1)).view_as(topk_ids_TK), dropped
+
+
+def local_needed(topk_ids_TK: torch.Tensor, num_experts: int) -> int:
+    ids = topk_ids_TK[topk_ids_TK >= 0]
+    return int(torch.bincount(ids, minlength=num_experts).max()) if ids.numel() else 0
+
+
+# --- the layer -----------------------------------------------------------------------------
+@dataclass
+class StepInfo:
+    strategy: Strategy
+    seconds: float
+    dropped: int
+    capacity: int | None
+
+
+class AdaptiveMoEExperts(torch.nn.Module):
+    """The routed experts of one MoE layer, sharded over a process group.
+
+    forward(x_TD, topk_ids_TK, topk_weights_TK) -> y_TD for this rank's tokens, the same
+    signature as the model's ``block.experts``. The strategy is chosen per call by ``chooser``
+    (or fixed with ``strategy=``).
+    """
+
+    def __init__(self, w13_EJD: torch.Tensor, w2_EDI: torch.Tensor, group=None, backend: str = "torch",
+                 capacity_factor: float = 0.0, chooser: "StrategyChooser | None" = None,
+                 strategy: Strategy | None = None):
+        super().__init__()
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        E, J, D = w13_EJD.shape
+        self.layout = ShardLayout(E, J // 2, self.world)
+        w13, w2 = self.layout.shard(w13_EJD, w2_EDI, self.rank)
+        self.w13 = torch.nn.Parameter(w13)  # [Uw, 2Is, D]
+        self.w2 = torch.nn.Parameter(w2)    # [Uw, D, Is]
+        self.hidden = D
+        self.backend = backend
+        self.capacity_factor = capacity_factor
+        self.chooser = chooser
+        self.fixed = strategy
+        self.last: StepInfo | None = None
+
+    # which strategy runs next
+    def next_strategy(self, tokens: int, top_k: int) -> Strategy:
+        if self.fixed is not None:
+            return self.fixed
+        if self.chooser is None:
+            return Strategy("ep")
+        return self.chooser.choose(self.shape_key(tokens, top_k))
+
+    def shape_key(self, tokens: int, top_k: int) -> "LayerShape":
+        L = self.layout
+        return LayerShape(tokens=tokens, hidden=self.hidden, ffn=L.ffn_size, experts=L.num_experts,
+                          top_k=top_k, world=self.world, elem_bytes=self.w13.element_size(),
+                          training=torch.is_grad_enabled() and self.w13.requires_grad)
+
+    def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
+                strategy: Strategy | None = None) -> torch.Tensor:
+        T, K = topk_ids_TK.shape
+        # the capacity needs the largest per-expert load of any rank: one small all-reduce
+        cap = None
+        if self.capacity_factor != 0:
+            need = torch.tensor([local_needed(topk_ids_TK, self.layout.num_experts)], device=x_TD.device)
+            dist.all_reduce(need, op=dist.ReduceOp.MAX, group=self.group)
+            cap = capacity_for(int(need), T, K, self.layout.num_experts, self.capacity_factor)
+        ids_TK, dropped = apply_capacity(topk_ids_TK, self.layout.num_experts, cap)
+        strat = strategy or self.next_strategy(T, K)
+        t0 = time.perf_counter()
+        if strat.name == "ep":
+            y = self._ep(x_TD, ids_TK, topk_weights_TK, strat.degree)
+        elif strat.name == "dp":
+            y = self._dp(x_TD, ids_TK, topk_weights_TK)
+        else:
+            y = self._tp(x_TD, ids_TK, topk_weights_TK)
+        if x_TD.is_cuda:
+            torch.cuda.current_stream().synchronize()
+        seconds = time.perf_counter() - t0
+        self.last = StepInfo(strat, seconds, dropped, cap)
+        if self.chooser is not None and self.fixed is None and strategy is None:
+            self.chooser.observe(self.shape_key(T, K), strat, seconds)
+        return y
+
+    # rows: one per (token, slot, slice) with a valid expert
+    def _rows(self, ids_TK: torch.Tensor, w_TK: torch.Tensor):
+        S = self.layout.slices
+        T, K = ids_TK.shape
+        flat = ids_TK.reshape(-1)
+        keep = (flat >= 0).nonzero(as_tuple=True)[0]
+        tok = (keep // K).repeat_interleave(S)
+        unit = (flat[keep][:, None] * S + torch.arange(S, device=flat.device)[None]).reshape(-1)
+        weight = w_TK.reshape(-1)[keep].repeat_interleave(S)
+        return tok, unit, weight
+
+    def _compute(self, x_ND, unit_N, weight_N, w13, w2) -> torch.Tensor:
+        if x_ND.shape[0] == 0:  # keep the graph connected for backward even with no rows
+            return x_ND[:0] + 0 * (w13.sum() + w2.sum())
+        return get_backend(self.backend)(x_ND, w13, w2, unit_N[:, None], weight_N[:, None])
+
+    def _ep(self, x_TD, ids_TK, w_TK, degree: int) -> torch.Tensor:
+        W, Uw = self.world, self.layout.units_per_rank
+        tok, unit, weight = self._rows(ids_TK, w_TK)
+        y_TD = torch.zeros_like(x_TD)
+        chunks = [c for c in torch.arange(tok.numel(), device=tok.device).chunk(degree)] or [tok[:0]]
+        while len(chunks) < degree:  # every rank must run the same number of collectives
+            chunks.append(tok[:0])
+        for idx in chunks:
+            t, u, w = tok[idx], unit[idx], weight[idx]
+            dest = u // Uw
+            order = torch.argsort(dest, stable=True)
+            t, u, w = t[order], u[order], w[order]
+            send = torch.bincount(dest, minlength=W)
+            recv = exchange_counts(send, self.group)
+            s_list, r_list = send.tolist(), recv.tolist()
+            x_in = all_to_all_v(x_TD[t], s_list, r_list, self.group)
+            meta = torch.stack([u.to(w.dtype), w], dim=1)
+            meta_in = all_to_all_v(meta, s_list, r_list, self.group)
+            u_in = meta_in[:, 0].round().long() - self.rank * Uw
+            y_in = self._compute(x_in, u_in, meta_in[:, 1].to(x_TD.dtype), self.w13, self.w2)
+            y_back = all_to_all_v(y_in, r_list, s_list, self.group)
+            y_TD = y_TD.index_add(0, t, y_back)
+        return y_TD
+
+    def _dp(self, x_TD, ids_TK, w_TK) -> torch.Tensor:
+        Uw = self.layout.units_per_rank
+        sizes = [Uw] * self.world
+        w13_all = all_gather_v(self.w13, sizes, self.group)
+        w2_all = all_gather_v(self.w2, sizes, self.group)
+        tok, unit, weight = self._rows(ids_TK, w_TK)
+        y = self._compute(x_TD[tok], unit, weight.to(x_TD.dtype), w13_all, w2_all)
+        return torch.zeros_like(x_TD).index_add(0, tok, y)
+
+    def _tp(self, x_TD, ids_TK, w_TK) -> torch.Tensor:
+        Uw = self.layout.units_per_rank
+        sizes = gather_sizes(x_TD.shape[0], x_TD.device, self.group)
+        x_all = all_gather_v(x_TD, sizes, self.group)
+        ids_all = all_gather_v(ids_TK, sizes, self.group)
+        w_all = all_gather_v(w_TK, sizes, self.group)
+        tok, unit, weight = self._rows(ids_all, w_all)
+        mine = (unit // Uw) == self.rank
+        tok, unit, weight = tok[mine], unit[mine] - self.rank * Uw, weight[mine]
+        y = self._compute(x_all[tok], unit, weight.to(x_TD.dtype), self.w13, self.w2)
+        partial = torch.zeros_like(x_all).index_add(0, tok, y)
+        return reduce_scatter_v(partial, sizes, self.group)
+
+
+# --- the chooser ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerShape:
+    tokens: int
+    hidden: int
+    ffn: int
+    experts: int
+    top_k: int
+    world: int
+    elem_bytes: int
+    training: bool = False
+
+    def bucket(self) -> tuple:
+        """Shapes whose measured corrections are shared: tokens by power of two."""
+        return (max(0, int(self.tokens).bit_length()), self.hidden, self.ffn, self.experts, self.top_k,
+                self.world, self.training)
+
+
+@dataclass
+class CostModel:
+    """Time of one collective = latency + bytes / bandwidth; expert math at ``flops_per_s``."""
+    latency_s: float = 50e-6
+    a2a_bytes_per_s: float = 150e9
+    allgather_bytes_per_s: float = 150e9
+    flops_per_s: float = 400e12
+
+    def comm(self, nbytes: float, bw: float) -> float:
+        return self.latency_s + nbytes / bw
+
+    def predict(self, s: LayerShape, strat: Strategy) -> float:
+        W, b = s.world, s.elem_bytes
+        rows = s.tokens * s.top_k  # (token, slot) pairs on this rank
+        # expert math for all ranks' rows, spread evenly: 3 matrices of D x I, 2 FLOPs per MAC
+        compute = 2 * 3 * s.hidden * s.ffn * rows / self.flops_per_s
+        weights = 3 * s.experts * s.hidden * s.ffn * b
+        cross = (W - 1) / W
+        bwd = 2.0 if s.training else 1.0  # backward runs the adjoint collectives once more
+        flops_mult = 3.0 if s.training else 1.0
+        if strat.name == "dp":
+            comm = bwd * self.comm(weights * cross, self.allgather_bytes_per_s)
+            compute_dp = 2 * 3 * s.hidden * s.ffn * rows / self.flops_per_s
+            return comm + flops_mult * compute_dp
+        if strat.name == "tp":
+            tok_bytes = s.tokens * s.hidden * b * (W - 1)
+            comm = bwd * (self.comm(tok_bytes, self.allgather_bytes_per_s) + self.comm(tok_bytes, self.a2a_bytes_per_s))
+            return comm + flops_mult * compute
+        d = strat.degree
+        slices = max(1, W // s.experts)
+        a2a_bytes = rows * slices * s.hidden * b * cross
+        comm = bwd * 2 * (d * self.latency_s + a2a_bytes / self.a2a_bytes_per_s)
+        comp = flops_mult * compute
+        # d chunks: all but one chunk's communication hides behind compute (and vice versa)
+        return max(comm, comp) + min(comm, comp) / d if d > 1 else comm + comp
+
+
+@dataclass
+class StrategyChooser:
+    """Picks the strategy with the least predicted time; predictions are scaled per shape bucket
+    by the running ratio measured / predicted, so a wrong model corrects itself online."""
+    cost: CostModel = field(default_factory=CostModel)
+    degrees: tuple[int, ...] = (1, 2, 4)
+    smoothing: float = 0.5
+    allow: tuple[str, ...] = STRATEGIES
+    _ratio: dict = field(default_factory=dict)
+    current: Strategy | None = None
+
+    def candidates(self, shape: LayerShape) -> list[Strategy]:
+        out = []
+        for name in self.allow:
+            if name == "ep":
+                out += [Strategy("ep", d) for d in self.degrees]
+            else:
+                out.append(Strategy(name))
+        return out
+
+    def predict(self, shape: LayerShape, strat: Strategy) -> float:
+        return self.cost.predict(shape, strat) * self._ratio.get((shape.bucket(), strat), 1.0)
+
+    def choose(self, shape: LayerShape) -> Strategy:
+        best = min(self.candidates(shape), key=lambda s: self.predict(shape, s))
+        self.current = best
+        return best
+
+    def observe(self, shape: LayerShape, strat: Strategy, seconds: float) -> None:
+        key = (shape.bucket(), strat)
+        r = seconds / max(self.cost.predict(shape, strat), 1e-12)
+        old = self._ratio.get(key)
+        self._ratio[key] = r if old is None else (1 - self.smoothing) * old + self.smoothing * r
+
+
+def calibrate(group=None, device: str | torch.device = "cpu", dtype=torch.float32, repeats: int = 5) -> CostModel:
+    """Measure collective latency/bandwidth and the GEMM rate on this machine (all ranks call it)."""
+    device = torch.device(device)
+
+    def timed(fn) -> float:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dist.barrier(group=group)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - t0)
+        # every rank must agree on the model: take the slowest rank's figure
+        t = torch.tensor([best], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        return float(t)
+
+    W = dist.get_world_size(group)
+    small = torch.zeros(W, dtype=dtype, device=device)
+    big_n = (1 << 22) if device.type == "cuda" else (1 << 18)
+    big = torch.randn(big_n * W, dtype=dtype, device=device)
+    out = torch.empty_like(big)
+    lat = timed(lambda: dist.all_to_all_single(torch.empty_like(small), small, group=group))
+    t_a2a = timed(lambda: dist.all_to_all_single(out, big, group=group))
+    gather_out = torch.empty(big_n * W * W, dtype=dtype, device=device)
+    t_ag = timed(lambda: dist.all_gather_into_tensor(gather_out, big, group=group))
+    nbytes = big.numel() * big.element_size()
+    m = 2048 if device.type == "cuda" else 256
+    a = torch.randn(m, m, dtype=dtype, device=device)
+    t_mm = timed(lambda: a @ a)
+    return CostModel(latency_s=lat,
+                     a2a_bytes_per_s=nbytes * (W - 1) / W / max(t_a2a - lat, 1e-9),
+                     allgather_bytes_per_s=nbytes * (W - 1) / max(t_ag - lat, 1e-9),
+                     flops_per_s=2 * m ** 3 / t_mm)

@@ -1,0 +1,101 @@
+"""Worker run in each spawned gloo rank by test_adaptive.py (importable by spawned processes)."""
+import os
+
+import torch
+import torch.distributed as dist
+
+from kernels import moe_experts_reference
+from placement.adaptive import (AdaptiveMoEExperts, ShardLayout, Strategy, StrategyChooser, apply_capacity,
+                                capacity_for, local_needed)
+
+
+def _problem(world, E, D, I, K, tokens_per_rank, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(E, 2 * I, D, generator=g, dtype=torch.float64) / D ** 0.5
+    w2 = torch.randn(E, D, I, generator=g, dtype=torch.float64) / I ** 0.5
+    xs, ids, ws, gs = [], [], [], []
+    for r in range(world):
+        T = tokens_per_rank[r]
+        xs.append(torch.randn(T, D, generator=g, dtype=torch.float64))
+        # skewed routing so capacity drops happen; some -1 (expert not computed)
+        logits = torch.randn(T, E, generator=g, dtype=torch.float64) + torch.linspace(2, 0, E, dtype=torch.float64)
+        top = logits.topk(K, dim=1)
+        i = top.indices.clone()
+        if T > 2:
+            i[1, -1] = -1
+        ids.append(i)
+        ws.append(torch.softmax(top.values, dim=1))
+        gs.append(torch.randn(T, D, generator=g, dtype=torch.float64))
+    return w13, w2, xs, ids, ws, gs
+
+
+def _reference(world, E, K, w13, w2, xs, ids, ws, gs, factor):
+    w13 = w13.clone().requires_grad_()
+    w2 = w2.clone().requires_grad_()
+    need = max(local_needed(i, E) for i in ids)
+    outs, xg, wg = [], [], []
+    loss = 0
+    for r in range(world):
+        cap = capacity_for(need, ids[r].shape[0], K, E, factor)
+        m, _ = apply_capacity(ids[r], E, cap)
+        x = xs[r].clone().requires_grad_()
+        w = ws[r].clone().requires_grad_()
+        y = moe_experts_reference(x, w13, w2, m, w)
+        loss = loss + (y * gs[r]).sum()
+        outs.append(y.detach())
+        xg.append(x)
+        wg.append(w)
+    loss.backward()
+    return outs, [x.grad for x in xg], [w.grad for w in wg], w13.grad, w2.grad
+
+
+def check_strategies(rank, world, init_file, E, D, I, K, factor):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        tokens = [5 + 3 * r for r in range(world)]
+        tokens[-1] = 1 if world > 2 else tokens[-1]  # uneven, and one rank with a single token
+        w13, w2, xs, ids, ws, gs = _problem(world, E, D, I, K, tokens)
+        ref_y, ref_xg, ref_wg, ref_g13, ref_g2 = _reference(world, E, K, w13, w2, xs, ids, ws, gs, factor)
+        layout = ShardLayout(E, I, world)
+        want13, want2 = layout.shard(ref_g13, ref_g2, rank)
+        for strat in [Strategy("ep", 1), Strategy("ep", 3), Strategy("dp"), Strategy("tp")]:
+            layer = AdaptiveMoEExperts(w13, w2, capacity_factor=factor, strategy=strat)
+            x = xs[rank].clone().requires_grad_()
+            w = ws[rank].clone().requires_grad_()
+            y = layer(x, ids[rank], w)
+            torch.testing.assert_close(y, ref_y[rank], msg=lambda m: f"{strat} output, rank {rank}: {m}")
+            (y * gs[rank]).sum().backward()
+            torch.testing.assert_close(x.grad, ref_xg[rank], msg=lambda m: f"{strat} x grad: {m}")
+            torch.testing.assert_close(w.grad, ref_wg[rank], msg=lambda m: f"{strat} routing-weight grad: {m}")
+            torch.testing.assert_close(layer.w13.grad, want13, msg=lambda m: f"{strat} w13 grad: {m}")
+            torch.testing.assert_close(layer.w2.grad, want2, msg=lambda m: f"{strat} w2 grad: {m}")
+    finally:
+        dist.destroy_process_group()
+
+
+def check_switch_mid_training(rank, world, init_file, E, D, I, K):
+    """SGD with the strategy switching every step (chooser-driven and forced) equals one process."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        lr = 0.1
+        w13, w2, *_ = _problem(world, E, D, I, K, [4] * world)
+        ref13, ref2 = w13.clone(), w2.clone()
+        layer = AdaptiveMoEExperts(w13, w2, chooser=StrategyChooser())
+        layout = layer.layout
+        order = [Strategy("ep", 2), Strategy("dp"), Strategy("tp"), None, Strategy("ep", 1)]
+        for step, strat in enumerate(order):
+            _, _, xs, ids, ws, gs = _problem(world, E, D, I, K, [4 + step] * world, seed=100 + step)
+            # reference step on the full weights
+            _, _, _, g13, g2 = _reference(world, E, K, ref13, ref2, xs, ids, ws, gs, 0.0)
+            ref13, ref2 = ref13 - lr * g13, ref2 - lr * g2
+            layer.zero_grad()
+            y = layer(xs[rank], ids[rank], ws[rank], strategy=strat)
+            (y * gs[rank]).sum().backward()
+            with torch.no_grad():
+                layer.w13 -= lr * layer.w13.grad
+                layer.w2 -= lr * layer.w2.grad
+        want13, want2 = layout.shard(ref13, ref2, rank)
+        torch.testing.assert_close(layer.w13.detach(), want13)
+        torch.testing.assert_close(layer.w2.detach(), want2)
+    finally:
+        dist.destroy_process_group()

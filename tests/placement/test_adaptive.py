@@ -1,0 +1,71 @@
+"""Every parallel strategy and degree gives the single-process layer's outputs and gradients,
+on 2 and 4 gloo ranks (spawned processes, loopback only)."""
+import tempfile
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from placement.adaptive import CostModel, LayerShape, ShardLayout, Strategy, StrategyChooser, apply_capacity
+
+from . import _adaptive_worker as worker
+
+
+def _spawn(fn, world, *args):
+    with tempfile.NamedTemporaryFile(delete=False) as f:
+        init = f.name
+    import os
+    os.unlink(init)
+    mp.spawn(fn, args=(world, init, *args), nprocs=world, join=True)
+
+
+@pytest.mark.parametrize("world,E,factor", [
+    (2, 4, 0.0),    # E > W: whole experts per rank, dropless
+    (4, 4, -1.5),   # adaptive capacity (drops happen on the skewed routing)
+    (4, 2, 0.0),    # W > E: each expert sliced over 2 ranks (Tutel r = W/E)
+    (2, 4, 1.0),    # fixed capacity factor
+])
+def test_strategies_equal_single_process(world, E, factor):
+    _spawn(worker.check_strategies, world, E, 6, 8, 2, factor)
+
+
+def test_switching_mid_training_changes_nothing():
+    _spawn(worker.check_switch_mid_training, 2, 4, 6, 8, 2)
+
+
+def test_layout_round_trip_and_errors():
+    w13 = torch.randn(2, 16, 5)
+    w2 = torch.randn(2, 5, 8)
+    lay = ShardLayout(2, 8, 4)
+    parts = [lay.shard(w13, w2, r) for r in range(4)]
+    a13, a2 = lay.unshard(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    torch.testing.assert_close(a13, w13)
+    torch.testing.assert_close(a2, w2)
+    with pytest.raises(ValueError, match="must divide one another"):
+        ShardLayout(6, 8, 4)
+    with pytest.raises(ValueError, match="divisible"):
+        ShardLayout(2, 9, 4)
+    with pytest.raises(ValueError, match="unknown parallel strategy"):
+        Strategy("magic")
+
+
+def test_capacity_drops_in_token_order():
+    ids = torch.tensor([[0, 1], [0, 1], [0, 2], [1, -1]])
+    out, dropped = apply_capacity(ids, 3, 2)
+    assert dropped == 2
+    assert out.tolist() == [[0, 1], [0, 1], [-1, 2], [-1, -1]]
+
+
+def test_chooser_follows_the_cost_model_and_corrects_online():
+    ch = StrategyChooser(cost=CostModel(latency_s=1e-5, a2a_bytes_per_s=1e11, allgather_bytes_per_s=1e11,
+                                        flops_per_s=1e14))
+    small = LayerShape(tokens=16, hidden=4096, ffn=14336, experts=8, top_k=2, world=4, elem_bytes=2)
+    big = LayerShape(tokens=65536, hidden=4096, ffn=14336, experts=8, top_k=2, world=4, elem_bytes=2)
+    # few tokens: moving tokens is far cheaper than gathering 8 x 352 MB of weights
+    assert ch.choose(small).name in ("ep", "tp")
+    # the prediction for each candidate is the model's, until measurements say otherwise
+    s = ch.choose(big)
+    before = ch.predict(big, s)
+    ch.observe(big, s, before * 10)  # measured 10x slower than predicted
+    assert ch.predict(big, s) > before * 4
+    assert ch.choose(big) != s or len(ch.candidates(big)) == 1
