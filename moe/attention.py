@@ -1,0 +1,123 @@
+"""Self-attention of the decoder: grouped-query attention (Mixtral, Qwen2/3-MoE, OLMoE) and
+DeepSeek's multi-head latent attention (MLA) in its plain decompressed form.
+
+Shape legend: B = batch rows, T = new tokens, S = key slots (cache slots, or T without a cache),
+D = hidden size, H = query heads, G = key/value heads, d = head size, R = rotary dims,
+C = kv_lora_rank (MLA latent), Dn / Dv = MLA no-rope key / value head size.
+
+Both kinds take the same arguments: hidden states, cos/sin of each token's absolute position,
+a boolean mask [B, 1, T, S] (True = may attend) and an optional KV cache. The KV cache stores
+keys and values already expanded to heads (for MLA: decompressed K [B, H, S, Dn+R] and
+V [B, H, S, Dv]), so a decoding step does no per-slot recomputation.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MoEConfig
+from .kv_cache import KVCache
+from .layers import RMSNorm, apply_rope, mla_softmax_scale
+
+
+def attend(q_BHTd: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: torch.Tensor, mask_B1TS: torch.Tensor,
+           scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v, with G key/value heads shared by H/G query heads each."""
+    gqa = q_BHTd.shape[1] != k_BGSd.shape[1]
+    return F.scaled_dot_product_attention(q_BHTd, k_BGSd, v_BGSd, attn_mask=mask_B1TS, scale=scale,
+                                          enable_gqa=gqa)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with optional q/k RMSNorm ('full': over the whole projection, OLMoE;
+    'head': per head, Qwen3-MoE) and optional clipping of q/k/v (OLMoE clip_qkv)."""
+
+    def __init__(self, cfg: MoEConfig, layer_idx: int, dtype=None, device=None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        H, G, d, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+        self.num_heads, self.num_kv_heads, self.head_dim = H, G, d
+        kw = dict(dtype=dtype, device=device)
+        self.q_proj = nn.Linear(D, H * d, bias=cfg.qkv_bias, **kw)
+        self.k_proj = nn.Linear(D, G * d, bias=cfg.qkv_bias, **kw)
+        self.v_proj = nn.Linear(D, G * d, bias=cfg.qkv_bias, **kw)
+        self.o_proj = nn.Linear(H * d, D, bias=cfg.o_bias, **kw)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm == "full":
+            self.q_norm = RMSNorm(H * d, cfg.rms_norm_eps, **kw)
+            self.k_norm = RMSNorm(G * d, cfg.rms_norm_eps, **kw)
+        elif cfg.qk_norm == "head":
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, **kw)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, **kw)
+        self.clip_qkv = cfg.clip_qkv
+        self.scale = d ** -0.5
+
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_B1TS: torch.Tensor,
+                cache: KVCache | None = None, num_slots: int = 0) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q_BHTd = apply_rope(q.transpose(1, 2), cos, sin, interleave=False)
+        k_BGTd = apply_rope(k.transpose(1, 2), cos, sin, interleave=False)
+        v_BGTd = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k_BGTd, v_BGTd = cache.update(self.layer_idx, k_BGTd, v_BGTd, num_slots)
+        out_BHTd = attend(q_BHTd, k_BGTd.to(q_BHTd.dtype), v_BGTd.to(q_BHTd.dtype), mask_B1TS, self.scale)
+        return self.o_proj(out_BHTd.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLAttention(nn.Module):
+    """DeepSeek-V2/V3 multi-head latent attention, decompressed: the latent c = norm(W_kva x) is
+    expanded by kv_b_proj into per-head no-rope keys and values; one shared rotary key per token."""
+
+    def __init__(self, cfg: MoEConfig, layer_idx: int, dtype=None, device=None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        H, D = cfg.num_attention_heads, cfg.hidden_size
+        self.num_heads = H
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank, self.q_lora_rank = cfg.kv_lora_rank, cfg.q_lora_rank
+        qk = self.nope + self.rope
+        kw = dict(dtype=dtype, device=device)
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * qk, bias=False, **kw)
+        else:
+            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=cfg.o_bias, **kw)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6, **kw)  # transformers uses the default eps here
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * qk, bias=False, **kw)
+        self.kv_a_proj_with_mqa = nn.Linear(D, cfg.kv_lora_rank + self.rope, bias=cfg.o_bias, **kw)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6, **kw)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.nope + self.v_dim), bias=False, **kw)
+        self.o_proj = nn.Linear(H * self.v_dim, D, bias=cfg.o_bias, **kw)
+        self.interleave = cfg.rope_interleave
+        self.scale = mla_softmax_scale(cfg)
+
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_B1TS: torch.Tensor,
+                cache: KVCache | None = None, num_slots: int = 0) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        H = self.num_heads
+        if self.q_lora_rank is None:
+            q = self.q_proj(x_BTD)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+        q_BHTq = q.view(B, T, H, self.nope + self.rope).transpose(1, 2)
+        q_nope, q_pe = q_BHTq.split([self.nope, self.rope], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope], dim=-1)
+        kv_BHT = self.kv_b_proj(self.kv_a_layernorm(c_kv)).view(B, T, H, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v_BHTv = kv_BHT.split([self.nope, self.v_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin, self.interleave)
+        k_pe_B1TR = apply_rope(k_pe.view(B, 1, T, self.rope), cos, sin, self.interleave)
+        q_BHTd = torch.cat([q_nope, q_pe], dim=-1)
+        k_BHTd = torch.cat([k_nope, k_pe_B1TR.expand(B, H, T, self.rope)], dim=-1)
+        if cache is not None:
+            k_BHTd, v_BHTv = cache.update(self.layer_idx, k_BHTd, v_BHTv, num_slots)
+        out_BHTv = attend(q_BHTd, k_BHTd.to(q_BHTd.dtype), v_BHTv.to(q_BHTd.dtype), mask_B1TS, self.scale)
+        return self.o_proj(out_BHTv.transpose(1, 2).reshape(B, T, H * self.v_dim))

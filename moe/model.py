@@ -1,0 +1,165 @@
+"""MoEForCausalLM: one decoder for Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2 and DeepSeek-V3.
+
+Shape legend: B = batch rows, T = new tokens per row, S = key slots, D = hidden size, V = vocabulary.
+
+    input_ids_BT -> embed -> [ layer_i: x += attn(norm(x)); x += mlp(norm(x)) ] * L -> norm -> lm_head -> logits_BTV
+
+``layers[i].mlp`` is a SparseMoEBlock (router, experts, shared experts) or a dense MLP
+(DeepSeek's first_k_dense_replace layers, Qwen's mlp_only_layers). Rows of a batch are right
+padded (``valid_BT`` False on padding); with a KV cache each row continues at its own length.
+Hugging Face parameter names are mapped to these modules in moe/checkpoint.py.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import kernels
+
+from .attention import Attention, MLAttention
+from .config import MoEConfig
+from .kv_cache import KVCache
+from .layers import MLP, RMSNorm, RotaryEmbedding, SparseMoEBlock
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: MoEConfig, layer_idx: int, moe_index: int | None, backend: str, dtype=None, device=None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.window = cfg.layer_window(layer_idx)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
+        attn_cls = MLAttention if cfg.is_mla else Attention
+        self.attn = attn_cls(cfg, layer_idx, dtype=dtype, device=device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
+        if moe_index is not None:
+            self.mlp: nn.Module = SparseMoEBlock(cfg, layer_idx, moe_index, backend, dtype=dtype, device=device)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, device=device)
+
+    def forward(self, x_BTD, cos, sin, mask_B1TS, cache=None, num_slots=0):
+        x_BTD = x_BTD + self.attn(self.input_layernorm(x_BTD), cos, sin, mask_B1TS, cache, num_slots)
+        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+
+
+class MoEForCausalLM(nn.Module):
+    def __init__(self, config: MoEConfig, backend: str = "torch", dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise ValueError(f"config must be a MoEConfig, got {type(config).__name__}; "
+                             "use MoEConfig.from_pretrained(dir) or MoEConfig.from_hf_dict(d)")
+        kernels.get_backend(backend)
+        self.config = cfg = config
+        dtype = dtype or cfg.torch_dtype
+        kw = dict(dtype=dtype, device=device)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, **kw)
+        moe_layers = cfg.moe_layers
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, moe_layers.index(i) if i in moe_layers else None, backend, **kw)
+            for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, **kw)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        rot_device = None if device is not None and torch.device(device).type == "meta" else device
+        self.rotary = RotaryEmbedding(cfg, device=rot_device)
+        if device is None or torch.device(device).type != "meta":
+            self.init_weights()
+
+    # --- set-up -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
+        """Random init (normal(0, std) for matrices, ones for norms, zero biases and correction bias)."""
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.embed.weight.device).manual_seed(seed)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0 if name.endswith("norm.weight") or "layernorm" in name else 0.0)
+            else:
+                p.normal_(0.0, std, generator=gen)
+        for block in self.moe_blocks():
+            if block.router.e_score_correction_bias is not None:
+                block.router.e_score_correction_bias.zero_()
+
+    def reset_rotary(self, device=None) -> None:
+        """Recompute the rotary frequencies (e.g. after building on the meta device)."""
+        self.rotary = RotaryEmbedding(self.config, device=device or self.embed.weight.device)
+
+    def moe_blocks(self) -> list[SparseMoEBlock]:
+        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoEBlock)]
+
+    def set_backend(self, name: str) -> None:
+        kernels.get_backend(name)
+        for block in self.moe_blocks():
+            if not hasattr(block.experts, "backend"):
+                raise ValueError(f"experts of MoE layer {block.layer_idx} ({type(block.experts).__name__}) "
+                                 "have no 'backend' attribute to set")
+            block.experts.backend = name
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        w = self.embed.weight
+        return KVCache(batch_size, max_len, device=w.device, dtype=w.dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    # --- forward ----------------------------------------------------------------------------
+    def _positions_and_masks(self, B: int, T: int, cache: KVCache | None, valid_BT: torch.Tensor | None):
+        dev = self.embed.weight.device
+        if cache is not None:
+            cache.check_room(T)
+            num_slots = cache.num_slots_for(T)
+            pos_BT = cache.positions(T)
+            mask_B1TS = cache.attention_mask(T, num_slots)
+        else:
+            num_slots = T
+            pos_BT = torch.arange(T, device=dev).expand(B, T)
+            ar = torch.arange(T, device=dev)
+            mask_B1TS = (ar[None, :] <= ar[:, None])[None, None].expand(B, 1, T, T)
+            if valid_BT is not None:
+                # padding keys are hidden; a query always sees itself so an all-padding row has no NaN
+                mask_B1TS = (mask_B1TS & valid_BT[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=dev)
+        windowed = {}
+        for w in {layer.window for layer in self.layers if layer.window}:
+            k_pos = torch.arange(num_slots, device=dev)
+            windowed[w] = mask_B1TS & (k_pos[None, None, None, :] > pos_BT[:, None, :, None] - w)
+        return pos_BT, mask_B1TS, windowed, num_slots
+
+    def forward(self, input_ids_BT: torch.Tensor, cache: KVCache | None = None, valid_BT: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] (or [B, 1, V] at each row's last valid token with ``last_only``).
+
+        cache: KVCache from new_cache(); rows continue at their own lengths and the cache is
+        advanced here. valid_BT: bool [B, T], right padding False (valid tokens are a prefix).
+        """
+        if input_ids_BT.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids_BT.shape)}")
+        B, T = input_ids_BT.shape
+        if valid_BT is not None:
+            if valid_BT.shape != input_ids_BT.shape:
+                raise ValueError(f"valid mask shape {tuple(valid_BT.shape)} != input_ids shape {(B, T)}")
+            valid_BT = valid_BT.to(device=input_ids_BT.device, dtype=torch.bool)
+        if cache is not None and cache.batch_size != B:
+            raise ValueError(f"cache has {cache.batch_size} rows but the batch has {B}; "
+                             "create it with model.new_cache(batch_size, max_len)")
+        pos_BT, mask_B1TS, windowed, num_slots = self._positions_and_masks(B, T, cache, valid_BT)
+        x_BTD = self.embed(input_ids_BT)
+        cos, sin = self.rotary(pos_BT, x_BTD.dtype)
+        for layer in self.layers:
+            mask = windowed[layer.window] if layer.window else mask_B1TS
+            x_BTD = layer(x_BTD, cos, sin, mask, cache, num_slots)
+        x_BTD = self.norm(x_BTD)
+        if last_only:
+            last_B = (valid_BT.sum(1) - 1).clamp(min=0) if valid_BT is not None else torch.full(
+                (B,), T - 1, device=x_BTD.device)
+            x_BTD = x_BTD[torch.arange(B, device=x_BTD.device), last_B][:, None]
+        logits_BTV = self.lm_head(x_BTD)
+        if cache is not None:
+            cache.advance(valid_BT, T)
+        return logits_BTV
