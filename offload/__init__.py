@@ -1,4 +1,20 @@
 """Offloading: host expert store, GPU expert cache, policies, prefetcher, CPU computation of
-missed experts. Offloaded output equals resident output."""
+missed experts. Offloaded output equals resident output.
 
-__all__: list[str] = []
+    from offload import OffloadConfig, apply_offload, route_by_trace, simulate, oracle_bound
+    model = apply_offload(model, OffloadConfig(gpu_memory="24GiB", policy="lru", cpu_fallback=True))
+    model.offload_cache.stats()
+"""
+from .apply import OffloadedExperts, apply_offload, plan_slots, route_by_trace
+from .cache import ExpertCache
+from .config import OffloadConfig, parse_bytes
+from .cost_model import CostModel
+from .policies import BeladyPolicy, LFUPolicy, LRUPolicy, Policy, PredictorPolicy, make_policy
+from .prefetch import Lookahead, TransitionPredictor
+from .simulator import oracle_bound, simulate
+from .store import DiskExpertStore, HostExpertStore
+
+__all__ = ["OffloadConfig", "apply_offload", "OffloadedExperts", "plan_slots", "route_by_trace", "ExpertCache",
+           "parse_bytes", "CostModel", "Policy", "LRUPolicy", "LFUPolicy", "PredictorPolicy", "BeladyPolicy",
+           "make_policy", "Lookahead", "TransitionPredictor", "simulate", "oracle_bound", "HostExpertStore",
+           "DiskExpertStore"]

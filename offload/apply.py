@@ -1,0 +1,286 @@
+"""apply_offload: turn a loaded model into one whose experts live off the device.
+
+    model = apply_offload(model, OffloadConfig(gpu_memory="24GiB", policy="lru", cpu_fallback=True))
+    model.offload_cache.stats()
+
+Each `block.experts` (forward(x_TD, topk_ids_TK, topk_weights_TK) -> y_TD) is replaced by an
+`OffloadedExperts` of the same signature; the model code does not change. Per call:
+
+    routing ids ─► cache.observe ─► hits / misses ─► cost model: copy or CPU (split so both end together)
+       ─► cache.ensure (rounds of <= S experts) ─► kernel on the slot pool with ids remapped to slots
+       ─► prefetch for layer l+1 (predictor, or layer l+1's router applied to this layer's input)
+       ─► CPU experts from the host store ─► y_TD = GPU part + CPU part
+
+`route_by_trace` replaces the routers' outputs by a RoutingTrace (forward hooks), so that
+random-weight models of real shapes see realistic routing.
+
+Shape legend: T = tokens, D = hidden, K = experts per token, E = experts, S = slots per layer.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+
+from kernels import get_backend
+
+from .cache import ExpertCache
+from .config import OffloadConfig, parse_bytes
+from .cost_model import CostModel
+from .cpu_compute import cpu_experts
+from .policies import make_policy
+from .prefetch import Lookahead
+from .store import DiskExpertStore, ExpertStore, HostExpertStore
+
+
+class OffloadedExperts(nn.Module):
+    """Drop-in for block.experts: experts from an ExpertCache, misses copied or computed on the CPU."""
+
+    def __init__(self, layer: int, cache: ExpertCache, top_k: int, backend: str = "torch",
+                 cost_model: CostModel | None = None, cpu_fallback: bool = False,
+                 next_router: nn.Module | None = None, lookahead: Lookahead | None = None,
+                 predictor_prefetch: bool = False, prefetch_k: int = 0):
+        super().__init__()
+        self.layer, self.cache, self.top_k = layer, cache, top_k
+        self.backend = backend
+        self.cost_model, self.cpu_fallback = cost_model, cpu_fallback
+        if cpu_fallback and cost_model is None:
+            raise ValueError("cpu_fallback needs a cost_model to decide copy or CPU")
+        self._next_router = [next_router]  # a list: not registered as a child module (it belongs to layer l+1)
+        self.lookahead, self.predictor_prefetch = lookahead, predictor_prefetch
+        self.prefetch_k = prefetch_k or top_k
+        self.num_experts = cache.num_experts
+
+    @property
+    def store(self) -> ExpertStore:
+        return self.cache.store
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, slots={self.cache.slots}, experts={self.num_experts}, backend={self.backend}"
+
+    def _prefetch_next(self, x_TD: torch.Tensor, ids_np: np.ndarray) -> None:
+        nxt = self.layer + 1
+        if nxt >= self.cache.num_layers:
+            return
+        if self.lookahead is not None:
+            self.lookahead.observe(self.layer, ids_np)
+            if self.predictor_prefetch:
+                self.cache.prefetch(nxt, self.lookahead.top(nxt, min(self.cache.slots, self.prefetch_k * len(ids_np))))
+        router = self._next_router[0]
+        if router is not None:
+            # mixtral-offloading's speculation: layer l+1's gate on layer l's input. forward() (not
+            # __call__) so trace hooks on that router do not fire and consume the trace.
+            with torch.no_grad():
+                logits_TE = router.forward(x_TD)[2]
+            k = min(self.prefetch_k, logits_TE.shape[1])
+            guess = logits_TE.topk(k, dim=1).indices.reshape(-1).cpu().numpy()
+            experts, counts = np.unique(guess, return_counts=True)
+            order = experts[np.argsort(-counts, kind="stable")][: self.cache.slots]
+            self.cache.prefetch(nxt, [int(e) for e in order])
+
+    def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
+        cache, layer = self.cache, self.layer
+        ids_np = topk_ids_TK.detach().cpu().numpy()
+        cache.observe(layer, ids_np)
+        flat = ids_np.reshape(-1)
+        experts, counts = np.unique(flat[flat >= 0], return_counts=True)
+        if len(experts) and experts.max() >= self.num_experts:
+            raise ValueError(f"expert id {int(experts.max())} out of range for {self.num_experts} experts")
+        hits = [int(e) for e in experts if cache.is_resident(layer, int(e))]
+        misses = [(int(e), int(n)) for e, n in zip(experts, counts) if not cache.is_resident(layer, int(e))]
+        to_cpu: list[int] = []
+        to_copy = [e for e, _ in misses]
+        if self.cpu_fallback and misses:
+            to_copy, to_cpu, _ = self.cost_model.split(misses, self.store.expert_bytes)
+        if to_cpu:  # the one host sync of x, before the GPU work is queued so the two overlap
+            x_cpu = x_TD.detach().to("cpu", self.store.dtype)
+            ids_cpu, w_cpu = topk_ids_TK.cpu(), topk_weights_TK.cpu()
+        y_TD = torch.zeros_like(x_TD)
+        fn = get_backend(self.backend)
+        pool13, pool2 = cache.pool(layer)
+        lut_E = torch.full((self.num_experts,), -1, dtype=torch.long, device=topk_ids_TK.device)
+        # hits first: their kernel needs no copy, so it runs while the misses are copied
+        gpu = hits + to_copy
+        S = cache.slots
+        rounds = [gpu[i:i + S] for i in range(0, len(gpu), S)]
+        if len(rounds) == 1 and hits and to_copy and len(gpu) <= S:
+            rounds = [hits, to_copy]
+        prefetched = False
+        for chunk in rounds:
+            slots = cache.ensure(layer, chunk)
+            if not prefetched:  # queue next layer's prefetch behind this layer's demand copies
+                self._prefetch_next(x_TD, ids_np)
+                prefetched = True
+            lut_E.fill_(-1)
+            lut_E[torch.tensor(chunk, device=lut_E.device)] = torch.tensor(slots, device=lut_E.device)
+            ids_TK = torch.where(topk_ids_TK >= 0, lut_E[topk_ids_TK.clamp(min=0)], -1)
+            y_TD = y_TD + fn(x_TD, pool13, pool2, ids_TK, topk_weights_TK)
+            cache.release(layer, slots)
+        if not prefetched:
+            self._prefetch_next(x_TD, ids_np)
+        if to_cpu:
+            cache.count_cpu(layer, to_cpu)
+            y_cpu = cpu_experts(x_cpu, ids_cpu, w_cpu, to_cpu, self.store, layer)
+            y_TD = y_TD + y_cpu.to(x_TD.device, x_TD.dtype)
+        return y_TD
+
+
+# --- budget -----------------------------------------------------------------------------------
+def _device_total_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def plan_slots(cfg: OffloadConfig, *, device: torch.device, dense_bytes: int, expert_bytes: int,
+               num_layers: int, num_experts: int, top_k: int) -> int:
+    """Slots per layer from the budget: dense weights, KV cache and reserve are taken first."""
+    if cfg.slots_per_layer is not None:
+        return min(cfg.slots_per_layer, num_experts)
+    g = cfg.gpu_memory
+    budget = int(g * _device_total_bytes(device)) if isinstance(g, float) else parse_bytes(g)
+    left = budget - dense_bytes - cfg.kv_cache_bytes - cfg.reserve_bytes
+    gib = 2 ** 30
+    need = top_k * expert_bytes
+    detail = (f"budget {budget / gib:.2f} GiB - dense weights {dense_bytes / gib:.2f} GiB - KV cache "
+              f"{cfg.kv_cache_bytes / gib:.2f} GiB - reserve {cfg.reserve_bytes / gib:.2f} GiB = "
+              f"{left / gib:.2f} GiB for experts")
+    if left < need:
+        raise ValueError(f"gpu_memory={g!r} cannot hold one layer's {top_k} active experts "
+                         f"({need / gib:.3f} GiB at {expert_bytes / 2 ** 20:.1f} MiB each): {detail}. "
+                         "Raise gpu_memory, lower kv_cache_bytes/reserve_bytes, or shorten max_len")
+    slots = left // (num_layers * expert_bytes)
+    if slots < 1:
+        raise ValueError(f"gpu_memory={g!r} gives {left / gib:.2f} GiB for experts, less than one "
+                         f"{expert_bytes / 2 ** 20:.1f} MiB slot for each of the {num_layers} MoE layers "
+                         f"({num_layers * expert_bytes / gib:.2f} GiB): {detail}. Raise gpu_memory")
+    return int(min(slots, num_experts))
+
+
+# --- apply ------------------------------------------------------------------------------------
+def _top_k(model, block) -> int:
+    cfg = getattr(model, "config", None)
+    for name in ("num_experts_per_tok", "top_k"):
+        if cfg is not None and getattr(cfg, name, None):
+            return int(getattr(cfg, name))
+    for obj in (block.router, block):
+        if getattr(obj, "top_k", None):
+            return int(obj.top_k)
+    raise ValueError("cannot tell the model's top-k: give model.config.num_experts_per_tok")
+
+
+def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
+    """Replace every block.experts by an OffloadedExperts; the rest of the model moves to the device.
+
+    Returns the model; `model.offload_cache` is the ExpertCache (stats(), reset_stats()).
+    """
+    if not isinstance(cfg, OffloadConfig):
+        raise ValueError(f"apply_offload needs an OffloadConfig, got {type(cfg).__name__}")
+    blocks = list(model.moe_blocks())
+    if not blocks:
+        raise ValueError("the model has no MoE blocks to offload")
+    if any(isinstance(b.experts, OffloadedExperts) for b in blocks):
+        raise ValueError("the model is already offloaded; apply_offload once")
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {cfg.device!r} asked for but CUDA is not available; use device='cpu'")
+    top_k = _top_k(model, blocks[0])
+    w13 = blocks[0].experts.w13
+    E = w13.shape[0]
+    expert_bytes = (w13[0].numel() + blocks[0].experts.w2[0].numel()) * w13.element_size()
+    expert_params = {id(p) for b in blocks for p in b.experts.parameters()}
+    dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in expert_params)
+    dense_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
+    slots = plan_slots(cfg, device=device, dense_bytes=dense_bytes, expert_bytes=expert_bytes,
+                       num_layers=len(blocks), num_experts=E, top_k=top_k)
+    backend = getattr(blocks[0].experts, "backend", None) or cfg.backend
+
+    def release(i):  # drop layer i's original experts as soon as the store holds them
+        blocks[i].experts = None
+
+    if cfg.store == "disk":
+        store: ExpertStore = DiskExpertStore(cfg.checkpoint, [getattr(b, "layer_idx", i) for i, b in enumerate(blocks)],
+                                             dtype=w13.dtype)
+        for i in range(len(blocks)):
+            release(i)
+    else:
+        store = HostExpertStore.from_blocks(blocks, release=release, pin=device.type == "cuda")
+    del w13
+    model.to(device)  # what is left is the dense part (and shared experts)
+
+    if cfg.cpu_fallback and cfg.calibrate:
+        cost = CostModel.calibrate(device, *store.get(0, 0))
+    else:
+        D, I = store.w2_shape
+        cost = CostModel.from_rates(cfg.copy_gbps, cfg.cpu_gflops, store.expert_bytes, 6.0 * D * I)
+    lookahead = None
+    if cfg.predictor is not None and (cfg.policy == "predictor" or cfg.prefetch == "predictor"):
+        lookahead = Lookahead(cfg.predictor, len(blocks), E)
+    policy = make_policy(cfg.policy, lookahead=lookahead, trace=cfg.trace, tokens_per_step=cfg.trace_batch)
+    cache = ExpertCache(store, slots, policy, device)
+    for i, b in enumerate(blocks):
+        nxt = blocks[i + 1].router if (cfg.prefetch == "next_layer_gate" and i + 1 < len(blocks)) else None
+        b.experts = OffloadedExperts(i, cache, top_k, backend=backend, cost_model=cost, cpu_fallback=cfg.cpu_fallback,
+                                     next_router=nxt, lookahead=lookahead, predictor_prefetch=cfg.prefetch == "predictor",
+                                     prefetch_k=cfg.prefetch_k)
+    model.offload_cache = cache
+    model.offload_cost_model = cost
+    return model
+
+
+# --- trace-driven routing -----------------------------------------------------------------------
+class TraceCursor:
+    """Where each MoE layer is in the trace (tokens consumed so far)."""
+
+    def __init__(self, num_layers: int, start: int):
+        self.position = [start] * num_layers
+
+
+@contextmanager
+def route_by_trace(model: nn.Module, trace, start_token: int = 0):
+    """Within the block, each router returns the trace's next T choices instead of its own.
+
+    The trace is consumed in order, T tokens per router call (T = that call's token count); the
+    routing weights are the router's own top-k weights (realistic magnitudes) when the trace's
+    top-k equals the model's, else the trace's weights, else uniform.
+    """
+    blocks = list(model.moe_blocks())
+    if trace.num_layers < len(blocks):
+        raise ValueError(f"the trace has {trace.num_layers} MoE layers but the model has {len(blocks)}; "
+                         "use a trace of the same model shape")
+    cursor = TraceCursor(len(blocks), start_token)
+
+    def make_hook(i):
+        def hook(module, inputs, out):
+            ids_TK, w_TK, logits_TE = out
+            T = ids_TK.shape[0]
+            c = cursor.position[i]
+            if c + T > trace.num_tokens:
+                raise ValueError(f"routing trace exhausted at MoE layer {i}: needs tokens {c}..{c + T} "
+                                 f"but holds {trace.num_tokens}; use a longer trace or fewer steps")
+            if logits_TE.shape[1] != trace.num_experts:
+                raise ValueError(f"trace has {trace.num_experts} experts, the model's router {logits_TE.shape[1]}")
+            dev = ids_TK.device
+            tid_TK = torch.from_numpy(trace.expert_ids[i, c:c + T].astype(np.int64)).to(dev)
+            if tid_TK.shape == ids_TK.shape:
+                tw_TK = w_TK
+            elif trace.weights is not None:
+                tw_TK = torch.from_numpy(trace.weights[i, c:c + T]).to(dev)
+            else:
+                tw_TK = torch.full(tid_TK.shape, 1.0 / tid_TK.shape[1], device=dev)
+            tw_TK = torch.where(tid_TK >= 0, tw_TK.to(torch.float32), 0.0)
+            lg_TE = torch.full_like(logits_TE, -1e4)
+            lg_TE.scatter_(1, tid_TK.clamp(min=0), torch.log(tw_TK.clamp(min=1e-9)))
+            cursor.position[i] = c + T
+            return tid_TK, tw_TK, lg_TE
+        return hook
+
+    handles = [b.router.register_forward_hook(make_hook(i)) for i, b in enumerate(blocks)]
+    try:
+        yield cursor
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,191 @@
+"""ExpertCache: a fixed pool of preallocated expert slots per MoE layer on the device.
+
+    cache.observe(layer, ids_NK)          the step's routing at this layer (policies count it)
+    cache.ensure(layer, experts) -> slots the experts are in these slots; on CUDA the compute
+                                          stream is made to wait for their copies (events), the
+                                          host never blocks on a hit
+    cache.prefetch(layer, experts)        start copies on the side stream; never blocks
+    cache.release(layer, slots)           the compute stream's last use of the slots (an event
+                                          that a later copy into them waits on)
+    cache.stats() -> dict
+
+Slot pools per layer: w13 [S, 2I, D] and w2 [S, D, I]. Copies come from an ExpertStore (pinned
+host memory or disk) and run on one side CUDA stream, so prefetches and demand copies share the
+copy engine in issue order. On a CPU "device" the pool is a CPU tensor and copies are
+synchronous: the same code path, so tests exercise it.
+
+Shape legend: S = slots per layer, J = 2*I, D = hidden, I = expert ffn size, N = tokens, K = top-k.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .policies import Policy
+from .store import ExpertStore
+
+
+class ExpertCache:
+    def __init__(self, store: ExpertStore, slots_per_layer: int, policy: Policy, device: str | torch.device = "cpu"):
+        if slots_per_layer < 1:
+            raise ValueError(f"slots_per_layer must be >= 1, got {slots_per_layer}")
+        self.store, self.policy = store, policy
+        self.device = torch.device(device)
+        self.num_layers, self.num_experts = store.num_layers, store.num_experts
+        self.slots = min(slots_per_layer, store.num_experts)
+        L, S = self.num_layers, self.slots
+        self.pool_w13 = [torch.empty((S, *store.w13_shape), dtype=store.dtype, device=self.device) for _ in range(L)]
+        self.pool_w2 = [torch.empty((S, *store.w2_shape), dtype=store.dtype, device=self.device) for _ in range(L)]
+        self.expert_in = [[-1] * S for _ in range(L)]        # slot -> expert
+        self.slot_of: list[dict[int, int]] = [{} for _ in range(L)]  # expert -> slot
+        self.cuda = self.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._ready = [[None] * S for _ in range(L)]  # event: copy into the slot done
+        self._free = [[None] * S for _ in range(L)]   # event: compute's last read of the slot done
+        self._locked: list[set[int]] = [set() for _ in range(L)]   # experts in use by the current call
+        self._unused_prefetch: list[set[int]] = [set() for _ in range(L)]
+        self.step = [-1] * L
+        self.clock = 0
+        policy.bind(L, self.num_experts)
+        self.reset_stats()
+
+    # --- bookkeeping ------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        self.counters = dict(hits=0, misses=0, prefetches=0, useful_prefetches=0, bytes_copied=0,
+                             copies=0, cpu_computed=0, evictions=0)
+
+    def stats(self) -> dict:
+        c = dict(self.counters)
+        acc = c["hits"] + c["misses"]
+        c["hit_ratio"] = c["hits"] / acc if acc else 0.0
+        c["prefetch_precision"] = c["useful_prefetches"] / c["prefetches"] if c["prefetches"] else 0.0
+        # of the accesses that were not already resident on their own, the share prefetch covered
+        need = c["useful_prefetches"] + c["misses"]
+        c["prefetch_recall"] = c["useful_prefetches"] / need if need else 0.0
+        return c
+
+    def resident(self, layer: int) -> list[int]:
+        return [e for e in self.expert_in[layer] if e >= 0]
+
+    def is_resident(self, layer: int, expert: int) -> bool:
+        return expert in self.slot_of[layer]
+
+    def pool(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pool_w13[layer], self.pool_w2[layer]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.pool_w13 + self.pool_w2)
+
+    # --- the step protocol -------------------------------------------------------------------
+    def observe(self, layer: int, ids_NK) -> None:
+        """The routing of the current step at `layer`, before any ensure of that step."""
+        self.step[layer] += 1
+        self.policy.observe(layer, self.step[layer], np.asarray(ids_NK))
+
+    def count_cpu(self, layer: int, experts: list[int]) -> None:
+        """Misses served by computing on the CPU (no slot involved)."""
+        self.counters["misses"] += len(experts)
+        self.counters["cpu_computed"] += len(experts)
+
+    def ensure(self, layer: int, experts: list[int]) -> list[int]:
+        """Slots holding `experts` (copied in if needed); the compute stream waits for the copies."""
+        if len(experts) > self.slots:
+            raise ValueError(f"ensure({layer}, {len(experts)} experts) exceeds the {self.slots} slots of the layer; "
+                             "ask in rounds of at most `cache.slots` experts")
+        locked = self._locked[layer]
+        locked.update(experts)
+        slots = []
+        for e in experts:
+            s = self.slot_of[layer].get(e)
+            if s is not None:
+                self.counters["hits"] += 1
+                if e in self._unused_prefetch[layer]:
+                    self._unused_prefetch[layer].discard(e)
+                    self.counters["useful_prefetches"] += 1
+            else:
+                self.counters["misses"] += 1
+                s = self._load(layer, e, avoid=locked)
+            self.clock += 1
+            self.policy.touch(layer, e, self.clock)
+            slots.append(s)
+        if self.cuda:
+            cur = torch.cuda.current_stream(self.device)
+            for s in slots:
+                ev = self._ready[layer][s]
+                if ev is not None:
+                    cur.wait_event(ev)  # orders the GPU only; the host goes on
+        return slots
+
+    def release(self, layer: int, slots: list[int]) -> None:
+        """Mark the end of the compute stream's use of these slots (call after launching the kernel)."""
+        if self.cuda:
+            cur = torch.cuda.current_stream(self.device)
+            for s in slots:
+                ev = torch.cuda.Event()
+                ev.record(cur)
+                self._free[layer][s] = ev
+        self._locked[layer].clear()
+
+    def prefetch(self, layer: int, experts: list[int]) -> int:
+        """Start copying the experts not yet resident; returns how many copies were issued."""
+        issued = 0
+        avoid = set(experts)  # never evict one of the experts being prefetched together
+        for e in experts:
+            if e in self.slot_of[layer]:
+                continue
+            if self._pick_slot(layer, avoid) is None:
+                break  # every slot is in use right now
+            self._load(layer, e, avoid)
+            self._unused_prefetch[layer].add(e)
+            self.counters["prefetches"] += 1
+            issued += 1
+        return issued
+
+    # --- slots and copies --------------------------------------------------------------------
+    def _pick_slot(self, layer: int, avoid: set[int]) -> int | None:
+        ex = self.expert_in[layer]
+        for s, e in enumerate(ex):
+            if e < 0:
+                return s
+        candidates = [e for e in ex if e not in self._locked[layer] and e not in avoid]
+        if not candidates:
+            return None
+        return self.slot_of[layer][self.policy.victim(layer, candidates, self.step[layer])]
+
+    def _load(self, layer: int, expert: int, avoid: set[int]) -> int:
+        s = self._pick_slot(layer, avoid)
+        if s is None:
+            raise RuntimeError(f"no evictable slot in layer {layer} (all {self.slots} in use)")
+        old = self.expert_in[layer][s]
+        if old >= 0:
+            del self.slot_of[layer][old]
+            self._unused_prefetch[layer].discard(old)
+            self.policy.evicted(layer, old)
+            self.counters["evictions"] += 1
+        self.expert_in[layer][s] = expert
+        self.slot_of[layer][expert] = s
+        self._copy_in(layer, expert, s)
+        self.counters["copies"] += 1
+        self.counters["bytes_copied"] += self.store.expert_bytes
+        return s
+
+    def _copy_in(self, layer: int, expert: int, s: int) -> None:
+        w13, w2 = self.store.get(layer, expert)
+        d13, d2 = self.pool_w13[layer][s], self.pool_w2[layer][s]
+        if not self.cuda:
+            d13.copy_(w13)
+            d2.copy_(w2)
+            return
+        pinned = w13.is_pinned()
+        with torch.cuda.stream(self.copy_stream):
+            if self._free[layer][s] is not None:
+                self.copy_stream.wait_event(self._free[layer][s])  # do not overwrite a slot still being read
+            d13.copy_(w13, non_blocking=pinned)
+            d2.copy_(w2, non_blocking=pinned)
+            ev = torch.cuda.Event()
+            ev.record(self.copy_stream)
+        self._ready[layer][s] = ev
+
+    def pending_copies(self) -> bool:
+        """True while a copy on the side stream has not finished (never blocks)."""
+        return self.cuda and not self.copy_stream.query()

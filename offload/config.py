@@ -1,0 +1,116 @@
+"""OffloadConfig: the settings of expert offloading, checked when made.
+
+    OffloadConfig(gpu_memory="24GiB")                 # a byte budget for everything on the device
+    OffloadConfig(gpu_memory=0.25, policy="lfu")      # a fraction of the device's memory
+    OffloadConfig(slots_per_layer=2, device="cpu")    # an explicit pool size (tests)
+
+The budget covers the dense weights, the shared experts and the KV cache first; what is left
+becomes the expert slot pool (`cache.plan_slots`).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+POLICIES = ("lru", "lfu", "predictor", "belady")
+PREFETCH = ("none", "next_layer_gate", "predictor")
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def parse_bytes(value: str | int | float) -> int:
+    """'24GiB' -> 25769803776; '24GB' -> 24e9; an int is bytes already."""
+    if isinstance(value, bool):
+        raise ValueError(f"a byte size cannot be a bool ({value!r}); write e.g. '24GiB'")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"a byte size must be >= 0, got {value}")
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read {value!r} as a byte size; write e.g. '24GiB', '500MB' or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclass
+class OffloadConfig:
+    """Settings of `apply_offload`.
+
+    gpu_memory       budget on the device: '24GiB' / bytes (int) / a fraction in (0, 1] of the
+                     device's total memory. None with slots_per_layer set: the pool size is given.
+    slots_per_layer  explicit expert slots per MoE layer (overrides the budget's expert share)
+    policy           eviction policy: lru | lfu | predictor | belady (belady needs `trace`)
+    prefetch         none | next_layer_gate (apply layer l+1's router to layer l's input) |
+                     predictor (the routing predictor's probabilities)
+    prefetch_k       experts to prefetch per token for the next layer (0 = the model's top-k)
+    cpu_fallback     compute a missed expert on the CPU when the cost model says it is cheaper,
+                     and split a step's misses between the copy engine and the CPU
+    predictor        object with `predict_batch` (routing predictor contract), for the
+                     predictor policy / prefetch
+    trace            RoutingTrace, the future for the Belady policy (simulation / benchmarks)
+    trace_batch      tokens per model step in that trace (1 = single-sequence decode)
+    kv_cache_bytes   bytes the KV cache will take on the device (counted before the experts)
+    reserve_bytes    working memory left free for activations
+    device           'cuda' / 'cuda:N' / 'cpu' (cpu: the pool is a CPU tensor, same code path)
+    backend          kernels backend run on the slot pool ('torch' | 'triton')
+    store            'memory' (pinned host memory) | 'disk' (memory-mapped safetensors)
+    checkpoint       directory or file of safetensors, needed for store='disk'
+    calibrate        measure copy bandwidth and CPU rate at start-up (else use the given rates)
+    copy_gbps, cpu_gflops   rates used when not calibrating (GB/s host->device, CPU GFLOP/s)
+    """
+    gpu_memory: str | int | float | None = None
+    slots_per_layer: int | None = None
+    policy: str = "lru"
+    prefetch: str = "none"
+    prefetch_k: int = 0
+    cpu_fallback: bool = False
+    predictor: Any = None
+    trace: Any = None
+    trace_batch: int = 1
+    kv_cache_bytes: int | str = 0
+    reserve_bytes: int | str = "256MiB"
+    device: str | None = None
+    backend: str = "torch"
+    store: str = "memory"
+    checkpoint: str | None = None
+    calibrate: bool = True
+    copy_gbps: float = 25.0
+    cpu_gflops: float = 50.0
+
+    def __post_init__(self):
+        if self.gpu_memory is None and self.slots_per_layer is None:
+            raise ValueError("OffloadConfig needs gpu_memory (e.g. '24GiB' or 0.3) or slots_per_layer")
+        if isinstance(self.gpu_memory, float) and not 0.0 < self.gpu_memory <= 1.0:
+            raise ValueError(f"gpu_memory as a fraction must be in (0, 1], got {self.gpu_memory}; "
+                             "for bytes write a string such as '24GiB'")
+        if isinstance(self.gpu_memory, str):
+            parse_bytes(self.gpu_memory)  # raises with the fix
+            s = self.gpu_memory.strip()
+            if re.fullmatch(r"0?\.[0-9]+|1(\.0*)?", s):
+                self.gpu_memory = float(s)  # '0.25' on the command line is a fraction
+        if self.slots_per_layer is not None and self.slots_per_layer < 1:
+            raise ValueError(f"slots_per_layer must be >= 1, got {self.slots_per_layer}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown offload policy {self.policy!r}; choose one of {POLICIES}")
+        if self.prefetch not in PREFETCH:
+            raise ValueError(f"unknown prefetch mode {self.prefetch!r}; choose one of {PREFETCH}")
+        if self.prefetch_k < 0:
+            raise ValueError(f"prefetch_k must be >= 0, got {self.prefetch_k}")
+        needs_pred = self.policy == "predictor" or self.prefetch == "predictor"
+        if needs_pred and not hasattr(self.predictor, "predict_batch"):
+            raise ValueError("policy/prefetch 'predictor' needs predictor=<object with predict_batch> "
+                             "(e.g. a routing.PathPredictor)")
+        if self.policy == "belady" and self.trace is None:
+            raise ValueError("policy 'belady' is an oracle: give trace=<RoutingTrace> of the future routing")
+        if self.trace_batch < 1:
+            raise ValueError(f"trace_batch must be >= 1, got {self.trace_batch}")
+        self.kv_cache_bytes = parse_bytes(self.kv_cache_bytes)
+        self.reserve_bytes = parse_bytes(self.reserve_bytes)
+        if self.store not in ("memory", "disk"):
+            raise ValueError(f"store must be 'memory' or 'disk', got {self.store!r}")
+        if self.store == "disk" and not self.checkpoint:
+            raise ValueError("store='disk' reads experts from safetensors: give checkpoint=<model directory>")
+        if self.copy_gbps <= 0 or self.cpu_gflops <= 0:
+            raise ValueError(f"copy_gbps ({self.copy_gbps}) and cpu_gflops ({self.cpu_gflops}) must be > 0")

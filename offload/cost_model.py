@@ -1,0 +1,107 @@
+"""Cost of a missed expert: copy it to the device, or compute it on the CPU (Fiddler).
+
+    copy_s(bytes)       = copy_latency_s + bytes / copy_bytes_per_s
+    cpu_s(n_tokens)     = cpu_base_s + n_tokens * cpu_per_token_s
+
+Both rates are measured at start-up on the machine at hand (`CostModel.calibrate`): a pinned
+host->device copy of one expert, and one expert's SwiGLU MLP on the CPU at 1 and at 8 tokens
+(at one token the CPU reads the whole expert from memory, so the base term dominates; the
+slope is the compute rate). `split` then shares a step's misses between the copy engine and
+the CPU so that both finish together: the two are separate resources and an oracle uses both.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+def _timeit(fn, repeat: int = 3) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@dataclass
+class CostModel:
+    copy_bytes_per_s: float
+    cpu_base_s: float
+    cpu_per_token_s: float
+    copy_latency_s: float = 10e-6
+
+    def __post_init__(self):
+        if self.copy_bytes_per_s <= 0 or self.cpu_base_s < 0 or self.cpu_per_token_s < 0:
+            raise ValueError(f"CostModel rates must be positive: copy {self.copy_bytes_per_s} B/s, "
+                             f"cpu base {self.cpu_base_s} s, cpu per token {self.cpu_per_token_s} s")
+
+    @classmethod
+    def from_rates(cls, copy_gbps: float, cpu_gflops: float, expert_bytes: int, expert_flops_per_token: float,
+                   cpu_mem_gbps: float = 50.0) -> "CostModel":
+        """From nominal rates: the CPU streams the expert once per call, then pays FLOPs per token."""
+        return cls(copy_bytes_per_s=copy_gbps * 1e9, cpu_base_s=expert_bytes / (cpu_mem_gbps * 1e9),
+                   cpu_per_token_s=expert_flops_per_token / (cpu_gflops * 1e9))
+
+    @classmethod
+    def calibrate(cls, device: torch.device, w13_JD: torch.Tensor, w2_DI: torch.Tensor) -> "CostModel":
+        """Measure on this machine with one real expert (host tensors, ideally pinned)."""
+        from kernels import expert_mlp_reference
+
+        device = torch.device(device)
+        if device.type == "cuda":
+            src = w13_JD if w13_JD.is_pinned() else w13_JD.pin_memory()
+            dst = torch.empty_like(src, device=device)
+            torch.cuda.synchronize(device)
+
+            def copy():
+                dst.copy_(src, non_blocking=True)
+                torch.cuda.synchronize(device)
+            t = _timeit(copy)
+            bw = src.numel() * src.element_size() / t
+        else:
+            dst = torch.empty_like(w13_JD)
+            t = _timeit(lambda: dst.copy_(w13_JD))
+            bw = w13_JD.numel() * w13_JD.element_size() / t
+        D = w13_JD.shape[1]
+        x1 = torch.randn(1, D, dtype=w13_JD.dtype)
+        x8 = torch.randn(8, D, dtype=w13_JD.dtype)
+        t1 = _timeit(lambda: expert_mlp_reference(x1, w13_JD, w2_DI))
+        t8 = _timeit(lambda: expert_mlp_reference(x8, w13_JD, w2_DI))
+        per_tok = max((t8 - t1) / 7.0, 1e-9)
+        return cls(copy_bytes_per_s=bw, cpu_base_s=max(t1 - per_tok, 0.0), cpu_per_token_s=per_tok)
+
+    def copy_s(self, nbytes: int) -> float:
+        return self.copy_latency_s + nbytes / self.copy_bytes_per_s
+
+    def cpu_s(self, n_tokens: int) -> float:
+        return self.cpu_base_s + n_tokens * self.cpu_per_token_s
+
+    def split(self, misses: list[tuple[int, int]], expert_bytes: int,
+              copy_backlog_s: float = 0.0) -> tuple[list[int], list[int], float]:
+        """Share misses [(expert, n_tokens)] between copy and CPU so both end together.
+
+        copy_backlog_s: copies already queued on the copy engine (prefetches) ahead of these.
+        Returns (to_copy, to_cpu, estimated seconds until both are done). Experts with few tokens
+        go to the CPU first (cheapest there relative to their copy); the cut is the prefix that
+        minimises max(cpu time, copy time).
+        """
+        if not misses:
+            return [], [], 0.0
+        c = self.copy_s(expert_bytes)
+        order = sorted(misses, key=lambda m: (self.cpu_s(m[1]), m[0]))
+        best_k, best_t = 0, copy_backlog_s + c * len(order)
+        cpu_t = 0.0
+        for k, (_, n) in enumerate(order, start=1):
+            cpu_t += self.cpu_s(n)
+            t = max(cpu_t, copy_backlog_s + c * (len(order) - k))
+            if t < best_t:
+                best_k, best_t = k, t
+        return [e for e, _ in order[best_k:]], [e for e, _ in order[:best_k]], best_t
+
+    def describe(self) -> str:
+        return (f"copy {self.copy_bytes_per_s / 1e9:.1f} GB/s, CPU expert {self.cpu_base_s * 1e3:.3f} ms "
+                f"+ {self.cpu_per_token_s * 1e3:.4f} ms/token")

@@ -1,0 +1,111 @@
+"""What to prefetch: the routing predictor's look-ahead, and a simple fallback predictor.
+
+`Lookahead` follows the routing of the current step layer by layer and asks a predictor (the
+routing predictor contract, `predict_batch`) for the probability that each expert of each later
+layer is used; the predictor-driven policy evicts by these scores and the prefetcher copies the
+top ones of the next layer ahead of time.
+
+`TransitionPredictor` is a plain baseline with the same contract (inter-layer transition
+counts plus the previous token's path), used when routing's PathPredictor is not available.
+
+Shape legend: N = tokens of a step, L = MoE layers, l = layers known so far, K = experts per
+token, E = experts per layer.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class Lookahead:
+    """Latest predicted use probability of every (layer, expert), updated after each layer's routing."""
+
+    def __init__(self, predictor, num_layers: int, num_experts: int):
+        if not hasattr(predictor, "predict_batch"):
+            raise ValueError(f"{type(predictor).__name__} has no predict_batch(prev_paths, layer, known); "
+                             "give a routing predictor")
+        self.predictor = predictor
+        self.num_layers, self.num_experts = num_layers, num_experts
+        self.score_LE = np.zeros((num_layers, num_experts), dtype=np.float32)
+        self._known: list[np.ndarray] = []
+        self._prev_NLK: np.ndarray | None = None
+
+    def observe(self, layer: int, ids_NK: np.ndarray) -> None:
+        ids_NK = np.asarray(ids_NK, dtype=np.int64)
+        if layer == 0:
+            self._known = []
+        if len(self._known) != layer:  # a layer was skipped (e.g. first call mid-step): start over
+            self._known = []
+            return
+        self._known.append(ids_NK)
+        known_NlK = np.stack(self._known, axis=1)
+        prev = self._prev_NLK if (self._prev_NLK is not None and self._prev_NLK.shape[0] == ids_NK.shape[0]) else None
+        probs_NLE = np.asarray(self.predictor.predict_batch(prev, layer, known_NlK), dtype=np.float32)
+        if probs_NLE.ndim != 3 or probs_NLE.shape[1] < self.num_layers or probs_NLE.shape[2] != self.num_experts:
+            raise ValueError(f"predict_batch returned shape {probs_NLE.shape}; expected "
+                             f"[{ids_NK.shape[0]}, {self.num_layers}, {self.num_experts}]")
+        # chance that at least one token of the step uses the expert
+        p_LE = 1.0 - np.prod(1.0 - np.clip(probs_NLE[:, :self.num_layers], 0.0, 1.0), axis=0)
+        self.score_LE[layer + 1:] = p_LE[layer + 1:]
+        if layer == self.num_layers - 1:
+            self._prev_NLK = known_NlK
+
+    def top(self, layer: int, k: int, threshold: float = 0.0) -> list[int]:
+        """The k experts of `layer` most likely to be used (score above threshold)."""
+        s_E = self.score_LE[layer]
+        order = np.argsort(-s_E, kind="stable")[:k]
+        return [int(e) for e in order if s_E[e] > threshold]
+
+
+class TransitionPredictor:
+    """Baseline routing predictor: P(expert at l+1 | experts at l) from counts, mixed with the
+    previous token's choice at the same layer (temporal locality). Implements `predict_batch`."""
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, temporal: float = 0.3, smoothing: float = 0.1):
+        if not 0.0 <= temporal <= 1.0:
+            raise ValueError(f"temporal must be in [0, 1], got {temporal}")
+        self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
+        self.temporal, self.smoothing = temporal, smoothing
+        E = num_experts
+        self.trans_LEE = np.full((max(num_layers - 1, 0), E, E), smoothing, dtype=np.float64)
+        self.pop_LE = np.full((num_layers, E), smoothing, dtype=np.float64)
+
+    @classmethod
+    def fit(cls, trace, **kw) -> "TransitionPredictor":
+        p = cls(trace.num_layers, trace.num_experts, trace.top_k, **kw)
+        ids = trace.expert_ids.astype(np.int64)
+        L, T, K = ids.shape
+        for layer in range(L):
+            v = ids[layer].reshape(-1)
+            np.add.at(p.pop_LE[layer], v[v >= 0], 1.0)
+        for layer in range(L - 1):
+            a = np.repeat(ids[layer], K, axis=1).reshape(-1)  # every (k, k') pair of one token
+            b = np.tile(ids[layer + 1], (1, K)).reshape(-1)
+            ok = (a >= 0) & (b >= 0)
+            np.add.at(p.trans_LEE[layer], (a[ok], b[ok]), 1.0)
+        return p
+
+    def predict_batch(self, prev_paths_NLK, layer: int, known_NlK) -> np.ndarray:
+        known_NlK = np.asarray(known_NlK, dtype=np.int64)
+        N, E, L, K = known_NlK.shape[0], self.num_experts, self.num_layers, self.top_k
+        out_NLE = np.zeros((N, L, E), dtype=np.float32)
+        rows = np.arange(N)
+        for j in range(layer + 1):  # known rows are one-hot
+            for k in range(known_NlK.shape[2]):
+                e = known_NlK[:, j, k]
+                out_NLE[rows[e >= 0], j, e[e >= 0]] = 1.0
+        cur_NE = out_NLE[:, layer].astype(np.float64)
+        for j in range(layer + 1, L):
+            t_EE = self.trans_LEE[j - 1]
+            t_EE = t_EE / t_EE.sum(axis=1, keepdims=True)
+            dist_NE = cur_NE @ t_EE
+            dist_NE /= np.maximum(dist_NE.sum(axis=1, keepdims=True), 1e-12)
+            if prev_paths_NLK is not None and self.temporal > 0:
+                prev_NE = np.zeros((N, E))
+                pk = np.asarray(prev_paths_NLK, dtype=np.int64)[:, j]
+                for k in range(pk.shape[1]):
+                    ok = pk[:, k] >= 0
+                    prev_NE[rows[ok], pk[ok, k]] += 1.0 / pk.shape[1]
+                dist_NE = (1 - self.temporal) * dist_NE + self.temporal * prev_NE
+            out_NLE[:, j] = np.minimum(1.0, K * dist_NE)
+            cur_NE = dist_NE
+        return out_NLE

@@ -1,0 +1,201 @@
+"""Cache simulation over a RoutingTrace (no weights), with a time model and the oracle bound.
+
+    stats = simulate(trace, "lru", capacity_per_layer=4)
+    stats = simulate(trace, "predictor", 4, predictor=p, prefetch="predictor", cpu_fallback=True,
+                     cost=CostModel(...), expert_bytes=352e6, layer_compute_s=0.2e-3)
+    bound = oracle_bound(trace, 4, cost=..., expert_bytes=..., layer_compute_s=...)
+
+The simulator drives the real ExpertCache (same policies, same counters) over a store of empty
+experts, so its stats are the ones the live cache would report for the same routing. Alongside
+runs a time model of one GPU with one copy engine and a CPU:
+
+- a layer's routing is known at t; its demand copies queue on the copy engine after whatever is
+  already queued (prefetches), one expert every copy_s; prefetches of layer l+1 queue next;
+- the GPU part of the layer ends at max(t, copies of its experts done) + layer_compute_s;
+  the CPU part (experts computed there) ends at t + sum of cpu_s; the layer ends at the later.
+
+The oracle bound: Belady eviction (fewest misses), perfect prefetch (every copy hidden behind
+compute as long as the copy engine keeps up) and the best of copy / CPU for each miss:
+time >= max(sum over layers of max(compute, CPU share), total copy time).
+
+Shape legend: L = MoE layers, T = tokens, K = top-k, B = tokens per step.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .cache import ExpertCache
+from .cost_model import CostModel
+from .policies import BeladyPolicy, Policy, future_from_trace, make_policy
+from .prefetch import Lookahead
+from .store import ExpertStore
+
+PREFETCH_MODES = ("none", "predictor", "oracle")
+
+
+class NullStore(ExpertStore):
+    """Experts of zero elements that still count `expert_bytes` when copied."""
+
+    def __init__(self, num_layers: int, num_experts: int, expert_bytes: int):
+        self.num_layers, self.num_experts = num_layers, num_experts
+        self.w13_shape, self.w2_shape, self.dtype = (0, 0), (0, 0), torch.float32
+        self._bytes = int(expert_bytes)
+        self._empty = torch.empty(0, 0)
+
+    @property
+    def expert_bytes(self) -> int:
+        return self._bytes
+
+    def get(self, layer, expert):
+        return self._empty, self._empty
+
+
+def _steps(trace, tokens_per_step: int):
+    for s in range(0, trace.num_tokens, tokens_per_step):
+        yield trace.expert_ids[:, s:s + tokens_per_step].astype(np.int64)  # [L, B, K]
+
+
+def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per_step: int = 1,
+             prefetch: str = "none", predictor=None, prefetch_k: int = 0, cpu_fallback: bool = False,
+             cost: CostModel | None = None, expert_bytes: int = 1, layer_compute_s: float = 0.0) -> dict:
+    """Run the expert cache over the trace; returns cache.stats() plus 'time_s', 'steps', 'tokens'.
+
+    policy: 'lru' | 'lfu' | 'predictor' (needs predictor) | 'belady' | a Policy instance.
+    prefetch: 'none' | 'predictor' (top experts of layer l+1 by the predictor after layer l) |
+    'oracle' (exactly the experts layer l+1 will use).
+    """
+    if capacity_per_layer < 1:
+        raise ValueError(f"capacity_per_layer must be >= 1, got {capacity_per_layer}")
+    if prefetch not in PREFETCH_MODES:
+        raise ValueError(f"unknown prefetch mode {prefetch!r}; choose one of {PREFETCH_MODES}")
+    if tokens_per_step < 1:
+        raise ValueError(f"tokens_per_step must be >= 1, got {tokens_per_step}")
+    if cpu_fallback and cost is None:
+        raise ValueError("cpu_fallback needs cost=<CostModel> to choose between copy and CPU")
+    L, E, K = trace.num_layers, trace.num_experts, trace.top_k
+    lookahead = None
+    if (policy == "predictor" or prefetch == "predictor"):
+        if predictor is None:
+            raise ValueError("policy/prefetch 'predictor' needs predictor=<object with predict_batch>")
+        lookahead = Lookahead(predictor, L, E)
+    if isinstance(policy, str):
+        policy = make_policy(policy, lookahead=lookahead, trace=trace, tokens_per_step=tokens_per_step)
+    cache = ExpertCache(NullStore(L, E, expert_bytes), capacity_per_layer, policy, "cpu")
+    S = cache.slots
+    prefetch_k = prefetch_k or K
+    timed = cost is not None
+    copy_s = cost.copy_s(expert_bytes) if timed else 0.0
+    t = 0.0
+    copy_free = 0.0
+    ready: dict[tuple[int, int], float] = {}  # (layer, expert) -> when its copy lands
+    steps = list(_steps(trace, tokens_per_step))
+
+    def queue_copy(layer, expert, now):
+        nonlocal copy_free
+        copy_free = max(copy_free, now) + copy_s
+        ready[(layer, expert)] = copy_free
+
+    for si, ids_LBK in enumerate(steps):
+        for layer in range(L):
+            ids_BK = ids_LBK[layer]
+            cache.observe(layer, ids_BK)
+            flat = ids_BK.reshape(-1)
+            experts, counts = np.unique(flat[flat >= 0], return_counts=True)
+            hits = [int(e) for e in experts if cache.is_resident(layer, int(e))]
+            misses = [(int(e), int(n)) for e, n in zip(experts, counts) if not cache.is_resident(layer, int(e))]
+            to_copy, to_cpu = [e for e, _ in misses], []
+            if cpu_fallback and misses:
+                backlog = max(copy_free - t, 0.0)
+                to_copy, to_cpu, _ = cost.split(misses, expert_bytes, copy_backlog_s=backlog)
+            gpu = hits + to_copy
+            before = cache.counters["copies"]
+            gpu_ready = t
+            for i in range(0, len(gpu), S):
+                chunk = gpu[i:i + S]
+                resident_before = {e for e in chunk if cache.is_resident(layer, e)}
+                cache.ensure(layer, chunk)
+                for e in chunk:
+                    if e not in resident_before:
+                        queue_copy(layer, e, t)
+                    gpu_ready = max(gpu_ready, ready.get((layer, e), 0.0))
+                cache.release(layer, [])
+            assert cache.counters["copies"] - before == len(gpu) - len(hits)
+            if to_cpu:
+                cache.count_cpu(layer, to_cpu)
+            # prefetch for the next layer (or layer 0 of the next step), queued behind demand copies
+            nl, ns = (layer + 1, si) if layer + 1 < L else (0, si + 1)
+            want: list[int] = []
+            if lookahead is not None:
+                lookahead.observe(layer, ids_BK)
+            if prefetch == "predictor" and nl > layer:
+                want = lookahead.top(nl, min(S, prefetch_k * len(ids_BK)))
+            elif prefetch == "oracle" and ns < len(steps):
+                nxt = steps[ns][nl].reshape(-1)
+                want = [int(e) for e in np.unique(nxt[nxt >= 0])][:S]
+            for e in want:
+                if not cache.is_resident(nl, e) and cache.prefetch(nl, [e]):
+                    queue_copy(nl, e, t)
+            if timed:
+                gpu_done = gpu_ready + layer_compute_s
+                cpu_done = t + sum(cost.cpu_s(n) for e, n in misses if e in to_cpu)
+                t = max(gpu_done, cpu_done)
+    out = cache.stats()
+    out.update(steps=len(steps), tokens=trace.num_tokens, capacity_per_layer=S)
+    if timed:
+        out["time_s"] = t
+        out["time_per_step_s"] = t / max(len(steps), 1)
+    return out
+
+
+def oracle_bound(trace, capacity_per_layer: int, *, cost: CostModel, expert_bytes: int,
+                 layer_compute_s: float = 0.0, tokens_per_step: int = 1) -> dict:
+    """Lower bound on time: Belady's misses, all copies hidden, each miss copied or CPU-computed.
+
+    Returns misses, hit_ratio, time_s, time_per_step_s, copy_s_total, cpu_misses.
+    """
+    L, E = trace.num_layers, trace.num_experts
+    future = future_from_trace(trace, tokens_per_step)
+    cache = ExpertCache(NullStore(L, E, expert_bytes), capacity_per_layer, BeladyPolicy(future), "cpu")
+    S = cache.slots
+    per_miss: list[tuple[float, int]] = []  # (cpu seconds, index of its (step, layer))
+    n_cells = 0
+    for ids_LBK in _steps(trace, tokens_per_step):
+        for layer in range(L):
+            ids_BK = ids_LBK[layer]
+            cache.observe(layer, ids_BK)
+            flat = ids_BK.reshape(-1)
+            experts, counts = np.unique(flat[flat >= 0], return_counts=True)
+            n_of = {int(e): int(n) for e, n in zip(experts, counts)}
+            gpu = sorted(n_of, key=lambda e: not cache.is_resident(layer, e))  # hits first
+            for i in range(0, len(gpu), S):
+                chunk = gpu[i:i + S]
+                for e in chunk:
+                    if not cache.is_resident(layer, e):
+                        per_miss.append((cost.cpu_s(n_of[e]), n_cells))
+                cache.ensure(layer, chunk)
+                cache.release(layer, [])
+            n_cells += 1
+    c = cost.copy_s(expert_bytes)
+    compute_total = n_cells * layer_compute_s
+    # greedy: move the misses cheapest on the CPU there while that shortens the bound
+    cell_cpu = np.zeros(max(n_cells, 1))
+    copy_total = c * len(per_miss)
+    side = compute_total  # sum over cells of max(compute, cpu)
+    best = max(side, copy_total)
+    cpu_misses = 0
+    for cpu_s, cell in sorted(per_miss):
+        old = max(layer_compute_s, cell_cpu[cell])
+        new = max(layer_compute_s, cell_cpu[cell] + cpu_s)
+        cand = max(side + new - old, copy_total - c)
+        if cand >= best:
+            continue
+        cell_cpu[cell] += cpu_s
+        side, copy_total, best = side + new - old, copy_total - c, cand
+        cpu_misses += 1
+    steps = -(-trace.num_tokens // tokens_per_step)
+    misses = len(per_miss)
+    accesses = cache.counters["hits"] + cache.counters["misses"]
+    return dict(misses=misses, hit_ratio=(accesses - misses) / accesses if accesses else 0.0, time_s=best,
+                time_per_step_s=best / max(steps, 1), copy_s_total=copy_total, cpu_misses=cpu_misses,
+                capacity_per_layer=S)

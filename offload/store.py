@@ -1,0 +1,171 @@
+"""Where offloaded experts live: host memory (pinned when CUDA is present) or disk.
+
+    HostExpertStore.from_blocks(blocks, release)   moves each layer's w13/w2 out of a loaded model,
+                                                   layer by layer, freeing the original after each
+                                                   layer (`release`), so there are never two full copies
+    DiskExpertStore(checkpoint_dir, layer_ids)     reads experts from memory-mapped safetensors
+                                                   (safe_open), for when host RAM is short
+
+Both give `get(layer, expert) -> (w13_JD, w2_DI)` CPU tensors; the host store's are views of
+pinned memory, so host->device copies run asynchronously at the full PCIe rate (pageable memory
+is three times slower on the H200 host, ANCHORS.md).
+
+Shape legend: E = experts, J = 2*I (gate rows then up rows), D = hidden, I = expert ffn size.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+class ExpertStore:
+    num_layers: int
+    num_experts: int
+    w13_shape: tuple[int, int]  # (J, D)
+    w2_shape: tuple[int, int]   # (D, I)
+    dtype: torch.dtype
+
+    def get(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def expert_bytes(self) -> int:
+        n = self.w13_shape[0] * self.w13_shape[1] + self.w2_shape[0] * self.w2_shape[1]
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def pinned(self) -> bool:
+        return False
+
+
+class HostExpertStore(ExpertStore):
+    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]]):
+        if not layers:
+            raise ValueError("HostExpertStore needs at least one MoE layer")
+        self.layers = layers
+        w13, w2 = layers[0]
+        self.num_layers, self.num_experts = len(layers), w13.shape[0]
+        self.w13_shape, self.w2_shape, self.dtype = tuple(w13.shape[1:]), tuple(w2.shape[1:]), w13.dtype
+        for i, (a, b) in enumerate(layers):
+            if a.shape != w13.shape or b.shape != w2.shape or a.dtype != w13.dtype:
+                raise ValueError(f"MoE layer {i} has expert shapes {tuple(a.shape)}/{tuple(b.shape)} {a.dtype}; "
+                                 f"offloading needs every layer like layer 0: {tuple(w13.shape)}/{tuple(w2.shape)}")
+
+    @classmethod
+    def from_blocks(cls, blocks, release: Callable[[int], None] | None = None, pin: bool | None = None,
+                    dtype: torch.dtype | None = None) -> "HostExpertStore":
+        """Take w13/w2 of each block's experts into host memory; `release(i)` drops layer i's original."""
+        pin = torch.cuda.is_available() if pin is None else pin
+        layers = []
+        for i, block in enumerate(blocks):
+            ex = block.experts
+            src13, src2 = ex.w13.detach(), ex.w2.detach()
+            dt = dtype or src13.dtype
+            if pin or src13.device.type != "cpu" or dt != src13.dtype:
+                w13 = torch.empty(src13.shape, dtype=dt, pin_memory=pin)
+                w2 = torch.empty(src2.shape, dtype=dt, pin_memory=pin)
+                w13.copy_(src13)
+                w2.copy_(src2)
+            else:  # plain host memory already: keep the very tensor, no second copy
+                w13, w2 = src13, src2
+            del src13, src2, ex
+            layers.append((w13, w2))
+            if release is not None:
+                release(i)
+        return cls(layers)
+
+    def get(self, layer, expert):
+        w13, w2 = self.layers[layer]
+        return w13[expert], w2[expert]
+
+    @property
+    def pinned(self) -> bool:
+        return self.layers[0][0].is_pinned()
+
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.layers)
+
+
+# Hugging Face names of expert weights: fused ([E, 2I, D] / [E, D, I]) or one tensor per expert
+_FUSED = re.compile(r"layers\.(\d+)\..*experts\.(gate_up_proj|down_proj)$")
+_PER_EXPERT = re.compile(r"layers\.(\d+)\..*experts\.(\d+)\.(w1|w3|w2|gate_proj|up_proj|down_proj)\.weight$")
+_ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
+
+
+class DiskExpertStore(ExpertStore):
+    """Experts read on demand from a checkpoint's safetensors files (memory-mapped by safe_open).
+
+    layer_ids: the decoder layer index of each MoE layer, in MoE order (block.layer_idx).
+    """
+
+    def __init__(self, checkpoint: str | Path, layer_ids: list[int], dtype: torch.dtype | None = None):
+        from safetensors import safe_open
+
+        path = Path(checkpoint)
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+        if not files or not all(f.is_file() for f in files):
+            raise ValueError(f"no .safetensors files at {checkpoint}; give the model directory for store='disk'")
+        self._files = {}
+        self._where: dict[tuple, tuple[Path, str]] = {}  # (decoder_layer, role[, expert]) -> (file, key)
+        for f in files:
+            h = safe_open(str(f), framework="pt")
+            self._files[f] = h
+            for key in h.keys():
+                m = _FUSED.search(key)
+                if m:
+                    self._where[(int(m.group(1)), "gate_up" if m.group(2) == "gate_up_proj" else "down")] = (f, key)
+                    continue
+                m = _PER_EXPERT.search(key)
+                if m:
+                    self._where[(int(m.group(1)), _ROLE[m.group(3)], int(m.group(2)))] = (f, key)
+        self.layer_ids = list(layer_ids)
+        self.num_layers = len(self.layer_ids)
+        first = self.layer_ids[0]
+        self.fused = (first, "gate_up") in self._where
+        if self.fused:
+            sl = self._slice(first, "gate_up")
+            E, J, D = sl.get_shape()
+            I = J // 2
+        else:
+            experts = {k[2] for k in self._where if len(k) == 3 and k[0] == first}
+            if not experts:
+                raise ValueError(f"{checkpoint}: no expert weights found for decoder layer {first} "
+                                 "(looked for '...layers.N...experts.gate_up_proj' or '...experts.E.w1.weight')")
+            E = max(experts) + 1
+            I, D = self._slice(first, "gate", 0).get_shape()
+        self.num_experts = E
+        self.w13_shape, self.w2_shape = (2 * I, D), (D, I)
+        self.dtype = dtype or self._tensor_dtype()
+        for lid in self.layer_ids:
+            if not ((lid, "gate_up") in self._where or (lid, "gate", 0) in self._where):
+                raise ValueError(f"{checkpoint}: decoder layer {lid} has no expert weights in the checkpoint")
+
+    def _slice(self, *key):
+        if key not in self._where:
+            raise ValueError(f"expert tensor {key} missing from the checkpoint")
+        f, name = self._where[key]
+        return self._files[f].get_slice(name)
+
+    def _tensor_dtype(self) -> torch.dtype:
+        f, name = next(iter(self._where.values()))
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        code = header[name]["dtype"]
+        return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[code]
+
+    def get(self, layer, expert):
+        lid = self.layer_ids[layer]
+        if self.fused:
+            w13 = self._slice(lid, "gate_up")[expert]
+            w2 = self._slice(lid, "down")[expert]
+        else:
+            gate = self._slice(lid, "gate", expert)[:]
+            up = self._slice(lid, "up", expert)[:]
+            w13 = torch.cat([gate, up], dim=0)
+            w2 = self._slice(lid, "down", expert)[:]
+        return w13.to(self.dtype), w2.to(self.dtype)

@@ -1,0 +1,102 @@
+"""Offloaded generation equals resident generation, for every policy, pool size and miss path."""
+import pytest
+import torch
+
+from offload import OffloadConfig, TransitionPredictor, apply_offload, route_by_trace
+from routing.synthetic import synthesize
+
+from .helpers import greedy, tiny_model, twin
+
+PROMPT = [3, 17, 5, 9, 30]
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("mixtral")
+
+
+@pytest.fixture(scope="module")
+def trace(model):
+    blocks = model.moe_blocks()
+    E = blocks[0].experts.w13.shape[0]
+    return synthesize(num_layers=len(blocks), num_experts=E, top_k=2, num_requests=1, tokens_per_request=64,
+                      popularity_skew=1.0, temporal_locality=0.5, affinity=0.5, seed=1)
+
+
+@pytest.fixture(scope="module")
+def resident(model):
+    return greedy(model, PROMPT, STEPS)
+
+
+def _offloaded(model, **kw):
+    kw.setdefault("device", "cpu")
+    kw.setdefault("calibrate", False)
+    # rates that make copy and CPU cost about the same for this tiny expert: both paths get used
+    kw.setdefault("copy_gbps", 1e-3)
+    kw.setdefault("cpu_gflops", 1e-3)
+    return apply_offload(twin(model), OffloadConfig(**kw))
+
+
+def _check(resident, got):
+    toks, logits = resident
+    toks2, logits2 = got
+    torch.testing.assert_close(logits2, logits, atol=1e-6, rtol=0)
+    assert toks2 == toks
+
+
+@pytest.mark.parametrize("cpu_fallback", [False, True])
+@pytest.mark.parametrize("policy,slots", [("lru", 1), ("lru", 3), ("lru", 8), ("lfu", 1), ("lfu", 3),
+                                          ("predictor", 1), ("predictor", 3)])
+def test_offloaded_equals_resident(model, resident, trace, policy, slots, cpu_fallback):
+    pred = TransitionPredictor.fit(trace) if policy == "predictor" else None
+    m = _offloaded(model, slots_per_layer=slots, policy=policy, predictor=pred, cpu_fallback=cpu_fallback)
+    _check(resident, greedy(m, PROMPT, STEPS))
+    st = m.offload_cache.stats()
+    if cpu_fallback:
+        assert st["cpu_computed"] > 0
+    else:
+        assert st["cpu_computed"] == 0
+    if slots == 1:
+        assert st["evictions"] > 0  # a pool smaller than top-k: experts cycle through the one slot
+
+
+@pytest.mark.parametrize("cpu_fallback", [False, True])
+@pytest.mark.parametrize("slots", [3])
+@pytest.mark.parametrize("prefetch", ["next_layer_gate", "predictor"])
+def test_prefetch_keeps_output(model, resident, trace, prefetch, slots, cpu_fallback):
+    pred = TransitionPredictor.fit(trace) if prefetch == "predictor" else None
+    m = _offloaded(model, slots_per_layer=slots, policy="lru", prefetch=prefetch, predictor=pred,
+                   cpu_fallback=cpu_fallback)
+    _check(resident, greedy(m, PROMPT, STEPS))
+    st = m.offload_cache.stats()
+    assert st["prefetches"] > 0
+    assert 0.0 <= st["prefetch_precision"] <= 1.0 and 0.0 <= st["prefetch_recall"] <= 1.0
+
+
+@pytest.mark.parametrize("cpu_fallback", [False, True])
+@pytest.mark.parametrize("slots", [1, 3])
+def test_belady_under_trace_routing(model, trace, slots, cpu_fallback):
+    with route_by_trace(model, trace):
+        want = greedy(model, PROMPT, STEPS)
+    m = _offloaded(model, slots_per_layer=slots, policy="belady", trace=trace, cpu_fallback=cpu_fallback)
+    with route_by_trace(m, trace) as cursor:
+        got = greedy(m, PROMPT, STEPS)
+    _check(want, got)
+    assert cursor.position[0] == len(PROMPT) + STEPS
+
+
+def test_other_family_with_shared_experts():
+    m0 = tiny_model("qwen2_moe")
+    want = greedy(m0, PROMPT, 3)
+    m = _offloaded(m0, slots_per_layer=2, policy="lru", cpu_fallback=True)
+    _check(want, greedy(m, PROMPT, 3))
+
+
+def test_set_backend_reaches_offloaded_experts(model):
+    m = _offloaded(model, slots_per_layer=2)
+    if hasattr(m, "set_backend"):
+        m.set_backend("torch")
+    assert all(b.experts.backend == "torch" for b in m.moe_blocks())
+    with pytest.raises(ValueError, match="already offloaded"):
+        apply_offload(m, OffloadConfig(slots_per_layer=2, device="cpu", calibrate=False))
