@@ -9,6 +9,7 @@ Shape legend: L = MoE layers, T = tokens, K = experts per token (top-k).
     weights      [L, T, K] float32 optional routing weights
     request_ids  [T]       int32   which request (sequence) a token belongs to
     positions    [T]       int32   the token's position inside its request
+    token_ids    [T]       int32   optional: the token's vocabulary id (a predictor feature)
 
 Tokens are stored in the order they were processed; within one request, positions increase.
 Saved as a compressed ``.npz``; nothing is pickled.
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 _FORMAT_VERSION = 1
+_PER_TOKEN = ("request_ids", "positions", "token_ids")
 
 
 @dataclass(frozen=True, eq=False)
@@ -32,6 +34,7 @@ class RoutingTrace:
     request_ids: np.ndarray | None = None  # [T] int32
     positions: np.ndarray | None = None  # [T] int32
     meta: dict = field(default_factory=dict)
+    token_ids: np.ndarray | None = None  # [T] int32 (optional; added after format v1, still v1)
 
     def __post_init__(self):
         ids = np.asarray(self.expert_ids)
@@ -54,7 +57,7 @@ class RoutingTrace:
             if w.shape != ids.shape:
                 raise ValueError(f"weights shape {tuple(w.shape)} must equal expert_ids shape {tuple(ids.shape)}")
             object.__setattr__(self, "weights", w)
-        for name in ("request_ids", "positions"):
+        for name in _PER_TOKEN:
             v = getattr(self, name)
             if v is None:
                 continue
@@ -82,18 +85,38 @@ class RoutingTrace:
             return self.request_ids
         return np.zeros(self.num_tokens, dtype=np.int32)
 
+    def paths(self) -> np.ndarray:
+        """Each token's routing path through all layers: [T, L, K] int16 (a transposed copy)."""
+        return np.ascontiguousarray(self.expert_ids.transpose(1, 0, 2))
+
+    def previous_token_index(self) -> np.ndarray:
+        """For each token, the index of the previous token of the same request, or -1: [T] int64.
+
+        "Previous" means the latest earlier-stored token of that request, which is the token
+        decoded just before it when the trace was recorded in processing order.
+        """
+        req = self.request_ids_or_default()
+        prev = np.full(self.num_tokens, -1, dtype=np.int64)
+        if self.num_tokens == 0:
+            return prev
+        order = np.argsort(req, kind="stable")  # tokens grouped by request, processing order kept
+        same = req[order][1:] == req[order][:-1]
+        prev[order[1:][same]] = order[:-1][same]
+        return prev
+
     # --- slicing --------------------------------------------------------------------------
     def select_tokens(self, index) -> "RoutingTrace":
         """A trace of a subset of tokens (a slice, a boolean mask or an index array)."""
         def pick(a):
             return None if a is None else a[..., index] if a.ndim == 1 else a[:, index]
         return RoutingTrace(self.expert_ids[:, index], self.num_experts, pick(self.weights),
-                            pick(self.request_ids), pick(self.positions), dict(self.meta))
+                            pick(self.request_ids), pick(self.positions), dict(self.meta),
+                            token_ids=pick(self.token_ids))
 
     def select_layers(self, index) -> "RoutingTrace":
         w = None if self.weights is None else self.weights[index]
         return RoutingTrace(self.expert_ids[index], self.num_experts, w, self.request_ids,
-                            self.positions, dict(self.meta))
+                            self.positions, dict(self.meta), token_ids=self.token_ids)
 
     def split_requests(self, fraction: float, seed: int = 0) -> tuple["RoutingTrace", "RoutingTrace"]:
         """Split by request (never inside one), e.g. into train / held-out parts."""
@@ -118,7 +141,7 @@ class RoutingTrace:
                   "header": np.frombuffer(json.dumps({
                       "format": "moeflow.RoutingTrace", "version": _FORMAT_VERSION,
                       "num_experts": int(self.num_experts), "meta": self.meta}).encode(), dtype=np.uint8)}
-        for name in ("weights", "request_ids", "positions"):
+        for name in ("weights",) + _PER_TOKEN:
             if getattr(self, name) is not None:
                 arrays[name] = getattr(self, name)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -146,7 +169,7 @@ class RoutingTrace:
             if header.get("format") != "moeflow.RoutingTrace" or header.get("version") != _FORMAT_VERSION:
                 raise ValueError(f"{path}: unsupported trace format {header.get('format')} "
                                  f"version {header.get('version')} (this moeflow reads version {_FORMAT_VERSION})")
-            opt = {n: (z[n] if n in z else None) for n in ("weights", "request_ids", "positions")}
+            opt = {n: (z[n] if n in z else None) for n in ("weights",) + _PER_TOKEN}
             return cls(z["expert_ids"], int(header["num_experts"]), meta=header.get("meta", {}), **opt)
 
     def __repr__(self) -> str:

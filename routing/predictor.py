@@ -1,0 +1,403 @@
+"""The routing-path predictor (ExpertFlow's idea, our own model) and its evaluation.
+
+``PathPredictor`` forecasts, for each token, the experts of every later MoE layer from what is
+known when its forward starts (the previous token's path, its token id) and sharpens the
+forecast as real routing arrives layer by layer (``predict_batch`` conditions on the known
+prefix), optionally with the next layers' gates applied to the current hidden state.
+
+Model: a log-linear product of evidence sources. For a target layer m and expert e,
+
+    logit[m, e] = b[g] + w[g, pop] * log pop[m, e] + sum_s w[g, s] * (log P_s(e at m) - log pop[m, e])
+
+with sources s:
+  - ``trans-c`` (c = 0..C-1): the known experts of layer j = layer - c, through the counted
+    table P(e at m | e' at j), averaged in log space over the token's k experts at j (a
+    product of the k conditionals, which singles out the path they share);
+  - ``temporal``: the previous token's experts at layer m, through P(e at m | e' at m one token ago);
+  - ``token``: the token id (hashed into buckets) through P(e at m | token id);
+  - ``gate``: softmax of layer m's router applied to the hidden state entering the last known
+    layer (only when a ``GateLookahead`` and hidden states are given).
+Every table is counted from a trace and smoothed toward popularity; an absent source
+contributes 0 (no evidence). The weights w[g, s] and bias b[g] depend on the group g: the
+distance m - layer when layers are known, or the target layer m when nothing is known yet;
+they are fitted by L-BFGS on binary cross-entropy, on requests held out from the counting (so
+the weights learn how far each table can be trusted on new text). Training takes seconds on a
+CPU; a prediction is a few table gathers per layer (microseconds per token).
+
+Shape legend: N = tokens, L = MoE layers, l = known layers, K = top-k, E = experts,
+S = evidence sources, G = weight groups, B = token-id buckets, D = hidden size.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .baselines import GateLookahead, PathModel, check_inputs, finish, multi_hot
+from .trace import RoutingTrace
+
+_FORMAT = "moeflow.PathPredictor"
+_VERSION = 1
+_LOG_FLOOR = -12.0
+
+
+@dataclass
+class PredictorConfig:
+    context_layers: int = 3  # known layers used as evidence, the most recent ones
+    smoothing: float = 2.0  # pseudo-tokens pulling every counted conditional toward popularity
+    token_buckets: int = 4096  # rows of the hashed token-id table (0: no token-id source)
+    max_span: int = 16  # longest layer distance with a transition table (bounds memory: L*span*E*E)
+    fit_elements: int = 1 << 23  # size budget of the tensor the weights are fitted on
+    fit_iters: int = 20  # Newton steps
+    holdout: float = 0.3  # share of requests that fit the weights (the tables count the rest)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.context_layers < 1:
+            raise ValueError(f"context_layers must be >= 1, got {self.context_layers}")
+        if self.smoothing <= 0:
+            raise ValueError(f"smoothing must be > 0, got {self.smoothing}")
+        if self.token_buckets < 0 or self.max_span < 1:
+            raise ValueError(f"token_buckets ({self.token_buckets}) must be >= 0 and max_span ({self.max_span}) >= 1")
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"holdout must be in (0, 1), got {self.holdout}")
+        if self.fit_elements < 1 << 16 or self.fit_iters < 1:
+            raise ValueError(f"fit_elements ({self.fit_elements}) must be >= 65536 and fit_iters ({self.fit_iters}) >= 1")
+
+
+def _masked_mean(rows_XKE: np.ndarray, valid_XK: np.ndarray) -> np.ndarray:
+    """Mean over the K axis of the rows gathered for valid ids (ignoring -1) -> [..., E]; 0 if none."""
+    n = valid_XK.sum(-1, keepdims=True)
+    return (rows_XKE * valid_XK[..., None]).sum(-2) / np.maximum(n, 1)
+
+
+class _Tables:
+    """Counted conditionals of one trace, as log-ratios against popularity."""
+
+    def __init__(self, trace: RoutingTrace, cfg: PredictorConfig):
+        L, T, K = trace.expert_ids.shape
+        E, a = trace.num_experts, cfg.smoothing
+        self.span = min(cfg.max_span, max(L - 1, 1))
+        mh_LTE = multi_hot(trace.expert_ids, E)  # [L, T, E]
+        pop = (mh_LTE.sum(1) + a * K / E) / (T + a)  # [L, E], rows sum to K
+        self.log_pop = np.log(pop).astype(np.float32)
+
+        def log_ratio(joint_XE, count_X, m):  # smoothed log P(e at m | x) - log pop[m, e]
+            p = (joint_XE + a * pop[m]) / (count_X[:, None] + a)
+            return (np.log(np.maximum(p, 1e-30)) - self.log_pop[m]).astype(np.float32)
+
+        count_LE = mh_LTE.sum(1)
+        self.trans = np.zeros((L, self.span, E, E), dtype=np.float32)  # [j, d-1, e', e]
+        for j in range(L):
+            for d in range(1, min(self.span, L - 1 - j) + 1):
+                self.trans[j, d - 1] = log_ratio(mh_LTE[j].T @ mh_LTE[j + d], count_LE[j], j + d)
+        self.temporal = np.zeros((L, E, E), dtype=np.float32)  # [m, e' (previous token), e]
+        prev = trace.previous_token_index()
+        has = prev >= 0
+        for m in range(L):
+            a_TE, b_TE = mh_LTE[m][prev[has]], mh_LTE[m][has]
+            self.temporal[m] = log_ratio(a_TE.T @ b_TE, a_TE.sum(0), m)
+        self.buckets = cfg.token_buckets if trace.token_ids is not None else 0
+        self.token = np.zeros((self.buckets, L, E), dtype=np.float32)
+        if self.buckets:
+            bucket = np.mod(trace.token_ids.astype(np.int64), self.buckets)
+            cnt = np.bincount(bucket, minlength=self.buckets).astype(np.float32)
+            for m in range(L):
+                joint = np.zeros((self.buckets, E), dtype=np.float32)
+                np.add.at(joint, bucket, mh_LTE[m])
+                self.token[:, m] = log_ratio(joint, cnt, m)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"log_pop": self.log_pop, "trans": self.trans, "temporal": self.temporal, "token": self.token}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict) -> "_Tables":
+        t = cls.__new__(cls)
+        t.log_pop, t.trans, t.temporal, t.token = (arrays[k] for k in ("log_pop", "trans", "temporal", "token"))
+        t.span, t.buckets = t.trans.shape[1], t.token.shape[0]
+        return t
+
+
+def _newton_logistic(X_RSE: np.ndarray, Y_RE: np.ndarray, G_R: np.ndarray, theta_GP: np.ndarray,
+                     iters: int, ridge: float = 1.0) -> tuple[np.ndarray, float]:
+    """Logistic regression, one small weight vector per group, by damped Newton steps.
+
+    Features of row r, expert e: (X[r, :, e], 1); weights theta[G[r]]. The ridge pulls toward
+    the starting point (the plain product of sources), which keeps rare groups sensible.
+    Each group has S+1 <= ~10 weights, so its Hessian is tiny and Newton converges in a few steps.
+    """
+    R, S, E = X_RSE.shape
+    P, n_groups = S + 1, theta_GP.shape[0]
+    order = np.argsort(G_R, kind="stable")
+    bounds = np.searchsorted(G_R[order], np.arange(n_groups + 1))
+    # per group: its rows' features flattened over experts, [rows * E, P], for BLAS products
+    feats, ys = [], []
+    for g in range(n_groups):
+        rows = order[bounds[g]:bounds[g + 1]]
+        f = X_RSE[rows].transpose(0, 2, 1).reshape(-1, S).astype(np.float64)
+        feats.append(np.concatenate([f, np.ones((len(f), 1))], axis=1))
+        ys.append(Y_RE[rows].reshape(-1).astype(np.float64))
+    theta0 = theta_GP.copy()
+
+    def loss_of(th):
+        zs = [f @ t for f, t in zip(feats, th)]
+        nll = sum(float((np.logaddexp(0.0, z) - y * z).sum()) for z, y in zip(zs, ys))
+        return nll + 0.5 * ridge * float(((th - theta0) ** 2).sum()), zs
+
+    loss, zs = loss_of(theta_GP)
+    for _ in range(iters):
+        step = np.zeros_like(theta_GP)
+        for g, (f, y, z) in enumerate(zip(feats, ys, zs)):
+            p = 1.0 / (1.0 + np.exp(-z))
+            grad = f.T @ (p - y) + ridge * (theta_GP[g] - theta0[g])
+            hess = (f * (p * (1.0 - p))[:, None]).T @ f + ridge * np.eye(P)
+            step[g] = np.linalg.solve(hess, grad)
+        t = 1.0
+        while t > 1e-3:  # backtracking keeps every step a descent step
+            new_loss, new_zs = loss_of(theta_GP - t * step)
+            if new_loss <= loss:
+                break
+            t *= 0.5
+        else:
+            break
+        converged = loss - new_loss < 1e-6 * max(abs(loss), 1.0)
+        theta_GP, loss, zs = theta_GP - t * step, new_loss, new_zs
+        if converged:
+            break
+    return theta_GP, loss / max(Y_RE.size, 1)
+
+
+class PathPredictor(PathModel):
+    name = "predictor"
+
+    def __init__(self, tables: _Tables, weights_GS: np.ndarray, bias_G: np.ndarray, top_k: int,
+                 config: PredictorConfig | None = None, lookahead: GateLookahead | None = None):
+        self.tables = tables
+        self.num_layers, self.num_experts = tables.log_pop.shape
+        self.top_k = top_k
+        self.config = config or PredictorConfig()
+        self.weights_GS = np.asarray(weights_GS, dtype=np.float32)
+        self.bias_G = np.asarray(bias_G, dtype=np.float32)
+        self.lookahead = lookahead
+        C = self.config.context_layers
+        self.source_names = ["pop"] + [f"trans-{c}" for c in range(C)] + ["temporal", "token", "gate"]
+        assert self.weights_GS.shape == (2 * self.num_layers - 1, len(self.source_names))
+
+    # --- evidence --------------------------------------------------------------------------------
+    def _sources(self, prev, layer: int, known, token_ids, gate_logits_NLE) -> np.ndarray:
+        """X [N, L-1-layer, S, E]: the source log-ratios for the target layers m > layer."""
+        t, C = self.tables, self.config.context_layers
+        N, L, E = known.shape[0], self.num_layers, self.num_experts
+        first = layer + 1  # first target layer
+        X = np.zeros((N, L - first, len(self.source_names), E), dtype=np.float32)
+        X[:, :, 0] = t.log_pop[None, first:]
+        for c in range(C):
+            j = layer - c
+            if j < 0:
+                break
+            d_lo, d_hi = layer - j + 1, min(t.span, L - 1 - j)  # targets m = j + d beyond `layer`
+            if d_hi >= d_lo:
+                ids = known[:, j]  # [N, K]
+                rows = t.trans[j, d_lo - 1:d_hi][:, np.maximum(ids, 0)]  # [D, N, K, E]
+                X[:, :d_hi - d_lo + 1, 1 + c] = _masked_mean(rows, ids >= 0).transpose(1, 0, 2)
+        if prev is not None and first < L:
+            ids = prev[:, first:]  # [N, M, K]
+            rows = t.temporal[np.arange(first, L)[None, :, None], np.maximum(ids, 0)]  # [N, M, K, E]
+            X[:, :, C + 1] = _masked_mean(rows, ids >= 0)
+        if token_ids is not None and t.buckets:
+            X[:, :, C + 2] = t.token[np.mod(np.asarray(token_ids, dtype=np.int64), t.buckets), first:]
+        if gate_logits_NLE is not None:
+            z = gate_logits_NLE[:, first:]
+            z = z - z.max(-1, keepdims=True)
+            logp = z - np.log(np.exp(z).sum(-1, keepdims=True)) + np.log(self.top_k)
+            X[:, :, C + 3] = np.maximum(logp, _LOG_FLOOR) - t.log_pop[None, first:]
+        return X
+
+    def _groups(self, layer: int) -> np.ndarray:
+        """[L] weight group of each target layer (entries <= layer unused)."""
+        L = self.num_layers
+        m = np.arange(L)
+        return np.where(layer >= 0, np.clip(m - layer, 1, L - 1) - 1, L - 1 + m)
+
+    def _gate_logits(self, layer, features, N):
+        if self.lookahead is None or features is None or layer < 0 or features.get("hidden_NLD") is None:
+            return None
+        return self.lookahead.lookahead_logits(np.asarray(features["hidden_NLD"])[:, layer], layer)
+
+    def predict_batch(self, prev_paths_NLK, layer, known_NlK, features: dict | None = None) -> np.ndarray:
+        prev, known = check_inputs(self, prev_paths_NLK, layer, known_NlK)
+        tok = None if features is None else features.get("token_ids")
+        X = self._sources(prev, layer, known, tok, self._gate_logits(layer, features, known.shape[0]))
+        g = self._groups(layer)[layer + 1:]
+        probs = np.zeros((known.shape[0], self.num_layers, self.num_experts), dtype=np.float32)
+        logits = np.einsum("nmse,ms->nme", X, self.weights_GS[g]) + self.bias_G[g][None, :, None]
+        probs[:, layer + 1:] = 1.0 / (1.0 + np.exp(-logits))
+        return finish(probs, layer, known)
+
+    # --- training ---------------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, trace: RoutingTrace, config: PredictorConfig | None = None, features: dict | None = None,
+            lookahead: GateLookahead | None = None, verbose: bool = False) -> "PathPredictor":
+        """Count the tables and fit the weights. ``features["hidden_NLD"]`` [T, L, D] + ``lookahead``
+        enable the gate source."""
+        cfg = config or PredictorConfig()
+        L, T, K = trace.expert_ids.shape
+        if T < 2:
+            raise ValueError(f"the trace holds {T} token(s); record more to train a predictor")
+        req = trace.request_ids_or_default()
+        if len(np.unique(req)) >= 2:
+            count_part, fit_part = trace.split_requests(1.0 - cfg.holdout, seed=cfg.seed)
+            count_idx = np.flatnonzero(np.isin(req, np.unique(count_part.request_ids_or_default())))
+        else:  # a single request: split it in time
+            cut = max(1, int(T * (1.0 - cfg.holdout)))
+            count_idx = np.arange(cut)
+        fit_idx = np.setdiff1d(np.arange(T), count_idx)
+        n_src = 1 + cfg.context_layers + 3
+        w0 = np.ones((2 * L - 1, n_src), dtype=np.float32)
+        model = cls(_Tables(trace.select_tokens(count_idx), cfg), w0, np.zeros(2 * L - 1), K, cfg, lookahead)
+        model._fit_weights(trace, fit_idx, features, verbose)
+        model.tables = _Tables(trace, cfg)  # final tables from every token
+        return model
+
+    def _fit_weights(self, trace: RoutingTrace, fit_idx: np.ndarray, features: dict | None, verbose: bool):
+        cfg, L, E, K = self.config, self.num_layers, self.num_experts, self.top_k
+        S = len(self.source_names)
+        rng = np.random.default_rng(cfg.seed)
+        paths = trace.paths().astype(np.int64)
+        prev_idx = trace.previous_token_index()
+        hidden = None if features is None else features.get("hidden_NLD")
+        rows_total = max(cfg.fit_elements // (S * E), L)
+        rows_per_layer = rows_total // max(1, L * (L + 1) // 2)  # targets beyond layer l: L-1-l
+        Xs, Ys, Gs = [], [], []
+        for layer in range(-1, L - 1):
+            n = int(min(len(fit_idx), max(8, rows_per_layer)))
+            tok = np.sort(rng.choice(fit_idx, size=n, replace=False))
+            prev = np.where(prev_idx[tok, None, None] >= 0, paths[np.maximum(prev_idx[tok], 0)], -1)
+            tid = None if trace.token_ids is None else trace.token_ids[tok]
+            gate = (None if hidden is None or self.lookahead is None or layer < 0
+                    else self.lookahead.lookahead_logits(np.asarray(hidden)[tok, layer], layer))
+            X = self._sources(prev, layer, paths[tok, :layer + 1], tid, gate)
+            Xs.append(X.reshape(-1, S, E))
+            Ys.append(multi_hot(paths[tok, layer + 1:], E).reshape(-1, E))
+            Gs.append(np.broadcast_to(self._groups(layer)[layer + 1:], (n, L - 1 - layer)).reshape(-1))
+        X = np.concatenate(Xs)  # [R, S, E]
+        Y = np.concatenate(Ys)  # [R, E]
+        G = np.concatenate(Gs).astype(np.int64)  # [R]
+        theta = np.concatenate([self.weights_GS, self.bias_G[:, None]], axis=1).astype(np.float64)  # [G, S+1]
+        theta, loss = _newton_logistic(X, Y, G, theta, cfg.fit_iters)
+        if verbose:
+            print(f"fitted {theta.size} weights on {len(X)} (token, layer) rows: loss {loss:.4f}")
+        self.weights_GS = theta[:, :S].astype(np.float32)
+        self.bias_G = theta[:, S].astype(np.float32)
+
+    # --- disk -------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        if path.suffix != ".npz":
+            path = path.with_name(path.name + ".npz")
+        header = {"format": _FORMAT, "version": _VERSION, "top_k": self.top_k, "config": asdict(self.config)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
+                            weights_GS=self.weights_GS, bias_G=self.bias_G, **self.tables.arrays())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, lookahead: GateLookahead | None = None) -> "PathPredictor":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"predictor file {path} does not exist; train one with `moe predictor train`")
+        try:
+            z = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{path} is not a predictor .npz ({e})") from e
+        with z:
+            try:
+                header = json.loads(bytes(z["header"]).decode()) if "header" in z else {}
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{path}: corrupt predictor header ({e})") from e
+            if header.get("format") != _FORMAT or header.get("version") != _VERSION:
+                raise ValueError(f"{path} is not a moeflow PathPredictor v{_VERSION} file "
+                                 f"(format {header.get('format')!r} v{header.get('version')})")
+            arrays = {k: z[k] for k in z.files}
+        return cls(_Tables.from_arrays(arrays), arrays["weights_GS"], arrays["bias_G"], int(header["top_k"]),
+                   PredictorConfig(**header["config"]), lookahead)
+
+
+# --- evaluation --------------------------------------------------------------------------------------
+def token_inputs(trace: RoutingTrace, features: dict | None = None, max_tokens: int | None = None,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray]:
+    """(paths [N, L, K], previous token's paths [N, L, K] (-1 = none), features, token index)."""
+    paths = trace.paths().astype(np.int64)
+    prev_idx = trace.previous_token_index()
+    idx = np.arange(trace.num_tokens)
+    if max_tokens is not None and len(idx) > max_tokens:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, max_tokens, replace=False))
+    prev = np.where(prev_idx[idx, None, None] >= 0, paths[np.maximum(prev_idx[idx], 0)], -1)
+    feats: dict = {}
+    if trace.token_ids is not None:
+        feats["token_ids"] = trace.token_ids[idx]
+    if features is not None and features.get("hidden_NLD") is not None:
+        feats["hidden_NLD"] = np.asarray(features["hidden_NLD"])[idx]
+    return paths[idx], prev, feats, idx
+
+
+def evaluate(model: PathModel, trace: RoutingTrace, features: dict | None = None,
+             distances=(1, 2, 4), max_tokens: int | None = 2000, seed: int = 0) -> dict:
+    """Per-layer recall and precision of predicted expert sets, by how far ahead they are.
+
+    For each known layer ``l`` (0..L-2) and distance d, the top-k predicted experts of layer
+    l + d are compared with the real ones: recall = hits / real experts, precision = hits / k
+    (equal when every token has k experts). ``"all"`` predicts every layer with nothing of the
+    token known (layer -1: the start of its forward). ``*_2k`` use the 2k most likely experts
+    (what a prefetcher with twice the room would load).
+    Returns ``{key: {"recall": [L], "precision": [L], "recall_2k": [L], "precision_2k": [L],
+    "mean_recall": float, ...}}`` with NaN for layers a key never targets.
+    """
+    L, E, K = model.num_layers, model.num_experts, model.top_k
+    if trace.num_layers != L or trace.num_experts > E:
+        raise ValueError(f"trace has {trace.num_layers} layers / {trace.num_experts} experts but the model "
+                         f"predicts {L} / {E}: evaluate on a trace of the same model")
+    paths, prev, feats, _ = token_inputs(trace, features, max_tokens, seed)
+    true_NLE = multi_hot(paths, E)
+    n_true = true_NLE.sum(-1)  # [N, L]
+    keys = [str(d) for d in distances] + ["all"]
+    acc = {k: {"hits": np.zeros(L), "hits2": np.zeros(L), "true": np.zeros(L), "count": np.zeros(L)} for k in keys}
+    k2 = min(2 * K, E)
+    for layer in range(-1, L - 1):
+        probs = model.predict_batch(prev, layer, paths[:, :layer + 1], feats)
+        top2 = np.argsort(-probs, axis=-1, kind="stable")[..., :k2]  # [N, L, 2K]
+        hit = np.take_along_axis(true_NLE, top2, axis=-1)  # [N, L, 2K]
+        hits, hits2 = hit[..., :K].sum((0, 2)), hit.sum((0, 2))
+        targets = ([("all", m) for m in range(L)] if layer < 0 else
+                   [(str(d), layer + d) for d in distances if layer + d < L])
+        for key, m in targets:
+            a = acc[key]
+            a["hits"][m] += hits[m]
+            a["hits2"][m] += hits2[m]
+            a["true"][m] += n_true[:, m].sum()
+            a["count"][m] += len(paths)
+    out = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for key, a in acc.items():
+            r = dict(recall=a["hits"] / a["true"], precision=a["hits"] / (K * a["count"]),
+                     recall_2k=a["hits2"] / a["true"], precision_2k=a["hits2"] / (k2 * a["count"]))
+            for name in list(r):
+                r["mean_" + name] = float(np.nansum(r[name] * a["true"]) / max(a["true"].sum(), 1)) \
+                    if name.startswith("recall") else float(np.nansum(r[name] * a["count"]) / max(a["count"].sum(), 1))
+            out[key] = r
+    return out
+
+
+def cost_per_token_us(model: PathModel, trace: RoutingTrace, layer: int = 0, batch: int = 64,
+                      repeats: int = 20, features: dict | None = None) -> float:
+    """CPU microseconds per token of one ``predict_batch`` call over ``batch`` tokens."""
+    import time
+    paths, prev, feats, _ = token_inputs(trace, features, batch)
+    layer = min(layer, model.num_layers - 2)
+    model.predict_batch(prev, layer, paths[:, :layer + 1], feats)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        model.predict_batch(prev, layer, paths[:, :layer + 1], feats)
+    return (time.perf_counter() - t0) / repeats / len(paths) * 1e6

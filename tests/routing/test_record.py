@@ -1,0 +1,116 @@
+import numpy as np
+import pytest
+import torch
+
+from routing import RoutingTrace, TraceRecorder, load_features, record_sequences, save_features
+from routing.baselines import GateLookahead, PopularityBaseline
+from routing.predictor import evaluate
+
+from ._standin import StandinCache, StandinMoE
+
+
+def _direct_routing(model, ids_BS):
+    """Top-k of every layer computed by hand: the reference the recorder must reproduce."""
+    B, S = ids_BS.shape
+    x = model.embed(ids_BS).reshape(B * S, -1)
+    out = []
+    for b in model.blocks:
+        out.append(b.router(x)[0])
+        x = b(x)
+    return torch.stack(out)  # [L, B*S, K]
+
+
+@torch.no_grad()
+def test_recorder_matches_routers_and_drops_padding():
+    model = StandinMoE()
+    ids = torch.randint(0, 50, (3, 5))
+    valid = torch.ones(3, 5, dtype=torch.bool)
+    valid[1, 3:] = False
+    valid[2, 1:] = False
+    with TraceRecorder(model, hidden_layers=[1]) as rec:
+        model(ids, valid_BT=valid)
+    t = rec.trace()
+    ref = _direct_routing(model, ids)[:, valid.reshape(-1)]
+    np.testing.assert_array_equal(t.expert_ids, ref.numpy())
+    assert t.num_experts == 8 and t.num_tokens == int(valid.sum())
+    np.testing.assert_array_equal(t.request_ids, [0] * 5 + [1] * 3 + [2])
+    np.testing.assert_array_equal(t.positions, [0, 1, 2, 3, 4, 0, 1, 2, 0])
+    np.testing.assert_array_equal(t.token_ids, ids[valid].numpy())
+    f = rec.features()
+    assert f["hidden_1"].shape == (9, 16) and "hidden_0" not in f
+    # hooks are gone after the context: a later forward records nothing
+    model(ids)
+    assert rec.trace().num_tokens == 9
+
+
+@torch.no_grad()
+def test_recorder_labels_decode_steps_through_the_cache():
+    model = StandinMoE()
+    cache = StandinCache(2)
+    with TraceRecorder(model) as rec:
+        model(torch.randint(0, 50, (2, 3)), cache=cache)  # prefill
+        for _ in range(2):
+            model(torch.randint(0, 50, (2, 1)), cache=cache)  # decode
+        cache.lengths[1] = 0  # row 1 is reused for a new request
+        model(torch.randint(0, 50, (2, 1)), cache=cache)
+    t = rec.trace()
+    np.testing.assert_array_equal(t.request_ids, [0, 0, 0, 1, 1, 1, 0, 1, 0, 1, 0, 2])
+    np.testing.assert_array_equal(t.positions, [0, 1, 2, 0, 1, 2, 3, 3, 4, 4, 5, 0])
+    np.testing.assert_array_equal(t.previous_token_index()[6:8], [2, 5])
+
+
+@torch.no_grad()
+def test_set_batch_and_record_sequences(tmp_path):
+    model = StandinMoE()
+    seqs = [[1, 2, 3, 4], [5, 6], [7, 8, 9]]
+    trace, feats = record_sequences(model, seqs, batch_size=2, hidden_layers="all")
+    np.testing.assert_array_equal(trace.request_ids, [0, 0, 0, 0, 1, 1, 2, 2, 2])
+    np.testing.assert_array_equal(trace.token_ids, sum(seqs, []))
+    ref = _direct_routing(model, torch.tensor([seqs[2]]))
+    np.testing.assert_array_equal(trace.expert_ids[:, 6:], ref.numpy())
+    p = save_features(tmp_path / "f", feats)
+    back = load_features(p)
+    assert sorted(back) == sorted(feats) and back["hidden_3"].shape == (9, 16)
+    trace.save(tmp_path / "t.npz")
+    with pytest.raises(ValueError, match="features"):
+        load_features(tmp_path / "t.npz")
+    with pytest.raises(ValueError, match="hidden_layers"):
+        TraceRecorder(model, hidden_layers=[7])
+
+
+@torch.no_grad()
+def test_gate_lookahead_is_exact_when_the_hidden_state_does_not_change():
+    # mix=0: every block passes x through unchanged, so router m applied to the hidden state of
+    # layer l gives exactly layer m's routing: recall must be 1 at every distance
+    model = StandinMoE(mix=0.0)
+    seqs = np.random.default_rng(0).integers(0, 50, (6, 8)).tolist()
+    trace, feats = record_sequences(model, seqs, hidden_layers="all")
+    hidden = np.stack([feats[f"hidden_{l}"] for l in range(4)], axis=1)
+    la = GateLookahead.from_model(model, fallback=PopularityBaseline.fit(trace))
+    r = evaluate(la, trace, {"hidden_NLD": hidden}, distances=(1, 2))
+    assert r["1"]["mean_recall"] == pytest.approx(1.0) and r["2"]["mean_recall"] == pytest.approx(1.0)
+    # with the hidden state changing between layers the trick is no longer exact but still informative
+    model = StandinMoE(mix=3.0)
+    trace, feats = record_sequences(model, seqs, hidden_layers="all")
+    hidden = np.stack([feats[f"hidden_{l}"] for l in range(4)], axis=1)
+    la = GateLookahead.from_model(model, fallback=PopularityBaseline.fit(trace))
+    r = evaluate(la, trace, {"hidden_NLD": hidden}, distances=(1,))
+    assert r["1"]["mean_recall"] < 1.0
+
+
+def test_real_tiny_model_records():
+    moe = pytest.importorskip("moe")
+    if not hasattr(moe, "MoEForCausalLM") or not hasattr(moe, "MoEConfig"):
+        pytest.skip("moe.MoEForCausalLM not there yet")
+    cfg = moe.MoEConfig.tiny("qwen3_moe")
+    model = moe.MoEForCausalLM(cfg).eval()
+    cache = model.new_cache(2, 16)
+    with torch.no_grad(), TraceRecorder(model, hidden_layers=[0]) as rec:
+        model(torch.randint(0, cfg.vocab_size, (2, 4)), cache=cache)
+        model(torch.randint(0, cfg.vocab_size, (2, 1)), cache=cache)
+    t = rec.trace()
+    n_moe = len(model.moe_blocks())
+    assert isinstance(t, RoutingTrace)
+    assert t.expert_ids.shape == (n_moe, 10, cfg.num_experts_per_tok) and t.num_experts == cfg.num_experts
+    np.testing.assert_array_equal(t.positions, [0, 1, 2, 3, 0, 1, 2, 3, 4, 4])
+    assert rec.features()["hidden_0"].shape == (10, cfg.hidden_size)
