@@ -79,7 +79,7 @@ def align_reference(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int) -
                           P, K, block_m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P", "S", "NUM_BLOCKS"])
 def _align_kernel(ids_ptr, sorted_pair_ptr, block_expert_ptr, num_padded_ptr, expert_start_ptr,
                   P, E, S, NUM_BLOCKS,
                   BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr):

@@ -52,10 +52,10 @@ def _block_ids(pid, num_n, num_m, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P", "TOP_K"])
 def _moe_up_kernel(x_ptr, w_ptr, h_ptr, gu_ptr, sorted_pair_ptr, block_expert_ptr, num_padded_ptr,
                    D, I, P, stride_xt, stride_we, stride_wj, stride_wd, stride_hs, stride_gs,
-                   TOP_K: tl.constexpr, SAVE_PREACT: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr,
+                   TOP_K, SAVE_PREACT: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     num_n = tl.cdiv(I, BLOCK_N)
@@ -97,10 +97,10 @@ def _moe_up_kernel(x_ptr, w_ptr, h_ptr, gu_ptr, sorted_pair_ptr, block_expert_pt
         tl.store(gp + I, acc_u.to(gu_ptr.dtype.element_ty), mask=mask_n[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P", "TOP_K"])
 def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weight_ptr, sorted_pair_ptr, block_expert_ptr, num_padded_ptr,
                      N, KD, P, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
-                     TOP_K: tl.constexpr, A_GATHER: tl.constexpr, C_SCATTER: tl.constexpr,
+                     TOP_K, A_GATHER: tl.constexpr, C_SCATTER: tl.constexpr,
                      MUL_WEIGHT: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
@@ -143,10 +143,10 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weight_ptr, sorted_pair_ptr, block_exp
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_n[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P", "TOP_K"])
 def _moe_wgrad_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, sorted_pair_ptr, expert_start_ptr,
                       NA, NB, P, stride_am, stride_bm, stride_ce, stride_ca,
-                      TOP_K: tl.constexpr, A_GATHER: tl.constexpr, B_GATHER: tl.constexpr,
+                      TOP_K, A_GATHER: tl.constexpr, B_GATHER: tl.constexpr,
                       A_SCALE: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr,
                       BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr):
     """C[e, i, j] = sum_{rows m of expert e} A[row_a(m), i] * B[row_b(m), j] (* scale of m's pair)."""

@@ -1,0 +1,286 @@
+"""Fused MoE kernels on the GPU: correctness in bf16, then time against the floor and today's peers.
+
+    python3 benchmarks/kernels.py --out $OUT            # all four shapes x tokens {1,...,16384}
+
+Columns (ms, median): floor = max(bytes / measured copy bandwidth, FLOPs / measured bf16 matmul rate),
+both ceilings measured in this run; moeflow = kernels.fused_moe (token alignment included);
+loop = one matmul pair per active expert (token lists prepared outside the timed region);
+gmm = torch._grouped_mm (its sort included). "graph" = CUDA-graph replay, "eager" = plain launches;
+fwd+bwd is eager. Inputs rotate over several routing sets when they would otherwise sit in L2.
+The vLLM column is copied from shared/ANCHORS.md (same machine kind, graph replay, sort excluded).
+Results: a table printed last, every number in OUT/kernels_results.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if sys.path and Path(sys.path[0]).resolve() == ROOT / "benchmarks":
+    sys.path[0] = str(ROOT)  # run as a script: import the kernels package, not this file
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.tune_kernels import SHAPES, random_routing  # noqa: E402
+
+# vLLM fused_moe figures from ANCHORS.md (H200, bf16, graph replay, sort excluded), ms
+VLLM = {
+    "mixtral": {1: 0.199, 8: 0.504, 64: 0.671, 512: 1.057, 4096: 5.94, 16384: 21.5},
+    "qwen3": {1: 0.045, 8: 0.146, 64: 0.308, 512: 0.346, 4096: 0.882, 16384: 2.98},
+    "dsv2lite": {1: 0.057, 64: 0.295, 512: 0.485, 4096: 1.88, 16384: 7.05},
+    "olmoe": {1: 0.055, 64: 0.224, 512: 0.380, 4096: 1.76, 16384: 6.60},
+}
+
+
+def rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# the peers
+
+def loop_plan(ids, E):
+    """Per active expert: (expert, token index, pair index) — prepared outside the timed region."""
+    T, K = ids.shape
+    flat = ids.reshape(-1)
+    plan = []
+    for e in torch.unique(flat[flat >= 0]).tolist():
+        pos = (flat == e).nonzero().flatten()
+        plan.append((e, pos // K, pos))
+    return plan
+
+
+def loop_moe(x, w13, w2, w, plan):
+    I = w2.shape[2]
+    y = torch.zeros_like(x)
+    w_P = w.reshape(-1)
+    for e, tok, pos in plan:
+        h = x[tok] @ w13[e].t()
+        y = y.index_add(0, tok, ((F.silu(h[:, :I]) * h[:, I:]) @ w2[e].t()) * w_P[pos][:, None].to(x.dtype))
+    return y
+
+
+def gmm_moe(x, w13_t, w2_t, ids, w, E):
+    """torch._grouped_mm with a sync-free sort; w13_t [E, D, 2I] and w2_t [E, I, D] (views are fine)."""
+    T, K = ids.shape
+    I = w2_t.shape[1]
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    tok = order // K
+    h = torch._grouped_mm(x[tok], w13_t, offs=offs)
+    o = torch._grouped_mm(F.silu(h[:, :I]) * h[:, I:], w2_t, offs=offs)
+    o = o * w.reshape(-1)[order][:, None].to(o.dtype)
+    return torch.zeros_like(x).index_add(0, tok, o)
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+def bench(fn, grad_to_none=None) -> float:
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=10, rep=60, grad_to_none=grad_to_none, return_mode="median")
+
+
+def bench_graph(fns) -> float:
+    """CUDA-graph replay of one call per rotated input set; ms per call."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    ms = bench(g.replay) / len(fns)
+    del g
+    return ms
+
+
+def measure_ceilings() -> tuple[float, float]:
+    """(copy bandwidth in bytes/ms counting read + write, bf16 matmul rate in FLOP/ms) on random data."""
+    n = 1 << 30
+    a = torch.randn(n // 2, device="cuda", dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    bw = 2 * a.numel() * 2 / bench(lambda: b.copy_(a))
+    del a, b
+    m = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    m2 = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    flops = 2 * 8192 ** 3 / bench(lambda: m @ m2)
+    return bw, flops
+
+
+def floor_ms(E, D, I, K, ids, bw, rate, dtype_bytes=2) -> tuple[float, float, float]:
+    active = int(torch.unique(ids[ids >= 0]).numel())
+    T = ids.shape[0]
+    nbytes = active * 3 * I * D * dtype_bytes + 2 * T * D * dtype_bytes
+    flops = 2 * 3 * D * I * int((ids >= 0).sum())
+    return max(nbytes / bw, flops / rate), nbytes / bw, flops / rate
+
+
+# ---------------------------------------------------------------------------------------------
+
+def run_case(key, E, D, I, K, T, w13, w2, w13_t, w2_t, ceil, fwd_bwd: bool, log) -> dict:
+    from kernels.fused_moe import fused_moe
+    dev, dt = w13.device, w13.dtype
+    g = torch.Generator(device=dev).manual_seed(T)
+    # rotate inputs while the active weights would fit in L2 (60 MB): several routing sets
+    R = 4 if T <= 512 else 1
+    sets = []
+    for _ in range(R):
+        ids, w = random_routing(T, E, K, dev, g)
+        sets.append((torch.randn(T, D, device=dev, dtype=dt, generator=g), ids, w, loop_plan(ids, E)))
+    fl, fl_mem, fl_math = floor_ms(E, D, I, K, sets[0][1], *ceil)
+    r = dict(shape=key, E=E, D=D, I=I, K=K, T=T, floor=fl, floor_mem=fl_mem, floor_math=fl_math)
+    methods = {
+        "moeflow": lambda s: (lambda: fused_moe(s[0], w13, w2, s[1], s[2])),
+        "loop": lambda s: (lambda: loop_moe(s[0], w13, w2, s[2], s[3])),
+        "gmm": lambda s: (lambda: gmm_moe(s[0], w13_t, w2_t, s[1], s[2], E)),
+    }
+    with torch.no_grad():
+        for name, make in methods.items():
+            try:
+                r[f"{name}_eager"] = bench(make(sets[0]))
+                r[f"{name}_graph"] = bench_graph([make(s) for s in sets])
+            except Exception as exc:  # a peer that cannot run here is recorded, not fatal
+                r[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                log(f"   {name} failed: {r[f'{name}_error']}")
+    if fwd_bwd:
+        x, ids, w, plan = sets[0]
+        xg = x.clone().requires_grad_()
+        wg = w.clone().requires_grad_()
+        dy = torch.randn_like(x)
+        params = [xg, wg, w13, w2]
+        w13.requires_grad_(True), w2.requires_grad_(True)
+        fb = {
+            "moeflow": lambda: fused_moe(xg, w13, w2, ids, wg).backward(dy),
+            "loop": lambda: loop_moe(xg, w13, w2, wg, plan).backward(dy),
+            "gmm": lambda: gmm_moe(xg, w13.transpose(1, 2), w2.transpose(1, 2), ids, wg, E).backward(dy),
+        }
+        for name, fn in fb.items():
+            try:
+                r[f"{name}_fwdbwd"] = bench(lambda: fn(), grad_to_none=params)
+            except Exception as exc:
+                r[f"{name}_fwdbwd_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                log(f"   {name} fwd+bwd failed: {r[f'{name}_fwdbwd_error']}")
+        w13.requires_grad_(False), w2.requires_grad_(False)
+        w13.grad = w2.grad = None
+    return r
+
+
+def check_correctness(key, E, D, I, K, w13, w2, log) -> dict:
+    """bf16 fused_moe (forward and gradients) against the fp32 reference, at 64 and 4096 tokens."""
+    from kernels.fused_moe import fused_moe
+    from kernels import moe_experts_reference
+    dev = w13.device
+    out = {}
+    g = torch.Generator(device=dev).manual_seed(123)
+    for T in (1, 64, 4096):
+        ids, w = random_routing(T, E, K, dev, g)
+        if T == 64:
+            ids[3, 0] = -1                                   # a slot not on this rank
+        x = torch.randn(T, D, device=dev, dtype=w13.dtype, generator=g)
+        want = moe_experts_reference(x.float(), w13.float(), w2.float(), ids, w)
+        y = torch.full_like(x, float("nan"))
+        y.copy_(fused_moe(x, w13, w2, ids, w))
+        out[f"fwd_T{T}"] = rel_err(y, want) if torch.isfinite(y).all() else float("nan")
+    # gradients at 64 tokens (fp32 reference autograd; only 4 experts' worth for Mixtral's memory)
+    T = 64
+    ids, w = random_routing(T, E, K, dev, g)
+    x = torch.randn(T, D, device=dev, dtype=w13.dtype, generator=g)
+    dy = torch.randn(T, D, device=dev, generator=g)
+    ref = [t.float().detach().requires_grad_() for t in (x, w13, w2, w)]
+    moe_experts_reference(ref[0], ref[1], ref[2], ids, ref[3]).backward(dy)
+    got = [t.detach().clone().requires_grad_() for t in (x, w13, w2, w)]
+    fused_moe(got[0], got[1], got[2], ids, got[3]).backward(dy.to(w13.dtype))
+    for name, a, b in zip(("dx", "dw13", "dw2", "dweights"), got, ref):
+        out[f"grad_{name}"] = rel_err(a.grad, b.grad)
+    del ref, got
+    torch.cuda.empty_cache()
+    log(f"  correctness {key}: " + " ".join(f"{k}={v:.2e}" for k, v in out.items()))
+    return out
+
+
+def fmt(v, w=7):
+    return f"{v:{w}.3f}" if isinstance(v, float) else f"{'-':>{w}}"
+
+
+def print_table(rows, log):
+    log("\n## fused MoE on " + torch.cuda.get_device_name() + " (bf16, ms, median)")
+    log(f"{'shape':9} {'T':>5} | {'floor':>7} {'moeflow':>7} {'m/floor':>7} {'vLLM':>7} {'gmm':>7} {'loop':>7} |"
+        f" {'eager':>7} | {'fb:moe':>7} {'fb:gmm':>7} {'fb:loop':>7}")
+    for r in rows:
+        m = r.get("moeflow_graph")
+        ratio = m / r["floor"] if isinstance(m, float) else None
+        log(f"{r['shape']:9} {r['T']:>5} | {fmt(r['floor'])} {fmt(m)} {fmt(ratio)} {fmt(VLLM[r['shape']].get(r['T']))}"
+            f" {fmt(r.get('gmm_graph'))} {fmt(r.get('loop_graph'))} | {fmt(r.get('moeflow_eager'))} |"
+            f" {fmt(r.get('moeflow_fwdbwd'))} {fmt(r.get('gmm_fwdbwd'))} {fmt(r.get('loop_fwdbwd'))}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--tokens", default="1,8,64,512,4096,16384")
+    ap.add_argument("--fwd-bwd-tokens", default="64,4096,16384", help="token counts also timed fwd+bwd")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--budget-s", type=float, default=330, help="start no new case after this many seconds")
+    ap.add_argument("--no-check", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/kernels.py needs a CUDA GPU")
+    t0 = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_f = open(out / "kernels_bench.log", "a")
+
+    def log(s):
+        print(s, flush=True)
+        log_f.write(s + "\n")
+        log_f.flush()
+
+    tokens = [int(t) for t in args.tokens.split(",")]
+    fb_tokens = {int(t) for t in args.fwd_bwd_tokens.split(",") if t}
+    bw, rate = measure_ceilings()
+    log(f"ceilings: copy {bw / 1e9:.2f} TB/s (read+write), bf16 matmul {rate / 1e9:.0f} TFLOP/s; "
+        f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
+    rows = []
+    res_f = open(out / "kernels_results.jsonl", "a")
+    res_f.write(json.dumps(dict(kind="ceilings", copy_TBps=bw / 1e9, bf16_TFLOPs=rate / 1e9)) + "\n")
+    for key in args.shapes.split(","):
+        name, E, D, I, K = SHAPES[key]
+        g = torch.Generator(device="cuda").manual_seed(1)
+        w13 = torch.randn(E, 2 * I, D, device="cuda", dtype=torch.bfloat16, generator=g) / D ** 0.5
+        w2 = torch.randn(E, D, I, device="cuda", dtype=torch.bfloat16, generator=g) / I ** 0.5
+        w13_t, w2_t = w13.transpose(1, 2), w2.transpose(1, 2)
+        if not args.no_check and time.time() - t0 < args.budget_s:
+            res_f.write(json.dumps(dict(kind="check", shape=key, **check_correctness(key, E, D, I, K, w13, w2, log)))
+                        + "\n")
+        for T in tokens:
+            if time.time() - t0 > args.budget_s:
+                log(f"  budget reached: {key} T={T} not run")
+                continue
+            r = run_case(key, E, D, I, K, T, w13, w2, w13_t, w2_t, (bw, rate), T in fb_tokens, log)
+            rows.append(r)
+            res_f.write(json.dumps(dict(kind="time", **r)) + "\n")
+            res_f.flush()
+            log(f"  {key} T={T}: floor {r['floor']:.4f} moeflow {r.get('moeflow_graph', float('nan')):.4f} "
+                f"gmm {r.get('gmm_graph', float('nan')):.4f} loop {r.get('loop_graph', float('nan')):.4f} "
+                f"({time.time() - t0:.0f} s)")
+        del w13, w2, w13_t, w2_t
+        torch.cuda.empty_cache()
+    print_table(rows, log)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Tune the fused MoE launch configs on this GPU and write them as data to kernels/configs/.
+
+    python3 benchmarks/tune_kernels.py --shapes mixtral,qwen3 --tokens 1,8,64,512,4096,16384
+
+For each shape and token count, the row block (block_m) is tried from a small candidate list, and for
+each block_m the up (gate/up + SwiGLU) and down GEMMs are timed separately over each of their tile
+candidates (same alignment, random routing, random weights); the pair with the smallest sum wins.
+The candidate lists are short on purpose: each new tile is one more compile, and device time is
+scarce. Files are named ``E=..,N=..,K=..,device_name=...json`` (kernels.launch_config).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if sys.path and Path(sys.path[0]).resolve() == ROOT / "benchmarks":
+    sys.path[0] = str(ROOT)  # run as a script: import the kernels package, not benchmarks/kernels.py
+
+import torch  # noqa: E402
+
+# (name, E, D hidden, I ffn, K top-k)
+SHAPES = {
+    "mixtral": ("Mixtral-8x7B", 8, 4096, 14336, 2),
+    "qwen3": ("Qwen3-30B-A3B", 128, 2048, 768, 8),
+    "dsv2lite": ("DeepSeek-V2-Lite", 64, 2048, 1408, 6),
+    "olmoe": ("OLMoE-1B-7B", 64, 2048, 1024, 8),
+}
+
+
+def candidates(num_tokens: int, top_k: int, num_experts: int):
+    """(block_m list, up tiles, down tiles) worth trying at this many rows per expert."""
+    from kernels.launch_config import GemmConfig as G
+    rows = num_tokens * top_k / num_experts
+    if rows <= 16 and num_tokens <= 64:
+        tiles = [G(32, 128, 1, 4, 4), G(64, 128, 1, 4, 4), G(32, 256, 1, 4, 3), G(16, 256, 1, 4, 3)]
+        return [16], tiles, tiles
+    if rows <= 128:
+        up = [G(64, 64, 8, 4, 4), G(64, 128, 8, 4, 3), G(128, 64, 8, 4, 3)]
+        down = [G(64, 64, 8, 4, 4), G(128, 64, 8, 4, 4), G(64, 128, 8, 4, 3)]
+        return [16, 32, 64] if rows <= 32 else [32, 64], up, down
+    up = [G(64, 64, 8, 4, 4), G(128, 64, 8, 8, 3), G(64, 64, 8, 8, 4), G(128, 64, 8, 8, 4)]
+    down = [G(128, 64, 8, 4, 4), G(128, 128, 8, 8, 3), G(128, 64, 8, 8, 4), G(256, 64, 8, 8, 3)]
+    return [64, 128], up, down
+
+
+def random_routing(T: int, E: int, K: int, device, gen=None):
+    scores = torch.rand(T, E, device=device, generator=gen)
+    w, ids = scores.topk(K, dim=1)
+    return ids, torch.softmax(w, dim=1)
+
+
+def tune_shape(E: int, D: int, I: int, K: int, tokens, dtype=torch.bfloat16, log=print) -> dict:
+    """{str(T): MoEConfig dict} for one shape on the current GPU, with the timings in '_times_ms'."""
+    import triton.testing
+
+    from kernels.align import align_tokens
+    from kernels.grouped_gemm import moe_gemm, moe_up
+    from kernels.launch_config import MoEConfig
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    w13 = torch.randn(E, 2 * I, D, device=dev, dtype=dtype, generator=g) / D ** 0.5
+    w2 = torch.randn(E, D, I, device=dev, dtype=dtype, generator=g) / I ** 0.5
+    table, times = {}, {}
+    for T in tokens:
+        x = torch.randn(T, D, device=dev, dtype=dtype, generator=g)
+        ids, w = random_routing(T, E, K, dev, g)
+        w_P = w.reshape(-1).contiguous()
+        best = None
+        bms, ups, downs = candidates(T, K, E)
+        for bm in bms:
+            al = align_tokens(ids, E, bm)
+            h = None
+            up_t = []
+            for c in ups:
+                try:
+                    ms = triton.testing.do_bench(lambda: moe_up(x, w13, al, c, False), warmup=5, rep=25,
+                                                 return_mode="median")
+                except Exception as exc:  # a tile too large for shared memory is a candidate, not a failure
+                    log(f"  skip up {c}: {type(exc).__name__}")
+                    continue
+                up_t.append((ms, c))
+            h = moe_up(x, w13, al, min(up_t, key=lambda t: t[0])[1], False)[0]
+            dn_t = []
+            for c in downs:
+                try:
+                    ms = triton.testing.do_bench(
+                        lambda: moe_gemm(h, w2, (w2.stride(0), w2.stride(1), w2.stride(2)), D, I, al, c,
+                                         a_gather=False, c_scatter=True, weight_P=w_P),
+                        warmup=5, rep=25, return_mode="median")
+                except Exception as exc:
+                    log(f"  skip down {c}: {type(exc).__name__}")
+                    continue
+                dn_t.append((ms, c))
+            (tu, cu), (td, cd) = min(up_t, key=lambda t: t[0]), min(dn_t, key=lambda t: t[0])
+            if best is None or tu + td < best[0]:
+                best = (tu + td, MoEConfig(bm, cu, cd))
+        table[str(T)] = best[1].to_dict()
+        times[str(T)] = round(best[0], 5)
+        log(f"  E={E} D={D} I={I} K={K} T={T}: {best[0]:.4f} ms  {best[1]}")
+    table["_times_ms"] = times
+    return table
+
+
+def write_table(E: int, I: int, D: int, table: dict, out_dirs) -> list[Path]:
+    from kernels.launch_config import CONFIG_DIR, config_file_name, load_tuned
+    name = config_file_name(E, I, D, torch.cuda.get_device_name())
+    paths = []
+    for d in [CONFIG_DIR, *out_dirs]:
+        p = Path(d) / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+        paths.append(p)
+    load_tuned.cache_clear()
+    return paths
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)}")
+    ap.add_argument("--tokens", default="1,8,64,512,4096,16384")
+    ap.add_argument("--out", action="append", default=[], help="also write the files here")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("tune_kernels.py needs a CUDA GPU")
+    tokens = [int(t) for t in args.tokens.split(",")]
+    for key in args.shapes.split(","):
+        if key not in SHAPES:
+            raise SystemExit(f"unknown shape {key!r}; choose from {list(SHAPES)}")
+        name, E, D, I, K = SHAPES[key]
+        t0 = time.time()
+        table = tune_shape(E, D, I, K, tokens)
+        for p in write_table(E, I, D, table, args.out):
+            print(f"{name}: wrote {p} ({time.time() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
