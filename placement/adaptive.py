@@ -233,28 +233,63 @@ class AdaptiveMoEExperts(torch.nn.Module):
             return x_ND[:0] + 0 * (w13.sum() + w2.sum())
         return get_backend(self.backend)(x_ND, w13, w2, unit_N[:, None], weight_N[:, None])
 
-    def _ep(self, x_TD, ids_TK, w_TK, degree: int) -> torch.Tensor:
+    def _ep_chunks(self, tok, unit, weight, degree: int):
+        """Split rows into ``degree`` chunks, each sorted by destination rank, with its splits."""
         W, Uw = self.world, self.layout.units_per_rank
-        tok, unit, weight = self._rows(ids_TK, w_TK)
-        y_TD = torch.zeros_like(x_TD)
-        chunks = [c for c in torch.arange(tok.numel(), device=tok.device).chunk(degree)] or [tok[:0]]
+        chunks = list(torch.arange(tok.numel(), device=tok.device).chunk(degree))
         while len(chunks) < degree:  # every rank must run the same number of collectives
             chunks.append(tok[:0])
+        out = []
         for idx in chunks:
             t, u, w = tok[idx], unit[idx], weight[idx]
             dest = u // Uw
             order = torch.argsort(dest, stable=True)
-            t, u, w = t[order], u[order], w[order]
             send = torch.bincount(dest, minlength=W)
             recv = exchange_counts(send, self.group)
-            s_list, r_list = send.tolist(), recv.tolist()
+            out.append((t[order], u[order], w[order], send.tolist(), recv.tolist()))
+        return out
+
+    def _ep(self, x_TD, ids_TK, w_TK, degree: int) -> torch.Tensor:
+        Uw = self.layout.units_per_rank
+        tok, unit, weight = self._rows(ids_TK, w_TK)
+        chunks = self._ep_chunks(tok, unit, weight, degree)
+        if degree > 1 and not torch.is_grad_enabled():
+            return self._ep_overlapped(x_TD, chunks)
+        y_TD = torch.zeros_like(x_TD)
+        for t, u, w, s_list, r_list in chunks:
             x_in = all_to_all_v(x_TD[t], s_list, r_list, self.group)
-            meta = torch.stack([u.to(w.dtype), w], dim=1)
-            meta_in = all_to_all_v(meta, s_list, r_list, self.group)
+            meta_in = all_to_all_v(torch.stack([u.to(w.dtype), w], dim=1), s_list, r_list, self.group)
             u_in = meta_in[:, 0].round().long() - self.rank * Uw
             y_in = self._compute(x_in, u_in, meta_in[:, 1].to(x_TD.dtype), self.w13, self.w2)
-            y_back = all_to_all_v(y_in, r_list, s_list, self.group)
-            y_TD = y_TD.index_add(0, t, y_back)
+            y_TD = y_TD.index_add(0, t, all_to_all_v(y_in, r_list, s_list, self.group))
+        return y_TD
+
+    @torch.no_grad()
+    def _ep_overlapped(self, x_TD, chunks) -> torch.Tensor:
+        """Inference pipelining: every chunk's dispatch is posted before any compute, so chunk
+        i+1 travels while chunk i is computed, and chunk i's combine travels during chunk i+1."""
+        Uw = self.layout.units_per_rank
+        posted = []
+        for t, u, w, s_list, r_list in chunks:
+            x_in = x_TD.new_empty((sum(r_list), x_TD.shape[1]))
+            meta = torch.stack([u.to(w.dtype), w], dim=1)
+            meta_in = meta.new_empty((sum(r_list), 2))
+            h1 = dist.all_to_all_single(x_in, x_TD[t].contiguous(), r_list, s_list, group=self.group, async_op=True)
+            h2 = dist.all_to_all_single(meta_in, meta, r_list, s_list, group=self.group, async_op=True)
+            posted.append((h1, h2, x_in, meta_in))
+        back = []
+        for (t, u, w, s_list, r_list), (h1, h2, x_in, meta_in) in zip(chunks, posted):
+            h1.wait()
+            h2.wait()
+            u_in = meta_in[:, 0].round().long() - self.rank * Uw
+            y_in = self._compute(x_in, u_in, meta_in[:, 1].to(x_TD.dtype), self.w13, self.w2)
+            y_back = x_TD.new_empty((sum(s_list), x_TD.shape[1]))
+            back.append((t, y_back, dist.all_to_all_single(y_back, y_in.contiguous(), s_list, r_list,
+                                                           group=self.group, async_op=True)))
+        y_TD = torch.zeros_like(x_TD)
+        for t, y_back, h in back:
+            h.wait()
+            y_TD.index_add_(0, t, y_back)
         return y_TD
 
     def _dp(self, x_TD, ids_TK, w_TK) -> torch.Tensor:
@@ -338,13 +373,25 @@ class CostModel:
 @dataclass
 class StrategyChooser:
     """Picks the strategy with the least predicted time; predictions are scaled per shape bucket
-    by the running ratio measured / predicted, so a wrong model corrects itself online."""
+    by the running ratio measured / predicted, so a wrong model corrects itself online.
+
+    For a new shape bucket, every candidate whose prediction is within ``explore_margin`` of the
+    best prediction is run once before the chooser settles (a few steps of a long run), since a
+    cost model calibrated on micro-benchmarks can rank close strategies wrongly."""
     cost: CostModel = field(default_factory=CostModel)
     degrees: tuple[int, ...] = (1, 2, 4)
     smoothing: float = 0.5
+    explore_margin: float = 3.0
     allow: tuple[str, ...] = STRATEGIES
     _ratio: dict = field(default_factory=dict)
     current: Strategy | None = None
+
+    def __post_init__(self):
+        bad = [a for a in self.allow if a not in STRATEGIES]
+        if bad or not self.allow:
+            raise ValueError(f"allow must name strategies among {STRATEGIES}, got {self.allow}")
+        if self.explore_margin < 1.0:
+            raise ValueError(f"explore_margin must be >= 1 (1 = never explore), got {self.explore_margin}")
 
     def candidates(self, shape: LayerShape) -> list[Strategy]:
         out = []
@@ -359,7 +406,14 @@ class StrategyChooser:
         return self.cost.predict(shape, strat) * self._ratio.get((shape.bucket(), strat), 1.0)
 
     def choose(self, shape: LayerShape) -> Strategy:
-        best = min(self.candidates(shape), key=lambda s: self.predict(shape, s))
+        cands = self.candidates(shape)
+        best = min(cands, key=lambda s: self.predict(shape, s))
+        bucket = shape.bucket()
+        if self.explore_margin > 1.0:
+            bound = self.predict(shape, best) * self.explore_margin
+            untried = [s for s in cands if (bucket, s) not in self._ratio and self.predict(shape, s) <= bound]
+            if untried:
+                best = min(untried, key=lambda s: self.predict(shape, s))
         self.current = best
         return best
 

@@ -99,3 +99,18 @@ def check_switch_mid_training(rank, world, init_file, E, D, I, K):
         torch.testing.assert_close(layer.w2.detach(), want2)
     finally:
         dist.destroy_process_group()
+
+
+def check_inference_overlap(rank, world, init_file, E, D, I, K):
+    """The overlapped (no-grad) pipelined path equals the plain one."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        w13, w2, xs, ids, ws, _ = _problem(world, E, D, I, K, [7] * world)
+        layer = AdaptiveMoEExperts(w13, w2)
+        with torch.no_grad():
+            want = layer(xs[rank], ids[rank], ws[rank], strategy=Strategy("ep", 1))
+            for d in (2, 4):
+                got = layer(xs[rank], ids[rank], ws[rank], strategy=Strategy("ep", d))
+                torch.testing.assert_close(got, want)
+    finally:
+        dist.destroy_process_group()

@@ -58,7 +58,7 @@ def test_capacity_drops_in_token_order():
 
 def test_chooser_follows_the_cost_model_and_corrects_online():
     ch = StrategyChooser(cost=CostModel(latency_s=1e-5, a2a_bytes_per_s=1e11, allgather_bytes_per_s=1e11,
-                                        flops_per_s=1e14))
+                                        flops_per_s=1e14), explore_margin=1.0)
     small = LayerShape(tokens=16, hidden=4096, ffn=14336, experts=8, top_k=2, world=4, elem_bytes=2)
     big = LayerShape(tokens=65536, hidden=4096, ffn=14336, experts=8, top_k=2, world=4, elem_bytes=2)
     # few tokens: moving tokens is far cheaper than gathering 8 x 352 MB of weights
@@ -69,3 +69,21 @@ def test_chooser_follows_the_cost_model_and_corrects_online():
     ch.observe(big, s, before * 10)  # measured 10x slower than predicted
     assert ch.predict(big, s) > before * 4
     assert ch.choose(big) != s or len(ch.candidates(big)) == 1
+
+
+def test_inference_pipelining_overlap_equals_plain():
+    _spawn(worker.check_inference_overlap, 2, 4, 6, 8, 2)
+
+
+def test_chooser_explores_close_candidates_then_settles_on_the_fastest_measured():
+    ch = StrategyChooser(cost=CostModel(latency_s=1e-5, a2a_bytes_per_s=1e11, allgather_bytes_per_s=1e11,
+                                        flops_per_s=1e14), explore_margin=1e9)
+    shape = LayerShape(tokens=4096, hidden=1024, ffn=1024, experts=8, top_k=2, world=4, elem_bytes=2)
+    measured = {"ep:d1": 3.0, "ep:d2": 2.0, "ep:d4": 2.5, "dp": 1.0, "tp": 4.0}  # true step times
+    seen = []
+    for _ in range(len(ch.candidates(shape)) + 3):
+        s = ch.choose(shape)
+        seen.append(str(s))
+        ch.observe(shape, s, measured[str(s)])
+    assert set(seen[:5]) == set(measured)  # each candidate tried once
+    assert seen[-3:] == ["dp"] * 3          # then the fastest measured one, whatever the model said
