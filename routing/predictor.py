@@ -182,7 +182,7 @@ class PathPredictor(PathModel):
         self.bias_G = np.asarray(bias_G, dtype=np.float32)
         self.lookahead = lookahead
         C = self.config.context_layers
-        self.source_names = ["pop"] + [f"trans-{c}" for c in range(C)] + ["temporal", "token", "gate"]
+        self.source_names = ["pop"] + [f"trans-{c}" for c in range(C)] + ["temporal", "repeat", "token", "gate"]
         assert self.weights_GS.shape == (2 * self.num_layers - 1, len(self.source_names))
 
     # --- evidence --------------------------------------------------------------------------------
@@ -206,13 +206,17 @@ class PathPredictor(PathModel):
             ids = prev[:, first:]  # [N, M, K]
             rows = t.temporal[np.arange(first, L)[None, :, None], np.maximum(ids, 0)]  # [N, M, K, E]
             X[:, :, C + 1] = _masked_mean(rows, ids >= 0)
+            # the previous token's own experts as a 0/1 feature: a log-linear model cannot
+            # express "either repeat the previous token or follow the other evidence" with
+            # log-probabilities alone, an indicator with its own weight can
+            X[:, :, C + 2] = multi_hot(ids, E)
         if token_ids is not None and t.buckets:
-            X[:, :, C + 2] = t.token[np.mod(np.asarray(token_ids, dtype=np.int64), t.buckets), first:]
+            X[:, :, C + 3] = t.token[np.mod(np.asarray(token_ids, dtype=np.int64), t.buckets), first:]
         if gate_logits_NLE is not None:
             z = gate_logits_NLE[:, first:]
             z = z - z.max(-1, keepdims=True)
             logp = z - np.log(np.exp(z).sum(-1, keepdims=True)) + np.log(self.top_k)
-            X[:, :, C + 3] = np.maximum(logp, _LOG_FLOOR) - t.log_pop[None, first:]
+            X[:, :, C + 4] = np.maximum(logp, _LOG_FLOOR) - t.log_pop[None, first:]
         return X
 
     def _groups(self, layer: int) -> np.ndarray:
@@ -254,7 +258,7 @@ class PathPredictor(PathModel):
             cut = max(1, int(T * (1.0 - cfg.holdout)))
             count_idx = np.arange(cut)
         fit_idx = np.setdiff1d(np.arange(T), count_idx)
-        n_src = 1 + cfg.context_layers + 3
+        n_src = 1 + cfg.context_layers + 4
         w0 = np.ones((2 * L - 1, n_src), dtype=np.float32)
         model = cls(_Tables(trace.select_tokens(count_idx), cfg), w0, np.zeros(2 * L - 1), K, cfg, lookahead)
         model._fit_weights(trace, fit_idx, features, verbose)

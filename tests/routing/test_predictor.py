@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+
+from routing import (NearestTraceBaseline, PathPredictor, PopularityBaseline, PredictorConfig,
+                     PreviousPathBaseline, evaluate, synthesize)
+from routing.baselines import multi_hot
+
+SHAPE = dict(num_layers=6, num_experts=16, top_k=2, num_requests=24, tokens_per_request=48)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return synthesize(**SHAPE, planted_paths=8, seed=1).split_requests(0.75, seed=0)
+
+
+@pytest.fixture(scope="module")
+def planted_predictor(planted):
+    return PathPredictor.fit(planted[0])
+
+
+def test_learns_a_planted_path_structure(planted, planted_predictor):
+    r = evaluate(planted_predictor, planted[1], distances=(1, 2, 4))
+    for key in ("1", "2", "4"):
+        assert r[key]["mean_recall"] > 0.98, (key, r[key]["mean_recall"])
+    # popularity alone cannot know which path a token is on
+    pop = evaluate(PopularityBaseline.fit(planted[0]), planted[1], distances=(1,))
+    assert pop["1"]["mean_recall"] < 0.8
+
+
+def test_no_better_than_popularity_without_structure():
+    train, test = synthesize(**SHAPE, popularity_skew=1.0, seed=2).split_requests(0.75, seed=0)
+    p = evaluate(PathPredictor.fit(train), test, distances=(1, 4))
+    pop = evaluate(PopularityBaseline.fit(train), test, distances=(1, 4))
+    for key in ("1", "4", "all"):
+        # nothing but popularity to learn: the predictor may match it, never beat it by more than noise
+        assert p[key]["mean_recall"] <= pop[key]["mean_recall"] + 0.02
+        assert p[key]["mean_recall"] >= pop[key]["mean_recall"] - 0.05
+
+
+def test_at_least_as_good_as_every_baseline_on_affinity_and_locality():
+    # each baseline captures one kind of structure; the predictor combines them
+    train, test = synthesize(**SHAPE, affinity=0.9, temporal_locality=0.2, seed=3).split_requests(0.75, seed=0)
+    p = evaluate(PathPredictor.fit(train), test, distances=(1, 2, 4))
+    for base in (PopularityBaseline.fit(train), PreviousPathBaseline.fit(train), NearestTraceBaseline.fit(train)):
+        b = evaluate(base, test, distances=(1, 2, 4))
+        for key in ("1", "2", "4", "all"):
+            assert p[key]["mean_recall"] >= b[key]["mean_recall"] - 0.01, (base.name, key)
+        assert p["1"]["mean_recall_2k"] > b["1"]["mean_recall_2k"] + 0.05, base.name
+
+
+def test_contract_shape_known_rows_and_online_correction(planted, planted_predictor):
+    test = planted[1]
+    paths = test.paths().astype(np.int64)[:32]
+    L, E = test.num_layers, test.num_experts
+    for layer in (-1, 0, 3, L - 1):
+        probs = planted_predictor.predict_batch(None, layer, paths[:, :layer + 1])
+        assert probs.shape == (32, L, E) and probs.dtype == np.float32
+        assert ((probs >= 0) & (probs <= 1)).all()
+        np.testing.assert_array_equal(probs[:, :layer + 1], multi_hot(paths[:, :layer + 1], E))
+    with pytest.raises(ValueError, match="known_NlK"):
+        planted_predictor.predict_batch(None, 2, paths[:, :2])
+    with pytest.raises(ValueError, match="layer must be"):
+        planted_predictor.predict_batch(None, L, paths)
+    with pytest.raises(ValueError, match="prev_paths_NLK"):
+        planted_predictor.predict_batch(paths[:, :2], 0, paths[:, :1])
+
+
+def test_save_load_round_trip(tmp_path, planted, planted_predictor):
+    p = planted_predictor.save(tmp_path / "pred")
+    q = PathPredictor.load(p)
+    paths = planted[1].paths()[:16]
+    prev = np.roll(paths, 1, axis=0)
+    for layer in (-1, 2):
+        np.testing.assert_array_equal(planted_predictor.predict_batch(prev, layer, paths[:, :layer + 1]),
+                                      q.predict_batch(prev, layer, paths[:, :layer + 1]))
+    planted[1].save(tmp_path / "trace.npz")
+    with pytest.raises(ValueError, match="PathPredictor"):
+        PathPredictor.load(tmp_path / "trace.npz")
+    with pytest.raises(FileNotFoundError):
+        PathPredictor.load(tmp_path / "nope.npz")
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="holdout"):
+        PredictorConfig(holdout=1.5)
+    with pytest.raises(ValueError, match="context_layers"):
+        PredictorConfig(context_layers=0)
