@@ -1,0 +1,393 @@
+"""The Ray Serve application: an OpenAI-compatible ingress in front of model replicas.
+
+    client ──HTTP──▶ Serve proxy ──▶ OpenAIIngress (FastAPI: auth, limits, validation, SSE, /metrics)
+                                         │  handle.options(stream=True).generate.remote(request)
+                                         ▼
+                                     ModelReplica (engine + continuous-batching loop; 1 GPU or CPU)
+
+``build_app(args)`` is the application builder: ``serve run serve.app:build_app model=...``,
+``serve run serve/config.yaml`` and ``moe serve`` all go through it. ``run_server(config)``
+starts Serve on the configured host and port (127.0.0.1 unless told otherwise).
+"""
+# no `from __future__ import annotations`: FastAPI must see the real Request class in route signatures
+import asyncio
+import hmac
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+from ray import serve
+
+from serve.api import (SSE_DONE, ApiError, GenerationRequest, ServeLimits, completion_response, models_response,
+                       parse_chat, parse_completion, parse_json_body, sse, stream_chunk, usage_chunk)
+from serve.engine_deployment import ModelReplica
+from serve.metrics import OUTCOMES, RequestTimer, ServeMetrics
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """'24GiB', '24G', '512MiB', 1e9 -> bytes (K/M/G/T are powers of 1024)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return int(text)
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ValueError(f"gpu_memory {text!r} is not a size; write it like '24GiB' or '512MiB'")
+    unit = (m.group(2) or "B")[0].upper()
+    return int(float(m.group(1)) * 1024 ** "BKMGT".index(unit))
+
+
+@dataclass
+class ServeConfig:
+    """Settings of one ``moe serve`` / ``serve run`` application.
+
+    model: checkpoint directory, "tiny" (untrained, built on the fly) or None (the embedded default).
+    engine_factory: "module:function" returning a ``LoadedEngine`` from the replica spec, to serve
+        something other than ``moe.Engine`` (tests use a stand-in).
+    gpu_memory: GPU memory the experts may use (e.g. "24GiB"); when set, experts are offloaded.
+    replica_cpus / ingress_cpus: Ray CPU reservations (fractions are fine).
+    """
+    model: str | None = None
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    device: str = "auto"
+    dtype: str | None = None
+    gpu_memory: str | None = None
+    max_batch_size: int = 8
+    max_len: int = 2048
+    num_replicas: int = 1
+    replica_cpus: float = 1.0
+    ingress_cpus: float = 0.1
+    health_check_period_s: float = 2.0
+    health_check_timeout_s: float = 60.0
+    engine_factory: str | None = None
+    app_name: str = "moeflow"
+    route_prefix: str = "/"
+    limits: ServeLimits = field(default_factory=ServeLimits)
+
+    def __post_init__(self):
+        if isinstance(self.limits, dict):
+            self.limits = ServeLimits(**self.limits)
+        if not (0 < int(self.port) < 65536):
+            raise ValueError(f"port ({self.port}) must be in 1..65535")
+        self.port = int(self.port)
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ValueError(f"device ({self.device!r}) must be 'auto', 'cpu' or 'cuda'")
+        for name in ("max_batch_size", "max_len", "num_replicas"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be a positive integer")
+            setattr(self, name, int(getattr(self, name)))
+        if self.gpu_memory is not None:
+            parse_bytes(self.gpu_memory)
+        if self.api_key is not None and not str(self.api_key):
+            raise ValueError("api_key is empty; leave it unset to serve without a key")
+
+    @classmethod
+    def from_args(cls, args: dict) -> "ServeConfig":
+        """From ``serve run`` args (strings from the command line are converted); unknown keys are refused."""
+        known = {f for f in cls.__dataclass_fields__}
+        bad = set(args) - known - set(ServeLimits.__dataclass_fields__)
+        if bad:
+            raise ValueError(f"unknown application args {sorted(bad)}; known: {sorted(known)} and the limits "
+                             f"{sorted(ServeLimits.__dataclass_fields__)}")
+        kw = {k: v for k, v in args.items() if k in known}
+        limits = dict(kw.pop("limits", {}) or {})
+        limits.update({k: int(v) for k, v in args.items() if k in ServeLimits.__dataclass_fields__})
+        for k in ("port", "max_batch_size", "max_len", "num_replicas"):
+            if k in kw:
+                kw[k] = int(kw[k])
+        for k in ("replica_cpus", "ingress_cpus", "health_check_period_s", "health_check_timeout_s"):
+            if k in kw:
+                kw[k] = float(kw[k])
+        return cls(limits=ServeLimits(**limits), **kw)
+
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model in (None, "tiny"):
+            return "moeflow-" + ("tiny" if self.model == "tiny" else "default")
+        return os.path.basename(os.path.normpath(self.model))
+
+    def replica_spec(self, device: str) -> dict:
+        return {"model": self.model, "device": device, "dtype": self.dtype, "max_batch_size": self.max_batch_size,
+                "max_len": self.max_len, "limits": self.limits.to_dict(), "engine_factory": self.engine_factory,
+                "gpu_memory_bytes": parse_bytes(self.gpu_memory) if self.gpu_memory else None,
+                "torch_threads": max(1, int(self.replica_cpus))}
+
+
+def _has_gpu() -> bool:
+    import ray
+    if ray.is_initialized():
+        return ray.cluster_resources().get("GPU", 0) > 0
+    import torch
+    return torch.cuda.is_available()
+
+
+def _outcome(reason: str | None) -> str:
+    return reason if reason in OUTCOMES else "stop"
+
+
+def make_ingress_class():
+    """Build the FastAPI app and the ingress class (a factory: no module-level app object)."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    app = FastAPI(title="moeflow", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, exc):  # 404 / 405 in OpenAI's error shape
+        return JSONResponse(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                     code="not_found" if exc.status_code == 404 else None).to_dict(),
+                            status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc):
+        return JSONResponse(ApiError(400, str(exc)).to_dict(), status_code=400)
+
+    def error_response(e: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return JSONResponse(e.to_dict(), status_code=e.status, headers=headers)
+
+    class OpenAIIngress:
+        def __init__(self, replica, config: dict):
+            self.replica = replica
+            self.cfg = ServeConfig(**config)
+            self.limits = self.cfg.limits
+            self.served = [self.cfg.model_name()]
+            self.metrics = ServeMetrics()
+            self.in_flight = 0
+            self.created = int(time.time())
+
+        # ---- checks ------------------------------------------------------------------------
+        def _auth(self, request: Request) -> None:
+            if self.cfg.api_key is None:
+                return
+            got = request.headers.get("authorization", "")
+            scheme, _, token = got.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                     self.cfg.api_key.encode()):
+                raise ApiError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'",
+                               "authentication_error", code="invalid_api_key")
+
+        async def _body(self, request: Request) -> dict:
+            cl = request.headers.get("content-length")
+            if cl is not None and cl.isdigit() and int(cl) > self.limits.max_body_bytes:
+                raise ApiError(413, f"request body is {cl} bytes; the limit is {self.limits.max_body_bytes} bytes",
+                               code="body_too_large")
+            raw = bytearray()
+            async for chunk in request.stream():  # bounded read: a chunked body cannot exceed the limit
+                raw += chunk
+                if len(raw) > self.limits.max_body_bytes:
+                    break
+            return parse_json_body(bytes(raw), self.limits)
+
+        # ---- routes ------------------------------------------------------------------------
+        @app.get("/health")
+        async def health(self):
+            try:
+                await asyncio.wait_for(self.replica.info.remote(), timeout=10)
+            except Exception as e:  # noqa: BLE001 - any failure to reach the replica means unhealthy
+                return JSONResponse({"status": "unavailable", "reason": repr(e)[:200]}, status_code=503)
+            return {"status": "ok"}
+
+        @app.get("/v1/models")
+        async def models(self, request: Request):
+            try:
+                self._auth(request)
+            except ApiError as e:
+                return error_response(e)
+            return models_response(self.served, self.created)
+
+        @app.get("/metrics")
+        async def metrics(self):
+            try:
+                snap = await asyncio.wait_for(self.replica.snapshot.remote(), timeout=5)
+            except Exception:  # noqa: BLE001 - report replica_up 0 rather than failing the scrape
+                snap = None
+            self.metrics.engine.set(snap)
+            return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+        @app.post("/v1/completions")
+        async def completions(self, request: Request):
+            return await self._generate(request, "completion")
+
+        @app.post("/v1/chat/completions")
+        async def chat(self, request: Request):
+            return await self._generate(request, "chat")
+
+        # ---- generation --------------------------------------------------------------------
+        async def _generate(self, request: Request, kind: str):
+            endpoint = "completions" if kind == "completion" else "chat"
+            start = time.perf_counter()
+            try:
+                self._auth(request)
+                if self.in_flight >= self.limits.max_concurrency:
+                    raise ApiError(429, f"the server is handling {self.in_flight} requests, its concurrency "
+                                   f"limit; retry later", "rate_limit_error", code="too_many_requests")
+                body = await self._body(request)
+                parse = parse_completion if kind == "completion" else parse_chat
+                req = parse(body, self.served, self.limits)
+            except ApiError as e:
+                self.metrics.finish(endpoint, "rejected" if e.status in (401, 413, 429) else "invalid")
+                return error_response(e)
+
+            self.in_flight += 1
+            self.metrics.in_flight.inc()
+            released = False
+
+            def release(outcome: str):
+                nonlocal released
+                if not released:
+                    released = True
+                    self.in_flight -= 1
+                    self.metrics.in_flight.dec()
+                    self.metrics.finish(endpoint, outcome)
+
+            gen = self.replica.options(stream=True).generate.remote(req.to_dict())
+            try:
+                first = await gen.__anext__()
+            except Exception as e:  # noqa: BLE001 - the replica died or is unreachable
+                release("error")
+                return error_response(_replica_error(e))
+            except BaseException:
+                gen.cancel()
+                release("abort")
+                raise
+            if first["type"] == "error":
+                release("rejected" if first["status"] == 429 else "invalid")
+                return JSONResponse({"error": first["error"]}, status_code=first["status"])
+            n_prompt = first["prompt_tokens"]
+            self.metrics.prompt_tokens.inc(n_prompt)
+            timer = RequestTimer(self.metrics, start)
+            if req.stream:
+                return StreamingResponse(self._sse(req, gen, timer, n_prompt, release),
+                                         media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            try:
+                text, reason, err = await self._collect(request, gen, timer)
+            except BaseException:
+                gen.cancel()
+                release("abort")
+                raise
+            timer.on_finish(time.perf_counter())
+            if err is not None:
+                release("error")
+                return error_response(err)
+            release(_outcome(reason))
+            return completion_response(req, text, reason, n_prompt, timer.tokens)
+
+        async def _collect(self, request: Request, gen, timer: RequestTimer):
+            """Gather a non-streamed completion; abort it when the client goes away meanwhile."""
+            pieces, reason = [], None
+
+            async def drain():
+                nonlocal reason
+                async for ev in gen:
+                    if ev["type"] == "error":
+                        return ApiError.from_dict(ev["status"], ev)
+                    timer.on_output(time.perf_counter(), ev["num_tokens"])
+                    pieces.append(ev["text"])
+                    if ev["finished"]:
+                        reason = ev["finish_reason"]
+                return None
+
+            task = asyncio.ensure_future(drain())
+            try:
+                while True:
+                    done, _ = await asyncio.wait({task}, timeout=1.0)
+                    if done:
+                        break
+                    if await request.is_disconnected():
+                        task.cancel()
+                        gen.cancel()
+                        raise asyncio.CancelledError("client disconnected")
+                err = task.result()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the replica died mid-request
+                err = _replica_error(e)
+            return "".join(pieces), reason, err
+
+        async def _sse(self, req: GenerationRequest, gen, timer: RequestTimer, n_prompt: int, release):
+            outcome = "abort"  # unless the stream reaches its end, the client left
+            try:
+                if req.kind == "chat":
+                    yield sse(stream_chunk(req, None, None, role=True))
+                try:
+                    async for ev in gen:
+                        if ev["type"] == "error":
+                            outcome = "error"
+                            yield sse({"error": ev["error"]})
+                            break
+                        timer.on_output(time.perf_counter(), ev["num_tokens"])
+                        if ev["text"] or ev["finished"]:
+                            yield sse(stream_chunk(req, ev["text"], ev["finish_reason"] if ev["finished"] else None))
+                        if ev["finished"]:
+                            outcome = _outcome(ev["finish_reason"])
+                except Exception as e:  # noqa: BLE001 - the replica died mid-stream: tell the client cleanly
+                    outcome = "error"
+                    yield sse(_replica_error(e).to_dict())
+                if outcome != "error" and req.include_usage:
+                    yield sse(usage_chunk(req, n_prompt, timer.tokens))
+                yield SSE_DONE
+            finally:
+                if outcome == "abort":
+                    gen.cancel()  # propagates to the replica, which drops the request from the batch
+                timer.on_finish(time.perf_counter())
+                release(outcome)
+
+    return app, OpenAIIngress
+
+
+def _replica_error(e: BaseException) -> ApiError:
+    return ApiError(503, f"the model replica failed while serving this request ({type(e).__name__}); "
+                         "it is being restarted, retry the request", "server_error", code="replica_failed")
+
+
+def build_app(args: dict | ServeConfig | None = None):
+    """Application builder for ``serve run serve.app:build_app`` and ``serve/config.yaml``."""
+    cfg = args if isinstance(args, ServeConfig) else ServeConfig.from_args(dict(args or {}))
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if _has_gpu() else "cpu"
+    gpus = 1 if device.startswith("cuda") else 0
+    limits = cfg.limits
+    replica = serve.deployment(ModelReplica, name="ModelReplica").options(
+        num_replicas=cfg.num_replicas,
+        ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": gpus},
+        # above our own queue bound, so the replica answers 429 itself instead of Serve queueing silently
+        max_ongoing_requests=cfg.max_batch_size + limits.max_waiting + 8,
+        health_check_period_s=cfg.health_check_period_s,
+        health_check_timeout_s=cfg.health_check_timeout_s,
+    )
+    app, ingress_cls = make_ingress_class()
+    ingress = serve.deployment(serve.ingress(app)(ingress_cls), name="OpenAIIngress").options(
+        ray_actor_options={"num_cpus": cfg.ingress_cpus},
+        max_ongoing_requests=limits.max_concurrency + 32,
+    )
+    config = asdict(cfg)
+    config["limits"] = limits.to_dict()
+    return ingress.bind(replica.bind(cfg.replica_spec(device)), config)
+
+
+def run_server(cfg: ServeConfig, blocking: bool = True):
+    """Start Ray (if needed) and Serve on cfg.host:cfg.port and deploy the application."""
+    import ray
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, ignore_reinit_error=True)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    handle = serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
+    if blocking:
+        print(f"moeflow: serving {cfg.model_name()} on http://{cfg.host}:{cfg.port}/v1 "
+              f"(API key {'required' if cfg.api_key else 'not required'}); Ctrl-C stops", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.shutdown()
+    return handle

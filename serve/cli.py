@@ -1,0 +1,81 @@
+"""``moe serve [MODEL]``: the OpenAI-compatible server on Ray Serve.
+
+The hub (``moe/cli.py``) calls ``register(subparsers)``; the sub-command's handler is stored as
+``func`` in the parsed namespace and returns an exit code. ``python -m serve.cli`` works too.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+
+from serve.api import ServeLimits
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve", help="serve a model with an OpenAI-compatible API on Ray Serve",
+        description="Serve MODEL (a checkpoint directory, 'tiny', or the embedded default when omitted) at "
+                    "http://HOST:PORT/v1 with /v1/completions, /v1/chat/completions, /v1/models, /health and "
+                    "/metrics (Prometheus). Listens on 127.0.0.1 unless --host says otherwise.")
+    p.add_argument("model", nargs="?", default=None, help="checkpoint directory or 'tiny' (default: embedded model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("MOEFLOW_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $MOEFLOW_API_KEY, else no key)")
+    p.add_argument("--gpu-memory", default=None, help="GPU memory the experts may use, e.g. 24GiB (offloads experts)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: a GPU per replica when there is one)")
+    p.add_argument("--dtype", default=None, help="weights dtype, e.g. bfloat16 (default: the checkpoint's)")
+    p.add_argument("--served-model-name", default=None, help="model id clients send (default: directory name)")
+    p.add_argument("--num-replicas", type=int, default=1)
+    p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per model replica")
+    p.add_argument("--max-batch-size", type=int, default=8, help="running batch per replica")
+    p.add_argument("--max-len", type=int, default=2048, help="prompt + completion tokens per request")
+    d = ServeLimits()
+    p.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="largest max_tokens a client may ask for")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    p.add_argument("--max-concurrency", type=int, default=d.max_concurrency, help="requests in flight (429 beyond)")
+    p.add_argument("--max-waiting", type=int, default=d.max_waiting, help="queued requests per replica (429 beyond)")
+    p.set_defaults(func=run)
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    from serve.app import ServeConfig
+    limits = ServeLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+                         max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency,
+                         max_waiting=args.max_waiting)
+    return ServeConfig(model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
+                       api_key=args.api_key, device=args.device, dtype=args.dtype, gpu_memory=args.gpu_memory,
+                       max_batch_size=args.max_batch_size, max_len=args.max_len, num_replicas=args.num_replicas,
+                       replica_cpus=args.replica_cpus, limits=limits)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if not _is_loopback(cfg.host) and not cfg.api_key:
+        print(f"moe serve: warning: listening on {cfg.host} without an API key; anyone who can reach this "
+              "port can use the model (pass --api-key)", file=sys.stderr)
+    from serve.app import run_server
+    run_server(cfg, blocking=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moe")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
