@@ -2,6 +2,9 @@
 from .checkpoint import CheckpointError, load_model, save_pretrained
 from .config import MoEConfig
 from .model import MoEForCausalLM
+from .generate import Engine, RequestOutput, generate, stream
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer, TokenizerError
 
 __all__: list[str] = [
     "MoEConfig",
@@ -9,4 +12,11 @@ __all__: list[str] = [
     "load_model",
     "save_pretrained",
     "CheckpointError",
+    "Tokenizer",
+    "TokenizerError",
+    "SamplingParams",
+    "Engine",
+    "RequestOutput",
+    "generate",
+    "stream",
 ]

@@ -1,0 +1,319 @@
+"""The generation engine: continuous batching over a per-row KV cache.
+
+Shape legend: B = cache rows (max_batch_size), T = tokens fed this step, V = vocabulary,
+R = running requests sampled this step.
+
+Each running request owns one row of a ``KVCache`` (``model.new_cache(B, max_len)``). One
+``step()`` is one model forward over all B rows:
+
+    admit waiting requests into free rows (cache.reset(rows))
+    input_BT: a new row carries its whole prompt, a running row its last sampled token,
+              a free row nothing; valid_BT marks the real tokens (right padding)
+    logits_BTV = model(input_BT, cache, valid_BT)     # the model advances each row by its valid count
+    sample one token per running row from the logits of its last valid token
+    stop checks; finished rows are freed and can be taken by a waiting request next step
+
+So prefill of newcomers and decoding of the others share one forward, and requests join and
+leave at every step. Rows never see each other: attention is per row and the MoE layers are per
+token, so a request's greedy output does not depend on its batch-mates (tested).
+
+Lengths: a sequence (prompt + generated tokens) holds at most ``max_len`` tokens; a request
+that reaches it finishes with reason ``"length"``, as one that reaches ``max_new_tokens`` does.
+Finish reasons: ``"stop"`` (an end-of-sequence id, a stop token id or a stop string),
+``"length"``, ``"abort"``. Stop strings are trimmed from the text; a stop token id is part of
+``new_token_ids`` but its text is not emitted. While a stop string could still be forming at
+the end of the text, that tail is held back, so streamed text never shows part of a stop string.
+"""
+from __future__ import annotations
+
+import inspect
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .sampling import SamplingParams, sample_tokens
+from .tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request."""
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    generator: torch.Generator | None
+    detok: IncrementalDetokenizer
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""          # decoded output so far (before stop-string trimming)
+    emitted: int = 0        # characters of ``text`` already returned
+    row: int | None = None
+    prefilled: bool = False
+    cached: int = 0         # tokens of this request in its cache row (host-side copy of cache.lengths)
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+class Engine:
+    """Continuous-batching generation over one model (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, max_batch_size: int = 8,
+                 max_len: int = 2048):
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"Engine max_batch_size={max_batch_size!r} must be an int >= 1")
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
+            raise ValueError(f"Engine max_len={max_len!r} must be an int >= 2 (prompt plus at least one token)")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_len = max_len
+        first = next(model.parameters(), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+        self.vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+        self.cache = model.new_cache(max_batch_size, max_len)
+        try:  # optional in the model contract: logits of each row's last valid token only
+            self._last_only = "last_only" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            self._last_only = False
+        self._ids = itertools.count()
+        self._waiting: deque[_Request] = deque()
+        self._rows: list[_Request | None] = [None] * max_batch_size
+        self._aborted: list[RequestOutput] = []
+
+    # --- requests ----------------------------------------------------------------------------
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a prompt (text, or token ids); it joins the running batch at the next step."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(i) for i in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty (no tokens); give at least one token of text")
+        if len(ids) >= self.max_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens but max_len is {self.max_len}: a sequence must "
+                             "fit its prompt and at least one new token; shorten the prompt or raise max_len")
+        if self.vocab_size is not None and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise ValueError(f"prompt token id {bad} is outside the model's vocabulary (size {self.vocab_size}); "
+                             "encode the prompt with this model's tokenizer")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if any(r is not None and r.request_id == rid for r in self._rows) or \
+                any(r.request_id == rid for r in self._waiting):
+            raise ValueError(f"request id {rid!r} is already in use; pick a unique id or pass none")
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids.update(self.tokenizer.eos_token_ids)
+        req = _Request(rid, ids, params, frozenset(stop_ids), params.make_generator(self.device),
+                       self.tokenizer.detokenizer(ids))
+        self._waiting.append(req)
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now; its final output (reason "abort") comes with the next step.
+        Returns False when no unfinished request has that id."""
+        for i, r in enumerate(self._waiting):
+            if r.request_id == request_id:
+                del self._waiting[i]
+                self._aborted.append(RequestOutput(request_id, [], "", True, "abort"))
+                return True
+        for row, r in enumerate(self._rows):
+            if r is not None and r.request_id == request_id:
+                self._free(r)
+                self._aborted.append(RequestOutput(request_id, [], "", True, "abort"))
+                return True
+        return False
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting) or any(r is not None for r in self._rows) or bool(self._aborted)
+
+    @property
+    def num_running(self) -> int:
+        return sum(r is not None for r in self._rows)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    # --- one step ----------------------------------------------------------------------------
+    def _admit(self) -> None:
+        """Move waiting requests into free rows, first come first served.
+
+        One forward feeds T tokens to every row and the cache refuses a forward in which some row
+        would pass max_len (``lengths.max() + T``), so a prompt of n tokens joins only while every
+        running row still has n free slots; otherwise it waits for rows to finish (FIFO order).
+        """
+        free = [b for b, r in enumerate(self._rows) if r is None]
+        busiest = max((r.cached for r in self._rows if r is not None), default=0)
+        T = 1 if busiest else 0  # tokens per row this step: 1 for decoding rows, a prompt for newcomers
+        new_rows = []
+        for b in free:
+            if not self._waiting:
+                break
+            n = len(self._waiting[0].prompt_ids)
+            if busiest + max(T, n) > self.max_len:
+                break
+            req = self._waiting.popleft()
+            req.row = b
+            self._rows[b] = req
+            new_rows.append(b)
+            T = max(T, n)
+        if new_rows:
+            self.cache.reset(new_rows)
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Admit waiting requests, run one forward over the batch, sample, apply stop rules."""
+        outputs, self._aborted = self._aborted, []
+        self._admit()
+        running = [r for r in self._rows if r is not None]
+        if not running:
+            return outputs
+        feeds = {r.row: (r.output_ids[-1:] if r.prefilled else r.prompt_ids) for r in running}
+        T = max(len(f) for f in feeds.values())
+        B = self.max_batch_size
+        input_BT = torch.zeros(B, T, dtype=torch.long)
+        valid_BT = torch.zeros(B, T, dtype=torch.bool)
+        for b, f in feeds.items():
+            input_BT[b, :len(f)] = torch.tensor(f, dtype=torch.long)
+            valid_BT[b, :len(f)] = True
+        input_BT, valid_BT = input_BT.to(self.device), valid_BT.to(self.device)
+        rows = torch.tensor([r.row for r in running], device=self.device)
+        if self._last_only:
+            # the model projects only each row's last valid token onto the vocabulary
+            logits_RV = self.model(input_BT, cache=self.cache, valid_BT=valid_BT, last_only=True)[rows, 0]
+        else:
+            logits_BTV = self.model(input_BT, cache=self.cache, valid_BT=valid_BT)
+            last = torch.tensor([len(feeds[r.row]) - 1 for r in running], device=self.device)
+            logits_RV = logits_BTV[rows, last]
+        tokens = sample_tokens(logits_RV, [r.params for r in running], [r.generator for r in running])
+        for req, tok in zip(running, tokens):
+            req.cached += len(feeds[req.row])
+            req.prefilled = True
+            outputs.append(self._advance(req, tok))
+        return outputs
+
+    def _free(self, req: _Request) -> None:
+        # an emptied row has length 0, so it never limits what the other rows may be fed
+        self._rows[req.row] = None
+        self.cache.reset([req.row])
+
+    def _advance(self, req: _Request, token: int) -> RequestOutput:
+        """Record one sampled token; decide whether the request is finished; free its row if so."""
+        req.output_ids.append(token)
+        p = req.params
+        reason = None
+        stop_at = None  # where a stop string starts in req.text
+        if token in req.stop_ids:
+            reason = "stop"  # the stop token's own text is never shown
+        else:
+            req.text += req.detok.push(token)
+            if p.stop:
+                # a stop string can only have appeared in text that arrived since the last check
+                start = max(0, req.emitted - max(len(s) for s in p.stop) + 1)
+                hits = [i for i in (req.text.find(s, start) for s in p.stop) if i >= 0]
+                if hits:
+                    reason, stop_at = "stop", min(hits)
+        if reason is None and (len(req.output_ids) >= p.max_new_tokens
+                               or len(req.prompt_ids) + len(req.output_ids) >= self.max_len):
+            reason = "length"
+        if reason is None:
+            # hold back a tail that could still grow into a stop string
+            end = len(req.text) - (_held_back(req.text, p.stop) if p.stop else 0)
+        elif stop_at is not None:
+            end = stop_at
+        else:
+            # finished without a stop string: an unfinished character is flushed as it decodes
+            req.text += req.detok.flush()
+            end = len(req.text)
+        new_text = req.text[req.emitted:end] if end > req.emitted else ""
+        req.emitted = max(req.emitted, end)
+        if reason is not None:
+            self._free(req)
+        return RequestOutput(req.request_id, [token], new_text, reason is not None, reason)
+
+
+def _max_len_for(tok: Tokenizer, prompts: Sequence[str | Sequence[int]], params: Sequence[SamplingParams]) -> int:
+    need = 0
+    for prompt, p in zip(prompts, params):
+        n = len(tok.encode(prompt)) if isinstance(prompt, str) else len(prompt)
+        need = max(need, n + p.max_new_tokens)
+    return max(need, 2)
+
+
+def _params_list(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"{n} prompts but {len(params)} SamplingParams; pass one, or one per prompt")
+    return params
+
+
+def generate(model: torch.nn.Module, tok: Tokenizer, prompts: Sequence[str | Sequence[int]] | str,
+             params: SamplingParams | Sequence[SamplingParams] | None = None, max_batch_size: int = 8,
+             max_len: int | None = None) -> list[str]:
+    """Generated text for each prompt (continuous batching, at most ``max_batch_size`` at once).
+    ``max_len`` defaults to the longest prompt plus its max_new_tokens."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    plist = _params_list(params, len(prompts))
+    engine = Engine(model, tok, max_batch_size=max(1, min(max_batch_size, len(prompts))),
+                    max_len=max_len if max_len is not None else _max_len_for(tok, prompts, plist))
+    ids = [engine.add_request(pr, p) for pr, p in zip(prompts, plist)]
+    texts = {rid: [] for rid in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            texts[out.request_id].append(out.new_text)
+    return ["".join(texts[rid]) for rid in ids]
+
+
+def stream(model: torch.nn.Module, tok: Tokenizer, prompt: str | Sequence[int],
+           params: SamplingParams | None = None, max_len: int | None = None) -> Iterator[str]:
+    """Yield the text of one prompt's continuation as it is generated (non-empty deltas).
+    The last RequestOutput is kept on the iterator's ``StopIteration.value``: use
+    ``stream_outputs`` to see token ids and the finish reason."""
+    for out in stream_outputs(model, tok, prompt, params, max_len):
+        if out.new_text:
+            yield out.new_text
+
+
+def stream_outputs(model: torch.nn.Module, tok: Tokenizer, prompt: str | Sequence[int],
+                   params: SamplingParams | None = None, max_len: int | None = None) -> Iterator[RequestOutput]:
+    """Every RequestOutput of one prompt, in order (the last one has ``finished=True``)."""
+    params = params if params is not None else SamplingParams()
+    engine = Engine(model, tok, max_batch_size=1,
+                    max_len=max_len if max_len is not None else _max_len_for(tok, [prompt], [params]))
+    engine.add_request(prompt, params)
+    while engine.has_unfinished():
+        yield from engine.step()
+
+
+__all__ = ["Engine", "RequestOutput", "generate", "stream", "stream_outputs"]

@@ -1,0 +1,218 @@
+"""The generation engine on a tiny random Mixtral-family model.
+
+The reference for greedy decoding is the plain loop without a KV cache: run the whole sequence
+through the model, take the argmax of the last position, append, repeat.
+"""
+import pytest
+import torch
+
+from moe.config import MoEConfig
+from moe.generate import Engine, generate, stream, stream_outputs
+from moe.model import MoEForCausalLM
+from moe.sampling import SamplingParams
+from moe.tiny import ensure_tiny_model
+from moe.tokenizer import Tokenizer
+
+PROMPTS = ["def foo(x):", "import os\nimport sys\n\nclass Config(object):\n    pass\n", "a",
+           "for i in range(10):\n    print(i)", "x = {'k': [1, 2, 3]}"]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return Tokenizer.from_dir(ensure_tiny_model(cache_dir=tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    cfg = MoEConfig.tiny("mixtral", vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_ids[0])
+    m = MoEForCausalLM(cfg)
+    m.init_weights(seed=0)
+    with torch.no_grad():  # a wide output layer: clear argmax margins, varied tokens
+        m.lm_head.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(1))
+    return m.eval()
+
+
+def greedy_reference(model, ids, n):
+    ids = list(ids)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids]))[0, -1]
+            t = int(logits.argmax())
+            ids.append(t)
+            out.append(t)
+    return out
+
+
+def run(engine, requests):
+    """Drive an engine to completion: {request_id: (token ids, text, finish_reason)}."""
+    ids = {rid: [] for rid in requests}
+    text = {rid: "" for rid in requests}
+    reason = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            assert o.request_id not in reason, "output after the request finished"
+            ids[o.request_id] += o.new_token_ids
+            text[o.request_id] += o.new_text
+            if o.finished:
+                reason[o.request_id] = o.finish_reason
+    return {rid: (ids[rid], text[rid], reason[rid]) for rid in requests}
+
+
+def alone(model, tok, prompt, params, max_len=256):
+    e = Engine(model, tok, max_batch_size=1, max_len=max_len)
+    return run(e, [e.add_request(prompt, params)])
+
+
+def test_greedy_matches_the_no_cache_reference(model, tok):
+    ids = tok.encode(PROMPTS[0])
+    (got, text, reason), = alone(model, tok, ids, SamplingParams(max_new_tokens=8, ignore_eos=True)).values()
+    assert got == greedy_reference(model, ids, 8)
+    assert reason == "length" and text == tok.decode(got)
+
+
+def test_batched_greedy_equals_each_request_alone(model, tok):
+    # 5 requests of different lengths through 3 rows: rows are reused as requests leave
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (9, 4, 12, 6, 7)]
+    e = Engine(model, tok, max_batch_size=3, max_len=128)
+    rids = [e.add_request(p, sp) for p, sp in zip(PROMPTS, params)]
+    batched = run(e, rids)
+    for rid, p, sp in zip(rids, PROMPTS, params):
+        ref = list(alone(model, tok, p, sp).values())[0]
+        assert batched[rid] == ref
+        assert len(ref[0]) == sp.max_new_tokens
+
+
+def test_requests_join_a_running_batch(model, tok):
+    sp = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    e = Engine(model, tok, max_batch_size=4, max_len=64)
+    first = e.add_request(PROMPTS[1], sp)
+    seen = {first: []}
+    for _ in range(3):
+        for o in e.step():
+            seen[o.request_id] += o.new_token_ids
+    late = e.add_request(PROMPTS[2], sp)  # joins while the first is decoding
+    seen[late] = []
+    assert e.num_waiting == 1 and e.num_running == 1
+    while e.has_unfinished():
+        for o in e.step():
+            seen[o.request_id] += o.new_token_ids
+    assert seen[first] == list(alone(model, tok, PROMPTS[1], sp).values())[0][0]
+    assert seen[late] == list(alone(model, tok, PROMPTS[2], sp).values())[0][0]
+
+
+def test_long_prompt_waits_until_the_cache_has_room(model, tok):
+    # one forward feeds every row the same number of slots, so a long prompt may not join a row
+    # set that is near max_len; it must wait (not crash) and still give the same tokens
+    sp_long = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    long_prompt = tok.encode(PROMPTS[1])
+    max_len = len(long_prompt) + 20
+    e = Engine(model, tok, max_batch_size=2, max_len=max_len)
+    assert len(long_prompt) > 21
+    a = e.add_request(long_prompt, sp_long)
+    got = {a: [], "b": []}
+    finished_at = {}
+    for step in range(100):
+        if step == 1:
+            e.add_request(long_prompt, SamplingParams(max_new_tokens=3, ignore_eos=True), request_id="b")
+        for o in e.step():
+            got[o.request_id] += o.new_token_ids
+            if o.finished:
+                finished_at[o.request_id] = step
+        if not e.has_unfinished():
+            break
+    # b needs len(prompt) free slots in every row; a's row has them only once a is done
+    assert finished_at == {a: 19, "b": 22}
+    assert got[a] == list(alone(model, tok, long_prompt, sp_long, max_len).values())[0][0]
+    assert got["b"] == got[a][:3]
+
+
+def test_stop_token_ids_and_eos(model, tok):
+    ids, _, _ = list(alone(model, tok, PROMPTS[3], SamplingParams(max_new_tokens=10, ignore_eos=True)).values())[0]
+    k = next(i for i in range(2, 10) if ids[i] not in ids[:i])  # first occurrence of some token
+    stop_id = ids[k]
+    got, text, reason = list(alone(model, tok, PROMPTS[3], SamplingParams(
+        max_new_tokens=10, stop_token_ids=(stop_id,))).values())[0]
+    assert got == ids[:k + 1] and reason == "stop"
+    assert text == tok.decode(ids[:k])  # the stop token's text is not part of the output
+    # the tokenizer's end-of-sequence ids stop a request by default, unless ignore_eos
+    eos_tok = Tokenizer(tok.backend, eos_token_ids=[stop_id], bos_token_id=tok.bos_token_id)
+    assert list(alone(model, eos_tok, PROMPTS[3], SamplingParams(max_new_tokens=10)).values())[0][0] == ids[:k + 1]
+    got, _, reason = list(alone(model, eos_tok, PROMPTS[3], SamplingParams(max_new_tokens=10, ignore_eos=True)
+                                ).values())[0]
+    assert got == ids and reason == "length"
+
+
+def test_stop_strings_are_trimmed_and_never_streamed(model, tok):
+    prompt = PROMPTS[4]
+    full = list(alone(model, tok, prompt, SamplingParams(max_new_tokens=16, ignore_eos=True)).values())[0][1]
+    assert len(full) > 12
+    stop = full[6:9]
+    cut = full.index(stop)
+    deltas = [o.new_text for o in stream_outputs(model, tok, prompt, SamplingParams(
+        max_new_tokens=16, ignore_eos=True, stop=("\x00never", stop)))]
+    assert "".join(deltas) == full[:cut]
+    streamed = ""
+    for d in deltas:
+        streamed += d
+        assert stop[0] not in streamed[cut:]  # no part of the stop string was ever shown
+    outs = list(stream_outputs(model, tok, prompt, SamplingParams(max_new_tokens=16, ignore_eos=True, stop=stop)))
+    assert outs[-1].finished and outs[-1].finish_reason == "stop"
+
+
+def test_max_len_bounds_the_sequence(model, tok):
+    ids = tok.encode(PROMPTS[0])
+    got, _, reason = list(alone(model, tok, ids, SamplingParams(max_new_tokens=50, ignore_eos=True),
+                                max_len=len(ids) + 3).values())[0]
+    assert len(got) == 3 and reason == "length"
+    e = Engine(model, tok, max_batch_size=2, max_len=len(ids))
+    with pytest.raises(ValueError, match=f"prompt has {len(ids)} tokens but max_len is {len(ids)}"):
+        e.add_request(ids)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        Engine(model, tok, max_len=16).add_request([1, 10 ** 6])
+    with pytest.raises(ValueError, match="prompt is empty"):
+        Engine(model, tok, max_len=16).add_request([])
+    with pytest.raises(ValueError, match="max_batch_size=0"):
+        Engine(model, tok, max_batch_size=0)
+
+
+def test_abort_running_and_waiting(model, tok):
+    sp = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    e = Engine(model, tok, max_batch_size=2, max_len=64)
+    a, b, c = (e.add_request(p, sp) for p in PROMPTS[:3])
+    e.step()  # a and b run, c waits
+    assert e.abort(b) and e.abort(c)
+    assert not e.abort(c) and not e.abort("nope")
+    outs = e.step()
+    finals = {o.request_id: o.finish_reason for o in outs if o.finished}
+    assert finals == {b: "abort", c: "abort"}
+    assert {o.request_id for o in outs} == {a, b, c}
+    rest = run(e, [a])
+    assert rest[a][2] == "length"
+    with pytest.raises(ValueError, match="already in use"):
+        e2 = Engine(model, tok, max_len=16)
+        e2.add_request("x", request_id="r")
+        e2.add_request("y", request_id="r")
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(model, tok):
+    sp = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+    solo = list(alone(model, tok, PROMPTS[0], sp).values())[0]
+    e = Engine(model, tok, max_batch_size=3, max_len=64)
+    rids = [e.add_request(PROMPTS[2], SamplingParams(max_new_tokens=5, temperature=1.3, seed=1)),
+            e.add_request(PROMPTS[0], sp),
+            e.add_request(PROMPTS[4], SamplingParams(max_new_tokens=10, temperature=0.7))]
+    assert run(e, rids)[rids[1]] == solo
+    other = list(alone(model, tok, PROMPTS[0], SamplingParams(
+        max_new_tokens=10, temperature=1.0, top_p=0.9, seed=8, ignore_eos=True)).values())[0]
+    assert other[0] != solo[0]
+
+
+def test_generate_and_stream_agree(model, tok):
+    sp = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (5, 9, 3)]
+    texts = generate(model, tok, PROMPTS[:3], sp, max_batch_size=2)
+    assert texts == ["".join(stream(model, tok, p, s)) for p, s in zip(PROMPTS[:3], sp)]
+    assert generate(model, tok, PROMPTS[0], sp[0]) == texts[:1]
+    with pytest.raises(ValueError, match="3 prompts but 2 SamplingParams"):
+        generate(model, tok, PROMPTS[:3], sp[:2])
