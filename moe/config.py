@@ -269,7 +269,7 @@ class MoEConfig:
             sliding = get("sliding_window")
         elif mt in ("qwen2_moe", "qwen3_moe"):
             sliding = get("sliding_window") if get("use_sliding_window", False) else None
-            used.add("max_window_layers")
+            used.update(("max_window_layers", "sliding_window", "use_sliding_window"))
         layer_types = get("layer_types") if sliding else None
         used.add("layer_types")
         dtype = d.get("dtype") or d.get("torch_dtype") or "float32"
