@@ -7,21 +7,25 @@ prefix), optionally with the next layers' gates applied to the current hidden st
 
 Model: a log-linear product of evidence sources. For a target layer m and expert e,
 
-    logit[m, e] = b[g] + w[g, pop] * log pop[m, e] + sum_s w[g, s] * (log P_s(e at m) - log pop[m, e])
+    score[m, e] = w[g, pop] * log pop[m, e] + sum_s w[g, s] * (log P_s(e at m) - log pop[m, e])
+    probs[m, :] = min(1, k * softmax_e(score[m, :]))      (the expected use of each expert)
 
 with sources s:
   - ``trans-c`` (c = 0..C-1): the known experts of layer j = layer - c, through the counted
     table P(e at m | e' at j), averaged in log space over the token's k experts at j (a
     product of the k conditionals, which singles out the path they share);
   - ``temporal``: the previous token's experts at layer m, through P(e at m | e' at m one token ago);
+  - ``repeat``: 1 if the previous token used e at layer m (an either/or that log-probabilities
+    cannot express: "repeat the previous token, or follow the other evidence");
   - ``token``: the token id (hashed into buckets) through P(e at m | token id);
   - ``gate``: softmax of layer m's router applied to the hidden state entering the last known
     layer (only when a ``GateLookahead`` and hidden states are given).
 Every table is counted from a trace and smoothed toward popularity; an absent source
-contributes 0 (no evidence). The weights w[g, s] and bias b[g] depend on the group g: the
-distance m - layer when layers are known, or the target layer m when nothing is known yet;
-they are fitted by L-BFGS on binary cross-entropy, on requests held out from the counting (so
-the weights learn how far each table can be trusted on new text). Training takes seconds on a
+contributes 0 (no evidence). The weights w[g, s] depend on the group g: the distance
+m - layer when layers are known, or the target layer m when nothing is known yet; they are
+fitted by Newton steps on a listwise loss (softmax over the layer's experts against the real
+set), on requests held out from the counting (so the weights learn how far each table can be
+trusted on new text). Training takes seconds on a
 CPU; a prediction is a few table gathers per layer (microseconds per token).
 
 Shape legend: N = tokens, L = MoE layers, l = known layers, K = top-k, E = experts,
@@ -120,66 +124,72 @@ class _Tables:
         return t
 
 
-def _newton_logistic(X_RSE: np.ndarray, Y_RE: np.ndarray, G_R: np.ndarray, theta_GP: np.ndarray,
-                     iters: int, ridge: float = 1.0) -> tuple[np.ndarray, float]:
-    """Logistic regression, one small weight vector per group, by damped Newton steps.
+def _newton_softmax(X_RSE: np.ndarray, Y_RE: np.ndarray, G_R: np.ndarray, theta_GS: np.ndarray,
+                    iters: int, ridge: float = 1.0) -> tuple[np.ndarray, float]:
+    """Listwise fit: softmax over a layer's experts against its real set, one weight vector per group.
 
-    Features of row r, expert e: (X[r, :, e], 1); weights theta[G[r]]. The ridge pulls toward
-    the starting point (the plain product of sources), which keeps rare groups sensible.
-    Each group has S+1 <= ~10 weights, so its Hessian is tiny and Newton converges in a few steps.
+    Row r (a token, a target layer) scores expert e as z = X[r, :, e] . theta[G[r]]; the loss is
+    -sum over the real experts of log softmax(z). This rewards ranking the real experts first,
+    which is what recall of the top-k set measures (a per-expert binary loss spends its weights
+    on calibration instead). Damped Newton steps; each group has S weights, so its Hessian is
+    tiny. The ridge pulls toward the start (the plain product of sources) for rare groups.
     """
     R, S, E = X_RSE.shape
-    P, n_groups = S + 1, theta_GP.shape[0]
+    n_groups = theta_GS.shape[0]
     order = np.argsort(G_R, kind="stable")
     bounds = np.searchsorted(G_R[order], np.arange(n_groups + 1))
-    # per group: its rows' features flattened over experts, [rows * E, P], for BLAS products
-    feats, ys = [], []
-    for g in range(n_groups):
-        rows = order[bounds[g]:bounds[g + 1]]
-        f = X_RSE[rows].transpose(0, 2, 1).reshape(-1, S).astype(np.float64)
-        feats.append(np.concatenate([f, np.ones((len(f), 1))], axis=1))
-        ys.append(Y_RE[rows].reshape(-1).astype(np.float64))
-    theta0 = theta_GP.copy()
+    feats = [X_RSE[order[bounds[g]:bounds[g + 1]]].transpose(0, 2, 1).astype(np.float64)  # [R_g, E, S]
+             for g in range(n_groups)]
+    ys = [Y_RE[order[bounds[g]:bounds[g + 1]]].astype(np.float64) for g in range(n_groups)]
+    theta0 = theta_GS.copy()
 
     def loss_of(th):
-        zs = [f @ t for f, t in zip(feats, th)]
-        nll = sum(float((np.logaddexp(0.0, z) - y * z).sum()) for z, y in zip(zs, ys))
-        return nll + 0.5 * ridge * float(((th - theta0) ** 2).sum()), zs
+        total, ps = 0.5 * ridge * float(((th - theta0) ** 2).sum()), []
+        for f, y, t in zip(feats, ys, th):
+            z = f @ t  # [R_g, E]
+            z = z - z.max(1, keepdims=True)
+            logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+            total -= float((y * logp).sum())
+            ps.append(np.exp(logp))
+        return total, ps
 
-    loss, zs = loss_of(theta_GP)
+    loss, ps = loss_of(theta_GS)
     for _ in range(iters):
-        step = np.zeros_like(theta_GP)
-        for g, (f, y, z) in enumerate(zip(feats, ys, zs)):
-            p = 1.0 / (1.0 + np.exp(-z))
-            grad = f.T @ (p - y) + ridge * (theta_GP[g] - theta0[g])
-            hess = (f * (p * (1.0 - p))[:, None]).T @ f + ridge * np.eye(P)
+        step = np.zeros_like(theta_GS)
+        for g, (f, y, p) in enumerate(zip(feats, ys, ps)):
+            if not len(f):
+                continue
+            n = y.sum(1)  # real experts per row
+            grad = np.einsum("res,re->s", f, n[:, None] * p - y) + ridge * (theta_GS[g] - theta0[g])
+            mu = np.einsum("res,re->rs", f, p)  # [R_g, S]
+            f2 = f.reshape(-1, S)
+            hess = (f2 * (n[:, None] * p).reshape(-1, 1)).T @ f2 - (mu * n[:, None]).T @ mu + ridge * np.eye(S)
             step[g] = np.linalg.solve(hess, grad)
         t = 1.0
         while t > 1e-3:  # backtracking keeps every step a descent step
-            new_loss, new_zs = loss_of(theta_GP - t * step)
+            new_loss, new_ps = loss_of(theta_GS - t * step)
             if new_loss <= loss:
                 break
             t *= 0.5
         else:
             break
         converged = loss - new_loss < 1e-6 * max(abs(loss), 1.0)
-        theta_GP, loss, zs = theta_GP - t * step, new_loss, new_zs
+        theta_GS, loss, ps = theta_GS - t * step, new_loss, new_ps
         if converged:
             break
-    return theta_GP, loss / max(Y_RE.size, 1)
+    return theta_GS, loss / max(len(Y_RE), 1)
 
 
 class PathPredictor(PathModel):
     name = "predictor"
 
-    def __init__(self, tables: _Tables, weights_GS: np.ndarray, bias_G: np.ndarray, top_k: int,
+    def __init__(self, tables: _Tables, weights_GS: np.ndarray, top_k: int,
                  config: PredictorConfig | None = None, lookahead: GateLookahead | None = None):
         self.tables = tables
         self.num_layers, self.num_experts = tables.log_pop.shape
         self.top_k = top_k
         self.config = config or PredictorConfig()
         self.weights_GS = np.asarray(weights_GS, dtype=np.float32)
-        self.bias_G = np.asarray(bias_G, dtype=np.float32)
         self.lookahead = lookahead
         C = self.config.context_layers
         self.source_names = ["pop"] + [f"trans-{c}" for c in range(C)] + ["temporal", "repeat", "token", "gate"]
@@ -236,8 +246,10 @@ class PathPredictor(PathModel):
         X = self._sources(prev, layer, known, tok, self._gate_logits(layer, features, known.shape[0]))
         g = self._groups(layer)[layer + 1:]
         probs = np.zeros((known.shape[0], self.num_layers, self.num_experts), dtype=np.float32)
-        logits = np.einsum("nmse,ms->nme", X, self.weights_GS[g]) + self.bias_G[g][None, :, None]
-        probs[:, layer + 1:] = 1.0 / (1.0 + np.exp(-logits))
+        z = np.einsum("nmse,ms->nme", X, self.weights_GS[g])
+        z = np.exp(z - z.max(-1, keepdims=True))
+        # k times the softmax: the expected use of each expert (sums to k, clipped at 1)
+        probs[:, layer + 1:] = self.top_k * z / z.sum(-1, keepdims=True)
         return finish(probs, layer, known)
 
     # --- training ---------------------------------------------------------------------------------
@@ -260,7 +272,7 @@ class PathPredictor(PathModel):
         fit_idx = np.setdiff1d(np.arange(T), count_idx)
         n_src = 1 + cfg.context_layers + 4
         w0 = np.ones((2 * L - 1, n_src), dtype=np.float32)
-        model = cls(_Tables(trace.select_tokens(count_idx), cfg), w0, np.zeros(2 * L - 1), K, cfg, lookahead)
+        model = cls(_Tables(trace.select_tokens(count_idx), cfg), w0, K, cfg, lookahead)
         model._fit_weights(trace, fit_idx, features, verbose)
         model.tables = _Tables(trace, cfg)  # final tables from every token
         return model
@@ -289,12 +301,10 @@ class PathPredictor(PathModel):
         X = np.concatenate(Xs)  # [R, S, E]
         Y = np.concatenate(Ys)  # [R, E]
         G = np.concatenate(Gs).astype(np.int64)  # [R]
-        theta = np.concatenate([self.weights_GS, self.bias_G[:, None]], axis=1).astype(np.float64)  # [G, S+1]
-        theta, loss = _newton_logistic(X, Y, G, theta, cfg.fit_iters)
+        theta, loss = _newton_softmax(X, Y, G, self.weights_GS.astype(np.float64), cfg.fit_iters)
         if verbose:
             print(f"fitted {theta.size} weights on {len(X)} (token, layer) rows: loss {loss:.4f}")
-        self.weights_GS = theta[:, :S].astype(np.float32)
-        self.bias_G = theta[:, S].astype(np.float32)
+        self.weights_GS = theta.astype(np.float32)
 
     # --- disk -------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -304,7 +314,7 @@ class PathPredictor(PathModel):
         header = {"format": _FORMAT, "version": _VERSION, "top_k": self.top_k, "config": asdict(self.config)}
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(path, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
-                            weights_GS=self.weights_GS, bias_G=self.bias_G, **self.tables.arrays())
+                            weights_GS=self.weights_GS, **self.tables.arrays())
         return path
 
     @classmethod
@@ -325,7 +335,7 @@ class PathPredictor(PathModel):
                 raise ValueError(f"{path} is not a moeflow PathPredictor v{_VERSION} file "
                                  f"(format {header.get('format')!r} v{header.get('version')})")
             arrays = {k: z[k] for k in z.files}
-        return cls(_Tables.from_arrays(arrays), arrays["weights_GS"], arrays["bias_G"], int(header["top_k"]),
+        return cls(_Tables.from_arrays(arrays), arrays["weights_GS"], int(header["top_k"]),
                    PredictorConfig(**header["config"]), lookahead)
 
 

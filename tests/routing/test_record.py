@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from routing import RoutingTrace, TraceRecorder, load_features, record_sequences, save_features
+from routing import RoutingTrace, TraceRecorder, hidden_matrix, load_features, record_sequences, save_features
 from routing.baselines import GateLookahead, PopularityBaseline
 from routing.predictor import evaluate
 
@@ -114,3 +114,26 @@ def test_real_tiny_model_records():
     assert t.expert_ids.shape == (n_moe, 10, cfg.num_experts_per_tok) and t.num_experts == cfg.num_experts
     np.testing.assert_array_equal(t.positions, [0, 1, 2, 3, 0, 1, 2, 3, 4, 4])
     assert rec.features()["hidden_0"].shape == (10, cfg.hidden_size)
+
+
+@torch.no_grad()
+def test_predictor_uses_the_gate_lookahead_source():
+    from routing import PathPredictor, PredictorConfig
+    # a large vocabulary so test tokens are new: routing then is not a lookup of the token id
+    model = StandinMoE(vocab=5000, mix=0.3, experts=16, layers=4)
+    rng = np.random.default_rng(1)
+    seqs = rng.integers(0, 5000, (40, 12)).tolist()
+    trace, feats = record_sequences(model, seqs, hidden_layers="all")
+    hidden = hidden_matrix(feats, 4)
+    train_idx = trace.request_ids < 30
+    train, test = trace.select_tokens(train_idx), trace.select_tokens(~train_idx)
+    la = GateLookahead.from_model(model, fallback=PopularityBaseline.fit(train))
+    cfg = PredictorConfig(token_buckets=0)
+    with_gate = PathPredictor.fit(train, cfg, features={"hidden_NLD": hidden[train_idx]}, lookahead=la)
+    without = PathPredictor.fit(train, cfg)
+    f_test = {"hidden_NLD": hidden[~train_idx]}
+    r_gate = evaluate(with_gate, test, f_test, distances=(1,))
+    r_plain = evaluate(without, test, f_test, distances=(1,))
+    r_la = evaluate(la, test, f_test, distances=(1,))
+    assert r_gate["1"]["mean_recall"] > r_plain["1"]["mean_recall"] + 0.1
+    assert r_gate["1"]["mean_recall"] >= r_la["1"]["mean_recall"] - 0.02

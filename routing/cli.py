@@ -1,0 +1,172 @@
+"""`moe predictor {train,eval,stats,synth}`: the routing-path predictor from the command line.
+
+    moe predictor train TRACE.npz --out P.npz [--features F.npz --model DIR]
+    moe predictor eval P.npz TEST.npz [--train TRAIN.npz] [--features F.npz --model DIR]
+    moe predictor stats TRACE.npz
+    moe predictor synth OUT.npz --layers 8 --experts 16 --top-k 2 --affinity 0.8 ...
+
+``--features`` is the companion file of a recorded trace (``routing.save_features``) holding the
+hidden state entering every MoE layer; with ``--model`` the predictor then also uses the next
+layers' gates applied to it (and ``eval`` adds the gate-lookahead baseline). The hub
+(moe/cli.py) imports this module lazily and calls ``register(subparsers)``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .baselines import GateLookahead, NearestTraceBaseline, PathModel, PopularityBaseline, PreviousPathBaseline
+from .predictor import PathPredictor, PredictorConfig, cost_per_token_us, evaluate
+from .record import hidden_matrix, load_features
+from .stats import format_summary, summarize
+from .synthetic import synthesize
+from .trace import RoutingTrace
+
+
+def format_table(rows: list[tuple[str, dict, float]], keys=("1", "2", "4", "all")) -> str:
+    """One line per method: mean recall (top-k) and recall/precision of the top-2k set per distance."""
+    head = f"{'method':<16}" + "".join(f"{'R@' + k:>8}{'R2k@' + k:>9}{'P2k@' + k:>9}" for k in keys) + f"{'us/tok':>9}"
+    lines = [head, "-" * len(head)]
+    for name, r, us in rows:
+        cells = "".join(f"{r[k]['mean_recall']:>8.3f}{r[k]['mean_recall_2k']:>9.3f}{r[k]['mean_precision_2k']:>9.3f}"
+                        if k in r else f"{'-':>8}{'-':>9}{'-':>9}" for k in keys)
+        lines.append(f"{name:<16}{cells}{us:>9.1f}")
+    return "\n".join(lines)
+
+
+def per_layer_table(name: str, r: dict, keys=("1", "2", "4", "all")) -> str:
+    L = len(next(iter(r.values()))["recall"])
+    head = f"{name} per target layer (recall of top-k; precision = recall when every token has k experts)"
+    lines = [head, f"{'ahead':<8}" + "".join(f"{m:>7}" for m in range(L))]
+    for k in keys:
+        if k in r:
+            lines.append(f"{k:<8}" + "".join(f"{v:>7.3f}" if np.isfinite(v) else f"{'-':>7}" for v in r[k]["recall"]))
+    return "\n".join(lines)
+
+
+def _lookahead(args, trace: RoutingTrace) -> tuple[GateLookahead | None, dict | None]:
+    """(GateLookahead, {"hidden_NLD"}) when --features and --model are given."""
+    feats = None
+    if getattr(args, "features", None):
+        f = load_features(args.features)
+        hidden = hidden_matrix(f, trace.num_layers)
+        if hidden is None:
+            raise ValueError(f"{args.features} lacks hidden_<l> for all {trace.num_layers} layers; record with "
+                             "hidden_layers='all'")
+        if hidden.shape[0] != trace.num_tokens:
+            raise ValueError(f"{args.features} has {hidden.shape[0]} tokens but the trace {trace.num_tokens}")
+        feats = {"hidden_NLD": hidden}
+    if getattr(args, "model", None):
+        if feats is None:
+            raise ValueError("--model needs --features (the hidden states the gates are applied to)")
+        from moe import load_model  # the model package; routing never imports offload/ or serve/
+        model = load_model(args.model)
+        return GateLookahead.from_model(model, fallback=PopularityBaseline.fit(trace)), feats
+    return None, feats
+
+
+def _train(args: argparse.Namespace) -> int:
+    trace = RoutingTrace.load(args.trace)
+    lookahead, feats = _lookahead(args, trace)
+    cfg = PredictorConfig(context_layers=args.context_layers, token_buckets=args.token_buckets,
+                          max_span=args.max_span, seed=args.seed)
+    t0 = time.perf_counter()
+    p = PathPredictor.fit(trace, cfg, features=feats, lookahead=lookahead, verbose=True)
+    print(f"trained on {trace!r} in {time.perf_counter() - t0:.1f} s")
+    print(f"written to {p.save(args.out)}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    trace = RoutingTrace.load(args.trace)
+    lookahead, feats = _lookahead(args, trace)
+    models: list[PathModel] = [PathPredictor.load(args.predictor, lookahead=lookahead)]
+    if args.train:
+        train = RoutingTrace.load(args.train)
+        models += [PopularityBaseline.fit(train), PreviousPathBaseline.fit(train), NearestTraceBaseline.fit(train)]
+    if lookahead is not None:
+        models.append(lookahead)
+    rows = []
+    for m in models:
+        r = evaluate(m, trace, feats, max_tokens=args.max_tokens)
+        rows.append((m.name, r, cost_per_token_us(m, trace, features=feats)))
+    print(per_layer_table(rows[0][0], rows[0][1]))
+    print(format_table(rows))
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    print(format_summary(summarize(RoutingTrace.load(args.trace))))
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    t = synthesize(args.layers, args.experts, args.top_k, args.requests, args.tokens, args.skew, args.locality,
+                   args.affinity, args.seed, args.planted, args.noise)
+    print(f"{t!r} written to {t.save(args.out)}")
+    return 0
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("predictor", help="train / evaluate the routing-path predictor",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="predictor_command", required=True)
+
+    t = sub.add_parser("train", help="fit a PathPredictor to a routing trace")
+    t.add_argument("trace", type=Path, help="routing trace .npz (RoutingTrace.save)")
+    t.add_argument("--out", type=Path, required=True, help="where to write the predictor (.npz)")
+    t.add_argument("--features", type=Path, default=None, help="companion features .npz (hidden states)")
+    t.add_argument("--model", type=Path, default=None, help="model directory, for the gate-lookahead source")
+    t.add_argument("--context-layers", type=int, default=3, help="recent known layers used as evidence")
+    t.add_argument("--token-buckets", type=int, default=4096, help="hashed token-id table rows (0: off)")
+    t.add_argument("--max-span", type=int, default=16, help="longest layer distance with a transition table")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="recall/precision at 1/2/4/all layers ahead on a trace")
+    e.add_argument("predictor", type=Path, help="predictor .npz from `moe predictor train`")
+    e.add_argument("trace", type=Path, help="held-out routing trace .npz")
+    e.add_argument("--train", type=Path, default=None, help="training trace: also fit and show the baselines")
+    e.add_argument("--features", type=Path, default=None)
+    e.add_argument("--model", type=Path, default=None)
+    e.add_argument("--max-tokens", type=int, default=2000, help="tokens sampled for the evaluation")
+    e.set_defaults(func=_eval)
+
+    s = sub.add_parser("stats", help="popularity entropy, inter-layer affinity, reuse distance of a trace")
+    s.add_argument("trace", type=Path)
+    s.set_defaults(func=_stats)
+
+    y = sub.add_parser("synth", help="write a synthetic routing trace")
+    y.add_argument("out", type=Path)
+    y.add_argument("--layers", type=int, default=8)
+    y.add_argument("--experts", type=int, default=16)
+    y.add_argument("--top-k", type=int, default=2)
+    y.add_argument("--requests", type=int, default=16)
+    y.add_argument("--tokens", type=int, default=64, help="tokens per request")
+    y.add_argument("--skew", type=float, default=1.0, help="Zipf exponent of expert popularity")
+    y.add_argument("--locality", type=float, default=0.0, help="P(reuse the previous token's experts)")
+    y.add_argument("--affinity", type=float, default=0.0, help="P(follow the inter-layer successor)")
+    y.add_argument("--planted", type=int, default=0, help="number of planted paths (0: off)")
+    y.add_argument("--noise", type=float, default=0.0, help="planted-path noise")
+    y.add_argument("--seed", type=int, default=0)
+    y.set_defaults(func=_synth)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moe")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+import numpy as np
+
+from routing import PathPredictor, RoutingTrace, record_sequences, save_features
+from routing.cli import main
+
+from ._standin import StandinMoE
+
+
+def test_synth_train_eval_stats(tmp_path, capsys):
+    train, test = tmp_path / "train.npz", tmp_path / "test.npz"
+    common = ["--layers", "4", "--experts", "8", "--requests", "8", "--tokens", "32", "--planted", "4"]
+    assert main(["predictor", "synth", str(train), *common, "--seed", "1"]) == 0
+    assert main(["predictor", "synth", str(test), *common, "--seed", "1", "--requests", "4"]) == 0
+    assert main(["predictor", "train", str(train), "--out", str(tmp_path / "p.npz")]) == 0
+    p = PathPredictor.load(tmp_path / "p.npz")
+    assert p.num_layers == 4 and p.num_experts == 8
+    capsys.readouterr()
+    assert main(["predictor", "eval", str(tmp_path / "p.npz"), str(test), "--train", str(train)]) == 0
+    out = capsys.readouterr().out
+    for name in ("predictor", "popularity", "previous-path", "nearest-trace", "R@1", "R@all"):
+        assert name in out
+    assert main(["predictor", "stats", str(train)]) == 0
+    assert "reuse distance" in capsys.readouterr().out
+
+
+def test_train_with_hidden_features_needs_the_model(tmp_path, capsys):
+    model = StandinMoE(mix=0.0)
+    seqs = np.random.default_rng(0).integers(0, 50, (6, 8)).tolist()
+    trace, feats = record_sequences(model, seqs, hidden_layers=[0, 1])
+    trace.save(tmp_path / "t.npz")
+    save_features(tmp_path / "f.npz", feats)
+    # hidden states of only two of four layers: a clear error, not a crash
+    assert main(["predictor", "train", str(tmp_path / "t.npz"), "--out", str(tmp_path / "p.npz"),
+                 "--features", str(tmp_path / "f.npz")]) == 2
+    assert "hidden_<l>" in capsys.readouterr().err
+    assert main(["predictor", "train", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "p.npz")]) == 2
+    assert isinstance(RoutingTrace.load(tmp_path / "t.npz"), RoutingTrace)
