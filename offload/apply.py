@@ -63,10 +63,11 @@ class OffloadedExperts(nn.Module):
 
     def _prefetch_next(self, x_TD: torch.Tensor, ids_np: np.ndarray) -> None:
         nxt = self.layer + 1
+        if self.lookahead is not None:
+            self.lookahead.observe(self.layer, ids_np)
         if nxt >= self.cache.num_layers:
             return
         if self.lookahead is not None:
-            self.lookahead.observe(self.layer, ids_np)
             if self.predictor_prefetch:
                 self.cache.prefetch(nxt, self.lookahead.top(nxt, min(self.cache.slots, self.prefetch_k * len(ids_np))))
         router = self._next_router[0]
@@ -109,7 +110,7 @@ class OffloadedExperts(nn.Module):
         if len(rounds) == 1 and hits and to_copy and len(gpu) <= S:
             rounds = [hits, to_copy]
         prefetched = False
-        for chunk in rounds:
+        for r, chunk in enumerate(rounds):
             slots = cache.ensure(layer, chunk)
             if not prefetched:  # queue next layer's prefetch behind this layer's demand copies
                 self._prefetch_next(x_TD, ids_np)
@@ -118,7 +119,7 @@ class OffloadedExperts(nn.Module):
             lut_E[torch.tensor(chunk, device=lut_E.device)] = torch.tensor(slots, device=lut_E.device)
             ids_TK = torch.where(topk_ids_TK >= 0, lut_E[topk_ids_TK.clamp(min=0)], -1)
             y_TD = y_TD + fn(x_TD, pool13, pool2, ids_TK, topk_weights_TK)
-            cache.release(layer, slots)
+            cache.release(layer, slots, last=r == len(rounds) - 1)
         if not prefetched:
             self._prefetch_next(x_TD, ids_np)
         if to_cpu:

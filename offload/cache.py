@@ -46,6 +46,7 @@ class ExpertCache:
         self._unused_prefetch: list[set[int]] = [set() for _ in range(L)]
         self.step = [-1] * L
         self.clock = 0
+        self._request: list[set[int]] = [set() for _ in range(L)]  # experts of the ensure call in progress
         policy.bind(L, self.num_experts)
         self.reset_stats()
 
@@ -94,6 +95,7 @@ class ExpertCache:
                              "ask in rounds of at most `cache.slots` experts")
         locked = self._locked[layer]
         locked.update(experts)
+        self._request[layer] = set(experts)
         slots = []
         for e in experts:
             s = self.slot_of[layer].get(e)
@@ -104,7 +106,7 @@ class ExpertCache:
                     self.counters["useful_prefetches"] += 1
             else:
                 self.counters["misses"] += 1
-                s = self._load(layer, e, avoid=locked)
+                s = self._load(layer, e, avoid=self._request[layer])
             self.clock += 1
             self.policy.touch(layer, e, self.clock)
             slots.append(s)
@@ -116,15 +118,21 @@ class ExpertCache:
                     cur.wait_event(ev)  # orders the GPU only; the host goes on
         return slots
 
-    def release(self, layer: int, slots: list[int]) -> None:
-        """Mark the end of the compute stream's use of these slots (call after launching the kernel)."""
+    def release(self, layer: int, slots: list[int], last: bool = True) -> None:
+        """Mark the end of the compute stream's use of these slots (call after launching the kernel).
+
+        Within one step the experts of earlier rounds stay locked (`last=False`) so that a later
+        round prefers other victims; `last=True` ends the step's locks.
+        """
         if self.cuda:
             cur = torch.cuda.current_stream(self.device)
             for s in slots:
                 ev = torch.cuda.Event()
                 ev.record(cur)
                 self._free[layer][s] = ev
-        self._locked[layer].clear()
+        self._request[layer] = set()
+        if last:
+            self._locked[layer].clear()
 
     def prefetch(self, layer: int, experts: list[int]) -> int:
         """Start copying the experts not yet resident; returns how many copies were issued."""
@@ -148,6 +156,8 @@ class ExpertCache:
             if e < 0:
                 return s
         candidates = [e for e in ex if e not in self._locked[layer] and e not in avoid]
+        if not candidates:  # a step needing more experts than slots: reuse those of its earlier rounds
+            candidates = [e for e in ex if e not in self._request[layer] and e not in avoid]
         if not candidates:
             return None
         return self.slot_of[layer][self.policy.victim(layer, candidates, self.step[layer])]

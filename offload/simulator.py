@@ -119,7 +119,7 @@ def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per
                     if e not in resident_before:
                         queue_copy(layer, e, t)
                     gpu_ready = max(gpu_ready, ready.get((layer, e), 0.0))
-                cache.release(layer, [])
+                cache.release(layer, [], last=i + S >= len(gpu))
             assert cache.counters["copies"] - before == len(gpu) - len(hits)
             if to_cpu:
                 cache.count_cpu(layer, to_cpu)
@@ -174,7 +174,7 @@ def oracle_bound(trace, capacity_per_layer: int, *, cost: CostModel, expert_byte
                     if not cache.is_resident(layer, e):
                         per_miss.append((cost.cpu_s(n_of[e]), n_cells))
                 cache.ensure(layer, chunk)
-                cache.release(layer, [])
+                cache.release(layer, [], last=i + S >= len(gpu))
             n_cells += 1
     c = cost.copy_s(expert_bytes)
     compute_total = n_cells * layer_compute_s

@@ -1,0 +1,114 @@
+"""Budgets and their errors, settings validation, the host store and the disk tier."""
+import pytest
+import torch
+
+from offload import DiskExpertStore, HostExpertStore, OffloadConfig, apply_offload, parse_bytes, plan_slots
+
+from .helpers import greedy, tiny_model, twin
+
+MiB, GiB = 2 ** 20, 2 ** 30
+
+
+def test_parse_bytes():
+    assert parse_bytes("24GiB") == 24 * GiB
+    assert parse_bytes("500MB") == 500 * 10 ** 6
+    assert parse_bytes(1234) == 1234
+    with pytest.raises(ValueError, match="24GiB"):
+        parse_bytes("lots")
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(), "gpu_memory"),
+    (dict(gpu_memory=1.5), "fraction"),
+    (dict(gpu_memory="24 bananas"), "byte size"),
+    (dict(slots_per_layer=0), "slots_per_layer"),
+    (dict(slots_per_layer=2, policy="fifo"), "fifo"),
+    (dict(slots_per_layer=2, prefetch="magic"), "magic"),
+    (dict(slots_per_layer=2, policy="predictor"), "predict_batch"),
+    (dict(slots_per_layer=2, policy="belady"), "trace"),
+    (dict(slots_per_layer=2, store="disk"), "checkpoint"),
+])
+def test_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        OffloadConfig(**kw)
+
+
+def test_fraction_string_is_a_fraction():
+    assert OffloadConfig(gpu_memory="0.25").gpu_memory == 0.25
+
+
+def test_plan_slots_takes_dense_and_kv_first():
+    kw = dict(device=torch.device("cpu"), dense_bytes=2 * GiB, expert_bytes=100 * MiB, num_layers=10,
+              num_experts=64, top_k=4)
+    cfg = OffloadConfig(gpu_memory="10GiB", kv_cache_bytes="1GiB", reserve_bytes=0)
+    assert plan_slots(cfg, **kw) == (7 * GiB) // (10 * 100 * MiB)
+    assert plan_slots(OffloadConfig(gpu_memory="1000GiB"), **kw) == 64  # never more slots than experts
+
+
+def test_budget_too_small_names_the_numbers():
+    kw = dict(device=torch.device("cpu"), dense_bytes=2 * GiB, expert_bytes=100 * MiB, num_layers=10,
+              num_experts=64, top_k=4)
+    with pytest.raises(ValueError, match=r"cannot hold one layer's 4 active experts.*dense weights 2\.00 GiB"):
+        plan_slots(OffloadConfig(gpu_memory="2GiB", reserve_bytes=0), **kw)
+    with pytest.raises(ValueError, match="less than one"):  # room for top-k, not for a slot in each layer
+        plan_slots(OffloadConfig(gpu_memory=2 * GiB + 500 * MiB, reserve_bytes=0), **kw)
+
+
+def test_apply_offload_with_a_byte_budget():
+    model = tiny_model("mixtral")
+    blocks = model.moe_blocks()
+    ex = blocks[0].experts
+    eb = (ex.w13[0].numel() + ex.w2[0].numel()) * ex.w13.element_size()
+    dense = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." not in n)
+    dense += sum(b.numel() * b.element_size() for b in model.buffers())
+    budget = dense + 3 * eb * len(blocks) + eb // 2
+    m = apply_offload(twin(model), OffloadConfig(gpu_memory=budget, reserve_bytes=0, device="cpu", calibrate=False))
+    assert m.offload_cache.slots == 3
+    with pytest.raises(ValueError, match="cannot hold"):
+        apply_offload(twin(model), OffloadConfig(gpu_memory=dense + eb, reserve_bytes=0, device="cpu"))
+
+
+def test_host_store_moves_layer_by_layer():
+    model = twin(tiny_model("mixtral"))
+    blocks = model.moe_blocks()
+    want = [(b.experts.w13.detach().clone(), b.experts.w2.detach().clone()) for b in blocks]
+    released = []
+
+    def release(i):
+        # the store already holds layer i when it is released; later layers are untouched
+        assert all(blocks[j].experts is not None for j in range(i, len(blocks)))
+        blocks[i].experts = None
+        released.append(i)
+    store = HostExpertStore.from_blocks(blocks, release=release, pin=False)
+    assert released == list(range(len(blocks)))
+    for i, (w13, w2) in enumerate(want):
+        for e in range(w13.shape[0]):
+            a, b = store.get(i, e)
+            assert torch.equal(a, w13[e]) and torch.equal(b, w2[e])
+    assert store.expert_bytes == (want[0][0][0].numel() + want[0][1][0].numel()) * 4
+
+
+@pytest.mark.parametrize("layout,shard", [("fused", None), ("per_expert", 20_000)])
+def test_disk_store_reads_checkpoint_experts(tmp_path, layout, shard):
+    save_pretrained = pytest.importorskip("moe").save_pretrained
+    model = tiny_model("mixtral")
+    save_pretrained(model, tmp_path, layout=layout, max_shard_bytes=shard)
+    blocks = model.moe_blocks()
+    store = DiskExpertStore(tmp_path, [b.layer_idx for b in blocks])
+    assert store.fused == (layout == "fused")
+    for i, b in enumerate(blocks):
+        for e in range(store.num_experts):
+            a, c = store.get(i, e)
+            assert torch.equal(a, b.experts.w13[e].detach()) and torch.equal(c, b.experts.w2[e].detach())
+    m = apply_offload(twin(model), OffloadConfig(slots_per_layer=2, device="cpu", calibrate=False, store="disk",
+                                                 checkpoint=str(tmp_path), cpu_fallback=True,
+                                                 copy_gbps=1e-3, cpu_gflops=1e-3))
+    t0, l0 = greedy(model, [4, 8, 15], 3)
+    t1, l1 = greedy(m, [4, 8, 15], 3)
+    torch.testing.assert_close(l1, l0, atol=1e-6, rtol=0)
+    assert t1 == t0
+
+
+def test_disk_store_rejects_a_directory_without_weights(tmp_path):
+    with pytest.raises(ValueError, match="safetensors"):
+        DiskExpertStore(tmp_path, [0])

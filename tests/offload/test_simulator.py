@@ -1,0 +1,168 @@
+"""Cache simulator: brute-force counts, Belady optimality, agreement with the live cache, time model."""
+import itertools
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+
+from offload import CostModel, OffloadConfig, TransitionPredictor, apply_offload, oracle_bound, route_by_trace, simulate
+from routing import RoutingTrace
+from routing.synthetic import synthesize
+
+from .helpers import tiny_model, twin
+
+
+def _trace(L=3, E=8, K=2, T=60, seed=0, **kw):
+    kw.setdefault("popularity_skew", 1.0)
+    kw.setdefault("temporal_locality", 0.4)
+    kw.setdefault("affinity", 0.5)
+    return synthesize(num_layers=L, num_experts=E, top_k=K, num_requests=1, tokens_per_request=T, seed=seed, **kw)
+
+
+def _brute_lru(trace, C):
+    hits = misses = evictions = 0
+    for layer in range(trace.num_layers):
+        cache = OrderedDict()
+        for t in range(trace.num_tokens):
+            need = sorted({int(e) for e in trace.expert_ids[layer, t] if e >= 0})
+            order = [e for e in need if e in cache] + [e for e in need if e not in cache]
+            for e in order:
+                if e in cache:
+                    hits += 1
+                    cache.move_to_end(e)
+                    continue
+                misses += 1
+                if len(cache) >= C:
+                    victim = next(v for v in cache if v not in need)
+                    del cache[victim]
+                    evictions += 1
+                cache[e] = True
+    return hits, misses, evictions
+
+
+@pytest.mark.parametrize("C", [2, 3, 5])
+def test_lru_matches_brute_force(C):
+    tr = _trace(seed=C)
+    st = simulate(tr, "lru", C)
+    assert (st["hits"], st["misses"], st["evictions"]) == _brute_lru(tr, C)
+    assert st["copies"] == st["misses"] and st["bytes_copied"] == st["copies"]
+
+
+def _opt_misses(seq, C):
+    """Fewest misses over every eviction choice (exhaustive search) for one layer, one expert per step."""
+    best = [len(seq)]
+
+    def go(i, cache, m):
+        if m >= best[0]:
+            return
+        if i == len(seq):
+            best[0] = m
+            return
+        e = seq[i]
+        if e in cache:
+            go(i + 1, cache, m)
+        elif len(cache) < C:
+            go(i + 1, cache | {e}, m + 1)
+        else:
+            for v in cache:
+                go(i + 1, (cache - {v}) | {e}, m + 1)
+    go(0, frozenset(), 0)
+    return best[0]
+
+
+def test_belady_is_optimal_on_a_tiny_trace():
+    rng = np.random.default_rng(3)
+    seq = rng.integers(0, 5, size=14)
+    tr = RoutingTrace(seq.reshape(1, -1, 1), num_experts=5)
+    assert simulate(tr, "belady", 2)["misses"] == _opt_misses(list(seq), 2)
+
+
+@pytest.mark.parametrize("C", [2, 4, 6])
+def test_belady_beats_lru_and_lfu(C):
+    tr = _trace(T=120, seed=10 + C)
+    bel = simulate(tr, "belady", C)["hit_ratio"]
+    assert bel >= simulate(tr, "lru", C)["hit_ratio"]
+    assert bel >= simulate(tr, "lfu", C)["hit_ratio"]
+    assert oracle_bound(tr, C, cost=CostModel(1e9, 0.0, 1e-3), expert_bytes=10**6)["hit_ratio"] == pytest.approx(bel)
+
+
+def test_simulator_equals_live_cache():
+    """Token-by-token decode under trace routing: the live cache's counters equal the simulator's."""
+    model = tiny_model("mixtral")
+    L = len(model.moe_blocks())
+    tr = _trace(L=L, T=16, seed=5)
+    pred = TransitionPredictor.fit(_trace(L=L, T=200, seed=6))
+    for policy, prefetch in (("lru", "none"), ("lfu", "none"), ("predictor", "predictor")):
+        m = apply_offload(twin(model), OffloadConfig(slots_per_layer=3, device="cpu", calibrate=False, policy=policy,
+                                                     prefetch=prefetch, predictor=pred))
+        cache = m.offload_cache
+        with route_by_trace(m, tr), torch.no_grad():
+            kv = m.new_cache(1, 32) if hasattr(m, "new_cache") else None
+            for t in range(tr.num_tokens):
+                m(torch.tensor([[t % 50 + 3]]), cache=kv)
+        live = cache.stats()
+        sim = simulate(tr, policy, 3, prefetch=prefetch, predictor=pred, expert_bytes=cache.store.expert_bytes)
+        for k in ("hits", "misses", "evictions", "bytes_copied", "prefetches", "useful_prefetches"):
+            assert live[k] == sim[k], (policy, k, live[k], sim[k])
+
+
+def test_stats_are_consistent():
+    model = tiny_model("mixtral")
+    L = len(model.moe_blocks())
+    tr = _trace(L=L, T=12, seed=7)
+    m = apply_offload(twin(model), OffloadConfig(slots_per_layer=2, device="cpu", calibrate=False, cpu_fallback=True,
+                                                 prefetch="next_layer_gate", copy_gbps=1e-3, cpu_gflops=1e-3))
+    with route_by_trace(m, tr), torch.no_grad():
+        m(torch.arange(3, 15)[None])
+    st = m.offload_cache.stats()
+    unique = sum(len(np.unique(tr.expert_ids[layer, :12])) for layer in range(L))  # one step: each expert once
+    assert st["hits"] + st["misses"] == unique
+    assert st["copies"] == st["misses"] - st["cpu_computed"] + st["prefetches"]
+    assert st["bytes_copied"] == st["copies"] * m.offload_cache.store.expert_bytes
+    occupied = sum(len(m.offload_cache.resident(layer)) for layer in range(L))
+    assert st["evictions"] == st["copies"] - occupied
+
+
+def test_time_model_and_oracle_bound():
+    tr = _trace(T=80, seed=2)
+    cost = CostModel(copy_bytes_per_s=1e9, cpu_base_s=0.5e-3, cpu_per_token_s=0.1e-3)
+    kw = dict(cost=cost, expert_bytes=10**6, layer_compute_s=0.2e-3)
+    lru = simulate(tr, "lru", 3, **kw)
+    fid = simulate(tr, "lru", 3, cpu_fallback=True, **kw)
+    orc = simulate(tr, "belady", 3, prefetch="oracle", cpu_fallback=True, **kw)
+    bound = oracle_bound(tr, 3, **kw)
+    # no-cache lower limit of LRU time: its copies alone
+    assert lru["time_s"] >= lru["copies"] * cost.copy_s(10**6) - 1e-12
+    assert fid["time_s"] < lru["time_s"]  # the CPU takes misses off the copy engine
+    assert bound["time_s"] <= min(lru["time_s"], fid["time_s"], orc["time_s"]) + 1e-12
+    assert bound["time_s"] >= tr.num_layers * (tr.num_tokens) * 0.2e-3 - 1e-12
+    assert orc["useful_prefetches"] > 0
+
+
+def test_simulate_rejects_bad_arguments():
+    tr = _trace(T=5)
+    with pytest.raises(ValueError, match="capacity_per_layer"):
+        simulate(tr, "lru", 0)
+    with pytest.raises(ValueError, match="predictor"):
+        simulate(tr, "predictor", 2)
+    with pytest.raises(ValueError, match="prefetch"):
+        simulate(tr, "lru", 2, prefetch="magic")
+    with pytest.raises(ValueError, match="cost"):
+        simulate(tr, "lru", 2, cpu_fallback=True)
+
+
+def test_cost_split_is_optimal():
+    cost = CostModel(copy_bytes_per_s=1e6, cpu_base_s=0.3e-3, cpu_per_token_s=0.4e-3, copy_latency_s=0.0)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        misses = [(e, int(n)) for e, n in enumerate(rng.integers(1, 6, size=rng.integers(1, 7)))]
+        backlog = float(rng.random() * 1e-3)
+        to_copy, to_cpu, t = cost.split(misses, expert_bytes=1000, copy_backlog_s=backlog)
+        assert sorted(to_copy + to_cpu) == [e for e, _ in misses]
+        n = dict(misses)
+        assert t == pytest.approx(max(sum(cost.cpu_s(n[e]) for e in to_cpu),
+                                      backlog + cost.copy_s(1000) * len(to_copy)))
+        best = min(max(sum(cost.cpu_s(n[e]) for e in sub), backlog + cost.copy_s(1000) * (len(misses) - len(sub)))
+                   for r in range(len(misses) + 1) for sub in itertools.combinations(n, r))
+        assert t == pytest.approx(best)
