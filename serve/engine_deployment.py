@@ -355,6 +355,10 @@ class ModelReplica:
         except ValueError as e:  # SamplingParams refused a value the API layer let through
             yield {"type": "error", "status": 400, **ApiError(400, str(e)).to_dict()}
             return
+        except EngineFailedError as e:  # until Serve's health check replaces this replica
+            yield {"type": "error", "status": 503, **ApiError(503, f"{e}; the replica is being replaced, retry",
+                                                              "server_error", code="replica_failed").to_dict()}
+            return
         yield {"type": "start", "prompt_tokens": n_prompt}
         try:
             async for out in self.loop.stream(slot):

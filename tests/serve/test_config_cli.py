@@ -1,0 +1,58 @@
+"""serve/config.yaml is a valid `serve run` config; the builder and `moe serve` parse their settings."""
+import argparse
+import importlib
+
+import pytest
+import yaml
+
+from serve.app import ServeConfig, build_app, parse_bytes
+from serve.cli import config_from_args, register
+
+
+def test_config_yaml_is_a_serve_run_config_whose_builder_accepts_its_args():
+    from ray.serve.schema import ServeDeploySchema
+
+    with open("serve/config.yaml") as f:
+        raw = yaml.safe_load(f)
+    schema = ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(raw)
+    app = schema.applications[0]
+    assert schema.http_options.host == "127.0.0.1"
+    module, _, name = app.import_path.partition(":")
+    builder = getattr(importlib.import_module(module), name)
+    assert builder is build_app
+    cfg = ServeConfig.from_args(app.args)
+    assert cfg.model is None and cfg.model_name() == "moeflow-default" and cfg.api_key is None
+    from ray.serve import Application
+    assert isinstance(builder(dict(app.args, device="cpu")), Application)
+
+
+def test_serve_config_checks_and_converts():
+    cfg = ServeConfig.from_args({"model": "tiny", "port": "9001", "max_tokens": "64", "replica_cpus": "0.5"})
+    assert (cfg.port, cfg.limits.max_tokens, cfg.replica_cpus, cfg.model_name()) == (9001, 64, 0.5, "moeflow-tiny")
+    assert cfg.replica_spec("cpu")["torch_threads"] == 1
+    with pytest.raises(ValueError, match="unknown application args.*'modle'"):
+        ServeConfig.from_args({"modle": "x"})
+    with pytest.raises(ValueError, match="port"):
+        ServeConfig(port=70000)
+    with pytest.raises(ValueError, match="device"):
+        ServeConfig(device="tpu")
+    with pytest.raises(ValueError, match="gpu_memory"):
+        ServeConfig(gpu_memory="lots")
+    assert ServeConfig(model="/ckpts/mixtral-8x7b/").model_name() == "mixtral-8x7b"
+    assert parse_bytes("24GiB") == 24 << 30 and parse_bytes("512M") == 512 << 20 and parse_bytes(1000) == 1000
+    assert ServeConfig(gpu_memory="2GiB").replica_spec("cuda")["gpu_memory_bytes"] == 2 << 30
+
+
+def test_moe_serve_command_line():
+    parser = argparse.ArgumentParser(prog="moe")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve"])
+    cfg = config_from_args(args)
+    assert (cfg.host, cfg.port, cfg.model, cfg.gpu_memory) == ("127.0.0.1", 8000, None, None)
+    args = parser.parse_args(["serve", "tiny", "--host", "0.0.0.0", "--port", "9000", "--api-key", "k",
+                              "--gpu-memory", "8GiB", "--max-concurrency", "4", "--max-tokens", "32"])
+    cfg = config_from_args(args)
+    assert (cfg.model, cfg.host, cfg.port, cfg.api_key, cfg.gpu_memory) == ("tiny", "0.0.0.0", 9000, "k", "8GiB")
+    assert (cfg.limits.max_concurrency, cfg.limits.max_tokens) == (4, 32)
+    assert callable(args.func)

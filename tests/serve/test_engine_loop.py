@@ -1,0 +1,176 @@
+"""The replica's continuous-batching loop and request handling, in-process on the tiny model (no Ray)."""
+import asyncio
+
+import pytest
+import torch
+
+from serve.api import ServeLimits, parse_chat, parse_completion
+from serve.engine_deployment import (EngineFailedError, EngineLoop, LoadedEngine, ModelReplica, QueueFullError,
+                                     moe_api)
+
+Engine, Tokenizer, SamplingParams = moe_api()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    import moe
+    from moe.tiny import ensure_tiny_model
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 intra-op threads crawl on a loaded 2-core machine
+    path = str(ensure_tiny_model())
+    try:
+        yield moe.load_model(path), Tokenizer.from_dir(path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _alone(tiny, prompt, n):
+    from moe.generate import generate
+    return generate(*tiny, [prompt], SamplingParams(max_new_tokens=n, ignore_eos=True))[0]
+
+
+async def _drain(loop, slot):
+    return [o async for o in loop.stream(slot)]
+
+
+def test_a_request_joins_a_running_batch_and_both_match_running_alone(tiny):
+    model, tok = tiny
+    p = lambda n: SamplingParams(max_new_tokens=n, ignore_eos=True)  # noqa: E731
+
+    async def main():
+        loop = EngineLoop(Engine(model, tok, max_batch_size=4, max_len=128), max_batch_size=4, max_waiting=4)
+        a = loop.submit("def first(x):", p(20))
+        outs_a = []
+        agen = loop.stream(a)
+        for _ in range(5):
+            outs_a.append(await agen.__anext__())
+        b = loop.submit("class Second:", p(6))
+        outs_b = await _drain(loop, b)
+        assert not a.finished  # b joined and left while a kept running
+        outs_a += [o async for o in agen]
+        loop.shutdown()
+        return outs_a, outs_b
+
+    outs_a, outs_b = asyncio.run(main())
+    assert "".join(o.new_text for o in outs_a) == _alone(tiny, "def first(x):", 20)
+    assert "".join(o.new_text for o in outs_b) == _alone(tiny, "class Second:", 6)
+    assert [o.finished for o in outs_b] == [False] * 5 + [True]
+
+
+def test_more_requests_than_rows_all_complete(tiny):
+    model, tok = tiny
+    prompts = [f"x{i} = {i}" for i in range(5)]
+
+    async def main():
+        loop = EngineLoop(Engine(model, tok, max_batch_size=2, max_len=64), max_batch_size=2, max_waiting=3)
+        slots = [loop.submit(pr, SamplingParams(max_new_tokens=4, ignore_eos=True)) for pr in prompts]
+        with pytest.raises(QueueFullError, match="queue"):
+            loop.submit("one too many", SamplingParams(max_new_tokens=1))
+        res = await asyncio.gather(*(_drain(loop, s) for s in slots))
+        assert loop.counts() == (0, 0)
+        loop.submit("room again", SamplingParams(max_new_tokens=1))  # capacity is released on finish
+        loop.shutdown()
+        return res
+
+    res = asyncio.run(main())
+    assert ["".join(o.new_text for o in r) for r in res] == [_alone(tiny, pr, 4) for pr in prompts]
+
+
+def test_leaving_the_stream_aborts_the_request_in_the_engine(tiny):
+    model, tok = tiny
+
+    async def main():
+        engine = Engine(model, tok, max_batch_size=2, max_len=256)
+        loop = EngineLoop(engine, max_batch_size=2, max_waiting=0)
+        slot = loop.submit("while True:", SamplingParams(max_new_tokens=200, ignore_eos=True))
+        agen = loop.stream(slot)
+        await agen.__anext__()
+        await agen.aclose()  # what a client disconnect does to the replica's generator
+        for _ in range(200):
+            if not engine.has_unfinished():
+                break
+            await asyncio.sleep(0.01)
+        steps = loop.steps
+        loop.shutdown()
+        return engine.has_unfinished(), steps, loop.counts()
+
+    unfinished, steps, counts = asyncio.run(main())
+    assert not unfinished and steps < 200 and counts == (0, 0)
+
+
+class _BreaksOnStep:
+    """An engine whose third step raises, as a GPU fault would."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def step(self):
+        self.calls += 1
+        if self.calls == 3:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return self.engine.step()
+
+
+def breaking_factory(spec):
+    import moe
+    from moe.tiny import ensure_tiny_model
+    path = str(ensure_tiny_model())
+    tok = Tokenizer.from_dir(path)
+    return LoadedEngine(_BreaksOnStep(Engine(moe.load_model(path), tok, max_batch_size=2, max_len=64)), tok,
+                        max_len=64)
+
+
+def test_engine_failure_fails_requests_cleanly_and_marks_the_replica_unhealthy(tiny):
+    lim = ServeLimits(max_waiting=2)
+
+    async def main():
+        rep = ModelReplica({"engine_factory": "tests.serve.test_engine_loop:breaking_factory",
+                            "max_batch_size": 2, "limits": lim.to_dict()})
+        rep.check_health()
+        req = parse_completion({"prompt": "abc", "max_tokens": 20, "ignore_eos": True}, ["m"], lim).to_dict()
+        events = [e async for e in rep.generate(req)]
+        with pytest.raises(EngineFailedError, match="illegal memory access"):
+            rep.check_health()
+        after = [e async for e in rep.generate(req)]
+        rep.loop.shutdown()
+        return events, after
+
+    events, after = asyncio.run(main())
+    assert events[0]["type"] == "start" and events[-1]["type"] == "error" and events[-1]["status"] == 500
+    assert "illegal memory access" in events[-1]["error"]["message"]
+    assert after[0]["type"] == "error" and after[0]["status"] == 503
+
+
+def test_replica_checks_prompts_and_queue_bound(tiny):
+    lim = ServeLimits(max_prompt_tokens=40, max_tokens=50, max_waiting=0)
+
+    async def main():
+        rep = ModelReplica({"model": "tiny", "device": "cpu", "max_batch_size": 1, "max_len": 64,
+                            "limits": lim.to_dict(), "torch_threads": 1})
+        long = parse_completion({"prompt": [100] * 41}, ["m"], lim).to_dict()
+        too_long = [e async for e in rep.generate(long)]
+        ctx = parse_completion({"prompt": [100] * 15, "max_tokens": 50}, ["m"], lim).to_dict()
+        over_ctx = [e async for e in rep.generate(ctx)]
+        chat = parse_chat({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0},
+                          ["m"], lim).to_dict()
+        first = rep.generate(chat)
+        start = await first.__anext__()
+        busy = [e async for e in rep.generate(chat)]  # the one row is taken, no queue: 429
+        rest = [e async for e in first]
+        rep.loop.shutdown()
+        return too_long, over_ctx, start, busy, rest, rep.snapshot()
+
+    too_long, over_ctx, start, busy, rest, snap = asyncio.run(main())
+    assert too_long[0]["status"] == 400 and "has 41 tokens; the limit is 40 tokens" in too_long[0]["error"]["message"]
+    assert over_ctx[0]["status"] == 400 and over_ctx[0]["error"]["code"] == "context_length_exceeded"
+    assert "asks for 65 (15 in the prompt, 50 in the completion)" in over_ctx[0]["error"]["message"]
+    assert start == {"type": "start", "prompt_tokens": len(tiny[1].encode(
+        tiny[1].apply_chat_template([{"role": "user", "content": "hi"}])))}
+    assert busy == [{"type": "error", "status": 429, "error": busy[0]["error"]}]
+    assert busy[0]["error"]["code"] == "queue_full"
+    assert rest[-1]["finished"] and sum(e["num_tokens"] for e in rest) <= 3
+    assert snap["running"] == 0 and snap["waiting"] == 0 and snap["steps"] >= 1
+    assert len(snap["expert_load"]) == 2 and all(sum(layer) > 0 for layer in snap["expert_load"])
