@@ -14,9 +14,10 @@ E = experts, S = padded rows (an upper bound, ``max_padded_rows``), B = S / BLOC
     expert_start_E1   first padded row of each expert (E + 1 entries; the last = num_padded)
 
 Ids of -1 (expert not on this rank) and ids outside [0, E) are dropped: they get no row, so they
-contribute zero. Two implementations compute the same layout: a single-program Triton kernel for
-decode-sized inputs (one launch instead of a dozen small torch ops), and plain torch ops for the
-rest; ``align_reference`` is the torch one, and the tests hold the Triton one to it.
+contribute zero. Three implementations compute the same layout: a single-program Triton kernel for
+decode-sized inputs (one launch instead of a dozen small torch ops), a three-launch parallel counting
+sort for mid and large inputs, and plain torch ops (``align_reference``, which the tests hold the
+other two to) for the largest.
 """
 from __future__ import annotations
 
@@ -26,9 +27,13 @@ import torch
 import triton
 import triton.language as tl
 
-# The single-program kernel walks every pair and every expert once per pair chunk; past this many
-# pairs the sort-based torch path (parallel over the whole GPU) is faster.
-TRITON_ALIGN_MAX_PAIRS = 4096
+# The single-program kernel compares every pair with every expert on one SM: past this many
+# (pairs x experts) it is slower than the three-launch parallel counting sort (measured on the
+# H200: 4096 pairs x 128 experts cost ~0.25 ms in one program).
+SINGLE_ALIGN_MAX_WORK = 32768
+# The parallel sort's middle step is one program over [chunks, experts]; past this many pairs
+# torch's radix sort takes over.
+PARALLEL_ALIGN_MAX_PAIRS = 262144
 
 
 @dataclass(frozen=True)
@@ -142,10 +147,109 @@ def align_triton(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> A
     return AlignedRouting(sorted_pair, block_expert, num_padded, expert_start, P, K, block_m)
 
 
+@triton.jit(do_not_specialize=["P", "S", "FILL"])
+def _count_kernel(ids_ptr, counts_ptr, sorted_pair_ptr, P, E, S, FILL,
+                  E_P2: tl.constexpr, CHUNK: tl.constexpr, FILL_BLOCK: tl.constexpr):
+    """Program g: tokens per expert within pairs [g*CHUNK, (g+1)*CHUNK); also marks its stripe of rows as padding."""
+    g = tl.program_id(0)
+    experts = tl.arange(0, E_P2)
+    offs = g * CHUNK + tl.arange(0, CHUNK)
+    ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1).to(tl.int32)
+    hit = (ids[:, None] == experts[None, :]) & (experts[None, :] < E)
+    tl.store(counts_ptr + g * E_P2 + experts, tl.sum(hit.to(tl.int32), axis=0))
+    fill = tl.arange(0, FILL_BLOCK)
+    for f0 in range(0, FILL, FILL_BLOCK):
+        rows = g * FILL + f0 + fill
+        tl.store(sorted_pair_ptr + rows, tl.zeros([FILL_BLOCK], dtype=tl.int32) + P, mask=(f0 + fill < FILL) & (rows < S))
+
+
+@triton.jit(do_not_specialize=["G", "NUM_BLOCKS"])
+def _offsets_kernel(counts_ptr, offsets_ptr, block_expert_ptr, num_padded_ptr, expert_start_ptr, G, E, NUM_BLOCKS,
+                    BLOCK_M: tl.constexpr, E_P2: tl.constexpr, GC: tl.constexpr):
+    """One program: padded runs per expert, each chunk's first row per expert, block -> expert map."""
+    experts = tl.arange(0, E_P2)
+    rows = tl.arange(0, GC)
+    counts = tl.zeros([E_P2], dtype=tl.int32)
+    for g0 in range(0, G, GC):
+        c = tl.load(counts_ptr + (g0 + rows)[:, None] * E_P2 + experts[None, :], mask=(g0 + rows)[:, None] < G, other=0)
+        counts += tl.sum(c, axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    pad_end = tl.cumsum(padded, axis=0)
+    pad_start = pad_end - padded
+    total = tl.sum(padded, axis=0)
+    tl.store(expert_start_ptr + experts, pad_start, mask=experts < E)
+    tl.store(expert_start_ptr + E, total)
+    tl.store(num_padded_ptr, total)
+    running = pad_start
+    for g0 in range(0, G, GC):
+        m = (g0 + rows)[:, None] < G
+        c = tl.load(counts_ptr + (g0 + rows)[:, None] * E_P2 + experts[None, :], mask=m, other=0)
+        tl.store(offsets_ptr + (g0 + rows)[:, None] * E_P2 + experts[None, :],
+                 tl.cumsum(c, axis=0) - c + running[None, :], mask=m)
+        running += tl.sum(c, axis=0)
+    for b0 in range(0, NUM_BLOCKS, GC):
+        row = (b0 + rows) * BLOCK_M
+        after = (pad_end[None, :] <= row[:, None]) & (experts[None, :] < E)
+        e = tl.sum(after.to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + b0 + rows, tl.where(row < total, e, -1), mask=b0 + rows < NUM_BLOCKS)
+
+
+@triton.jit(do_not_specialize=["P"])
+def _scatter_kernel(ids_ptr, offsets_ptr, sorted_pair_ptr, P, E, E_P2: tl.constexpr, CHUNK: tl.constexpr):
+    """Program g: each of its pairs goes to its chunk's first row of its expert + its rank in the chunk."""
+    g = tl.program_id(0)
+    experts = tl.arange(0, E_P2)
+    offs = g * CHUNK + tl.arange(0, CHUNK)
+    ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1).to(tl.int32)
+    hit = ((ids[:, None] == experts[None, :]) & (experts[None, :] < E)).to(tl.int32)
+    base = tl.load(offsets_ptr + g * E_P2 + experts)
+    dest = tl.sum(hit * (tl.cumsum(hit, axis=0) - hit + base[None, :]), axis=1)
+    tl.store(sorted_pair_ptr + dest, offs, mask=tl.sum(hit, axis=1) > 0)
+
+
+def align_parallel(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> AlignedRouting:
+    """The same layout as ``align_reference`` from three Triton launches: a parallel counting sort.
+
+    Chunks of pairs are counted per expert in parallel, one program turns the [chunks, experts]
+    counts into each chunk's first row per expert (exclusive scan down the chunks), and the chunks
+    scatter their pairs in parallel; stable, like the reference.
+    """
+    T, K = topk_ids_TK.shape
+    P, E, dev = T * K, num_experts, topk_ids_TK.device
+    S = max_padded_rows(P, E, block_m)
+    ids = topk_ids_TK.reshape(-1)
+    if not ids.is_contiguous():
+        ids = ids.contiguous()
+    e_p2 = triton.next_power_of_2(max(E, 2))
+    chunk = max(16, min(4096 // e_p2, triton.next_power_of_2(triton.cdiv(P, 512))))
+    G = triton.cdiv(max(P, 1), chunk)
+    sorted_pair = torch.empty(S, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(S // block_m, dtype=torch.int32, device=dev)
+    num_padded = torch.empty(1, dtype=torch.int32, device=dev)
+    expert_start = torch.empty(E + 1, dtype=torch.int32, device=dev)
+    counts = torch.empty(G, e_p2, dtype=torch.int32, device=dev)
+    offsets = torch.empty(G, e_p2, dtype=torch.int32, device=dev)
+    fill = triton.cdiv(S, G)
+    warps = 4 if chunk * e_p2 <= 4096 else 8
+    _count_kernel[(G,)](ids, counts, sorted_pair, P, E, S, fill, E_P2=e_p2, CHUNK=chunk,
+                        FILL_BLOCK=min(1024, triton.next_power_of_2(fill)), num_warps=warps)
+    _offsets_kernel[(1,)](counts, offsets, block_expert, num_padded, expert_start, G, E, S // block_m,
+                          BLOCK_M=block_m, E_P2=e_p2, GC=max(1, min(64, 8192 // e_p2)), num_warps=8)
+    _scatter_kernel[(G,)](ids, offsets, sorted_pair, P, E, E_P2=e_p2, CHUNK=chunk, num_warps=warps)
+    return AlignedRouting(sorted_pair, block_expert, num_padded, expert_start, P, K, block_m)
+
+
 def align_tokens(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> AlignedRouting:
-    """The block layout, by the faster of the two implementations for this many pairs."""
+    """The block layout, by the fastest implementation for this many pairs and experts.
+
+    Few pairs x experts: one single-program launch (decode: every launch counts); up to
+    PARALLEL_ALIGN_MAX_PAIRS: the three-launch parallel counting sort; beyond: torch's sort.
+    """
     if block_m < 1 or block_m & (block_m - 1):
         raise ValueError(f"block_m must be a power of two, got {block_m}")
-    if topk_ids_TK.numel() <= TRITON_ALIGN_MAX_PAIRS and num_experts <= 1024:
+    work = topk_ids_TK.numel() * triton.next_power_of_2(max(num_experts, 2))
+    if work <= SINGLE_ALIGN_MAX_WORK:
         return align_triton(topk_ids_TK, num_experts, block_m)
+    if topk_ids_TK.numel() <= PARALLEL_ALIGN_MAX_PAIRS and num_experts <= 1024:
+        return align_parallel(topk_ids_TK, num_experts, block_m)
     return align_reference(topk_ids_TK, num_experts, block_m)

@@ -4,23 +4,24 @@ import json
 import pytest
 import torch
 
-from kernels.align import align_reference, align_tokens, align_triton, max_padded_rows
+from kernels.align import align_parallel, align_reference, align_tokens, align_triton, max_padded_rows
 from kernels.launch_config import MoEConfig, config_file_name, default_config, load_tuned, pick_config
 from tests.conftest import ON_GPU
 
 DEV = "cuda" if ON_GPU else "cpu"
 
 
+@pytest.mark.parametrize("impl", [align_triton, align_parallel])
 @pytest.mark.parametrize("T,K,E,BM", [(1, 2, 8, 16), (33, 3, 5, 16), (40, 1, 4, 16), (20, 2, 130, 32),
-                                      (3, 4, 4, 64), (0, 2, 4, 16)])
-def test_triton_alignment_equals_reference_and_is_valid(T, K, E, BM):
+                                      (3, 4, 4, 64), (0, 2, 4, 16), (300, 2, 6, 16), (300, 2, 130, 16)])
+def test_triton_alignment_equals_reference_and_is_valid(impl, T, K, E, BM):
     g = torch.Generator().manual_seed(T * 7 + E)
     ids = torch.randint(-1, E, (T, K), generator=g)
     if T:
         ids[0, 0] = E + 2                                  # out of range: dropped like -1
     ids = ids.to(DEV)
     ref = align_reference(ids, E, BM)
-    got = align_triton(ids, E, BM)
+    got = impl(ids, E, BM)
     for f in ("sorted_pair_S", "block_expert_B", "num_padded_1", "expert_start_E1"):
         assert torch.equal(getattr(ref, f).int().cpu(), getattr(got, f).int().cpu()), f
     # the layout: every real pair exactly once, in its expert's run, in stable order
