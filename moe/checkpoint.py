@@ -236,7 +236,7 @@ def _stream_weights(model: MoEForCausalLM, cfg: MoEConfig, reader: _Reader, dtyp
                                   "use the config.json that came with these weights")
         shape = reader.shape(hf)
         if shape != tuple(expected):
-            raise CheckpointError(f"tensor {hf!r} in {reader.file_of(hf)} has shape {list(shape)} but config.json "
+            raise CheckpointError(f"tensor {reader.where[hf][1]!r} in {reader.file_of(hf)} has shape {list(shape)} but config.json "
                                   f"implies {list(expected)}: the weights do not match config.json; use the "
                                   "config.json that came with these weights")
         consumed.add(hf)
