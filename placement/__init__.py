@@ -1,4 +1,19 @@
 """Placement: which rank (GPU or CPU host) holds each expert; the ExFlow integer program,
-baselines, and the expert-parallel runtime. Computing a plan needs no GPU."""
+baselines, and the expert-parallel runtime. Computing a plan needs no GPU.
 
-__all__: list[str] = []
+    stats = AffinityStats.from_trace(trace)
+    plan = solve_exflow(stats, num_ranks=8, num_nodes=1, config=SolverConfig(time_limit_s=60))
+    evaluate(plan, trace)          # cross-rank fraction, bytes per token (standard vs context-coherent EP)
+    plan.save("plan.json"); PlacementPlan.load("plan.json")
+
+The runtime (placement.runtime: Ray actors, torch.distributed) is imported on its own, so
+that planning needs neither Ray nor a process group.
+"""
+from .affinity import AffinityStats, synthetic_affinity_trace
+from .baselines import eplb, greedy_affinity, rank_capacity, round_robin
+from .ilp import SolverConfig, solve_exflow
+from .metrics import PlanFigures, cross_fraction_fast, evaluate
+from .plan import PlacementPlan
+
+__all__ = ["AffinityStats", "synthetic_affinity_trace", "eplb", "greedy_affinity", "rank_capacity", "round_robin",
+           "SolverConfig", "solve_exflow", "PlanFigures", "cross_fraction_fast", "evaluate", "PlacementPlan"]

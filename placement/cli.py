@@ -1,0 +1,95 @@
+"""`moe place TRACE --gpus N [--nodes M] [--time-limit S] [--out plan.json]`
+
+Fits the ExFlow placement to a routing trace and prints its figures next to every baseline.
+The hub (moe/cli.py) imports this module lazily and calls ``register(subparsers)``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from routing.trace import RoutingTrace
+
+from .affinity import AffinityStats
+from .baselines import eplb, greedy_affinity, round_robin
+from .ilp import SolverConfig, solve_exflow
+from .metrics import evaluate
+from .plan import PlacementPlan
+
+_COLUMNS = ("cross_fraction", "cross_node_fraction", "hop_cost", "cc_bytes_per_token", "ep_bytes_per_token",
+            "load_imbalance")
+
+
+def format_table(rows: list[tuple[PlacementPlan, dict]]) -> str:
+    head = f"{'method':<16}{'cross':>8}{'x-node':>8}{'hops':>8}{'CC B/tok':>12}{'EP B/tok':>12}{'imbal':>7}{'solve s':>9}"
+    lines = [head, "-" * len(head)]
+    for plan, f in rows:
+        lines.append(f"{plan.method:<16}{f['cross_fraction']:>8.3f}{f['cross_node_fraction']:>8.3f}"
+                     f"{f['hop_cost']:>8.3f}{f['cc_bytes_per_token']:>12.0f}{f['ep_bytes_per_token']:>12.0f}"
+                     f"{f['load_imbalance']:>7.2f}{plan.solve_time_s:>9.2f}")
+    return "\n".join(lines)
+
+
+def place(trace: RoutingTrace, gpus: int, nodes: int = 1, config: SolverConfig | None = None,
+          hidden_size: int = 4096, dtype_bytes: int = 2) -> tuple[PlacementPlan, list[tuple[PlacementPlan, dict]]]:
+    """The ExFlow plan and [(plan, figures)] for it and every baseline, the plan first."""
+    stats = AffinityStats.from_trace(trace)
+    plan = solve_exflow(stats, gpus, nodes, config)
+    others = [round_robin(trace.num_layers, trace.num_experts, gpus, nodes, stats),
+              greedy_affinity(stats, gpus, nodes, (config or SolverConfig()).balance),
+              eplb(stats, gpus, nodes)]
+    rows = [(p, evaluate(p, trace, hidden_size, dtype_bytes).as_dict()) for p in [plan] + others]
+    figs = rows[0][1]
+    plan = PlacementPlan(plan.assignment, plan.num_ranks, plan.num_nodes, plan.replicas, plan.method,
+                         {**plan.objective, **figs}, plan.solve_time_s, plan.solver_status,
+                         {**plan.meta, "trace": trace.meta, "hidden_size": hidden_size, "dtype_bytes": dtype_bytes})
+    return plan, rows
+
+
+def _run(args: argparse.Namespace) -> int:
+    trace = RoutingTrace.load(args.trace)
+    cfg = SolverConfig(time_limit_s=args.time_limit, num_workers=args.workers, balance=args.balance,
+                       load_weight=args.load_weight)
+    plan, rows = place(trace, args.gpus, args.nodes, cfg, args.hidden_size, args.dtype_bytes)
+    print(f"{trace!r} -> {args.gpus} ranks on {args.nodes} node(s); solver status: {plan.solver_status}")
+    print(format_table(rows))
+    rr = rows[1][1]["cross_fraction"]
+    if rr > 0:
+        print(f"cross-rank transitions vs round robin: {100 * (1 - rows[0][1]['cross_fraction'] / rr):.1f}% fewer")
+    if args.out:
+        path = plan.save(args.out)
+        print(f"plan written to {path}")
+    return 0
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("place", help="place experts on ranks from a routing trace (ExFlow ILP)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("trace", type=Path, help="routing trace .npz (RoutingTrace.save)")
+    p.add_argument("--gpus", type=int, required=True, help="number of ranks (GPUs) in total")
+    p.add_argument("--nodes", type=int, default=1, help="machines the ranks are spread over (cross-node costs 2)")
+    p.add_argument("--time-limit", type=float, default=60.0, help="solver time limit in seconds")
+    p.add_argument("--workers", type=int, default=2, help="CP-SAT worker threads")
+    p.add_argument("--balance", choices=("strict", "relaxed"), default="strict")
+    p.add_argument("--load-weight", type=float, default=0.0, help="token-load balance weight λ")
+    p.add_argument("--hidden-size", type=int, default=4096, help="for bytes per token")
+    p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per activation element")
+    p.add_argument("--out", type=Path, default=None, help="write the plan as JSON")
+    p.set_defaults(func=_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moe")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
