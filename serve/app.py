@@ -13,30 +13,15 @@ starts Serve on the configured host and port (127.0.0.1 unless told otherwise).
 import asyncio
 import hmac
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 
 from ray import serve
 
 from serve.api import (SSE_DONE, ApiError, GenerationRequest, ServeLimits, completion_response, models_response,
-                       parse_chat, parse_completion, parse_json_body, sse, stream_chunk, usage_chunk)
+                       parse_bytes, parse_chat, parse_completion, parse_json_body, sse, stream_chunk, usage_chunk)
 from serve.engine_deployment import ModelReplica
 from serve.metrics import OUTCOMES, RequestTimer, ServeMetrics
-
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-
-
-def parse_bytes(text: str | int | float) -> int:
-    """'24GiB', '24G', '512MiB', 1e9 -> bytes (K/M/G/T are powers of 1024)."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return int(text)
-    m = _SIZE.match(str(text))
-    if not m:
-        raise ValueError(f"gpu_memory {text!r} is not a size; write it like '24GiB' or '512MiB'")
-    unit = (m.group(2) or "B")[0].upper()
-    return int(float(m.group(1)) * 1024 ** "BKMGT".index(unit))
-
 
 @dataclass
 class ServeConfig:

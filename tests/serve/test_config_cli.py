@@ -5,7 +5,8 @@ import importlib
 import pytest
 import yaml
 
-from serve.app import ServeConfig, build_app, parse_bytes
+from serve.api import parse_bytes
+from serve.app import ServeConfig, build_app
 from serve.cli import config_from_args, register
 
 
