@@ -1,0 +1,181 @@
+"""`moe` end to end, in process: main([...]) on the tiny on-the-fly model, output checked against
+the library's own generate()."""
+import io
+import shutil
+import textwrap
+
+import pytest
+
+import moe.cli as cli
+import moe.tiny as tiny
+from moe import SamplingParams, Tokenizer, generate, load_model
+from moe.cli import ProgressBar, main
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path_factory, monkeypatch):
+    """Tiny-model cache in a temp dir, and no embedded default model (whatever the tree holds)."""
+    cache = tmp_path_factory.getbasetemp() / "moeflow-cache"
+    monkeypatch.setenv("MOEFLOW_CACHE_DIR", str(cache))
+    monkeypatch.setattr(tiny, "ASSETS_DEFAULT", cache / "no-default-model")
+    return cache
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return tiny.ensure_tiny_model(cache_dir=tmp_path_factory.getbasetemp() / "moeflow-cache")
+
+
+@pytest.fixture(scope="module")
+def lib(tiny_dir):
+    return load_model(tiny_dir), Tokenizer.from_dir(tiny_dir)
+
+
+def expected(lib, prompt, **kw):
+    model, tok = lib
+    return generate(model, tok, [prompt], SamplingParams(**kw))[0]
+
+
+def test_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in ("generate", "train", "predictor", "place", "serve"):
+        assert name in out
+    assert main(["generate", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--prompt", "--chat", "--max-new-tokens", "--temperature", "--top-p", "--top-k", "--seed",
+                 "--stop", "--dtype", "--device", "--backend"):
+        assert flag in out
+
+
+def test_generate_on_the_tiny_default_says_so(capsys, lib):
+    assert main(["generate", "--prompt", "def main(argv):", "--max-new-tokens", "12"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out == expected(lib, "def main(argv):", max_new_tokens=12) + "\n"
+    assert "tiny UNTRAINED model built on the fly" in cap.err
+    assert "loading weights" in cap.err and "100%" in cap.err
+    assert "12 generated" in cap.err and "finished: length" in cap.err
+
+
+def test_generate_from_a_model_dir_with_sampling_and_stop(capsys, lib, tiny_dir):
+    args = ["generate", str(tiny_dir), "-p", "import os", "-n", "16", "--temperature", "0.9", "--top-p", "0.95",
+            "--top-k", "40", "--seed", "3"]
+    assert main(args) == 0
+    cap = capsys.readouterr()
+    want = expected(lib, "import os", max_new_tokens=16, temperature=0.9, top_p=0.95, top_k=40, seed=3)
+    assert cap.out == want + "\n" and "UNTRAINED" not in cap.err
+    assert main(args) == 0 and capsys.readouterr().out == cap.out  # seeded: reproducible
+    stop = want[4:6]
+    assert main(args + ["--stop", stop, "--stop", "\x01never"]) == 0
+    assert capsys.readouterr().out == want[:want.index(stop)] + "\n"
+
+
+def test_chat_goes_through_the_template(capsys, lib):
+    model, tok = lib
+    assert main(["generate", "tiny", "-p", "hello", "--chat", "--system", "be brief", "-n", "6"]) == 0
+    prompt = tok.apply_chat_template([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}])
+    assert capsys.readouterr().out == expected(lib, prompt, max_new_tokens=6) + "\n"
+
+
+def test_embedded_default_is_used_when_present(capsys, monkeypatch, tiny_dir, tmp_path, lib):
+    default = tmp_path / "default"
+    shutil.copytree(tiny_dir, default)
+    monkeypatch.setattr(tiny, "ASSETS_DEFAULT", default)
+    assert main(["generate", "-p", "x = 1", "-n", "4"]) == 0
+    cap = capsys.readouterr()
+    assert "UNTRAINED" not in cap.err and cap.out == expected(lib, "x = 1", max_new_tokens=4) + "\n"
+
+
+def test_text_is_streamed_piece_by_piece(tiny_dir):
+    writes = []
+
+    class Recorder(io.StringIO):
+        def write(self, s):
+            writes.append(s)
+            return super().write(s)
+
+    args = cli.build_parser("generate").parse_args(["generate", str(tiny_dir), "-p", "class A:", "-n", "10"])
+    assert cli.run_generate(args, stdout=Recorder(), stderr=io.StringIO()) == 0
+    assert len([w for w in writes if w != "\n"]) >= 3  # one write per delta, not one at the end
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["generate", "/no/such/model", "-p", "hi"], "model directory /no/such/model does not exist"),
+    (["generate", "-p", "hi", "--top-p", "0"], "top_p=0.0"),
+    (["generate", "-p", "hi", "--temperature", "nan"], "temperature=nan"),
+    (["generate", "-p", "hi", "-n", "0"], "max_new_tokens=0"),
+    (["generate", "-p", "hi", "--top-k", "-2"], "top_k=-2"),
+    (["generate", "-p", "hi", "--system", "s"], "--system only applies with --chat"),
+    (["generate", "-p", "hi", "--device", "tpu:7"], "--device"),
+    (["generate", "-p", "hi", "-n", "many"], "invalid int value: 'many'"),
+    (["generate", "-p", "hi", "--dtype", "int3"], "invalid choice: 'int3'"),
+    (["generate"], "--prompt"),
+])
+def test_user_mistakes_are_one_line_errors(capsys, argv, needle):
+    assert main(argv) == 2
+    cap = capsys.readouterr()
+    assert needle in cap.err
+    assert "Traceback" not in cap.err + cap.out
+
+
+def test_broken_model_dir_is_a_clean_error(capsys, tiny_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_dir, bad)
+    (bad / "tokenizer.json").unlink()
+    assert main(["generate", str(bad), "-p", "hi"]) == 2
+    assert "no tokenizer.json" in capsys.readouterr().err
+    (bad / "model.safetensors").rename(bad / "weights.bin")
+    shutil.copy(tiny_dir / "tokenizer.json", bad / "tokenizer.json")
+    assert main(["generate", str(bad), "-p", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "Traceback" not in err
+
+
+def test_lazy_commands_register_or_report_unavailable(capsys, monkeypatch, tmp_path):
+    pkg = tmp_path / "fakecmds"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "good.py").write_text(textwrap.dedent("""
+        def register(subparsers):
+            p = subparsers.add_parser("hello", help="say hello")
+            p.add_argument("--name", default="world")
+            p.set_defaults(func=lambda args: print(f"hello {args.name}") or 7)
+    """))
+    (pkg / "broken.py").write_text("raise RuntimeError('half-written module')\n")
+    (pkg / "noregister.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "LAZY_COMMANDS", {
+        "hello": ("fakecmds.good", "greets"), "crash": ("fakecmds.broken", "crashes on import"),
+        "missing": ("fakecmds.nothere", "not written yet"), "bare": ("fakecmds.noregister", "no register")})
+    assert main(["hello", "--name", "moe"]) == 7
+    assert capsys.readouterr().out == "hello moe\n"
+    assert main(["missing", "--some-flag"]) == 1
+    assert "`moe missing` is not available yet: fakecmds.nothere is not part of this installation" \
+        in capsys.readouterr().err
+    assert main(["crash"]) == 1
+    assert "RuntimeError: half-written module" in capsys.readouterr().err
+    assert main(["bare"]) == 1
+    assert "has no register(subparsers)" in capsys.readouterr().err
+    assert main(["--help"]) == 0  # nothing imported: every command still listed
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("hello", "crash", "missing", "bare", "generate"))
+
+
+def test_progress_bar():
+    log = io.StringIO()
+    bar = ProgressBar(stream=log)
+    for done in range(0, 101, 5):
+        bar(done * 2**20, 100 * 2**20)
+    bar(100 * 2**20, 100 * 2**20)
+    lines = log.getvalue()
+    assert lines.count("\n") == 1 and "\r" not in lines and "100% 100.0/100.0 MiB" in lines
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    tty = Tty()
+    bar = ProgressBar(stream=tty, width=10)
+    for done in range(0, 101):
+        bar(done, 100)
+    text = tty.getvalue()
+    assert text.count("\r") == 101 and text.endswith("\n") and "[#####-----]  50%" in text
