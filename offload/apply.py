@@ -197,7 +197,7 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
     dense_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
     slots = plan_slots(cfg, device=device, dense_bytes=dense_bytes, expert_bytes=expert_bytes,
                        num_layers=len(blocks), num_experts=E, top_k=top_k)
-    backend = getattr(blocks[0].experts, "backend", None) or cfg.backend
+    backend = cfg.backend or getattr(blocks[0].experts, "backend", None) or "torch"
 
     def release(i):  # drop layer i's original experts as soon as the store holds them
         blocks[i].experts = None
@@ -212,24 +212,37 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
     del w13
     model.to(device)  # what is left is the dense part (and shared experts)
 
-    if cfg.cpu_fallback and cfg.calibrate:
-        cost = CostModel.calibrate(device, *store.get(0, 0))
-    else:
-        D, I = store.w2_shape
-        cost = CostModel.from_rates(cfg.copy_gbps, cfg.cpu_gflops, store.expert_bytes, 6.0 * D * I)
+    cache = install(blocks, store, cfg, device=device, top_k=top_k, slots=slots, backend=backend)
+    model.offload_cache = cache
+    return model
+
+
+def install(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: torch.device, top_k: int, slots: int,
+            backend: str = "torch", cost: CostModel | None = None) -> ExpertCache:
+    """Make the cache over `store` and put an OffloadedExperts into each block (the originals are gone).
+
+    Used by apply_offload, and by benchmarks that try several configurations over one store.
+    `cost`: a calibrated CostModel to reuse; else calibrated here (cpu_fallback) or from cfg's rates.
+    """
+    if cost is None:
+        if cfg.cpu_fallback and cfg.calibrate:
+            cost = CostModel.calibrate(device, *store.get(0, 0))
+        else:
+            D, I = store.w2_shape
+            cost = CostModel.from_rates(cfg.copy_gbps, cfg.cpu_gflops, store.expert_bytes, 6.0 * D * I)
+    E = store.num_experts
     lookahead = None
     if cfg.predictor is not None and (cfg.policy == "predictor" or cfg.prefetch == "predictor"):
         lookahead = Lookahead(cfg.predictor, len(blocks), E)
     policy = make_policy(cfg.policy, lookahead=lookahead, trace=cfg.trace, tokens_per_step=cfg.trace_batch)
     cache = ExpertCache(store, slots, policy, device)
+    cache.cost_model = cost
     for i, b in enumerate(blocks):
         nxt = blocks[i + 1].router if (cfg.prefetch == "next_layer_gate" and i + 1 < len(blocks)) else None
         b.experts = OffloadedExperts(i, cache, top_k, backend=backend, cost_model=cost, cpu_fallback=cfg.cpu_fallback,
                                      next_router=nxt, lookahead=lookahead, predictor_prefetch=cfg.prefetch == "predictor",
                                      prefetch_k=cfg.prefetch_k)
-    model.offload_cache = cache
-    model.offload_cost_model = cost
-    return model
+    return cache
 
 
 # --- trace-driven routing -----------------------------------------------------------------------

@@ -196,6 +196,15 @@ class ExpertCache:
             ev.record(self.copy_stream)
         self._ready[layer][s] = ev
 
+    def clear(self) -> None:
+        """Forget every resident expert (counters kept): the 'no cache' baseline calls it each step."""
+        for layer in range(self.num_layers):
+            for e in self.resident(layer):
+                self.policy.evicted(layer, e)
+            self.expert_in[layer] = [-1] * self.slots
+            self.slot_of[layer].clear()
+            self._unused_prefetch[layer].clear()
+
     def pending_copies(self) -> bool:
         """True while a copy on the side stream has not finished (never blocks)."""
         return self.cuda and not self.copy_stream.query()

@@ -54,7 +54,7 @@ class OffloadConfig:
     kv_cache_bytes   bytes the KV cache will take on the device (counted before the experts)
     reserve_bytes    working memory left free for activations
     device           'cuda' / 'cuda:N' / 'cpu' (cpu: the pool is a CPU tensor, same code path)
-    backend          kernels backend run on the slot pool ('torch' | 'triton')
+    backend          kernels backend run on the slot pool ('torch' | 'triton'; None: the model's)
     store            'memory' (pinned host memory) | 'disk' (memory-mapped safetensors)
     checkpoint       directory or file of safetensors, needed for store='disk'
     calibrate        measure copy bandwidth and CPU rate at start-up (else use the given rates)
@@ -72,7 +72,7 @@ class OffloadConfig:
     kv_cache_bytes: int | str = 0
     reserve_bytes: int | str = "256MiB"
     device: str | None = None
-    backend: str = "torch"
+    backend: str | None = None
     store: str = "memory"
     checkpoint: str | None = None
     calibrate: bool = True

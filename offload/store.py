@@ -65,13 +65,14 @@ class HostExpertStore(ExpertStore):
             ex = block.experts
             src13, src2 = ex.w13.detach(), ex.w2.detach()
             dt = dtype or src13.dtype
-            if pin or src13.device.type != "cpu" or dt != src13.dtype:
+            on_host = src13.device.type == "cpu" and dt == src13.dtype
+            if on_host and (not pin or (src13.is_pinned() and src2.is_pinned())):
+                w13, w2 = src13, src2  # already where it belongs: keep the very tensor, no second copy
+            else:
                 w13 = torch.empty(src13.shape, dtype=dt, pin_memory=pin)
                 w2 = torch.empty(src2.shape, dtype=dt, pin_memory=pin)
                 w13.copy_(src13)
                 w2.copy_(src2)
-            else:  # plain host memory already: keep the very tensor, no second copy
-                w13, w2 = src13, src2
             del src13, src2, ex
             layers.append((w13, w2))
             if release is not None:

@@ -112,3 +112,35 @@ def test_disk_store_reads_checkpoint_experts(tmp_path, layout, shard):
 def test_disk_store_rejects_a_directory_without_weights(tmp_path):
     with pytest.raises(ValueError, match="safetensors"):
         DiskExpertStore(tmp_path, [0])
+
+
+def test_cli_args_apply_offload():
+    import argparse
+
+    from offload.cli_args import add_offload_args, apply_from_args
+
+    p = argparse.ArgumentParser()
+    add_offload_args(p)
+    model = tiny_model("mixtral")
+    assert apply_from_args(model, p.parse_args([])) is model  # off without --gpu-memory
+    args = p.parse_args(["--gpu-memory", "1GiB", "--offload-policy", "lfu", "--offload-prefetch", "next_layer_gate"])
+    m = apply_from_args(twin(model), args)
+    assert m.offload_cache.slots == m.offload_cache.num_experts  # 1 GiB holds the whole tiny model
+    assert type(m.offload_cache.policy).__name__ == "LFUPolicy"
+    t0, l0 = greedy(model, [5, 6], 2)
+    t1, l1 = greedy(m, [5, 6], 2)
+    on_cpu = m.offload_cache.device.type == "cpu"  # on a GPU machine the device run is compared to the CPU one
+    torch.testing.assert_close(l1, l0, atol=1e-6 if on_cpu else 1e-4, rtol=0)
+    with pytest.raises(ValueError, match="model directory"):
+        apply_from_args(twin(model), p.parse_args(["--gpu-memory", "1GiB", "--offload-from-disk"]))
+
+
+def test_no_cache_clear():
+    model = tiny_model("mixtral")
+    m = apply_offload(twin(model), OffloadConfig(slots_per_layer=4, device="cpu", calibrate=False))
+    with torch.no_grad():
+        m(torch.tensor([[3, 4]]))
+        m.offload_cache.clear()
+        before = m.offload_cache.stats()["hits"]
+        m(torch.tensor([[3, 4]]))
+    assert m.offload_cache.stats()["hits"] == before  # nothing stayed resident

@@ -1,0 +1,43 @@
+"""Command-line options of offloading, for `moe generate` (and any command that loads a model).
+
+    from offload.cli_args import add_offload_args, apply_from_args
+    add_offload_args(parser)                 # --gpu-memory 24GiB --offload-policy lru ...
+    model = apply_from_args(model, args)     # no-op unless --gpu-memory was given
+
+The hub (moe/cli.py) calls these; offloading stays a step applied to a loaded model.
+"""
+from __future__ import annotations
+
+import argparse
+
+from .config import POLICIES, OffloadConfig
+
+
+def add_offload_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("expert offloading")
+    g.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                   help="offload experts to host memory, keeping the device within SIZE ('24GiB', or a fraction "
+                        "such as 0.3 of the device's memory); off when not given")
+    g.add_argument("--offload-policy", default="lru", choices=[p for p in POLICIES if p not in ("predictor", "belady")],
+                   help="eviction policy of the GPU expert cache (default lru)")
+    g.add_argument("--offload-prefetch", default="none", choices=["none", "next_layer_gate"],
+                   help="prefetch next layer's experts by applying its router to the current hidden state")
+    g.add_argument("--cpu-fallback", action="store_true",
+                   help="compute missed experts on the CPU when that is cheaper than copying them (Fiddler)")
+    g.add_argument("--offload-from-disk", action="store_true",
+                   help="read experts from the checkpoint's memory-mapped safetensors instead of host memory")
+
+
+def apply_from_args(model, args: argparse.Namespace, checkpoint: str | None = None):
+    """apply_offload with the options of add_offload_args; returns the model unchanged without --gpu-memory."""
+    if getattr(args, "gpu_memory", None) is None:
+        return model
+    from .apply import apply_offload
+
+    disk = bool(getattr(args, "offload_from_disk", False))
+    if disk and checkpoint is None:
+        raise ValueError("--offload-from-disk needs the model directory (pass checkpoint=<dir> to apply_from_args)")
+    gm = args.gpu_memory
+    cfg = OffloadConfig(gpu_memory=gm, policy=args.offload_policy, prefetch=args.offload_prefetch,
+                        cpu_fallback=args.cpu_fallback, store="disk" if disk else "memory", checkpoint=checkpoint)
+    return apply_offload(model, cfg)
