@@ -140,7 +140,9 @@ def run_case(key, E, D, I, K, T, w13, w2, w13_t, w2_t, ceil, fwd_bwd: bool, log)
     for _ in range(R):
         ids, w = random_routing(T, E, K, dev, g)
         sets.append((torch.randn(T, D, device=dev, dtype=dt, generator=g), ids, w, loop_plan(ids, E)))
-    fl, fl_mem, fl_math = floor_ms(E, D, I, K, sets[0][1], *ceil)
+    # the floor of each routing set (how many experts are active varies), averaged like the timings
+    fls = [floor_ms(E, D, I, K, s[1], *ceil) for s in sets]
+    fl, fl_mem, fl_math = (sum(f[i] for f in fls) / R for i in range(3))
     r = dict(shape=key, E=E, D=D, I=I, K=K, T=T, floor=fl, floor_mem=fl_mem, floor_math=fl_math)
     methods = {
         "moeflow": lambda s: (lambda: fused_moe(s[0], w13, w2, s[1], s[2])),
@@ -155,6 +157,8 @@ def run_case(key, E, D, I, K, T, w13, w2, w13_t, w2_t, ceil, fwd_bwd: bool, log)
             except Exception as exc:  # a peer that cannot run here is recorded, not fatal
                 r[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                 log(f"   {name} failed: {r[f'{name}_error']}")
+    if T in (64, 512, 4096):
+        r.update(breakdown(sets[0][0], w13, w2, sets[0][1], sets[0][2]))
     if fwd_bwd:
         x, ids, w, plan = sets[0]
         xg = x.clone().requires_grad_()
@@ -176,6 +180,27 @@ def run_case(key, E, D, I, K, T, w13, w2, w13_t, w2_t, ceil, fwd_bwd: bool, log)
         w13.requires_grad_(False), w2.requires_grad_(False)
         w13.grad = w2.grad = None
     return r
+
+
+def breakdown(x, w13, w2, ids, w) -> dict:
+    """Eager time of each stage of one fused_moe call (its own config), to see where time goes."""
+    from kernels.align import align_tokens
+    from kernels.fused_moe import config_for
+    from kernels.grouped_gemm import moe_gemm, moe_sum, moe_up
+    E, J, D = w13.shape
+    cfg = config_for(x, w13, ids.shape[1])
+    w_P = w.reshape(-1).contiguous()
+    al = align_tokens(ids, E, cfg.block_m)
+    h = moe_up(x, w13, al, cfg.up, False)[0]
+    out = moe_gemm(h, w2, (w2.stride(0), w2.stride(1), w2.stride(2)), D, J // 2, al, cfg.down, a_gather=False,
+                   c_scatter=True, weight_P=w_P)
+    return dict(
+        t_align=bench(lambda: align_tokens(ids, E, cfg.block_m)),
+        t_up=bench(lambda: moe_up(x, w13, al, cfg.up, False)),
+        t_down=bench(lambda: moe_gemm(h, w2, (w2.stride(0), w2.stride(1), w2.stride(2)), D, J // 2, al, cfg.down,
+                                      a_gather=False, c_scatter=True, weight_P=w_P)),
+        t_sum=bench(lambda: moe_sum(out, ids, E, x.dtype)),
+        config=str(cfg))
 
 
 def check_correctness(key, E, D, I, K, w13, w2, log) -> dict:

@@ -19,9 +19,9 @@ a CUDA graph. The launch configuration is picked by token count (tuned files, el
 few tokens get the decode tiles (narrow N, so the whole GPU streams the weights).
 
 The backward pass (``torch.autograd.Function``) reuses the same layout and kernels:
-    dh_SI   = dy[tok] Wd[e]                         moe_gemm, B = w2 read transposed through strides
-    dw[p]   = Σ_i dh · act,   da = w · dh            plain torch on the sorted rows (elementwise)
-    dgu_SJ  = SwiGLU backward of da                  plain torch (elementwise)
+    dh_SI   = dy[tok] Wd[e]                         moe_swiglu_bwd (moe_gemm, w2 read transposed through
+    dw[p]   = Σ_i dh · act,   da = w · dh            strides), whose epilogue also computes d(weight)
+    dgu_SJ  = SwiGLU backward of da                  and dgu: no [S, I] fp32 intermediates
     dx_TD   = Σ_k (dgu Wgu[e])[t·K + k]              moe_gemm + moe_sum
     dW2[e]  = Σ_rows (w · dy[tok])ᵀ act              moe_wgrad
     dW13[e] = Σ_rows dguᵀ x[tok]                     moe_wgrad
@@ -34,7 +34,7 @@ import os
 import torch
 
 from .align import AlignedRouting, align_tokens
-from .grouped_gemm import moe_gemm, moe_sum, moe_up, moe_wgrad
+from .grouped_gemm import moe_gemm, moe_sum, moe_swiglu_bwd, moe_up, moe_wgrad
 from .launch_config import MoEConfig, pick_config
 from .reference import check_moe_inputs
 
@@ -98,23 +98,14 @@ class _FusedMoE(torch.autograd.Function):
         T, K = topk_ids_TK.shape
         P = al.num_pairs
         dy_TD = dy_TD.to(x_TD.dtype).contiguous()
-        # dh = dy[tok] @ W2[e]: B[e][n=i, k=d] = w2[e, d, i]
-        dh_SI = moe_gemm(dy_TD, w2_EDI, (w2_EDI.stride(0), w2_EDI.stride(2), w2_EDI.stride(1)), I, D, al, cfg.up,
-                         a_gather=True, c_scatter=False, out_dtype=torch.float32)
-        # elementwise SwiGLU backward on the sorted rows (padding rows carry pair = P and weight 0)
-        pair_S = al.sorted_pair_S.long()
-        w_pad = torch.cat([w_P.float(), w_P.new_zeros(1, dtype=torch.float32)])
-        w_S = w_pad[pair_S.clamp(max=P)]
-        g_SI, u_SI = gu_SJ.float().split(I, dim=1)
-        sig = torch.sigmoid(g_SI)
-        silu = g_SI * sig
+        # dh = dy[tok] @ W2[e], with the SwiGLU backward and d(routing weight) in its epilogue
+        dgu_SJ, dw_S = moe_swiglu_bwd(dy_TD, w2_EDI, gu_SJ, w_P, al, cfg.up)
         grads = [None] * 6
         if need_w:
-            dw_S = (dh_SI * (silu * u_SI)).sum(-1)
-            dw_pad = torch.zeros(P + 1, dtype=torch.float32, device=dy_TD.device).scatter_(0, pair_S, dw_S)
+            # padding rows hold pair = P: they land in the extra slot, which is dropped
+            dw_pad = torch.zeros(P + 1, dtype=torch.float32, device=dy_TD.device)
+            dw_pad.scatter_(0, al.sorted_pair_S.long(), dw_S)
             grads[4] = dw_pad[:P].view(T, K).to(ctx.w_dtype)
-        da_SI = dh_SI * w_S[:, None]
-        dgu_SJ = torch.cat([da_SI * u_SI * sig * (1 + g_SI * (1 - sig)), da_SI * silu], dim=1).to(x_TD.dtype)
         if need_x:
             # dx = dgu @ W13[e]: B[e][n=d, k=j] = w13[e, j, d]
             dx_PD = moe_gemm(dgu_SJ, w13_EJD, (w13_EJD.stride(0), w13_EJD.stride(2), w13_EJD.stride(1)), D, J,

@@ -12,6 +12,8 @@ Four kernels:
                   sorted or scattered to pair order, optionally scaled by each pair's routing weight:
                   the down projection (h_SI -> out_PD), and in the backward pass dy -> dh_SI and
                   dgu_SJ -> dx_PD (B read through strides, so w2 / w13 are never transposed in memory).
+    (moe_swiglu_bwd: moe_gemm for dh = dy Wd[e] with the SwiGLU backward and d(routing weight) fused
+                  into its epilogue.)
     moe_wgrad     C[e] = sum over expert e's rows of A[row]^T B[row]: the weight gradients dW2, dW13.
     moe_sum       y_TD = sum_k out_PD[t*K + k] over the slots whose id is a real expert: a second small
                   kernel instead of atomics, so the result is deterministic.
@@ -99,9 +101,9 @@ def _moe_up_kernel(x_ptr, w_ptr, h_ptr, gu_ptr, sorted_pair_ptr, block_expert_pt
 
 @triton.jit(do_not_specialize=["P", "TOP_K"])
 def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weight_ptr, sorted_pair_ptr, block_expert_ptr, num_padded_ptr,
-                     N, KD, P, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
+                     gu_ptr, dw_ptr, N, KD, P, stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_gs,
                      TOP_K, A_GATHER: tl.constexpr, C_SCATTER: tl.constexpr,
-                     MUL_WEIGHT: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr,
+                     MUL_WEIGHT: tl.constexpr, SWIGLU_BWD: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -135,7 +137,22 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weight_ptr, sorted_pair_ptr, block_exp
     if MUL_WEIGHT:
         w = tl.load(weight_ptr + pair, mask=valid, other=0.0).to(tl.float32)
         acc = acc * w[:, None]
-    if C_SCATTER:
+    if SWIGLU_BWD:
+        # acc = dh (the gradient of act = silu(g) * u, before the routing weight). Emit
+        # d(weight) partial sums per N tile (summed on the host side: no atomics), and dgu.
+        rows = offs_m.to(tl.int64)[:, None]
+        gp = gu_ptr + rows * stride_gs + offs_n[None, :]
+        g = tl.load(gp, mask=mask_n[None, :], other=0.0).to(tl.float32)
+        u = tl.load(gp + N, mask=mask_n[None, :], other=0.0).to(tl.float32)
+        sig = tl.sigmoid(g)
+        silu = g * sig
+        tl.store(dw_ptr + offs_m.to(tl.int64) * num_n + pid_n, tl.sum(acc * silu * u, axis=1))
+        w = tl.load(weight_ptr + pair, mask=valid, other=0.0).to(tl.float32)
+        da = acc * w[:, None]
+        cp = c_ptr + rows * stride_cm + offs_n[None, :]
+        tl.store(cp, (da * u * sig * (1.0 + g * (1.0 - sig))).to(c_ptr.dtype.element_ty), mask=mask_n[None, :])
+        tl.store(cp + N, (da * silu).to(c_ptr.dtype.element_ty), mask=mask_n[None, :])
+    elif C_SCATTER:
         c_ptrs = c_ptr + pair.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
     else:
@@ -234,17 +251,44 @@ def moe_gemm(a, b_E, b_strides, n: int, kd: int, al: AlignedRouting, cfg: GemmCo
         a = a.contiguous()
     _moe_gemm_kernel[_grid(al, n, cfg)](
         a, b_E, c, weight_P if weight_P is not None else c, al.sorted_pair_S, al.block_expert_B, al.num_padded_1,
-        n, kd, al.num_pairs, a.stride(0), b_strides[0], b_strides[1], b_strides[2], c.stride(0),
-        TOP_K=al.top_k, A_GATHER=a_gather, C_SCATTER=c_scatter, MUL_WEIGHT=weight_P is not None,
+        c, c, n, kd, al.num_pairs, a.stride(0), b_strides[0], b_strides[1], b_strides[2], c.stride(0), 0,
+        TOP_K=al.top_k, A_GATHER=a_gather, C_SCATTER=c_scatter, MUL_WEIGHT=weight_P is not None, SWIGLU_BWD=False,
         CAST_F32=_interpreted(), PREC=_precision(a.dtype),
         BLOCK_M=al.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return c
 
 
+def moe_swiglu_bwd(dy_TD, w2_EDI, gu_SJ, weight_P, al: AlignedRouting, cfg: GemmConfig):
+    """dh = dy[tok] @ W2[e] with the SwiGLU backward as its epilogue.
+
+    Returns dgu_SJ (gradient of the gate and up pre-activations, routing weight applied; zero on
+    padding rows) and dweight_S (fp32: d y / d routing weight of each sorted row's pair).
+    """
+    E, D, I = w2_EDI.shape
+    S = al.sorted_pair_S.shape[0]
+    num_n = triton.cdiv(I, cfg.block_n)
+    dgu = torch.empty(S, 2 * I, dtype=dy_TD.dtype, device=dy_TD.device)
+    dw_part = torch.empty(S, num_n, dtype=torch.float32, device=dy_TD.device)
+    _moe_gemm_kernel[_grid(al, I, cfg)](
+        dy_TD, w2_EDI, dgu, weight_P, al.sorted_pair_S, al.block_expert_B, al.num_padded_1,
+        gu_SJ, dw_part, I, D, al.num_pairs, dy_TD.stride(0), w2_EDI.stride(0), w2_EDI.stride(2), w2_EDI.stride(1),
+        dgu.stride(0), gu_SJ.stride(0),
+        TOP_K=al.top_k, A_GATHER=True, C_SCATTER=False, MUL_WEIGHT=False, SWIGLU_BWD=True,
+        CAST_F32=_interpreted(), PREC=_precision(dy_TD.dtype),
+        BLOCK_M=al.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    # rows past num_padded were never written: their partial sums are garbage, but they map to no pair
+    return dgu, dw_part.sum(dim=1)
+
+
 def moe_wgrad(a, b, num_experts: int, al: AlignedRouting, *, a_gather: bool, b_gather: bool, a_scale_P=None,
-              out_dtype=None, block_a: int = 64, block_b: int = 64, block_m: int = 32, num_warps: int = 4):
+              out_dtype=None):
     """C_EAB[e] = A[rows of e]^T @ B[rows of e] (rows of padding contribute zero)."""
+    if _interpreted():
+        block_a, block_b, block_m, num_warps = 32, 32, 16, 1
+    else:
+        block_a, block_b, block_m, num_warps = 128, 128, 64, 8
     na, nb = a.shape[1], b.shape[1]
     c = torch.empty(num_experts, na, nb, dtype=out_dtype or b.dtype, device=b.device)
     grid = (triton.cdiv(na, block_a) * triton.cdiv(nb, block_b), num_experts)
