@@ -107,9 +107,17 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, cfg: MoEConfig, device=None):
         super().__init__()
+        self.cfg = cfg
         inv_freq, self.scale = rope_inv_freq(cfg, device=device)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.interleave = cfg.rope_interleave
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) would round the frequencies; recompute them in float32 on the new device
+        super()._apply(fn, recurse)
+        if self.inv_freq.device.type != "meta":
+            self.inv_freq = rope_inv_freq(self.cfg, device=self.inv_freq.device)[0]
+        return self
 
     def forward(self, positions_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions_BT[..., None].float() * self.inv_freq

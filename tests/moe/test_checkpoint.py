@@ -13,6 +13,15 @@ from safetensors.torch import save_file
 from moe import CheckpointError, MoEConfig, MoEForCausalLM, load_model, save_pretrained
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread. With two, thread hand-offs on a busy machine cost ~70x in wall time."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _model(model_type="mixtral", **kw) -> MoEForCausalLM:
     torch.manual_seed(0)
     return MoEForCausalLM(MoEConfig.tiny(model_type, **kw))

@@ -23,6 +23,15 @@ ATOL = 1e-4
 PROMPT = [1, 17, 42, 99, 5, 63, 150, 8, 21]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread. With two, thread hand-offs on a busy machine cost ~70x in wall time."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request, tmp_path_factory):
     """One transformers model per family plus its checkpoint in both layouts."""
@@ -35,7 +44,9 @@ def family(request, tmp_path_factory):
     ids = torch.tensor([PROMPT, PROMPT[::-1]])
     with torch.no_grad():
         ref_logits = hf(ids).logits
-    return dict(type=mt, hf=hf, hf_dir=hf_dir, fused_dir=fused_dir, model=ours, ids=ids, ref_logits=ref_logits)
+    return dict(type=mt, hf=hf, hf_dir=hf_dir, fused_dir=fused_dir, ids=ids, ref_logits=ref_logits,
+                model=ours, hf_per_expert=ours, moeflow_fused=load_model(fused_dir),
+                ref_greedy=hf_greedy(hf, PROMPT, 20))
 
 
 @torch.no_grad()
@@ -65,7 +76,7 @@ def test_layouts_written(family):
 
 @pytest.mark.parametrize("layout", ["hf_per_expert", "moeflow_fused"])
 def test_logits_equal_transformers(family, layout):
-    model = family["model"] if layout == "hf_per_expert" else load_model(family["fused_dir"])
+    model = family[layout]
     with torch.no_grad():
         logits = model(family["ids"])
     assert logits.shape == family["ref_logits"].shape
@@ -75,8 +86,8 @@ def test_logits_equal_transformers(family, layout):
 
 @pytest.mark.parametrize("layout", ["hf_per_expert", "moeflow_fused"])
 def test_greedy_20_tokens_equal_transformers(family, layout):
-    model = family["model"] if layout == "hf_per_expert" else load_model(family["fused_dir"])
-    ref = hf_greedy(family["hf"], PROMPT, 20)
+    model = family[layout]
+    ref = family["ref_greedy"]
     assert cached_greedy(model, PROMPT, 20) == ref
     assert len(set(ref)) > 1, "degenerate reference: greedy repeats one token"
 
@@ -158,3 +169,27 @@ def test_moe_blocks_and_backend(family):
     assert all((b.shared_expert_gate is not None) == (family["type"] == "qwen2_moe") for b in blocks)
     with pytest.raises(ValueError, match="unknown expert backend 'nope'"):
         model.set_backend("nope")
+
+
+@pytest.mark.parametrize("model_type,kw", [
+    ("mixtral", dict(sliding_window=4)),
+    ("qwen2_moe", dict(use_sliding_window=True, sliding_window=3, max_window_layers=2)),  # layer 0 only
+])
+def test_sliding_window_equals_transformers(tmp_path, model_type, kw):
+    hf = write_hf_checkpoint(model_type, tmp_path, seed=1, **kw)
+    model = load_model(tmp_path)
+    assert any(layer.window for layer in model.layers)
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert (model(ids) - ref).abs().max().item() <= ATOL
+        cache = model.new_cache(1, 16)
+        parts = [model(ids[:, :3], cache=cache), model(ids[:, 3:7], cache=cache), model(ids[:, 7:], cache=cache)]
+    assert (torch.cat(parts, 1) - ref).abs().max().item() <= ATOL
+
+
+def test_to_bfloat16_keeps_rotary_float32(family):
+    cfg = family["model"].config
+    model = MoEForCausalLM(cfg).to(torch.bfloat16)
+    assert model.rotary.inv_freq.dtype == torch.float32
+    assert torch.equal(model.rotary.inv_freq, MoEForCausalLM(cfg).rotary.inv_freq)
