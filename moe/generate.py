@@ -88,8 +88,12 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_len = max_len
-        first = next(model.parameters(), None)
-        self.device = first.device if first is not None else torch.device("cpu")
+        # the model's own device (its embedding's) when it says; offloading may leave experts elsewhere
+        device = getattr(model, "device", None)
+        if not isinstance(device, torch.device):
+            first = next(model.parameters(), None)
+            device = first.device if first is not None else torch.device("cpu")
+        self.device = device
         self.vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
         self.cache = model.new_cache(max_batch_size, max_len)
         try:  # optional in the model contract: logits of each row's last valid token only
@@ -283,7 +287,8 @@ def generate(model: torch.nn.Module, tok: Tokenizer, prompts: Sequence[str | Seq
     ``max_len`` defaults to the longest prompt plus its max_new_tokens."""
     if isinstance(prompts, str):
         prompts = [prompts]
-    prompts = list(prompts)
+    # encoded once here: the ids size the cache and are what the engine runs
+    prompts = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     plist = _params_list(params, len(prompts))
     engine = Engine(model, tok, max_batch_size=max(1, min(max_batch_size, len(prompts))),
                     max_len=max_len if max_len is not None else _max_len_for(tok, prompts, plist))
@@ -298,8 +303,7 @@ def generate(model: torch.nn.Module, tok: Tokenizer, prompts: Sequence[str | Seq
 def stream(model: torch.nn.Module, tok: Tokenizer, prompt: str | Sequence[int],
            params: SamplingParams | None = None, max_len: int | None = None) -> Iterator[str]:
     """Yield the text of one prompt's continuation as it is generated (non-empty deltas).
-    The last RequestOutput is kept on the iterator's ``StopIteration.value``: use
-    ``stream_outputs`` to see token ids and the finish reason."""
+    ``stream_outputs`` gives the full RequestOutputs (token ids, finish reason) instead."""
     for out in stream_outputs(model, tok, prompt, params, max_len):
         if out.new_text:
             yield out.new_text
@@ -309,6 +313,7 @@ def stream_outputs(model: torch.nn.Module, tok: Tokenizer, prompt: str | Sequenc
                    params: SamplingParams | None = None, max_len: int | None = None) -> Iterator[RequestOutput]:
     """Every RequestOutput of one prompt, in order (the last one has ``finished=True``)."""
     params = params if params is not None else SamplingParams()
+    prompt = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
     engine = Engine(model, tok, max_batch_size=1,
                     max_len=max_len if max_len is not None else _max_len_for(tok, [prompt], [params]))
     engine.add_request(prompt, params)
