@@ -12,12 +12,22 @@ from __future__ import annotations
 import math
 import os
 
+import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: one thread. With two, thread hand-offs on a busy machine cost ~70x in wall time."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def hf_config(model_type: str, **overrides):

@@ -12,14 +12,12 @@ from safetensors.torch import save_file
 
 from moe import CheckpointError, MoEConfig, MoEForCausalLM, load_model, save_pretrained
 
+from ._hf_fixtures import one_thread  # noqa: F401 (fixture)
+
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread. With two, thread hand-offs on a busy machine cost ~70x in wall time."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 def _model(model_type="mixtral", **kw) -> MoEForCausalLM:
@@ -208,50 +206,34 @@ def test_index_points_at_missing_shard(tmp_path):
         load_model(tmp_path)
 
 
-def test_missing_tensor(saved, tmp_path):
+def _drop(*names):
+    return lambda t: {k: v for k, v in t.items() if k not in names}
+
+
+# (how the stored tensors are edited, the message expected)
+_TENSOR_EDITS = {
+    "missing_tensor": (_drop("model.layers.1.self_attn.k_proj.weight"),
+                       r"tensor 'model.layers.1.self_attn.k_proj.weight' is missing from the checkpoint "
+                       r"\(.*model.safetensors\).*use the config.json"),
+    "missing_expert": (_drop("model.layers.0.block_sparse_moe.experts.5.w3.weight"),
+                       r"tensor 'model.layers.0.mlp.experts.5.up_proj.weight' is missing"),
+    "missing_layer_experts": (lambda t: {k: v for k, v in t.items() if ".layers.1.block_sparse_moe.experts." not in k},
+                              r"experts of layer 1 are missing.*gate_up_proj.*per-expert layout"),
+    "unexpected_tensor": (lambda t: {**t, "model.layers.7.self_attn.q_proj.weight": torch.zeros(32, 32)},
+                          r"unexpected tensor 'model.layers.7.self_attn.q_proj.weight' in .*model.safetensors "
+                          r".*has no such weight"),
+    "wrong_shape": (lambda t: {**t, "model.norm.weight": torch.ones(31)},
+                    r"tensor 'model.norm.weight' in .*model.safetensors has shape \[31\] but config.json "
+                    r"implies \[32\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(_TENSOR_EDITS))
+def test_bad_tensors(saved, tmp_path, case):
+    edit, message = _TENSOR_EDITS[case]
     d = _copy(saved[1], tmp_path / "m")
-    t = _tensors(d / "model.safetensors")
-    del t["model.layers.1.self_attn.k_proj.weight"]
-    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"tensor 'model.layers.1.self_attn.k_proj.weight' is missing from "
-                                              r"the checkpoint \(.*model.safetensors\).*use the config.json"):
-        load_model(d)
-
-
-def test_missing_expert(saved, tmp_path):
-    d = _copy(saved[1], tmp_path / "m")
-    t = _tensors(d / "model.safetensors")
-    del t["model.layers.0.block_sparse_moe.experts.5.w3.weight"]
-    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"tensor 'model.layers.0.mlp.experts.5.up_proj.weight' is missing"):
-        load_model(d)
-
-
-def test_missing_all_experts_of_a_layer(saved, tmp_path):
-    d = _copy(saved[1], tmp_path / "m")
-    t = {k: v for k, v in _tensors(d / "model.safetensors").items() if ".layers.1.block_sparse_moe.experts." not in k}
-    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"experts of layer 1 are missing.*gate_up_proj.*per-expert layout"):
-        load_model(d)
-
-
-def test_unexpected_tensor(saved, tmp_path):
-    d = _copy(saved[1], tmp_path / "m")
-    t = _tensors(d / "model.safetensors")
-    t["model.layers.7.self_attn.q_proj.weight"] = torch.zeros(32, 32)
-    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"unexpected tensor 'model.layers.7.self_attn.q_proj.weight' in "
-                                              r".*model.safetensors .*has no such weight"):
-        load_model(d)
-
-
-def test_wrong_shape(saved, tmp_path):
-    d = _copy(saved[1], tmp_path / "m")
-    t = _tensors(d / "model.safetensors")
-    t["model.norm.weight"] = torch.ones(31)
-    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"tensor 'model.norm.weight' in .*model.safetensors has shape \[31\] "
-                                              r"but config.json implies \[32\]"):
+    save_file(edit(_tensors(d / "model.safetensors")), str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=message):
         load_model(d)
 
 

@@ -17,19 +17,15 @@ import torch
 from moe import MoEConfig, MoEForCausalLM, load_model, save_pretrained
 from moe.layers import SparseMoEBlock
 
-from ._hf_fixtures import FAMILIES, hf_greedy, write_hf_checkpoint
+from ._hf_fixtures import FAMILIES, hf_greedy, one_thread, write_hf_checkpoint  # noqa: F401 (fixture)
 
 ATOL = 1e-4
 PROMPT = [1, 17, 42, 99, 5, 63, 150, 8, 21]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread. With two, thread hand-offs on a busy machine cost ~70x in wall time."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -174,11 +170,17 @@ def test_moe_blocks_and_backend(family):
 @pytest.mark.parametrize("model_type,kw", [
     ("mixtral", dict(sliding_window=4)),
     ("qwen2_moe", dict(use_sliding_window=True, sliding_window=3, max_window_layers=2)),  # layer 0 only
-])
-def test_sliding_window_equals_transformers(tmp_path, model_type, kw):
+    ("mixtral", dict(tie_word_embeddings=True)),
+    ("qwen3_moe", dict(decoder_sparse_step=2, num_hidden_layers=3)),           # layers 0 and 2 dense
+    ("olmoe", dict(num_key_value_heads=2, clip_qkv=None)),                    # GQA, k_norm over kv heads
+    ("deepseek_v2", dict(topk_method="greedy", n_group=None, topk_group=None, q_lora_rank=None)),
+    ("deepseek_v3", dict(rope_interleave=False, q_lora_rank=16,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+], ids=["mixtral-window", "qwen2-window", "mixtral-tied", "qwen3-sparse-step", "olmoe-gqa", "dsv2-greedy",
+        "dsv3-plain-rope"])
+def test_variants_equal_transformers(tmp_path, model_type, kw):
     hf = write_hf_checkpoint(model_type, tmp_path, seed=1, **kw)
     model = load_model(tmp_path)
-    assert any(layer.window for layer in model.layers)
     ids = torch.tensor([PROMPT])
     with torch.no_grad():
         ref = hf(ids).logits
