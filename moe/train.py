@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from .corpus import EOS_TEXT, add_corpus_arguments, load_token_ids, run_corpus_command
 from .losses import BalanceConfig, RouterAuxCollector, balance_stats
 
+_FIT_FROM, _FIT_AT = 5, 25  # steps between which the time budget measures the step time
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
@@ -70,7 +71,7 @@ class TrainConfig:
     precision: str = "auto"        # "bf16" autocast | "fp32" | "auto" (bf16 on CUDA)
     save_dtype: str = "bfloat16"   # dtype of final/
     backend: str = "torch"         # expert kernel backend
-    max_minutes: float = 0.0       # >0: after 20 steps, shrink max_steps once to fit this budget
+    max_minutes: float = 0.0       # >0: at step 25, shrink max_steps once to fit this budget
     # routing during training (moe.losses.BalanceConfig)
     lb_coef: float = 0.01
     z_coef: float = 0.001
@@ -485,9 +486,8 @@ def train(cfg: TrainConfig, out: str | Path, data: str, *, model_dict: dict | No
     balance_hist: dict[str, float] = {}
     window_tokens, window_t0 = 0, time.time()
     tok_per_s = 0.0
-    shrunk = False
+    fit_t0 = 0.0
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    step_t0 = time.time()
     while step < cfg.max_steps:
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
@@ -513,18 +513,23 @@ def train(cfg: TrainConfig, out: str | Path, data: str, *, model_dict: dict | No
         window_tokens += cfg.tokens_per_step
         loss_hist.append(step_loss)
         del loss_hist[:-20]  # the reported train loss is the mean of the last 20 steps
-        if cfg.max_minutes > 0 and not shrunk and step == min(20, cfg.max_steps - 1) and not resume:
+        if cfg.max_minutes > 0 and not resume and step == _FIT_FROM:
+            sync()
+            fit_t0 = time.time()  # steps before this one include warm-up (allocator, cuBLAS, ...)
+        if cfg.max_minutes > 0 and not resume and step == _FIT_AT:
             # fit the budget once, early, so the cosine schedule still ends at the last step
             sync()
-            per_step = (time.time() - step_t0) / step
-            budget = cfg.max_minutes * 60 - (time.time() - t_load) - 10.0
-            fit = step + int(budget / (per_step * 1.1))  # 10% reserve for evals and saving
+            per_step = (time.time() - fit_t0) / (_FIT_AT - _FIT_FROM)
+            budget = cfg.max_minutes * 60 - (time.time() - t_load) - 10.0  # 10 s for export and the last save
+            fit = step + int(budget / (per_step * 1.1))  # 10% reserve for evaluations and checkpoints
             if fit < cfg.max_steps:
                 cfg.max_steps = max(step + 1, fit)
                 state["max_steps"] = cfg.max_steps
                 if bar:
                     bar.total = cfg.max_steps
-            shrunk = True
+                if not quiet:
+                    print(f"\ntrain: {per_step * 1e3:.0f} ms/step; max_steps cut to {cfg.max_steps} to fit "
+                          f"{cfg.max_minutes} minutes", file=sys.stderr)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             sync()
             step_loss = float(step_loss)
