@@ -14,7 +14,6 @@ with sources s:
   - ``trans-c`` (c = 0..C-1): the known experts of layer j = layer - c, through the counted
     table P(e at m | e' at j), averaged in log space over the token's k experts at j (a
     product of the k conditionals, which singles out the path they share);
-  - ``temporal``: the previous token's experts at layer m, through P(e at m | e' at m one token ago);
   - ``repeat``: 1 if the previous token used e at layer m (an either/or that log-probabilities
     cannot express: "repeat the previous token, or follow the other evidence");
   - ``token``: the token id (hashed into buckets) through P(e at m | token id);
@@ -38,9 +37,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from .baselines import GateLookahead, PathModel, check_inputs, finish, multi_hot
-from .trace import RoutingTrace
+from .trace import RoutingTrace, read_npz
 
 _FORMAT = "moeflow.PathPredictor"
 _VERSION = 1
@@ -78,49 +79,53 @@ def _masked_mean(rows_XKE: np.ndarray, valid_XK: np.ndarray) -> np.ndarray:
 
 
 class _Tables:
-    """Counted conditionals of one trace, as log-ratios against popularity."""
+    """Counted conditionals of one trace, as log-ratios against popularity.
+
+    ``trans[j, e', d - 1, e]`` = log P(e at layer j + d | e' at layer j) - log pop[j + d, e]; row
+    e' = E is all zeros, the padding row that id -1 maps to (so a gather needs no mask).
+    """
 
     def __init__(self, trace: RoutingTrace, cfg: PredictorConfig):
         L, T, K = trace.expert_ids.shape
         E, a = trace.num_experts, cfg.smoothing
         self.span = min(cfg.max_span, max(L - 1, 1))
-        mh_LTE = multi_hot(trace.expert_ids, E)  # [L, T, E]
-        pop = (mh_LTE.sum(1) + a * K / E) / (T + a)  # [L, E], rows sum to K
+        ids = trace.expert_ids.astype(np.int64)  # [L, T, K]
+        count_LE = np.stack([np.bincount(ids[l][ids[l] >= 0], minlength=E) for l in range(L)]).astype(np.float64)
+        pop = (count_LE + a * K / E) / (T + a)  # [L, E], rows sum to K
         self.log_pop = np.log(pop).astype(np.float32)
 
         def log_ratio(joint_XE, count_X, m):  # smoothed log P(e at m | x) - log pop[m, e]
             p = (joint_XE + a * pop[m]) / (count_X[:, None] + a)
             return (np.log(np.maximum(p, 1e-30)) - self.log_pop[m]).astype(np.float32)
 
-        count_LE = mh_LTE.sum(1)
-        self.trans = np.zeros((L, self.span, E, E), dtype=np.float32)  # [j, d-1, e', e]
+        self.trans = np.zeros((L, E + 1, self.span, E), dtype=np.float32)
         for j in range(L):
             for d in range(1, min(self.span, L - 1 - j) + 1):
-                self.trans[j, d - 1] = log_ratio(mh_LTE[j].T @ mh_LTE[j + d], count_LE[j], j + d)
-        self.temporal = np.zeros((L, E, E), dtype=np.float32)  # [m, e' (previous token), e]
-        prev = trace.previous_token_index()
-        has = prev >= 0
-        for m in range(L):
-            a_TE, b_TE = mh_LTE[m][prev[has]], mh_LTE[m][has]
-            self.temporal[m] = log_ratio(a_TE.T @ b_TE, a_TE.sum(0), m)
+                # co-occurrence counts of (e' at j, e at j + d) over tokens, by bincount of pair codes
+                pj, pm = ids[j][:, :, None], ids[j + d][:, None, :]
+                ok = (pj >= 0) & (pm >= 0)
+                code = (pj * E + pm)[ok]
+                joint = np.bincount(code, minlength=E * E).reshape(E, E)
+                self.trans[j, :E, d - 1] = log_ratio(joint, count_LE[j], j + d)
         self.buckets = cfg.token_buckets if trace.token_ids is not None else 0
         self.token = np.zeros((self.buckets, L, E), dtype=np.float32)
         if self.buckets:
             bucket = np.mod(trace.token_ids.astype(np.int64), self.buckets)
-            cnt = np.bincount(bucket, minlength=self.buckets).astype(np.float32)
+            cnt = np.bincount(bucket, minlength=self.buckets).astype(np.float64)
             for m in range(L):
-                joint = np.zeros((self.buckets, E), dtype=np.float32)
-                np.add.at(joint, bucket, mh_LTE[m])
+                b_TK = np.broadcast_to(bucket[:, None], ids[m].shape)
+                ok = ids[m] >= 0
+                joint = np.bincount(b_TK[ok] * E + ids[m][ok], minlength=self.buckets * E).reshape(self.buckets, E)
                 self.token[:, m] = log_ratio(joint, cnt, m)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"log_pop": self.log_pop, "trans": self.trans, "temporal": self.temporal, "token": self.token}
+        return {"log_pop": self.log_pop, "trans": self.trans, "token": self.token}
 
     @classmethod
     def from_arrays(cls, arrays: dict) -> "_Tables":
         t = cls.__new__(cls)
-        t.log_pop, t.trans, t.temporal, t.token = (arrays[k] for k in ("log_pop", "trans", "temporal", "token"))
-        t.span, t.buckets = t.trans.shape[1], t.token.shape[0]
+        t.log_pop, t.trans, t.token = (arrays[k] for k in ("log_pop", "trans", "token"))
+        t.span, t.buckets = t.trans.shape[2], t.token.shape[0]
         return t
 
 
@@ -192,10 +197,11 @@ class PathPredictor(PathModel):
         self.weights_GS = np.asarray(weights_GS, dtype=np.float32)
         self.lookahead = lookahead
         C = self.config.context_layers
-        self.source_names = ["pop"] + [f"trans-{c}" for c in range(C)] + ["temporal", "repeat", "token", "gate"]
+        self.source_names = ["pop"] + [f"trans-{c}" for c in range(C)] + ["repeat", "token", "gate"]
+        self.reference = False  # True: score with the plain reference path (tests compare the two)
         assert self.weights_GS.shape == (2 * self.num_layers - 1, len(self.source_names))
 
-    # --- evidence --------------------------------------------------------------------------------
+    # --- evidence (plain reference: every source materialised) ----------------------------------
     def _sources(self, prev, layer: int, known, token_ids, gate_logits_NLE) -> np.ndarray:
         """X [N, L-1-layer, S, E]: the source log-ratios for the target layers m > layer."""
         t, C = self.tables, self.config.context_layers
@@ -210,24 +216,60 @@ class PathPredictor(PathModel):
             d_lo, d_hi = layer - j + 1, min(t.span, L - 1 - j)  # targets m = j + d beyond `layer`
             if d_hi >= d_lo:
                 ids = known[:, j]  # [N, K]
-                rows = t.trans[j, d_lo - 1:d_hi][:, np.maximum(ids, 0)]  # [D, N, K, E]
-                X[:, :d_hi - d_lo + 1, 1 + c] = _masked_mean(rows, ids >= 0).transpose(1, 0, 2)
+                rows = t.trans[j][np.maximum(ids, 0)][:, :, d_lo - 1:d_hi]  # [N, K, D, E]
+                X[:, :d_hi - d_lo + 1, 1 + c] = _masked_mean(rows.transpose(0, 2, 1, 3), (ids >= 0)[:, None, :])
         if prev is not None and first < L:
-            ids = prev[:, first:]  # [N, M, K]
-            rows = t.temporal[np.arange(first, L)[None, :, None], np.maximum(ids, 0)]  # [N, M, K, E]
-            X[:, :, C + 1] = _masked_mean(rows, ids >= 0)
             # the previous token's own experts as a 0/1 feature: a log-linear model cannot
             # express "either repeat the previous token or follow the other evidence" with
             # log-probabilities alone, an indicator with its own weight can
-            X[:, :, C + 2] = multi_hot(ids, E)
+            X[:, :, C + 1] = multi_hot(prev[:, first:], E)
         if token_ids is not None and t.buckets:
-            X[:, :, C + 3] = t.token[np.mod(np.asarray(token_ids, dtype=np.int64), t.buckets), first:]
+            X[:, :, C + 2] = t.token[np.mod(np.asarray(token_ids, dtype=np.int64), t.buckets), first:]
         if gate_logits_NLE is not None:
-            z = gate_logits_NLE[:, first:]
-            z = z - z.max(-1, keepdims=True)
-            logp = z - np.log(np.exp(z).sum(-1, keepdims=True)) + np.log(self.top_k)
-            X[:, :, C + 4] = np.maximum(logp, _LOG_FLOOR) - t.log_pop[None, first:]
+            X[:, :, C + 3] = self._gate_source(gate_logits_NLE[:, first:], first)
         return X
+
+    def _gate_source(self, logits_NME: np.ndarray, first: int) -> np.ndarray:
+        z = logits_NME - logits_NME.max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True)) + np.log(self.top_k)
+        return np.maximum(logp, _LOG_FLOOR) - self.tables.log_pop[None, first:]
+
+    def _scores_reference(self, prev, layer, known, tok, gate) -> np.ndarray:
+        X = self._sources(prev, layer, known, tok, gate)
+        return np.einsum("nmse,ms->nme", X, self.weights_GS[self._groups(layer)[layer + 1:]])
+
+    # --- evidence (fast path: gathers weighted as they arrive, nothing materialised) -----------------
+    @torch.no_grad()
+    def _scores(self, prev, layer, known, tok, gate) -> np.ndarray:
+        """Equals ``_scores_reference`` (tested); embedding_bag averages the k table rows in one pass."""
+        t, C = self.tables, self.config.context_layers
+        N, L, E = known.shape[0], self.num_layers, self.num_experts
+        first = layer + 1
+        M = L - first
+        W = torch.from_numpy(self.weights_GS[self._groups(layer)[first:]])  # [M, S]
+        z = (W[:, 0, None] * torch.from_numpy(t.log_pop[first:])).expand(N, M, E).clone()  # [N, M, E]
+        for c in range(C):
+            j = layer - c
+            if j < 0:
+                break
+            d_lo, d_hi = layer - j + 1, min(t.span, L - 1 - j)
+            if d_hi >= d_lo:
+                ids = torch.from_numpy(np.where(known[:, j] >= 0, known[:, j], E))
+                table = torch.from_numpy(t.trans[j]).view(E + 1, -1)  # [E+1, span*E]
+                rows = F.embedding_bag(ids, table, mode="mean", padding_idx=E).view(N, t.span, E)
+                nd = d_hi - d_lo + 1
+                z[:, :nd].addcmul_(rows[:, d_lo - 1:d_hi], W[:nd, 1 + c, None])
+        if prev is not None and M:
+            ids = torch.from_numpy(np.where(prev[:, first:] >= 0, prev[:, first:], E))  # [N, M, K]
+            hot = torch.zeros(N, M, E + 1).scatter_(2, ids, 1.0)[..., :E]
+            z.addcmul_(hot, W[:, C + 1, None])
+        if tok is not None and t.buckets:
+            b = torch.from_numpy(np.mod(np.asarray(tok, dtype=np.int64), t.buckets))
+            z.addcmul_(torch.from_numpy(t.token)[b, first:], W[:, C + 2, None])
+        if gate is not None:
+            z.addcmul_(torch.from_numpy(self._gate_source(gate[:, first:], first).astype(np.float32)),
+                       W[:, C + 3, None])
+        return z
 
     def _groups(self, layer: int) -> np.ndarray:
         """[L] weight group of each target layer (entries <= layer unused)."""
@@ -243,14 +285,12 @@ class PathPredictor(PathModel):
     def predict_batch(self, prev_paths_NLK, layer, known_NlK, features: dict | None = None) -> np.ndarray:
         prev, known = check_inputs(self, prev_paths_NLK, layer, known_NlK)
         tok = None if features is None else features.get("token_ids")
-        X = self._sources(prev, layer, known, tok, self._gate_logits(layer, features, known.shape[0]))
-        g = self._groups(layer)[layer + 1:]
-        probs = np.zeros((known.shape[0], self.num_layers, self.num_experts), dtype=np.float32)
-        z = np.einsum("nmse,ms->nme", X, self.weights_GS[g])
-        z = np.exp(z - z.max(-1, keepdims=True))
+        gate = self._gate_logits(layer, features, known.shape[0])
+        score = (self._scores_reference if self.reference else self._scores)(prev, layer, known, tok, gate)
+        probs = torch.zeros(known.shape[0], self.num_layers, self.num_experts)
         # k times the softmax: the expected use of each expert (sums to k, clipped at 1)
-        probs[:, layer + 1:] = self.top_k * z / z.sum(-1, keepdims=True)
-        return finish(probs, layer, known)
+        probs[:, layer + 1:] = torch.softmax(torch.as_tensor(score), -1).mul_(self.top_k).clamp_(max=1.0)
+        return finish(probs.numpy(), layer, known)
 
     # --- training ---------------------------------------------------------------------------------
     @classmethod
@@ -270,7 +310,7 @@ class PathPredictor(PathModel):
             cut = max(1, int(T * (1.0 - cfg.holdout)))
             count_idx = np.arange(cut)
         fit_idx = np.setdiff1d(np.arange(T), count_idx)
-        n_src = 1 + cfg.context_layers + 4
+        n_src = 1 + cfg.context_layers + 3
         w0 = np.ones((2 * L - 1, n_src), dtype=np.float32)
         model = cls(_Tables(trace.select_tokens(count_idx), cfg), w0, K, cfg, lookahead)
         model._fit_weights(trace, fit_idx, features, verbose)
@@ -319,22 +359,11 @@ class PathPredictor(PathModel):
 
     @classmethod
     def load(cls, path: str | Path, lookahead: GateLookahead | None = None) -> "PathPredictor":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"predictor file {path} does not exist; train one with `moe predictor train`")
-        try:
-            z = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise ValueError(f"{path} is not a predictor .npz ({e})") from e
-        with z:
-            try:
-                header = json.loads(bytes(z["header"]).decode()) if "header" in z else {}
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{path}: corrupt predictor header ({e})") from e
-            if header.get("format") != _FORMAT or header.get("version") != _VERSION:
-                raise ValueError(f"{path} is not a moeflow PathPredictor v{_VERSION} file "
-                                 f"(format {header.get('format')!r} v{header.get('version')})")
-            arrays = {k: z[k] for k in z.files}
+        header, arrays = read_npz(path, "PathPredictor", "train one with `moe predictor train`",
+                                  required=("weights_GS",))
+        if header.get("format") != _FORMAT or header.get("version") != _VERSION:
+            raise ValueError(f"{path} is not a moeflow PathPredictor v{_VERSION} file "
+                             f"(format {header.get('format')!r} v{header.get('version')})")
         return cls(_Tables.from_arrays(arrays), arrays["weights_GS"], int(header["top_k"]),
                    PredictorConfig(**header["config"]), lookahead)
 
@@ -406,12 +435,16 @@ def evaluate(model: PathModel, trace: RoutingTrace, features: dict | None = None
 
 def cost_per_token_us(model: PathModel, trace: RoutingTrace, layer: int = 0, batch: int = 64,
                       repeats: int = 20, features: dict | None = None) -> float:
-    """CPU microseconds per token of one ``predict_batch`` call over ``batch`` tokens."""
+    """CPU microseconds per token of one ``predict_batch`` call over ``batch`` tokens.
+
+    Process CPU time, not wall time: on a shared machine wall time mostly measures waiting. Run
+    with ``torch.set_num_threads(1)`` to get one core's cost (the benchmark does).
+    """
     import time
     paths, prev, feats, _ = token_inputs(trace, features, batch)
     layer = min(layer, model.num_layers - 2)
     model.predict_batch(prev, layer, paths[:, :layer + 1], feats)  # warm-up
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     for _ in range(repeats):
         model.predict_batch(prev, layer, paths[:, :layer + 1], feats)
-    return (time.perf_counter() - t0) / repeats / len(paths) * 1e6
+    return (time.process_time() - t0) / repeats / len(paths) * 1e6

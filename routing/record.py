@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from .trace import RoutingTrace
+from .trace import RoutingTrace, read_npz
 
 _FEATURES_FORMAT = "moeflow.RoutingFeatures"
 _FEATURES_VERSION = 1
@@ -231,22 +231,11 @@ def save_features(path: str | Path, features: dict[str, np.ndarray]) -> Path:
 
 
 def load_features(path: str | Path) -> dict[str, np.ndarray]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"feature file {path} does not exist")
-    try:
-        z = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{path} is not a features .npz ({e}); write one with routing.save_features") from e
-    with z:
-        try:
-            header = json.loads(bytes(z["header"]).decode()) if "header" in z else {}
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: corrupt features header ({e})") from e
-        if header.get("format") != _FEATURES_FORMAT:
-            raise ValueError(f"{path} is not a moeflow features file (format {header.get('format')!r}); "
-                             "was it written by routing.save_features?")
-        return {k: z[k] for k in z.files if k != "header"}
+    header, arrays = read_npz(path, "routing features", "write one with routing.save_features")
+    if header.get("format") != _FEATURES_FORMAT:
+        raise ValueError(f"{path} is not a moeflow features file (format {header.get('format')!r}); "
+                         "was it written by routing.save_features?")
+    return arrays
 
 
 def hidden_matrix(features: dict[str, np.ndarray], num_layers: int) -> np.ndarray | None:

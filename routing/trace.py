@@ -132,6 +132,25 @@ class RoutingTrace:
         first = np.isin(req, uniq[:n_first])
         return self.select_tokens(first), self.select_tokens(~first)
 
+    def interleaved(self, tokens_per_request: int | None = None) -> tuple["RoutingTrace", int]:
+        """Decode-step order: step t holds the t-th token of every request, in request order.
+
+        Keeps the requests with at least ``tokens_per_request`` tokens (default: the shortest
+        request's count), truncated to that many. Returns ``(trace, requests per step)``, so row
+        i of every step is the same request (what a cache simulator's lookahead expects).
+        """
+        req = self.request_ids_or_default()
+        uniq, counts = np.unique(req, return_counts=True)
+        n = int(counts.min()) if tokens_per_request is None else int(tokens_per_request)
+        if n <= 0:
+            raise ValueError(f"tokens_per_request must be positive, got {n}")
+        keep = uniq[counts >= n]
+        if len(keep) == 0:
+            raise ValueError(f"no request has {n} tokens (the longest has {int(counts.max())})")
+        order = np.concatenate([np.flatnonzero(req == r)[:n] for r in keep])  # [R * n], request-major
+        order = order.reshape(len(keep), n).T.reshape(-1)  # step-major
+        return self.select_tokens(order), len(keep)
+
     # --- disk -----------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -150,28 +169,39 @@ class RoutingTrace:
 
     @classmethod
     def load(cls, path: str | Path) -> "RoutingTrace":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"routing trace {path} does not exist")
-        try:
-            z = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise ValueError(f"{path} is not a RoutingTrace .npz file ({e}); "
-                             "record one with moeflow's trace recorder or RoutingTrace.save") from e
-        with z:
-            if "header" not in z or "expert_ids" not in z:
-                raise ValueError(f"{path} lacks the 'header'/'expert_ids' arrays of a RoutingTrace; "
-                                 "was it written by RoutingTrace.save?")
-            try:
-                header = json.loads(bytes(z["header"]).decode())
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{path}: corrupt RoutingTrace header ({e})") from e
-            if header.get("format") != "moeflow.RoutingTrace" or header.get("version") != _FORMAT_VERSION:
-                raise ValueError(f"{path}: unsupported trace format {header.get('format')} "
-                                 f"version {header.get('version')} (this moeflow reads version {_FORMAT_VERSION})")
-            opt = {n: (z[n] if n in z else None) for n in ("weights",) + _PER_TOKEN}
-            return cls(z["expert_ids"], int(header["num_experts"]), meta=header.get("meta", {}), **opt)
+        header, z = read_npz(path, "RoutingTrace", "record one with moeflow's trace recorder or RoutingTrace.save",
+                             required=("expert_ids",))
+        if header.get("format") != "moeflow.RoutingTrace" or header.get("version") != _FORMAT_VERSION:
+            raise ValueError(f"{path}: unsupported trace format {header.get('format')} "
+                             f"version {header.get('version')} (this moeflow reads version {_FORMAT_VERSION})")
+        opt = {n: z.get(n) for n in ("weights",) + _PER_TOKEN}
+        return cls(z["expert_ids"], int(header["num_experts"]), meta=header.get("meta", {}), **opt)
 
     def __repr__(self) -> str:
         return (f"RoutingTrace(layers={self.num_layers}, tokens={self.num_tokens}, top_k={self.top_k}, "
                 f"num_experts={self.num_experts})")
+
+
+def read_npz(path: str | Path, what: str, hint: str, required: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """``(header, arrays)`` of a moeflow ``.npz`` (a JSON ``header`` array plus named arrays).
+
+    Shared by every moeflow file of this kind; errors name the file, what it should have been
+    (``what``) and how to make one (``hint``). Nothing is unpickled.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist; {hint}")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path} is not a {what} .npz file ({e}); {hint}") from e
+    with z:
+        missing = [n for n in ("header",) + tuple(required) if n not in z]
+        if missing:
+            raise ValueError(f"{path} lacks the {missing} arrays of a {what} file; {hint}")
+        try:
+            header = json.loads(bytes(z["header"]).decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: corrupt {what} header ({e})") from e
+        arrays = {k: z[k] for k in z.files if k != "header"}
+    return header, arrays

@@ -85,3 +85,23 @@ def test_config_validation():
         PredictorConfig(holdout=1.5)
     with pytest.raises(ValueError, match="context_layers"):
         PredictorConfig(context_layers=0)
+
+
+@pytest.mark.parametrize("with_prev", [True, False])
+def test_fast_path_equals_the_reference(planted, planted_predictor, with_prev):
+    test = planted[1]
+    paths = test.paths().astype(np.int64)[:40]
+    paths[3, 1, 0] = -1  # a dropped slot
+    prev = np.roll(paths, 1, axis=0) if with_prev else None
+    if with_prev:
+        prev[0] = -1  # a token with no previous token
+    feats = {"token_ids": test.token_ids[:40]}
+    p = planted_predictor
+    for layer in range(-1, test.num_layers):
+        fast = p.predict_batch(prev, layer, paths[:, :layer + 1], feats)
+        p.reference = True
+        try:
+            ref = p.predict_batch(prev, layer, paths[:, :layer + 1], feats)
+        finally:
+            p.reference = False
+        np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-6)

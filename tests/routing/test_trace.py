@@ -70,3 +70,15 @@ def test_bad_shapes():
         RoutingTrace(np.zeros((4, 2), int), 4)
     with pytest.raises(ValueError, match="token_ids"):
         RoutingTrace(np.zeros((1, 4, 2), int), 4, token_ids=np.zeros(3))
+
+
+def test_interleaved_decode_order():
+    ids = np.arange(7)[None, :, None]
+    t = RoutingTrace(ids, 7, request_ids=[0, 0, 0, 1, 1, 2, 2], positions=[0, 1, 2, 0, 1, 0, 1])
+    u, per_step = t.interleaved()
+    assert per_step == 3
+    np.testing.assert_array_equal(u.expert_ids[0, :, 0], [0, 3, 5, 1, 4, 6])
+    u, per_step = t.interleaved(3)
+    assert per_step == 1 and u.num_tokens == 3
+    with pytest.raises(ValueError, match="no request"):
+        t.interleaved(4)
