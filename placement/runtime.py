@@ -1,0 +1,426 @@
+"""Expert parallelism on Ray actors: one actor per rank, each holding only its experts.
+
+Shape legend: T = tokens of the batch (B*T of the model, flattened), K = experts per token,
+D = hidden size, E = experts per layer, P = ranks, C = copies of an expert, N = rows.
+
+    driver: ExpertParallelRuntime(model, plan, EPConfig(mode=...))
+        ├─ placement group of P bundles (one per rank; PACK, so several machines work too)
+        └─ P EPWorker actors, joined in one torch.distributed group (gloo on CPU, NCCL on GPU)
+              each: the model's dense part (embeddings, attention, norms, routers, shared
+              experts, head) and, per MoE layer, ExpertParallelExperts with ONLY the experts
+              the plan puts on it (replicas included)
+
+Every rank keeps the whole context: it runs the dense part on every token of the batch, so
+its KV cache is complete and the routing (router output) is known everywhere. The routed
+experts are where ranks differ. Each token has a *home* rank whose copy of its hidden state
+is the one that moves; per MoE layer (the model of placement/metrics.py, message for message):
+
+    standard EP     home = origin (token index mod P) at every layer
+                    dispatch all-to-all: home -> each distinct rank holding one of its experts
+                    combine  all-to-all: partial sums -> back to the origin
+    context-coherent (ExFlow)
+                    dispatch all-to-all: current home -> its experts' ranks
+                    the token's new home is the rank carrying most of its routing weight; only
+                    partial sums from other ranks move there (top-1: none, and the combine
+                    all-to-all is skipped: one all-to-all per layer)
+
+after which the destination ranks hold the layer's output and one all-gather gives it back
+to every rank, so that the replicated dense part (the "whole context") continues. Splits are
+computed by every rank from the replicated routing, so no count exchange is needed, and a
+collective that would move nothing on any rank is skipped on all of them.
+
+``apply_placement(model, plan, rank, ...)`` is the per-rank step (replaces ``block.experts``,
+the contract seam); ``ExpertParallelRuntime`` builds the actors and runs forwards in them.
+"""
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import kernels
+
+from .collectives import all_gather_v, all_to_all_v
+from .plan import PlacementPlan
+
+MODES = ("standard", "coherent")
+
+
+@dataclass(frozen=True)
+class EPConfig:
+    mode: str = "coherent"  # 'standard' (two all-to-alls per layer) or 'coherent' (ExFlow)
+    device: str = "cpu"  # 'cpu' (gloo) or 'cuda' (NCCL, one GPU per actor)
+    cpus_per_actor: float = 0.1
+    backend: str = "torch"  # expert kernel backend inside each rank
+    torch_threads: int = 1
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.cpus_per_actor <= 0 or self.torch_threads < 1:
+            raise ValueError(f"cpus_per_actor ({self.cpus_per_actor}) must be > 0 and torch_threads "
+                             f"({self.torch_threads}) >= 1")
+        kernels.get_backend(self.backend)
+
+
+@dataclass
+class TokenState:
+    """Shared by the MoE layers of one rank: where each token lives, and traffic counters."""
+    rank: int
+    world: int
+    mode: str
+    group: object = None
+    home_T: torch.Tensor | None = None
+    origin_T: torch.Tensor | None = None
+    counters: dict = field(default_factory=lambda: dict(dispatch_rows=0, combine_rows=0, allgather_rows=0,
+                                                        all_to_all_calls=0, all_gather_calls=0, layers=0))
+
+
+class ExpertParallelExperts(nn.Module):
+    """Drop-in for ``block.experts`` on one rank: forward(x_TD, topk_ids_TK, topk_weights_TK) -> y_TD."""
+
+    def __init__(self, w13_nJD: torch.Tensor, w2_nDI: torch.Tensor, local_ids: list[int], copies_EC: torch.Tensor,
+                 state: TokenState, first_layer: bool, backend: str = "torch"):
+        super().__init__()
+        E = copies_EC.shape[0]
+        self.w13 = nn.Parameter(w13_nJD)
+        self.w2 = nn.Parameter(w2_nDI)
+        local_of = torch.full((E,), -1, dtype=torch.long)
+        local_of[torch.as_tensor(local_ids, dtype=torch.long)] = torch.arange(len(local_ids))
+        self.register_buffer("local_of_E", local_of.to(w13_nJD.device), persistent=False)
+        self.register_buffer("copies_EC", copies_EC.to(w13_nJD.device), persistent=False)
+        self.register_buffer("ncopies_E", (copies_EC >= 0).sum(1).to(w13_nJD.device), persistent=False)
+        self.local_ids = list(local_ids)
+        self.state = state
+        self.first_layer = first_layer
+        self.backend = backend
+
+    @property
+    def num_experts(self) -> int:
+        return self.copies_EC.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"rank={self.state.rank}/{self.state.world}, local_experts={self.local_ids}, backend={self.backend!r}"
+
+    # --- routing bookkeeping (identical on every rank) -------------------------------------
+    def _slot_ranks(self, ids_TK: torch.Tensor, home_T: torch.Tensor) -> torch.Tensor:
+        """[T, K] rank running each slot (-1 for id -1): the copy on the home if any, else one by token index."""
+        valid = ids_TK >= 0
+        e = ids_TK.clamp(min=0)
+        cand = self.copies_EC[e]  # [T, K, C]
+        at_home = (cand == home_T[:, None, None]).any(-1)
+        t = torch.arange(ids_TK.shape[0], device=ids_TK.device)[:, None]
+        spread = cand.gather(-1, (t % self.ncopies_E[e])[..., None])[..., 0]
+        return torch.where(valid, torch.where(at_home, home_T[:, None], spread), -1)
+
+    @staticmethod
+    def _new_home(r_TK, w_TK, home_T):
+        valid = r_TK >= 0
+        same = (r_TK[:, :, None] == r_TK[:, None, :]) & valid[:, None, :]
+        w = torch.where(valid, w_TK.detach().float(), 0.0)
+        score = torch.where(valid, (same * w[:, None, :]).sum(2), -1.0)
+        best = torch.argmax(score, dim=1)  # first maximum: ties go to the earlier slot
+        h = r_TK.gather(1, best[:, None])[:, 0]
+        return torch.where(valid.any(1), h, home_T)
+
+    # --- forward ---------------------------------------------------------------------------
+    def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
+        st, me, P = self.state, self.state.rank, self.state.world
+        T, D = x_TD.shape
+        dev = x_TD.device
+        ids_TK = topk_ids_TK.to(dev)
+        if self.first_layer or st.home_T is None or st.home_T.shape[0] != T:
+            st.origin_T = torch.arange(T, device=dev) % P
+            st.home_T = st.origin_T.clone()
+        home_T = st.home_T
+        r_TK = self._slot_ranks(ids_TK, home_T)
+        on_TP = torch.zeros(T, P + 1, dtype=torch.bool, device=dev)  # column P absorbs id -1
+        on_TP.scatter_(1, torch.where(r_TK >= 0, r_TK, P), True)
+        on_TP = on_TP[:, :P]  # [T, P] rank p runs some of token t's experts
+        if st.mode == "coherent":
+            dest_T = self._new_home(r_TK, topk_weights_TK, home_T)
+        else:
+            dest_T = st.origin_T
+        tok = torch.arange(T, device=dev)
+
+        # dispatch: rows of tokens homed here go to the other ranks running their experts
+        send = [tok[(home_T == me) & on_TP[:, r]] if r != me else tok[:0] for r in range(P)]
+        recv = [tok[(home_T == s) & on_TP[:, me]] if s != me else tok[:0] for s in range(P)]
+        moving = int((on_TP & (torch.arange(P, device=dev)[None, :] != home_T[:, None])).sum())
+        if moving:
+            x_recv = all_to_all_v(torch.cat([x_TD[i] for i in send]), [len(i) for i in send],
+                                  [len(i) for i in recv], st.group)
+            st.counters["all_to_all_calls"] += 1
+            st.counters["dispatch_rows"] += sum(len(i) for i in send)
+        else:
+            x_recv = x_TD[:0]
+        # the rows this rank computes: its own copies where the token is homed here, else what came
+        mine = tok[on_TP[:, me]]
+        pos = torch.full((T,), -1, dtype=torch.long, device=dev)
+        pos[mine] = torch.arange(len(mine), device=dev)
+        own = mine[home_T[mine] == me]
+        got = torch.cat(recv)
+        x_loc = x_TD.new_zeros(len(mine), D).index_copy(0, pos[own], x_TD[own]).index_copy(0, pos[got], x_recv)
+        ids_loc = torch.where(r_TK[mine] == me, self.local_of_E[ids_TK[mine].clamp(min=0)], -1)
+        y_loc = kernels.get_backend(self.backend)(x_loc, self.w13, self.w2, ids_loc, topk_weights_TK[mine])
+
+        # combine: partial sums go to the destination (origin, or the new home)
+        csend = [mine[dest_T[mine] == r] if r != me else tok[:0] for r in range(P)]
+        crecv = [tok[on_TP[:, s] & (dest_T == me)] if s != me else tok[:0] for s in range(P)]
+        moving = int((on_TP & (torch.arange(P, device=dev)[None, :] != dest_T[:, None])).sum())
+        if moving:
+            y_recv = all_to_all_v(torch.cat([y_loc[pos[i]] for i in csend]), [len(i) for i in csend],
+                                  [len(i) for i in crecv], st.group)
+            st.counters["all_to_all_calls"] += 1
+            st.counters["combine_rows"] += sum(len(i) for i in csend)
+        else:
+            y_recv = y_loc[:0]
+        dests = tok[dest_T == me]
+        dpos = torch.full((T,), -1, dtype=torch.long, device=dev)
+        dpos[dests] = torch.arange(len(dests), device=dev)
+        kept = mine[dest_T[mine] == me]
+        y_own = y_loc.new_zeros(len(dests), D).index_add(0, dpos[kept], y_loc[pos[kept]]) \
+            .index_add(0, dpos[torch.cat(crecv)], y_recv)
+
+        # every rank continues the dense part on every token: gather the outputs back
+        sizes = [int((dest_T == r).sum()) for r in range(P)]
+        order = torch.cat([tok[dest_T == r] for r in range(P)])
+        y_all = all_gather_v(y_own, sizes, st.group)
+        st.counters["all_gather_calls"] += 1
+        st.counters["allgather_rows"] += len(dests)
+        st.counters["layers"] += 1
+        if st.mode == "coherent":
+            st.home_T = dest_T
+        return x_TD.new_zeros(T, D).index_copy(0, order, y_all.to(x_TD.dtype))
+
+
+def _block_prefixes(model) -> dict[int, str]:
+    blocks = {id(b): b for b in model.moe_blocks()}
+    return {blocks[id(m)].moe_index: name for name, m in model.named_modules() if id(m) in blocks}
+
+
+def copies_table(plan: PlacementPlan, layer: int) -> torch.Tensor:
+    """[E, C] ranks holding each expert (primary first, -1 padded)."""
+    copies = [plan.ranks_of(layer, e) for e in range(plan.num_experts)]
+    C = max(len(c) for c in copies)
+    out = torch.full((plan.num_experts, C), -1, dtype=torch.long)
+    for e, c in enumerate(copies):
+        out[e, :len(c)] = torch.tensor(c)
+    return out
+
+
+def split_state_dict(model, plan: PlacementPlan) -> tuple[dict, list[dict]]:
+    """(dense parameters, per rank {prefix.experts.w13/w2: local slice}) — what each actor receives."""
+    blocks = model.moe_blocks()
+    plan.check_compatible(len(blocks), blocks[0].experts.num_experts if blocks else 0)
+    prefixes = _block_prefixes(model)
+    expert_keys = {f"{p}.experts.{w}" for p in prefixes.values() for w in ("w13", "w2")}
+    dense = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in expert_keys}
+    per_rank = []
+    for r in range(plan.num_ranks):
+        d = {}
+        for b in blocks:
+            ids = plan.experts_on(r, b.moe_index)
+            d[f"{prefixes[b.moe_index]}.experts.w13"] = b.experts.w13.detach()[ids].cpu().clone()
+            d[f"{prefixes[b.moe_index]}.experts.w2"] = b.experts.w2.detach()[ids].cpu().clone()
+        per_rank.append(d)
+    return dense, per_rank
+
+
+def apply_placement(model, plan: PlacementPlan, rank: int, mode: str = "coherent", group=None,
+                    local_weights: dict | None = None, backend: str | None = None) -> TokenState:
+    """Replace every ``block.experts`` of ``model`` by this rank's expert-parallel module.
+
+    ``local_weights`` ({prefix.experts.w13/w2: [n_local, ...]}, from ``split_state_dict``) or,
+    when None, slices of the model's own experts. Returns the rank's shared TokenState.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not 0 <= rank < plan.num_ranks:
+        raise ValueError(f"rank {rank} outside the plan's 0..{plan.num_ranks - 1}")
+    blocks = model.moe_blocks()
+    if not blocks:
+        raise ValueError("the model has no MoE layers to place")
+    plan.check_compatible(len(blocks), blocks[0].experts.num_experts)
+    prefixes = _block_prefixes(model)
+    state = TokenState(rank, plan.num_ranks, mode, group)
+    for b in blocks:
+        ids = plan.experts_on(rank, b.moe_index)
+        if local_weights is not None:
+            w13 = local_weights[f"{prefixes[b.moe_index]}.experts.w13"]
+            w2 = local_weights[f"{prefixes[b.moe_index]}.experts.w2"]
+        else:
+            w13, w2 = b.experts.w13.detach()[ids].clone(), b.experts.w2.detach()[ids].clone()
+        dev = model.embed.weight.device
+        b.experts = ExpertParallelExperts(w13.to(dev), w2.to(dev), ids, copies_table(plan, b.moe_index), state,
+                                          first_layer=b.moe_index == 0,
+                                          backend=backend or getattr(b.experts, "backend", "torch"))
+    return state
+
+
+class _Vacant(nn.Module):
+    """Stands in for a block's experts until apply_placement installs this rank's own."""
+
+    def __init__(self, num_experts: int, backend: str):
+        super().__init__()
+        self.num_experts, self.backend = num_experts, backend
+
+    def forward(self, *args):
+        raise RuntimeError("experts not placed yet: call apply_placement first")
+
+
+# --- Ray actors ---------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class EPWorker:
+    """One rank: builds the model's dense part and its own experts, joins the process group."""
+
+    def __init__(self, rank: int, world: int, cfg: EPConfig):
+        torch.set_num_threads(cfg.torch_threads)
+        self.rank, self.world, self.cfg = rank, world, cfg
+        self.device = torch.device("cuda", 0) if cfg.device == "cuda" else torch.device("cpu")
+        self.model = None
+        self.state = None
+
+    def address(self) -> tuple[str, int]:
+        import ray
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def connect(self, addr: str, port: int) -> None:
+        dist.init_process_group("nccl" if self.cfg.device == "cuda" else "gloo", init_method=f"tcp://{addr}:{port}",
+                                rank=self.rank, world_size=self.world)
+
+    def load(self, hf_config: dict, dense: dict, local: dict, plan_dict: dict) -> int:
+        """Build the dense model and this rank's experts (again, for another model or plan)."""
+        from moe import MoEConfig, MoEForCausalLM
+        self.model = self.state = None
+        plan = PlacementPlan.from_dict(plan_dict)
+        mcfg = MoEConfig.from_hf_dict(hf_config)
+        dtype = next(iter(dense.values())).dtype
+        # built on the meta device, the routed experts swapped for a vacant stand-in before any
+        # memory is allocated: a rank never holds experts the plan puts elsewhere
+        model = MoEForCausalLM(mcfg, backend=self.cfg.backend, dtype=dtype, device="meta")
+        for b in model.moe_blocks():
+            b.experts = _Vacant(b.experts.num_experts, self.cfg.backend)
+        model.to_empty(device=self.device)
+        missing, unexpected = model.load_state_dict(dense, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"rank {self.rank}: state dict mismatch, missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        model.reset_rotary(self.device)
+        self.state = apply_placement(model, plan, self.rank, self.cfg.mode, None,
+                                     {k: v.to(dtype) for k, v in local.items()}, self.cfg.backend)
+        self.model = model.eval()
+        return sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.state.mode = mode
+
+    @torch.no_grad()
+    def forward(self, input_ids_BT: torch.Tensor, valid_BT: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.model(input_ids_BT.to(self.device), valid_BT=None if valid_BT is None else valid_BT.to(self.device))
+        return out.cpu()
+
+    @torch.no_grad()
+    def greedy(self, input_ids_BT: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding with the KV cache: prefill, then one token per row per step."""
+        ids = input_ids_BT.to(self.device)
+        B, T = ids.shape
+        cache = self.model.new_cache(B, T + max_new_tokens)
+        logits = self.model(ids, cache=cache)
+        out = []
+        for _ in range(max_new_tokens):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            out.append(nxt)
+            logits = self.model(nxt, cache=cache)
+        return torch.cat(out, 1).cpu()
+
+    def counters(self) -> dict:
+        return dict(self.state.counters)
+
+    def reset_counters(self) -> None:
+        for k in self.state.counters:
+            self.state.counters[k] = 0
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class ExpertParallelRuntime:
+    """Driver side: P actors in a placement group, one forward at a time in all of them."""
+
+    def __init__(self, model, plan: PlacementPlan, config: EPConfig | None = None):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if not ray.is_initialized():
+            raise ValueError("Ray is not initialised: call ray.init() (or ray.init(address='auto') on a cluster) first")
+        self.cfg = cfg = config or EPConfig()
+        P = plan.num_ranks
+        bundle = {"CPU": cfg.cpus_per_actor} | ({"GPU": 1} if cfg.device == "cuda" else {})
+        self.pg = placement_group([bundle] * P, strategy="PACK")
+        ray.get(self.pg.ready(), timeout=120)
+        actor_cls = ray.remote(EPWorker)
+        self.workers = [actor_cls.options(
+            num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.device == "cuda" else 0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
+        ).remote(r, P, cfg) for r in range(P)]
+        addr, port = ray.get(self.workers[0].address.remote())
+        self._all("connect", addr, port)
+        self.load(model, plan)
+
+    def load(self, model, plan: PlacementPlan) -> None:
+        """Give the ranks another model or plan (same number of ranks); the group stays."""
+        import ray
+        if plan.num_ranks != len(self.workers):
+            raise ValueError(f"the plan has {plan.num_ranks} ranks but this runtime {len(self.workers)}; "
+                             "start another ExpertParallelRuntime for another number of ranks")
+        dense, per_rank = split_state_dict(model, plan)
+        dense_ref = ray.put(dense)
+        hf = model.config.to_hf_dict()
+        self.plan = plan
+        self.expert_params = ray.get([w.load.remote(hf, dense_ref, per_rank[r], plan.to_dict())
+                                      for r, w in enumerate(self.workers)])
+
+    def _all(self, method: str, *args):
+        import ray
+        return ray.get([getattr(w, method).remote(*args) for w in self.workers])
+
+    def forward(self, input_ids_BT: torch.Tensor, valid_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] (every rank computes them; rank 0's are returned)."""
+        return self._all("forward", input_ids_BT.cpu(), None if valid_BT is None else valid_BT.cpu())[0]
+
+    def greedy(self, input_ids_BT: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        return self._all("greedy", input_ids_BT.cpu(), max_new_tokens)[0]
+
+    def set_mode(self, mode: str) -> None:
+        self._all("set_mode", mode)
+
+    def counters(self) -> list[dict]:
+        return self._all("counters")
+
+    def reset_counters(self) -> None:
+        self._all("reset_counters")
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+        try:
+            self._all("shutdown")
+        finally:
+            for w in self.workers:
+                ray.kill(w)
+            remove_placement_group(self.pg)

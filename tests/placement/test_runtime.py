@@ -1,0 +1,144 @@
+"""Expert-parallel runtime on Ray actors with gloo ranks: logits equal the single-process model
+for several plans, both modes, 2 and 4 ranks; the traffic the ranks move equals the figures
+placement/metrics.py predicts for the same routing."""
+import numpy as np
+import pytest
+import torch
+
+from moe import MoEConfig, MoEForCausalLM
+from placement.affinity import AffinityStats
+from placement.baselines import eplb, round_robin
+from placement.ilp import SolverConfig, solve_exflow
+from placement.metrics import evaluate
+from placement.plan import PlacementPlan
+from placement.runtime import EPConfig, ExpertParallelRuntime, apply_placement, split_state_dict
+from routing.trace import RoutingTrace
+
+pytestmark = pytest.mark.ray
+
+
+def _model(family, **kw):
+    torch.manual_seed(0)
+    m = MoEForCausalLM(MoEConfig.tiny(family, **kw), dtype=torch.float32)
+    m.init_weights(std=0.2, seed=1)  # large weights: routing differs a lot between tokens
+    return m.eval()
+
+
+def _record(model, ids_BT):
+    """The routing of one forward, as a RoutingTrace (token order = flattened batch)."""
+    rec = {}
+    hooks = [b.router.register_forward_hook(lambda mod, inp, out, i=b.moe_index: rec.__setitem__(i, out))
+             for b in model.moe_blocks()]
+    with torch.no_grad():
+        logits = model(ids_BT)
+    for h in hooks:
+        h.remove()
+    L = len(rec)
+    ids = np.stack([rec[i][0].numpy() for i in range(L)])
+    w = np.stack([rec[i][1].float().numpy() for i in range(L)])
+    return logits, RoutingTrace(ids, model.config.num_experts, weights=w)
+
+
+def _random_plan(L, E, P, seed):
+    rng = np.random.default_rng(seed)
+    return PlacementPlan([(rng.permutation(E) % P).tolist() for _ in range(L)], P, method="random")
+
+
+def _check(rt, ids_BT, want, trace, plan):
+    for mode in ("standard", "coherent"):
+        rt.set_mode(mode)
+        rt.reset_counters()
+        got = rt.forward(ids_BT)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{plan.method} {mode}: {m}")
+        c = rt.counters()
+        f = evaluate(plan, trace)
+        rows = sum(x["dispatch_rows"] + x["combine_rows"] for x in c)
+        want_rows = (f.cc_messages_per_token if mode == "coherent" else f.ep_messages_per_token) * trace.num_tokens
+        assert rows == pytest.approx(want_rows), f"{plan.method} {mode}: moved rows {rows} != predicted {want_rows}"
+        if mode == "coherent" and trace.top_k == 1:
+            assert all(x["all_to_all_calls"] <= x["layers"] for x in c)  # one all-to-all per layer
+
+
+@pytest.fixture(scope="module")
+def rt2(ray_session):
+    model = _model("mixtral", num_hidden_layers=3)
+    rt = ExpertParallelRuntime(model, round_robin(3, 8, 2), EPConfig(mode="standard"))
+    yield rt
+    rt.shutdown()
+
+
+@pytest.fixture(scope="module")
+def rt4(ray_session):
+    model = _model("mixtral", num_hidden_layers=3)
+    rt = ExpertParallelRuntime(model, round_robin(3, 8, 4), EPConfig(mode="coherent"))
+    yield rt
+    rt.shutdown()
+
+
+def test_two_ranks_mixtral_round_robin_and_replicated_eplb(rt2):
+    model = _model("mixtral", num_hidden_layers=3)
+    ids = torch.randint(3, 128, (3, 6), generator=torch.Generator().manual_seed(0))
+    want, trace = _record(model, ids)
+    st = AffinityStats.from_trace(trace)
+    for plan in (round_robin(3, 8, 2), eplb(st, 2)):
+        rt2.load(model, plan)
+        n_copies = sum(len(plan.ranks_of(l, e)) for l in range(3) for e in range(8))
+        assert sum(rt2.expert_params) == n_copies * (2 * 16 * 32 + 32 * 16)  # each rank only its own experts
+        _check(rt2, ids, want, trace, plan)
+        if plan.method == "round_robin":
+            ref = _greedy(model, ids, 4)
+            for mode in ("standard", "coherent"):
+                rt2.set_mode(mode)
+                assert torch.equal(rt2.greedy(ids, 4), ref)
+
+
+def _greedy(model, ids, n):
+    cache = model.new_cache(ids.shape[0], ids.shape[1] + n)
+    out = []
+    with torch.no_grad():
+        logits = model(ids, cache=cache)
+        for _ in range(n):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            out.append(nxt)
+            logits = model(nxt, cache=cache)
+    return torch.cat(out, 1)
+
+
+def test_four_ranks_deepseek_ilp_and_random_plans(rt4):
+    # dense first layer, shared experts, grouped sigmoid routing, top-k from the tiny preset
+    model = _model("deepseek_v3", num_hidden_layers=4)
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    want, trace = _record(model, ids)
+    L, E = trace.num_layers, trace.num_experts
+    ilp = solve_exflow(AffinityStats.from_trace(trace), 4, config=SolverConfig(time_limit_s=3))
+    for plan in (ilp, _random_plan(L, E, 4, seed=3)):
+        rt4.load(model, plan)
+        _check(rt4, ids, want, trace, plan)
+
+
+def test_top1_coherent_uses_one_all_to_all_per_layer(rt4):
+    model = _model("mixtral", num_hidden_layers=3, num_experts_per_tok=1)
+    ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(2))
+    want, trace = _record(model, ids)
+    plan = _random_plan(3, 8, 4, seed=0)
+    rt4.load(model, plan)
+    _check(rt4, ids, want, trace, plan)
+    rt4.set_mode("standard")
+    rt4.reset_counters()
+    rt4.forward(ids)
+    assert max(x["all_to_all_calls"] for x in rt4.counters()) > 3  # standard needs more
+
+
+def test_configuration_errors():
+    with pytest.raises(ValueError, match="mode"):
+        EPConfig(mode="fast")
+    model = _model("mixtral")
+    with pytest.raises(ValueError, match="plan is for"):
+        split_state_dict(model, round_robin(3, 8, 2))
+    with pytest.raises(ValueError, match="rank 5"):
+        apply_placement(model, round_robin(2, 8, 2), 5)
+
+
+def test_runtime_refuses_another_number_of_ranks(rt2):
+    with pytest.raises(ValueError, match="ranks"):
+        rt2.load(_model("mixtral", num_hidden_layers=3), round_robin(3, 8, 4))
