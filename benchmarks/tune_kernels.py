@@ -36,7 +36,8 @@ def candidates(num_tokens: int, top_k: int, num_experts: int):
     from kernels.launch_config import GemmConfig as G
     rows = num_tokens * top_k / num_experts
     if rows <= 16 and num_tokens <= 64:
-        tiles = [G(32, 128, 1, 4, 4), G(64, 128, 1, 4, 4), G(32, 256, 1, 4, 3), G(16, 256, 1, 4, 3)]
+        tiles = [G(32, 128, 1, 4, 4), G(64, 128, 1, 4, 4), G(32, 256, 1, 4, 3), G(16, 256, 1, 4, 3),
+                 G(32, 64, 1, 4, 4), G(16, 128, 1, 4, 4)]
         # past a few rows per expert, a row block of 16 would split an expert in two and stream its
         # weights twice (measured: Mixtral at 64 tokens, 1.27x the floor with block_m 16)
         return ([16] if rows <= 4 else [16, 32, 64]), tiles, tiles

@@ -46,10 +46,15 @@ class AlignedRouting:
     num_pairs: int
     top_k: int
     block_m: int
+    pair_blocks: bool = False        # one pair per block (one token): the raw ids are the block map
 
     @property
     def max_blocks(self) -> int:
         return self.block_expert_B.shape[0]
+
+    @property
+    def num_rows(self) -> int:
+        return self.max_blocks * self.block_m
 
 
 def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -239,14 +244,29 @@ def align_parallel(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int) ->
     return AlignedRouting(sorted_pair, block_expert, num_padded, expert_start, P, K, block_m)
 
 
-def align_tokens(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> AlignedRouting:
+def align_pair_blocks(topk_ids_TK: torch.Tensor, block_m: int) -> AlignedRouting:
+    """One token: block b = pair b, its expert = the raw id (the kernels skip ids outside [0, E)).
+
+    Nothing is launched; a token's K experts are distinct, so this is the sorted layout already.
+    """
+    ids = topk_ids_TK.reshape(-1)
+    if not ids.is_contiguous():
+        ids = ids.contiguous()
+    return AlignedRouting(ids, ids, ids, ids, ids.shape[0], topk_ids_TK.shape[1], block_m, pair_blocks=True)
+
+
+def align_tokens(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int,
+                 allow_pair_blocks: bool = True) -> AlignedRouting:
     """The block layout, by the fastest implementation for this many pairs and experts.
 
-    Few pairs x experts: one single-program launch (decode: every launch counts); up to
-    PARALLEL_ALIGN_MAX_PAIRS: the three-launch parallel counting sort; beyond: torch's sort.
+    One token: no launch at all (``align_pair_blocks``; forward only, the weight gradients need
+    expert_start). Few pairs x experts: one single-program launch (decode: every launch counts); up
+    to PARALLEL_ALIGN_MAX_PAIRS: the three-launch parallel counting sort; beyond: torch's sort.
     """
     if block_m < 1 or block_m & (block_m - 1):
         raise ValueError(f"block_m must be a power of two, got {block_m}")
+    if allow_pair_blocks and topk_ids_TK.shape[0] == 1:
+        return align_pair_blocks(topk_ids_TK, block_m)
     work = topk_ids_TK.numel() * triton.next_power_of_2(max(num_experts, 2))
     if work <= SINGLE_ALIGN_MAX_WORK:
         return align_triton(topk_ids_TK, num_experts, block_m)

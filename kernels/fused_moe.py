@@ -70,7 +70,7 @@ def _check_device(x_TD, w13_EJD, w2_EDI, topk_ids_TK, topk_weights_TK) -> None:
 
 def _forward(x_TD, w13_EJD, w2_EDI, topk_ids_TK, w_P, cfg: MoEConfig, save: bool):
     E, J, D = w13_EJD.shape
-    al = align_tokens(topk_ids_TK, E, cfg.block_m)
+    al = align_tokens(topk_ids_TK, E, cfg.block_m, allow_pair_blocks=not save)
     h_SI, gu_SJ = moe_up(x_TD, w13_EJD, al, cfg.up, save_preact=save)
     out_PD = moe_gemm(h_SI, w2_EDI, (w2_EDI.stride(0), w2_EDI.stride(1), w2_EDI.stride(2)), D, J // 2, al,
                       cfg.down, a_gather=False, c_scatter=True, weight_P=w_P)

@@ -54,20 +54,38 @@ def _block_ids(pid, num_n, num_m, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+@triton.jit
+def _block_rows(pid_m, sorted_pair_ptr, block_expert_ptr, num_padded_ptr, E, P,
+                PAIR_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(skip, expert, padded row ids, pair of each row) of row block pid_m.
+
+    PAIR_BLOCKS (one token): block b holds pair b alone and block_expert is the raw ids, so no
+    alignment launch is needed; a token's experts are distinct, so no weight streams twice.
+    """
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if PAIR_BLOCKS:
+        skip = (e < 0) | (e >= E)
+        pair = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, P)
+    else:
+        skip = pid_m * BLOCK_M >= tl.load(num_padded_ptr)
+        pair = tl.load(sorted_pair_ptr + offs_m)
+    return skip, e, offs_m, pair
+
+
 @triton.jit(do_not_specialize=["P", "TOP_K"])
 def _moe_up_kernel(x_ptr, w_ptr, h_ptr, gu_ptr, sorted_pair_ptr, block_expert_ptr, num_padded_ptr,
-                   D, I, P, stride_xt, stride_we, stride_wj, stride_wd, stride_hs, stride_gs,
-                   TOP_K, SAVE_PREACT: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr,
+                   D, I, E, P, stride_xt, stride_we, stride_wj, stride_wd, stride_hs, stride_gs,
+                   TOP_K, PAIR_BLOCKS: tl.constexpr, SAVE_PREACT: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     num_n = tl.cdiv(I, BLOCK_N)
     num_m = tl.num_programs(0) // num_n
     pid_m, pid_n = _block_ids(pid, num_n, num_m, GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+    skip, e, offs_m, pair = _block_rows(pid_m, sorted_pair_ptr, block_expert_ptr, num_padded_ptr, E, P,
+                                        PAIR_BLOCKS, BLOCK_M)
+    if skip:
         return
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_pair_ptr + offs_m)
     valid = pair < P
     tok = (pair // TOP_K).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -101,19 +119,18 @@ def _moe_up_kernel(x_ptr, w_ptr, h_ptr, gu_ptr, sorted_pair_ptr, block_expert_pt
 
 @triton.jit(do_not_specialize=["P", "TOP_K"])
 def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weight_ptr, sorted_pair_ptr, block_expert_ptr, num_padded_ptr,
-                     gu_ptr, dw_ptr, N, KD, P, stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_gs,
-                     TOP_K, A_GATHER: tl.constexpr, C_SCATTER: tl.constexpr,
+                     gu_ptr, dw_ptr, N, KD, E, P, stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_gs,
+                     TOP_K, PAIR_BLOCKS: tl.constexpr, A_GATHER: tl.constexpr, C_SCATTER: tl.constexpr,
                      MUL_WEIGHT: tl.constexpr, SWIGLU_BWD: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     num_m = tl.num_programs(0) // num_n
     pid_m, pid_n = _block_ids(pid, num_n, num_m, GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+    skip, e, offs_m, pair = _block_rows(pid_m, sorted_pair_ptr, block_expert_ptr, num_padded_ptr, E, P,
+                                        PAIR_BLOCKS, BLOCK_M)
+    if skip:
         return
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_pair_ptr + offs_m)
     valid = pair < P
     if A_GATHER:
         a_rows = (pair // TOP_K).to(tl.int64)
@@ -229,14 +246,14 @@ def moe_up(x_TD, w13_EJD, al: AlignedRouting, cfg: GemmConfig, save_preact: bool
     """h_SI = silu(gate) * up per sorted row; also gu_SJ (gate, up pre-activations) when asked."""
     E, J, D = w13_EJD.shape
     I = J // 2
-    S = al.sorted_pair_S.shape[0]
+    S = al.num_rows
     h = torch.empty(S, I, dtype=x_TD.dtype, device=x_TD.device)
     gu = torch.empty(S, J, dtype=x_TD.dtype, device=x_TD.device) if save_preact else h
     _moe_up_kernel[_grid(al, I, cfg)](
         x_TD, w13_EJD, h, gu, al.sorted_pair_S, al.block_expert_B, al.num_padded_1,
-        D, I, al.num_pairs, x_TD.stride(0), w13_EJD.stride(0), w13_EJD.stride(1), w13_EJD.stride(2),
+        D, I, E, al.num_pairs, x_TD.stride(0), w13_EJD.stride(0), w13_EJD.stride(1), w13_EJD.stride(2),
         h.stride(0), gu.stride(0),
-        TOP_K=al.top_k, SAVE_PREACT=save_preact, CAST_F32=_interpreted(), PREC=_precision(x_TD.dtype),
+        TOP_K=al.top_k, PAIR_BLOCKS=al.pair_blocks, SAVE_PREACT=save_preact, CAST_F32=_interpreted(), PREC=_precision(x_TD.dtype),
         BLOCK_M=al.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return h, (gu if save_preact else None)
@@ -245,14 +262,14 @@ def moe_up(x_TD, w13_EJD, al: AlignedRouting, cfg: GemmConfig, save_preact: bool
 def moe_gemm(a, b_E, b_strides, n: int, kd: int, al: AlignedRouting, cfg: GemmConfig, *, a_gather: bool,
              c_scatter: bool, weight_P=None, out_dtype=None):
     """C = A @ B[e]^T over the block layout; B[e][n, k] = b_E[e, ...] read through b_strides (e, n, k)."""
-    rows = al.num_pairs if c_scatter else al.sorted_pair_S.shape[0]
+    rows = al.num_pairs if c_scatter else al.num_rows
     c = torch.empty(rows, n, dtype=out_dtype or a.dtype, device=a.device)
     if a.stride(-1) != 1:
         a = a.contiguous()
     _moe_gemm_kernel[_grid(al, n, cfg)](
         a, b_E, c, weight_P if weight_P is not None else c, al.sorted_pair_S, al.block_expert_B, al.num_padded_1,
-        c, c, n, kd, al.num_pairs, a.stride(0), b_strides[0], b_strides[1], b_strides[2], c.stride(0), 0,
-        TOP_K=al.top_k, A_GATHER=a_gather, C_SCATTER=c_scatter, MUL_WEIGHT=weight_P is not None, SWIGLU_BWD=False,
+        c, c, n, kd, b_E.shape[0], al.num_pairs, a.stride(0), b_strides[0], b_strides[1], b_strides[2], c.stride(0), 0,
+        TOP_K=al.top_k, PAIR_BLOCKS=al.pair_blocks, A_GATHER=a_gather, C_SCATTER=c_scatter, MUL_WEIGHT=weight_P is not None, SWIGLU_BWD=False,
         CAST_F32=_interpreted(), PREC=_precision(a.dtype),
         BLOCK_M=al.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -266,15 +283,15 @@ def moe_swiglu_bwd(dy_TD, w2_EDI, gu_SJ, weight_P, al: AlignedRouting, cfg: Gemm
     padding rows) and dweight_S (fp32: d y / d routing weight of each sorted row's pair).
     """
     E, D, I = w2_EDI.shape
-    S = al.sorted_pair_S.shape[0]
+    S = al.num_rows
     num_n = triton.cdiv(I, cfg.block_n)
     dgu = torch.empty(S, 2 * I, dtype=dy_TD.dtype, device=dy_TD.device)
     dw_part = torch.empty(S, num_n, dtype=torch.float32, device=dy_TD.device)
     _moe_gemm_kernel[_grid(al, I, cfg)](
         dy_TD, w2_EDI, dgu, weight_P, al.sorted_pair_S, al.block_expert_B, al.num_padded_1,
-        gu_SJ, dw_part, I, D, al.num_pairs, dy_TD.stride(0), w2_EDI.stride(0), w2_EDI.stride(2), w2_EDI.stride(1),
+        gu_SJ, dw_part, I, D, E, al.num_pairs, dy_TD.stride(0), w2_EDI.stride(0), w2_EDI.stride(2), w2_EDI.stride(1),
         dgu.stride(0), gu_SJ.stride(0),
-        TOP_K=al.top_k, A_GATHER=True, C_SCATTER=False, MUL_WEIGHT=False, SWIGLU_BWD=True,
+        TOP_K=al.top_k, PAIR_BLOCKS=al.pair_blocks, A_GATHER=True, C_SCATTER=False, MUL_WEIGHT=False, SWIGLU_BWD=True,
         CAST_F32=_interpreted(), PREC=_precision(dy_TD.dtype),
         BLOCK_M=al.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -289,6 +306,8 @@ def moe_wgrad(a, b, num_experts: int, al: AlignedRouting, *, a_gather: bool, b_g
         block_a, block_b, block_m, num_warps = 32, 32, 16, 1
     else:
         block_a, block_b, block_m, num_warps = 128, 128, 64, 8
+    if al.pair_blocks:
+        raise ValueError("weight gradients need the sorted layout; align with allow_pair_blocks=False")
     na, nb = a.shape[1], b.shape[1]
     c = torch.empty(num_experts, na, nb, dtype=out_dtype or b.dtype, device=b.device)
     grid = (triton.cdiv(na, block_a) * triton.cdiv(nb, block_b), num_experts)

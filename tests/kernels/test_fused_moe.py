@@ -51,6 +51,7 @@ SHAPES = [
     (40, 16, 16, 4, 1, "one"),
     (9, 16, 16, 3, 3, "distinct"),
     (5, 16, 16, 3, 2, "random"),
+    (1, 24, 16, 5, 3, "random"),      # one token (pair-per-block layout, no alignment launch)
 ]
 
 
@@ -115,6 +116,13 @@ def test_minus_one_slots_contribute_zero_and_get_zero_weight_grad():
     y.float().sum().backward()
     assert torch.equal(wg.grad[:, 1], torch.zeros_like(wg.grad[:, 1]))
     assert wg.grad[0, 0] != 0
+
+
+def test_one_token_drops_minus_one_and_out_of_range_ids():
+    x, w13, w2, _, w = make_case(1, 16, 16, 4, 3)
+    ids = torch.tensor([[-1, 6, 2]])                   # 6 >= E: not an expert here, dropped like -1
+    want = moe_experts_reference(*_to((x, w13, w2, torch.tensor([[-1, -1, 2]]), w), torch.float32))
+    assert rel_err(fused_moe(*_to((x, w13, w2, ids, w), DTYPE)), want) < TOL
 
 
 def test_zero_tokens_and_backend_seam():
