@@ -156,7 +156,7 @@ def run_trace(name: str, trace: RoutingTrace, feats: dict | None, quick: bool, s
              "predictor": simulate_schedule(test, pred, SchedulerConfig(batch_size=B, max_wait=2), per_req)}
     print(f"scheduler (B={B}, max_wait=2): distinct experts per batch FIFO {fifo.distinct_experts_per_batch:.1f}; "
           + "; ".join(f"{k} paths {v.distinct_experts_per_batch:.1f} "
-                      f"(-{100 * (1 - v.distinct_experts_per_batch / fifo.distinct_experts_per_batch):.0f}%, "
+                      f"({100 * (v.distinct_experts_per_batch / fifo.distinct_experts_per_batch - 1):+.0f}%, "
                       f"max extra wait {v.max_extra_wait})" for k, v in sched.items()))
 
     hits = hit_ratios(test, models, 256 if quick else 1024)
@@ -200,14 +200,14 @@ def main(argv=None) -> int:
 
     print("\n=== summary (predictor; recall of the top-k set; best baseline at 1 ahead; scheduler; hit ratio @25%)")
     head = (f"{'trace':<22}{'R@1':>7}{'R@2':>7}{'R@4':>7}{'R@all':>7}{'best base@1':>12}{'us/tok':>8}"
-            f"{'sched -%':>9}{'wait':>5}{'LRU@25':>8}{'pred@25':>8}")
+            f"{'sched %':>9}{'wait':>5}{'LRU@25':>8}{'pred@25':>8}")
     print(head)
     print("-" * len(head))
     for name, r, best, us, s, fifo, hits in summary:
-        red = 100 * (1 - s.distinct_experts_per_batch / fifo.distinct_experts_per_batch)
+        red = 100 * (s.distinct_experts_per_batch / fifo.distinct_experts_per_batch - 1)
         h = (f"{hits['lru'][1]:>8.3f}{hits['predictor'][1]:>8.3f}" if hits else f"{'-':>8}{'-':>8}")
         print(f"{name:<22}{r['1']['mean_recall']:>7.3f}{r['2']['mean_recall']:>7.3f}{r['4']['mean_recall']:>7.3f}"
-              f"{r['all']['mean_recall']:>7.3f}{best:>12.3f}{us:>8.1f}{red:>9.0f}{s.max_extra_wait:>5}{h}")
+              f"{r['all']['mean_recall']:>7.3f}{best:>12.3f}{us:>8.1f}{red:>+9.0f}{s.max_extra_wait:>5}{h}")
     return 0
 
 

@@ -98,14 +98,15 @@ def test_gate_lookahead_is_exact_when_the_hidden_state_does_not_change():
     assert r["1"]["mean_recall"] < 1.0
 
 
-def test_real_tiny_model_records():
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_real_tiny_model_records(family):
     moe = pytest.importorskip("moe")
     if not hasattr(moe, "MoEForCausalLM") or not hasattr(moe, "MoEConfig"):
         pytest.skip("moe.MoEForCausalLM not there yet")
-    cfg = moe.MoEConfig.tiny("qwen3_moe")
+    cfg = moe.MoEConfig.tiny(family)
     model = moe.MoEForCausalLM(cfg).eval()
     cache = model.new_cache(2, 16)
-    with torch.no_grad(), TraceRecorder(model, hidden_layers=[0]) as rec:
+    with torch.no_grad(), TraceRecorder(model, hidden_layers=[0], hidden_dtype=np.float32) as rec:
         model(torch.randint(0, cfg.vocab_size, (2, 4)), cache=cache)
         model(torch.randint(0, cfg.vocab_size, (2, 1)), cache=cache)
     t = rec.trace()
@@ -114,6 +115,11 @@ def test_real_tiny_model_records():
     assert t.expert_ids.shape == (n_moe, 10, cfg.num_experts_per_tok) and t.num_experts == cfg.num_experts
     np.testing.assert_array_equal(t.positions, [0, 1, 2, 3, 0, 1, 2, 3, 4, 4])
     assert rec.features()["hidden_0"].shape == (10, cfg.hidden_size)
+    # the recorded ids are the routers' own choice on the recorded hidden states
+    ids, _, _ = model.moe_blocks()[0].router(torch.as_tensor(rec.features()["hidden_0"]).float())
+    np.testing.assert_array_equal(np.sort(t.expert_ids[0], -1), np.sort(ids.numpy(), -1))
+    la = GateLookahead.from_model(model)
+    assert la.num_layers == n_moe and la.num_experts == cfg.num_experts and la.top_k == cfg.num_experts_per_tok
 
 
 @torch.no_grad()
