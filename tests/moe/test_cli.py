@@ -179,3 +179,17 @@ def test_progress_bar():
         bar(done, 100)
     text = tty.getvalue()
     assert text.count("\r") == 101 and text.endswith("\n") and "[#####-----]  50%" in text
+
+
+def test_tiny_default_is_a_checkpoint_transformers_reads(lib, tiny_dir):
+    """The on-the-fly model is a real Mixtral checkpoint: transformers gives the same logits."""
+    import torch
+    transformers = pytest.importorskip("transformers")
+    model, tok = lib
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tiny_dir)
+    text = "def f(x):\n    return x"
+    assert hf_tok(text).input_ids == tok.encode(text)
+    ids = torch.tensor([tok.encode(text)])
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, model(ids), atol=1e-4)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moe.config import MoEConfig
-from moe.generate import Engine, generate, stream, stream_outputs
+from moe.generate import Engine, _held_back, generate, stream, stream_outputs
 from moe.model import MoEForCausalLM
 from moe.sampling import SamplingParams
 from moe.tiny import ensure_tiny_model
@@ -159,6 +159,22 @@ def test_stop_strings_are_trimmed_and_never_streamed(model, tok):
         assert stop[0] not in streamed[cut:]  # no part of the stop string was ever shown
     outs = list(stream_outputs(model, tok, prompt, SamplingParams(max_new_tokens=16, ignore_eos=True, stop=stop)))
     assert outs[-1].finished and outs[-1].finish_reason == "stop"
+    # a tail that might become a stop string is held back, and shown once it cannot
+    plain = [o.new_text for o in stream_outputs(model, tok, prompt, SamplingParams(max_new_tokens=16,
+                                                                                   ignore_eos=True))]
+    cum = ["".join(plain[:i + 1]) for i in range(len(plain))]
+    k = next(i for i in range(len(cum) - 1) if cum[i] and cum[i + 1] != cum[i])
+    held = [o.new_text for o in stream_outputs(model, tok, prompt, SamplingParams(
+        max_new_tokens=16, ignore_eos=True, stop=cum[k][-1] + "\x02"))]
+    assert "".join(held[:k + 1]) == cum[k][:-1]
+    assert "".join(held) == full
+
+
+def test_held_back_tail():
+    assert _held_back("abc", ["cde"]) == 1
+    assert _held_back("abcd", ["cdx", "bcdy"]) == 3
+    assert _held_back("abc", ["abc"]) == 0  # a whole stop string is a match, not a prefix
+    assert _held_back("", ["x"]) == 0
 
 
 def test_max_len_bounds_the_sequence(model, tok):
