@@ -23,8 +23,10 @@ all layers outside the window are fixed, which turns their pairs into linear ter
 window is solved by CP-SAT warm-started (AddHint) from the current plan. Small instances are
 one window. The result is never worse than the greedy plan.
 
-Several nodes: nodes first (M parts of E/M experts, a cross-node move costs 2), then for each
-node its GPUs (a cross-GPU move inside the node costs 1), as ExFlow does.
+Several nodes (a cross-node move costs 2, a cross-GPU move inside a node 1): by default one
+joint program over all ranks with a second indicator per pair, "same node", so the objective
+is the hop cost itself (``multi_node='joint'``); or ExFlow's two stages (``'hierarchical'``):
+nodes first (M parts of E/M experts), then each node's GPUs.
 
 Always under a time limit and a fixed number of workers; feasibility and beating the
 baselines are asserted by the tests, optimality never.
@@ -56,6 +58,7 @@ class SolverConfig:
     load_weight: float = 0.0  # λ: token moves traded per token of the busiest rank's load
     max_pairs_per_layer: int | None = None  # default 6·E
     window_pairs: int = 1500  # pair variables per LNS window (bounds each CP-SAT model)
+    multi_node: str = "joint"  # 'joint' (hop cost in one program) or 'hierarchical' (ExFlow's)
     seed: int = 0
 
     def __post_init__(self):
@@ -72,6 +75,8 @@ class SolverConfig:
                              "must be >= 0")
         if self.max_pairs_per_layer is not None and self.max_pairs_per_layer < 1:
             raise ValueError(f"max_pairs_per_layer must be >= 1, got {self.max_pairs_per_layer}")
+        if self.multi_node not in ("joint", "hierarchical"):
+            raise ValueError(f"multi_node must be 'joint' or 'hierarchical', got {self.multi_node!r}")
         if self.window_pairs < 1:
             raise ValueError(f"window_pairs must be >= 1, got {self.window_pairs}")
 
@@ -86,6 +91,7 @@ class _Problem:
     hi: int
     top_k: int
     pairs: list  # per transition l: (i_idx, j_idx, count) arrays of the kept pairs
+    node_size: int = 0  # parts per node when a cross-node move costs one more (0: one node)
 
     @property
     def L(self) -> int:
@@ -110,6 +116,9 @@ def _score(p: _Problem, cfg: SolverConfig, assign: np.ndarray) -> float:
     """The (scaled) objective the solver minimises, for any full assignment."""
     diff = assign[:-1, :, None] != assign[1:, None, :]
     cost = float((p.counts * diff).sum()) * _SCALE
+    if p.node_size:
+        nd = assign // p.node_size
+        cost += float((p.counts * (nd[:-1, :, None] != nd[1:, None, :])).sum()) * _SCALE
     if cfg.load_weight:
         lw = round(cfg.load_weight * _SCALE * p.top_k)
         for l in range(p.L):
@@ -125,7 +134,8 @@ def _solve_window(p: _Problem, cfg: SolverConfig, assign: np.ndarray, a: int, b:
                   time_limit: float, break_symmetry: bool) -> tuple[np.ndarray | None, str]:
     """Optimise layers [a, b) with every other layer fixed; returns (new layers [b-a, n], status)."""
     m = cp_model.CpModel()
-    P, n = p.parts, p.n
+    P, n, G = p.parts, p.n, p.node_size
+    node_of = [list(range(q - q % G, q - q % G + G)) for q in range(P)] if G else None
     x = {(l, i, q): m.NewBoolVar("") for l in range(a, b) for i in range(n) for q in range(P)}
     obj = []
     for l in range(a, b):
@@ -156,12 +166,23 @@ def _solve_window(p: _Problem, cfg: SolverConfig, assign: np.ndarray, a: int, b:
                 for q in range(P):
                     m.AddBoolOr([s.Not(), x[l, i, q].Not(), x[l + 1, j, q]])
                 obj.append(_SCALE * v * s)
+                if G:  # "same node": i on q implies j on one of q's node's ranks
+                    sn = m.NewBoolVar("")
+                    for q in range(P):
+                        m.AddBoolOr([sn.Not(), x[l, i, q].Not()] + [x[l + 1, j, r] for r in node_of[q]])
+                    obj.append(_SCALE * v * sn)
         elif in_next:  # layer l fixed: i sits on assign[l, i]
             for i, j, v in zip(ii.tolist(), jj.tolist(), vv.tolist()):
-                obj.append(_SCALE * v * x[l + 1, j, int(assign[l, i])])
+                q = int(assign[l, i])
+                obj.append(_SCALE * v * x[l + 1, j, q])
+                if G:
+                    obj.extend(_SCALE * v * x[l + 1, j, r] for r in node_of[q])
         else:  # layer l+1 fixed
             for i, j, v in zip(ii.tolist(), jj.tolist(), vv.tolist()):
-                obj.append(_SCALE * v * x[l, i, int(assign[l + 1, j])])
+                q = int(assign[l + 1, j])
+                obj.append(_SCALE * v * x[l, i, q])
+                if G:
+                    obj.extend(_SCALE * v * x[l, i, r] for r in node_of[q])
     m.Maximize(sum(obj))
     for l in range(a, b):
         for i in range(n):
@@ -230,6 +251,9 @@ def _refine(p: _Problem, cfg: SolverConfig, assign: np.ndarray, deadline: float,
                 np.add.at(aff.T, assign[l - 1], p.counts[l - 1])
             if l < p.L - 1:  # successors: aff[i, q] += n[l][i, k] for k on q
                 np.add.at(aff.T, assign[l + 1], p.counts[l].T)
+            if p.node_size:  # and once more for every rank of the same node
+                G = p.node_size
+                aff = aff + np.repeat(aff.reshape(p.n, -1, G).sum(2), G, axis=1)
             cand = assign.copy()
             cand[l] = _assign_layer(aff, p.lo, p.hi)
             sc = _score(p, cfg, cand)
@@ -284,9 +308,9 @@ def _solve_partition(p: _Problem, cfg: SolverConfig, hint: np.ndarray, time_limi
     return assign, f"LNS({sweep} sweeps, {len(starts)} windows of {w} layers{', all optimal' if all_optimal else ''})"
 
 
-def _problem(counts, load, parts, lo, hi, top_k, cfg) -> _Problem:
+def _problem(counts, load, parts, lo, hi, top_k, cfg, node_size: int = 0) -> _Problem:
     cap = cfg.max_pairs_per_layer or 6 * load.shape[1]
-    return _Problem(counts, load, parts, lo, hi, top_k, _kept_pairs(counts, cap))
+    return _Problem(counts, load, parts, lo, hi, top_k, _kept_pairs(counts, cap), node_size)
 
 
 def solve_exflow(stats: AffinityStats, num_ranks: int, num_nodes: int = 1,
@@ -302,9 +326,9 @@ def solve_exflow(stats: AffinityStats, num_ranks: int, num_nodes: int = 1,
     G = P // M
     lo, hi = rank_capacity(E, P, cfg.balance)
     K = stats.top_k
-    if M == 1:
+    if M == 1 or cfg.multi_node == "joint":
         hint = greedy_assignment(stats, P, cfg.balance)
-        prob = _problem(stats.pair_counts, stats.load, P, lo, hi, K, cfg)
+        prob = _problem(stats.pair_counts, stats.load, P, lo, hi, K, cfg, node_size=G if M > 1 else 0)
         assign, status = _solve_partition(prob, cfg, hint, cfg.time_limit_s)
     else:
         # nodes first, each holding exactly E/M experts per layer, so that every node's
@@ -333,17 +357,18 @@ def solve_exflow(stats: AffinityStats, num_ranks: int, num_nodes: int = 1,
                 assign[l, members[l]] = node * G + sa[l]
         status = f"nodes: {st_nodes}; gpus: {', '.join(sub_status)}"
     # never return something worse than the greedy start on the true (all-pairs) objective
-    greedy = greedy_assignment(stats, P, cfg.balance) if M == 1 else None
+    greedy = greedy_assignment(stats, P, cfg.balance)
     cross, cross_node = cross_counts(assign, stats, G)
-    if greedy is not None:
-        g_cross, _ = cross_counts(greedy, stats, G)
-        if g_cross < cross and cfg.load_weight == 0 and not cfg.relaxed_slack:
-            assign, cross, status = greedy, g_cross, status + " (greedy kept: truncated pairs)"
+    g_cross, g_node = cross_counts(greedy, stats, G)
+    if g_cross + g_node < cross + cross_node and cfg.load_weight == 0 and not cfg.relaxed_slack:
+        assign, cross, cross_node = greedy, g_cross, g_node
+        status += " (greedy kept: truncated pairs)"
     kept = sum(int(t[2].sum()) for t in _kept_pairs(stats.pair_counts, cfg.max_pairs_per_layer or 6 * E))
     total = int(stats.pair_counts.sum())
     obj = {"cross_pairs": cross, "cross_node_pairs": cross_node, "total_pairs": total,
            "hop_cost_pairs": cross + cross_node, "pairs_mass_modelled": kept / max(total, 1)}
-    return PlacementPlan(assign.tolist(), P, M, method="exflow_cpsat", objective=obj,
+    method = "exflow_cpsat" if M == 1 or cfg.multi_node == "joint" else "exflow_hier"
+    return PlacementPlan(assign.tolist(), P, M, method=method, objective=obj,
                          solve_time_s=time.perf_counter() - t0, solver_status=status,
                          meta={"time_limit_s": cfg.time_limit_s, "num_workers": cfg.num_workers,
                                "balance": cfg.balance, "load_weight": cfg.load_weight})

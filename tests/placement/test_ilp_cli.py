@@ -49,15 +49,40 @@ def test_lns_windows_solve_long_models():
     assert plan.objective["cross_pairs"] < 0.5 * round_robin(9, 16, 4, stats=st).objective["cross_pairs"]
 
 
-def test_hierarchical_nodes_then_gpus(planted):
+@pytest.mark.parametrize("multi_node", ["joint", "hierarchical"])
+def test_two_nodes_minimise_hop_cost(planted, multi_node):
     trace, _ = planted
     st = AffinityStats.from_trace(trace)
-    plan = solve_exflow(st, 4, num_nodes=2, config=FAST)
+    plan = solve_exflow(st, 4, num_nodes=2, config=SolverConfig(time_limit_s=6, multi_node=multi_node))
     assert plan.num_nodes == 2 and (plan.experts_per_rank() == 4).all()
     f, rr = evaluate(plan, trace), evaluate(round_robin(4, 16, 4, num_nodes=2), trace)
+    gr = evaluate(greedy_affinity(st, 4, num_nodes=2), trace)
     assert f.cross_node_fraction < 0.5 * rr.cross_node_fraction
-    assert f.hop_cost < 0.5 * rr.hop_cost
-    assert "nodes:" in plan.solver_status
+    assert f.hop_cost < 0.5 * rr.hop_cost and f.hop_cost <= gr.hop_cost + 1e-12
+    assert plan.objective["hop_cost_pairs"] == sum(cross_counts(plan.assignment_array(), st, 2))
+    if multi_node == "hierarchical":
+        assert "nodes:" in plan.solver_status and plan.method == "exflow_hier"
+
+
+def test_joint_node_objective_prefers_keeping_moves_inside_a_node():
+    # 4 ranks on 2 nodes; planted groups are 4, and tokens of group g jump only to group g^1
+    # (its "partner"): the best plan puts partners on the same node
+    trace, groups = synthetic_affinity_trace(4, 8, 4, 2000, top_k=1, stay=1.0, seed=9)
+    ids = trace.expert_ids.astype(np.int64)
+    rng = np.random.default_rng(0)
+    g_T = groups[0][ids[0, :, 0]]
+    for l in range(1, 4):
+        jump = rng.random(trace.num_tokens) < 0.3
+        g_T = np.where(jump, g_T ^ 1, g_T)
+        members = [np.flatnonzero(groups[l] == g) for g in range(4)]
+        ids[l, :, 0] = [members[g][rng.integers(len(members[g]))] for g in g_T]
+    from routing.trace import RoutingTrace
+    tr = RoutingTrace(ids, 8)
+    st = AffinityStats.from_trace(tr)
+    plan = solve_exflow(st, 4, num_nodes=2, config=SolverConfig(time_limit_s=5))
+    f = evaluate(plan, tr)
+    assert f.cross_fraction > 0.2  # the jumps cross GPUs ...
+    assert f.cross_node_fraction < 0.02  # ... but not nodes
 
 
 def test_impossible_balance_is_a_clear_error_and_relaxed_mode_works():
