@@ -63,13 +63,13 @@ class OffloadedExperts(nn.Module):
 
     def _prefetch_next(self, x_TD: torch.Tensor, ids_np: np.ndarray) -> None:
         nxt = self.layer + 1
-        if self.lookahead is not None:
-            self.lookahead.observe(self.layer, ids_np)
-        if nxt >= self.cache.num_layers:
+        cache = self.cache
+        if self.lookahead is not None and self.lookahead.observe(self.layer, ids_np) and self.predictor_prefetch:
+            for j in self.lookahead.targets(self.layer):
+                cache.prefetch(j, self.lookahead.to_prefetch(j, self.prefetch_k * len(ids_np), cache.slots,
+                                                             cache.is_resident))
+        if nxt >= cache.num_layers:
             return
-        if self.lookahead is not None:
-            if self.predictor_prefetch:
-                self.cache.prefetch(nxt, self.lookahead.top(nxt, min(self.cache.slots, self.prefetch_k * len(ids_np))))
         router = self._next_router[0]
         if router is not None:
             # mixtral-offloading's speculation: layer l+1's gate on layer l's input. forward() (not
@@ -95,7 +95,7 @@ class OffloadedExperts(nn.Module):
         to_cpu: list[int] = []
         to_copy = [e for e, _ in misses]
         if self.cpu_fallback and misses:
-            to_copy, to_cpu, _ = self.cost_model.split(misses, self.store.expert_bytes)
+            to_copy, to_cpu, _ = self.cost_model.split(misses, self.store.expert_bytes, reuse=cache.reuse_estimate())
         if to_cpu:  # the one host sync of x, before the GPU work is queued so the two overlap
             x_cpu = x_TD.detach().to("cpu", self.store.dtype)
             ids_cpu, w_cpu = topk_ids_TK.cpu(), topk_weights_TK.cpu()
@@ -233,7 +233,8 @@ def install(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: torch.dev
     E = store.num_experts
     lookahead = None
     if cfg.predictor is not None and (cfg.policy == "predictor" or cfg.prefetch == "predictor"):
-        lookahead = Lookahead(cfg.predictor, len(blocks), E)
+        lookahead = Lookahead(cfg.predictor, len(blocks), E, every=cfg.predict_every,
+                              threshold=cfg.prefetch_threshold)
     policy = make_policy(cfg.policy, lookahead=lookahead, trace=cfg.trace, tokens_per_step=cfg.trace_batch)
     cache = ExpertCache(store, slots, policy, device)
     cache.cost_model = cost

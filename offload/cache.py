@@ -52,8 +52,16 @@ class ExpertCache:
 
     # --- bookkeeping ------------------------------------------------------------------------
     def reset_stats(self) -> None:
+        for unused in getattr(self, "_unused_prefetch", []):
+            unused.clear()  # earlier prefetches count as plain residents from here on
         self.counters = dict(hits=0, misses=0, prefetches=0, useful_prefetches=0, bytes_copied=0,
                              copies=0, cpu_computed=0, evictions=0)
+
+    def reuse_estimate(self) -> float:
+        """Share of accesses that found their expert resident (since the last reset): how likely
+        a copied expert is to be used again while it stays."""
+        acc = self.counters["hits"] + self.counters["misses"]
+        return self.counters["hits"] / acc if acc else 0.0
 
     def stats(self) -> dict:
         c = dict(self.counters)

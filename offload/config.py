@@ -49,6 +49,9 @@ class OffloadConfig:
                      and split a step's misses between the copy engine and the CPU
     predictor        object with `predict_batch` (routing predictor contract), for the
                      predictor policy / prefetch
+    predict_every    ask the predictor after every n-th layer and prefetch n layers ahead
+                     (the predictor's own cost is on the critical path)
+    prefetch_threshold  predicted use probability above which an expert is prefetched
     trace            RoutingTrace, the future for the Belady policy (simulation / benchmarks)
     trace_batch      tokens per model step in that trace (1 = single-sequence decode)
     kv_cache_bytes   bytes the KV cache will take on the device (counted before the experts)
@@ -67,6 +70,8 @@ class OffloadConfig:
     prefetch_k: int = 0
     cpu_fallback: bool = False
     predictor: Any = None
+    predict_every: int = 1
+    prefetch_threshold: float = 0.3
     trace: Any = None
     trace_batch: int = 1
     kv_cache_bytes: int | str = 0
@@ -104,6 +109,10 @@ class OffloadConfig:
                              "(e.g. a routing.PathPredictor)")
         if self.policy == "belady" and self.trace is None:
             raise ValueError("policy 'belady' is an oracle: give trace=<RoutingTrace> of the future routing")
+        if self.predict_every < 1:
+            raise ValueError(f"predict_every must be >= 1, got {self.predict_every}")
+        if not 0.0 <= self.prefetch_threshold < 1.0:
+            raise ValueError(f"prefetch_threshold must be in [0, 1), got {self.prefetch_threshold}")
         if self.trace_batch < 1:
             raise ValueError(f"trace_batch must be >= 1, got {self.trace_batch}")
         self.kv_cache_bytes = parse_bytes(self.kv_cache_bytes)

@@ -80,26 +80,32 @@ class CostModel:
     def cpu_s(self, n_tokens: int) -> float:
         return self.cpu_base_s + n_tokens * self.cpu_per_token_s
 
-    def split(self, misses: list[tuple[int, int]], expert_bytes: int,
-              copy_backlog_s: float = 0.0) -> tuple[list[int], list[int], float]:
+    def split(self, misses: list[tuple[int, int]], expert_bytes: int, copy_backlog_s: float = 0.0,
+              reuse: float = 0.0) -> tuple[list[int], list[int], float]:
         """Share misses [(expert, n_tokens)] between copy and CPU so both end together.
 
         copy_backlog_s: copies already queued on the copy engine (prefetches) ahead of these.
+        reuse: the chance that a copied expert is used again while resident (the cache's hit
+        ratio): an expert computed on the CPU stays a miss next time, so when choosing, CPU time
+        is weighted by 1 + reuse (with reuse 0 this is the plain makespan split).
         Returns (to_copy, to_cpu, estimated seconds until both are done). Experts with few tokens
         go to the CPU first (cheapest there relative to their copy); the cut is the prefix that
-        minimises max(cpu time, copy time).
+        minimises max(weighted CPU time, copy time).
         """
         if not misses:
             return [], [], 0.0
+        if not 0.0 <= reuse <= 1.0:
+            raise ValueError(f"reuse is a probability, got {reuse}")
         c = self.copy_s(expert_bytes)
         order = sorted(misses, key=lambda m: (self.cpu_s(m[1]), m[0]))
-        best_k, best_t = 0, copy_backlog_s + c * len(order)
+        best_k, best_obj, best_t = 0, copy_backlog_s + c * len(order), copy_backlog_s + c * len(order)
         cpu_t = 0.0
         for k, (_, n) in enumerate(order, start=1):
             cpu_t += self.cpu_s(n)
-            t = max(cpu_t, copy_backlog_s + c * (len(order) - k))
-            if t < best_t:
-                best_k, best_t = k, t
+            copy_t = copy_backlog_s + c * (len(order) - k)
+            obj = max(cpu_t * (1.0 + reuse), copy_t)
+            if obj < best_obj:
+                best_k, best_obj, best_t = k, obj, max(cpu_t, copy_t)
         return [e for e, _ in order[best_k:]], [e for e, _ in order[:best_k]], best_t
 
     def describe(self) -> str:

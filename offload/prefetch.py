@@ -19,7 +19,12 @@ import numpy as np
 class Lookahead:
     """Latest predicted use probability of every (layer, expert), updated after each layer's routing."""
 
-    def __init__(self, predictor, num_layers: int, num_experts: int):
+    def __init__(self, predictor, num_layers: int, num_experts: int, every: int = 1, threshold: float = 0.3):
+        if every < 1:
+            raise ValueError(f"every must be >= 1 (predict after every n-th layer), got {every}")
+        if not 0.0 <= threshold < 1.0:
+            raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+        self.every, self.threshold = every, threshold
         if not hasattr(predictor, "predict_batch"):
             raise ValueError(f"{type(predictor).__name__} has no predict_batch(prev_paths, layer, known); "
                              "give a routing predictor")
@@ -29,15 +34,21 @@ class Lookahead:
         self._known: list[np.ndarray] = []
         self._prev_NLK: np.ndarray | None = None
 
-    def observe(self, layer: int, ids_NK: np.ndarray) -> None:
+    def observe(self, layer: int, ids_NK: np.ndarray) -> bool:
+        """Record the layer's routing; predict (every `every` layers and at the last). True if predicted."""
         ids_NK = np.asarray(ids_NK, dtype=np.int64)
         if layer == 0:
             self._known = []
         if len(self._known) != layer:  # a layer was skipped (e.g. first call mid-step): start over
             self._known = []
-            return
+            return False
         self._known.append(ids_NK)
         known_NlK = np.stack(self._known, axis=1)
+        last = layer == self.num_layers - 1
+        if last:
+            self._prev_NLK = known_NlK
+        if layer % self.every and not last:
+            return False  # the predictor costs time: ask it every few layers, prefetch that far ahead
         prev = self._prev_NLK if (self._prev_NLK is not None and self._prev_NLK.shape[0] == ids_NK.shape[0]) else None
         probs_NLE = np.asarray(self.predictor.predict_batch(prev, layer, known_NlK), dtype=np.float32)
         if probs_NLE.ndim != 3 or probs_NLE.shape[1] < self.num_layers or probs_NLE.shape[2] != self.num_experts:
@@ -46,14 +57,22 @@ class Lookahead:
         # chance that at least one token of the step uses the expert
         p_LE = 1.0 - np.prod(1.0 - np.clip(probs_NLE[:, :self.num_layers], 0.0, 1.0), axis=0)
         self.score_LE[layer + 1:] = p_LE[layer + 1:]
-        if layer == self.num_layers - 1:
-            self._prev_NLK = known_NlK
+        return True
 
     def top(self, layer: int, k: int, threshold: float = 0.0) -> list[int]:
         """The k experts of `layer` most likely to be used (score above threshold)."""
         s_E = self.score_LE[layer]
         order = np.argsort(-s_E, kind="stable")[:k]
         return [int(e) for e in order if s_E[e] > threshold]
+
+    def to_prefetch(self, layer: int, k: int, slots: int, is_resident) -> list[int]:
+        """Experts worth copying into `layer` now: among the `slots` likeliest (the set the pool
+        should hold), the at most k likeliest not yet resident, each above the threshold."""
+        return [e for e in self.top(layer, slots, self.threshold) if not is_resident(layer, e)][:k]
+
+    def targets(self, layer: int) -> range:
+        """Layers to prefetch for after a prediction at `layer`."""
+        return range(layer + 1, min(layer + 1 + self.every, self.num_layers))
 
 
 class TransitionPredictor:
@@ -94,10 +113,10 @@ class TransitionPredictor:
                 e = known_NlK[:, j, k]
                 out_NLE[rows[e >= 0], j, e[e >= 0]] = 1.0
         cur_NE = out_NLE[:, layer].astype(np.float64)
+        if getattr(self, "_norm_LEE", None) is None or self._norm_LEE.shape != self.trans_LEE.shape:
+            self._norm_LEE = self.trans_LEE / self.trans_LEE.sum(axis=2, keepdims=True)
         for j in range(layer + 1, L):
-            t_EE = self.trans_LEE[j - 1]
-            t_EE = t_EE / t_EE.sum(axis=1, keepdims=True)
-            dist_NE = cur_NE @ t_EE
+            dist_NE = cur_NE @ self._norm_LEE[j - 1]
             dist_NE /= np.maximum(dist_NE.sum(axis=1, keepdims=True), 1e-12)
             if prev_paths_NLK is not None and self.temporal > 0:
                 prev_NE = np.zeros((N, E))

@@ -58,8 +58,11 @@ def _steps(trace, tokens_per_step: int):
 
 def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per_step: int = 1,
              prefetch: str = "none", predictor=None, prefetch_k: int = 0, cpu_fallback: bool = False,
-             cost: CostModel | None = None, expert_bytes: int = 1, layer_compute_s: float = 0.0) -> dict:
+             cost: CostModel | None = None, expert_bytes: int = 1, layer_compute_s: float = 0.0,
+             warmup_steps: int = 0, predict_every: int = 1, prefetch_threshold: float = 0.3) -> dict:
     """Run the expert cache over the trace; returns cache.stats() plus 'time_s', 'steps', 'tokens'.
+
+    warmup_steps: steps run first to fill the cache, then the counters and the clock restart.
 
     policy: 'lru' | 'lfu' | 'predictor' (needs predictor) | 'belady' | a Policy instance.
     prefetch: 'none' | 'predictor' (top experts of layer l+1 by the predictor after layer l) |
@@ -78,7 +81,7 @@ def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per
     if (policy == "predictor" or prefetch == "predictor"):
         if predictor is None:
             raise ValueError("policy/prefetch 'predictor' needs predictor=<object with predict_batch>")
-        lookahead = Lookahead(predictor, L, E)
+        lookahead = Lookahead(predictor, L, E, every=predict_every, threshold=prefetch_threshold)
     if isinstance(policy, str):
         policy = make_policy(policy, lookahead=lookahead, trace=trace, tokens_per_step=tokens_per_step)
     cache = ExpertCache(NullStore(L, E, expert_bytes), capacity_per_layer, policy, "cpu")
@@ -96,7 +99,11 @@ def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per
         copy_free = max(copy_free, now) + copy_s
         ready[(layer, expert)] = copy_free
 
+    t_start = 0.0
     for si, ids_LBK in enumerate(steps):
+        if si == warmup_steps and si:
+            cache.reset_stats()
+            t_start = t
         for layer in range(L):
             ids_BK = ids_LBK[layer]
             cache.observe(layer, ids_BK)
@@ -107,7 +114,8 @@ def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per
             to_copy, to_cpu = [e for e, _ in misses], []
             if cpu_fallback and misses:
                 backlog = max(copy_free - t, 0.0)
-                to_copy, to_cpu, _ = cost.split(misses, expert_bytes, copy_backlog_s=backlog)
+                to_copy, to_cpu, _ = cost.split(misses, expert_bytes, copy_backlog_s=backlog,
+                                                reuse=cache.reuse_estimate())
             gpu = hits + to_copy
             before = cache.counters["copies"]
             gpu_ready = t
@@ -125,32 +133,39 @@ def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per
                 cache.count_cpu(layer, to_cpu)
             # prefetch for the next layer (or layer 0 of the next step), queued behind demand copies
             nl, ns = (layer + 1, si) if layer + 1 < L else (0, si + 1)
-            want: list[int] = []
-            if lookahead is not None:
-                lookahead.observe(layer, ids_BK)
-            if prefetch == "predictor" and nl > layer:
-                want = lookahead.top(nl, min(S, prefetch_k * len(ids_BK)))
+            want: list[tuple[int, list[int]]] = []
+            predicted = lookahead.observe(layer, ids_BK) if lookahead is not None else False
+            if prefetch == "predictor" and predicted:
+                want = [(j, lookahead.to_prefetch(j, prefetch_k * len(ids_BK), S, cache.is_resident))
+                        for j in lookahead.targets(layer)]
             elif prefetch == "oracle" and ns < len(steps):
                 nxt = steps[ns][nl].reshape(-1)
-                want = [int(e) for e in np.unique(nxt[nxt >= 0])][:S]
-            for e in want:
-                if not cache.is_resident(nl, e) and cache.prefetch(nl, [e]):
-                    queue_copy(nl, e, t)
+                want = [(nl, [int(e) for e in np.unique(nxt[nxt >= 0])][:S])]
+            for j, experts in want:
+                avail = [e for e in experts if not cache.is_resident(j, e)]
+                before = set(cache.resident(j))
+                cache.prefetch(j, experts)
+                for e in avail:
+                    if e in cache.slot_of[j] and e not in before:
+                        queue_copy(j, e, t)
             if timed:
                 gpu_done = gpu_ready + layer_compute_s
                 cpu_done = t + sum(cost.cpu_s(n) for e, n in misses if e in to_cpu)
                 t = max(gpu_done, cpu_done)
     out = cache.stats()
-    out.update(steps=len(steps), tokens=trace.num_tokens, capacity_per_layer=S)
+    n_steps = len(steps) - min(warmup_steps, len(steps))
+    out.update(steps=n_steps, tokens=trace.num_tokens, capacity_per_layer=S)
     if timed:
-        out["time_s"] = t
-        out["time_per_step_s"] = t / max(len(steps), 1)
+        out["time_s"] = t - t_start
+        out["time_per_step_s"] = (t - t_start) / max(n_steps, 1)
     return out
 
 
 def oracle_bound(trace, capacity_per_layer: int, *, cost: CostModel, expert_bytes: int,
-                 layer_compute_s: float = 0.0, tokens_per_step: int = 1) -> dict:
+                 layer_compute_s: float = 0.0, tokens_per_step: int = 1, warmup_steps: int = 0) -> dict:
     """Lower bound on time: Belady's misses, all copies hidden, each miss copied or CPU-computed.
+
+    warmup_steps: steps that fill the cache and are not counted.
 
     Returns misses, hit_ratio, time_s, time_per_step_s, copy_s_total, cpu_misses.
     """
@@ -160,7 +175,9 @@ def oracle_bound(trace, capacity_per_layer: int, *, cost: CostModel, expert_byte
     S = cache.slots
     per_miss: list[tuple[float, int]] = []  # (cpu seconds, index of its (step, layer))
     n_cells = 0
-    for ids_LBK in _steps(trace, tokens_per_step):
+    hits = 0
+    for si, ids_LBK in enumerate(_steps(trace, tokens_per_step)):
+        counted = si >= warmup_steps
         for layer in range(L):
             ids_BK = ids_LBK[layer]
             cache.observe(layer, ids_BK)
@@ -171,11 +188,13 @@ def oracle_bound(trace, capacity_per_layer: int, *, cost: CostModel, expert_byte
             for i in range(0, len(gpu), S):
                 chunk = gpu[i:i + S]
                 for e in chunk:
-                    if not cache.is_resident(layer, e):
+                    if counted and not cache.is_resident(layer, e):
                         per_miss.append((cost.cpu_s(n_of[e]), n_cells))
+                    elif counted:
+                        hits += 1
                 cache.ensure(layer, chunk)
                 cache.release(layer, [], last=i + S >= len(gpu))
-            n_cells += 1
+            n_cells += counted
     c = cost.copy_s(expert_bytes)
     compute_total = n_cells * layer_compute_s
     # greedy: move the misses cheapest on the CPU there while that shortens the bound
@@ -193,9 +212,9 @@ def oracle_bound(trace, capacity_per_layer: int, *, cost: CostModel, expert_byte
         cell_cpu[cell] += cpu_s
         side, copy_total, best = side + new - old, copy_total - c, cand
         cpu_misses += 1
-    steps = -(-trace.num_tokens // tokens_per_step)
+    steps = max(-(-trace.num_tokens // tokens_per_step) - warmup_steps, 0)
     misses = len(per_miss)
-    accesses = cache.counters["hits"] + cache.counters["misses"]
-    return dict(misses=misses, hit_ratio=(accesses - misses) / accesses if accesses else 0.0, time_s=best,
+    accesses = hits + misses
+    return dict(misses=misses, hit_ratio=hits / accesses if accesses else 0.0, time_s=best,
                 time_per_step_s=best / max(steps, 1), copy_s_total=copy_total, cpu_misses=cpu_misses,
                 capacity_per_layer=S)

@@ -93,16 +93,19 @@ def test_simulator_equals_live_cache():
     L = len(model.moe_blocks())
     tr = _trace(L=L, T=16, seed=5)
     pred = TransitionPredictor.fit(_trace(L=L, T=200, seed=6))
-    for policy, prefetch in (("lru", "none"), ("lfu", "none"), ("predictor", "predictor")):
+    for policy, prefetch, every in (("lru", "none", 1), ("lfu", "none", 1), ("predictor", "predictor", 1),
+                                    ("predictor", "predictor", 2), ("lru", "predictor", 1)):
         m = apply_offload(twin(model), OffloadConfig(slots_per_layer=3, device="cpu", calibrate=False, policy=policy,
-                                                     prefetch=prefetch, predictor=pred))
+                                                     prefetch=prefetch, predictor=pred, predict_every=every,
+                                                     prefetch_threshold=0.1))
         cache = m.offload_cache
         with route_by_trace(m, tr), torch.no_grad():
             kv = m.new_cache(1, 32) if hasattr(m, "new_cache") else None
             for t in range(tr.num_tokens):
                 m(torch.tensor([[t % 50 + 3]]), cache=kv)
         live = cache.stats()
-        sim = simulate(tr, policy, 3, prefetch=prefetch, predictor=pred, expert_bytes=cache.store.expert_bytes)
+        sim = simulate(tr, policy, 3, prefetch=prefetch, predictor=pred, expert_bytes=cache.store.expert_bytes,
+                       predict_every=every, prefetch_threshold=0.1)
         for k in ("hits", "misses", "evictions", "bytes_copied", "prefetches", "useful_prefetches"):
             assert live[k] == sim[k], (policy, k, live[k], sim[k])
 
@@ -166,3 +169,43 @@ def test_cost_split_is_optimal():
         best = min(max(sum(cost.cpu_s(n[e]) for e in sub), backlog + cost.copy_s(1000) * (len(misses) - len(sub)))
                    for r in range(len(misses) + 1) for sub in itertools.combinations(n, r))
         assert t == pytest.approx(best)
+
+
+def test_warmup_steps_are_not_counted():
+    tr = _trace(T=40, seed=4)
+    full = simulate(tr, "lru", 3)
+    warm = simulate(tr, "lru", 3, warmup_steps=10)
+    tail = sum(len(np.unique(tr.expert_ids[layer, t])) for layer in range(tr.num_layers) for t in range(10, 40))
+    assert warm["hits"] + warm["misses"] == tail and warm["steps"] == 30
+    assert warm["misses"] < full["misses"]
+    cost = CostModel(1e9, 0.0, 1e-3)
+    b = oracle_bound(tr, 3, cost=cost, expert_bytes=10**6, warmup_steps=10)
+    assert b["misses"] <= simulate(tr, "belady", 3, warmup_steps=10)["misses"] + 0
+
+
+def test_split_weighs_the_lost_reuse_of_cpu_experts():
+    cost = CostModel(copy_bytes_per_s=1e6, cpu_base_s=0.9e-3, cpu_per_token_s=0.0, copy_latency_s=0.0)
+    one = [(5, 1)]
+    assert cost.split(one, 1000)[1] == [5]                 # CPU slightly cheaper than a 1 ms copy
+    assert cost.split(one, 1000, reuse=0.5)[0] == [5]      # but the copy stays for later hits
+    two = [(5, 1), (6, 1)]
+    to_copy, to_cpu, t = cost.split(two, 1000, reuse=0.5)  # two misses: one each way still wins
+    assert len(to_copy) == len(to_cpu) == 1 and t == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="reuse"):
+        cost.split(one, 1000, reuse=2.0)
+
+
+def test_lookahead_every_and_threshold():
+    from offload import Lookahead
+    tr = _trace(L=4, E=8, K=2, T=50, seed=9)
+    la = Lookahead(TransitionPredictor.fit(tr), 4, 8, every=2, threshold=0.2)
+    ids = tr.expert_ids[:, 10].astype(np.int64)  # [L, K] of one token
+    assert la.observe(0, ids[0][None]) and list(la.targets(0)) == [1, 2]
+    assert not la.observe(1, ids[1][None])
+    assert la.observe(2, ids[2][None]) and list(la.targets(2)) == [3]
+    assert la.observe(3, ids[3][None])  # the last layer always records the path for the next token
+    picks = la.to_prefetch(3, 8, 8, lambda layer, e: False)
+    assert all(la.score_LE[3, e] > 0.2 for e in picks)
+    assert la.to_prefetch(3, 8, 8, lambda layer, e: True) == []
+    with pytest.raises(ValueError, match="every"):
+        Lookahead(la.predictor, 4, 8, every=0)

@@ -1,0 +1,347 @@
+"""Expert offloading on one GPU: decode tokens/s and hit ratio per policy, against the PCIe floor.
+
+    python benchmarks/offload.py                       # H200: Mixtral-8x7B and Qwen3-30B-A3B shapes
+    python benchmarks/offload.py --smoke               # tiny shapes on the CPU (a check of the script)
+
+What runs: a stack of the model's MoE layers with random bf16 weights (router + experts; the
+attention and dense parts are resident and equal across policies, so they are left out), as many
+layers as the host-memory cap allows; experts in pinned host memory; routing driven by a
+synthetic trace (routing.synthesize: popularity skew, temporal locality, inter-layer affinity)
+through `offload.route_by_trace`, so random weights see realistic routing. Single-sequence
+decode; the first --warmup tokens fill the cache and are not counted.
+
+Per-token figures are scaled from the layers run to the full depth (x full/run) and say so.
+Each row prints its floor: bytes copied per token / measured pinned copy bandwidth.
+
+Rows at each GPU expert budget (share of the experts' bytes held on the GPU, slots = share * E):
+  resident      all experts on the GPU (the ceiling; also gives the per-layer compute time)
+  no-cache      every expert copied when used, nothing kept
+  lru, lfu      the eviction policies, copies on demand
+  gate          lru + next-layer-gate speculation (layer l+1's router on layer l's input; with
+                random router weights this guesses at random: reported as measured)
+  cpu           lru + misses split between copying and computing on the CPU (cost model)
+  predictor     predictor-driven eviction + prefetch (routing.PathPredictor fitted on other
+                requests of the same synthetic model)
+  predictor+cpu the two together
+  oracle bound  time model: Belady + perfect prefetch + best of copy / CPU per miss, fed by the
+                measured copy bandwidth, CPU rate and resident per-layer compute time
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from offload import CostModel, HostExpertStore, OffloadConfig, TransitionPredictor, oracle_bound, route_by_trace, simulate  # noqa: E402
+from offload.apply import install  # noqa: E402
+
+SHAPES = {
+    "mixtral": dict(name="Mixtral-8x7B", layers=32, E=8, K=2, D=4096, I=14336, skew=0.6),
+    "qwen3": dict(name="Qwen3-30B-A3B", layers=48, E=128, K=8, D=2048, I=768, skew=1.0),
+    "tiny": dict(name="tiny", layers=6, E=16, K=2, D=64, I=96, skew=1.0),
+}
+
+
+class Router(nn.Module):
+    def __init__(self, D, E, K, device, dtype):
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False, device=device, dtype=dtype)
+        self.top_k = K
+
+    def forward(self, x_TD):
+        logits_TE = self.gate(x_TD).float()
+        w_TK, ids_TK = torch.softmax(logits_TE, -1).topk(self.top_k, dim=-1)
+        return ids_TK, w_TK / w_TK.sum(-1, keepdim=True), logits_TE
+
+
+class Experts(nn.Module):
+    def __init__(self, w13, w2):
+        super().__init__()
+        self.w13 = nn.Parameter(w13, requires_grad=False)
+        self.w2 = nn.Parameter(w2, requires_grad=False)
+        self.backend = "torch"
+
+
+class Block(nn.Module):
+    def __init__(self, i, router, experts):
+        super().__init__()
+        self.layer_idx = self.moe_index = i
+        self.router, self.experts = router, experts
+
+
+class Stack(nn.Module):
+    def __init__(self, blocks, K):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.config = type("Cfg", (), dict(num_experts_per_tok=K))()
+
+    def moe_blocks(self):
+        return list(self.blocks)
+
+
+def host_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def build(shape, L, device, dtype, pin):
+    """Random experts straight into (pinned) host memory, drawn on the device a slice at a time."""
+    E, K, D, I = shape["E"], shape["K"], shape["D"], shape["I"]
+    g = torch.Generator(device=device).manual_seed(0)
+    blocks = []
+    for i in range(L):
+        w13 = torch.empty(E, 2 * I, D, dtype=dtype, pin_memory=pin)
+        w2 = torch.empty(E, D, I, dtype=dtype, pin_memory=pin)
+        for e in range(E):
+            w13[e].copy_(torch.randn(2 * I, D, device=device, dtype=dtype, generator=g) * D ** -0.5)
+            w2[e].copy_(torch.randn(D, I, device=device, dtype=dtype, generator=g) * I ** -0.5)
+        blocks.append(Block(i, Router(D, E, K, device, dtype), Experts(w13, w2)))
+    return Stack(blocks, K)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode(stack, cache, trace, warmup, device, dtype, clear_each_step=False):
+    """Single-sequence decode over the trace; returns seconds for the tokens after warm-up."""
+    blocks = stack.moe_blocks()
+    D = blocks[0].router.gate.in_features
+    x = torch.randn(1, D, device=device, dtype=dtype, generator=torch.Generator(device=device).manual_seed(1))
+    t0 = None
+    with torch.no_grad(), route_by_trace(stack, trace):
+        for s in range(trace.num_tokens):
+            if s == warmup:
+                sync(device)
+                cache.reset_stats()
+                t0 = time.perf_counter()
+            h = x
+            for b in blocks:
+                ids, w, _ = b.router(h)
+                h = F.rms_norm(h + b.experts(h, ids, w), (D,))
+            if clear_each_step:
+                cache.clear()
+        sync(device)
+    return time.perf_counter() - t0
+
+
+def pick_backend(want, device):
+    if want != "auto":
+        return want
+    if device.type != "cuda":
+        return "torch"
+    try:
+        from kernels import get_backend
+        get_backend("triton")
+        return "triton"
+    except Exception as e:  # no Triton kernel available: the reference loop still gives the cache figures
+        print(f"  (triton backend unavailable: {e}; using torch)")
+        return "torch"
+
+
+def check_backend(backend, store, device, dtype):
+    """The kernel on a slot pool with remapped ids must match the reference before we time it."""
+    if backend == "torch":
+        return backend
+    from kernels import get_backend
+    pairs = [store.get(0, e) for e in range(2)]
+    w13 = torch.stack([a for a, _ in pairs]).to(device)
+    w2 = torch.stack([b for _, b in pairs]).to(device)
+    x = torch.randn(3, w13.shape[2], device=device, dtype=dtype)
+    ids = torch.tensor([[0, -1], [1, 0], [-1, 1]], device=device)
+    wts = torch.full((3, 2), 0.5, device=device)
+    try:
+        y = get_backend(backend)(x, w13, w2, ids, wts)
+        ref = get_backend("torch")(x.float(), w13.float(), w2.float(), ids, wts)
+        err = ((y.float() - ref).norm() / ref.norm()).item()
+        if err < 2e-2:
+            return backend
+        print(f"  ({backend} backend off by {err:.3g} on the slot pool; using torch)")
+    except Exception as e:
+        print(f"  ({backend} backend failed on the slot pool: {e}; using torch)")
+    return "torch"
+
+
+def fit_predictor(train):
+    try:
+        from routing import PathPredictor
+        return PathPredictor.fit(train), "routing.PathPredictor"
+    except Exception as e:  # keep the benchmark running with the simple baseline, and say so
+        print(f"  (routing.PathPredictor unavailable: {e}; using offload.TransitionPredictor)")
+        return TransitionPredictor.fit(train), "offload.TransitionPredictor"
+
+
+def run_model(key, args, device, dtype):
+    shape = SHAPES[key]
+    E, K, D, I, L_full = shape["E"], shape["K"], shape["D"], shape["I"], shape["layers"]
+    eb = (3 * D * I) * torch.empty((), dtype=dtype).element_size()
+    layer_bytes = E * eb
+    ram_layers = max(1, int(0.7 * host_available_bytes() // layer_bytes))
+    cap_layers = max(1, int(args.max_host_gib * 2 ** 30 // layer_bytes))
+    L = min(L_full, ram_layers, cap_layers, args.max_layers or L_full)
+    scale = L_full / L
+    print(f"\n== {shape['name']} shapes: E={E} top-{K} hidden {D} ffn {I}; expert {eb / 2 ** 20:.1f} MiB, "
+          f"{L} of {L_full} MoE layers run (host RAM allows {min(ram_layers, L_full)}; cap --max-host-gib "
+          f"{args.max_host_gib:g}); per-token figures scaled x{scale:.2f} to {L_full} layers ==")
+    t = time.perf_counter()
+    stack = build(shape, L, device, dtype, pin=device.type == "cuda")
+    blocks = stack.moe_blocks()
+    store = HostExpertStore.from_blocks(blocks, release=lambda i: setattr(blocks[i], "experts", None),
+                                        pin=device.type == "cuda")
+    print(f"  built {store.nbytes() / 2 ** 30:.1f} GiB of experts in {'pinned' if store.pinned else 'plain'} "
+          f"host memory in {time.perf_counter() - t:.1f} s")
+    cost = CostModel.calibrate(device, *store.get(0, 0))
+    bw = cost.copy_bytes_per_s
+    print(f"  measured: {cost.describe()} (copy of one expert {eb / 1e6:.1f} MB: {cost.copy_s(eb) * 1e3:.3f} ms; "
+          f"CPU 1 token: {cost.cpu_s(1) * 1e3:.3f} ms)")
+
+    from routing import synthesize
+    n_tok = args.warmup + args.tokens
+    full = synthesize(num_layers=L, num_experts=E, top_k=K, num_requests=1 + args.train_requests,
+                      tokens_per_request=n_tok, popularity_skew=shape["skew"],
+                      temporal_locality=args.locality, affinity=args.affinity, seed=args.seed)
+    req = full.request_ids_or_default()
+    trace, train = full.select_tokens(req == 0), full.select_tokens(req != 0)
+    print(f"  routing: synthetic trace, skew {shape['skew']}, temporal locality {args.locality}, "
+          f"affinity {args.affinity}; {args.warmup} warm-up + {args.tokens} timed decode tokens")
+    predictor, pname = fit_predictor(train)
+    ids_NLK = trace.expert_ids.transpose(1, 0, 2)[:1].astype(np.int64)
+    t = time.perf_counter()
+    for layer in range(L):
+        predictor.predict_batch(ids_NLK, layer, ids_NLK[:, :layer + 1])
+    pcost = (time.perf_counter() - t) / L
+    print(f"  predictor: {pcost * 1e3:.2f} ms per call; asked every {args.predict_every} layers "
+          f"({pcost * 1e3 * L / args.predict_every * scale:.1f} ms per token at full depth)")
+    backend = check_backend(pick_backend(args.backend, device), store, device, dtype)
+    print(f"  expert kernel: {backend}; predictor: {pname}")
+
+    rows = []
+
+    def live(label, budget, slots, cfg_kw, clear=False, fill_all=False):
+        cfg = OffloadConfig(slots_per_layer=slots, device=str(device), calibrate=False, **cfg_kw)
+        cache = install(blocks, store, cfg, device=device, top_k=K, slots=slots, backend=backend, cost=cost)
+        if fill_all:
+            for layer in range(L):
+                cache.prefetch(layer, list(range(E)))
+        secs = decode(stack, cache, trace, args.warmup, device, dtype, clear_each_step=clear)
+        st = cache.stats()
+        n = args.tokens
+        ms = secs / n * 1e3 * scale
+        floor_ms = st["bytes_copied"] / n / bw * 1e3 * scale
+        row = dict(model=shape["name"], budget=budget, slots=slots, config=label, ms_per_token=ms,
+                   tokens_per_s=1e3 / ms, hit_ratio=st["hit_ratio"], mb_copied_per_token=st["bytes_copied"] / n / 1e6 * scale,
+                   copy_floor_ms=floor_ms, cpu_experts_per_token=st["cpu_computed"] / n * scale,
+                   prefetch_precision=st["prefetch_precision"], prefetch_recall=st["prefetch_recall"])
+        rows.append(row)
+        show(row)
+        del cache
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return row
+
+    def modeled(label, budget, slots, time_s, hit, copies_per_tok):
+        ms = time_s / args.tokens * 1e3 * scale
+        row = dict(model=shape["name"], budget=budget, slots=slots, config=label, ms_per_token=ms,
+                   tokens_per_s=1e3 / ms, hit_ratio=hit, mb_copied_per_token=copies_per_tok * eb / 1e6 * scale,
+                   copy_floor_ms=copies_per_tok * eb / bw * 1e3 * scale, cpu_experts_per_token=float("nan"),
+                   prefetch_precision=float("nan"), prefetch_recall=float("nan"))
+        rows.append(row)
+        show(row)
+        return row
+
+    print(f"  {'budget':>7} {'slots':>5} {'config':<15} {'tok/s':>8} {'ms/tok':>9} {'floor ms':>9} {'hit %':>6} "
+          f"{'MB/tok':>8} {'cpu/tok':>7} {'pf P/R':>9}")
+    res = live("resident", 1.0, E, dict(policy="lru"), fill_all=True)
+    layer_compute_s = res["ms_per_token"] / 1e3 / L_full
+    live("no-cache", 0.0, K, dict(policy="lru"), clear=True)
+    for frac in args.budgets:
+        S = max(1, round(frac * E))
+        b = S / E
+        live("lru", b, S, dict(policy="lru"))
+        live("lfu", b, S, dict(policy="lfu"))
+        live("gate", b, S, dict(policy="lru", prefetch="next_layer_gate"))
+        live("cpu", b, S, dict(policy="lru", cpu_fallback=True))
+        pk = dict(policy="predictor", prefetch="predictor", predictor=predictor, predict_every=args.predict_every)
+        live("predictor", b, S, pk)
+        live("predictor+cpu", b, S, dict(pk, cpu_fallback=True))
+        sim_kw = dict(cost=cost, expert_bytes=eb, layer_compute_s=layer_compute_s, warmup_steps=args.warmup)
+        bound = oracle_bound(trace, S, **sim_kw)
+        copies = (bound["misses"] - bound["cpu_misses"]) / args.tokens
+        modeled("oracle bound", b, S, bound["time_s"], bound["hit_ratio"], copies)
+        sim = simulate(trace, "lru", S, **sim_kw)
+        print(f"  {'':>7} {'':>5} (time model of lru: {sim['time_s'] / args.tokens * 1e3 * scale:.2f} ms/tok, "
+              f"hit {100 * sim['hit_ratio']:.1f}%)")
+    del store, stack, blocks
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def show(r):
+    pf = "" if math.isnan(r["prefetch_precision"]) else f"{r['prefetch_precision']:.2f}/{r['prefetch_recall']:.2f}"
+    cpu = "" if math.isnan(r["cpu_experts_per_token"]) else f"{r['cpu_experts_per_token']:.1f}"
+    print(f"  {100 * r['budget']:6.1f}% {r['slots']:5d} {r['config']:<15} {r['tokens_per_s']:8.2f} "
+          f"{r['ms_per_token']:9.2f} {r['copy_floor_ms']:9.2f} {100 * r['hit_ratio']:6.1f} "
+          f"{r['mb_copied_per_token']:8.1f} {cpu:>7} {pf:>9}", flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="mixtral,qwen3", help="comma list of: " + ", ".join(SHAPES))
+    ap.add_argument("--budgets", default="0.1,0.25,0.5", help="GPU expert budgets, shares of the experts' bytes")
+    ap.add_argument("--tokens", type=int, default=32, help="timed decode tokens")
+    ap.add_argument("--warmup", type=int, default=16, help="decode tokens that fill the cache first (not timed)")
+    ap.add_argument("--max-host-gib", type=float, default=24.0,
+                    help="cap on the pinned expert store per model (keeps the run under 5 minutes)")
+    ap.add_argument("--max-layers", type=int, default=0, help="cap on MoE layers run (0: RAM / cap decide)")
+    ap.add_argument("--locality", type=float, default=0.5, help="temporal locality of the synthetic routing")
+    ap.add_argument("--affinity", type=float, default=0.6, help="inter-layer affinity of the synthetic routing")
+    ap.add_argument("--train-requests", type=int, default=16, help="requests of the trace the predictor is fitted on")
+    ap.add_argument("--predict-every", type=int, default=4,
+                    help="ask the predictor after every n-th layer, prefetching n layers ahead (its cost is per call)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backend", default="auto", help="expert kernel on the slot pool: auto | torch | triton")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU, few tokens: checks the script runs")
+    ap.add_argument("--json", default=None, help="write the rows to this JSON file")
+    args = ap.parse_args(argv)
+    args.budgets = [float(b) for b in args.budgets.split(",")]
+    if args.smoke:
+        args.models, args.tokens, args.warmup, args.train_requests = "tiny", 6, 4, 4
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name(device)}; torch {torch.__version__}; "
+              f"CPU threads {torch.get_num_threads()}")
+    else:
+        print(f"device: CPU only (pool on the CPU; figures are not PCIe figures); torch {torch.__version__}")
+    rows = []
+    t = time.perf_counter()
+    for key in args.models.split(","):
+        if key not in SHAPES:
+            raise SystemExit(f"unknown model {key!r}; choose from {', '.join(SHAPES)}")
+        rows += run_model(key, args, device, dtype)
+    print(f"\ntotal {time.perf_counter() - t:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
