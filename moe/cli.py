@@ -89,6 +89,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="cpu, cuda or cuda:N (default auto: cuda when a GPU is present, else cpu)")
     p.add_argument("--backend", default="torch", choices=BACKENDS,
                    help="expert computation: torch (reference) or triton (fused grouped-GEMM kernels)")
+    from offload.cli_args import add_offload_args
+
+    add_offload_args(p)
 
 
 def apply_model_options(model, args: argparse.Namespace):
@@ -97,7 +100,9 @@ def apply_model_options(model, args: argparse.Namespace):
     The place for steps such as expert offloading (``--gpu-memory``): each is applied only when
     its flag is present on ``args``, so commands that do not define the flag are unaffected.
     """
-    return model
+    from offload.cli_args import apply_from_args
+
+    return apply_from_args(model, args, checkpoint=str(getattr(args, "_model_dir", "")) or None)
 
 
 def resolve_model_dir(model: str | None, stderr: TextIO) -> Path:
@@ -154,8 +159,12 @@ def load_from_args(args: argparse.Namespace, stderr: TextIO | None = None):
                        "use --backend torch on CPU")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     tok = Tokenizer.from_dir(path)  # first: a missing tokenizer fails before the weights load
-    model = load_model(path, dtype=dtype, device=device, backend=args.backend,
+    offloading = getattr(args, "gpu_memory", None) is not None
+    # with --gpu-memory the weights load into host memory; apply_offload then moves the dense part
+    # to the device and keeps the experts in the (pinned) host store
+    model = load_model(path, dtype=dtype, device="cpu" if offloading else device, backend=args.backend,
                        progress=ProgressBar(stream=stderr))
+    args._model_dir = path
     model.eval()
     return apply_model_options(model, args), tok
 

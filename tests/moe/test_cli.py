@@ -193,3 +193,20 @@ def test_tiny_default_is_a_checkpoint_transformers_reads(lib, tiny_dir):
     ids = torch.tensor([tok.encode(text)])
     with torch.no_grad():
         assert torch.allclose(hf(ids).logits, model(ids), atol=1e-4)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_gpu_memory_offloads_and_changes_nothing(capsys, lib, tiny_dir, policy):
+    """`--gpu-memory` applies expert offloading (one slot per layer here): same greedy text."""
+    want = expected(lib, "import os", max_new_tokens=10)
+    assert main(["generate", str(tiny_dir), "--prompt", "import os", "-n", "10", "--device", "cpu",
+                 "--gpu-memory", "300MiB", "--offload-policy", policy]) == 0
+    cap = capsys.readouterr()
+    assert cap.out == want + "\n"
+
+
+def test_gpu_memory_too_small_is_a_clean_error(capsys, tiny_dir):
+    assert main(["generate", str(tiny_dir), "--prompt", "x", "-n", "2", "--device", "cpu",
+                 "--gpu-memory", "1KiB"]) == 2
+    err = capsys.readouterr().err
+    assert "moe generate: error: gpu_memory=" in err and "Raise gpu_memory" in err and "Traceback" not in err
