@@ -11,6 +11,12 @@ Targets (issue 7): >= 50% fewer cross-rank moves than round robin on the trained
 traces; the target case solved in <= 60 s.
 
     python benchmarks/placement.py [--time-limit 20] [--quick] [--hidden-size 4096]
+
+With ``--runtime RANKS`` it instead measures the expert-parallel runtime (placement/runtime.py:
+Ray actors, gloo on CPU / NCCL on GPUs): tokens/s of standard EP vs context-coherent EP, with
+the round-robin plan vs the ILP plan fitted to the model's own routing on calibration text
+(``--model DIR`` for a trained checkpoint; otherwise a random model, whose routing has little
+affinity). ``--address auto`` joins a running Ray cluster.
 """
 from __future__ import annotations
 
@@ -66,6 +72,74 @@ def run_case(name, trace, ranks, nodes, cfg, hidden, dtype_bytes):
     return rows
 
 
+def runtime_bench(args) -> int:
+    import ray
+    import torch
+
+    from moe import MoEConfig, MoEForCausalLM, load_model
+    from placement.runtime import EPConfig, ExpertParallelRuntime
+    from routing.record import record_sequences
+
+    P = args.runtime
+    cuda = torch.cuda.is_available() and not args.cpu
+    if args.model:
+        model = load_model(args.model, dtype=torch.float32 if not cuda else torch.bfloat16)
+    else:
+        cfg = MoEConfig.tiny("mixtral", hidden_size=512, num_hidden_layers=8, num_experts=16,
+                             moe_intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4,
+                             vocab_size=4096, max_position_embeddings=4096)
+        model = MoEForCausalLM(cfg, dtype=torch.bfloat16 if cuda else torch.float32)
+        model.init_weights(std=0.05, seed=0)
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    calib = torch.randint(3, V, (16, 128), generator=g)
+    trace, _ = record_sequences(model, calib.tolist(), batch_size=8)
+    st = AffinityStats.from_trace(trace)
+    L, E = trace.num_layers, trace.num_experts
+    plans = [round_robin(L, E, P, 1, st), solve_exflow(st, P, 1, SolverConfig(time_limit_s=args.time_limit))]
+    if args.address:
+        ray.init(address=args.address)
+    else:
+        ray.init(num_cpus=max(2, P), include_dashboard=False, log_to_driver=False)
+    ep = EPConfig(mode="standard", device="cuda" if cuda else "cpu", cpus_per_actor=0.5,
+                  torch_threads=max(1, (os.cpu_count() or 2) // P))
+    rt = ExpertParallelRuntime(model, plans[0], ep)
+    prompt = torch.randint(3, V, (args.batch, args.prompt_len), generator=g)
+    rows = []
+    try:
+        for plan in plans:
+            rt.load(model, plan)
+            f = evaluate(plan, trace)
+            for mode in ("standard", "coherent"):
+                rt.set_mode(mode)
+                rt.greedy(prompt[:, :8], 2)  # warm-up
+                rt.reset_counters()
+                t0 = time.perf_counter()
+                rt.forward(prompt)
+                t_pre = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                rt.greedy(prompt, args.new_tokens)
+                t_all = time.perf_counter() - t0
+                c = rt.counters()
+                moved = sum(x["dispatch_rows"] + x["combine_rows"] for x in c)
+                a2a = max(x["all_to_all_calls"] for x in c) / max(1, max(x["layers"] for x in c))
+                decode_s = max(t_all - t_pre, 1e-9)
+                rows.append((plan.method, mode, f.cross_fraction, args.batch * args.prompt_len / t_pre,
+                             args.batch * args.new_tokens / decode_s, a2a, moved))
+    finally:
+        rt.shutdown()
+    print(f"\n{P} ranks on {'cuda' if cuda else 'cpu'}, batch {args.batch}, prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens; floor = round_robin + standard")
+    head = f"{'plan':<16}{'mode':<10}{'cross':>7}{'prefill tok/s':>15}{'decode tok/s':>14}{'a2a/layer':>11}{'rows moved':>12}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r[0]:<16}{r[1]:<10}{r[2]:>7.3f}{r[3]:>15.0f}{r[4]:>14.1f}{r[5]:>11.2f}{r[6]:>12d}")
+    base = rows[0][4]
+    print(f"coherent + ILP vs standard + round robin (decode): {rows[-1][4] / base:.2f}x")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--time-limit", type=float, default=20.0, help="ILP time limit per case (s)")
@@ -74,7 +148,16 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden-size", type=int, default=4096)
     ap.add_argument("--dtype-bytes", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="smaller traces and no target case")
+    ap.add_argument("--runtime", type=int, default=0, metavar="RANKS", help="measure the EP runtime instead")
+    ap.add_argument("--model", default=None, help="--runtime: a trained checkpoint directory")
+    ap.add_argument("--address", default=None, help="--runtime: Ray cluster address (e.g. auto)")
+    ap.add_argument("--cpu", action="store_true", help="--runtime: gloo on CPU even when GPUs exist")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=32)
     args = ap.parse_args(argv)
+    if args.runtime:
+        return runtime_bench(args)
     cfg = SolverConfig(time_limit_s=args.time_limit, num_workers=args.workers)
     rows = []
     for name, tr in traces(args.quick):
