@@ -31,9 +31,10 @@ import triton.language as tl
 # (pairs x experts) it is slower than the three-launch parallel counting sort (measured on the
 # H200: 4096 pairs x 128 experts cost ~0.25 ms in one program).
 SINGLE_ALIGN_MAX_WORK = 32768
-# The parallel sort's middle step is one program over [chunks, experts]; past this many pairs
-# torch's radix sort takes over.
-PARALLEL_ALIGN_MAX_PAIRS = 262144
+# The parallel sort's middle step is one program over [chunks, experts]; past this much work
+# (chunks x experts) torch's radix sort takes over (H200: Qwen3-30B-A3B at 16384 tokens, 4096
+# chunks x 128 experts, was ~0.2 ms slower through the parallel sort than through torch's).
+PARALLEL_ALIGN_MAX_WORK = 131072
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,11 @@ def _scatter_kernel(ids_ptr, offsets_ptr, sorted_pair_ptr, P, E, E_P2: tl.conste
     tl.store(sorted_pair_ptr + dest, offs, mask=tl.sum(hit, axis=1) > 0)
 
 
+def _parallel_chunk(num_pairs: int, e_p2: int) -> int:
+    # pairs per program: enough programs to fill the GPU, a [chunk, experts] one-hot that fits registers
+    return max(16, min(4096 // e_p2, triton.next_power_of_2(triton.cdiv(num_pairs, 512))))
+
+
 def align_parallel(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> AlignedRouting:
     """The same layout as ``align_reference`` from three Triton launches: a parallel counting sort.
 
@@ -226,7 +232,7 @@ def align_parallel(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int) ->
     if not ids.is_contiguous():
         ids = ids.contiguous()
     e_p2 = triton.next_power_of_2(max(E, 2))
-    chunk = max(16, min(4096 // e_p2, triton.next_power_of_2(triton.cdiv(P, 512))))
+    chunk = _parallel_chunk(P, e_p2)
     G = triton.cdiv(max(P, 1), chunk)
     sorted_pair = torch.empty(S, dtype=torch.int32, device=dev)
     block_expert = torch.empty(S // block_m, dtype=torch.int32, device=dev)
@@ -261,15 +267,15 @@ def align_tokens(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int,
 
     One token: no launch at all (``align_pair_blocks``; forward only, the weight gradients need
     expert_start). Few pairs x experts: one single-program launch (decode: every launch counts); up
-    to PARALLEL_ALIGN_MAX_PAIRS: the three-launch parallel counting sort; beyond: torch's sort.
+    to PARALLEL_ALIGN_MAX_WORK: the three-launch parallel counting sort; beyond: torch's sort.
     """
     if block_m < 1 or block_m & (block_m - 1):
         raise ValueError(f"block_m must be a power of two, got {block_m}")
     if allow_pair_blocks and topk_ids_TK.shape[0] == 1:
         return align_pair_blocks(topk_ids_TK, block_m)
-    work = topk_ids_TK.numel() * triton.next_power_of_2(max(num_experts, 2))
-    if work <= SINGLE_ALIGN_MAX_WORK:
+    P, e_p2 = topk_ids_TK.numel(), triton.next_power_of_2(max(num_experts, 2))
+    if P * e_p2 <= SINGLE_ALIGN_MAX_WORK:
         return align_triton(topk_ids_TK, num_experts, block_m)
-    if topk_ids_TK.numel() <= PARALLEL_ALIGN_MAX_PAIRS and num_experts <= 1024:
+    if triton.cdiv(P, _parallel_chunk(P, e_p2)) * e_p2 <= PARALLEL_ALIGN_MAX_WORK:
         return align_parallel(topk_ids_TK, num_experts, block_m)
     return align_reference(topk_ids_TK, num_experts, block_m)
