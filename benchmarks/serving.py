@@ -128,12 +128,15 @@ def _request(prompt: list[int], output_len: int, model: str) -> dict:
 # ---- backends ----------------------------------------------------------------------------------------
 
 def _spec(args) -> dict:
-    from serve.api import ServeLimits, parse_bytes
+    from serve.api import ServeLimits
+    from serve.engine_deployment import resolve_device
     limits = ServeLimits(max_prompt_tokens=args.input_len + 1, max_tokens=args.output_len,
                          max_concurrency=max(args.max_concurrency, 1) + 8, max_waiting=args.num_prompts)
     return {"model": args.model, "device": args.device, "dtype": args.dtype, "max_batch_size": args.max_batch_size,
             "max_len": args.input_len + args.output_len + 8, "limits": limits.to_dict(),
-            "gpu_memory_bytes": parse_bytes(args.gpu_memory) if args.gpu_memory else None, "torch_threads": max(1, int(args.replica_cpus))}
+            "offload": None if not args.gpu_memory else {"gpu_memory": args.gpu_memory,
+                                                     "device": resolve_device(args.device),
+                                                     "policy": args.offload_policy, "prefetch": args.offload_prefetch}, "torch_threads": max(1, int(args.replica_cpus))}
 
 
 async def run_inprocess(args, prompts) -> dict:
@@ -232,6 +235,7 @@ def start_serve(args) -> tuple[str, str]:
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     cfg = ServeConfig(model=args.model, device=args.device, dtype=args.dtype, gpu_memory=args.gpu_memory,
+                      offload_policy=args.offload_policy, offload_prefetch=args.offload_prefetch,
                       max_batch_size=args.max_batch_size, max_len=spec["max_len"], replica_cpus=args.replica_cpus,
                       api_key=args.api_key, limits=spec["limits"], port=port)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -262,6 +266,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None)
     p.add_argument("--gpu-memory", default=None, help="offload experts into this much GPU memory, e.g. 24GiB")
+    p.add_argument("--offload-policy", default="lru")
+    p.add_argument("--offload-prefetch", default="none")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--replica-cpus", type=float, default=1.0)
     p.add_argument("--num-prompts", type=int, default=64)

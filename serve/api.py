@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -94,20 +93,6 @@ class GenerationRequest:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-
-
-def parse_bytes(text: str | int | float) -> int:
-    """'24GiB', '24G', '512MiB', 1e9 -> bytes (K/M/G/T are powers of 1024)."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return int(text)
-    m = _SIZE.match(str(text))
-    if not m:
-        raise ValueError(f"gpu_memory {text!r} is not a size; write it like '24GiB' or '512MiB'")
-    unit = (m.group(2) or "B")[0].upper()
-    return int(float(m.group(1)) * 1024 ** "BKMGT".index(unit))
 
 
 # ---- body and field parsing --------------------------------------------------------------------

@@ -13,13 +13,15 @@ starts Serve on the configured host and port (127.0.0.1 unless told otherwise).
 import asyncio
 import hmac
 import os
+import signal
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 
 from ray import serve
 
 from serve.api import (SSE_DONE, ApiError, GenerationRequest, ServeLimits, completion_response, models_response,
-                       parse_bytes, parse_chat, parse_completion, parse_json_body, sse, stream_chunk, usage_chunk)
+                       parse_chat, parse_completion, parse_json_body, sse, stream_chunk, usage_chunk)
 from serve.engine_deployment import ModelReplica
 from serve.metrics import OUTCOMES, RequestTimer, ServeMetrics
 
@@ -30,7 +32,9 @@ class ServeConfig:
     model: checkpoint directory, "tiny" (untrained, built on the fly) or None (the embedded default).
     engine_factory: "module:function" returning a ``LoadedEngine`` from the replica spec, to serve
         something other than ``moe.Engine`` (tests use a stand-in).
-    gpu_memory: GPU memory the experts may use (e.g. "24GiB"); when set, experts are offloaded.
+    gpu_memory: GPU memory budget (e.g. "24GiB", or a fraction such as 0.3); when set, experts are
+        offloaded (offload.apply_offload) with offload_policy, offload_prefetch, cpu_fallback and,
+        with offload_from_disk, the checkpoint's memory-mapped safetensors as the host store.
     replica_cpus / ingress_cpus: Ray CPU reservations (fractions are fine).
     """
     model: str | None = None
@@ -41,6 +45,11 @@ class ServeConfig:
     device: str = "auto"
     dtype: str | None = None
     gpu_memory: str | None = None
+    offload_policy: str = "lru"
+    offload_prefetch: str = "none"
+    cpu_fallback: bool = False
+    offload_from_disk: bool = False
+    offload_options: dict = field(default_factory=dict)  # more OffloadConfig fields, e.g. slots_per_layer
     max_batch_size: int = 8
     max_len: int = 2048
     num_replicas: int = 1
@@ -65,8 +74,8 @@ class ServeConfig:
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be a positive integer")
             setattr(self, name, int(getattr(self, name)))
-        if self.gpu_memory is not None:
-            parse_bytes(self.gpu_memory)
+        if self.gpu_memory is not None or self.offload_options:
+            self.offload_config("cpu")  # offload's own checks, with its messages
         if self.api_key is not None and not str(self.api_key):
             raise ValueError("api_key is empty; leave it unset to serve without a key")
 
@@ -87,6 +96,9 @@ class ServeConfig:
         for k in ("replica_cpus", "ingress_cpus", "health_check_period_s", "health_check_timeout_s"):
             if k in kw:
                 kw[k] = float(kw[k])
+        for k in ("cpu_fallback", "offload_from_disk"):
+            if isinstance(kw.get(k), str):
+                kw[k] = kw[k].lower() in ("1", "true", "yes")
         return cls(limits=ServeLimits(**limits), **kw)
 
     def model_name(self) -> str:
@@ -96,10 +108,23 @@ class ServeConfig:
             return "moeflow-" + ("tiny" if self.model == "tiny" else "default")
         return os.path.basename(os.path.normpath(self.model))
 
+    def offload_config(self, device: str) -> dict | None:
+        """Keyword arguments of offload.OffloadConfig, or None when experts stay resident."""
+        if self.gpu_memory is None and not self.offload_options:
+            return None
+        from offload import OffloadConfig
+        kw = dict(gpu_memory=self.gpu_memory, policy=self.offload_policy, prefetch=self.offload_prefetch,
+                  cpu_fallback=bool(self.cpu_fallback), device=device,
+                  store="disk" if self.offload_from_disk else "memory",
+                  checkpoint=self.model if self.offload_from_disk else None)
+        kw.update(self.offload_options)
+        OffloadConfig(**kw)
+        return kw
+
     def replica_spec(self, device: str) -> dict:
         return {"model": self.model, "device": device, "dtype": self.dtype, "max_batch_size": self.max_batch_size,
                 "max_len": self.max_len, "limits": self.limits.to_dict(), "engine_factory": self.engine_factory,
-                "gpu_memory_bytes": parse_bytes(self.gpu_memory) if self.gpu_memory else None,
+                "offload": self.offload_config(device),
                 "torch_threads": max(1, int(self.replica_cpus))}
 
 
@@ -250,7 +275,11 @@ def make_ingress_class():
             self.metrics.prompt_tokens.inc(n_prompt)
             timer = RequestTimer(self.metrics, start)
             if req.stream:
-                return StreamingResponse(self._sse(req, gen, timer, n_prompt, release),
+                body = self._sse(req, gen, timer, n_prompt, release)
+                # a client that leaves before the first chunk means the generator never starts and its
+                # `finally` never runs: release the slot and cancel the replica call when it is collected
+                weakref.finalize(body, _abandon, gen, release)
+                return StreamingResponse(body,
                                          media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             try:
@@ -329,6 +358,11 @@ def make_ingress_class():
     return app, OpenAIIngress
 
 
+def _abandon(gen, release) -> None:
+    gen.cancel()
+    release("abort")  # a no-op when the stream ran to its end and released already
+
+
 def _replica_error(e: BaseException) -> ApiError:
     return ApiError(503, f"the model replica failed while serving this request ({type(e).__name__}); "
                          "it is being restarted, retry the request", "server_error", code="replica_failed")
@@ -370,9 +404,16 @@ def run_server(cfg: ServeConfig, blocking: bool = True):
     if blocking:
         print(f"moeflow: serving {cfg.model_name()} on http://{cfg.host}:{cfg.port}/v1 "
               f"(API key {'required' if cfg.api_key else 'not required'}); Ctrl-C stops", flush=True)
+
+        def _stop(signum, frame):  # SIGTERM (systemd, docker stop, kill) shuts down like Ctrl-C
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, _stop)
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
+            print("moeflow: shutting down", flush=True)
             serve.shutdown()
+            ray.shutdown()
     return handle

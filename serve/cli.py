@@ -31,7 +31,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("MOEFLOW_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $MOEFLOW_API_KEY, else no key)")
-    p.add_argument("--gpu-memory", default=None, help="GPU memory the experts may use, e.g. 24GiB (offloads experts)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: a GPU per replica when there is one)")
     p.add_argument("--dtype", default=None, help="weights dtype, e.g. bfloat16 (default: the checkpoint's)")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: directory name)")
@@ -45,6 +44,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     p.add_argument("--max-concurrency", type=int, default=d.max_concurrency, help="requests in flight (429 beyond)")
     p.add_argument("--max-waiting", type=int, default=d.max_waiting, help="queued requests per replica (429 beyond)")
+    from offload.cli_args import add_offload_args
+    add_offload_args(p)  # --gpu-memory, --offload-policy, ... exactly as `moe generate` has them
     p.set_defaults(func=run)
     return p
 
@@ -56,6 +57,8 @@ def config_from_args(args: argparse.Namespace):
                          max_waiting=args.max_waiting)
     return ServeConfig(model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
                        api_key=args.api_key, device=args.device, dtype=args.dtype, gpu_memory=args.gpu_memory,
+                       offload_policy=args.offload_policy, offload_prefetch=args.offload_prefetch,
+                       cpu_fallback=args.cpu_fallback, offload_from_disk=args.offload_from_disk,
                        max_batch_size=args.max_batch_size, max_len=args.max_len, num_replicas=args.num_replicas,
                        replica_cpus=args.replica_cpus, limits=limits)
 

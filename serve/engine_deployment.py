@@ -262,10 +262,10 @@ def load_engine(spec: dict) -> LoadedEngine:
     model = moe.load_model(path, dtype=dtype, device=device)
     tok = Tokenizer.from_dir(path)
     strategy = "single"
-    if spec.get("gpu_memory_bytes"):
+    if spec.get("offload"):
         # offloading is a step applied to a built model (offload/ owns what it does)
-        import offload
-        model = offload.apply_offload(model, offload.OffloadConfig(gpu_memory_bytes=int(spec["gpu_memory_bytes"])))
+        from offload import OffloadConfig, apply_offload
+        model = apply_offload(model, OffloadConfig(**spec["offload"]))
         strategy = "offload"
     max_len = int(spec.get("max_len", 2048))
     engine = Engine(model, tok, max_batch_size=int(spec.get("max_batch_size", 8)), max_len=max_len)

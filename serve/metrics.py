@@ -206,29 +206,44 @@ class EngineSnapshotCollector:
 class ExpertLoadCounter:
     """Counts token-to-expert assignments per MoE layer with forward hooks on each router.
 
-    The counts stay on the model's device and are only copied at scrape time, so counting adds no
-    host synchronisation to a step. Padding rows of a batch are routed like any token and counted.
+    The engine forwards every cache row each step, free rows and right padding included, so a
+    pre-hook on the model keeps the step's ``valid_BT`` and the router hooks count only valid
+    tokens (the MoE block routes ``x_BTD.reshape(-1, D)``, so token n is row n // T, column n % T).
+    The counts stay on the model's device and are only copied at scrape time: counting adds no
+    host synchronisation to a step.
     """
 
-    def __init__(self, blocks: list):
+    def __init__(self, model, blocks: list):
         self.counts_LE: list[Any] = [None] * len(blocks)
-        self.handles = [b.router.register_forward_hook(self._hook(i)) for i, b in enumerate(blocks)]
+        self.valid_N = None
+        self.handles = [model.register_forward_pre_hook(self._capture, with_kwargs=True)]
+        self.handles += [b.router.register_forward_hook(self._hook(i)) for i, b in enumerate(blocks)]
 
     @classmethod
     def attach(cls, model) -> "ExpertLoadCounter | None":
         blocks = model.moe_blocks() if model is not None and hasattr(model, "moe_blocks") else []
-        return cls(blocks) if blocks else None
+        return cls(model, blocks) if blocks else None
+
+    def _capture(self, module, args, kwargs):
+        valid_BT = kwargs.get("valid_BT", args[2] if len(args) > 2 else None)
+        self.valid_N = None if valid_BT is None else valid_BT.reshape(-1)
+        return None
 
     def _hook(self, idx: int):
         def hook(module, inputs, output):
             import torch
-            topk_ids_TK, router_logits_TE = output[0], output[2]
+            topk_ids_NK, router_logits_NE = output[0], output[2]
+            N, K = topk_ids_NK.shape
             if self.counts_LE[idx] is None:
-                E = router_logits_TE.shape[-1]
-                self.counts_LE[idx] = torch.zeros(E + 1, dtype=torch.long, device=topk_ids_TK.device)
+                E = router_logits_NE.shape[-1]
+                self.counts_LE[idx] = torch.zeros(E + 1, dtype=torch.long, device=topk_ids_NK.device)
             # slot 0 collects id -1 (no expert), so scatter_add needs no masking (no host sync)
-            ids = topk_ids_TK.reshape(-1).long() + 1
-            self.counts_LE[idx].scatter_add_(0, ids, torch.ones_like(ids))
+            ids = topk_ids_NK.reshape(-1).long() + 1
+            if self.valid_N is not None and self.valid_N.numel() == N:
+                weight = self.valid_N.to(device=ids.device, dtype=torch.long).repeat_interleave(K)
+            else:
+                weight = torch.ones_like(ids)
+            self.counts_LE[idx].scatter_add_(0, ids, weight)
             return None
         return hook
 
@@ -254,6 +269,8 @@ def _providers(model, engine) -> list:
         return found
     if callable(getattr(model, "stats", None)):
         return found + [model]
+    if callable(getattr(getattr(model, "offload_cache", None), "stats", None)):  # offload.apply_offload's
+        return found + [model.offload_cache]
     caches, modules, seen = [], [], set()
     for m in model.modules():
         cache = getattr(m, "cache", None)
@@ -273,6 +290,8 @@ def collect_component_stats(model, engine=None) -> dict:
         st = p.stats()
         if not isinstance(st, dict):
             continue
+        if st.get("prefetches") == 0:  # nothing prefetched (prefetch off): the ratios mean nothing
+            st = {k: v for k, v in st.items() if k not in _RATIO_KEYS}
         for k, v in st.items():
             if k in _COUNT_KEYS and v is not None:
                 merged[k] = merged.get(k, 0) + float(v)

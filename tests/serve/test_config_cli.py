@@ -5,7 +5,6 @@ import importlib
 import pytest
 import yaml
 
-from serve.api import parse_bytes
 from serve.app import ServeConfig, build_app
 from serve.cli import config_from_args, register
 
@@ -38,11 +37,14 @@ def test_serve_config_checks_and_converts():
         ServeConfig(port=70000)
     with pytest.raises(ValueError, match="device"):
         ServeConfig(device="tpu")
-    with pytest.raises(ValueError, match="gpu_memory"):
+    with pytest.raises(ValueError, match="'lots'"):
         ServeConfig(gpu_memory="lots")
     assert ServeConfig(model="/ckpts/mixtral-8x7b/").model_name() == "mixtral-8x7b"
-    assert parse_bytes("24GiB") == 24 << 30 and parse_bytes("512M") == 512 << 20 and parse_bytes(1000) == 1000
-    assert ServeConfig(gpu_memory="2GiB").replica_spec("cuda")["gpu_memory_bytes"] == 2 << 30
+    assert ServeConfig().replica_spec("cuda")["offload"] is None
+    off = ServeConfig(gpu_memory="2GiB", offload_policy="lfu").replica_spec("cuda")["offload"]
+    assert (off["gpu_memory"], off["policy"], off["device"], off["store"]) == ("2GiB", "lfu", "cuda", "memory")
+    with pytest.raises(ValueError, match="policy"):
+        ServeConfig(gpu_memory="2GiB", offload_policy="random")
 
 
 def test_moe_serve_command_line():
@@ -56,4 +58,7 @@ def test_moe_serve_command_line():
     cfg = config_from_args(args)
     assert (cfg.model, cfg.host, cfg.port, cfg.api_key, cfg.gpu_memory) == ("tiny", "0.0.0.0", 9000, "k", "8GiB")
     assert (cfg.limits.max_concurrency, cfg.limits.max_tokens) == (4, 32)
+    args = parser.parse_args(["serve", "--gpu-memory", "0.3", "--offload-policy", "lfu", "--cpu-fallback"])
+    off = config_from_args(args).replica_spec("cuda")["offload"]
+    assert (off["gpu_memory"], off["policy"], off["cpu_fallback"]) == ("0.3", "lfu", True)
     assert callable(args.func)

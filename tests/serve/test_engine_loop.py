@@ -174,3 +174,25 @@ def test_replica_checks_prompts_and_queue_bound(tiny):
     assert rest[-1]["finished"] and sum(e["num_tokens"] for e in rest) <= 3
     assert snap["running"] == 0 and snap["waiting"] == 0 and snap["steps"] >= 1
     assert len(snap["expert_load"]) == 2 and all(sum(layer) > 0 for layer in snap["expert_load"])
+
+
+def test_offloaded_replica_reports_cache_stats_and_matches_resident_output(tiny):
+    from serve.app import ServeConfig
+    lim = ServeLimits()
+    cfg = ServeConfig(model="tiny", device="cpu", max_batch_size=2, max_len=64, replica_cpus=1,
+                      offload_options={"slots_per_layer": 2, "calibrate": False})
+    prompt = "def first(x):"
+
+    async def main():
+        rep = ModelReplica(cfg.replica_spec("cpu"))
+        req = parse_completion({"prompt": prompt, "max_tokens": 8, "ignore_eos": True, "temperature": 0},
+                               ["m"], lim).to_dict()
+        events = [e async for e in rep.generate(req)]
+        rep.loop.shutdown()
+        return events, rep.snapshot()
+
+    events, snap = asyncio.run(main())
+    assert "".join(e["text"] for e in events[1:]) == _alone(tiny, prompt, 8)
+    comp = snap["components"]
+    assert snap["strategy"] == "offload" and comp["misses"] > 0 and comp["hits"] + comp["misses"] > 0
+    assert "prefetch_precision" not in comp  # prefetch is off

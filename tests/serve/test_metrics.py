@@ -106,21 +106,27 @@ def test_component_stats_count_a_shared_cache_once():
     assert collect_component_stats(None) == {}
 
 
-def test_expert_load_counter_matches_the_routing():
+def test_expert_load_counter_counts_only_valid_tokens():
     import moe
     from moe.tiny import ensure_tiny_model
     model = moe.load_model(str(ensure_tiny_model()))
     counter = ExpertLoadCounter.attach(model)
     seen = []
     hooks = [b.router.register_forward_hook(lambda m, i, o: seen.append(o[0].clone())) for b in model.moe_blocks()]
+    valid_BT = torch.tensor([[True] * 5, [True, True, False, False, False], [False] * 5])  # row 2 is a free row
     with torch.inference_mode():
-        model(torch.randint(0, 100, (2, 5)))
+        model(torch.randint(0, 100, (3, 5)), cache=model.new_cache(3, 16), valid_BT=valid_BT)
+        model(torch.randint(0, 100, (1, 4)))  # no mask: every token counts
     for h in hooks:
         h.remove()
     counter.detach()
-    E = model.moe_blocks()[0].experts.w13.shape[0]
-    expected = [torch.bincount(ids.reshape(-1), minlength=E).tolist() for ids in seen]
-    assert counter.snapshot() == expected and sum(expected[0]) == seen[0].numel()  # 10 tokens x top-k
+    E = model.moe_blocks()[0].experts.num_experts
+    n_layers = len(model.moe_blocks())
+    masked, full = seen[:n_layers], seen[n_layers:]
+    expected = [(torch.bincount(m.reshape(3, 5, -1)[valid_BT].reshape(-1), minlength=E)
+                 + torch.bincount(f.reshape(-1), minlength=E)).tolist() for m, f in zip(masked, full)]
+    K = masked[0].shape[-1]
+    assert counter.snapshot() == expected and sum(expected[0]) == (7 + 4) * K
     assert ExpertLoadCounter.attach(None) is None
 
 

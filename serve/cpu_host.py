@@ -1,0 +1,391 @@
+"""CPU expert hosts: processes with no GPU that hold experts in RAM and compute them (Fiddler's
+idea, spread over the machines of a Ray cluster).
+
+Shape legend: N = rows (tokens) sent to a host, K = experts per token, D = hidden,
+J = 2*I (gate rows then up rows), I = expert ffn size.
+
+    host = CPUExpertHost(HostConfig(threads=8, cores=(0..7)))        # or ray.remote(CPUExpertHost)
+    host.load_checkpoint(model_dir, layer_ids, [(layer, expert), ...])  # reads only these experts
+    host.add_experts(layer, [e, ...], w13_nJD, w2_nDI)                 # or from given tensors
+    y_ND, seconds = host.compute(layer, x_ND, ids_NK, w_NK)            # ids of other experts = -1
+
+Filling: from the checkpoint's safetensors memory map (offload.store.DiskExpertStore reads one
+expert's slice of the fused [E, 2I, D] tensor, or the per-expert tensors), expert by expert, so a
+host reads exactly its experts and nobody holds a second full copy of the model.
+
+Transport. Activations travel as numpy arrays (bf16 viewed as int16, since numpy has no bf16),
+never as pickled torch tensors. Ray passes an argument or a return value of at most 100 KiB
+(its ``max_direct_call_object_size``) inline in the task message, skipping the object store;
+bigger ones go through the node's shared-memory object store, which the actor reads without a
+copy (numpy views into shared memory) when it runs on the same node. Only the rows of the tokens
+that use the host's experts are sent, so a decode step (one row per sequence) is a few KiB to a
+few hundred KiB: inline for small batches, one shared-memory write for large ones.
+
+Compute: the plain SwiGLU reference (kernels.expert_mlp_reference) expert by expert on the host's
+torch threads (``torch.set_num_threads``), the process pinned to given cores with
+``os.sched_setaffinity`` when asked (one host per NUMA node or core group). The weighted combine
+is kernels.moe_experts_reference's, so a host's share equals what the reference computes for it.
+
+``start_hosts`` makes N hosts as Ray actors (no GPU, fractional CPUs allowed) or, when Ray is
+missing or ``backend='thread'``, as in-process hosts each served by one Python thread (torch
+releases the GIL inside its kernels, so they still compute in parallel); both are driven through
+``HostClient``, which turns a dead actor into ``HostDied``.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from kernels import expert_mlp_reference
+
+_NP_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.float16, torch.float32: torch.float32}
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class HostDied(RuntimeError):
+    """A CPU expert host is gone (its actor died or was killed); its experts must be re-homed."""
+
+    def __init__(self, host_id: int, cause: BaseException | None = None):
+        super().__init__(f"CPU expert host {host_id} died ({type(cause).__name__ if cause else 'killed'})")
+        self.host_id = host_id
+
+
+# --- wire format --------------------------------------------------------------------------------
+def to_wire(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as a numpy array without a copy (bf16 as its int16 bits)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    view = _NP_VIEW.get(t.dtype)
+    if view is None:
+        return t.contiguous().numpy()
+    return t.contiguous().view(view).numpy()
+
+
+def from_wire(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if dtype == torch.bfloat16:
+        return t.view(torch.bfloat16)
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """threads: torch threads of the host; cores: CPU ids to pin it to (None: not pinned);
+    dtype: the dtype experts are kept and computed in ('bfloat16', 'float16', 'float32')."""
+    threads: int = 1
+    cores: tuple[int, ...] | None = None
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.cores is not None:
+            have = os.cpu_count() or 1
+            bad = [c for c in self.cores if not 0 <= int(c) < have]
+            if not self.cores or bad:
+                raise ValueError(f"cores {self.cores} must be a non-empty set of CPU ids in 0..{have - 1}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+
+@dataclass
+class _Counters:
+    calls: int = 0
+    rows: int = 0
+    pairs: int = 0
+    compute_s: float = 0.0
+    bytes_in: int = 0
+
+
+class CPUExpertHost:
+    """Experts of any layers in CPU memory, computed on this process's CPU threads.
+
+    Wrapped by ``ray.remote`` (``start_hosts``) it is an actor; used directly it is the
+    in-process host of the thread fallback. Experts are kept one tensor pair per expert so that
+    re-homing can add or drop single experts without repacking.
+    """
+
+    def __init__(self, host_id: int = 0, config: HostConfig | None = None, pin_process: bool = True):
+        self.host_id = host_id
+        self.config = cfg = config or HostConfig()
+        self.dtype = cfg.torch_dtype
+        self.experts: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.counters = _Counters()
+        self._lock = threading.Lock()
+        if pin_process:  # an actor owns its process: set its threads and cores once
+            torch.set_num_threads(cfg.threads)
+            if cfg.cores is not None and hasattr(os, "sched_setaffinity"):
+                os.sched_setaffinity(0, set(int(c) for c in cfg.cores))
+
+    # --- filling ---------------------------------------------------------------------------
+    def load_checkpoint(self, checkpoint: str, layer_ids: list[int], experts: list[tuple[int, int]]) -> int:
+        """Read exactly `experts` [(moe layer, expert)] from the checkpoint's memory-mapped
+        safetensors; `layer_ids`: the decoder layer index of each MoE layer. Returns bytes held."""
+        from offload.store import DiskExpertStore
+
+        store = DiskExpertStore(checkpoint, list(layer_ids), dtype=self.dtype)
+        for l, e in experts:
+            if not 0 <= l < store.num_layers or not 0 <= e < store.num_experts:
+                raise ValueError(f"expert ({l}, {e}) outside the checkpoint's {store.num_layers} MoE layers x "
+                                 f"{store.num_experts} experts")
+            w13, w2 = store.get(l, e)  # one expert's slice, read from the memory map
+            with self._lock:
+                self.experts[(int(l), int(e))] = (w13.contiguous(), w2.contiguous())
+        return self.nbytes()
+
+    def add_experts(self, layer: int, expert_ids: list[int], w13_nJD, w2_nDI) -> int:
+        """Hold the given experts of `layer` (tensors or wire arrays); an expert held already is kept."""
+        if not isinstance(w13_nJD, torch.Tensor):
+            w13_nJD, w2_nDI = from_wire(w13_nJD, self.dtype), from_wire(w2_nDI, self.dtype)
+        if w13_nJD.shape[0] != len(expert_ids) or w2_nDI.shape[0] != len(expert_ids):
+            raise ValueError(f"{len(expert_ids)} expert ids but weights for {w13_nJD.shape[0]}/{w2_nDI.shape[0]}")
+        with self._lock:
+            for i, e in enumerate(expert_ids):
+                key = (int(layer), int(e))
+                if key not in self.experts:  # idempotent: several ranks may re-home the same expert here
+                    self.experts[key] = (w13_nJD[i].to(self.dtype).clone(), w2_nDI[i].to(self.dtype).clone())
+        return self.nbytes()
+
+    def drop_experts(self, experts: list[tuple[int, int]]) -> int:
+        with self._lock:
+            for key in experts:
+                self.experts.pop((int(key[0]), int(key[1])), None)
+        return self.nbytes()
+
+    # --- compute ---------------------------------------------------------------------------
+    def compute(self, layer: int, x_ND, ids_NK, w_NK) -> tuple[np.ndarray, float]:
+        """y_ND (wire array, the host's dtype) = Σ over (row, slot) with a held expert of
+        w · expert(x); slots with id -1 belong elsewhere. An id this host does not hold is an
+        error (never a silent zero): the caller's routing table is stale."""
+        t0 = time.perf_counter()
+        x_ND = from_wire(x_ND, self.dtype) if not isinstance(x_ND, torch.Tensor) else x_ND.to(self.dtype)
+        ids_NK = torch.as_tensor(np.asarray(ids_NK), dtype=torch.long)
+        w_NK = torch.as_tensor(np.asarray(w_NK))
+        N, K = ids_NK.shape
+        y_ND = torch.zeros_like(x_ND)
+        flat_ids, flat_w = ids_NK.reshape(-1), w_NK.reshape(-1)
+        used = torch.unique(flat_ids[flat_ids >= 0]).tolist()
+        missing = [e for e in used if (layer, e) not in self.experts]
+        if missing:
+            raise ValueError(f"host {self.host_id} does not hold experts {missing} of MoE layer {layer}")
+        with torch.no_grad():
+            for e in used:  # ascending, like the reference
+                pos = (flat_ids == e).nonzero(as_tuple=True)[0]
+                tok = pos // K
+                w13_JD, w2_DI = self.experts[(layer, e)]
+                out = expert_mlp_reference(x_ND[tok], w13_JD, w2_DI)
+                y_ND = y_ND.index_add(0, tok, out * flat_w[pos, None].to(out.dtype))
+        dt = time.perf_counter() - t0
+        c = self.counters
+        c.calls += 1
+        c.rows += N
+        c.pairs += int((flat_ids >= 0).sum())
+        c.compute_s += dt
+        c.bytes_in += x_ND.numel() * x_ND.element_size()
+        return to_wire(y_ND), dt
+
+    def measure(self, layer: int, expert: int, tokens: tuple[int, ...] = (1, 8), repeat: int = 3) -> dict:
+        """Seconds for one held expert at each token count (best of `repeat`, after a warm-up)."""
+        if (layer, expert) not in self.experts:
+            raise ValueError(f"host {self.host_id} does not hold expert ({layer}, {expert}) to measure")
+        w13_JD, w2_DI = self.experts[(layer, expert)]
+        out = {}
+        with torch.no_grad():
+            for n in tokens:
+                x = torch.randn(n, w13_JD.shape[1]).to(self.dtype)
+                expert_mlp_reference(x, w13_JD, w2_DI)
+                best = float("inf")
+                for _ in range(repeat):
+                    t0 = time.perf_counter()
+                    expert_mlp_reference(x, w13_JD, w2_DI)
+                    best = min(best, time.perf_counter() - t0)
+                out[int(n)] = best
+        return out
+
+    # --- health ----------------------------------------------------------------------------
+    def ready(self) -> dict:
+        return {"host_id": self.host_id, "pid": os.getpid(), "experts": len(self.experts), "bytes": self.nbytes(),
+                "threads": torch.get_num_threads(), "dtype": self.config.dtype,
+                "cores": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
+
+    def health(self) -> dict:
+        return {"ok": True, "host_id": self.host_id, **self.counters.__dict__}
+
+    def held(self) -> list[tuple[int, int]]:
+        return sorted(self.experts)
+
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.experts.values())
+
+    def ping(self, payload=None):
+        """Echo (for measuring the round-trip latency and transfer rate at start-up)."""
+        return payload
+
+
+# --- driving hosts: Ray actors or in-process threads ----------------------------------------------
+def _ray_errors() -> tuple[type, ...]:
+    try:
+        from ray.exceptions import ActorUnavailableError, RayActorError
+    except ImportError:
+        return ()
+    return (RayActorError, ActorUnavailableError)
+
+
+class HostClient:
+    """One host seen from the driver: `submit(method, *args)` then `wait(pending)`.
+
+    Ray actor or in-process host, the same calls; a dead host raises HostDied from either.
+    Picklable when it wraps a Ray actor (ranks of the expert-parallel runtime receive them).
+    """
+
+    def __init__(self, host_id: int, actor=None, local: CPUExpertHost | None = None):
+        if (actor is None) == (local is None):
+            raise ValueError("a HostClient wraps exactly one of a Ray actor or an in-process CPUExpertHost")
+        self.host_id, self.actor, self.local = host_id, actor, local
+        self.kind = "ray" if actor is not None else "thread"
+        self._pool: ThreadPoolExecutor | None = None
+        self._dead = False
+
+    @property
+    def alive(self) -> bool:
+        return not self._dead
+
+    def __getstate__(self):
+        if self.local is not None:
+            raise ValueError("an in-process (thread) host cannot be sent to another process; use Ray hosts")
+        return {"host_id": self.host_id, "actor": self.actor}
+
+    def __setstate__(self, d):
+        self.__init__(d["host_id"], actor=d["actor"])
+
+    def submit(self, method: str, *args):
+        """Start a call; a dead host's failure shows at `wait` (like a Ray call to a dead actor)."""
+        if self._dead:
+            f: Future = Future()
+            f.set_exception(HostDied(self.host_id))
+            return f
+        if self.actor is not None:
+            return getattr(self.actor, method).remote(*args)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cpu-host-{self.host_id}")
+        return self._pool.submit(getattr(self.local, method), *args)
+
+    def wait(self, pending, timeout: float | None = None):
+        if isinstance(pending, Future):
+            if self._dead and not pending.done():
+                raise HostDied(self.host_id)
+            return pending.result(timeout)
+        import ray
+        try:
+            return ray.get(pending, timeout=timeout)
+        except _ray_errors() as e:
+            self._dead = True
+            raise HostDied(self.host_id, e) from e
+
+    def call(self, method: str, *args, timeout: float | None = None):
+        return self.wait(self.submit(method, *args), timeout)
+
+    def kill(self) -> None:
+        """Stop the host (tests, shutdown); later calls raise HostDied."""
+        self._dead = True
+        if self.actor is not None:
+            import ray
+            ray.kill(self.actor, no_restart=True)
+        elif self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self.local = None  # an in-process host's experts are freed with it
+
+
+@dataclass(frozen=True)
+class HostPoolConfig:
+    """How `start_hosts` makes hosts. backend: 'ray' | 'thread' | 'auto' (Ray when importable
+    and initialised, else threads); num_cpus: the Ray CPU resource of each actor (fractional
+    is fine); threads/cores/dtype: each host's HostConfig (cores split evenly when `pin`)."""
+    num_hosts: int = 2
+    backend: str = "auto"
+    num_cpus: float = 1.0
+    threads: int = 1
+    pin: bool = False
+    dtype: str = "float32"
+    cores: tuple[int, ...] | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.num_hosts < 1:
+            raise ValueError(f"num_hosts must be >= 1, got {self.num_hosts}")
+        if self.backend not in ("ray", "thread", "auto"):
+            raise ValueError(f"backend must be 'ray', 'thread' or 'auto', got {self.backend!r}")
+        if self.num_cpus <= 0:
+            raise ValueError(f"num_cpus must be > 0, got {self.num_cpus}")
+        HostConfig(threads=self.threads, dtype=self.dtype)
+
+
+def resolve_backend(backend: str) -> str:
+    if backend != "auto":
+        return backend
+    try:
+        import ray
+    except ImportError:
+        return "thread"
+    return "ray" if ray.is_initialized() else "thread"
+
+
+def start_hosts(config: HostPoolConfig) -> list[HostClient]:
+    """Start `num_hosts` hosts and wait until each answers `ready()`."""
+    backend = resolve_backend(config.backend)
+    cores = list(config.cores) if config.cores is not None else list(range(os.cpu_count() or 1))
+    per = max(1, len(cores) // config.num_hosts)
+    cfgs = [HostConfig(threads=config.threads, dtype=config.dtype,
+                       cores=tuple(cores[h * per:(h + 1) * per]) or None if config.pin else None)
+            for h in range(config.num_hosts)]
+    if backend == "ray":
+        import ray
+        if not ray.is_initialized():
+            raise ValueError("backend='ray' needs ray.init() first (or backend='thread' for in-process hosts)")
+        cls = ray.remote(CPUExpertHost)
+        clients = [HostClient(h, actor=cls.options(num_cpus=config.num_cpus, num_gpus=0, max_restarts=0)
+                              .remote(h, cfgs[h])) for h in range(config.num_hosts)]
+    else:
+        # in one process the threads and cores are the process's: leave them as they are
+        clients = [HostClient(h, local=CPUExpertHost(h, cfgs[h], pin_process=False)) for h in range(config.num_hosts)]
+    for c in clients:
+        c.call("ready", timeout=120)
+    return clients
+
+
+def probe_cost(client: HostClient, layer: int, expert: int, hidden_size: int, repeat: int = 5):
+    """Measure what a token sent to this host costs (placement.cpu_tier.CPUTierCost): the
+    round-trip latency of an empty call, the transfer rate of a 1 MiB array, and the CPU time of
+    one held expert at 1 and 8 tokens."""
+    from placement.cpu_tier import CPUTierCost
+
+    def best(fn):
+        fn()
+        return min(_timed(fn) for _ in range(repeat))
+    lat = best(lambda: client.call("ping", None))
+    blob = np.zeros(1 << 20, dtype=np.uint8)
+    t_blob = best(lambda: client.call("ping", blob))
+    rate = blob.nbytes * 2 / max(t_blob - lat, 1e-6)  # there and back
+    times = client.call("measure", layer, expert, (1, 8))
+    per_tok = max((times[8] - times[1]) / 7.0, 1e-9)
+    elem = torch.empty((), dtype=_DTYPES[client.call("ready")["dtype"]]).element_size()
+    return CPUTierCost(latency_s=lat, bytes_per_s=rate, cpu_base_s=max(times[1] - per_tok, 0.0),
+                       cpu_per_token_s=per_tok, row_bytes=2 * hidden_size * elem)
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
