@@ -4,6 +4,14 @@ The model never calls Triton directly: it asks for a backend by name.
 
     from kernels import moe_experts
     y_TD = moe_experts(x_TD, w13_EJD, w2_EDI, topk_ids_TK, topk_weights_TK, backend="torch")
+
+Modules: reference.py (the plain PyTorch expert math, backend "torch"); fused_moe.py (backend
+"triton": the autograd function over the Triton kernels); align.py (tokens sorted by expert and
+padded to the row block, with no host sync); grouped_gemm.py (the Triton kernels); launch_config.py
+(tuned launch configs, read from configs/*.json, and the default for other shapes and GPUs).
+
+The "triton" backend is CUDA-graph capturable when called without autograd (under torch.no_grad or
+inference_mode); with grad enabled on any input it also saves what the backward pass needs.
 """
 from __future__ import annotations
 
