@@ -82,6 +82,26 @@ class OffloadedExperts(nn.Module):
             order = experts[np.argsort(-counts, kind="stable")][: self.cache.slots]
             self.cache.prefetch(nxt, [int(e) for e in order])
 
+    def _kernel(self, x_TD, ids_TK, topk_weights_TK):
+        pool13, pool2 = self.cache.pool(self.layer)
+        return get_backend(self.backend)(x_TD, pool13, pool2, ids_TK, topk_weights_TK)
+
+    def _remap(self, ids_np: np.ndarray, rounds: list[list[int]], slots: list[list[int]], device) -> torch.Tensor:
+        """ids_RTK: for each round, the token's slot where its expert is in that round, else -1.
+
+        Built on the host (the ids are there already) and sent in one copy from pinned memory, so
+        the host never waits for the compute stream here (a pageable copy would).
+        """
+        out = np.full((len(rounds), *ids_np.shape), -1, dtype=np.int64)
+        for r, (chunk, sl) in enumerate(zip(rounds, slots)):
+            lut = np.full(self.num_experts + 1, -1, dtype=np.int64)  # index -1 (no expert) hits the last entry
+            lut[np.asarray(chunk, dtype=np.int64)] = sl
+            out[r] = lut[ids_np]
+        t = torch.from_numpy(out)
+        if device.type == "cuda":
+            return t.pin_memory().to(device, non_blocking=True)
+        return t.to(device)
+
     def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
         cache, layer = self.cache, self.layer
         ids_np = topk_ids_TK.detach().cpu().numpy()
@@ -98,30 +118,32 @@ class OffloadedExperts(nn.Module):
             to_copy, to_cpu, _ = self.cost_model.split(misses, self.store.expert_bytes, reuse=cache.reuse_estimate())
         if to_cpu:  # the one host sync of x, before the GPU work is queued so the two overlap
             x_cpu = x_TD.detach().to("cpu", self.store.dtype)
-            ids_cpu, w_cpu = topk_ids_TK.cpu(), topk_weights_TK.cpu()
+            ids_cpu, w_cpu = torch.from_numpy(ids_np), topk_weights_TK.detach().cpu()
         y_TD = torch.zeros_like(x_TD)
-        fn = get_backend(self.backend)
-        pool13, pool2 = cache.pool(layer)
-        lut_E = torch.full((self.num_experts,), -1, dtype=torch.long, device=topk_ids_TK.device)
-        # hits first: their kernel needs no copy, so it runs while the misses are copied
         gpu = hits + to_copy
         S = cache.slots
-        rounds = [gpu[i:i + S] for i in range(0, len(gpu), S)]
-        if len(rounds) == 1 and hits and to_copy and len(gpu) <= S:
-            rounds = [hits, to_copy]
-        prefetched = False
-        for r, chunk in enumerate(rounds):
-            slots = cache.ensure(layer, chunk)
-            if not prefetched:  # queue next layer's prefetch behind this layer's demand copies
+        if gpu and len(gpu) <= S:
+            # hits' kernel first (no copy to wait for), then the copied experts' once they land
+            rounds = [r for r in (hits, to_copy) if r]
+            slots = [cache.ensure(layer, r, wait=False) for r in rounds]
+            self._prefetch_next(x_TD, ids_np)  # queued behind this layer's demand copies
+            ids_RTK = self._remap(ids_np, rounds, slots, x_TD.device)
+            for r, sl in enumerate(slots):
+                cache.wait(layer, sl)
+                y_TD = y_TD + self._kernel(x_TD, ids_RTK[r], topk_weights_TK)
+            cache.release(layer, [s for sl in slots for s in sl])
+        else:
+            # a step needing more experts than slots: rounds of at most S, reusing the slots
+            rounds = [gpu[i:i + S] for i in range(0, len(gpu), S)]
+            for r, chunk in enumerate(rounds):
+                sl = cache.ensure(layer, chunk)
+                if r == 0:
+                    self._prefetch_next(x_TD, ids_np)
+                ids_TK = self._remap(ids_np, [chunk], [sl], x_TD.device)[0]
+                y_TD = y_TD + self._kernel(x_TD, ids_TK, topk_weights_TK)
+                cache.release(layer, sl, last=r == len(rounds) - 1)
+            if not rounds:
                 self._prefetch_next(x_TD, ids_np)
-                prefetched = True
-            lut_E.fill_(-1)
-            lut_E[torch.tensor(chunk, device=lut_E.device)] = torch.tensor(slots, device=lut_E.device)
-            ids_TK = torch.where(topk_ids_TK >= 0, lut_E[topk_ids_TK.clamp(min=0)], -1)
-            y_TD = y_TD + fn(x_TD, pool13, pool2, ids_TK, topk_weights_TK)
-            cache.release(layer, slots, last=r == len(rounds) - 1)
-        if not prefetched:
-            self._prefetch_next(x_TD, ids_np)
         if to_cpu:
             cache.count_cpu(layer, to_cpu)
             y_cpu = cpu_experts(x_cpu, ids_cpu, w_cpu, to_cpu, self.store, layer)

@@ -96,8 +96,12 @@ class ExpertCache:
         self.counters["misses"] += len(experts)
         self.counters["cpu_computed"] += len(experts)
 
-    def ensure(self, layer: int, experts: list[int]) -> list[int]:
-        """Slots holding `experts` (copied in if needed); the compute stream waits for the copies."""
+    def ensure(self, layer: int, experts: list[int], wait: bool = True) -> list[int]:
+        """Slots holding `experts` (copied in if needed); the compute stream waits for the copies.
+
+        wait=False: only reserve the slots and queue the copies; call `wait(layer, slots)` right
+        before the kernel that reads them (so earlier kernels need not wait for these copies).
+        """
         if len(experts) > self.slots:
             raise ValueError(f"ensure({layer}, {len(experts)} experts) exceeds the {self.slots} slots of the layer; "
                              "ask in rounds of at most `cache.slots` experts")
@@ -118,13 +122,18 @@ class ExpertCache:
             self.clock += 1
             self.policy.touch(layer, e, self.clock)
             slots.append(s)
+        if wait:
+            self.wait(layer, slots)
+        return slots
+
+    def wait(self, layer: int, slots: list[int]) -> None:
+        """Make the compute stream wait for the copies into these slots (the host goes on)."""
         if self.cuda:
             cur = torch.cuda.current_stream(self.device)
             for s in slots:
                 ev = self._ready[layer][s]
                 if ev is not None:
-                    cur.wait_event(ev)  # orders the GPU only; the host goes on
-        return slots
+                    cur.wait_event(ev)
 
     def release(self, layer: int, slots: list[int], last: bool = True) -> None:
         """Mark the end of the compute stream's use of these slots (call after launching the kernel).

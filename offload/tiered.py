@@ -1,0 +1,372 @@
+"""Experts split between this process's device and CPU expert hosts (serve.cpu_host).
+
+Shape legend: T = tokens, D = hidden, K = experts per token, E = experts, n = local experts,
+J = 2*I, I = expert ffn size, N = rows sent to one host.
+
+    rt = apply_cpu_tier(model, tiered_plan, hosts)     # hosts: serve.cpu_host.start_hosts(...)
+    model(ids)                                          # same logits as before
+    rt.stats()                                          # tokens and seconds per tier
+
+Per MoE layer (TieredExperts, a drop-in for block.experts):
+
+    routing ids ─► owner table [E]: -1 = here, h = host h
+        ├─► submit: rows of the tokens using host h's experts ──► host h computes (its CPU threads)
+        ├─► inner module (the expert-parallel ranks' experts, when wrapped)    ┐ overlapped with
+        ├─► local experts on this device (kernels backend)                     ┘ the hosts' work
+        └─► gather the hosts' partial sums ─► y_TD = inner + local + Σ hosts
+
+Remote calls go first, so the hosts compute while the device does the local experts; the one
+device->host copy of x happens before the local kernel is queued. A host that dies (its call
+raises HostDied) has all its experts re-homed — to the live host holding the fewest bytes
+(filled from the checkpoint's memory map when there is one, else from the source store), or
+into this device's local experts when no host is left or ``rehome='local'`` — and the layer's
+host part is recomputed with the new owners; nothing partial of the failed attempt is kept, so
+the output is exactly what it would have been.
+
+Inside the expert-parallel runtime (placement.runtime), every rank holds the whole batch: each
+rank sends only the tokens t with t mod P == rank to the hosts and one all-reduce sums the
+hosts' part, so a host sees each token once.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from kernels import get_backend
+
+from .store import DiskExpertStore, ExpertStore, HostExpertStore
+
+REHOME = ("auto", "host", "local")
+
+
+@dataclass(frozen=True)
+class TierRuntimeConfig:
+    """rehome: where a dead host's experts go ('auto': another live host, else this device;
+    'host': another live host or fail; 'local': this device). max_retries: host failures one
+    layer call survives. keep_source: keep the CPU-hosted experts' weights in this process
+    (when there is no checkpoint to re-read them from) so that a dead host's experts can be
+    re-homed; off, a host death without a checkpoint is an error."""
+    rehome: str = "auto"
+    max_retries: int = 3
+    timeout_s: float | None = None
+    keep_source: bool = True
+
+    def __post_init__(self):
+        if self.rehome not in REHOME:
+            raise ValueError(f"rehome must be one of {REHOME}, got {self.rehome!r}")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+
+
+@dataclass
+class _TierCounters:
+    local_pairs: int = 0
+    inner_pairs: int = 0
+    host_pairs: dict = field(default_factory=dict)  # host -> (token, slot) pairs sent
+    host_rows: int = 0
+    host_bytes: int = 0
+    local_s: float = 0.0  # device work queued and run on this process (synchronised)
+    wait_s: float = 0.0  # blocked waiting for hosts after the local work
+    submit_s: float = 0.0
+    host_compute_s: float = 0.0  # what the hosts report
+    calls: int = 0
+    retries: int = 0
+    rehomed: int = 0
+
+
+class TierRuntime:
+    """State shared by the TieredExperts of one model: hosts, owner tables, counters."""
+
+    def __init__(self, hosts: list, host_of_LE: np.ndarray, config: TierRuntimeConfig, source: ExpertStore | None,
+                 checkpoint: str | None, layer_ids: list[int], host_dtype: torch.dtype, share=None):
+        self.hosts = list(hosts)
+        self.host_of = np.array(host_of_LE, dtype=np.int64)  # [L, E]; -1 = not on a host
+        self.cfg = config
+        self.source, self.checkpoint, self.layer_ids = source, checkpoint, list(layer_ids)
+        self.host_dtype = host_dtype
+        self.share = share  # (rank, world, group) inside the expert-parallel runtime
+        self.layers: list[TieredExperts] = []
+        self.counters = _TierCounters()
+        self.dead: set[int] = set()
+
+    # --- failures ---------------------------------------------------------------------------
+    def host_died(self, host: int) -> None:
+        """Re-home every expert of `host` (all layers) and mark it dead."""
+        if host in self.dead:
+            return
+        self.dead.add(host)
+        moved = np.argwhere(self.host_of == host)
+        live = [h for h in range(len(self.hosts)) if h not in self.dead and self.hosts[h].alive]
+        target = None
+        if self.cfg.rehome != "local" and live:
+            sizes = {}
+            for h in live:
+                try:
+                    sizes[h] = self.hosts[h].call("nbytes", timeout=self.cfg.timeout_s)
+                except Exception:  # noqa: BLE001 - a second dead host is found by its own call later
+                    continue
+            target = min(sizes, key=sizes.get) if sizes else None
+        if target is None and self.cfg.rehome == "host":
+            raise RuntimeError(f"CPU host {host} died and no live host is left to take its {len(moved)} experts; "
+                               "use rehome='auto' or 'local' to stream them to this device")
+        if len(moved) and self.checkpoint is None and self.source is None:
+            raise RuntimeError(f"CPU host {host} died and its experts cannot be re-homed: no checkpoint and no "
+                               "source store (apply_cpu_tier(..., checkpoint=DIR) or keep_source=True)")
+        if target is not None:
+            self._to_host(target, [(int(l), int(e)) for l, e in moved])
+            self.host_of[self.host_of == host] = target
+        else:
+            for l in np.unique(moved[:, 0]) if len(moved) else []:
+                es = [int(e) for e in moved[moved[:, 0] == l, 1]]
+                self.layers[int(l)].add_local(es, [self._weights(int(l), e) for e in es])
+                self.host_of[l, es] = -1
+        self.counters.rehomed += len(moved)
+
+    def _weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.source is None:
+            self.source = DiskExpertStore(self.checkpoint, self.layer_ids, dtype=self.host_dtype)
+        return self.source.get(layer, expert)
+
+    def _to_host(self, h: int, experts: list[tuple[int, int]]) -> None:
+        from serve.cpu_host import to_wire
+        client = self.hosts[h]
+        if self.checkpoint is not None:
+            client.call("load_checkpoint", self.checkpoint, self.layer_ids, experts, timeout=self.cfg.timeout_s)
+            return
+        for l in sorted({l for l, _ in experts}):
+            es = [e for ll, e in experts if ll == l]
+            w = [self._weights(l, e) for e in es]
+            client.call("add_experts", l, es, to_wire(torch.stack([a for a, _ in w])),
+                        to_wire(torch.stack([b for _, b in w])), timeout=self.cfg.timeout_s)
+
+    # --- figures ----------------------------------------------------------------------------
+    def stats(self) -> dict:
+        c = self.counters
+        host_pairs = sum(c.host_pairs.values())
+        total = c.local_pairs + c.inner_pairs + host_pairs
+        return {"local_pairs": c.local_pairs, "gpu_rank_pairs": c.inner_pairs, "cpu_pairs": host_pairs,
+                "cpu_pairs_per_host": dict(sorted(c.host_pairs.items())),
+                "cpu_fraction": host_pairs / total if total else 0.0, "cpu_rows": c.host_rows,
+                "cpu_bytes_sent": c.host_bytes, "local_s": c.local_s, "wait_s": c.wait_s, "submit_s": c.submit_s,
+                "host_compute_s": c.host_compute_s, "calls": c.calls, "retries": c.retries,
+                "rehomed_experts": c.rehomed, "dead_hosts": sorted(self.dead),
+                "experts_on_hosts": int((self.host_of >= 0).sum())}
+
+    def reset_stats(self) -> None:
+        self.counters = _TierCounters()
+
+
+class TieredExperts(nn.Module):
+    """Drop-in for block.experts: forward(x_TD, topk_ids_TK, topk_weights_TK) -> y_TD."""
+
+    def __init__(self, layer: int, num_experts: int, runtime: TierRuntime, w13_nJD: torch.Tensor,
+                 w2_nDI: torch.Tensor, local_ids: list[int], backend: str = "torch", inner: nn.Module | None = None):
+        super().__init__()
+        self.layer, self.runtime, self.backend = layer, runtime, backend
+        self._num_experts = num_experts
+        self.w13 = nn.Parameter(w13_nJD, requires_grad=False)
+        self.w2 = nn.Parameter(w2_nDI, requires_grad=False)
+        local_of = torch.full((num_experts,), -1, dtype=torch.long)
+        if local_ids:
+            local_of[torch.as_tensor(local_ids)] = torch.arange(len(local_ids))
+        self.register_buffer("local_of_E", local_of.to(w13_nJD.device), persistent=False)
+        self.local_ids = list(local_ids)
+        self.inner = inner  # experts of other GPU ranks' (expert-parallel module), never on a host
+
+    @property
+    def num_experts(self) -> int:
+        return self._num_experts
+
+    def extra_repr(self) -> str:
+        on_host = int((self.runtime.host_of[self.layer] >= 0).sum())
+        return f"layer={self.layer}, local={self.local_ids}, on_hosts={on_host}, backend={self.backend!r}"
+
+    def add_local(self, expert_ids: list[int], weights: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Stream re-homed experts into this device's local set."""
+        dev, dt = self.w13.device, self.w13.dtype
+        w13 = torch.cat([self.w13.data] + [a.to(dev, dt)[None] for a, _ in weights])
+        w2 = torch.cat([self.w2.data] + [b.to(dev, dt)[None] for _, b in weights])
+        self.w13 = nn.Parameter(w13, requires_grad=False)
+        self.w2 = nn.Parameter(w2, requires_grad=False)
+        for e in expert_ids:
+            self.local_of_E[e] = len(self.local_ids)
+            self.local_ids.append(int(e))
+
+    # --- the host part ----------------------------------------------------------------------
+    def _submit(self, x_TD, ids_np, w_np, x_cpu):
+        """Send each host the rows of its tokens (ids of other owners masked to -1)."""
+        from serve.cpu_host import to_wire
+        rt = self.runtime
+        t0 = time.perf_counter()
+        own_TK = np.where(ids_np >= 0, rt.host_of[self.layer][ids_np.clip(0)], -1)
+        T = ids_np.shape[0]
+        mine_T = np.ones(T, dtype=bool)
+        if rt.share is not None and rt.share[1] > 1:
+            mine_T = np.arange(T) % rt.share[1] == rt.share[0]
+        pending = []
+        for h in np.unique(own_TK[own_TK >= 0]).tolist():
+            sel_TK = own_TK == h
+            rows = np.flatnonzero(sel_TK.any(1) & mine_T)
+            if not len(rows):
+                continue
+            if x_cpu[0] is None:  # the one device->host copy of this layer's input
+                x_cpu[0] = x_TD.detach().to("cpu", rt.host_dtype)
+            ids_NK = np.where(sel_TK[rows], ids_np[rows], -1)
+            x_ND = to_wire(x_cpu[0][rows])
+            pending.append((h, rows, rt.hosts[h].submit("compute", self.layer, x_ND, ids_NK, w_np[rows])))
+            c = rt.counters
+            c.host_pairs[h] = c.host_pairs.get(h, 0) + int(sel_TK[rows].sum())
+            c.host_rows += len(rows)
+            c.host_bytes += x_ND.nbytes
+        rt.counters.submit_s += time.perf_counter() - t0
+        return pending
+
+    def _gather(self, pending, T, D):
+        from serve.cpu_host import from_wire
+        rt = self.runtime
+        y_TD = torch.zeros(T, D, dtype=rt.host_dtype)
+        t0 = time.perf_counter()
+        for h, rows, fut in pending:
+            y_ND, secs = rt.hosts[h].wait(fut, rt.cfg.timeout_s)
+            y_TD.index_add_(0, torch.from_numpy(rows), from_wire(y_ND, rt.host_dtype))
+            rt.counters.host_compute_s += secs
+        rt.counters.wait_s += time.perf_counter() - t0
+        return y_TD
+
+    def _local(self, x_TD, topk_ids_TK, topk_weights_TK):
+        if not self.local_ids:
+            return None
+        own_E = torch.as_tensor(self.runtime.host_of[self.layer], device=topk_ids_TK.device)
+        ids = topk_ids_TK.clamp(min=0)
+        here = (topk_ids_TK >= 0) & (own_E[ids] < 0) & (self.local_of_E[ids] >= 0)
+        if not bool(here.any()):
+            return None
+        self.runtime.counters.local_pairs += int(here.sum())
+        loc_TK = torch.where(here, self.local_of_E[ids], -1)
+        return get_backend(self.backend)(x_TD, self.w13, self.w2, loc_TK, topk_weights_TK)
+
+    def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
+        rt = self.runtime
+        T, D = x_TD.shape
+        E = self.num_experts
+        ids_np = topk_ids_TK.detach().cpu().numpy().astype(np.int64)
+        if ids_np.size and ids_np.max() >= E:
+            raise ValueError(f"expert id {int(ids_np.max())} out of range for {E} experts")
+        w_np = topk_weights_TK.detach().float().cpu().numpy()
+        rt.counters.calls += 1
+        x_cpu = [None]
+        pending = self._submit(x_TD, ids_np, w_np, x_cpu)  # hosts start now
+        t0 = time.perf_counter()
+        y_TD = torch.zeros_like(x_TD)
+        if self.inner is not None:
+            # the inner module's experts: neither on a host nor local here (fixed for the call, so
+            # the inner module, which may run collectives, is called exactly once)
+            ids = topk_ids_TK.clamp(min=0)
+            own_E = torch.as_tensor(rt.host_of[self.layer], device=topk_ids_TK.device)
+            inner_TK = torch.where((topk_ids_TK >= 0) & (own_E[ids] < 0) & (self.local_of_E[ids] < 0),
+                                   topk_ids_TK, -1)
+            rt.counters.inner_pairs += int((inner_TK >= 0).sum())
+            y_TD = y_TD + self.inner(x_TD, inner_TK, topk_weights_TK)
+        for attempt in range(rt.cfg.max_retries + 1):
+            y_loc = self._local(x_TD, topk_ids_TK, topk_weights_TK)
+            rt.counters.local_s += time.perf_counter() - t0
+            try:
+                y_host = self._gather(pending, T, D)
+                break
+            except Exception as err:  # noqa: BLE001 - only HostDied is handled, the rest re-raised
+                from serve.cpu_host import HostDied
+                if not isinstance(err, HostDied) or attempt == rt.cfg.max_retries:
+                    raise
+                rt.counters.retries += 1
+                rt.host_died(err.host_id)
+                # recompute the whole host part (and the local part, which may now hold the dead
+                # host's experts) with the new owners; the failed attempt's partial sums are dropped
+                pending = self._submit(x_TD, ids_np, w_np, x_cpu)
+                t0 = time.perf_counter()
+        if rt.share is not None and rt.share[1] > 1:
+            import torch.distributed as dist
+            dist.all_reduce(y_host, group=rt.share[2])
+        if y_loc is not None:
+            y_TD = y_TD + y_loc
+        return y_TD + y_host.to(x_TD.device, x_TD.dtype)
+
+
+def apply_cpu_tier(model: nn.Module, plan, hosts: list, config: TierRuntimeConfig | None = None,
+                   checkpoint: str | None = None, host_dtype: torch.dtype | None = None,
+                   device: str | torch.device | None = None) -> TierRuntime:
+    """Put the plan's CPU-hosted experts on `hosts` and replace every block.experts by a
+    TieredExperts; returns the TierRuntime (also `model.cpu_tier`).
+
+    plan: placement.cpu_tier.TieredPlan (host h = its host index; every GPU-tier expert stays in
+    this process, on the model's device — or, when block.experts is already the expert-parallel
+    module of placement.runtime, in that module, wrapped as `inner`).
+    device: where the local experts go (default: where the model's experts are).
+    checkpoint: the model directory; hosts then read their experts from its memory map and a
+    dead host's experts are re-read from it. Without it the hosts get the model's tensors.
+    """
+    cfg = config or TierRuntimeConfig()
+    blocks = list(model.moe_blocks())
+    if not blocks:
+        raise ValueError("the model has no MoE blocks to tier")
+    if any(isinstance(b.experts, TieredExperts) for b in blocks):
+        raise ValueError("the model already has a CPU tier; apply_cpu_tier once")
+    E = blocks[0].experts.num_experts
+    plan.check_compatible(len(blocks), E)
+    if plan.num_hosts != len(hosts):
+        raise ValueError(f"the plan places experts on {plan.num_hosts} CPU hosts but {len(hosts)} were given; "
+                         f"start {plan.num_hosts} hosts (serve.cpu_host.start_hosts)")
+    inner_mode = hasattr(blocks[0].experts, "state") and hasattr(blocks[0].experts.state, "world")
+    ref = blocks[0].experts
+    dev = torch.device(device) if device is not None else next(iter(ref.parameters())).device
+    dt = next(iter(ref.parameters())).dtype
+    host_dtype = host_dtype or dt
+    host_of = plan.host_table()
+    layer_ids = [getattr(b, "layer_idx", i) for i, b in enumerate(blocks)]
+    share = None
+    if inner_mode:
+        st = ref.state
+        share = (st.rank, st.world, st.group)
+        if checkpoint is None:
+            raise ValueError("under the expert-parallel runtime the ranks do not hold the CPU tier's weights: "
+                             "give checkpoint=<model directory> for the hosts to read them from")
+    from serve.cpu_host import to_wire
+    # fill the hosts: from the memory map, or from the model's tensors (layer by layer)
+    for h, client in enumerate(hosts):
+        mine = plan.experts_on_host(h)
+        if not mine:
+            continue
+        if checkpoint is not None:
+            client.call("load_checkpoint", checkpoint, layer_ids, mine, timeout=cfg.timeout_s)
+        else:
+            for l in sorted({l for l, _ in mine}):
+                es = [e for ll, e in mine if ll == l]
+                ex = blocks[l].experts
+                client.call("add_experts", l, es, to_wire(ex.w13.detach()[es].to(host_dtype)),
+                            to_wire(ex.w2.detach()[es].to(host_dtype)), timeout=cfg.timeout_s)
+    source = None
+    if checkpoint is None and cfg.keep_source:
+        # the CPU tier's weights stay where the model had them (no new copy) for re-homing
+        source = HostExpertStore([(b.experts.w13.detach().to("cpu", host_dtype), b.experts.w2.detach().to("cpu", host_dtype))
+                                  for b in blocks])
+    rt = TierRuntime(hosts, host_of, cfg, source, checkpoint, layer_ids, host_dtype, share)
+    for l, b in enumerate(blocks):
+        ex = b.experts
+        backend = getattr(ex, "backend", "torch")
+        if inner_mode:
+            J, D = ex.w13.shape[1:]
+            I = ex.w2.shape[2]
+            w13 = torch.empty(0, J, D, dtype=dt, device=dev)
+            w2 = torch.empty(0, D, I, dtype=dt, device=dev)
+            b.experts = TieredExperts(l, E, rt, w13, w2, [], backend, inner=ex)
+        else:
+            ids = [e for e in range(E) if host_of[l, e] < 0]
+            w13 = ex.w13.detach()[ids].to(dev).clone()
+            w2 = ex.w2.detach()[ids].to(dev).clone()
+            b.experts = TieredExperts(l, E, rt, w13, w2, ids, backend)
+        rt.layers.append(b.experts)
+    model.cpu_tier = rt
+    return rt
