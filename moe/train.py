@@ -367,14 +367,18 @@ def list_checkpoints(out: Path) -> list[Path]:
 def restore_checkpoint(ckpt: Path, model, opt, gens, device: torch.device) -> dict:
     from safetensors.torch import load_file
     names = {n: p for n, p in model.named_parameters()}
+    index = {p: i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
     tensors = load_file(str(ckpt / "optimizer.safetensors"))
+    state: dict[int, dict] = {}
     for key, v in tensors.items():
         pname, field_name = key.split("::")
-        if pname not in names:
+        if pname not in names or names[pname] not in index:
             raise ValueError(f"{ckpt}/optimizer.safetensors holds state of unknown parameter {pname!r}; "
                              "the checkpoint belongs to a different model")
-        p = names[pname]
-        opt.state[p][field_name] = v.to(p.device) if field_name != "step" else v
+        state.setdefault(index[names[pname]], {})[field_name] = v
+    sd = opt.state_dict()
+    sd["state"] = state
+    opt.load_state_dict(sd)  # torch places each value (the fused kernel's step counters included)
     rng = load_file(str(ckpt / "rng.safetensors"))
     for k, g in gens.items():
         g.set_state(rng[f"gen::{k}"])
