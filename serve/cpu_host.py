@@ -36,6 +36,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -69,7 +70,11 @@ def to_wire(t: torch.Tensor) -> np.ndarray:
 
 
 def from_wire(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(a))
+    """The tensor view of a wire array. Arrays Ray hands over from shared memory are read-only;
+    they are only ever read (inputs of a matmul, or added into a fresh tensor), so no copy."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        t = torch.from_numpy(np.ascontiguousarray(a))
     if dtype == torch.bfloat16:
         return t.view(torch.bfloat16)
     return t if t.dtype == dtype else t.to(dtype)
