@@ -188,18 +188,36 @@ def _newton_softmax(X_RSE: np.ndarray, Y_RE: np.ndarray, G_R: np.ndarray, theta_
 class PathPredictor(PathModel):
     name = "predictor"
 
-    def __init__(self, tables: _Tables, weights_GS: np.ndarray, top_k: int,
+    def __init__(self, tables: _Tables, weight_sets: dict[str, np.ndarray], top_k: int,
                  config: PredictorConfig | None = None, lookahead: GateLookahead | None = None):
         self.tables = tables
         self.num_layers, self.num_experts = tables.log_pop.shape
         self.top_k = top_k
         self.config = config or PredictorConfig()
-        self.weights_GS = np.asarray(weights_GS, dtype=np.float32)
+        # one weight set per combination of optional inputs the predictor was fitted with
+        # ("base", "token", "gate", "token+gate"): a source missing at prediction time must not
+        # leave the others weighted as if it were there
+        self.weight_sets = {k: np.asarray(v, dtype=np.float32) for k, v in weight_sets.items()}
         self.lookahead = lookahead
         C = self.config.context_layers
         self.source_names = ["pop"] + [f"trans-{c}" for c in range(C)] + ["repeat", "token", "gate"]
         self.reference = False  # True: score with the plain reference path (tests compare the two)
-        assert self.weights_GS.shape == (2 * self.num_layers - 1, len(self.source_names))
+        if "base" not in self.weight_sets:
+            raise ValueError("a PathPredictor needs the 'base' weight set (no optional inputs)")
+        for k, w in self.weight_sets.items():
+            assert w.shape == (2 * self.num_layers - 1, len(self.source_names)), (k, w.shape)
+
+    def _weights(self, has_token: bool, has_gate: bool) -> tuple[np.ndarray, bool, bool]:
+        """The weight set for the inputs at hand, and which optional sources it uses."""
+        for tok, gate in ((has_token, has_gate), (has_token, False), (False, has_gate), (False, False)):
+            key = "+".join(n for n, on in (("token", tok), ("gate", gate)) if on) or "base"
+            if key in self.weight_sets:
+                return self.weight_sets[key], tok, gate
+        raise AssertionError("unreachable: 'base' always exists")
+
+    @property
+    def weights_GS(self) -> np.ndarray:
+        return self.weight_sets["base"]
 
     # --- evidence (plain reference: every source materialised) ----------------------------------
     def _sources(self, prev, layer: int, known, token_ids, gate_logits_NLE) -> np.ndarray:
@@ -235,8 +253,9 @@ class PathPredictor(PathModel):
         return np.maximum(logp, _LOG_FLOOR) - self.tables.log_pop[None, first:]
 
     def _scores_reference(self, prev, layer, known, tok, gate) -> np.ndarray:
-        X = self._sources(prev, layer, known, tok, gate)
-        return np.einsum("nmse,ms->nme", X, self.weights_GS[self._groups(layer)[layer + 1:]])
+        W, use_tok, use_gate = self._weights(tok is not None and self.tables.buckets > 0, gate is not None)
+        X = self._sources(prev, layer, known, tok if use_tok else None, gate if use_gate else None)
+        return np.einsum("nmse,ms->nme", X, W[self._groups(layer)[layer + 1:]])
 
     # --- evidence (fast path: gathers weighted as they arrive, nothing materialised) -----------------
     @torch.no_grad()
@@ -246,7 +265,9 @@ class PathPredictor(PathModel):
         N, L, E = known.shape[0], self.num_layers, self.num_experts
         first = layer + 1
         M = L - first
-        W = torch.from_numpy(self.weights_GS[self._groups(layer)[first:]])  # [M, S]
+        W, use_tok, use_gate = self._weights(tok is not None and t.buckets > 0, gate is not None)
+        tok, gate = (tok if use_tok else None), (gate if use_gate else None)
+        W = torch.from_numpy(W[self._groups(layer)[first:]])  # [M, S]
         z = (W[:, 0, None] * torch.from_numpy(t.log_pop[first:])).expand(N, M, E).clone()  # [N, M, E]
         for c in range(C):
             j = layer - c
@@ -312,7 +333,7 @@ class PathPredictor(PathModel):
         fit_idx = np.setdiff1d(np.arange(T), count_idx)
         n_src = 1 + cfg.context_layers + 3
         w0 = np.ones((2 * L - 1, n_src), dtype=np.float32)
-        model = cls(_Tables(trace.select_tokens(count_idx), cfg), w0, K, cfg, lookahead)
+        model = cls(_Tables(trace.select_tokens(count_idx), cfg), {"base": w0}, K, cfg, lookahead)
         model._fit_weights(trace, fit_idx, features, verbose)
         model.tables = _Tables(trace, cfg)  # final tables from every token
         return model
@@ -341,30 +362,49 @@ class PathPredictor(PathModel):
         X = np.concatenate(Xs)  # [R, S, E]
         Y = np.concatenate(Ys)  # [R, E]
         G = np.concatenate(Gs).astype(np.int64)  # [R]
-        theta, loss = _newton_softmax(X, Y, G, self.weights_GS.astype(np.float64), cfg.fit_iters)
-        if verbose:
-            print(f"fitted {theta.size} weights on {len(X)} (token, layer) rows: loss {loss:.4f}")
-        self.weights_GS = theta.astype(np.float32)
+        C = cfg.context_layers
+        tok_col, gate_col = C + 2, C + 3
+        has_tok = trace.token_ids is not None and self.tables.buckets > 0
+        has_gate = hidden is not None and self.lookahead is not None
+        sets = {}
+        for use_tok in ((False, True) if has_tok else (False,)):
+            for use_gate in ((False, True) if has_gate else (False,)):
+                key = "+".join(n for n, on in (("token", use_tok), ("gate", use_gate)) if on) or "base"
+                Xk = X
+                if not (use_tok and use_gate) and (has_tok or has_gate):
+                    Xk = X.copy()
+                    Xk[:, tok_col] *= use_tok
+                    Xk[:, gate_col] *= use_gate
+                w0 = self.weights_GS.astype(np.float64).copy()
+                w0[:, tok_col] *= use_tok  # an unused source keeps weight 0
+                w0[:, gate_col] *= use_gate
+                theta, loss = _newton_softmax(Xk, Y, G, w0, cfg.fit_iters)
+                sets[key] = theta.astype(np.float32)
+                if verbose:
+                    print(f"fitted {theta.size} weights ({key}) on {len(X)} (token, layer) rows: loss {loss:.4f}")
+        self.weight_sets = sets
 
     # --- disk -------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         if path.suffix != ".npz":
             path = path.with_name(path.name + ".npz")
-        header = {"format": _FORMAT, "version": _VERSION, "top_k": self.top_k, "config": asdict(self.config)}
+        header = {"format": _FORMAT, "version": _VERSION, "top_k": self.top_k, "config": asdict(self.config),
+                  "weight_sets": sorted(self.weight_sets)}
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(path, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
-                            weights_GS=self.weights_GS, **self.tables.arrays())
+                            **{f"weights_{k}": w for k, w in self.weight_sets.items()}, **self.tables.arrays())
         return path
 
     @classmethod
     def load(cls, path: str | Path, lookahead: GateLookahead | None = None) -> "PathPredictor":
         header, arrays = read_npz(path, "PathPredictor", "train one with `moe predictor train`",
-                                  required=("weights_GS",))
+                                  required=("weights_base",))
         if header.get("format") != _FORMAT or header.get("version") != _VERSION:
             raise ValueError(f"{path} is not a moeflow PathPredictor v{_VERSION} file "
                              f"(format {header.get('format')!r} v{header.get('version')})")
-        return cls(_Tables.from_arrays(arrays), arrays["weights_GS"], int(header["top_k"]),
+        sets = {k: arrays[f"weights_{k}"] for k in header.get("weight_sets", ["base"])}
+        return cls(_Tables.from_arrays(arrays), sets, int(header["top_k"]),
                    PredictorConfig(**header["config"]), lookahead)
 
 

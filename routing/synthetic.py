@@ -18,8 +18,8 @@ Planted-path mode (``planted_paths`` = P > 0): P whole paths [L, K] are drawn (t
 sets all differ); each token follows one of them (chosen by Zipf over paths with the same skew,
 or the previous token's path with probability q), each slot replaced by a random expert with
 probability ``path_noise``. Knowing layer 0 then determines every later layer, which is what a
-path predictor must discover. The token id is the path index there (an informative feature);
-otherwise token ids are Zipf-random and carry no routing information.
+path predictor must discover. Token ids are Zipf-random in both modes and carry no routing
+information (a predictor that leaned on them would learn nothing real).
 
 Shape legend: L = layers, R = requests, K = top-k, E = experts, T = tokens.
 """
@@ -68,6 +68,8 @@ def synthesize(num_layers: int = 8, num_experts: int = 16, top_k: int = 2, num_r
     ids_NLRK = np.empty((N, L, R, K), dtype=np.int16)
     tok_NR = np.empty((N, R), dtype=np.int64)
 
+    p_tok = _zipf(vocab_size, 1.0, rng)
+    tok_NR[:] = rng.choice(vocab_size, size=(N, R), p=p_tok)
     if planted_paths:
         paths_PLK = _planted(planted_paths, L, E, K, logp_LE, rng)
         p_path = _zipf(planted_paths, popularity_skew, rng)
@@ -80,14 +82,11 @@ def synthesize(num_layers: int = 8, num_experts: int = 16, top_k: int = 2, num_r
             noisy = rng.random(ids_LRK.shape) < path_noise
             ids_LRK[noisy] = rng.integers(0, E, size=int(noisy.sum()))
             ids_NLRK[t] = _dedupe(ids_LRK, E, rng)
-            tok_NR[t] = choice_R
         meta_extra = {"planted_paths": int(planted_paths), "path_noise": float(path_noise)}
     else:
         successor_LE = np.stack([rng.permutation(E) for _ in range(L)])  # layer l expert -> layer l+1
-        p_tok = _zipf(vocab_size, 1.0, rng)
         rows = np.arange(R)[:, None]
         for t in range(N):
-            tok_NR[t] = rng.choice(vocab_size, size=R, p=p_tok)
             for l in range(L):
                 forced_RE = np.zeros((R, E), dtype=bool)
                 if l and affinity > 0:
