@@ -3,17 +3,17 @@
 Shape legend: T = tokens, D = hidden, I = expert ffn size, J = 2I (gate rows then up rows),
 E = experts, K = experts per token, P = T*K pairs, S = padded sorted rows.
 
-Four kernels:
+Four kernels (five launchers):
 
     moe_up        h_SI = silu(x[tok] @ Wg[e]^T) * (x[tok] @ Wu[e]^T); rows gathered straight from the
                   unsorted x_TD, gate and up tiles computed side by side so SiLU*up is an epilogue;
                   optionally also keeps the pre-activations gu_SJ for the backward pass.
     moe_gemm      C = A @ B[e]^T with A rows either gathered by token or in sorted order, C rows either
                   sorted or scattered to pair order, optionally scaled by each pair's routing weight:
-                  the down projection (h_SI -> out_PD), and in the backward pass dy -> dh_SI and
-                  dgu_SJ -> dx_PD (B read through strides, so w2 / w13 are never transposed in memory).
-    (moe_swiglu_bwd: moe_gemm for dh = dy Wd[e] with the SwiGLU backward and d(routing weight) fused
-                  into its epilogue.)
+                  the down projection (h_SI -> out_PD) and, in the backward pass, dgu_SJ -> dx_PD
+                  (B read through strides, so w2 / w13 are never transposed in memory).
+    moe_swiglu_bwd  the same kernel for dh = dy[tok] @ Wd[e], with the SwiGLU backward and
+                  d(routing weight) fused into its epilogue (no [S, I] fp32 intermediates).
     moe_wgrad     C[e] = sum over expert e's rows of A[row]^T B[row]: the weight gradients dW2, dW13.
     moe_sum       y_TD = sum_k out_PD[t*K + k] over the slots whose id is a real expert: a second small
                   kernel instead of atomics, so the result is deterministic.
