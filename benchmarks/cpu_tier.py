@@ -1,0 +1,214 @@
+"""CPU expert hosts as a tier, against the GPU cache with PCIe copies: decode tokens/s at a 25%
+GPU expert budget, batch 1, 8 and 32.
+
+    python benchmarks/cpu_tier.py                   # H200 machine: Mixtral-8x7B shapes (< 4 min)
+    python benchmarks/cpu_tier.py --model qwen3     # Qwen3-30B-A3B shapes
+    python benchmarks/cpu_tier.py --smoke           # tiny shapes on the CPU (a check of the script)
+
+What runs: a stack of the model's MoE layers with random bf16 weights (router + experts; the
+attention and dense parts are the same in every configuration and left out), as many layers as
+--layers and host RAM allow, per-token figures scaled to the full depth (said so). Routing is a
+synthetic trace (routing.synthesize: popularity skew, temporal locality, affinity) through
+offload.route_by_trace; batch B decodes B interleaved requests, one token each per step.
+
+Configurations (same budget: 25% of the experts' bytes on the GPU):
+  gpu-cache+pcie       offload's LRU slot cache, misses copied over PCIe (apply_offload's path)
+  gpu-cache+cpu-hosts  the tier plan (placement.cpu_tier, solved on a training part of the trace):
+                       its GPU experts resident, the rest computed on CPU hosts (offload.tiered)
+  cpu-hosts-only       every expert on the CPU hosts, only the routers on the GPU
+
+CPU hosts are Ray actors when Ray is installed and --ray is given; otherwise (the H200 machine
+has no Ray) in-process hosts, one Python thread each (torch releases the GIL in its kernels), the
+torch threads split between them — said in the output. Floors printed beside each row: PCIe =
+bytes copied per token / measured pinned bandwidth; CPU = the CPU's work per token by the
+measured cost model (expert reads at the measured 1-token time + token-slots at the measured
+per-token rate, all cores).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.offload import SHAPES, build, check_backend, host_available_bytes, pick_backend  # noqa: E402
+from offload import CostModel, HostExpertStore, OffloadConfig, route_by_trace  # noqa: E402
+from offload.apply import install  # noqa: E402
+from offload.tiered import TierRuntimeConfig, apply_cpu_tier  # noqa: E402
+from placement.cpu_tier import CPUTierCost, TierConfig, TieredPlan, TierStats, solve_cpu_tier  # noqa: E402
+from routing import synthesize  # noqa: E402
+from serve.cpu_host import HostPoolConfig, start_hosts  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode(blocks, trace, batch, warmup, device, dtype):
+    """Decode steps of `batch` tokens over the trace; seconds for the steps after warm-up."""
+    D = blocks[0].router.gate.in_features
+    steps = trace.num_tokens // batch
+    x = torch.randn(batch, D, device=device, dtype=dtype, generator=torch.Generator(device=device).manual_seed(1))
+    t0 = None
+    stack = _Stack(blocks)
+    with torch.no_grad(), route_by_trace(stack, trace):
+        for s in range(steps):
+            if s == warmup:
+                sync(device)
+                t0 = time.perf_counter()
+            h = x
+            for b in blocks:
+                ids, w, _ = b.router(h)
+                h = F.rms_norm(h + b.experts(h, ids, w), (D,))
+        sync(device)
+    return time.perf_counter() - t0, steps - warmup
+
+
+def _plain_experts(blocks, store, E, backend):
+    """Experts modules over the store's (pinned host) tensors again, no copy: what a loaded model has."""
+    for i, b in enumerate(blocks):
+        ex = torch.nn.Module()
+        ex.w13 = torch.nn.Parameter(store.layers[i][0], requires_grad=False)
+        ex.w2 = torch.nn.Parameter(store.layers[i][1], requires_grad=False)
+        ex.num_experts, ex.backend = E, backend
+        b.experts = ex
+
+
+class _Stack:
+    def __init__(self, blocks):
+        self._b = blocks
+
+    def moe_blocks(self):
+        return self._b
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="mixtral", choices=sorted(SHAPES))
+    ap.add_argument("--layers", type=int, default=4, help="MoE layers run (RAM and time; scaled to full depth)")
+    ap.add_argument("--budget", type=float, default=0.25, help="share of the experts' bytes on the GPU")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--hosts", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=12, help="timed decode steps per batch size")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--ray", action="store_true", help="CPU hosts as Ray actors (needs ray)")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    key = "tiny" if args.smoke else args.model
+    shape = SHAPES[key]
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    E, K, D, I, L_full = shape["E"], shape["K"], shape["D"], shape["I"], shape["layers"]
+    elem = torch.empty((), dtype=dtype).element_size()
+    eb = 3 * D * I * elem
+    ram_layers = max(1, int(0.35 * host_available_bytes() // (E * eb)))  # store + hosts' own copies
+    L = max(2, min(L_full, args.layers, ram_layers))
+    scale = L_full / L
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(f"== {shape['name']} shapes: E={E} top-{K} hidden {D} ffn {I}, {dtype}; expert {eb / 2 ** 20:.1f} MiB; "
+          f"{L} of {L_full} MoE layers run, per-token figures scaled x{scale:.2f}; device {device}; {cores} cores ==")
+
+    t = time.perf_counter()
+    blocks = build(shape, L, device, dtype, pin=device.type == "cuda").moe_blocks()
+    store = HostExpertStore([(b.experts.w13.data, b.experts.w2.data) for b in blocks])
+    cost = CostModel.calibrate(device, *store.get(0, 0))
+    print(f"  built {store.nbytes() / 2 ** 30:.1f} GiB of random experts in {time.perf_counter() - t:.1f} s; "
+          f"measured: {cost.describe()}")
+    backend = check_backend(pick_backend(args.backend, device), store, device, dtype)
+
+    use_ray = False
+    if args.ray:
+        try:
+            import ray
+            ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+            use_ray = True
+        except ImportError:
+            print("  (--ray given but ray is not installed: in-process thread hosts instead)")
+    threads = max(1, cores // args.hosts)
+    if use_ray:
+        print(f"  CPU hosts: {args.hosts} Ray actors, {threads} torch threads each")
+    else:
+        torch.set_num_threads(threads)  # one process: the hosts' threads share torch's pool size
+        print(f"  CPU hosts: {args.hosts} in-process thread hosts (no Ray here), torch threads {threads} "
+              f"(= {cores} cores / {args.hosts} hosts; process-wide, the GPU paths use it too)")
+
+    budget_bytes = int(args.budget * L * E * eb)
+    slots = max(1, int(args.budget * E))
+    rows = []
+    hdr = (f"  {'batch':>5} {'config':<20} {'tok/s':>9} {'tok/s/req':>9} {'ms/step':>9} {'PCIe floor':>10} "
+           f"{'CPU floor':>9} {'cpu %':>6}")
+    for B in [int(b) for b in args.batches.split(",")]:
+        n = (args.warmup + args.steps) * B
+        full = synthesize(num_layers=L, num_experts=E, top_k=K, num_requests=2 * B, tokens_per_request=n // B,
+                          popularity_skew=shape["skew"], temporal_locality=0.3, affinity=0.5, seed=args.seed + B)
+        req = full.request_ids_or_default()
+        trace, train = full.select_tokens(req % 2 == 0), full.select_tokens(req % 2 == 1)
+        print(f"\n  batch {B}: synthetic trace (skew {shape['skew']}, locality 0.3, affinity 0.5), "
+              f"{args.warmup} warm-up + {args.steps} timed steps; GPU budget {args.budget:.0%} "
+              f"({budget_bytes / 2 ** 30:.1f} GiB, {slots} of {E} slots per layer)")
+        print(hdr)
+
+        def emit(label, secs, steps, pcie_bytes, cpu_s_model, cpu_frac):
+            ms = secs / steps * 1e3 * scale
+            r = dict(batch=B, config=label, tokens_per_s=B * 1e3 / ms, tokens_per_s_per_request=1e3 / ms,
+                     ms_per_step=ms, pcie_floor_ms=pcie_bytes / steps / cost.copy_bytes_per_s * 1e3 * scale,
+                     cpu_floor_ms=cpu_s_model / steps * 1e3 * scale, cpu_fraction=cpu_frac)
+            rows.append(r)
+            print(f"  {B:>5} {label:<20} {r['tokens_per_s']:>9.2f} {r['tokens_per_s_per_request']:>9.2f} "
+                  f"{ms:>9.1f} {r['pcie_floor_ms']:>9.1f}ms {r['cpu_floor_ms']:>7.1f}ms {100 * cpu_frac:>5.1f}%")
+
+        # 1. GPU cache + PCIe copies
+        cfg = OffloadConfig(slots_per_layer=slots, device=str(device), calibrate=False, policy="lru")
+        cache = install(blocks, store, cfg, device=device, top_k=K, slots=slots, backend=backend, cost=cost)
+        secs, steps = decode(blocks, trace, B, args.warmup, device, dtype)
+        st = cache.stats()  # counted over warm-up and timed steps: per step, times the timed steps
+        emit("gpu-cache+pcie", secs, steps, st["bytes_copied"] * steps / (steps + args.warmup), 0.0, 0.0)
+        del cache
+        # 2./3. the tier, with and without a GPU share
+        stats = TierStats.from_trace(train, tokens_per_step=B)
+        tcost = CPUTierCost(latency_s=200e-6, bytes_per_s=10e9, cpu_base_s=cost.cpu_base_s,
+                            cpu_per_token_s=cost.cpu_per_token_s, row_bytes=2 * D * elem)
+        for label, gpu_bytes in (("gpu-cache+cpu-hosts", budget_bytes), ("cpu-hosts-only", 0)):
+            tcfg = TierConfig(gpu_bytes=[gpu_bytes], host_bytes=[-(-L * E // args.hosts) * eb] * args.hosts,
+                              expert_bytes=eb, cost=tcost, tokens_per_step=B, time_limit_s=10)
+            plan: TieredPlan = solve_cpu_tier(stats, tcfg)
+            hosts = start_hosts(HostPoolConfig(num_hosts=args.hosts, backend="ray" if use_ray else "thread",
+                                               num_cpus=threads, threads=threads,
+                                               dtype={torch.bfloat16: "bfloat16"}.get(dtype, "float32")))
+            _plain_experts(blocks, store, E, backend)
+            rt = apply_cpu_tier(_Stack(blocks), plan, hosts, TierRuntimeConfig(keep_source=False), device=device)
+            secs, steps = decode(blocks, trace, B, args.warmup, device, dtype)
+            s = rt.stats()
+            host_table = plan.host_table()
+            ids = trace.expert_ids[:, args.warmup * B:].astype(np.int64)
+            used = [(l, e, int((ids[l, t0:t0 + B] == e).sum())) for l in range(L)
+                    for t0 in range(0, ids.shape[1], B) for e in np.unique(ids[l, t0:t0 + B]) if host_table[l, e] >= 0]
+            cpu_model = sum(cost.cpu_s(c) for _, _, c in used)
+            emit(label, secs, steps, 0, cpu_model, s["cpu_fraction"])
+            for h in hosts:
+                h.kill()
+            del rt, hosts
+        _plain_experts(blocks, store, E, backend)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print("\n  summary (tokens/s, full depth):")
+    for B in sorted({r["batch"] for r in rows}):
+        by = {r["config"]: r["tokens_per_s"] for r in rows if r["batch"] == B}
+        ratio = by["gpu-cache+cpu-hosts"] / by["gpu-cache+pcie"]
+        print(f"    batch {B:>3}: " + ", ".join(f"{k} {v:.2f}" for k, v in by.items())
+              + f"; cpu-hosts tier / pcie = {ratio:.2f}x")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
