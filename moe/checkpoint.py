@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import re
+import struct
 from typing import Callable, Iterator
 
 import torch
@@ -41,7 +43,9 @@ SINGLE_NAME = "model.safetensors"
 _PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "consolidated.00.pth")
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
 # per-expert tensor names, normalised to the gate/up/down naming
 _PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts\.\d+\.)(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
 _EXPERT_PART = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
@@ -107,22 +111,32 @@ def _weight_files(path: str) -> tuple[dict[str, str], str]:
 
 
 class _Reader:
-    """Open safetensors files (memory-mapped) and read tensors by Hugging Face name."""
+    """Safetensors files opened as private memory maps; tensors are copied straight from the map into
+    their destination (no temporary copy), and the mapped pages are released after each tensor, so
+    loading holds the model once plus at most one tensor's file pages."""
 
     def __init__(self, stack: contextlib.ExitStack, files: dict[str, str], single: str | None):
-        self.stack, self.handles, self.where = stack, {}, {}
+        self.maps: dict[str, mmap.mmap] = {}
+        self.meta: dict[str, tuple[str, str, str, tuple[int, ...], int, int]] = {}  # name -> file, key, dtype,...
+        self.where: dict[str, tuple[str, str]] = {}
         paths = sorted(set(files.values())) if single is None else [single]
         for p in paths:
             try:
-                h = stack.enter_context(safe_open(p, framework="pt", device="cpu"))
-                keys = list(h.keys())
-            except (SafetensorError, OSError, ValueError) as e:
+                with safe_open(p, framework="pt", device="cpu"):  # validates the header against the file size
+                    pass
+                header, data_start = _read_header(p)
+                f = stack.enter_context(open(p, "rb"))
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{p} is not a readable safetensors file ({e}): it is truncated or corrupt; "
                                       "re-download or re-save it") from e
-            self.handles[p] = h
-            for k in keys:
-                if single is None and files.get(k) not in (None, p):
+            stack.callback(mm.close)
+            self.maps[p] = mm
+            for k, info in header.items():
+                if k == "__metadata__" or (single is None and files.get(k) not in (None, p)):
                     continue  # the index decides which shard owns a duplicated name
+                a, b = info["data_offsets"]
+                self.meta[_normalise(k)] = (p, k, info["dtype"], tuple(info["shape"]), data_start + a, b - a)
                 self.where[_normalise(k)] = (p, k)
         if single is None:
             for k, p in files.items():
@@ -134,31 +148,41 @@ class _Reader:
         return name in self.where
 
     def shape(self, name: str) -> tuple[int, ...]:
-        p, k = self.where[name]
-        return tuple(self.handles[p].get_slice(k).get_shape())
+        return self.meta[name][3]
 
     def nbytes(self, name: str) -> int:
-        p, k = self.where[name]
-        sl = self.handles[p].get_slice(k)
-        n = 1
-        for s in sl.get_shape():
-            n *= s
-        return n * _DTYPE_BYTES.get(sl.get_dtype(), 4)
+        return self.meta[name][5]
 
     def st_dtype(self, name: str) -> str:
-        p, k = self.where[name]
-        return self.handles[p].get_slice(k).get_dtype()
+        return self.meta[name][2]
 
-    def read(self, name: str) -> torch.Tensor:
-        p, k = self.where[name]
-        try:
-            return self.handles[p].get_tensor(k)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"cannot read tensor {k!r} from {p} ({e}): the file is truncated or corrupt; "
-                                  "re-download or re-save it") from e
+    def copy_into(self, name: str, out: torch.Tensor) -> None:
+        """out.copy_(stored tensor), casting dtype and moving device as needed."""
+        p, k, st_dtype, shape, start, nbytes = self.meta[name]
+        if st_dtype not in _ST_DTYPES:
+            raise CheckpointError(f"tensor {k!r} in {p} has dtype {st_dtype}, which moeflow cannot load; "
+                                  f"convert the checkpoint to one of {sorted(_ST_DTYPES)}")
+        if nbytes == 0:
+            return
+        mm = self.maps[p]
+        view = torch.frombuffer(mm, dtype=_ST_DTYPES[st_dtype], count=nbytes // _DTYPE_BYTES[st_dtype],
+                                offset=start).view(shape)
+        out.copy_(view)
+        del view
+        # drop the file pages just read: they are clean (never written), so the kernel can re-read them
+        page = mmap.PAGESIZE
+        lo = start - start % page
+        if hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED, lo, start + nbytes - lo)
 
     def file_of(self, name: str) -> str:
         return self.where[name][0]
+
+
+def _read_header(path: str) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return json.loads(f.read(n)), 8 + n
 
 
 # --- load ---------------------------------------------------------------------------------------
@@ -227,7 +251,8 @@ def _stream_weights(model: MoEForCausalLM, cfg: MoEConfig, reader: _Reader, dtyp
     total = sum(reader.nbytes(k) for k in reader.where)
     done = 0
 
-    def fetch(hf: str, expected: tuple[int, ...]) -> torch.Tensor:
+    def fetch(hf: str, out: torch.Tensor) -> torch.Tensor:
+        """Check the stored tensor's name and shape, copy it into ``out``, report progress."""
         nonlocal done
         if not reader.has(hf):
             raise CheckpointError(f"tensor {hf!r} is missing from the checkpoint ({_files_desc(reader)}); the "
@@ -235,29 +260,29 @@ def _stream_weights(model: MoEForCausalLM, cfg: MoEConfig, reader: _Reader, dtyp
                                   f"num_hidden_layers={cfg.num_hidden_layers}, num_experts={cfg.num_experts}): "
                                   "use the config.json that came with these weights")
         shape = reader.shape(hf)
-        if shape != tuple(expected):
-            raise CheckpointError(f"tensor {reader.where[hf][1]!r} in {reader.file_of(hf)} has shape {list(shape)} but config.json "
-                                  f"implies {list(expected)}: the weights do not match config.json; use the "
-                                  "config.json that came with these weights")
+        if shape != tuple(out.shape):
+            raise CheckpointError(f"tensor {reader.where[hf][1]!r} in {reader.file_of(hf)} has shape {list(shape)} "
+                                  f"but config.json implies {list(out.shape)}: the weights do not match "
+                                  "config.json; use the config.json that came with these weights")
         consumed.add(hf)
-        t = reader.read(hf)
+        reader.copy_into(hf, out)
         done += reader.nbytes(hf)
         if progress is not None:
             progress(done, total)
-        return t
+        return out
 
     for name, ref in plain:
         hf = _hf_name(cfg, name)
         # the meta model already has each tensor's dtype (DeepSeek's router stays float32, as in transformers)
-        _set_tensor(model, name, fetch(hf, tuple(ref.shape)).to(device=device, dtype=ref.dtype))
+        _set_tensor(model, name, fetch(hf, torch.empty(ref.shape, dtype=ref.dtype, device=device)))
 
     E, D, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
     for prefix, block in blocks.items():
         hf_prefix = f"model.layers.{block.layer_idx}.mlp.experts."
         fused = hf_prefix + "gate_up_proj"
         if reader.has(fused) or reader.has(hf_prefix + "down_proj"):
-            w13 = fetch(fused, (E, 2 * I, D)).to(device=device, dtype=dtype)
-            w2 = fetch(hf_prefix + "down_proj", (E, D, I)).to(device=device, dtype=dtype)
+            w13 = fetch(fused, torch.empty(E, 2 * I, D, dtype=dtype, device=device))
+            w2 = fetch(hf_prefix + "down_proj", torch.empty(E, D, I, dtype=dtype, device=device))
         elif not reader.has(hf_prefix + "0.gate_proj.weight"):
             raise CheckpointError(f"the experts of layer {block.layer_idx} are missing from the checkpoint "
                                   f"({_files_desc(reader)}): expected {fused!r} (fused layout) or "
@@ -266,10 +291,10 @@ def _stream_weights(model: MoEForCausalLM, cfg: MoEConfig, reader: _Reader, dtyp
         else:
             w13 = torch.empty(E, 2 * I, D, dtype=dtype, device=device)
             w2 = torch.empty(E, D, I, dtype=dtype, device=device)
-            for e in range(E):
-                w13[e, :I] = fetch(f"{hf_prefix}{e}.gate_proj.weight", (I, D))
-                w13[e, I:] = fetch(f"{hf_prefix}{e}.up_proj.weight", (I, D))
-                w2[e] = fetch(f"{hf_prefix}{e}.down_proj.weight", (D, I))
+            for e in range(E):  # each expert's tensors are copied straight into its rows of w13 / w2
+                fetch(f"{hf_prefix}{e}.gate_proj.weight", w13[e, :I])
+                fetch(f"{hf_prefix}{e}.up_proj.weight", w13[e, I:])
+                fetch(f"{hf_prefix}{e}.down_proj.weight", w2[e])
         _set_tensor(model, prefix + "w13", w13)
         _set_tensor(model, prefix + "w2", w2)
 
@@ -291,7 +316,7 @@ def _ignorable(cfg: MoEConfig, name: str) -> bool:
 
 
 def _files_desc(reader: _Reader) -> str:
-    files = sorted(reader.handles)
+    files = sorted(reader.maps)
     return files[0] if len(files) == 1 else f"{len(files)} shards in {os.path.dirname(files[0])}"
 
 

@@ -275,3 +275,33 @@ def test_config_validation_messages():
         MoEConfig.tiny("mixtral", rope_parameters={"rope_type": "longrope", "rope_theta": 1e4})
     with pytest.raises(ValueError, match=r"topk_method 'noaux_tc' needs n_group and topk_group"):
         MoEConfig.tiny("deepseek_v3", n_group=None)
+
+
+_PEAK_SCRIPT = """
+import resource, sys, torch
+torch.set_num_threads(1)
+from moe import MoEConfig, MoEForCausalLM, load_model
+path = sys.argv[1]
+MoEForCausalLM(MoEConfig.from_pretrained(path), device="meta")   # torch's one-time set-up, not the load
+torch.empty(1000, 1000).copy_(torch.ones(1000, 1000))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+model = load_model(path)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+print(peak, sum(p.numel() * p.element_size() for p in model.parameters()))
+"""
+
+
+def test_load_peak_memory_is_one_copy(tmp_path):
+    """Peak resident memory while loading stays near one copy of the weights (two would be 2.0x).
+    The per-expert layout (what transformers writes) is the harder case: experts are gathered into w13/w2."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    cfg = MoEConfig.tiny("mixtral", hidden_size=128, moe_intermediate_size=384, num_experts=16, vocab_size=512)
+    save_pretrained(MoEForCausalLM(cfg), tmp_path, layout="per_expert")
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                         check=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    peak, size = map(int, out.stdout.split())
+    assert size > 10_000_000
+    assert peak <= 1.4 * size, f"loading peaked at {peak / size:.2f}x the weights"
