@@ -29,6 +29,13 @@ to every rank, so that the replicated dense part (the "whole context") continues
 computed by every rank from the replicated routing, so no count exchange is needed, and a
 collective that would move nothing on any rank is skipped on all of them.
 
+What this is not: ExFlow runs a token's attention only on its home and all-gathers the new
+tokens' keys/values once per step; here every rank runs the dense part on every token, which
+costs that per-layer all-gather (and redundant attention) in BOTH modes. The all-to-all
+traffic, the part placement changes, is ExFlow's row for row (tested against metrics.py);
+the all-gather is the same in both modes, so comparisons between modes and plans are fair,
+but absolute speed is below a home-only attention design.
+
 ``apply_placement(model, plan, rank, ...)`` is the per-rank step (replaces ``block.experts``,
 the contract seam); ``ExpertParallelRuntime`` builds the actors and runs forwards in them.
 """
@@ -295,7 +302,8 @@ class EPWorker:
         import ray
         return ray.util.get_node_ip_address(), _free_port()
 
-    def connect(self, addr: str, port: int) -> None:
+    def connect(self, rank: int, addr: str, port: int) -> None:
+        self.rank = rank
         dist.init_process_group("nccl" if self.cfg.device == "cuda" else "gloo", init_method=f"tcp://{addr}:{port}",
                                 rank=self.rank, world_size=self.world)
 
@@ -378,8 +386,20 @@ class ExpertParallelRuntime:
             num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.device == "cuda" else 0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
         ).remote(r, P, cfg) for r in range(P)]
-        addr, port = ray.get(self.workers[0].address.remote())
-        self._all("connect", addr, port)
+        # ranks are node-major (the plan puts rank r on node r // (P / nodes)): number the
+        # actors machine by machine, and check every machine holds one node's worth of them
+        where = ray.get([w.address.remote() for w in self.workers])
+        order = sorted(range(P), key=lambda r: (where[r][0], r))
+        self.workers = [self.workers[r] for r in order]
+        per_ip = {}
+        for r in order:
+            per_ip[where[r][0]] = per_ip.get(where[r][0], 0) + 1
+        if plan.num_nodes > 1 and sorted(per_ip.values()) != [plan.ranks_per_node] * plan.num_nodes:
+            raise ValueError(f"the plan wants {plan.num_nodes} nodes of {plan.ranks_per_node} ranks but Ray placed "
+                             f"the actors {per_ip}; start the cluster with that many GPUs per machine")
+        addr, port = where[order[0]]
+        ray.get([w.connect.remote(rank, addr, port) for rank, w in enumerate(self.workers)])
+        self.machines = [where[r][0] for r in order]
         self.load(model, plan)
 
     def load(self, model, plan: PlacementPlan) -> None:
