@@ -44,7 +44,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from offload import CostModel, HostExpertStore, OffloadConfig, TransitionPredictor, oracle_bound, route_by_trace, simulate  # noqa: E402
-from offload.apply import install  # noqa: E402
+from offload.apply import host_available_bytes, install  # noqa: E402
 
 SHAPES = {
     "mixtral": dict(name="Mixtral-8x7B", layers=32, E=8, K=2, D=4096, I=14336, skew=0.6),
@@ -88,17 +88,6 @@ class Stack(nn.Module):
 
     def moe_blocks(self):
         return list(self.blocks)
-
-
-def host_available_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def build(shape, L, device, dtype, pin):

@@ -158,6 +158,18 @@ def _device_total_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def host_available_bytes() -> int:
+    """Host memory the kernel reports available (MemAvailable), else the physical total."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def plan_slots(cfg: OffloadConfig, *, device: torch.device, dense_bytes: int, expert_bytes: int,
                num_layers: int, num_experts: int, top_k: int) -> int:
     """Slots per layer from the budget: dense weights, KV cache and reserve are taken first."""
@@ -224,7 +236,10 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
     def release(i):  # drop layer i's original experts as soon as the store holds them
         blocks[i].experts = None
 
-    if cfg.store == "disk":
+    expert_total = expert_bytes * E * len(blocks)
+    use_disk = cfg.store == "disk" or (cfg.store == "auto" and cfg.checkpoint is not None
+                                       and expert_total > 0.8 * host_available_bytes())
+    if use_disk:
         store: ExpertStore = DiskExpertStore(cfg.checkpoint, [getattr(b, "layer_idx", i) for i, b in enumerate(blocks)],
                                              dtype=w13.dtype)
         for i in range(len(blocks)):

@@ -39,5 +39,6 @@ def apply_from_args(model, args: argparse.Namespace, checkpoint: str | None = No
         raise ValueError("--offload-from-disk needs the model directory (pass checkpoint=<dir> to apply_from_args)")
     gm = args.gpu_memory
     cfg = OffloadConfig(gpu_memory=gm, policy=args.offload_policy, prefetch=args.offload_prefetch,
-                        cpu_fallback=args.cpu_fallback, store="disk" if disk else "memory", checkpoint=checkpoint)
+                        cpu_fallback=args.cpu_fallback, checkpoint=checkpoint,
+                        store="disk" if disk else ("auto" if checkpoint else "memory"))
     return apply_offload(model, cfg)

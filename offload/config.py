@@ -58,7 +58,9 @@ class OffloadConfig:
     reserve_bytes    working memory left free for activations
     device           'cuda' / 'cuda:N' / 'cpu' (cpu: the pool is a CPU tensor, same code path)
     backend          kernels backend run on the slot pool ('torch' | 'triton'; None: the model's)
-    store            'memory' (pinned host memory) | 'disk' (memory-mapped safetensors)
+    store            'memory' (pinned host memory) | 'disk' (memory-mapped safetensors) |
+                     'auto' (disk when a checkpoint is given and the experts would not fit in
+                     the host memory available, else memory)
     checkpoint       directory or file of safetensors, needed for store='disk'
     calibrate        measure copy bandwidth and CPU rate at start-up (else use the given rates)
     copy_gbps, cpu_gflops   rates used when not calibrating (GB/s host->device, CPU GFLOP/s)
@@ -117,8 +119,8 @@ class OffloadConfig:
             raise ValueError(f"trace_batch must be >= 1, got {self.trace_batch}")
         self.kv_cache_bytes = parse_bytes(self.kv_cache_bytes)
         self.reserve_bytes = parse_bytes(self.reserve_bytes)
-        if self.store not in ("memory", "disk"):
-            raise ValueError(f"store must be 'memory' or 'disk', got {self.store!r}")
+        if self.store not in ("memory", "disk", "auto"):
+            raise ValueError(f"store must be 'memory', 'disk' or 'auto', got {self.store!r}")
         if self.store == "disk" and not self.checkpoint:
             raise ValueError("store='disk' reads experts from safetensors: give checkpoint=<model directory>")
         if self.copy_gbps <= 0 or self.cpu_gflops <= 0:

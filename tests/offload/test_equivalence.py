@@ -86,8 +86,9 @@ def test_belady_under_trace_routing(model, trace, slots, cpu_fallback):
     assert cursor.position[0] == len(PROMPT) + STEPS
 
 
-def test_other_family_with_shared_experts():
-    m0 = tiny_model("qwen2_moe")
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "deepseek_v3"])
+def test_other_families(family):
+    m0 = tiny_model(family)
     want = greedy(m0, PROMPT, 3)
     m = _offloaded(m0, slots_per_layer=2, policy="lru", cpu_fallback=True)
     _check(want, greedy(m, PROMPT, 3))
