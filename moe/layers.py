@@ -184,10 +184,15 @@ class SparseMoEBlock(nn.Module):
         elif cfg.n_shared_experts:
             self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, device)
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None = None) -> torch.Tensor:
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(-1, D)
         topk_ids_NK, topk_weights_NK, _ = self.router(x_ND)
+        if valid_BT is not None:
+            # padding and idle batch rows take no expert (-1 contributes zero): no expert math and,
+            # when offloading, no expert fetched for them. The router still sees every row, so
+            # trace recorders keep their [B*T] shape and filter by the valid mask themselves.
+            topk_ids_NK = topk_ids_NK.masked_fill(~valid_BT.reshape(-1, 1), -1)
         y_ND = self.experts(x_ND, topk_ids_NK, topk_weights_NK)
         if self.shared_experts is not None:
             shared_ND = self.shared_experts(x_ND)

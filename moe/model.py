@@ -36,9 +36,12 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, device=device)
 
-    def forward(self, x_BTD, cos, sin, mask_B1TS, cache=None, num_slots=0):
+    def forward(self, x_BTD, cos, sin, mask_B1TS, cache=None, num_slots=0, valid_BT=None):
         x_BTD = x_BTD + self.attn(self.input_layernorm(x_BTD), cos, sin, mask_B1TS, cache, num_slots)
-        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+        h_BTD = self.post_attention_layernorm(x_BTD)
+        if isinstance(self.mlp, SparseMoEBlock):
+            return x_BTD + self.mlp(h_BTD, valid_BT)
+        return x_BTD + self.mlp(h_BTD)
 
 
 class MoEForCausalLM(nn.Module):
@@ -153,7 +156,7 @@ class MoEForCausalLM(nn.Module):
         cos, sin = self.rotary(pos_BT, x_BTD.dtype)
         for layer in self.layers:
             mask = windowed[layer.window] if layer.window else mask_B1TS
-            x_BTD = layer(x_BTD, cos, sin, mask, cache, num_slots)
+            x_BTD = layer(x_BTD, cos, sin, mask, cache, num_slots, valid_BT)
         x_BTD = self.norm(x_BTD)
         if last_only:
             last_B = (valid_BT.sum(1) - 1).clamp(min=0) if valid_BT is not None else torch.full(

@@ -18,7 +18,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import pytest  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# one thread: the suite is thousands of tiny ops, where a second thread costs more than it gives
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -195,3 +195,24 @@ def test_to_bfloat16_keeps_rotary_float32(family):
     model = MoEForCausalLM(cfg).to(torch.bfloat16)
     assert model.rotary.inv_freq.dtype == torch.float32
     assert torch.equal(model.rotary.inv_freq, MoEForCausalLM(cfg).rotary.inv_freq)
+
+
+def test_padding_rows_take_no_expert():
+    """Tokens marked invalid (right padding, idle engine rows) are routed to no expert."""
+    import torch
+
+    from moe import MoEConfig, MoEForCausalLM
+
+    torch.manual_seed(0)
+    model = MoEForCausalLM(MoEConfig.tiny("mixtral"))
+    seen = []
+    for b in model.moe_blocks():
+        b.experts.register_forward_hook(lambda m, args, out: seen.append(args[1].clone()))
+    ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    valid = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    with torch.no_grad():
+        padded = model(ids, valid_BT=valid)
+        alone = model(ids[1:, :2])
+    for ids_NK in seen[:len(model.moe_blocks())]:
+        assert (ids_NK.view(2, 5, -1)[1, 2:] == -1).all() and (ids_NK.view(2, 5, -1)[0] >= 0).all()
+    torch.testing.assert_close(padded[1, :2], alone[0], rtol=1e-5, atol=1e-5)
