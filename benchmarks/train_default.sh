@@ -14,6 +14,9 @@
 #   DEVICE   cuda | cpu (default: cuda if available)
 #   SMOKE=1  a few steps of tiny batches on a small corpus (checks the whole pipeline on a CPU)
 #   EXTRA    more `moe train` flags for every run, e.g. "--backend triton"
+#   FROM     start at a later stage of an earlier run in the same WORK:
+#            corpus | default | dense | large | eval | traces | summary
+#   UNTIL    stop after this stage (default summary); FROM/UNTIL split the job into several calls
 # Installing the default model afterwards:
 #   mkdir -p moe/assets/default && tar -xf $RESULTS/default_model.tar -C moe/assets/default
 set -euo pipefail
@@ -33,37 +36,68 @@ if [ "${SMOKE:-0}" = "1" ]; then
   EXTRA="--max-steps 3 --batch-size 2 --seq-len 64 --eval-every 0 --eval-tokens 512 --log-every 1 --max-minutes 0 $EXTRA"
   TRACE_TOKENS_DEFAULT=1024
   TRACE_TOKENS_LARGE=512
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # a crowded small CPU: one thread per process is fastest
 fi
-rm -rf "$WORK"
+FROM=${FROM:-corpus}
+STAGES=(corpus default dense large eval traces summary)
+start=-1
+for i in "${!STAGES[@]}"; do [ "${STAGES[$i]}" = "$FROM" ] && start=$i; done
+[ "$start" -ge 0 ] || { echo "FROM=$FROM is not a stage; choose one of ${STAGES[*]}" >&2; exit 2; }
+UNTIL=${UNTIL:-summary}
+stop=-1
+for i in "${!STAGES[@]}"; do [ "${STAGES[$i]}" = "$UNTIL" ] && stop=$i; done
+[ "$stop" -ge "$start" ] || { echo "UNTIL=$UNTIL must be a stage at or after FROM=$FROM (${STAGES[*]})" >&2; exit 2; }
+run_stage() {  # run_stage NAME: true when stage NAME lies in FROM..UNTIL
+  local i
+  for i in "${!STAGES[@]}"; do
+    [ "${STAGES[$i]}" = "$1" ] && [ "$i" -ge "$start" ] && [ "$i" -le "$stop" ] && return 0
+  done
+  return 1
+}
+[ "$FROM" = "corpus" ] && rm -rf "$WORK"
 mkdir -p "$WORK" "$RESULTS" "$TRACES"
 LOG="$RESULTS/log.txt"
-: > "$LOG"
+[ "$FROM" = "corpus" ] && : > "$LOG"
 T0=$(date +%s)
 stamp() { echo "== $1 ($(( $(date +%s) - T0 )) s)" | tee -a "$LOG"; }
 
+if run_stage corpus; then
 stamp "corpus + tokenizer"
 $PY -m moe.corpus "$WORK/corpus" $CORPUS_ARGS 2>&1 | tee -a "$LOG"
 
+fi
+
+if run_stage default; then
 stamp "default model (Mixtral format, 8 experts top-2)"
 $PY -m moe.train --config moe/recipes/default.json --data "$WORK/corpus" --out "$WORK/default" \
     --device "$DEVICE" $EXTRA 2>&1 | tee -a "$LOG"
-STEPS=$($PY -c "import json; print(json.load(open('$WORK/default/metrics.json'))['steps'])")
+fi
 
+if run_stage dense; then
+STEPS=$($PY -c "import json; print(json.load(open('$WORK/default/metrics.json'))['steps'])")
 stamp "dense baseline (same active parameters, same $STEPS steps)"
 $PY -m moe.train --config moe/recipes/dense_baseline.json --data "$WORK/corpus" --out "$WORK/dense" \
     --device "$DEVICE" --max-steps "$STEPS" $EXTRA 2>&1 | tee -a "$LOG"
 
+fi
+
+if run_stage large; then
 stamp "large model for traces (16 layers x 64 experts, top-8)"
 $PY -m moe.train --config moe/recipes/large_traces.json --data "$WORK/corpus" --out "$WORK/large" \
     --device "$DEVICE" $EXTRA 2>&1 | tee -a "$LOG"
 
+fi
+
+if run_stage eval; then
 stamp "held-out loss of each shipped (bf16) checkpoint"
 for m in default dense large; do
   $PY -m moe.train --eval-only --init "$WORK/$m/final" --data "$WORK/corpus" --device "$DEVICE" \
       --seq-len 512 --batch-size 32 --eval-tokens 0 $EXTRA \
       | tee "$WORK/$m/eval.json" | tee -a "$LOG"
 done
+fi
 
+if run_stage traces; then
 stamp "routing traces on held-out text"
 $PY - "$WORK" "$RESULTS" "$DEVICE" "$TRACE_TOKENS_DEFAULT" "$TRACE_TOKENS_LARGE" "$TRACES" <<'EOF' 2>&1 | tee -a "$LOG"
 import json, shutil, sys
@@ -82,20 +116,22 @@ traces_dir = Path(sys.argv[6])
 
 
 def heldout_sequences(tok_dir, max_tokens, seq_len=512):
-    """Held-out documents as requests (each cut to seq_len tokens), until max_tokens."""
+    """Held-out text as requests of up to seq_len tokens (each document cut into consecutive
+    pieces; a document's first piece starts with EOS, as every document does in training)."""
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
     eos = tok.token_to_id(EOS_TEXT)
     seqs, total = [], 0
     for enc in tok.encode_batch(read_documents(work / "corpus" / "heldout.txt"), add_special_tokens=False):
-        ids = [eos] + enc.ids[:seq_len - 1]  # a request starts after a document boundary, as in training
-        if len(ids) < 16:
-            continue
-        ids = ids[:max_tokens - total]
-        seqs.append(ids)
-        total += len(ids)
-        if total >= max_tokens:
-            break
+        ids = [eos] + enc.ids
+        for i in range(0, len(ids), seq_len):
+            piece = ids[i:i + seq_len][:max_tokens - total]
+            if len(piece) < 16:
+                continue
+            seqs.append(piece)
+            total += len(piece)
+            if total >= max_tokens:
+                return seqs
     return seqs
 
 
@@ -157,7 +193,9 @@ for name in ("default", "large"):
     shutil.copy2(path, results / f"traces_{name}.npz")
     print(f"trace {name}: {trace} -> {path} ({path.stat().st_size / 1e6:.1f} MB, {how})")
 EOF
+fi
 
+if run_stage summary; then
 stamp "summary"
 tar -cf "$RESULTS/default_model.tar" -C "$WORK/default/final" .
 $PY - "$WORK" "$RESULTS" <<'EOF' 2>&1 | tee -a "$LOG" | tee "$RESULTS/summary.txt"
@@ -192,11 +230,9 @@ def affinity(trace):
     top1, ent, wsum = 0.0, 0.0, 0.0
     for l in range(ids.shape[0] - 1):
         a, b = ids[l], ids[l + 1]  # [T, K]
-        C = np.zeros((E, E))
-        for i in range(a.shape[1]):
-            for j in range(b.shape[1]):
-                ok = (a[:, i] >= 0) & (b[:, j] >= 0)
-                np.add.at(C, (a[ok, i], b[ok, j]), 1)
+        pair = (a[:, :, None] * E + b[:, None, :]).reshape(-1)  # every (expert at l, expert at l+1) of a token
+        ok = ((a[:, :, None] >= 0) & (b[:, None, :] >= 0)).reshape(-1)
+        C = np.bincount(pair[ok], minlength=E * E).reshape(E, E).astype(float)
         n = C.sum(1)
         used = n > 0
         P = C[used] / n[used, None]
@@ -245,4 +281,5 @@ print(f"\nMoE vs dense (same active parameters, same steps): held-out loss {d:.4
       f"({'MoE better' if d < b else 'dense better'} by {abs(b - d):.4f} nats/token)")
 (results / "metrics.json").write_text(json.dumps({"runs": allm, "traces": traces}, indent=1))
 EOF
+fi
 stamp "done"
