@@ -297,6 +297,7 @@ class EPWorker:
         self.device = torch.device("cuda", 0) if cfg.device == "cuda" else torch.device("cpu")
         self.model = None
         self.state = None
+        self.groups: dict[int, object] = {}  # n -> process group of ranks 0..n-1 (plans on fewer ranks)
 
     def address(self) -> tuple[str, int]:
         import ray
@@ -308,10 +309,21 @@ class EPWorker:
                                 rank=self.rank, world_size=self.world)
 
     def load(self, hf_config: dict, dense: dict, local: dict, plan_dict: dict) -> int:
-        """Build the dense model and this rank's experts (again, for another model or plan)."""
+        """Build the dense model and this rank's experts (again, for another model or plan).
+
+        A plan on n < world ranks runs on ranks 0..n-1 in their own process group (every rank
+        takes part in making it, as torch.distributed requires); the others stay idle."""
         from moe import MoEConfig, MoEForCausalLM
         self.model = self.state = None
         plan = PlacementPlan.from_dict(plan_dict)
+        n = plan.num_ranks
+        group = None
+        if n < self.world:
+            if n not in self.groups:
+                self.groups[n] = dist.new_group(list(range(n)))
+            group = self.groups[n]
+        if self.rank >= n:
+            return 0
         mcfg = MoEConfig.from_hf_dict(hf_config)
         dtype = next(iter(dense.values())).dtype
         # built on the meta device, the routed experts swapped for a vacant stand-in before any
@@ -325,7 +337,7 @@ class EPWorker:
             raise ValueError(f"rank {self.rank}: state dict mismatch, missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
         model.reset_rotary(self.device)
-        self.state = apply_placement(model, plan, self.rank, self.cfg.mode, None,
+        self.state = apply_placement(model, plan, self.rank, self.cfg.mode, group,
                                      {k: v.to(dtype) for k, v in local.items()}, self.cfg.backend)
         self.model = model.eval()
         return sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
@@ -333,16 +345,21 @@ class EPWorker:
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.state.mode = mode
+        if self.state is not None:
+            self.state.mode = mode
 
     @torch.no_grad()
-    def forward(self, input_ids_BT: torch.Tensor, valid_BT: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids_BT: torch.Tensor, valid_BT: torch.Tensor | None = None) -> torch.Tensor | None:
+        if self.model is None:  # idle under a plan on fewer ranks
+            return None
         out = self.model(input_ids_BT.to(self.device), valid_BT=None if valid_BT is None else valid_BT.to(self.device))
         return out.cpu()
 
     @torch.no_grad()
     def greedy(self, input_ids_BT: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Greedy decoding with the KV cache: prefill, then one token per row per step."""
+        if self.model is None:
+            return None
         ids = input_ids_BT.to(self.device)
         B, T = ids.shape
         cache = self.model.new_cache(B, T + max_new_tokens)
@@ -354,11 +371,11 @@ class EPWorker:
             logits = self.model(nxt, cache=cache)
         return torch.cat(out, 1).cpu()
 
-    def counters(self) -> dict:
-        return dict(self.state.counters)
+    def counters(self) -> dict | None:
+        return None if self.state is None else dict(self.state.counters)
 
     def reset_counters(self) -> None:
-        for k in self.state.counters:
+        for k in (self.state.counters if self.state is not None else ()):
             self.state.counters[k] = 0
 
     def shutdown(self) -> None:
@@ -403,17 +420,18 @@ class ExpertParallelRuntime:
         self.load(model, plan)
 
     def load(self, model, plan: PlacementPlan) -> None:
-        """Give the ranks another model or plan (same number of ranks); the group stays."""
+        """Give the ranks another model or plan; a plan on fewer ranks runs on the first ones."""
         import ray
-        if plan.num_ranks != len(self.workers):
-            raise ValueError(f"the plan has {plan.num_ranks} ranks but this runtime {len(self.workers)}; "
-                             "start another ExpertParallelRuntime for another number of ranks")
+        if plan.num_ranks > len(self.workers):
+            raise ValueError(f"the plan has {plan.num_ranks} ranks but this runtime only {len(self.workers)}; "
+                             "start an ExpertParallelRuntime with a plan on that many ranks")
         dense, per_rank = split_state_dict(model, plan)
         dense_ref = ray.put(dense)
         hf = model.config.to_hf_dict()
         self.plan = plan
+        per_rank += [{}] * (len(self.workers) - plan.num_ranks)
         self.expert_params = ray.get([w.load.remote(hf, dense_ref, per_rank[r], plan.to_dict())
-                                      for r, w in enumerate(self.workers)])
+                                      for r, w in enumerate(self.workers)])[:plan.num_ranks]
 
     def _all(self, method: str, *args):
         import ray
@@ -430,7 +448,8 @@ class ExpertParallelRuntime:
         self._all("set_mode", mode)
 
     def counters(self) -> list[dict]:
-        return self._all("counters")
+        """Traffic counters of the ranks the current plan uses."""
+        return self._all("counters")[:self.plan.num_ranks]
 
     def reset_counters(self) -> None:
         self._all("reset_counters")
