@@ -271,21 +271,48 @@ def _autocast(device: torch.device, cfg: TrainConfig):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-def _cast_expert_inputs_hook(module, args):
-    """Under autocast, hand the experts their input in the autocast dtype.
-
-    The residual stream stays float32 under autocast while the expert matmuls produce bf16; an
-    expert function that accumulates into a buffer shaped like its input (the torch reference's
-    index_add) then mixes the two dtypes. Casting the input first gives the same math as a bf16
-    model and lets every backend see one dtype.
-    """
-    x = args[0]
-    for dev in ("cuda", "cpu"):
-        if torch.is_autocast_enabled(dev) and x.device.type == dev and x.is_floating_point():
-            dt = torch.get_autocast_dtype(dev)
-            if x.dtype != dt:
-                return (x.to(dt),) + tuple(args[1:])
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
     return None
+
+
+def mixed_precision_experts(model) -> list:
+    """Under autocast, run each layer's expert function wholly in the autocast dtype.
+
+    Autocast does not reach inside the expert function: the residual stream stays float32 while
+    its matmuls would give bf16 (the torch reference then mixes dtypes in its index_add), and the
+    Triton backend needs x and the weights in one dtype. So x, w13 and w2 are cast first; the
+    weight casts are differentiable, so gradients still reach the float32 master weights. The
+    patch is an instance attribute (state_dict and checkpoints are untouched); undo it with
+    ``restore_experts``. Expert modules without w13/w2/backend (offload's) are left alone.
+    """
+    import kernels
+
+    patched = []
+    for block in model.moe_blocks():
+        ex = block.experts
+        if not all(hasattr(ex, a) for a in ("w13", "w2", "backend")) or "forward" in ex.__dict__:
+            continue  # not ours to patch, or patched already (evaluate() inside train())
+
+        def forward(x_TD, topk_ids_TK, topk_weights_TK, ex=ex):
+            dt = _autocast_dtype(x_TD)
+            if dt is None:
+                return type(ex).forward(ex, x_TD, topk_ids_TK, topk_weights_TK)
+            fn = kernels.get_backend(ex.backend)
+            with torch.autocast(x_TD.device.type, enabled=False):
+                return fn(x_TD.to(dt), ex.w13.to(dt), ex.w2.to(dt), topk_ids_TK, topk_weights_TK)
+
+        ex.forward = forward
+        patched.append(ex)
+    return patched
+
+
+def restore_experts(patched: list) -> None:
+    for ex in patched:
+        if "forward" in ex.__dict__:
+            del ex.forward
 
 
 def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
@@ -297,7 +324,7 @@ def evaluate(model, stream: TokenStream, cfg: TrainConfig, device: torch.device)
     """Mean cross entropy (nats/token) over the fixed held-out windows."""
     was_training = model.training
     model.eval()
-    hooks = [b.experts.register_forward_pre_hook(_cast_expert_inputs_hook) for b in model.moe_blocks()]
+    patched = mixed_precision_experts(model)
     win = stream.eval_windows(cfg.seq_len, cfg.eval_tokens)
     total, count = 0.0, 0
     for i in range(0, win.shape[0], cfg.batch_size):
@@ -307,8 +334,7 @@ def evaluate(model, stream: TokenStream, cfg: TrainConfig, device: torch.device)
         n = w[:, 1:].numel()
         total += float(lm_loss(logits, w[:, 1:])) * n
         count += n
-    for h in hooks:
-        h.remove()
+    restore_experts(patched)
     model.train(was_training)
     return total / max(1, count)
 
@@ -476,7 +502,7 @@ def train(cfg: TrainConfig, out: str | Path, data: str, *, model_dict: dict | No
         step = state["step"]
         cfg.max_steps = state.get("max_steps", cfg.max_steps)
     collector = RouterAuxCollector(model, cfg.balance(), generator=jitter_gen)
-    cast_hooks = [b.experts.register_forward_pre_hook(_cast_expert_inputs_hook) for b in model.moe_blocks()]
+    patched = mixed_precision_experts(model)
     counts = parameter_counts(model)
     log_path = out / "log.jsonl"
     out.mkdir(parents=True, exist_ok=True)
@@ -572,8 +598,7 @@ def train(cfg: TrainConfig, out: str | Path, data: str, *, model_dict: dict | No
     if bar:
         bar.close()
     collector.remove()
-    for h in cast_hooks:
-        h.remove()
+    restore_experts(patched)
     final_bytes = export_model(model, out / "final", cfg.save_dtype, paths.tokenizer)
     train_s = state["train_seconds"]
     metrics = {

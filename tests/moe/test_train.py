@@ -221,6 +221,27 @@ def test_bf16_autocast_and_capacity_on_cpu(corpus, tmp_path):
     assert all(e["dropped"] > 0 for e in log if "loss" in e)  # capacity 0.5 must drop
 
 
+def test_mixed_precision_experts_patch_and_restore(corpus):
+    from moe.train import mixed_precision_experts, resolve_corpus, restore_experts
+    cfg = TrainConfig(**TINY_TRAIN)
+    model = build_model(TINY_MODEL, None, resolve_corpus(str(corpus), None, None, None).tokenizer, cfg,
+                        torch.device("cpu"))
+    keys = list(model.state_dict())
+    ids = torch.randint(0, 320, (2, 16))
+    with torch.no_grad():
+        ref = model(ids)
+    patched = mixed_precision_experts(model)
+    assert len(patched) == 2 and mixed_precision_experts(model) == []  # never patched twice
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), ref)  # no autocast: the plain forward
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(ids)
+    assert low.dtype == torch.bfloat16 and (low.float() - ref).abs().max() < 0.1
+    restore_experts(patched)
+    assert all("forward" not in b.experts.__dict__ for b in model.moe_blocks())
+    assert list(model.state_dict()) == keys
+
+
 def test_collector_on_a_whole_model_counts_drops(corpus):
     cfg = TrainConfig(**TINY_TRAIN)
     from moe.train import resolve_corpus
