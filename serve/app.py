@@ -239,13 +239,10 @@ def make_ingress_class():
                 if self.in_flight >= self.limits.max_concurrency:
                     raise ApiError(429, f"the server is handling {self.in_flight} requests, its concurrency "
                                    f"limit; retry later", "rate_limit_error", code="too_many_requests")
-                body = await self._body(request)
-                parse = parse_completion if kind == "completion" else parse_chat
-                req = parse(body, self.served, self.limits)
             except ApiError as e:
-                self.metrics.finish(endpoint, "rejected" if e.status in (401, 413, 429) else "invalid")
+                self.metrics.finish(endpoint, "rejected")
                 return error_response(e)
-
+            # take the slot before the first await, so requests arriving together cannot all pass the check
             self.in_flight += 1
             self.metrics.in_flight.inc()
             released = False
@@ -257,6 +254,17 @@ def make_ingress_class():
                     self.in_flight -= 1
                     self.metrics.in_flight.dec()
                     self.metrics.finish(endpoint, outcome)
+
+            try:
+                body = await self._body(request)
+                parse = parse_completion if kind == "completion" else parse_chat
+                req = parse(body, self.served, self.limits)
+            except ApiError as e:
+                release("rejected" if e.status == 413 else "invalid")
+                return error_response(e)
+            except BaseException:
+                release("abort")
+                raise
 
             gen = self.replica.options(stream=True).generate.remote(req.to_dict())
             try:

@@ -62,7 +62,7 @@ def server(ray_session):
     cfg = ServeConfig(model="tiny", device="cpu", api_key=API_KEY, max_batch_size=8, max_len=256,
                       replica_cpus=0.1, ingress_cpus=0.1, health_check_period_s=1.0,
                       limits=ServeLimits(max_prompt_tokens=96, max_tokens=200, max_body_bytes=32 * 1024,
-                                         max_concurrency=64, max_waiting=64))
+                                         max_concurrency=40, max_waiting=64))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app(cfg), name="moeflow", route_prefix="/")
@@ -231,6 +231,41 @@ def test_32_concurrent_streaming_clients(server, reference):
     results = asyncio.run(main())
     assert [t for t, _ in results] == expected
     assert all(reason == "length" for _, reason in results)
+
+
+def test_concurrency_limit_gives_429_and_releases_every_slot(server):
+    # the module's server admits 40 requests at once; 41 long streams arrive together (none can end before
+    # the last arrives: the first 8 need 200 engine steps, the rest wait behind them), so one is refused
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"prompt": "x", "max_tokens": 200, "ignore_eos": True, "stream": True}
+
+    async def main():
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=100)) as client:
+            send = lambda: client.send(client.build_request("POST", server + "/v1/completions", json=body,  # noqa
+                                                            headers=headers), stream=True)
+            held = await asyncio.gather(*(send() for _ in range(41)))
+            try:
+                refused = [json.loads(await r.aread()) for r in held if r.status_code == 429]
+                codes = [r.status_code for r in held]
+            finally:
+                for r in held:  # every client leaves: each request must be aborted and its slot released
+                    await r.aclose()
+            return codes, refused
+
+    codes, refused = asyncio.run(main())
+    assert sorted(codes) == [200] * 40 + [429], codes
+    err = refused[0]["error"]
+    assert err["type"] == "rate_limit_error" and "concurrency limit" in err["message"]
+    deadline = time.time() + 60
+    while True:
+        after = _scrape(server)
+        if _value(after, "moeflow_http_requests_in_flight") == 0 and \
+                _value(after, "moeflow_requests_running") + _value(after, "moeflow_requests_waiting") == 0:
+            break
+        assert time.time() < deadline, "slots or engine rows were not released after the clients left"
+        time.sleep(0.5)
+    r = _post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2})
+    assert r.status_code == 200
 
 
 def test_metrics_parse_move_and_cover_the_dashboard(server):
