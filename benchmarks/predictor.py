@@ -15,7 +15,8 @@ companion ``*.features.npz`` of hidden states), split by request 50/50 into trai
 2. the token scheduler: distinct experts per batch (summed over layers) under FIFO and under
    grouping by predicted path, with the largest extra wait any token saw (bound: 2 batches);
 3. when offload.simulate exists: the expert-cache hit ratio at 10/25/50% of the experts per
-   layer, LRU versus each model driving eviction and prefetch.
+   layer for 4 test requests decoding together, LRU and Belady (the offline optimum) versus
+   each model driving eviction and prefetch (offload's "predictor" policy and prefetch).
 
 Runs on the CPU. Targets (issue 6): next-layer recall >= 95% and 4-ahead >= 80% on real traces;
 predictor-driven hit ratio >= LRU + 20 points at 25%; scheduler -30% distinct experts.
@@ -94,23 +95,28 @@ def split_features(feats, trace, train_mask):
     return {"hidden_NLD": feats["hidden_NLD"][train_mask]}, {"hidden_NLD": feats["hidden_NLD"][~train_mask]}
 
 
-def hit_ratios(test: RoutingTrace, models, max_tokens: int) -> dict[str, list[float]] | None:
+def hit_ratios(test: RoutingTrace, models, max_tokens: int, batch: int = 4) -> dict[str, list[float]] | None:
+    """Hit ratio of the expert cache decoding ``batch`` test requests together (a small decode batch,
+    the offloading setting), LRU and Belady (the offline optimum) against each model's policy."""
     try:
         from offload import simulate
     except ImportError:
         return None
-    per_req = max(1, max_tokens // len(np.unique(test.request_ids_or_default())))
-    inter, per_step = test.interleaved(min(per_req, int(np.bincount(test.request_ids_or_default()).max())))
+    req = test.request_ids_or_default()
+    uniq, counts = np.unique(req, return_counts=True)
+    longest = uniq[np.argsort(-counts, kind="stable")[:batch]]
+    sub = test.select_tokens(np.isin(req, longest))
+    inter, per_step = sub.interleaved(min(int(counts.max()), max(1, max_tokens // len(longest))))
     E = test.num_experts
-    out: dict[str, list[float]] = {"lru": []}
-    for b in BUDGETS:
-        cap = max(1, int(round(b * E)))
-        out["lru"].append(simulate(inter, "lru", cap, tokens_per_step=per_step)["hit_ratio"])
+    caps = [max(1, int(round(b * E))) for b in BUDGETS]
+    out: dict[str, list[float]] = {
+        "lru": [simulate(inter, "lru", c, tokens_per_step=per_step)["hit_ratio"] for c in caps],
+        "belady (oracle)": [simulate(inter, "belady", c, tokens_per_step=per_step)["hit_ratio"] for c in caps]}
     for m in models:
         if isinstance(m, GateLookahead):
             continue  # needs per-step hidden states the simulator does not carry
-        out[m.name] = [simulate(inter, "predictor", max(1, int(round(b * E))), tokens_per_step=per_step,
-                                prefetch="predictor", predictor=m)["hit_ratio"] for b in BUDGETS]
+        out[m.name] = [simulate(inter, "predictor", c, tokens_per_step=per_step, prefetch="predictor",
+                                predictor=m)["hit_ratio"] for c in caps]
     return out
 
 
@@ -163,7 +169,8 @@ def run_trace(name: str, trace: RoutingTrace, feats: dict | None, quick: bool, s
     if hits is None:
         print("  note: offload.simulate not available: no cache hit ratios")
     else:
-        print("cache hit ratio at " + "/".join(f"{int(b * 100)}%" for b in BUDGETS) + " of experts per layer:")
+        print("cache hit ratio (4 requests decoding together) at " + "/".join(f"{int(b * 100)}%" for b in BUDGETS)
+              + " of experts per layer:")
         for k, v in hits.items():
             print(f"  {k:<16}" + "".join(f"{x:>8.3f}" for x in v))
     by = {n: r for n, r, _ in rows}
