@@ -69,6 +69,7 @@ fi
 
 if run_stage default; then
 stamp "default model (Mixtral format, 8 experts top-2)"
+rm -rf "$WORK/default"
 $PY -m moe.train --config moe/recipes/default.json --data "$WORK/corpus" --out "$WORK/default" \
     --device "$DEVICE" $EXTRA 2>&1 | tee -a "$LOG"
 fi
@@ -76,6 +77,7 @@ fi
 if run_stage dense; then
 STEPS=$($PY -c "import json; print(json.load(open('$WORK/default/metrics.json'))['steps'])")
 stamp "dense baseline (same active parameters, same $STEPS steps)"
+rm -rf "$WORK/dense"
 $PY -m moe.train --config moe/recipes/dense_baseline.json --data "$WORK/corpus" --out "$WORK/dense" \
     --device "$DEVICE" --max-steps "$STEPS" $EXTRA 2>&1 | tee -a "$LOG"
 
@@ -83,6 +85,7 @@ fi
 
 if run_stage large; then
 stamp "large model for traces (16 layers x 64 experts, top-8)"
+rm -rf "$WORK/large"
 $PY -m moe.train --config moe/recipes/large_traces.json --data "$WORK/corpus" --out "$WORK/large" \
     --device "$DEVICE" $EXTRA 2>&1 | tee -a "$LOG"
 
