@@ -18,7 +18,10 @@ with sources s:
     cannot express: "repeat the previous token, or follow the other evidence");
   - ``token``: the token id (hashed into buckets) through P(e at m | token id);
   - ``gate``: softmax of layer m's router applied to the hidden state entering the last known
-    layer (only when a ``GateLookahead`` and hidden states are given).
+    layer (only when a ``GateLookahead`` and hidden states are given);
+  - ``anchor``: layer 0's experts through the same tables, once layer 0 has left the recent
+    window (the first layer's routing is the most token-specific; it separates paths that
+    share experts later on).
 Every table is counted from a trace and smoothed toward popularity; an absent source
 contributes 0 (no evidence). The weights w[g, s] depend on the group g: the distance
 m - layer when layers are known, or the target layer m when nothing is known yet; they are
@@ -200,7 +203,7 @@ class PathPredictor(PathModel):
         self.weight_sets = {k: np.asarray(v, dtype=np.float32) for k, v in weight_sets.items()}
         self.lookahead = lookahead
         C = self.config.context_layers
-        self.source_names = ["pop"] + [f"trans-{c}" for c in range(C)] + ["repeat", "token", "gate"]
+        self.source_names = ["pop"] + [f"trans-{c}" for c in range(C)] + ["repeat", "token", "gate", "anchor"]
         self.reference = False  # True: score with the plain reference path (tests compare the two)
         if "base" not in self.weight_sets:
             raise ValueError("a PathPredictor needs the 'base' weight set (no optional inputs)")
@@ -245,6 +248,12 @@ class PathPredictor(PathModel):
             X[:, :, C + 2] = t.token[np.mod(np.asarray(token_ids, dtype=np.int64), t.buckets), first:]
         if gate_logits_NLE is not None:
             X[:, :, C + 3] = self._gate_source(gate_logits_NLE[:, first:], first)
+        if layer >= C:  # layer 0 has left the recent window: keep it as an anchor
+            d_hi = min(t.span, L - 1)
+            if d_hi >= first:
+                ids = known[:, 0]
+                rows = t.trans[0][np.maximum(ids, 0)][:, :, first - 1:d_hi]  # [N, K, D, E]
+                X[:, :d_hi - first + 1, C + 4] = _masked_mean(rows.transpose(0, 2, 1, 3), (ids >= 0)[:, None, :])
         return X
 
     def _gate_source(self, logits_NME: np.ndarray, first: int) -> np.ndarray:
@@ -290,6 +299,12 @@ class PathPredictor(PathModel):
         if gate is not None:
             z.addcmul_(torch.from_numpy(self._gate_source(gate[:, first:], first).astype(np.float32)),
                        W[:, C + 3, None])
+        if layer >= C and min(t.span, L - 1) >= first:
+            nd = min(t.span, L - 1) - first + 1
+            ids = torch.from_numpy(np.where(known[:, 0] >= 0, known[:, 0], E))
+            rows = F.embedding_bag(ids, torch.from_numpy(t.trans[0]).view(E + 1, -1), mode="mean",
+                                   padding_idx=E).view(N, t.span, E)
+            z[:, :nd].addcmul_(rows[:, first - 1:first - 1 + nd], W[:nd, C + 4, None])
         return z
 
     def _groups(self, layer: int) -> np.ndarray:
@@ -331,7 +346,7 @@ class PathPredictor(PathModel):
             cut = max(1, int(T * (1.0 - cfg.holdout)))
             count_idx = np.arange(cut)
         fit_idx = np.setdiff1d(np.arange(T), count_idx)
-        n_src = 1 + cfg.context_layers + 3
+        n_src = 1 + cfg.context_layers + 4
         w0 = np.ones((2 * L - 1, n_src), dtype=np.float32)
         model = cls(_Tables(trace.select_tokens(count_idx), cfg), {"base": w0}, K, cfg, lookahead)
         model._fit_weights(trace, fit_idx, features, verbose)
