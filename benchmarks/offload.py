@@ -24,7 +24,8 @@ Rows at each GPU expert budget (share of the experts' bytes held on the GPU, slo
                 requests of the same synthetic model)
   predictor+cpu the two together
   oracle bound  time model: Belady + perfect prefetch + best of copy / CPU per miss, fed by the
-                measured copy bandwidth, CPU rate and resident per-layer compute time
+                measured copy bandwidth, CPU rate and resident per-layer compute time (its hit %
+                is Belady's before prefetch; the other rows count prefetched experts as hits)
 """
 from __future__ import annotations
 
@@ -169,7 +170,9 @@ def check_backend(backend, store, device, dtype):
     return "torch"
 
 
-def fit_predictor(train):
+def fit_predictor(train, which="routing"):
+    if which == "transition":
+        return TransitionPredictor.fit(train), "offload.TransitionPredictor"
     try:
         from routing import PathPredictor
         return PathPredictor.fit(train), "routing.PathPredictor"
@@ -211,7 +214,7 @@ def run_model(key, args, device, dtype):
     trace, train = full.select_tokens(req == 0), full.select_tokens(req != 0)
     print(f"  routing: synthetic trace, skew {shape['skew']}, temporal locality {args.locality}, "
           f"affinity {args.affinity}; {args.warmup} warm-up + {args.tokens} timed decode tokens")
-    predictor, pname = fit_predictor(train)
+    predictor, pname = fit_predictor(train, args.predictor)
     ids_NLK = trace.expert_ids.transpose(1, 0, 2)[:1].astype(np.int64)
     t = time.perf_counter()
     for layer in range(L):
@@ -304,6 +307,8 @@ def main(argv=None):
     ap.add_argument("--locality", type=float, default=0.5, help="temporal locality of the synthetic routing")
     ap.add_argument("--affinity", type=float, default=0.6, help="inter-layer affinity of the synthetic routing")
     ap.add_argument("--train-requests", type=int, default=16, help="requests of the trace the predictor is fitted on")
+    ap.add_argument("--predictor", default="routing", choices=["routing", "transition"],
+                    help="routing: routing.PathPredictor; transition: offload's inter-layer transition baseline")
     ap.add_argument("--predict-every", type=int, default=4,
                     help="ask the predictor after every n-th layer, prefetching n layers ahead (its cost is per call)")
     ap.add_argument("--seed", type=int, default=0)
