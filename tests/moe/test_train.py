@@ -287,3 +287,26 @@ def test_register_adds_train_and_corpus_commands():
     assert a.max_steps == 5 and a.lr == 0.1 and callable(a.func)
     c = p.parse_args(["corpus", "out", "--vocab-size", "1000"])
     assert c.vocab_size == 1000 and callable(c.func)
+
+
+def test_grad_accumulation_equals_one_big_batch(corpus, tmp_path):
+    from safetensors.torch import load_file
+    common = dict(TINY_TRAIN, max_steps=1, eval_every=0, lb_coef=0.0)  # the lb loss is not additive over batches
+    train(TrainConfig(**dict(common, batch_size=8, grad_accum=1)), tmp_path / "big", str(corpus),
+          model_dict=TINY_MODEL, quiet=True)
+    train(TrainConfig(**dict(common, batch_size=4, grad_accum=2)), tmp_path / "acc", str(corpus),
+          model_dict=TINY_MODEL, quiet=True)
+    a = load_file(str(tmp_path / "big" / "checkpoint-1" / "model.safetensors"))
+    b = load_file(str(tmp_path / "acc" / "checkpoint-1" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_continue_training_from_a_checkpoint(trained, corpus, tmp_path):
+    out, first = trained
+    m = train(TrainConfig(**dict(TINY_TRAIN, max_steps=3, eval_every=0, lr=1e-3, warmup_steps=0)),
+              tmp_path / "more", str(corpus), init=str(out / "final"), quiet=True)
+    assert m["steps"] == 3 and m["eval_loss"] < math.log(320) - 1.0  # it started from the trained weights
+    with pytest.raises(ValueError, match="exactly one"):
+        train(TrainConfig(**TINY_TRAIN), tmp_path / "x", str(corpus), model_dict=TINY_MODEL,
+              init=str(out / "final"), quiet=True)
