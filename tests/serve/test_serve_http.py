@@ -332,6 +332,24 @@ def test_client_disconnect_aborts_the_request(server):
     assert _value(_scrape(server), "moeflow_engine_steps_total") == _value(after, "moeflow_engine_steps_total")
 
 
+def test_non_streaming_client_that_gives_up_aborts_the_request(server):
+    before = _scrape(server)
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server + "/v1/completions", json={"prompt": "x", "max_tokens": 200, "ignore_eos": True},
+                   headers={"Authorization": f"Bearer {API_KEY}"}, timeout=0.5)
+    deadline = time.time() + 30
+    while True:
+        after = _scrape(server)
+        if _value(after, "moeflow_requests_total", endpoint="completions", outcome="abort") > \
+                _value(before, "moeflow_requests_total", endpoint="completions", outcome="abort") and \
+                _value(after, "moeflow_requests_running") + _value(after, "moeflow_requests_waiting") == 0:
+            break
+        assert time.time() < deadline, "the abandoned request was not aborted"
+        time.sleep(0.2)
+    # the engine dropped it: far fewer steps than the 200 it would have needed
+    assert _value(after, "moeflow_engine_steps_total") - _value(before, "moeflow_engine_steps_total") < 200
+
+
 def test_killing_the_replica_mid_request_gives_a_clean_error_then_recovers(server, reference):
     import ray
 
