@@ -2,6 +2,8 @@
 process and 2 CPU hosts (Ray actors, and the in-process thread fallback) gives the single-process
 logits; killing a host mid-run re-homes its experts (to the other host, or into this process)
 and the logits stay the same; hosts read exactly their experts from a checkpoint's memory map."""
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -163,3 +165,55 @@ def test_ray_hosts_same_logits_kill_mid_run(ray_session, tmp_path):
     assert s["dead_hosts"] == [1] and s["rehomed_experts"] == 9
     assert sorted(hosts[0].call("held")) == sorted(_plan().experts_on_host(0) + _plan().experts_on_host(1))
     hosts[0].kill()
+
+
+# --- gloo ranks + CPU hosts ----------------------------------------------------------------------
+from placement.runtime import EPConfig, EPWorker, split_state_dict  # noqa: E402
+
+
+class TierWorker(EPWorker):
+    """An expert-parallel rank whose MoE layers also send the CPU tier's tokens to the hosts."""
+
+    def tier(self, plan_dict, hosts, checkpoint):
+        apply_cpu_tier(self.model, TieredPlan.from_dict(plan_dict), hosts, checkpoint=checkpoint)
+        return sorted(self.model.moe_blocks()[0].experts.inner.local_ids)
+
+
+@pytest.mark.ray
+def test_gloo_ranks_and_cpu_hosts_same_logits(ray_session, tmp_path):
+    ray = ray_session
+    model = _model()
+    save_pretrained(model, tmp_path)
+    with torch.no_grad():
+        ref = model(IDS)
+    # 2 GPU-tier ranks: experts 0-1 on rank 0, 2-3 on rank 1; hosts: 4,6 / 5,7
+    loc = [[0, 0, 1, 1, 2, 3, 2, 3] for _ in range(3)]
+    plan = TieredPlan(loc, num_gpu_ranks=2, num_hosts=2, method="test")
+    hosts = start_hosts(HostPoolConfig(num_hosts=2, backend="ray", num_cpus=0.1))
+    cls = ray.remote(TierWorker)
+    workers = [cls.options(num_cpus=0.1).remote(r, 2, EPConfig(mode="standard")) for r in range(2)]
+    try:
+        addr, port = ray.get(workers[0].address.remote())
+        # the runtime's connect took (addr, port), later (rank, addr, port): follow whichever is here
+        with_rank = "rank" in inspect.signature(EPWorker.connect).parameters
+        ray.get([w.connect.remote(*((r,) if with_rank else ()), addr, port) for r, w in enumerate(workers)])
+        gplan = plan.gpu_plan()
+        dense, per_rank = split_state_dict(model, gplan)
+        hf = model.config.to_hf_dict()
+        ray.get([w.load.remote(hf, dense, per_rank[r], gplan.to_dict()) for r, w in enumerate(workers)])
+        ray.get([w.tier.remote(plan.to_dict(), hosts, str(tmp_path)) for w in workers])
+        outs = ray.get([w.forward.remote(IDS, None) for w in workers])
+        for got in outs:
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+        # each token went to a host once (not once per rank)
+        pairs = sum(h.call("health")["pairs"] for h in hosts)
+        assert 0 < pairs < 3 * IDS.numel() * 2
+        ray.kill(hosts[0].actor, no_restart=True)
+        outs = ray.get([w.forward.remote(IDS, None) for w in workers])
+        for got in outs:
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    finally:
+        ray.get([w.shutdown.remote() for w in workers])
+        for w in workers:
+            ray.kill(w)
+        hosts[1].kill()
