@@ -217,3 +217,16 @@ def test_gloo_ranks_and_cpu_hosts_same_logits(ray_session, tmp_path):
         for w in workers:
             ray.kill(w)
         hosts[1].kill()
+
+
+def test_probe_cost_measures_a_thread_host():
+    host = start_hosts(HostPoolConfig(num_hosts=1, backend="thread"))[0]
+    g = torch.Generator().manual_seed(0)
+    host.call("add_experts", 0, [0], to_wire(torch.randn(1, 32, 16, generator=g)),
+              to_wire(torch.randn(1, 16, 16, generator=g)))
+    from serve.cpu_host import probe_cost
+    c = probe_cost(host, 0, 0, hidden_size=16, repeat=2)
+    assert c.latency_s > 0 and c.bytes_per_s > 0 and c.cpu_per_token_s > 0 and c.row_bytes == 2 * 16 * 4
+    with pytest.raises(ValueError, match=r"does not hold expert \(0, 3\)"):
+        host.call("measure", 0, 3)
+    host.kill()
