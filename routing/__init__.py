@@ -4,11 +4,11 @@ Must not import from offload/ or serve/.
 """
 from .baselines import (GateLookahead, NearestTraceBaseline, PathModel, PopularityBaseline,
                         PreviousPathBaseline)
-from .predictor import PathPredictor, PredictorConfig, cost_per_token_us, evaluate
+from .predictor import PathPredictor, PredictorConfig
 from .record import TraceRecorder, hidden_matrix, load_features, record_sequences, save_features
 from .scheduler import SchedulerConfig, TokenScheduler, simulate_schedule
-from .stats import (affinity_concentration, popularity_entropy, reuse_distance_histogram, summarize,
-                    format_summary)
+from .stats import (affinity_concentration, cost_per_token_us, evaluate, format_summary, popularity_entropy,
+                    reuse_distance_histogram, summarize)
 from .synthetic import synthesize
 from .trace import RoutingTrace
 

@@ -10,12 +10,16 @@
   the request. ``scope="global"`` counts tokens in processing order across requests instead,
   which is what a cache shared by interleaved requests sees.
 
+And the metrics of a path predictor on a trace (``evaluate``): recall and precision of the
+predicted expert sets at 1, 2, 4 layers ahead and before the token's forward; its CPU cost.
+
 Shape legend: L = layers, T = tokens, K = top-k, E = experts.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from .baselines import PathModel, multi_hot
 from .trace import RoutingTrace
 
 REUSE_BINS = ("1", "2", "3-4", "5-8", "9-16", "17-32", "33+", "cold")
@@ -137,3 +141,85 @@ def format_summary(s: dict) -> str:
              "reuse distance (tokens, same request): " +
              "  ".join(f"{k}:{v:.2f}" for k, v in s["reuse_histogram"].items())]
     return "\n".join(lines)
+
+
+# --- predictor metrics --------------------------------------------------------------------------------------
+def token_inputs(trace: RoutingTrace, features: dict | None = None, max_tokens: int | None = None,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray]:
+    """(paths [N, L, K], previous token's paths [N, L, K] (-1 = none), features, token index)."""
+    paths = trace.paths().astype(np.int64)
+    prev_idx = trace.previous_token_index()
+    idx = np.arange(trace.num_tokens)
+    if max_tokens is not None and len(idx) > max_tokens:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, max_tokens, replace=False))
+    prev = np.where(prev_idx[idx, None, None] >= 0, paths[np.maximum(prev_idx[idx], 0)], -1)
+    feats: dict = {}
+    if trace.token_ids is not None:
+        feats["token_ids"] = trace.token_ids[idx]
+    if features is not None and features.get("hidden_NLD") is not None:
+        feats["hidden_NLD"] = np.asarray(features["hidden_NLD"])[idx]
+    return paths[idx], prev, feats, idx
+
+
+def evaluate(model: PathModel, trace: RoutingTrace, features: dict | None = None,
+             distances=(1, 2, 4), max_tokens: int | None = 2000, seed: int = 0) -> dict:
+    """Per-layer recall and precision of predicted expert sets, by how far ahead they are.
+
+    For each known layer ``l`` (0..L-2) and distance d, the top-k predicted experts of layer
+    l + d are compared with the real ones: recall = hits / real experts, precision = hits / k
+    (equal when every token has k experts). ``"all"`` predicts every layer with nothing of the
+    token known (layer -1: the start of its forward). ``*_2k`` use the 2k most likely experts
+    (what a prefetcher with twice the room would load).
+    Returns ``{key: {"recall": [L], "precision": [L], "recall_2k": [L], "precision_2k": [L],
+    "mean_recall": float, ...}}`` with NaN for layers a key never targets.
+    """
+    L, E, K = model.num_layers, model.num_experts, model.top_k
+    if trace.num_layers != L or trace.num_experts > E:
+        raise ValueError(f"trace has {trace.num_layers} layers / {trace.num_experts} experts but the model "
+                         f"predicts {L} / {E}: evaluate on a trace of the same model")
+    paths, prev, feats, _ = token_inputs(trace, features, max_tokens, seed)
+    true_NLE = multi_hot(paths, E)
+    n_true = true_NLE.sum(-1)  # [N, L]
+    keys = [str(d) for d in distances] + ["all"]
+    acc = {k: {"hits": np.zeros(L), "hits2": np.zeros(L), "true": np.zeros(L), "count": np.zeros(L)} for k in keys}
+    k2 = min(2 * K, E)
+    for layer in range(-1, L - 1):
+        probs = model.predict_batch(prev, layer, paths[:, :layer + 1], feats)
+        top2 = np.argsort(-probs, axis=-1, kind="stable")[..., :k2]  # [N, L, 2K]
+        hit = np.take_along_axis(true_NLE, top2, axis=-1)  # [N, L, 2K]
+        hits, hits2 = hit[..., :K].sum((0, 2)), hit.sum((0, 2))
+        targets = ([("all", m) for m in range(L)] if layer < 0 else
+                   [(str(d), layer + d) for d in distances if layer + d < L])
+        for key, m in targets:
+            a = acc[key]
+            a["hits"][m] += hits[m]
+            a["hits2"][m] += hits2[m]
+            a["true"][m] += n_true[:, m].sum()
+            a["count"][m] += len(paths)
+    out = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for key, a in acc.items():
+            r = dict(recall=a["hits"] / a["true"], precision=a["hits"] / (K * a["count"]),
+                     recall_2k=a["hits2"] / a["true"], precision_2k=a["hits2"] / (k2 * a["count"]))
+            for name in list(r):
+                r["mean_" + name] = float(np.nansum(r[name] * a["true"]) / max(a["true"].sum(), 1)) \
+                    if name.startswith("recall") else float(np.nansum(r[name] * a["count"]) / max(a["count"].sum(), 1))
+            out[key] = r
+    return out
+
+
+def cost_per_token_us(model: PathModel, trace: RoutingTrace, layer: int = 0, batch: int = 64,
+                      repeats: int = 20, features: dict | None = None) -> float:
+    """CPU microseconds per token of one ``predict_batch`` call over ``batch`` tokens.
+
+    Process CPU time, not wall time: on a shared machine wall time mostly measures waiting. Run
+    with ``torch.set_num_threads(1)`` to get one core's cost (the benchmark does).
+    """
+    import time
+    paths, prev, feats, _ = token_inputs(trace, features, batch)
+    layer = min(layer, model.num_layers - 2)
+    model.predict_batch(prev, layer, paths[:, :layer + 1], feats)  # warm-up
+    t0 = time.process_time()
+    for _ in range(repeats):
+        model.predict_batch(prev, layer, paths[:, :layer + 1], feats)
+    return (time.process_time() - t0) / repeats / len(paths) * 1e6
