@@ -64,7 +64,9 @@ class OffloadedExperts(nn.Module):
     def _prefetch_next(self, x_TD: torch.Tensor, ids_np: np.ndarray) -> None:
         nxt = self.layer + 1
         cache = self.cache
-        if self.lookahead is not None and self.lookahead.observe(self.layer, ids_np) and self.predictor_prefetch:
+        predicted = self.lookahead is not None and self.lookahead.observe(self.layer, ids_np)
+        # the predictor's guesses never queue ahead of a demand copy: only an idle copy engine takes them
+        if predicted and self.predictor_prefetch and not cache.copies_in_flight(self.layer):
             for j in self.lookahead.targets(self.layer):
                 cache.prefetch(j, self.lookahead.to_prefetch(j, self.prefetch_k * len(ids_np), cache.slots,
                                                              cache.is_resident))

@@ -45,6 +45,7 @@ class ExpertCache:
         self._locked: list[set[int]] = [set() for _ in range(L)]   # experts in use by the current call
         self._unused_prefetch: list[set[int]] = [set() for _ in range(L)]
         self.step = [-1] * L
+        self._copied_this_step = [False] * L
         self.clock = 0
         self._request: list[set[int]] = [set() for _ in range(L)]  # experts of the ensure call in progress
         policy.bind(L, self.num_experts)
@@ -89,6 +90,7 @@ class ExpertCache:
     def observe(self, layer: int, ids_NK) -> None:
         """The routing of the current step at `layer`, before any ensure of that step."""
         self.step[layer] += 1
+        self._copied_this_step[layer] = False
         self.policy.observe(layer, self.step[layer], np.asarray(ids_NK))
 
     def count_cpu(self, layer: int, experts: list[int]) -> None:
@@ -194,6 +196,7 @@ class ExpertCache:
         self._copy_in(layer, expert, s)
         self.counters["copies"] += 1
         self.counters["bytes_copied"] += self.store.expert_bytes
+        self._copied_this_step[layer] = True
         return s
 
     def _copy_in(self, layer: int, expert: int, s: int) -> None:
@@ -221,6 +224,16 @@ class ExpertCache:
             self.expert_in[layer] = [-1] * self.slots
             self.slot_of[layer].clear()
             self._unused_prefetch[layer].clear()
+
+    def copies_in_flight(self, layer: int) -> bool:
+        """Whether copies are still queued or running on the copy engine (never blocks).
+
+        On the CPU copies are synchronous, so this is whether `layer`'s current step copied
+        anything (the simulator's time model says the same: the engine is then still busy).
+        """
+        if self.cuda:
+            return not self.copy_stream.query()
+        return self._copied_this_step[layer]
 
     def pending_copies(self) -> bool:
         """True while a copy on the side stream has not finished (never blocks)."""

@@ -135,7 +135,9 @@ def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per
             nl, ns = (layer + 1, si) if layer + 1 < L else (0, si + 1)
             want: list[tuple[int, list[int]]] = []
             predicted = lookahead.observe(layer, ids_BK) if lookahead is not None else False
-            if prefetch == "predictor" and predicted:
+            # the predictor's guesses never queue ahead of a demand copy: only an idle copy engine takes them
+            busy = copy_free > t if timed else cache.copies_in_flight(layer)
+            if prefetch == "predictor" and predicted and not busy:
                 want = [(j, lookahead.to_prefetch(j, prefetch_k * len(ids_BK), S, cache.is_resident))
                         for j in lookahead.targets(layer)]
             elif prefetch == "oracle" and ns < len(steps):
