@@ -33,7 +33,8 @@ def rank_capacity(num_experts: int, num_ranks: int, balance: str = "strict") -> 
     if balance == "strict":
         if num_experts % num_ranks:
             raise ValueError(f"balanced placement needs num_experts ({num_experts}) divisible by the number of "
-                             f"ranks ({num_ranks}); pick a divisor of {num_experts} or balance='relaxed'")
+                             f"ranks ({num_ranks}); pick a divisor of {num_experts} or balance='relaxed' "
+                             "(moe place --balance relaxed)")
         return num_experts // num_ranks, num_experts // num_ranks
     return num_experts // num_ranks, -(-num_experts // num_ranks)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from routing.trace import RoutingTrace
@@ -36,7 +37,9 @@ def place(trace: RoutingTrace, gpus: int, nodes: int = 1, config: SolverConfig |
     """The ExFlow plan and [(plan, figures)] for it and every baseline, the plan first."""
     stats = AffinityStats.from_trace(trace)
     plan = solve_exflow(stats, gpus, nodes, config)
-    others = [round_robin(trace.num_layers, trace.num_experts, gpus, nodes, stats),
+    others = [] if nodes == 1 else [solve_exflow(stats, gpus, nodes, replace(
+        config or SolverConfig(), multi_node="hierarchical"))]  # ExFlow's own two-stage method
+    others += [round_robin(trace.num_layers, trace.num_experts, gpus, nodes, stats),
               greedy_affinity(stats, gpus, nodes, (config or SolverConfig()).balance),
               eplb(stats, gpus, nodes)]
     rows = [(p, evaluate(p, trace, hidden_size, dtype_bytes).as_dict()) for p in [plan] + others]
@@ -54,7 +57,7 @@ def _run(args: argparse.Namespace) -> int:
     plan, rows = place(trace, args.gpus, args.nodes, cfg, args.hidden_size, args.dtype_bytes)
     print(f"{trace!r} -> {args.gpus} ranks on {args.nodes} node(s); solver status: {plan.solver_status}")
     print(format_table(rows))
-    rr = rows[1][1]["cross_fraction"]
+    rr = next(f for p, f in rows if p.method == "round_robin")["cross_fraction"]
     if rr > 0:
         print(f"cross-rank transitions vs round robin: {100 * (1 - rows[0][1]['cross_fraction'] / rr):.1f}% fewer")
     if args.out:

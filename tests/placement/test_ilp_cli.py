@@ -128,6 +128,15 @@ def test_cli_prints_every_baseline_and_writes_the_plan(tmp_path, planted, capsys
         assert m in text
     plan = PlacementPlan.load(out)
     assert plan.num_ranks == 4 and "cross_fraction" in plan.objective
+    assert main(["place", str(path), "--gpus", "4", "--nodes", "2", "--time-limit", "3"]) == 0
+    assert "exflow_hier" in capsys.readouterr().out
+
+
+def test_synthetic_trace_arguments_are_checked():
+    with pytest.raises(ValueError, match="equal groups"):
+        synthetic_affinity_trace(2, 10, 4, 10)
+    with pytest.raises(ValueError, match="probability"):
+        synthetic_affinity_trace(2, 8, 4, 10, stay=1.5)
 
 
 def test_cli_errors_are_messages(tmp_path, capsys):
