@@ -102,6 +102,31 @@ class EngineLoop:
             if not slot.finished:
                 self.abort(slot)
 
+    async def stream_chunks(self, slot: _Slot) -> AsyncIterator[list]:
+        """Like ``stream``, but each item is every output that has arrived since the last one.
+
+        When the consumer falls behind (a busy replica event loop, a slow network), tokens travel
+        together in one message instead of one Ray message per token.
+        """
+        try:
+            while True:
+                items = [await slot.events.get()]
+                while not slot.events.empty():
+                    items.append(slot.events.get_nowait())
+                outs = []
+                for item in items:
+                    if item is _END or isinstance(item, BaseException):
+                        if outs:
+                            yield outs
+                        if item is _END:
+                            return
+                        raise item
+                    outs.append(item)
+                yield outs
+        finally:
+            if not slot.finished:
+                self.abort(slot)
+
     def abort(self, slot: _Slot) -> None:
         """Stop a request (client gone); the engine drops it before its next step."""
         if slot.finished or slot.cancelled:
@@ -361,9 +386,11 @@ class ModelReplica:
             return
         yield {"type": "start", "prompt_tokens": n_prompt}
         try:
-            async for out in self.loop.stream(slot):
-                yield {"type": "delta", "text": out.new_text, "num_tokens": len(out.new_token_ids),
-                       "finished": bool(out.finished), "finish_reason": out.finish_reason}
+            async for outs in self.loop.stream_chunks(slot):
+                last = outs[-1]
+                yield {"type": "delta", "text": "".join(o.new_text for o in outs),
+                       "num_tokens": sum(len(o.new_token_ids) for o in outs),
+                       "finished": bool(last.finished), "finish_reason": last.finish_reason}
         except ApiError as e:
             yield {"type": "error", "status": e.status, **e.to_dict()}
         except EngineFailedError as e:

@@ -196,3 +196,20 @@ def test_offloaded_replica_reports_cache_stats_and_matches_resident_output(tiny)
     comp = snap["components"]
     assert snap["strategy"] == "offload" and comp["misses"] > 0 and comp["hits"] + comp["misses"] > 0
     assert "prefetch_precision" not in comp  # prefetch is off
+
+
+def test_stream_chunks_hands_over_everything_that_arrived_in_one_piece(tiny):
+    model, tok = tiny
+
+    async def main():
+        loop = EngineLoop(Engine(model, tok, max_batch_size=1, max_len=64), max_batch_size=1, max_waiting=0)
+        slot = loop.submit("abc", SamplingParams(max_new_tokens=6, ignore_eos=True))
+        while not slot.finished:  # a consumer that does not read while the request runs
+            await asyncio.sleep(0.01)
+        chunks = [c async for c in loop.stream_chunks(slot)]
+        loop.shutdown()
+        return chunks
+
+    chunks = asyncio.run(main())
+    assert len(chunks) == 1 and len(chunks[0]) == 6 and chunks[0][-1].finished
+    assert "".join(o.new_text for o in chunks[0]) == _alone(tiny, "abc", 6)

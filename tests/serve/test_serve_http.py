@@ -287,7 +287,8 @@ def test_metrics_parse_move_and_cover_the_dashboard(server):
     assert delta("moeflow_generation_tokens_total") == 5
     assert delta("moeflow_prompt_tokens_total") == r.json()["usage"]["prompt_tokens"]
     assert delta("moeflow_time_to_first_token_seconds_count") == 1
-    assert delta("moeflow_inter_token_latency_seconds_count") == 4
+    # one gap per streamed piece after the first; a lagging consumer may get several tokens in one piece
+    assert 1 <= delta("moeflow_inter_token_latency_seconds_count") <= 4
     assert delta("moeflow_e2e_request_latency_seconds_count") == 1
     assert delta("moeflow_engine_steps_total") >= 5
     # the tiny model has 2 MoE layers, top-2 routing: every routed token adds 2 per layer
