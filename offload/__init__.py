@@ -5,7 +5,7 @@ missed experts. Offloaded output equals resident output.
     model = apply_offload(model, OffloadConfig(gpu_memory="24GiB", policy="lru", cpu_fallback=True))
     model.offload_cache.stats()
 """
-from .apply import OffloadedExperts, apply_offload, plan_slots, route_by_trace
+from .apply import OffloadedExperts, apply_offload, install, kv_cache_bytes, plan_slots, route_by_trace
 from .cache import ExpertCache
 from .config import OffloadConfig, parse_bytes
 from .cost_model import CostModel
@@ -14,7 +14,7 @@ from .prefetch import Lookahead, TransitionPredictor
 from .simulator import oracle_bound, simulate
 from .store import DiskExpertStore, HostExpertStore
 
-__all__ = ["OffloadConfig", "apply_offload", "OffloadedExperts", "plan_slots", "route_by_trace", "ExpertCache",
+__all__ = ["OffloadConfig", "apply_offload", "install", "kv_cache_bytes", "OffloadedExperts", "plan_slots", "route_by_trace", "ExpertCache",
            "parse_bytes", "CostModel", "Policy", "LRUPolicy", "LFUPolicy", "PredictorPolicy", "BeladyPolicy",
            "make_policy", "Lookahead", "TransitionPredictor", "simulate", "oracle_bound", "HostExpertStore",
            "DiskExpertStore"]

@@ -172,6 +172,23 @@ def host_available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def kv_cache_bytes(config, batch_size: int, max_len: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes moe's KVCache takes for `batch_size` rows of `max_len` tokens (every layer's K and V).
+
+    config: a MoEConfig (GQA: 2 * kv_heads * head_dim per token and layer; MLA caches the
+    decompressed K (nope + rope) and V of every head).
+    """
+    if batch_size < 0 or max_len < 0:
+        raise ValueError(f"batch_size ({batch_size}) and max_len ({max_len}) must be >= 0")
+    if getattr(config, "kv_lora_rank", None) and getattr(config, "qk_nope_head_dim", None):
+        per = config.num_attention_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim)
+    else:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        per = 2 * config.num_key_value_heads * head_dim
+    elem = torch.empty((), dtype=dtype).element_size()
+    return int(per * config.num_hidden_layers * batch_size * max_len * elem)
+
+
 def plan_slots(cfg: OffloadConfig, *, device: torch.device, dense_bytes: int, expert_bytes: int,
                num_layers: int, num_experts: int, top_k: int) -> int:
     """Slots per layer from the budget: dense weights, KV cache and reserve are taken first."""

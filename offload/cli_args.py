@@ -28,17 +28,26 @@ def add_offload_args(parser: argparse.ArgumentParser) -> None:
                    help="read experts from the checkpoint's memory-mapped safetensors instead of host memory")
 
 
-def apply_from_args(model, args: argparse.Namespace, checkpoint: str | None = None):
-    """apply_offload with the options of add_offload_args; returns the model unchanged without --gpu-memory."""
+def apply_from_args(model, args: argparse.Namespace, checkpoint: str | None = None, batch_size: int = 1,
+                    max_len: int = 0):
+    """apply_offload with the options of add_offload_args; returns the model unchanged without --gpu-memory.
+
+    checkpoint: the model directory (disk tier, and 'auto' picking it when host RAM is short).
+    batch_size, max_len: the KV cache the engine will make, counted in the budget before experts.
+    """
     if getattr(args, "gpu_memory", None) is None:
         return model
-    from .apply import apply_offload
+    from .apply import apply_offload, kv_cache_bytes
 
     disk = bool(getattr(args, "offload_from_disk", False))
     if disk and checkpoint is None:
         raise ValueError("--offload-from-disk needs the model directory (pass checkpoint=<dir> to apply_from_args)")
     gm = args.gpu_memory
-    cfg = OffloadConfig(gpu_memory=gm, policy=args.offload_policy, prefetch=args.offload_prefetch,
+    kv = 0
+    if max_len and hasattr(model, "config") and hasattr(model.config, "num_hidden_layers"):
+        dtype = next(model.parameters()).dtype
+        kv = kv_cache_bytes(model.config, batch_size, max_len, dtype)
+    cfg = OffloadConfig(gpu_memory=gm, policy=args.offload_policy, prefetch=args.offload_prefetch, kv_cache_bytes=kv,
                         cpu_fallback=args.cpu_fallback, checkpoint=checkpoint,
                         store="disk" if disk else ("auto" if checkpoint else "memory"))
     return apply_offload(model, cfg)

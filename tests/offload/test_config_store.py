@@ -144,3 +144,17 @@ def test_no_cache_clear():
         before = m.offload_cache.stats()["hits"]
         m(torch.tensor([[3, 4]]))
     assert m.offload_cache.stats()["hits"] == before  # nothing stayed resident
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_kv_cache_bytes_matches_the_cache(family):
+    from offload.apply import kv_cache_bytes
+
+    model = tiny_model(family)
+    if not hasattr(model.config, "num_hidden_layers"):
+        pytest.skip("needs moe's model")
+    kv = model.new_cache(2, 16)
+    with torch.no_grad():
+        model(torch.tensor([[3, 4, 5], [6, 7, 8]]), cache=kv)
+    real = sum(t.numel() * t.element_size() for t in list(kv._k.values()) + list(kv._v.values()))
+    assert kv_cache_bytes(model.config, 2, 16, torch.float32) == real
