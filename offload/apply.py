@@ -243,8 +243,9 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
         raise ValueError(f"device {cfg.device!r} asked for but CUDA is not available; use device='cpu'")
     top_k = _top_k(model, blocks[0])
     w13 = blocks[0].experts.w13
-    E = w13.shape[0]
+    E, expert_dtype = w13.shape[0], w13.dtype
     expert_bytes = (w13[0].numel() + blocks[0].experts.w2[0].numel()) * w13.element_size()
+    del w13  # hold no reference to an original: each layer's is freed as soon as the store has it
     expert_params = {id(p) for b in blocks for p in b.experts.parameters()}
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in expert_params)
     dense_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
@@ -260,12 +261,11 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
                                        and expert_total > 0.8 * host_available_bytes())
     if use_disk:
         store: ExpertStore = DiskExpertStore(cfg.checkpoint, [getattr(b, "layer_idx", i) for i, b in enumerate(blocks)],
-                                             dtype=w13.dtype)
+                                             dtype=expert_dtype)
         for i in range(len(blocks)):
             release(i)
     else:
         store = HostExpertStore.from_blocks(blocks, release=release, pin=device.type == "cuda")
-    del w13
     model.to(device)  # what is left is the dense part (and shared experts)
 
     cache = install(blocks, store, cfg, device=device, top_k=top_k, slots=slots, backend=backend)

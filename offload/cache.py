@@ -143,11 +143,10 @@ class ExpertCache:
         Within one step the experts of earlier rounds stay locked (`last=False`) so that a later
         round prefers other victims; `last=True` ends the step's locks.
         """
-        if self.cuda:
-            cur = torch.cuda.current_stream(self.device)
+        if self.cuda and slots:
+            ev = torch.cuda.Event()  # one event marks the end of every listed slot's use
+            ev.record(torch.cuda.current_stream(self.device))
             for s in slots:
-                ev = torch.cuda.Event()
-                ev.record(cur)
                 self._free[layer][s] = ev
         self._request[layer] = set()
         if last:

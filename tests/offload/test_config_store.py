@@ -158,3 +158,12 @@ def test_kv_cache_bytes_matches_the_cache(family):
         model(torch.tensor([[3, 4, 5], [6, 7, 8]]), cache=kv)
     real = sum(t.numel() * t.element_size() for t in list(kv._k.values()) + list(kv._v.values()))
     assert kv_cache_bytes(model.config, 2, 16, torch.float32) == real
+
+
+def test_apply_offload_frees_each_original():
+    import weakref
+
+    model = twin(tiny_model("mixtral"))
+    refs = [weakref.ref(b.experts) for b in model.moe_blocks()]
+    apply_offload(model, OffloadConfig(slots_per_layer=2, device="cpu", calibrate=False))
+    assert all(r() is None for r in refs)  # the original expert modules are gone
