@@ -215,11 +215,11 @@ def make_ingress_class():
 
         @app.get("/metrics")
         async def metrics(self):
-            try:
-                snap = await asyncio.wait_for(self.replica.snapshot.remote(), timeout=5)
-            except Exception:  # noqa: BLE001 - report replica_up 0 rather than failing the scrape
-                snap = None
-            self.metrics.engine.set(snap)
+            # a handle call reaches one replica of Serve's choosing: ask as many times as there are
+            # replicas, twice over, so that every replica is very likely heard from on each scrape
+            calls = [self.replica.snapshot.remote() for _ in range(2 * self.cfg.num_replicas)]
+            done = await asyncio.gather(*(asyncio.wait_for(c, timeout=5) for c in calls), return_exceptions=True)
+            self.metrics.engine.update([d for d in done if isinstance(d, dict)], time.time())
             return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
         @app.post("/v1/completions")
@@ -406,7 +406,10 @@ def run_server(cfg: ServeConfig, blocking: bool = True):
     """Start Ray (if needed) and Serve on cfg.host:cfg.port and deploy the application."""
     import ray
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, ignore_reinit_error=True)
+        # no Ray dashboard; a loopback-only server also keeps Ray's node address on loopback
+        loopback = cfg.host in ("127.0.0.1", "localhost", "::1")
+        ray.init(include_dashboard=False, ignore_reinit_error=True,
+                 **({"_node_ip_address": "127.0.0.1"} if loopback else {}))
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     handle = serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
     if blocking:

@@ -25,7 +25,9 @@ def register(subparsers) -> argparse.ArgumentParser:
         "serve", help="serve a model with an OpenAI-compatible API on Ray Serve",
         description="Serve MODEL (a checkpoint directory, 'tiny', or the embedded default when omitted) at "
                     "http://HOST:PORT/v1 with /v1/completions, /v1/chat/completions, /v1/models, /health and "
-                    "/metrics (Prometheus). Listens on 127.0.0.1 unless --host says otherwise.")
+                    "/metrics (Prometheus). Listens on 127.0.0.1 unless --host says otherwise. With --api-key, every "
+                    "/v1 route needs 'Authorization: Bearer KEY'; /health and /metrics stay open for probes "
+                    "and scrapers.")
     p.add_argument("model", nargs="?", default=None, help="checkpoint directory or 'tiny' (default: embedded model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)

@@ -297,6 +297,15 @@ def load_engine(spec: dict) -> LoadedEngine:
     return LoadedEngine(engine, tok, model, max_len, strategy)
 
 
+def _replica_id() -> str:
+    """Serve's id of this replica (short), or the process id outside Serve."""
+    try:
+        from ray import serve
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # noqa: BLE001 - not inside Serve (in-process benchmark, tests) or no Ray at all
+        return f"pid{os.getpid()}"
+
+
 # ---- the replica -----------------------------------------------------------------------------------
 
 class ModelReplica:
@@ -310,6 +319,7 @@ class ModelReplica:
         self.loop = EngineLoop(self.loaded.engine, int(spec.get("max_batch_size", 8)), self.limits.max_waiting)
         self.expert_load = ExpertLoadCounter.attach(self.loaded.model)
         self.started = time.time()
+        self.replica_id = _replica_id()
 
     # Serve calls this every health_check_period_s; raising makes the controller replace the replica
     def check_health(self) -> None:
@@ -322,7 +332,7 @@ class ModelReplica:
     def snapshot(self) -> dict:
         """Everything /metrics reports about the engine side (read at scrape time)."""
         running, waiting = self.loop.counts()
-        snap = {"running": running, "waiting": waiting, "steps": self.loop.steps,
+        snap = {"replica": self.replica_id, "running": running, "waiting": waiting, "steps": self.loop.steps,
                 "step_seconds": self.loop.step_seconds, "strategy": self.loaded.strategy,
                 "components": collect_component_stats(self.loaded.model, self.loaded.engine)}
         if self.expert_load is not None:
@@ -384,8 +394,8 @@ class ModelReplica:
             yield {"type": "error", "status": 503, **ApiError(503, f"{e}; the replica is being replaced, retry",
                                                               "server_error", code="replica_failed").to_dict()}
             return
-        yield {"type": "start", "prompt_tokens": n_prompt}
-        try:
+        try:  # from here on, leaving this generator early (client gone) must abort the request
+            yield {"type": "start", "prompt_tokens": n_prompt}
             async for outs in self.loop.stream_chunks(slot):
                 last = outs[-1]
                 yield {"type": "delta", "text": "".join(o.new_text for o in outs),

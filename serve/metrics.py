@@ -9,7 +9,7 @@ Two sources feed it:
 - the ingress observes every request it streams (time to first token, inter-token latency,
   end-to-end latency, prompt / generated tokens, outcome) — the latency a client sees, Ray Serve
   hops included;
-- at scrape time the ingress asks the model replica for a ``snapshot()`` (running / waiting
+- at scrape time the ingress asks the model replicas for a ``snapshot()`` (running / waiting
   requests, engine steps, per-layer expert load, and the statistics of any offload / placement
   component, read through a duck-typed ``stats()``), which ``EngineSnapshotCollector`` turns into
   metric families. Snapshot counters are cumulative since the replica started; a restarted
@@ -153,52 +153,64 @@ class RequestTimer:
 
 
 class EngineSnapshotCollector:
-    """Turns the replica's latest ``snapshot()`` dict into metric families at scrape time."""
+    """Turns the model replicas' latest ``snapshot()`` dicts into metric families at scrape time.
 
-    def __init__(self):
-        self.snapshot: dict | None = None
+    Each family carries a ``replica`` label (bounded by the number of replicas), so counters stay
+    monotonic per replica when a scrape reaches different replicas; PromQL sums over it. A replica
+    not heard from for ``stale_s`` seconds (dead, or scaled down) is dropped.
+    """
 
-    def set(self, snapshot: dict | None) -> None:
-        self.snapshot = snapshot
+    def __init__(self, stale_s: float = 120.0):
+        self.stale_s = stale_s
+        self.snapshots: dict[str, tuple[float, dict]] = {}
+        self.reached = False
+
+    def update(self, snapshots: list[dict], now: float) -> None:
+        """Record the snapshots one scrape collected (an empty list: no replica answered)."""
+        self.reached = bool(snapshots)
+        for snap in snapshots:
+            self.snapshots[str(snap.get("replica", "0"))] = (now, snap)
+        for rid in [r for r, (t, _) in self.snapshots.items() if now - t > self.stale_s]:
+            del self.snapshots[rid]
 
     def describe(self):
-        return []  # families depend on the snapshot; skip the registry's describe-time collect
+        return []  # families depend on the snapshots; skip the registry's describe-time collect
 
     def collect(self):
-        s = self.snapshot
-        yield GaugeMetricFamily("moeflow_replica_up", _HELP["moeflow_replica_up"], value=float(s is not None))
-        if s is None:
+        yield GaugeMetricFamily("moeflow_replica_up", _HELP["moeflow_replica_up"], value=float(self.reached))
+        if not self.snapshots:
             return
-        yield GaugeMetricFamily("moeflow_requests_running", _HELP["moeflow_requests_running"], value=s["running"])
-        yield GaugeMetricFamily("moeflow_requests_waiting", _HELP["moeflow_requests_waiting"], value=s["waiting"])
-        yield CounterMetricFamily("moeflow_engine_steps", _HELP["moeflow_engine_steps"], value=s["steps"])
-        yield CounterMetricFamily("moeflow_engine_step_seconds", _HELP["moeflow_engine_step_seconds"],
-                                  value=s["step_seconds"])
-        comp = s.get("components") or {}
-        for key, name in _COUNT_KEYS.items():
-            yield CounterMetricFamily(name, _HELP[name], value=float(comp.get(key, 0)))
-        for key, name in _RATIO_KEYS.items():
-            if comp.get(key) is not None:  # a ratio is only meaningful when something prefetches
-                yield GaugeMetricFamily(name, _HELP[name], value=float(comp[key]))
-        offloading = any(k in comp for k in ("hits", "misses", "bytes_copied"))
-        yield GaugeMetricFamily("moeflow_offload_enabled", _HELP["moeflow_offload_enabled"], value=float(offloading))
-        strategy = str(comp.get("strategy") or s.get("strategy") or "single")
-        info = InfoMetricFamily("moeflow_parallel_strategy", _HELP["moeflow_parallel_strategy"], labels=[])
-        info.add_metric([], {"strategy": strategy})
-        yield info
-        load = s.get("expert_load")
-        if load:
-            tokens = CounterMetricFamily("moeflow_expert_load_tokens", _HELP["moeflow_expert_load_tokens"],
-                                         labels=["layer"])
-            imb = GaugeMetricFamily("moeflow_expert_load_imbalance_ratio",
-                                    _HELP["moeflow_expert_load_imbalance_ratio"], labels=["layer"])
-            for layer, counts_E in enumerate(load):
+        R = ["replica"]
+        fam = {}
+
+        def family(cls, name, labels=()):
+            if name not in fam:
+                fam[name] = cls(name, _HELP[name], labels=R + list(labels))
+            return fam[name]
+
+        for rid, (_, s) in sorted(self.snapshots.items()):
+            family(GaugeMetricFamily, "moeflow_requests_running").add_metric([rid], s["running"])
+            family(GaugeMetricFamily, "moeflow_requests_waiting").add_metric([rid], s["waiting"])
+            family(CounterMetricFamily, "moeflow_engine_steps").add_metric([rid], s["steps"])
+            family(CounterMetricFamily, "moeflow_engine_step_seconds").add_metric([rid], s["step_seconds"])
+            comp = s.get("components") or {}
+            for key, name in _COUNT_KEYS.items():
+                family(CounterMetricFamily, name).add_metric([rid], float(comp.get(key, 0)))
+            for key, name in _RATIO_KEYS.items():
+                if comp.get(key) is not None:  # a ratio is only meaningful when something prefetches
+                    family(GaugeMetricFamily, name).add_metric([rid], float(comp[key]))
+            offloading = any(k in comp for k in ("hits", "misses", "bytes_copied"))
+            family(GaugeMetricFamily, "moeflow_offload_enabled").add_metric([rid], float(offloading))
+            strategy = str(comp.get("strategy") or s.get("strategy") or "single")
+            family(InfoMetricFamily, "moeflow_parallel_strategy").add_metric([rid], {"strategy": strategy})
+            for layer, counts_E in enumerate(s.get("expert_load") or []):
                 total = float(sum(counts_E))
-                tokens.add_metric([str(layer)], total)
                 mean = total / max(len(counts_E), 1)
-                imb.add_metric([str(layer)], max(counts_E) / mean if mean > 0 else 0.0)
-            yield tokens
-            yield imb
+                family(CounterMetricFamily, "moeflow_expert_load_tokens", ["layer"]).add_metric([rid, str(layer)],
+                                                                                                  total)
+                family(GaugeMetricFamily, "moeflow_expert_load_imbalance_ratio", ["layer"]).add_metric(
+                    [rid, str(layer)], max(counts_E) / mean if mean > 0 else 0.0)
+        yield from fam.values()
 
 
 # ---- engine-side statistics (run inside the replica) ----------------------------------------------

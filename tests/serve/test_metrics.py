@@ -10,7 +10,7 @@ from serve.metrics import (FAMILIES, ExpertLoadCounter, RequestTimer, ServeMetri
                            series_names)
 
 FULL_SNAPSHOT = {
-    "running": 3, "waiting": 2, "steps": 10, "step_seconds": 1.5, "strategy": "single",
+    "replica": "r1", "running": 3, "waiting": 2, "steps": 10, "step_seconds": 1.5, "strategy": "single",
     "components": {"hits": 90.0, "misses": 10.0, "evictions": 4.0, "bytes_copied": 1e6, "cpu_computed": 2.0,
                    "cross_rank_tokens": 7.0, "prefetch_precision": 0.75, "prefetch_recall": 0.5,
                    "strategy": "offload"},
@@ -24,6 +24,10 @@ def _samples(m: ServeMetrics) -> dict:
         for s in fam.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
+
+
+def _r(**labels):
+    return tuple(sorted({"replica": "r1", **labels}.items()))
 
 
 def test_names_units_and_own_registries():
@@ -40,7 +44,7 @@ def test_names_units_and_own_registries():
 def test_snapshot_families_and_request_timer():
     m = ServeMetrics()
     assert _samples(m)[("moeflow_replica_up", ())] == 0  # no replica reached yet
-    m.engine.set(FULL_SNAPSHOT)
+    m.engine.update([FULL_SNAPSHOT], now=100.0)
     t = RequestTimer(m, start=0.0)
     for now in (0.5, 0.6, 0.8):
         t.on_output(now, 1)
@@ -48,13 +52,15 @@ def test_snapshot_families_and_request_timer():
     t.on_finish(1.0)
     m.finish("chat", "stop")
     s = _samples(m)
-    assert s[("moeflow_requests_running", ())] == 3 and s[("moeflow_requests_waiting", ())] == 2
-    assert s[("moeflow_expert_cache_hits_total", ())] == 90 and s[("moeflow_host_to_device_bytes_total", ())] == 1e6
-    assert s[("moeflow_expert_prefetch_precision", ())] == 0.75
-    assert s[("moeflow_parallel_strategy_info", (("strategy", "offload"),))] == 1
-    assert s[("moeflow_offload_enabled", ())] == 1
-    assert s[("moeflow_expert_load_tokens_total", (("layer", "0"),))] == 8
-    assert s[("moeflow_expert_load_imbalance_ratio", (("layer", "1"),))] == 4.0  # 4 / mean 1
+    assert s[("moeflow_replica_up", ())] == 1
+    assert s[("moeflow_requests_running", _r())] == 3 and s[("moeflow_requests_waiting", _r())] == 2
+    assert s[("moeflow_expert_cache_hits_total", _r())] == 90
+    assert s[("moeflow_host_to_device_bytes_total", _r())] == 1e6
+    assert s[("moeflow_expert_prefetch_precision", _r())] == 0.75
+    assert s[("moeflow_parallel_strategy_info", _r(strategy="offload"))] == 1
+    assert s[("moeflow_offload_enabled", _r())] == 1
+    assert s[("moeflow_expert_load_tokens_total", _r(layer="0"))] == 8
+    assert s[("moeflow_expert_load_imbalance_ratio", _r(layer="1"))] == 4.0  # 4 / mean 1
     assert s[("moeflow_time_to_first_token_seconds_sum", ())] == 0.5
     assert s[("moeflow_inter_token_latency_seconds_count", ())] == 2
     assert abs(s[("moeflow_time_per_output_token_seconds_sum", ())] - 0.15) < 1e-9
@@ -67,11 +73,25 @@ def test_snapshot_families_and_request_timer():
     for name, kind, _ in FAMILIES:
         assert any(e.startswith(name) for e in exported), name
     # without offloading: counters read 0, ratios are absent rather than a fake 0
-    m.engine.set({**FULL_SNAPSHOT, "components": {}, "expert_load": []})
+    m.engine.update([{**FULL_SNAPSHOT, "components": {}, "expert_load": []}], now=101.0)
     s = _samples(m)
-    assert s[("moeflow_expert_cache_hits_total", ())] == 0 and s[("moeflow_offload_enabled", ())] == 0
-    assert ("moeflow_expert_prefetch_recall", ()) not in s
-    assert s[("moeflow_parallel_strategy_info", (("strategy", "single"),))] == 1
+    assert s[("moeflow_expert_cache_hits_total", _r())] == 0 and s[("moeflow_offload_enabled", _r())] == 0
+    assert ("moeflow_expert_prefetch_recall", _r()) not in s
+    assert s[("moeflow_parallel_strategy_info", _r(strategy="single"))] == 1
+
+
+def test_each_replica_keeps_its_own_series_and_silent_replicas_expire():
+    m = ServeMetrics()
+    m.engine.update([FULL_SNAPSHOT, {**FULL_SNAPSHOT, "replica": "r2", "steps": 4}], now=0.0)
+    m.engine.update([{**FULL_SNAPSHOT, "steps": 12}], now=60.0)  # this scrape only reached r1
+    s = _samples(m)
+    assert s[("moeflow_engine_steps_total", _r())] == 12
+    assert s[("moeflow_engine_steps_total", _r(replica="r2"))] == 4  # kept, not reset by r1's numbers
+    m.engine.update([{**FULL_SNAPSHOT, "steps": 13}], now=200.0)  # r2 silent for 200 s: gone
+    s = _samples(m)
+    assert ("moeflow_engine_steps_total", _r(replica="r2")) not in s
+    m.engine.update([], now=201.0)
+    assert _samples(m)[("moeflow_replica_up", ())] == 0
 
 
 class _Cache:

@@ -95,7 +95,9 @@ def _scrape(url) -> dict:
 
 
 def _value(samples, name, **labels):
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    """Sum of the samples of ``name`` whose labels include ``labels`` (e.g. over the replica label)."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
 
 
 def test_health_models_and_auth(server):
