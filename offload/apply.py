@@ -189,6 +189,13 @@ def kv_cache_bytes(config, batch_size: int, max_len: int, dtype: torch.dtype = t
     return int(per * config.num_hidden_layers * batch_size * max_len * elem)
 
 
+def _fmt_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
 def plan_slots(cfg: OffloadConfig, *, device: torch.device, dense_bytes: int, expert_bytes: int,
                num_layers: int, num_experts: int, top_k: int) -> int:
     """Slots per layer from the budget: dense weights, KV cache and reserve are taken first."""
@@ -197,20 +204,19 @@ def plan_slots(cfg: OffloadConfig, *, device: torch.device, dense_bytes: int, ex
     g = cfg.gpu_memory
     budget = int(g * _device_total_bytes(device)) if isinstance(g, float) else parse_bytes(g)
     left = budget - dense_bytes - cfg.kv_cache_bytes - cfg.reserve_bytes
-    gib = 2 ** 30
     need = top_k * expert_bytes
-    detail = (f"budget {budget / gib:.2f} GiB - dense weights {dense_bytes / gib:.2f} GiB - KV cache "
-              f"{cfg.kv_cache_bytes / gib:.2f} GiB - reserve {cfg.reserve_bytes / gib:.2f} GiB = "
-              f"{left / gib:.2f} GiB for experts")
+    f = _fmt_bytes
+    detail = (f"budget {f(budget)} - dense weights {f(dense_bytes)} - KV cache {f(cfg.kv_cache_bytes)} - "
+              f"reserve {f(cfg.reserve_bytes)} = {f(left)} for experts")
     if left < need:
         raise ValueError(f"gpu_memory={g!r} cannot hold one layer's {top_k} active experts "
-                         f"({need / gib:.3f} GiB at {expert_bytes / 2 ** 20:.1f} MiB each): {detail}. "
+                         f"({f(need)} at {f(expert_bytes)} each): {detail}. "
                          "Raise gpu_memory, lower kv_cache_bytes/reserve_bytes, or shorten max_len")
     slots = left // (num_layers * expert_bytes)
     if slots < 1:
-        raise ValueError(f"gpu_memory={g!r} gives {left / gib:.2f} GiB for experts, less than one "
-                         f"{expert_bytes / 2 ** 20:.1f} MiB slot for each of the {num_layers} MoE layers "
-                         f"({num_layers * expert_bytes / gib:.2f} GiB): {detail}. Raise gpu_memory")
+        raise ValueError(f"gpu_memory={g!r} gives {f(left)} for experts, less than one {f(expert_bytes)} slot "
+                         f"for each of the {num_layers} MoE layers ({f(num_layers * expert_bytes)}): {detail}. "
+                         "Raise gpu_memory")
     return int(min(slots, num_experts))
 
 

@@ -47,7 +47,9 @@ def apply_from_args(model, args: argparse.Namespace, checkpoint: str | None = No
     if max_len and hasattr(model, "config") and hasattr(model.config, "num_hidden_layers"):
         dtype = next(model.parameters()).dtype
         kv = kv_cache_bytes(model.config, batch_size, max_len, dtype)
-    cfg = OffloadConfig(gpu_memory=gm, policy=args.offload_policy, prefetch=args.offload_prefetch, kv_cache_bytes=kv,
+    device = getattr(args, "device", None)
+    device = None if device in (None, "auto") else str(device)
+    cfg = OffloadConfig(gpu_memory=gm, device=device, policy=args.offload_policy, prefetch=args.offload_prefetch, kv_cache_bytes=kv,
                         cpu_fallback=args.cpu_fallback, checkpoint=checkpoint,
                         store="disk" if disk else ("auto" if checkpoint else "memory"))
     return apply_offload(model, cfg)
