@@ -101,3 +101,19 @@ def test_set_backend_reaches_offloaded_experts(model):
     assert all(b.experts.backend == "torch" for b in m.moe_blocks())
     with pytest.raises(ValueError, match="already offloaded"):
         apply_offload(m, OffloadConfig(slots_per_layer=2, device="cpu", calibrate=False))
+
+
+def test_batched_engine_generation_is_unchanged():
+    """Continuous batching (rows of different lengths, padding) through the offloaded experts."""
+    moe = pytest.importorskip("moe")
+    from moe import tiny
+
+    path = tiny.ensure_tiny_model()
+    model = moe.load_model(path, dtype=torch.float32).eval()
+    tok = moe.Tokenizer.from_dir(path)
+    prompts = ["def f(x):", "import os\nimport", "class A:\n    pass"]
+    params = moe.SamplingParams(max_new_tokens=6)
+    want = moe.generate(model, tok, prompts, params)
+    m = _offloaded(model, slots_per_layer=1, policy="lfu", cpu_fallback=True)
+    assert moe.generate(m, tok, prompts, params) == want
+    assert m.offload_cache.stats()["cpu_computed"] > 0
