@@ -316,6 +316,7 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU, few tokens: checks the script runs")
     ap.add_argument("--json", default=None, help="write the rows to this JSON file")
     args = ap.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # rows appear as they are measured, even if the run is cut
     args.budgets = [float(b) for b in args.budgets.split(",")]
     if args.smoke:
         args.models, args.tokens, args.warmup, args.train_requests = "tiny", 6, 4, 4
@@ -332,9 +333,10 @@ def main(argv=None):
         if key not in SHAPES:
             raise SystemExit(f"unknown model {key!r}; choose from {', '.join(SHAPES)}")
         rows += run_model(key, args, device, dtype)
+        if args.json:  # after each model, so a cut run keeps what it measured
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(rows, indent=1))
     print(f"\ntotal {time.perf_counter() - t:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
