@@ -79,6 +79,9 @@ class TokenScheduler:
         self._items[key] = _Item(key, self._seq, fifo, fifo + self.config.max_wait, p.astype(np.float32))
         self._seq += 1
 
+    def pending_keys(self) -> list[Hashable]:
+        return list(self._items)
+
     def fifo_batch(self, key: Hashable) -> int:
         return self._items[key].fifo_batch
 
@@ -166,7 +169,7 @@ def simulate_schedule(trace: RoutingTrace, model: PathModel | None, config: Sche
         sched.add(r, predict(r, 0))
     distinct, sizes, waits = [], [], []
     while sched.pending:
-        fifo = {r: sched.fifo_batch(r) for r in list(sched._items)}
+        fifo = {r: sched.fifo_batch(r) for r in sched.pending_keys()}
         now = sched.batches_formed
         batch = sched.next_batch()
         toks = [per_req[r][cursor[r]] for r in batch]
