@@ -117,3 +117,23 @@ def test_batched_engine_generation_is_unchanged():
     m = _offloaded(model, slots_per_layer=1, policy="lfu", cpu_fallback=True)
     assert moe.generate(m, tok, prompts, params) == want
     assert m.offload_cache.stats()["cpu_computed"] > 0
+
+
+def test_route_by_trace_replaces_the_routers_choice(model, trace):
+    seen = []
+    blocks = model.moe_blocks()
+    h = blocks[1].experts.register_forward_hook(lambda mod, inp, out: seen.append(inp[1].clone()))
+    try:
+        with route_by_trace(model, trace, start_token=2), torch.no_grad():
+            model(torch.tensor([[5, 6, 7]]))
+        model(torch.tensor([[5, 6, 7]]))  # outside the block: the router's own choice again
+    finally:
+        h.remove()
+    assert torch.equal(seen[0], torch.from_numpy(trace.expert_ids[1, 2:5].astype("int64")))
+    assert all(len(b.router._forward_hooks) == 0 for b in blocks)
+    with pytest.raises(ValueError, match="exhausted"):
+        with route_by_trace(model, trace, start_token=trace.num_tokens - 1), torch.no_grad():
+            model(torch.tensor([[5, 6, 7]]))
+    with pytest.raises(ValueError, match="MoE layers"):
+        with route_by_trace(model, trace.select_layers(slice(0, 1))):
+            pass
