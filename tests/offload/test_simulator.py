@@ -209,3 +209,18 @@ def test_lookahead_every_and_threshold():
     assert la.to_prefetch(3, 8, 8, lambda layer, e: True) == []
     with pytest.raises(ValueError, match="every"):
         Lookahead(la.predictor, 4, 8, every=0)
+
+
+def test_time_model_by_hand():
+    """One layer, one slot, experts 0,1,0: every access misses; copy 1 s, compute 0.1 s, CPU 0.5 s."""
+    tr = RoutingTrace(np.array([[[0], [1], [0]]]), num_experts=2)
+    cost = CostModel(copy_bytes_per_s=1.0, cpu_base_s=0.5, cpu_per_token_s=0.0, copy_latency_s=0.0)
+    kw = dict(cost=cost, expert_bytes=1, layer_compute_s=0.1)
+    # copies serialise behind the compute: 1.1, 2.2, 3.3
+    assert simulate(tr, "lru", 1, **kw)["time_s"] == pytest.approx(3.3)
+    # the CPU takes each miss (0.5 < 1.0; nothing was ever reused): 0.5 per step
+    st = simulate(tr, "lru", 1, cpu_fallback=True, **kw)
+    assert st["time_s"] == pytest.approx(1.5) and st["cpu_computed"] == 3
+    # oracle: Belady also misses 3 times; with perfect prefetch one copy (1.0) hides behind the
+    # other two steps' CPU work: max(0.5 + 0.5 + 0.1, 1.0) = 1.1 (all on the CPU: 1.5; two copies: 2.0)
+    assert oracle_bound(tr, 1, **kw)["time_s"] == pytest.approx(1.1)
