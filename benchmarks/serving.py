@@ -133,6 +133,7 @@ def _spec(args) -> dict:
     limits = ServeLimits(max_prompt_tokens=args.input_len + 1, max_tokens=args.output_len,
                          max_concurrency=max(args.max_concurrency, 1) + 8, max_waiting=args.num_prompts)
     return {"model": args.model, "device": args.device, "dtype": args.dtype, "max_batch_size": args.max_batch_size,
+            "stream_interval": args.stream_interval,
             "max_len": args.input_len + args.output_len + 8, "limits": limits.to_dict(),
             "offload": None if not args.gpu_memory else {"gpu_memory": args.gpu_memory,
                                                      "device": resolve_device(args.device),
@@ -237,6 +238,7 @@ def start_serve(args) -> tuple[str, str]:
     cfg = ServeConfig(model=args.model, device=args.device, dtype=args.dtype, gpu_memory=args.gpu_memory,
                       offload_policy=args.offload_policy, offload_prefetch=args.offload_prefetch,
                       max_batch_size=args.max_batch_size, max_len=spec["max_len"], replica_cpus=args.replica_cpus,
+                      stream_interval=args.stream_interval,
                       api_key=args.api_key, limits=spec["limits"], port=port)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name="moeflow-bench", route_prefix="/")
@@ -269,6 +271,7 @@ def main(argv=None) -> int:
     p.add_argument("--offload-policy", default="lru")
     p.add_argument("--offload-prefetch", default="none")
     p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed chunk after the first")
     p.add_argument("--replica-cpus", type=float, default=1.0)
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=128)

@@ -36,6 +36,7 @@ class ServeConfig:
         offloaded (offload.apply_offload) with offload_policy, offload_prefetch, cpu_fallback and,
         with offload_from_disk, the checkpoint's memory-mapped safetensors as the host store.
     replica_cpus / ingress_cpus: Ray CPU reservations (fractions are fine).
+    stream_interval: tokens per streamed chunk after the first (1: every token, like OpenAI).
     """
     model: str | None = None
     served_model_name: str | None = None
@@ -52,6 +53,7 @@ class ServeConfig:
     offload_options: dict = field(default_factory=dict)  # more OffloadConfig fields, e.g. slots_per_layer
     max_batch_size: int = 8
     max_len: int = 2048
+    stream_interval: int = 1
     num_replicas: int = 1
     replica_cpus: float = 1.0
     ingress_cpus: float = 0.1
@@ -70,7 +72,7 @@ class ServeConfig:
         self.port = int(self.port)
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device ({self.device!r}) must be 'auto', 'cpu' or 'cuda'")
-        for name in ("max_batch_size", "max_len", "num_replicas"):
+        for name in ("max_batch_size", "max_len", "num_replicas", "stream_interval"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be a positive integer")
             setattr(self, name, int(getattr(self, name)))
@@ -90,7 +92,7 @@ class ServeConfig:
         kw = {k: v for k, v in args.items() if k in known}
         limits = dict(kw.pop("limits", {}) or {})
         limits.update({k: int(v) for k, v in args.items() if k in ServeLimits.__dataclass_fields__})
-        for k in ("port", "max_batch_size", "max_len", "num_replicas"):
+        for k in ("port", "max_batch_size", "max_len", "num_replicas", "stream_interval"):
             if k in kw:
                 kw[k] = int(kw[k])
         for k in ("replica_cpus", "ingress_cpus", "health_check_period_s", "health_check_timeout_s"):
@@ -124,6 +126,7 @@ class ServeConfig:
     def replica_spec(self, device: str) -> dict:
         return {"model": self.model, "device": device, "dtype": self.dtype, "max_batch_size": self.max_batch_size,
                 "max_len": self.max_len, "limits": self.limits.to_dict(), "engine_factory": self.engine_factory,
+                "stream_interval": self.stream_interval,
                 "offload": self.offload_config(device),
                 "torch_threads": max(1, int(self.replica_cpus))}
 
@@ -296,10 +299,10 @@ def make_ingress_class():
                 gen.cancel()
                 release("abort")
                 raise
-            timer.on_finish(time.perf_counter())
             if err is not None:
                 release("error")
                 return error_response(err)
+            timer.on_finish(time.perf_counter())
             release(_outcome(reason))
             return completion_response(req, text, reason, n_prompt, timer.tokens)
 
@@ -360,7 +363,8 @@ def make_ingress_class():
             finally:
                 if outcome == "abort":
                     gen.cancel()  # propagates to the replica, which drops the request from the batch
-                timer.on_finish(time.perf_counter())
+                elif outcome != "error":  # latency of completed requests only
+                    timer.on_finish(time.perf_counter())
                 release(outcome)
 
     return app, OpenAIIngress

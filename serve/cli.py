@@ -40,6 +40,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per model replica")
     p.add_argument("--max-batch-size", type=int, default=8, help="running batch per replica")
     p.add_argument("--max-len", type=int, default=2048, help="prompt + completion tokens per request")
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="tokens per streamed chunk after the first (default 1; more saves CPU on fast steps)")
     d = ServeLimits()
     p.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="largest max_tokens a client may ask for")
@@ -61,7 +63,8 @@ def config_from_args(args: argparse.Namespace):
                        api_key=args.api_key, device=args.device, dtype=args.dtype, gpu_memory=args.gpu_memory,
                        offload_policy=args.offload_policy, offload_prefetch=args.offload_prefetch,
                        cpu_fallback=args.cpu_fallback, offload_from_disk=args.offload_from_disk,
-                       max_batch_size=args.max_batch_size, max_len=args.max_len, num_replicas=args.num_replicas,
+                       max_batch_size=args.max_batch_size, max_len=args.max_len, stream_interval=args.stream_interval,
+                       num_replicas=args.num_replicas,
                        replica_cpus=args.replica_cpus, limits=limits)
 
 

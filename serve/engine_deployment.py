@@ -320,6 +320,11 @@ class ModelReplica:
         self.expert_load = ExpertLoadCounter.attach(self.loaded.model)
         self.started = time.time()
         self.replica_id = _replica_id()
+        # tokens per streamed message after the first: each message is a Ray hop replica -> ingress
+        # -> proxy, so when steps are fast (small models, CPUs) sending every token costs real CPU
+        self.stream_interval = int(spec.get("stream_interval", 1))
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval ({self.stream_interval}) must be >= 1 (1: send every token)")
 
     # Serve calls this every health_check_period_s; raising makes the controller replace the replica
     def check_health(self) -> None:
@@ -396,11 +401,17 @@ class ModelReplica:
             return
         try:  # from here on, leaving this generator early (client gone) must abort the request
             yield {"type": "start", "prompt_tokens": n_prompt}
+            pending, sent_first = [], False
             async for outs in self.loop.stream_chunks(slot):
+                pending += outs
                 last = outs[-1]
-                yield {"type": "delta", "text": "".join(o.new_text for o in outs),
-                       "num_tokens": sum(len(o.new_token_ids) for o in outs),
+                n = sum(len(o.new_token_ids) for o in pending)
+                # the first token goes out at once (TTFT); later ones every `stream_interval` tokens
+                if sent_first and n < self.stream_interval and not last.finished:
+                    continue
+                yield {"type": "delta", "text": "".join(o.new_text for o in pending), "num_tokens": n,
                        "finished": bool(last.finished), "finish_reason": last.finish_reason}
+                pending, sent_first = [], True
         except ApiError as e:
             yield {"type": "error", "status": e.status, **e.to_dict()}
         except EngineFailedError as e:

@@ -213,3 +213,23 @@ def test_stream_chunks_hands_over_everything_that_arrived_in_one_piece(tiny):
     chunks = asyncio.run(main())
     assert len(chunks) == 1 and len(chunks[0]) == 6 and chunks[0][-1].finished
     assert "".join(o.new_text for o in chunks[0]) == _alone(tiny, "abc", 6)
+
+
+def test_stream_interval_sends_the_first_token_alone_then_groups(tiny):
+    lim = ServeLimits()
+
+    async def main():
+        rep = ModelReplica({"model": "tiny", "device": "cpu", "max_batch_size": 1, "max_len": 64,
+                            "limits": lim.to_dict(), "torch_threads": 1, "stream_interval": 4})
+        req = parse_completion({"prompt": "abc", "max_tokens": 10, "ignore_eos": True, "temperature": 0}, ["m"],
+                               lim).to_dict()
+        events = [e async for e in rep.generate(req)]
+        rep.loop.shutdown()
+        return events
+
+    deltas = [e for e in asyncio.run(main()) if e["type"] == "delta"]
+    sizes = [e["num_tokens"] for e in deltas]
+    assert sizes[0] == 1 and sum(sizes) == 10 and all(n >= 4 for n in sizes[1:-1]) and deltas[-1]["finished"]
+    assert "".join(e["text"] for e in deltas) == _alone(tiny, "abc", 10)
+    with pytest.raises(ValueError, match="stream_interval"):
+        ModelReplica({"model": "tiny", "device": "cpu", "stream_interval": 0})
