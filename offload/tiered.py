@@ -49,8 +49,12 @@ class TierRuntimeConfig:
     'host': another live host or fail; 'local': this device). max_retries: host failures one
     layer call survives. keep_source: keep the CPU-hosted experts' weights in this process
     (when there is no checkpoint to re-read them from) so that a dead host's experts can be
-    re-homed; off, a host death without a checkpoint is an error."""
+    re-homed; off, a host death without a checkpoint is an error.
+    dispatch: 'static' — the plan says who computes each expert; 'split' — with an offload
+    cache as the inner module (offload.apply.install before apply_cpu_tier), hits are computed
+    from the cache and misses shared between PCIe copies and the hosts (GPU cache + CPU hosts)."""
     rehome: str = "auto"
+    dispatch: str = "static"
     max_retries: int = 3
     timeout_s: float | None = None
     keep_source: bool = True
@@ -58,6 +62,9 @@ class TierRuntimeConfig:
     def __post_init__(self):
         if self.rehome not in REHOME:
             raise ValueError(f"rehome must be one of {REHOME}, got {self.rehome!r}")
+        if self.dispatch not in ("static", "split"):
+            raise ValueError(f"dispatch must be 'static' (the plan's owners) or 'split' (cache hits local, misses "
+                             f"split between copies and hosts), got {self.dispatch!r}")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
 
@@ -68,6 +75,7 @@ class _TierCounters:
     inner_pairs: int = 0
     host_pairs: dict = field(default_factory=dict)  # host -> (token, slot) pairs sent
     host_rows: int = 0
+    host_expert_calls: int = 0  # (call, expert) pairs computed on hosts: each reads the expert once
     host_bytes: int = 0
     local_s: float = 0.0  # device work queued and run on this process (synchronised)
     wait_s: float = 0.0  # blocked waiting for hosts after the local work
@@ -151,6 +159,7 @@ class TierRuntime:
         return {"local_pairs": c.local_pairs, "gpu_rank_pairs": c.inner_pairs, "cpu_pairs": host_pairs,
                 "cpu_pairs_per_host": dict(sorted(c.host_pairs.items())),
                 "cpu_fraction": host_pairs / total if total else 0.0, "cpu_rows": c.host_rows,
+                "cpu_expert_calls": c.host_expert_calls,
                 "cpu_bytes_sent": c.host_bytes, "local_s": c.local_s, "wait_s": c.wait_s, "submit_s": c.submit_s,
                 "host_compute_s": c.host_compute_s, "calls": c.calls, "retries": c.retries,
                 "rehomed_experts": c.rehomed, "dead_hosts": sorted(self.dead),
@@ -197,12 +206,12 @@ class TieredExperts(nn.Module):
             self.local_ids.append(int(e))
 
     # --- the host part ----------------------------------------------------------------------
-    def _submit(self, x_TD, ids_np, w_np, x_cpu):
+    def _submit(self, x_TD, ids_np, w_np, x_cpu, owner_E):
         """Send each host the rows of its tokens (ids of other owners masked to -1)."""
         from serve.cpu_host import to_wire
         rt = self.runtime
         t0 = time.perf_counter()
-        own_TK = np.where(ids_np >= 0, rt.host_of[self.layer][ids_np.clip(0)], -1)
+        own_TK = np.where(ids_np >= 0, owner_E[ids_np.clip(0)], -1)
         T = ids_np.shape[0]
         mine_T = np.ones(T, dtype=bool)
         if rt.share is not None and rt.share[1] > 1:
@@ -221,6 +230,7 @@ class TieredExperts(nn.Module):
             c = rt.counters
             c.host_pairs[h] = c.host_pairs.get(h, 0) + int(sel_TK[rows].sum())
             c.host_rows += len(rows)
+            c.host_expert_calls += len(np.unique(ids_NK[ids_NK >= 0]))
             c.host_bytes += x_ND.nbytes
         rt.counters.submit_s += time.perf_counter() - t0
         return pending
@@ -237,10 +247,10 @@ class TieredExperts(nn.Module):
         rt.counters.wait_s += time.perf_counter() - t0
         return y_TD
 
-    def _local(self, x_TD, topk_ids_TK, topk_weights_TK):
+    def _local(self, x_TD, topk_ids_TK, topk_weights_TK, owner_E):
         if not self.local_ids:
             return None
-        own_E = torch.as_tensor(self.runtime.host_of[self.layer], device=topk_ids_TK.device)
+        own_E = torch.as_tensor(owner_E, device=topk_ids_TK.device)
         ids = topk_ids_TK.clamp(min=0)
         here = (topk_ids_TK >= 0) & (own_E[ids] < 0) & (self.local_of_E[ids] >= 0)
         if not bool(here.any()):
@@ -248,6 +258,33 @@ class TieredExperts(nn.Module):
         self.runtime.counters.local_pairs += int(here.sum())
         loc_TK = torch.where(here, self.local_of_E[ids], -1)
         return get_backend(self.backend)(x_TD, self.w13, self.w2, loc_TK, topk_weights_TK)
+
+    def _owners(self, ids_np: np.ndarray) -> np.ndarray:
+        """[E] who computes each expert in this call: -1 here (local or inner), h host h.
+
+        dispatch='split' with an offload cache as the inner module: an expert resident in the
+        cache is computed there; the step's misses are shared between PCIe copies into the cache
+        and the hosts by the cache's cost model so that both finish together (the two are
+        separate resources; offload/cost_model.py)."""
+        rt = self.runtime
+        owner_E = rt.host_of[self.layer].copy()
+        cache = getattr(self.inner, "cache", None)
+        if rt.cfg.dispatch != "split" or cache is None:
+            return owner_E
+        flat = ids_np[ids_np >= 0]
+        experts, counts = np.unique(flat, return_counts=True)
+        misses = []
+        for e, n in zip(experts.tolist(), counts.tolist()):
+            if owner_E[e] < 0:
+                continue
+            if cache.is_resident(self.layer, e):
+                owner_E[e] = -1
+            else:
+                misses.append((e, n))
+        if misses:
+            to_copy, _, _ = self.inner.cost_model.split(misses, cache.store.expert_bytes, reuse=cache.reuse_estimate())
+            owner_E[to_copy] = -1
+        return owner_E
 
     def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
         rt = self.runtime
@@ -259,20 +296,21 @@ class TieredExperts(nn.Module):
         w_np = topk_weights_TK.detach().float().cpu().numpy()
         rt.counters.calls += 1
         x_cpu = [None]
-        pending = self._submit(x_TD, ids_np, w_np, x_cpu)  # hosts start now
+        owner_E = self._owners(ids_np)
+        pending = self._submit(x_TD, ids_np, w_np, x_cpu, owner_E)  # hosts start now
         t0 = time.perf_counter()
         y_TD = torch.zeros_like(x_TD)
         if self.inner is not None:
             # the inner module's experts: neither on a host nor local here (fixed for the call, so
             # the inner module, which may run collectives, is called exactly once)
             ids = topk_ids_TK.clamp(min=0)
-            own_E = torch.as_tensor(rt.host_of[self.layer], device=topk_ids_TK.device)
+            own_E = torch.as_tensor(owner_E, device=topk_ids_TK.device)
             inner_TK = torch.where((topk_ids_TK >= 0) & (own_E[ids] < 0) & (self.local_of_E[ids] < 0),
                                    topk_ids_TK, -1)
             rt.counters.inner_pairs += int((inner_TK >= 0).sum())
             y_TD = y_TD + self.inner(x_TD, inner_TK, topk_weights_TK)
         for attempt in range(rt.cfg.max_retries + 1):
-            y_loc = self._local(x_TD, topk_ids_TK, topk_weights_TK)
+            y_loc = self._local(x_TD, topk_ids_TK, topk_weights_TK, owner_E)
             rt.counters.local_s += time.perf_counter() - t0
             try:
                 y_host = self._gather(pending, T, D)
@@ -285,7 +323,9 @@ class TieredExperts(nn.Module):
                 rt.host_died(err.host_id)
                 # recompute the whole host part (and the local part, which may now hold the dead
                 # host's experts) with the new owners; the failed attempt's partial sums are dropped
-                pending = self._submit(x_TD, ids_np, w_np, x_cpu)
+                # experts this call sent to hosts follow their new owner; the rest were done already
+                owner_E = np.where(owner_E >= 0, rt.host_of[self.layer], owner_E)
+                pending = self._submit(x_TD, ids_np, w_np, x_cpu, owner_E)
                 t0 = time.perf_counter()
         if rt.share is not None and rt.share[1] > 1:
             import torch.distributed as dist
@@ -303,7 +343,7 @@ def apply_cpu_tier(model: nn.Module, plan, hosts: list, config: TierRuntimeConfi
 
     plan: placement.cpu_tier.TieredPlan (host h = its host index; every GPU-tier expert stays in
     this process, on the model's device — or, when block.experts is already the expert-parallel
-    module of placement.runtime, in that module, wrapped as `inner`).
+    module of placement.runtime or offload's cached experts, in that module, wrapped as `inner`).
     device: where the local experts go (default: where the model's experts are).
     checkpoint: the model directory; hosts then read their experts from its memory map and a
     dead host's experts are re-read from it. Without it the hosts get the model's tensors.
@@ -319,20 +359,41 @@ def apply_cpu_tier(model: nn.Module, plan, hosts: list, config: TierRuntimeConfi
     if plan.num_hosts != len(hosts):
         raise ValueError(f"the plan places experts on {plan.num_hosts} CPU hosts but {len(hosts)} were given; "
                          f"start {plan.num_hosts} hosts (serve.cpu_host.start_hosts)")
-    inner_mode = hasattr(blocks[0].experts, "state") and hasattr(blocks[0].experts.state, "world")
     ref = blocks[0].experts
-    dev = torch.device(device) if device is not None else next(iter(ref.parameters())).device
-    dt = next(iter(ref.parameters())).dtype
+    ep_mode = hasattr(ref, "state") and hasattr(ref.state, "world")  # placement.runtime's rank module
+    cache_mode = hasattr(ref, "cache") and hasattr(ref, "store")  # offload's cached experts
+    if cfg.dispatch == "split" and not cache_mode:
+        raise ValueError("dispatch='split' shares cache misses between copies and hosts: install offload's cache "
+                         "first (offload.apply.install / apply_offload), then apply_cpu_tier")
+    if cache_mode:
+        store = ref.store
+        dt = store.dtype
+        dev = torch.device(device) if device is not None else torch.device(ref.cache.device)
+        (J, D), I = store.w13_shape, store.w2_shape[1]
+    else:
+        p0 = next(iter(ref.parameters()))
+        dt = p0.dtype
+        dev = torch.device(device) if device is not None else p0.device
+        J, D = ref.w13.shape[1:]
+        I = ref.w2.shape[2]
     host_dtype = host_dtype or dt
     host_of = plan.host_table()
     layer_ids = [getattr(b, "layer_idx", i) for i, b in enumerate(blocks)]
     share = None
-    if inner_mode:
+    if ep_mode:
         st = ref.state
         share = (st.rank, st.world, st.group)
         if checkpoint is None:
             raise ValueError("under the expert-parallel runtime the ranks do not hold the CPU tier's weights: "
                              "give checkpoint=<model directory> for the hosts to read them from")
+
+    def weights(l: int, es: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if cache_mode:
+            pairs = [store.get(l, e) for e in es]
+            return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
+        ex = blocks[l].experts
+        return ex.w13.detach()[es], ex.w2.detach()[es]
+
     from serve.cpu_host import to_wire
     # fill the hosts: from the memory map, or from the model's tensors (layer by layer)
     for h, client in enumerate(hosts):
@@ -344,21 +405,22 @@ def apply_cpu_tier(model: nn.Module, plan, hosts: list, config: TierRuntimeConfi
         else:
             for l in sorted({l for l, _ in mine}):
                 es = [e for ll, e in mine if ll == l]
-                ex = blocks[l].experts
-                client.call("add_experts", l, es, to_wire(ex.w13.detach()[es].to(host_dtype)),
-                            to_wire(ex.w2.detach()[es].to(host_dtype)), timeout=cfg.timeout_s)
+                w13, w2 = weights(l, es)
+                client.call("add_experts", l, es, to_wire(w13.to(host_dtype)), to_wire(w2.to(host_dtype)),
+                            timeout=cfg.timeout_s)
     source = None
-    if checkpoint is None and cfg.keep_source:
+    if cache_mode:
+        source = store  # the offload store holds every expert already
+    elif checkpoint is None and cfg.keep_source:
         # the CPU tier's weights stay where the model had them (no new copy) for re-homing
-        source = HostExpertStore([(b.experts.w13.detach().to("cpu", host_dtype), b.experts.w2.detach().to("cpu", host_dtype))
-                                  for b in blocks])
+        source = HostExpertStore([(b.experts.w13.detach().to("cpu", host_dtype),
+                                   b.experts.w2.detach().to("cpu", host_dtype)) for b in blocks])
     rt = TierRuntime(hosts, host_of, cfg, source, checkpoint, layer_ids, host_dtype, share)
     for l, b in enumerate(blocks):
         ex = b.experts
         backend = getattr(ex, "backend", "torch")
-        if inner_mode:
-            J, D = ex.w13.shape[1:]
-            I = ex.w2.shape[2]
+        if ep_mode or cache_mode:
+            # every expert not on a host is the inner module's; re-homed ones land in the own set
             w13 = torch.empty(0, J, D, dtype=dt, device=dev)
             w2 = torch.empty(0, D, I, dtype=dt, device=dev)
             b.experts = TieredExperts(l, E, rt, w13, w2, [], backend, inner=ex)

@@ -125,6 +125,41 @@ def test_rehome_local_and_no_source_is_a_clear_error():
         model2(IDS)
 
 
+def test_gpu_cache_plus_hosts_split_misses_same_logits():
+    """offload's slot cache inside, every expert also on a host: hits from the cache, misses
+    shared between copies and hosts by the cost model; a host dying mid-run is re-homed."""
+    from offload import CostModel, HostExpertStore, OffloadConfig
+    from offload.apply import install
+
+    model = _model()
+    with torch.no_grad():
+        ref = model(IDS)
+    blocks = model.moe_blocks()
+    store = HostExpertStore.from_blocks(blocks, pin=False)
+    # equal cost either way: the split sends about half of a step's misses to each resource
+    cost = CostModel(copy_bytes_per_s=1e9, cpu_base_s=store.expert_bytes / 1e9, cpu_per_token_s=1e-12)
+    cfg = OffloadConfig(slots_per_layer=2, device="cpu", calibrate=False)
+    cache = install(blocks, store, cfg, device=torch.device("cpu"), top_k=2, slots=2, cost=cost)
+    everything_on_hosts = TieredPlan([[1 + e % 2 for e in range(8)] for _ in range(3)], 1, 2)
+    hosts = start_hosts(HostPoolConfig(num_hosts=2, backend="thread"))
+    with pytest.raises(ValueError, match="dispatch must be"):
+        TierRuntimeConfig(dispatch="random")
+    rt = apply_cpu_tier(model, everything_on_hosts, hosts, TierRuntimeConfig(dispatch="split"))
+    _check(model, ref)
+    s = rt.stats()
+    assert s["cpu_pairs"] > 0 and s["gpu_rank_pairs"] > 0 and cache.stats()["misses"] > 0
+    assert s["cpu_pairs"] + s["gpu_rank_pairs"] == 3 * IDS.numel() * 2
+    hosts[1].kill()
+    _check(model, ref)
+    assert rt.stats()["dead_hosts"] == [1]
+
+
+def test_split_needs_a_cache():
+    hosts = start_hosts(HostPoolConfig(num_hosts=2, backend="thread"))
+    with pytest.raises(ValueError, match="install offload's cache first"):
+        apply_cpu_tier(_model(), _plan(), hosts, TierRuntimeConfig(dispatch="split"))
+
+
 def test_apply_mismatches_are_clear():
     model = _model()
     hosts = start_hosts(HostPoolConfig(num_hosts=1, backend="thread"))
