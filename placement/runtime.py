@@ -29,12 +29,11 @@ to every rank, so that the replicated dense part (the "whole context") continues
 computed by every rank from the replicated routing, so no count exchange is needed, and a
 collective that would move nothing on any rank is skipped on all of them.
 
-What this is not: ExFlow runs a token's attention only on its home and all-gathers the new
-tokens' keys/values once per step; here every rank runs the dense part on every token, which
-costs that per-layer all-gather (and redundant attention) in BOTH modes. The all-to-all
-traffic, the part placement changes, is ExFlow's row for row (tested against metrics.py);
-the all-gather is the same in both modes, so comparisons between modes and plans are fair,
-but absolute speed is below a home-only attention design.
+This replicated path serves prefill (several new tokens of a row attend to each other) and
+any forward. It costs a per-layer all-gather and redundant attention in BOTH modes; its
+all-to-all traffic, the part placement changes, is ExFlow's row for row (tested against
+metrics.py). Decoding as ExFlow does it, attention only on a row's home and one all-gather of
+the new keys/values per step, is placement/decode.py (``EPWorker.greedy(home_only=True)``).
 
 ``apply_placement(model, plan, rank, ...)`` is the per-rank step (replaces ``block.experts``,
 the contract seam); ``ExpertParallelRuntime`` builds the actors and runs forwards in them.
@@ -356,20 +355,28 @@ class EPWorker:
         return out.cpu()
 
     @torch.no_grad()
-    def greedy(self, input_ids_BT: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding with the KV cache: prefill, then one token per row per step."""
+    def greedy(self, input_ids_BT: torch.Tensor, max_new_tokens: int, home_only: bool = False):
+        """Greedy decoding with the KV cache: prefill, then one token per row per step.
+
+        home_only: decode steps run each row's attention only on its home rank (decode.py,
+        ExFlow's decoding); otherwise every step is a replicated forward. Returns
+        (tokens [B, n], logits of every decode step's input [B, n, V])."""
+        from .decode import decode_step
         if self.model is None:
             return None
         ids = input_ids_BT.to(self.device)
         B, T = ids.shape
         cache = self.model.new_cache(B, T + max_new_tokens)
         logits = self.model(ids, cache=cache)
-        out = []
-        for _ in range(max_new_tokens):
+        out, steps = [], [logits[:, -1:]]
+        for i in range(max_new_tokens):
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             out.append(nxt)
-            logits = self.model(nxt, cache=cache)
-        return torch.cat(out, 1).cpu()
+            if i == max_new_tokens - 1:
+                break
+            logits = decode_step(self.model, cache, nxt, self.state) if home_only else self.model(nxt, cache=cache)
+            steps.append(logits[:, -1:])
+        return torch.cat(out, 1).cpu(), torch.cat(steps, 1).cpu()
 
     def counters(self) -> dict | None:
         return None if self.state is None else dict(self.state.counters)
@@ -441,8 +448,9 @@ class ExpertParallelRuntime:
         """Logits [B, T, V] (every rank computes them; rank 0's are returned)."""
         return self._all("forward", input_ids_BT.cpu(), None if valid_BT is None else valid_BT.cpu())[0]
 
-    def greedy(self, input_ids_BT: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        return self._all("greedy", input_ids_BT.cpu(), max_new_tokens)[0]
+    def greedy(self, input_ids_BT: torch.Tensor, max_new_tokens: int, home_only: bool = False):
+        """(tokens [B, n], logits [B, n, V]) of greedy decoding; see EPWorker.greedy."""
+        return self._all("greedy", input_ids_BT.cpu(), max_new_tokens, home_only)[0]
 
     def set_mode(self, mode: str) -> None:
         self._all("set_mode", mode)

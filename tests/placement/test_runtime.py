@@ -80,22 +80,26 @@ def test_two_ranks_mixtral_round_robin_and_replicated_eplb(rt4):
         assert sum(rt2.expert_params) == n_copies * (2 * 16 * 32 + 32 * 16)  # each rank only its own experts
         _check(rt2, ids, want, trace, plan)
         if plan.method == "round_robin":
-            ref = _greedy(model, ids, 4)
+            ref, ref_logits = _greedy(model, ids, 4)
             for mode in ("standard", "coherent"):
                 rt2.set_mode(mode)
-                assert torch.equal(rt2.greedy(ids, 4), ref)
+                for home_only in (False, True):
+                    toks, logits = rt2.greedy(ids, 4, home_only)
+                    assert torch.equal(toks, ref), (mode, home_only)
+                    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
 
 
 def _greedy(model, ids, n):
     cache = model.new_cache(ids.shape[0], ids.shape[1] + n)
-    out = []
+    out, steps = [], []
     with torch.no_grad():
         logits = model(ids, cache=cache)
         for _ in range(n):
+            steps.append(logits[:, -1:])
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             out.append(nxt)
             logits = model(nxt, cache=cache)
-    return torch.cat(out, 1)
+    return torch.cat(out, 1), torch.cat(steps, 1)
 
 
 def test_four_ranks_deepseek_ilp_and_random_plans(rt4):
@@ -105,9 +109,15 @@ def test_four_ranks_deepseek_ilp_and_random_plans(rt4):
     want, trace = _record(model, ids)
     L, E = trace.num_layers, trace.num_experts
     ilp = solve_exflow(AffinityStats.from_trace(trace), 4, config=SolverConfig(time_limit_s=3))
+    ref, ref_logits = _greedy(model, ids, 3)
     for plan in (ilp, _random_plan(L, E, 4, seed=3)):
         rt4.load(model, plan)
         _check(rt4, ids, want, trace, plan)
+        for mode in ("standard", "coherent"):  # ExFlow decoding: MLA attention on the home rank only
+            rt4.set_mode(mode)
+            toks, logits = rt4.greedy(ids, 3, home_only=True)
+            assert torch.equal(toks, ref)
+            torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
 
 
 def test_top1_coherent_uses_one_all_to_all_per_layer(rt4):
@@ -117,6 +127,14 @@ def test_top1_coherent_uses_one_all_to_all_per_layer(rt4):
     plan = _random_plan(3, 8, 4, seed=0)
     rt4.load(model, plan)
     _check(rt4, ids, want, trace, plan)
+    rt4.reset_counters()
+    ref, ref_logits = _greedy(model, ids, 4)
+    toks, logits = rt4.greedy(ids, 4, home_only=True)
+    assert torch.equal(toks, ref)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    c = rt4.counters()  # prefill + 3 home-only steps: no partial sum ever moves, one all-to-all per layer
+    assert sum(x["combine_rows"] for x in c) == 0
+    assert all(x["all_to_all_calls"] <= x["layers"] for x in c)
     rt4.set_mode("standard")
     rt4.reset_counters()
     rt4.forward(ids)
