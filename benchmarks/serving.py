@@ -17,6 +17,13 @@ with at most --max-concurrency in flight.
     python benchmarks/serving.py --model tiny --device cpu --backend both --num-prompts 32 \
         --input-len 32 --output-len 32 --max-batch-size 8
   GPU (offloading):  python benchmarks/serving.py --model DIR --device cuda --gpu-memory 24GiB --backend both
+  (run it inside `unshare -n sh -c 'ip link set lo up; ...'` where Ray must not bind outside addresses)
+
+Reading the overhead: the in-process floor runs the load generator and the engine in one process;
+the serve backend adds the Serve proxy, the ingress and Ray's own daemons as processes. On a
+machine with few cores and fast steps (the tiny model on CPU) their CPU time competes with the
+engine and dominates the difference; --stream-interval N (tokens per streamed chunk) cuts the
+per-token Ray hops. The serve backend needs ray[serve]; inprocess and url do not.
 """
 from __future__ import annotations
 
@@ -137,7 +144,8 @@ def _spec(args) -> dict:
             "max_len": args.input_len + args.output_len + 8, "limits": limits.to_dict(),
             "offload": None if not args.gpu_memory else {"gpu_memory": args.gpu_memory,
                                                      "device": resolve_device(args.device),
-                                                     "policy": args.offload_policy, "prefetch": args.offload_prefetch}, "torch_threads": max(1, int(args.replica_cpus))}
+                                                     "policy": args.offload_policy, "prefetch": args.offload_prefetch},
+            "torch_threads": max(1, int(args.replica_cpus))}
 
 
 async def run_inprocess(args, prompts) -> dict:
