@@ -10,7 +10,8 @@ experts, so its stats are the ones the live cache would report for the same rout
 runs a time model of one GPU with one copy engine and a CPU:
 
 - a layer's routing is known at t; its demand copies queue on the copy engine after whatever is
-  already queued (prefetches), one expert every copy_s; prefetches of layer l+1 queue next;
+  already queued (prefetches), one expert every copy_s; prefetches of later layers queue next
+  (the predictor's only when the copy engine is idle, as in the live cache);
 - the GPU part of the layer ends at max(t, copies of its experts done) + layer_compute_s;
   the CPU part (experts computed there) ends at t + sum of cpu_s; the layer ends at the later.
 
