@@ -1,0 +1,24 @@
+"""ExFlow decoding (placement/decode.py) in spawned gloo ranks: each row's attention runs only
+on its home rank, and the logits still equal the single-process model's."""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from . import _decode_worker as worker
+
+
+@pytest.mark.parametrize("family, kw, world, mode", [
+    ("qwen2_moe", {}, 2, "coherent"),  # shared experts with a sigmoid gate, top-2
+    ("mixtral", {"num_experts_per_tok": 1, "num_hidden_layers": 3}, 4, "coherent"),
+])
+def test_home_only_decode_equals_single_process(family, kw, world, mode):
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "counters.pt")
+        mp.spawn(worker.check_decode, args=(world, os.path.join(d, "init"), family, kw, mode, out), nprocs=world)
+        c = torch.load(out)
+    assert c["layers"] > 0
+    if mode == "coherent" and kw.get("num_experts_per_tok") == 1:
+        assert c["combine_rows"] == 0 and c["all_to_all_calls"] <= c["layers"]
