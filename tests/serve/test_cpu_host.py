@@ -3,6 +3,7 @@ process and 2 CPU hosts (Ray actors, and the in-process thread fallback) gives t
 logits; killing a host mid-run re-homes its experts (to the other host, or into this process)
 and the logits stay the same; hosts read exactly their experts from a checkpoint's memory map."""
 import inspect
+import os
 
 import numpy as np
 import pytest
@@ -177,10 +178,14 @@ def test_ray_hosts_same_logits_kill_mid_run(ray_session, tmp_path):
     save_pretrained(model, tmp_path)
     with torch.no_grad():
         ref = model(IDS)
-    hosts = start_hosts(HostPoolConfig(num_hosts=2, backend="ray", num_cpus=0.1))
+    n_cores = len(os.sched_getaffinity(0))
+    hosts = start_hosts(HostPoolConfig(num_hosts=2, backend="ray", num_cpus=0.1, pin=n_cores >= 2,
+                                       cores=(0, 1) if n_cores >= 2 else None))
     assert all(h.kind == "ray" for h in hosts)
     info = [h.call("ready") for h in hosts]
     assert len({i["pid"] for i in info}) == 2  # two processes
+    if n_cores >= 2:  # each host pinned to its own core
+        assert [i["cores"] for i in info] == [[0], [1]]
     rt = apply_cpu_tier(model, _plan(), hosts, checkpoint=str(tmp_path))
     assert sorted(hosts[0].call("held")) == sorted(_plan().experts_on_host(0))  # only its experts
     _check(model, ref)
