@@ -19,7 +19,8 @@ again (ExFlow's end-of-forward all-gather); the standard mode needs the keys/val
 the origin, but gathers them too so that every rank can switch mode at any step.
 
 Messages are rows of bytes (hidden states, ids, weights packed together), so one all-to-all
-carries everything; counts go first in a small all-to-all of integers.
+carries everything; each (source, destination) pair has B fixed slots (a row sends at most
+one message to a rank), so no count exchange precedes it.
 """
 from __future__ import annotations
 
@@ -57,10 +58,26 @@ def _unpack(buf: torch.Tensor, specs: list[tuple[torch.dtype, tuple]]) -> list[t
     return out
 
 
-def _a2a_rows(buf: torch.Tensor, dest_N: torch.Tensor, P: int, group) -> tuple[torch.Tensor, list[int]]:
-    """Send row i of ``buf`` to rank dest_N[i]; returns (received rows by source rank, send counts)."""
+def _a2a_rows(buf: torch.Tensor, dest_N: torch.Tensor, P: int, group, cap: int = 0
+              ) -> tuple[torch.Tensor, list[int]]:
+    """Send row i of ``buf`` to rank dest_N[i]; returns (received rows by source rank, send counts).
+
+    cap > 0: every (source, destination) pair exchanges exactly ``cap`` slots (a flag byte marks
+    the used ones), so no count exchange precedes the data: one all-to-all, not two. Decoding
+    knows a bound (each row sends at most one message to a rank), and at decode sizes the
+    latency of a second collective costs more than the padding."""
     order = torch.argsort(dest_N, stable=True)
     send = torch.bincount(dest_N, minlength=P)
+    if cap:
+        assert int(send.max()) <= cap if len(dest_N) else True, "a rank sends at most `cap` rows to another"
+        slot = torch.arange(len(dest_N), device=buf.device) - torch.cumsum(send, 0)[dest_N[order]] + send[dest_N[order]]
+        padded = buf.new_zeros((P * cap, buf.shape[1] + 1))
+        idx = dest_N[order] * cap + slot
+        padded[idx, 1:] = buf[order]
+        padded[idx, 0] = 1
+        out = torch.empty_like(padded)
+        dist.all_to_all_single(out, padded, group=group)
+        return out[out[:, 0] == 1, 1:], send.tolist()
     recv = exchange_counts(send, group)
     out = buf.new_empty((int(recv.sum()), buf.shape[1]))
     dist.all_to_all_single(out, buf[order].contiguous(), output_split_sizes=recv.tolist(),
@@ -91,8 +108,8 @@ class _KVRecorder:
         return self.cache.update(layer, k, v, num_slots)
 
 
-def _moe_rows(layer, h_nD: torch.Tensor, rows_n: torch.Tensor, origin_n: torch.Tensor, st: TokenState
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _moe_rows(layer, h_nD: torch.Tensor, rows_n: torch.Tensor, origin_n: torch.Tensor, st: TokenState,
+              batch_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The MoE half of one decoder layer for the rows homed here; returns the rows that end up
     here: (x_mD after the layer, their row ids, their origins)."""
     block, experts = layer.mlp, layer.mlp.experts
@@ -114,7 +131,7 @@ def _moe_rows(layer, h_nD: torch.Tensor, rows_n: torch.Tensor, origin_n: torch.T
     msg_i, msg_r = on_nP.nonzero(as_tuple=True)
     buf = _pack(hn_nD[msg_i], h_nD[msg_i], ids_nK[msg_i].to(torch.int32), r_nK[msg_i].to(torch.int32),
                 w_nK[msg_i].float(), torch.stack([rows_n[msg_i], dest_n[msg_i], origin_n[msg_i]], 1).to(torch.int64))
-    got, sent = _a2a_rows(buf, msg_r, P, group)
+    got, sent = _a2a_rows(buf, msg_r, P, group, cap=batch_rows)
     st.counters["all_to_all_calls"] += 1
     st.counters["dispatch_rows"] += sum(sent) - sent[me]
     dt = h_nD.dtype
@@ -127,7 +144,7 @@ def _moe_rows(layer, h_nD: torch.Tensor, rows_n: torch.Tensor, origin_n: torch.T
     # destination holds the row's residual; its own partial is added there)
     away = dest != me
     if st.mode == "standard" or K > 1:
-        got2, sent2 = _a2a_rows(_pack(y[away], row[away][:, None]), dest[away], P, group)
+        got2, sent2 = _a2a_rows(_pack(y[away], row[away][:, None]), dest[away], P, group, cap=batch_rows)
         st.counters["all_to_all_calls"] += 1
         st.counters["combine_rows"] += sum(sent2) - sent2[me]
         y2, row2 = _unpack(got2, [(dt, (D,)), (torch.int64, (1,))])
@@ -174,7 +191,7 @@ def decode_step(model, cache, ids_B1: torch.Tensor, st: TokenState) -> torch.Ten
         homes[layer.layer_idx] = rows
         h = x + a[rows]
         if hasattr(layer.mlp, "router"):
-            x, rows, origin = _moe_rows(layer, h, rows, origin, st)
+            x, rows, origin = _moe_rows(layer, h, rows, origin, st, B)
         else:
             x = h + layer.mlp(layer.post_attention_layernorm(h))
     logits = model.lm_head(model.norm(x)).float()
