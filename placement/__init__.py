@@ -11,9 +11,18 @@ that planning needs neither Ray nor a process group.
 """
 from .affinity import AffinityStats, synthetic_affinity_trace
 from .baselines import eplb, greedy_affinity, rank_capacity, round_robin
-from .ilp import SolverConfig, solve_exflow
 from .metrics import PlanFigures, cross_fraction_fast, evaluate
 from .plan import PlacementPlan
 
 __all__ = ["AffinityStats", "synthetic_affinity_trace", "eplb", "greedy_affinity", "rank_capacity", "round_robin",
            "SolverConfig", "solve_exflow", "PlanFigures", "cross_fraction_fast", "evaluate", "PlacementPlan"]
+
+
+def __getattr__(name):
+    # the integer program needs OR-Tools; import it on first use so that the runtime and the
+    # adaptive-parallelism layer work on machines without it (the GPU machines have none)
+    if name in ("SolverConfig", "solve_exflow"):
+        from . import ilp
+
+        return getattr(ilp, name)
+    raise AttributeError(f"module 'placement' has no attribute {name!r}")
