@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from placement.affinity import AffinityStats, synthetic_affinity_trace  # noqa: E402
 from placement.baselines import eplb, greedy_affinity, round_robin  # noqa: E402
-from placement.ilp import SolverConfig, solve_exflow  # noqa: E402
 from placement.metrics import evaluate  # noqa: E402
+from placement.plan import PlacementPlan  # noqa: E402
 from routing.trace import RoutingTrace  # noqa: E402
 
 SETUPS = ((2, 1), (4, 1), (8, 1), (8, 2))  # (ranks, nodes)
@@ -51,6 +51,7 @@ def traces(quick: bool) -> list[tuple[str, RoutingTrace]]:
 
 
 def run_case(name, trace, ranks, nodes, cfg, hidden, dtype_bytes):
+    from placement.ilp import SolverConfig, solve_exflow
     rows = []
     st = AffinityStats.from_trace(trace)
     E = trace.num_experts
@@ -96,7 +97,13 @@ def runtime_bench(args) -> int:
     trace, _ = record_sequences(model, calib.tolist(), batch_size=8)
     st = AffinityStats.from_trace(trace)
     L, E = trace.num_layers, trace.num_experts
-    plans = [round_robin(L, E, P, 1, st), solve_exflow(st, P, 1, SolverConfig(time_limit_s=args.time_limit))]
+    if args.plan:  # solved elsewhere (machines without OR-Tools): `moe place TRACE --gpus P --out plan.json`
+        ilp = PlacementPlan.load(args.plan)
+        ilp.check_compatible(L, E)
+    else:
+        from placement.ilp import SolverConfig, solve_exflow
+        ilp = solve_exflow(st, P, 1, SolverConfig(time_limit_s=args.time_limit))
+    plans = [round_robin(L, E, P, 1, st), ilp]
     if args.address:
         ray.init(address=args.address)
     else:
@@ -160,12 +167,14 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="--runtime: a trained checkpoint directory")
     ap.add_argument("--address", default=None, help="--runtime: Ray cluster address (e.g. auto)")
     ap.add_argument("--cpu", action="store_true", help="--runtime: gloo on CPU even when GPUs exist")
+    ap.add_argument("--plan", default=None, help="--runtime: ILP plan JSON made elsewhere (no OR-Tools needed)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
     args = ap.parse_args(argv)
     if args.runtime:
         return runtime_bench(args)
+    from placement.ilp import SolverConfig
     cfg = SolverConfig(time_limit_s=args.time_limit, num_workers=args.workers)
     rows = []
     for name, tr in traces(args.quick):
