@@ -109,6 +109,7 @@ def runtime_bench(args) -> int:
     else:
         ray.init(num_cpus=max(2, P), include_dashboard=False, log_to_driver=False)
     ep = EPConfig(mode="standard", device="cuda" if cuda else "cpu", cpus_per_actor=0.5,
+                  backend=args.backend or ("triton" if cuda else "torch"),
                   torch_threads=max(1, (os.cpu_count() or 2) // P))
     rt = ExpertParallelRuntime(model, plans[0], ep)
     prompt = torch.randint(3, V, (args.batch, args.prompt_len), generator=g)
@@ -168,6 +169,7 @@ def main(argv=None) -> int:
     ap.add_argument("--address", default=None, help="--runtime: Ray cluster address (e.g. auto)")
     ap.add_argument("--cpu", action="store_true", help="--runtime: gloo on CPU even when GPUs exist")
     ap.add_argument("--plan", default=None, help="--runtime: ILP plan JSON made elsewhere (no OR-Tools needed)")
+    ap.add_argument("--backend", default=None, help="--runtime: expert kernels (default triton on GPU, torch on CPU)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
