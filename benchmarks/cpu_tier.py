@@ -21,8 +21,10 @@ Configurations (same budget: 25% of the experts' bytes on the GPU):
   cpu-hosts-only         every expert on the CPU hosts, only the routers on the GPU
 
 CPU hosts are Ray actors when Ray is installed and --ray is given; otherwise (the H200 machine
-has no Ray) in-process hosts, one Python thread each (torch releases the GIL in its kernels), the
-torch threads split between them — said in the output. Floors printed beside each row: PCIe =
+has no Ray) child processes (serve.cpu_host.ProcessHost: own torch threads, experts read from a
+safetensors file this script writes to --scratch, as a serving host reads its checkpoint), or
+with --host-backend thread in-process hosts, one Python thread each, torch's process-wide
+thread count split between them — said in the output. Floors printed beside each row: PCIe =
 bytes copied per token / measured pinned bandwidth; CPU = the CPU's work per token by the
 measured cost model (expert reads at the measured 1-token time + token-slots at the measured
 per-token rate, all cores).
@@ -167,11 +169,15 @@ def main(argv=None):
                     help="CPU hosts (one per NUMA node is the natural choice; the H200 host has 16 cores)")
     ap.add_argument("--host-threads", type=int, default=0,
                     help="torch threads per host (0: the cores left after --driver-cores, split over the hosts)")
-    ap.add_argument("--driver-cores", type=int, default=0,
+    ap.add_argument("--driver-cores", type=int, default=2,
                     help="cores left to the driver (GPU launches, copies, gathering)")
     ap.add_argument("--steps", type=int, default=12, help="timed decode steps per batch size")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--ray", action="store_true", help="CPU hosts as Ray actors (needs ray)")
+    ap.add_argument("--host-backend", default="process", choices=["process", "thread"],
+                    help="without Ray: hosts as child processes (own threads and cores, experts read from a "
+                         "safetensors file written to --scratch) or as threads of this process")
+    ap.add_argument("--scratch", default="/tmp/moeflow-cpu-tier", help="where the process hosts' checkpoint goes")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     ap.add_argument("--seed", type=int, default=0)
@@ -205,22 +211,49 @@ def main(argv=None):
             ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
             use_ray = True
         except ImportError:
-            print("  (--ray given but ray is not installed: in-process thread hosts instead)")
+            print(f"  (--ray given but ray is not installed: {args.host_backend} hosts instead)")
+    kind = "ray" if use_ray else args.host_backend
     threads = args.host_threads or max(1, (cores - args.driver_cores) // args.hosts)
-    if use_ray:
-        print(f"  CPU hosts: {args.hosts} Ray actors, {threads} torch threads each")
-    else:
+    hdtype = {torch.bfloat16: "bfloat16"}.get(dtype, "float32")
+    ckpt = None
+    if kind == "thread":
         torch.set_num_threads(threads)  # one process: the hosts' threads share torch's pool size
         print(f"  CPU hosts: {args.hosts} in-process thread hosts (no Ray here), torch threads {threads} "
               f"(({cores} cores - {args.driver_cores} for the driver) / {args.hosts} hosts; process-wide, the GPU "
               "paths use it too)")
+    else:
+        # the hosts read their experts from a checkpoint's memory map, as in serving
+        from safetensors.torch import save_file
+        t = time.perf_counter()
+        ckpt = Path(args.scratch)
+        ckpt.mkdir(parents=True, exist_ok=True)
+        save_file({f"model.layers.{i}.mlp.experts.{n}": w.contiguous() for i, (a, b) in enumerate(store.layers)
+                   for n, w in (("gate_up_proj", a), ("down_proj", b))}, str(ckpt / "model.safetensors"))
+        ckpt = str(ckpt)
+        where = "Ray actors" if kind == "ray" else "child processes (no Ray here)"
+        print(f"  CPU hosts: {args.hosts} {where}, {threads} torch threads each; experts read from a "
+              f"safetensors file written in {time.perf_counter() - t:.1f} s")
+    layer_ids = list(range(L))
+
+    pin = kind == "process"
+    if pin:
+        # the driver keeps the first cores and few torch threads; each host gets its own cores:
+        # OpenMP teams that share cores spin against each other and a matmul waits on its slowest thread
+        torch.set_num_threads(max(1, args.driver_cores))
+        host_cores = tuple(range(max(1, args.driver_cores), cores))[:threads * args.hosts]
+
+    def new_hosts(n):
+        return start_hosts(HostPoolConfig(num_hosts=n, backend=kind, num_cpus=threads, threads=threads,
+                                          dtype=hdtype, pin=pin, cores=host_cores if pin else None))
 
     # what an expert costs on ONE host (its share of the cores), measured in a host: the split of
     # misses between copies and hosts must use the hosts' rate, not the whole machine's
-    probe = start_hosts(HostPoolConfig(num_hosts=1, backend="ray" if use_ray else "thread", num_cpus=threads,
-                                       threads=threads, dtype={torch.bfloat16: "bfloat16"}.get(dtype, "float32")))[0]
-    w13_0, w2_0 = store.get(0, 0)
-    probe.call("add_experts", 0, [0], w13_0[None], w2_0[None])
+    probe = new_hosts(1)[0]
+    if ckpt:
+        probe.call("load_checkpoint", ckpt, layer_ids, [(0, 0)])
+    else:
+        w13_0, w2_0 = store.get(0, 0)
+        probe.call("add_experts", 0, [0], w13_0[None], w2_0[None])
     t_host = probe.call("measure", 0, 0, (1, 8))
     probe.kill()
     per_tok = max((t_host[8] - t_host[1]) / 7, 1e-9)
@@ -270,9 +303,7 @@ def main(argv=None):
             plan, how = tier_plan(train, B, gpu_bytes or 0, eb, args.hosts, L, E, cost, D, elem)
             if gpu_bytes:
                 print(f"  {'':>5} (static tier plan: {how})")
-            hosts = start_hosts(HostPoolConfig(num_hosts=args.hosts, backend="ray" if use_ray else "thread",
-                                               num_cpus=threads, threads=threads,
-                                               dtype={torch.bfloat16: "bfloat16"}.get(dtype, "float32")))
+            hosts = new_hosts(args.hosts)
             cache = None
             if gpu_bytes is None:
                 cache = install(blocks, store, cfg, device=device, top_k=K, slots=slots, backend=backend, cost=cost)
@@ -280,7 +311,7 @@ def main(argv=None):
             else:
                 _plain_experts(blocks, store, E, backend)
                 tcfg = TierRuntimeConfig(keep_source=False)
-            rt = apply_cpu_tier(_Stack(blocks), plan, hosts, tcfg, device=device)
+            rt = apply_cpu_tier(_Stack(blocks), plan, hosts, tcfg, device=device, checkpoint=ckpt)
             secs, steps = decode(blocks, trace, B, args.warmup, device, dtype)
             s = rt.stats()
             per = steps / (steps + args.warmup)  # counters cover warm-up and timed steps

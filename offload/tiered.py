@@ -86,6 +86,16 @@ class _TierCounters:
     rehomed: int = 0
 
 
+def _weight_wire(client):
+    """How expert weights travel to a host: numpy for Ray actors (object store, zero-copy reads);
+    the tensor itself for a child process (torch.multiprocessing sends a shared-memory handle)
+    or an in-process host."""
+    if client.kind == "ray":
+        from serve.cpu_host import to_wire
+        return to_wire
+    return lambda t: t
+
+
 class TierRuntime:
     """State shared by the TieredExperts of one model: hosts, owner tables, counters."""
 
@@ -140,16 +150,16 @@ class TierRuntime:
         return self.source.get(layer, expert)
 
     def _to_host(self, h: int, experts: list[tuple[int, int]]) -> None:
-        from serve.cpu_host import to_wire
         client = self.hosts[h]
         if self.checkpoint is not None:
             client.call("load_checkpoint", self.checkpoint, self.layer_ids, experts, timeout=self.cfg.timeout_s)
             return
+        wire = _weight_wire(client)
         for l in sorted({l for l, _ in experts}):
             es = [e for ll, e in experts if ll == l]
             w = [self._weights(l, e) for e in es]
-            client.call("add_experts", l, es, to_wire(torch.stack([a for a, _ in w])),
-                        to_wire(torch.stack([b for _, b in w])), timeout=self.cfg.timeout_s)
+            client.call("add_experts", l, es, wire(torch.stack([a for a, _ in w])),
+                        wire(torch.stack([b for _, b in w])), timeout=self.cfg.timeout_s)
 
     # --- figures ----------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -394,7 +404,6 @@ def apply_cpu_tier(model: nn.Module, plan, hosts: list, config: TierRuntimeConfi
         ex = blocks[l].experts
         return ex.w13.detach()[es], ex.w2.detach()[es]
 
-    from serve.cpu_host import to_wire
     # fill the hosts: from the memory map, or from the model's tensors (layer by layer)
     for h, client in enumerate(hosts):
         mine = plan.experts_on_host(h)
@@ -406,7 +415,8 @@ def apply_cpu_tier(model: nn.Module, plan, hosts: list, config: TierRuntimeConfi
             for l in sorted({l for l, _ in mine}):
                 es = [e for ll, e in mine if ll == l]
                 w13, w2 = weights(l, es)
-                client.call("add_experts", l, es, to_wire(w13.to(host_dtype)), to_wire(w2.to(host_dtype)),
+                wire = _weight_wire(client)
+                client.call("add_experts", l, es, wire(w13.to(host_dtype)), wire(w2.to(host_dtype)),
                             timeout=cfg.timeout_s)
     source = None
     if cache_mode:

@@ -238,7 +238,64 @@ class CPUExpertHost:
         return payload
 
 
-# --- driving hosts: Ray actors or in-process threads ----------------------------------------------
+# --- a host in its own process without Ray ---------------------------------------------------------
+def _host_main(conn, host_id: int, config: HostConfig) -> None:
+    host = CPUExpertHost(host_id, config, pin_process=True)  # its own process: own threads and cores
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        method, args = msg
+        try:
+            conn.send(("ok", getattr(host, method)(*args)))
+        except Exception as e:  # noqa: BLE001 - the caller re-raises it
+            conn.send(("err", e))
+
+
+class ProcessHost:
+    """CPUExpertHost in a child process (torch.multiprocessing, spawn), for machines without Ray.
+
+    Calls go over a pipe; tensors among the arguments travel as shared-memory handles
+    (torch.multiprocessing's pickler), numpy arrays by value. The child has its own torch
+    thread pool and core mask, which threads of one process cannot have (torch's thread count
+    is process-wide). One call at a time (the HostClient's single worker thread)."""
+
+    def __init__(self, host_id: int, config: HostConfig):
+        import torch.multiprocessing as tmp
+        ctx = tmp.get_context("spawn")
+        self.host_id = host_id
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_host_main, args=(child, host_id, config), daemon=True,
+                                name=f"moeflow-cpu-host-{host_id}")
+        self.proc.start()
+        child.close()
+
+    def __getattr__(self, method: str):
+        if method.startswith("_"):
+            raise AttributeError(method)
+
+        def call(*args):
+            try:
+                self.conn.send((method, args))
+                status, value = self.conn.recv()
+            except (EOFError, OSError, BrokenPipeError) as e:
+                raise HostDied(self.host_id, e) from e
+            if status == "err":
+                raise value
+            return value
+        return call
+
+    def terminate(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(timeout=10)
+        self.conn.close()
+
+
+# --- driving hosts: Ray actors, child processes or in-process threads ------------------------------
 def _ray_errors() -> tuple[type, ...]:
     try:
         from ray.exceptions import ActorUnavailableError, RayActorError
@@ -254,11 +311,11 @@ class HostClient:
     Picklable when it wraps a Ray actor (ranks of the expert-parallel runtime receive them).
     """
 
-    def __init__(self, host_id: int, actor=None, local: CPUExpertHost | None = None):
+    def __init__(self, host_id: int, actor=None, local: CPUExpertHost | ProcessHost | None = None):
         if (actor is None) == (local is None):
-            raise ValueError("a HostClient wraps exactly one of a Ray actor or an in-process CPUExpertHost")
+            raise ValueError("a HostClient wraps exactly one of a Ray actor or a CPUExpertHost / ProcessHost")
         self.host_id, self.actor, self.local = host_id, actor, local
-        self.kind = "ray" if actor is not None else "thread"
+        self.kind = "ray" if actor is not None else "process" if isinstance(local, ProcessHost) else "thread"
         self._pool: ThreadPoolExecutor | None = None
         self._dead = False
 
@@ -268,7 +325,7 @@ class HostClient:
 
     def __getstate__(self):
         if self.local is not None:
-            raise ValueError("an in-process (thread) host cannot be sent to another process; use Ray hosts")
+            raise ValueError(f"a {self.kind} host cannot be sent to another process; use Ray hosts")
         return {"host_id": self.host_id, "actor": self.actor}
 
     def __setstate__(self, d):
@@ -290,7 +347,11 @@ class HostClient:
         if isinstance(pending, Future):
             if self._dead and not pending.done():
                 raise HostDied(self.host_id)
-            return pending.result(timeout)
+            try:
+                return pending.result(timeout)
+            except HostDied:
+                self._dead = True  # a child process that is gone
+                raise
         import ray
         try:
             return ray.get(pending, timeout=timeout)
@@ -307,16 +368,19 @@ class HostClient:
         if self.actor is not None:
             import ray
             ray.kill(self.actor, no_restart=True)
-        elif self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        else:
+            if isinstance(self.local, ProcessHost):
+                self.local.terminate()
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
         self.local = None  # an in-process host's experts are freed with it
 
 
 @dataclass(frozen=True)
 class HostPoolConfig:
-    """How `start_hosts` makes hosts. backend: 'ray' | 'thread' | 'auto' (Ray when importable
-    and initialised, else threads); num_cpus: the Ray CPU resource of each actor (fractional
+    """How `start_hosts` makes hosts. backend: 'ray' | 'process' | 'thread' | 'auto' (Ray when
+    importable and initialised, else threads); 'process': child processes without Ray; num_cpus: the Ray CPU resource of each actor (fractional
     is fine); threads/cores/dtype: each host's HostConfig (cores split evenly when `pin`)."""
     num_hosts: int = 2
     backend: str = "auto"
@@ -330,8 +394,8 @@ class HostPoolConfig:
     def __post_init__(self):
         if self.num_hosts < 1:
             raise ValueError(f"num_hosts must be >= 1, got {self.num_hosts}")
-        if self.backend not in ("ray", "thread", "auto"):
-            raise ValueError(f"backend must be 'ray', 'thread' or 'auto', got {self.backend!r}")
+        if self.backend not in ("ray", "process", "thread", "auto"):
+            raise ValueError(f"backend must be 'ray', 'process', 'thread' or 'auto', got {self.backend!r}")
         if self.num_cpus <= 0:
             raise ValueError(f"num_cpus must be > 0, got {self.num_cpus}")
         HostConfig(threads=self.threads, dtype=self.dtype)
@@ -362,6 +426,8 @@ def start_hosts(config: HostPoolConfig) -> list[HostClient]:
         cls = ray.remote(CPUExpertHost)
         clients = [HostClient(h, actor=cls.options(num_cpus=config.num_cpus, num_gpus=0, max_restarts=0)
                               .remote(h, cfgs[h])) for h in range(config.num_hosts)]
+    elif backend == "process":
+        clients = [HostClient(h, local=ProcessHost(h, cfgs[h])) for h in range(config.num_hosts)]
     else:
         # in one process the threads and cores are the process's: leave them as they are
         clients = [HostClient(h, local=CPUExpertHost(h, cfgs[h], pin_process=False)) for h in range(config.num_hosts)]

@@ -107,6 +107,26 @@ def test_thread_hosts_same_logits_and_failover_to_the_other_host():
     assert (rt.host_of == -1).all() and rt.stats()["dead_hosts"] == [0, 1]
 
 
+def test_process_hosts_same_logits_and_a_crash_is_rehomed():
+    model = _model()
+    with torch.no_grad():
+        ref = model(IDS)
+    hosts = start_hosts(HostPoolConfig(num_hosts=2, backend="process"))
+    try:
+        assert [h.kind for h in hosts] == ["process", "process"]
+        assert len({h.call("ready")["pid"] for h in hosts} | {os.getpid()}) == 3
+        rt = apply_cpu_tier(model, _plan(), hosts)
+        _check(model, ref)
+        hosts[1].local.proc.kill()  # a crash, not an orderly stop
+        hosts[1].local.proc.join()
+        _check(model, ref)
+        assert rt.stats()["dead_hosts"] == [1] and not hosts[1].alive
+        assert sorted(hosts[0].call("held")) == sorted(_plan().experts_on_host(0) + _plan().experts_on_host(1))
+    finally:
+        for h in hosts:
+            h.kill()
+
+
 def test_rehome_local_and_no_source_is_a_clear_error():
     model = _model()
     with torch.no_grad():
