@@ -30,19 +30,25 @@ measured cost model (expert reads at the measured 1-token time + token-slots at 
 per-token rate, all cores).
 
 Measured on the H200 machine (2026-11-28; Mixtral shapes, 4 of 32 layers run, x8 scaled; thread
-hosts since the machine has no Ray; static tier plan in closed form since it has no OR-Tools;
-`python benchmarks/cpu_tier.py`, 64 s), tokens/s:
+hosts (the default; the machine has no Ray); static tier plan in closed form since it has no
+OR-Tools; `python benchmarks/cpu_tier.py`, 64 s), tokens/s:
                         gpu-cache+pcie  gpu-cache+cpu-hosts  static-tier+cpu-hosts  cpu-hosts-only
   batch 1                    4.81             4.22                  2.23                1.74
   batch 8                    6.84             9.76 (1.43x)          5.95                4.26
   batch 32                  24.43            32.57 (1.33x)         18.91               15.64
-(1 host of 16 threads; with 2 hosts of 8 threads: 5.13/3.73, 6.78/8.10, 24.58/30.81; leaving 2
-cores to the driver changed nothing.) The issue's target (>= 1.5x at batch 1) is NOT met: on
-this host one Mixtral expert costs about the same on the CPU (6.8 ms at 1 token in a host) as
-over PCIe (6.1 ms), so at batch 1 (about one miss per layer) the split rarely has two misses to
-share, and the tiered layer's own overheads (device->host copy of x, the host thread hand-off)
-cost more than it saves: 237 ms/step against floors of 143 ms (PCIe) and 80 ms (CPU). From
-batch 8 on, copies and hosts work side by side and the GPU cache + CPU hosts win by 1.3-1.4x.
+(1 host of 16 threads; with 2 hosts of 8 threads: 5.13/3.73, 6.78/8.10, 24.58/30.81; 1 host of
+14 threads, 2 cores left to the driver: 4.90/4.35, 6.76/9.10.) On the 4 x H200 host (64 cores,
+host of 16 threads, batch 1 / 8): thread hosts 4.09/3.84 (0.94x), 7.05/10.72 (1.52x); child-
+process hosts 3.85/1.02, 7.07/2.28 — before they were pinned apart from the driver, whose 64
+OpenMP threads spun on the hosts' cores; the pinned version (now the process backend) was not
+measured on a GPU machine (device time ran out).
+The issue's target (>= 1.5x at batch 1) is NOT met: on this host one Mixtral expert costs about
+the same on the CPU (6.8 ms at 1 token in a host) as over PCIe (6.1 ms), so at batch 1 (about
+one miss per layer) the split rarely has two misses to share, and the tiered layer's own
+overheads (device->host copy of x, the host hand-off) cost more than it saves: 237 ms/step
+against floors of 143 ms (PCIe) and 80 ms (CPU); both read host DRAM (92 GB/s copy, ANCHORS.md),
+so running them side by side is not free either (not measured separately). From batch 8 on,
+copies and hosts work side by side and the GPU cache + CPU hosts win by 1.3-1.5x.
 A static split (the tier plan) loses at every batch on a single machine: its CPU share is too
 large for one CPU.
 """
@@ -169,12 +175,12 @@ def main(argv=None):
                     help="CPU hosts (one per NUMA node is the natural choice; the H200 host has 16 cores)")
     ap.add_argument("--host-threads", type=int, default=0,
                     help="torch threads per host (0: the cores left after --driver-cores, split over the hosts)")
-    ap.add_argument("--driver-cores", type=int, default=2,
+    ap.add_argument("--driver-cores", type=int, default=0,
                     help="cores left to the driver (GPU launches, copies, gathering)")
     ap.add_argument("--steps", type=int, default=12, help="timed decode steps per batch size")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--ray", action="store_true", help="CPU hosts as Ray actors (needs ray)")
-    ap.add_argument("--host-backend", default="process", choices=["process", "thread"],
+    ap.add_argument("--host-backend", default="thread", choices=["process", "thread"],
                     help="without Ray: hosts as child processes (own threads and cores, experts read from a "
                          "safetensors file written to --scratch) or as threads of this process")
     ap.add_argument("--scratch", default="/tmp/moeflow-cpu-tier", help="where the process hosts' checkpoint goes")
@@ -213,13 +219,14 @@ def main(argv=None):
         except ImportError:
             print(f"  (--ray given but ray is not installed: {args.host_backend} hosts instead)")
     kind = "ray" if use_ray else args.host_backend
-    threads = args.host_threads or max(1, (cores - args.driver_cores) // args.hosts)
+    driver_cores = max(1, args.driver_cores) if kind == "process" else args.driver_cores
+    threads = args.host_threads or max(1, (cores - driver_cores) // args.hosts)
     hdtype = {torch.bfloat16: "bfloat16"}.get(dtype, "float32")
     ckpt = None
     if kind == "thread":
         torch.set_num_threads(threads)  # one process: the hosts' threads share torch's pool size
         print(f"  CPU hosts: {args.hosts} in-process thread hosts (no Ray here), torch threads {threads} "
-              f"(({cores} cores - {args.driver_cores} for the driver) / {args.hosts} hosts; process-wide, the GPU "
+              f"(({cores} cores - {driver_cores} for the driver) / {args.hosts} hosts; process-wide, the GPU "
               "paths use it too)")
     else:
         # the hosts read their experts from a checkpoint's memory map, as in serving
@@ -239,8 +246,8 @@ def main(argv=None):
     if pin:
         # the driver keeps the first cores and few torch threads; each host gets its own cores:
         # OpenMP teams that share cores spin against each other and a matmul waits on its slowest thread
-        torch.set_num_threads(max(1, args.driver_cores))
-        host_cores = tuple(range(max(1, args.driver_cores), cores))[:threads * args.hosts]
+        torch.set_num_threads(driver_cores)
+        host_cores = tuple(range(driver_cores, cores))[:threads * args.hosts]
 
     def new_hosts(n):
         return start_hosts(HostPoolConfig(num_hosts=n, backend=kind, num_cpus=threads, threads=threads,
