@@ -331,9 +331,9 @@ class TieredExperts(nn.Module):
                     raise
                 rt.counters.retries += 1
                 rt.host_died(err.host_id)
-                # recompute the whole host part (and the local part, which may now hold the dead
-                # host's experts) with the new owners; the failed attempt's partial sums are dropped
-                # experts this call sent to hosts follow their new owner; the rest were done already
+                # recompute the whole host part and the local part (which may now hold the dead
+                # host's experts); the failed attempt's partial sums are dropped. Experts this call
+                # sent to hosts follow their new owner; the inner module's were done already
                 owner_E = np.where(owner_E >= 0, rt.host_of[self.layer], owner_E)
                 pending = self._submit(x_TD, ids_np, w_np, x_cpu, owner_E)
                 t0 = time.perf_counter()

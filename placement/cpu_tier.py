@@ -133,6 +133,16 @@ class TieredPlan:
                              f"{self.num_hosts} hosts), found {int(a.min())}..{int(a.max())}")
         object.__setattr__(self, "location", tuple(tuple(int(q) for q in row) for row in a))
 
+    @classmethod
+    def on_hosts(cls, num_layers: int, num_experts: int, num_hosts: int, num_gpu_ranks: int = 1) -> "TieredPlan":
+        """Every expert on a CPU host, spread evenly (expert e of layer l on host (l + e) mod H):
+        the plan under offload.tiered's dispatch='split', where a GPU cache decides at run time
+        which experts also run on the GPU, and a start when there is no routing trace to plan from."""
+        if num_layers < 1 or num_experts < 1 or num_hosts < 1:
+            raise ValueError(f"need >= 1 layer, expert and host; got {num_layers}, {num_experts}, {num_hosts}")
+        loc = (np.arange(num_layers)[:, None] + np.arange(num_experts)[None, :]) % num_hosts + num_gpu_ranks
+        return cls(loc.tolist(), num_gpu_ranks, num_hosts, method="on_hosts")
+
     @property
     def num_layers(self) -> int:
         return len(self.location)

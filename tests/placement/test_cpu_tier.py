@@ -75,6 +75,9 @@ def test_plan_json_round_trip_and_views(stats, tmp_path):
     gp = plan.gpu_plan()
     assert gp.num_ranks == 2 and all(gp.assignment[l][e] == plan.location[l][e] for l in range(4)
                                      for e in plan.gpu_experts(l))
+    spread = TieredPlan.on_hosts(4, 8, 3)
+    assert spread.counts()["gpu"] == 0 and max(spread.counts()["per_location"][1:]) - \
+        min(spread.counts()["per_location"][1:]) <= 1
     with pytest.raises(ValueError, match="not a TieredPlan"):
         TieredPlan.from_dict({"format": "x"})
     with pytest.raises(ValueError, match="locations must lie in 0..2"):

@@ -161,7 +161,7 @@ def test_gpu_cache_plus_hosts_split_misses_same_logits():
     cost = CostModel(copy_bytes_per_s=1e9, cpu_base_s=store.expert_bytes / 1e9, cpu_per_token_s=1e-12)
     cfg = OffloadConfig(slots_per_layer=2, device="cpu", calibrate=False)
     cache = install(blocks, store, cfg, device=torch.device("cpu"), top_k=2, slots=2, cost=cost)
-    everything_on_hosts = TieredPlan([[1 + e % 2 for e in range(8)] for _ in range(3)], 1, 2)
+    everything_on_hosts = TieredPlan.on_hosts(3, 8, 2)
     hosts = start_hosts(HostPoolConfig(num_hosts=2, backend="thread"))
     with pytest.raises(ValueError, match="dispatch must be"):
         TierRuntimeConfig(dispatch="random")
