@@ -15,14 +15,20 @@ from .metrics import PlanFigures, cross_fraction_fast, evaluate
 from .plan import PlacementPlan
 
 __all__ = ["AffinityStats", "synthetic_affinity_trace", "eplb", "greedy_affinity", "rank_capacity", "round_robin",
-           "SolverConfig", "solve_exflow", "PlanFigures", "cross_fraction_fast", "evaluate", "PlacementPlan"]
+           "SolverConfig", "solve_exflow", "PlanFigures", "cross_fraction_fast", "evaluate", "PlacementPlan",
+           "CPUTierCost", "TierConfig", "TieredPlan", "TierStats", "solve_cpu_tier", "popularity_split",
+           "tier_objective", "cpu_costs"]
+
+_NEEDS_ORTOOLS = {"SolverConfig": "ilp", "solve_exflow": "ilp", "CPUTierCost": "cpu_tier", "TierConfig": "cpu_tier",
+                  "TieredPlan": "cpu_tier", "TierStats": "cpu_tier", "solve_cpu_tier": "cpu_tier",
+                  "popularity_split": "cpu_tier", "tier_objective": "cpu_tier", "cpu_costs": "cpu_tier"}
 
 
 def __getattr__(name):
     # the integer program needs OR-Tools; import it on first use so that the runtime and the
     # adaptive-parallelism layer work on machines without it (the GPU machines have none)
-    if name in ("SolverConfig", "solve_exflow"):
-        from . import ilp
+    if name in _NEEDS_ORTOOLS:
+        import importlib
 
-        return getattr(ilp, name)
+        return getattr(importlib.import_module(f".{_NEEDS_ORTOOLS[name]}", __name__), name)
     raise AttributeError(f"module 'placement' has no attribute {name!r}")
