@@ -37,6 +37,10 @@ class ServeConfig:
         with offload_from_disk, the checkpoint's memory-mapped safetensors as the host store.
     replica_cpus / ingress_cpus: Ray CPU reservations (fractions are fine).
     stream_interval: tokens per streamed chunk after the first (1: every token, like OpenAI).
+    cpu_hosts: CPU expert hosts (serve.cpu_host) each replica starts — Ray actors with
+        cpu_host_cpus CPUs and cpu_host_threads torch threads; every expert is also held by a host,
+        and the misses of the GPU expert cache (so gpu_memory is required) are shared between PCIe
+        copies and the hosts (offload.tiered, dispatch='split').
     """
     model: str | None = None
     served_model_name: str | None = None
@@ -51,6 +55,9 @@ class ServeConfig:
     cpu_fallback: bool = False
     offload_from_disk: bool = False
     offload_options: dict = field(default_factory=dict)  # more OffloadConfig fields, e.g. slots_per_layer
+    cpu_hosts: int = 0
+    cpu_host_cpus: float = 1.0
+    cpu_host_threads: int = 1
     max_batch_size: int = 8
     max_len: int = 2048
     stream_interval: int = 1
@@ -78,6 +85,15 @@ class ServeConfig:
             setattr(self, name, int(getattr(self, name)))
         if self.gpu_memory is not None or self.offload_options:
             self.offload_config("cpu")  # offload's own checks, with its messages
+        self.cpu_hosts = int(self.cpu_hosts)
+        if self.cpu_hosts < 0:
+            raise ValueError(f"cpu_hosts ({self.cpu_hosts}) must be >= 0")
+        if self.cpu_hosts and self.offload_config("cpu") is None:
+            raise ValueError(f"cpu_hosts={self.cpu_hosts} needs an expert cache to share misses with: also set "
+                             "gpu_memory (e.g. --gpu-memory 24GiB)")
+        if self.cpu_host_cpus <= 0 or int(self.cpu_host_threads) < 1:
+            raise ValueError(f"cpu_host_cpus ({self.cpu_host_cpus}) must be > 0 and cpu_host_threads "
+                             f"({self.cpu_host_threads}) >= 1")
         if self.api_key is not None and not str(self.api_key):
             raise ValueError("api_key is empty; leave it unset to serve without a key")
 
@@ -92,10 +108,11 @@ class ServeConfig:
         kw = {k: v for k, v in args.items() if k in known}
         limits = dict(kw.pop("limits", {}) or {})
         limits.update({k: int(v) for k, v in args.items() if k in ServeLimits.__dataclass_fields__})
-        for k in ("port", "max_batch_size", "max_len", "num_replicas", "stream_interval"):
+        for k in ("port", "max_batch_size", "max_len", "num_replicas", "stream_interval", "cpu_hosts",
+                  "cpu_host_threads"):
             if k in kw:
                 kw[k] = int(kw[k])
-        for k in ("replica_cpus", "ingress_cpus", "health_check_period_s", "health_check_timeout_s"):
+        for k in ("replica_cpus", "ingress_cpus", "health_check_period_s", "health_check_timeout_s", "cpu_host_cpus"):
             if k in kw:
                 kw[k] = float(kw[k])
         for k in ("cpu_fallback", "offload_from_disk"):
@@ -128,6 +145,8 @@ class ServeConfig:
                 "max_len": self.max_len, "limits": self.limits.to_dict(), "engine_factory": self.engine_factory,
                 "stream_interval": self.stream_interval,
                 "offload": self.offload_config(device),
+                "cpu_hosts": {"num_hosts": self.cpu_hosts, "num_cpus": self.cpu_host_cpus,
+                              "threads": int(self.cpu_host_threads)} if self.cpu_hosts else None,
                 "torch_threads": max(1, int(self.replica_cpus))}
 
 

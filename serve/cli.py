@@ -50,6 +50,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-waiting", type=int, default=d.max_waiting, help="queued requests per replica (429 beyond)")
     from offload.cli_args import add_offload_args
     add_offload_args(p)  # --gpu-memory, --offload-policy, ... exactly as `moe generate` has them
+    p.add_argument("--cpu-hosts", type=int, default=0, metavar="N",
+                   help="start N CPU expert hosts per replica (Ray actors holding every expert in RAM); the GPU "
+                        "cache's misses are shared between PCIe copies and the hosts (needs --gpu-memory)")
+    p.add_argument("--cpu-host-cpus", type=float, default=1.0, help="CPUs Ray reserves per CPU expert host")
+    p.add_argument("--cpu-host-threads", type=int, default=1, help="torch threads of each CPU expert host")
     p.set_defaults(func=run)
     return p
 
@@ -65,7 +70,8 @@ def config_from_args(args: argparse.Namespace):
                        cpu_fallback=args.cpu_fallback, offload_from_disk=args.offload_from_disk,
                        max_batch_size=args.max_batch_size, max_len=args.max_len, stream_interval=args.stream_interval,
                        num_replicas=args.num_replicas,
-                       replica_cpus=args.replica_cpus, limits=limits)
+                       replica_cpus=args.replica_cpus, cpu_hosts=args.cpu_hosts, cpu_host_cpus=args.cpu_host_cpus,
+                       cpu_host_threads=args.cpu_host_threads, limits=limits)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -292,9 +292,33 @@ def load_engine(spec: dict) -> LoadedEngine:
         from offload import OffloadConfig, apply_offload
         model = apply_offload(model, OffloadConfig(**spec["offload"]))
         strategy = "offload"
+        if spec.get("cpu_hosts"):
+            model = _attach_cpu_hosts(model, spec["cpu_hosts"], path)
+            strategy = "offload+cpu-hosts"
+    elif spec.get("cpu_hosts"):
+        raise ValueError("cpu_hosts needs an expert cache to share misses with: set gpu_memory too")
     max_len = int(spec.get("max_len", 2048))
     engine = Engine(model, tok, max_batch_size=int(spec.get("max_batch_size", 8)), max_len=max_len)
     return LoadedEngine(engine, tok, model, max_len, strategy)
+
+
+def _attach_cpu_hosts(model, hosts_spec: dict, path: str):
+    """Start the replica's CPU expert hosts (Ray actors inside Serve, threads without Ray) and put
+    every expert on one of them; offload.tiered then shares each step's cache misses between PCIe
+    copies and the hosts. The hosts read their experts from the checkpoint's memory map."""
+    from offload import TierRuntimeConfig, apply_cpu_tier
+    from placement.cpu_tier import TieredPlan
+    from serve.cpu_host import HostPoolConfig, start_hosts
+
+    n = int(hosts_spec["num_hosts"])
+    blocks = model.moe_blocks()
+    # hosts compute in the experts' own dtype, so their share equals what the GPU would compute
+    host_dtype = str(blocks[0].experts.store.dtype).removeprefix("torch.")
+    hosts = start_hosts(HostPoolConfig(num_hosts=n, backend="auto", num_cpus=float(hosts_spec["num_cpus"]),
+                                       threads=int(hosts_spec["threads"]), dtype=host_dtype))
+    plan = TieredPlan.on_hosts(len(blocks), model.config.num_experts, n)
+    apply_cpu_tier(model, plan, hosts, TierRuntimeConfig(dispatch="split"), checkpoint=str(path))
+    return model
 
 
 def _replica_id() -> str:

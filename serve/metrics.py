@@ -56,6 +56,8 @@ FAMILIES: tuple[tuple[str, str, str], ...] = (
     ("moeflow_host_to_device_bytes", "counter", "Expert weight bytes copied host to GPU"),
     ("moeflow_cpu_computed_experts", "counter", "Expert computations run on the CPU instead of copied"),
     ("moeflow_cross_rank_tokens", "counter", "Tokens sent to an expert on another rank"),
+    ("moeflow_tier_expert_tokens", "counter", "Token-to-expert pairs computed per tier (local experts, GPU cache or ranks, CPU hosts)"),
+    ("moeflow_tier_seconds", "counter", "Seconds per tier: local expert math, waiting for CPU hosts, CPU host compute"),
     ("moeflow_expert_load_tokens", "counter", "Token-to-expert assignments, by MoE layer"),
     ("moeflow_expert_load_imbalance_ratio", "gauge", "Busiest expert's load over the mean load, by MoE layer"),
     ("moeflow_offload_enabled", "gauge", "1 when expert offloading statistics are being reported"),
@@ -85,6 +87,13 @@ _HELP = {name: doc for name, _, doc in FAMILIES}
 _COUNT_KEYS = {"hits": "moeflow_expert_cache_hits", "misses": "moeflow_expert_cache_misses",
                "evictions": "moeflow_expert_cache_evictions", "bytes_copied": "moeflow_host_to_device_bytes",
                "cpu_computed": "moeflow_cpu_computed_experts", "cross_rank_tokens": "moeflow_cross_rank_tokens"}
+# keys of the CPU tier's stats() (offload.tiered.TierRuntime) -> (family, tier label)
+_TIER_KEYS = {"local_pairs": ("moeflow_tier_expert_tokens", "local"),
+              "gpu_rank_pairs": ("moeflow_tier_expert_tokens", "gpu"),  # the cache or the EP ranks
+              "cpu_pairs": ("moeflow_tier_expert_tokens", "cpu_host"),
+              "local_s": ("moeflow_tier_seconds", "local"),
+              "wait_s": ("moeflow_tier_seconds", "cpu_wait"),
+              "host_compute_s": ("moeflow_tier_seconds", "cpu_host")}
 _RATIO_KEYS = {"prefetch_precision": "moeflow_expert_prefetch_precision",
                "prefetch_recall": "moeflow_expert_prefetch_recall"}
 
@@ -199,6 +208,9 @@ class EngineSnapshotCollector:
             for key, name in _RATIO_KEYS.items():
                 if comp.get(key) is not None:  # a ratio is only meaningful when something prefetches
                     family(GaugeMetricFamily, name).add_metric([rid], float(comp[key]))
+            for key, (name, tier) in _TIER_KEYS.items():
+                if key in comp:  # only when a CPU tier runs
+                    family(CounterMetricFamily, name, ["tier"]).add_metric([rid, tier], float(comp[key]))
             offloading = any(k in comp for k in ("hits", "misses", "bytes_copied"))
             family(GaugeMetricFamily, "moeflow_offload_enabled").add_metric([rid], float(offloading))
             strategy = str(comp.get("strategy") or s.get("strategy") or "single")
@@ -281,6 +293,8 @@ def _providers(model, engine) -> list:
         return found
     if callable(getattr(model, "stats", None)):
         return found + [model]
+    tier = getattr(model, "cpu_tier", None)  # offload.apply_cpu_tier's runtime, beside any cache
+    found += [tier] if callable(getattr(tier, "stats", None)) else []
     if callable(getattr(getattr(model, "offload_cache", None), "stats", None)):  # offload.apply_offload's
         return found + [model.offload_cache]
     caches, modules, seen = [], [], set()
@@ -305,7 +319,7 @@ def collect_component_stats(model, engine=None) -> dict:
         if st.get("prefetches") == 0:  # nothing prefetched (prefetch off): the ratios mean nothing
             st = {k: v for k, v in st.items() if k not in _RATIO_KEYS}
         for k, v in st.items():
-            if k in _COUNT_KEYS and v is not None:
+            if (k in _COUNT_KEYS or k in _TIER_KEYS) and v is not None:
                 merged[k] = merged.get(k, 0) + float(v)
             elif k in _RATIO_KEYS and v is not None:
                 ratios.setdefault(k, []).append(float(v))

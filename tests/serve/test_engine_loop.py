@@ -233,3 +233,50 @@ def test_stream_interval_sends_the_first_token_alone_then_groups(tiny):
     assert "".join(e["text"] for e in deltas) == _alone(tiny, "abc", 10)
     with pytest.raises(ValueError, match="stream_interval"):
         ModelReplica({"model": "tiny", "device": "cpu", "stream_interval": 0})
+
+
+def test_replica_with_cpu_hosts_matches_resident_output_and_reports_tiers(tiny):
+    """`moe serve --gpu-memory ... --cpu-hosts 2`: misses shared between copies and 2 CPU hosts
+    (threads here, no Ray running), same text, per-tier counters in the snapshot and /metrics."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client.exposition import generate_latest
+
+    from serve.app import ServeConfig
+    from serve.metrics import EngineSnapshotCollector
+
+    lim = ServeLimits()
+    cfg = ServeConfig(model="tiny", device="cpu", max_batch_size=2, max_len=64, replica_cpus=1,
+                      offload_options={"slots_per_layer": 1, "calibrate": False}, cpu_hosts=2)
+    prompt = "def first(x):"
+
+    async def main():
+        rep = ModelReplica(cfg.replica_spec("cpu"))
+        req = parse_completion({"prompt": prompt, "max_tokens": 8, "ignore_eos": True, "temperature": 0},
+                               ["m"], lim).to_dict()
+        events = [e async for e in rep.generate(req)]
+        rep.loop.shutdown()
+        return events, rep.snapshot()
+
+    events, snap = asyncio.run(main())
+    assert "".join(e["text"] for e in events[1:]) == _alone(tiny, prompt, 8)
+    comp = snap["components"]
+    assert snap["strategy"] == "offload+cpu-hosts"
+    # cache hits run in the inner (GPU cache) tier, the rest of the misses on the hosts
+    assert comp["misses"] > 0 and comp["cpu_pairs"] > 0 and comp["gpu_rank_pairs"] > 0
+    reg = CollectorRegistry()
+    col = EngineSnapshotCollector()
+    col.update([snap], now=0.0)
+    reg.register(col)
+    fams = {f.name: f for f in text_string_to_metric_families(generate_latest(reg).decode())}
+    tiers = {s.labels["tier"]: s.value for s in fams["moeflow_tier_expert_tokens"].samples
+             if s.name.endswith("_total")}
+    assert tiers["cpu_host"] == comp["cpu_pairs"] and tiers["gpu"] == comp["gpu_rank_pairs"]
+
+
+def test_cpu_hosts_need_an_expert_cache():
+    from serve.app import ServeConfig
+    with pytest.raises(ValueError, match="needs an expert cache"):
+        ServeConfig(model="tiny", device="cpu", cpu_hosts=2)
+    with pytest.raises(ValueError, match="cpu_hosts"):
+        ServeConfig(model="tiny", device="cpu", cpu_hosts=-1)

@@ -13,7 +13,8 @@ FULL_SNAPSHOT = {
     "replica": "r1", "running": 3, "waiting": 2, "steps": 10, "step_seconds": 1.5, "strategy": "single",
     "components": {"hits": 90.0, "misses": 10.0, "evictions": 4.0, "bytes_copied": 1e6, "cpu_computed": 2.0,
                    "cross_rank_tokens": 7.0, "prefetch_precision": 0.75, "prefetch_recall": 0.5,
-                   "strategy": "offload"},
+                   "strategy": "offload", "local_pairs": 5.0, "gpu_rank_pairs": 30.0, "cpu_pairs": 12.0,
+                   "local_s": 0.1, "wait_s": 0.2, "host_compute_s": 0.3},
     "expert_load": [[1, 2, 3, 2], [4, 0, 0, 0]],
 }
 
@@ -60,6 +61,8 @@ def test_snapshot_families_and_request_timer():
     assert s[("moeflow_parallel_strategy_info", _r(strategy="offload"))] == 1
     assert s[("moeflow_offload_enabled", _r())] == 1
     assert s[("moeflow_expert_load_tokens_total", _r(layer="0"))] == 8
+    assert s[("moeflow_tier_expert_tokens_total", _r(tier="cpu_host"))] == 12
+    assert s[("moeflow_tier_seconds_total", _r(tier="cpu_wait"))] == 0.2
     assert s[("moeflow_expert_load_imbalance_ratio", _r(layer="1"))] == 4.0  # 4 / mean 1
     assert s[("moeflow_time_to_first_token_seconds_sum", ())] == 0.5
     assert s[("moeflow_inter_token_latency_seconds_count", ())] == 2
