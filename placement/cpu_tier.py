@@ -31,7 +31,6 @@ Baseline: ``popularity_split`` (hottest by load to the GPUs, round-robin ranks a
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,7 @@ from routing.trace import RoutingTrace
 
 from .affinity import AffinityStats
 from .ilp import _kept_pairs  # the same pair truncation as the ExFlow program
-from .plan import PlacementPlan
+from .plan import PlacementPlan, read_json, write_json
 
 _FORMAT = "moeflow.TieredPlan"
 _VERSION = 1
@@ -211,20 +210,11 @@ class TieredPlan:
                    dict(d.get("meta") or {}))
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
-        return path
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "TieredPlan":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"tiered plan {path} does not exist")
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not a JSON tiered plan ({e})") from e
+        return cls.from_dict(read_json(path, "tiered plan"))
 
     def __repr__(self) -> str:
         c = self.counts()

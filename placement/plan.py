@@ -155,23 +155,32 @@ class PlacementPlan:
                    meta=dict(d.get("meta") or {}))
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
-        return path
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "PlacementPlan":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"placement plan {path} does not exist; make one with `moe place TRACE --out`")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not a JSON placement plan ({e})") from e
-        return cls.from_dict(d)
+        return cls.from_dict(read_json(path, "placement plan", "make one with `moe place TRACE --out`"))
 
     def __repr__(self) -> str:
         n_rep = sum(len(d) for d in self.replicas) if self.replicas else 0
         return (f"PlacementPlan(method={self.method!r}, layers={self.num_layers}, experts={self.num_experts}, "
                 f"ranks={self.num_ranks}, nodes={self.num_nodes}, replicas={n_rep}, status={self.solver_status!r})")
+
+
+def write_json(path: str | Path, d: dict) -> Path:
+    """Write a plan's dict as JSON (folders made as needed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(d, indent=1))
+    return path
+
+
+def read_json(path: str | Path, what: str, hint: str = "") -> dict:
+    """A plan's dict from JSON; a missing or non-JSON file is an error naming ``what`` it should be."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist" + (f"; {hint}" if hint else ""))
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a JSON {what} ({e})") from e

@@ -158,14 +158,10 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moe")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """`python -m routing.cli predictor ...`: the same as `moe predictor ...` (the hub parses and reports errors)."""
+    from moe.cli import main as moe_main
+
+    return moe_main(argv)
 
 
 if __name__ == "__main__":
