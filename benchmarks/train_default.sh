@@ -191,7 +191,8 @@ for name in ("default", "large"):
     meta = {"model": f"moeflow-{name}", "recipe": f"moe/recipes/{'default' if name == 'default' else 'large_traces'}.json",
             "text": "python stdlib held-out split", "recorder": how}
     trace = RoutingTrace(trace.expert_ids, trace.num_experts, trace.weights if name == "default" else None,
-                         trace.request_ids, trace.positions, {**trace.meta, **meta})
+                         trace.request_ids, trace.positions, {**trace.meta, **meta},
+                         token_ids=getattr(trace, "token_ids", None))  # a predictor feature
     path = trace.save(traces_dir / f"{name}.npz")
     shutil.copy2(path, results / f"traces_{name}.npz")
     print(f"trace {name}: {trace} -> {path} ({path.stat().st_size / 1e6:.1f} MB, {how})")
