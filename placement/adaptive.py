@@ -201,7 +201,14 @@ class AdaptiveMoEExperts(torch.nn.Module):
             dist.all_reduce(need, op=dist.ReduceOp.MAX, group=self.group)
             cap = capacity_for(int(need), T, K, self.layout.num_experts, self.capacity_factor)
         ids_TK, dropped = apply_capacity(topk_ids_TK, self.layout.num_experts, cap)
-        strat = strategy or self.next_strategy(T, K)
+        adaptive = self.chooser is not None and self.fixed is None and strategy is None
+        if adaptive:
+            # every rank must pick the same strategy (they run its collectives together), so the
+            # chooser sees the same shape on every rank: the largest token count of any rank
+            T_key = int(self._agreed(T, x_TD.device))
+            strat = self.chooser.choose(self.shape_key(T_key, K))
+        else:
+            strat = strategy or self.next_strategy(T, K)
         t0 = time.perf_counter()
         if strat.name == "ep":
             y = self._ep(x_TD, ids_TK, topk_weights_TK, strat.degree)
@@ -212,10 +219,24 @@ class AdaptiveMoEExperts(torch.nn.Module):
         if x_TD.is_cuda:
             torch.cuda.current_stream().synchronize()
         seconds = time.perf_counter() - t0
+        if adaptive:
+            # ...and learns the same times: a step lasts as long as its slowest rank
+            seconds = self._agreed(seconds, x_TD.device)
+            self.chooser.observe(self.shape_key(T_key, K), strat, seconds)
         self.last = StepInfo(strat, seconds, dropped, cap)
-        if self.chooser is not None and self.fixed is None and strategy is None:
-            self.chooser.observe(self.shape_key(T, K), strat, seconds)
         return y
+
+    def _agreed(self, value: float, device) -> float:
+        """The largest ``value`` of any rank (one tiny all-reduce)."""
+        t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return float(t)
+
+    def stats(self) -> dict:
+        """For the metrics endpoint: the strategy of the last call and its dropped (token, slot) pairs."""
+        if self.last is None:
+            return {}
+        return {"strategy": str(self.last.strategy), "dropped_tokens": self.last.dropped}
 
     # rows: one per (token, slot, slice) with a valid expert
     def _rows(self, ids_TK: torch.Tensor, w_TK: torch.Tensor):

@@ -114,3 +114,25 @@ def check_inference_overlap(rank, world, init_file, E, D, I, K):
                 torch.testing.assert_close(got, want)
     finally:
         dist.destroy_process_group()
+
+
+def check_chooser_agrees_across_ranks(rank, world, init_file, E, D, I, K):
+    """Ranks with different token counts and different local timings still pick the same
+    strategy every step (else their collectives would not match and the step would hang)."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        w13, w2, *_ = _problem(world, E, D, I, K, [4] * world)
+        layer = AdaptiveMoEExperts(w13, w2, chooser=StrategyChooser())
+        picks = []
+        for step in range(8):
+            _, _, xs, ids, ws, _ = _problem(world, E, D, I, K, [3 + 5 * r + step for r in range(world)],
+                                            seed=200 + step)
+            with torch.no_grad():
+                layer(xs[rank], ids[rank], ws[rank])
+            picks.append(str(layer.last.strategy))
+        everyone = [None] * world
+        dist.all_gather_object(everyone, (picks, sorted((str(k), round(v, 12)) for k, v in layer.chooser._ratio.items())))
+        assert all(e == everyone[0] for e in everyone), everyone
+        assert layer.stats()["strategy"] == picks[-1]
+    finally:
+        dist.destroy_process_group()

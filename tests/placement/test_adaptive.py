@@ -87,3 +87,7 @@ def test_chooser_explores_close_candidates_then_settles_on_the_fastest_measured(
         ch.observe(shape, s, measured[str(s)])
     assert set(seen[:5]) == set(measured)  # each candidate tried once
     assert seen[-3:] == ["dp"] * 3          # then the fastest measured one, whatever the model said
+
+
+def test_chooser_decisions_agree_across_ranks():
+    _spawn(worker.check_chooser_agrees_across_ranks, 2, 4, 6, 8, 2)
