@@ -336,6 +336,39 @@ class AdaptiveMoEExperts(torch.nn.Module):
         return reduce_scatter_v(partial, sizes, self.group)
 
 
+def apply_adaptive_parallel(model: torch.nn.Module, group=None, backend: str | None = None,
+                            capacity_factor: float = 0.0, chooser: "StrategyChooser | None" = None,
+                            strategy: Strategy | None = None) -> torch.nn.Module:
+    """Shard the routed experts of every MoE block of ``model`` (a MoEForCausalLM, a MoELayer, or
+    anything with ``moe_blocks()``) over the process group; the strategy is chosen per call.
+
+    Every rank calls this with the same weights (each keeps only its shard) and then feeds its own
+    tokens: data parallel outside the MoE layers, this layer's strategy inside. One chooser (a new
+    one unless given) serves all layers, keyed by shape; ``model.parallel_chooser`` exposes it.
+    The rest of the model is untouched: its gradients still need the usual data-parallel
+    all-reduce (e.g. DistributedDataParallel), which the experts' shards must be left out of.
+    """
+    blocks = list(model.moe_blocks()) if hasattr(model, "moe_blocks") else []
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no MoE blocks (moe_blocks()) to parallelise")
+    if strategy is None and chooser is None:
+        chooser = StrategyChooser()
+    for b in blocks:
+        ex = b.experts
+        if isinstance(ex, AdaptiveMoEExperts):
+            raise ValueError("the model's experts are already sharded; apply_adaptive_parallel once")
+        if not (hasattr(ex, "w13") and hasattr(ex, "w2")):
+            raise ValueError(f"block {getattr(b, 'layer_idx', '?')}'s experts ({type(ex).__name__}) hold no w13/w2: "
+                             "apply adaptive parallelism before offloading or placement")
+        b.experts = AdaptiveMoEExperts(ex.w13.detach(), ex.w2.detach(), group=group,
+                                       backend=backend or getattr(ex, "backend", "torch"),
+                                       capacity_factor=capacity_factor, chooser=chooser, strategy=strategy)
+        b.experts.w13.requires_grad_(ex.w13.requires_grad)
+        b.experts.w2.requires_grad_(ex.w2.requires_grad)
+    model.parallel_chooser = chooser
+    return model
+
+
 # --- the chooser ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LayerShape:

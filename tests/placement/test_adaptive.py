@@ -91,3 +91,13 @@ def test_chooser_explores_close_candidates_then_settles_on_the_fastest_measured(
 
 def test_chooser_decisions_agree_across_ranks():
     _spawn(worker.check_chooser_agrees_across_ranks, 2, 4, 6, 8, 2)
+
+
+def test_training_moe_layer_sharded_with_apply_adaptive_parallel():
+    _spawn(worker.check_moe_layer_in_training, 2)
+
+
+def test_apply_adaptive_parallel_needs_moe_blocks():
+    from placement.adaptive import apply_adaptive_parallel
+    with pytest.raises(ValueError, match="no MoE blocks"):
+        apply_adaptive_parallel(torch.nn.Linear(2, 2))
