@@ -145,7 +145,7 @@ def local_needed(topk_ids_TK: torch.Tensor, num_experts: int) -> int:
 @dataclass
 class StepInfo:
     strategy: Strategy
-    seconds: float
+    seconds: float | None  # measured only when the chooser needs it (timing synchronises the device)
     dropped: int
     capacity: int | None
 
@@ -177,14 +177,6 @@ class AdaptiveMoEExperts(torch.nn.Module):
         self.fixed = strategy
         self.last: StepInfo | None = None
 
-    # which strategy runs next
-    def next_strategy(self, tokens: int, top_k: int) -> Strategy:
-        if self.fixed is not None:
-            return self.fixed
-        if self.chooser is None:
-            return Strategy("ep")
-        return self.chooser.choose(self.shape_key(tokens, top_k))
-
     def shape_key(self, tokens: int, top_k: int) -> "LayerShape":
         L = self.layout
         return LayerShape(tokens=tokens, hidden=self.hidden, ffn=L.ffn_size, experts=L.num_experts,
@@ -208,7 +200,7 @@ class AdaptiveMoEExperts(torch.nn.Module):
             T_key = int(self._agreed(T, x_TD.device))
             strat = self.chooser.choose(self.shape_key(T_key, K))
         else:
-            strat = strategy or self.next_strategy(T, K)
+            strat = strategy or self.fixed or Strategy("ep")
         t0 = time.perf_counter()
         if strat.name == "ep":
             y = self._ep(x_TD, ids_TK, topk_weights_TK, strat.degree)
@@ -216,12 +208,12 @@ class AdaptiveMoEExperts(torch.nn.Module):
             y = self._dp(x_TD, ids_TK, topk_weights_TK)
         else:
             y = self._tp(x_TD, ids_TK, topk_weights_TK)
-        if x_TD.is_cuda:
-            torch.cuda.current_stream().synchronize()
-        seconds = time.perf_counter() - t0
+        seconds = None
         if adaptive:
+            if x_TD.is_cuda:  # the chooser learns from wall time: wait for the device only then
+                torch.cuda.current_stream().synchronize()
             # ...and learns the same times: a step lasts as long as its slowest rank
-            seconds = self._agreed(seconds, x_TD.device)
+            seconds = self._agreed(time.perf_counter() - t0, x_TD.device)
             self.chooser.observe(self.shape_key(T_key, K), strat, seconds)
         self.last = StepInfo(strat, seconds, dropped, cap)
         return y
