@@ -94,7 +94,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     add_offload_args(p)
 
 
-def apply_model_options(model, args: argparse.Namespace):
+def apply_model_options(model, args: argparse.Namespace, model_dir: Path | None = None):
     """Optional transforms of a loaded model chosen by flags; returns the model to run.
 
     The place for steps such as expert offloading (``--gpu-memory``): each is applied only when
@@ -102,7 +102,7 @@ def apply_model_options(model, args: argparse.Namespace):
     """
     from offload.cli_args import apply_from_args
 
-    return apply_from_args(model, args, checkpoint=str(getattr(args, "_model_dir", "")) or None)
+    return apply_from_args(model, args, checkpoint=str(model_dir) if model_dir is not None else None)
 
 
 def resolve_model_dir(model: str | None, stderr: TextIO) -> Path:
@@ -164,9 +164,8 @@ def load_from_args(args: argparse.Namespace, stderr: TextIO | None = None):
     # to the device and keeps the experts in the (pinned) host store
     model = load_model(path, dtype=dtype, device="cpu" if offloading else device, backend=args.backend,
                        progress=ProgressBar(stream=stderr))
-    args._model_dir = path
     model.eval()
-    return apply_model_options(model, args), tok
+    return apply_model_options(model, args, path), tok
 
 
 # --- moe generate ---------------------------------------------------------------------------------
