@@ -176,22 +176,26 @@ def test_replica_checks_prompts_and_queue_bound(tiny):
     assert len(snap["expert_load"]) == 2 and all(sum(layer) > 0 for layer in snap["expert_load"])
 
 
-def test_offloaded_replica_reports_cache_stats_and_matches_resident_output(tiny):
-    from serve.app import ServeConfig
-    lim = ServeLimits()
-    cfg = ServeConfig(model="tiny", device="cpu", max_batch_size=2, max_len=64, replica_cpus=1,
-                      offload_options={"slots_per_layer": 2, "calibrate": False})
-    prompt = "def first(x):"
-
+def _run_replica(cfg, prompt: str, max_tokens: int):
+    """One greedy completion through a ModelReplica built from ``cfg``: (events, snapshot)."""
     async def main():
         rep = ModelReplica(cfg.replica_spec("cpu"))
-        req = parse_completion({"prompt": prompt, "max_tokens": 8, "ignore_eos": True, "temperature": 0},
-                               ["m"], lim).to_dict()
+        req = parse_completion({"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0},
+                               ["m"], ServeLimits()).to_dict()
         events = [e async for e in rep.generate(req)]
         rep.loop.shutdown()
         return events, rep.snapshot()
 
-    events, snap = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_offloaded_replica_reports_cache_stats_and_matches_resident_output(tiny):
+    from serve.app import ServeConfig
+    cfg = ServeConfig(model="tiny", device="cpu", max_batch_size=2, max_len=64, replica_cpus=1,
+                      offload_options={"slots_per_layer": 2, "calibrate": False})
+    prompt = "def first(x):"
+
+    events, snap = _run_replica(cfg, prompt, 8)
     assert "".join(e["text"] for e in events[1:]) == _alone(tiny, prompt, 8)
     comp = snap["components"]
     assert snap["strategy"] == "offload" and comp["misses"] > 0 and comp["hits"] + comp["misses"] > 0
@@ -245,20 +249,11 @@ def test_replica_with_cpu_hosts_matches_resident_output_and_reports_tiers(tiny):
     from serve.app import ServeConfig
     from serve.metrics import EngineSnapshotCollector
 
-    lim = ServeLimits()
     cfg = ServeConfig(model="tiny", device="cpu", max_batch_size=2, max_len=64, replica_cpus=1,
                       offload_options={"slots_per_layer": 1, "calibrate": False}, cpu_hosts=2)
     prompt = "def first(x):"
 
-    async def main():
-        rep = ModelReplica(cfg.replica_spec("cpu"))
-        req = parse_completion({"prompt": prompt, "max_tokens": 8, "ignore_eos": True, "temperature": 0},
-                               ["m"], lim).to_dict()
-        events = [e async for e in rep.generate(req)]
-        rep.loop.shutdown()
-        return events, rep.snapshot()
-
-    events, snap = asyncio.run(main())
+    events, snap = _run_replica(cfg, prompt, 8)
     assert "".join(e["text"] for e in events[1:]) == _alone(tiny, prompt, 8)
     comp = snap["components"]
     assert snap["strategy"] == "offload+cpu-hosts"
