@@ -17,6 +17,9 @@ with at most --max-concurrency in flight.
     python benchmarks/serving.py --model tiny --device cpu --backend both --num-prompts 32 \
         --input-len 32 --output-len 32 --max-batch-size 8
   GPU (offloading):  python benchmarks/serving.py --model DIR --device cuda --gpu-memory 24GiB --backend both
+  GPU, real-size shapes with random weights (no checkpoint to download): writes a checkpoint of Mixtral-8x7B
+  shapes with --random-layers decoder layers to --scratch, then serves it with 25% of its experts' bytes on the GPU:
+    python benchmarks/serving.py --random-model mixtral --random-layers 4 --expert-budget 0.25 --device cuda
   (run it inside `unshare -n sh -c 'ip link set lo up; ...'` where Ray must not bind outside addresses)
 
 Reading the overhead: the in-process floor runs the load generator and the engine in one process;
@@ -96,6 +99,9 @@ def print_summary(s: dict) -> None:
                  (f"P99 {title}", s[f"p99_{key}"], ".2f")]
     for title, v, fmt in rows:
         print(f"{title:<40}{v:>14{fmt}}")
+    if s.get("components"):
+        print("engine components (offload cache etc.): "
+              + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in s["components"].items()))
     for e in s.get("errors", []):
         print("error:", e)
 
@@ -180,8 +186,12 @@ async def run_inprocess(args, prompts) -> dict:
 
     await drive(one, prompts[:min(4, len(prompts))], math.inf, args.max_concurrency, args.seed)  # warm-up
     results, duration = await drive(one, prompts, args.request_rate, args.max_concurrency, args.seed)
+    comps = rep.snapshot()["components"]
     rep.loop.shutdown()
-    return summarize("inprocess", results, duration)
+    s = summarize("inprocess", results, duration)
+    if comps:
+        s["components"] = comps  # offload's cache stats etc. (the same figures /metrics exports)
+    return s
 
 
 async def run_http(url: str, args, prompts, name: str, model: str) -> dict:
@@ -253,6 +263,73 @@ def start_serve(args) -> tuple[str, str]:
     return f"http://127.0.0.1:{port}", cfg.model_name()
 
 
+RANDOM_SHAPES = {
+    # real models' layer shapes; the vocabulary is the embedded default's (its tokenizer serves the text)
+    "mixtral": dict(model_type="mixtral", hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+                    num_experts=8, num_experts_per_tok=2, moe_intermediate_size=14336),
+    "qwen3": dict(model_type="qwen3_moe", hidden_size=2048, num_attention_heads=32, num_key_value_heads=4,
+                  head_dim=128, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768),
+}
+
+
+def write_random_model(name: str, layers: int, scratch: str, device: str) -> str:
+    """A checkpoint of a real model's shapes (``layers`` decoder layers, random bf16 weights) plus the embedded
+    default's tokenizer, written to ``scratch``; returns its directory. Weights are drawn on ``device`` (fast on a
+    GPU) and saved shard by shard."""
+    import shutil
+
+    import torch
+
+    from moe import MoEConfig, MoEForCausalLM, save_pretrained
+    from serve.engine_deployment import default_model_path
+
+    if name not in RANDOM_SHAPES:
+        raise ValueError(f"--random-model must be one of {sorted(RANDOM_SHAPES)}, got {name!r}")
+    src = default_model_path()
+    with open(os.path.join(src, "config.json")) as f:
+        dflt = json.load(f)
+    out = os.path.join(scratch, f"{name}-{layers}L")
+    cfg = MoEConfig.tiny(RANDOM_SHAPES[name]["model_type"]).replace(
+        **RANDOM_SHAPES[name], num_hidden_layers=layers, intermediate_size=RANDOM_SHAPES[name]["moe_intermediate_size"],
+        vocab_size=dflt["vocab_size"], bos_token_id=dflt.get("bos_token_id"), eos_token_id=dflt.get("eos_token_id"),
+        max_position_embeddings=4096)
+    t0 = time.perf_counter()
+    dev = "cuda" if device in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
+    model = MoEForCausalLM(MoEConfig.from_hf_dict(cfg.to_hf_dict()), dtype=torch.bfloat16, device="meta")
+    model.to_empty(device=dev)
+    model.reset_rotary(dev)
+    model.init_weights(std=0.02, seed=0)
+    save_pretrained(model, out, max_shard_bytes=4 << 30)
+    for fname in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(src, fname), os.path.join(out, fname))
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    del model
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    print(f"random {name} shapes, {layers} layers: {nbytes / 2**30:.1f} GiB written to {out} in "
+          f"{time.perf_counter() - t0:.1f} s", flush=True)
+    return out
+
+
+def expert_budget_bytes(model_dir: str, share: float, batch: int, max_len: int) -> str:
+    """--gpu-memory that leaves ``share`` of the experts' bytes on the GPU beside the dense weights and KV cache."""
+    import torch
+
+    from moe import MoEConfig, MoEForCausalLM
+    from offload.apply import kv_cache_bytes
+
+    cfg = MoEConfig.from_pretrained(model_dir)
+    model = MoEForCausalLM(cfg, dtype=torch.bfloat16, device="meta")
+    expert = sum(p.numel() * 2 for b in model.moe_blocks() for p in b.experts.parameters())
+    dense = sum(p.numel() * 2 for p in model.parameters()) - expert
+    kv = kv_cache_bytes(cfg, batch, max_len, torch.bfloat16)
+    total = dense + kv + share * expert + (256 << 20)  # 256 MiB of head room for activations
+    print(f"GPU budget: dense {dense / 2**30:.2f} GiB + KV {kv / 2**30:.2f} GiB + {share:.0%} of experts "
+          f"({share * expert / 2**30:.2f} of {expert / 2**30:.2f} GiB) + 0.25 GiB = {total / 2**30:.2f} GiB",
+          flush=True)
+    return f"{total / 2**30:.3f}GiB"
+
+
 def vocab_size(args) -> int:
     if args.vocab_size:
         return args.vocab_size
@@ -290,9 +367,30 @@ def main(argv=None) -> int:
     p.add_argument("--api-key", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--random-model", default=None, choices=sorted(RANDOM_SHAPES),
+                   help="write and serve a checkpoint of this real model's shapes with random weights")
+    p.add_argument("--random-layers", type=int, default=4, help="decoder layers of --random-model")
+    p.add_argument("--scratch", default="/tmp/moeflow-bench", help="where --random-model writes its checkpoint")
+    p.add_argument("--expert-budget", type=float, default=None,
+                   help="set --gpu-memory so that this share of the experts' bytes fits beside the dense weights")
     args = p.parse_args(argv)
     if args.backend == "url" and not args.url:
         p.error("--backend url needs --url")
+    if args.random_model:
+        if args.model:
+            p.error("--random-model writes its own checkpoint: drop --model")
+        if args.random_layers < 1:
+            p.error(f"--random-layers must be >= 1, got {args.random_layers}")
+        args.model = write_random_model(args.random_model, args.random_layers, args.scratch, args.device)
+    if args.expert_budget is not None:
+        if args.gpu_memory:
+            p.error("give --gpu-memory or --expert-budget, not both")
+        if not 0.0 < args.expert_budget <= 1.0:
+            p.error(f"--expert-budget is a share of the experts' bytes in (0, 1], got {args.expert_budget}")
+        if args.model in (None, "tiny"):
+            p.error("--expert-budget needs a checkpoint directory (--model DIR or --random-model)")
+        args.gpu_memory = expert_budget_bytes(args.model, args.expert_budget, args.max_batch_size,
+                                              args.input_len + args.output_len + 8)
 
     prompts = make_prompts(args.num_prompts, args.input_len, vocab_size(args), args.seed)
     print(f"workload: {args.num_prompts} requests, {args.input_len} prompt + {args.output_len} output tokens, "
