@@ -14,9 +14,15 @@ traces; the target case solved in <= 60 s.
 
 With ``--runtime RANKS`` it instead measures the expert-parallel runtime (placement/runtime.py:
 Ray actors, gloo on CPU / NCCL on GPUs): tokens/s of standard EP vs context-coherent EP, with
-the round-robin plan vs the ILP plan fitted to the model's own routing on calibration text
-(``--model DIR`` for a trained checkpoint; otherwise a random model, whose routing has little
-affinity). ``--address auto`` joins a running Ray cluster.
+the round-robin plan vs the ILP plan. The model is a random one of the shape of ``--trace``
+(layers, experts, top-k; ``--hidden-size``, ``--ffn-size``; bf16 on GPU), each rank drawing its
+own weights, and its routing is REPLACED by the trace (placement/trace_routing.py), so every plan
+and mode routes the trained model's expert choices. Machines without OR-Tools load a plan made
+elsewhere: ``--runtime RANKS --save-plan OUT.json`` solves it (no Ray, no GPU), ``--plan OUT.json``
+uses it. ``--address auto`` joins a running Ray cluster.
+
+    python benchmarks/placement.py --runtime 4 --save-plan plan4.json --time-limit 60
+    python benchmarks/placement.py --runtime 4 --plan plan4.json --hidden-size 2048 --ffn-size 1408
 """
 from __future__ import annotations
 
@@ -73,37 +79,70 @@ def run_case(name, trace, ranks, nodes, cfg, hidden, dtype_bytes):
     return rows
 
 
+def _runtime_setup(args):
+    """(model config, trace routing spec, trace, round-robin plan, sub-trace of the routed tokens)."""
+    import torch  # noqa: F401  (moe imports it anyway)
+
+    from moe import MoEConfig
+    from placement.trace_routing import TraceRoutingSpec
+
+    trace = RoutingTrace.load(args.trace)
+    L, N, K = trace.expert_ids.shape
+    E, H, P = trace.num_experts, args.hidden_size, args.runtime
+    heads = H // 128 if H % 128 == 0 and H >= 256 else 4
+    if H % heads or (H // heads) % 2:
+        raise ValueError(f"--hidden-size {H} must split into {heads} attention heads of an even size")
+    cfg = MoEConfig.tiny("mixtral", hidden_size=H, num_hidden_layers=L, num_experts=E, num_experts_per_tok=K,
+                         moe_intermediate_size=args.ffn_size, num_attention_heads=heads,
+                         num_key_value_heads=max(1, heads // 4),
+                         vocab_size=1024,  # small: every rank returns the prompt's logits to the driver
+                         max_position_embeddings=max(4096, args.prompt_len + args.new_tokens))
+    # row b reads trace tokens b*stride .. b*stride + stride - 1 (wrapping when the batch outgrows it)
+    stride = args.prompt_len + args.new_tokens
+    if args.batch * stride > N:
+        print(f"note: batch x (prompt + new tokens) = {args.batch * stride} > {N} trace tokens: rows wrap around")
+    spec = TraceRoutingSpec.from_trace(trace, stride)
+    return cfg, spec, trace, round_robin(L, E, P, 1), spec.sub_trace(args.batch, args.prompt_len)
+
+
+def save_plan(args) -> int:
+    """Solve the ILP plan of --trace for --save-plan RANKS here (OR-Tools, no Ray, no GPU)."""
+    from placement.ilp import SolverConfig, solve_exflow
+    trace = RoutingTrace.load(args.trace)
+    plan = solve_exflow(AffinityStats.from_trace(trace), args.runtime, 1,
+                        SolverConfig(time_limit_s=args.time_limit, num_workers=args.workers,
+                                     load_weight=args.load_weight))
+    plan.meta["trace"] = os.path.basename(args.trace)
+    plan.save(args.save_plan)
+    rr = round_robin(trace.num_layers, trace.num_experts, args.runtime, 1)
+    f, g = evaluate(plan, trace), evaluate(rr, trace)
+    print(f"{args.save_plan}: {plan.method} on {args.runtime} ranks, cross {f.cross_fraction:.3f} vs round robin "
+          f"{g.cross_fraction:.3f} ({100 * (1 - f.cross_fraction / g.cross_fraction):.1f}% fewer), "
+          f"solved in {plan.solve_time_s:.1f} s ({plan.solver_status})")
+    return 0
+
+
 def runtime_bench(args) -> int:
     import ray
     import torch
 
-    from moe import MoEConfig, MoEForCausalLM, load_model
     from placement.runtime import EPConfig, ExpertParallelRuntime
-    from routing.record import record_sequences
 
     P = args.runtime
     cuda = torch.cuda.is_available() and not args.cpu
-    if args.model:
-        model = load_model(args.model, dtype=torch.float32 if not cuda else torch.bfloat16)
-    else:
-        cfg = MoEConfig.tiny("mixtral", hidden_size=512, num_hidden_layers=8, num_experts=16,
-                             moe_intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4,
-                             vocab_size=4096, max_position_embeddings=4096)
-        model = MoEForCausalLM(cfg, dtype=torch.bfloat16 if cuda else torch.float32)
-        model.init_weights(std=0.05, seed=0)
-    V = model.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    calib = torch.randint(3, V, (16, 128), generator=g)
-    trace, _ = record_sequences(model, calib.tolist(), batch_size=8)
-    st = AffinityStats.from_trace(trace)
+    cfg, spec, trace, rr, sub = _runtime_setup(args)
     L, E = trace.num_layers, trace.num_experts
-    if args.plan:  # solved elsewhere (machines without OR-Tools): `moe place TRACE --gpus P --out plan.json`
+    if args.plan:  # solved elsewhere (machines without OR-Tools): --save-plan on the same trace
         ilp = PlacementPlan.load(args.plan)
         ilp.check_compatible(L, E)
+        if ilp.num_ranks != P:
+            raise ValueError(f"--plan {args.plan} is for {ilp.num_ranks} ranks, --runtime asks {P}; "
+                             f"make it with --runtime {P} --save-plan")
     else:
         from placement.ilp import SolverConfig, solve_exflow
-        ilp = solve_exflow(st, P, 1, SolverConfig(time_limit_s=args.time_limit))
-    plans = [round_robin(L, E, P, 1, st), ilp]
+        ilp = solve_exflow(AffinityStats.from_trace(trace), P, 1,
+                           SolverConfig(time_limit_s=args.time_limit, num_workers=args.workers))
+    plans = [rr, ilp]
     if args.address:
         ray.init(address=args.address)
     else:
@@ -111,20 +150,29 @@ def runtime_bench(args) -> int:
     ep = EPConfig(mode="standard", device="cuda" if cuda else "cpu", cpus_per_actor=0.5,
                   backend=args.backend or ("triton" if cuda else "torch"),
                   torch_threads=max(1, (os.cpu_count() or 2) // P))
-    rt = ExpertParallelRuntime(model, plans[0], ep)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    t_setup = time.perf_counter()
+    rt = ExpertParallelRuntime(None, rr, ep)
+    rt.set_trace_routing(spec)
+    g = torch.Generator().manual_seed(0)
+    V = cfg.vocab_size
     prompt = torch.randint(3, V, (args.batch, args.prompt_len), generator=g)
-    rows = []
+    rows, logits = [], []
     try:
         for plan in plans:
-            rt.load(model, plan)
-            f = evaluate(plan, trace)
+            rt.load_seeded(cfg, plan, seed=0, std=0.02, dtype=dtype)
+            f = evaluate(plan, sub)
             for mode in ("standard", "coherent"):
                 rt.set_mode(mode)
-                rt.greedy(prompt[:, :8], 2)  # warm-up
+                # warm-up at the timed shapes: kernels compile per token-count bucket
+                rt.forward(prompt)
+                rt.greedy(prompt, 2)
+                rt.greedy(prompt, 2, home_only=True)
                 rt.reset_counters()
                 t0 = time.perf_counter()
-                rt.forward(prompt)
+                out = rt.forward(prompt)
                 t_pre = time.perf_counter() - t0
+                logits.append(out[:, -1].float())
                 t0 = time.perf_counter()
                 rt.greedy(prompt, args.new_tokens)
                 decode_rep = max(time.perf_counter() - t0 - t_pre, 1e-9)
@@ -140,19 +188,26 @@ def runtime_bench(args) -> int:
                              a2a, moved))
     finally:
         rt.shutdown()
-    print(f"\n{P} ranks on {'cuda' if cuda else 'cpu'}, batch {args.batch}, prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens; floor = round_robin + standard")
-    print("decode (replicated): every rank runs attention for every row, one all-gather per layer; decode "
-          "(home-only): ExFlow's decoding, attention only on the row's home (placement/decode.py); "
-          "a2a/layer and rows moved: home-only run (prefill included)")
+    wall = time.perf_counter() - t_setup
+    # every plan and mode routes the same trace tokens: the logits agree up to summation order
+    diff = max(float((x - logits[0]).abs().max()) for x in logits)
+    print(f"\n{P} ranks on {'cuda' if cuda else 'cpu'} ({'bf16' if cuda else 'fp32'}), model of {args.trace}: "
+          f"{L} layers x {E} experts top-{trace.top_k}, hidden {cfg.hidden_size}, expert ffn {cfg.moe_intermediate_size}; "
+          f"batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens; routing replaced by the trace "
+          f"(row b, position p -> trace token b*{spec.stride}+p)")
+    print("cross: of the prompt tokens' consecutive-layer moves, the part crossing ranks; decode (replicated): "
+          "every rank runs attention for every row, one all-gather per layer; decode (home-only): ExFlow's "
+          "decoding (placement/decode.py); a2a/layer and rows moved: the home-only run (prefill included)")
     head = (f"{'plan':<16}{'mode':<10}{'cross':>7}{'prefill tok/s':>15}{'decode rep':>12}{'decode home':>13}"
             f"{'a2a/layer':>11}{'rows moved':>12}")
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r[0]:<16}{r[1]:<10}{r[2]:>7.3f}{r[3]:>15.0f}{r[4]:>12.1f}{r[5]:>13.1f}{r[6]:>11.2f}{r[7]:>12d}")
-    print(f"coherent + ILP vs standard + round robin (home-only decode): {rows[-1][5] / rows[0][5]:.2f}x "
-          f"(target >= 1.3x on 4 GPUs)")
+    print(f"last-token logits, max difference between plans/modes: {diff:.3g}; wall {wall:.0f} s")
+    print(f"prefill: coherent + ILP vs standard + round robin: {rows[-1][3] / rows[0][3]:.2f}x; decode replicated: "
+          f"{rows[-1][4] / rows[0][4]:.2f}x")
+    print(f"coherent + ILP vs standard + round robin: {rows[-1][5] / rows[0][5]:.2f}x (target >= 1.3x on 4 GPUs)")
     return 0
 
 
@@ -161,11 +216,17 @@ def main(argv=None) -> int:
     ap.add_argument("--time-limit", type=float, default=20.0, help="ILP time limit per case (s)")
     ap.add_argument("--target-time-limit", type=float, default=60.0)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--hidden-size", type=int, default=4096)
+    ap.add_argument("--hidden-size", type=int, default=4096,
+                    help="hidden size of the bytes figures; with --runtime the model's (e.g. 2048)")
     ap.add_argument("--dtype-bytes", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="smaller traces and no target case")
     ap.add_argument("--runtime", type=int, default=0, metavar="RANKS", help="measure the EP runtime instead")
-    ap.add_argument("--model", default=None, help="--runtime: a trained checkpoint directory")
+    ap.add_argument("--trace", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "traces", "large.npz"),
+                    help="--runtime / --save-plan: the routing trace; the model takes its shape, its routing is the trace")
+    ap.add_argument("--ffn-size", type=int, default=1408, help="--runtime: expert ffn (intermediate) size")
+    ap.add_argument("--save-plan", default=None, metavar="OUT.json",
+                    help="with --runtime RANKS: only solve the ILP plan of --trace here and save it (no Ray)")
+    ap.add_argument("--load-weight", type=float, default=0.0, help="--save-plan: the ILP's token-load weight")
     ap.add_argument("--address", default=None, help="--runtime: Ray cluster address (e.g. auto)")
     ap.add_argument("--cpu", action="store_true", help="--runtime: gloo on CPU even when GPUs exist")
     ap.add_argument("--plan", default=None, help="--runtime: ILP plan JSON made elsewhere (no OR-Tools needed)")
@@ -174,8 +235,10 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
     args = ap.parse_args(argv)
+    if args.save_plan and not args.runtime:
+        ap.error("--save-plan needs --runtime RANKS (the number of ranks to plan for)")
     if args.runtime:
-        return runtime_bench(args)
+        return save_plan(args) if args.save_plan else runtime_bench(args)
     from placement.ilp import SolverConfig
     cfg = SolverConfig(time_limit_s=args.time_limit, num_workers=args.workers)
     rows = []

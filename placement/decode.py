@@ -117,7 +117,11 @@ def _moe_rows(layer, h_nD: torch.Tensor, rows_n: torch.Tensor, origin_n: torch.T
     me, P, group = st.rank, st.world, st.group
     dev, D = h_nD.device, h_nD.shape[1]
     hn_nD = layer.post_attention_layernorm(h_nD)
-    ids_nK, w_nK, _ = block.router(hn_nD)
+    st.rows_N = rows_n  # names the rows of this call for a router keyed by row (trace_routing.py)
+    try:
+        ids_nK, w_nK, _ = block.router(hn_nD)
+    finally:
+        st.rows_N = None
     K = ids_nK.shape[1]
     home_n = torch.full_like(rows_n, me)
     r_nK = experts._slot_ranks(ids_nK, home_n)

@@ -83,6 +83,7 @@ class TokenState:
     group: object = None
     home_T: torch.Tensor | None = None
     origin_T: torch.Tensor | None = None
+    rows_N: torch.Tensor | None = None  # batch rows of the current router call when not all (decode.py)
     counters: dict = field(default_factory=lambda: dict(dispatch_rows=0, combine_rows=0, allgather_rows=0,
                                                         all_to_all_calls=0, all_gather_calls=0, layers=0))
 
@@ -297,6 +298,7 @@ class EPWorker:
         self.model = None
         self.state = None
         self.groups: dict[int, object] = {}  # n -> process group of ranks 0..n-1 (plans on fewer ranks)
+        self.trace_spec = None  # trace_routing.TraceRoutingSpec installed at every load, or None
 
     def address(self) -> tuple[str, int]:
         import ray
@@ -312,6 +314,36 @@ class EPWorker:
 
         A plan on n < world ranks runs on ranks 0..n-1 in their own process group (every rank
         takes part in making it, as torch.distributed requires); the others stay idle."""
+        dtype = next(iter(dense.values())).dtype
+
+        def fill(model, plan):
+            missing, unexpected = model.load_state_dict(dense, strict=False)
+            if missing or unexpected:
+                raise ValueError(f"rank {self.rank}: state dict mismatch, missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}")
+            return {k: v.to(dtype) for k, v in local.items()}
+        return self._build(hf_config, plan_dict, dtype, fill)
+
+    def load_seeded(self, hf_config: dict, plan_dict: dict, seed: int, std: float, dtype: str) -> int:
+        """Like ``load`` for a random model (trace_routing.seeded_model): this rank draws its dense
+        part and its own experts itself, so no weights travel."""
+        from .trace_routing import expert_shapes, expert_weights, init_dense_seeded
+        dt = getattr(torch, dtype)
+
+        def fill(model, plan):
+            init_dense_seeded(model, seed, std)
+            blocks, prefixes = model.moe_blocks(), _block_prefixes(model)
+            shapes = expert_shapes(model)
+            local = {}
+            for b in blocks:
+                w13, w2 = expert_weights((len(blocks), model.config.num_experts), b.moe_index,
+                                         plan.experts_on(self.rank, b.moe_index), shapes, seed, std, dt, self.device)
+                local[f"{prefixes[b.moe_index]}.experts.w13"] = w13
+                local[f"{prefixes[b.moe_index]}.experts.w2"] = w2
+            return local
+        return self._build(hf_config, plan_dict, dt, fill)
+
+    def _build(self, hf_config: dict, plan_dict: dict, dtype: torch.dtype, fill) -> int:
         from moe import MoEConfig, MoEForCausalLM
         self.model = self.state = None
         plan = PlacementPlan.from_dict(plan_dict)
@@ -324,22 +356,24 @@ class EPWorker:
         if self.rank >= n:
             return 0
         mcfg = MoEConfig.from_hf_dict(hf_config)
-        dtype = next(iter(dense.values())).dtype
         # built on the meta device, the routed experts swapped for a vacant stand-in before any
         # memory is allocated: a rank never holds experts the plan puts elsewhere
         model = MoEForCausalLM(mcfg, backend=self.cfg.backend, dtype=dtype, device="meta")
         for b in model.moe_blocks():
             b.experts = _Vacant(b.experts.num_experts, self.cfg.backend)
         model.to_empty(device=self.device)
-        missing, unexpected = model.load_state_dict(dense, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"rank {self.rank}: state dict mismatch, missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+        local = fill(model, plan)
         model.reset_rotary(self.device)
-        self.state = apply_placement(model, plan, self.rank, self.cfg.mode, group,
-                                     {k: v.to(dtype) for k, v in local.items()}, self.cfg.backend)
+        self.state = apply_placement(model, plan, self.rank, self.cfg.mode, group, local, self.cfg.backend)
         self.model = model.eval()
+        if self.trace_spec is not None:
+            from .trace_routing import install_trace_routing
+            install_trace_routing(self.model, self.trace_spec, self.state)
         return sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+
+    def set_trace_routing(self, spec) -> None:
+        """Route by ``spec`` (trace_routing.TraceRoutingSpec) from the next ``load`` on."""
+        self.trace_spec = spec
 
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
@@ -391,7 +425,9 @@ class EPWorker:
 
 
 class ExpertParallelRuntime:
-    """Driver side: P actors in a placement group, one forward at a time in all of them."""
+    """Driver side: P actors in a placement group, one forward at a time in all of them.
+
+    ``model`` None: the actors start empty; give them a model with ``load`` or ``load_seeded``."""
 
     def __init__(self, model, plan: PlacementPlan, config: EPConfig | None = None):
         import ray
@@ -424,7 +460,9 @@ class ExpertParallelRuntime:
         addr, port = where[order[0]]
         ray.get([w.connect.remote(rank, addr, port) for rank, w in enumerate(self.workers)])
         self.machines = [where[r][0] for r in order]
-        self.load(model, plan)
+        self.plan = plan
+        if model is not None:
+            self.load(model, plan)
 
     def load(self, model, plan: PlacementPlan) -> None:
         """Give the ranks another model or plan; a plan on fewer ranks runs on the first ones."""
@@ -439,6 +477,24 @@ class ExpertParallelRuntime:
         per_rank += [{}] * (len(self.workers) - plan.num_ranks)
         self.expert_params = ray.get([w.load.remote(hf, dense_ref, per_rank[r], plan.to_dict())
                                       for r, w in enumerate(self.workers)])[:plan.num_ranks]
+
+    def load_seeded(self, config, plan: PlacementPlan, seed: int = 0, std: float = 0.02,
+                    dtype: torch.dtype = torch.float32) -> None:
+        """Load ``trace_routing.seeded_model(config, seed, std, dtype)`` without shipping weights:
+        every rank draws its dense part and its own experts on its device."""
+        import ray
+        if plan.num_ranks > len(self.workers):
+            raise ValueError(f"the plan has {plan.num_ranks} ranks but this runtime only {len(self.workers)}")
+        plan.check_compatible(sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers)),
+                              config.num_experts)
+        self.plan = plan
+        hf, pd, name = config.to_hf_dict(), plan.to_dict(), str(dtype).removeprefix("torch.")
+        self.expert_params = ray.get([w.load_seeded.remote(hf, pd, seed, std, name)
+                                      for w in self.workers])[:plan.num_ranks]
+
+    def set_trace_routing(self, spec) -> None:
+        """Every rank routes by ``spec`` (trace_routing.TraceRoutingSpec) from the next load on."""
+        self._all("set_trace_routing", spec)
 
     def _all(self, method: str, *args):
         import ray
