@@ -17,9 +17,11 @@ Strategies (``Strategy.name``), each a different way to bring tokens and units t
         in backward the weight gradients are reduce-scattered back to their owners.
   "tp"  sliced/tensor parallel: all-gather the tokens, each rank computes its own units for
         every token, a reduce-scatter sums the partial outputs back to the tokens' ranks.
-Capacity (Tutel's rule) is applied to the routing before any strategy runs, so dropped
-tokens are the same whatever the strategy: f > 0 fixed factor, f = 0 dropless, f < 0 the
-capacity the batch needs, capped at |f| × the mean load.
+  "ep+dp", "ep+tp" with ``group`` g: expert parallel across groups of g ranks, data or tensor
+        parallel inside them (adaptive_blend.py; Tutel's r between 1 and W/E is "ep+dp").
+Capacity is moe.losses' rule (the single-process layer's), applied to the routing before any
+strategy runs, so dropped tokens are the same whatever the strategy: f > 0 fixed factor,
+f = 0 dropless, f < 0 the capacity the batch needs, capped at |f| × the mean load.
 
 The chooser predicts each strategy's step time from a cost model calibrated on the machine
 (collective latency and bandwidth, expert GEMM rate) and corrects it online with measured step
@@ -36,15 +38,19 @@ import torch.distributed as dist
 
 from kernels import get_backend
 
+from moe.losses import apply_capacity
+
+from .adaptive_blend import BLENDS, blend_forward, group_sizes
 from .collectives import all_gather_v, all_to_all_v, exchange_counts, gather_sizes, reduce_scatter_v
 
-STRATEGIES = ("ep", "dp", "tp")
+STRATEGIES = ("ep", "dp", "tp") + BLENDS
 
 
 @dataclass(frozen=True)
 class Strategy:
     name: str = "ep"
     degree: int = 1  # pipelining degree (chunks), "ep" only
+    group: int = 0   # ranks per group, blends ("ep+dp", "ep+tp") only; must divide the ranks
 
     def __post_init__(self):
         if self.name not in STRATEGIES:
@@ -52,9 +58,29 @@ class Strategy:
         if self.degree < 1 or (self.name != "ep" and self.degree != 1):
             raise ValueError(f"pipelining degree must be >= 1 and is only defined for 'ep' "
                              f"(got {self.name!r} with degree {self.degree})")
+        if (self.name in BLENDS) != (self.group >= 1) or self.group < 0:
+            raise ValueError(f"ranks per group is required (>= 1) for the blends {BLENDS} and only for "
+                             f"them (got {self.name!r} with group={self.group})")
 
     def __str__(self) -> str:
-        return self.name if self.name != "ep" else f"ep:d{self.degree}"
+        if self.name == "ep":
+            return f"ep:d{self.degree}"
+        return f"{self.name}:g{self.group}" if self.name in BLENDS else self.name
+
+    @classmethod
+    def parse(cls, text: str) -> "Strategy":
+        """Inverse of ``str``: "ep:d2", "dp", "tp", "ep+dp:g2", "ep+tp:g1"."""
+        name, _, arg = text.partition(":")
+        try:
+            if name == "ep":
+                return cls("ep", int(arg[1:]) if arg else 1)
+            if name in BLENDS:
+                return cls(name, group=int(arg[1:]) if arg.startswith("g") else 0)
+        except ValueError:
+            pass
+        if name in BLENDS or (name == "ep" and arg):
+            raise ValueError(f"bad strategy {text!r}; write e.g. 'ep:d2', 'dp', 'tp', 'ep+dp:g2', 'ep+tp:g1'")
+        return cls(name)
 
 
 # --- layout --------------------------------------------------------------------------------
@@ -112,35 +138,6 @@ class ShardLayout:
         return torch.cat([g, up], dim=1), w2
 
 
-# --- capacity ------------------------------------------------------------------------------
-def capacity_for(needed_max: int, tokens: int, top_k: int, num_experts: int, factor: float) -> int | None:
-    """Tutel's adaptive capacity. None = dropless."""
-    if factor == 0:
-        return None
-    mean = max(1, math.ceil(tokens * top_k / num_experts))
-    if factor > 0:
-        return max(1, math.ceil(factor * mean))
-    return max(1, min(needed_max, math.ceil(-factor * mean)))
-
-
-def apply_capacity(topk_ids_TK: torch.Tensor, num_experts: int, capacity: int | None) -> tuple[torch.Tensor, int]:
-    """Drop (set to -1) the (token, slot) pairs beyond ``capacity`` per expert, in token order."""
-    if capacity is None:
-        return topk_ids_TK, 0
-    flat = topk_ids_TK.reshape(-1)
-    valid = flat >= 0
-    onehot = torch.nn.functional.one_hot(flat.clamp(min=0), num_experts) * valid[:, None]
-    rank_in_expert = (onehot.cumsum(0) * onehot).sum(1) - 1  # 0-based order within its expert
-    keep = valid & (rank_in_expert < capacity)
-    dropped = int((valid & ~keep).sum())
-    return torch.where(keep, flat, torch.full_like(flat, -1)).view_as(topk_ids_TK), dropped
-
-
-def local_needed(topk_ids_TK: torch.Tensor, num_experts: int) -> int:
-    ids = topk_ids_TK[topk_ids_TK >= 0]
-    return int(torch.bincount(ids, minlength=num_experts).max()) if ids.numel() else 0
-
-
 # --- the layer -----------------------------------------------------------------------------
 @dataclass
 class StepInfo:
@@ -186,13 +183,13 @@ class AdaptiveMoEExperts(torch.nn.Module):
     def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
                 strategy: Strategy | None = None) -> torch.Tensor:
         T, K = topk_ids_TK.shape
-        # the capacity needs the largest per-expert load of any rank: one small all-reduce
-        cap = None
+        # the single-process layer's capacity rule (moe.losses), applied to this rank's tokens as
+        # Tutel applies it per rank. Rows are dispatched without padded buffers, so no rank needs
+        # the others' loads: with f < 0 a rank drops past min(needed, |f| mean) exactly when it
+        # would past min(global needed, |f| mean) (both cut at |f| mean only when it overflows).
+        cap, dropped, ids_TK = None, 0, topk_ids_TK
         if self.capacity_factor != 0:
-            need = torch.tensor([local_needed(topk_ids_TK, self.layout.num_experts)], device=x_TD.device)
-            dist.all_reduce(need, op=dist.ReduceOp.MAX, group=self.group)
-            cap = capacity_for(int(need), T, K, self.layout.num_experts, self.capacity_factor)
-        ids_TK, dropped = apply_capacity(topk_ids_TK, self.layout.num_experts, cap)
+            ids_TK, dropped, cap = apply_capacity(topk_ids_TK, self.layout.num_experts, self.capacity_factor)
         adaptive = self.chooser is not None and self.fixed is None and strategy is None
         if adaptive:
             # every rank must pick the same strategy (they run its collectives together), so the
@@ -206,6 +203,9 @@ class AdaptiveMoEExperts(torch.nn.Module):
             y = self._ep(x_TD, ids_TK, topk_weights_TK, strat.degree)
         elif strat.name == "dp":
             y = self._dp(x_TD, ids_TK, topk_weights_TK)
+        elif strat.name in BLENDS:
+            tok, unit, weight = self._rows(ids_TK, topk_weights_TK)
+            y = blend_forward(self, x_TD, tok, unit, weight, strat.name, strat.group)
         else:
             y = self._tp(x_TD, ids_TK, topk_weights_TK)
         seconds = None
@@ -225,10 +225,12 @@ class AdaptiveMoEExperts(torch.nn.Module):
         return float(t)
 
     def stats(self) -> dict:
-        """For the metrics endpoint: the strategy of the last call and its dropped (token, slot) pairs."""
+        """For the metrics endpoint: the strategy of the last call, its dropped (token, slot) pairs on
+        this rank and the capacity per expert (None = dropless)."""
         if self.last is None:
             return {}
-        return {"strategy": str(self.last.strategy), "dropped_tokens": self.last.dropped}
+        return {"strategy": str(self.last.strategy), "dropped_tokens": self.last.dropped,
+                "capacity": self.last.capacity}
 
     # rows: one per (token, slot, slice) with a valid expert
     def _rows(self, ids_TK: torch.Tensor, w_TK: torch.Tensor):
@@ -242,8 +244,10 @@ class AdaptiveMoEExperts(torch.nn.Module):
         return tok, unit, weight
 
     def _compute(self, x_ND, unit_N, weight_N, w13, w2) -> torch.Tensor:
-        if x_ND.shape[0] == 0:  # keep the graph connected for backward even with no rows
-            return x_ND[:0] + 0 * (w13.sum() + w2.sum())
+        if x_ND.shape[0] == 0:
+            # keep every input in the graph even with no rows: each rank's backward must run the
+            # same adjoint collectives (the weights' all-to-all included) or the ranks mismatch
+            return x_ND[:0] + 0 * (w13.sum() + w2.sum() + weight_N.sum())
         return get_backend(self.backend)(x_ND, w13, w2, unit_N[:, None], weight_N[:, None])
 
     def _ep_chunks(self, tok, unit, weight, degree: int):
@@ -407,8 +411,21 @@ class CostModel:
             tok_bytes = s.tokens * s.hidden * b * (W - 1)
             comm = bwd * (self.comm(tok_bytes, self.allgather_bytes_per_s) + self.comm(tok_bytes, self.a2a_bytes_per_s))
             return comm + flops_mult * compute
-        d = strat.degree
         slices = max(1, W // s.experts)
+        if strat.name in BLENDS:
+            g = strat.group
+            G = W // g
+            # a token visits each group holding one of its K x slices units once: expected
+            # distinct groups of K*slices uniform picks
+            visits = G * (1 - (1 - 1 / G) ** (s.top_k * slices))
+            pair_bytes = s.tokens * visits * s.hidden * b
+            comm = 2 * (3 * self.latency_s + pair_bytes * (G - 1) / G / self.a2a_bytes_per_s)
+            if strat.name == "ep+dp" and g > 1:  # gather the group's units (once a step)
+                comm += self.comm(weights * (g - 1) / W, self.allgather_bytes_per_s)
+            elif g > 1:  # ep+tp: gather the group's received tokens, reduce-scatter the outputs
+                comm += 2 * self.comm(pair_bytes * (g - 1), self.allgather_bytes_per_s)
+            return bwd * comm + flops_mult * compute
+        d = strat.degree
         a2a_bytes = rows * slices * s.hidden * b * cross
         comm = bwd * 2 * (d * self.latency_s + a2a_bytes / self.a2a_bytes_per_s)
         comp = flops_mult * compute
@@ -444,6 +461,10 @@ class StrategyChooser:
         for name in self.allow:
             if name == "ep":
                 out += [Strategy("ep", d) for d in self.degrees]
+            elif name in BLENDS:
+                # g = W is dp / tp again; g = 1 of ep+tp is ep with one copy of a token per rank
+                lo = 2 if name == "ep+dp" else 1
+                out += [Strategy(name, group=g) for g in group_sizes(shape.world) if lo <= g < shape.world]
             else:
                 out.append(Strategy(name))
         return out

@@ -5,8 +5,15 @@ import torch
 import torch.distributed as dist
 
 from kernels import moe_experts_reference
-from placement.adaptive import (AdaptiveMoEExperts, ShardLayout, Strategy, StrategyChooser, apply_capacity,
-                                capacity_for, local_needed)
+from moe.losses import apply_capacity
+from placement.adaptive import AdaptiveMoEExperts, ShardLayout, Strategy, StrategyChooser
+from placement.adaptive_blend import BLENDS, group_sizes
+
+
+def all_strategies(world):
+    """Every strategy and every blend's group size, the end points (g = 1, g = W) included."""
+    out = [Strategy("ep", 1), Strategy("ep", 3), Strategy("dp"), Strategy("tp")]
+    return out + [Strategy(b, group=g) for b in BLENDS for g in group_sizes(world)]
 
 
 def _problem(world, E, D, I, K, tokens_per_rank, seed=0):
@@ -32,12 +39,12 @@ def _problem(world, E, D, I, K, tokens_per_rank, seed=0):
 def _reference(world, E, K, w13, w2, xs, ids, ws, gs, factor):
     w13 = w13.clone().requires_grad_()
     w2 = w2.clone().requires_grad_()
-    need = max(local_needed(i, E) for i in ids)
-    outs, xg, wg = [], [], []
+    outs, xg, wg, drops = [], [], [], []
     loss = 0
     for r in range(world):
-        cap = capacity_for(need, ids[r].shape[0], K, E, factor)
-        m, _ = apply_capacity(ids[r], E, cap)
+        # the single-process layer's capacity rule on each rank's batch (as the layer applies it)
+        m, dropped, _ = apply_capacity(ids[r], E, factor)
+        drops.append(dropped)
         x = xs[r].clone().requires_grad_()
         w = ws[r].clone().requires_grad_()
         y = moe_experts_reference(x, w13, w2, m, w)
@@ -46,31 +53,41 @@ def _reference(world, E, K, w13, w2, xs, ids, ws, gs, factor):
         xg.append(x)
         wg.append(w)
     loss.backward()
-    return outs, [x.grad for x in xg], [w.grad for w in wg], w13.grad, w2.grad
+    return outs, [x.grad for x in xg], [w.grad for w in wg], w13.grad, w2.grad, drops
 
 
-def check_strategies(rank, world, init_file, E, D, I, K, factor):
+def check_strategies(rank, world, init_file, cases, D, I, K):
+    """``cases``: (experts, capacity factor) pairs, run in one process group (spawning is slow)."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        tokens = [5 + 3 * r for r in range(world)]
-        tokens[-1] = 1 if world > 2 else tokens[-1]  # uneven, and one rank with a single token
-        w13, w2, xs, ids, ws, gs = _problem(world, E, D, I, K, tokens)
-        ref_y, ref_xg, ref_wg, ref_g13, ref_g2 = _reference(world, E, K, w13, w2, xs, ids, ws, gs, factor)
-        layout = ShardLayout(E, I, world)
-        want13, want2 = layout.shard(ref_g13, ref_g2, rank)
-        for strat in [Strategy("ep", 1), Strategy("ep", 3), Strategy("dp"), Strategy("tp")]:
-            layer = AdaptiveMoEExperts(w13, w2, capacity_factor=factor, strategy=strat)
-            x = xs[rank].clone().requires_grad_()
-            w = ws[rank].clone().requires_grad_()
-            y = layer(x, ids[rank], w)
-            torch.testing.assert_close(y, ref_y[rank], msg=lambda m: f"{strat} output, rank {rank}: {m}")
-            (y * gs[rank]).sum().backward()
-            torch.testing.assert_close(x.grad, ref_xg[rank], msg=lambda m: f"{strat} x grad: {m}")
-            torch.testing.assert_close(w.grad, ref_wg[rank], msg=lambda m: f"{strat} routing-weight grad: {m}")
-            torch.testing.assert_close(layer.w13.grad, want13, msg=lambda m: f"{strat} w13 grad: {m}")
-            torch.testing.assert_close(layer.w2.grad, want2, msg=lambda m: f"{strat} w2 grad: {m}")
+        for E, factor in cases:
+            _check_case(rank, world, E, D, I, min(K, E), factor)
     finally:
         dist.destroy_process_group()
+
+
+def _check_case(rank, world, E, D, I, K, factor):
+    """One layer shape: every strategy against the single-process layer, outputs and gradients."""
+    tokens = [5 + 3 * r for r in range(world)]
+    tokens[-1] = 1 if world > 2 else tokens[-1]  # uneven, and one rank with a single token
+    w13, w2, xs, ids, ws, gs = _problem(world, E, D, I, K, tokens)
+    ref_y, ref_xg, ref_wg, ref_g13, ref_g2, drops = _reference(world, E, K, w13, w2, xs, ids, ws, gs, factor)
+    if factor < 0:
+        assert sum(drops) > 0, "the skewed routing must overflow the adaptive capacity somewhere"
+    layout = ShardLayout(E, I, world)
+    want13, want2 = layout.shard(ref_g13, ref_g2, rank)
+    for strat in all_strategies(world):
+        layer = AdaptiveMoEExperts(w13, w2, capacity_factor=factor, strategy=strat)
+        x = xs[rank].clone().requires_grad_()
+        w = ws[rank].clone().requires_grad_()
+        y = layer(x, ids[rank], w)
+        assert layer.stats()["dropped_tokens"] == drops[rank] and layer.stats()["strategy"] == str(strat)
+        torch.testing.assert_close(y, ref_y[rank], msg=lambda m: f"{strat} output, rank {rank}: {m}")
+        (y * gs[rank]).sum().backward()
+        torch.testing.assert_close(x.grad, ref_xg[rank], msg=lambda m: f"{strat} x grad: {m}")
+        torch.testing.assert_close(w.grad, ref_wg[rank], msg=lambda m: f"{strat} routing-weight grad: {m}")
+        torch.testing.assert_close(layer.w13.grad, want13, msg=lambda m: f"{strat} w13 grad: {m}")
+        torch.testing.assert_close(layer.w2.grad, want2, msg=lambda m: f"{strat} w2 grad: {m}")
 
 
 def check_switch_mid_training(rank, world, init_file, E, D, I, K):
@@ -82,11 +99,12 @@ def check_switch_mid_training(rank, world, init_file, E, D, I, K):
         ref13, ref2 = w13.clone(), w2.clone()
         layer = AdaptiveMoEExperts(w13, w2, chooser=StrategyChooser())
         layout = layer.layout
-        order = [Strategy("ep", 2), Strategy("dp"), Strategy("tp"), None, Strategy("ep", 1)]
+        order = [Strategy("ep", 2), Strategy("dp"), Strategy("ep+tp", group=1), Strategy("tp"), None,
+                 Strategy("ep+dp", group=world), Strategy("ep", 1)]
         for step, strat in enumerate(order):
             _, _, xs, ids, ws, gs = _problem(world, E, D, I, K, [4 + step] * world, seed=100 + step)
             # reference step on the full weights
-            _, _, _, g13, g2 = _reference(world, E, K, ref13, ref2, xs, ids, ws, gs, 0.0)
+            _, _, _, g13, g2, _ = _reference(world, E, K, ref13, ref2, xs, ids, ws, gs, 0.0)
             ref13, ref2 = ref13 - lr * g13, ref2 - lr * g2
             layer.zero_grad()
             y = layer(xs[rank], ids[rank], ws[rank], strategy=strat)

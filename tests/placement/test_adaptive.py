@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from placement.adaptive import CostModel, LayerShape, ShardLayout, Strategy, StrategyChooser, apply_capacity
+from placement.adaptive import CostModel, LayerShape, ShardLayout, Strategy, StrategyChooser
 
 from . import _adaptive_worker as worker
 
@@ -19,14 +19,16 @@ def _spawn(fn, world, *args):
     mp.spawn(fn, args=(world, init, *args), nprocs=world, join=True)
 
 
-@pytest.mark.parametrize("world,E,factor", [
-    (2, 4, 0.0),    # E > W: whole experts per rank, dropless
-    (4, 4, -1.5),   # adaptive capacity (drops happen on the skewed routing)
-    (4, 2, 0.0),    # W > E: each expert sliced over 2 ranks (Tutel r = W/E)
-    (2, 4, 1.0),    # fixed capacity factor
+@pytest.mark.parametrize("world,cases", [
+    # (experts, capacity factor): E > W whole experts per rank, dropless; one expert sliced over
+    # both ranks
+    (2, [(4, 0.0), (1, 0.0)]),
+    # adaptive capacity (drops happen on the skewed routing); W > E each expert sliced over 2
+    # ranks (Tutel r = W/E); fixed capacity factor with two experts per rank
+    (4, [(4, -1.5), (2, 0.0), (8, 1.0)]),
 ])
-def test_strategies_equal_single_process(world, E, factor):
-    _spawn(worker.check_strategies, world, E, 6, 8, 2, factor)
+def test_strategies_and_blends_equal_single_process(world, cases):
+    _spawn(worker.check_strategies, world, cases, 6, 8, 2)
 
 
 def test_switching_mid_training_changes_nothing():
@@ -49,11 +51,23 @@ def test_layout_round_trip_and_errors():
         Strategy("magic")
 
 
-def test_capacity_drops_in_token_order():
-    ids = torch.tensor([[0, 1], [0, 1], [0, 2], [1, -1]])
-    out, dropped = apply_capacity(ids, 3, 2)
-    assert dropped == 2
-    assert out.tolist() == [[0, 1], [0, 1], [-1, 2], [-1, -1]]
+def test_strategy_names_round_trip_and_errors():
+    for s in ["ep:d1", "ep:d4", "dp", "tp", "ep+dp:g2", "ep+tp:g1"]:
+        assert str(Strategy.parse(s)) == s
+    with pytest.raises(ValueError, match="ranks per group"):
+        Strategy("ep+dp")
+    with pytest.raises(ValueError, match="ranks per group"):
+        Strategy("tp", group=2)
+    with pytest.raises(ValueError, match="bad strategy"):
+        Strategy.parse("ep+tp:2")
+
+
+def test_chooser_offers_the_blends_for_four_ranks():
+    ch = StrategyChooser()
+    shape = LayerShape(tokens=4096, hidden=1024, ffn=1024, experts=8, top_k=2, world=4, elem_bytes=2)
+    names = {str(s) for s in ch.candidates(shape)}
+    assert {"ep+dp:g2", "ep+tp:g1", "ep+tp:g2"} <= names and "ep+dp:g4" not in names
+    assert all(ch.predict(shape, s) > 0 for s in ch.candidates(shape))
 
 
 def test_chooser_follows_the_cost_model_and_corrects_online():
@@ -79,13 +93,14 @@ def test_chooser_explores_close_candidates_then_settles_on_the_fastest_measured(
     ch = StrategyChooser(cost=CostModel(latency_s=1e-5, a2a_bytes_per_s=1e11, allgather_bytes_per_s=1e11,
                                         flops_per_s=1e14), explore_margin=1e9)
     shape = LayerShape(tokens=4096, hidden=1024, ffn=1024, experts=8, top_k=2, world=4, elem_bytes=2)
-    measured = {"ep:d1": 3.0, "ep:d2": 2.0, "ep:d4": 2.5, "dp": 1.0, "tp": 4.0}  # true step times
+    measured = {"ep:d1": 3.0, "ep:d2": 2.0, "ep:d4": 2.5, "dp": 1.0, "tp": 4.0,  # true step times
+                "ep+dp:g2": 1.5, "ep+tp:g1": 2.2, "ep+tp:g2": 3.5}
     seen = []
     for _ in range(len(ch.candidates(shape)) + 3):
         s = ch.choose(shape)
         seen.append(str(s))
         ch.observe(shape, s, measured[str(s)])
-    assert set(seen[:5]) == set(measured)  # each candidate tried once
+    assert set(seen[:len(measured)]) == set(measured)  # each candidate tried once
     assert seen[-3:] == ["dp"] * 3          # then the fastest measured one, whatever the model said
 
 
