@@ -21,7 +21,10 @@ with sources s:
     layer (only when a ``GateLookahead`` and hidden states are given);
   - ``anchor``: layer 0's experts through the same tables, once layer 0 has left the recent
     window (the first layer's routing is the most token-specific; it separates paths that
-    share experts later on).
+    share experts later on);
+  - ``match-c`` (c = 0..M-1) and ``match-anchor``: the exact expert set of layer layer - c
+    (and of layer 0) through a ``SetMatchTable`` -- what stored tokens that took that very set
+    used later (the nearest-stored-trace idea as a hash lookup; 0 when the set was never seen).
 Every table is counted from a trace and smoothed toward popularity; an absent source
 contributes 0 (no evidence). The weights w[g, s] depend on the group g: the distance
 m - layer when layers are known, or the target layer m when nothing is known yet; they are
@@ -44,11 +47,12 @@ import torch
 import torch.nn.functional as F
 
 from .baselines import GateLookahead, PathModel, check_inputs, finish, multi_hot
+from .setmatch import SetMatchTable
 from .stats import cost_per_token_us, evaluate, token_inputs  # noqa: F401  (re-exported)
 from .trace import RoutingTrace, read_npz
 
 _FORMAT = "moeflow.PathPredictor"
-_VERSION = 1
+_VERSION = 2  # v2 added the exact-set match sources (v1 files load with those sources off)
 _LOG_FLOOR = -12.0
 
 
@@ -62,8 +66,17 @@ class PredictorConfig:
     fit_iters: int = 20  # Newton steps
     holdout: float = 0.3  # share of requests that fit the weights (the tables count the rest)
     seed: int = 0
+    match_layers: int = 2  # latest known layers whose exact expert set is looked up (0: none)
+    match_pool: int = 256  # stored tokens sharing the latest set that the neighbours are chosen from
+    match_neighbours: int = 8  # nearest of them whose later experts are counted
+    match_depth: int = 6  # known layers before the latest compared (weights decay 0.7 per layer back)
 
     def __post_init__(self):
+        if self.match_layers < 0:
+            raise ValueError(f"match_layers must be >= 0, got {self.match_layers}")
+        if min(self.match_pool, self.match_neighbours) < 1 or self.match_depth < 0:
+            raise ValueError(f"match_pool ({self.match_pool}) and match_neighbours ({self.match_neighbours}) "
+                             f"must be >= 1 and match_depth ({self.match_depth}) >= 0")
         if self.context_layers < 1:
             raise ValueError(f"context_layers must be >= 1, got {self.context_layers}")
         if self.smoothing <= 0:
@@ -112,6 +125,9 @@ class _Tables:
                 joint = np.bincount(code, minlength=E * E).reshape(E, E)
                 self.trans[j, :E, d - 1] = log_ratio(joint, count_LE[j], j + d)
         self.buckets = cfg.token_buckets if trace.token_ids is not None else 0
+        # with match_layers = 0 the table is counted over no layer pair: empty, every lookup misses
+        self.match = SetMatchTable.count(ids if cfg.match_layers else ids[:1], E, self.log_pop, self.span, a,
+                                         keep_paths=cfg.match_layers > 0)
         self.token = np.zeros((self.buckets, L, E), dtype=np.float32)
         if self.buckets:
             bucket = np.mod(trace.token_ids.astype(np.int64), self.buckets)
@@ -123,13 +139,19 @@ class _Tables:
                 self.token[:, m] = log_ratio(joint, cnt, m)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"log_pop": self.log_pop, "trans": self.trans, "token": self.token}
+        return {"log_pop": self.log_pop, "trans": self.trans, "token": self.token, **self.match.arrays()}
 
     @classmethod
     def from_arrays(cls, arrays: dict) -> "_Tables":
         t = cls.__new__(cls)
         t.log_pop, t.trans, t.token = (arrays[k] for k in ("log_pop", "trans", "token"))
         t.span, t.buckets = t.trans.shape[2], t.token.shape[0]
+        if "match_keys" in arrays:
+            t.match = SetMatchTable.from_arrays(arrays)
+        else:  # a v1 file: an empty table (every lookup misses)
+            E = t.log_pop.shape[1]
+            t.match = SetMatchTable(np.zeros((0, 1), np.int16), np.zeros(0, np.int16),
+                                    np.zeros((1, t.span, E), np.float32))
         return t
 
 
@@ -204,7 +226,9 @@ class PathPredictor(PathModel):
         self.weight_sets = {k: np.asarray(v, dtype=np.float32) for k, v in weight_sets.items()}
         self.lookahead = lookahead
         C = self.config.context_layers
-        self.source_names = ["pop"] + [f"trans-{c}" for c in range(C)] + ["repeat", "token", "gate", "anchor"]
+        Mt = self.config.match_layers
+        self.source_names = (["pop"] + [f"trans-{c}" for c in range(C)] + ["repeat", "token", "gate", "anchor"]
+                             + ([f"match-{c}" for c in range(Mt)] + ["match-anchor", "neighbours"] if Mt else []))
         self.reference = False  # True: score with the plain reference path (tests compare the two)
         if "base" not in self.weight_sets:
             raise ValueError("a PathPredictor needs the 'base' weight set (no optional inputs)")
@@ -255,7 +279,37 @@ class PathPredictor(PathModel):
                 ids = known[:, 0]
                 rows = t.trans[0][np.maximum(ids, 0)][:, :, first - 1:d_hi]  # [N, K, D, E]
                 X[:, :d_hi - first + 1, C + 4] = _masked_mean(rows.transpose(0, 2, 1, 3), (ids >= 0)[:, None, :])
+        for col, j, lo, rows in self._match_evidence(layer, known):
+            X[:, :rows.shape[1], col] = rows[:, lo:]
         return X
+
+    def _match_evidence(self, layer: int, known: np.ndarray):
+        """(source column, layer j, first useful row, rows [N, span', E]) for each exact-set source.
+
+        Row d - 1 of j's table targets layer j + d; targets start at layer + 1, so row layer - j.
+        """
+        t, C, Mt = self.tables, self.config.context_layers, self.config.match_layers
+        L = self.num_layers
+        if not Mt:
+            return []
+        out = []
+        js = [(C + 5 + c, layer - c) for c in range(Mt) if layer - c >= 0]
+        if layer >= Mt:  # layer 0 has left the window: its set is the token's fingerprint
+            js.append((C + 5 + Mt, 0))
+        sid = np.full((len(known), layer + 1), t.match.num_keys, dtype=np.int64)
+        for col, j in js:
+            sid[:, j] = t.match.lookup(j, known[:, j])
+            d_hi = min(t.span, L - 1 - j)
+            if d_hi >= layer - j + 1:
+                out.append((col, j, layer - j, t.match.rows_UDE[sid[:, j], :d_hi]))
+        if t.match.has_paths and 0 <= layer < L - 1:
+            cfg = self.config
+            counts, n = t.match.neighbour_counts(layer, sid[:, layer], known, cfg.match_pool, cfg.match_neighbours,
+                                                 0.7, cfg.match_depth)
+            a, pop = self.config.smoothing, np.exp(t.log_pop[layer + 1:])
+            ratio = np.log((counts + a * pop[None]) / (n[:, None, None] + a)) - t.log_pop[None, layer + 1:]
+            out.append((C + 6 + Mt, layer, 0, np.where(n[:, None, None] > 0, ratio, 0.0).astype(np.float32)))
+        return out
 
     def _gate_source(self, logits_NME: np.ndarray, first: int) -> np.ndarray:
         z = logits_NME - logits_NME.max(-1, keepdims=True)
@@ -306,6 +360,9 @@ class PathPredictor(PathModel):
             rows = F.embedding_bag(ids, torch.from_numpy(t.trans[0]).view(E + 1, -1), mode="mean",
                                    padding_idx=E).view(N, t.span, E)
             z[:, :nd].addcmul_(rows[:, first - 1:first - 1 + nd], W[:nd, C + 4, None])
+        for col, j, lo, rows in self._match_evidence(layer, known):
+            nd = rows.shape[1] - lo
+            z[:, :nd].addcmul_(torch.from_numpy(rows[:, lo:]), W[:nd, col, None])
         return z
 
     def _groups(self, layer: int) -> np.ndarray:
@@ -347,7 +404,7 @@ class PathPredictor(PathModel):
             cut = max(1, int(T * (1.0 - cfg.holdout)))
             count_idx = np.arange(cut)
         fit_idx = np.setdiff1d(np.arange(T), count_idx)
-        n_src = 1 + cfg.context_layers + 4
+        n_src = 1 + cfg.context_layers + 4 + (cfg.match_layers + 2 if cfg.match_layers else 0)
         w0 = np.ones((2 * L - 1, n_src), dtype=np.float32)
         model = cls(_Tables(trace.select_tokens(count_idx), cfg), {"base": w0}, K, cfg, lookahead)
         model._fit_weights(trace, fit_idx, features, verbose)
@@ -416,9 +473,11 @@ class PathPredictor(PathModel):
     def load(cls, path: str | Path, lookahead: GateLookahead | None = None) -> "PathPredictor":
         header, arrays = read_npz(path, "PathPredictor", "train one with `moe predictor train`",
                                   required=("weights_base",))
-        if header.get("format") != _FORMAT or header.get("version") != _VERSION:
+        if header.get("format") != _FORMAT or header.get("version") not in (1, _VERSION):
             raise ValueError(f"{path} is not a moeflow PathPredictor v{_VERSION} file "
                              f"(format {header.get('format')!r} v{header.get('version')})")
         sets = {k: arrays[f"weights_{k}"] for k in header.get("weight_sets", ["base"])}
-        return cls(_Tables.from_arrays(arrays), sets, int(header["top_k"]),
-                   PredictorConfig(**header["config"]), lookahead)
+        cfg = dict(header["config"])
+        if header["version"] == 1:
+            cfg["match_layers"] = 0  # v1 had no exact-set sources (its weights have no columns for them)
+        return cls(_Tables.from_arrays(arrays), sets, int(header["top_k"]), PredictorConfig(**cfg), lookahead)

@@ -1,0 +1,208 @@
+"""Exact expert-set matching: what the stored tokens that took this very set went on to use.
+
+The idea of MoE-Infinity's trace matching (and of our nearest-stored-trace baseline), made a
+table so that a lookup costs a hash instead of a scan of every stored path. On trained models
+a layer's top-k set is nearly a fingerprint of the token: on the recorded 64-expert top-8 model
+a layer holds only 500-4000 distinct sets over 16k tokens, and 70-98% of held-out tokens meet a
+set seen in training. Pairwise tables (P(e at m | e' at j), averaged over the k experts of j)
+cannot express "these k experts together", a set table can.
+
+For each layer j and each distinct sorted set u of experts seen there, the table holds
+
+    rows[u, d - 1, e] = log P(e at j + d | set u at j) - log pop[j + d, e]      (d = 1..span)
+
+smoothed toward popularity by ``smoothing`` pseudo-tokens (a set seen once says less than one
+seen a hundred times). Row U (the last) is all zeros: the "no match" padding row, so a lookup
+that misses contributes no evidence. A set never seen is replaced by the seen set of that
+layer sharing the most experts with it (at least ``min_overlap``; the more frequent on ties):
+the nearest stored trace's idea, over distinct sets instead of every stored token.
+
+Paths, not only sets: ``neighbour_counts`` ranks the stored tokens that share the token's
+latest set by how many experts they share at the layers before (the nearest stored trace's
+similarity, over that small pool instead of every stored token) and counts what the best few
+used later: the product of per-layer evidence cannot say "these sets together", a neighbour can.
+
+Shape legend: L = layers, T = stored tokens, K = top-k, E = experts, U = distinct (layer, set)
+keys, N = tokens looked up, P = pool size, J = layers compared, R = tokens with a pool.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+def _masks(ids_XK: np.ndarray, num_experts: int) -> np.ndarray:
+    """[..., K] expert ids (-1 = none) -> [..., words] uint64 bit masks of the set (64 experts a word)."""
+    ids = np.asarray(ids_XK, dtype=np.int64)
+    words = (num_experts + 63) // 64
+    out = np.zeros(ids.shape[:-1] + (words,), dtype=np.uint64)
+    for k in range(ids.shape[-1]):
+        e = ids[..., k]
+        ok = e >= 0
+        for wd in range(words):
+            sel = ok & (e // 64 == wd)
+            out[..., wd] |= np.where(sel, np.left_shift(np.uint64(1), (e % 64).astype(np.uint64)), np.uint64(0))
+    return out
+
+
+class SetMatchTable:
+    def __init__(self, keys_UK: np.ndarray, layer_U: np.ndarray, rows_UDE: np.ndarray,
+                 count_U: np.ndarray | None = None, sid_LT: np.ndarray | None = None,
+                 paths_TLK: np.ndarray | None = None, min_overlap: int = 0):
+        self.keys_UK = np.asarray(keys_UK, dtype=np.int16)
+        self.layer_U = np.asarray(layer_U, dtype=np.int16)
+        self.rows_UDE = np.asarray(rows_UDE, dtype=np.float32)  # [U + 1, span, E]
+        U = len(self.keys_UK)
+        if len(self.rows_UDE) != U + 1 or len(self.layer_U) != U:
+            raise ValueError(f"inconsistent set-match arrays: {U} keys, {len(self.layer_U)} "
+                             f"layers, {len(self.rows_UDE)} rows (want keys + 1 rows)")
+        self.count_U = np.ones(U, np.int32) if count_U is None else np.asarray(count_U, np.int32)
+        self.span = self.rows_UDE.shape[1]
+        self.num_experts = self.rows_UDE.shape[2]
+        self.min_overlap = int(min_overlap)
+        # the hash index is rebuilt from the arrays (a dict is not stored: nothing is pickled)
+        self._index = {(int(l), k.tobytes()): u for u, (l, k) in enumerate(zip(self.layer_U, self.keys_UK))}
+        self._by_layer = {}  # layer -> (global ids [U_j], multi-hot [U_j, E] + tie-break), for nearest sets
+        for j in np.unique(self.layer_U):
+            g = np.flatnonzero(self.layer_U == j)
+            hot = torch.zeros(len(g), self.num_experts + 1)
+            k = torch.from_numpy(self.keys_UK[g].astype(np.int64))
+            hot.scatter_(1, torch.where(k < 0, self.num_experts, k), 1.0)
+            tie = torch.from_numpy(np.log1p(self.count_U[g]).astype(np.float32)) * 1e-3
+            self._by_layer[int(j)] = (g, hot[:, :-1].T.contiguous(), tie)
+        # stored paths for the neighbours: each stored token's set id per layer [L, T], its path
+        self.sid_LT = None if sid_LT is None else np.asarray(sid_LT, dtype=np.int32)
+        self.paths_TLK = None if paths_TLK is None else np.asarray(paths_TLK, dtype=np.int16)
+        self.has_paths = self.paths_TLK is not None
+        self._masks_TLW = _masks(self.paths_TLK, self.num_experts) if self.has_paths else None
+        self._pool = {}  # layer -> (stored tokens' set ids sorted, the tokens in that order): the pools
+        for j in range(self.sid_LT.shape[0] - 1 if self.has_paths else 0):
+            order = np.argsort(self.sid_LT[j], kind="stable")
+            self._pool[j] = (self.sid_LT[j][order], order.astype(np.int32))
+
+    @classmethod
+    def count(cls, ids_LTK: np.ndarray, num_experts: int, log_pop_LE: np.ndarray, span: int,
+              smoothing: float, keep_paths: bool = True, min_overlap: int | None = None) -> "SetMatchTable":
+        """Count the table from a trace's expert ids (``log_pop_LE``: log expected use per token)."""
+        ids = np.sort(np.asarray(ids_LTK, dtype=np.int64), axis=-1)  # a set's key is its sorted ids
+        L, T, K = ids.shape
+        E, a = num_experts, smoothing
+        pop = np.exp(log_pop_LE.astype(np.float64))
+        keys, layers, rows, counts = [], [], [], []
+        sid = np.zeros((L, T), dtype=np.int32)
+        offset = 0
+        for j in range(L - 1):
+            uniq, inv = np.unique(ids[j], axis=0, return_inverse=True)
+            inv = inv.reshape(-1)
+            U = len(uniq)
+            sid[j] = inv + offset
+            offset += U
+            n_U = np.bincount(inv, minlength=U).astype(np.float64)
+            counts.append(n_U.astype(np.int32))
+            r = np.zeros((U, span, E), dtype=np.float32)
+            for d in range(1, min(span, L - 1 - j) + 1):
+                m = j + d
+                tgt = ids[m]  # [T, K]
+                ok = tgt >= 0
+                code = (np.broadcast_to(inv[:, None], tgt.shape) * E + tgt)[ok]
+                joint = np.bincount(code, minlength=U * E).reshape(U, E)
+                p = (joint + a * pop[m]) / (n_U[:, None] + a)
+                r[:, d - 1] = np.log(np.maximum(p, 1e-30)) - log_pop_LE[m]
+            keys.append(uniq.astype(np.int16))
+            layers.append(np.full(U, j, dtype=np.int16))
+            rows.append(r)
+        rows.append(np.zeros((1, span, E), dtype=np.float32))  # the no-match row
+        empty = np.zeros((0, K), dtype=np.int16)
+        return cls(np.concatenate(keys) if keys else empty,
+                   np.concatenate(layers) if layers else np.zeros(0, np.int16), np.concatenate(rows),
+                   np.concatenate(counts) if counts else np.zeros(0, np.int32),
+                   sid if keep_paths else None,
+                   np.asarray(ids_LTK, np.int16).transpose(1, 0, 2) if keep_paths else None,
+                   (K + 1) // 2 if min_overlap is None else min_overlap)
+
+    @property
+    def num_keys(self) -> int:
+        return len(self.keys_UK)
+
+    def lookup(self, layer: int, ids_NK: np.ndarray) -> np.ndarray:
+        """[N] row of each token's set at ``layer``: its own if seen, else the nearest seen set's
+        (``num_keys`` = none near enough: the zero row)."""
+        ids = np.asarray(ids_NK)
+        keys = np.sort(ids, axis=-1).astype(np.int16)
+        miss = self.num_keys
+        u = np.fromiter((self._index.get((layer, k.tobytes()), miss) for k in keys), dtype=np.int64,
+                        count=len(keys))
+        lost = np.flatnonzero(u == miss)
+        if len(lost) and self.min_overlap and layer in self._by_layer:
+            g, hot_EU, tie = self._by_layer[layer]
+            q = torch.from_numpy(np.where(ids[lost] >= 0, ids[lost], self.num_experts).astype(np.int64))
+            q_hot = torch.zeros(len(lost), self.num_experts + 1).scatter_(1, q, 1.0)[:, :-1]
+            best, arg = (q_hot @ hot_EU + tie).max(1)  # shared experts (+ a tie-break toward frequent sets)
+            near = best.numpy() >= self.min_overlap
+            u[lost[near]] = g[arg.numpy()[near]]
+        return u
+
+    def neighbour_counts(self, layer: int, sid_N: np.ndarray, known_NlK: np.ndarray, pool: int, neighbours: int,
+                         decay: float, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """The nearest stored paths among those sharing the token's set at ``layer``.
+
+        The pool: up to ``pool`` stored tokens whose set at ``layer`` is the token's (``sid_N``,
+        after nearest-set substitution). They are ranked by the experts they share with the
+        token at the ``depth`` known layers before, layer j weighted ``decay ** (layer - j)``
+        (the nearest-stored-trace baseline's similarity, over a pool instead of every stored
+        token: its best matches nearly always share the latest set). Returns the counts
+        [N, L-1-layer, E] of the later experts of the best ``neighbours`` and their number [N].
+        """
+        N, E = len(sid_N), self.num_experts
+        L = self.paths_TLK.shape[1]
+        M = L - 1 - layer
+        counts = np.zeros((N, M, E), dtype=np.float32)
+        n = np.zeros(N, dtype=np.int64)
+        if layer not in self._pool or M <= 0:
+            return counts, n
+        keys, order = self._pool[layer]
+        lo, hi = np.searchsorted(keys, sid_N, "left"), np.searchsorted(keys, sid_N, "right")
+        r = np.flatnonzero((sid_N < self.num_keys) & (hi > lo))
+        if not len(r):
+            return counts, n
+        P = int(min(pool, (hi[r] - lo[r]).max()))
+        slot = lo[r][:, None] + np.arange(P)[None]  # [R, P]
+        valid = slot < hi[r][:, None]
+        members = order[np.minimum(slot, len(order) - 1)]  # [R, P]
+        j0 = max(0, layer - depth)
+        if j0 < layer:
+            # shared experts = popcount(AND) of 64-bit expert masks: a few word operations per pair
+            q = _masks(np.asarray(known_NlK)[r, j0:layer], E)  # [R, J, words]
+            shared = np.bitwise_count(self._masks_TLW[members, j0:layer] & q[:, None]).sum(-1)  # [R, P, J]
+            w = decay ** np.arange(layer - j0, 0, -1, dtype=np.float32)
+            sim = torch.from_numpy(shared.astype(np.float32) @ w)  # [R, P]
+        else:
+            sim = torch.zeros(len(r), P)
+        sim = sim - torch.arange(P, dtype=torch.float32) * 1e-4  # ties: the earlier stored token
+        sim[torch.from_numpy(~valid)] = -np.inf
+        k = min(neighbours, P)
+        top = torch.topk(sim, k, dim=1)
+        chosen = torch.gather(torch.from_numpy(members.astype(np.int64)), 1, top.indices)  # [R, k]
+        ok = torch.isfinite(top.values).numpy()
+        ids = self.paths_TLK[chosen.numpy(), layer + 1:].astype(np.int64)  # [R, k, M, K]
+        flat = torch.zeros(len(r) * M * (E + 1))
+        idx = ((np.arange(len(r))[:, None, None, None] * M + np.arange(M)[None, None, :, None]) * (E + 1)
+               + np.where(ids >= 0, ids, E))
+        wts = np.broadcast_to(ok[:, :, None, None], idx.shape).astype(np.float32)
+        flat.index_add_(0, torch.from_numpy(idx.reshape(-1)), torch.from_numpy(wts.reshape(-1).copy()))
+        counts[r] = flat.view(len(r), M, E + 1)[..., :E].numpy()
+        n[r] = ok.sum(1)
+        return counts, n
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {"match_keys": self.keys_UK, "match_layer": self.layer_U, "match_rows": self.rows_UDE,
+               "match_count": self.count_U,
+               "match_meta": np.array([self.min_overlap], dtype=np.int64)}
+        if self.has_paths:
+            out.update(match_sid=self.sid_LT, match_paths=self.paths_TLK)
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict) -> "SetMatchTable":
+        meta = arrays.get("match_meta", np.zeros(1, np.int64))
+        return cls(arrays["match_keys"], arrays["match_layer"], arrays["match_rows"], arrays.get("match_count"),
+                   arrays.get("match_sid"), arrays.get("match_paths"), int(meta[0]))
