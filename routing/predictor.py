@@ -70,13 +70,15 @@ class PredictorConfig:
     match_pool: int = 256  # stored tokens sharing the latest set that the neighbours are chosen from
     match_neighbours: int = 8  # nearest of them whose later experts are counted
     match_depth: int = 6  # known layers before the latest compared (weights decay 0.7 per layer back)
+    match_smoothing: float = 0.5  # pseudo-tokens of the set tables and the neighbours (chosen on a split of train)
 
     def __post_init__(self):
         if self.match_layers < 0:
             raise ValueError(f"match_layers must be >= 0, got {self.match_layers}")
-        if min(self.match_pool, self.match_neighbours) < 1 or self.match_depth < 0:
+        if min(self.match_pool, self.match_neighbours) < 1 or self.match_depth < 0 or self.match_smoothing <= 0:
             raise ValueError(f"match_pool ({self.match_pool}) and match_neighbours ({self.match_neighbours}) "
-                             f"must be >= 1 and match_depth ({self.match_depth}) >= 0")
+                             f"must be >= 1, match_depth ({self.match_depth}) >= 0 and match_smoothing "
+                             f"({self.match_smoothing}) > 0")
         if self.context_layers < 1:
             raise ValueError(f"context_layers must be >= 1, got {self.context_layers}")
         if self.smoothing <= 0:
@@ -126,7 +128,8 @@ class _Tables:
                 self.trans[j, :E, d - 1] = log_ratio(joint, count_LE[j], j + d)
         self.buckets = cfg.token_buckets if trace.token_ids is not None else 0
         # with match_layers = 0 the table is counted over no layer pair: empty, every lookup misses
-        self.match = SetMatchTable.count(ids if cfg.match_layers else ids[:1], E, self.log_pop, self.span, a,
+        self.match = SetMatchTable.count(ids if cfg.match_layers else ids[:1], E, self.log_pop, self.span,
+                                         cfg.match_smoothing,
                                          keep_paths=cfg.match_layers > 0)
         self.token = np.zeros((self.buckets, L, E), dtype=np.float32)
         if self.buckets:
@@ -304,9 +307,12 @@ class PathPredictor(PathModel):
                 out.append((col, j, layer - j, t.match.rows_UDE[sid[:, j], :d_hi]))
         if t.match.has_paths and 0 <= layer < L - 1:
             cfg = self.config
-            counts, n = t.match.neighbour_counts(layer, sid[:, layer], known, cfg.match_pool, cfg.match_neighbours,
+            for j in (layer - 1, layer - 2):  # the pool is ordered by the sets of the two layers before
+                if j >= 0 and j not in {jj for _, jj in js}:
+                    sid[:, j] = t.match.lookup(j, known[:, j])
+            counts, n = t.match.neighbour_counts(layer, sid, known, cfg.match_pool, cfg.match_neighbours,
                                                  0.7, cfg.match_depth)
-            a, pop = self.config.smoothing, np.exp(t.log_pop[layer + 1:])
+            a, pop = cfg.match_smoothing, np.exp(t.log_pop[layer + 1:])
             ratio = np.log((counts + a * pop[None]) / (n[:, None, None] + a)) - t.log_pop[None, layer + 1:]
             out.append((C + 6 + Mt, layer, 0, np.where(n[:, None, None] > 0, ratio, 0.0).astype(np.float32)))
         return out

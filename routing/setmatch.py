@@ -44,6 +44,9 @@ def _masks(ids_XK: np.ndarray, num_experts: int) -> np.ndarray:
     return out
 
 
+_SID_MASK = (1 << 21) - 1  # set ids in a pool key (2M distinct sets per model is far beyond any trace)
+
+
 class SetMatchTable:
     def __init__(self, keys_UK: np.ndarray, layer_U: np.ndarray, rows_UDE: np.ndarray,
                  count_U: np.ndarray | None = None, sid_LT: np.ndarray | None = None,
@@ -74,10 +77,21 @@ class SetMatchTable:
         self.paths_TLK = None if paths_TLK is None else np.asarray(paths_TLK, dtype=np.int16)
         self.has_paths = self.paths_TLK is not None
         self._masks_TLW = _masks(self.paths_TLK, self.num_experts) if self.has_paths else None
-        self._pool = {}  # layer -> (stored tokens' set ids sorted, the tokens in that order): the pools
+        # layer -> (pool keys sorted, the stored tokens in that order): the tokens sharing a set at
+        # layer j form one run, ordered inside by their sets at j - 1 and j - 2 (``pool_key``)
+        self._pool = {}
         for j in range(self.sid_LT.shape[0] - 1 if self.has_paths else 0):
-            order = np.argsort(self.sid_LT[j], kind="stable")
-            self._pool[j] = (self.sid_LT[j][order], order.astype(np.int32))
+            key = self.pool_key(self.sid_LT[:j + 1].T, j)
+            order = np.argsort(key, kind="stable")
+            self._pool[j] = (key[order], order.astype(np.int32))
+
+    def pool_key(self, sid_Nl: np.ndarray, layer: int) -> np.ndarray:
+        """[N] int64 (set id at layer, at layer - 1, at layer - 2), 21 bits each (unseen: all ones)."""
+        key = np.zeros(len(sid_Nl), dtype=np.int64)
+        for j in (layer, layer - 1, layer - 2):
+            part = np.minimum(sid_Nl[:, j], _SID_MASK) if j >= 0 else np.zeros(len(sid_Nl), np.int64)
+            key = (key << 21) | part.astype(np.int64)
+        return key
 
     @classmethod
     def count(cls, ids_LTK: np.ndarray, num_experts: int, log_pop_LE: np.ndarray, span: int,
@@ -141,18 +155,19 @@ class SetMatchTable:
             u[lost[near]] = g[arg.numpy()[near]]
         return u
 
-    def neighbour_counts(self, layer: int, sid_N: np.ndarray, known_NlK: np.ndarray, pool: int, neighbours: int,
+    def neighbour_counts(self, layer: int, sid_Nl: np.ndarray, known_NlK: np.ndarray, pool: int, neighbours: int,
                          decay: float, depth: int) -> tuple[np.ndarray, np.ndarray]:
         """The nearest stored paths among those sharing the token's set at ``layer``.
 
-        The pool: up to ``pool`` stored tokens whose set at ``layer`` is the token's (``sid_N``,
-        after nearest-set substitution). They are ranked by the experts they share with the
+        The pool: up to ``pool`` stored tokens whose set at ``layer`` is the token's (``sid_Nl``:
+        the token's set ids at layers 0..layer after nearest-set substitution, ``num_keys`` where
+        unknown), those that also share its sets at layer - 1 and layer - 2 first. They are ranked by the experts they share with the
         token at the ``depth`` known layers before, layer j weighted ``decay ** (layer - j)``
         (the nearest-stored-trace baseline's similarity, over a pool instead of every stored
         token: its best matches nearly always share the latest set). Returns the counts
         [N, L-1-layer, E] of the later experts of the best ``neighbours`` and their number [N].
         """
-        N, E = len(sid_N), self.num_experts
+        N, E = len(sid_Nl), self.num_experts
         L = self.paths_TLK.shape[1]
         M = L - 1 - layer
         counts = np.zeros((N, M, E), dtype=np.float32)
@@ -160,12 +175,17 @@ class SetMatchTable:
         if layer not in self._pool or M <= 0:
             return counts, n
         keys, order = self._pool[layer]
-        lo, hi = np.searchsorted(keys, sid_N, "left"), np.searchsorted(keys, sid_N, "right")
+        sid_N = np.asarray(sid_Nl)[:, layer].astype(np.int64)
+        lo = np.searchsorted(keys, sid_N << 42, "left")
+        hi = np.searchsorted(keys, (sid_N + 1) << 42, "left")
         r = np.flatnonzero((sid_N < self.num_keys) & (hi > lo))
         if not len(r):
             return counts, n
         P = int(min(pool, (hi[r] - lo[r]).max()))
-        slot = lo[r][:, None] + np.arange(P)[None]  # [R, P]
+        # start at the tokens that share the earlier sets too; shift left where the run ends first
+        at = np.searchsorted(keys, self.pool_key(np.asarray(sid_Nl)[r], layer), "left")
+        start = np.maximum(lo[r], np.minimum(at, hi[r] - P))
+        slot = start[:, None] + np.arange(P)[None]  # [R, P]
         valid = slot < hi[r][:, None]
         members = order[np.minimum(slot, len(order) - 1)]  # [R, P]
         j0 = max(0, layer - depth)

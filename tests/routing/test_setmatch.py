@@ -28,10 +28,24 @@ def test_exact_and_nearest_lookup():
     assert (row[[3, 4, 5]] > 0).all() and (row[[0, 1, 2, 6, 7]] < 0).all()
 
 
-def _neighbours_reference(ids_LTK, E, layer, query_lK, pool, nn, decay, depth):
-    """Plain loops: the pool = stored tokens with the same set at `layer` (first `pool` in order)."""
+def _neighbours_reference(table, ids_LTK, E, layer, query_lK, pool, nn, decay, depth):
+    """Plain loops. The pool: stored tokens with the same set at `layer`, ordered by their set ids at
+    layer - 1 and layer - 2 (then stored order), `pool` of them from the first one not below the
+    query's, moved back where fewer remain."""
     L, T, K = ids_LTK.shape
-    same = [t for t in range(T) if set(ids_LTK[layer, t]) == set(query_lK[layer])][:pool]
+
+    def sid(j, ids):
+        return int(table.lookup(j, np.asarray(ids)[None])[0]) if j >= 0 else 0
+    q_key = (sid(layer - 1, query_lK[layer - 1]) if layer >= 1 else 0,
+             sid(layer - 2, query_lK[layer - 2]) if layer >= 2 else 0)
+    run = sorted((t for t in range(T) if set(ids_LTK[layer, t]) == set(query_lK[layer])),
+                 key=lambda t: (table.sid_LT[layer - 1, t] if layer >= 1 else 0,
+                                table.sid_LT[layer - 2, t] if layer >= 2 else 0, t))
+    keys = [(table.sid_LT[layer - 1, t] if layer >= 1 else 0, table.sid_LT[layer - 2, t] if layer >= 2 else 0)
+            for t in run]
+    at = next((i for i, k in enumerate(keys) if k >= q_key), len(run))
+    start = max(0, min(at, len(run) - pool))
+    same = run[start:start + pool]
     sims = []
     for i, t in enumerate(same):
         s = sum(decay ** (layer - j) * len(set(ids_LTK[j, t]) & set(query_lK[j]))
@@ -46,17 +60,17 @@ def _neighbours_reference(ids_LTK, E, layer, query_lK, pool, nn, decay, depth):
     return counts, len(best)
 
 
-@pytest.mark.parametrize("layer,pool,depth", [(0, 50, 3), (2, 50, 3), (3, 5, 2), (3, 50, 0)])
+@pytest.mark.parametrize("layer,pool,depth", [(0, 50, 3), (2, 50, 3), (3, 5, 2), (3, 50, 0), (2, 3, 4)])
 def test_neighbour_counts_equal_plain_loops(layer, pool, depth):
     tr = synthesize(num_layers=5, num_experts=70, top_k=3, num_requests=6, tokens_per_request=40,
                     planted_paths=4, path_noise=0.3, seed=4)  # 70 experts: two mask words
     ids = tr.expert_ids.astype(np.int64)
     t = _table(ids, tr.num_experts)
     queries = ids[:, ::7].transpose(1, 0, 2)  # stored tokens as queries: their pools are non-empty
-    sid = t.lookup(layer, queries[:, layer])
+    sid = np.stack([t.lookup(j, queries[:, j]) for j in range(layer + 1)], 1)
     counts, n = t.neighbour_counts(layer, sid, queries[:, :layer + 1], pool, 4, 0.7, depth)
     for i, q in enumerate(queries):
-        ref, n_ref = _neighbours_reference(ids, tr.num_experts, layer, q, pool, 4, 0.7, depth)
+        ref, n_ref = _neighbours_reference(t, ids, tr.num_experts, layer, q, pool, 4, 0.7, depth)
         assert n[i] == n_ref
         np.testing.assert_allclose(counts[i], ref)
 
@@ -67,8 +81,9 @@ def test_arrays_round_trip():
     t2 = SetMatchTable.from_arrays(t.arrays())
     q = tr.expert_ids[:, :10].transpose(1, 0, 2)
     np.testing.assert_array_equal(t.lookup(1, q[:, 1]), t2.lookup(1, q[:, 1]))
-    a = t.neighbour_counts(1, t.lookup(1, q[:, 1]), q[:, :2], 8, 3, 0.7, 2)
-    b = t2.neighbour_counts(1, t2.lookup(1, q[:, 1]), q[:, :2], 8, 3, 0.7, 2)
+    sid = np.stack([t.lookup(j, q[:, j]) for j in range(2)], 1)
+    a = t.neighbour_counts(1, sid, q[:, :2], 8, 3, 0.7, 2)
+    b = t2.neighbour_counts(1, sid, q[:, :2], 8, 3, 0.7, 2)
     np.testing.assert_array_equal(a[0], b[0])
 
 
