@@ -1,15 +1,23 @@
-"""Adaptive parallelism benchmark (issue 8): step time of each static strategy and of the
-adaptive chooser, one process per GPU joined by NCCL.
+"""Adaptive parallelism benchmark (issue 8): step time of each static strategy, of the adaptive
+chooser, and the cost of a switch, one process per GPU joined by NCCL.
 
-    python benchmarks/parallel.py --gpus 4 [--out DIR]
+    PYTHONUNBUFFERED=1 python benchmarks/parallel.py --gpus 4 [--out DIR]
+    python benchmarks/parallel.py --cpu --gpus 2          # dry run: gloo, tiny shapes
 
-Cells: tokens per step per rank x experts per rank x capacity, forward and forward+backward.
-Static strategies: ep (pipelining degree 1, 2, 4), dp, tp. The chooser is calibrated on the
-machine first (collective latency/bandwidth, GEMM rate), then runs ``--adapt-steps`` steps on
-each cell, correcting its model from measured times, and its steady-state choice is timed.
-Floor of a cell = max(expert FLOPs / measured GEMM rate, bytes of the cheapest strategy's
-communication / measured bandwidth) — printed beside the figures.
-Needs no Ray or OR-Tools (the GPU machine has neither).
+Cells: expert size {mixtral: D=4096 I=14336, small: D=2048 I=1408} x experts per rank
+{0.5 (each expert sliced over 2 GPUs), 4, 16} x tokens per rank {256, 4096, 65536} x
+capacity {0 = dropless, 1.25} x {fwd, fwd+bwd}. Static strategies: ep (pipelining degree 1, 2,
+4), dp, tp and the blends of adaptive_blend.py for every group size between (Tutel's r).
+Strategies whose gathered weights would exceed --max-gather-frac of the GPU's memory are not
+run ("-"): the chooser leaves them out the same way.
+
+Per cell: each static strategy is warmed up once and timed over a few steps (fewer for long
+steps: repeats are cut to fit the time, cells never are); then a fresh chooser (cost model
+calibrated on the machine at start) runs until its pick settles (at most --adapt-steps steps,
+trying the candidates predicted within 3x of the best), and its settled pick is timed. Switch
+cost = (time of alternating steps best/second-best - their steady times) per switch, as a share
+of the best step; the chooser's own decision time is added to it. A row is printed per cell as
+it finishes and the whole table at the end. Needs no Ray or OR-Tools.
 """
 from __future__ import annotations
 
@@ -26,19 +34,36 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from placement.adaptive import (AdaptiveMoEExperts, Strategy, StrategyChooser, calibrate)  # noqa: E402
+from placement.adaptive import (AdaptiveMoEExperts, ShardLayout, Strategy, StrategyChooser,  # noqa: E402
+                                calibrate, gathered_weight_bytes)
+from placement.adaptive_blend import BLENDS, group_sizes  # noqa: E402
 
-STATIC = [Strategy("ep", 1), Strategy("ep", 2), Strategy("ep", 4), Strategy("dp"), Strategy("tp")]
+# hidden, expert ffn size; mixtral first: if a run is cut, the cells never measured before survive
+CONFIGS = {"mixtral": (4096, 14336), "small": (2048, 1408)}
+CPU_CONFIGS = {"mixtral": (64, 192), "small": (32, 48)}       # --cpu: same cells, tiny shapes
+
+
+def static_strategies(world: int) -> list[Strategy]:
+    out = [Strategy("ep", 1), Strategy("ep", 2), Strategy("ep", 4), Strategy("dp"), Strategy("tp")]
+    out += [Strategy("ep+tp", group=g) for g in group_sizes(world) if g < world]
+    return out + [Strategy("ep+dp", group=g) for g in group_sizes(world) if 1 < g < world]
 
 
 def _sync():
-    if torch.cuda.is_available() and dist.get_backend() == "nccl":
+    if dist.get_backend() == "nccl":
         torch.cuda.synchronize()
 
 
-def _time(fn, warmup=2, iters=5) -> float:
-    for _ in range(warmup):
-        fn()
+def _agreed_max(v: float) -> float:
+    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([v], device=dev, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a step ends when the slowest rank ends
+    return float(t)
+
+
+def _time(fn, iters: int) -> float:
+    """Median wall time of ``iters`` calls of ``fn`` after one warm-up (slowest rank)."""
+    fn()
     _sync()
     ts = []
     for _ in range(iters):
@@ -47,10 +72,65 @@ def _time(fn, warmup=2, iters=5) -> float:
         fn()
         _sync()
         ts.append(time.perf_counter() - t0)
-    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([sorted(ts)[len(ts) // 2]], device=dev, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a step ends when the slowest rank ends
-    return float(t)
+    return _agreed_max(sorted(ts)[len(ts) // 2])
+
+
+def _iters_for(step_s: float, args) -> int:
+    """Repeats by step length: short steps are noisy and cheap, long ones steady and dear."""
+    if step_s < 0.02:
+        return args.iters
+    return max(1, min(args.iters, int(0.25 / step_s)))
+
+
+def run_cell(layer, x, ids, wts, train: bool, args, cost, world, gather_cap) -> dict:
+    def step(strategy=None):
+        if train:
+            layer.zero_grad(set_to_none=True)
+            xx = x.detach().requires_grad_()
+            layer(xx, ids, wts, strategy=strategy).float().sum().backward()
+        else:
+            with torch.no_grad():
+                layer(x, ids, wts, strategy=strategy)
+
+    shape = layer.shape_key(x.shape[0], ids.shape[1])
+    times = {}
+    for s in static_strategies(world):
+        if gathered_weight_bytes(shape, s) > gather_cap:
+            times[str(s)] = None  # would not fit beside the experts: not run
+            continue
+        t0 = time.perf_counter()
+        step(s)  # warm-up and a first length estimate (compiles kernels on the first cell)
+        _sync()
+        n = _iters_for(_agreed_max(time.perf_counter() - t0), args)
+        times[str(s)] = _time(lambda s=s: step(s), n)
+    ran = {k: v for k, v in times.items() if v is not None}
+    best_name = min(ran, key=ran.get)
+    best, worst = ran[best_name], max(ran.values())
+    iters = _iters_for(best, args)
+
+    # the chooser: fresh per cell, run until its pick settles
+    chooser = StrategyChooser(cost=cost, max_gather_bytes=gather_cap)
+    layer.chooser, layer.fixed = chooser, None
+    picks = []
+    for _ in range(args.adapt_steps):
+        step()
+        picks.append(str(layer.last.strategy))
+        if len(picks) >= 2 and picks[-1] == picks[-2]:  # exploring never repeats a pick: settled
+            break
+    t0 = time.perf_counter()
+    chosen = chooser.choose(shape)
+    choose_s = _agreed_max(time.perf_counter() - t0)
+    layer.chooser = None
+    t_chosen = _time(lambda: step(chosen), iters)
+
+    # switch cost: alternate the two fastest static strategies, compare with their steady times
+    second_name = sorted(ran, key=ran.get)[1] if len(ran) > 1 else best_name
+    a, b = Strategy.parse(best_name), Strategy.parse(second_name)
+    t_pair = _time(lambda: (step(a), step(b)), iters)
+    switch_s = (t_pair - ran[best_name] - ran[second_name]) / 2 + choose_s
+    return dict(static=times, best=best_name, best_s=best, worst_s=worst, chooser=str(chosen),
+                chooser_s=t_chosen, adapt_picks=picks, choose_s=choose_s, switch_pair=[best_name, second_name],
+                switch_s=switch_s, switch_share=switch_s / best)
 
 
 def worker(rank, world, init, args, out_path):
@@ -58,78 +138,88 @@ def worker(rank, world, init, args, out_path):
     if args.cpu:  # a dry run of the script itself: gloo, float32, plain torch experts
         dev, dtype = "cpu", torch.float32
         dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+        gather_cap = float("inf")
     else:
         dev, dtype = "cuda", torch.bfloat16
         torch.cuda.set_device(rank)
         dist.init_process_group("nccl", init_method=f"file://{init}", rank=rank, world_size=world,
                                 device_id=torch.device("cuda", rank))
-    D, I, K = args.hidden, args.ffn, args.top_k
+        gather_cap = args.max_gather_frac * torch.cuda.get_device_properties(rank).total_memory
+    t_start = time.perf_counter()
     cost = calibrate(device=dev, dtype=dtype)
+    configs = CPU_CONFIGS if args.cpu else CONFIGS
+    K = args.top_k
     rows = []
     g = torch.Generator(device=dev).manual_seed(1234 + rank)
-    for epr in args.experts_per_rank:
-        E = max(1, int(epr * world))
-        w13 = (torch.randn(E, 2 * I, D, device=dev, dtype=dtype, generator=g) / D ** 0.5)
-        w2 = (torch.randn(E, D, I, device=dev, dtype=dtype, generator=g) / I ** 0.5)
-        for cap in args.capacity:
-            for T in args.tokens:
-                x = torch.randn(T, D, device=dev, dtype=dtype, generator=g)
-                logits = torch.randn(T, E, device=dev, generator=g)
-                top = logits.topk(min(K, E), dim=1)
-                ids, wts = top.indices, torch.softmax(top.values, dim=1)
-                for mode in ("fwd", "fwd+bwd"):
-                    train = mode == "fwd+bwd"
-                    layer = AdaptiveMoEExperts(w13, w2, capacity_factor=cap, backend=args.backend)
-                    layer.requires_grad_(train)
-
-                    def step(strategy=None, layer=layer, x=x, train=train):
-                        if train:
-                            xx = x.detach().requires_grad_()
-                            y = layer(xx, ids, wts, strategy=strategy)
-                            y.float().sum().backward()
-                        else:
-                            with torch.no_grad():
-                                layer(x, ids, wts, strategy=strategy)
-
-                    times = {str(s): _time(lambda s=s: step(s)) for s in STATIC}
-                    chooser = StrategyChooser(cost=cost)
-                    layer.chooser = chooser
-                    for _ in range(args.adapt_steps):  # online correction from measured steps
-                        if train:
-                            step()
-                        else:
-                            with torch.no_grad():
-                                step()
-                    t_choose0 = time.perf_counter()
-                    chosen = chooser.choose(layer.shape_key(T, min(K, E)))
-                    choose_s = time.perf_counter() - t_choose0
-                    t_adapt = _time(lambda: step(chosen))
-                    best = min(times.values())
-                    worst = max(times.values())
-                    rows.append(dict(experts_per_rank=epr, experts=E, capacity=cap, tokens=T, mode=mode,
-                                     static=times, chooser=str(chosen), chooser_s=t_adapt, best_s=best,
-                                     worst_s=worst, choose_overhead_s=choose_s,
-                                     flops_floor_s=(3 if train else 1) * 6 * D * I * T * world * min(K, E) / world
-                                     / cost.flops_per_s))
-                    if rank == 0:
-                        print(f"E/rank={epr:<4} cap={cap:<5} T={T:<6} {mode:<8} best={best*1e3:8.3f}ms "
-                              f"chooser[{chosen}]={t_adapt*1e3:8.3f}ms worst={worst*1e3:8.3f}ms", flush=True)
+    for cfg in args.configs:
+        D, I = configs[cfg]
+        for epr in args.experts_per_rank:
+            E = max(1, int(epr * world))
+            lay = ShardLayout(E, I, world)
+            Uw, Is = lay.units_per_rank, lay.slice_size
+            # each rank makes only its own units: the whole mixtral-size layer would not fit
+            w13 = torch.randn(Uw, 2 * Is, D, device=dev, dtype=dtype, generator=g) / D ** 0.5
+            w2 = torch.randn(Uw, D, Is, device=dev, dtype=dtype, generator=g) / I ** 0.5
+            layer = AdaptiveMoEExperts(w13, w2, backend=args.backend, num_experts=E)
+            del w13, w2
+            for cap in args.capacity:
+                layer.capacity_factor = cap
+                for T in args.tokens:
+                    T = max(1, T // 64) if args.cpu else T
+                    x = torch.randn(T, D, device=dev, dtype=dtype, generator=g)
+                    top = torch.randn(T, E, device=dev, generator=g).topk(min(K, E), dim=1)
+                    ids, wts = top.indices, torch.softmax(top.values, dim=1)
+                    for mode in args.modes:
+                        train = mode == "fwd+bwd"
+                        layer.requires_grad_(train)
+                        r = run_cell(layer, x, ids, wts, train, args, cost, world, gather_cap)
+                        r.update(config=cfg, hidden=D, ffn=I, experts_per_rank=epr, experts=E, capacity=cap,
+                                 tokens=T, mode=mode, dropped=layer.last.dropped,
+                                 flops_floor_s=(3 if train else 1) * 6 * D * I * T * min(K, E) / cost.flops_per_s)
+                        rows.append(r)
+                        if rank == 0:
+                            print(_row(r) + f"  [{time.perf_counter() - t_start:.0f}s]", flush=True)
+                            _write(out_path, world, cost, K, rows, t_start)  # a cut run keeps its cells
+                    del x
+            del layer
+            if dev == "cuda":
+                torch.cuda.empty_cache()
     if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(dict(world=world, cost_model=cost.__dict__, hidden=D, ffn=I, top_k=K, rows=rows), f, indent=1)
+        _write(out_path, world, cost, K, rows, t_start)
     dist.destroy_process_group()
+
+
+def _write(path, world, cost, K, rows, t_start):
+    with open(path, "w") as f:
+        json.dump(dict(world=world, cost_model=cost.__dict__, top_k=K, rows=rows,
+                       seconds=time.perf_counter() - t_start), f, indent=1)
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v * 1e3:.2f}"
+
+
+def _row(r) -> str:
+    st = r["static"]
+    return (f"| {r['config']} | {r['experts_per_rank']:g} | {r['capacity']:g} | {r['tokens']} | {r['mode']} | "
+            + " | ".join(_ms(st[k]) for k in st)
+            + f" | {_ms(r['chooser_s'])} ({r['chooser']}) | {r['chooser_s'] / r['best_s']:.2f} | "
+            f"{r['worst_s'] / r['chooser_s']:.2f} | {100 * r['switch_share']:.2f}% | {_ms(r['flops_floor_s'])} |")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpus", type=int, default=torch.cuda.device_count())
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--ffn", type=int, default=1408)
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096, 16384, 65536])
-    ap.add_argument("--experts-per-rank", type=float, nargs="+", default=[0.5, 1, 4])
-    ap.add_argument("--capacity", type=float, nargs="+", default=[0.0, -2.0])
-    ap.add_argument("--adapt-steps", type=int, default=8)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[256, 4096, 65536], help="per rank")
+    ap.add_argument("--experts-per-rank", type=float, nargs="+", default=[0.5, 4, 16])
+    ap.add_argument("--capacity", type=float, nargs="+", default=[0.0, 1.25], help="0 = dropless")
+    ap.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    ap.add_argument("--iters", type=int, default=3, help="timed steps of a short cell (long ones get fewer)")
+    ap.add_argument("--adapt-steps", type=int, default=12, help="most steps the chooser gets to settle")
+    ap.add_argument("--max-gather-frac", type=float, default=0.1,
+                    help="leave out dp / ep+dp gathering more than this share of GPU memory")
     ap.add_argument("--backend", default="triton")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--cpu", action="store_true", help="dry run on gloo CPU ranks (checks the script, not speed)")
@@ -138,24 +228,32 @@ def main():
         args.backend = "torch"
     elif not torch.cuda.is_available() or args.gpus < 2:
         sys.exit("benchmarks/parallel.py needs 2 or more CUDA GPUs (or --cpu --gpus N for a dry run)")
+    bad = [e for e in args.experts_per_rank if not ShardLayout.valid_count(max(1, int(e * args.gpus)), args.gpus)]
+    if bad:
+        sys.exit(f"--experts-per-rank {bad}: experts ({[int(e * args.gpus) for e in bad]}) and {args.gpus} ranks "
+                 "must divide one another")
     with tempfile.NamedTemporaryFile(delete=False) as f:
         init = f.name
     os.unlink(init)
-    out_path = os.path.join(args.out, f"parallel_{args.gpus}gpu.json")
+    os.makedirs(args.out, exist_ok=True)
+    out_path = os.path.join(args.out, f"parallel_{args.gpus}gpu{'_cpu' if args.cpu else ''}.json")
+    name = "CPU (gloo dry run)" if args.cpu else torch.cuda.get_device_name(0)
+    names = [str(s) for s in static_strategies(args.gpus)]
+    header = ("| experts | E/rank | cap | tokens/rank | mode | " + " | ".join(names)
+              + " | chooser (pick) | chooser/best | worst/chooser | switch/step | floor (FLOPs) |")
+    print(f"{args.gpus} x {name}; top-{args.top_k}; times in ms, slowest rank, median of <= {args.iters}")
+    print(header + "\n" + "|---" * (header.count("|") - 1) + "|", flush=True)
     mp.spawn(worker, args=(args.gpus, init, args, out_path), nprocs=args.gpus, join=True)
     res = json.load(open(out_path))
-    name = "CPU (gloo dry run)" if args.cpu else torch.cuda.get_device_name(0)
-    print(f"\n{args.gpus} x {name}; D={args.hidden} I={args.ffn} top-{args.top_k}; "
-          f"cost model {res['cost_model']}")
-    print("| E/rank | cap | tokens/rank | mode | ep1 | ep2 | ep4 | dp | tp | chooser (pick) | chooser/best | worst/chooser | floor (FLOPs) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\n{args.gpus} x {name}; top-{args.top_k}; cost model {res['cost_model']}; "
+          f"{res['seconds']:.0f} s; results in {out_path}")
+    print(header + "\n" + "|---" * (header.count("|") - 1) + "|")
     for r in res["rows"]:
-        st = r["static"]
-        print(f"| {r['experts_per_rank']} | {r['capacity']} | {r['tokens']} | {r['mode']} | "
-              + " | ".join(f"{st[k]*1e3:.2f}" for k in ("ep:d1", "ep:d2", "ep:d4", "dp", "tp"))
-              + f" | {r['chooser_s']*1e3:.2f} ({r['chooser']}) | {r['chooser_s']/r['best_s']:.2f} | "
-              f"{r['worst_s']/r['chooser_s']:.2f} | {r['flops_floor_s']*1e3:.3f} |")
-    print("times in ms (median of 5, slowest rank)")
+        print(_row(r))
+    ratios = [r["chooser_s"] / r["best_s"] for r in res["rows"]]
+    print(f"chooser/best: max {max(ratios):.2f}, cells within 5%: {sum(x <= 1.05 for x in ratios)}/{len(ratios)}; "
+          f"worst/chooser min {min(r['worst_s'] / r['chooser_s'] for r in res['rows']):.2f}; "
+          f"switch/step max {100 * max(r['switch_share'] for r in res['rows']):.2f}%")
 
 
 if __name__ == "__main__":

@@ -92,12 +92,17 @@ class ShardLayout:
 
     def __post_init__(self):
         E, W, I = self.num_experts, self.world_size, self.ffn_size
-        if E % W and W % E:
+        if not self.valid_count(E, W):
             raise ValueError(f"num_experts ({E}) and ranks ({W}) must divide one another "
                              "(e.g. 8 experts on 2, 4 or 8 ranks, or 2 experts on 4 ranks)")
         if I % self.slices:
             raise ValueError(f"expert ffn size {I} must be divisible by the {self.slices} slices per expert "
                              f"that {W} ranks over {E} experts need")
+
+    @staticmethod
+    def valid_count(num_experts: int, world_size: int) -> bool:
+        """Whether this many experts can be laid out on this many ranks."""
+        return num_experts % world_size == 0 or world_size % num_experts == 0
 
     @property
     def slices(self) -> int:
@@ -157,14 +162,26 @@ class AdaptiveMoEExperts(torch.nn.Module):
 
     def __init__(self, w13_EJD: torch.Tensor, w2_EDI: torch.Tensor, group=None, backend: str = "torch",
                  capacity_factor: float = 0.0, chooser: "StrategyChooser | None" = None,
-                 strategy: Strategy | None = None):
+                 strategy: Strategy | None = None, *, num_experts: int | None = None):
+        """Every rank passes the whole layer's w13 [E, 2I, D] and w2 [E, D, I] and keeps its units;
+        or, with ``num_experts`` given, its own units already cut (w13 [Uw, 2Is, D], w2 [Uw, D, Is],
+        as ``ShardLayout.shard`` makes them), so no rank ever holds the whole layer."""
         super().__init__()
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
-        E, J, D = w13_EJD.shape
-        self.layout = ShardLayout(E, J // 2, self.world)
-        w13, w2 = self.layout.shard(w13_EJD, w2_EDI, self.rank)
+        if num_experts is None:
+            E, J, D = w13_EJD.shape
+            self.layout = ShardLayout(E, J // 2, self.world)
+            w13, w2 = self.layout.shard(w13_EJD, w2_EDI, self.rank)
+        else:
+            Uw, J, D = w13_EJD.shape
+            self.layout = ShardLayout(num_experts, J // 2 * max(1, self.world // num_experts), self.world)
+            if Uw != self.layout.units_per_rank or tuple(w2_EDI.shape) != (Uw, D, J // 2):
+                raise ValueError(f"a shard of {num_experts} experts on {self.world} ranks is w13 "
+                                 f"[{self.layout.units_per_rank}, 2*slice, D] and w2 [units, D, slice]; got "
+                                 f"{tuple(w13_EJD.shape)} and {tuple(w2_EDI.shape)}")
+            w13, w2 = w13_EJD, w2_EDI
         self.w13 = torch.nn.Parameter(w13)  # [Uw, 2Is, D]
         self.w2 = torch.nn.Parameter(w2)    # [Uw, D, Is]
         self.hidden = D
@@ -383,6 +400,14 @@ class LayerShape:
                 self.world, self.training)
 
 
+def gathered_weight_bytes(s: LayerShape, strat: Strategy) -> float:
+    """Bytes of other ranks' weights a strategy gathers onto each rank for one step."""
+    weights = 3 * s.experts * s.hidden * s.ffn * s.elem_bytes
+    if strat.name == "dp":
+        return weights
+    return weights * strat.group / s.world if strat.name == "ep+dp" else 0.0
+
+
 @dataclass
 class CostModel:
     """Time of one collective = latency + bytes / bandwidth; expert math at ``flops_per_s``."""
@@ -446,6 +471,7 @@ class StrategyChooser:
     smoothing: float = 0.5
     explore_margin: float = 3.0
     allow: tuple[str, ...] = STRATEGIES
+    max_gather_bytes: float | None = None  # leave out dp / ep+dp whose gathered weights exceed it
     _ratio: dict = field(default_factory=dict)
     current: Strategy | None = None
 
@@ -467,6 +493,8 @@ class StrategyChooser:
                 out += [Strategy(name, group=g) for g in group_sizes(shape.world) if lo <= g < shape.world]
             else:
                 out.append(Strategy(name))
+        if self.max_gather_bytes is not None:
+            out = [s for s in out if gathered_weight_bytes(shape, s) <= self.max_gather_bytes] or out[:1]
         return out
 
     def predict(self, shape: LayerShape, strat: Strategy) -> float:

@@ -125,8 +125,11 @@ def check_inference_overlap(rank, world, init_file, E, D, I, K):
     try:
         w13, w2, xs, ids, ws, _ = _problem(world, E, D, I, K, [7] * world)
         layer = AdaptiveMoEExperts(w13, w2)
+        # the same layer built from this rank's units alone (as the benchmark builds it)
+        from_shard = AdaptiveMoEExperts(*ShardLayout(E, I, world).shard(w13, w2, rank), num_experts=E)
         with torch.no_grad():
             want = layer(xs[rank], ids[rank], ws[rank], strategy=Strategy("ep", 1))
+            torch.testing.assert_close(from_shard(xs[rank], ids[rank], ws[rank], strategy=Strategy("tp")), want)
             for d in (2, 4):
                 got = layer(xs[rank], ids[rank], ws[rank], strategy=Strategy("ep", d))
                 torch.testing.assert_close(got, want)
