@@ -17,7 +17,8 @@ calibrated on the machine at start) runs until its pick settles (at most --adapt
 trying the candidates predicted within 3x of the best), and its settled pick is timed. Switch
 cost = (time of alternating steps best/second-best - their steady times) per switch, as a share
 of the best step; the chooser's own decision time is added to it. A row is printed per cell as
-it finishes and the whole table at the end. Needs no Ray or OR-Tools.
+it finishes and the whole table at the end. Behind the --budget-s schedule, cells run lean (one
+timed step each, marked "lean") rather than being skipped. Needs no Ray or OR-Tools.
 """
 from __future__ import annotations
 
@@ -75,14 +76,18 @@ def _time(fn, iters: int) -> float:
     return _agreed_max(sorted(ts)[len(ts) // 2])
 
 
-def _iters_for(step_s: float, args) -> int:
+def _iters_for(step_s: float, iters: int) -> int:
     """Repeats by step length: short steps are noisy and cheap, long ones steady and dear."""
     if step_s < 0.02:
-        return args.iters
-    return max(1, min(args.iters, int(0.25 / step_s)))
+        return iters
+    return max(1, min(iters, int(0.25 / step_s)))
 
 
-def run_cell(layer, x, ids, wts, train: bool, args, cost, world, gather_cap) -> dict:
+def run_cell(layer, x, ids, wts, train: bool, args, cost, world, gather_cap, lean: bool) -> dict:
+    """``lean``: behind the time budget, so one timed step per strategy and a shorter settle."""
+    max_iters = 1 if lean else args.iters
+    adapt_steps = min(args.adapt_steps, 6) if lean else args.adapt_steps
+
     def step(strategy=None):
         if train:
             layer.zero_grad(set_to_none=True)
@@ -101,18 +106,18 @@ def run_cell(layer, x, ids, wts, train: bool, args, cost, world, gather_cap) -> 
         t0 = time.perf_counter()
         step(s)  # warm-up and a first length estimate (compiles kernels on the first cell)
         _sync()
-        n = _iters_for(_agreed_max(time.perf_counter() - t0), args)
+        n = _iters_for(_agreed_max(time.perf_counter() - t0), max_iters)
         times[str(s)] = _time(lambda s=s: step(s), n)
     ran = {k: v for k, v in times.items() if v is not None}
     best_name = min(ran, key=ran.get)
     best, worst = ran[best_name], max(ran.values())
-    iters = _iters_for(best, args)
+    iters = _iters_for(best, max_iters)
 
     # the chooser: fresh per cell, run until its pick settles
     chooser = StrategyChooser(cost=cost, max_gather_bytes=gather_cap)
     layer.chooser, layer.fixed = chooser, None
     picks = []
-    for _ in range(args.adapt_steps):
+    for _ in range(adapt_steps):
         step()
         picks.append(str(layer.last.strategy))
         if len(picks) >= 2 and picks[-1] == picks[-2]:  # exploring never repeats a pick: settled
@@ -129,7 +134,7 @@ def run_cell(layer, x, ids, wts, train: bool, args, cost, world, gather_cap) -> 
     t_pair = _time(lambda: (step(a), step(b)), iters)
     switch_s = (t_pair - ran[best_name] - ran[second_name]) / 2 + choose_s
     return dict(static=times, best=best_name, best_s=best, worst_s=worst, chooser=str(chosen),
-                chooser_s=t_chosen, adapt_picks=picks, choose_s=choose_s, switch_pair=[best_name, second_name],
+                chooser_s=t_chosen, adapt_picks=picks, lean=lean, choose_s=choose_s, switch_pair=[best_name, second_name],
                 switch_s=switch_s, switch_share=switch_s / best)
 
 
@@ -150,6 +155,7 @@ def worker(rank, world, init, args, out_path):
     configs = CPU_CONFIGS if args.cpu else CONFIGS
     K = args.top_k
     rows = []
+    total = len(args.configs) * len(args.experts_per_rank) * len(args.capacity) * len(args.tokens) * len(args.modes)
     g = torch.Generator(device=dev).manual_seed(1234 + rank)
     for cfg in args.configs:
         D, I = configs[cfg]
@@ -172,7 +178,10 @@ def worker(rank, world, init, args, out_path):
                     for mode in args.modes:
                         train = mode == "fwd+bwd"
                         layer.requires_grad_(train)
-                        r = run_cell(layer, x, ids, wts, train, args, cost, world, gather_cap)
+                        # every rank must agree on leanness (it changes how many collectives run)
+                        elapsed = _agreed_max(time.perf_counter() - t_start)
+                        lean = elapsed > args.budget_s * len(rows) / total + 60
+                        r = run_cell(layer, x, ids, wts, train, args, cost, world, gather_cap, lean)
                         r.update(config=cfg, hidden=D, ffn=I, experts_per_rank=epr, experts=E, capacity=cap,
                                  tokens=T, mode=mode, dropped=layer.last.dropped,
                                  flops_floor_s=(3 if train else 1) * 6 * D * I * T * min(K, E) / cost.flops_per_s)
@@ -204,7 +213,8 @@ def _row(r) -> str:
     return (f"| {r['config']} | {r['experts_per_rank']:g} | {r['capacity']:g} | {r['tokens']} | {r['mode']} | "
             + " | ".join(_ms(st[k]) for k in st)
             + f" | {_ms(r['chooser_s'])} ({r['chooser']}) | {r['chooser_s'] / r['best_s']:.2f} | "
-            f"{r['worst_s'] / r['chooser_s']:.2f} | {100 * r['switch_share']:.2f}% | {_ms(r['flops_floor_s'])} |")
+            f"{r['worst_s'] / r['chooser_s']:.2f} | {100 * r['switch_share']:.2f}% | {_ms(r['flops_floor_s'])} |"
+            + (" lean" if r.get("lean") else ""))
 
 
 def main():
@@ -218,6 +228,8 @@ def main():
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     ap.add_argument("--iters", type=int, default=3, help="timed steps of a short cell (long ones get fewer)")
     ap.add_argument("--adapt-steps", type=int, default=12, help="most steps the chooser gets to settle")
+    ap.add_argument("--budget-s", type=float, default=200,
+                    help="time the grid should take: behind schedule, cells run lean (one timed step each)")
     ap.add_argument("--max-gather-frac", type=float, default=0.1,
                     help="leave out dp / ep+dp gathering more than this share of GPU memory")
     ap.add_argument("--backend", default="triton")
