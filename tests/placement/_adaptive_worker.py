@@ -193,3 +193,60 @@ def check_moe_layer_in_training(rank, world, init_file):
             torch.testing.assert_close(gr, ref.block.router.weight.grad)
     finally:
         dist.destroy_process_group()
+
+
+def check_causal_lm_training_with_switches(rank, world, init_file):
+    """A MoEForCausalLM trained data-parallel over the ranks, its experts sharded by
+    apply_adaptive_parallel and the strategy switching every step (the chooser's picks included),
+    follows one process training on all ranks' batches: same replicated parameters, and each
+    rank's expert shard equal to that shard of the single process's experts. The strategy in use
+    reaches the serving metrics' ``strategy`` key through the layer's ``stats()``."""
+    from moe import MoEConfig, MoEForCausalLM
+    from moe.train import lm_loss
+    from placement.adaptive import apply_adaptive_parallel
+    from serve.metrics import collect_component_stats
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cfg = MoEConfig.tiny("mixtral", num_experts=4, num_hidden_layers=2)
+        ref = MoEForCausalLM(cfg, dtype=torch.float64)
+        ref.init_weights(std=0.2, seed=1)
+        par = MoEForCausalLM(cfg, dtype=torch.float64)
+        par.load_state_dict(ref.state_dict())
+        apply_adaptive_parallel(par)
+        blocks = par.moe_blocks()
+        sharded = {id(p) for b in blocks for p in (b.experts.w13, b.experts.w2)}
+        order = [None, Strategy("dp"), Strategy("ep+tp", group=1), Strategy("tp"), Strategy("ep", 2),
+                 Strategy("ep+dp", group=world), None, Strategy("ep+tp", group=world)]
+        g = torch.Generator().manual_seed(3)
+        lr = 0.05
+        for strat in order:
+            batches = [torch.randint(0, cfg.vocab_size, (2, 7), generator=g) for _ in range(world)]
+            ref.zero_grad()
+            sum(lm_loss(ref(b[:, :-1]), b[:, 1:]) for b in batches).backward()
+            par.zero_grad()
+            for b in blocks:
+                b.experts.fixed = strat  # None: the shared chooser picks (the same on every rank)
+            lm_loss(par(batches[rank][:, :-1]), batches[rank][:, 1:]).backward()
+            for p in par.parameters():  # data parallel outside the experts
+                if id(p) not in sharded and p.grad is not None:
+                    dist.all_reduce(p.grad)
+            if strat is not None:
+                assert all(b.experts.last.strategy == strat for b in blocks)
+            with torch.no_grad():
+                for m in (ref, par):
+                    for p in m.parameters():
+                        if p.grad is not None:
+                            p -= lr * p.grad
+        ref_params = dict(ref.named_parameters())
+        for name, p in par.named_parameters():
+            if id(p) in sharded:
+                continue
+            torch.testing.assert_close(p, ref_params[name], msg=lambda m: f"{name}: {m}")
+        for rb, pb in zip(ref.moe_blocks(), blocks):
+            want13, want2 = pb.experts.layout.shard(rb.experts.w13, rb.experts.w2, rank)
+            torch.testing.assert_close(pb.experts.w13, want13)
+            torch.testing.assert_close(pb.experts.w2, want2)
+        assert collect_component_stats(par)["strategy"] == str(blocks[0].experts.last.strategy)
+    finally:
+        dist.destroy_process_group()

@@ -116,3 +116,7 @@ def test_apply_adaptive_parallel_needs_moe_blocks():
     from placement.adaptive import apply_adaptive_parallel
     with pytest.raises(ValueError, match="no MoE blocks"):
         apply_adaptive_parallel(torch.nn.Linear(2, 2))
+
+
+def test_causal_lm_training_switching_strategies_matches_one_process():
+    _spawn(worker.check_causal_lm_training_with_switches, 2)
