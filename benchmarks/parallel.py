@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from placement.adaptive import (AdaptiveMoEExperts, ShardLayout, Strategy, StrategyChooser,  # noqa: E402
                                 calibrate, gathered_weight_bytes)
-from placement.adaptive_blend import BLENDS, group_sizes  # noqa: E402
+from placement.adaptive_blend import group_sizes  # noqa: E402
 
 # hidden, expert ffn size; mixtral first: if a run is cut, the cells never measured before survive
 CONFIGS = {"mixtral": (4096, 14336), "small": (2048, 1408)}

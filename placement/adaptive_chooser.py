@@ -1,0 +1,231 @@
+"""The chooser of the adaptive MoE layer: strategy names, a cost model calibrated on the machine,
+and per-shape online correction from measured step times (Tutel never chose automatically).
+
+Shape legend as in adaptive.py: T = tokens of a rank, D = hidden, I = expert ffn size, E = experts,
+K = top-k, W = ranks.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from .adaptive_blend import BLENDS, group_sizes
+
+STRATEGIES = ("ep", "dp", "tp") + BLENDS
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str = "ep"
+    degree: int = 1  # pipelining degree (chunks), "ep" only
+    group: int = 0   # ranks per group, blends ("ep+dp", "ep+tp") only; must divide the ranks
+
+    def __post_init__(self):
+        if self.name not in STRATEGIES:
+            raise ValueError(f"unknown parallel strategy {self.name!r}; choose one of {STRATEGIES}")
+        if self.degree < 1 or (self.name != "ep" and self.degree != 1):
+            raise ValueError(f"pipelining degree must be >= 1 and is only defined for 'ep' "
+                             f"(got {self.name!r} with degree {self.degree})")
+        if (self.name in BLENDS) != (self.group >= 1) or self.group < 0:
+            raise ValueError(f"ranks per group is required (>= 1) for the blends {BLENDS} and only for "
+                             f"them (got {self.name!r} with group={self.group})")
+
+    def __str__(self) -> str:
+        if self.name == "ep":
+            return f"ep:d{self.degree}"
+        return f"{self.name}:g{self.group}" if self.name in BLENDS else self.name
+
+    @classmethod
+    def parse(cls, text: str) -> "Strategy":
+        """Inverse of ``str``: "ep:d2", "dp", "tp", "ep+dp:g2", "ep+tp:g1"."""
+        name, _, arg = text.partition(":")
+        try:
+            if name == "ep":
+                return cls("ep", int(arg[1:]) if arg else 1)
+            if name in BLENDS:
+                return cls(name, group=int(arg[1:]) if arg.startswith("g") else 0)
+        except ValueError:
+            pass
+        if name in BLENDS or (name == "ep" and arg):
+            raise ValueError(f"bad strategy {text!r}; write e.g. 'ep:d2', 'dp', 'tp', 'ep+dp:g2', 'ep+tp:g1'")
+        return cls(name)
+
+
+# --- the chooser ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerShape:
+    tokens: int
+    hidden: int
+    ffn: int
+    experts: int
+    top_k: int
+    world: int
+    elem_bytes: int
+    training: bool = False
+
+    def bucket(self) -> tuple:
+        """Shapes whose measured corrections are shared: tokens by power of two."""
+        return (max(0, int(self.tokens).bit_length()), self.hidden, self.ffn, self.experts, self.top_k,
+                self.world, self.training)
+
+
+def gathered_weight_bytes(s: LayerShape, strat: Strategy) -> float:
+    """Bytes of other ranks' weights a strategy gathers onto each rank for one step."""
+    weights = 3 * s.experts * s.hidden * s.ffn * s.elem_bytes
+    if strat.name == "dp":
+        return weights
+    return weights * strat.group / s.world if strat.name == "ep+dp" else 0.0
+
+
+@dataclass
+class CostModel:
+    """Time of one collective = latency + bytes / bandwidth; expert math at ``flops_per_s``."""
+    latency_s: float = 50e-6
+    a2a_bytes_per_s: float = 150e9
+    allgather_bytes_per_s: float = 150e9
+    flops_per_s: float = 400e12
+
+    def comm(self, nbytes: float, bw: float) -> float:
+        return self.latency_s + nbytes / bw
+
+    def predict(self, s: LayerShape, strat: Strategy) -> float:
+        W, b = s.world, s.elem_bytes
+        rows = s.tokens * s.top_k  # (token, slot) pairs on this rank
+        # expert math for all ranks' rows, spread evenly: 3 matrices of D x I, 2 FLOPs per MAC
+        compute = 2 * 3 * s.hidden * s.ffn * rows / self.flops_per_s
+        weights = 3 * s.experts * s.hidden * s.ffn * b
+        cross = (W - 1) / W
+        bwd = 2.0 if s.training else 1.0  # backward runs the adjoint collectives once more
+        flops_mult = 3.0 if s.training else 1.0
+        if strat.name == "dp":
+            comm = bwd * self.comm(weights * cross, self.allgather_bytes_per_s)
+            compute_dp = 2 * 3 * s.hidden * s.ffn * rows / self.flops_per_s
+            return comm + flops_mult * compute_dp
+        if strat.name == "tp":
+            tok_bytes = s.tokens * s.hidden * b * (W - 1)
+            comm = bwd * (self.comm(tok_bytes, self.allgather_bytes_per_s) + self.comm(tok_bytes, self.a2a_bytes_per_s))
+            return comm + flops_mult * compute
+        slices = max(1, W // s.experts)
+        if strat.name in BLENDS:
+            g = strat.group
+            G = W // g
+            # a token visits each group holding one of its K x slices units once: expected
+            # distinct groups of K*slices uniform picks
+            visits = G * (1 - (1 - 1 / G) ** (s.top_k * slices))
+            pair_bytes = s.tokens * visits * s.hidden * b
+            comm = 2 * (3 * self.latency_s + pair_bytes * (G - 1) / G / self.a2a_bytes_per_s)
+            if strat.name == "ep+dp" and g > 1:  # gather the group's units (once a step)
+                comm += self.comm(weights * (g - 1) / W, self.allgather_bytes_per_s)
+            elif g > 1:  # ep+tp: gather the group's received tokens, reduce-scatter the outputs
+                comm += 2 * self.comm(pair_bytes * (g - 1), self.allgather_bytes_per_s)
+            return bwd * comm + flops_mult * compute
+        d = strat.degree
+        a2a_bytes = rows * slices * s.hidden * b * cross
+        comm = bwd * 2 * (d * self.latency_s + a2a_bytes / self.a2a_bytes_per_s)
+        comp = flops_mult * compute
+        # d chunks: all but one chunk's communication hides behind compute (and vice versa)
+        return max(comm, comp) + min(comm, comp) / d if d > 1 else comm + comp
+
+
+@dataclass
+class StrategyChooser:
+    """Picks the strategy with the least predicted time; predictions are scaled per shape bucket
+    by the running ratio measured / predicted, so a wrong model corrects itself online.
+
+    For a new shape bucket, every candidate whose prediction is within ``explore_margin`` of the
+    best prediction is run once before the chooser settles (a few steps of a long run), since a
+    cost model calibrated on micro-benchmarks can rank close strategies wrongly."""
+    cost: CostModel = field(default_factory=CostModel)
+    degrees: tuple[int, ...] = (1, 2, 4)
+    smoothing: float = 0.5
+    explore_margin: float = 3.0
+    allow: tuple[str, ...] = STRATEGIES
+    max_gather_bytes: float | None = None  # leave out dp / ep+dp whose gathered weights exceed it
+    _ratio: dict = field(default_factory=dict)
+    current: Strategy | None = None
+
+    def __post_init__(self):
+        bad = [a for a in self.allow if a not in STRATEGIES]
+        if bad or not self.allow:
+            raise ValueError(f"allow must name strategies among {STRATEGIES}, got {self.allow}")
+        if self.explore_margin < 1.0:
+            raise ValueError(f"explore_margin must be >= 1 (1 = never explore), got {self.explore_margin}")
+
+    def candidates(self, shape: LayerShape) -> list[Strategy]:
+        out = []
+        for name in self.allow:
+            if name == "ep":
+                out += [Strategy("ep", d) for d in self.degrees]
+            elif name in BLENDS:
+                # g = W is dp / tp again; g = 1 of ep+tp is ep with one copy of a token per rank
+                lo = 2 if name == "ep+dp" else 1
+                out += [Strategy(name, group=g) for g in group_sizes(shape.world) if lo <= g < shape.world]
+            else:
+                out.append(Strategy(name))
+        if self.max_gather_bytes is not None:
+            out = [s for s in out if gathered_weight_bytes(shape, s) <= self.max_gather_bytes] or out[:1]
+        return out
+
+    def predict(self, shape: LayerShape, strat: Strategy) -> float:
+        return self.cost.predict(shape, strat) * self._ratio.get((shape.bucket(), strat), 1.0)
+
+    def choose(self, shape: LayerShape) -> Strategy:
+        cands = self.candidates(shape)
+        best = min(cands, key=lambda s: self.predict(shape, s))
+        bucket = shape.bucket()
+        if self.explore_margin > 1.0:
+            bound = self.predict(shape, best) * self.explore_margin
+            untried = [s for s in cands if (bucket, s) not in self._ratio and self.predict(shape, s) <= bound]
+            if untried:
+                best = min(untried, key=lambda s: self.predict(shape, s))
+        self.current = best
+        return best
+
+    def observe(self, shape: LayerShape, strat: Strategy, seconds: float) -> None:
+        key = (shape.bucket(), strat)
+        r = seconds / max(self.cost.predict(shape, strat), 1e-12)
+        old = self._ratio.get(key)
+        self._ratio[key] = r if old is None else (1 - self.smoothing) * old + self.smoothing * r
+
+
+def calibrate(group=None, device: str | torch.device = "cpu", dtype=torch.float32, repeats: int = 5) -> CostModel:
+    """Measure collective latency/bandwidth and the GEMM rate on this machine (all ranks call it)."""
+    device = torch.device(device)
+
+    def timed(fn) -> float:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dist.barrier(group=group)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - t0)
+        # every rank must agree on the model: take the slowest rank's figure
+        t = torch.tensor([best], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        return float(t)
+
+    W = dist.get_world_size(group)
+    small = torch.zeros(W, dtype=dtype, device=device)
+    big_n = (1 << 22) if device.type == "cuda" else (1 << 18)
+    big = torch.randn(big_n * W, dtype=dtype, device=device)
+    out = torch.empty_like(big)
+    lat = timed(lambda: dist.all_to_all_single(torch.empty_like(small), small, group=group))
+    t_a2a = timed(lambda: dist.all_to_all_single(out, big, group=group))
+    gather_out = torch.empty(big_n * W * W, dtype=dtype, device=device)
+    t_ag = timed(lambda: dist.all_gather_into_tensor(gather_out, big, group=group))
+    nbytes = big.numel() * big.element_size()
+    m = 2048 if device.type == "cuda" else 256
+    a = torch.randn(m, m, dtype=dtype, device=device)
+    t_mm = timed(lambda: a @ a)
+    return CostModel(latency_s=lat,
+                     a2a_bytes_per_s=nbytes * (W - 1) / W / max(t_a2a - lat, 1e-9),
+                     allgather_bytes_per_s=nbytes * (W - 1) / max(t_ag - lat, 1e-9),
+                     flops_per_s=2 * m ** 3 / t_mm)
