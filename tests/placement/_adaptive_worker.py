@@ -1,8 +1,10 @@
-"""Worker run in each spawned gloo rank by test_adaptive.py (importable by spawned processes)."""
+"""Workers run in each spawned gloo rank by test_adaptive*.py (importable by spawned processes)."""
 import os
+import tempfile
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from kernels import moe_experts_reference
 from moe.losses import apply_capacity
@@ -14,6 +16,14 @@ def all_strategies(world):
     """Every strategy and every blend's group size, the end points (g = 1, g = W) included."""
     out = [Strategy("ep", 1), Strategy("ep", 3), Strategy("dp"), Strategy("tp")]
     return out + [Strategy(b, group=g) for b in BLENDS for g in group_sizes(world)]
+
+
+def spawn(fn, world, *args):
+    """Run ``fn(rank, world, init_file, *args)`` in ``world`` processes joined by a file store."""
+    with tempfile.NamedTemporaryFile(delete=False) as f:
+        init = f.name
+    os.unlink(init)
+    mp.spawn(fn, args=(world, init, *args), nprocs=world, join=True)
 
 
 def _problem(world, E, D, I, K, tokens_per_rank, seed=0):

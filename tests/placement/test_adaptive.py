@@ -1,22 +1,12 @@
 """Every parallel strategy and degree gives the single-process layer's outputs and gradients,
 on 2 and 4 gloo ranks (spawned processes, loopback only)."""
-import tempfile
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from placement.adaptive import CostModel, LayerShape, ShardLayout, Strategy, StrategyChooser
 
 from . import _adaptive_worker as worker
-
-
-def _spawn(fn, world, *args):
-    with tempfile.NamedTemporaryFile(delete=False) as f:
-        init = f.name
-    import os
-    os.unlink(init)
-    mp.spawn(fn, args=(world, init, *args), nprocs=world, join=True)
+from ._adaptive_worker import spawn as _spawn
 
 
 @pytest.mark.parametrize("world,cases", [
@@ -29,10 +19,6 @@ def _spawn(fn, world, *args):
 ])
 def test_strategies_and_blends_equal_single_process(world, cases):
     _spawn(worker.check_strategies, world, cases, 6, 8, 2)
-
-
-def test_switching_mid_training_changes_nothing():
-    _spawn(worker.check_switch_mid_training, 2, 4, 6, 8, 2)
 
 
 def test_layout_round_trip_and_errors():
@@ -106,17 +92,3 @@ def test_chooser_explores_close_candidates_then_settles_on_the_fastest_measured(
 
 def test_chooser_decisions_agree_across_ranks():
     _spawn(worker.check_chooser_agrees_across_ranks, 2, 4, 6, 8, 2)
-
-
-def test_training_moe_layer_sharded_with_apply_adaptive_parallel():
-    _spawn(worker.check_moe_layer_in_training, 2)
-
-
-def test_apply_adaptive_parallel_needs_moe_blocks():
-    from placement.adaptive import apply_adaptive_parallel
-    with pytest.raises(ValueError, match="no MoE blocks"):
-        apply_adaptive_parallel(torch.nn.Linear(2, 2))
-
-
-def test_causal_lm_training_switching_strategies_matches_one_process():
-    _spawn(worker.check_causal_lm_training_with_switches, 2)
