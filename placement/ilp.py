@@ -16,12 +16,13 @@ i.e. minimise the consecutive-layer moves that cross parts. Only pairs with a no
 get an s variable, the heaviest ``max_pairs_per_layer`` of them per layer (the rest still
 count in the reported figures, they just do not steer the solver).
 
-The start is the greedy affinity plan refined by coordinate descent: each layer in turn is
-re-assigned exactly given both neighbours, a min-cost flow (experts -> ranks with capacities).
-Large instances are then solved by large-neighbourhood search over windows of consecutive layers:
-all layers outside the window are fixed, which turns their pairs into linear terms, and each
-window is solved by CP-SAT warm-started (AddHint) from the current plan. Small instances are
-one window. The result is never worse than the greedy plan.
+The start is a multi-start local search on the full objective (local_search.py: exact
+one-layer moves by min-cost flow, from the greedy plan and from random balanced starts, then
+crossover of the best plans), for ``search_share`` of the time limit. The rest goes to CP-SAT,
+warm-started (AddHint) from the best plan: large instances by large-neighbourhood search over
+windows of consecutive layers (all layers outside the window fixed, which turns their pairs into
+linear terms), small instances as one window; a closing descent polishes what CP-SAT changed.
+The result is never worse than the greedy plan.
 
 Several nodes (a cross-node move costs 2, a cross-GPU move inside a node 1): by default one
 joint program over all ranks with a second indicator per pair, "same node", so the objective
@@ -37,11 +38,11 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from ortools.graph.python import min_cost_flow
 from ortools.sat.python import cp_model
 
 from .affinity import AffinityStats
 from .baselines import greedy_assignment, rank_capacity
+from .local_search import descent, multi_start
 from .metrics import cross_counts
 from .plan import PlacementPlan
 
@@ -59,9 +60,13 @@ class SolverConfig:
     max_pairs_per_layer: int | None = None  # default 6·E
     window_pairs: int = 1500  # pair variables per LNS window (bounds each CP-SAT model)
     multi_node: str = "joint"  # 'joint' (hop cost in one program) or 'hierarchical' (ExFlow's)
+    search_share: float = 0.5  # of the time: multi-start local search (local_search.py); then CP-SAT
     seed: int = 0
 
     def __post_init__(self):
+        if not 0.0 <= self.search_share <= 1.0:
+            raise ValueError(f"search_share must be in [0, 1] (0: descent from greedy only, then CP-SAT; "
+                             f"1: local search only), got {self.search_share}")
         if not self.time_limit_s > 0:
             raise ValueError(f"time_limit_s must be positive, got {self.time_limit_s}")
         if self.num_workers < 1:
@@ -210,66 +215,24 @@ def _solve_window(p: _Problem, cfg: SolverConfig, assign: np.ndarray, a: int, b:
     return out, name
 
 
-def _assign_layer(aff_nP: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    """Experts -> parts maximising the total affinity, lo..hi per part (exact, min-cost flow)."""
-    n, P = aff_nP.shape
-    f = min_cost_flow.SimpleMinCostFlow()
-    src, sink = n + P, n + P + 1
-    big = int(np.abs(aff_nP).sum()) + 1  # filling a part up to `lo` outweighs any affinity
-    for i in range(n):
-        f.add_arc_with_capacity_and_unit_cost(src, i, 1, 0)
-        for q in range(P):
-            f.add_arc_with_capacity_and_unit_cost(i, n + q, 1, -int(aff_nP[i, q]))
-    for q in range(P):
-        if lo:
-            f.add_arc_with_capacity_and_unit_cost(n + q, sink, lo, -big)
-        if hi > lo:
-            f.add_arc_with_capacity_and_unit_cost(n + q, sink, hi - lo, 0)
-    f.set_node_supply(src, n)
-    f.set_node_supply(sink, -n)
-    if f.solve() != f.OPTIMAL:
-        raise ValueError(f"{n} experts cannot be put into {P} parts of {lo}..{hi}")
-    out = np.empty(n, dtype=np.int64)
-    for arc in range(f.num_arcs()):
-        t, h = f.tail(arc), f.head(arc)
-        if t < n and n <= h < n + P and f.flow(arc):
-            out[t] = h - n
-    return out
-
-
-def _refine(p: _Problem, cfg: SolverConfig, assign: np.ndarray, deadline: float, sweeps: int = 3) -> np.ndarray:
-    """Coordinate descent: re-assign each layer exactly given its two neighbours."""
-    assign = assign.copy()
-    best = _score(p, cfg, assign)
-    for _ in range(sweeps):
-        improved = False
-        for l in range(p.L):
-            if time.perf_counter() > deadline:
-                return assign
-            aff = np.zeros((p.n, p.parts), dtype=np.int64)
-            if l > 0:  # predecessors: aff[j, q] += n[l-1][i, j] for i on q
-                np.add.at(aff.T, assign[l - 1], p.counts[l - 1])
-            if l < p.L - 1:  # successors: aff[i, q] += n[l][i, k] for k on q
-                np.add.at(aff.T, assign[l + 1], p.counts[l].T)
-            if p.node_size:  # and once more for every rank of the same node
-                G = p.node_size
-                aff = aff + np.repeat(aff.reshape(p.n, -1, G).sum(2), G, axis=1)
-            cand = assign.copy()
-            cand[l] = _assign_layer(aff, p.lo, p.hi)
-            sc = _score(p, cfg, cand)
-            if sc < best - 1e-9:
-                assign, best, improved = cand, sc, True
-        if not improved:
-            break
-    return assign
-
-
 def _solve_partition(p: _Problem, cfg: SolverConfig, hint: np.ndarray, time_limit: float) -> tuple[np.ndarray, str]:
     """Windowed large-neighbourhood search; one window when the whole problem is small."""
-    deadline = time.perf_counter() + time_limit
-    # a quarter of the time at most for the exact layer-by-layer descent
-    assign = _refine(p, cfg, hint, time.perf_counter() + time_limit / 4)
-    best = _score(p, cfg, assign)
+    t0 = time.perf_counter()
+    # keep a little time for the closing descent, which polishes what CP-SAT changed
+    deadline = t0 + time_limit * (0.95 if cfg.search_share < 1 else 1.0)
+    score = lambda a: _score(p, cfg, a)  # noqa: E731  (the full objective, all pairs)
+    pairs_only = not cfg.load_weight and not (cfg.balance == "relaxed" and cfg.relaxed_slack)
+    if cfg.search_share:
+        assign, best, ls = multi_start(p.counts, hint, p.parts, p.lo, p.hi, score,
+                                       t0 + time_limit * cfg.search_share, p.node_size, cfg.seed,
+                                       pairs_only=pairs_only)
+        search = f"search({ls['starts']} starts, {ls['crossovers']} crossovers)"
+    else:  # a quarter of the time at most for the descent from the greedy plan
+        assign, best = descent(p.counts, hint, p.parts, p.lo, p.hi, score, t0 + time_limit / 4, p.node_size,
+                               pairs_only)
+        search = "descent from greedy"
+    if cfg.search_share >= 1:
+        return assign, search
     per_layer = max(1, int(np.mean([len(t[0]) for t in p.pairs])) if p.pairs else 1)
     w = max(2, min(p.L, cfg.window_pairs // per_layer))
     if w >= p.L:
@@ -279,7 +242,7 @@ def _solve_partition(p: _Problem, cfg: SolverConfig, hint: np.ndarray, time_limi
         starts = list(range(0, p.L - w + 1, step))
         if starts[-1] != p.L - w:
             starts.append(p.L - w)
-    statuses, sweep = [], 0
+    statuses, sweep, cp_improved = [], 0, False
     while True:
         improved, all_optimal = False, True
         for k, a in enumerate(starts):
@@ -297,15 +260,19 @@ def _solve_partition(p: _Problem, cfg: SolverConfig, hint: np.ndarray, time_limi
             cand[a:a + w] = new
             sc = _score(p, cfg, cand)
             if sc < best - 1e-9:
-                assign, best, improved = cand, sc, True
+                assign, best, improved, cp_improved = cand, sc, True, True
         sweep += 1
         if len(starts) == 1 or not improved or time.perf_counter() >= deadline - 0.02:
             break
+    if cp_improved:
+        assign, best = descent(p.counts, assign, p.parts, p.lo, p.hi, score, t0 + time_limit, p.node_size,
+                               pairs_only)
     if not statuses:
-        return assign, "TIME_LIMIT(greedy)"
+        return assign, f"{search} + TIME_LIMIT(no CP-SAT window)"
     if len(starts) == 1:
-        return assign, statuses[0]
-    return assign, f"LNS({sweep} sweeps, {len(starts)} windows of {w} layers{', all optimal' if all_optimal else ''})"
+        return assign, f"{search} + CP-SAT {statuses[0]}"
+    return assign, (f"{search} + LNS({sweep} sweeps, {len(starts)} windows of {w} layers"
+                    f"{', all optimal' if all_optimal else ''})")
 
 
 def _problem(counts, load, parts, lo, hi, top_k, cfg, node_size: int = 0) -> _Problem:

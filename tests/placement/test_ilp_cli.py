@@ -43,7 +43,7 @@ def test_lns_windows_solve_long_models():
     st = AffinityStats.from_trace(trace)
     cfg = SolverConfig(time_limit_s=10.0, window_pairs=40)  # forces windows of a few layers
     plan = solve_exflow(st, 4, config=cfg)
-    assert plan.solver_status.startswith("LNS")
+    assert "LNS(" in plan.solver_status
     assert (plan.experts_per_rank() == 4).all()
     assert plan.objective["cross_pairs"] <= greedy_affinity(st, 4).objective["cross_pairs"]
     assert plan.objective["cross_pairs"] < 0.5 * round_robin(9, 16, 4, stats=st).objective["cross_pairs"]
