@@ -172,35 +172,46 @@ def check_chooser_agrees_across_ranks(rank, world, init_file, E, D, I, K):
 def check_moe_layer_in_training(rank, world, init_file):
     """The training module's MoELayer, sharded with apply_adaptive_parallel: every rank's output
     equals the single-process layer's on its tokens; expert shards get the gradient of the whole
-    batch, and the replicated router's gradients sum to the single-process ones."""
+    batch, and the replicated router's gradients sum to the single-process ones. With a capacity
+    factor, the sharded layer (capacity in the adaptive layer) drops what the single-process layer
+    (capacity in its router, moe.losses' rule) drops on each rank's tokens."""
     from moe.layer import MoELayer
+    from moe.losses import BalanceConfig
     from placement.adaptive import apply_adaptive_parallel
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)
-        ref = MoELayer.simple(hidden_size=12, num_experts=4, top_k=2, intermediate_size=8).double()
-        par = MoELayer.simple(hidden_size=12, num_experts=4, top_k=2, intermediate_size=8).double()
-        par.load_state_dict(ref.state_dict())
-        apply_adaptive_parallel(par)
-        g = torch.Generator().manual_seed(7)
-        xs = [torch.randn(5 + r, 12, generator=g, dtype=torch.float64) for r in range(world)]
-        for strat in (None, Strategy("dp"), Strategy("tp"), Strategy("ep", 2)):
-            par.zero_grad()
-            ref.zero_grad()
-            par.block.experts.fixed = strat  # None: the chooser picks
-            y, _ = par(xs[rank])
-            y.sum().backward()
-            y_ref = [ref(x)[0] for x in xs]
-            sum(t.sum() for t in y_ref).backward()
-            torch.testing.assert_close(y, y_ref[rank].detach())
-            lay = par.block.experts.layout
-            want13, want2 = lay.shard(ref.block.experts.w13.grad, ref.block.experts.w2.grad, rank)
-            torch.testing.assert_close(par.block.experts.w13.grad, want13)
-            torch.testing.assert_close(par.block.experts.w2.grad, want2)
-            gr = par.block.router.weight.grad.clone()
-            dist.all_reduce(gr)
-            torch.testing.assert_close(gr, ref.block.router.weight.grad)
+        for factor in (0.0, 1.0, -1.2):
+            torch.manual_seed(0)
+            sizes = dict(hidden_size=12, num_experts=4, top_k=2, intermediate_size=8)
+            ref = MoELayer.simple(**sizes, balance=BalanceConfig(capacity_factor=factor)).double()
+            par = MoELayer.simple(**sizes).double()
+            par.load_state_dict(ref.state_dict())
+            apply_adaptive_parallel(par, capacity_factor=factor)
+            g = torch.Generator().manual_seed(7)
+            xs = [torch.randn(5 + 2 * r, 12, generator=g, dtype=torch.float64) for r in range(world)]
+            drops = 0
+            for strat in (None, Strategy("dp"), Strategy("tp"), Strategy("ep", 2), Strategy("ep+tp", group=1)):
+                par.zero_grad()
+                ref.zero_grad()
+                par.block.experts.fixed = strat  # None: the chooser picks
+                y, _ = par(xs[rank])
+                y.sum().backward()
+                outs = [ref(x) for x in xs]
+                sum(y_r.sum() for y_r, _ in outs).backward()
+                torch.testing.assert_close(y, outs[rank][0].detach(), msg=lambda m: f"f={factor} {strat}: {m}")
+                assert par.block.experts.stats()["dropped_tokens"] == outs[rank][1].dropped
+                drops += outs[rank][1].dropped
+                lay = par.block.experts.layout
+                want13, want2 = lay.shard(ref.block.experts.w13.grad, ref.block.experts.w2.grad, rank)
+                torch.testing.assert_close(par.block.experts.w13.grad, want13)
+                torch.testing.assert_close(par.block.experts.w2.grad, want2)
+                gr = par.block.router.weight.grad.clone()
+                dist.all_reduce(gr)
+                torch.testing.assert_close(gr, ref.block.router.weight.grad)
+            total = torch.tensor([drops])
+            dist.all_reduce(total)
+            assert (int(total) > 0) == (factor != 0), f"factor {factor}: {int(total)} dropped"
     finally:
         dist.destroy_process_group()
 
