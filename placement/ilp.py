@@ -289,6 +289,10 @@ def solve_exflow(stats: AffinityStats, num_ranks: int, num_nodes: int = 1,
     if num_nodes <= 0 or num_ranks % num_nodes:
         raise ValueError(f"num_nodes ({num_nodes}) must divide num_ranks ({num_ranks})")
     t0 = time.perf_counter()
+
+    def left() -> float:
+        """Solver time still in the limit, 2% kept for the checks that close the solve."""
+        return max(cfg.time_limit_s * 0.98 - (time.perf_counter() - t0), 0.05)
     L, E, P, M = stats.num_layers, stats.num_experts, num_ranks, num_nodes
     G = P // M
     lo, hi = rank_capacity(E, P, cfg.balance)
@@ -296,7 +300,7 @@ def solve_exflow(stats: AffinityStats, num_ranks: int, num_nodes: int = 1,
     if M == 1 or cfg.multi_node == "joint":
         hint = greedy_assignment(stats, P, cfg.balance)
         prob = _problem(stats.pair_counts, stats.load, P, lo, hi, K, cfg, node_size=G if M > 1 else 0)
-        assign, status = _solve_partition(prob, cfg, hint, cfg.time_limit_s)
+        assign, status = _solve_partition(prob, cfg, hint, left())
     else:
         # nodes first, each holding exactly E/M experts per layer, so that every node's
         # sub-problem has the same size at every layer
@@ -305,7 +309,7 @@ def solve_exflow(stats: AffinityStats, num_ranks: int, num_nodes: int = 1,
                              f"pick a divisor of {E} or plan a single node")
         node_hint = greedy_assignment(stats, M, "strict")
         prob = _problem(stats.pair_counts, stats.load, M, E // M, E // M, K, cfg)
-        node_assign, st_nodes = _solve_partition(prob, cfg, node_hint, cfg.time_limit_s / 2)
+        node_assign, st_nodes = _solve_partition(prob, cfg, node_hint, left() / 2)
         assign = np.empty((L, E), dtype=np.int64)
         sub_status = []
         for node in range(M):
@@ -318,7 +322,7 @@ def solve_exflow(stats: AffinityStats, num_ranks: int, num_nodes: int = 1,
             slo, shi = rank_capacity(n, G, cfg.balance)
             sub_hint = greedy_assignment(sub, G, cfg.balance)
             sp = _problem(sub_counts, sub_load, G, slo, shi, K, cfg)
-            sa, st = _solve_partition(sp, cfg, sub_hint, cfg.time_limit_s / 2 / M)
+            sa, st = _solve_partition(sp, cfg, sub_hint, left() / (M - node))
             sub_status.append(st)
             for l in range(L):
                 assign[l, members[l]] = node * G + sa[l]
