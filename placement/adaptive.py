@@ -152,6 +152,8 @@ class AdaptiveMoEExperts(torch.nn.Module):
         self.chooser = chooser
         self.fixed = strategy
         self.last: StepInfo | None = None
+        self.dropped_total = 0  # (token, slot) pairs dropped by capacity on this rank, all calls
+        self.switches = 0       # calls whose strategy differed from the call before
 
     def shape_key(self, tokens: int, top_k: int) -> "LayerShape":
         L = self.layout
@@ -194,6 +196,9 @@ class AdaptiveMoEExperts(torch.nn.Module):
             # ...and learns the same times: a step lasts as long as its slowest rank
             seconds = self._agreed(time.perf_counter() - t0, x_TD.device)
             self.chooser.observe(self.shape_key(T_key, K), strat, seconds)
+        if self.last is not None and self.last.strategy != strat:
+            self.switches += 1
+        self.dropped_total += dropped
         self.last = StepInfo(strat, seconds, dropped, cap)
         return y
 
@@ -204,12 +209,12 @@ class AdaptiveMoEExperts(torch.nn.Module):
         return float(t)
 
     def stats(self) -> dict:
-        """For the metrics endpoint: the strategy of the last call, its dropped (token, slot) pairs on
-        this rank and the capacity per expert (None = dropless)."""
+        """For the metrics endpoint: the strategy of the last call and its capacity per expert (None =
+        dropless); counters since construction: (token, slot) pairs dropped on this rank, switches."""
         if self.last is None:
             return {}
-        return {"strategy": str(self.last.strategy), "dropped_tokens": self.last.dropped,
-                "capacity": self.last.capacity}
+        return {"strategy": str(self.last.strategy), "capacity": self.last.capacity,
+                "dropped_tokens": self.dropped_total, "strategy_switches": self.switches}
 
     # rows: one per (token, slot, slice) with a valid expert
     def _rows(self, ids_TK: torch.Tensor, w_TK: torch.Tensor):

@@ -91,7 +91,8 @@ def _check_case(rank, world, E, D, I, K, factor):
         x = xs[rank].clone().requires_grad_()
         w = ws[rank].clone().requires_grad_()
         y = layer(x, ids[rank], w)
-        assert layer.stats()["dropped_tokens"] == drops[rank] and layer.stats()["strategy"] == str(strat)
+        assert layer.last.dropped == drops[rank] and layer.stats()["strategy"] == str(strat)
+        assert layer.stats()["dropped_tokens"] == drops[rank]  # a fresh layer: the counter is this call's
         torch.testing.assert_close(y, ref_y[rank], msg=lambda m: f"{strat} output, rank {rank}: {m}")
         (y * gs[rank]).sum().backward()
         torch.testing.assert_close(x.grad, ref_xg[rank], msg=lambda m: f"{strat} x grad: {m}")
@@ -200,7 +201,7 @@ def check_moe_layer_in_training(rank, world, init_file):
                 outs = [ref(x) for x in xs]
                 sum(y_r.sum() for y_r, _ in outs).backward()
                 torch.testing.assert_close(y, outs[rank][0].detach(), msg=lambda m: f"f={factor} {strat}: {m}")
-                assert par.block.experts.stats()["dropped_tokens"] == outs[rank][1].dropped
+                assert par.block.experts.last.dropped == outs[rank][1].dropped
                 drops += outs[rank][1].dropped
                 lay = par.block.experts.layout
                 want13, want2 = lay.shard(ref.block.experts.w13.grad, ref.block.experts.w2.grad, rank)
@@ -269,5 +270,7 @@ def check_causal_lm_training_with_switches(rank, world, init_file):
             torch.testing.assert_close(pb.experts.w13, want13)
             torch.testing.assert_close(pb.experts.w2, want2)
         assert collect_component_stats(par)["strategy"] == str(blocks[0].experts.last.strategy)
+        # every step but the chooser's first pick switched (the forced ones all differ)
+        assert blocks[0].experts.stats()["strategy_switches"] >= len(order) - 3
     finally:
         dist.destroy_process_group()
