@@ -316,6 +316,28 @@ class AdaptiveMoEExperts(torch.nn.Module):
         return reduce_scatter_v(partial, sizes, self.group)
 
 
+class ReplicatedTokensExperts(torch.nn.Module):
+    """The adaptive layer where every rank holds every token (the Ray runtime's replicated
+    context, placement.runtime): rank r takes tokens r, r + W, r + 2W, ... (standard EP's
+    origins), the adaptive layer runs on those, and one all-gather gives every rank the whole
+    output, as the runtime's per-layer all-gather does. Same signature as ``block.experts``."""
+
+    def __init__(self, inner: AdaptiveMoEExperts):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
+        W, r, T = self.inner.world, self.inner.rank, x_TD.shape[0]
+        mine = torch.arange(r, T, W, device=x_TD.device)
+        y_mine = self.inner(x_TD[mine], topk_ids_TK[mine], topk_weights_TK[mine])
+        y_all = all_gather_v(y_mine, [len(range(j, T, W)) for j in range(W)], self.inner.group)  # rank-major
+        order = torch.cat([torch.arange(j, T, W, device=x_TD.device) for j in range(W)])
+        return torch.zeros_like(x_TD).index_copy(0, order, y_all)
+
+    def stats(self) -> dict:
+        return self.inner.stats()
+
+
 def apply_adaptive_parallel(model: torch.nn.Module, group=None, backend: str | None = None,
                             capacity_factor: float = 0.0, chooser: "StrategyChooser | None" = None,
                             strategy: Strategy | None = None) -> torch.nn.Module:

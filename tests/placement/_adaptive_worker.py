@@ -8,7 +8,8 @@ import torch.multiprocessing as mp
 
 from kernels import moe_experts_reference
 from moe.losses import apply_capacity
-from placement.adaptive import AdaptiveMoEExperts, ShardLayout, Strategy, StrategyChooser
+from placement.adaptive import (AdaptiveMoEExperts, ReplicatedTokensExperts, ShardLayout, Strategy,
+                                StrategyChooser)
 from placement.adaptive_blend import BLENDS, group_sizes
 
 
@@ -131,7 +132,8 @@ def check_switch_mid_training(rank, world, init_file, E, D, I, K):
 
 
 def check_inference_overlap(rank, world, init_file, E, D, I, K):
-    """The overlapped (no-grad) pipelined path equals the plain one."""
+    """The overlapped (no-grad) pipelined path equals the plain one; the replicated-context wrapper
+    equals the single-process layer on all tokens."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         w13, w2, xs, ids, ws, _ = _problem(world, E, D, I, K, [7] * world)
@@ -144,6 +146,13 @@ def check_inference_overlap(rank, world, init_file, E, D, I, K):
             for d in (2, 4):
                 got = layer(xs[rank], ids[rank], ws[rank], strategy=Strategy("ep", d))
                 torch.testing.assert_close(got, want)
+            # every rank holding every token (the Ray runtime's replicated context)
+            x_all, ids_all, w_all = torch.cat(xs), torch.cat(ids), torch.cat(ws)
+            full = moe_experts_reference(x_all, w13, w2, ids_all, w_all)
+            for strat in (Strategy("ep", 2), Strategy("tp"), Strategy("ep+dp", group=world), None):
+                rep = ReplicatedTokensExperts(AdaptiveMoEExperts(w13, w2, strategy=strat, chooser=StrategyChooser()))
+                torch.testing.assert_close(rep(x_all, ids_all, w_all), full, msg=lambda m: f"{strat}: {m}")
+                assert "strategy" in rep.stats()
     finally:
         dist.destroy_process_group()
 
