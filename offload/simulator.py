@@ -15,6 +15,14 @@ runs a time model of one GPU with one copy engine and a CPU:
 - the GPU part of the layer ends at max(t, copies of its experts done) + layer_compute_s;
   the CPU part (experts computed there) ends at t + sum of cpu_s; the layer ends at the later.
 
+Without a time model, ``prefetch_budget`` says what a prefetch may cost: the copy engine moves
+that many experts while one layer computes (after the layer's demand copies, which stall it),
+so a layer may start at most that many prefetches (fractions accumulate: 0.5 = one copy every
+other layer). A prefetched expert that is used counts as a hit; each prefetch evicts by the
+policy like a demand copy. Belady is the optimum of demand caching only: prefetching within
+the budget can beat it. Qwen3-30B-A3B decoding from PCIe (an expert copy ~170 us, a layer
+~100-300 us) allows about 1-2 copies a layer; Mixtral (352 MB experts) far less than one.
+
 The oracle bound: Belady eviction (fewest misses), perfect prefetch (every copy hidden behind
 compute as long as the copy engine keeps up) and the best of copy / CPU for each miss:
 time >= max(sum over layers of max(compute, CPU share), total copy time).
@@ -60,7 +68,8 @@ def _steps(trace, tokens_per_step: int):
 def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per_step: int = 1,
              prefetch: str = "none", predictor=None, prefetch_k: int = 0, cpu_fallback: bool = False,
              cost: CostModel | None = None, expert_bytes: int = 1, layer_compute_s: float = 0.0,
-             warmup_steps: int = 0, predict_every: int = 1, prefetch_threshold: float = 0.3) -> dict:
+             warmup_steps: int = 0, predict_every: int = 1, prefetch_threshold: float = 0.3,
+             prefetch_budget: float | None = None) -> dict:
     """Run the expert cache over the trace; returns cache.stats() plus 'time_s', 'steps', 'tokens'.
 
     warmup_steps: steps run first to fill the cache, then the counters and the clock restart.
@@ -68,6 +77,8 @@ def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per
     policy: 'lru' | 'lfu' | 'predictor' (needs predictor) | 'belady' | a Policy instance.
     prefetch: 'none' | 'predictor' (top experts of layer l+1 by the predictor after layer l) |
     'oracle' (exactly the experts layer l+1 will use).
+    prefetch_budget: expert copies a prefetch may issue per layer (see the module docstring);
+    None: the predictor's prefetches wait for an idle copy engine, the oracle's are unlimited.
     """
     if capacity_per_layer < 1:
         raise ValueError(f"capacity_per_layer must be >= 1, got {capacity_per_layer}")
@@ -75,6 +86,8 @@ def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per
         raise ValueError(f"unknown prefetch mode {prefetch!r}; choose one of {PREFETCH_MODES}")
     if tokens_per_step < 1:
         raise ValueError(f"tokens_per_step must be >= 1, got {tokens_per_step}")
+    if prefetch_budget is not None and not prefetch_budget >= 0:
+        raise ValueError(f"prefetch_budget must be >= 0 expert copies per layer (or None), got {prefetch_budget}")
     if cpu_fallback and cost is None:
         raise ValueError("cpu_fallback needs cost=<CostModel> to choose between copy and CPU")
     L, E, K = trace.num_layers, trace.num_experts, trace.top_k
@@ -101,6 +114,9 @@ def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per
         ready[(layer, expert)] = copy_free
 
     t_start = 0.0
+    credit = 0.0  # prefetch copies the copy engine can still fit in (prefetch_budget)
+    # a predictor asked every few layers prefetches for those layers at once: let its credit build up
+    bank = None if prefetch_budget is None else max(1.0, prefetch_budget * (lookahead.every if lookahead else 1))
     for si, ids_LBK in enumerate(steps):
         if si == warmup_steps and si:
             cache.reset_stats()
@@ -136,8 +152,14 @@ def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per
             nl, ns = (layer + 1, si) if layer + 1 < L else (0, si + 1)
             want: list[tuple[int, list[int]]] = []
             predicted = lookahead.observe(layer, ids_BK) if lookahead is not None else False
-            # the predictor's guesses never queue ahead of a demand copy: only an idle copy engine takes them
-            busy = copy_free > t if timed else cache.copies_in_flight(layer)
+            # the predictor's guesses never queue ahead of a demand copy: only an idle copy engine takes
+            # them (untimed with a budget: demand copies stall the layer, prefetches overlap its compute)
+            if timed:
+                busy = copy_free > t
+            else:
+                busy = cache.copies_in_flight(layer) if prefetch_budget is None else False
+            if prefetch_budget is not None:
+                credit = min(credit + prefetch_budget, bank)
             if prefetch == "predictor" and predicted and not busy:
                 want = [(j, lookahead.to_prefetch(j, prefetch_k * len(ids_BK), S, cache.is_resident))
                         for j in lookahead.targets(layer)]
@@ -146,8 +168,13 @@ def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per
                 want = [(nl, [int(e) for e in np.unique(nxt[nxt >= 0])][:S])]
             for j, experts in want:
                 avail = [e for e in experts if not cache.is_resident(j, e)]
+                if prefetch_budget is not None:
+                    avail = avail[:int(credit)]
+                    experts = avail
                 before = set(cache.resident(j))
-                cache.prefetch(j, experts)
+                issued = cache.prefetch(j, experts)
+                if prefetch_budget is not None:
+                    credit -= issued
                 for e in avail:
                     if e in cache.slot_of[j] and e not in before:
                         queue_copy(j, e, t)

@@ -224,3 +224,33 @@ def test_time_model_by_hand():
     # oracle: Belady also misses 3 times; with perfect prefetch one copy (1.0) hides behind the
     # other two steps' CPU work: max(0.5 + 0.5 + 0.1, 1.0) = 1.1 (all on the CPU: 1.5; two copies: 2.0)
     assert oracle_bound(tr, 1, **kw)["time_s"] == pytest.approx(1.1)
+
+
+def test_prefetch_budget_limits_copies_and_can_beat_demand_belady():
+    # one slot per layer, a new expert almost every step: demand caching (even Belady) mostly misses,
+    # while the oracle prefetching one copy per layer during the layer before never misses after the first
+    rng = np.random.default_rng(0)
+    T = 40
+    ids = rng.integers(0, 4, size=(2, T, 1))
+    tr = RoutingTrace(ids, 4)
+    belady = simulate(tr, "belady", 1)
+    one = simulate(tr, "lru", 1, prefetch="oracle", prefetch_budget=1)
+    assert one["hits"] == 2 * T - 1 and one["misses"] == 1
+    assert one["hit_ratio"] > belady["hit_ratio"] + 0.5
+    # a copy every other layer: half of the prefetches at most; none with no budget
+    half = simulate(tr, "lru", 1, prefetch="oracle", prefetch_budget=0.5)
+    assert half["prefetches"] <= T and belady["hit_ratio"] < half["hit_ratio"] < one["hit_ratio"]
+    none = simulate(tr, "lru", 1, prefetch="oracle", prefetch_budget=0)
+    assert none["prefetches"] == 0 and none["hits"] == simulate(tr, "lru", 1)["hits"]
+
+
+def test_prefetch_budget_bounds_predictor_prefetches():
+    tr = _trace(L=4, E=8, K=2, T=80, seed=3)
+    pred = TransitionPredictor.fit(_trace(L=4, E=8, K=2, T=200, seed=4))
+    for budget in (0.5, 1, 2):
+        st = simulate(tr, "predictor", 3, prefetch="predictor", predictor=pred, prefetch_budget=budget,
+                      prefetch_threshold=0.05)
+        assert 0 < st["prefetches"] <= budget * tr.num_layers * tr.num_tokens
+        assert st["copies"] == st["misses"] + st["prefetches"]
+    with pytest.raises(ValueError, match="prefetch_budget"):
+        simulate(tr, "lru", 3, prefetch="oracle", prefetch_budget=-1)
