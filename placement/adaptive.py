@@ -106,6 +106,20 @@ class ShardLayout:
 
 
 # --- the layer -----------------------------------------------------------------------------
+class _BackwardStarts(torch.autograd.Function):
+    """Identity whose backward first calls ``hook``: the moment backward reaches the layer."""
+
+    @staticmethod
+    def forward(ctx, y, hook):
+        ctx.hook = hook
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.hook()
+        return g, None
+
+
 @dataclass
 class StepInfo:
     strategy: Strategy
@@ -154,6 +168,7 @@ class AdaptiveMoEExperts(torch.nn.Module):
         self.last: StepInfo | None = None
         self.dropped_total = 0  # (token, slot) pairs dropped by capacity on this rank, all calls
         self.switches = 0       # calls whose strategy differed from the call before
+        self._pending = None    # hook that times a training call's backward (see forward)
 
     def shape_key(self, tokens: int, top_k: int) -> "LayerShape":
         L = self.layout
@@ -190,17 +205,52 @@ class AdaptiveMoEExperts(torch.nn.Module):
         else:
             y = self._tp(x_TD, ids_TK, topk_weights_TK)
         seconds = None
+        if self._pending is not None:  # the last training call never ran backward: forget it
+            self._pending.remove()
+            self._pending = None
         if adaptive:
             if x_TD.is_cuda:  # the chooser learns from wall time: wait for the device only then
                 torch.cuda.current_stream().synchronize()
-            # ...and learns the same times: a step lasts as long as its slowest rank
-            seconds = self._agreed(time.perf_counter() - t0, x_TD.device)
-            self.chooser.observe(self.shape_key(T_key, K), strat, seconds)
+            t_fwd = time.perf_counter() - t0
+            shape = self.shape_key(T_key, K)
+            if shape.training and y.requires_grad:
+                # a training step's cost includes its backward (dp's weight-gradient
+                # reduce-scatter, the adjoint all-to-alls): learn from forward + backward
+                y = self._observe_after_backward(y, (x_TD, topk_weights_TK, self.w13, self.w2), shape, strat, t_fwd)
+            else:
+                # ...and every rank learns the same time: a step lasts as long as its slowest rank
+                seconds = self._agreed(t_fwd, x_TD.device)
+                self.chooser.observe(shape, strat, seconds)
         if self.last is not None and self.last.strategy != strat:
             self.switches += 1
         self.dropped_total += dropped
         self.last = StepInfo(strat, seconds, dropped, cap)
         return y
+
+    def _observe_after_backward(self, y_TD, inputs, shape, strat, t_fwd: float) -> torch.Tensor:
+        """Time this call's backward, from the moment the gradient reaches the output until every
+        input's and weight's gradient is computed, and feed forward + backward to the chooser.
+        Every rank runs the same graph, so the all-reduce in the hook is matched on every rank."""
+        device, began = y_TD.device, []
+
+        def start():
+            if device.type == "cuda":
+                torch.cuda.current_stream().synchronize()
+            began.append(time.perf_counter())
+
+        def end(_grads):
+            self._pending.remove()
+            self._pending = None
+            if device.type == "cuda":
+                torch.cuda.current_stream().synchronize()
+            t_bwd = time.perf_counter() - began[0] if began else 0.0
+            seconds = self._agreed(t_fwd + t_bwd, device)
+            self.chooser.observe(shape, strat, seconds)
+            if self.last is not None:
+                self.last.seconds = seconds
+
+        self._pending = torch.autograd.graph.register_multi_grad_hook([t for t in inputs if t.requires_grad], end)
+        return _BackwardStarts.apply(y_TD, start)
 
     def _agreed(self, value: float, device) -> float:
         """The largest ``value`` of any rank (one tiny all-reduce)."""

@@ -119,8 +119,13 @@ def check_switch_mid_training(rank, world, init_file, E, D, I, K):
             _, _, _, g13, g2, _ = _reference(world, E, K, ref13, ref2, xs, ids, ws, gs, 0.0)
             ref13, ref2 = ref13 - lr * g13, ref2 - lr * g2
             layer.zero_grad()
+            learned = len(layer.chooser._ratio)
             y = layer(xs[rank], ids[rank], ws[rank], strategy=strat)
+            if strat is None:  # a training step is learned from forward + backward: after backward
+                assert len(layer.chooser._ratio) == learned and layer.last.seconds is None
             (y * gs[rank]).sum().backward()
+            if strat is None:
+                assert len(layer.chooser._ratio) == learned + 1 and layer.last.seconds > 0
             with torch.no_grad():
                 layer.w13 -= lr * layer.w13.grad
                 layer.w2 -= lr * layer.w2.grad
