@@ -167,25 +167,20 @@ class Engine:
     def _admit(self) -> None:
         """Move waiting requests into free rows, first come first served.
 
-        One forward feeds T tokens to every row and the cache refuses a forward in which some row
-        would pass max_len (``lengths.max() + T``), so a prompt of n tokens joins only while every
-        running row still has n free slots; otherwise it waits for rows to finish (FIFO order).
+        A newcomer's prompt (checked < max_len at add_request) fits in its own empty row, and
+        the cache only needs room for each row's valid tokens, so a free row is filled at once,
+        however long the running rows are: rows that finish at different steps (staggered
+        arrivals) never leave a row idle while requests wait.
         """
         free = [b for b, r in enumerate(self._rows) if r is None]
-        busiest = max((r.cached for r in self._rows if r is not None), default=0)
-        T = 1 if busiest else 0  # tokens per row this step: 1 for decoding rows, a prompt for newcomers
         new_rows = []
         for b in free:
             if not self._waiting:
-                break
-            n = len(self._waiting[0].prompt_ids)
-            if busiest + max(T, n) > self.max_len:
                 break
             req = self._waiting.popleft()
             req.row = b
             self._rows[b] = req
             new_rows.append(b)
-            T = max(T, n)
         if new_rows:
             self.cache.reset(new_rows)
 

@@ -9,6 +9,11 @@ tokens of a row are a prefix) writes each row's tokens at slots ``lengths[b] + i
 query ``(b, i)`` see slots ``0 .. lengths[b] + i``. ``advance(valid)`` then adds the number of
 valid tokens to each row's length; invalid tokens were written past the row's length and are
 overwritten later.
+
+Only a row's valid tokens need room: a decoding row near ``max_len`` and a long prompt joining
+in a free row share one forward (continuous batching). Padding that would land past the end is
+written to one spare slot (index ``max_len``) that attention never reads, so it can never
+overwrite a valid token.
 """
 from __future__ import annotations
 
@@ -33,9 +38,10 @@ class KVCache:
         """Absolute positions of T new tokens: [B, T]."""
         return self.lengths[:, None] + torch.arange(T, device=self.device)[None, :]
 
-    def check_room(self, T: int) -> None:
+    def check_room(self, T: int, valid_BT: torch.Tensor | None = None) -> None:
         # one host sync per forward; the generation engine checks lengths itself before a step
-        need = int(self.lengths.max()) + T
+        added = T if valid_BT is None else valid_BT.sum(dim=1).to(self.lengths.device)
+        need = int((self.lengths + added).max())
         if need > self.max_len:
             raise ValueError(f"KV cache full: a row would hold {need} tokens but max_len is {self.max_len}; "
                              "create the cache with a larger max_len (prompt + max_new_tokens)")
@@ -51,13 +57,15 @@ class KVCache:
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new keys/values of ``layer``; return the first ``num_slots`` slots [B, H, num_slots, D]."""
         B, H, T, Dk = k_BHTD.shape
-        if layer not in self._k:
-            self._k[layer] = torch.zeros(self.batch_size, H, self.max_len, Dk, device=self.device, dtype=self.dtype)
-            self._v[layer] = torch.zeros(self.batch_size, H, self.max_len, v_BHTD.shape[-1],
+        if layer not in self._k:  # + 1: the spare slot that padding past the end is written to
+            self._k[layer] = torch.zeros(self.batch_size, H, self.max_len + 1, Dk, device=self.device,
+                                         dtype=self.dtype)
+            self._v[layer] = torch.zeros(self.batch_size, H, self.max_len + 1, v_BHTD.shape[-1],
                                          device=self.device, dtype=self.dtype)
         k_all, v_all = self._k[layer], self._v[layer]
-        # slot of each new token, clamped so padding past the end never writes out of bounds
-        slot_BT = self.positions(T).clamp_(max=self.max_len - 1)
+        # slot of each new token; padding past the end goes to the spare slot (check_room has made
+        # sure every valid token fits below max_len)
+        slot_BT = self.positions(T).clamp_(max=self.max_len)
         idx_k = slot_BT[:, None, :, None].expand(B, H, T, Dk)
         idx_v = slot_BT[:, None, :, None].expand(B, H, T, v_BHTD.shape[-1])
         k_all.scatter_(2, idx_k, k_BHTD.to(self.dtype))

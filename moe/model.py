@@ -116,7 +116,7 @@ class MoEForCausalLM(nn.Module):
     def _positions_and_masks(self, B: int, T: int, cache: KVCache | None, valid_BT: torch.Tensor | None):
         dev = self.embed.weight.device
         if cache is not None:
-            cache.check_room(T)
+            cache.check_room(T, valid_BT)
             num_slots = cache.num_slots_for(T)
             pos_BT = cache.positions(T)
             mask_B1TS = cache.attention_mask(T, num_slots)

@@ -102,30 +102,34 @@ def test_requests_join_a_running_batch(model, tok):
     assert seen[late] == list(alone(model, tok, PROMPTS[2], sp).values())[0][0]
 
 
-def test_long_prompt_waits_until_the_cache_has_room(model, tok):
-    # one forward feeds every row the same number of slots, so a long prompt may not join a row
-    # set that is near max_len; it must wait (not crash) and still give the same tokens
+def test_long_prompt_joins_a_row_set_near_max_len(model, tok):
+    # the cache needs room only for each row's valid tokens, so a long prompt joins a free row at
+    # once even while the other row is about to reach max_len; the padding it forces on that row
+    # goes to the spare slot and must not overwrite the row's last valid token (slot max_len - 1)
     sp_long = SamplingParams(max_new_tokens=20, ignore_eos=True)
     long_prompt = tok.encode(PROMPTS[1])
     max_len = len(long_prompt) + 20
     e = Engine(model, tok, max_batch_size=2, max_len=max_len)
     assert len(long_prompt) > 21
     a = e.add_request(long_prompt, sp_long)
-    got = {a: [], "b": []}
+    got = {a: [], "b": [], "c": []}
     finished_at = {}
     for step in range(100):
         if step == 1:
             e.add_request(long_prompt, SamplingParams(max_new_tokens=3, ignore_eos=True), request_id="b")
+        if step == 19:  # a's last step: it writes slot max_len - 1 while c's prompt pads its row
+            e.add_request(PROMPTS[2], SamplingParams(max_new_tokens=2, ignore_eos=True), request_id="c")
         for o in e.step():
             got[o.request_id] += o.new_token_ids
             if o.finished:
                 finished_at[o.request_id] = step
         if not e.has_unfinished():
             break
-    # b needs len(prompt) free slots in every row; a's row has them only once a is done
-    assert finished_at == {a: 19, "b": 22}
-    assert got[a] == list(alone(model, tok, long_prompt, sp_long, max_len).values())[0][0]
-    assert got["b"] == got[a][:3]
+    assert finished_at == {a: 19, "b": 3, "c": 20}
+    ref = list(alone(model, tok, long_prompt, sp_long, max_len).values())[0][0]
+    assert got[a] == ref
+    assert got["b"] == ref[:3]
+    assert got["c"] == list(alone(model, tok, PROMPTS[2], SamplingParams(max_new_tokens=2, ignore_eos=True)).values())[0][0]
 
 
 def test_stop_token_ids_and_eos(model, tok):
