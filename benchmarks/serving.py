@@ -99,9 +99,16 @@ def print_summary(s: dict) -> None:
                  (f"P99 {title}", s[f"p99_{key}"], ".2f")]
     for title, v, fmt in rows:
         print(f"{title:<40}{v:>14{fmt}}")
-    if s.get("components"):
-        print("engine components (offload cache etc.): "
-              + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in s["components"].items()))
+    if s.get("engine"):
+        e = s["engine"]
+        line = (f"engine: {e['steps']:.0f} steps, {e['step_seconds']:.2f} s inside engine.step() "
+                f"({e['step_seconds'] / max(s['duration_s'], 1e-9):.0%} of the run), "
+                f"{s['total_output_tokens'] / max(e['steps'], 1):.2f} output tokens per step")
+        if "misses" in e:
+            looks = e["hits"] + e["misses"]
+            line += (f"; expert cache: hit ratio {e['hits'] / max(looks, 1):.3f}, "
+                     f"{e.get('bytes_copied', 0) / 1e9 / max(e['steps'], 1):.2f} GB copied per step")
+        print(line)
     for e in s.get("errors", []):
         print("error:", e)
 
@@ -185,13 +192,46 @@ async def run_inprocess(args, prompts) -> dict:
         return res
 
     await drive(one, prompts[:min(4, len(prompts))], math.inf, args.max_concurrency, args.seed)  # warm-up
+    before = _engine_counters(rep.snapshot())
     results, duration = await drive(one, prompts, args.request_rate, args.max_concurrency, args.seed)
-    comps = rep.snapshot()["components"]
+    after = _engine_counters(rep.snapshot())
     rep.loop.shutdown()
     s = summarize("inprocess", results, duration)
-    if comps:
-        s["components"] = comps  # offload's cache stats etc. (the same figures /metrics exports)
+    s["engine"] = {k: after[k] - before.get(k, 0.0) for k in after}
     return s
+
+
+# the engine-side counters of a run (the measured part only): steps, seconds inside engine.step(),
+# and the offload cache's hits / misses / bytes — the same figures /metrics exports, so both backends
+# can be read side by side (more steps or slower steps in one of them say where its time went)
+_COUNTERS = {"steps": "moeflow_engine_steps", "step_seconds": "moeflow_engine_step_seconds",
+             "hits": "moeflow_expert_cache_hits", "misses": "moeflow_expert_cache_misses",
+             "bytes_copied": "moeflow_host_to_device_bytes"}
+
+
+def _engine_counters(snap: dict) -> dict:
+    out = {"steps": float(snap["steps"]), "step_seconds": float(snap["step_seconds"])}
+    for k in ("hits", "misses", "bytes_copied"):
+        if k in snap.get("components", {}):
+            out[k] = float(snap["components"][k])
+    return out
+
+
+async def _scrape(client, url: str, headers: dict) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = await client.get(url + "/metrics", headers=headers)
+    r.raise_for_status()
+    sums: dict[str, float] = {}
+    for fam in text_string_to_metric_families(r.text):
+        for smp in fam.samples:
+            sums[smp.name] = sums.get(smp.name, 0.0) + float(smp.value)
+    out = {}
+    for k, name in _COUNTERS.items():
+        v = sums.get(name + "_total", sums.get(name))
+        if v is not None:
+            out[k] = v
+    return out
 
 
 async def run_http(url: str, args, prompts, name: str, model: str) -> dict:
@@ -235,9 +275,14 @@ async def run_http(url: str, args, prompts, name: str, model: str) -> dict:
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
         await drive(lambda p: one(client, p), prompts[:min(4, len(prompts))], math.inf, args.max_concurrency,
                     args.seed)
+        before = await _scrape(client, url, headers) if name == "serve" else None
         results, duration = await drive(lambda p: one(client, p), prompts, args.request_rate, args.max_concurrency,
                                         args.seed)
-    return summarize(name, results, duration)
+        after = await _scrape(client, url, headers) if name == "serve" else None
+    s = summarize(name, results, duration)
+    if after:
+        s["engine"] = {k: after[k] - before.get(k, 0.0) for k in after}
+    return s
 
 
 def start_serve(args) -> tuple[str, str]:
@@ -265,7 +310,7 @@ def start_serve(args) -> tuple[str, str]:
 
 RANDOM_SHAPES = {
     # real models' layer shapes; the vocabulary is the embedded default's (its tokenizer serves the text)
-    "mixtral": dict(model_type="mixtral", hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+    "mixtral": dict(model_type="mixtral", hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                     num_experts=8, num_experts_per_tok=2, moe_intermediate_size=14336),
     "qwen3": dict(model_type="qwen3_moe", hidden_size=2048, num_attention_heads=32, num_key_value_heads=4,
                   head_dim=128, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768),
@@ -392,6 +437,8 @@ def main(argv=None) -> int:
         args.gpu_memory = expert_budget_bytes(args.model, args.expert_budget, args.max_batch_size,
                                               args.input_len + args.output_len + 8)
 
+    if args.backend in ("serve", "both"):
+        from ray import serve  # noqa: F401  (fail now, not after the in-process half, when Serve is missing)
     prompts = make_prompts(args.num_prompts, args.input_len, vocab_size(args), args.seed)
     print(f"workload: {args.num_prompts} requests, {args.input_len} prompt + {args.output_len} output tokens, "
           f"rate {args.request_rate}/s, concurrency <= {args.max_concurrency}, batch {args.max_batch_size}",
