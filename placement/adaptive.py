@@ -25,7 +25,9 @@ f = 0 dropless, f < 0 the capacity the batch needs, capped at |f| × the mean lo
 
 The chooser (adaptive_chooser.py) predicts each strategy's step time from a cost model calibrated
 on the machine (collective latency and bandwidth, expert GEMM rate) and corrects it online with
-measured step times; a switch takes effect at the next call and moves no weight.
+measured step times (a training call's forward + backward); a switch takes effect at the next
+call and moves no weight. ``ReplicatedTokensExperts`` runs the layer where every rank holds every
+token (the Ray runtime's context); ``apply_adaptive_parallel`` puts it into a model.
 """
 from __future__ import annotations
 
