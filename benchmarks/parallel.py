@@ -15,10 +15,11 @@ Per cell: each static strategy is warmed up once and timed over a few steps (few
 steps: repeats are cut to fit the time, cells never are); then a fresh chooser (cost model
 calibrated on the machine at start) runs until its pick settles (at most --adapt-steps steps,
 trying the candidates predicted within 3x of the best), and its settled pick is timed. Switch
-cost = (time of alternating steps best/second-best - their steady times) per switch, as a share
-of the best step; the chooser's own decision time is added to it. A row is printed per cell as
-it finishes and the whole table at the end. Behind the --budget-s schedule, cells run lean (one
-timed step each, marked "lean") rather than being skipped. Needs no Ray or OR-Tools.
+cost = (time of steps alternating best/second-best A,B,A,B - the same steps as A,A,B,B) per extra
+switch, as a share of the best step; the chooser's own decision time is added to it. A row is
+printed per cell as it finishes and the whole table at the end. Behind the --budget-s schedule,
+cells run lean (one timed step each, marked "lean") rather than being skipped. Needs no Ray or
+OR-Tools.
 """
 from __future__ import annotations
 
@@ -128,13 +129,28 @@ def run_cell(layer, x, ids, wts, train: bool, args, cost, world, gather_cap, lea
     layer.chooser = None
     t_chosen = _time(lambda: step(chosen), iters)
 
-    # switch cost: alternate the two fastest static strategies, compare with their steady times
+    # switch cost: a window A,B,A,B (4 steps after a switch) against A,A,B,B (2), interleaved so
+    # that drift over the cell cancels: (window difference) / 2 switches. Short steps get more
+    # windows (their noise is larger).
     second_name = sorted(ran, key=ran.get)[1] if len(ran) > 1 else best_name
     a, b = Strategy.parse(best_name), Strategy.parse(second_name)
-    t_pair = _time(lambda: (step(a), step(b)), iters)
-    switch_s = (t_pair - ran[best_name] - ran[second_name]) / 2 + choose_s
+    n_win = 1 if lean else max(iters, min(7, int(0.03 / best)))
+    step(b)  # every window then starts right after a B step
+    t_alt, t_block = [], []
+    for _ in range(n_win):
+        for out, seq in ((t_alt, (a, b, a, b)), (t_block, (a, a, b, b))):
+            _sync()
+            dist.barrier()
+            t0 = time.perf_counter()
+            for st in seq:
+                step(st)
+            _sync()
+            out.append(time.perf_counter() - t0)
+    alt, block = (_agreed_max(sorted(t)[len(t) // 2]) for t in (t_alt, t_block))
+    switch_s = (alt - block) / 2 + choose_s
     return dict(static=times, best=best_name, best_s=best, worst_s=worst, chooser=str(chosen),
-                chooser_s=t_chosen, adapt_picks=picks, lean=lean, choose_s=choose_s, switch_pair=[best_name, second_name],
+                chooser_s=t_chosen, adapt_picks=picks, lean=lean, choose_s=choose_s,
+                switch_pair=[best_name, second_name],
                 switch_s=switch_s, switch_share=switch_s / best)
 
 
