@@ -283,7 +283,7 @@ class PathPredictor(PathModel):
                 rows = t.trans[0][np.maximum(ids, 0)][:, :, first - 1:d_hi]  # [N, K, D, E]
                 X[:, :d_hi - first + 1, C + 4] = _masked_mean(rows.transpose(0, 2, 1, 3), (ids >= 0)[:, None, :])
         for col, j, lo, rows in self._match_evidence(layer, known):
-            X[:, :rows.shape[1], col] = rows[:, lo:]
+            X[:, :rows.shape[1] - lo, col] = rows[:, lo:]
         return X
 
     def _match_evidence(self, layer: int, known: np.ndarray):

@@ -99,3 +99,20 @@ def test_match_sources_help_on_set_structured_routing(tmp_path):
     # and it saves and loads with the tables it needs
     loaded = PathPredictor.load(with_m.save(tmp_path / "p.npz"))
     assert evaluate(loaded, test, distances=(1,))["1"]["mean_recall"] == pytest.approx(r1["1"]["mean_recall"])
+
+
+def test_fast_path_equals_reference_when_the_span_binds():
+    # max_span < layers - 1: the match sources' rows stop before the last layers
+    tr = synthesize(num_layers=8, num_experts=12, top_k=2, num_requests=12, tokens_per_request=30,
+                    planted_paths=6, path_noise=0.2, seed=11)
+    p = PathPredictor.fit(tr, PredictorConfig(max_span=3, match_layers=2, fit_iters=3))
+    paths = tr.paths().astype(np.int64)[:25]
+    prev = np.roll(paths, 1, axis=0)
+    for layer in range(-1, tr.num_layers):
+        fast = p.predict_batch(prev, layer, paths[:, :layer + 1])
+        p.reference = True
+        try:
+            ref = p.predict_batch(prev, layer, paths[:, :layer + 1])
+        finally:
+            p.reference = False
+        np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-6)
