@@ -299,6 +299,7 @@ class EPWorker:
         self.state = None
         self.groups: dict[int, object] = {}  # n -> process group of ranks 0..n-1 (plans on fewer ranks)
         self.trace_spec = None  # trace_routing.TraceRoutingSpec installed at every load, or None
+        self.serve_cache = None  # open_cache / step (serving); made again after every load
 
     def address(self) -> tuple[str, int]:
         import ray
@@ -345,7 +346,7 @@ class EPWorker:
 
     def _build(self, hf_config: dict, plan_dict: dict, dtype: torch.dtype, fill) -> int:
         from moe import MoEConfig, MoEForCausalLM
-        self.model = self.state = None
+        self.model = self.state = self.serve_cache = None
         plan = PlacementPlan.from_dict(plan_dict)
         n = plan.num_ranks
         group = None
@@ -411,6 +412,26 @@ class EPWorker:
             logits = decode_step(self.model, cache, nxt, self.state) if home_only else self.model(nxt, cache=cache)
             steps.append(logits[:, -1:])
         return torch.cat(out, 1).cpu(), torch.cat(steps, 1).cpu()
+
+    def open_cache(self, batch_size: int, max_len: int) -> None:
+        """A KV cache of ``batch_size`` rows kept on this rank between ``step`` calls (serving: the
+        engine's continuous batch; every rank holds every row's context, as coherent mode needs)."""
+        self.serve_cache = None if self.model is None else self.model.new_cache(batch_size, max_len)
+
+    @torch.no_grad()
+    def step(self, input_ids_BT: torch.Tensor, valid_BT: torch.Tensor | None, reset_rows: list[int],
+             last_only: bool) -> torch.Tensor | None:
+        """One forward of the serving batch over the kept cache, after emptying ``reset_rows``.
+        Every rank runs it (the all-to-alls need all of them); rank 0 returns the logits."""
+        if self.model is None:
+            return None
+        if self.serve_cache is None:
+            raise ValueError("no serving cache on this rank: call open_cache(batch_size, max_len) first")
+        if reset_rows:
+            self.serve_cache.reset(reset_rows)
+        valid = None if valid_BT is None else valid_BT.to(self.device)
+        out = self.model(input_ids_BT.to(self.device), cache=self.serve_cache, valid_BT=valid, last_only=last_only)
+        return out.float().cpu() if self.rank == 0 else None
 
     def counters(self) -> dict | None:
         return None if self.state is None else dict(self.state.counters)
@@ -510,6 +531,17 @@ class ExpertParallelRuntime:
 
     def set_mode(self, mode: str) -> None:
         self._all("set_mode", mode)
+
+    def open_cache(self, batch_size: int, max_len: int) -> None:
+        """Every rank keeps a KV cache of ``batch_size`` rows for ``step`` (serving)."""
+        self._all("open_cache", batch_size, max_len)
+
+    def step(self, input_ids_BT: torch.Tensor, valid_BT: torch.Tensor | None = None, reset_rows=(),
+             last_only: bool = False) -> torch.Tensor:
+        """One forward of a continuous batch over the ranks' kept caches (rows in ``reset_rows``
+        emptied first): logits [B, T, V], or [B, 1, V] with ``last_only``."""
+        return self._all("step", input_ids_BT.cpu(), None if valid_BT is None else valid_BT.cpu(),
+                         [int(r) for r in reset_rows], bool(last_only))[0]
 
     def counters(self) -> list[dict]:
         """Traffic counters of the ranks the current plan uses."""

@@ -41,6 +41,11 @@ class ServeConfig:
         cpu_host_cpus CPUs and cpu_host_threads torch threads; every expert is also held by a host,
         and the misses of the GPU expert cache (so gpu_memory is required) are shared between PCIe
         copies and the hosts (offload.tiered, dispatch='split').
+    ep_ranks: host the experts on this many expert-parallel Ray actors per replica (one GPU each,
+        or CPU actors with gloo; placement/runtime.py) driven by the replica's engine
+        (serve.ep_model); 0 keeps the model in the replica. ep_mode: 'coherent' (ExFlow, one
+        all-to-all per layer) or 'standard'; placement_plan: a PlacementPlan JSON from `moe place`
+        (default round robin); ep_cpus_per_rank / ep_threads: each rank actor's CPUs and threads.
     """
     model: str | None = None
     served_model_name: str | None = None
@@ -58,6 +63,11 @@ class ServeConfig:
     cpu_hosts: int = 0
     cpu_host_cpus: float = 1.0
     cpu_host_threads: int = 1
+    ep_ranks: int = 0
+    ep_mode: str = "coherent"
+    placement_plan: str | None = None
+    ep_cpus_per_rank: float = 0.5
+    ep_threads: int = 1
     max_batch_size: int = 8
     max_len: int = 2048
     stream_interval: int = 1
@@ -94,6 +104,14 @@ class ServeConfig:
         if self.cpu_host_cpus <= 0 or int(self.cpu_host_threads) < 1:
             raise ValueError(f"cpu_host_cpus ({self.cpu_host_cpus}) must be > 0 and cpu_host_threads "
                              f"({self.cpu_host_threads}) >= 1")
+        self.ep_ranks = int(self.ep_ranks)
+        if self.ep_ranks < 0:
+            raise ValueError(f"ep_ranks ({self.ep_ranks}) must be >= 0 (0: no expert parallelism)")
+        if self.ep_ranks:
+            if self.gpu_memory is not None or self.offload_options or self.cpu_hosts:
+                raise ValueError("ep_ranks spreads the experts over GPU ranks; it does not combine with gpu_memory "
+                                 "(offloading) or cpu_hosts in one replica: choose one of them")
+            self.expert_parallel()  # its own checks (mode, plan file, resources), with their messages
         if self.api_key is not None and not str(self.api_key):
             raise ValueError("api_key is empty; leave it unset to serve without a key")
 
@@ -109,10 +127,11 @@ class ServeConfig:
         limits = dict(kw.pop("limits", {}) or {})
         limits.update({k: int(v) for k, v in args.items() if k in ServeLimits.__dataclass_fields__})
         for k in ("port", "max_batch_size", "max_len", "num_replicas", "stream_interval", "cpu_hosts",
-                  "cpu_host_threads"):
+                  "cpu_host_threads", "ep_ranks", "ep_threads"):
             if k in kw:
                 kw[k] = int(kw[k])
-        for k in ("replica_cpus", "ingress_cpus", "health_check_period_s", "health_check_timeout_s", "cpu_host_cpus"):
+        for k in ("replica_cpus", "ingress_cpus", "health_check_period_s", "health_check_timeout_s", "cpu_host_cpus",
+                  "ep_cpus_per_rank"):
             if k in kw:
                 kw[k] = float(kw[k])
         for k in ("cpu_fallback", "offload_from_disk"):
@@ -140,6 +159,16 @@ class ServeConfig:
         OffloadConfig(**kw)
         return kw
 
+    def expert_parallel(self) -> dict | None:
+        """Keyword arguments of serve.ep_model.EPServeSettings, or None without expert parallelism."""
+        if not self.ep_ranks:
+            return None
+        from serve.ep_model import EPServeSettings
+        kw = dict(ranks=self.ep_ranks, mode=self.ep_mode, plan=self.placement_plan,
+                  cpus_per_rank=float(self.ep_cpus_per_rank), torch_threads=int(self.ep_threads))
+        EPServeSettings(**kw)
+        return kw
+
     def replica_spec(self, device: str) -> dict:
         return {"model": self.model, "device": device, "dtype": self.dtype, "max_batch_size": self.max_batch_size,
                 "max_len": self.max_len, "limits": self.limits.to_dict(), "engine_factory": self.engine_factory,
@@ -147,6 +176,7 @@ class ServeConfig:
                 "offload": self.offload_config(device),
                 "cpu_hosts": {"num_hosts": self.cpu_hosts, "num_cpus": self.cpu_host_cpus,
                               "threads": int(self.cpu_host_threads)} if self.cpu_hosts else None,
+                "expert_parallel": self.expert_parallel(),
                 "torch_threads": max(1, int(self.replica_cpus))}
 
 
@@ -405,7 +435,8 @@ def build_app(args: dict | ServeConfig | None = None):
     device = cfg.device
     if device == "auto":
         device = "cuda" if _has_gpu() else "cpu"
-    gpus = 1 if device.startswith("cuda") else 0
+    # with expert parallelism the rank actors take the GPUs; the replica only drives them
+    gpus = 1 if device.startswith("cuda") and not cfg.ep_ranks else 0
     limits = cfg.limits
     replica = serve.deployment(ModelReplica, name="ModelReplica").options(
         num_replicas=cfg.num_replicas,

@@ -55,6 +55,13 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "cache's misses are shared between PCIe copies and the hosts (needs --gpu-memory)")
     p.add_argument("--cpu-host-cpus", type=float, default=1.0, help="CPUs Ray reserves per CPU expert host")
     p.add_argument("--cpu-host-threads", type=int, default=1, help="torch threads of each CPU expert host")
+    p.add_argument("--ep-ranks", type=int, default=0, metavar="N",
+                   help="host the experts on N expert-parallel Ray actors per replica (one GPU each; CPU actors "
+                        "with gloo where there is no GPU) instead of in the replica")
+    p.add_argument("--ep-mode", default="coherent", choices=["coherent", "standard"],
+                   help="coherent: ExFlow's one all-to-all per layer (default); standard: dispatch + combine")
+    p.add_argument("--placement-plan", default=None, metavar="PLAN.json",
+                   help="expert placement from `moe place TRACE --gpus N --out PLAN.json` (default round robin)")
     p.set_defaults(func=run)
     return p
 
@@ -71,7 +78,8 @@ def config_from_args(args: argparse.Namespace):
                        max_batch_size=args.max_batch_size, max_len=args.max_len, stream_interval=args.stream_interval,
                        num_replicas=args.num_replicas,
                        replica_cpus=args.replica_cpus, cpu_hosts=args.cpu_hosts, cpu_host_cpus=args.cpu_host_cpus,
-                       cpu_host_threads=args.cpu_host_threads, limits=limits)
+                       cpu_host_threads=args.cpu_host_threads, ep_ranks=args.ep_ranks, ep_mode=args.ep_mode,
+                       placement_plan=args.placement_plan, limits=limits)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -284,10 +284,18 @@ def load_engine(spec: dict) -> LoadedEngine:
         # loaded 2-core machine, 10 us with 1)
         torch.set_num_threads(int(spec["torch_threads"]))
     dtype = getattr(torch, spec["dtype"]) if spec.get("dtype") else None
-    model = moe.load_model(path, dtype=dtype, device=device)
+    ep = spec.get("expert_parallel")
+    # expert-parallel: the ranks take the weights from a host copy, then the replica drops it
+    model = moe.load_model(path, dtype=dtype, device="cpu" if ep else device)
     tok = Tokenizer.from_dir(path)
     strategy = "single"
-    if spec.get("offload"):
+    if ep:
+        if spec.get("offload") or spec.get("cpu_hosts"):
+            raise ValueError("expert_parallel does not combine with offload or cpu_hosts in one replica")
+        from serve.ep_model import EPServeSettings, start_expert_parallel
+        model = start_expert_parallel(model, EPServeSettings(**ep), device)
+        strategy = model.stats()["strategy"]
+    elif spec.get("offload"):
         # offloading is a step applied to a built model (offload/ owns what it does)
         from offload import OffloadConfig, apply_offload
         model = apply_offload(model, OffloadConfig(**spec["offload"]))

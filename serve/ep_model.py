@@ -1,0 +1,135 @@
+"""Serving with the experts on the expert-parallel runtime's Ray actors (placement/runtime.py).
+
+A replica started with ``ep_ranks = P`` does not hold the model itself: P actors do (one GPU each,
+or CPU actors joined by gloo where there is no GPU), each with the dense part and the experts the
+placement plan gives it, and the continuous-batching ``moe.Engine`` drives them through
+``ExpertParallelModel``, a stand-in that follows the engine's model contract:
+
+    model.new_cache(B, max_len)   every rank opens a KV cache of B rows it keeps between steps
+    model(ids_BT, cache, valid_BT, last_only)
+                                  one forward on all ranks (the all-to-alls need every one), rows
+                                  the engine emptied since the last step reset first; rank 0's
+                                  logits come back
+    model.stats()                 cross-rank rows and the parallel mode, for /metrics
+
+The plan is a ``PlacementPlan`` JSON (``moe place TRACE --gpus P --out plan.json``) or, without
+one, round robin. Logits equal the single-process model's whatever the plan and mode (the
+placement tests hold the runtime to that; tests/serve holds this path to it end to end).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+MODES = ("coherent", "standard")
+
+
+@dataclass
+class EPServeSettings:
+    """How a replica spreads its experts: ranks, mode, plan file, resources per rank actor."""
+    ranks: int
+    mode: str = "coherent"
+    plan: str | None = None
+    cpus_per_rank: float = 0.5
+    torch_threads: int = 1
+
+    def __post_init__(self):
+        self.ranks = int(self.ranks)
+        if self.ranks < 1:
+            raise ValueError(f"ep_ranks ({self.ranks}) must be >= 1 (0 serves without expert parallelism)")
+        if self.mode not in MODES:
+            raise ValueError(f"ep_mode must be one of {MODES}, got {self.mode!r}")
+        if self.plan is not None and not os.path.isfile(self.plan):
+            raise ValueError(f"placement plan {self.plan!r} does not exist; make one with "
+                             "`moe place TRACE --gpus N --out plan.json`, or leave it unset for round robin")
+        if float(self.cpus_per_rank) <= 0 or int(self.torch_threads) < 1:
+            raise ValueError(f"cpus_per_rank ({self.cpus_per_rank}) must be > 0 and torch_threads "
+                             f"({self.torch_threads}) >= 1")
+
+
+class _RanksCache:
+    """The engine's handle on the ranks' KV caches: it remembers which rows to empty next step."""
+
+    def __init__(self, batch_size: int, max_len: int):
+        self.batch_size, self.max_len = batch_size, max_len
+        self._resets: set[int] = set()
+
+    def reset(self, rows=None) -> None:
+        rows = range(self.batch_size) if rows is None else rows
+        self._resets.update(int(r) for r in (rows.tolist() if isinstance(rows, torch.Tensor) else rows))
+
+    def take_resets(self) -> list[int]:
+        out, self._resets = sorted(self._resets), set()
+        return out
+
+
+class ExpertParallelModel:
+    """The engine's model, running on an ``ExpertParallelRuntime`` (see the module docstring)."""
+
+    def __init__(self, runtime, config, dtype: torch.dtype):
+        self.runtime = runtime
+        self.config = config
+        self.dtype = dtype
+        self.device = torch.device("cpu")  # where the engine builds its inputs; the ranks move them
+        self.mode = runtime.cfg.mode
+
+    def new_cache(self, batch_size: int, max_len: int) -> _RanksCache:
+        self.runtime.open_cache(batch_size, max_len)
+        return _RanksCache(batch_size, max_len)
+
+    @torch.no_grad()
+    def forward(self, input_ids_BT: torch.Tensor, cache: _RanksCache | None = None,
+                valid_BT: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        if cache is None:
+            logits = self.runtime.forward(input_ids_BT, valid_BT)
+            if last_only:
+                B, T = input_ids_BT.shape
+                last = (valid_BT.sum(1) - 1).clamp(min=0) if valid_BT is not None else torch.full((B,), T - 1)
+                logits = logits[torch.arange(B), last][:, None]
+            return logits
+        return self.runtime.step(input_ids_BT, valid_BT, cache.take_resets(), last_only)
+
+    __call__ = forward
+
+    def moe_blocks(self) -> list:
+        return []  # the routers run on the ranks; per-layer expert load is not counted here
+
+    def stats(self) -> dict:
+        rows = sum(c.get("dispatch_rows", 0) for c in self.runtime.counters() if c)
+        return {"cross_rank_tokens": rows, "strategy": f"expert-parallel-{self.mode}"}
+
+    def shutdown(self) -> None:
+        self.runtime.shutdown()
+
+
+def start_expert_parallel(model, settings: EPServeSettings, device: str, backend: str | None = None):
+    """Start the ranks for ``model`` (a loaded MoEForCausalLM, handed over and then dropped by the
+    caller) under ``settings``; returns the ``ExpertParallelModel`` the engine drives."""
+    import ray
+
+    from placement.plan import PlacementPlan
+    from placement.runtime import EPConfig, ExpertParallelRuntime
+
+    cfg = model.config
+    n_moe = len(model.moe_blocks())
+    if n_moe == 0:
+        raise ValueError("expert parallelism needs a model with MoE layers; this one has none")
+    if settings.plan is not None:
+        plan = PlacementPlan.load(settings.plan)
+        plan.check_compatible(n_moe, cfg.num_experts)
+        if plan.num_ranks != settings.ranks:
+            raise ValueError(f"the plan {settings.plan!r} is for {plan.num_ranks} ranks but ep_ranks is "
+                             f"{settings.ranks}; give a plan for {settings.ranks} ranks or set ep_ranks to "
+                             f"{plan.num_ranks}")
+    else:
+        from placement.baselines import round_robin
+        plan = round_robin(n_moe, cfg.num_experts, settings.ranks, 1)
+    if not ray.is_initialized():
+        raise ValueError("expert-parallel serving runs inside Ray (a Serve replica); call ray.init() first")
+    cuda = device.startswith("cuda")
+    ep = EPConfig(mode=settings.mode, device="cuda" if cuda else "cpu", cpus_per_actor=float(settings.cpus_per_rank),
+                  backend=backend or ("triton" if cuda else "torch"), torch_threads=int(settings.torch_threads))
+    runtime = ExpertParallelRuntime(model, plan, ep)
+    return ExpertParallelModel(runtime, cfg, next(model.parameters()).dtype)
