@@ -126,8 +126,9 @@ class CostModel:
         a2a_bytes = rows * slices * s.hidden * b * cross
         comm = bwd * 2 * (d * self.latency_s + a2a_bytes / self.a2a_bytes_per_s)
         comp = flops_mult * compute
-        # d chunks: all but one chunk's communication hides behind compute (and vice versa)
-        return max(comm, comp) + min(comm, comp) / d if d > 1 else comm + comp
+        # d chunks: all but one chunk's communication hides behind compute (and vice versa); only
+        # inference overlaps them (AdaptiveMoEExperts._ep_overlapped), training runs chunks in turn
+        return max(comm, comp) + min(comm, comp) / d if d > 1 and not s.training else comm + comp
 
 
 @dataclass
