@@ -53,7 +53,7 @@ def place(trace: RoutingTrace, gpus: int, nodes: int = 1, config: SolverConfig |
 def _run(args: argparse.Namespace) -> int:
     trace = RoutingTrace.load(args.trace)
     cfg = SolverConfig(time_limit_s=args.time_limit, num_workers=args.workers, balance=args.balance,
-                       load_weight=args.load_weight)
+                       load_weight=args.load_weight, search_share=args.search_share)
     plan, rows = place(trace, args.gpus, args.nodes, cfg, args.hidden_size, args.dtype_bytes)
     print(f"{trace!r} -> {args.gpus} ranks on {args.nodes} node(s); solver status: {plan.solver_status}")
     print(format_table(rows))
@@ -76,6 +76,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="CP-SAT worker threads")
     p.add_argument("--balance", choices=("strict", "relaxed"), default="strict")
     p.add_argument("--load-weight", type=float, default=0.0, help="token-load balance weight λ")
+    p.add_argument("--search-share", type=float, default=0.5,
+                   help="share of the time for the multi-start local search before CP-SAT (0..1)")
     p.add_argument("--hidden-size", type=int, default=4096, help="for bytes per token")
     p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per activation element")
     p.add_argument("--out", type=Path, default=None, help="write the plan as JSON")
