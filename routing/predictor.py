@@ -67,7 +67,9 @@ class PredictorConfig:
     holdout: float = 0.3  # share of requests that fit the weights (the tables count the rest)
     seed: int = 0
     match_layers: int = 2  # latest known layers whose exact expert set is looked up (0: none)
-    match_pool: int = 256  # stored tokens sharing the latest set that the neighbours are chosen from
+    # stored tokens sharing the latest set that the neighbours are chosen from (256 was no better on a
+    # split of train, at twice the cost)
+    match_pool: int = 128
     match_neighbours: int = 8  # nearest of them whose later experts are counted
     match_depth: int = 6  # known layers before the latest compared (weights decay 0.7 per layer back)
     match_smoothing: float = 0.5  # pseudo-tokens of the set tables and the neighbours (chosen on a split of train)

@@ -34,17 +34,23 @@ def _masks(ids_XK: np.ndarray, num_experts: int) -> np.ndarray:
     """[..., K] expert ids (-1 = none) -> [..., words] uint64 bit masks of the set (64 experts a word)."""
     ids = np.asarray(ids_XK, dtype=np.int64)
     words = (num_experts + 63) // 64
-    out = np.zeros(ids.shape[:-1] + (words,), dtype=np.uint64)
-    for k in range(ids.shape[-1]):
-        e = ids[..., k]
-        ok = e >= 0
-        for wd in range(words):
-            sel = ok & (e // 64 == wd)
-            out[..., wd] |= np.where(sel, np.left_shift(np.uint64(1), (e % 64).astype(np.uint64)), np.uint64(0))
-    return out
+    bit = np.where(ids >= 0, np.left_shift(np.uint64(1), (ids % 64).astype(np.uint64)), np.uint64(0))
+    if words == 1:
+        return np.bitwise_or.reduce(bit, axis=-1)[..., None]
+    return np.stack([np.bitwise_or.reduce(np.where(ids // 64 == w, bit, np.uint64(0)), axis=-1)
+                     for w in range(words)], axis=-1)
 
 
 _SID_MASK = (1 << 21) - 1  # set ids in a pool key (2M distinct sets per model is far beyond any trace)
+
+
+def _hash(masks_XW: np.ndarray) -> np.ndarray:
+    """[..., words] uint64 -> [...] uint64 (the mask itself for one word; mixed words otherwise)."""
+    h = masks_XW[..., 0].copy()
+    with np.errstate(over="ignore"):
+        for w in range(1, masks_XW.shape[-1]):
+            h = (h * np.uint64(0x9E3779B97F4A7C15)) ^ masks_XW[..., w]
+    return h
 
 
 class SetMatchTable:
@@ -62,16 +68,18 @@ class SetMatchTable:
         self.span = self.rows_UDE.shape[1]
         self.num_experts = self.rows_UDE.shape[2]
         self.min_overlap = int(min_overlap)
-        # the hash index is rebuilt from the arrays (a dict is not stored: nothing is pickled)
-        self._index = {(int(l), k.tobytes()): u for u, (l, k) in enumerate(zip(self.layer_U, self.keys_UK))}
-        self._by_layer = {}  # layer -> (global ids [U_j], multi-hot [U_j, E] + tie-break), for nearest sets
+        # the index is rebuilt from the arrays (nothing is pickled): per layer, the sets' expert bit
+        # masks hashed to one word and sorted, so a batch of lookups is one searchsorted
+        self._index = {}  # layer -> (sorted hashes [U_j], global ids in that order, masks [U_j, words])
+        self._by_count = {}  # layer -> positions in _index[layer], most frequent set first
         for j in np.unique(self.layer_U):
             g = np.flatnonzero(self.layer_U == j)
-            hot = torch.zeros(len(g), self.num_experts + 1)
-            k = torch.from_numpy(self.keys_UK[g].astype(np.int64))
-            hot.scatter_(1, torch.where(k < 0, self.num_experts, k), 1.0)
-            tie = torch.from_numpy(np.log1p(self.count_U[g]).astype(np.float32)) * 1e-3
-            self._by_layer[int(j)] = (g, hot[:, :-1].T.contiguous(), tie)
+            masks = _masks(self.keys_UK[g], self.num_experts)
+            h = _hash(masks)
+            # sorted by hash; equal hashes (never seen in practice) keep the most frequent set first
+            order = np.lexsort((-self.count_U[g], h))
+            self._index[int(j)] = (h[order], g[order], masks[order])
+            self._by_count[int(j)] = np.argsort(-self.count_U[g[order]], kind="stable")
         # stored paths for the neighbours: each stored token's set id per layer [L, T], its path
         self.sid_LT = None if sid_LT is None else np.asarray(sid_LT, dtype=np.int32)
         self.paths_TLK = None if paths_TLK is None else np.asarray(paths_TLK, dtype=np.int16)
@@ -141,18 +149,23 @@ class SetMatchTable:
         """[N] row of each token's set at ``layer``: its own if seen, else the nearest seen set's
         (``num_keys`` = none near enough: the zero row)."""
         ids = np.asarray(ids_NK)
-        keys = np.sort(ids, axis=-1).astype(np.int16)
         miss = self.num_keys
-        u = np.fromiter((self._index.get((layer, k.tobytes()), miss) for k in keys), dtype=np.int64,
-                        count=len(keys))
-        lost = np.flatnonzero(u == miss)
-        if len(lost) and self.min_overlap and layer in self._by_layer:
-            g, hot_EU, tie = self._by_layer[layer]
-            q = torch.from_numpy(np.where(ids[lost] >= 0, ids[lost], self.num_experts).astype(np.int64))
-            q_hot = torch.zeros(len(lost), self.num_experts + 1).scatter_(1, q, 1.0)[:, :-1]
-            best, arg = (q_hot @ hot_EU + tie).max(1)  # shared experts (+ a tie-break toward frequent sets)
-            near = best.numpy() >= self.min_overlap
-            u[lost[near]] = g[arg.numpy()[near]]
+        u = np.full(len(ids), miss, dtype=np.int64)
+        if layer in self._index:
+            h_U, g_U, masks_U = self._index[layer]
+            q = _masks(ids, self.num_experts)
+            at = np.minimum(np.searchsorted(h_U, _hash(q)), len(h_U) - 1)
+            same = (masks_U[at] == q).all(-1)  # the hash found a candidate; the masks confirm it
+            u[same] = g_U[at[same]]
+            lost = np.flatnonzero(~same)
+            if len(lost) and self.min_overlap:
+                # shared experts with every seen set of the layer: popcount of the masks' AND; ties go
+                # to the more frequent set (a stable argmax over sets ordered by count)
+                by_count = self._by_count[layer]
+                shared = np.bitwise_count(masks_U[by_count][None] & q[lost][:, None]).sum(-1)  # [lost, U_j]
+                arg = shared.argmax(1)
+                near = shared[np.arange(len(lost)), arg] >= self.min_overlap
+                u[lost[near]] = g_U[by_count[arg[near]]]
         return u
 
     def neighbour_counts(self, layer: int, sid_Nl: np.ndarray, known_NlK: np.ndarray, pool: int, neighbours: int,
