@@ -61,10 +61,11 @@ def layer_affinity(counts: np.ndarray, assign: np.ndarray, layer: int, parts: in
     move costs one more)."""
     L, n = assign.shape
     aff = np.zeros((n, parts), dtype=np.int64)
+    eye = np.eye(parts, dtype=np.int64)
     if layer > 0:  # predecessors: aff[j, q] += counts[l-1][i, j] for i on q
-        np.add.at(aff.T, assign[layer - 1], counts[layer - 1])
+        aff += counts[layer - 1].T @ eye[assign[layer - 1]]
     if layer < L - 1:  # successors: aff[i, q] += counts[l][i, k] for k on q
-        np.add.at(aff.T, assign[layer + 1], counts[layer].T)
+        aff += counts[layer] @ eye[assign[layer + 1]]
     if node_size:
         aff = aff + np.repeat(aff.reshape(n, -1, node_size).sum(2), node_size, axis=1)
     return aff

@@ -46,6 +46,20 @@ def test_assign_layer_is_the_exact_optimum():
         assign_layer(np.zeros((7, 3), dtype=np.int64), 2, 2)
 
 
+def test_layer_affinity_against_a_loop(stats):
+    a = random_start(L, E, P, np.random.default_rng(5))
+    n = stats.pair_counts
+    for layer in (0, 3, L - 1):
+        want = np.zeros((E, P), dtype=np.int64)
+        for i in range(E):
+            for j in range(E):
+                if layer > 0:
+                    want[i, a[layer - 1, j]] += n[layer - 1][j, i]
+                if layer < L - 1:
+                    want[i, a[layer + 1, j]] += n[layer][i, j]
+        np.testing.assert_array_equal(layer_affinity(n, a, layer, P), want)
+
+
 def test_descent_never_worse_keeps_balance_and_no_swap_improves(stats):
     score = lambda a: cross_counts(a, stats)[0]  # noqa: E731
     rng = np.random.default_rng(1)
