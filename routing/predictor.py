@@ -314,9 +314,15 @@ class PathPredictor(PathModel):
                     sid[:, j] = t.match.lookup(j, known[:, j])
             counts, n = t.match.neighbour_counts(layer, sid, known, cfg.match_pool, cfg.match_neighbours,
                                                  0.7, cfg.match_depth)
-            a, pop = cfg.match_smoothing, np.exp(t.log_pop[layer + 1:])
-            ratio = np.log((counts + a * pop[None]) / (n[:, None, None] + a)) - t.log_pop[None, layer + 1:]
-            out.append((C + 6 + Mt, layer, 0, np.where(n[:, None, None] > 0, ratio, 0.0).astype(np.float32)))
+            # smoothed log P(e at m | the neighbours) - log pop, only for tokens that found neighbours
+            rows = np.zeros_like(counts)
+            hit = np.flatnonzero(n > 0)
+            if len(hit):
+                a, log_pop = cfg.match_smoothing, torch.from_numpy(t.log_pop[layer + 1:])
+                c = torch.from_numpy(counts[hit])
+                denom = torch.from_numpy((n[hit] + a).astype(np.float32))[:, None, None]
+                rows[hit] = (torch.log((c + a * log_pop.exp()) / denom) - log_pop).numpy()
+            out.append((C + 6 + Mt, layer, 0, rows))
         return out
 
     def _gate_source(self, logits_NME: np.ndarray, first: int) -> np.ndarray:
