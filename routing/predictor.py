@@ -72,6 +72,7 @@ class PredictorConfig:
     match_pool: int = 128
     match_neighbours: int = 8  # nearest of them whose later experts are counted
     match_depth: int = 6  # known layers before the latest compared (weights decay 0.7 per layer back)
+    match_ridge: float = 20.0  # ridge of the set-match sources' weights (the pairwise ones: 1)
     match_smoothing: float = 0.5  # pseudo-tokens of the set tables and the neighbours (chosen on a split of train)
 
     def __post_init__(self):
@@ -129,6 +130,15 @@ class _Tables:
                 joint = np.bincount(code, minlength=E * E).reshape(E, E)
                 self.trans[j, :E, d - 1] = log_ratio(joint, count_LE[j], j + d)
         self.buckets = cfg.token_buckets if trace.token_ids is not None else 0
+        # the successor table: the previous token's set at layer 0 (nearly its identity) as the key,
+        # the token's own experts at every layer as the targets -- a bigram over paths, known before
+        # the token's forward starts (pseudo-trace: layer 0 = the previous token's, 1..L = the token's)
+        has_prev = trace.previous_token_index() >= 0
+        prev_ids = ids[0][np.maximum(trace.previous_token_index(), 0)][has_prev]
+        pseudo = np.concatenate([prev_ids[None], ids[:, has_prev]], axis=0)  # [L + 1, T', K]
+        self.successor = SetMatchTable.count(pseudo, E, np.concatenate([self.log_pop[:1], self.log_pop]), L,
+                                             cfg.match_smoothing, keep_paths=False,
+                                             key_layers=1 if cfg.match_layers else 0)
         # with match_layers = 0 the table is counted over no layer pair: empty, every lookup misses
         self.match = SetMatchTable.count(ids if cfg.match_layers else ids[:1], E, self.log_pop, self.span,
                                          cfg.match_smoothing,
@@ -144,7 +154,8 @@ class _Tables:
                 self.token[:, m] = log_ratio(joint, cnt, m)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"log_pop": self.log_pop, "trans": self.trans, "token": self.token, **self.match.arrays()}
+        succ = {f"succ_{k}": v for k, v in self.successor.arrays().items()}
+        return {"log_pop": self.log_pop, "trans": self.trans, "token": self.token, **self.match.arrays(), **succ}
 
     @classmethod
     def from_arrays(cls, arrays: dict) -> "_Tables":
@@ -153,22 +164,24 @@ class _Tables:
         t.span, t.buckets = t.trans.shape[2], t.token.shape[0]
         if "match_keys" in arrays:
             t.match = SetMatchTable.from_arrays(arrays)
+            t.successor = SetMatchTable.from_arrays({k[5:]: v for k, v in arrays.items() if k.startswith("succ_")})
         else:  # a v1 file: an empty table (every lookup misses)
             E = t.log_pop.shape[1]
             t.match = SetMatchTable(np.zeros((0, 1), np.int16), np.zeros(0, np.int16),
                                     np.zeros((1, t.span, E), np.float32))
+            t.successor = t.match
         return t
 
 
 def _newton_softmax(X_RSE: np.ndarray, Y_RE: np.ndarray, G_R: np.ndarray, theta_GS: np.ndarray,
-                    iters: int, ridge: float = 1.0) -> tuple[np.ndarray, float]:
+                    iters: int, ridge: float | np.ndarray = 1.0) -> tuple[np.ndarray, float]:
     """Listwise fit: softmax over a layer's experts against its real set, one weight vector per group.
 
     Row r (a token, a target layer) scores expert e as z = X[r, :, e] . theta[G[r]]; the loss is
     -sum over the real experts of log softmax(z). This rewards ranking the real experts first,
     which is what recall of the top-k set measures (a per-expert binary loss spends its weights
     on calibration instead). Damped Newton steps; each group has S weights, so its Hessian is
-    tiny. The ridge pulls toward the start (the plain product of sources) for rare groups.
+    tiny. The ridge (a scalar, or one value per source) pulls toward the start for rare groups.
     """
     R, S, E = X_RSE.shape
     n_groups = theta_GS.shape[0]
@@ -178,9 +191,10 @@ def _newton_softmax(X_RSE: np.ndarray, Y_RE: np.ndarray, G_R: np.ndarray, theta_
              for g in range(n_groups)]
     ys = [Y_RE[order[bounds[g]:bounds[g + 1]]].astype(np.float64) for g in range(n_groups)]
     theta0 = theta_GS.copy()
+    ridge = np.broadcast_to(np.asarray(ridge, dtype=np.float64), (S,))
 
     def loss_of(th):
-        total, ps = 0.5 * ridge * float(((th - theta0) ** 2).sum()), []
+        total, ps = 0.5 * float((ridge * (th - theta0) ** 2).sum()), []
         for f, y, t in zip(feats, ys, th):
             z = f @ t  # [R_g, E]
             z = z - z.max(1, keepdims=True)
@@ -199,7 +213,7 @@ def _newton_softmax(X_RSE: np.ndarray, Y_RE: np.ndarray, G_R: np.ndarray, theta_
             grad = np.einsum("res,re->s", f, n[:, None] * p - y) + ridge * (theta_GS[g] - theta0[g])
             mu = np.einsum("res,re->rs", f, p)  # [R_g, S]
             f2 = f.reshape(-1, S)
-            hess = (f2 * (n[:, None] * p).reshape(-1, 1)).T @ f2 - (mu * n[:, None]).T @ mu + ridge * np.eye(S)
+            hess = (f2 * (n[:, None] * p).reshape(-1, 1)).T @ f2 - (mu * n[:, None]).T @ mu + np.diag(ridge)
             step[g] = np.linalg.solve(hess, grad)
         t = 1.0
         while t > 1e-3:  # backtracking keeps every step a descent step
@@ -233,7 +247,7 @@ class PathPredictor(PathModel):
         C = self.config.context_layers
         Mt = self.config.match_layers
         self.source_names = (["pop"] + [f"trans-{c}" for c in range(C)] + ["repeat", "token", "gate", "anchor"]
-                             + ([f"match-{c}" for c in range(Mt)] + ["match-anchor", "neighbours"] if Mt else []))
+                             + ([f"match-{c}" for c in range(Mt)] + ["match-anchor", "neighbours", "successor"] if Mt else []))
         self.reference = False  # True: score with the plain reference path (tests compare the two)
         if "base" not in self.weight_sets:
             raise ValueError("a PathPredictor needs the 'base' weight set (no optional inputs)")
@@ -284,11 +298,11 @@ class PathPredictor(PathModel):
                 ids = known[:, 0]
                 rows = t.trans[0][np.maximum(ids, 0)][:, :, first - 1:d_hi]  # [N, K, D, E]
                 X[:, :d_hi - first + 1, C + 4] = _masked_mean(rows.transpose(0, 2, 1, 3), (ids >= 0)[:, None, :])
-        for col, j, lo, rows in self._match_evidence(layer, known):
+        for col, j, lo, rows in self._match_evidence(layer, known, prev):
             X[:, :rows.shape[1] - lo, col] = rows[:, lo:]
         return X
 
-    def _match_evidence(self, layer: int, known: np.ndarray):
+    def _match_evidence(self, layer: int, known: np.ndarray, prev: np.ndarray | None = None):
         """(source column, layer j, first useful row, rows [N, span', E]) for each exact-set source.
 
         Row d - 1 of j's table targets layer j + d; targets start at layer + 1, so row layer - j.
@@ -298,6 +312,10 @@ class PathPredictor(PathModel):
         if not Mt:
             return []
         out = []
+        first = layer + 1
+        if prev is not None and first < L and t.successor.num_keys:
+            u = t.successor.lookup(0, prev[:, 0])  # the previous token's layer-0 set
+            out.append((C + 7 + Mt, 0, first, t.successor.rows_UDE[u]))  # row m targets layer m
         js = [(C + 5 + c, layer - c) for c in range(Mt) if layer - c >= 0]
         if layer >= Mt:  # layer 0 has left the window: its set is the token's fingerprint
             js.append((C + 5 + Mt, 0))
@@ -374,7 +392,7 @@ class PathPredictor(PathModel):
             rows = F.embedding_bag(ids, torch.from_numpy(t.trans[0]).view(E + 1, -1), mode="mean",
                                    padding_idx=E).view(N, t.span, E)
             z[:, :nd].addcmul_(rows[:, first - 1:first - 1 + nd], W[:nd, C + 4, None])
-        for col, j, lo, rows in self._match_evidence(layer, known):
+        for col, j, lo, rows in self._match_evidence(layer, known, prev):
             nd = rows.shape[1] - lo
             z[:, :nd].addcmul_(torch.from_numpy(rows[:, lo:]), W[:nd, col, None])
         return z
@@ -418,8 +436,11 @@ class PathPredictor(PathModel):
             cut = max(1, int(T * (1.0 - cfg.holdout)))
             count_idx = np.arange(cut)
         fit_idx = np.setdiff1d(np.arange(T), count_idx)
-        n_src = 1 + cfg.context_layers + 4 + (cfg.match_layers + 2 if cfg.match_layers else 0)
+        n_src = 1 + cfg.context_layers + 4 + (cfg.match_layers + 3 if cfg.match_layers else 0)
         w0 = np.ones((2 * L - 1, n_src), dtype=np.float32)
+        # the set-match sources start at weight 0: the ridge pulls toward the start, and on a small or
+        # structureless trace their rows are mostly noise (the pairwise sources start at 1, a product)
+        w0[:, 1 + cfg.context_layers + 4:] = 0.0
         model = cls(_Tables(trace.select_tokens(count_idx), cfg), {"base": w0}, K, cfg, lookahead)
         model._fit_weights(trace, fit_idx, features, verbose)
         model.tables = _Tables(trace, cfg)  # final tables from every token
@@ -453,6 +474,10 @@ class PathPredictor(PathModel):
         tok_col, gate_col = C + 2, C + 3
         has_tok = trace.token_ids is not None and self.tables.buckets > 0
         has_gate = hidden is not None and self.lookahead is not None
+        # the set-match sources get a stronger pull toward 0: their rows come from few stored tokens
+        # each, so on a small trace a weight fitted freely mostly fits noise
+        ridge = np.ones(S)
+        ridge[1 + C + 4:] = cfg.match_ridge
         sets = {}
         for use_tok in ((False, True) if has_tok else (False,)):
             for use_gate in ((False, True) if has_gate else (False,)):
@@ -465,7 +490,7 @@ class PathPredictor(PathModel):
                 w0 = self.weights_GS.astype(np.float64).copy()
                 w0[:, tok_col] *= use_tok  # an unused source keeps weight 0
                 w0[:, gate_col] *= use_gate
-                theta, loss = _newton_softmax(Xk, Y, G, w0, cfg.fit_iters)
+                theta, loss = _newton_softmax(Xk, Y, G, w0, cfg.fit_iters, ridge)
                 sets[key] = theta.astype(np.float32)
                 if verbose:
                     print(f"fitted {theta.size} weights ({key}) on {len(X)} (token, layer) rows: loss {loss:.4f}")

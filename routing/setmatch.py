@@ -103,8 +103,11 @@ class SetMatchTable:
 
     @classmethod
     def count(cls, ids_LTK: np.ndarray, num_experts: int, log_pop_LE: np.ndarray, span: int,
-              smoothing: float, keep_paths: bool = True, min_overlap: int | None = None) -> "SetMatchTable":
-        """Count the table from a trace's expert ids (``log_pop_LE``: log expected use per token)."""
+              smoothing: float, keep_paths: bool = True, min_overlap: int | None = None,
+              key_layers: int | None = None) -> "SetMatchTable":
+        """Count the table from a trace's expert ids (``log_pop_LE``: log expected use per token).
+
+        key_layers: only layers 0..key_layers-1 are keys (default: every layer but the last)."""
         ids = np.sort(np.asarray(ids_LTK, dtype=np.int64), axis=-1)  # a set's key is its sorted ids
         L, T, K = ids.shape
         E, a = num_experts, smoothing
@@ -112,7 +115,7 @@ class SetMatchTable:
         keys, layers, rows, counts = [], [], [], []
         sid = np.zeros((L, T), dtype=np.int32)
         offset = 0
-        for j in range(L - 1):
+        for j in range(L - 1 if key_layers is None else min(key_layers, L - 1)):
             uniq, inv = np.unique(ids[j], axis=0, return_inverse=True)
             inv = inv.reshape(-1)
             U = len(uniq)

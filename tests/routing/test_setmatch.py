@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from routing import PathPredictor, PredictorConfig, evaluate, synthesize
+from routing import PathPredictor, PredictorConfig, RoutingTrace, evaluate, synthesize
 from routing.setmatch import SetMatchTable
 
 
@@ -116,3 +116,18 @@ def test_fast_path_equals_reference_when_the_span_binds():
         finally:
             p.reference = False
         np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_successor_source_predicts_the_next_path_before_the_forward():
+    # six fixed paths visited in a cycle: a token's path is a function of the previous token's,
+    # which no per-layer table of the token itself (nor "repeat the previous path") can express
+    rng = np.random.default_rng(0)
+    L, E, K, R, N = 4, 16, 2, 24, 30
+    paths = np.stack([np.stack([rng.choice(E, K, replace=False) for _ in range(L)]) for _ in range(6)])  # [6, L, K]
+    which = (np.arange(N)[None, :] + rng.integers(0, 6, R)[:, None]) % 6  # [R, N]
+    ids = paths[which.reshape(-1)].transpose(1, 0, 2)  # [L, R*N, K]
+    tr = RoutingTrace(ids, E, request_ids=np.repeat(np.arange(R), N), positions=np.tile(np.arange(N), R))
+    train, test = tr.split_requests(0.75, seed=0)
+    with_s = evaluate(PathPredictor.fit(train), test, distances=(1,))["all"]["mean_recall"]
+    without = evaluate(PathPredictor.fit(train, PredictorConfig(match_layers=0)), test, distances=(1,))
+    assert with_s > 0.95 and with_s > without["all"]["mean_recall"] + 0.2, (with_s, without["all"]["mean_recall"])
