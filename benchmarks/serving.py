@@ -106,8 +106,11 @@ def print_summary(s: dict) -> None:
                 f"{s['total_output_tokens'] / max(e['steps'], 1):.2f} output tokens per step")
         if "misses" in e:
             looks = e["hits"] + e["misses"]
-            line += (f"; expert cache: hit ratio {e['hits'] / max(looks, 1):.3f}, "
-                     f"{e.get('bytes_copied', 0) / 1e9 / max(e['steps'], 1):.2f} GB copied per step")
+            gb = e.get("bytes_copied", 0) / 1e9 / max(e["steps"], 1)
+            line += f"; expert cache: hit ratio {e['hits'] / max(looks, 1):.3f}, {gb:.2f} GB copied per step"
+            if s.get("copy_gbps"):
+                line += (f" (floor {1e3 * gb / s['copy_gbps']:.0f} ms/step at the measured {s['copy_gbps']:.1f} GB/s; "
+                         f"measured {1e3 * e['step_seconds'] / max(e['steps'], 1):.0f} ms/step)")
         print(line)
     for e in s.get("errors", []):
         print("error:", e)
@@ -375,6 +378,22 @@ def expert_budget_bytes(model_dir: str, share: float, batch: int, max_len: int) 
     return f"{total / 2**30:.3f}GiB"
 
 
+def pinned_copy_gbps(nbytes: int = 256 << 20, reps: int = 5) -> float:
+    """Host (pinned) -> GPU copy bandwidth measured here, GB/s: the floor of an offloaded step is
+    the bytes it copies over this."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    return nbytes * reps / (time.perf_counter() - t0) / 1e9
+
+
 def vocab_size(args) -> int:
     if args.vocab_size:
         return args.vocab_size
@@ -444,15 +463,21 @@ def main(argv=None) -> int:
           f"rate {args.request_rate}/s, concurrency <= {args.max_concurrency}, batch {args.max_batch_size}",
           flush=True)
     out = []
+    gbps = None
+    if args.gpu_memory and args.device in ("cuda", "auto"):
+        import torch
+        if torch.cuda.is_available():
+            gbps = pinned_copy_gbps()
+            print(f"pinned host->GPU copy: {gbps:.1f} GB/s (the offloaded steps' floor is bytes copied / this)")
     if args.backend in ("inprocess", "both"):
         import torch
         torch.set_num_threads(max(1, int(args.replica_cpus)))
-        out.append(asyncio.run(run_inprocess(args, prompts)))
+        out.append(asyncio.run(run_inprocess(args, prompts)) | {"copy_gbps": gbps})
         print_summary(out[-1])
     if args.backend in ("serve", "both"):
         url, model = start_serve(args)
         try:
-            out.append(asyncio.run(run_http(url, args, prompts, "serve", model)))
+            out.append(asyncio.run(run_http(url, args, prompts, "serve", model)) | {"copy_gbps": gbps})
         finally:
             from ray import serve
             serve.shutdown()
