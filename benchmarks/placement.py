@@ -164,10 +164,11 @@ def runtime_bench(args) -> int:
             f = evaluate(plan, sub)
             for mode in ("standard", "coherent"):
                 rt.set_mode(mode)
-                # warm-up at the timed shapes: kernels compile per token-count bucket
+                # warm-up: the whole timed sequence once, untimed — the expert kernels compile per token-count
+                # bucket and per row-count specialisation, and decode visits many row counts per rank
                 rt.forward(prompt)
-                rt.greedy(prompt, 2)
-                rt.greedy(prompt, 2, home_only=True)
+                rt.greedy(prompt, args.new_tokens)
+                rt.greedy(prompt, args.new_tokens, home_only=True)
                 rt.reset_counters()
                 t0 = time.perf_counter()
                 out = rt.forward(prompt)
