@@ -153,50 +153,68 @@ class ExpertParallelExperts(nn.Module):
             dest_T = self._new_home(r_TK, topk_weights_TK, home_T)
         else:
             dest_T = st.origin_T
-        tok = torch.arange(T, device=dev)
+        # Every rank knows every token's home, ranks and destination, so each list of rows below is
+        # a mask computed alike everywhere; their sizes travel to the host in ONE sync per layer,
+        # and the rows are read from the masks by a stable sort (no per-rank boolean indexing,
+        # each of which would wait for the GPU).
+        p_P = torch.arange(P, device=dev)
+        other_P1 = (p_P != me)[:, None]
+        mine_T = on_TP[:, me]
+        send_PT = (home_T == me)[None, :] & on_TP.T & other_P1        # rows homed here, to rank p
+        recv_PT = (home_T[None, :] == p_P[:, None]) & mine_T[None, :] & other_P1  # from rank p
+        csend_PT = mine_T[None, :] & (dest_T[None, :] == p_P[:, None]) & other_P1  # partial sums to p
+        crecv_PT = on_TP.T & (dest_T == me)[None, :] & other_P1        # partial sums from p
+        own_T = mine_T & (home_T == me)
+        kept_T = mine_T & (dest_T == me)
+        dmove = (on_TP & (p_P[None, :] != home_T[:, None])).any()
+        cmove = (on_TP & (p_P[None, :] != dest_T[:, None])).any()
+        n = torch.cat([send_PT.sum(1), recv_PT.sum(1), csend_PT.sum(1), crecv_PT.sum(1),
+                       (dest_T[None, :] == p_P[:, None]).sum(1),
+                       torch.stack([mine_T.sum(), own_T.sum(), kept_T.sum(), dmove.long(), cmove.long()])]).tolist()
+        n_send, n_recv, n_csend, n_crecv, sizes = (n[i * P:(i + 1) * P] for i in range(5))
+        n_mine, n_own, n_kept, dmove, cmove = n[5 * P:]
+
+        def rows(mask: torch.Tensor, count: int) -> torch.Tensor:
+            """Token index of the first ``count`` True entries of ``mask`` (row-major), in order."""
+            flat = mask.reshape(-1)
+            return torch.argsort((~flat).to(torch.int8), stable=True)[:count] % T
+
+        send_rows = rows(send_PT, sum(n_send))   # by destination rank, then token
+        recv_rows = rows(recv_PT, sum(n_recv))   # by source rank, then token
+        mine = rows(mine_T, n_mine)
+        pos = torch.full((T,), -1, dtype=torch.long, device=dev)
+        pos[mine] = torch.arange(n_mine, device=dev)
 
         # dispatch: rows of tokens homed here go to the other ranks running their experts
-        send = [tok[(home_T == me) & on_TP[:, r]] if r != me else tok[:0] for r in range(P)]
-        recv = [tok[(home_T == s) & on_TP[:, me]] if s != me else tok[:0] for s in range(P)]
-        moving = int((on_TP & (torch.arange(P, device=dev)[None, :] != home_T[:, None])).sum())
-        if moving:
-            x_recv = all_to_all_v(torch.cat([x_TD[i] for i in send]), [len(i) for i in send],
-                                  [len(i) for i in recv], st.group)
+        if dmove:
+            x_recv = all_to_all_v(x_TD[send_rows], n_send, n_recv, st.group)
             st.counters["all_to_all_calls"] += 1
-            st.counters["dispatch_rows"] += sum(len(i) for i in send)
+            st.counters["dispatch_rows"] += sum(n_send)
         else:
             x_recv = x_TD[:0]
         # the rows this rank computes: its own copies where the token is homed here, else what came
-        mine = tok[on_TP[:, me]]
-        pos = torch.full((T,), -1, dtype=torch.long, device=dev)
-        pos[mine] = torch.arange(len(mine), device=dev)
-        own = mine[home_T[mine] == me]
-        got = torch.cat(recv)
-        x_loc = x_TD.new_zeros(len(mine), D).index_copy(0, pos[own], x_TD[own]).index_copy(0, pos[got], x_recv)
+        own = rows(own_T, n_own)
+        x_loc = x_TD.new_zeros(n_mine, D).index_copy(0, pos[own], x_TD[own]).index_copy(0, pos[recv_rows], x_recv)
         ids_loc = torch.where(r_TK[mine] == me, self.local_of_E[ids_TK[mine].clamp(min=0)], -1)
         y_loc = kernels.get_backend(self.backend)(x_loc, self.w13, self.w2, ids_loc, topk_weights_TK[mine])
 
         # combine: partial sums go to the destination (origin, or the new home)
-        csend = [mine[dest_T[mine] == r] if r != me else tok[:0] for r in range(P)]
-        crecv = [tok[on_TP[:, s] & (dest_T == me)] if s != me else tok[:0] for s in range(P)]
-        moving = int((on_TP & (torch.arange(P, device=dev)[None, :] != dest_T[:, None])).sum())
-        if moving:
-            y_recv = all_to_all_v(torch.cat([y_loc[pos[i]] for i in csend]), [len(i) for i in csend],
-                                  [len(i) for i in crecv], st.group)
+        csend_rows = rows(csend_PT, sum(n_csend))
+        crecv_rows = rows(crecv_PT, sum(n_crecv))
+        if cmove:
+            y_recv = all_to_all_v(y_loc[pos[csend_rows]], n_csend, n_crecv, st.group)
             st.counters["all_to_all_calls"] += 1
-            st.counters["combine_rows"] += sum(len(i) for i in csend)
+            st.counters["combine_rows"] += sum(n_csend)
         else:
             y_recv = y_loc[:0]
-        dests = tok[dest_T == me]
+        # every rank continues the dense part on every token: gather the outputs back, rank by rank
+        order = torch.argsort(dest_T, stable=True)  # tokens by destination rank, then index
+        dests = order[sum(sizes[:me]):sum(sizes[:me + 1])]
         dpos = torch.full((T,), -1, dtype=torch.long, device=dev)
         dpos[dests] = torch.arange(len(dests), device=dev)
-        kept = mine[dest_T[mine] == me]
+        kept = rows(kept_T, n_kept)
         y_own = y_loc.new_zeros(len(dests), D).index_add(0, dpos[kept], y_loc[pos[kept]]) \
-            .index_add(0, dpos[torch.cat(crecv)], y_recv)
-
-        # every rank continues the dense part on every token: gather the outputs back
-        sizes = [int((dest_T == r).sum()) for r in range(P)]
-        order = torch.cat([tok[dest_T == r] for r in range(P)])
+            .index_add(0, dpos[crecv_rows], y_recv)
         y_all = all_gather_v(y_own, sizes, st.group)
         st.counters["all_gather_calls"] += 1
         st.counters["allgather_rows"] += len(dests)
