@@ -70,6 +70,7 @@ class PredictorConfig:
     # stored tokens sharing the latest set that the neighbours are chosen from (256 was no better on a
     # split of train, at twice the cost)
     match_pool: int = 128
+    match_second_pool: int = 64  # and of those sharing the set before it (for a token whose latest set is noisy)
     match_neighbours: int = 8  # nearest of them whose later experts are counted
     match_depth: int = 6  # known layers before the latest compared (weights decay 0.7 per layer back)
     match_ridge: float = 20.0  # ridge of the set-match sources' weights (the pairwise ones: 1)
@@ -78,7 +79,8 @@ class PredictorConfig:
     def __post_init__(self):
         if self.match_layers < 0:
             raise ValueError(f"match_layers must be >= 0, got {self.match_layers}")
-        if min(self.match_pool, self.match_neighbours) < 1 or self.match_depth < 0 or self.match_smoothing <= 0:
+        if (min(self.match_pool, self.match_neighbours) < 1 or self.match_depth < 0 or self.match_smoothing <= 0
+                or self.match_second_pool < 0):
             raise ValueError(f"match_pool ({self.match_pool}) and match_neighbours ({self.match_neighbours}) "
                              f"must be >= 1, match_depth ({self.match_depth}) >= 0 and match_smoothing "
                              f"({self.match_smoothing}) > 0")
@@ -327,11 +329,11 @@ class PathPredictor(PathModel):
                 out.append((col, j, layer - j, t.match.rows_UDE[sid[:, j], :d_hi]))
         if t.match.has_paths and 0 <= layer < L - 1:
             cfg = self.config
-            for j in (layer - 1, layer - 2):  # the pool is ordered by the sets of the two layers before
+            for j in (layer - 1, layer - 2, layer - 3):  # the pools are ordered by the sets of the layers before
                 if j >= 0 and j not in {jj for _, jj in js}:
                     sid[:, j] = t.match.lookup(j, known[:, j])
             counts, n = t.match.neighbour_counts(layer, sid, known, cfg.match_pool, cfg.match_neighbours,
-                                                 0.7, cfg.match_depth)
+                                                 0.7, cfg.match_depth, cfg.match_second_pool)
             # smoothed log P(e at m | the neighbours) - log pop, only for tokens that found neighbours
             rows = np.zeros_like(counts)
             hit = np.flatnonzero(n > 0)

@@ -171,17 +171,33 @@ class SetMatchTable:
                 u[lost[near]] = g_U[by_count[arg[near]]]
         return u
 
+    def _run(self, j: int, sid_Nl: np.ndarray, pool: int) -> tuple[np.ndarray, np.ndarray]:
+        """Up to ``pool`` stored tokens sharing each token's set at layer j, those that share its sets
+        at j - 1 and j - 2 too first: (members [N, P], valid [N, P])."""
+        keys, order = self._pool[j]
+        s = sid_Nl[:, j]
+        lo = np.searchsorted(keys, s << 42, "left")
+        hi = np.where(s < self.num_keys, np.searchsorted(keys, (s + 1) << 42, "left"), lo)
+        P = int(min(pool, max(int((hi - lo).max(initial=0)), 1)))
+        # start at the tokens that share the earlier sets too; shift left where the run ends first
+        at = np.searchsorted(keys, self.pool_key(sid_Nl, j), "left")
+        start = np.maximum(lo, np.minimum(at, hi - P))
+        slot = start[:, None] + np.arange(P)[None]
+        return order[np.clip(slot, 0, len(order) - 1)], slot < hi[:, None]
+
     def neighbour_counts(self, layer: int, sid_Nl: np.ndarray, known_NlK: np.ndarray, pool: int, neighbours: int,
-                         decay: float, depth: int) -> tuple[np.ndarray, np.ndarray]:
+                         decay: float, depth: int, second_pool: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """The nearest stored paths among those sharing the token's set at ``layer``.
 
         The pool: up to ``pool`` stored tokens whose set at ``layer`` is the token's (``sid_Nl``:
         the token's set ids at layers 0..layer after nearest-set substitution, ``num_keys`` where
-        unknown), those that also share its sets at layer - 1 and layer - 2 first. They are ranked by the experts they share with the
-        token at the ``depth`` known layers before, layer j weighted ``decay ** (layer - j)``
-        (the nearest-stored-trace baseline's similarity, over a pool instead of every stored
-        token: its best matches nearly always share the latest set). Returns the counts
-        [N, L-1-layer, E] of the later experts of the best ``neighbours`` and their number [N].
+        unknown), those that also share its sets at layer - 1 and layer - 2 first; plus up to
+        ``second_pool`` that share its set at layer - 1 instead. They are ranked by the experts
+        they share with the token at ``layer`` and the ``depth`` known layers before, layer j
+        weighted ``decay ** (layer - j)`` (the nearest-stored-trace baseline's similarity, over a
+        pool instead of every stored token: its best matches nearly always share a recent set).
+        Returns the counts [N, L-1-layer, E] of the later experts of the best ``neighbours`` and
+        their number [N].
         """
         N, E = len(sid_Nl), self.num_experts
         L = self.paths_TLK.shape[1]
@@ -190,30 +206,28 @@ class SetMatchTable:
         n = np.zeros(N, dtype=np.int64)
         if layer not in self._pool or M <= 0:
             return counts, n
-        keys, order = self._pool[layer]
-        sid_N = np.asarray(sid_Nl)[:, layer].astype(np.int64)
-        lo = np.searchsorted(keys, sid_N << 42, "left")
-        hi = np.searchsorted(keys, (sid_N + 1) << 42, "left")
-        r = np.flatnonzero((sid_N < self.num_keys) & (hi > lo))
+        sid = np.asarray(sid_Nl).astype(np.int64)
+        rows = np.arange(N)
+        members, valid = self._run(layer, sid, pool)
+        if layer >= 1 and second_pool and layer - 1 in self._pool:
+            # tokens whose latest set was noisy: the stored tokens sharing the set before it (those
+            # sharing the latest one are in the first run already)
+            m2, v2 = self._run(layer - 1, sid, second_pool)
+            v2 &= self.sid_LT[layer, m2] != sid[:, layer, None]
+            members, valid = np.concatenate([members, m2], 1), np.concatenate([valid, v2], 1)
+        r = np.flatnonzero(valid.any(1))
         if not len(r):
             return counts, n
-        P = int(min(pool, (hi[r] - lo[r]).max()))
-        # start at the tokens that share the earlier sets too; shift left where the run ends first
-        at = np.searchsorted(keys, self.pool_key(np.asarray(sid_Nl)[r], layer), "left")
-        start = np.maximum(lo[r], np.minimum(at, hi[r] - P))
-        slot = start[:, None] + np.arange(P)[None]  # [R, P]
-        valid = slot < hi[r][:, None]
-        members = order[np.minimum(slot, len(order) - 1)]  # [R, P]
+        members, valid = members[r], valid[r]
+        P = members.shape[1]
         j0 = max(0, layer - depth)
-        if j0 < layer:
-            # shared experts = popcount(AND) of 64-bit expert masks: a few word operations per pair
-            q = _masks(np.asarray(known_NlK)[r, j0:layer], E)  # [R, J, words]
-            shared = np.bitwise_count(self._masks_TLW[members, j0:layer] & q[:, None]).sum(-1)  # [R, P, J]
-            w = decay ** np.arange(layer - j0, 0, -1, dtype=np.float32)
-            sim = torch.from_numpy(shared.astype(np.float32) @ w)  # [R, P]
-        else:
-            sim = torch.zeros(len(r), P)
-        sim = sim - torch.arange(P, dtype=torch.float32) * 1e-4  # ties: the earlier stored token
+        # shared experts = popcount(AND) of 64-bit expert masks: a few word operations per pair
+        q = _masks(np.asarray(known_NlK)[r, j0:layer + 1], E)  # [R, J, words]
+        shared = np.bitwise_count(self._masks_TLW[members, j0:layer + 1] & q[:, None]).sum(-1)  # [R, P, J]
+        w = decay ** np.arange(layer - j0, -1, -1, dtype=np.float64)
+        # float64 and a tie-break far below any difference of two similarities: equal ones go to the
+        # first run, then the earlier stored token
+        sim = torch.from_numpy(shared.astype(np.float64) @ w - np.arange(P) * 1e-9)  # [R, P]
         sim[torch.from_numpy(~valid)] = -np.inf
         k = min(neighbours, P)
         top = torch.topk(sim, k, dim=1)

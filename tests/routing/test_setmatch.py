@@ -28,28 +28,34 @@ def test_exact_and_nearest_lookup():
     assert (row[[3, 4, 5]] > 0).all() and (row[[0, 1, 2, 6, 7]] < 0).all()
 
 
-def _neighbours_reference(table, ids_LTK, E, layer, query_lK, pool, nn, decay, depth):
-    """Plain loops. The pool: stored tokens with the same set at `layer`, ordered by their set ids at
-    layer - 1 and layer - 2 (then stored order), `pool` of them from the first one not below the
-    query's, moved back where fewer remain."""
-    L, T, K = ids_LTK.shape
+def _run_reference(table, ids_LTK, j, query_lK, pool):
+    """Stored tokens with the query's set at layer j, ordered by their set ids at j - 1 and j - 2 (then
+    stored order), `pool` of them from the first one not below the query's, moved back where fewer remain."""
+    T = ids_LTK.shape[1]
 
-    def sid(j, ids):
-        return int(table.lookup(j, np.asarray(ids)[None])[0]) if j >= 0 else 0
-    q_key = (sid(layer - 1, query_lK[layer - 1]) if layer >= 1 else 0,
-             sid(layer - 2, query_lK[layer - 2]) if layer >= 2 else 0)
-    run = sorted((t for t in range(T) if set(ids_LTK[layer, t]) == set(query_lK[layer])),
-                 key=lambda t: (table.sid_LT[layer - 1, t] if layer >= 1 else 0,
-                                table.sid_LT[layer - 2, t] if layer >= 2 else 0, t))
-    keys = [(table.sid_LT[layer - 1, t] if layer >= 1 else 0, table.sid_LT[layer - 2, t] if layer >= 2 else 0)
-            for t in run]
-    at = next((i for i, k in enumerate(keys) if k >= q_key), len(run))
+    def key_of(t=None):
+        def sid(i):
+            if i < 0:
+                return 0
+            return int(table.sid_LT[i, t]) if t is not None else int(table.lookup(i, query_lK[i][None])[0])
+        return sid(j - 1), sid(j - 2)
+    run = sorted((t for t in range(T) if set(ids_LTK[j, t]) == set(query_lK[j])), key=lambda t: (key_of(t), t))
+    at = next((i for i, t in enumerate(run) if key_of(t) >= key_of()), len(run))
     start = max(0, min(at, len(run) - pool))
-    same = run[start:start + pool]
+    return run[start:start + pool]
+
+
+def _neighbours_reference(table, ids_LTK, E, layer, query_lK, pool, nn, decay, depth, second_pool):
+    """Plain loops: the first run, then the second run (set shared at layer - 1, not at layer)."""
+    L = ids_LTK.shape[0]
+    cands = _run_reference(table, ids_LTK, layer, query_lK, pool)
+    if layer >= 1 and second_pool:
+        cands += [t for t in _run_reference(table, ids_LTK, layer - 1, query_lK, second_pool)
+                  if set(ids_LTK[layer, t]) != set(query_lK[layer])]
     sims = []
-    for i, t in enumerate(same):
+    for i, t in enumerate(cands):
         s = sum(decay ** (layer - j) * len(set(ids_LTK[j, t]) & set(query_lK[j]))
-                for j in range(max(0, layer - depth), layer))
+                for j in range(max(0, layer - depth), layer + 1))
         sims.append((-s, i, t))
     best = [t for _, _, t in sorted(sims)[:nn]]
     counts = np.zeros((L - 1 - layer, E))
@@ -60,17 +66,18 @@ def _neighbours_reference(table, ids_LTK, E, layer, query_lK, pool, nn, decay, d
     return counts, len(best)
 
 
-@pytest.mark.parametrize("layer,pool,depth", [(0, 50, 3), (2, 50, 3), (3, 5, 2), (3, 50, 0), (2, 3, 4)])
-def test_neighbour_counts_equal_plain_loops(layer, pool, depth):
+@pytest.mark.parametrize("layer,pool,depth,second", [(0, 50, 3, 0), (2, 50, 3, 0), (3, 5, 2, 0), (3, 50, 0, 0),
+                                                     (2, 3, 4, 0), (2, 4, 2, 3), (3, 50, 1, 50)])
+def test_neighbour_counts_equal_plain_loops(layer, pool, depth, second):
     tr = synthesize(num_layers=5, num_experts=70, top_k=3, num_requests=6, tokens_per_request=40,
                     planted_paths=4, path_noise=0.3, seed=4)  # 70 experts: two mask words
     ids = tr.expert_ids.astype(np.int64)
     t = _table(ids, tr.num_experts)
     queries = ids[:, ::7].transpose(1, 0, 2)  # stored tokens as queries: their pools are non-empty
     sid = np.stack([t.lookup(j, queries[:, j]) for j in range(layer + 1)], 1)
-    counts, n = t.neighbour_counts(layer, sid, queries[:, :layer + 1], pool, 4, 0.7, depth)
+    counts, n = t.neighbour_counts(layer, sid, queries[:, :layer + 1], pool, 4, 0.7, depth, second)
     for i, q in enumerate(queries):
-        ref, n_ref = _neighbours_reference(t, ids, tr.num_experts, layer, q, pool, 4, 0.7, depth)
+        ref, n_ref = _neighbours_reference(t, ids, tr.num_experts, layer, q, pool, 4, 0.7, depth, second)
         assert n[i] == n_ref
         np.testing.assert_allclose(counts[i], ref)
 
