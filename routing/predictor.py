@@ -24,14 +24,20 @@ with sources s:
     share experts later on);
   - ``match-c`` (c = 0..M-1) and ``match-anchor``: the exact expert set of layer layer - c
     (and of layer 0) through a ``SetMatchTable`` -- what stored tokens that took that very set
-    used later (the nearest-stored-trace idea as a hash lookup; 0 when the set was never seen).
+    used later (the nearest-stored-trace idea as a hash lookup; an unseen set is replaced by
+    the seen one sharing the most experts);
+  - ``neighbours``: the later experts of the 8 stored tokens nearest to this one's known path,
+    searched among those sharing its latest set or the one before (``neighbour_counts``);
+  - ``successor``: the previous token's layer-0 set (nearly its identity) through the table of
+    what the tokens that followed it used: known before the forward starts (a bigram of paths).
 Every table is counted from a trace and smoothed toward popularity; an absent source
 contributes 0 (no evidence). The weights w[g, s] depend on the group g: the distance
 m - layer when layers are known, or the target layer m when nothing is known yet; they are
 fitted by Newton steps on a listwise loss (softmax over the layer's experts against the real
 set), on requests held out from the counting (so the weights learn how far each table can be
-trusted on new text). Training takes seconds on a
-CPU; a prediction is a few table gathers per layer (microseconds per token).
+trusted on new text); the set sources start at weight 0 with a stronger ridge. Training takes
+seconds on a CPU; a prediction is a few table gathers and one small neighbour search (tens of
+microseconds per token on one core).
 
 Shape legend: N = tokens, L = MoE layers, l = known layers, K = top-k, E = experts,
 S = evidence sources, G = weight groups, B = token-id buckets, D = hidden size.
