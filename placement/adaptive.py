@@ -26,7 +26,9 @@ f = 0 dropless, f < 0 the capacity the batch needs, capped at |f| × the mean lo
 The chooser (adaptive_chooser.py) predicts each strategy's step time from a cost model calibrated
 on the machine (collective latency and bandwidth, expert GEMM rate) and corrects it online with
 measured step times (a training call's forward + backward); a switch takes effect at the next
-call and moves no weight. ``ReplicatedTokensExperts`` runs the layer where every rank holds every
+call and moves no weight. Once the chooser has settled on a shape, a call costs no collective, no
+host sync and no timing beyond the strategy's own: only every ``check_every``-th call agrees the
+shape across ranks and learns a time (recorded with CUDA events, read one check later). ``ReplicatedTokensExperts`` runs the layer where every rank holds every
 token (the Ray runtime's context); ``apply_adaptive_parallel`` puts it into a model.
 """
 from __future__ import annotations
@@ -125,9 +127,48 @@ class _BackwardStarts(torch.autograd.Function):
 @dataclass
 class StepInfo:
     strategy: Strategy
-    seconds: float | None  # measured only when the chooser needs it (timing synchronises the device)
+    # the slowest rank's time of the previous check call, learned by the chooser at this call
+    # (read lazily, so timing never stalls a step); None when nothing was learned
+    seconds: float | None
     dropped: int
     capacity: int | None
+
+
+class _StepTiming:
+    """One check call's time: forward, plus backward in training. On CUDA, events recorded on the
+    stream (no host sync; read at the next check call, long after); on CPU, wall clock."""
+
+    def __init__(self, shape: LayerShape, strategy: Strategy, device):
+        self.shape, self.strategy = shape, strategy
+        self.cuda = torch.device(device).type == "cuda"
+        self.marks: dict = {}
+        self.bwd_hook = None
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks[name] = ev
+        else:
+            self.marks[name] = time.perf_counter()
+
+    def _span(self, a: str, b: str) -> float:
+        if self.cuda:
+            self.marks[b].synchronize()
+            return self.marks[a].elapsed_time(self.marks[b]) / 1e3
+        return self.marks[b] - self.marks[a]
+
+    def seconds(self) -> float:
+        """Forward (+ backward) time; 0.0 if the step is incomplete (a training call whose
+        backward did not run)."""
+        if "fwd1" not in self.marks:
+            return 0.0
+        total = self._span("fwd0", "fwd1")
+        if self.shape.training:
+            if "bwd1" not in self.marks or "bwd0" not in self.marks:
+                return 0.0
+            total += self._span("bwd0", "bwd1")
+        return total
 
 
 class AdaptiveMoEExperts(torch.nn.Module):
@@ -170,7 +211,13 @@ class AdaptiveMoEExperts(torch.nn.Module):
         self.last: StepInfo | None = None
         self.dropped_total = 0  # (token, slot) pairs dropped by capacity on this rank, all calls
         self.switches = 0       # calls whose strategy differed from the call before
-        self._pending = None    # hook that times a training call's backward (see forward)
+        # the chooser's state on this layer (the same on every rank: it changes only at check calls)
+        self._calls = 0         # adaptive calls so far
+        self._agreed_shape: LayerShape | None = None
+        self._strat: Strategy | None = None
+        self._settled = False
+        self._timing: _StepTiming | None = None  # the last check call's timing, read at the next one
+        self._learned: float | None = None
 
     def shape_key(self, tokens: int, top_k: int) -> "LayerShape":
         L = self.layout
@@ -188,15 +235,19 @@ class AdaptiveMoEExperts(torch.nn.Module):
         cap, dropped, ids_TK = None, 0, topk_ids_TK
         if self.capacity_factor != 0:
             ids_TK, dropped, cap = apply_capacity(topk_ids_TK, self.layout.num_experts, self.capacity_factor)
+        if self._timing is not None and self._timing.bwd_hook is not None:
+            # the last check call's backward never ran before this call (e.g. gradient
+            # accumulation): its time is incomplete, so it is not learned
+            self._timing.bwd_hook.remove()
+            self._timing.bwd_hook = None
         adaptive = self.chooser is not None and self.fixed is None and strategy is None
+        timing = None
         if adaptive:
-            # every rank must pick the same strategy (they run its collectives together), so the
-            # chooser sees the same shape on every rank: the largest token count of any rank
-            T_key = int(self._agreed(T, x_TD.device))
-            strat = self.chooser.choose(self.shape_key(T_key, K))
+            strat, timing = self._adaptive_strategy(T, K, x_TD.device)
         else:
             strat = strategy or self.fixed or Strategy("ep")
-        t0 = time.perf_counter()
+        if timing is not None:
+            timing.mark("fwd0")
         if strat.name == "ep":
             y = self._ep(x_TD, ids_TK, topk_weights_TK, strat.degree)
         elif strat.name == "dp":
@@ -206,59 +257,59 @@ class AdaptiveMoEExperts(torch.nn.Module):
             y = blend_forward(self, x_TD, tok, unit, weight, strat.name, strat.group)
         else:
             y = self._tp(x_TD, ids_TK, topk_weights_TK)
-        seconds = None
-        if self._pending is not None:  # the last training call never ran backward: forget it
-            self._pending.remove()
-            self._pending = None
-        if adaptive:
-            if x_TD.is_cuda:  # the chooser learns from wall time: wait for the device only then
-                torch.cuda.current_stream().synchronize()
-            t_fwd = time.perf_counter() - t0
-            shape = self.shape_key(T_key, K)
-            if shape.training and y.requires_grad:
+        if timing is not None:
+            timing.mark("fwd1")
+            if timing.shape.training and y.requires_grad:
                 # a training step's cost includes its backward (dp's weight-gradient
-                # reduce-scatter, the adjoint all-to-alls): learn from forward + backward
-                y = self._observe_after_backward(y, (x_TD, topk_weights_TK, self.w13, self.w2), shape, strat, t_fwd)
-            else:
-                # ...and every rank learns the same time: a step lasts as long as its slowest rank
-                seconds = self._agreed(t_fwd, x_TD.device)
-                self.chooser.observe(shape, strat, seconds)
+                # reduce-scatter, the adjoint all-to-alls): time backward too, from the moment the
+                # gradient reaches the output until every input's and weight's gradient is made
+                inputs = [t for t in (x_TD, topk_weights_TK, self.w13, self.w2) if t.requires_grad]
+
+                def end(_grads, timing=timing):
+                    timing.mark("bwd1")
+                    timing.bwd_hook.remove()
+                    timing.bwd_hook = None
+
+                timing.bwd_hook = torch.autograd.graph.register_multi_grad_hook(inputs, end)
+                y = _BackwardStarts.apply(y, lambda timing=timing: timing.mark("bwd0"))
+            self._timing = timing
         if self.last is not None and self.last.strategy != strat:
             self.switches += 1
         self.dropped_total += dropped
-        self.last = StepInfo(strat, seconds, dropped, cap)
+        self.last = StepInfo(strat, None if timing is None else self._learned, dropped, cap)
         return y
 
-    def _observe_after_backward(self, y_TD, inputs, shape, strat, t_fwd: float) -> torch.Tensor:
-        """Time this call's backward, from the moment the gradient reaches the output until every
-        input's and weight's gradient is computed, and feed forward + backward to the chooser.
-        Every rank runs the same graph, so the all-reduce in the hook is matched on every rank."""
-        device, began = y_TD.device, []
+    def _adaptive_strategy(self, T: int, K: int, device) -> tuple[Strategy, "_StepTiming | None"]:
+        """The chooser's strategy for this call, and a timing to fill when this is a check call.
 
-        def start():
-            if device.type == "cuda":
-                torch.cuda.current_stream().synchronize()
-            began.append(time.perf_counter())
-
-        def end(_grads):
-            self._pending.remove()
-            self._pending = None
-            if device.type == "cuda":
-                torch.cuda.current_stream().synchronize()
-            t_bwd = time.perf_counter() - began[0] if began else 0.0
-            seconds = self._agreed(t_fwd + t_bwd, device)
-            self.chooser.observe(shape, strat, seconds)
-            if self.last is not None:
-                self.last.seconds = seconds
-
-        self._pending = torch.autograd.graph.register_multi_grad_hook([t for t in inputs if t.requires_grad], end)
-        return _BackwardStarts.apply(y_TD, start)
-
-    def _agreed(self, value: float, device) -> float:
-        """The largest ``value`` of any rank (one tiny all-reduce)."""
-        t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+        Every rank must run the same strategy (they run its collectives together), and decides it
+        from the same data: a check call exchanges one tiny all-reduce (the largest token count of
+        any rank, and the slowest rank's time of the last check call, read from its CUDA events
+        only now, long after they completed) and feeds the chooser; other calls reuse the last
+        decision with no collective, no host sync and no timing. Check calls are every call while
+        the chooser explores this shape, every ``check_every``-th call once it has settled, and a
+        call whose grad mode differs from the last check's (the same on every rank)."""
+        self._calls += 1
+        training = torch.is_grad_enabled() and self.w13.requires_grad
+        check = (self._strat is None or not self._settled or self._calls % self.chooser.check_every == 0
+                 or self._agreed_shape.training != training)
+        if not check:
+            return self._strat, None
+        last = self._timing
+        local = last.seconds() if last is not None else 0.0
+        t = torch.tensor([float(T), local], dtype=torch.float64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return float(t)
+        T_max, seconds = int(t[0]), float(t[1])
+        self._learned = None
+        if last is not None and seconds > 0:  # every rank measured a complete step (0 = none)
+            self.chooser.observe(last.shape, last.strategy, seconds)
+            self._learned = seconds
+        self._timing = None
+        shape = self.shape_key(T_max, K)
+        strat, self._settled = self.chooser.decide(shape)
+        self.chooser.current = strat
+        self._agreed_shape, self._strat = shape, strat
+        return strat, _StepTiming(shape, strat, device)
 
     def stats(self) -> dict:
         """For the metrics endpoint: the strategy of the last call and its capacity per expert (None =

@@ -134,18 +134,33 @@ class CostModel:
 @dataclass
 class StrategyChooser:
     """Picks the strategy with the least predicted time; predictions are scaled per shape bucket
-    by the running ratio measured / predicted, so a wrong model corrects itself online.
+    by the median of the last ``window`` measured / predicted ratios, so a wrong model corrects
+    itself online and one noisy step does not flip the choice.
 
-    For a new shape bucket, every candidate whose prediction is within ``explore_margin`` of the
-    best prediction is run once before the chooser settles (a few steps of a long run), since a
-    cost model calibrated on micro-benchmarks can rank close strategies wrongly."""
+    Exploring a new shape bucket: every candidate whose prediction is within ``explore_margin`` of
+    the best prediction is run once (a cost model calibrated on micro-benchmarks can rank close
+    strategies wrongly). Then the chooser settles (``decide`` returns settled=True) only once
+    every measured candidate within ``close`` (20%) of the fastest measured one, the fastest
+    included, has ``repeats`` samples (when there are two or more such) (``short_repeats`` when the best step is shorter than
+    ``short_step_s``: short steps are the noisy ones); until then it re-runs the least sampled of
+    them. So it never settles on a candidate measured once while another measured once is within
+    20% of it. Every decision is a function of the observations alone: ranks that observe the
+    same (agreed) times decide the same without exchanging anything.
+
+    ``check_every``: once settled, the layer re-agrees the shape and feeds a new measurement only
+    every this many calls (see AdaptiveMoEExperts.forward); in between, a call costs nothing."""
     cost: CostModel = field(default_factory=CostModel)
     degrees: tuple[int, ...] = (1, 2, 4)
-    smoothing: float = 0.5
     explore_margin: float = 3.0
+    close: float = 0.2
+    repeats: int = 2
+    short_repeats: int = 3
+    short_step_s: float = 0.05
+    window: int = 5
+    check_every: int = 16
     allow: tuple[str, ...] = STRATEGIES
     max_gather_bytes: float | None = None  # leave out dp / ep+dp whose gathered weights exceed it
-    _ratio: dict = field(default_factory=dict)
+    _ratios: dict = field(default_factory=dict)  # (bucket, strategy) -> last ``window`` ratios
     current: Strategy | None = None
 
     def __post_init__(self):
@@ -154,6 +169,11 @@ class StrategyChooser:
             raise ValueError(f"allow must name strategies among {STRATEGIES}, got {self.allow}")
         if self.explore_margin < 1.0:
             raise ValueError(f"explore_margin must be >= 1 (1 = never explore), got {self.explore_margin}")
+        if not 1 <= self.repeats <= self.window or not 1 <= self.short_repeats <= self.window:
+            raise ValueError(f"repeats ({self.repeats}) and short_repeats ({self.short_repeats}) must be "
+                             f"between 1 and window ({self.window}): a median needs its samples kept")
+        if self.check_every < 1 or self.close < 0:
+            raise ValueError(f"check_every must be >= 1 and close >= 0, got {self.check_every}, {self.close}")
 
     def candidates(self, shape: LayerShape) -> list[Strategy]:
         out = []
@@ -170,26 +190,46 @@ class StrategyChooser:
             out = [s for s in out if gathered_weight_bytes(shape, s) <= self.max_gather_bytes] or out[:1]
         return out
 
+    def samples(self, shape: LayerShape, strat: Strategy) -> int:
+        """How many measurements of ``strat`` on this shape's bucket the chooser holds."""
+        return len(self._ratios.get((shape.bucket(), strat), ()))
+
     def predict(self, shape: LayerShape, strat: Strategy) -> float:
-        return self.cost.predict(shape, strat) * self._ratio.get((shape.bucket(), strat), 1.0)
+        r = self._ratios.get((shape.bucket(), strat))
+        if not r:
+            return self.cost.predict(shape, strat)
+        s = sorted(r)
+        mid = len(s) // 2
+        med = s[mid] if len(s) % 2 else 0.5 * (s[mid - 1] + s[mid])
+        return self.cost.predict(shape, strat) * med
+
+    def decide(self, shape: LayerShape) -> tuple[Strategy, bool]:
+        """The strategy for the next call, and whether exploration is over for this bucket."""
+        cands = self.candidates(shape)
+        pred = {s: self.predict(shape, s) for s in cands}
+        best = min(cands, key=pred.get)
+        if self.explore_margin > 1.0:
+            bound = pred[best] * self.explore_margin
+            untried = [s for s in cands if self.samples(shape, s) == 0 and pred[s] <= bound]
+            if untried:
+                return min(untried, key=pred.get), False
+        if self.samples(shape, best) == 0:  # nothing measured (explore_margin 1): the model alone
+            return best, True
+        need = self.short_repeats if pred[best] < self.short_step_s else self.repeats
+        race = [s for s in cands if self.samples(shape, s) > 0 and pred[s] <= pred[best] * (1 + self.close)]
+        short = [s for s in race if self.samples(shape, s) < need]
+        if len(race) > 1 and short:  # a close race decided by too few samples: sample again
+            return min(short, key=lambda s: (self.samples(shape, s), pred[s])), False
+        return best, True
 
     def choose(self, shape: LayerShape) -> Strategy:
-        cands = self.candidates(shape)
-        best = min(cands, key=lambda s: self.predict(shape, s))
-        bucket = shape.bucket()
-        if self.explore_margin > 1.0:
-            bound = self.predict(shape, best) * self.explore_margin
-            untried = [s for s in cands if (bucket, s) not in self._ratio and self.predict(shape, s) <= bound]
-            if untried:
-                best = min(untried, key=lambda s: self.predict(shape, s))
-        self.current = best
-        return best
+        self.current = self.decide(shape)[0]
+        return self.current
 
     def observe(self, shape: LayerShape, strat: Strategy, seconds: float) -> None:
         key = (shape.bucket(), strat)
         r = seconds / max(self.cost.predict(shape, strat), 1e-12)
-        old = self._ratio.get(key)
-        self._ratio[key] = r if old is None else (1 - self.smoothing) * old + self.smoothing * r
+        self._ratios[key] = (self._ratios.get(key, []) + [r])[-self.window:]
 
 
 def calibrate(group=None, device: str | torch.device = "cpu", dtype=torch.float32, repeats: int = 5) -> CostModel:

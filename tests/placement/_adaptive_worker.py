@@ -112,20 +112,26 @@ def check_switch_mid_training(rank, world, init_file, E, D, I, K):
         layer = AdaptiveMoEExperts(w13, w2, chooser=StrategyChooser())
         layout = layer.layout
         order = [Strategy("ep", 2), Strategy("dp"), Strategy("ep+tp", group=1), Strategy("tp"), None,
-                 Strategy("ep+dp", group=world), Strategy("ep", 1)]
+                 Strategy("ep+dp", group=world), None, None, Strategy("ep", 1)]
+        chooser_steps = []
         for step, strat in enumerate(order):
             _, _, xs, ids, ws, gs = _problem(world, E, D, I, K, [4 + step] * world, seed=100 + step)
             # reference step on the full weights
             _, _, _, g13, g2, _ = _reference(world, E, K, ref13, ref2, xs, ids, ws, gs, 0.0)
             ref13, ref2 = ref13 - lr * g13, ref2 - lr * g2
             layer.zero_grad()
-            learned = len(layer.chooser._ratio)
+            learned = sum(len(v) for v in layer.chooser._ratios.values())
             y = layer(xs[rank], ids[rank], ws[rank], strategy=strat)
-            if strat is None:  # a training step is learned from forward + backward: after backward
-                assert len(layer.chooser._ratio) == learned and layer.last.seconds is None
-            (y * gs[rank]).sum().backward()
             if strat is None:
-                assert len(layer.chooser._ratio) == learned + 1 and layer.last.seconds > 0
+                # a training step is learned from forward + backward, lazily: the chooser's first
+                # call has nothing to learn; each later one learns the previous one's complete time
+                # (the forced steps in between are not the chooser's and are not learned)
+                now = sum(len(v) for v in layer.chooser._ratios.values())
+                assert now == learned + (1 if chooser_steps else 0), (chooser_steps, learned, now)
+                assert (layer.last.seconds is None) == (not chooser_steps)
+                assert layer.last.seconds is None or layer.last.seconds > 0
+                chooser_steps.append(step)
+            (y * gs[rank]).sum().backward()
             with torch.no_grad():
                 layer.w13 -= lr * layer.w13.grad
                 layer.w2 -= lr * layer.w2.grad
@@ -177,9 +183,10 @@ def check_chooser_agrees_across_ranks(rank, world, init_file, E, D, I, K):
                 layer(xs[rank], ids[rank], ws[rank])
             picks.append(str(layer.last.strategy))
         everyone = [None] * world
-        dist.all_gather_object(everyone, (picks, sorted((str(k), round(v, 12)) for k, v in layer.chooser._ratio.items())))
+        dist.all_gather_object(everyone, (picks, sorted((str(k), [round(r, 12) for r in v]) for k, v in layer.chooser._ratios.items())))
         assert all(e == everyone[0] for e in everyone), everyone
         assert layer.stats()["strategy"] == picks[-1]
+        _check_settled_calls_cost_no_collective(rank, world, E, D, I, K)
     finally:
         dist.destroy_process_group()
 
@@ -288,3 +295,38 @@ def check_causal_lm_training_with_switches(rank, world, init_file):
         assert blocks[0].experts.stats()["strategy_switches"] >= len(order) - 3
     finally:
         dist.destroy_process_group()
+
+
+def _check_settled_calls_cost_no_collective(rank, world, E, D, I, K):
+    """Once the chooser has settled, only every ``check_every``-th call runs the chooser's one
+    all-reduce (the strategies themselves run none); outputs are the settled strategy's. The
+    model alone decides (explore_margin 1), so settling does not hang on gloo's noisy timings."""
+    w13, w2, xs, ids, ws, _ = _problem(world, E, D, I, K, [6] * world)
+    layer = AdaptiveMoEExperts(w13, w2, chooser=StrategyChooser(check_every=4, explore_margin=1.0))
+    real, count = dist.all_reduce, [0]
+
+    def counted(*a, **k):
+        count[0] += 1
+        return real(*a, **k)
+
+    dist.all_reduce = counted
+    try:
+        with torch.no_grad():
+            for _ in range(40):  # explore: every call is a check call
+                if layer._settled:
+                    break
+                before = count[0]
+                layer(xs[rank], ids[rank], ws[rank])
+                assert count[0] == before + 1
+            assert layer._settled, "the chooser never settled in 40 calls"
+            count[0] = 0
+            for _ in range(8):
+                y = layer(xs[rank], ids[rank], ws[rank])
+                want = layer(xs[rank], ids[rank], ws[rank], strategy=layer.last.strategy)
+                torch.testing.assert_close(y, want)
+    finally:
+        dist.all_reduce = real
+    assert count[0] == 2, f"{count[0]} all-reduces in 8 settled calls with check_every=4"
+    picks = [None] * world
+    dist.all_gather_object(picks, str(layer.last.strategy))
+    assert len(set(picks)) == 1, picks

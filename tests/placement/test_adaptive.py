@@ -90,5 +90,46 @@ def test_chooser_explores_close_candidates_then_settles_on_the_fastest_measured(
     assert seen[-3:] == ["dp"] * 3          # then the fastest measured one, whatever the model said
 
 
-def test_chooser_decisions_agree_across_ranks():
+def test_chooser_decisions_agree_across_ranks_and_settled_calls_run_no_collective():
     _spawn(worker.check_chooser_agrees_across_ranks, 2, 4, 6, 8, 2)
+
+
+def _close_race(ch, shape, first, true):
+    """Run the chooser, answering each pick with ``first[name]`` the first time it is measured
+    and with ``true[name]`` after; returns the picks up to and including the settling one."""
+    picks, seen = [], set()
+    for _ in range(40):
+        s, settled = ch.decide(shape)
+        picks.append(str(s))
+        if settled:
+            return picks
+        ch.observe(shape, s, (true if str(s) in seen else first)[str(s)])
+        seen.add(str(s))
+    raise AssertionError(f"never settled: {picks}")
+
+
+def test_chooser_samples_a_close_race_again_before_settling():
+    cost = CostModel(latency_s=1e-5, a2a_bytes_per_s=1e11, allgather_bytes_per_s=1e11, flops_per_s=1e14)
+    shape = LayerShape(tokens=256, hidden=1024, ffn=1024, experts=8, top_k=2, world=2, elem_bytes=2)
+    # short steps: dp is truly fastest but its first sample is noisy (+30%), which puts it 12%
+    # behind tp, and ep:d1's first sample 18% behind; the rest are far off (> 20%)
+    true = {"ep:d1": 2.3e-3, "ep:d2": 4e-3, "ep:d4": 6e-3, "dp": 1.9e-3, "tp": 2.2e-3, "ep+tp:g1": 3e-3}
+    first = {**true, "dp": 2.47e-3, "ep:d1": 2.6e-3}
+    ch = StrategyChooser(cost=cost, explore_margin=1e9)
+    picks = _close_race(ch, shape, first, true)
+    assert set(picks[:6]) == set(true)                      # every candidate once
+    assert picks[-1] == "dp"                                # the median undoes the noisy sample
+    # dp and tp (within 20%) got median-of-3; ep:d1 left the race after its second sample
+    # (median 2.45 ms, 29% behind); the far ones were never run again
+    got = {str(s): ch.samples(shape, s) for s in ch.candidates(shape)}
+    assert got == {"ep:d1": 2, "dp": 3, "tp": 3, "ep:d2": 1, "ep:d4": 1, "ep+tp:g1": 1}
+    # long steps: two samples each suffice; a clear winner (nothing within 20%) settles at once
+    long_true = {k: v * 100 for k, v in true.items()}
+    ch = StrategyChooser(cost=cost, explore_margin=1e9)
+    assert _close_race(ch, shape, {k: v * 100 for k, v in first.items()}, long_true)[-1] == "dp"
+    assert max(ch.samples(shape, s) for s in ch.candidates(shape)) == 2
+    clear = {**true, "dp": 1e-3}
+    ch = StrategyChooser(cost=cost, explore_margin=1e9)
+    assert len(_close_race(ch, shape, clear, clear)) == len(true) + 1
+    with pytest.raises(ValueError, match="window"):
+        StrategyChooser(repeats=6, window=5)
