@@ -11,14 +11,20 @@ capacity {0 = dropless, 1.25} x {fwd, fwd+bwd}. Static strategies: ep (pipelinin
 Strategies whose gathered weights would exceed --max-gather-frac of the GPU's memory are not
 run ("-"): the chooser leaves them out the same way.
 
-Per cell: each static strategy is warmed up once and timed over a few steps (fewer for long
-steps: repeats are cut to fit the time, cells never are); then a fresh chooser (cost model
-calibrated on the machine at start) runs until its pick settles (at most --adapt-steps steps,
-trying the candidates predicted within 3x of the best), and its settled pick is timed. Switch
-cost = (time of steps alternating best/second-best A,B,A,B - the same steps as A,A,B,B) per extra
-switch, as a share of the best step; the chooser's own decision time is added to it. A row is
-printed per cell as it finishes and the whole table at the end. Behind the --budget-s schedule,
-cells run lean (one timed step each, marked "lean") rather than being skipped. Needs no Ray or
+Per cell: each static strategy is warmed up once and timed over a few steps (slowest rank's
+median; fewer for long steps: repeats are cut to fit the time, cells never are); then a fresh
+chooser (cost model calibrated on the machine at start) runs until it has settled (at most
+--adapt-steps steps: each candidate predicted within 3x of the best once, a race within 20%
+2-3 times). The settled chooser is then timed exactly as the static strategies are (one
+warm-up, the same repeats, the same lean rule), still switched on so that its own per-call cost
+counts, its steps interleaved with the best static strategy's ("best again"), so drift over the
+cell cancels: chooser/best is the ratio of those two interleaved timings, and worst/chooser
+puts the chooser on the static grid's scale (worst / (chooser/best x best)). Switch cost = the
+median over windows of (time of steps alternating best/second-best A,B,A,B - the same steps as
+A,A,B,B, the two windows back to back) per extra switch, as a share of the best step; short
+steps get up to 31 windows; one decision of the chooser is added to it. A row is printed per
+cell as it finishes and the whole table at the end. Behind the --budget-s schedule, cells run
+lean (one timed step each, marked "lean") rather than being skipped. Needs no Ray or
 OR-Tools.
 """
 from __future__ import annotations
@@ -63,9 +69,11 @@ def _agreed_max(v: float) -> float:
     return float(t)
 
 
-def _time(fn, iters: int) -> float:
-    """Median wall time of ``iters`` calls of ``fn`` after one warm-up (slowest rank)."""
-    fn()
+def _time(fn, iters: int, warm: bool = True) -> float:
+    """Median wall time of ``iters`` calls of ``fn`` after one warm-up (slowest rank); ``warm``
+    False: the caller has just run the warm-up."""
+    if warm:
+        fn()
     _sync()
     ts = []
     for _ in range(iters):
@@ -85,9 +93,9 @@ def _iters_for(step_s: float, iters: int) -> int:
 
 
 def run_cell(layer, x, ids, wts, train: bool, args, cost, world, gather_cap, lean: bool) -> dict:
-    """``lean``: behind the time budget, so one timed step per strategy and a shorter settle."""
+    """``lean``: behind the time budget, so one timed step per strategy (and a shorter settle
+    and fewer switch windows)."""
     max_iters = 1 if lean else args.iters
-    adapt_steps = min(args.adapt_steps, 6) if lean else args.adapt_steps
 
     def step(strategy=None):
         if train:
@@ -105,53 +113,82 @@ def run_cell(layer, x, ids, wts, train: bool, args, cost, world, gather_cap, lea
             times[str(s)] = None  # would not fit beside the experts: not run
             continue
         t0 = time.perf_counter()
-        step(s)  # warm-up and a first length estimate (compiles kernels on the first cell)
+        step(s)  # the warm-up, and a first length estimate (compiles kernels on the first cell)
         _sync()
         n = _iters_for(_agreed_max(time.perf_counter() - t0), max_iters)
-        times[str(s)] = _time(lambda s=s: step(s), n)
+        times[str(s)] = _time(lambda s=s: step(s), n, warm=False)
     ran = {k: v for k, v in times.items() if v is not None}
     best_name = min(ran, key=ran.get)
     best, worst = ran[best_name], max(ran.values())
     iters = _iters_for(best, max_iters)
+    # behind schedule, long steps get a shorter settle (short ones are cheap to settle properly)
+    adapt_steps = min(args.adapt_steps, 10) if lean and best > 0.05 else args.adapt_steps
 
-    # the chooser: fresh per cell, run until its pick settles
+    # the chooser: fresh per cell, run until it says it has settled (exploring runs each close
+    # candidate once, a close race 2-3 times)
     chooser = StrategyChooser(cost=cost, max_gather_bytes=gather_cap)
     layer.chooser, layer.fixed = chooser, None
     picks = []
     for _ in range(adapt_steps):
         step()
         picks.append(str(layer.last.strategy))
-        if len(picks) >= 2 and picks[-1] == picks[-2]:  # exploring never repeats a pick: settled
+        if layer._settled:
             break
+    settled = layer._settled
     t0 = time.perf_counter()
-    chosen = chooser.choose(shape)
+    chosen, _ = chooser.decide(layer._agreed_shape)
     choose_s = _agreed_max(time.perf_counter() - t0)
-    layer.chooser = None
-    t_chosen = _time(lambda: step(chosen), iters)
 
-    # switch cost: a window A,B,A,B (4 steps after a switch) against A,A,B,B (2), interleaved so
-    # that drift over the cell cancels: (window difference) / 2 switches. Short steps get more
-    # windows (their noise is larger).
+    # the settled chooser timed exactly as the static strategies (one warm-up, the same repeats,
+    # slowest rank's median), its steps interleaved with the best static strategy's so that drift
+    # over the cell cancels; the chooser stays on, so its own per-call cost is in its time
+    best_s_again, t_chosen = _time_pair(lambda: step(Strategy.parse(best_name)), step, iters)
+    used = str(layer.last.strategy)
+    layer.chooser = None
+
+    # switch cost: a window A,B,A,B (4 steps after a switch) against A,A,B,B (2), interleaved;
+    # (window difference) / 2 switches, median over windows of each window pair's difference.
+    # Short steps get many windows (their noise is large against one step)
     second_name = sorted(ran, key=ran.get)[1] if len(ran) > 1 else best_name
     a, b = Strategy.parse(best_name), Strategy.parse(second_name)
-    n_win = 1 if lean else max(iters, min(7, int(0.03 / best)))
+    n_win = max(1 if lean else iters, min(9 if lean else 31, int(0.25 / (8 * best))))
     step(b)  # every window then starts right after a B step
-    t_alt, t_block = [], []
+    diffs = []
     for _ in range(n_win):
-        for out, seq in ((t_alt, (a, b, a, b)), (t_block, (a, a, b, b))):
+        pair = []
+        for seq in ((a, b, a, b), (a, a, b, b)):
             _sync()
             dist.barrier()
             t0 = time.perf_counter()
             for st in seq:
                 step(st)
             _sync()
+            pair.append(time.perf_counter() - t0)
+        diffs.append(pair[0] - pair[1])
+    switch_s = _agreed_max(sorted(diffs)[len(diffs) // 2]) / 2 + choose_s
+    ratio = t_chosen / best_s_again
+    return dict(static=times, best=best_name, best_s=best, worst_s=worst, chooser=used,
+                chooser_s=t_chosen, best_again_s=best_s_again, chooser_over_best=ratio,
+                # the chooser on the static grid's scale: its interleaved ratio times the grid's best
+                worst_over_chooser=worst / (ratio * best), adapt_picks=picks, settled=settled,
+                decided=str(chosen), lean=lean, choose_s=choose_s, switch_pair=[best_name, second_name],
+                switch_windows=n_win, switch_s=switch_s, switch_share=switch_s / best)
+
+
+def _time_pair(fa, fb, iters: int) -> tuple[float, float]:
+    """``_time`` of two step functions, their timed calls alternating A,B,A,B,..."""
+    fa()
+    fb()
+    _sync()
+    ta, tb = [], []
+    for _ in range(iters):
+        for fn, out in ((fa, ta), (fb, tb)):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            _sync()
             out.append(time.perf_counter() - t0)
-    alt, block = (_agreed_max(sorted(t)[len(t) // 2]) for t in (t_alt, t_block))
-    switch_s = (alt - block) / 2 + choose_s
-    return dict(static=times, best=best_name, best_s=best, worst_s=worst, chooser=str(chosen),
-                chooser_s=t_chosen, adapt_picks=picks, lean=lean, choose_s=choose_s,
-                switch_pair=[best_name, second_name],
-                switch_s=switch_s, switch_share=switch_s / best)
+    return _agreed_max(sorted(ta)[len(ta) // 2]), _agreed_max(sorted(tb)[len(tb) // 2])
 
 
 def worker(rank, world, init, args, out_path):
@@ -228,8 +265,9 @@ def _row(r) -> str:
     st = r["static"]
     return (f"| {r['config']} | {r['experts_per_rank']:g} | {r['capacity']:g} | {r['tokens']} | {r['mode']} | "
             + " | ".join(_ms(st[k]) for k in st)
-            + f" | {_ms(r['chooser_s'])} ({r['chooser']}) | {r['chooser_s'] / r['best_s']:.2f} | "
-            f"{r['worst_s'] / r['chooser_s']:.2f} | {100 * r['switch_share']:.2f}% | {_ms(r['flops_floor_s'])} |"
+            + f" | {_ms(r['chooser_s'])} ({r['chooser']}{'' if r['settled'] else ', exploring'}) | "
+            f"{_ms(r['best_again_s'])} | {r['chooser_over_best']:.2f} | "
+            f"{r['worst_over_chooser']:.2f} | {100 * r['switch_share']:.2f}% | {_ms(r['flops_floor_s'])} |"
             + (" lean" if r.get("lean") else ""))
 
 
@@ -243,7 +281,7 @@ def main():
     ap.add_argument("--capacity", type=float, nargs="+", default=[0.0, 1.25], help="0 = dropless")
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     ap.add_argument("--iters", type=int, default=3, help="timed steps of a short cell (long ones get fewer)")
-    ap.add_argument("--adapt-steps", type=int, default=12, help="most steps the chooser gets to settle")
+    ap.add_argument("--adapt-steps", type=int, default=20, help="most steps the chooser gets to settle")
     ap.add_argument("--budget-s", type=float, default=200,
                     help="time the grid should take: behind schedule, cells run lean (one timed step each)")
     ap.add_argument("--max-gather-frac", type=float, default=0.1,
@@ -268,7 +306,7 @@ def main():
     name = "CPU (gloo dry run)" if args.cpu else torch.cuda.get_device_name(0)
     names = [str(s) for s in static_strategies(args.gpus)]
     header = ("| experts | E/rank | cap | tokens/rank | mode | " + " | ".join(names)
-              + " | chooser (pick) | chooser/best | worst/chooser | switch/step | floor (FLOPs) |")
+              + " | chooser (pick) | best again | chooser/best | worst/chooser | switch/step | floor (FLOPs) |")
     print(f"{args.gpus} x {name}; top-{args.top_k}; times in ms, slowest rank, median of <= {args.iters}")
     print(header + "\n" + "|---" * (header.count("|") - 1) + "|", flush=True)
     mp.spawn(worker, args=(args.gpus, init, args, out_path), nprocs=args.gpus, join=True)
@@ -278,9 +316,9 @@ def main():
     print(header + "\n" + "|---" * (header.count("|") - 1) + "|")
     for r in res["rows"]:
         print(_row(r))
-    ratios = [r["chooser_s"] / r["best_s"] for r in res["rows"]]
+    ratios = [r["chooser_over_best"] for r in res["rows"]]
     print(f"chooser/best: max {max(ratios):.2f}, cells within 5%: {sum(x <= 1.05 for x in ratios)}/{len(ratios)}; "
-          f"worst/chooser min {min(r['worst_s'] / r['chooser_s'] for r in res['rows']):.2f}; "
+          f"worst/chooser min {min(r['worst_over_chooser'] for r in res['rows']):.2f}; "
           f"switch/step max {100 * max(r['switch_share'] for r in res['rows']):.2f}%")
 
 
