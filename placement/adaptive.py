@@ -226,8 +226,14 @@ class AdaptiveMoEExperts(torch.nn.Module):
                           training=torch.is_grad_enabled() and self.w13.requires_grad)
 
     def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
-                strategy: Strategy | None = None) -> torch.Tensor:
+                strategy: Strategy | None = None, max_tokens: int | None = None) -> torch.Tensor:
+        """``max_tokens``: the largest token count of any rank, when the caller knows it (the same
+        number on every rank, e.g. every rank holds every token): the chooser then re-decides as
+        soon as the count leaves its power-of-two bucket, instead of at the next check call."""
         T, K = topk_ids_TK.shape
+        if max_tokens is not None and max_tokens < T:
+            raise ValueError(f"max_tokens ({max_tokens}) is below this rank's {T} tokens: pass the largest "
+                             "token count of any rank, or None to have the ranks agree it")
         # the single-process layer's capacity rule (moe.losses), applied to this rank's tokens as
         # Tutel applies it per rank. Rows are dispatched without padded buffers, so no rank needs
         # the others' loads: with f < 0 a rank drops past min(needed, |f| mean) exactly when it
@@ -243,7 +249,7 @@ class AdaptiveMoEExperts(torch.nn.Module):
         adaptive = self.chooser is not None and self.fixed is None and strategy is None
         timing = None
         if adaptive:
-            strat, timing = self._adaptive_strategy(T, K, x_TD.device)
+            strat, timing = self._adaptive_strategy(T, K, x_TD.device, max_tokens)
         else:
             strat = strategy or self.fixed or Strategy("ep")
         if timing is not None:
@@ -279,7 +285,8 @@ class AdaptiveMoEExperts(torch.nn.Module):
         self.last = StepInfo(strat, None if timing is None else self._learned, dropped, cap)
         return y
 
-    def _adaptive_strategy(self, T: int, K: int, device) -> tuple[Strategy, "_StepTiming | None"]:
+    def _adaptive_strategy(self, T: int, K: int, device, max_tokens: int | None = None
+                           ) -> tuple[Strategy, "_StepTiming | None"]:
         """The chooser's strategy for this call, and a timing to fill when this is a check call.
 
         Every rank must run the same strategy (they run its collectives together), and decides it
@@ -288,15 +295,19 @@ class AdaptiveMoEExperts(torch.nn.Module):
         only now, long after they completed) and feeds the chooser; other calls reuse the last
         decision with no collective, no host sync and no timing. Check calls are every call while
         the chooser explores this shape, every ``check_every``-th call once it has settled, and a
-        call whose grad mode differs from the last check's (the same on every rank)."""
+        call whose grad mode, or whose ``max_tokens`` bucket, differs from the last check's (the
+        same on every rank). A token count that changes otherwise is seen at the next check."""
         self._calls += 1
         training = torch.is_grad_enabled() and self.w13.requires_grad
         check = (self._strat is None or not self._settled or self._calls % self.chooser.check_every == 0
-                 or self._agreed_shape.training != training)
+                 or self._agreed_shape.training != training
+                 or (max_tokens is not None
+                     and self.shape_key(max_tokens, K).bucket() != self._agreed_shape.bucket()))
         if not check:
             return self._strat, None
         last = self._timing
         local = last.seconds() if last is not None else 0.0
+        T = T if max_tokens is None else max_tokens
         t = torch.tensor([float(T), local], dtype=torch.float64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         T_max, seconds = int(t[0]), float(t[1])
@@ -432,7 +443,8 @@ class ReplicatedTokensExperts(torch.nn.Module):
     def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
         W, r, T = self.inner.world, self.inner.rank, x_TD.shape[0]
         mine = torch.arange(r, T, W, device=x_TD.device)
-        y_mine = self.inner(x_TD[mine], topk_ids_TK[mine], topk_weights_TK[mine])
+        # every rank knows every rank's count here, so shape changes need no collective to be seen
+        y_mine = self.inner(x_TD[mine], topk_ids_TK[mine], topk_weights_TK[mine], max_tokens=len(range(0, T, W)))
         y_all = all_gather_v(y_mine, [len(range(j, T, W)) for j in range(W)], self.inner.group)  # rank-major
         order = torch.cat([torch.arange(j, T, W, device=x_TD.device) for j in range(W)])
         return torch.zeros_like(x_TD).index_copy(0, order, y_all)

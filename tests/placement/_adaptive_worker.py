@@ -2,6 +2,7 @@
 import os
 import tempfile
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -327,6 +328,22 @@ def _check_settled_calls_cost_no_collective(rank, world, E, D, I, K):
     finally:
         dist.all_reduce = real
     assert count[0] == 2, f"{count[0]} all-reduces in 8 settled calls with check_every=4"
+    # a caller that knows every rank's token count: a call leaving the bucket is a check call
+    # (the one all-reduce), one staying in it is not; a count below this rank's is refused
+    layer.chooser.check_every = 1000
+    T = xs[rank].shape[0]
+    dist.all_reduce = counted
+    try:
+        with torch.no_grad():
+            for max_tokens, checks in ((T, 0), (4 * T, 1), (4 * T + 1, 0), (T, 1)):
+                count[0] = 0
+                layer(xs[rank], ids[rank], ws[rank], max_tokens=max_tokens)
+                assert count[0] == checks, (max_tokens, count[0])
+                assert layer._agreed_shape.bucket() == layer.shape_key(max_tokens, K).bucket()
+    finally:
+        dist.all_reduce = real
+    with pytest.raises(ValueError, match="max_tokens"):
+        layer(xs[rank], ids[rank], ws[rank], max_tokens=T - 1)
     picks = [None] * world
     dist.all_gather_object(picks, str(layer.last.strategy))
     assert len(set(picks)) == 1, picks
