@@ -255,18 +255,34 @@ def calibrate(group=None, device: str | torch.device = "cpu", dtype=torch.float3
 
     W = dist.get_world_size(group)
     small = torch.zeros(W, dtype=dtype, device=device)
-    big_n = (1 << 22) if device.type == "cuda" else (1 << 18)
-    big = torch.randn(big_n * W, dtype=dtype, device=device)
-    out = torch.empty_like(big)
     lat = timed(lambda: dist.all_to_all_single(torch.empty_like(small), small, group=group))
-    t_a2a = timed(lambda: dist.all_to_all_single(out, big, group=group))
-    gather_out = torch.empty(big_n * W * W, dtype=dtype, device=device)
-    t_ag = timed(lambda: dist.all_gather_into_tensor(gather_out, big, group=group))
-    nbytes = big.numel() * big.element_size()
+    elem = small.element_size()
+
+    def rate(run, n1: int, n2: int, crossing: float) -> float:
+        """Bytes per second from the slope between two sizes, so that the fixed cost (latency,
+        launch) cancels: at NVLink speeds one size's time minus the small-message latency can be
+        zero or negative, which made the bandwidth absurd (8e15 B/s on 2 H200s). ``crossing``:
+        bytes that cross between ranks per unit of ``n``."""
+        t1, t2 = run(n1), run(n2)
+        if t2 > t1 * 1.05:
+            return (n2 - n1) * crossing / (t2 - t1)
+        return n2 * crossing / t2  # no measurable slope (noise): the conservative average rate
+
+    def a2a(n: int) -> float:
+        x = torch.randn(n * W, dtype=dtype, device=device)
+        out = torch.empty_like(x)
+        return timed(lambda: dist.all_to_all_single(out, x, group=group))
+
+    def ag(n: int) -> float:
+        x = torch.randn(n * W, dtype=dtype, device=device)
+        out = torch.empty(n * W * W, dtype=dtype, device=device)
+        return timed(lambda: dist.all_gather_into_tensor(out, x, group=group))
+
+    n1, n2 = ((1 << 20), (1 << 23)) if device.type == "cuda" else ((1 << 14), (1 << 17))
+    a2a_bw = rate(a2a, n1, n2, W * elem * (W - 1) / W)  # a rank's bytes that leave it
+    ag_bw = rate(ag, n1, n2, W * elem * (W - 1))         # the bytes a rank receives
     m = 2048 if device.type == "cuda" else 256
     a = torch.randn(m, m, dtype=dtype, device=device)
     t_mm = timed(lambda: a @ a)
-    return CostModel(latency_s=lat,
-                     a2a_bytes_per_s=nbytes * (W - 1) / W / max(t_a2a - lat, 1e-9),
-                     allgather_bytes_per_s=nbytes * (W - 1) / max(t_ag - lat, 1e-9),
+    return CostModel(latency_s=lat, a2a_bytes_per_s=a2a_bw, allgather_bytes_per_s=ag_bw,
                      flops_per_s=2 * m ** 3 / t_mm)

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from kernels import moe_experts_reference
 from moe.losses import apply_capacity
 from placement.adaptive import (AdaptiveMoEExperts, ReplicatedTokensExperts, ShardLayout, Strategy,
-                                StrategyChooser)
+                                StrategyChooser, calibrate)
 from placement.adaptive_blend import BLENDS, group_sizes
 
 
@@ -150,6 +150,14 @@ def check_inference_overlap(rank, world, init_file, E, D, I, K):
     try:
         w13, w2, xs, ids, ws, _ = _problem(world, E, D, I, K, [7] * world)
         layer = AdaptiveMoEExperts(w13, w2)
+        # the calibrated model is the same on every rank and physical: bandwidths from the slope
+        # between two message sizes (no machine moves 100 TB/s; a failed fit gave 8e15 B/s)
+        cm = calibrate()
+        assert 0 < cm.latency_s < 1 and cm.flops_per_s > 0, cm
+        assert 0 < cm.a2a_bytes_per_s < 1e14 and 0 < cm.allgather_bytes_per_s < 1e14, cm
+        everyone = [None] * world
+        dist.all_gather_object(everyone, cm.__dict__)
+        assert all(e == everyone[0] for e in everyone), everyone
         # the same layer built from this rank's units alone (as the benchmark builds it)
         from_shard = AdaptiveMoEExperts(*ShardLayout(E, I, world).shard(w13, w2, rank), num_experts=E)
         with torch.no_grad():
