@@ -24,8 +24,9 @@ median over windows of (time of steps alternating best/second-best A,B,A,B - the
 A,A,B,B, the two windows back to back) per extra switch, as a share of the best step; short
 steps get up to 31 windows; one decision of the chooser is added to it. A row is printed per
 cell as it finishes and the whole table at the end. Behind the --budget-s schedule, cells run
-lean (one timed step each, marked "lean") rather than being skipped. Needs no Ray or
-OR-Tools.
+lean (one timed step each, marked "lean") rather than being skipped; only past --deadline-s
+(off by default; a safety net under a device's wall limit) are the remaining cells skipped, and
+counted in the summary line. Needs no Ray or OR-Tools.
 """
 from __future__ import annotations
 
@@ -207,7 +208,7 @@ def worker(rank, world, init, args, out_path):
     cost = calibrate(device=dev, dtype=dtype)
     configs = CPU_CONFIGS if args.cpu else CONFIGS
     K = args.top_k
-    rows = []
+    rows, skipped = [], 0
     total = len(args.configs) * len(args.experts_per_rank) * len(args.capacity) * len(args.tokens) * len(args.modes)
     g = torch.Generator(device=dev).manual_seed(1234 + rank)
     for cfg in args.configs:
@@ -233,6 +234,9 @@ def worker(rank, world, init, args, out_path):
                         layer.requires_grad_(train)
                         # every rank must agree on leanness (it changes how many collectives run)
                         elapsed = _agreed_max(time.perf_counter() - t_start)
+                        if args.deadline_s is not None and elapsed > args.deadline_s:
+                            skipped += 1  # the device's wall limit is near: print what ran
+                            continue
                         lean = elapsed > args.budget_s * len(rows) / total + 60
                         r = run_cell(layer, x, ids, wts, train, args, cost, world, gather_cap, lean)
                         r.update(config=cfg, hidden=D, ffn=I, experts_per_rank=epr, experts=E, capacity=cap,
@@ -247,13 +251,13 @@ def worker(rank, world, init, args, out_path):
             if dev == "cuda":
                 torch.cuda.empty_cache()
     if rank == 0:
-        _write(out_path, world, cost, K, rows, t_start)
+        _write(out_path, world, cost, K, rows, t_start, skipped)
     dist.destroy_process_group()
 
 
-def _write(path, world, cost, K, rows, t_start):
+def _write(path, world, cost, K, rows, t_start, skipped=0):
     with open(path, "w") as f:
-        json.dump(dict(world=world, cost_model=cost.__dict__, top_k=K, rows=rows,
+        json.dump(dict(world=world, cost_model=cost.__dict__, top_k=K, rows=rows, skipped_cells=skipped,
                        seconds=time.perf_counter() - t_start), f, indent=1)
 
 
@@ -284,6 +288,8 @@ def main():
     ap.add_argument("--adapt-steps", type=int, default=20, help="most steps the chooser gets to settle")
     ap.add_argument("--budget-s", type=float, default=200,
                     help="time the grid should take: behind schedule, cells run lean (one timed step each)")
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="skip the cells not started by then (a safety net under a device's wall limit)")
     ap.add_argument("--max-gather-frac", type=float, default=0.1,
                     help="leave out dp / ep+dp gathering more than this share of GPU memory")
     ap.add_argument("--backend", default="triton")
@@ -319,7 +325,8 @@ def main():
     ratios = [r["chooser_over_best"] for r in res["rows"]]
     print(f"chooser/best: max {max(ratios):.2f}, cells within 5%: {sum(x <= 1.05 for x in ratios)}/{len(ratios)}; "
           f"worst/chooser min {min(r['worst_over_chooser'] for r in res['rows']):.2f}; "
-          f"switch/step max {100 * max(r['switch_share'] for r in res['rows']):.2f}%")
+          f"switch/step max {100 * max(r['switch_share'] for r in res['rows']):.2f}%"
+          + (f"; {res['skipped_cells']} cells not run (--deadline-s)" if res.get("skipped_cells") else ""))
 
 
 if __name__ == "__main__":
