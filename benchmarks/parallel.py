@@ -133,9 +133,9 @@ def run_cell(layer, x, ids, wts, train: bool, args, cost, world, gather_cap, lea
     for _ in range(adapt_steps):
         step()
         picks.append(str(layer.last.strategy))
-        if layer._settled:
+        if layer.settled:
             break
-    settled = layer._settled
+    settled = layer.settled
     t0 = time.perf_counter()
     chosen, _ = chooser.decide(layer._agreed_shape)
     choose_s = _agreed_max(time.perf_counter() - t0)

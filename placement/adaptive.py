@@ -322,6 +322,12 @@ class AdaptiveMoEExperts(torch.nn.Module):
         self._agreed_shape, self._strat = shape, strat
         return strat, _StepTiming(shape, strat, device)
 
+    @property
+    def settled(self) -> bool:
+        """Whether the chooser has finished exploring the shape of this layer's last check call
+        (then only every ``check_every``-th call costs anything)."""
+        return self._settled
+
     def stats(self) -> dict:
         """For the metrics endpoint: the strategy of the last call and its capacity per expert (None =
         dropless); counters since construction: (token, slot) pairs dropped on this rank, switches."""

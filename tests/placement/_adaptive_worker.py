@@ -322,12 +322,12 @@ def _check_settled_calls_cost_no_collective(rank, world, E, D, I, K):
     try:
         with torch.no_grad():
             for _ in range(40):  # explore: every call is a check call
-                if layer._settled:
+                if layer.settled:
                     break
                 before = count[0]
                 layer(xs[rank], ids[rank], ws[rank])
                 assert count[0] == before + 1
-            assert layer._settled, "the chooser never settled in 40 calls"
+            assert layer.settled, "the chooser never settled in 40 calls"
             count[0] = 0
             for _ in range(8):
                 y = layer(xs[rank], ids[rank], ws[rank])
