@@ -312,7 +312,9 @@ class AdaptiveMoEExperts(torch.nn.Module):
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         T_max, seconds = int(t[0]), float(t[1])
         self._learned = None
-        if last is not None and seconds > 0:  # every rank measured a complete step (0 = none)
+        # 0 = the step was incomplete (its backward never ran): the ranks run the same graph, so
+        # then it is 0 on every rank and nothing is learned
+        if last is not None and seconds > 0:
             self.chooser.observe(last.shape, last.strategy, seconds)
             self._learned = seconds
         self._timing = None
