@@ -323,7 +323,8 @@ class PathPredictor(PathModel):
         first = layer + 1
         if prev is not None and first < L and t.successor.num_keys:
             u = t.successor.lookup(0, prev[:, 0])  # the previous token's layer-0 set
-            out.append((C + 7 + Mt, 0, first, t.successor.rows_UDE[u]))  # row m targets layer m
+            # row m targets layer m; like every table, no further than max_span layers ahead
+            out.append((C + 7 + Mt, 0, first, t.successor.rows_UDE[u, :min(L, first + self.config.max_span)]))
         js = [(C + 5 + c, layer - c) for c in range(Mt) if layer - c >= 0]
         if layer >= Mt:  # layer 0 has left the window: its set is the token's fingerprint
             js.append((C + 5 + Mt, 0))
@@ -339,12 +340,12 @@ class PathPredictor(PathModel):
                 if j >= 0 and j not in {jj for _, jj in js}:
                     sid[:, j] = t.match.lookup(j, known[:, j])
             counts, n = t.match.neighbour_counts(layer, sid, known, cfg.match_pool, cfg.match_neighbours,
-                                                 0.7, cfg.match_depth, cfg.match_second_pool)
+                                                 0.7, cfg.match_depth, cfg.match_second_pool, ahead=cfg.max_span)
             # smoothed log P(e at m | the neighbours) - log pop, only for tokens that found neighbours
             rows = np.zeros_like(counts)
             hit = np.flatnonzero(n > 0)
             if len(hit):
-                a, log_pop = cfg.match_smoothing, torch.from_numpy(t.log_pop[layer + 1:])
+                a, log_pop = cfg.match_smoothing, torch.from_numpy(t.log_pop[layer + 1:layer + 1 + counts.shape[1]])
                 c = torch.from_numpy(counts[hit])
                 denom = torch.from_numpy((n[hit] + a).astype(np.float32))[:, None, None]
                 rows[hit] = (torch.log((c + a * log_pop.exp()) / denom) - log_pop).numpy()

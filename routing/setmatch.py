@@ -186,7 +186,8 @@ class SetMatchTable:
         return order[np.clip(slot, 0, len(order) - 1)], slot < hi[:, None]
 
     def neighbour_counts(self, layer: int, sid_Nl: np.ndarray, known_NlK: np.ndarray, pool: int, neighbours: int,
-                         decay: float, depth: int, second_pool: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                         decay: float, depth: int, second_pool: int = 0,
+                         ahead: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The nearest stored paths among those sharing the token's set at ``layer``.
 
         The pool: up to ``pool`` stored tokens whose set at ``layer`` is the token's (``sid_Nl``:
@@ -196,12 +197,12 @@ class SetMatchTable:
         they share with the token at ``layer`` and the ``depth`` known layers before, layer j
         weighted ``decay ** (layer - j)`` (the nearest-stored-trace baseline's similarity, over a
         pool instead of every stored token: its best matches nearly always share a recent set).
-        Returns the counts [N, L-1-layer, E] of the later experts of the best ``neighbours`` and
-        their number [N].
+        Returns the counts [N, M, E] of the experts the best ``neighbours`` used at the next
+        M = min(L-1-layer, ``ahead``) layers, and their number [N].
         """
         N, E = len(sid_Nl), self.num_experts
         L = self.paths_TLK.shape[1]
-        M = L - 1 - layer
+        M = L - 1 - layer if ahead is None else min(L - 1 - layer, ahead)
         counts = np.zeros((N, M, E), dtype=np.float32)
         n = np.zeros(N, dtype=np.int64)
         if layer not in self._pool or M <= 0:
@@ -233,7 +234,7 @@ class SetMatchTable:
         top = torch.topk(sim, k, dim=1)
         chosen = torch.gather(torch.from_numpy(members.astype(np.int64)), 1, top.indices)  # [R, k]
         ok = torch.isfinite(top.values).numpy()
-        ids = self.paths_TLK[chosen.numpy(), layer + 1:].astype(np.int64)  # [R, k, M, K]
+        ids = self.paths_TLK[chosen.numpy(), layer + 1:layer + 1 + M].astype(np.int64)  # [R, k, M, K]
         flat = torch.zeros(len(r) * M * (E + 1))
         idx = ((np.arange(len(r))[:, None, None, None] * M + np.arange(M)[None, None, :, None]) * (E + 1)
                + np.where(ids >= 0, ids, E))

@@ -76,6 +76,9 @@ def test_neighbour_counts_equal_plain_loops(layer, pool, depth, second):
     queries = ids[:, ::7].transpose(1, 0, 2)  # stored tokens as queries: their pools are non-empty
     sid = np.stack([t.lookup(j, queries[:, j]) for j in range(layer + 1)], 1)
     counts, n = t.neighbour_counts(layer, sid, queries[:, :layer + 1], pool, 4, 0.7, depth, second)
+    near, n1 = t.neighbour_counts(layer, sid, queries[:, :layer + 1], pool, 4, 0.7, depth, second, ahead=1)
+    np.testing.assert_array_equal(near, counts[:, :1])  # the next layer only: the same neighbours
+    np.testing.assert_array_equal(n1, n)
     for i, q in enumerate(queries):
         ref, n_ref = _neighbours_reference(t, ids, tr.num_experts, layer, q, pool, 4, 0.7, depth, second)
         assert n[i] == n_ref
