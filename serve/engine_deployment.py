@@ -232,6 +232,12 @@ class LoadedEngine:
     model: Any = None
     max_len: int = 2048
     strategy: str = "single"
+    closers: list = field(default_factory=list)  # what close() stops: CPU hosts, expert-parallel ranks
+
+    def close(self) -> None:
+        """Stop the actors / threads this engine started (they hold Ray CPUs and GPUs)."""
+        while self.closers:
+            self.closers.pop()()
 
 
 def default_model_path() -> str:
@@ -289,11 +295,13 @@ def load_engine(spec: dict) -> LoadedEngine:
     model = moe.load_model(path, dtype=dtype, device="cpu" if ep else device)
     tok = Tokenizer.from_dir(path)
     strategy = "single"
+    closers: list = []
     if ep:
         if spec.get("offload") or spec.get("cpu_hosts"):
             raise ValueError("expert_parallel does not combine with offload or cpu_hosts in one replica")
         from serve.ep_model import EPServeSettings, start_expert_parallel
         model = start_expert_parallel(model, EPServeSettings(**ep), device)
+        closers.append(model.shutdown)
         strategy = model.stats()["strategy"]
     elif spec.get("offload"):
         # offloading is a step applied to a built model (offload/ owns what it does)
@@ -301,13 +309,19 @@ def load_engine(spec: dict) -> LoadedEngine:
         model = apply_offload(model, OffloadConfig(**spec["offload"]))
         strategy = "offload"
         if spec.get("cpu_hosts"):
-            model = _attach_cpu_hosts(model, spec["cpu_hosts"], path)
+            model, hosts = _attach_cpu_hosts(model, spec["cpu_hosts"], path)
+            closers += [h.kill for h in hosts]
             strategy = "offload+cpu-hosts"
     elif spec.get("cpu_hosts"):
         raise ValueError("cpu_hosts needs an expert cache to share misses with: set gpu_memory too")
     max_len = int(spec.get("max_len", 2048))
-    engine = Engine(model, tok, max_batch_size=int(spec.get("max_batch_size", 8)), max_len=max_len)
-    return LoadedEngine(engine, tok, model, max_len, strategy)
+    try:
+        engine = Engine(model, tok, max_batch_size=int(spec.get("max_batch_size", 8)), max_len=max_len)
+    except BaseException:
+        for close in reversed(closers):  # the hosts / ranks started above must not outlive a failed load
+            close()
+        raise
+    return LoadedEngine(engine, tok, model, max_len, strategy, closers)
 
 
 def _attach_cpu_hosts(model, hosts_spec: dict, path: str):
@@ -326,7 +340,7 @@ def _attach_cpu_hosts(model, hosts_spec: dict, path: str):
                                        threads=int(hosts_spec["threads"]), dtype=host_dtype))
     plan = TieredPlan.on_hosts(len(blocks), model.config.num_experts, n)
     apply_cpu_tier(model, plan, hosts, TierRuntimeConfig(dispatch="split"), checkpoint=str(path))
-    return model
+    return model, hosts
 
 
 def _replica_id() -> str:
@@ -357,6 +371,19 @@ class ModelReplica:
         self.stream_interval = int(spec.get("stream_interval", 1))
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval ({self.stream_interval}) must be >= 1 (1: send every token)")
+
+    def shutdown(self) -> None:
+        """Stop the batching loop and whatever the engine started (CPU hosts, expert-parallel ranks)."""
+        self.loop.shutdown()
+        self.loaded.close()
+
+    def __del__(self):  # Serve stops a replica by dropping it: its hosts / ranks go with it
+        loaded = getattr(self, "loaded", None)
+        if loaded is not None and getattr(loaded, "closers", None):
+            try:
+                loaded.close()
+            except Exception:  # noqa: BLE001 - interpreter or Ray shutting down; nothing left to free
+                pass
 
     # Serve calls this every health_check_period_s; raising makes the controller replace the replica
     def check_health(self) -> None:

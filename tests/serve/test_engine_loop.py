@@ -183,8 +183,9 @@ def _run_replica(cfg, prompt: str, max_tokens: int):
         req = parse_completion({"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0},
                                ["m"], ServeLimits()).to_dict()
         events = [e async for e in rep.generate(req)]
-        rep.loop.shutdown()
-        return events, rep.snapshot()
+        snap = rep.snapshot()
+        rep.shutdown()  # its CPU hosts are Ray actors when the session's Ray runs: free their CPUs
+        return events, snap
 
     return asyncio.run(main())
 
@@ -241,7 +242,8 @@ def test_stream_interval_sends_the_first_token_alone_then_groups(tiny):
 
 def test_replica_with_cpu_hosts_matches_resident_output_and_reports_tiers(tiny):
     """`moe serve --gpu-memory ... --cpu-hosts 2`: misses shared between copies and 2 CPU hosts
-    (threads here, no Ray running), same text, per-tier counters in the snapshot and /metrics."""
+    (threads, or Ray actors when the test session's Ray runs), same text, per-tier counters in the
+    snapshot and /metrics."""
     from prometheus_client import CollectorRegistry
     from prometheus_client.parser import text_string_to_metric_families
     from prometheus_client.exposition import generate_latest

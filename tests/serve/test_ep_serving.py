@@ -45,8 +45,7 @@ def _serve_all(cfg, lengths):
             texts = await asyncio.gather(*(one(rep, p, n) for p, n in zip(PROMPTS, lengths)))
             return texts, rep.snapshot()
         finally:
-            rep.loop.shutdown()
-            rep.loaded.model.shutdown()
+            rep.shutdown()
 
     return asyncio.run(main())
 
