@@ -572,7 +572,13 @@ class ExpertParallelRuntime:
         import ray
         from ray.util.placement_group import remove_placement_group
         try:
-            self._all("shutdown")
+            # leave the process groups where a rank still answers; a dead rank (the reason for many
+            # shutdowns) has nothing to leave, and a peer stuck on it is killed below anyway
+            for ref in [w.shutdown.remote() for w in self.workers]:
+                try:
+                    ray.get(ref, timeout=30)
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                    pass
         finally:
             for w in self.workers:
                 ray.kill(w)

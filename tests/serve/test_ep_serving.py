@@ -79,3 +79,37 @@ def test_expert_parallel_settings_are_checked(tmp_path):
     with pytest.raises(ValueError, match="ep_ranks"):
         ServeConfig(model="tiny", ep_ranks=-1)
     assert ServeConfig.from_args({"ep_ranks": "2", "ep_cpus_per_rank": "0.2"}).expert_parallel()["ranks"] == 2
+
+
+def test_a_rank_that_dies_mid_request_fails_it_cleanly_and_marks_the_replica_unhealthy(ray_session, tiny):
+    """The expert-hosting rank actor dies during decoding: that request ends with an error event
+    (not a hang, not wrong text), the replica reports unhealthy so Serve replaces it, and a new
+    replica (new ranks) serves the single-process text again."""
+    import ray
+    from serve.engine_deployment import EngineFailedError
+
+    path, model, tok = tiny
+    cfg = ServeConfig(model=path, device="cpu", max_batch_size=2, max_len=96, replica_cpus=0.1, ep_ranks=2,
+                      ep_cpus_per_rank=0.1)
+    req = parse_completion({"prompt": PROMPTS[0], "max_tokens": 40, "ignore_eos": True, "temperature": 0},
+                           ["m"], ServeLimits()).to_dict()
+
+    async def broken():
+        rep = ModelReplica(cfg.replica_spec("cpu"))
+        try:
+            events = []
+            async for e in rep.generate(req):
+                events.append(e)
+                if e["type"] == "delta" and len(events) == 3:  # mid-request: kill rank 1
+                    ray.kill(rep.loaded.model.runtime.workers[1], no_restart=True)
+            with pytest.raises(EngineFailedError):
+                rep.check_health()
+            return events
+        finally:
+            rep.shutdown()
+
+    events = asyncio.run(broken())
+    assert events[0]["type"] == "start" and events[-1]["type"] == "error" and events[-1]["status"] == 500
+    assert sum(e.get("num_tokens", 0) for e in events if e["type"] == "delta") < 40
+    texts, _ = _serve_all(cfg, [6])  # the replacement replica: new ranks, correct text
+    assert texts[0] == _alone(model, tok, PROMPTS[0], 6)
