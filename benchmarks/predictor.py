@@ -8,15 +8,21 @@ companion ``*.features.npz`` of hidden states), split by request 50/50 into trai
 1. recall of the predicted top-k expert set (= its precision, every token having k experts) and
    recall/precision of the top-2k set, at 1, 2, 4 layers ahead of the last known layer and for
    all layers before the token's forward starts ("all"), for the predictor and every baseline
-   (popularity, previous token's path, nearest stored trace, and the next-layer gate on the
-   current hidden state when hidden states and the model are at hand); plus the CPU cost in
-   microseconds per token (process CPU time, one thread) of one predict_batch over 64 tokens
-   predicting every later layer (one expert copy of Qwen3-30B-A3B over PCIe takes 170 us);
+   (popularity, previous token's path, nearest stored trace over 4096 stored tokens as before
+   and over every training token ("nearest-all"), and the next-layer gate on the current hidden
+   state when hidden states and the model are at hand); plus the CPU cost in microseconds per
+   token (process CPU time, one thread) of one predict_batch over 64 tokens predicting every
+   later layer, the most over the last known layer 0, L/2 and L-2 (one expert copy of
+   Qwen3-30B-A3B over PCIe takes 170 us);
 2. the token scheduler: distinct experts per batch (summed over layers) under FIFO and under
    grouping by predicted path, with the largest extra wait any token saw (bound: 2 batches);
 3. when offload.simulate exists: the expert-cache hit ratio at 10/25/50% of the experts per
-   layer for 4 test requests decoding together, LRU and Belady (the offline optimum) versus
-   each model driving eviction and prefetch (offload's "predictor" policy and prefetch).
+   layer for 4 test requests decoding together: LRU and Belady (the optimum of demand caching)
+   without prefetch; then with prefetch of the next layer's experts after each layer, at most
+   ``prefetch_budget`` = 1 or 2 expert copies per layer (what the copy engine moves during one
+   layer's compute at Qwen3-30B-A3B's ratios; a used prefetched expert counts as a hit): LRU
+   eviction + prefetch from each model, the predictor's eviction + its prefetch ("predictor
+   policy"), and LRU + the true next-layer experts ("oracle prefetch", the bound at that budget).
 
 Runs on the CPU. Targets (issue 6): next-layer recall >= 95% and 4-ahead >= 80% on real traces;
 predictor-driven hit ratio >= LRU + 20 points at 25%; scheduler -30% distinct experts.
@@ -41,6 +47,7 @@ from routing import (GateLookahead, NearestTraceBaseline, PathPredictor, Popular
 from routing.cli import format_table, per_layer_table  # noqa: E402
 
 BUDGETS = (0.10, 0.25, 0.50)
+PREFETCH_BUDGETS = (1, 2)  # expert copies per layer a prefetch may use
 
 
 def synthetic_suite(quick: bool) -> list[tuple[str, RoutingTrace]]:
@@ -97,7 +104,7 @@ def split_features(feats, trace, train_mask):
 
 def hit_ratios(test: RoutingTrace, models, max_tokens: int, batch: int = 4) -> dict[str, list[float]] | None:
     """Hit ratio of the expert cache decoding ``batch`` test requests together (a small decode batch,
-    the offloading setting), LRU and Belady (the offline optimum) against each model's policy."""
+    the offloading setting): demand LRU and Belady, then prefetching within each copy budget."""
     try:
         from offload import simulate
     except ImportError:
@@ -109,14 +116,17 @@ def hit_ratios(test: RoutingTrace, models, max_tokens: int, batch: int = 4) -> d
     inter, per_step = sub.interleaved(min(int(counts.max()), max(1, max_tokens // len(longest))))
     E = test.num_experts
     caps = [max(1, int(round(b * E))) for b in BUDGETS]
-    out: dict[str, list[float]] = {
-        "lru": [simulate(inter, "lru", c, tokens_per_step=per_step)["hit_ratio"] for c in caps],
-        "belady (oracle)": [simulate(inter, "belady", c, tokens_per_step=per_step)["hit_ratio"] for c in caps]}
-    for m in models:
-        if isinstance(m, GateLookahead):
-            continue  # needs per-step hidden states the simulator does not carry
-        out[m.name] = [simulate(inter, "predictor", c, tokens_per_step=per_step, prefetch="predictor",
-                                predictor=m)["hit_ratio"] for c in caps]
+    def run(policy, **kw):
+        return [simulate(inter, policy, c, tokens_per_step=per_step, **kw)["hit_ratio"] for c in caps]
+    out: dict[str, list[float]] = {"lru (demand)": run("lru"), "belady (demand)": run("belady")}
+    for b in PREFETCH_BUDGETS:
+        out[f"b{b} oracle prefetch"] = run("lru", prefetch="oracle", prefetch_budget=b)
+        for m in models:
+            if isinstance(m, GateLookahead) or m.name == "nearest-all":
+                continue  # the gate needs per-step hidden states the simulator does not carry
+            out[f"b{b} lru+{m.name}"] = run("lru", prefetch="predictor", predictor=m, prefetch_budget=b)
+        out[f"b{b} predictor policy"] = run("predictor", prefetch="predictor", predictor=models[0],
+                                            prefetch_budget=b)
     return out
 
 
@@ -141,14 +151,19 @@ def run_trace(name: str, trace: RoutingTrace, feats: dict | None, quick: bool, s
     t0 = time.perf_counter()
     pred = PathPredictor.fit(train, features=f_train, lookahead=lookahead)
     fit_s = time.perf_counter() - t0
-    models = [pred, PopularityBaseline.fit(train), PreviousPathBaseline.fit(train), NearestTraceBaseline.fit(train)]
+    nearest_all = NearestTraceBaseline.fit(train, max_stored=train.num_tokens, neighbours=8)
+    nearest_all.name = "nearest-all"
+    models = [pred, PopularityBaseline.fit(train), PreviousPathBaseline.fit(train), NearestTraceBaseline.fit(train),
+              nearest_all]
     if lookahead is not None:
         models.append(lookahead)
     rows = []
     max_tokens = 600 if quick else 2000
     for m in models:
         r = evaluate(m, test, f_test, max_tokens=max_tokens)
-        rows.append((m.name, r, cost_per_token_us(m, test, features=f_test)))
+        L = trace.num_layers
+        us = max(cost_per_token_us(m, test, layer=layer, features=f_test) for layer in sorted({0, L // 2, L - 2}))
+        rows.append((m.name, r, us))
     print(f"predictor fitted in {fit_s:.1f} s on {train.num_tokens} tokens")
     print(per_layer_table("predictor", rows[0][1]))
     print(format_table(rows))
@@ -172,10 +187,10 @@ def run_trace(name: str, trace: RoutingTrace, feats: dict | None, quick: bool, s
         print("cache hit ratio (4 requests decoding together) at " + "/".join(f"{int(b * 100)}%" for b in BUDGETS)
               + " of experts per layer:")
         for k, v in hits.items():
-            print(f"  {k:<16}" + "".join(f"{x:>8.3f}" for x in v))
+            print(f"  {k:<28}" + "".join(f"{x:>8.3f}" for x in v))
     by = {n: r for n, r, _ in rows}
-    summary.append((name, by["predictor"], max(by[n]["1"]["mean_recall"] for n in by if n != "predictor"),
-                    rows[0][2], sched["predictor"], fifo, hits))
+    best = {d: max(by[n][d]["mean_recall"] for n in by if n != "predictor") for d in ("1", "2", "4")}
+    summary.append((name, by["predictor"], best, rows[0][2], sched["predictor"], fifo, hits))
 
 
 def main(argv=None) -> int:
@@ -205,16 +220,19 @@ def main(argv=None) -> int:
           "for all later layers, by last known layer: "
           + ", ".join(f"{k}: {v:.0f}" for k, v in costs.items()) + " (one expert copy over PCIe: 170 us)")
 
-    print("\n=== summary (predictor; recall of the top-k set; best baseline at 1 ahead; scheduler; hit ratio @25%)")
-    head = (f"{'trace':<22}{'R@1':>7}{'R@2':>7}{'R@4':>7}{'R@all':>7}{'best base@1':>12}{'us/tok':>8}"
-            f"{'sched %':>9}{'wait':>5}{'LRU@25':>8}{'pred@25':>8}")
+    print("\n=== summary (predictor: recall of the top-k set; best baseline at 1/2/4 ahead; scheduler; "
+          "hit ratio @25%: demand LRU, Belady, predictor policy + prefetch at 1 and 2 copies/layer)")
+    head = (f"{'trace':<22}{'R@1':>7}{'R@2':>7}{'R@4':>7}{'R@all':>7}{'best base 1/2/4':>18}{'us/tok':>8}"
+            f"{'sched %':>9}{'wait':>5}{'LRU@25':>8}{'Bel@25':>8}{'pred b1':>8}{'pred b2':>8}")
     print(head)
     print("-" * len(head))
     for name, r, best, us, s, fifo, hits in summary:
         red = 100 * (s.distinct_experts_per_batch / fifo.distinct_experts_per_batch - 1)
-        h = (f"{hits['lru'][1]:>8.3f}{hits['predictor'][1]:>8.3f}" if hits else f"{'-':>8}{'-':>8}")
+        h = "".join(f"{hits[k][1]:>8.3f}" if hits else f"{'-':>8}"
+                    for k in ("lru (demand)", "belady (demand)", "b1 predictor policy", "b2 predictor policy"))
+        b = "/".join(f"{best[d]:.3f}" for d in ("1", "2", "4"))
         print(f"{name:<22}{r['1']['mean_recall']:>7.3f}{r['2']['mean_recall']:>7.3f}{r['4']['mean_recall']:>7.3f}"
-              f"{r['all']['mean_recall']:>7.3f}{best:>12.3f}{us:>8.1f}{red:>+9.0f}{s.max_extra_wait:>5}{h}")
+              f"{r['all']['mean_recall']:>7.3f}{b:>18}{us:>8.1f}{red:>+9.0f}{s.max_extra_wait:>5}{h}")
     return 0
 
 
