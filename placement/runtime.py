@@ -53,6 +53,7 @@ from .collectives import all_gather_v, all_to_all_v
 from .plan import PlacementPlan
 
 MODES = ("standard", "coherent")
+PARALLEL = ("placement", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,15 @@ class EPConfig:
     cpus_per_actor: float = 0.1
     backend: str = "torch"  # expert kernel backend inside each rank
     torch_threads: int = 1
+    # 'placement': experts where the PlacementPlan puts them (ExpertParallelExperts, the modes above);
+    # 'adaptive': the adaptive layer's one layout (placement/adaptive.py: contiguous expert units per
+    # rank, every strategy from it, chosen per call or fixed with set_strategy); the plan then only
+    # gives the number of ranks
+    parallel: str = "placement"
 
     def __post_init__(self):
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.device not in ("cpu", "cuda"):
@@ -257,6 +265,56 @@ def split_state_dict(model, plan: PlacementPlan) -> tuple[dict, list[dict]]:
     return dense, per_rank
 
 
+def split_units(model, world: int) -> tuple[dict, list[dict]]:
+    """Like ``split_state_dict`` for the adaptive layer: each rank's expert units (ShardLayout)."""
+    from .adaptive import ShardLayout
+    blocks = model.moe_blocks()
+    prefixes = _block_prefixes(model)
+    expert_keys = {f"{p}.experts.{w}" for p in prefixes.values() for w in ("w13", "w2")}
+    dense = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in expert_keys}
+    per_rank = [{} for _ in range(world)]
+    for b in blocks:
+        w13, w2 = b.experts.w13.detach().cpu(), b.experts.w2.detach().cpu()
+        layout = ShardLayout(w13.shape[0], w13.shape[1] // 2, world)
+        for r in range(world):
+            u13, u2 = layout.shard(w13, w2, r)
+            per_rank[r][f"{prefixes[b.moe_index]}.experts.w13"] = u13
+            per_rank[r][f"{prefixes[b.moe_index]}.experts.w2"] = u2
+    return dense, per_rank
+
+
+def apply_adaptive_units(model, group, local_weights: dict, backend: str) -> TokenState:
+    """Replace every ``block.experts`` by the adaptive layer on this rank's units, in the runtime's
+    replicated context (every rank holds every token: ReplicatedTokensExperts). One chooser serves
+    all layers, keyed by shape. Returns a TokenState (its counters stay zero: the adaptive layer
+    keeps its own, read through ``adaptive_stats``)."""
+    from .adaptive import AdaptiveMoEExperts, ReplicatedTokensExperts, StrategyChooser
+    prefixes = _block_prefixes(model)
+    chooser = StrategyChooser()
+    dev = model.embed.weight.device
+    for b in model.moe_blocks():
+        E = b.experts.num_experts
+        inner = AdaptiveMoEExperts(local_weights[f"{prefixes[b.moe_index]}.experts.w13"].to(dev),
+                                   local_weights[f"{prefixes[b.moe_index]}.experts.w2"].to(dev), group=group,
+                                   backend=backend, chooser=chooser, num_experts=E)
+        b.experts = ReplicatedTokensExperts(inner)
+    model.parallel_chooser = chooser
+    return TokenState(dist.get_rank(group), dist.get_world_size(group), "adaptive", group)
+
+
+def adaptive_stats(model) -> dict:
+    """The adaptive layers' figures for counters(): strategy of the first layer's last call,
+    dropped pairs and strategy switches summed over layers."""
+    out = {"strategy": None, "dropped_tokens": 0, "strategy_switches": 0}
+    for b in model.moe_blocks():
+        st = b.experts.stats()
+        if st and out["strategy"] is None:
+            out["strategy"] = st["strategy"]
+        out["dropped_tokens"] += int(st.get("dropped_tokens", 0))
+        out["strategy_switches"] += int(st.get("strategy_switches", 0))
+    return out
+
+
 def apply_placement(model, plan: PlacementPlan, rank: int, mode: str = "coherent", group=None,
                     local_weights: dict | None = None, backend: str | None = None) -> TokenState:
     """Replace every ``block.experts`` of ``model`` by this rank's expert-parallel module.
@@ -383,7 +441,10 @@ class EPWorker:
         model.to_empty(device=self.device)
         local = fill(model, plan)
         model.reset_rotary(self.device)
-        self.state = apply_placement(model, plan, self.rank, self.cfg.mode, group, local, self.cfg.backend)
+        if self.cfg.parallel == "adaptive":
+            self.state = apply_adaptive_units(model, group, local, self.cfg.backend)
+        else:
+            self.state = apply_placement(model, plan, self.rank, self.cfg.mode, group, local, self.cfg.backend)
         self.model = model.eval()
         if self.trace_spec is not None:
             from .trace_routing import install_trace_routing
@@ -397,6 +458,8 @@ class EPWorker:
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if self.cfg.parallel == "adaptive":
+            raise ValueError("the adaptive layer has no placement mode; choose its strategy with set_strategy")
         if self.state is not None:
             self.state.mode = mode
 
@@ -417,6 +480,9 @@ class EPWorker:
         from .decode import decode_step
         if self.model is None:
             return None
+        if home_only and self.cfg.parallel == "adaptive":
+            raise ValueError("home-only decoding places each row by the plan; the adaptive layer runs replicated "
+                             "decoding (home_only=False)")
         ids = input_ids_BT.to(self.device)
         B, T = ids.shape
         cache = self.model.new_cache(B, T + max_new_tokens)
@@ -451,8 +517,23 @@ class EPWorker:
         out = self.model(input_ids_BT.to(self.device), cache=self.serve_cache, valid_BT=valid, last_only=last_only)
         return out.float().cpu() if self.rank == 0 else None
 
+    def set_strategy(self, name: str | None) -> None:
+        """parallel='adaptive': fix every layer's strategy ('ep:d2', 'dp', 'tp', 'ep+dp:g2', ...), or
+        None to let the chooser pick per call; it takes effect at the next call, no weight moves."""
+        from .adaptive import Strategy
+        if self.cfg.parallel != "adaptive":
+            raise ValueError("set_strategy needs the runtime started with EPConfig(parallel='adaptive')")
+        fixed = None if name is None else Strategy.parse(name)
+        for b in (self.model.moe_blocks() if self.model is not None else []):
+            b.experts.inner.fixed = fixed
+
     def counters(self) -> dict | None:
-        return None if self.state is None else dict(self.state.counters)
+        if self.state is None:
+            return None
+        out = dict(self.state.counters)
+        if self.cfg.parallel == "adaptive":
+            out.update(adaptive_stats(self.model))
+        return out
 
     def reset_counters(self) -> None:
         for k in (self.state.counters if self.state is not None else ()):
@@ -509,7 +590,13 @@ class ExpertParallelRuntime:
         if plan.num_ranks > len(self.workers):
             raise ValueError(f"the plan has {plan.num_ranks} ranks but this runtime only {len(self.workers)}; "
                              "start an ExpertParallelRuntime with a plan on that many ranks")
-        dense, per_rank = split_state_dict(model, plan)
+        if self.cfg.parallel == "adaptive":
+            if plan.num_ranks != len(self.workers):
+                raise ValueError(f"parallel='adaptive' spreads every layer over all {len(self.workers)} ranks; "
+                                 f"the plan has {plan.num_ranks}")
+            dense, per_rank = split_units(model, plan.num_ranks)
+        else:
+            dense, per_rank = split_state_dict(model, plan)
         dense_ref = ray.put(dense)
         hf = model.config.to_hf_dict()
         self.plan = plan
@@ -522,6 +609,9 @@ class ExpertParallelRuntime:
         """Load ``trace_routing.seeded_model(config, seed, std, dtype)`` without shipping weights:
         every rank draws its dense part and its own experts on its device."""
         import ray
+        if self.cfg.parallel == "adaptive":
+            raise ValueError("load_seeded draws the plan's experts per rank; with parallel='adaptive' give the "
+                             "model to load() instead")
         if plan.num_ranks > len(self.workers):
             raise ValueError(f"the plan has {plan.num_ranks} ranks but this runtime only {len(self.workers)}")
         plan.check_compatible(sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers)),
@@ -549,6 +639,10 @@ class ExpertParallelRuntime:
 
     def set_mode(self, mode: str) -> None:
         self._all("set_mode", mode)
+
+    def set_strategy(self, name: str | None) -> None:
+        """parallel='adaptive': every rank fixes this strategy from the next call (None: the chooser)."""
+        self._all("set_strategy", name)
 
     def open_cache(self, batch_size: int, max_len: int) -> None:
         """Every rank keeps a KV cache of ``batch_size`` rows for ``step`` (serving)."""

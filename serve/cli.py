@@ -58,8 +58,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ep-ranks", type=int, default=0, metavar="N",
                    help="host the experts on N expert-parallel Ray actors per replica (one GPU each; CPU actors "
                         "with gloo where there is no GPU) instead of in the replica")
-    p.add_argument("--ep-mode", default="coherent", choices=["coherent", "standard"],
-                   help="coherent: ExFlow's one all-to-all per layer (default); standard: dispatch + combine")
+    p.add_argument("--ep-mode", default="coherent", choices=["coherent", "standard", "adaptive"],
+                   help="coherent: ExFlow's one all-to-all per layer (default); standard: dispatch + combine; "
+                        "adaptive: Tutel-style layer whose strategy (ep/dp/tp/blends) is chosen per step")
     p.add_argument("--placement-plan", default=None, metavar="PLAN.json",
                    help="expert placement from `moe place TRACE --gpus N --out PLAN.json` (default round robin)")
     p.set_defaults(func=run)

@@ -13,7 +13,8 @@ placement plan gives it, and the continuous-batching ``moe.Engine`` drives them 
     model.stats()                 cross-rank rows and the parallel mode, for /metrics
 
 The plan is a ``PlacementPlan`` JSON (``moe place TRACE --gpus P --out plan.json``) or, without
-one, round robin. Logits equal the single-process model's whatever the plan and mode (the
+one, round robin. ``ep_mode='adaptive'`` runs placement.adaptive's layer on the ranks instead (its own
+layout, every strategy from it, the chooser picking per step; the strategy in use reaches /metrics). Logits equal the single-process model's whatever the plan and mode (the
 placement tests hold the runtime to that; tests/serve holds this path to it end to end).
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-MODES = ("coherent", "standard")
+MODES = ("coherent", "standard", "adaptive")  # adaptive: placement.adaptive's layer on the ranks (no plan)
 
 
 @dataclass
@@ -41,6 +42,9 @@ class EPServeSettings:
             raise ValueError(f"ep_ranks ({self.ranks}) must be >= 1 (0 serves without expert parallelism)")
         if self.mode not in MODES:
             raise ValueError(f"ep_mode must be one of {MODES}, got {self.mode!r}")
+        if self.plan is not None and self.mode == "adaptive":
+            raise ValueError("ep_mode 'adaptive' lays every layer's experts out over all ranks by itself; "
+                             "drop the placement plan or choose ep_mode 'coherent' / 'standard'")
         if self.plan is not None and not os.path.isfile(self.plan):
             raise ValueError(f"placement plan {self.plan!r} does not exist; make one with "
                              "`moe place TRACE --gpus N --out plan.json`, or leave it unset for round robin")
@@ -97,7 +101,11 @@ class ExpertParallelModel:
         return []  # the routers run on the ranks; per-layer expert load is not counted here
 
     def stats(self) -> dict:
-        rows = sum(c.get("dispatch_rows", 0) for c in self.runtime.counters() if c)
+        counters = [c for c in self.runtime.counters() if c]
+        rows = sum(c.get("dispatch_rows", 0) for c in counters)
+        if self.runtime.cfg.parallel == "adaptive":  # the strategy the adaptive layer ran last
+            used = counters[0].get("strategy") if counters else None
+            return {"cross_rank_tokens": rows, "strategy": f"expert-parallel-adaptive:{used or 'none yet'}"}
         return {"cross_rank_tokens": rows, "strategy": f"expert-parallel-{self.mode}"}
 
     def shutdown(self) -> None:
@@ -129,7 +137,9 @@ def start_expert_parallel(model, settings: EPServeSettings, device: str, backend
     if not ray.is_initialized():
         raise ValueError("expert-parallel serving runs inside Ray (a Serve replica); call ray.init() first")
     cuda = device.startswith("cuda")
-    ep = EPConfig(mode=settings.mode, device="cuda" if cuda else "cpu", cpus_per_actor=float(settings.cpus_per_rank),
-                  backend=backend or ("triton" if cuda else "torch"), torch_threads=int(settings.torch_threads))
+    adaptive = settings.mode == "adaptive"
+    ep = EPConfig(mode="coherent" if adaptive else settings.mode, device="cuda" if cuda else "cpu",
+                  cpus_per_actor=float(settings.cpus_per_rank), backend=backend or ("triton" if cuda else "torch"),
+                  torch_threads=int(settings.torch_threads), parallel="adaptive" if adaptive else "placement")
     runtime = ExpertParallelRuntime(model, plan, ep)
     return ExpertParallelModel(runtime, cfg, next(model.parameters()).dtype)

@@ -50,7 +50,7 @@ def _serve_all(cfg, lengths):
     return asyncio.run(main())
 
 
-@pytest.mark.parametrize("mode", ["coherent", "standard"])
+@pytest.mark.parametrize("mode", ["coherent", "standard", "adaptive"])
 def test_expert_parallel_replica_equals_single_process(ray_session, tiny, tmp_path, mode):
     path, model, tok = tiny
     plan = None
@@ -65,8 +65,13 @@ def test_expert_parallel_replica_equals_single_process(ray_session, tiny, tmp_pa
     texts, snap = _serve_all(cfg, lengths)
     for p, n, text in zip(PROMPTS, lengths, texts):
         assert text == _alone(model, tok, p, n)
-    assert snap["strategy"] == f"expert-parallel-{mode}"
-    assert snap["components"]["cross_rank_tokens"] > 0
+    if mode == "adaptive":  # the strategy the adaptive layer ran reaches the snapshot (/metrics)
+        assert snap["strategy"].startswith("expert-parallel-adaptive")
+        assert snap["components"]["strategy"].startswith("expert-parallel-adaptive:")
+        assert not snap["components"]["strategy"].endswith("none yet")
+    else:
+        assert snap["strategy"] == f"expert-parallel-{mode}"
+        assert snap["components"]["cross_rank_tokens"] > 0
 
 
 def test_expert_parallel_settings_are_checked(tmp_path):
@@ -78,6 +83,10 @@ def test_expert_parallel_settings_are_checked(tmp_path):
         ServeConfig(model="tiny", ep_ranks=2, gpu_memory="1GiB")
     with pytest.raises(ValueError, match="ep_ranks"):
         ServeConfig(model="tiny", ep_ranks=-1)
+    plan = tmp_path / "p.json"
+    plan.write_text("{}")
+    with pytest.raises(ValueError, match="drop the placement plan"):
+        ServeConfig(model="tiny", ep_ranks=2, ep_mode="adaptive", placement_plan=str(plan))
     assert ServeConfig.from_args({"ep_ranks": "2", "ep_cpus_per_rank": "0.2"}).expert_parallel()["ranks"] == 2
 
 
