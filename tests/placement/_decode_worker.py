@@ -1,11 +1,15 @@
-"""Run in each spawned gloo rank by test_decode.py: home-only decoding equals one process."""
+"""Run in each spawned gloo rank by test_decode.py: home-only decoding equals one process, and
+moves the rows placement/metrics.py predicts for the decode steps' routing."""
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from moe import MoEConfig, MoEForCausalLM
 from placement.baselines import round_robin
 from placement.decode import decode_step
+from placement.metrics import evaluate
 from placement.runtime import apply_placement
+from routing.trace import RoutingTrace
 
 
 def _model(family, kw):
@@ -16,9 +20,10 @@ def _model(family, kw):
 
 
 @torch.no_grad()
-def _decode(model, ids, n, step):
+def _decode(model, ids, n, step, after_prefill=lambda: None):
     cache = model.new_cache(ids.shape[0], ids.shape[1] + n)
     logits = model(ids, cache=cache)
+    after_prefill()
     toks, steps = [], [logits[:, -1:]]
     for i in range(n):
         nxt = logits[:, -1].argmax(-1, keepdim=True)
@@ -29,19 +34,47 @@ def _decode(model, ids, n, step):
     return torch.cat(toks, 1), torch.cat(steps, 1)
 
 
+def _predicted_rows(plan, routes, num_layers, num_experts, mode):
+    """Rows metrics.py predicts for the decode steps: routes are the reference's router outputs
+    (ids, weights) [B, K] in call order, num_layers per step; row b's origin is b mod P."""
+    total = 0.0
+    for s in range(0, len(routes), num_layers):
+        ids = np.stack([r[0].numpy() for r in routes[s:s + num_layers]])
+        w = np.stack([r[1].float().numpy() for r in routes[s:s + num_layers]])
+        f = evaluate(plan, RoutingTrace(ids, num_experts, weights=w))
+        total += (f.cc_messages_per_token if mode == "coherent" else f.ep_messages_per_token) * ids.shape[1]
+    return total
+
+
 def check_decode(rank, world, init_file, family, kw, mode, out_file):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = _model(family, kw)
+        blocks = model.moe_blocks()
         ids = torch.randint(3, 128, (3, 5), generator=torch.Generator().manual_seed(0))
-        ref = _decode(model, ids, 4, lambda c, x: model(x, cache=c))
-        n_moe = len(model.moe_blocks())
-        state = apply_placement(model, round_robin(n_moe, model.config.num_experts, world), rank, mode)
-        got = _decode(model, ids, 4, lambda c, x: decode_step(model, c, x, state))
+        routes, hooks = [], []
+
+        def record():  # the decode steps' routing, not the prefill's
+            hooks.extend(b.router.register_forward_hook(lambda m, i, o: routes.append((o[0], o[1])))
+                         for b in blocks)
+        ref = _decode(model, ids, 4, lambda c, x: model(x, cache=c), record)
+        for h in hooks:
+            h.remove()
+        plan = round_robin(len(blocks), model.config.num_experts, world)
+        state = apply_placement(model, plan, rank, mode)
+
+        def reset():  # count the decode steps only (the prefill is the replicated forward)
+            for k in state.counters:
+                state.counters[k] = 0
+        got = _decode(model, ids, 4, lambda c, x: decode_step(model, c, x, state), reset)
         assert torch.equal(got[0], ref[0]), f"rank {rank}: tokens differ"
         torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
+        moved = torch.tensor([state.counters["dispatch_rows"], state.counters["combine_rows"]])
+        dist.all_reduce(moved)  # rows every rank sent away
         if rank == 0:
-            torch.save(state.counters, out_file)
+            torch.save(dict(state.counters, dispatch_total=int(moved[0]), combine_total=int(moved[1]),
+                            predicted=_predicted_rows(plan, routes, len(blocks), model.config.num_experts, mode)),
+                       out_file)
     finally:
         dist.destroy_process_group()
