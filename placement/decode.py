@@ -19,17 +19,20 @@ keys/values computed by its home at that layer are summed over the ranks in ONE 
 (ExFlow's end-of-forward all-gather); the standard mode needs the keys/values only on the
 origin, but gathers them too so that every rank can switch mode at any step.
 
-No host syncs. Only a row's home knows where the row goes next (home-only routing), so the
-receivers cannot know how many rows arrive, and a count exchange plus a compaction would each
-wait for the GPU. Instead every rank works on all B rows of the batch at fixed shapes, with a
-mask ``home_B`` of the rows it owns: rows owned elsewhere carry stale (finite) values that are
-never read. Decoding is memory bound on the weights, so running attention, router, shared
-experts and head on B rows instead of the owned ones costs little next to a sync (~10 per
-layer before, each stalling the host). Slot b of every (source, destination) pair of an
-all-to-all belongs to row b (a row sends at most one message to a rank, and only its home
-sends it); a flag byte marks the used slots. The expert kernel sees the B rows, rows without a
-local expert as id -1 (they contribute zero). The traffic counters are summed on the device
-and read in one ``.tolist()`` per step, not per layer.
+Host syncs. Only a row's home knows where the row goes next (home-only routing), so the
+receivers cannot know how many rows arrive, and a count exchange or a compaction by a boolean
+index would each make the host wait for the GPU. Instead every rank works on all B rows of the
+batch at fixed shapes, with a mask ``home_B`` of the rows it owns: rows owned elsewhere carry
+stale (finite) values that are never read. Decoding is memory bound on the weights, so running
+attention, router, shared experts and head on B rows instead of the owned ones costs little
+next to a sync. Slot b of every (source, destination) pair of an all-to-all belongs to row b
+(a row sends at most one message to a rank, and only its home sends it); a flag byte marks the
+used slots. The expert kernel sees the B rows, rows without a local expert as id -1 (they
+contribute zero). So this module syncs once per step (the traffic counters, summed on the
+device, read in one ``.tolist()``) and never per layer; what remains elsewhere: the KV cache's
+room check and slot count (moe/kv_cache.py, once per step each) and the "torch" expert
+backend's loop over used experts (one sync per MoE layer plus one per used expert; the
+"triton" backend has none).
 """
 from __future__ import annotations
 
@@ -56,7 +59,7 @@ def _pack(*parts: torch.Tensor) -> torch.Tensor:
 def _unpack(buf: torch.Tensor, specs: list[tuple[torch.dtype, tuple]]) -> list[torch.Tensor]:
     n, out, off = buf.shape[0], [], 0
     for dtype, shape in specs:
-        width = torch.empty((), dtype=dtype).element_size()
+        width = dtype.itemsize
         for s in shape:
             width *= s
         # a fresh, packed buffer: a slice at an odd offset or stride cannot be reinterpreted
