@@ -109,9 +109,10 @@ class _KVRecorder:
 
 def _moe_rows(layer, h_BD: torch.Tensor, home_B: torch.Tensor, origin_B: torch.Tensor, st: TokenState,
               moved_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The MoE half of one decoder layer for the rows homed here (``home_B``); returns (x_BD after
-    the layer, valid where the new mask says, the rows homed here now). Adds the rows sent to
-    other ranks (dispatch, combine) to ``moved_2`` on the device."""
+    """The MoE half of one decoder layer for the rows homed here (``home_B``).
+
+    Returns (x_BD after the layer, the rows homed here now [B]); x_BD is meaningful only on those
+    rows. Adds the rows sent to other ranks (dispatch, combine) to ``moved_2`` on the device."""
     block, experts = layer.mlp, layer.mlp.experts
     assert isinstance(experts, ExpertParallelExperts)
     me, P, group = st.rank, st.world, st.group
@@ -163,7 +164,7 @@ def _sum_home_rows(parts: list[tuple[torch.Tensor, torch.Tensor]], group) -> lis
     """Every rank's rows of each part where its mask is set, in ONE all-reduce.
 
     parts: (x_B..., home_B) pairs; each row is homed on exactly one rank and the others add
-    exact zeros, so the sum is that rank's row, bit for bit (in a dtype holding every part)."""
+    exact zeros, so the sum is that rank's row, value for value (in a dtype holding every part)."""
     dt = torch.float32
     for x, _ in parts:
         dt = torch.promote_types(dt, x.dtype)
