@@ -91,7 +91,7 @@ class TokenState:
     group: object = None
     home_T: torch.Tensor | None = None
     origin_T: torch.Tensor | None = None
-    rows_N: torch.Tensor | None = None  # batch rows of the current router call when not all (decode.py)
+    rows_N: torch.Tensor | None = None  # batch rows of a router call on a subset (trace routing; unset today)
     counters: dict = field(default_factory=lambda: dict(dispatch_rows=0, combine_rows=0, allgather_rows=0,
                                                         all_to_all_calls=0, all_gather_calls=0, layers=0))
 

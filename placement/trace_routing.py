@@ -14,8 +14,8 @@ its identity, not of the call: the token at batch row b and absolute position p 
 token ``(b * stride + p) mod N`` (row b reads a contiguous stretch of the trace, as a request
 would). A forward pre-hook on ``model.rotary`` (called with the positions [B, T] of every
 forward and decode step) remembers the positions; a forward hook on each router replaces its
-output. A router call on a subset of rows names them in ``TokenState.rows_N`` (decode.py sets
-it). Weights are the trace's, or uniform 1/K when it has none, so the routing does not depend
+output. A router call on a subset of rows may name them in ``TokenState.rows_N`` (nothing sets it
+now: ExFlow's decoding in decode.py routes the whole batch with a mask of owned rows). Weights are the trace's, or uniform 1/K when it has none, so the routing does not depend
 on the hidden states: every rank, plan and mode sees identical expert ids and weights.
 
 Seeded weights. A random model of a trace's shape can be large (16 layers x 64 experts of
@@ -91,8 +91,8 @@ class _Positions:
 def install_trace_routing(model, spec: TraceRoutingSpec, state=None) -> list:
     """Make every router of ``model`` return the trace's routing; returns the hook handles.
 
-    ``state``: the rank's TokenState (runtime.py), whose ``rows_N`` names the rows of a router
-    call on a subset of the batch. Install again after ``model.reset_rotary`` (new module)."""
+    ``state``: the rank's TokenState (runtime.py), whose ``rows_N``, when set, names the rows of a
+    router call on a subset of the batch. Install again after ``model.reset_rotary`` (new module)."""
     blocks = model.moe_blocks()
     L, N, K = spec.shape
     if L < len(blocks):

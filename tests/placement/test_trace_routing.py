@@ -116,7 +116,7 @@ def test_runtime_ranks_route_by_the_trace(ray_session):
                 rows = sum(x["dispatch_rows"] + x["combine_rows"] for x in rt.counters())
                 pred = (f.cc_messages_per_token if mode == "coherent" else f.ep_messages_per_token) * sub.num_tokens
                 assert rows == pytest.approx(pred), (plan.method, mode)
-                toks, logits = rt.greedy(ids, 3, home_only=True)  # decode routes subsets of rows
+                toks, logits = rt.greedy(ids, 3, home_only=True)  # ExFlow's decoding: each row's home routes it
                 assert torch.equal(toks, ref_toks), (plan.method, mode)
                 torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     finally:
