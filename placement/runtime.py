@@ -91,7 +91,6 @@ class TokenState:
     group: object = None
     home_T: torch.Tensor | None = None
     origin_T: torch.Tensor | None = None
-    rows_N: torch.Tensor | None = None  # batch rows of a router call on a subset (trace routing; unset today)
     counters: dict = field(default_factory=lambda: dict(dispatch_rows=0, combine_rows=0, allgather_rows=0,
                                                         all_to_all_calls=0, all_gather_calls=0, layers=0))
 
@@ -247,13 +246,18 @@ def copies_table(plan: PlacementPlan, layer: int) -> torch.Tensor:
     return out
 
 
+def _dense_part(model, prefixes: dict[int, str]) -> dict:
+    """Every parameter and buffer but the routed experts' weights, on the CPU (what every rank gets)."""
+    expert_keys = {f"{p}.experts.{w}" for p in prefixes.values() for w in ("w13", "w2")}
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in expert_keys}
+
+
 def split_state_dict(model, plan: PlacementPlan) -> tuple[dict, list[dict]]:
     """(dense parameters, per rank {prefix.experts.w13/w2: local slice}) — what each actor receives."""
     blocks = model.moe_blocks()
     plan.check_compatible(len(blocks), blocks[0].experts.num_experts if blocks else 0)
     prefixes = _block_prefixes(model)
-    expert_keys = {f"{p}.experts.{w}" for p in prefixes.values() for w in ("w13", "w2")}
-    dense = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in expert_keys}
+    dense = _dense_part(model, prefixes)
     per_rank = []
     for r in range(plan.num_ranks):
         d = {}
@@ -268,12 +272,10 @@ def split_state_dict(model, plan: PlacementPlan) -> tuple[dict, list[dict]]:
 def split_units(model, world: int) -> tuple[dict, list[dict]]:
     """Like ``split_state_dict`` for the adaptive layer: each rank's expert units (ShardLayout)."""
     from .adaptive import ShardLayout
-    blocks = model.moe_blocks()
     prefixes = _block_prefixes(model)
-    expert_keys = {f"{p}.experts.{w}" for p in prefixes.values() for w in ("w13", "w2")}
-    dense = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in expert_keys}
+    dense = _dense_part(model, prefixes)
     per_rank = [{} for _ in range(world)]
-    for b in blocks:
+    for b in model.moe_blocks():
         w13, w2 = b.experts.w13.detach().cpu(), b.experts.w2.detach().cpu()
         layout = ShardLayout(w13.shape[0], w13.shape[1] // 2, world)
         for r in range(world):
@@ -448,7 +450,7 @@ class EPWorker:
         self.model = model.eval()
         if self.trace_spec is not None:
             from .trace_routing import install_trace_routing
-            install_trace_routing(self.model, self.trace_spec, self.state)
+            install_trace_routing(self.model, self.trace_spec)
         return sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
 
     def set_trace_routing(self, spec) -> None:
@@ -464,10 +466,12 @@ class EPWorker:
             self.state.mode = mode
 
     @torch.no_grad()
-    def forward(self, input_ids_BT: torch.Tensor, valid_BT: torch.Tensor | None = None) -> torch.Tensor | None:
+    def forward(self, input_ids_BT: torch.Tensor, valid_BT: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor | None:
         if self.model is None:  # idle under a plan on fewer ranks
             return None
-        out = self.model(input_ids_BT.to(self.device), valid_BT=None if valid_BT is None else valid_BT.to(self.device))
+        out = self.model(input_ids_BT.to(self.device), valid_BT=None if valid_BT is None else valid_BT.to(self.device),
+                         last_only=last_only)
         return out.cpu()
 
     @torch.no_grad()
@@ -629,9 +633,10 @@ class ExpertParallelRuntime:
         import ray
         return ray.get([getattr(w, method).remote(*args) for w in self.workers])
 
-    def forward(self, input_ids_BT: torch.Tensor, valid_BT: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, T, V] (every rank computes them; rank 0's are returned)."""
-        return self._all("forward", input_ids_BT.cpu(), None if valid_BT is None else valid_BT.cpu())[0]
+    def forward(self, input_ids_BT: torch.Tensor, valid_BT: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, V], or [B, 1, V] with ``last_only`` (every rank computes them; rank 0's are returned)."""
+        return self._all("forward", input_ids_BT.cpu(), None if valid_BT is None else valid_BT.cpu(), last_only)[0]
 
     def greedy(self, input_ids_BT: torch.Tensor, max_new_tokens: int, home_only: bool = False):
         """(tokens [B, n], logits [B, n, V]) of greedy decoding; see EPWorker.greedy."""

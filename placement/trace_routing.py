@@ -14,8 +14,8 @@ its identity, not of the call: the token at batch row b and absolute position p 
 token ``(b * stride + p) mod N`` (row b reads a contiguous stretch of the trace, as a request
 would). A forward pre-hook on ``model.rotary`` (called with the positions [B, T] of every
 forward and decode step) remembers the positions; a forward hook on each router replaces its
-output. A router call on a subset of rows may name them in ``TokenState.rows_N`` (nothing sets it
-now: ExFlow's decoding in decode.py routes the whole batch with a mask of owned rows). Weights are the trace's, or uniform 1/K when it has none, so the routing does not depend
+output (every router call sees the whole batch: ExFlow's decoding in decode.py routes all rows
+with a mask of the owned ones). Weights are the trace's, or uniform 1/K when it has none, so the routing does not depend
 on the hidden states: every rank, plan and mode sees identical expert ids and weights.
 
 Seeded weights. A random model of a trace's shape can be large (16 layers x 64 experts of
@@ -88,11 +88,10 @@ class _Positions:
         self.pos_BT: torch.Tensor | None = None
 
 
-def install_trace_routing(model, spec: TraceRoutingSpec, state=None) -> list:
+def install_trace_routing(model, spec: TraceRoutingSpec) -> list:
     """Make every router of ``model`` return the trace's routing; returns the hook handles.
 
-    ``state``: the rank's TokenState (runtime.py), whose ``rows_N``, when set, names the rows of a
-    router call on a subset of the batch. Install again after ``model.reset_rotary`` (new module)."""
+    Install again after ``model.reset_rotary`` (new module)."""
     blocks = model.moe_blocks()
     L, N, K = spec.shape
     if L < len(blocks):
@@ -116,14 +115,9 @@ def install_trace_routing(model, spec: TraceRoutingSpec, state=None) -> list:
             if seen.pos_BT is None:
                 raise RuntimeError("trace routing saw no positions: the model must call model.rotary first")
             pos_BT = seen.pos_BT
-            rows = getattr(state, "rows_N", None) if state is not None else None
-            if rows is None:  # the whole batch, flattened row-major as the block does
-                B, T = pos_BT.shape
-                rows_n = torch.arange(B, device=pos_BT.device).repeat_interleave(T)
-                pos_n = pos_BT.reshape(-1)
-            else:  # a decode step's subset of rows, one token each
-                rows_n = rows.to(pos_BT.device)
-                pos_n = pos_BT[rows_n, -1]
+            B, T = pos_BT.shape  # the whole batch, flattened row-major as the block does
+            rows_n = torch.arange(B, device=pos_BT.device).repeat_interleave(T)
+            pos_n = pos_BT.reshape(-1)
             if rows_n.shape[0] != ids_nK.shape[0]:
                 raise RuntimeError(f"trace routing: router saw {ids_nK.shape[0]} tokens, positions name "
                                    f"{rows_n.shape[0]}")
