@@ -343,7 +343,7 @@ def write_random_model(name: str, layers: int, scratch: str, device: str) -> str
         max_position_embeddings=4096)
     t0 = time.perf_counter()
     dev = "cuda" if device in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
-    model = MoEForCausalLM(MoEConfig.from_hf_dict(cfg.to_hf_dict()), dtype=torch.bfloat16, device="meta")
+    model = MoEForCausalLM(cfg, dtype=torch.bfloat16, device="meta")
     model.to_empty(device=dev)
     model.reset_rotary(dev)
     model.init_weights(std=0.02, seed=0)
@@ -378,20 +378,14 @@ def expert_budget_bytes(model_dir: str, share: float, batch: int, max_len: int) 
     return f"{total / 2**30:.3f}GiB"
 
 
-def pinned_copy_gbps(nbytes: int = 256 << 20, reps: int = 5) -> float:
-    """Host (pinned) -> GPU copy bandwidth measured here, GB/s: the floor of an offloaded step is
-    the bytes it copies over this."""
+def pinned_copy_gbps(nbytes: int = 256 << 20) -> float:
+    """Host (pinned) -> GPU copy bandwidth measured here, GB/s (offload's own measurement): the floor
+    of an offloaded step is the bytes it copies over this."""
     import torch
 
-    src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
-    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst.copy_(src, non_blocking=True)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        dst.copy_(src, non_blocking=True)
-    torch.cuda.synchronize()
-    return nbytes * reps / (time.perf_counter() - t0) / 1e9
+    from offload.cost_model import copy_bytes_per_s
+
+    return copy_bytes_per_s("cuda", torch.empty(nbytes, dtype=torch.uint8)) / 1e9
 
 
 def vocab_size(args) -> int:

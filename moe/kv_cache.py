@@ -33,6 +33,11 @@ class KVCache:
         self._k: dict[int, torch.Tensor] = {}  # layer -> [B, H, S, Dk]
         self._v: dict[int, torch.Tensor] = {}  # layer -> [B, H, S, Dv]
 
+    @staticmethod
+    def storage_slots(max_len: int) -> int:
+        """Slots each row's keys/values take: max_len and the spare slot for padding past the end."""
+        return max_len + 1
+
     # --- positions and masks (computed once per forward, shared by all layers) -------------
     def positions(self, T: int) -> torch.Tensor:
         """Absolute positions of T new tokens: [B, T]."""
@@ -57,11 +62,10 @@ class KVCache:
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new keys/values of ``layer``; return the first ``num_slots`` slots [B, H, num_slots, D]."""
         B, H, T, Dk = k_BHTD.shape
-        if layer not in self._k:  # + 1: the spare slot that padding past the end is written to
-            self._k[layer] = torch.zeros(self.batch_size, H, self.max_len + 1, Dk, device=self.device,
-                                         dtype=self.dtype)
-            self._v[layer] = torch.zeros(self.batch_size, H, self.max_len + 1, v_BHTD.shape[-1],
-                                         device=self.device, dtype=self.dtype)
+        if layer not in self._k:
+            S = self.storage_slots(self.max_len)
+            self._k[layer] = torch.zeros(self.batch_size, H, S, Dk, device=self.device, dtype=self.dtype)
+            self._v[layer] = torch.zeros(self.batch_size, H, S, v_BHTD.shape[-1], device=self.device, dtype=self.dtype)
         k_all, v_all = self._k[layer], self._v[layer]
         # slot of each new token; padding past the end goes to the spare slot (check_room has made
         # sure every valid token fits below max_len)

@@ -186,7 +186,8 @@ def kv_cache_bytes(config, batch_size: int, max_len: int, dtype: torch.dtype = t
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         per = 2 * config.num_key_value_heads * head_dim
     elem = torch.empty((), dtype=dtype).element_size()
-    slots = max_len + 1 if max_len else 0  # KVCache keeps one spare slot per row for padding past the end
+    from moe.kv_cache import KVCache
+    slots = KVCache.storage_slots(max_len) if max_len else 0
     return int(per * config.num_hidden_layers * batch_size * slots * elem)
 
 

@@ -27,6 +27,24 @@ def _timeit(fn, repeat: int = 3) -> float:
     return best
 
 
+def copy_bytes_per_s(device, src: torch.Tensor) -> float:
+    """Measured host -> ``device`` copy rate of ``src`` (pinned first, on a GPU), bytes/s."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        src = src if src.is_pinned() else src.pin_memory()
+        dst = torch.empty_like(src, device=device)
+        torch.cuda.synchronize(device)
+
+        def copy():
+            dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize(device)
+        t = _timeit(copy)
+    else:
+        dst = torch.empty_like(src)
+        t = _timeit(lambda: dst.copy_(src))
+    return src.numel() * src.element_size() / t
+
+
 @dataclass
 class CostModel:
     copy_bytes_per_s: float
@@ -51,21 +69,7 @@ class CostModel:
         """Measure on this machine with one real expert (host tensors, ideally pinned)."""
         from kernels import expert_mlp_reference
 
-        device = torch.device(device)
-        if device.type == "cuda":
-            src = w13_JD if w13_JD.is_pinned() else w13_JD.pin_memory()
-            dst = torch.empty_like(src, device=device)
-            torch.cuda.synchronize(device)
-
-            def copy():
-                dst.copy_(src, non_blocking=True)
-                torch.cuda.synchronize(device)
-            t = _timeit(copy)
-            bw = src.numel() * src.element_size() / t
-        else:
-            dst = torch.empty_like(w13_JD)
-            t = _timeit(lambda: dst.copy_(w13_JD))
-            bw = w13_JD.numel() * w13_JD.element_size() / t
+        bw = copy_bytes_per_s(device, w13_JD)
         D = w13_JD.shape[1]
         x1 = torch.randn(1, D, dtype=w13_JD.dtype)
         x8 = torch.randn(8, D, dtype=w13_JD.dtype)

@@ -77,7 +77,6 @@ class ExpertParallelModel:
         self.config = config
         self.dtype = dtype
         self.device = torch.device("cpu")  # where the engine builds its inputs; the ranks move them
-        self.mode = runtime.cfg.mode
 
     def new_cache(self, batch_size: int, max_len: int) -> _RanksCache:
         self.runtime.open_cache(batch_size, max_len)
@@ -87,12 +86,7 @@ class ExpertParallelModel:
     def forward(self, input_ids_BT: torch.Tensor, cache: _RanksCache | None = None,
                 valid_BT: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         if cache is None:
-            logits = self.runtime.forward(input_ids_BT, valid_BT)
-            if last_only:
-                B, T = input_ids_BT.shape
-                last = (valid_BT.sum(1) - 1).clamp(min=0) if valid_BT is not None else torch.full((B,), T - 1)
-                logits = logits[torch.arange(B), last][:, None]
-            return logits
+            return self.runtime.forward(input_ids_BT, valid_BT, last_only)
         return self.runtime.step(input_ids_BT, valid_BT, cache.take_resets(), last_only)
 
     __call__ = forward
@@ -106,7 +100,7 @@ class ExpertParallelModel:
         if self.runtime.cfg.parallel == "adaptive":  # the strategy the adaptive layer ran last
             used = counters[0].get("strategy") if counters else None
             return {"cross_rank_tokens": rows, "strategy": f"expert-parallel-adaptive:{used or 'none yet'}"}
-        return {"cross_rank_tokens": rows, "strategy": f"expert-parallel-{self.mode}"}
+        return {"cross_rank_tokens": rows, "strategy": f"expert-parallel-{self.runtime.cfg.mode}"}
 
     def shutdown(self) -> None:
         self.runtime.shutdown()
