@@ -29,6 +29,7 @@ hosts' part, so a host sees each token once.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -38,6 +39,7 @@ from torch import nn
 
 from kernels import get_backend
 
+from .cpu_compute import Miss, expert_mlp_slice, expert_mlp_slice_t, split_misses
 from .store import DiskExpertStore, ExpertStore, HostExpertStore
 
 REHOME = ("auto", "host", "local")
@@ -52,9 +54,16 @@ class TierRuntimeConfig:
     re-homed; off, a host death without a checkpoint is an error.
     dispatch: 'static' — the plan says who computes each expert; 'split' — with an offload
     cache as the inner module (offload.apply.install before apply_cpu_tier), hits are computed
-    from the cache and misses shared between PCIe copies and the hosts (GPU cache + CPU hosts)."""
+    from the cache and misses shared between PCIe copies and the hosts (GPU cache + CPU hosts).
+    granularity (with dispatch='split'): 'expert' — each miss is copied whole into the cache or
+    computed whole on its host; 'slice' — each miss is split over its ffn columns, [0, c) copied
+    to a staging buffer and computed on the device, [c, I) on its host, c chosen so that the copy
+    engine and the hosts finish together (offload.cpu_compute.split_misses; c a multiple of
+    `align`, c == I a whole copy into the cache). A partly copied expert is NOT put in the cache."""
     rehome: str = "auto"
     dispatch: str = "static"
+    granularity: str = "expert"
+    align: int = 128
     max_retries: int = 3
     timeout_s: float | None = None
     keep_source: bool = True
@@ -65,6 +74,13 @@ class TierRuntimeConfig:
         if self.dispatch not in ("static", "split"):
             raise ValueError(f"dispatch must be 'static' (the plan's owners) or 'split' (cache hits local, misses "
                              f"split between copies and hosts), got {self.dispatch!r}")
+        if self.granularity not in ("expert", "slice"):
+            raise ValueError(f"granularity must be 'expert' (whole misses copied or on a host) or 'slice' (each miss "
+                             f"split over its ffn columns), got {self.granularity!r}")
+        if self.granularity == "slice" and self.dispatch != "split":
+            raise ValueError("granularity='slice' splits cache misses: it needs dispatch='split'")
+        if self.align < 1:
+            raise ValueError(f"align (ffn columns per slice step) must be >= 1, got {self.align}")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
 
@@ -84,6 +100,11 @@ class _TierCounters:
     calls: int = 0
     retries: int = 0
     rehomed: int = 0
+    split_experts: int = 0  # misses computed partly on the device, partly on a host (granularity='slice')
+    slice_bytes: int = 0  # bytes of those experts' slices copied to the staging buffer
+    model_copy_s: float = 0.0  # the cost model's copy-engine time of the misses (whole copies + slices)
+    model_host_s: float = 0.0  # its host time (all hosts)
+    model_floor_s: float = 0.0  # Σ over layer calls of max(copy engine, busiest host): the split's floor
 
 
 def _weight_wire(client):
@@ -110,6 +131,42 @@ class TierRuntime:
         self.layers: list[TieredExperts] = []
         self.counters = _TierCounters()
         self.dead: set[int] = set()
+        self.w2t: list[torch.Tensor] = []  # granularity='slice': each layer's w2 as [E, I, D] (pinned on CUDA)
+        self._stage: torch.Tensor | None = None  # device staging rows of the copied slices
+        self._pinned: dict[str, torch.Tensor] = {}  # device->host buffers of ids, weights and x
+
+    # --- granularity='slice' buffers ------------------------------------------------------------
+    def build_w2t(self, store: ExpertStore, pin: bool) -> None:
+        """w2 transposed, expert by expert: a slice of ffn columns is then D-contiguous rows, one
+        plain async copy (a column slice of [D, I] would be gathered on the CPU first). Costs a
+        third of the experts' bytes of host RAM more."""
+        D, I = store.w2_shape
+        for l in range(store.num_layers):
+            t = torch.empty(store.num_experts, I, D, dtype=store.dtype, pin_memory=pin)
+            for e in range(store.num_experts):
+                t[e].copy_(store.get(l, e)[1].t())
+            self.w2t.append(t)
+
+    def staging(self, rows: int, hidden: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """[>= rows, D] on the device, reused by every layer (grown, never shrunk). Reuse is safe:
+        a layer's copies into it are queued after that layer's one host sync, which comes after
+        the previous layer's reads of it (its output feeds this layer's router)."""
+        st = self._stage
+        if st is None or st.shape[0] < rows or st.device != device or st.dtype != dtype:
+            grow = 2 * st.shape[0] if st is not None and st.dtype == dtype else rows
+            self._stage = st = torch.empty(max(rows, grow), hidden, dtype=dtype, device=device)
+        return st
+
+    def to_host(self, name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Queue t's copy into a pinned host buffer (non_blocking); valid after the caller syncs."""
+        if t.device.type != "cuda":
+            return t.detach().to(dtype)
+        buf = self._pinned.get(name)
+        if buf is None or buf.numel() < t.numel():
+            buf = self._pinned[name] = torch.empty(max(t.numel(), 1024), dtype=dtype, pin_memory=True)
+        out = buf[:t.numel()].view(t.shape)
+        out.copy_(t.detach().to(dtype), non_blocking=True)
+        return out
 
     # --- failures ---------------------------------------------------------------------------
     def host_died(self, host: int) -> None:
@@ -173,7 +230,9 @@ class TierRuntime:
                 "cpu_bytes_sent": c.host_bytes, "local_s": c.local_s, "wait_s": c.wait_s, "submit_s": c.submit_s,
                 "host_compute_s": c.host_compute_s, "calls": c.calls, "retries": c.retries,
                 "rehomed_experts": c.rehomed, "dead_hosts": sorted(self.dead),
-                "experts_on_hosts": int((self.host_of >= 0).sum())}
+                "experts_on_hosts": int((self.host_of >= 0).sum()), "split_experts": c.split_experts,
+                "slice_bytes_copied": c.slice_bytes, "model_copy_s": c.model_copy_s,
+                "model_host_s": c.model_host_s, "model_floor_s": c.model_floor_s}
 
     def reset_stats(self) -> None:
         self.counters = _TierCounters()
@@ -236,7 +295,7 @@ class TieredExperts(nn.Module):
                 x_cpu[0] = x_TD.detach().to("cpu", rt.host_dtype)
             ids_NK = np.where(sel_TK[rows], ids_np[rows], -1)
             x_ND = to_wire(x_cpu[0][rows])
-            pending.append((h, rows, rt.hosts[h].submit("compute", self.layer, x_ND, ids_NK, w_np[rows])))
+            pending.append((h, rows, rt.hosts[h].submit("compute", self.layer, x_ND, ids_NK, w_np[rows]), False))
             c = rt.counters
             c.host_pairs[h] = c.host_pairs.get(h, 0) + int(sel_TK[rows].sum())
             c.host_rows += len(rows)
@@ -250,9 +309,13 @@ class TieredExperts(nn.Module):
         rt = self.runtime
         y_TD = torch.zeros(T, D, dtype=rt.host_dtype)
         t0 = time.perf_counter()
-        for h, rows, fut in pending:
-            y_ND, secs = rt.hosts[h].wait(fut, rt.cfg.timeout_s)
-            y_TD.index_add_(0, torch.from_numpy(rows), from_wire(y_ND, rt.host_dtype))
+        for h, rows, fut, shared in pending:
+            out = rt.hosts[h].wait(fut, rt.cfg.timeout_s)
+            if shared:  # compute_shared wrote the rows into the host's output buffer
+                y_ND, secs = rt.hosts[h].buffers(len(rows), D, rt.host_dtype)[1][:len(rows)], out
+            else:
+                y_ND, secs = from_wire(out[0], rt.host_dtype), out[1]
+            y_TD.index_add_(0, torch.from_numpy(rows), y_ND)
             rt.counters.host_compute_s += secs
         rt.counters.wait_s += time.perf_counter() - t0
         return y_TD
@@ -296,8 +359,169 @@ class TieredExperts(nn.Module):
             owner_E[to_copy] = -1
         return owner_E
 
+    # --- granularity='slice': every miss split over its ffn columns ---------------------------
+    def _forward_slices(self, x_TD, topk_ids_TK, topk_weights_TK):
+        """Hits and whole copies through the cache (inner); each split miss: columns [0, c) from
+        the staging buffer on the device, [c, I) on its host; misses left whole on a host too.
+        One host sync per call (ids, weights and x copied to pinned buffers together)."""
+        from serve.cpu_host import HostDied
+        rt, cache, layer = self.runtime, self.inner.cache, self.layer
+        T, D = x_TD.shape
+        E = self.num_experts
+        ids_h = rt.to_host("ids", topk_ids_TK, torch.int64)
+        w_h = rt.to_host("w", topk_weights_TK, torch.float32)
+        x_h = rt.to_host("x", x_TD, rt.host_dtype)
+        if x_TD.device.type == "cuda":
+            torch.cuda.current_stream(x_TD.device).synchronize()  # the one sync: routing decides what moves
+        ids_np, w_np = ids_h.numpy().copy(), w_h.numpy().copy()  # the pinned buffers are the next layer's
+        if ids_np.size and ids_np.max() >= E:
+            raise ValueError(f"expert id {int(ids_np.max())} out of range for {E} experts")
+        c = rt.counters
+        c.calls += 1
+        I = cache.store.w2_shape[1]
+        cost = self.inner.cost_model
+        owner_E = rt.host_of[layer]
+        experts, counts = np.unique(ids_np[ids_np >= 0], return_counts=True)
+        misses = [Miss(int(e), int(owner_E[e]), cost.cpu_s(int(n))) for e, n in zip(experts, counts)
+                  if owner_E[e] >= 0 and not cache.is_resident(layer, int(e))]
+        sp = split_misses(misses, cost.copy_s(cache.store.expert_bytes), I, self.runtime.cfg.align)
+        c.model_copy_s += sp.copy_s
+        c.model_host_s += sum(sp.host_s.values())
+        c.model_floor_s += sp.makespan_s
+        cols_E = np.full(E, I, dtype=np.int64)  # ffn columns [0, cols) computed on the device
+        for e, col in sp.copy_cols.items():
+            cols_E[e] = col
+        pending = self._submit_cols(ids_np, w_np, x_h, cols_E, I, owner_E)  # the hosts start first
+        part = [(e, col) for e, col in sorted(sp.copy_cols.items()) if 0 < col < I]
+        staged = self._stage_slices(part, I, D, x_TD.device) if part else None  # then the slices' copies
+        on_host = [e for e, col in sp.copy_cols.items() if col < I]
+        if on_host:
+            cache.count_cpu(layer, on_host)  # misses the cache did not copy (its hit ratio stays honest)
+        dev_NK = np.where((ids_np >= 0) & (cols_E[ids_np.clip(0)] == I), ids_np, -1)
+        c.inner_pairs += int((dev_NK >= 0).sum())
+        y_TD = self.inner(x_TD, _to_device(dev_NK, x_TD.device), topk_weights_TK)  # hits and whole copies
+        if staged is not None:
+            y_TD = y_TD + self._staged_part(x_TD, topk_weights_TK, ids_np, part, staged)
+        t0 = time.perf_counter()
+        for attempt in range(rt.cfg.max_retries + 1):
+            try:
+                y_host = self._gather(pending, T, D)
+                break
+            except HostDied as err:
+                if attempt == rt.cfg.max_retries:
+                    raise
+                rt.counters.retries += 1
+                rt.host_died(err.host_id)
+                # the failed attempt's partial sums are dropped; every host part is recomputed by
+                # its (new) owner, or on this device when it was re-homed here
+                pending = self._submit_cols(ids_np, w_np, x_h, cols_E, I, rt.host_of[layer])
+        c.local_s += time.perf_counter() - t0
+        y_TD = y_TD + y_host.to(x_TD.device, x_TD.dtype)
+        here = [int(e) for e in experts if cols_E[e] < I and rt.host_of[layer, e] < 0]
+        if here:  # re-homed into this device mid-call: their host part from the local copies
+            y_TD = y_TD + self._local_cols(x_TD, topk_weights_TK, ids_np, here, cols_E, I)
+        return y_TD
+
+    def _submit_cols(self, ids_np, w_np, x_h, cols_E, I, owner_E):
+        """Each host: the rows of its tokens whose expert it computes columns [cols, I) of."""
+        from serve.cpu_host import HostDied, to_wire
+        rt = self.runtime
+        t0 = time.perf_counter()
+        safe = ids_np.clip(0)
+        own_TK = np.where((ids_np >= 0) & (cols_E[safe] < I), owner_E[safe], -1)
+        pending = []
+        for h in np.unique(own_TK[own_TK >= 0]).tolist():
+            sel_TK = own_TK == h
+            rows = np.flatnonzero(sel_TK.any(1))
+            ids_NK = np.where(sel_TK[rows], ids_np[rows], -1)
+            es = np.unique(ids_NK[ids_NK >= 0])
+            es = es[cols_E[es] > 0]
+            cols = np.stack([es, cols_E[es], np.full(len(es), I)], 1) if len(es) else None
+            client = rt.hosts[h]
+            if client.shares_memory:
+                try:
+                    xb, yb = client.buffers(len(rows), x_h.shape[1], rt.host_dtype)
+                    torch.index_select(x_h, 0, torch.from_numpy(rows), out=xb[:len(rows)])
+                except HostDied:
+                    pass  # the host is marked dead: the submit below fails, and its wait re-homes
+                fut = client.submit("compute_shared", self.layer, len(rows), ids_NK, w_np[rows], cols)
+            else:
+                xb = to_wire(x_h[torch.from_numpy(rows)])
+                fut = client.submit("compute", self.layer, xb, ids_NK, w_np[rows], cols)
+            pending.append((h, rows, fut, client.shares_memory))
+            c = rt.counters
+            c.host_pairs[h] = c.host_pairs.get(h, 0) + int(sel_TK[rows].sum())
+            c.host_rows += len(rows)
+            c.host_expert_calls += len(np.unique(ids_NK[ids_NK >= 0]))
+            c.host_bytes += len(rows) * x_h.shape[1] * x_h.element_size()
+        rt.counters.submit_s += time.perf_counter() - t0
+        return pending
+
+    def _stage_slices(self, part, I, D, device):
+        """Queue the copies of each split expert's columns [0, c) (gate rows, up rows, w2^T rows:
+        three contiguous pinned copies each) into the staging buffer, on the cache's copy stream."""
+        rt, cache = self.runtime, self.inner.cache
+        store = cache.store
+        buf = rt.staging(3 * sum(col for _, col in part), D, store.dtype, device)
+        stream = cache.copy_stream
+        offs, r = [], 0
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for e, col in part:
+                w13_JD = store.get(self.layer, e)[0]
+                w2t_ID = rt.w2t[self.layer][e]
+                nb = w13_JD.is_pinned()
+                buf[r:r + col].copy_(w13_JD[:col], non_blocking=nb)
+                buf[r + col:r + 2 * col].copy_(w13_JD[I:I + col], non_blocking=nb)
+                buf[r + 2 * col:r + 3 * col].copy_(w2t_ID[:col], non_blocking=w2t_ID.is_pinned())
+                offs.append(r)
+                r += 3 * col
+            done = None
+            if stream is not None:
+                done = torch.cuda.Event()
+                done.record(stream)
+        rt.counters.split_experts += len(part)
+        rt.counters.slice_bytes += r * D * buf.element_size()
+        return buf, offs, done
+
+    def _staged_part(self, x_TD, w_TK, ids_np, part, staged):
+        """Σ over the split experts' tokens of w · (their columns [0, c) from the staging buffer)."""
+        buf, offs, done = staged
+        if done is not None:
+            torch.cuda.current_stream(x_TD.device).wait_event(done)  # the device waits, not the host
+        K = ids_np.shape[1]
+        flat = ids_np.reshape(-1)
+        pos_of = [np.flatnonzero(flat == e) for e, _ in part]
+        pos_all = _to_device(np.concatenate(pos_of), x_TD.device)
+        w_flat = w_TK.reshape(-1)
+        y_TD = torch.zeros_like(x_TD)
+        s = 0
+        for (e, col), r, p in zip(part, offs, pos_of):
+            pos = pos_all[s:s + len(p)]
+            s += len(p)
+            tok = pos // K
+            out = expert_mlp_slice_t(x_TD[tok].to(buf.dtype), buf[r:r + col], buf[r + col:r + 2 * col],
+                                     buf[r + 2 * col:r + 3 * col])
+            y_TD.index_add_(0, tok, (out * w_flat[pos, None].to(out.dtype)).to(y_TD.dtype))
+        return y_TD
+
+    def _local_cols(self, x_TD, w_TK, ids_np, experts, cols_E, I):
+        """Columns [cols, I) of experts re-homed into this device (their local copies)."""
+        K = ids_np.shape[1]
+        flat = ids_np.reshape(-1)
+        w_flat = w_TK.reshape(-1)
+        y_TD = torch.zeros_like(x_TD)
+        for e in experts:
+            pos = _to_device(np.flatnonzero(flat == e), x_TD.device)
+            tok = pos // K
+            loc = int(self.local_of_E[e])
+            out = expert_mlp_slice(x_TD[tok].to(self.w13.dtype), self.w13[loc], self.w2[loc], int(cols_E[e]), I)
+            y_TD.index_add_(0, tok, (out * w_flat[pos, None].to(out.dtype)).to(y_TD.dtype))
+        return y_TD
+
     def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
         rt = self.runtime
+        if rt.cfg.granularity == "slice":
+            return self._forward_slices(x_TD, topk_ids_TK, topk_weights_TK)
         T, D = x_TD.shape
         E = self.num_experts
         ids_np = topk_ids_TK.detach().cpu().numpy().astype(np.int64)
@@ -343,6 +567,14 @@ class TieredExperts(nn.Module):
         if y_loc is not None:
             y_TD = y_TD + y_loc
         return y_TD + y_host.to(x_TD.device, x_TD.dtype)
+
+
+def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A small host array on the device without a host wait (pinned, non_blocking)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def apply_cpu_tier(model: nn.Module, plan, hosts: list, config: TierRuntimeConfig | None = None,
@@ -426,6 +658,8 @@ def apply_cpu_tier(model: nn.Module, plan, hosts: list, config: TierRuntimeConfi
         source = HostExpertStore([(b.experts.w13.detach().to("cpu", host_dtype),
                                    b.experts.w2.detach().to("cpu", host_dtype)) for b in blocks])
     rt = TierRuntime(hosts, host_of, cfg, source, checkpoint, layer_ids, host_dtype, share)
+    if cfg.granularity == "slice":  # the split is sized by the cache's cost model (install always makes one)
+        rt.build_w2t(store, pin=dev.type == "cuda")
     for l, b in enumerate(blocks):
         ex = b.experts
         backend = getattr(ex, "backend", "torch")

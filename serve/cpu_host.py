@@ -8,6 +8,8 @@ J = 2*I (gate rows then up rows), I = expert ffn size.
     host.load_checkpoint(model_dir, layer_ids, [(layer, expert), ...])  # reads only these experts
     host.add_experts(layer, [e, ...], w13_nJD, w2_nDI)                 # or from given tensors
     y_ND, seconds = host.compute(layer, x_ND, ids_NK, w_NK)            # ids of other experts = -1
+    host.compute(layer, x_ND, ids_NK, w_NK, cols=[[e, a, b]])          # expert e over ffn [a, b) only
+    host.attach(x_buf, y_buf); host.compute_shared(layer, n, ids_NK, w_NK, cols)  # rows in place
 
 Filling: from the checkpoint's safetensors memory map (offload.store.DiskExpertStore reads one
 expert's slice of the fused [E, 2I, D] tensor, or the per-expert tensors), expert by expert, so a
@@ -19,7 +21,10 @@ never as pickled torch tensors. Ray passes an argument or a return value of at m
 bigger ones go through the node's shared-memory object store, which the actor reads without a
 copy (numpy views into shared memory) when it runs on the same node. Only the rows of the tokens
 that use the host's experts are sent, so a decode step (one row per sequence) is a few KiB to a
-few hundred KiB: inline for small batches, one shared-memory write for large ones.
+few hundred KiB: inline for small batches, one shared-memory write for large ones. Thread and
+child-process hosts take rows in place instead: `HostClient.buffers` makes an input and an
+output buffer once (shared memory for a child, whose handles cross the pipe once), and each call
+(`compute_shared`) then carries only the layer, the row count, ids, weights and ffn slices.
 
 Compute: the plain SwiGLU reference (kernels.expert_mlp_reference) expert by expert on the host's
 torch threads (``torch.set_num_threads``), the process pinned to given cores with
@@ -169,12 +174,23 @@ class CPUExpertHost:
         return self.nbytes()
 
     # --- compute ---------------------------------------------------------------------------
-    def compute(self, layer: int, x_ND, ids_NK, w_NK) -> tuple[np.ndarray, float]:
+    def compute(self, layer: int, x_ND, ids_NK, w_NK, cols=None) -> tuple[np.ndarray, float]:
         """y_ND (wire array, the host's dtype) = Σ over (row, slot) with a held expert of
         w · expert(x); slots with id -1 belong elsewhere. An id this host does not hold is an
-        error (never a silent zero): the caller's routing table is stale."""
+        error (never a silent zero): the caller's routing table is stale.
+
+        cols: optional [M, 3] int array of (expert, a, b): those experts are computed over ffn
+        columns [a, b) only (offload.cpu_compute.expert_mlp_slice; the device does the rest);
+        experts not listed are computed whole."""
         t0 = time.perf_counter()
         x_ND = from_wire(x_ND, self.dtype) if not isinstance(x_ND, torch.Tensor) else x_ND.to(self.dtype)
+        y_ND = self._compute(layer, x_ND, ids_NK, w_NK, cols)
+        return to_wire(y_ND), time.perf_counter() - t0
+
+    def _compute(self, layer: int, x_ND: torch.Tensor, ids_NK, w_NK, cols) -> torch.Tensor:
+        from offload.cpu_compute import expert_mlp_slice
+
+        t0 = time.perf_counter()
         ids_NK = torch.as_tensor(np.asarray(ids_NK), dtype=torch.long)
         w_NK = torch.as_tensor(np.asarray(w_NK))
         N, K = ids_NK.shape
@@ -184,21 +200,45 @@ class CPUExpertHost:
         missing = [e for e in used if (layer, e) not in self.experts]
         if missing:
             raise ValueError(f"host {self.host_id} does not hold experts {missing} of MoE layer {layer}")
+        part = {int(e): (int(a), int(b)) for e, a, b in np.asarray(cols).reshape(-1, 3)} if cols is not None else {}
         with torch.no_grad():
             for e in used:  # ascending, like the reference
                 pos = (flat_ids == e).nonzero(as_tuple=True)[0]
                 tok = pos // K
                 w13_JD, w2_DI = self.experts[(layer, e)]
-                out = expert_mlp_reference(x_ND[tok], w13_JD, w2_DI)
+                a, b = part.get(e, (0, w2_DI.shape[1]))
+                out = expert_mlp_slice(x_ND[tok], w13_JD, w2_DI, a, b)
                 y_ND = y_ND.index_add(0, tok, out * flat_w[pos, None].to(out.dtype))
-        dt = time.perf_counter() - t0
         c = self.counters
         c.calls += 1
         c.rows += N
         c.pairs += int((flat_ids >= 0).sum())
-        c.compute_s += dt
+        c.compute_s += time.perf_counter() - t0
         c.bytes_in += x_ND.numel() * x_ND.element_size()
-        return to_wire(y_ND), dt
+        return y_ND
+
+    # --- the shared-buffer hand-off (thread and process hosts) ------------------------------
+    def attach(self, x_buf: torch.Tensor, y_buf: torch.Tensor) -> int:
+        """Use these [capacity, D] tensors for `compute_shared`'s input and output rows: the
+        driver's own tensors for a thread host, shared-memory ones (sent once, as handles) for
+        a child process, so that a step's call carries only ids, weights and slices."""
+        if x_buf.shape != y_buf.shape or x_buf.dim() != 2:
+            raise ValueError(f"x and y buffers must both be [capacity, D], got {tuple(x_buf.shape)} and "
+                             f"{tuple(y_buf.shape)}")
+        self._x_buf, self._y_buf = x_buf, y_buf
+        return x_buf.shape[0]
+
+    def compute_shared(self, layer: int, n: int, ids_NK, w_NK, cols=None) -> float:
+        """compute() on the first n rows of the attached x buffer, writing y's first n rows;
+        returns the seconds spent."""
+        t0 = time.perf_counter()
+        xb = getattr(self, "_x_buf", None)
+        if xb is None or n > xb.shape[0]:
+            raise ValueError(f"compute_shared of {n} rows needs attach() of buffers with >= {n} rows first "
+                             f"(attached: {None if xb is None else xb.shape[0]})")
+        y_ND = self._compute(layer, xb[:n].to(self.dtype), ids_NK, w_NK, cols)
+        self._y_buf[:n].copy_(y_ND)
+        return time.perf_counter() - t0
 
     def measure(self, layer: int, expert: int, tokens: tuple[int, ...] = (1, 8), repeat: int = 3) -> dict:
         """Seconds for one held expert at each token count (best of `repeat`, after a warm-up)."""
@@ -318,6 +358,7 @@ class HostClient:
         self.kind = "ray" if actor is not None else "process" if isinstance(local, ProcessHost) else "thread"
         self._pool: ThreadPoolExecutor | None = None
         self._dead = False
+        self._bufs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def alive(self) -> bool:
@@ -362,6 +403,31 @@ class HostClient:
     def call(self, method: str, *args, timeout: float | None = None):
         return self.wait(self.submit(method, *args), timeout)
 
+    @property
+    def shares_memory(self) -> bool:
+        """Whether rows can be handed over in buffers the host reads in place (thread and
+        process hosts: `buffers` + compute_shared); Ray actors get wire arrays instead."""
+        return self.kind != "ray"
+
+    def buffers(self, rows: int, hidden: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The [capacity >= rows, hidden] input and output buffers this host reads and writes in
+        place; made (in shared memory for a child process, whose handles travel once) and
+        attached on first use, doubled when a call needs more rows. Call between calls only."""
+        if not self.shares_memory:
+            raise ValueError("a Ray host takes rows as wire arrays (compute), not shared buffers")
+        if self._dead:
+            raise HostDied(self.host_id)
+        b = self._bufs
+        if b is None or b[0].shape[0] < rows or b[0].shape[1] != hidden or b[0].dtype != dtype:
+            cap = max(rows, 2 * b[0].shape[0] if b is not None and b[0].shape[1] == hidden else 8)
+            x, y = torch.zeros(cap, hidden, dtype=dtype), torch.zeros(cap, hidden, dtype=dtype)
+            if self.kind == "process":
+                x.share_memory_()
+                y.share_memory_()
+            self.call("attach", x, y)
+            self._bufs = b = (x, y)
+        return b
+
     def kill(self) -> None:
         """Stop the host (tests, shutdown); later calls raise HostDied."""
         self._dead = True
@@ -375,6 +441,7 @@ class HostClient:
                 self._pool.shutdown(wait=True)
                 self._pool = None
         self.local = None  # an in-process host's experts are freed with it
+        self._bufs = None
 
 
 @dataclass(frozen=True)
