@@ -13,9 +13,14 @@ offload.route_by_trace; batch B decodes B interleaved requests, one token each p
 
 Configurations (same budget: 25% of the experts' bytes on the GPU):
   gpu-cache+pcie         offload's LRU slot cache, misses copied over PCIe (apply_offload's path)
-  gpu-cache+cpu-hosts    the same cache inside offload.tiered (dispatch='split'): every expert is
-                         also on a CPU host; hits run from the cache, a step's misses are shared
-                         between PCIe copies and the hosts by the calibrated cost model
+  gpu-cache+cpu-hosts    the same cache inside offload.tiered (dispatch='split', granularity='slice'):
+                         every expert is also on a CPU host; hits run from the cache, and each miss
+                         is split over its ffn columns: [0, c) copied over PCIe (to a staging
+                         buffer, not into the cache) and computed on the GPU, [c, I) on its host,
+                         c from the calibrated cost model so that copies and hosts end together
+                         (c == I: a whole copy into the cache)
+  gpu-cache+cpu-hosts/whole  the same with granularity='expert': each miss copied whole or computed
+                         whole on a host (the previous version; the gain of the split is the gap)
   static-tier+cpu-hosts  the tier plan (placement.cpu_tier, solved on a training half of the
                          trace): its GPU experts resident, the rest always computed on the hosts
   cpu-hosts-only         every expert on the CPU hosts, only the routers on the GPU
@@ -27,9 +32,22 @@ with --host-backend thread in-process hosts, one Python thread each, torch's pro
 thread count split between them — said in the output. Floors printed beside each row: PCIe =
 bytes copied per token / measured pinned bandwidth; CPU = the CPU's work per token by the
 measured cost model (expert reads at the measured 1-token time + token-slots at the measured
-per-token rate, all cores).
+per-token rate, all cores); split floor (gpu-cache+cpu-hosts) = Σ over layer calls of the cost
+model's max(copy engine, busiest host) for the split it chose. A line under each split row gives
+experts split per step, slice MiB copied, the per-call submit / wait / host-compute times and the
+cache hit ratio (partly copied experts do not enter the cache, so it is lower than PCIe's).
 
-Measured on the H200 machine (2026-11-28; Mixtral shapes, 4 of 32 layers run, x8 scaled; thread
+Expected at batch 1 (not yet measured on the GPU): one Mixtral miss costs 6.1 ms over PCIe and
+6.8 ms on a 16-thread host, so a split miss takes ~3.2 ms (53% copied). A trace simulation of
+this routing (4 layers, 2 of 8 slots, LRU) gives 0.98 misses per layer and step at 5.95 ms
+with whole copies, 1.29 misses at 4.16 ms of split floor (partial copies stay out of the cache):
+~1.43x before overheads, i.e. ~4.5 ms per layer measured if the per-call overhead is ~0.3 ms,
+about 7 tokens/s against 4.8; host DRAM serving the PCIe copy and the host's reads at once may
+cost more (not measured). A sub-expert cache (slices stay resident, budget shared) simulates
+at 3.69 ms (1.61x); not built.
+
+Measured on the H200 machine with the whole-expert split (today's gpu-cache+cpu-hosts/whole row,
+2026-11-28; Mixtral shapes, 4 of 32 layers run, x8 scaled; thread
 hosts (the default; the machine has no Ray); static tier plan in closed form since it has no
 OR-Tools; `python benchmarks/cpu_tier.py`, 64 s), tokens/s:
                         gpu-cache+pcie  gpu-cache+cpu-hosts  static-tier+cpu-hosts  cpu-hosts-only
@@ -71,7 +89,7 @@ from offload import CostModel, HostExpertStore, OffloadConfig, route_by_trace  #
 from offload.apply import install  # noqa: E402
 from offload.tiered import TierRuntimeConfig, apply_cpu_tier  # noqa: E402
 from routing import synthesize  # noqa: E402
-from serve.cpu_host import HostPoolConfig, start_hosts  # noqa: E402
+from serve.cpu_host import HostPoolConfig, _timed, start_hosts  # noqa: E402
 
 
 def sync(device):
@@ -186,8 +204,18 @@ def main(argv=None):
     ap.add_argument("--scratch", default="/tmp/moeflow-cpu-tier", help="where the process hosts' checkpoint goes")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    ap.add_argument("--align", type=int, default=0,
+                    help="ffn columns per step of a split expert's slice (0: 128, or I/8 for smaller experts)")
+    ap.add_argument("--configs", default="all",
+                    help="comma list of the tier rows to run (gpu-cache+pcie always runs): gpu-cache+cpu-hosts, "
+                         "gpu-cache+cpu-hosts/whole, static-tier+cpu-hosts, cpu-hosts-only")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    every = ("gpu-cache+cpu-hosts", "gpu-cache+cpu-hosts/whole", "static-tier+cpu-hosts", "cpu-hosts-only")
+    only = every if args.configs == "all" else tuple(c.strip() for c in args.configs.split(","))
+    bad = [c for c in only if c not in every]
+    if bad:
+        raise SystemExit(f"unknown --configs {bad}; choose from {', '.join(every)}")
     key = "tiny" if args.smoke else args.model
     shape = SHAPES[key]
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -195,6 +223,7 @@ def main(argv=None):
     E, K, D, I, L_full = shape["E"], shape["K"], shape["D"], shape["I"], shape["layers"]
     elem = torch.empty((), dtype=dtype).element_size()
     eb = 3 * D * I * elem
+    args.align = args.align or min(128, max(1, I // 8))
     ram_layers = max(1, int(0.35 * host_available_bytes() // (E * eb)))  # store + hosts' own copies
     L = max(2, min(L_full, args.layers, ram_layers))
     scale = L_full / L
@@ -262,9 +291,24 @@ def main(argv=None):
         w13_0, w2_0 = store.get(0, 0)
         probe.call("add_experts", 0, [0], w13_0[None], w2_0[None])
     t_host = probe.call("measure", 0, 0, (1, 8))
+    # the hand-off: an empty call, and a 1-row compute_shared of a 1/8 slice (what a batch-1 layer sends)
+    handoff = min(_timed(lambda: probe.call("ping", None)) for _ in range(20))
+    if probe.shares_memory:
+        probe.buffers(1, D, store.dtype)
+        sl = np.array([[0, I - I // 8, I]])
+        one = min(_timed(lambda: probe.call("compute_shared", 0, 1, np.array([[0, -1]]), np.ones((1, 2), np.float32),
+                                            sl)) for _ in range(5))
+        print(f"  host hand-off ({kind}): empty call {handoff * 1e6:.0f} us; 1 row x 1/8 of an expert in shared "
+              f"buffers {one * 1e3:.3f} ms (1/8 of the 1-token expert time: {t_host[1] / 8 * 1e3:.3f} ms)")
+    else:
+        print(f"  host hand-off ({kind}): empty call {handoff * 1e6:.0f} us")
     probe.kill()
     per_tok = max((t_host[8] - t_host[1]) / 7, 1e-9)
-    host_cost = CostModel(copy_bytes_per_s=cost.copy_bytes_per_s, cpu_base_s=max(t_host[1] - per_tok, 0.0),
+    copy_rate = cost.copy_bytes_per_s
+    if args.smoke:  # a CPU "device" copies in microseconds: price a copy like the H200's (copy ~ host) so the split runs
+        copy_rate = eb / t_host[1]
+        print(f"  (smoke: copies priced at the 1-token host time, {copy_rate / 1e9:.2f} GB/s, as on the H200)")
+    host_cost = CostModel(copy_bytes_per_s=copy_rate, cpu_base_s=max(t_host[1] - per_tok, 0.0),
                           cpu_per_token_s=per_tok)
     print(f"  one host ({threads} threads): expert {t_host[1] * 1e3:.3f} ms at 1 token, {t_host[8] * 1e3:.3f} ms at 8 "
           f"(the cost model of the split and of the CPU floors)")
@@ -272,8 +316,8 @@ def main(argv=None):
     budget_bytes = int(args.budget * L * E * eb)
     slots = max(1, int(args.budget * E))
     rows = []
-    hdr = (f"  {'batch':>5} {'config':<20} {'tok/s':>9} {'tok/s/req':>9} {'ms/step':>9} {'PCIe floor':>10} "
-           f"{'CPU floor':>9} {'cpu %':>6}")
+    hdr = (f"  {'batch':>5} {'config':<26} {'tok/s':>9} {'tok/s/req':>9} {'ms/step':>9} {'ms/layer':>8} "
+           f"{'PCIe floor':>10} {'CPU floor':>9} {'split flr':>10} {'cpu %':>6}")
     for B in [int(b) for b in args.batches.split(",")]:
         n = (args.warmup + args.steps) * B
         full = synthesize(num_layers=L, num_experts=E, top_k=K, num_requests=2 * B, tokens_per_request=n // B,
@@ -285,14 +329,17 @@ def main(argv=None):
               f"({budget_bytes / 2 ** 30:.1f} GiB, {slots} of {E} slots per layer)")
         print(hdr)
 
-        def emit(label, secs, steps, pcie_bytes, cpu_s_model, cpu_frac):
+        def emit(label, secs, steps, pcie_bytes, cpu_s_model, cpu_frac, split_s=None):
             ms = secs / steps * 1e3 * scale
             r = dict(batch=B, config=label, tokens_per_s=B * 1e3 / ms, tokens_per_s_per_request=1e3 / ms,
-                     ms_per_step=ms, pcie_floor_ms=pcie_bytes / steps / cost.copy_bytes_per_s * 1e3 * scale,
-                     cpu_floor_ms=cpu_s_model / steps * 1e3 * scale, cpu_fraction=cpu_frac)
+                     ms_per_step=ms, ms_per_layer=ms / L_full,
+                     pcie_floor_ms=pcie_bytes / steps / cost.copy_bytes_per_s * 1e3 * scale,
+                     cpu_floor_ms=cpu_s_model / steps * 1e3 * scale, cpu_fraction=cpu_frac,
+                     split_floor_ms=split_s / steps * 1e3 * scale if split_s is not None else float("nan"))
             rows.append(r)
-            print(f"  {B:>5} {label:<20} {r['tokens_per_s']:>9.2f} {r['tokens_per_s_per_request']:>9.2f} "
-                  f"{ms:>9.1f} {r['pcie_floor_ms']:>9.1f}ms {r['cpu_floor_ms']:>7.1f}ms {100 * cpu_frac:>5.1f}%")
+            print(f"  {B:>5} {label:<26} {r['tokens_per_s']:>9.2f} {r['tokens_per_s_per_request']:>9.2f} "
+                  f"{ms:>9.1f} {r['ms_per_layer']:>8.2f} {r['pcie_floor_ms']:>9.1f}ms {r['cpu_floor_ms']:>7.1f}ms "
+                  f"{r['split_floor_ms']:>9.1f}ms {100 * cpu_frac:>5.1f}%")
 
         # 1. GPU cache + PCIe copies
         cfg = OffloadConfig(slots_per_layer=slots, device=str(device), calibrate=False, policy="lru")
@@ -300,13 +347,17 @@ def main(argv=None):
         secs, steps = decode(blocks, trace, B, args.warmup, device, dtype)
         st = cache.stats()  # counted over warm-up and timed steps: per step, times the timed steps
         emit("gpu-cache+pcie", secs, steps, st["bytes_copied"] * steps / (steps + args.warmup), 0.0, 0.0)
+        print(f"  {'':>5} (cache hit ratio {st['hit_ratio']:.2f})")
         del cache
         # 2. GPU cache + CPU hosts: the same LRU cache; every expert also on a host; a step's
         #    misses shared between PCIe copies and the hosts by the calibrated cost model
         # 3. the static tier plan: its GPU experts resident, the rest on the hosts
         # 4. every expert on the hosts
-        for label, gpu_bytes in (("gpu-cache+cpu-hosts", None), ("static-tier+cpu-hosts", budget_bytes),
-                                 ("cpu-hosts-only", 0)):
+        configs = [("gpu-cache+cpu-hosts", None, "slice"), ("gpu-cache+cpu-hosts/whole", None, "expert"),
+                   ("static-tier+cpu-hosts", budget_bytes, None), ("cpu-hosts-only", 0, None)]
+        for label, gpu_bytes, granularity in configs:
+            if label not in only:
+                continue
             plan, how = tier_plan(train, B, gpu_bytes or 0, eb, args.hosts, L, E, cost, D, elem)
             if gpu_bytes:
                 print(f"  {'':>5} (static tier plan: {how})")
@@ -314,7 +365,7 @@ def main(argv=None):
             cache = None
             if gpu_bytes is None:
                 cache = install(blocks, store, cfg, device=device, top_k=K, slots=slots, backend=backend, cost=cost)
-                tcfg = TierRuntimeConfig(keep_source=False, dispatch="split")
+                tcfg = TierRuntimeConfig(keep_source=False, dispatch="split", granularity=granularity, align=args.align)
             else:
                 _plain_experts(blocks, store, E, backend)
                 tcfg = TierRuntimeConfig(keep_source=False)
@@ -322,9 +373,19 @@ def main(argv=None):
             secs, steps = decode(blocks, trace, B, args.warmup, device, dtype)
             s = rt.stats()
             per = steps / (steps + args.warmup)  # counters cover warm-up and timed steps
-            cpu_model = (s["cpu_expert_calls"] * cost.cpu_base_s + s["cpu_pairs"] * cost.cpu_per_token_s) * per
-            copied = cache.stats()["bytes_copied"] * per if cache is not None else 0
-            emit(label, secs, steps, copied, cpu_model, s["cpu_fraction"])
+            if granularity == "slice":  # a host computes a share of an expert: the cost model's own sum
+                cpu_model = s["model_host_s"] * per
+            else:
+                cpu_model = (s["cpu_expert_calls"] * cost.cpu_base_s + s["cpu_pairs"] * cost.cpu_per_token_s) * per
+            copied = (cache.stats()["bytes_copied"] + s["slice_bytes_copied"]) * per if cache is not None else 0
+            emit(label, secs, steps, copied, cpu_model, s["cpu_fraction"],
+                 s["model_floor_s"] * per if granularity == "slice" else None)
+            if granularity == "slice":
+                print(f"  {'':>5} (split: {s['split_experts'] * per / steps:.2f} experts split per step, "
+                      f"{s['slice_bytes_copied'] * per / steps / 2 ** 20:.0f} MiB of slices copied per step; "
+                      f"per layer call: submit {s['submit_s'] / s['calls'] * 1e3:.3f} ms, waiting for hosts "
+                      f"{s['wait_s'] / s['calls'] * 1e3:.3f} ms, host compute {s['host_compute_s'] / s['calls'] * 1e3:.3f} ms"
+                      f"; cache hit ratio {cache.stats()['hit_ratio']:.2f})")
             for h in hosts:
                 h.kill()
             del rt, hosts, cache
@@ -334,9 +395,9 @@ def main(argv=None):
     print("\n  summary (tokens/s, full depth):")
     for B in sorted({r["batch"] for r in rows}):
         by = {r["config"]: r["tokens_per_s"] for r in rows if r["batch"] == B}
-        ratio = by["gpu-cache+cpu-hosts"] / by["gpu-cache+pcie"]
-        print(f"    batch {B:>3}: " + ", ".join(f"{k} {v:.2f}" for k, v in by.items())
-              + f"; gpu-cache+cpu-hosts / gpu-cache+pcie = {ratio:.2f}x")
+        ratios = "".join(f"; {k} / gpu-cache+pcie = {by[k] / by['gpu-cache+pcie']:.2f}x"
+                         for k in ("gpu-cache+cpu-hosts", "gpu-cache+cpu-hosts/whole") if k in by)
+        print(f"    batch {B:>3}: " + ", ".join(f"{k} {v:.2f}" for k, v in by.items()) + ratios)
     return rows
 
 

@@ -26,6 +26,18 @@ the output is exactly what it would have been.
 Inside the expert-parallel runtime (placement.runtime), every rank holds the whole batch: each
 rank sends only the tokens t with t mod P == rank to the hosts and one all-reduce sums the
 hosts' part, so a host sees each token once.
+
+GPU cache + CPU hosts, misses split over the ffn dimension (dispatch='split', granularity='slice';
+every expert is also on a host):
+
+    ids, weights, x ─► pinned host buffers, ONE host sync per layer call
+    misses ─► split_misses (cost model): expert e copies columns [0, c_e), its host does [c_e, I)
+        ├─► hosts: rows + (e, c_e, I) per split expert      (thread/process hosts: shared buffers)
+        ├─► copy stream: gate rows, up rows, w2^T rows of [0, c_e) ─► device staging buffer
+        ├─► inner (the cache): hits, and misses copied whole (c_e == I) into their slots
+        └─► y = inner + staged slices (the device waits on the copy event) + Σ hosts
+A partly copied expert is not put in the cache (its slots hold whole experts only); w2 is kept a
+second time on the host, transposed (w2t), so that a column slice is one contiguous copy.
 """
 from __future__ import annotations
 
@@ -153,8 +165,8 @@ class TierRuntime:
         the previous layer's reads of it (its output feeds this layer's router)."""
         st = self._stage
         if st is None or st.shape[0] < rows or st.device != device or st.dtype != dtype:
-            grow = 2 * st.shape[0] if st is not None and st.dtype == dtype else rows
-            self._stage = st = torch.empty(max(rows, grow), hidden, dtype=dtype, device=device)
+            self._stage = None  # free the old one first: it may be a few hundred MiB
+            self._stage = st = torch.empty(rows, hidden, dtype=dtype, device=device)
         return st
 
     def to_host(self, name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -222,3 +222,18 @@ def test_slice_settings_are_checked():
         TierRuntimeConfig(granularity="slice")
     with pytest.raises(ValueError, match="align"):
         TierRuntimeConfig(dispatch="split", granularity="slice", align=0)
+
+
+@pytest.mark.ray
+def test_ray_hosts_take_wire_rows_and_slices(ray_session, reference):
+    hosts = start_hosts(HostPoolConfig(num_hosts=2, backend="ray", num_cpus=0.1))
+    try:
+        assert not any(h.shares_memory for h in hosts)
+        model, rt, _ = _tiered(0.5, hosts)
+        torch.testing.assert_close(_decode(model, IDS), reference["b2"], atol=1e-5, rtol=0)
+        assert rt.stats()["split_experts"] > 0 and set(rt.stats()["cpu_pairs_per_host"]) == {0, 1}
+        with pytest.raises(ValueError, match="wire arrays"):
+            hosts[0].buffers(1, 4, torch.float32)
+    finally:
+        for h in hosts:
+            h.kill()
