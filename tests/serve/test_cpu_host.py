@@ -262,15 +262,18 @@ def test_gloo_ranks_and_cpu_hosts_same_logits(ray_session, tmp_path):
         hf = model.config.to_hf_dict()
         ray.get([w.load.remote(hf, dense, per_rank[r], gplan.to_dict()) for r, w in enumerate(workers)])
         ray.get([w.tier.remote(plan.to_dict(), hosts, str(tmp_path)) for w in workers])
+        # rank 0 returns the logits (the others may return None: every rank computed the same)
         outs = ray.get([w.forward.remote(IDS, None) for w in workers])
-        for got in outs:
+        assert outs[0] is not None
+        for got in [o for o in outs if o is not None]:
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
         # each token went to a host once (not once per rank)
         pairs = sum(h.call("health")["pairs"] for h in hosts)
         assert 0 < pairs < 3 * IDS.numel() * 2
         ray.kill(hosts[0].actor, no_restart=True)
         outs = ray.get([w.forward.remote(IDS, None) for w in workers])
-        for got in outs:
+        assert outs[0] is not None
+        for got in [o for o in outs if o is not None]:
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
     finally:
         ray.get([w.shutdown.remote() for w in workers])
