@@ -385,7 +385,8 @@ def main(argv=None):
                       f"{s['slice_bytes_copied'] * per / steps / 2 ** 20:.0f} MiB of slices copied per step; "
                       f"per layer call: submit {s['submit_s'] / s['calls'] * 1e3:.3f} ms, waiting for hosts "
                       f"{s['wait_s'] / s['calls'] * 1e3:.3f} ms, host compute {s['host_compute_s'] / s['calls'] * 1e3:.3f} ms"
-                      f"; cache hit ratio {cache.stats()['hit_ratio']:.2f})")
+                      f"; cache hit ratio {cache.stats()['hit_ratio']:.2f}; measured / cost model: host "
+                      f"x{s['host_scale']:.2f}, copies x{s['copy_scale']:.2f})")
             for h in hosts:
                 h.kill()
             del rt, hosts, cache

@@ -71,11 +71,15 @@ class TierRuntimeConfig:
     computed whole on its host; 'slice' — each miss is split over its ffn columns, [0, c) copied
     to a staging buffer and computed on the device, [c, I) on its host, c chosen so that the copy
     engine and the hosts finish together (offload.cpu_compute.split_misses; c a multiple of
-    `align`, c == I a whole copy into the cache). A partly copied expert is NOT put in the cache."""
+    `align`, c == I a whole copy into the cache). A partly copied expert is NOT put in the cache.
+    adapt (granularity='slice'): scale the cost model's host and copy times by what recent calls
+    measured (host-reported seconds, CUDA events around the slice copies; a moving average) —
+    copies and hosts read the same host DRAM at once, so each runs slower than calibrated alone."""
     rehome: str = "auto"
     dispatch: str = "static"
     granularity: str = "expert"
     align: int = 128
+    adapt: bool = True
     max_retries: int = 3
     timeout_s: float | None = None
     keep_source: bool = True
@@ -146,6 +150,23 @@ class TierRuntime:
         self.w2t: list[torch.Tensor] = []  # granularity='slice': each layer's w2 as [E, I, D] (pinned on CUDA)
         self._stage: torch.Tensor | None = None  # device staging rows of the copied slices
         self._pinned: dict[str, torch.Tensor] = {}  # device->host buffers of ids, weights and x
+        self.scale = {"host": 1.0, "copy": 1.0}  # measured / predicted seconds (adapt)
+        self.last_host_s: dict[int, float] = {}  # seconds each host reported for its last call
+        self._copy_probe = None  # (start, end events, predicted unscaled seconds) of the last slice copies
+
+    def learn(self, kind: str, measured_s: float, predicted_s: float, rate: float = 0.2) -> None:
+        """Move scale[kind] toward measured / predicted (unscaled cost-model seconds); calls
+        predicted under 0.1 ms are mostly fixed overhead and say little about the rate."""
+        if not self.cfg.adapt or predicted_s < 1e-4 or measured_s <= 0:
+            return
+        ratio = min(max(measured_s / predicted_s, 0.25), 4.0)
+        self.scale[kind] += rate * (ratio - self.scale[kind])
+
+    def learn_copies(self) -> None:
+        """The last slice copies' measured time (their events are done after the call's sync)."""
+        probe, self._copy_probe = self._copy_probe, None
+        if probe is not None and probe[1].query():
+            self.learn("copy", probe[0].elapsed_time(probe[1]) / 1e3, probe[2])
 
     # --- granularity='slice' buffers ------------------------------------------------------------
     def build_w2t(self, store: ExpertStore, pin: bool) -> None:
@@ -244,7 +265,8 @@ class TierRuntime:
                 "rehomed_experts": c.rehomed, "dead_hosts": sorted(self.dead),
                 "experts_on_hosts": int((self.host_of >= 0).sum()), "split_experts": c.split_experts,
                 "slice_bytes_copied": c.slice_bytes, "model_copy_s": c.model_copy_s,
-                "model_host_s": c.model_host_s, "model_floor_s": c.model_floor_s}
+                "model_host_s": c.model_host_s, "model_floor_s": c.model_floor_s,
+                "host_scale": self.scale["host"], "copy_scale": self.scale["copy"]}
 
     def reset_stats(self) -> None:
         self.counters = _TierCounters()
@@ -329,6 +351,7 @@ class TieredExperts(nn.Module):
                 y_ND, secs = from_wire(out[0], rt.host_dtype), out[1]
             y_TD.index_add_(0, torch.from_numpy(rows), y_ND)
             rt.counters.host_compute_s += secs
+            rt.last_host_s[h] = secs
         rt.counters.wait_s += time.perf_counter() - t0
         return y_TD
 
@@ -390,13 +413,22 @@ class TieredExperts(nn.Module):
             raise ValueError(f"expert id {int(ids_np.max())} out of range for {E} experts")
         c = rt.counters
         c.calls += 1
+        rt.learn_copies()
         I = cache.store.w2_shape[1]
         cost = self.inner.cost_model
         owner_E = rt.host_of[layer]
         experts, counts = np.unique(ids_np[ids_np >= 0], return_counts=True)
-        misses = [Miss(int(e), int(owner_E[e]), cost.cpu_s(int(n))) for e, n in zip(experts, counts)
+        hs, cs = rt.scale["host"], rt.scale["copy"]
+        misses = [Miss(int(e), int(owner_E[e]), hs * cost.cpu_s(int(n))) for e, n in zip(experts, counts)
                   if owner_E[e] >= 0 and not cache.is_resident(layer, int(e))]
-        sp = split_misses(misses, cost.copy_s(cache.store.expert_bytes), I, self.runtime.cfg.align)
+        copy_s = cost.copy_s(cache.store.expert_bytes)
+        # slots still empty (a cold cache) cost no eviction: fill them with whole copies, the misses
+        # of most tokens first; the rest is split behind those copies
+        free = cache.slots - len(cache.resident(layer))
+        misses.sort(key=lambda m: (-m.host_s, m.expert))
+        fill, misses = misses[:max(free, 0)], misses[max(free, 0):]
+        sp = split_misses(misses, cs * copy_s, I, rt.cfg.align, copy_backlog_s=len(fill) * cs * copy_s)
+        sp.copy_cols.update({m.expert: I for m in fill})
         c.model_copy_s += sp.copy_s
         c.model_host_s += sum(sp.host_s.values())
         c.model_floor_s += sp.makespan_s
@@ -405,7 +437,9 @@ class TieredExperts(nn.Module):
             cols_E[e] = col
         pending = self._submit_cols(ids_np, w_np, x_h, cols_E, I, owner_E)  # the hosts start first
         part = [(e, col) for e, col in sorted(sp.copy_cols.items()) if 0 < col < I]
-        staged = self._stage_slices(part, I, D, x_TD.device) if part else None  # then the slices' copies
+        staged = None
+        if part:  # then the slices' copies
+            staged = self._stage_slices(part, I, D, x_TD.device, sum(col for _, col in part) / I * copy_s)
         on_host = [e for e, col in sp.copy_cols.items() if col < I]
         if on_host:
             cache.count_cpu(layer, on_host)  # misses the cache did not copy (its hit ratio stays honest)
@@ -428,6 +462,9 @@ class TieredExperts(nn.Module):
                 # its (new) owner, or on this device when it was re-homed here
                 pending = self._submit_cols(ids_np, w_np, x_h, cols_E, I, rt.host_of[layer])
         c.local_s += time.perf_counter() - t0
+        if attempt == 0:  # a retried call's times say nothing about the rate
+            for h, pred in sp.host_s.items():
+                rt.learn("host", rt.last_host_s.get(h, 0.0), pred / hs)
         y_TD = y_TD + y_host.to(x_TD.device, x_TD.dtype)
         here = [int(e) for e in experts if cols_E[e] < I and rt.host_of[layer, e] < 0]
         if here:  # re-homed into this device mid-call: their host part from the local copies
@@ -469,7 +506,7 @@ class TieredExperts(nn.Module):
         rt.counters.submit_s += time.perf_counter() - t0
         return pending
 
-    def _stage_slices(self, part, I, D, device):
+    def _stage_slices(self, part, I, D, device, predicted_s):
         """Queue the copies of each split expert's columns [0, c) (gate rows, up rows, w2^T rows:
         three contiguous pinned copies each) into the staging buffer, on the cache's copy stream."""
         rt, cache = self.runtime, self.inner.cache
@@ -477,7 +514,11 @@ class TieredExperts(nn.Module):
         buf = rt.staging(3 * sum(col for _, col in part), D, store.dtype, device)
         stream = cache.copy_stream
         offs, r = [], 0
+        timed = stream is not None and rt.cfg.adapt
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            if timed:
+                start = torch.cuda.Event(enable_timing=True)
+                start.record(stream)
             for e, col in part:
                 w13_JD = store.get(self.layer, e)[0]
                 w2t_ID = rt.w2t[self.layer][e]
@@ -489,8 +530,10 @@ class TieredExperts(nn.Module):
                 r += 3 * col
             done = None
             if stream is not None:
-                done = torch.cuda.Event()
+                done = torch.cuda.Event(enable_timing=timed)
                 done.record(stream)
+                if timed:
+                    rt._copy_probe = (start, done, predicted_s)
         rt.counters.split_experts += len(part)
         rt.counters.slice_bytes += r * D * buf.element_size()
         return buf, offs, done
