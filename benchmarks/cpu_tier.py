@@ -26,10 +26,12 @@ Configurations (same budget: 25% of the experts' bytes on the GPU):
   cpu-hosts-only         every expert on the CPU hosts, only the routers on the GPU
 
 CPU hosts are Ray actors when Ray is installed and --ray is given; otherwise (the H200 machine
-has no Ray) child processes (serve.cpu_host.ProcessHost: own torch threads, experts read from a
-safetensors file this script writes to --scratch, as a serving host reads its checkpoint), or
-with --host-backend thread in-process hosts, one Python thread each, torch's process-wide
-thread count split between them — said in the output. Floors printed beside each row: PCIe =
+has no Ray) in-process hosts, one Python thread each, torch's process-wide thread count split
+between them (--host-backend thread, the default), or child processes (--host-backend process:
+serve.cpu_host.ProcessHost, own torch threads pinned to their own cores, experts read from a
+safetensors file this script writes to --scratch, as a serving host reads its checkpoint) —
+said in the output. Thread and process hosts take their rows in shared buffers (the call
+carries ids, weights and slices only); the hand-off (an empty call) is printed at start-up. Floors printed beside each row: PCIe =
 bytes copied per token / measured pinned bandwidth; CPU = the CPU's work per token by the
 measured cost model (expert reads at the measured 1-token time + token-slots at the measured
 per-token rate, all cores); split floor (gpu-cache+cpu-hosts) = Σ over layer calls of the cost
@@ -43,8 +45,11 @@ this routing (4 layers, 2 of 8 slots, LRU) gives 0.98 misses per layer and step 
 with whole copies, 1.29 misses at 4.16 ms of split floor (partial copies stay out of the cache):
 ~1.43x before overheads, i.e. ~4.5 ms per layer measured if the per-call overhead is ~0.3 ms,
 about 7 tokens/s against 4.8; host DRAM serving the PCIe copy and the host's reads at once may
-cost more (not measured). A sub-expert cache (slices stay resident, budget shared) simulates
-at 3.69 ms (1.61x); not built.
+cost more (not measured; `adapt` rescales the split by the measured rates, printed). A
+sub-expert cache (slices stay resident, the budget shared by fractions of experts) simulates at
+3.69 ms (1.61x); not built. Hand-off on the 2-core dev machine (shared, noisy): an empty call
+~110-140 us for thread and process hosts alike; a 1-row call ~0.5 ms (thread) of which ~0.35 ms
+is the host's own Python/torch work on this slow CPU.
 
 Measured on the H200 machine with the whole-expert split (today's gpu-cache+cpu-hosts/whole row,
 2026-11-28; Mixtral shapes, 4 of 32 layers run, x8 scaled; thread
@@ -60,7 +65,7 @@ host of 16 threads, batch 1 / 8): thread hosts 4.09/3.84 (0.94x), 7.05/10.72 (1.
 process hosts 3.85/1.02, 7.07/2.28 — before they were pinned apart from the driver, whose 64
 OpenMP threads spun on the hosts' cores; the pinned version (now the process backend) was not
 measured on a GPU machine (device time ran out).
-The issue's target (>= 1.5x at batch 1) is NOT met: on this host one Mixtral expert costs about
+The issue's target (>= 1.5x at batch 1) was NOT met by that whole-expert split: on this host one Mixtral expert costs about
 the same on the CPU (6.8 ms at 1 token in a host) as over PCIe (6.1 ms), so at batch 1 (about
 one miss per layer) the split rarely has two misses to share, and the tiered layer's own
 overheads (device->host copy of x, the host hand-off) cost more than it saves: 237 ms/step

@@ -36,8 +36,10 @@ every expert is also on a host):
         ├─► copy stream: gate rows, up rows, w2^T rows of [0, c_e) ─► device staging buffer
         ├─► inner (the cache): hits, and misses copied whole (c_e == I) into their slots
         └─► y = inner + staged slices (the device waits on the copy event) + Σ hosts
-A partly copied expert is not put in the cache (its slots hold whole experts only); w2 is kept a
-second time on the host, transposed (w2t), so that a column slice is one contiguous copy.
+A partly copied expert is not put in the cache (its slots hold whole experts only; a cold
+cache's empty slots are filled with whole copies first); w2 is kept a second time on the host,
+transposed (w2t), so that a column slice is one contiguous copy. With adapt, the cost model's
+host and copy times are scaled by what recent calls measured.
 """
 from __future__ import annotations
 
