@@ -99,7 +99,7 @@ class SliceSplit:
 
 
 def split_misses(misses: list[Miss], copy_s: float, ffn: int, align: int = 128, copy_backlog_s: float = 0.0,
-                 iters: int = 60) -> SliceSplit:
+                 iters: int = 40) -> SliceSplit:
     """Share the step's misses between the copy engine and the hosts so that all finish together.
 
     copy_s: seconds to copy one whole expert; a slice costs its share of that (bytes). A slice of
