@@ -472,7 +472,8 @@ class EPWorker:
             return None
         out = self.model(input_ids_BT.to(self.device), valid_BT=None if valid_BT is None else valid_BT.to(self.device),
                          last_only=last_only)
-        return out.cpu()
+        # every rank computed the same logits; only rank 0's travel back (a prefill's [B, T, V] is large)
+        return out.cpu() if self.rank == 0 else None
 
     @torch.no_grad()
     def greedy(self, input_ids_BT: torch.Tensor, max_new_tokens: int, home_only: bool = False):
@@ -490,7 +491,7 @@ class EPWorker:
         ids = input_ids_BT.to(self.device)
         B, T = ids.shape
         cache = self.model.new_cache(B, T + max_new_tokens)
-        logits = self.model(ids, cache=cache)
+        logits = self.model(ids, cache=cache, last_only=True)  # only the last position is read
         out, steps = [], [logits[:, -1:]]
         for i in range(max_new_tokens):
             nxt = logits[:, -1].argmax(-1, keepdim=True)
@@ -530,6 +531,21 @@ class EPWorker:
         fixed = None if name is None else Strategy.parse(name)
         for b in (self.model.moe_blocks() if self.model is not None else []):
             b.experts.inner.fixed = fixed
+
+    def profile(self, method: str, *args, row_limit: int = 30) -> str | None:
+        """Run ``method(*args)`` (every rank must, for the collectives) under torch.profiler on rank 0;
+        rank 0 returns its operator table sorted by device (or CPU) time, the others None."""
+        if self.rank != 0:
+            getattr(self, method)(*args)
+            return None
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cfg.device == "cuda" else [])
+        with profile(activities=acts) as prof:
+            getattr(self, method)(*args)
+            if self.cfg.device == "cuda":
+                torch.cuda.synchronize()
+        key = "self_cuda_time_total" if self.cfg.device == "cuda" else "self_cpu_time_total"
+        return prof.key_averages().table(sort_by=key, row_limit=row_limit)
 
     def counters(self) -> dict | None:
         if self.state is None:
@@ -659,6 +675,10 @@ class ExpertParallelRuntime:
         emptied first): logits [B, T, V], or [B, 1, V] with ``last_only``."""
         return self._all("step", input_ids_BT.cpu(), None if valid_BT is None else valid_BT.cpu(),
                          [int(r) for r in reset_rows], bool(last_only))[0]
+
+    def profile(self, method: str, *args) -> str:
+        """Rank 0's torch.profiler operator table of one ``method`` call (e.g. 'forward', 'greedy')."""
+        return self._all("profile", method, *args)[0]
 
     def counters(self) -> list[dict]:
         """Traffic counters of the ranks the current plan uses."""
