@@ -77,10 +77,11 @@ def expert_mlp_slice_t(x_ND: torch.Tensor, gate_CD: torch.Tensor, up_CD: torch.T
 
 @dataclass(frozen=True)
 class Miss:
-    """A missed expert of this step: host = the CPU host that holds it; host_s = what computing
-    all of it there costs (the cost model's cpu_s of its token count)."""
+    """A missed expert of this step: host = the CPU host that computes its host part (any
+    hashable: a tuple of hosts that divide it, offload.tiered's replicas); host_s = what
+    computing all of it there costs (the cost model's cpu_s of its token count)."""
     expert: int
-    host: int
+    host: object
     host_s: float
 
 

@@ -76,12 +76,17 @@ class TierRuntimeConfig:
     `align`, c == I a whole copy into the cache). A partly copied expert is NOT put in the cache.
     adapt (granularity='slice'): scale the cost model's host and copy times by what recent calls
     measured (host-reported seconds, CUDA events around the slice copies; a moving average) —
-    copies and hosts read the same host DRAM at once, so each runs slower than calibrated alone."""
+    copies and hosts read the same host DRAM at once, so each runs slower than calibrated alone.
+    replicas (granularity='slice'): each CPU-tier expert is held by this many hosts (its plan's
+    host and the next ones), and a miss's host part [c, I) is divided between them (one host per
+    NUMA node: a batch-1 miss then reads every node's memory at once); a dead replica is simply
+    dropped. Costs replicas x the CPU tier's host RAM."""
     rehome: str = "auto"
     dispatch: str = "static"
     granularity: str = "expert"
     align: int = 128
     adapt: bool = True
+    replicas: int = 1
     max_retries: int = 3
     timeout_s: float | None = None
     keep_source: bool = True
@@ -99,6 +104,9 @@ class TierRuntimeConfig:
             raise ValueError("granularity='slice' splits cache misses: it needs dispatch='split'")
         if self.align < 1:
             raise ValueError(f"align (ffn columns per slice step) must be >= 1, got {self.align}")
+        if self.replicas < 1 or (self.replicas > 1 and self.granularity != "slice"):
+            raise ValueError(f"replicas must be >= 1 and > 1 only with granularity='slice' (a miss's host part "
+                             f"divided between its replicas), got {self.replicas} with {self.granularity!r}")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
 
@@ -142,6 +150,11 @@ class TierRuntime:
                  checkpoint: str | None, layer_ids: list[int], host_dtype: torch.dtype, share=None):
         self.hosts = list(hosts)
         self.host_of = np.array(host_of_LE, dtype=np.int64)  # [L, E]; -1 = not on a host
+        L, E = self.host_of.shape
+        self.holds = np.zeros((L, E, len(hosts)), dtype=bool)  # [L, E, H]: which hosts hold a copy
+        for r in range(config.replicas):
+            l_, e_ = np.nonzero(self.host_of >= 0)
+            self.holds[l_, e_, (self.host_of[l_, e_] + r) % max(len(hosts), 1)] = True
         self.cfg = config
         self.source, self.checkpoint, self.layer_ids = source, checkpoint, list(layer_ids)
         self.host_dtype = host_dtype
@@ -209,7 +222,13 @@ class TierRuntime:
         if host in self.dead:
             return
         self.dead.add(host)
+        self.holds[:, :, host] = False
         moved = np.argwhere(self.host_of == host)
+        if len(moved):  # an expert another live host holds a replica of moves there, nothing to copy
+            kept = self.holds[moved[:, 0], moved[:, 1]].any(1)
+            for l, e in moved[kept]:
+                self.host_of[l, e] = int(np.flatnonzero(self.holds[l, e])[0])
+            moved = moved[~kept]
         live = [h for h in range(len(self.hosts)) if h not in self.dead and self.hosts[h].alive]
         target = None
         if self.cfg.rehome != "local" and live:
@@ -228,12 +247,15 @@ class TierRuntime:
                                "source store (apply_cpu_tier(..., checkpoint=DIR) or keep_source=True)")
         if target is not None:
             self._to_host(target, [(int(l), int(e)) for l, e in moved])
-            self.host_of[self.host_of == host] = target
+            if len(moved):
+                self.host_of[moved[:, 0], moved[:, 1]] = target
+                self.holds[moved[:, 0], moved[:, 1], target] = True
         else:
             for l in np.unique(moved[:, 0]) if len(moved) else []:
                 es = [int(e) for e in moved[moved[:, 0] == l, 1]]
                 self.layers[int(l)].add_local(es, [self._weights(int(l), e) for e in es])
                 self.host_of[l, es] = -1
+                self.holds[l, es] = False
         self.counters.rehomed += len(moved)
 
     def _weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -421,8 +443,12 @@ class TieredExperts(nn.Module):
         owner_E = rt.host_of[layer]
         experts, counts = np.unique(ids_np[ids_np >= 0], return_counts=True)
         hs, cs = rt.scale["host"], rt.scale["copy"]
-        misses = [Miss(int(e), int(owner_E[e]), hs * cost.cpu_s(int(n))) for e, n in zip(experts, counts)
-                  if owner_E[e] >= 0 and not cache.is_resident(layer, int(e))]
+        # a miss's host part is divided evenly between the hosts holding it: the group works as one
+        # host that is len(group) times faster
+        group = {int(e): tuple(np.flatnonzero(rt.holds[layer, e]).tolist()) for e in experts}
+        misses = [Miss(int(e), group[int(e)], hs * cost.cpu_s(int(n)) / len(group[int(e)]))
+                  for e, n in zip(experts, counts) if owner_E[e] >= 0 and group[int(e)]
+                  and not cache.is_resident(layer, int(e))]
         copy_s = cost.copy_s(cache.store.expert_bytes)
         # slots still empty (a cold cache) cost no eviction: fill them with whole copies, the misses
         # of most tokens first; the rest is split behind those copies
@@ -437,7 +463,7 @@ class TieredExperts(nn.Module):
         cols_E = np.full(E, I, dtype=np.int64)  # ffn columns [0, cols) computed on the device
         for e, col in sp.copy_cols.items():
             cols_E[e] = col
-        pending = self._submit_cols(ids_np, w_np, x_h, cols_E, I, owner_E)  # the hosts start first
+        pending = self._submit_cols(ids_np, w_np, x_h, self._host_ranges(experts, cols_E, I))  # hosts start first
         part = [(e, col) for e, col in sorted(sp.copy_cols.items()) if 0 < col < I]
         staged = None
         if part:  # then the slices' copies
@@ -462,32 +488,46 @@ class TieredExperts(nn.Module):
                 rt.host_died(err.host_id)
                 # the failed attempt's partial sums are dropped; every host part is recomputed by
                 # its (new) owner, or on this device when it was re-homed here
-                pending = self._submit_cols(ids_np, w_np, x_h, cols_E, I, rt.host_of[layer])
+                pending = self._submit_cols(ids_np, w_np, x_h, self._host_ranges(experts, cols_E, I))
         c.local_s += time.perf_counter() - t0
         if attempt == 0:  # a retried call's times say nothing about the rate
-            for h, pred in sp.host_s.items():
-                rt.learn("host", rt.last_host_s.get(h, 0.0), pred / hs)
+            for g, pred in sp.host_s.items():
+                rt.learn("host", max(rt.last_host_s.get(h, 0.0) for h in g), pred / hs)
         y_TD = y_TD + y_host.to(x_TD.device, x_TD.dtype)
-        here = [int(e) for e in experts if cols_E[e] < I and rt.host_of[layer, e] < 0]
+        here = [int(e) for e in experts if cols_E[e] < I and not rt.holds[layer, e].any()]
         if here:  # re-homed into this device mid-call: their host part from the local copies
             y_TD = y_TD + self._local_cols(x_TD, topk_weights_TK, ids_np, here, cols_E, I)
         return y_TD
 
-    def _submit_cols(self, ids_np, w_np, x_h, cols_E, I, owner_E):
-        """Each host: the rows of its tokens whose expert it computes columns [cols, I) of."""
+    def _host_ranges(self, experts, cols_E, I) -> dict:
+        """{host: {expert: (a, b)}}: the ffn columns each live holder computes of each expert whose
+        host part [cols, I) is not empty, the part divided between the holders in `align` steps."""
+        rt = self.runtime
+        out: dict[int, dict[int, tuple[int, int]]] = {}
+        for e in experts:
+            c = int(cols_E[e])
+            hs = np.flatnonzero(rt.holds[self.layer, e]).tolist()
+            if c >= I or not hs:
+                continue
+            k, al = len(hs), rt.cfg.align
+            cuts = [c + int(round(j * (I - c) / k / al)) * al for j in range(k)] + [I]
+            for h, a, b in zip(hs, cuts, cuts[1:]):
+                if a < b:
+                    out.setdefault(h, {})[int(e)] = (a, b)
+        return out
+
+    def _submit_cols(self, ids_np, w_np, x_h, ranges):
+        """Each host: the rows of its tokens whose experts it computes columns [a, b) of."""
         from serve.cpu_host import HostDied, to_wire
         rt = self.runtime
         t0 = time.perf_counter()
-        safe = ids_np.clip(0)
-        own_TK = np.where((ids_np >= 0) & (cols_E[safe] < I), owner_E[safe], -1)
         pending = []
-        for h in np.unique(own_TK[own_TK >= 0]).tolist():
-            sel_TK = own_TK == h
+        for h, part in sorted(ranges.items()):
+            es = np.array(sorted(part), dtype=np.int64)
+            sel_TK = (ids_np >= 0) & np.isin(ids_np, es)
             rows = np.flatnonzero(sel_TK.any(1))
             ids_NK = np.where(sel_TK[rows], ids_np[rows], -1)
-            es = np.unique(ids_NK[ids_NK >= 0])
-            es = es[cols_E[es] > 0]
-            cols = np.stack([es, cols_E[es], np.full(len(es), I)], 1) if len(es) else None
+            cols = np.array([[e, *part[int(e)]] for e in es], dtype=np.int64)
             client = rt.hosts[h]
             if client.shares_memory:
                 try:
@@ -693,9 +733,12 @@ def apply_cpu_tier(model: nn.Module, plan, hosts: list, config: TierRuntimeConfi
         ex = blocks[l].experts
         return ex.w13.detach()[es], ex.w2.detach()[es]
 
-    # fill the hosts: from the memory map, or from the model's tensors (layer by layer)
+    if cfg.replicas > len(hosts):
+        raise ValueError(f"replicas={cfg.replicas} needs at least as many CPU hosts, got {len(hosts)}")
+    # fill the hosts: from the memory map, or from the model's tensors (layer by layer); with
+    # replicas, host h also holds the experts of hosts h-1, ..., h-(replicas-1)
     for h, client in enumerate(hosts):
-        mine = plan.experts_on_host(h)
+        mine = sorted({x for r in range(cfg.replicas) for x in plan.experts_on_host((h - r) % len(hosts))})
         if not mine:
             continue
         if checkpoint is not None:

@@ -109,7 +109,7 @@ def test_host_computes_a_slice_and_in_shared_buffers():
 
 
 # --- the tier in a model ---------------------------------------------------------------------------
-def _tiered(frac, hosts, rehome="auto", align=4, adapt=False, host_s=1e-3):
+def _tiered(frac, hosts, rehome="auto", align=4, adapt=False, host_s=1e-3, replicas=1):
     """The model with a 2-slot LRU cache and every expert also on a host; a single-token miss is
     split `frac` copied / 1 - frac on its host by the cost model (0: all on hosts, 1: whole copies)."""
     model = _model()
@@ -123,7 +123,7 @@ def _tiered(frac, hosts, rehome="auto", align=4, adapt=False, host_s=1e-3):
     cache = install(blocks, store, cfg, device=torch.device("cpu"), top_k=2, slots=2, cost=cost)
     plan = TieredPlan.on_hosts(3, 8, len(hosts))
     rt = apply_cpu_tier(model, plan, hosts, TierRuntimeConfig(dispatch="split", granularity="slice", align=align,
-                                                               rehome=rehome, adapt=adapt))
+                                                               rehome=rehome, adapt=adapt, replicas=replicas))
     return model, rt, cache
 
 
@@ -165,6 +165,40 @@ def test_split_equals_resident_model(frac, reference):
     assert s["model_floor_s"] > 0 and s["model_floor_s"] <= s["model_copy_s"] + s["model_host_s"] + 1e-12
     for h in hosts:
         h.kill()
+
+
+def test_a_miss_split_across_two_replica_hosts(reference):
+    """replicas=2: both hosts hold every expert and divide each miss's host part [c, I) between
+    them; a dead replica is dropped without re-homing and the other computes the whole part."""
+    hosts = start_hosts(HostPoolConfig(num_hosts=2, backend="thread"))
+    seen = []  # (host, layer, expert, a, b) of every host call
+    for h in hosts:
+        def spy(layer, n, ids, w, cols, _f=h.local.compute_shared, _h=h.host_id):
+            seen.extend((_h, layer, *map(int, r)) for r in np.asarray(cols).reshape(-1, 3))
+            return _f(layer, n, ids, w, cols)
+        h.local.compute_shared = spy
+    model, rt, _ = _tiered(0.5, hosts, replicas=2)
+    assert rt.holds.all() and sorted(hosts[0].call("held")) == sorted(hosts[1].call("held"))
+    torch.testing.assert_close(_decode(model, IDS[:1]), reference["b1"], atol=1e-5, rtol=0)  # batch 1
+    torch.testing.assert_close(_decode(model, IDS), reference["b2"], atol=1e-5, rtol=0)
+    by_host = {h: {(l, e): (a, b) for hh, l, e, a, b in seen if hh == h} for h in (0, 1)}
+    shared = set(by_host[0]) & set(by_host[1])
+    assert shared  # some misses had their host part divided between the two hosts
+    for key in shared:
+        (a0, b0), (a1, b1) = by_host[0][key], by_host[1][key]
+        assert b0 == a1 and b1 == 16 and a0 < b0 < b1  # adjacent: host 0 [c, m), host 1 [m, I)
+    assert rt.stats()["split_experts"] > 0
+    hosts[0].kill()
+    seen.clear()
+    torch.testing.assert_close(_decode(model, IDS), reference["b2"], atol=1e-5, rtol=0)
+    s = rt.stats()
+    assert s["dead_hosts"] == [0] and s["rehomed_experts"] == 0 and (rt.host_of[rt.host_of >= 0] == 1).all()
+    assert seen and all(h == 1 and b == 16 for h, _, _, _, b in seen)
+    with pytest.raises(ValueError, match="replicas=3 needs at least as many CPU hosts"):
+        _tiered(0.5, start_hosts(HostPoolConfig(num_hosts=2, backend="thread")), replicas=3)
+    with pytest.raises(ValueError, match="replicas must be >= 1"):
+        TierRuntimeConfig(dispatch="split", replicas=2)
+    hosts[1].kill()
 
 
 def test_the_split_adapts_to_measured_host_time(reference):
