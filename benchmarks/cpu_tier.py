@@ -4,6 +4,7 @@ GPU expert budget, batch 1, 8 and 32.
     python benchmarks/cpu_tier.py                   # H200 machine: Mixtral-8x7B shapes (< 4 min)
     python benchmarks/cpu_tier.py --model qwen3     # Qwen3-30B-A3B shapes
     python benchmarks/cpu_tier.py --smoke           # tiny shapes on the CPU (a check of the script)
+    python benchmarks/cpu_tier.py --batches 1 --hosts 2 --replicas 2   # each miss's host part on 2 hosts
 
 What runs: a stack of the model's MoE layers with random bf16 weights (router + experts; the
 attention and dense parts are the same in every configuration and left out), as many layers as
@@ -209,6 +210,8 @@ def main(argv=None):
     ap.add_argument("--scratch", default="/tmp/moeflow-cpu-tier", help="where the process hosts' checkpoint goes")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    ap.add_argument("--replicas", type=int, default=1,
+                    help="gpu-cache+cpu-hosts: hosts holding each expert; a miss's host part is divided between them")
     ap.add_argument("--align", type=int, default=0,
                     help="ffn columns per step of a split expert's slice (0: 128, or I/8 for smaller experts)")
     ap.add_argument("--configs", default="all",
@@ -370,7 +373,8 @@ def main(argv=None):
             cache = None
             if gpu_bytes is None:
                 cache = install(blocks, store, cfg, device=device, top_k=K, slots=slots, backend=backend, cost=cost)
-                tcfg = TierRuntimeConfig(keep_source=False, dispatch="split", granularity=granularity, align=args.align)
+                tcfg = TierRuntimeConfig(keep_source=False, dispatch="split", granularity=granularity, align=args.align,
+                                         replicas=args.replicas if granularity == "slice" else 1)
             else:
                 _plain_experts(blocks, store, E, backend)
                 tcfg = TierRuntimeConfig(keep_source=False)
