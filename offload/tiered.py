@@ -473,10 +473,11 @@ class TieredExperts(nn.Module):
             cache.count_cpu(layer, on_host)  # misses the cache did not copy (its hit ratio stays honest)
         dev_NK = np.where((ids_np >= 0) & (cols_E[ids_np.clip(0)] == I), ids_np, -1)
         c.inner_pairs += int((dev_NK >= 0).sum())
+        t0 = time.perf_counter()
         y_TD = self.inner(x_TD, _to_device(dev_NK, x_TD.device), topk_weights_TK)  # hits and whole copies
         if staged is not None:
             y_TD = y_TD + self._staged_part(x_TD, topk_weights_TK, ids_np, part, staged)
-        t0 = time.perf_counter()
+        c.local_s += time.perf_counter() - t0  # queueing the device's part (the inner module syncs once)
         for attempt in range(rt.cfg.max_retries + 1):
             try:
                 y_host = self._gather(pending, T, D)
@@ -489,7 +490,6 @@ class TieredExperts(nn.Module):
                 # the failed attempt's partial sums are dropped; every host part is recomputed by
                 # its (new) owner, or on this device when it was re-homed here
                 pending = self._submit_cols(ids_np, w_np, x_h, self._host_ranges(experts, cols_E, I))
-        c.local_s += time.perf_counter() - t0
         if attempt == 0:  # a retried call's times say nothing about the rate
             for g, pred in sp.host_s.items():
                 rt.learn("host", max(rt.last_host_s.get(h, 0.0) for h in g), pred / hs)
