@@ -706,6 +706,10 @@ def apply_cpu_tier(model: nn.Module, plan, hosts: list, config: TierRuntimeConfi
                          "first (offload.apply.install / apply_offload), then apply_cpu_tier")
     if cache_mode:
         store = ref.store
+        if cfg.dispatch == "split" and getattr(store, "slices", 1) != 1:
+            # the tier reads residency and weights per whole expert; units of a sliced store are not
+            raise ValueError(f"dispatch='split' needs a cache of whole experts, the store has expert_slices="
+                             f"{store.slices}; use expert_slices=1 (granularity='slice' splits misses itself)")
         dt = store.dtype
         dev = torch.device(device) if device is not None else torch.device(ref.cache.device)
         (J, D), I = store.w13_shape, store.w2_shape[1]
