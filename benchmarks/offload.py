@@ -23,6 +23,10 @@ Rows at each GPU expert budget (share of the experts' bytes held on the GPU, slo
   predictor     predictor-driven eviction + prefetch (routing.PathPredictor fitted on other
                 requests of the same synthetic model)
   predictor+cpu the two together
+  lru/G, cpu/G   (after the rows above; --slices) experts cut into G slices of their ffn dimension
+                (offload/slices.py), the same bytes per layer in G x the slots: lru/G caches
+                slices; cpu/G also shares the slices of one missed expert between the copy engine
+                and the CPU (whole-expert misses at batch 1 leave nothing to share)
   oracle bound  time model: Belady + perfect prefetch + best of copy / CPU per miss, fed by the
                 measured copy bandwidth, CPU rate and resident per-layer compute time (its hit %
                 is Belady's before prefetch; the other rows count prefetched experts as hits)
@@ -228,7 +232,8 @@ def run_model(key, args, device, dtype):
     rows = []
 
     def live(label, budget, slots, cfg_kw, clear=False, fill_all=False):
-        cfg = OffloadConfig(slots_per_layer=slots, device=str(device), calibrate=False, **cfg_kw)
+        cfg = OffloadConfig(slots_per_layer=slots, device=str(device), calibrate=False,
+                            expert_slices=store.slices, **cfg_kw)
         cache = install(blocks, store, cfg, device=device, top_k=K, slots=slots, backend=backend, cost=cost)
         if fill_all:
             for layer in range(L):
@@ -281,6 +286,23 @@ def run_model(key, args, device, dtype):
         sim = simulate(trace, "lru", S, **sim_kw)
         print(f"  {'':>7} {'':>5} (time model of lru: {sim['time_s'] / args.tokens * 1e3 * scale:.2f} ms/tok, "
               f"hit {100 * sim['hit_ratio']:.1f}%)")
+    # expert slices (offload/slices.py): the same bytes per layer in G-times more, G-times smaller
+    # slots; with the CPU path one missed expert is shared between a copy and the CPU. The store is
+    # regrouped in place (one layer at a time), so these rows run last.
+    for G in args.slices:
+        if I % (G * store.slices) or G < 2:
+            print(f"  expert slices {G}: skipped (must be >= 2 and divide the ffn {I // store.slices})")
+            continue
+        store = store.to_slices(G)
+        cost = CostModel.calibrate(device, *store.get(0, 0))
+        print(f"  expert slices {store.slices} (hit % and slots count units; bytes per slot / {store.slices}): "
+              f"unit {cost.describe()}, copy {cost.copy_s(eb // store.slices) * 1e3:.3f} ms, "
+              f"CPU 1 token {cost.cpu_s(1) * 1e3:.3f} ms")
+        for frac in args.budgets:
+            S = max(1, round(frac * E))
+            b, Su = S / E, S * store.slices
+            live(f"lru/{store.slices}", b, Su, dict(policy="lru"))
+            live(f"cpu/{store.slices}", b, Su, dict(policy="lru", cpu_fallback=True))
     del store, stack, blocks
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -298,6 +320,9 @@ def show(r):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="mixtral,qwen3", help="comma list of: " + ", ".join(SHAPES))
+    ap.add_argument("--slices", default="2", type=lambda v: [int(g) for g in v.split(",") if g],
+                    help="expert slices to run after the whole-expert rows, each cutting the last finer "
+                         "(e.g. '2,2' runs 2 then 4; '' for none)")
     ap.add_argument("--budgets", default="0.1,0.25,0.5", help="GPU expert budgets, shares of the experts' bytes")
     ap.add_argument("--tokens", type=int, default=32, help="timed decode tokens")
     ap.add_argument("--warmup", type=int, default=16, help="decode tokens that fill the cache first (not timed)")

@@ -33,6 +33,7 @@ from .cost_model import CostModel
 from .cpu_compute import cpu_experts
 from .policies import make_policy
 from .prefetch import Lookahead
+from .slices import check_slices, expand_ids, expand_weights, unit_trace, units_of
 from .store import DiskExpertStore, ExpertStore, HostExpertStore
 
 
@@ -52,24 +53,30 @@ class OffloadedExperts(nn.Module):
         self._next_router = [next_router]  # a list: not registered as a child module (it belongs to layer l+1)
         self.lookahead, self.predictor_prefetch = lookahead, predictor_prefetch
         self.prefetch_k = prefetch_k or top_k
-        self.num_experts = cache.num_experts
+        self.slices = cache.store.slices  # G: the cache holds units, G per expert (offload/slices.py)
+        self.num_experts = cache.num_experts // self.slices
 
     @property
     def store(self) -> ExpertStore:
         return self.cache.store
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer}, slots={self.cache.slots}, experts={self.num_experts}, backend={self.backend}"
+        return (f"layer={self.layer}, slots={self.cache.slots}, experts={self.num_experts}, slices={self.slices}, "
+                f"backend={self.backend}")
+
+    def _expert_resident(self, layer: int, expert: int) -> bool:
+        return all(self.cache.is_resident(layer, u) for u in units_of([expert], self.slices))
 
     def _prefetch_next(self, x_TD: torch.Tensor, ids_np: np.ndarray) -> None:
+        """ids_np: this layer's expert ids (not units); predictions and guesses are experts, copied as units."""
         nxt = self.layer + 1
-        cache = self.cache
+        cache, G = self.cache, self.slices
         predicted = self.lookahead is not None and self.lookahead.observe(self.layer, ids_np)
         # the predictor's guesses never queue ahead of a demand copy: only an idle copy engine takes them
         if predicted and self.predictor_prefetch and not cache.copies_in_flight(self.layer):
             for j in self.lookahead.targets(self.layer):
-                cache.prefetch(j, self.lookahead.to_prefetch(j, self.prefetch_k * len(ids_np), cache.slots,
-                                                             cache.is_resident))
+                cache.prefetch(j, units_of(self.lookahead.to_prefetch(j, self.prefetch_k * len(ids_np), cache.slots // G,
+                                                                      self._expert_resident), G))
         if nxt >= cache.num_layers:
             return
         router = self._next_router[0]
@@ -81,8 +88,8 @@ class OffloadedExperts(nn.Module):
             k = min(self.prefetch_k, logits_TE.shape[1])
             guess = logits_TE.topk(k, dim=1).indices.reshape(-1).cpu().numpy()
             experts, counts = np.unique(guess, return_counts=True)
-            order = experts[np.argsort(-counts, kind="stable")][: self.cache.slots]
-            self.cache.prefetch(nxt, [int(e) for e in order])
+            order = experts[np.argsort(-counts, kind="stable")][: self.cache.slots // G]
+            self.cache.prefetch(nxt, units_of(order, G))
 
     def _kernel(self, x_TD, ids_TK, topk_weights_TK):
         pool13, pool2 = self.cache.pool(self.layer)
@@ -96,7 +103,7 @@ class OffloadedExperts(nn.Module):
         """
         out = np.full((len(rounds), *ids_np.shape), -1, dtype=np.int64)
         for r, (chunk, sl) in enumerate(zip(rounds, slots)):
-            lut = np.full(self.num_experts + 1, -1, dtype=np.int64)  # index -1 (no expert) hits the last entry
+            lut = np.full(self.cache.num_experts + 1, -1, dtype=np.int64)  # units; index -1 hits the last entry
             lut[np.asarray(chunk, dtype=np.int64)] = sl
             out[r] = lut[ids_np]
         t = torch.from_numpy(out)
@@ -106,12 +113,15 @@ class OffloadedExperts(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
         cache, layer = self.cache, self.layer
-        ids_np = topk_ids_TK.detach().cpu().numpy()
+        expert_ids_np = topk_ids_TK.detach().cpu().numpy()
+        if expert_ids_np.size and expert_ids_np.max() >= self.num_experts:
+            raise ValueError(f"expert id {int(expert_ids_np.max())} out of range for {self.num_experts} experts")
+        # from here on "expert" means a unit of the cache (the expert itself when expert_slices is 1)
+        ids_np = expand_ids(expert_ids_np, self.slices)
+        topk_weights_TK = expand_weights(topk_weights_TK, self.slices)
         cache.observe(layer, ids_np)
         flat = ids_np.reshape(-1)
         experts, counts = np.unique(flat[flat >= 0], return_counts=True)
-        if len(experts) and experts.max() >= self.num_experts:
-            raise ValueError(f"expert id {int(experts.max())} out of range for {self.num_experts} experts")
         hits = [int(e) for e in experts if cache.is_resident(layer, int(e))]
         misses = [(int(e), int(n)) for e, n in zip(experts, counts) if not cache.is_resident(layer, int(e))]
         to_cpu: list[int] = []
@@ -128,7 +138,7 @@ class OffloadedExperts(nn.Module):
             # hits' kernel first (no copy to wait for), then the copied experts' once they land
             rounds = [r for r in (hits, to_copy) if r]
             slots = [cache.ensure(layer, r, wait=False) for r in rounds]
-            self._prefetch_next(x_TD, ids_np)  # queued behind this layer's demand copies
+            self._prefetch_next(x_TD, expert_ids_np)  # queued behind this layer's demand copies
             ids_RTK = self._remap(ids_np, rounds, slots, x_TD.device)
             for r, sl in enumerate(slots):
                 cache.wait(layer, sl)
@@ -140,12 +150,12 @@ class OffloadedExperts(nn.Module):
             for r, chunk in enumerate(rounds):
                 sl = cache.ensure(layer, chunk)
                 if r == 0:
-                    self._prefetch_next(x_TD, ids_np)
+                    self._prefetch_next(x_TD, expert_ids_np)
                 ids_TK = self._remap(ids_np, [chunk], [sl], x_TD.device)[0]
                 y_TD = y_TD + self._kernel(x_TD, ids_TK, topk_weights_TK)
                 cache.release(layer, sl, last=r == len(rounds) - 1)
             if not rounds:
-                self._prefetch_next(x_TD, ids_np)
+                self._prefetch_next(x_TD, expert_ids_np)
         if to_cpu:
             cache.count_cpu(layer, to_cpu)
             y_cpu = cpu_experts(x_cpu, ids_cpu, w_cpu, to_cpu, self.store, layer)
@@ -200,7 +210,8 @@ def _fmt_bytes(n: int) -> str:
 
 def plan_slots(cfg: OffloadConfig, *, device: torch.device, dense_bytes: int, expert_bytes: int,
                num_layers: int, num_experts: int, top_k: int) -> int:
-    """Slots per layer from the budget: dense weights, KV cache and reserve are taken first."""
+    """Slots per layer from the budget: dense weights, KV cache and reserve are taken first.
+    With expert slices, expert_bytes / num_experts / top_k are those of units (slices.py)."""
     if cfg.slots_per_layer is not None:
         return min(cfg.slots_per_layer, num_experts)
     g = cfg.gpu_memory
@@ -249,16 +260,19 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {cfg.device!r} asked for but CUDA is not available; use device='cpu'")
+    G = cfg.expert_slices
     top_k = _top_k(model, blocks[0])
     w13 = blocks[0].experts.w13
     E, expert_dtype = w13.shape[0], w13.dtype
+    check_slices(w13.shape[1] // 2, G)
     expert_bytes = (w13[0].numel() + blocks[0].experts.w2[0].numel()) * w13.element_size()
     del w13  # hold no reference to an original: each layer's is freed as soon as the store has it
     expert_params = {id(p) for b in blocks for p in b.experts.parameters()}
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in expert_params)
     dense_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
-    slots = plan_slots(cfg, device=device, dense_bytes=dense_bytes, expert_bytes=expert_bytes,
-                       num_layers=len(blocks), num_experts=E, top_k=top_k)
+    # the cache's units: G slices of each expert, each 1/G of its bytes, G per routed expert
+    slots = plan_slots(cfg, device=device, dense_bytes=dense_bytes, expert_bytes=expert_bytes // G,
+                       num_layers=len(blocks), num_experts=E * G, top_k=top_k * G)
     backend = cfg.backend or getattr(blocks[0].experts, "backend", None) or "torch"
 
     def release(i):  # drop layer i's original experts as soon as the store holds them
@@ -269,11 +283,11 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
                                        and expert_total > 0.8 * host_available_bytes())
     if use_disk:
         store: ExpertStore = DiskExpertStore(cfg.checkpoint, [getattr(b, "layer_idx", i) for i, b in enumerate(blocks)],
-                                             dtype=expert_dtype)
+                                             dtype=expert_dtype, slices=G)
         for i in range(len(blocks)):
             release(i)
     else:
-        store = HostExpertStore.from_blocks(blocks, release=release, pin=device.type == "cuda")
+        store = HostExpertStore.from_blocks(blocks, release=release, pin=device.type == "cuda", slices=G)
     model.to(device)  # what is left is the dense part (and shared experts)
 
     cache = install(blocks, store, cfg, device=device, top_k=top_k, slots=slots, backend=backend)
@@ -287,19 +301,25 @@ def install(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: torch.dev
 
     Used by apply_offload, and by benchmarks that try several configurations over one store.
     `cost`: a calibrated CostModel to reuse; else calibrated here (cpu_fallback) or from cfg's rates.
+    The store's slices (store.slices) must be cfg.expert_slices; slots and the cost model count units.
     """
+    G = store.slices
+    if G != cfg.expert_slices:
+        raise ValueError(f"the store holds experts in {G} slices but the config asks expert_slices="
+                         f"{cfg.expert_slices}; build the store with slices={cfg.expert_slices}")
     if cost is None:
         if cfg.cpu_fallback and cfg.calibrate:
             cost = CostModel.calibrate(device, *store.get(0, 0))
         else:
             D, I = store.w2_shape
             cost = CostModel.from_rates(cfg.copy_gbps, cfg.cpu_gflops, store.expert_bytes, 6.0 * D * I)
-    E = store.num_experts
+    E = store.num_experts // G  # the model's experts (the predictor's and the trace's ids)
     lookahead = None
     if cfg.predictor is not None and (cfg.policy == "predictor" or cfg.prefetch == "predictor"):
         lookahead = Lookahead(cfg.predictor, len(blocks), E, every=cfg.predict_every,
                               threshold=cfg.prefetch_threshold)
-    policy = make_policy(cfg.policy, lookahead=lookahead, trace=cfg.trace, tokens_per_step=cfg.trace_batch)
+    policy = make_policy(cfg.policy, lookahead=lookahead, trace=None if cfg.trace is None else unit_trace(cfg.trace, G),
+                         tokens_per_step=cfg.trace_batch, slices=G)
     cache = ExpertCache(store, slots, policy, device)
     cache.cost_model = cost
     for i, b in enumerate(blocks):

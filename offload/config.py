@@ -47,6 +47,9 @@ class OffloadConfig:
     prefetch_k       experts to prefetch per token for the next layer (0 = the model's top-k)
     cpu_fallback     compute a missed expert on the CPU when the cost model says it is cheaper,
                      and split a step's misses between the copy engine and the CPU
+    expert_slices    G: cache, copy and compute experts in G slices of their ffn dimension
+                     (offload/slices.py); with cpu_fallback, one missed expert is then shared
+                     between a copy and the CPU. 1 = whole experts; slots count slices
     predictor        object with `predict_batch` (routing predictor contract), for the
                      predictor policy / prefetch
     predict_every    ask the predictor after every n-th layer and prefetch n layers ahead
@@ -85,6 +88,7 @@ class OffloadConfig:
     calibrate: bool = True
     copy_gbps: float = 25.0
     cpu_gflops: float = 50.0
+    expert_slices: int = 1
 
     def __post_init__(self):
         if self.gpu_memory is None and self.slots_per_layer is None:
@@ -123,5 +127,7 @@ class OffloadConfig:
             raise ValueError(f"store must be 'memory', 'disk' or 'auto', got {self.store!r}")
         if self.store == "disk" and not self.checkpoint:
             raise ValueError("store='disk' reads experts from safetensors: give checkpoint=<model directory>")
+        if not isinstance(self.expert_slices, int) or self.expert_slices < 1:
+            raise ValueError(f"expert_slices must be an integer >= 1 (1 = whole experts), got {self.expert_slices!r}")
         if self.copy_gbps <= 0 or self.cpu_gflops <= 0:
             raise ValueError(f"copy_gbps ({self.copy_gbps}) and cpu_gflops ({self.cpu_gflops}) must be > 0")

@@ -72,12 +72,12 @@ class PredictorPolicy(Policy):
     """
     name = "predictor"
 
-    def __init__(self, lookahead):
-        self.lookahead = lookahead
+    def __init__(self, lookahead, slices: int = 1):
+        self.lookahead, self.slices = lookahead, slices  # candidates are units of `slices` per expert
 
     def victim(self, layer, candidates, step):
-        score_E = self.lookahead.score_LE[layer]
-        return min(candidates, key=lambda e: (score_E[e], self.last_use_LE[layer, e], e))
+        score_E, G = self.lookahead.score_LE[layer], self.slices
+        return min(candidates, key=lambda u: (score_E[u // G], self.last_use_LE[layer, u], u))
 
 
 class BeladyPolicy(Policy):
@@ -129,8 +129,9 @@ def future_from_trace(trace, tokens_per_step: int = 1) -> list[list[np.ndarray]]
     return out
 
 
-def make_policy(name: str, *, lookahead=None, trace=None, tokens_per_step: int = 1) -> Policy:
-    """A policy by name; 'predictor' needs a Lookahead, 'belady' a RoutingTrace."""
+def make_policy(name: str, *, lookahead=None, trace=None, tokens_per_step: int = 1, slices: int = 1) -> Policy:
+    """A policy by name; 'predictor' needs a Lookahead, 'belady' a RoutingTrace (of the cache's
+    units when slices > 1: offload.slices.unit_trace)."""
     if name == "lru":
         return LRUPolicy()
     if name == "lfu":
@@ -138,7 +139,7 @@ def make_policy(name: str, *, lookahead=None, trace=None, tokens_per_step: int =
     if name == "predictor":
         if lookahead is None:
             raise ValueError("policy 'predictor' needs a Lookahead over a routing predictor")
-        return PredictorPolicy(lookahead)
+        return PredictorPolicy(lookahead, slices)
     if name == "belady":
         if trace is None:
             raise ValueError("policy 'belady' needs trace=<RoutingTrace> (the future it evicts by)")

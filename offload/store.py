@@ -10,6 +10,10 @@ Both give `get(layer, expert) -> (w13_JD, w2_DI)` CPU tensors; the host store's 
 pinned memory, so host->device copies run asynchronously at the full PCIe rate (pageable memory
 is three times slower on the H200 host, ANCHORS.md).
 
+With `slices=G > 1` a store holds expert slices instead (offload/slices.py): `num_experts` counts
+units (E*G), `get(layer, unit)` gives unit u = slice u % G of expert u // G, a SwiGLU expert of
+ffn width I/G; the host store lays each unit out contiguously while it fills.
+
 Shape legend: E = experts, J = 2*I (gate rows then up rows), D = hidden, I = expert ffn size.
 """
 from __future__ import annotations
@@ -28,6 +32,7 @@ class ExpertStore:
     w13_shape: tuple[int, int]  # (J, D)
     w2_shape: tuple[int, int]   # (D, I)
     dtype: torch.dtype
+    slices: int = 1  # G: num_experts counts units, experts * G (offload/slices.py)
 
     def get(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -43,10 +48,13 @@ class ExpertStore:
 
 
 class HostExpertStore(ExpertStore):
-    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]]):
+    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]], slices: int = 1):
+        """layers: per MoE layer (w13 [N, J, D], w2 [N, D, I]), N = units (experts * slices)."""
         if not layers:
             raise ValueError("HostExpertStore needs at least one MoE layer")
-        self.layers = layers
+        self.layers, self.slices = layers, slices
+        if layers[0][0].shape[0] % slices:
+            raise ValueError(f"{layers[0][0].shape[0]} units is not a whole number of experts of {slices} slices")
         w13, w2 = layers[0]
         self.num_layers, self.num_experts = len(layers), w13.shape[0]
         self.w13_shape, self.w2_shape, self.dtype = tuple(w13.shape[1:]), tuple(w2.shape[1:]), w13.dtype
@@ -57,8 +65,10 @@ class HostExpertStore(ExpertStore):
 
     @classmethod
     def from_blocks(cls, blocks, release: Callable[[int], None] | None = None, pin: bool | None = None,
-                    dtype: torch.dtype | None = None) -> "HostExpertStore":
-        """Take w13/w2 of each block's experts into host memory; `release(i)` drops layer i's original."""
+                    dtype: torch.dtype | None = None, slices: int = 1) -> "HostExpertStore":
+        """Take w13/w2 of each block's experts into host memory; `release(i)` drops layer i's original.
+        slices > 1: stored as units (offload/slices.py), regrouped in the same one copy."""
+        from .slices import units_w13, units_w2
         pin = torch.cuda.is_available() if pin is None else pin
         layers = []
         for i, block in enumerate(blocks):
@@ -66,7 +76,14 @@ class HostExpertStore(ExpertStore):
             src13, src2 = ex.w13.detach(), ex.w2.detach()
             dt = dtype or src13.dtype
             on_host = src13.device.type == "cpu" and dt == src13.dtype
-            if on_host and (not pin or (src13.is_pinned() and src2.is_pinned())):
+            if slices > 1:  # regrouped unit by unit while copying: still one copy
+                w13 = units_w13(src13.to(dt), slices,
+                                torch.empty((src13.shape[0] * slices, src13.shape[1] // slices, src13.shape[2]),
+                                            dtype=dt, pin_memory=pin))
+                w2 = units_w2(src2.to(dt), slices,
+                              torch.empty((src2.shape[0] * slices, src2.shape[1], src2.shape[2] // slices),
+                                          dtype=dt, pin_memory=pin))
+            elif on_host and (not pin or (src13.is_pinned() and src2.is_pinned())):
                 w13, w2 = src13, src2  # already where it belongs: keep the very tensor, no second copy
             else:
                 w13 = torch.empty(src13.shape, dtype=dt, pin_memory=pin)
@@ -77,11 +94,27 @@ class HostExpertStore(ExpertStore):
             layers.append((w13, w2))
             if release is not None:
                 release(i)
-        return cls(layers)
+        return cls(layers, slices)
 
     def get(self, layer, expert):
         w13, w2 = self.layers[layer]
         return w13[expert], w2[expert]
+
+    def to_slices(self, slices: int) -> "HostExpertStore":
+        """This store cut `slices` times finer (G = self.slices * slices), layer by layer: each
+        layer's tensors are dropped from this store once regrouped, so the two stores never hold
+        more than one layer twice. This store is empty afterwards."""
+        from .slices import units_w2, units_w13
+        pin, layers = self.pinned, []
+        for i, (w13, w2) in enumerate(self.layers):
+            N, J, D = w13.shape
+            n13 = torch.empty((N * slices, J // slices, D), dtype=w13.dtype, pin_memory=pin)
+            n2 = torch.empty((N * slices, w2.shape[1], w2.shape[2] // slices), dtype=w2.dtype, pin_memory=pin)
+            layers.append((units_w13(w13, slices, n13), units_w2(w2, slices, n2)))
+            self.layers[i] = None
+            del w13, w2
+        self.layers = []
+        return HostExpertStore(layers, self.slices * slices)
 
     @property
     def pinned(self) -> bool:
@@ -103,8 +136,11 @@ class DiskExpertStore(ExpertStore):
     layer_ids: the decoder layer index of each MoE layer, in MoE order (block.layer_idx).
     """
 
-    def __init__(self, checkpoint: str | Path, layer_ids: list[int], dtype: torch.dtype | None = None):
+    def __init__(self, checkpoint: str | Path, layer_ids: list[int], dtype: torch.dtype | None = None,
+                 slices: int = 1):
         from safetensors import safe_open
+
+        from .slices import check_slices
 
         path = Path(checkpoint)
         files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
@@ -138,8 +174,9 @@ class DiskExpertStore(ExpertStore):
                                  "(looked for '...layers.N...experts.gate_up_proj' or '...experts.E.w1.weight')")
             E = max(experts) + 1
             I, D = self._slice(first, "gate", 0).get_shape()
-        self.num_experts = E
-        self.w13_shape, self.w2_shape = (2 * I, D), (D, I)
+        C = check_slices(I, slices)
+        self.slices, self.num_experts = slices, E * slices
+        self.w13_shape, self.w2_shape = (2 * C, D), (D, C)
         self.dtype = dtype or self._tensor_dtype()
         for lid in self.layer_ids:
             if not ((lid, "gate_up") in self._where or (lid, "gate", 0) in self._where):
@@ -160,6 +197,13 @@ class DiskExpertStore(ExpertStore):
         return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[code]
 
     def get(self, layer, expert):
+        if self.slices > 1:
+            from .slices import unit_of
+            e, g = divmod(expert, self.slices)
+            return unit_of(*self._expert(layer, e), g, self.slices)
+        return self._expert(layer, expert)
+
+    def _expert(self, layer, expert):
         lid = self.layer_ids[layer]
         if self.fused:
             w13 = self._slice(lid, "gate_up")[expert]

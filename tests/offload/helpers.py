@@ -121,3 +121,14 @@ def greedy(model, prompt: list[int], steps: int, max_len: int = 64):
         out_logits.append(lg.cpu())
         toks.append(int(lg.argmax()))
     return toks, torch.stack(out_logits)
+
+
+def offloaded(model, **kw):
+    """apply_offload on a twin of `model`, on the CPU, with rates that make copying and computing a
+    tiny expert on the CPU cost about the same, so that both miss paths get used."""
+    from offload import OffloadConfig, apply_offload
+    kw.setdefault("device", "cpu")
+    kw.setdefault("calibrate", False)
+    kw.setdefault("copy_gbps", 1e-3)
+    kw.setdefault("cpu_gflops", 1e-3)
+    return apply_offload(twin(model), OffloadConfig(**kw))

@@ -5,7 +5,7 @@ import torch
 from offload import OffloadConfig, TransitionPredictor, apply_offload, route_by_trace
 from routing.synthetic import synthesize
 
-from .helpers import greedy, tiny_model, twin
+from .helpers import greedy, offloaded, tiny_model, twin
 
 PROMPT = [3, 17, 5, 9, 30]
 STEPS = 6
@@ -29,15 +29,6 @@ def resident(model):
     return greedy(model, PROMPT, STEPS)
 
 
-def _offloaded(model, **kw):
-    kw.setdefault("device", "cpu")
-    kw.setdefault("calibrate", False)
-    # rates that make copy and CPU cost about the same for this tiny expert: both paths get used
-    kw.setdefault("copy_gbps", 1e-3)
-    kw.setdefault("cpu_gflops", 1e-3)
-    return apply_offload(twin(model), OffloadConfig(**kw))
-
-
 def _check(resident, got):
     toks, logits = resident
     toks2, logits2 = got
@@ -50,7 +41,7 @@ def _check(resident, got):
                                           ("predictor", 1), ("predictor", 3)])
 def test_offloaded_equals_resident(model, resident, trace, policy, slots, cpu_fallback):
     pred = TransitionPredictor.fit(trace) if policy == "predictor" else None
-    m = _offloaded(model, slots_per_layer=slots, policy=policy, predictor=pred, cpu_fallback=cpu_fallback)
+    m = offloaded(model, slots_per_layer=slots, policy=policy, predictor=pred, cpu_fallback=cpu_fallback)
     _check(resident, greedy(m, PROMPT, STEPS))
     st = m.offload_cache.stats()
     if cpu_fallback:
@@ -66,7 +57,7 @@ def test_offloaded_equals_resident(model, resident, trace, policy, slots, cpu_fa
 @pytest.mark.parametrize("prefetch", ["next_layer_gate", "predictor"])
 def test_prefetch_keeps_output(model, resident, trace, prefetch, slots, cpu_fallback):
     pred = TransitionPredictor.fit(trace) if prefetch == "predictor" else None
-    m = _offloaded(model, slots_per_layer=slots, policy="lru", prefetch=prefetch, predictor=pred,
+    m = offloaded(model, slots_per_layer=slots, policy="lru", prefetch=prefetch, predictor=pred,
                    cpu_fallback=cpu_fallback)
     _check(resident, greedy(m, PROMPT, STEPS))
     st = m.offload_cache.stats()
@@ -79,7 +70,7 @@ def test_prefetch_keeps_output(model, resident, trace, prefetch, slots, cpu_fall
 def test_belady_under_trace_routing(model, trace, slots, cpu_fallback):
     with route_by_trace(model, trace):
         want = greedy(model, PROMPT, STEPS)
-    m = _offloaded(model, slots_per_layer=slots, policy="belady", trace=trace, cpu_fallback=cpu_fallback)
+    m = offloaded(model, slots_per_layer=slots, policy="belady", trace=trace, cpu_fallback=cpu_fallback)
     with route_by_trace(m, trace) as cursor:
         got = greedy(m, PROMPT, STEPS)
     _check(want, got)
@@ -90,12 +81,12 @@ def test_belady_under_trace_routing(model, trace, slots, cpu_fallback):
 def test_other_families(family):
     m0 = tiny_model(family)
     want = greedy(m0, PROMPT, 3)
-    m = _offloaded(m0, slots_per_layer=2, policy="lru", cpu_fallback=True)
+    m = offloaded(m0, slots_per_layer=2, policy="lru", cpu_fallback=True)
     _check(want, greedy(m, PROMPT, 3))
 
 
 def test_set_backend_reaches_offloaded_experts(model):
-    m = _offloaded(model, slots_per_layer=2)
+    m = offloaded(model, slots_per_layer=2)
     if hasattr(m, "set_backend"):
         m.set_backend("torch")
     assert all(b.experts.backend == "torch" for b in m.moe_blocks())
@@ -114,7 +105,7 @@ def test_batched_engine_generation_is_unchanged():
     prompts = ["def f(x):", "import os\nimport", "class A:\n    pass"]
     params = moe.SamplingParams(max_new_tokens=6)
     want = moe.generate(model, tok, prompts, params)
-    m = _offloaded(model, slots_per_layer=1, policy="lfu", cpu_fallback=True)
+    m = offloaded(model, slots_per_layer=1, policy="lfu", cpu_fallback=True)
     assert moe.generate(m, tok, prompts, params) == want
     assert m.offload_cache.stats()["cpu_computed"] > 0
 

@@ -16,6 +16,8 @@ PROMPT = [3, 17, 5, 9, 30]
     dict(slots_per_layer=3, cpu_fallback=True, copy_gbps=1e-3, cpu_gflops=1e-3),
     dict(slots_per_layer=3, prefetch="next_layer_gate"),
     dict(slots_per_layer=3, policy="predictor", prefetch="predictor"),
+    dict(slots_per_layer=3, expert_slices=2),
+    dict(slots_per_layer=5, expert_slices=2, cpu_fallback=True, copy_gbps=2e-3, cpu_gflops=1e-3),
 ])
 def test_gpu_offloaded_equals_gpu_resident(kw):
     model = tiny_model("mixtral")
