@@ -26,7 +26,8 @@ Rows at each GPU expert budget (share of the experts' bytes held on the GPU, slo
   lru/G, cpu/G   (after the rows above; --slices) experts cut into G slices of their ffn dimension
                 (offload/slices.py), the same bytes per layer in G x the slots: lru/G caches
                 slices; cpu/G also shares the slices of one missed expert between the copy engine
-                and the CPU (whole-expert misses at batch 1 leave nothing to share)
+                and the CPU (whole-expert misses at batch 1 leave nothing to share); "span": the
+                split ignores that a CPU-computed slice stays a miss (miss_split='makespan')
   oracle bound  time model: Belady + perfect prefetch + best of copy / CPU per miss, fed by the
                 measured copy bandwidth, CPU rate and resident per-layer compute time (its hit %
                 is Belady's before prefetch; the other rows count prefetched experts as hits)
@@ -303,6 +304,7 @@ def run_model(key, args, device, dtype):
             b, Su = S / E, S * store.slices
             live(f"lru/{store.slices}", b, Su, dict(policy="lru"))
             live(f"cpu/{store.slices}", b, Su, dict(policy="lru", cpu_fallback=True))
+            live(f"cpu/{store.slices} span", b, Su, dict(policy="lru", cpu_fallback=True, miss_split="makespan"))
     del store, stack, blocks
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -43,8 +43,9 @@ class OffloadedExperts(nn.Module):
     def __init__(self, layer: int, cache: ExpertCache, top_k: int, backend: str = "torch",
                  cost_model: CostModel | None = None, cpu_fallback: bool = False,
                  next_router: nn.Module | None = None, lookahead: Lookahead | None = None,
-                 predictor_prefetch: bool = False, prefetch_k: int = 0):
+                 predictor_prefetch: bool = False, prefetch_k: int = 0, miss_split: str = "reuse"):
         super().__init__()
+        self.miss_split = miss_split
         self.layer, self.cache, self.top_k = layer, cache, top_k
         self.backend = backend
         self.cost_model, self.cpu_fallback = cost_model, cpu_fallback
@@ -127,7 +128,8 @@ class OffloadedExperts(nn.Module):
         to_cpu: list[int] = []
         to_copy = [e for e, _ in misses]
         if self.cpu_fallback and misses:
-            to_copy, to_cpu, _ = self.cost_model.split(misses, self.store.expert_bytes, reuse=cache.reuse_estimate())
+            reuse = cache.reuse_estimate() if self.miss_split == "reuse" else 0.0
+            to_copy, to_cpu, _ = self.cost_model.split(misses, self.store.expert_bytes, reuse=reuse)
         if to_cpu:  # the one host sync of x, before the GPU work is queued so the two overlap
             x_cpu = x_TD.detach().to("cpu", self.store.dtype)
             ids_cpu, w_cpu = torch.from_numpy(ids_np), topk_weights_TK.detach().cpu()
@@ -326,7 +328,7 @@ def install(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: torch.dev
         nxt = blocks[i + 1].router if (cfg.prefetch == "next_layer_gate" and i + 1 < len(blocks)) else None
         b.experts = OffloadedExperts(i, cache, top_k, backend=backend, cost_model=cost, cpu_fallback=cfg.cpu_fallback,
                                      next_router=nxt, lookahead=lookahead, predictor_prefetch=cfg.prefetch == "predictor",
-                                     prefetch_k=cfg.prefetch_k)
+                                     prefetch_k=cfg.prefetch_k, miss_split=cfg.miss_split)
     return cache
 
 

@@ -47,6 +47,9 @@ class OffloadConfig:
     prefetch_k       experts to prefetch per token for the next layer (0 = the model's top-k)
     cpu_fallback     compute a missed expert on the CPU when the cost model says it is cheaper,
                      and split a step's misses between the copy engine and the CPU
+    miss_split       how cpu_fallback shares a step's misses: 'reuse' (CPU time weighted by
+                     1 + the cache's hit ratio: a unit computed on the CPU stays a miss next time)
+                     or 'makespan' (copy engine and CPU simply finish together)
     expert_slices    G: cache, copy and compute experts in G slices of their ffn dimension
                      (offload/slices.py); with cpu_fallback, one missed expert is then shared
                      between a copy and the CPU. 1 = whole experts; slots count slices
@@ -89,6 +92,7 @@ class OffloadConfig:
     copy_gbps: float = 25.0
     cpu_gflops: float = 50.0
     expert_slices: int = 1
+    miss_split: str = "reuse"
 
     def __post_init__(self):
         if self.gpu_memory is None and self.slots_per_layer is None:
@@ -127,6 +131,8 @@ class OffloadConfig:
             raise ValueError(f"store must be 'memory', 'disk' or 'auto', got {self.store!r}")
         if self.store == "disk" and not self.checkpoint:
             raise ValueError("store='disk' reads experts from safetensors: give checkpoint=<model directory>")
+        if self.miss_split not in ("reuse", "makespan"):
+            raise ValueError(f"miss_split must be 'reuse' or 'makespan', got {self.miss_split!r}")
         if not isinstance(self.expert_slices, int) or self.expert_slices < 1:
             raise ValueError(f"expert_slices must be an integer >= 1 (1 = whole experts), got {self.expert_slices!r}")
         if self.copy_gbps <= 0 or self.cpu_gflops <= 0:
