@@ -40,17 +40,15 @@ model's max(copy engine, busiest host) for the split it chose. A line under each
 experts split per step, slice MiB copied, the per-call submit / wait / host-compute times and the
 cache hit ratio (partly copied experts do not enter the cache, so it is lower than PCIe's).
 
-Expected at batch 1 (not yet measured on the GPU): one Mixtral miss costs 6.1 ms over PCIe and
-6.8 ms on a 16-thread host, so a split miss takes ~3.2 ms (53% copied). A trace simulation of
-this routing (4 layers, 2 of 8 slots, LRU) gives 0.98 misses per layer and step at 5.95 ms
-with whole copies, 1.29 misses at 4.16 ms of split floor (partial copies stay out of the cache):
-~1.43x before overheads, i.e. ~4.5 ms per layer measured if the per-call overhead is ~0.3 ms,
-about 7 tokens/s against 4.8; host DRAM serving the PCIe copy and the host's reads at once may
-cost more (not measured; `adapt` rescales the split by the measured rates, printed). A
-sub-expert cache (slices stay resident, the budget shared by fractions of experts) simulates at
-3.69 ms (1.61x); not built. Hand-off on the 2-core dev machine (shared, noisy): an empty call
-~110-140 us for thread and process hosts alike; a 1-row call ~0.5 ms (thread) of which ~0.35 ms
-is the host's own Python/torch work on this slow CPU.
+Measured with the slice split on a single-H200 machine (16 cores; 2026-11-28, BENCHMARKS.md 5b),
+tokens/s, batch 1 / 8 / 32: gpu-cache+pcie 4.86 / 6.74 / 24.26; gpu-cache+cpu-hosts (slices)
+3.70 (0.76x) / 9.48 (1.41x) / 35.16 (1.45x); gpu-cache+cpu-hosts/whole 4.32 / 9.58 / 33.86. At
+batch 1 the host computed its column slices 3.4x slower than its cost model (a 1-row hand-off of
+1/8 of an expert took 1.74 ms against 0.74 ms of compute), and copies and host reads share host
+DRAM: ~82 GB/s together against 53 GB/s for copies alone (BENCHMARKS.md 3c), which caps what any
+split on one machine can gain at batch 1 below the issue's 1.5x. The trace simulation that
+predicted ~1.43x before overheads (4 layers, 2 of 8 slots: 0.98 misses per layer at 5.95 ms
+whole, 1.29 at 4.16 ms split) assumed both run at full speed side by side.
 
 Measured on the H200 machine with the whole-expert split (today's gpu-cache+cpu-hosts/whole row,
 2026-11-28; Mixtral shapes, 4 of 32 layers run, x8 scaled; thread
