@@ -24,6 +24,9 @@ def add_offload_args(parser: argparse.ArgumentParser) -> None:
                    help="prefetch next layer's experts by applying its router to the current hidden state")
     g.add_argument("--cpu-fallback", action="store_true",
                    help="compute missed experts on the CPU when that is cheaper than copying them (Fiddler)")
+    g.add_argument("--expert-slices", type=int, default=1, metavar="G",
+                   help="cache and move experts in G slices of their ffn dimension; with --cpu-fallback one "
+                        "missed expert is then shared between a copy and the CPU (default 1: whole experts)")
     g.add_argument("--offload-from-disk", action="store_true",
                    help="read experts from the checkpoint's memory-mapped safetensors instead of host memory")
 
@@ -51,5 +54,6 @@ def apply_from_args(model, args: argparse.Namespace, checkpoint: str | None = No
     device = None if device in (None, "auto") else str(device)
     cfg = OffloadConfig(gpu_memory=gm, device=device, policy=args.offload_policy, prefetch=args.offload_prefetch, kv_cache_bytes=kv,
                         cpu_fallback=args.cpu_fallback, checkpoint=checkpoint,
+                        expert_slices=getattr(args, "expert_slices", 1),
                         store="disk" if disk else ("auto" if checkpoint else "memory"))
     return apply_offload(model, cfg)

@@ -133,6 +133,9 @@ def test_cli_args_apply_offload():
     torch.testing.assert_close(l1, l0, atol=1e-6 if on_cpu else 1e-4, rtol=0)
     with pytest.raises(ValueError, match="model directory"):
         apply_from_args(twin(model), p.parse_args(["--gpu-memory", "1GiB", "--offload-from-disk"]))
+    m = apply_from_args(twin(model), p.parse_args(["--gpu-memory", "1GiB", "--expert-slices", "2", "--cpu-fallback"]))
+    assert m.offload_cache.store.slices == 2 and m.offload_cache.num_experts == 2 * m.moe_blocks()[0].experts.num_experts
+    torch.testing.assert_close(greedy(m, [5, 6], 2)[1], l0, atol=1e-6 if on_cpu else 1e-4, rtol=0)
 
 
 def test_no_cache_clear():
