@@ -80,7 +80,8 @@ def config_from_args(args: argparse.Namespace):
                        num_replicas=args.num_replicas,
                        replica_cpus=args.replica_cpus, cpu_hosts=args.cpu_hosts, cpu_host_cpus=args.cpu_host_cpus,
                        cpu_host_threads=args.cpu_host_threads, ep_ranks=args.ep_ranks, ep_mode=args.ep_mode,
-                       placement_plan=args.placement_plan, limits=limits)
+                       placement_plan=args.placement_plan, limits=limits,
+                       offload_options={} if args.expert_slices == 1 else {"expert_slices": args.expert_slices})
 
 
 def run(args: argparse.Namespace) -> int:

@@ -61,4 +61,7 @@ def test_moe_serve_command_line():
     args = parser.parse_args(["serve", "--gpu-memory", "0.3", "--offload-policy", "lfu", "--cpu-fallback"])
     off = config_from_args(args).replica_spec("cuda")["offload"]
     assert (off["gpu_memory"], off["policy"], off["cpu_fallback"]) == ("0.3", "lfu", True)
+    assert "expert_slices" not in off  # the default: whole experts
+    args = parser.parse_args(["serve", "--gpu-memory", "0.3", "--cpu-fallback", "--expert-slices", "4"])
+    assert config_from_args(args).replica_spec("cuda")["offload"]["expert_slices"] == 4
     assert callable(args.func)
