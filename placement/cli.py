@@ -50,6 +50,21 @@ def place(trace: RoutingTrace, gpus: int, nodes: int = 1, config: SolverConfig |
     return plan, rows
 
 
+def load_note(rows: list[tuple[PlacementPlan, dict]], tolerance: float = 1.25) -> str | None:
+    """A warning when the plan (rows[0]) loads its busiest rank much more than round robin does.
+
+    Measured on 4 H200s (BENCHMARKS.md 6b): a plan with 3.6x fewer rows moved but 2.34x the mean
+    token load on its busiest rank (round robin: 1.30x) ran 13% slower than round robin, because
+    all-to-alls over NVLink are ~9% of a step and the busiest rank sets its pace."""
+    plan_imb = rows[0][1]["load_imbalance"]
+    rr_imb = next(f for p, f in rows if p.method == "round_robin")["load_imbalance"]
+    if plan_imb <= tolerance * rr_imb:
+        return None
+    return (f"note: this plan's busiest rank carries {plan_imb:.2f}x the mean token load (round robin: {rr_imb:.2f}x). "
+            "Where all-to-alls are cheap (GPUs joined by NVLink) the busiest rank sets the step time and such a "
+            "plan can be slower than round robin; --load-weight 1 to 2 trades some affinity for balance")
+
+
 def _run(args: argparse.Namespace) -> int:
     trace = RoutingTrace.load(args.trace)
     cfg = SolverConfig(time_limit_s=args.time_limit, num_workers=args.workers, balance=args.balance,
@@ -60,6 +75,9 @@ def _run(args: argparse.Namespace) -> int:
     rr = next(f for p, f in rows if p.method == "round_robin")["cross_fraction"]
     if rr > 0:
         print(f"cross-rank transitions vs round robin: {100 * (1 - rows[0][1]['cross_fraction'] / rr):.1f}% fewer")
+    note = load_note(rows)
+    if note:
+        print(note)
     if args.out:
         path = plan.save(args.out)
         print(f"plan written to {path}")

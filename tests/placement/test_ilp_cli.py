@@ -116,6 +116,12 @@ def test_load_weight_trades_affinity_for_even_load():
     assert fp.cross_fraction < 0.01 and fp.load_imbalance > 1.6
     assert fb.load_imbalance < fp.load_imbalance - 0.3
     assert fb.cross_fraction > fp.cross_fraction  # the price paid in affinity
+    # `moe place` warns about the concentrated plan, not about the balanced one
+    from placement.cli import load_note
+    rr = round_robin(trace.num_layers, trace.num_experts, 2, 1, st)
+    rows = [(p, evaluate(p, trace).as_dict()) for p in (plain, balanced, rr)]
+    assert "--load-weight" in load_note([rows[0], rows[2]])
+    assert load_note([rows[1], rows[2]]) is None
 
 
 def test_cli_prints_every_baseline_and_writes_the_plan(tmp_path, planted, capsys):
