@@ -57,13 +57,19 @@ def _pack(*parts: torch.Tensor) -> torch.Tensor:
 
 
 def _unpack(buf: torch.Tensor, specs: list[tuple[torch.dtype, tuple]]) -> list[torch.Tensor]:
+    """The parts of ``_pack``'s rows again. A part whose byte offset and the row width are both
+    multiples of its element size is a view (no kernel); pack the widest types first to get that."""
     n, out, off = buf.shape[0], [], 0
+    row = buf.stride(0) if buf.dim() == 2 else 0
     for dtype, shape in specs:
-        width = dtype.itemsize
+        size = dtype.itemsize
+        width = size
         for s in shape:
             width *= s
-        # a fresh, packed buffer: a slice at an odd offset or stride cannot be reinterpreted
-        col = torch.empty((n, width), dtype=torch.uint8, device=buf.device).copy_(buf[:, off:off + width])
+        col = buf[:, off:off + width]
+        if (buf.storage_offset() + off) % size or row % size or buf.stride(1) != 1:
+            # a slice at an odd offset or stride cannot be reinterpreted: copy it into a packed buffer
+            col = torch.empty((n, width), dtype=torch.uint8, device=buf.device).copy_(col)
         out.append(col.view(dtype).reshape((n,) + shape))
         off += width
     return out
@@ -79,20 +85,20 @@ def _a2a_slots(send_PBW: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
-def _send_home_rows(buf_BW: torch.Tensor, to_BP: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+def _send_home_rows(buf_BW: torch.Tensor, to_BP: torch.Tensor, group, arange_B: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Send row b of ``buf_BW`` to every rank p with ``to_BP[b, p]``; returns (the rows received,
     slot b holding row b's message or zeros, [B, W]; whether row b's message came, [B]).
 
     Every row is sent by one rank only (its home), so slot b is used by at most one source and
     the received rows merge into B slots without compaction (no host sync)."""
-    B = buf_BW.shape[0]
     flag_PB = to_BP.T
     send = torch.cat([flag_PB[..., None].to(torch.uint8),
                       torch.where(flag_PB[..., None], buf_BW[None], 0)], 2)  # [P, B, 1 + W]
     recv = _a2a_slots(send, group)
     got_PB = recv[:, :, 0] != 0
     src_B = got_PB.to(torch.int32).argmax(0)  # the one source of row b (0, all zeros, if none)
-    return recv[src_B, torch.arange(B, device=buf_BW.device), 1:], got_PB.any(0)
+    return recv[src_B, arange_B, 1:], got_PB.any(0)
 
 
 class _KVRecorder:
@@ -107,12 +113,24 @@ class _KVRecorder:
         return self.cache.update(layer, k, v, num_slots)
 
 
+class _StepConsts:
+    """Tensors every MoE layer of one decode step uses, made once per step (each is a launch)."""
+
+    def __init__(self, B: int, st: TokenState, device):
+        self.arange_B = torch.arange(B, device=device)
+        self.arange_P = torch.arange(st.world, device=device)
+        self.here_B = torch.full((B,), st.rank, dtype=torch.long, device=device)
+        self.away_P = self.arange_P != st.rank
+        self.sent: list[torch.Tensor] = []      # per layer: to_BP, the dispatch messages (counted once per step)
+        self.returned: list[torch.Tensor] = []  # per layer with a combine: back_BP
+
+
 def _moe_rows(layer, h_BD: torch.Tensor, home_B: torch.Tensor, origin_B: torch.Tensor, st: TokenState,
-              moved_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+              c: _StepConsts) -> tuple[torch.Tensor, torch.Tensor]:
     """The MoE half of one decoder layer for the rows homed here (``home_B``).
 
     Returns (x_BD after the layer, the rows homed here now [B]); x_BD is meaningful only on those
-    rows. Adds the rows sent to other ranks (dispatch, combine) to ``moved_2`` on the device."""
+    rows. Leaves the layer's dispatch (and combine) messages in ``c`` for the step's counters."""
     block, experts = layer.mlp, layer.mlp.experts
     assert isinstance(experts, ExpertParallelExperts)
     me, P, group = st.rank, st.world, st.group
@@ -120,34 +138,33 @@ def _moe_rows(layer, h_BD: torch.Tensor, home_B: torch.Tensor, origin_B: torch.T
     hn_BD = layer.post_attention_layernorm(h_BD)
     ids_BK, w_BK, _ = block.router(hn_BD)  # every row: only the home rows' routes are sent
     K = ids_BK.shape[1]
-    here_B = torch.full_like(origin_B, me)
-    r_BK = experts._slot_ranks(ids_BK, here_B)
-    dest_B = experts._new_home(r_BK, w_BK, here_B) if st.mode == "coherent" else origin_B
+    r_BK = experts._slot_ranks(ids_BK, c.here_B)
+    dest_B = experts._new_home(r_BK, w_BK, c.here_B) if st.mode == "coherent" else origin_B
     # one message per (home row, distinct rank of its experts); the destination always gets one
     # (it needs the residual), even when none of the row's experts is there
     to_BP = torch.zeros(B, P + 1, dtype=torch.bool, device=dev)
     to_BP.scatter_(1, torch.where(r_BK >= 0, r_BK, P), True)
     to_BP = to_BP[:, :P]
-    to_BP[torch.arange(B, device=dev), dest_B] = True
+    to_BP[c.arange_B, dest_B] = True
     to_BP &= home_B[:, None]
-    buf = _pack(hn_BD, h_BD, ids_BK.to(torch.int32), r_BK.to(torch.int32), w_BK.float(), dest_B[:, None])
-    got, valid_B = _send_home_rows(buf, to_BP, group)
+    # widest types first, so that every part of a received row is a view (see _unpack)
+    ints = torch.cat([ids_BK, r_BK, dest_B[:, None]], 1).to(torch.int32)
+    buf = _pack(w_BK.float(), ints, hn_BD, h_BD)
+    got, valid_B = _send_home_rows(buf, to_BP, group, c.arange_B)
     st.counters["all_to_all_calls"] += 1
-    away_P = torch.arange(P, device=dev) != me
-    moved_2[0] += (to_BP & away_P).sum()
-    hn, h, ids, rr, w, dest = _unpack(got, [(dt, (D,)), (dt, (D,)), (torch.int32, (K,)), (torch.int32, (K,)),
-                                          (torch.float32, (K,)), (torch.int64, (1,))])
-    dest = dest[:, 0]
+    c.sent.append(to_BP)
+    w, ints, hn, h = _unpack(got, [(torch.float32, (K,)), (torch.int32, (2 * K + 1,)), (dt, (D,)), (dt, (D,))])
+    ids, rr, dest = ints[:, :K], ints[:, K:2 * K], ints[:, 2 * K].long()
     run_BK = valid_B[:, None] & (rr == me)
     ids_loc = torch.where(run_BK, experts.local_of_E[ids.long().clamp(min=0)], -1)
     y = kernels.get_backend(experts.backend)(hn, experts.w13, experts.w2, ids_loc, w.to(dt))
     # partial sums to the destinations (each source sent a row to the destination, so the
     # destination holds the row's residual; its own partial is added there)
     if st.mode == "standard" or K > 1:
-        back_BP = (valid_B & (dest != me))[:, None] & (dest[:, None] == torch.arange(P, device=dev))
+        back_BP = (valid_B & (dest != me))[:, None] & (dest[:, None] == c.arange_P)
         y2_PBD = _a2a_slots(torch.where(back_BP.T[..., None], y[None], 0), group)  # zeros in unused slots
         st.counters["all_to_all_calls"] += 1
-        moved_2[1] += back_BP.sum()
+        c.returned.append(back_BP)
         acc = y + y2_PBD.sum(0)
     else:  # top-1, context-coherent: the destination is the expert's rank: nothing moves back
         acc = y
@@ -163,17 +180,17 @@ def _moe_rows(layer, h_BD: torch.Tensor, home_B: torch.Tensor, origin_B: torch.T
 def _sum_home_rows(parts: list[tuple[torch.Tensor, torch.Tensor]], group) -> list[torch.Tensor]:
     """Every rank's rows of each part where its mask is set, in ONE all-reduce.
 
-    parts: (x_B..., home_B) pairs; each row is homed on exactly one rank and the others add
-    exact zeros, so the sum is that rank's row, value for value (in a dtype holding every part)."""
+    parts: (x, home) pairs, home a boolean mask over x's leading dims (e.g. [B], or [L, B] for
+    L layers' stacked keys); each row is homed on exactly one rank and the others add exact
+    zeros, so the sum is that rank's row, value for value (in a dtype holding every part)."""
     dt = torch.float32
     for x, _ in parts:
         dt = torch.promote_types(dt, x.dtype)
-    B = parts[0][0].shape[0]
-    flat = [torch.where(m.view((B,) + (1,) * (x.dim() - 1)), x, 0).reshape(B, -1).to(dt) for x, m in parts]
-    buf = torch.cat(flat, 1)
+    flat = [torch.where(m.view(m.shape + (1,) * (x.dim() - m.dim())), x, 0).reshape(-1).to(dt) for x, m in parts]
+    buf = torch.cat(flat)
     dist.all_reduce(buf, group=group)
-    out = buf.split([f.shape[1] for f in flat], 1)
-    return [o.reshape(x.shape).to(x.dtype) for o, (x, _) in zip(out, parts)]
+    out = buf.split([f.numel() for f in flat])
+    return [o.view(x.shape).to(x.dtype) for o, (x, _) in zip(out, parts)]
 
 
 @torch.no_grad()
@@ -185,11 +202,11 @@ def decode_step(model, cache, ids_B1: torch.Tensor, st: TokenState) -> torch.Ten
     pos_BT, mask, windowed, num_slots = model._positions_and_masks(B, 1, cache, None)
     x = model.embed(ids_B1)[:, 0]
     cos, sin = model.rotary(pos_BT, x.dtype)
-    origin_B = torch.arange(B, device=dev) % P
+    c = _StepConsts(B, st, dev)
+    origin_B = c.arange_B % P
     home_B = origin_B == me  # each row starts on its origin, b mod P
     rec = _KVRecorder(cache)
     homes: dict[int, torch.Tensor] = {}  # layer -> rows homed here during its attention
-    moved_2 = torch.zeros(2, dtype=torch.long, device=dev)  # dispatch, combine rows sent away
     for layer in model.layers:
         m = windowed[layer.window] if layer.window else mask
         # attention of the whole batch (the cache writes every row's slot; rows homed elsewhere
@@ -198,17 +215,30 @@ def decode_step(model, cache, ids_B1: torch.Tensor, st: TokenState) -> torch.Ten
         homes[layer.layer_idx] = home_B
         h = x + a
         if hasattr(layer.mlp, "router"):
-            x, home_B = _moe_rows(layer, h, home_B, origin_B, st, moved_2)
+            x, home_B = _moe_rows(layer, h, home_B, origin_B, st, c)
         else:
             x = h + layer.mlp(layer.post_attention_layernorm(h))
     logits = model.lm_head(model.norm(x)).float()
     # every rank gets every row's logits and the keys/values each home computed
-    layers = sorted(rec.kv)
-    parts = [(logits, home_B)] + [(t, homes[li]) for li in layers for t in rec.kv[li]]
+    # layers whose keys/values have the same shapes travel stacked: [n, B, ...] with masks [n, B]
+    by_shape: dict[tuple, list[int]] = {}
+    for li in sorted(rec.kv):
+        k, v = rec.kv[li]
+        by_shape.setdefault((k.shape, v.shape, k.dtype, v.dtype), []).append(li)
+    groups = list(by_shape.values())
+    parts = [(logits, home_B)]
+    for lis in groups:
+        mask = torch.stack([homes[li] for li in lis])
+        parts += [(torch.stack([rec.kv[li][0] for li in lis]), mask), (torch.stack([rec.kv[li][1] for li in lis]), mask)]
     got = _sum_home_rows(parts, group)
-    for i, li in enumerate(layers):
-        cache.update(li, got[1 + 2 * i], got[2 + 2 * i], num_slots)
+    for g, lis in enumerate(groups):
+        for j, li in enumerate(lis):
+            cache.update(li, got[1 + 2 * g][j], got[2 + 2 * g][j], num_slots)
     st.counters["all_gather_calls"] += 1
+    # rows sent away (dispatch, combine), counted for the whole step at once
+    none = torch.zeros((), dtype=torch.long, device=dev)
+    moved_2 = torch.stack([(torch.stack(c.sent) & c.away_P).sum() if c.sent else none,
+                           torch.stack(c.returned).sum() if c.returned else none])
     dispatch, combine = moved_2.tolist()  # the step's one host sync of this module
     st.counters["dispatch_rows"] += dispatch
     st.counters["combine_rows"] += combine

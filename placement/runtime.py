@@ -109,6 +109,7 @@ class ExpertParallelExperts(nn.Module):
         self.register_buffer("local_of_E", local_of.to(w13_nJD.device), persistent=False)
         self.register_buffer("copies_EC", copies_EC.to(w13_nJD.device), persistent=False)
         self.register_buffer("ncopies_E", (copies_EC >= 0).sum(1).to(w13_nJD.device), persistent=False)
+        self.register_buffer("primary_E", copies_EC[:, 0].contiguous().to(w13_nJD.device), persistent=False)
         self.local_ids = list(local_ids)
         self.state = state
         self.first_layer = first_layer
@@ -126,6 +127,8 @@ class ExpertParallelExperts(nn.Module):
         """[T, K] rank running each slot (-1 for id -1): the copy on the home if any, else one by token index."""
         valid = ids_TK >= 0
         e = ids_TK.clamp(min=0)
+        if self.copies_EC.shape[1] == 1:  # no replicas (most plans): the one copy, in 3 launches not 12
+            return torch.where(valid, self.primary_E[e], -1)
         cand = self.copies_EC[e]  # [T, K, C]
         at_home = (cand == home_T[:, None, None]).any(-1)
         t = torch.arange(ids_TK.shape[0], device=ids_TK.device)[:, None]

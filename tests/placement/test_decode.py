@@ -13,6 +13,7 @@ from . import _decode_worker as worker
 
 @pytest.mark.parametrize("family, kw, world, mode", [
     ("qwen2_moe", {}, 2, "coherent"),  # shared experts with a sigmoid gate, top-2
+    ("deepseek_v3", {}, 2, "coherent"),  # MLA keys/values, a dense first layer, grouped routing
     ("mixtral", {"num_experts_per_tok": 1, "num_hidden_layers": 3}, 4, "coherent"),
     ("mixtral", {"num_hidden_layers": 3}, 4, "standard"),  # top-2, two all-to-alls per layer
 ])
