@@ -40,25 +40,23 @@ def check_slices(ffn: int, slices: int) -> int:
     return ffn // slices
 
 
-def units_w13(w13_EJD: torch.Tensor, slices: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """[E*G, 2C, D]: every expert's gate/up rows regrouped unit by unit (one copy, into `out` if given)."""
+def units_w13(w13_EJD: torch.Tensor, slices: int, dtype: torch.dtype | None = None, pin: bool = False
+              ) -> torch.Tensor:
+    """[E*G, 2C, D]: every expert's gate/up rows regrouped unit by unit, in one copy (converted to
+    `dtype` on the way, into pinned memory with `pin`)."""
     E, J, D = w13_EJD.shape
     G, C = slices, check_slices(J // 2, slices)
-    src = w13_EJD.reshape(E, 2, G, C, D).permute(0, 2, 1, 3, 4)  # [E, G, gate/up, C, D]
-    if out is None:
-        out = torch.empty((E * G, 2 * C, D), dtype=w13_EJD.dtype)
-    out.view(E, G, 2, C, D).copy_(src)
+    out = torch.empty((E * G, 2 * C, D), dtype=dtype or w13_EJD.dtype, pin_memory=pin)
+    out.view(E, G, 2, C, D).copy_(w13_EJD.reshape(E, 2, G, C, D).permute(0, 2, 1, 3, 4))  # [E, G, gate/up, C, D]
     return out
 
 
-def units_w2(w2_EDI: torch.Tensor, slices: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """[E*G, D, C]: every expert's w2 columns regrouped unit by unit (one copy, into `out` if given)."""
+def units_w2(w2_EDI: torch.Tensor, slices: int, dtype: torch.dtype | None = None, pin: bool = False) -> torch.Tensor:
+    """[E*G, D, C]: every expert's w2 columns regrouped unit by unit, in one copy (as units_w13)."""
     E, D, I = w2_EDI.shape
     G, C = slices, check_slices(I, slices)
-    src = w2_EDI.reshape(E, D, G, C).permute(0, 2, 1, 3)  # [E, G, D, C]
-    if out is None:
-        out = torch.empty((E * G, D, C), dtype=w2_EDI.dtype)
-    out.view(E, G, D, C).copy_(src)
+    out = torch.empty((E * G, D, C), dtype=dtype or w2_EDI.dtype, pin_memory=pin)
+    out.view(E, G, D, C).copy_(w2_EDI.reshape(E, D, G, C).permute(0, 2, 1, 3))  # [E, G, D, C]
     return out
 
 

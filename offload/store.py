@@ -77,12 +77,7 @@ class HostExpertStore(ExpertStore):
             dt = dtype or src13.dtype
             on_host = src13.device.type == "cpu" and dt == src13.dtype
             if slices > 1:  # regrouped unit by unit while copying: still one copy
-                w13 = units_w13(src13.to(dt), slices,
-                                torch.empty((src13.shape[0] * slices, src13.shape[1] // slices, src13.shape[2]),
-                                            dtype=dt, pin_memory=pin))
-                w2 = units_w2(src2.to(dt), slices,
-                              torch.empty((src2.shape[0] * slices, src2.shape[1], src2.shape[2] // slices),
-                                          dtype=dt, pin_memory=pin))
+                w13, w2 = units_w13(src13, slices, dt, pin), units_w2(src2, slices, dt, pin)
             elif on_host and (not pin or (src13.is_pinned() and src2.is_pinned())):
                 w13, w2 = src13, src2  # already where it belongs: keep the very tensor, no second copy
             else:
@@ -107,10 +102,7 @@ class HostExpertStore(ExpertStore):
         from .slices import units_w2, units_w13
         pin, layers = self.pinned, []
         for i, (w13, w2) in enumerate(self.layers):
-            N, J, D = w13.shape
-            n13 = torch.empty((N * slices, J // slices, D), dtype=w13.dtype, pin_memory=pin)
-            n2 = torch.empty((N * slices, w2.shape[1], w2.shape[2] // slices), dtype=w2.dtype, pin_memory=pin)
-            layers.append((units_w13(w13, slices, n13), units_w2(w2, slices, n2)))
+            layers.append((units_w13(w13, slices, pin=pin), units_w2(w2, slices, pin=pin)))
             self.layers[i] = None
             del w13, w2
         self.layers = []

@@ -60,7 +60,7 @@ def _unpack(buf: torch.Tensor, specs: list[tuple[torch.dtype, tuple]]) -> list[t
     """The parts of ``_pack``'s rows again. A part whose byte offset and the row width are both
     multiples of its element size is a view (no kernel); pack the widest types first to get that."""
     n, out, off = buf.shape[0], [], 0
-    row = buf.stride(0) if buf.dim() == 2 else 0
+    row = buf.stride(0)
     for dtype, shape in specs:
         size = dtype.itemsize
         width = size

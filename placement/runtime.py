@@ -109,7 +109,6 @@ class ExpertParallelExperts(nn.Module):
         self.register_buffer("local_of_E", local_of.to(w13_nJD.device), persistent=False)
         self.register_buffer("copies_EC", copies_EC.to(w13_nJD.device), persistent=False)
         self.register_buffer("ncopies_E", (copies_EC >= 0).sum(1).to(w13_nJD.device), persistent=False)
-        self.register_buffer("primary_E", copies_EC[:, 0].contiguous().to(w13_nJD.device), persistent=False)
         self.local_ids = list(local_ids)
         self.state = state
         self.first_layer = first_layer
@@ -128,7 +127,7 @@ class ExpertParallelExperts(nn.Module):
         valid = ids_TK >= 0
         e = ids_TK.clamp(min=0)
         if self.copies_EC.shape[1] == 1:  # no replicas (most plans): the one copy, in 3 launches not 12
-            return torch.where(valid, self.primary_E[e], -1)
+            return torch.where(valid, self.copies_EC[:, 0][e], -1)
         cand = self.copies_EC[e]  # [T, K, C]
         at_home = (cand == home_T[:, None, None]).any(-1)
         t = torch.arange(ids_TK.shape[0], device=ids_TK.device)[:, None]
