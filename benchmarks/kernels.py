@@ -204,7 +204,7 @@ def breakdown(x, w13, w2, ids, w) -> dict:
 
 
 def check_correctness(key, E, D, I, K, w13, w2, log) -> dict:
-    """bf16 fused_moe (forward and gradients) against the fp32 reference, at 64 and 4096 tokens."""
+    """bf16 fused_moe (forward and gradients) against the fp32 reference, at 1, 64 and 4096 tokens."""
     from kernels.fused_moe import fused_moe
     from kernels import moe_experts_reference
     dev = w13.device
@@ -219,19 +219,20 @@ def check_correctness(key, E, D, I, K, w13, w2, log) -> dict:
         y = torch.full_like(x, float("nan"))
         y.copy_(fused_moe(x, w13, w2, ids, w))
         out[f"fwd_T{T}"] = rel_err(y, want) if torch.isfinite(y).all() else float("nan")
-    # gradients at 64 tokens (fp32 reference autograd; only 4 experts' worth for Mixtral's memory)
-    T = 64
-    ids, w = random_routing(T, E, K, dev, g)
-    x = torch.randn(T, D, device=dev, dtype=w13.dtype, generator=g)
-    dy = torch.randn(T, D, device=dev, generator=g)
-    ref = [t.float().detach().requires_grad_() for t in (x, w13, w2, w)]
-    moe_experts_reference(ref[0], ref[1], ref[2], ids, ref[3]).backward(dy)
-    got = [t.detach().clone().requires_grad_() for t in (x, w13, w2, w)]
-    fused_moe(got[0], got[1], got[2], ids, got[3]).backward(dy.to(w13.dtype))
-    for name, a, b in zip(("dx", "dw13", "dw2", "dweights"), got, ref):
-        out[f"grad_{name}"] = rel_err(a.grad, b.grad)
-    del ref, got
-    torch.cuda.empty_cache()
+    # gradients (fp32 reference autograd) at 64 tokens (decode tiles, small row blocks) and 4096
+    # (large row blocks: the TMA weight-gradient path with its transposed operands)
+    for T in (64, 4096):
+        ids, w = random_routing(T, E, K, dev, g)
+        x = torch.randn(T, D, device=dev, dtype=w13.dtype, generator=g)
+        dy = torch.randn(T, D, device=dev, generator=g)
+        ref = [t.float().detach().requires_grad_() for t in (x, w13, w2, w)]
+        moe_experts_reference(ref[0], ref[1], ref[2], ids, ref[3]).backward(dy)
+        got = [t.detach().clone().requires_grad_() for t in (x, w13, w2, w)]
+        fused_moe(got[0], got[1], got[2], ids, got[3]).backward(dy.to(w13.dtype))
+        for name, a, b in zip(("dx", "dw13", "dw2", "dweights"), got, ref):
+            out[f"grad_{name}_T{T}"] = rel_err(a.grad, b.grad)
+        del ref, got
+        torch.cuda.empty_cache()
     log(f"  correctness {key}: " + " ".join(f"{k}={v:.2e}" for k, v in out.items()))
     return out
 

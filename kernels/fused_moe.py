@@ -23,8 +23,8 @@ The backward pass (``torch.autograd.Function``) reuses the same layout and kerne
     dw[p]   = Σ_i dh · act,   da = w · dh            strides), whose epilogue also computes d(weight)
     dgu_SJ  = SwiGLU backward of da                  and dgu: no [S, I] fp32 intermediates
     dx_TD   = Σ_k (dgu Wgu[e])[t·K + k]              moe_gemm + moe_sum
-    dW2[e]  = Σ_rows (w · dy[tok])ᵀ act              moe_wgrad
-    dW13[e] = Σ_rows dguᵀ x[tok]                     moe_wgrad
+    dW2[e]  = Σ_rows (w · dy[tok])ᵀ act              moe_wgrad_kmajor over transposed copies
+    dW13[e] = Σ_rows dguᵀ x[tok]                     (sorted_rows_t: one tiled transposing pass each)
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ import os
 import torch
 
 from .align import AlignedRouting, align_tokens
-from .grouped_gemm import moe_gemm, moe_sum, moe_swiglu_bwd, moe_up, moe_wgrad
+from .grouped_gemm import (moe_gemm, moe_sum, moe_swiglu_bwd, moe_up, moe_wgrad, moe_wgrad_kmajor, sorted_rows_t,
+                           wgrad_tile, wgrad_tma_ok)
 from .launch_config import MoEConfig, pick_config
 from .reference import check_moe_inputs
 
@@ -111,11 +112,37 @@ class _FusedMoE(torch.autograd.Function):
             dx_PD = moe_gemm(dgu_SJ, w13_EJD, (w13_EJD.stride(0), w13_EJD.stride(2), w13_EJD.stride(1)), D, J,
                              al, cfg.down, a_gather=False, c_scatter=True)
             grads[0] = moe_sum(dx_PD, topk_ids_TK, E, x_TD.dtype)
-        if need_w2:
-            grads[2] = moe_wgrad(dy_TD, h_SI, E, al, a_gather=True, b_gather=False, a_scale_P=w_P)
-        if need_w13:
-            grads[1] = moe_wgrad(dgu_SJ, x_TD, E, al, a_gather=False, b_gather=True)
+        grads[1], grads[2] = _weight_grads(x_TD, dy_TD, h_SI, dgu_SJ, w_P, al, E, need_w13, need_w2)
         return tuple(grads)
+
+
+# Where the transposed-operand weight-gradient path pays (fwd+bwd on the H200, session 4, BENCHMARKS 1):
+# from 256 rows per expert, or at any row count for big expert matrices (Mixtral: from 4 rows). Below,
+# gathering rows in place wins by up to 0.5 ms (the transposes and short TMA row loops do not pay).
+KMAJOR_MIN_ROWS = 256
+KMAJOR_MIN_ELEMS = 1 << 24   # ffn x hidden of one expert matrix
+
+
+def _weight_grads(x_TD, dy_TD, h_SI, dgu_SJ, w_P, al: AlignedRouting, E: int, need_w13: bool, need_w2: bool):
+    """(dW13, dW2). Where TMA can load them (Hopper or newer) and it pays (see KMAJOR_MIN_*), the
+    operands are first transposed so that each expert's rows, the reduction, are contiguous: one tiled
+    pass each, then the matrix units stream both operands by TMA (on the H200 the weight-gradient
+    kernels alone run 2-3x faster than gathering rows through pointers). Elsewhere the rows are
+    gathered in place (moe_wgrad)."""
+    I, D = h_SI.shape[1], x_TD.shape[1]
+    big = al.num_pairs / E >= KMAJOR_MIN_ROWS or I * D >= KMAJOR_MIN_ELEMS
+    if not (big and wgrad_tma_ok(h_SI, al)):
+        return (moe_wgrad(dgu_SJ, x_TD, E, al, a_gather=False, b_gather=True) if need_w13 else None,
+                moe_wgrad(dy_TD, h_SI, E, al, a_gather=True, b_gather=False, a_scale_P=w_P) if need_w2 else None)
+    tile = wgrad_tile(al.num_pairs / E, al.block_m)
+    dw13 = dw2 = None
+    if need_w2:
+        dw2 = moe_wgrad_kmajor(sorted_rows_t(dy_TD, al, w_P), sorted_rows_t(h_SI, al, gather=False), E, al,
+                               tile=tile, tma=True)
+    if need_w13:
+        dw13 = moe_wgrad_kmajor(sorted_rows_t(dgu_SJ, al, gather=False), sorted_rows_t(x_TD, al), E, al,
+                                tile=tile, tma=True)
+    return dw13, dw2
 
 
 def fused_moe(x_TD: torch.Tensor, w13_EJD: torch.Tensor, w2_EDI: torch.Tensor, topk_ids_TK: torch.Tensor,

@@ -74,9 +74,10 @@ def _block_rows(pid_m, sorted_pair_ptr, block_expert_ptr, num_padded_ptr, E, P,
 
 
 @triton.jit(do_not_specialize=["P", "TOP_K"])
-def _moe_up_kernel(x_ptr, w_ptr, h_ptr, gu_ptr, sorted_pair_ptr, block_expert_ptr, num_padded_ptr,
+def _moe_up_kernel(x_ptr, w_ptr, w_desc, h_ptr, gu_ptr, sorted_pair_ptr, block_expert_ptr, num_padded_ptr,
                    D, I, E, P, stride_xt, stride_we, stride_wj, stride_wd, stride_hs, stride_gs,
                    TOP_K, PAIR_BLOCKS: tl.constexpr, SAVE_PREACT: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr,
+                   W_DESC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     num_n = tl.cdiv(I, BLOCK_N)
@@ -99,8 +100,15 @@ def _moe_up_kernel(x_ptr, w_ptr, h_ptr, gu_ptr, sorted_pair_ptr, block_expert_pt
     for k in range(0, tl.cdiv(D, BLOCK_K)):
         mask_k = offs_k < D - k * BLOCK_K
         a = tl.load(a_ptrs, mask=valid[:, None] & mask_k[None, :], other=0.0)
-        g = tl.load(g_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        u = tl.load(u_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if W_DESC:
+            # TMA tiles of w13[e] (out-of-range rows and columns read as zero; a gate tile that runs
+            # past I reads up rows, whose columns are never stored)
+            n0 = (pid_n * BLOCK_N).to(tl.int32)
+            g = w_desc.load([e.to(tl.int32), n0, k * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
+            u = w_desc.load([e.to(tl.int32), n0 + I, k * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
+        else:
+            g = tl.load(g_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            u = tl.load(u_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if CAST_F32:
             a, g, u = a.to(tl.float32), g.to(tl.float32), u.to(tl.float32)
         acc_g = tl.dot(a, g, acc_g, input_precision=PREC)
@@ -118,11 +126,11 @@ def _moe_up_kernel(x_ptr, w_ptr, h_ptr, gu_ptr, sorted_pair_ptr, block_expert_pt
 
 
 @triton.jit(do_not_specialize=["P", "TOP_K"])
-def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weight_ptr, sorted_pair_ptr, block_expert_ptr, num_padded_ptr,
+def _moe_gemm_kernel(a_ptr, b_ptr, b_desc, c_ptr, weight_ptr, sorted_pair_ptr, block_expert_ptr, num_padded_ptr,
                      gu_ptr, dw_ptr, N, KD, E, P, stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_gs,
                      TOP_K, PAIR_BLOCKS: tl.constexpr, A_GATHER: tl.constexpr, C_SCATTER: tl.constexpr,
                      MUL_WEIGHT: tl.constexpr, SWIGLU_BWD: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                     W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     num_m = tl.num_programs(0) // num_n
@@ -145,7 +153,10 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weight_ptr, sorted_pair_ptr, block_exp
     for k in range(0, tl.cdiv(KD, BLOCK_K)):
         mask_k = offs_k < KD - k * BLOCK_K
         a = tl.load(a_ptrs, mask=valid[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if W_DESC:  # TMA tile of B[e] = b[e, n, k] (k contiguous); out-of-range reads are zero
+            b = b_desc.load([e.to(tl.int32), (pid_n * BLOCK_N).to(tl.int32), k * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
+        else:
+            b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if CAST_F32:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PREC)
@@ -177,6 +188,16 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weight_ptr, sorted_pair_ptr, block_exp
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_n[None, :])
 
 
+@triton.jit
+def _wgrad_ranges(e, pid_a, pid_b, expert_start_ptr, NA, NB, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Expert e's padded row range and this program's output tile (offsets and masks)."""
+    start = tl.load(expert_start_ptr + e)
+    end = tl.load(expert_start_ptr + e + 1)
+    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    return start, end, offs_a, offs_b, offs_a < NA, offs_b < NB
+
+
 @triton.jit(do_not_specialize=["P", "TOP_K"])
 def _moe_wgrad_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, sorted_pair_ptr, expert_start_ptr,
                       NA, NB, P, stride_am, stride_bm, stride_ce, stride_ca,
@@ -189,12 +210,8 @@ def _moe_wgrad_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, sorted_pair_ptr, expert_
     num_b = tl.cdiv(NB, BLOCK_B)
     pid_a = pid // num_b
     pid_b = pid % num_b
-    start = tl.load(expert_start_ptr + e)
-    end = tl.load(expert_start_ptr + e + 1)
-    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask_a = offs_a < NA
-    mask_b = offs_b < NB
+    start, end, offs_a, offs_b, mask_a, mask_b = _wgrad_ranges(e, pid_a, pid_b, expert_start_ptr, NA, NB,
+                                                               BLOCK_A, BLOCK_B)
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
     for m0 in range(start, end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -221,6 +238,72 @@ def _moe_wgrad_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, sorted_pair_ptr, expert_
 
 
 @triton.jit
+def _moe_wgrad_kmajor_kernel(at_ptr, bt_ptr, c_ptr, at_desc, bt_desc, expert_start_ptr, NA, NB,
+                             stride_at, stride_bt, stride_ce, stride_ca,
+                             DESC: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr,
+                             BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
+                             GROUP_A: tl.constexpr):
+    """C[e, i, j] = sum over expert e's padded rows m of At[i, m] * Bt[j, m].
+
+    Both operands come transposed ([NA, S] and [NB, S], the rows contiguous), so the reduction
+    dimension is the contiguous one, as in the forward GEMMs; padding columns of At and Bt are zero.
+    With DESC the tiles come by TMA, which needs every expert's run to be a multiple of BLOCK_M.
+    """
+    e = tl.program_id(1)
+    pid = tl.program_id(0)
+    num_a = tl.cdiv(NA, BLOCK_A)
+    num_b = tl.cdiv(NB, BLOCK_B)
+    pid_a, pid_b = _block_ids(pid, num_b, num_a, GROUP_A)
+    start, end, offs_a, offs_b, mask_a, mask_b = _wgrad_ranges(e, pid_a, pid_b, expert_start_ptr, NA, NB,
+                                                               BLOCK_A, BLOCK_B)
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        if DESC:
+            a = at_desc.load([pid_a * BLOCK_A, m0])
+            b = bt_desc.load([pid_b * BLOCK_B, m0]).T
+        else:
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < end
+            a = tl.load(at_ptr + offs_a.to(tl.int64)[:, None] * stride_at + offs_m[None, :],
+                        mask=mask_a[:, None] & mask_m[None, :], other=0.0)
+            b = tl.load(bt_ptr + offs_b.to(tl.int64)[None, :] * stride_bt + offs_m[:, None],
+                        mask=mask_m[:, None] & mask_b[None, :], other=0.0)
+        if CAST_F32:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + offs_a.to(tl.int64)[:, None] * stride_ca + offs_b[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_a[:, None] & mask_b[None, :])
+
+
+@triton.jit(do_not_specialize=["P", "TOP_K"])
+def _rows_to_columns_kernel(src_ptr, dst_ptr, pair_ptr, scale_ptr, num_padded_ptr, N, P, stride_src, stride_dst, TOP_K,
+                            GATHER: tl.constexpr, SCALE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dst[n, m] = src[row(m), n] (* scale[pair(m)]) for the used rows m < num_padded; row(m) = m, or
+    the token of sorted row m's pair (zero for padding). Read along n, written along m: the tile is
+    transposed on chip."""
+    if tl.program_id(0) * BLOCK_S >= tl.load(num_padded_ptr):
+        return
+    # BLOCK_S divides the buffer's row count (a multiple of the row block): no mask along s, so the
+    # transposed stores stay vectorised (a mask against a loaded bound made them scalar: ~1 TB/s)
+    offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    if GATHER:
+        pair = tl.load(pair_ptr + offs_s)
+        real = pair < P
+        rows = tl.where(real, pair // TOP_K, 0).to(tl.int64)
+    else:
+        real = offs_s >= 0
+        rows = offs_s.to(tl.int64)
+    v = tl.load(src_ptr + rows[:, None] * stride_src + offs_n[None, :], mask=real[:, None] & mask_n[None, :], other=0.0)
+    if SCALE:
+        f = tl.load(scale_ptr + pair, mask=real, other=0.0).to(tl.float32)
+        v = (v.to(tl.float32) * f[:, None]).to(v.dtype)
+    tl.store(dst_ptr + offs_n.to(tl.int64)[:, None] * stride_dst + offs_s[None, :], tl.trans(v),
+             mask=mask_n[:, None])
+
+
+@triton.jit
 def _moe_sum_kernel(out_ptr, ids_ptr, y_ptr, D, E, stride_op, stride_yt,
                     TOP_K: tl.constexpr, BLOCK_D: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
@@ -242,6 +325,33 @@ def _grid(al: AlignedRouting, n: int, cfg: GemmConfig) -> tuple[int]:
     return (al.max_blocks * triton.cdiv(n, cfg.block_n),)
 
 
+_DESCS: dict = {}
+
+
+def _weight_desc(w_E, cfg: GemmConfig):
+    """A TMA descriptor over w_E [E, N, K] (tiles [1, block_n, block_k]) when the config asks for one
+    and the GPU and layout allow it (Hopper or newer, or the interpreter; K contiguous, 16-byte aligned
+    base and strides); else None and the kernel loads through pointers. Cached: a descriptor holds only the pointer,
+    shape, strides and tile, so equal keys mean equal descriptors."""
+    if not cfg.tma:
+        return None
+    if not _tma_device(w_E):
+        return None
+    es = w_E.element_size()
+    if (w_E.stride(2) != 1 or w_E.data_ptr() % 16 or (w_E.stride(0) * es) % 16 or (w_E.stride(1) * es) % 16
+            or cfg.block_k * es < 16):
+        return None
+    block = [1, cfg.block_n, cfg.block_k]
+    key = (w_E.data_ptr(), tuple(w_E.shape), tuple(w_E.stride()), w_E.dtype, *block)
+    desc = _DESCS.get(key)
+    if desc is None:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        if len(_DESCS) > 256:
+            _DESCS.clear()
+        desc = _DESCS[key] = TensorDescriptor(w_E, list(w_E.shape), list(w_E.stride()), block)
+    return desc
+
+
 def moe_up(x_TD, w13_EJD, al: AlignedRouting, cfg: GemmConfig, save_preact: bool):
     """h_SI = silu(gate) * up per sorted row; also gu_SJ (gate, up pre-activations) when asked."""
     E, J, D = w13_EJD.shape
@@ -249,12 +359,13 @@ def moe_up(x_TD, w13_EJD, al: AlignedRouting, cfg: GemmConfig, save_preact: bool
     S = al.num_rows
     h = torch.empty(S, I, dtype=x_TD.dtype, device=x_TD.device)
     gu = torch.empty(S, J, dtype=x_TD.dtype, device=x_TD.device) if save_preact else h
+    desc = _weight_desc(w13_EJD, cfg)
     _moe_up_kernel[_grid(al, I, cfg)](
-        x_TD, w13_EJD, h, gu, al.sorted_pair_S, al.block_expert_B, al.num_padded_1,
+        x_TD, w13_EJD, desc, h, gu, al.sorted_pair_S, al.block_expert_B, al.num_padded_1,
         D, I, E, al.num_pairs, x_TD.stride(0), w13_EJD.stride(0), w13_EJD.stride(1), w13_EJD.stride(2),
         h.stride(0), gu.stride(0),
         TOP_K=al.top_k, PAIR_BLOCKS=al.pair_blocks, SAVE_PREACT=save_preact, CAST_F32=_interpreted(), PREC=_precision(x_TD.dtype),
-        BLOCK_M=al.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        W_DESC=desc is not None, BLOCK_M=al.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return h, (gu if save_preact else None)
 
@@ -266,11 +377,15 @@ def moe_gemm(a, b_E, b_strides, n: int, kd: int, al: AlignedRouting, cfg: GemmCo
     c = torch.empty(rows, n, dtype=out_dtype or a.dtype, device=a.device)
     if a.stride(-1) != 1:
         a = a.contiguous()
+    # TMA only for B in its natural layout (k contiguous): the backward's transposed reads of w13 by
+    # TMA measured no faster than pointer loads on the H200 (session 4, k4 run)
+    natural = tuple(b_strides) == tuple(b_E.stride()) and tuple(b_E.shape[1:]) == (n, kd)
+    desc = _weight_desc(b_E, cfg) if natural else None
     _moe_gemm_kernel[_grid(al, n, cfg)](
-        a, b_E, c, weight_P if weight_P is not None else c, al.sorted_pair_S, al.block_expert_B, al.num_padded_1,
+        a, b_E, desc, c, weight_P if weight_P is not None else c, al.sorted_pair_S, al.block_expert_B, al.num_padded_1,
         c, c, n, kd, b_E.shape[0], al.num_pairs, a.stride(0), b_strides[0], b_strides[1], b_strides[2], c.stride(0), 0,
         TOP_K=al.top_k, PAIR_BLOCKS=al.pair_blocks, A_GATHER=a_gather, C_SCATTER=c_scatter, MUL_WEIGHT=weight_P is not None, SWIGLU_BWD=False,
-        CAST_F32=_interpreted(), PREC=_precision(a.dtype),
+        CAST_F32=_interpreted(), PREC=_precision(a.dtype), W_DESC=desc is not None,
         BLOCK_M=al.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return c
@@ -288,26 +403,31 @@ def moe_swiglu_bwd(dy_TD, w2_EDI, gu_SJ, weight_P, al: AlignedRouting, cfg: Gemm
     dgu = torch.empty(S, 2 * I, dtype=dy_TD.dtype, device=dy_TD.device)
     dw_part = torch.empty(S, num_n, dtype=torch.float32, device=dy_TD.device)
     _moe_gemm_kernel[_grid(al, I, cfg)](
-        dy_TD, w2_EDI, dgu, weight_P, al.sorted_pair_S, al.block_expert_B, al.num_padded_1,
+        dy_TD, w2_EDI, None, dgu, weight_P, al.sorted_pair_S, al.block_expert_B, al.num_padded_1,
         gu_SJ, dw_part, I, D, E, al.num_pairs, dy_TD.stride(0), w2_EDI.stride(0), w2_EDI.stride(2), w2_EDI.stride(1),
         dgu.stride(0), gu_SJ.stride(0),
         TOP_K=al.top_k, PAIR_BLOCKS=al.pair_blocks, A_GATHER=True, C_SCATTER=False, MUL_WEIGHT=False, SWIGLU_BWD=True,
-        CAST_F32=_interpreted(), PREC=_precision(dy_TD.dtype),
+        CAST_F32=_interpreted(), PREC=_precision(dy_TD.dtype), W_DESC=False,
         BLOCK_M=al.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     # rows past num_padded were never written: their partial sums are garbage, but they map to no pair
     return dgu, dw_part.sum(dim=1)
 
 
-def moe_wgrad(a, b, num_experts: int, al: AlignedRouting, *, a_gather: bool, b_gather: bool, a_scale_P=None,
-              out_dtype=None):
-    """C_EAB[e] = A[rows of e]^T @ B[rows of e] (rows of padding contribute zero)."""
-    if _interpreted():
-        block_a, block_b, block_m, num_warps = 32, 32, 16, 1
-    else:
-        block_a, block_b, block_m, num_warps = 128, 128, 64, 8
+def _wgrad_tile_or_default(tile, al: AlignedRouting) -> tuple[int, int, int, int, int]:
     if al.pair_blocks:
         raise ValueError("weight gradients need the sorted layout; align with allow_pair_blocks=False")
+    if tile is not None:
+        return tile
+    return (32, 32, 16, 1, 1) if _interpreted() else (128, 128, 64, 8, 3)
+
+
+def moe_wgrad(a, b, num_experts: int, al: AlignedRouting, *, a_gather: bool, b_gather: bool, a_scale_P=None,
+              out_dtype=None, tile: tuple[int, int, int, int, int] | None = None):
+    """C_EAB[e] = A[rows of e]^T @ B[rows of e] (rows of padding contribute zero).
+
+    tile = (block_a, block_b, block_m, num_warps, num_stages); None = the default for the device."""
+    block_a, block_b, block_m, num_warps, num_stages = _wgrad_tile_or_default(tile, al)
     na, nb = a.shape[1], b.shape[1]
     c = torch.empty(num_experts, na, nb, dtype=out_dtype or b.dtype, device=b.device)
     grid = (triton.cdiv(na, block_a) * triton.cdiv(nb, block_b), num_experts)
@@ -316,8 +436,76 @@ def moe_wgrad(a, b, num_experts: int, al: AlignedRouting, *, a_gather: bool, b_g
         na, nb, al.num_pairs, a.stride(0), b.stride(0), c.stride(0), c.stride(1),
         TOP_K=al.top_k, A_GATHER=a_gather, B_GATHER=b_gather, A_SCALE=a_scale_P is not None,
         CAST_F32=_interpreted(), PREC=_precision(b.dtype),
-        BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_M=block_m, num_warps=num_warps, num_stages=3)
+        BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_M=block_m, num_warps=num_warps, num_stages=num_stages)
     return c
+
+
+def _tma_device(t: torch.Tensor) -> bool:
+    return _interpreted() or (t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9)
+
+
+def wgrad_tile(rows_per_expert: float, align_block_m: int) -> tuple[int, int, int, int, int]:
+    """(block_a, block_b, block_m, warps, stages) of moe_wgrad_kmajor, measured on the H200 (k2 run,
+    benchmarks/NOTES-kernels.md): 256x128 tiles once experts have thousands of rows, else 128x128
+    with 4 warps; the row step never exceeds the alignment's row block (TMA needs whole steps)."""
+    if _interpreted():
+        return 16, 16, min(16, align_block_m), 1, 1
+    if rows_per_expert >= 2048:
+        return 256, 128, min(64, align_block_m), 8, 3
+    return 128, 128, min(64, align_block_m), 4, 3
+
+
+def wgrad_tma_ok(t: torch.Tensor, al: AlignedRouting) -> bool:
+    return _tma_device(t) and not al.pair_blocks and al.block_m * t.element_size() >= 16
+
+
+def moe_wgrad_kmajor(at_XS, bt_YS, num_experts: int, al: AlignedRouting, *, out_dtype=None,
+                     tile: tuple[int, int, int, int, int] | None = None, tma: bool = False):
+    """C_EXY[e] = At[:, rows of e] @ Bt[:, rows of e]^T, operands transposed ([X, S], [Y, S], zero on
+    padding columns): the weight gradients with the row (reduction) dimension contiguous.
+
+    tile = (block_a, block_b, block_m, num_warps, num_stages); None = the default for the device.
+    tma: TMA tiles when the device, the strides and the row block allow it (else pointer loads)."""
+    block_a, block_b, block_m, num_warps, num_stages = _wgrad_tile_or_default(tile, al)
+    X, S = at_XS.shape
+    Y = bt_YS.shape[0]
+    if bt_YS.shape[1] != S or at_XS.stride(1) != 1 or bt_YS.stride(1) != 1:
+        raise ValueError(f"operands must be [X, S] and [Y, S] with rows contiguous, got {tuple(at_XS.shape)}, "
+                         f"{tuple(bt_YS.shape)}")
+    c = torch.empty(num_experts, X, Y, dtype=out_dtype or bt_YS.dtype, device=bt_YS.device)
+    a_desc = b_desc = None
+    es = at_XS.element_size()
+    if (tma and al.block_m % block_m == 0 and _tma_device(at_XS)
+            and all(t.data_ptr() % 16 == 0 and (t.stride(0) * es) % 16 == 0 for t in (at_XS, bt_YS))):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        a_desc = TensorDescriptor(at_XS, [X, S], [at_XS.stride(0), 1], [block_a, block_m])
+        b_desc = TensorDescriptor(bt_YS, [Y, S], [bt_YS.stride(0), 1], [block_b, block_m])
+    grid = (triton.cdiv(X, block_a) * triton.cdiv(Y, block_b), num_experts)
+    _moe_wgrad_kmajor_kernel[grid](
+        at_XS, bt_YS, c, a_desc, b_desc, al.expert_start_E1, X, Y, at_XS.stride(0), bt_YS.stride(0),
+        c.stride(0), c.stride(1), DESC=a_desc is not None, CAST_F32=_interpreted(), PREC=_precision(bt_YS.dtype),
+        BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_M=block_m, GROUP_A=8, num_warps=num_warps, num_stages=num_stages)
+    return c
+
+
+def sorted_rows_t(src, al: AlignedRouting, scale_P=None, gather: bool = True):
+    """[N, S] with column m = the src row of padded row m, transposed in one tiled pass.
+
+    gather: src is per token [T, N] and row m takes src[token of m's pair] (* scale of the pair),
+    zero on padding rows. Else src is already per sorted row [S, N] and is transposed as is. Columns
+    past the used rows (num_padded) are left unwritten: no kernel reads them.
+    """
+    rows, N = src.shape
+    S = al.num_rows
+    out = torch.empty(N, S, dtype=src.dtype, device=src.device)
+    if src.stride(1) != 1:
+        src = src.contiguous()
+    bs, bn = (16, 16) if _interpreted() else (min(64, al.block_m), 64)
+    _rows_to_columns_kernel[(triton.cdiv(S, bs), triton.cdiv(N, bn))](
+        src, out, al.sorted_pair_S, scale_P if scale_P is not None else out, al.num_padded_1,
+        N, al.num_pairs, src.stride(0), out.stride(0), al.top_k,
+        GATHER=gather, SCALE=scale_P is not None, BLOCK_S=bs, BLOCK_N=bn, num_warps=4)
+    return out
 
 
 def moe_sum(out_PD, topk_ids_TK, num_experts: int, out_dtype):

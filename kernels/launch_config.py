@@ -33,6 +33,7 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    tma: bool = False      # weight tiles by TMA descriptor (Hopper+, 16-byte aligned strides); else pointers
 
     def __post_init__(self):
         _pow2("block_n", self.block_n, 16, 256)

@@ -186,3 +186,74 @@ def test_half_precisions(dtype):
     want = moe_experts_reference(*_to(case, torch.float32))
     out = fused_moe(*_to(case, dtype))
     assert out.dtype == dtype and rel_err(out, want) < 1.5e-2
+
+
+def _tiles(tma: bool) -> MoEConfig:
+    g = GemmConfig(32, 64, 1, 4, 3, tma=tma) if ON_GPU else GemmConfig(32, 32, 1, 1, 1, tma=tma)
+    return MoEConfig(16, g, g)
+
+
+@pytest.mark.parametrize("T,ids", [(1, "distinct"), (33, "random"), (40, "one")])
+def test_tma_weight_tiles_match_reference(T, ids):
+    """Weight tiles by TMA descriptor (up and down GEMMs) give the reference's outputs and gradients;
+    a layout TMA cannot take (strides not 16-byte aligned) falls back to pointer loads."""
+    from kernels import grouped_gemm
+    case = make_case(T, 32, 24, 4, 2, ids, seed=5)
+    ref = _to(case, torch.float32, grad=True)
+    got = _to(case, DTYPE, grad=True)
+    assert grouped_gemm._weight_desc(got[1].detach(), _tiles(True).up) is not None  # the TMA path is taken
+    y_ref = moe_experts_reference(*ref)
+    y = fused_moe(*got, config=_tiles(True))
+    assert rel_err(y, y_ref) < TOL
+    dy = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(6)).to(DEV)
+    y_ref.backward(dy)
+    y.backward(dy.to(DTYPE))
+    for a, b in zip((got[0], got[1], got[2], got[4]), (ref[0], ref[1], ref[2], ref[4])):
+        assert rel_err(a.grad, b.grad) < 2 * TOL
+    odd = _to(make_case(5, 17, 20, 3, 2), DTYPE)
+    assert grouped_gemm._weight_desc(odd[1], _tiles(True).up) is None
+    want = moe_experts_reference(*_to(make_case(5, 17, 20, 3, 2), torch.float32))
+    assert rel_err(fused_moe(*odd, config=_tiles(True)), want) < TOL
+
+
+@pytest.mark.parametrize("tma", [False, True])
+def test_weight_gradient_kernel_on_transposed_operands(tma):
+    """moe_wgrad_kmajor sums each expert's own rows only (padding columns are zero), by TMA or not."""
+    from kernels.align import align_tokens
+    from kernels.grouped_gemm import moe_wgrad_kmajor, sorted_rows_t
+    g = torch.Generator().manual_seed(7)
+    T, K, E, X, Y = 37, 2, 5, 32, 48
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    ids[3, 1] = -1
+    al = align_tokens(ids.to(DEV), E, 16, allow_pair_blocks=False)
+    src = torch.randn(T, Y, generator=g).to(DEV, DTYPE)
+    scale = torch.rand(T * K, generator=g).to(DEV)
+    at = torch.randn(X, al.num_rows, generator=g).to(DEV, DTYPE)
+    bt = sorted_rows_t(src, al, scale)
+    got = moe_wgrad_kmajor(at, bt, E, al, tma=tma, tile=(64, 64, 16, 4, 3) if ON_GPU else (16, 16, 16, 1, 1))
+    # reference: every (token, slot) pair adds at[:, its row] x (scale * src[token]) to its expert
+    pair = al.sorted_pair_S.long().cpu()
+    want = torch.zeros(E, X, Y, dtype=torch.float64)
+    for row, p in enumerate(pair.tolist()):
+        if p < T * K and ids[p // K, p % K] >= 0:
+            e = int(ids[p // K, p % K])
+            want[e] += torch.outer(at[:, row].double().cpu(), src[p // K].double().cpu() * float(scale[p]))
+    assert rel_err(got.cpu(), want) < TOL
+
+
+def test_backward_by_transposed_operands_matches_reference(monkeypatch):
+    """The TMA weight-gradient path (transposed operands) that large calls take; small ones, as in the
+    other tests, gather rows in place."""
+    import kernels.fused_moe as fm
+    monkeypatch.setattr(fm, "KMAJOR_MIN_ROWS", 0)
+    calls = []
+    real = fm.moe_wgrad_kmajor
+    monkeypatch.setattr(fm, "moe_wgrad_kmajor", lambda *a, **k: calls.append(1) or real(*a, **k))
+    case = make_case(33, 17, 20, 5, 3, "random", seed=8)
+    ref = _to(case, torch.float32, grad=True)
+    got = _to(case, DTYPE, grad=True)
+    moe_experts_reference(*ref).square().sum().backward()
+    fused_moe(*got).float().square().sum().backward()
+    assert len(calls) == 2
+    for a, b in zip((got[0], got[1], got[2], got[4]), (ref[0], ref[1], ref[2], ref[4])):
+        assert rel_err(a.grad, b.grad) < 2 * TOL
