@@ -33,6 +33,11 @@ import triton.language as tl
 from .align import AlignedRouting
 from .launch_config import GemmConfig
 
+try:  # programmatic dependent launch (Hopper+): the next kernel's programs start while this one drains
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # an older Triton: decode launches stay plain
+    gdc_launch_dependents = gdc_wait = None
+
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -77,8 +82,10 @@ def _block_rows(pid_m, sorted_pair_ptr, block_expert_ptr, num_padded_ptr, E, P,
 def _moe_up_kernel(x_ptr, w_ptr, w_desc, h_ptr, gu_ptr, sorted_pair_ptr, block_expert_ptr, num_padded_ptr,
                    D, I, E, P, stride_xt, stride_we, stride_wj, stride_wd, stride_hs, stride_gs,
                    TOP_K, PAIR_BLOCKS: tl.constexpr, SAVE_PREACT: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr,
-                   W_DESC: tl.constexpr,
+                   W_DESC: tl.constexpr, PDL: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    if PDL:  # let the down GEMM's programs launch now; they wait for this grid before reading h
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     num_n = tl.cdiv(I, BLOCK_N)
     num_m = tl.num_programs(0) // num_n
@@ -130,7 +137,10 @@ def _moe_gemm_kernel(a_ptr, b_ptr, b_desc, c_ptr, weight_ptr, sorted_pair_ptr, b
                      gu_ptr, dw_ptr, N, KD, E, P, stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_gs,
                      TOP_K, PAIR_BLOCKS: tl.constexpr, A_GATHER: tl.constexpr, C_SCATTER: tl.constexpr,
                      MUL_WEIGHT: tl.constexpr, SWIGLU_BWD: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr,
-                     W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                     W_DESC: tl.constexpr, PDL: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    if PDL:  # launched early (programmatic dependent launch): wait for the kernel that wrote A
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     num_m = tl.num_programs(0) // num_n
@@ -139,6 +149,8 @@ def _moe_gemm_kernel(a_ptr, b_ptr, b_desc, c_ptr, weight_ptr, sorted_pair_ptr, b
                                         PAIR_BLOCKS, BLOCK_M)
     if skip:
         return
+    if PDL:
+        gdc_wait()
     valid = pair < P
     if A_GATHER:
         a_rows = (pair // TOP_K).to(tl.int64)
@@ -305,7 +317,9 @@ def _rows_to_columns_kernel(src_ptr, dst_ptr, pair_ptr, scale_ptr, num_padded_pt
 
 @triton.jit
 def _moe_sum_kernel(out_ptr, ids_ptr, y_ptr, D, E, stride_op, stride_yt,
-                    TOP_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                    TOP_K: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # launched early: wait for the down GEMM's rows
+        gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = offs < D
@@ -320,6 +334,16 @@ def _moe_sum_kernel(out_ptr, ids_ptr, y_ptr, D, E, stride_op, stride_yt,
 
 # ----------------------------------------------------------------------------------------------
 # launchers (host side: shapes and grids only, never a device value)
+
+def pdl_ok(t: torch.Tensor) -> bool:
+    """Programmatic dependent launch possible for kernels on t's device (Hopper or newer, compiled)."""
+    return (gdc_wait is not None and not _interpreted() and t.is_cuda
+            and torch.cuda.get_device_capability(t.device)[0] >= 9)
+
+
+def _pdl(flag: bool) -> dict:
+    return {"launch_pdl": True} if flag else {}
+
 
 def _grid(al: AlignedRouting, n: int, cfg: GemmConfig) -> tuple[int]:
     return (al.max_blocks * triton.cdiv(n, cfg.block_n),)
@@ -352,7 +376,7 @@ def _weight_desc(w_E, cfg: GemmConfig):
     return desc
 
 
-def moe_up(x_TD, w13_EJD, al: AlignedRouting, cfg: GemmConfig, save_preact: bool):
+def moe_up(x_TD, w13_EJD, al: AlignedRouting, cfg: GemmConfig, save_preact: bool, pdl: bool = False):
     """h_SI = silu(gate) * up per sorted row; also gu_SJ (gate, up pre-activations) when asked."""
     E, J, D = w13_EJD.shape
     I = J // 2
@@ -365,13 +389,13 @@ def moe_up(x_TD, w13_EJD, al: AlignedRouting, cfg: GemmConfig, save_preact: bool
         D, I, E, al.num_pairs, x_TD.stride(0), w13_EJD.stride(0), w13_EJD.stride(1), w13_EJD.stride(2),
         h.stride(0), gu.stride(0),
         TOP_K=al.top_k, PAIR_BLOCKS=al.pair_blocks, SAVE_PREACT=save_preact, CAST_F32=_interpreted(), PREC=_precision(x_TD.dtype),
-        W_DESC=desc is not None, BLOCK_M=al.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        W_DESC=desc is not None, PDL=pdl, BLOCK_M=al.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return h, (gu if save_preact else None)
 
 
 def moe_gemm(a, b_E, b_strides, n: int, kd: int, al: AlignedRouting, cfg: GemmConfig, *, a_gather: bool,
-             c_scatter: bool, weight_P=None, out_dtype=None):
+             c_scatter: bool, weight_P=None, out_dtype=None, pdl: bool = False):
     """C = A @ B[e]^T over the block layout; B[e][n, k] = b_E[e, ...] read through b_strides (e, n, k)."""
     rows = al.num_pairs if c_scatter else al.num_rows
     c = torch.empty(rows, n, dtype=out_dtype or a.dtype, device=a.device)
@@ -385,9 +409,9 @@ def moe_gemm(a, b_E, b_strides, n: int, kd: int, al: AlignedRouting, cfg: GemmCo
         a, b_E, desc, c, weight_P if weight_P is not None else c, al.sorted_pair_S, al.block_expert_B, al.num_padded_1,
         c, c, n, kd, b_E.shape[0], al.num_pairs, a.stride(0), b_strides[0], b_strides[1], b_strides[2], c.stride(0), 0,
         TOP_K=al.top_k, PAIR_BLOCKS=al.pair_blocks, A_GATHER=a_gather, C_SCATTER=c_scatter, MUL_WEIGHT=weight_P is not None, SWIGLU_BWD=False,
-        CAST_F32=_interpreted(), PREC=_precision(a.dtype), W_DESC=desc is not None,
+        CAST_F32=_interpreted(), PREC=_precision(a.dtype), W_DESC=desc is not None, PDL=pdl,
         BLOCK_M=al.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_pdl(pdl))
     return c
 
 
@@ -407,7 +431,7 @@ def moe_swiglu_bwd(dy_TD, w2_EDI, gu_SJ, weight_P, al: AlignedRouting, cfg: Gemm
         gu_SJ, dw_part, I, D, E, al.num_pairs, dy_TD.stride(0), w2_EDI.stride(0), w2_EDI.stride(2), w2_EDI.stride(1),
         dgu.stride(0), gu_SJ.stride(0),
         TOP_K=al.top_k, PAIR_BLOCKS=al.pair_blocks, A_GATHER=True, C_SCATTER=False, MUL_WEIGHT=False, SWIGLU_BWD=True,
-        CAST_F32=_interpreted(), PREC=_precision(dy_TD.dtype), W_DESC=False,
+        CAST_F32=_interpreted(), PREC=_precision(dy_TD.dtype), W_DESC=False, PDL=False,
         BLOCK_M=al.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     # rows past num_padded were never written: their partial sums are garbage, but they map to no pair
@@ -508,7 +532,7 @@ def sorted_rows_t(src, al: AlignedRouting, scale_P=None, gather: bool = True):
     return out
 
 
-def moe_sum(out_PD, topk_ids_TK, num_experts: int, out_dtype):
+def moe_sum(out_PD, topk_ids_TK, num_experts: int, out_dtype, pdl: bool = False):
     """y_TD = per-token sum of its real slots' rows of out_PD (fp32 sum, one write)."""
     T, K = topk_ids_TK.shape
     D = out_PD.shape[1]
@@ -518,5 +542,5 @@ def moe_sum(out_PD, topk_ids_TK, num_experts: int, out_dtype):
     ids = topk_ids_TK if topk_ids_TK.is_contiguous() else topk_ids_TK.contiguous()
     block_d = min(1024, triton.next_power_of_2(D))
     _moe_sum_kernel[(T, triton.cdiv(D, block_d))](out_PD, ids, y, D, num_experts, out_PD.stride(0), y.stride(0),
-                                                  TOP_K=K, BLOCK_D=block_d, num_warps=4)
+                                                  TOP_K=K, BLOCK_D=block_d, PDL=pdl, num_warps=4, **_pdl(pdl))
     return y
