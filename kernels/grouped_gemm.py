@@ -349,14 +349,10 @@ def _grid(al: AlignedRouting, n: int, cfg: GemmConfig) -> tuple[int]:
     return (al.max_blocks * triton.cdiv(n, cfg.block_n),)
 
 
-_DESCS: dict = {}
-
-
 def _weight_desc(w_E, cfg: GemmConfig):
     """A TMA descriptor over w_E [E, N, K] (tiles [1, block_n, block_k]) when the config asks for one
     and the GPU and layout allow it (Hopper or newer, or the interpreter; K contiguous, 16-byte aligned
-    base and strides); else None and the kernel loads through pointers. Cached: a descriptor holds only the pointer,
-    shape, strides and tile, so equal keys mean equal descriptors."""
+    base and strides); else None and the kernel loads through pointers."""
     if not cfg.tma:
         return None
     if not _tma_device(w_E):
@@ -365,15 +361,10 @@ def _weight_desc(w_E, cfg: GemmConfig):
     if (w_E.stride(2) != 1 or w_E.data_ptr() % 16 or (w_E.stride(0) * es) % 16 or (w_E.stride(1) * es) % 16
             or cfg.block_k * es < 16):
         return None
-    block = [1, cfg.block_n, cfg.block_k]
-    key = (w_E.data_ptr(), tuple(w_E.shape), tuple(w_E.stride()), w_E.dtype, *block)
-    desc = _DESCS.get(key)
-    if desc is None:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-        if len(_DESCS) > 256:
-            _DESCS.clear()
-        desc = _DESCS[key] = TensorDescriptor(w_E, list(w_E.shape), list(w_E.stride()), block)
-    return desc
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    # made per call, never cached: a descriptor holds its tensor, and a cache would keep freed
+    # models' weights alive (seen: a second model could not be built after the first was deleted)
+    return TensorDescriptor(w_E, list(w_E.shape), list(w_E.stride()), [1, cfg.block_n, cfg.block_k])
 
 
 def moe_up(x_TD, w13_EJD, al: AlignedRouting, cfg: GemmConfig, save_preact: bool, pdl: bool = False):
