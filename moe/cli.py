@@ -187,6 +187,9 @@ def register_generate(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when this text appears (trimmed from the output); repeatable")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="run every decode step eagerly (by default a resident model on a GPU with --backend triton "
+                        "replays decode steps from CUDA graphs)")
     p.set_defaults(func=run_generate)
     return p
 
@@ -210,7 +213,7 @@ def run_generate(args: argparse.Namespace, stdout: TextIO | None = None, stderr:
     prompt_ids = tok.encode(prompt)
     start = time.perf_counter()
     n_tokens, reason = 0, None
-    for out in stream_outputs(model, tok, prompt_ids, params):
+    for out in stream_outputs(model, tok, prompt_ids, params, cuda_graph=False if args.no_cuda_graph else None):
         if out.new_text:
             stdout.write(out.new_text)
             stdout.flush()

@@ -34,6 +34,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .cuda_graph import DecodeGraphs, graph_support
 from .sampling import SamplingParams, sample_tokens
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -64,6 +65,14 @@ class _Request:
     cached: int = 0         # tokens of this request in its cache row (host-side copy of cache.lengths)
 
 
+def _hooked(model: torch.nn.Module) -> str | None:
+    """A reason not to capture: forward hooks (trace recorders, routing overrides) run host code."""
+    for name, m in model.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return f"module {name or type(model).__name__} has forward hooks (they run host code every step)"
+    return None
+
+
 def _held_back(text: str, stops: Sequence[str]) -> int:
     """Length of the longest tail of ``text`` that is a proper prefix of some stop string."""
     best = 0
@@ -79,7 +88,7 @@ class Engine:
     """Continuous-batching generation over one model (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, max_batch_size: int = 8,
-                 max_len: int = 2048):
+                 max_len: int = 2048, cuda_graph: bool | None = None):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"Engine max_batch_size={max_batch_size!r} must be an int >= 1")
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
@@ -100,6 +109,15 @@ class Engine:
             self._last_only = "last_only" in inspect.signature(model.forward).parameters
         except (TypeError, ValueError):
             self._last_only = False
+        # decode steps (every running row feeds one token) replay CUDA graphs where the model allows
+        # (moe.cuda_graph): None = when supported, True = required, False = never
+        self._graphs = None
+        if cuda_graph is not False:
+            reason = graph_support(model) or _hooked(model)
+            if reason is None:
+                self._graphs = DecodeGraphs(model, self.cache)
+            elif cuda_graph:
+                raise ValueError(f"cuda_graph=True but decode steps cannot be captured: {reason}")
         self._ids = itertools.count()
         self._waiting: deque[_Request] = deque()
         self._rows: list[_Request | None] = [None] * max_batch_size
@@ -202,7 +220,9 @@ class Engine:
             valid_BT[b, :len(f)] = True
         input_BT, valid_BT = input_BT.to(self.device), valid_BT.to(self.device)
         rows = torch.tensor([r.row for r in running], device=self.device)
-        if self._last_only:
+        if self._graphs is not None and T == 1 and all(r.prefilled for r in running):
+            logits_RV = self._graphs.step(input_BT, valid_BT, max(r.cached for r in running))[rows, 0]
+        elif self._last_only:
             # the model projects only each row's last valid token onto the vocabulary
             logits_RV = self.model(input_BT, cache=self.cache, valid_BT=valid_BT, last_only=True)[rows, 0]
         else:
@@ -305,12 +325,15 @@ def stream(model: torch.nn.Module, tok: Tokenizer, prompt: str | Sequence[int],
 
 
 def stream_outputs(model: torch.nn.Module, tok: Tokenizer, prompt: str | Sequence[int],
-                   params: SamplingParams | None = None, max_len: int | None = None) -> Iterator[RequestOutput]:
-    """Every RequestOutput of one prompt, in order (the last one has ``finished=True``)."""
+                   params: SamplingParams | None = None, max_len: int | None = None,
+                   cuda_graph: bool | None = None) -> Iterator[RequestOutput]:
+    """Every RequestOutput of one prompt, in order (the last one has ``finished=True``).
+    ``cuda_graph``: as ``Engine`` (None = replay decode steps from CUDA graphs where supported)."""
     params = params if params is not None else SamplingParams()
     prompt = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
     engine = Engine(model, tok, max_batch_size=1,
-                    max_len=max_len if max_len is not None else _max_len_for(tok, [prompt], [params]))
+                    max_len=max_len if max_len is not None else _max_len_for(tok, [prompt], [params]),
+                    cuda_graph=cuda_graph)
     engine.add_request(prompt, params)
     while engine.has_unfinished():
         yield from engine.step()

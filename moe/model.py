@@ -113,11 +113,13 @@ class MoEForCausalLM(nn.Module):
         return self.embed.weight.dtype
 
     # --- forward ----------------------------------------------------------------------------
-    def _positions_and_masks(self, B: int, T: int, cache: KVCache | None, valid_BT: torch.Tensor | None):
+    def _positions_and_masks(self, B: int, T: int, cache: KVCache | None, valid_BT: torch.Tensor | None,
+                             num_slots: int | None = None):
         dev = self.embed.weight.device
         if cache is not None:
-            cache.check_room(T, valid_BT)
-            num_slots = cache.num_slots_for(T)
+            if num_slots is None:  # two host syncs: the room check and the slots attention needs
+                cache.check_room(T, valid_BT)
+                num_slots = cache.num_slots_for(T)
             pos_BT = cache.positions(T)
             mask_B1TS = cache.attention_mask(T, num_slots)
         else:
@@ -135,11 +137,15 @@ class MoEForCausalLM(nn.Module):
         return pos_BT, mask_B1TS, windowed, num_slots
 
     def forward(self, input_ids_BT: torch.Tensor, cache: KVCache | None = None, valid_BT: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, num_slots: int | None = None) -> torch.Tensor:
         """Logits [B, T, V] (or [B, 1, V] at each row's last valid token with ``last_only``).
 
         cache: KVCache from new_cache(); rows continue at their own lengths and the cache is
         advanced here. valid_BT: bool [B, T], right padding False (valid tokens are a prefix).
+        num_slots: with a cache, the slots attention reads, given by a caller that tracks the rows'
+        lengths itself (it must be >= every row's length + T and <= max_len; masked slots change
+        nothing). Then the forward reads no device value on the host, so it can be captured in a
+        CUDA graph (``moe.cuda_graph``); None: checked and computed here (two host syncs).
         """
         if input_ids_BT.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids_BT.shape)}")
@@ -151,7 +157,9 @@ class MoEForCausalLM(nn.Module):
         if cache is not None and cache.batch_size != B:
             raise ValueError(f"cache has {cache.batch_size} rows but the batch has {B}; "
                              "create it with model.new_cache(batch_size, max_len)")
-        pos_BT, mask_B1TS, windowed, num_slots = self._positions_and_masks(B, T, cache, valid_BT)
+        if num_slots is not None and cache is not None and not T <= num_slots <= cache.max_len:
+            raise ValueError(f"num_slots={num_slots} must lie in [T={T}, max_len={cache.max_len}]")
+        pos_BT, mask_B1TS, windowed, num_slots = self._positions_and_masks(B, T, cache, valid_BT, num_slots)
         x_BTD = self.embed(input_ids_BT)
         cos, sin = self.rotary(pos_BT, x_BTD.dtype)
         for layer in self.layers:

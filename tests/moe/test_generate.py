@@ -236,3 +236,57 @@ def test_generate_and_stream_agree(model, tok):
     assert generate(model, tok, PROMPTS[0], sp[0]) == texts[:1]
     with pytest.raises(ValueError, match="3 prompts but 2 SamplingParams"):
         generate(model, tok, PROMPTS[:3], sp[:2])
+
+
+def test_explicit_num_slots_gives_the_same_logits(model):
+    """Attention over extra (masked) slots changes nothing: what a captured decode step relies on."""
+    ids = torch.tensor([[5, 9, 13, 2, 7], [3, 4, 0, 0, 0]])
+    valid = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    with torch.no_grad():
+        for explicit in (None, 32):
+            cache = model.new_cache(2, 40)
+            outs = [model(ids, cache=cache, valid_BT=valid, num_slots=explicit)]
+            for step in range(4):
+                nxt = torch.tensor([[11 + step], [17 + step]])
+                outs.append(model(nxt, cache=cache, valid_BT=torch.ones(2, 1, dtype=torch.bool), num_slots=explicit))
+            if explicit is None:
+                want = outs
+        for a, b in zip(outs, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # summation order over more slots
+        with pytest.raises(ValueError, match="num_slots"):
+            model(nxt, cache=model.new_cache(2, 40), num_slots=41)
+
+
+def test_cuda_graph_refused_with_the_reason(model, tok):
+    from moe.cuda_graph import DecodeGraphs, graph_support
+    assert "not a CUDA device" in graph_support(model)
+    with pytest.raises(ValueError, match="cannot be captured: the model is on cpu"):
+        Engine(model, tok, max_batch_size=2, max_len=64, cuda_graph=True)
+    with pytest.raises(ValueError, match="cannot capture"):
+        DecodeGraphs(model, model.new_cache(2, 64))
+    assert Engine(model, tok, max_batch_size=2, max_len=64)._graphs is None  # auto: eager on the CPU
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_equals_eager(tok):
+    """On a GPU with the triton experts: greedy tokens replayed from graphs equal eager decoding,
+    across slot buckets and with rows joining and leaving."""
+    cfg = MoEConfig.tiny("qwen3_moe", vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_ids[0])
+    m = MoEForCausalLM(cfg, backend="triton", dtype=torch.float32, device="cuda")
+    m.init_weights(seed=0)
+    with torch.no_grad():
+        m.lm_head.weight.normal_(0.0, 1.0, generator=torch.Generator(device="cuda").manual_seed(1))
+    m.eval()
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (40, 7, 25)]
+    outs = {}
+    for graph in (False, True):
+        eng = Engine(m, tok, max_batch_size=2, max_len=96, cuda_graph=graph)
+        if graph:
+            eng._graphs.bucket = 16  # several buckets within one run
+        rids = [eng.add_request(p, sp) for p, sp in zip(PROMPTS[:3], params)]
+        res = run(eng, rids)
+        outs[graph] = [res[r][0] for r in rids]
+        if graph:
+            assert len(eng._graphs.captured) >= 2
+    assert outs[True] == outs[False]

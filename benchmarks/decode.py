@@ -1,0 +1,161 @@
+"""Resident decode on one GPU: eager steps against CUDA-graph replay (moe.cuda_graph), against the floor.
+
+    python benchmarks/decode.py --out $OUT                  # H200: Qwen3-30B-A3B and Mixtral-8x7B shapes
+    python benchmarks/decode.py --models tiny --device cpu  # a check of the script (eager only)
+
+The whole model (attention, router, experts, lm_head) at the published shapes, random bf16 weights,
+expert backend "triton", every weight in GPU memory. Each batch row gets a 32-token random prompt
+(prefill, not timed), then --steps greedy decode steps are timed: "eager" = model(ids, cache) as
+the engine ran it before (two host syncs per step for the cache's room and slots), "graph" = the
+same step replayed from a CUDA graph (DecodeGraphs, 256-slot buckets). Both run from the same
+cache state and their logits are compared.
+
+Floor per step = bytes that must be read / measured copy bandwidth: every non-expert weight once
+(attention, norms, routers, lm_head), the experts the batch activates (expected distinct experts
+per layer under uniform routing, E * (1 - (1 - K/E)^B)), and the KV cache read by attention. No peer
+decodes in this run (vLLM and SGLang are not installed on the GPU machine); the floor is the bar.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from moe.config import MoEConfig  # noqa: E402
+from moe.cuda_graph import DecodeGraphs  # noqa: E402
+from moe.model import MoEForCausalLM  # noqa: E402
+
+# published shapes (attention and expert dimensions, vocabulary, depth)
+MODELS = {
+    "qwen3": ("Qwen3-30B-A3B", dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, num_hidden_layers=48,
+                                    num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                                    num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144)),
+    "mixtral": ("Mixtral-8x7B", dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, num_hidden_layers=32,
+                                     num_attention_heads=32, num_key_value_heads=8, num_experts=8, num_experts_per_tok=2,
+                                     moe_intermediate_size=14336, intermediate_size=14336)),
+    "tiny": ("tiny", dict(model_type="qwen3_moe", vocab_size=512, num_hidden_layers=3)),
+}
+
+
+def build(key: str, device: str) -> MoEForCausalLM:
+    name, kw = MODELS[key]
+    cfg = MoEConfig.tiny(kw["model_type"], **{k: v for k, v in kw.items() if k != "model_type"},
+                         max_position_embeddings=4096)
+    backend = "triton" if device == "cuda" else "torch"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    m = MoEForCausalLM(cfg, backend=backend, dtype=dtype, device=device)
+    m.init_weights(seed=0)
+    return m.eval()
+
+
+def floor_bytes(model: MoEForCausalLM, B: int, ctx: int) -> float:
+    cfg = model.config
+    expert_bytes = sum(p.numel() * p.element_size() for b in model.moe_blocks() for p in b.experts.parameters())
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.embed.weight.numel() * model.embed.weight.element_size()
+    dense = total - expert_bytes - (0 if cfg.tie_word_embeddings else embed)  # one embedding row is read, not all
+    E, K = cfg.num_experts, cfg.num_experts_per_tok
+    active = E * (1 - (1 - K / E) ** B) / E
+    heads = cfg.num_key_value_heads or cfg.num_attention_heads
+    hd = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * B * ctx * heads * hd * cfg.num_hidden_layers * model.embed.weight.element_size()
+    return dense + active * expert_bytes + kv
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+@torch.inference_mode()
+def run(model: MoEForCausalLM, B: int, steps: int, graph: bool, prompt_len: int = 32, seed: int = 0):
+    dev = model.device
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    cache = model.new_cache(B, prompt_len + steps + 8)
+    prompt = torch.randint(3, model.config.vocab_size, (B, prompt_len), generator=g).to(dev)
+    ids = model(prompt, cache=cache, last_only=True).argmax(-1)  # [B, 1]
+    valid = torch.ones(B, 1, dtype=torch.bool, device=dev)
+    graphs = DecodeGraphs(model, cache) if graph else None
+    logits = []
+    length = prompt_len
+    for s in range(steps + 2):
+        if s == 2:  # the first steps capture / warm up
+            sync(dev)
+            t0 = time.perf_counter()
+        out = graphs.step(ids, valid, length) if graph else model(ids, cache=cache)
+        ids = out[:, -1].argmax(-1, keepdim=True)
+        if s < 8:
+            logits.append(out[:, -1].float().clone())
+        length += 1
+    sync(dev)
+    return (time.perf_counter() - t0) / steps, logits
+
+
+def measure_bandwidth(dev) -> float:
+    if dev.type != "cuda":
+        return float("nan")
+    import triton.testing
+    a = torch.randn(1 << 29, device=dev, dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    return 2 * a.numel() * 2 / triton.testing.do_bench(lambda: b.copy_(a), return_mode="median") * 1e3
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="qwen3,mixtral")
+    ap.add_argument("--batch", default="1,8,32")
+    ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    bw = measure_bandwidth(dev)
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write); {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}")
+    rows = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for key in args.models.split(","):
+        model = build(key, args.device)
+        for B in [int(b) for b in args.batch.split(",")]:
+            t_eager, l_eager = run(model, B, args.steps, graph=False)
+            r = dict(model=MODELS[key][0], B=B, eager_ms=t_eager * 1e3,
+                     floor_ms=floor_bytes(model, B, 32 + args.steps) / bw * 1e3)
+            if dev.type == "cuda":
+                t_graph, l_graph = run(model, B, args.steps, graph=True)
+                r["graph_ms"] = t_graph * 1e3
+                # greedy paths can part once a near-tie flips; compare the steps before they part
+                same = 0
+                for a, b in zip(l_eager, l_graph):
+                    if not torch.equal(a.argmax(-1), b.argmax(-1)):
+                        break
+                    same += 1
+                r["steps_compared"] = same
+                r["logit_rel_diff"] = max(((a - b).norm() / a.norm()).item() for a, b in zip(l_eager[:same], l_graph[:same])) if same else float("nan")
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+        del model
+        gc.collect()  # graphs and their pools hold the memory until collected
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    with open(out / "decode_results.jsonl", "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    print(f"\n## resident decode, ms per step (tokens/s = B / step); bf16, triton experts\n"
+          f"{'model':16s} {'B':>3s} {'floor':>8s} {'eager':>8s} {'graph':>8s} {'eager/graph':>11s} {'graph/floor':>11s} {'tok/s graph':>11s}")
+    for r in rows:
+        g = r.get("graph_ms", float("nan"))
+        print(f"{r['model']:16s} {r['B']:3d} {r['floor_ms']:8.3f} {r['eager_ms']:8.3f} {g:8.3f} {r['eager_ms'] / g:11.2f} "
+              f"{g / r['floor_ms']:11.2f} {r['B'] / g * 1e3:11.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
