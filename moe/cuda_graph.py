@@ -95,7 +95,8 @@ class DecodeGraphs:
             self.cache.lengths.copy_(lengths)
         torch.cuda.current_stream(self.cache.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: a server's other threads (metrics, request handling) may touch CUDA meanwhile
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             out = self._forward(num_slots)
         self.cache.lengths.copy_(lengths)  # capture ran nothing, but keep the guarantee explicit
         return graph, out
