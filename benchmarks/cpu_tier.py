@@ -29,7 +29,7 @@ Configurations (same budget: 25% of the experts' bytes on the GPU):
 CPU hosts are Ray actors when Ray is installed and --ray is given; otherwise (the H200 machine
 has no Ray) in-process hosts, one Python thread each, torch's process-wide thread count split
 between them (--host-backend thread, the default), or child processes (--host-backend process:
-serve.cpu_host.ProcessHost, own torch threads pinned to their own cores, experts read from a
+serve.cpu_host_pool.ProcessHost, own torch threads pinned to their own cores, experts read from a
 safetensors file this script writes to --scratch, as a serving host reads its checkpoint) —
 said in the output. Thread and process hosts take their rows in shared buffers (the call
 carries ids, weights and slices only); the hand-off (an empty call) is printed at start-up. Floors printed beside each row: PCIe =
@@ -93,7 +93,7 @@ from offload import CostModel, HostExpertStore, OffloadConfig, route_by_trace  #
 from offload.apply import install  # noqa: E402
 from offload.tiered import TierRuntimeConfig, apply_cpu_tier  # noqa: E402
 from routing import synthesize  # noqa: E402
-from serve.cpu_host import HostPoolConfig, _timed, start_hosts  # noqa: E402
+from serve.cpu_host_pool import HostPoolConfig, _timed, start_hosts  # noqa: E402
 
 
 def sync(device):

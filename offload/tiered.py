@@ -3,7 +3,7 @@
 Shape legend: T = tokens, D = hidden, K = experts per token, E = experts, n = local experts,
 J = 2*I, I = expert ffn size, N = rows sent to one host.
 
-    rt = apply_cpu_tier(model, tiered_plan, hosts)     # hosts: serve.cpu_host.start_hosts(...)
+    rt = apply_cpu_tier(model, tiered_plan, hosts)     # hosts: serve.cpu_host_pool.start_hosts(...)
     model(ids)                                          # same logits as before
     rt.stats()                                          # tokens and seconds per tier
 
@@ -445,7 +445,7 @@ def apply_cpu_tier(model: nn.Module, plan, hosts: list, config: TierRuntimeConfi
     plan.check_compatible(len(blocks), E)
     if plan.num_hosts != len(hosts):
         raise ValueError(f"the plan places experts on {plan.num_hosts} CPU hosts but {len(hosts)} were given; "
-                         f"start {plan.num_hosts} hosts (serve.cpu_host.start_hosts)")
+                         f"start {plan.num_hosts} hosts (serve.cpu_host_pool.start_hosts)")
     ref = blocks[0].experts
     ep_mode = hasattr(ref, "state") and hasattr(ref.state, "world")  # placement.runtime's rank module
     cache_mode = hasattr(ref, "cache") and hasattr(ref, "store")  # offload's cached experts

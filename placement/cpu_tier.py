@@ -51,7 +51,7 @@ _US = 1e6  # objective unit: microseconds (integer coefficients for CP-SAT)
 
 @dataclass(frozen=True)
 class CPUTierCost:
-    """What one token sent to a CPU host costs (serve.cpu_host.probe_cost measures it), and one
+    """What one token sent to a CPU host costs (serve.cpu_host_pool.probe_cost measures it), and one
     token move between two GPU ranks (``gpu_hop_s``)."""
     latency_s: float = 200e-6
     bytes_per_s: float = 5e9

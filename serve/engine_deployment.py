@@ -330,7 +330,7 @@ def _attach_cpu_hosts(model, hosts_spec: dict, path: str):
     copies and the hosts. The hosts read their experts from the checkpoint's memory map."""
     from offload import TierRuntimeConfig, apply_cpu_tier
     from placement.cpu_tier import TieredPlan
-    from serve.cpu_host import HostPoolConfig, start_hosts
+    from serve.cpu_host_pool import HostPoolConfig, start_hosts
 
     n = int(hosts_spec["num_hosts"])
     blocks = model.moe_blocks()

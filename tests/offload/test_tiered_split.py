@@ -14,7 +14,8 @@ from offload.apply import install
 from offload.cpu_compute import Miss, expert_mlp_slice, expert_mlp_slice_t, split_misses
 from offload.tiered import TieredExperts, TierRuntimeConfig, apply_cpu_tier
 from placement.cpu_tier import TieredPlan
-from serve.cpu_host import CPUExpertHost, HostConfig, HostPoolConfig, from_wire, start_hosts, to_wire
+from serve.cpu_host import CPUExpertHost, HostConfig, from_wire, to_wire
+from serve.cpu_host_pool import HostPoolConfig, start_hosts
 
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
 

@@ -13,7 +13,8 @@ from kernels import moe_experts_reference
 from moe import MoEConfig, MoEForCausalLM, save_pretrained
 from offload.tiered import TieredExperts, TierRuntimeConfig, apply_cpu_tier
 from placement.cpu_tier import TieredPlan
-from serve.cpu_host import CPUExpertHost, HostClient, HostConfig, HostPoolConfig, from_wire, start_hosts, to_wire
+from serve.cpu_host import CPUExpertHost, HostConfig, from_wire, to_wire
+from serve.cpu_host_pool import HostClient, HostPoolConfig, start_hosts
 
 
 def _model():
@@ -287,7 +288,7 @@ def test_probe_cost_measures_a_thread_host():
     g = torch.Generator().manual_seed(0)
     host.call("add_experts", 0, [0], to_wire(torch.randn(1, 32, 16, generator=g)),
               to_wire(torch.randn(1, 16, 16, generator=g)))
-    from serve.cpu_host import probe_cost
+    from serve.cpu_host_pool import probe_cost
     c = probe_cost(host, 0, 0, hidden_size=16, repeat=2)
     assert c.latency_s > 0 and c.bytes_per_s > 0 and c.cpu_per_token_s > 0 and c.row_bytes == 2 * 16 * 4
     with pytest.raises(ValueError, match=r"does not hold expert \(0, 3\)"):
