@@ -3,7 +3,7 @@
 Shape legend: T = tokens, D = hidden, I = expert ffn size, J = 2I (gate rows then up rows),
 E = experts, K = experts per token, P = T*K pairs, S = padded sorted rows.
 
-Four kernels (five launchers):
+Six kernels (seven launchers):
 
     moe_up        h_SI = silu(x[tok] @ Wg[e]^T) * (x[tok] @ Wu[e]^T); rows gathered straight from the
                   unsorted x_TD, gate and up tiles computed side by side so SiLU*up is an epilogue;
@@ -14,9 +14,17 @@ Four kernels (five launchers):
                   (B read through strides, so w2 / w13 are never transposed in memory).
     moe_swiglu_bwd  the same kernel for dh = dy[tok] @ Wd[e], with the SwiGLU backward and
                   d(routing weight) fused into its epilogue (no [S, I] fp32 intermediates).
-    moe_wgrad     C[e] = sum over expert e's rows of A[row]^T B[row]: the weight gradients dW2, dW13.
+    moe_wgrad     C[e] = sum over expert e's rows of A[row]^T B[row]: the weight gradients dW2, dW13,
+                  rows gathered in place (small calls, and GPUs without TMA).
+    moe_wgrad_kmajor  the same over transposed operands At [X, S], Bt [Y, S] (the reduction contiguous),
+                  both streamed by TMA: large calls; sorted_rows_t makes the operands in one tiled
+                  pass (gathering token rows and applying routing weights on the way).
     moe_sum       y_TD = sum_k out_PD[t*K + k] over the slots whose id is a real expert: a second small
                   kernel instead of atomics, so the result is deterministic.
+
+Weight tiles of moe_up / moe_gemm come by TMA descriptor where the launch config says so
+(``GemmConfig.tma``; Hopper or newer, 16-byte aligned strides), else by pointer loads. Decode-sized
+forward calls may chain up -> down -> sum by programmatic dependent launch (``pdl``).
 
 Every GEMM accumulates in fp32. Blocks past ``num_padded`` exit at once, so the grid can be sized
 from an upper bound (no host sync) and experts with no tokens cost nothing. Under the Triton
