@@ -1,6 +1,6 @@
 """Resident decode on one GPU: eager steps against CUDA-graph replay (moe.cuda_graph), against the floor.
 
-    python benchmarks/decode.py --out $OUT                  # H200: Qwen3-30B-A3B and Mixtral-8x7B shapes
+    python benchmarks/decode.py --out $OUT --peers transformers   # H200: Qwen3-30B-A3B and Mixtral-8x7B shapes
     python benchmarks/decode.py --models tiny --device cpu  # a check of the script (eager only)
 
 The whole model (attention, router, experts, lm_head) at the published shapes, random bf16 weights,
@@ -12,13 +12,18 @@ cache state and their logits are compared.
 
 Floor per step = bytes that must be read / measured copy bandwidth: every non-expert weight once
 (attention, norms, routers, lm_head), the experts the batch activates (expected distinct experts
-per layer under uniform routing, E * (1 - (1 - K/E)^B)), and the KV cache read by attention. No peer
-decodes in this run (vLLM and SGLang are not installed on the GPU machine); the floor is the bar.
+per layer under uniform routing, E * (1 - (1 - K/E)^B)), and the KV cache read by attention.
+
+Peer (--peers transformers, measured in the same run after our model is freed): Hugging Face
+transformers' own implementation of the same family at the same shapes (random weights, same dtype,
+on the GPU), decoding with its own KV cache step by step. vLLM and SGLang are not
+installed on the GPU machine.
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
 import os
 import sys
@@ -70,6 +75,37 @@ def floor_bytes(model: MoEForCausalLM, B: int, ctx: int) -> float:
     return dense + active * expert_bytes + kv
 
 
+@torch.inference_mode()
+def run_transformers(cfg: MoEConfig, batches: list[int], steps: int, device: str, dtype: torch.dtype,
+                     prompt_len: int = 32) -> dict[int, float]:
+    """{B: seconds per decode step} of transformers' model of the same config (random weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    d = cfg.to_hf_dict()
+    hcfg = AutoConfig.for_model(d.pop("model_type"), **d)
+    with torch.device(device):
+        hf = AutoModelForCausalLM.from_config(hcfg, dtype=dtype).eval()
+    dev = torch.device(device)
+    # the KV cache argument is ``cache`` in newer transformers, ``past_key_values`` before
+    key = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    g = torch.Generator(device="cpu").manual_seed(0)
+    times = {}
+    for B in batches:
+        prompt = torch.randint(3, cfg.vocab_size, (B, prompt_len), generator=g).to(dev)
+        out = hf(input_ids=prompt, use_cache=True)
+        past, ids = out[key], out.logits[:, -1:].argmax(-1)
+        for s in range(steps + 2):
+            if s == 2:
+                sync(dev)
+                t0 = time.perf_counter()
+            out = hf(input_ids=ids, use_cache=True, **{key: past})
+            past, ids = out[key], out.logits[:, -1:].argmax(-1)
+        sync(dev)
+        times[B] = (time.perf_counter() - t0) / steps
+        del past, out
+    del hf
+    return times
+
+
 def sync(dev):
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -115,6 +151,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--peers", default="", help="comma list: transformers (its decode of the same shapes)")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     bw = measure_bandwidth(dev)
@@ -141,19 +178,30 @@ def main(argv=None) -> int:
                 r["logit_rel_diff"] = max(((a - b).norm() / a.norm()).item() for a, b in zip(l_eager[:same], l_graph[:same])) if same else float("nan")
             rows.append(r)
             print(json.dumps(r), flush=True)
+        cfg, dtype = model.config, model.dtype
         del model
         gc.collect()  # graphs and their pools hold the memory until collected
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+        if "transformers" in args.peers.split(","):
+            mine = [r for r in rows if r["model"] == MODELS[key][0]]
+            hf_s = run_transformers(cfg, [r["B"] for r in mine], args.steps, args.device, dtype)
+            for r in mine:
+                r["transformers_ms"] = hf_s[r["B"]] * 1e3
+                print(json.dumps(r), flush=True)
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
     with open(out / "decode_results.jsonl", "a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     print(f"\n## resident decode, ms per step (tokens/s = B / step); bf16, triton experts\n"
-          f"{'model':16s} {'B':>3s} {'floor':>8s} {'eager':>8s} {'graph':>8s} {'eager/graph':>11s} {'graph/floor':>11s} {'tok/s graph':>11s}")
+          f"{'model':16s} {'B':>3s} {'floor':>8s} {'eager':>8s} {'graph':>8s} {'hf':>8s} {'eager/graph':>11s} "
+          f"{'hf/graph':>8s} {'graph/floor':>11s} {'tok/s graph':>11s}")
     for r in rows:
-        g = r.get("graph_ms", float("nan"))
-        print(f"{r['model']:16s} {r['B']:3d} {r['floor_ms']:8.3f} {r['eager_ms']:8.3f} {g:8.3f} {r['eager_ms'] / g:11.2f} "
-              f"{g / r['floor_ms']:11.2f} {r['B'] / g * 1e3:11.0f}")
+        g, hf = r.get("graph_ms", float("nan")), r.get("transformers_ms", float("nan"))
+        print(f"{r['model']:16s} {r['B']:3d} {r['floor_ms']:8.3f} {r['eager_ms']:8.3f} {g:8.3f} {hf:8.3f} "
+              f"{r['eager_ms'] / g:11.2f} {hf / g:8.2f} {g / r['floor_ms']:11.2f} {r['B'] / g * 1e3:11.0f}")
     return 0
 
 

@@ -290,3 +290,20 @@ def test_cuda_graph_decode_equals_eager(tok):
         if graph:
             assert len(eng._graphs.captured) >= 2
     assert outs[True] == outs[False]
+
+
+def test_decode_benchmark_script_runs_on_cpu(tmp_path, capsys):
+    """benchmarks/decode.py (eager steps, the transformers peer) on the tiny shape: the script's own check."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "decode.py"
+    spec = importlib.util.spec_from_file_location("decode_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--models", "tiny", "--device", "cpu", "--batch", "1,2", "--steps", "3", "--out", str(tmp_path),
+                     "--peers", "transformers"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "decode_results.jsonl").read_text().splitlines()]
+    assert [r["B"] for r in rows] == [1, 2]
+    assert all(r["eager_ms"] > 0 and r["transformers_ms"] > 0 for r in rows)
+    assert "resident decode" in capsys.readouterr().out
