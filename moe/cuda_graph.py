@@ -19,7 +19,9 @@ graph's output buffer and are overwritten by the next step.
 
 What cannot be captured is refused with the reason (``graph_support``): a model on the CPU, an
 expert backend that syncs with the host (``"torch"``), experts offloaded to host memory (their
-cache decisions run on the host).
+cache decisions run on the host). A capture that fails anyway (some op of a model family that
+reads a device value on the host) raises ``GraphCaptureError`` with the cache restored; the
+``Engine`` then warns and decodes eagerly from that step on.
 """
 from __future__ import annotations
 
@@ -54,6 +56,11 @@ def graph_support(model: torch.nn.Module) -> str | None:
         if any(p.device.type != "cuda" for p in experts.parameters()):
             return f"MoE layer {block.layer_idx} has expert weights outside GPU memory"
     return None
+
+
+class GraphCaptureError(RuntimeError):
+    """Capturing a decode step failed (a host sync or an unsupported op inside the step); the cache
+    is as it was before the step, so the caller can run the step eagerly instead."""
 
 
 class DecodeGraphs:
@@ -115,7 +122,13 @@ class DecodeGraphs:
         self._ids_B1.copy_(input_B1)
         self._valid_B1.copy_(valid_B1)
         if num_slots not in self._graphs:
-            self._graphs[num_slots] = self._capture(num_slots)
+            lengths = self.cache.lengths.clone()
+            try:
+                self._graphs[num_slots] = self._capture(num_slots)
+            except Exception as e:  # noqa: BLE001 - reported with its cause; the cache is restored
+                self.cache.lengths.copy_(lengths)
+                raise GraphCaptureError(f"capturing a decode step ({num_slots} slots) failed: "
+                                        f"{type(e).__name__}: {e}") from e
         graph, out = self._graphs[num_slots]
         graph.replay()
         return out

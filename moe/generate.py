@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
 
-from .cuda_graph import DecodeGraphs, graph_support
+from .cuda_graph import DecodeGraphs, GraphCaptureError, graph_support
 from .sampling import SamplingParams, sample_tokens
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -220,8 +221,9 @@ class Engine:
             valid_BT[b, :len(f)] = True
         input_BT, valid_BT = input_BT.to(self.device), valid_BT.to(self.device)
         rows = torch.tensor([r.row for r in running], device=self.device)
-        if self._graphs is not None and T == 1 and all(r.prefilled for r in running):
-            logits_RV = self._graphs.step(input_BT, valid_BT, max(r.cached for r in running))[rows, 0]
+        logits_RV = self._graph_step(input_BT, valid_BT, rows, running) if T == 1 else None
+        if logits_RV is not None:
+            pass  # replayed from a CUDA graph
         elif self._last_only:
             # the model projects only each row's last valid token onto the vocabulary
             logits_RV = self.model(input_BT, cache=self.cache, valid_BT=valid_BT, last_only=True)[rows, 0]
@@ -235,6 +237,17 @@ class Engine:
             req.prefilled = True
             outputs.append(self._advance(req, tok))
         return outputs
+
+    def _graph_step(self, input_BT, valid_BT, rows, running) -> torch.Tensor | None:
+        """Logits [R, V] of a pure decode step replayed from a CUDA graph, or None to run it eagerly."""
+        if self._graphs is None or not all(r.prefilled for r in running):
+            return None
+        try:
+            return self._graphs.step(input_BT, valid_BT, max(r.cached for r in running))[rows, 0]
+        except GraphCaptureError as e:  # the cache is untouched: decode eagerly from now on
+            warnings.warn(f"decoding without CUDA graphs from now on: {e}", RuntimeWarning, stacklevel=3)
+            self._graphs = None
+            return None
 
     def _free(self, req: _Request) -> None:
         # an emptied row has length 0, so it never limits what the other rows may be fed

@@ -307,3 +307,28 @@ def test_decode_benchmark_script_runs_on_cpu(tmp_path, capsys):
     assert [r["B"] for r in rows] == [1, 2]
     assert all(r["eager_ms"] > 0 and r["transformers_ms"] > 0 for r in rows)
     assert "resident decode" in capsys.readouterr().out
+
+
+def test_failed_graph_capture_falls_back_to_eager_decoding(model, tok):
+    """A capture that fails (some op syncing with the host) warns once and the engine decodes eagerly
+    from that step on, with the same tokens as an engine that never tried graphs."""
+    from moe.cuda_graph import GraphCaptureError
+
+    class Failing:
+        calls = 0
+
+        def step(self, *a):
+            Failing.calls += 1
+            raise GraphCaptureError("capturing a decode step (256 slots) failed: RuntimeError: test")
+
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (6, 4)]
+    eager = Engine(model, tok, max_batch_size=2, max_len=128)
+    rids = [eager.add_request(p, sp) for p, sp in zip(PROMPTS[:2], params)]
+    want = run(eager, rids)
+    eng = Engine(model, tok, max_batch_size=2, max_len=128)
+    eng._graphs = Failing()
+    rids2 = [eng.add_request(p, sp) for p, sp in zip(PROMPTS[:2], params)]
+    with pytest.warns(RuntimeWarning, match="without CUDA graphs"):
+        got = run(eng, rids2)
+    assert Failing.calls == 1 and eng._graphs is None
+    assert [got[r][0] for r in rids2] == [want[r][0] for r in rids]
