@@ -36,7 +36,7 @@ import torch
 
 from .align import AlignedRouting, align_tokens
 from .grouped_gemm import (moe_gemm, moe_sum, moe_swiglu_bwd, moe_up, moe_wgrad, moe_wgrad_kmajor, pdl_ok,
-                           sorted_rows_t, wgrad_tile, wgrad_tma_ok)
+                           sorted_rows_t, tma_ok, wgrad_tile)
 from .launch_config import MoEConfig, pick_config
 from .reference import check_moe_inputs
 
@@ -139,7 +139,7 @@ def _weight_grads(x_TD, dy_TD, h_SI, dgu_SJ, w_P, al: AlignedRouting, E: int, ne
     gathered in place (moe_wgrad)."""
     I, D = h_SI.shape[1], x_TD.shape[1]
     big = al.num_pairs / E >= KMAJOR_MIN_ROWS or I * D >= KMAJOR_MIN_ELEMS
-    if not (big and wgrad_tma_ok(h_SI, al)):
+    if not (big and tma_ok(h_SI)):
         return (moe_wgrad(dgu_SJ, x_TD, E, al, a_gather=False, b_gather=True) if need_w13 else None,
                 moe_wgrad(dy_TD, h_SI, E, al, a_gather=True, b_gather=False, a_scale_P=w_P) if need_w2 else None)
     tile = wgrad_tile(al.num_pairs / E, al.block_m)

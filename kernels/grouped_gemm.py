@@ -32,6 +32,7 @@ interpreter tiles are cast to fp32 before ``tl.dot`` (the interpreter multiplies
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -49,6 +50,16 @@ except ImportError:  # an older Triton: decode launches stay plain
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=16)
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def tma_ok(t: torch.Tensor) -> bool:
+    """TMA descriptors possible for kernels on t's device (Hopper or newer), or the interpreter's emulation."""
+    return _interpreted() or (t.is_cuda and _capability_major(t.device.index or 0) >= 9)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -147,7 +158,7 @@ def _moe_gemm_kernel(a_ptr, b_ptr, b_desc, c_ptr, weight_ptr, sorted_pair_ptr, b
                      MUL_WEIGHT: tl.constexpr, SWIGLU_BWD: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr,
                      W_DESC: tl.constexpr, PDL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    if PDL:  # launched early (programmatic dependent launch): wait for the kernel that wrote A
+    if PDL:  # let moe_sum's programs launch now; this grid itself waits below before reading A
         gdc_launch_dependents()
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -157,7 +168,7 @@ def _moe_gemm_kernel(a_ptr, b_ptr, b_desc, c_ptr, weight_ptr, sorted_pair_ptr, b
                                         PAIR_BLOCKS, BLOCK_M)
     if skip:
         return
-    if PDL:
+    if PDL:  # launched early (programmatic dependent launch): wait for the kernel that wrote A
         gdc_wait()
     valid = pair < P
     if A_GATHER:
@@ -345,8 +356,7 @@ def _moe_sum_kernel(out_ptr, ids_ptr, y_ptr, D, E, stride_op, stride_yt,
 
 def pdl_ok(t: torch.Tensor) -> bool:
     """Programmatic dependent launch possible for kernels on t's device (Hopper or newer, compiled)."""
-    return (gdc_wait is not None and not _interpreted() and t.is_cuda
-            and torch.cuda.get_device_capability(t.device)[0] >= 9)
+    return gdc_wait is not None and not _interpreted() and t.is_cuda and _capability_major(t.device.index or 0) >= 9
 
 
 def _pdl(flag: bool) -> dict:
@@ -363,7 +373,7 @@ def _weight_desc(w_E, cfg: GemmConfig):
     base and strides); else None and the kernel loads through pointers."""
     if not cfg.tma:
         return None
-    if not _tma_device(w_E):
+    if not tma_ok(w_E):
         return None
     es = w_E.element_size()
     if (w_E.stride(2) != 1 or w_E.data_ptr() % 16 or (w_E.stride(0) * es) % 16 or (w_E.stride(1) * es) % 16
@@ -463,10 +473,6 @@ def moe_wgrad(a, b, num_experts: int, al: AlignedRouting, *, a_gather: bool, b_g
     return c
 
 
-def _tma_device(t: torch.Tensor) -> bool:
-    return _interpreted() or (t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9)
-
-
 def wgrad_tile(rows_per_expert: float, align_block_m: int) -> tuple[int, int, int, int, int]:
     """(block_a, block_b, block_m, warps, stages) of moe_wgrad_kmajor, measured on the H200 (k2 run,
     benchmarks/NOTES-kernels.md): 256x128 tiles once experts have thousands of rows, else 128x128
@@ -476,10 +482,6 @@ def wgrad_tile(rows_per_expert: float, align_block_m: int) -> tuple[int, int, in
     if rows_per_expert >= 2048:
         return 256, 128, min(64, align_block_m), 8, 3
     return 128, 128, min(64, align_block_m), 4, 3
-
-
-def wgrad_tma_ok(t: torch.Tensor, al: AlignedRouting) -> bool:
-    return _tma_device(t) and not al.pair_blocks and al.block_m * t.element_size() >= 16
 
 
 def moe_wgrad_kmajor(at_XS, bt_YS, num_experts: int, al: AlignedRouting, *, out_dtype=None,
@@ -498,7 +500,7 @@ def moe_wgrad_kmajor(at_XS, bt_YS, num_experts: int, al: AlignedRouting, *, out_
     c = torch.empty(num_experts, X, Y, dtype=out_dtype or bt_YS.dtype, device=bt_YS.device)
     a_desc = b_desc = None
     es = at_XS.element_size()
-    if (tma and al.block_m % block_m == 0 and _tma_device(at_XS)
+    if (tma and al.block_m % block_m == 0 and tma_ok(at_XS)
             and all(t.data_ptr() % 16 == 0 and (t.stride(0) * es) % 16 == 0 for t in (at_XS, bt_YS))):
         from triton.tools.tensor_descriptor import TensorDescriptor
         a_desc = TensorDescriptor(at_XS, [X, S], [at_XS.stride(0), 1], [block_a, block_m])
