@@ -94,19 +94,23 @@ class DecodeGraphs:
         return self.model(self._ids_B1, cache=self.cache, valid_BT=self._valid_B1, num_slots=num_slots)
 
     def _capture(self, num_slots: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The graph of one step and its output buffer; the cache's lengths are as before, whether
+        the capture succeeds or raises (the warm-up step advanced them)."""
         lengths = self.cache.lengths.clone()
-        side = torch.cuda.Stream(self.cache.device)
-        side.wait_stream(torch.cuda.current_stream(self.cache.device))
-        with torch.cuda.stream(side):
-            self._forward(num_slots)  # compile kernels and create handles outside the capture
+        try:
+            side = torch.cuda.Stream(self.cache.device)
+            side.wait_stream(torch.cuda.current_stream(self.cache.device))
+            with torch.cuda.stream(side):
+                self._forward(num_slots)  # compile kernels and create handles outside the capture
+                self.cache.lengths.copy_(lengths)
+            torch.cuda.current_stream(self.cache.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: a server's other threads (metrics, request handling) may touch CUDA meanwhile
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                out = self._forward(num_slots)
+            return graph, out
+        finally:
             self.cache.lengths.copy_(lengths)
-        torch.cuda.current_stream(self.cache.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: a server's other threads (metrics, request handling) may touch CUDA meanwhile
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            out = self._forward(num_slots)
-        self.cache.lengths.copy_(lengths)  # capture ran nothing, but keep the guarantee explicit
-        return graph, out
 
     @torch.inference_mode()
     def step(self, input_B1: torch.Tensor, valid_B1: torch.Tensor, max_length: int) -> torch.Tensor:
@@ -122,11 +126,9 @@ class DecodeGraphs:
         self._ids_B1.copy_(input_B1)
         self._valid_B1.copy_(valid_B1)
         if num_slots not in self._graphs:
-            lengths = self.cache.lengths.clone()
             try:
                 self._graphs[num_slots] = self._capture(num_slots)
-            except Exception as e:  # noqa: BLE001 - reported with its cause; the cache is restored
-                self.cache.lengths.copy_(lengths)
+            except Exception as e:  # noqa: BLE001 - reported with its cause; _capture restored the cache
                 raise GraphCaptureError(f"capturing a decode step ({num_slots} slots) failed: "
                                         f"{type(e).__name__}: {e}") from e
         graph, out = self._graphs[num_slots]

@@ -221,13 +221,12 @@ class Engine:
             valid_BT[b, :len(f)] = True
         input_BT, valid_BT = input_BT.to(self.device), valid_BT.to(self.device)
         rows = torch.tensor([r.row for r in running], device=self.device)
+        # a pure decode step replays a CUDA graph where one is available; else the model runs eagerly
         logits_RV = self._graph_step(input_BT, valid_BT, rows, running) if T == 1 else None
-        if logits_RV is not None:
-            pass  # replayed from a CUDA graph
-        elif self._last_only:
+        if logits_RV is None and self._last_only:
             # the model projects only each row's last valid token onto the vocabulary
             logits_RV = self.model(input_BT, cache=self.cache, valid_BT=valid_BT, last_only=True)[rows, 0]
-        else:
+        elif logits_RV is None:
             logits_BTV = self.model(input_BT, cache=self.cache, valid_BT=valid_BT)
             last = torch.tensor([len(feeds[r.row]) - 1 for r in running], device=self.device)
             logits_RV = logits_BTV[rows, last]
