@@ -108,11 +108,46 @@ def tune_shape(E: int, D: int, I: int, K: int, tokens, dtype=torch.bfloat16, log
             (tu, cu), (td, cd) = min(up_t, key=lambda t: t[0]), min(dn_t, key=lambda t: t[0])
             if best is None or tu + td < best[0]:
                 best = (tu + td, MoEConfig(bm, cu, cd))
+        if T == 1:
+            best = _tune_one_token(x, w13, w2, ids, w, best[1], log)
         table[str(T)] = best[1].to_dict()
         times[str(T)] = round(best[0], 5)
         log(f"  E={E} D={D} I={I} K={K} T={T}: {best[0]:.4f} ms  {best[1]}")
     table["_times_ms"] = times
     return table
+
+
+# the fused one-token kernels (kernels/fused_decode.py): (block_i, block_d, block_d2, warps, stages),
+# the best of session 5's sweeps (runs k10, k12, k13) on the four shapes
+FUSED_CANDIDATES = [(64, 128, 256, 4, 4), (64, 256, 256, 8, 3), (64, 256, 512, 8, 3), (128, 128, 256, 8, 3),
+                    (32, 256, 512, 8, 3), (64, 256, 512, 4, 3)]
+
+
+def _tune_one_token(x, w13, w2, ids, w, cfg, log):
+    """(ms, config) for one token: the three-kernel path with ``cfg`` against the fused one-token
+    kernels with each candidate, whole forward calls timed alike; the fused entry is kept only where
+    it wins."""
+    import triton.testing
+    from dataclasses import replace
+
+    from kernels.fused_moe import fused_moe
+    from kernels.launch_config import FusedDecodeConfig
+
+    def t(c):
+        with torch.no_grad():
+            return triton.testing.do_bench(lambda: fused_moe(x, w13, w2, ids, w, config=c), warmup=5, rep=25,
+                                           return_mode="median")
+    best = (t(cfg), cfg)
+    for v in FUSED_CANDIDATES:
+        c = replace(cfg, fused=FusedDecodeConfig(*v))
+        try:
+            ms = t(c)
+        except Exception as exc:  # too large for shared memory on this GPU
+            log(f"  skip one-token kernels {v}: {type(exc).__name__}")
+            continue
+        if ms < best[0]:
+            best = (ms, c)
+    return best
 
 
 def write_table(E: int, I: int, D: int, table: dict, out_dirs) -> list[Path]:

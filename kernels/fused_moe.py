@@ -14,6 +14,11 @@
 Shape legend: T = tokens, D = hidden, I = expert ffn size, J = 2I, E = experts, K = experts per
 token, P = T·K pairs, S = padded sorted rows.
 
+One-token inference calls whose config has a ``fused`` entry (the tuned H200 files, and the default
+for one token) run instead ``fused_decode.moe_decode1``: up and down projections in one grid, the
+down projection split over the ffn dimension into partial rows, then a fixed-order sum (two
+launches instead of three, no [K, I] intermediate in memory, bitwise repeatable).
+
 Nothing on the forward path reads a device value on the host, so a decode step can be captured in
 a CUDA graph. The launch configuration is picked by token count (tuned files, else a heuristic):
 few tokens get the decode tiles (narrow N, so the whole GPU streams the weights), and from 2 to 64
@@ -35,6 +40,7 @@ import os
 import torch
 
 from .align import AlignedRouting, align_tokens
+from .fused_decode import moe_decode1
 from .grouped_gemm import (moe_gemm, moe_sum, moe_swiglu_bwd, moe_up, moe_wgrad, moe_wgrad_kmajor, pdl_ok,
                            sorted_rows_t, tma_ok, wgrad_tile)
 from .launch_config import MoEConfig, pick_config
@@ -173,6 +179,8 @@ def fused_moe(x_TD: torch.Tensor, w13_EJD: torch.Tensor, w2_EDI: torch.Tensor, t
         t.requires_grad for t in (x_TD, w13_EJD, w2_EDI, topk_weights_TK))
     if needs_grad:
         return _FusedMoE.apply(x_TD, w13_EJD, w2_EDI, topk_ids_TK, topk_weights_TK, cfg)
+    if T == 1 and cfg.fused is not None:  # two launches instead of three (fused_decode.py)
+        return moe_decode1(x_TD, w13_EJD, w2_EDI, topk_ids_TK, topk_weights_TK, cfg.fused)
     w_P = topk_weights_TK.reshape(-1)
     if not w_P.is_contiguous():
         w_P = w_P.contiguous()

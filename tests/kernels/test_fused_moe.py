@@ -257,3 +257,64 @@ def test_backward_by_transposed_operands_matches_reference(monkeypatch):
     assert len(calls) == 2
     for a, b in zip((got[0], got[1], got[2], got[4]), (ref[0], ref[1], ref[2], ref[4])):
         assert rel_err(a.grad, b.grad) < 2 * TOL
+
+
+def _fused1(block_i=16, block_d=16, block_d2=16) -> MoEConfig:
+    from kernels.launch_config import FusedDecodeConfig
+    g = GemmConfig(32, 32, 1, 1, 1)
+    return MoEConfig(16, g, g, fused=FusedDecodeConfig(block_i, block_d, block_d2, num_warps=4 if ON_GPU else 1))
+
+
+# one token through the fused one-token kernels: odd sizes (masks on D and I), -1 and out-of-range
+# ids, top-k = E, an expert repeated
+@pytest.mark.parametrize("D,I,E,K,ids", [(24, 16, 5, 3, [0, -1, 4]), (33, 19, 6, 2, [5, 2]),
+                                         (16, 24, 4, 4, [3, 0, 2, 1]), (17, 8, 3, 3, [1, 7, 1])])
+def test_one_token_fused_kernels_match_reference(D, I, E, K, ids):
+    x, w13, w2, _, w = make_case(1, D, I, E, K, "distinct", seed=D)
+    topk = torch.tensor([ids])
+    case = _to((x, w13, w2, topk, w), DTYPE)
+    dropped = torch.where(topk >= E, -1, topk)  # the reference rejects ids past E; the kernel drops them
+    want = moe_experts_reference(*_to((x, w13, w2, dropped, w), torch.float32))
+    cfg = _fused1()
+    first = fused_moe(*case, config=cfg)
+    assert first.shape == (1, D) and first.dtype == DTYPE and rel_err(first, want) < TOL
+    for _ in range(2):  # partial rows summed in a fixed order: bitwise the same every call
+        assert torch.equal(fused_moe(*case, config=cfg), first)
+    # with grad enabled the three-kernel path runs (the fused one-token kernels have no backward)
+    xg = case[0].clone().requires_grad_()
+    out_g = fused_moe(xg, *case[1:], config=cfg)
+    out_g.float().sum().backward()
+    assert rel_err(out_g.detach(), want) < TOL and xg.grad is not None
+
+
+def test_fused_decode_config_round_trip_and_validation():
+    from kernels.launch_config import FusedDecodeConfig
+    cfg = _fused1(16, 64, 32)
+    assert MoEConfig.from_dict(cfg.to_dict()) == cfg
+    assert "fused" not in MoEConfig().to_dict() and MoEConfig.from_dict(MoEConfig().to_dict()).fused is None
+    with pytest.raises(ValueError, match="block_i"):
+        FusedDecodeConfig(block_i=24)
+    # one token takes the fused kernels by default on a GPU; the interpreter keeps the plain path
+    from kernels.launch_config import default_config
+    assert default_config(1, 8, 128).fused is not None and default_config(2, 8, 128).fused is None
+    assert default_config(1, 8, 128, interpreted=True).fused is None
+
+
+@pytest.mark.gpu
+def test_gpu_one_token_fused_kernels_in_a_cuda_graph():
+    """Captured once (two launches chained by programmatic dependent launch on Hopper), replayed on
+    new tokens and routings (including -1 slots): the same bits as the eager call."""
+    E, D, I, K = 16, 256, 192, 4
+    x, w13, w2, topk, w = _to(make_case(1, D, I, E, K, "distinct"), torch.bfloat16)
+    cfg = _fused1(16, 128, 64)
+    fused_moe(x, w13, w2, topk, w, config=cfg)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fused_moe(x, w13, w2, topk, w, config=cfg)
+    for seed in range(4):
+        x2, _, _, topk2, w_2 = make_case(1, D, I, E, K, "random", seed=seed + 20)
+        x.copy_(x2.to(x)), topk.copy_(topk2.to(topk)), w.copy_(w_2.to(w))
+        graph.replay()
+        want = moe_experts_reference(x.float(), w13.float(), w2.float(), topk, w.float())
+        assert rel_err(y, want) < TOL
+        assert torch.equal(fused_moe(x, w13, w2, topk, w, config=cfg), y)
