@@ -285,7 +285,7 @@ def main():
     ap.add_argument("--capacity", type=float, nargs="+", default=[0.0, 1.25], help="0 = dropless")
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     ap.add_argument("--iters", type=int, default=3, help="timed steps of a short cell (long ones get fewer)")
-    ap.add_argument("--adapt-steps", type=int, default=20, help="most steps the chooser gets to settle")
+    ap.add_argument("--adapt-steps", type=int, default=40, help="most steps the chooser gets to settle")
     ap.add_argument("--budget-s", type=float, default=200,
                     help="time the grid should take: behind schedule, cells run lean (one timed step each)")
     ap.add_argument("--deadline-s", type=float, default=None,
