@@ -7,7 +7,8 @@ The model never calls Triton directly: it asks for a backend by name.
 
 Modules: reference.py (the plain PyTorch expert math, backend "torch"); fused_moe.py (backend
 "triton": the autograd function over the Triton kernels); align.py (tokens sorted by expert and
-padded to the row block, with no host sync); grouped_gemm.py (the Triton kernels); launch_config.py
+padded to the row block, with no host sync); grouped_gemm.py (the Triton kernels); fused_decode.py
+(one-token calls: both projections in one grid, then a fixed-order sum); launch_config.py
 (tuned launch configs, read from configs/*.json, and the default for other shapes and GPUs).
 
 The "triton" backend is CUDA-graph capturable when called without autograd (under torch.no_grad or
