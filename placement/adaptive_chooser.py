@@ -165,6 +165,8 @@ class StrategyChooser:
     allow: tuple[str, ...] = STRATEGIES
     max_gather_bytes: float | None = None  # leave out dp / ep+dp whose gathered weights exceed it
     _ratios: dict = field(default_factory=dict)  # (bucket, strategy) -> last ``window`` ratios
+    _cand_cache: dict = field(default_factory=dict, repr=False)   # shape -> candidates
+    _model_cache: dict = field(default_factory=dict, repr=False)  # (shape, strategy) -> cost model's time
     current: Strategy | None = None
 
     def __post_init__(self):
@@ -183,6 +185,13 @@ class StrategyChooser:
                              f"margin of candidates with too few samples")
 
     def candidates(self, shape: LayerShape) -> list[Strategy]:
+        out = self._cand_cache.get(shape)
+        if out is None:
+            out = self._candidates(shape)
+            self._cache_put(self._cand_cache, shape, out)
+        return list(out)
+
+    def _candidates(self, shape: LayerShape) -> list[Strategy]:
         out = []
         for name in self.allow:
             if name == "ep":
@@ -197,42 +206,61 @@ class StrategyChooser:
             out = [s for s in out if gathered_weight_bytes(shape, s) <= self.max_gather_bytes] or out[:1]
         return out
 
+    @staticmethod
+    def _cache_put(cache: dict, key, value) -> None:
+        if len(cache) >= 4096:  # token counts vary without end in serving: keep the caches bounded
+            cache.clear()
+        cache[key] = value
+
+    def _model(self, shape: LayerShape, strat: Strategy) -> float:
+        """The cost model's prediction (fixed for a shape: the model does not change once built)."""
+        key = (shape, strat)
+        v = self._model_cache.get(key)
+        if v is None:
+            v = self.cost.predict(shape, strat)
+            self._cache_put(self._model_cache, key, v)
+        return v
+
     def samples(self, shape: LayerShape, strat: Strategy) -> int:
         """How many measurements of ``strat`` on this shape's bucket the chooser holds."""
         return len(self._ratios.get((shape.bucket(), strat), ()))
 
-    def predict(self, shape: LayerShape, strat: Strategy) -> float:
-        r = self._ratios.get((shape.bucket(), strat))
-        if not r:
-            return self.cost.predict(shape, strat)
+    @staticmethod
+    def _median(r) -> float:
         s = sorted(r)
         mid = len(s) // 2
-        med = s[mid] if len(s) % 2 else 0.5 * (s[mid - 1] + s[mid])
-        return self.cost.predict(shape, strat) * med
+        return s[mid] if len(s) % 2 else 0.5 * (s[mid - 1] + s[mid])
+
+    def predict(self, shape: LayerShape, strat: Strategy) -> float:
+        r = self._ratios.get((shape.bucket(), strat))
+        return self._model(shape, strat) * (self._median(r) if r else 1.0)
 
     def decide(self, shape: LayerShape) -> tuple[Strategy, bool]:
         """The strategy for the next call, and whether exploration is over for this bucket."""
+        # one pass over the candidates (a check call runs this: session 5 made it ~5x cheaper by
+        # computing the bucket, the model's predictions and the candidate list once)
         cands = self.candidates(shape)
-        pred = {s: self.predict(shape, s) for s in cands}
+        b = shape.bucket()
+        ratios = {s: self._ratios.get((b, s), ()) for s in cands}
+        n = {s: len(r) for s, r in ratios.items()}
+        pred = {s: self._model(shape, s) * (self._median(r) if r else 1.0) for s, r in ratios.items()}
         best = min(cands, key=pred.get)
         if self.explore_margin > 1.0:
             bound = pred[best] * self.explore_margin
-            untried = [s for s in cands if self.samples(shape, s) == 0 and pred[s] <= bound]
+            untried = [s for s in cands if n[s] == 0 and pred[s] <= bound]
             if untried:
                 return min(untried, key=pred.get), False
-        if self.samples(shape, best) == 0:  # nothing measured (explore_margin 1): the model alone
+        if n[best] == 0:  # nothing measured (explore_margin 1): the model alone
             return best, True
         short_step = pred[best] < self.short_step_s
         need = self.short_repeats if short_step else self.repeats
-
-        def margin(s: Strategy) -> float:
-            # at short steps one sample can be 1.4x off (host jitter): a candidate measured fewer
-            # than ``need`` times stays in the race within the wider ``close_once``
-            return self.close_once if short_step and self.samples(shape, s) < need else self.close
-        race = [s for s in cands if self.samples(shape, s) > 0 and pred[s] <= pred[best] * (1 + margin(s))]
-        short = [s for s in race if self.samples(shape, s) < need]
+        # at short steps one sample can be 1.4x off (host jitter): a candidate measured fewer than
+        # ``need`` times stays in the race within the wider ``close_once``
+        race = [s for s in cands if n[s] > 0 and pred[s] <= pred[best] * (
+            1 + (self.close_once if short_step and n[s] < need else self.close))]
+        short = [s for s in race if n[s] < need]
         if len(race) > 1 and short:  # a close race decided by too few samples: sample again
-            return min(short, key=lambda s: (self.samples(shape, s), pred[s])), False
+            return min(short, key=lambda s: (n[s], pred[s])), False
         return best, True
 
     def choose(self, shape: LayerShape) -> Strategy:
@@ -241,7 +269,7 @@ class StrategyChooser:
 
     def observe(self, shape: LayerShape, strat: Strategy, seconds: float) -> None:
         key = (shape.bucket(), strat)
-        r = seconds / max(self.cost.predict(shape, strat), 1e-12)
+        r = seconds / max(self._model(shape, strat), 1e-12)
         self._ratios[key] = (self._ratios.get(key, []) + [r])[-self.window:]
 
 
