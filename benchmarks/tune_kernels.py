@@ -126,7 +126,7 @@ FUSED_CANDIDATES = [(64, 128, 256, 4, 4), (64, 256, 256, 8, 3), (64, 256, 512, 8
 def _tune_one_token(x, w13, w2, ids, w, cfg, log):
     """(ms, config) for one token: the three-kernel path with ``cfg`` against the fused one-token
     kernels with each candidate, whole forward calls timed alike; the fused entry is kept only where
-    it wins."""
+    it wins. (The time recorded for one token is thus a whole call's, the others' up + down GEMMs.)"""
     import triton.testing
     from dataclasses import replace
 

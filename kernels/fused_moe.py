@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 from .align import AlignedRouting, align_tokens
 from .fused_decode import moe_decode1
@@ -47,6 +49,7 @@ from .launch_config import MoEConfig, pick_config
 from .reference import check_moe_inputs
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FUSED_TOO_BIG: set = set()  # (device, FusedDecodeConfig) whose tiles a GPU refused
 # Programmatic dependent launch for 2..64 tokens: 1-2% faster on the H200 at 8 and 64 tokens for every
 # shape; at one token it was slower for Qwen3-30B-A3B (+1 us) and Mixtral (+11 us: the down GEMM's
 # early programs take slots the up GEMM's second wave needs), so one token launches plainly.
@@ -179,8 +182,15 @@ def fused_moe(x_TD: torch.Tensor, w13_EJD: torch.Tensor, w2_EDI: torch.Tensor, t
         t.requires_grad for t in (x_TD, w13_EJD, w2_EDI, topk_weights_TK))
     if needs_grad:
         return _FusedMoE.apply(x_TD, w13_EJD, w2_EDI, topk_ids_TK, topk_weights_TK, cfg)
-    if T == 1 and cfg.fused is not None:  # two launches instead of three (fused_decode.py)
-        return moe_decode1(x_TD, w13_EJD, w2_EDI, topk_ids_TK, topk_weights_TK, cfg.fused)
+    if T == 1 and cfg.fused is not None and (x_TD.device, cfg.fused) not in _FUSED_TOO_BIG:
+        try:  # two launches instead of three (fused_decode.py)
+            return moe_decode1(x_TD, w13_EJD, w2_EDI, topk_ids_TK, topk_weights_TK, cfg.fused)
+        except OutOfResources as exc:
+            # the tiles were tuned on the H200 (228 KB of shared memory per SM); a GPU with less
+            # refuses them at compile time, before anything runs: use the three kernels from now on
+            _FUSED_TOO_BIG.add((x_TD.device, cfg.fused))
+            warnings.warn(f"one-token fused MoE tiles {cfg.fused} do not fit this GPU ({exc}); using the "
+                          f"three-kernel path for one-token calls", RuntimeWarning, stacklevel=2)
     w_P = topk_weights_TK.reshape(-1)
     if not w_P.is_contiguous():
         w_P = w_P.contiguous()

@@ -287,6 +287,27 @@ def test_one_token_fused_kernels_match_reference(D, I, E, K, ids):
     assert rel_err(out_g.detach(), want) < TOL and xg.grad is not None
 
 
+def test_one_token_tiles_too_big_for_the_gpu_fall_back_to_three_kernels(monkeypatch):
+    """A GPU with less shared memory than the tuned tiles need refuses them at compile time: the call
+    still returns the right output (three kernels), warns once, and does not try those tiles again."""
+    import kernels.fused_moe as fm
+    from triton.runtime.errors import OutOfResources
+    calls = []
+
+    def refuse(*a, **k):
+        calls.append(1)
+        raise OutOfResources(232448, 101376, "shared memory")
+    monkeypatch.setattr(fm, "moe_decode1", refuse)
+    monkeypatch.setattr(fm, "_FUSED_TOO_BIG", set())
+    x, w13, w2, topk, w = _to(make_case(1, 24, 16, 5, 3, "distinct", seed=5), DTYPE)
+    want = moe_experts_reference(*(t.float() if t.is_floating_point() else t for t in (x, w13, w2, topk, w)))
+    cfg = _fused1()
+    with pytest.warns(RuntimeWarning, match="do not fit"):
+        out = fused_moe(x, w13, w2, topk, w, config=cfg)
+    assert rel_err(out, want) < TOL
+    assert rel_err(fused_moe(x, w13, w2, topk, w, config=cfg), want) < TOL and len(calls) == 1
+
+
 def test_fused_decode_config_round_trip_and_validation():
     from kernels.launch_config import FusedDecodeConfig
     cfg = _fused1(16, 64, 32)
