@@ -19,10 +19,15 @@ chooser (cost model calibrated on the machine at start) runs until it has settle
 warm-up, the same repeats, the same lean rule), still switched on so that its own per-call cost
 counts, its steps interleaved with the best static strategy's ("best again"), so drift over the
 cell cancels: chooser/best is the ratio of those two interleaved timings, and worst/chooser
-puts the chooser on the static grid's scale (worst / (chooser/best x best)). Switch cost = the
-median over windows of (time of steps alternating best/second-best A,B,A,B - the same steps as
-A,A,B,B, the two windows back to back) per extra switch, as a share of the best step; short
-steps get up to 31 windows; one decision of the chooser is added to it. A row is printed per
+puts the chooser on the static grid's scale (worst / (chooser/best x best)). Switch cost =
+(time of n steps alternating best/second-best A,B,A,B,... - the same n steps as A..A,B..B) /
+(n - 2) extra switches, each sequence timed whole, median of 3 interleaved pairs (1 when lean);
+n = --switch-steps (64), fewer for long steps (about --switch-budget-s a sequence, at least 6);
+as a share of the best step. No weight moves in a switch, so this is what the next step pays for
+running another collective pattern. One decision of the chooser (decide(): a settled chooser runs
+it on every 16th call, and the chooser's own timing above includes it) is reported beside it as
+decision/step. (Until session 5 the switch was 4-step windows with the decision added: at 1-3 ms
+steps their jitter was larger than 1%.) A row is printed per
 cell as it finishes and the whole table at the end. Behind the --budget-s schedule, cells run
 lean (one timed step each, marked "lean") rather than being skipped; only past --deadline-s
 (off by default; a safety net under a device's wall limit) are the remaining cells skipped, and
@@ -95,7 +100,7 @@ def _iters_for(step_s: float, iters: int) -> int:
 
 def run_cell(layer, x, ids, wts, train: bool, args, cost, world, gather_cap, lean: bool) -> dict:
     """``lean``: behind the time budget, so one timed step per strategy (and a shorter settle
-    and fewer switch windows)."""
+    and one switch pair)."""
     max_iters = 1 if lean else args.iters
 
     def step(strategy=None):
@@ -147,17 +152,19 @@ def run_cell(layer, x, ids, wts, train: bool, args, cost, world, gather_cap, lea
     used = str(layer.last.strategy)
     layer.chooser = None
 
-    # switch cost: a window A,B,A,B (4 steps after a switch) against A,A,B,B (2), interleaved;
-    # (window difference) / 2 switches, median over windows of each window pair's difference.
-    # Short steps get many windows (their noise is large against one step)
+    # switch cost: n steps alternating A,B,A,B,... (n - 1 switches) against the same n steps as
+    # A...A,B...B (one switch), each timed whole with one sync at its end, the two orders
+    # interleaved; (difference) / (n - 2) per extra switch, median over the pairs. Long sequences
+    # average the per-step jitter that made 4-step windows unable to resolve 1% (session 4/5 runs).
     second_name = sorted(ran, key=ran.get)[1] if len(ran) > 1 else best_name
     a, b = Strategy.parse(best_name), Strategy.parse(second_name)
-    n_win = max(1 if lean else iters, min(9 if lean else 31, int(0.25 / (8 * best))))
-    step(b)  # every window then starts right after a B step
+    n_seq = max(6, min(args.switch_steps, int(args.switch_budget_s / max(best, 1e-6)))) // 2 * 2
+    n_pairs = 1 if lean else 3
+    step(b)
     diffs = []
-    for _ in range(n_win):
+    for _ in range(n_pairs):
         pair = []
-        for seq in ((a, b, a, b), (a, a, b, b)):
+        for seq in ([a, b] * (n_seq // 2), [a] * (n_seq // 2) + [b] * (n_seq // 2)):
             _sync()
             dist.barrier()
             t0 = time.perf_counter()
@@ -165,15 +172,16 @@ def run_cell(layer, x, ids, wts, train: bool, args, cost, world, gather_cap, lea
                 step(st)
             _sync()
             pair.append(time.perf_counter() - t0)
-        diffs.append(pair[0] - pair[1])
-    switch_s = _agreed_max(sorted(diffs)[len(diffs) // 2]) / 2 + choose_s
+        diffs.append((pair[0] - pair[1]) / (n_seq - 2))
+    switch_s = _agreed_max(sorted(diffs)[len(diffs) // 2])
     ratio = t_chosen / best_s_again
     return dict(static=times, best=best_name, best_s=best, worst_s=worst, chooser=used,
                 chooser_s=t_chosen, best_again_s=best_s_again, chooser_over_best=ratio,
                 # the chooser on the static grid's scale: its interleaved ratio times the grid's best
                 worst_over_chooser=worst / (ratio * best), adapt_picks=picks, settled=settled,
                 decided=str(chosen), lean=lean, choose_s=choose_s, switch_pair=[best_name, second_name],
-                switch_windows=n_win, switch_s=switch_s, switch_share=switch_s / best)
+                switch_steps=n_seq, switch_pairs=n_pairs, switch_s=switch_s, switch_share=switch_s / best,
+                decision_share=choose_s / best)
 
 
 def _time_pair(fa, fb, iters: int) -> tuple[float, float]:
@@ -271,7 +279,8 @@ def _row(r) -> str:
             + " | ".join(_ms(st[k]) for k in st)
             + f" | {_ms(r['chooser_s'])} ({r['chooser']}{'' if r['settled'] else ', exploring'}) | "
             f"{_ms(r['best_again_s'])} | {r['chooser_over_best']:.2f} | "
-            f"{r['worst_over_chooser']:.2f} | {100 * r['switch_share']:.2f}% | {_ms(r['flops_floor_s'])} |"
+            f"{r['worst_over_chooser']:.2f} | {100 * r['switch_share']:.2f}% | {100 * r.get('decision_share', 0):.2f}% | "
+            f"{_ms(r['flops_floor_s'])} |"
             + (" lean" if r.get("lean") else ""))
 
 
@@ -290,6 +299,9 @@ def main():
                     help="time the grid should take: behind schedule, cells run lean (one timed step each)")
     ap.add_argument("--deadline-s", type=float, default=None,
                     help="skip the cells not started by then (a safety net under a device's wall limit)")
+    ap.add_argument("--switch-steps", type=int, default=64, help="steps of each alternating / blocked sequence")
+    ap.add_argument("--switch-budget-s", type=float, default=0.3,
+                    help="fewer switch steps for long steps: about this many seconds a sequence (at least 6)")
     ap.add_argument("--max-gather-frac", type=float, default=0.1,
                     help="leave out dp / ep+dp gathering more than this share of GPU memory")
     ap.add_argument("--backend", default="triton")
@@ -312,7 +324,7 @@ def main():
     name = "CPU (gloo dry run)" if args.cpu else torch.cuda.get_device_name(0)
     names = [str(s) for s in static_strategies(args.gpus)]
     header = ("| experts | E/rank | cap | tokens/rank | mode | " + " | ".join(names)
-              + " | chooser (pick) | best again | chooser/best | worst/chooser | switch/step | floor (FLOPs) |")
+              + " | chooser (pick) | best again | chooser/best | worst/chooser | switch/step | decision/step | floor (FLOPs) |")
     print(f"{args.gpus} x {name}; top-{args.top_k}; times in ms, slowest rank, median of <= {args.iters}")
     print(header + "\n" + "|---" * (header.count("|") - 1) + "|", flush=True)
     mp.spawn(worker, args=(args.gpus, init, args, out_path), nprocs=args.gpus, join=True)
@@ -325,7 +337,9 @@ def main():
     ratios = [r["chooser_over_best"] for r in res["rows"]]
     print(f"chooser/best: max {max(ratios):.2f}, cells within 5%: {sum(x <= 1.05 for x in ratios)}/{len(ratios)}; "
           f"worst/chooser min {min(r['worst_over_chooser'] for r in res['rows']):.2f}; "
-          f"switch/step max {100 * max(r['switch_share'] for r in res['rows']):.2f}%"
+          f"switch/step max {100 * max(r['switch_share'] for r in res['rows']):.2f}%, "
+          f"< 1% in {sum(r['switch_share'] < 0.01 for r in res['rows'])}/{len(res['rows'])}; "
+          f"decision/step max {100 * max(r['decision_share'] for r in res['rows']):.2f}%"
           + (f"; {res['skipped_cells']} cells not run (--deadline-s)" if res.get("skipped_cells") else ""))
 
 
