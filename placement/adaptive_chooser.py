@@ -237,7 +237,7 @@ class StrategyChooser:
 
     def decide(self, shape: LayerShape) -> tuple[Strategy, bool]:
         """The strategy for the next call, and whether exploration is over for this bucket."""
-        # one pass over the candidates (a check call runs this: session 5 made it ~5x cheaper by
+        # one pass over the candidates (a check call runs this: session 5 made it ~3x cheaper by
         # computing the bucket, the model's predictions and the candidate list once)
         cands = self.candidates(shape)
         b = shape.bucket()
