@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from placement.affinity import AffinityStats, synthetic_affinity_trace  # noqa: E402
 from placement.baselines import eplb, greedy_affinity, round_robin  # noqa: E402
+from placement.replicate import add_affinity_replicas  # noqa: E402
 from placement.metrics import evaluate  # noqa: E402
 from placement.plan import PlacementPlan  # noqa: E402
 from routing.trace import RoutingTrace  # noqa: E402
@@ -69,6 +70,9 @@ def run_case(name, trace, ranks, nodes, cfg, hidden, dtype_bytes):
     if nodes > 1:  # ExFlow's own two-stage method beside our joint program
         plans.insert(1, solve_exflow(st, ranks, nodes, SolverConfig(
             time_limit_s=cfg.time_limit_s, num_workers=cfg.num_workers, multi_node="hierarchical")))
+    # the ILP plan with expert copies (placement/replicate.py): one per rank placed by affinity (the
+    # memory EPLB gets here), and two of EPLB's hot experts per rank placed by affinity
+    plans[1:1] = [add_affinity_replicas(plans[0], trace, 1), add_affinity_replicas(plans[0], trace, 2, "load")]
     figs = [evaluate(p, trace, hidden, dtype_bytes) for p in plans]
     rr = next(f for p, f in zip(plans, figs) if p.method == "round_robin").cross_fraction
     for p, f in zip(plans, figs):
@@ -283,7 +287,7 @@ def main(argv=None) -> int:
     for r in rows:
         if r["method"].startswith("exflow"):
             print(f"{r['trace']} {r['setup']}: {r['status']}")
-    head = (f"{'trace':<24}{'nodes x gpus':>13} {'method':<16}{'cross':>7}{'x-node':>7}{'hops':>7}"
+    head = (f"{'trace':<24}{'nodes x gpus':>13} {'method':<19}{'cross':>7}{'x-node':>7}{'hops':>7}"
             f"{'CC B/tok':>11}{'EP B/tok':>11}{'imbal':>7}{'solve s':>9}{'vs RR':>8}")
     print()
     print(f"hidden size {args.hidden_size}, {args.dtype_bytes} bytes/element; bytes are per token per forward "
@@ -291,7 +295,7 @@ def main(argv=None) -> int:
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['trace']:<24}{r['setup']:>13} {r['method']:<16}{r['cross']:>7.3f}{r['xnode']:>7.3f}"
+        print(f"{r['trace']:<24}{r['setup']:>13} {r['method']:<19}{r['cross']:>7.3f}{r['xnode']:>7.3f}"
               f"{r['hops']:>7.3f}{r['cc']:>11.0f}{r['ep']:>11.0f}{r['imb']:>7.2f}{r['solve']:>9.2f}"
               f"{100 * r['vs_rr']:>7.1f}%")
     if target is not None:

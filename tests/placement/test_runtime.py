@@ -8,6 +8,7 @@ import torch
 from moe import MoEConfig, MoEForCausalLM
 from placement.affinity import AffinityStats
 from placement.baselines import eplb, round_robin
+from placement.replicate import add_affinity_replicas
 from placement.ilp import SolverConfig, solve_exflow
 from placement.metrics import evaluate
 from placement.plan import PlacementPlan
@@ -74,7 +75,8 @@ def test_two_ranks_mixtral_round_robin_and_replicated_eplb(rt4):
     ids = torch.randint(3, 128, (3, 6), generator=torch.Generator().manual_seed(0))
     want, trace = _record(model, ids)
     st = AffinityStats.from_trace(trace)
-    for plan in (round_robin(3, 8, 2), eplb(st, 2)):
+    # and copies placed by affinity (placement/replicate.py) on top of round robin
+    for plan in (round_robin(3, 8, 2), eplb(st, 2), add_affinity_replicas(round_robin(3, 8, 2), trace, 1)):
         rt2.load(model, plan)
         n_copies = sum(len(plan.ranks_of(l, e)) for l in range(3) for e in range(8))
         assert sum(rt2.expert_params) == n_copies * (2 * 16 * 32 + 32 * 16)  # each rank only its own experts
