@@ -15,7 +15,9 @@ The communication model (the runtime in placement/runtime.py moves exactly these
   other ranks send their partial sums there (for top-1 nothing: the token stays where its
   expert ran). At the first layer the home is the origin.
 - A replicated expert is taken on the token's home when a copy is there, otherwise one copy
-  chosen by token index (spreads load).
+  chosen by token index (spreads load) among the copies on the home's node, or among all when
+  the node has none (session 5: spreading over all copies sent tokens across nodes that had a
+  copy beside them).
 
 ``cross_fraction`` is ExFlow's figure: of every token's consecutive-layer move (K x K slot
 pairs at weight 1/K², so mass 1 per token and transition), the part whose two experts ran on
@@ -72,11 +74,16 @@ def _slot_ranks(plan: PlacementPlan, layer: int, ids_TK: np.ndarray, home_T: np.
     if plan.replicas is None or not plan.replicas[layer]:
         r = plan.assignment_array()[layer][e]
     else:
-        tab, n = _copies_table(plan, layer)
+        tab, _ = _copies_table(plan, layer)
         cand = tab[e]  # [T, K, C]
         at_home = (cand == home_T[:, None, None]).any(-1)
-        pick = (np.arange(len(home_T))[:, None] % n[e])  # [T, K]
-        spread = np.take_along_axis(cand, pick[..., None], -1)[..., 0]
+        G = plan.ranks_per_node
+        have = cand >= 0
+        near = have & (cand // G == (home_T // G)[:, None, None])
+        pool = np.where(near.any(-1, keepdims=True), near, have)
+        j = np.arange(len(home_T))[:, None] % pool.sum(-1)  # [T, K]: the j-th copy of the pool
+        pick = pool & (np.cumsum(pool, -1) - 1 == j[..., None])
+        spread = (cand * pick).sum(-1)
         r = np.where(at_home, home_T[:, None], spread)
     return np.where(valid, r, -1)
 

@@ -99,7 +99,7 @@ class ExpertParallelExperts(nn.Module):
     """Drop-in for ``block.experts`` on one rank: forward(x_TD, topk_ids_TK, topk_weights_TK) -> y_TD."""
 
     def __init__(self, w13_nJD: torch.Tensor, w2_nDI: torch.Tensor, local_ids: list[int], copies_EC: torch.Tensor,
-                 state: TokenState, first_layer: bool, backend: str = "torch"):
+                 state: TokenState, first_layer: bool, backend: str = "torch", ranks_per_node: int = 0):
         super().__init__()
         E = copies_EC.shape[0]
         self.w13 = nn.Parameter(w13_nJD)
@@ -108,8 +108,9 @@ class ExpertParallelExperts(nn.Module):
         local_of[torch.as_tensor(local_ids, dtype=torch.long)] = torch.arange(len(local_ids))
         self.register_buffer("local_of_E", local_of.to(w13_nJD.device), persistent=False)
         self.register_buffer("copies_EC", copies_EC.to(w13_nJD.device), persistent=False)
-        self.register_buffer("ncopies_E", (copies_EC >= 0).sum(1).to(w13_nJD.device), persistent=False)
         self.local_ids = list(local_ids)
+        # 0: one node (every copy is near every home)
+        self.ranks_per_node = ranks_per_node if ranks_per_node > 0 else max(1, state.world)
         self.state = state
         self.first_layer = first_layer
         self.backend = backend
@@ -123,15 +124,21 @@ class ExpertParallelExperts(nn.Module):
 
     # --- routing bookkeeping (identical on every rank) -------------------------------------
     def _slot_ranks(self, ids_TK: torch.Tensor, home_T: torch.Tensor) -> torch.Tensor:
-        """[T, K] rank running each slot (-1 for id -1): the copy on the home if any, else one by token index."""
+        """[T, K] rank running each slot (-1 for id -1): the copy on the home if any, else one by token
+        index among the copies on the home's node, else among all (metrics._slot_ranks, the same rule)."""
         valid = ids_TK >= 0
         e = ids_TK.clamp(min=0)
         if self.copies_EC.shape[1] == 1:  # no replicas (most plans): the one copy, in 3 launches not 12
             return torch.where(valid, self.copies_EC[:, 0][e], -1)
         cand = self.copies_EC[e]  # [T, K, C]
         at_home = (cand == home_T[:, None, None]).any(-1)
+        have = cand >= 0
+        near = have & (cand // self.ranks_per_node == (home_T // self.ranks_per_node)[:, None, None])
+        pool = torch.where(near.any(-1, keepdim=True), near, have)
         t = torch.arange(ids_TK.shape[0], device=ids_TK.device)[:, None]
-        spread = cand.gather(-1, (t % self.ncopies_E[e])[..., None])[..., 0]
+        j = t % pool.sum(-1)  # [T, K]: the j-th copy of the pool, in copy order
+        pick = pool & (pool.cumsum(-1) - 1 == j[..., None])
+        spread = (cand * pick).sum(-1)
         return torch.where(valid, torch.where(at_home, home_T[:, None], spread), -1)
 
     @staticmethod
@@ -346,7 +353,8 @@ def apply_placement(model, plan: PlacementPlan, rank: int, mode: str = "coherent
         dev = model.embed.weight.device
         b.experts = ExpertParallelExperts(w13.to(dev), w2.to(dev), ids, copies_table(plan, b.moe_index), state,
                                           first_layer=b.moe_index == 0,
-                                          backend=backend or getattr(b.experts, "backend", "torch"))
+                                          backend=backend or getattr(b.experts, "backend", "torch"),
+                                          ranks_per_node=plan.ranks_per_node)
     return state
 
 

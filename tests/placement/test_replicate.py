@@ -83,3 +83,26 @@ def test_cli_extra_slots_prints_both_plans_and_writes_the_copies(tmp_path, plant
     assert main(["place", str(path), "--gpus", "4", "--time-limit", "3", "--extra-slots", "2",
                  "--copies", "load"]) == 0
     assert "exflow_cpsat+load2" in capsys.readouterr().out
+
+
+def test_a_token_without_a_copy_at_home_takes_one_on_its_node_and_runtime_agrees():
+    """2 nodes x 2 ranks; expert 0 on rank 0 with copies on ranks 1 and 2, expert 1 on rank 3 alone.
+    A token homed on rank 3 (node 1) takes the copy on rank 2 (its node), one homed on rank 1 its
+    own copy; the simulation (metrics) and the runtime layer pick alike on random routings."""
+    import torch
+
+    from placement.metrics import _slot_ranks
+    from placement.runtime import ExpertParallelExperts, TokenState, copies_table
+    plan = PlacementPlan([[0, 3, 1, 2]], 4, num_nodes=2, replicas=({0: (1, 2)},))
+    ids = np.array([[0], [0], [0], [1]])
+    home = np.array([3, 1, 0, 0])
+    assert _slot_ranks(plan, 0, ids, home)[:, 0].tolist() == [2, 1, 0, 3]
+    layer = ExpertParallelExperts(torch.zeros(3, 4, 2), torch.zeros(3, 2, 2), [0], copies_table(plan, 0),
+                                  TokenState(0, 4, "coherent"), first_layer=True, ranks_per_node=2)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        ids = rng.integers(-1, 4, (50, 2))
+        home = rng.integers(0, 4, 50)
+        want = _slot_ranks(plan, 0, ids, home)
+        got = layer._slot_ranks(torch.as_tensor(ids), torch.as_tensor(home)).numpy()
+        assert (got == want).all()
