@@ -49,9 +49,8 @@ def place(trace: RoutingTrace, gpus: int, nodes: int = 1, config: SolverConfig |
               eplb(stats, gpus, nodes, max(1, extra_slots))]
     rows = [(p, evaluate(p, trace, hidden_size, dtype_bytes).as_dict()) for p in first + [plan] + others]
     plan, figs = rows[0][0], rows[0][1]
-    plan = PlacementPlan(plan.assignment, plan.num_ranks, plan.num_nodes, plan.replicas, plan.method,
-                         {**plan.objective, **figs}, plan.solve_time_s, plan.solver_status,
-                         {**plan.meta, "trace": trace.meta, "hidden_size": hidden_size, "dtype_bytes": dtype_bytes})
+    plan = replace(plan, objective={**plan.objective, **figs},
+                   meta={**plan.meta, "trace": trace.meta, "hidden_size": hidden_size, "dtype_bytes": dtype_bytes})
     return plan, rows
 
 

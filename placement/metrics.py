@@ -14,10 +14,11 @@ The communication model (the runtime in placement/runtime.py moves exactly these
   ranks of its experts; its new home is the rank carrying most of its routing weight; the
   other ranks send their partial sums there (for top-1 nothing: the token stays where its
   expert ran). At the first layer the home is the origin.
-- A replicated expert is taken on the token's home when a copy is there, otherwise one copy
-  chosen by token index (spreads load) among the copies on the home's node, or among all when
-  the node has none (session 5: spreading over all copies sent tokens across nodes that had a
-  copy beside them).
+- A replicated expert is taken on the token's home when a copy is there; otherwise, by the
+  plan's ``copy_choice``, "spread": one copy chosen by token index (spreads load) among the copies
+  on the home's node, or among all when the node has none (session 5: spreading over all copies
+  sent tokens across nodes past a copy beside them), or "home": the primary (copies placed by
+  affinity serve the tokens homed on them only).
 
 ``cross_fraction`` is ExFlow's figure: of every token's consecutive-layer move (K x K slot
 pairs at weight 1/K², so mass 1 per token and transition), the part whose two experts ran on
@@ -83,8 +84,8 @@ def _slot_ranks(plan: PlacementPlan, layer: int, ids_TK: np.ndarray, home_T: np.
         pool = np.where(near.any(-1, keepdims=True), near, have)
         j = np.arange(len(home_T))[:, None] % pool.sum(-1)  # [T, K]: the j-th copy of the pool
         pick = pool & (np.cumsum(pool, -1) - 1 == j[..., None])
-        spread = (cand * pick).sum(-1)
-        r = np.where(at_home, home_T[:, None], spread)
+        other = (cand * pick).sum(-1) if plan.copy_choice == "spread" else cand[..., 0]
+        r = np.where(at_home, home_T[:, None], other)
     return np.where(valid, r, -1)
 
 

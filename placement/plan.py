@@ -3,7 +3,8 @@
 Shape legend: L = MoE layers, E = experts per layer, P = ranks (GPUs or CPU hosts).
 
     assignment   [L][E] int   the primary rank of each expert
-    replicas     [L] {expert: (extra ranks...)}   extra copies of hot experts (EPLB-style)
+    replicas     [L] {expert: (extra ranks...)}   extra copies of experts (EPLB-style, or by affinity)
+    copy_choice  "spread" | "home"                the copy of a token not homed on one
 
 Ranks are numbered node-major: with ``num_nodes`` machines of ``P / num_nodes`` ranks each,
 rank r lives on node ``r // (P / num_nodes)``.
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 _FORMAT = "moeflow.PlacementPlan"
+COPY_CHOICES = ("spread", "home")
 _VERSION = 1
 
 
@@ -35,6 +37,10 @@ class PlacementPlan:
     solve_time_s: float = 0.0
     solver_status: str = ""
     meta: dict = field(default_factory=dict)
+    # which copy a token takes when none is on its home rank: "spread" (one by token index, among
+    # the copies on the home's node first: spreads load, EPLB) or "home" (the primary: copies
+    # serve only the tokens homed on them, as affinity copies intend)
+    copy_choice: str = "spread"
 
     def __post_init__(self):
         a = np.asarray(self.assignment)
@@ -51,6 +57,8 @@ class PlacementPlan:
         if a.min() < 0 or a.max() >= self.num_ranks:
             raise ValueError(f"assignment ranks must lie in 0..{self.num_ranks - 1}, found "
                              f"{int(a.min())}..{int(a.max())}: wrong num_ranks for this plan?")
+        if self.copy_choice not in COPY_CHOICES:
+            raise ValueError(f"copy_choice must be one of {COPY_CHOICES}, got {self.copy_choice!r}")
         object.__setattr__(self, "assignment", tuple(tuple(int(r) for r in row) for row in a))
         object.__setattr__(self, "num_ranks", int(self.num_ranks))
         object.__setattr__(self, "num_nodes", int(self.num_nodes))
@@ -131,7 +139,7 @@ class PlacementPlan:
                 "replicas": None if self.replicas is None else
                 [{str(e): list(r) for e, r in d.items()} for d in self.replicas],
                 "method": self.method, "objective": self.objective, "solve_time_s": self.solve_time_s,
-                "solver_status": self.solver_status, "meta": self.meta}
+                "solver_status": self.solver_status, "meta": self.meta, "copy_choice": self.copy_choice}
 
     @classmethod
     def from_dict(cls, d: dict) -> "PlacementPlan":
@@ -152,7 +160,7 @@ class PlacementPlan:
         return cls(assignment=d["assignment"], num_ranks=d["num_ranks"], num_nodes=d.get("num_nodes", 1),
                    replicas=reps, method=d.get("method", "unknown"), objective=dict(d.get("objective") or {}),
                    solve_time_s=float(d.get("solve_time_s", 0.0)), solver_status=d.get("solver_status", ""),
-                   meta=dict(d.get("meta") or {}))
+                   meta=dict(d.get("meta") or {}), copy_choice=d.get("copy_choice", "spread"))
 
     def save(self, path: str | Path) -> Path:
         return write_json(path, self.to_dict())

@@ -6,8 +6,10 @@ taken on the home when a copy is there. So a copy of expert e on rank r keeps lo
 that arrives on r and uses e: ``add_affinity_replicas`` gives every rank ``extra_slots`` more
 experts per layer, chosen layer by layer from the tokens' actual homes on the trace:
 
-    gain[r, e] = hops saved for the tokens homed on r that use e at this layer (1/K per slot;
-                 1 for a move inside a node, 2 across nodes, as metrics.hop_cost), e not yet on r
+    gain[r, e] = weighted hops (metrics.hop_cost) saved on the moves into and out of this layer
+                 when the tokens homed on r that use e run it on r (e not yet on r); the moves
+                 out are judged against the next layer's primaries, so a copy that pulls
+                 tokens away from their next experts counts against itself
 
 Copies on different ranks (or of different experts) keep different tokens local, so the gains
 are independent within a layer and each rank simply takes its ``extra_slots`` largest; the
@@ -64,16 +66,32 @@ def add_affinity_replicas(plan: PlacementPlan, trace: RoutingTrace, extra_slots:
     replicas: list[dict[int, tuple[int, ...]]] = []
     home = origin_ranks(trace, P)
     G = plan.ranks_per_node
+    # affinity copies serve the tokens homed on them; hot-expert copies also take a share of the rest
+    choice = "home" if copies == "affinity" else "spread"
+
+    def cost(a, b):  # weighted hops between ranks (metrics.hop_cost): 0 same rank, 1 same node, 2 other
+        return np.where(a < 0, 0.0, np.where(a == b, 0.0, np.where(a // G == b // G, 1.0, 2.0)))
+
+    prev = None  # [T, K] slot ranks at the layer before (as the simulation ran them)
     for l in range(L):
         valid = ids[l] >= 0
         e_TK = np.where(valid, ids[l], 0)
-        # gain[r, e]: weighted hops kept local of the slots of tokens homed on r that use e (each
-        # slot 1/K of a token; a move to e's primary costs 1 inside a node, 2 across nodes)
+        # gain[r, e]: the weighted hops saved on the metric's K x K slot pairs (each 1/K² of a
+        # token's move) when the slots of tokens homed on r that use e run on r instead of e's
+        # primary: the pairs from the layer before, and those into the next layer (whose slots
+        # are estimated at their primaries), so a copy that pulls a token away from its next
+        # experts counts against itself
         prim = assign[l][e_TK]
-        hops = np.where(prim == home[:, None], 0.0, np.where(prim // G == home[:, None] // G, 1.0, 2.0))
-        flat = (home[:, None] * E + e_TK)[valid]
-        gain = np.bincount(flat, weights=hops[valid], minlength=P * E).reshape(P, E) / float(K)
-        gain[assign[l], np.arange(E)] = -1.0  # a rank never copies its own primary
+        h = home[:, None]
+        d = np.zeros(prim.shape)
+        if prev is not None:
+            d += (cost(prev[:, :, None], prim[:, None, :]) - cost(prev[:, :, None], h[:, :, None])).sum(1)
+        if l + 1 < L:
+            nxt = np.where(ids[l + 1] >= 0, assign[l + 1][np.where(ids[l + 1] >= 0, ids[l + 1], 0)], -1)
+            d += (cost(nxt[:, None, :], prim[:, :, None]) - cost(nxt[:, None, :], h[:, :, None])).sum(2)
+        flat = (h * E + e_TK)[valid]
+        gain = np.bincount(flat, weights=d[valid], minlength=P * E).reshape(P, E) / float(K * K)
+        gain[assign[l], np.arange(E)] = -np.inf  # a rank never copies its own primary
         layer_reps: dict[int, list[int]] = {}
         if extra_slots and copies == "load":
             # EPLB's choice of what to copy (the largest load per copy next), placed where its
@@ -91,7 +109,7 @@ def add_affinity_replicas(plan: PlacementPlan, trace: RoutingTrace, extra_slots:
                 e = int(np.argmax(cand))
                 if cand[e] <= 0:
                     break
-                r = int(np.argmax(np.where(ok[:, e], gain[:, e] + 1e-9, -np.inf)))
+                r = int(np.argmax(np.where(ok[:, e], gain[:, e], -np.inf)))
                 layer_reps.setdefault(e, []).append(r)
                 n_copies[e] += 1
                 free[r] -= 1
@@ -103,11 +121,13 @@ def add_affinity_replicas(plan: PlacementPlan, trace: RoutingTrace, extra_slots:
                         layer_reps.setdefault(int(e), []).append(r)
         replicas.append({e: tuple(sorted(rs)) for e, rs in layer_reps.items()})
         # the homes at the next layer, with this layer's copies in place (as evaluate() moves them)
-        part = PlacementPlan(assign[l:l + 1].tolist(), P, plan.num_nodes, replicas=(replicas[-1],))
+        part = PlacementPlan(assign[l:l + 1].tolist(), P, plan.num_nodes, replicas=(replicas[-1],),
+                             copy_choice=choice)
         r_TK = _slot_ranks(part, 0, ids[l], home)
         home = _new_home(r_TK, np.where(valid, w[l], 0.0), home)
+        prev = r_TK
     meta = dict(plan.meta, replicated_from=plan.method, extra_slots=extra_slots, copies=copies)
-    return PlacementPlan(plan.assignment, P, plan.num_nodes, replicas=tuple(replicas),
+    return PlacementPlan(plan.assignment, P, plan.num_nodes, replicas=tuple(replicas), copy_choice=choice,
                          method=f"{plan.method}+{'rep' if copies == 'affinity' else 'load'}{extra_slots}",
                          objective=dict(plan.objective),
                          solve_time_s=plan.solve_time_s + time.perf_counter() - t0,

@@ -99,7 +99,8 @@ class ExpertParallelExperts(nn.Module):
     """Drop-in for ``block.experts`` on one rank: forward(x_TD, topk_ids_TK, topk_weights_TK) -> y_TD."""
 
     def __init__(self, w13_nJD: torch.Tensor, w2_nDI: torch.Tensor, local_ids: list[int], copies_EC: torch.Tensor,
-                 state: TokenState, first_layer: bool, backend: str = "torch", ranks_per_node: int = 0):
+                 state: TokenState, first_layer: bool, backend: str = "torch", ranks_per_node: int = 0,
+                 copy_choice: str = "spread"):
         super().__init__()
         E = copies_EC.shape[0]
         self.w13 = nn.Parameter(w13_nJD)
@@ -111,6 +112,7 @@ class ExpertParallelExperts(nn.Module):
         self.local_ids = list(local_ids)
         # 0: one node (every copy is near every home)
         self.ranks_per_node = ranks_per_node if ranks_per_node > 0 else max(1, state.world)
+        self.copy_choice = copy_choice  # PlacementPlan.copy_choice
         self.state = state
         self.first_layer = first_layer
         self.backend = backend
@@ -124,8 +126,9 @@ class ExpertParallelExperts(nn.Module):
 
     # --- routing bookkeeping (identical on every rank) -------------------------------------
     def _slot_ranks(self, ids_TK: torch.Tensor, home_T: torch.Tensor) -> torch.Tensor:
-        """[T, K] rank running each slot (-1 for id -1): the copy on the home if any, else one by token
-        index among the copies on the home's node, else among all (metrics._slot_ranks, the same rule)."""
+        """[T, K] rank running each slot (-1 for id -1): the copy on the home if any, else by the plan's
+        copy_choice one by token index among the copies on the home's node (else among all), or the
+        primary (metrics._slot_ranks, the same rule)."""
         valid = ids_TK >= 0
         e = ids_TK.clamp(min=0)
         if self.copies_EC.shape[1] == 1:  # no replicas (most plans): the one copy, in 3 launches not 12
@@ -138,8 +141,8 @@ class ExpertParallelExperts(nn.Module):
         t = torch.arange(ids_TK.shape[0], device=ids_TK.device)[:, None]
         j = t % pool.sum(-1)  # [T, K]: the j-th copy of the pool, in copy order
         pick = pool & (pool.cumsum(-1) - 1 == j[..., None])
-        spread = (cand * pick).sum(-1)
-        return torch.where(valid, torch.where(at_home, home_T[:, None], spread), -1)
+        other = (cand * pick).sum(-1) if self.copy_choice == "spread" else cand[..., 0]
+        return torch.where(valid, torch.where(at_home, home_T[:, None], other), -1)
 
     @staticmethod
     def _new_home(r_TK, w_TK, home_T):
@@ -354,7 +357,7 @@ def apply_placement(model, plan: PlacementPlan, rank: int, mode: str = "coherent
         b.experts = ExpertParallelExperts(w13.to(dev), w2.to(dev), ids, copies_table(plan, b.moe_index), state,
                                           first_layer=b.moe_index == 0,
                                           backend=backend or getattr(b.experts, "backend", "torch"),
-                                          ranks_per_node=plan.ranks_per_node)
+                                          ranks_per_node=plan.ranks_per_node, copy_choice=plan.copy_choice)
     return state
 
 

@@ -13,10 +13,11 @@ from routing.trace import RoutingTrace
 
 def test_a_copy_goes_where_its_tokens_come_from():
     # 3 layers, 4 experts on 2 ranks (0, 2 on rank 0; 1, 3 on rank 1), top-1, one copy per rank.
-    # Tokens of request 0 start on rank 0, those of request 1 on rank 1. Layer 0: everyone uses
-    # expert 1 (rank 1): rank 0 copies it, and every token stays home. Layer 1: everyone uses
-    # expert 2 (rank 0): rank 1 copies it. Layer 2: request 0 uses expert 3, request 1 expert 0:
-    # both are elsewhere, so rank 0 copies 3 and rank 1 copies 0; nothing crosses any more
+    # Tokens of request 0 start on rank 0, those of request 1 on rank 1.
+    # Layer 0: everyone uses expert 1 (rank 1): rank 0 copies it, so request 0 stays home.
+    # Layer 1: everyone uses expert 2 (rank 0). A copy on rank 1 would keep request 1's move into
+    #   layer 1 local but make its move out cross (at layer 2 it uses expert 0, on rank 0): no gain,
+    #   no copy. Layer 2: request 0 uses expert 3 (rank 1): rank 0 copies it; request 1 uses 0.
     T = 40
     req = np.repeat([0, 1], T // 2).astype(np.int32)
     ids = np.zeros((3, T, 1), np.int16)
@@ -25,10 +26,10 @@ def test_a_copy_goes_where_its_tokens_come_from():
     trace = RoutingTrace(ids, num_experts=4, request_ids=req)
     base = PlacementPlan([[0, 1, 0, 1]] * 3, 2)
     plan = add_affinity_replicas(base, trace, 1)
-    assert plan.replicas == ({1: (0,)}, {2: (1,)}, {3: (0,), 0: (1,)})
+    assert plan.replicas == ({1: (0,)}, {}, {3: (0,)})
     assert evaluate(base, trace).cross_fraction == 0.75  # layer 0 -> 1 all cross, 1 -> 2 half
-    assert evaluate(plan, trace).cross_fraction == 0.0
-    assert plan.method == "manual+rep1" and plan.meta["extra_slots"] == 1
+    assert evaluate(plan, trace).cross_fraction == 0.25  # only request 1's move into layer 1
+    assert plan.method == "manual+rep1" and plan.meta["extra_slots"] == 1 and plan.copy_choice == "home"
     # no slot to spare: the plan as it was
     assert add_affinity_replicas(base, trace, 0).replicas is None
 
@@ -53,10 +54,17 @@ def test_copies_respect_the_slot_budget_and_beat_the_plan_without(planted, copie
         f = evaluate(plan, planted)
         if copies == "affinity":
             assert f.cross_fraction < f0.cross_fraction - 0.05
+            # from a near-perfect plan, affinity copies must not make things worse
+            from placement.ilp import SolverConfig, solve_exflow
+            good = solve_exflow(AffinityStats.from_trace(planted), 4, 1, SolverConfig(time_limit_s=3, num_workers=2))
+            assert evaluate(add_affinity_replicas(good, planted, extra), planted).cross_fraction \
+                <= evaluate(good, planted).cross_fraction + 1e-12
         else:
             assert f.load_imbalance <= f0.load_imbalance + 1e-9
-        # a plan with copies round-trips through JSON like any other
-        assert PlacementPlan.load(plan.save(tmp_path / f"{copies}{extra}.json")).replicas == plan.replicas
+        # a plan with copies round-trips through JSON like any other, its copy choice with it
+        back = PlacementPlan.load(plan.save(tmp_path / f"{copies}{extra}.json"))
+        assert back.replicas == plan.replicas
+        assert back.copy_choice == plan.copy_choice == ("home" if copies == "affinity" else "spread")
 
 
 def test_bad_arguments_are_clear_errors(planted):
@@ -97,12 +105,19 @@ def test_a_token_without_a_copy_at_home_takes_one_on_its_node_and_runtime_agrees
     ids = np.array([[0], [0], [0], [1]])
     home = np.array([3, 1, 0, 0])
     assert _slot_ranks(plan, 0, ids, home)[:, 0].tolist() == [2, 1, 0, 3]
-    layer = ExpertParallelExperts(torch.zeros(3, 4, 2), torch.zeros(3, 2, 2), [0], copies_table(plan, 0),
-                                  TokenState(0, 4, "coherent"), first_layer=True, ranks_per_node=2)
+    # copy_choice "home": copies serve their home's tokens only; the rest go to the primary
+    home_only = PlacementPlan([[0, 3, 1, 2]], 4, num_nodes=2, replicas=({0: (1, 2)},), copy_choice="home")
+    assert _slot_ranks(home_only, 0, ids, home)[:, 0].tolist() == [0, 1, 0, 3]
     rng = np.random.default_rng(0)
-    for _ in range(5):
-        ids = rng.integers(-1, 4, (50, 2))
-        home = rng.integers(0, 4, 50)
-        want = _slot_ranks(plan, 0, ids, home)
-        got = layer._slot_ranks(torch.as_tensor(ids), torch.as_tensor(home)).numpy()
-        assert (got == want).all()
+    for p in (plan, home_only):
+        layer = ExpertParallelExperts(torch.zeros(3, 4, 2), torch.zeros(3, 2, 2), [0], copies_table(p, 0),
+                                      TokenState(0, 4, "coherent"), first_layer=True, ranks_per_node=2,
+                                      copy_choice=p.copy_choice)
+        for _ in range(5):
+            ids = rng.integers(-1, 4, (50, 2))
+            home = rng.integers(0, 4, 50)
+            want = _slot_ranks(p, 0, ids, home)
+            got = layer._slot_ranks(torch.as_tensor(ids), torch.as_tensor(home)).numpy()
+            assert (got == want).all()
+    with pytest.raises(ValueError, match="copy_choice"):
+        PlacementPlan([[0, 1]], 2, copy_choice="nearest")
