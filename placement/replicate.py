@@ -12,13 +12,16 @@ experts per layer, chosen layer by layer from the tokens' actual homes on the tr
                  tokens away from their next experts counts against itself
 
 Copies on different ranks (or of different experts) keep different tokens local, so the gains
-are independent within a layer and each rank simply takes its ``extra_slots`` largest; the
-tokens' homes at the next layer are then simulated with those copies in place. On the trained
-64-expert trace (BENCHMARKS 6) one copy per rank cuts the ILP plan's cross-rank moves at 8 ranks
-from 50.1% to 57% fewer than round robin, but leaves its token-load imbalance (3.5x the mean on the
-busiest rank): these copies go where the hot experts' tokens already are. ``copies="load"``
-chooses what to copy by load instead (EPLB's rule) and only places it by affinity: with 4 copies
-per rank the imbalance falls to 1.9x while keeping 44% fewer moves than round robin.
+are independent within a layer and each rank simply takes its ``extra_slots`` largest with a
+positive gain; the tokens' homes at the next layer are then simulated with those copies in place.
+Such copies serve only the tokens homed on them (the plan's ``copy_choice`` "home"): spreading the
+others over them, as EPLB's copies do, made near-perfect plans worse. On the trained 64-expert
+trace (BENCHMARKS 6) one copy per rank takes the ILP plan from 50.1% to 58.3% fewer cross-rank
+moves than round robin at 8 ranks, but leaves its token-load imbalance (3.6x the mean on the
+busiest rank): these copies sit where the hot experts' tokens already are. ``copies="load"``
+chooses what to copy by load instead (EPLB's rule), places it by the same gain and spreads the
+other tokens over the copies ("spread"): with 2 copies per rank the imbalance falls to 2.6x at
+47.7% fewer moves.
 
 Shape legend: L = MoE layers, T = tokens, K = experts per token, E = experts, P = ranks.
 """
