@@ -78,13 +78,15 @@ def _slot_ranks(plan: PlacementPlan, layer: int, ids_TK: np.ndarray, home_T: np.
         tab, _ = _copies_table(plan, layer)
         cand = tab[e]  # [T, K, C]
         at_home = (cand == home_T[:, None, None]).any(-1)
-        G = plan.ranks_per_node
-        have = cand >= 0
-        near = have & (cand // G == (home_T // G)[:, None, None])
-        pool = np.where(near.any(-1, keepdims=True), near, have)
-        j = np.arange(len(home_T))[:, None] % pool.sum(-1)  # [T, K]: the j-th copy of the pool
-        pick = pool & (np.cumsum(pool, -1) - 1 == j[..., None])
-        other = (cand * pick).sum(-1) if plan.copy_choice == "spread" else cand[..., 0]
+        if plan.copy_choice == "home":  # the primary (copy 0) for tokens with no copy at home
+            other = cand[..., 0]
+        else:
+            G = plan.ranks_per_node
+            have = cand >= 0
+            near = have & (cand // G == (home_T // G)[:, None, None])
+            pool = np.where(near.any(-1, keepdims=True), near, have)
+            j = np.arange(len(home_T))[:, None] % pool.sum(-1)  # [T, K]: the j-th copy of the pool
+            other = (cand * (pool & (np.cumsum(pool, -1) - 1 == j[..., None]))).sum(-1)
         r = np.where(at_home, home_T[:, None], other)
     return np.where(valid, r, -1)
 

@@ -102,11 +102,9 @@ def add_affinity_replicas(plan: PlacementPlan, trace: RoutingTrace, extra_slots:
             load = np.bincount(e_TK[valid], minlength=E).astype(np.float64)
             n_copies = np.ones(E)
             free = np.full(P, extra_slots)
+            held = np.zeros((P, E), bool)  # [P, E] which rank holds which expert (primaries, then copies)
+            held[assign[l], np.arange(E)] = True
             for _ in range(P * extra_slots):
-                held = np.zeros((P, E), bool)
-                held[assign[l], np.arange(E)] = True
-                for e2, rs in layer_reps.items():
-                    held[rs, e2] = True
                 ok = (free[:, None] > 0) & ~held
                 cand = np.where(ok.any(0), load / n_copies, -1.0)
                 e = int(np.argmax(cand))
@@ -114,6 +112,7 @@ def add_affinity_replicas(plan: PlacementPlan, trace: RoutingTrace, extra_slots:
                     break
                 r = int(np.argmax(np.where(ok[:, e], gain[:, e], -np.inf)))
                 layer_reps.setdefault(e, []).append(r)
+                held[r, e] = True
                 n_copies[e] += 1
                 free[r] -= 1
         elif extra_slots:

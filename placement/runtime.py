@@ -135,13 +135,15 @@ class ExpertParallelExperts(nn.Module):
             return torch.where(valid, self.copies_EC[:, 0][e], -1)
         cand = self.copies_EC[e]  # [T, K, C]
         at_home = (cand == home_T[:, None, None]).any(-1)
-        have = cand >= 0
-        near = have & (cand // self.ranks_per_node == (home_T // self.ranks_per_node)[:, None, None])
-        pool = torch.where(near.any(-1, keepdim=True), near, have)
-        t = torch.arange(ids_TK.shape[0], device=ids_TK.device)[:, None]
-        j = t % pool.sum(-1)  # [T, K]: the j-th copy of the pool, in copy order
-        pick = pool & (pool.cumsum(-1) - 1 == j[..., None])
-        other = (cand * pick).sum(-1) if self.copy_choice == "spread" else cand[..., 0]
+        if self.copy_choice == "home":  # the primary (copy 0) for tokens with no copy at home
+            other = cand[..., 0]
+        else:
+            have = cand >= 0
+            near = have & (cand // self.ranks_per_node == (home_T // self.ranks_per_node)[:, None, None])
+            pool = torch.where(near.any(-1, keepdim=True), near, have)
+            t = torch.arange(ids_TK.shape[0], device=ids_TK.device)[:, None]
+            j = t % pool.sum(-1)  # [T, K]: the j-th copy of the pool, in copy order
+            other = (cand * (pool & (pool.cumsum(-1) - 1 == j[..., None]))).sum(-1)
         return torch.where(valid, torch.where(at_home, home_T[:, None], other), -1)
 
     @staticmethod
