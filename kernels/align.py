@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch_config import cdiv, next_pow2
+
 # The single-program kernel compares every pair with every expert on one SM: past this many
 # (pairs x experts) it is slower than the three-launch parallel counting sort (measured on the
 # H200: 4096 pairs x 128 experts cost ~0.25 ms in one program).
@@ -60,7 +62,7 @@ class AlignedRouting:
 
 def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
     """Upper bound on padded rows: every used expert wastes at most block_m - 1 rows."""
-    blocks = triton.cdiv(num_pairs, block_m) + min(num_experts, num_pairs)
+    blocks = cdiv(num_pairs, block_m) + min(num_experts, num_pairs)
     return max(blocks, 1) * block_m
 
 
@@ -146,8 +148,8 @@ def align_triton(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> A
     block_expert = torch.empty(S // block_m, dtype=torch.int32, device=dev)
     num_padded = torch.empty(1, dtype=torch.int32, device=dev)
     expert_start = torch.empty(E + 1, dtype=torch.int32, device=dev)
-    e_p2 = triton.next_power_of_2(max(E, 2))
-    chunk = max(16, min(triton.next_power_of_2(max(P, 1)), 8192 // e_p2 if e_p2 <= 512 else 16))
+    e_p2 = next_pow2(max(E, 2))
+    chunk = max(16, min(next_pow2(max(P, 1)), 8192 // e_p2 if e_p2 <= 512 else 16))
     _align_kernel[(1,)](ids, sorted_pair, block_expert, num_padded, expert_start, P, E, S, S // block_m,
                         BLOCK_M=block_m, E_P2=e_p2, CHUNK=chunk, num_warps=4 if e_p2 * chunk <= 4096 else 8)
     return AlignedRouting(sorted_pair, block_expert, num_padded, expert_start, P, K, block_m)
@@ -215,7 +217,7 @@ def _scatter_kernel(ids_ptr, offsets_ptr, sorted_pair_ptr, P, E, E_P2: tl.conste
 
 def _parallel_chunk(num_pairs: int, e_p2: int) -> int:
     # pairs per program: enough programs to fill the GPU, a [chunk, experts] one-hot that fits registers
-    return max(16, min(4096 // e_p2, triton.next_power_of_2(triton.cdiv(num_pairs, 512))))
+    return max(16, min(4096 // e_p2, next_pow2(cdiv(num_pairs, 512))))
 
 
 def align_parallel(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> AlignedRouting:
@@ -231,19 +233,19 @@ def align_parallel(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int) ->
     ids = topk_ids_TK.reshape(-1)
     if not ids.is_contiguous():
         ids = ids.contiguous()
-    e_p2 = triton.next_power_of_2(max(E, 2))
+    e_p2 = next_pow2(max(E, 2))
     chunk = _parallel_chunk(P, e_p2)
-    G = triton.cdiv(max(P, 1), chunk)
+    G = cdiv(max(P, 1), chunk)
     sorted_pair = torch.empty(S, dtype=torch.int32, device=dev)
     block_expert = torch.empty(S // block_m, dtype=torch.int32, device=dev)
     num_padded = torch.empty(1, dtype=torch.int32, device=dev)
     expert_start = torch.empty(E + 1, dtype=torch.int32, device=dev)
     counts = torch.empty(G, e_p2, dtype=torch.int32, device=dev)
     offsets = torch.empty(G, e_p2, dtype=torch.int32, device=dev)
-    fill = triton.cdiv(S, G)
+    fill = cdiv(S, G)
     warps = 4 if chunk * e_p2 <= 4096 else 8
     _count_kernel[(G,)](ids, counts, sorted_pair, P, E, S, fill, E_P2=e_p2, CHUNK=chunk,
-                        FILL_BLOCK=min(1024, triton.next_power_of_2(fill)), num_warps=warps)
+                        FILL_BLOCK=min(1024, next_pow2(fill)), num_warps=warps)
     _offsets_kernel[(1,)](counts, offsets, block_expert, num_padded, expert_start, G, E, S // block_m,
                           BLOCK_M=block_m, E_P2=e_p2, GC=max(1, min(64, 8192 // e_p2)), num_warps=8)
     _scatter_kernel[(G,)](ids, offsets, sorted_pair, P, E, E_P2=e_p2, CHUNK=chunk, num_warps=warps)
@@ -273,9 +275,9 @@ def align_tokens(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int,
         raise ValueError(f"block_m must be a power of two, got {block_m}")
     if allow_pair_blocks and topk_ids_TK.shape[0] == 1:
         return align_pair_blocks(topk_ids_TK, block_m)
-    P, e_p2 = topk_ids_TK.numel(), triton.next_power_of_2(max(num_experts, 2))
+    P, e_p2 = topk_ids_TK.numel(), next_pow2(max(num_experts, 2))
     if P * e_p2 <= SINGLE_ALIGN_MAX_WORK:
         return align_triton(topk_ids_TK, num_experts, block_m)
-    if triton.cdiv(P, _parallel_chunk(P, e_p2)) * e_p2 <= PARALLEL_ALIGN_MAX_WORK:
+    if cdiv(P, _parallel_chunk(P, e_p2)) * e_p2 <= PARALLEL_ALIGN_MAX_WORK:
         return align_parallel(topk_ids_TK, num_experts, block_m)
     return align_reference(topk_ids_TK, num_experts, block_m)

@@ -182,7 +182,7 @@ def fused_moe(x_TD: torch.Tensor, w13_EJD: torch.Tensor, w2_EDI: torch.Tensor, t
         t.requires_grad for t in (x_TD, w13_EJD, w2_EDI, topk_weights_TK))
     if needs_grad:
         return _FusedMoE.apply(x_TD, w13_EJD, w2_EDI, topk_ids_TK, topk_weights_TK, cfg)
-    if T == 1 and cfg.fused is not None and (x_TD.device, cfg.fused) not in _FUSED_TOO_BIG:
+    if T == 1 and cfg.fused is not None and not (_FUSED_TOO_BIG and (x_TD.device, cfg.fused) in _FUSED_TOO_BIG):
         try:  # two launches instead of three (fused_decode.py)
             return moe_decode1(x_TD, w13_EJD, w2_EDI, topk_ids_TK, topk_weights_TK, cfg.fused)
         except OutOfResources as exc:

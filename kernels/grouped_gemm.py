@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from .align import AlignedRouting
-from .launch_config import GemmConfig
+from .launch_config import GemmConfig, cdiv, next_pow2
 
 try:  # programmatic dependent launch (Hopper+): the next kernel's programs start while this one drains
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -364,7 +364,7 @@ def _pdl(flag: bool) -> dict:
 
 
 def _grid(al: AlignedRouting, n: int, cfg: GemmConfig) -> tuple[int]:
-    return (al.max_blocks * triton.cdiv(n, cfg.block_n),)
+    return (al.max_blocks * cdiv(n, cfg.block_n),)
 
 
 def _weight_desc(w_E, cfg: GemmConfig):
@@ -432,7 +432,7 @@ def moe_swiglu_bwd(dy_TD, w2_EDI, gu_SJ, weight_P, al: AlignedRouting, cfg: Gemm
     """
     E, D, I = w2_EDI.shape
     S = al.num_rows
-    num_n = triton.cdiv(I, cfg.block_n)
+    num_n = cdiv(I, cfg.block_n)
     dgu = torch.empty(S, 2 * I, dtype=dy_TD.dtype, device=dy_TD.device)
     dw_part = torch.empty(S, num_n, dtype=torch.float32, device=dy_TD.device)
     _moe_gemm_kernel[_grid(al, I, cfg)](
@@ -463,7 +463,7 @@ def moe_wgrad(a, b, num_experts: int, al: AlignedRouting, *, a_gather: bool, b_g
     block_a, block_b, block_m, num_warps, num_stages = _wgrad_tile_or_default(tile, al)
     na, nb = a.shape[1], b.shape[1]
     c = torch.empty(num_experts, na, nb, dtype=out_dtype or b.dtype, device=b.device)
-    grid = (triton.cdiv(na, block_a) * triton.cdiv(nb, block_b), num_experts)
+    grid = (cdiv(na, block_a) * cdiv(nb, block_b), num_experts)
     _moe_wgrad_kernel[grid](
         a, b, c, a_scale_P if a_scale_P is not None else c, al.sorted_pair_S, al.expert_start_E1,
         na, nb, al.num_pairs, a.stride(0), b.stride(0), c.stride(0), c.stride(1),
@@ -505,7 +505,7 @@ def moe_wgrad_kmajor(at_XS, bt_YS, num_experts: int, al: AlignedRouting, *, out_
         from triton.tools.tensor_descriptor import TensorDescriptor
         a_desc = TensorDescriptor(at_XS, [X, S], [at_XS.stride(0), 1], [block_a, block_m])
         b_desc = TensorDescriptor(bt_YS, [Y, S], [bt_YS.stride(0), 1], [block_b, block_m])
-    grid = (triton.cdiv(X, block_a) * triton.cdiv(Y, block_b), num_experts)
+    grid = (cdiv(X, block_a) * cdiv(Y, block_b), num_experts)
     _moe_wgrad_kmajor_kernel[grid](
         at_XS, bt_YS, c, a_desc, b_desc, al.expert_start_E1, X, Y, at_XS.stride(0), bt_YS.stride(0),
         c.stride(0), c.stride(1), DESC=a_desc is not None, CAST_F32=_interpreted(), PREC=_precision(bt_YS.dtype),
@@ -526,7 +526,7 @@ def sorted_rows_t(src, al: AlignedRouting, scale_P=None, gather: bool = True):
     if src.stride(1) != 1:
         src = src.contiguous()
     bs, bn = (16, 16) if _interpreted() else (min(64, al.block_m), 64)
-    _rows_to_columns_kernel[(triton.cdiv(S, bs), triton.cdiv(N, bn))](
+    _rows_to_columns_kernel[(cdiv(S, bs), cdiv(N, bn))](
         src, out, al.sorted_pair_S, scale_P if scale_P is not None else out, al.num_padded_1,
         N, al.num_pairs, src.stride(0), out.stride(0), al.top_k,
         GATHER=gather, SCALE=scale_P is not None, BLOCK_S=bs, BLOCK_N=bn, num_warps=4)
@@ -541,7 +541,7 @@ def moe_sum(out_PD, topk_ids_TK, num_experts: int, out_dtype, pdl: bool = False)
     if T == 0:
         return y
     ids = topk_ids_TK if topk_ids_TK.is_contiguous() else topk_ids_TK.contiguous()
-    block_d = min(1024, triton.next_power_of_2(D))
-    _moe_sum_kernel[(T, triton.cdiv(D, block_d))](out_PD, ids, y, D, num_experts, out_PD.stride(0), y.stride(0),
+    block_d = min(1024, next_pow2(D))
+    _moe_sum_kernel[(T, cdiv(D, block_d))](out_PD, ids, y, D, num_experts, out_PD.stride(0), y.stride(0),
                                                   TOP_K=K, BLOCK_D=block_d, PDL=pdl, num_warps=4, **_pdl(pdl))
     return y

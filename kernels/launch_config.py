@@ -20,6 +20,17 @@ from pathlib import Path
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch arithmetic on the host. triton.cdiv / next_power_of_2 are constexpr
+    functions, ~2-6 us a call from Python: a decode call made a dozen of them per MoE layer."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def _pow2(name: str, v: int, lo: int, hi: int) -> None:
     if v < lo or v > hi or v & (v - 1):
         raise ValueError(f"{name} must be a power of two in [{lo}, {hi}], got {v}")
@@ -128,7 +139,14 @@ def load_tuned(num_experts: int, ffn: int, hidden: int, device_name: str) -> dic
 
 def pick_config(num_tokens: int, top_k: int, num_experts: int, ffn: int, hidden: int,
                 device_name: str | None) -> MoEConfig:
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _pick_config(num_tokens, top_k, num_experts, ffn, hidden, device_name,
+                        os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@functools.lru_cache(maxsize=4096)
+def _pick_config(num_tokens: int, top_k: int, num_experts: int, ffn: int, hidden: int,
+                 device_name: str | None, interpreted: bool) -> MoEConfig:
+    # cached: a decode call is host-bound, and the choice depends on nothing else (configs are frozen)
     if not interpreted and device_name is not None:
         table = load_tuned(num_experts, ffn, hidden, device_name)
         if table:
