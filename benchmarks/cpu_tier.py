@@ -108,7 +108,7 @@ def decode(blocks, trace, batch, warmup, device, dtype):
     x = torch.randn(batch, D, device=device, dtype=dtype, generator=torch.Generator(device=device).manual_seed(1))
     t0 = None
     stack = _Stack(blocks)
-    with torch.no_grad(), route_by_trace(stack, trace):
+    with torch.no_grad(), route_by_trace(stack, trace, with_logits=False):
         for s in range(steps):
             if s == warmup:
                 sync(device)

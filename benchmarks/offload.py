@@ -122,7 +122,7 @@ def decode(stack, cache, trace, warmup, device, dtype, clear_each_step=False):
     D = blocks[0].router.gate.in_features
     x = torch.randn(1, D, device=device, dtype=dtype, generator=torch.Generator(device=device).manual_seed(1))
     t0 = None
-    with torch.no_grad(), route_by_trace(stack, trace):
+    with torch.no_grad(), route_by_trace(stack, trace, with_logits=False):
         for s in range(trace.num_tokens):
             if s == warmup:
                 sync(device)

@@ -37,6 +37,20 @@ from .slices import check_slices, expand_ids, expand_weights, unit_trace, units_
 from .store import DiskExpertStore, ExpertStore, HostExpertStore
 
 
+def _count_ids(ids: np.ndarray) -> dict[int, int]:
+    """{id: occurrences} over the ids >= 0, in ascending id order. A decode step has a handful of
+    ids, where plain Python is ~10x cheaper than np.unique; a prefill's thousands go through numpy."""
+    if ids.size <= 512:
+        c: dict[int, int] = {}
+        for e in ids.ravel().tolist():
+            if e >= 0:
+                c[e] = c.get(e, 0) + 1
+        return dict(sorted(c.items()))
+    flat = ids.reshape(-1)
+    experts, n = np.unique(flat[flat >= 0], return_counts=True)
+    return dict(zip(experts.tolist(), n.tolist()))
+
+
 class OffloadedExperts(nn.Module):
     """Drop-in for block.experts: experts from an ExpertCache, misses copied or computed on the CPU."""
 
@@ -115,16 +129,17 @@ class OffloadedExperts(nn.Module):
     def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
         cache, layer = self.cache, self.layer
         expert_ids_np = topk_ids_TK.detach().cpu().numpy()
-        if expert_ids_np.size and expert_ids_np.max() >= self.num_experts:
-            raise ValueError(f"expert id {int(expert_ids_np.max())} out of range for {self.num_experts} experts")
         # from here on "expert" means a unit of the cache (the expert itself when expert_slices is 1)
         ids_np = expand_ids(expert_ids_np, self.slices)
         topk_weights_TK = expand_weights(topk_weights_TK, self.slices)
+        counts = _count_ids(ids_np)  # {unit: pairs routed to it}, ascending
+        if counts and next(reversed(counts)) >= cache.num_experts:
+            raise ValueError(f"expert id {next(reversed(counts)) // self.slices} out of range for "
+                             f"{self.num_experts} experts")
         cache.observe(layer, ids_np)
-        flat = ids_np.reshape(-1)
-        experts, counts = np.unique(flat[flat >= 0], return_counts=True)
-        hits = [int(e) for e in experts if cache.is_resident(layer, int(e))]
-        misses = [(int(e), int(n)) for e, n in zip(experts, counts) if not cache.is_resident(layer, int(e))]
+        resident = cache.slot_of[layer]
+        hits = [e for e in counts if e in resident]
+        misses = [(e, n) for e, n in counts.items() if e not in resident]
         to_cpu: list[int] = []
         to_copy = [e for e, _ in misses]
         if self.cpu_fallback and misses:
@@ -133,10 +148,18 @@ class OffloadedExperts(nn.Module):
         if to_cpu:  # the one host sync of x, before the GPU work is queued so the two overlap
             x_cpu = x_TD.detach().to("cpu", self.store.dtype)
             ids_cpu, w_cpu = torch.from_numpy(ids_np), topk_weights_TK.detach().cpu()
-        y_TD = torch.zeros_like(x_TD)
+        y_TD = None  # the first part computed is the sum so far: no zeros tensor and add per call
         gpu = hits + to_copy
         S = cache.slots
-        if gpu and len(gpu) <= S:
+        if gpu and not to_copy and self.slices == 1 and len(gpu) <= S:
+            # every expert resident (the common case once the cache is warm): ids map to slots
+            # through the layer's device-side table, one gather instead of a host-built copy
+            sl = cache.ensure(layer, hits)
+            ids_TK = cache.slot_table(layer)[topk_ids_TK if topk_ids_TK.dtype == torch.long else topk_ids_TK.long()]
+            self._prefetch_next(x_TD, expert_ids_np)
+            y_TD = self._kernel(x_TD, ids_TK, topk_weights_TK)
+            cache.release(layer, sl)
+        elif gpu and len(gpu) <= S:
             # hits' kernel first (no copy to wait for), then the copied experts' once they land
             rounds = [r for r in (hits, to_copy) if r]
             slots = [cache.ensure(layer, r, wait=False) for r in rounds]
@@ -144,7 +167,8 @@ class OffloadedExperts(nn.Module):
             ids_RTK = self._remap(ids_np, rounds, slots, x_TD.device)
             for r, sl in enumerate(slots):
                 cache.wait(layer, sl)
-                y_TD = y_TD + self._kernel(x_TD, ids_RTK[r], topk_weights_TK)
+                part = self._kernel(x_TD, ids_RTK[r], topk_weights_TK)
+                y_TD = part if y_TD is None else y_TD + part
             cache.release(layer, [s for sl in slots for s in sl])
         else:
             # a step needing more experts than slots: rounds of at most S, reusing the slots
@@ -154,10 +178,13 @@ class OffloadedExperts(nn.Module):
                 if r == 0:
                     self._prefetch_next(x_TD, expert_ids_np)
                 ids_TK = self._remap(ids_np, [chunk], [sl], x_TD.device)[0]
-                y_TD = y_TD + self._kernel(x_TD, ids_TK, topk_weights_TK)
+                part = self._kernel(x_TD, ids_TK, topk_weights_TK)
+                y_TD = part if y_TD is None else y_TD + part
                 cache.release(layer, sl, last=r == len(rounds) - 1)
             if not rounds:
                 self._prefetch_next(x_TD, expert_ids_np)
+        if y_TD is None:
+            y_TD = torch.zeros_like(x_TD)
         if to_cpu:
             cache.count_cpu(layer, to_cpu)
             y_cpu = cpu_experts(x_cpu, ids_cpu, w_cpu, to_cpu, self.store, layer)
@@ -341,18 +368,35 @@ class TraceCursor:
 
 
 @contextmanager
-def route_by_trace(model: nn.Module, trace, start_token: int = 0):
+def route_by_trace(model: nn.Module, trace, start_token: int = 0, with_logits: bool = True):
     """Within the block, each router returns the trace's next T choices instead of its own.
 
     The trace is consumed in order, T tokens per router call (T = that call's token count); the
     routing weights are the router's own top-k weights (realistic magnitudes) when the trace's
     top-k equals the model's, else the trace's weights, else uniform.
+
+    Each layer's ids (and weights) go to the router's device once, at its first call; a call then
+    takes a slice of them, so the hook adds no host-to-device copy (and no sync) to the step.
+    with_logits=False: the routers' third output (logits) is None instead of logits rebuilt from
+    the trace's choices (-1e4 off the chosen experts, log(weight) on them); decode benchmarks use
+    it to keep three device ops per layer call out of the figures. Code that reads the logits
+    (training losses) must leave it True.
     """
     blocks = list(model.moe_blocks())
     if trace.num_layers < len(blocks):
         raise ValueError(f"the trace has {trace.num_layers} MoE layers but the model has {len(blocks)}; "
                          "use a trace of the same model shape")
     cursor = TraceCursor(len(blocks), start_token)
+    on_device: dict = {}  # (layer, device) -> (ids_NK int64, weights_NK float32 or None)
+    has_drops = bool((trace.expert_ids[:len(blocks)] < 0).any())
+
+    def layer_tensors(i, dev):
+        got = on_device.get((i, dev))
+        if got is None:
+            ids = torch.from_numpy(trace.expert_ids[i].astype(np.int64)).to(dev)
+            wts = None if trace.weights is None else torch.from_numpy(trace.weights[i].astype(np.float32)).to(dev)
+            got = on_device[(i, dev)] = (ids, wts)
+        return got
 
     def make_hook(i):
         def hook(module, inputs, out):
@@ -365,16 +409,21 @@ def route_by_trace(model: nn.Module, trace, start_token: int = 0):
             if logits_TE.shape[1] != trace.num_experts:
                 raise ValueError(f"trace has {trace.num_experts} experts, the model's router {logits_TE.shape[1]}")
             dev = ids_TK.device
-            tid_TK = torch.from_numpy(trace.expert_ids[i, c:c + T].astype(np.int64)).to(dev)
+            all_ids, all_w = layer_tensors(i, dev)
+            tid_TK = all_ids[c:c + T]
             if tid_TK.shape == ids_TK.shape:
                 tw_TK = w_TK
-            elif trace.weights is not None:
-                tw_TK = torch.from_numpy(trace.weights[i, c:c + T]).to(dev)
+            elif all_w is not None:
+                tw_TK = all_w[c:c + T]
             else:
                 tw_TK = torch.full(tid_TK.shape, 1.0 / tid_TK.shape[1], device=dev)
-            tw_TK = torch.where(tid_TK >= 0, tw_TK.to(torch.float32), 0.0)
-            lg_TE = torch.full_like(logits_TE, -1e4)
-            lg_TE.scatter_(1, tid_TK.clamp(min=0), torch.log(tw_TK.clamp(min=1e-9)))
+            tw_TK = tw_TK.to(torch.float32)
+            if has_drops:
+                tw_TK = torch.where(tid_TK >= 0, tw_TK, 0.0)
+            lg_TE = None
+            if with_logits:
+                lg_TE = torch.full_like(logits_TE, -1e4)
+                lg_TE.scatter_(1, tid_TK.clamp(min=0), torch.log(tw_TK.clamp(min=1e-9)))
             cursor.position[i] = c + T
             return tid_TK, tw_TK, lg_TE
         return hook

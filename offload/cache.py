@@ -48,6 +48,7 @@ class ExpertCache:
         self._copied_this_step = [False] * L
         self.clock = 0
         self._request: list[set[int]] = [set() for _ in range(L)]  # experts of the ensure call in progress
+        self._slot_table: list[torch.Tensor | None] = [None] * L  # device copy of slot_of; None = stale
         policy.bind(L, self.num_experts)
         self.reset_stats()
 
@@ -79,6 +80,21 @@ class ExpertCache:
 
     def is_resident(self, layer: int, expert: int) -> bool:
         return expert in self.slot_of[layer]
+
+    def slot_table(self, layer: int) -> torch.Tensor:
+        """int64 [num_experts + 1] on the device: the slot of each resident expert, -1 elsewhere (the
+        last entry is -1, so an id of -1 maps to -1). ``table[ids]`` turns routing ids into slot ids
+        without a host round trip; re-sent only after the layer's residents changed."""
+        t = self._slot_table[layer]
+        if t is None:
+            lut = np.full(self.num_experts + 1, -1, dtype=np.int64)
+            for e, s in self.slot_of[layer].items():
+                lut[e] = s
+            t = torch.from_numpy(lut)
+            # pinned, so the copy is asynchronous and the host buffer stays alive until it is done
+            t = t.pin_memory().to(self.device, non_blocking=True) if self.cuda else t.to(self.device)
+            self._slot_table[layer] = t
+        return t
 
     def pool(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.pool_w13[layer], self.pool_w2[layer]
@@ -192,6 +208,7 @@ class ExpertCache:
             self.counters["evictions"] += 1
         self.expert_in[layer][s] = expert
         self.slot_of[layer][expert] = s
+        self._slot_table[layer] = None
         self._copy_in(layer, expert, s)
         self.counters["copies"] += 1
         self.counters["bytes_copied"] += self.store.expert_bytes
@@ -222,6 +239,7 @@ class ExpertCache:
                 self.policy.evicted(layer, e)
             self.expert_in[layer] = [-1] * self.slots
             self.slot_of[layer].clear()
+            self._slot_table[layer] = None
             self._unused_prefetch[layer].clear()
 
     def copies_in_flight(self, layer: int) -> bool:

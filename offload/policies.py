@@ -57,7 +57,11 @@ class LFUPolicy(Policy):
         self.count_LE = np.zeros((num_layers, num_experts), dtype=np.int64)
 
     def observe(self, layer, step, ids_NK):
-        ids = np.unique(ids_NK[ids_NK >= 0])
+        ids_NK = np.asarray(ids_NK)
+        if ids_NK.size <= 512:  # a decode step: a set is ~10x cheaper than np.unique on a few ids
+            ids = [e for e in set(ids_NK.ravel().tolist()) if e >= 0]
+        else:
+            ids = np.unique(ids_NK[ids_NK >= 0])
         self.count_LE[layer, ids] += 1
 
     def victim(self, layer, candidates, step):

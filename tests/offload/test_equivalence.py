@@ -128,3 +128,62 @@ def test_route_by_trace_replaces_the_routers_choice(model, trace):
     with pytest.raises(ValueError, match="MoE layers"):
         with route_by_trace(model, trace.select_layers(slice(0, 1))):
             pass
+
+
+def test_warm_cache_maps_ids_through_the_device_table(model, resident):
+    """Every expert resident: ids become slots by the layer's device-side table (no host-built copy)."""
+    E = model.moe_blocks()[0].experts.w13.shape[0]
+    m = offloaded(model, slots_per_layer=E, policy="lru")
+    cache = m.offload_cache
+    calls = []
+    real = cache.slot_table
+    cache.slot_table = lambda layer: calls.append(layer) or real(layer)
+    _check(resident, greedy(m, PROMPT, STEPS))
+    assert calls  # once warm, calls took the table path
+    for layer in range(cache.num_layers):
+        table = real(layer).tolist()
+        assert table[-1] == -1
+        for e in range(E):
+            assert table[e] == cache.slot_of[layer].get(e, -1)
+
+
+def test_slot_table_follows_evictions_and_clear():
+    from offload.cache import ExpertCache
+    from offload.policies import make_policy
+    from offload.store import HostExpertStore
+
+    E, D, I = 6, 8, 4
+    store = HostExpertStore([(torch.randn(E, 2 * I, D), torch.randn(E, D, I))])
+    cache = ExpertCache(store, 2, make_policy("lru"), "cpu")
+    cache.ensure(0, [1, 4])
+    assert [cache.slot_table(0)[e].item() for e in (1, 4, 0)] == [cache.slot_of[0][1], cache.slot_of[0][4], -1]
+    cache.release(0, [0, 1])
+    cache.ensure(0, [2])  # evicts one of 1, 4
+    t = cache.slot_table(0).tolist()
+    assert t[2] == cache.slot_of[0][2] and sorted(v for v in t if v >= 0) == [0, 1]
+    cache.clear()
+    assert cache.slot_table(0).tolist() == [-1] * (E + 1)
+
+
+def test_route_by_trace_without_logits_and_with_dropped_slots(model):
+    import numpy as np
+    from routing import RoutingTrace
+
+    blocks = model.moe_blocks()
+    E = blocks[0].experts.w13.shape[0]
+    ids = np.random.default_rng(0).integers(0, E, size=(len(blocks), 8, 2))
+    ids[:, :, 1] = np.where(np.arange(8) % 2 == 0, -1, (ids[:, :, 0] + 1) % E)  # half the tokens drop slot 1
+    tr = RoutingTrace(expert_ids=ids, num_experts=E)
+    outs = []
+    for with_logits in (True, False):
+        with route_by_trace(model, tr, with_logits=with_logits), torch.no_grad():
+            # registered after the trace's hook, so it sees what the trace's hook returned
+            h = blocks[0].router.register_forward_hook(lambda mod, inp, out: outs.append(out))
+            try:
+                model(torch.tensor([[5, 6, 7, 8]]))
+            finally:
+                h.remove()
+    (ids1, w1, lg1), (ids2, w2, lg2) = outs[0], outs[1]
+    assert torch.equal(ids1, ids2) and torch.equal(w1, w2) and lg2 is None
+    assert torch.all(w1[ids1 < 0] == 0)
+    assert torch.all(lg1.gather(1, ids1.clamp(min=0))[ids1 >= 0] > -1e3)
