@@ -155,7 +155,8 @@ class OffloadedExperts(nn.Module):
             # every expert resident (the common case once the cache is warm): ids map to slots
             # through the layer's device-side table, one gather instead of a host-built copy
             sl = cache.ensure(layer, hits)
-            ids_TK = cache.slot_table(layer)[topk_ids_TK if topk_ids_TK.dtype == torch.long else topk_ids_TK.long()]
+            # torch.take: one plain gather (advanced indexing cost ~3x its host time on the H200 machine)
+            ids_TK = torch.take(cache.slot_table(layer), topk_ids_TK if topk_ids_TK.dtype == torch.long else topk_ids_TK.long())
             self._prefetch_next(x_TD, expert_ids_np)
             y_TD = self._kernel(x_TD, ids_TK, topk_weights_TK)
             cache.release(layer, sl)

@@ -41,6 +41,7 @@ class ExpertCache:
         self.cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._ready = [[None] * S for _ in range(L)]  # event: copy into the slot done
+        self._waited = [[None] * S for _ in range(L)]  # the stream (id) that has waited for that event
         self._free = [[None] * S for _ in range(L)]   # event: compute's last read of the slot done
         self._locked: list[set[int]] = [set() for _ in range(L)]   # experts in use by the current call
         self._unused_prefetch: list[set[int]] = [set() for _ in range(L)]
@@ -145,13 +146,19 @@ class ExpertCache:
         return slots
 
     def wait(self, layer: int, slots: list[int]) -> None:
-        """Make the compute stream wait for the copies into these slots (the host goes on)."""
+        """Make the compute stream wait for the copies into these slots (the host goes on).
+
+        A stream that already waited for a slot's copy is ordered after it for good, so it does
+        not wait again (a warm cache's hits then cost no wait call at all)."""
         if self.cuda:
             cur = torch.cuda.current_stream(self.device)
+            sid = cur.cuda_stream
+            waited = self._waited[layer]
             for s in slots:
                 ev = self._ready[layer][s]
-                if ev is not None:
+                if ev is not None and waited[s] != sid:
                     cur.wait_event(ev)
+                    waited[s] = sid
 
     def release(self, layer: int, slots: list[int], last: bool = True) -> None:
         """Mark the end of the compute stream's use of these slots (call after launching the kernel).
@@ -231,6 +238,7 @@ class ExpertCache:
             ev = torch.cuda.Event()
             ev.record(self.copy_stream)
         self._ready[layer][s] = ev
+        self._waited[layer][s] = None
 
     def clear(self) -> None:
         """Forget every resident expert (counters kept): the 'no cache' baseline calls it each step."""
