@@ -31,9 +31,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in float32 and cast back before the weight, as the Hugging Face models do;
-        # F.rms_norm is that normalisation (x * rsqrt(mean(x^2) + eps)) in one kernel instead of
-        # pow, mean, add, rsqrt and mul: a decode step runs 4-5 norms per layer, each launch counts
+        # normalise in float32 and cast back before the weight, as the Hugging Face models do.
+        # Inference on a GPU: one Triton kernel (kernels/norm.py); else F.rms_norm (that
+        # normalisation, x * rsqrt(mean(x^2) + eps), in one kernel instead of pow, mean, add, rsqrt
+        # and mul) with the cast and the weight: a decode step runs 4-5 norms per layer
+        if x.is_cuda and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            from kernels.norm import rms_norm  # Triton is only imported where a GPU runs
+            return rms_norm(x, self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
