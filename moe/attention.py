@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import MoEConfig
 from .kv_cache import KVCache
-from .layers import RMSNorm, apply_rope, mla_softmax_scale
+from .layers import RMSNorm, apply_rope, apply_rope_halves, mla_softmax_scale
 
 
 def attend(q_BHTd: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: torch.Tensor, mask_B1TS: torch.Tensor,
@@ -65,8 +65,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
             q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
-        q_BHTd = apply_rope(q.transpose(1, 2), cos, sin, interleave=False)
-        k_BGTd = apply_rope(k.transpose(1, 2), cos, sin, interleave=False)
+        q_BHTd = apply_rope_halves(q.transpose(1, 2), cos, sin)
+        k_BGTd = apply_rope_halves(k.transpose(1, 2), cos, sin)
         v_BGTd = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k_BGTd, v_BGTd = cache.update(self.layer_idx, k_BGTd, v_BGTd, num_slots)

@@ -32,6 +32,9 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # [B]
         self._k: dict[int, torch.Tensor] = {}  # layer -> [B, H, S, Dk]
         self._v: dict[int, torch.Tensor] = {}  # layer -> [B, H, S, Dv]
+        # slots of the new tokens of the forward in progress (set by step_slots(), shared by every
+        # layer's update); None outside a model forward
+        self._step_slots_BT: torch.Tensor | None = None
 
     @staticmethod
     def storage_slots(max_len: int) -> int:
@@ -69,12 +72,24 @@ class KVCache:
         k_all, v_all = self._k[layer], self._v[layer]
         # slot of each new token; padding past the end goes to the spare slot (check_room has made
         # sure every valid token fits below max_len)
-        slot_BT = self.positions(T).clamp_(max=self.max_len)
+        slot_BT = self._step_slots_BT
+        if slot_BT is None or slot_BT.shape[1] != T:
+            slot_BT = self.slots_of(self.positions(T))
         idx_k = slot_BT[:, None, :, None].expand(B, H, T, Dk)
         idx_v = slot_BT[:, None, :, None].expand(B, H, T, v_BHTD.shape[-1])
         k_all.scatter_(2, idx_k, k_BHTD.to(self.dtype))
         v_all.scatter_(2, idx_v, v_BHTD.to(self.dtype))
         return k_all[:, :, :num_slots], v_all[:, :, :num_slots]
+
+    def slots_of(self, pos_BT: torch.Tensor) -> torch.Tensor:
+        """Cache slot of each new token at positions pos_BT: the position, or the spare slot past the end."""
+        return pos_BT.clamp(max=self.max_len)
+
+    def step_slots(self, pos_BT: torch.Tensor | None) -> None:
+        """The forward in progress writes its tokens at slots_of(pos_BT) in every layer: computed here
+        once instead of in each layer's update (three kernels per layer of a decode step). The model
+        sets it before its layers and clears it (None) after; an update outside that computes its own."""
+        self._step_slots_BT = None if pos_BT is None else self.slots_of(pos_BT)
 
     def advance(self, valid_BT: torch.Tensor | None, T: int) -> None:
         if valid_BT is None:

@@ -128,6 +128,31 @@ class RotaryEmbedding(nn.Module):
         return (freqs.cos() * self.scale).to(dtype), (freqs.sin() * self.scale).to(dtype)
 
 
+class _RopeTables:
+    """The half-split rotation as two full-width tables, kept for the cos/sin of the current forward.
+
+    x rotated = x * [cos, cos] + [x2, x1] * [-sin, sin] (x1, x2 the halves): the same products and
+    sums as apply_rope's, so the same numbers, in 4 kernels per call instead of 7, the tables made
+    once per forward for every layer (the first call with new cos/sin tensors builds them; the held
+    references make the identity check safe)."""
+    cos = sin = cos_full = sin_signed = None
+
+
+_rope_tables = _RopeTables()
+
+
+def apply_rope_halves(x_BHTR: torch.Tensor, cos_BTr: torch.Tensor, sin_BTr: torch.Tensor) -> torch.Tensor:
+    """apply_rope(x, cos, sin, interleave=False), with the tables shared by the layers of a forward."""
+    t = _rope_tables
+    if t.cos is not cos_BTr or t.sin is not sin_BTr:
+        t.cos, t.sin = cos_BTr, sin_BTr
+        t.cos_full = torch.cat([cos_BTr, cos_BTr], dim=-1)[:, None]
+        t.sin_signed = torch.cat([-sin_BTr, sin_BTr], dim=-1)[:, None]
+    half = x_BHTR.shape[-1] // 2
+    swapped = torch.cat([x_BHTR[..., half:], x_BHTR[..., :half]], dim=-1)
+    return x_BHTR * t.cos_full + swapped * t.sin_signed
+
+
 def apply_rope(x_BHTR: torch.Tensor, cos_BTr: torch.Tensor, sin_BTr: torch.Tensor, interleave: bool) -> torch.Tensor:
     """Rotate x by its positions. interleave=False: pairs (i, i+R/2) (Llama/Mixtral/Qwen layout).
     interleave=True: pairs (2i, 2i+1) (DeepSeek's layout); the result is written de-interleaved

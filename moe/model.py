@@ -162,9 +162,15 @@ class MoEForCausalLM(nn.Module):
         pos_BT, mask_B1TS, windowed, num_slots = self._positions_and_masks(B, T, cache, valid_BT, num_slots)
         x_BTD = self.embed(input_ids_BT)
         cos, sin = self.rotary(pos_BT, x_BTD.dtype)
-        for layer in self.layers:
-            mask = windowed[layer.window] if layer.window else mask_B1TS
-            x_BTD = layer(x_BTD, cos, sin, mask, cache, num_slots, valid_BT)
+        if cache is not None:
+            cache.step_slots(pos_BT)
+        try:
+            for layer in self.layers:
+                mask = windowed[layer.window] if layer.window else mask_B1TS
+                x_BTD = layer(x_BTD, cos, sin, mask, cache, num_slots, valid_BT)
+        finally:
+            if cache is not None:
+                cache.step_slots(None)
         x_BTD = self.norm(x_BTD)
         if last_only:
             last_B = (valid_BT.sum(1) - 1).clamp(min=0) if valid_BT is not None else torch.full(
