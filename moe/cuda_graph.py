@@ -22,6 +22,11 @@ expert backend that syncs with the host (``"torch"``), experts offloaded to host
 cache decisions run on the host). A capture that fails anyway (some op of a model family that
 reads a device value on the host) raises ``GraphCaptureError`` with the cache restored; the
 ``Engine`` then warns and decodes eagerly from that step on.
+
+Offloaded (or CPU-tiered) experts decide on the host every step, so their layers cannot be inside
+a graph: ``PiecewiseDecodeGraphs`` (below; ``piecewise_support``) captures everything between two
+such experts calls as one piece and runs the experts eagerly in between. The ``Engine`` uses it
+when the whole step cannot be captured for that reason alone.
 """
 from __future__ import annotations
 
@@ -70,14 +75,17 @@ class DecodeGraphs:
         reason = graph_support(model)
         if reason is not None:
             raise ValueError(f"cannot capture decode steps in CUDA graphs: {reason}")
+        self._setup(model, cache, bucket, capture=True)
+
+    def _setup(self, model: torch.nn.Module, cache: KVCache, bucket: int, capture: bool) -> None:
         if bucket < 1:
             raise ValueError(f"bucket must be >= 1, got {bucket}")
         self.model, self.cache, self.bucket = model, cache, bucket
         B, dev = cache.batch_size, cache.device
         self._ids_B1 = torch.zeros(B, 1, dtype=torch.long, device=dev)
         self._valid_B1 = torch.zeros(B, 1, dtype=torch.bool, device=dev)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool = torch.cuda.graph_pool_handle()
+        self._graphs: dict = {}  # slot bucket -> what _capture made
+        self._pool = torch.cuda.graph_pool_handle() if capture else None
 
     def slots_for(self, max_length: int) -> int:
         need = max_length + 1
@@ -119,18 +127,181 @@ class DecodeGraphs:
         input_B1 / valid_B1: the next token of each row and whether the row takes part;
         max_length: the longest row's current length (the caller's host-side count).
         """
+        graph, out = self._captured(self._inputs(input_B1, valid_B1, max_length))
+        graph.replay()
+        return out
+
+    def _inputs(self, input_B1: torch.Tensor, valid_B1: torch.Tensor, max_length: int) -> int:
+        """Check the step's inputs and copy them into the static buffers; returns the slot bucket."""
         if tuple(input_B1.shape) != tuple(self._ids_B1.shape) or tuple(valid_B1.shape) != tuple(self._valid_B1.shape):
             raise ValueError(f"decode step inputs must be {tuple(self._ids_B1.shape)}, got {tuple(input_B1.shape)} "
                              f"and {tuple(valid_B1.shape)}")
         num_slots = self.slots_for(max_length)
         self._ids_B1.copy_(input_B1)
         self._valid_B1.copy_(valid_B1)
+        return num_slots
+
+    def _captured(self, num_slots: int):
+        """What _capture made for this bucket (captured on first use)."""
         if num_slots not in self._graphs:
             try:
                 self._graphs[num_slots] = self._capture(num_slots)
             except Exception as e:  # noqa: BLE001 - reported with its cause; _capture restored the cache
                 raise GraphCaptureError(f"capturing a decode step ({num_slots} slots) failed: "
                                         f"{type(e).__name__}: {e}") from e
-        graph, out = self._graphs[num_slots]
-        graph.replay()
-        return out
+        return self._graphs[num_slots]
+
+
+# --- piecewise: graph pieces around experts that decide on the host ------------------------------
+def piecewise_support(model: torch.nn.Module, need_cuda: bool = True) -> str | None:
+    """None when decode steps of ``model`` can run as CUDA-graph pieces around its host-deciding
+    experts (offloaded or tiered MoE layers), else the reason they cannot. need_cuda=False: the
+    pieces are only to be run eagerly (any device)."""
+    dev = getattr(model, "device", None)
+    if need_cuda and (not isinstance(dev, torch.device) or dev.type != "cuda"):
+        return f"the model is on {dev}, not a CUDA device"
+    layers = getattr(model, "layers", None)
+    if layers is None or not hasattr(model, "_positions_and_masks"):
+        return f"{type(model).__name__} is not a MoEForCausalLM (piecewise decode drives its layers itself)"
+    eager = 0
+    for layer in layers:
+        block = layer.mlp
+        if not hasattr(block, "route"):
+            continue  # a dense MLP: inside a piece
+        if type(block.experts) is Experts:
+            if need_cuda and (block.experts.backend != "triton"
+                              or any(p.device.type != "cuda" for p in block.experts.parameters())):
+                return (f"MoE layer {block.layer_idx} has resident experts that cannot be captured (backend "
+                        f"{block.experts.backend!r} or weights off the GPU)")
+        else:
+            eager += 1
+    if not eager:
+        return "every MoE layer's experts are resident: DecodeGraphs captures the whole step"
+    return None
+
+
+class PiecewiseDecodeGraphs(DecodeGraphs):
+    """Decode steps of a model whose experts decide on the host (offloaded: the cache looks at the
+    routing ids every step), as CUDA-graph pieces with those experts run eagerly in between.
+
+        graphs = PiecewiseDecodeGraphs(model, cache)          # same step() as DecodeGraphs
+
+    Piece k replays everything from the previous host-deciding experts call to the next one (the
+    rest of that MoE block, the following layers' attention, norms, dense or resident MoE MLPs, and
+    the next block's router); the first piece starts with the embedding, positions, masks and
+    rotary tables, the last ends with the final norm, lm_head and the cache's advance. Between two
+    pieces the experts run as in eager decode, on the routing the previous piece left in its
+    output buffers, and their output is copied into the buffer the next piece reads: per MoE layer
+    one replay and the experts' own host work, instead of every small kernel's launch.
+
+    Everything one piece hands to a later one (the residual stream, masks, positions, the experts'
+    inputs and outputs) is held in the bucket's state, so the shared memory pool never reuses it;
+    rotary tables and KV-cache slots are rebuilt inside each piece (a few kernels) rather than
+    shared across pieces. Capturing first runs the step on a side stream with the host-deciding
+    experts left out (their output taken as zeros: they run eagerly, so they need no warm-up, and
+    their caches must not count a step that is not real), then restores the cache's lengths; the
+    slots written are rewritten by the real step. Logits are those of ``model(...)``.
+    """
+
+    def __init__(self, model: torch.nn.Module, cache: KVCache, bucket: int = 256, capture: bool = True):
+        reason = piecewise_support(model, need_cuda=capture)
+        if reason is not None:
+            raise ValueError(f"cannot run decode steps as CUDA-graph pieces: {reason}")
+        self.capture = capture  # False: the same pieces run eagerly (any device; what the tests hold to model())
+        self._setup(model, cache, bucket, capture)  # _graphs: bucket -> (the pieces' graphs, their state)
+        self._cuts = [i for i, layer in enumerate(model.layers)
+                      if hasattr(layer.mlp, "route") and type(layer.mlp.experts) is not Experts]
+
+    def _piece(self, k: int, st: dict, num_slots: int) -> None:
+        """Run piece k of a step on the state ``st`` (eagerly, or inside a capture)."""
+        from .layers import _rope_tables
+        m, c, cuts = self.model, self.cache, self._cuts
+        layers = m.layers
+        _rope_tables.cos = None  # tables rebuilt in this piece, never read from another piece's memory
+        if k == 0:
+            B = self._ids_B1.shape[0]
+            pos, mask, windowed, _ = m._positions_and_masks(B, 1, c, self._valid_B1, num_slots)
+            x = m.embed(self._ids_B1)
+            cos, sin = m.rotary(pos, x.dtype)
+            st.update(pos=pos, mask=mask, windowed=windowed, cos=cos, sin=sin)
+            first = 0
+        else:
+            j = cuts[k - 1]  # the rest of the MoE block whose experts ran on the host before this piece
+            block = layers[j].mlp
+            x = st[f"xmid{j}"] + block.combine(st[f"h{j}"], st[f"xN{j}"], st[f"y{j}"])
+            first = j + 1
+        last = cuts[k] if k < len(cuts) else len(layers)
+        c.step_slots(st["pos"])
+        try:
+            for i in range(first, last):
+                layer = layers[i]
+                mask = st["windowed"][layer.window] if layer.window else st["mask"]
+                x = layer(x, st["cos"], st["sin"], mask, c, num_slots, self._valid_B1)
+            if k < len(cuts):
+                layer = layers[last]
+                mask = st["windowed"][layer.window] if layer.window else st["mask"]
+                xmid, h = layer.attention_half(x, st["cos"], st["sin"], mask, c, num_slots)
+                xN, ids, w = layer.mlp.route(h, self._valid_B1)
+                # kept per layer: the experts between this piece and the next read exactly these
+                st.update({f"xmid{last}": xmid, f"h{last}": h, f"xN{last}": xN, f"ids{last}": ids, f"w{last}": w})
+            else:
+                st["logits"] = m.lm_head(m.norm(x))
+                c.advance(self._valid_B1, 1)
+        finally:
+            c.step_slots(None)
+            _rope_tables.cos = None
+
+    def _experts(self, k: int, st: dict, dry: bool) -> None:
+        """Between piece k and k+1: the host-deciding experts of layer cuts[k], into its buffer."""
+        j = self._cuts[k]
+        if f"y{j}" not in st:
+            st[f"y{j}"] = torch.zeros_like(st[f"xN{j}"])
+        if not dry:
+            st[f"y{j}"].copy_(self.model.layers[j].mlp.experts(st[f"xN{j}"], st[f"ids{j}"], st[f"w{j}"]))
+
+    def _capture(self, num_slots: int) -> tuple[list[torch.cuda.CUDAGraph], dict]:
+        c = self.cache
+        lengths = c.lengths.clone()
+        n = len(self._cuts) + 1
+        try:
+            side = torch.cuda.Stream(c.device)
+            side.wait_stream(torch.cuda.current_stream(c.device))
+            with torch.cuda.stream(side):  # compile kernels and create handles outside the capture
+                warm: dict = {}
+                for k in range(n):
+                    self._piece(k, warm, num_slots)
+                    if k < n - 1:
+                        self._experts(k, warm, dry=True)
+                c.lengths.copy_(lengths)
+            torch.cuda.current_stream(c.device).wait_stream(side)
+            del warm
+            st: dict = {}
+            graphs = []
+            for k in range(n):
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
+                    self._piece(k, st, num_slots)
+                graphs.append(g)
+                if k < n - 1:
+                    self._experts(k, st, dry=True)  # allocates the buffer the next piece reads
+            return graphs, st
+        finally:
+            c.lengths.copy_(lengths)
+
+    @torch.inference_mode()
+    def step(self, input_B1: torch.Tensor, valid_B1: torch.Tensor, max_length: int) -> torch.Tensor:
+        """Logits [B, 1, V] of one decode step; advances the cache like ``model(...)`` would."""
+        num_slots = self._inputs(input_B1, valid_B1, max_length)
+        if not self.capture:
+            st: dict = {}
+            for k in range(len(self._cuts) + 1):
+                self._piece(k, st, num_slots)
+                if k < len(self._cuts):
+                    self._experts(k, st, dry=False)
+            return st["logits"]
+        graphs, st = self._captured(num_slots)
+        for k, g in enumerate(graphs):
+            g.replay()
+            if k < len(graphs) - 1:
+                self._experts(k, st, dry=False)
+        return st["logits"]

@@ -35,7 +35,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .cuda_graph import DecodeGraphs, GraphCaptureError, graph_support
+from .cuda_graph import DecodeGraphs, GraphCaptureError, PiecewiseDecodeGraphs, graph_support, piecewise_support
 from .sampling import SamplingParams, sample_tokens
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -114,9 +114,13 @@ class Engine:
         # (moe.cuda_graph): None = when supported, True = required, False = never
         self._graphs = None
         if cuda_graph is not False:
-            reason = graph_support(model) or _hooked(model)
+            hooked = _hooked(model)
+            reason = graph_support(model) or hooked
             if reason is None:
                 self._graphs = DecodeGraphs(model, self.cache)
+            elif hooked is None and piecewise_support(model) is None:
+                # experts that decide on the host (offloaded): graph pieces around them
+                self._graphs = PiecewiseDecodeGraphs(model, self.cache)
             elif cuda_graph:
                 raise ValueError(f"cuda_graph=True but decode steps cannot be captured: {reason}")
         self._ids = itertools.count()

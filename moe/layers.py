@@ -214,18 +214,26 @@ class SparseMoEBlock(nn.Module):
             self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, device)
 
     def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None = None) -> torch.Tensor:
-        B, T, D = x_BTD.shape
-        x_ND = x_BTD.reshape(-1, D)
+        x_ND, topk_ids_NK, topk_weights_NK = self.route(x_BTD, valid_BT)
+        return self.combine(x_BTD, x_ND, self.experts(x_ND, topk_ids_NK, topk_weights_NK))
+
+    def route(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None = None):
+        """(x_ND, topk_ids_NK, topk_weights_NK): the routed experts' inputs. forward = route, experts,
+        combine; moe.cuda_graph's piecewise decode runs the experts (host-deciding) between the two."""
+        x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
         topk_ids_NK, topk_weights_NK, _ = self.router(x_ND)
         if valid_BT is not None:
             # padding and idle batch rows take no expert (-1 contributes zero): no expert math and,
             # when offloading, no expert fetched for them. The router still sees every row, so
             # trace recorders keep their [B*T] shape and filter by the valid mask themselves.
             topk_ids_NK = topk_ids_NK.masked_fill(~valid_BT.reshape(-1, 1), -1)
-        y_ND = self.experts(x_ND, topk_ids_NK, topk_weights_NK)
+        return x_ND, topk_ids_NK, topk_weights_NK
+
+    def combine(self, x_BTD: torch.Tensor, x_ND: torch.Tensor, y_ND: torch.Tensor) -> torch.Tensor:
+        """The block's output [B, T, D]: the routed experts' y_ND plus the shared experts' part."""
         if self.shared_experts is not None:
             shared_ND = self.shared_experts(x_ND)
             if self.shared_expert_gate is not None:
                 shared_ND = torch.sigmoid(self.shared_expert_gate(x_ND)) * shared_ND
             y_ND = y_ND + shared_ND
-        return y_ND.reshape(B, T, D)
+        return y_ND.reshape(x_BTD.shape)

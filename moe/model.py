@@ -37,11 +37,16 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, device=device)
 
     def forward(self, x_BTD, cos, sin, mask_B1TS, cache=None, num_slots=0, valid_BT=None):
-        x_BTD = x_BTD + self.attn(self.input_layernorm(x_BTD), cos, sin, mask_B1TS, cache, num_slots)
-        h_BTD = self.post_attention_layernorm(x_BTD)
+        x_BTD, h_BTD = self.attention_half(x_BTD, cos, sin, mask_B1TS, cache, num_slots)
         if isinstance(self.mlp, SparseMoEBlock):
             return x_BTD + self.mlp(h_BTD, valid_BT)
         return x_BTD + self.mlp(h_BTD)
+
+    def attention_half(self, x_BTD, cos, sin, mask_B1TS, cache=None, num_slots=0):
+        """(x after the attention residual, its post-attention norm): what the MLP half takes.
+        moe.cuda_graph's piecewise decode runs the halves apart around host-deciding experts."""
+        x_BTD = x_BTD + self.attn(self.input_layernorm(x_BTD), cos, sin, mask_B1TS, cache, num_slots)
+        return x_BTD, self.post_attention_layernorm(x_BTD)
 
 
 class MoEForCausalLM(nn.Module):

@@ -1,0 +1,101 @@
+"""Piecewise decode (moe.cuda_graph.PiecewiseDecodeGraphs): the pieces around host-deciding experts
+give the logits of model(); captured on a GPU, eager on the CPU."""
+import pytest
+import torch
+
+from moe.cuda_graph import PiecewiseDecodeGraphs, piecewise_support
+from offload import OffloadConfig, apply_offload
+
+from ..offload.helpers import tiny_model
+
+
+def _offloaded(family, device, slots=2):
+    m = tiny_model(family)
+    if m is None or not hasattr(m, "layers"):
+        pytest.skip("moe's MoEForCausalLM is needed")
+    m = m.to(device)
+    twin = tiny_model(family).to(device)
+    return twin.eval(), apply_offload(m, OffloadConfig(slots_per_layer=slots, device=str(device), calibrate=False,
+                                                       backend="triton" if device.type == "cuda" else "torch")).eval()
+
+
+def _decode(model, steps, piecewise, device, B=2):
+    cache = model.new_cache(B, 64)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, 60, (B, 5), generator=g).to(device)
+    with torch.inference_mode():
+        ids = model(prompt, cache=cache, last_only=True).argmax(-1)
+        valid = torch.ones(B, 1, dtype=torch.bool, device=device)
+        valid[1] = False  # an idle row: its experts are -1, its length does not move
+        runner = piecewise(model, cache) if piecewise else None
+        out, length = [], 5
+        for _ in range(steps):
+            # the same attention width as the pieces' bucket (masked slots change nothing, but a
+            # wider softmax may sum in another order)
+            logits = runner.step(ids, valid, length) if runner else model(ids, cache=cache, valid_BT=valid,
+                                                                          num_slots=cache.max_len)
+            out.append(logits[:, -1].float().clone())
+            ids = logits[:, -1].argmax(-1, keepdim=True)
+            length += 1
+    return out, cache.lengths.tolist()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_pieces_equal_the_model_on_the_cpu(family):
+    dev = torch.device("cpu")
+    _, m = _offloaded(family, dev)
+    want, len_want = _decode(m, 4, None, dev)
+    m2 = _offloaded(family, dev)[1]
+    got, len_got = _decode(m2, 4, lambda mm, c: PiecewiseDecodeGraphs(mm, c, capture=False), dev)
+    assert len_got == len_want
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_support_reasons():
+    m = tiny_model("mixtral")
+    if m is None or not hasattr(m, "layers"):
+        pytest.skip("moe's MoEForCausalLM is needed")
+    assert "not a CUDA device" in piecewise_support(m)
+    with pytest.raises(ValueError, match="CUDA-graph pieces"):
+        PiecewiseDecodeGraphs(m, m.new_cache(1, 8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_captured_pieces_equal_eager_offloaded_decode(family):
+    dev = torch.device("cuda")
+    _, m = _offloaded(family, dev)
+    want, len_want = _decode(m, 6, None, dev)
+    m2 = _offloaded(family, dev)[1]
+    got, len_got = _decode(m2, 6, PiecewiseDecodeGraphs, dev)
+    assert len_got == len_want
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert m2.offload_cache.stats()["hits"] + m2.offload_cache.stats()["misses"] == \
+        m.offload_cache.stats()["hits"] + m.offload_cache.stats()["misses"]  # the capture counted no step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_engine_decodes_offloaded_models_in_pieces():
+    import moe
+    from moe import tiny
+    from moe.generate import Engine
+
+    path = tiny.ensure_tiny_model()
+    tok = moe.Tokenizer.from_dir(path)
+    prompts = ["def f(x):", "import os\nimport", "class A:\n    pass"]
+    params = moe.SamplingParams(max_new_tokens=8)
+    outs = []
+    for graphs in (False, None):
+        m = moe.load_model(path, dtype=torch.float32, device="cuda").eval()
+        m = apply_offload(m, OffloadConfig(slots_per_layer=2, device="cuda", calibrate=False, backend="triton"))
+        eng = Engine(m, tok, max_batch_size=4, max_len=128, cuda_graph=graphs)
+        assert isinstance(eng._graphs, PiecewiseDecodeGraphs) == (graphs is None)
+        ids = [eng.add_request(p, params) for p in prompts]
+        texts = {rid: [] for rid in ids}
+        while eng.has_unfinished():
+            for out in eng.step():
+                texts[out.request_id].append(out.new_text)
+        outs.append(["".join(texts[rid]) for rid in ids])
+    assert outs[0] == outs[1]
