@@ -14,6 +14,12 @@ Floor per step = bytes that must be read / measured copy bandwidth: every non-ex
 (attention, norms, routers, lm_head), the experts the batch activates (expected distinct experts
 per layer under uniform routing, E * (1 - (1 - K/E)^B)), and the KV cache read by attention.
 
+Offloaded (--offload-slots S1,S2,...; run after the resident rows, with --layers to fit host RAM):
+the experts move to pinned host memory (offload.HostExpertStore) and S per layer are cached on
+the GPU (LRU; S = E: every expert cached); "eager" = model(ids, cache), "graph" = the step as
+CUDA-graph pieces around the offloaded experts (moe.cuda_graph.PiecewiseDecodeGraphs), which run
+eagerly in between. The floor is the resident one (copies not counted).
+
 Peer (--peers transformers, measured in the same run after our model is freed): Hugging Face
 transformers' own implementation of the same family at the same shapes (random weights, same dtype,
 on the GPU), decoding with its own KV cache step by step. vLLM and SGLang are not
@@ -35,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from moe.config import MoEConfig  # noqa: E402
-from moe.cuda_graph import DecodeGraphs  # noqa: E402
+from moe.cuda_graph import DecodeGraphs, PiecewiseDecodeGraphs, graph_support  # noqa: E402
 from moe.model import MoEForCausalLM  # noqa: E402
 
 # published shapes (attention and expert dimensions, vocabulary, depth)
@@ -50,8 +56,10 @@ MODELS = {
 }
 
 
-def build(key: str, device: str) -> MoEForCausalLM:
+def build(key: str, device: str, layers: int = 0) -> MoEForCausalLM:
     name, kw = MODELS[key]
+    if layers:
+        kw = dict(kw, num_hidden_layers=layers)
     cfg = MoEConfig.tiny(kw["model_type"], **{k: v for k, v in kw.items() if k != "model_type"},
                          max_position_embeddings=4096)
     backend = "triton" if device == "cuda" else "torch"
@@ -119,7 +127,8 @@ def run(model: MoEForCausalLM, B: int, steps: int, graph: bool, prompt_len: int 
     prompt = torch.randint(3, model.config.vocab_size, (B, prompt_len), generator=g).to(dev)
     ids = model(prompt, cache=cache, last_only=True).argmax(-1)  # [B, 1]
     valid = torch.ones(B, 1, dtype=torch.bool, device=dev)
-    graphs = DecodeGraphs(model, cache) if graph else None
+    # offloaded experts decide on the host: graph pieces around them (PiecewiseDecodeGraphs)
+    graphs = (DecodeGraphs if graph_support(model) is None else PiecewiseDecodeGraphs)(model, cache) if graph else None
     logits = []
     length = prompt_len
     for s in range(steps + 2):
@@ -133,6 +142,46 @@ def run(model: MoEForCausalLM, B: int, steps: int, graph: bool, prompt_len: int 
         length += 1
     sync(dev)
     return (time.perf_counter() - t0) / steps, logits
+
+
+def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float) -> list[dict]:
+    """The same steps with the experts in pinned host memory and S slots per layer on the GPU (an LRU
+    cache, offload.install): eager steps against graph pieces around the offloaded experts. The
+    model's experts move to the host store for good (run last)."""
+    from offload import HostExpertStore, OffloadConfig
+    from offload.apply import install
+    dev = model.device
+    batches = [int(b) for b in args.batch.split(",")]
+    floors = {B: floor_bytes(model, B, 32 + args.steps) / bw * 1e3 for B in batches}  # with the experts resident
+    blocks = model.moe_blocks()
+    cuda = dev.type == "cuda"
+    store = HostExpertStore.from_blocks(blocks, release=lambda i: setattr(blocks[i], "experts", None), pin=cuda)
+    if cuda:
+        torch.cuda.empty_cache()
+    E, K = model.config.num_experts, model.config.num_experts_per_tok
+    rows = []
+    for S in [int(v) for v in args.offload_slots.split(",")]:
+        cache = install(blocks, store, OffloadConfig(slots_per_layer=S, device=str(dev), calibrate=False), device=dev,
+                        top_k=K, slots=S, backend="triton" if cuda else "torch")
+        if S >= E:
+            for layer in range(len(blocks)):
+                cache.prefetch(layer, list(range(E)))
+        for B in batches:
+            r = dict(model=f"{MODELS[key][0]} offloaded {S}/{E}", B=B, layers=len(model.layers), floor_ms=floors[B])
+            for label, graph in (("eager_ms", False), ("graph_ms", True))[:2 if cuda else 1]:
+                cache.reset_stats()
+                t, logits = run(model, B, args.steps, graph=graph)
+                r[label] = t * 1e3
+                r[label.replace("_ms", "_hit")] = cache.stats()["hit_ratio"]  # prefill and warm-up steps included
+                if graph:  # greedy paths part once a near-tie flips: steps before they part
+                    r["steps_same_tokens"] = next((i for i, (a, b) in enumerate(zip(eager_logits, logits))
+                                                   if not torch.equal(a.argmax(-1), b.argmax(-1))), len(logits))
+                else:
+                    eager_logits = logits
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+        del cache
+    return rows
 
 
 def measure_bandwidth(dev) -> float:
@@ -152,6 +201,10 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--peers", default="", help="comma list: transformers (its decode of the same shapes)")
+    ap.add_argument("--layers", type=int, default=0, help="run this many decoder layers (0: the published depth)")
+    ap.add_argument("--offload-slots", default="",
+                    help="comma list of expert slots per layer: also decode with the experts offloaded to pinned "
+                         "host memory and that many cached on the GPU (eager steps vs graph pieces)")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     bw = measure_bandwidth(dev)
@@ -160,7 +213,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for key in args.models.split(","):
-        model = build(key, args.device)
+        model = build(key, args.device, args.layers)
         for B in [int(b) for b in args.batch.split(",")]:
             t_eager, l_eager = run(model, B, args.steps, graph=False)
             r = dict(model=MODELS[key][0], B=B, eager_ms=t_eager * 1e3,
@@ -178,6 +231,8 @@ def main(argv=None) -> int:
                 r["logit_rel_diff"] = max(((a - b).norm() / a.norm()).item() for a, b in zip(l_eager[:same], l_graph[:same])) if same else float("nan")
             rows.append(r)
             print(json.dumps(r), flush=True)
+        if args.offload_slots:
+            rows += run_offloaded(model, key, args, bw)
         cfg, dtype = model.config, model.dtype
         del model
         gc.collect()  # graphs and their pools hold the memory until collected
