@@ -68,6 +68,8 @@ class _Request:
 
 def _hooked(model: torch.nn.Module) -> str | None:
     """A reason not to capture: forward hooks (trace recorders, routing overrides) run host code."""
+    if not hasattr(model, "named_modules"):  # a model object that is not an nn.Module has no hooks
+        return None
     for name, m in model.named_modules():
         if m._forward_hooks or m._forward_pre_hooks:
             return f"module {name or type(model).__name__} has forward hooks (they run host code every step)"
@@ -114,11 +116,10 @@ class Engine:
         # (moe.cuda_graph): None = when supported, True = required, False = never
         self._graphs = None
         if cuda_graph is not False:
-            hooked = _hooked(model)
-            reason = graph_support(model) or hooked
+            reason = graph_support(model) or _hooked(model)
             if reason is None:
                 self._graphs = DecodeGraphs(model, self.cache)
-            elif hooked is None and piecewise_support(model) is None:
+            elif piecewise_support(model) is None and _hooked(model) is None:
                 # experts that decide on the host (offloaded): graph pieces around them
                 self._graphs = PiecewiseDecodeGraphs(model, self.cache)
             elif cuda_graph:
