@@ -194,6 +194,15 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
     output buffers, and their output is copied into the buffer the next piece reads: per MoE layer
     one replay and the experts' own host work, instead of every small kernel's launch.
 
+    Speculation (offloaded experts with ``speculate``, i.e. whole-expert slots): each piece also
+    computes its experts' output as if every routed expert were resident (ids mapped to slots by
+    the cache's device-side table, the others contributing zero) into the buffer the next piece
+    reads. The host then looks at the routing as before; when every expert was resident it keeps
+    that output (the same kernel on the same inputs as its own: no launch, ~0.1 ms of host work
+    less per layer), else it computes the layer as eager decode does and overwrites the buffer.
+    Before each such piece the table is made current and the stream waits for the copies into
+    the layer's slots (``prepare_speculation``).
+
     Everything one piece hands to a later one (the residual stream, masks, positions, the experts'
     inputs and outputs) is held in the bucket's state, so the shared memory pool never reuses it;
     rotary tables and KV-cache slots are rebuilt inside each piece (a few kernels) rather than
@@ -244,6 +253,13 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
                 xN, ids, w = layer.mlp.route(h, self._valid_B1)
                 # kept per layer: the experts between this piece and the next read exactly these
                 st.update({f"xmid{last}": xmid, f"h{last}": h, f"xN{last}": xN, f"ids{last}": ids, f"w{last}": w})
+                if self._speculates(last):
+                    # the experts' output if all of them are resident, into the buffer the next piece
+                    # reads; the host keeps it when it finds them so (no launch of its own), else
+                    # computes the layer as usual and overwrites it
+                    if f"y{last}" not in st:
+                        st[f"y{last}"] = torch.empty_like(xN)
+                    st[f"y{last}"].copy_(layer.mlp.experts.speculate(xN, ids, w))
             else:
                 st["logits"] = m.lm_head(m.norm(x))
                 c.advance(self._valid_B1, 1)
@@ -251,13 +267,27 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
             c.step_slots(None)
             _rope_tables.cos = None
 
+    def _speculates(self, j: int) -> bool:
+        experts = self.model.layers[j].mlp.experts
+        return hasattr(experts, "speculate") and experts.can_speculate()
+
+    def _before_piece(self, k: int) -> None:
+        """Outside any capture, before piece k runs: the slot table of the experts it speculates
+        on made current, and the stream ordered after the copies into their slots."""
+        if k < len(self._cuts) and self._speculates(self._cuts[k]):
+            self.model.layers[self._cuts[k]].mlp.experts.prepare_speculation()
+
     def _experts(self, k: int, st: dict, dry: bool) -> None:
         """Between piece k and k+1: the host-deciding experts of layer cuts[k], into its buffer."""
         j = self._cuts[k]
         if f"y{j}" not in st:
             st[f"y{j}"] = torch.zeros_like(st[f"xN{j}"])
         if not dry:
-            st[f"y{j}"].copy_(self.model.layers[j].mlp.experts(st[f"xN{j}"], st[f"ids{j}"], st[f"w{j}"]))
+            experts = self.model.layers[j].mlp.experts
+            args = (st[f"xN{j}"], st[f"ids{j}"], st[f"w{j}"])
+            y = experts(*args, speculated=st[f"y{j}"]) if self._speculates(j) else experts(*args)
+            if y is not st[f"y{j}"]:
+                st[f"y{j}"].copy_(y)
 
     def _capture(self, num_slots: int) -> tuple[list[torch.cuda.CUDAGraph], dict]:
         c = self.cache
@@ -295,12 +325,14 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
         if not self.capture:
             st: dict = {}
             for k in range(len(self._cuts) + 1):
+                self._before_piece(k)
                 self._piece(k, st, num_slots)
                 if k < len(self._cuts):
                     self._experts(k, st, dry=False)
             return st["logits"]
         graphs, st = self._captured(num_slots)
         for k, g in enumerate(graphs):
+            self._before_piece(k)
             g.replay()
             if k < len(graphs) - 1:
                 self._experts(k, st, dry=False)

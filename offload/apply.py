@@ -126,7 +126,28 @@ class OffloadedExperts(nn.Module):
             return t.pin_memory().to(device, non_blocking=True)
         return t.to(device)
 
-    def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
+    # --- speculation: the all-resident case computed before the host has looked at the ids ---------
+    def can_speculate(self) -> bool:
+        return self.slices == 1
+
+    def prepare_speculation(self) -> None:
+        """Right before work that runs speculate()'s kernel: the slot table made current and the
+        current stream ordered after every copy issued into the layer's slots."""
+        self.cache.slot_table(self.layer)
+        self.cache.await_copies(self.layer)
+
+    def speculate(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
+        """The output if every routed expert is resident: ids mapped to slots on the device (the
+        others to -1, contributing zero) and the kernel on the slot pool. No host sync, so it can
+        sit inside a CUDA graph; forward(..., speculated=y) then takes y when the host finds every
+        expert resident (the same kernel on the same inputs as its own), else computes as usual.
+        Call prepare_speculation() before the work that runs it."""
+        ids = topk_ids_TK if topk_ids_TK.dtype == torch.long else topk_ids_TK.long()
+        # the buffer as prepare_speculation() left it: no refresh here, which a capture would record
+        return self._kernel(x_TD, torch.take(self.cache.slot_table_buffer(self.layer), ids), topk_weights_TK)
+
+    def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
+                speculated: torch.Tensor | None = None) -> torch.Tensor:
         cache, layer = self.cache, self.layer
         expert_ids_np = topk_ids_TK.detach().cpu().numpy()
         # from here on "expert" means a unit of the cache (the expert itself when expert_slices is 1)
@@ -155,10 +176,15 @@ class OffloadedExperts(nn.Module):
             # every expert resident (the common case once the cache is warm): ids map to slots
             # through the layer's device-side table, one gather instead of a host-built copy
             sl = cache.ensure(layer, hits)
-            # torch.take: one plain gather (advanced indexing cost ~3x its host time on the H200 machine)
-            ids_TK = torch.take(cache.slot_table(layer), topk_ids_TK if topk_ids_TK.dtype == torch.long else topk_ids_TK.long())
-            self._prefetch_next(x_TD, expert_ids_np)
-            y_TD = self._kernel(x_TD, ids_TK, topk_weights_TK)
+            if speculated is not None:  # computed already, from the same table state (see speculate)
+                y_TD = speculated
+                self._prefetch_next(x_TD, expert_ids_np)
+            else:
+                # torch.take: one plain gather (advanced indexing cost ~3x its host time on the H200 machine)
+                ids_TK = torch.take(cache.slot_table(layer),
+                                    topk_ids_TK if topk_ids_TK.dtype == torch.long else topk_ids_TK.long())
+                self._prefetch_next(x_TD, expert_ids_np)
+                y_TD = self._kernel(x_TD, ids_TK, topk_weights_TK)
             cache.release(layer, sl)
         elif gpu and len(gpu) <= S:
             # hits' kernel first (no copy to wait for), then the copied experts' once they land

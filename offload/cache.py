@@ -49,7 +49,12 @@ class ExpertCache:
         self._copied_this_step = [False] * L
         self.clock = 0
         self._request: list[set[int]] = [set() for _ in range(L)]  # experts of the ensure call in progress
-        self._slot_table: list[torch.Tensor | None] = [None] * L  # device copy of slot_of; None = stale
+        # device copy of slot_of per layer: one buffer for good (graph pieces read it at a fixed address),
+        # rewritten in place when the layer's residents changed (_table_stale)
+        self._slot_table = [torch.full((self.num_experts + 1,), -1, dtype=torch.long, device=self.device)
+                            for _ in range(L)]
+        self._table_stale = [False] * L
+        self._last_copy = [None] * L  # event of the last copy into the layer (copies are in issue order)
         policy.bind(L, self.num_experts)
         self.reset_stats()
 
@@ -87,15 +92,29 @@ class ExpertCache:
         last entry is -1, so an id of -1 maps to -1). ``table[ids]`` turns routing ids into slot ids
         without a host round trip; re-sent only after the layer's residents changed."""
         t = self._slot_table[layer]
-        if t is None:
+        if self._table_stale[layer]:
             lut = np.full(self.num_experts + 1, -1, dtype=np.int64)
             for e, s in self.slot_of[layer].items():
                 lut[e] = s
-            t = torch.from_numpy(lut)
-            # pinned, so the copy is asynchronous and the host buffer stays alive until it is done
-            t = t.pin_memory().to(self.device, non_blocking=True) if self.cuda else t.to(self.device)
-            self._slot_table[layer] = t
+            src = torch.from_numpy(lut)
+            # from pinned memory, on the current stream: asynchronous, ordered before what reads the table,
+            # and the host buffer is kept until the copy is done
+            t.copy_(src.pin_memory() if self.cuda else src, non_blocking=self.cuda)
+            self._table_stale[layer] = False
         return t
+
+    def slot_table_buffer(self, layer: int) -> torch.Tensor:
+        """The layer's slot table as it stands (no refresh): for code that is being captured into a
+        CUDA graph, where a refresh would be recorded too; call slot_table() before, outside it."""
+        return self._slot_table[layer]
+
+    def await_copies(self, layer: int) -> None:
+        """Make the current stream wait for every copy issued so far into the layer's slots (one event:
+        the copy stream runs them in issue order). Before a kernel that reads the slots through the
+        slot table without ensure(), e.g. inside a CUDA-graph piece (moe.cuda_graph)."""
+        ev = self._last_copy[layer]
+        if self.cuda and ev is not None:
+            torch.cuda.current_stream(self.device).wait_event(ev)
 
     def pool(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.pool_w13[layer], self.pool_w2[layer]
@@ -215,7 +234,7 @@ class ExpertCache:
             self.counters["evictions"] += 1
         self.expert_in[layer][s] = expert
         self.slot_of[layer][expert] = s
-        self._slot_table[layer] = None
+        self._table_stale[layer] = True
         self._copy_in(layer, expert, s)
         self.counters["copies"] += 1
         self.counters["bytes_copied"] += self.store.expert_bytes
@@ -239,6 +258,7 @@ class ExpertCache:
             ev.record(self.copy_stream)
         self._ready[layer][s] = ev
         self._waited[layer][s] = None
+        self._last_copy[layer] = ev
 
     def clear(self) -> None:
         """Forget every resident expert (counters kept): the 'no cache' baseline calls it each step."""
@@ -247,7 +267,7 @@ class ExpertCache:
                 self.policy.evicted(layer, e)
             self.expert_in[layer] = [-1] * self.slots
             self.slot_of[layer].clear()
-            self._slot_table[layer] = None
+            self._table_stale[layer] = True
             self._unused_prefetch[layer].clear()
 
     def copies_in_flight(self, layer: int) -> bool:

@@ -9,14 +9,15 @@ from offload import OffloadConfig, apply_offload
 from ..offload.helpers import tiny_model
 
 
-def _offloaded(family, device, slots=2):
+def _offloaded(family, device, slots=2, **cfg):
     m = tiny_model(family)
     if m is None or not hasattr(m, "layers"):
         pytest.skip("moe's MoEForCausalLM is needed")
     m = m.to(device)
     twin = tiny_model(family).to(device)
     return twin.eval(), apply_offload(m, OffloadConfig(slots_per_layer=slots, device=str(device), calibrate=False,
-                                                       backend="triton" if device.type == "cuda" else "torch")).eval()
+                                                       backend="triton" if device.type == "cuda" else "torch",
+                                                       **cfg)).eval()
 
 
 def _decode(model, steps, piecewise, device, B=2):
@@ -40,16 +41,31 @@ def _decode(model, steps, piecewise, device, B=2):
     return out, cache.lengths.tolist()
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
-def test_pieces_equal_the_model_on_the_cpu(family):
+@pytest.mark.parametrize("family,slots", [("mixtral", 2), ("mixtral", 8), ("qwen2_moe", 2), ("deepseek_v3", 3)])
+def test_pieces_equal_the_model_on_the_cpu(family, slots, monkeypatch):
+    from offload.apply import OffloadedExperts
+
     dev = torch.device("cpu")
-    _, m = _offloaded(family, dev)
+    _, m = _offloaded(family, dev, slots)
     want, len_want = _decode(m, 4, None, dev)
-    m2 = _offloaded(family, dev)[1]
+    m2 = _offloaded(family, dev, slots)[1]
+    kept = []  # layer calls whose speculated output was kept (every expert resident)
+    real = OffloadedExperts.forward
+
+    def spy(self, x, ids, w, speculated=None):
+        y = real(self, x, ids, w, speculated=speculated)
+        kept.append(speculated is not None and y is speculated)
+        return y
+
+    monkeypatch.setattr(OffloadedExperts, "forward", spy)
     got, len_got = _decode(m2, 4, lambda mm, c: PiecewiseDecodeGraphs(mm, c, capture=False), dev)
     assert len_got == len_want
     for a, b in zip(want, got):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+    if slots == 8:  # every expert fits: once each is in, every layer call keeps its speculation
+        assert sum(kept) >= len(kept) // 2
+    else:
+        assert not all(kept)
 
 
 def test_support_reasons():
@@ -62,12 +78,13 @@ def test_support_reasons():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
-def test_captured_pieces_equal_eager_offloaded_decode(family):
+@pytest.mark.parametrize("family,slots,cfg", [("mixtral", 2, {}), ("mixtral", 8, {}), ("qwen3_moe", 2, {}),
+                                              ("mixtral", 3, {"prefetch": "next_layer_gate"})])
+def test_captured_pieces_equal_eager_offloaded_decode(family, slots, cfg):
     dev = torch.device("cuda")
-    _, m = _offloaded(family, dev)
+    _, m = _offloaded(family, dev, slots, **cfg)
     want, len_want = _decode(m, 6, None, dev)
-    m2 = _offloaded(family, dev)[1]
+    m2 = _offloaded(family, dev, slots, **cfg)[1]
     got, len_got = _decode(m2, 6, PiecewiseDecodeGraphs, dev)
     assert len_got == len_want
     for a, b in zip(want, got):
