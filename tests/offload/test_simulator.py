@@ -254,3 +254,24 @@ def test_prefetch_budget_bounds_predictor_prefetches():
         assert st["copies"] == st["misses"] + st["prefetches"]
     with pytest.raises(ValueError, match="prefetch_budget"):
         simulate(tr, "lru", 3, prefetch="oracle", prefetch_budget=-1)
+
+
+def test_calibration_times_the_cpu_on_cold_copies(monkeypatch):
+    """The CPU rate is timed over copies of the expert that exceed the cache budget, not one warm expert."""
+    import kernels
+
+    seen = []
+    real = kernels.expert_mlp_reference
+
+    def spy(x, w13, w2):
+        seen.append(w13.data_ptr())
+        return real(x, w13, w2)
+
+    monkeypatch.setattr(kernels, "expert_mlp_reference", spy)
+    w13, w2 = torch.randn(16, 8), torch.randn(8, 8)
+    nbytes = (w13.numel() + w2.numel()) * 4
+    cm = CostModel.calibrate(torch.device("cpu"), w13, w2, cold_bytes=5 * nbytes)
+    assert len(set(seen)) == 5 and cm.cpu_base_s >= 0 and cm.cpu_per_token_s > 0
+    seen.clear()
+    CostModel.calibrate(torch.device("cpu"), w13, w2, cold_bytes=1)
+    assert len(set(seen)) == 1
