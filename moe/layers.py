@@ -13,6 +13,7 @@ MoE block data flow (one layer):
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -128,13 +129,14 @@ class RotaryEmbedding(nn.Module):
         return (freqs.cos() * self.scale).to(dtype), (freqs.sin() * self.scale).to(dtype)
 
 
-class _RopeTables:
+class _RopeTables(threading.local):
     """The half-split rotation as two full-width tables, kept for the cos/sin of the current forward.
 
     x rotated = x * [cos, cos] + [x2, x1] * [-sin, sin] (x1, x2 the halves): the same products and
     sums as apply_rope's, so the same numbers, in 4 kernels per call instead of 7, the tables made
     once per forward for every layer (the first call with new cos/sin tensors builds them; the held
-    references make the identity check safe)."""
+    references make the identity check safe). One per thread: forwards in two threads never read
+    each other's tables."""
     cos = sin = cos_full = sin_signed = None
 
 
