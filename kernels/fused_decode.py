@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .grouped_gemm import _interpreted, _pdl, gdc_launch_dependents, gdc_wait, pdl_ok
-from .launch_config import FusedDecodeConfig
+from .launch_config import FusedDecodeConfig, cdiv, next_pow2
 
 
 @triton.jit
@@ -114,18 +114,18 @@ def _plan(device: torch.device, dtype: torch.dtype, I: int, K: int, D: int, cfg:
     """Everything about the two launches that depends only on shapes and config, computed once.
     A one-token call is host-bound on a slow host (Python glue measured at ~80 us a call on the H200
     machine's CPU before this cache, against ~25 us of GPU work), so the per-call path keeps to
-    the launches. (Plain integer arithmetic: triton.cdiv is a JIT function, ~8 us a call.)"""
-    num_c = -(-I // cfg.block_i)
+    the launches."""
+    num_c = cdiv(I, cfg.block_i)
     rows = K * num_c
     pdl = not interpreted and pdl_ok(torch.empty(0, device=device))
     # the sum: BLOCK_R x BLOCK_S = 8192 values a program (one round of loads for most shapes)
-    block_r = min(256, 1 << max(rows - 1, 0).bit_length())
+    block_r = min(256, next_pow2(rows))
     block_s = 16 if interpreted else max(16, min(256, 8192 // block_r))
     up = dict(CAST_F32=interpreted, PREC="ieee" if dtype == torch.float32 else "tf32", PDL=pdl,
               BLOCK_I=cfg.block_i, BLOCK_D=cfg.block_d, BLOCK_D2=cfg.block_d2,
               num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_pdl(pdl))
     down = dict(PDL=pdl, BLOCK_R=block_r, BLOCK_S=block_s, num_warps=1 if interpreted else 8, **_pdl(pdl))
-    return num_c, rows, (rows,), (-(-D // block_s),), up, down
+    return num_c, rows, (rows,), (cdiv(D, block_s),), up, down
 
 
 def moe_decode1(x_1D: torch.Tensor, w13_EJD: torch.Tensor, w2_EDI: torch.Tensor, topk_ids_1K: torch.Tensor,

@@ -543,5 +543,5 @@ def moe_sum(out_PD, topk_ids_TK, num_experts: int, out_dtype, pdl: bool = False)
     ids = topk_ids_TK if topk_ids_TK.is_contiguous() else topk_ids_TK.contiguous()
     block_d = min(1024, next_pow2(D))
     _moe_sum_kernel[(T, cdiv(D, block_d))](out_PD, ids, y, D, num_experts, out_PD.stride(0), y.stride(0),
-                                                  TOP_K=K, BLOCK_D=block_d, PDL=pdl, num_warps=4, **_pdl(pdl))
+                                           TOP_K=K, BLOCK_D=block_d, PDL=pdl, num_warps=4, **_pdl(pdl))
     return y
