@@ -31,24 +31,10 @@ from .cache import ExpertCache
 from .config import OffloadConfig, parse_bytes
 from .cost_model import CostModel
 from .cpu_compute import cpu_experts
-from .policies import make_policy
+from .policies import count_ids, make_policy
 from .prefetch import Lookahead
 from .slices import check_slices, expand_ids, expand_weights, unit_trace, units_of
 from .store import DiskExpertStore, ExpertStore, HostExpertStore
-
-
-def _count_ids(ids: np.ndarray) -> dict[int, int]:
-    """{id: occurrences} over the ids >= 0, in ascending id order. A decode step has a handful of
-    ids, where plain Python is ~10x cheaper than np.unique; a prefill's thousands go through numpy."""
-    if ids.size <= 512:
-        c: dict[int, int] = {}
-        for e in ids.ravel().tolist():
-            if e >= 0:
-                c[e] = c.get(e, 0) + 1
-        return dict(sorted(c.items()))
-    flat = ids.reshape(-1)
-    experts, n = np.unique(flat[flat >= 0], return_counts=True)
-    return dict(zip(experts.tolist(), n.tolist()))
 
 
 class OffloadedExperts(nn.Module):
@@ -143,7 +129,8 @@ class OffloadedExperts(nn.Module):
         expert resident (the same kernel on the same inputs as its own), else computes as usual.
         Call prepare_speculation() before the work that runs it."""
         ids = topk_ids_TK if topk_ids_TK.dtype == torch.long else topk_ids_TK.long()
-        # the buffer as prepare_speculation() left it: no refresh here, which a capture would record
+        # the buffer as prepare_speculation() left it: no refresh here, which a capture would record.
+        # torch.take: one plain gather (advanced indexing cost ~3x its host time on the H200 machine)
         return self._kernel(x_TD, torch.take(self.cache.slot_table_buffer(self.layer), ids), topk_weights_TK)
 
     def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
@@ -153,7 +140,7 @@ class OffloadedExperts(nn.Module):
         # from here on "expert" means a unit of the cache (the expert itself when expert_slices is 1)
         ids_np = expand_ids(expert_ids_np, self.slices)
         topk_weights_TK = expand_weights(topk_weights_TK, self.slices)
-        counts = _count_ids(ids_np)  # {unit: pairs routed to it}, ascending
+        counts = count_ids(ids_np)  # {unit: pairs routed to it}, ascending
         if counts and next(reversed(counts)) >= cache.num_experts:
             raise ValueError(f"expert id {next(reversed(counts)) // self.slices} out of range for "
                              f"{self.num_experts} experts")
@@ -176,15 +163,11 @@ class OffloadedExperts(nn.Module):
             # every expert resident (the common case once the cache is warm): ids map to slots
             # through the layer's device-side table, one gather instead of a host-built copy
             sl = cache.ensure(layer, hits)
-            if speculated is not None:  # computed already, from the same table state (see speculate)
-                y_TD = speculated
-                self._prefetch_next(x_TD, expert_ids_np)
-            else:
-                # torch.take: one plain gather (advanced indexing cost ~3x its host time on the H200 machine)
-                ids_TK = torch.take(cache.slot_table(layer),
-                                    topk_ids_TK if topk_ids_TK.dtype == torch.long else topk_ids_TK.long())
-                self._prefetch_next(x_TD, expert_ids_np)
-                y_TD = self._kernel(x_TD, ids_TK, topk_weights_TK)
+            self._prefetch_next(x_TD, expert_ids_np)  # copies into later layers: this table stays as is
+            if speculated is None:  # else computed already, from the same table state (see speculate)
+                cache.slot_table(layer)  # made current for speculate()'s gather
+                speculated = self.speculate(x_TD, topk_ids_TK, topk_weights_TK)
+            y_TD = speculated
             cache.release(layer, sl)
         elif gpu and len(gpu) <= S:
             # hits' kernel first (no copy to wait for), then the copied experts' once they land
