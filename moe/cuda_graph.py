@@ -220,6 +220,9 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
         self._setup(model, cache, bucket, capture)  # _graphs: bucket -> (the pieces' graphs, their state)
         self._cuts = [i for i, layer in enumerate(model.layers)
                       if hasattr(layer.mlp, "route") and type(layer.mlp.experts) is not Experts]
+        # the cut layers whose experts compute the all-resident output inside the piece (fixed per model)
+        self._spec = {j for j in self._cuts if hasattr(model.layers[j].mlp.experts, "speculate")
+                      and model.layers[j].mlp.experts.can_speculate()}
 
     def _piece(self, k: int, st: dict, num_slots: int) -> None:
         """Run piece k of a step on the state ``st`` (eagerly, or inside a capture)."""
@@ -253,7 +256,7 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
                 xN, ids, w = layer.mlp.route(h, self._valid_B1)
                 # kept per layer: the experts between this piece and the next read exactly these
                 st.update({f"xmid{last}": xmid, f"h{last}": h, f"xN{last}": xN, f"ids{last}": ids, f"w{last}": w})
-                if self._speculates(last):
+                if last in self._spec:
                     # the experts' output if all of them are resident, into the buffer the next piece
                     # reads; the host keeps it when it finds them so (no launch of its own), else
                     # computes the layer as usual and overwrites it
@@ -267,14 +270,10 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
             c.step_slots(None)
             _rope_tables.cos = None
 
-    def _speculates(self, j: int) -> bool:
-        experts = self.model.layers[j].mlp.experts
-        return hasattr(experts, "speculate") and experts.can_speculate()
-
     def _before_piece(self, k: int) -> None:
         """Outside any capture, before piece k runs: the slot table of the experts it speculates
         on made current, and the stream ordered after the copies into their slots."""
-        if k < len(self._cuts) and self._speculates(self._cuts[k]):
+        if k < len(self._cuts) and self._cuts[k] in self._spec:
             self.model.layers[self._cuts[k]].mlp.experts.prepare_speculation()
 
     def _experts(self, k: int, st: dict, dry: bool) -> None:
@@ -285,7 +284,7 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
         if not dry:
             experts = self.model.layers[j].mlp.experts
             args = (st[f"xN{j}"], st[f"ids{j}"], st[f"w{j}"])
-            y = experts(*args, speculated=st[f"y{j}"]) if self._speculates(j) else experts(*args)
+            y = experts(*args, speculated=st[f"y{j}"]) if j in self._spec else experts(*args)
             if y is not st[f"y{j}"]:
                 st[f"y{j}"].copy_(y)
 
