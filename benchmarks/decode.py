@@ -144,6 +144,16 @@ def run(model: MoEForCausalLM, B: int, steps: int, graph: bool, prompt_len: int 
     return (time.perf_counter() - t0) / steps, logits
 
 
+def steps_before_parting(logits_a: list[torch.Tensor], logits_b: list[torch.Tensor]) -> int:
+    """How many leading steps two decodes' greedy tokens agree (a near-tie can flip, then they part)."""
+    same = 0
+    for a, b in zip(logits_a, logits_b):
+        if not torch.equal(a.argmax(-1), b.argmax(-1)):
+            break
+        same += 1
+    return same
+
+
 def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float) -> list[dict]:
     """The same steps with the experts in pinned host memory and S slots per layer on the GPU (an LRU
     cache, offload.install): eager steps against graph pieces around the offloaded experts. The
@@ -173,9 +183,8 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float) -> list[dict
                 t, logits = run(model, B, args.steps, graph=graph)
                 r[label] = t * 1e3
                 r[label.replace("_ms", "_hit")] = cache.stats()["hit_ratio"]  # prefill and warm-up steps included
-                if graph:  # greedy paths part once a near-tie flips: steps before they part
-                    r["steps_same_tokens"] = next((i for i, (a, b) in enumerate(zip(eager_logits, logits))
-                                                   if not torch.equal(a.argmax(-1), b.argmax(-1))), len(logits))
+                if graph:
+                    r["steps_same_tokens"] = steps_before_parting(eager_logits, logits)
                 else:
                     eager_logits = logits
             rows.append(r)
@@ -222,11 +231,7 @@ def main(argv=None) -> int:
                 t_graph, l_graph = run(model, B, args.steps, graph=True)
                 r["graph_ms"] = t_graph * 1e3
                 # greedy paths can part once a near-tie flips; compare the steps before they part
-                same = 0
-                for a, b in zip(l_eager, l_graph):
-                    if not torch.equal(a.argmax(-1), b.argmax(-1)):
-                        break
-                    same += 1
+                same = steps_before_parting(l_eager, l_graph)
                 r["steps_compared"] = same
                 r["logit_rel_diff"] = max(((a - b).norm() / a.norm()).item() for a, b in zip(l_eager[:same], l_graph[:same])) if same else float("nan")
             rows.append(r)

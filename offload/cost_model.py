@@ -6,8 +6,9 @@
 Both rates are measured at start-up on the machine at hand (`CostModel.calibrate`): a pinned
 host->device copy of one expert, and one expert's SwiGLU MLP on the CPU at 1 and at 8 tokens
 on weights that are not in the CPU's cache (at one token the CPU reads the whole expert from
-memory, so the base term dominates; the slope is the compute rate). `split` then shares a step's misses between the copy engine and
-the CPU so that both finish together: the two are separate resources and an oracle uses both.
+memory, so the base term dominates; the slope is the compute rate). `split` then shares a step's
+misses between the copy engine and the CPU so that both finish together: the two are separate
+resources and an oracle uses both.
 """
 from __future__ import annotations
 
