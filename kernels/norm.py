@@ -40,7 +40,7 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 
 @functools.lru_cache(maxsize=64)
-def _launch(N: int, dtype: torch.dtype) -> dict:
+def _launch(N: int) -> dict:
     block = next_pow2(N)
     return dict(BLOCK=block, num_warps=max(1, min(8, block // 256)))
 
@@ -58,5 +58,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
     y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
     if x2.shape[0]:
-        _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, N, x2.stride(0), y.stride(0), eps, **_launch(N, x.dtype))
+        _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, N, x2.stride(0), y.stride(0), eps, **_launch(N))
     return y.view(*x.shape[:-1], N)
