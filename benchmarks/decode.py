@@ -18,7 +18,10 @@ Offloaded (--offload-slots S1,S2,...; run after the resident rows, with --layers
 the experts move to pinned host memory (offload.HostExpertStore) and S per layer are cached on
 the GPU (LRU; S = E: every expert cached); "eager" = model(ids, cache), "graph" = the step as
 CUDA-graph pieces around the offloaded experts (moe.cuda_graph.PiecewiseDecodeGraphs), which run
-eagerly in between. The floor is the resident one (copies not counted).
+eagerly in between, each piece queued before the host has read the previous layer's routing
+(run-ahead), "graph_serial" = the same pieces each queued after it. The floor is the resident one
+(copies not counted). --eager-bucket 256 adds resident eager steps whose attention width is rounded
+up as the graphs' is.
 
 Peer (--peers transformers, measured in the same run after our model is freed): Hugging Face
 transformers' own implementation of the same family at the same shapes (random weights, same dtype,
@@ -120,7 +123,8 @@ def sync(dev):
 
 
 @torch.inference_mode()
-def run(model: MoEForCausalLM, B: int, steps: int, graph: bool, prompt_len: int = 32, seed: int = 0):
+def run(model: MoEForCausalLM, B: int, steps: int, graph: bool, prompt_len: int = 32, seed: int = 0,
+        run_ahead: bool = True, bucket: int = 0):
     dev = model.device
     g = torch.Generator(device="cpu").manual_seed(seed)
     cache = model.new_cache(B, prompt_len + steps + 8)
@@ -128,14 +132,24 @@ def run(model: MoEForCausalLM, B: int, steps: int, graph: bool, prompt_len: int 
     ids = model(prompt, cache=cache, last_only=True).argmax(-1)  # [B, 1]
     valid = torch.ones(B, 1, dtype=torch.bool, device=dev)
     # offloaded experts decide on the host: graph pieces around them (PiecewiseDecodeGraphs)
-    graphs = (DecodeGraphs if graph_support(model) is None else PiecewiseDecodeGraphs)(model, cache) if graph else None
+    if not graph:
+        graphs = None
+    elif graph_support(model) is None:
+        graphs = DecodeGraphs(model, cache)
+    else:
+        graphs = PiecewiseDecodeGraphs(model, cache, run_ahead=run_ahead)
     logits = []
     length = prompt_len
     for s in range(steps + 2):
         if s == 2:  # the first steps capture / warm up
             sync(dev)
             t0 = time.perf_counter()
-        out = graphs.step(ids, valid, length) if graph else model(ids, cache=cache)
+        if graph:
+            out = graphs.step(ids, valid, length)
+        elif bucket:  # eager with the attention width rounded up as the graphs do (fewer distinct shapes)
+            out = model(ids, cache=cache, num_slots=min(-(-(length + 1) // bucket) * bucket, cache.max_len))
+        else:
+            out = model(ids, cache=cache)
         ids = out[:, -1].argmax(-1, keepdim=True)
         if s < 8:
             logits.append(out[:, -1].float().clone())
@@ -178,13 +192,14 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float) -> list[dict
                 cache.prefetch(layer, list(range(E)))
         for B in batches:
             r = dict(model=f"{MODELS[key][0]} offloaded {S}/{E}", B=B, layers=len(model.layers), floor_ms=floors[B])
-            for label, graph in (("eager_ms", False), ("graph_ms", True))[:2 if cuda else 1]:
+            variants = (("eager_ms", False, True), ("graph_ms", True, True), ("graph_serial_ms", True, False))
+            for label, graph, ahead in variants[:3 if cuda else 1]:
                 cache.reset_stats()
-                t, logits = run(model, B, args.steps, graph=graph)
+                t, logits = run(model, B, args.steps, graph=graph, run_ahead=ahead)
                 r[label] = t * 1e3
                 r[label.replace("_ms", "_hit")] = cache.stats()["hit_ratio"]  # prefill and warm-up steps included
                 if graph:
-                    r["steps_same_tokens"] = steps_before_parting(eager_logits, logits)
+                    r[label.replace("_ms", "_same_steps")] = steps_before_parting(eager_logits, logits)
                 else:
                     eager_logits = logits
             rows.append(r)
@@ -214,6 +229,8 @@ def main(argv=None) -> int:
     ap.add_argument("--offload-slots", default="",
                     help="comma list of expert slots per layer: also decode with the experts offloaded to pinned "
                          "host memory and that many cached on the GPU (eager steps vs graph pieces)")
+    ap.add_argument("--eager-bucket", type=int, default=0,
+                    help="also time eager resident steps with the attention width rounded up to this (0: not)")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     bw = measure_bandwidth(dev)
@@ -227,6 +244,8 @@ def main(argv=None) -> int:
             t_eager, l_eager = run(model, B, args.steps, graph=False)
             r = dict(model=MODELS[key][0], B=B, eager_ms=t_eager * 1e3,
                      floor_ms=floor_bytes(model, B, 32 + args.steps) / bw * 1e3)
+            if args.eager_bucket:
+                r["eager_bucketed_ms"] = run(model, B, args.steps, graph=False, bucket=args.eager_bucket)[0] * 1e3
             if dev.type == "cuda":
                 t_graph, l_graph = run(model, B, args.steps, graph=True)
                 r["graph_ms"] = t_graph * 1e3
@@ -255,6 +274,13 @@ def main(argv=None) -> int:
     with open(out / "decode_results.jsonl", "a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
+    off = [r for r in rows if "graph_serial_ms" in r]
+    if off:
+        print(f"\n## offloaded decode, ms per step\n{'model':28s} {'B':>3s} {'eager':>8s} {'serial':>8s} "
+              f"{'run-ahead':>9s} {'hit':>5s}")
+        for r in off:
+            print(f"{r['model']:28s} {r['B']:3d} {r['eager_ms']:8.3f} {r['graph_serial_ms']:8.3f} {r['graph_ms']:9.3f} "
+                  f"{r['graph_hit']:5.2f}")
     print(f"\n## resident decode, ms per step (tokens/s = B / step); bf16, triton experts\n"
           f"{'model':16s} {'B':>3s} {'floor':>8s} {'eager':>8s} {'graph':>8s} {'hf':>8s} {'eager/graph':>11s} "
           f"{'hf/graph':>8s} {'graph/floor':>11s} {'tok/s graph':>11s}")

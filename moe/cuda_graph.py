@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import torch
 
 from .kv_cache import KVCache
@@ -203,6 +204,15 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
     Before each such piece the table is made current and the stream waits for the copies into
     the layer's slots (``prepare_speculation``).
 
+    Run-ahead (run_ahead=True, for layers whose experts read nothing from the device but the
+    ids: ``can_run_ahead``): the routing ids of a speculating layer go to a pinned host buffer and
+    the next piece is queued at once, on the speculation; only then does the host wait for the
+    ids (not for that piece) and do the layer's bookkeeping, so the GPU runs the next piece
+    meanwhile instead of idling. When the speculation is not kept (a miss, or a copy into the
+    layer since its table was made current), the layer is computed as usual and the next piece
+    runs again: it rewrites the same KV slots and buffers. The last piece (it advances the cache)
+    is never queued ahead.
+
     Everything one piece hands to a later one (the residual stream, masks, positions, the experts'
     inputs and outputs) is held in the bucket's state, so the shared memory pool never reuses it;
     rotary tables and KV-cache slots are rebuilt inside each piece (a few kernels) rather than
@@ -212,7 +222,8 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
     slots written are rewritten by the real step. Logits are those of ``model(...)``.
     """
 
-    def __init__(self, model: torch.nn.Module, cache: KVCache, bucket: int = 256, capture: bool = True):
+    def __init__(self, model: torch.nn.Module, cache: KVCache, bucket: int = 256,
+                 capture: bool = True, run_ahead: bool = True):
         reason = piecewise_support(model, need_cuda=capture)
         if reason is not None:
             raise ValueError(f"cannot run decode steps as CUDA-graph pieces: {reason}")
@@ -223,6 +234,11 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
         # the cut layers whose experts compute the all-resident output inside the piece (fixed per model)
         self._spec = {j for j in self._cuts if hasattr(model.layers[j].mlp.experts, "speculate")
                       and model.layers[j].mlp.experts.can_speculate()}
+        # the pieces k + 1 queued on layer cuts[k]'s speculation before the host reads its routing
+        # (never the last piece: it advances the cache, so it must run exactly once)
+        self._ahead = {k for k, j in enumerate(self._cuts[:-1])
+                       if run_ahead and j in self._spec and model.layers[j].mlp.experts.can_run_ahead()}
+        self._ids_host: dict = {}  # cut layer -> (pinned host buffer of its routing ids, the copy's event)
 
     def _piece(self, k: int, st: dict, num_slots: int) -> None:
         """Run piece k of a step on the state ``st`` (eagerly, or inside a capture)."""
@@ -276,17 +292,38 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
         if k < len(self._cuts) and self._cuts[k] in self._spec:
             self.model.layers[self._cuts[k]].mlp.experts.prepare_speculation()
 
-    def _experts(self, k: int, st: dict, dry: bool) -> None:
-        """Between piece k and k+1: the host-deciding experts of layer cuts[k], into its buffer."""
+    def _experts(self, k: int, st: dict, dry: bool, ids_host: np.ndarray | None = None) -> bool:
+        """Between piece k and k+1: the host-deciding experts of layer cuts[k], into its buffer.
+        True when the buffer already held their output (the speculation was kept)."""
         j = self._cuts[k]
         if f"y{j}" not in st:
             st[f"y{j}"] = torch.zeros_like(st[f"xN{j}"])
-        if not dry:
-            experts = self.model.layers[j].mlp.experts
-            args = (st[f"xN{j}"], st[f"ids{j}"], st[f"w{j}"])
-            y = experts(*args, speculated=st[f"y{j}"]) if j in self._spec else experts(*args)
-            if y is not st[f"y{j}"]:
-                st[f"y{j}"].copy_(y)
+        if dry:
+            return False
+        experts = self.model.layers[j].mlp.experts
+        args = (st[f"xN{j}"], st[f"ids{j}"], st[f"w{j}"])
+        if j in self._spec:
+            y = experts(*args, speculated=st[f"y{j}"], ids_host=ids_host)
+        else:
+            y = experts(*args)
+        if y is st[f"y{j}"]:
+            return True
+        st[f"y{j}"].copy_(y)
+        return False
+
+    def _ids_to_host(self, j: int, st: dict) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Layer j's routing ids on the host, waiting only for the work queued so far (a copy into
+        pinned memory and its event), not for what is queued after this call."""
+        ids = st[f"ids{j}"]
+        buf, ev = self._ids_host.get(j, (None, None))
+        if buf is None or buf.shape != ids.shape or buf.dtype != ids.dtype:
+            buf = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=ids.is_cuda)
+            ev = torch.cuda.Event() if ids.is_cuda else None
+            self._ids_host[j] = (buf, ev)
+        buf.copy_(ids, non_blocking=ids.is_cuda)
+        if ev is not None:
+            ev.record()
+        return buf, ev
 
     def _capture(self, num_slots: int) -> tuple[list[torch.cuda.CUDAGraph], dict]:
         c = self.cache
@@ -321,18 +358,33 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
     def step(self, input_B1: torch.Tensor, valid_B1: torch.Tensor, max_length: int) -> torch.Tensor:
         """Logits [B, 1, V] of one decode step; advances the cache like ``model(...)`` would."""
         num_slots = self._inputs(input_B1, valid_B1, max_length)
-        if not self.capture:
-            st: dict = {}
-            for k in range(len(self._cuts) + 1):
+        if self.capture:
+            graphs, st = self._captured(num_slots)
+
+            def run(k):
+                self._before_piece(k)
+                graphs[k].replay()
+        else:
+            st = {}
+
+            def run(k):
                 self._before_piece(k)
                 self._piece(k, st, num_slots)
-                if k < len(self._cuts):
-                    self._experts(k, st, dry=False)
-            return st["logits"]
-        graphs, st = self._captured(num_slots)
-        for k, g in enumerate(graphs):
-            self._before_piece(k)
-            g.replay()
-            if k < len(graphs) - 1:
+        run(0)
+        for k in range(len(self._cuts)):
+            if k in self._ahead:
+                # run-ahead: piece k + 1 is queued on layer cuts[k]'s speculation before the host
+                # looks at that layer's routing, so the host's work for the layer overlaps the
+                # GPU's next piece instead of leaving the GPU idle. When the speculation is not
+                # kept, piece k + 1 runs again on the real output: it rewrites the same KV slots
+                # and buffers, and its own speculation is prepared afresh.
+                buf, ev = self._ids_to_host(self._cuts[k], st)
+                run(k + 1)
+                if ev is not None:
+                    ev.synchronize()
+                if not self._experts(k, st, dry=False, ids_host=buf.numpy().copy()):
+                    run(k + 1)
+            else:
                 self._experts(k, st, dry=False)
+                run(k + 1)
         return st["logits"]

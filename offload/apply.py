@@ -56,6 +56,7 @@ class OffloadedExperts(nn.Module):
         self.prefetch_k = prefetch_k or top_k
         self.slices = cache.store.slices  # G: the cache holds units, G per expert (offload/slices.py)
         self.num_experts = cache.num_experts // self.slices
+        self._prepared_at: int | None = None  # cache.changes[layer] at the last prepare_speculation()
 
     @property
     def store(self) -> ExpertStore:
@@ -116,11 +117,21 @@ class OffloadedExperts(nn.Module):
     def can_speculate(self) -> bool:
         return self.slices == 1
 
+    def can_run_ahead(self) -> bool:
+        """Whether forward(..., speculated=, ids_host=) reads nothing from the device but the ids it
+        is handed: no next-layer gate and no predictor (their guesses come back to the host) and no
+        CPU fallback (the input goes to the host). Only then may the caller queue the next layer's
+        work before this call without the call waiting for that work (moe.cuda_graph's run-ahead)."""
+        return (self.can_speculate() and self._next_router[0] is None and self.lookahead is None
+                and not self.cpu_fallback)
+
     def prepare_speculation(self) -> None:
         """Right before work that runs speculate()'s kernel: the slot table made current and the
-        current stream ordered after every copy issued into the layer's slots."""
+        current stream ordered after every copy issued into the layer's slots. A speculation is
+        kept only if the layer's residents have not changed since (forward checks)."""
         self.cache.slot_table(self.layer)
         self.cache.await_copies(self.layer)
+        self._prepared_at = self.cache.changes[self.layer]
 
     def speculate(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
         """The output if every routed expert is resident: ids mapped to slots on the device (the
@@ -134,9 +145,14 @@ class OffloadedExperts(nn.Module):
         return self._kernel(x_TD, torch.take(self.cache.slot_table_buffer(self.layer), ids), topk_weights_TK)
 
     def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
-                speculated: torch.Tensor | None = None) -> torch.Tensor:
+                speculated: torch.Tensor | None = None, ids_host: np.ndarray | None = None) -> torch.Tensor:
+        """speculated: speculate()'s output for these inputs, kept when every routed expert is
+        resident and the residents have not changed since prepare_speculation(); ids_host: the
+        routing ids already on the host (the caller copied them), else they are read here."""
         cache, layer = self.cache, self.layer
-        expert_ids_np = topk_ids_TK.detach().cpu().numpy()
+        if speculated is not None and self._prepared_at != cache.changes[layer]:
+            speculated = None  # a copy into the layer since: the table the speculation read is stale
+        expert_ids_np = topk_ids_TK.detach().cpu().numpy() if ids_host is None else ids_host
         # from here on "expert" means a unit of the cache (the expert itself when expert_slices is 1)
         ids_np = expand_ids(expert_ids_np, self.slices)
         topk_weights_TK = expand_weights(topk_weights_TK, self.slices)

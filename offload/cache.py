@@ -55,6 +55,7 @@ class ExpertCache:
                             for _ in range(L)]
         self._table_stale = [False] * L
         self._last_copy = [None] * L  # event of the last copy into the layer (copies are in issue order)
+        self.changes = [0] * L  # per layer: how many times its residents changed (a load or a clear)
         policy.bind(L, self.num_experts)
         self.reset_stats()
 
@@ -235,6 +236,7 @@ class ExpertCache:
         self.expert_in[layer][s] = expert
         self.slot_of[layer][expert] = s
         self._table_stale[layer] = True
+        self.changes[layer] += 1
         self._copy_in(layer, expert, s)
         self.counters["copies"] += 1
         self.counters["bytes_copied"] += self.store.expert_bytes
@@ -268,6 +270,7 @@ class ExpertCache:
             self.expert_in[layer] = [-1] * self.slots
             self.slot_of[layer].clear()
             self._table_stale[layer] = True
+            self.changes[layer] += 1
             self._unused_prefetch[layer].clear()
 
     def copies_in_flight(self, layer: int) -> bool:

@@ -41,8 +41,9 @@ def _decode(model, steps, piecewise, device, B=2):
     return out, cache.lengths.tolist()
 
 
+@pytest.mark.parametrize("run_ahead", [True, False])
 @pytest.mark.parametrize("family,slots", [("mixtral", 2), ("mixtral", 8), ("qwen2_moe", 2), ("deepseek_v3", 3)])
-def test_pieces_equal_the_model_on_the_cpu(family, slots, monkeypatch):
+def test_pieces_equal_the_model_on_the_cpu(family, slots, run_ahead, monkeypatch):
     from offload.apply import OffloadedExperts
 
     dev = torch.device("cpu")
@@ -52,20 +53,38 @@ def test_pieces_equal_the_model_on_the_cpu(family, slots, monkeypatch):
     kept = []  # layer calls whose speculated output was kept (every expert resident)
     real = OffloadedExperts.forward
 
-    def spy(self, x, ids, w, speculated=None):
-        y = real(self, x, ids, w, speculated=speculated)
-        kept.append(speculated is not None and y is speculated)
+    def spy(self, x, ids, w, speculated=None, **kw):
+        y = real(self, x, ids, w, speculated=speculated, **kw)
+        if speculated is not None:  # a decode step's call (not the prompt's)
+            kept.append((self.layer, y is speculated))
         return y
 
+    pieces = []  # piece indices in the order they ran
+    real_piece = PiecewiseDecodeGraphs._piece
     monkeypatch.setattr(OffloadedExperts, "forward", spy)
-    got, len_got = _decode(m2, 4, lambda mm, c: PiecewiseDecodeGraphs(mm, c, capture=False), dev)
+    monkeypatch.setattr(PiecewiseDecodeGraphs, "_piece", lambda self, k, *a: pieces.append(k) or real_piece(self, k, *a))
+    runners = []
+
+    def make(mm, c):
+        runners.append(PiecewiseDecodeGraphs(mm, c, capture=False, run_ahead=run_ahead))
+        return runners[-1]
+
+    got, len_got = _decode(m2, 4, make, dev)
     assert len_got == len_want
     for a, b in zip(want, got):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     if slots == 8:  # every expert fits: once each is in, every layer call keeps its speculation
-        assert sum(kept) >= len(kept) // 2
+        assert sum(k for _, k in kept) >= len(kept) // 2
     else:
-        assert not all(kept)
+        assert not all(k for _, k in kept)
+    r = runners[0]
+    n = len(r._cuts) + 1
+    assert bool(r._ahead) == (run_ahead and n > 2)
+    # each piece once per step, plus a rerun for every run-ahead piece whose speculation was dropped
+    ahead = {r.model.layers[r._cuts[k]].mlp.experts.layer for k in r._ahead}  # as cache layers
+    assert len(pieces) - 4 * n == sum(1 for layer, k in kept if layer in ahead and not k)
+    if run_ahead and slots == 2:  # mixtral and qwen2_moe, 2 of 8 experts cached
+        assert len(pieces) > 4 * n  # the rerun path ran
 
 
 def test_support_reasons():
@@ -80,12 +99,13 @@ def test_support_reasons():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("family,slots,cfg", [("mixtral", 2, {}), ("mixtral", 8, {}), ("qwen3_moe", 2, {}),
                                               ("mixtral", 3, {"prefetch": "next_layer_gate"})])
-def test_captured_pieces_equal_eager_offloaded_decode(family, slots, cfg):
+@pytest.mark.parametrize("run_ahead", [True, False])
+def test_captured_pieces_equal_eager_offloaded_decode(family, slots, cfg, run_ahead):
     dev = torch.device("cuda")
     _, m = _offloaded(family, dev, slots, **cfg)
     want, len_want = _decode(m, 6, None, dev)
     m2 = _offloaded(family, dev, slots, **cfg)[1]
-    got, len_got = _decode(m2, 6, PiecewiseDecodeGraphs, dev)
+    got, len_got = _decode(m2, 6, lambda mm, c: PiecewiseDecodeGraphs(mm, c, run_ahead=run_ahead), dev)
     assert len_got == len_want
     for a, b in zip(want, got):
         torch.testing.assert_close(b, a, rtol=0, atol=0)

@@ -165,6 +165,35 @@ def test_slot_table_follows_evictions_and_clear():
     assert cache.slot_table(0).tolist() == [-1] * (E + 1)
 
 
+def test_a_speculation_is_dropped_once_the_layer_changed_since_it_was_prepared():
+    """forward(speculated=y) keeps y only if no copy into the layer came after prepare_speculation():
+    the table the speculation read may map an id to a slot that now holds another expert."""
+    from offload.apply import OffloadedExperts
+    from offload.cache import ExpertCache
+    from offload.policies import make_policy
+    from offload.store import HostExpertStore
+
+    E, D, I, K = 6, 8, 4, 2
+    torch.manual_seed(0)
+    store = HostExpertStore([(torch.randn(E, 2 * I, D), torch.randn(E, D, I))])
+    cache = ExpertCache(store, 3, make_policy("lru"), "cpu")
+    ex = OffloadedExperts(0, cache, K)
+    x, ids, w = torch.randn(3, D), torch.tensor([[0, 1], [1, 2], [2, 0]]), torch.full((3, K), 0.5)
+    want = ex(x, ids, w)  # copies 0, 1, 2 in: all three slots
+    ex.prepare_speculation()
+    garbage = torch.full_like(want, 7.0)
+    assert ex(x, ids, w, speculated=garbage) is garbage  # unchanged since: kept as is
+    ex.prepare_speculation()
+    cache.prefetch(0, [3])  # evicts one of 0, 1, 2 ...
+    cache.ensure(0, [0, 1, 2])  # ... which comes back, maybe into another slot
+    cache.release(0, list(range(3)))
+    got = ex(x, ids, w, speculated=garbage)
+    assert got is not garbage
+    torch.testing.assert_close(got, want)
+    assert ex.can_run_ahead()
+    assert not OffloadedExperts(0, cache, K, cost_model=object(), cpu_fallback=True).can_run_ahead()
+
+
 def test_route_by_trace_without_logits_and_with_dropped_slots(model):
     import numpy as np
     from routing import RoutingTrace
