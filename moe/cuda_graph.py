@@ -72,7 +72,7 @@ class GraphCaptureError(RuntimeError):
 class DecodeGraphs:
     """CUDA graphs of one-token decode steps of ``model`` over ``cache`` (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, cache: KVCache, bucket: int = 256):
+    def __init__(self, model: torch.nn.Module, cache: KVCache, bucket: int = KVCache.SLOT_BUCKET):
         reason = graph_support(model)
         if reason is not None:
             raise ValueError(f"cannot capture decode steps in CUDA graphs: {reason}")
@@ -222,7 +222,7 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
     slots written are rewritten by the real step. Logits are those of ``model(...)``.
     """
 
-    def __init__(self, model: torch.nn.Module, cache: KVCache, bucket: int = 256,
+    def __init__(self, model: torch.nn.Module, cache: KVCache, bucket: int = KVCache.SLOT_BUCKET,
                  capture: bool = True, run_ahead: bool = True):
         reason = piecewise_support(model, need_cuda=capture)
         if reason is not None:
