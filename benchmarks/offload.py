@@ -35,6 +35,7 @@ Rows at each GPU expert budget (share of the experts' bytes held on the GPU, slo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -235,7 +236,8 @@ def run_model(key, args, device, dtype):
     def live(label, budget, slots, cfg_kw, clear=False, fill_all=False):
         cfg = OffloadConfig(slots_per_layer=slots, device=str(device), calibrate=False,
                             expert_slices=store.slices, **cfg_kw)
-        cache = install(blocks, store, cfg, device=device, top_k=K, slots=slots, backend=backend, cost=cost)
+        row_cost = dataclasses.replace(cost)  # its own: the CPU rows learn their in-use CPU time into it
+        cache = install(blocks, store, cfg, device=device, top_k=K, slots=slots, backend=backend, cost=row_cost)
         if fill_all:
             for layer in range(L):
                 cache.prefetch(layer, list(range(E)))
@@ -248,6 +250,8 @@ def run_model(key, args, device, dtype):
                    tokens_per_s=1e3 / ms, hit_ratio=st["hit_ratio"], mb_copied_per_token=st["bytes_copied"] / n / 1e6 * scale,
                    copy_floor_ms=floor_ms, cpu_experts_per_token=st["cpu_computed"] / n * scale,
                    prefetch_precision=st["prefetch_precision"], prefetch_recall=st["prefetch_recall"])
+        if cfg.cpu_fallback:
+            row["cpu_scale"] = row_cost.cpu_scale  # CPU time in use / calibrated (CostModel.observe_cpu)
         rows.append(row)
         show(row)
         del cache
@@ -316,7 +320,8 @@ def show(r):
     cpu = "" if math.isnan(r["cpu_experts_per_token"]) else f"{r['cpu_experts_per_token']:.1f}"
     print(f"  {100 * r['budget']:6.1f}% {r['slots']:5d} {r['config']:<15} {r['tokens_per_s']:8.2f} "
           f"{r['ms_per_token']:9.2f} {r['copy_floor_ms']:9.2f} {100 * r['hit_ratio']:6.1f} "
-          f"{r['mb_copied_per_token']:8.1f} {cpu:>7} {pf:>9}", flush=True)
+          f"{r['mb_copied_per_token']:8.1f} {cpu:>7} {pf:>9}"
+          + (f"  (CPU in use x{r['cpu_scale']:.2f} its calibrated time)" if "cpu_scale" in r else ""), flush=True)
 
 
 def main(argv=None):

@@ -19,6 +19,7 @@ Shape legend: T = tokens, D = hidden, K = experts per token, E = experts, S = sl
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -213,7 +214,9 @@ class OffloadedExperts(nn.Module):
             y_TD = torch.zeros_like(x_TD)
         if to_cpu:
             cache.count_cpu(layer, to_cpu)
+            t0 = time.perf_counter()
             y_cpu = cpu_experts(x_cpu, ids_cpu, w_cpu, to_cpu, self.store, layer)
+            self.cost_model.observe_cpu([counts[e] for e in to_cpu], time.perf_counter() - t0)
             y_TD = y_TD + y_cpu.to(x_TD.device, x_TD.dtype)
         return y_TD
 

@@ -9,6 +9,11 @@ on weights that are not in the CPU's cache (at one token the CPU reads the whole
 memory, so the base term dominates; the slope is the compute rate). `split` then shares a step's
 misses between the copy engine and the CPU so that both finish together: the two are separate
 resources and an oracle uses both.
+
+In use the CPU can be slower than at start-up (the copy engine reads the same host memory, the
+host thread has other work): `observe_cpu` feeds back the measured time of each step's CPU
+experts and `cpu_s` scales by the learned ratio (`cpu_scale`), so the split follows the machine
+as it runs, not as it was calibrated.
 """
 from __future__ import annotations
 
@@ -58,6 +63,7 @@ class CostModel:
     cpu_base_s: float
     cpu_per_token_s: float
     copy_latency_s: float = 10e-6
+    cpu_scale: float = 1.0  # measured / calibrated CPU time, learned in use (observe_cpu)
 
     def __post_init__(self):
         if self.copy_bytes_per_s <= 0 or self.cpu_base_s < 0 or self.cpu_per_token_s < 0:
@@ -107,7 +113,16 @@ class CostModel:
         return self.copy_latency_s + nbytes / self.copy_bytes_per_s
 
     def cpu_s(self, n_tokens: int) -> float:
-        return self.cpu_base_s + n_tokens * self.cpu_per_token_s
+        return self.cpu_scale * (self.cpu_base_s + n_tokens * self.cpu_per_token_s)
+
+    def observe_cpu(self, tokens_per_expert: list[int], seconds: float, weight: float = 0.25) -> None:
+        """The CPU experts of one call (their token counts) took ``seconds``: cpu_scale moves toward
+        measured / calibrated by an exponential average. A CPU found slower than calibrated gets
+        fewer misses from then on (none once copying is always cheaper; the scale then stays)."""
+        calibrated = sum(self.cpu_base_s + n * self.cpu_per_token_s for n in tokens_per_expert)
+        if calibrated <= 0 or seconds <= 0 or not 0 < weight <= 1:
+            return
+        self.cpu_scale += weight * (seconds / calibrated - self.cpu_scale)
 
     def split(self, misses: list[tuple[int, int]], expert_bytes: int, copy_backlog_s: float = 0.0,
               reuse: float = 0.0) -> tuple[list[int], list[int], float]:
@@ -138,5 +153,6 @@ class CostModel:
         return [e for e, _ in order[best_k:]], [e for e, _ in order[:best_k]], best_t
 
     def describe(self) -> str:
+        scaled = f" (x{self.cpu_scale:.2f} as measured in use)" if self.cpu_scale != 1.0 else ""
         return (f"copy {self.copy_bytes_per_s / 1e9:.1f} GB/s, CPU expert {self.cpu_base_s * 1e3:.3f} ms "
-                f"+ {self.cpu_per_token_s * 1e3:.4f} ms/token")
+                f"+ {self.cpu_per_token_s * 1e3:.4f} ms/token{scaled}")

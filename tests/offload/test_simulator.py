@@ -195,6 +195,36 @@ def test_split_weighs_the_lost_reuse_of_cpu_experts():
         cost.split(one, 1000, reuse=2.0)
 
 
+def test_cpu_time_measured_in_use_moves_the_split():
+    cost = CostModel(copy_bytes_per_s=1e6, cpu_base_s=0.5e-3, cpu_per_token_s=0.1e-3, copy_latency_s=0.0)
+    two = [(5, 1), (6, 1)]
+    assert len(cost.split(two, 1000)[1]) == 1  # calibrated: 0.6 ms on the CPU against 1 ms copies
+    cost.observe_cpu([1, 3], 0.8e-3)  # as calibrated (0.6 + 0.8 ms would be 1.4; 0.8 is faster)
+    assert cost.cpu_scale == pytest.approx(1 + 0.25 * (0.8 / 1.4 - 1))
+    for _ in range(20):
+        cost.observe_cpu([1], 3.0e-3)  # in use the CPU takes 5x its calibrated time
+    assert cost.cpu_scale == pytest.approx(5.0, rel=0.01)
+    assert cost.cpu_s(1) == pytest.approx(3.0e-3, rel=0.01)
+    assert cost.split(two, 1000)[1] == []  # copying both is now the faster way
+    assert "as measured in use" in cost.describe()
+    before = cost.cpu_scale
+    cost.observe_cpu([], 1.0)  # nothing computed: nothing learned
+    cost.observe_cpu([1], 0.0)
+    assert cost.cpu_scale == before
+
+
+def test_offloaded_experts_feed_their_cpu_time_back():
+    model = tiny_model("mixtral")
+    m = apply_offload(twin(model), OffloadConfig(slots_per_layer=1, device="cpu", calibrate=False, cpu_fallback=True,
+                                                 copy_gbps=1e-3, cpu_gflops=1e-3))
+    cost = m.moe_blocks()[0].experts.cost_model
+    assert cost.cpu_scale == 1.0
+    with torch.no_grad():
+        m(torch.arange(3, 9)[None])
+    assert m.offload_cache.stats()["cpu_computed"] > 0
+    assert cost.cpu_scale != 1.0  # nominal rates of 1 MFLOP/s: the real CPU is far faster
+
+
 def test_lookahead_every_and_threshold():
     from offload import Lookahead
     tr = _trace(L=4, E=8, K=2, T=50, seed=9)
