@@ -111,6 +111,12 @@ class Router(nn.Module):
         return F.linear(x_TD.to(self.weight.dtype), self.weight).float()
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._fused(x_TD):
+            # inference on a GPU: the cast, softmax, top-k and renormalisation in one Triton kernel
+            # (kernels/router.py; the lower id first among equal probabilities)
+            from kernels.router import softmax_topk as fused_softmax_topk
+            return fused_softmax_topk(F.linear(x_TD.to(self.weight.dtype), self.weight), self.top_k,
+                                      self.norm_topk_prob)
         logits_TE = self.logits(x_TD)
         k = self.top_k
         if self.topk_method == "noaux_tc":
@@ -124,6 +130,12 @@ class Router(nn.Module):
         else:
             ids, w = softmax_topk(logits_TE, k, self.norm_topk_prob)
         return ids.long(), w.float(), logits_TE
+
+    def _fused(self, x_TD: torch.Tensor) -> bool:
+        """Whether forward takes the one-kernel softmax top-k: the plain softmax gating (not DeepSeek's),
+        on CUDA, with no gradient asked for."""
+        return (x_TD.is_cuda and not self.deepseek and self.topk_method not in ("noaux_tc", "group_limited_greedy")
+                and not (torch.is_grad_enabled() and (x_TD.requires_grad or self.weight.requires_grad)))
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, top_k={self.top_k}, method={self.topk_method}, "
