@@ -53,10 +53,28 @@ class Attention(nn.Module):
         self.clip_qkv = cfg.clip_qkv
         self.scale = d ** -0.5
 
+    def _fused_prep(self, q: torch.Tensor, cache: KVCache | None) -> bool:
+        """Whether forward prepares q/k/v in one kernel: inference on CUDA with a cache of the same
+        dtype, per-head or no q/k norm, no clipping, an even head size."""
+        return (q.is_cuda and cache is not None and cache.dtype == q.dtype and self.qk_norm in ("none", "head")
+                and self.clip_qkv is None and self.head_dim % 2 == 0
+                and not (torch.is_grad_enabled() and (q.requires_grad or self.q_proj.weight.requires_grad)))
+
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_B1TS: torch.Tensor,
                 cache: KVCache | None = None, num_slots: int = 0) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+        if self._fused_prep(q, cache):
+            # inference on a GPU: per-head q/k norms, rotations and the cache write in one Triton
+            # kernel (kernels/attn_prep.py) instead of ~12 small ones
+            from kernels.attn_prep import prepare_qkv
+            H, G, d = self.num_heads, self.num_kv_heads, self.head_dim
+            k_all, v_all = cache.buffers(self.layer_idx, G, d, d)
+            qw, kw = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm == "head" else (None, None)
+            q_BHTd = prepare_qkv(q, k, v, cos, sin, qw, kw, self.q_norm.eps if qw is not None else 0.0,
+                                 k_all, v_all, cache.new_slots(T), H, G)
+            out_BHTd = attend(q_BHTd, k_all[:, :, :num_slots], v_all[:, :, :num_slots], mask_B1TS, self.scale)
+            return self.o_proj(out_BHTd.transpose(1, 2).reshape(B, T, -1))
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, self.num_heads, self.head_dim)

@@ -65,21 +65,30 @@ class KVCache:
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new keys/values of ``layer``; return the first ``num_slots`` slots [B, H, num_slots, D]."""
         B, H, T, Dk = k_BHTD.shape
-        if layer not in self._k:
-            S = self.storage_slots(self.max_len)
-            self._k[layer] = torch.zeros(self.batch_size, H, S, Dk, device=self.device, dtype=self.dtype)
-            self._v[layer] = torch.zeros(self.batch_size, H, S, v_BHTD.shape[-1], device=self.device, dtype=self.dtype)
-        k_all, v_all = self._k[layer], self._v[layer]
-        # slot of each new token; padding past the end goes to the spare slot (check_room has made
-        # sure every valid token fits below max_len)
-        slot_BT = self._step_slots_BT
-        if slot_BT is None or slot_BT.shape[1] != T:
-            slot_BT = self.slots_of(self.positions(T))
+        k_all, v_all = self.buffers(layer, H, Dk, v_BHTD.shape[-1])
+        slot_BT = self.new_slots(T)
         idx_k = slot_BT[:, None, :, None].expand(B, H, T, Dk)
         idx_v = slot_BT[:, None, :, None].expand(B, H, T, v_BHTD.shape[-1])
         k_all.scatter_(2, idx_k, k_BHTD.to(self.dtype))
         v_all.scatter_(2, idx_v, v_BHTD.to(self.dtype))
         return k_all[:, :, :num_slots], v_all[:, :, :num_slots]
+
+    def buffers(self, layer: int, H: int, Dk: int, Dv: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's key and value storage [B, H, S + 1, Dk / Dv] (allocated on first use), for
+        code that writes the new tokens itself (kernels.attn_prep) instead of calling update."""
+        if layer not in self._k:
+            S = self.storage_slots(self.max_len)
+            self._k[layer] = torch.zeros(self.batch_size, H, S, Dk, device=self.device, dtype=self.dtype)
+            self._v[layer] = torch.zeros(self.batch_size, H, S, Dv, device=self.device, dtype=self.dtype)
+        return self._k[layer], self._v[layer]
+
+    def new_slots(self, T: int) -> torch.Tensor:
+        """[B, T] slot of each new token of the forward in progress; padding past the end goes to the
+        spare slot (check_room has made sure every valid token fits below max_len)."""
+        slot_BT = self._step_slots_BT
+        if slot_BT is None or slot_BT.shape[1] != T:
+            slot_BT = self.slots_of(self.positions(T))
+        return slot_BT
 
     def slots_of(self, pos_BT: torch.Tensor) -> torch.Tensor:
         """Cache slot of each new token at positions pos_BT: the position, or the spare slot past the end."""
