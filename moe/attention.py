@@ -53,6 +53,17 @@ class Attention(nn.Module):
         self.clip_qkv = cfg.clip_qkv
         self.scale = d ** -0.5
 
+    def _fused_qkv(self, x_BTD: torch.Tensor) -> bool:
+        """Whether forward computes q, k and v in one launch: inference on CUDA, at most
+        kernels.proj.MAX_ROWS tokens (decode), no projection biases, weights of x's dtype."""
+        if not x_BTD.is_cuda:
+            return False
+        from kernels.proj import MAX_ROWS
+        p = (self.q_proj, self.k_proj, self.v_proj)
+        return (x_BTD.shape[0] * x_BTD.shape[1] <= MAX_ROWS
+                and all(m.bias is None and m.weight.dtype == x_BTD.dtype for m in p)
+                and not (torch.is_grad_enabled() and (x_BTD.requires_grad or self.q_proj.weight.requires_grad)))
+
     def _fused_prep(self, q: torch.Tensor, cache: KVCache | None) -> bool:
         """Whether forward prepares q/k/v in one kernel: inference on CUDA with a cache of the same
         dtype, per-head or no q/k norm, no clipping, an even head size."""
@@ -63,7 +74,13 @@ class Attention(nn.Module):
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_B1TS: torch.Tensor,
                 cache: KVCache | None = None, num_slots: int = 0) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+        if self._fused_qkv(x_BTD):
+            # a decode step on a GPU: the three GEMVs in one Triton launch (kernels/proj.py)
+            from kernels.proj import multi_linear
+            q, k, v = (t.view(B, T, -1) for t in multi_linear(
+                x_BTD.reshape(B * T, -1), [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
+        else:
+            q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
         if self._fused_prep(q, cache):
             # inference on a GPU: per-head q/k norms, rotations and the cache write in one Triton
             # kernel (kernels/attn_prep.py) instead of ~12 small ones
