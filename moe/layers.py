@@ -228,7 +228,7 @@ class SparseMoEBlock(nn.Module):
             # padding and idle batch rows take no expert (-1 contributes zero): no expert math and,
             # when offloading, no expert fetched for them. The router still sees every row, so
             # trace recorders keep their [B*T] shape and filter by the valid mask themselves.
-            topk_ids_NK = topk_ids_NK.masked_fill(~valid_BT.reshape(-1, 1), -1)
+            topk_ids_NK = torch.where(valid_BT.reshape(-1, 1), topk_ids_NK, -1)  # one kernel (not ~ and fill)
         return x_ND, topk_ids_NK, topk_weights_NK
 
     def combine(self, x_BTD: torch.Tensor, x_ND: torch.Tensor, y_ND: torch.Tensor) -> torch.Tensor:
