@@ -67,8 +67,9 @@ class Attention(nn.Module):
     def _fused_prep(self, q: torch.Tensor, cache: KVCache | None) -> bool:
         """Whether forward prepares q/k/v in one kernel: inference on CUDA with a cache of the same
         dtype, per-head or no q/k norm, no clipping, an even head size."""
-        return (q.is_cuda and cache is not None and cache.dtype == q.dtype and self.qk_norm in ("none", "head")
-                and self.clip_qkv is None and self.head_dim % 2 == 0
+        # a KVCache itself: wrappers of it (placement's recorder of the new keys) go through update()
+        return (q.is_cuda and isinstance(cache, KVCache) and cache.dtype == q.dtype
+                and self.qk_norm in ("none", "head") and self.clip_qkv is None and self.head_dim % 2 == 0
                 and not (torch.is_grad_enabled() and (q.requires_grad or self.q_proj.weight.requires_grad)))
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_B1TS: torch.Tensor,

@@ -90,3 +90,23 @@ def test_the_model_decodes_the_same_with_and_without_it(family, monkeypatch):
     # float32: only the norm's sum is taken in another order
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
     assert torch.equal(fused.argmax(-1), plain.argmax(-1))
+
+
+def test_only_a_kvcache_itself_takes_the_kernel():
+    """The expert-parallel decode hands attention a recorder wrapping the cache (placement/decode.py):
+    that must go through update(), which the recorder watches, not straight into the cache."""
+    from types import SimpleNamespace
+
+    from moe.attention import Attention
+    from moe.config import MoEConfig
+    from moe.kv_cache import KVCache
+    from placement.decode import _KVRecorder
+
+    attn = Attention(MoEConfig.tiny("qwen3_moe"), 0)
+    cache = KVCache(1, 8, dtype=torch.float32)
+    q = SimpleNamespace(is_cuda=True, dtype=torch.float32, requires_grad=False)  # as a CUDA tensor would answer
+    with torch.no_grad():
+        assert attn._fused_prep(q, cache)
+        assert not attn._fused_prep(q, _KVRecorder(cache))
+        assert not attn._fused_prep(q, None)
+        assert not attn._fused_prep(SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, requires_grad=False), cache)
