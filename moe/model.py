@@ -49,6 +49,11 @@ class DecoderLayer(nn.Module):
         return x_BTD, self.post_attention_layernorm(x_BTD)
 
 
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask (True: attend) as the additive one attention uses: 0 or -inf."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 class MoEForCausalLM(nn.Module):
     def __init__(self, config: MoEConfig, backend: str = "torch", dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None):
@@ -139,6 +144,12 @@ class MoEForCausalLM(nn.Module):
         for w in {layer.window for layer in self.layers if layer.window}:
             k_pos = torch.arange(num_slots, device=dev)
             windowed[w] = mask_B1TS & (k_pos[None, None, None, :] > pos_BT[:, None, :, None] - w)
+        if mask_B1TS.is_cuda:
+            # attention on CUDA turns a boolean mask into an additive one in every call (a fill, a
+            # negation and a masked fill per layer): made once per forward here instead. Every
+            # query sees at least itself, so no row is all -inf.
+            mask_B1TS = _additive(mask_B1TS, self.dtype)
+            windowed = {w: _additive(m, self.dtype) for w, m in windowed.items()}
         return pos_BT, mask_B1TS, windowed, num_slots
 
     def forward(self, input_ids_BT: torch.Tensor, cache: KVCache | None = None, valid_BT: torch.Tensor | None = None,
