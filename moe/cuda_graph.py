@@ -211,7 +211,8 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
     meanwhile instead of idling. When the speculation is not kept (a miss, or a copy into the
     layer since its table was made current), the layer is computed as usual and the next piece
     runs again: it rewrites the same KV slots and buffers. The last piece (it advances the cache)
-    is never queued ahead.
+    is never queued ahead. (Run eagerly, capture=False, a rerun calls the piece's modules again,
+    so forward hooks on them fire twice; the Engine never uses pieces on a hooked model.)
 
     Everything one piece hands to a later one (the residual stream, masks, positions, the experts'
     inputs and outputs) is held in the bucket's state, so the shared memory pool never reuses it;

@@ -4,7 +4,8 @@ Shape legend: R = rows being sampled (one per running request), V = vocabulary.
 
 Each request may carry its own ``torch.Generator`` (made from ``SamplingParams.seed``), and every
 row draws from its own generator alone, so the tokens a seeded request gets do not depend on
-which other requests share its batch. Filtering happens in sorted order (descending logits,
+which other requests share its batch. A row samples by the exponential race (the argmax of
+p / Exp(1) noise), which draws exactly from p, with no sort unless a row filters. Filtering happens in sorted order (descending logits,
 stable sort): top-k keeps the first k ranks, then top-p keeps the shortest prefix whose
 probability (after top-k, renormalised) reaches p — the token that crosses p is kept, so at
 least one token always survives.
@@ -115,22 +116,35 @@ def sample_tokens(logits_RV: torch.Tensor, params: Sequence[SamplingParams],
         raise ValueError(f"sample_tokens: {R} logit rows but {len(params)} params and "
                          f"{len(generators)} generators; pass one of each per row")
     logits_RV = logits_RV.float()
-    out = logits_RV.argmax(dim=-1).tolist()  # greedy rows are done; sampled rows are overwritten
+    out_R = logits_RV.argmax(dim=-1)  # greedy rows are done; sampled rows are overwritten
     rows = [r for r, p in enumerate(params) if not p.greedy]
     if not rows:
-        return out
+        return out_R.tolist()
     dev = logits_RV.device
-    sub_RV = logits_RV[rows]
+    sub_RV = logits_RV if len(rows) == R else logits_RV[rows]
     temp_R = torch.tensor([params[r].temperature for r in rows], device=dev)
-    top_k_R = torch.tensor([params[r].top_k for r in rows], device=dev, dtype=torch.long)
-    top_p_R = torch.tensor([params[r].top_p for r in rows], device=dev)
     scaled_RV = sub_RV / temp_R[:, None]
-    keep_RV = top_k_top_p_keep(scaled_RV, top_k_R, top_p_R)
-    probs_RV = torch.softmax(scaled_RV.masked_fill(~keep_RV, float("-inf")), dim=-1)
+    if any(params[r].top_k > 0 or params[r].top_p < 1.0 for r in rows):  # the sort only when a row filters
+        top_k_R = torch.tensor([params[r].top_k for r in rows], device=dev, dtype=torch.long)
+        top_p_R = torch.tensor([params[r].top_p for r in rows], device=dev)
+        scaled_RV = scaled_RV.masked_fill(~top_k_top_p_keep(scaled_RV, top_k_R, top_p_R), float("-inf"))
+    probs_RV = torch.softmax(scaled_RV, dim=-1)
+    # the exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) independent is token i with
+    # probability p_i. Each seeded row draws its E from its own generator alone (so a seeded
+    # request's tokens do not depend on its batch), the others from the global RNG in one call;
+    # every row's choice comes back in one copy (multinomial per row cost a sync per row)
+    noise_RV = torch.empty_like(probs_RV)
+    if any(generators[r] is None for r in rows):
+        noise_RV.exponential_()
     for i, r in enumerate(rows):
-        # one draw per row from that row's own generator keeps seeded requests batch-independent
-        out[r] = int(torch.multinomial(probs_RV[i], 1, generator=generators[r]))
-    return out
+        if generators[r] is not None:
+            noise_RV[i].exponential_(generator=generators[r])
+    # a draw of exactly 0 would make 0 / 0 for a filtered-out token: never below the smallest normal
+    choice_R = (probs_RV / noise_RV.clamp_(min=torch.finfo(torch.float32).tiny)).argmax(dim=-1)
+    if len(rows) == R:
+        return choice_R.tolist()
+    out_R[torch.tensor(rows, device=dev)] = choice_R
+    return out_R.tolist()
 
 
 __all__ = ["SamplingParams", "sample_tokens", "top_k_top_p_keep"]

@@ -115,3 +115,19 @@ def test_settings_are_normalised():
     assert isinstance(p.temperature, float) and not p.greedy
     assert SamplingParams().greedy
     assert SamplingParams().make_generator() is None
+
+
+def test_unfiltered_sampling_follows_the_softmax_and_mixed_batches_keep_greedy_rows():
+    """No filter (no sort): the exponential race draws from softmax(logits / T); greedy rows in the
+    same batch stay the argmax, and unseeded rows draw from the global RNG."""
+    logits_V = torch.tensor([1.5, 1.0, 0.0, -0.5, -2.0])
+    n = 4000
+    torch.manual_seed(0)
+    sampled = SamplingParams(temperature=1.3)
+    greedy = SamplingParams()
+    batch = torch.stack([logits_V, logits_V.flip(0)]).repeat(n, 1)  # rows alternate sampled / greedy
+    params = [sampled, greedy] * n
+    got = sample_tokens(batch, params, [None] * (2 * n))
+    assert set(got[1::2]) == {4}  # the flipped row's argmax is its last entry
+    counts = torch.bincount(torch.tensor(got[0::2]), minlength=5).float()
+    assert torch.allclose(counts / n, torch.softmax(logits_V / 1.3, dim=0), atol=0.03)
