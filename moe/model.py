@@ -144,10 +144,11 @@ class MoEForCausalLM(nn.Module):
         for w in {layer.window for layer in self.layers if layer.window}:
             k_pos = torch.arange(num_slots, device=dev)
             windowed[w] = mask_B1TS & (k_pos[None, None, None, :] > pos_BT[:, None, :, None] - w)
-        if mask_B1TS.is_cuda:
+        if cache is not None and mask_B1TS.is_cuda:
             # attention on CUDA turns a boolean mask into an additive one in every call (a fill, a
             # negation and a masked fill per layer): made once per forward here instead. Every
-            # query sees at least itself, so no row is all -inf.
+            # query sees at least itself, so no row is all -inf. (Without a cache, i.e. training,
+            # the causal mask is an expanded view that this would materialise per row: left as is.)
             mask_B1TS = _additive(mask_B1TS, self.dtype)
             windowed = {w: _additive(m, self.dtype) for w, m in windowed.items()}
         return pos_BT, mask_B1TS, windowed, num_slots
