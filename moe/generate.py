@@ -219,12 +219,13 @@ class Engine:
         feeds = {r.row: (r.output_ids[-1:] if r.prefilled else r.prompt_ids) for r in running}
         T = max(len(f) for f in feeds.values())
         B = self.max_batch_size
-        input_BT = torch.zeros(B, T, dtype=torch.long)
-        valid_BT = torch.zeros(B, T, dtype=torch.bool)
+        # the batch built as lists and made a tensor once (a tensor per row cost ~5 us a row)
+        ids, valid = [[0] * T for _ in range(B)], [[False] * T for _ in range(B)]
         for b, f in feeds.items():
-            input_BT[b, :len(f)] = torch.tensor(f, dtype=torch.long)
-            valid_BT[b, :len(f)] = True
-        input_BT, valid_BT = input_BT.to(self.device), valid_BT.to(self.device)
+            ids[b][:len(f)] = f
+            valid[b][:len(f)] = [True] * len(f)
+        input_BT = torch.tensor(ids, dtype=torch.long).to(self.device)
+        valid_BT = torch.tensor(valid, dtype=torch.bool).to(self.device)
         rows = torch.tensor([r.row for r in running], device=self.device)
         # a pure decode step replays a CUDA graph where one is available; else the model runs eagerly
         logits_RV = self._graph_step(input_BT, valid_BT, rows, running) if T == 1 else None
