@@ -37,3 +37,16 @@ def test_strided_input_fallbacks_and_errors():
         multi_linear(x, [torch.randn(8, 63, device=dev)])
     with pytest.raises(ValueError, match="1 to 3"):
         multi_linear(x, ws * 2)
+
+
+def test_gemv_benchmark_script_runs_on_cpu(capsys):
+    """benchmarks/gemv.py --smoke: every shape's one-launch result against F.linear (the script's own check)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gemv.py"
+    spec = importlib.util.spec_from_file_location("gemv_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--device", "cpu", "--smoke", "--rows", "2"]) == 0
+    errs = [float(line.split()[-1]) for line in capsys.readouterr().out.splitlines() if "relative error" in line]
+    assert len(errs) == len(mod.SHAPES) and max(errs) < 1e-5

@@ -131,3 +131,15 @@ def test_unfiltered_sampling_follows_the_softmax_and_mixed_batches_keep_greedy_r
     assert set(got[1::2]) == {4}  # the flipped row's argmax is its last entry
     counts = torch.bincount(torch.tensor(got[0::2]), minlength=5).float()
     assert torch.allclose(counts / n, torch.softmax(logits_V / 1.3, dim=0), atol=0.03)
+
+
+def test_sampling_benchmark_script_runs_on_cpu(capsys):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "sampling.py"
+    spec = importlib.util.spec_from_file_location("sampling_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--device", "cpu", "--vocab", "512", "--rows", "1,2", "--calls", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "top_p 0.9" in out and "seeded" in out
