@@ -35,6 +35,12 @@ def get_backend(name: str) -> Callable[..., torch.Tensor]:
     raise ValueError(f"unknown expert backend {name!r}; choose one of {BACKENDS}")
 
 
+def inference_on_cuda(x: torch.Tensor, *params: torch.Tensor) -> bool:
+    """Whether an inference-only Triton kernel (norm, router, attention prep, projections) may take
+    x: on CUDA, and no gradient asked of x or of the module's params."""
+    return x.is_cuda and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)))
+
+
 def moe_experts(x_TD, w13_EJD, w2_EDI, topk_ids_TK, topk_weights_TK, backend: str = "torch") -> torch.Tensor:
     return get_backend(backend)(x_TD, w13_EJD, w2_EDI, topk_ids_TK, topk_weights_TK)
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
+
 from .config import MoEConfig
 from .kv_cache import KVCache
 from .layers import RMSNorm, apply_rope, apply_rope_halves, mla_softmax_scale
@@ -56,21 +58,20 @@ class Attention(nn.Module):
     def _fused_qkv(self, x_BTD: torch.Tensor) -> bool:
         """Whether forward computes q, k and v in one launch: inference on CUDA, at most
         kernels.proj.MAX_ROWS tokens (decode), no projection biases, weights of x's dtype."""
-        if not x_BTD.is_cuda:
+        if not kernels.inference_on_cuda(x_BTD, self.q_proj.weight):
             return False
         from kernels.proj import MAX_ROWS
-        p = (self.q_proj, self.k_proj, self.v_proj)
         return (x_BTD.shape[0] * x_BTD.shape[1] <= MAX_ROWS
-                and all(m.bias is None and m.weight.dtype == x_BTD.dtype for m in p)
-                and not (torch.is_grad_enabled() and (x_BTD.requires_grad or self.q_proj.weight.requires_grad)))
+                and all(m.bias is None and m.weight.dtype == x_BTD.dtype
+                        for m in (self.q_proj, self.k_proj, self.v_proj)))
 
     def _fused_prep(self, q: torch.Tensor, cache: KVCache | None) -> bool:
         """Whether forward prepares q/k/v in one kernel: inference on CUDA with a cache of the same
         dtype, per-head or no q/k norm, no clipping, an even head size."""
         # a KVCache itself: wrappers of it (placement's recorder of the new keys) go through update()
-        return (q.is_cuda and isinstance(cache, KVCache) and cache.dtype == q.dtype
-                and self.qk_norm in ("none", "head") and self.clip_qkv is None and self.head_dim % 2 == 0
-                and not (torch.is_grad_enabled() and (q.requires_grad or self.q_proj.weight.requires_grad)))
+        return (kernels.inference_on_cuda(q, self.q_proj.weight) and isinstance(cache, KVCache)
+                and cache.dtype == q.dtype and self.qk_norm in ("none", "head") and self.clip_qkv is None
+                and self.head_dim % 2 == 0)
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_B1TS: torch.Tensor,
                 cache: KVCache | None = None, num_slots: int = 0) -> torch.Tensor:

@@ -36,7 +36,7 @@ class RMSNorm(nn.Module):
         # Inference on a GPU: one Triton kernel (kernels/norm.py); else F.rms_norm (that
         # normalisation, x * rsqrt(mean(x^2) + eps), in one kernel instead of pow, mean, add, rsqrt
         # and mul) with the cast and the weight: a decode step runs 4-5 norms per layer
-        if x.is_cuda and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+        if kernels.inference_on_cuda(x, self.weight):
             from kernels.norm import rms_norm  # Triton is only imported where a GPU runs
             return rms_norm(x, self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)

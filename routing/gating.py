@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
+
 
 def softmax_topk(logits_TE: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     probs_TE = torch.softmax(logits_TE.float(), dim=-1)
@@ -134,8 +136,8 @@ class Router(nn.Module):
     def _fused(self, x_TD: torch.Tensor) -> bool:
         """Whether forward takes the one-kernel softmax top-k: the plain softmax gating (not DeepSeek's),
         on CUDA, with no gradient asked for."""
-        return (x_TD.is_cuda and not self.deepseek and self.topk_method not in ("noaux_tc", "group_limited_greedy")
-                and not (torch.is_grad_enabled() and (x_TD.requires_grad or self.weight.requires_grad)))
+        return (kernels.inference_on_cuda(x_TD, self.weight) and not self.deepseek
+                and self.topk_method not in ("noaux_tc", "group_limited_greedy"))
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, top_k={self.top_k}, method={self.topk_method}, "
