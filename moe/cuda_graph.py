@@ -264,11 +264,11 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
         try:
             for i in range(first, last):
                 layer = layers[i]
-                mask = st["windowed"][layer.window] if layer.window else st["mask"]
+                mask = layer.pick_mask(st["mask"], st["windowed"])
                 x = layer(x, st["cos"], st["sin"], mask, c, num_slots, self._valid_B1)
             if k < len(cuts):
                 layer = layers[last]
-                mask = st["windowed"][layer.window] if layer.window else st["mask"]
+                mask = layer.pick_mask(st["mask"], st["windowed"])
                 xmid, h = layer.attention_half(x, st["cos"], st["sin"], mask, c, num_slots)
                 xN, ids, w = layer.mlp.route(h, self._valid_B1)
                 # kept per layer: the experts between this piece and the next read exactly these

@@ -42,6 +42,10 @@ class DecoderLayer(nn.Module):
             return x_BTD + self.mlp(h_BTD, valid_BT)
         return x_BTD + self.mlp(h_BTD)
 
+    def pick_mask(self, mask_B1TS, windowed: dict):
+        """The attention mask this layer reads: its sliding window's, else the full one."""
+        return windowed[self.window] if self.window else mask_B1TS
+
     def attention_half(self, x_BTD, cos, sin, mask_B1TS, cache=None, num_slots=0):
         """(x after the attention residual, its post-attention norm): what the MLP half takes.
         moe.cuda_graph's piecewise decode runs the halves apart around host-deciding experts."""
@@ -183,8 +187,7 @@ class MoEForCausalLM(nn.Module):
             cache.step_slots(pos_BT)
         try:
             for layer in self.layers:
-                mask = windowed[layer.window] if layer.window else mask_B1TS
-                x_BTD = layer(x_BTD, cos, sin, mask, cache, num_slots, valid_BT)
+                x_BTD = layer(x_BTD, cos, sin, layer.pick_mask(mask_B1TS, windowed), cache, num_slots, valid_BT)
         finally:
             if cache is not None:
                 cache.step_slots(None)

@@ -208,7 +208,7 @@ def decode_step(model, cache, ids_B1: torch.Tensor, st: TokenState) -> torch.Ten
     rec = _KVRecorder(cache)
     homes: dict[int, torch.Tensor] = {}  # layer -> rows homed here during its attention
     for layer in model.layers:
-        m = windowed[layer.window] if layer.window else mask
+        m = layer.pick_mask(mask, windowed)
         # attention of the whole batch (the cache writes every row's slot; rows homed elsewhere
         # carry stale values and are overwritten after the loop)
         a = layer.attn(layer.input_layernorm(x[:, None]), cos, sin, m, rec, num_slots)[:, 0]
