@@ -116,10 +116,11 @@ class Engine:
         # (moe.cuda_graph): None = when supported, True = required, False = never
         self._graphs = None
         if cuda_graph is not False:
-            reason = graph_support(model) or _hooked(model)
+            hooked = _hooked(model)
+            reason = graph_support(model) or hooked
             if reason is None:
                 self._graphs = DecodeGraphs(model, self.cache)
-            elif piecewise_support(model) is None and _hooked(model) is None:
+            elif hooked is None and piecewise_support(model) is None:
                 # experts that decide on the host (offloaded): graph pieces around them
                 self._graphs = PiecewiseDecodeGraphs(model, self.cache)
             elif cuda_graph:

@@ -5,10 +5,10 @@ Shape legend: R = rows being sampled (one per running request), V = vocabulary.
 Each request may carry its own ``torch.Generator`` (made from ``SamplingParams.seed``), and every
 row draws from its own generator alone, so the tokens a seeded request gets do not depend on
 which other requests share its batch. A row samples by the exponential race (the argmax of
-p / Exp(1) noise), which draws exactly from p, with no sort unless a row filters. Filtering happens in sorted order (descending logits,
-stable sort): top-k keeps the first k ranks, then top-p keeps the shortest prefix whose
-probability (after top-k, renormalised) reaches p — the token that crosses p is kept, so at
-least one token always survives.
+p / Exp(1) noise), which draws exactly from p, with no sort unless a row filters. Filtering
+happens in sorted order (descending logits, stable sort): top-k keeps the first k ranks, then
+top-p keeps the shortest prefix whose probability (after top-k, renormalised) reaches p — the
+token that crosses p is kept, so at least one token always survives.
 """
 from __future__ import annotations
 
