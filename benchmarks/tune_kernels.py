@@ -110,6 +110,8 @@ def tune_shape(E: int, D: int, I: int, K: int, tokens, dtype=torch.bfloat16, log
                 best = (tu + td, MoEConfig(bm, cu, cd))
         if T == 1:
             best = _tune_one_token(x, w13, w2, ids, w, best[1], log)
+        elif best[1].block_m >= 32:
+            best = (best[0], _tune_variants(x, w13, w2, ids, w, best[1], log))
         table[str(T)] = best[1].to_dict()
         times[str(T)] = round(best[0], 5)
         log(f"  E={E} D={D} I={I} K={K} T={T}: {best[0]:.4f} ms  {best[1]}")
@@ -148,6 +150,33 @@ def _tune_one_token(x, w13, w2, ids, w, cfg, log):
         if ms < best[0]:
             best = (ms, c)
     return best
+
+
+# a (tail, a_tma) setting is kept only when its whole forward call beats the plain tiles by this much:
+# session 8's A/B runs (NOTES-kernels version 14) moved by 1-5% either way from run to run on most cells
+VARIANT_MIN_GAIN = 0.03
+
+
+def _tune_variants(x, w13, w2, ids, w, cfg, log):
+    """The chosen tiles with an expert's last row block run as a half (tail 1) or quarter (tail 2)
+    tile and with A rows by TMA (a_tma), in both GEMMs, against the plain tiles: whole forward calls,
+    interleaved over three rounds, the best of each. Kept only past VARIANT_MIN_GAIN."""
+    import triton.testing
+    from dataclasses import replace
+
+    from kernels.fused_moe import fused_moe
+
+    cands = {(t, a): replace(cfg, up=replace(cfg.up, tail=t, a_tma=a), down=replace(cfg.down, tail=t, a_tma=a))
+             for t in (0, 1, 2) for a in (False, True)}
+    best = {k: float("inf") for k in cands}
+    with torch.no_grad():
+        for _ in range(3):
+            for k, c in cands.items():
+                best[k] = min(best[k], triton.testing.do_bench(lambda: fused_moe(x, w13, w2, ids, w, config=c),
+                                                               warmup=5, rep=25, return_mode="median"))
+    log("  (tail, a_tma): " + ", ".join(f"{k}: {v:.4f} ms" for k, v in best.items()))
+    k = min(best, key=best.get)
+    return cands[k] if best[k] < (1 - VARIANT_MIN_GAIN) * best[(0, False)] else cands[(0, False)]
 
 
 def write_table(E: int, I: int, D: int, table: dict, out_dirs) -> list[Path]:

@@ -23,8 +23,13 @@ Six kernels (seven launchers):
                   kernel instead of atomics, so the result is deterministic.
 
 Weight tiles of moe_up / moe_gemm come by TMA descriptor where the launch config says so
-(``GemmConfig.tma``; Hopper or newer, 16-byte aligned strides), else by pointer loads. Decode-sized
-forward calls may chain up -> down -> sum by programmatic dependent launch (``pdl``).
+(``GemmConfig.tma``; Hopper or newer, 16-byte aligned strides), else by pointer loads. So may the A
+rows (``GemmConfig.a_tma``): moe_gemm reads A by TMA when it lies in sorted order, and moe_up first
+gathers x into sorted order (``gather_sorted_rows``, one memory-bound pass) and then streams it by
+TMA instead of gathering rows through pointers. With ``GemmConfig.tail`` an expert's last row block,
+when its real rows fit, runs as a half or quarter tile (the padding's MMA work is skipped; skipped
+padding rows of outputs that later kernels read whole are written as zeros). Decode-sized forward
+calls may chain up -> down -> sum by programmatic dependent launch (``pdl``).
 
 Every GEMM accumulates in fp32. Blocks past ``num_padded`` exit at once, so the grid can be sized
 from an upper bound (no host sync) and experts with no tokens cost nothing. Under the Triton
@@ -97,22 +102,56 @@ def _block_rows(pid_m, sorted_pair_ptr, block_expert_ptr, num_padded_ptr, E, P,
     return skip, e, offs_m, pair
 
 
-@triton.jit(do_not_specialize=["P", "TOP_K"])
-def _moe_up_kernel(x_ptr, w_ptr, w_desc, h_ptr, gu_ptr, sorted_pair_ptr, block_expert_ptr, num_padded_ptr,
-                   D, I, E, P, stride_xt, stride_we, stride_wj, stride_wd, stride_hs, stride_gs,
-                   TOP_K, PAIR_BLOCKS: tl.constexpr, SAVE_PREACT: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr,
-                   W_DESC: tl.constexpr, PDL: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    if PDL:  # let the down GEMM's programs launch now; they wait for this grid before reading h
-        gdc_launch_dependents()
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(I, BLOCK_N)
-    num_m = tl.num_programs(0) // num_n
-    pid_m, pid_n = _block_ids(pid, num_n, num_m, GROUP_M)
+@triton.jit
+def _program_block(N, sorted_pair_ptr, block_expert_ptr, num_padded_ptr, E, P, PAIR_BLOCKS: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (row block, N tile) of an N-wide output in grouped order, and the block's
+    (skip, expert, padded row ids, pairs) as _block_rows gives them."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _block_ids(tl.program_id(0), num_n, tl.num_programs(0) // num_n, GROUP_M)
     skip, e, offs_m, pair = _block_rows(pid_m, sorted_pair_ptr, block_expert_ptr, num_padded_ptr, E, P,
                                         PAIR_BLOCKS, BLOCK_M)
-    if skip:
-        return
+    return pid_m, pid_n, num_n, skip, e, offs_m, pair
+
+
+@triton.jit
+def _tail_level(pair, P, BLOCK_M: tl.constexpr, TAIL: tl.constexpr):
+    """How many times this block's row tile may be halved: an expert's last block holds its real rows
+    as a prefix and padding after them, so at most BLOCK_M/2 (level 1) or BLOCK_M/4 (level 2, with
+    TAIL >= 2) real rows need only that many rows of MMA work. (Mixtral at 512 tokens has ~128 rows
+    per expert: about half its experts spill a few rows into a second 128-row block.)"""
+    real = tl.sum((pair < P).to(tl.int32), axis=0)
+    level = (real <= BLOCK_M // 2).to(tl.int32)
+    if TAIL >= 2:
+        level += (real <= BLOCK_M // 4).to(tl.int32)
+    return level
+
+
+@triton.jit
+def _sub_rows(pid_m, sorted_pair_ptr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr):
+    """The first ROWS padded rows of row block pid_m and their pairs."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, ROWS)
+    return offs_m, tl.load(sorted_pair_ptr + offs_m)
+
+
+@triton.jit
+def _zero_rows(ptr, pid_m, stride, offs_n, mask_n, FROM: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Zeros in rows [FROM, BLOCK_M) of row block pid_m (the padding a halved tile skipped), so that
+    a kernel that reads whole padded rows (the weight gradients' transposes) sees zeros as before."""
+    offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    keep = tl.arange(0, BLOCK_M) >= FROM
+    tl.store(ptr + offs.to(tl.int64)[:, None] * stride + offs_n[None, :],
+             tl.zeros((BLOCK_M, BLOCK_N), dtype=ptr.dtype.element_ty), mask=keep[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _up_tile(x_ptr, w_ptr, w_desc, a_desc, h_ptr, gu_ptr, offs_m, pair, e, pid_n, D, I, P,
+             stride_xt, stride_we, stride_wj, stride_wd, stride_hs, stride_gs, TOP_K,
+             SAVE_PREACT: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr, W_DESC: tl.constexpr,
+             A_DESC: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """h (and gate/up pre-activations) of ROWS sorted rows x one N tile of expert e. A_DESC: the
+    rows come by TMA from x already gathered into sorted order (a_desc: tiles [ROWS, BLOCK_K])."""
     valid = pair < P
     tok = (pair // TOP_K).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -121,11 +160,15 @@ def _moe_up_kernel(x_ptr, w_ptr, w_desc, h_ptr, gu_ptr, sorted_pair_ptr, block_e
     a_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :]
     g_ptrs = w_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wj + offs_k[:, None] * stride_wd
     u_ptrs = g_ptrs + I * stride_wj
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_g = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    row0 = tl.min(offs_m, axis=0).to(tl.int32)
     for k in range(0, tl.cdiv(D, BLOCK_K)):
         mask_k = offs_k < D - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=valid[:, None] & mask_k[None, :], other=0.0)
+        if A_DESC:  # padding rows were gathered as zeros
+            a = a_desc.load([row0, k * BLOCK_K])
+        else:
+            a = tl.load(a_ptrs, mask=valid[:, None] & mask_k[None, :], other=0.0)
         if W_DESC:
             # TMA tiles of w13[e] (out-of-range rows and columns read as zero; a gate tile that runs
             # past I reads up rows, whose columns are never stored)
@@ -151,25 +194,72 @@ def _moe_up_kernel(x_ptr, w_ptr, w_desc, h_ptr, gu_ptr, sorted_pair_ptr, block_e
         tl.store(gp + I, acc_u.to(gu_ptr.dtype.element_ty), mask=mask_n[None, :])
 
 
+@triton.jit
+def _up_tail(x_ptr, w_ptr, w_desc, a_desc, h_ptr, gu_ptr, sorted_pair_ptr, pid_m, e, pid_n, D, I, P,
+             stride_xt, stride_we, stride_wj, stride_wd, stride_hs, stride_gs, TOP_K,
+             SAVE_PREACT: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr, W_DESC: tl.constexpr,
+             A_DESC: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr):
+    """_up_tile over the first ROWS rows of a block whose real rows all lie there; the skipped
+    padding rows of the saved outputs are zeroed (the backward pass transposes whole padded rows)."""
+    offs_m, pair = _sub_rows(pid_m, sorted_pair_ptr, BLOCK_M, ROWS)
+    _up_tile(x_ptr, w_ptr, w_desc, a_desc, h_ptr, gu_ptr, offs_m, pair, e, pid_n, D, I, P,
+             stride_xt, stride_we, stride_wj, stride_wd, stride_hs, stride_gs, TOP_K,
+             SAVE_PREACT, CAST_F32, PREC, W_DESC, A_DESC, ROWS, BLOCK_N, BLOCK_K)
+    if SAVE_PREACT:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < I
+        _zero_rows(h_ptr, pid_m, stride_hs, offs_n, mask_n, ROWS, BLOCK_M, BLOCK_N)
+        _zero_rows(gu_ptr, pid_m, stride_gs, offs_n, mask_n, ROWS, BLOCK_M, BLOCK_N)
+        _zero_rows(gu_ptr + I, pid_m, stride_gs, offs_n, mask_n, ROWS, BLOCK_M, BLOCK_N)
+
+
 @triton.jit(do_not_specialize=["P", "TOP_K"])
-def _moe_gemm_kernel(a_ptr, b_ptr, b_desc, c_ptr, weight_ptr, sorted_pair_ptr, block_expert_ptr, num_padded_ptr,
-                     gu_ptr, dw_ptr, N, KD, E, P, stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_gs,
-                     TOP_K, PAIR_BLOCKS: tl.constexpr, A_GATHER: tl.constexpr, C_SCATTER: tl.constexpr,
-                     MUL_WEIGHT: tl.constexpr, SWIGLU_BWD: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr,
-                     W_DESC: tl.constexpr, PDL: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    if PDL:  # let moe_sum's programs launch now; this grid itself waits below before reading A
+def _moe_up_kernel(x_ptr, w_ptr, w_desc, a_desc, a_desc2, a_desc4, h_ptr, gu_ptr, sorted_pair_ptr, block_expert_ptr,
+                   num_padded_ptr, D, I, E, P, stride_xt, stride_we, stride_wj, stride_wd, stride_hs, stride_gs,
+                   TOP_K, PAIR_BLOCKS: tl.constexpr, SAVE_PREACT: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr,
+                   W_DESC: tl.constexpr, A_DESC: tl.constexpr, PDL: tl.constexpr, TAIL: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    if PDL:  # let the down GEMM's programs launch now; they wait for this grid before reading h
         gdc_launch_dependents()
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    num_m = tl.num_programs(0) // num_n
-    pid_m, pid_n = _block_ids(pid, num_n, num_m, GROUP_M)
-    skip, e, offs_m, pair = _block_rows(pid_m, sorted_pair_ptr, block_expert_ptr, num_padded_ptr, E, P,
-                                        PAIR_BLOCKS, BLOCK_M)
+    pid_m, pid_n, num_n, skip, e, offs_m, pair = _program_block(I, sorted_pair_ptr, block_expert_ptr, num_padded_ptr,
+                                                                E, P, PAIR_BLOCKS, BLOCK_M, BLOCK_N, GROUP_M)
     if skip:
         return
-    if PDL:  # launched early (programmatic dependent launch): wait for the kernel that wrote A
-        gdc_wait()
+    # (TAIL is 0 with PAIR_BLOCKS: the launcher clears it.) The tail branches sit under a
+    # compile-time test so that without TAIL they are not compiled at all (their descriptors are None)
+    if TAIL == 0:
+        _up_tile(x_ptr, w_ptr, w_desc, a_desc, h_ptr, gu_ptr, offs_m, pair, e, pid_n, D, I, P,
+                 stride_xt, stride_we, stride_wj, stride_wd, stride_hs, stride_gs, TOP_K,
+                 SAVE_PREACT, CAST_F32, PREC, W_DESC, A_DESC, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        level = _tail_level(pair, P, BLOCK_M, TAIL)
+        if level == 0:
+            _up_tile(x_ptr, w_ptr, w_desc, a_desc, h_ptr, gu_ptr, offs_m, pair, e, pid_n, D, I, P,
+                     stride_xt, stride_we, stride_wj, stride_wd, stride_hs, stride_gs, TOP_K,
+                     SAVE_PREACT, CAST_F32, PREC, W_DESC, A_DESC, BLOCK_M, BLOCK_N, BLOCK_K)
+        elif TAIL == 1:
+            _up_tail(x_ptr, w_ptr, w_desc, a_desc2, h_ptr, gu_ptr, sorted_pair_ptr, pid_m, e, pid_n, D, I, P,
+                     stride_xt, stride_we, stride_wj, stride_wd, stride_hs, stride_gs, TOP_K,
+                     SAVE_PREACT, CAST_F32, PREC, W_DESC, A_DESC, BLOCK_M // 2, BLOCK_M, BLOCK_N, BLOCK_K)
+        elif level == 1:
+            _up_tail(x_ptr, w_ptr, w_desc, a_desc2, h_ptr, gu_ptr, sorted_pair_ptr, pid_m, e, pid_n, D, I, P,
+                     stride_xt, stride_we, stride_wj, stride_wd, stride_hs, stride_gs, TOP_K,
+                     SAVE_PREACT, CAST_F32, PREC, W_DESC, A_DESC, BLOCK_M // 2, BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            _up_tail(x_ptr, w_ptr, w_desc, a_desc4, h_ptr, gu_ptr, sorted_pair_ptr, pid_m, e, pid_n, D, I, P,
+                     stride_xt, stride_we, stride_wj, stride_wd, stride_hs, stride_gs, TOP_K,
+                     SAVE_PREACT, CAST_F32, PREC, W_DESC, A_DESC, BLOCK_M // 4, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _gemm_tile(a_ptr, b_ptr, b_desc, a_desc, c_ptr, weight_ptr, gu_ptr, dw_ptr, offs_m, pair, e, pid_n, num_n, N, KD, P,
+               stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_gs, TOP_K,
+               A_GATHER: tl.constexpr, C_SCATTER: tl.constexpr, MUL_WEIGHT: tl.constexpr, SWIGLU_BWD: tl.constexpr,
+               CAST_F32: tl.constexpr, PREC: tl.constexpr, W_DESC: tl.constexpr, A_DESC: tl.constexpr,
+               ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """C of ROWS sorted rows x one N tile of expert e, with the kernel's epilogue. A_DESC: A is in
+    sorted row order and comes by TMA (a_desc: tiles [ROWS, BLOCK_K]; padding rows hold zeros)."""
     valid = pair < P
     if A_GATHER:
         a_rows = (pair // TOP_K).to(tl.int64)
@@ -180,10 +270,14 @@ def _moe_gemm_kernel(a_ptr, b_ptr, b_desc, c_ptr, weight_ptr, sorted_pair_ptr, b
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
     b_ptrs = b_ptr + e * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None].to(tl.int64) * stride_bk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    row0 = tl.min(offs_m, axis=0).to(tl.int32)
     for k in range(0, tl.cdiv(KD, BLOCK_K)):
         mask_k = offs_k < KD - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=valid[:, None] & mask_k[None, :], other=0.0)
+        if A_DESC:
+            a = a_desc.load([row0, k * BLOCK_K])
+        else:
+            a = tl.load(a_ptrs, mask=valid[:, None] & mask_k[None, :], other=0.0)
         if W_DESC:  # TMA tile of B[e] = b[e, n, k] (k contiguous); out-of-range reads are zero
             b = b_desc.load([e.to(tl.int32), (pid_n * BLOCK_N).to(tl.int32), k * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
         else:
@@ -217,6 +311,70 @@ def _moe_gemm_kernel(a_ptr, b_ptr, b_desc, c_ptr, weight_ptr, sorted_pair_ptr, b
     else:
         c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_n[None, :])
+
+
+
+
+@triton.jit
+def _gemm_tail(a_ptr, b_ptr, b_desc, a_desc, c_ptr, weight_ptr, gu_ptr, dw_ptr, sorted_pair_ptr, pid_m, e, pid_n, num_n,
+               N, KD, P, stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_gs, TOP_K,
+               A_GATHER: tl.constexpr, C_SCATTER: tl.constexpr, MUL_WEIGHT: tl.constexpr, SWIGLU_BWD: tl.constexpr,
+               CAST_F32: tl.constexpr, PREC: tl.constexpr, W_DESC: tl.constexpr, A_DESC: tl.constexpr,
+               ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """_gemm_tile over the first ROWS rows of a block whose real rows all lie there; rows written in
+    sorted order get zeros in the skipped padding rows, as the whole tile would have written."""
+    offs_m, pair = _sub_rows(pid_m, sorted_pair_ptr, BLOCK_M, ROWS)
+    _gemm_tile(a_ptr, b_ptr, b_desc, a_desc, c_ptr, weight_ptr, gu_ptr, dw_ptr, offs_m, pair, e, pid_n, num_n, N, KD, P,
+               stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_gs, TOP_K,
+               A_GATHER, C_SCATTER, MUL_WEIGHT, SWIGLU_BWD, CAST_F32, PREC, W_DESC, A_DESC, ROWS, BLOCK_N, BLOCK_K)
+    if not C_SCATTER:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        _zero_rows(c_ptr, pid_m, stride_cm, offs_n, mask_n, ROWS, BLOCK_M, BLOCK_N)
+        if SWIGLU_BWD:
+            _zero_rows(c_ptr + N, pid_m, stride_cm, offs_n, mask_n, ROWS, BLOCK_M, BLOCK_N)
+
+
+@triton.jit(do_not_specialize=["P", "TOP_K"])
+def _moe_gemm_kernel(a_ptr, b_ptr, b_desc, a_desc, a_desc2, a_desc4, c_ptr, weight_ptr, sorted_pair_ptr, block_expert_ptr,
+                     num_padded_ptr, gu_ptr, dw_ptr, N, KD, E, P, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
+                     stride_gs, TOP_K, PAIR_BLOCKS: tl.constexpr, A_GATHER: tl.constexpr, C_SCATTER: tl.constexpr,
+                     MUL_WEIGHT: tl.constexpr, SWIGLU_BWD: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr,
+                     W_DESC: tl.constexpr, A_DESC: tl.constexpr, PDL: tl.constexpr, TAIL: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    if PDL:  # let moe_sum's programs launch now; this grid itself waits below before reading A
+        gdc_launch_dependents()
+    pid_m, pid_n, num_n, skip, e, offs_m, pair = _program_block(N, sorted_pair_ptr, block_expert_ptr, num_padded_ptr,
+                                                                E, P, PAIR_BLOCKS, BLOCK_M, BLOCK_N, GROUP_M)
+    if skip:
+        return
+    if PDL:  # launched early (programmatic dependent launch): wait for the kernel that wrote A
+        gdc_wait()
+    if TAIL == 0:  # (see _moe_up_kernel)
+        _gemm_tile(a_ptr, b_ptr, b_desc, a_desc, c_ptr, weight_ptr, gu_ptr, dw_ptr, offs_m, pair, e, pid_n, num_n, N, KD,
+                   P, stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_gs, TOP_K,
+                   A_GATHER, C_SCATTER, MUL_WEIGHT, SWIGLU_BWD, CAST_F32, PREC, W_DESC, A_DESC, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        level = _tail_level(pair, P, BLOCK_M, TAIL)
+        if level == 0:
+            _gemm_tile(a_ptr, b_ptr, b_desc, a_desc, c_ptr, weight_ptr, gu_ptr, dw_ptr, offs_m, pair, e, pid_n, num_n, N, KD,
+                       P, stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_gs, TOP_K,
+                       A_GATHER, C_SCATTER, MUL_WEIGHT, SWIGLU_BWD, CAST_F32, PREC, W_DESC, A_DESC, BLOCK_M, BLOCK_N, BLOCK_K)
+        elif TAIL == 1:
+            _gemm_tail(a_ptr, b_ptr, b_desc, a_desc2, c_ptr, weight_ptr, gu_ptr, dw_ptr, sorted_pair_ptr, pid_m, e, pid_n,
+                       num_n, N, KD, P, stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_gs, TOP_K,
+                       A_GATHER, C_SCATTER, MUL_WEIGHT, SWIGLU_BWD, CAST_F32, PREC, W_DESC, A_DESC,
+                       BLOCK_M // 2, BLOCK_M, BLOCK_N, BLOCK_K)
+        elif level == 1:
+            _gemm_tail(a_ptr, b_ptr, b_desc, a_desc2, c_ptr, weight_ptr, gu_ptr, dw_ptr, sorted_pair_ptr, pid_m, e, pid_n,
+                       num_n, N, KD, P, stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_gs, TOP_K,
+                       A_GATHER, C_SCATTER, MUL_WEIGHT, SWIGLU_BWD, CAST_F32, PREC, W_DESC, A_DESC,
+                       BLOCK_M // 2, BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            _gemm_tail(a_ptr, b_ptr, b_desc, a_desc4, c_ptr, weight_ptr, gu_ptr, dw_ptr, sorted_pair_ptr, pid_m, e, pid_n,
+                       num_n, N, KD, P, stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_gs, TOP_K,
+                       A_GATHER, C_SCATTER, MUL_WEIGHT, SWIGLU_BWD, CAST_F32, PREC, W_DESC, A_DESC,
+                       BLOCK_M // 4, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -334,6 +492,22 @@ def _rows_to_columns_kernel(src_ptr, dst_ptr, pair_ptr, scale_ptr, num_padded_pt
              mask=mask_n[:, None])
 
 
+@triton.jit(do_not_specialize=["P", "TOP_K"])
+def _gather_rows_kernel(src_ptr, dst_ptr, pair_ptr, num_padded_ptr, N, P, stride_src, stride_dst, TOP_K,
+                        BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dst[m] = src[token of sorted row m's pair] for the used rows m < num_padded; zero on padding."""
+    if tl.program_id(0) * BLOCK_S >= tl.load(num_padded_ptr):
+        return
+    offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    pair = tl.load(pair_ptr + offs_s)
+    real = pair < P
+    rows = tl.where(real, pair // TOP_K, 0).to(tl.int64)
+    v = tl.load(src_ptr + rows[:, None] * stride_src + offs_n[None, :], mask=real[:, None] & mask_n[None, :], other=0.0)
+    tl.store(dst_ptr + offs_s.to(tl.int64)[:, None] * stride_dst + offs_n[None, :], v, mask=mask_n[None, :])
+
+
 @triton.jit
 def _moe_sum_kernel(out_ptr, ids_ptr, y_ptr, D, E, stride_op, stride_yt,
                     TOP_K: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
@@ -367,6 +541,15 @@ def _grid(al: AlignedRouting, n: int, cfg: GemmConfig) -> tuple[int]:
     return (al.max_blocks * cdiv(n, cfg.block_n),)
 
 
+def _tail(al: AlignedRouting, cfg: GemmConfig) -> int:
+    """Halvings of an expert's last row block the kernel may choose (GemmConfig.tail), never below
+    16-row tiles (the smallest MMA tile) and never for one-pair blocks."""
+    t = 0 if al.pair_blocks else cfg.tail
+    while t and al.block_m >> t < 16:
+        t -= 1
+    return t
+
+
 def _weight_desc(w_E, cfg: GemmConfig):
     """A TMA descriptor over w_E [E, N, K] (tiles [1, block_n, block_k]) when the config asks for one
     and the GPU and layout allow it (Hopper or newer, or the interpreter; K contiguous, 16-byte aligned
@@ -385,6 +568,36 @@ def _weight_desc(w_E, cfg: GemmConfig):
     return TensorDescriptor(w_E, list(w_E.shape), list(w_E.stride()), [1, cfg.block_n, cfg.block_k])
 
 
+def _row_descs(a_SK, al: AlignedRouting, cfg: GemmConfig, tail: int):
+    """TMA descriptors over A rows in sorted order [S, K] (tiles of the row block, and of its half and
+    quarter for tail tiles) when the config asks for them (GemmConfig.a_tma) and the GPU and layout
+    allow it; else None and the kernel loads A through pointers."""
+    if not cfg.a_tma or al.pair_blocks or not tma_ok(a_SK):
+        return None
+    es = a_SK.element_size()
+    if a_SK.stride(1) != 1 or a_SK.data_ptr() % 16 or (a_SK.stride(0) * es) % 16 or cfg.block_k * es < 16:
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def make(rows):
+        return TensorDescriptor(a_SK, list(a_SK.shape), list(a_SK.stride()), [rows, cfg.block_k])
+    return (make(al.block_m), make(al.block_m // 2) if tail >= 1 else None,
+            make(al.block_m // 4) if tail >= 2 else None)
+
+
+def gather_sorted_rows(x_TD, al: AlignedRouting):
+    """[S, D]: row m = x[token of sorted row m's pair], zero on padding rows (rows past the used ones
+    are left unwritten: no kernel reads them). One memory-bound pass that lets the up GEMM stream
+    its A tiles by TMA instead of gathering rows through pointers."""
+    S, (T, D) = al.num_rows, x_TD.shape
+    out = torch.empty(S, D, dtype=x_TD.dtype, device=x_TD.device)
+    bs, bn = (16, 16) if _interpreted() else (min(32, al.block_m), 256)
+    _gather_rows_kernel[(cdiv(S, bs), cdiv(D, bn))](
+        x_TD, out, al.sorted_pair_S, al.num_padded_1, D, al.num_pairs, x_TD.stride(0), out.stride(0), al.top_k,
+        BLOCK_S=bs, BLOCK_N=bn, num_warps=4)
+    return out
+
+
 def moe_up(x_TD, w13_EJD, al: AlignedRouting, cfg: GemmConfig, save_preact: bool, pdl: bool = False):
     """h_SI = silu(gate) * up per sorted row; also gu_SJ (gate, up pre-activations) when asked."""
     E, J, D = w13_EJD.shape
@@ -393,12 +606,18 @@ def moe_up(x_TD, w13_EJD, al: AlignedRouting, cfg: GemmConfig, save_preact: bool
     h = torch.empty(S, I, dtype=x_TD.dtype, device=x_TD.device)
     gu = torch.empty(S, J, dtype=x_TD.dtype, device=x_TD.device) if save_preact else h
     desc = _weight_desc(w13_EJD, cfg)
+    tail = _tail(al, cfg)
+    a_descs = None
+    if cfg.a_tma and not al.pair_blocks and tma_ok(x_TD):
+        a_descs = _row_descs(gather_sorted_rows(x_TD, al), al, cfg, tail)
     _moe_up_kernel[_grid(al, I, cfg)](
-        x_TD, w13_EJD, desc, h, gu, al.sorted_pair_S, al.block_expert_B, al.num_padded_1,
+        x_TD, w13_EJD, desc, *(a_descs or (None, None, None)), h, gu, al.sorted_pair_S, al.block_expert_B,
+        al.num_padded_1,
         D, I, E, al.num_pairs, x_TD.stride(0), w13_EJD.stride(0), w13_EJD.stride(1), w13_EJD.stride(2),
         h.stride(0), gu.stride(0),
         TOP_K=al.top_k, PAIR_BLOCKS=al.pair_blocks, SAVE_PREACT=save_preact, CAST_F32=_interpreted(), PREC=_precision(x_TD.dtype),
-        W_DESC=desc is not None, PDL=pdl, BLOCK_M=al.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        W_DESC=desc is not None, A_DESC=a_descs is not None, PDL=pdl, TAIL=tail,
+        BLOCK_M=al.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return h, (gu if save_preact else None)
 
@@ -414,11 +633,15 @@ def moe_gemm(a, b_E, b_strides, n: int, kd: int, al: AlignedRouting, cfg: GemmCo
     # TMA measured no faster than pointer loads on the H200 (session 4, k4 run)
     natural = tuple(b_strides) == tuple(b_E.stride()) and tuple(b_E.shape[1:]) == (n, kd)
     desc = _weight_desc(b_E, cfg) if natural else None
+    tail = _tail(al, cfg)
+    a_descs = None if a_gather else _row_descs(a, al, cfg, tail)
     _moe_gemm_kernel[_grid(al, n, cfg)](
-        a, b_E, desc, c, weight_P if weight_P is not None else c, al.sorted_pair_S, al.block_expert_B, al.num_padded_1,
+        a, b_E, desc, *(a_descs or (None, None, None)), c, weight_P if weight_P is not None else c, al.sorted_pair_S,
+        al.block_expert_B, al.num_padded_1,
         c, c, n, kd, b_E.shape[0], al.num_pairs, a.stride(0), b_strides[0], b_strides[1], b_strides[2], c.stride(0), 0,
         TOP_K=al.top_k, PAIR_BLOCKS=al.pair_blocks, A_GATHER=a_gather, C_SCATTER=c_scatter, MUL_WEIGHT=weight_P is not None, SWIGLU_BWD=False,
-        CAST_F32=_interpreted(), PREC=_precision(a.dtype), W_DESC=desc is not None, PDL=pdl,
+        CAST_F32=_interpreted(), PREC=_precision(a.dtype), W_DESC=desc is not None, A_DESC=a_descs is not None, PDL=pdl,
+        TAIL=tail,
         BLOCK_M=al.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_pdl(pdl))
     return c
@@ -436,11 +659,12 @@ def moe_swiglu_bwd(dy_TD, w2_EDI, gu_SJ, weight_P, al: AlignedRouting, cfg: Gemm
     dgu = torch.empty(S, 2 * I, dtype=dy_TD.dtype, device=dy_TD.device)
     dw_part = torch.empty(S, num_n, dtype=torch.float32, device=dy_TD.device)
     _moe_gemm_kernel[_grid(al, I, cfg)](
-        dy_TD, w2_EDI, None, dgu, weight_P, al.sorted_pair_S, al.block_expert_B, al.num_padded_1,
+        dy_TD, w2_EDI, None, None, None, None, dgu, weight_P, al.sorted_pair_S, al.block_expert_B, al.num_padded_1,
         gu_SJ, dw_part, I, D, E, al.num_pairs, dy_TD.stride(0), w2_EDI.stride(0), w2_EDI.stride(2), w2_EDI.stride(1),
         dgu.stride(0), gu_SJ.stride(0),
         TOP_K=al.top_k, PAIR_BLOCKS=al.pair_blocks, A_GATHER=True, C_SCATTER=False, MUL_WEIGHT=False, SWIGLU_BWD=True,
-        CAST_F32=_interpreted(), PREC=_precision(dy_TD.dtype), W_DESC=False, PDL=False,
+        CAST_F32=_interpreted(), PREC=_precision(dy_TD.dtype), W_DESC=False, A_DESC=False, PDL=False,
+        TAIL=_tail(al, cfg),
         BLOCK_M=al.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     # rows past num_padded were never written: their partial sums are garbage, but they map to no pair

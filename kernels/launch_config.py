@@ -45,6 +45,10 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     tma: bool = False      # weight tiles by TMA descriptor (Hopper+, 16-byte aligned strides); else pointers
+    a_tma: bool = False    # A rows by TMA descriptor: the up GEMM first gathers x into sorted order (one
+                           # memory-bound pass), the down GEMM reads h as it lies; else pointer loads
+    tail: int = 0          # an expert's last row block may run as a half (1) or quarter (2) tile when its
+                           # real rows fit: the padding's MMA work is skipped
 
     def __post_init__(self):
         _pow2("block_n", self.block_n, 16, 256)
@@ -52,6 +56,8 @@ class GemmConfig:
         _pow2("num_warps", self.num_warps, 1, 16)
         if self.group_m < 1 or self.num_stages < 1:
             raise ValueError(f"group_m and num_stages must be >= 1, got {self.group_m}, {self.num_stages}")
+        if self.tail not in (0, 1, 2):
+            raise ValueError(f"tail must be 0, 1 or 2 (halvings of an expert's last row block), got {self.tail}")
 
 
 @dataclass(frozen=True)

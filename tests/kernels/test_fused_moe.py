@@ -161,16 +161,22 @@ def test_explicit_config_and_bad_inputs(monkeypatch):
             fused_moe(x, w13, w2, topk, w)
 
 
+# A rows by TMA (the gathered copy of x and its descriptors made during capture) and tail tiles, whose
+# short blocks change from replay to replay with the routing
+TMA_TAIL = MoEConfig(64, GemmConfig(64, 64, 8, 4, 3, tma=True, tail=2, a_tma=True),
+                     GemmConfig(64, 64, 8, 4, 3, tma=True, tail=2, a_tma=True))
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [1, 3, 64, 300])
-def test_gpu_cuda_graph_capture_and_decode_configs(T):
+@pytest.mark.parametrize("T,cfg", [(1, None), (3, None), (64, None), (300, None), (64, TMA_TAIL), (300, TMA_TAIL)])
+def test_gpu_cuda_graph_capture_and_decode_configs(T, cfg):
     """The forward path has no host sync: it captures into a CUDA graph and replays on new inputs."""
     E, D, I, K = 16, 256, 192, 4
     x, w13, w2, topk, w = _to(make_case(T, D, I, E, K, "distinct"), torch.bfloat16)
-    fused_moe(x, w13, w2, topk, w)  # compile outside the capture
+    fused_moe(x, w13, w2, topk, w, config=cfg)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = fused_moe(x, w13, w2, topk, w)
+        y = fused_moe(x, w13, w2, topk, w, config=cfg)
     for seed in range(3):
         x2, _, _, topk2, w_2 = make_case(T, D, I, E, K, "random", seed=seed + 10)
         x.copy_(x2.to(x)), topk.copy_(topk2.to(topk)), w.copy_(w_2.to(w))
@@ -339,3 +345,102 @@ def test_gpu_one_token_fused_kernels_in_a_cuda_graph():
         want = moe_experts_reference(x.float(), w13.float(), w2.float(), topk, w.float())
         assert rel_err(y, want) < TOL
         assert torch.equal(fused_moe(x, w13, w2, topk, w, config=cfg), y)
+
+
+def _tail_case(seed=11):
+    """96 pairs over 5 experts in 64-row blocks: expert 0 has 66 rows (a whole block, then a 2-row
+    tail), expert 1 20 (a half tile), experts 2 and 4 have 5 and 1 (quarter tiles), 4 ids are
+    dropped (-1) and expert 3 is empty."""
+    g = torch.Generator().manual_seed(seed)
+    flat = torch.tensor([0] * 66 + [1] * 20 + [2] * 5 + [4] * 1 + [-1] * 4)
+    ids = flat[torch.randperm(flat.numel(), generator=g)].view(48, 2)
+    x, w13, w2, _, w = make_case(48, 32, 24, 5, 2, seed=seed)
+    return x, w13, w2, ids, w
+
+
+def _tail_config(tail: int, a_tma: bool = False) -> MoEConfig:
+    g = (GemmConfig(32, 32, 1, 4, 3, tail=tail, a_tma=a_tma) if ON_GPU
+         else GemmConfig(32, 32, 1, 1, 1, tail=tail, a_tma=a_tma))
+    return MoEConfig(64, g, g)
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty returns NaN-filled floating tensors: a row a kernel should write but skips shows."""
+    real = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+@pytest.mark.parametrize("tail,a_tma", [(1, False), (2, False), (0, True), (2, True)])
+def test_tail_tiles_match_reference(tail, a_tma, poisoned_empty):
+    """An expert's last row block run as a half or quarter tile, and A rows by TMA (x gathered into
+    sorted order first): outputs and all four gradients equal the reference, with every scratch
+    buffer poisoned (the skipped padding rows of the saved activations and of dgu are zeroed, so
+    the weight gradients' transposes read no NaN)."""
+    import kernels.fused_moe as fm
+    case = _tail_case()
+    ref = _to(case, torch.float32, grad=True)
+    y_ref = moe_experts_reference(*ref)
+    dy = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(12)).to(DEV)
+    y_ref.backward(dy)
+    for kmajor_rows in (10 ** 9, 0):  # weight gradients by gathered rows, then by transposed operands
+        fm.KMAJOR_MIN_ROWS, saved = kmajor_rows, fm.KMAJOR_MIN_ROWS
+        try:
+            got = _to(case, DTYPE, grad=True)
+            y = fused_moe(*got, config=_tail_config(tail, a_tma))
+            y.backward(dy.to(DTYPE))
+        finally:
+            fm.KMAJOR_MIN_ROWS = saved
+        assert rel_err(y, y_ref) < TOL
+        for name, a, b in zip(("x", "w13", "w2", "w"), (got[0], got[1], got[2], got[4]), (ref[0], ref[1], ref[2], ref[4])):
+            assert torch.isfinite(a.grad).all() and rel_err(a.grad, b.grad) < 2 * TOL, (name, kmajor_rows)
+
+
+def test_sorted_row_gather_and_its_tma_descriptors():
+    """gather_sorted_rows puts each sorted row's token row in place (zero on padding); the A
+    descriptors exist exactly when the config asks and the layout allows."""
+    from kernels.align import align_tokens
+    from kernels.grouped_gemm import _row_descs, gather_sorted_rows
+    x, _, _, ids, _ = _to(_tail_case(), DTYPE)
+    al = align_tokens(ids, 5, 64, allow_pair_blocks=False)
+    xs = gather_sorted_rows(x, al).float().cpu()
+    pair = al.sorted_pair_S.long().cpu()
+    used = int(al.num_padded_1.item())
+    want = torch.where((pair < al.num_pairs)[:, None], x.float().cpu()[(pair // 2).clamp(max=47)], 0.0)
+    assert torch.equal(xs[:used], want[:used])
+    assert _row_descs(xs, al, _tail_config(2).up, 2) is None
+    descs = _row_descs(x.new_zeros(al.num_rows, 32), al, _tail_config(2, a_tma=True).up, 2)
+    assert descs is not None and [d.block_shape for d in descs] == [[64, 32], [32, 32], [16, 32]]
+    assert _row_descs(x.new_zeros(al.num_rows, 33)[:, :31], al, _tail_config(0, a_tma=True).up, 0) is None
+
+
+def test_tail_setting_validated_and_kept_by_the_config_files():
+    with pytest.raises(ValueError, match="tail must be 0, 1 or 2"):
+        GemmConfig(tail=3)
+    c = _tail_config(2)
+    assert MoEConfig.from_dict(c.to_dict()) == c and c.to_dict()["up"]["tail"] == 2
+
+
+def test_tail_tiles_skip_the_padding_rows(poisoned_empty):
+    """The tail path is taken: with tail=2 the up GEMM leaves the padding rows past a short block's
+    quarter (or half) unwritten in inference (where no kernel reads them), and tail=0 writes them all."""
+    from kernels.align import align_tokens
+    from kernels.grouped_gemm import moe_up
+    x, w13, _, ids, _ = _to(_tail_case(), DTYPE)
+    al = align_tokens(ids, 5, 64, allow_pair_blocks=False)
+    starts = al.expert_start_E1.cpu().tolist()
+    for tail in (0, 1, 2):
+        h, _ = moe_up(x, w13, al, _tail_config(tail).up, save_preact=False)
+        h = h.float().cpu()
+        # expert 2: 5 real rows in one block -> a 16-row tile with tail 2, 32 with tail 1
+        written = {0: 64, 1: 32, 2: 16}[tail]
+        block = h[starts[2]:starts[2] + 64]
+        assert torch.isfinite(block[:written]).all()
+        assert torch.isnan(block[written:]).all()
+        # expert 0's second block (2 real rows) likewise; its first block is whole
+        assert torch.isfinite(h[starts[0]:starts[0] + 64 + written]).all()
+        assert torch.isnan(h[starts[0] + 64 + written:starts[1]]).all()
