@@ -1,0 +1,59 @@
+"""benchmarks/kernels.py's round logic: every method timed once per round, interleaved, the best kept.
+
+The timers are replaced (the real ones need a GPU); the methods themselves run (the Triton kernels in
+the interpreter), so a method that cannot run is recorded as an error, not a time.
+"""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ON_GPU
+
+pytestmark = pytest.mark.skipif(ON_GPU, reason="the round logic is checked on CPU tensors in the interpreter")
+
+
+def _load():
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+    spec = importlib.util.spec_from_file_location("kernels_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_rounds_interleave_methods_and_keep_the_best(monkeypatch):
+    mod = _load()
+    calls = []
+    # each timing call returns a smaller number than the last: the best is the last round's
+    clock = iter(range(1000, 0, -1))
+
+    def fake_bench(fn, grad_to_none=None):
+        fn()  # the method really runs once
+        calls.append("eager" if grad_to_none is None else "fwdbwd")
+        return float(next(clock))
+
+    def fake_graph(fns):
+        for f in fns:
+            f()
+        calls.append("graph")
+        return float(next(clock))
+    monkeypatch.setattr(mod, "bench", fake_bench)
+    monkeypatch.setattr(mod, "bench_graph", fake_graph)
+    E, D, I, K, T = 4, 16, 16, 2, 8
+    g = torch.Generator().manual_seed(0)
+    w13 = torch.randn(E, 2 * I, D, generator=g)
+    w2 = torch.randn(E, D, I, generator=g)
+    r = mod.run_case("tiny", E, D, I, K, T, w13, w2, w13.transpose(1, 2), w2.transpose(1, 2), (1e9, 1e12),
+                     fwd_bwd=True, log=lambda s: None, rounds=3)
+    timed = [m for m in ("moeflow", "loop", "gmm") if f"{m}_error" not in r]
+    assert "moeflow" in timed and "loop" in timed
+    # forward: per round each method eager then graph; then fwd+bwd rounds
+    n_fwd = 2 * len(timed) * 3
+    assert calls[:n_fwd] == ["eager", "graph"] * len(timed) * 3
+    for m in timed:
+        assert r[f"{m}_graph"] < r[f"{m}_eager"] < 1000
+    # the best of three interleaved rounds: moeflow's graph time is from the last forward round
+    assert r["moeflow_graph"] == 1000 - (2 * len(timed) * 2 + 1)
+    fb_timed = [m for m in ("moeflow", "loop", "gmm") if f"{m}_fwdbwd_error" not in r]
+    assert calls[n_fwd:] == ["fwdbwd"] * len(fb_timed) * 3
