@@ -141,3 +141,20 @@ def test_successor_source_predicts_the_next_path_before_the_forward():
     with_s = evaluate(PathPredictor.fit(train), test, distances=(1,))["all"]["mean_recall"]
     without = evaluate(PathPredictor.fit(train, PredictorConfig(match_layers=0)), test, distances=(1,))
     assert with_s > 0.95 and with_s > without["all"]["mean_recall"] + 0.2, (with_s, without["all"]["mean_recall"])
+
+
+@pytest.mark.parametrize("E", [8, 64, 65, 128, 200])
+def test_set_masks_equal_the_plain_bit_sets(E):
+    """_masks: bit e % 64 of word e // 64 for every expert id, none for -1, any leading shape."""
+    from routing.setmatch import _masks
+    rng = np.random.default_rng(E)
+    for shape in ((5, 3), (4, 6, 8), (0, 2), (3, 1)):
+        ids = rng.integers(-1, E, size=shape)
+        got = _masks(ids, E)
+        assert got.dtype == np.uint64 and got.shape == shape[:-1] + ((E + 63) // 64,)
+        for idx in np.ndindex(*shape[:-1]):
+            want = [0] * ((E + 63) // 64)
+            for e in map(int, ids[idx]):
+                if e >= 0:
+                    want[e // 64] |= 1 << (e % 64)
+            assert [int(v) for v in got[idx]] == want
