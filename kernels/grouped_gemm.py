@@ -305,8 +305,6 @@ def _gemm_tile(a_ptr, b_ptr, b_desc, a_desc, c_ptr, weight_ptr, gu_ptr, dw_ptr, 
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_n[None, :])
 
 
-
-
 @triton.jit
 def _gemm_tail(a_ptr, b_ptr, b_desc, a_desc, c_ptr, weight_ptr, gu_ptr, dw_ptr, sorted_pair_ptr, pid_m, e, pid_n, num_n,
                N, KD, P, stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_gs, TOP_K,
@@ -604,7 +602,8 @@ def moe_up(x_TD, w13_EJD, al: AlignedRouting, cfg: GemmConfig, save_preact: bool
     desc = _weight_desc(w13_EJD, cfg)
     tail = _tail(al, cfg)
     a_descs = None
-    if cfg.a_tma and not al.pair_blocks and tma_ok(x_TD):
+    if cfg.a_tma and not al.pair_blocks and tma_ok(x_TD) and (D * x_TD.element_size()) % 16 == 0:
+        # (the gathered copy's rows must be 16-byte multiples for TMA: else no gather, pointer loads)
         a_descs = _row_descs(gather_sorted_rows(x_TD, al), al, cfg, tail)
     _moe_up_kernel[_grid(al, I, cfg)](
         x_TD, w13_EJD, desc, *(a_descs or (None, None, None)), h, gu, al.sorted_pair_S, al.block_expert_B,
