@@ -562,14 +562,20 @@ def _weight_desc(w_E, cfg: GemmConfig):
     return TensorDescriptor(w_E, list(w_E.shape), list(w_E.stride()), [1, cfg.block_n, cfg.block_k])
 
 
+def _rows_by_tma(t: torch.Tensor, row_elems: int, al: AlignedRouting, cfg: GemmConfig) -> bool:
+    """Whether A rows of row_elems elements of t's dtype may come by TMA: the config asks
+    (GemmConfig.a_tma), the layout is sorted rows (not one pair per block), the GPU has TMA, and a
+    row and a K step are 16-byte multiples."""
+    es = t.element_size()
+    return (cfg.a_tma and not al.pair_blocks and tma_ok(t) and (row_elems * es) % 16 == 0
+            and cfg.block_k * es >= 16)
+
+
 def _row_descs(a_SK, al: AlignedRouting, cfg: GemmConfig, tail: int):
     """TMA descriptors over A rows in sorted order [S, K] (tiles of the row block, and of its half and
-    quarter for tail tiles) when the config asks for them (GemmConfig.a_tma) and the GPU and layout
-    allow it; else None and the kernel loads A through pointers."""
-    if not cfg.a_tma or al.pair_blocks or not tma_ok(a_SK):
-        return None
-    es = a_SK.element_size()
-    if a_SK.stride(1) != 1 or a_SK.data_ptr() % 16 or (a_SK.stride(0) * es) % 16 or cfg.block_k * es < 16:
+    quarter for tail tiles) when _rows_by_tma allows and the tensor's layout does (rows contiguous,
+    16-byte aligned); else None and the kernel loads A through pointers."""
+    if (not _rows_by_tma(a_SK, a_SK.stride(0), al, cfg) or a_SK.stride(1) != 1 or a_SK.data_ptr() % 16):
         return None
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -602,8 +608,7 @@ def moe_up(x_TD, w13_EJD, al: AlignedRouting, cfg: GemmConfig, save_preact: bool
     desc = _weight_desc(w13_EJD, cfg)
     tail = _tail(al, cfg)
     a_descs = None
-    if cfg.a_tma and not al.pair_blocks and tma_ok(x_TD) and (D * x_TD.element_size()) % 16 == 0:
-        # (the gathered copy's rows must be 16-byte multiples for TMA: else no gather, pointer loads)
+    if _rows_by_tma(x_TD, D, al, cfg):  # (else no gathered copy: the kernel gathers x through pointers)
         a_descs = _row_descs(gather_sorted_rows(x_TD, al), al, cfg, tail)
     _moe_up_kernel[_grid(al, I, cfg)](
         x_TD, w13_EJD, desc, *(a_descs or (None, None, None)), h, gu, al.sorted_pair_S, al.block_expert_B,

@@ -32,6 +32,7 @@ import functools
 import numpy as np
 import torch
 
+
 @functools.lru_cache(maxsize=8)
 def _bit_rows(num_experts: int) -> np.ndarray:
     """[E + 1, words] uint64: row e = expert e's bit (64 experts a word); row E (id -1) = no bit."""
