@@ -21,6 +21,7 @@ other two to) for the largest.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,11 +32,13 @@ from .launch_config import cdiv, next_pow2
 
 # The single-program kernel compares every pair with every expert on one SM: past this many
 # (pairs x experts) it is slower than the three-launch parallel counting sort (measured on the
-# H200: 4096 pairs x 128 experts cost ~0.25 ms in one program).
-SINGLE_ALIGN_MAX_WORK = 32768
+# H200, session 9: 384 pairs x 64 experts 20.0 us in one program against 13.4 us parallel, 512 x 64
+# 24.6 against 13.2; at 96 x 64 and 1024 x 8 the single program wins, 11.0 against 13.9, 10.5 / 11.9).
+SINGLE_ALIGN_MAX_WORK = 8192
 # The parallel sort's middle step is one program over [chunks, experts]; past this much work
-# (chunks x experts) torch's radix sort takes over (H200: Qwen3-30B-A3B at 16384 tokens, 4096
-# chunks x 128 experts, was ~0.2 ms slower through the parallel sort than through torch's).
+# (chunks x experts) torch's radix sort takes over. Chunks grow as sqrt(pairs), so only very many
+# pairs or experts reach it (H200, session 9: 65536 tokens x top-8 of 128 experts, 512 chunks, 172 us
+# parallel against 339 us in torch).
 PARALLEL_ALIGN_MAX_WORK = 131072
 
 
@@ -157,24 +160,29 @@ def align_triton(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> A
 
 @triton.jit(do_not_specialize=["P", "S", "FILL"])
 def _count_kernel(ids_ptr, counts_ptr, sorted_pair_ptr, P, E, S, FILL,
-                  E_P2: tl.constexpr, CHUNK: tl.constexpr, FILL_BLOCK: tl.constexpr):
-    """Program g: tokens per expert within pairs [g*CHUNK, (g+1)*CHUNK); also marks its stripe of rows as padding."""
+                  E_P2: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, FILL_BLOCK: tl.constexpr):
+    """Program g: tokens per expert within pairs [g*CHUNK, (g+1)*CHUNK), SUB at a time; also marks its
+    stripe of rows as padding."""
     g = tl.program_id(0)
     experts = tl.arange(0, E_P2)
-    offs = g * CHUNK + tl.arange(0, CHUNK)
-    ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1).to(tl.int32)
-    hit = (ids[:, None] == experts[None, :]) & (experts[None, :] < E)
-    tl.store(counts_ptr + g * E_P2 + experts, tl.sum(hit.to(tl.int32), axis=0))
+    sub = tl.arange(0, SUB)
+    counts = tl.zeros([E_P2], dtype=tl.int32)
+    for s0 in range(0, CHUNK, SUB):
+        offs = g * CHUNK + s0 + sub
+        ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1).to(tl.int32)
+        hit = (ids[:, None] == experts[None, :]) & (experts[None, :] < E)
+        counts += tl.sum(hit.to(tl.int32), axis=0)
+    tl.store(counts_ptr + g * E_P2 + experts, counts)
     fill = tl.arange(0, FILL_BLOCK)
     for f0 in range(0, FILL, FILL_BLOCK):
         rows = g * FILL + f0 + fill
         tl.store(sorted_pair_ptr + rows, tl.zeros([FILL_BLOCK], dtype=tl.int32) + P, mask=(f0 + fill < FILL) & (rows < S))
 
 
-@triton.jit(do_not_specialize=["G", "NUM_BLOCKS"])
-def _offsets_kernel(counts_ptr, offsets_ptr, block_expert_ptr, num_padded_ptr, expert_start_ptr, G, E, NUM_BLOCKS,
+@triton.jit(do_not_specialize=["G"])
+def _offsets_kernel(counts_ptr, offsets_ptr, num_padded_ptr, expert_start_ptr, G, E,
                     BLOCK_M: tl.constexpr, E_P2: tl.constexpr, GC: tl.constexpr):
-    """One program: padded runs per expert, each chunk's first row per expert, block -> expert map."""
+    """One program: padded runs per expert and each chunk's first row per expert (a scan down the chunks)."""
     experts = tl.arange(0, E_P2)
     rows = tl.arange(0, GC)
     counts = tl.zeros([E_P2], dtype=tl.int32)
@@ -195,37 +203,60 @@ def _offsets_kernel(counts_ptr, offsets_ptr, block_expert_ptr, num_padded_ptr, e
         tl.store(offsets_ptr + (g0 + rows)[:, None] * E_P2 + experts[None, :],
                  tl.cumsum(c, axis=0) - c + running[None, :], mask=m)
         running += tl.sum(c, axis=0)
-    for b0 in range(0, NUM_BLOCKS, GC):
-        row = (b0 + rows) * BLOCK_M
-        after = (pad_end[None, :] <= row[:, None]) & (experts[None, :] < E)
-        e = tl.sum(after.to(tl.int32), axis=1)
-        tl.store(block_expert_ptr + b0 + rows, tl.where(row < total, e, -1), mask=b0 + rows < NUM_BLOCKS)
 
 
-@triton.jit(do_not_specialize=["P"])
-def _scatter_kernel(ids_ptr, offsets_ptr, sorted_pair_ptr, P, E, E_P2: tl.constexpr, CHUNK: tl.constexpr):
-    """Program g: each of its pairs goes to its chunk's first row of its expert + its rank in the chunk."""
+@triton.jit(do_not_specialize=["P", "NUM_BLOCKS", "BPG"])
+def _scatter_kernel(ids_ptr, offsets_ptr, sorted_pair_ptr, expert_start_ptr, block_expert_ptr, P, E, NUM_BLOCKS, BPG,
+                    BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+                    BSUB: tl.constexpr):
+    """Program g: each of its pairs goes to its chunk's first row of its expert + its rank in the chunk;
+    then the expert of blocks [g*BPG, (g+1)*BPG)."""
     g = tl.program_id(0)
     experts = tl.arange(0, E_P2)
-    offs = g * CHUNK + tl.arange(0, CHUNK)
-    ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1).to(tl.int32)
-    hit = ((ids[:, None] == experts[None, :]) & (experts[None, :] < E)).to(tl.int32)
+    sub = tl.arange(0, SUB)
     base = tl.load(offsets_ptr + g * E_P2 + experts)
-    dest = tl.sum(hit * (tl.cumsum(hit, axis=0) - hit + base[None, :]), axis=1)
-    tl.store(sorted_pair_ptr + dest, offs, mask=tl.sum(hit, axis=1) > 0)
+    for s0 in range(0, CHUNK, SUB):
+        offs = g * CHUNK + s0 + sub
+        ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1).to(tl.int32)
+        hit = ((ids[:, None] == experts[None, :]) & (experts[None, :] < E)).to(tl.int32)
+        dest = tl.sum(hit * (tl.cumsum(hit, axis=0) - hit + base[None, :]), axis=1)
+        tl.store(sorted_pair_ptr + dest, offs, mask=tl.sum(hit, axis=1) > 0)
+        base += tl.sum(hit, axis=0)
+    # block -> expert: the number of experts whose padded run ends at or before the block's first row
+    pad_end = tl.load(expert_start_ptr + 1 + experts, mask=experts < E, other=0)
+    total = tl.load(expert_start_ptr + E)
+    brows = tl.arange(0, BSUB)
+    for b0 in range(0, BPG, BSUB):
+        b = g * BPG + b0 + brows
+        row = b * BLOCK_M
+        after = (pad_end[None, :] <= row[:, None]) & (experts[None, :] < E)
+        e = tl.sum(after.to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + b, tl.where(row < total, e, -1), mask=(b0 + brows < BPG) & (b < NUM_BLOCKS))
 
 
-def _parallel_chunk(num_pairs: int, e_p2: int) -> int:
-    # pairs per program: enough programs to fill the GPU, a [chunk, experts] one-hot that fits registers
-    return max(16, min(4096 // e_p2, next_pow2(cdiv(num_pairs, 512))))
+def _parallel_tiles(num_pairs: int, e_p2: int, programs: int | None = None) -> tuple[int, int]:
+    """(pairs per program, pairs per inner step); the step's [step, experts] one-hot fits registers.
+
+    Each program walks its chunk in steps and the one-program scan walks the [chunks, experts] counts
+    (a latency-bound loop on one SM), so chunks of about sqrt(pairs) keep both short. Measured on the
+    H200 (session 9, run k23; programs per call swept 64-512): sqrt gives the best or within 3 us of
+    it from 512 to 65536 tokens on all four shapes; the former one program per 32 pairs cost 93 us at
+    Qwen3-30B-A3B 4096 tokens (1024 x 128 counts to scan) against 37 us now.
+    """
+    p = max(num_pairs, 1)
+    sub = max(16, min(4096 // e_p2, next_pow2(p)))
+    chunk = next_pow2(cdiv(p, programs)) if programs else next_pow2(math.isqrt(p))
+    return max(sub, chunk), sub
 
 
-def align_parallel(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> AlignedRouting:
+def align_parallel(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int,
+                   programs: int | None = None) -> AlignedRouting:
     """The same layout as ``align_reference`` from three Triton launches: a parallel counting sort.
 
     Chunks of pairs are counted per expert in parallel, one program turns the [chunks, experts]
     counts into each chunk's first row per expert (exclusive scan down the chunks), and the chunks
-    scatter their pairs in parallel; stable, like the reference.
+    scatter their pairs in parallel and fill their share of the block -> expert map; stable, like
+    the reference. ``programs``: about how many chunks (default: chunks of about sqrt(pairs)).
     """
     T, K = topk_ids_TK.shape
     P, E, dev = T * K, num_experts, topk_ids_TK.device
@@ -234,21 +265,25 @@ def align_parallel(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int) ->
     if not ids.is_contiguous():
         ids = ids.contiguous()
     e_p2 = next_pow2(max(E, 2))
-    chunk = _parallel_chunk(P, e_p2)
+    chunk, sub = _parallel_tiles(P, e_p2, programs)
     G = cdiv(max(P, 1), chunk)
+    num_blocks = S // block_m
+    bpg = cdiv(num_blocks, G)
     sorted_pair = torch.empty(S, dtype=torch.int32, device=dev)
-    block_expert = torch.empty(S // block_m, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=dev)
     num_padded = torch.empty(1, dtype=torch.int32, device=dev)
     expert_start = torch.empty(E + 1, dtype=torch.int32, device=dev)
     counts = torch.empty(G, e_p2, dtype=torch.int32, device=dev)
     offsets = torch.empty(G, e_p2, dtype=torch.int32, device=dev)
     fill = cdiv(S, G)
-    warps = 4 if chunk * e_p2 <= 4096 else 8
-    _count_kernel[(G,)](ids, counts, sorted_pair, P, E, S, fill, E_P2=e_p2, CHUNK=chunk,
+    warps = 4 if sub * e_p2 <= 4096 else 8
+    _count_kernel[(G,)](ids, counts, sorted_pair, P, E, S, fill, E_P2=e_p2, CHUNK=chunk, SUB=sub,
                         FILL_BLOCK=min(1024, next_pow2(fill)), num_warps=warps)
-    _offsets_kernel[(1,)](counts, offsets, block_expert, num_padded, expert_start, G, E, S // block_m,
+    _offsets_kernel[(1,)](counts, offsets, num_padded, expert_start, G, E,
                           BLOCK_M=block_m, E_P2=e_p2, GC=max(1, min(64, 8192 // e_p2)), num_warps=8)
-    _scatter_kernel[(G,)](ids, offsets, sorted_pair, P, E, E_P2=e_p2, CHUNK=chunk, num_warps=warps)
+    _scatter_kernel[(G,)](ids, offsets, sorted_pair, expert_start, block_expert, P, E, num_blocks, bpg,
+                          BLOCK_M=block_m, E_P2=e_p2, CHUNK=chunk, SUB=sub,
+                          BSUB=max(1, min(next_pow2(bpg), 4096 // e_p2)), num_warps=warps)
     return AlignedRouting(sorted_pair, block_expert, num_padded, expert_start, P, K, block_m)
 
 
@@ -278,6 +313,6 @@ def align_tokens(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int,
     P, e_p2 = topk_ids_TK.numel(), next_pow2(max(num_experts, 2))
     if P * e_p2 <= SINGLE_ALIGN_MAX_WORK:
         return align_triton(topk_ids_TK, num_experts, block_m)
-    if cdiv(P, _parallel_chunk(P, e_p2)) * e_p2 <= PARALLEL_ALIGN_MAX_WORK:
+    if cdiv(P, _parallel_tiles(P, e_p2)[0]) * e_p2 <= PARALLEL_ALIGN_MAX_WORK:
         return align_parallel(topk_ids_TK, num_experts, block_m)
     return align_reference(topk_ids_TK, num_experts, block_m)

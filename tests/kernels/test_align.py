@@ -38,6 +38,19 @@ def test_triton_alignment_equals_reference_and_is_valid(impl, T, K, E, BM):
     assert n % BM == 0 and (blocks[: n // BM] >= 0).all() and (blocks[n // BM:] == -1).all()
 
 
+@pytest.mark.parametrize("programs", [1, 3, 7])
+@pytest.mark.parametrize("T,K,E,BM", [(300, 2, 130, 16), (257, 3, 6, 16), (50, 8, 64, 32)])
+def test_parallel_alignment_with_long_chunks_equals_reference(programs, T, K, E, BM):
+    """Few programs: each walks its chunk in several steps and fills several tiles of the block map."""
+    g = torch.Generator().manual_seed(T + E + programs)
+    ids = torch.randint(-1, E, (T, K), generator=g)
+    ids[:40] = ids[0]                                  # a run of one expert across step boundaries
+    ids = ids.to(DEV)
+    ref, got = align_reference(ids, E, BM), align_parallel(ids, E, BM, programs=programs)
+    for f in ("sorted_pair_S", "block_expert_B", "num_padded_1", "expert_start_E1"):
+        assert torch.equal(getattr(ref, f).int().cpu(), getattr(got, f).int().cpu()), (f, programs)
+
+
 def test_align_rejects_non_power_of_two_block():
     with pytest.raises(ValueError, match="power of two"):
         align_tokens(torch.zeros(2, 1, dtype=torch.long), 4, 24)
