@@ -6,7 +6,9 @@ For each shape and token count, the row block (block_m) is tried from a small ca
 each block_m the up (gate/up + SwiGLU) and down GEMMs are timed separately over each of their tile
 candidates (same alignment, random routing, random weights); the pair with the smallest sum wins.
 The candidate lists are short on purpose: each new tile is one more compile, and device time is
-scarce. Files are named ``E=..,N=..,K=..,device_name=...json`` (kernels.launch_config).
+scarce. ``--refine`` starts from the tuned files instead and sweeps each GEMM's B and A paths (TMA or
+pointers), pipeline depth and tail tiles around its tile, keeping a change only where the whole call
+gains 3%. Files are named ``E=..,N=..,K=..,device_name=...json`` (kernels.launch_config).
 """
 from __future__ import annotations
 
@@ -63,6 +65,15 @@ def random_routing(T: int, E: int, K: int, device, gen=None):
     return ids, torch.softmax(w, dim=1)
 
 
+def _random_experts(E: int, D: int, I: int, dtype):
+    """(device, generator, w13, w2): random expert weights on the GPU, seeded alike for every shape."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    w13 = torch.randn(E, 2 * I, D, device=dev, dtype=dtype, generator=g) / D ** 0.5
+    w2 = torch.randn(E, D, I, device=dev, dtype=dtype, generator=g) / I ** 0.5
+    return dev, g, w13, w2
+
+
 def tune_shape(E: int, D: int, I: int, K: int, tokens, dtype=torch.bfloat16, log=print) -> dict:
     """{str(T): MoEConfig dict} for one shape on the current GPU, with the timings in '_times_ms'."""
     import triton.testing
@@ -70,10 +81,7 @@ def tune_shape(E: int, D: int, I: int, K: int, tokens, dtype=torch.bfloat16, log
     from kernels.align import align_tokens
     from kernels.grouped_gemm import moe_gemm, moe_up
     from kernels.launch_config import MoEConfig
-    dev = torch.device("cuda")
-    g = torch.Generator(device=dev).manual_seed(0)
-    w13 = torch.randn(E, 2 * I, D, device=dev, dtype=dtype, generator=g) / D ** 0.5
-    w2 = torch.randn(E, D, I, device=dev, dtype=dtype, generator=g) / I ** 0.5
+    dev, g, w13, w2 = _random_experts(E, D, I, dtype)
     table, times = {}, {}
     for T in tokens:
         x = torch.randn(T, D, device=dev, dtype=dtype, generator=g)
@@ -179,6 +187,101 @@ def _tune_variants(x, w13, w2, ids, w, cfg, log):
     return cands[k] if best[k] < (1 - VARIANT_MIN_GAIN) * best[(0, False)] else cands[(0, False)]
 
 
+# --refine: the knobs swept around each GEMM's tuned tile. The first tuning chose tiles with A rows by
+# pointers, then toggled (tail, a_tma) for both GEMMs at once; with A by TMA the best B path and depth
+# can differ (session 9, run k25: Mixtral 4096's up GEMM with A and B both by TMA and 4 stages, 3.16 ms
+# against the tuned 3.68).
+REFINE_KNOBS = {"tma": (False, True), "a_tma": (False, True), "num_stages": (3, 4), "tail": (0, 1, 2)}
+
+
+def _neighbours(c):
+    """Every combination of REFINE_KNOBS on tile ``c`` (its own values included)."""
+    from dataclasses import replace
+    from itertools import product
+    names = list(REFINE_KNOBS)
+    return [replace(c, **dict(zip(names, vals))) for vals in product(*REFINE_KNOBS.values())]
+
+
+def _best_of(fns: dict, rounds: int, timer) -> dict:
+    """Best time of each candidate over interleaved rounds; a candidate that fails to compile or
+    launch (a tile too large for shared memory) is dropped."""
+    best = {k: float("inf") for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            if best[k] is None:
+                continue
+            try:
+                best[k] = min(best[k], timer(f))
+            except Exception:  # noqa: BLE001 - a candidate, not a failure
+                best[k] = None
+    return {k: v for k, v in best.items() if v is not None}
+
+
+def refine_config(x, w13, w2, ids, w, cfg, log, rounds: int = 2, timer=None):
+    """(ms, config): each GEMM of ``cfg`` swept over REFINE_KNOBS alone (same alignment; the up GEMM's
+    time includes gathering x when A comes by TMA), the best of each combined, and kept only when the
+    whole forward call beats ``cfg``'s by VARIANT_MIN_GAIN (whole calls interleaved, three rounds)."""
+    from dataclasses import replace
+
+    from kernels.align import align_tokens
+    from kernels.fused_moe import fused_moe
+    from kernels.grouped_gemm import moe_gemm, moe_up
+    if timer is None:
+        import triton.testing
+
+        def timer(f):
+            return triton.testing.do_bench(f, warmup=5, rep=25, return_mode="median")
+    E, J, D = w13.shape
+    I = J // 2
+    w_P = w.reshape(-1).contiguous()
+    al = align_tokens(ids, E, cfg.block_m)
+    st = (w2.stride(0), w2.stride(1), w2.stride(2))
+    with torch.no_grad():
+        h = moe_up(x, w13, al, replace(cfg.up, tail=0), False)[0]  # every padded row written
+        ups = _best_of({c: (lambda c=c: moe_up(x, w13, al, c, False)) for c in _neighbours(cfg.up)}, rounds, timer)
+        downs = _best_of({c: (lambda c=c: moe_gemm(h, w2, st, D, I, al, c, a_gather=False, c_scatter=True, weight_P=w_P))
+                          for c in _neighbours(cfg.down)}, rounds, timer)
+        if not ups or not downs:
+            return None, cfg
+        new = replace(cfg, up=min(ups, key=ups.get), down=min(downs, key=downs.get))
+        log(f"  up {ups.get(cfg.up, float('nan')):.4f} -> {ups[new.up]:.4f} ms, "
+            f"down {downs.get(cfg.down, float('nan')):.4f} -> {downs[new.down]:.4f} ms")
+        if new == cfg:
+            return None, cfg
+        whole = _best_of({k: (lambda c=c: fused_moe(x, w13, w2, ids, w, config=c)) for k, c in (("old", cfg), ("new", new))},
+                         3, timer)
+    log(f"  whole call {whole['old']:.4f} -> {whole['new']:.4f} ms")
+    if whole["new"] < (1 - VARIANT_MIN_GAIN) * whole["old"]:
+        return whole["new"], new
+    return whole["old"], cfg
+
+
+def refine_shape(E: int, D: int, I: int, K: int, tokens, dtype=torch.bfloat16, log=print) -> dict:
+    """{str(T): MoEConfig dict} for the token counts whose tuned entry refine_config improves."""
+    from kernels.launch_config import load_tuned
+    current = load_tuned(E, I, D, torch.cuda.get_device_name())
+    if not current:
+        raise SystemExit(f"--refine needs a tuned file for E={E} I={I} D={D} on this GPU; run without --refine first")
+    dev, g, w13, w2 = _random_experts(E, D, I, dtype)
+    table, times = {}, {}
+    for T in tokens:
+        cfg = current.get(T)
+        if cfg is None or cfg.block_m < 32:
+            log(f"  T={T}: no tuned entry with row blocks of 32+ rows; not refined")
+            continue
+        x = torch.randn(T, D, device=dev, dtype=dtype, generator=g)
+        ids, w = random_routing(T, E, K, dev, g)
+        log(f"  E={E} D={D} I={I} K={K} T={T}: refining {cfg}")
+        ms, new = refine_config(x, w13, w2, ids, w, cfg, log)
+        if new != cfg:
+            table[str(T)] = new.to_dict()
+            times[str(T)] = round(ms, 5)
+            log(f"  T={T}: kept {new}")
+    if table:
+        table["_times_ms"] = times
+    return table
+
+
 def write_table(E: int, I: int, D: int, table: dict, out_dirs) -> list[Path]:
     """Into kernels/configs/ (merged: entries of other token counts stay), and into each out dir's
     tuned_configs.json as {file name: table} (the device's file transfer refuses names with '=' or ',')."""
@@ -207,6 +310,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)}")
     ap.add_argument("--tokens", default="1,8,64,512,4096,16384")
     ap.add_argument("--out", action="append", default=[], help="also write the files here")
+    ap.add_argument("--refine", action="store_true",
+                    help="start from the tuned files and sweep each GEMM's TMA paths, depth and tail tiles around them")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("tune_kernels.py needs a CUDA GPU")
@@ -216,7 +321,10 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown shape {key!r}; choose from {list(SHAPES)}")
         name, E, D, I, K = SHAPES[key]
         t0 = time.time()
-        table = tune_shape(E, D, I, K, tokens)
+        table = (refine_shape if args.refine else tune_shape)(E, D, I, K, tokens)
+        if args.refine and not table:
+            print(f"{name}: the tuned entries stand")
+            continue
         for p in write_table(E, I, D, table, args.out):
             print(f"{name}: wrote {p} ({time.time() - t0:.0f} s)")
     return 0

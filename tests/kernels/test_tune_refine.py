@@ -1,0 +1,70 @@
+"""benchmarks/tune_kernels.py --refine: each GEMM swept alone around its tile, the best of each combined,
+kept only past the whole-call gain threshold. Timers are stand-ins (the real ones need a GPU): each
+candidate's cost is read from the config its closure carries; the alignment and the reference up GEMM
+really run (interpreted)."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from benchmarks import tune_kernels as tk
+from kernels.launch_config import GemmConfig, MoEConfig
+from tests.conftest import ON_GPU
+
+pytestmark = pytest.mark.skipif(ON_GPU, reason="stand-in timers; the real sweep runs on the GPU")
+
+BASE = MoEConfig(32, GemmConfig(block_n=32, block_k=32), GemmConfig(block_n=64, block_k=32))  # disjoint sweeps
+WANT_UP = replace(BASE.up, tma=True, a_tma=True, num_stages=4, tail=0)
+WANT_DOWN = replace(BASE.down, tail=2, num_stages=3)
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    E, D, I, K, T = 4, 32, 32, 2, 40
+    w13 = torch.randn(E, 2 * I, D, generator=g) / D ** 0.5
+    w2 = torch.randn(E, D, I, generator=g) / I ** 0.5
+    x = torch.randn(T, D, generator=g)
+    ids, w = tk.random_routing(T, E, K, "cpu", g)
+    return x, w13, w2, ids, w
+
+
+def _timer(gain, broken=()):
+    """GEMM candidates: 1.0 ms, 0.5 for the wanted one; whole calls: 2.0 for BASE, 2 * (1 - gain) else."""
+    def timer(f):
+        c = f.__defaults__[0]
+        if c in broken:
+            raise RuntimeError("out of shared memory")
+        if isinstance(c, MoEConfig):
+            return 2.0 if c == BASE else 2.0 * (1 - gain)
+        return 0.5 if c in (WANT_UP, WANT_DOWN) else 1.0
+    return timer
+
+
+def test_neighbours_cover_every_knob_combination():
+    n = tk._neighbours(BASE.up)
+    assert len(n) == 2 * 2 * 2 * 3 and len(set(n)) == len(n) and BASE.up in n
+    assert all((c.block_n, c.block_k, c.num_warps) == (32, 32, BASE.up.num_warps) for c in n)
+
+
+def test_best_of_keeps_the_minimum_and_drops_failures():
+    seq = {"a": iter([3.0, 1.0]), "b": iter([2.0, 2.5])}
+
+    def timer(f):
+        return f()
+    fns = {"a": lambda: next(seq["a"]), "b": lambda: next(seq["b"]), "c": lambda: 1 / 0}
+    assert tk._best_of(fns, 2, timer) == {"a": 1.0, "b": 2.0}
+
+
+def test_refine_combines_the_best_of_each_gemm_when_the_call_gains():
+    ms, cfg = tk.refine_config(*_inputs(), BASE, log=lambda *_: None, timer=_timer(0.10))
+    assert cfg == replace(BASE, up=WANT_UP, down=WANT_DOWN) and ms == pytest.approx(1.8)
+
+
+def test_refine_keeps_the_tuned_config_below_the_gain_threshold():
+    ms, cfg = tk.refine_config(*_inputs(), BASE, log=lambda *_: None, timer=_timer(tk.VARIANT_MIN_GAIN / 2))
+    assert cfg == BASE and ms == pytest.approx(2.0)
+
+
+def test_refine_skips_candidates_that_cannot_launch():
+    ms, cfg = tk.refine_config(*_inputs(), BASE, log=lambda *_: None, timer=_timer(0.10, broken=(WANT_UP,)))
+    assert cfg.up != WANT_UP and cfg.down == WANT_DOWN
