@@ -217,20 +217,33 @@ def _best_of(fns: dict, rounds: int, timer) -> dict:
     return {k: v for k, v in best.items() if v is not None}
 
 
+def _graph_timer(f) -> float:
+    """ms of one CUDA-graph replay of ``f`` (median of do_bench), as benchmarks/kernels.py times its
+    headline column. Session 9 (NOTES-kernels 15d): eager do_bench of one GEMM at a time ranked
+    fine-grained up GEMMs in an order that graph replay reversed by 5-12%."""
+    import triton.testing
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        f()  # compile and allocate outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        f()
+    return triton.testing.do_bench(g.replay, warmup=5, rep=25, return_mode="median")
+
+
 def refine_config(x, w13, w2, ids, w, cfg, log, rounds: int = 2, timer=None):
     """(ms, config): each GEMM of ``cfg`` swept over REFINE_KNOBS alone (same alignment; the up GEMM's
     time includes gathering x when A comes by TMA), the best of each combined, and kept only when the
-    whole forward call beats ``cfg``'s by VARIANT_MIN_GAIN (whole calls interleaved, three rounds)."""
+    whole forward call beats ``cfg``'s by VARIANT_MIN_GAIN (whole calls interleaved, three rounds).
+    Every time is a CUDA-graph replay (``_graph_timer``) unless ``timer`` says otherwise."""
     from dataclasses import replace
 
     from kernels.align import align_tokens
     from kernels.fused_moe import fused_moe
     from kernels.grouped_gemm import moe_gemm, moe_up
-    if timer is None:
-        import triton.testing
-
-        def timer(f):
-            return triton.testing.do_bench(f, warmup=5, rep=25, return_mode="median")
+    timer = timer or _graph_timer
     E, J, D = w13.shape
     I = J // 2
     w_P = w.reshape(-1).contiguous()
