@@ -43,8 +43,8 @@ from triton.runtime.errors import OutOfResources
 
 from .align import AlignedRouting, align_tokens
 from .fused_decode import moe_decode1
-from .grouped_gemm import (moe_gemm, moe_sum, moe_swiglu_bwd, moe_up, moe_wgrad, moe_wgrad_kmajor, pdl_ok,
-                           sorted_rows_t, tma_ok, wgrad_tile)
+from .grouped_gemm import moe_gemm, moe_sum, moe_swiglu_bwd, moe_up, pdl_ok, tma_ok
+from .wgrad import moe_wgrad, moe_wgrad_kmajor, sorted_rows_t, wgrad_tile
 from .launch_config import MoEConfig, pick_config
 from .reference import check_moe_inputs
 

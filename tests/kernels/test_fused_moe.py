@@ -226,7 +226,7 @@ def test_tma_weight_tiles_match_reference(T, ids):
 def test_weight_gradient_kernel_on_transposed_operands(tma):
     """moe_wgrad_kmajor sums each expert's own rows only (padding columns are zero), by TMA or not."""
     from kernels.align import align_tokens
-    from kernels.grouped_gemm import moe_wgrad_kmajor, sorted_rows_t
+    from kernels.wgrad import moe_wgrad_kmajor, sorted_rows_t
     g = torch.Generator().manual_seed(7)
     T, K, E, X, Y = 37, 2, 5, 32, 48
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
