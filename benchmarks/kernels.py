@@ -2,9 +2,10 @@
 
     python3 benchmarks/kernels.py --out $OUT            # all four shapes x tokens {1,...,16384}
     python3 benchmarks/kernels.py --out $OUT --rounds 3 --tokens 4096,16384 --shapes mixtral   # settle close cells
+    python3 benchmarks/kernels.py --out $OUT --tokens 8 --shapes mixtral --anchor-draws   # vLLM's draw, like for like
 
 Columns (ms, median): floor = max(bytes / measured copy bandwidth, FLOPs / measured bf16 matmul rate),
-both ceilings measured in this run; moeflow = kernels.fused_moe (token alignment included);
+both ceilings measured in this run (m/f@774: moeflow against the floor at ANCHORS.md's 774 TFLOP/s); moeflow = kernels.fused_moe (token alignment included);
 loop = one matmul pair per active expert (token lists prepared outside the timed region);
 gmm = torch._grouped_mm (its sort included). "graph" = CUDA-graph replay, "eager" = plain launches;
 fwd+bwd is eager. Inputs rotate over several routing sets when they would otherwise sit in L2.
@@ -36,6 +37,33 @@ VLLM = {
     "dsv2lite": {1: 0.057, 64: 0.295, 512: 0.485, 4096: 1.88, 16384: 7.05},
     "olmoe": {1: 0.055, 64: 0.224, 512: 0.380, 4096: 1.76, 16384: 6.60},
 }
+# ANCHORS.md's bf16 matmul rate on the H200 (TFLOP/s), the one issue 3's compute-bound target names
+ANCHOR_TFLOPS = 774
+
+# ANCHORS.md's floor of the routing draw behind each vLLM figure of a decode-sized (memory-bound)
+# cell, ms: how many experts that draw had active (its weights over the copy bandwidth). A cell whose
+# own draw differs by an expert or more is also timed on a draw with ANCHORS' count (--anchor-draws),
+# so the vLLM comparison is like for like (Mixtral at 8 tokens: ~6 active there, 7.2 on average here).
+VLLM_FLOOR = {
+    "mixtral": {1: 0.165, 8: 0.494, 64: 0.659},
+    "qwen3": {1: 0.018, 8: 0.117, 64: 0.280},
+    "dsv2lite": {1: 0.024, 64: 0.259},
+    "olmoe": {1: 0.024, 64: 0.188},
+}
+
+
+def routing_with_active(T: int, E: int, K: int, active: int, device, gen=None):
+    """(ids [T, K], weights [T, K]): each token's K distinct experts drawn from one random set of
+    ``active`` experts, every one of them used (needs K <= active <= T * K and active <= E)."""
+    if not K <= active <= min(E, T * K):
+        raise ValueError(f"cannot route {T} tokens x top-{K} onto exactly {active} of {E} experts")
+    chosen = torch.randperm(E, generator=gen, device=device)[:active]
+    while True:
+        ranks = torch.rand(T, active, generator=gen, device=device).argsort(dim=1)[:, :K]
+        if torch.unique(ranks).numel() == active:
+            break
+    w = torch.softmax(torch.rand(T, K, generator=gen, device=device), dim=1)
+    return chosen[ranks], w
 
 
 def rel_err(a, b) -> float:
@@ -131,10 +159,13 @@ def floor_ms(E, D, I, K, ids, bw, rate, dtype_bytes=2) -> tuple[float, float, fl
 
 # ---------------------------------------------------------------------------------------------
 
-def run_case(key, E, D, I, K, T, w13, w2, w13_t, w2_t, ceil, fwd_bwd: bool, log, rounds: int = 1) -> dict:
+def run_case(key, E, D, I, K, T, w13, w2, w13_t, w2_t, ceil, fwd_bwd: bool, log, rounds: int = 1,
+             anchor_draws: bool = False) -> dict:
     """One (shape, tokens) cell. rounds > 1: every timing is taken that many times, the methods
     interleaved round by round, and the best kept (the spread between runs reaches 5-9% on large
-    cells, NOTES-kernels 14; interleaving puts every method under the same clock and power state)."""
+    cells, NOTES-kernels 14; interleaving puts every method under the same clock and power state).
+    anchor_draws: also time moeflow on draws with as many active experts as ANCHORS' vLLM figure had
+    (``VLLM_FLOOR``), where that differs from this cell's draws by an expert or more."""
     from kernels.fused_moe import fused_moe
     dev, dt = w13.device, w13.dtype
     g = torch.Generator(device=dev).manual_seed(T)
@@ -147,7 +178,10 @@ def run_case(key, E, D, I, K, T, w13, w2, w13_t, w2_t, ceil, fwd_bwd: bool, log,
     # the floor of each routing set (how many experts are active varies), averaged like the timings
     fls = [floor_ms(E, D, I, K, s[1], *ceil) for s in sets]
     fl, fl_mem, fl_math = (sum(f[i] for f in fls) / R for i in range(3))
-    r = dict(shape=key, E=E, D=D, I=I, K=K, T=T, floor=fl, floor_mem=fl_mem, floor_math=fl_math)
+    # the same floor at ANCHORS.md's fixed matmul rate: the measured one moves by up to 15% between runs
+    fl_anchor = max(fl_mem, fl_math * ceil[1] / (ANCHOR_TFLOPS * 1e9))
+    r = dict(shape=key, E=E, D=D, I=I, K=K, T=T, floor=fl, floor_mem=fl_mem, floor_math=fl_math,
+             floor_at_anchor_rate=fl_anchor)
     methods = {
         "moeflow": lambda s: (lambda: fused_moe(s[0], w13, w2, s[1], s[2])),
         "loop": lambda s: (lambda: loop_moe(s[0], w13, w2, s[2], s[3])),
@@ -166,6 +200,22 @@ def run_case(key, E, D, I, K, T, w13, w2, w13_t, w2_t, ceil, fwd_bwd: bool, log,
                 except Exception as exc:  # a peer that cannot run here is recorded, not fatal
                     r[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                     log(f"   {name} failed: {r[f'{name}_error']}")
+    anchor = VLLM_FLOOR.get(key, {}).get(T)
+    if anchor_draws and anchor is not None:
+        bw = ceil[0]
+        n_anchor = round(anchor * bw / (3 * I * D * 2))  # ANCHORS' floors are of bf16 weights, as floor_ms
+        n_here = sum(int(torch.unique(s[1]).numel()) for s in sets) / R
+        if abs(n_anchor - n_here) >= 1 and K <= n_anchor <= min(E, T * K):
+            asets = []
+            for _ in range(R):
+                ids, w = routing_with_active(T, E, K, n_anchor, dev, g)
+                asets.append((torch.randn(T, D, device=dev, dtype=dt, generator=g), ids, w))
+            r.update(anchor_active=n_anchor, active_here=n_here,
+                     floor_anchor_draw=sum(floor_ms(E, D, I, K, s[1], *ceil)[0] for s in asets) / R)
+            with torch.no_grad():
+                for _ in range(rounds):
+                    keep("moeflow_graph_anchor_draw",
+                         bench_graph([(lambda s=s: fused_moe(s[0], w13, w2, s[1], s[2])) for s in asets]))
     if T in (64, 512, 4096):
         r.update(breakdown(sets[0][0], w13, w2, sets[0][1], sets[0][2]))
     if fwd_bwd:
@@ -255,14 +305,21 @@ def fmt(v, w=7):
 
 def print_table(rows, log):
     log("\n## fused MoE on " + torch.cuda.get_device_name() + " (bf16, ms, median)")
-    log(f"{'shape':9} {'T':>5} | {'floor':>7} {'moeflow':>7} {'m/floor':>7} {'vLLM':>7} {'gmm':>7} {'loop':>7} |"
-        f" {'eager':>7} | {'fb:moe':>7} {'fb:gmm':>7} {'fb:loop':>7}")
+    log(f"{'shape':9} {'T':>5} | {'floor':>7} {'moeflow':>7} {'m/floor':>7} {'m/f@774':>7} {'vLLM':>7} {'gmm':>7}"
+        f" {'loop':>7} | {'eager':>7} | {'fb:moe':>7} {'fb:gmm':>7} {'fb:loop':>7}")
     for r in rows:
         m = r.get("moeflow_graph")
         ratio = m / r["floor"] if isinstance(m, float) else None
-        log(f"{r['shape']:9} {r['T']:>5} | {fmt(r['floor'])} {fmt(m)} {fmt(ratio)} {fmt(VLLM[r['shape']].get(r['T']))}"
+        ratio_a = m / r["floor_at_anchor_rate"] if isinstance(m, float) else None
+        log(f"{r['shape']:9} {r['T']:>5} | {fmt(r['floor'])} {fmt(m)} {fmt(ratio)} {fmt(ratio_a)}"
+            f" {fmt(VLLM[r['shape']].get(r['T']))}"
             f" {fmt(r.get('gmm_graph'))} {fmt(r.get('loop_graph'))} | {fmt(r.get('moeflow_eager'))} |"
             f" {fmt(r.get('moeflow_fwdbwd'))} {fmt(r.get('gmm_fwdbwd'))} {fmt(r.get('loop_fwdbwd'))}")
+    for r in rows:
+        if "moeflow_graph_anchor_draw" in r:
+            log(f"{r['shape']} T={r['T']} on a draw with ANCHORS' {r['anchor_active']} active experts (this table's draws:"
+                f" {r['active_here']:.1f}): floor {r['floor_anchor_draw']:.4f}, moeflow {r['moeflow_graph_anchor_draw']:.4f},"
+                f" vLLM {VLLM[r['shape']][r['T']]:.4f}")
 
 
 def main(argv=None) -> int:
@@ -273,6 +330,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--budget-s", type=float, default=330, help="start no new case after this many seconds")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--anchor-draws", action="store_true",
+                    help="decode-sized cells whose routing draw has another active-expert count than ANCHORS' vLLM "
+                         "figure: also time moeflow on a draw with that count")
     ap.add_argument("--rounds", type=int, default=1,
                     help="time every method this many times, interleaved, and keep the best (3 settles the "
                          "cells within a few percent of a peer)")
@@ -310,7 +370,8 @@ def main(argv=None) -> int:
             if time.time() - t0 > args.budget_s:
                 log(f"  budget reached: {key} T={T} not run")
                 continue
-            r = run_case(key, E, D, I, K, T, w13, w2, w13_t, w2_t, (bw, rate), T in fb_tokens, log, args.rounds)
+            r = run_case(key, E, D, I, K, T, w13, w2, w13_t, w2_t, (bw, rate), T in fb_tokens, log, args.rounds,
+                         args.anchor_draws)
             rows.append(r)
             res_f.write(json.dumps(dict(kind="time", **r)) + "\n")
             res_f.flush()

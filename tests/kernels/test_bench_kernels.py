@@ -57,3 +57,34 @@ def test_rounds_interleave_methods_and_keep_the_best(monkeypatch):
     assert r["moeflow_graph"] == 1000 - (2 * len(timed) * 2 + 1)
     fb_timed = [m for m in ("moeflow", "loop", "gmm") if f"{m}_fwdbwd_error" not in r]
     assert calls[n_fwd:] == ["fwdbwd"] * len(fb_timed) * 3
+
+
+def test_routing_with_active_uses_exactly_that_many_experts():
+    mod = _load()
+    g = torch.Generator().manual_seed(1)
+    for T, E, K, n in ((8, 8, 2, 6), (3, 16, 4, 5), (64, 128, 8, 128)):
+        ids, w = mod.routing_with_active(T, E, K, n, "cpu", g)
+        assert ids.shape == (T, K) and torch.unique(ids).numel() == n
+        assert all(len(set(row)) == K for row in ids.tolist())                   # distinct per token
+        assert torch.allclose(w.sum(1), torch.ones(T))
+    with pytest.raises(ValueError, match="exactly 9 of 8"):
+        mod.routing_with_active(8, 8, 2, 9, "cpu", g)
+
+
+def test_anchor_draw_is_timed_only_where_the_active_count_differs(monkeypatch):
+    mod = _load()
+    monkeypatch.setattr(mod, "bench", lambda fn, grad_to_none=None: (fn(), 2.0)[1])
+    monkeypatch.setattr(mod, "bench_graph", lambda fns: ([f() for f in fns], 1.0)[1])
+    E, D, I, K, T = 8, 16, 16, 2, 8
+    g = torch.Generator().manual_seed(0)
+    w13, w2 = torch.randn(E, 2 * I, D, generator=g), torch.randn(E, D, I, generator=g)
+    bw = 1e9  # bytes per ms: an ANCHORS floor of 3 experts' bf16 weights
+    one = 3 * I * D * 2 / bw
+    for anchor, want in ((3 * one, 3), (None, None)):
+        monkeypatch.setattr(mod, "VLLM_FLOOR", {"tiny": {T: anchor}} if anchor else {})
+        r = mod.run_case("tiny", E, D, I, K, T, w13, w2, w13.transpose(1, 2), w2.transpose(1, 2), (bw, 1e12),
+                         fwd_bwd=False, log=lambda s: None, anchor_draws=True)
+        assert r.get("anchor_active") == want
+        if want:
+            assert r["moeflow_graph_anchor_draw"] == 1.0 and r["active_here"] > want
+            assert r["floor_anchor_draw"] == pytest.approx(want * one + 2 * T * D * 2 / bw)
