@@ -98,6 +98,22 @@ def _block_rows(pid_m, sorted_pair_ptr, block_expert_ptr, num_padded_ptr, E, P,
 
 
 @triton.jit
+def _program_block(N, sorted_pair_ptr, block_expert_ptr, num_padded_ptr, E, P, PDL: tl.constexpr,
+                   PAIR_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """The grouped GEMMs' prologue: with PDL, let the next kernel's programs launch; this program's
+    (row block, N tile) in grouped order, and the block's rows (skip: past the used blocks)."""
+    if PDL:
+        gdc_launch_dependents()
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_m = tl.num_programs(0) // num_n
+    pid_m, pid_n = _block_ids(pid, num_n, num_m, GROUP_M)
+    skip, e, offs_m, pair = _block_rows(pid_m, sorted_pair_ptr, block_expert_ptr, num_padded_ptr, E, P,
+                                        PAIR_BLOCKS, BLOCK_M)
+    return skip, e, offs_m, pair, pid_m, pid_n, num_n
+
+
+@triton.jit
 def _tail_level(pair, P, BLOCK_M: tl.constexpr, TAIL: tl.constexpr):
     """How many times this block's row tile may be halved: an expert's last block holds its real rows
     as a prefix and padding after them, so at most BLOCK_M/2 (level 1) or BLOCK_M/4 (level 2, with
@@ -203,14 +219,9 @@ def _moe_up_kernel(x_ptr, w_ptr, w_desc, a_desc, a_desc2, a_desc4, h_ptr, gu_ptr
                    TOP_K, PAIR_BLOCKS: tl.constexpr, SAVE_PREACT: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr,
                    W_DESC: tl.constexpr, A_DESC: tl.constexpr, PDL: tl.constexpr, TAIL: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    if PDL:  # let the down GEMM's programs launch now; they wait for this grid before reading h
-        gdc_launch_dependents()
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(I, BLOCK_N)
-    num_m = tl.num_programs(0) // num_n
-    pid_m, pid_n = _block_ids(pid, num_n, num_m, GROUP_M)
-    skip, e, offs_m, pair = _block_rows(pid_m, sorted_pair_ptr, block_expert_ptr, num_padded_ptr, E, P,
-                                        PAIR_BLOCKS, BLOCK_M)
+    # (with PDL: the down GEMM's programs launch now; they wait for this grid before reading h)
+    skip, e, offs_m, pair, pid_m, pid_n, num_n = _program_block(I, sorted_pair_ptr, block_expert_ptr, num_padded_ptr,
+                                                                E, P, PDL, PAIR_BLOCKS, BLOCK_M, BLOCK_N, GROUP_M)
     if skip:
         return
     # (TAIL is 0 with PAIR_BLOCKS: the launcher clears it.) The tail branches sit under a
@@ -327,14 +338,9 @@ def _moe_gemm_kernel(a_ptr, b_ptr, b_desc, a_desc, a_desc2, a_desc4, c_ptr, weig
                      MUL_WEIGHT: tl.constexpr, SWIGLU_BWD: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr,
                      W_DESC: tl.constexpr, A_DESC: tl.constexpr, PDL: tl.constexpr, TAIL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    if PDL:  # let moe_sum's programs launch now; this grid itself waits below before reading A
-        gdc_launch_dependents()
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    num_m = tl.num_programs(0) // num_n
-    pid_m, pid_n = _block_ids(pid, num_n, num_m, GROUP_M)
-    skip, e, offs_m, pair = _block_rows(pid_m, sorted_pair_ptr, block_expert_ptr, num_padded_ptr, E, P,
-                                        PAIR_BLOCKS, BLOCK_M)
+    # (with PDL: moe_sum's programs launch now; this grid itself waits below before reading A)
+    skip, e, offs_m, pair, pid_m, pid_n, num_n = _program_block(N, sorted_pair_ptr, block_expert_ptr, num_padded_ptr,
+                                                                E, P, PDL, PAIR_BLOCKS, BLOCK_M, BLOCK_N, GROUP_M)
     if skip:
         return
     if PDL:  # launched early (programmatic dependent launch): wait for the kernel that wrote A
