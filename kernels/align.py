@@ -95,6 +95,20 @@ def align_reference(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int) -
                           P, K, block_m)
 
 
+@triton.jit
+def _padded_runs(counts, experts, expert_start_ptr, num_padded_ptr, E, BLOCK_M: tl.constexpr):
+    """Each expert's run padded to BLOCK_M rows: (first row, end row) per expert and the rows used,
+    also stored as expert_start (E + 1 entries) and num_padded."""
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    pad_end = tl.cumsum(padded, axis=0)
+    pad_start = pad_end - padded
+    total = tl.sum(padded, axis=0)
+    tl.store(expert_start_ptr + experts, pad_start, mask=experts < E)
+    tl.store(expert_start_ptr + E, total)
+    tl.store(num_padded_ptr, total)
+    return pad_start, pad_end, total
+
+
 @triton.jit(do_not_specialize=["P", "S", "NUM_BLOCKS"])
 def _align_kernel(ids_ptr, sorted_pair_ptr, block_expert_ptr, num_padded_ptr, expert_start_ptr,
                   P, E, S, NUM_BLOCKS,
@@ -111,13 +125,7 @@ def _align_kernel(ids_ptr, sorted_pair_ptr, block_expert_ptr, num_padded_ptr, ex
         ids = tl.load(ids_ptr + p0 + offs, mask=p0 + offs < P, other=-1).to(tl.int32)
         hit = (ids[:, None] == experts[None, :]) & (experts[None, :] < E)
         counts += tl.sum(hit.to(tl.int32), axis=0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    pad_end = tl.cumsum(padded, axis=0)
-    pad_start = pad_end - padded
-    total = tl.sum(padded, axis=0)
-    tl.store(expert_start_ptr + experts, pad_start, mask=experts < E)
-    tl.store(expert_start_ptr + E, total)
-    tl.store(num_padded_ptr, total)
+    pad_start, pad_end, total = _padded_runs(counts, experts, expert_start_ptr, num_padded_ptr, E, BLOCK_M)
     # the sentinel stores above and the pair stores below hit the same addresses from other threads
     tl.debug_barrier()
     # pass 2: rank of each pair within its expert = earlier pairs of that expert (stable order)
@@ -189,13 +197,7 @@ def _offsets_kernel(counts_ptr, offsets_ptr, num_padded_ptr, expert_start_ptr, G
     for g0 in range(0, G, GC):
         c = tl.load(counts_ptr + (g0 + rows)[:, None] * E_P2 + experts[None, :], mask=(g0 + rows)[:, None] < G, other=0)
         counts += tl.sum(c, axis=0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    pad_end = tl.cumsum(padded, axis=0)
-    pad_start = pad_end - padded
-    total = tl.sum(padded, axis=0)
-    tl.store(expert_start_ptr + experts, pad_start, mask=experts < E)
-    tl.store(expert_start_ptr + E, total)
-    tl.store(num_padded_ptr, total)
+    pad_start, pad_end, total = _padded_runs(counts, experts, expert_start_ptr, num_padded_ptr, E, BLOCK_M)
     running = pad_start
     for g0 in range(0, G, GC):
         m = (g0 + rows)[:, None] < G
