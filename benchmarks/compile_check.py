@@ -13,7 +13,8 @@ How: a stand-in CUDA driver answers for an sm_90 device; every kernel launch com
 pipeline down to a cubin, with its bundled ptxas) and returns without running; the host-side checks
 for TMA and programmatic dependent launch answer as on a Hopper GPU; tensors live on the CPU and are
 never read by a kernel. Each (shape, token count) runs the forward of ``fused_moe`` with its tuned
-config, and the forward + backward where training reaches that size (64, 4096, 16384 tokens). Line
+config, and the forward + backward where training reaches that size (64, 4096, 16384 tokens); then
+the other inference kernels (norm, router, q/k/v projections, attention prep) at each model's sizes. Line
 information is left out of the PTX, so a refactor that moves code but compiles to the same PTX shows
 no difference in ``--dump``.
 """
@@ -35,6 +36,9 @@ os.environ["TRITON_DISABLE_LINE_INFO"] = "1"
 import torch  # noqa: E402
 
 FWD_BWD_TOKENS = (64, 4096, 16384)
+# attention heads of the models behind SHAPES: (query heads, key/value heads, head size), for the
+# decode-step kernels (norms, router, q/k/v projections, q/k norm + rotation + cache write)
+HEADS = {"mixtral": (32, 8, 128), "qwen3": (32, 4, 128), "dsv2lite": (16, 16, 128), "olmoe": (16, 16, 128)}
 
 
 class _StandInCuda:
@@ -134,6 +138,44 @@ def check(shapes, tokens, dump: Path | None, log=print) -> int:
     return failures
 
 
+def check_decode(shapes, rows=(1, 8, 64), log=print) -> int:
+    """The other inference kernels (kernels/norm, router, proj, attn_prep) at each model's sizes."""
+    from benchmarks.tune_kernels import SHAPES
+    from kernels.attn_prep import prepare_qkv
+    from kernels.norm import rms_norm
+    from kernels.proj import multi_linear
+    from kernels.router import softmax_topk
+    failures = 0
+    bf = torch.bfloat16
+    for key in shapes:
+        _, E, D, I, K = SHAPES[key]
+        H, G, d = HEADS[key]
+        for M in rows:
+            x = torch.randn(M, D).to(bf)
+            steps = {
+                "rms_norm": lambda: rms_norm(x, torch.ones(D, dtype=bf), 1e-6),
+                "softmax_topk": lambda: softmax_topk(torch.randn(M, E).to(bf), K, True),
+                "multi_linear": lambda: multi_linear(x, [torch.empty(H * d, D, dtype=bf), torch.empty(G * d, D, dtype=bf),
+                                                         torch.empty(G * d, D, dtype=bf)]),
+                "prepare_qkv": lambda: prepare_qkv(
+                    torch.randn(M, 1, H * d).to(bf), torch.randn(M, 1, G * d).to(bf), torch.randn(M, 1, G * d).to(bf),
+                    torch.ones(M, 1, d // 2), torch.zeros(M, 1, d // 2), torch.ones(d, dtype=bf), torch.ones(d, dtype=bf),
+                    1e-6, torch.empty(M, G, 16, d, dtype=bf), torch.empty(M, G, 16, d, dtype=bf),
+                    torch.zeros(M, 1, dtype=torch.long), H, G),
+            }
+            failed = 0
+            for name, step in steps.items():
+                try:
+                    step()
+                except Exception as exc:  # noqa: BLE001 - the point is to report it
+                    failed += 1
+                    log(f"  FAILED {key} {name} rows={M}: {type(exc).__name__}: {str(exc)[:600]}")
+            if not failed:
+                log(f"  ok {key} decode kernels, {M} rows")
+            failures += failed
+    return failures
+
+
 def main(argv=None) -> int:
     from benchmarks.tune_kernels import SHAPES
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -144,7 +186,7 @@ def main(argv=None) -> int:
     import triton
     print(f"Triton {triton.__version__}, target sm_90 (stand-in driver)")
     tokens = [int(t) for t in args.tokens.split(",") if t]
-    failures = check(args.shapes.split(","), tokens, args.dump)
+    failures = check(args.shapes.split(","), tokens, args.dump) + check_decode(args.shapes.split(","))
     print(json.dumps({"failures": failures}))
     return 1 if failures else 0
 

@@ -1,7 +1,8 @@
 """The GPU code path of the MoE kernels compiles for sm_90 on a machine without a GPU.
 
 The interpreter tests run the kernels' logic but compile nothing; this compiles every kernel a
-forward and a forward + backward call launch, with the tuned H200 configs of each shape, through
+forward and a forward + backward call launch, with the tuned H200 configs of each shape, and the
+other inference kernels (norm, router, projections, attention prep), through
 Triton's real pipeline (``benchmarks/compile_check.py``, a stand-in driver, nothing runs). It runs in
 a subprocess: the check replaces Triton's driver and launcher for the whole process.
 """
@@ -25,4 +26,5 @@ def test_kernels_compile_for_sm90_with_the_tuned_configs():
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"failures": 0}
-    assert out.stdout.count("  ok ") == 4 * 5 + 4 * 2  # every shape x token count forward; fwd+bwd at 64, 4096
+    # every shape x token count forward, fwd+bwd at 64 and 4096; the decode-step kernels at 1, 8, 64 rows
+    assert out.stdout.count("  ok ") == 4 * 5 + 4 * 2 + 4 * 3
