@@ -147,18 +147,24 @@ def _align_kernel(ids_ptr, sorted_pair_ptr, block_expert_ptr, num_padded_ptr, ex
         tl.store(block_expert_ptr + b0 + offs, e, mask=b0 + offs < NUM_BLOCKS)
 
 
-def align_triton(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> AlignedRouting:
-    """The same layout as ``align_reference`` from one single-program Triton launch."""
+def _prepare(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int):
+    """(ids flat and contiguous, pairs, top-k, padded-row bound, the layout's four output buffers) for the
+    Triton alignments."""
     T, K = topk_ids_TK.shape
-    P, E, dev = T * K, num_experts, topk_ids_TK.device
-    S = max_padded_rows(P, E, block_m)
+    P, dev = T * K, topk_ids_TK.device
+    S = max_padded_rows(P, num_experts, block_m)
     ids = topk_ids_TK.reshape(-1)
     if not ids.is_contiguous():
         ids = ids.contiguous()
-    sorted_pair = torch.empty(S, dtype=torch.int32, device=dev)
-    block_expert = torch.empty(S // block_m, dtype=torch.int32, device=dev)
-    num_padded = torch.empty(1, dtype=torch.int32, device=dev)
-    expert_start = torch.empty(E + 1, dtype=torch.int32, device=dev)
+    buffers = (torch.empty(S, dtype=torch.int32, device=dev), torch.empty(S // block_m, dtype=torch.int32, device=dev),
+               torch.empty(1, dtype=torch.int32, device=dev), torch.empty(num_experts + 1, dtype=torch.int32, device=dev))
+    return ids, P, K, S, buffers
+
+
+def align_triton(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> AlignedRouting:
+    """The same layout as ``align_reference`` from one single-program Triton launch."""
+    ids, P, K, S, (sorted_pair, block_expert, num_padded, expert_start) = _prepare(topk_ids_TK, num_experts, block_m)
+    E = num_experts
     e_p2 = next_pow2(max(E, 2))
     chunk = max(16, min(next_pow2(max(P, 1)), 8192 // e_p2 if e_p2 <= 512 else 16))
     _align_kernel[(1,)](ids, sorted_pair, block_expert, num_padded, expert_start, P, E, S, S // block_m,
@@ -260,21 +266,13 @@ def align_parallel(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int,
     scatter their pairs in parallel and fill their share of the block -> expert map; stable, like
     the reference. ``programs``: about how many chunks (default: chunks of about sqrt(pairs)).
     """
-    T, K = topk_ids_TK.shape
-    P, E, dev = T * K, num_experts, topk_ids_TK.device
-    S = max_padded_rows(P, E, block_m)
-    ids = topk_ids_TK.reshape(-1)
-    if not ids.is_contiguous():
-        ids = ids.contiguous()
+    ids, P, K, S, (sorted_pair, block_expert, num_padded, expert_start) = _prepare(topk_ids_TK, num_experts, block_m)
+    E, dev = num_experts, topk_ids_TK.device
     e_p2 = next_pow2(max(E, 2))
     chunk, sub = _parallel_tiles(P, e_p2, programs)
     G = cdiv(max(P, 1), chunk)
     num_blocks = S // block_m
     bpg = cdiv(num_blocks, G)
-    sorted_pair = torch.empty(S, dtype=torch.int32, device=dev)
-    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=dev)
-    num_padded = torch.empty(1, dtype=torch.int32, device=dev)
-    expert_start = torch.empty(E + 1, dtype=torch.int32, device=dev)
     counts = torch.empty(G, e_p2, dtype=torch.int32, device=dev)
     offsets = torch.empty(G, e_p2, dtype=torch.int32, device=dev)
     fill = cdiv(S, G)
