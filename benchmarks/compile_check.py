@@ -91,12 +91,11 @@ def install(log_compiled: list) -> None:
     fm._check_device = lambda *a: None
 
 
-def check(shapes, tokens, dump: Path | None, log=print) -> int:
+def check(shapes, tokens, dump: Path | None, compiled: list, log=print) -> int:
+    """Forward (and fwd+bwd) MoE calls with the tuned configs; ``compiled`` is install()'s log."""
     from benchmarks.tune_kernels import SHAPES
     from kernels.fused_moe import fused_moe
     from kernels.launch_config import load_tuned
-    compiled: list = []
-    install(compiled)
     failures = 0
     for key in shapes:
         name, E, D, I, K = SHAPES[key]
@@ -119,7 +118,7 @@ def check(shapes, tokens, dump: Path | None, log=print) -> int:
                     if grad:
                         # (no gradient for the routing weights: its host-side scatter would read the
                         # never-computed alignment; the kernels launched are the same either way)
-                        xs, a, b = (t.clone().requires_grad_(True) for t in (x, w13, w2))
+                        xs, a, b = (t.detach().requires_grad_(True) for t in (x, w13, w2))  # no copies
                         y = fused_moe(xs, a, b, ids, w, config=cfg)
                         torch.autograd.grad(y, [xs, a, b], torch.ones_like(y))
                     else:
@@ -186,7 +185,9 @@ def main(argv=None) -> int:
     import triton
     print(f"Triton {triton.__version__}, target sm_90 (stand-in driver)")
     tokens = [int(t) for t in args.tokens.split(",") if t]
-    failures = check(args.shapes.split(","), tokens, args.dump) + check_decode(args.shapes.split(","))
+    compiled: list = []
+    install(compiled)
+    failures = check(args.shapes.split(","), tokens, args.dump, compiled) + check_decode(args.shapes.split(","))
     print(json.dumps({"failures": failures}))
     return 1 if failures else 0
 
