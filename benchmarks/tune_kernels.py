@@ -7,8 +7,9 @@ each block_m the up (gate/up + SwiGLU) and down GEMMs are timed separately over 
 candidates (same alignment, random routing, random weights); the pair with the smallest sum wins.
 The candidate lists are short on purpose: each new tile is one more compile, and device time is
 scarce. ``--refine`` starts from the tuned files instead and sweeps each GEMM's B and A paths (TMA or
-pointers), pipeline depth and tail tiles around its tile, keeping a change only where the whole call
-gains 3%. Files are named ``E=..,N=..,K=..,device_name=...json`` (kernels.launch_config).
+pointers), pipeline depth and tail tiles around its tile, runs the few fastest of each as whole calls
+in every pairing, and keeps a change only where the whole call gains 3%. Files are named
+``E=..,N=..,K=..,device_name=...json`` (kernels.launch_config).
 """
 from __future__ import annotations
 
@@ -233,11 +234,18 @@ def _graph_timer(f) -> float:
     return triton.testing.do_bench(g.replay, warmup=5, rep=25, return_mode="median")
 
 
-def refine_config(x, w13, w2, ids, w, cfg, log, rounds: int = 2, timer=None):
+# --refine: how many of each GEMM's fastest settings (timed alone) go into the whole-call round, as
+# every up x down pair. Session 9 (NOTES-kernels 15d-e): a GEMM's rank alone did not predict the
+# whole call, even in graph replay (the up GEMM's output and the gather share L2 with the down GEMM).
+REFINE_FINALISTS = 3
+
+
+def refine_config(x, w13, w2, ids, w, cfg, log, rounds: int = 2, timer=None, finalists: int = REFINE_FINALISTS):
     """(ms, config): each GEMM of ``cfg`` swept over REFINE_KNOBS alone (same alignment; the up GEMM's
-    time includes gathering x when A comes by TMA), the best of each combined, and kept only when the
-    whole forward call beats ``cfg``'s by VARIANT_MIN_GAIN (whole calls interleaved, three rounds).
-    Every time is a CUDA-graph replay (``_graph_timer``) unless ``timer`` says otherwise."""
+    time includes gathering x when A comes by TMA); the ``finalists`` fastest of each then run as whole
+    forward calls in every up x down pair beside ``cfg`` (interleaved, three rounds), and the fastest
+    pair is kept only when it beats ``cfg``'s whole call by VARIANT_MIN_GAIN. Every time is a
+    CUDA-graph replay (``_graph_timer``) unless ``timer`` says otherwise."""
     from dataclasses import replace
 
     from kernels.align import align_tokens
@@ -256,17 +264,20 @@ def refine_config(x, w13, w2, ids, w, cfg, log, rounds: int = 2, timer=None):
                           for c in _neighbours(cfg.down)}, rounds, timer)
         if not ups or not downs:
             return None, cfg
-        new = replace(cfg, up=min(ups, key=ups.get), down=min(downs, key=downs.get))
-        log(f"  up {ups.get(cfg.up, float('nan')):.4f} -> {ups[new.up]:.4f} ms, "
-            f"down {downs.get(cfg.down, float('nan')):.4f} -> {downs[new.down]:.4f} ms")
-        if new == cfg:
-            return None, cfg
-        whole = _best_of({k: (lambda c=c: fused_moe(x, w13, w2, ids, w, config=c)) for k, c in (("old", cfg), ("new", new))},
-                         3, timer)
-    log(f"  whole call {whole['old']:.4f} -> {whole['new']:.4f} ms")
-    if whole["new"] < (1 - VARIANT_MIN_GAIN) * whole["old"]:
-        return whole["new"], new
-    return whole["old"], cfg
+        top_up = sorted(ups, key=ups.get)[:finalists]
+        top_down = sorted(downs, key=downs.get)[:finalists]
+        log(f"  alone: up {ups.get(cfg.up, float('nan')):.4f} -> {ups[top_up[0]]:.4f} ms, "
+            f"down {downs.get(cfg.down, float('nan')):.4f} -> {downs[top_down[0]]:.4f} ms")
+        pairs = [cfg] + [replace(cfg, up=u, down=d) for u in top_up for d in top_down
+                         if replace(cfg, up=u, down=d) != cfg]
+        whole = _best_of({c: (lambda c=c: fused_moe(x, w13, w2, ids, w, config=c)) for c in pairs}, 3, timer)
+    if cfg not in whole:
+        return None, cfg
+    best = min(whole, key=whole.get)
+    log(f"  whole call {whole[cfg]:.4f} -> {whole[best]:.4f} ms (best of {len(whole)} pairs)")
+    if whole[best] < (1 - VARIANT_MIN_GAIN) * whole[cfg]:
+        return whole[best], best
+    return whole[cfg], cfg
 
 
 def refine_shape(E: int, D: int, I: int, K: int, tokens, dtype=torch.bfloat16, log=print) -> dict:

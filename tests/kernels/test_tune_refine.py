@@ -1,7 +1,7 @@
-"""benchmarks/tune_kernels.py --refine: each GEMM swept alone around its tile, the best of each combined,
-kept only past the whole-call gain threshold. Timers are stand-ins (the real ones need a GPU): each
-candidate's cost is read from the config its closure carries; the alignment and the reference up GEMM
-really run (interpreted)."""
+"""benchmarks/tune_kernels.py --refine: each GEMM swept alone around its tile, the fastest few of each
+paired in whole calls, a change kept only past the whole-call gain threshold. Timers are stand-ins
+(the real ones need a GPU): each candidate's cost is read from the config its closure carries; the
+alignment and the reference up GEMM really run (interpreted)."""
 from dataclasses import replace
 
 import pytest
@@ -14,8 +14,9 @@ from tests.conftest import ON_GPU
 pytestmark = pytest.mark.skipif(ON_GPU, reason="stand-in timers; the real sweep runs on the GPU")
 
 BASE = MoEConfig(32, GemmConfig(block_n=32, block_k=32), GemmConfig(block_n=64, block_k=32))  # disjoint sweeps
-WANT_UP = replace(BASE.up, tma=True, a_tma=True, num_stages=4, tail=0)
-WANT_DOWN = replace(BASE.down, tail=2, num_stages=3)
+BEST_UP = replace(BASE.up, tma=True, a_tma=True, num_stages=4, tail=0)      # fastest alone
+SECOND_UP = replace(BASE.up, tma=True, num_stages=4, tail=1)                # second alone, best in whole calls
+BEST_DOWN = replace(BASE.down, tail=2, num_stages=3)
 
 
 def _inputs():
@@ -29,14 +30,17 @@ def _inputs():
 
 
 def _timer(gain, broken=()):
-    """GEMM candidates: 1.0 ms, 0.5 for the wanted one; whole calls: 2.0 for BASE, 2 * (1 - gain) else."""
+    """GEMMs alone: BEST_UP 0.5, SECOND_UP 0.6, BEST_DOWN 0.5, the rest 1.0. Whole calls: BASE 2.0,
+    (SECOND_UP, BEST_DOWN) 2 * (1 - gain), any other pair 2 * (1 - gain / 2)."""
     def timer(f):
         c = f.__defaults__[0]
         if c in broken:
             raise RuntimeError("out of shared memory")
         if isinstance(c, MoEConfig):
-            return 2.0 if c == BASE else 2.0 * (1 - gain)
-        return 0.5 if c in (WANT_UP, WANT_DOWN) else 1.0
+            if c == BASE:
+                return 2.0
+            return 2.0 * (1 - gain) if (c.up, c.down) == (SECOND_UP, BEST_DOWN) else 2.0 * (1 - gain / 2)
+        return {BEST_UP: 0.5, SECOND_UP: 0.6, BEST_DOWN: 0.5}.get(c, 1.0)
     return timer
 
 
@@ -55,9 +59,16 @@ def test_best_of_keeps_the_minimum_and_drops_failures():
     assert tk._best_of(fns, 2, timer) == {"a": 1.0, "b": 2.0}
 
 
-def test_refine_combines_the_best_of_each_gemm_when_the_call_gains():
+def test_refine_keeps_the_pair_fastest_as_a_whole_call():
+    """The up GEMM fastest alone is not the one of the fastest whole call: the whole call decides."""
     ms, cfg = tk.refine_config(*_inputs(), BASE, log=lambda *_: None, timer=_timer(0.10))
-    assert cfg == replace(BASE, up=WANT_UP, down=WANT_DOWN) and ms == pytest.approx(1.8)
+    assert cfg == replace(BASE, up=SECOND_UP, down=BEST_DOWN) and ms == pytest.approx(1.8)
+
+
+def test_refine_pairs_only_the_finalists():
+    """With one finalist per GEMM the second-fastest up GEMM never reaches the whole-call round."""
+    ms, cfg = tk.refine_config(*_inputs(), BASE, log=lambda *_: None, timer=_timer(0.10), finalists=1)
+    assert cfg == replace(BASE, up=BEST_UP, down=BEST_DOWN) and ms == pytest.approx(1.9)
 
 
 def test_refine_keeps_the_tuned_config_below_the_gain_threshold():
@@ -66,5 +77,5 @@ def test_refine_keeps_the_tuned_config_below_the_gain_threshold():
 
 
 def test_refine_skips_candidates_that_cannot_launch():
-    ms, cfg = tk.refine_config(*_inputs(), BASE, log=lambda *_: None, timer=_timer(0.10, broken=(WANT_UP,)))
-    assert cfg.up != WANT_UP and cfg.down == WANT_DOWN
+    ms, cfg = tk.refine_config(*_inputs(), BASE, log=lambda *_: None, timer=_timer(0.10, broken=(SECOND_UP,)))
+    assert cfg.up != SECOND_UP and cfg.down == BEST_DOWN
