@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .grouped_gemm import _interpreted, _pdl, gdc_launch_dependents, gdc_wait, pdl_ok
+from .grouped_gemm import _interpreted, _pdl, _precision, gdc_launch_dependents, gdc_wait, pdl_ok
 from .launch_config import FusedDecodeConfig, cdiv, next_pow2
 
 
@@ -121,7 +121,7 @@ def _plan(device: torch.device, dtype: torch.dtype, I: int, K: int, D: int, cfg:
     # the sum: BLOCK_R x BLOCK_S = 8192 values a program (one round of loads for most shapes)
     block_r = min(256, next_pow2(rows))
     block_s = 16 if interpreted else max(16, min(256, 8192 // block_r))
-    up = dict(CAST_F32=interpreted, PREC="ieee" if dtype == torch.float32 else "tf32", PDL=pdl,
+    up = dict(CAST_F32=interpreted, PREC=_precision(dtype), PDL=pdl,
               BLOCK_I=cfg.block_i, BLOCK_D=cfg.block_d, BLOCK_D2=cfg.block_d2,
               num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_pdl(pdl))
     down = dict(PDL=pdl, BLOCK_R=block_r, BLOCK_S=block_s, num_warps=1 if interpreted else 8, **_pdl(pdl))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .grouped_gemm import _interpreted
+from .grouped_gemm import _interpreted, _precision
 from .launch_config import cdiv, next_pow2
 
 MAX_ROWS = 16
@@ -69,7 +69,7 @@ def multi_linear_reference(x_MK: torch.Tensor, weights: list[torch.Tensor]) -> l
 def _launch(K: int, dtype: torch.dtype, interpreted: bool) -> dict:
     # the best of 17 tiles on the H200 at Qwen3-30B-A3B and Mixtral shapes, 1-16 rows (BENCHMARKS 9,
     # session 7): 32 output columns a program, K in steps of 256, 2 warps, 4 stages
-    return dict(CAST_F32=interpreted, PREC="ieee" if dtype == torch.float32 else "tf32",
+    return dict(CAST_F32=interpreted, PREC=_precision(dtype),
                 BLOCK_N=32, BLOCK_K=min(256, max(16, next_pow2(K))) if interpreted else 256,
                 num_warps=2, num_stages=1 if interpreted else 4)
 
