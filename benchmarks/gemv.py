@@ -33,19 +33,9 @@ TILES = [dict(block_n=bn, block_k=bk, num_warps=w, num_stages=st)
 
 
 def graph_time(fn) -> float:
-    """us per call of fn, replayed 20 at a time from a CUDA graph."""
-    from triton.testing import do_bench
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(20):
-            fn()
-    return do_bench(g.replay, return_mode="median") * 1e3 / 20
+    """us per call of fn, replayed 20 at a time from a CUDA graph (do_bench's default warmup and rep)."""
+    from benchmarks.kernels import bench_graph
+    return bench_graph([fn] * 20, warmup=25, rep=100) * 1e3
 
 
 def main(argv=None) -> int:

@@ -5,7 +5,8 @@
     python3 benchmarks/kernels.py --out $OUT --tokens 8 --shapes mixtral --anchor-draws   # vLLM's draw, like for like
 
 Columns (ms, median): floor = max(bytes / measured copy bandwidth, FLOPs / measured bf16 matmul rate),
-both ceilings measured in this run (m/f@774: moeflow against the floor at ANCHORS.md's 774 TFLOP/s); moeflow = kernels.fused_moe (token alignment included);
+both ceilings measured in this run (m/f@774: moeflow against the floor at ANCHORS.md's 774 TFLOP/s);
+moeflow = kernels.fused_moe (token alignment included);
 loop = one matmul pair per active expert (token lists prepared outside the timed region);
 gmm = torch._grouped_mm (its sort included). "graph" = CUDA-graph replay, "eager" = plain launches;
 fwd+bwd is eager. Inputs rotate over several routing sets when they would otherwise sit in L2.
@@ -114,13 +115,13 @@ def gmm_moe(x, w13_t, w2_t, ids, w, E):
 # ---------------------------------------------------------------------------------------------
 # timing
 
-def bench(fn, grad_to_none=None) -> float:
+def bench(fn, grad_to_none=None, warmup: int = 10, rep: int = 60) -> float:
     import triton.testing
-    return triton.testing.do_bench(fn, warmup=10, rep=60, grad_to_none=grad_to_none, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
 
 
-def bench_graph(fns) -> float:
-    """CUDA-graph replay of one call per rotated input set; ms per call."""
+def bench_graph(fns, warmup: int = 10, rep: int = 60) -> float:
+    """CUDA-graph replay of one call per rotated input set; ms per call (do_bench's warmup and rep, ms)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -131,7 +132,7 @@ def bench_graph(fns) -> float:
     with torch.cuda.graph(g):
         for f in fns:
             f()
-    ms = bench(g.replay) / len(fns)
+    ms = bench(g.replay, warmup=warmup, rep=rep) / len(fns)
     del g
     return ms
 

@@ -219,19 +219,11 @@ def _best_of(fns: dict, rounds: int, timer) -> dict:
 
 
 def _graph_timer(f) -> float:
-    """ms of one CUDA-graph replay of ``f`` (median of do_bench), as benchmarks/kernels.py times its
-    headline column. Session 9 (NOTES-kernels 15d): eager do_bench of one GEMM at a time ranked
-    fine-grained up GEMMs in an order that graph replay reversed by 5-12%."""
-    import triton.testing
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        f()  # compile and allocate outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        f()
-    return triton.testing.do_bench(g.replay, warmup=5, rep=25, return_mode="median")
+    """ms of one CUDA-graph replay of ``f``, as benchmarks/kernels.py times its headline column, with
+    the tuner's shorter do_bench. Session 9 (NOTES-kernels 15d): eager do_bench of one GEMM at a time
+    ranked fine-grained up GEMMs in an order that graph replay reversed by 5-12%."""
+    from benchmarks.kernels import bench_graph  # (that module imports this one: not at the top)
+    return bench_graph([f], warmup=5, rep=25)
 
 
 # --refine: how many of each GEMM's fastest settings (timed alone) go into the whole-call round, as
