@@ -67,6 +67,9 @@ class _StandInCuda:
         raise RuntimeError("compile_check runs nothing")
 
 
+H200_SMS = 132
+
+
 def install(log_compiled: list) -> None:
     """Route every launch to compile-only and make the kernels' host checks answer as on a Hopper GPU."""
     from triton.runtime import driver
@@ -88,6 +91,7 @@ def install(log_compiled: list) -> None:
         mod.tma_ok = lambda t: True
     for mod in (gg, fm, fd):
         mod.pdl_ok = lambda t: True
+    gg._sm_count = lambda index: H200_SMS  # the persistent grids' size (it shapes no compiled code)
     fm._check_device = lambda *a: None
 
 

@@ -192,15 +192,18 @@ def _tune_variants(x, w13, w2, ids, w, cfg, log):
 # pointers, then toggled (tail, a_tma) for both GEMMs at once; with A by TMA the best B path and depth
 # can differ (session 9, run k25: Mixtral 4096's up GEMM with A and B both by TMA and 4 stages, 3.16 ms
 # against the tuned 3.68).
-REFINE_KNOBS = {"tma": (False, True), "a_tma": (False, True), "num_stages": (3, 4), "tail": (0, 1, 2)}
+REFINE_KNOBS = {"tma": (False, True), "a_tma": (False, True), "num_stages": (3, 4), "tail": (0, 1, 2),
+                "persistent": (0, 1)}
 
 
 def _neighbours(c):
-    """Every combination of REFINE_KNOBS on tile ``c`` (its own values included)."""
+    """Every valid combination of REFINE_KNOBS on tile ``c`` (its own values included; a persistent
+    grid runs whole tiles with weights by TMA, so persistent settings come with tail 0 and tma)."""
     from dataclasses import replace
     from itertools import product
     names = list(REFINE_KNOBS)
-    return [replace(c, **dict(zip(names, vals))) for vals in product(*REFINE_KNOBS.values())]
+    return [replace(c, **kw) for vals in product(*REFINE_KNOBS.values())
+            if not ((kw := dict(zip(names, vals)))["persistent"] and (kw["tail"] or not kw["tma"]))]
 
 
 def _best_of(fns: dict, rounds: int, timer) -> dict:

@@ -117,7 +117,8 @@ class _FusedMoE(torch.autograd.Function):
         P = al.num_pairs
         dy_TD = dy_TD.to(x_TD.dtype).contiguous()
         # dh = dy[tok] @ W2[e], with the SwiGLU backward and d(routing weight) in its epilogue
-        dgu_SJ, dw_S = moe_swiglu_bwd(dy_TD, w2_EDI, gu_SJ, w_P, al, cfg.up)
+        bwd_up, bwd_down = cfg.backward
+        dgu_SJ, dw_S = moe_swiglu_bwd(dy_TD, w2_EDI, gu_SJ, w_P, al, bwd_up)
         grads = [None] * 6
         if need_w:
             # padding rows hold pair = P: they land in the extra slot, which is dropped
@@ -127,7 +128,7 @@ class _FusedMoE(torch.autograd.Function):
         if need_x:
             # dx = dgu @ W13[e]: B[e][n=d, k=j] = w13[e, j, d]
             dx_PD = moe_gemm(dgu_SJ, w13_EJD, (w13_EJD.stride(0), w13_EJD.stride(2), w13_EJD.stride(1)), D, J,
-                             al, cfg.down, a_gather=False, c_scatter=True)
+                             al, bwd_down, a_gather=False, c_scatter=True)
             grads[0] = moe_sum(dx_PD, topk_ids_TK, E, x_TD.dtype)
         grads[1], grads[2] = _weight_grads(x_TD, dy_TD, h_SI, dgu_SJ, w_P, al, E, need_w13, need_w2)
         return tuple(grads)

@@ -49,6 +49,9 @@ class GemmConfig:
                            # memory-bound pass), the down GEMM reads h as it lies; else pointer loads
     tail: int = 0          # an expert's last row block may run as a half (1) or quarter (2) tile when its
                            # real rows fit: the padding's MMA work is skipped
+    persistent: int = 0    # > 0: a grid of this many programs per SM, each walking tiles in one flattened
+                           # loop (the next tile's loads overlap this one's epilogue); 0: a program per tile.
+                           # Needs tma (weight tiles by TMA); calls that cannot have them run per tile
 
     def __post_init__(self):
         _pow2("block_n", self.block_n, 16, 256)
@@ -58,6 +61,11 @@ class GemmConfig:
             raise ValueError(f"group_m and num_stages must be >= 1, got {self.group_m}, {self.num_stages}")
         if self.tail not in (0, 1, 2):
             raise ValueError(f"tail must be 0, 1 or 2 (halvings of an expert's last row block), got {self.tail}")
+        if self.persistent not in (0, 1, 2):
+            raise ValueError(f"persistent must be 0 (a program per tile), 1 or 2 (programs per SM), got {self.persistent}")
+        if self.persistent and (self.tail or not self.tma):
+            raise ValueError("persistent grids run whole tiles with weight tiles by TMA: set tail=0 and "
+                             f"tma=True with persistent > 0 (got tail={self.tail}, tma={self.tma})")
 
 
 @dataclass(frozen=True)
@@ -84,29 +92,42 @@ class FusedDecodeConfig:
 class MoEConfig:
     """One MoE call's launch settings: the row block (alignment) plus the up and down GEMM tiles;
     ``fused``: one-token inference calls run the fused one-token kernels with these settings instead
-    (tuned where it measured faster; None = the three-kernel path)."""
+    (tuned where it measured faster; None = the three-kernel path). ``bwd_up`` / ``bwd_down``: the
+    backward's tiles for dh (SwiGLU backward; run like the up GEMM's rows) and dx (like the down
+    GEMM's), where they differ from the forward's (None: the forward's own)."""
     block_m: int = 64
     up: GemmConfig = GemmConfig()
     down: GemmConfig = GemmConfig()
     fused: FusedDecodeConfig | None = None
+    bwd_up: GemmConfig | None = None
+    bwd_down: GemmConfig | None = None
 
     def __post_init__(self):
         _pow2("block_m", self.block_m, 16, 256)
 
+    @property
+    def backward(self) -> tuple[GemmConfig, GemmConfig]:
+        """(dh tile, dx tile) of the backward pass."""
+        return self.bwd_up or self.up, self.bwd_down or self.down
+
     def to_dict(self) -> dict:
         d = asdict(self)
-        if d["fused"] is None:
-            del d["fused"]
+        for k in ("fused", "bwd_up", "bwd_down"):
+            if d[k] is None:
+                del d[k]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "MoEConfig":
-        unknown = set(d) - {"block_m", "up", "down", "fused"}
+        keys = ("block_m", "up", "down", "fused", "bwd_up", "bwd_down")
+        unknown = set(d) - set(keys)
         if unknown:
-            raise ValueError(f"unknown MoEConfig keys {sorted(unknown)}; expected block_m, up, down, fused")
+            raise ValueError(f"unknown MoEConfig keys {sorted(unknown)}; expected {', '.join(keys)}")
         fused = d.get("fused")
+        opt = {k: GemmConfig(**d[k]) for k in ("bwd_up", "bwd_down") if d.get(k)}
         return cls(block_m=int(d.get("block_m", 64)), up=GemmConfig(**d.get("up", {})),
-                   down=GemmConfig(**d.get("down", {})), fused=FusedDecodeConfig(**fused) if fused else None)
+                   down=GemmConfig(**d.get("down", {})), fused=FusedDecodeConfig(**fused) if fused else None,
+                   **opt)
 
 
 def config_file_name(num_experts: int, ffn: int, hidden: int, device_name: str) -> str:

@@ -444,3 +444,115 @@ def test_tail_tiles_skip_the_padding_rows(poisoned_empty):
         # expert 0's second block (2 real rows) likewise; its first block is whole
         assert torch.isfinite(h[starts[0]:starts[0] + 64 + written]).all()
         assert torch.isnan(h[starts[0] + 64 + written:starts[1]]).all()
+
+
+@pytest.mark.parametrize("a_tma", [False, True])
+def test_persistent_grid_matches_reference(a_tma, poisoned_empty, monkeypatch):
+    """GemmConfig.persistent: a grid of a few programs, each walking several (row block, N tile)
+    tiles of the used blocks in one flattened loop. Outputs and all four gradients equal the
+    reference (the backward's dx GEMM reads w13 transposed without TMA and keeps per-tile
+    programs), on routing with a dropped id, an empty expert and an expert spanning two blocks;
+    scratch buffers are poisoned, so a tile no program reaches shows as NaN."""
+    import kernels.fused_moe as fm
+    import kernels.grouped_gemm as gg
+    monkeypatch.setattr(gg, "_sm_count", lambda index: 2)  # on a GPU too: 2 programs per SM x 2 "SMs"
+    case = _tail_case()
+    ref = _to(case, torch.float32, grad=True)
+    y_ref = moe_experts_reference(*ref)
+    dy = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(12)).to(DEV)
+    y_ref.backward(dy)
+    g = (GemmConfig(16, 32, 2, 4, 3, tma=True, a_tma=a_tma, persistent=2) if ON_GPU
+         else GemmConfig(16, 32, 2, 1, 1, tma=True, a_tma=a_tma, persistent=2))
+    cfg = MoEConfig(64, g, g)
+    for kmajor_rows in (10 ** 9, 0):
+        monkeypatch.setattr(fm, "KMAJOR_MIN_ROWS", kmajor_rows)
+        got = _to(case, DTYPE, grad=True)
+        y = fused_moe(*got, config=cfg)
+        y.backward(dy.to(DTYPE))
+        assert rel_err(y, y_ref) < TOL
+        for name, a, b in zip(("x", "w13", "w2", "w"), (got[0], got[1], got[2], got[4]), (ref[0], ref[1], ref[2], ref[4])):
+            assert torch.isfinite(a.grad).all() and rel_err(a.grad, b.grad) < 2 * TOL, (name, kmajor_rows)
+
+
+def test_persistent_grid_walks_every_used_tile_once(monkeypatch, poisoned_empty):
+    """The persistent up GEMM's programs cover exactly the used row blocks' tiles: with fewer programs
+    than tiles every used sorted row of h is written (h starts poisoned), and the rows past the used
+    blocks are left alone. A call without weight descriptors keeps the per-tile grid."""
+    from kernels.align import align_tokens
+    import kernels.grouped_gemm as gg
+    monkeypatch.setattr(gg, "_sm_count", lambda index: 1)
+    x, w13, _, ids, _ = _to(_tail_case(), DTYPE)
+    al = align_tokens(ids, 5, 64, allow_pair_blocks=False)
+    g = GemmConfig(16, 32, 1, 4 if ON_GPU else 1, 3 if ON_GPU else 1, tma=True, persistent=1)
+    desc = gg._weight_desc(w13, g)
+    grid = gg._persistent_grid(al, 24, g, x, desc)
+    assert grid[0] == (gg.INTERPRETED_PERSISTENT_PROGRAMS if not ON_GPU else 1)
+    assert gg._persistent_grid(al, 24, GemmConfig(16, 32, tma=True, persistent=0), x, desc) is None
+    assert gg._persistent_grid(al, 24, g, x, None) is None  # no weight descriptor: per-tile programs
+    h, _ = gg.moe_up(x, w13, al, g, save_preact=False)
+    used = int(al.num_padded_1.item())
+    h = h.float().cpu()
+    want = expert_rows_up(x.float().cpu(), w13.float().cpu(), al)
+    assert torch.allclose(h[:used], want[:used], rtol=TOL, atol=TOL)
+    assert torch.isnan(h[used:]).all()
+
+
+def expert_rows_up(x, w13, al):
+    """silu(x Wg^T) * (x Wu^T) for each sorted row's (token, expert), zero on padding rows."""
+    I = w13.shape[1] // 2
+    pair = al.sorted_pair_S.long().cpu()
+    blocks = al.block_expert_B.long().cpu()
+    e = blocks[torch.arange(pair.numel()) // al.block_m].clamp(min=0)
+    real = pair < al.num_pairs
+    tok = torch.where(real, pair // al.top_k, 0)
+    gu = torch.einsum("sd,sjd->sj", x[tok], w13[e])
+    h = torch.nn.functional.silu(gu[:, :I]) * gu[:, I:]
+    return torch.where(real[:, None], h, 0.0)
+
+
+def test_persistent_setting_validated_and_kept_by_the_config_files():
+    with pytest.raises(ValueError, match="persistent must be 0"):
+        GemmConfig(persistent=3)
+    with pytest.raises(ValueError, match="set tail=0 and tma=True"):
+        GemmConfig(persistent=1, tail=1, tma=True)
+    with pytest.raises(ValueError, match="set tail=0 and tma=True"):
+        GemmConfig(persistent=1)
+    c = MoEConfig(64, GemmConfig(tma=True, persistent=1), GemmConfig(tma=True, persistent=2))
+    assert MoEConfig.from_dict(c.to_dict()) == c
+
+
+def test_backward_tiles_of_their_own(monkeypatch):
+    """MoEConfig.bwd_up / bwd_down: the backward's dh and dx GEMMs run with their own tiles (here a
+    tail tile after a persistent forward), the gradients still equal the reference, and the config
+    files keep them; without them the backward runs the forward's tiles."""
+    import kernels.fused_moe as fm
+    import kernels.grouped_gemm as gg
+    monkeypatch.setattr(gg, "_sm_count", lambda index: 1)
+    seen = []
+
+    def record(name, cfg_arg):  # note the GemmConfig each launcher gets, then launch as usual
+        real = getattr(fm, name)
+
+        def launcher(*args, **kwargs):
+            seen.append((name, args[cfg_arg]))
+            return real(*args, **kwargs)
+        monkeypatch.setattr(fm, name, launcher)
+    record("moe_swiglu_bwd", 5)
+    record("moe_gemm", 6)
+    w, s = (4, 3) if ON_GPU else (1, 1)
+    fwd = GemmConfig(16, 32, 1, w, s, tma=True, persistent=1)
+    bwd_up, bwd_down = GemmConfig(32, 32, 1, w, s, tail=2), GemmConfig(16, 32, 2, w, s, tail=1)
+    cfg = MoEConfig(64, fwd, fwd, bwd_up=bwd_up, bwd_down=bwd_down)
+    assert MoEConfig.from_dict(cfg.to_dict()) == cfg and cfg.backward == (bwd_up, bwd_down)
+    assert MoEConfig(64, fwd, fwd).backward == (fwd, fwd) and "bwd_up" not in MoEConfig(64, fwd, fwd).to_dict()
+    case = _tail_case()
+    ref = _to(case, torch.float32, grad=True)
+    y_ref = moe_experts_reference(*ref)
+    dy = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(12)).to(DEV)
+    y_ref.backward(dy)
+    got = _to(case, DTYPE, grad=True)
+    y = fused_moe(*got, config=cfg)
+    y.backward(dy.to(DTYPE))
+    assert ("moe_swiglu_bwd", bwd_up) in seen and ("moe_gemm", bwd_down) in seen
+    for name, a, b in zip(("x", "w13", "w2", "w"), (got[0], got[1], got[2], got[4]), (ref[0], ref[1], ref[2], ref[4])):
+        assert rel_err(a.grad, b.grad) < 2 * TOL, name

@@ -46,7 +46,9 @@ def _timer(gain, broken=()):
 
 def test_neighbours_cover_every_knob_combination():
     n = tk._neighbours(BASE.up)
-    assert len(n) == 2 * 2 * 2 * 3 and len(set(n)) == len(n) and BASE.up in n
+    # (tma, a_tma, stages) x tail 0/1/2 per tile, and (a_tma, stages) on a persistent grid (tail 0, tma)
+    assert len(n) == 2 * 2 * 2 * 3 + 2 * 2 and len(set(n)) == len(n) and BASE.up in n
+    assert all(c.tail == 0 and c.tma for c in n if c.persistent) and sum(c.persistent == 1 for c in n) == 4
     assert all((c.block_n, c.block_k, c.num_warps) == (32, 32, BASE.up.num_warps) for c in n)
 
 
