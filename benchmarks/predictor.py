@@ -13,7 +13,7 @@ companion ``*.features.npz`` of hidden states), split by request 50/50 into trai
    state when hidden states and the model are at hand); plus the CPU cost in microseconds per
    token (process CPU time, one thread) of one predict_batch over 64 tokens predicting every
    later layer, the most over the last known layer 0, L/2 and L-2 (one expert copy of
-   Qwen3-30B-A3B over PCIe takes 170 us);
+   Qwen3-30B-A3B over PCIe takes 170 us); at Qwen3-30B-A3B's shape also per call at batch 1 and 8;
 2. the token scheduler: distinct experts per batch (summed over layers) under FIFO and under
    grouping by predicted path, with the largest extra wait any token saw (bound: 2 batches);
 3. when offload.simulate exists: the expert-cache hit ratio at 10/25/50% of the experts per
@@ -219,6 +219,11 @@ def main(argv=None) -> int:
     print(f"\npredictor at Qwen3-30B-A3B shape (fit {fit_s:.1f} s on {big.num_tokens} tokens): CPU us/token "
           "for all later layers, by last known layer: "
           + ", ".join(f"{k}: {v:.0f}" for k, v in costs.items()) + " (one expert copy over PCIe: 170 us)")
+    # and per call at decode batch sizes, where a call costs its number of array operations more than its size
+    calls = {b: [cost_per_token_us(pbig, big, layer=layer, batch=b, repeats=400 // b) * b for layer in (0, 24, 46)]
+             for b in (1, 8)}
+    print("predictor at Qwen3-30B-A3B shape: CPU us per call at batch 1 | 8, last known layer 0/24/46: "
+          + " | ".join("/".join(f"{v:.0f}" for v in calls[b]) for b in (1, 8)))
 
     print("\n=== summary (predictor: recall of the top-k set; best baseline at 1/2/4 ahead; scheduler; "
           "hit ratio @25%: demand LRU, Belady, predictor policy + prefetch at 1 and 2 copies/layer)")

@@ -36,8 +36,9 @@ m - layer when layers are known, or the target layer m when nothing is known yet
 fitted by Newton steps on a listwise loss (softmax over the layer's experts against the real
 set), on requests held out from the counting (so the weights learn how far each table can be
 trusted on new text); the set sources start at weight 0 with a stronger ridge. Training takes
-seconds on a CPU; a prediction is a few table gathers and one small neighbour search (tens of
-microseconds per token on one core).
+seconds on a CPU; a prediction is a few table gathers and one small neighbour search (at
+Qwen3-30B-A3B's shape on one core: 20-50 us per token at 64 tokens; one token alone ~0.2 ms, set
+by the ~100 array operations of a call rather than by its size; BENCHMARKS.md section 7).
 
 Shape legend: N = tokens, L = MoE layers, l = known layers, K = top-k, E = experts,
 S = evidence sources, G = weight groups, B = token-id buckets, D = hidden size.
@@ -54,13 +55,14 @@ import torch.nn.functional as F
 
 from .baselines import GateLookahead, PathModel, check_inputs, finish, multi_hot
 from .listwise import newton_softmax
-from .setmatch import SetMatchTable
+from .setmatch import SetMatchTable, _masks
 from .stats import cost_per_token_us, evaluate, token_inputs  # noqa: F401  (re-exported)
 from .trace import RoutingTrace, read_npz
 
 _FORMAT = "moeflow.PathPredictor"
 _VERSION = 2  # v2 added the exact-set match sources (v1 files load with those sources off)
 _LOG_FLOOR = -12.0
+_GATHER_ROWS = 512  # table rows the fast path gathers with numpy (more: embedding_bag; measured crossing ~1000)
 
 
 @dataclass
@@ -182,6 +184,88 @@ class _Tables:
         return t
 
 
+class _Plan:
+    """What the fast path needs for one last known layer and weight set, computed on first use from
+    the tables and weights (which do not change between calls): at batch 1 a prediction costs its
+    number of array operations, so none is spent on what would come out the same every time.
+
+    Target row r is layer ``layer + 1 + r`` (M rows); the pairwise, set, neighbour and successor
+    sources reach the first R <= max_span rows only ("near" rows).
+    """
+
+    def __init__(self, model: "PathPredictor", W_MS: np.ndarray, layer: int, use_tok: bool, use_gate: bool):
+        t, cfg = model.tables, model.config
+        self.use_tok, self.use_gate = use_tok, use_gate
+        C, Mt, L, E, span = cfg.context_layers, cfg.match_layers, model.num_layers, model.num_experts, t.span
+        first = layer + 1
+        self.M = M = L - first
+        self.R = R = min(M, max(span, cfg.max_span))  # (the successor's reach from layer -1 exceeds span)
+        r = np.arange(R)
+        self.z0 = (W_MS[:, 0, None] * t.log_pop[first:]).astype(np.float32)  # [M, E]: the popularity source
+        self.rep_off = (np.arange(M) * E)[:, None]  # [M, 1]: row r's start in a token's flat scores
+        self.known_off = (np.arange(first) * E)[:, None]  # [l, 1]: known layer j's start in a flat probs row
+        self.w_rep, self.w_tok, self.w_gate = W_MS[:, C + 1, None], W_MS[:, C + 2, None], W_MS[:, C + 3, None]
+
+        def near(col: int, nd: int) -> np.ndarray:  # [R] weight of a source on the near rows it reaches
+            assert nd <= R, (nd, R)
+            return np.where(r < nd, W_MS[:R, col], 0.0).astype(np.float32)
+
+        # pairwise sources: (layer j, first table row d0, rows reached, weight column); row r of the
+        # source is t.trans[j, e, d0 + r] (rows past the reach read a clipped row at weight 0)
+        pair = []
+        for c in range(C):
+            j = layer - c
+            if j < 0:
+                break
+            d_hi = min(span, L - 1 - j)
+            if d_hi >= c + 1:
+                pair.append((j, c, d_hi - c, 1 + c))
+        if layer >= C and min(span, L - 1) >= first:  # the anchor: layer 0 through the same tables
+            pair.append((0, layer, min(span, L - 1) - first + 1, C + 4))
+        self.t_js = np.array([j for j, *_ in pair], dtype=np.int64)
+        # flat row of t.trans viewed [L * (E + 1) * span, E]: ((j * (E + 1) + e) * span + d); + e * span per call
+        self.t_base = np.stack([j * (E + 1) * span + np.minimum(d0 + r, span - 1) for j, d0, _, _ in pair], 1
+                               )[:, :, None] if pair else np.zeros((R, 0, 1), np.int64)  # [R, Jt, 1]
+        self.t_coef = (np.stack([near(col, nd) for _, _, nd, col in pair], 1)[:, :, None] if pair
+                       else np.zeros((R, 0, 1), np.float32))  # [R, Jt, 1]
+        K = model.top_k  # every slot routed: each of the k rows weighs coef / k
+        self.t_w = np.repeat(self.t_coef / np.float32(K), K, -1).reshape(R, 1, -1)  # [R, 1, Jt * K]
+        self.trans_np = t.trans.reshape(-1, E)
+        self.trans_rows = torch.from_numpy(self.trans_np)
+        # set sources: the exact sets of layers layer - c and 0 (row r of layer j's rows: d - 1 = layer - j + r)
+        self.nb = bool(Mt and t.match.has_paths and 0 <= layer < L - 1)
+        self.succ = bool(Mt and first < L and t.successor.num_keys)
+        match = []
+        if Mt:
+            js = [(C + 5 + c, layer - c) for c in range(Mt) if layer - c >= 0]
+            if layer >= Mt:
+                js.append((C + 5 + Mt, 0))
+            match = [(col, j, min(span, L - 1 - j) - (layer - j)) for col, j in js]
+            match = [m for m in match if m[2] >= 1]
+        # looked-up layers: the match sources', then the sets the neighbours' pools are keyed by
+        look = [j for _, j, _ in match]
+        if self.nb:
+            look += [j for j in range(layer, layer - 4, -1) if j >= 0 and j not in look]
+        self.look_layers = tuple(look)
+        # masks of the known sets: the looked-up layers', then those the neighbours compare (j0..layer)
+        j0 = max(0, layer - cfg.match_depth)
+        self.mask_layers = np.array(look + (list(range(j0, layer + 1)) if self.nb else []), dtype=np.int64)
+        self.m_pos = np.arange(len(match))  # the match sources come first in look_layers
+        self.m_d = (np.stack([np.minimum(layer - j + r, span - 1) for _, j, _ in match], 1) if match
+                    else np.zeros((R, 0), np.int64))  # [R, Jm]
+        self.m_coef = (np.stack([near(col, nd) for col, _, nd in match], 1) if match
+                       else np.zeros((R, 0), np.float32))  # [R, Jm]
+        nb_col, succ_col = C + 6 + Mt, C + 7 + Mt
+        if self.nb:
+            a = np.float32(cfg.match_smoothing)
+            self.nb_log_pop = t.log_pop[first:first + R]
+            self.nb_apop = a * np.exp(self.nb_log_pop)
+            self.nb_coef = near(nb_col, R)[:, None]
+        if self.succ:  # row m of the successor table targets layer m, no further than max_span ahead
+            self.s_rows = np.minimum(first + r, t.successor.span - 1)[None]  # [1, R]
+            self.s_coef = near(succ_col, min(L, first + cfg.max_span) - first)[:, None]
+
+
 class PathPredictor(PathModel):
     name = "predictor"
 
@@ -217,6 +301,24 @@ class PathPredictor(PathModel):
     @property
     def weights_GS(self) -> np.ndarray:
         return self.weight_sets["base"]
+
+    # the fast path's plans are computed from the tables and the weights: replacing either (``fit``
+    # does both) drops them
+    @property
+    def tables(self) -> _Tables:
+        return self._tables
+
+    @tables.setter
+    def tables(self, tables: _Tables):
+        self._tables, self._plans = tables, {}
+
+    @property
+    def weight_sets(self) -> dict[str, np.ndarray]:
+        return self._weight_sets
+
+    @weight_sets.setter
+    def weight_sets(self, sets: dict[str, np.ndarray]):
+        self._weight_sets, self._plans = sets, {}
 
     # --- evidence (plain reference: every source materialised) ----------------------------------
     def _sources(self, prev, layer: int, known, token_ids, gate_logits_NLE) -> np.ndarray:
@@ -306,49 +408,88 @@ class PathPredictor(PathModel):
         X = self._sources(prev, layer, known, tok if use_tok else None, gate if use_gate else None)
         return np.einsum("nmse,ms->nme", X, W[self._groups(layer)[layer + 1:]])
 
-    # --- evidence (fast path: gathers weighted as they arrive, nothing materialised) -----------------
-    @torch.no_grad()
-    def _scores(self, prev, layer, known, tok, gate) -> np.ndarray:
-        """Equals ``_scores_reference`` (tested); embedding_bag averages the k table rows in one pass."""
-        t, C = self.tables, self.config.context_layers
-        N, L, E = known.shape[0], self.num_layers, self.num_experts
-        first = layer + 1
-        M = L - first
-        W, use_tok, use_gate = self._weights(tok is not None and t.buckets > 0, gate is not None)
-        tok, gate = (tok if use_tok else None), (gate if use_gate else None)
-        W = torch.from_numpy(W[self._groups(layer)[first:]])  # [M, S]
-        z = (W[:, 0, None] * torch.from_numpy(t.log_pop[first:])).expand(N, M, E).clone()  # [N, M, E]
-        for c in range(C):
-            j = layer - c
-            if j < 0:
-                break
-            d_lo, d_hi = layer - j + 1, min(t.span, L - 1 - j)
-            if d_hi >= d_lo:
-                ids = torch.from_numpy(np.where(known[:, j] >= 0, known[:, j], E))
-                table = torch.from_numpy(t.trans[j]).view(E + 1, -1)  # [E+1, span*E]
-                rows = F.embedding_bag(ids, table, mode="mean", padding_idx=E).view(N, t.span, E)
-                nd = d_hi - d_lo + 1
-                z[:, :nd].addcmul_(rows[:, d_lo - 1:d_hi], W[:nd, 1 + c, None])
-        if prev is not None and M:
-            ids = torch.from_numpy(np.where(prev[:, first:] >= 0, prev[:, first:], E))  # [N, M, K]
-            hot = torch.zeros(N, M, E + 1).scatter_(2, ids, 1.0)[..., :E]
-            z.addcmul_(hot, W[:, C + 1, None])
-        if tok is not None and t.buckets:
-            b = torch.from_numpy(np.mod(np.asarray(tok, dtype=np.int64), t.buckets))
-            z.addcmul_(torch.from_numpy(t.token)[b, first:], W[:, C + 2, None])
-        if gate is not None:
-            z.addcmul_(torch.from_numpy(self._gate_source(gate[:, first:], first).astype(np.float32)),
-                       W[:, C + 3, None])
-        if layer >= C and min(t.span, L - 1) >= first:
-            nd = min(t.span, L - 1) - first + 1
-            ids = torch.from_numpy(np.where(known[:, 0] >= 0, known[:, 0], E))
-            rows = F.embedding_bag(ids, torch.from_numpy(t.trans[0]).view(E + 1, -1), mode="mean",
-                                   padding_idx=E).view(N, t.span, E)
-            z[:, :nd].addcmul_(rows[:, first - 1:first - 1 + nd], W[:nd, C + 4, None])
-        for col, j, lo, rows in self._match_evidence(layer, known, prev):
-            nd = rows.shape[1] - lo
-            z[:, :nd].addcmul_(torch.from_numpy(rows[:, lo:]), W[:nd, col, None])
-        return z
+    # --- evidence (fast path: per-layer plans, each source weighted as it is gathered) -----------------
+    def _plan(self, has_tok: bool, has_gate: bool, layer: int) -> "_Plan":
+        key = (has_tok, has_gate, layer)
+        plan = self._plans.get(key)
+        if plan is None:
+            W, use_tok, use_gate = self._weights(has_tok, has_gate)
+            plan = self._plans[key] = _Plan(self, W[self._groups(layer)[layer + 1:]], layer, use_tok, use_gate)
+        return plan
+
+    def _scores(self, plan: "_Plan", prev, layer, known, tok, gate) -> np.ndarray:
+        """Equals ``_scores_reference`` (tested): [N, L-1-layer, E] scores, without the [N, M, S, E]
+        tensor of sources. At a few tokens a prediction costs its number of array operations (each
+        ~1-2 us), at many its passes over [N, M, E]: what depends on the tables and weights only is in
+        the layer's ``_Plan``, each source is weighted as it is gathered, the pairwise sources are one
+        gather, the set lookups of every layer one search."""
+        t, cfg, E = self.tables, self.config, self.num_experts
+        N, M, R, first = len(known), plan.M, plan.R, layer + 1
+        # the scores, contiguous (numpy is several times slower on strided ones at many tokens), and one
+        # spare element after them: where the repeat source's absent experts (-1) land
+        buf = np.empty(N * M * E + 1, dtype=np.float32)
+        zE = buf[:-1].reshape(N, M, E)
+        if plan.use_tok:  # popularity and the token id's row start the scores
+            np.multiply(t.token[np.mod(np.asarray(tok, dtype=np.int64), t.buckets), first:], plan.w_tok, out=zE)
+            zE += plan.z0
+        else:
+            zE[:] = plan.z0
+        if len(plan.t_js):
+            # the pairwise sources: per (token, target row) the k table rows of each source layer, each
+            # weighted by the source's weight over k (the mean), summed; id -1 reads its table's zero row E
+            ids = known[:, plan.t_js]  # [N, Jt, K]
+            if np.logical_and.reduce(ids >= 0, axis=None) and ids.shape[-1] == self.top_k:
+                idx = plan.t_base + ids[:, None] * t.span  # [N, R, Jt, K]
+                w = plan.t_w  # [R, 1, Jt * K]: the same for every token
+            else:
+                ok = ids >= 0
+                idx = plan.t_base + np.where(ok, ids, E)[:, None] * t.span
+                inv = 1 / np.maximum(ok.sum(-1), 1).astype(np.float32)  # [N, Jt]
+                w = np.repeat(plan.t_coef * inv[:, None, :, None], ids.shape[-1], -1).reshape(N, R, 1, -1)
+            if idx.size <= _GATHER_ROWS:  # one token: a numpy gather and product beat embedding_bag's fixed cost
+                zE[:, :R] += (w @ plan.trans_np[idx.reshape(N, R, -1)])[:, :, 0]
+            else:  # embedding_bag sums as it gathers: no [N, R, Jt * K, E] copy
+                psw = np.repeat(w.reshape(-1, R, idx.shape[2] * idx.shape[3]), N if w.ndim == 3 else 1, 0)
+                rows = F.embedding_bag(torch.from_numpy(idx.reshape(N * R, -1)), plan.trans_rows, mode="sum",
+                                       per_sample_weights=torch.from_numpy(psw.reshape(N * R, -1)))
+                zE[:, :R] += rows.numpy().reshape(N, R, E)
+        if prev is not None:
+            # repeat: the weight added once at each expert of the previous token (a repeated expert too:
+            # one assignment per element, as multi_hot's 1); a flat index, the fastest numpy scatter
+            p = prev[:, first:]  # [N, M, K]
+            buf[np.where(p >= 0, p + plan.rep_off + (np.arange(N) * (M * E))[:, None, None], N * M * E)] += plan.w_rep
+        if plan.use_gate:
+            zE += self._gate_source(gate[:, first:], first) * plan.w_gate
+        succ = prev is not None and plan.succ
+        if len(plan.look_layers) or succ:  # the set masks: the known layers', then the previous token's layer 0
+            q = _masks(np.concatenate([known[:, plan.mask_layers], prev[:, :1]], 1) if succ
+                       else known[:, plan.mask_layers], E)  # [N, J, words]
+        if len(plan.look_layers):
+            sid = t.match.lookup_many(plan.look_layers, q[:, :len(plan.look_layers)])  # [N, J']
+            if len(plan.m_pos):
+                rows = t.match.rows_UDE[sid[:, None, plan.m_pos], plan.m_d]  # [N, R, Jm, E]
+                zE[:, :R] += np.einsum("nrje,rj->nre", rows, plan.m_coef)
+            if plan.nb:
+                sid_all = np.full((N, first), t.match.num_keys, dtype=np.int64)
+                sid_all[:, list(plan.look_layers)] = sid
+                counts, n = t.match.neighbour_counts_fast(
+                    layer, sid_all, known, cfg.match_pool, cfg.match_neighbours, 0.7, cfg.match_depth,
+                    cfg.match_second_pool, ahead=cfg.max_span,
+                    masks_NJW=q[:, len(plan.look_layers):len(plan.mask_layers)])
+                hit = n > 0
+                if hit.any():  # smoothed log P(e at m | the neighbours) - log pop, tokens without neighbours: 0
+                    counts += plan.nb_apop
+                    counts /= (n + cfg.match_smoothing).astype(np.float32)[:, None, None]
+                    np.log(counts, out=counts)
+                    counts -= plan.nb_log_pop
+                    counts *= plan.nb_coef * hit[:, None, None]
+                    zE[:, :R] += counts
+        if succ:
+            u = t.successor.lookup_many((0,), q[:, -1:])  # [N, 1]: the previous token's layer-0 set
+            rows = t.successor.rows_UDE[u, plan.s_rows]  # [N, R, E]
+            rows *= plan.s_coef
+            zE[:, :R] += rows
+        return zE
 
     def _groups(self, layer: int) -> np.ndarray:
         """[L] weight group of each target layer (entries <= layer unused)."""
@@ -365,11 +506,29 @@ class PathPredictor(PathModel):
         prev, known = check_inputs(self, prev_paths_NLK, layer, known_NlK)
         tok = None if features is None else features.get("token_ids")
         gate = self._gate_logits(layer, features, known.shape[0])
-        score = (self._scores_reference if self.reference else self._scores)(prev, layer, known, tok, gate)
-        probs = torch.zeros(known.shape[0], self.num_layers, self.num_experts)
-        # k times the softmax: the expected use of each expert (sums to k, clipped at 1)
-        probs[:, layer + 1:] = torch.softmax(torch.as_tensor(score), -1).mul_(self.top_k).clamp_(max=1.0)
-        return finish(probs.numpy(), layer, known)
+        if self.reference:
+            score = self._scores_reference(prev, layer, known, tok, gate)
+            probs = torch.zeros(known.shape[0], self.num_layers, self.num_experts)
+            # k times the softmax: the expected use of each expert (sums to k, clipped at 1)
+            probs[:, layer + 1:] = torch.softmax(torch.as_tensor(score), -1).mul_(self.top_k).clamp_(max=1.0)
+            return finish(probs.numpy(), layer, known)
+        # the same, written in place
+        N, L, E, first = known.shape[0], self.num_layers, self.num_experts, layer + 1
+        probs = np.empty((N, L, E), dtype=np.float32)
+        if not N:
+            return probs
+        if first == L:
+            probs[:] = multi_hot(known, E)
+            return probs
+        plan = self._plan(tok is not None and self.tables.buckets > 0, gate is not None, layer)
+        if layer >= 0:  # the known rows' one-hot; an absent expert (-1) marks a target row, overwritten below
+            probs[:, :first] = 0.0
+            hot = np.where(known >= 0, known + plan.known_off, first * E)  # [N, l, K] in a token's flat probs
+            probs.reshape(N, -1)[np.arange(N)[:, None, None], hot] = 1.0
+        z = torch.from_numpy(self._scores(plan, prev, layer, known, tok, gate))  # [N, L - first, E]
+        # k times the softmax (the expected use of each expert), clipped at 1 (torch's exp: 2x numpy's)
+        torch.from_numpy(probs)[:, first:] = torch.softmax(z, -1).mul_(self.top_k).clamp_(max=1.0)
+        return probs
 
     # --- training ---------------------------------------------------------------------------------
     @classmethod

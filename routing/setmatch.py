@@ -64,6 +64,17 @@ def _hash(masks_XW: np.ndarray) -> np.ndarray:
     return h
 
 
+def _hash_at(masks_XW: np.ndarray, layer_X: np.ndarray) -> np.ndarray:
+    """[..., words] uint64 masks, [...] layers -> [...] uint64: the layer and the words mixed, so the
+    sets of every layer can share one sorted index (a collision is caught by comparing the masks)."""
+    phi = np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        h = np.asarray(layer_X, dtype=np.uint64) * phi
+        for w in range(masks_XW.shape[-1]):
+            h = (h ^ masks_XW[..., w]) * phi
+    return h
+
+
 class SetMatchTable:
     def __init__(self, keys_UK: np.ndarray, layer_U: np.ndarray, rows_UDE: np.ndarray,
                  count_U: np.ndarray | None = None, sid_LT: np.ndarray | None = None,
@@ -93,6 +104,22 @@ class SetMatchTable:
             by_count = np.argsort(-self.count_U[g[order]], kind="stable")
             # (positions, masks) most frequent set first: the nearest-set search of every miss
             self._by_count[int(j)] = (by_count, masks[order][by_count])
+        # the fast path's index (``lookup_many``): the sets of every layer that the layer's own search
+        # finds (of equal hashes, the first) in one sorted array of layer-seeded hashes, so the lookups
+        # of all the layers a prediction needs are one search; and each layer's masks word-major
+        # [words, U_j], most frequent first, for the nearest-set scan (a popcount summed over a
+        # length-words last axis costs 10x the same over a long one)
+        seen = [(g[np.r_[True, h[1:] != h[:-1]]], j) for j, (h, g, _) in self._index.items()]
+        g_U = np.concatenate([g for g, _ in seen] + [np.zeros(0, np.int64)])
+        layer_U = np.concatenate([np.full(len(g), j) for g, j in seen] + [np.zeros(0, np.int64)])
+        masks_U = _masks(self.keys_UK[g_U], self.num_experts)
+        h_U = _hash_at(masks_U, layer_U)
+        order = np.argsort(h_U, kind="stable")
+        # and a last row no query matches (layer -1) where the search runs past the end
+        self._flat = (h_U[order], np.r_[g_U[order], 0], np.concatenate([masks_U[order], masks_U[:1] * 0]),
+                      np.r_[layer_U[order], -1])
+        self._by_count_T = {j: np.ascontiguousarray(m.T) for j, (_, m) in self._by_count.items()}
+        self._exact = {}  # layer -> {mask bytes: row}, built on first use (``_exact_sets``)
         # stored paths for the neighbours: each stored token's set id per layer [L, T], its path
         self.sid_LT = None if sid_LT is None else np.asarray(sid_LT, dtype=np.int32)
         self.paths_TLK = None if paths_TLK is None else np.asarray(paths_TLK, dtype=np.int16)
@@ -105,6 +132,16 @@ class SetMatchTable:
             key = self.pool_key(self.sid_LT[:j + 1].T, j)
             order = np.argsort(key, kind="stable")
             self._pool[j] = (key[order], order.astype(np.int32))
+        # every layer's pool in one array (``neighbour_counts_fast``): a layer's keys start with its set
+        # ids, which exceed the layer before's, so the concatenation is sorted and one search serves
+        # the runs of two layers
+        self._pool_flat = None
+        self._nb_consts = {}  # ``neighbour_counts_fast``'s constants per (layer, ...) and per pool widths
+        if self._pool:
+            keys = np.concatenate([self._pool[j][0] for j in sorted(self._pool)])
+            assert (np.diff(keys) >= 0).all(), "set ids must grow with the layer (as count() numbers them)"
+            order = np.concatenate([self._pool[j][1] for j in sorted(self._pool)])
+            self._pool_flat = (keys, np.r_[order, np.zeros(len(order) + 1, order.dtype)])  # room for any pool
 
     def pool_key(self, sid_Nl: np.ndarray, layer: int) -> np.ndarray:
         """[N] int64 (set id at layer, at layer - 1, at layer - 2), 21 bits each (unseen: all ones)."""
@@ -184,6 +221,67 @@ class SetMatchTable:
                 u[lost[near]] = g_U[by_count[arg[near]]]
         return u
 
+    def lookup_many(self, layers_J, masks_NJW: np.ndarray) -> np.ndarray:
+        """[N, J] ``lookup(layers_J[i], ids)[n]`` for every token n and layer i at once (tested), from
+        the sets' bit masks (``_masks`` of the ids); the fast path of a prediction.
+
+        The sets ``lookup``'s hash search finds (every seen set but one hidden by a 64-bit hash
+        collision) are found exactly: for a few tokens by a dict per layer (a Python lookup costs
+        less than an array operation), for more by one search over every layer. The rest take
+        ``lookup``'s nearest-set scan (on word-major masks; an empty set shares nothing and skips it)."""
+        layers = tuple(int(j) for j in layers_J)
+        q = np.asarray(masks_NJW)
+        N, J, W = q.shape
+        if not self.num_keys or not N * J:
+            return np.full((N, J), self.num_keys, dtype=np.int64)
+        joint = N * J > 32
+        if not joint:
+            step, raw = 8 * W, q.tobytes()
+            exact = [self._exact_sets(j) for j in layers]
+            u = np.array([exact[i % J].get(raw[i * step:(i + 1) * step], -1) for i in range(N * J)],
+                         dtype=np.int64).reshape(N, J)
+            miss = u < 0
+        else:
+            h_U, g_U, masks_U, layer_U = self._flat  # padded with a row no query matches (layer -1)
+            at = np.searchsorted(h_U, _hash_at(q, np.asarray(layers, dtype=np.uint64)))  # [N, J]
+            miss = ~((masks_U[at] == q).all(-1) & (layer_U[at] == layers))
+            u = g_U[at]
+        if not miss.any():
+            return u
+        u[miss] = self.num_keys
+        for i in np.flatnonzero(miss.any(0)):  # the layers with a set not found exactly
+            j, rows = layers[i], np.flatnonzero(miss[:, i])
+            if j not in self._index:
+                continue
+            hj, gj, mj = self._index[j]
+            if joint:  # the layer's own search: a set the joint one lost to a collision of its hashes
+                at = np.minimum(np.searchsorted(hj, _hash(q[rows, i])), len(hj) - 1)
+                found = (mj[at] == q[rows, i]).all(-1)
+                u[rows[found], i] = gj[at[found]]
+                rows = rows[~found]
+            lost = rows[q[rows, i].any(-1)]
+            if len(lost) and self.min_overlap:
+                by_count, mT = self._by_count[j][0], self._by_count_T[j]
+                shared = np.bitwise_count(mT[0][None] & q[lost, i, 0, None])  # [lost, U_j]
+                for w in range(1, W):
+                    shared += np.bitwise_count(mT[w][None] & q[lost, i, w, None])
+                arg = shared.argmax(1)  # the first maximum: the more frequent set on ties, as lookup
+                near = shared[np.arange(len(lost)), arg] >= self.min_overlap
+                u[lost[near], i] = gj[by_count[arg[near]]]
+        return u
+
+    def _exact_sets(self, layer: int) -> dict:
+        """{mask bytes: row} of the layer's sets that ``lookup``'s hash search finds, built on first use."""
+        d = self._exact.get(layer)
+        if d is None:
+            d = {}
+            if layer in self._index:
+                h, g, masks = self._index[layer]
+                first = np.flatnonzero(np.r_[True, h[1:] != h[:-1]])  # of equal hashes lookup sees the first
+                d = {masks[i].tobytes(): int(g[i]) for i in first}
+            self._exact[layer] = d
+        return d
+
     def _run(self, j: int, sid_Nl: np.ndarray, pool: int) -> tuple[np.ndarray, np.ndarray]:
         """Up to ``pool`` stored tokens sharing each token's set at layer j, those that share its sets
         at j - 1 and j - 2 too first: (members [N, P], valid [N, P])."""
@@ -256,6 +354,86 @@ class SetMatchTable:
         counts[r] = flat.view(len(r), M, E + 1)[..., :E].numpy()
         n[r] = ok.sum(1)
         return counts, n
+
+    def neighbour_counts_fast(self, layer: int, sid_Nl: np.ndarray, known_NlK: np.ndarray, pool: int,
+                              neighbours: int, decay: float, depth: int, second_pool: int = 0,
+                              ahead: int | None = None,
+                              masks_NJW: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``neighbour_counts`` with the same arguments and result (tested), in about 35 array
+        operations whatever N: what it costs for one token is their number, not their size.
+
+        The keys of both runs come from one small integer product and one search of every layer's
+        pool at once; every token is scored (one whose runs are empty has no finite similarity, so no
+        neighbour), popcounts summed over the layers and words by one product; the best
+        ``neighbours`` by a partition instead of a sort (the similarities differ by the tie-break, so
+        the chosen set is the same); the counts by one bincount. ``masks_NJW``: ``_masks`` of
+        ``known_NlK[:, layer - depth:layer + 1]`` when the caller has them already."""
+        N, E = len(sid_Nl), self.num_experts
+        L = self.paths_TLK.shape[1] if self.has_paths else 0
+        M = L - 1 - layer if ahead is None else min(L - 1 - layer, ahead)
+        if layer not in self._pool or M <= 0 or not N:
+            return np.zeros((N, max(M, 0), E), dtype=np.float32), np.zeros(N, dtype=np.int64)
+        if self.num_keys > _SID_MASK:  # set ids past the key's 21 bits (far beyond any trace): pool_key's clamping
+            return self.neighbour_counts(layer, sid_Nl, known_NlK, pool, neighbours, decay, depth, second_pool, ahead)
+        two = bool(layer >= 1 and second_pool and layer - 1 in self._pool)
+        key = (layer, two, depth, decay, M)
+        c = self._nb_consts.get(key)
+        if c is None:
+            c = self._nb_consts[key] = self._neighbour_consts(layer, two, depth, decay, M)
+        cols, to_keys, add, w, bins = c
+        keys, order = self._pool_flat
+        sid = np.asarray(sid_Nl)
+        s = sid[:, cols]  # [N, 4] set ids at layer .. layer - 3 (layers below 0 have weight 0 in to_keys)
+        nr = 2 if two else 1
+        # run i (0: the token's latest set, 1: the set before) spans keys [s_i << 42, (s_i + 1) << 42) and
+        # starts at the tokens that share the next two sets too: lo | hi | at, each [N, runs]. Every key
+        # is below num_keys << 42, so an unseen set (num_keys) has an empty run: lo = hi = the end
+        lo, hi, at = np.searchsorted(keys, s @ to_keys + add).reshape(N, 3, nr).transpose(1, 0, 2)
+        most = (hi - lo).max(0)
+        P_r = [int(min(p, max(int(m), 1))) for p, m in zip((pool, second_pool), most)]
+        g = self._nb_consts.get(tuple(P_r))
+        if g is None:  # columns: the run of each, the offset in it, the tie-break (earlier first)
+            g = self._nb_consts[tuple(P_r)] = (np.repeat(np.arange(nr), P_r),
+                                               np.concatenate([np.arange(p) for p in P_r]),
+                                               np.arange(sum(P_r)) * 1e-9, np.asarray(P_r))
+        run_of, offset, tie, P_vec = g
+        start = np.maximum(lo, np.minimum(at, hi - P_vec))
+        slot = start[:, run_of] + offset  # [N, P]
+        members = order[slot]  # (order is padded: a slot may run past the end, where it is not valid)
+        valid = slot < hi[:, run_of]
+        if two:  # the second run: only the tokens that do not share the latest set (those are in the first)
+            valid[:, P_r[0]:] &= self.sid_LT[layer, members[:, P_r[0]:]] != sid[:, layer, None]
+        j0 = max(0, layer - depth)
+        q = _masks(np.asarray(known_NlK)[:, j0:layer + 1], E) if masks_NJW is None else masks_NJW  # [N, J, W]
+        both = np.bitwise_count(self._masks_TLW[members, j0:layer + 1] & q[:, None])  # [N, P, J, W]
+        sim = np.where(valid, both.reshape(N, len(run_of), -1) @ w - tie, -np.inf)  # [N, P]
+        k = min(neighbours, len(run_of))
+        top = np.argpartition(sim, len(run_of) - k, axis=1)[:, -k:] if k < len(run_of) else np.arange(k)[None]
+        rows = np.arange(N)[:, None]
+        chosen, ok = members[rows, top], sim[rows, top] > -np.inf  # [N, k]
+        # counts of (token n, target m) at bins (n * M + m) * (E + 1) + 1 + e: id -1 falls in the spare bin
+        ids = self.paths_TLK[chosen, layer + 1:layer + 1 + M]  # [N, k, M, K]
+        flat = (ids + (rows[:, :, None, None] * (M * (E + 1)) + bins)).reshape(-1)
+        counts = np.bincount(flat, np.repeat(ok.reshape(-1), M * ids.shape[-1]), minlength=N * M * (E + 1))
+        return counts.reshape(N, M, E + 1)[..., 1:].astype(np.float32), ok.sum(1)
+
+    def _neighbour_consts(self, layer: int, two: bool, depth: int, decay: float, M: int) -> tuple:
+        """What ``neighbour_counts_fast`` needs at ``layer`` and nothing else: the set-id columns, the
+        integer map from them to the run keys, the similarity weights per (layer, word), and the
+        first count bin of each target layer."""
+        nr = 2 if two else 1
+        cols = np.arange(layer, layer - 4, -1)
+        to_keys = np.zeros((4, 3, nr), dtype=np.int64)  # set ids -> (lo, hi, at) of each run
+        for i in range(nr):  # run i's key: sets i, i + 1, i + 2 (21 bits each; a layer below 0 adds 0)
+            to_keys[i, :, i] = 1 << 42  # lo, hi and at all start with set i
+            for shift in (1, 2):
+                if cols[i + shift] >= 0:
+                    to_keys[i + shift, 2, i] = 1 << (42 - 21 * shift)
+        add = np.zeros((3, nr), dtype=np.int64)
+        add[1] = 1 << 42  # hi: the first key of the next set id
+        W, E = self._masks_TLW.shape[-1], self.num_experts
+        w = np.repeat(decay ** np.arange(layer - max(0, layer - depth), -1, -1, dtype=np.float64), W)
+        return np.maximum(cols, 0), to_keys.reshape(4, -1), add.reshape(-1), w, np.arange(M)[:, None] * (E + 1) + 1
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {"match_keys": self.keys_UK, "match_layer": self.layer_U, "match_rows": self.rows_UDE,

@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
+import torch
 
 from routing import (NearestTraceBaseline, PathPredictor, PopularityBaseline, PredictorConfig,
                      PreviousPathBaseline, evaluate, synthesize)
-from routing.baselines import multi_hot
+from routing.baselines import GateLookahead, multi_hot
 from routing.trace import RoutingTrace
 
 SHAPE = dict(num_layers=6, num_experts=16, top_k=2, num_requests=24, tokens_per_request=48)
@@ -102,12 +103,7 @@ def test_fast_path_equals_the_reference(planted, planted_predictor, with_prev):
     p = planted_predictor
     assert sorted(p.weight_sets) == ["base", "token"]
     for layer in range(-1, test.num_layers):
-        fast = p.predict_batch(prev, layer, paths[:, :layer + 1], feats)
-        p.reference = True
-        try:
-            ref = p.predict_batch(prev, layer, paths[:, :layer + 1], feats)
-        finally:
-            p.reference = False
+        fast, ref = _predict_both(p, prev, layer, paths, feats)
         np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -127,3 +123,111 @@ def test_a_missing_optional_input_does_not_derail_the_other_sources(planted):
         top = np.argsort(-probs[:, layer + 1], -1)[:, :test.top_k]
         hits += np.mean([len(set(a) & set(b)) / test.top_k for a, b in zip(top, tpaths[:, layer + 1])])
     assert hits / 2 > 0.98
+
+
+# the fast path against the plain reference: (layers, experts, top-k, config) -- one and two mask words,
+# the span binding or not, with and without the set sources, short context windows
+FAST_CASES = {
+    "16e": (6, 16, 2, dict()),
+    "70e-span3": (9, 70, 3, dict(max_span=3, context_layers=2)),
+    "130e-depth0": (8, 130, 4, dict(match_layers=1, match_depth=0, match_second_pool=0, match_pool=4)),
+    "no-sets": (7, 24, 3, dict(match_layers=0, token_buckets=0)),
+}
+
+
+def _linear_routers(L, D, E, seed):
+    """Gate lookahead stand-ins: router m is a fixed linear map of the hidden state."""
+    w = torch.randn(L, D, E, generator=torch.Generator().manual_seed(seed))
+    return [lambda x, m=m: x @ w[m] for m in range(L)]
+
+
+@pytest.fixture(scope="module", params=sorted(FAST_CASES))
+def fast_case(request, tmp_path_factory):
+    L, E, K, cfg = FAST_CASES[request.param]
+    trace = synthesize(num_layers=L, num_experts=E, top_k=K, num_requests=12, tokens_per_request=24,
+                       planted_paths=8, path_noise=0.2, popularity_skew=0.5, temporal_locality=0.3, seed=L + E)
+    train, test = trace.split_requests(0.75, seed=0)
+    D = 8
+    hidden = np.random.default_rng(E).standard_normal((train.num_tokens, L, D)).astype(np.float32)
+    lookahead = GateLookahead(_linear_routers(L, D, E, seed=E), E, K)
+    p = PathPredictor.fit(train, PredictorConfig(fit_iters=3, **cfg), features={"hidden_NLD": hidden},
+                          lookahead=lookahead)
+    loaded = PathPredictor.load(p.save(tmp_path_factory.mktemp("fast") / "p.npz"), lookahead=lookahead)
+    return p, loaded, train, test, D
+
+
+def _inputs(train, test, n, D, seed):
+    """n tokens from both halves (the test half's sets are partly unseen), with a dropped slot, a token
+    without a previous token, one whose previous token had no experts at layer 0 and one with no known
+    expert at all (no set to look up: no neighbours)."""
+    rng = np.random.default_rng(seed)
+    paths = np.concatenate([train.paths(), test.paths()]).astype(np.int64)
+    tok = np.concatenate([train.token_ids, test.token_ids])
+    pick = rng.choice(len(paths), n, replace=n > len(paths))
+    known, prev = paths[pick], paths[rng.choice(len(paths), n)]
+    known[0, 1, -1] = -1
+    prev[-1] = -1
+    if n > 2:
+        prev[1, 0] = -1
+        known[2] = -1
+    feats = {"token_ids": tok[pick], "hidden_NLD": rng.standard_normal((n, train.num_layers, D)).astype(np.float32)}
+    return known, prev, feats
+
+
+def _predict_both(p, prev, layer, known, feats):
+    fast = p.predict_batch(prev, layer, known[:, :layer + 1], feats)
+    p.reference = True
+    try:
+        ref = p.predict_batch(prev, layer, known[:, :layer + 1], feats)
+    finally:
+        p.reference = False
+    return fast, ref
+
+
+def _assert_same_prediction(fast, ref, k):
+    np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-6)
+    assert fast.dtype == np.float32 and fast.flags.c_contiguous
+    # the same expert sets: the reference's top-k mass over the fast path's top-k (ties may swap members)
+    top_fast = np.argsort(-fast, -1, kind="stable")[..., :k]
+    np.testing.assert_allclose(np.take_along_axis(ref, top_fast, -1).sum(-1),
+                               -np.sort(-ref, -1)[..., :k].sum(-1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 3, 64])
+@pytest.mark.parametrize("inputs", ["all", "token", "gate", "none", "no-prev"])
+def test_fast_path_equals_the_reference_over_shapes_layers_and_batches(fast_case, n, inputs):
+    p, loaded, train, test, D = fast_case
+    known, prev, feats = _inputs(train, test, n, D, seed=n)
+    feats = {"all": feats, "token": {"token_ids": feats["token_ids"]}, "gate": {"hidden_NLD": feats["hidden_NLD"]},
+             "none": None, "no-prev": feats}[inputs]
+    if inputs == "no-prev":
+        prev = None
+    L = p.num_layers
+    for layer in sorted({-1, 0, 1, L // 2, L - 2, L - 1}):
+        for model in (p, loaded):
+            fast, ref = _predict_both(model, prev, layer, known, feats)
+            _assert_same_prediction(fast, ref, p.top_k)
+        np.testing.assert_array_equal(loaded.predict_batch(prev, layer, known[:, :layer + 1], feats),
+                                      p.predict_batch(prev, layer, known[:, :layer + 1], feats))
+
+
+def test_fast_path_takes_an_empty_batch(fast_case):
+    p, _, train, _, _ = fast_case
+    paths = train.paths().astype(np.int64)[:0]
+    for layer in (-1, 0, p.num_layers - 1):
+        assert p.predict_batch(paths, layer, paths[:, :layer + 1]).shape == (0, p.num_layers, p.num_experts)
+
+
+@pytest.mark.parametrize("replaced", ["tables", "weight_sets"])
+def test_fast_path_follows_replaced_tables_and_weights(planted, replaced):
+    # the per-layer plans are computed from the tables and weights (``fit`` replaces both): replacing
+    # either must not leave stale plans
+    train, test = planted
+    p = PathPredictor.fit(train, PredictorConfig(fit_iters=2))
+    other = PathPredictor.fit(test, PredictorConfig(fit_iters=2))
+    paths = test.paths().astype(np.int64)[:8]
+    before = p.predict_batch(None, 1, paths[:, :2])
+    setattr(p, replaced, getattr(other, replaced))
+    want = PathPredictor(p.tables, p.weight_sets, p.top_k, p.config).predict_batch(None, 1, paths[:, :2])
+    np.testing.assert_array_equal(p.predict_batch(None, 1, paths[:, :2]), want)
+    assert not np.array_equal(before, want)

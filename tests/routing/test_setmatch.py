@@ -158,3 +158,111 @@ def test_set_masks_equal_the_plain_bit_sets(E):
                 if e >= 0:
                     want[e // 64] |= 1 << (e % 64)
             assert [int(v) for v in got[idx]] == want
+
+
+def _queries(ids_LTK, E, n, seed):
+    """[n, L, K] query paths: stored ones, stored ones with one expert swapped (unseen sets: the nearest
+    seen set's row, or none), a dropped slot (-1) and a token with no experts at all."""
+    rng = np.random.default_rng(seed)
+    L, T, K = ids_LTK.shape
+    q = ids_LTK[:, rng.integers(0, T, n)].transpose(1, 0, 2).astype(np.int64)
+    for i in range(1, n, 3):  # one expert of one layer swapped for one the set does not hold
+        j, k = rng.integers(0, L), rng.integers(0, K)
+        q[i, j, k] = next(e for e in rng.permutation(E) if e not in q[i, j])
+    for i in range(2, n, 5):  # far from everything: experts drawn at random
+        q[i, rng.integers(0, L)] = rng.choice(E, K, replace=False)
+    q[0, :, -1] = -1  # a dropped slot
+    q[-1, 1] = -1  # no expert at layer 1
+    return q
+
+
+@pytest.mark.parametrize("E,K,n", [(8, 2, 3), (16, 3, 40), (70, 3, 5), (70, 4, 64), (200, 5, 7), (200, 5, 33)])
+def test_lookup_many_equals_lookup(E, K, n):
+    """The fast path's lookups (a dict for few tokens, one joint search for more) give lookup's rows,
+    for seen, nearest, unseen and empty sets, over one to four mask words."""
+    from routing.setmatch import _masks
+    tr = synthesize(num_layers=5, num_experts=E, top_k=K, num_requests=6, tokens_per_request=30,
+                    planted_paths=5, path_noise=0.3, seed=E + K)
+    ids = tr.expert_ids.astype(np.int64)
+    q = _queries(ids, E, n, seed=n)
+    for t in (_table(ids, E), SetMatchTable.from_arrays({**_table(ids, E).arrays(), "match_meta": np.array([0])})):
+        layers = [3, 0, 1, 0]  # any order, repeats allowed; layer 4 holds no keys (the last layer)
+        got = t.lookup_many(layers + [4], _masks(q[:, layers + [4]], E))
+        want = np.stack([t.lookup(j, q[:, j]) for j in layers + [4]], 1)
+        np.testing.assert_array_equal(got, want)
+        assert (want[:, -1] == t.num_keys).all() and (want[:, :-1] < t.num_keys).any()
+        if t.min_overlap:
+            assert (want[:, :-1] == t.num_keys).any()  # the random sets: some are near no seen set
+
+
+def _ids_of(m0, m1):
+    """A 128-expert set from its two mask words, padded with -1 to 128 slots."""
+    bits = [e for e in range(64) if int(m0) >> e & 1] + [64 + e for e in range(64) if int(m1) >> e & 1]
+    return np.array(bits + [-1] * (128 - len(bits)))
+
+
+_PHI = np.uint64(0x9E3779B97F4A7C15)
+
+
+def test_lookup_many_equals_lookup_when_set_hashes_collide():
+    """Two seen sets of a layer whose masks hash alike: lookup's search sees only the more frequent
+    one, the other goes to the nearest-set scan (here: near nothing, it is small). The fast lookups
+    must do the same, not find it exactly (at layer 1, where the joint index's hashes differ)."""
+    from routing.setmatch import _hash, _masks
+    a0, a1, b0 = np.uint64(2 ** 64 - 1), np.uint64(int(np.random.default_rng(0).integers(0, 2 ** 62))), np.uint64(0)
+    with np.errstate(over="ignore"):
+        b1 = (a0 * _PHI) ^ a1 ^ (b0 * _PHI)  # _hash(b) = b0 * phi ^ b1 = _hash(a)
+    a, b = _ids_of(a0, a1), _ids_of(b0, b1)
+    assert _hash(_masks(a[None], 128))[0] == _hash(_masks(b[None], 128))[0]
+    other = np.r_[np.arange(10), [-1] * 118]
+    sets = np.stack([a, a, a, b, other])  # a seen more often than b
+    ids = np.stack([sets[::-1], sets, sets[::-1]])  # [L=3, T=5, K=128]
+    t = _table(ids, 128)
+    q = np.stack([a, b, other, np.r_[np.arange(1, 11), [-1] * 118]])
+    want = t.lookup(1, q)
+    assert want[0] < t.num_keys and want[1] == t.num_keys  # b: a stored set that lookup does not find
+    for n in (1, 4, 40):  # the dict and the joint search
+        qq = np.resize(q, (n, 128))
+        np.testing.assert_array_equal(t.lookup_many([1, 0], _masks(np.stack([qq, qq], 1), 128)),
+                                      np.stack([t.lookup(1, qq), t.lookup(0, qq)], 1))
+
+
+def test_lookup_many_equals_lookup_when_the_joint_hashes_collide():
+    """Two small sets, one at layer 0 and one at layer 1, whose layer-seeded hashes are equal: the joint
+    search finds one of them; the other must still be found exactly (by its layer's own search)."""
+    from routing.setmatch import _hash_at, _masks
+    m0, m1, n0 = np.uint64(0b1011000110010001), np.uint64(0), np.uint64(0)
+    with np.errstate(over="ignore"):
+        n1 = (m0 * _PHI) ^ (_PHI * _PHI)  # (phi ^ n0) * phi ^ n1 = m0 * phi ^ m1
+    m, n = _ids_of(m0, m1), _ids_of(n0, n1)
+    assert _hash_at(_masks(m[None], 128), np.array([0]))[0] == _hash_at(_masks(n[None], 128), np.array([1]))[0]
+    other = np.r_[np.arange(10), [-1] * 118]
+    ids = np.stack([np.stack([m, other, m]), np.stack([n, n, other]), np.stack([m, n, other])])  # [L=3, T=3, K]
+    t = _table(ids, 128)
+    qq = np.resize(np.stack([np.stack([m, n]), np.stack([n, m]), np.stack([other, other])]), (40, 2, 128))
+    want = np.stack([t.lookup(0, qq[:, 0]), t.lookup(1, qq[:, 1])], 1)
+    assert (want[0] < t.num_keys).all() and (t.lookup(0, n[None]) == t.num_keys).all()  # small: no nearest
+    np.testing.assert_array_equal(t.lookup_many([0, 1], _masks(qq, 128)), want)
+
+
+@pytest.mark.parametrize("layer,pool,nn,depth,second,ahead", [
+    (0, 50, 4, 3, 0, None), (0, 50, 4, 3, 20, None), (2, 50, 4, 3, 0, None), (3, 5, 4, 2, 0, None),
+    (3, 50, 4, 0, 0, 1), (2, 3, 4, 4, 0, None), (2, 4, 4, 2, 3, 2), (3, 50, 4, 1, 50, None),
+    (1, 2, 8, 6, 1, None), (3, 128, 8, 6, 64, 2)])
+@pytest.mark.parametrize("n", [1, 3, 64])
+def test_neighbour_counts_fast_equals_neighbour_counts(layer, pool, nn, depth, second, ahead, n):
+    """Same neighbours counted, for stored, perturbed and unseen query paths (set id ``num_keys``),
+    pools smaller than the neighbours asked for, one and two runs, two mask words."""
+    tr = synthesize(num_layers=6, num_experts=70, top_k=3, num_requests=6, tokens_per_request=40,
+                    planted_paths=4, path_noise=0.3, seed=4)
+    ids = tr.expert_ids.astype(np.int64)
+    t = _table(ids, tr.num_experts)
+    q = _queries(ids, tr.num_experts, n, seed=layer)
+    sid = np.stack([t.lookup(j, q[:, j]) for j in range(layer + 1)], 1)
+    if n > 1:
+        sid[n // 2, layer] = t.num_keys  # a latest set near no seen one
+    want = t.neighbour_counts(layer, sid, q[:, :layer + 1], pool, nn, 0.7, depth, second, ahead=ahead)
+    got = t.neighbour_counts_fast(layer, sid, q[:, :layer + 1], pool, nn, 0.7, depth, second, ahead=ahead)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert got[0].dtype == np.float32 and (want[1] > 0).any()
