@@ -7,8 +7,10 @@ each block_m the up (gate/up + SwiGLU) and down GEMMs are timed separately over 
 candidates (same alignment, random routing, random weights); the pair with the smallest sum wins.
 The candidate lists are short on purpose: each new tile is one more compile, and device time is
 scarce. ``--refine`` starts from the tuned files instead and sweeps each GEMM's B and A paths (TMA or
-pointers), pipeline depth and tail tiles around its tile, runs the few fastest of each as whole calls
-in every pairing, and keeps a change only where the whole call gains 3%. Files are named
+pointers), pipeline depth, tail tiles and persistent grid around its tile, runs the few fastest of
+each as whole calls in every pairing, and keeps a change only where the whole call gains 3%.
+``--refine-backward`` does the same for the backward's dh and dx GEMMs (``MoEConfig.bwd_up`` /
+``bwd_down``), judged by whole forward + backward steps. Files are named
 ``E=..,N=..,K=..,device_name=...json`` (kernels.launch_config).
 """
 from __future__ import annotations
@@ -265,18 +267,87 @@ def refine_config(x, w13, w2, ids, w, cfg, log, rounds: int = 2, timer=None, fin
             f"down {downs.get(cfg.down, float('nan')):.4f} -> {downs[top_down[0]]:.4f} ms")
         pairs = [cfg] + [replace(cfg, up=u, down=d) for u in top_up for d in top_down
                          if replace(cfg, up=u, down=d) != cfg]
-        whole = _best_of({c: (lambda c=c: fused_moe(x, w13, w2, ids, w, config=c)) for c in pairs}, 3, timer)
+        return _gate(cfg, {c: (lambda c=c: fused_moe(x, w13, w2, ids, w, config=c)) for c in pairs}, timer, log,
+                     "whole call")
+
+
+def _gate(cfg, calls: dict, timer, log, what: str):
+    """(ms, config) of the fastest of ``calls`` (config -> closure; ``cfg`` among them) over three
+    interleaved rounds, kept only when it beats ``cfg`` by VARIANT_MIN_GAIN; (None, cfg) when ``cfg``
+    itself could not be timed."""
+    whole = _best_of(calls, 3, timer)
     if cfg not in whole:
         return None, cfg
     best = min(whole, key=whole.get)
-    log(f"  whole call {whole[cfg]:.4f} -> {whole[best]:.4f} ms (best of {len(whole)} pairs)")
+    log(f"  {what} {whole[cfg]:.4f} -> {whole[best]:.4f} ms (best of {len(whole)} pairs)")
     if whole[best] < (1 - VARIANT_MIN_GAIN) * whole[cfg]:
         return whole[best], best
     return whole[cfg], cfg
 
 
-def refine_shape(E: int, D: int, I: int, K: int, tokens, dtype=torch.bfloat16, log=print) -> dict:
-    """{str(T): MoEConfig dict} for the token counts whose tuned entry refine_config improves."""
+# --refine-backward: the backward's two activation GEMMs (kernels.fused_moe backward). Both read their
+# weights through pointers (dh: w2 as is; dx: w13 transposed), so they run per tile: swept over depth
+# and tail tiles, the dx GEMM also over its A rows (dgu, sorted) by TMA.
+BWD_KNOBS = {"num_stages": (3, 4), "tail": (0, 1, 2)}
+
+
+def _bwd_neighbours(c, dx: bool):
+    """Backward tiles around ``c``: BWD_KNOBS (and a_tma for the dx GEMM), on a per-tile grid with the
+    TMA weight flag cleared (no backward GEMM reads its weights by TMA: equal kernels, one candidate)."""
+    from dataclasses import replace
+    from itertools import product
+    knobs = {**BWD_KNOBS, **({"a_tma": (False, True)} if dx else {})}
+    base = replace(c, persistent=0, tma=False)
+    return [replace(base, **dict(zip(knobs, vals))) for vals in product(*knobs.values())]
+
+
+def _eager_timer(f) -> float:
+    """ms of one eager call of ``f`` (a forward + backward step: autograd is not captured in graphs)."""
+    from benchmarks.kernels import bench  # (that module imports this one: not at the top)
+    return bench(f, warmup=5, rep=25)
+
+
+def refine_backward(x, w13, w2, ids, w, cfg, log, rounds: int = 2, timer=None, step_timer=None,
+                    finalists: int = REFINE_FINALISTS):
+    """(ms, config): the backward's dh GEMM (SwiGLU backward) and dx GEMM each swept alone around
+    ``cfg.backward`` (graph replay, same alignment and saved activations), the ``finalists`` fastest
+    of each then run as whole forward + backward steps (eager) in every pairing beside ``cfg``, and
+    the fastest pair kept as ``bwd_up`` / ``bwd_down`` only when the step gains VARIANT_MIN_GAIN.
+    The forward's tiles do not change."""
+    from dataclasses import replace
+
+    from kernels.fused_moe import _forward, fused_moe
+    from kernels.grouped_gemm import moe_gemm, moe_swiglu_bwd
+    timer, step_timer = timer or _graph_timer, step_timer or _eager_timer
+    E, J, D = w13.shape
+    w_P = w.reshape(-1).contiguous()
+    dy = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=torch.Generator(x.device).manual_seed(1))
+    tstr = (w13.stride(0), w13.stride(2), w13.stride(1))  # dx = dgu @ W13[e]: B[e][d, j] = w13[e, j, d]
+    bwd_up, bwd_down = cfg.backward
+    with torch.no_grad():
+        _, al, _, gu = _forward(x, w13, w2, ids, w_P, cfg, save=True)
+        dgu, _ = moe_swiglu_bwd(dy, w2, gu, w_P, al, replace(bwd_up, tail=0))  # every padded row written
+        dhs = _best_of({c: (lambda c=c: moe_swiglu_bwd(dy, w2, gu, w_P, al, c)) for c in _bwd_neighbours(bwd_up, False)},
+                       rounds, timer)
+        dxs = _best_of({c: (lambda c=c: moe_gemm(dgu, w13, tstr, D, J, al, c, a_gather=False, c_scatter=True))
+                        for c in _bwd_neighbours(bwd_down, True)}, rounds, timer)
+    if not dhs or not dxs:
+        return None, cfg
+    top_dh = sorted(dhs, key=dhs.get)[:finalists]
+    top_dx = sorted(dxs, key=dxs.get)[:finalists]
+    log(f"  alone: dh {dhs[top_dh[0]]:.4f} ms, dx {dxs[top_dx[0]]:.4f} ms (fastest of {len(dhs)} / {len(dxs)})")
+
+    def step(c):
+        xs, a, b, ws = (t.detach().requires_grad_(True) for t in (x, w13, w2, w))
+        fused_moe(xs, a, b, ids, ws, config=c).backward(dy)
+    pairs = [cfg] + [replace(cfg, bwd_up=u, bwd_down=d) for u in top_dh for d in top_dx]
+    return _gate(cfg, {c: (lambda c=c: step(c)) for c in pairs}, step_timer, log, "forward + backward")
+
+
+def refine_shape(E: int, D: int, I: int, K: int, tokens, dtype=torch.bfloat16, log=print,
+                 backward: bool = False) -> dict:
+    """{str(T): MoEConfig dict} for the token counts whose tuned entry refine_config (with
+    ``backward``: refine_backward) improves."""
     from kernels.launch_config import load_tuned
     current = load_tuned(E, I, D, torch.cuda.get_device_name())
     if not current:
@@ -290,8 +361,8 @@ def refine_shape(E: int, D: int, I: int, K: int, tokens, dtype=torch.bfloat16, l
             continue
         x = torch.randn(T, D, device=dev, dtype=dtype, generator=g)
         ids, w = random_routing(T, E, K, dev, g)
-        log(f"  E={E} D={D} I={I} K={K} T={T}: refining {cfg}")
-        ms, new = refine_config(x, w13, w2, ids, w, cfg, log)
+        log(f"  E={E} D={D} I={I} K={K} T={T}: refining {'the backward of ' if backward else ''}{cfg}")
+        ms, new = (refine_backward if backward else refine_config)(x, w13, w2, ids, w, cfg, log)
         if new != cfg:
             table[str(T)] = new.to_dict()
             times[str(T)] = round(ms, 5)
@@ -331,7 +402,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", action="append", default=[], help="also write the files here")
     ap.add_argument("--refine", action="store_true",
                     help="start from the tuned files and sweep each GEMM's TMA paths, depth and tail tiles around them")
+    ap.add_argument("--refine-backward", action="store_true",
+                    help="start from the tuned files and sweep the backward's dh and dx tiles (bwd_up / bwd_down), "
+                         "kept where a whole forward + backward step gains 3%%")
     args = ap.parse_args(argv)
+    if args.refine and args.refine_backward:
+        raise SystemExit("--refine and --refine-backward sweep different things: run them one after the other")
     if not torch.cuda.is_available():
         raise SystemExit("tune_kernels.py needs a CUDA GPU")
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -340,8 +416,11 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown shape {key!r}; choose from {list(SHAPES)}")
         name, E, D, I, K = SHAPES[key]
         t0 = time.time()
-        table = (refine_shape if args.refine else tune_shape)(E, D, I, K, tokens)
-        if args.refine and not table:
+        if args.refine or args.refine_backward:
+            table = refine_shape(E, D, I, K, tokens, backward=args.refine_backward)
+        else:
+            table = tune_shape(E, D, I, K, tokens)
+        if (args.refine or args.refine_backward) and not table:
             print(f"{name}: the tuned entries stand")
             continue
         for p in write_table(E, I, D, table, args.out):

@@ -81,3 +81,53 @@ def test_refine_keeps_the_tuned_config_below_the_gain_threshold():
 def test_refine_skips_candidates_that_cannot_launch():
     ms, cfg = tk.refine_config(*_inputs(), BASE, log=lambda *_: None, timer=_timer(0.10, broken=(SECOND_UP,)))
     assert cfg.up != SECOND_UP and cfg.down == BEST_DOWN
+
+
+# --refine-backward: the backward's tiles around BASE's (its backward is its forward tiles)
+CANON_UP, CANON_DOWN = replace(BASE.up, tma=False), replace(BASE.down, tma=False)
+BEST_DH = replace(CANON_UP, num_stages=4, tail=1)
+BEST_DX = replace(CANON_DOWN, a_tma=True, tail=2)
+
+
+def _bwd_timers(gain, broken=()):
+    """Alone: BEST_DH 0.5, BEST_DX 0.5, the rest 1.0. Steps: BASE 4.0, (BEST_DH, BEST_DX) 4 * (1 - gain),
+    any other pair 4 * (1 - gain / 2)."""
+    def timer(f):
+        c = f.__defaults__[0]
+        if c in broken:
+            raise RuntimeError("out of shared memory")
+        return {BEST_DH: 0.5, BEST_DX: 0.5}.get(c, 1.0)
+
+    def step_timer(f):
+        c = f.__defaults__[0]
+        if c == BASE:
+            return 4.0
+        return 4.0 * (1 - gain) if c.backward == (BEST_DH, BEST_DX) else 4.0 * (1 - gain / 2)
+    return timer, step_timer
+
+
+def test_backward_neighbours():
+    dh, dx = tk._bwd_neighbours(BASE.up, False), tk._bwd_neighbours(BASE.down, True)
+    assert len(dh) == 2 * 3 and len(dx) == 2 * 3 * 2 and len(set(dx)) == len(dx)
+    assert all(not c.persistent and not c.tma for c in dh + dx) and BEST_DH in dh and BEST_DX in dx
+    # a persistent forward tile (tail 0, TMA) gives per-tile backward candidates
+    assert all(not c.persistent for c in tk._bwd_neighbours(replace(BASE.up, tma=True, persistent=1), False))
+
+
+def test_refine_backward_keeps_the_fastest_step_and_leaves_the_forward():
+    timer, step_timer = _bwd_timers(0.10)
+    ms, cfg = tk.refine_backward(*_inputs(), BASE, log=lambda *_: None, timer=timer, step_timer=step_timer)
+    assert cfg == replace(BASE, bwd_up=BEST_DH, bwd_down=BEST_DX) and ms == pytest.approx(3.6)
+    assert (cfg.up, cfg.down) == (BASE.up, BASE.down)
+
+
+def test_refine_backward_keeps_the_tuned_config_below_the_gain_threshold():
+    timer, step_timer = _bwd_timers(tk.VARIANT_MIN_GAIN / 2)
+    ms, cfg = tk.refine_backward(*_inputs(), BASE, log=lambda *_: None, timer=timer, step_timer=step_timer)
+    assert cfg == BASE and ms == pytest.approx(4.0)
+
+
+def test_refine_backward_skips_candidates_that_cannot_launch():
+    timer, step_timer = _bwd_timers(0.10, broken=(BEST_DX,))
+    ms, cfg = tk.refine_backward(*_inputs(), BASE, log=lambda *_: None, timer=timer, step_timer=step_timer)
+    assert cfg.bwd_down != BEST_DX and cfg.backward[0] == BEST_DH
