@@ -26,7 +26,8 @@ when its real rows fit, runs as a half or quarter tile (the padding's MMA work i
 padding rows of outputs that later kernels read whole are written as zeros). Decode-sized forward
 calls may chain up -> down -> sum by programmatic dependent launch (``pdl``).
 
-With ``GemmConfig.persistent`` moe_up / moe_gemm (not the SwiGLU backward) run on a persistent grid:
+With ``GemmConfig.persistent`` moe_up / moe_gemm (not the SwiGLU backward), when their weight tiles
+come by TMA, run on a persistent grid:
 ``persistent`` programs per SM, each walking tiles of the used row blocks (counted on the device) in
 one ``tl.range(..., flatten=True)`` loop nest, so the K loop's pipeline runs on into the next tile
 while this one's epilogue stores. Its up GEMM loads a gate tile and the matching up tile as one
@@ -531,7 +532,7 @@ def _persistent_grid(al: AlignedRouting, n: int, cfg: GemmConfig, t: torch.Tenso
     config asks for one and the call allows: sorted row blocks (one-pair blocks keep a program each)
     and the weight tiles by TMA (w_desc). Without TMA, e.g. the backward's dx GEMM reading w13
     transposed through pointers, the flattened loop measured 1.5-1.65x slower than per-tile programs
-    (H200, session 10, run s10e): those calls keep the per-tile grid."""
+    (H200, session 10, run s10-7): those calls keep the per-tile grid."""
     if not cfg.persistent or al.pair_blocks or w_desc is None:
         return None
     sms = INTERPRETED_PERSISTENT_PROGRAMS if _interpreted() else _sm_count(t.device.index or 0)
