@@ -556,3 +556,15 @@ def test_backward_tiles_of_their_own(monkeypatch):
     assert ("moe_swiglu_bwd", bwd_up) in seen and ("moe_gemm", bwd_down) in seen
     for name, a, b in zip(("x", "w13", "w2", "w"), (got[0], got[1], got[2], got[4]), (ref[0], ref[1], ref[2], ref[4])):
         assert rel_err(a.grad, b.grad) < 2 * TOL, name
+
+
+def test_persistent_grid_with_no_routed_pair(monkeypatch):
+    """Every id dropped (-1): no used row block, so the persistent programs walk no tile, and the
+    output is zeros (as the per-tile grid's)."""
+    import kernels.grouped_gemm as gg
+    monkeypatch.setattr(gg, "_sm_count", lambda index: 1)
+    x, w13, w2, _, w = _to(make_case(9, 16, 16, 3, 2, seed=3), DTYPE)
+    ids = torch.full((9, 2), -1, dtype=torch.long, device=DEV)
+    g = GemmConfig(16, 16, 1, 4 if ON_GPU else 1, 3 if ON_GPU else 1, tma=True, persistent=1)
+    y = fused_moe(x, w13, w2, ids, w, config=MoEConfig(16, g, g))
+    assert torch.equal(y, torch.zeros_like(y))
