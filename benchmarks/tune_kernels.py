@@ -198,14 +198,18 @@ REFINE_KNOBS = {"tma": (False, True), "a_tma": (False, True), "num_stages": (3, 
                 "persistent": (0, 1)}
 
 
-def _neighbours(c):
-    """Every valid combination of REFINE_KNOBS on tile ``c`` (its own values included; a persistent
-    grid runs whole tiles with weights by TMA, so persistent settings come with tail 0 and tma)."""
+def _neighbours(c, knobs=REFINE_KNOBS):
+    """Every combination of ``knobs`` on tile ``c`` that GemmConfig accepts (its own values included;
+    e.g. a persistent grid only with tail 0 and weights by TMA)."""
     from dataclasses import replace
     from itertools import product
-    names = list(REFINE_KNOBS)
-    return [replace(c, **kw) for vals in product(*REFINE_KNOBS.values())
-            if not ((kw := dict(zip(names, vals)))["persistent"] and (kw["tail"] or not kw["tma"]))]
+    out = []
+    for vals in product(*knobs.values()):
+        try:
+            out.append(replace(c, **dict(zip(knobs, vals))))
+        except ValueError:  # a combination the launch config refuses
+            continue
+    return out
 
 
 def _best_of(fns: dict, rounds: int, timer) -> dict:
@@ -295,10 +299,7 @@ def _bwd_neighbours(c, dx: bool):
     """Backward tiles around ``c``: BWD_KNOBS (and a_tma for the dx GEMM), on a per-tile grid with the
     TMA weight flag cleared (no backward GEMM reads its weights by TMA: equal kernels, one candidate)."""
     from dataclasses import replace
-    from itertools import product
-    knobs = {**BWD_KNOBS, **({"a_tma": (False, True)} if dx else {})}
-    base = replace(c, persistent=0, tma=False)
-    return [replace(base, **dict(zip(knobs, vals))) for vals in product(*knobs.values())]
+    return _neighbours(replace(c, persistent=0, tma=False), {**BWD_KNOBS, **({"a_tma": (False, True)} if dx else {})})
 
 
 def _eager_timer(f) -> float:
@@ -401,7 +402,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", default="1,8,64,512,4096,16384")
     ap.add_argument("--out", action="append", default=[], help="also write the files here")
     ap.add_argument("--refine", action="store_true",
-                    help="start from the tuned files and sweep each GEMM's TMA paths, depth and tail tiles around them")
+                    help="start from the tuned files and sweep each GEMM's TMA paths, depth, tail tiles and "
+                         "persistent grid around them")
     ap.add_argument("--refine-backward", action="store_true",
                     help="start from the tuned files and sweep the backward's dh and dx tiles (bwd_up / bwd_down), "
                          "kept where a whole forward + backward step gains 3%%")
@@ -416,11 +418,10 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown shape {key!r}; choose from {list(SHAPES)}")
         name, E, D, I, K = SHAPES[key]
         t0 = time.time()
-        if args.refine or args.refine_backward:
-            table = refine_shape(E, D, I, K, tokens, backward=args.refine_backward)
-        else:
-            table = tune_shape(E, D, I, K, tokens)
-        if (args.refine or args.refine_backward) and not table:
+        refine = args.refine or args.refine_backward
+        table = (refine_shape(E, D, I, K, tokens, backward=args.refine_backward) if refine
+                 else tune_shape(E, D, I, K, tokens))
+        if refine and not table:
             print(f"{name}: the tuned entries stand")
             continue
         for p in write_table(E, I, D, table, args.out):
