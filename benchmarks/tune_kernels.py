@@ -241,12 +241,14 @@ def _graph_timer(f) -> float:
 REFINE_FINALISTS = 3
 
 
-def refine_config(x, w13, w2, ids, w, cfg, log, rounds: int = 2, timer=None, finalists: int = REFINE_FINALISTS):
+def refine_config(x, w13, w2, ids, w, cfg, log, rounds: int = 2, timer=None, finalists: int = REFINE_FINALISTS,
+                  knobs: dict | None = None):
     """(ms, config): each GEMM of ``cfg`` swept over REFINE_KNOBS alone (same alignment; the up GEMM's
     time includes gathering x when A comes by TMA); the ``finalists`` fastest of each then run as whole
     forward calls in every up x down pair beside ``cfg`` (interleaved, three rounds), and the fastest
     pair is kept only when it beats ``cfg``'s whole call by VARIANT_MIN_GAIN. Every time is a
-    CUDA-graph replay (``_graph_timer``) unless ``timer`` says otherwise."""
+    CUDA-graph replay (``_graph_timer``) unless ``timer`` says otherwise; ``knobs``: a subset of
+    REFINE_KNOBS to sweep (the others keep the tuned values)."""
     from dataclasses import replace
 
     from kernels.align import align_tokens
@@ -260,9 +262,11 @@ def refine_config(x, w13, w2, ids, w, cfg, log, rounds: int = 2, timer=None, fin
     st = (w2.stride(0), w2.stride(1), w2.stride(2))
     with torch.no_grad():
         h = moe_up(x, w13, al, replace(cfg.up, tail=0), False)[0]  # every padded row written
-        ups = _best_of({c: (lambda c=c: moe_up(x, w13, al, c, False)) for c in _neighbours(cfg.up)}, rounds, timer)
+        knobs = knobs or REFINE_KNOBS
+        ups = _best_of({c: (lambda c=c: moe_up(x, w13, al, c, False)) for c in _neighbours(cfg.up, knobs)}, rounds,
+                       timer)
         downs = _best_of({c: (lambda c=c: moe_gemm(h, w2, st, D, I, al, c, a_gather=False, c_scatter=True, weight_P=w_P))
-                          for c in _neighbours(cfg.down)}, rounds, timer)
+                          for c in _neighbours(cfg.down, knobs)}, rounds, timer)
         if not ups or not downs:
             return None, cfg
         top_up = sorted(ups, key=ups.get)[:finalists]
@@ -346,9 +350,9 @@ def refine_backward(x, w13, w2, ids, w, cfg, log, rounds: int = 2, timer=None, s
 
 
 def refine_shape(E: int, D: int, I: int, K: int, tokens, dtype=torch.bfloat16, log=print,
-                 backward: bool = False) -> dict:
+                 backward: bool = False, knobs: dict | None = None) -> dict:
     """{str(T): MoEConfig dict} for the token counts whose tuned entry refine_config (with
-    ``backward``: refine_backward) improves."""
+    ``backward``: refine_backward) improves; ``knobs`` as refine_config's."""
     from kernels.launch_config import load_tuned
     current = load_tuned(E, I, D, torch.cuda.get_device_name())
     if not current:
@@ -363,7 +367,8 @@ def refine_shape(E: int, D: int, I: int, K: int, tokens, dtype=torch.bfloat16, l
         x = torch.randn(T, D, device=dev, dtype=dtype, generator=g)
         ids, w = random_routing(T, E, K, dev, g)
         log(f"  E={E} D={D} I={I} K={K} T={T}: refining {'the backward of ' if backward else ''}{cfg}")
-        ms, new = (refine_backward if backward else refine_config)(x, w13, w2, ids, w, cfg, log)
+        ms, new = (refine_backward(x, w13, w2, ids, w, cfg, log) if backward
+                   else refine_config(x, w13, w2, ids, w, cfg, log, knobs=knobs))
         if new != cfg:
             table[str(T)] = new.to_dict()
             times[str(T)] = round(ms, 5)
@@ -407,7 +412,17 @@ def main(argv=None) -> int:
     ap.add_argument("--refine-backward", action="store_true",
                     help="start from the tuned files and sweep the backward's dh and dx tiles (bwd_up / bwd_down), "
                          "kept where a whole forward + backward step gains 3%%")
+    ap.add_argument("--knobs", default="",
+                    help=f"with --refine: sweep only these (comma list of {list(REFINE_KNOBS)}); the rest keep "
+                         "their tuned values")
     args = ap.parse_args(argv)
+    knobs = None
+    if args.knobs:
+        unknown = set(args.knobs.split(",")) - set(REFINE_KNOBS)
+        if unknown or not args.refine:
+            raise SystemExit(f"--knobs takes a comma list of {list(REFINE_KNOBS)} with --refine"
+                             + (f"; unknown: {sorted(unknown)}" if unknown else ""))
+        knobs = {k: REFINE_KNOBS[k] for k in args.knobs.split(",")}
     if args.refine and args.refine_backward:
         raise SystemExit("--refine and --refine-backward sweep different things: run them one after the other")
     if not torch.cuda.is_available():
@@ -419,7 +434,7 @@ def main(argv=None) -> int:
         name, E, D, I, K = SHAPES[key]
         t0 = time.time()
         refine = args.refine or args.refine_backward
-        table = (refine_shape(E, D, I, K, tokens, backward=args.refine_backward) if refine
+        table = (refine_shape(E, D, I, K, tokens, backward=args.refine_backward, knobs=knobs) if refine
                  else tune_shape(E, D, I, K, tokens))
         if refine and not table:
             print(f"{name}: the tuned entries stand")

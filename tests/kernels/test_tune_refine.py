@@ -52,6 +52,21 @@ def test_neighbours_cover_every_knob_combination():
     assert all((c.block_n, c.block_k, c.num_warps) == (32, 32, BASE.up.num_warps) for c in n)
 
 
+def test_knobs_restrict_the_sweep():
+    """--knobs: only the named settings move (a persistent tile keeps tail 0: the others are refused);
+    --knobs names are checked."""
+    from dataclasses import replace
+    n = tk._neighbours(BASE.up, {"tail": tk.REFINE_KNOBS["tail"]})
+    assert n == [replace(BASE.up, tail=t) for t in (0, 1, 2)]
+    persistent = replace(BASE.up, tma=True, persistent=1)
+    assert tk._neighbours(persistent, {k: tk.REFINE_KNOBS[k] for k in ("tail", "num_stages")}) == [
+        replace(persistent, num_stages=s) for s in (3, 4)]
+    with pytest.raises(SystemExit, match="unknown"):
+        tk.main(["--refine", "--knobs", "tail,colour"])
+    with pytest.raises(SystemExit, match="with --refine"):
+        tk.main(["--knobs", "tail"])
+
+
 def test_best_of_keeps_the_minimum_and_drops_failures():
     seq = {"a": iter([3.0, 1.0]), "b": iter([2.0, 2.5])}
 
