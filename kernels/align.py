@@ -15,8 +15,8 @@ E = experts, S = padded rows (an upper bound, ``max_padded_rows``), B = S / BLOC
 
 Ids of -1 (expert not on this rank) and ids outside [0, E) are dropped: they get no row, so they
 contribute zero. Three implementations compute the same layout: a single-program Triton kernel for
-decode-sized inputs (one launch instead of a dozen small torch ops), a three-launch parallel counting
-sort for mid and large inputs, and plain torch ops (``align_reference``, which the tests hold the
+decode-sized inputs (one launch instead of a dozen small torch ops), a two-launch parallel sort for
+mid and large inputs, and plain torch ops (``align_reference``, which the tests hold the
 other two to) for the largest.
 """
 from __future__ import annotations
@@ -31,14 +31,13 @@ import triton.language as tl
 from .launch_config import cdiv, next_pow2
 
 # The single-program kernel compares every pair with every expert on one SM: past this many
-# (pairs x experts) it is slower than the three-launch parallel counting sort (measured on the
-# H200, session 9: 384 pairs x 64 experts 20.0 us in one program against 13.4 us parallel, 512 x 64
-# 24.6 against 13.2; at 96 x 64 and 1024 x 8 the single program wins, 11.0 against 13.9, 10.5 / 11.9).
+# (pairs x experts) it is slower than the parallel sort (measured on the H200, session 9, against the
+# three-launch form of the parallel sort: 384 pairs x 64 experts 20.0 us in one program against 13.4 us
+# parallel, 512 x 64 24.6 against 13.2; at 96 x 64 and 1024 x 8 the single program wins, 11.0 against
+# 13.9, 10.5 / 11.9).
 SINGLE_ALIGN_MAX_WORK = 8192
-# The parallel sort's middle step is one program over [chunks, experts]; past this much work
-# (chunks x experts) torch's radix sort takes over. Chunks grow as sqrt(pairs), so only very many
-# pairs or experts reach it (H200, session 9: 65536 tokens x top-8 of 128 experts, 512 chunks, 172 us
-# parallel against 339 us in torch).
+# Every program of the parallel sort sums the [chunks, experts] counts; past this many (chunks x
+# experts), or MAX_CHUNKS chunks, torch's radix sort takes over.
 PARALLEL_ALIGN_MAX_WORK = 131072
 
 
@@ -174,115 +173,114 @@ def align_triton(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> A
 
 @triton.jit(do_not_specialize=["P", "S", "FILL"])
 def _count_kernel(ids_ptr, counts_ptr, sorted_pair_ptr, P, E, S, FILL,
-                  E_P2: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, FILL_BLOCK: tl.constexpr):
-    """Program g: tokens per expert within pairs [g*CHUNK, (g+1)*CHUNK), SUB at a time; also marks its
+                  E_P2: tl.constexpr, CHUNK: tl.constexpr, FILL_BLOCK: tl.constexpr):
+    """Program g: tokens per expert within pairs [g*CHUNK, (g+1)*CHUNK), one histogram; also marks its
     stripe of rows as padding."""
     g = tl.program_id(0)
-    experts = tl.arange(0, E_P2)
-    sub = tl.arange(0, SUB)
-    counts = tl.zeros([E_P2], dtype=tl.int32)
-    for s0 in range(0, CHUNK, SUB):
-        offs = g * CHUNK + s0 + sub
-        ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1).to(tl.int32)
-        hit = (ids[:, None] == experts[None, :]) & (experts[None, :] < E)
-        counts += tl.sum(hit.to(tl.int32), axis=0)
-    tl.store(counts_ptr + g * E_P2 + experts, counts)
+    offs = g * CHUNK + tl.arange(0, CHUNK)
+    ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1).to(tl.int32)
+    real = (ids >= 0) & (ids < E)
+    tl.store(counts_ptr + g * E_P2 + tl.arange(0, E_P2), tl.histogram(tl.where(real, ids, 0), E_P2, mask=real))
     fill = tl.arange(0, FILL_BLOCK)
     for f0 in range(0, FILL, FILL_BLOCK):
         rows = g * FILL + f0 + fill
         tl.store(sorted_pair_ptr + rows, tl.zeros([FILL_BLOCK], dtype=tl.int32) + P, mask=(f0 + fill < FILL) & (rows < S))
 
 
-@triton.jit(do_not_specialize=["G"])
-def _offsets_kernel(counts_ptr, offsets_ptr, num_padded_ptr, expert_start_ptr, G, E,
-                    BLOCK_M: tl.constexpr, E_P2: tl.constexpr, GC: tl.constexpr):
-    """One program: padded runs per expert and each chunk's first row per expert (a scan down the chunks)."""
+@triton.jit(do_not_specialize=["P", "G", "NUM_BLOCKS", "BPG"])
+def _scatter_kernel(ids_ptr, counts_ptr, sorted_pair_ptr, expert_start_ptr, num_padded_ptr, block_expert_ptr,
+                    P, E, G, NUM_BLOCKS, BPG, BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr,
+                    GC: tl.constexpr, BSUB: tl.constexpr):
+    """Program g: the experts' padded runs (all chunks' counts summed) and its chunk's first row per
+    expert (the chunks before it summed), read from the [chunks, experts] counts; its pairs sorted by
+    (expert, position) in registers, the k-th pair of expert e in the chunk to that first row of e + k
+    (stable, like the reference); then the expert of blocks [g*BPG, (g+1)*BPG). Program 0 also stores
+    expert_start and num_padded."""
+    g = tl.program_id(0)
     experts = tl.arange(0, E_P2)
     rows = tl.arange(0, GC)
     counts = tl.zeros([E_P2], dtype=tl.int32)
+    before = tl.zeros([E_P2], dtype=tl.int32)
     for g0 in range(0, G, GC):
         c = tl.load(counts_ptr + (g0 + rows)[:, None] * E_P2 + experts[None, :], mask=(g0 + rows)[:, None] < G, other=0)
         counts += tl.sum(c, axis=0)
-    pad_start, pad_end, total = _padded_runs(counts, experts, expert_start_ptr, num_padded_ptr, E, BLOCK_M)
-    running = pad_start
-    for g0 in range(0, G, GC):
-        m = (g0 + rows)[:, None] < G
-        c = tl.load(counts_ptr + (g0 + rows)[:, None] * E_P2 + experts[None, :], mask=m, other=0)
-        tl.store(offsets_ptr + (g0 + rows)[:, None] * E_P2 + experts[None, :],
-                 tl.cumsum(c, axis=0) - c + running[None, :], mask=m)
-        running += tl.sum(c, axis=0)
-
-
-@triton.jit(do_not_specialize=["P", "NUM_BLOCKS", "BPG"])
-def _scatter_kernel(ids_ptr, offsets_ptr, sorted_pair_ptr, expert_start_ptr, block_expert_ptr, P, E, NUM_BLOCKS, BPG,
-                    BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
-                    BSUB: tl.constexpr):
-    """Program g: each of its pairs goes to its chunk's first row of its expert + its rank in the chunk;
-    then the expert of blocks [g*BPG, (g+1)*BPG)."""
-    g = tl.program_id(0)
-    experts = tl.arange(0, E_P2)
-    sub = tl.arange(0, SUB)
-    base = tl.load(offsets_ptr + g * E_P2 + experts)
-    for s0 in range(0, CHUNK, SUB):
-        offs = g * CHUNK + s0 + sub
-        ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1).to(tl.int32)
-        hit = ((ids[:, None] == experts[None, :]) & (experts[None, :] < E)).to(tl.int32)
-        dest = tl.sum(hit * (tl.cumsum(hit, axis=0) - hit + base[None, :]), axis=1)
-        tl.store(sorted_pair_ptr + dest, offs, mask=tl.sum(hit, axis=1) > 0)
-        base += tl.sum(hit, axis=0)
+        before += tl.sum(tl.where((g0 + rows)[:, None] < g, c, 0), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    pad_end = tl.cumsum(padded, axis=0)
+    pad_start = pad_end - padded
+    total = tl.sum(padded, axis=0)
+    if g == 0:
+        tl.store(expert_start_ptr + experts, pad_start, mask=experts < E)
+        tl.store(expert_start_ptr + E, total)
+        tl.store(num_padded_ptr, total)
+    local = tl.arange(0, CHUNK)
+    ids = tl.load(ids_ptr + g * CHUNK + local, mask=g * CHUNK + local < P, other=-1).to(tl.int32)
+    real = (ids >= 0) & (ids < E)
+    hist = tl.histogram(tl.where(real, ids, 0), E_P2, mask=real)
+    # sorted position j holds the (j - lower[e])-th pair of its expert e, lower[e] = the chunk's pairs
+    # of lower experts; dropped pairs sort last and are not stored
+    key = tl.sort(tl.where(real, ids, E_P2) * CHUNK + local)
+    e = key // CHUNK
+    shift = pad_start + before - (tl.cumsum(hist, axis=0) - hist)
+    dest = local + tl.gather(shift, tl.minimum(e, E_P2 - 1), 0)
+    tl.store(sorted_pair_ptr + dest, g * CHUNK + key % CHUNK, mask=e < E_P2)
     # block -> expert: the number of experts whose padded run ends at or before the block's first row
-    pad_end = tl.load(expert_start_ptr + 1 + experts, mask=experts < E, other=0)
-    total = tl.load(expert_start_ptr + E)
     brows = tl.arange(0, BSUB)
     for b0 in range(0, BPG, BSUB):
         b = g * BPG + b0 + brows
         row = b * BLOCK_M
         after = (pad_end[None, :] <= row[:, None]) & (experts[None, :] < E)
-        e = tl.sum(after.to(tl.int32), axis=1)
-        tl.store(block_expert_ptr + b, tl.where(row < total, e, -1), mask=(b0 + brows < BPG) & (b < NUM_BLOCKS))
+        e_b = tl.sum(after.to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + b, tl.where(row < total, e_b, -1), mask=(b0 + brows < BPG) & (b < NUM_BLOCKS))
 
 
-def _parallel_tiles(num_pairs: int, e_p2: int, programs: int | None = None) -> tuple[int, int]:
-    """(pairs per program, pairs per inner step); the step's [step, experts] one-hot fits registers.
+# the most pairs one program of the parallel sort holds (sorted in registers), and the most chunks
+# (every scatter program reads all chunks' counts): past MAX_CHUNK x MAX_CHUNKS pairs, torch's sort
+MAX_CHUNK, MAX_CHUNKS = 4096, 256
+# the scatter programs read the [chunks, experts] counts at most COUNT_ROWS rows (and COUNT_CELLS
+# values) a step
+COUNT_ROWS, COUNT_CELLS = 64, 8192
 
-    Each program walks its chunk in steps and the one-program scan walks the [chunks, experts] counts
-    (a latency-bound loop on one SM), so chunks of about sqrt(pairs) keep both short. Measured on the
-    H200 (session 9, run k23; programs per call swept 64-512): sqrt gives the best or within 3 us of
-    it from 512 to 65536 tokens on all four shapes; the former one program per 32 pairs cost 93 us at
-    Qwen3-30B-A3B 4096 tokens (1024 x 128 counts to scan) against 37 us now.
+
+def _parallel_tiles(num_pairs: int, programs: int | None = None) -> int:
+    """Pairs per program of the parallel sort: about sqrt(pairs), more where that would make more
+    than MAX_CHUNKS chunks (each program sums every chunk's counts), at most MAX_CHUNK.
+
+    Session 9 (run k23, the one-hot counting sort before this one, programs per call swept 64-512):
+    sqrt-sized chunks were the best or within 3 us of it from 512 to 65536 tokens on all four shapes.
     """
     p = max(num_pairs, 1)
-    sub = max(16, min(4096 // e_p2, next_pow2(p)))
-    chunk = next_pow2(cdiv(p, programs)) if programs else next_pow2(math.isqrt(p))
-    return max(sub, chunk), sub
+    chunk = next_pow2(cdiv(p, programs)) if programs else max(next_pow2(math.isqrt(p)), next_pow2(cdiv(p, MAX_CHUNKS)))
+    return max(16, min(MAX_CHUNK, chunk))
 
 
 def align_parallel(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int,
                    programs: int | None = None) -> AlignedRouting:
-    """The same layout as ``align_reference`` from three Triton launches: a parallel counting sort.
+    """The same layout as ``align_reference`` from two Triton launches: a parallel sort.
 
-    Chunks of pairs are counted per expert in parallel, one program turns the [chunks, experts]
-    counts into each chunk's first row per expert (exclusive scan down the chunks), and the chunks
-    scatter their pairs in parallel and fill their share of the block -> expert map; stable, like
-    the reference. ``programs``: about how many chunks (default: chunks of about sqrt(pairs)).
+    Chunks of pairs are counted per expert in parallel (a histogram each); then each chunk's program
+    sums the [chunks, experts] counts into the experts' padded runs and its own first row per expert,
+    sorts its pairs by expert in registers, scatters them and fills its share of the block -> expert
+    map; stable, like the reference. ``programs``: about how many chunks (default: _parallel_tiles).
+
+    H200, session 11 (run s11-e): the three-launch form before it (a one-hot counting sort with a
+    one-program scan between) took 36.4 us at Qwen3-30B-A3B 4096 tokens and 70.0 at 16384.
     """
     ids, P, K, S, (sorted_pair, block_expert, num_padded, expert_start) = _prepare(topk_ids_TK, num_experts, block_m)
     E, dev = num_experts, topk_ids_TK.device
     e_p2 = next_pow2(max(E, 2))
-    chunk, sub = _parallel_tiles(P, e_p2, programs)
+    chunk = _parallel_tiles(P, programs)
     G = cdiv(max(P, 1), chunk)
     num_blocks = S // block_m
     bpg = cdiv(num_blocks, G)
     counts = torch.empty(G, e_p2, dtype=torch.int32, device=dev)
-    offsets = torch.empty(G, e_p2, dtype=torch.int32, device=dev)
     fill = cdiv(S, G)
-    warps = 4 if sub * e_p2 <= 4096 else 8
-    _count_kernel[(G,)](ids, counts, sorted_pair, P, E, S, fill, E_P2=e_p2, CHUNK=chunk, SUB=sub,
+    warps = 4 if chunk <= 512 else 8
+    _count_kernel[(G,)](ids, counts, sorted_pair, P, E, S, fill, E_P2=e_p2, CHUNK=chunk,
                         FILL_BLOCK=min(1024, next_pow2(fill)), num_warps=warps)
-    _offsets_kernel[(1,)](counts, offsets, num_padded, expert_start, G, E,
-                          BLOCK_M=block_m, E_P2=e_p2, GC=max(1, min(64, 8192 // e_p2)), num_warps=8)
-    _scatter_kernel[(G,)](ids, offsets, sorted_pair, expert_start, block_expert, P, E, num_blocks, bpg,
-                          BLOCK_M=block_m, E_P2=e_p2, CHUNK=chunk, SUB=sub,
+    _scatter_kernel[(G,)](ids, counts, sorted_pair, expert_start, num_padded, block_expert, P, E, G, num_blocks, bpg,
+                          BLOCK_M=block_m, E_P2=e_p2, CHUNK=chunk,
+                          GC=max(1, min(COUNT_ROWS, next_pow2(G), COUNT_CELLS // e_p2)),
                           BSUB=max(1, min(next_pow2(bpg), 4096 // e_p2)), num_warps=warps)
     return AlignedRouting(sorted_pair, block_expert, num_padded, expert_start, P, K, block_m)
 
@@ -304,7 +302,7 @@ def align_tokens(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int,
 
     One token: no launch at all (``align_pair_blocks``; forward only, the weight gradients need
     expert_start). Few pairs x experts: one single-program launch (decode: every launch counts); up
-    to PARALLEL_ALIGN_MAX_WORK: the three-launch parallel counting sort; beyond: torch's sort.
+    to MAX_CHUNKS chunks and PARALLEL_ALIGN_MAX_WORK: the two-launch parallel sort; beyond: torch's sort.
     """
     if block_m < 1 or block_m & (block_m - 1):
         raise ValueError(f"block_m must be a power of two, got {block_m}")
@@ -313,6 +311,7 @@ def align_tokens(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int,
     P, e_p2 = topk_ids_TK.numel(), next_pow2(max(num_experts, 2))
     if P * e_p2 <= SINGLE_ALIGN_MAX_WORK:
         return align_triton(topk_ids_TK, num_experts, block_m)
-    if cdiv(P, _parallel_tiles(P, e_p2)[0]) * e_p2 <= PARALLEL_ALIGN_MAX_WORK:
+    G = cdiv(P, _parallel_tiles(P))
+    if G <= MAX_CHUNKS and G * e_p2 <= PARALLEL_ALIGN_MAX_WORK:
         return align_parallel(topk_ids_TK, num_experts, block_m)
     return align_reference(topk_ids_TK, num_experts, block_m)

@@ -38,10 +38,11 @@ def test_triton_alignment_equals_reference_and_is_valid(impl, T, K, E, BM):
     assert n % BM == 0 and (blocks[: n // BM] >= 0).all() and (blocks[n // BM:] == -1).all()
 
 
-@pytest.mark.parametrize("programs", [1, 3, 7])
-@pytest.mark.parametrize("T,K,E,BM", [(300, 2, 130, 16), (257, 3, 6, 16), (50, 8, 64, 32)])
+@pytest.mark.parametrize("programs", [1, 3, 7, 100])
+@pytest.mark.parametrize("T,K,E,BM", [(300, 2, 130, 16), (257, 3, 6, 16), (50, 8, 64, 32), (600, 2, 130, 16)])
 def test_parallel_alignment_with_long_chunks_equals_reference(programs, T, K, E, BM):
-    """Few programs: each walks its chunk in several steps and fills several tiles of the block map."""
+    """Few programs: each sorts a long chunk and fills several tiles of the block map; many programs
+    (75 chunks at 1200 pairs): each sums the chunks' counts in several steps."""
     g = torch.Generator().manual_seed(T + E + programs)
     ids = torch.randint(-1, E, (T, K), generator=g)
     ids[:40] = ids[0]                                  # a run of one expert across step boundaries
