@@ -373,8 +373,8 @@ def refine_shape(E: int, D: int, I: int, K: int, tokens, dtype=torch.bfloat16, l
             table[str(T)] = new.to_dict()
             times[str(T)] = round(ms, 5)
             log(f"  T={T}: kept {new}")
-    if table:
-        table["_times_ms"] = times
+    if table:  # (the backward's gate times whole forward + backward steps: kept apart from forward times)
+        table["_fwd_bwd_times_ms" if backward else "_times_ms"] = times
     return table
 
 
@@ -386,8 +386,9 @@ def write_table(E: int, I: int, D: int, table: dict, out_dirs) -> list[Path]:
     p = CONFIG_DIR / name
     if p.exists():  # token counts not tuned this time keep their entries
         old = json.loads(p.read_text())
-        times = {**old.get("_times_ms", {}), **table.get("_times_ms", {})}
-        table = {**old, **table, "_times_ms": times}
+        times = {k: {**old.get(k, {}), **table.get(k, {})} for k in ("_times_ms", "_fwd_bwd_times_ms")
+                 if k in old or k in table}
+        table = {**old, **table, **times}
     p.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     paths = [p]
     for d in out_dirs:

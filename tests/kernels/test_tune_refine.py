@@ -146,3 +146,24 @@ def test_refine_backward_skips_candidates_that_cannot_launch():
     timer, step_timer = _bwd_timers(0.10, broken=(BEST_DX,))
     ms, cfg = tk.refine_backward(*_inputs(), BASE, log=lambda *_: None, timer=timer, step_timer=step_timer)
     assert cfg.bwd_down != BEST_DX and cfg.backward[0] == BEST_DH
+
+
+def test_write_table_merges_entries_and_both_time_tables(tmp_path, monkeypatch):
+    """A refine run writes only the token counts it changed: the file keeps the others, and forward
+    times (_times_ms) and forward + backward step times (_fwd_bwd_times_ms) merge per token count."""
+    import json
+
+    import kernels.launch_config as lc
+    monkeypatch.setattr(lc, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Test GPU")
+    first = {"64": BASE.to_dict(), "4096": BASE.to_dict(), "_times_ms": {"64": 0.2, "4096": 0.8}}
+    tk.write_table(8, 32, 16, first, [])
+    bwd = replace(BASE, bwd_up=replace(BASE.up, tail=2))
+    paths = tk.write_table(8, 32, 16, {"4096": bwd.to_dict(), "_fwd_bwd_times_ms": {"4096": 2.9}}, [tmp_path / "out"])
+    got = json.loads(paths[0].read_text())
+    assert got["64"] == BASE.to_dict() and MoEConfig.from_dict(got["4096"]) == bwd
+    assert got["_times_ms"] == {"64": 0.2, "4096": 0.8} and got["_fwd_bwd_times_ms"] == {"4096": 2.9}
+    tk.write_table(8, 32, 16, {"_fwd_bwd_times_ms": {"64": 1.1}}, [])
+    assert json.loads(paths[0].read_text())["_fwd_bwd_times_ms"] == {"4096": 2.9, "64": 1.1}
+    assert json.loads((tmp_path / "out" / "tuned_configs.json").read_text())[paths[0].name]["4096"] == bwd.to_dict()
+    assert lc.load_tuned(8, 32, 16, "Test GPU")[4096] == bwd
