@@ -5,7 +5,8 @@
     python3 benchmarks/kernels.py --out $OUT --tokens 8 --shapes mixtral --anchor-draws   # vLLM's draw, like for like
 
 Columns (ms, median): floor = max(bytes / measured copy bandwidth, FLOPs / measured bf16 matmul rate),
-both ceilings measured in this run (m/f@774: moeflow against the floor at ANCHORS.md's 774 TFLOP/s);
+both ceilings measured in this run (m/f@774: moeflow against the floor at ANCHORS.md's 774 TFLOP/s;
+m/f bs: compute-bound cells against the matmul rate measured right before the cell's own timings);
 moeflow = kernels.fused_moe (token alignment included);
 loop = one matmul pair per active expert (token lists prepared outside the timed region);
 gmm = torch._grouped_mm (its sort included). "graph" = CUDA-graph replay, "eager" = plain launches;
@@ -137,6 +138,13 @@ def bench_graph(fns, warmup: int = 10, rep: int = 60) -> float:
     return ms
 
 
+def matmul_rate(n: int = 8192) -> float:
+    """bf16 matmul rate in FLOP/ms of an n x n x n GEMM on random data, now."""
+    m = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    m2 = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    return 2 * n ** 3 / bench(lambda: m @ m2)
+
+
 def measure_ceilings() -> tuple[float, float]:
     """(copy bandwidth in bytes/ms counting read + write, bf16 matmul rate in FLOP/ms) on random data."""
     n = 1 << 30
@@ -144,10 +152,7 @@ def measure_ceilings() -> tuple[float, float]:
     b = torch.empty_like(a)
     bw = 2 * a.numel() * 2 / bench(lambda: b.copy_(a))
     del a, b
-    m = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    m2 = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    flops = 2 * 8192 ** 3 / bench(lambda: m @ m2)
-    return bw, flops
+    return bw, matmul_rate()
 
 
 def floor_ms(E, D, I, K, ids, bw, rate, dtype_bytes=2) -> tuple[float, float, float]:
@@ -183,6 +188,10 @@ def run_case(key, E, D, I, K, T, w13, w2, w13_t, w2_t, ceil, fwd_bwd: bool, log,
     fl_anchor = max(fl_mem, fl_math * ceil[1] / (ANCHOR_TFLOPS * 1e9))
     r = dict(shape=key, E=E, D=D, I=I, K=K, T=T, floor=fl, floor_mem=fl_mem, floor_math=fl_math,
              floor_at_anchor_rate=fl_anchor)
+    # The H200 here is capped at 700 W and its clock falls from 1980 to 1400-1620 MHz under sustained
+    # GEMMs (NOTES-kernels 17e): a compute-bound cell is also held to the matmul rate measured right
+    # before its own timings (the best of its rounds), not only to the run's opening one.
+    compute_bound = fl_math > fl_mem
     methods = {
         "moeflow": lambda s: (lambda: fused_moe(s[0], w13, w2, s[1], s[2])),
         "loop": lambda s: (lambda: loop_moe(s[0], w13, w2, s[2], s[3])),
@@ -192,6 +201,8 @@ def run_case(key, E, D, I, K, T, w13, w2, w13_t, w2_t, ceil, fwd_bwd: bool, log,
         r[k] = min(r.get(k, float("inf")), ms)
     with torch.no_grad():
         for _ in range(rounds):
+            if compute_bound:
+                r["matmul_rate_beside"] = max(r.get("matmul_rate_beside", 0.0), matmul_rate())
             for name, make in methods.items():
                 if f"{name}_error" in r:
                     continue
@@ -201,6 +212,9 @@ def run_case(key, E, D, I, K, T, w13, w2, w13_t, w2_t, ceil, fwd_bwd: bool, log,
                 except Exception as exc:  # a peer that cannot run here is recorded, not fatal
                     r[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                     log(f"   {name} failed: {r[f'{name}_error']}")
+    if compute_bound:
+        r["floor_beside"] = max(fl_mem, fl_math * ceil[1] / r["matmul_rate_beside"])
+        r["matmul_TFLOPs_beside"] = r.pop("matmul_rate_beside") / 1e9
     anchor = VLLM_FLOOR.get(key, {}).get(T)
     if anchor_draws and anchor is not None:
         bw = ceil[0]
@@ -306,13 +320,14 @@ def fmt(v, w=7):
 
 def print_table(rows, log):
     log("\n## fused MoE on " + torch.cuda.get_device_name() + " (bf16, ms, median)")
-    log(f"{'shape':9} {'T':>5} | {'floor':>7} {'moeflow':>7} {'m/floor':>7} {'m/f@774':>7} {'vLLM':>7} {'gmm':>7}"
-        f" {'loop':>7} | {'eager':>7} | {'fb:moe':>7} {'fb:gmm':>7} {'fb:loop':>7}")
+    log(f"{'shape':9} {'T':>5} | {'floor':>7} {'moeflow':>7} {'m/floor':>7} {'m/f@774':>7} {'m/f bs':>7} {'vLLM':>7}"
+        f" {'gmm':>7} {'loop':>7} | {'eager':>7} | {'fb:moe':>7} {'fb:gmm':>7} {'fb:loop':>7}")
     for r in rows:
         m = r.get("moeflow_graph")
         ratio = m / r["floor"] if isinstance(m, float) else None
         ratio_a = m / r["floor_at_anchor_rate"] if isinstance(m, float) else None
-        log(f"{r['shape']:9} {r['T']:>5} | {fmt(r['floor'])} {fmt(m)} {fmt(ratio)} {fmt(ratio_a)}"
+        ratio_b = m / r["floor_beside"] if isinstance(m, float) and "floor_beside" in r else None
+        log(f"{r['shape']:9} {r['T']:>5} | {fmt(r['floor'])} {fmt(m)} {fmt(ratio)} {fmt(ratio_a)} {fmt(ratio_b)}"
             f" {fmt(VLLM[r['shape']].get(r['T']))}"
             f" {fmt(r.get('gmm_graph'))} {fmt(r.get('loop_graph'))} | {fmt(r.get('moeflow_eager'))} |"
             f" {fmt(r.get('moeflow_fwdbwd'))} {fmt(r.get('gmm_fwdbwd'))} {fmt(r.get('loop_fwdbwd'))}")

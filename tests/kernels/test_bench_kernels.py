@@ -88,3 +88,38 @@ def test_anchor_draw_is_timed_only_where_the_active_count_differs(monkeypatch):
         if want:
             assert r["moeflow_graph_anchor_draw"] == 1.0 and r["active_here"] > want
             assert r["floor_anchor_draw"] == pytest.approx(want * one + 2 * T * D * 2 / bw)
+
+
+def test_compute_bound_cells_measure_the_matmul_rate_beside_their_timings(monkeypatch):
+    """A compute-bound cell re-measures the matmul rate before each round's timings (the card's clock
+    moves with its power draw) and is also held to that floor; a memory-bound cell is not."""
+    mod = _load()
+    order = []
+    rates = iter([4e11, 5e11, 3e11])
+
+    def fake_rate():
+        order.append("rate")
+        return next(rates)
+
+    def fake_bench(fn, grad_to_none=None):
+        order.append("eager")
+        return 1.0
+    monkeypatch.setattr(mod, "matmul_rate", fake_rate)
+    monkeypatch.setattr(mod, "bench", fake_bench)
+    monkeypatch.setattr(mod, "bench_graph", lambda fns: order.append("graph") or 1.0)
+    E, D, I, K, T = 4, 16, 16, 2, 8
+    g = torch.Generator().manual_seed(0)
+    w13, w2 = torch.randn(E, 2 * I, D, generator=g), torch.randn(E, D, I, generator=g)
+    args = ("qwen3", E, D, I, K, T, w13, w2, w13.transpose(1, 2), w2.transpose(1, 2))  # (a label here)
+    # bytes cost nothing, FLOPs at 1e12 per ms: compute-bound
+    r = mod.run_case(*args, (1e30, 1e12), fwd_bwd=False, log=lambda s: None, rounds=3)
+    assert order.count("rate") == 3 and order[0] == "rate" and order.index("rate", 1) > order.index("graph")
+    assert r["matmul_TFLOPs_beside"] == 5e11 / 1e9
+    assert r["floor_beside"] == pytest.approx(r["floor_math"] * 1e12 / 5e11)
+    order.clear()
+    r = mod.run_case(*args, (1.0, 1e30), fwd_bwd=False, log=lambda s: None, rounds=1)  # memory-bound
+    assert "rate" not in order and "floor_beside" not in r
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Test GPU")
+    lines = []
+    mod.print_table([r], lines.append)
+    assert "m/f bs" in lines[1]
