@@ -121,8 +121,9 @@ def bench(fn, grad_to_none=None, warmup: int = 10, rep: int = 60) -> float:
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
 
 
-def bench_graph(fns, warmup: int = 10, rep: int = 60) -> float:
-    """CUDA-graph replay of one call per rotated input set; ms per call (do_bench's warmup and rep, ms)."""
+def capture_graph(fns) -> torch.cuda.CUDAGraph:
+    """One CUDA graph of the calls ``fns`` in order (each run once first on a side stream: compiles and
+    allocator warm-up stay out of the capture)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -133,6 +134,12 @@ def bench_graph(fns, warmup: int = 10, rep: int = 60) -> float:
     with torch.cuda.graph(g):
         for f in fns:
             f()
+    return g
+
+
+def bench_graph(fns, warmup: int = 10, rep: int = 60) -> float:
+    """CUDA-graph replay of one call per rotated input set; ms per call (do_bench's warmup and rep, ms)."""
+    g = capture_graph(fns)
     ms = bench(g.replay, warmup=warmup, rep=rep) / len(fns)
     del g
     return ms

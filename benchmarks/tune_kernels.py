@@ -214,7 +214,10 @@ def _neighbours(c, knobs=REFINE_KNOBS):
 
 def _best_of(fns: dict, rounds: int, timer) -> dict:
     """Best time of each candidate over interleaved rounds; a candidate that fails to compile or
-    launch (a tile too large for shared memory) is dropped."""
+    launch (a tile too large for shared memory) is dropped. A timer with a ``rotation`` (the GPU
+    timers) times every call of every candidate alone, in rotation, instead (``_rotation``)."""
+    if getattr(timer, "rotation", None) is not None:
+        return timer.rotation(fns, rounds)
     best = {k: float("inf") for k in fns}
     for _ in range(rounds):
         for k, f in fns.items():
@@ -225,6 +228,79 @@ def _best_of(fns: dict, rounds: int, timer) -> dict:
             except Exception:  # noqa: BLE001 - a candidate, not a failure
                 best[k] = None
     return {k: v for k, v in best.items() if v is not None}
+
+
+# The H200 here is capped at 700 W: under back-to-back GEMMs its clock falls from 1980 MHz to 1400-1620
+# within seconds (NOTES-kernels 17e), so a candidate timed for 25 ms after another ran on a different
+# clock than the one before it (a fixed-order A/B in run s11-e made a faster alignment look up to 14%
+# slower). The GPU timers therefore time single calls in rotation: pass i runs every candidate once,
+# starting at candidate i, each call between CUDA events, and a candidate's time is the median of its
+# calls. ROTATION_MS: about how long each candidate runs in all, per round asked for.
+ROTATION_MS = 25
+ROTATION_PASSES = (5, 200)
+
+
+def _rotation(runs: dict, passes: int, timed_call, settle=lambda: None) -> dict:
+    """Median ms of each of ``runs`` (name -> zero-argument call) over ``passes`` passes; pass i starts at
+    candidate i (mod their number), so each takes every place in the order about equally often.
+    ``timed_call(run)`` runs it once and returns a zero-argument reader of its time, valid after
+    ``settle()``."""
+    import statistics
+    names = list(runs)
+    pending = {k: [] for k in names}
+    for i in range(passes):
+        for j in range(len(names)):
+            k = names[(i + j) % len(names)]
+            pending[k].append(timed_call(runs[k]))
+    settle()
+    return {k: statistics.median(read() for read in v) for k, v in pending.items()}
+
+
+def _event_timed(run):
+    """Run once between two CUDA events on the current stream; the reader gives ms once synchronized."""
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    run()
+    e1.record()
+    return lambda: e0.elapsed_time(e1)
+
+
+def _rotate_runs(runs: dict, rounds: int) -> dict:
+    """Time ``runs`` in rotation (``_rotation``) for about ROTATION_MS x rounds each, on the GPU: the
+    slowest candidate's first timed call sets the number of passes."""
+    if not runs:
+        return {}
+    first = _rotation(runs, 1, _event_timed, torch.cuda.synchronize)
+    lo, hi = ROTATION_PASSES
+    passes = max(lo, min(hi, int(ROTATION_MS * rounds / max(max(first.values()), 1e-3))))
+    return _rotation(runs, passes, _event_timed, torch.cuda.synchronize)
+
+
+def _graph_rotation(fns: dict, rounds: int) -> dict:
+    """The rotation of ``_graph_timer``: each candidate captured as one CUDA graph (one that fails to
+    compile, launch or capture is dropped), then its replays timed in rotation."""
+    from benchmarks.kernels import capture_graph  # (that module imports this one: not at the top)
+    runs = {}
+    for k, f in fns.items():
+        try:
+            runs[k] = capture_graph([f]).replay
+        except Exception:  # noqa: BLE001 - a candidate, not a failure
+            continue
+    return _rotate_runs(runs, rounds)
+
+
+def _eager_rotation(fns: dict, rounds: int) -> dict:
+    """The rotation of ``_eager_timer`` (forward + backward steps: autograd is not captured): a first
+    call of each drops those that cannot run, then single calls are timed in rotation."""
+    runs = {}
+    for k, f in fns.items():
+        try:
+            f()
+            runs[k] = f
+        except Exception:  # noqa: BLE001 - a candidate, not a failure
+            continue
+    torch.cuda.synchronize()
+    return _rotate_runs(runs, rounds)
 
 
 def _graph_timer(f) -> float:
@@ -245,7 +321,7 @@ def refine_config(x, w13, w2, ids, w, cfg, log, rounds: int = 2, timer=None, fin
                   knobs: dict | None = None):
     """(ms, config): each GEMM of ``cfg`` swept over REFINE_KNOBS alone (same alignment; the up GEMM's
     time includes gathering x when A comes by TMA); the ``finalists`` fastest of each then run as whole
-    forward calls in every up x down pair beside ``cfg`` (interleaved, three rounds), and the fastest
+    forward calls in every up x down pair beside ``cfg`` (three rounds' worth, ``_best_of``), and the fastest
     pair is kept only when it beats ``cfg``'s whole call by VARIANT_MIN_GAIN. Every time is a
     CUDA-graph replay (``_graph_timer``) unless ``timer`` says otherwise; ``knobs``: a subset of
     REFINE_KNOBS to sweep (the others keep the tuned values)."""
@@ -281,7 +357,7 @@ def refine_config(x, w13, w2, ids, w, cfg, log, rounds: int = 2, timer=None, fin
 
 def _gate(cfg, calls: dict, timer, log, what: str):
     """(ms, config) of the fastest of ``calls`` (config -> closure; ``cfg`` among them) over three
-    interleaved rounds, kept only when it beats ``cfg`` by VARIANT_MIN_GAIN; (None, cfg) when ``cfg``
+    rounds (``_best_of``: on the GPU, calls timed in rotation), kept only when it beats ``cfg`` by VARIANT_MIN_GAIN; (None, cfg) when ``cfg``
     itself could not be timed."""
     whole = _best_of(calls, 3, timer)
     if cfg not in whole:
@@ -310,6 +386,10 @@ def _eager_timer(f) -> float:
     """ms of one eager call of ``f`` (a forward + backward step: autograd is not captured in graphs)."""
     from benchmarks.kernels import bench  # (that module imports this one: not at the top)
     return bench(f, warmup=5, rep=25)
+
+
+_graph_timer.rotation = _graph_rotation
+_eager_timer.rotation = _eager_rotation
 
 
 def refine_backward(x, w13, w2, ids, w, cfg, log, rounds: int = 2, timer=None, step_timer=None,

@@ -167,3 +167,34 @@ def test_write_table_merges_entries_and_both_time_tables(tmp_path, monkeypatch):
     assert json.loads(paths[0].read_text())["_fwd_bwd_times_ms"] == {"4096": 2.9, "64": 1.1}
     assert json.loads((tmp_path / "out" / "tuned_configs.json").read_text())[paths[0].name]["4096"] == bwd.to_dict()
     assert lc.load_tuned(8, 32, 16, "Test GPU")[4096] == bwd
+
+
+def test_rotation_gives_every_candidate_every_place_and_takes_medians():
+    """Pass i starts at candidate i: over as many passes as candidates each runs first, second and last
+    once; a candidate's time is the median of its single calls (a clock drifting within a pass would
+    otherwise favour whichever candidate ran first)."""
+    order, clock = [], iter(range(100))
+    runs = {k: (lambda k=k: order.append(k)) for k in "abc"}
+
+    def timed_call(run):
+        run()
+        t = float(next(clock))
+        return lambda: t
+    settled = []
+    got = tk._rotation(runs, 3, timed_call, lambda: settled.append(True))
+    assert order == list("abcbcacab") and settled == [True]
+    # a's calls took 0, 5, 7 -> 5; b's 1, 3, 8 -> 3; c's 2, 4, 6 -> 4
+    assert got == {"a": 5.0, "b": 3.0, "c": 4.0}
+    places = {k: sorted(order[3 * i:3 * i + 3].index(k) for i in range(3)) for k in "abc"}
+    assert all(p == [0, 1, 2] for p in places.values())
+
+
+def test_best_of_uses_a_timers_rotation():
+    """The GPU timers carry a rotation, which _best_of hands every candidate to at once."""
+    seen = []
+
+    def timer(f):
+        raise AssertionError("a timer with a rotation is not called per candidate")
+    timer.rotation = lambda fns, rounds: seen.append((sorted(fns), rounds)) or {k: 1.0 for k in fns}
+    assert tk._best_of({"x": None, "y": None}, 2, timer) == {"x": 1.0, "y": 1.0} and seen == [(["x", "y"], 2)]
+    assert tk._graph_timer.rotation is tk._graph_rotation and tk._eager_timer.rotation is tk._eager_rotation
