@@ -95,16 +95,18 @@ def align_reference(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int) -
 
 
 @triton.jit
-def _padded_runs(counts, experts, expert_start_ptr, num_padded_ptr, E, BLOCK_M: tl.constexpr):
+def _padded_runs(counts, experts, expert_start_ptr, num_padded_ptr, E, store, BLOCK_M: tl.constexpr):
     """Each expert's run padded to BLOCK_M rows: (first row, end row) per expert and the rows used,
-    also stored as expert_start (E + 1 entries) and num_padded."""
+    also stored as expert_start (E + 1 entries) and num_padded where ``store`` (one program of many
+    that compute the same runs)."""
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     pad_end = tl.cumsum(padded, axis=0)
     pad_start = pad_end - padded
     total = tl.sum(padded, axis=0)
-    tl.store(expert_start_ptr + experts, pad_start, mask=experts < E)
-    tl.store(expert_start_ptr + E, total)
-    tl.store(num_padded_ptr, total)
+    if store:
+        tl.store(expert_start_ptr + experts, pad_start, mask=experts < E)
+        tl.store(expert_start_ptr + E, total)
+        tl.store(num_padded_ptr, total)
     return pad_start, pad_end, total
 
 
@@ -124,7 +126,7 @@ def _align_kernel(ids_ptr, sorted_pair_ptr, block_expert_ptr, num_padded_ptr, ex
         ids = tl.load(ids_ptr + p0 + offs, mask=p0 + offs < P, other=-1).to(tl.int32)
         hit = (ids[:, None] == experts[None, :]) & (experts[None, :] < E)
         counts += tl.sum(hit.to(tl.int32), axis=0)
-    pad_start, pad_end, total = _padded_runs(counts, experts, expert_start_ptr, num_padded_ptr, E, BLOCK_M)
+    pad_start, pad_end, total = _padded_runs(counts, experts, expert_start_ptr, num_padded_ptr, E, True, BLOCK_M)
     # the sentinel stores above and the pair stores below hit the same addresses from other threads
     tl.debug_barrier()
     # pass 2: rank of each pair within its expert = earlier pairs of that expert (stable order)
@@ -205,14 +207,7 @@ def _scatter_kernel(ids_ptr, counts_ptr, sorted_pair_ptr, expert_start_ptr, num_
         c = tl.load(counts_ptr + (g0 + rows)[:, None] * E_P2 + experts[None, :], mask=(g0 + rows)[:, None] < G, other=0)
         counts += tl.sum(c, axis=0)
         before += tl.sum(tl.where((g0 + rows)[:, None] < g, c, 0), axis=0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    pad_end = tl.cumsum(padded, axis=0)
-    pad_start = pad_end - padded
-    total = tl.sum(padded, axis=0)
-    if g == 0:
-        tl.store(expert_start_ptr + experts, pad_start, mask=experts < E)
-        tl.store(expert_start_ptr + E, total)
-        tl.store(num_padded_ptr, total)
+    pad_start, pad_end, total = _padded_runs(counts, experts, expert_start_ptr, num_padded_ptr, E, g == 0, BLOCK_M)
     local = tl.arange(0, CHUNK)
     ids = tl.load(ids_ptr + g * CHUNK + local, mask=g * CHUNK + local < P, other=-1).to(tl.int32)
     real = (ids >= 0) & (ids < E)
