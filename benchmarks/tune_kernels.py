@@ -278,7 +278,9 @@ def _rotate_runs(runs: dict, rounds: int) -> dict:
 
 def _graph_rotation(fns: dict, rounds: int) -> dict:
     """The rotation of ``_graph_timer``: each candidate captured as one CUDA graph (one that fails to
-    compile, launch or capture is dropped), then its replays timed in rotation."""
+    compile, launch or capture is dropped), then its replays timed in rotation. Graph replay, as
+    benchmarks/kernels.py times its headline column: session 9 (NOTES-kernels 15d) saw eager timing of
+    one GEMM at a time rank fine-grained up GEMMs in an order that graph replay reversed by 5-12%."""
     from benchmarks.kernels import capture_graph  # (that module imports this one: not at the top)
     runs = {}
     for k, f in fns.items():
@@ -304,11 +306,9 @@ def _eager_rotation(fns: dict, rounds: int) -> dict:
 
 
 def _graph_timer(f) -> float:
-    """ms of one CUDA-graph replay of ``f``, as benchmarks/kernels.py times its headline column, with
-    the tuner's shorter do_bench. Session 9 (NOTES-kernels 15d): eager do_bench of one GEMM at a time
-    ranked fine-grained up GEMMs in an order that graph replay reversed by 5-12%."""
-    from benchmarks.kernels import bench_graph  # (that module imports this one: not at the top)
-    return bench_graph([f], warmup=5, rep=25)
+    """ms of one CUDA-graph replay of ``f`` alone, timed as ``_graph_rotation`` times a group (raises
+    when it cannot run). ``_best_of`` hands the GPU timers every candidate at once (``.rotation``)."""
+    return _graph_rotation({0: f}, 1)[0]
 
 
 # --refine: how many of each GEMM's fastest settings (timed alone) go into the whole-call round, as
@@ -383,9 +383,9 @@ def _bwd_neighbours(c, dx: bool):
 
 
 def _eager_timer(f) -> float:
-    """ms of one eager call of ``f`` (a forward + backward step: autograd is not captured in graphs)."""
-    from benchmarks.kernels import bench  # (that module imports this one: not at the top)
-    return bench(f, warmup=5, rep=25)
+    """ms of one eager call of ``f`` (a forward + backward step: autograd is not captured in graphs),
+    timed as ``_eager_rotation`` times a group (raises when it cannot run)."""
+    return _eager_rotation({0: f}, 1)[0]
 
 
 _graph_timer.rotation = _graph_rotation
