@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Launcher
 from .launch_config import cdiv, next_pow2
 
 # The single-program kernel compares every pair with every expert on one SM: past this many
@@ -148,6 +149,9 @@ def _align_kernel(ids_ptr, sorted_pair_ptr, block_expert_ptr, num_padded_ptr, ex
         tl.store(block_expert_ptr + b0 + offs, e, mask=b0 + offs < NUM_BLOCKS)
 
 
+_align = Launcher(_align_kernel)  # launched without per-call binding (kernels/launch.py)
+
+
 def _prepare(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int):
     """(ids flat and contiguous, pairs, top-k, padded-row bound, the layout's four output buffers) for the
     Triton alignments."""
@@ -168,7 +172,7 @@ def align_triton(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> A
     E = num_experts
     e_p2 = next_pow2(max(E, 2))
     chunk = max(16, min(next_pow2(max(P, 1)), 8192 // e_p2 if e_p2 <= 512 else 16))
-    _align_kernel[(1,)](ids, sorted_pair, block_expert, num_padded, expert_start, P, E, S, S // block_m,
+    _align[(1,)](ids, sorted_pair, block_expert, num_padded, expert_start, P, E, S, S // block_m,
                         BLOCK_M=block_m, E_P2=e_p2, CHUNK=chunk, num_warps=4 if e_p2 * chunk <= 4096 else 8)
     return AlignedRouting(sorted_pair, block_expert, num_padded, expert_start, P, K, block_m)
 
@@ -187,6 +191,9 @@ def _count_kernel(ids_ptr, counts_ptr, sorted_pair_ptr, P, E, S, FILL,
     for f0 in range(0, FILL, FILL_BLOCK):
         rows = g * FILL + f0 + fill
         tl.store(sorted_pair_ptr + rows, tl.zeros([FILL_BLOCK], dtype=tl.int32) + P, mask=(f0 + fill < FILL) & (rows < S))
+
+
+_count = Launcher(_count_kernel)  # launched without per-call binding (kernels/launch.py)
 
 
 @triton.jit(do_not_specialize=["P", "G", "NUM_BLOCKS", "BPG"])
@@ -227,6 +234,9 @@ def _scatter_kernel(ids_ptr, counts_ptr, sorted_pair_ptr, expert_start_ptr, num_
         after = (pad_end[None, :] <= row[:, None]) & (experts[None, :] < E)
         e_b = tl.sum(after.to(tl.int32), axis=1)
         tl.store(block_expert_ptr + b, tl.where(row < total, e_b, -1), mask=(b0 + brows < BPG) & (b < NUM_BLOCKS))
+
+
+_scatter = Launcher(_scatter_kernel)  # launched without per-call binding (kernels/launch.py)
 
 
 # the most pairs one program of the parallel sort holds (sorted in registers), and the most chunks
@@ -272,9 +282,9 @@ def align_parallel(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int,
     counts = torch.empty(G, e_p2, dtype=torch.int32, device=dev)
     fill = cdiv(S, G)
     warps = 4 if chunk <= 512 else 8
-    _count_kernel[(G,)](ids, counts, sorted_pair, P, E, S, fill, E_P2=e_p2, CHUNK=chunk,
+    _count[(G,)](ids, counts, sorted_pair, P, E, S, fill, E_P2=e_p2, CHUNK=chunk,
                         FILL_BLOCK=min(1024, next_pow2(fill)), num_warps=warps)
-    _scatter_kernel[(G,)](ids, counts, sorted_pair, expert_start, num_padded, block_expert, P, E, G, num_blocks, bpg,
+    _scatter[(G,)](ids, counts, sorted_pair, expert_start, num_padded, block_expert, P, E, G, num_blocks, bpg,
                           BLOCK_M=block_m, E_P2=e_p2, CHUNK=chunk,
                           GC=max(1, min(COUNT_ROWS, next_pow2(G), COUNT_CELLS // e_p2)),
                           BSUB=max(1, min(next_pow2(bpg), 4096 // e_p2)), num_warps=warps)

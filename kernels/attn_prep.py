@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Launcher
 from .launch_config import next_pow2
 
 
@@ -92,6 +93,9 @@ def _prep_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, qo_ptr, 
         tl.store(vc + half + offs, v2.to(vc_ptr.dtype.element_ty), mask=mask)
 
 
+_prep = Launcher(_prep_kernel)  # launched without per-call binding (kernels/launch.py)
+
+
 def _rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
@@ -148,7 +152,7 @@ def prepare_qkv(q_BTX, k_BTY, v_BTY, cos_BTr, sin_BTr, q_weight, k_weight, eps, 
     out = torch.empty(B, H, T, d, dtype=q.dtype, device=q.device)
     norm = q_weight is not None
     if B * T:
-        _prep_kernel[(B * T, H + G)](
+        _prep[(B * T, H + G)](
             q, k, v, cos, sin, q_weight if norm else q, k_weight if norm else q, out, k_cache, v_cache, slots,
             T, H, G, d, eps, q.stride(1), k.stride(1), v.stride(1), cos.stride(1),
             *k_cache.stride()[:3], *v_cache.stride()[:3], NORM=norm, **_launch(d))

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .grouped_gemm import _interpreted, _pdl, _precision, gdc_launch_dependents, gdc_wait, pdl_ok
+from .launch import Launcher
 from .launch_config import FusedDecodeConfig, cdiv, next_pow2
 
 
@@ -88,6 +89,9 @@ def _moe_decode1_kernel(x_ptr, w13_ptr, w2_ptr, ids_ptr, wt_ptr, part_ptr,
             p_ptrs += BLOCK_D2
 
 
+_moe_decode1 = Launcher(_moe_decode1_kernel)  # launched without per-call binding (kernels/launch.py)
+
+
 @triton.jit
 def _moe_decode1_sum_kernel(part_ptr, ids_ptr, y_ptr, D, E, NROWS, NUM_C,
                             PDL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -106,6 +110,9 @@ def _moe_decode1_sum_kernel(part_ptr, ids_ptr, y_ptr, D, E, NROWS, NUM_C,
                     other=0.0)
         acc += tl.sum(v, axis=0)
     tl.store(y_ptr + offs_s, acc.to(y_ptr.dtype.element_ty), mask=mask_s)
+
+
+_moe_decode1_sum = Launcher(_moe_decode1_sum_kernel)  # launched without per-call binding (kernels/launch.py)
 
 
 @functools.lru_cache(maxsize=256)
@@ -146,6 +153,6 @@ def moe_decode1(x_1D: torch.Tensor, w13_EJD: torch.Tensor, w2_EDI: torch.Tensor,
     num_c, rows, grid1, grid2, up, down = _plan(dev, x_1D.dtype, I, K, D, cfg, _interpreted())
     part = torch.empty(rows, D, dtype=torch.float32, device=dev)
     y = torch.empty(1, D, dtype=x_1D.dtype, device=dev)
-    _moe_decode1_kernel[grid1](x, w13_EJD, w2_EDI, ids, wts, part, D, I, E, s13[0], s13[1], s2[0], s2[1], **up)
-    _moe_decode1_sum_kernel[grid2](part, ids, y, D, E, rows, num_c, **down)
+    _moe_decode1[grid1](x, w13_EJD, w2_EDI, ids, wts, part, D, I, E, s13[0], s13[1], s2[0], s2[1], **up)
+    _moe_decode1_sum[grid2](part, ids, y, D, E, rows, num_c, **down)
     return y

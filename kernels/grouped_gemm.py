@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from .align import AlignedRouting
+from .launch import Launcher
 from .launch_config import GemmConfig, cdiv, next_pow2
 
 try:  # programmatic dependent launch (Hopper+): the next kernel's programs start while this one drains
@@ -296,6 +297,9 @@ def _moe_up_kernel(x_ptr, w_ptr, w_desc, a_desc, a_desc2, a_desc4, h_ptr, gu_ptr
                      SAVE_PREACT, CAST_F32, PREC, W_DESC, A_DESC, BLOCK_M // 4, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
+_moe_up = Launcher(_moe_up_kernel)  # launched without per-call binding (kernels/launch.py)
+
+
 @triton.jit
 def _gemm_tile(a_ptr, b_ptr, b_desc, a_desc, c_ptr, weight_ptr, gu_ptr, dw_ptr, offs_m, pair, e, pid_n, num_n, N, KD, P,
                stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_gs, TOP_K,
@@ -418,6 +422,9 @@ def _moe_gemm_kernel(a_ptr, b_ptr, b_desc, a_desc, a_desc2, a_desc4, c_ptr, weig
                        BLOCK_M // 4, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
+_moe_gemm = Launcher(_moe_gemm_kernel)  # launched without per-call binding (kernels/launch.py)
+
+
 @triton.jit
 def _tile_rows(tile, num_n, num_m, sorted_pair_ptr, block_expert_ptr, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
     """A persistent program's tile: (row block, N tile) in grouped order over the used blocks, the
@@ -448,6 +455,9 @@ def _moe_up_persistent_kernel(x_ptr, w_desc, a_desc, h_ptr, gu_ptr, sorted_pair_
                        stride_gs, TOP_K, SAVE_PREACT, CAST_F32, PREC, A_DESC, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
+_moe_up_persistent = Launcher(_moe_up_persistent_kernel)  # launched without per-call binding (kernels/launch.py)
+
+
 @triton.jit(do_not_specialize=["P", "TOP_K"])
 def _moe_gemm_persistent_kernel(a_ptr, b_desc, a_desc, c_ptr, weight_ptr, sorted_pair_ptr, block_expert_ptr,
                                 num_padded_ptr, N, KD, P, stride_am, stride_cm, TOP_K, A_GATHER: tl.constexpr,
@@ -470,6 +480,9 @@ def _moe_gemm_persistent_kernel(a_ptr, b_desc, a_desc, c_ptr, weight_ptr, sorted
                    A_GATHER, C_SCATTER, MUL_WEIGHT, False, CAST_F32, PREC, True, A_DESC, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
+_moe_gemm_persistent = Launcher(_moe_gemm_persistent_kernel)  # launched without per-call binding (kernels/launch.py)
+
+
 @triton.jit(do_not_specialize=["P", "TOP_K"])
 def _gather_rows_kernel(src_ptr, dst_ptr, pair_ptr, num_padded_ptr, N, P, stride_src, stride_dst, TOP_K,
                         BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -484,6 +497,9 @@ def _gather_rows_kernel(src_ptr, dst_ptr, pair_ptr, num_padded_ptr, N, P, stride
     rows = tl.where(real, pair // TOP_K, 0).to(tl.int64)
     v = tl.load(src_ptr + rows[:, None] * stride_src + offs_n[None, :], mask=real[:, None] & mask_n[None, :], other=0.0)
     tl.store(dst_ptr + offs_s.to(tl.int64)[:, None] * stride_dst + offs_n[None, :], v, mask=mask_n[None, :])
+
+
+_gather_rows = Launcher(_gather_rows_kernel)  # launched without per-call binding (kernels/launch.py)
 
 
 @triton.jit
@@ -501,6 +517,9 @@ def _moe_sum_kernel(out_ptr, ids_ptr, y_ptr, D, E, stride_op, stride_yt,
         real = (e >= 0) & (e < E)
         acc += tl.load(out_ptr + (t * TOP_K + k) * stride_op + offs, mask=mask & real, other=0.0).to(tl.float32)
     tl.store(y_ptr + t * stride_yt + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+_moe_sum = Launcher(_moe_sum_kernel)  # launched without per-call binding (kernels/launch.py)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -605,7 +624,7 @@ def gather_sorted_rows(x_TD, al: AlignedRouting):
     S, (T, D) = al.num_rows, x_TD.shape
     out = torch.empty(S, D, dtype=x_TD.dtype, device=x_TD.device)
     bs, bn = (16, 16) if _interpreted() else (min(32, al.block_m), 256)
-    _gather_rows_kernel[(cdiv(S, bs), cdiv(D, bn))](
+    _gather_rows[(cdiv(S, bs), cdiv(D, bn))](
         x_TD, out, al.sorted_pair_S, al.num_padded_1, D, al.num_pairs, x_TD.stride(0), out.stride(0), al.top_k,
         BLOCK_S=bs, BLOCK_N=bn, num_warps=4)
     return out
@@ -625,7 +644,7 @@ def moe_up(x_TD, w13_EJD, al: AlignedRouting, cfg: GemmConfig, save_preact: bool
         a_descs = _row_descs(gather_sorted_rows(x_TD, al), al, cfg, tail)
     grid = _persistent_grid(al, I, cfg, x_TD, desc)
     if grid is not None:
-        _moe_up_persistent_kernel[grid](
+        _moe_up_persistent[grid](
             x_TD, _joint_desc(w13_EJD, cfg), (a_descs or (None,))[0], h, gu, al.sorted_pair_S, al.block_expert_B, al.num_padded_1,
             D, I, al.num_pairs, x_TD.stride(0), h.stride(0), gu.stride(0),
             TOP_K=al.top_k, SAVE_PREACT=save_preact, CAST_F32=_interpreted(), PREC=_precision(x_TD.dtype),
@@ -633,7 +652,7 @@ def moe_up(x_TD, w13_EJD, al: AlignedRouting, cfg: GemmConfig, save_preact: bool
             BLOCK_M=al.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return h, (gu if save_preact else None)
-    _moe_up_kernel[_grid(al, I, cfg)](
+    _moe_up[_grid(al, I, cfg)](
         x_TD, w13_EJD, desc, *(a_descs or (None, None, None)), h, gu, al.sorted_pair_S, al.block_expert_B,
         al.num_padded_1,
         D, I, E, al.num_pairs, x_TD.stride(0), w13_EJD.stride(0), w13_EJD.stride(1), w13_EJD.stride(2),
@@ -660,7 +679,7 @@ def moe_gemm(a, b_E, b_strides, n: int, kd: int, al: AlignedRouting, cfg: GemmCo
     a_descs = None if a_gather else _row_descs(a, al, cfg, tail)
     grid = _persistent_grid(al, n, cfg, a, desc)
     if grid is not None:
-        _moe_gemm_persistent_kernel[grid](
+        _moe_gemm_persistent[grid](
             a, desc, (a_descs or (None,))[0], c, weight_P if weight_P is not None else c, al.sorted_pair_S,
             al.block_expert_B, al.num_padded_1,
             n, kd, al.num_pairs, a.stride(0), c.stride(0),
@@ -669,7 +688,7 @@ def moe_gemm(a, b_E, b_strides, n: int, kd: int, al: AlignedRouting, cfg: GemmCo
             PDL=pdl, BLOCK_M=al.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_pdl(pdl))
         return c
-    _moe_gemm_kernel[_grid(al, n, cfg)](
+    _moe_gemm[_grid(al, n, cfg)](
         a, b_E, desc, *(a_descs or (None, None, None)), c, weight_P if weight_P is not None else c, al.sorted_pair_S,
         al.block_expert_B, al.num_padded_1,
         c, c, n, kd, b_E.shape[0], al.num_pairs, a.stride(0), b_strides[0], b_strides[1], b_strides[2], c.stride(0), 0,
@@ -692,7 +711,7 @@ def moe_swiglu_bwd(dy_TD, w2_EDI, gu_SJ, weight_P, al: AlignedRouting, cfg: Gemm
     num_n = cdiv(I, cfg.block_n)
     dgu = torch.empty(S, 2 * I, dtype=dy_TD.dtype, device=dy_TD.device)
     dw_part = torch.empty(S, num_n, dtype=torch.float32, device=dy_TD.device)
-    _moe_gemm_kernel[_grid(al, I, cfg)](
+    _moe_gemm[_grid(al, I, cfg)](
         dy_TD, w2_EDI, None, None, None, None, dgu, weight_P, al.sorted_pair_S, al.block_expert_B, al.num_padded_1,
         gu_SJ, dw_part, I, D, E, al.num_pairs, dy_TD.stride(0), w2_EDI.stride(0), w2_EDI.stride(2), w2_EDI.stride(1),
         dgu.stride(0), gu_SJ.stride(0),
@@ -714,6 +733,6 @@ def moe_sum(out_PD, topk_ids_TK, num_experts: int, out_dtype, pdl: bool = False)
         return y
     ids = topk_ids_TK if topk_ids_TK.is_contiguous() else topk_ids_TK.contiguous()
     block_d = min(1024, next_pow2(D))
-    _moe_sum_kernel[(T, cdiv(D, block_d))](out_PD, ids, y, D, num_experts, out_PD.stride(0), y.stride(0),
+    _moe_sum[(T, cdiv(D, block_d))](out_PD, ids, y, D, num_experts, out_PD.stride(0), y.stride(0),
                                            TOP_K=K, BLOCK_D=block_d, PDL=pdl, num_warps=4, **_pdl(pdl))
     return y

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .launch import Launcher
 from .launch_config import next_pow2
 
 MAX_WIDTH = 16384
@@ -33,6 +34,9 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, N, stride_x, stride_y, eps, BLOCK: tl.
     xn = (x * r).to(x_ptr.dtype.element_ty).to(tl.float32)  # the cast back before the weight
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * stride_y + offs, (w * xn).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+_rms_norm = Launcher(_rms_norm_kernel)  # launched without per-call binding (kernels/launch.py)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -58,5 +62,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
     y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
     if x2.shape[0]:
-        _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, N, x2.stride(0), y.stride(0), eps, **_launch(N))
+        _rms_norm[(x2.shape[0],)](x2, weight, y, N, x2.stride(0), y.stride(0), eps, **_launch(N))
     return y.view(*x.shape[:-1], N)

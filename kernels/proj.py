@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .grouped_gemm import _interpreted, _precision
+from .launch import Launcher
 from .launch_config import cdiv, next_pow2
 
 MAX_ROWS = 16
@@ -61,6 +62,9 @@ def _multi_gemv_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, y0_ptr, y1_ptr, y2_ptr, M,
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+_multi_gemv = Launcher(_multi_gemv_kernel)  # launched without per-call binding (kernels/launch.py)
+
+
 def multi_linear_reference(x_MK: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
     return [F.linear(x_MK, w) for w in weights]
 
@@ -96,6 +100,6 @@ def multi_linear(x_MK: torch.Tensor, weights: list[torch.Tensor], block_n: int |
             cfg[key] = v
     ws3, ys3 = ws + [ws[-1]] * (3 - len(ws)), ys + [ys[-1]] * (3 - len(ys))
     P = [cdiv(w.shape[0], cfg["BLOCK_N"]) for w in ws] + [0] * (3 - len(ws))
-    _multi_gemv_kernel[(sum(P),)](x, *ws3, *ys3, M, K, *(w.shape[0] for w in ws3), P[0], P[1],
+    _multi_gemv[(sum(P),)](x, *ws3, *ys3, M, K, *(w.shape[0] for w in ws3), P[0], P[1],
                                   x.stride(0), *(w.stride(0) for w in ws3), *(y.stride(0) for y in ys3), **cfg)
     return ys

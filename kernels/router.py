@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Launcher
 from .launch_config import next_pow2
 
 MAX_EXPERTS = 1024
@@ -57,6 +58,9 @@ def _softmax_topk_kernel(logits_ptr, out_ptr, ids_ptr, w_ptr, E, stride_l, K: tl
     tl.store(w_ptr + t * K + offs_k, w, mask=kmask)
 
 
+_softmax_topk = Launcher(_softmax_topk_kernel)  # launched without per-call binding (kernels/launch.py)
+
+
 def softmax_topk_reference(logits_TE: torch.Tensor, k: int, renormalize: bool):
     """(ids_TK int64, w_TK float32, logits_TE float32) in torch ops (routing.gating.softmax_topk)."""
     logits = logits_TE.float()
@@ -87,5 +91,5 @@ def softmax_topk(logits_TE: torch.Tensor, k: int, renormalize: bool):
     ids = torch.empty(T, k, dtype=torch.int64, device=dev)
     w = torch.empty(T, k, dtype=torch.float32, device=dev)
     if T:
-        _softmax_topk_kernel[(T,)](x, out, ids, w, E, x.stride(0), K=k, RENORM=renormalize, **_launch(E, k))
+        _softmax_topk[(T,)](x, out, ids, w, E, x.stride(0), K=k, RENORM=renormalize, **_launch(E, k))
     return ids, w, out

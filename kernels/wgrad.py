@@ -19,6 +19,7 @@ import triton.language as tl
 
 from .align import AlignedRouting
 from .grouped_gemm import _block_ids, _interpreted, _precision, tma_ok
+from .launch import Launcher
 from .launch_config import cdiv
 
 
@@ -71,6 +72,9 @@ def _moe_wgrad_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, sorted_pair_ptr, expert_
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_a[:, None] & mask_b[None, :])
 
 
+_moe_wgrad = Launcher(_moe_wgrad_kernel)  # launched without per-call binding (kernels/launch.py)
+
+
 @triton.jit
 def _moe_wgrad_kmajor_kernel(at_ptr, bt_ptr, c_ptr, at_desc, bt_desc, expert_start_ptr, NA, NB,
                              stride_at, stride_bt, stride_ce, stride_ca,
@@ -109,6 +113,9 @@ def _moe_wgrad_kmajor_kernel(at_ptr, bt_ptr, c_ptr, at_desc, bt_desc, expert_sta
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_a[:, None] & mask_b[None, :])
 
 
+_moe_wgrad_kmajor = Launcher(_moe_wgrad_kmajor_kernel)  # launched without per-call binding (kernels/launch.py)
+
+
 @triton.jit(do_not_specialize=["P", "TOP_K"])
 def _rows_to_columns_kernel(src_ptr, dst_ptr, pair_ptr, scale_ptr, num_padded_ptr, N, P, stride_src, stride_dst, TOP_K,
                             GATHER: tl.constexpr, SCALE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -137,6 +144,9 @@ def _rows_to_columns_kernel(src_ptr, dst_ptr, pair_ptr, scale_ptr, num_padded_pt
              mask=mask_n[:, None])
 
 
+_rows_to_columns = Launcher(_rows_to_columns_kernel)  # launched without per-call binding (kernels/launch.py)
+
+
 # ----------------------------------------------------------------------------------------------
 # launchers (host side: shapes and grids only, never a device value)
 
@@ -157,7 +167,7 @@ def moe_wgrad(a, b, num_experts: int, al: AlignedRouting, *, a_gather: bool, b_g
     na, nb = a.shape[1], b.shape[1]
     c = torch.empty(num_experts, na, nb, dtype=out_dtype or b.dtype, device=b.device)
     grid = (cdiv(na, block_a) * cdiv(nb, block_b), num_experts)
-    _moe_wgrad_kernel[grid](
+    _moe_wgrad[grid](
         a, b, c, a_scale_P if a_scale_P is not None else c, al.sorted_pair_S, al.expert_start_E1,
         na, nb, al.num_pairs, a.stride(0), b.stride(0), c.stride(0), c.stride(1),
         TOP_K=al.top_k, A_GATHER=a_gather, B_GATHER=b_gather, A_SCALE=a_scale_P is not None,
@@ -199,7 +209,7 @@ def moe_wgrad_kmajor(at_XS, bt_YS, num_experts: int, al: AlignedRouting, *, out_
         a_desc = TensorDescriptor(at_XS, [X, S], [at_XS.stride(0), 1], [block_a, block_m])
         b_desc = TensorDescriptor(bt_YS, [Y, S], [bt_YS.stride(0), 1], [block_b, block_m])
     grid = (cdiv(X, block_a) * cdiv(Y, block_b), num_experts)
-    _moe_wgrad_kmajor_kernel[grid](
+    _moe_wgrad_kmajor[grid](
         at_XS, bt_YS, c, a_desc, b_desc, al.expert_start_E1, X, Y, at_XS.stride(0), bt_YS.stride(0),
         c.stride(0), c.stride(1), DESC=a_desc is not None, CAST_F32=_interpreted(), PREC=_precision(bt_YS.dtype),
         BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_M=block_m, GROUP_A=8, num_warps=num_warps, num_stages=num_stages)
@@ -219,7 +229,7 @@ def sorted_rows_t(src, al: AlignedRouting, scale_P=None, gather: bool = True):
     if src.stride(1) != 1:
         src = src.contiguous()
     bs, bn = (16, 16) if _interpreted() else (min(64, al.block_m), 64)
-    _rows_to_columns_kernel[(cdiv(S, bs), cdiv(N, bn))](
+    _rows_to_columns[(cdiv(S, bs), cdiv(N, bn))](
         src, out, al.sorted_pair_S, scale_P if scale_P is not None else out, al.num_padded_1,
         N, al.num_pairs, src.stride(0), out.stride(0), al.top_k,
         GATHER=gather, SCALE=scale_P is not None, BLOCK_S=bs, BLOCK_N=bn, num_warps=4)
