@@ -9,8 +9,10 @@ companion ``*.features.npz`` of hidden states), split by request 50/50 into trai
    recall/precision of the top-2k set, at 1, 2, 4 layers ahead of the last known layer and for
    all layers before the token's forward starts ("all"), for the predictor and every baseline
    (popularity, previous token's path, nearest stored trace over 4096 stored tokens as before
-   and over every training token ("nearest-all"), and the next-layer gate on the current hidden
-   state when hidden states and the model are at hand); plus the CPU cost in microseconds per
+   and over every training token ("nearest-all"), the next-layer gate on the current hidden
+   state when hidden states and the model are at hand, and probes fitted from the hidden state to
+   the next layers' experts (``ProbeLookahead``, the predictor's lookahead source when there are
+   hidden states)); plus the CPU cost in microseconds per
    token (process CPU time, one thread) of one predict_batch over 64 tokens predicting every
    later layer, the most over the last known layer 0, L/2 and L-2 (one expert copy of
    Qwen3-30B-A3B over PCIe takes 170 us); at Qwen3-30B-A3B's shape also per call at batch 1 and 8;
@@ -42,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from routing import (GateLookahead, NearestTraceBaseline, PathPredictor, PopularityBaseline,  # noqa: E402
-                     PredictorConfig, PreviousPathBaseline, RoutingTrace, SchedulerConfig, cost_per_token_us, evaluate,
+                     PredictorConfig, PreviousPathBaseline, ProbeLookahead, RoutingTrace, SchedulerConfig, cost_per_token_us, evaluate,
                      format_summary, hidden_matrix, load_features, simulate_schedule, summarize, synthesize)
 from routing.cli import format_table, per_layer_table  # noqa: E402
 
@@ -141,22 +143,26 @@ def run_trace(name: str, trace: RoutingTrace, feats: dict | None, quick: bool, s
     train, test = trace.split_requests(0.5, seed=0)
     train_mask = np.isin(req, np.unique(train.request_ids_or_default()))
     f_train, f_test = split_features(feats, trace, train_mask)
-    lookahead = None
+    gate = probes = None
     if feats is not None:
         model = find_model(trace)
         if model is not None:
-            lookahead = GateLookahead.from_model(model, fallback=PopularityBaseline.fit(train))
+            gate = GateLookahead.from_model(model, fallback=PopularityBaseline.fit(train))
         else:
             print("  note: hidden states found but not the model they came from: no gate lookahead")
+        t0 = time.perf_counter()
+        probes = ProbeLookahead.fit(train, f_train["hidden_NLD"])
+        print(f"probes (hidden state -> next {probes.span} layers' experts) fitted in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
-    pred = PathPredictor.fit(train, features=f_train, lookahead=lookahead)
+    # the fitted probes are the predictor's lookahead source where there are hidden states (they read
+    # the next layers better than the routers do, BENCHMARKS 7b)
+    pred = PathPredictor.fit(train, features=f_train, lookahead=probes)
     fit_s = time.perf_counter() - t0
     nearest_all = NearestTraceBaseline.fit(train, max_stored=train.num_tokens, neighbours=8)
     nearest_all.name = "nearest-all"
     models = [pred, PopularityBaseline.fit(train), PreviousPathBaseline.fit(train), NearestTraceBaseline.fit(train),
               nearest_all]
-    if lookahead is not None:
-        models.append(lookahead)
+    models += [m for m in (gate, probes) if m is not None]
     rows = []
     max_tokens = 600 if quick else 2000
     for m in models:

@@ -5,6 +5,7 @@ Must not import from offload/ or serve/.
 from .baselines import (GateLookahead, NearestTraceBaseline, PathModel, PopularityBaseline,
                         PreviousPathBaseline)
 from .predictor import PathPredictor, PredictorConfig
+from .probe import ProbeLookahead
 from .record import TraceRecorder, hidden_matrix, load_features, record_sequences, save_features
 from .scheduler import SchedulerConfig, TokenScheduler, simulate_schedule
 from .stats import (affinity_concentration, cost_per_token_us, evaluate, format_summary, popularity_entropy,
@@ -14,6 +15,6 @@ from .trace import RoutingTrace
 
 __all__ = ["RoutingTrace", "synthesize", "TraceRecorder", "record_sequences", "save_features", "load_features",
            "hidden_matrix", "PathModel", "PathPredictor", "PredictorConfig", "evaluate", "cost_per_token_us",
-           "PopularityBaseline", "PreviousPathBaseline", "GateLookahead", "NearestTraceBaseline",
+           "PopularityBaseline", "PreviousPathBaseline", "GateLookahead", "ProbeLookahead", "NearestTraceBaseline",
            "TokenScheduler", "SchedulerConfig", "simulate_schedule", "summarize", "format_summary",
            "popularity_entropy", "affinity_concentration", "reuse_distance_histogram"]

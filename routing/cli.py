@@ -1,13 +1,16 @@
 """`moe predictor {train,eval,stats,synth}`: the routing-path predictor from the command line.
 
-    moe predictor train TRACE.npz --out P.npz [--features F.npz --model DIR]
-    moe predictor eval P.npz TEST.npz [--train TRAIN.npz] [--features F.npz --model DIR]
+    moe predictor train TRACE.npz --out P.npz [--features F.npz [--model DIR]]
+    moe predictor eval P.npz TEST.npz [--train TRAIN.npz] [--features F.npz [--model DIR]]
     moe predictor stats TRACE.npz
     moe predictor synth OUT.npz --layers 8 --experts 16 --top-k 2 --affinity 0.8 ...
 
 ``--features`` is the companion file of a recorded trace (``routing.save_features``) holding the
-hidden state entering every MoE layer; with ``--model`` the predictor then also uses the next
-layers' gates applied to it (and ``eval`` adds the gate-lookahead baseline). The hub
+hidden state entering every MoE layer. With it, ``train`` fits probes from that hidden state to the
+next layers' experts (``routing.probe.ProbeLookahead``, written beside the predictor as
+``P.probe.npz``) and the predictor uses them as its lookahead source; with ``--lookahead gate
+--model DIR`` it uses the next layers' own routers instead (mixtral-offloading's trick). ``eval
+--features`` reads the probes back (or the routers, given ``--model``) and adds them as a baseline. The hub
 (moe/cli.py) imports this module lazily and calls ``register(subparsers)``.
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 
 from .baselines import GateLookahead, NearestTraceBaseline, PathModel, PopularityBaseline, PreviousPathBaseline
 from .predictor import PathPredictor, PredictorConfig, cost_per_token_us, evaluate
+from .probe import ProbeLookahead
 from .record import hidden_matrix, load_features
 from .stats import format_summary, summarize
 from .synthetic import synthesize
@@ -48,48 +52,76 @@ def per_layer_table(name: str, r: dict, keys=("1", "2", "4", "all")) -> str:
     return "\n".join(lines)
 
 
-def _lookahead(args, trace: RoutingTrace) -> tuple[GateLookahead | None, dict | None]:
-    """(GateLookahead, {"hidden_NLD"}) when --features and --model are given."""
-    feats = None
-    if getattr(args, "features", None):
-        f = load_features(args.features)
-        hidden = hidden_matrix(f, trace.num_layers)
-        if hidden is None:
-            raise ValueError(f"{args.features} lacks hidden_<l> for all {trace.num_layers} layers; record with "
-                             "hidden_layers='all'")
-        if hidden.shape[0] != trace.num_tokens:
-            raise ValueError(f"{args.features} has {hidden.shape[0]} tokens but the trace {trace.num_tokens}")
-        feats = {"hidden_NLD": hidden}
-    if getattr(args, "model", None):
-        if feats is None:
-            raise ValueError("--model needs --features (the hidden states the gates are applied to)")
-        from moe import load_model  # the model package; routing never imports offload/ or serve/
-        model = load_model(args.model)
-        return GateLookahead.from_model(model, fallback=PopularityBaseline.fit(trace)), feats
-    return None, feats
+def _features(args, trace: RoutingTrace) -> dict | None:
+    """{"hidden_NLD"} from --features, checked against the trace."""
+    if not getattr(args, "features", None):
+        return None
+    f = load_features(args.features)
+    hidden = hidden_matrix(f, trace.num_layers)
+    if hidden is None:
+        raise ValueError(f"{args.features} lacks hidden_<l> for all {trace.num_layers} layers; record with "
+                         "hidden_layers='all'")
+    if hidden.shape[0] != trace.num_tokens:
+        raise ValueError(f"{args.features} has {hidden.shape[0]} tokens but the trace {trace.num_tokens}")
+    return {"hidden_NLD": hidden}
+
+
+def _gate(args, trace: RoutingTrace) -> GateLookahead:
+    from moe import load_model  # the model package; routing never imports offload/ or serve/
+    return GateLookahead.from_model(load_model(args.model), fallback=PopularityBaseline.fit(trace))
+
+
+def probe_path(predictor: Path) -> Path:
+    """Where ``train`` writes the probes of predictor file P.npz: P.probe.npz."""
+    p = Path(predictor)
+    return p.with_name((p.name[:-4] if p.name.endswith(".npz") else p.name) + ".probe.npz")
 
 
 def _train(args: argparse.Namespace) -> int:
     trace = RoutingTrace.load(args.trace)
-    lookahead, feats = _lookahead(args, trace)
+    feats = _features(args, trace)
+    if args.model and feats is None:
+        raise ValueError("--model needs --features (the hidden states the gates are applied to)")
+    lookahead = None
+    if feats is not None:
+        kind = args.lookahead or ("gate" if args.model else "probe")
+        if kind == "gate" and not args.model:
+            raise ValueError("--lookahead gate needs --model DIR (the model whose routers are applied)")
+        if kind == "probe":
+            t0 = time.perf_counter()
+            lookahead = ProbeLookahead.fit(trace, feats["hidden_NLD"], span=args.probe_span, seed=args.seed)
+            print(f"probes fitted in {time.perf_counter() - t0:.1f} s (span {lookahead.span})")
+        else:
+            lookahead = _gate(args, trace)
     cfg = PredictorConfig(context_layers=args.context_layers, token_buckets=args.token_buckets,
                           max_span=args.max_span, seed=args.seed)
     t0 = time.perf_counter()
     p = PathPredictor.fit(trace, cfg, features=feats, lookahead=lookahead, verbose=True)
     print(f"trained on {trace!r} in {time.perf_counter() - t0:.1f} s")
-    print(f"written to {p.save(args.out)}")
+    out = p.save(args.out)
+    print(f"written to {out}")
+    stale = probe_path(out)
+    if isinstance(lookahead, ProbeLookahead):
+        print(f"probes written to {lookahead.save(stale)}")
+    elif stale.exists():  # a probe file of an earlier training must not pair with this predictor
+        stale.unlink()
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     trace = RoutingTrace.load(args.trace)
-    lookahead, feats = _lookahead(args, trace)
-    models: list[PathModel] = [PathPredictor.load(args.predictor, lookahead=lookahead)]
+    feats = _features(args, trace)
+    if args.model and feats is None:
+        raise ValueError("--model needs --features (the hidden states the gates are applied to)")
+    # the lookahead the predictor was trained with: its probes when train wrote them, else the gates
+    probes = ProbeLookahead.load(probe_path(args.predictor)) if feats is not None and \
+        probe_path(args.predictor).is_file() else None
+    gate = _gate(args, trace) if args.model else None
+    models: list[PathModel] = [PathPredictor.load(args.predictor, lookahead=probes or gate)]
     if args.train:
         train = RoutingTrace.load(args.train)
         models += [PopularityBaseline.fit(train), PreviousPathBaseline.fit(train), NearestTraceBaseline.fit(train)]
-    if lookahead is not None:
-        models.append(lookahead)
+    models += [m for m in (gate, probes) if m is not None]
     rows = []
     for m in models:
         r = evaluate(m, trace, feats, max_tokens=args.max_tokens)
@@ -121,6 +153,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, required=True, help="where to write the predictor (.npz)")
     t.add_argument("--features", type=Path, default=None, help="companion features .npz (hidden states)")
     t.add_argument("--model", type=Path, default=None, help="model directory, for the gate-lookahead source")
+    t.add_argument("--lookahead", choices=("probe", "gate"), default=None,
+                   help="with --features: fitted probes (default) or the model's own routers (gate; needs --model)")
+    t.add_argument("--probe-span", type=int, default=4, help="layers ahead each probe set reaches")
     t.add_argument("--context-layers", type=int, default=3, help="recent known layers used as evidence")
     t.add_argument("--token-buckets", type=int, default=4096, help="hashed token-id table rows (0: off)")
     t.add_argument("--max-span", type=int, default=16, help="longest layer distance with a transition table")

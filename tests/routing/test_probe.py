@@ -1,0 +1,111 @@
+"""routing.probe.ProbeLookahead: probes from the hidden state to the next layers' experts."""
+import numpy as np
+import pytest
+
+from routing import RoutingTrace, record_sequences, save_features
+from routing.baselines import GateLookahead, PopularityBaseline
+from routing.cli import main, probe_path
+from routing.predictor import PathPredictor
+from routing.probe import ProbeLookahead
+from routing.stats import evaluate
+
+from ._standin import StandinMoE
+
+L, E, K, D = 4, 8, 2, 16
+
+
+def _planted(T=3200, seed=0, structured=True):
+    """Hidden state entering layer l = a layer-specific rotation of one latent z; layer m routes by
+    top-k of G_m z. A probe can learn G_m R_l^-1 from h_l; a router applied to h_l (the gate trick)
+    sees a rotated vector and cannot. structured=False: routing drawn independently of z."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((T, D)).astype(np.float32)
+    R = [np.linalg.qr(rng.standard_normal((D, D)))[0].astype(np.float32) for _ in range(L)]
+    G = rng.standard_normal((L, D, E)).astype(np.float32)
+    hidden = np.stack([z @ R[l] for l in range(L)], axis=1)  # [T, L, D]
+    if structured:
+        ids = np.stack([np.argsort(-(z @ G[m]), axis=1)[:, :K] for m in range(L)])
+    else:
+        ids = np.stack([np.stack([rng.choice(E, K, replace=False, p=np.arange(1, E + 1) / (E * (E + 1) / 2))
+                                  for _ in range(T)]) for _ in range(L)])
+    req = np.repeat(np.arange(T // 40), 40)
+    trace = RoutingTrace(ids.astype(np.int16), E, request_ids=req, positions=np.tile(np.arange(40), T // 40))
+    routers = [lambda x, m=m: __import__("torch").as_tensor(np.asarray(x) @ G[m]) for m in range(L)]
+    return trace, hidden, routers
+
+
+def _split(trace, hidden):
+    train, test = trace.split_requests(0.5, seed=0)
+    m = np.isin(trace.request_ids, np.unique(train.request_ids))
+    return train, test, hidden[m], hidden[~m]
+
+
+def test_probes_learn_a_planted_map_the_gate_trick_cannot_read():
+    trace, hidden, routers = _planted()
+    train, test, h_tr, h_te = _split(trace, hidden)
+    probe = ProbeLookahead.fit(train, h_tr, span=3)
+    r = evaluate(probe, test, {"hidden_NLD": h_te})
+    assert r["1"]["mean_recall"] > 0.9 and r["2"]["mean_recall"] > 0.9
+    gate = GateLookahead(routers, E, K, fallback=PopularityBaseline.fit(train))
+    assert evaluate(gate, test, {"hidden_NLD": h_te})["1"]["mean_recall"] < r["1"]["mean_recall"] - 0.3
+    # as the path predictor's lookahead source
+    pred = PathPredictor.fit(train, features={"hidden_NLD": h_tr}, lookahead=probe)
+    assert evaluate(pred, test, {"hidden_NLD": h_te})["1"]["mean_recall"] > 0.9
+
+
+def test_probes_do_no_better_than_popularity_on_structureless_routing():
+    trace, hidden, _ = _planted(structured=False)
+    train, test, h_tr, h_te = _split(trace, hidden)
+    probe = ProbeLookahead.fit(train, h_tr)
+    r = evaluate(probe, test, {"hidden_NLD": h_te})["1"]["mean_recall"]
+    pop = evaluate(PopularityBaseline.fit(train), test)["1"]["mean_recall"]
+    assert r <= pop + 0.03
+
+
+def test_span_beyond_the_probes_is_popularity_and_layer_minus_one_falls_back():
+    trace, hidden, _ = _planted(T=400)
+    probe = ProbeLookahead.fit(trace, hidden, span=1)
+    logits = probe.lookahead_logits(hidden[:5, 0], 0)
+    assert np.all(logits[:, 0] == 0)
+    np.testing.assert_allclose(logits[:, 2:], np.broadcast_to(probe.log_pop_LE[2:], (5, 2, E)))
+    assert not np.allclose(logits[:, 1], probe.log_pop_LE[1])
+    pop = PopularityBaseline.fit(trace).predict_batch(None, -1, np.zeros((3, 0, K), np.int64))
+    got = probe.predict_batch(None, -1, np.zeros((3, 0, K), np.int64), {"hidden_NLD": hidden[:3]})
+    np.testing.assert_allclose(got, pop)
+
+
+def test_save_load_round_trip_and_clear_errors(tmp_path):
+    trace, hidden, _ = _planted(T=400)
+    probe = ProbeLookahead.fit(trace, hidden, span=2)
+    back = ProbeLookahead.load(probe.save(tmp_path / "p"))
+    for layer in range(L - 1):
+        np.testing.assert_array_equal(back.lookahead_logits(hidden[:7, layer], layer),
+                                      probe.lookahead_logits(hidden[:7, layer], layer))
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(ValueError, match="not a probe file"):
+        ProbeLookahead.load(tmp_path / "other.npz")
+    with pytest.raises(ValueError, match="same recording"):
+        ProbeLookahead.fit(trace, hidden[:-1])
+    with pytest.raises(ValueError, match="features of another model"):
+        probe.lookahead_logits(np.zeros((2, D + 1)), 0)
+
+
+def test_cli_trains_probes_from_features_and_eval_reads_them_back(tmp_path, capsys):
+    model = StandinMoE(mix=0.3)
+    seqs = np.random.default_rng(0).integers(0, 50, (8, 12)).tolist()
+    trace, feats = record_sequences(model, seqs, hidden_layers="all")
+    trace.save(tmp_path / "t.npz")
+    save_features(tmp_path / "f.npz", feats)
+    out = tmp_path / "p.npz"
+    assert main(["predictor", "train", str(tmp_path / "t.npz"), "--out", str(out), "--features",
+                 str(tmp_path / "f.npz"), "--probe-span", "2"]) == 0
+    assert probe_path(out).is_file() and "probes written" in capsys.readouterr().out
+    assert main(["predictor", "eval", str(out), str(tmp_path / "t.npz"), "--features", str(tmp_path / "f.npz")]) == 0
+    assert "probe-lookahead" in capsys.readouterr().out
+    # retrained without features: the old probes must not pair with the new predictor
+    assert main(["predictor", "train", str(tmp_path / "t.npz"), "--out", str(out)]) == 0
+    assert not probe_path(out).exists()
+    # the gate needs the model
+    assert main(["predictor", "train", str(tmp_path / "t.npz"), "--out", str(out), "--features",
+                 str(tmp_path / "f.npz"), "--lookahead", "gate"]) == 2
+    assert "--model" in capsys.readouterr().err
