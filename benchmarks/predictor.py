@@ -104,9 +104,11 @@ def split_features(feats, trace, train_mask):
     return {"hidden_NLD": feats["hidden_NLD"][train_mask]}, {"hidden_NLD": feats["hidden_NLD"][~train_mask]}
 
 
-def hit_ratios(test: RoutingTrace, models, max_tokens: int, batch: int = 4) -> dict[str, list[float]] | None:
+def hit_ratios(test: RoutingTrace, models, max_tokens: int, batch: int = 4,
+               hidden_NLD: np.ndarray | None = None) -> dict[str, list[float]] | None:
     """Hit ratio of the expert cache decoding ``batch`` test requests together (a small decode batch,
-    the offloading setting): demand LRU and Belady, then prefetching within each copy budget."""
+    the offloading setting): demand LRU and Belady, then prefetching within each copy budget.
+    hidden_NLD (the test tokens' hidden states): the predictors that read them get them, step by step."""
     try:
         from offload import simulate
     except ImportError:
@@ -114,18 +116,21 @@ def hit_ratios(test: RoutingTrace, models, max_tokens: int, batch: int = 4) -> d
     req = test.request_ids_or_default()
     uniq, counts = np.unique(req, return_counts=True)
     longest = uniq[np.argsort(-counts, kind="stable")[:batch]]
-    sub = test.select_tokens(np.isin(req, longest))
-    inter, per_step = sub.interleaved(min(int(counts.max()), max(1, max_tokens // len(longest))))
+    chosen = np.isin(req, longest)
+    sub = test.select_tokens(chosen)
+    order, per_step = sub.interleaved_order(min(int(counts.max()), max(1, max_tokens // len(longest))))
+    inter = sub.select_tokens(order)
+    hid = None if hidden_NLD is None else np.asarray(hidden_NLD)[chosen][order]
     E = test.num_experts
     caps = [max(1, int(round(b * E))) for b in BUDGETS]
     def run(policy, **kw):
-        return [simulate(inter, policy, c, tokens_per_step=per_step, **kw)["hit_ratio"] for c in caps]
+        return [simulate(inter, policy, c, tokens_per_step=per_step, hidden_NLD=hid, **kw)["hit_ratio"] for c in caps]
     out: dict[str, list[float]] = {"lru (demand)": run("lru"), "belady (demand)": run("belady")}
     for b in PREFETCH_BUDGETS:
         out[f"b{b} oracle prefetch"] = run("lru", prefetch="oracle", prefetch_budget=b)
         for m in models:
-            if isinstance(m, GateLookahead) or m.name == "nearest-all":
-                continue  # the gate needs per-step hidden states the simulator does not carry
+            if (isinstance(m, GateLookahead) and hid is None) or m.name == "nearest-all":
+                continue  # a lookahead needs the hidden states
             out[f"b{b} lru+{m.name}"] = run("lru", prefetch="predictor", predictor=m, prefetch_budget=b)
         out[f"b{b} predictor policy"] = run("predictor", prefetch="predictor", predictor=models[0],
                                             prefetch_budget=b)
@@ -186,7 +191,7 @@ def run_trace(name: str, trace: RoutingTrace, feats: dict | None, quick: bool, s
                       f"({100 * (v.distinct_experts_per_batch / fifo.distinct_experts_per_batch - 1):+.0f}%, "
                       f"max extra wait {v.max_extra_wait})" for k, v in sched.items()))
 
-    hits = hit_ratios(test, models, 256 if quick else 1024)
+    hits = hit_ratios(test, models, 256 if quick else 1024, hidden_NLD=None if f_test is None else f_test["hidden_NLD"])
     if hits is None:
         print("  note: offload.simulate not available: no cache hit ratios")
     else:

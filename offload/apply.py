@@ -74,7 +74,10 @@ class OffloadedExperts(nn.Module):
         """ids_np: this layer's expert ids (not units); predictions and guesses are experts, copied as units."""
         nxt = self.layer + 1
         cache, G = self.cache, self.slices
-        predicted = self.lookahead is not None and self.lookahead.observe(self.layer, ids_np)
+        hidden = None
+        if self.lookahead is not None and self.lookahead.wants_hidden:  # (a small copy; ids_np already synced)
+            hidden = x_TD.detach().float().cpu().numpy()
+        predicted = self.lookahead is not None and self.lookahead.observe(self.layer, ids_np, hidden)
         # the predictor's guesses never queue ahead of a demand copy: only an idle copy engine takes them
         if predicted and self.predictor_prefetch and not cache.copies_in_flight(self.layer):
             for j in self.lookahead.targets(self.layer):

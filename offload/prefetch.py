@@ -29,13 +29,19 @@ class Lookahead:
             raise ValueError(f"{type(predictor).__name__} has no predict_batch(prev_paths, layer, known); "
                              "give a routing predictor")
         self.predictor = predictor
+        # a predictor that reads the hidden state (a PathPredictor with a lookahead source, or a
+        # lookahead itself): observe() is then given each layer's input, else it is not copied off the GPU
+        self.wants_hidden = (getattr(predictor, "lookahead", None) is not None
+                             or hasattr(predictor, "lookahead_logits"))
         self.num_layers, self.num_experts = num_layers, num_experts
         self.score_LE = np.zeros((num_layers, num_experts), dtype=np.float32)
         self._known: list[np.ndarray] = []
         self._prev_NLK: np.ndarray | None = None
 
-    def observe(self, layer: int, ids_NK: np.ndarray) -> bool:
-        """Record the layer's routing; predict (every `every` layers and at the last). True if predicted."""
+    def observe(self, layer: int, ids_NK: np.ndarray, hidden_ND: np.ndarray | None = None) -> bool:
+        """Record the layer's routing; predict (every `every` layers and at the last). True if predicted.
+        hidden_ND: the hidden state entering this layer's router, row i = token i of ids_NK (for a
+        predictor that reads it; see ``wants_hidden``)."""
         ids_NK = np.asarray(ids_NK, dtype=np.int64)
         if layer == 0:
             self._known = []
@@ -50,7 +56,15 @@ class Lookahead:
         if layer % self.every and not last:
             return False  # the predictor costs time: ask it every few layers, prefetch that far ahead
         prev = self._prev_NLK if (self._prev_NLK is not None and self._prev_NLK.shape[0] == ids_NK.shape[0]) else None
-        probs_NLE = np.asarray(self.predictor.predict_batch(prev, layer, known_NlK), dtype=np.float32)
+        feats = None
+        if hidden_ND is not None:
+            h = np.asarray(hidden_ND, dtype=np.float32)
+            if h.ndim != 2 or h.shape[0] != ids_NK.shape[0]:
+                raise ValueError(f"hidden_ND must be [N={ids_NK.shape[0]}, D], got {h.shape}")
+            # the predictors read hidden_NLD[:, layer]: a read-only view, no copy per layer
+            feats = {"hidden_NLD": np.broadcast_to(h[:, None, :], (h.shape[0], layer + 1, h.shape[1]))}
+        args = (prev, layer, known_NlK) if feats is None else (prev, layer, known_NlK, feats)
+        probs_NLE = np.asarray(self.predictor.predict_batch(*args), dtype=np.float32)
         if probs_NLE.ndim != 3 or probs_NLE.shape[1] < self.num_layers or probs_NLE.shape[2] != self.num_experts:
             raise ValueError(f"predict_batch returned shape {probs_NLE.shape}; expected "
                              f"[{ids_NK.shape[0]}, {self.num_layers}, {self.num_experts}]")

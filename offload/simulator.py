@@ -69,7 +69,7 @@ def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per
              prefetch: str = "none", predictor=None, prefetch_k: int = 0, cpu_fallback: bool = False,
              cost: CostModel | None = None, expert_bytes: int = 1, layer_compute_s: float = 0.0,
              warmup_steps: int = 0, predict_every: int = 1, prefetch_threshold: float = 0.3,
-             prefetch_budget: float | None = None) -> dict:
+             prefetch_budget: float | None = None, hidden_NLD: np.ndarray | None = None) -> dict:
     """Run the expert cache over the trace; returns cache.stats() plus 'time_s', 'steps', 'tokens'.
 
     warmup_steps: steps run first to fill the cache, then the counters and the clock restart.
@@ -79,6 +79,8 @@ def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per
     'oracle' (exactly the experts layer l+1 will use).
     prefetch_budget: expert copies a prefetch may issue per layer (see the module docstring);
     None: the predictor's prefetches wait for an idle copy engine, the oracle's are unlimited.
+    hidden_NLD: [tokens, L, D] hidden state entering each layer, row t = token t of the trace (as
+    recorded with it): given to a predictor that reads it (``Lookahead.wants_hidden``).
     """
     if capacity_per_layer < 1:
         raise ValueError(f"capacity_per_layer must be >= 1, got {capacity_per_layer}")
@@ -91,6 +93,8 @@ def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per
     if cpu_fallback and cost is None:
         raise ValueError("cpu_fallback needs cost=<CostModel> to choose between copy and CPU")
     L, E, K = trace.num_layers, trace.num_experts, trace.top_k
+    if hidden_NLD is not None and (np.ndim(hidden_NLD) != 3 or np.shape(hidden_NLD)[:2] != (trace.num_tokens, L)):
+        raise ValueError(f"hidden_NLD must be [tokens={trace.num_tokens}, layers={L}, D], got {np.shape(hidden_NLD)}")
     lookahead = None
     if (policy == "predictor" or prefetch == "predictor"):
         if predictor is None:
@@ -151,7 +155,11 @@ def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per
             # prefetch for the next layer (or layer 0 of the next step), queued behind demand copies
             nl, ns = (layer + 1, si) if layer + 1 < L else (0, si + 1)
             want: list[tuple[int, list[int]]] = []
-            predicted = lookahead.observe(layer, ids_BK) if lookahead is not None else False
+            hid = None
+            if lookahead is not None and lookahead.wants_hidden and hidden_NLD is not None:
+                s0 = si * tokens_per_step
+                hid = hidden_NLD[s0:s0 + ids_BK.shape[0], layer]
+            predicted = lookahead.observe(layer, ids_BK, hid) if lookahead is not None else False
             # the predictor's guesses never queue ahead of a demand copy: only an idle copy engine takes
             # them (untimed with a budget: demand copies stall the layer, prefetches overlap its compute)
             if timed:

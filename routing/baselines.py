@@ -159,7 +159,7 @@ class GateLookahead(PathModel):
     @torch.no_grad()
     def lookahead_logits(self, hidden_ND: np.ndarray, layer: int) -> np.ndarray:
         """[N, L, E]: router m applied to the hidden state entering ``layer`` (rows <= layer are 0)."""
-        x = torch.as_tensor(np.asarray(hidden_ND, dtype=np.float32))
+        x = torch.from_numpy(np.array(hidden_ND, dtype=np.float32))  # a copy: the input may be a read-only view
         out = np.zeros((x.shape[0], self.num_layers, self.num_experts), dtype=np.float32)
         for m in range(layer + 1, self.num_layers):
             out[:, m] = self.routers[m](x).float().cpu().numpy()

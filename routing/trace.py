@@ -139,6 +139,12 @@ class RoutingTrace:
         request's count), truncated to that many. Returns ``(trace, requests per step)``, so row
         i of every step is the same request (what a cache simulator's lookahead expects).
         """
+        order, requests = self.interleaved_order(tokens_per_request)
+        return self.select_tokens(order), requests
+
+    def interleaved_order(self, tokens_per_request: int | None = None) -> tuple[np.ndarray, int]:
+        """(token indices of ``interleaved``'s trace, requests per step): to reorder per-token data
+        recorded with the trace (hidden states) the same way."""
         req = self.request_ids_or_default()
         uniq, counts = np.unique(req, return_counts=True)
         n = int(counts.min()) if tokens_per_request is None else int(tokens_per_request)
@@ -148,8 +154,7 @@ class RoutingTrace:
         if len(keep) == 0:
             raise ValueError(f"no request has {n} tokens (the longest has {int(counts.max())})")
         order = np.concatenate([np.flatnonzero(req == r)[:n] for r in keep])  # [R * n], request-major
-        order = order.reshape(len(keep), n).T.reshape(-1)  # step-major
-        return self.select_tokens(order), len(keep)
+        return order.reshape(len(keep), n).T.reshape(-1), len(keep)  # step-major
 
     # --- disk -----------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

@@ -1,4 +1,5 @@
 """Offloaded generation equals resident generation, for every policy, pool size and miss path."""
+import numpy as np
 import pytest
 import torch
 
@@ -216,3 +217,28 @@ def test_route_by_trace_without_logits_and_with_dropped_slots(model):
     assert torch.equal(ids1, ids2) and torch.equal(w1, w2) and lg2 is None
     assert torch.all(w1[ids1 < 0] == 0)
     assert torch.all(lg1.gather(1, ids1.clamp(min=0))[ids1 >= 0] > -1e3)
+
+
+def test_a_predictor_that_reads_hidden_states_gets_each_layers_input(model, resident):
+    """Live offload: a predictor with a lookahead source (a PathPredictor with probes, say) is handed
+    the hidden state entering each MoE layer (the router's input), and the output is unchanged."""
+    blocks = model.moe_blocks()
+    L, E = len(blocks), blocks[0].experts.w13.shape[0]
+    D = blocks[0].experts.w13.shape[2]
+    seen = []
+
+    class ReadsHidden:
+        lookahead = "probes"  # what Lookahead.wants_hidden looks for
+        num_layers, num_experts, top_k = L, E, 2
+
+        def predict_batch(self, prev, layer, known, features=None):
+            h = features["hidden_NLD"][:, layer]
+            seen.append((layer, h.shape))
+            probs = np.full((known.shape[0], L, E), 2.0 / E, dtype=np.float32)
+            probs[:, layer + 1:, 0] = 1.0  # always expert 0 next: a prefetch that is sometimes right
+            return probs
+    m = offloaded(model, slots_per_layer=3, policy="lru", prefetch="predictor", predictor=ReadsHidden())
+    _check(resident, greedy(m, PROMPT, STEPS))
+    assert seen and {s[0] for s in seen} == set(range(L))
+    assert all(shape[1] == D for _, shape in seen)
+    assert m.offload_cache.stats()["prefetches"] > 0

@@ -109,3 +109,28 @@ def test_cli_trains_probes_from_features_and_eval_reads_them_back(tmp_path, caps
     assert main(["predictor", "train", str(tmp_path / "t.npz"), "--out", str(out), "--features",
                  str(tmp_path / "f.npz"), "--lookahead", "gate"]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_interleaved_order_is_the_interleaved_trace():
+    trace, hidden, _ = _planted(T=400)
+    order, R = trace.interleaved_order(10)
+    inter, R2 = trace.interleaved(10)
+    assert R == R2 and np.array_equal(trace.select_tokens(order).expert_ids, inter.expert_ids)
+
+
+def test_the_cache_simulator_hands_hidden_states_to_a_predictor_that_reads_them():
+    from offload import simulate
+    trace, hidden, _ = _planted()
+    train, test, h_tr, h_te = _split(trace, hidden)
+    probe = ProbeLookahead.fit(train, h_tr)
+    one = test.request_ids == test.request_ids[0]  # one sequence decoding: 2 of 8 experts a layer
+    order, per_step = test.select_tokens(one).interleaved_order()
+    inter, hid = test.select_tokens(one).select_tokens(order), h_te[one][order]
+    kw = dict(tokens_per_step=per_step, prefetch="predictor", predictor=probe, prefetch_budget=2)
+    with_h = simulate(inter, "lru", 2, hidden_NLD=hid, **kw)["hit_ratio"]
+    # without them the probes cannot run: the lookahead falls back to popularity
+    without = simulate(inter, "lru", 2, **{**kw, "predictor": PathPredictor.fit(train)})["hit_ratio"]
+    demand = simulate(inter, "lru", 2, tokens_per_step=per_step)["hit_ratio"]
+    assert with_h > without + 0.1 and with_h > demand + 0.1
+    with pytest.raises(ValueError, match="hidden_NLD must be"):
+        simulate(inter, "lru", 2, hidden_NLD=hid[:-1], **kw)
