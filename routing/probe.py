@@ -16,6 +16,13 @@ get the training trace's popularity (so the predictor's gate source is 0 there: 
 Fitting is convex: zero start, L-BFGS, the same weights every run. Cost of a prediction: one
 [N, D] x [D, span * E] product per call.
 
+For offloading, load a predictor with the probes ``moe predictor train --features`` wrote beside it:
+
+    pred = PathPredictor.load("P.npz", lookahead=ProbeLookahead.load("P.probe.npz"))
+    apply_offload(model, OffloadConfig(policy="predictor", prefetch="predictor", predictor=pred, ...))
+
+and each MoE layer hands its input to the predictor (``offload.prefetch.Lookahead.wants_hidden``).
+
 Shape legend: N = tokens, L = MoE layers, D = hidden size, E = experts, K = top-k, S = span.
 """
 from __future__ import annotations
