@@ -33,7 +33,7 @@ from .config import OffloadConfig, parse_bytes
 from .cost_model import CostModel
 from .cpu_compute import cpu_experts
 from .policies import count_ids, make_policy
-from .prefetch import Lookahead
+from .prefetch import Lookahead, ProbeRouter
 from .slices import check_slices, expand_ids, expand_weights, unit_trace, units_of
 from .store import DiskExpertStore, ExpertStore, HostExpertStore
 
@@ -383,8 +383,18 @@ def install(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: torch.dev
                          tokens_per_step=cfg.trace_batch, slices=G)
     cache = ExpertCache(store, slots, policy, device)
     cache.cost_model = cost
+    if cfg.prefetch == "probe":
+        D = store.w2_shape[0]
+        if cfg.probes.num_layers != len(blocks) or cfg.probes.hidden_size != D:
+            raise ValueError(f"the probes were fitted for {cfg.probes.num_layers} MoE layers of hidden size "
+                             f"{cfg.probes.hidden_size}, this model has {len(blocks)} of {D}: fit them on its own "
+                             "recorded hidden states")
     for i, b in enumerate(blocks):
-        nxt = blocks[i + 1].router if (cfg.prefetch == "next_layer_gate" and i + 1 < len(blocks)) else None
+        nxt = None
+        if i + 1 < len(blocks) and cfg.prefetch == "next_layer_gate":
+            nxt = blocks[i + 1].router
+        elif i + 1 < len(blocks) and cfg.prefetch == "probe":
+            nxt = ProbeRouter(cfg.probes, i, device)
         b.experts = OffloadedExperts(i, cache, top_k, backend=backend, cost_model=cost, cpu_fallback=cfg.cpu_fallback,
                                      next_router=nxt, lookahead=lookahead, predictor_prefetch=cfg.prefetch == "predictor",
                                      prefetch_k=cfg.prefetch_k, miss_split=cfg.miss_split)

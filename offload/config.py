@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 POLICIES = ("lru", "lfu", "predictor", "belady")
-PREFETCH = ("none", "next_layer_gate", "predictor")
+PREFETCH = ("none", "next_layer_gate", "probe", "predictor")
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
@@ -43,6 +43,7 @@ class OffloadConfig:
     slots_per_layer  explicit expert slots per MoE layer (overrides the budget's expert share)
     policy           eviction policy: lru | lfu | predictor | belady (belady needs `trace`)
     prefetch         none | next_layer_gate (apply layer l+1's router to layer l's input) |
+                     probe (the same with fitted probes instead of the router: `probes`) |
                      predictor (the routing predictor's probabilities)
     prefetch_k       experts to prefetch per token for the next layer (0 = the model's top-k)
     cpu_fallback     compute a missed expert on the CPU when the cost model says it is cheaper,
@@ -55,6 +56,8 @@ class OffloadConfig:
                      between a copy and the CPU. 1 = whole experts; slots count slices
     predictor        object with `predict_batch` (routing predictor contract), for the
                      predictor policy / prefetch
+    probes           routing.ProbeLookahead fitted on this model's recorded hidden states, for
+                     prefetch='probe' (its layer l -> l+1 probe runs on the device like a router)
     predict_every    ask the predictor after every n-th layer and prefetch n layers ahead
                      (the predictor's own cost is on the critical path)
     prefetch_threshold  predicted use probability above which an expert is prefetched
@@ -78,6 +81,7 @@ class OffloadConfig:
     prefetch_k: int = 0
     cpu_fallback: bool = False
     predictor: Any = None
+    probes: Any = None
     predict_every: int = 1
     prefetch_threshold: float = 0.3
     trace: Any = None
@@ -117,6 +121,9 @@ class OffloadConfig:
         if needs_pred and not hasattr(self.predictor, "predict_batch"):
             raise ValueError("policy/prefetch 'predictor' needs predictor=<object with predict_batch> "
                              "(e.g. a routing.PathPredictor)")
+        if self.prefetch == "probe" and not all(hasattr(self.probes, a) for a in ("mean_lD", "std_lD", "W_lDSE", "b_lSE")):
+            raise ValueError("prefetch 'probe' needs probes=<routing.ProbeLookahead> fitted on this model's hidden "
+                             "states (`moe predictor train --features` writes them)")
         if self.policy == "belady" and self.trace is None:
             raise ValueError("policy 'belady' is an oracle: give trace=<RoutingTrace> of the future routing")
         if self.predict_every < 1:

@@ -14,6 +14,7 @@ token, E = experts per layer.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 class Lookahead:
@@ -142,3 +143,22 @@ class TransitionPredictor:
             out_NLE[:, j] = np.minimum(1.0, K * dist_NE)
             cur_NE = dist_NE
         return out_NLE
+
+
+class ProbeRouter(torch.nn.Module):
+    """Layer l's probe to layer l + 1 (a routing.ProbeLookahead's first target) on the device, with a
+    router's call shape: forward(x_TD) -> (None, None, logits_TE). What prefetch='probe' applies to
+    layer l's input in place of layer l+1's router (mixtral-offloading's speculation, fitted)."""
+
+    def __init__(self, probes, layer: int, device=None):
+        super().__init__()
+        if not 0 <= layer < probes.num_layers - 1:
+            raise ValueError(f"layer must be in 0..{probes.num_layers - 2} (a next layer must exist), got {layer}")
+        f32 = dict(dtype=torch.float32, device=device)
+        self.register_buffer("mean_D", torch.as_tensor(probes.mean_lD[layer], **f32))
+        self.register_buffer("std_D", torch.as_tensor(probes.std_lD[layer], **f32))
+        self.register_buffer("W_DE", torch.as_tensor(probes.W_lDSE[layer, :, 0], **f32))
+        self.register_buffer("b_E", torch.as_tensor(probes.b_lSE[layer, 0], **f32))
+
+    def forward(self, x_TD: torch.Tensor):
+        return None, None, ((x_TD.float() - self.mean_D) / self.std_D) @ self.W_DE + self.b_E

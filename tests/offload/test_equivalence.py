@@ -242,3 +242,23 @@ def test_a_predictor_that_reads_hidden_states_gets_each_layers_input(model, resi
     assert seen and {s[0] for s in seen} == set(range(L))
     assert all(shape[1] == D for _, shape in seen)
     assert m.offload_cache.stats()["prefetches"] > 0
+
+
+def test_probe_prefetch_keeps_output_and_checks_its_probes(model, resident):
+    """prefetch='probe': layer l's fitted probe (on the device, like a router) guesses layer l+1's
+    experts from layer l's input; the output is the resident one whatever it guesses."""
+    from routing import ProbeLookahead, hidden_matrix, record_sequences
+    blocks = model.moe_blocks()
+    seqs = np.random.default_rng(0).integers(1, 40, (6, 12)).tolist()
+    trace, feats = record_sequences(model, seqs, hidden_layers="all")
+    probes = ProbeLookahead.fit(trace, hidden_matrix(feats, len(blocks)), span=2)
+    m = offloaded(model, slots_per_layer=3, policy="lru", prefetch="probe", probes=probes)
+    _check(resident, greedy(m, PROMPT, STEPS))
+    assert m.offload_cache.stats()["prefetches"] > 0
+    with pytest.raises(ValueError, match="needs probes"):
+        OffloadConfig(slots_per_layer=2, prefetch="probe")
+    # probes of another model: one hidden unit short
+    wrong = ProbeLookahead(probes.mean_lD[:, 1:], probes.std_lD[:, 1:], probes.W_lDSE[:, 1:], probes.b_lSE,
+                           probes.log_pop_LE, probes.top_k)
+    with pytest.raises(ValueError, match="fit them on its own"):
+        offloaded(model, slots_per_layer=3, policy="lru", prefetch="probe", probes=wrong)
