@@ -20,8 +20,12 @@ def add_offload_args(parser: argparse.ArgumentParser) -> None:
                         "such as 0.3 of the device's memory); off when not given")
     g.add_argument("--offload-policy", default="lru", choices=[p for p in POLICIES if p not in ("predictor", "belady")],
                    help="eviction policy of the GPU expert cache (default lru)")
-    g.add_argument("--offload-prefetch", default="none", choices=["none", "next_layer_gate"],
-                   help="prefetch next layer's experts by applying its router to the current hidden state")
+    g.add_argument("--offload-prefetch", default="none", choices=["none", "next_layer_gate", "probe"],
+                   help="prefetch next layer's experts by applying its router (next_layer_gate) or a fitted probe "
+                        "(probe; needs --offload-probes) to the current hidden state")
+    g.add_argument("--offload-probes", default=None, metavar="FILE",
+                   help="probes fitted on this model's recorded hidden states (the P.probe.npz that `moe predictor "
+                        "train --features` writes), for --offload-prefetch probe")
     g.add_argument("--cpu-fallback", action="store_true",
                    help="compute missed experts on the CPU when that is cheaper than copying them (Fiddler)")
     g.add_argument("--expert-slices", type=int, default=1, metavar="G",
@@ -52,7 +56,16 @@ def apply_from_args(model, args: argparse.Namespace, checkpoint: str | None = No
         kv = kv_cache_bytes(model.config, batch_size, max_len, dtype)
     device = getattr(args, "device", None)
     device = None if device in (None, "auto") else str(device)
-    cfg = OffloadConfig(gpu_memory=gm, device=device, policy=args.offload_policy, prefetch=args.offload_prefetch, kv_cache_bytes=kv,
+    probes_file = getattr(args, "offload_probes", None)
+    if (args.offload_prefetch == "probe") != (probes_file is not None):
+        raise ValueError("--offload-prefetch probe and --offload-probes FILE go together (the probes to apply, "
+                         "from `moe predictor train --features`)")
+    probes = None
+    if probes_file is not None:
+        from routing.probe import ProbeLookahead
+        probes = ProbeLookahead.load(probes_file)
+    cfg = OffloadConfig(gpu_memory=gm, device=device, policy=args.offload_policy, prefetch=args.offload_prefetch,
+                        probes=probes, kv_cache_bytes=kv,
                         cpu_fallback=args.cpu_fallback, checkpoint=checkpoint,
                         expert_slices=getattr(args, "expert_slices", 1),
                         store="disk" if disk else ("auto" if checkpoint else "memory"))

@@ -138,6 +138,31 @@ def test_cli_args_apply_offload():
     torch.testing.assert_close(greedy(m, [5, 6], 2)[1], l0, atol=1e-6 if on_cpu else 1e-4, rtol=0)
 
 
+def test_cli_args_probe_prefetch(tmp_path):
+    import argparse
+
+    import numpy as np
+
+    from offload.cli_args import add_offload_args, apply_from_args
+    from routing import ProbeLookahead, hidden_matrix, record_sequences
+
+    p = argparse.ArgumentParser()
+    add_offload_args(p)
+    model = tiny_model("mixtral")
+    trace, feats = record_sequences(model, np.random.default_rng(0).integers(1, 40, (4, 10)).tolist(),
+                                    hidden_layers="all")
+    path = ProbeLookahead.fit(trace, hidden_matrix(feats, trace.num_layers)).save(tmp_path / "p.probe.npz")
+    m = apply_from_args(twin(model), p.parse_args(["--gpu-memory", "1GiB", "--offload-prefetch", "probe",
+                                                   "--offload-probes", str(path)]))
+    assert m.moe_blocks()[0].experts._next_router[0] is not None
+    on_cpu = m.offload_cache.device.type == "cpu"
+    torch.testing.assert_close(greedy(m, [5, 6], 2)[1], greedy(model, [5, 6], 2)[1], atol=1e-6 if on_cpu else 1e-4,
+                               rtol=0)
+    for bad in (["--offload-prefetch", "probe"], ["--offload-probes", str(path)]):
+        with pytest.raises(ValueError, match="go together"):
+            apply_from_args(twin(model), p.parse_args(["--gpu-memory", "1GiB", *bad]))
+
+
 def test_no_cache_clear():
     model = tiny_model("mixtral")
     m = apply_offload(twin(model), OffloadConfig(slots_per_layer=4, device="cpu", calibrate=False))
