@@ -15,6 +15,7 @@ PROMPT = [3, 17, 5, 9, 30]
     dict(slots_per_layer=1),
     dict(slots_per_layer=3, cpu_fallback=True, copy_gbps=1e-3, cpu_gflops=1e-3),
     dict(slots_per_layer=3, prefetch="next_layer_gate"),
+    dict(slots_per_layer=3, prefetch="probe"),
     dict(slots_per_layer=3, policy="predictor", prefetch="predictor"),
     dict(slots_per_layer=3, expert_slices=2),
     dict(slots_per_layer=5, expert_slices=2, cpu_fallback=True, copy_gbps=2e-3, cpu_gflops=1e-3),
@@ -26,6 +27,13 @@ def test_gpu_offloaded_equals_gpu_resident(kw):
     if kw.get("policy") == "predictor":
         L = len(model.moe_blocks())
         kw["predictor"] = TransitionPredictor.fit(synthesize(num_layers=L, num_experts=8, top_k=2, seed=0))
+    if kw.get("prefetch") == "probe":  # probes fitted on the model's own hidden states (on the CPU)
+        import numpy as np
+
+        from routing import ProbeLookahead, hidden_matrix, record_sequences
+        trace, feats = record_sequences(model, np.random.default_rng(0).integers(1, 40, (4, 10)).tolist(),
+                                        hidden_layers="all")
+        kw = dict(kw, probes=ProbeLookahead.fit(trace, hidden_matrix(feats, trace.num_layers)))
     m = apply_offload(twin(model), OffloadConfig(device="cuda", calibrate=False, **kw))
     assert m.offload_cache.copy_stream is not None and m.offload_cache.pool_w13[0].is_cuda
     assert m.offload_cache.store.pinned
