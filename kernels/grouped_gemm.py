@@ -551,13 +551,13 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _persistent_grid(al: AlignedRouting, n: int, cfg: GemmConfig, t: torch.Tensor, w_desc) -> tuple[int] | None:
+def _persistent_grid(al: AlignedRouting, n: int, cfg: GemmConfig, t: torch.Tensor, w_tma: bool) -> tuple[int] | None:
     """The persistent grid (GemmConfig.persistent programs per SM, never more than the tiles) when the
     config asks for one and the call allows: sorted row blocks (one-pair blocks keep a program each)
-    and the weight tiles by TMA (w_desc). Without TMA, e.g. the backward's dx GEMM reading w13
+    and the weight tiles by TMA (w_tma). Without TMA, e.g. the backward's dx GEMM reading w13
     transposed through pointers, the flattened loop measured 1.5-1.65x slower than per-tile programs
     (H200, session 10, run s10-7): those calls keep the per-tile grid."""
-    if not cfg.persistent or al.pair_blocks or w_desc is None:
+    if not cfg.persistent or al.pair_blocks or not w_tma:
         return None
     sms = INTERPRETED_PERSISTENT_PROGRAMS if _interpreted() else _sm_count(t.device.index or 0)
     return (min(cfg.persistent * sms, _grid(al, n, cfg)[0]),)
@@ -572,27 +572,33 @@ def _tail(al: AlignedRouting, cfg: GemmConfig) -> int:
     return t
 
 
-def _weight_desc(w_E, cfg: GemmConfig):
-    """A TMA descriptor over w_E [E, N, K] (tiles [1, block_n, block_k]) when the config asks for one
-    and the GPU and layout allow it (Hopper or newer, or the interpreter; K contiguous, 16-byte aligned
-    base and strides); else None and the kernel loads through pointers."""
-    if not cfg.tma:
-        return None
-    if not tma_ok(w_E):
-        return None
+def _weight_tma(w_E, cfg: GemmConfig) -> bool:
+    """Whether weight tiles of w_E [E, N, K] may come by TMA: the config asks for it and the GPU and
+    layout allow it (Hopper or newer, or the interpreter; K contiguous, 16-byte aligned base and
+    strides); else the kernel loads them through pointers."""
+    if not cfg.tma or not tma_ok(w_E):
+        return False
     es = w_E.element_size()
-    if (w_E.stride(2) != 1 or w_E.data_ptr() % 16 or (w_E.stride(0) * es) % 16 or (w_E.stride(1) * es) % 16
-            or cfg.block_k * es < 16):
-        return None
+    return not (w_E.stride(2) != 1 or w_E.data_ptr() % 16 or (w_E.stride(0) * es) % 16 or (w_E.stride(1) * es) % 16
+                or cfg.block_k * es < 16)
+
+
+def _tile_desc(w_E, cfg: GemmConfig):
+    """The TMA descriptor over w_E [E, N, K], tiles [1, block_n, block_k] (_weight_tma has said yes).
+    Made per call, never cached: a descriptor holds its tensor, and a cache would keep freed models'
+    weights alive (seen: a second model could not be built after the first was deleted)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
-    # made per call, never cached: a descriptor holds its tensor, and a cache would keep freed
-    # models' weights alive (seen: a second model could not be built after the first was deleted)
     return TensorDescriptor(w_E, list(w_E.shape), list(w_E.stride()), [1, cfg.block_n, cfg.block_k])
+
+
+def _weight_desc(w_E, cfg: GemmConfig):
+    """A TMA descriptor over w_E's weight tiles where _weight_tma allows, else None."""
+    return _tile_desc(w_E, cfg) if _weight_tma(w_E, cfg) else None
 
 
 def _joint_desc(w13_EJD, cfg: GemmConfig):
     """w13 [E, 2I, D] (gate rows, then up rows) viewed as [E, 2, I, D], tiles [1, 2, block_n, block_k]:
-    a gate tile and its up tile in one load (_weight_desc has checked the layout)."""
+    a gate tile and its up tile in one load (_weight_tma has checked the layout)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
     E, J, D = w13_EJD.shape
     s0, s1, s2 = w13_EJD.stride()
@@ -642,13 +648,13 @@ def moe_up(x_TD, w13_EJD, al: AlignedRouting, cfg: GemmConfig, save_preact: bool
     S = al.num_rows
     h = torch.empty(S, I, dtype=x_TD.dtype, device=x_TD.device)
     gu = torch.empty(S, J, dtype=x_TD.dtype, device=x_TD.device) if save_preact else h
-    desc = _weight_desc(w13_EJD, cfg)
+    w_tma = _weight_tma(w13_EJD, cfg)
     tail = _tail(al, cfg)
     a_descs = None
     if _rows_by_tma(x_TD, D, al, cfg):  # (else no gathered copy: the kernel gathers x through pointers)
         a_descs = _row_descs(gather_sorted_rows(x_TD, al), al, cfg, tail)
-    grid = _persistent_grid(al, I, cfg, x_TD, desc)
-    if grid is not None:
+    grid = _persistent_grid(al, I, cfg, x_TD, w_tma)
+    if grid is not None:  # (its own view of w13: gate and up tiles in one box)
         _moe_up_persistent[grid](
             x_TD, _joint_desc(w13_EJD, cfg), (a_descs or (None,))[0], h, gu, al.sorted_pair_S, al.block_expert_B, al.num_padded_1,
             D, I, al.num_pairs, x_TD.stride(0), h.stride(0), gu.stride(0),
@@ -657,6 +663,7 @@ def moe_up(x_TD, w13_EJD, al: AlignedRouting, cfg: GemmConfig, save_preact: bool
             BLOCK_M=al.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return h, (gu if save_preact else None)
+    desc = _tile_desc(w13_EJD, cfg) if w_tma else None
     _moe_up[_grid(al, I, cfg)](
         x_TD, w13_EJD, desc, *(a_descs or (None, None, None)), h, gu, al.sorted_pair_S, al.block_expert_B,
         al.num_padded_1,
@@ -682,7 +689,7 @@ def moe_gemm(a, b_E, b_strides, n: int, kd: int, al: AlignedRouting, cfg: GemmCo
     desc = _weight_desc(b_E, cfg) if natural else None
     tail = _tail(al, cfg)
     a_descs = None if a_gather else _row_descs(a, al, cfg, tail)
-    grid = _persistent_grid(al, n, cfg, a, desc)
+    grid = _persistent_grid(al, n, cfg, a, desc is not None)
     if grid is not None:
         _moe_gemm_persistent[grid](
             a, desc, (a_descs or (None,))[0], c, weight_P if weight_P is not None else c, al.sorted_pair_S,
@@ -739,5 +746,5 @@ def moe_sum(out_PD, topk_ids_TK, num_experts: int, out_dtype, pdl: bool = False)
     ids = topk_ids_TK if topk_ids_TK.is_contiguous() else topk_ids_TK.contiguous()
     block_d = min(1024, next_pow2(D))
     _moe_sum[(T, cdiv(D, block_d))](out_PD, ids, y, D, num_experts, out_PD.stride(0), y.stride(0),
-                                           TOP_K=K, BLOCK_D=block_d, PDL=pdl, num_warps=4, **_pdl(pdl))
+                                    TOP_K=K, BLOCK_D=block_d, PDL=pdl, num_warps=4, **_pdl(pdl))
     return y
