@@ -173,7 +173,7 @@ def align_triton(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> A
     e_p2 = next_pow2(max(E, 2))
     chunk = max(16, min(next_pow2(max(P, 1)), 8192 // e_p2 if e_p2 <= 512 else 16))
     _align[(1,)](ids, sorted_pair, block_expert, num_padded, expert_start, P, E, S, S // block_m,
-                        BLOCK_M=block_m, E_P2=e_p2, CHUNK=chunk, num_warps=4 if e_p2 * chunk <= 4096 else 8)
+                 BLOCK_M=block_m, E_P2=e_p2, CHUNK=chunk, num_warps=4 if e_p2 * chunk <= 4096 else 8)
     return AlignedRouting(sorted_pair, block_expert, num_padded, expert_start, P, K, block_m)
 
 
@@ -283,11 +283,11 @@ def align_parallel(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int,
     fill = cdiv(S, G)
     warps = 4 if chunk <= 512 else 8
     _count[(G,)](ids, counts, sorted_pair, P, E, S, fill, E_P2=e_p2, CHUNK=chunk,
-                        FILL_BLOCK=min(1024, next_pow2(fill)), num_warps=warps)
+                 FILL_BLOCK=min(1024, next_pow2(fill)), num_warps=warps)
     _scatter[(G,)](ids, counts, sorted_pair, expert_start, num_padded, block_expert, P, E, G, num_blocks, bpg,
-                          BLOCK_M=block_m, E_P2=e_p2, CHUNK=chunk,
-                          GC=max(1, min(COUNT_ROWS, next_pow2(G), COUNT_CELLS // e_p2)),
-                          BSUB=max(1, min(next_pow2(bpg), 4096 // e_p2)), num_warps=warps)
+                   BLOCK_M=block_m, E_P2=e_p2, CHUNK=chunk,
+                   GC=max(1, min(COUNT_ROWS, next_pow2(G), COUNT_CELLS // e_p2)),
+                   BSUB=max(1, min(next_pow2(bpg), 4096 // e_p2)), num_warps=warps)
     return AlignedRouting(sorted_pair, block_expert, num_padded, expert_start, P, K, block_m)
 
 

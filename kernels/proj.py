@@ -101,5 +101,5 @@ def multi_linear(x_MK: torch.Tensor, weights: list[torch.Tensor], block_n: int |
     ws3, ys3 = ws + [ws[-1]] * (3 - len(ws)), ys + [ys[-1]] * (3 - len(ys))
     P = [cdiv(w.shape[0], cfg["BLOCK_N"]) for w in ws] + [0] * (3 - len(ws))
     _multi_gemv[(sum(P),)](x, *ws3, *ys3, M, K, *(w.shape[0] for w in ws3), P[0], P[1],
-                                  x.stride(0), *(w.stride(0) for w in ws3), *(y.stride(0) for y in ys3), **cfg)
+                           x.stride(0), *(w.stride(0) for w in ws3), *(y.stride(0) for y in ys3), **cfg)
     return ys

@@ -76,7 +76,7 @@ class OffloadedExperts(nn.Module):
         cache, G = self.cache, self.slices
         hidden = None
         if self.lookahead is not None and self.lookahead.wants_hidden:  # (a small copy; ids_np already synced)
-            hidden = x_TD.detach().float().cpu().numpy()
+            hidden = x_TD.detach().to("cpu", torch.float32).numpy()
         predicted = self.lookahead is not None and self.lookahead.observe(self.layer, ids_np, hidden)
         # the predictor's guesses never queue ahead of a demand copy: only an idle copy engine takes them
         if predicted and self.predictor_prefetch and not cache.copies_in_flight(self.layer):
