@@ -1,6 +1,6 @@
 """Routing-path prediction, token scheduling and predictor-driven expert caching (ExpertFlow).
 
-    python benchmarks/predictor.py [--quick] [--traces benchmarks/traces]
+    python benchmarks/predictor.py [--quick] [--traces benchmarks/traces] [--recorded-only]
 
 For every trace (synthetic ones, and each recorded ``benchmarks/traces/*.npz`` with its optional
 companion ``*.features.npz`` of hidden states), split by request 50/50 into train and test:
@@ -19,7 +19,7 @@ companion ``*.features.npz`` of hidden states), split by request 50/50 into trai
 2. the token scheduler: distinct experts per batch (summed over layers) under FIFO and under
    grouping by predicted path, with the largest extra wait any token saw (bound: 2 batches);
 3. when offload.simulate exists: the expert-cache hit ratio at 10/25/50% of the experts per
-   layer for 4 test requests decoding together: LRU and Belady (the optimum of demand caching)
+   layer for 4 test requests decoding together, and for the longest one decoding alone: LRU and Belady (the optimum of demand caching)
    without prefetch; then with prefetch of the next layer's experts after each layer, at most
    ``prefetch_budget`` = 1 or 2 expert copies per layer (what the copy engine moves during one
    layer's compute at Qwen3-30B-A3B's ratios; a used prefetched expert counts as a hit): LRU
@@ -191,27 +191,34 @@ def run_trace(name: str, trace: RoutingTrace, feats: dict | None, quick: bool, s
                       f"({100 * (v.distinct_experts_per_batch / fifo.distinct_experts_per_batch - 1):+.0f}%, "
                       f"max extra wait {v.max_extra_wait})" for k, v in sched.items()))
 
-    hits = hit_ratios(test, models, 256 if quick else 1024, hidden_NLD=None if f_test is None else f_test["hidden_NLD"])
+    hid_test = None if f_test is None else f_test["hidden_NLD"]
+    hits = hit_ratios(test, models, 256 if quick else 1024, hidden_NLD=hid_test)
+    # one sequence decoding alone: the offloading case of a single user (issue 5), where a layer's few
+    # experts leave the copy budget room to bring in most of the next layer's
+    hits1 = hit_ratios(test, models, 128 if quick else 512, batch=1, hidden_NLD=hid_test)
     if hits is None:
         print("  note: offload.simulate not available: no cache hit ratios")
     else:
-        print("cache hit ratio (4 requests decoding together) at " + "/".join(f"{int(b * 100)}%" for b in BUDGETS)
-              + " of experts per layer:")
-        for k, v in hits.items():
-            print(f"  {k:<28}" + "".join(f"{x:>8.3f}" for x in v))
+        for label, h in (("4 requests decoding together", hits), ("1 request decoding alone", hits1)):
+            print(f"cache hit ratio ({label}) at " + "/".join(f"{int(b * 100)}%" for b in BUDGETS)
+                  + " of experts per layer:")
+            for k, v in h.items():
+                print(f"  {k:<28}" + "".join(f"{x:>8.3f}" for x in v))
     by = {n: r for n, r, _ in rows}
     best = {d: max(by[n][d]["mean_recall"] for n in by if n != "predictor") for d in ("1", "2", "4")}
-    summary.append((name, by["predictor"], best, rows[0][2], sched["predictor"], fifo, hits))
+    summary.append((name, by["predictor"], best, rows[0][2], sched["predictor"], fifo, hits, hits1))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller traces (a minute on 2 cores)")
     ap.add_argument("--traces", type=Path, default=ROOT / "benchmarks" / "traces")
+    ap.add_argument("--recorded-only", action="store_true",
+                    help="only the recorded traces: no synthetic ones, no cost at Qwen3-30B-A3B's shape")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # the predictor's cost is quoted for one CPU core
     summary: list = []
-    for name, trace in synthetic_suite(args.quick):
+    for name, trace in ([] if args.recorded_only else synthetic_suite(args.quick)):
         run_trace(name, trace, None, args.quick, summary)
     recorded = recorded_suite(args.traces) if args.traces.is_dir() else []
     if not recorded:
@@ -220,11 +227,18 @@ def main(argv=None) -> int:
     for name, trace, feats in recorded:
         run_trace(name, trace, feats, args.quick, summary)
 
+    if not args.recorded_only:
+        qwen3_shape_cost(args.quick)
+    print_summary(summary)
+    return 0
+
+
+def qwen3_shape_cost(quick: bool) -> None:
     # the predictor's cost at a real model's shape (Qwen3-30B-A3B: 48 MoE layers, 128 experts, top-8)
     big = synthesize(num_layers=48, num_experts=128, top_k=8, num_requests=8, tokens_per_request=32,
                      popularity_skew=0.8, affinity=0.5, temporal_locality=0.3, seed=5)
     t0 = time.perf_counter()
-    pbig = PathPredictor.fit(big, PredictorConfig(fit_elements=1 << 20, fit_iters=3 if args.quick else 20))
+    pbig = PathPredictor.fit(big, PredictorConfig(fit_elements=1 << 20, fit_iters=3 if quick else 20))
     fit_s = time.perf_counter() - t0
     costs = {layer: cost_per_token_us(pbig, big, layer=layer) for layer in (-1, 0, 24, 46)}
     print(f"\npredictor at Qwen3-30B-A3B shape (fit {fit_s:.1f} s on {big.num_tokens} tokens): CPU us/token "
@@ -236,20 +250,23 @@ def main(argv=None) -> int:
     print("predictor at Qwen3-30B-A3B shape: CPU us per call at batch 1 | 8, last known layer 0/24/46: "
           + " | ".join("/".join(f"{v:.0f}" for v in calls[b]) for b in (1, 8)))
 
+
+def print_summary(summary: list) -> None:
     print("\n=== summary (predictor: recall of the top-k set; best baseline at 1/2/4 ahead; scheduler; "
-          "hit ratio @25%: demand LRU, Belady, predictor policy + prefetch at 1 and 2 copies/layer)")
+          "hit ratio @25% with 4 requests: demand LRU, Belady, predictor policy + prefetch at 1 and 2 copies/layer; "
+          "and with 1 request alone: LRU, predictor policy at 2 copies/layer)")
     head = (f"{'trace':<22}{'R@1':>7}{'R@2':>7}{'R@4':>7}{'R@all':>7}{'best base 1/2/4':>18}{'us/tok':>8}"
-            f"{'sched %':>9}{'wait':>5}{'LRU@25':>8}{'Bel@25':>8}{'pred b1':>8}{'pred b2':>8}")
+            f"{'sched %':>9}{'wait':>5}{'LRU@25':>8}{'Bel@25':>8}{'pred b1':>8}{'pred b2':>8}{'1:LRU':>8}{'1:pb2':>8}")
     print(head)
     print("-" * len(head))
-    for name, r, best, us, s, fifo, hits in summary:
+    keys = ("lru (demand)", "belady (demand)", "b1 predictor policy", "b2 predictor policy")
+    for name, r, best, us, s, fifo, hits, hits1 in summary:
         red = 100 * (s.distinct_experts_per_batch / fifo.distinct_experts_per_batch - 1)
-        h = "".join(f"{hits[k][1]:>8.3f}" if hits else f"{'-':>8}"
-                    for k in ("lru (demand)", "belady (demand)", "b1 predictor policy", "b2 predictor policy"))
+        h = "".join(f"{hits[k][1]:>8.3f}" if hits else f"{'-':>8}" for k in keys)
+        h += "".join(f"{hits1[k][1]:>8.3f}" if hits1 else f"{'-':>8}" for k in ("lru (demand)", "b2 predictor policy"))
         b = "/".join(f"{best[d]:.3f}" for d in ("1", "2", "4"))
         print(f"{name:<22}{r['1']['mean_recall']:>7.3f}{r['2']['mean_recall']:>7.3f}{r['4']['mean_recall']:>7.3f}"
               f"{r['all']['mean_recall']:>7.3f}{b:>18}{us:>8.1f}{red:>+9.0f}{s.max_extra_wait:>5}{h}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 # 16-layer x 64-expert top-8 model for routing traces, on the Python stdlib corpus; evaluates
 # each on held-out text; records routing traces on held-out text; prints a summary table last.
 #
-# GPU (one H200, ~8 minutes):      bash benchmarks/train_default.sh
+# GPU (one H200, ~12 minutes):      bash benchmarks/train_default.sh
 # CPU smoke test (tiny settings):  SMOKE=1 bash benchmarks/train_default.sh
 #
 # Environment:
@@ -86,8 +86,12 @@ fi
 if run_stage large; then
 stamp "large model for traces (16 layers x 64 experts, top-8)"
 rm -rf "$WORK/large"
+# on a GPU the fused Triton kernels train it (~80k tokens/s on an H200, where the torch backend's loop over
+# 64 experts x 16 layers made 5k: 59 steps in 1.5 minutes and a collapsed router, BENCHMARKS 7c)
+LARGE_BACKEND=""
+case "$DEVICE" in cuda*) LARGE_BACKEND="--backend triton" ;; esac
 $PY -m moe.train --config moe/recipes/large_traces.json --data "$WORK/corpus" --out "$WORK/large" \
-    --device "$DEVICE" $EXTRA 2>&1 | tee -a "$LOG"
+    --device "$DEVICE" $LARGE_BACKEND $EXTRA 2>&1 | tee -a "$LOG"
 
 fi
 
