@@ -1,6 +1,6 @@
 """Live offloaded decode of the embedded default model: which prefetch reads the next layer best.
 
-    python benchmarks/prefetch_live.py [--traces runs/traces_features] [--slots 2] [--requests 4] [--tokens 64]
+    python benchmarks/prefetch_live.py [--traces runs/traces_features] [--slots 2] [--requests 4] [--tokens 64] [--budgets 1 2]
 
 Needs a routing trace recorded from the default model with its hidden states
 (``python benchmarks/record_trace.py --tokens 16384 --out runs/traces_features``). Its requests are split
@@ -15,6 +15,10 @@ once per prefetch mode:
     predictor          LRU + the path predictor's prefetch (with the probes as its lookahead source,
                        handed each layer's input)
     predictor policy   the predictor's eviction and prefetch
+    predictor bN       the predictor's prefetch queued behind the layer's demand copies, at most N
+                       expert copies per layer (``OffloadConfig.prefetch_budget``; the rows above
+                       prefetch only while the copy engine is idle)
+    pred. policy bN    the same with the predictor's eviction
 
 Prints the expert-cache hit ratio and the prefetches' precision / recall of each. Runs on the CPU: it
 measures what each guess is worth, not time (the copy engine's overlap is BENCHMARKS section 3's).
@@ -50,6 +54,9 @@ def main(argv=None) -> int:
     ap.add_argument("--slots", type=int, default=2, help="expert slots per MoE layer")
     ap.add_argument("--requests", type=int, default=4, help="test requests decoded together")
     ap.add_argument("--tokens", type=int, default=64, help="tokens decoded per request")
+    ap.add_argument("--budgets", type=float, nargs="*", default=[1.0, 2.0],
+                    help="prefetch budgets (expert copies per layer) for the predictor rows that queue "
+                         "behind demand copies (OffloadConfig.prefetch_budget)")
     args = ap.parse_args(argv)
     trace_path, feat_path = args.traces / "default.npz", args.traces / "default.features.npz"
     if not (trace_path.is_file() and feat_path.is_file()):
@@ -84,6 +91,10 @@ def main(argv=None) -> int:
         "predictor": dict(prefetch="predictor", predictor=pred),
         "predictor policy": dict(policy="predictor", prefetch="predictor", predictor=pred),
     }
+    for b in args.budgets:  # the predictor's prefetch queued behind demand copies, b copies per layer
+        modes[f"predictor b{b:g}"] = dict(prefetch="predictor", predictor=pred, prefetch_budget=b)
+        modes[f"pred. policy b{b:g}"] = dict(policy="predictor", prefetch="predictor", predictor=pred,
+                                             prefetch_budget=b)
     print(f"{'prefetch':<18}{'hit ratio':>10}{'prefetches':>12}{'precision':>11}{'recall':>8}")
     for name, kw in modes.items():
         m = apply_offload(copy.deepcopy(base), OffloadConfig(slots_per_layer=args.slots, device="cpu", calibrate=False,

@@ -33,7 +33,7 @@ from .config import OffloadConfig, parse_bytes
 from .cost_model import CostModel
 from .cpu_compute import cpu_experts
 from .policies import count_ids, make_policy
-from .prefetch import Lookahead, ProbeRouter
+from .prefetch import CopyBudget, Lookahead, ProbeRouter
 from .slices import check_slices, expand_ids, expand_weights, unit_trace, units_of
 from .store import DiskExpertStore, ExpertStore, HostExpertStore
 
@@ -44,8 +44,10 @@ class OffloadedExperts(nn.Module):
     def __init__(self, layer: int, cache: ExpertCache, top_k: int, backend: str = "torch",
                  cost_model: CostModel | None = None, cpu_fallback: bool = False,
                  next_router: nn.Module | None = None, lookahead: Lookahead | None = None,
-                 predictor_prefetch: bool = False, prefetch_k: int = 0, miss_split: str = "reuse"):
+                 predictor_prefetch: bool = False, prefetch_k: int = 0, miss_split: str = "reuse",
+                 copy_budget: CopyBudget | None = None):
         super().__init__()
+        self.copy_budget = copy_budget  # shared by every layer (one copy engine); None: prefetch when idle
         self.miss_split = miss_split
         self.layer, self.cache, self.top_k = layer, cache, top_k
         self.backend = backend
@@ -78,11 +80,20 @@ class OffloadedExperts(nn.Module):
         if self.lookahead is not None and self.lookahead.wants_hidden:  # (a small copy; ids_np already synced)
             hidden = x_TD.detach().to("cpu", torch.float32).numpy()
         predicted = self.lookahead is not None and self.lookahead.observe(self.layer, ids_np, hidden)
-        # the predictor's guesses never queue ahead of a demand copy: only an idle copy engine takes them
-        if predicted and self.predictor_prefetch and not cache.copies_in_flight(self.layer):
+        budget = self.copy_budget
+        if budget is not None:
+            budget.tick()
+        # the predictor's guesses queue behind this layer's demand copies: within the copy budget when
+        # one is set, else only when the copy engine is idle (never ahead of a demand copy either way)
+        if predicted and self.predictor_prefetch and (budget is not None or not cache.copies_in_flight(self.layer)):
             for j in self.lookahead.targets(self.layer):
-                cache.prefetch(j, units_of(self.lookahead.to_prefetch(j, self.prefetch_k * len(ids_np), cache.slots // G,
-                                                                      self._expert_resident), G))
+                want = self.lookahead.to_prefetch(j, self.prefetch_k * len(ids_np), cache.slots // G,
+                                                  self._expert_resident)
+                if budget is not None:
+                    want = want[:budget.available()]
+                issued = cache.prefetch(j, units_of(want, G))
+                if budget is not None:
+                    budget.spend(issued / G)
         if nxt >= cache.num_layers:
             return
         router = self._next_router[0]
@@ -383,6 +394,9 @@ def install(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: torch.dev
                          tokens_per_step=cfg.trace_batch, slices=G)
     cache = ExpertCache(store, slots, policy, device)
     cache.cost_model = cost
+    budget = None
+    if cfg.prefetch_budget is not None and cfg.prefetch == "predictor":
+        budget = CopyBudget(cfg.prefetch_budget, cfg.predict_every)
     if cfg.prefetch == "probe":
         D = store.w2_shape[0]
         if cfg.probes.num_layers != len(blocks) or cfg.probes.hidden_size != D:
@@ -397,7 +411,7 @@ def install(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: torch.dev
             nxt = ProbeRouter(cfg.probes, i, device)
         b.experts = OffloadedExperts(i, cache, top_k, backend=backend, cost_model=cost, cpu_fallback=cfg.cpu_fallback,
                                      next_router=nxt, lookahead=lookahead, predictor_prefetch=cfg.prefetch == "predictor",
-                                     prefetch_k=cfg.prefetch_k, miss_split=cfg.miss_split)
+                                     prefetch_k=cfg.prefetch_k, miss_split=cfg.miss_split, copy_budget=budget)
     return cache
 
 

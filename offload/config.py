@@ -61,6 +61,10 @@ class OffloadConfig:
     predict_every    ask the predictor after every n-th layer and prefetch n layers ahead
                      (the predictor's own cost is on the critical path)
     prefetch_threshold  predicted use probability above which an expert is prefetched
+    prefetch_budget  expert copies the predictor's prefetch may queue per MoE layer, behind that
+                     layer's demand copies (credit banked up to max(1, budget x predict_every));
+                     about what the copy engine moves during one layer's compute. None: the
+                     predictor prefetches only while the copy engine is idle
     trace            RoutingTrace, the future for the Belady policy (simulation / benchmarks)
     trace_batch      tokens per model step in that trace (1 = single-sequence decode)
     kv_cache_bytes   bytes the KV cache will take on the device (counted before the experts)
@@ -84,6 +88,7 @@ class OffloadConfig:
     probes: Any = None
     predict_every: int = 1
     prefetch_threshold: float = 0.3
+    prefetch_budget: float | None = None
     trace: Any = None
     trace_batch: int = 1
     kv_cache_bytes: int | str = 0
@@ -126,6 +131,13 @@ class OffloadConfig:
                              "states (`moe predictor train --features` writes them)")
         if self.policy == "belady" and self.trace is None:
             raise ValueError("policy 'belady' is an oracle: give trace=<RoutingTrace> of the future routing")
+        if self.prefetch_budget is not None:
+            if not self.prefetch_budget >= 0:
+                raise ValueError(f"prefetch_budget must be >= 0 expert copies per layer (or None), "
+                                 f"got {self.prefetch_budget}")
+            if self.prefetch != "predictor":
+                raise ValueError(f"prefetch_budget limits the predictor's prefetch; it does nothing with "
+                                 f"prefetch={self.prefetch!r} (use prefetch='predictor' or drop it)")
         if self.predict_every < 1:
             raise ValueError(f"predict_every must be >= 1, got {self.predict_every}")
         if not 0.0 <= self.prefetch_threshold < 1.0:

@@ -90,6 +90,31 @@ class Lookahead:
         return range(layer + 1, min(layer + 1 + self.every, self.num_layers))
 
 
+class CopyBudget:
+    """Expert copies the predictor's prefetch may still queue: ``per_layer`` more after each MoE layer,
+    banked up to ``max(1, per_layer * every)`` (a predictor asked every few layers prefetches for those
+    layers at once). What the copy engine moves during one layer's compute: at Qwen3-30B-A3B's ratios
+    (one expert copy ~0.2 ms over PCIe, a decode layer ~0.1-0.2 ms) about 1; at Mixtral's far less.
+    One budget per model: there is one copy engine."""
+
+    def __init__(self, per_layer: float, every: int = 1):
+        if not per_layer >= 0:
+            raise ValueError(f"prefetch budget must be >= 0 expert copies per layer, got {per_layer}")
+        self.per_layer = float(per_layer)
+        self.bank = max(1.0, self.per_layer * every)
+        self.credit = 0.0
+
+    def tick(self) -> None:
+        """One layer's compute has passed: the copy engine can fit ``per_layer`` more copies."""
+        self.credit = min(self.credit + self.per_layer, self.bank)
+
+    def available(self) -> int:
+        return int(self.credit)
+
+    def spend(self, copies: float) -> None:
+        self.credit = max(self.credit - copies, 0.0)
+
+
 class TransitionPredictor:
     """Baseline routing predictor: P(expert at l+1 | experts at l) from counts, mixed with the
     previous token's choice at the same layer (temporal locality). Implements `predict_batch`."""

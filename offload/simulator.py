@@ -37,7 +37,7 @@ import torch
 from .cache import ExpertCache
 from .cost_model import CostModel
 from .policies import BeladyPolicy, Policy, future_from_trace, make_policy
-from .prefetch import Lookahead
+from .prefetch import CopyBudget, Lookahead
 from .store import ExpertStore
 
 PREFETCH_MODES = ("none", "predictor", "oracle")
@@ -118,9 +118,8 @@ def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per
         ready[(layer, expert)] = copy_free
 
     t_start = 0.0
-    credit = 0.0  # prefetch copies the copy engine can still fit in (prefetch_budget)
-    # a predictor asked every few layers prefetches for those layers at once: let its credit build up
-    bank = None if prefetch_budget is None else max(1.0, prefetch_budget * (lookahead.every if lookahead else 1))
+    # prefetch copies the copy engine can still fit in (prefetch_budget)
+    budget = None if prefetch_budget is None else CopyBudget(prefetch_budget, lookahead.every if lookahead else 1)
     for si, ids_LBK in enumerate(steps):
         if si == warmup_steps and si:
             cache.reset_stats()
@@ -166,8 +165,8 @@ def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per
                 busy = copy_free > t
             else:
                 busy = cache.copies_in_flight(layer) if prefetch_budget is None else False
-            if prefetch_budget is not None:
-                credit = min(credit + prefetch_budget, bank)
+            if budget is not None:
+                budget.tick()
             if prefetch == "predictor" and predicted and not busy:
                 want = [(j, lookahead.to_prefetch(j, prefetch_k * len(ids_BK), S, cache.is_resident))
                         for j in lookahead.targets(layer)]
@@ -176,13 +175,13 @@ def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per
                 want = [(nl, [int(e) for e in np.unique(nxt[nxt >= 0])][:S])]
             for j, experts in want:
                 avail = [e for e in experts if not cache.is_resident(j, e)]
-                if prefetch_budget is not None:
-                    avail = avail[:int(credit)]
+                if budget is not None:
+                    avail = avail[:budget.available()]
                     experts = avail
                 before = set(cache.resident(j))
                 issued = cache.prefetch(j, experts)
-                if prefetch_budget is not None:
-                    credit -= issued
+                if budget is not None:
+                    budget.spend(issued)
                 for e in avail:
                     if e in cache.slot_of[j] and e not in before:
                         queue_copy(j, e, t)

@@ -219,6 +219,67 @@ def test_route_by_trace_without_logits_and_with_dropped_slots(model):
     assert torch.all(lg1.gather(1, ids1.clamp(min=0))[ids1 >= 0] > -1e3)
 
 
+@pytest.mark.parametrize("budget", [0, 1, 2])
+def test_predictor_prefetch_within_a_copy_budget(model, resident, budget):
+    """prefetch_budget: the predictor's prefetch queues behind the layer's demand copies (not only when
+    the copy engine is idle), at most `budget` expert copies per layer on average; output unchanged."""
+    blocks = model.moe_blocks()
+    L, E = len(blocks), blocks[0].experts.w13.shape[0]
+
+    class Rotating:  # always predicts two experts per later layer that are often not resident
+        num_layers, num_experts, top_k = L, E, 2
+        calls = 0
+
+        def predict_batch(self, prev, layer, known, features=None):
+            Rotating.calls += 1
+            probs = np.zeros((known.shape[0], L, E), dtype=np.float32)
+            probs[:, :, [Rotating.calls % E, (Rotating.calls + 3) % E]] = 0.9
+            return probs
+    m = offloaded(model, slots_per_layer=3, policy="lru", prefetch="predictor", predictor=Rotating(),
+                  prefetch_budget=budget)
+    _check(resident, greedy(m, PROMPT, STEPS))
+    st = m.offload_cache.stats()
+    # the prompt's forward, then one per generated token; every layer but the last prefetches for the next
+    layer_calls = (L - 1) * (STEPS + 1)
+    assert st["prefetches"] <= budget * layer_calls
+    if budget == 0:
+        assert st["prefetches"] == 0
+    else:
+        assert st["prefetches"] >= layer_calls // 2  # demand misses no longer hold it back
+    # idle-only (no budget): on the CPU a layer that copied anything this step does not prefetch
+    idle = offloaded(model, slots_per_layer=3, policy="lru", prefetch="predictor", predictor=Rotating())
+    greedy(idle, PROMPT, STEPS)
+    if budget == 2:
+        assert st["prefetches"] > idle.offload_cache.stats()["prefetches"]
+
+
+def test_prefetch_budget_config_errors():
+    with pytest.raises(ValueError, match="prefetch_budget must be >= 0"):
+        OffloadConfig(slots_per_layer=2, prefetch="predictor", predictor=TransitionPredictor(2, 4, 2), prefetch_budget=-1)
+    with pytest.raises(ValueError, match="does nothing with prefetch='next_layer_gate'"):
+        OffloadConfig(slots_per_layer=2, prefetch="next_layer_gate", prefetch_budget=1)
+
+
+def test_copy_budget_banks_and_spends():
+    from offload import CopyBudget
+    b = CopyBudget(0.5)
+    assert b.available() == 0
+    b.tick()
+    assert b.available() == 0
+    b.tick()
+    assert b.available() == 1
+    b.tick()  # banked at most max(1, 0.5 x every=1) = 1
+    assert b.credit == 1.0
+    b.spend(1)
+    assert b.available() == 0
+    b4 = CopyBudget(2, every=3)  # asked every 3 layers: up to 6 banked for those layers at once
+    for _ in range(5):
+        b4.tick()
+    assert b4.available() == 6
+    with pytest.raises(ValueError, match="copies per layer"):
+        CopyBudget(-0.5)
+
+
 def test_a_predictor_that_reads_hidden_states_gets_each_layers_input(model, resident):
     """Live offload: a predictor with a lookahead source (a PathPredictor with probes, say) is handed
     the hidden state entering each MoE layer (the router's input), and the output is unchanged."""

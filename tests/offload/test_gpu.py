@@ -17,6 +17,7 @@ PROMPT = [3, 17, 5, 9, 30]
     dict(slots_per_layer=3, prefetch="next_layer_gate"),
     dict(slots_per_layer=3, prefetch="probe"),
     dict(slots_per_layer=3, policy="predictor", prefetch="predictor"),
+    dict(slots_per_layer=3, policy="predictor", prefetch="predictor", prefetch_budget=2),
     dict(slots_per_layer=3, expert_slices=2),
     dict(slots_per_layer=5, expert_slices=2, cpu_fallback=True, copy_gbps=2e-3, cpu_gflops=1e-3),
 ])
