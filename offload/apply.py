@@ -317,6 +317,14 @@ def _top_k(model, block) -> int:
     raise ValueError("cannot tell the model's top-k: give model.config.num_experts_per_tok")
 
 
+def _check_predictor(predictor, num_layers: int, num_experts: int) -> None:
+    shape = (getattr(predictor, "num_layers", None), getattr(predictor, "num_experts", None))
+    if predictor is not None and None not in shape and shape != (num_layers, num_experts):
+        raise ValueError(f"the predictor was trained on the routing of {shape[0]} MoE layers x {shape[1]} experts; "
+                         f"this model has {num_layers} x {num_experts}: train one on this model's trace "
+                         "(`moe predictor train TRACE`, the trace recorded from this model)")
+
+
 def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
     """Replace every block.experts by an OffloadedExperts; the rest of the model moves to the device.
 
@@ -337,6 +345,7 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
     w13 = blocks[0].experts.w13
     E, expert_dtype = w13.shape[0], w13.dtype
     check_slices(w13.shape[1] // 2, G)
+    _check_predictor(cfg.predictor, len(blocks), E)  # before any expert leaves the model
     expert_bytes = (w13[0].numel() + blocks[0].experts.w2[0].numel()) * w13.element_size()
     del w13  # hold no reference to an original: each layer's is freed as soon as the store has it
     expert_params = {id(p) for b in blocks for p in b.experts.parameters()}
@@ -387,6 +396,7 @@ def install(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: torch.dev
             cost = CostModel.from_rates(cfg.copy_gbps, cfg.cpu_gflops, store.expert_bytes, 6.0 * D * I)
     E = store.num_experts // G  # the model's experts (the predictor's and the trace's ids)
     lookahead = None
+    _check_predictor(cfg.predictor, len(blocks), E)
     if cfg.predictor is not None and (cfg.policy == "predictor" or cfg.prefetch == "predictor"):
         lookahead = Lookahead(cfg.predictor, len(blocks), E, every=cfg.predict_every,
                               threshold=cfg.prefetch_threshold)

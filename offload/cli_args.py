@@ -18,11 +18,19 @@ def add_offload_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-memory", default=None, metavar="SIZE",
                    help="offload experts to host memory, keeping the device within SIZE ('24GiB', or a fraction "
                         "such as 0.3 of the device's memory); off when not given")
-    g.add_argument("--offload-policy", default="lru", choices=[p for p in POLICIES if p not in ("predictor", "belady")],
-                   help="eviction policy of the GPU expert cache (default lru)")
-    g.add_argument("--offload-prefetch", default="none", choices=["none", "next_layer_gate", "probe"],
+    g.add_argument("--offload-policy", default="lru", choices=[p for p in POLICIES if p != "belady"],
+                   help="eviction policy of the GPU expert cache (default lru; predictor needs --offload-predictor)")
+    g.add_argument("--offload-prefetch", default="none", choices=["none", "next_layer_gate", "probe", "predictor"],
                    help="prefetch next layer's experts by applying its router (next_layer_gate) or a fitted probe "
-                        "(probe; needs --offload-probes) to the current hidden state")
+                        "(probe; needs --offload-probes) to the current hidden state, or by the routing-path "
+                        "predictor (predictor; needs --offload-predictor)")
+    g.add_argument("--offload-predictor", default=None, metavar="FILE",
+                   help="a routing-path predictor trained on this model's routing trace (the P.npz of `moe predictor "
+                        "train`; its P.probe.npz beside it, when there, becomes its lookahead), for "
+                        "--offload-policy predictor and --offload-prefetch predictor")
+    g.add_argument("--offload-prefetch-budget", type=float, default=None, metavar="N",
+                   help="expert copies per layer the predictor's prefetch may queue behind demand copies (about "
+                        "what the copy engine moves during one layer; default: only while it is idle)")
     g.add_argument("--offload-probes", default=None, metavar="FILE",
                    help="probes fitted on this model's recorded hidden states (the P.probe.npz that `moe predictor "
                         "train --features` writes), for --offload-prefetch probe")
@@ -64,9 +72,27 @@ def apply_from_args(model, args: argparse.Namespace, checkpoint: str | None = No
     if probes_file is not None:
         from routing.probe import ProbeLookahead
         probes = ProbeLookahead.load(probes_file)
+    predictor = _load_predictor(args)
     cfg = OffloadConfig(gpu_memory=gm, device=device, policy=args.offload_policy, prefetch=args.offload_prefetch,
-                        probes=probes, kv_cache_bytes=kv,
+                        probes=probes, predictor=predictor,
+                        prefetch_budget=getattr(args, "offload_prefetch_budget", None), kv_cache_bytes=kv,
                         cpu_fallback=args.cpu_fallback, checkpoint=checkpoint,
                         expert_slices=getattr(args, "expert_slices", 1),
                         store="disk" if disk else ("auto" if checkpoint else "memory"))
     return apply_offload(model, cfg)
+
+
+def _load_predictor(args: argparse.Namespace):
+    """The PathPredictor of --offload-predictor (with its probes as lookahead when saved beside it), or None."""
+    path = getattr(args, "offload_predictor", None)
+    wants = getattr(args, "offload_policy", "lru") == "predictor" or getattr(args, "offload_prefetch", "none") == "predictor"
+    if wants != (path is not None):
+        raise ValueError("--offload-predictor FILE goes with --offload-policy predictor and/or --offload-prefetch "
+                         "predictor (the predictor to drive them, from `moe predictor train`)")
+    if path is None:
+        return None
+    from routing.cli import probe_path
+    from routing.predictor import PathPredictor
+    from routing.probe import ProbeLookahead
+    probes = probe_path(path)
+    return PathPredictor.load(path, lookahead=ProbeLookahead.load(probes) if probes.is_file() else None)

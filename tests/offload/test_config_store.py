@@ -163,6 +163,52 @@ def test_cli_args_probe_prefetch(tmp_path):
             apply_from_args(twin(model), p.parse_args(["--gpu-memory", "1GiB", *bad]))
 
 
+def test_cli_args_predictor_policy_and_prefetch(tmp_path):
+    """--offload-policy/--offload-prefetch predictor with --offload-predictor P.npz (its P.probe.npz beside
+    it becomes the lookahead) and --offload-prefetch-budget; a predictor of another model is refused
+    before any expert leaves the model."""
+    import argparse
+
+    import numpy as np
+
+    from offload.cli_args import add_offload_args, apply_from_args
+    from routing import PathPredictor, PredictorConfig, ProbeLookahead, hidden_matrix, record_sequences
+    from routing.cli import probe_path
+    from routing.synthetic import synthesize
+
+    p = argparse.ArgumentParser()
+    add_offload_args(p)
+    model = tiny_model("mixtral")
+    trace, feats = record_sequences(model, np.random.default_rng(0).integers(1, 40, (6, 12)).tolist(),
+                                    hidden_layers="all")
+    pred_path = PathPredictor.fit(trace, PredictorConfig(fit_iters=2)).save(tmp_path / "p.npz")
+    ProbeLookahead.fit(trace, hidden_matrix(feats, trace.num_layers)).save(probe_path(pred_path))
+    args = ["--gpu-memory", "1GiB", "--offload-policy", "predictor", "--offload-prefetch", "predictor",
+            "--offload-predictor", str(pred_path), "--offload-prefetch-budget", "2"]
+    m = apply_from_args(twin(model), p.parse_args(args))
+    ex = m.moe_blocks()[0].experts
+    assert type(m.offload_cache.policy).__name__ == "PredictorPolicy"
+    assert ex.copy_budget is not None and ex.copy_budget.per_layer == 2.0
+    assert ex.lookahead.wants_hidden  # the probes beside the predictor file were loaded as its lookahead
+    on_cpu = m.offload_cache.device.type == "cpu"
+    torch.testing.assert_close(greedy(m, [5, 6], 2)[1], greedy(model, [5, 6], 2)[1], atol=1e-6 if on_cpu else 1e-4,
+                               rtol=0)
+    with pytest.raises(ValueError, match="goes with"):
+        apply_from_args(twin(model), p.parse_args(["--gpu-memory", "1GiB", "--offload-policy", "predictor"]))
+    with pytest.raises(ValueError, match="goes with"):
+        apply_from_args(twin(model), p.parse_args(["--gpu-memory", "1GiB", "--offload-predictor", str(pred_path)]))
+    with pytest.raises(ValueError, match="prefetch_budget limits the predictor"):
+        apply_from_args(twin(model), p.parse_args(["--gpu-memory", "1GiB", "--offload-prefetch-budget", "1"]))
+    L = len(model.moe_blocks())
+    other = PathPredictor.fit(synthesize(num_layers=L + 1, num_experts=8, top_k=2, seed=0), PredictorConfig(fit_iters=2))
+    other_path = other.save(tmp_path / "other.npz")
+    victim = twin(model)
+    with pytest.raises(ValueError, match=f"{L + 1} MoE layers x 8 experts; this model has {L} x"):
+        apply_from_args(victim, p.parse_args(["--gpu-memory", "1GiB", "--offload-prefetch", "predictor",
+                                              "--offload-predictor", str(other_path)]))
+    assert all(b.experts is not None and hasattr(b.experts, "w13") for b in victim.moe_blocks())  # nothing lost
+
+
 def test_no_cache_clear():
     model = tiny_model("mixtral")
     m = apply_offload(twin(model), OffloadConfig(slots_per_layer=4, device="cpu", calibrate=False))
