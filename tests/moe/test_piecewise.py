@@ -15,6 +15,12 @@ def _offloaded(family, device, slots=2, **cfg):
         pytest.skip("moe's MoEForCausalLM is needed")
     m = m.to(device)
     twin = tiny_model(family).to(device)
+    if cfg.get("predictor") == "fit":  # a routing predictor of the model's shape
+        from offload import TransitionPredictor
+        from routing.synthetic import synthesize
+        blocks = m.moe_blocks()
+        cfg = dict(cfg, predictor=TransitionPredictor.fit(synthesize(
+            num_layers=len(blocks), num_experts=blocks[0].experts.w13.shape[0], top_k=2, seed=0)))
     return twin.eval(), apply_offload(m, OffloadConfig(slots_per_layer=slots, device=str(device), calibrate=False,
                                                        backend="triton" if device.type == "cuda" else "torch",
                                                        **cfg)).eval()
@@ -98,7 +104,9 @@ def test_support_reasons():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("family,slots,cfg", [("mixtral", 2, {}), ("mixtral", 8, {}), ("qwen3_moe", 2, {}),
-                                              ("mixtral", 3, {"prefetch": "next_layer_gate"})])
+                                              ("mixtral", 3, {"prefetch": "next_layer_gate"}),
+                                              ("mixtral", 3, {"prefetch": "predictor", "policy": "predictor",
+                                                              "predictor": "fit", "prefetch_budget": 2})])
 @pytest.mark.parametrize("run_ahead", [True, False])
 def test_captured_pieces_equal_eager_offloaded_decode(family, slots, cfg, run_ahead):
     dev = torch.device("cuda")
