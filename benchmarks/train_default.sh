@@ -3,7 +3,7 @@
 # 16-layer x 64-expert top-8 model for routing traces, on the Python stdlib corpus; evaluates
 # each on held-out text; records routing traces on held-out text; prints a summary table last.
 #
-# GPU (one H200, ~12 minutes):      bash benchmarks/train_default.sh
+# GPU (one H200, ~10 minutes):      bash benchmarks/train_default.sh
 # CPU smoke test (tiny settings):  SMOKE=1 bash benchmarks/train_default.sh
 #
 # Environment:
