@@ -23,6 +23,9 @@ Rows at each GPU expert budget (share of the experts' bytes held on the GPU, slo
   predictor     predictor-driven eviction + prefetch (routing.PathPredictor fitted on other
                 requests of the same synthetic model)
   predictor+cpu the two together
+  predictor bN  (--prefetch-budgets N ...) the predictor rows with its prefetch queued behind the
+                layer's demand copies, at most N expert copies per layer (the rows above prefetch
+                only while the copy engine is idle)
   lru/G, cpu/G   (after the rows above; --slices) experts cut into G slices of their ffn dimension
                 (offload/slices.py), the same bytes per layer in G x the slots: lru/G caches
                 slices; cpu/G also shares the slices of one missed expert between the copy engine
@@ -285,6 +288,8 @@ def run_model(key, args, device, dtype):
         pk = dict(policy="predictor", prefetch="predictor", predictor=predictor, predict_every=args.predict_every)
         live("predictor", b, S, pk)
         live("predictor+cpu", b, S, dict(pk, cpu_fallback=True))
+        for nb in args.prefetch_budgets:  # the predictor's prefetch queued behind demand copies (BENCHMARKS 7d)
+            live(f"predictor b{nb:g}", b, S, dict(pk, prefetch_budget=nb))
         sim_kw = dict(cost=cost, expert_bytes=eb, layer_compute_s=layer_compute_s, warmup_steps=args.warmup)
         bound = oracle_bound(trace, S, **sim_kw)
         copies = (bound["misses"] - bound["cpu_misses"]) / args.tokens
@@ -344,6 +349,9 @@ def main(argv=None):
                     help="routing: routing.PathPredictor; transition: offload's inter-layer transition baseline")
     ap.add_argument("--predict-every", type=int, default=4,
                     help="ask the predictor after every n-th layer, prefetching n layers ahead (its cost is per call)")
+    ap.add_argument("--prefetch-budgets", type=float, nargs="*", default=[],
+                    help="also run the predictor rows with OffloadConfig.prefetch_budget = each of these (expert "
+                         "copies per layer queued behind demand copies; default: none, the idle-only rule alone)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backend", default="auto", help="expert kernel on the slot pool: auto | torch | triton")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU, few tokens: checks the script runs")
