@@ -51,6 +51,18 @@ def apply_from_args(model, args: argparse.Namespace, checkpoint: str | None = No
     batch_size, max_len: the KV cache the engine will make, counted in the budget before experts.
     """
     if getattr(args, "gpu_memory", None) is None:
+        given = [flag for flag, on in (
+            ("--offload-policy", getattr(args, "offload_policy", "lru") != "lru"),
+            ("--offload-prefetch", getattr(args, "offload_prefetch", "none") != "none"),
+            ("--offload-probes", getattr(args, "offload_probes", None) is not None),
+            ("--offload-predictor", getattr(args, "offload_predictor", None) is not None),
+            ("--offload-prefetch-budget", getattr(args, "offload_prefetch_budget", None) is not None),
+            ("--cpu-fallback", bool(getattr(args, "cpu_fallback", False))),
+            ("--expert-slices", getattr(args, "expert_slices", 1) != 1),
+            ("--offload-from-disk", bool(getattr(args, "offload_from_disk", False)))) if on]
+        if given:
+            raise ValueError(f"{' '.join(given)} configure expert offloading, which --gpu-memory turns on: add "
+                             "--gpu-memory SIZE (e.g. 24GiB) or drop them")
         return model
     from .apply import apply_offload, kv_cache_bytes
 
@@ -65,16 +77,10 @@ def apply_from_args(model, args: argparse.Namespace, checkpoint: str | None = No
     device = getattr(args, "device", None)
     device = None if device in (None, "auto") else str(device)
     probes_file = getattr(args, "offload_probes", None)
-    if (args.offload_prefetch == "probe") != (probes_file is not None):
-        raise ValueError("--offload-prefetch probe and --offload-probes FILE go together (the probes to apply, "
-                         "from `moe predictor train --features`)")
-    probes = None
-    if probes_file is not None:
-        from routing.probe import ProbeLookahead
-        probes = ProbeLookahead.load(probes_file)
-    predictor = _load_predictor(args)
+    check_files(args.offload_policy, args.offload_prefetch, probes_file, getattr(args, "offload_predictor", None))
+    objects = offload_objects(probes_file, getattr(args, "offload_predictor", None))
     cfg = OffloadConfig(gpu_memory=gm, device=device, policy=args.offload_policy, prefetch=args.offload_prefetch,
-                        probes=probes, predictor=predictor,
+                        **objects,
                         prefetch_budget=getattr(args, "offload_prefetch_budget", None), kv_cache_bytes=kv,
                         cpu_fallback=args.cpu_fallback, checkpoint=checkpoint,
                         expert_slices=getattr(args, "expert_slices", 1),
@@ -82,17 +88,28 @@ def apply_from_args(model, args: argparse.Namespace, checkpoint: str | None = No
     return apply_offload(model, cfg)
 
 
-def _load_predictor(args: argparse.Namespace):
-    """The PathPredictor of --offload-predictor (with its probes as lookahead when saved beside it), or None."""
-    path = getattr(args, "offload_predictor", None)
-    wants = getattr(args, "offload_policy", "lru") == "predictor" or getattr(args, "offload_prefetch", "none") == "predictor"
-    if wants != (path is not None):
+def check_files(policy: str, prefetch: str, probes_file: str | None, predictor_file: str | None) -> None:
+    """The file options go with the modes that use them, and those modes need them."""
+    if (prefetch == "probe") != (probes_file is not None):
+        raise ValueError("--offload-prefetch probe and --offload-probes FILE go together (the probes to apply, "
+                         "from `moe predictor train --features`)")
+    if (policy == "predictor" or prefetch == "predictor") != (predictor_file is not None):
         raise ValueError("--offload-predictor FILE goes with --offload-policy predictor and/or --offload-prefetch "
                          "predictor (the predictor to drive them, from `moe predictor train`)")
-    if path is None:
-        return None
-    from routing.cli import probe_path
-    from routing.predictor import PathPredictor
-    from routing.probe import ProbeLookahead
-    probes = probe_path(path)
-    return PathPredictor.load(path, lookahead=ProbeLookahead.load(probes) if probes.is_file() else None)
+
+
+def offload_objects(probes_file: str | None = None, predictor_file: str | None = None) -> dict:
+    """OffloadConfig's ``probes`` and ``predictor`` loaded from their files (the PathPredictor with the
+    P.probe.npz saved beside it, when there, as its lookahead); only the keys of files given."""
+    out = {}
+    if probes_file is not None:
+        from routing.probe import ProbeLookahead
+        out["probes"] = ProbeLookahead.load(probes_file)
+    if predictor_file is not None:
+        from routing.cli import probe_path
+        from routing.predictor import PathPredictor
+        from routing.probe import ProbeLookahead
+        beside = probe_path(predictor_file)
+        out["predictor"] = PathPredictor.load(predictor_file,
+                                              lookahead=ProbeLookahead.load(beside) if beside.is_file() else None)
+    return out

@@ -59,6 +59,9 @@ class ServeConfig:
     offload_prefetch: str = "none"
     cpu_fallback: bool = False
     offload_from_disk: bool = False
+    offload_probes: str | None = None  # fitted probes file, for offload_prefetch="probe"
+    offload_predictor: str | None = None  # `moe predictor train` file, for the predictor policy / prefetch
+    offload_prefetch_budget: float | None = None
     offload_options: dict = field(default_factory=dict)  # more OffloadConfig fields, e.g. slots_per_layer
     cpu_hosts: int = 0
     cpu_host_cpus: float = 1.0
@@ -95,6 +98,17 @@ class ServeConfig:
             setattr(self, name, int(getattr(self, name)))
         if self.gpu_memory is not None or self.offload_options:
             self.offload_config("cpu")  # offload's own checks, with its messages
+        else:
+            given = [n for n, v in (("offload_policy", self.offload_policy != "lru"),
+                                    ("offload_prefetch", self.offload_prefetch != "none"),
+                                    ("offload_probes", self.offload_probes is not None),
+                                    ("offload_predictor", self.offload_predictor is not None),
+                                    ("offload_prefetch_budget", self.offload_prefetch_budget is not None),
+                                    ("cpu_fallback", bool(self.cpu_fallback)),
+                                    ("offload_from_disk", bool(self.offload_from_disk))) if v]
+            if given:
+                raise ValueError(f"{', '.join(given)} set without offloading: they configure the GPU expert cache, "
+                                 "which gpu_memory turns on (e.g. --gpu-memory 24GiB)")
         self.cpu_hosts = int(self.cpu_hosts)
         if self.cpu_hosts < 0:
             raise ValueError(f"cpu_hosts ({self.cpu_hosts}) must be >= 0")
@@ -131,8 +145,8 @@ class ServeConfig:
             if k in kw:
                 kw[k] = int(kw[k])
         for k in ("replica_cpus", "ingress_cpus", "health_check_period_s", "health_check_timeout_s", "cpu_host_cpus",
-                  "ep_cpus_per_rank"):
-            if k in kw:
+                  "ep_cpus_per_rank", "offload_prefetch_budget"):
+            if k in kw and kw[k] is not None:
                 kw[k] = float(kw[k])
         for k in ("cpu_fallback", "offload_from_disk"):
             if isinstance(kw.get(k), str):
@@ -151,13 +165,21 @@ class ServeConfig:
         if self.gpu_memory is None and not self.offload_options:
             return None
         from offload import OffloadConfig
+        from offload.cli_args import check_files, offload_objects
         kw = dict(gpu_memory=self.gpu_memory, policy=self.offload_policy, prefetch=self.offload_prefetch,
                   cpu_fallback=bool(self.cpu_fallback), device=device,
                   store="disk" if self.offload_from_disk else "memory",
                   checkpoint=self.model if self.offload_from_disk else None)
+        if self.offload_prefetch_budget is not None:
+            kw["prefetch_budget"] = float(self.offload_prefetch_budget)
         kw.update(self.offload_options)
-        OffloadConfig(**kw)
+        check_files(kw["policy"], kw["prefetch"], self.offload_probes, self.offload_predictor)
+        OffloadConfig(**kw, **offload_objects(self.offload_probes, self.offload_predictor))  # its checks, here
         return kw
+
+    def offload_files(self) -> dict:
+        """The files the replica loads into OffloadConfig (offload.cli_args.offload_objects)."""
+        return {"probes_file": self.offload_probes, "predictor_file": self.offload_predictor}
 
     def expert_parallel(self) -> dict | None:
         """Keyword arguments of serve.ep_model.EPServeSettings, or None without expert parallelism."""
@@ -173,7 +195,7 @@ class ServeConfig:
         return {"model": self.model, "device": device, "dtype": self.dtype, "max_batch_size": self.max_batch_size,
                 "max_len": self.max_len, "limits": self.limits.to_dict(), "engine_factory": self.engine_factory,
                 "stream_interval": self.stream_interval,
-                "offload": self.offload_config(device),
+                "offload": self.offload_config(device), "offload_files": self.offload_files(),
                 "cpu_hosts": {"num_hosts": self.cpu_hosts, "num_cpus": self.cpu_host_cpus,
                               "threads": int(self.cpu_host_threads)} if self.cpu_hosts else None,
                 "expert_parallel": self.expert_parallel(),

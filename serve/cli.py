@@ -76,6 +76,8 @@ def config_from_args(args: argparse.Namespace):
                        api_key=args.api_key, device=args.device, dtype=args.dtype, gpu_memory=args.gpu_memory,
                        offload_policy=args.offload_policy, offload_prefetch=args.offload_prefetch,
                        cpu_fallback=args.cpu_fallback, offload_from_disk=args.offload_from_disk,
+                       offload_probes=args.offload_probes, offload_predictor=args.offload_predictor,
+                       offload_prefetch_budget=args.offload_prefetch_budget,
                        max_batch_size=args.max_batch_size, max_len=args.max_len, stream_interval=args.stream_interval,
                        num_replicas=args.num_replicas,
                        replica_cpus=args.replica_cpus, cpu_hosts=args.cpu_hosts, cpu_host_cpus=args.cpu_host_cpus,

@@ -306,7 +306,8 @@ def load_engine(spec: dict) -> LoadedEngine:
     elif spec.get("offload"):
         # offloading is a step applied to a built model (offload/ owns what it does)
         from offload import OffloadConfig, apply_offload
-        model = apply_offload(model, OffloadConfig(**spec["offload"]))
+        from offload.cli_args import offload_objects
+        model = apply_offload(model, OffloadConfig(**spec["offload"], **offload_objects(**(spec.get("offload_files") or {}))))
         strategy = "offload"
         if spec.get("cpu_hosts"):
             model, hosts = _attach_cpu_hosts(model, spec["cpu_hosts"], path)

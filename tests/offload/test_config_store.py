@@ -199,6 +199,8 @@ def test_cli_args_predictor_policy_and_prefetch(tmp_path):
         apply_from_args(twin(model), p.parse_args(["--gpu-memory", "1GiB", "--offload-predictor", str(pred_path)]))
     with pytest.raises(ValueError, match="prefetch_budget limits the predictor"):
         apply_from_args(twin(model), p.parse_args(["--gpu-memory", "1GiB", "--offload-prefetch-budget", "1"]))
+    with pytest.raises(ValueError, match="--offload-policy --offload-predictor configure expert offloading"):
+        apply_from_args(twin(model), p.parse_args(["--offload-policy", "predictor", "--offload-predictor", str(pred_path)]))
     L = len(model.moe_blocks())
     other = PathPredictor.fit(synthesize(num_layers=L + 1, num_experts=8, top_k=2, seed=0), PredictorConfig(fit_iters=2))
     other_path = other.save(tmp_path / "other.npz")

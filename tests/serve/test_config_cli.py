@@ -65,3 +65,10 @@ def test_moe_serve_command_line():
     args = parser.parse_args(["serve", "--gpu-memory", "0.3", "--cpu-fallback", "--expert-slices", "4"])
     assert config_from_args(args).replica_spec("cuda")["offload"]["expert_slices"] == 4
     assert callable(args.func)
+    # the file options reach the config (they were dropped before session 13), and need offloading
+    args = parser.parse_args(["serve", "--offload-prefetch", "probe", "--offload-probes", "p.probe.npz"])
+    with pytest.raises(ValueError, match="offload_prefetch, offload_probes set without offloading"):
+        config_from_args(args)
+    args = parser.parse_args(["serve", "--gpu-memory", "0.3", "--offload-prefetch", "probe"])
+    with pytest.raises(ValueError, match="go together"):
+        config_from_args(args)

@@ -203,6 +203,38 @@ def test_offloaded_replica_reports_cache_stats_and_matches_resident_output(tiny)
     assert "prefetch_precision" not in comp  # prefetch is off
 
 
+def test_offloaded_replica_loads_the_predictor_and_probes_it_is_given(tiny, tmp_path):
+    """moe serve --offload-policy predictor --offload-prefetch predictor --offload-predictor P.npz (with
+    P.probe.npz beside it) --offload-prefetch-budget 1: the replica loads the files itself (the spec
+    carries their paths) and its output is the resident model's."""
+    import numpy as np
+
+    from routing import PathPredictor, PredictorConfig, ProbeLookahead, hidden_matrix, record_sequences
+    from routing.cli import probe_path
+    from serve.app import ServeConfig
+    model, tok = tiny
+    trace, feats = record_sequences(model, np.random.default_rng(0).integers(1, 300, (6, 16)).tolist(),
+                                    hidden_layers="all")
+    pred = PathPredictor.fit(trace, PredictorConfig(fit_iters=2)).save(tmp_path / "p.npz")
+    ProbeLookahead.fit(trace, hidden_matrix(feats, trace.num_layers)).save(probe_path(pred))
+    cfg = ServeConfig(model="tiny", device="cpu", max_batch_size=2, max_len=64, replica_cpus=1,
+                      offload_policy="predictor", offload_prefetch="predictor", offload_predictor=str(pred),
+                      offload_prefetch_budget=1, offload_options={"slots_per_layer": 2, "calibrate": False})
+    spec = cfg.replica_spec("cpu")
+    assert spec["offload"]["prefetch_budget"] == 1.0 and spec["offload_files"]["predictor_file"] == str(pred)
+    assert "predictor" not in spec["offload"]  # a path travels to the replica, not the loaded object
+    prompt = "def first(x):"
+    events, snap = _run_replica(cfg, prompt, 8)
+    assert "".join(e["text"] for e in events[1:]) == _alone(tiny, prompt, 8)
+    comp = snap["components"]
+    assert snap["strategy"] == "offload" and comp["hits"] + comp["misses"] > 0
+    assert "prefetch_precision" in comp  # the predictor prefetched
+    with pytest.raises(ValueError, match="set without offloading"):
+        ServeConfig(model="tiny", offload_predictor=str(pred))
+    with pytest.raises(ValueError, match="goes with"):
+        ServeConfig(model="tiny", offload_predictor=str(pred), offload_options={"slots_per_layer": 2})
+
+
 def test_stream_chunks_hands_over_everything_that_arrived_in_one_piece(tiny):
     model, tok = tiny
 
