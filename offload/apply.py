@@ -33,7 +33,7 @@ from .config import OffloadConfig, parse_bytes
 from .cost_model import CostModel
 from .cpu_compute import cpu_experts
 from .policies import count_ids, make_policy
-from .prefetch import CopyBudget, Lookahead, ProbeRouter
+from .prefetch import CopyBudget, Lookahead, ProbeRouter, default_threshold
 from .slices import check_slices, expand_ids, expand_weights, unit_trace, units_of
 from .store import DiskExpertStore, ExpertStore, HostExpertStore
 
@@ -399,7 +399,8 @@ def install(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: torch.dev
     _check_predictor(cfg.predictor, len(blocks), E)
     if cfg.predictor is not None and (cfg.policy == "predictor" or cfg.prefetch == "predictor"):
         lookahead = Lookahead(cfg.predictor, len(blocks), E, every=cfg.predict_every,
-                              threshold=cfg.prefetch_threshold)
+                              threshold=default_threshold(cfg.prefetch_threshold, cfg.prefetch_budget,
+                                                          cfg.policy == "predictor"))
     policy = make_policy(cfg.policy, lookahead=lookahead, trace=None if cfg.trace is None else unit_trace(cfg.trace, G),
                          tokens_per_step=cfg.trace_batch, slices=G)
     cache = ExpertCache(store, slots, policy, device)

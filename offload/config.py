@@ -60,7 +60,9 @@ class OffloadConfig:
                      prefetch='probe' (its layer l -> l+1 probe runs on the device like a router)
     predict_every    ask the predictor after every n-th layer and prefetch n layers ahead
                      (the predictor's own cost is on the critical path)
-    prefetch_threshold  predicted use probability above which an expert is prefetched
+    prefetch_threshold  predicted use probability above which an expert is prefetched (None: 0 with
+                     a prefetch_budget and policy 'predictor', where the budget bounds the copies and
+                     a prefetch only displaces an expert rated lower; else 0.3)
     prefetch_budget  expert copies the predictor's prefetch may queue per MoE layer, behind that
                      layer's demand copies (credit banked up to max(1, budget x predict_every));
                      about what the copy engine moves during one layer's compute. None: the
@@ -87,7 +89,7 @@ class OffloadConfig:
     predictor: Any = None
     probes: Any = None
     predict_every: int = 1
-    prefetch_threshold: float = 0.3
+    prefetch_threshold: float | None = None
     prefetch_budget: float | None = None
     trace: Any = None
     trace_batch: int = 1
@@ -140,7 +142,7 @@ class OffloadConfig:
                                  f"prefetch={self.prefetch!r} (use prefetch='predictor' or drop it)")
         if self.predict_every < 1:
             raise ValueError(f"predict_every must be >= 1, got {self.predict_every}")
-        if not 0.0 <= self.prefetch_threshold < 1.0:
+        if self.prefetch_threshold is not None and not 0.0 <= self.prefetch_threshold < 1.0:
             raise ValueError(f"prefetch_threshold must be in [0, 1), got {self.prefetch_threshold}")
         if self.trace_batch < 1:
             raise ValueError(f"trace_batch must be >= 1, got {self.trace_batch}")

@@ -90,6 +90,21 @@ class Lookahead:
         return range(layer + 1, min(layer + 1 + self.every, self.num_layers))
 
 
+IDLE_THRESHOLD = 0.3  # the predictor's prefetch without a copy budget: only experts this likely
+
+
+def default_threshold(threshold: float | None, budget: float | None, evicts_by_score: bool) -> float:
+    """The prefetch threshold in use: as given; else 0 when a copy budget bounds the copies and the
+    predictor's own policy evicts (a prefetch, one of the likeliest missing experts of the set the pool
+    should hold (``Lookahead.to_prefetch``), then only displaces an expert the predictor rates lower, so
+    a threshold would only leave copies the engine had time for unmade); else 0.3. With LRU eviction a
+    low-probability prefetch can push out a recently used expert: live at one sequence and one copy
+    per layer 0 gave 0.570 against 0.592 at 0.3 (BENCHMARKS 7d), where the predictor's policy gained."""
+    if threshold is not None:
+        return threshold
+    return 0.0 if budget is not None and evicts_by_score else IDLE_THRESHOLD
+
+
 class CopyBudget:
     """Expert copies the predictor's prefetch may still queue: ``per_layer`` more after each MoE layer,
     banked up to ``max(1, per_layer * every)`` (a predictor asked every few layers prefetches for those

@@ -37,7 +37,7 @@ import torch
 from .cache import ExpertCache
 from .cost_model import CostModel
 from .policies import BeladyPolicy, Policy, future_from_trace, make_policy
-from .prefetch import CopyBudget, Lookahead
+from .prefetch import CopyBudget, Lookahead, default_threshold
 from .store import ExpertStore
 
 PREFETCH_MODES = ("none", "predictor", "oracle")
@@ -68,7 +68,7 @@ def _steps(trace, tokens_per_step: int):
 def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per_step: int = 1,
              prefetch: str = "none", predictor=None, prefetch_k: int = 0, cpu_fallback: bool = False,
              cost: CostModel | None = None, expert_bytes: int = 1, layer_compute_s: float = 0.0,
-             warmup_steps: int = 0, predict_every: int = 1, prefetch_threshold: float = 0.3,
+             warmup_steps: int = 0, predict_every: int = 1, prefetch_threshold: float | None = None,
              prefetch_budget: float | None = None, hidden_NLD: np.ndarray | None = None) -> dict:
     """Run the expert cache over the trace; returns cache.stats() plus 'time_s', 'steps', 'tokens'.
 
@@ -79,6 +79,8 @@ def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per
     'oracle' (exactly the experts layer l+1 will use).
     prefetch_budget: expert copies a prefetch may issue per layer (see the module docstring);
     None: the predictor's prefetches wait for an idle copy engine, the oracle's are unlimited.
+    prefetch_threshold: None = 0 with a budget and the predictor's policy, else 0.3
+    (``offload.prefetch.default_threshold``).
     hidden_NLD: [tokens, L, D] hidden state entering each layer, row t = token t of the trace (as
     recorded with it): given to a predictor that reads it (``Lookahead.wants_hidden``).
     """
@@ -99,7 +101,9 @@ def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per
     if (policy == "predictor" or prefetch == "predictor"):
         if predictor is None:
             raise ValueError("policy/prefetch 'predictor' needs predictor=<object with predict_batch>")
-        lookahead = Lookahead(predictor, L, E, every=predict_every, threshold=prefetch_threshold)
+        lookahead = Lookahead(predictor, L, E, every=predict_every,
+                              threshold=default_threshold(prefetch_threshold, prefetch_budget,
+                                                          isinstance(policy, str) and policy == "predictor"))
     if isinstance(policy, str):
         policy = make_policy(policy, lookahead=lookahead, trace=trace, tokens_per_step=tokens_per_step)
     cache = ExpertCache(NullStore(L, E, expert_bytes), capacity_per_layer, policy, "cpu")

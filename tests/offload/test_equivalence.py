@@ -253,6 +253,23 @@ def test_predictor_prefetch_within_a_copy_budget(model, resident, budget):
         assert st["prefetches"] > idle.offload_cache.stats()["prefetches"]
 
 
+def test_prefetch_threshold_defaults_to_zero_within_a_budget(model):
+    from offload.prefetch import default_threshold
+    assert default_threshold(None, None, True) == 0.3 and default_threshold(None, 2, True) == 0.0
+    assert default_threshold(None, 2, False) == 0.3  # LRU eviction: a low-probability copy could evict a used one
+    assert default_threshold(0.2, 2, True) == 0.2  # as given
+    pred = TransitionPredictor(len(model.moe_blocks()), 8, 2)
+    kw = dict(slots_per_layer=3, policy="predictor", prefetch="predictor", predictor=pred)
+    with_budget = offloaded(model, prefetch_budget=1, **kw)
+    idle_only = offloaded(model, **kw)
+    lru_budget = offloaded(model, **dict(kw, policy="lru"), prefetch_budget=1)
+    assert with_budget.moe_blocks()[0].experts.lookahead.threshold == 0.0
+    assert idle_only.moe_blocks()[0].experts.lookahead.threshold == 0.3
+    assert lru_budget.moe_blocks()[0].experts.lookahead.threshold == 0.3
+    with pytest.raises(ValueError, match="prefetch_threshold"):
+        OffloadConfig(slots_per_layer=2, prefetch="predictor", predictor=pred, prefetch_threshold=1.5)
+
+
 def test_prefetch_budget_config_errors():
     with pytest.raises(ValueError, match="prefetch_budget must be >= 0"):
         OffloadConfig(slots_per_layer=2, prefetch="predictor", predictor=TransitionPredictor(2, 4, 2), prefetch_budget=-1)
