@@ -17,7 +17,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -25,23 +24,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from moe import Tokenizer, load_model  # noqa: E402
 from moe.corpus import EOS_TEXT, CorpusConfig, build_corpus, read_documents  # noqa: E402
 from moe.tiny import ASSETS_DEFAULT  # noqa: E402
-from routing import RoutingTrace  # noqa: E402
-from routing.record import record_sequences, save_features  # noqa: E402
+from routing.record import pieces, record_trace, save_features  # noqa: E402
 
 
 def heldout_sequences(tok: Tokenizer, heldout: Path, max_tokens: int, seq_len: int) -> list[list[int]]:
     eos = tok.encode(EOS_TEXT, add_special_tokens=False)
-    seqs, total = [], 0
-    for doc in read_documents(heldout):
-        ids = eos + tok.encode(doc, add_special_tokens=False)
-        for i in range(0, len(ids), seq_len):
-            piece = ids[i:i + seq_len][:max_tokens - total]
-            if len(piece) >= 16:
-                seqs.append(piece)
-                total += len(piece)
-            if total >= max_tokens:
-                return seqs
-    return seqs
+    return pieces((eos + tok.encode(doc, add_special_tokens=False) for doc in read_documents(heldout)),
+                  max_tokens, seq_len)
 
 
 def main() -> int:
@@ -58,15 +47,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         build_corpus(tmp, CorpusConfig())
         seqs = heldout_sequences(tok, Path(tmp) / "heldout.txt", args.tokens, args.seq_len)
-    with torch.no_grad():
-        trace, feats = record_sequences(model, seqs, batch_size=8, hidden_layers="all")
-    token_ids = np.concatenate([np.asarray(s, dtype=np.int32) for s in seqs])
-    trace = RoutingTrace(trace.expert_ids, trace.num_experts, None, trace.request_ids, trace.positions,
-                         {**trace.meta, "model_dir": str(Path(args.model).resolve()), "text": "stdlib held-out"},
-                         token_ids=token_ids if len(token_ids) == trace.num_tokens else trace.token_ids)
+    trace, feats = record_trace(model, seqs, {"model_dir": str(Path(args.model).resolve()), "text": "stdlib held-out"})
     path = trace.save(args.out / f"{args.name}.npz")
-    fpath = save_features(args.out / f"{args.name}.features.npz",
-                          {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in feats.items()})
+    fpath = save_features(args.out / f"{args.name}.features.npz", feats)
     print(f"{trace!r} -> {path}; features -> {fpath} ({fpath.stat().st_size / 1e6:.1f} MB)")
     return 0
 

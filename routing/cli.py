@@ -1,5 +1,6 @@
-"""`moe predictor {train,eval,stats,synth}`: the routing-path predictor from the command line.
+"""`moe predictor {record,train,eval,stats,synth}`: the routing-path predictor from the command line.
 
+    moe predictor record MODEL --text A.txt [B.txt ...] --out DIR [--name N] [--no-features]
     moe predictor train TRACE.npz --out P.npz [--features F.npz [--model DIR]]
     moe predictor eval P.npz TEST.npz [--train TRAIN.npz] [--features F.npz [--model DIR]]
     moe predictor stats TRACE.npz
@@ -143,6 +144,40 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _record(args: argparse.Namespace) -> int:
+    """Record a model's routing (and hidden states) on text files: the trace `train` learns from."""
+    import torch
+
+    from moe import Tokenizer, load_model  # the model package; routing never imports offload/ or serve/
+
+    from .record import pieces, record_trace, save_features
+    missing = [str(f) for f in args.text if not Path(f).is_file()]
+    if missing:
+        raise ValueError(f"text file(s) not found: {missing}; give the text the model will serve, one or more "
+                         "plain-text files")
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.model, dtype=dtype, device=device).eval()
+    tok = Tokenizer.from_dir(args.model)
+    docs = (tok.encode(Path(f).read_text(encoding="utf-8", errors="replace")) for f in args.text)
+    seqs = pieces(docs, args.tokens, args.seq_len)
+    if not seqs:
+        raise ValueError("the text files give no piece of at least 16 tokens; give more text")
+    trace, feats = record_trace(model, seqs, {"model_dir": str(Path(args.model).resolve()),
+                                              "text": [str(f) for f in args.text]},
+                                features=args.features, batch_size=args.batch_size)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = trace.save(args.out / f"{args.name}.npz")
+    print(f"{trace!r} -> {path}")
+    if args.features:
+        fpath = save_features(args.out / f"{args.name}.features.npz", feats)
+        print(f"hidden states -> {fpath} ({fpath.stat().st_size / 1e6:.1f} MB); then: moe predictor train {path} "
+              f"--features {fpath} --out P.npz")
+    else:
+        print(f"then: moe predictor train {path} --out P.npz")
+    return 0
+
+
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("predictor", help="train / evaluate the routing-path predictor",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,6 +196,21 @@ def register(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--max-span", type=int, default=16, help="longest layer distance with a transition table")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_train)
+
+    r = sub.add_parser("record", help="record a model's routing (and hidden states) on text files")
+    r.add_argument("model", type=Path, help="model directory (Hugging Face format, as `moe generate` takes)")
+    r.add_argument("--text", type=Path, nargs="+", required=True, help="plain-text files, one document each")
+    r.add_argument("--out", type=Path, required=True, help="folder for NAME.npz (and NAME.features.npz)")
+    r.add_argument("--name", default="trace")
+    r.add_argument("--tokens", type=int, default=16384, help="tokens to record")
+    r.add_argument("--seq-len", type=int, default=256, help="tokens per request (documents are cut into pieces)")
+    r.add_argument("--features", action=argparse.BooleanOptionalAction, default=True,
+                   help="also keep the hidden state entering every MoE layer (float16; T x L x D values), for "
+                        "the probes of `train --features` (default on)")
+    r.add_argument("--batch-size", type=int, default=8, help="requests per forward")
+    r.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    r.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]; the model must fit there")
+    r.set_defaults(func=_record)
 
     e = sub.add_parser("eval", help="recall/precision at 1/2/4/all layers ahead on a trace")
     e.add_argument("predictor", type=Path, help="predictor .npz from `moe predictor train`")

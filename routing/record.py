@@ -247,6 +247,39 @@ def hidden_matrix(features: dict[str, np.ndarray], num_layers: int) -> np.ndarra
 
 
 @torch.no_grad()
+def pieces(documents: Iterable[Sequence[int]], max_tokens: int, seq_len: int, min_len: int = 16) -> list[list[int]]:
+    """Token documents cut into consecutive requests of at most ``seq_len`` tokens (pieces shorter than
+    ``min_len`` dropped), until ``max_tokens`` tokens are taken."""
+    if max_tokens <= 0 or seq_len <= 0:
+        raise ValueError(f"max_tokens ({max_tokens}) and seq_len ({seq_len}) must be positive")
+    seqs, total = [], 0
+    for ids in documents:
+        ids = list(ids)
+        for i in range(0, len(ids), seq_len):
+            piece = ids[i:i + seq_len][:max_tokens - total]
+            if len(piece) >= min_len:
+                seqs.append(piece)
+                total += len(piece)
+            if total >= max_tokens:
+                return seqs
+    return seqs
+
+
+def record_trace(model, sequences: Sequence[Sequence[int]], meta: dict | None = None, features: bool = True,
+                 batch_size: int = 8, feature_dtype=np.float16) -> tuple[RoutingTrace, dict]:
+    """``record_sequences`` with the token ids kept in the trace (a predictor feature), ``meta`` added,
+    and (``features``) the hidden state entering every MoE layer stored as ``feature_dtype``."""
+    with torch.no_grad():
+        trace, feats = record_sequences(model, sequences, batch_size=batch_size,
+                                        hidden_layers="all" if features else ())
+    token_ids = np.concatenate([np.asarray(s, dtype=np.int32) for s in sequences])
+    trace = RoutingTrace(trace.expert_ids, trace.num_experts, None, trace.request_ids, trace.positions,
+                         {**trace.meta, **(meta or {})},
+                         token_ids=token_ids if len(token_ids) == trace.num_tokens else trace.token_ids)
+    feats = {k: v.astype(feature_dtype) if v.dtype == np.float32 else v for k, v in feats.items()}
+    return trace, feats
+
+
 def record_sequences(model, sequences: Sequence[Sequence[int]], batch_size: int = 8,
                      hidden_layers: Iterable[int] | str = (), device=None) -> tuple[RoutingTrace, dict]:
     """Run token sequences through ``model`` (one full forward per batch, right-padded) and

@@ -35,3 +35,32 @@ def test_train_with_hidden_features_needs_the_model(tmp_path, capsys):
     assert "hidden_<l>" in capsys.readouterr().err
     assert main(["predictor", "train", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "p.npz")]) == 2
     assert isinstance(RoutingTrace.load(tmp_path / "t.npz"), RoutingTrace)
+
+
+def test_record_then_train_then_offload_with_the_predictor(tmp_path, capsys):
+    """`moe predictor record MODEL --text ...` writes a trace with token ids and the hidden states;
+    `train --features` fits the predictor and its probes on them; offloading takes the pair."""
+    import numpy as np
+
+    from moe.tiny import ensure_tiny_model
+    from routing import RoutingTrace, hidden_matrix, load_features
+    model_dir = str(ensure_tiny_model())
+    text = tmp_path / "a.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 60 + "class A:\n    pass\n" * 40)
+    out = tmp_path / "rec"
+    assert main(["predictor", "record", model_dir, "--text", str(text), "--out", str(out), "--name", "t",
+                 "--tokens", "400", "--seq-len", "64", "--device", "cpu", "--dtype", "float32"]) == 0
+    trace = RoutingTrace.load(out / "t.npz")
+    assert trace.num_tokens == 400 and trace.token_ids is not None and len(np.unique(trace.request_ids)) == 7
+    hidden = hidden_matrix(load_features(out / "t.features.npz"), trace.num_layers)
+    assert hidden.shape[:2] == (400, trace.num_layers) and hidden.dtype == np.float16
+    assert "moe predictor train" in capsys.readouterr().out
+    assert main(["predictor", "train", str(out / "t.npz"), "--features", str(out / "t.features.npz"),
+                 "--out", str(tmp_path / "p.npz")]) == 0
+    assert (tmp_path / "p.probe.npz").is_file()
+    # without the hidden states: the trace alone, no features file
+    assert main(["predictor", "record", model_dir, "--text", str(text), "--out", str(out), "--name", "u",
+                 "--tokens", "100", "--no-features", "--device", "cpu"]) == 0
+    assert (out / "u.npz").is_file() and not (out / "u.features.npz").exists()
+    assert main(["predictor", "record", model_dir, "--text", str(tmp_path / "none.txt"), "--out", str(out)]) == 2
+    assert "not found" in capsys.readouterr().err
