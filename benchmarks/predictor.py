@@ -249,6 +249,11 @@ def qwen3_shape_cost(quick: bool) -> None:
              for b in (1, 8)}
     print("predictor at Qwen3-30B-A3B shape: CPU us per call at batch 1 | 8, last known layer 0/24/46: "
           + " | ".join("/".join(f"{v:.0f}" for v in calls[b]) for b in (1, 8)))
+    # without the exact-set sources (`moe predictor train --match-layers 0`): the cheaper live predictor
+    lean = PathPredictor.fit(big, PredictorConfig(fit_elements=1 << 20, fit_iters=3 if quick else 20, match_layers=0))
+    lean_calls = [cost_per_token_us(lean, big, layer=layer, batch=1, repeats=400) for layer in (0, 24, 46)]
+    print("the same with match_layers=0: CPU us per call at batch 1, last known layer 0/24/46: "
+          + "/".join(f"{v:.0f}" for v in lean_calls))
 
 
 def print_summary(summary: list) -> None:
