@@ -246,7 +246,6 @@ def hidden_matrix(features: dict[str, np.ndarray], num_layers: int) -> np.ndarra
     return np.stack([features[k] for k in keys], axis=1)
 
 
-@torch.no_grad()
 def pieces(documents: Iterable[Sequence[int]], max_tokens: int, seq_len: int, min_len: int = 16) -> list[list[int]]:
     """Token documents cut into consecutive requests of at most ``seq_len`` tokens (pieces shorter than
     ``min_len`` dropped), until ``max_tokens`` tokens are taken."""
@@ -269,9 +268,7 @@ def record_trace(model, sequences: Sequence[Sequence[int]], meta: dict | None = 
                  batch_size: int = 8, feature_dtype=np.float16) -> tuple[RoutingTrace, dict]:
     """``record_sequences`` with the token ids kept in the trace (a predictor feature), ``meta`` added,
     and (``features``) the hidden state entering every MoE layer stored as ``feature_dtype``."""
-    with torch.no_grad():
-        trace, feats = record_sequences(model, sequences, batch_size=batch_size,
-                                        hidden_layers="all" if features else ())
+    trace, feats = record_sequences(model, sequences, batch_size=batch_size, hidden_layers="all" if features else ())
     token_ids = np.concatenate([np.asarray(s, dtype=np.int32) for s in sequences])
     trace = RoutingTrace(trace.expert_ids, trace.num_experts, None, trace.request_ids, trace.positions,
                          {**trace.meta, **(meta or {})},
@@ -280,6 +277,7 @@ def record_trace(model, sequences: Sequence[Sequence[int]], meta: dict | None = 
     return trace, feats
 
 
+@torch.no_grad()
 def record_sequences(model, sequences: Sequence[Sequence[int]], batch_size: int = 8,
                      hidden_layers: Iterable[int] | str = (), device=None) -> tuple[RoutingTrace, dict]:
     """Run token sequences through ``model`` (one full forward per batch, right-padded) and

@@ -145,3 +145,17 @@ def test_predictor_uses_the_gate_lookahead_source():
     r_la = evaluate(la, test, f_test, distances=(1,))
     assert r_gate["1"]["mean_recall"] > r_plain["1"]["mean_recall"] + 0.1
     assert r_gate["1"]["mean_recall"] >= r_la["1"]["mean_recall"] - 0.02
+
+
+def test_record_sequences_runs_the_model_without_autograd():
+    """Recording runs the forward under no_grad (no graph kept for the hidden states it copies out)."""
+    import torch
+
+    from routing import record_sequences
+    from ._standin import StandinMoE
+    model = StandinMoE()
+    seen = []
+    model.moe_blocks()[0].router.register_forward_hook(lambda m, a, o: seen.append(torch.is_grad_enabled()))
+    trace, feats = record_sequences(model, [[1, 2, 3, 4], [5, 6]], hidden_layers="all")
+    assert trace.num_tokens == 6 and seen and not any(seen)
+    assert torch.is_grad_enabled()  # restored afterwards
