@@ -96,6 +96,12 @@ class ServeConfig:
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be a positive integer")
             setattr(self, name, int(getattr(self, name)))
+        for name in ("offload_probes", "offload_predictor"):  # absolute: a replica may run in another directory
+            f = getattr(self, name)
+            if f is not None:
+                if not os.path.isfile(f):
+                    raise ValueError(f"{name} file {f!r} not found (from `moe predictor train`)")
+                setattr(self, name, os.path.abspath(f))
         if self.gpu_memory is not None or self.offload_options:
             self.offload_config("cpu")  # offload's own checks, with its messages
         else:

@@ -67,7 +67,10 @@ def test_moe_serve_command_line():
     assert callable(args.func)
     # the file options reach the config (they were dropped before session 13), and need offloading
     args = parser.parse_args(["serve", "--offload-prefetch", "probe", "--offload-probes", "p.probe.npz"])
-    with pytest.raises(ValueError, match="offload_prefetch, offload_probes set without offloading"):
+    with pytest.raises(ValueError, match="offload_probes file 'p.probe.npz' not found"):
+        config_from_args(args)
+    args = parser.parse_args(["serve", "--offload-prefetch", "probe"])
+    with pytest.raises(ValueError, match="offload_prefetch set without offloading"):
         config_from_args(args)
     args = parser.parse_args(["serve", "--gpu-memory", "0.3", "--offload-prefetch", "probe"])
     with pytest.raises(ValueError, match="go together"):

@@ -231,6 +231,8 @@ def test_offloaded_replica_loads_the_predictor_and_probes_it_is_given(tiny, tmp_
     assert "prefetch_precision" in comp  # the predictor prefetched
     with pytest.raises(ValueError, match="set without offloading"):
         ServeConfig(model="tiny", offload_predictor=str(pred))
+    with pytest.raises(ValueError, match="offload_predictor file 'nope.npz' not found"):
+        ServeConfig(model="tiny", offload_predictor="nope.npz", offload_options={"slots_per_layer": 2})
     with pytest.raises(ValueError, match="goes with"):
         ServeConfig(model="tiny", offload_predictor=str(pred), offload_options={"slots_per_layer": 2})
 
