@@ -12,8 +12,9 @@ companion ``*.features.npz`` of hidden states), split by request 50/50 into trai
    and over every training token ("nearest-all"), the next-layer gate on the current hidden
    state when hidden states and the model are at hand, and probes fitted from the hidden state to
    the next layers' experts (``ProbeLookahead``, the predictor's lookahead source when there are
-   hidden states)); plus the CPU cost in microseconds per
-   token (process CPU time, one thread) of one predict_batch over 64 tokens predicting every
+   hidden states)), and the predictor without its exact-set sources ("predictor-lean", ``moe predictor
+   train --match-layers 0``; its eviction + prefetch as the "lean policy" rows); plus the CPU cost in
+   microseconds per token (process CPU time, one thread) of one predict_batch over 64 tokens predicting every
    later layer, the most over the last known layer 0, L/2 and L-2 (one expert copy of
    Qwen3-30B-A3B over PCIe takes 170 us); at Qwen3-30B-A3B's shape also per call at batch 1 and 8;
 2. the token scheduler: distinct experts per batch (summed over layers) under FIFO and under
@@ -134,6 +135,9 @@ def hit_ratios(test: RoutingTrace, models, max_tokens: int, batch: int = 4,
             out[f"b{b} lru+{m.name}"] = run("lru", prefetch="predictor", predictor=m, prefetch_budget=b)
         out[f"b{b} predictor policy"] = run("predictor", prefetch="predictor", predictor=models[0],
                                             prefetch_budget=b)
+        lean = [m for m in models if m.name == "predictor-lean"]
+        if lean:
+            out[f"b{b} lean policy"] = run("predictor", prefetch="predictor", predictor=lean[0], prefetch_budget=b)
     return out
 
 
@@ -165,8 +169,11 @@ def run_trace(name: str, trace: RoutingTrace, feats: dict | None, quick: bool, s
     fit_s = time.perf_counter() - t0
     nearest_all = NearestTraceBaseline.fit(train, max_stored=train.num_tokens, neighbours=8)
     nearest_all.name = "nearest-all"
-    models = [pred, PopularityBaseline.fit(train), PreviousPathBaseline.fit(train), NearestTraceBaseline.fit(train),
-              nearest_all]
+    # without the exact-set sources (`moe predictor train --match-layers 0`): the cheaper live predictor (7e)
+    lean = PathPredictor.fit(train, PredictorConfig(match_layers=0), features=f_train, lookahead=probes)
+    lean.name = "predictor-lean"
+    models = [pred, lean, PopularityBaseline.fit(train), PreviousPathBaseline.fit(train),
+              NearestTraceBaseline.fit(train), nearest_all]
     models += [m for m in (gate, probes) if m is not None]
     rows = []
     max_tokens = 600 if quick else 2000
@@ -205,7 +212,8 @@ def run_trace(name: str, trace: RoutingTrace, feats: dict | None, quick: bool, s
             for k, v in h.items():
                 print(f"  {k:<28}" + "".join(f"{x:>8.3f}" for x in v))
     by = {n: r for n, r, _ in rows}
-    best = {d: max(by[n][d]["mean_recall"] for n in by if n != "predictor") for d in ("1", "2", "4")}
+    best = {d: max(by[n][d]["mean_recall"] for n in by if n not in ("predictor", "predictor-lean"))
+            for d in ("1", "2", "4")}
     summary.append((name, by["predictor"], best, rows[0][2], sched["predictor"], fifo, hits, hits1))
 
 
