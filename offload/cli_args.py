@@ -51,15 +51,7 @@ def apply_from_args(model, args: argparse.Namespace, checkpoint: str | None = No
     batch_size, max_len: the KV cache the engine will make, counted in the budget before experts.
     """
     if getattr(args, "gpu_memory", None) is None:
-        given = [flag for flag, on in (
-            ("--offload-policy", getattr(args, "offload_policy", "lru") != "lru"),
-            ("--offload-prefetch", getattr(args, "offload_prefetch", "none") != "none"),
-            ("--offload-probes", getattr(args, "offload_probes", None) is not None),
-            ("--offload-predictor", getattr(args, "offload_predictor", None) is not None),
-            ("--offload-prefetch-budget", getattr(args, "offload_prefetch_budget", None) is not None),
-            ("--cpu-fallback", bool(getattr(args, "cpu_fallback", False))),
-            ("--expert-slices", getattr(args, "expert_slices", 1) != 1),
-            ("--offload-from-disk", bool(getattr(args, "offload_from_disk", False)))) if on]
+        given = ["--" + name.replace("_", "-") for name in settings_given(args)]
         if given:
             raise ValueError(f"{' '.join(given)} configure expert offloading, which --gpu-memory turns on: add "
                              "--gpu-memory SIZE (e.g. 24GiB) or drop them")
@@ -88,6 +80,18 @@ def apply_from_args(model, args: argparse.Namespace, checkpoint: str | None = No
     return apply_offload(model, cfg)
 
 
+# the offload settings of `moe generate` / `moe serve` (argparse dests = ServeConfig fields) and their
+# defaults: any other value configures the expert cache, which needs gpu_memory
+SETTING_DEFAULTS = {"offload_policy": "lru", "offload_prefetch": "none", "offload_probes": None,
+                    "offload_predictor": None, "offload_prefetch_budget": None, "cpu_fallback": False,
+                    "expert_slices": 1, "offload_from_disk": False}
+
+
+def settings_given(obj) -> list[str]:
+    """The names of SETTING_DEFAULTS that ``obj`` (an argparse namespace, a ServeConfig) sets otherwise."""
+    return [name for name, default in SETTING_DEFAULTS.items() if getattr(obj, name, default) != default]
+
+
 def check_files(policy: str, prefetch: str, probes_file: str | None, predictor_file: str | None) -> None:
     """The file options go with the modes that use them, and those modes need them."""
     if (prefetch == "probe") != (probes_file is not None):
@@ -106,10 +110,6 @@ def offload_objects(probes_file: str | None = None, predictor_file: str | None =
         from routing.probe import ProbeLookahead
         out["probes"] = ProbeLookahead.load(probes_file)
     if predictor_file is not None:
-        from routing.cli import probe_path
-        from routing.predictor import PathPredictor
-        from routing.probe import ProbeLookahead
-        beside = probe_path(predictor_file)
-        out["predictor"] = PathPredictor.load(predictor_file,
-                                              lookahead=ProbeLookahead.load(beside) if beside.is_file() else None)
+        from routing.cli import load_predictor
+        out["predictor"] = load_predictor(predictor_file)
     return out

@@ -78,6 +78,12 @@ def probe_path(predictor: Path) -> Path:
     return p.with_name((p.name[:-4] if p.name.endswith(".npz") else p.name) + ".probe.npz")
 
 
+def load_predictor(path: str | Path) -> PathPredictor:
+    """A predictor file of ``train`` with its probes (P.probe.npz beside it, when there) as its lookahead."""
+    beside = probe_path(path)
+    return PathPredictor.load(path, lookahead=ProbeLookahead.load(beside) if beside.is_file() else None)
+
+
 def _train(args: argparse.Namespace) -> int:
     trace = RoutingTrace.load(args.trace)
     feats = _features(args, trace)

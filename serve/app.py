@@ -105,13 +105,8 @@ class ServeConfig:
         if self.gpu_memory is not None or self.offload_options:
             self.offload_config("cpu")  # offload's own checks, with its messages
         else:
-            given = [n for n, v in (("offload_policy", self.offload_policy != "lru"),
-                                    ("offload_prefetch", self.offload_prefetch != "none"),
-                                    ("offload_probes", self.offload_probes is not None),
-                                    ("offload_predictor", self.offload_predictor is not None),
-                                    ("offload_prefetch_budget", self.offload_prefetch_budget is not None),
-                                    ("cpu_fallback", bool(self.cpu_fallback)),
-                                    ("offload_from_disk", bool(self.offload_from_disk))) if v]
+            from offload.cli_args import settings_given
+            given = settings_given(self)
             if given:
                 raise ValueError(f"{', '.join(given)} set without offloading: they configure the GPU expert cache, "
                                  "which gpu_memory turns on (e.g. --gpu-memory 24GiB)")
