@@ -184,7 +184,8 @@ def fit_predictor(train, which="routing"):
         return TransitionPredictor.fit(train), "offload.TransitionPredictor"
     try:
         from routing import PathPredictor
-        return PathPredictor.fit(train), "routing.PathPredictor"
+        p = PathPredictor.fit(train)
+        return p, f"routing.PathPredictor (match_layers={p.config.match_layers})"
     except Exception as e:  # keep the benchmark running with the simple baseline, and say so
         print(f"  (routing.PathPredictor unavailable: {e}; using offload.TransitionPredictor)")
         return TransitionPredictor.fit(train), "offload.TransitionPredictor"

@@ -165,11 +165,13 @@ def run_trace(name: str, trace: RoutingTrace, feats: dict | None, quick: bool, s
     t0 = time.perf_counter()
     # the fitted probes are the predictor's lookahead source where there are hidden states (they read
     # the next layers better than the routers do, BENCHMARKS 7b)
-    pred = PathPredictor.fit(train, features=f_train, lookahead=probes)
+    # "predictor" keeps the exact-set sources (match_layers=2, the library default until session 14) so that
+    # sections 7-7d read as measured; "predictor-lean" is the library default now
+    pred = PathPredictor.fit(train, PredictorConfig(match_layers=2), features=f_train, lookahead=probes)
     fit_s = time.perf_counter() - t0
     nearest_all = NearestTraceBaseline.fit(train, max_stored=train.num_tokens, neighbours=8)
     nearest_all.name = "nearest-all"
-    # without the exact-set sources (`moe predictor train --match-layers 0`): the cheaper live predictor (7e)
+    # without the exact-set sources (the default of `moe predictor train`): the cheaper live predictor (7e)
     lean = PathPredictor.fit(train, PredictorConfig(match_layers=0), features=f_train, lookahead=probes)
     lean.name = "predictor-lean"
     models = [pred, lean, PopularityBaseline.fit(train), PreviousPathBaseline.fit(train),
@@ -246,7 +248,7 @@ def qwen3_shape_cost(quick: bool) -> None:
     big = synthesize(num_layers=48, num_experts=128, top_k=8, num_requests=8, tokens_per_request=32,
                      popularity_skew=0.8, affinity=0.5, temporal_locality=0.3, seed=5)
     t0 = time.perf_counter()
-    pbig = PathPredictor.fit(big, PredictorConfig(fit_elements=1 << 20, fit_iters=3 if quick else 20))
+    pbig = PathPredictor.fit(big, PredictorConfig(fit_elements=1 << 20, fit_iters=3 if quick else 20, match_layers=2))
     fit_s = time.perf_counter() - t0
     costs = {layer: cost_per_token_us(pbig, big, layer=layer) for layer in (-1, 0, 24, 46)}
     print(f"\npredictor at Qwen3-30B-A3B shape (fit {fit_s:.1f} s on {big.num_tokens} tokens): CPU us/token "

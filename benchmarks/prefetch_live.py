@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from moe import load_model  # noqa: E402
 from offload import OffloadConfig, apply_offload  # noqa: E402
-from routing import PathPredictor, ProbeLookahead, RoutingTrace, hidden_matrix, load_features  # noqa: E402
+from routing import PathPredictor, PredictorConfig, ProbeLookahead, RoutingTrace, hidden_matrix, load_features  # noqa: E402
 
 
 @torch.no_grad()
@@ -71,7 +71,9 @@ def main(argv=None) -> int:
     train, test = trace.split_requests(0.5, seed=0)
     in_train = np.isin(req, np.unique(train.request_ids_or_default()))
     probes = ProbeLookahead.fit(train, hidden[in_train])
-    pred = PathPredictor.fit(train, features={"hidden_NLD": hidden[in_train]}, lookahead=probes)
+    # with the exact-set sources (match_layers=2), as section 7d was measured
+    pred = PathPredictor.fit(train, PredictorConfig(match_layers=2), features={"hidden_NLD": hidden[in_train]},
+                             lookahead=probes)
     # the test half's longest requests, their first --tokens tokens, decoded together
     t_req = test.request_ids_or_default()
     uniq, counts = np.unique(t_req, return_counts=True)

@@ -201,10 +201,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--token-buckets", type=int, default=4096, help="hashed token-id table rows (0: off)")
     t.add_argument("--max-span", type=int, default=16, help="longest layer distance with a transition table")
     t.add_argument("--match-layers", type=int, default=PredictorConfig.match_layers,
-                   help="latest known layers whose exact expert set is looked up (0: none). 0 makes a call ~3x "
-                        "cheaper at batch 1 (64-78 us against 187-244 at Qwen3-30B-A3B's shape) and cost the "
-                        "trained models <= 0.004 next-layer recall and no hit ratio (BENCHMARKS 7e): use it for "
-                        "live offloading")
+                   help="latest known layers whose exact expert set is looked up (default 0: none). 2 makes a "
+                        "call ~3x dearer at batch 1 (187-244 us against 64-78 at Qwen3-30B-A3B's shape) for <= "
+                        "0.004 next-layer recall and no hit ratio on trained models (BENCHMARKS 7e); it pays on "
+                        "collapsed routing, where a layer's set fingerprints the token")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_train)
 

@@ -75,7 +75,10 @@ class PredictorConfig:
     fit_iters: int = 20  # Newton steps
     holdout: float = 0.3  # share of requests that fit the weights (the tables count the rest)
     seed: int = 0
-    match_layers: int = 2  # latest known layers whose exact expert set is looked up (0: none)
+    # latest known layers whose exact expert set is looked up (0: none). Off by default since session 14: on
+    # trained models they add <= 0.004 next-layer recall and no hit ratio, and cost two thirds of a batch-1
+    # call (BENCHMARKS 7e); they pay on collapsed or memorised routing, where a set fingerprints the token
+    match_layers: int = 0
     # stored tokens sharing the latest set that the neighbours are chosen from (256 was no better on a
     # split of train, at twice the cost)
     match_pool: int = 128

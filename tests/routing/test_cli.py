@@ -56,9 +56,10 @@ def test_record_then_train_then_offload_with_the_predictor(tmp_path, capsys):
     assert hidden.shape[:2] == (400, trace.num_layers) and hidden.dtype == np.float16
     assert "moe predictor train" in capsys.readouterr().out
     assert main(["predictor", "train", str(out / "t.npz"), "--features", str(out / "t.features.npz"),
-                 "--out", str(tmp_path / "p.npz"), "--match-layers", "0"]) == 0
+                 "--out", str(tmp_path / "p.npz")]) == 0
     assert (tmp_path / "p.probe.npz").is_file()
-    assert PathPredictor.load(tmp_path / "p.npz").config.match_layers == 0  # the cheaper live predictor
+    # the default is the cheaper live predictor, without the exact-set sources (BENCHMARKS 7e)
+    assert PathPredictor.load(tmp_path / "p.npz").config.match_layers == 0
     # without the hidden states: the trace alone, no features file
     assert main(["predictor", "record", model_dir, "--text", str(text), "--out", str(out), "--name", "u",
                  "--tokens", "100", "--no-features", "--device", "cpu"]) == 0

@@ -128,8 +128,8 @@ def test_a_missing_optional_input_does_not_derail_the_other_sources(planted):
 # the fast path against the plain reference: (layers, experts, top-k, config) -- one and two mask words,
 # the span binding or not, with and without the set sources, short context windows
 FAST_CASES = {
-    "16e": (6, 16, 2, dict()),
-    "70e-span3": (9, 70, 3, dict(max_span=3, context_layers=2)),
+    "16e": (6, 16, 2, dict(match_layers=2)),
+    "70e-span3": (9, 70, 3, dict(max_span=3, context_layers=2, match_layers=2)),
     "130e-depth0": (8, 130, 4, dict(match_layers=1, match_depth=0, match_second_pool=0, match_pool=4)),
     "no-sets": (7, 24, 3, dict(match_layers=0, token_buckets=0)),
 }

@@ -102,7 +102,7 @@ def test_match_sources_help_on_set_structured_routing(tmp_path):
     train, test = synthesize(num_layers=6, num_experts=16, top_k=2, num_requests=24, tokens_per_request=48,
                              planted_paths=12, path_noise=0.1, popularity_skew=0.5,
                              seed=7).split_requests(0.75, seed=0)
-    with_m = PathPredictor.fit(train)
+    with_m = PathPredictor.fit(train, PredictorConfig(match_layers=2))
     without = PathPredictor.fit(train, PredictorConfig(match_layers=0))
     r1, r0 = evaluate(with_m, test, distances=(1,)), evaluate(without, test, distances=(1,))
     assert r1["1"]["mean_recall"] > r0["1"]["mean_recall"] + 0.005  # measured: 0.874 vs 0.861
@@ -138,7 +138,7 @@ def test_successor_source_predicts_the_next_path_before_the_forward():
     ids = paths[which.reshape(-1)].transpose(1, 0, 2)  # [L, R*N, K]
     tr = RoutingTrace(ids, E, request_ids=np.repeat(np.arange(R), N), positions=np.tile(np.arange(N), R))
     train, test = tr.split_requests(0.75, seed=0)
-    with_s = evaluate(PathPredictor.fit(train), test, distances=(1,))["all"]["mean_recall"]
+    with_s = evaluate(PathPredictor.fit(train, PredictorConfig(match_layers=2)), test, distances=(1,))["all"]["mean_recall"]
     without = evaluate(PathPredictor.fit(train, PredictorConfig(match_layers=0)), test, distances=(1,))
     assert with_s > 0.95 and with_s > without["all"]["mean_recall"] + 0.2, (with_s, without["all"]["mean_recall"])
 
