@@ -119,7 +119,8 @@ def build_corpus(out_dir: str | Path, cfg: CorpusConfig = CorpusConfig()) -> dic
         data = EOS_TEXT.join(parts[side])
         (out / f"{side}.txt").write_text(data, encoding="utf-8")
         sizes[side] = len(data.encode())
-    manifest = {"source": "python-stdlib", "python": sys.version.split()[0], "root": str(cfg.stdlib_root()),
+    # --root names another tree of Python files (BENCHMARKS 7f used a site-packages folder): say so
+    manifest = {"source": "python-files" if cfg.root else "python-stdlib", "python": sys.version.split()[0], "root": str(cfg.stdlib_root()),
                 "heldout_fraction": cfg.heldout_fraction, "bytes": sizes,
                 "num_files": {k: len(v) for k, v in files.items()}, "files": files}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -212,7 +213,8 @@ def run_corpus_command(args: argparse.Namespace) -> int:
 
 def add_corpus_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="output directory (train.txt, heldout.txt, manifest.json, tokenizer/)")
-    p.add_argument("--root", default="", help="stdlib directory (default: this Python's)")
+    p.add_argument("--root", default="", help="a tree of Python files (default: this Python's stdlib; "
+                   "BENCHMARKS 7f used a site-packages folder for a larger corpus)")
     p.add_argument("--heldout-fraction", type=float, default=0.04)
     p.add_argument("--max-bytes", type=int, default=0, help="stop after this many source bytes (0 = all)")
     p.add_argument("--vocab-size", type=int, default=4096, help="train a BPE tokenizer of this size (0 = none)")

@@ -62,6 +62,7 @@ def test_corpus_walk_is_deterministic_and_skips_tests(tmp_path):
     m2 = build_corpus(tmp_path / "o2", cfg)
     assert sorted(m1["files"]["train"] + m1["files"]["heldout"]) == sorted(kept)
     assert m1["files"]["train"] == sorted(m1["files"]["train"])  # walk order is sorted
+    assert m1["source"] == "python-files" and m1["root"] == str(root)  # not the stdlib: the manifest says so
     for side in ("train", "heldout"):
         assert m1["files"][side], side
         assert (tmp_path / "o1" / f"{side}.txt").read_bytes() == (tmp_path / "o2" / f"{side}.txt").read_bytes()
@@ -73,6 +74,7 @@ def test_corpus_walk_is_deterministic_and_skips_tests(tmp_path):
 
 def test_stdlib_corpus_and_tokenizer(corpus):
     manifest = json.loads((corpus / "manifest.json").read_text())
+    assert manifest["source"] == "python-stdlib"
     assert manifest["num_files"]["train"] > 0 and manifest["num_files"]["heldout"] > 0
     assert not set(manifest["files"]["train"]) & set(manifest["files"]["heldout"])
     assert all("/test/" not in f and not f.startswith("test/") for f in manifest["files"]["train"])
@@ -146,6 +148,11 @@ def test_shipped_recipes_fit_their_promises():
     assert abs(dense["active"] - default["active"]) / default["active"] < 0.005
     lcfg, _ = build("large_traces")
     assert (lcfg.num_hidden_layers, lcfg.num_experts, lcfg.num_experts_per_tok) == (16, 64, 8)
+    # BENCHMARKS 7f's width test: the same depth and experts, only 4x wider
+    wcfg, wide = build("large_traces_wide")
+    assert (wcfg.num_hidden_layers, wcfg.num_experts, wcfg.num_experts_per_tok) == (16, 64, 8)
+    assert (wcfg.hidden_size, wcfg.moe_intermediate_size) == (4 * lcfg.hidden_size, 4 * lcfg.moe_intermediate_size)
+    assert 4.1e8 < wide["total"] < 4.3e8  # the 418M the recipe's comment states
 
 
 # --- training ---------------------------------------------------------------------------------------

@@ -1,0 +1,97 @@
+"""How well the next layer's router reads ahead, from two points of the forward (issue 6).
+
+    python benchmarks/lookahead_points.py MODEL [--tokens 4096]
+
+A model's own routers as the lookahead (Fate's and mixtral-offloading's trick), on the held-out half
+of the stdlib corpus, the next layer's top-k recall from:
+  A   the router input of layer l (what benchmarks/predictor.py's gate-lookahead uses: known when
+      layer l's routing is, so a prefetch overlaps layer l's experts and layer l+1's attention)
+  A'  the same, rescaled from layer l's norm gain to layer l+1's
+  B   the residual after layer l, through layer l+1's norm (known only once layer l's experts have
+      run: a prefetch then overlaps layer l+1's attention alone)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from moe import Tokenizer, load_model  # noqa: E402
+from moe.corpus import CorpusConfig, build_corpus  # noqa: E402
+
+# the held-out sequences exactly as record_trace.py cuts them (benchmarks/ is not a package, and its
+# kernels.py would shadow the library's `kernels` on sys.path)
+_spec = importlib.util.spec_from_file_location("record_trace", Path(__file__).with_name("record_trace.py"))
+record_trace = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(record_trace)
+
+
+def topk_recall(logits: torch.Tensor, true_ids: torch.Tensor) -> float:
+    pred = logits.topk(true_ids.shape[-1], -1).indices
+    return (pred.unsqueeze(-1) == true_ids.unsqueeze(-2)).any(-1).float().mean().item()
+
+
+@torch.no_grad()
+def lookahead_points(model, sequences) -> dict[str, list[float]]:
+    """Per target layer 1..L-1: next-layer router recall from the points A, A' and B."""
+    layers = model.layers
+    L = len(layers)
+    rin, hout, ids = ([[] for _ in range(L)] for _ in range(3))
+    handles = []
+    for l, layer in enumerate(layers):
+        def on_router(mod, args, out, l=l):
+            rin[l].append(args[0].reshape(-1, args[0].shape[-1]))
+            ids[l].append(out[0].reshape(-1, out[0].shape[-1]))
+
+        def on_layer(mod, args, out, l=l):
+            x = out[0] if isinstance(out, tuple) else out
+            hout[l].append(x.reshape(-1, x.shape[-1]))
+        handles += [layer.mlp.router.register_forward_hook(on_router), layer.register_forward_hook(on_layer)]
+    try:
+        for s in sequences:
+            model(torch.tensor([s]))
+    finally:
+        for h in handles:
+            h.remove()
+    rin, hout, ids = ([torch.cat(x) for x in v] for v in (rin, hout, ids))
+    out = {"A": [], "A'": [], "B": []}
+    for l in range(L - 1):
+        nxt = layers[l + 1]
+        w = nxt.mlp.router.weight
+        gain = nxt.post_attention_layernorm.weight / layers[l].post_attention_layernorm.weight
+        out["A"].append(topk_recall(rin[l] @ w.T, ids[l + 1]))
+        out["A'"].append(topk_recall((rin[l] * gain) @ w.T, ids[l + 1]))
+        out["B"].append(topk_recall(nxt.post_attention_layernorm(hout[l]) @ w.T, ids[l + 1]))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--seq-len", type=int, default=256)
+    args = ap.parse_args()
+    model = load_model(args.model, dtype=torch.float32).eval()
+    tok = Tokenizer.from_dir(args.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        build_corpus(tmp, CorpusConfig())
+        seqs = record_trace.heldout_sequences(tok, Path(tmp) / "heldout.txt", args.tokens, args.seq_len)
+    res = lookahead_points(model, seqs)
+    n = len(res["A"])
+    print(f"{args.model}: next-layer router recall (top-k) on {sum(map(len, seqs))} held-out tokens")
+    print(f"{'target layer':<14}" + "".join(f"{l + 1:>6d}" for l in range(n)) + "   mean")
+    for k, v in res.items():
+        print(f"{k:<14}" + "".join(f"{x:>6.3f}" for x in v) + f" {np.mean(v):>6.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
