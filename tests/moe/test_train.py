@@ -153,6 +153,11 @@ def test_shipped_recipes_fit_their_promises():
     assert (wcfg.num_hidden_layers, wcfg.num_experts, wcfg.num_experts_per_tok) == (16, 64, 8)
     assert (wcfg.hidden_size, wcfg.moe_intermediate_size) == (4 * lcfg.hidden_size, 4 * lcfg.moe_intermediate_size)
     assert 4.1e8 < wide["total"] < 4.3e8  # the 418M the recipe's comment states
+    # and its shared-expert test: the same routed experts, one Qwen2-MoE shared expert 4x an expert's ffn
+    scfg, _ = build("large_traces_shared")
+    assert scfg.model_type == "qwen2_moe" and scfg.hidden_size == lcfg.hidden_size
+    assert (scfg.num_experts, scfg.num_experts_per_tok, scfg.moe_intermediate_size) == (64, 8, lcfg.moe_intermediate_size)
+    assert scfg.shared_expert_intermediate_size == 4 * lcfg.moe_intermediate_size
 
 
 # --- training ---------------------------------------------------------------------------------------
