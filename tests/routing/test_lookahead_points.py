@@ -1,0 +1,36 @@
+"""benchmarks/lookahead_points.py: the hooks read the tensors the docstring names (BENCHMARKS 7f)."""
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from moe.config import MoEConfig
+from moe.model import MoEForCausalLM
+
+
+def _module():
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "lookahead_points.py"
+    spec = importlib.util.spec_from_file_location("lookahead_points_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_points_on_a_model_whose_layers_pass_the_residual_through():
+    """With attention and experts writing nothing, every layer's input is the embedding. Then the residual
+    after layer l (B) is exactly what layer l+1's router sees, and so is layer l's router input rescaled to
+    the next norm gain (A'): both must read the next routing perfectly, while A (the norm gains differ)
+    need not. A hook on the wrong tensor, or a shift of one layer, breaks the 1.0s."""
+    torch.manual_seed(0)
+    model = MoEForCausalLM(MoEConfig.tiny("mixtral", num_hidden_layers=4, num_experts=8,
+                                          num_experts_per_tok=2)).eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attn.o_proj.weight.zero_()
+            layer.mlp.experts.w2.zero_()
+            layer.post_attention_layernorm.weight.uniform_(0.2, 3.0)  # gains that differ per layer
+    seqs = [torch.randint(0, model.config.vocab_size, (24,)).tolist() for _ in range(3)]
+    res = _module().lookahead_points(model, seqs)
+    assert set(res) == {"A", "A'", "B"} and all(len(v) == 3 for v in res.values())
+    assert min(res["B"]) == 1.0 and min(res["A'"]) > 0.999
+    assert min(res["A"]) < 1.0  # the unscaled gains do change the top-k somewhere
