@@ -22,6 +22,18 @@ import pytest  # noqa: E402
 torch.set_num_threads(1)
 
 
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (benchmarks/ is not a package, and on sys.path its kernels.py
+    would shadow the library's `kernels`): for the tests that run a benchmark script's own checks."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

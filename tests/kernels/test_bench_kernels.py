@@ -3,23 +3,16 @@
 The timers are replaced (the real ones need a GPU); the methods themselves run (the Triton kernels in
 the interpreter), so a method that cannot run is recorded as an error, not a time.
 """
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-from tests.conftest import ON_GPU
+from tests.conftest import ON_GPU, load_benchmark
 
 pytestmark = pytest.mark.skipif(ON_GPU, reason="the round logic is checked on CPU tensors in the interpreter")
 
 
 def _load():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
-    spec = importlib.util.spec_from_file_location("kernels_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("kernels")
 
 
 def test_rounds_interleave_methods_and_keep_the_best(monkeypatch):

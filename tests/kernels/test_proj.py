@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from kernels.proj import multi_linear, multi_linear_reference
-from tests.conftest import ON_GPU
+from tests.conftest import ON_GPU, load_benchmark
 
 
 def _dev():
@@ -44,12 +44,7 @@ def test_gemv_benchmark_script_smoke_run(capsys):
     """benchmarks/gemv.py --smoke: every shape's one-launch result against F.linear (the script's own
     check); in the interpreter on the CPU (fp32), compiled in bf16 on a GPU machine (where the
     interpreter is off for the whole session)."""
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gemv.py"
-    spec = importlib.util.spec_from_file_location("gemv_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("gemv")
     assert mod.main(["--device", "cuda" if ON_GPU else "cpu", "--smoke", "--rows", "2"]) == 0
     errs = [float(line.split()[-1]) for line in capsys.readouterr().out.splitlines() if "relative error" in line]
     assert len(errs) == len(mod.SHAPES) and max(errs) < (2e-2 if ON_GPU else 1e-5)

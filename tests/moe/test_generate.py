@@ -12,6 +12,7 @@ from moe.model import MoEForCausalLM
 from moe.sampling import SamplingParams
 from moe.tiny import ensure_tiny_model
 from moe.tokenizer import Tokenizer
+from tests.conftest import load_benchmark
 
 PROMPTS = ["def foo(x):", "import os\nimport sys\n\nclass Config(object):\n    pass\n", "a",
            "for i in range(10):\n    print(i)", "x = {'k': [1, 2, 3]}"]
@@ -294,13 +295,8 @@ def test_cuda_graph_decode_equals_eager(tok):
 
 def test_decode_benchmark_script_runs_on_cpu(tmp_path, capsys):
     """benchmarks/decode.py (eager steps, the transformers peer) on the tiny shape: the script's own check."""
-    import importlib.util
     import json
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "decode.py"
-    spec = importlib.util.spec_from_file_location("decode_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("decode")
     assert mod.main(["--models", "tiny", "--device", "cpu", "--batch", "1,2", "--steps", "3", "--out", str(tmp_path),
                      "--peers", "transformers"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "decode_results.jsonl").read_text().splitlines()]

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from moe.sampling import SamplingParams, sample_tokens, top_k_top_p_keep
+from tests.conftest import load_benchmark
 
 
 def reference_keep(logits_V: torch.Tensor, top_k: int, top_p: float) -> set[int]:
@@ -134,12 +135,7 @@ def test_unfiltered_sampling_follows_the_softmax_and_mixed_batches_keep_greedy_r
 
 
 def test_sampling_benchmark_script_runs_on_cpu(capsys):
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "sampling.py"
-    spec = importlib.util.spec_from_file_location("sampling_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("sampling")
     assert mod.main(["--device", "cpu", "--vocab", "512", "--rows", "1,2", "--calls", "2"]) == 0
     out = capsys.readouterr().out
     assert "top_p 0.9" in out and "seeded" in out

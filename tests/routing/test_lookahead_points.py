@@ -1,19 +1,9 @@
 """benchmarks/lookahead_points.py: the hooks read the tensors the docstring names (BENCHMARKS 7f)."""
-import importlib.util
-from pathlib import Path
-
 import torch
 
 from moe.config import MoEConfig
 from moe.model import MoEForCausalLM
-
-
-def _module():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "lookahead_points.py"
-    spec = importlib.util.spec_from_file_location("lookahead_points_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.conftest import load_benchmark
 
 
 def test_points_on_a_model_whose_layers_pass_the_residual_through():
@@ -30,7 +20,7 @@ def test_points_on_a_model_whose_layers_pass_the_residual_through():
             layer.mlp.experts.w2.zero_()
             layer.post_attention_layernorm.weight.uniform_(0.2, 3.0)  # gains that differ per layer
     seqs = [torch.randint(0, model.config.vocab_size, (24,)).tolist() for _ in range(3)]
-    res = _module().lookahead_points(model, seqs)
+    res = load_benchmark("lookahead_points").lookahead_points(model, seqs)
     assert set(res) == {"A", "A'", "B"} and all(len(v) == 3 for v in res.values())
     assert min(res["B"]) == 1.0 and min(res["A'"]) > 0.999
     assert min(res["A"]) < 1.0  # the unscaled gains do change the top-k somewhere
