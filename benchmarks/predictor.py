@@ -33,6 +33,7 @@ predictor-driven hit ratio >= LRU + 20 points at 25%; scheduler -30% distinct ex
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import sys
 import time
@@ -248,7 +249,8 @@ def qwen3_shape_cost(quick: bool) -> None:
     big = synthesize(num_layers=48, num_experts=128, top_k=8, num_requests=8, tokens_per_request=32,
                      popularity_skew=0.8, affinity=0.5, temporal_locality=0.3, seed=5)
     t0 = time.perf_counter()
-    pbig = PathPredictor.fit(big, PredictorConfig(fit_elements=1 << 20, fit_iters=3 if quick else 20, match_layers=2))
+    cfg = PredictorConfig(fit_elements=1 << 20, fit_iters=3 if quick else 20, match_layers=2)
+    pbig = PathPredictor.fit(big, cfg)
     fit_s = time.perf_counter() - t0
     costs = {layer: cost_per_token_us(pbig, big, layer=layer) for layer in (-1, 0, 24, 46)}
     print(f"\npredictor at Qwen3-30B-A3B shape (fit {fit_s:.1f} s on {big.num_tokens} tokens): CPU us/token "
@@ -260,7 +262,7 @@ def qwen3_shape_cost(quick: bool) -> None:
     print("predictor at Qwen3-30B-A3B shape: CPU us per call at batch 1 | 8, last known layer 0/24/46: "
           + " | ".join("/".join(f"{v:.0f}" for v in calls[b]) for b in (1, 8)))
     # without the exact-set sources (`moe predictor train --match-layers 0`): the cheaper live predictor
-    lean = PathPredictor.fit(big, PredictorConfig(fit_elements=1 << 20, fit_iters=3 if quick else 20, match_layers=0))
+    lean = PathPredictor.fit(big, dataclasses.replace(cfg, match_layers=0))
     lean_calls = [cost_per_token_us(lean, big, layer=layer, batch=1, repeats=400) for layer in (0, 24, 46)]
     print("the same with match_layers=0: CPU us per call at batch 1, last known layer 0/24/46: "
           + "/".join(f"{v:.0f}" for v in lean_calls))
