@@ -145,7 +145,7 @@ def _moe_rows(layer, h_BD: torch.Tensor, home_B: torch.Tensor, origin_B: torch.T
     to_BP = torch.zeros(B, P + 1, dtype=torch.bool, device=dev)
     to_BP.scatter_(1, torch.where(r_BK >= 0, r_BK, P), True)
     to_BP = to_BP[:, :P]
-    to_BP[c.arange_B, dest_B] = True
+    to_BP.scatter_(1, dest_B[:, None], True)  # a fill, not an indexed write of a host scalar: capturable
     to_BP &= home_B[:, None]
     # widest types first, so that every part of a received row is a view (see _unpack)
     ints = torch.cat([ids_BK, r_BK, dest_B[:, None]], 1).to(torch.int32)
@@ -194,12 +194,19 @@ def _sum_home_rows(parts: list[tuple[torch.Tensor, torch.Tensor]], group) -> lis
 
 
 @torch.no_grad()
-def decode_step(model, cache, ids_B1: torch.Tensor, st: TokenState) -> torch.Tensor:
-    """Logits [B, 1, V] of one decode step (every rank returns the same), advancing ``cache``."""
+def decode_step(model, cache, ids_B1: torch.Tensor, st: TokenState, num_slots: int | None = None,
+                moved_2: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits [B, 1, V] of one decode step (every rank returns the same), advancing ``cache``.
+
+    ``num_slots`` (the attention slots, known to the caller) and ``moved_2`` (a device tensor
+    [2] the step's dispatched / combined rows are added to, instead of the host counters): with
+    both, the step reads nothing on the host, so it can be captured in a CUDA graph
+    (``HomeDecodeGraphs``)."""
     B = ids_B1.shape[0]
     me, P, group = st.rank, st.world, st.group
     dev = ids_B1.device
-    pos_BT, mask, windowed, num_slots = model._positions_and_masks(B, 1, cache, None)
+    pos_BT, mask, windowed, _slots = model._positions_and_masks(B, 1, cache, None, num_slots)
+    num_slots = _slots
     x = model.embed(ids_B1)[:, 0]
     cos, sin = model.rotary(pos_BT, x.dtype)
     c = _StepConsts(B, st, dev)
@@ -237,10 +244,102 @@ def decode_step(model, cache, ids_B1: torch.Tensor, st: TokenState) -> torch.Ten
     st.counters["all_gather_calls"] += 1
     # rows sent away (dispatch, combine), counted for the whole step at once
     none = torch.zeros((), dtype=torch.long, device=dev)
-    moved_2 = torch.stack([(torch.stack(c.sent) & c.away_P).sum() if c.sent else none,
-                           torch.stack(c.returned).sum() if c.returned else none])
-    dispatch, combine = moved_2.tolist()  # the step's one host sync of this module
-    st.counters["dispatch_rows"] += dispatch
-    st.counters["combine_rows"] += combine
+    step_2 = torch.stack([(torch.stack(c.sent) & c.away_P).sum() if c.sent else none,
+                          torch.stack(c.returned).sum() if c.returned else none])
+    if moved_2 is not None:
+        moved_2 += step_2  # read by the caller when it wants them (HomeDecodeGraphs.flush_counters)
+    else:
+        dispatch, combine = step_2.tolist()  # the step's one host sync of this module
+        st.counters["dispatch_rows"] += dispatch
+        st.counters["combine_rows"] += combine
     cache.advance(None, 1)
     return got[0][:, None].to(model.dtype)
+
+
+class HomeDecodeGraphs:
+    """Home-only decode steps (``decode_step``) of one rank replayed from CUDA graphs, one graph per
+    attention-slot bucket, captured on first use (moe.cuda_graph.DecodeGraphs does the same for
+    a resident model).
+
+        graphs = HomeDecodeGraphs(model, cache, state)     # every rank, NCCL group, triton experts
+        logits_B1V = graphs.step(ids_B1, max_length)       # every rank, together
+
+    A step of ExFlow's decoding is hundreds of small kernels and two to three collectives per MoE
+    layer at fixed shapes with no host sync (``decode_step``); eagerly its launches, not the GPU,
+    set its time (BENCHMARKS 6b, 6c). Captured, a step is one replay. The all-to-alls and the
+    end-of-step all-reduce are captured with the kernels, so every rank must capture and replay
+    the same steps together (they do: every rank runs every step). Capturing runs one step eagerly
+    first (kernels compile, NCCL's communicator is made outside the capture) and restores the
+    cache's lengths and the counters, so it changes nothing the caller sees. The host counters
+    (all-to-all calls, layers, all-gathers) grow per replay by what the captured step counted;
+    the rows moved are summed on the device and added to the host counters by ``flush_counters``
+    (``greedy`` calls it once at the end)."""
+
+    def __init__(self, model, cache, st: TokenState, bucket: int | None = None):
+        from moe.kv_cache import KVCache
+        if cache.device.type != "cuda":
+            raise ValueError(f"HomeDecodeGraphs captures CUDA graphs; the cache is on {cache.device}")
+        for b in model.moe_blocks():
+            ex = b.experts
+            if not isinstance(ex, ExpertParallelExperts) or ex.backend != "triton":
+                raise ValueError(f"MoE layer {b.layer_idx}: only expert-parallel experts with the 'triton' backend "
+                                 "run without host syncs (EPConfig(backend='triton'))")
+        self.model, self.cache, self.st = model, cache, st
+        self.bucket = bucket or KVCache.SLOT_BUCKET
+        B = cache.batch_size
+        self._ids_B1 = torch.zeros(B, 1, dtype=torch.long, device=cache.device)
+        self._moved_2 = torch.zeros(2, dtype=torch.long, device=cache.device)
+        self._graphs: dict[int, tuple] = {}  # slot bucket -> (graph, logits buffer, host counter deltas)
+        self._pool = torch.cuda.graph_pool_handle()
+
+    def slots_for(self, max_length: int) -> int:
+        from moe.cuda_graph import bucket_slots
+        return bucket_slots(self.cache, self.bucket, max_length)
+
+    def _step(self, num_slots: int) -> torch.Tensor:
+        return decode_step(self.model, self.cache, self._ids_B1, self.st, num_slots, self._moved_2)
+
+    def _capture(self, num_slots: int):
+        cache, st = self.cache, self.st
+        lengths, moved = cache.lengths.clone(), self._moved_2.clone()
+        before = dict(st.counters)
+        try:
+            side = torch.cuda.Stream(cache.device)
+            side.wait_stream(torch.cuda.current_stream(cache.device))
+            with torch.cuda.stream(side):
+                self._step(num_slots)  # compile, make NCCL's communicator: outside the capture
+            torch.cuda.current_stream(cache.device).wait_stream(side)
+            cache.lengths.copy_(lengths)
+            counted = {k: st.counters[k] - before[k] for k in before}
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                out = self._step(num_slots)
+            return graph, out, counted
+        finally:
+            cache.lengths.copy_(lengths)
+            self._moved_2.copy_(moved)
+            st.counters.update(before)
+
+    @torch.no_grad()
+    def step(self, ids_B1: torch.Tensor, max_length: int) -> torch.Tensor:
+        """Logits [B, 1, V] of one decode step, advancing the cache as ``decode_step`` does.
+        max_length: the longest row's current length (the caller's host-side count). The logits
+        live in the graph's output buffer, overwritten by the next step of the same bucket."""
+        if tuple(ids_B1.shape) != tuple(self._ids_B1.shape):
+            raise ValueError(f"decode step input must be {tuple(self._ids_B1.shape)}, got {tuple(ids_B1.shape)}")
+        num_slots = self.slots_for(max_length)
+        self._ids_B1.copy_(ids_B1)
+        if num_slots not in self._graphs:
+            self._graphs[num_slots] = self._capture(num_slots)
+        graph, out, counted = self._graphs[num_slots]
+        graph.replay()
+        for k, v in counted.items():
+            self.st.counters[k] += v
+        return out
+
+    def flush_counters(self) -> None:
+        """Add the rows moved since the last flush to the host counters (one host sync)."""
+        dispatch, combine = self._moved_2.tolist()
+        self.st.counters["dispatch_rows"] += dispatch
+        self.st.counters["combine_rows"] += combine
+        self._moved_2.zero_()

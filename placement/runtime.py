@@ -393,6 +393,9 @@ class EPWorker:
         self.groups: dict[int, object] = {}  # n -> process group of ranks 0..n-1 (plans on fewer ranks)
         self.trace_spec = None  # trace_routing.TraceRoutingSpec installed at every load, or None
         self.serve_cache = None  # open_cache / step (serving); made again after every load
+        # greedy(graphs=True): (batch, max_len, mode) -> (its KV cache, decode.HomeDecodeGraphs), kept
+        # so that later calls replay the graphs the first captured; dropped at every load
+        self._home_graphs: dict[tuple, tuple] = {}
 
     def address(self) -> tuple[str, int]:
         import ray
@@ -440,6 +443,7 @@ class EPWorker:
     def _build(self, hf_config: dict, plan_dict: dict, dtype: torch.dtype, fill) -> int:
         from moe import MoEConfig, MoEForCausalLM
         self.model = self.state = self.serve_cache = None
+        self._home_graphs = {}
         plan = PlacementPlan.from_dict(plan_dict)
         n = plan.num_ranks
         group = None
@@ -491,21 +495,35 @@ class EPWorker:
         return out.cpu() if self.rank == 0 else None
 
     @torch.no_grad()
-    def greedy(self, input_ids_BT: torch.Tensor, max_new_tokens: int, home_only: bool = False):
+    def greedy(self, input_ids_BT: torch.Tensor, max_new_tokens: int, home_only: bool = False,
+               graphs: bool = False):
         """Greedy decoding with the KV cache: prefill, then one token per row per step.
 
         home_only: decode steps run each row's attention only on its home rank (decode.py,
-        ExFlow's decoding); otherwise every step is a replicated forward. Returns
+        ExFlow's decoding); otherwise every step is a replicated forward. graphs (with home_only,
+        CUDA, the triton experts): the decode steps are replayed from CUDA graphs
+        (decode.HomeDecodeGraphs), the same numbers without the launches. Returns
         (tokens [B, n], logits of every decode step's input [B, n, V])."""
-        from .decode import decode_step
+        from .decode import HomeDecodeGraphs, decode_step
         if self.model is None:
             return None
         if home_only and self.cfg.parallel == "adaptive":
             raise ValueError("home-only decoding places each row by the plan; the adaptive layer runs replicated "
                              "decoding (home_only=False)")
+        if graphs and not home_only:
+            raise ValueError("graphs=True replays ExFlow's home-only decode steps: pass home_only=True too")
         ids = input_ids_BT.to(self.device)
         B, T = ids.shape
-        cache = self.model.new_cache(B, T + max_new_tokens)
+        replay = None
+        if graphs:  # captured on the first call of this shape and mode, replayed by the later ones
+            key = (B, T + max_new_tokens, self.state.mode)
+            if key not in self._home_graphs:
+                cache = self.model.new_cache(B, T + max_new_tokens)
+                self._home_graphs[key] = (cache, HomeDecodeGraphs(self.model, cache, self.state))
+            cache, replay = self._home_graphs[key]
+            cache.reset()
+        else:
+            cache = self.model.new_cache(B, T + max_new_tokens)
         logits = self.model(ids, cache=cache, last_only=True)  # only the last position is read
         out, steps = [], [logits[:, -1:]]
         for i in range(max_new_tokens):
@@ -513,8 +531,15 @@ class EPWorker:
             out.append(nxt)
             if i == max_new_tokens - 1:
                 break
-            logits = decode_step(self.model, cache, nxt, self.state) if home_only else self.model(nxt, cache=cache)
+            if replay is not None:  # every row is T + i long: the prompt has no padding
+                logits = replay.step(nxt, T + i).clone()
+            elif home_only:
+                logits = decode_step(self.model, cache, nxt, self.state)
+            else:
+                logits = self.model(nxt, cache=cache)
             steps.append(logits[:, -1:])
+        if replay is not None:
+            replay.flush_counters()
         return torch.cat(out, 1).cpu(), torch.cat(steps, 1).cpu()
 
     def open_cache(self, batch_size: int, max_len: int) -> None:
@@ -669,9 +694,10 @@ class ExpertParallelRuntime:
         """Logits [B, T, V], or [B, 1, V] with ``last_only`` (every rank computes them; rank 0's are returned)."""
         return self._all("forward", input_ids_BT.cpu(), None if valid_BT is None else valid_BT.cpu(), last_only)[0]
 
-    def greedy(self, input_ids_BT: torch.Tensor, max_new_tokens: int, home_only: bool = False):
+    def greedy(self, input_ids_BT: torch.Tensor, max_new_tokens: int, home_only: bool = False,
+               graphs: bool = False):
         """(tokens [B, n], logits [B, n, V]) of greedy decoding; see EPWorker.greedy."""
-        return self._all("greedy", input_ids_BT.cpu(), max_new_tokens, home_only)[0]
+        return self._all("greedy", input_ids_BT.cpu(), max_new_tokens, home_only, graphs)[0]
 
     def set_mode(self, mode: str) -> None:
         self._all("set_mode", mode)

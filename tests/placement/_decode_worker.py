@@ -78,3 +78,40 @@ def check_decode(rank, world, init_file, family, kw, mode, out_file):
                        out_file)
     finally:
         dist.destroy_process_group()
+
+
+def check_sync_free_step(rank, world, init_file, family, kw, mode, out_file):
+    """decode_step with the slots given and the moved rows summed on the device (what
+    HomeDecodeGraphs captures) equals the default step: logits, tokens and every counter."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = _model(family, kw)
+        ids = torch.randint(3, 128, (3, 5), generator=torch.Generator().manual_seed(0))
+        plan = round_robin(len(model.moe_blocks()), model.config.num_experts, world)
+        state = apply_placement(model, plan, rank, mode)
+        n = 4
+        results = []
+        def reset():  # count the decode steps only (the prefill is the replicated forward)
+            for k in state.counters:
+                state.counters[k] = 0
+        for sync_free in (False, True):
+            moved_2 = torch.zeros(2, dtype=torch.long)
+            if sync_free:  # the most slots the cache has: masked slots change nothing
+                step = lambda c, x: decode_step(model, c, x, state, c.max_len, moved_2)  # noqa: E731
+            else:
+                step = lambda c, x: decode_step(model, c, x, state)  # noqa: E731
+            toks, logits = _decode(model, ids, n, step, reset)
+            counters = dict(state.counters)
+            if sync_free:
+                assert counters["dispatch_rows"] == counters["combine_rows"] == 0, "rows counted on the host"
+                counters["dispatch_rows"], counters["combine_rows"] = moved_2.tolist()
+            results.append((toks, logits, counters))
+        (t0, l0, c0), (t1, l1, c1) = results
+        assert torch.equal(t0, t1), f"rank {rank}: tokens differ"
+        torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+        assert c0 == c1, f"rank {rank}: counters {c1} != {c0}"
+        if rank == 0:
+            torch.save(c0, out_file)
+    finally:
+        dist.destroy_process_group()

@@ -30,3 +30,72 @@ def test_home_only_decode_equals_single_process(family, kw, world, mode):
     if mode == "coherent" and kw.get("num_experts_per_tok") == 1:
         assert c["combine_rows"] == 0 and c["all_to_all_calls"] == c["layers"]
     assert c["all_gather_calls"] == 3  # one collective per decode step
+
+
+@pytest.mark.parametrize("mode", ["coherent", "standard"])
+def test_sync_free_step_equals_default_step(mode):
+    """The step HomeDecodeGraphs captures (slots given, moved rows summed on the device) is the same
+    step: same logits, tokens and counters on 2 gloo ranks."""
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "counters.pt")
+        mp.spawn(worker.check_sync_free_step, args=(2, os.path.join(d, "init"), "mixtral", {"num_hidden_layers": 3},
+                                                     mode, out), nprocs=2)
+        c = torch.load(out)
+    assert c["layers"] == 3 * 3 and c["dispatch_rows"] > 0
+
+
+def test_home_decode_graphs_refuses_what_it_cannot_capture():
+    from moe import MoEConfig, MoEForCausalLM
+    from placement.decode import HomeDecodeGraphs
+    from placement.runtime import TokenState
+    model = MoEForCausalLM(MoEConfig.tiny("mixtral"), dtype=torch.float32)
+    with pytest.raises(ValueError, match="captures CUDA graphs; the cache is on cpu"):
+        HomeDecodeGraphs(model, model.new_cache(2, 8), TokenState(0, 1, "coherent"))
+
+
+@pytest.mark.gpu
+def test_gpu_home_decode_graphs_equal_eager_steps():
+    """One NCCL rank on the GPU: decode steps replayed from HomeDecodeGraphs (all-to-alls and the
+    all-reduce inside the graph) give the eager decode_step's logits and counters, across a slot
+    bucket boundary."""
+    import torch.distributed as dist
+
+    from moe import MoEConfig, MoEForCausalLM
+    from placement.baselines import round_robin
+    from placement.decode import HomeDecodeGraphs, decode_step
+    from placement.runtime import apply_placement
+    with tempfile.TemporaryDirectory() as d:
+        dist.init_process_group("nccl", init_method=f"file://{os.path.join(d, 'init')}", rank=0, world_size=1)
+        try:
+            torch.manual_seed(0)
+            model = MoEForCausalLM(MoEConfig.tiny("mixtral", num_hidden_layers=3), dtype=torch.bfloat16,
+                                   device="cuda")
+            model.init_weights(std=0.2, seed=1)
+            model.eval()
+            model.set_backend("triton")
+            state = apply_placement(model, round_robin(len(model.moe_blocks()), model.config.num_experts, 1), 0,
+                                    "coherent", backend="triton")
+            ids = torch.randint(3, 128, (3, 5), generator=torch.Generator().manual_seed(0)).cuda()
+            runs = []
+            for graphs in (False, True):
+                for k in state.counters:
+                    state.counters[k] = 0
+                cache = model.new_cache(3, 5 + 12)
+                replay = HomeDecodeGraphs(model, cache, state, bucket=8) if graphs else None
+                with torch.no_grad():
+                    logits = model(ids, cache=cache, last_only=True)
+                    steps = []
+                    for i in range(11):  # lengths 5..15: two slot buckets of 8
+                        nxt = logits[:, -1].argmax(-1, keepdim=True)
+                        logits = (replay.step(nxt, 5 + i).clone() if graphs
+                                  else decode_step(model, cache, nxt, state))
+                        steps.append(logits)
+                if replay is not None:
+                    replay.flush_counters()
+                    assert replay._graphs.keys() == {8, 16}
+                runs.append((torch.cat(steps, 1), dict(state.counters)))
+            (l0, c0), (l1, c1) = runs
+            torch.testing.assert_close(l1.float(), l0.float(), rtol=0, atol=0)
+            assert c0 == c1
+        finally:
+            dist.destroy_process_group()
