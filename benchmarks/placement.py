@@ -181,13 +181,20 @@ def runtime_bench(args) -> int:
                 # warm-up: the whole timed sequence once, untimed — the expert kernels compile per token-count
                 # bucket and per row-count specialisation, and decode visits many row counts per rank
                 rt.forward(prompt, None, True)
+                graph_diff = float("nan")
                 if not args.prefill_only:
                     rt.greedy(prompt, args.new_tokens)
-                    rt.greedy(prompt, args.new_tokens, home_only=True)
+                    eager_home = rt.greedy(prompt, args.new_tokens, home_only=True)
+                    if cuda:  # captures the home-only step's graphs (kept for the timed calls)
+                        replayed = rt.greedy(prompt, args.new_tokens, home_only=True, graphs=True)
+                        if not torch.equal(replayed[0], eager_home[0]):
+                            raise RuntimeError(f"{plan.method} {mode}: CUDA-graph decode chose other tokens than "
+                                               "eager home-only decode")
+                        graph_diff = float((replayed[1] - eager_home[1]).abs().max())
                 rt.reset_counters()
                 t_pre, out = _median_time(lambda: rt.forward(prompt, None, True), args.reps)  # last position's logits
                 logits.append(out[:, -1].float())
-                decode_rep = decode_home = float("nan")
+                decode_rep = decode_home = decode_graph = float("nan")
                 if not args.prefill_only:
                     # a greedy run = its prefill + the decode steps; the decode part is the difference
                     decode_rep = max(_median_time(lambda: rt.greedy(prompt, args.new_tokens), args.reps)[0]
@@ -198,9 +205,12 @@ def runtime_bench(args) -> int:
                 c = rt.counters()
                 moved = sum(x["dispatch_rows"] + x["combine_rows"] for x in c)
                 a2a = max(x["all_to_all_calls"] for x in c) / max(1, max(x["layers"] for x in c))
+                if cuda and not args.prefill_only:  # after the counters: they are the eager run's
+                    decode_graph = max(_median_time(lambda: rt.greedy(prompt, args.new_tokens, home_only=True,
+                                                                      graphs=True), args.reps)[0] - t_pre, 1e-9)
                 rows.append((plan.method, mode, f.cross_fraction, args.batch * args.prompt_len / t_pre,
                              args.batch * args.new_tokens / decode_rep, args.batch * args.new_tokens / decode_home,
-                             a2a, moved))
+                             a2a, moved, args.batch * args.new_tokens / decode_graph, graph_diff))
                 if args.profile and (plan is plans[0]) == (mode == "standard"):  # the two compared cases
                     tag = f"{plan.method}_{mode}_b{args.batch}x{args.prompt_len}"
                     tables = {"prefill": rt.profile("forward", prompt, None, True)}
@@ -223,19 +233,23 @@ def runtime_bench(args) -> int:
           f"(row b, position p -> trace token b*{spec.stride}+p)")
     print("cross: of the prompt tokens' consecutive-layer moves, the part crossing ranks; decode (replicated): "
           "every rank runs attention for every row, one all-gather per layer; decode (home-only): ExFlow's "
-          "decoding (placement/decode.py); a2a/layer and rows moved: the home-only run (prefill included)")
+          "decoding (placement/decode.py); a2a/layer and rows moved: the home-only run (prefill included); "
+          "home graphs: the home-only steps replayed from CUDA graphs (decode.HomeDecodeGraphs; GPUs only), "
+          "graph diff: its logits' largest difference from the eager home-only run's (same tokens checked)")
     head = (f"{'plan':<16}{'mode':<10}{'cross':>7}{'prefill tok/s':>15}{'decode rep':>12}{'decode home':>13}"
-            f"{'a2a/layer':>11}{'rows moved':>12}")
+            f"{'a2a/layer':>11}{'rows moved':>12}{'home graphs':>13}{'graph diff':>12}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r[0]:<16}{r[1]:<10}{r[2]:>7.3f}{r[3]:>15.0f}{r[4]:>12.1f}{r[5]:>13.1f}{r[6]:>11.2f}{r[7]:>12d}")
+        print(f"{r[0]:<16}{r[1]:<10}{r[2]:>7.3f}{r[3]:>15.0f}{r[4]:>12.1f}{r[5]:>13.1f}{r[6]:>11.2f}{r[7]:>12d}"
+              f"{r[8]:>13.1f}{r[9]:>12.3g}")
     print(f"last-token logits, max difference between plans/modes: {diff:.3g}; wall {wall:.0f} s")
     print(f"timed: median of {args.reps} repeats each")
     print(f"coherent + ILP vs standard + round robin (target >= 1.3x on 4 GPUs): prefill {rows[-1][3] / rows[0][3]:.2f}x"
           + ("" if args.prefill_only else f"; decode replicated {rows[-1][4] / rows[0][4]:.2f}x; decode home-only "
              f"{rows[-1][5] / rows[0][5]:.2f}x; best decode vs best decode "
-             f"{max(rows[-1][4], rows[-1][5]) / max(rows[0][4], rows[0][5]):.2f}x"))
+             f"{max(rows[-1][4], rows[-1][5]) / max(rows[0][4], rows[0][5]):.2f}x"
+             + ("" if not cuda else f"; home-only from CUDA graphs {rows[-1][8] / rows[0][8]:.2f}x")))
     return 0
 
 
