@@ -157,15 +157,15 @@ class _OneGPUPlan:
 
 def tier_plan(train, batch, gpu_bytes, eb, hosts, L, E, cost, D, elem):
     """The tier program's plan on the training half of the trace (one GPU rank)."""
-    try:
-        from placement.cpu_tier import CPUTierCost, TierConfig, TierStats, solve_cpu_tier
-    except ModuleNotFoundError as e:  # ortools (placement's solver) is not installed here
-        return _OneGPUPlan(train, batch, gpu_bytes // eb, hosts, cost), f"closed form, one GPU ({e.name} missing)"
+    from placement.cpu_tier import CPUTierCost, TierConfig, TierStats, solve_cpu_tier
     tcost = CPUTierCost(latency_s=200e-6, bytes_per_s=10e9, cpu_base_s=cost.cpu_base_s,
                         cpu_per_token_s=cost.cpu_per_token_s, row_bytes=2 * D * elem)
     tcfg = TierConfig(gpu_bytes=[gpu_bytes], host_bytes=[-(-L * E // hosts) * eb] * hosts,
                       expert_bytes=eb, cost=tcost, tokens_per_step=batch, time_limit_s=10)
-    plan = solve_cpu_tier(TierStats.from_trace(train, tokens_per_step=batch), tcfg)
+    try:
+        plan = solve_cpu_tier(TierStats.from_trace(train, tokens_per_step=batch), tcfg)
+    except ModuleNotFoundError as e:  # ortools (placement's solver) is not installed here
+        return _OneGPUPlan(train, batch, gpu_bytes // eb, hosts, cost), f"closed form, one GPU ({e.name} missing)"
     return plan, f"CP-SAT {plan.solver_status}"
 
 

@@ -25,8 +25,9 @@ _NEEDS_ORTOOLS = {"SolverConfig": "ilp", "solve_exflow": "ilp", "CPUTierCost": "
 
 
 def __getattr__(name):
-    # the integer program needs OR-Tools; import it on first use so that the runtime and the
-    # adaptive-parallelism layer work on machines without it (the GPU machines have none)
+    # the solvers' modules are imported on first use; of them only solving needs OR-Tools
+    # (local_search.ortools_module), so plans, the runtime and the adaptive layer work on machines
+    # without it (the GPU machines have none)
     if name in _NEEDS_ORTOOLS:
         import importlib
 

@@ -36,12 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from ortools.sat.python import cp_model
 
 from routing.trace import RoutingTrace
 
 from .affinity import AffinityStats
 from .ilp import _kept_pairs  # the same pair truncation as the ExFlow program
+from .local_search import ortools_module
 from .plan import PlacementPlan, read_json, write_json
 
 _FORMAT = "moeflow.TieredPlan"
@@ -378,6 +378,7 @@ def solve_cpu_tier(stats: TierStats | RoutingTrace, cfg: TierConfig) -> TieredPl
     hint = _two_stage(stats, cfg, cap)
     cc_us = np.rint(cpu_costs(stats, cfg.cost) * _US).astype(np.int64)
 
+    cp_model = ortools_module("ortools.sat.python.cp_model")
     m = cp_model.CpModel()
     x = {(l, e, q): m.NewBoolVar("") for l in range(L) for e in range(E) for q in range(Q)}
     for l in range(L):

@@ -38,11 +38,10 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from ortools.sat.python import cp_model
 
 from .affinity import AffinityStats
 from .baselines import greedy_assignment, rank_capacity
-from .local_search import descent, multi_start
+from .local_search import descent, multi_start, ortools_module
 from .metrics import cross_counts
 from .plan import PlacementPlan
 
@@ -138,6 +137,7 @@ def _score(p: _Problem, cfg: SolverConfig, assign: np.ndarray) -> float:
 def _solve_window(p: _Problem, cfg: SolverConfig, assign: np.ndarray, a: int, b: int,
                   time_limit: float, break_symmetry: bool) -> tuple[np.ndarray | None, str]:
     """Optimise layers [a, b) with every other layer fixed; returns (new layers [b-a, n], status)."""
+    cp_model = ortools_module("ortools.sat.python.cp_model")
     m = cp_model.CpModel()
     P, n, G = p.parts, p.n, p.node_size
     node_of = [list(range(q - q % G, q - q % G + G)) for q in range(P)] if G else None

@@ -23,8 +23,21 @@ from __future__ import annotations
 
 import time
 
+import importlib
+
 import numpy as np
-from ortools.graph.python import min_cost_flow
+
+
+def ortools_module(name: str):
+    """An OR-Tools module (e.g. 'ortools.sat.python.cp_model'), imported on first use: plans,
+    their JSON and the runtime work without OR-Tools (the GPU machines have none); only solving
+    needs it."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError("solving a placement needs OR-Tools (pip install ortools); on a machine without "
+                                  "it, load a plan solved elsewhere (PlacementPlan.load / TieredPlan.load)",
+                                  name="ortools") from e
 
 
 def assign_layer(aff_nP: np.ndarray, lo: int, hi: int) -> np.ndarray:
@@ -32,7 +45,7 @@ def assign_layer(aff_nP: np.ndarray, lo: int, hi: int) -> np.ndarray:
     n, P = aff_nP.shape
     if n < P * lo or n > P * hi:
         raise ValueError(f"{n} experts cannot be put into {P} parts of {lo}..{hi}")
-    f = min_cost_flow.SimpleMinCostFlow()
+    f = ortools_module("ortools.graph.python.min_cost_flow").SimpleMinCostFlow()
     src, sink = n + P, n + P + 1
     big = int(np.abs(aff_nP).sum()) + 1  # filling a part up to `lo` outweighs any affinity
     parts = n + np.arange(P)
