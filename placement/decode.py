@@ -205,8 +205,7 @@ def decode_step(model, cache, ids_B1: torch.Tensor, st: TokenState, num_slots: i
     B = ids_B1.shape[0]
     me, P, group = st.rank, st.world, st.group
     dev = ids_B1.device
-    pos_BT, mask, windowed, _slots = model._positions_and_masks(B, 1, cache, None, num_slots)
-    num_slots = _slots
+    pos_BT, mask, windowed, num_slots = model._positions_and_masks(B, 1, cache, None, num_slots)
     x = model.embed(ids_B1)[:, 0]
     cos, sin = model.rotary(pos_BT, x.dtype)
     c = _StepConsts(B, st, dev)
@@ -264,8 +263,8 @@ class HomeDecodeGraphs:
         graphs = HomeDecodeGraphs(model, cache, state)     # every rank, NCCL group, triton experts
         logits_B1V = graphs.step(ids_B1, max_length)       # every rank, together
 
-    A step of ExFlow's decoding is hundreds of small kernels and two to three collectives per MoE
-    layer at fixed shapes with no host sync (``decode_step``); eagerly its launches, not the GPU,
+    A step of ExFlow's decoding is hundreds of small kernels, one or two all-to-alls per MoE layer
+    and one all-reduce, at fixed shapes with no host sync (``decode_step``); eagerly its launches, not the GPU,
     set its time (BENCHMARKS 6b, 6c). Captured, a step is one replay. The all-to-alls and the
     end-of-step all-reduce are captured with the kernels, so every rank must capture and replay
     the same steps together (they do: every rank runs every step). Capturing runs one step eagerly
