@@ -40,6 +40,8 @@ import torch
 import torch.distributed as dist
 
 import kernels
+from moe.cuda_graph import DecodeGraphs
+from moe.kv_cache import KVCache
 
 from .runtime import ExpertParallelExperts, TokenState
 
@@ -255,27 +257,26 @@ def decode_step(model, cache, ids_B1: torch.Tensor, st: TokenState, num_slots: i
     return got[0][:, None].to(model.dtype)
 
 
-class HomeDecodeGraphs:
+class HomeDecodeGraphs(DecodeGraphs):
     """Home-only decode steps (``decode_step``) of one rank replayed from CUDA graphs, one graph per
-    attention-slot bucket, captured on first use (moe.cuda_graph.DecodeGraphs does the same for
-    a resident model).
+    attention-slot bucket, captured on first use: ``moe.cuda_graph.DecodeGraphs``' capture and
+    buckets, with this module's step.
 
         graphs = HomeDecodeGraphs(model, cache, state)     # every rank, NCCL group, triton experts
         logits_B1V = graphs.step(ids_B1, max_length)       # every rank, together
 
     A step of ExFlow's decoding is hundreds of small kernels, one or two all-to-alls per MoE layer
-    and one all-reduce, at fixed shapes with no host sync (``decode_step``); eagerly its launches, not the GPU,
-    set its time (BENCHMARKS 6b, 6c). Captured, a step is one replay. The all-to-alls and the
-    end-of-step all-reduce are captured with the kernels, so every rank must capture and replay
-    the same steps together (they do: every rank runs every step). Capturing runs one step eagerly
-    first (kernels compile, NCCL's communicator is made outside the capture) and restores the
-    cache's lengths and the counters, so it changes nothing the caller sees. The host counters
-    (all-to-all calls, layers, all-gathers) grow per replay by what the captured step counted;
-    the rows moved are summed on the device and added to the host counters by ``flush_counters``
-    (``greedy`` calls it once at the end)."""
+    and one all-reduce, at fixed shapes with no host sync (``decode_step``); eagerly its launches,
+    not the GPU, set its time (BENCHMARKS 6b, 6c). Captured, a step is one replay. The all-to-alls
+    and the end-of-step all-reduce are captured with the kernels, so every rank must capture and
+    replay the same steps together (they do: every rank runs every step). Capturing runs one step
+    eagerly first (kernels compile, NCCL's communicator is made outside the capture) and restores
+    the cache's lengths, the counters and the moved-rows sums, so it changes nothing the caller
+    sees. The host counters (all-to-all calls, layers, all-gathers) grow per replay by what one
+    step counts; the rows moved are summed on the device and added to the host counters by
+    ``flush_counters`` (``greedy`` calls it once at the end)."""
 
     def __init__(self, model, cache, st: TokenState, bucket: int | None = None):
-        from moe.kv_cache import KVCache
         if cache.device.type != "cuda":
             raise ValueError(f"HomeDecodeGraphs captures CUDA graphs; the cache is on {cache.device}")
         for b in model.moe_blocks():
@@ -283,41 +284,28 @@ class HomeDecodeGraphs:
             if not isinstance(ex, ExpertParallelExperts) or ex.backend != "triton":
                 raise ValueError(f"MoE layer {b.layer_idx}: only expert-parallel experts with the 'triton' backend "
                                  "run without host syncs (EPConfig(backend='triton'))")
-        self.model, self.cache, self.st = model, cache, st
-        self.bucket = bucket or KVCache.SLOT_BUCKET
-        B = cache.batch_size
-        self._ids_B1 = torch.zeros(B, 1, dtype=torch.long, device=cache.device)
+        self.st = st
         self._moved_2 = torch.zeros(2, dtype=torch.long, device=cache.device)
-        self._graphs: dict[int, tuple] = {}  # slot bucket -> (graph, logits buffer, host counter deltas)
-        self._pool = torch.cuda.graph_pool_handle()
+        self._counted: dict[int, dict] = {}  # slot bucket -> host counter increments of one step
+        self._setup(model, cache, bucket or KVCache.SLOT_BUCKET, capture=True)
 
-    def slots_for(self, max_length: int) -> int:
-        from moe.cuda_graph import bucket_slots
-        return bucket_slots(self.cache, self.bucket, max_length)
-
-    def _step(self, num_slots: int) -> torch.Tensor:
-        return decode_step(self.model, self.cache, self._ids_B1, self.st, num_slots, self._moved_2)
+    def _forward(self, num_slots: int) -> torch.Tensor:
+        before = dict(self.st.counters)
+        out = decode_step(self.model, self.cache, self._ids_B1, self.st, num_slots, self._moved_2)
+        self._step_counted = {k: self.st.counters[k] - before[k] for k in before}
+        return out
 
     def _capture(self, num_slots: int):
-        cache, st = self.cache, self.st
-        lengths, moved = cache.lengths.clone(), self._moved_2.clone()
-        before = dict(st.counters)
+        """DecodeGraphs' capture (it restores the cache's lengths), with the counters and the
+        moved-rows sums restored too: the eager warm-up step really ran."""
+        moved, before = self._moved_2.clone(), dict(self.st.counters)
         try:
-            side = torch.cuda.Stream(cache.device)
-            side.wait_stream(torch.cuda.current_stream(cache.device))
-            with torch.cuda.stream(side):
-                self._step(num_slots)  # compile, make NCCL's communicator: outside the capture
-            torch.cuda.current_stream(cache.device).wait_stream(side)
-            cache.lengths.copy_(lengths)
-            counted = {k: st.counters[k] - before[k] for k in before}
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                out = self._step(num_slots)
-            return graph, out, counted
+            graph_out = super()._capture(num_slots)
+            self._counted[num_slots] = self._step_counted
+            return graph_out
         finally:
-            cache.lengths.copy_(lengths)
             self._moved_2.copy_(moved)
-            st.counters.update(before)
+            self.st.counters.update(before)
 
     @torch.no_grad()
     def step(self, ids_B1: torch.Tensor, max_length: int) -> torch.Tensor:
@@ -328,11 +316,9 @@ class HomeDecodeGraphs:
             raise ValueError(f"decode step input must be {tuple(self._ids_B1.shape)}, got {tuple(ids_B1.shape)}")
         num_slots = self.slots_for(max_length)
         self._ids_B1.copy_(ids_B1)
-        if num_slots not in self._graphs:
-            self._graphs[num_slots] = self._capture(num_slots)
-        graph, out, counted = self._graphs[num_slots]
+        graph, out = self._captured(num_slots)
         graph.replay()
-        for k, v in counted.items():
+        for k, v in self._counted[num_slots].items():
             self.st.counters[k] += v
         return out
 
