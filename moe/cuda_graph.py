@@ -64,16 +64,6 @@ def graph_support(model: torch.nn.Module) -> str | None:
     return None
 
 
-def bucket_slots(cache: KVCache, bucket: int, max_length: int) -> int:
-    """The attention slots of a one-token step whose longest row is ``max_length`` long: the next
-    multiple of ``bucket`` (at most the cache's max_len), the static shape of a captured step."""
-    need = max_length + 1
-    if need > cache.max_len:
-        raise ValueError(f"KV cache full: a row would hold {need} tokens but max_len is {cache.max_len}; "
-                         "create the cache with a larger max_len (prompt + max_new_tokens)")
-    return min(-(-need // bucket) * bucket, cache.max_len)
-
-
 class GraphCaptureError(RuntimeError):
     """Capturing a decode step failed (a host sync or an unsupported op inside the step); the cache
     is as it was before the step, so the caller can run the step eagerly instead."""
@@ -99,7 +89,11 @@ class DecodeGraphs:
         self._pool = torch.cuda.graph_pool_handle() if capture else None
 
     def slots_for(self, max_length: int) -> int:
-        return bucket_slots(self.cache, self.bucket, max_length)
+        need = max_length + 1
+        if need > self.cache.max_len:
+            raise ValueError(f"KV cache full: a row would hold {need} tokens but max_len is {self.cache.max_len}; "
+                             "create the cache with a larger max_len (prompt + max_new_tokens)")
+        return min(-(-need // self.bucket) * self.bucket, self.cache.max_len)
 
     @property
     def captured(self) -> list[int]:
