@@ -128,17 +128,21 @@ class _StepConsts:
 
 
 def _moe_rows(layer, h_BD: torch.Tensor, home_B: torch.Tensor, origin_B: torch.Tensor, st: TokenState,
-              c: _StepConsts) -> tuple[torch.Tensor, torch.Tensor]:
+              c: _StepConsts, valid_B: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The MoE half of one decoder layer for the rows homed here (``home_B``).
 
     Returns (x_BD after the layer, the rows homed here now [B]); x_BD is meaningful only on those
-    rows. Leaves the layer's dispatch (and combine) messages in ``c`` for the step's counters."""
+    rows. Leaves the layer's dispatch (and combine) messages in ``c`` for the step's counters.
+    valid_B: rows taking part in the step; the others (idle serving rows) take no expert, so they
+    stay home and send nothing to another rank."""
     block, experts = layer.mlp, layer.mlp.experts
     assert isinstance(experts, ExpertParallelExperts)
     me, P, group = st.rank, st.world, st.group
     dev, (B, D), dt = h_BD.device, h_BD.shape, h_BD.dtype
     hn_BD = layer.post_attention_layernorm(h_BD)
     ids_BK, w_BK, _ = block.router(hn_BD)  # every row: only the home rows' routes are sent
+    if valid_B is not None:
+        ids_BK = torch.where(valid_B[:, None], ids_BK, -1)
     K = ids_BK.shape[1]
     r_BK = experts._slot_ranks(ids_BK, c.here_B)
     dest_B = experts._new_home(r_BK, w_BK, c.here_B) if st.mode == "coherent" else origin_B
@@ -197,17 +201,21 @@ def _sum_home_rows(parts: list[tuple[torch.Tensor, torch.Tensor]], group) -> lis
 
 @torch.no_grad()
 def decode_step(model, cache, ids_B1: torch.Tensor, st: TokenState, num_slots: int | None = None,
-                moved_2: torch.Tensor | None = None) -> torch.Tensor:
+                moved_2: torch.Tensor | None = None, valid_B1: torch.Tensor | None = None) -> torch.Tensor:
     """Logits [B, 1, V] of one decode step (every rank returns the same), advancing ``cache``.
 
     ``num_slots`` (the attention slots, known to the caller) and ``moved_2`` (a device tensor
     [2] the step's dispatched / combined rows are added to, instead of the host counters): with
     both, the step reads nothing on the host, so it can be captured in a CUDA graph
-    (``HomeDecodeGraphs``)."""
+    (``HomeDecodeGraphs``). ``valid_B1``: the rows taking part (a serving batch's idle rows do
+    not): as in the model's forward, only they advance in the cache, and the others route to no
+    expert; their logits are meaningless."""
     B = ids_B1.shape[0]
     me, P, group = st.rank, st.world, st.group
     dev = ids_B1.device
-    pos_BT, mask, windowed, num_slots = model._positions_and_masks(B, 1, cache, None, num_slots)
+    valid_B = None if valid_B1 is None else valid_B1.to(device=dev, dtype=torch.bool).reshape(B)
+    pos_BT, mask, windowed, num_slots = model._positions_and_masks(
+        B, 1, cache, None if valid_B is None else valid_B[:, None], num_slots)
     x = model.embed(ids_B1)[:, 0]
     cos, sin = model.rotary(pos_BT, x.dtype)
     c = _StepConsts(B, st, dev)
@@ -223,7 +231,7 @@ def decode_step(model, cache, ids_B1: torch.Tensor, st: TokenState, num_slots: i
         homes[layer.layer_idx] = home_B
         h = x + a
         if hasattr(layer.mlp, "router"):
-            x, home_B = _moe_rows(layer, h, home_B, origin_B, st, c)
+            x, home_B = _moe_rows(layer, h, home_B, origin_B, st, c, valid_B)
         else:
             x = h + layer.mlp(layer.post_attention_layernorm(h))
     logits = model.lm_head(model.norm(x)).float()
@@ -253,7 +261,7 @@ def decode_step(model, cache, ids_B1: torch.Tensor, st: TokenState, num_slots: i
         dispatch, combine = step_2.tolist()  # the step's one host sync of this module
         st.counters["dispatch_rows"] += dispatch
         st.counters["combine_rows"] += combine
-    cache.advance(None, 1)
+    cache.advance(None if valid_B is None else valid_B[:, None], 1)
     return got[0][:, None].to(model.dtype)
 
 
@@ -262,8 +270,8 @@ class HomeDecodeGraphs(DecodeGraphs):
     attention-slot bucket, captured on first use: ``moe.cuda_graph.DecodeGraphs``' capture and
     buckets, with this module's step.
 
-        graphs = HomeDecodeGraphs(model, cache, state)     # every rank, NCCL group, triton experts
-        logits_B1V = graphs.step(ids_B1, max_length)       # every rank, together
+        graphs = HomeDecodeGraphs(model, cache, state)           # every rank, NCCL group, triton experts
+        logits_B1V = graphs.step(ids_B1, valid_B1, max_length)   # every rank, together
 
     A step of ExFlow's decoding is hundreds of small kernels, one or two all-to-alls per MoE layer
     and one all-reduce, at fixed shapes with no host sync (``decode_step``); eagerly its launches,
@@ -291,7 +299,7 @@ class HomeDecodeGraphs(DecodeGraphs):
 
     def _forward(self, num_slots: int) -> torch.Tensor:
         before = dict(self.st.counters)
-        out = decode_step(self.model, self.cache, self._ids_B1, self.st, num_slots, self._moved_2)
+        out = decode_step(self.model, self.cache, self._ids_B1, self.st, num_slots, self._moved_2, self._valid_B1)
         self._step_counted = {k: self.st.counters[k] - before[k] for k in before}
         return out
 
@@ -308,14 +316,23 @@ class HomeDecodeGraphs(DecodeGraphs):
             self.st.counters.update(before)
 
     @torch.no_grad()
-    def step(self, ids_B1: torch.Tensor, max_length: int) -> torch.Tensor:
-        """Logits [B, 1, V] of one decode step, advancing the cache as ``decode_step`` does.
-        max_length: the longest row's current length (the caller's host-side count). The logits
-        live in the graph's output buffer, overwritten by the next step of the same bucket."""
-        if tuple(ids_B1.shape) != tuple(self._ids_B1.shape):
-            raise ValueError(f"decode step input must be {tuple(self._ids_B1.shape)}, got {tuple(ids_B1.shape)}")
+    def capture_for(self, max_length: int) -> bool:
+        """Capture the graph of this length's slot bucket if it is not captured yet; True if it was
+        captured now. Every rank must call it for the same lengths (the capture runs collectives);
+        a failure raises ``GraphCaptureError`` with the cache as it was."""
         num_slots = self.slots_for(max_length)
-        self._ids_B1.copy_(ids_B1)
+        if num_slots in self._graphs:
+            return False
+        self._captured(num_slots)
+        return True
+
+    @torch.no_grad()
+    def step(self, ids_B1: torch.Tensor, valid_B1: torch.Tensor, max_length: int) -> torch.Tensor:
+        """Logits [B, 1, V] of one decode step, advancing the cache as ``decode_step`` does.
+        valid_B1: the rows taking part (see ``decode_step``); max_length: the longest row's current
+        length (the caller's host-side count). The logits live in the graph's output buffer,
+        overwritten by the next step of the same bucket."""
+        num_slots = self._inputs(ids_B1, valid_B1, max_length)
         graph, out = self._captured(num_slots)
         graph.replay()
         for k, v in self._counted[num_slots].items():

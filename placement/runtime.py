@@ -41,6 +41,7 @@ the contract seam); ``ExpertParallelRuntime`` builds the actors and runs forward
 from __future__ import annotations
 
 import socket
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +55,7 @@ from .plan import PlacementPlan
 
 MODES = ("standard", "coherent")
 PARALLEL = ("placement", "adaptive")
+DECODES = ("auto", "home", "replicated")
 
 
 @dataclass(frozen=True)
@@ -68,10 +70,22 @@ class EPConfig:
     # rank, every strategy from it, chosen per call or fixed with set_strategy); the plan then only
     # gives the number of ranks
     parallel: str = "placement"
+    # serving's decode steps (``step`` with one new token per row): 'home' runs ExFlow's decoding
+    # (decode.py: each row's attention on its home rank, no host sync), replayed from CUDA graphs
+    # when cuda_graph and the ranks are GPUs with the triton experts; 'replicated' runs the whole
+    # forward on every rank (what prefill steps always do); 'auto': home under a plan, replicated
+    # for the adaptive layer (which has no homes)
+    decode: str = "auto"
+    cuda_graph: bool = True
 
     def __post_init__(self):
         if self.parallel not in PARALLEL:
             raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
+        if self.decode not in DECODES:
+            raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
+        if self.decode == "home" and self.parallel == "adaptive":
+            raise ValueError("decode='home' places each row by the plan; the adaptive layer has no plan: use "
+                             "decode='replicated' (or 'auto')")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.device not in ("cpu", "cuda"):
@@ -393,6 +407,9 @@ class EPWorker:
         self.groups: dict[int, object] = {}  # n -> process group of ranks 0..n-1 (plans on fewer ranks)
         self.trace_spec = None  # trace_routing.TraceRoutingSpec installed at every load, or None
         self.serve_cache = None  # open_cache / step (serving); made again after every load
+        self._serve_len: list[int] = []  # each serving row's length, counted on the host (graph buckets)
+        self._serve_graphs: dict[str, object] = {}  # mode -> decode.HomeDecodeGraphs over serve_cache
+        self._serve_graphs_off = ""  # why serving decodes eagerly (a capture failed), or ""
         # greedy(graphs=True): (batch, max_len, mode) -> (its KV cache, decode.HomeDecodeGraphs), kept
         # so that later calls replay the graphs the first captured; dropped at every load
         self._home_graphs: dict[tuple, tuple] = {}
@@ -443,7 +460,7 @@ class EPWorker:
     def _build(self, hf_config: dict, plan_dict: dict, dtype: torch.dtype, fill) -> int:
         from moe import MoEConfig, MoEForCausalLM
         self.model = self.state = self.serve_cache = None
-        self._home_graphs = {}
+        self._home_graphs, self._serve_graphs, self._serve_len, self._serve_graphs_off = {}, {}, [], ""
         plan = PlacementPlan.from_dict(plan_dict)
         n = plan.num_ranks
         group = None
@@ -532,7 +549,7 @@ class EPWorker:
             if i == max_new_tokens - 1:
                 break
             if replay is not None:  # every row is T + i long: the prompt has no padding
-                logits = replay.step(nxt, T + i).clone()
+                logits = replay.step(nxt, torch.ones_like(nxt, dtype=torch.bool), T + i).clone()
             elif home_only:
                 logits = decode_step(self.model, cache, nxt, self.state)
             else:
@@ -546,20 +563,78 @@ class EPWorker:
         """A KV cache of ``batch_size`` rows kept on this rank between ``step`` calls (serving: the
         engine's continuous batch; every rank holds every row's context, as coherent mode needs)."""
         self.serve_cache = None if self.model is None else self.model.new_cache(batch_size, max_len)
+        self._serve_len, self._serve_graphs = [0] * batch_size, {}
+
+    def _home_decode(self) -> bool:
+        """Serving's decode steps run ExFlow's home-only decoding (EPConfig.decode)."""
+        return self.cfg.parallel == "placement" and self.cfg.decode in ("auto", "home")
+
+    def _serve_graph(self):
+        """This mode's HomeDecodeGraphs over the serving cache, or None where decode steps run eagerly."""
+        if not (self.cfg.cuda_graph and self.cfg.device == "cuda" and self.cfg.backend == "triton") \
+                or self._serve_graphs_off:
+            return None
+        mode = self.state.mode
+        if mode not in self._serve_graphs:
+            from .decode import HomeDecodeGraphs
+            self._serve_graphs[mode] = HomeDecodeGraphs(self.model, self.serve_cache, self.state)
+        return self._serve_graphs[mode]
+
+    def _capture_together(self, replay, longest: int):
+        """Capture ``replay``'s graph for a new slot bucket on every rank, and agree on the outcome:
+        ``replay`` where every rank captured it, else None on every rank (serving decodes eagerly
+        from then on). A rank replaying a graph while another runs the eager step would wait on
+        collectives that never match."""
+        from moe.cuda_graph import GraphCaptureError
+        err = None
+        try:
+            replay.capture_for(longest)
+        except GraphCaptureError as e:  # the cache is as it was
+            err = e
+        failed = torch.tensor([0 if err is None else 1], dtype=torch.int32, device=self.device)
+        dist.all_reduce(failed, group=self.state.group)
+        if not int(failed.item()):
+            return replay
+        self._serve_graphs_off = str(err) if err is not None else "another rank's capture failed"
+        warnings.warn(f"rank {self.rank}: serving decodes without CUDA graphs from now on: {self._serve_graphs_off}",
+                      RuntimeWarning, stacklevel=3)
+        return None
 
     @torch.no_grad()
     def step(self, input_ids_BT: torch.Tensor, valid_BT: torch.Tensor | None, reset_rows: list[int],
              last_only: bool) -> torch.Tensor | None:
         """One forward of the serving batch over the kept cache, after emptying ``reset_rows``.
-        Every rank runs it (the all-to-alls need all of them); rank 0 returns the logits."""
+        Every rank runs it (the all-to-alls need all of them); rank 0 returns the logits.
+
+        A decode step (one token per row, last position only) runs ExFlow's home-only decoding
+        where EPConfig.decode says so, replayed from CUDA graphs on GPUs (one per slot bucket of
+        the longest row, counted here on the host); prefill steps are replicated forwards."""
+        from .decode import decode_step
         if self.model is None:
             return None
         if self.serve_cache is None:
             raise ValueError("no serving cache on this rank: call open_cache(batch_size, max_len) first")
+        B, T = input_ids_BT.shape
         if reset_rows:
             self.serve_cache.reset(reset_rows)
-        valid = None if valid_BT is None else valid_BT.to(self.device)
-        out = self.model(input_ids_BT.to(self.device), cache=self.serve_cache, valid_BT=valid, last_only=last_only)
+            for r in reset_rows:
+                self._serve_len[r] = 0
+        valid_cpu = torch.ones(B, T, dtype=torch.bool) if valid_BT is None else valid_BT.to("cpu", torch.bool)
+        ids, valid = input_ids_BT.to(self.device), valid_cpu.to(self.device)
+        if T == 1 and last_only and self._home_decode() and bool(valid_cpu.any()):
+            replay = self._serve_graph()
+            if replay is not None:
+                longest = max(n for n, v in zip(self._serve_len, valid_cpu[:, 0].tolist()) if v)
+                if replay.slots_for(longest) not in replay.captured:  # a new bucket: alike on every rank
+                    replay = self._capture_together(replay, longest)
+            if replay is not None:
+                out = replay.step(ids, valid, longest)
+            else:
+                out = decode_step(self.model, self.serve_cache, ids, self.state, valid_B1=valid)
+        else:
+            out = self.model(ids, cache=self.serve_cache, valid_BT=valid, last_only=last_only)
+        for b, n in enumerate(valid_cpu.sum(1).tolist()):
+            self._serve_len[b] += n
         return out.float().cpu() if self.rank == 0 else None
 
     def set_strategy(self, name: str | None) -> None:
@@ -590,12 +665,16 @@ class EPWorker:
     def counters(self) -> dict | None:
         if self.state is None:
             return None
+        for g in self._serve_graphs.values():  # rows the replayed decode steps moved, summed on the device
+            g.flush_counters()
         out = dict(self.state.counters)
         if self.cfg.parallel == "adaptive":
             out.update(adaptive_stats(self.model))
         return out
 
     def reset_counters(self) -> None:
+        for g in self._serve_graphs.values():  # rows moved by replayed steps: counted, then zeroed below
+            g.flush_counters()
         for k in (self.state.counters if self.state is not None else ()):
             self.state.counters[k] = 0
 

@@ -45,7 +45,9 @@ class ServeConfig:
         or CPU actors with gloo; placement/runtime.py) driven by the replica's engine
         (serve.ep_model); 0 keeps the model in the replica. ep_mode: 'coherent' (ExFlow, one
         all-to-all per layer) or 'standard'; placement_plan: a PlacementPlan JSON from `moe place`
-        (default round robin); ep_cpus_per_rank / ep_threads: each rank actor's CPUs and threads.
+        (default round robin); ep_cpus_per_rank / ep_threads: each rank actor's CPUs and threads;
+        ep_decode: 'home' (ExFlow's decoding, from CUDA graphs on GPUs), 'replicated', or 'auto'
+        (home, replicated for ep_mode 'adaptive'); placement.runtime.EPConfig.decode.
     """
     model: str | None = None
     served_model_name: str | None = None
@@ -71,6 +73,7 @@ class ServeConfig:
     placement_plan: str | None = None
     ep_cpus_per_rank: float = 0.5
     ep_threads: int = 1
+    ep_decode: str = "auto"
     max_batch_size: int = 8
     max_len: int = 2048
     stream_interval: int = 1
@@ -188,7 +191,8 @@ class ServeConfig:
             return None
         from serve.ep_model import EPServeSettings
         kw = dict(ranks=self.ep_ranks, mode=self.ep_mode, plan=self.placement_plan,
-                  cpus_per_rank=float(self.ep_cpus_per_rank), torch_threads=int(self.ep_threads))
+                  cpus_per_rank=float(self.ep_cpus_per_rank), torch_threads=int(self.ep_threads),
+                  decode=self.ep_decode)
         EPServeSettings(**kw)
         return kw
 

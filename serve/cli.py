@@ -61,6 +61,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ep-mode", default="coherent", choices=["coherent", "standard", "adaptive"],
                    help="coherent: ExFlow's one all-to-all per layer (default); standard: dispatch + combine; "
                         "adaptive: Tutel-style layer whose strategy (ep/dp/tp/blends) is chosen per step")
+    p.add_argument("--ep-decode", default="auto", choices=["auto", "home", "replicated"],
+                   help="decode steps on the ranks: home = ExFlow's decoding (each row's attention on its home "
+                        "rank), replayed from CUDA graphs on GPUs; replicated = every rank runs the whole step; "
+                        "auto (default): home, or replicated for --ep-mode adaptive")
     p.add_argument("--placement-plan", default=None, metavar="PLAN.json",
                    help="expert placement from `moe place TRACE --gpus N --out PLAN.json` (default round robin)")
     p.set_defaults(func=run)
@@ -82,6 +86,7 @@ def config_from_args(args: argparse.Namespace):
                        num_replicas=args.num_replicas,
                        replica_cpus=args.replica_cpus, cpu_hosts=args.cpu_hosts, cpu_host_cpus=args.cpu_host_cpus,
                        cpu_host_threads=args.cpu_host_threads, ep_ranks=args.ep_ranks, ep_mode=args.ep_mode,
+                       ep_decode=args.ep_decode,
                        placement_plan=args.placement_plan, limits=limits,
                        offload_options={} if args.expert_slices == 1 else {"expert_slices": args.expert_slices})
 

@@ -35,6 +35,8 @@ class EPServeSettings:
     plan: str | None = None
     cpus_per_rank: float = 0.5
     torch_threads: int = 1
+    decode: str = "auto"  # placement.runtime.EPConfig.decode
+    cuda_graph: bool = True  # placement.runtime.EPConfig.cuda_graph (home decode steps from CUDA graphs on GPUs)
 
     def __post_init__(self):
         self.ranks = int(self.ranks)
@@ -48,6 +50,12 @@ class EPServeSettings:
         if self.plan is not None and not os.path.isfile(self.plan):
             raise ValueError(f"placement plan {self.plan!r} does not exist; make one with "
                              "`moe place TRACE --gpus N --out plan.json`, or leave it unset for round robin")
+        from placement.runtime import DECODES
+        if self.decode not in DECODES:
+            raise ValueError(f"ep_decode must be one of {DECODES}, got {self.decode!r}")
+        if self.decode == "home" and self.mode == "adaptive":
+            raise ValueError("ep_decode 'home' places each row by the plan and ep_mode 'adaptive' has none; "
+                             "use ep_decode 'replicated' or 'auto'")
         if float(self.cpus_per_rank) <= 0 or int(self.torch_threads) < 1:
             raise ValueError(f"cpus_per_rank ({self.cpus_per_rank}) must be > 0 and torch_threads "
                              f"({self.torch_threads}) >= 1")
@@ -134,6 +142,7 @@ def start_expert_parallel(model, settings: EPServeSettings, device: str, backend
     adaptive = settings.mode == "adaptive"
     ep = EPConfig(mode="coherent" if adaptive else settings.mode, device="cuda" if cuda else "cpu",
                   cpus_per_actor=float(settings.cpus_per_rank), backend=backend or ("triton" if cuda else "torch"),
-                  torch_threads=int(settings.torch_threads), parallel="adaptive" if adaptive else "placement")
+                  torch_threads=int(settings.torch_threads), parallel="adaptive" if adaptive else "placement",
+                  decode=settings.decode, cuda_graph=bool(settings.cuda_graph))
     runtime = ExpertParallelRuntime(model, plan, ep)
     return ExpertParallelModel(runtime, cfg, next(model.parameters()).dtype)

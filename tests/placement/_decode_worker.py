@@ -115,3 +115,107 @@ def check_sync_free_step(rank, world, init_file, family, kw, mode, out_file):
             torch.save(c0, out_file)
     finally:
         dist.destroy_process_group()
+
+
+def check_idle_rows(rank, world, init_file, family, kw, mode, out_file):
+    """A serving batch's idle rows (valid False at a step) neither advance in the cache nor send
+    anything to another rank, and the rows taking part get the single-process model's logits
+    (its forward with the same valid masks), step after step."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = _model(family, kw)
+        B, T0, n = 4, 5, 5
+        ids = torch.randint(3, 128, (B, T0), generator=torch.Generator().manual_seed(0))
+        # row 1 idles from the second step on, row 2 at steps 0 and 3, row 3 always takes part but
+        # in the last step, where every row idles
+        valid_steps = torch.ones(n, B, 1, dtype=torch.bool)
+        valid_steps[1:, 1] = False
+        valid_steps[[0, 3], 2] = False
+        valid_steps[n - 1] = False
+        feeds = torch.randint(3, 128, (n, B, 1), generator=torch.Generator().manual_seed(1))
+
+        @torch.no_grad()
+        def run(step):
+            cache = model.new_cache(B, T0 + n)
+            model(ids, cache=cache)
+            outs = []
+            for s in range(n):
+                outs.append(step(cache, feeds[s], valid_steps[s]))
+            return torch.cat(outs, 1), cache.lengths.clone()
+
+        ref, ref_len = run(lambda c, x, v: model(x, cache=c, valid_BT=v))
+        plan = round_robin(len(model.moe_blocks()), model.config.num_experts, world)
+        state = apply_placement(model, plan, rank, mode)
+        for k in state.counters:
+            state.counters[k] = 0
+        sent = []  # rows this rank sent away, per decode step
+
+        def step(c, x, v):
+            before = state.counters["dispatch_rows"] + state.counters["combine_rows"]
+            out = decode_step(model, c, x, state, valid_B1=v)
+            sent.append(state.counters["dispatch_rows"] + state.counters["combine_rows"] - before)
+            return out
+        got, got_len = run(step)
+        assert torch.equal(got_len, ref_len), f"rank {rank}: lengths {got_len} != {ref_len}"
+        assert torch.equal(ref_len, torch.tensor([T0 + n - 1, T0 + 1, T0 + n - 3, T0 + n - 1]))
+        live = valid_steps[:, :, 0].T  # [B, n]
+        torch.testing.assert_close(got[live], ref[live], rtol=1e-5, atol=1e-5)
+        assert sent[-1] == 0, f"rank {rank}: a step of idle rows sent {sent[-1]} rows to other ranks"
+        moved = torch.tensor([state.counters["dispatch_rows"]])
+        dist.all_reduce(moved)
+        if rank == 0:
+            torch.save(dict(state.counters, dispatch_total=int(moved[0])), out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+class _FailingGraphs:
+    """Stands in for HomeDecodeGraphs on the CPU: its capture fails on rank 1 only."""
+
+    def __init__(self, rank):
+        self.rank, self.captured = rank, []
+
+    def slots_for(self, max_length):
+        return max_length + 1
+
+    def capture_for(self, max_length):
+        from moe.cuda_graph import GraphCaptureError
+        if self.rank == 1:
+            raise GraphCaptureError("stand-in capture failure")
+        self.captured.append(self.slots_for(max_length))
+        return True
+
+    def step(self, *args):
+        raise AssertionError("a graph was replayed although a rank's capture failed")
+
+
+def check_serve_capture_agreement(rank, world, init_file, out_file):
+    """EPWorker.step: when one rank fails to capture a decode graph, every rank decodes eagerly (no
+    rank replays a graph whose collectives the others would not match), with the eager logits."""
+    from placement.runtime import EPConfig, EPWorker
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cfg = MoEConfig.tiny("mixtral", num_hidden_layers=2)
+        plan = round_robin(2, cfg.num_experts, world).to_dict()
+        prompt = torch.randint(3, 128, (2, 4), generator=torch.Generator().manual_seed(0))
+        feeds = torch.randint(3, 128, (3, 2, 1), generator=torch.Generator().manual_seed(1))
+        runs = []
+        for failing in (False, True):
+            w = EPWorker(rank, world, EPConfig(device="cpu"))
+            w.load_seeded(cfg.to_hf_dict(), plan, 0, 0.2, "float32")
+            w.open_cache(2, 8)
+            if failing:
+                w._serve_graph = lambda: None if w._serve_graphs_off else _FailingGraphs(rank)  # noqa: B023
+            outs = [w.step(prompt, None, [], True)]
+            outs += [w.step(feeds[s], None, [], True) for s in range(3)]
+            runs.append((outs, w._serve_graphs_off))
+        (ref, off0), (got, off1) = runs
+        assert off0 == "" and off1 == ("stand-in capture failure" if rank == 1 else "another rank's capture failed")
+        if rank == 0:
+            for a, b in zip(got, ref):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+            torch.save({"steps": len(got)}, out_file)
+    finally:
+        dist.destroy_process_group()

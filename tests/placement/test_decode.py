@@ -44,6 +44,25 @@ def test_sync_free_step_equals_default_step(mode):
     assert c["layers"] == 3 * 3 and c["dispatch_rows"] > 0
 
 
+@pytest.mark.parametrize("mode", ["coherent", "standard"])
+def test_idle_rows_stay_put_and_the_others_match_single_process(mode):
+    """Serving batches have idle rows (valid False): decode_step leaves them where they are, in the
+    cache and on their home rank, and the other rows' logits equal the single-process forward's."""
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "counters.pt")
+        mp.spawn(worker.check_idle_rows, args=(2, os.path.join(d, "init"), "mixtral", {"num_hidden_layers": 3},
+                                                mode, out), nprocs=2)
+        c = torch.load(out)
+    assert c["layers"] == 3 * (1 + 5) and c["dispatch_total"] > 0  # the prefill (replicated) and 5 steps
+
+
+def test_serving_ranks_agree_to_decode_eagerly_when_one_capture_fails():
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "out.pt")
+        mp.spawn(worker.check_serve_capture_agreement, args=(2, os.path.join(d, "init"), out), nprocs=2)
+        assert torch.load(out)["steps"] == 4
+
+
 def test_home_decode_graphs_refuses_what_it_cannot_capture():
     from moe import MoEConfig, MoEForCausalLM
     from placement.decode import HomeDecodeGraphs
@@ -76,6 +95,8 @@ def test_gpu_home_decode_graphs_equal_eager_steps():
             state = apply_placement(model, round_robin(len(model.moe_blocks()), model.config.num_experts, 1), 0,
                                     "coherent", backend="triton")
             ids = torch.randint(3, 128, (3, 5), generator=torch.Generator().manual_seed(0)).cuda()
+            valid = torch.ones(11, 3, 1, dtype=torch.bool, device="cuda")
+            valid[3:6, 1] = False  # row 1 idles for three steps (a serving batch's free row)
             runs = []
             for graphs in (False, True):
                 for k in state.counters:
@@ -87,9 +108,10 @@ def test_gpu_home_decode_graphs_equal_eager_steps():
                     steps = []
                     for i in range(11):  # lengths 5..15: two slot buckets of 8
                         nxt = logits[:, -1].argmax(-1, keepdim=True)
-                        logits = (replay.step(nxt, 5 + i).clone() if graphs
-                                  else decode_step(model, cache, nxt, state))
+                        logits = (replay.step(nxt, valid[i], 5 + i).clone() if graphs
+                                  else decode_step(model, cache, nxt, state, valid_B1=valid[i]))
                         steps.append(logits)
+                    assert cache.lengths.tolist() == [16, 13, 16]
                 if replay is not None:
                     replay.flush_counters()
                     assert replay._graphs.keys() == {8, 16}

@@ -50,8 +50,13 @@ def _serve_all(cfg, lengths):
     return asyncio.run(main())
 
 
-@pytest.mark.parametrize("mode", ["coherent", "standard", "adaptive"])
-def test_expert_parallel_replica_equals_single_process(ray_session, tiny, tmp_path, mode):
+@pytest.mark.parametrize("mode, decode", [
+    ("coherent", "auto"),  # decode steps: ExFlow's home-only decoding (placement/decode.py)
+    ("standard", "home"),
+    ("coherent", "replicated"),  # every rank runs the whole decode step
+    ("adaptive", "auto"),  # replicated: the adaptive layer has no homes
+])
+def test_expert_parallel_replica_equals_single_process(ray_session, tiny, tmp_path, mode, decode):
     path, model, tok = tiny
     plan = None
     if mode == "standard":  # a plan file that is not round robin: the first half of the experts on rank 1
@@ -60,7 +65,7 @@ def test_expert_parallel_replica_equals_single_process(ray_session, tiny, tmp_pa
         row = tuple(int(e < E // 2) for e in range(E))
         plan = str(PlacementPlan(assignment=(row,) * L, num_ranks=2, method="test").save(tmp_path / "p.json"))
     cfg = ServeConfig(model=path, device="cpu", max_batch_size=2, max_len=96, replica_cpus=0.1, ep_ranks=2,
-                      ep_mode=mode, placement_plan=plan, ep_cpus_per_rank=0.1)
+                      ep_mode=mode, placement_plan=plan, ep_cpus_per_rank=0.1, ep_decode=decode)
     lengths = [9, 4, 7, 5]
     texts, snap = _serve_all(cfg, lengths)
     for p, n, text in zip(PROMPTS, lengths, texts):
@@ -83,6 +88,10 @@ def test_expert_parallel_settings_are_checked(tmp_path):
         ServeConfig(model="tiny", ep_ranks=2, gpu_memory="1GiB")
     with pytest.raises(ValueError, match="ep_ranks"):
         ServeConfig(model="tiny", ep_ranks=-1)
+    with pytest.raises(ValueError, match="ep_decode must be one of"):
+        ServeConfig(model="tiny", ep_ranks=2, ep_decode="fast")
+    with pytest.raises(ValueError, match="use ep_decode 'replicated' or 'auto'"):
+        ServeConfig(model="tiny", ep_ranks=2, ep_mode="adaptive", ep_decode="home")
     plan = tmp_path / "p.json"
     plan.write_text("{}")
     with pytest.raises(ValueError, match="drop the placement plan"):
