@@ -54,6 +54,7 @@ class RequestResult:
     e2e: float = 0.0
     itl: list[float] = field(default_factory=list)
     error: str = ""
+    text: str = ""
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -161,13 +162,32 @@ def _spec(args) -> dict:
             "offload": None if not args.gpu_memory else {"gpu_memory": args.gpu_memory,
                                                      "device": resolve_device(args.device),
                                                      "policy": args.offload_policy, "prefetch": args.offload_prefetch},
+            "expert_parallel": _ep_settings(args),
             "torch_threads": max(1, int(args.replica_cpus))}
+
+
+# --ep-decode variants: (EPServeSettings.decode, EPServeSettings.cuda_graph)
+EP_DECODES = {"replicated": ("replicated", False), "home-eager": ("home", False), "home": ("home", True)}
+
+
+def _ep_settings(args) -> dict | None:
+    """serve.ep_model.EPServeSettings of the run (--ep-ranks), or None."""
+    if not getattr(args, "ep_ranks", 0):
+        return None
+    decode, graphs = EP_DECODES[args.ep_decode]
+    return {"ranks": args.ep_ranks, "mode": args.ep_mode, "plan": args.placement_plan, "cpus_per_rank": 0.5,
+            "torch_threads": 1, "decode": decode, "cuda_graph": graphs}
 
 
 async def run_inprocess(args, prompts) -> dict:
     from serve.api import parse_completion
     from serve.engine_deployment import ModelReplica
 
+    if args.ep_ranks:
+        import ray
+        if not ray.is_initialized():  # the rank actors (one GPU each where there are GPUs)
+            ray.init(num_cpus=max(2, args.ep_ranks + 1), include_dashboard=False, log_to_driver=True,
+                     _node_ip_address="127.0.0.1")
     rep = ModelReplica(_spec(args))
     limits = rep.limits
 
@@ -183,6 +203,7 @@ async def run_inprocess(args, prompts) -> dict:
             if ev["type"] != "delta":
                 continue
             res.output_tokens += ev["num_tokens"]
+            res.text += ev["text"]
             # count a piece when a client would see one: text, or the final chunk (as over SSE)
             if ev["text"] or ev["finished"]:
                 if res.ttft == 0.0:
@@ -198,8 +219,10 @@ async def run_inprocess(args, prompts) -> dict:
     before = _engine_counters(rep.snapshot())
     results, duration = await drive(one, prompts, args.request_rate, args.max_concurrency, args.seed)
     after = _engine_counters(rep.snapshot())
-    rep.loop.shutdown()
-    s = summarize("inprocess", results, duration)
+    rep.shutdown()
+    name = "inprocess" if not args.ep_ranks else f"inprocess ep{args.ep_ranks} {args.ep_mode} decode={args.ep_decode}"
+    s = summarize(name, results, duration)
+    s["texts"] = [r.text for r in results]
     s["engine"] = {k: after[k] - before.get(k, 0.0) for k in after}
     return s
 
@@ -402,6 +425,19 @@ def vocab_size(args) -> int:
         return int(json.load(f)["vocab_size"])
 
 
+def compare_ep_variants(out: list[dict]) -> None:
+    """The expert-parallel decode variants side by side, each against the first: throughput, time per
+    output token, and how many requests generated the same text (greedy; bf16 sums in another order
+    may flip a near tie)."""
+    base = out[0]
+    print("=" * 16, "expert-parallel decode variants (same prompts, one run each)", "=" * 16)
+    print(f"{'variant':<44}{'out tok/s':>11}{'mean TPOT ms':>14}{'vs first':>10}{'same text':>11}")
+    for r in out:
+        same = sum(a == b for a, b in zip(r["texts"], base["texts"]))
+        print(f"{r['backend']:<44}{r['output_throughput']:>11.1f}{r['mean_tpot_ms']:>14.2f}"
+              f"{r['output_throughput'] / base['output_throughput']:>9.2f}x{same:>6d}/{len(base['texts'])}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", choices=("inprocess", "serve", "both", "url"), default="both")
@@ -429,11 +465,27 @@ def main(argv=None) -> int:
                    help="write and serve a checkpoint of this real model's shapes with random weights")
     p.add_argument("--random-layers", type=int, default=4, help="decoder layers of --random-model")
     p.add_argument("--scratch", default="/tmp/moeflow-bench", help="where --random-model writes its checkpoint")
+    p.add_argument("--ep-ranks", type=int, default=0,
+                   help="experts on this many expert-parallel Ray actors (one GPU each; backend inprocess)")
+    p.add_argument("--ep-mode", default="coherent", choices=("coherent", "standard"))
+    p.add_argument("--ep-decode", default="home",
+                   help="comma-separated decode variants of the ranks, each a run of its own on the same prompts: "
+                        f"{', '.join(EP_DECODES)} (home = ExFlow's decoding from CUDA graphs on GPUs)")
+    p.add_argument("--placement-plan", default=None, help="PlacementPlan JSON for --ep-ranks (default round robin)")
     p.add_argument("--expert-budget", type=float, default=None,
                    help="set --gpu-memory so that this share of the experts' bytes fits beside the dense weights")
     args = p.parse_args(argv)
     if args.backend == "url" and not args.url:
         p.error("--backend url needs --url")
+    ep_variants = [v.strip() for v in args.ep_decode.split(",") if v.strip()]
+    if args.ep_ranks:
+        if args.backend != "inprocess":
+            p.error("--ep-ranks is measured with --backend inprocess (the replica's engine driving the rank actors)")
+        if args.gpu_memory or args.expert_budget is not None:
+            p.error("--ep-ranks spreads the experts over GPUs; it does not combine with offloading")
+        bad = [v for v in ep_variants if v not in EP_DECODES]
+        if bad or not ep_variants:
+            p.error(f"--ep-decode takes a comma-separated list of {list(EP_DECODES)}, got {args.ep_decode!r}")
     if args.random_model:
         if args.model:
             p.error("--random-model writes its own checkpoint: drop --model")
@@ -466,8 +518,12 @@ def main(argv=None) -> int:
     if args.backend in ("inprocess", "both"):
         import torch
         torch.set_num_threads(max(1, int(args.replica_cpus)))
-        out.append(asyncio.run(run_inprocess(args, prompts)) | {"copy_gbps": gbps})
-        print_summary(out[-1])
+        for v in (ep_variants if args.ep_ranks else [args.ep_decode]):
+            args.ep_decode = v
+            out.append(asyncio.run(run_inprocess(args, prompts)) | {"copy_gbps": gbps})
+            print_summary(out[-1])
+        if args.ep_ranks:
+            compare_ep_variants(out)
     if args.backend in ("serve", "both"):
         url, model = start_serve(args)
         try:
@@ -489,6 +545,8 @@ def main(argv=None) -> int:
         print("=" * 16, "Ray Serve over the in-process floor (target <= 10%)", "=" * 16)
         for k, v in over.items():
             print(f"{k:<40}{v:>14.2f}")
+    for r in out:
+        r.pop("texts", None)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args) | {"request_rate": str(args.request_rate)}, "results": out}, f, indent=1)
