@@ -316,11 +316,12 @@ class HomeDecodeGraphs(DecodeGraphs):
             self.st.counters.update(before)
 
     @torch.no_grad()
-    def capture_for(self, max_length: int) -> bool:
-        """Capture the graph of this length's slot bucket if it is not captured yet; True if it was
+    def capture_for(self, ids_B1: torch.Tensor, valid_B1: torch.Tensor, max_length: int) -> bool:
+        """``step``'s first half: take the step's inputs and capture the graph of this length's slot
+        bucket if it is not captured yet (its warm-up step runs on these inputs); True if it was
         captured now. Every rank must call it for the same lengths (the capture runs collectives);
         a failure raises ``GraphCaptureError`` with the cache as it was."""
-        num_slots = self.slots_for(max_length)
+        num_slots = self._inputs(ids_B1, valid_B1, max_length)
         if num_slots in self._graphs:
             return False
         self._captured(num_slots)

@@ -580,7 +580,7 @@ class EPWorker:
             self._serve_graphs[mode] = HomeDecodeGraphs(self.model, self.serve_cache, self.state)
         return self._serve_graphs[mode]
 
-    def _capture_together(self, replay, longest: int):
+    def _capture_together(self, replay, ids_B1: torch.Tensor, valid_B1: torch.Tensor, longest: int):
         """Capture ``replay``'s graph for a new slot bucket on every rank, and agree on the outcome:
         ``replay`` where every rank captured it, else None on every rank (serving decodes eagerly
         from then on). A rank replaying a graph while another runs the eager step would wait on
@@ -588,7 +588,7 @@ class EPWorker:
         from moe.cuda_graph import GraphCaptureError
         err = None
         try:
-            replay.capture_for(longest)
+            replay.capture_for(ids_B1, valid_B1, longest)
         except GraphCaptureError as e:  # the cache is as it was
             err = e
         failed = torch.tensor([0 if err is None else 1], dtype=torch.int32, device=self.device)
@@ -626,7 +626,7 @@ class EPWorker:
             if replay is not None:
                 longest = max(n for n, v in zip(self._serve_len, valid_cpu[:, 0].tolist()) if v)
                 if replay.slots_for(longest) not in replay.captured:  # a new bucket: alike on every rank
-                    replay = self._capture_together(replay, longest)
+                    replay = self._capture_together(replay, ids, valid, longest)
             if replay is not None:
                 out = replay.step(ids, valid, longest)
             else:

@@ -179,7 +179,7 @@ class _FailingGraphs:
     def slots_for(self, max_length):
         return max_length + 1
 
-    def capture_for(self, max_length):
+    def capture_for(self, ids_B1, valid_B1, max_length):
         from moe.cuda_graph import GraphCaptureError
         if self.rank == 1:
             raise GraphCaptureError("stand-in capture failure")
