@@ -105,6 +105,10 @@ def print_summary(s: dict) -> None:
         line = (f"engine: {e['steps']:.0f} steps, {e['step_seconds']:.2f} s inside engine.step() "
                 f"({e['step_seconds'] / max(s['duration_s'], 1e-9):.0%} of the run), "
                 f"{s['total_output_tokens'] / max(e['steps'], 1):.2f} output tokens per step")
+        if "rank_step_seconds" in e:  # expert-parallel: the rest of a step is the engine and the Ray calls
+            n = max(e["steps"], 1)
+            line += (f"; rank 0 inside its steps {1e3 * e['rank_step_seconds'] / n:.2f} ms of the engine's "
+                     f"{1e3 * e['step_seconds'] / n:.2f} ms per step")
         if "misses" in e:
             looks = e["hits"] + e["misses"]
             gb = e.get("bytes_copied", 0) / 1e9 / max(e["steps"], 1)
@@ -216,9 +220,10 @@ async def run_inprocess(args, prompts) -> dict:
         return res
 
     await drive(one, prompts[:min(4, len(prompts))], math.inf, args.max_concurrency, args.seed)  # warm-up
-    before = _engine_counters(rep.snapshot())
+    model = rep.loaded.model
+    before = _engine_counters(rep.snapshot(), model)
     results, duration = await drive(one, prompts, args.request_rate, args.max_concurrency, args.seed)
-    after = _engine_counters(rep.snapshot())
+    after = _engine_counters(rep.snapshot(), model)
     rep.shutdown()
     name = "inprocess" if not args.ep_ranks else f"inprocess ep{args.ep_ranks} {args.ep_mode} decode={args.ep_decode}"
     s = summarize(name, results, duration)
@@ -235,8 +240,10 @@ _COUNTERS = {"steps": "moeflow_engine_steps", "step_seconds": "moeflow_engine_st
              "bytes_copied": "moeflow_host_to_device_bytes"}
 
 
-def _engine_counters(snap: dict) -> dict:
+def _engine_counters(snap: dict, model=None) -> dict:
     out = {"steps": float(snap["steps"]), "step_seconds": float(snap["step_seconds"])}
+    if model is not None and hasattr(model, "runtime"):  # expert-parallel: rank 0's own time in its steps
+        out["rank_step_seconds"] = float(model.stats()["rank_step_seconds"])
     for k in ("hits", "misses", "bytes_copied"):
         if k in snap.get("components", {}):
             out[k] = float(snap["components"][k])

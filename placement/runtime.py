@@ -41,6 +41,7 @@ the contract seam); ``ExpertParallelRuntime`` builds the actors and runs forward
 from __future__ import annotations
 
 import socket
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -410,6 +411,7 @@ class EPWorker:
         self._serve_len: list[int] = []  # each serving row's length, counted on the host (graph buckets)
         self._serve_graphs: dict[str, object] = {}  # mode -> decode.HomeDecodeGraphs over serve_cache
         self._serve_graphs_off = ""  # why serving decodes eagerly (a capture failed), or ""
+        self._serve_s = 0.0  # seconds inside step() (rank 0's include waiting for the GPU), for stats
         # greedy(graphs=True): (batch, max_len, mode) -> (its KV cache, decode.HomeDecodeGraphs), kept
         # so that later calls replay the graphs the first captured; dropped at every load
         self._home_graphs: dict[tuple, tuple] = {}
@@ -614,6 +616,7 @@ class EPWorker:
             return None
         if self.serve_cache is None:
             raise ValueError("no serving cache on this rank: call open_cache(batch_size, max_len) first")
+        t0 = time.perf_counter()
         B, T = input_ids_BT.shape
         if reset_rows:
             self.serve_cache.reset(reset_rows)
@@ -635,7 +638,9 @@ class EPWorker:
             out = self.model(ids, cache=self.serve_cache, valid_BT=valid, last_only=last_only)
         for b, n in enumerate(valid_cpu.sum(1).tolist()):
             self._serve_len[b] += n
-        return out.float().cpu() if self.rank == 0 else None
+        out = out.float().cpu() if self.rank == 0 else None  # rank 0: the step's end on the GPU too
+        self._serve_s += time.perf_counter() - t0
+        return out
 
     def set_strategy(self, name: str | None) -> None:
         """parallel='adaptive': fix every layer's strategy ('ep:d2', 'dp', 'tp', 'ep+dp:g2', ...), or
@@ -667,7 +672,7 @@ class EPWorker:
             return None
         for g in self._serve_graphs.values():  # rows the replayed decode steps moved, summed on the device
             g.flush_counters()
-        out = dict(self.state.counters)
+        out = dict(self.state.counters, serve_step_seconds=self._serve_s)
         if self.cfg.parallel == "adaptive":
             out.update(adaptive_stats(self.model))
         return out

@@ -105,10 +105,14 @@ class ExpertParallelModel:
     def stats(self) -> dict:
         counters = [c for c in self.runtime.counters() if c]
         rows = sum(c.get("dispatch_rows", 0) for c in counters)
+        # rank 0's seconds inside its step() calls (its GPU work included): the rest of an engine
+        # step is the engine's own work and the Ray calls
+        out = {"cross_rank_tokens": rows, "rank_step_seconds": counters[0].get("serve_step_seconds", 0.0)
+               if counters else 0.0}
         if self.runtime.cfg.parallel == "adaptive":  # the strategy the adaptive layer ran last
             used = counters[0].get("strategy") if counters else None
-            return {"cross_rank_tokens": rows, "strategy": f"expert-parallel-adaptive:{used or 'none yet'}"}
-        return {"cross_rank_tokens": rows, "strategy": f"expert-parallel-{self.runtime.cfg.mode}"}
+            return out | {"strategy": f"expert-parallel-adaptive:{used or 'none yet'}"}
+        return out | {"strategy": f"expert-parallel-{self.runtime.cfg.mode}"}
 
     def shutdown(self) -> None:
         self.runtime.shutdown()

@@ -15,7 +15,10 @@ def test_ep_decode_variants_serve_the_same_text(ray_session, capsys):
     finally:
         torch.set_num_threads(threads)
     assert rc == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("inprocess ep2 coherent")]
+    out = capsys.readouterr().out
+    # rank 0's own time inside its steps, beside the engine's step time
+    assert out.count("rank 0 inside its steps") == 2
+    rows = [line for line in out.splitlines() if line.startswith("inprocess ep2 coherent")]
     assert [r.split()[3] for r in rows] == ["decode=replicated", "decode=home"]
     assert all(r.rstrip().endswith("4/4") for r in rows), rows
 
