@@ -418,6 +418,55 @@ def pinned_copy_gbps(nbytes: int = 256 << 20) -> float:
     return copy_bytes_per_s("cuda", torch.empty(nbytes, dtype=torch.uint8)) / 1e9
 
 
+def device_copy_gbps(nbytes: int = 1 << 30) -> float:
+    """GPU memory bandwidth measured here (a device-to-device copy reads and writes nbytes), GB/s."""
+    import torch
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t0, n = time.perf_counter(), 10
+    for _ in range(n):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    gbps = 2 * nbytes * n / (time.perf_counter() - t0) / 1e9
+    del a, b
+    torch.cuda.empty_cache()
+    return gbps
+
+
+def ep_step_floor_ms(model_dir: str, ranks: int, batch: int, gbps: float) -> tuple[float, float]:
+    """(ms, MB per GPU) of one decode step of --max-batch-size rows at the measured bandwidth: every
+    rank reads the dense weights (attention, norms, embedding rows, head: it runs every row) and its
+    share of the distinct experts the rows route to, estimated for uniform routing as
+    E * (1 - (1 - K/E)^B) per MoE layer."""
+    from safetensors import safe_open
+
+    from moe import MoEConfig
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = MoEConfig.from_hf_dict(json.load(f))
+    E, K = cfg.num_experts, cfg.num_experts_per_tok
+    layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    size = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
+    dense = experts = 0
+    for name in sorted(os.listdir(model_dir)):
+        if not name.endswith(".safetensors"):
+            continue
+        with safe_open(os.path.join(model_dir, name), "pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                nbytes = size.get(sl.get_dtype(), 2) * math.prod(sl.get_shape())
+                if ".experts." in key and "shared" not in key:
+                    experts += nbytes
+                elif "embed_tokens" not in key:  # a step reads B embedding rows, not the table
+                    dense += nbytes
+    per_expert_layer = experts / max(1, E * layers)
+    distinct = E * (1 - (1 - K / E) ** batch)
+    step_bytes = dense + layers * distinct * per_expert_layer / ranks
+    return 1e3 * step_bytes / (gbps * 1e9), step_bytes / 1e6
+
+
 def vocab_size(args) -> int:
     if args.vocab_size:
         return args.vocab_size
@@ -522,6 +571,14 @@ def main(argv=None) -> int:
         if torch.cuda.is_available():
             gbps = pinned_copy_gbps()
             print(f"pinned host->GPU copy: {gbps:.1f} GB/s (the offloaded steps' floor is bytes copied / this)")
+    if args.ep_ranks and args.device in ("cuda", "auto") and args.model not in (None, "tiny"):
+        import torch
+        if torch.cuda.is_available():
+            hbm = device_copy_gbps()
+            ms, mb = ep_step_floor_ms(args.model, args.ep_ranks, args.max_batch_size, hbm)
+            print(f"GPU memory: {hbm:.0f} GB/s (device copy); decode step floor {ms:.3f} ms ({mb:.0f} MB per GPU: dense "
+                  f"weights + its share of the distinct experts of {args.max_batch_size} rows, uniform routing) = "
+                  f"{1e3 * args.max_batch_size / ms:.0f} tok/s", flush=True)
     if args.backend in ("inprocess", "both"):
         import torch
         torch.set_num_threads(max(1, int(args.replica_cpus)))

@@ -33,3 +33,20 @@ def test_ep_arguments_are_checked(argv, message, capsys):
     with pytest.raises(SystemExit):
         serving.main(["--model", "tiny", "--ep-ranks", "2", "--backend", "inprocess", *argv])
     assert message in capsys.readouterr().err
+
+
+def test_ep_step_floor_counts_dense_weights_and_each_ranks_share_of_the_active_experts():
+    import moe
+    from benchmarks.serving import ep_step_floor_ms
+    from moe.tiny import ensure_tiny_model
+    path = str(ensure_tiny_model())
+    model = moe.load_model(path)
+    E, K = model.config.num_experts, model.config.num_experts_per_tok
+    expert_bytes = sum(p.numel() * p.element_size() for b in model.moe_blocks() for p in b.experts.parameters())
+    _, all_1 = ep_step_floor_ms(path, 1, 10 ** 6, 1.0)  # so many rows that every expert is active
+    _, all_2 = ep_step_floor_ms(path, 2, 10 ** 6, 1.0)
+    _, one_2 = ep_step_floor_ms(path, 2, 1, 1.0)  # one row: K experts a layer
+    assert (all_1 - all_2) * 1e6 == pytest.approx(expert_bytes / 2)
+    assert (all_2 - one_2) * 1e6 == pytest.approx(expert_bytes / 2 * (1 - K / E))
+    ms, mb = ep_step_floor_ms(path, 2, 1, 2.0)
+    assert ms == pytest.approx(mb / 2.0)  # MB / (GB/s) = ms
