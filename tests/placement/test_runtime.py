@@ -156,3 +156,15 @@ def test_configuration_errors():
 def test_runtime_refuses_more_ranks_than_it_has(rt4):
     with pytest.raises(ValueError, match="only 4"):
         rt4.load(_model("mixtral", num_hidden_layers=3), round_robin(3, 8, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rank_results_cross_the_wire_bit_for_bit_in_their_dtype(dtype):
+    from placement.runtime import pack_result, unpack_result
+    t = (torch.randn(8, 1, 4096) * 3).to(dtype)
+    w = pack_result(t)
+    assert type(w[1]).__module__ == "numpy"  # not a pickled torch tensor
+    w[1].setflags(write=False)  # as Ray hands it out
+    back = unpack_result(w)
+    assert back.dtype == dtype and torch.equal(back, t)
+    back += 1  # memory of its own: writing it is safe

@@ -229,7 +229,7 @@ def test_ray_hosts_same_logits_kill_mid_run(ray_session, tmp_path):
 
 
 # --- gloo ranks + CPU hosts ----------------------------------------------------------------------
-from placement.runtime import EPConfig, EPWorker, split_state_dict  # noqa: E402
+from placement.runtime import EPConfig, EPWorker, split_state_dict, unpack_result  # noqa: E402
 
 
 class TierWorker(EPWorker):
@@ -266,7 +266,7 @@ def test_gloo_ranks_and_cpu_hosts_same_logits(ray_session, tmp_path):
         # rank 0 returns the logits (the others may return None: every rank computed the same)
         outs = ray.get([w.forward.remote(IDS, None) for w in workers])
         assert outs[0] is not None
-        for got in [o for o in outs if o is not None]:
+        for got in [unpack_result(o) for o in outs if o is not None]:  # rank results travel as numpy
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
         # each token went to a host once (not once per rank)
         pairs = sum(h.call("health")["pairs"] for h in hosts)
@@ -274,7 +274,7 @@ def test_gloo_ranks_and_cpu_hosts_same_logits(ray_session, tmp_path):
         ray.kill(hosts[0].actor, no_restart=True)
         outs = ray.get([w.forward.remote(IDS, None) for w in workers])
         assert outs[0] is not None
-        for got in [o for o in outs if o is not None]:
+        for got in [unpack_result(o) for o in outs if o is not None]:  # rank results travel as numpy
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
     finally:
         ray.get([w.shutdown.remote() for w in workers])
