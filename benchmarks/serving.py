@@ -21,6 +21,10 @@ with at most --max-concurrency in flight.
   shapes with --random-layers decoder layers to --scratch, then serves it with 25% of its experts' bytes on the GPU:
     python benchmarks/serving.py --random-model mixtral --random-layers 4 --expert-budget 0.25 --device cuda
   (run it inside `unshare -n sh -c 'ip link set lo up; ...'` where Ray must not bind outside addresses)
+  Expert-parallel decode variants on 2 GPUs (the rank actors' output reaches this process's stderr;
+  MOEFLOW_EP_TRACE=1 makes each rank print entering and leaving its calls, to find a stalled one):
+    python benchmarks/serving.py --random-model qwen3 --random-layers 2 --device cuda --backend inprocess \
+        --ep-ranks 2 --ep-decode replicated,home-eager,home --input-len 32 --output-len 64 --num-prompts 16
 
 Reading the overhead: the in-process floor runs the load generator and the engine in one process;
 the serve backend adds the Serve proxy, the ingress and Ray's own daemons as processes. On a

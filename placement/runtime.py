@@ -40,6 +40,8 @@ the contract seam); ``ExpertParallelRuntime`` builds the actors and runs forward
 """
 from __future__ import annotations
 
+import functools
+import os
 import socket
 import time
 import warnings
@@ -95,6 +97,26 @@ class EPConfig:
             raise ValueError(f"cpus_per_actor ({self.cpus_per_actor}) must be > 0 and torch_threads "
                              f"({self.torch_threads}) >= 1")
         kernels.get_backend(self.backend)
+
+
+def _traced(fn):
+    """With MOEFLOW_EP_TRACE=1 in the environment (Ray's workers inherit it), a rank prints when it
+    enters and leaves the method, with the call's number and its tensors' shapes: a collective that
+    never completes shows as ranks inside a call the others have left, or never entered."""
+    @functools.wraps(fn)
+    def traced(self, *args, **kwargs):
+        if os.environ.get("MOEFLOW_EP_TRACE", "") in ("", "0"):
+            return fn(self, *args, **kwargs)
+        self._trace_calls = n = getattr(self, "_trace_calls", 0) + 1
+        shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+        tag = f"[ep-trace rank {self.rank}] {fn.__name__} #{n}"
+        print(f"{tag} enter {time.strftime('%H:%M:%S')} {shapes}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            print(f"{tag} leave after {time.perf_counter() - t0:.3f} s", flush=True)
+    return traced
 
 
 def pack_result(t: torch.Tensor) -> tuple:
@@ -436,11 +458,13 @@ class EPWorker:
         import ray
         return ray.util.get_node_ip_address(), _free_port()
 
+    @_traced
     def connect(self, rank: int, addr: str, port: int) -> None:
         self.rank = rank
         dist.init_process_group("nccl" if self.cfg.device == "cuda" else "gloo", init_method=f"tcp://{addr}:{port}",
                                 rank=self.rank, world_size=self.world)
 
+    @_traced
     def load(self, hf_config: dict, dense: dict, local: dict, plan_dict: dict) -> int:
         """Build the dense model and this rank's experts (again, for another model or plan).
 
@@ -456,6 +480,7 @@ class EPWorker:
             return {k: v.to(dtype) for k, v in local.items()}
         return self._build(hf_config, plan_dict, dtype, fill)
 
+    @_traced
     def load_seeded(self, hf_config: dict, plan_dict: dict, seed: int, std: float, dtype: str) -> int:
         """Like ``load`` for a random model (trace_routing.seeded_model): this rank draws its dense
         part and its own experts itself, so no weights travel."""
@@ -519,6 +544,7 @@ class EPWorker:
         if self.state is not None:
             self.state.mode = mode
 
+    @_traced
     @torch.no_grad()
     def forward(self, input_ids_BT: torch.Tensor, valid_BT: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor | None:
@@ -529,6 +555,7 @@ class EPWorker:
         # every rank computed the same logits; only rank 0's travel back (a prefill's [B, T, V] is large)
         return pack_result(out) if self.rank == 0 else None
 
+    @_traced
     @torch.no_grad()
     def greedy(self, input_ids_BT: torch.Tensor, max_new_tokens: int, home_only: bool = False,
                graphs: bool = False):
@@ -577,6 +604,7 @@ class EPWorker:
             replay.flush_counters()
         return torch.cat(out, 1).cpu(), torch.cat(steps, 1).cpu()
 
+    @_traced
     def open_cache(self, batch_size: int, max_len: int) -> None:
         """A KV cache of ``batch_size`` rows kept on this rank between ``step`` calls (serving: the
         engine's continuous batch; every rank holds every row's context, as coherent mode needs)."""
@@ -618,6 +646,7 @@ class EPWorker:
                       RuntimeWarning, stacklevel=3)
         return None
 
+    @_traced
     @torch.no_grad()
     def step(self, input_ids_BT: torch.Tensor, valid_BT: torch.Tensor | None, reset_rows: list[int],
              last_only: bool) -> torch.Tensor | None:

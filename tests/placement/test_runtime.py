@@ -168,3 +168,26 @@ def test_rank_results_cross_the_wire_bit_for_bit_in_their_dtype(dtype):
     back = unpack_result(w)
     assert back.dtype == dtype and torch.equal(back, t)
     back += 1  # memory of its own: writing it is safe
+
+
+def test_ep_trace_prints_each_ranks_calls(tmp_path, monkeypatch, capsys):
+    """MOEFLOW_EP_TRACE=1: a rank prints entering and leaving each call (where a stalled collective
+    would show which rank is inside which call); unset, it prints nothing."""
+    import torch.distributed as dist
+
+    from placement.runtime import EPWorker
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        cfg = MoEConfig.tiny("mixtral", num_hidden_layers=2)
+        w = EPWorker(0, 1, EPConfig(device="cpu"))
+        w.load_seeded(cfg.to_hf_dict(), round_robin(2, cfg.num_experts, 1).to_dict(), 0, 0.2, "float32")
+        w.open_cache(2, 8)
+        assert capsys.readouterr().out == ""
+        monkeypatch.setenv("MOEFLOW_EP_TRACE", "1")
+        w.step(torch.ones(2, 3, dtype=torch.long), None, [], True)
+        w.step(torch.ones(2, 1, dtype=torch.long), None, [], True)
+        lines = capsys.readouterr().out.splitlines()
+        assert [x.split()[4:6] for x in lines] == [["#1", "enter"], ["#1", "leave"], ["#2", "enter"], ["#2", "leave"]]
+        assert all(x.startswith("[ep-trace rank 0] step") for x in lines) and "(2, 3)" in lines[0]
+    finally:
+        dist.destroy_process_group()
