@@ -191,3 +191,34 @@ def test_ep_trace_prints_each_ranks_calls(tmp_path, monkeypatch, capsys):
         assert all(x.startswith("[ep-trace rank 0] step") for x in lines) and "(2, 3)" in lines[0]
     finally:
         dist.destroy_process_group()
+
+
+def test_a_rank_that_raises_fails_the_call_at_once(ray_session):
+    """One rank raises while its peer waits for it inside a collective: the runtime raises that
+    rank's error at once (ray.get of the ranks' results raises the first error it sees), so a
+    failing rank cannot look like a stalled step. An _all that waited for every rank would hang."""
+    import threading
+
+    import ray
+    from ray.util.placement_group import remove_placement_group
+    model = MoEForCausalLM(MoEConfig.tiny("mixtral", num_hidden_layers=2), dtype=torch.float32)
+    model.init_weights(std=0.2, seed=1)
+    rt = ExpertParallelRuntime(model, round_robin(2, model.config.num_experts, 2), EPConfig(mode="coherent"))
+    try:
+        ray.get(rt.workers[0].open_cache.remote(2, 16))  # rank 1 has no serving cache: its step raises
+        got = {}
+
+        def call():
+            try:
+                rt.step(torch.ones(2, 4, dtype=torch.long), None, (), True)
+            except Exception as e:  # noqa: BLE001 - the test reads it
+                got["error"] = e
+        t = threading.Thread(target=call, daemon=True)
+        t.start()
+        t.join(60)
+        assert not t.is_alive(), "the runtime waited for the rank stuck in a collective"
+        assert "no serving cache on this rank" in str(got["error"])
+    finally:
+        for w in rt.workers:  # rank 0 is still inside its step: no graceful shutdown
+            ray.kill(w)
+        remove_placement_group(rt.pg)
