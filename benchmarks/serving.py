@@ -180,7 +180,7 @@ EP_DECODES = {"replicated": ("replicated", False), "home-eager": ("home", False)
 
 def _ep_settings(args) -> dict | None:
     """serve.ep_model.EPServeSettings of the run (--ep-ranks), or None."""
-    if not getattr(args, "ep_ranks", 0):
+    if not args.ep_ranks:
         return None
     decode, graphs = EP_DECODES[args.ep_decode]
     return {"ranks": args.ep_ranks, "mode": args.ep_mode, "plan": args.placement_plan, "cpus_per_rank": 0.5,
@@ -422,24 +422,6 @@ def pinned_copy_gbps(nbytes: int = 256 << 20) -> float:
     return copy_bytes_per_s("cuda", torch.empty(nbytes, dtype=torch.uint8)) / 1e9
 
 
-def device_copy_gbps(nbytes: int = 1 << 30) -> float:
-    """GPU memory bandwidth measured here (a device-to-device copy reads and writes nbytes), GB/s."""
-    import torch
-    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    t0, n = time.perf_counter(), 10
-    for _ in range(n):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    gbps = 2 * nbytes * n / (time.perf_counter() - t0) / 1e9
-    del a, b
-    torch.cuda.empty_cache()
-    return gbps
-
-
 def ep_step_floor_ms(model_dir: str, ranks: int, batch: int, gbps: float) -> tuple[float, float]:
     """(ms, MB per GPU) of one decode step of --max-batch-size rows at the measured bandwidth: every
     rank reads the dense weights (attention, norms, embedding rows, head: it runs every row) and its
@@ -578,7 +560,8 @@ def main(argv=None) -> int:
     if args.ep_ranks and args.device in ("cuda", "auto") and args.model not in (None, "tiny"):
         import torch
         if torch.cuda.is_available():
-            hbm = device_copy_gbps()
+            from benchmarks.decode import measure_bandwidth
+            hbm = measure_bandwidth(torch.device("cuda")) / 1e9
             ms, mb = ep_step_floor_ms(args.model, args.ep_ranks, args.max_batch_size, hbm)
             print(f"GPU memory: {hbm:.0f} GB/s (device copy); decode step floor {ms:.3f} ms ({mb:.0f} MB per GPU: dense "
                   f"weights + its share of the distinct experts of {args.max_batch_size} rows, uniform routing) = "

@@ -5,6 +5,7 @@ at the top, when no CUDA device is present: the Triton kernels then run in the i
 the CPU. On a GPU machine the same tests run the compiled kernels.
 """
 import os
+import sys
 
 import torch
 
@@ -30,6 +31,7 @@ def load_benchmark(name: str):
     path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # as an import would: dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 

@@ -4,9 +4,11 @@ table says how many requests got the first variant's text (all of them, in float
 import pytest
 import torch
 
+from tests.conftest import load_benchmark
+
 
 def test_ep_decode_variants_serve_the_same_text(ray_session, capsys):
-    from benchmarks import serving
+    serving = load_benchmark("serving")
     threads = torch.get_num_threads()
     try:
         rc = serving.main(["--model", "tiny", "--device", "cpu", "--backend", "inprocess", "--ep-ranks", "2",
@@ -29,7 +31,7 @@ def test_ep_decode_variants_serve_the_same_text(ray_session, capsys):
     (["--gpu-memory", "1GiB"], "does not combine with offloading"),
 ])
 def test_ep_arguments_are_checked(argv, message, capsys):
-    from benchmarks import serving
+    serving = load_benchmark("serving")
     with pytest.raises(SystemExit):
         serving.main(["--model", "tiny", "--ep-ranks", "2", "--backend", "inprocess", *argv])
     assert message in capsys.readouterr().err
@@ -37,7 +39,7 @@ def test_ep_arguments_are_checked(argv, message, capsys):
 
 def test_ep_step_floor_counts_dense_weights_and_each_ranks_share_of_the_active_experts():
     import moe
-    from benchmarks.serving import ep_step_floor_ms
+    ep_step_floor_ms = load_benchmark("serving").ep_step_floor_ms
     from moe.tiny import ensure_tiny_model
     path = str(ensure_tiny_model())
     model = moe.load_model(path)
