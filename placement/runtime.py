@@ -128,11 +128,14 @@ def pack_result(t: torch.Tensor) -> tuple:
     return str(t.dtype).removeprefix("torch."), to_wire(t)
 
 
-def unpack_result(w: tuple) -> torch.Tensor:
-    """The tensor ``pack_result`` sent: its own dtype, in memory of its own (Ray's arrays are read-only)."""
+def unpack_result(w: tuple, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The tensor ``pack_result`` sent, in its own dtype or ``dtype``, in memory of its own (Ray's
+    arrays are read-only): one copy, the conversion's where there is one."""
     from serve.cpu_host import from_wire
     name, arr = w
-    return from_wire(arr, getattr(torch, name)).clone()
+    t = from_wire(arr, getattr(torch, name))
+    out = t if dtype is None else t.to(dtype)
+    return out.clone() if out.data_ptr() == t.data_ptr() else out
 
 
 @dataclass
@@ -845,7 +848,7 @@ class ExpertParallelRuntime:
         """One forward of a continuous batch over the ranks' kept caches (rows in ``reset_rows``
         emptied first): logits [B, T, V], or [B, 1, V] with ``last_only``."""
         return unpack_result(self._all("step", input_ids_BT.cpu(), None if valid_BT is None else valid_BT.cpu(),
-                                   [int(r) for r in reset_rows], bool(last_only))[0]).float()
+                                   [int(r) for r in reset_rows], bool(last_only))[0], torch.float32)
 
     def profile(self, method: str, *args) -> str:
         """Rank 0's torch.profiler operator table of one ``method`` call (e.g. 'forward', 'greedy')."""
