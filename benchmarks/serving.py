@@ -393,17 +393,31 @@ def write_random_model(name: str, layers: int, scratch: str, device: str) -> str
     return out
 
 
+def weight_bytes(model_dir: str, elem_bytes: int | None = None) -> tuple[int, int, int]:
+    """(dense, embedding table, routed experts) bytes of the checkpoint's model, counted on a build on
+    the meta device (no weights read); elem_bytes: bytes per weight (None: the checkpoint's dtype)."""
+    import torch
+
+    from moe import MoEConfig, MoEForCausalLM
+
+    cfg = MoEConfig.from_pretrained(model_dir)
+    model = MoEForCausalLM(cfg, dtype=torch.bfloat16, device="meta")
+    e = elem_bytes or torch.empty((), dtype=cfg.torch_dtype).element_size()
+    expert = sum(p.numel() for b in model.moe_blocks() for p in b.experts.parameters())
+    embed = model.embed.weight.numel()
+    return e * (sum(p.numel() for p in model.parameters()) - expert - embed), e * embed, e * expert
+
+
 def expert_budget_bytes(model_dir: str, share: float, batch: int, max_len: int) -> str:
     """--gpu-memory that leaves ``share`` of the experts' bytes on the GPU beside the dense weights and KV cache."""
     import torch
 
-    from moe import MoEConfig, MoEForCausalLM
+    from moe import MoEConfig
     from offload.apply import kv_cache_bytes
 
     cfg = MoEConfig.from_pretrained(model_dir)
-    model = MoEForCausalLM(cfg, dtype=torch.bfloat16, device="meta")
-    expert = sum(p.numel() * 2 for b in model.moe_blocks() for p in b.experts.parameters())
-    dense = sum(p.numel() * 2 for p in model.parameters()) - expert
+    dense, embed, expert = weight_bytes(model_dir, elem_bytes=2)
+    dense += embed
     kv = kv_cache_bytes(cfg, batch, max_len, torch.bfloat16)
     total = dense + kv + share * expert + (256 << 20)  # 256 MiB of head room for activations
     print(f"GPU budget: dense {dense / 2**30:.2f} GiB + KV {kv / 2**30:.2f} GiB + {share:.0%} of experts "
@@ -424,32 +438,16 @@ def pinned_copy_gbps(nbytes: int = 256 << 20) -> float:
 
 def ep_step_floor_ms(model_dir: str, ranks: int, batch: int, gbps: float) -> tuple[float, float]:
     """(ms, MB per GPU) of one decode step of --max-batch-size rows at the measured bandwidth: every
-    rank reads the dense weights (attention, norms, embedding rows, head: it runs every row) and its
-    share of the distinct experts the rows route to, estimated for uniform routing as
-    E * (1 - (1 - K/E)^B) per MoE layer."""
-    from safetensors import safe_open
-
+    rank reads the dense weights (attention, norms, head: it runs every row; B embedding rows, not
+    the table) and its share of the distinct experts the rows route to, estimated for uniform
+    routing as E * (1 - (1 - K/E)^B) per MoE layer."""
     from moe import MoEConfig
-    with open(os.path.join(model_dir, "config.json")) as f:
-        cfg = MoEConfig.from_hf_dict(json.load(f))
+    cfg = MoEConfig.from_pretrained(model_dir)
     E, K = cfg.num_experts, cfg.num_experts_per_tok
     layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
-    size = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
-    dense = experts = 0
-    for name in sorted(os.listdir(model_dir)):
-        if not name.endswith(".safetensors"):
-            continue
-        with safe_open(os.path.join(model_dir, name), "pt") as f:
-            for key in f.keys():
-                sl = f.get_slice(key)
-                nbytes = size.get(sl.get_dtype(), 2) * math.prod(sl.get_shape())
-                if ".experts." in key and "shared" not in key:
-                    experts += nbytes
-                elif "embed_tokens" not in key:  # a step reads B embedding rows, not the table
-                    dense += nbytes
-    per_expert_layer = experts / max(1, E * layers)
+    dense, _, experts = weight_bytes(model_dir)
     distinct = E * (1 - (1 - K / E) ** batch)
-    step_bytes = dense + layers * distinct * per_expert_layer / ranks
+    step_bytes = dense + layers * distinct * experts / max(1, E * layers) / ranks
     return 1e3 * step_bytes / (gbps * 1e9), step_bytes / 1e6
 
 
