@@ -158,6 +158,12 @@ def test_shipped_recipes_fit_their_promises():
     assert scfg.model_type == "qwen2_moe" and scfg.hidden_size == lcfg.hidden_size
     assert (scfg.num_experts, scfg.num_experts_per_tok, scfg.moe_intermediate_size) == (64, 8, lcfg.moe_intermediate_size)
     assert scfg.shared_expert_intermediate_size == 4 * lcfg.moe_intermediate_size
+    # and its depth test (7g): the same layer twice as many times, nothing else changed
+    dpcfg, _ = build("large_traces_deep")
+    assert dpcfg.num_hidden_layers == 2 * lcfg.num_hidden_layers
+    assert dpcfg.replace(num_hidden_layers=lcfg.num_hidden_layers) == lcfg
+    recipes = REPO / "moe" / "recipes"
+    assert load_recipe(recipes / "large_traces_deep.json")[1] == load_recipe(recipes / "large_traces.json")[1]
 
 
 # --- training ---------------------------------------------------------------------------------------
