@@ -13,6 +13,8 @@ from placement.adaptive import (AdaptiveMoEExperts, ReplicatedTokensExperts, Sha
                                 StrategyChooser, calibrate)
 from placement.adaptive_blend import BLENDS, group_sizes
 
+from ._clean_exit import exits_cleanly
+
 
 def all_strategies(world):
     """Every strategy and every blend's group size, the end points (g = 1, g = W) included."""
@@ -68,6 +70,7 @@ def _reference(world, E, K, w13, w2, xs, ids, ws, gs, factor):
     return outs, [x.grad for x in xg], [w.grad for w in wg], w13.grad, w2.grad, drops
 
 
+@exits_cleanly
 def check_strategies(rank, world, init_file, cases, D, I, K):
     """``cases``: (experts, capacity factor) pairs, run in one process group (spawning is slow)."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -103,6 +106,7 @@ def _check_case(rank, world, E, D, I, K, factor):
         torch.testing.assert_close(layer.w2.grad, want2, msg=lambda m: f"{strat} w2 grad: {m}")
 
 
+@exits_cleanly
 def check_switch_mid_training(rank, world, init_file, E, D, I, K):
     """SGD with the strategy switching every step (chooser-driven and forced) equals one process."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -143,6 +147,7 @@ def check_switch_mid_training(rank, world, init_file, E, D, I, K):
         dist.destroy_process_group()
 
 
+@exits_cleanly
 def check_inference_overlap(rank, world, init_file, E, D, I, K):
     """The overlapped (no-grad) pipelined path equals the plain one; the replicated-context wrapper
     equals the single-process layer on all tokens."""
@@ -177,6 +182,7 @@ def check_inference_overlap(rank, world, init_file, E, D, I, K):
         dist.destroy_process_group()
 
 
+@exits_cleanly
 def check_chooser_agrees_across_ranks(rank, world, init_file, E, D, I, K):
     """Ranks with different token counts and different local timings still pick the same
     strategy every step (else their collectives would not match and the step would hang)."""
@@ -200,6 +206,7 @@ def check_chooser_agrees_across_ranks(rank, world, init_file, E, D, I, K):
         dist.destroy_process_group()
 
 
+@exits_cleanly
 def check_moe_layer_in_training(rank, world, init_file):
     """The training module's MoELayer, sharded with apply_adaptive_parallel: every rank's output
     equals the single-process layer's on its tokens; expert shards get the gradient of the whole
@@ -247,6 +254,7 @@ def check_moe_layer_in_training(rank, world, init_file):
         dist.destroy_process_group()
 
 
+@exits_cleanly
 def check_causal_lm_training_with_switches(rank, world, init_file):
     """A MoEForCausalLM trained data-parallel over the ranks, its experts sharded by
     apply_adaptive_parallel and the strategy switching every step (the chooser's picks included),
