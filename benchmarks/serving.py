@@ -183,8 +183,9 @@ def _ep_settings(args) -> dict | None:
     if not args.ep_ranks:
         return None
     decode, graphs = EP_DECODES[args.ep_decode]
+    shared = {"comm": "gloo", "gpus_per_rank": 1.0 / args.ep_ranks} if args.ep_share_gpu else {}
     return {"ranks": args.ep_ranks, "mode": args.ep_mode, "plan": args.placement_plan, "cpus_per_rank": 0.5,
-            "torch_threads": 1, "decode": decode, "cuda_graph": graphs}
+            "torch_threads": 1, "decode": decode, "cuda_graph": graphs} | shared
 
 
 async def run_inprocess(args, prompts) -> dict:
@@ -512,6 +513,9 @@ def main(argv=None) -> int:
                    help="comma-separated decode variants of the ranks, each a run of its own on the same prompts: "
                         f"{', '.join(EP_DECODES)} (home = ExFlow's decoding from CUDA graphs on GPUs)")
     p.add_argument("--placement-plan", default=None, help="PlacementPlan JSON for --ep-ranks (default round robin)")
+    p.add_argument("--ep-share-gpu", action="store_true",
+                   help="the --ep-ranks ranks share one GPU, joined by gloo through host memory (NCCL refuses two "
+                        "ranks on one device): the ranks' logic on a one-GPU machine, not its speed")
     p.add_argument("--expert-budget", type=float, default=None,
                    help="set --gpu-memory so that this share of the experts' bytes fits beside the dense weights")
     args = p.parse_args(argv)
@@ -523,6 +527,9 @@ def main(argv=None) -> int:
             p.error("--ep-ranks is measured with --backend inprocess (the replica's engine driving the rank actors)")
         if args.gpu_memory or args.expert_budget is not None:
             p.error("--ep-ranks spreads the experts over GPUs; it does not combine with offloading")
+        if args.ep_share_gpu and "home" in ep_variants:
+            p.error("--ep-share-gpu moves collectives through host memory, which CUDA graphs cannot capture: "
+                    "use --ep-decode replicated,home-eager")
         bad = [v for v in ep_variants if v not in EP_DECODES]
         if bad or not ep_variants:
             p.error(f"--ep-decode takes a comma-separated list of {list(EP_DECODES)}, got {args.ep_decode!r}")

@@ -6,6 +6,11 @@ Each is an autograd Function whose backward is the adjoint collective:
     reduce_scatter_v <-> all_gather_v
 Built on ``all_to_all_single`` alone, which gloo and NCCL both implement for uneven splits.
 Row counts are plain Python ints known on both sides (exchanged beforehand by the caller).
+
+A gloo group with GPU tensors (ranks sharing one GPU, EPConfig.comm='gloo': NCCL refuses two ranks
+on one device) moves them through host memory: ``all_to_all_single``, ``all_reduce`` and ``broadcast`` are
+torch.distributed's, staged where the group needs it, and every collective of the placement
+runtime goes through them.
 """
 from __future__ import annotations
 
@@ -13,10 +18,47 @@ import torch
 import torch.distributed as dist
 
 
+def staged(t: torch.Tensor, group=None) -> bool:
+    """Whether ``t`` must go through host memory for ``group``'s collectives (gloo and not a CPU tensor)."""
+    return t.device.type != "cpu" and dist.get_backend(group) == "gloo"
+
+
+def all_to_all_single(out: torch.Tensor, x: torch.Tensor, output_split_sizes=None, input_split_sizes=None,
+                      group=None) -> None:
+    """``dist.all_to_all_single``, through host memory for a gloo group with GPU tensors."""
+    if not staged(x, group):
+        dist.all_to_all_single(out, x, output_split_sizes=output_split_sizes,
+                               input_split_sizes=input_split_sizes, group=group)
+        return
+    host = torch.empty(out.shape, dtype=out.dtype)
+    dist.all_to_all_single(host, x.cpu(), output_split_sizes=output_split_sizes,
+                           input_split_sizes=input_split_sizes, group=group)
+    out.copy_(host)
+
+
+def _in_place(collective, t: torch.Tensor, group, **kw) -> None:
+    """An in-place collective on ``t``, through host memory where the group needs it."""
+    if not staged(t, group):
+        collective(t, group=group, **kw)
+        return
+    host = t.cpu()
+    collective(host, group=group, **kw)
+    t.copy_(host)
+
+
+def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> None:
+    """In-place ``dist.all_reduce``, through host memory for a gloo group with GPU tensors."""
+    _in_place(dist.all_reduce, t, group, op=op)
+
+
+def broadcast(t: torch.Tensor, src: int = 0, group=None) -> None:
+    """In-place ``dist.broadcast`` from global rank ``src``, through host memory for a gloo group with GPU tensors."""
+    _in_place(dist.broadcast, t, group, src=src)
+
+
 def _a2a(x: torch.Tensor, in_splits: list[int], out_splits: list[int], group) -> torch.Tensor:
     out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=out_splits,
-                           input_split_sizes=in_splits, group=group)
+    all_to_all_single(out, x.contiguous(), output_split_sizes=out_splits, input_split_sizes=in_splits, group=group)
     return out
 
 
@@ -84,7 +126,7 @@ def reduce_scatter_v(x: torch.Tensor, sizes: list[int], group=None) -> torch.Ten
 def exchange_counts(send_counts: torch.Tensor, group=None) -> torch.Tensor:
     """All-to-all of one int per destination: how many rows each rank will send me."""
     recv = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv, send_counts.contiguous(), group=group)
+    all_to_all_single(recv, send_counts.contiguous(), group=group)
     return recv
 
 

@@ -37,12 +37,12 @@ backend's loop over used experts (one sync per MoE layer plus one per used exper
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 import kernels
 from moe.cuda_graph import DecodeGraphs
 from moe.kv_cache import KVCache
 
+from .collectives import all_reduce, all_to_all_single
 from .runtime import ExpertParallelExperts, TokenState
 
 
@@ -83,7 +83,7 @@ def _a2a_slots(send_PBW: torch.Tensor, group) -> torch.Tensor:
     # contiguous both: empty_like would copy the strides of a transposed mask's broadcast, and
     # the collective writes raw memory in row-major order
     out = torch.empty(send_PBW.shape, dtype=send_PBW.dtype, device=send_PBW.device)
-    dist.all_to_all_single(out, send_PBW, group=group)
+    all_to_all_single(out, send_PBW, group=group)
     return out
 
 
@@ -194,7 +194,7 @@ def _sum_home_rows(parts: list[tuple[torch.Tensor, torch.Tensor]], group) -> lis
         dt = torch.promote_types(dt, x.dtype)
     flat = [torch.where(m.view(m.shape + (1,) * (x.dim() - m.dim())), x, 0).reshape(-1).to(dt) for x, m in parts]
     buf = torch.cat(flat)
-    dist.all_reduce(buf, group=group)
+    all_reduce(buf, group=group)
     out = buf.split([f.numel() for f in flat])
     return [o.view(x.shape).to(x.dtype) for o, (x, _) in zip(out, parts)]
 

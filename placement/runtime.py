@@ -5,7 +5,8 @@ D = hidden size, E = experts per layer, P = ranks, C = copies of an expert, N = 
 
     driver: ExpertParallelRuntime(model, plan, EPConfig(mode=...))
         ├─ placement group of P bundles (one per rank; PACK, so several machines work too)
-        └─ P EPWorker actors, joined in one torch.distributed group (gloo on CPU, NCCL on GPU)
+        └─ P EPWorker actors, joined in one torch.distributed group (gloo on CPU, NCCL on GPU;
+              EPConfig(comm='gloo', gpus_per_rank=0.5): ranks sharing a GPU, collectives via the host)
               each: the model's dense part (embeddings, attention, norms, routers, shared
               experts, head) and, per MoE layer, ExpertParallelExperts with ONLY the experts
               the plan puts on it (replicas included)
@@ -26,8 +27,11 @@ is the one that moves; per MoE layer (the model of placement/metrics.py, message
 
 after which the destination ranks hold the layer's output and one all-gather gives it back
 to every rank, so that the replicated dense part (the "whole context") continues. Splits are
-computed by every rank from the replicated routing, so no count exchange is needed, and a
-collective that would move nothing on any rank is skipped on all of them.
+computed by every rank from the same routing, so no count exchange is needed, and a collective
+that would move nothing on any rank is skipped on all of them. That routing is rank 0's, broadcast
+at each MoE layer (``same_routing``): the replicated dense part is not bitwise alike on every rank
+(the H200's cuDNN attention differs from run to run in the last bits), and ranks splitting by
+routings that differ would call collectives of different sizes: NCCL hangs, gloo aborts.
 
 This replicated path serves prefill (several new tokens of a row attend to each other) and
 any forward. It costs a per-layer all-gather and redundant attention in BOTH modes; its
@@ -53,12 +57,13 @@ from torch import nn
 
 import kernels
 
-from .collectives import all_gather_v, all_to_all_v
+from .collectives import all_gather_v, all_reduce, all_to_all_v, broadcast
 from .plan import PlacementPlan
 
 MODES = ("standard", "coherent")
 PARALLEL = ("placement", "adaptive")
 DECODES = ("auto", "home", "replicated")
+COMMS = ("auto", "nccl", "gloo")
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,12 @@ class EPConfig:
     # for the adaptive layer (which has no homes)
     decode: str = "auto"
     cuda_graph: bool = True
+    # the ranks' process group: 'auto' is NCCL on GPUs and gloo on CPUs; 'gloo' on GPUs moves every
+    # collective through host memory (slow), which lets ranks share a GPU (gpus_per_rank < 1: NCCL
+    # refuses two ranks on one device); serving's home decode steps then run eagerly (a collective
+    # staged through the host cannot be captured in a CUDA graph)
+    comm: str = "auto"
+    gpus_per_rank: float = 1.0  # Ray's GPU share per rank actor (device='cuda')
 
     def __post_init__(self):
         if self.parallel not in PARALLEL:
@@ -96,7 +107,22 @@ class EPConfig:
         if self.cpus_per_actor <= 0 or self.torch_threads < 1:
             raise ValueError(f"cpus_per_actor ({self.cpus_per_actor}) must be > 0 and torch_threads "
                              f"({self.torch_threads}) >= 1")
+        if self.comm not in COMMS:
+            raise ValueError(f"comm must be one of {COMMS}, got {self.comm!r}")
+        if self.comm == "nccl" and self.device != "cuda":
+            raise ValueError("comm='nccl' joins GPU ranks; CPU ranks use gloo: set comm='auto' or device='cuda'")
+        if not 0 < self.gpus_per_rank <= 1:
+            raise ValueError(f"gpus_per_rank must be in (0, 1], got {self.gpus_per_rank}")
+        if self.gpus_per_rank < 1 and self.process_group() != "gloo":
+            raise ValueError(f"gpus_per_rank={self.gpus_per_rank} puts ranks on a shared GPU, which NCCL refuses; "
+                             "set comm='gloo' (collectives through host memory) or give each rank a GPU")
+        if self.comm == "gloo" and self.device == "cuda" and self.parallel == "adaptive":
+            raise ValueError("the adaptive layer's collectives need NCCL on GPUs: use comm='auto' with one GPU per rank")
         kernels.get_backend(self.backend)
+
+    def process_group(self) -> str:
+        """The torch.distributed backend the ranks join."""
+        return ("nccl" if self.device == "cuda" else "gloo") if self.comm == "auto" else self.comm
 
 
 def _traced(fn):
@@ -151,13 +177,65 @@ class TokenState:
                                                         all_to_all_calls=0, all_gather_calls=0, layers=0))
 
 
+def same_routing(ids_TK: torch.Tensor, weights_TK: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank 0's routing (expert ids and weights) on every rank of ``group``, in one broadcast (ids as
+    float32: exact below 2**24 experts; bf16 / fp16 weights round-trip float32 exactly)."""
+    K = ids_TK.shape[1]
+    buf = torch.cat([ids_TK.detach().to(torch.float32), weights_TK.detach().to(torch.float32)], 1)
+    broadcast(buf, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    w = buf[:, K:].to(weights_TK.dtype)
+    if weights_TK.requires_grad:  # rank 0's values, this rank's gradient path (as without the broadcast)
+        w = weights_TK + (w - weights_TK).detach()
+    return buf[:, :K].to(ids_TK.dtype), w
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bit patterns as int64 [rows, words] (rows = the leading dim; bools as bytes)."""
+    t = t.detach().contiguous()
+    t = t.view(torch.uint8) if t.dtype == torch.bool else t
+    word = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.view(word).reshape(t.shape[0], -1).to(torch.int64)
+
+
+def check_agreement(st: TokenState, where: str, **tensors: torch.Tensor) -> None:
+    """Raise on every rank if the ranks hold different ``tensors`` (the replicated hidden states and
+    routing an MoE layer splits its rows by). Every rank computes the splits of its collectives
+    from these, so ranks that disagree would call collectives of different sizes: NCCL then hangs
+    and gloo aborts the process. One all-reduce of bitwise fingerprints; on a mismatch, a second
+    one finds the rows. On with MOEFLOW_EP_CHECK=1 (each MoE layer of a replicated forward)."""
+    names = list(tensors)
+    rows = [_bits(t) for t in tensors.values()]
+    # position-weighted sums of the bit patterns (int64, wrapping): equal tensors, equal sums
+    fp_NR = torch.stack([(b * torch.arange(1, b.shape[1] + 1, device=b.device)).sum(1) for b in rows])
+    fp = torch.cat([fp_NR.sum(1), torch.tensor([fp_NR.shape[1]], device=fp_NR.device)])
+    both = torch.cat([fp, -fp])
+    all_reduce(both, op=dist.ReduceOp.MAX, group=st.group)
+    hi, lo = both[:len(fp)], -both[len(fp):]
+    if torch.equal(hi, lo):
+        return
+    if hi[-1] != lo[-1]:
+        bad_rows = "the ranks' row counts differ"
+    else:  # which rows: the largest and smallest of every rank's per-row fingerprints
+        ext = torch.cat([fp_NR, -fp_NR])
+        all_reduce(ext, op=dist.ReduceOp.MAX, group=st.group)
+        diff = (ext[:len(names)] != -ext[len(names):]).any(0).nonzero().flatten().tolist()
+        bad_rows = f"{len(diff)} of {fp_NR.shape[1]} rows differ here (first: {diff[:8]})"
+    finite = {n: int((~torch.isfinite(t)).any(-1).sum()) for n, t in tensors.items() if t.is_floating_point()}
+    differ = [n for n, h, l in zip(names, hi.tolist(), lo.tolist()) if h != l]
+    raise RuntimeError(
+        f"rank {st.rank}: the ranks hold different {differ} at {where}: {bad_rows}; rows with non-finite "
+        f"values on this rank: {finite}. Their collectives would not match (NCCL hangs, gloo aborts): a replicated "
+        "computation gave different results on different ranks")
+
+
 class ExpertParallelExperts(nn.Module):
     """Drop-in for ``block.experts`` on one rank: forward(x_TD, topk_ids_TK, topk_weights_TK) -> y_TD."""
 
     def __init__(self, w13_nJD: torch.Tensor, w2_nDI: torch.Tensor, local_ids: list[int], copies_EC: torch.Tensor,
                  state: TokenState, first_layer: bool, backend: str = "torch", ranks_per_node: int = 0,
-                 copy_choice: str = "spread"):
+                 copy_choice: str = "spread", layer: int = 0):
         super().__init__()
+        self.layer = layer  # the MoE layer's index, for error messages
         E = copies_EC.shape[0]
         self.w13 = nn.Parameter(w13_nJD)
         self.w2 = nn.Parameter(w2_nDI)
@@ -222,6 +300,14 @@ class ExpertParallelExperts(nn.Module):
             st.origin_T = torch.arange(T, device=dev) % P
             st.home_T = st.origin_T.clone()
         home_T = st.home_T
+        if P > 1:
+            # every rank splits its collectives by this routing, so every rank must hold the same:
+            # rank 0's. Replicated computations are not bitwise alike everywhere (the H200's cuDNN
+            # attention is not repeatable run to run, BENCHMARKS 6e), and a routing that differs
+            # between ranks gives collectives of different sizes: NCCL hangs
+            ids_TK, topk_weights_TK = same_routing(ids_TK, topk_weights_TK, st.group)
+        if os.environ.get("MOEFLOW_EP_CHECK", "") not in ("", "0"):
+            check_agreement(st, f"MoE layer {self.layer}", x=x_TD, ids=ids_TK, weights=topk_weights_TK, home=home_T)
         r_TK = self._slot_ranks(ids_TK, home_T)
         on_TP = torch.zeros(T, P + 1, dtype=torch.bool, device=dev)  # column P absorbs id -1
         on_TP.scatter_(1, torch.where(r_TK >= 0, r_TK, P), True)
@@ -415,7 +501,8 @@ def apply_placement(model, plan: PlacementPlan, rank: int, mode: str = "coherent
         b.experts = ExpertParallelExperts(w13.to(dev), w2.to(dev), ids, copies_table(plan, b.moe_index), state,
                                           first_layer=b.moe_index == 0,
                                           backend=backend or getattr(b.experts, "backend", "torch"),
-                                          ranks_per_node=plan.ranks_per_node, copy_choice=plan.copy_choice)
+                                          ranks_per_node=plan.ranks_per_node, copy_choice=plan.copy_choice,
+                                          layer=b.moe_index)
     return state
 
 
@@ -464,7 +551,7 @@ class EPWorker:
     @_traced
     def connect(self, rank: int, addr: str, port: int) -> None:
         self.rank = rank
-        dist.init_process_group("nccl" if self.cfg.device == "cuda" else "gloo", init_method=f"tcp://{addr}:{port}",
+        dist.init_process_group(self.cfg.process_group(), init_method=f"tcp://{addr}:{port}",
                                 rank=self.rank, world_size=self.world)
 
     @_traced
@@ -530,10 +617,43 @@ class EPWorker:
         else:
             self.state = apply_placement(model, plan, self.rank, self.cfg.mode, group, local, self.cfg.backend)
         self.model = model.eval()
+        if os.environ.get("MOEFLOW_EP_CHECK", "") not in ("", "0") and self.cfg.parallel == "placement":
+            self._check_hooks()
         if self.trace_spec is not None:
             from .trace_routing import install_trace_routing
             install_trace_routing(self.model, self.trace_spec)
         return sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+
+    def _check_hooks(self) -> None:
+        """MOEFLOW_EP_CHECK=1: besides every MoE layer's input and routing (ExpertParallelExperts), check
+        that the ranks agree on each decoder layer's input, its mask and KV cache rows, its attention's
+        output and its MoE block's output (check_agreement; rows = batch rows)."""
+        st = self.state
+        whole = [False]  # inside a replicated forward of the whole model (decode.py's steps are home-only)
+        self.model.register_forward_pre_hook(lambda m, a: whole.__setitem__(0, True))
+        self.model.register_forward_hook(lambda m, a, out: whole.__setitem__(0, False))
+
+        def check(where, **t):
+            if whole[0]:
+                check_agreement(st, where, **t)
+
+        def pre(layer, args):
+            x, cos, sin, mask = args[:4]
+            cache = args[4] if len(args) > 4 else None
+            t = dict(layer_input=x, cos=cos, sin=sin, mask=mask)
+            kc = getattr(cache, "_k", None)
+            if isinstance(kc, dict) and layer.layer_idx in kc:  # this layer's KV cache, once allocated
+                t |= dict(k_cache=kc[layer.layer_idx], v_cache=cache._v[layer.layer_idx])
+            if cache is not None:
+                t |= dict(cache_lengths=cache.lengths[:, None])
+            check(f"decoder layer {layer.layer_idx}", **t)
+
+        for layer in self.model.layers:
+            layer.register_forward_pre_hook(pre)
+            layer.attn.register_forward_hook(
+                lambda m, a, out: check(f"decoder layer {m.layer_idx}", attention_output=out))
+            layer.mlp.register_forward_hook(
+                lambda m, a, out, i=layer.layer_idx: check(f"decoder layer {i}", mlp_output=out))
 
     def set_trace_routing(self, spec) -> None:
         """Route by ``spec`` (trace_routing.TraceRoutingSpec) from the next ``load`` on."""
@@ -577,6 +697,9 @@ class EPWorker:
                              "decoding (home_only=False)")
         if graphs and not home_only:
             raise ValueError("graphs=True replays ExFlow's home-only decode steps: pass home_only=True too")
+        if graphs and self.cfg.process_group() != "nccl":
+            raise ValueError("graphs=True needs GPU ranks joined by NCCL: a collective through host memory "
+                             "(comm='gloo') cannot be captured; decode with graphs=False")
         ids = input_ids_BT.to(self.device)
         B, T = ids.shape
         replay = None
@@ -620,8 +743,8 @@ class EPWorker:
 
     def _serve_graph(self):
         """This mode's HomeDecodeGraphs over the serving cache, or None where decode steps run eagerly."""
-        if not (self.cfg.cuda_graph and self.cfg.device == "cuda" and self.cfg.backend == "triton") \
-                or self._serve_graphs_off:
+        if not (self.cfg.cuda_graph and self.cfg.device == "cuda" and self.cfg.backend == "triton"
+                and self.cfg.process_group() == "nccl") or self._serve_graphs_off:
             return None
         mode = self.state.mode
         if mode not in self._serve_graphs:
@@ -641,7 +764,7 @@ class EPWorker:
         except GraphCaptureError as e:  # the cache is as it was
             err = e
         failed = torch.tensor([0 if err is None else 1], dtype=torch.int32, device=self.device)
-        dist.all_reduce(failed, group=self.state.group)
+        all_reduce(failed, group=self.state.group)
         if not int(failed.item()):
             return replay
         self._serve_graphs_off = str(err) if err is not None else "another rank's capture failed"
@@ -750,12 +873,13 @@ class ExpertParallelRuntime:
             raise ValueError("Ray is not initialised: call ray.init() (or ray.init(address='auto') on a cluster) first")
         self.cfg = cfg = config or EPConfig()
         P = plan.num_ranks
-        bundle = {"CPU": cfg.cpus_per_actor} | ({"GPU": 1} if cfg.device == "cuda" else {})
+        gpus = cfg.gpus_per_rank if cfg.device == "cuda" else 0
+        bundle = {"CPU": cfg.cpus_per_actor} | ({"GPU": gpus} if gpus else {})
         self.pg = placement_group([bundle] * P, strategy="PACK")
         ray.get(self.pg.ready(), timeout=120)
         actor_cls = ray.remote(EPWorker)
         self.workers = [actor_cls.options(
-            num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.device == "cuda" else 0,
+            num_cpus=cfg.cpus_per_actor, num_gpus=gpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
         ).remote(r, P, cfg) for r in range(P)]
         # ranks are node-major (the plan puts rank r on node r // (P / nodes)): number the

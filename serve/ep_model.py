@@ -37,6 +37,8 @@ class EPServeSettings:
     torch_threads: int = 1
     decode: str = "auto"  # placement.runtime.EPConfig.decode
     cuda_graph: bool = True  # placement.runtime.EPConfig.cuda_graph (home decode steps from CUDA graphs on GPUs)
+    comm: str = "auto"  # placement.runtime.EPConfig.comm ('gloo' on GPUs: collectives through host memory)
+    gpus_per_rank: float = 1.0  # placement.runtime.EPConfig.gpus_per_rank (< 1: ranks share GPUs, with comm 'gloo')
 
     def __post_init__(self):
         self.ranks = int(self.ranks)
@@ -147,6 +149,7 @@ def start_expert_parallel(model, settings: EPServeSettings, device: str, backend
     ep = EPConfig(mode="coherent" if adaptive else settings.mode, device="cuda" if cuda else "cpu",
                   cpus_per_actor=float(settings.cpus_per_rank), backend=backend or ("triton" if cuda else "torch"),
                   torch_threads=int(settings.torch_threads), parallel="adaptive" if adaptive else "placement",
-                  decode=settings.decode, cuda_graph=bool(settings.cuda_graph))
+                  decode=settings.decode, cuda_graph=bool(settings.cuda_graph), comm=settings.comm,
+                  gpus_per_rank=float(settings.gpus_per_rank))
     runtime = ExpertParallelRuntime(model, plan, ep)
     return ExpertParallelModel(runtime, cfg, next(model.parameters()).dtype)

@@ -11,6 +11,8 @@ from placement.metrics import evaluate
 from placement.runtime import apply_placement
 from routing.trace import RoutingTrace
 
+from ._clean_exit import exits_cleanly as _exits_cleanly
+
 
 def _model(family, kw):
     torch.manual_seed(0)
@@ -46,6 +48,7 @@ def _predicted_rows(plan, routes, num_layers, num_experts, mode):
     return total
 
 
+@_exits_cleanly
 def check_decode(rank, world, init_file, family, kw, mode, out_file):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -80,6 +83,7 @@ def check_decode(rank, world, init_file, family, kw, mode, out_file):
         dist.destroy_process_group()
 
 
+@_exits_cleanly
 def check_sync_free_step(rank, world, init_file, family, kw, mode, out_file):
     """decode_step with the slots given and the moved rows summed on the device (what
     HomeDecodeGraphs captures) equals the default step: logits, tokens and every counter."""
@@ -117,6 +121,7 @@ def check_sync_free_step(rank, world, init_file, family, kw, mode, out_file):
         dist.destroy_process_group()
 
 
+@_exits_cleanly
 def check_idle_rows(rank, world, init_file, family, kw, mode, out_file):
     """A serving batch's idle rows (valid False at a step) neither advance in the cache nor send
     anything to another rank, and the rows taking part get the single-process model's logits
@@ -190,26 +195,34 @@ class _FailingGraphs:
         raise AssertionError("a graph was replayed although a rank's capture failed")
 
 
+def _serving_steps(rank, world, ep_config, B, T, prepare=None):
+    """A fresh EPWorker on a seeded 2-layer Mixtral (round robin): one prefill step of B rows x T
+    tokens and 3 decode steps through EPWorker.step; (rank 0's packed results, the worker)."""
+    from placement.runtime import EPWorker
+    cfg = MoEConfig.tiny("mixtral", num_hidden_layers=2)
+    prompt = torch.randint(3, 128, (B, T), generator=torch.Generator().manual_seed(0))
+    feeds = torch.randint(3, 128, (3, B, 1), generator=torch.Generator().manual_seed(1))
+    w = EPWorker(rank, world, ep_config)
+    w.load_seeded(cfg.to_hf_dict(), round_robin(2, cfg.num_experts, world).to_dict(), 0, 0.2, "float32")
+    w.open_cache(B, T + 4)
+    if prepare is not None:
+        prepare(w)
+    return [w.step(prompt, None, [], True)] + [w.step(feeds[s], None, [], True) for s in range(3)], w
+
+
+@_exits_cleanly
 def check_serve_capture_agreement(rank, world, init_file, out_file):
     """EPWorker.step: when one rank fails to capture a decode graph, every rank decodes eagerly (no
     rank replays a graph whose collectives the others would not match), with the eager logits."""
-    from placement.runtime import EPConfig, EPWorker, unpack_result
+    from placement.runtime import EPConfig, unpack_result
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        cfg = MoEConfig.tiny("mixtral", num_hidden_layers=2)
-        plan = round_robin(2, cfg.num_experts, world).to_dict()
-        prompt = torch.randint(3, 128, (2, 4), generator=torch.Generator().manual_seed(0))
-        feeds = torch.randint(3, 128, (3, 2, 1), generator=torch.Generator().manual_seed(1))
         runs = []
         for failing in (False, True):
-            w = EPWorker(rank, world, EPConfig(device="cpu"))
-            w.load_seeded(cfg.to_hf_dict(), plan, 0, 0.2, "float32")
-            w.open_cache(2, 8)
-            if failing:
-                w._serve_graph = lambda: None if w._serve_graphs_off else _FailingGraphs(rank)  # noqa: B023
-            outs = [w.step(prompt, None, [], True)]
-            outs += [w.step(feeds[s], None, [], True) for s in range(3)]
+            def fail(w):
+                w._serve_graph = lambda: None if w._serve_graphs_off else _FailingGraphs(rank)
+            outs, w = _serving_steps(rank, world, EPConfig(device="cpu"), 2, 4, fail if failing else None)
             runs.append((outs, w._serve_graphs_off))
         (ref, off0), (got, off1) = runs
         assert off0 == "" and off1 == ("stand-in capture failure" if rank == 1 else "another rank's capture failed")
@@ -217,5 +230,84 @@ def check_serve_capture_agreement(rank, world, init_file, out_file):
             for a, b in zip(got, ref):  # rank 0's results, as they travel (placement.runtime.pack_result)
                 torch.testing.assert_close(unpack_result(a), unpack_result(b), rtol=0, atol=0)
             torch.save({"steps": len(got)}, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+@_exits_cleanly
+def check_staged_collectives(rank, world, init_file, mode, out_file):
+    """Collectives through host memory (EPConfig.comm='gloo' with GPU ranks) move the same rows:
+    forced on for CPU tensors, a replicated prefill and home-only decode steps give the unstaged
+    run's logits bit for bit."""
+    import placement.collectives as coll
+    from placement.runtime import EPConfig, unpack_result
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        real, calls = coll.staged, []
+        runs = []
+        for force in (False, True):
+            if force:
+                coll.staged = lambda t, group=None: calls.append(t.shape) or True
+            runs.append(_serving_steps(rank, world, EPConfig(device="cpu", mode=mode), 3, 5)[0])
+        coll.staged = real
+        if rank == 0:
+            for a, b in zip(*runs):
+                torch.testing.assert_close(unpack_result(b), unpack_result(a), rtol=0, atol=0)
+            torch.save({"staged_calls": len(calls)}, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+@_exits_cleanly
+def check_disagreement_raises(rank, world, init_file, out_file):
+    """MOEFLOW_EP_CHECK=1: when one rank's replicated hidden states differ (here: one row perturbed on
+    rank 1), every rank raises, naming the layer and the row, instead of calling collectives of
+    different sizes (a hang under NCCL)."""
+    import os
+    os.environ["MOEFLOW_EP_CHECK"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = _model("mixtral", {"num_hidden_layers": 2})
+        ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+        apply_placement(model, round_robin(2, model.config.num_experts, world), rank, "coherent")
+        with torch.no_grad():
+            model(ids)  # alike on every rank: passes
+            if rank == 1:
+                model.embed.weight[ids[1, 3]] += 1.0
+            try:
+                model(ids)
+                msg = ""
+            except RuntimeError as e:
+                msg = str(e)
+        torch.save({"msg": msg}, f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@_exits_cleanly
+def check_routing_from_rank0(rank, world, init_file, mode, out_file):
+    """Replicated computations may differ between ranks (the H200's cuDNN attention is not repeatable):
+    every rank splits its collectives by rank 0's routing. Here rank 1's routers are negated, so its own
+    routing differs everywhere; the forward still completes and rank 0's logits are the single-process
+    model's (without the broadcast gloo aborts on collectives of different sizes)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = _model("mixtral", {"num_hidden_layers": 3})
+        ids = torch.randint(3, 128, (3, 7), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            want = model(ids)
+        state = apply_placement(model, round_robin(3, model.config.num_experts, world), rank, mode)
+        with torch.no_grad():
+            if rank == 1:
+                for b in model.moe_blocks():
+                    for p in b.router.parameters():
+                        p.neg_()
+            got = model(ids)
+        if rank == 0:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            torch.save(dict(state.counters), out_file)
     finally:
         dist.destroy_process_group()

@@ -56,6 +56,36 @@ def test_idle_rows_stay_put_and_the_others_match_single_process(mode):
     assert c["layers"] == 3 * (1 + 5) and c["dispatch_total"] > 0  # the prefill (replicated) and 5 steps
 
 
+@pytest.mark.parametrize("mode", ["coherent", "standard"])
+def test_collectives_through_host_memory_move_the_same_rows(mode):
+    """EPConfig.comm='gloo' on GPUs stages every collective through host memory; forced on here (CPU
+    tensors), the serving steps (replicated prefill, home-only decode) are bitwise the unstaged ones."""
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "calls.pt")
+        mp.spawn(worker.check_staged_collectives, args=(2, os.path.join(d, "init"), mode, out), nprocs=2)
+        c = torch.load(out)
+    assert c["staged_calls"] >= 2 * 2 + 3  # the prefill's all-to-alls / all-gathers and every decode step
+
+
+@pytest.mark.parametrize("mode", ["coherent", "standard"])
+def test_every_rank_splits_by_rank_0s_routing(mode):
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "counters.pt")
+        mp.spawn(worker.check_routing_from_rank0, args=(2, os.path.join(d, "init"), mode, out), nprocs=2)
+        c = torch.load(out)
+    assert c["layers"] == 3 and c["dispatch_rows"] > 0
+
+
+def test_ranks_that_disagree_raise_instead_of_hanging():
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "msg.pt")
+        mp.spawn(worker.check_disagreement_raises, args=(2, os.path.join(d, "init"), out), nprocs=2)
+        msgs = [torch.load(f"{out}.{r}")["msg"] for r in range(2)]
+    for r, m in enumerate(msgs):  # every rank raised, at the first MoE layer, naming the perturbed row (1 * 5 + 3) and the one after it (its attention reads it)
+        assert m.startswith(f"rank {r}: the ranks hold different ['x'") and "at MoE layer 0" in m, m
+        assert "2 of 10 rows differ here (first: [8, 9])" in m, m
+
+
 def test_serving_ranks_agree_to_decode_eagerly_when_one_capture_fails():
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "out.pt")

@@ -146,6 +146,19 @@ def test_top1_coherent_uses_one_all_to_all_per_layer(rt4):
 def test_configuration_errors():
     with pytest.raises(ValueError, match="mode"):
         EPConfig(mode="fast")
+    # ranks sharing a GPU: only through gloo (NCCL refuses two ranks on one device)
+    assert EPConfig(device="cuda").process_group() == "nccl" and EPConfig().process_group() == "gloo"
+    assert EPConfig(device="cuda", comm="gloo", gpus_per_rank=0.5).process_group() == "gloo"
+    with pytest.raises(ValueError, match="comm='gloo'"):
+        EPConfig(device="cuda", gpus_per_rank=0.5)
+    with pytest.raises(ValueError, match="gpus_per_rank must be"):
+        EPConfig(device="cuda", comm="gloo", gpus_per_rank=0)
+    with pytest.raises(ValueError, match="comm must be"):
+        EPConfig(comm="mpi")
+    with pytest.raises(ValueError, match="CPU ranks use gloo"):
+        EPConfig(comm="nccl")
+    with pytest.raises(ValueError, match="adaptive"):
+        EPConfig(device="cuda", comm="gloo", parallel="adaptive")
     model = _model("mixtral")
     with pytest.raises(ValueError, match="plan is for"):
         split_state_dict(model, round_robin(3, 8, 2))
@@ -222,3 +235,36 @@ def test_a_rank_that_raises_fails_the_call_at_once(ray_session):
         for w in rt.workers:  # rank 0 is still inside its step: no graceful shutdown
             ray.kill(w)
         remove_placement_group(rt.pg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gpu_ranks_sharing_one_gpu_through_gloo(ray_session, backend):
+    """Two ranks on one GPU (EPConfig comm='gloo', gpus_per_rank=0.5: collectives through host memory):
+    a forward and the serving steps (replicated prefill, home-only decode, eager) give the single-process
+    model's logits."""
+    import ray
+    if ray.cluster_resources().get("GPU", 0) < 1:
+        pytest.skip("Ray sees no GPU")
+    model = _model("mixtral", num_hidden_layers=3)
+    ids = torch.randint(3, 128, (3, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids)
+        cache = model.new_cache(3, 10)
+        ref = [model(ids, cache=cache, last_only=True)]
+        feeds = [ref[-1][:, -1].argmax(-1, keepdim=True)]
+        for _ in range(3):
+            ref.append(model(feeds[-1], cache=cache, last_only=True))
+            feeds.append(ref[-1][:, -1].argmax(-1, keepdim=True))
+    rt = ExpertParallelRuntime(model, round_robin(3, 8, 2), EPConfig(mode="coherent", device="cuda", backend=backend,
+                                                                     comm="gloo", gpus_per_rank=0.5))
+    try:
+        tol = dict(rtol=1e-5, atol=1e-5) if backend == "torch" else dict(rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(rt.forward(ids), want, **tol)
+        rt.open_cache(3, 10)
+        got = [rt.step(ids, None, (), True)] + [rt.step(f, None, (), True) for f in feeds[:3]]
+        for g, r in zip(got, ref):
+            torch.testing.assert_close(g, r, **tol)
+        assert sum(c["dispatch_rows"] for c in rt.counters()) > 0
+    finally:
+        rt.shutdown()

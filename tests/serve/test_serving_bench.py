@@ -29,12 +29,23 @@ def test_ep_decode_variants_serve_the_same_text(ray_session, capsys):
     (["--ep-decode", "fast"], "--ep-decode takes a comma-separated list"),
     (["--backend", "both"], "--ep-ranks is measured with --backend inprocess"),
     (["--gpu-memory", "1GiB"], "does not combine with offloading"),
+    (["--ep-share-gpu", "--ep-decode", "replicated,home"], "CUDA graphs cannot capture"),
 ])
 def test_ep_arguments_are_checked(argv, message, capsys):
     serving = load_benchmark("serving")
     with pytest.raises(SystemExit):
         serving.main(["--model", "tiny", "--ep-ranks", "2", "--backend", "inprocess", *argv])
     assert message in capsys.readouterr().err
+
+
+def test_ep_share_gpu_joins_the_ranks_by_gloo_on_a_share_of_one_gpu():
+    serving = load_benchmark("serving")
+    args = serving.argparse.Namespace(ep_ranks=2, ep_mode="coherent", placement_plan=None, ep_decode="home-eager",
+                                      ep_share_gpu=True)
+    got = serving._ep_settings(args)
+    assert (got["comm"], got["gpus_per_rank"], got["decode"], got["cuda_graph"]) == ("gloo", 0.5, "home", False)
+    from serve.ep_model import EPServeSettings
+    EPServeSettings(**got)  # the replica takes them as they are
 
 
 def test_ep_step_floor_counts_dense_weights_and_each_ranks_share_of_the_active_experts():
