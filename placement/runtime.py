@@ -198,11 +198,14 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def check_agreement(st: TokenState, where: str, **tensors: torch.Tensor) -> None:
-    """Raise on every rank if the ranks hold different ``tensors`` (the replicated hidden states and
-    routing an MoE layer splits its rows by). Every rank computes the splits of its collectives
-    from these, so ranks that disagree would call collectives of different sizes: NCCL then hangs
-    and gloo aborts the process. One all-reduce of bitwise fingerprints; on a mismatch, a second
-    one finds the rows. On with MOEFLOW_EP_CHECK=1 (each MoE layer of a replicated forward)."""
+    """Raise on every rank if the ranks hold different ``tensors``, naming ``where`` and the rows.
+
+    A diagnostic for the replicated part of a forward, on with MOEFLOW_EP_CHECK=1: it reports the
+    first place where the ranks' copies of a replicated tensor part, down to the last bit. Since the
+    routing is broadcast from rank 0 (same_routing) such drift no longer desynchronises the
+    collectives, and drift is what cuDNN attention produces on the H200 (BENCHMARKS 6e), so the
+    check stops at harmless drift too: it is for finding where ranks part, not for production runs.
+    One all-reduce of bitwise fingerprints; on a mismatch, a second one finds the rows."""
     names = list(tensors)
     rows = [_bits(t) for t in tensors.values()]
     # position-weighted sums of the bit patterns (int64, wrapping): equal tensors, equal sums
@@ -627,7 +630,8 @@ class EPWorker:
     def _check_hooks(self) -> None:
         """MOEFLOW_EP_CHECK=1: besides every MoE layer's input and routing (ExpertParallelExperts), check
         that the ranks agree on each decoder layer's input, its mask and KV cache rows, its attention's
-        output and its MoE block's output (check_agreement; rows = batch rows)."""
+        output and its MoE block's output (check_agreement; rows = batch rows), in replicated
+        forwards of the whole model (decode.py's home-only steps differ by design)."""
         st = self.state
         whole = [False]  # inside a replicated forward of the whole model (decode.py's steps are home-only)
         self.model.register_forward_pre_hook(lambda m, a: whole.__setitem__(0, True))
