@@ -720,6 +720,8 @@ class EPWorker:
         out, steps = [], [logits[:, -1:]]
         for i in range(max_new_tokens):
             nxt = logits[:, -1].argmax(-1, keepdim=True)
+            if i == 0 or not home_only:  # replicated logits: rank 0's tokens, as the serving engine feeds
+                nxt = self._rank0_tokens(nxt)  # (home-only steps give every rank the same logits)
             out.append(nxt)
             if i == max_new_tokens - 1:
                 break
@@ -733,6 +735,14 @@ class EPWorker:
         if replay is not None:
             replay.flush_counters()
         return torch.cat(out, 1).cpu(), torch.cat(steps, 1).cpu()
+
+    def _rank0_tokens(self, nxt: torch.Tensor) -> torch.Tensor:
+        """Rank 0's next tokens on every rank: a replicated forward's logits can differ in the last bits
+        between ranks (same_routing says why), so a near tie can pick another token on another rank."""
+        if self.state.world > 1:
+            g = self.state.group
+            broadcast(nxt, src=dist.get_global_rank(g, 0) if g is not None else 0, group=g)
+        return nxt
 
     @_traced
     def open_cache(self, batch_size: int, max_len: int) -> None:

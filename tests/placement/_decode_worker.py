@@ -311,3 +311,30 @@ def check_routing_from_rank0(rank, world, init_file, mode, out_file):
             torch.save(dict(state.counters), out_file)
     finally:
         dist.destroy_process_group()
+
+
+@_exits_cleanly
+def check_greedy_takes_rank0_tokens(rank, world, init_file, home_only, out_file):
+    """EPWorker.greedy feeds every rank rank 0's next tokens: here rank 1's head is negated, so its
+    own argmax differs everywhere; rank 0's tokens and logits still equal one process's greedy."""
+    from placement.runtime import EPConfig, EPWorker
+    from placement.trace_routing import seeded_model
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cfg = MoEConfig.tiny("mixtral", num_hidden_layers=2, tie_word_embeddings=False)
+        prompt = torch.randint(3, 128, (3, 5), generator=torch.Generator().manual_seed(0))
+        ref = seeded_model(cfg, 0, 0.2, torch.float32)
+        want = _decode(ref, prompt, 4, lambda c, x: ref(x, cache=c))
+        w = EPWorker(rank, world, EPConfig(device="cpu"))
+        w.load_seeded(cfg.to_hf_dict(), round_robin(2, cfg.num_experts, world).to_dict(), 0, 0.2, "float32")
+        if rank == 1:
+            with torch.no_grad():
+                w.model.lm_head.weight.neg_()
+        toks, logits = w.greedy(prompt, 4, home_only=home_only)
+        if rank == 0:
+            assert torch.equal(toks, want[0]), (toks, want[0])
+            torch.testing.assert_close(logits, want[1], rtol=1e-5, atol=1e-5)
+            torch.save({"tokens": toks}, out_file)
+    finally:
+        dist.destroy_process_group()

@@ -76,6 +76,14 @@ def test_every_rank_splits_by_rank_0s_routing(mode):
     assert c["layers"] == 3 and c["dispatch_rows"] > 0
 
 
+@pytest.mark.parametrize("home_only", [False, True])
+def test_greedy_feeds_every_rank_rank_0s_tokens(home_only):
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "tokens.pt")
+        mp.spawn(worker.check_greedy_takes_rank0_tokens, args=(2, os.path.join(d, "init"), home_only, out), nprocs=2)
+        assert torch.load(out)["tokens"].shape == (3, 4)
+
+
 def test_ranks_that_disagree_raise_instead_of_hanging():
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "msg.pt")
