@@ -232,7 +232,7 @@ async def run_inprocess(args, prompts) -> dict:
     rep.shutdown()
     name = "inprocess" if not args.ep_ranks else f"inprocess ep{args.ep_ranks} {args.ep_mode} decode={args.ep_decode}"
     s = summarize(name, results, duration)
-    s["texts"] = [r.text for r in results]
+    s["texts"] = [r.text if r.ok else None for r in results]  # None: failed (nothing to compare)
     s["engine"] = {k: after[k] - before.get(k, 0.0) for k in after}
     return s
 
@@ -474,9 +474,13 @@ def compare_ep_variants(out: list[dict]) -> None:
     print("=" * 16, "expert-parallel decode variants (same prompts, one run each)", "=" * 16)
     print(f"{'variant':<44}{'out tok/s':>11}{'mean TPOT ms':>14}{'vs first':>10}{'same text':>11}")
     for r in out:
-        same = sum(a == b for a, b in zip(r["texts"], base["texts"]))
+        # a request that failed in either run generated nothing to compare
+        ok = [a is not None and b is not None and a == b for a, b in zip(r["texts"], base["texts"])]
+        ratio = (f"{r['output_throughput'] / base['output_throughput']:>9.2f}x" if base["output_throughput"] > 0
+                 else f"{'-':>10}")
+        failed = f"  ({r['failed']} failed)" if r.get("failed") else ""
         print(f"{r['backend']:<44}{r['output_throughput']:>11.1f}{r['mean_tpot_ms']:>14.2f}"
-              f"{r['output_throughput'] / base['output_throughput']:>9.2f}x{same:>6d}/{len(base['texts'])}")
+              f"{ratio}{sum(ok):>6d}/{len(base['texts'])}{failed}")
 
 
 def main(argv=None) -> int:

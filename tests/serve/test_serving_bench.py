@@ -63,3 +63,17 @@ def test_ep_step_floor_counts_dense_weights_and_each_ranks_share_of_the_active_e
     assert (all_2 - one_2) * 1e6 == pytest.approx(expert_bytes / 2 * (1 - K / E))
     ms, mb = ep_step_floor_ms(path, 2, 1, 2.0)
     assert ms == pytest.approx(mb / 2.0)  # MB / (GB/s) = ms
+
+
+def test_ep_comparison_survives_a_variant_that_failed(capsys):
+    """A variant whose requests all failed (session 17's first runs) prints as such, instead of
+    dividing by its zero throughput."""
+    serving = load_benchmark("serving")
+    failed = {"backend": "inprocess ep2 coherent decode=replicated", "output_throughput": 0.0,
+              "mean_tpot_ms": float("nan"), "failed": 2, "texts": [None, None]}
+    good = {"backend": "inprocess ep2 coherent decode=home", "output_throughput": 10.0, "mean_tpot_ms": 5.0,
+            "failed": 0, "texts": ["a", "b"]}
+    serving.compare_ep_variants([failed, good])
+    rows = capsys.readouterr().out.splitlines()[-2:]
+    assert rows[0].endswith("0/2  (2 failed)") and " - " in rows[0]
+    assert rows[1].rstrip().endswith("0/2") and " - " in rows[1]
