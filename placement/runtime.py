@@ -227,8 +227,8 @@ def check_agreement(st: TokenState, where: str, **tensors: torch.Tensor) -> None
     differ = [n for n, h, l in zip(names, hi.tolist(), lo.tolist()) if h != l]
     raise RuntimeError(
         f"rank {st.rank}: the ranks hold different {differ} at {where}: {bad_rows}; rows with non-finite "
-        f"values on this rank: {finite}. Their collectives would not match (NCCL hangs, gloo aborts): a replicated "
-        "computation gave different results on different ranks")
+        f"values on this rank: {finite}. A replicated computation gave different results on different ranks "
+        "(the collectives stay matched: every rank splits them by rank 0's routing)")
 
 
 class ExpertParallelExperts(nn.Module):
