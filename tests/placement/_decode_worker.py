@@ -262,8 +262,7 @@ def check_staged_collectives(rank, world, init_file, mode, out_file):
 @_exits_cleanly
 def check_disagreement_raises(rank, world, init_file, out_file):
     """MOEFLOW_EP_CHECK=1: when one rank's replicated hidden states differ (here: one row perturbed on
-    rank 1), every rank raises, naming the layer and the row, instead of calling collectives of
-    different sizes (a hang under NCCL)."""
+    rank 1), every rank raises, naming the layer and the rows where the ranks parted."""
     import os
     os.environ["MOEFLOW_EP_CHECK"] = "1"
     torch.set_num_threads(1)

@@ -84,12 +84,14 @@ def test_greedy_feeds_every_rank_rank_0s_tokens(home_only):
         assert torch.load(out)["tokens"].shape == (3, 4)
 
 
-def test_ranks_that_disagree_raise_instead_of_hanging():
+def test_ep_check_names_where_the_ranks_drift_apart():
+    """MOEFLOW_EP_CHECK=1 with one rank's hidden state perturbed in one row: every rank raises at the first
+    MoE layer, naming the perturbed row (1 * 5 + 3) and the one after it (its attention reads it)."""
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "msg.pt")
         mp.spawn(worker.check_disagreement_raises, args=(2, os.path.join(d, "init"), out), nprocs=2)
         msgs = [torch.load(f"{out}.{r}")["msg"] for r in range(2)]
-    for r, m in enumerate(msgs):  # every rank raised, at the first MoE layer, naming the perturbed row (1 * 5 + 3) and the one after it (its attention reads it)
+    for r, m in enumerate(msgs):
         assert m.startswith(f"rank {r}: the ranks hold different ['x'") and "at MoE layer 0" in m, m
         assert "2 of 10 rows differ here (first: [8, 9])" in m, m
 
