@@ -51,9 +51,9 @@ def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> None:
     _in_place(dist.all_reduce, t, group, op=op)
 
 
-def broadcast(t: torch.Tensor, src: int = 0, group=None) -> None:
-    """In-place ``dist.broadcast`` from global rank ``src``, through host memory for a gloo group with GPU tensors."""
-    _in_place(dist.broadcast, t, group, src=src)
+def broadcast(t: torch.Tensor, group=None) -> None:
+    """In-place ``dist.broadcast`` from the group's first rank, through host memory for a gloo group with GPU tensors."""
+    _in_place(dist.broadcast, t, group, group_src=0)
 
 
 def _a2a(x: torch.Tensor, in_splits: list[int], out_splits: list[int], group) -> torch.Tensor:

@@ -175,6 +175,8 @@ class TokenState:
     origin_T: torch.Tensor | None = None
     counters: dict = field(default_factory=lambda: dict(dispatch_rows=0, combine_rows=0, allgather_rows=0,
                                                         all_to_all_calls=0, all_gather_calls=0, layers=0))
+    # MOEFLOW_EP_CHECK=1 when the rank's layers were placed: check_agreement at every replicated layer
+    check: bool = field(default_factory=lambda: os.environ.get("MOEFLOW_EP_CHECK", "") not in ("", "0"))
 
 
 def same_routing(ids_TK: torch.Tensor, weights_TK: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +184,7 @@ def same_routing(ids_TK: torch.Tensor, weights_TK: torch.Tensor, group=None) -> 
     float32: exact below 2**24 experts; bf16 / fp16 weights round-trip float32 exactly)."""
     K = ids_TK.shape[1]
     buf = torch.cat([ids_TK.detach().to(torch.float32), weights_TK.detach().to(torch.float32)], 1)
-    broadcast(buf, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    broadcast(buf, group=group)
     w = buf[:, K:].to(weights_TK.dtype)
     if weights_TK.requires_grad:  # rank 0's values, this rank's gradient path (as without the broadcast)
         w = weights_TK + (w - weights_TK).detach()
@@ -309,7 +311,7 @@ class ExpertParallelExperts(nn.Module):
             # attention is not repeatable run to run, BENCHMARKS 6e), and a routing that differs
             # between ranks gives collectives of different sizes: NCCL hangs
             ids_TK, topk_weights_TK = same_routing(ids_TK, topk_weights_TK, st.group)
-        if os.environ.get("MOEFLOW_EP_CHECK", "") not in ("", "0"):
+        if st.check:
             check_agreement(st, f"MoE layer {self.layer}", x=x_TD, ids=ids_TK, weights=topk_weights_TK, home=home_T)
         r_TK = self._slot_ranks(ids_TK, home_T)
         on_TP = torch.zeros(T, P + 1, dtype=torch.bool, device=dev)  # column P absorbs id -1
@@ -620,7 +622,7 @@ class EPWorker:
         else:
             self.state = apply_placement(model, plan, self.rank, self.cfg.mode, group, local, self.cfg.backend)
         self.model = model.eval()
-        if os.environ.get("MOEFLOW_EP_CHECK", "") not in ("", "0") and self.cfg.parallel == "placement":
+        if self.state.check and self.cfg.parallel == "placement":
             self._check_hooks()
         if self.trace_spec is not None:
             from .trace_routing import install_trace_routing
@@ -740,8 +742,7 @@ class EPWorker:
         """Rank 0's next tokens on every rank: a replicated forward's logits can differ in the last bits
         between ranks (same_routing says why), so a near tie can pick another token on another rank."""
         if self.state.world > 1:
-            g = self.state.group
-            broadcast(nxt, src=dist.get_global_rank(g, 0) if g is not None else 0, group=g)
+            broadcast(nxt, group=self.state.group)
         return nxt
 
     @_traced
