@@ -286,16 +286,22 @@ def check_disagreement_raises(rank, world, init_file, out_file):
 
 
 @_exits_cleanly
-def check_routing_from_rank0(rank, world, init_file, mode, out_file):
+def check_routing_from_rank0(rank, world, init_file, mode, out_file, device="cpu"):
     """Replicated computations may differ between ranks (the H200's cuDNN attention is not repeatable):
     every rank splits its collectives by rank 0's routing. Here rank 1's routers are negated, so its own
     routing differs everywhere; the forward still completes and rank 0's logits are the single-process
-    model's (without the broadcast gloo aborts on collectives of different sizes)."""
+    model's (without the broadcast gloo aborts on collectives of different sizes, NCCL waits forever).
+    device 'cuda': one GPU per rank, NCCL."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                device_id=torch.device("cuda", rank))
+    else:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        model = _model("mixtral", {"num_hidden_layers": 3})
-        ids = torch.randint(3, 128, (3, 7), generator=torch.Generator().manual_seed(0))
+        model = _model("mixtral", {"num_hidden_layers": 3}).to(device)
+        ids = torch.randint(3, 128, (3, 7), generator=torch.Generator().manual_seed(0)).to(device)
         with torch.no_grad():
             want = model(ids)
         state = apply_placement(model, round_robin(3, model.config.num_experts, world), rank, mode)

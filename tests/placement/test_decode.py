@@ -76,6 +76,19 @@ def test_every_rank_splits_by_rank_0s_routing(mode):
     assert c["layers"] == 3 and c["dispatch_rows"] > 0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_gpu_two_nccl_ranks_split_by_rank_0s_routing():
+    """The same on two GPUs over NCCL, which does not check sizes: without the broadcast it would wait
+    forever (session 16's stall); with it rank 0's logits equal one process's."""
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "counters.pt")
+        mp.spawn(worker.check_routing_from_rank0, args=(2, os.path.join(d, "init"), "coherent", out, "cuda"),
+                 nprocs=2)
+        c = torch.load(out)
+    assert c["layers"] == 3 and c["dispatch_rows"] > 0
+
+
 @pytest.mark.parametrize("home_only", [False, True])
 def test_greedy_feeds_every_rank_rank_0s_tokens(home_only):
     with tempfile.TemporaryDirectory() as d:

@@ -239,13 +239,15 @@ def test_a_rank_that_raises_fails_the_call_at_once(ray_session):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_gpu_ranks_sharing_one_gpu_through_gloo(ray_session, backend):
-    """Two ranks on one GPU (EPConfig comm='gloo', gpus_per_rank=0.5: collectives through host memory):
-    a forward and the serving steps (replicated prefill, home-only decode, eager) give the single-process
-    model's logits."""
+@pytest.mark.parametrize("layout", ["sharing", "two_gpus"])
+def test_gpu_ranks_on_one_or_two_gpus(ray_session, backend, layout):
+    """Two ranks on one GPU (EPConfig comm='gloo', gpus_per_rank=0.5: collectives through host memory),
+    or on two GPUs over NCCL: a forward and the serving steps (replicated prefill, home-only decode,
+    eager) give the single-process model's logits."""
     import ray
-    if ray.cluster_resources().get("GPU", 0) < 1:
-        pytest.skip("Ray sees no GPU")
+    need = 1 if layout == "sharing" else 2
+    if ray.cluster_resources().get("GPU", 0) < need:
+        pytest.skip(f"Ray sees fewer than {need} GPUs")
     model = _model("mixtral", num_hidden_layers=3)
     ids = torch.randint(3, 128, (3, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -256,8 +258,9 @@ def test_gpu_ranks_sharing_one_gpu_through_gloo(ray_session, backend):
         for _ in range(3):
             ref.append(model(feeds[-1], cache=cache, last_only=True))
             feeds.append(ref[-1][:, -1].argmax(-1, keepdim=True))
+    comm = dict(comm="gloo", gpus_per_rank=0.5) if layout == "sharing" else dict(comm="nccl")
     rt = ExpertParallelRuntime(model, round_robin(3, 8, 2), EPConfig(mode="coherent", device="cuda", backend=backend,
-                                                                     comm="gloo", gpus_per_rank=0.5))
+                                                                     **comm))
     try:
         tol = dict(rtol=1e-5, atol=1e-5) if backend == "torch" else dict(rtol=1e-3, atol=1e-3)
         torch.testing.assert_close(rt.forward(ids), want, **tol)
