@@ -2,13 +2,19 @@
 
     python benchmarks/decode.py --out $OUT --peers transformers   # H200: Qwen3-30B-A3B and Mixtral-8x7B shapes
     python benchmarks/decode.py --models tiny --device cpu  # a check of the script (eager only)
+    python benchmarks/decode.py --models qwen3 --decode-attention triton,sdpa --prompt-len 32,2048   # the decode attention
 
 The whole model (attention, router, experts, lm_head) at the published shapes, random bf16 weights,
 expert backend "triton", every weight in GPU memory. Each batch row gets a 32-token random prompt
 (prefill, not timed), then --steps greedy decode steps are timed: "eager" = model(ids, cache) as
 the engine ran it before (two host syncs per step for the cache's room and slots), "graph" = the
 same step replayed from a CUDA graph (DecodeGraphs, 256-slot buckets). Both run from the same
-cache state and their logits are compared.
+cache state and their logits are compared. The graph steps run twice more from the same prompt
+("repeat": whether the two gave the same logits bit for bit).
+
+--decode-attention picks how a decode step attends (moe.attention.DECODE_ATTENTION): "triton" =
+kernels.decode_attention (repeatable), "sdpa" = torch's SDPA (cuDNN on the H200); a comma list times
+each. --prompt-len sets the context (a comma list: each is its own rows).
 
 Floor per step = bytes that must be read / measured copy bandwidth: every non-expert weight once
 (attention, norms, routers, lm_head), the experts the batch activates (expected distinct experts
@@ -125,6 +131,7 @@ def sync(dev):
 @torch.inference_mode()
 def run(model: MoEForCausalLM, B: int, steps: int, graph: bool, prompt_len: int = 32, seed: int = 0,
         run_ahead: bool = True, bucket: int = 0):
+    """Seconds per decode step after a prompt of ``prompt_len`` random tokens, and the first 8 steps' logits."""
     dev = model.device
     g = torch.Generator(device="cpu").manual_seed(seed)
     cache = model.new_cache(B, prompt_len + steps + 8)
@@ -229,6 +236,9 @@ def main(argv=None) -> int:
     ap.add_argument("--offload-slots", default="",
                     help="comma list of expert slots per layer: also decode with the experts offloaded to pinned "
                          "host memory and that many cached on the GPU (eager steps vs graph pieces)")
+    ap.add_argument("--decode-attention", default="triton",
+                    help="comma list of triton,sdpa: how decode steps attend (moe.attention.DECODE_ATTENTION)")
+    ap.add_argument("--prompt-len", default="32", help="comma list of prompt lengths (the context decoded over)")
     ap.add_argument("--eager-bucket", type=int, default=0,
                     help="also time eager resident steps with the attention width rounded up to this (0: not)")
     args = ap.parse_args(argv)
@@ -238,23 +248,41 @@ def main(argv=None) -> int:
     rows = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    import kernels.decode_attention as kda
+    import moe.attention
+    kernel_calls = [0]
+    real_kernel = kda.decode_attention
+
+    def counted(*a, **k):  # so a row says whether the kernel ran at all (graph replays are not counted)
+        kernel_calls[0] += 1
+        return real_kernel(*a, **k)
+    kda.decode_attention = counted
+    cells = [(P, B, att) for P in (int(p) for p in args.prompt_len.split(","))
+             for B in (int(b) for b in args.batch.split(",")) for att in args.decode_attention.split(",")]
     for key in args.models.split(","):
         model = build(key, args.device, args.layers)
-        for B in [int(b) for b in args.batch.split(",")]:
-            t_eager, l_eager = run(model, B, args.steps, graph=False)
-            r = dict(model=MODELS[key][0], B=B, eager_ms=t_eager * 1e3,
-                     floor_ms=floor_bytes(model, B, 32 + args.steps) / bw * 1e3)
+        for P, B, att in cells:
+            moe.attention.DECODE_ATTENTION = att
+            kernel_calls[0] = 0
+            t_eager, l_eager = run(model, B, args.steps, graph=False, prompt_len=P)
+            r = dict(model=MODELS[key][0], B=B, prompt=P, attention=att, eager_ms=t_eager * 1e3,
+                     floor_ms=floor_bytes(model, B, P + args.steps) / bw * 1e3)
             if args.eager_bucket:
-                r["eager_bucketed_ms"] = run(model, B, args.steps, graph=False, bucket=args.eager_bucket)[0] * 1e3
+                r["eager_bucketed_ms"] = run(model, B, args.steps, graph=False, bucket=args.eager_bucket,
+                                             prompt_len=P)[0] * 1e3
             if dev.type == "cuda":
-                t_graph, l_graph = run(model, B, args.steps, graph=True)
-                r["graph_ms"] = t_graph * 1e3
+                t_graph, l_graph = run(model, B, args.steps, graph=True, prompt_len=P)
+                t_again, l_again = run(model, B, args.steps, graph=True, prompt_len=P)
+                r["graph_ms"] = min(t_graph, t_again) * 1e3
+                r["repeat"] = all(torch.equal(a, b) for a, b in zip(l_graph, l_again))
                 # greedy paths can part once a near-tie flips; compare the steps before they part
                 same = steps_before_parting(l_eager, l_graph)
                 r["steps_compared"] = same
                 r["logit_rel_diff"] = max(((a - b).norm() / a.norm()).item() for a, b in zip(l_eager[:same], l_graph[:same])) if same else float("nan")
+            r["kernel_calls"] = kernel_calls[0]
             rows.append(r)
             print(json.dumps(r), flush=True)
+        moe.attention.DECODE_ATTENTION = args.decode_attention.split(",")[0]
         if args.offload_slots:
             rows += run_offloaded(model, key, args, bw)
         cfg, dtype = model.config, model.dtype
@@ -264,13 +292,17 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
         if "transformers" in args.peers.split(","):
             mine = [r for r in rows if r["model"] == MODELS[key][0]]
-            hf_s = run_transformers(cfg, [r["B"] for r in mine], args.steps, args.device, dtype)
-            for r in mine:
-                r["transformers_ms"] = hf_s[r["B"]] * 1e3
-                print(json.dumps(r), flush=True)
+            for P in sorted({r["prompt"] for r in mine}):
+                hf_s = run_transformers(cfg, sorted({r["B"] for r in mine if r["prompt"] == P}), args.steps,
+                                        args.device, dtype, prompt_len=P)
+                for r in mine:
+                    if r["prompt"] == P:
+                        r["transformers_ms"] = hf_s[r["B"]] * 1e3
+                        print(json.dumps(r), flush=True)
             gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
+    kda.decode_attention = real_kernel
     with open(out / "decode_results.jsonl", "a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
@@ -282,12 +314,15 @@ def main(argv=None) -> int:
             print(f"{r['model']:28s} {r['B']:3d} {r['eager_ms']:8.3f} {r['graph_serial_ms']:8.3f} {r['graph_ms']:9.3f} "
                   f"{r['graph_hit']:5.2f}")
     print(f"\n## resident decode, ms per step (tokens/s = B / step); bf16, triton experts\n"
-          f"{'model':16s} {'B':>3s} {'floor':>8s} {'eager':>8s} {'graph':>8s} {'hf':>8s} {'eager/graph':>11s} "
-          f"{'hf/graph':>8s} {'graph/floor':>11s} {'tok/s graph':>11s}")
+          f"{'model':16s} {'B':>3s} {'prompt':>6s} {'attn':>6s} {'floor':>8s} {'eager':>8s} {'graph':>8s} {'hf':>8s} "
+          f"{'eager/graph':>11s} {'hf/graph':>8s} {'graph/floor':>11s} {'tok/s graph':>11s} {'repeat':>6s} {'kernel':>6s}")
     for r in rows:
+        if "prompt" not in r:
+            continue
         g, hf = r.get("graph_ms", float("nan")), r.get("transformers_ms", float("nan"))
-        print(f"{r['model']:16s} {r['B']:3d} {r['floor_ms']:8.3f} {r['eager_ms']:8.3f} {g:8.3f} {hf:8.3f} "
-              f"{r['eager_ms'] / g:11.2f} {hf / g:8.2f} {g / r['floor_ms']:11.2f} {r['B'] / g * 1e3:11.0f}")
+        print(f"{r['model']:16s} {r['B']:3d} {r['prompt']:6d} {r['attention']:>6s} {r['floor_ms']:8.3f} "
+              f"{r['eager_ms']:8.3f} {g:8.3f} {hf:8.3f} {r['eager_ms'] / g:11.2f} {hf / g:8.2f} "
+              f"{g / r['floor_ms']:11.2f} {r['B'] / g * 1e3:11.0f} {str(r.get('repeat', '-')):>6s} {r['kernel_calls']:6d}")
     return 0
 
 

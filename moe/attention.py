@@ -12,6 +12,8 @@ V [B, H, S, Dv]), so a decoding step does no per-slot recomputation.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,9 +25,22 @@ from .kv_cache import KVCache
 from .layers import RMSNorm, apply_rope, apply_rope_halves, mla_softmax_scale
 
 
+# how a decode step (one new token per row) attends on CUDA at inference: "triton" =
+# kernels.decode_attention (the same bits on every run, and whatever else is in the batch), "sdpa" =
+# torch's SDPA (cuDNN on the H200, not repeatable run to run: BENCHMARKS 6e). MOEFLOW_DECODE_ATTENTION
+# sets it at import; benchmarks/decode.py switches it to time both.
+DECODE_ATTENTION = os.environ.get("MOEFLOW_DECODE_ATTENTION", "triton")
+if DECODE_ATTENTION not in ("triton", "sdpa"):
+    raise ValueError(f"MOEFLOW_DECODE_ATTENTION must be 'triton' or 'sdpa', got {DECODE_ATTENTION!r}")
+
+
 def attend(q_BHTd: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: torch.Tensor, mask_B1TS: torch.Tensor,
            scale: float) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v, with G key/value heads shared by H/G query heads each."""
+    if DECODE_ATTENTION == "triton" and q_BHTd.shape[2] == 1 and kernels.inference_on_cuda(q_BHTd, k_BGSd, v_BGSd):
+        from kernels.decode_attention import decode_attention, supports
+        if supports(q_BHTd, k_BGSd, v_BGSd, mask_B1TS):
+            return decode_attention(q_BHTd, k_BGSd, v_BGSd, mask_B1TS, scale)
     gqa = q_BHTd.shape[1] != k_BGSd.shape[1]
     return F.scaled_dot_product_attention(q_BHTd, k_BGSd, v_BGSd, attn_mask=mask_B1TS, scale=scale,
                                           enable_gqa=gqa)

@@ -298,9 +298,10 @@ def test_decode_benchmark_script_runs_on_cpu(tmp_path, capsys):
     import json
     mod = load_benchmark("decode")
     assert mod.main(["--models", "tiny", "--device", "cpu", "--batch", "1,2", "--steps", "3", "--out", str(tmp_path),
-                     "--peers", "transformers"]) == 0
+                     "--peers", "transformers", "--decode-attention", "triton,sdpa", "--prompt-len", "8,12"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "decode_results.jsonl").read_text().splitlines()]
-    assert [r["B"] for r in rows] == [1, 2]
+    assert [(r["prompt"], r["B"], r["attention"]) for r in rows] == [
+        (p, b, a) for p in (8, 12) for b in (1, 2) for a in ("triton", "sdpa")]
     assert all(r["eager_ms"] > 0 and r["transformers_ms"] > 0 for r in rows)
     assert "resident decode" in capsys.readouterr().out
 
