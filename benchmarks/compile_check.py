@@ -14,7 +14,7 @@ pipeline down to a cubin, with its bundled ptxas) and returns without running; t
 for TMA and programmatic dependent launch answer as on a Hopper GPU; tensors live on the CPU and are
 never read by a kernel. Each (shape, token count) runs the forward of ``fused_moe`` with its tuned
 config, and the forward + backward where training reaches that size (64, 4096, 16384 tokens); then
-the other inference kernels (norm, router, q/k/v projections, attention prep) at each model's sizes. Line
+the other inference kernels (norm, router, q/k/v projections, attention prep, decode attention) at each model's sizes. Line
 information is left out of the PTX, so a refactor that moves code but compiles to the same PTX shows
 no difference in ``--dump``.
 """
@@ -144,9 +144,10 @@ def check(shapes, tokens, dump: Path | None, compiled: list, log=print) -> int:
 
 
 def check_decode(shapes, rows=(1, 8, 64), log=print) -> int:
-    """The other inference kernels (kernels/norm, router, proj, attn_prep) at each model's sizes."""
+    """The other inference kernels (kernels/norm, router, proj, attn_prep, decode_attention) at each model's sizes."""
     from benchmarks.tune_kernels import SHAPES
     from kernels.attn_prep import prepare_qkv
+    from kernels.decode_attention import decode_attention
     from kernels.norm import rms_norm
     from kernels.proj import multi_linear
     from kernels.router import softmax_topk
@@ -167,6 +168,10 @@ def check_decode(shapes, rows=(1, 8, 64), log=print) -> int:
                     torch.ones(M, 1, d // 2), torch.zeros(M, 1, d // 2), torch.ones(d, dtype=bf), torch.ones(d, dtype=bf),
                     1e-6, torch.empty(M, G, 16, d, dtype=bf), torch.empty(M, G, 16, d, dtype=bf),
                     torch.zeros(M, 1, dtype=torch.long), H, G),
+                # 512 slots: two chunks, so the merge kernel compiles too; the model's additive mask
+                "decode_attention": lambda: decode_attention(
+                    torch.randn(M, H, 1, d).to(bf), torch.empty(M, G, 512, d, dtype=bf), torch.empty(M, G, 512, d, dtype=bf),
+                    torch.zeros(M, 1, 1, 512, dtype=bf), d ** -0.5),
             }
             failed = 0
             for name, step in steps.items():
