@@ -9,8 +9,8 @@ expert backend "triton", every weight in GPU memory. Each batch row gets a 32-to
 (prefill, not timed), then --steps greedy decode steps are timed: "eager" = model(ids, cache) as
 the engine ran it before (two host syncs per step for the cache's room and slots), "graph" = the
 same step replayed from a CUDA graph (DecodeGraphs, 256-slot buckets). Both run from the same
-cache state and their logits are compared. The graph steps run twice more from the same prompt
-("repeat": whether the two gave the same logits bit for bit).
+cache state and their logits are compared. The graph steps run twice from the same prompt (graph =
+the faster of the two; "repeat": whether the two gave the same logits bit for bit).
 
 --decode-attention picks how a decode step attends (moe.attention.DECODE_ATTENTION): "triton" =
 kernels.decode_attention (repeatable), "sdpa" = torch's SDPA (cuDNN on the H200); a comma list times
