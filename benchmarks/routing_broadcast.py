@@ -67,7 +67,7 @@ def _median(xs: list[float]) -> float:
     return sorted(xs)[len(xs) // 2]
 
 
-def _routing_agrees(model, ids, runtime) -> int:
+def _layers_routing_differs(model, ids, runtime) -> int:
     """Layers at which this rank's own routing differed from rank 0's in one forward (0: safe to skip the broadcast)."""
     real = runtime.same_routing
     differ = []
@@ -114,6 +114,7 @@ def worker(rank, world, init, args, out_path):
         big = torch.zeros(16 << 20, device=dev)
         for _ in range(3):
             broadcast(one), broadcast(big)
+
         def chained(t):
             return _max_over_ranks(_median([_timed(lambda: [broadcast(t) for _ in range(args.chain)], dev)
                                             for _ in range(args.rounds)]), dev) / args.chain
@@ -130,7 +131,7 @@ def worker(rank, world, init, args, out_path):
             for _ in range(3):
                 broadcast(buf)
             b_s = chained(buf)
-            differ = _routing_agrees(model, ids, runtime)
+            differ = _layers_routing_differs(model, ids, runtime)
             any_differ = _max_over_ranks(float(differ), dev) > 0
             fwd = lambda: model(ids)  # noqa: E731
             with_s, without_s = [], []
