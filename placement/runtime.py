@@ -66,6 +66,16 @@ DECODES = ("auto", "home", "replicated")
 COMMS = ("auto", "nccl", "gloo")
 
 
+def check_decode(decode: str, adaptive: bool, name: str = "decode") -> None:
+    """Raise unless ``decode`` (EPConfig.decode, called ``name`` in the message) is one of DECODES and
+    fits the layer: 'home' places each row by the plan, which the adaptive layer has not."""
+    if decode not in DECODES:
+        raise ValueError(f"{name} must be one of {DECODES}, got {decode!r}")
+    if decode == "home" and adaptive:
+        raise ValueError(f"{name} 'home' places each row by the plan and the adaptive layer has none; "
+                         f"use {name} 'replicated' or 'auto'")
+
+
 @dataclass(frozen=True)
 class EPConfig:
     mode: str = "coherent"  # 'standard' (two all-to-alls per layer) or 'coherent' (ExFlow)
@@ -95,11 +105,7 @@ class EPConfig:
     def __post_init__(self):
         if self.parallel not in PARALLEL:
             raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
-        if self.decode not in DECODES:
-            raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
-        if self.decode == "home" and self.parallel == "adaptive":
-            raise ValueError("decode='home' places each row by the plan; the adaptive layer has no plan: use "
-                             "decode='replicated' (or 'auto')")
+        check_decode(self.decode, self.parallel == "adaptive")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.device not in ("cpu", "cuda"):

@@ -52,12 +52,8 @@ class EPServeSettings:
         if self.plan is not None and not os.path.isfile(self.plan):
             raise ValueError(f"placement plan {self.plan!r} does not exist; make one with "
                              "`moe place TRACE --gpus N --out plan.json`, or leave it unset for round robin")
-        from placement.runtime import DECODES
-        if self.decode not in DECODES:
-            raise ValueError(f"ep_decode must be one of {DECODES}, got {self.decode!r}")
-        if self.decode == "home" and self.mode == "adaptive":
-            raise ValueError("ep_decode 'home' places each row by the plan and ep_mode 'adaptive' has none; "
-                             "use ep_decode 'replicated' or 'auto'")
+        from placement.runtime import check_decode
+        check_decode(self.decode, self.mode == "adaptive", "ep_decode")
         if float(self.cpus_per_rank) <= 0 or int(self.torch_threads) < 1:
             raise ValueError(f"cpus_per_rank ({self.cpus_per_rank}) must be > 0 and torch_threads "
                              f"({self.torch_threads}) >= 1")
