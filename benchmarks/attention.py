@@ -90,11 +90,8 @@ def timed_ms(fn, device: str, reps: int, chain: int = 10) -> float:
 
 def bandwidth(device: str) -> float:
     """The device-copy bandwidth as benchmarks/decode.py measures it (read + write, bytes/s)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("decode_bench", Path(__file__).resolve().parent / "decode.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.measure_bandwidth(torch.device(device))
+    from benchmarks.decode import measure_bandwidth  # as benchmarks/serving.py imports it
+    return measure_bandwidth(torch.device(device))
 
 
 def main(argv=None) -> int:
