@@ -82,6 +82,18 @@ def test_a_row_is_the_same_whatever_else_is_in_the_batch(chunk):
     assert torch.equal(decode_attention(q, k, v, mask, d ** -0.5, chunk=chunk), big)  # and on every call
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_half_precision_row_is_the_same_whatever_else_is_in_the_batch(dtype):
+    """The batch invariance above at Qwen3's heads in half precision: row 0 (300 slots) alone over 512
+    slots, and beside 7 longer rows over 4096 slots, gives the same bits, additive mask included."""
+    q, k, v, mask = _inputs(8, 32, 4, 4096, 128, 128, dtype, [300] + [4096 - 511 * i for i in range(7)], seed=6)
+    for m in (mask, _additive(mask, dtype)):
+        big = decode_attention(q, k, v, m, 128 ** -0.5)
+        alone = decode_attention(q[:1], k[:1, :, :512], v[:1, :, :512], m[:1, ..., :512], 128 ** -0.5)
+        assert torch.equal(big[:1], alone)
+
+
 def test_refuses_what_it_cannot_take():
     q, k, v, mask = _inputs(1, 4, 2, 8, 16, 16, torch.float32, [8])
     assert supports(q, k, v, mask)
