@@ -1,9 +1,10 @@
 """How well the next layer's router reads ahead, from two points of the forward (issue 6).
 
-    python benchmarks/lookahead_points.py MODEL [--tokens 4096]
+    python benchmarks/lookahead_points.py MODEL [--tokens 4096] [--text HELDOUT.txt] [--device cuda]
 
-A model's own routers as the lookahead (Fate's and mixtral-offloading's trick), on the held-out half
-of the stdlib corpus, the next layer's top-k recall from:
+A model's own routers as the lookahead (Fate's and mixtral-offloading's trick), on held-out text
+(the held-out half of the stdlib corpus unless --text names another, e.g. a `moe.corpus` directory's
+heldout.txt), the next layer's top-k recall from:
   A   the router input of layer l (what benchmarks/predictor.py's gate-lookahead uses: known when
       layer l's routing is, so a prefetch overlaps layer l's experts and layer l+1's attention)
   A'  the same, rescaled from layer l's norm gain to layer l+1's
@@ -57,7 +58,7 @@ def lookahead_points(model, sequences) -> dict[str, list[float]]:
         handles += [layer.mlp.router.register_forward_hook(on_router), layer.register_forward_hook(on_layer)]
     try:
         for s in sequences:
-            model(torch.tensor([s]))
+            model(torch.tensor([s], device=model.device))
     finally:
         for h in handles:
             h.remove()
@@ -78,12 +79,17 @@ def main() -> int:
     ap.add_argument("model")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--text", type=Path, default=None, help="held-out text (default: the stdlib corpus's held-out half)")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    model = load_model(args.model, dtype=torch.float32).eval()
+    model = load_model(args.model, dtype=torch.float32, device=args.device).eval()
     tok = Tokenizer.from_dir(args.model)
-    with tempfile.TemporaryDirectory() as tmp:
-        build_corpus(tmp, CorpusConfig())
-        seqs = record_trace.heldout_sequences(tok, Path(tmp) / "heldout.txt", args.tokens, args.seq_len)
+    if args.text is not None:
+        seqs = record_trace.heldout_sequences(tok, args.text, args.tokens, args.seq_len)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            build_corpus(tmp, CorpusConfig())
+            seqs = record_trace.heldout_sequences(tok, Path(tmp) / "heldout.txt", args.tokens, args.seq_len)
     res = lookahead_points(model, seqs)
     n = len(res["A"])
     print(f"{args.model}: next-layer router recall (top-k) on {sum(map(len, seqs))} held-out tokens")

@@ -164,6 +164,10 @@ def test_shipped_recipes_fit_their_promises():
     assert dpcfg.replace(num_hidden_layers=lcfg.num_hidden_layers) == lcfg
     recipes = REPO / "moe" / "recipes"
     assert load_recipe(recipes / "large_traces_deep.json")[1] == load_recipe(recipes / "large_traces.json")[1]
+    # and three times the depth (7h): Qwen3-30B-A3B's 48 layers, nothing else changed
+    d48, _ = build("large_traces_48")
+    assert d48.num_hidden_layers == 48 and d48.replace(num_hidden_layers=lcfg.num_hidden_layers) == lcfg
+    assert load_recipe(recipes / "large_traces_48.json")[1] == load_recipe(recipes / "large_traces.json")[1]
 
 
 # --- training ---------------------------------------------------------------------------------------
