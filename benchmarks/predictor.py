@@ -90,7 +90,7 @@ def find_model(trace: RoutingTrace):
     for d in (trace.meta.get("model_dir"), ROOT / "moe" / "assets" / "default"):
         if d and (Path(d) / "config.json").is_file():
             try:
-                model = load_model(d)
+                model = load_model(d, dtype=torch.float32)  # float32 routers: the probes' prior is linearized from them
             except Exception as e:  # a broken or foreign checkpoint only costs this baseline
                 print(f"  note: could not load {d} for the gate lookahead ({e})")
                 continue
@@ -142,7 +142,8 @@ def hit_ratios(test: RoutingTrace, models, max_tokens: int, batch: int = 4,
     return out
 
 
-def run_trace(name: str, trace: RoutingTrace, feats: dict | None, quick: bool, summary: list) -> None:
+def run_trace(name: str, trace: RoutingTrace, feats: dict | None, quick: bool, summary: list,
+              recall_only: bool = False, only: frozenset = frozenset()) -> None:
     print(f"\n=== {name}: {trace!r}")
     print(format_summary(summarize(trace)))
     req = trace.request_ids_or_default()
@@ -153,31 +154,46 @@ def run_trace(name: str, trace: RoutingTrace, feats: dict | None, quick: bool, s
     train, test = trace.split_requests(0.5, seed=0)
     train_mask = np.isin(req, np.unique(train.request_ids_or_default()))
     f_train, f_test = split_features(feats, trace, train_mask)
-    gate = probes = None
+    gate = probes = routed = None
     if feats is not None:
         model = find_model(trace)
+        fit_dev = "cuda" if torch.cuda.is_available() else "cpu"
+        t0 = time.perf_counter()
+        probes = ProbeLookahead.fit(train, f_train["hidden_NLD"], device=fit_dev)
+        print(f"probes (hidden state -> next {probes.span} layers' experts) fitted in {time.perf_counter() - t0:.1f} s")
         if model is not None:
             gate = GateLookahead.from_model(model, fallback=PopularityBaseline.fit(train))
+            t0 = time.perf_counter()
+            routed = ProbeLookahead.fit(train, f_train["hidden_NLD"], prior=gate, device=fit_dev)
+            routed.name = "probe+router"
+            pulls = [("router" if p is None else f"{p:g}") for p in routed.prior_pull]
+            print(f"probes started from the model's routers fitted in {time.perf_counter() - t0:.1f} s; pull chosen "
+                  f"per known layer: {' '.join(pulls)}")
         else:
-            print("  note: hidden states found but not the model they came from: no gate lookahead")
-        t0 = time.perf_counter()
-        probes = ProbeLookahead.fit(train, f_train["hidden_NLD"])
-        print(f"probes (hidden state -> next {probes.span} layers' experts) fitted in {time.perf_counter() - t0:.1f} s")
+            print("  note: hidden states found but not the model they came from: no gate lookahead, no router prior")
+    # the predictor's lookahead source where there are hidden states: the probes started from the model's
+    # routers when the model is at hand (session 19, BENCHMARKS 7h), else the probes fitted from zero (7b)
+    look = routed if routed is not None else probes
     t0 = time.perf_counter()
-    # the fitted probes are the predictor's lookahead source where there are hidden states (they read
-    # the next layers better than the routers do, BENCHMARKS 7b)
     # "predictor" keeps the exact-set sources (match_layers=2, the library default until session 14) so that
     # sections 7-7d read as measured; "predictor-lean" is the library default now
-    pred = PathPredictor.fit(train, PredictorConfig(match_layers=2), features=f_train, lookahead=probes)
+    pred = PathPredictor.fit(train, PredictorConfig(match_layers=2), features=f_train, lookahead=look)
     fit_s = time.perf_counter() - t0
     nearest_all = NearestTraceBaseline.fit(train, max_stored=train.num_tokens, neighbours=8)
     nearest_all.name = "nearest-all"
     # without the exact-set sources (the default of `moe predictor train`): the cheaper live predictor (7e)
-    lean = PathPredictor.fit(train, PredictorConfig(match_layers=0), features=f_train, lookahead=probes)
+    lean = PathPredictor.fit(train, PredictorConfig(match_layers=0), features=f_train, lookahead=look)
     lean.name = "predictor-lean"
-    models = [pred, lean, PopularityBaseline.fit(train), PreviousPathBaseline.fit(train),
-              NearestTraceBaseline.fit(train), nearest_all]
-    models += [m for m in (gate, probes) if m is not None]
+    models = [pred, lean]
+    if routed is not None:  # the lean predictor as sections 7b-7g measured it: probes fitted from zero
+        lean0 = PathPredictor.fit(train, PredictorConfig(match_layers=0), features=f_train, lookahead=probes)
+        lean0.name = "lean-zero-probes"
+        models.append(lean0)
+    models += [PopularityBaseline.fit(train), PreviousPathBaseline.fit(train), NearestTraceBaseline.fit(train),
+               nearest_all]
+    models += [m for m in (gate, probes, routed) if m is not None]
+    if only:
+        models = [m for m in models if m.name in only]
     rows = []
     max_tokens = 600 if quick else 2000
     for m in models:
@@ -186,8 +202,10 @@ def run_trace(name: str, trace: RoutingTrace, feats: dict | None, quick: bool, s
         us = max(cost_per_token_us(m, test, layer=layer, features=f_test) for layer in sorted({0, L // 2, L - 2}))
         rows.append((m.name, r, us))
     print(f"predictor fitted in {fit_s:.1f} s on {train.num_tokens} tokens")
-    print(per_layer_table("predictor", rows[0][1]))
+    print(per_layer_table(rows[0][0], rows[0][1]))
     print(format_table(rows))
+    if recall_only:
+        return
 
     # scheduling: requests of the test split decode together, B = a quarter of them
     n_req = len(np.unique(test.request_ids_or_default()))
@@ -215,7 +233,7 @@ def run_trace(name: str, trace: RoutingTrace, feats: dict | None, quick: bool, s
             for k, v in h.items():
                 print(f"  {k:<28}" + "".join(f"{x:>8.3f}" for x in v))
     by = {n: r for n, r, _ in rows}
-    best = {d: max(by[n][d]["mean_recall"] for n in by if n not in ("predictor", "predictor-lean"))
+    best = {d: max(by[n][d]["mean_recall"] for n in by if n not in ("predictor", "predictor-lean", "lean-zero-probes"))
             for d in ("1", "2", "4")}
     summary.append((name, by["predictor"], best, rows[0][2], sched["predictor"], fifo, hits, hits1))
 
@@ -226,17 +244,24 @@ def main(argv=None) -> int:
     ap.add_argument("--traces", type=Path, default=ROOT / "benchmarks" / "traces")
     ap.add_argument("--recorded-only", action="store_true",
                     help="only the recorded traces: no synthetic ones, no cost at Qwen3-30B-A3B's shape")
+    ap.add_argument("--recall-only", action="store_true",
+                    help="stop each trace after its recall table: no scheduler, no cache hit ratios, no summary row")
+    ap.add_argument("--models", default="", help="with --recall-only: only these rows, comma-separated names "
+                    "(e.g. predictor-lean,gate-lookahead,probe-lookahead,probe+router)")
     args = ap.parse_args(argv)
+    only = frozenset(n for n in args.models.split(",") if n)
+    if only and not args.recall_only:
+        ap.error("--models needs --recall-only (the scheduler and the hit ratios use the full set)")
     torch.set_num_threads(1)  # the predictor's cost is quoted for one CPU core
     summary: list = []
     for name, trace in ([] if args.recorded_only else synthetic_suite(args.quick)):
-        run_trace(name, trace, None, args.quick, summary)
+        run_trace(name, trace, None, args.quick, summary, args.recall_only, only)
     recorded = recorded_suite(args.traces) if args.traces.is_dir() else []
     if not recorded:
         print(f"\nnote: no recorded traces under {args.traces} (the training helper records them from the "
               "trained default model); synthetic traces only")
     for name, trace, feats in recorded:
-        run_trace(name, trace, feats, args.quick, summary)
+        run_trace(name, trace, feats, args.quick, summary, args.recall_only, only)
 
     if not args.recorded_only:
         qwen3_shape_cost(args.quick)

@@ -9,8 +9,10 @@
 ``--features`` is the companion file of a recorded trace (``routing.save_features``) holding the
 hidden state entering every MoE layer. With it, ``train`` fits probes from that hidden state to the
 next layers' experts (``routing.probe.ProbeLookahead``, written beside the predictor as
-``P.probe.npz``) and the predictor uses them as its lookahead source; with ``--lookahead gate
---model DIR`` it uses the next layers' own routers instead (mixtral-offloading's trick). ``eval
+``P.probe.npz``) and the predictor uses them as its lookahead source. Given ``--model DIR`` (the
+model the trace came from) the probes start from that model's own routers and correct them
+(``--lookahead probe+router``, the default then); ``--lookahead gate`` uses the routers as they are
+(mixtral-offloading's trick). ``eval
 --features`` reads the probes back (or the routers, given ``--model``) and adds them as a baseline. The hub
 (moe/cli.py) imports this module lazily and calls ``register(subparsers)``.
 """
@@ -68,8 +70,11 @@ def _features(args, trace: RoutingTrace) -> dict | None:
 
 
 def _gate(args, trace: RoutingTrace) -> GateLookahead:
+    import torch
+
     from moe import load_model  # the model package; routing never imports offload/ or serve/
-    return GateLookahead.from_model(load_model(args.model), fallback=PopularityBaseline.fit(trace))
+    # float32 routers: a probe's start is linearized from them, and on the CPU bfloat16 is no faster
+    return GateLookahead.from_model(load_model(args.model, dtype=torch.float32), fallback=PopularityBaseline.fit(trace))
 
 
 def probe_path(predictor: Path) -> Path:
@@ -91,15 +96,18 @@ def _train(args: argparse.Namespace) -> int:
         raise ValueError("--model needs --features (the hidden states the gates are applied to)")
     lookahead = None
     if feats is not None:
-        kind = args.lookahead or ("gate" if args.model else "probe")
-        if kind == "gate" and not args.model:
-            raise ValueError("--lookahead gate needs --model DIR (the model whose routers are applied)")
-        if kind == "probe":
-            t0 = time.perf_counter()
-            lookahead = ProbeLookahead.fit(trace, feats["hidden_NLD"], span=args.probe_span, seed=args.seed)
-            print(f"probes fitted in {time.perf_counter() - t0:.1f} s (span {lookahead.span})")
-        else:
+        kind = args.lookahead or ("probe+router" if args.model else "probe")
+        if kind in ("gate", "probe+router") and not args.model:
+            raise ValueError(f"--lookahead {kind} needs --model DIR (the model whose routers are applied)")
+        if kind == "gate":
             lookahead = _gate(args, trace)
+        else:
+            t0 = time.perf_counter()
+            prior = _gate(args, trace) if kind == "probe+router" else None
+            lookahead = ProbeLookahead.fit(trace, feats["hidden_NLD"], span=args.probe_span, seed=args.seed,
+                                           prior=prior, device=args.fit_device)
+            how = "" if prior is None else " from the model's routers"
+            print(f"probes fitted{how} in {time.perf_counter() - t0:.1f} s (span {lookahead.span})")
     cfg = PredictorConfig(context_layers=args.context_layers, token_buckets=args.token_buckets,
                           max_span=args.max_span, match_layers=args.match_layers, seed=args.seed)
     t0 = time.perf_counter()
@@ -194,8 +202,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, required=True, help="where to write the predictor (.npz)")
     t.add_argument("--features", type=Path, default=None, help="companion features .npz (hidden states)")
     t.add_argument("--model", type=Path, default=None, help="model directory, for the gate-lookahead source")
-    t.add_argument("--lookahead", choices=("probe", "gate"), default=None,
-                   help="with --features: fitted probes (default) or the model's own routers (gate; needs --model)")
+    t.add_argument("--lookahead", choices=("probe", "gate", "probe+router"), default=None,
+                   help="with --features: probes fitted from zero (the default without --model), the model's own "
+                        "routers (gate), or probes started from those routers (probe+router, the default with "
+                        "--model: they read deep models' next layers better than either, BENCHMARKS 7h)")
+    t.add_argument("--fit-device", default="cpu", help="where the probes are fitted (cuda: seconds for a deep model)")
     t.add_argument("--probe-span", type=int, default=4, help="layers ahead each probe set reaches")
     t.add_argument("--context-layers", type=int, default=3, help="recent known layers used as evidence")
     t.add_argument("--token-buckets", type=int, default=4096, help="hashed token-id table rows (0: off)")

@@ -111,6 +111,73 @@ def test_cli_trains_probes_from_features_and_eval_reads_them_back(tmp_path, caps
     assert "--model" in capsys.readouterr().err
 
 
+def _router_readable(T, seed=0):
+    """Hidden state entering every layer = z itself, and layer m routes by top-k of G_m z: the model's
+    own routers read every later layer exactly; a probe must learn G_m from T tokens."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((T, D)).astype(np.float32)
+    G = rng.standard_normal((L, D, E)).astype(np.float32)
+    ids = np.stack([np.argsort(-(z @ G[m]), axis=1)[:, :K] for m in range(L)])
+    req = np.repeat(np.arange(T // 20), 20)
+    trace = RoutingTrace(ids.astype(np.int16), E, request_ids=req, positions=np.tile(np.arange(20), T // 20))
+    routers = [lambda x, m=m: __import__("torch").as_tensor(np.asarray(x) @ G[m]) for m in range(L)]
+    return trace, np.repeat(z[:, None], L, axis=1), routers
+
+
+def test_a_router_prior_keeps_what_the_router_reads_when_tokens_are_few():
+    """The deep-model case (BENCHMARKS 7h): the router reads the next layer better than a probe fitted
+    from a few tokens; started from the router, the probe keeps (at least) what the router reads."""
+    trace, hidden, routers = _router_readable(T=160)
+    train, test, h_tr, h_te = _split(trace, hidden)
+    gate = GateLookahead(routers, E, K, fallback=PopularityBaseline.fit(train))
+    zero = evaluate(ProbeLookahead.fit(train, h_tr, span=2), test, {"hidden_NLD": h_te})["1"]["mean_recall"]
+    started = ProbeLookahead.fit(train, h_tr, span=2, prior=gate)
+    r = evaluate(started, test, {"hidden_NLD": h_te})["1"]["mean_recall"]
+    assert evaluate(gate, test, {"hidden_NLD": h_te})["1"]["mean_recall"] == 1.0
+    assert r >= 0.97 and r > zero + 0.05, (r, zero)
+    assert len(started.prior_pull) == L - 1
+
+
+def test_a_router_prior_starts_at_the_router_and_moves_away_where_it_reads_badly():
+    # the start is the router itself on the hidden state (exact for a linear router)
+    trace, hidden, routers = _router_readable(T=400)
+    gate = GateLookahead(routers, E, K)
+    start = ProbeLookahead.fit(trace, hidden, span=2, prior=gate, iters=0)
+    for layer in range(L - 1):
+        np.testing.assert_allclose(start.lookahead_logits(hidden[:9, layer], layer)[:, layer + 1:layer + 3],
+                                   gate.lookahead_logits(hidden[:9, layer], layer)[:, layer + 1:layer + 3],
+                                   rtol=1e-4, atol=1e-4)
+    # the planted rotation: the routers read nothing useful, and the fit learns the map as from zero
+    trace, hidden, routers = _planted()
+    train, test, h_tr, h_te = _split(trace, hidden)
+    gate = GateLookahead(routers, E, K, fallback=PopularityBaseline.fit(train))
+    r = evaluate(ProbeLookahead.fit(train, h_tr, span=3, prior=gate), test, {"hidden_NLD": h_te})
+    assert r["1"]["mean_recall"] > 0.9 and r["2"]["mean_recall"] > 0.9
+    # a prior of another model is refused, naming the fix
+    with pytest.raises(ValueError, match="routers of the model the trace was recorded from"):
+        ProbeLookahead.fit(trace, hidden, prior=GateLookahead(routers[:2], E, K))
+    with pytest.raises(ValueError, match="prior_ridges is empty"):
+        ProbeLookahead.fit(trace, hidden, prior=gate, prior_ridges=())
+
+
+def test_cli_starts_the_probes_from_the_models_routers_given_the_model(tmp_path, capsys):
+    from moe.tiny import ASSETS_DEFAULT
+    text = tmp_path / "a.txt"
+    text.write_text("def f(x):\n    return [i * x for i in range(10) if i % 3]\n" * 40)
+    assert main(["predictor", "record", str(ASSETS_DEFAULT), "--text", str(text), "--out", str(tmp_path),
+                 "--name", "t", "--tokens", "512", "--seq-len", "64", "--device", "cpu"]) == 0
+    t, f, out = tmp_path / "t.npz", tmp_path / "t.features.npz", tmp_path / "p.npz"
+    capsys.readouterr()
+    assert main(["predictor", "train", str(t), "--out", str(out), "--features", str(f), "--model",
+                 str(ASSETS_DEFAULT), "--probe-span", "2"]) == 0
+    assert "probes fitted from the model's routers" in capsys.readouterr().out and probe_path(out).is_file()
+    assert main(["predictor", "eval", str(out), str(t), "--features", str(f)]) == 0
+    assert "probe-lookahead" in capsys.readouterr().out
+    assert main(["predictor", "train", str(t), "--out", str(out), "--features", str(f),
+                 "--lookahead", "probe+router"]) == 2
+    assert "--model" in capsys.readouterr().err
+
+
 def test_interleaved_order_is_the_interleaved_trace():
     trace, hidden, _ = _planted(T=400)
     order, R = trace.interleaved_order(10)
