@@ -105,7 +105,7 @@ class ProbeLookahead(GateLookahead):
         dev = torch.device(device)
         ids = torch.as_tensor(trace.expert_ids[:, rows].astype(np.int64), device=dev)  # [L, n, K]
         n, D = len(rows), hidden.shape[2]
-        held = torch.arange(n, device=dev) % 5 == 4  # the prior's pull is chosen on these
+        held = torch.arange(n, device=dev) % 5 == 4  # the prior's calibration and pull are chosen without these
         mean = np.zeros((L - 1, D), np.float32)
         std = np.ones((L - 1, D), np.float32)
         W = np.zeros((L - 1, D, span, E), np.float32)
@@ -127,6 +127,7 @@ class ProbeLookahead(GateLookahead):
                 w, bias = _fit_probe(x, tgt, w0, b0, w0, ridge, iters)
             else:
                 w0, b0 = (t.to(dev) for t in _router_start(prior, targets, mu.cpu(), sd.cpu(), E))
+                w0, b0 = _calibrate(x[~held], tgt[:, ~held], w0, b0, iters)
                 true = ids[targets][:, held]  # [S, h, K]
                 best = (_recall(x[held] @ w0 + b0, true), w0, b0, None)
                 w, bias = w0, b0
@@ -236,6 +237,27 @@ def _fit_probe(x_nD, tgt_SnE, w_start, b_start, w_centre, ridge: float, iters: i
         return loss
     opt.step(closure)
     return w.detach(), bias.detach()
+
+
+def _calibrate(x_nD, tgt_SnE, w0, b0, iters: int):
+    """The router start rescaled to the probes' cross-entropy: one scale per target fitted on (x, tgt)
+    (a positive scale keeps the router's ranking; a bias per expert as well reorders it, and cost recall
+    on the synthetic test of tests/routing/test_probe.py).
+    Returns the rescaled (w, b) of the same shapes."""
+    S, n, E = tgt_SnE.shape
+    z0 = (x_nD @ w0 + b0).view(n, S, E).transpose(0, 1)  # [S, n, E], fixed
+    scale = torch.ones(S, device=x_nD.device, requires_grad=True)
+    opt = torch.optim.LBFGS([scale], max_iter=iters, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-6, tolerance_change=1e-9, history_size=20)
+
+    def closure():
+        opt.zero_grad()
+        loss = -(tgt_SnE * torch.log_softmax(z0 * scale[:, None, None], -1)).sum(-1).mean(1).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    a = scale.detach()
+    return (w0.view(-1, S, E) * a[None, :, None]).reshape(w0.shape), (b0.view(S, E) * a[:, None]).reshape(-1)
 
 
 def _recall(z_nSE: torch.Tensor, true_ShK: torch.Tensor) -> float:

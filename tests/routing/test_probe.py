@@ -160,6 +160,35 @@ def test_a_router_prior_starts_at_the_router_and_moves_away_where_it_reads_badly
         ProbeLookahead.fit(trace, hidden, prior=gate, prior_ridges=())
 
 
+@pytest.mark.parametrize("scale", [0.02, 20.0])
+def test_the_path_predictor_gains_from_router_started_probes_whatever_the_routers_scale(scale):
+    """Half the known layers see z (the routers read the next layer exactly), half a rotation of it
+    (the routers read nothing). The predictor weighs its lookahead source alike at every known layer,
+    so a router start must be rescaled to the probes' log-odds: on the 48-layer model (s19-c) the
+    unscaled one read 0.925 alone but made the predictor worse than zero-started probes (0.838 against
+    0.883). Here too, flat (0.02) or peaky (20) router logits: the predictor must gain, not lose."""
+    import torch
+    Lm, Em, Km, Dm, T = 8, 16, 4, 24, 1200
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((T, Dm)).astype(np.float32)
+    G = rng.standard_normal((Lm, Dm, Em)).astype(np.float32)
+    R = [np.linalg.qr(rng.standard_normal((Dm, Dm)))[0].astype(np.float32) for _ in range(Lm)]
+    hidden = np.stack([z if l % 2 == 0 else z @ R[l] for l in range(Lm)], 1)
+    ids = np.stack([np.argsort(-(z @ G[m]), axis=1)[:, :Km] for m in range(Lm)])
+    trace = RoutingTrace(ids.astype(np.int16), Em, request_ids=np.repeat(np.arange(T // 20), 20),
+                         positions=np.tile(np.arange(20), T // 20))
+    routers = [lambda x, m=m: torch.as_tensor(np.asarray(x) @ (scale * G[m])) for m in range(Lm)]
+    train, test, h_tr, h_te = _split(trace, hidden)
+    gate = GateLookahead(routers, Em, Km, fallback=PopularityBaseline.fit(train))
+    got = {}
+    for name, look in (("zero", ProbeLookahead.fit(train, h_tr)), ("router", ProbeLookahead.fit(train, h_tr, prior=gate))):
+        pred = PathPredictor.fit(train, features={"hidden_NLD": h_tr}, lookahead=look)
+        got[name] = (evaluate(look, test, {"hidden_NLD": h_te})["1"]["mean_recall"],
+                     evaluate(pred, test, {"hidden_NLD": h_te})["1"]["mean_recall"])
+    assert got["router"][0] > got["zero"][0] + 0.05, got  # the lookahead alone
+    assert got["router"][1] > got["zero"][1] + 0.04, got  # and through the predictor
+
+
 def test_cli_starts_the_probes_from_the_models_routers_given_the_model(tmp_path, capsys):
     from moe.tiny import ASSETS_DEFAULT
     text = tmp_path / "a.txt"
