@@ -13,6 +13,11 @@ Each running request owns one row of a ``KVCache`` (``model.new_cache(B, max_len
     sample one token per running row from the logits of its last valid token
     stop checks; finished rows are freed and can be taken by a waiting request next step
 
+A model may also offer ``greedy_next(input_BT, cache, valid_BT) -> [B]`` (each row's argmax token of
+the step, as the sampler would take it): when every running request is greedy the engine calls it
+instead of fetching logits. Expert-parallel serving (serve/ep_model.py) does, so rank 0 sends token
+ids back through Ray instead of a vocabulary's logits per row.
+
 So prefill of newcomers and decoding of the others share one forward, and requests join and
 leave at every step. Rows never see each other: attention is per row and the MoE layers are per
 token, so a request's greedy output does not depend on its batch-mates (tested).
@@ -112,6 +117,7 @@ class Engine:
             self._last_only = "last_only" in inspect.signature(model.forward).parameters
         except (TypeError, ValueError):
             self._last_only = False
+        self._greedy_next = getattr(model, "greedy_next", None)  # optional: see the module docstring
         # decode steps (every running row feeds one token) replay CUDA graphs where the model allows
         # (moe.cuda_graph): None = when supported, True = required, False = never
         self._graphs = None
@@ -230,14 +236,18 @@ class Engine:
         rows = torch.tensor([r.row for r in running], device=self.device)
         # a pure decode step replays a CUDA graph where one is available; else the model runs eagerly
         logits_RV = self._graph_step(input_BT, valid_BT, rows, running) if T == 1 else None
-        if logits_RV is None and self._last_only:
+        tokens = None
+        if logits_RV is None and self._greedy_next is not None and all(r.params.greedy for r in running):
+            tokens = self._greedy_next(input_BT, self.cache, valid_BT)[rows].tolist()
+        elif logits_RV is None and self._last_only:
             # the model projects only each row's last valid token onto the vocabulary
             logits_RV = self.model(input_BT, cache=self.cache, valid_BT=valid_BT, last_only=True)[rows, 0]
         elif logits_RV is None:
             logits_BTV = self.model(input_BT, cache=self.cache, valid_BT=valid_BT)
             last = torch.tensor([len(feeds[r.row]) - 1 for r in running], device=self.device)
             logits_RV = logits_BTV[rows, last]
-        tokens = sample_tokens(logits_RV, [r.params for r in running], [r.generator for r in running])
+        if tokens is None:
+            tokens = sample_tokens(logits_RV, [r.params for r in running], [r.generator for r in running])
         for req, tok in zip(running, tokens):
             req.cached += len(feeds[req.row])
             req.prefilled = True

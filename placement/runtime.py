@@ -796,9 +796,12 @@ class EPWorker:
     @_traced
     @torch.no_grad()
     def step(self, input_ids_BT: torch.Tensor, valid_BT: torch.Tensor | None, reset_rows: list[int],
-             last_only: bool) -> torch.Tensor | None:
+             last_only: bool, argmax: bool = False) -> torch.Tensor | None:
         """One forward of the serving batch over the kept cache, after emptying ``reset_rows``.
-        Every rank runs it (the all-to-alls need all of them); rank 0 returns the logits.
+        Every rank runs it (the all-to-alls need all of them); rank 0 returns the logits, or with
+        ``argmax`` (needs ``last_only``) each row's greedy token [B, 1] (int64), taken on its device
+        as the engine's sampler takes it (argmax of the float32 logits): 8 bytes a row to send back
+        instead of a vocabulary's logits.
 
         A decode step (one token per row, last position only) runs ExFlow's home-only decoding
         where EPConfig.decode says so, replayed from CUDA graphs on GPUs (one per slot bucket of
@@ -808,6 +811,8 @@ class EPWorker:
             return None
         if self.serve_cache is None:
             raise ValueError("no serving cache on this rank: call open_cache(batch_size, max_len) first")
+        if argmax and not last_only:
+            raise ValueError("step(argmax=True) returns each row's next greedy token: it needs last_only=True")
         t0 = time.perf_counter()
         B, T = input_ids_BT.shape
         if reset_rows:
@@ -830,6 +835,8 @@ class EPWorker:
             out = self.model(ids, cache=self.serve_cache, valid_BT=valid, last_only=last_only)
         for b, n in enumerate(valid_cpu.sum(1).tolist()):
             self._serve_len[b] += n
+        if self.rank == 0 and argmax:
+            out = out.float().argmax(-1)
         out = pack_result(out) if self.rank == 0 else None  # rank 0: the step's end on the GPU too
         self._serve_s += time.perf_counter() - t0
         return out
@@ -989,11 +996,13 @@ class ExpertParallelRuntime:
         self._all("open_cache", batch_size, max_len)
 
     def step(self, input_ids_BT: torch.Tensor, valid_BT: torch.Tensor | None = None, reset_rows=(),
-             last_only: bool = False) -> torch.Tensor:
+             last_only: bool = False, argmax: bool = False) -> torch.Tensor:
         """One forward of a continuous batch over the ranks' kept caches (rows in ``reset_rows``
-        emptied first): logits [B, T, V], or [B, 1, V] with ``last_only``."""
-        return unpack_result(self._all("step", input_ids_BT.cpu(), None if valid_BT is None else valid_BT.cpu(),
-                                   [int(r) for r in reset_rows], bool(last_only))[0], torch.float32)
+        emptied first): logits [B, T, V], or [B, 1, V] with ``last_only``; with ``argmax`` (and
+        ``last_only``) each row's greedy next token [B, 1] instead, taken on rank 0."""
+        out = self._all("step", input_ids_BT.cpu(), None if valid_BT is None else valid_BT.cpu(),
+                        [int(r) for r in reset_rows], bool(last_only), bool(argmax))[0]
+        return unpack_result(out) if argmax else unpack_result(out, torch.float32)
 
     def profile(self, method: str, *args) -> str:
         """Rank 0's torch.profiler operator table of one ``method`` call (e.g. 'forward', 'greedy')."""

@@ -97,6 +97,13 @@ class ExpertParallelModel:
 
     __call__ = forward
 
+    @torch.no_grad()
+    def greedy_next(self, input_ids_BT: torch.Tensor, cache: _RanksCache, valid_BT: torch.Tensor) -> torch.Tensor:
+        """Each row's next greedy token [B] after this step (the engine's optional fast path when every
+        running request is greedy): rank 0 takes the argmax and returns token ids, not [B, V] logits
+        through Ray (at Qwen3's vocabulary, 8 rows: 2.4 MB of bf16 a step)."""
+        return self.runtime.step(input_ids_BT, valid_BT, cache.take_resets(), True, argmax=True)[:, 0]
+
     def moe_blocks(self) -> list:
         return []  # the routers run on the ranks; per-layer expert load is not counted here
 

@@ -217,6 +217,50 @@ def test_abort_running_and_waiting(model, tok):
         e2.add_request("y", request_id="r")
 
 
+class _GreedyNext(torch.nn.Module):
+    """The model behind the optional ``greedy_next`` of the engine's contract (expert-parallel serving
+    offers it): each row's argmax token, counted; ``forward`` counted too."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+        self.calls = {"greedy_next": 0, "forward": 0}
+
+    def new_cache(self, *a):
+        return self.inner.new_cache(*a)
+
+    def forward(self, input_BT, cache=None, valid_BT=None, last_only=False):
+        self.calls["forward"] += 1
+        return self.inner(input_BT, cache=cache, valid_BT=valid_BT, last_only=last_only)
+
+    def greedy_next(self, input_BT, cache, valid_BT):
+        self.calls["greedy_next"] += 1
+        return self.inner(input_BT, cache=cache, valid_BT=valid_BT, last_only=True)[:, 0].float().argmax(-1)
+
+
+def test_a_models_greedy_next_serves_all_greedy_steps_and_the_logits_the_others(model, tok):
+    """Every running request greedy: the engine takes the model's greedy_next (token ids, no logits),
+    with the same tokens as the sampler; a sampled request in the batch: logits again."""
+    wrapped = _GreedyNext(model)
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (9, 4, 6)]
+    e = Engine(wrapped, tok, max_batch_size=2, max_len=128, cuda_graph=False)
+    rids = [e.add_request(p, sp) for p, sp in zip(PROMPTS, params)]
+    got = run(e, rids)
+    assert wrapped.calls == {"greedy_next": 10, "forward": 0}  # 10 steps: the third request joins at step 5
+    for rid, p, sp in zip(rids, PROMPTS, params):
+        assert got[rid] == list(alone(model, tok, p, sp).values())[0]
+    wrapped.calls.update(greedy_next=0, forward=0)
+    sampled = SamplingParams(max_new_tokens=3, temperature=1.0, seed=3, ignore_eos=True)
+    e = Engine(wrapped, tok, max_batch_size=2, max_len=128, cuda_graph=False)
+    rids = [e.add_request(PROMPTS[0], SamplingParams(max_new_tokens=5, ignore_eos=True)),
+            e.add_request(PROMPTS[1], sampled)]
+    got = run(e, rids)
+    assert wrapped.calls == {"greedy_next": 2, "forward": 3}  # steps 4-5: the sampled request has finished
+    assert got[rids[1]] == list(alone(model, tok, PROMPTS[1], sampled).values())[0]
+    assert got[rids[0]] == list(alone(model, tok, PROMPTS[0], SamplingParams(max_new_tokens=5,
+                                                                              ignore_eos=True)).values())[0]
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(model, tok):
     sp = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
     solo = list(alone(model, tok, PROMPTS[0], sp).values())[0]

@@ -143,6 +143,37 @@ def test_top1_coherent_uses_one_all_to_all_per_layer(rt4):
     assert max(x["all_to_all_calls"] for x in rt4.counters()) > 3  # standard needs more
 
 
+def test_serving_steps_return_logits_or_rank_0s_greedy_tokens(rt4):
+    """step(argmax=True), the engine's greedy_next: each row's argmax taken on rank 0 equals the argmax
+    of the logits step() returns, step by step (prefill, then decode on the kept cache); argmax needs
+    last_only."""
+    model = _model("mixtral", num_hidden_layers=3)
+    ids = torch.randint(3, 128, (3, 5), generator=torch.Generator().manual_seed(2))
+    rt4.load(model, round_robin(3, 8, 4))  # the tests before may have left another model loaded
+    rt4.set_mode("coherent")
+    rt4.open_cache(3, 12)
+    seqs = {}
+    for argmax in (False, True):
+        feed, out = ids, []
+        for i in range(4):
+            got = rt4.step(feed, None, range(3) if i == 0 else (), True, argmax=argmax)
+            tok = got if argmax else got[:, -1].argmax(-1, keepdim=True)
+            assert tok.shape == (3, 1) and tok.dtype == torch.int64
+            out.append(tok)
+            feed = tok
+        seqs[argmax] = torch.cat(out, 1)
+    assert torch.equal(seqs[True], seqs[False])
+    with torch.no_grad():  # and both are the single-process model's greedy tokens
+        cache = model.new_cache(3, 12)
+        feed, want = ids, []
+        for _ in range(4):
+            feed = model(feed, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+            want.append(feed)
+    assert torch.equal(seqs[True], torch.cat(want, 1))
+    with pytest.raises(Exception, match="needs last_only=True"):
+        rt4.step(ids[:, :1], None, (), False, argmax=True)
+
+
 def test_configuration_errors():
     with pytest.raises(ValueError, match="mode"):
         EPConfig(mode="fast")
