@@ -29,6 +29,13 @@ eagerly in between, each piece queued before the host has read the previous laye
 (copies not counted). --eager-bucket 256 adds resident eager steps whose attention width is rounded
 up as the graphs' is.
 
+--trace-routing: every router returns a synthetic routing trace's choices instead of its own (the
+trace of benchmarks/offload.py: routing.synthesize with the shape's popularity skew, --locality,
+--affinity), keyed by (batch row, position) on the device (placement.trace_routing), so it holds in
+CUDA graphs and pieces too; row b decodes request b of the trace. Random weights route uniformly,
+which no trained model does: this is how offloaded decode (--offload-slots, --offload-policy) meets
+realistic hit ratios on the engine's own path. The floor still assumes uniform routing.
+
 Peer (--peers transformers, measured in the same run after our model is freed): Hugging Face
 transformers' own implementation of the same family at the same shapes (random weights, same dtype,
 on the GPU), decoding with its own KV cache step by step. vLLM and SGLang are not
@@ -76,6 +83,27 @@ def build(key: str, device: str, layers: int = 0) -> MoEForCausalLM:
     m = MoEForCausalLM(cfg, backend=backend, dtype=dtype, device=device)
     m.init_weights(seed=0)
     return m.eval()
+
+
+# popularity skew of the synthetic routing (benchmarks/offload.py's per shape)
+SKEW = {"qwen3": 1.0, "mixtral": 0.6, "tiny": 1.0}
+
+
+def install_synthetic_routing(model: MoEForCausalLM, key: str, rows: int, tokens: int, locality: float,
+                              affinity: float, seed: int = 0):
+    """Route ``model`` by a synthetic trace of ``rows`` requests x ``tokens`` tokens (row b = request b);
+    returns the hook handles."""
+    import numpy as np
+
+    from placement.trace_routing import TraceRoutingSpec, install_trace_routing
+    from routing import synthesize
+    cfg = model.config
+    trace = synthesize(num_layers=len(model.moe_blocks()), num_experts=cfg.num_experts, top_k=cfg.num_experts_per_tok,
+                       num_requests=rows, tokens_per_request=tokens, popularity_skew=SKEW.get(key, 1.0),
+                       temporal_locality=locality, affinity=affinity, seed=seed)
+    # synthesize interleaves the requests; the trace routing reads row b's tokens at b * tokens + position
+    order = np.lexsort((trace.positions, trace.request_ids_or_default()))
+    return install_trace_routing(model, TraceRoutingSpec.from_trace(trace.select_tokens(order), stride=tokens))
 
 
 def floor_bytes(model: MoEForCausalLM, B: int, ctx: int) -> float:
@@ -192,13 +220,15 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float) -> list[dict
     E, K = model.config.num_experts, model.config.num_experts_per_tok
     rows = []
     for S in [int(v) for v in args.offload_slots.split(",")]:
-        cache = install(blocks, store, OffloadConfig(slots_per_layer=S, device=str(dev), calibrate=False), device=dev,
+        cache = install(blocks, store, OffloadConfig(slots_per_layer=S, device=str(dev), calibrate=False,
+                                                     policy=args.offload_policy), device=dev,
                         top_k=K, slots=S, backend="triton" if cuda else "torch")
         if S >= E:
             for layer in range(len(blocks)):
                 cache.prefetch(layer, list(range(E)))
         for B in batches:
-            r = dict(model=f"{MODELS[key][0]} offloaded {S}/{E}", B=B, layers=len(model.layers), floor_ms=floors[B])
+            r = dict(model=f"{MODELS[key][0]} offloaded {S}/{E}", B=B, layers=len(model.layers), floor_ms=floors[B],
+                     policy=args.offload_policy, routing="trace" if args.trace_routing else "model")
             variants = (("eager_ms", False, True), ("graph_ms", True, True), ("graph_serial_ms", True, False))
             for label, graph, ahead in variants[:3 if cuda else 1]:
                 cache.reset_stats()
@@ -239,6 +269,11 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-attention", default="triton",
                     help="comma list of triton,sdpa: how decode steps attend (moe.attention.DECODE_ATTENTION)")
     ap.add_argument("--prompt-len", default="32", help="comma list of prompt lengths (the context decoded over)")
+    ap.add_argument("--offload-policy", default="lru", choices=("lru", "lfu"), help="eviction of --offload-slots")
+    ap.add_argument("--trace-routing", action="store_true",
+                    help="route by a synthetic trace (offload.py's), not by the random routers (see above)")
+    ap.add_argument("--locality", type=float, default=0.5, help="temporal locality of --trace-routing")
+    ap.add_argument("--affinity", type=float, default=0.6, help="inter-layer affinity of --trace-routing")
     ap.add_argument("--eager-bucket", type=int, default=0,
                     help="also time eager resident steps with the attention width rounded up to this (0: not)")
     args = ap.parse_args(argv)
@@ -261,6 +296,10 @@ def main(argv=None) -> int:
              for B in (int(b) for b in args.batch.split(",")) for att in args.decode_attention.split(",")]
     for key in args.models.split(","):
         model = build(key, args.device, args.layers)
+        if args.trace_routing:
+            longest = max(int(p) for p in args.prompt_len.split(",")) + args.steps + 16
+            install_synthetic_routing(model, key, max(int(b) for b in args.batch.split(",")), longest,
+                                      args.locality, args.affinity)
         for P, B, att in cells:
             moe.attention.DECODE_ATTENTION = att
             kernel_calls[0] = 0
@@ -308,11 +347,11 @@ def main(argv=None) -> int:
             f.write(json.dumps(r) + "\n")
     off = [r for r in rows if "graph_serial_ms" in r]
     if off:
-        print(f"\n## offloaded decode, ms per step\n{'model':28s} {'B':>3s} {'eager':>8s} {'serial':>8s} "
-              f"{'run-ahead':>9s} {'hit':>5s}")
+        print(f"\n## offloaded decode, ms per step\n{'model':28s} {'B':>3s} {'policy':>6s} {'routing':>7s} {'eager':>8s} "
+              f"{'serial':>8s} {'run-ahead':>9s} {'hit':>5s}")
         for r in off:
-            print(f"{r['model']:28s} {r['B']:3d} {r['eager_ms']:8.3f} {r['graph_serial_ms']:8.3f} {r['graph_ms']:9.3f} "
-                  f"{r['graph_hit']:5.2f}")
+            print(f"{r['model']:28s} {r['B']:3d} {r['policy']:>6s} {r['routing']:>7s} {r['eager_ms']:8.3f} "
+                  f"{r['graph_serial_ms']:8.3f} {r['graph_ms']:9.3f} {r['graph_hit']:5.2f}")
     print(f"\n## resident decode, ms per step (tokens/s = B / step); bf16, triton experts\n"
           f"{'model':16s} {'B':>3s} {'prompt':>6s} {'attn':>6s} {'floor':>8s} {'eager':>8s} {'graph':>8s} {'hf':>8s} "
           f"{'eager/graph':>11s} {'hf/graph':>8s} {'graph/floor':>11s} {'tok/s graph':>11s} {'repeat':>6s} {'kernel':>6s}")

@@ -3,6 +3,7 @@
 The reference for greedy decoding is the plain loop without a KV cache: run the whole sequence
 through the model, take the argmax of the last position, append, repeat.
 """
+import numpy as np
 import pytest
 import torch
 
@@ -348,6 +349,39 @@ def test_decode_benchmark_script_runs_on_cpu(tmp_path, capsys):
         (p, b, a) for p in (8, 12) for b in (1, 2) for a in ("triton", "sdpa")]
     assert all(r["eager_ms"] > 0 and r["transformers_ms"] > 0 for r in rows)
     assert "resident decode" in capsys.readouterr().out
+
+
+def test_decode_benchmark_routes_by_a_synthetic_trace_row_by_row(tmp_path, capsys):
+    """decode.py --trace-routing: row b's token at position p takes trace request b's token p, in
+    prefill and in decode steps; and the offloaded rows run with it (eager on the CPU)."""
+    import json
+    mod = load_benchmark("decode")
+    m = mod.build("tiny", "cpu")
+    handles = mod.install_synthetic_routing(m, "tiny", rows=2, tokens=20, locality=0.5, affinity=0.6, seed=3)
+    seen = []
+    hook = m.moe_blocks()[1].router.register_forward_hook(lambda mod_, i, out: seen.append(out[0].clone()))
+    cache = m.new_cache(2, 20)
+    with torch.no_grad():
+        m(torch.randint(3, 100, (2, 5)), cache=cache)
+        m(torch.randint(3, 100, (2, 1)), cache=cache)
+    hook.remove()
+    for h in handles:
+        h.remove()
+    from routing import synthesize
+    cfg = m.config
+    tr = synthesize(num_layers=len(m.moe_blocks()), num_experts=cfg.num_experts, top_k=cfg.num_experts_per_tok,
+                    num_requests=2, tokens_per_request=20, popularity_skew=1.0, temporal_locality=0.5, affinity=0.6,
+                    seed=3)
+    req, pos = tr.request_ids_or_default(), tr.positions
+    want = [[tr.expert_ids[1][(req == b) & (pos == p)][0] for b in range(2) for p in range(5)],
+            [tr.expert_ids[1][(req == b) & (pos == 5)][0] for b in range(2)]]
+    for got, w in zip(seen, want):
+        assert torch.equal(got, torch.as_tensor(np.stack(w)).long())
+    assert mod.main(["--models", "tiny", "--device", "cpu", "--batch", "2", "--steps", "4", "--out", str(tmp_path),
+                     "--prompt-len", "8", "--trace-routing", "--offload-slots", "4", "--offload-policy", "lfu"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "decode_results.jsonl").read_text().splitlines()]
+    off = [r for r in rows if "policy" in r]
+    assert [(r["policy"], r["routing"]) for r in off] == [("lfu", "trace")] and 0 < off[0]["eager_hit"] < 1
 
 
 def test_failed_graph_capture_falls_back_to_eager_decoding(model, tok):
