@@ -72,8 +72,8 @@ class ProbeLookahead(GateLookahead):
             prior_ridges: tuple[float, ...] = PRIOR_RIDGES, device: str | torch.device = "cpu") -> "ProbeLookahead":
         """Fit the probes on ``trace`` and its hidden states ``hidden_NLD`` [T, L, D] (the hidden state
         entering each MoE layer, as ``routing.record`` writes it). ``max_tokens`` caps the tokens the
-        probes are fitted on (a fixed random subset); ``ridge`` weighs the squared weights against the
-        mean cross-entropy (inputs are standardized). ``device``: where the fits run (the result is the
+        probes are fitted on (a fixed random subset); without a prior, ``ridge`` weighs the squared
+        weights against the mean cross-entropy (inputs are standardized). ``device``: where the fits run (the result is the
         same arrays on the host; a GPU fits a deep model's probes in seconds instead of minutes).
 
         ``prior``: the routers of the model the trace came from (``GateLookahead.from_model``). A probe
@@ -83,9 +83,9 @@ class ProbeLookahead(GateLookahead):
         prior each probe starts from its target layer's router applied to the known layer's input (the
         gate lookahead, linearized around the mean input) and its ridge pulls towards that start, not
         towards zero. How hard it pulls is chosen per known layer on a fifth of the fitting tokens held
-        out: the router as it is, or the fit at each of ``prior_ridges`` (strongest first, each started
-        from the last), whichever reads those tokens' next layers best; the winner is then refitted on
-        all the tokens. Where the router reads badly (the first layers of a deep model, a shallow
+        out: the rescaled router as it is, or the fit at each of ``prior_ridges`` (strongest first,
+        each started from the last), whichever reads those tokens' next layers best; a fit that wins is
+        then refitted on all the tokens (``prior_pull`` lists the choices; None = the router). Where the router reads badly (the first layers of a deep model, a shallow
         model) the weakest pull wins and the probe is the one fitted from zero, near enough."""
         hidden = np.asarray(hidden_NLD)
         L, T, K = trace.expert_ids.shape
