@@ -11,8 +11,10 @@ companion ``*.features.npz`` of hidden states), split by request 50/50 into trai
    (popularity, previous token's path, nearest stored trace over 4096 stored tokens as before
    and over every training token ("nearest-all"), the next-layer gate on the current hidden
    state when hidden states and the model are at hand, and probes fitted from the hidden state to
-   the next layers' experts (``ProbeLookahead``, the predictor's lookahead source when there are
-   hidden states)), and the predictor without its exact-set sources ("predictor-lean", ``moe predictor
+   the next layers' experts (``ProbeLookahead``: "probe-lookahead" fitted from zero, "probe+router"
+   started from the model's own routers when the model is at hand; the latter, else the former, is
+   the predictors' lookahead source where there are hidden states, and "lean-zero-probes" is the lean
+   predictor on the former beside it)), and the predictor without its exact-set sources ("predictor-lean", ``moe predictor
    train --match-layers 0``; its eviction + prefetch as the "lean policy" rows); plus the CPU cost in
    microseconds per token (process CPU time, one thread) of one predict_batch over 64 tokens predicting every
    later layer, the most over the last known layer 0, L/2 and L-2 (one expert copy of
@@ -193,7 +195,11 @@ def run_trace(name: str, trace: RoutingTrace, feats: dict | None, quick: bool, s
                nearest_all]
     models += [m for m in (gate, probes, routed) if m is not None]
     if only:
+        names = [m.name for m in models]
         models = [m for m in models if m.name in only]
+        if not models:
+            raise SystemExit(f"--models {','.join(sorted(only))}: none of these rows exists for {name}; "
+                             f"its rows are {','.join(names)}")
     rows = []
     max_tokens = 600 if quick else 2000
     for m in models:
