@@ -174,18 +174,20 @@ def _spec(args) -> dict:
             "torch_threads": max(1, int(args.replica_cpus))}
 
 
-# --ep-decode variants: (EPServeSettings.decode, EPServeSettings.cuda_graph)
-EP_DECODES = {"replicated": ("replicated", False), "home-eager": ("home", False), "home": ("home", True)}
+# --ep-decode variants: (EPServeSettings.decode, .cuda_graph, .greedy_tokens); "-logits": greedy steps fetch
+# rank 0's logits as before session 19 instead of its token ids (the A/B of that change)
+EP_DECODES = {"replicated": ("replicated", False, True), "home-eager": ("home", False, True), "home": ("home", True, True),
+              "home-logits": ("home", True, False), "home-eager-logits": ("home", False, False)}
 
 
 def _ep_settings(args) -> dict | None:
     """serve.ep_model.EPServeSettings of the run (--ep-ranks), or None."""
     if not args.ep_ranks:
         return None
-    decode, graphs = EP_DECODES[args.ep_decode]
+    decode, graphs, tokens = EP_DECODES[args.ep_decode]
     shared = {"comm": "gloo", "gpus_per_rank": 1.0 / args.ep_ranks} if args.ep_share_gpu else {}
     return {"ranks": args.ep_ranks, "mode": args.ep_mode, "plan": args.placement_plan, "cpus_per_rank": 0.5,
-            "torch_threads": 1, "decode": decode, "cuda_graph": graphs} | shared
+            "torch_threads": 1, "decode": decode, "cuda_graph": graphs, "greedy_tokens": tokens} | shared
 
 
 async def run_inprocess(args, prompts) -> dict:
@@ -515,7 +517,8 @@ def main(argv=None) -> int:
     p.add_argument("--ep-mode", default="coherent", choices=("coherent", "standard"))
     p.add_argument("--ep-decode", default="home",
                    help="comma-separated decode variants of the ranks, each a run of its own on the same prompts: "
-                        f"{', '.join(EP_DECODES)} (home = ExFlow's decoding from CUDA graphs on GPUs)")
+                        f"{', '.join(EP_DECODES)} (home = ExFlow's decoding from CUDA graphs on GPUs; -logits: "
+                        "greedy steps return rank 0's logits, not its token ids, as before session 19)")
     p.add_argument("--placement-plan", default=None, help="PlacementPlan JSON for --ep-ranks (default round robin)")
     p.add_argument("--ep-share-gpu", action="store_true",
                    help="the --ep-ranks ranks share one GPU, joined by gloo through host memory (NCCL refuses two "
@@ -531,7 +534,7 @@ def main(argv=None) -> int:
             p.error("--ep-ranks is measured with --backend inprocess (the replica's engine driving the rank actors)")
         if args.gpu_memory or args.expert_budget is not None:
             p.error("--ep-ranks spreads the experts over GPUs; it does not combine with offloading")
-        if args.ep_share_gpu and "home" in ep_variants:
+        if args.ep_share_gpu and any(EP_DECODES[v][1] for v in ep_variants if v in EP_DECODES):
             p.error("--ep-share-gpu moves collectives through host memory, which CUDA graphs cannot capture: "
                     "use --ep-decode replicated,home-eager")
         bad = [v for v in ep_variants if v not in EP_DECODES]

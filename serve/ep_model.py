@@ -10,6 +10,10 @@ placement plan gives it, and the continuous-batching ``moe.Engine`` drives them 
                                   one forward on all ranks (the all-to-alls need every one), rows
                                   the engine emptied since the last step reset first; rank 0's
                                   logits come back
+    model.greedy_next(ids_BT, cache, valid_BT)
+                                  the same step when every running request is greedy: rank 0 takes
+                                  each row's argmax and only the token ids come back
+                                  (EPServeSettings.greedy_tokens=False leaves it out: logits always)
     model.stats()                 cross-rank rows and the parallel mode, for /metrics
 
 The plan is a ``PlacementPlan`` JSON (``moe place TRACE --gpus P --out plan.json``) or, without
@@ -39,6 +43,7 @@ class EPServeSettings:
     cuda_graph: bool = True  # placement.runtime.EPConfig.cuda_graph (home decode steps from CUDA graphs on GPUs)
     comm: str = "auto"  # placement.runtime.EPConfig.comm ('gloo' on GPUs: collectives through host memory)
     gpus_per_rank: float = 1.0  # placement.runtime.EPConfig.gpus_per_rank (< 1: ranks share GPUs, with comm 'gloo')
+    greedy_tokens: bool = True  # all-greedy steps return rank 0's token ids, not logits (ExpertParallelModel.greedy_next)
 
     def __post_init__(self):
         self.ranks = int(self.ranks)
@@ -78,11 +83,13 @@ class _RanksCache:
 class ExpertParallelModel:
     """The engine's model, running on an ``ExpertParallelRuntime`` (see the module docstring)."""
 
-    def __init__(self, runtime, config, dtype: torch.dtype):
+    def __init__(self, runtime, config, dtype: torch.dtype, greedy_tokens: bool = True):
         self.runtime = runtime
         self.config = config
         self.dtype = dtype
         self.device = torch.device("cpu")  # where the engine builds its inputs; the ranks move them
+        if not greedy_tokens:  # the engine then fetches logits at every step (what the A/B runs set)
+            self.greedy_next = None
 
     def new_cache(self, batch_size: int, max_len: int) -> _RanksCache:
         self.runtime.open_cache(batch_size, max_len)
@@ -155,4 +162,4 @@ def start_expert_parallel(model, settings: EPServeSettings, device: str, backend
                   decode=settings.decode, cuda_graph=bool(settings.cuda_graph), comm=settings.comm,
                   gpus_per_rank=float(settings.gpus_per_rank))
     runtime = ExpertParallelRuntime(model, plan, ep)
-    return ExpertParallelModel(runtime, cfg, next(model.parameters()).dtype)
+    return ExpertParallelModel(runtime, cfg, next(model.parameters()).dtype, greedy_tokens=bool(settings.greedy_tokens))

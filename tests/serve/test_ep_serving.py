@@ -131,3 +131,12 @@ def test_a_rank_that_dies_mid_request_fails_it_cleanly_and_marks_the_replica_unh
     assert sum(e.get("num_tokens", 0) for e in events if e["type"] == "delta") < 40
     texts, _ = _serve_all(cfg, [6])  # the replacement replica: new ranks, correct text
     assert texts[0] == _alone(model, tok, PROMPTS[0], 6)
+
+
+def test_greedy_tokens_false_leaves_the_engine_fetching_logits():
+    """EPServeSettings.greedy_tokens=False (benchmarks/serving.py's -logits variants): the model offers no
+    greedy_next, so the engine fetches rank 0's logits at every step, as before session 19."""
+    from serve.ep_model import EPServeSettings, ExpertParallelModel
+    assert EPServeSettings(ranks=2).greedy_tokens
+    assert callable(ExpertParallelModel(None, None, torch.float32).greedy_next)
+    assert ExpertParallelModel(None, None, torch.float32, greedy_tokens=False).greedy_next is None

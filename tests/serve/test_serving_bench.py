@@ -12,16 +12,17 @@ def test_ep_decode_variants_serve_the_same_text(ray_session, capsys):
     threads = torch.get_num_threads()
     try:
         rc = serving.main(["--model", "tiny", "--device", "cpu", "--backend", "inprocess", "--ep-ranks", "2",
-                           "--ep-decode", "replicated,home", "--num-prompts", "4", "--input-len", "8",
+                           "--ep-decode", "replicated,home,home-logits", "--num-prompts", "4", "--input-len", "8",
                            "--output-len", "6", "--max-batch-size", "2"])
     finally:
         torch.set_num_threads(threads)
     assert rc == 0
     out = capsys.readouterr().out
     # rank 0's own time inside its steps, beside the engine's step time
-    assert out.count("rank 0 inside its steps") == 2
+    assert out.count("rank 0 inside its steps") == 3
     rows = [line for line in out.splitlines() if line.startswith("inprocess ep2 coherent")]
-    assert [r.split()[3] for r in rows] == ["decode=replicated", "decode=home"]
+    # home-logits: greedy steps fetch rank 0's logits instead of its token ids (the A/B of greedy_next)
+    assert [r.split()[3] for r in rows] == ["decode=replicated", "decode=home", "decode=home-logits"]
     assert all(r.rstrip().endswith("4/4") for r in rows), rows
 
 
@@ -30,6 +31,7 @@ def test_ep_decode_variants_serve_the_same_text(ray_session, capsys):
     (["--backend", "both"], "--ep-ranks is measured with --backend inprocess"),
     (["--gpu-memory", "1GiB"], "does not combine with offloading"),
     (["--ep-share-gpu", "--ep-decode", "replicated,home"], "CUDA graphs cannot capture"),
+    (["--ep-share-gpu", "--ep-decode", "home-logits"], "CUDA graphs cannot capture"),
 ])
 def test_ep_arguments_are_checked(argv, message, capsys):
     serving = load_benchmark("serving")
@@ -44,6 +46,8 @@ def test_ep_share_gpu_joins_the_ranks_by_gloo_on_a_share_of_one_gpu():
                                       ep_share_gpu=True)
     got = serving._ep_settings(args)
     assert (got["comm"], got["gpus_per_rank"], got["decode"], got["cuda_graph"]) == ("gloo", 0.5, "home", False)
+    assert got["greedy_tokens"] and not serving._ep_settings(
+        serving.argparse.Namespace(**{**vars(args), "ep_decode": "home-eager-logits"}))["greedy_tokens"]
     from serve.ep_model import EPServeSettings
     EPServeSettings(**got)  # the replica takes them as they are
 
