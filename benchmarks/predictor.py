@@ -20,7 +20,9 @@ companion ``*.features.npz`` of hidden states), split by request 50/50 into trai
    later layer, the most over the last known layer 0, L/2 and L-2 (one expert copy of
    Qwen3-30B-A3B over PCIe takes 170 us); at Qwen3-30B-A3B's shape also per call at batch 1 and 8;
 2. the token scheduler: distinct experts per batch (summed over layers) under FIFO and under
-   grouping by predicted path, with the largest extra wait any token saw (bound: 2 batches);
+   grouping by predicted path, with the largest extra wait any token saw (bound: 2 batches); and
+   two bounds on what grouping can gain on the trace: the true paths with no wait bound, and the
+   best partition of each decode round into batches (pairwise swaps, true paths);
 3. when offload.simulate exists: the expert-cache hit ratio at 10/25/50% of the experts per
    layer for 4 test requests decoding together, and for the longest one decoding alone: LRU and Belady (the optimum of demand caching)
    without prefetch; then with prefetch of the next layer's experts after each layer, at most
@@ -144,6 +146,49 @@ def hit_ratios(test: RoutingTrace, models, max_tokens: int, batch: int = 4,
     return out
 
 
+def best_partition_reduction(test: RoutingTrace, B: int, rounds: int, restarts: int = 3, seed: int = 0) -> float:
+    """Mean over the first ``rounds`` decode rounds (round t: every request's t-th token, cut to a multiple
+    of B) of (distinct experts summed over layers and batches of the best partition into batches of B
+    found by pairwise swaps from ``restarts`` random starts) / (the same in request order) - 1: what
+    grouping one round at a time could gain with the true paths and no fairness bound."""
+    paths, req = test.paths().astype(np.int64), test.request_ids_or_default()
+    L, E = test.num_layers, test.num_experts
+    rng = np.random.default_rng(seed)
+    out = []
+    for t in range(rounds):
+        toks = [np.flatnonzero(req == r)[t] for r in np.unique(req) if (req == r).sum() > t]
+        toks = toks[:len(toks) // B * B]
+        if len(toks) < 2 * B:
+            continue
+        H = np.zeros((len(toks), L, E), bool)  # each token's experts per layer
+        for i, tk in enumerate(toks):
+            for layer in range(L):
+                H[i, layer, paths[tk, layer][paths[tk, layer] >= 0]] = True
+
+        def cost(g):
+            return int(H[g].any(0).sum())
+        fifo = sum(cost(list(range(i, i + B))) for i in range(0, len(toks), B))
+        best = None
+        for _ in range(restarts):
+            perm = rng.permutation(len(toks))
+            groups = [list(perm[i:i + B]) for i in range(0, len(toks), B)]
+            improved = True
+            while improved:
+                improved = False
+                for a in range(len(groups)):
+                    for b in range(a + 1, len(groups)):
+                        for i in range(B):
+                            for j in range(B):
+                                ga, gb = groups[a][:], groups[b][:]
+                                ga[i], gb[j] = groups[b][j], groups[a][i]
+                                if cost(ga) + cost(gb) < cost(groups[a]) + cost(groups[b]):
+                                    groups[a], groups[b], improved = ga, gb, True
+            total = sum(cost(g) for g in groups)
+            best = total if best is None else min(best, total)
+        out.append(best / fifo - 1)
+    return float(np.mean(out)) if out else float("nan")
+
+
 def run_trace(name: str, trace: RoutingTrace, feats: dict | None, quick: bool, summary: list,
               recall_only: bool = False, only: frozenset = frozenset()) -> None:
     print(f"\n=== {name}: {trace!r}")
@@ -224,6 +269,13 @@ def run_trace(name: str, trace: RoutingTrace, feats: dict | None, quick: bool, s
           + "; ".join(f"{k} paths {v.distinct_experts_per_batch:.1f} "
                       f"({100 * (v.distinct_experts_per_batch / fifo.distinct_experts_per_batch - 1):+.0f}%, "
                       f"max extra wait {v.max_extra_wait})" for k, v in sched.items()))
+    # how far grouping could go on this trace at all: the true paths with no fairness bound, and the best
+    # partition of each decode round (every request's t-th token) found by pairwise swaps
+    free = simulate_schedule(test, None, SchedulerConfig(batch_size=B, max_wait=10 ** 6), per_req)
+    part = best_partition_reduction(test, B, per_req)
+    free_red = free.distinct_experts_per_batch / fifo.distinct_experts_per_batch - 1
+    print(f"scheduler bounds (true paths): no fairness bound {100 * free_red:+.0f}%; "
+          f"best partition of each decode round {100 * part:+.0f}%")
 
     hid_test = None if f_test is None else f_test["hidden_NLD"]
     hits = hit_ratios(test, models, 256 if quick else 1024, hidden_NLD=hid_test)
