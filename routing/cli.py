@@ -99,6 +99,11 @@ def _train(args: argparse.Namespace) -> int:
         kind = args.lookahead or ("probe+router" if args.model else "probe")
         if kind in ("gate", "probe+router") and not args.model:
             raise ValueError(f"--lookahead {kind} needs --model DIR (the model whose routers are applied)")
+        if args.fit_device.startswith("cuda") and kind != "gate":
+            import torch
+            if not torch.cuda.is_available():
+                raise ValueError(f"--fit-device {args.fit_device}: this machine has no CUDA device; fit on the CPU "
+                                 "(--fit-device cpu, the default)")
         if kind == "gate":
             lookahead = _gate(args, trace)
         else:
@@ -201,7 +206,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     t.add_argument("trace", type=Path, help="routing trace .npz (RoutingTrace.save)")
     t.add_argument("--out", type=Path, required=True, help="where to write the predictor (.npz)")
     t.add_argument("--features", type=Path, default=None, help="companion features .npz (hidden states)")
-    t.add_argument("--model", type=Path, default=None, help="model directory, for the gate-lookahead source")
+    t.add_argument("--model", type=Path, default=None,
+                   help="the model the trace was recorded from: its routers start the probes (or, with "
+                        "--lookahead gate, are the lookahead)")
     t.add_argument("--lookahead", choices=("probe", "gate", "probe+router"), default=None,
                    help="with --features: probes fitted from zero (the default without --model), the model's own "
                         "routers (gate), or probes started from those routers (probe+router, the default with "

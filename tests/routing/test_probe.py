@@ -205,6 +205,11 @@ def test_cli_starts_the_probes_from_the_models_routers_given_the_model(tmp_path,
     assert main(["predictor", "train", str(t), "--out", str(out), "--features", str(f),
                  "--lookahead", "probe+router"]) == 2
     assert "--model" in capsys.readouterr().err
+    import torch
+    if not torch.cuda.is_available():
+        assert main(["predictor", "train", str(t), "--out", str(out), "--features", str(f),
+                     "--fit-device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
 
 
 def test_interleaved_order_is_the_interleaved_trace():
