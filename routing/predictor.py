@@ -30,6 +30,11 @@ with sources s:
     searched among those sharing its latest set or the one before (``neighbour_counts``);
   - ``successor``: the previous token's layer-0 set (nearly its identity) through the table of
     what the tokens that followed it used: known before the forward starts (a bigram of paths).
+Where the gate source is given, its lookahead can also answer alone: for each known layer and distance
+the fit compares, on the requests held out from the counting, the top-k recall of the predictor with that
+of the lookahead's own softmax, and keeps the lookahead's answer where it reads better (``direct_LD``). The
+weights are shared across known layers, so a source that reads far better at some layers than at others
+(a deep model's routers, BENCHMARKS 7h/7i) is under-used there by the product alone.
 Every table is counted from a trace and smoothed toward popularity; an absent source
 contributes 0 (no evidence). The weights w[g, s] depend on the group g: the distance
 m - layer when layers are known, or the target layer m when nothing is known yet; they are
@@ -60,9 +65,17 @@ from .stats import cost_per_token_us, evaluate, token_inputs  # noqa: F401  (re-
 from .trace import RoutingTrace, read_npz
 
 _FORMAT = "moeflow.PathPredictor"
-_VERSION = 2  # v2 added the exact-set match sources (v1 files load with those sources off)
+_VERSION = 3  # v2 added the exact-set match sources (v1 files load with those sources off), v3 direct_LD
 _LOG_FLOOR = -12.0
 _GATHER_ROWS = 512  # table rows the fast path gathers with numpy (more: embedding_bag; measured crossing ~1000)
+_DIRECT_TOKENS = 1024  # held-out tokens per known layer that choose between the predictor and its lookahead
+
+
+def _topk_recall(probs_NME: np.ndarray, true_NMK: np.ndarray, k: int) -> np.ndarray:
+    """[M] recall of each target row's top-k (stable order, as ``evaluate``) against the real ids (-1: none)."""
+    top = np.argsort(-probs_NME, axis=-1, kind="stable")[..., :k]  # [N, M, k]
+    hit = (top[..., :, None] == true_NMK[..., None, :]).any(-2) & (true_NMK >= 0)  # [N, M, K]
+    return hit.sum((0, 2)) / np.maximum((true_NMK >= 0).sum((0, 2)), 1)
 
 
 @dataclass
@@ -273,7 +286,8 @@ class PathPredictor(PathModel):
     name = "predictor"
 
     def __init__(self, tables: _Tables, weight_sets: dict[str, np.ndarray], top_k: int,
-                 config: PredictorConfig | None = None, lookahead: GateLookahead | None = None):
+                 config: PredictorConfig | None = None, lookahead: GateLookahead | None = None,
+                 direct_LD: np.ndarray | None = None):
         self.tables = tables
         self.num_layers, self.num_experts = tables.log_pop.shape
         self.top_k = top_k
@@ -283,6 +297,11 @@ class PathPredictor(PathModel):
         # leave the others weighted as if it were there
         self.weight_sets = {k: np.asarray(v, dtype=np.float32) for k, v in weight_sets.items()}
         self.lookahead = lookahead
+        # [L - 1, L - 1] bool: known layer l, distance d + 1 -> the lookahead's own answer (with the gate source)
+        L = self.num_layers
+        self.direct_LD = np.zeros((L - 1, L - 1), bool) if direct_LD is None else np.asarray(direct_LD, bool)
+        if self.direct_LD.shape != (L - 1, L - 1):
+            raise ValueError(f"direct_LD must be [{L - 1}, {L - 1}], got {self.direct_LD.shape}")
         C = self.config.context_layers
         Mt = self.config.match_layers
         self.source_names = (["pop"] + [f"trans-{c}" for c in range(C)] + ["repeat", "token", "gate", "anchor"]
@@ -514,7 +533,7 @@ class PathPredictor(PathModel):
             probs = torch.zeros(known.shape[0], self.num_layers, self.num_experts)
             # k times the softmax: the expected use of each expert (sums to k, clipped at 1)
             probs[:, layer + 1:] = torch.softmax(torch.as_tensor(score), -1).mul_(self.top_k).clamp_(max=1.0)
-            return finish(probs.numpy(), layer, known)
+            return finish(self._direct(probs.numpy(), layer, gate), layer, known)
         # the same, written in place
         N, L, E, first = known.shape[0], self.num_layers, self.num_experts, layer + 1
         probs = np.empty((N, L, E), dtype=np.float32)
@@ -531,7 +550,18 @@ class PathPredictor(PathModel):
         z = torch.from_numpy(self._scores(plan, prev, layer, known, tok, gate))  # [N, L - first, E]
         # k times the softmax (the expected use of each expert), clipped at 1 (torch's exp: 2x numpy's)
         torch.from_numpy(probs)[:, first:] = torch.softmax(z, -1).mul_(self.top_k).clamp_(max=1.0)
-        return probs
+        return self._direct(probs, layer, gate)
+
+    def _direct(self, probs_NLE: np.ndarray, layer: int, gate_NLE: np.ndarray | None) -> np.ndarray:
+        """The target rows where the fit chose the lookahead's own answer: k times its softmax, clipped at 1
+        (what ``GateLookahead.predict_batch`` gives)."""
+        if gate_NLE is None or layer < 0 or layer >= self.num_layers - 1:
+            return probs_NLE
+        rows = layer + 1 + np.flatnonzero(self.direct_LD[layer, :self.num_layers - 1 - layer])
+        if len(rows):
+            z = torch.from_numpy(np.ascontiguousarray(gate_NLE[:, rows], dtype=np.float32))
+            probs_NLE[:, rows] = torch.softmax(z, -1).mul_(self.top_k).clamp_(max=1.0).numpy()
+        return probs_NLE
 
     # --- training ---------------------------------------------------------------------------------
     @classmethod
@@ -558,6 +588,7 @@ class PathPredictor(PathModel):
         w0[:, 1 + cfg.context_layers + 4:] = 0.0
         model = cls(_Tables(trace.select_tokens(count_idx), cfg), {"base": w0}, K, cfg, lookahead)
         model._fit_weights(trace, fit_idx, features, verbose)
+        model._choose_direct(trace, fit_idx, features, verbose)
         model.tables = _Tables(trace, cfg)  # final tables from every token
         return model
 
@@ -611,6 +642,33 @@ class PathPredictor(PathModel):
                     print(f"fitted {theta.size} weights ({key}) on {len(X)} (token, layer) rows: loss {loss:.4f}")
         self.weight_sets = sets
 
+    def _choose_direct(self, trace: RoutingTrace, fit_idx: np.ndarray, features: dict | None, verbose: bool):
+        """Per known layer and distance, keep the lookahead's own answer where its top-k recall on the fit
+        tokens (held out from the counted tables) beats the predictor's. Needs the gate source."""
+        hidden = None if features is None else features.get("hidden_NLD")
+        L, K = self.num_layers, self.top_k
+        self.direct_LD = np.zeros((L - 1, L - 1), bool)
+        if hidden is None or self.lookahead is None or not len(fit_idx):
+            return
+        rng = np.random.default_rng(self.config.seed + 1)
+        tok = np.sort(rng.choice(fit_idx, size=min(len(fit_idx), _DIRECT_TOKENS), replace=False))
+        paths = trace.paths().astype(np.int64)
+        prev_idx = trace.previous_token_index()
+        prev = np.where(prev_idx[tok, None, None] >= 0, paths[np.maximum(prev_idx[tok], 0)], -1)
+        feats = {"hidden_NLD": np.asarray(hidden)[tok]}
+        if trace.token_ids is not None:
+            feats["token_ids"] = trace.token_ids[tok]
+        true = paths[tok]  # [n, L, K]
+        for layer in range(L - 1):
+            known = true[:, :layer + 1]
+            mine = _topk_recall(self.predict_batch(prev, layer, known, feats)[:, layer + 1:], true[:, layer + 1:], K)
+            look = _topk_recall(self.lookahead.predict_batch(prev, layer, known, feats)[:, layer + 1:],
+                                true[:, layer + 1:], K)
+            self.direct_LD[layer, :L - 1 - layer] = look > mine
+        if verbose:
+            print(f"the lookahead answers alone at {int(self.direct_LD[:, 0].sum())} of {L - 1} known layers one "
+                  f"ahead, {int(self.direct_LD.sum())} (layer, distance) pairs in all")
+
     # --- disk -------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -620,18 +678,20 @@ class PathPredictor(PathModel):
                   "weight_sets": sorted(self.weight_sets)}
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(path, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
-                            **{f"weights_{k}": w for k, w in self.weight_sets.items()}, **self.tables.arrays())
+                            **{f"weights_{k}": w for k, w in self.weight_sets.items()}, **self.tables.arrays(),
+                            direct_LD=self.direct_LD)
         return path
 
     @classmethod
     def load(cls, path: str | Path, lookahead: GateLookahead | None = None) -> "PathPredictor":
         header, arrays = read_npz(path, "PathPredictor", "train one with `moe predictor train`",
                                   required=("weights_base",))
-        if header.get("format") != _FORMAT or header.get("version") not in (1, _VERSION):
+        if header.get("format") != _FORMAT or header.get("version") not in (1, 2, _VERSION):
             raise ValueError(f"{path} is not a moeflow PathPredictor v{_VERSION} file "
                              f"(format {header.get('format')!r} v{header.get('version')})")
         sets = {k: arrays[f"weights_{k}"] for k in header.get("weight_sets", ["base"])}
         cfg = dict(header["config"])
         if header["version"] == 1:
             cfg["match_layers"] = 0  # v1 had no exact-set sources (its weights have no columns for them)
-        return cls(_Tables.from_arrays(arrays), sets, int(header["top_k"]), PredictorConfig(**cfg), lookahead)
+        return cls(_Tables.from_arrays(arrays), sets, int(header["top_k"]), PredictorConfig(**cfg), lookahead,
+                   direct_LD=arrays.get("direct_LD"))  # v1/v2: the predictor's answer everywhere

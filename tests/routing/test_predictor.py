@@ -152,6 +152,10 @@ def fast_case(request, tmp_path_factory):
     lookahead = GateLookahead(_linear_routers(L, D, E, seed=E), E, K)
     p = PathPredictor.fit(train, PredictorConfig(fit_iters=3, **cfg), features={"hidden_NLD": hidden},
                           lookahead=lookahead)
+    # target rows the lookahead answers alone (the fit's choice on these random routers is noise): both
+    # paths must replace the same rows, and the choice must survive the file
+    p.direct_LD[1::2, 0] = True
+    p.direct_LD[0, :3] = True
     loaded = PathPredictor.load(p.save(tmp_path_factory.mktemp("fast") / "p.npz"), lookahead=lookahead)
     return p, loaded, train, test, D
 
@@ -209,6 +213,21 @@ def test_fast_path_equals_the_reference_over_shapes_layers_and_batches(fast_case
             _assert_same_prediction(fast, ref, p.top_k)
         np.testing.assert_array_equal(loaded.predict_batch(prev, layer, known[:, :layer + 1], feats),
                                       p.predict_batch(prev, layer, known[:, :layer + 1], feats))
+
+
+def test_rows_the_lookahead_answers_alone_are_its_softmax_and_need_its_input(fast_case):
+    p, loaded, train, test, D = fast_case
+    known, prev, feats = _inputs(train, test, 16, D, seed=5)
+    look = p.lookahead.predict_batch(prev, 0, known[:, :1], feats)
+    got = p.predict_batch(prev, 0, known[:, :1], feats)
+    np.testing.assert_array_equal(loaded.direct_LD, p.direct_LD)
+    for d in (1, 2, 3):
+        np.testing.assert_allclose(got[:, d], look[:, d], rtol=1e-5, atol=1e-6)
+    # without the hidden state the gate source is absent, and so is its own answer
+    plain = p.predict_batch(prev, 0, known[:, :1], {"token_ids": feats["token_ids"]})
+    assert not np.allclose(plain[:, 1], look[:, 1], atol=1e-3)
+    with pytest.raises(ValueError, match="direct_LD must be"):
+        PathPredictor(p.tables, p.weight_sets, p.top_k, p.config, p.lookahead, direct_LD=np.zeros((2, 2), bool))
 
 
 def test_fast_path_takes_an_empty_batch(fast_case):

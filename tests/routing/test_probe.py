@@ -166,7 +166,13 @@ def test_the_path_predictor_gains_from_router_started_probes_whatever_the_router
     (the routers read nothing). The predictor weighs its lookahead source alike at every known layer,
     so a router start must be rescaled to the probes' log-odds: on the 48-layer model (s19-c) the
     unscaled one read 0.925 alone but made the predictor worse than zero-started probes (0.838 against
-    0.883). Here too, flat (0.02) or peaky (20) router logits: the predictor must gain, not lose."""
+    0.883). Here too, flat (0.02) or peaky (20) router logits: the predictor must gain, not lose.
+
+    And it must read at least what its lookahead reads alone: rescaled or not, the weights are shared
+    by every known layer, so the product under-uses a source that is exact at half of them (0.938
+    against 0.953 here; on a 48-layer model 0.887 against 0.955, BENCHMARKS 7i). The fit keeps the
+    lookahead's own answer where it reads the held-out tokens better (``direct_LD``). The routers used
+    as they are (no probes) fell furthest: 0.057 against 0.584 at scale 20."""
     import torch
     Lm, Em, Km, Dm, T = 8, 16, 4, 24, 1200
     rng = np.random.default_rng(0)
@@ -181,12 +187,16 @@ def test_the_path_predictor_gains_from_router_started_probes_whatever_the_router
     train, test, h_tr, h_te = _split(trace, hidden)
     gate = GateLookahead(routers, Em, Km, fallback=PopularityBaseline.fit(train))
     got = {}
-    for name, look in (("zero", ProbeLookahead.fit(train, h_tr)), ("router", ProbeLookahead.fit(train, h_tr, prior=gate))):
+    for name, look in (("zero", ProbeLookahead.fit(train, h_tr)), ("router", ProbeLookahead.fit(train, h_tr, prior=gate)),
+                       ("gate", gate)):
         pred = PathPredictor.fit(train, features={"hidden_NLD": h_tr}, lookahead=look)
         got[name] = (evaluate(look, test, {"hidden_NLD": h_te})["1"]["mean_recall"],
                      evaluate(pred, test, {"hidden_NLD": h_te})["1"]["mean_recall"])
+        assert pred.direct_LD.shape == (Lm - 1, Lm - 1)
     assert got["router"][0] > got["zero"][0] + 0.05, got  # the lookahead alone
-    assert got["router"][1] > got["zero"][1] + 0.04, got  # and through the predictor
+    assert got["router"][1] > got["zero"][1] + 0.05, got  # and through the predictor
+    for name, (alone, predicted) in got.items():
+        assert predicted >= alone - 0.01, (name, got)
 
 
 def test_cli_starts_the_probes_from_the_models_routers_given_the_model(tmp_path, capsys):
