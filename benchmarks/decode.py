@@ -34,7 +34,8 @@ trace of benchmarks/offload.py: routing.synthesize with the shape's popularity s
 --affinity), keyed by (batch row, position) on the device (placement.trace_routing), so it holds in
 CUDA graphs and pieces too; row b decodes request b of the trace. Random weights route uniformly,
 which no trained model does: this is how offloaded decode (--offload-slots, --offload-policy) meets
-realistic hit ratios on the engine's own path. The floor still assumes uniform routing.
+realistic hit ratios on the engine's own path. The resident floor still assumes uniform routing; the
+offloaded rows add the bytes their timed steps copied, at the host -> GPU rate measured in the run.
 
 Peer (--peers transformers, measured in the same run after our model is freed): Hugging Face
 transformers' own implementation of the same family at the same shapes (random weights, same dtype,
@@ -158,8 +159,9 @@ def sync(dev):
 
 @torch.inference_mode()
 def run(model: MoEForCausalLM, B: int, steps: int, graph: bool, prompt_len: int = 32, seed: int = 0,
-        run_ahead: bool = True, bucket: int = 0):
-    """Seconds per decode step after a prompt of ``prompt_len`` random tokens, and the first 8 steps' logits."""
+        run_ahead: bool = True, bucket: int = 0, on_timing=None):
+    """Seconds per decode step after a prompt of ``prompt_len`` random tokens, and the first 8 steps' logits.
+    ``on_timing()`` is called when the timed steps start (after the prefill and the capture / warm-up steps)."""
     dev = model.device
     g = torch.Generator(device="cpu").manual_seed(seed)
     cache = model.new_cache(B, prompt_len + steps + 8)
@@ -178,6 +180,8 @@ def run(model: MoEForCausalLM, B: int, steps: int, graph: bool, prompt_len: int 
     for s in range(steps + 2):
         if s == 2:  # the first steps capture / warm up
             sync(dev)
+            if on_timing is not None:
+                on_timing()
             t0 = time.perf_counter()
         if graph:
             out = graphs.step(ids, valid, length)
@@ -218,6 +222,10 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float) -> list[dict
     if cuda:
         torch.cuda.empty_cache()
     E, K = model.config.num_experts, model.config.num_experts_per_tok
+    # the copy floor of a step: the bytes its misses copied over the measured host -> GPU rate (pinned)
+    from offload.cost_model import copy_bytes_per_s
+    h2d = copy_bytes_per_s(dev, torch.empty(64 << 20, dtype=torch.uint8)) if cuda else float("nan")
+    print(f"host -> GPU copies: {h2d / 1e9:.1f} GB/s (pinned, 64 MiB)", flush=True)
     rows = []
     for S in [int(v) for v in args.offload_slots.split(",")]:
         cache = install(blocks, store, OffloadConfig(slots_per_layer=S, device=str(dev), calibrate=False,
@@ -228,13 +236,17 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float) -> list[dict
                 cache.prefetch(layer, list(range(E)))
         for B in batches:
             r = dict(model=f"{MODELS[key][0]} offloaded {S}/{E}", B=B, layers=len(model.layers), floor_ms=floors[B],
-                     policy=args.offload_policy, routing="trace" if args.trace_routing else "model")
+                     policy=args.offload_policy, routing="trace" if args.trace_routing else "model", h2d_gbs=h2d / 1e9)
             variants = (("eager_ms", False, True), ("graph_ms", True, True), ("graph_serial_ms", True, False))
             for label, graph, ahead in variants[:3 if cuda else 1]:
                 cache.reset_stats()
-                t, logits = run(model, B, args.steps, graph=graph, run_ahead=ahead)
+                t, logits = run(model, B, args.steps, graph=graph, run_ahead=ahead, on_timing=cache.reset_stats)
+                st = cache.stats()  # the timed decode steps only
                 r[label] = t * 1e3
-                r[label.replace("_ms", "_hit")] = cache.stats()["hit_ratio"]  # prefill and warm-up steps included
+                r[label.replace("_ms", "_hit")] = st["hit_ratio"]
+                r[label.replace("_ms", "_mb_per_step")] = st["bytes_copied"] / args.steps / 1e6
+                # resident floor + the step's copies at the measured rate (copies and compute not overlapped)
+                r[label.replace("_ms", "_copy_floor_ms")] = floors[B] + st["bytes_copied"] / args.steps / h2d * 1e3
                 if graph:
                     r[label.replace("_ms", "_same_steps")] = steps_before_parting(eager_logits, logits)
                 else:
@@ -347,11 +359,15 @@ def main(argv=None) -> int:
             f.write(json.dumps(r) + "\n")
     off = [r for r in rows if "graph_serial_ms" in r]
     if off:
-        print(f"\n## offloaded decode, ms per step\n{'model':28s} {'B':>3s} {'policy':>6s} {'routing':>7s} {'eager':>8s} "
-              f"{'serial':>8s} {'run-ahead':>9s} {'hit':>5s}")
+        print(f"\n## offloaded decode, ms per step (hit ratio and MB copied: the timed decode steps; floor = resident "
+              f"floor + those MB at the measured host -> GPU rate)\n{'model':28s} {'B':>3s} {'policy':>6s} "
+              f"{'routing':>7s} {'eager':>8s} {'serial':>8s} {'run-ahead':>9s} {'hit':>5s} {'MB/step':>8s} "
+              f"{'floor':>7s} {'ahead/floor':>11s}")
         for r in off:
+            fl = r["graph_copy_floor_ms"]
             print(f"{r['model']:28s} {r['B']:3d} {r['policy']:>6s} {r['routing']:>7s} {r['eager_ms']:8.3f} "
-                  f"{r['graph_serial_ms']:8.3f} {r['graph_ms']:9.3f} {r['graph_hit']:5.2f}")
+                  f"{r['graph_serial_ms']:8.3f} {r['graph_ms']:9.3f} {r['graph_hit']:5.2f} "
+                  f"{r['graph_mb_per_step']:8.1f} {fl:7.2f} {r['graph_ms'] / fl:11.2f}")
     print(f"\n## resident decode, ms per step (tokens/s = B / step); bf16, triton experts\n"
           f"{'model':16s} {'B':>3s} {'prompt':>6s} {'attn':>6s} {'floor':>8s} {'eager':>8s} {'graph':>8s} {'hf':>8s} "
           f"{'eager/graph':>11s} {'hf/graph':>8s} {'graph/floor':>11s} {'tok/s graph':>11s} {'repeat':>6s} {'kernel':>6s}")

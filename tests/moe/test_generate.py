@@ -382,6 +382,8 @@ def test_decode_benchmark_routes_by_a_synthetic_trace_row_by_row(tmp_path, capsy
     rows = [json.loads(line) for line in (tmp_path / "decode_results.jsonl").read_text().splitlines()]
     off = [r for r in rows if "policy" in r]
     assert [(r["policy"], r["routing"]) for r in off] == [("lfu", "trace")] and 0 < off[0]["eager_hit"] < 1
+    # the bytes the timed decode steps copied; their copy floor needs a GPU's measured rate (NaN on the CPU)
+    assert 0 < off[0]["eager_mb_per_step"] and off[0]["eager_copy_floor_ms"] != off[0]["eager_copy_floor_ms"]  # NaN: no GPU
 
 
 def test_failed_graph_capture_falls_back_to_eager_decoding(model, tok):
