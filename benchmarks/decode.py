@@ -25,7 +25,8 @@ the experts move to pinned host memory (offload.HostExpertStore) and S per layer
 the GPU (LRU; S = E: every expert cached); "eager" = model(ids, cache), "graph" = the step as
 CUDA-graph pieces around the offloaded experts (moe.cuda_graph.PiecewiseDecodeGraphs), which run
 eagerly in between, each piece queued before the host has read the previous layer's routing
-(run-ahead), "graph_serial" = the same pieces each queued after it. The floor is the resident one
+(run-ahead, at the layers whose speculations are mostly kept), "graph_serial" = the same pieces each
+queued after it, "graph_always" (offloaded rows) = run-ahead at every layer. The floor is the resident one
 (copies not counted). --eager-bucket 256 adds resident eager steps whose attention width is rounded
 up as the graphs' is.
 
@@ -159,7 +160,7 @@ def sync(dev):
 
 @torch.inference_mode()
 def run(model: MoEForCausalLM, B: int, steps: int, graph: bool, prompt_len: int = 32, seed: int = 0,
-        run_ahead: bool = True, bucket: int = 0, on_timing=None):
+        run_ahead: bool = True, bucket: int = 0, on_timing=None, min_kept: float = 0.5):
     """Seconds per decode step after a prompt of ``prompt_len`` random tokens, and the first 8 steps' logits.
     ``on_timing()`` is called when the timed steps start (after the prefill and the capture / warm-up steps)."""
     dev = model.device
@@ -174,7 +175,7 @@ def run(model: MoEForCausalLM, B: int, steps: int, graph: bool, prompt_len: int 
     elif graph_support(model) is None:
         graphs = DecodeGraphs(model, cache)
     else:
-        graphs = PiecewiseDecodeGraphs(model, cache, run_ahead=run_ahead)
+        graphs = PiecewiseDecodeGraphs(model, cache, run_ahead=run_ahead, run_ahead_min_kept=min_kept)
     logits = []
     length = prompt_len
     for s in range(steps + 2):
@@ -237,10 +238,13 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float) -> list[dict
         for B in batches:
             r = dict(model=f"{MODELS[key][0]} offloaded {S}/{E}", B=B, layers=len(model.layers), floor_ms=floors[B],
                      policy=args.offload_policy, routing="trace" if args.trace_routing else "model", h2d_gbs=h2d / 1e9)
-            variants = (("eager_ms", False, True), ("graph_ms", True, True), ("graph_serial_ms", True, False))
-            for label, graph, ahead in variants[:3 if cuda else 1]:
+            # graph: run-ahead where a layer's speculations are mostly kept (the default); always: at every layer
+            variants = (("eager_ms", False, True, 0.5), ("graph_ms", True, True, 0.5), ("graph_serial_ms", True, False, 0.5),
+                        ("graph_always_ms", True, True, 0.0))
+            for label, graph, ahead, min_kept in variants[:4 if cuda else 1]:
                 cache.reset_stats()
-                t, logits = run(model, B, args.steps, graph=graph, run_ahead=ahead, on_timing=cache.reset_stats)
+                t, logits = run(model, B, args.steps, graph=graph, run_ahead=ahead, on_timing=cache.reset_stats,
+                                min_kept=min_kept)
                 st = cache.stats()  # the timed decode steps only
                 r[label] = t * 1e3
                 r[label.replace("_ms", "_hit")] = st["hit_ratio"]
@@ -361,12 +365,12 @@ def main(argv=None) -> int:
     if off:
         print(f"\n## offloaded decode, ms per step (hit ratio and MB copied: the timed decode steps; floor = resident "
               f"floor + those MB at the measured host -> GPU rate)\n{'model':28s} {'B':>3s} {'policy':>6s} "
-              f"{'routing':>7s} {'eager':>8s} {'serial':>8s} {'run-ahead':>9s} {'hit':>5s} {'MB/step':>8s} "
-              f"{'floor':>7s} {'ahead/floor':>11s}")
+              f"{'routing':>7s} {'eager':>8s} {'serial':>8s} {'always':>8s} {'run-ahead':>9s} {'hit':>5s} "
+              f"{'MB/step':>8s} {'floor':>7s} {'ahead/floor':>11s}")
         for r in off:
             fl = r["graph_copy_floor_ms"]
             print(f"{r['model']:28s} {r['B']:3d} {r['policy']:>6s} {r['routing']:>7s} {r['eager_ms']:8.3f} "
-                  f"{r['graph_serial_ms']:8.3f} {r['graph_ms']:9.3f} {r['graph_hit']:5.2f} "
+                  f"{r['graph_serial_ms']:8.3f} {r['graph_always_ms']:8.3f} {r['graph_ms']:9.3f} {r['graph_hit']:5.2f} "
                   f"{r['graph_mb_per_step']:8.1f} {fl:7.2f} {r['graph_ms'] / fl:11.2f}")
     print(f"\n## resident decode, ms per step (tokens/s = B / step); bf16, triton experts\n"
           f"{'model':16s} {'B':>3s} {'prompt':>6s} {'attn':>6s} {'floor':>8s} {'eager':>8s} {'graph':>8s} {'hf':>8s} "

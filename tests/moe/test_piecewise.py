@@ -72,7 +72,7 @@ def test_pieces_equal_the_model_on_the_cpu(family, slots, run_ahead, monkeypatch
     runners = []
 
     def make(mm, c):
-        runners.append(PiecewiseDecodeGraphs(mm, c, capture=False, run_ahead=run_ahead))
+        runners.append(PiecewiseDecodeGraphs(mm, c, capture=False, run_ahead=run_ahead, run_ahead_min_kept=0.0))
         return runners[-1]
 
     got, len_got = _decode(m2, 4, make, dev)
@@ -91,6 +91,47 @@ def test_pieces_equal_the_model_on_the_cpu(family, slots, run_ahead, monkeypatch
     assert len(pieces) - 4 * n == sum(1 for layer, k in kept if layer in ahead and not k)
     if run_ahead and slots == 2:  # mixtral and qwen2_moe, 2 of 8 experts cached
         assert len(pieces) > 4 * n  # the rerun path ran
+
+
+def test_run_ahead_stops_at_layers_whose_speculations_are_mostly_dropped(monkeypatch):
+    """A rerun after a dropped speculation wastes a piece (BENCHMARKS 3i: run-ahead slower than serial at
+    25% of the experts): a layer runs ahead only while its moving share of kept speculations is at least
+    run_ahead_min_kept. With 2 of 8 experts cached most are dropped, so most layer calls run serially,
+    and the logits stay those of the model."""
+    from offload.apply import OffloadedExperts
+
+    dev = torch.device("cpu")
+    want, _ = _decode(_offloaded("mixtral", dev, 2)[1], 8, None, dev)
+    got = {}
+    for min_kept in (0.0, 0.5, 1.0):
+        m = _offloaded("mixtral", dev, 2)[1]
+        dropped, pieces, runners = [0], [], []
+        real, real_piece = OffloadedExperts.forward, PiecewiseDecodeGraphs._piece
+
+        def spy(self, x, ids, w, speculated=None, **kw):
+            y = real(self, x, ids, w, speculated=speculated, **kw)
+            dropped[0] += speculated is not None and y is not speculated
+            return y
+        monkeypatch.setattr(OffloadedExperts, "forward", spy)
+        monkeypatch.setattr(PiecewiseDecodeGraphs, "_piece", lambda self, k, *a: pieces.append(k) or real_piece(self, k, *a))
+
+        def make(mm, c, mk=min_kept):
+            runners.append(PiecewiseDecodeGraphs(mm, c, capture=False, run_ahead_min_kept=mk))
+            return runners[-1]
+        out, _ = _decode(m, 8, make, dev)
+        for a, b in zip(want, out):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+        r = runners[0]
+        n = len(r._cuts) + 1
+        got[min_kept] = (len(pieces) - 8 * n, dropped[0], dict(r._kept))
+        monkeypatch.undo()
+    reruns, drops, _ = got[0.0]
+    assert reruns > 0 and reruns <= drops  # always ahead: a rerun for each dropped speculation ahead
+    assert got[0.5][0] < reruns  # fewer reruns once a layer's share falls below one half
+    assert got[1.0][0] < got[0.5][0] or got[0.5][0] == 0
+    assert all(0.0 <= v <= 1.0 for v in got[0.5][2].values()) and min(got[0.5][2].values()) < 0.5
+    with pytest.raises(ValueError, match="run_ahead_min_kept"):
+        PiecewiseDecodeGraphs(m, m.new_cache(1, 8), capture=False, run_ahead_min_kept=1.5)
 
 
 def test_support_reasons():
