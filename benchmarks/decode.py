@@ -37,6 +37,8 @@ CUDA graphs and pieces too; row b decodes request b of the trace. Random weights
 which no trained model does: this is how offloaded decode (--offload-slots, --offload-policy) meets
 realistic hit ratios on the engine's own path. The resident floor still assumes uniform routing; the
 offloaded rows add the bytes their timed steps copied, at the host -> GPU rate measured in the run.
+--profile-steps N: N more steps of each offloaded row with misses under torch.profiler, the host-side parts
+of an offloaded layer labelled (where the time above the copy floor goes: BENCHMARKS 3i).
 
 Peer (--peers transformers, measured in the same run after our model is freed): Hugging Face
 transformers' own implementation of the same family at the same shapes (random weights, same dtype,
@@ -208,6 +210,43 @@ def steps_before_parting(logits_a: list[torch.Tensor], logits_b: list[torch.Tens
     return same
 
 
+def profile_offloaded(model: MoEForCausalLM, B: int, steps: int, graph: bool, cache, out_dir: Path, tag: str) -> str:
+    """``steps`` timed decode steps under torch.profiler, the host-side parts of an offloaded layer labelled
+    (the piecewise runner's piece replays, its wait for the routing ids and the experts' host work; the cache's
+    ensure / wait / copies) by wrapping them for this run only (a label costs ~1-2 us, too much to leave in the
+    step). Returns the two tables (by self CPU time and by device time) and writes them to ``out_dir``."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from offload.apply import OffloadedExperts
+    from offload.cache import ExpertCache
+    targets = [(PiecewiseDecodeGraphs, "_experts"), (PiecewiseDecodeGraphs, "_before_piece"),
+               (OffloadedExperts, "forward"), (OffloadedExperts, "_remap"), (OffloadedExperts, "_kernel"),
+               (ExpertCache, "ensure"), (ExpertCache, "wait"), (ExpertCache, "observe"), (ExpertCache, "_copy_in"),
+               (ExpertCache, "slot_table")]
+    saved = [(cls, name, getattr(cls, name)) for cls, name in targets]
+
+    def labelled(label, fn):
+        def wrapper(*a, **kw):
+            with record_function(label):
+                return fn(*a, **kw)
+        return wrapper
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
+    prof = profile(activities=acts)
+    try:
+        for cls, name, fn in saved:
+            setattr(cls, name, labelled(f"moeflow.{cls.__name__}.{name}", fn))
+        run(model, B, steps, graph=graph, on_timing=lambda: (cache.reset_stats(), prof.start()))
+        prof.stop()
+    finally:
+        for cls, name, fn in saved:
+            setattr(cls, name, fn)
+    avg = prof.key_averages()
+    text = (f"## profile {tag}: {steps} timed steps\n" + avg.table(sort_by="self_cpu_time_total", row_limit=30)
+            + ("\n" + avg.table(sort_by="self_cuda_time_total", row_limit=20) if model.device.type == "cuda" else ""))
+    (out_dir / f"profile_{tag}.txt").write_text(text)
+    return text
+
+
 def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float) -> list[dict]:
     """The same steps with the experts in pinned host memory and S slots per layer on the GPU (an LRU
     cache, offload.install): eager steps against graph pieces around the offloaded experts. The
@@ -257,6 +296,9 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float) -> list[dict
                     eager_logits = logits
             rows.append(r)
             print(json.dumps(r), flush=True)
+            if args.profile_steps and S < E:  # where the misses are
+                tag = f"{key}_S{S}_B{B}_{args.offload_policy}"
+                print(profile_offloaded(model, B, args.profile_steps, cuda, cache, Path(args.out), tag), flush=True)
         del cache
     return rows
 
@@ -286,6 +328,9 @@ def main(argv=None) -> int:
                     help="comma list of triton,sdpa: how decode steps attend (moe.attention.DECODE_ATTENTION)")
     ap.add_argument("--prompt-len", default="32", help="comma list of prompt lengths (the context decoded over)")
     ap.add_argument("--offload-policy", default="lru", choices=("lru", "lfu"), help="eviction of --offload-slots")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="offloaded rows with fewer slots than experts: this many more steps under torch.profiler "
+                         "(graph pieces on a GPU, eager on the CPU), the tables printed and written as profile_*.txt")
     ap.add_argument("--trace-routing", action="store_true",
                     help="route by a synthetic trace (offload.py's), not by the random routers (see above)")
     ap.add_argument("--locality", type=float, default=0.5, help="temporal locality of --trace-routing")

@@ -378,12 +378,16 @@ def test_decode_benchmark_routes_by_a_synthetic_trace_row_by_row(tmp_path, capsy
     for got, w in zip(seen, want):
         assert torch.equal(got, torch.as_tensor(np.stack(w)).long())
     assert mod.main(["--models", "tiny", "--device", "cpu", "--batch", "2", "--steps", "4", "--out", str(tmp_path),
-                     "--prompt-len", "8", "--trace-routing", "--offload-slots", "4", "--offload-policy", "lfu"]) == 0
+                     "--prompt-len", "8", "--trace-routing", "--offload-slots", "4", "--offload-policy", "lfu",
+                     "--profile-steps", "2"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "decode_results.jsonl").read_text().splitlines()]
     off = [r for r in rows if "policy" in r]
     assert [(r["policy"], r["routing"]) for r in off] == [("lfu", "trace")] and 0 < off[0]["eager_hit"] < 1
     # the bytes the timed decode steps copied; their copy floor needs a GPU's measured rate (NaN on the CPU)
     assert 0 < off[0]["eager_mb_per_step"] and off[0]["eager_copy_floor_ms"] != off[0]["eager_copy_floor_ms"]  # NaN: no GPU
+    # --profile-steps: the host-side parts of an offloaded layer, labelled, in the profile's table
+    prof = (tmp_path / "profile_tiny_S4_B2_lfu.txt").read_text()
+    assert "moeflow.OffloadedExperts.forward" in prof and "moeflow.ExpertCache.ensure" in prof
 
 
 def test_failed_graph_capture_falls_back_to_eager_decoding(model, tok):
