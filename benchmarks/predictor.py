@@ -254,6 +254,11 @@ def run_trace(name: str, trace: RoutingTrace, feats: dict | None, quick: bool, s
         rows.append((m.name, r, us))
     print(f"predictor fitted in {fit_s:.1f} s on {train.num_tokens} tokens")
     print(per_layer_table(rows[0][0], rows[0][1]))
+    # one ahead, per target layer, for the lean predictors beside their lookahead sources: where a predictor
+    # falls below its source (BENCHMARKS 7i) shows only layer by layer
+    for n, r, _ in rows[1:]:
+        if n in ("predictor-lean", "lean-zero-probes", "gate-lookahead", "probe-lookahead", "probe+router"):
+            print(per_layer_table(n, r, keys=("1",)))
     print(format_table(rows))
     if recall_only:
         return
