@@ -654,13 +654,7 @@ class PathPredictor(PathModel):
             return
         rng = np.random.default_rng(self.config.seed + 1)
         tok = np.sort(rng.choice(fit_idx, size=min(len(fit_idx), _DIRECT_TOKENS), replace=False))
-        paths = trace.paths().astype(np.int64)
-        prev_idx = trace.previous_token_index()
-        prev = np.where(prev_idx[tok, None, None] >= 0, paths[np.maximum(prev_idx[tok], 0)], -1)
-        feats = {"hidden_NLD": np.asarray(hidden)[tok]}
-        if trace.token_ids is not None:
-            feats["token_ids"] = trace.token_ids[tok]
-        true = paths[tok]  # [n, L, K]
+        true, prev, feats, _ = token_inputs(trace, features, index=tok)  # true: [n, L, K]
         # distances compared: a probe's span (beyond it the probes answer popularity), else as far as the
         # pairwise tables reach (the top-k sort of every later layer at every known layer would cost a deep
         # model's fit minutes: 58 layers x 256 experts, 49 of 68 s on the dev CPU)

@@ -145,12 +145,13 @@ def format_summary(s: dict) -> str:
 
 # --- predictor metrics --------------------------------------------------------------------------------------
 def token_inputs(trace: RoutingTrace, features: dict | None = None, max_tokens: int | None = None,
-                 seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray]:
-    """(paths [N, L, K], previous token's paths [N, L, K] (-1 = none), features, token index)."""
+                 seed: int = 0, index: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray]:
+    """(paths [N, L, K], previous token's paths [N, L, K] (-1 = none), features, token index), for the
+    tokens ``index`` when given, else every token or ``max_tokens`` of them drawn with ``seed``."""
     paths = trace.paths().astype(np.int64)
     prev_idx = trace.previous_token_index()
-    idx = np.arange(trace.num_tokens)
-    if max_tokens is not None and len(idx) > max_tokens:
+    idx = np.arange(trace.num_tokens) if index is None else np.asarray(index)
+    if index is None and max_tokens is not None and len(idx) > max_tokens:
         idx = np.sort(np.random.default_rng(seed).choice(idx, max_tokens, replace=False))
     prev = np.where(prev_idx[idx, None, None] >= 0, paths[np.maximum(prev_idx[idx], 0)], -1)
     feats: dict = {}
