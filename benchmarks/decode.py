@@ -210,11 +210,13 @@ def steps_before_parting(logits_a: list[torch.Tensor], logits_b: list[torch.Tens
     return same
 
 
-def profile_offloaded(model: MoEForCausalLM, B: int, steps: int, graph: bool, cache, out_dir: Path, tag: str) -> str:
+def profile_offloaded(model: MoEForCausalLM, B: int, steps: int, graph: bool, out_dir: Path, tag: str) -> str:
     """``steps`` timed decode steps under torch.profiler, the host-side parts of an offloaded layer labelled
-    (the piecewise runner's piece replays, its wait for the routing ids and the experts' host work; the cache's
-    ensure / wait / copies) by wrapping them for this run only (a label costs ~1-2 us, too much to leave in the
-    step). Returns the two tables (by self CPU time and by device time) and writes them to ``out_dir``."""
+    (the piecewise runner's experts call and its preparation before a piece; the experts' forward, remap and
+    kernel; the cache's observe / ensure / wait / copies / slot table) by wrapping them for this run only (a
+    label costs ~1-2 us, too much to leave in the step). The runner's wait for the routing ids shows as the
+    driver's event synchronisation. Returns the two tables (by self CPU time and by device time) and writes
+    them to ``out_dir``."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from offload.apply import OffloadedExperts
@@ -235,7 +237,7 @@ def profile_offloaded(model: MoEForCausalLM, B: int, steps: int, graph: bool, ca
     try:
         for cls, name, fn in saved:
             setattr(cls, name, labelled(f"moeflow.{cls.__name__}.{name}", fn))
-        run(model, B, steps, graph=graph, on_timing=lambda: (cache.reset_stats(), prof.start()))
+        run(model, B, steps, graph=graph, on_timing=prof.start)
         prof.stop()
     finally:
         for cls, name, fn in saved:
@@ -298,7 +300,7 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float) -> list[dict
             print(json.dumps(r), flush=True)
             if args.profile_steps and S < E:  # where the misses are
                 tag = f"{key}_S{S}_B{B}_{args.offload_policy}"
-                print(profile_offloaded(model, B, args.profile_steps, cuda, cache, Path(args.out), tag), flush=True)
+                print(profile_offloaded(model, B, args.profile_steps, cuda, Path(args.out), tag), flush=True)
         del cache
     return rows
 
