@@ -89,21 +89,18 @@ def build(key: str, device: str, layers: int = 0) -> MoEForCausalLM:
     return m.eval()
 
 
-# popularity skew of the synthetic routing (benchmarks/offload.py's per shape)
-SKEW = {"qwen3": 1.0, "mixtral": 0.6, "tiny": 1.0}
-
-
 def install_synthetic_routing(model: MoEForCausalLM, key: str, rows: int, tokens: int, locality: float,
                               affinity: float, seed: int = 0):
     """Route ``model`` by a synthetic trace of ``rows`` requests x ``tokens`` tokens (row b = request b);
     returns the hook handles."""
     import numpy as np
 
+    from benchmarks.offload import SHAPES  # the popularity skew of offload.py's synthetic routing, per shape
     from placement.trace_routing import TraceRoutingSpec, install_trace_routing
     from routing import synthesize
     cfg = model.config
     trace = synthesize(num_layers=len(model.moe_blocks()), num_experts=cfg.num_experts, top_k=cfg.num_experts_per_tok,
-                       num_requests=rows, tokens_per_request=tokens, popularity_skew=SKEW.get(key, 1.0),
+                       num_requests=rows, tokens_per_request=tokens, popularity_skew=SHAPES.get(key, {}).get("skew", 1.0),
                        temporal_locality=locality, affinity=affinity, seed=seed)
     # synthesize interleaves the requests; the trace routing reads row b's tokens at b * tokens + position
     order = np.lexsort((trace.positions, trace.request_ids_or_default()))
