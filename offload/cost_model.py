@@ -39,22 +39,28 @@ def _timeit(fn, repeat: int = 3) -> float:
     return best
 
 
-def copy_bytes_per_s(device, src: torch.Tensor) -> float:
-    """Measured host -> ``device`` copy rate of ``src`` (pinned first, on a GPU), bytes/s."""
+def copy_bytes_per_s(device, src: torch.Tensor, min_s: float = 0.02) -> float:
+    """Measured host -> ``device`` copy rate of ``src`` (pinned first, on a GPU), bytes/s.
+
+    On a GPU each timing runs back-to-back copies for at least ``min_s`` seconds, as a step's misses
+    do: one lone copy of 64 MiB after an idle moment read 20 GB/s on the H200 machine, where the
+    expert copies of the same run moved 53 GB/s (BENCHMARKS 3j)."""
     device = torch.device(device)
+    nbytes = src.numel() * src.element_size()
     if device.type == "cuda":
         src = src if src.is_pinned() else src.pin_memory()
         dst = torch.empty_like(src, device=device)
         torch.cuda.synchronize(device)
 
-        def copy():
-            dst.copy_(src, non_blocking=True)
+        def copies(n: int) -> None:
+            for _ in range(n):
+                dst.copy_(src, non_blocking=True)
             torch.cuda.synchronize(device)
-        t = _timeit(copy)
-    else:
-        dst = torch.empty_like(src)
-        t = _timeit(lambda: dst.copy_(src))
-    return src.numel() * src.element_size() / t
+        t1 = _timeit(lambda: copies(1), repeat=1)
+        n = max(1, min(1000, int(min_s / max(t1, 1e-9)) + 1))
+        return n * nbytes / _timeit(lambda: copies(n))
+    dst = torch.empty_like(src)
+    return nbytes / _timeit(lambda: dst.copy_(src))
 
 
 @dataclass
