@@ -60,6 +60,7 @@ class OffloadedExperts(nn.Module):
         self.slices = cache.store.slices  # G: the cache holds units, G per expert (offload/slices.py)
         self.num_experts = cache.num_experts // self.slices
         self._prepared_at: int | None = None  # cache.changes[layer] at the last prepare_speculation()
+        self._left_out: set[int] = set()  # experts that speculation's table left out (copies still running)
 
     @property
     def store(self) -> ExpertStore:
@@ -68,6 +69,12 @@ class OffloadedExperts(nn.Module):
     def extra_repr(self) -> str:
         return (f"layer={self.layer}, slots={self.cache.slots}, experts={self.num_experts}, slices={self.slices}, "
                 f"backend={self.backend}")
+
+    def set_next_router(self, router: nn.Module | None) -> None:
+        """What guesses layer l+1's experts from this layer's input for prefetch: anything with a
+        router's call shape, forward(x_TD) -> (_, _, logits_TE) (layer l+1's router, a probe, a
+        recorded guess: placement.trace_routing.TraceLookahead). None: no next-layer prefetch."""
+        self._next_router = [router]
 
     def _expert_resident(self, layer: int, expert: int) -> bool:
         return all(self.cache.is_resident(layer, u) for u in units_of([expert], self.slices))
@@ -142,11 +149,23 @@ class OffloadedExperts(nn.Module):
 
     def prepare_speculation(self) -> None:
         """Right before work that runs speculate()'s kernel: the slot table made current and the
-        current stream ordered after every copy issued into the layer's slots. A speculation is
-        kept only if the layer's residents have not changed since (forward checks)."""
-        self.cache.slot_table(self.layer)
-        self.cache.await_copies(self.layer)
-        self._prepared_at = self.cache.changes[self.layer]
+        current stream ordered after the copies into the slots it names. A speculation is kept only
+        if the layer's residents have not changed since and it left out none of the routed experts
+        (forward checks).
+
+        Experts whose copies are still running (prefetched one layer ahead) are left out of the
+        table, so the work before the kernel (the piece: attention, router) is not held up by
+        those copies but runs beside them. When the routing then picks one of them, the
+        speculation is dropped and forward waits for that copy alone."""
+        cache, layer = self.cache, self.layer
+        pending = cache.in_flight(layer)
+        cache.slot_table(layer, exclude=pending)
+        if pending:
+            cache.wait(layer, [s for e, s in cache.slot_of[layer].items() if e not in pending])
+        else:
+            cache.await_copies(layer)
+        self._prepared_at = cache.changes[layer]
+        self._left_out = pending
 
     def speculate(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
         """The output if every routed expert is resident: ids mapped to slots on the device (the
@@ -175,6 +194,8 @@ class OffloadedExperts(nn.Module):
         if counts and next(reversed(counts)) >= cache.num_experts:
             raise ValueError(f"expert id {next(reversed(counts)) // self.slices} out of range for "
                              f"{self.num_experts} experts")
+        if speculated is not None and self._left_out and not self._left_out.isdisjoint(counts):
+            speculated = None  # a routed expert was still being copied when the table was made
         cache.observe(layer, ids_np)
         resident = cache.slot_of[layer]
         hits = [e for e in counts if e in resident]

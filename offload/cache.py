@@ -55,6 +55,7 @@ class ExpertCache:
                             for _ in range(L)]
         self._table_stale = [False] * L
         self._last_copy = [None] * L  # event of the last copy into the layer (copies are in issue order)
+        self._pending = [set() for _ in range(L)]  # slots whose copy has not been seen landed (in_flight)
         self.changes = [0] * L  # per layer: how many times its residents changed (a load or a clear)
         policy.bind(L, self.num_experts)
         self.reset_stats()
@@ -88,21 +89,39 @@ class ExpertCache:
     def is_resident(self, layer: int, expert: int) -> bool:
         return expert in self.slot_of[layer]
 
-    def slot_table(self, layer: int) -> torch.Tensor:
+    def slot_table(self, layer: int, exclude: set[int] | frozenset = frozenset()) -> torch.Tensor:
         """int64 [num_experts + 1] on the device: the slot of each resident expert, -1 elsewhere (the
         last entry is -1, so an id of -1 maps to -1). ``table[ids]`` turns routing ids into slot ids
-        without a host round trip; re-sent only after the layer's residents changed."""
+        without a host round trip; re-sent only after the layer's residents changed. ``exclude``:
+        residents written as -1 too (experts whose copies are still running); the next call then
+        sends the whole table again."""
         t = self._slot_table[layer]
-        if self._table_stale[layer]:
+        if self._table_stale[layer] or exclude:
             lut = np.full(self.num_experts + 1, -1, dtype=np.int64)
             for e, s in self.slot_of[layer].items():
-                lut[e] = s
+                if e not in exclude:
+                    lut[e] = s
             src = torch.from_numpy(lut)
             # from pinned memory, on the current stream: asynchronous, ordered before what reads the table,
             # and the host buffer is kept until the copy is done
             t.copy_(src.pin_memory() if self.cuda else src, non_blocking=self.cuda)
-            self._table_stale[layer] = False
+            self._table_stale[layer] = bool(exclude)
         return t
+
+    def in_flight(self, layer: int) -> set[int]:
+        """The layer's resident experts whose copies have not landed yet (asks the events; never
+        blocks). Always empty on a CPU device, where copies are synchronous."""
+        pending = self._pending[layer]
+        if not pending:
+            return set()
+        out = set()
+        for s in list(pending):
+            ev = self._ready[layer][s]
+            if ev is None or ev.query():
+                pending.discard(s)
+            elif self.expert_in[layer][s] >= 0:
+                out.add(self.expert_in[layer][s])
+        return out
 
     def slot_table_buffer(self, layer: int) -> torch.Tensor:
         """The layer's slot table as it stands (no refresh): for code that is being captured into a
@@ -261,6 +280,7 @@ class ExpertCache:
         self._ready[layer][s] = ev
         self._waited[layer][s] = None
         self._last_copy[layer] = ev
+        self._pending[layer].add(s)
 
     def clear(self) -> None:
         """Forget every resident expert (counters kept): the 'no cache' baseline calls it each step."""

@@ -133,6 +133,58 @@ def install_trace_routing(model, spec: TraceRoutingSpec) -> list:
     return handles
 
 
+class TraceLookahead(torch.nn.Module):
+    """A recorded guess of layer l+1's experts, with a router's call shape: forward(x_TD) -> (None,
+    None, logits_TE) for the tokens of the current step, keyed like the trace routing (row,
+    position). What ``OffloadedExperts.set_next_router`` takes for prefetch one layer ahead when
+    the routing is a recorded trace: the guesses were made on the model the trace came from (its
+    next router, or probes, on its hidden states), so a random-weight model of another size meets
+    that model's prediction quality together with its routing. Guesses are in confidence order
+    (the first scores highest); -1 = none. Built by ``install_trace_lookahead``."""
+
+    def __init__(self, next_ids_NK: torch.Tensor, num_experts: int, stride: int, seen: "_Positions"):
+        super().__init__()
+        self.next_ids_NK, self.num_experts, self.stride, self.seen = next_ids_NK, num_experts, stride, seen
+
+    def forward(self, x_TD: torch.Tensor):
+        pos_BT = self.seen.pos_BT
+        if pos_BT is None:
+            raise RuntimeError("trace lookahead saw no positions: the model must call model.rotary first")
+        B, T = pos_BT.shape
+        if B * T != x_TD.shape[0]:
+            raise RuntimeError(f"trace lookahead: the layer saw {x_TD.shape[0]} tokens, the step's positions name "
+                               f"{B * T}")
+        rows_n = torch.arange(B, device=pos_BT.device).repeat_interleave(T)
+        keys = trace_keys(rows_n.long(), pos_BT.reshape(-1).long(), self.stride, self.next_ids_NK.shape[0])
+        ids_nK = self.next_ids_NK[keys.to(self.next_ids_NK.device)]
+        K = ids_nK.shape[1]
+        score_K = torch.arange(K, 0, -1, device=ids_nK.device, dtype=torch.float32)  # confidence order
+        logits = torch.full((ids_nK.shape[0], self.num_experts + 1), -1e4, device=ids_nK.device)
+        logits.scatter_(1, torch.where(ids_nK >= 0, ids_nK, self.num_experts), score_K.expand_as(ids_nK).contiguous())
+        return None, None, logits[:, :self.num_experts].to(x_TD.device)
+
+
+def install_trace_lookahead(model, next_ids: np.ndarray, num_experts: int, stride: int) -> tuple[list, list]:
+    """(hook handles, one TraceLookahead per MoE layer but the last): layer l's guesses of layer l+1's
+    experts, ``next_ids`` [L, N, K'] for the trace's N tokens (row l guesses layer l+1; the last
+    row is not read), keyed by (row, position) with the trace routing's ``stride``."""
+    blocks = model.moe_blocks()
+    nxt = np.asarray(next_ids)
+    if nxt.ndim != 3 or nxt.shape[0] < len(blocks) - 1:
+        raise ValueError(f"next_ids must be [layers >= {len(blocks) - 1}, tokens, guesses], got {nxt.shape}")
+    if nxt.size and (nxt.max() >= num_experts or nxt.min() < -1):
+        raise ValueError(f"guessed expert ids must lie in -1..{num_experts - 1}, found {nxt.min()}..{nxt.max()}")
+    dev = model.embed.weight.device
+    seen = _Positions()
+
+    def remember(module, args):
+        seen.pos_BT = args[0]
+    handles = [model.rotary.register_forward_pre_hook(remember)]
+    routers = [TraceLookahead(torch.as_tensor(nxt[i].astype(np.int64), device=dev), num_experts, stride, seen)
+               for i in range(len(blocks) - 1)]
+    return handles, routers
+
+
 # --- seeded random weights ----------------------------------------------------------------------
 def _generator(seed: int, device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)

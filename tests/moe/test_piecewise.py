@@ -134,6 +134,63 @@ def test_run_ahead_stops_at_layers_whose_speculations_are_mostly_dropped(monkeyp
         PiecewiseDecodeGraphs(m, m.new_cache(1, 8), capture=False, run_ahead_min_kept=1.5)
 
 
+def _trace_lookahead(model, seed=0, stride=64):
+    """Random guesses of each next layer's experts wired into every offloaded layer's prefetch."""
+    import numpy as np
+
+    from placement.trace_routing import install_trace_lookahead
+    blocks = model.moe_blocks()
+    E = model.config.num_experts
+    rng = np.random.default_rng(seed)
+    nxt = rng.integers(0, E, size=(len(blocks), 4 * stride, 2)).astype(np.int16)
+    handles, routers = install_trace_lookahead(model, nxt, E, stride)
+    for b, r in zip(blocks, routers):
+        b.experts.set_next_router(r)
+    return handles
+
+
+def test_next_layer_prefetch_in_pieces_equals_the_model(monkeypatch):
+    """Pieces whose layers prefetch a guess of the next layer (TraceLookahead through set_next_router)
+    give the logits of model(), and copies in flight are left out of the speculation's table: a
+    speculation that routed to one of them is dropped, never kept with that expert's output missing.
+    On the CPU copies land at once, so in_flight is made to name every resident expert but one."""
+    from offload.apply import OffloadedExperts
+    from offload.cache import ExpertCache
+
+    dev = torch.device("cpu")
+    want, len_want = _decode(_offloaded("mixtral", dev, 3)[1], 6, None, dev)
+    for pretend in (False, True):
+        m = _offloaded("mixtral", dev, 3)[1]
+        _trace_lookahead(m)
+        if pretend:
+            monkeypatch.setattr(ExpertCache, "in_flight", lambda self, layer: set(self.resident(layer)[1:]))
+        seen = []  # (routed experts, left out of the table, kept)
+        real = OffloadedExperts.forward
+
+        def spy(self, x, ids, w, speculated=None, **kw):
+            left = set(self._left_out)
+            if speculated is not None and left:  # the table the piece read names none of the left-out experts
+                table = self.cache.slot_table_buffer(self.layer)
+                assert all(table[e].item() == -1 for e in left)
+                assert all(table[e].item() == s for e, s in self.cache.slot_of[self.layer].items() if e not in left)
+            y = real(self, x, ids, w, speculated=speculated, **kw)
+            if speculated is not None:
+                seen.append((set(ids.reshape(-1).tolist()) - {-1}, left, y is speculated))
+            return y
+        monkeypatch.setattr(OffloadedExperts, "forward", spy)
+        got, len_got = _decode(m, 6, lambda mm, c: PiecewiseDecodeGraphs(mm, c, capture=False), dev)
+        monkeypatch.undo()
+        assert len_got == len_want
+        for a, b in zip(want, got):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+        assert m.offload_cache.stats()["prefetches"] > 0
+        assert not any(kept for routed, left, kept in seen if routed & left)
+        if pretend:
+            assert any(routed & left for routed, left, _ in seen)
+        else:
+            assert all(not left for _, left, _ in seen)
+
+
 def test_support_reasons():
     m = tiny_model("mixtral")
     if m is None or not hasattr(m, "layers"):
@@ -147,13 +204,23 @@ def test_support_reasons():
 @pytest.mark.parametrize("family,slots,cfg", [("mixtral", 2, {}), ("mixtral", 8, {}), ("qwen3_moe", 2, {}),
                                               ("mixtral", 3, {"prefetch": "next_layer_gate"}),
                                               ("mixtral", 3, {"prefetch": "predictor", "policy": "predictor",
-                                                              "predictor": "fit", "prefetch_budget": 2})])
+                                                              "predictor": "fit", "prefetch_budget": 2}),
+                                              ("mixtral", 3, {"trace_lookahead": True}),
+                                              ("qwen3_moe", 2, {"trace_lookahead": True})])
 @pytest.mark.parametrize("run_ahead", [True, False])
 def test_captured_pieces_equal_eager_offloaded_decode(family, slots, cfg, run_ahead):
+    """trace_lookahead: every layer prefetches a guess of the next layer's experts, so pieces start
+    while those copies still run (left out of the speculation's table)."""
     dev = torch.device("cuda")
+    cfg = dict(cfg)
+    lookahead = cfg.pop("trace_lookahead", False)
     _, m = _offloaded(family, dev, slots, **cfg)
+    if lookahead:
+        _trace_lookahead(m)
     want, len_want = _decode(m, 6, None, dev)
     m2 = _offloaded(family, dev, slots, **cfg)[1]
+    if lookahead:
+        _trace_lookahead(m2)
     got, len_got = _decode(m2, 6, lambda mm, c: PiecewiseDecodeGraphs(mm, c, run_ahead=run_ahead), dev)
     assert len_got == len_want
     for a, b in zip(want, got):

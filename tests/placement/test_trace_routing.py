@@ -121,3 +121,37 @@ def test_runtime_ranks_route_by_the_trace(ray_session):
                 torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     finally:
         rt.shutdown()
+
+
+def test_trace_lookahead_gives_each_tokens_guesses_best_first():
+    """install_trace_lookahead: layer l's router-shaped guess of layer l+1, read at the same (row,
+    position) keys as the routing, the first guess scoring highest and -1 naming nothing."""
+    from placement.trace_routing import install_trace_lookahead
+    spec = _spec()
+    rng = np.random.default_rng(1)
+    nxt = np.stack([np.stack([rng.choice(E, K, replace=False) for _ in range(N)]) for _ in range(L)]).astype(np.int16)
+    nxt[0, trace_keys(1, 2, 9, N), 1] = -1
+    model = seeded_model(_cfg(), seed=3, std=0.2)
+    install_trace_routing(model, spec)
+    _, routers = install_trace_lookahead(model, nxt, E, stride=9)
+    assert len(routers) == L - 1
+    ids = torch.randint(3, 128, (3, 5), generator=torch.Generator().manual_seed(0))
+    cache = model.new_cache(3, 7)
+    with torch.no_grad():
+        for step, (x, keys) in enumerate([(ids, trace_keys(*np.divmod(np.arange(15), 5), 9, N)),
+                                          (ids[:, :1], trace_keys(np.arange(3), np.full(3, 5), 9, N))]):
+            model(x, cache=cache)
+            for layer, r in enumerate(routers):
+                _, _, logits = r(torch.zeros(len(keys), 4))
+                assert logits.shape == (len(keys), E)
+                for row, key in enumerate(keys):
+                    want = [int(e) for e in nxt[layer, key] if e >= 0]
+                    got = logits[row].topk(len(want)).indices.tolist()
+                    assert got == want, (step, layer, row)
+                    assert (logits[row] > -1e3).sum().item() == len(want)
+        with pytest.raises(RuntimeError, match="positions name"):
+            routers[0](torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="guessed expert ids"):
+        install_trace_lookahead(model, np.full((L, N, K), E), E, stride=9)
+    with pytest.raises(ValueError, match="next_ids must be"):
+        install_trace_lookahead(model, nxt[:1], E, stride=9)
