@@ -3,6 +3,8 @@
     python benchmarks/decode.py --out $OUT --peers transformers   # H200: Qwen3-30B-A3B and Mixtral-8x7B shapes
     python benchmarks/decode.py --models tiny --device cpu  # a check of the script (eager only)
     python benchmarks/decode.py --models qwen3 --decode-attention triton,sdpa --prompt-len 32,2048   # the decode attention
+    python benchmarks/decode.py --models olmoe --layers 48 --batch 1 --steps 64 --offload-slots 16 \
+        --trace d48_test.npz --lookahead d48_test.lookahead.npz       # next-layer prefetch on a recorded trace
 
 The whole model (attention, router, experts, lm_head) at the published shapes, random bf16 weights,
 expert backend "triton", every weight in GPU memory. Each batch row gets a 32-token random prompt
@@ -37,6 +39,14 @@ CUDA graphs and pieces too; row b decodes request b of the trace. Random weights
 which no trained model does: this is how offloaded decode (--offload-slots, --offload-policy) meets
 realistic hit ratios on the engine's own path. The resident floor still assumes uniform routing; the
 offloaded rows add the bytes their timed steps copied, at the host -> GPU rate measured in the run.
+--trace FILE (a recorded trace, NAME.npz of `moe predictor record`): the same routing replacement from a
+trained model's routing; row b decodes the file's b-th request. --lookahead FILE (benchmarks/lookahead_ids.py):
+that model's own guesses of each next layer's experts for the same tokens (probes on its hidden states);
+the offloaded rows then add pieces whose layers prefetch those guesses one layer ahead (graph_lookahead),
+beside the trace's own next layer as the guess (graph_oracle, the bound of one-ahead prefetch; every
+trace routing adds it). The pieces start beside those copies (copies still running are left out of the
+speculation, offload.apply.prepare_speculation). A random-weight model of a published size thus meets a
+trained model's routing and prediction quality; the trace's models are small (routing/record.py).
 --profile-steps N: N more steps of each offloaded row with misses under torch.profiler, the host-side parts
 of an offloaded layer labelled (where the time above the copy floor goes: BENCHMARKS 3i).
 
@@ -72,6 +82,9 @@ MODELS = {
     "mixtral": ("Mixtral-8x7B", dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, num_hidden_layers=32,
                                      num_attention_heads=32, num_key_value_heads=8, num_experts=8, num_experts_per_tok=2,
                                      moe_intermediate_size=14336, intermediate_size=14336)),
+    "olmoe": ("OLMoE-1B-7B", dict(model_type="olmoe", vocab_size=50304, hidden_size=2048, num_hidden_layers=16,
+                                  num_attention_heads=16, num_key_value_heads=16, head_dim=128, num_experts=64,
+                                  num_experts_per_tok=8, moe_intermediate_size=1024, intermediate_size=1024)),
     "tiny": ("tiny", dict(model_type="qwen3_moe", vocab_size=512, num_hidden_layers=3)),
 }
 
@@ -92,7 +105,7 @@ def build(key: str, device: str, layers: int = 0) -> MoEForCausalLM:
 def install_synthetic_routing(model: MoEForCausalLM, key: str, rows: int, tokens: int, locality: float,
                               affinity: float, seed: int = 0):
     """Route ``model`` by a synthetic trace of ``rows`` requests x ``tokens`` tokens (row b = request b);
-    returns the hook handles."""
+    returns (the hook handles, the TraceRoutingSpec)."""
     import numpy as np
 
     from benchmarks.offload import SHAPES  # the popularity skew of offload.py's synthetic routing, per shape
@@ -104,7 +117,42 @@ def install_synthetic_routing(model: MoEForCausalLM, key: str, rows: int, tokens
                        temporal_locality=locality, affinity=affinity, seed=seed)
     # synthesize interleaves the requests; the trace routing reads row b's tokens at b * tokens + position
     order = np.lexsort((trace.positions, trace.request_ids_or_default()))
-    return install_trace_routing(model, TraceRoutingSpec.from_trace(trace.select_tokens(order), stride=tokens))
+    spec = TraceRoutingSpec.from_trace(trace.select_tokens(order), stride=tokens)
+    return install_trace_routing(model, spec), spec
+
+
+def install_recorded_routing(model: MoEForCausalLM, path: str, lookahead: str | None, need: int):
+    """Route ``model`` by a recorded trace (``moe predictor record``'s NAME.npz): row b decodes the b-th
+    request of the file, each request cut to the most common length (requests shorter than that
+    are left out); its first MoE layers route the model's. ``lookahead``: a file of layer l's
+    guesses of layer l+1's experts for the same tokens (``next_ids`` [L, N, K], from
+    benchmarks/lookahead_ids.py), reordered alike. Returns (handles, spec, next_ids or None)."""
+    import numpy as np
+
+    from placement.trace_routing import TraceRoutingSpec, install_trace_routing
+    from routing import RoutingTrace
+    trace = RoutingTrace.load(path)
+    L = len(model.moe_blocks())
+    if trace.num_layers < L or trace.num_experts != model.config.num_experts:
+        raise SystemExit(f"{path}: {trace.num_layers} MoE layers x {trace.num_experts} experts; the model needs "
+                         f">= {L} layers x {model.config.num_experts} experts (pick --models / --layers to match)")
+    req = trace.request_ids_or_default()
+    uniq, counts = np.unique(req, return_counts=True)
+    n = int(np.bincount(counts).argmax())
+    if n < need:
+        raise SystemExit(f"{path}: requests of {n} tokens, the decode needs {need} (prompt + steps + 16)")
+    order = np.concatenate([np.flatnonzero(req == r)[:n] for r in uniq[counts >= n]])
+    spec = TraceRoutingSpec(trace.expert_ids[:L, order], None if trace.weights is None else trace.weights[:L, order],
+                            trace.num_experts, stride=n)
+    nxt = None
+    if lookahead:
+        with np.load(lookahead) as f:
+            nxt = f["next_ids"]
+        if nxt.shape[1] != trace.num_tokens:
+            raise SystemExit(f"{lookahead} guesses {nxt.shape[1]} tokens, {path} holds {trace.num_tokens}: "
+                             "make both from the same recording")
+        nxt = nxt[:L, order]
+    return install_trace_routing(model, spec), spec, nxt
 
 
 def floor_bytes(model: MoEForCausalLM, B: int, ctx: int) -> float:
@@ -246,10 +294,16 @@ def profile_offloaded(model: MoEForCausalLM, B: int, steps: int, graph: bool, ou
     return text
 
 
-def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float) -> list[dict]:
+def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: dict | None = None,
+                  stride: int = 0) -> list[dict]:
     """The same steps with the experts in pinned host memory and S slots per layer on the GPU (an LRU
     cache, offload.install): eager steps against graph pieces around the offloaded experts. The
-    model's experts move to the host store for good (run last)."""
+    model's experts move to the host store for good (run last).
+
+    ``lookaheads`` {name: next_ids [L, N, K]} (trace routing only, keyed like it with ``stride``):
+    each adds graph pieces whose layers prefetch those guesses of the next layer's experts
+    (placement.trace_routing.TraceLookahead; serial pieces, as every layer with a next-layer guess
+    runs), as ``graph_<name>_ms``."""
     from offload import HostExpertStore, OffloadConfig
     from offload.apply import install
     dev = model.device
@@ -263,8 +317,13 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float) -> list[dict
     E, K = model.config.num_experts, model.config.num_experts_per_tok
     # the copy floor of a step: the bytes its misses copied over the measured host -> GPU rate (pinned)
     from offload.cost_model import copy_bytes_per_s
-    h2d = copy_bytes_per_s(dev, torch.empty(64 << 20, dtype=torch.uint8)) if cuda else float("nan")
-    print(f"host -> GPU copies: {h2d / 1e9:.1f} GB/s (pinned, 64 MiB)", flush=True)
+    # back-to-back copies of a 64 MiB buffer and of one expert's w13 straight from the store's pinned memory;
+    # the floor takes the faster (a floor)
+    h2d_64m = copy_bytes_per_s(dev, torch.empty(64 << 20, dtype=torch.uint8)) if cuda else float("nan")
+    h2d_expert = copy_bytes_per_s(dev, store.get(0, 0)[0]) if cuda else float("nan")
+    h2d = max(h2d_64m, h2d_expert)
+    print(f"host -> GPU copies: {h2d_64m / 1e9:.1f} GB/s (pinned, 64 MiB), {h2d_expert / 1e9:.1f} GB/s (one expert's "
+          f"w13 from the store, {store.get(0, 0)[0].numel() * store.get(0, 0)[0].element_size() / 1e6:.1f} MB)", flush=True)
     rows = []
     for S in [int(v) for v in args.offload_slots.split(",")]:
         cache = install(blocks, store, OffloadConfig(slots_per_layer=S, device=str(dev), calibrate=False,
@@ -275,7 +334,7 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float) -> list[dict
                 cache.prefetch(layer, list(range(E)))
         for B in batches:
             r = dict(model=f"{MODELS[key][0]} offloaded {S}/{E}", B=B, layers=len(model.layers), floor_ms=floors[B],
-                     policy=args.offload_policy, routing="trace" if args.trace_routing else "model", h2d_gbs=h2d / 1e9)
+                     policy=args.offload_policy, routing="rec" if args.trace else "trace" if args.trace_routing else "model", h2d_gbs=h2d / 1e9)
             # graph: run-ahead where a layer's speculations are mostly kept (the default); always: at every layer
             variants = (("eager_ms", False, True, 0.5), ("graph_ms", True, True, 0.5), ("graph_serial_ms", True, False, 0.5),
                         ("graph_always_ms", True, True, 0.0))
@@ -293,6 +352,28 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float) -> list[dict
                     r[label.replace("_ms", "_same_steps")] = steps_before_parting(eager_logits, logits)
                 else:
                     eager_logits = logits
+            for name, next_ids in (lookaheads or {}).items():  # (eager steps on the CPU: a check of the script)
+                from placement.trace_routing import install_trace_lookahead
+                handles, routers = install_trace_lookahead(model, next_ids, E, stride)
+                try:
+                    for b, router in zip(blocks, routers):
+                        b.experts.set_next_router(router)
+                    cache.reset_stats()
+                    t, logits = run(model, B, args.steps, graph=cuda, on_timing=cache.reset_stats)
+                    st = cache.stats()
+                finally:
+                    for b in blocks:
+                        b.experts.set_next_router(None)
+                    for h in handles:
+                        h.remove()
+                label = f"graph_{name}"
+                r[f"{label}_ms"] = t * 1e3
+                r[f"{label}_hit"] = st["hit_ratio"]
+                r[f"{label}_mb_per_step"] = st["bytes_copied"] / args.steps / 1e6
+                r[f"{label}_copy_floor_ms"] = floors[B] + st["bytes_copied"] / args.steps / h2d * 1e3
+                r[f"{label}_prefetch_precision"] = st["prefetch_precision"]
+                r[f"{label}_prefetch_recall"] = st["prefetch_recall"]
+                r[f"{label}_same_steps"] = steps_before_parting(eager_logits, logits)
             rows.append(r)
             print(json.dumps(r), flush=True)
             if args.profile_steps and S < E:  # where the misses are
@@ -334,6 +415,12 @@ def main(argv=None) -> int:
                     help="route by a synthetic trace (offload.py's), not by the random routers (see above)")
     ap.add_argument("--locality", type=float, default=0.5, help="temporal locality of --trace-routing")
     ap.add_argument("--affinity", type=float, default=0.6, help="inter-layer affinity of --trace-routing")
+    ap.add_argument("--trace", default="",
+                    help="route by this recorded trace (moe predictor record's NAME.npz) instead of a synthetic one")
+    ap.add_argument("--lookahead", default="",
+                    help="with --trace: a file of each layer's guesses of the next layer's experts for its tokens "
+                         "(benchmarks/lookahead_ids.py); offloaded rows add pieces that prefetch them (graph_lookahead). "
+                         "Any trace routing also adds graph_oracle: the guesses are the trace's own next layer")
     ap.add_argument("--eager-bucket", type=int, default=0,
                     help="also time eager resident steps with the attention width rounded up to this (0: not)")
     args = ap.parse_args(argv)
@@ -356,10 +443,19 @@ def main(argv=None) -> int:
              for B in (int(b) for b in args.batch.split(",")) for att in args.decode_attention.split(",")]
     for key in args.models.split(","):
         model = build(key, args.device, args.layers)
-        if args.trace_routing:
-            longest = max(int(p) for p in args.prompt_len.split(",")) + args.steps + 16
-            install_synthetic_routing(model, key, max(int(b) for b in args.batch.split(",")), longest,
-                                      args.locality, args.affinity)
+        lookaheads, spec = {}, None
+        longest = max(int(p) for p in args.prompt_len.split(",")) + args.steps + 16
+        if args.trace:
+            _, spec, nxt = install_recorded_routing(model, args.trace, args.lookahead or None, longest)
+            if nxt is not None:
+                lookaheads["lookahead"] = nxt
+        elif args.trace_routing:
+            _, spec = install_synthetic_routing(model, key, max(int(b) for b in args.batch.split(",")), longest,
+                                                args.locality, args.affinity)
+        if spec is not None:  # a perfect one-ahead guess: the trace's own next layer (the bound of this prefetch)
+            import numpy as np
+            ids = np.asarray(spec.expert_ids)
+            lookaheads["oracle"] = np.concatenate([ids[1:], np.full_like(ids[:1], -1)])
         for P, B, att in cells:
             moe.attention.DECODE_ATTENTION = att
             kernel_calls[0] = 0
@@ -383,7 +479,7 @@ def main(argv=None) -> int:
             print(json.dumps(r), flush=True)
         moe.attention.DECODE_ATTENTION = args.decode_attention.split(",")[0]
         if args.offload_slots:
-            rows += run_offloaded(model, key, args, bw)
+            rows += run_offloaded(model, key, args, bw, lookaheads, spec.stride if spec is not None else 0)
         cfg, dtype = model.config, model.dtype
         del model
         gc.collect()  # graphs and their pools hold the memory until collected
@@ -416,6 +512,17 @@ def main(argv=None) -> int:
             print(f"{r['model']:28s} {r['B']:3d} {r['policy']:>6s} {r['routing']:>7s} {r['eager_ms']:8.3f} "
                   f"{r['graph_serial_ms']:8.3f} {r['graph_always_ms']:8.3f} {r['graph_ms']:9.3f} {r['graph_hit']:5.2f} "
                   f"{r['graph_mb_per_step']:8.1f} {fl:7.2f} {r['graph_ms'] / fl:11.2f}")
+        pre = [(r, n) for r in off for n in ("lookahead", "oracle") if f"graph_{n}_ms" in r]
+        if pre:
+            print(f"\n## offloaded decode with next-layer prefetch (serial pieces; each layer copies its guess of the next "
+                  f"layer's experts)\n{'model':28s} {'B':>3s} {'policy':>6s} {'guess':>9s} {'ms':>8s} {'hit':>5s} "
+                  f"{'MB/step':>8s} {'floor':>7s} {'ms/floor':>8s} {'precision':>9s} {'recall':>6s} {'vs serial':>9s}")
+            for r, n in pre:
+                g = f"graph_{n}"
+                print(f"{r['model']:28s} {r['B']:3d} {r['policy']:>6s} {n:>9s} {r[g + '_ms']:8.3f} {r[g + '_hit']:5.2f} "
+                      f"{r[g + '_mb_per_step']:8.1f} {r[g + '_copy_floor_ms']:7.2f} "
+                      f"{r[g + '_ms'] / r[g + '_copy_floor_ms']:8.2f} {r[g + '_prefetch_precision']:9.2f} "
+                      f"{r[g + '_prefetch_recall']:6.2f} {r[g + '_ms'] / r['graph_serial_ms']:9.2f}")
     print(f"\n## resident decode, ms per step (tokens/s = B / step); bf16, triton experts\n"
           f"{'model':16s} {'B':>3s} {'prompt':>6s} {'attn':>6s} {'floor':>8s} {'eager':>8s} {'graph':>8s} {'hf':>8s} "
           f"{'eager/graph':>11s} {'hf/graph':>8s} {'graph/floor':>11s} {'tok/s graph':>11s} {'repeat':>6s} {'kernel':>6s}")

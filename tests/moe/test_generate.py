@@ -357,7 +357,7 @@ def test_decode_benchmark_routes_by_a_synthetic_trace_row_by_row(tmp_path, capsy
     import json
     mod = load_benchmark("decode")
     m = mod.build("tiny", "cpu")
-    handles = mod.install_synthetic_routing(m, "tiny", rows=2, tokens=20, locality=0.5, affinity=0.6, seed=3)
+    handles, _ = mod.install_synthetic_routing(m, "tiny", rows=2, tokens=20, locality=0.5, affinity=0.6, seed=3)
     seen = []
     hook = m.moe_blocks()[1].router.register_forward_hook(lambda mod_, i, out: seen.append(out[0].clone()))
     cache = m.new_cache(2, 20)
@@ -388,6 +388,38 @@ def test_decode_benchmark_routes_by_a_synthetic_trace_row_by_row(tmp_path, capsy
     # --profile-steps: the host-side parts of an offloaded layer, labelled, in the profile's table
     prof = (tmp_path / "profile_tiny_S4_B2_lfu.txt").read_text()
     assert "moeflow.OffloadedExperts.forward" in prof and "moeflow.ExpertCache.ensure" in prof
+
+
+def test_decode_benchmark_routes_by_a_recorded_trace_and_prefetches_its_guesses(tmp_path):
+    """decode.py --trace / --lookahead: rows decode the file's requests (cut to the common length), and
+    the offloaded rows add next-layer prefetch of the file's guesses and of the trace's own next layer
+    (oracle). Both guess files here name the true next layer, so every prefetched expert is used."""
+    import json
+
+    from routing import synthesize
+    mod = load_benchmark("decode")
+    m = mod.build("tiny", "cpu")
+    cfg = m.config
+    L = len(m.moe_blocks())
+    tr = synthesize(num_layers=L + 1, num_experts=cfg.num_experts, top_k=cfg.num_experts_per_tok, num_requests=3,
+                    tokens_per_request=40, seed=5)
+    tr.save(tmp_path / "t.npz")
+    ids = tr.expert_ids
+    np.savez(tmp_path / "t.lookahead.npz", next_ids=np.concatenate([ids[1:], np.full_like(ids[:1], -1)]))
+    args = ["--models", "tiny", "--device", "cpu", "--batch", "2", "--steps", "4", "--out", str(tmp_path),
+            "--prompt-len", "8", "--offload-slots", "3", "--trace", str(tmp_path / "t.npz")]
+    assert mod.main(args + ["--lookahead", str(tmp_path / "t.lookahead.npz")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "decode_results.jsonl").read_text().splitlines()]
+    off = [r for r in rows if "policy" in r][-1]
+    assert off["routing"] == "rec"
+    for name in ("lookahead", "oracle"):
+        assert off[f"graph_{name}_prefetch_precision"] == 1.0 and off[f"graph_{name}_prefetch_recall"] > 0
+        assert off[f"graph_{name}_hit"] >= off["eager_hit"]
+    with pytest.raises(SystemExit, match="prompt \\+ steps"):
+        mod.main(args[:-4] + ["--offload-slots", "3", "--steps", "40", "--trace", str(tmp_path / "t.npz")])
+    np.savez(tmp_path / "bad.npz", next_ids=ids[:, :7])
+    with pytest.raises(SystemExit, match="same recording"):
+        mod.main(args + ["--lookahead", str(tmp_path / "bad.npz")])
 
 
 def test_failed_graph_capture_falls_back_to_eager_decoding(model, tok):

@@ -1,0 +1,85 @@
+"""A recorded trace's held-out requests and, for their tokens, each layer's guess of the next layer's
+experts: what benchmarks/decode.py --trace / --lookahead need to time next-layer prefetch with a
+trained model's routing and that model's prediction quality, at the weight sizes of a published model.
+
+    python benchmarks/lookahead_ids.py runs/tr/d48.npz --out runs/tr/d48_test
+
+Half the requests (``RoutingTrace.split_requests(0.5, seed=0)``, as benchmarks/predictor.py splits)
+fit the guess; the other half are written: ``OUT.npz`` (their trace) and ``OUT.lookahead.npz``
+(``next_ids`` [L, N, K], row l = layer l's guess of layer l+1's K experts for each token, best first;
+the last row is -1). The guess is probes (``routing.ProbeLookahead``, one layer ahead) on the hidden
+state entering layer l, fitted from zero on the fitting half (the features file beside the trace,
+``NAME.features.npz``): what ``OffloadConfig(prefetch="probe")`` applies on the device. Their
+one-ahead recall on the written tokens is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from routing import ProbeLookahead, RoutingTrace, hidden_matrix, load_features  # noqa: E402
+
+
+def guesses(probes: ProbeLookahead, hidden_NLD: np.ndarray, k: int) -> np.ndarray:
+    """[L, N, k] int16: layer l's k likeliest experts of layer l+1 (best first); the last layer's row is -1."""
+    N, L, _ = hidden_NLD.shape
+    out = np.full((L, N, k), -1, dtype=np.int16)
+    for layer in range(L - 1):
+        z = probes.lookahead_logits(hidden_NLD[:, layer], layer)[:, layer + 1]  # [N, E]
+        top = torch.topk(torch.from_numpy(z), k, dim=1).indices.numpy()
+        out[layer] = top.astype(np.int16)
+    return out
+
+
+def one_ahead_recall(next_ids: np.ndarray, trace: RoutingTrace) -> float:
+    """Mean share of layer l+1's routed experts that layer l's guess names (l = 0..L-2)."""
+    ids = trace.expert_ids
+    L, N, K = ids.shape
+    hit = 0
+    for layer in range(L - 1):
+        truth, guess = ids[layer + 1], next_ids[layer]
+        hit += sum(len(set(t[t >= 0]) & set(g[g >= 0])) for t, g in zip(truth, guess))
+    return hit / max(1, (L - 1) * N * K)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("trace", type=Path, help="NAME.npz of `moe predictor record` (NAME.features.npz beside it)")
+    ap.add_argument("--features", type=Path, default=None, help="default: NAME.features.npz beside the trace")
+    ap.add_argument("--out", type=Path, required=True, help="OUT.npz and OUT.lookahead.npz are written")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the probes fit")
+    args = ap.parse_args(argv)
+    trace = RoutingTrace.load(args.trace)
+    fpath = args.features or args.trace.with_name(args.trace.name.replace(".npz", ".features.npz"))
+    if not fpath.exists():
+        raise SystemExit(f"{fpath} not found: record the trace with its hidden states (`moe predictor record`, "
+                         "features on) or give --features")
+    hidden = hidden_matrix(load_features(fpath), trace.num_layers)
+    if hidden is None:
+        raise SystemExit(f"{fpath} lacks hidden_<l> for some of the {trace.num_layers} layers")
+    req = trace.request_ids_or_default()
+    fit, held = trace.split_requests(0.5, seed=0)
+    fit_mask = np.isin(req, np.unique(fit.request_ids_or_default()))
+    t0 = time.perf_counter()
+    probes = ProbeLookahead.fit(fit, hidden[fit_mask], span=1, device=args.device)
+    print(f"probes fitted on {int(fit_mask.sum())} tokens in {time.perf_counter() - t0:.1f} s")
+    nxt = guesses(probes, hidden[~fit_mask], trace.top_k)
+    print(f"held-out requests: {len(np.unique(held.request_ids_or_default()))}, {held.num_tokens} tokens; "
+          f"one-ahead recall of the guesses {one_ahead_recall(nxt, held):.3f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tpath = held.save(args.out.with_name(args.out.name + ".npz"))
+    lpath = args.out.with_name(args.out.name + ".lookahead.npz")
+    np.savez_compressed(lpath, next_ids=nxt)
+    print(f"wrote {tpath} and {lpath}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
