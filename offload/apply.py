@@ -214,8 +214,11 @@ class OffloadedExperts(nn.Module):
         if gpu and not to_copy and self.slices == 1 and len(gpu) <= S:
             # every expert resident (the common case once the cache is warm): ids map to slots
             # through the layer's device-side table, one gather instead of a host-built copy
-            sl = cache.ensure(layer, hits)
+            # the guess of the next layer before the stream waits for this layer's copies: a guess read back
+            # to the host (a router's or a probe's) then does not wait for them too
+            sl = cache.ensure(layer, hits, wait=False)
             self._prefetch_next(x_TD, expert_ids_np)  # copies into later layers: this table stays as is
+            cache.wait(layer, sl)
             if speculated is None:  # else computed already, from the same table state (see speculate)
                 cache.slot_table(layer)  # made current for speculate()'s gather
                 speculated = self.speculate(x_TD, topk_ids_TK, topk_weights_TK)
