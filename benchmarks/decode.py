@@ -287,6 +287,7 @@ def profile_offloaded(model: MoEForCausalLM, B: int, steps: int, graph: bool, ou
     finally:
         for cls, name, fn in saved:
             setattr(cls, name, fn)
+    prof.export_chrome_trace(str(out_dir / f"profile_{tag}.json"))  # the timeline: chrome://tracing, perfetto
     avg = prof.key_averages()
     text = (f"## profile {tag}: {steps} timed steps\n" + avg.table(sort_by="self_cpu_time_total", row_limit=30)
             + ("\n" + avg.table(sort_by="self_cuda_time_total", row_limit=20) if model.device.type == "cuda" else ""))
@@ -361,6 +362,9 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
                     cache.reset_stats()
                     t, logits = run(model, B, args.steps, graph=cuda, on_timing=cache.reset_stats)
                     st = cache.stats()
+                    if args.profile_steps and S < E:
+                        tag = f"{key}_S{S}_B{B}_{args.offload_policy}_{name}"
+                        print(profile_offloaded(model, B, args.profile_steps, cuda, Path(args.out), tag), flush=True)
                 finally:
                     for b in blocks:
                         b.experts.set_next_router(None)
@@ -410,7 +414,8 @@ def main(argv=None) -> int:
     ap.add_argument("--offload-policy", default="lru", choices=("lru", "lfu"), help="eviction of --offload-slots")
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="offloaded rows with fewer slots than experts: this many more steps under torch.profiler "
-                         "(graph pieces on a GPU, eager on the CPU), the tables printed and written as profile_*.txt")
+                         "(graph pieces on a GPU, eager on the CPU; the prefetch rows too), the tables printed and "
+                         "written as profile_*.txt, the timelines as profile_*.json")
     ap.add_argument("--trace-routing", action="store_true",
                     help="route by a synthetic trace (offload.py's), not by the random routers (see above)")
     ap.add_argument("--locality", type=float, default=0.5, help="temporal locality of --trace-routing")
