@@ -219,6 +219,12 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
     ``run_ahead_min_kept`` (0: always). On Qwen3-30B-A3B at 25% of the experts with synthetic
     routing, run-ahead read 40.3-42.6 ms a step against 30.8-40.3 serial (BENCHMARKS 3i).
 
+    Next-layer guesses (offloaded experts with a next router: prefetch='next_layer_gate', 'probe', or
+    ``set_next_router``): the piece that routes layer l also runs its guess of layer l+1's experts
+    (``guess_next``) and puts it beside the routing ids, so the host reads both in one copy and
+    issues the prefetch without launching the router or syncing again. Set the next routers before
+    the pieces are captured. Such layers do not run ahead (``can_run_ahead``).
+
     Everything one piece hands to a later one (the residual stream, masks, positions, the experts'
     inputs and outputs) is held in the bucket's state, so the shared memory pool never reuses it;
     rotary tables and KV-cache slots are rebuilt inside each piece (a few kernels) rather than
@@ -282,6 +288,12 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
                 xN, ids, w = layer.mlp.route(h, self._valid_B1)
                 # kept per layer: the experts between this piece and the next read exactly these
                 st.update({f"xmid{last}": xmid, f"h{last}": h, f"xN{last}": xN, f"ids{last}": ids, f"w{last}": w})
+                guess_next = getattr(layer.mlp.experts, "guess_next", None)
+                guess = guess_next(xN) if guess_next is not None else None
+                if guess is not None:
+                    # the next layer's guess (a router, probe or recorded guess) beside the routing, both
+                    # read back in one copy: no launch and no sync of its own between the pieces
+                    st[f"ig{last}"] = torch.cat([ids, guess.to(ids.dtype)], dim=1)
                 if last in self._spec:
                     # the experts' output if all of them are resident, into the buffer the next piece
                     # reads; the host keeps it when it finds them so (no launch of its own), else
@@ -312,10 +324,18 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
             return False
         experts = self.model.layers[j].mlp.experts
         args = (st[f"xN{j}"], st[f"ids{j}"], st[f"w{j}"])
+        kw = {}
+        both = st.get(f"ig{j}")
+        if both is not None:  # the routing and the next layer's guess, read back together
+            both = both.cpu().numpy()
+            K = st[f"ids{j}"].shape[1]
+            kw = dict(ids_host=both[:, :K] if ids_host is None else ids_host, guess_host=both[:, K:])
+        elif ids_host is not None:
+            kw = dict(ids_host=ids_host)
         if j in self._spec:
-            y = experts(*args, speculated=st[f"y{j}"], ids_host=ids_host)
+            y = experts(*args, speculated=st[f"y{j}"], **kw)
         else:
-            y = experts(*args)
+            y = experts(*args, **kw)
         if y is st[f"y{j}"]:
             return True
         st[f"y{j}"].copy_(y)

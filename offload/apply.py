@@ -79,8 +79,21 @@ class OffloadedExperts(nn.Module):
     def _expert_resident(self, layer: int, expert: int) -> bool:
         return all(self.cache.is_resident(layer, u) for u in units_of([expert], self.slices))
 
-    def _prefetch_next(self, x_TD: torch.Tensor, ids_np: np.ndarray) -> None:
-        """ids_np: this layer's expert ids (not units); predictions and guesses are experts, copied as units."""
+    def guess_next(self, x_TD: torch.Tensor) -> torch.Tensor | None:
+        """The next router's guess of layer l+1's experts for these tokens, ids [T, k] on the device
+        (None without a next router). No host sync, so it can sit inside a CUDA graph: graph pieces
+        compute it beside the routing and hand it to forward(guess_host=) with the ids, instead of the
+        host launching the router and reading its answer back between pieces."""
+        router = self._next_router[0]
+        if router is None or self.layer + 1 >= self.cache.num_layers:
+            return None
+        with torch.no_grad():  # forward(), not __call__: trace hooks on that router must not fire
+            logits_TE = router.forward(x_TD)[2]
+        return logits_TE.topk(min(self.prefetch_k, logits_TE.shape[1]), dim=1).indices
+
+    def _prefetch_next(self, x_TD: torch.Tensor, ids_np: np.ndarray, guess_np: np.ndarray | None = None) -> None:
+        """ids_np: this layer's expert ids (not units); predictions and guesses are experts, copied as units.
+        guess_np: guess_next()'s ids already on the host (else the next router runs here)."""
         nxt = self.layer + 1
         cache, G = self.cache, self.slices
         hidden = None
@@ -103,14 +116,9 @@ class OffloadedExperts(nn.Module):
                     budget.spend(issued / G)
         if nxt >= cache.num_layers:
             return
-        router = self._next_router[0]
-        if router is not None:
-            # mixtral-offloading's speculation: layer l+1's gate on layer l's input. forward() (not
-            # __call__) so trace hooks on that router do not fire and consume the trace.
-            with torch.no_grad():
-                logits_TE = router.forward(x_TD)[2]
-            k = min(self.prefetch_k, logits_TE.shape[1])
-            guess = logits_TE.topk(k, dim=1).indices.reshape(-1).cpu().numpy()
+        if self._next_router[0] is not None:
+            # mixtral-offloading's speculation: layer l+1's gate on layer l's input (or a probe, or a guess)
+            guess = (guess_np if guess_np is not None else self.guess_next(x_TD).cpu().numpy()).reshape(-1)
             experts, counts = np.unique(guess, return_counts=True)
             order = experts[np.argsort(-counts, kind="stable")][: self.cache.slots // G]
             self.cache.prefetch(nxt, units_of(order, G))
@@ -179,10 +187,12 @@ class OffloadedExperts(nn.Module):
         return self._kernel(x_TD, torch.take(self.cache.slot_table_buffer(self.layer), ids), topk_weights_TK)
 
     def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
-                speculated: torch.Tensor | None = None, ids_host: np.ndarray | None = None) -> torch.Tensor:
+                speculated: torch.Tensor | None = None, ids_host: np.ndarray | None = None,
+                guess_host: np.ndarray | None = None) -> torch.Tensor:
         """speculated: speculate()'s output for these inputs, kept when every routed expert is
         resident and the residents have not changed since prepare_speculation(); ids_host: the
-        routing ids already on the host (the caller copied them), else they are read here."""
+        routing ids already on the host (the caller copied them), else they are read here;
+        guess_host: guess_next()'s answer for these inputs on the host, else computed here."""
         cache, layer = self.cache, self.layer
         if speculated is not None and self._prepared_at != cache.changes[layer]:
             speculated = None  # a copy into the layer since: the table the speculation read is stale
@@ -217,7 +227,7 @@ class OffloadedExperts(nn.Module):
             # the guess of the next layer before the stream waits for this layer's copies: a guess read back
             # to the host (a router's or a probe's) then does not wait for them too
             sl = cache.ensure(layer, hits, wait=False)
-            self._prefetch_next(x_TD, expert_ids_np)  # copies into later layers: this table stays as is
+            self._prefetch_next(x_TD, expert_ids_np, guess_host)  # copies into later layers: this table stays as is
             cache.wait(layer, sl)
             if speculated is None:  # else computed already, from the same table state (see speculate)
                 cache.slot_table(layer)  # made current for speculate()'s gather
@@ -228,7 +238,7 @@ class OffloadedExperts(nn.Module):
             # hits' kernel first (no copy to wait for), then the copied experts' once they land
             rounds = [r for r in (hits, to_copy) if r]
             slots = [cache.ensure(layer, r, wait=False) for r in rounds]
-            self._prefetch_next(x_TD, expert_ids_np)  # queued behind this layer's demand copies
+            self._prefetch_next(x_TD, expert_ids_np, guess_host)  # queued behind this layer's demand copies
             ids_RTK = self._remap(ids_np, rounds, slots, x_TD.device)
             for r, sl in enumerate(slots):
                 cache.wait(layer, sl)
@@ -241,13 +251,13 @@ class OffloadedExperts(nn.Module):
             for r, chunk in enumerate(rounds):
                 sl = cache.ensure(layer, chunk)
                 if r == 0:
-                    self._prefetch_next(x_TD, expert_ids_np)
+                    self._prefetch_next(x_TD, expert_ids_np, guess_host)
                 ids_TK = self._remap(ids_np, [chunk], [sl], x_TD.device)[0]
                 part = self._kernel(x_TD, ids_TK, topk_weights_TK)
                 y_TD = part if y_TD is None else y_TD + part
                 cache.release(layer, sl, last=r == len(rounds) - 1)
             if not rounds:
-                self._prefetch_next(x_TD, expert_ids_np)
+                self._prefetch_next(x_TD, expert_ids_np, guess_host)
         if y_TD is None:
             y_TD = torch.zeros_like(x_TD)
         if to_cpu:

@@ -159,6 +159,9 @@ def test_next_layer_prefetch_in_pieces_equals_the_model(monkeypatch):
 
     dev = torch.device("cpu")
     want, len_want = _decode(_offloaded("mixtral", dev, 3)[1], 6, None, dev)
+    eager = _offloaded("mixtral", dev, 3)[1]
+    _trace_lookahead(eager)
+    _decode(eager, 6, None, dev)
     for pretend in (False, True):
         m = _offloaded("mixtral", dev, 3)[1]
         _trace_lookahead(m)
@@ -184,6 +187,8 @@ def test_next_layer_prefetch_in_pieces_equals_the_model(monkeypatch):
         for a, b in zip(want, got):
             torch.testing.assert_close(b, a, rtol=0, atol=0)
         assert m.offload_cache.stats()["prefetches"] > 0
+        if not pretend:  # the pieces' guesses (computed in the piece, read back with the ids) are the eager ones
+            assert m.offload_cache.stats() == eager.offload_cache.stats()
         assert not any(kept for routed, left, kept in seen if routed & left)
         if pretend:
             assert any(routed & left for routed, left, _ in seen)
