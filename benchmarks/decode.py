@@ -426,6 +426,9 @@ def main(argv=None) -> int:
                     help="with --trace: a file of each layer's guesses of the next layer's experts for its tokens "
                          "(benchmarks/lookahead_ids.py); offloaded rows add pieces that prefetch them (graph_lookahead). "
                          "Any trace routing also adds graph_oracle: the guesses are the trace's own next layer")
+    ap.add_argument("--lookahead-k", default="",
+                    help="comma list: prefetch only each token's first k guesses of --lookahead (its most confident), "
+                         "one row each (default: all of them)")
     ap.add_argument("--eager-bucket", type=int, default=0,
                     help="also time eager resident steps with the attention width rounded up to this (0: not)")
     args = ap.parse_args(argv)
@@ -453,7 +456,8 @@ def main(argv=None) -> int:
         if args.trace:
             _, spec, nxt = install_recorded_routing(model, args.trace, args.lookahead or None, longest)
             if nxt is not None:
-                lookaheads["lookahead"] = nxt
+                for k in [int(v) for v in args.lookahead_k.split(",")] if args.lookahead_k else [nxt.shape[2]]:
+                    lookaheads["lookahead" if k == nxt.shape[2] else f"lookahead{k}"] = nxt[:, :, :k]
         elif args.trace_routing:
             _, spec = install_synthetic_routing(model, key, max(int(b) for b in args.batch.split(",")), longest,
                                                 args.locality, args.affinity)
@@ -517,7 +521,9 @@ def main(argv=None) -> int:
             print(f"{r['model']:28s} {r['B']:3d} {r['policy']:>6s} {r['routing']:>7s} {r['eager_ms']:8.3f} "
                   f"{r['graph_serial_ms']:8.3f} {r['graph_always_ms']:8.3f} {r['graph_ms']:9.3f} {r['graph_hit']:5.2f} "
                   f"{r['graph_mb_per_step']:8.1f} {fl:7.2f} {r['graph_ms'] / fl:11.2f}")
-        pre = [(r, n) for r in off for n in ("lookahead", "oracle") if f"graph_{n}_ms" in r]
+        pre = [(r, k[len("graph_"):-len("_ms")]) for r in off for k in r
+               if k.startswith(("graph_lookahead", "graph_oracle")) and k.endswith("_ms")
+               and k[:-len("_ms")] + "_hit" in r]
         if pre:
             print(f"\n## offloaded decode with next-layer prefetch (serial pieces; each layer copies its guess of the next "
                   f"layer's experts)\n{'model':28s} {'B':>3s} {'policy':>6s} {'guess':>9s} {'ms':>8s} {'hit':>5s} "

@@ -89,7 +89,8 @@ class OffloadedExperts(nn.Module):
             return None
         with torch.no_grad():  # forward(), not __call__: trace hooks on that router must not fire
             logits_TE = router.forward(x_TD)[2]
-        return logits_TE.topk(min(self.prefetch_k, logits_TE.shape[1]), dim=1).indices
+        k = min(self.prefetch_k, logits_TE.shape[1], getattr(router, "guesses", None) or self.prefetch_k)
+        return logits_TE.topk(k, dim=1).indices
 
     def _prefetch_next(self, x_TD: torch.Tensor, ids_np: np.ndarray, guess_np: np.ndarray | None = None) -> None:
         """ids_np: this layer's expert ids (not units); predictions and guesses are experts, copied as units.

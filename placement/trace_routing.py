@@ -145,6 +145,7 @@ class TraceLookahead(torch.nn.Module):
     def __init__(self, next_ids_NK: torch.Tensor, num_experts: int, stride: int, seen: "_Positions"):
         super().__init__()
         self.next_ids_NK, self.num_experts, self.stride, self.seen = next_ids_NK, num_experts, stride, seen
+        self.guesses = next_ids_NK.shape[1]  # per token: OffloadedExperts.guess_next takes no more
 
     def forward(self, x_TD: torch.Tensor):
         pos_BT = self.seen.pos_BT

@@ -134,15 +134,15 @@ def test_run_ahead_stops_at_layers_whose_speculations_are_mostly_dropped(monkeyp
         PiecewiseDecodeGraphs(m, m.new_cache(1, 8), capture=False, run_ahead_min_kept=1.5)
 
 
-def _trace_lookahead(model, seed=0, stride=64):
-    """Random guesses of each next layer's experts wired into every offloaded layer's prefetch."""
+def _trace_lookahead(model, seed=0, stride=64, k=2):
+    """Random guesses (k per token) of each next layer's experts wired into every offloaded layer's prefetch."""
     import numpy as np
 
     from placement.trace_routing import install_trace_lookahead
     blocks = model.moe_blocks()
     E = model.config.num_experts
     rng = np.random.default_rng(seed)
-    nxt = rng.integers(0, E, size=(len(blocks), 4 * stride, 2)).astype(np.int16)
+    nxt = rng.integers(0, E, size=(len(blocks), 4 * stride, k)).astype(np.int16)
     handles, routers = install_trace_lookahead(model, nxt, E, stride)
     for b, r in zip(blocks, routers):
         b.experts.set_next_router(r)
@@ -194,6 +194,19 @@ def test_next_layer_prefetch_in_pieces_equals_the_model(monkeypatch):
             assert any(routed & left for routed, left, _ in seen)
         else:
             assert all(not left for _, left, _ in seen)
+
+
+def test_guess_next_takes_no_more_than_the_guesses_given():
+    """A recorded guess of fewer experts than top-k: the prefetch takes those, not filler picked among
+    the experts the guess does not name."""
+    dev = torch.device("cpu")
+    m = _offloaded("mixtral", dev, 3)[1]
+    _trace_lookahead(m, k=1)
+    with torch.inference_mode():
+        m(torch.randint(3, 60, (2, 5)), cache=m.new_cache(2, 16))
+        g = m.moe_blocks()[0].experts.guess_next(torch.zeros(10, m.config.hidden_size))
+    assert g.shape == (10, 1)
+    assert m.moe_blocks()[-1].experts.guess_next(torch.zeros(10, m.config.hidden_size)) is None  # no next layer
 
 
 def test_support_reasons():
