@@ -49,12 +49,36 @@ def one_ahead_recall(next_ids: np.ndarray, trace: RoutingTrace) -> float:
     return hit / max(1, (L - 1) * N * K)
 
 
+def simulate_rows(held: RoutingTrace, nxt: np.ndarray, slots: int, ks: list[int], expert_bytes: float,
+                  copy_gbps: float, layer_ms: float) -> list[dict]:
+    """offload.simulate over the held-out requests one token a step (LRU, ``slots`` per layer): no
+    prefetch, each token's first k guesses for each k, and the true next layer as the guess."""
+    from offload import CostModel, simulate
+    cost = CostModel(copy_bytes_per_s=copy_gbps * 1e9, cpu_base_s=1.0, cpu_per_token_s=0.0, copy_latency_s=0.0)
+    true_next = np.concatenate([held.expert_ids[1:], np.full_like(held.expert_ids[:1], -1)])
+    kw = dict(cost=cost, expert_bytes=int(expert_bytes), layer_compute_s=layer_ms * 1e-3)
+    rows = [dict(guess="none", **simulate(held, "lru", slots, **kw))]
+    for k in ks:
+        rows.append(dict(guess=f"first {k}", **simulate(held, "lru", slots, prefetch="guesses", guesses=nxt,
+                                                        prefetch_k=k, **kw)))
+    rows.append(dict(guess="true next", **simulate(held, "lru", slots, prefetch="guesses", guesses=true_next, **kw)))
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("trace", type=Path, help="NAME.npz of `moe predictor record` (NAME.features.npz beside it)")
     ap.add_argument("--features", type=Path, default=None, help="default: NAME.features.npz beside the trace")
     ap.add_argument("--out", type=Path, required=True, help="OUT.npz and OUT.lookahead.npz are written")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the probes fit")
+    ap.add_argument("--simulate", type=int, default=0, metavar="SLOTS",
+                    help="also simulate the cache over the written requests (offload.simulate, LRU, SLOTS per layer, "
+                         "one token a step) with no prefetch, the guesses and the true next layer")
+    ap.add_argument("--k", default="8,6,4,2", help="with --simulate: each token's first k guesses, one row each")
+    ap.add_argument("--expert-mb", type=float, default=12.58, help="with --simulate: MB per expert (OLMoE: 12.58)")
+    ap.add_argument("--copy-gbps", type=float, default=53.0, help="with --simulate: host -> GPU GB/s (H200: 52-55)")
+    ap.add_argument("--layer-ms", type=float, default=0.12,
+                    help="with --simulate: a layer's compute, ms (OLMoE widths: 5.76 ms a 48-layer step, 3j)")
     args = ap.parse_args(argv)
     trace = RoutingTrace.load(args.trace)
     fpath = args.features or args.trace.with_name(args.trace.name.replace(".npz", ".features.npz"))
@@ -78,6 +102,17 @@ def main(argv=None) -> int:
     lpath = args.out.with_name(args.out.name + ".lookahead.npz")
     np.savez_compressed(lpath, next_ids=nxt)
     print(f"wrote {tpath} and {lpath}")
+    if args.simulate:
+        rows = simulate_rows(held, nxt, args.simulate, [int(k) for k in args.k.split(",")], args.expert_mb * 1e6,
+                             args.copy_gbps, args.layer_ms)
+        print(f"\n## simulated decode, one token a step over {held.num_tokens} tokens: LRU, {args.simulate} slots a "
+              f"layer, {args.expert_mb} MB experts at {args.copy_gbps} GB/s, {args.layer_ms} ms a layer\n"
+              f"{'guess':>10s} {'hit':>5s} {'MB/step':>8s} {'precision':>9s} {'ms/step':>8s} {'copy floor':>10s}")
+        for r in rows:
+            mb = r["bytes_copied"] / r["steps"] / 1e6
+            floor = mb / args.copy_gbps + trace.num_layers * args.layer_ms
+            print(f"{r['guess']:>10s} {r['hit_ratio']:5.3f} {mb:8.1f} {r['prefetch_precision']:9.2f} "
+                  f"{r['time_per_step_s'] * 1e3:8.2f} {floor:10.2f}")
     return 0
 
 

@@ -90,7 +90,8 @@ class OffloadedExperts(nn.Module):
         with torch.no_grad():  # forward(), not __call__: trace hooks on that router must not fire
             logits_TE = router.forward(x_TD)[2]
         k = min(self.prefetch_k, logits_TE.shape[1], getattr(router, "guesses", None) or self.prefetch_k)
-        return logits_TE.topk(k, dim=1).indices
+        top = logits_TE.topk(k, dim=1)
+        return torch.where(torch.isfinite(top.values), top.indices, -1)  # -inf: no guess (-1 is dropped)
 
     def _prefetch_next(self, x_TD: torch.Tensor, ids_np: np.ndarray, guess_np: np.ndarray | None = None) -> None:
         """ids_np: this layer's expert ids (not units); predictions and guesses are experts, copied as units.
@@ -120,7 +121,7 @@ class OffloadedExperts(nn.Module):
         if self._next_router[0] is not None:
             # mixtral-offloading's speculation: layer l+1's gate on layer l's input (or a probe, or a guess)
             guess = (guess_np if guess_np is not None else self.guess_next(x_TD).cpu().numpy()).reshape(-1)
-            experts, counts = np.unique(guess, return_counts=True)
+            experts, counts = np.unique(guess[guess >= 0], return_counts=True)
             order = experts[np.argsort(-counts, kind="stable")][: self.cache.slots // G]
             self.cache.prefetch(nxt, units_of(order, G))
 

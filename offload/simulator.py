@@ -40,7 +40,7 @@ from .policies import BeladyPolicy, Policy, future_from_trace, make_policy
 from .prefetch import CopyBudget, Lookahead, default_threshold
 from .store import ExpertStore
 
-PREFETCH_MODES = ("none", "predictor", "oracle")
+PREFETCH_MODES = ("none", "predictor", "oracle", "guesses")
 
 
 class NullStore(ExpertStore):
@@ -69,14 +69,19 @@ def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per
              prefetch: str = "none", predictor=None, prefetch_k: int = 0, cpu_fallback: bool = False,
              cost: CostModel | None = None, expert_bytes: int = 1, layer_compute_s: float = 0.0,
              warmup_steps: int = 0, predict_every: int = 1, prefetch_threshold: float | None = None,
-             prefetch_budget: float | None = None, hidden_NLD: np.ndarray | None = None) -> dict:
+             prefetch_budget: float | None = None, hidden_NLD: np.ndarray | None = None,
+             guesses: np.ndarray | None = None) -> dict:
     """Run the expert cache over the trace; returns cache.stats() plus 'time_s', 'steps', 'tokens'.
 
     warmup_steps: steps run first to fill the cache, then the counters and the clock restart.
 
     policy: 'lru' | 'lfu' | 'predictor' (needs predictor) | 'belady' | a Policy instance.
     prefetch: 'none' | 'predictor' (top experts of layer l+1 by the predictor after layer l) |
-    'oracle' (exactly the experts layer l+1 will use).
+    'oracle' (exactly the experts layer l+1 will use) |
+    'guesses' (``guesses`` [L, tokens, G]: row l holds layer l's guesses of layer l+1's experts for each
+    token, distinct, best first, -1 = none, e.g. a trained model's next router or probes on its hidden states, as
+    benchmarks/lookahead_ids.py writes them; each token's first ``prefetch_k`` (0: top-k) in the step,
+    queued behind the demand copies as the live cache's next-layer prefetch does, up to the layer's slots).
     prefetch_budget: expert copies a prefetch may issue per layer (see the module docstring);
     None: the predictor's prefetches wait for an idle copy engine, the oracle's are unlimited.
     prefetch_threshold: None = 0 with a budget and the predictor's policy, else 0.3
@@ -95,6 +100,10 @@ def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per
     if cpu_fallback and cost is None:
         raise ValueError("cpu_fallback needs cost=<CostModel> to choose between copy and CPU")
     L, E, K = trace.num_layers, trace.num_experts, trace.top_k
+    if prefetch == "guesses" and (guesses is None or np.ndim(guesses) != 3
+                                  or np.shape(guesses)[:2] != (L, trace.num_tokens)):
+        raise ValueError(f"prefetch='guesses' needs guesses [layers={L}, tokens={trace.num_tokens}, guesses], got "
+                         f"{None if guesses is None else np.shape(guesses)}")
     if hidden_NLD is not None and (np.ndim(hidden_NLD) != 3 or np.shape(hidden_NLD)[:2] != (trace.num_tokens, L)):
         raise ValueError(f"hidden_NLD must be [tokens={trace.num_tokens}, layers={L}, D], got {np.shape(hidden_NLD)}")
     lookahead = None
@@ -108,7 +117,8 @@ def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per
         policy = make_policy(policy, lookahead=lookahead, trace=trace, tokens_per_step=tokens_per_step)
     cache = ExpertCache(NullStore(L, E, expert_bytes), capacity_per_layer, policy, "cpu")
     S = cache.slots
-    prefetch_k = prefetch_k or K
+    prefetch_k = prefetch_k or K  # 'guesses': each token's first prefetch_k, as the live cache's guess_next
+
     timed = cost is not None
     copy_s = cost.copy_s(expert_bytes) if timed else 0.0
     t = 0.0
@@ -177,6 +187,11 @@ def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per
             elif prefetch == "oracle" and ns < len(steps):
                 nxt = steps[ns][nl].reshape(-1)
                 want = [(nl, [int(e) for e in np.unique(nxt[nxt >= 0])][:S])]
+            elif prefetch == "guesses" and layer + 1 < L:
+                s0 = si * tokens_per_step
+                g = np.asarray(guesses[layer, s0:s0 + ids_BK.shape[0], :prefetch_k]).reshape(-1)
+                experts, counts = np.unique(g[g >= 0], return_counts=True)
+                want = [(layer + 1, [int(e) for e in experts[np.argsort(-counts, kind="stable")][:S]])]
             for j, experts in want:
                 avail = [e for e in experts if not cache.is_resident(j, e)]
                 if budget is not None:

@@ -140,7 +140,9 @@ class TraceLookahead(torch.nn.Module):
     the routing is a recorded trace: the guesses were made on the model the trace came from (its
     next router, or probes, on its hidden states), so a random-weight model of another size meets
     that model's prediction quality together with its routing. Guesses are in confidence order
-    (the first scores highest); -1 = none. Built by ``install_trace_lookahead``."""
+    (the first scores highest); -1 = none. Experts not guessed score -inf, which
+    ``OffloadedExperts.guess_next`` drops (a token's repeated or missing guesses add no filler).
+    Built by ``install_trace_lookahead``."""
 
     def __init__(self, next_ids_NK: torch.Tensor, num_experts: int, stride: int, seen: "_Positions"):
         super().__init__()
@@ -160,7 +162,7 @@ class TraceLookahead(torch.nn.Module):
         ids_nK = self.next_ids_NK[keys.to(self.next_ids_NK.device)]
         K = ids_nK.shape[1]
         score_K = torch.arange(K, 0, -1, device=ids_nK.device, dtype=torch.float32)  # confidence order
-        logits = torch.full((ids_nK.shape[0], self.num_experts + 1), -1e4, device=ids_nK.device)
+        logits = torch.full((ids_nK.shape[0], self.num_experts + 1), float("-inf"), device=ids_nK.device)
         logits.scatter_(1, torch.where(ids_nK >= 0, ids_nK, self.num_experts), score_K.expand_as(ids_nK).contiguous())
         return None, None, logits[:, :self.num_experts].to(x_TD.device)
 

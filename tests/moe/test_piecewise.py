@@ -207,6 +207,20 @@ def test_guess_next_takes_no_more_than_the_guesses_given():
         g = m.moe_blocks()[0].experts.guess_next(torch.zeros(10, m.config.hidden_size))
     assert g.shape == (10, 1)
     assert m.moe_blocks()[-1].experts.guess_next(torch.zeros(10, m.config.hidden_size)) is None  # no next layer
+    # a token with fewer guesses than asked: -1 where it names none (dropped by the prefetch), never filler
+    import numpy as np
+
+    from placement.trace_routing import install_trace_lookahead
+    blocks = m.moe_blocks()
+    nxt = np.full((len(blocks), 64, 2), -1, dtype=np.int16)
+    nxt[..., 0] = 3
+    _, routers = install_trace_lookahead(m, nxt, m.config.num_experts, 64)
+    for b, r in zip(blocks, routers):
+        b.experts.set_next_router(r)
+    with torch.inference_mode():
+        m(torch.randint(3, 60, (1, 4)), cache=m.new_cache(1, 16))
+        g = blocks[0].experts.guess_next(torch.zeros(4, m.config.hidden_size))
+    assert g[:, 0].tolist() == [3] * 4 and g[:, 1].tolist() == [-1] * 4
 
 
 def test_support_reasons():

@@ -110,6 +110,42 @@ def test_simulator_equals_live_cache():
             assert live[k] == sim[k], (policy, k, live[k], sim[k])
 
 
+def test_simulated_next_layer_guesses_equal_the_live_caches():
+    """prefetch='guesses': the simulator's counters equal the live cache's when each layer prefetches
+    the same recorded guesses of the next layer (placement.trace_routing.TraceLookahead), for all of
+    each token's guesses and for its first one; guesses of the true next layer are all used."""
+    from placement.trace_routing import install_trace_lookahead
+    model = tiny_model("mixtral")
+    if not hasattr(model, "rotary"):
+        pytest.skip("moe's MoEForCausalLM is needed (positions key the guesses)")
+    L = len(model.moe_blocks())
+    tr = _trace(L=L, T=16, seed=5)
+    E = tr.num_experts
+    rng = np.random.default_rng(0)
+    noisy = np.stack([[rng.choice(E, 3, replace=False) for _ in range(tr.num_tokens)] for _ in range(L)])
+    true_next = np.concatenate([tr.expert_ids[1:], np.full_like(tr.expert_ids[:1], -1)]).astype(np.int64)
+    for guesses, k in ((noisy, 0), (noisy, 1), (true_next, 0)):
+        m = apply_offload(twin(model), OffloadConfig(slots_per_layer=3, device="cpu", calibrate=False))
+        _, routers = install_trace_lookahead(m, guesses[:, :, :k or None], E, stride=tr.num_tokens)
+        for b, r in zip(m.moe_blocks(), routers):
+            b.experts.set_next_router(r)
+        with route_by_trace(m, tr), torch.no_grad():
+            kv = m.new_cache(1, 32)
+            for t in range(tr.num_tokens):
+                m(torch.tensor([[t % 50 + 3]]), cache=kv)
+        live = m.offload_cache.stats()
+        sim = simulate(tr, "lru", 3, prefetch="guesses", guesses=guesses, prefetch_k=k,
+                       expert_bytes=m.offload_cache.store.expert_bytes)
+        for key in ("hits", "misses", "evictions", "bytes_copied", "prefetches", "useful_prefetches"):
+            assert live[key] == sim[key], (k, key, live[key], sim[key])
+        assert sim["prefetches"] > 0
+    assert sim["prefetch_precision"] == 1.0
+    none = simulate(tr, "lru", 3)
+    assert simulate(tr, "lru", 3, prefetch="guesses", guesses=np.full_like(noisy, -1))["misses"] == none["misses"]
+    with pytest.raises(ValueError, match="guesses"):
+        simulate(tr, "lru", 3, prefetch="guesses", guesses=noisy[:, :5])
+
+
 def test_stats_are_consistent():
     model = tiny_model("mixtral")
     L = len(model.moe_blocks())
