@@ -328,14 +328,16 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
     rows = []
     for S in [int(v) for v in args.offload_slots.split(",")]:
         cache = install(blocks, store, OffloadConfig(slots_per_layer=S, device=str(dev), calibrate=False,
-                                                     policy=args.offload_policy), device=dev,
+                                                     policy=args.offload_policy,
+                                                     lfu_half_life=args.lfu_half_life), device=dev,
                         top_k=K, slots=S, backend="triton" if cuda else "torch")
         if S >= E:
             for layer in range(len(blocks)):
                 cache.prefetch(layer, list(range(E)))
         for B in batches:
+            pol = args.offload_policy + (f"-hl{args.lfu_half_life:g}" if args.lfu_half_life else "")
             r = dict(model=f"{MODELS[key][0]} offloaded {S}/{E}", B=B, layers=len(model.layers), floor_ms=floors[B],
-                     policy=args.offload_policy, routing="rec" if args.trace else "trace" if args.trace_routing else "model", h2d_gbs=h2d / 1e9)
+                     policy=pol, routing="rec" if args.trace else "trace" if args.trace_routing else "model", h2d_gbs=h2d / 1e9)
             # graph: run-ahead where a layer's speculations are mostly kept (the default); always: at every layer
             variants = (("eager_ms", False, True, 0.5), ("graph_ms", True, True, 0.5), ("graph_serial_ms", True, False, 0.5),
                         ("graph_always_ms", True, True, 0.0))
@@ -412,6 +414,8 @@ def main(argv=None) -> int:
                     help="comma list of triton,sdpa: how decode steps attend (moe.attention.DECODE_ATTENTION)")
     ap.add_argument("--prompt-len", default="32", help="comma list of prompt lengths (the context decoded over)")
     ap.add_argument("--offload-policy", default="lru", choices=("lru", "lfu"), help="eviction of --offload-slots")
+    ap.add_argument("--lfu-half-life", type=float, default=None,
+                    help="with --offload-policy lfu: use counts halve over this many steps (default: whole run)")
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="offloaded rows with fewer slots than experts: this many more steps under torch.profiler "
                          "(graph pieces on a GPU, eager on the CPU; the prefetch rows too), the tables printed and "

@@ -65,6 +65,25 @@ def simulate_rows(held: RoutingTrace, nxt: np.ndarray, slots: int, ks: list[int]
     return rows
 
 
+def policy_rows(held: RoutingTrace, slots: int, half_lives: list[float], expert_bytes: float, copy_gbps: float,
+                layer_ms: float) -> list[dict]:
+    """Eviction without prefetch over the held-out requests: LRU, LFU over the whole run and LFU with
+    each half-life; one token a step (timed as simulate_rows) and 4 requests decoding together."""
+    from offload import CostModel, simulate
+    from offload.policies import LFUPolicy
+    cost = CostModel(copy_bytes_per_s=copy_gbps * 1e9, cpu_base_s=1.0, cpu_per_token_s=0.0, copy_latency_s=0.0)
+    kw = dict(cost=cost, expert_bytes=int(expert_bytes), layer_compute_s=layer_ms * 1e-3)
+    inter, _ = held.interleaved()
+    req = inter.request_ids_or_default()
+    four = inter.select_tokens(np.isin(req, np.unique(req)[:4]))
+    rows = []
+    for name, make in [("lru", lambda: "lru"), ("lfu", lambda: "lfu")] + \
+            [(f"lfu hl {h:g}", lambda h=h: LFUPolicy(half_life=h)) for h in half_lives]:
+        one = simulate(held, make(), slots, **kw)
+        rows.append(dict(policy=name, **one, hit4=simulate(four, make(), slots, tokens_per_step=4)["hit_ratio"]))
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("trace", type=Path, help="NAME.npz of `moe predictor record` (NAME.features.npz beside it)")
@@ -75,6 +94,8 @@ def main(argv=None) -> int:
                     help="also simulate the cache over the written requests (offload.simulate, LRU, SLOTS per layer, "
                          "one token a step) with no prefetch, the guesses and the true next layer")
     ap.add_argument("--k", default="8,6,4,2", help="with --simulate: each token's first k guesses, one row each")
+    ap.add_argument("--half-lives", default="7,23,69,693",
+                    help="with --simulate: LFU half-lives (steps) of the eviction rows (offload.policies.LFUPolicy)")
     ap.add_argument("--expert-mb", type=float, default=12.58, help="with --simulate: MB per expert (OLMoE: 12.58)")
     ap.add_argument("--copy-gbps", type=float, default=53.0, help="with --simulate: host -> GPU GB/s (H200: 52-55)")
     ap.add_argument("--layer-ms", type=float, default=0.12,
@@ -113,6 +134,13 @@ def main(argv=None) -> int:
             floor = mb / args.copy_gbps + trace.num_layers * args.layer_ms
             print(f"{r['guess']:>10s} {r['hit_ratio']:5.3f} {mb:8.1f} {r['prefetch_precision']:9.2f} "
                   f"{r['time_per_step_s'] * 1e3:8.2f} {floor:10.2f}")
+        rows = policy_rows(held, args.simulate, [float(h) for h in args.half_lives.split(",")],
+                           args.expert_mb * 1e6, args.copy_gbps, args.layer_ms)
+        print(f"\n## eviction, no prefetch (one token a step as above; hit4: 4 requests decoding together)\n"
+              f"{'policy':>12s} {'hit':>5s} {'MB/step':>8s} {'ms/step':>8s} {'hit4':>5s}")
+        for r in rows:
+            print(f"{r['policy']:>12s} {r['hit_ratio']:5.3f} {r['bytes_copied'] / r['steps'] / 1e6:8.1f} "
+                  f"{r['time_per_step_s'] * 1e3:8.2f} {r['hit4']:5.3f}")
     return 0
 
 

@@ -42,6 +42,9 @@ class OffloadConfig:
                      device's total memory. None with slots_per_layer set: the pool size is given.
     slots_per_layer  explicit expert slots per MoE layer (overrides the budget's expert share)
     policy           eviction policy: lru | lfu | predictor | belady (belady needs `trace`)
+    lfu_half_life    policy 'lfu': each layer's use counts halve over this many of its steps (None:
+                     counted over the whole run; 23 kept 3-6 points more accesses than LRU and than
+                     whole-run counts on a trained model's routing, BENCHMARKS 3j)
     prefetch         none | next_layer_gate (apply layer l+1's router to layer l's input) |
                      probe (the same with fitted probes instead of the router: `probes`) |
                      predictor (the routing predictor's probabilities)
@@ -83,6 +86,7 @@ class OffloadConfig:
     gpu_memory: str | int | float | None = None
     slots_per_layer: int | None = None
     policy: str = "lru"
+    lfu_half_life: float | None = None
     prefetch: str = "none"
     prefetch_k: int = 0
     cpu_fallback: bool = False
@@ -120,6 +124,9 @@ class OffloadConfig:
             raise ValueError(f"slots_per_layer must be >= 1, got {self.slots_per_layer}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown offload policy {self.policy!r}; choose one of {POLICIES}")
+        if self.lfu_half_life is not None and (self.policy != "lfu" or not self.lfu_half_life > 0):
+            raise ValueError(f"lfu_half_life={self.lfu_half_life!r} needs policy='lfu' (it is {self.policy!r}) and a "
+                             "number of steps > 0")
         if self.prefetch not in PREFETCH:
             raise ValueError(f"unknown prefetch mode {self.prefetch!r}; choose one of {PREFETCH}")
         if self.prefetch_k < 0:

@@ -64,14 +64,26 @@ class LRUPolicy(Policy):
 
 
 class LFUPolicy(Policy):
-    """Least frequently used over the whole run; ties broken by recency."""
+    """Least frequently used; ties broken by recency. ``half_life`` (steps of a layer): each layer's
+    counts halve over that many of its steps, so what the recent requests use outweighs what earlier
+    ones did (None: counted over the whole run). On a trained 48-layer model's routing at 25% of the
+    experts, one token a step, a half-life of 23 steps kept 0.744 of the accesses against 0.714 over
+    the whole run and LRU's 0.684 (BENCHMARKS 3j)."""
     name = "lfu"
+
+    def __init__(self, half_life: float | None = None):
+        if half_life is not None and not half_life > 0:
+            raise ValueError(f"half_life must be > 0 steps (or None: no decay), got {half_life}")
+        self.half_life = half_life
+        self._decay = 1.0 if half_life is None else 0.5 ** (1.0 / half_life)
 
     def bind(self, num_layers, num_experts):
         super().bind(num_layers, num_experts)
-        self.count_LE = np.zeros((num_layers, num_experts), dtype=np.int64)
+        self.count_LE = np.zeros((num_layers, num_experts), dtype=np.int64 if self.half_life is None else np.float64)
 
     def observe(self, layer, step, ids_NK):
+        if self.half_life is not None:
+            self.count_LE[layer] *= self._decay
         self.count_LE[layer, list(count_ids(ids_NK))] += 1
 
     def victim(self, layer, candidates, step):
@@ -143,13 +155,16 @@ def future_from_trace(trace, tokens_per_step: int = 1) -> list[list[np.ndarray]]
     return out
 
 
-def make_policy(name: str, *, lookahead=None, trace=None, tokens_per_step: int = 1, slices: int = 1) -> Policy:
+def make_policy(name: str, *, lookahead=None, trace=None, tokens_per_step: int = 1, slices: int = 1,
+                lfu_half_life: float | None = None) -> Policy:
     """A policy by name; 'predictor' needs a Lookahead, 'belady' a RoutingTrace (of the cache's
-    units when slices > 1: offload.slices.unit_trace)."""
+    units when slices > 1: offload.slices.unit_trace); 'lfu' takes ``lfu_half_life`` (LFUPolicy)."""
+    if lfu_half_life is not None and name != "lfu":
+        raise ValueError(f"lfu_half_life applies to the 'lfu' policy, not {name!r}")
     if name == "lru":
         return LRUPolicy()
     if name == "lfu":
-        return LFUPolicy()
+        return LFUPolicy(lfu_half_life)
     if name == "predictor":
         if lookahead is None:
             raise ValueError("policy 'predictor' needs a Lookahead over a routing predictor")

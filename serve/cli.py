@@ -88,7 +88,9 @@ def config_from_args(args: argparse.Namespace):
                        cpu_host_threads=args.cpu_host_threads, ep_ranks=args.ep_ranks, ep_mode=args.ep_mode,
                        ep_decode=args.ep_decode,
                        placement_plan=args.placement_plan, limits=limits,
-                       offload_options={} if args.expert_slices == 1 else {"expert_slices": args.expert_slices})
+                       offload_options={**({} if args.expert_slices == 1 else {"expert_slices": args.expert_slices}),
+                                        **({} if args.offload_lfu_half_life is None
+                                           else {"lfu_half_life": args.offload_lfu_half_life})})
 
 
 def run(args: argparse.Namespace) -> int:

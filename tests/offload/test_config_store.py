@@ -27,6 +27,8 @@ def test_parse_bytes():
     (dict(slots_per_layer=2, policy="predictor"), "predict_batch"),
     (dict(slots_per_layer=2, policy="belady"), "trace"),
     (dict(slots_per_layer=2, store="disk"), "checkpoint"),
+    (dict(slots_per_layer=2, lfu_half_life=20), "needs policy='lfu'"),
+    (dict(slots_per_layer=2, policy="lfu", lfu_half_life=0), "steps > 0"),
 ])
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -133,6 +135,11 @@ def test_cli_args_apply_offload():
     torch.testing.assert_close(l1, l0, atol=1e-6 if on_cpu else 1e-4, rtol=0)
     with pytest.raises(ValueError, match="model directory"):
         apply_from_args(twin(model), p.parse_args(["--gpu-memory", "1GiB", "--offload-from-disk"]))
+    m = apply_from_args(twin(model), p.parse_args(["--gpu-memory", "1GiB", "--offload-policy", "lfu",
+                                                   "--offload-lfu-half-life", "23"]))
+    assert m.offload_cache.policy.half_life == 23.0
+    with pytest.raises(ValueError, match="--offload-lfu-half-life configure"):
+        apply_from_args(twin(model), p.parse_args(["--offload-lfu-half-life", "23"]))
     m = apply_from_args(twin(model), p.parse_args(["--gpu-memory", "1GiB", "--expert-slices", "2", "--cpu-fallback"]))
     assert m.offload_cache.store.slices == 2 and m.offload_cache.num_experts == 2 * m.moe_blocks()[0].experts.num_experts
     torch.testing.assert_close(greedy(m, [5, 6], 2)[1], l0, atol=1e-6 if on_cpu else 1e-4, rtol=0)

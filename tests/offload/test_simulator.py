@@ -146,6 +146,23 @@ def test_simulated_next_layer_guesses_equal_the_live_caches():
         simulate(tr, "lru", 3, prefetch="guesses", guesses=noisy[:, :5])
 
 
+def test_lfu_with_a_half_life_forgets_what_earlier_requests_used():
+    """Whole-run LFU keeps the experts of a long first phase after the routing moved on; with a
+    half-life their counts fade and the new phase's experts stay."""
+    from offload.policies import LFUPolicy
+    L, E, K = 1, 6, 1
+    first = np.array([0, 1] * 30)  # a long phase on experts 0 and 1
+    second = np.array([2, 3, 4] * 20)  # then three others, cycling
+    ids = np.concatenate([first, second]).reshape(1, -1, 1)
+    tr = RoutingTrace(ids.astype(np.int16), E)
+    whole = simulate(tr, LFUPolicy(), 3)
+    aged = simulate(tr, LFUPolicy(half_life=4), 3)
+    assert aged["hits"] > whole["hits"]
+    assert simulate(tr, "lfu", 3)["hits"] == whole["hits"]  # the default: counted over the whole run
+    with pytest.raises(ValueError, match="half_life"):
+        LFUPolicy(half_life=-1)
+
+
 def test_stats_are_consistent():
     model = tiny_model("mixtral")
     L = len(model.moe_blocks())

@@ -64,6 +64,8 @@ def test_moe_serve_command_line():
     assert "expert_slices" not in off  # the default: whole experts
     args = parser.parse_args(["serve", "--gpu-memory", "0.3", "--cpu-fallback", "--expert-slices", "4"])
     assert config_from_args(args).replica_spec("cuda")["offload"]["expert_slices"] == 4
+    args = parser.parse_args(["serve", "--gpu-memory", "0.3", "--offload-policy", "lfu", "--offload-lfu-half-life", "1"])
+    assert config_from_args(args).replica_spec("cuda")["offload"]["lfu_half_life"] == 1.0
     assert callable(args.func)
     # the file options reach the config (they were dropped before session 13), and need offloading
     args = parser.parse_args(["serve", "--offload-prefetch", "probe", "--offload-probes", "p.probe.npz"])
