@@ -436,6 +436,14 @@ def main(argv=None) -> int:
     ap.add_argument("--eager-bucket", type=int, default=0,
                     help="also time eager resident steps with the attention width rounded up to this (0: not)")
     args = ap.parse_args(argv)
+    if args.trace and args.trace_routing:
+        ap.error("--trace (a recorded trace) and --trace-routing (a synthetic one) exclude each other")
+    if args.lookahead and not args.trace:
+        ap.error("--lookahead holds guesses for the tokens of a recorded trace: give that trace with --trace")
+    if args.lookahead_k and not args.lookahead:
+        ap.error("--lookahead-k picks among the guesses of --lookahead: give the guesses file")
+    if args.lfu_half_life is not None and args.offload_policy != "lfu":
+        ap.error("--lfu-half-life applies to --offload-policy lfu")
     dev = torch.device(args.device)
     bw = measure_bandwidth(dev)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write); {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}")

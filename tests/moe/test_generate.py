@@ -420,6 +420,11 @@ def test_decode_benchmark_routes_by_a_recorded_trace_and_prefetches_its_guesses(
     np.savez(tmp_path / "bad.npz", next_ids=ids[:, :7])
     with pytest.raises(SystemExit, match="same recording"):
         mod.main(args + ["--lookahead", str(tmp_path / "bad.npz")])
+    for extra in (["--trace-routing"], ["--lookahead-k", "2"]):  # exclusive / needing the guesses file: refused
+        with pytest.raises(SystemExit):
+            mod.main(args + extra)
+    with pytest.raises(SystemExit):
+        mod.main(args[:-2] + ["--lookahead", str(tmp_path / "t.lookahead.npz")])
 
 
 def test_failed_graph_capture_falls_back_to_eager_decoding(model, tok):
