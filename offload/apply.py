@@ -33,7 +33,7 @@ from .config import OffloadConfig, parse_bytes
 from .cost_model import CostModel
 from .cpu_compute import cpu_experts
 from .policies import count_ids, make_policy
-from .prefetch import CopyBudget, Lookahead, ProbeRouter, default_threshold
+from .prefetch import CopyBudget, Lookahead, ProbeRouter, default_threshold, guessed_experts
 from .slices import check_slices, expand_ids, expand_weights, unit_trace, units_of
 from .store import DiskExpertStore, ExpertStore, HostExpertStore
 
@@ -120,10 +120,8 @@ class OffloadedExperts(nn.Module):
             return
         if self._next_router[0] is not None:
             # mixtral-offloading's speculation: layer l+1's gate on layer l's input (or a probe, or a guess)
-            guess = (guess_np if guess_np is not None else self.guess_next(x_TD).cpu().numpy()).reshape(-1)
-            experts, counts = np.unique(guess[guess >= 0], return_counts=True)
-            order = experts[np.argsort(-counts, kind="stable")][: self.cache.slots // G]
-            self.cache.prefetch(nxt, units_of(order, G))
+            guess = guess_np if guess_np is not None else self.guess_next(x_TD).cpu().numpy()
+            self.cache.prefetch(nxt, units_of(guessed_experts(guess, self.cache.slots // G), G))
 
     def _kernel(self, x_TD, ids_TK, topk_weights_TK):
         pool13, pool2 = self.cache.pool(self.layer)

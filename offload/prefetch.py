@@ -93,6 +93,15 @@ class Lookahead:
 IDLE_THRESHOLD = 0.3  # the predictor's prefetch without a copy budget: only experts this likely
 
 
+def guessed_experts(guess_ids: np.ndarray, limit: int) -> np.ndarray:
+    """The experts a step's next-layer guesses name (ids of any shape, -1 = none), most guessed first
+    (ties by id), at most ``limit``: what a layer prefetches for the next one, live (OffloadedExperts)
+    and in the simulator alike."""
+    g = np.asarray(guess_ids).reshape(-1)
+    experts, counts = np.unique(g[g >= 0], return_counts=True)
+    return experts[np.argsort(-counts, kind="stable")][:limit]
+
+
 def default_threshold(threshold: float | None, budget: float | None, evicts_by_score: bool) -> float:
     """The prefetch threshold in use: as given; else 0 when a copy budget bounds the copies and the
     predictor's own policy evicts (a prefetch, one of the likeliest missing experts of the set the pool

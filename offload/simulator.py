@@ -37,7 +37,7 @@ import torch
 from .cache import ExpertCache
 from .cost_model import CostModel
 from .policies import BeladyPolicy, Policy, future_from_trace, make_policy
-from .prefetch import CopyBudget, Lookahead, default_threshold
+from .prefetch import CopyBudget, Lookahead, default_threshold, guessed_experts
 from .store import ExpertStore
 
 PREFETCH_MODES = ("none", "predictor", "oracle", "guesses")
@@ -189,9 +189,8 @@ def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per
                 want = [(nl, [int(e) for e in np.unique(nxt[nxt >= 0])][:S])]
             elif prefetch == "guesses" and layer + 1 < L:
                 s0 = si * tokens_per_step
-                g = np.asarray(guesses[layer, s0:s0 + ids_BK.shape[0], :prefetch_k]).reshape(-1)
-                experts, counts = np.unique(g[g >= 0], return_counts=True)
-                want = [(layer + 1, [int(e) for e in experts[np.argsort(-counts, kind="stable")][:S]])]
+                g = guesses[layer, s0:s0 + ids_BK.shape[0], :prefetch_k]
+                want = [(layer + 1, [int(e) for e in guessed_experts(g, S)])]
             for j, experts in want:
                 avail = [e for e in experts if not cache.is_resident(j, e)]
                 if budget is not None:
