@@ -82,10 +82,27 @@ class TraceRoutingSpec:
 
 
 class _Positions:
-    """Holds the positions [B, T] of the current forward or decode step."""
+    """Holds the positions [B, T] of the current forward or decode step (remembered from the model's
+    rotary call by ``watch``), and gives its tokens' trace keys."""
 
     def __init__(self):
         self.pos_BT: torch.Tensor | None = None
+
+    def watch(self, model):
+        """The hook handle that keeps pos_BT current."""
+        def remember(module, args):
+            self.pos_BT = args[0]
+        return model.rotary.register_forward_pre_hook(remember)
+
+    def keys(self, n: int, stride: int, num_tokens: int, who: str) -> torch.Tensor:
+        """Trace token of each of the step's n tokens (the whole batch, row-major as the blocks flatten it)."""
+        if self.pos_BT is None:
+            raise RuntimeError(f"{who} saw no positions: the model must call model.rotary first")
+        B, T = self.pos_BT.shape
+        if B * T != n:
+            raise RuntimeError(f"{who}: the layer saw {n} tokens, the step's positions name {B * T}")
+        rows_n = torch.arange(B, device=self.pos_BT.device).repeat_interleave(T)
+        return trace_keys(rows_n.long(), self.pos_BT.reshape(-1).long(), stride, num_tokens)
 
 
 def install_trace_routing(model, spec: TraceRoutingSpec) -> list:
@@ -106,29 +123,17 @@ def install_trace_routing(model, spec: TraceRoutingSpec) -> list:
     w_LNK = torch.where(ids_LNK >= 0, w_LNK, 0.0)
     seen = _Positions()
 
-    def remember(module, args):
-        seen.pos_BT = args[0]
-
     def make_hook(layer: int):
         def hook(module, inputs, out):
             ids_nK, _, logits_nE = out
-            if seen.pos_BT is None:
-                raise RuntimeError("trace routing saw no positions: the model must call model.rotary first")
-            pos_BT = seen.pos_BT
-            B, T = pos_BT.shape  # the whole batch, flattened row-major as the block does
-            rows_n = torch.arange(B, device=pos_BT.device).repeat_interleave(T)
-            pos_n = pos_BT.reshape(-1)
-            if rows_n.shape[0] != ids_nK.shape[0]:
-                raise RuntimeError(f"trace routing: router saw {ids_nK.shape[0]} tokens, positions name "
-                                   f"{rows_n.shape[0]}")
-            keys = trace_keys(rows_n.long(), pos_n.long(), spec.stride, N).to(dev)
+            keys = seen.keys(ids_nK.shape[0], spec.stride, N, "trace routing").to(dev)
             tid_nK, tw_nK = ids_LNK[layer, keys], w_LNK[layer, keys]
             lg = torch.full_like(logits_nE, -1e4)
             lg.scatter_(1, tid_nK.clamp(min=0).to(lg.device), torch.log(tw_nK.clamp(min=1e-9)).to(lg.dtype))
             return tid_nK.to(ids_nK.device), tw_nK.to(ids_nK.device), lg
         return hook
 
-    handles = [model.rotary.register_forward_pre_hook(remember)]
+    handles = [seen.watch(model)]
     handles += [b.router.register_forward_hook(make_hook(i)) for i, b in enumerate(blocks)]
     return handles
 
@@ -150,15 +155,7 @@ class TraceLookahead(torch.nn.Module):
         self.guesses = next_ids_NK.shape[1]  # per token: OffloadedExperts.guess_next takes no more
 
     def forward(self, x_TD: torch.Tensor):
-        pos_BT = self.seen.pos_BT
-        if pos_BT is None:
-            raise RuntimeError("trace lookahead saw no positions: the model must call model.rotary first")
-        B, T = pos_BT.shape
-        if B * T != x_TD.shape[0]:
-            raise RuntimeError(f"trace lookahead: the layer saw {x_TD.shape[0]} tokens, the step's positions name "
-                               f"{B * T}")
-        rows_n = torch.arange(B, device=pos_BT.device).repeat_interleave(T)
-        keys = trace_keys(rows_n.long(), pos_BT.reshape(-1).long(), self.stride, self.next_ids_NK.shape[0])
+        keys = self.seen.keys(x_TD.shape[0], self.stride, self.next_ids_NK.shape[0], "trace lookahead")
         ids_nK = self.next_ids_NK[keys.to(self.next_ids_NK.device)]
         K = ids_nK.shape[1]
         score_K = torch.arange(K, 0, -1, device=ids_nK.device, dtype=torch.float32)  # confidence order
@@ -179,10 +176,7 @@ def install_trace_lookahead(model, next_ids: np.ndarray, num_experts: int, strid
         raise ValueError(f"guessed expert ids must lie in -1..{num_experts - 1}, found {nxt.min()}..{nxt.max()}")
     dev = model.embed.weight.device
     seen = _Positions()
-
-    def remember(module, args):
-        seen.pos_BT = args[0]
-    handles = [model.rotary.register_forward_pre_hook(remember)]
+    handles = [seen.watch(model)]
     routers = [TraceLookahead(torch.as_tensor(nxt[i].astype(np.int64), device=dev), num_experts, stride, seen)
                for i in range(len(blocks) - 1)]
     return handles, routers
