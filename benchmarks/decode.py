@@ -339,20 +339,23 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
             r = dict(model=f"{MODELS[key][0]} offloaded {S}/{E}", B=B, layers=len(model.layers), floor_ms=floors[B],
                      policy=pol, routing="rec" if args.trace else "trace" if args.trace_routing else "model", h2d_gbs=h2d / 1e9)
             # graph: run-ahead where a layer's speculations are mostly kept (the default); always: at every layer
-            variants = (("eager_ms", False, True, 0.5), ("graph_ms", True, True, 0.5), ("graph_serial_ms", True, False, 0.5),
-                        ("graph_always_ms", True, True, 0.0))
+            variants = (("eager", False, True, 0.5), ("graph", True, True, 0.5), ("graph_serial", True, False, 0.5),
+                        ("graph_always", True, True, 0.0))
+
+            def record(label, t, st):
+                """A variant's figures over the timed decode steps (st: the cache's stats of those steps)."""
+                r[f"{label}_ms"] = t * 1e3
+                r[f"{label}_hit"] = st["hit_ratio"]
+                r[f"{label}_mb_per_step"] = st["bytes_copied"] / args.steps / 1e6
+                # resident floor + the step's copies at the measured rate (copies and compute not overlapped)
+                r[f"{label}_copy_floor_ms"] = floors[B] + st["bytes_copied"] / args.steps / h2d * 1e3
             for label, graph, ahead, min_kept in variants[:4 if cuda else 1]:
                 cache.reset_stats()
                 t, logits = run(model, B, args.steps, graph=graph, run_ahead=ahead, on_timing=cache.reset_stats,
                                 min_kept=min_kept)
-                st = cache.stats()  # the timed decode steps only
-                r[label] = t * 1e3
-                r[label.replace("_ms", "_hit")] = st["hit_ratio"]
-                r[label.replace("_ms", "_mb_per_step")] = st["bytes_copied"] / args.steps / 1e6
-                # resident floor + the step's copies at the measured rate (copies and compute not overlapped)
-                r[label.replace("_ms", "_copy_floor_ms")] = floors[B] + st["bytes_copied"] / args.steps / h2d * 1e3
+                record(label, t, cache.stats())
                 if graph:
-                    r[label.replace("_ms", "_same_steps")] = steps_before_parting(eager_logits, logits)
+                    r[f"{label}_same_steps"] = steps_before_parting(eager_logits, logits)
                 else:
                     eager_logits = logits
             for name, next_ids in (lookaheads or {}).items():  # (eager steps on the CPU: a check of the script)
@@ -373,10 +376,7 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
                     for h in handles:
                         h.remove()
                 label = f"graph_{name}"
-                r[f"{label}_ms"] = t * 1e3
-                r[f"{label}_hit"] = st["hit_ratio"]
-                r[f"{label}_mb_per_step"] = st["bytes_copied"] / args.steps / 1e6
-                r[f"{label}_copy_floor_ms"] = floors[B] + st["bytes_copied"] / args.steps / h2d * 1e3
+                record(label, t, st)
                 r[f"{label}_prefetch_precision"] = st["prefetch_precision"]
                 r[f"{label}_prefetch_recall"] = st["prefetch_recall"]
                 r[f"{label}_same_steps"] = steps_before_parting(eager_logits, logits)
