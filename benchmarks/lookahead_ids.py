@@ -49,14 +49,20 @@ def one_ahead_recall(next_ids: np.ndarray, trace: RoutingTrace) -> float:
     return hit / max(1, (L - 1) * N * K)
 
 
+def _time_model(expert_bytes: float, copy_gbps: float, layer_ms: float) -> dict:
+    """offload.simulate's time model: copies at copy_gbps, no CPU experts, layer_ms of compute a layer."""
+    from offload import CostModel
+    cost = CostModel(copy_bytes_per_s=copy_gbps * 1e9, cpu_base_s=1.0, cpu_per_token_s=0.0, copy_latency_s=0.0)
+    return dict(cost=cost, expert_bytes=int(expert_bytes), layer_compute_s=layer_ms * 1e-3)
+
+
 def simulate_rows(held: RoutingTrace, nxt: np.ndarray, slots: int, ks: list[int], expert_bytes: float,
                   copy_gbps: float, layer_ms: float) -> list[dict]:
     """offload.simulate over the held-out requests one token a step (LRU, ``slots`` per layer): no
     prefetch, each token's first k guesses for each k, and the true next layer as the guess."""
-    from offload import CostModel, simulate
-    cost = CostModel(copy_bytes_per_s=copy_gbps * 1e9, cpu_base_s=1.0, cpu_per_token_s=0.0, copy_latency_s=0.0)
+    from offload import simulate
     true_next = np.concatenate([held.expert_ids[1:], np.full_like(held.expert_ids[:1], -1)])
-    kw = dict(cost=cost, expert_bytes=int(expert_bytes), layer_compute_s=layer_ms * 1e-3)
+    kw = _time_model(expert_bytes, copy_gbps, layer_ms)
     rows = [dict(guess="none", **simulate(held, "lru", slots, **kw))]
     for k in ks:
         rows.append(dict(guess=f"first {k}", **simulate(held, "lru", slots, prefetch="guesses", guesses=nxt,
@@ -69,10 +75,9 @@ def policy_rows(held: RoutingTrace, slots: int, half_lives: list[float], expert_
                 layer_ms: float) -> list[dict]:
     """Eviction without prefetch over the held-out requests: LRU, LFU over the whole run and LFU with
     each half-life; one token a step (timed as simulate_rows) and 4 requests decoding together."""
-    from offload import CostModel, simulate
+    from offload import simulate
     from offload.policies import LFUPolicy
-    cost = CostModel(copy_bytes_per_s=copy_gbps * 1e9, cpu_base_s=1.0, cpu_per_token_s=0.0, copy_latency_s=0.0)
-    kw = dict(cost=cost, expert_bytes=int(expert_bytes), layer_compute_s=layer_ms * 1e-3)
+    kw = _time_model(expert_bytes, copy_gbps, layer_ms)
     inter, _ = held.interleaved()
     req = inter.request_ids_or_default()
     four = inter.select_tokens(np.isin(req, np.unique(req)[:4]))
