@@ -190,7 +190,8 @@ class OffloadedExperts(nn.Module):
                 speculated: torch.Tensor | None = None, ids_host: np.ndarray | None = None,
                 guess_host: np.ndarray | None = None) -> torch.Tensor:
         """speculated: speculate()'s output for these inputs, kept when every routed expert is
-        resident and the residents have not changed since prepare_speculation(); ids_host: the
+        resident and the residents have not changed since prepare_speculation() (with misses to copy
+        it stands for the hits' part, so only the copied experts' kernel runs); ids_host: the
         routing ids already on the host (the caller copied them), else they are read here;
         guess_host: guess_next()'s answer for these inputs on the host, else computed here."""
         cache, layer = self.cache, self.layer
@@ -239,8 +240,13 @@ class OffloadedExperts(nn.Module):
             rounds = [r for r in (hits, to_copy) if r]
             slots = [cache.ensure(layer, r, wait=False) for r in rounds]
             self._prefetch_next(x_TD, expert_ids_np, guess_host)  # queued behind this layer's demand copies
-            ids_RTK = self._remap(ids_np, rounds, slots, x_TD.device)
-            for r, sl in enumerate(slots):
+            # a kept speculation is the hits' round already: the same kernel on the same slot ids (the table
+            # it read maps exactly the hits, the misses to -1, and the residents have not changed since),
+            # computed inside the piece; only the copied experts' round is left to launch
+            done = 1 if speculated is not None and hits and self.slices == 1 else 0
+            y_TD = speculated if done else None
+            ids_RTK = self._remap(ids_np, rounds[done:], slots[done:], x_TD.device)
+            for r, sl in enumerate(slots[done:]):
                 cache.wait(layer, sl)
                 part = self._kernel(x_TD, ids_RTK[r], topk_weights_TK)
                 y_TD = part if y_TD is None else y_TD + part

@@ -195,6 +195,48 @@ def test_a_speculation_is_dropped_once_the_layer_changed_since_it_was_prepared()
     assert not OffloadedExperts(0, cache, K, cost_model=object(), cpu_fallback=True).can_run_ahead()
 
 
+def test_a_kept_speculation_stands_for_the_hits_when_experts_must_be_copied():
+    """With misses to copy, a speculation that is still current holds the hits' part (the misses read
+    as -1 in its table): forward launches only the copied experts' kernel and adds it, and the result
+    equals a call without speculation, which runs the hits' kernel itself."""
+    from offload.apply import OffloadedExperts
+    from offload.cache import ExpertCache
+    from offload.policies import make_policy
+    from offload.store import HostExpertStore
+
+    E, D, I, K = 6, 8, 4, 2
+    torch.manual_seed(0)
+    store = HostExpertStore([(torch.randn(E, 2 * I, D), torch.randn(E, D, I))])
+    x, ids, w = torch.randn(3, D), torch.tensor([[0, 1], [1, 4], [4, 0]]), torch.rand(3, K)
+
+    def fresh():
+        cache = ExpertCache(store, 3, make_policy("lru"), "cpu")
+        ex = OffloadedExperts(0, cache, K)
+        cache.ensure(0, [0, 1, 2])  # 0 and 1 resident, 4 not: one miss
+        cache.release(0, [0, 1, 2])
+        return cache, ex
+
+    cache, ex = fresh()
+    want = ex(x, ids, w)  # no speculation: hits' kernel, then the copied expert's
+    cache, ex = fresh()
+    ex.prepare_speculation()
+    spec = ex.speculate(x, ids, w)
+    launched = []
+    real = ex._kernel
+    ex._kernel = lambda x_TD, ids_TK, w_TK: launched.append(ids_TK.clone()) or real(x_TD, ids_TK, w_TK)
+    got = ex(x, ids, w, speculated=spec)
+    assert got is not spec and len(launched) == 1  # the copied expert's round only
+    s4 = cache.slot_of[0][4]
+    assert torch.equal(launched[0], torch.where(ids == 4, s4, -1))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert cache.stats()["hits"] == 2 and cache.stats()["misses"] == 3 + 1  # fresh() copied 3
+    # a speculation that is not the hits' part shows in the result: it is added, not recomputed
+    cache, ex = fresh()
+    ex.prepare_speculation()
+    off = ex(x, ids, w, speculated=ex.speculate(x, ids, w) + 1.0)
+    torch.testing.assert_close(off, want + 1.0)
+
+
 def test_route_by_trace_without_logits_and_with_dropped_slots(model):
     import numpy as np
     from routing import RoutingTrace
