@@ -327,15 +327,14 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
           f"w13 from the store, {store.get(0, 0)[0].numel() * store.get(0, 0)[0].element_size() / 1e6:.1f} MB)", flush=True)
     rows = []
     for S in [int(v) for v in args.offload_slots.split(",")]:
-        cache = install(blocks, store, OffloadConfig(slots_per_layer=S, device=str(dev), calibrate=False,
-                                                     policy=args.offload_policy,
-                                                     lfu_half_life=args.lfu_half_life), device=dev,
-                        top_k=K, slots=S, backend="triton" if cuda else "torch")
+        ocfg = OffloadConfig(slots_per_layer=S, device=str(dev), calibrate=False, policy=args.offload_policy,
+                             lfu_half_life=args.lfu_half_life)
+        cache = install(blocks, store, ocfg, device=dev, top_k=K, slots=S, backend="triton" if cuda else "torch")
         if S >= E:
             for layer in range(len(blocks)):
                 cache.prefetch(layer, list(range(E)))
         for B in batches:
-            pol = args.offload_policy + (f"-hl{args.lfu_half_life:g}" if args.lfu_half_life else "")
+            pol = args.offload_policy + (f"-hl{ocfg.lfu_steps():g}" if ocfg.lfu_steps() else "")
             r = dict(model=f"{MODELS[key][0]} offloaded {S}/{E}", B=B, layers=len(model.layers), floor_ms=floors[B],
                      policy=pol, routing="rec" if args.trace else "trace" if args.trace_routing else "model", h2d_gbs=h2d / 1e9)
             # graph: run-ahead where a layer's speculations are mostly kept (the default); always: at every layer
@@ -415,7 +414,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", default="32", help="comma list of prompt lengths (the context decoded over)")
     ap.add_argument("--offload-policy", default="lru", choices=("lru", "lfu"), help="eviction of --offload-slots")
     ap.add_argument("--lfu-half-life", type=float, default=None,
-                    help="with --offload-policy lfu: use counts halve over this many steps (default: whole run)")
+                    help="with --offload-policy lfu: use counts halve over this many steps (default 23, "
+                         "OffloadConfig's; inf: counted over the whole run)")
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="offloaded rows with fewer slots than experts: this many more steps under torch.profiler "
                          "(graph pieces on a GPU, eager on the CPU; the prefetch rows too), the tables printed and "

@@ -16,7 +16,7 @@ Each row prints its floor: bytes copied per token / measured pinned copy bandwid
 Rows at each GPU expert budget (share of the experts' bytes held on the GPU, slots = share * E):
   resident      all experts on the GPU (the ceiling; also gives the per-layer compute time)
   no-cache      every expert copied when used, nothing kept
-  lru, lfu      the eviction policies, copies on demand
+  lru, lfu      the eviction policies, copies on demand (lfu: OffloadConfig's default half-life, 23 steps)
   gate          lru + next-layer-gate speculation (layer l+1's router on layer l's input; with
                 random router weights this guesses at random: reported as measured)
   cpu           lru + misses split between copying and computing on the CPU (cost model)
@@ -285,7 +285,7 @@ def run_model(key, args, device, dtype):
         S = max(1, round(frac * E))
         b = S / E
         live("lru", b, S, dict(policy="lru"))
-        live("lfu", b, S, dict(policy="lfu"))
+        live("lfu", b, S, dict(policy="lfu"))  # counts with OffloadConfig's half-life (23 steps) since session 22
         live("gate", b, S, dict(policy="lru", prefetch="next_layer_gate"))
         live("cpu", b, S, dict(policy="lru", cpu_fallback=True))
         pk = dict(policy="predictor", prefetch="predictor", predictor=predictor, predict_every=args.predict_every)

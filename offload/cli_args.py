@@ -18,11 +18,13 @@ def add_offload_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-memory", default=None, metavar="SIZE",
                    help="offload experts to host memory, keeping the device within SIZE ('24GiB', or a fraction "
                         "such as 0.3 of the device's memory); off when not given")
-    g.add_argument("--offload-policy", default="lru", choices=[p for p in POLICIES if p != "belady"],
-                   help="eviction policy of the GPU expert cache (default lru; predictor needs --offload-predictor)")
+    g.add_argument("--offload-policy", default="lfu", choices=[p for p in POLICIES if p != "belady"],
+                   help="eviction policy of the GPU expert cache (default lfu, counts with a half-life; predictor "
+                        "needs --offload-predictor)")
     g.add_argument("--offload-lfu-half-life", type=float, default=None, metavar="STEPS",
                    help="with --offload-policy lfu: use counts halve over this many steps, so recent requests "
-                        "count more (default: counted over the whole run; 23 did best on a trained model's routing)")
+                        "count more (default 23, which did best on a trained model's routing; inf: counted over "
+                        "the whole run)")
     g.add_argument("--offload-prefetch", default="none", choices=["none", "next_layer_gate", "probe", "predictor"],
                    help="prefetch next layer's experts by applying its router (next_layer_gate) or a fitted probe "
                         "(probe; needs --offload-probes) to the current hidden state, or by the routing-path "
@@ -86,7 +88,7 @@ def apply_from_args(model, args: argparse.Namespace, checkpoint: str | None = No
 
 # the offload settings of `moe generate` / `moe serve` (argparse dests = ServeConfig fields) and their
 # defaults: any other value configures the expert cache, which needs gpu_memory
-SETTING_DEFAULTS = {"offload_policy": "lru", "offload_prefetch": "none", "offload_probes": None,
+SETTING_DEFAULTS = {"offload_policy": "lfu", "offload_prefetch": "none", "offload_probes": None,
                     "offload_predictor": None, "offload_prefetch_budget": None, "cpu_fallback": False,
                     "expert_slices": 1, "offload_from_disk": False, "offload_lfu_half_life": None}
 

@@ -57,7 +57,7 @@ class ServeConfig:
     device: str = "auto"
     dtype: str | None = None
     gpu_memory: str | None = None
-    offload_policy: str = "lru"
+    offload_policy: str = "lfu"
     offload_prefetch: str = "none"
     cpu_fallback: bool = False
     offload_from_disk: bool = False

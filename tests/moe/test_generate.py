@@ -382,7 +382,7 @@ def test_decode_benchmark_routes_by_a_synthetic_trace_row_by_row(tmp_path, capsy
                      "--profile-steps", "2"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "decode_results.jsonl").read_text().splitlines()]
     off = [r for r in rows if "policy" in r]
-    assert [(r["policy"], r["routing"]) for r in off] == [("lfu", "trace")] and 0 < off[0]["eager_hit"] < 1
+    assert [(r["policy"], r["routing"]) for r in off] == [("lfu-hl23", "trace")] and 0 < off[0]["eager_hit"] < 1
     # the bytes the timed decode steps copied; their copy floor needs a GPU's measured rate (NaN on the CPU)
     assert 0 < off[0]["eager_mb_per_step"] and off[0]["eager_copy_floor_ms"] != off[0]["eager_copy_floor_ms"]  # NaN: no GPU
     # --profile-steps: the host-side parts of an offloaded layer, labelled, in the profile's table

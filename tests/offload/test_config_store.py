@@ -27,7 +27,7 @@ def test_parse_bytes():
     (dict(slots_per_layer=2, policy="predictor"), "predict_batch"),
     (dict(slots_per_layer=2, policy="belady"), "trace"),
     (dict(slots_per_layer=2, store="disk"), "checkpoint"),
-    (dict(slots_per_layer=2, lfu_half_life=20), "needs policy='lfu'"),
+    (dict(slots_per_layer=2, policy="lru", lfu_half_life=20), "needs policy='lfu'"),
     (dict(slots_per_layer=2, policy="lfu", lfu_half_life=0), "steps > 0"),
 ])
 def test_config_errors(kw, match):
@@ -138,6 +138,13 @@ def test_cli_args_apply_offload():
     m = apply_from_args(twin(model), p.parse_args(["--gpu-memory", "1GiB", "--offload-policy", "lfu",
                                                    "--offload-lfu-half-life", "23"]))
     assert m.offload_cache.policy.half_life == 23.0
+    # the defaults: LFU with that half-life; inf counts over the whole run; LRU asked for by name
+    m = apply_from_args(twin(model), p.parse_args(["--gpu-memory", "1GiB"]))
+    assert type(m.offload_cache.policy).__name__ == "LFUPolicy" and m.offload_cache.policy.half_life == 23.0
+    m = apply_from_args(twin(model), p.parse_args(["--gpu-memory", "1GiB", "--offload-lfu-half-life", "inf"]))
+    assert m.offload_cache.policy.half_life is None
+    m = apply_from_args(twin(model), p.parse_args(["--gpu-memory", "1GiB", "--offload-policy", "lru"]))
+    assert type(m.offload_cache.policy).__name__ == "LRUPolicy"
     with pytest.raises(ValueError, match="--offload-lfu-half-life configure"):
         apply_from_args(twin(model), p.parse_args(["--offload-lfu-half-life", "23"]))
     m = apply_from_args(twin(model), p.parse_args(["--gpu-memory", "1GiB", "--expert-slices", "2", "--cpu-fallback"]))

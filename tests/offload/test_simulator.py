@@ -125,7 +125,7 @@ def test_simulated_next_layer_guesses_equal_the_live_caches():
     noisy = np.stack([[rng.choice(E, 3, replace=False) for _ in range(tr.num_tokens)] for _ in range(L)])
     true_next = np.concatenate([tr.expert_ids[1:], np.full_like(tr.expert_ids[:1], -1)]).astype(np.int64)
     for guesses, k in ((noisy, 0), (noisy, 1), (true_next, 0)):
-        m = apply_offload(twin(model), OffloadConfig(slots_per_layer=3, device="cpu", calibrate=False))
+        m = apply_offload(twin(model), OffloadConfig(slots_per_layer=3, policy="lru", device="cpu", calibrate=False))
         _, routers = install_trace_lookahead(m, guesses[:, :, :k or None], E, stride=tr.num_tokens)
         for b, r in zip(m.moe_blocks(), routers):
             b.experts.set_next_router(r)

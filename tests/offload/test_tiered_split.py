@@ -120,7 +120,7 @@ def _tiered(frac, hosts, rehome="auto", align=4, adapt=False, host_s=1e-3, repli
     c = 1e9 if frac == 0 else h * (1 - frac) / frac
     cost = CostModel(copy_bytes_per_s=store.expert_bytes / c if c else 1e30, cpu_base_s=h if frac < 1 else 1e9,
                      cpu_per_token_s=1e-12, copy_latency_s=0.0)
-    cfg = OffloadConfig(slots_per_layer=2, device="cpu", calibrate=False)
+    cfg = OffloadConfig(slots_per_layer=2, policy="lru", device="cpu", calibrate=False)
     cache = install(blocks, store, cfg, device=torch.device("cpu"), top_k=2, slots=2, cost=cost)
     plan = TieredPlan.on_hosts(3, 8, len(hosts))
     rt = apply_cpu_tier(model, plan, hosts, TierRuntimeConfig(dispatch="split", granularity="slice", align=align,
