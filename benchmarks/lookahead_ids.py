@@ -82,7 +82,7 @@ def policy_rows(held: RoutingTrace, slots: int, half_lives: list[float], expert_
     req = inter.request_ids_or_default()
     four = inter.select_tokens(np.isin(req, np.unique(req)[:4]))
     rows = []
-    for name, make in [("lru", lambda: "lru"), ("lfu", lambda: "lfu")] + \
+    for name, make in [("lru", lambda: "lru"), ("lfu (whole run)", lambda: LFUPolicy())] + \
             [(f"lfu hl {h:g}", lambda h=h: LFUPolicy(half_life=h)) for h in half_lives]:
         one = simulate(held, make(), slots, **kw)
         rows.append(dict(policy=name, **one, hit4=simulate(four, make(), slots, tokens_per_step=4)["hit_ratio"]))

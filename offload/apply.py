@@ -442,7 +442,7 @@ def install(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: torch.dev
                               threshold=default_threshold(cfg.prefetch_threshold, cfg.prefetch_budget,
                                                           cfg.policy == "predictor"))
     policy = make_policy(cfg.policy, lookahead=lookahead, trace=None if cfg.trace is None else unit_trace(cfg.trace, G),
-                         tokens_per_step=cfg.trace_batch, slices=G, lfu_half_life=cfg.lfu_steps())
+                         tokens_per_step=cfg.trace_batch, slices=G, lfu_half_life=cfg.lfu_half_life)
     cache = ExpertCache(store, slots, policy, device)
     cache.cost_model = cost
     budget = None

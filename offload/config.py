@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 POLICIES = ("lru", "lfu", "predictor", "belady")
-LFU_HALF_LIFE = 23.0  # steps; see OffloadConfig.lfu_half_life
 PREFETCH = ("none", "next_layer_gate", "probe", "predictor")
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
@@ -44,7 +43,7 @@ class OffloadConfig:
     slots_per_layer  explicit expert slots per MoE layer (overrides the budget's expert share)
     policy           eviction policy: lfu (the default) | lru | predictor | belady (belady needs `trace`)
     lfu_half_life    policy 'lfu': each layer's use counts halve over this many of its steps (None:
-                     LFU_HALF_LIFE = 23; math.inf: counted over the whole run). 23 kept 3-6 points more
+                     policies.LFU_HALF_LIFE = 23; math.inf: counted over the whole run). 23 kept 3-6 points more
                      accesses than LRU and than whole-run counts on a trained model's routing, and
                      decoded it 8% faster than LRU on the GPU (BENCHMARKS 3j)
     prefetch         none | next_layer_gate (apply layer l+1's router to layer l's input) |
@@ -112,13 +111,10 @@ class OffloadConfig:
     miss_split: str = "reuse"
 
     def lfu_steps(self) -> float | None:
-        """The half-life the LFU policy is built with: LFU_HALF_LIFE when not given, None (no decay)
-        for math.inf; None for the other policies."""
-        if self.policy != "lfu":
-            return None
-        if self.lfu_half_life is None:
-            return LFU_HALF_LIFE
-        return None if self.lfu_half_life == float("inf") else float(self.lfu_half_life)
+        """The half-life the LFU policy is built with (policies.resolve_lfu_half_life: 23 steps when not
+        given, None = no decay for math.inf); None for the other policies."""
+        from .policies import resolve_lfu_half_life
+        return resolve_lfu_half_life(self.lfu_half_life) if self.policy == "lfu" else None
 
     def __post_init__(self):
         if self.gpu_memory is None and self.slots_per_layer is None:

@@ -63,6 +63,17 @@ class LRUPolicy(Policy):
         return min(candidates, key=lambda e: (self.last_use_LE[layer, e], e))
 
 
+LFU_HALF_LIFE = 23.0  # steps: the 'lfu' policy's half-life unless one is given (see LFUPolicy)
+
+
+def resolve_lfu_half_life(value: float | None) -> float | None:
+    """The half-life an 'lfu' policy is built with: LFU_HALF_LIFE for None, None (no decay: counted
+    over the whole run) for math.inf, else the value."""
+    if value is None:
+        return LFU_HALF_LIFE
+    return None if value == float("inf") else float(value)
+
+
 class LFUPolicy(Policy):
     """Least frequently used; ties broken by recency. ``half_life`` (steps of a layer): each layer's
     counts halve over that many of its steps, so what the recent requests use outweighs what earlier
@@ -158,13 +169,14 @@ def future_from_trace(trace, tokens_per_step: int = 1) -> list[list[np.ndarray]]
 def make_policy(name: str, *, lookahead=None, trace=None, tokens_per_step: int = 1, slices: int = 1,
                 lfu_half_life: float | None = None) -> Policy:
     """A policy by name; 'predictor' needs a Lookahead, 'belady' a RoutingTrace (of the cache's
-    units when slices > 1: offload.slices.unit_trace); 'lfu' takes ``lfu_half_life`` (LFUPolicy)."""
+    units when slices > 1: offload.slices.unit_trace); 'lfu' takes ``lfu_half_life`` (None:
+    LFU_HALF_LIFE; math.inf: counted over the whole run; see `resolve_lfu_half_life`)."""
     if lfu_half_life is not None and name != "lfu":
         raise ValueError(f"lfu_half_life applies to the 'lfu' policy, not {name!r}")
     if name == "lru":
         return LRUPolicy()
     if name == "lfu":
-        return LFUPolicy(lfu_half_life)
+        return LFUPolicy(resolve_lfu_half_life(lfu_half_life))
     if name == "predictor":
         if lookahead is None:
             raise ValueError("policy 'predictor' needs a Lookahead over a routing predictor")

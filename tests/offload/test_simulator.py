@@ -158,7 +158,11 @@ def test_lfu_with_a_half_life_forgets_what_earlier_requests_used():
     whole = simulate(tr, LFUPolicy(), 3)
     aged = simulate(tr, LFUPolicy(half_life=4), 3)
     assert aged["hits"] > whole["hits"]
-    assert simulate(tr, "lfu", 3)["hits"] == whole["hits"]  # the default: counted over the whole run
+    # by name: the default half-life (23 steps), or the whole run with math.inf
+    assert simulate(tr, "lfu", 3)["hits"] == simulate(tr, LFUPolicy(half_life=23), 3)["hits"]
+    from offload.policies import make_policy
+    assert simulate(tr, make_policy("lfu", lfu_half_life=float("inf")), 3)["hits"] == whole["hits"]
+    assert make_policy("lfu").half_life == 23.0 and make_policy("lfu", lfu_half_life=5).half_life == 5.0
     with pytest.raises(ValueError, match="half_life"):
         LFUPolicy(half_life=-1)
 
