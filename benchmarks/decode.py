@@ -327,8 +327,9 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
           f"w13 from the store, {store.get(0, 0)[0].numel() * store.get(0, 0)[0].element_size() / 1e6:.1f} MB)", flush=True)
     rows = []
     for S in [int(v) for v in args.offload_slots.split(",")]:
+        # prefetch_k = top-k: the guesses rows prefetch as many guesses as each holds (--lookahead-k)
         ocfg = OffloadConfig(slots_per_layer=S, device=str(dev), calibrate=False, policy=args.offload_policy,
-                             lfu_half_life=args.lfu_half_life)
+                             lfu_half_life=args.lfu_half_life, prefetch_k=K)
         cache = install(blocks, store, ocfg, device=dev, top_k=K, slots=S, backend="triton" if cuda else "torch")
         if S >= E:
             for layer in range(len(blocks)):

@@ -67,7 +67,8 @@ def simulate_rows(held: RoutingTrace, nxt: np.ndarray, slots: int, ks: list[int]
     for k in ks:
         rows.append(dict(guess=f"first {k}", **simulate(held, "lru", slots, prefetch="guesses", guesses=nxt,
                                                         prefetch_k=k, **kw)))
-    rows.append(dict(guess="true next", **simulate(held, "lru", slots, prefetch="guesses", guesses=true_next, **kw)))
+    rows.append(dict(guess="true next", **simulate(held, "lru", slots, prefetch="guesses", guesses=true_next,
+                                                   prefetch_k=true_next.shape[2], **kw)))
     return rows
 
 

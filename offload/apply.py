@@ -33,7 +33,7 @@ from .config import OffloadConfig, parse_bytes
 from .cost_model import CostModel
 from .cpu_compute import cpu_experts
 from .policies import count_ids, make_policy
-from .prefetch import CopyBudget, Lookahead, ProbeRouter, default_threshold, guessed_experts
+from .prefetch import CopyBudget, Lookahead, ProbeRouter, default_threshold, guess_count, guessed_experts
 from .slices import check_slices, expand_ids, expand_weights, unit_trace, units_of
 from .store import DiskExpertStore, ExpertStore, HostExpertStore
 
@@ -56,7 +56,8 @@ class OffloadedExperts(nn.Module):
             raise ValueError("cpu_fallback needs a cost_model to decide copy or CPU")
         self._next_router = [next_router]  # a list: not registered as a child module (it belongs to layer l+1)
         self.lookahead, self.predictor_prefetch = lookahead, predictor_prefetch
-        self.prefetch_k = prefetch_k or top_k
+        self.prefetch_k = prefetch_k or top_k  # the predictor's prefetch: experts per token
+        self.guess_k = guess_count(prefetch_k, top_k)  # the next router's guesses per token
         self.slices = cache.store.slices  # G: the cache holds units, G per expert (offload/slices.py)
         self.num_experts = cache.num_experts // self.slices
         self._prepared_at: int | None = None  # cache.changes[layer] at the last prepare_speculation()
@@ -89,7 +90,7 @@ class OffloadedExperts(nn.Module):
             return None
         with torch.no_grad():  # forward(), not __call__: trace hooks on that router must not fire
             logits_TE = router.forward(x_TD)[2]
-        k = min(self.prefetch_k, logits_TE.shape[1], getattr(router, "guesses", None) or self.prefetch_k)
+        k = min(self.guess_k, logits_TE.shape[1], getattr(router, "guesses", None) or self.guess_k)
         top = logits_TE.topk(k, dim=1)
         return torch.where(torch.isfinite(top.values), top.indices, -1)  # -inf: no guess (-1 is dropped)
 

@@ -49,7 +49,9 @@ class OffloadConfig:
     prefetch         none | next_layer_gate (apply layer l+1's router to layer l's input) |
                      probe (the same with fitted probes instead of the router: `probes`) |
                      predictor (the routing predictor's probabilities)
-    prefetch_k       experts to prefetch per token for the next layer (0 = the model's top-k)
+    prefetch_k       experts to prefetch per token for the next layer (0: half the model's top-k,
+                     rounded up, of the next_layer_gate / probe guesses, their most confident,
+                     offload.prefetch.guess_count; the model's top-k for the predictor)
     cpu_fallback     compute a missed expert on the CPU when the cost model says it is cheaper,
                      and split a step's misses between the copy engine and the CPU
     miss_split       how cpu_fallback shares a step's misses: 'reuse' (CPU time weighted by

@@ -93,6 +93,16 @@ class Lookahead:
 IDLE_THRESHOLD = 0.3  # the predictor's prefetch without a copy budget: only experts this likely
 
 
+def guess_count(prefetch_k: int, top_k: int) -> int:
+    """How many of each token's next-layer guesses (a router's or a probe's, most confident first) a
+    layer prefetches: ``prefetch_k``, else half the model's top-k rounded up. The tail of a token's
+    guesses is mostly wrong, and on a copy-bound path every wrong copy costs what it would have
+    saved: on a trained 48-layer model's routing at 25% (OLMoE widths, top-8), all 8 guesses took
+    1.04x the time of no prefetch, the first 4 0.94x, the first 2 0.96x (one H200, BENCHMARKS 3k;
+    the simulator ranked them the same)."""
+    return prefetch_k or -(-top_k // 2)
+
+
 def guessed_experts(guess_ids: np.ndarray, limit: int) -> np.ndarray:
     """The experts a step's next-layer guesses name (ids of any shape, -1 = none), most guessed first
     (ties by id), at most ``limit``: what a layer prefetches for the next one, live (OffloadedExperts)

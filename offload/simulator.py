@@ -37,7 +37,7 @@ import torch
 from .cache import ExpertCache
 from .cost_model import CostModel
 from .policies import BeladyPolicy, Policy, future_from_trace, make_policy
-from .prefetch import CopyBudget, Lookahead, default_threshold, guessed_experts
+from .prefetch import CopyBudget, Lookahead, default_threshold, guess_count, guessed_experts
 from .store import ExpertStore
 
 PREFETCH_MODES = ("none", "predictor", "oracle", "guesses")
@@ -80,8 +80,9 @@ def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per
     'oracle' (exactly the experts layer l+1 will use) |
     'guesses' (``guesses`` [L, tokens, G]: row l holds layer l's guesses of layer l+1's experts for each
     token, distinct, best first, -1 = none, e.g. a trained model's next router or probes on its hidden states, as
-    benchmarks/lookahead_ids.py writes them; each token's first ``prefetch_k`` (0: top-k) in the step,
-    queued behind the demand copies as the live cache's next-layer prefetch does, up to the layer's slots).
+    benchmarks/lookahead_ids.py writes them; each token's first ``prefetch_k`` (0: half the top-k, rounded
+    up: prefetch.guess_count) in the step, queued behind the demand copies as the live cache's next-layer
+    prefetch does, up to the layer's slots).
     prefetch_budget: expert copies a prefetch may issue per layer (see the module docstring);
     None: the predictor's prefetches wait for an idle copy engine, the oracle's are unlimited.
     prefetch_threshold: None = 0 with a budget and the predictor's policy, else 0.3
@@ -117,7 +118,8 @@ def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per
         policy = make_policy(policy, lookahead=lookahead, trace=trace, tokens_per_step=tokens_per_step)
     cache = ExpertCache(NullStore(L, E, expert_bytes), capacity_per_layer, policy, "cpu")
     S = cache.slots
-    prefetch_k = prefetch_k or K  # 'guesses': each token's first prefetch_k, as the live cache's guess_next
+    guess_k = guess_count(prefetch_k, K)  # 'guesses': each token's first guess_k, as the live cache's guess_next
+    prefetch_k = prefetch_k or K  # 'predictor': experts per token
 
     timed = cost is not None
     copy_s = cost.copy_s(expert_bytes) if timed else 0.0
@@ -189,7 +191,7 @@ def simulate(trace, policy: str | Policy, capacity_per_layer: int, *, tokens_per
                 want = [(nl, [int(e) for e in np.unique(nxt[nxt >= 0])][:S])]
             elif prefetch == "guesses" and layer + 1 < L:
                 s0 = si * tokens_per_step
-                g = guesses[layer, s0:s0 + ids_BK.shape[0], :prefetch_k]
+                g = guesses[layer, s0:s0 + ids_BK.shape[0], :guess_k]
                 want = [(layer + 1, [int(e) for e in guessed_experts(g, S)])]
             for j, experts in want:
                 avail = [e for e in experts if not cache.is_resident(j, e)]

@@ -212,6 +212,9 @@ def test_guess_next_takes_no_more_than_the_guesses_given():
 
     from placement.trace_routing import install_trace_lookahead
     blocks = m.moe_blocks()
+    assert blocks[0].experts.guess_k == 1  # by default half the top-k of 2 (offload.prefetch.guess_count)
+    m = _offloaded("mixtral", dev, 3, prefetch_k=2)[1]  # asks for 2 guesses a token
+    blocks = m.moe_blocks()
     nxt = np.full((len(blocks), 64, 2), -1, dtype=np.int16)
     nxt[..., 0] = 3
     _, routers = install_trace_lookahead(m, nxt, m.config.num_experts, 64)
