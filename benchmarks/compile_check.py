@@ -144,13 +144,15 @@ def check(shapes, tokens, dump: Path | None, compiled: list, log=print) -> int:
 
 
 def check_decode(shapes, rows=(1, 8, 64), log=print) -> int:
-    """The other inference kernels (kernels/norm, router, proj, attn_prep, decode_attention) at each model's sizes."""
+    """The other inference kernels (kernels/norm, router, proj, attn_prep, decode_attention, unpack) at each
+    model's sizes."""
     from benchmarks.tune_kernels import SHAPES
     from kernels.attn_prep import prepare_qkv
     from kernels.decode_attention import decode_attention
     from kernels.norm import rms_norm
     from kernels.proj import multi_linear
     from kernels.router import softmax_topk
+    from kernels.unpack import pack_bf16, unpack_bf16
     failures = 0
     bf = torch.bfloat16
     for key in shapes:
@@ -172,6 +174,10 @@ def check_decode(shapes, rows=(1, 8, 64), log=print) -> int:
                 "decode_attention": lambda: decode_attention(
                     torch.randn(M, H, 1, d).to(bf), torch.empty(M, G, 512, d, dtype=bf), torch.empty(M, G, 512, d, dtype=bf),
                     torch.zeros(M, 1, 1, 512, dtype=bf), d ** -0.5),
+                # a packed expert (offload pack_experts), with escapes so that the patch kernel compiles too
+                "unpack_bf16": lambda: unpack_bf16(*pack_bf16(torch.tensor([0.0, 1e30, 0.5, 0.25], dtype=bf),
+                                                             torch.tensor([2.0, 3.0], dtype=bf)),
+                                                   torch.empty(4, dtype=bf), torch.empty(2, dtype=bf)),
             }
             failed = 0
             for name, step in steps.items():

@@ -89,14 +89,14 @@ MODELS = {
 }
 
 
-def build(key: str, device: str, layers: int = 0) -> MoEForCausalLM:
+def build(key: str, device: str, layers: int = 0, bf16: bool = False) -> MoEForCausalLM:
     name, kw = MODELS[key]
     if layers:
         kw = dict(kw, num_hidden_layers=layers)
     cfg = MoEConfig.tiny(kw["model_type"], **{k: v for k, v in kw.items() if k != "model_type"},
                          max_position_embeddings=4096)
     backend = "triton" if device == "cuda" else "torch"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device == "cuda" or bf16 else torch.float32  # bf16: packed experts on the CPU
     m = MoEForCausalLM(cfg, backend=backend, dtype=dtype, device=device)
     m.init_weights(seed=0)
     return m.eval()
@@ -305,14 +305,18 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
     each adds graph pieces whose layers prefetch those guesses of the next layer's experts
     (placement.trace_routing.TraceLookahead; serial pieces, as every layer with a next-layer guess
     runs), as ``graph_<name>_ms``."""
-    from offload import HostExpertStore, OffloadConfig
+    from offload import HostExpertStore, OffloadConfig, PackedHostExpertStore
     from offload.apply import install
     dev = model.device
     batches = [int(b) for b in args.batch.split(",")]
     floors = {B: floor_bytes(model, B, 32 + args.steps) / bw * 1e3 for B in batches}  # with the experts resident
     blocks = model.moe_blocks()
     cuda = dev.type == "cuda"
-    store = HostExpertStore.from_blocks(blocks, release=lambda i: setattr(blocks[i], "experts", None), pin=cuda)
+    release = lambda i: setattr(blocks[i], "experts", None)  # noqa: E731
+    if args.pack_experts:  # 12 bits a weight in host memory, decoded on the device (kernels/unpack.py)
+        store = PackedHostExpertStore.from_blocks(blocks, release=release, pin=cuda)
+    else:
+        store = HostExpertStore.from_blocks(blocks, release=release, pin=cuda)
     if cuda:
         torch.cuda.empty_cache()
     E, K = model.config.num_experts, model.config.num_experts_per_tok
@@ -321,10 +325,12 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
     # back-to-back copies of a 64 MiB buffer and of one expert's w13 straight from the store's pinned memory;
     # the floor takes the faster (a floor)
     h2d_64m = copy_bytes_per_s(dev, torch.empty(64 << 20, dtype=torch.uint8)) if cuda else float("nan")
-    h2d_expert = copy_bytes_per_s(dev, store.get(0, 0)[0]) if cuda else float("nan")
+    one = store.packed(0, 0)[0] if args.pack_experts else store.get(0, 0)[0]  # a packed expert, or one w13
+    h2d_expert = copy_bytes_per_s(dev, one) if cuda else float("nan")
     h2d = max(h2d_64m, h2d_expert)
     print(f"host -> GPU copies: {h2d_64m / 1e9:.1f} GB/s (pinned, 64 MiB), {h2d_expert / 1e9:.1f} GB/s (one expert's "
-          f"w13 from the store, {store.get(0, 0)[0].numel() * store.get(0, 0)[0].element_size() / 1e6:.1f} MB)", flush=True)
+          f"{'packed buffer' if args.pack_experts else 'w13'} from the store, {one.numel() * one.element_size() / 1e6:.1f} MB)",
+          flush=True)
     rows = []
     for S in [int(v) for v in args.offload_slots.split(",")]:
         # prefetch_k = top-k: the guesses rows prefetch as many guesses as each holds (--lookahead-k)
@@ -336,7 +342,7 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
                 cache.prefetch(layer, list(range(E)))
         for B in batches:
             pol = args.offload_policy + (f"-hl{ocfg.lfu_steps():g}" if ocfg.lfu_steps() else "")
-            r = dict(model=f"{MODELS[key][0]} offloaded {S}/{E}", B=B, layers=len(model.layers), floor_ms=floors[B],
+            r = dict(model=f"{MODELS[key][0]} offloaded {S}/{E}" + (" packed" if args.pack_experts else ""), B=B, layers=len(model.layers), floor_ms=floors[B],
                      policy=pol, routing="rec" if args.trace else "trace" if args.trace_routing else "model", h2d_gbs=h2d / 1e9)
             # graph: run-ahead where a layer's speculations are mostly kept (the default); always: at every layer
             variants = (("eager", False, True, 0.5), ("graph", True, True, 0.5), ("graph_serial", True, False, 0.5),
@@ -414,6 +420,9 @@ def main(argv=None) -> int:
                     help="comma list of triton,sdpa: how decode steps attend (moe.attention.DECODE_ATTENTION)")
     ap.add_argument("--prompt-len", default="32", help="comma list of prompt lengths (the context decoded over)")
     ap.add_argument("--offload-policy", default="lru", choices=("lru", "lfu"), help="eviction of --offload-slots")
+    ap.add_argument("--pack-experts", action="store_true",
+                    help="offloaded rows: keep the experts packed to 12 bits a weight in host memory, decoded on the "
+                         "device after each copy (OffloadConfig.pack_experts; bfloat16)")
     ap.add_argument("--lfu-half-life", type=float, default=None,
                     help="with --offload-policy lfu: use counts halve over this many steps (default 23, "
                          "OffloadConfig's; inf: counted over the whole run)")
@@ -463,7 +472,7 @@ def main(argv=None) -> int:
     cells = [(P, B, att) for P in (int(p) for p in args.prompt_len.split(","))
              for B in (int(b) for b in args.batch.split(",")) for att in args.decode_attention.split(",")]
     for key in args.models.split(","):
-        model = build(key, args.device, args.layers)
+        model = build(key, args.device, args.layers, bf16=args.pack_experts)
         lookaheads, spec = {}, None
         longest = max(int(p) for p in args.prompt_len.split(",")) + args.steps + 16
         if args.trace:

@@ -12,10 +12,10 @@ from .cost_model import CostModel
 from .policies import BeladyPolicy, LFUPolicy, LRUPolicy, Policy, PredictorPolicy, make_policy
 from .prefetch import CopyBudget, Lookahead, TransitionPredictor
 from .simulator import oracle_bound, simulate
-from .store import DiskExpertStore, HostExpertStore
+from .store import DiskExpertStore, HostExpertStore, PackedHostExpertStore
 from .tiered import TieredExperts, TierRuntime, TierRuntimeConfig, apply_cpu_tier
 
 __all__ = ["OffloadConfig", "apply_offload", "install", "kv_cache_bytes", "OffloadedExperts", "plan_slots", "route_by_trace", "ExpertCache",
            "parse_bytes", "CostModel", "Policy", "LRUPolicy", "LFUPolicy", "PredictorPolicy", "BeladyPolicy",
-           "make_policy", "CopyBudget", "Lookahead", "TransitionPredictor", "simulate", "oracle_bound", "HostExpertStore",
+           "make_policy", "CopyBudget", "Lookahead", "TransitionPredictor", "simulate", "oracle_bound", "HostExpertStore", "PackedHostExpertStore",
            "DiskExpertStore", "TieredExperts", "TierRuntime", "TierRuntimeConfig", "apply_cpu_tier"]

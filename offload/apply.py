@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from contextlib import contextmanager
 
 import numpy as np
@@ -35,7 +36,7 @@ from .cpu_compute import cpu_experts
 from .policies import count_ids, make_policy
 from .prefetch import CopyBudget, Lookahead, ProbeRouter, default_threshold, guess_count, guessed_experts
 from .slices import check_slices, expand_ids, expand_weights, unit_trace, units_of
-from .store import DiskExpertStore, ExpertStore, HostExpertStore
+from .store import DiskExpertStore, ExpertStore, HostExpertStore, PackedHostExpertStore
 
 
 class OffloadedExperts(nn.Module):
@@ -392,6 +393,8 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
     expert_params = {id(p) for b in blocks for p in b.experts.parameters()}
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in expert_params)
     dense_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
+    staging = expert_bytes * 4 // 5 + (1 << 20) if cfg.pack_experts else 0
+    dense_bytes += staging  # the buffer a packed copy lands in (~3/4 of an expert) is counted first
     # the cache's units: G slices of each expert, each 1/G of its bytes, G per routed expert
     slots = plan_slots(cfg, device=device, dense_bytes=dense_bytes, expert_bytes=expert_bytes // G,
                        num_layers=len(blocks), num_experts=E * G, top_k=top_k * G)
@@ -403,11 +406,20 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
     expert_total = expert_bytes * E * len(blocks)
     use_disk = cfg.store == "disk" or (cfg.store == "auto" and cfg.checkpoint is not None
                                        and expert_total > 0.8 * host_available_bytes())
+    if use_disk and cfg.pack_experts:
+        raise ValueError(f"pack_experts keeps the experts in host memory, but they would not fit there "
+                         f"({_fmt_bytes(expert_total)}; store='auto' chose the disk): offload without pack_experts")
     if use_disk:
         store: ExpertStore = DiskExpertStore(cfg.checkpoint, [getattr(b, "layer_idx", i) for i, b in enumerate(blocks)],
                                              dtype=expert_dtype, slices=G)
         for i in range(len(blocks)):
             release(i)
+    elif cfg.pack_experts:
+        store = PackedHostExpertStore.from_blocks(blocks, release=release, pin=device.type == "cuda")
+        if store.max_packed_bytes > staging:  # weights with unusually many exponents outside one window
+            warnings.warn(f"packed experts take up to {_fmt_bytes(store.max_packed_bytes)} (of {_fmt_bytes(expert_bytes)} "
+                          f"unpacked), more than the {_fmt_bytes(staging)} the budget set aside for the staging "
+                          "buffer: the device holds the difference beyond gpu_memory", stacklevel=2)
     else:
         store = HostExpertStore.from_blocks(blocks, release=release, pin=device.type == "cuda", slices=G)
     model.to(device)  # what is left is the dense part (and shared experts)

@@ -11,8 +11,9 @@
 
 Slot pools per layer: w13 [S, 2I, D] and w2 [S, D, I]. Copies come from an ExpertStore (pinned
 host memory or disk) and run on one side CUDA stream, so prefetches and demand copies share the
-copy engine in issue order. On a CPU "device" the pool is a CPU tensor and copies are
-synchronous: the same code path, so tests exercise it.
+copy engine in issue order. From a packed store (PackedHostExpertStore, 12 bits a weight) a copy
+lands in a staging buffer and is decoded into the slot on the same stream. On a CPU "device" the
+pool is a CPU tensor and copies are synchronous: the same code path, so tests exercise it.
 
 Shape legend: S = slots per layer, J = 2*I, D = hidden, I = expert ffn size, N = tokens, K = top-k.
 """
@@ -57,6 +58,11 @@ class ExpertCache:
         self._last_copy = [None] * L  # event of the last copy into the layer (copies are in issue order)
         self._pending = [set() for _ in range(L)]  # slots whose copy has not been seen landed (in_flight)
         self.changes = [0] * L  # per layer: how many times its residents changed (a load or a clear)
+        # a packed store (PackedHostExpertStore): copies land in one staging buffer and are decoded from
+        # it into the slot on the copy stream, so the next copy into it queues behind that decode
+        self._packed = getattr(store, "packed", None)
+        self._stage = (torch.empty(store.max_packed_bytes, dtype=torch.uint8, device=self.device)
+                       if self._packed is not None and self.cuda else None)
         policy.bind(L, self.num_experts)
         self.reset_stats()
 
@@ -258,23 +264,35 @@ class ExpertCache:
         self.changes[layer] += 1
         self._copy_in(layer, expert, s)
         self.counters["copies"] += 1
-        self.counters["bytes_copied"] += self.store.expert_bytes
+        self.counters["bytes_copied"] += self.store.copy_nbytes(layer, expert)
         self._copied_this_step[layer] = True
         return s
 
     def _copy_in(self, layer: int, expert: int, s: int) -> None:
-        w13, w2 = self.store.get(layer, expert)
         d13, d2 = self.pool_w13[layer][s], self.pool_w2[layer][s]
+        if self._packed is not None:
+            from kernels.unpack import unpack_bf16, unpack_bf16_reference
+            buf, base, n_esc = self._packed(layer, expert)
+        else:
+            w13, w2 = self.store.get(layer, expert)
         if not self.cuda:
-            d13.copy_(w13)
-            d2.copy_(w2)
+            if self._packed is not None:
+                unpack_bf16_reference(buf, base, n_esc, d13, d2)
+            else:
+                d13.copy_(w13)
+                d2.copy_(w2)
             return
-        pinned = w13.is_pinned()
         with torch.cuda.stream(self.copy_stream):
             if self._free[layer][s] is not None:
                 self.copy_stream.wait_event(self._free[layer][s])  # do not overwrite a slot still being read
-            d13.copy_(w13, non_blocking=pinned)
-            d2.copy_(w2, non_blocking=pinned)
+            if self._packed is not None:
+                stage = self._stage[:buf.numel()]
+                stage.copy_(buf, non_blocking=buf.is_pinned())
+                unpack_bf16(stage, base, n_esc, d13, d2)
+            else:
+                pinned = w13.is_pinned()
+                d13.copy_(w13, non_blocking=pinned)
+                d2.copy_(w2, non_blocking=pinned)
             ev = torch.cuda.Event()
             ev.record(self.copy_stream)
         self._ready[layer][s] = ev

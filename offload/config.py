@@ -57,6 +57,10 @@ class OffloadConfig:
     miss_split       how cpu_fallback shares a step's misses: 'reuse' (CPU time weighted by
                      1 + the cache's hit ratio: a unit computed on the CPU stays a miss next time)
                      or 'makespan' (copy engine and CPU simply finish together)
+    pack_experts     keep the experts in host memory packed to 12 bits a weight, losslessly
+                     (kernels/unpack.py: the exponent as a 4-bit code), so each copy moves a
+                     quarter fewer bytes and is decoded on the device; bfloat16 experts, host
+                     memory store, whole experts, no cpu_fallback
     expert_slices    G: cache, copy and compute experts in G slices of their ffn dimension
                      (offload/slices.py); with cpu_fallback, one missed expert is then shared
                      between a copy and the CPU. 1 = whole experts; slots count slices
@@ -111,6 +115,7 @@ class OffloadConfig:
     cpu_gflops: float = 50.0
     expert_slices: int = 1
     miss_split: str = "reuse"
+    pack_experts: bool = False
 
     def lfu_steps(self) -> float | None:
         """The half-life the LFU policy is built with (policies.resolve_lfu_half_life: 23 steps when not
@@ -172,5 +177,13 @@ class OffloadConfig:
             raise ValueError(f"miss_split must be 'reuse' or 'makespan', got {self.miss_split!r}")
         if not isinstance(self.expert_slices, int) or self.expert_slices < 1:
             raise ValueError(f"expert_slices must be an integer >= 1 (1 = whole experts), got {self.expert_slices!r}")
+        if self.pack_experts:
+            clash = [what for what, on in (("store='disk' (use store='memory')", self.store == "disk"),
+                                           ("cpu_fallback (the CPU would decode every expert it computes)",
+                                            self.cpu_fallback),
+                                           ("expert_slices > 1", self.expert_slices > 1)) if on]
+            if clash:
+                raise ValueError(f"pack_experts packs whole experts in host memory for the copy engine; it does "
+                                 f"not go with {', '.join(clash)}")
         if self.copy_gbps <= 0 or self.cpu_gflops <= 0:
             raise ValueError(f"copy_gbps ({self.copy_gbps}) and cpu_gflops ({self.cpu_gflops}) must be > 0")

@@ -46,6 +46,10 @@ class ExpertStore:
     def pinned(self) -> bool:
         return False
 
+    def copy_nbytes(self, layer: int, expert: int) -> int:
+        """Bytes one copy of the expert moves to the device."""
+        return self.expert_bytes
+
 
 class HostExpertStore(ExpertStore):
     def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]], slices: int = 1):
@@ -114,6 +118,66 @@ class HostExpertStore(ExpertStore):
 
     def nbytes(self) -> int:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.layers)
+
+
+class PackedHostExpertStore(ExpertStore):
+    """Experts in pinned host memory packed to 12 bits a weight, losslessly (kernels/unpack.py): a
+    quarter fewer bytes over PCIe and in host memory. The cache copies ``packed(layer, expert)`` to a
+    device staging buffer and decodes it into the slot on its copy stream (``unpack_bf16``);
+    ``get`` decodes on the CPU (tests, tools), which the offloaded forward never calls.
+    bfloat16 experts only (the exponent is what is packed); whole experts only."""
+
+    def __init__(self, packed: list[list[tuple[torch.Tensor, int, int]]], w13_shape, w2_shape):
+        if not packed or not packed[0]:
+            raise ValueError("PackedHostExpertStore needs at least one MoE layer of experts")
+        self.layers = packed
+        self.num_layers, self.num_experts = len(packed), len(packed[0])
+        self.w13_shape, self.w2_shape, self.dtype = tuple(w13_shape), tuple(w2_shape), torch.bfloat16
+        self.max_packed_bytes = max(buf.numel() for layer in packed for buf, _, _ in layer)
+
+    @classmethod
+    def from_blocks(cls, blocks, release: Callable[[int], None] | None = None,
+                    pin: bool | None = None) -> "PackedHostExpertStore":
+        """Pack each block's experts (on the device they are on) into host memory, layer by layer;
+        `release(i)` drops layer i's originals once packed."""
+        from kernels.unpack import pack_bf16
+        pin = torch.cuda.is_available() if pin is None else pin
+        layers, shapes = [], None
+        for i, block in enumerate(blocks):
+            w13, w2 = block.experts.w13.detach(), block.experts.w2.detach()
+            if w13.dtype != torch.bfloat16:
+                raise ValueError(f"packed experts are bfloat16 (their exponents are packed); MoE layer {i}'s are "
+                                 f"{w13.dtype}: load the model in bfloat16 or offload without pack_experts")
+            if shapes is None:
+                shapes = (tuple(w13.shape), tuple(w2.shape))
+            elif (tuple(w13.shape), tuple(w2.shape)) != shapes:
+                raise ValueError(f"MoE layer {i} has expert shapes {tuple(w13.shape)}/{tuple(w2.shape)}; offloading "
+                                 f"needs every layer like layer 0: {shapes[0]}/{shapes[1]}")
+            layers.append([pack_bf16(w13[e], w2[e], pin=pin) for e in range(w13.shape[0])])
+            del w13, w2
+            if release is not None:
+                release(i)
+        return cls(layers, shapes[0][1:], shapes[1][1:])
+
+    def packed(self, layer: int, expert: int) -> tuple[torch.Tensor, int, int]:
+        """(pinned uint8 buffer, base exponent, escapes): what unpack_bf16 decodes."""
+        return self.layers[layer][expert]
+
+    def get(self, layer, expert):
+        from kernels.unpack import unpack_bf16_reference
+        w13, w2 = torch.empty(self.w13_shape, dtype=self.dtype), torch.empty(self.w2_shape, dtype=self.dtype)
+        unpack_bf16_reference(*self.packed(layer, expert), w13, w2)
+        return w13, w2
+
+    def copy_nbytes(self, layer: int, expert: int) -> int:
+        return self.layers[layer][expert][0].numel()
+
+    @property
+    def pinned(self) -> bool:
+        return self.layers[0][0][0].is_pinned()
+
+    def nbytes(self) -> int:
+        return sum(buf.numel() for layer in self.layers for buf, _, _ in layer)
 
 
 # Hugging Face names of expert weights: fused ([E, 2I, D] / [E, D, I]) or one tensor per expert

@@ -90,7 +90,8 @@ def config_from_args(args: argparse.Namespace):
                        placement_plan=args.placement_plan, limits=limits,
                        offload_options={**({} if args.expert_slices == 1 else {"expert_slices": args.expert_slices}),
                                         **({} if args.offload_lfu_half_life is None
-                                           else {"lfu_half_life": args.offload_lfu_half_life})})
+                                           else {"lfu_half_life": args.offload_lfu_half_life}),
+                                        **({"pack_experts": True} if args.offload_pack_experts else {})})
 
 
 def run(args: argparse.Namespace) -> int:

@@ -388,6 +388,15 @@ def test_decode_benchmark_routes_by_a_synthetic_trace_row_by_row(tmp_path, capsy
     # --profile-steps: the host-side parts of an offloaded layer, labelled, in the profile's table
     prof = (tmp_path / "profile_tiny_S4_B2_lfu.txt").read_text()
     assert "moeflow.OffloadedExperts.forward" in prof and "moeflow.ExpertCache.ensure" in prof
+    # --pack-experts: the same routing, the bytes of packed experts (bfloat16 on the CPU too)
+    packed = tmp_path / "packed"
+    assert mod.main(["--models", "tiny", "--device", "cpu", "--batch", "2", "--steps", "4", "--out", str(packed),
+                     "--prompt-len", "8", "--trace-routing", "--offload-slots", "4", "--offload-policy", "lfu",
+                     "--pack-experts"]) == 0
+    prow = [json.loads(line) for line in (packed / "decode_results.jsonl").read_text().splitlines() if '"policy"' in line]
+    assert prow[0]["model"].endswith(" packed") and prow[0]["eager_hit"] == off[0]["eager_hit"]
+    bf16_mb = off[0]["eager_mb_per_step"] / 2  # the same copies of float32 experts, at 2 bytes a weight
+    assert 0.74 * bf16_mb < prow[0]["eager_mb_per_step"] < 0.8 * bf16_mb  # 1.5 bytes a weight, aligned parts
 
 
 def test_decode_benchmark_routes_by_a_recorded_trace_and_prefetches_its_guesses(tmp_path):

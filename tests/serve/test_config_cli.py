@@ -66,6 +66,10 @@ def test_moe_serve_command_line():
     assert config_from_args(args).replica_spec("cuda")["offload"]["expert_slices"] == 4
     args = parser.parse_args(["serve", "--gpu-memory", "0.3", "--offload-policy", "lfu", "--offload-lfu-half-life", "1"])
     assert config_from_args(args).replica_spec("cuda")["offload"]["lfu_half_life"] == 1.0
+    args = parser.parse_args(["serve", "--gpu-memory", "0.3", "--offload-pack-experts"])
+    assert config_from_args(args).replica_spec("cuda")["offload"]["pack_experts"] is True
+    with pytest.raises(ValueError, match="pack_experts"):  # offload's own check, when the config is made
+        config_from_args(parser.parse_args(["serve", "--gpu-memory", "0.3", "--offload-pack-experts", "--cpu-fallback"]))
     assert callable(args.func)
     # the file options reach the config (they were dropped before session 13), and need offloading
     args = parser.parse_args(["serve", "--offload-prefetch", "probe", "--offload-probes", "p.probe.npz"])

@@ -1,0 +1,62 @@
+"""kernels.unpack: bfloat16 weights packed to 12 bits and decoded bit for bit, by the Triton kernel
+(interpreted on the CPU) and by the torch reference."""
+import pytest
+import torch
+
+from kernels.unpack import layout, pack_bf16, unpack_bf16, unpack_bf16_reference
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _bits(t):
+    return t.view(torch.int16)
+
+
+def _weights(shape, seed, planted=True):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+    if planted and w.numel() >= 8:  # outside any window of 15 exponents: zeros, -0, a huge, a tiny, inf and a nan
+        flat = w.view(-1)
+        flat[0], flat[3] = 0.0, -0.0
+        flat[-1], flat[5] = 3.0e38, -1e-38
+        flat[len(flat) // 2] = float("inf")
+        flat[len(flat) // 3] = float("nan")
+    return w
+
+
+@pytest.mark.parametrize("s1,s2", [((6, 8), (8, 3)), ((2, 5, 7), (3, 3)), ((1, 1), (1, 1)), ((64, 96), (96, 32))])
+@pytest.mark.parametrize("planted", [True, False])
+def test_pack_then_unpack_gives_back_every_bit(s1, s2, planted):
+    a, b = _weights(s1, 0, planted), _weights(s2, 1, planted)
+    buf, base, n_esc = pack_bf16(a, b)
+    n = a.numel() + b.numel()
+    assert buf.dtype == torch.uint8 and buf.numel() == layout(n, n_esc)[3]
+    if planted and min(a.numel(), b.numel()) >= 8:
+        assert n_esc >= 10  # the planted values cannot share a window with the rest
+    if n >= 1000:
+        assert buf.numel() < 0.77 * 2 * n  # ~12 bits a weight
+    for fn in (unpack_bf16_reference, unpack_bf16):
+        o1 = torch.full(s1, 7.0, dtype=torch.bfloat16, device=DEV)
+        o2 = torch.full(s2, 7.0, dtype=torch.bfloat16, device=DEV)
+        fn(buf.to(DEV), base, n_esc, o1, o2)
+        assert torch.equal(_bits(o1.cpu()), _bits(a)), fn.__name__
+        assert torch.equal(_bits(o2.cpu()), _bits(b)), fn.__name__
+
+
+def test_an_odd_count_and_a_single_window():
+    a = torch.tensor([0.5, 0.75, -1.0], dtype=torch.bfloat16)  # three weights, exponents within one window
+    buf, base, n_esc = pack_bf16(a, torch.tensor([2.0], dtype=torch.bfloat16))
+    assert n_esc == 0
+    o1, o2 = torch.empty(3, dtype=torch.bfloat16), torch.empty(1, dtype=torch.bfloat16)
+    unpack_bf16(buf, base, n_esc, o1, o2)
+    assert o1.tolist() == [0.5, 0.75, -1.0] and o2.tolist() == [2.0]
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="bfloat16"):
+        pack_bf16(torch.zeros(4))
+    buf, base, n_esc = pack_bf16(torch.zeros(4, dtype=torch.bfloat16), torch.zeros(4, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="bfloat16 outputs"):
+        unpack_bf16_reference(buf, base, n_esc, torch.zeros(4), torch.zeros(4))
+    with pytest.raises(ValueError, match="bytes of uint8"):
+        unpack_bf16(buf[:8], base, n_esc, torch.zeros(4, dtype=torch.bfloat16), torch.zeros(4, dtype=torch.bfloat16))

@@ -1,0 +1,78 @@
+"""pack_experts: experts kept packed to 12 bits a weight (kernels/unpack.py) decode to the very weights,
+so offloaded generation is the same as unpacked offloading and as the resident model, bit for bit,
+with a quarter fewer bytes copied."""
+import pytest
+import torch
+
+from offload import OffloadConfig, PackedHostExpertStore, apply_offload
+
+from .helpers import greedy, tiny_model, twin
+
+PROMPT = [3, 17, 5, 9, 30]
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def model():
+    return twin(tiny_model("mixtral")).to(torch.bfloat16)
+
+
+def _offloaded(model, **kw):
+    return apply_offload(twin(model), OffloadConfig(device="cpu", calibrate=False, **kw))
+
+
+@pytest.mark.parametrize("policy,slots", [("lru", 1), ("lru", 3), ("lfu", 3)])
+def test_packed_offloading_equals_unpacked_and_resident(model, policy, slots):
+    toks, logits = greedy(model, PROMPT, STEPS)
+    plain = _offloaded(model, slots_per_layer=slots, policy=policy)
+    packed = _offloaded(model, slots_per_layer=slots, policy=policy, pack_experts=True)
+    assert isinstance(packed.offload_cache.store, PackedHostExpertStore)
+    for m in (plain, packed):
+        t, lg = greedy(m, PROMPT, STEPS)
+        assert t == toks and torch.equal(lg, logits)
+    a, b = plain.offload_cache.stats(), packed.offload_cache.stats()
+    assert (a["hits"], a["misses"], a["copies"]) == (b["hits"], b["misses"], b["copies"]) and b["copies"] > 0
+    store = packed.offload_cache.store
+    # the bytes each copy moved: the packed buffers, a quarter fewer than the bf16 experts (the tiny model's
+    # experts are small, so the 16-byte alignment of the buffer's parts shows)
+    sizes = [store.copy_nbytes(layer, e) for layer in range(store.num_layers) for e in range(store.num_experts)]
+    assert min(sizes) * b["copies"] <= b["bytes_copied"] <= max(sizes) * b["copies"]
+    assert b["bytes_copied"] < 0.85 * a["bytes_copied"]
+    assert store.nbytes() < 0.85 * store.num_layers * store.num_experts * store.expert_bytes
+
+
+def test_the_store_gives_back_the_weights(model):
+    blocks = twin(model).moe_blocks()
+    want = [(b.experts.w13.detach().clone(), b.experts.w2.detach().clone()) for b in blocks]
+    store = PackedHostExpertStore.from_blocks(blocks, pin=False)
+    for layer, (w13, w2) in enumerate(want):
+        for e in range(w13.shape[0]):
+            got13, got2 = store.get(layer, e)
+            assert torch.equal(got13.view(torch.int16), w13[e].view(torch.int16))
+            assert torch.equal(got2.view(torch.int16), w2[e].view(torch.int16))
+            assert store.copy_nbytes(layer, e) == store.packed(layer, e)[0].numel() < 0.9 * store.expert_bytes
+
+
+def test_clear_errors_and_nothing_lost():
+    for kw, msg in ((dict(store="disk", checkpoint="x"), "store='disk'"), (dict(cpu_fallback=True), "cpu_fallback"),
+                    (dict(expert_slices=2), "expert_slices")):
+        with pytest.raises(ValueError, match=msg):
+            OffloadConfig(slots_per_layer=2, pack_experts=True, **kw)
+    m = tiny_model("mixtral")  # float32 experts
+    toks, logits = greedy(m, PROMPT, 2)
+    with pytest.raises(ValueError, match="bfloat16"):
+        apply_offload(m, OffloadConfig(slots_per_layer=2, device="cpu", calibrate=False, pack_experts=True))
+    t2, l2 = greedy(m, PROMPT, 2)  # refused before any expert left the model
+    assert t2 == toks and torch.equal(l2, logits)
+
+
+def test_cli_flag(model):
+    import argparse
+
+    from offload.cli_args import add_offload_args, apply_from_args
+    p = argparse.ArgumentParser()
+    add_offload_args(p)
+    m = apply_from_args(twin(model), p.parse_args(["--gpu-memory", "1GiB", "--offload-pack-experts"]))
+    assert isinstance(m.offload_cache.store, PackedHostExpertStore)
+    with pytest.raises(ValueError, match="--offload-pack-experts configure"):
+        apply_from_args(twin(model), p.parse_args(["--offload-pack-experts"]))
