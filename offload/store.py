@@ -153,8 +153,17 @@ class PackedHostExpertStore(ExpertStore):
             elif (tuple(w13.shape), tuple(w2.shape)) != shapes:
                 raise ValueError(f"MoE layer {i} has expert shapes {tuple(w13.shape)}/{tuple(w2.shape)}; offloading "
                                  f"needs every layer like layer 0: {shapes[0]}/{shapes[1]}")
-            layers.append([pack_bf16(w13[e], w2[e], pin=pin) for e in range(w13.shape[0])])
+            packed = [pack_bf16(w13[e], w2[e]) for e in range(w13.shape[0])]
             del w13, w2
+            # one pinned allocation a layer (the host allocator rounds each up to a power of two), experts as views
+            whole = torch.empty(sum(buf.numel() for buf, _, _ in packed), dtype=torch.uint8, pin_memory=pin)
+            at, views = 0, []
+            for buf, base, n_esc in packed:  # each buffer's length is a multiple of 16: the views stay aligned
+                views.append((whole[at:at + buf.numel()], base, n_esc))
+                views[-1][0].copy_(buf)
+                at += buf.numel()
+            layers.append(views)
+            del packed
             if release is not None:
                 release(i)
         return cls(layers, shapes[0][1:], shapes[1][1:])
