@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kernels.unpack import unpack_bf16, unpack_bf16_reference
+
 from .policies import Policy
 from .store import ExpertStore
 
@@ -271,7 +273,6 @@ class ExpertCache:
     def _copy_in(self, layer: int, expert: int, s: int) -> None:
         d13, d2 = self.pool_w13[layer][s], self.pool_w2[layer][s]
         if self._packed is not None:
-            from kernels.unpack import unpack_bf16, unpack_bf16_reference
             buf, base, n_esc = self._packed(layer, expert)
         else:
             w13, w2 = self.store.get(layer, expert)

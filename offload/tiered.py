@@ -458,6 +458,10 @@ def apply_cpu_tier(model: nn.Module, plan, hosts: list, config: TierRuntimeConfi
             # the tier reads residency and weights per whole expert; units of a sliced store are not
             raise ValueError(f"dispatch='split' needs a cache of whole experts, the store has expert_slices="
                              f"{store.slices}; use expert_slices=1 (granularity='slice' splits misses itself)")
+        if cfg.dispatch == "split" and hasattr(store, "packed"):
+            # it copies column slices of each missed expert straight from host memory, which a packed expert is not
+            raise ValueError("dispatch='split' copies column slices of bfloat16 experts from host memory; the cache's "
+                             "experts are packed (pack_experts): offload without pack_experts to split misses")
         dt = store.dtype
         dev = torch.device(device) if device is not None else torch.device(ref.cache.device)
         (J, D), I = store.w13_shape, store.w2_shape[1]

@@ -301,3 +301,21 @@ def test_ray_hosts_take_wire_rows_and_slices(ray_session, reference):
     finally:
         for h in hosts:
             h.kill()
+
+
+def test_split_refuses_a_packed_cache():
+    """dispatch='split' copies column slices of bfloat16 experts from host memory: a packed store
+    (pack_experts) has none to slice, so the tier refuses it with the fix, before any host is used."""
+    from offload import PackedHostExpertStore
+    model = _model().to(torch.bfloat16)
+    blocks = model.moe_blocks()
+    store = PackedHostExpertStore.from_blocks(blocks, pin=False)
+    install(blocks, store, OffloadConfig(slots_per_layer=2, policy="lru", device="cpu", calibrate=False),
+            device=torch.device("cpu"), top_k=2, slots=2)
+    hosts = start_hosts(HostPoolConfig(num_hosts=1, backend="thread"))
+    try:
+        with pytest.raises(ValueError, match="without pack_experts"):
+            apply_cpu_tier(model, TieredPlan.on_hosts(3, 8, 1), hosts, TierRuntimeConfig(dispatch="split"))
+    finally:
+        for h in hosts:
+            h.kill()
