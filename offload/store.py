@@ -120,6 +120,36 @@ class HostExpertStore(ExpertStore):
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.layers)
 
 
+class PinnedArena:
+    """Host buffers carved out of chunks of a power-of-two size: torch's pinned-memory allocator rounds
+    every allocation up to the next power of two (a 604 MB layer of packed OLMoE experts would hold
+    1 GiB), so the chunks are allocated at sizes it keeps as they are and the buffers are views into
+    them, each starting on a 64-byte boundary. What is lost is the tail of each chunk (less than one
+    buffer) and the unused end of the last one."""
+
+    def __init__(self, chunk_bytes: int, pin: bool):
+        if chunk_bytes < 1 or chunk_bytes & (chunk_bytes - 1):
+            raise ValueError(f"chunk_bytes must be a power of two, got {chunk_bytes}")
+        self.chunk_bytes, self.pin = chunk_bytes, pin
+        self.chunks: list[torch.Tensor] = []
+        self._at = 0
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A uint8 view of ``nbytes`` (a request larger than a chunk gets a chunk of its own, rounded up
+        to a power of two)."""
+        if not self.chunks or self._at + nbytes > self.chunks[-1].numel():
+            size = max(self.chunk_bytes, 1 << max(nbytes - 1, 0).bit_length())
+            self.chunks.append(torch.empty(size, dtype=torch.uint8, pin_memory=self.pin))
+            self._at = 0
+        view = self.chunks[-1][self._at:self._at + nbytes]
+        self._at += -(-nbytes // 64) * 64
+        return view
+
+    def nbytes(self) -> int:
+        """Host bytes held (the chunks)."""
+        return sum(c.numel() for c in self.chunks)
+
+
 class PackedHostExpertStore(ExpertStore):
     """Experts in pinned host memory packed to 12 bits a weight, losslessly (kernels/unpack.py): a
     quarter fewer bytes over PCIe and in host memory. The cache copies ``packed(layer, expert)`` to a
@@ -127,10 +157,11 @@ class PackedHostExpertStore(ExpertStore):
     ``get`` decodes on the CPU (tests, tools), which the offloaded forward never calls.
     bfloat16 experts only (the exponent is what is packed); whole experts only."""
 
-    def __init__(self, packed: list[list[tuple[torch.Tensor, int, int]]], w13_shape, w2_shape):
+    def __init__(self, packed: list[list[tuple[torch.Tensor, int, int]]], w13_shape, w2_shape,
+                 arena: PinnedArena | None = None):
         if not packed or not packed[0]:
             raise ValueError("PackedHostExpertStore needs at least one MoE layer of experts")
-        self.layers = packed
+        self.layers, self.arena = packed, arena
         self.num_layers, self.num_experts = len(packed), len(packed[0])
         self.w13_shape, self.w2_shape, self.dtype = tuple(w13_shape), tuple(w2_shape), torch.bfloat16
         self.max_packed_bytes = max(buf.numel() for layer in packed for buf, _, _ in layer)
@@ -142,7 +173,7 @@ class PackedHostExpertStore(ExpertStore):
         `release(i)` drops layer i's originals once packed."""
         from kernels.unpack import pack_bf16
         pin = torch.cuda.is_available() if pin is None else pin
-        layers, shapes = [], None
+        layers, shapes, arena = [], None, None
         for i, block in enumerate(blocks):
             w13, w2 = block.experts.w13.detach(), block.experts.w2.detach()
             if w13.dtype != torch.bfloat16:
@@ -155,18 +186,15 @@ class PackedHostExpertStore(ExpertStore):
                                  f"needs every layer like layer 0: {shapes[0]}/{shapes[1]}")
             packed = [pack_bf16(w13[e], w2[e]) for e in range(w13.shape[0])]
             del w13, w2
-            # one pinned allocation a layer (the host allocator rounds each up to a power of two), experts as views
-            whole = torch.empty(sum(buf.numel() for buf, _, _ in packed), dtype=torch.uint8, pin_memory=pin)
-            at, views = 0, []
-            for buf, base, n_esc in packed:  # each buffer's length is a multiple of 16: the views stay aligned
-                views.append((whole[at:at + buf.numel()], base, n_esc))
-                views[-1][0].copy_(buf)
-                at += buf.numel()
-            layers.append(views)
+            if arena is None:  # chunks of ~16 packed experts (at most ~1/16 of each is left over), 64 MiB to 2 GiB
+                most = max(buf.numel() for buf, _, _ in packed)
+                arena = PinnedArena(min(max(1 << 26, 1 << (16 * most - 1).bit_length()),
+                                        max(1 << 31, 1 << (most - 1).bit_length())), pin)
+            layers.append([(arena.take(buf.numel()).copy_(buf), base, n_esc) for buf, base, n_esc in packed])
             del packed
             if release is not None:
                 release(i)
-        return cls(layers, shapes[0][1:], shapes[1][1:])
+        return cls(layers, shapes[0][1:], shapes[1][1:], arena)
 
     def packed(self, layer: int, expert: int) -> tuple[torch.Tensor, int, int]:
         """(pinned uint8 buffer, base exponent, escapes): what unpack_bf16 decodes."""
@@ -186,7 +214,12 @@ class PackedHostExpertStore(ExpertStore):
         return self.layers[0][0][0].is_pinned()
 
     def nbytes(self) -> int:
+        """Bytes of the packed experts (the host holds ``host_bytes()``)."""
         return sum(buf.numel() for layer in self.layers for buf, _, _ in layer)
+
+    def host_bytes(self) -> int:
+        """Host memory the store holds: its arena's chunks (the packed bytes when built without one)."""
+        return self.arena.nbytes() if self.arena is not None else self.nbytes()
 
 
 # Hugging Face names of expert weights: fused ([E, 2I, D] / [E, D, I]) or one tensor per expert

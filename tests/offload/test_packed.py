@@ -76,3 +76,22 @@ def test_cli_flag(model):
     assert isinstance(m.offload_cache.store, PackedHostExpertStore)
     with pytest.raises(ValueError, match="--offload-pack-experts configure"):
         apply_from_args(twin(model), p.parse_args(["--offload-pack-experts"]))
+
+
+def test_the_arena_keeps_host_memory_near_the_packed_bytes():
+    """Each layer's packed experts are views into power-of-two chunks (the pinned allocator rounds any
+    other size up to one): aligned, disjoint, and the chunks hold little more than the packed bytes."""
+    from offload.store import PinnedArena
+    a = PinnedArena(1024, pin=False)
+    views = [a.take(n) for n in (300, 300, 300, 500, 2000, 16)]
+    assert [c.numel() for c in a.chunks] == [1024, 1024, 2048, 1024]  # 300+300(+pad) fit, 300 too; 500 next; ...
+    for i, v in enumerate(views):
+        v.fill_(i)
+        assert v.data_ptr() % 64 == 0
+    assert [int(v[0]) for v in views] == list(range(6))  # nothing overwritten by a later view
+    with pytest.raises(ValueError, match="power of two"):
+        PinnedArena(1000, pin=False)
+    m = twin(tiny_model("mixtral", num_hidden_layers=4)).to(torch.bfloat16)
+    store = PackedHostExpertStore.from_blocks(m.moe_blocks(), pin=False)
+    assert all(c.numel() & (c.numel() - 1) == 0 for c in store.arena.chunks)
+    assert store.nbytes() <= store.host_bytes() < store.nbytes() * 1.1 + store.arena.chunk_bytes
