@@ -31,6 +31,9 @@ Rows at each GPU expert budget (share of the experts' bytes held on the GPU, slo
                 slices; cpu/G also shares the slices of one missed expert between the copy engine
                 and the CPU (whole-expert misses at batch 1 leave nothing to share); "span": the
                 split ignores that a CPU-computed slice stays a miss (miss_split='makespan')
+  lru packed, lfu packed  (last; --packed, bfloat16 only) the experts drawn again with the same seed and
+                kept packed to 12 bits a weight (OffloadConfig.pack_experts): a quarter fewer
+                bytes a copy, decoded on the GPU after it
   oracle bound  time model: Belady + perfect prefetch + best of copy / CPU per miss, fed by the
                 measured copy bandwidth, CPU rate and resident per-layer compute time (its hit %
                 is Belady's before prefetch; the other rows count prefetched experts as hits)
@@ -53,7 +56,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from offload import CostModel, HostExpertStore, OffloadConfig, TransitionPredictor, oracle_bound, route_by_trace, simulate  # noqa: E402
+from offload import (CostModel, HostExpertStore, OffloadConfig, PackedHostExpertStore, TransitionPredictor,  # noqa: E402
+                     oracle_bound, route_by_trace, simulate)
 from offload.apply import host_available_bytes, install  # noqa: E402
 
 SHAPES = {
@@ -318,6 +322,24 @@ def run_model(key, args, device, dtype):
             live(f"lru/{store.slices}", b, Su, dict(policy="lru"))
             live(f"cpu/{store.slices}", b, Su, dict(policy="lru", cpu_fallback=True))
             live(f"cpu/{store.slices} span", b, Su, dict(policy="lru", cpu_fallback=True, miss_split="makespan"))
+    if args.packed and dtype != torch.bfloat16:
+        print("  packed rows: skipped (packing keeps bfloat16 experts; this run's are " + str(dtype) + ")")
+    elif args.packed:  # the same experts (build's seed) drawn again, once the store above is gone: one store at a time
+        del store, stack, blocks
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        t = time.perf_counter()
+        stack = build(shape, L, device, dtype, pin=device.type == "cuda")
+        blocks = stack.moe_blocks()
+        store = PackedHostExpertStore.from_blocks(blocks, release=lambda i: setattr(blocks[i], "experts", None),
+                                                  pin=device.type == "cuda")
+        print(f"  packed experts: {store.nbytes() / 2 ** 30:.2f} GiB packed ({store.nbytes() / (eb * E * L):.4f} of "
+              f"bfloat16), {store.host_bytes() / 2 ** 30:.2f} GiB of host memory, in {time.perf_counter() - t:.1f} s")
+        for frac in args.budgets:
+            S = max(1, round(frac * E))
+            b = S / E
+            live("lru packed", b, S, dict(policy="lru", pack_experts=True))
+            live("lfu packed", b, S, dict(policy="lfu", pack_experts=True))
     del store, stack, blocks
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -356,6 +378,10 @@ def main(argv=None):
                     help="also run the predictor rows with OffloadConfig.prefetch_budget = each of these (expert "
                          "copies per layer queued behind demand copies; default: none, the idle-only rule alone)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--packed", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the lru and lfu rows with the experts packed to 12 bits a weight (bfloat16 runs)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                    help="the experts' dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
     ap.add_argument("--backend", default="auto", help="expert kernel on the slot pool: auto | torch | triton")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU, few tokens: checks the script runs")
     ap.add_argument("--json", default=None, help="write the rows to this JSON file")
@@ -365,7 +391,8 @@ def main(argv=None):
     if args.smoke:
         args.models, args.tokens, args.warmup, args.train_requests = "tiny", 6, 4, 4
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     if device.type == "cuda":
         print(f"device: {torch.cuda.get_device_name(device)}; torch {torch.__version__}; "
               f"CPU threads {torch.get_num_threads()}")

@@ -186,9 +186,9 @@ class PackedHostExpertStore(ExpertStore):
                                  f"needs every layer like layer 0: {shapes[0]}/{shapes[1]}")
             packed = [pack_bf16(w13[e], w2[e]) for e in range(w13.shape[0])]
             del w13, w2
-            if arena is None:  # chunks of ~16 packed experts (at most ~1/16 of each is left over), 64 MiB to 2 GiB
+            if arena is None:  # chunks of ~16 packed experts (at most ~1/16 of each is left over), 1 MiB to 2 GiB
                 most = max(buf.numel() for buf, _, _ in packed)
-                arena = PinnedArena(min(max(1 << 26, 1 << (16 * most - 1).bit_length()),
+                arena = PinnedArena(min(max(1 << 20, 1 << (16 * most - 1).bit_length()),
                                         max(1 << 31, 1 << (most - 1).bit_length())), pin)
             layers.append([(arena.take(buf.numel()).copy_(buf), base, n_esc) for buf, base, n_esc in packed])
             del packed
