@@ -119,6 +119,25 @@ def build(shape, L, device, dtype, pin):
     return Stack(blocks, K)
 
 
+def build_store(shape, L, device, dtype, packed: bool = False):
+    """(stack, its MoE blocks, the store that took their experts): HostExpertStore, or the experts packed
+    to 12 bits a weight (PackedHostExpertStore); pinned on a GPU machine. Prints what it built."""
+    t = time.perf_counter()
+    pin = device.type == "cuda"
+    stack = build(shape, L, device, dtype, pin=pin)
+    blocks = stack.moe_blocks()
+    kind = PackedHostExpertStore if packed else HostExpertStore
+    store = kind.from_blocks(blocks, release=lambda i: setattr(blocks[i], "experts", None), pin=pin)
+    took = f"in {time.perf_counter() - t:.1f} s"
+    if packed:
+        print(f"  packed experts: {store.nbytes() / 2 ** 30:.2f} GiB packed, {store.host_bytes() / 2 ** 30:.2f} GiB of "
+              f"host memory, {took}")
+    else:
+        print(f"  built {store.nbytes() / 2 ** 30:.1f} GiB of experts in {'pinned' if store.pinned else 'plain'} "
+              f"host memory {took}")
+    return stack, blocks, store
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -207,13 +226,7 @@ def run_model(key, args, device, dtype):
     print(f"\n== {shape['name']} shapes: E={E} top-{K} hidden {D} ffn {I}; expert {eb / 2 ** 20:.1f} MiB, "
           f"{L} of {L_full} MoE layers run (host RAM allows {min(ram_layers, L_full)}; cap --max-host-gib "
           f"{args.max_host_gib:g}); per-token figures scaled x{scale:.2f} to {L_full} layers ==")
-    t = time.perf_counter()
-    stack = build(shape, L, device, dtype, pin=device.type == "cuda")
-    blocks = stack.moe_blocks()
-    store = HostExpertStore.from_blocks(blocks, release=lambda i: setattr(blocks[i], "experts", None),
-                                        pin=device.type == "cuda")
-    print(f"  built {store.nbytes() / 2 ** 30:.1f} GiB of experts in {'pinned' if store.pinned else 'plain'} "
-          f"host memory in {time.perf_counter() - t:.1f} s")
+    stack, blocks, store = build_store(shape, L, device, dtype)
     cost = CostModel.calibrate(device, *store.get(0, 0))
     bw = cost.copy_bytes_per_s
     print(f"  measured: {cost.describe()} (copy of one expert {eb / 1e6:.1f} MB: {cost.copy_s(eb) * 1e3:.3f} ms; "
@@ -328,13 +341,8 @@ def run_model(key, args, device, dtype):
         del store, stack, blocks
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        t = time.perf_counter()
-        stack = build(shape, L, device, dtype, pin=device.type == "cuda")
-        blocks = stack.moe_blocks()
-        store = PackedHostExpertStore.from_blocks(blocks, release=lambda i: setattr(blocks[i], "experts", None),
-                                                  pin=device.type == "cuda")
-        print(f"  packed experts: {store.nbytes() / 2 ** 30:.2f} GiB packed ({store.nbytes() / (eb * E * L):.4f} of "
-              f"bfloat16), {store.host_bytes() / 2 ** 30:.2f} GiB of host memory, in {time.perf_counter() - t:.1f} s")
+        stack, blocks, store = build_store(shape, L, device, dtype, packed=True)
+        print(f"  ({store.nbytes() / (eb * E * L):.4f} of the bfloat16 bytes)")
         for frac in args.budgets:
             S = max(1, round(frac * E))
             b = S / E
