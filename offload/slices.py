@@ -29,6 +29,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .pinned import host_empty
+
 
 def check_slices(ffn: int, slices: int) -> int:
     """C = ffn / slices, or a ValueError naming the fix."""
@@ -46,7 +48,7 @@ def units_w13(w13_EJD: torch.Tensor, slices: int, dtype: torch.dtype | None = No
     `dtype` on the way, into pinned memory with `pin`)."""
     E, J, D = w13_EJD.shape
     G, C = slices, check_slices(J // 2, slices)
-    out = torch.empty((E * G, 2 * C, D), dtype=dtype or w13_EJD.dtype, pin_memory=pin)
+    out = host_empty((E * G, 2 * C, D), dtype or w13_EJD.dtype, pin)
     out.view(E, G, 2, C, D).copy_(w13_EJD.reshape(E, 2, G, C, D).permute(0, 2, 1, 3, 4))  # [E, G, gate/up, C, D]
     return out
 
@@ -55,7 +57,7 @@ def units_w2(w2_EDI: torch.Tensor, slices: int, dtype: torch.dtype | None = None
     """[E*G, D, C]: every expert's w2 columns regrouped unit by unit, in one copy (as units_w13)."""
     E, D, I = w2_EDI.shape
     G, C = slices, check_slices(I, slices)
-    out = torch.empty((E * G, D, C), dtype=dtype or w2_EDI.dtype, pin_memory=pin)
+    out = host_empty((E * G, D, C), dtype or w2_EDI.dtype, pin)
     out.view(E, G, D, C).copy_(w2_EDI.reshape(E, D, G, C).permute(0, 2, 1, 3))  # [E, G, D, C]
     return out
 

@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from .pinned import host_empty
+
 
 class ExpertStore:
     num_layers: int
@@ -85,8 +87,8 @@ class HostExpertStore(ExpertStore):
             elif on_host and (not pin or (src13.is_pinned() and src2.is_pinned())):
                 w13, w2 = src13, src2  # already where it belongs: keep the very tensor, no second copy
             else:
-                w13 = torch.empty(src13.shape, dtype=dt, pin_memory=pin)
-                w2 = torch.empty(src2.shape, dtype=dt, pin_memory=pin)
+                w13 = host_empty(src13.shape, dt, pin)  # exactly its bytes (offload/pinned.py)
+                w2 = host_empty(src2.shape, dt, pin)
                 w13.copy_(src13)
                 w2.copy_(src2)
             del src13, src2, ex
