@@ -328,9 +328,9 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
     one = store.packed(0, 0)[0] if args.pack_experts else store.get(0, 0)[0]  # a packed expert, or one w13
     h2d_expert = copy_bytes_per_s(dev, one) if cuda else float("nan")
     h2d = max(h2d_64m, h2d_expert)
+    what = "packed buffer" if args.pack_experts else "w13"
     print(f"host -> GPU copies: {h2d_64m / 1e9:.1f} GB/s (pinned, 64 MiB), {h2d_expert / 1e9:.1f} GB/s (one expert's "
-          f"{'packed buffer' if args.pack_experts else 'w13'} from the store, {one.numel() * one.element_size() / 1e6:.1f} MB)",
-          flush=True)
+          f"{what} from the store, {one.numel() * one.element_size() / 1e6:.1f} MB)", flush=True)
     rows = []
     for S in [int(v) for v in args.offload_slots.split(",")]:
         # prefetch_k = top-k: the guesses rows prefetch as many guesses as each holds (--lookahead-k)
@@ -342,8 +342,9 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
                 cache.prefetch(layer, list(range(E)))
         for B in batches:
             pol = args.offload_policy + (f"-hl{ocfg.lfu_steps():g}" if ocfg.lfu_steps() else "")
-            r = dict(model=f"{MODELS[key][0]} offloaded {S}/{E}" + (" packed" if args.pack_experts else ""), B=B, layers=len(model.layers), floor_ms=floors[B],
-                     policy=pol, routing="rec" if args.trace else "trace" if args.trace_routing else "model", h2d_gbs=h2d / 1e9)
+            name = f"{MODELS[key][0]} offloaded {S}/{E}" + (" packed" if args.pack_experts else "")
+            r = dict(model=name, B=B, layers=len(model.layers), floor_ms=floors[B], policy=pol,
+                     routing="rec" if args.trace else "trace" if args.trace_routing else "model", h2d_gbs=h2d / 1e9)
             # graph: run-ahead where a layer's speculations are mostly kept (the default); always: at every layer
             variants = (("eager", False, True, 0.5), ("graph", True, True, 0.5), ("graph_serial", True, False, 0.5),
                         ("graph_always", True, True, 0.0))

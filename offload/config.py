@@ -43,9 +43,9 @@ class OffloadConfig:
     slots_per_layer  explicit expert slots per MoE layer (overrides the budget's expert share)
     policy           eviction policy: lfu (the default) | lru | predictor | belady (belady needs `trace`)
     lfu_half_life    policy 'lfu': each layer's use counts halve over this many of its steps (None:
-                     policies.LFU_HALF_LIFE = 23; math.inf: counted over the whole run). 23 kept 3-6 points more
-                     accesses than LRU and than whole-run counts on a trained model's routing, and
-                     decoded it 8% faster than LRU on the GPU (BENCHMARKS 3j)
+                     policies.LFU_HALF_LIFE = 23; math.inf: counted over the whole run). 23 kept
+                     3-6 points more accesses than LRU and than whole-run counts on a trained
+                     model's routing (BENCHMARKS 3j) and decoded it 8% faster than LRU on the GPU (3k)
     prefetch         none | next_layer_gate (apply layer l+1's router to layer l's input) |
                      probe (the same with fitted probes instead of the router: `probes`) |
                      predictor (the routing predictor's probabilities)
