@@ -7,7 +7,8 @@ consecutive exponents hold 99.98% of the values, at ~2.6 bits of entropy. ``pack
     nib  [ceil(N/2)] uint8  a 4-bit code per weight: its exponent - base for the 15 exponents from
                             base on, 15 for the others (escapes)
     low  [N] uint8          the sign bit (bit 7) and the 7 mantissa bits
-    idx  [n] int32, val [n] int16   each escape's index and its whole 16 bits
+    idx  [n] int32, val [n] int16   each escape's index and its whole 16 bits (n rounded up to a
+                                    multiple of 32, padded with index -1: few distinct launch keys)
 
 in one byte buffer, each part starting on a 16-byte boundary: 1.5 bytes a weight plus 6 an escape
 (~0.7504 of the bfloat16 bytes on those weights). What offloading copies over PCIe shrinks by a
@@ -28,6 +29,7 @@ from .launch import Launcher
 
 CODES = 15  # exponents a window holds; code 15 marks an escape
 ESCAPE = 15
+ESC_ROUND = 32  # escapes are stored in whole rounds of this many (index -1 pads the last)
 
 
 def _a16(n: int) -> int:
@@ -56,11 +58,13 @@ def pack_bf16(*tensors: torch.Tensor, pin: bool = False) -> tuple[torch.Tensor, 
     code = e - base
     code = torch.where((code < 0) | (code >= CODES), ESCAPE, code)
     esc = torch.nonzero(code == ESCAPE).reshape(-1)
+    if esc.numel() % ESC_ROUND:  # padded with index -1 (written nowhere): the patch launch keys on few counts
+        esc = torch.cat([esc, esc.new_full((ESC_ROUND - esc.numel() % ESC_ROUND,), -1)])
     if n % 2:
         code = torch.cat([code, code.new_zeros(1)])
     nib = (code[0::2] | (code[1::2] << 4)).to(torch.uint8)
     low = (((u >> 8) & 0x80) | (u & 0x7F)).to(torch.uint8)
-    val = u[esc]
+    val = torch.where(esc >= 0, u[esc.clamp(min=0)], 0)
     val = torch.where(val >= 0x8000, val - 0x10000, val).to(torch.int16)  # the same 16 bits, as int16
     off_low, off_idx, off_val, total = layout(n, esc.numel())
     buf = torch.zeros(total, dtype=torch.uint8, pin_memory=pin)
@@ -98,7 +102,8 @@ def unpack_bf16_reference(buf: torch.Tensor, base: int, n_esc: int, out1: torch.
     lo = low.to(torch.int32)
     u = ((lo & 0x80) << 8) | (((base + code) & 0xFF) << 7) | (lo & 0x7F)
     if n_esc:
-        u[idx.long()] = val.to(torch.int32) & 0xFFFF
+        real = idx >= 0
+        u[idx[real].long()] = val[real].to(torch.int32) & 0xFFFF
     u = torch.where(u >= 0x8000, u - 0x10000, u).to(torch.int16)
     n1 = out1.numel()
     out1.view(torch.int16).view(-1).copy_(u[:n1])
@@ -124,7 +129,7 @@ def _patch_kernel(idx_ptr, val_ptr, out1_ptr, out2_ptr, N1, NE, BLOCK: tl.conste
     mask = i < NE
     idx = tl.load(idx_ptr + i, mask=mask, other=0)
     v = tl.load(val_ptr + i, mask=mask, other=0)
-    tl.store(out1_ptr + idx, v, mask=mask & (idx < N1))
+    tl.store(out1_ptr + idx, v, mask=mask & (idx >= 0) & (idx < N1))  # -1: padding
     tl.store(out2_ptr + (idx - N1), v, mask=mask & (idx >= N1))
 
 
