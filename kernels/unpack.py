@@ -138,13 +138,42 @@ _patch = Launcher(_patch_kernel)
 BLOCK = 4096
 
 
+def _launch(parts, o1: torch.Tensor, o2: torch.Tensor, n1: int, n: int, base: int, n_esc: int) -> None:
+    nib, low, idx, val = parts
+    _unpack[(triton.cdiv(n, BLOCK),)](nib, low, o1, o2, n1, n, base, BLOCK=BLOCK, num_warps=8)
+    if n_esc:
+        _patch[(triton.cdiv(n_esc, 256),)](idx, val, o1, o2, n1, n_esc, BLOCK=256, num_warps=4)
+
+
 def unpack_bf16(buf: torch.Tensor, base: int, n_esc: int, out1: torch.Tensor, out2: torch.Tensor) -> None:
     """Decode a ``pack_bf16`` buffer (on the outputs' device) into out1 (the first out1.numel() weights)
     and out2 (the rest), on the current stream; nothing is read back to the host."""
     n = _check(buf, out1, out2, n_esc)
-    nib, low, idx, val = _parts(buf, n, n_esc)
-    o1, o2 = out1.view(torch.int16), out2.view(torch.int16)
-    n1 = out1.numel()
-    _unpack[(triton.cdiv(n, BLOCK),)](nib, low, o1, o2, n1, n, base, BLOCK=BLOCK, num_warps=8)
-    if n_esc:
-        _patch[(triton.cdiv(n_esc, 256),)](idx, val, o1, o2, n1, n_esc, BLOCK=256, num_warps=4)
+    _launch(_parts(buf, n, n_esc), out1.view(torch.int16), out2.view(torch.int16), out1.numel(), n, base, n_esc)
+
+
+class Unpacker:
+    """``unpack_bf16`` into fixed outputs from one staging buffer, with the checks and views made once:
+    the offload cache's copy path (one call per copied expert, on the host's critical path at
+    fine-grained widths). ``outputs[key]`` = (out1, out2); ``stage``: uint8, at least as long as any
+    buffer it will hold; every buffer holds n = out1.numel() + out2.numel() weights."""
+
+    def __init__(self, stage: torch.Tensor, outputs: dict):
+        self.stage = stage
+        self.outputs = {}
+        for key, (o1, o2) in outputs.items():
+            _check(stage, o1, o2, 0)
+            self.outputs[key] = (o1.view(torch.int16), o2.view(torch.int16))
+            self.n1, self.n = o1.numel(), o1.numel() + o2.numel()
+        self._parts: dict[int, tuple] = {}  # escapes -> views of the staging buffer
+
+    def __call__(self, key, base: int, n_esc: int) -> None:
+        """Decode the buffer now in ``stage`` (``n_esc`` escapes) into outputs[key]."""
+        parts = self._parts.get(n_esc)
+        if parts is None:
+            if layout(self.n, n_esc)[3] > self.stage.numel():
+                raise ValueError(f"a buffer of {n_esc} escapes is {layout(self.n, n_esc)[3]} bytes; the staging "
+                                 f"buffer holds {self.stage.numel()}")
+            parts = self._parts[n_esc] = _parts(self.stage, self.n, n_esc)
+        o1, o2 = self.outputs[key]
+        _launch(parts, o1, o2, self.n1, self.n, base, n_esc)

@@ -22,7 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kernels.unpack import unpack_bf16, unpack_bf16_reference
+from kernels.grouped_gemm import _interpreted
+from kernels.unpack import Unpacker, unpack_bf16_reference
 
 from .policies import Policy
 from .store import ExpertStore
@@ -62,9 +63,14 @@ class ExpertCache:
         self.changes = [0] * L  # per layer: how many times its residents changed (a load or a clear)
         # a packed store (PackedHostExpertStore): copies land in one staging buffer and are decoded from
         # it into the slot on the copy stream, so the next copy into it queues behind that decode
+        # (the Triton decode on a GPU, and under the interpreter on the CPU so that CPU tests run this path;
+        # else the torch reference straight from the host buffer)
         self._packed = getattr(store, "packed", None)
-        self._stage = (torch.empty(store.max_packed_bytes, dtype=torch.uint8, device=self.device)
-                       if self._packed is not None and self.cuda else None)
+        self._unpack = None
+        if self._packed is not None and (self.cuda or _interpreted()):
+            stage = torch.empty(store.max_packed_bytes, dtype=torch.uint8, device=self.device)
+            self._unpack = Unpacker(stage, {(layer, s): (self.pool_w13[layer][s], self.pool_w2[layer][s])
+                                            for layer in range(L) for s in range(S)})
         policy.bind(L, self.num_experts)
         self.reset_stats()
 
@@ -277,7 +283,10 @@ class ExpertCache:
         else:
             w13, w2 = self.store.get(layer, expert)
         if not self.cuda:
-            if self._packed is not None:
+            if self._unpack is not None:  # the kernel, interpreted
+                self._unpack.stage[:buf.numel()].copy_(buf)
+                self._unpack((layer, s), base, n_esc)
+            elif self._packed is not None:
                 unpack_bf16_reference(buf, base, n_esc, d13, d2)
             else:
                 d13.copy_(w13)
@@ -287,9 +296,8 @@ class ExpertCache:
             if self._free[layer][s] is not None:
                 self.copy_stream.wait_event(self._free[layer][s])  # do not overwrite a slot still being read
             if self._packed is not None:
-                stage = self._stage[:buf.numel()]
-                stage.copy_(buf, non_blocking=buf.is_pinned())
-                unpack_bf16(stage, base, n_esc, d13, d2)
+                self._unpack.stage[:buf.numel()].copy_(buf, non_blocking=buf.is_pinned())
+                self._unpack((layer, s), base, n_esc)
             else:
                 pinned = w13.is_pinned()
                 d13.copy_(w13, non_blocking=pinned)

@@ -65,3 +65,23 @@ def test_clear_errors():
         unpack_bf16_reference(buf, base, n_esc, torch.zeros(4), torch.zeros(4))
     with pytest.raises(ValueError, match="bytes of uint8"):  # checked before any launch
         unpack_bf16(buf[:8], base, n_esc, torch.zeros(4, dtype=torch.bfloat16), torch.zeros(4, dtype=torch.bfloat16))
+
+
+def test_the_unpacker_reuses_its_views_and_refuses_an_oversized_buffer():
+    """Unpacker (the offload cache's copy path): decodes whatever buffer sits in its staging buffer into
+    the outputs named by key, the staging views made once per escape count."""
+    from kernels.unpack import Unpacker
+    a, b = _weights((6, 8), 0), _weights((8, 3), 1)
+    buf, base, n_esc = pack_bf16(a, b)
+    stage = torch.zeros(buf.numel(), dtype=torch.uint8, device=DEV)
+    outs = {k: (torch.empty(6, 8, dtype=torch.bfloat16, device=DEV), torch.empty(8, 3, dtype=torch.bfloat16, device=DEV))
+            for k in ("x", "y")}
+    up = Unpacker(stage, outs)
+    stage.copy_(buf)
+    up("y", base, n_esc)
+    up("x", base, n_esc)
+    for o1, o2 in outs.values():
+        assert torch.equal(_bits(o1.cpu()), _bits(a)) and torch.equal(_bits(o2.cpu()), _bits(b))
+    assert list(up._parts) == [n_esc]
+    with pytest.raises(ValueError, match="staging"):
+        up("x", base, n_esc + 1000)
