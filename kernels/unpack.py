@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .grouped_gemm import _interpreted
 from .launch import Launcher
 
 CODES = 15  # exponents a window holds; code 15 marks an escape
@@ -152,11 +153,19 @@ def unpack_bf16(buf: torch.Tensor, base: int, n_esc: int, out1: torch.Tensor, ou
     _launch(_parts(buf, n, n_esc), out1.view(torch.int16), out2.view(torch.int16), out1.numel(), n, base, n_esc)
 
 
+def kernel_runs_on(device: torch.device) -> bool:
+    """Whether the decode kernel can run on tensors of ``device``: a GPU, or the CPU under the Triton
+    interpreter (the CPU tests)."""
+    return device.type == "cuda" or _interpreted()
+
+
 class Unpacker:
-    """``unpack_bf16`` into fixed outputs from one staging buffer, with the checks and views made once:
+    """``unpack_bf16`` into fixed outputs through one staging buffer, with the checks and views made once:
     the offload cache's copy path (one call per copied expert, on the host's critical path at
-    fine-grained widths). ``outputs[key]`` = (out1, out2); ``stage``: uint8, at least as long as any
-    buffer it will hold; every buffer holds n = out1.numel() + out2.numel() weights."""
+    fine-grained widths). ``outputs[key]`` = (out1, out2); ``stage``: uint8 on the outputs' device, at
+    least as long as any buffer it will hold; every buffer holds n = out1.numel() + out2.numel() weights.
+    Both the copy into the stage and the decode go to the current stream, in that order, so the next
+    copy into the stage queues behind this decode."""
 
     def __init__(self, stage: torch.Tensor, outputs: dict):
         self.stage = stage
@@ -167,13 +176,15 @@ class Unpacker:
             self.n1, self.n = o1.numel(), o1.numel() + o2.numel()
         self._parts: dict[int, tuple] = {}  # escapes -> views of the staging buffer
 
-    def __call__(self, key, base: int, n_esc: int) -> None:
-        """Decode the buffer now in ``stage`` (``n_esc`` escapes) into outputs[key]."""
+    def __call__(self, key, buf: torch.Tensor, base: int, n_esc: int) -> None:
+        """Copy the packed buffer ``buf`` (host memory; asynchronous from pinned memory) into the stage
+        and decode it (``n_esc`` escapes) into outputs[key]."""
         parts = self._parts.get(n_esc)
         if parts is None:
             if layout(self.n, n_esc)[3] > self.stage.numel():
                 raise ValueError(f"a buffer of {n_esc} escapes is {layout(self.n, n_esc)[3]} bytes; the staging "
                                  f"buffer holds {self.stage.numel()}")
             parts = self._parts[n_esc] = _parts(self.stage, self.n, n_esc)
+        self.stage[:buf.numel()].copy_(buf, non_blocking=True)
         o1, o2 = self.outputs[key]
         _launch(parts, o1, o2, self.n1, self.n, base, n_esc)

@@ -22,8 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kernels.grouped_gemm import _interpreted
-from kernels.unpack import Unpacker, unpack_bf16_reference
+from kernels.unpack import Unpacker, kernel_runs_on, unpack_bf16_reference
 
 from .policies import Policy
 from .store import ExpertStore
@@ -67,7 +66,7 @@ class ExpertCache:
         # else the torch reference straight from the host buffer)
         self._packed = getattr(store, "packed", None)
         self._unpack = None
-        if self._packed is not None and (self.cuda or _interpreted()):
+        if self._packed is not None and kernel_runs_on(self.device):
             stage = torch.empty(store.max_packed_bytes, dtype=torch.uint8, device=self.device)
             self._unpack = Unpacker(stage, {(layer, s): (self.pool_w13[layer][s], self.pool_w2[layer][s])
                                             for layer in range(L) for s in range(S)})
@@ -284,8 +283,7 @@ class ExpertCache:
             w13, w2 = self.store.get(layer, expert)
         if not self.cuda:
             if self._unpack is not None:  # the kernel, interpreted
-                self._unpack.stage[:buf.numel()].copy_(buf)
-                self._unpack((layer, s), base, n_esc)
+                self._unpack((layer, s), buf, base, n_esc)
             elif self._packed is not None:
                 unpack_bf16_reference(buf, base, n_esc, d13, d2)
             else:
@@ -296,8 +294,7 @@ class ExpertCache:
             if self._free[layer][s] is not None:
                 self.copy_stream.wait_event(self._free[layer][s])  # do not overwrite a slot still being read
             if self._packed is not None:
-                self._unpack.stage[:buf.numel()].copy_(buf, non_blocking=buf.is_pinned())
-                self._unpack((layer, s), base, n_esc)
+                self._unpack((layer, s), buf, base, n_esc)
             else:
                 pinned = w13.is_pinned()
                 d13.copy_(w13, non_blocking=pinned)
