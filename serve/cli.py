@@ -88,10 +88,17 @@ def config_from_args(args: argparse.Namespace):
                        cpu_host_threads=args.cpu_host_threads, ep_ranks=args.ep_ranks, ep_mode=args.ep_mode,
                        ep_decode=args.ep_decode,
                        placement_plan=args.placement_plan, limits=limits,
-                       offload_options={**({} if args.expert_slices == 1 else {"expert_slices": args.expert_slices}),
-                                        **({} if args.offload_lfu_half_life is None
-                                           else {"lfu_half_life": args.offload_lfu_half_life}),
-                                        **({"pack_experts": True} if args.offload_pack_experts else {})})
+                       offload_options=_offload_options(args))
+
+
+def _offload_options(args: argparse.Namespace) -> dict:
+    """The OffloadConfig fields the flags set away from their defaults (ServeConfig has no field of its own
+    for them), as SETTING_DEFAULTS names the defaults."""
+    from offload.cli_args import SETTING_DEFAULTS
+    fields = {"expert_slices": "expert_slices", "offload_lfu_half_life": "lfu_half_life",
+              "offload_pack_experts": "pack_experts"}
+    return {field: getattr(args, dest) for dest, field in fields.items()
+            if getattr(args, dest) != SETTING_DEFAULTS[dest]}
 
 
 def run(args: argparse.Namespace) -> int:
