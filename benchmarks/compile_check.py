@@ -174,7 +174,7 @@ def check_decode(shapes, rows=(1, 8, 64), log=print) -> int:
                 "decode_attention": lambda: decode_attention(
                     torch.randn(M, H, 1, d).to(bf), torch.empty(M, G, 512, d, dtype=bf), torch.empty(M, G, 512, d, dtype=bf),
                     torch.zeros(M, 1, 1, 512, dtype=bf), d ** -0.5),
-                # a packed expert (offload pack_experts), with escapes so that the patch kernel compiles too
+                # a packed expert (offload pack_experts), with escapes so that the escape loop compiles too
                 "unpack_bf16": lambda: unpack_bf16(*pack_bf16(torch.tensor([0.0, 1e30, 0.5, 0.25], dtype=bf),
                                                              torch.tensor([2.0, 3.0], dtype=bf)),
                                                    torch.empty(4, dtype=bf), torch.empty(2, dtype=bf)),

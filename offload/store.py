@@ -155,7 +155,7 @@ class PinnedArena:
 class PackedHostExpertStore(ExpertStore):
     """Experts in pinned host memory packed to 12 bits a weight, losslessly (kernels/unpack.py): a
     quarter fewer bytes over PCIe and in host memory. The cache copies ``packed(layer, expert)`` to a
-    device staging buffer and decodes it into the slot on its copy stream (``unpack_bf16``);
+    device staging buffer and decodes it into the slot (``kernels.unpack``; offload.cache);
     ``get`` decodes on the CPU (tests, tools), which the offloaded forward never calls.
     bfloat16 experts only (the exponent is what is packed); whole experts only."""
 

@@ -36,8 +36,7 @@ def test_pack_then_unpack_gives_back_every_bit(s1, s2, planted):
     if n >= 1000:
         assert buf.numel() < 0.77 * 2 * n  # ~12 bits a weight
     for fn in (unpack_bf16_reference, unpack_bf16):
-        # the outputs are views between guard regions: nothing may be written outside them (the escape
-        # list's padding entries, index -1, included)
+        # the outputs are views between guard regions: nothing may be written outside them
         g1 = torch.full((a.numel() + 16,), 7.0, dtype=torch.bfloat16, device=DEV)
         g2 = torch.full((b.numel() + 16,), 7.0, dtype=torch.bfloat16, device=DEV)
         o1, o2 = g1[8:-8].view(s1), g2[8:-8].view(s2)
@@ -46,6 +45,33 @@ def test_pack_then_unpack_gives_back_every_bit(s1, s2, planted):
         assert torch.equal(_bits(o2.cpu()), _bits(b)), fn.__name__
         for g in (g1, g2):
             assert (g[:8] == 7.0).all() and (g[-8:] == 7.0).all(), fn.__name__
+
+
+def test_escapes_across_blocks_and_past_a_round_of_the_table():
+    """The kernel writes each block's escapes from the table in rounds of ESC_TILE: a block holding more
+    than a round, blocks holding none, and escapes on both sides of the out1/out2 seam all land."""
+    from kernels.unpack import BLOCK, ESC_TILE
+    n1, n2 = BLOCK + 300, 2 * BLOCK - 100  # four blocks; the seam inside the second
+    a, b = _weights((n1,), 3, planted=False), _weights((n2,), 4, planted=False)
+    flat = torch.cat([a, b])
+    hot = list(range(0, 3 * ESC_TILE * 7, 7)) + [n1 - 1, n1, n1 + 1] + [3 * BLOCK + 5, n1 + n2 - 1]
+    flat[torch.tensor(hot)] = torch.tensor([1e30, -1e-30, 0.0] * (len(hot) // 3) + [1e30] * (len(hot) % 3),
+                                           dtype=torch.bfloat16)
+    a, b = flat[:n1].clone(), flat[n1:].clone()
+    buf, base, n_esc = pack_bf16(a, b)
+    assert n_esc >= len(hot) and n_esc > ESC_TILE
+    for fn in (unpack_bf16_reference, unpack_bf16):
+        o1 = torch.empty(n1, dtype=torch.bfloat16, device=DEV)
+        o2 = torch.empty(n2, dtype=torch.bfloat16, device=DEV)
+        fn(buf.to(DEV), base, n_esc, o1, o2)
+        assert torch.equal(_bits(o1.cpu()), _bits(a)) and torch.equal(_bits(o2.cpu()), _bits(b)), fn.__name__
+
+
+def test_the_reference_refuses_a_buffer_that_is_not_the_one_described():
+    a = _weights((6, 8), 0)
+    buf, base, n_esc = pack_bf16(a, a)
+    with pytest.raises(ValueError, match="must stay together"):
+        unpack_bf16_reference(buf, base + 1, n_esc, torch.empty_like(a), torch.empty_like(a))
 
 
 def test_an_odd_count_and_a_single_window():
@@ -81,6 +107,27 @@ def test_the_unpacker_reuses_its_views_and_refuses_an_oversized_buffer():
     up("x", buf, base, n_esc)
     for o1, o2 in outs.values():
         assert torch.equal(_bits(o1.cpu()), _bits(a)) and torch.equal(_bits(o2.cpu()), _bits(b))
-    assert list(up._parts) == [n_esc]
     with pytest.raises(ValueError, match="staging"):
         up("x", buf, base, n_esc + 1000)
+    with pytest.raises(ValueError, match="staging"):
+        up.load(0, torch.zeros(buf.numel() + 1, dtype=torch.uint8))
+
+
+def test_the_unpacker_ring_decodes_each_stage_into_its_key():
+    """Two stages (the cache's copy/decode pipeline): buffers loaded into stages 0 and 1 before either
+    is decoded each arrive whole in their own outputs."""
+    from kernels.unpack import Unpacker
+    w = [(_weights((6, 8), i), _weights((8, 3), 10 + i)) for i in range(2)]
+    packed = [pack_bf16(a, b) for a, b in w]
+    size = max(p[0].numel() for p in packed)
+    stages = [torch.zeros(size, dtype=torch.uint8, device=DEV) for _ in range(2)]
+    outs = {k: (torch.empty(6, 8, dtype=torch.bfloat16, device=DEV), torch.empty(8, 3, dtype=torch.bfloat16, device=DEV))
+            for k in (0, 1)}
+    up = Unpacker(stages, outs)
+    for r, (buf, _, _) in enumerate(packed):
+        up.load(r, buf)
+    for r, (_, base, n_esc) in reversed(list(enumerate(packed))):
+        up.decode(r, r, base, n_esc)
+    for k, (a, b) in enumerate(w):
+        o1, o2 = outs[k]
+        assert torch.equal(_bits(o1.cpu()), _bits(a)) and torch.equal(_bits(o2.cpu()), _bits(b))

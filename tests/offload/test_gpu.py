@@ -59,16 +59,21 @@ def test_gpu_packed_experts_equal_unpacked():
     assert sa["copies"] == sb["copies"] > 0 and sb["bytes_copied"] < 0.85 * sa["bytes_copied"]
 
 
-def test_gpu_host_empty_is_pinned_at_its_size():
+def test_gpu_host_empty_is_pinned_at_its_size(monkeypatch):
     """offload.pinned.host_empty: a tensor past EXACT_FROM bytes, not a power of two, page-locked in place
     (cudaHostRegister on an exact mapping), so torch's allocator does not round it up; copies to and
     from the GPU are asynchronous and exact."""
+    from offload import pinned
     from offload.pinned import EXACT_FROM, host_empty
+
+    def refuse(*a):
+        raise AssertionError("host_empty fell back to torch's rounded pinned allocator")
+    monkeypatch.setattr(pinned, "_torch_pinned", refuse)  # the exact mapping must have been registered
     shape = (3, EXACT_FROM // 4 + 1000)
     t = host_empty(shape, torch.bfloat16, pin=True)
-    assert t.shape == shape and t.is_pinned()
+    assert t.shape == shape and t.is_pinned() and t.data_ptr() % 4096 == 0
+    assert t.untyped_storage().nbytes() == t.numel() * 2  # exactly its bytes
     base = t._base
-    assert base is not None and base.numel() == t.numel() * 2 and base.data_ptr() % 4096 == 0  # the exact mapping
     t.copy_(torch.randn(shape).to(torch.bfloat16))
     d = t.to("cuda", non_blocking=True)
     back = host_empty(shape, torch.bfloat16, pin=True)
