@@ -33,7 +33,8 @@ Rows at each GPU expert budget (share of the experts' bytes held on the GPU, slo
                 split ignores that a CPU-computed slice stays a miss (miss_split='makespan')
   lru packed, lfu packed  (last; --packed, bfloat16 only) the experts drawn again with the same seed and
                 kept packed to 12 bits a weight (OffloadConfig.pack_experts): a quarter fewer
-                bytes a copy, decoded on the GPU after it
+                bytes a copy, decoded on the GPU after it; "oracle packed": the oracle bound with
+                copies of the mean packed expert's bytes (the bound those rows stand against)
   oracle bound  time model: Belady + perfect prefetch + best of copy / CPU per miss, fed by the
                 measured copy bandwidth, CPU rate and resident per-layer compute time (its hit %
                 is Belady's before prefetch; the other rows count prefetched experts as hits)
@@ -228,6 +229,7 @@ def run_model(key, args, device, dtype):
           f"{args.max_host_gib:g}); per-token figures scaled x{scale:.2f} to {L_full} layers ==")
     stack, blocks, store = build_store(shape, L, device, dtype)
     cost = CostModel.calibrate(device, *store.get(0, 0))
+    whole_cost = cost  # (the slice rows below calibrate their own)
     bw = cost.copy_bytes_per_s
     print(f"  measured: {cost.describe()} (copy of one expert {eb / 1e6:.1f} MB: {cost.copy_s(eb) * 1e3:.3f} ms; "
           f"CPU 1 token: {cost.cpu_s(1) * 1e3:.3f} ms)")
@@ -283,11 +285,12 @@ def run_model(key, args, device, dtype):
             torch.cuda.empty_cache()
         return row
 
-    def modeled(label, budget, slots, time_s, hit, copies_per_tok):
+    def modeled(label, budget, slots, time_s, hit, copies_per_tok, nbytes=None):
         ms = time_s / args.tokens * 1e3 * scale
+        nbytes = eb if nbytes is None else nbytes  # bytes a copy
         row = dict(model=shape["name"], budget=budget, slots=slots, config=label, ms_per_token=ms,
-                   tokens_per_s=1e3 / ms, hit_ratio=hit, mb_copied_per_token=copies_per_tok * eb / 1e6 * scale,
-                   copy_floor_ms=copies_per_tok * eb / bw * 1e3 * scale, cpu_experts_per_token=float("nan"),
+                   tokens_per_s=1e3 / ms, hit_ratio=hit, mb_copied_per_token=copies_per_tok * nbytes / 1e6 * scale,
+                   copy_floor_ms=copies_per_tok * nbytes / bw * 1e3 * scale, cpu_experts_per_token=float("nan"),
                    prefetch_precision=float("nan"), prefetch_recall=float("nan"))
         rows.append(row)
         show(row)
@@ -348,6 +351,12 @@ def run_model(key, args, device, dtype):
             b = S / E
             live("lru packed", b, S, dict(policy="lru", pack_experts=True))
             live("lfu packed", b, S, dict(policy="lfu", pack_experts=True))
+            # the bound over the packed bytes (each copy moves the mean packed expert): what these rows stand against
+            pb = store.nbytes() / (E * L)
+            bound = oracle_bound(trace, S, cost=whole_cost, expert_bytes=int(pb), layer_compute_s=layer_compute_s,
+                                 warmup_steps=args.warmup)
+            modeled("oracle packed", b, S, bound["time_s"], bound["hit_ratio"],
+                    (bound["misses"] - bound["cpu_misses"]) / args.tokens, nbytes=pb)
     del store, stack, blocks
     if device.type == "cuda":
         torch.cuda.empty_cache()

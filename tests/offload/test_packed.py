@@ -111,3 +111,8 @@ def test_the_offload_benchmark_has_packed_rows(tmp_path):
         plain, packed = rows[name], rows[f"{name} packed"]
         assert packed["hit_ratio"] == plain["hit_ratio"]
         assert 0.74 < packed["mb_copied_per_token"] / plain["mb_copied_per_token"] < 0.8
+    # the oracle over the packed bytes: Belady's hits, ~3/4 of the plain bound's bytes, and no slower
+    bound, packed_bound = rows["oracle bound"], rows["oracle packed"]
+    assert packed_bound["hit_ratio"] == bound["hit_ratio"]
+    assert 0.74 < packed_bound["mb_copied_per_token"] / bound["mb_copied_per_token"] < 0.8
+    assert packed_bound["ms_per_token"] <= bound["ms_per_token"]
