@@ -29,7 +29,7 @@ from torch import nn
 
 from kernels import get_backend
 
-from .cache import ExpertCache
+from .cache import STAGES, ExpertCache
 from .config import OffloadConfig, parse_bytes
 from .cost_model import CostModel
 from .cpu_compute import cpu_experts
@@ -367,6 +367,15 @@ def _check_predictor(predictor, num_layers: int, num_experts: int) -> None:
                          "(`moe predictor train TRACE`, the trace recorded from this model)")
 
 
+def packed_staging(cfg: OffloadConfig, expert_bytes: int, device: torch.device) -> tuple[int, int]:
+    """(bytes of one staging buffer, how many) that pack_experts sets aside on the device before the
+    slots: ~4/5 of an expert each (a packed one is ~3/4), STAGES of them on a GPU (the copy engine
+    fills one while another decodes, offload.cache), one elsewhere; (0, 0) without pack_experts."""
+    if not cfg.pack_experts:
+        return 0, 0
+    return expert_bytes * 4 // 5 + (1 << 20), STAGES if device.type == "cuda" else 1
+
+
 def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
     """Replace every block.experts by an OffloadedExperts; the rest of the model moves to the device.
 
@@ -393,8 +402,8 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
     expert_params = {id(p) for b in blocks for p in b.experts.parameters()}
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in expert_params)
     dense_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
-    staging = expert_bytes * 4 // 5 + (1 << 20) if cfg.pack_experts else 0
-    dense_bytes += staging  # the buffer a packed copy lands in (~3/4 of an expert) is counted first
+    staging, n_stages = packed_staging(cfg, expert_bytes, device)
+    dense_bytes += n_stages * staging  # the buffers packed copies land in (~3/4 of an expert each) count first
     # the cache's units: G slices of each expert, each 1/G of its bytes, G per routed expert
     slots = plan_slots(cfg, device=device, dense_bytes=dense_bytes, expert_bytes=expert_bytes // G,
                        num_layers=len(blocks), num_experts=E * G, top_k=top_k * G)
@@ -418,8 +427,8 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
         store = PackedHostExpertStore.from_blocks(blocks, release=release, pin=device.type == "cuda")
         if store.max_packed_bytes > staging:  # weights with unusually many exponents outside one window
             warnings.warn(f"packed experts take up to {_fmt_bytes(store.max_packed_bytes)} (of {_fmt_bytes(expert_bytes)} "
-                          f"unpacked), more than the {_fmt_bytes(staging)} the budget set aside for the staging "
-                          "buffer: the device holds the difference beyond gpu_memory", stacklevel=2)
+                          f"unpacked), more than the {_fmt_bytes(staging)} the budget set aside for each of the "
+                          f"{n_stages} staging buffers: the device holds the difference beyond gpu_memory", stacklevel=2)
     else:
         store = HostExpertStore.from_blocks(blocks, release=release, pin=device.type == "cuda", slices=G)
     model.to(device)  # what is left is the dense part (and shared experts)

@@ -66,6 +66,30 @@ def test_clear_errors_and_nothing_lost():
     assert t2 == toks and torch.equal(l2, logits)
 
 
+def test_the_budget_counts_every_staging_buffer(model):
+    """pack_experts sets its staging buffers aside from gpu_memory before the slots: one on the CPU,
+    offload.cache.STAGES on a GPU (planned here for a CUDA device without one: the arithmetic only)."""
+    from offload.apply import packed_staging
+    from offload.cache import STAGES
+    blocks = model.moe_blocks()
+    ex = blocks[0].experts
+    eb = (ex.w13[0].numel() + ex.w2[0].numel()) * ex.w13.element_size()
+    cfg = OffloadConfig(slots_per_layer=2, pack_experts=True)
+    one, n_cpu = packed_staging(cfg, eb, torch.device("cpu"))
+    _, n_gpu = packed_staging(cfg, eb, torch.device("cuda"))
+    assert n_cpu == 1 and n_gpu == STAGES >= 2 and one >= 0.75 * eb
+    assert packed_staging(OffloadConfig(slots_per_layer=2), eb, torch.device("cuda")) == (0, 0)
+    dense = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." not in n)
+    dense += sum(b.numel() * b.element_size() for b in model.buffers())
+    # room for 3 slots a layer beside the dense part and one stage: 3 slots packed; unpacked, the same
+    # 3 without the stage's room, and packed with a layer's slot less room, 2
+    budget = dense + one + 3 * eb * len(blocks) + eb // 4
+    for pack, room, slots in ((True, budget, 3), (False, budget - one, 3), (True, budget - eb * len(blocks), 2)):
+        m = apply_offload(twin(model), OffloadConfig(gpu_memory=room, reserve_bytes=0, device="cpu",
+                                                     calibrate=False, pack_experts=pack))
+        assert m.offload_cache.slots == slots, (pack, room)
+
+
 def test_cli_flag(model):
     import argparse
 
