@@ -30,7 +30,7 @@ from torch import nn
 from kernels import get_backend
 
 from .cache import STAGES, ExpertCache
-from .config import OffloadConfig, parse_bytes
+from .config import PACK_AUTO_FROM, OffloadConfig, parse_bytes
 from .cost_model import CostModel
 from .cpu_compute import cpu_experts
 from .policies import count_ids, make_policy
@@ -367,11 +367,22 @@ def _check_predictor(predictor, num_layers: int, num_experts: int) -> None:
                          "(`moe predictor train TRACE`, the trace recorded from this model)")
 
 
-def packed_staging(cfg: OffloadConfig, expert_bytes: int, device: torch.device) -> tuple[int, int]:
-    """(bytes of one staging buffer, how many) that pack_experts sets aside on the device before the
+def resolve_pack(cfg: OffloadConfig, *, expert_dtype: torch.dtype, expert_bytes: int, device: torch.device,
+                 use_disk: bool) -> bool:
+    """Whether the experts are packed (kernels/unpack.py): pack_experts as given when True or False;
+    'auto' packs bfloat16 experts of PACK_AUTO_FROM bytes or more on a GPU, from host memory, whole and
+    without cpu_fallback (where packing measured a win: BENCHMARKS 3n)."""
+    if cfg.pack_experts != "auto":
+        return bool(cfg.pack_experts)
+    return (device.type == "cuda" and expert_dtype == torch.bfloat16 and expert_bytes >= PACK_AUTO_FROM
+            and not use_disk and not cfg.cpu_fallback and cfg.expert_slices == 1)
+
+
+def packed_staging(packed: bool, expert_bytes: int, device: torch.device) -> tuple[int, int]:
+    """(bytes of one staging buffer, how many) that packed experts set aside on the device before the
     slots: ~4/5 of an expert each (a packed one is ~3/4), STAGES of them on a GPU (the copy engine
-    fills one while another decodes, offload.cache), one elsewhere; (0, 0) without pack_experts."""
-    if not cfg.pack_experts:
+    fills one while another decodes, offload.cache), one elsewhere; (0, 0) when not packed."""
+    if not packed:
         return 0, 0
     return expert_bytes * 4 // 5 + (1 << 20), STAGES if device.type == "cuda" else 1
 
@@ -402,7 +413,14 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
     expert_params = {id(p) for b in blocks for p in b.experts.parameters()}
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in expert_params)
     dense_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
-    staging, n_stages = packed_staging(cfg, expert_bytes, device)
+    expert_total = expert_bytes * E * len(blocks)
+    use_disk = cfg.store == "disk" or (cfg.store == "auto" and cfg.checkpoint is not None
+                                       and expert_total > 0.8 * host_available_bytes())
+    if use_disk and cfg.pack_experts is True:
+        raise ValueError(f"pack_experts keeps the experts in host memory, but they would not fit there "
+                         f"({_fmt_bytes(expert_total)}; store='auto' chose the disk): offload without pack_experts")
+    packed = resolve_pack(cfg, expert_dtype=expert_dtype, expert_bytes=expert_bytes, device=device, use_disk=use_disk)
+    staging, n_stages = packed_staging(packed, expert_bytes, device)
     dense_bytes += n_stages * staging  # the buffers packed copies land in (~3/4 of an expert each) count first
     # the cache's units: G slices of each expert, each 1/G of its bytes, G per routed expert
     slots = plan_slots(cfg, device=device, dense_bytes=dense_bytes, expert_bytes=expert_bytes // G,
@@ -412,18 +430,12 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
     def release(i):  # drop layer i's original experts as soon as the store holds them
         blocks[i].experts = None
 
-    expert_total = expert_bytes * E * len(blocks)
-    use_disk = cfg.store == "disk" or (cfg.store == "auto" and cfg.checkpoint is not None
-                                       and expert_total > 0.8 * host_available_bytes())
-    if use_disk and cfg.pack_experts:
-        raise ValueError(f"pack_experts keeps the experts in host memory, but they would not fit there "
-                         f"({_fmt_bytes(expert_total)}; store='auto' chose the disk): offload without pack_experts")
     if use_disk:
         store: ExpertStore = DiskExpertStore(cfg.checkpoint, [getattr(b, "layer_idx", i) for i, b in enumerate(blocks)],
                                              dtype=expert_dtype, slices=G)
         for i in range(len(blocks)):
             release(i)
-    elif cfg.pack_experts:
+    elif packed:
         store = PackedHostExpertStore.from_blocks(blocks, release=release, pin=device.type == "cuda")
         if store.max_packed_bytes > staging:  # weights with unusually many exponents outside one window
             warnings.warn(f"packed experts take up to {_fmt_bytes(store.max_packed_bytes)} (of {_fmt_bytes(expert_bytes)} "

@@ -13,6 +13,14 @@ import argparse
 from .config import POLICIES, OffloadConfig
 
 
+def _pack_choice(v: str):
+    """--offload-pack-experts' value: on -> True, off -> False, auto -> 'auto' (OffloadConfig.pack_experts)."""
+    got = {"on": True, "off": False, "auto": "auto"}.get(v.lower())
+    if got is None:
+        raise argparse.ArgumentTypeError(f"expected auto, on or off, got {v!r}")
+    return got
+
+
 def add_offload_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("expert offloading")
     g.add_argument("--gpu-memory", default=None, metavar="SIZE",
@@ -45,9 +53,11 @@ def add_offload_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--expert-slices", type=int, default=1, metavar="G",
                    help="cache and move experts in G slices of their ffn dimension; with --cpu-fallback one "
                         "missed expert is then shared between a copy and the CPU (default 1: whole experts)")
-    g.add_argument("--offload-pack-experts", action="store_true",
+    g.add_argument("--offload-pack-experts", nargs="?", type=_pack_choice, const=True, default="auto",
+                   metavar="{auto,on,off}",
                    help="keep bfloat16 experts in host memory packed to 12 bits a weight, losslessly: each copy "
-                        "moves a quarter fewer bytes and is decoded on the GPU (for copy-bound offloading)")
+                        "moves a quarter fewer bytes and is decoded on the GPU. auto (the default): on a GPU for "
+                        "experts of 8 MiB or more (copy-bound); the flag alone: on")
     g.add_argument("--offload-from-disk", action="store_true",
                    help="read experts from the checkpoint's memory-mapped safetensors instead of host memory")
 
@@ -86,7 +96,7 @@ def apply_from_args(model, args: argparse.Namespace, checkpoint: str | None = No
                         cpu_fallback=args.cpu_fallback, checkpoint=checkpoint,
                         expert_slices=getattr(args, "expert_slices", 1),
                         lfu_half_life=getattr(args, "offload_lfu_half_life", None),
-                        pack_experts=getattr(args, "offload_pack_experts", False),
+                        pack_experts=getattr(args, "offload_pack_experts", "auto"),
                         store="disk" if disk else ("auto" if checkpoint else "memory"))
     return apply_offload(model, cfg)
 
@@ -96,7 +106,7 @@ def apply_from_args(model, args: argparse.Namespace, checkpoint: str | None = No
 SETTING_DEFAULTS = {"offload_policy": "lfu", "offload_prefetch": "none", "offload_probes": None,
                     "offload_predictor": None, "offload_prefetch_budget": None, "cpu_fallback": False,
                     "expert_slices": 1, "offload_from_disk": False, "offload_lfu_half_life": None,
-                    "offload_pack_experts": False}
+                    "offload_pack_experts": "auto"}
 
 
 def settings_given(obj) -> list[str]:

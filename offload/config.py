@@ -15,6 +15,7 @@ from typing import Any
 
 POLICIES = ("lru", "lfu", "predictor", "belady")
 PREFETCH = ("none", "next_layer_gate", "probe", "predictor")
+PACK_AUTO_FROM = 8 << 20  # bytes of one expert from which pack_experts='auto' packs (copy-bound; see pack_experts)
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
@@ -60,7 +61,11 @@ class OffloadConfig:
     pack_experts     keep the experts in host memory packed to 12 bits a weight, losslessly
                      (kernels/unpack.py: the exponent as a 4-bit code), so each copy moves a
                      quarter fewer bytes and is decoded on the device; bfloat16 experts, host
-                     memory store, whole experts, no cpu_fallback
+                     memory store, whole experts, no cpu_fallback. 'auto' (the default): packed
+                     where all of that holds, on a GPU, for experts of PACK_AUTO_FROM bytes or
+                     more (copy-bound: OLMoE's 12.6 MB and Mixtral's 352 MB experts step 0.80x
+                     and 0.81x packed; Qwen3's 6.3 MB ones are host-bound, 1.06x serial:
+                     BENCHMARKS 3n); True packs (or says why it cannot), False never does
     expert_slices    G: cache, copy and compute experts in G slices of their ffn dimension
                      (offload/slices.py); with cpu_fallback, one missed expert is then shared
                      between a copy and the CPU. 1 = whole experts; slots count slices
@@ -115,7 +120,7 @@ class OffloadConfig:
     cpu_gflops: float = 50.0
     expert_slices: int = 1
     miss_split: str = "reuse"
-    pack_experts: bool = False
+    pack_experts: bool | str = "auto"
 
     def lfu_steps(self) -> float | None:
         """The half-life the LFU policy is built with (policies.resolve_lfu_half_life: 23 steps when not
@@ -177,7 +182,9 @@ class OffloadConfig:
             raise ValueError(f"miss_split must be 'reuse' or 'makespan', got {self.miss_split!r}")
         if not isinstance(self.expert_slices, int) or self.expert_slices < 1:
             raise ValueError(f"expert_slices must be an integer >= 1 (1 = whole experts), got {self.expert_slices!r}")
-        if self.pack_experts:
+        if self.pack_experts not in (True, False, "auto"):
+            raise ValueError(f"pack_experts must be True, False or 'auto', got {self.pack_experts!r}")
+        if self.pack_experts is True:
             clash = [what for what, on in (("store='disk' (use store='memory')", self.store == "disk"),
                                            ("cpu_fallback (the CPU would decode every expert it computes)",
                                             self.cpu_fallback),

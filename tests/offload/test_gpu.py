@@ -59,6 +59,24 @@ def test_gpu_packed_experts_equal_unpacked():
     assert sa["copies"] == sb["copies"] > 0 and sb["bytes_copied"] < 0.85 * sa["bytes_copied"]
 
 
+def test_gpu_auto_packs_large_bfloat16_experts_and_decodes_the_same():
+    """pack_experts='auto' (the default) on a GPU with experts of 8 MiB or more: the store is packed,
+    two staging buffers are counted, and generation equals pack_experts=False bit for bit."""
+    from offload import PackedHostExpertStore
+    from offload.config import PACK_AUTO_FROM
+    model = twin(tiny_model("mixtral", hidden_size=512, moe_intermediate_size=3072)).to(torch.bfloat16)
+    ex = model.moe_blocks()[0].experts
+    assert (ex.w13[0].numel() + ex.w2[0].numel()) * 2 >= PACK_AUTO_FROM
+    runs = []
+    for pack in ("auto", False):
+        m = apply_offload(twin(model), OffloadConfig(device="cuda", calibrate=False, slots_per_layer=2,
+                                                     pack_experts=pack))
+        assert isinstance(m.offload_cache.store, PackedHostExpertStore) == (pack == "auto")
+        runs.append(greedy(m, PROMPT, 4))
+        del m
+    assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1])
+
+
 def test_gpu_host_empty_is_pinned_at_its_size(monkeypatch):
     """offload.pinned.host_empty: a tensor past EXACT_FROM bytes, not a power of two, page-locked in place
     (cudaHostRegister on an exact mapping), so torch's allocator does not round it up; copies to and

@@ -74,11 +74,10 @@ def test_the_budget_counts_every_staging_buffer(model):
     blocks = model.moe_blocks()
     ex = blocks[0].experts
     eb = (ex.w13[0].numel() + ex.w2[0].numel()) * ex.w13.element_size()
-    cfg = OffloadConfig(slots_per_layer=2, pack_experts=True)
-    one, n_cpu = packed_staging(cfg, eb, torch.device("cpu"))
-    _, n_gpu = packed_staging(cfg, eb, torch.device("cuda"))
+    one, n_cpu = packed_staging(True, eb, torch.device("cpu"))
+    _, n_gpu = packed_staging(True, eb, torch.device("cuda"))
     assert n_cpu == 1 and n_gpu == STAGES >= 2 and one >= 0.75 * eb
-    assert packed_staging(OffloadConfig(slots_per_layer=2), eb, torch.device("cuda")) == (0, 0)
+    assert packed_staging(False, eb, torch.device("cuda")) == (0, 0)
     dense = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." not in n)
     dense += sum(b.numel() * b.element_size() for b in model.buffers())
     # room for 3 slots a layer beside the dense part and one stage: 3 slots packed; unpacked, the same
@@ -88,6 +87,26 @@ def test_the_budget_counts_every_staging_buffer(model):
         m = apply_offload(twin(model), OffloadConfig(gpu_memory=room, reserve_bytes=0, device="cpu",
                                                      calibrate=False, pack_experts=pack))
         assert m.offload_cache.slots == slots, (pack, room)
+
+
+def test_auto_packs_large_bfloat16_experts_on_a_gpu_only():
+    """pack_experts='auto' (the default) packs where packing measured a win (BENCHMARKS 3n): bfloat16
+    experts of PACK_AUTO_FROM bytes or more, on a GPU, from host memory, whole, without cpu_fallback."""
+    from offload.apply import resolve_pack
+    from offload.config import PACK_AUTO_FROM
+    gpu, cpu, bf, big = torch.device("cuda"), torch.device("cpu"), torch.bfloat16, PACK_AUTO_FROM
+
+    def pack(cfg=None, dtype=bf, nbytes=big, device=gpu, use_disk=False):
+        return resolve_pack(cfg or OffloadConfig(slots_per_layer=2), expert_dtype=dtype, expert_bytes=nbytes,
+                            device=device, use_disk=use_disk)
+    assert OffloadConfig(slots_per_layer=2).pack_experts == "auto" and pack()
+    assert not pack(device=cpu) and not pack(dtype=torch.float16) and not pack(nbytes=big - 1)
+    assert not pack(use_disk=True) and not pack(OffloadConfig(slots_per_layer=2, cpu_fallback=True))
+    assert not pack(OffloadConfig(slots_per_layer=2, expert_slices=2))
+    assert pack(OffloadConfig(slots_per_layer=2, pack_experts=True), nbytes=1, device=cpu)  # asked for: packed
+    assert not pack(OffloadConfig(slots_per_layer=2, pack_experts=False))
+    with pytest.raises(ValueError, match="True, False or 'auto'"):
+        OffloadConfig(slots_per_layer=2, pack_experts="yes")
 
 
 def test_cli_flag(model):
@@ -100,6 +119,13 @@ def test_cli_flag(model):
     assert isinstance(m.offload_cache.store, PackedHostExpertStore)
     with pytest.raises(ValueError, match="--offload-pack-experts configure"):
         apply_from_args(twin(model), p.parse_args(["--offload-pack-experts"]))
+    # auto (the default) and off: the tiny model's experts on the CPU stay unpacked either way
+    for flags in ([], ["--offload-pack-experts", "auto"], ["--offload-pack-experts", "off"]):
+        m = apply_from_args(twin(model), p.parse_args(["--gpu-memory", "1GiB", *flags]))
+        assert not isinstance(m.offload_cache.store, PackedHostExpertStore), flags
+    assert p.parse_args(["--offload-pack-experts", "off"]).offload_pack_experts is False
+    with pytest.raises(SystemExit):
+        p.parse_args(["--offload-pack-experts", "maybe"])
 
 
 def test_the_arena_keeps_host_memory_near_the_packed_bytes():
