@@ -224,6 +224,9 @@ def run_generate(args: argparse.Namespace, stdout: TextIO | None = None, stderr:
     secs = time.perf_counter() - start
     stderr.write(f"moe: {len(prompt_ids)} prompt tokens, {n_tokens} generated in {secs:.2f} s "
                  f"({n_tokens / max(secs, 1e-9):.1f} tokens/s), finished: {reason}\n")
+    cache = getattr(model, "offload_cache", None)
+    if cache is not None:  # --gpu-memory: where the experts were and what moving them took
+        stderr.write(f"moe: {cache.describe()}\n")
     return 0
 
 

@@ -106,6 +106,16 @@ class ExpertCache:
         c["prefetch_recall"] = c["useful_prefetches"] / need if need else 0.0
         return c
 
+    def describe(self) -> str:
+        """One line for a user: the slots, how the experts travel, and what the counters say so far."""
+        c = self.stats()
+        how = "packed to 12 bits a weight" if self._packed is not None else f"{str(self.store.dtype)[6:]}"
+        acc = c["hits"] + c["misses"]
+        return (f"offload: {self.slots} of {self.num_experts} experts per layer on {self.device.type}, copied "
+                f"{how}; {acc} expert uses, {100 * c['hit_ratio']:.1f}% hits, {c['copies']} copies "
+                f"({c['bytes_copied'] / 1e6:.1f} MB)" + (f", {c['cpu_computed']} computed on the CPU"
+                                                         if c["cpu_computed"] else ""))
+
     def resident(self, layer: int) -> list[int]:
         return [e for e in self.expert_in[layer] if e >= 0]
 

@@ -461,7 +461,9 @@ def apply_cpu_tier(model: nn.Module, plan, hosts: list, config: TierRuntimeConfi
         if cfg.dispatch == "split" and hasattr(store, "packed"):
             # it copies column slices of each missed expert straight from host memory, which a packed expert is not
             raise ValueError("dispatch='split' copies column slices of bfloat16 experts from host memory; the cache's "
-                             "experts are packed (pack_experts): offload without pack_experts to split misses")
+                             "experts are packed (pack_experts; 'auto', the default, packs bfloat16 experts of 8 MiB "
+                             "or more on a GPU): offload with pack_experts=False (--offload-pack-experts off) to "
+                             "split misses")
         dt = store.dtype
         dev = torch.device(device) if device is not None else torch.device(ref.cache.device)
         (J, D), I = store.w13_shape, store.w2_shape[1]

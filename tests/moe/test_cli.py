@@ -205,6 +205,9 @@ def test_gpu_memory_offloads_and_changes_nothing(capsys, lib, tiny_dir, policy):
                  "--gpu-memory", "300MiB", "--offload-policy", policy]) == 0
     cap = capsys.readouterr()
     assert cap.out == want + "\n"
+    # the summary says where the experts were and what moving them took (float32 on the CPU: not packed)
+    line = [ln for ln in cap.err.splitlines() if "offload:" in ln]
+    assert len(line) == 1 and "experts per layer on cpu, copied float32" in line[0] and "% hits" in line[0]
 
 
 def test_gpu_memory_too_small_is_a_clean_error(capsys, tiny_dir):

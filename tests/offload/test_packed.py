@@ -39,6 +39,10 @@ def test_packed_offloading_equals_unpacked_and_resident(model, policy, slots):
     assert min(sizes) * b["copies"] <= b["bytes_copied"] <= max(sizes) * b["copies"]
     assert b["bytes_copied"] < 0.85 * a["bytes_copied"]
     assert store.nbytes() < 0.85 * store.num_layers * store.num_experts * store.expert_bytes
+    # the user's one-line summary (moe generate) tells the two apart and carries the counters
+    assert "packed to 12 bits a weight" in packed.offload_cache.describe()
+    assert "copied bfloat16" in plain.offload_cache.describe()
+    assert f"{b['copies']} copies ({b['bytes_copied'] / 1e6:.1f} MB)" in packed.offload_cache.describe()
 
 
 def test_the_store_gives_back_the_weights(model):

@@ -314,7 +314,7 @@ def test_split_refuses_a_packed_cache():
             device=torch.device("cpu"), top_k=2, slots=2)
     hosts = start_hosts(HostPoolConfig(num_hosts=1, backend="thread"))
     try:
-        with pytest.raises(ValueError, match="without pack_experts"):
+        with pytest.raises(ValueError, match="pack_experts=False"):
             apply_cpu_tier(model, TieredPlan.on_hosts(3, 8, 1), hosts, TierRuntimeConfig(dispatch="split"))
     finally:
         for h in hosts:
