@@ -57,7 +57,7 @@ def add_offload_args(parser: argparse.ArgumentParser) -> None:
                    metavar="{auto,on,off}",
                    help="keep bfloat16 experts in host memory packed to 12 bits a weight, losslessly: each copy "
                         "moves a quarter fewer bytes and is decoded on the GPU. auto (the default): on a GPU for "
-                        "experts of 8 MiB or more (copy-bound); the flag alone: on")
+                        "experts of 10 MiB or more (copy-bound); the flag alone: on")
     g.add_argument("--offload-from-disk", action="store_true",
                    help="read experts from the checkpoint's memory-mapped safetensors instead of host memory")
 

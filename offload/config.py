@@ -15,7 +15,7 @@ from typing import Any
 
 POLICIES = ("lru", "lfu", "predictor", "belady")
 PREFETCH = ("none", "next_layer_gate", "probe", "predictor")
-PACK_AUTO_FROM = 8 << 20  # bytes of one expert from which pack_experts='auto' packs (copy-bound; see pack_experts)
+PACK_AUTO_FROM = 10 << 20  # bytes of one expert from which pack_experts='auto' packs (copy-bound; see pack_experts)
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
@@ -64,7 +64,8 @@ class OffloadConfig:
                      memory store, whole experts, no cpu_fallback. 'auto' (the default): packed
                      where all of that holds, on a GPU, for experts of PACK_AUTO_FROM bytes or
                      more (copy-bound: OLMoE's 12.6 MB and Mixtral's 352 MB experts step 0.80x
-                     and 0.81x packed; Qwen3's 6.3 MB ones are host-bound, 1.06x serial:
+                     and 0.81x packed; Qwen3's 9.4 MB ones are host-bound, 1.06x serial and 1.24x
+                     eager:
                      BENCHMARKS 3n); True packs (or says why it cannot), False never does
     expert_slices    G: cache, copy and compute experts in G slices of their ffn dimension
                      (offload/slices.py); with cpu_fallback, one missed expert is then shared

@@ -461,7 +461,7 @@ def apply_cpu_tier(model: nn.Module, plan, hosts: list, config: TierRuntimeConfi
         if cfg.dispatch == "split" and hasattr(store, "packed"):
             # it copies column slices of each missed expert straight from host memory, which a packed expert is not
             raise ValueError("dispatch='split' copies column slices of bfloat16 experts from host memory; the cache's "
-                             "experts are packed (pack_experts; 'auto', the default, packs bfloat16 experts of 8 MiB "
+                             "experts are packed (pack_experts; 'auto', the default, packs bfloat16 experts of 10 MiB "
                              "or more on a GPU): offload with pack_experts=False (--offload-pack-experts off) to "
                              "split misses")
         dt = store.dtype
