@@ -296,12 +296,12 @@ class ExpertCache:
         return s
 
     def _copy_in(self, layer: int, expert: int, s: int) -> None:
-        d13, d2 = self.pool_w13[layer][s], self.pool_w2[layer][s]
         if self._packed is not None:
             buf, base, n_esc = self._packed(layer, expert)
         else:
             w13, w2 = self.store.get(layer, expert)
         if not self.cuda:
+            d13, d2 = self.pool_w13[layer][s], self.pool_w2[layer][s]
             if self._unpack is not None:  # the kernel, interpreted
                 self._unpack((layer, s), buf, base, n_esc)
             elif self._packed is not None:
@@ -310,12 +310,16 @@ class ExpertCache:
                 d13.copy_(w13)
                 d2.copy_(w2)
             return
+        if self.copy_stream.device_index != torch.cuda.current_device():
+            with torch.cuda.device(self.copy_stream.device):  # set_stream would leave the current device changed
+                return self._copy_in(layer, expert, s)
         prev = torch.cuda.current_stream(self.device)
         try:  # set_stream, not torch.cuda.stream(): a tenth of its host time (~1 us against ~9, run s23-e)
             if self._packed is not None:
                 ev = self._copy_packed(layer, s, buf, base, n_esc)
             else:
                 torch.cuda.set_stream(self.copy_stream)
+                d13, d2 = self.pool_w13[layer][s], self.pool_w2[layer][s]  # (packed: the Unpacker's views)
                 if self._free[layer][s] is not None:
                     self.copy_stream.wait_event(self._free[layer][s])  # do not overwrite a slot still being read
                 pinned = w13.is_pinned()
