@@ -375,7 +375,7 @@ def resolve_pack(cfg: OffloadConfig, *, expert_dtype: torch.dtype, expert_bytes:
     if cfg.pack_experts != "auto":
         return bool(cfg.pack_experts)
     return (device.type == "cuda" and expert_dtype == torch.bfloat16 and expert_bytes >= PACK_AUTO_FROM
-            and not use_disk and not cfg.cpu_fallback and cfg.expert_slices == 1)
+            and not cfg.pack_clashes(use_disk))
 
 
 def packed_staging(packed: bool, expert_bytes: int, device: torch.device) -> tuple[int, int]:

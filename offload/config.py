@@ -129,6 +129,14 @@ class OffloadConfig:
         from .policies import resolve_lfu_half_life
         return resolve_lfu_half_life(self.lfu_half_life) if self.policy == "lfu" else None
 
+    def pack_clashes(self, use_disk: bool) -> list[str]:
+        """What keeps the experts from being packed (whole experts in host memory for the copy engine):
+        pack_experts=True refuses them, 'auto' does not pack where any holds."""
+        return [what for what, on in (("store='disk' (use store='memory')", use_disk),
+                                      ("cpu_fallback (the CPU would decode every expert it computes)",
+                                       self.cpu_fallback),
+                                      ("expert_slices > 1", self.expert_slices > 1)) if on]
+
     def __post_init__(self):
         if self.gpu_memory is None and self.slots_per_layer is None:
             raise ValueError("OffloadConfig needs gpu_memory (e.g. '24GiB' or 0.3) or slots_per_layer")
@@ -186,10 +194,7 @@ class OffloadConfig:
         if self.pack_experts not in (True, False, "auto"):
             raise ValueError(f"pack_experts must be True, False or 'auto', got {self.pack_experts!r}")
         if self.pack_experts is True:
-            clash = [what for what, on in (("store='disk' (use store='memory')", self.store == "disk"),
-                                           ("cpu_fallback (the CPU would decode every expert it computes)",
-                                            self.cpu_fallback),
-                                           ("expert_slices > 1", self.expert_slices > 1)) if on]
+            clash = self.pack_clashes(self.store == "disk")
             if clash:
                 raise ValueError(f"pack_experts packs whole experts in host memory for the copy engine; it does "
                                  f"not go with {', '.join(clash)}")
