@@ -60,6 +60,7 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
+import itertools
 import json
 import os
 import sys
@@ -72,6 +73,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from moe.config import MoEConfig  # noqa: E402
 from moe.cuda_graph import DecodeGraphs, PiecewiseDecodeGraphs, graph_support  # noqa: E402
+from moe.host import HostPinner, python_speed_ns  # noqa: E402
 from moe.model import MoEForCausalLM  # noqa: E402
 
 # published shapes (attention and expert dimensions, vocabulary, depth)
@@ -205,9 +207,33 @@ def sync(dev):
         torch.cuda.synchronize(dev)
 
 
+def host_speed_ns() -> float:
+    """A fixed pure-Python loop, ns per turn (the fastest of three readings): how fast this host runs Python
+    right now. On the H200 machine it read 99-220 ns in processes a few seconds apart, and per core ~100 on
+    some and ~200 on others (runs s24-c, s24-e)."""
+    return min(python_speed_ns(30000) for _ in range(3))
+
+
+LAST_RUN: dict = {}  # the last run()'s timed steps: the collector's runs and pauses; the pinned core's speed
+
+
+class _GcClock:
+    """Counts the collector's runs and their pauses while installed (gc.callbacks)."""
+    def __init__(self):
+        self.n, self.seconds, self._t = 0, 0.0, None
+
+    def __call__(self, phase, info):
+        if phase == "start":
+            self._t = time.perf_counter()
+        elif self._t is not None:
+            self.n += 1
+            self.seconds += time.perf_counter() - self._t
+            self._t = None
+
+
 @torch.inference_mode()
 def run(model: MoEForCausalLM, B: int, steps: int, graph: bool, prompt_len: int = 32, seed: int = 0,
-        run_ahead: bool = True, bucket: int = 0, on_timing=None, min_kept: float = 0.5):
+        run_ahead: bool = True, bucket: int = 0, on_timing=None, min_kept: float = 0.5, pin: bool = False):
     """Seconds per decode step after a prompt of ``prompt_len`` random tokens, and the first 8 steps' logits.
     ``on_timing()`` is called when the timed steps start (after the prefill and the capture / warm-up steps)."""
     dev = model.device
@@ -225,24 +251,41 @@ def run(model: MoEForCausalLM, B: int, steps: int, graph: bool, prompt_len: int 
         graphs = PiecewiseDecodeGraphs(model, cache, run_ahead=run_ahead, run_ahead_min_kept=min_kept)
     logits = []
     length = prompt_len
-    for s in range(steps + 2):
-        if s == 2:  # the first steps capture / warm up
-            sync(dev)
-            if on_timing is not None:
-                on_timing()
-            t0 = time.perf_counter()
-        if graph:
-            out = graphs.step(ids, valid, length)
-        elif bucket:  # eager with the attention width rounded up as the graphs do (fewer distinct shapes)
-            out = model(ids, cache=cache, num_slots=min(-(-(length + 1) // bucket) * bucket, cache.max_len))
-        else:
-            out = model(ids, cache=cache)
-        ids = out[:, -1].argmax(-1, keepdim=True)
-        if s < 8:
-            logits.append(out[:, -1].float().clone())
-        length += 1
-    sync(dev)
-    return (time.perf_counter() - t0) / steps, logits
+    clock = _GcClock()
+    pinner = HostPinner() if pin else None  # the engine's pin_host: this thread kept on a fast core
+    try:
+        for s in range(steps + 2):
+            if pinner is not None:
+                pinner.check()
+            if s == 2:  # the first steps capture / warm up
+                sync(dev)
+                # what earlier runs left for the collector (their graphs: cudaGraphExecDestroy ~0.1 ms each) is
+                # collected now, not inside the timed steps (s24-b's profile caught 49 such destroys there)
+                gc.collect()
+                if on_timing is not None:
+                    on_timing()
+                gc.callbacks.append(clock)
+                t0 = time.perf_counter()
+            if graph:
+                out = graphs.step(ids, valid, length)
+            elif bucket:  # eager with the attention width rounded up as the graphs do (fewer distinct shapes)
+                out = model(ids, cache=cache, num_slots=min(-(-(length + 1) // bucket) * bucket, cache.max_len))
+            else:
+                out = model(ids, cache=cache)
+            ids = out[:, -1].argmax(-1, keepdim=True)
+            if s < 8:
+                logits.append(out[:, -1].float().clone())
+            length += 1
+        sync(dev)
+        t = (time.perf_counter() - t0) / steps
+    finally:
+        if clock in gc.callbacks:
+            gc.callbacks.remove(clock)
+        if pinner is not None:
+            pinner.release()
+    LAST_RUN.update(collections=clock.n, ms_per_step=clock.seconds / steps * 1e3,
+                    pinned_ns=pinner.best_ns if pinner is not None and pinner.enabled else None)
+    return t, logits
 
 
 def steps_before_parting(logits_a: list[torch.Tensor], logits_b: list[torch.Tensor]) -> int:
@@ -349,44 +392,71 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
             variants = (("eager", False, True, 0.5), ("graph", True, True, 0.5), ("graph_serial", True, False, 0.5),
                         ("graph_always", True, True, 0.0))
 
-            def record(label, t, st):
-                """A variant's figures over the timed decode steps (st: the cache's stats of those steps)."""
+            def record(label, t, st, host_ns, info):
+                """A variant's figures over the timed decode steps (st: the cache's stats of those steps); with
+                --rounds, those of its fastest round ({label}_all: every round's ms, host ns and the host -> GPU
+                copy rate measured right before it, in order)."""
+                r.setdefault(f"{label}_all", []).append([round(t * 1e3, 3), round(info["pinned_ns"] or host_ns, 1),
+                                                         round(info.get("h2d_gbs", float("nan")), 1)])
+                if f"{label}_ms" in r and r[f"{label}_ms"] <= t * 1e3:
+                    r[f"{label}_rounds"] += 1
+                    return False
+                r[f"{label}_rounds"] = r.get(f"{label}_rounds", 0) + 1
                 r[f"{label}_ms"] = t * 1e3
+                # the host's Python speed right before (host_speed_ns), or the pinned core's reading
+                r[f"{label}_host_ns"] = info["pinned_ns"] or host_ns
+                r[f"{label}_gc_ms"] = info["ms_per_step"]  # collector pauses per timed step
                 r[f"{label}_hit"] = st["hit_ratio"]
                 r[f"{label}_mb_per_step"] = st["bytes_copied"] / args.steps / 1e6
                 # resident floor + the step's copies at the measured rate (copies and compute not overlapped)
                 r[f"{label}_copy_floor_ms"] = floors[B] + st["bytes_copied"] / args.steps / h2d * 1e3
-            for label, graph, ahead, min_kept in variants[:4 if cuda else 1]:
-                cache.reset_stats()
-                t, logits = run(model, B, args.steps, graph=graph, run_ahead=ahead, on_timing=cache.reset_stats,
-                                min_kept=min_kept)
-                record(label, t, cache.stats())
-                if graph:
-                    r[f"{label}_same_steps"] = steps_before_parting(eager_logits, logits)
-                else:
-                    eager_logits = logits
-            for name, next_ids in (lookaheads or {}).items():  # (eager steps on the CPU: a check of the script)
-                from placement.trace_routing import install_trace_lookahead
-                handles, routers = install_trace_lookahead(model, next_ids, E, stride)
-                try:
-                    for b, router in zip(blocks, routers):
-                        b.experts.set_next_router(router)
+                return True
+
+            def run_lookaheads(rnd):
+                for (name, next_ids), pin in itertools.product((lookaheads or {}).items(), pins):
+                    from placement.trace_routing import install_trace_lookahead
+                    handles, routers = install_trace_lookahead(model, next_ids, E, stride)
+                    try:
+                        for b, router in zip(blocks, routers):
+                            b.experts.set_next_router(router)
+                        cache.reset_stats()
+                        host_ns, h2d_now = probes()
+                        t, logits = run(model, B, args.steps, graph=cuda, on_timing=cache.reset_stats, pin=pin)
+                        st, info = cache.stats(), dict(LAST_RUN, h2d_gbs=h2d_now)
+                        if args.profile_steps and S < E and rnd == args.rounds - 1 and not pin:
+                            tag = f"{key}_S{S}_B{B}_{args.offload_policy}_{name}"
+                            print(profile_offloaded(model, B, args.profile_steps, cuda, Path(args.out), tag), flush=True)
+                    finally:
+                        for b in blocks:
+                            b.experts.set_next_router(None)
+                        for h in handles:
+                            h.remove()
+                    label = f"graph_{name}" + ("_pinned" if pin and args.host_pin == "both" else "")
+                    if record(label, t, st, host_ns, info):
+                        r[f"{label}_prefetch_precision"] = st["prefetch_precision"]
+                        r[f"{label}_prefetch_recall"] = st["prefetch_recall"]
+                        r[f"{label}_same_steps"] = steps_before_parting(eager_logits, logits)
+            pins = {"off": (False,), "on": (True,), "both": (False, True)}[args.host_pin]
+            probe = torch.empty(64 << 20, dtype=torch.uint8, pin_memory=cuda)
+
+            def probes():
+                """The host's Python speed and its copy rate to the GPU, right before a run."""
+                return host_speed_ns(), (copy_bytes_per_s(dev, probe) / 1e9 if cuda else float("nan"))
+            for rnd in range(args.rounds):  # rounds interleave every variant (each keeps its fastest round)
+                for (label, graph, ahead, min_kept), pin in itertools.product(variants[:4 if cuda else 1], pins):
+                    if not graph and (rnd or pin):
+                        continue  # eager steps: once, unpinned (their logits are the reference)
                     cache.reset_stats()
-                    t, logits = run(model, B, args.steps, graph=cuda, on_timing=cache.reset_stats)
-                    st = cache.stats()
-                    if args.profile_steps and S < E:
-                        tag = f"{key}_S{S}_B{B}_{args.offload_policy}_{name}"
-                        print(profile_offloaded(model, B, args.profile_steps, cuda, Path(args.out), tag), flush=True)
-                finally:
-                    for b in blocks:
-                        b.experts.set_next_router(None)
-                    for h in handles:
-                        h.remove()
-                label = f"graph_{name}"
-                record(label, t, st)
-                r[f"{label}_prefetch_precision"] = st["prefetch_precision"]
-                r[f"{label}_prefetch_recall"] = st["prefetch_recall"]
-                r[f"{label}_same_steps"] = steps_before_parting(eager_logits, logits)
+                    host_ns, h2d_now = probes()
+                    t, logits = run(model, B, args.steps, graph=graph, run_ahead=ahead,
+                                    on_timing=cache.reset_stats, min_kept=min_kept, pin=pin)
+                    label = label + ("_pinned" if pin and args.host_pin == "both" else "")
+                    record(label, t, cache.stats(), host_ns, dict(LAST_RUN, h2d_gbs=h2d_now))
+                    if graph:
+                        r[f"{label}_same_steps"] = steps_before_parting(eager_logits, logits)
+                    else:
+                        eager_logits = logits
+                run_lookaheads(rnd)
             rows.append(r)
             print(json.dumps(r), flush=True)
             if args.profile_steps and S < E:  # where the misses are
@@ -427,6 +497,12 @@ def main(argv=None) -> int:
     ap.add_argument("--lfu-half-life", type=float, default=None,
                     help="with --offload-policy lfu: use counts halve over this many steps (default 23, "
                          "OffloadConfig's; inf: counted over the whole run)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="offloaded rows: run every graph variant this many times, interleaved, and keep each one's "
+                         "fastest (the host's speed drifts within a process: host_speed_ns)")
+    ap.add_argument("--host-pin", default="off", choices=("off", "on", "both"),
+                    help="offloaded rows: keep the stepping thread on the fastest core (moe.host.HostPinner, the "
+                         "engine's pin_host); both: every variant unpinned and pinned, interleaved (labels *_pinned)")
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="offloaded rows with fewer slots than experts: this many more steps under torch.profiler "
                          "(graph pieces on a GPU, eager on the CPU; the prefetch rows too), the tables printed and "
@@ -536,27 +612,40 @@ def main(argv=None) -> int:
     off = [r for r in rows if "graph_serial_ms" in r]
     if off:
         print(f"\n## offloaded decode, ms per step (hit ratio and MB copied: the timed decode steps; floor = resident "
-              f"floor + those MB at the measured host -> GPU rate)\n{'model':28s} {'B':>3s} {'policy':>6s} "
+              f"floor + those MB at the measured host -> GPU rate; py ns: the host's Python speed before the serial "
+              f"variant, host_speed_ns; gc ms: the collector's pauses per serial step)\n{'model':28s} {'B':>3s} {'policy':>6s} "
               f"{'routing':>7s} {'eager':>8s} {'serial':>8s} {'always':>8s} {'run-ahead':>9s} {'hit':>5s} "
-              f"{'MB/step':>8s} {'floor':>7s} {'ahead/floor':>11s}")
+              f"{'MB/step':>8s} {'floor':>7s} {'ahead/floor':>11s} {'py ns':>6s} {'gc ms':>6s}")
         for r in off:
             fl = r["graph_copy_floor_ms"]
             print(f"{r['model']:28s} {r['B']:3d} {r['policy']:>6s} {r['routing']:>7s} {r['eager_ms']:8.3f} "
                   f"{r['graph_serial_ms']:8.3f} {r['graph_always_ms']:8.3f} {r['graph_ms']:9.3f} {r['graph_hit']:5.2f} "
-                  f"{r['graph_mb_per_step']:8.1f} {fl:7.2f} {r['graph_ms'] / fl:11.2f}")
+                  f"{r['graph_mb_per_step']:8.1f} {fl:7.2f} {r['graph_ms'] / fl:11.2f} {r['graph_serial_host_ns']:6.0f} "
+                  f"{r['graph_serial_gc_ms']:6.2f}")
         pre = [(r, k[len("graph_"):-len("_ms")]) for r in off for k in r
                if k.startswith(("graph_lookahead", "graph_oracle")) and k.endswith("_ms")
                and k[:-len("_ms")] + "_hit" in r]
         if pre:
             print(f"\n## offloaded decode with next-layer prefetch (serial pieces; each layer copies its guess of the next "
                   f"layer's experts)\n{'model':28s} {'B':>3s} {'policy':>6s} {'guess':>9s} {'ms':>8s} {'hit':>5s} "
-                  f"{'MB/step':>8s} {'floor':>7s} {'ms/floor':>8s} {'precision':>9s} {'recall':>6s} {'vs serial':>9s}")
+                  f"{'MB/step':>8s} {'floor':>7s} {'ms/floor':>8s} {'precision':>9s} {'recall':>6s} {'vs serial':>9s} "
+                  f"{'py ns':>6s}")
             for r, n in pre:
                 g = f"graph_{n}"
                 print(f"{r['model']:28s} {r['B']:3d} {r['policy']:>6s} {n:>9s} {r[g + '_ms']:8.3f} {r[g + '_hit']:5.2f} "
                       f"{r[g + '_mb_per_step']:8.1f} {r[g + '_copy_floor_ms']:7.2f} "
                       f"{r[g + '_ms'] / r[g + '_copy_floor_ms']:8.2f} {r[g + '_prefetch_precision']:9.2f} "
-                      f"{r[g + '_prefetch_recall']:6.2f} {r[g + '_ms'] / r['graph_serial_ms']:9.2f}")
+                      f"{r[g + '_prefetch_recall']:6.2f} {r[g + '_ms'] / r['graph_serial_ms']:9.2f} {r[g + '_host_ns']:6.0f}")
+        pinned = [(r, k[:-len("_pinned_ms")]) for r in off for k in r if k.endswith("_pinned_ms")]
+        if pinned:
+            print(f"\n## the stepping thread pinned to the fastest core (moe.host.HostPinner) or not, interleaved; ms per "
+                  f"step, the fastest of {args.rounds} round(s); py ns: host_speed_ns before that round\n"
+                  f"{'model':28s} {'B':>3s} {'variant':>16s} {'unpinned':>9s} {'py ns':>6s} {'pinned':>8s} {'py ns':>6s} "
+                  f"{'pinned/un':>9s}")
+            for r, v in pinned:
+                a, b = r[f"{v}_ms"], r[f"{v}_pinned_ms"]
+                print(f"{r['model']:28s} {r['B']:3d} {v[len('graph_'):] or 'run-ahead':>16s} {a:9.3f} "
+                      f"{r[v + '_host_ns']:6.0f} {b:8.3f} {r[v + '_pinned_host_ns']:6.0f} {b / a:9.2f}")
     print(f"\n## resident decode, ms per step (tokens/s = B / step); bf16, triton experts\n"
           f"{'model':16s} {'B':>3s} {'prompt':>6s} {'attn':>6s} {'floor':>8s} {'eager':>8s} {'graph':>8s} {'hf':>8s} "
           f"{'eager/graph':>11s} {'hf/graph':>8s} {'graph/floor':>11s} {'tok/s graph':>11s} {'repeat':>6s} {'kernel':>6s}")
