@@ -47,6 +47,10 @@ beside the trace's own next layer as the guess (graph_oracle, the bound of one-a
 trace routing adds it). The pieces start beside those copies (copies still running are left out of the
 speculation, offload.apply.prepare_speculation). A random-weight model of a published size thus meets a
 trained model's routing and prediction quality; the trace's models are small (routing/record.py).
+--rounds N: every graph variant and prefetch row of the offloaded rows runs N times, interleaved, and keeps its
+fastest round; each round also records (`*_all`) its ms per step, the host's Python speed (host_speed_ns) and the
+host -> GPU copy rate probed right before it. On the H200 machine one 16-step round of the same variant spread
++-10% within a process, with neither probe moving with it (s24-h): compare variants over rounds, not single runs.
 --profile-steps N: N more steps of each offloaded row with misses under torch.profiler, the host-side parts
 of an offloaded layer labelled (where the time above the copy floor goes: BENCHMARKS 3i).
 
@@ -60,7 +64,6 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
-import itertools
 import json
 import os
 import sys
@@ -73,7 +76,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from moe.config import MoEConfig  # noqa: E402
 from moe.cuda_graph import DecodeGraphs, PiecewiseDecodeGraphs, graph_support  # noqa: E402
-from moe.host import HostPinner, python_speed_ns  # noqa: E402
 from moe.model import MoEForCausalLM  # noqa: E402
 
 # published shapes (attention and expert dimensions, vocabulary, depth)
@@ -207,14 +209,22 @@ def sync(dev):
         torch.cuda.synchronize(dev)
 
 
-def host_speed_ns() -> float:
+def host_speed_ns(turns: int = 30000) -> float:
     """A fixed pure-Python loop, ns per turn (the fastest of three readings): how fast this host runs Python
     right now. On the H200 machine it read 99-220 ns in processes a few seconds apart, and per core ~100 on
-    some and ~200 on others (runs s24-c, s24-e)."""
-    return min(python_speed_ns(30000) for _ in range(3))
+    some and ~200 on others (runs s24-c, s24-e); pinning the stepping thread to the fastest core changed no
+    step time (s24-f, s24-g), and the steps spread +-10% at either speed (s24-h)."""
+    best = float("inf")
+    for _ in range(3):
+        d: dict = {}
+        t = time.perf_counter()
+        for i in range(turns):
+            d[i & 1023] = d.get(i & 1023, 0) + i
+        best = min(best, (time.perf_counter() - t) / turns * 1e9)
+    return best
 
 
-LAST_RUN: dict = {}  # the last run()'s timed steps: the collector's runs and pauses; the pinned core's speed
+LAST_RUN: dict = {}  # the last run()'s timed steps: the collector's runs and pauses
 
 
 class _GcClock:
@@ -233,7 +243,7 @@ class _GcClock:
 
 @torch.inference_mode()
 def run(model: MoEForCausalLM, B: int, steps: int, graph: bool, prompt_len: int = 32, seed: int = 0,
-        run_ahead: bool = True, bucket: int = 0, on_timing=None, min_kept: float = 0.5, pin: bool = False):
+        run_ahead: bool = True, bucket: int = 0, on_timing=None, min_kept: float = 0.5):
     """Seconds per decode step after a prompt of ``prompt_len`` random tokens, and the first 8 steps' logits.
     ``on_timing()`` is called when the timed steps start (after the prefill and the capture / warm-up steps)."""
     dev = model.device
@@ -252,11 +262,8 @@ def run(model: MoEForCausalLM, B: int, steps: int, graph: bool, prompt_len: int 
     logits = []
     length = prompt_len
     clock = _GcClock()
-    pinner = HostPinner() if pin else None  # the engine's pin_host: this thread kept on a fast core
     try:
         for s in range(steps + 2):
-            if pinner is not None:
-                pinner.check()
             if s == 2:  # the first steps capture / warm up
                 sync(dev)
                 # what earlier runs left for the collector (their graphs: cudaGraphExecDestroy ~0.1 ms each) is
@@ -281,10 +288,7 @@ def run(model: MoEForCausalLM, B: int, steps: int, graph: bool, prompt_len: int 
     finally:
         if clock in gc.callbacks:
             gc.callbacks.remove(clock)
-        if pinner is not None:
-            pinner.release()
-    LAST_RUN.update(collections=clock.n, ms_per_step=clock.seconds / steps * 1e3,
-                    pinned_ns=pinner.best_ns if pinner is not None and pinner.enabled else None)
+    LAST_RUN.update(collections=clock.n, ms_per_step=clock.seconds / steps * 1e3)
     return t, logits
 
 
@@ -396,15 +400,14 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
                 """A variant's figures over the timed decode steps (st: the cache's stats of those steps); with
                 --rounds, those of its fastest round ({label}_all: every round's ms, host ns and the host -> GPU
                 copy rate measured right before it, in order)."""
-                r.setdefault(f"{label}_all", []).append([round(t * 1e3, 3), round(info["pinned_ns"] or host_ns, 1),
+                r.setdefault(f"{label}_all", []).append([round(t * 1e3, 3), round(host_ns, 1),
                                                          round(info.get("h2d_gbs", float("nan")), 1)])
                 if f"{label}_ms" in r and r[f"{label}_ms"] <= t * 1e3:
                     r[f"{label}_rounds"] += 1
                     return False
                 r[f"{label}_rounds"] = r.get(f"{label}_rounds", 0) + 1
                 r[f"{label}_ms"] = t * 1e3
-                # the host's Python speed right before (host_speed_ns), or the pinned core's reading
-                r[f"{label}_host_ns"] = info["pinned_ns"] or host_ns
+                r[f"{label}_host_ns"] = host_ns  # the host's Python speed right before (host_speed_ns)
                 r[f"{label}_gc_ms"] = info["ms_per_step"]  # collector pauses per timed step
                 r[f"{label}_hit"] = st["hit_ratio"]
                 r[f"{label}_mb_per_step"] = st["bytes_copied"] / args.steps / 1e6
@@ -413,7 +416,7 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
                 return True
 
             def run_lookaheads(rnd):
-                for (name, next_ids), pin in itertools.product((lookaheads or {}).items(), pins):
+                for name, next_ids in (lookaheads or {}).items():  # (eager steps on the CPU: a check of the script)
                     from placement.trace_routing import install_trace_lookahead
                     handles, routers = install_trace_lookahead(model, next_ids, E, stride)
                     try:
@@ -421,9 +424,9 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
                             b.experts.set_next_router(router)
                         cache.reset_stats()
                         host_ns, h2d_now = probes()
-                        t, logits = run(model, B, args.steps, graph=cuda, on_timing=cache.reset_stats, pin=pin)
+                        t, logits = run(model, B, args.steps, graph=cuda, on_timing=cache.reset_stats)
                         st, info = cache.stats(), dict(LAST_RUN, h2d_gbs=h2d_now)
-                        if args.profile_steps and S < E and rnd == args.rounds - 1 and not pin:
+                        if args.profile_steps and S < E and rnd == args.rounds - 1:
                             tag = f"{key}_S{S}_B{B}_{args.offload_policy}_{name}"
                             print(profile_offloaded(model, B, args.profile_steps, cuda, Path(args.out), tag), flush=True)
                     finally:
@@ -431,26 +434,24 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
                             b.experts.set_next_router(None)
                         for h in handles:
                             h.remove()
-                    label = f"graph_{name}" + ("_pinned" if pin and args.host_pin == "both" else "")
+                    label = f"graph_{name}"
                     if record(label, t, st, host_ns, info):
                         r[f"{label}_prefetch_precision"] = st["prefetch_precision"]
                         r[f"{label}_prefetch_recall"] = st["prefetch_recall"]
                         r[f"{label}_same_steps"] = steps_before_parting(eager_logits, logits)
-            pins = {"off": (False,), "on": (True,), "both": (False, True)}[args.host_pin]
             probe = torch.empty(64 << 20, dtype=torch.uint8, pin_memory=cuda)
 
             def probes():
                 """The host's Python speed and its copy rate to the GPU, right before a run."""
                 return host_speed_ns(), (copy_bytes_per_s(dev, probe) / 1e9 if cuda else float("nan"))
             for rnd in range(args.rounds):  # rounds interleave every variant (each keeps its fastest round)
-                for (label, graph, ahead, min_kept), pin in itertools.product(variants[:4 if cuda else 1], pins):
-                    if not graph and (rnd or pin):
-                        continue  # eager steps: once, unpinned (their logits are the reference)
+                for label, graph, ahead, min_kept in variants[:4 if cuda else 1]:
+                    if rnd and not graph:
+                        continue  # eager steps: once (their logits are the reference)
                     cache.reset_stats()
                     host_ns, h2d_now = probes()
                     t, logits = run(model, B, args.steps, graph=graph, run_ahead=ahead,
-                                    on_timing=cache.reset_stats, min_kept=min_kept, pin=pin)
-                    label = label + ("_pinned" if pin and args.host_pin == "both" else "")
+                                    on_timing=cache.reset_stats, min_kept=min_kept)
                     record(label, t, cache.stats(), host_ns, dict(LAST_RUN, h2d_gbs=h2d_now))
                     if graph:
                         r[f"{label}_same_steps"] = steps_before_parting(eager_logits, logits)
@@ -500,9 +501,6 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="offloaded rows: run every graph variant this many times, interleaved, and keep each one's "
                          "fastest (the host's speed drifts within a process: host_speed_ns)")
-    ap.add_argument("--host-pin", default="off", choices=("off", "on", "both"),
-                    help="offloaded rows: keep the stepping thread on the fastest core (moe.host.HostPinner, the "
-                         "engine's pin_host); both: every variant unpinned and pinned, interleaved (labels *_pinned)")
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="offloaded rows with fewer slots than experts: this many more steps under torch.profiler "
                          "(graph pieces on a GPU, eager on the CPU; the prefetch rows too), the tables printed and "
@@ -636,16 +634,6 @@ def main(argv=None) -> int:
                       f"{r[g + '_mb_per_step']:8.1f} {r[g + '_copy_floor_ms']:7.2f} "
                       f"{r[g + '_ms'] / r[g + '_copy_floor_ms']:8.2f} {r[g + '_prefetch_precision']:9.2f} "
                       f"{r[g + '_prefetch_recall']:6.2f} {r[g + '_ms'] / r['graph_serial_ms']:9.2f} {r[g + '_host_ns']:6.0f}")
-        pinned = [(r, k[:-len("_pinned_ms")]) for r in off for k in r if k.endswith("_pinned_ms")]
-        if pinned:
-            print(f"\n## the stepping thread pinned to the fastest core (moe.host.HostPinner) or not, interleaved; ms per "
-                  f"step, the fastest of {args.rounds} round(s); py ns: host_speed_ns before that round\n"
-                  f"{'model':28s} {'B':>3s} {'variant':>16s} {'unpinned':>9s} {'py ns':>6s} {'pinned':>8s} {'py ns':>6s} "
-                  f"{'pinned/un':>9s}")
-            for r, v in pinned:
-                a, b = r[f"{v}_ms"], r[f"{v}_pinned_ms"]
-                print(f"{r['model']:28s} {r['B']:3d} {v[len('graph_'):] or 'run-ahead':>16s} {a:9.3f} "
-                      f"{r[v + '_host_ns']:6.0f} {b:8.3f} {r[v + '_pinned_host_ns']:6.0f} {b / a:9.2f}")
     print(f"\n## resident decode, ms per step (tokens/s = B / step); bf16, triton experts\n"
           f"{'model':16s} {'B':>3s} {'prompt':>6s} {'attn':>6s} {'floor':>8s} {'eager':>8s} {'graph':>8s} {'hf':>8s} "
           f"{'eager/graph':>11s} {'hf/graph':>8s} {'graph/floor':>11s} {'tok/s graph':>11s} {'repeat':>6s} {'kernel':>6s}")

@@ -41,7 +41,6 @@ from typing import Iterator, Sequence
 import torch
 
 from .cuda_graph import DecodeGraphs, GraphCaptureError, PiecewiseDecodeGraphs, graph_support, piecewise_support
-from .host import HostPinner
 from .sampling import SamplingParams, sample_tokens
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -97,7 +96,7 @@ class Engine:
     """Continuous-batching generation over one model (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, max_batch_size: int = 8,
-                 max_len: int = 2048, cuda_graph: bool | None = None, pin_host: bool | None = None):
+                 max_len: int = 2048, cuda_graph: bool | None = None):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"Engine max_batch_size={max_batch_size!r} must be an int >= 1")
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
@@ -132,11 +131,6 @@ class Engine:
                 self._graphs = PiecewiseDecodeGraphs(model, self.cache)
             elif cuda_graph:
                 raise ValueError(f"cuda_graph=True but decode steps cannot be captured: {reason}")
-        # the thread that runs the steps kept on a fast core (moe.host): None = when the decode steps are
-        # host-bound, i.e. graph pieces around offloaded experts on a GPU
-        if pin_host is None:
-            pin_host = isinstance(self._graphs, PiecewiseDecodeGraphs) and self.device.type == "cuda"
-        self._pinner = HostPinner() if pin_host else None
         self._ids = itertools.count()
         self._waiting: deque[_Request] = deque()
         self._rows: list[_Request | None] = [None] * max_batch_size
@@ -229,8 +223,6 @@ class Engine:
         running = [r for r in self._rows if r is not None]
         if not running:
             return outputs
-        if self._pinner is not None:
-            self._pinner.check()
         feeds = {r.row: (r.output_ids[-1:] if r.prefilled else r.prompt_ids) for r in running}
         T = max(len(f) for f in feeds.values())
         B = self.max_batch_size
