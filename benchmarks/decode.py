@@ -262,6 +262,7 @@ def run(model: MoEForCausalLM, B: int, steps: int, graph: bool, prompt_len: int 
     logits = []
     length = prompt_len
     clock = _GcClock()
+    marks: list[float] = []  # host time at the start of each timed step (the steps read routing back: near-synchronous)
     try:
         for s in range(steps + 2):
             if s == 2:  # the first steps capture / warm up
@@ -273,6 +274,8 @@ def run(model: MoEForCausalLM, B: int, steps: int, graph: bool, prompt_len: int 
                     on_timing()
                 gc.callbacks.append(clock)
                 t0 = time.perf_counter()
+            if s >= 2:
+                marks.append(time.perf_counter())
             if graph:
                 out = graphs.step(ids, valid, length)
             elif bucket:  # eager with the attention width rounded up as the graphs do (fewer distinct shapes)
@@ -284,11 +287,14 @@ def run(model: MoEForCausalLM, B: int, steps: int, graph: bool, prompt_len: int 
                 logits.append(out[:, -1].float().clone())
             length += 1
         sync(dev)
+        marks.append(time.perf_counter())
         t = (time.perf_counter() - t0) / steps
     finally:
         if clock in gc.callbacks:
             gc.callbacks.remove(clock)
-    LAST_RUN.update(collections=clock.n, ms_per_step=clock.seconds / steps * 1e3)
+    gaps = sorted(b - a for a, b in zip(marks, marks[1:]))
+    LAST_RUN.update(collections=clock.n, ms_per_step=clock.seconds / steps * 1e3,
+                    median_step_ms=gaps[len(gaps) // 2] * 1e3, max_step_ms=gaps[-1] * 1e3)
     return t, logits
 
 
@@ -399,9 +405,11 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
             def record(label, t, st, host_ns, info):
                 """A variant's figures over the timed decode steps (st: the cache's stats of those steps); with
                 --rounds, those of its fastest round ({label}_all: every round's ms, host ns and the host -> GPU
-                copy rate measured right before it, in order)."""
+                copy rate measured right before it, the MB its steps copied, its median and slowest step, in order)."""
                 r.setdefault(f"{label}_all", []).append([round(t * 1e3, 3), round(host_ns, 1),
-                                                         round(info.get("h2d_gbs", float("nan")), 1)])
+                                                         round(info.get("h2d_gbs", float("nan")), 1),
+                                                         round(st["bytes_copied"] / args.steps / 1e6, 1),
+                                                         round(info["median_step_ms"], 3), round(info["max_step_ms"], 3)])
                 if f"{label}_ms" in r and r[f"{label}_ms"] <= t * 1e3:
                     r[f"{label}_rounds"] += 1
                     return False

@@ -425,7 +425,8 @@ def test_decode_benchmark_routes_by_a_recorded_trace_and_prefetches_its_guesses(
     # beside the host's Python speed and the collector's pauses
     assert off["eager_rounds"] == 1 and off["graph_oracle_rounds"] == off["graph_lookahead_rounds"] == 2
     assert off["graph_oracle_host_ns"] > 0 and off["graph_oracle_gc_ms"] >= 0
-    assert len(off["graph_oracle_all"]) == 2  # every round: ms, host ns, copy rate (NaN without a GPU)
+    assert len(off["graph_oracle_all"]) == 2  # every round: ms, host ns, copy rate (NaN without a GPU), MB, median / max step
+    assert all(len(a) == 6 and a[4] <= a[5] for a in off["graph_oracle_all"])
     for name in ("lookahead", "oracle"):
         assert off[f"graph_{name}_prefetch_precision"] == 1.0 and off[f"graph_{name}_prefetch_recall"] > 0
         assert off[f"graph_{name}_hit"] >= off["eager_hit"]
