@@ -109,3 +109,26 @@ def test_gpu_budget_from_fraction_and_calibration():
     cm = m.offload_cache.cost_model
     assert cm.copy_bytes_per_s > 1e8 and cm.cpu_per_token_s > 0  # measured on this machine
     greedy(m, PROMPT, 2)
+
+
+def test_gpu_cache_current_stream_is_torchs_and_waits_land_on_it():
+    """ExpertCache.current_stream() (kept Stream objects keyed by the raw handle) names the stream torch would,
+    on the default stream and inside a side stream's context, and a wait under a side stream is that stream's."""
+    model = tiny_model("mixtral")
+    want = greedy(twin(model).cuda(), PROMPT, 4)
+    m = apply_offload(twin(model), OffloadConfig(device="cuda", calibrate=False, slots_per_layer=2))
+    cache = m.offload_cache
+    side = torch.cuda.Stream()
+    for _ in range(2):  # the second round reads the kept objects
+        assert cache.current_stream().cuda_stream == torch.cuda.current_stream().cuda_stream
+        with torch.cuda.stream(side):
+            assert cache.current_stream().cuda_stream == side.cuda_stream
+            slots = cache.ensure(0, [0, 1], wait=False)
+            cache.wait(0, slots)
+            assert cache._waited[0][slots[0]] == side.cuda_stream
+            cache.release(0, slots)
+    assert len(cache._streams) == 2
+    torch.cuda.synchronize()
+    got = greedy(m, PROMPT, 4)  # and offloaded decoding through it still equals resident
+    assert got[0] == want[0]
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
