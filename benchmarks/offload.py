@@ -58,7 +58,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from offload import (CostModel, HostExpertStore, OffloadConfig, PackedHostExpertStore, TransitionPredictor,  # noqa: E402
-                     oracle_bound, route_by_trace, simulate)
+                     oracle_bound, route_by_trace, shared_pool_belady, simulate)
 from offload.apply import host_available_bytes, install  # noqa: E402
 
 SHAPES = {
@@ -320,6 +320,9 @@ def run_model(key, args, device, dtype):
         sim = simulate(trace, "lru", S, **sim_kw)
         print(f"  {'':>7} {'':>5} (time model of lru: {sim['time_s'] / args.tokens * 1e3 * scale:.2f} ms/tok, "
               f"hit {100 * sim['hit_ratio']:.1f}%)")
+        shared = shared_pool_belady(trace, S * L, warmup_steps=args.warmup)  # the same slots in one pool
+        print(f"  {'':>7} {'':>5} (Belady with the {S * L} slots shared by all layers, not {S} a layer: hit "
+              f"{100 * shared['hit_ratio']:.1f}% against the oracle's {100 * bound['hit_ratio']:.1f}%)")
     # expert slices (offload/slices.py): the same bytes per layer in G-times more, G-times smaller
     # slots; with the CPU path one missed expert is shared between a copy and the CPU. The store is
     # regrouped in place (one layer at a time), so these rows run last.

@@ -11,11 +11,11 @@ from .config import OffloadConfig, parse_bytes
 from .cost_model import CostModel
 from .policies import BeladyPolicy, LFUPolicy, LRUPolicy, Policy, PredictorPolicy, make_policy
 from .prefetch import CopyBudget, Lookahead, TransitionPredictor
-from .simulator import oracle_bound, simulate
+from .simulator import oracle_bound, shared_pool_belady, simulate
 from .store import DiskExpertStore, HostExpertStore, PackedHostExpertStore
 from .tiered import TieredExperts, TierRuntime, TierRuntimeConfig, apply_cpu_tier
 
 __all__ = ["OffloadConfig", "apply_offload", "install", "kv_cache_bytes", "OffloadedExperts", "plan_slots", "route_by_trace", "ExpertCache",
            "parse_bytes", "CostModel", "Policy", "LRUPolicy", "LFUPolicy", "PredictorPolicy", "BeladyPolicy",
-           "make_policy", "CopyBudget", "Lookahead", "TransitionPredictor", "simulate", "oracle_bound", "HostExpertStore", "PackedHostExpertStore",
+           "make_policy", "CopyBudget", "Lookahead", "TransitionPredictor", "simulate", "oracle_bound", "shared_pool_belady", "HostExpertStore", "PackedHostExpertStore",
            "DiskExpertStore", "TieredExperts", "TierRuntime", "TierRuntimeConfig", "apply_cpu_tier"]

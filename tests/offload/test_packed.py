@@ -151,9 +151,10 @@ def test_the_arena_keeps_host_memory_near_the_packed_bytes():
     assert store.nbytes() <= store.host_bytes() < store.nbytes() * 1.1 + store.arena.chunk_bytes
 
 
-def test_the_offload_benchmark_has_packed_rows(tmp_path):
+def test_the_offload_benchmark_has_packed_rows(tmp_path, capsys):
     """benchmarks/offload.py --packed (on by default; bfloat16 runs): lru and lfu rows over packed experts,
-    the same hits as the unpacked lru / lfu rows and ~3/4 of their bytes."""
+    the same hits as the unpacked lru / lfu rows and ~3/4 of their bytes; and beside the oracle, Belady's
+    hits with the same slots in one pool shared by all layers."""
     import json
 
     from tests.conftest import load_benchmark
@@ -170,3 +171,6 @@ def test_the_offload_benchmark_has_packed_rows(tmp_path):
     assert packed_bound["hit_ratio"] == bound["hit_ratio"]
     assert 0.74 < packed_bound["mb_copied_per_token"] / bound["mb_copied_per_token"] < 0.8
     assert packed_bound["ms_per_token"] <= bound["ms_per_token"]
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "shared by all layers" in ln)
+    shared = float(line.split("hit ")[1].split("%")[0])
+    assert shared >= 100 * bound["hit_ratio"] - 0.05  # one pool can do all that fixed pools do

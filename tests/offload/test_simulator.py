@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from offload import CostModel, OffloadConfig, TransitionPredictor, apply_offload, oracle_bound, route_by_trace, simulate
+from offload import (CostModel, OffloadConfig, TransitionPredictor, apply_offload, oracle_bound, route_by_trace,
+                     shared_pool_belady, simulate)
 from routing import RoutingTrace
 from routing.synthetic import synthesize
 
@@ -85,6 +86,38 @@ def test_belady_beats_lru_and_lfu(C):
     assert bel >= simulate(tr, "lru", C)["hit_ratio"]
     assert bel >= simulate(tr, "lfu", C)["hit_ratio"]
     assert oracle_bound(tr, C, cost=CostModel(1e9, 0.0, 1e-3), expert_bytes=10**6)["hit_ratio"] == pytest.approx(bel)
+
+
+def test_shared_pool_belady_is_optimal_and_never_below_per_layer_pools():
+    """One pool for all layers: Belady over the interleaved accesses (optimal: brute force on a top-1 trace),
+    never fewer hits than per-layer Belady with the same slots, equal to it with one layer."""
+    rng = np.random.default_rng(7)
+    ids = rng.integers(0, 3, size=(2, 7, 1))  # 2 layers, 7 tokens, top-1: 14 accesses
+    tr = RoutingTrace(ids, num_experts=3)
+    keys = [(layer, int(ids[layer, t, 0])) for t in range(7) for layer in range(2)]
+    assert shared_pool_belady(tr, 3)["misses"] == _opt_misses(keys, 3)
+    one = RoutingTrace(rng.integers(0, 5, size=(1, 30, 1)), num_experts=5)
+    assert shared_pool_belady(one, 2)["misses"] == simulate(one, "belady", 2)["misses"]
+    for C in (2, 4):
+        syn = _trace(T=60, seed=20 + C)
+        shared = shared_pool_belady(syn, C * syn.num_layers, warmup_steps=5)
+        per = oracle_bound(syn, C, cost=CostModel(1e9, 0.0, 1e-3), expert_bytes=1, warmup_steps=5)
+        assert shared["hit_ratio"] >= per["hit_ratio"] - 1e-12
+        assert sum(shared["slots_per_layer"]) <= C * syn.num_layers + 1e-9
+
+
+def test_shared_pool_lets_a_layer_with_more_experts_in_use_keep_them():
+    """Layer 0 always routes to expert 0, layer 1 cycles through 3 experts: with 2 slots a layer, layer 1
+    misses every time after the first round's luck runs out; one shared pool of 4 gives it 3 slots."""
+    ids = np.zeros((2, 30, 1), dtype=np.int64)
+    ids[1, :, 0] = np.arange(30) % 3
+    tr = RoutingTrace(ids, num_experts=3)
+    shared = shared_pool_belady(tr, 4, warmup_steps=3)
+    assert shared["hit_ratio"] == 1.0 and shared["slots_per_layer"] == pytest.approx([1.0, 3.0])
+    per = oracle_bound(tr, 2, cost=CostModel(1e9, 0.0, 1e-3), expert_bytes=1, warmup_steps=3)
+    assert per["hit_ratio"] < 0.8
+    with pytest.raises(ValueError, match="cannot hold one layer's 2 experts"):
+        shared_pool_belady(RoutingTrace(np.array([[[0, 1]]]), num_experts=2), 1)
 
 
 def test_simulator_equals_live_cache():
