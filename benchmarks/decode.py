@@ -47,6 +47,8 @@ beside the trace's own next layer as the guess (graph_oracle, the bound of one-a
 trace routing adds it). The pieces start beside those copies (copies still running are left out of the
 speculation, offload.apply.prepare_speculation). A random-weight model of a published size thus meets a
 trained model's routing and prediction quality; the trace's models are small (routing/record.py).
+--offload-policy lru,lfu: one cache whose deciding policy is switched between rounds (every policy sees every
+routing and use, SwitchPolicy), a row each, so policies compare in one process.
 --rounds N: every graph variant and prefetch row of the offloaded rows runs N times, interleaved, and keeps its
 fastest round; each round also records (`*_all`) its ms per step, the host's Python speed (host_speed_ns) and the
 host -> GPU copy rate probed right before it. On the H200 machine one 16-step round of the same variant spread
@@ -64,6 +66,7 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
+import itertools
 import json
 import os
 import sys
@@ -348,6 +351,36 @@ def profile_offloaded(model: MoEForCausalLM, B: int, steps: int, graph: bool, ou
     return text
 
 
+class SwitchPolicy:
+    """Several eviction policies over one cache, one deciding at a time (``active``): every policy sees
+    every routing, use and eviction, so each keeps the statistics it would keep alone, and rounds of
+    different policies interleave in one process (--offload-policy lru,lfu)."""
+    name = "switch"
+
+    def __init__(self, policies: dict):
+        self.policies = policies
+        self.active = next(iter(policies))
+
+    def bind(self, num_layers, num_experts):
+        for p in self.policies.values():
+            p.bind(num_layers, num_experts)
+
+    def observe(self, layer, step, ids_NK):
+        for p in self.policies.values():
+            p.observe(layer, step, ids_NK)
+
+    def touch(self, layer, expert, clock):
+        for p in self.policies.values():
+            p.touch(layer, expert, clock)
+
+    def evicted(self, layer, expert):
+        for p in self.policies.values():
+            p.evicted(layer, expert)
+
+    def victim(self, layer, candidates, step):
+        return self.policies[self.active].victim(layer, candidates, step)
+
+
 def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: dict | None = None,
                   stride: int = 0) -> list[dict]:
     """The same steps with the experts in pinned host memory and S slots per layer on the GPU (an LRU
@@ -360,6 +393,7 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
     runs), as ``graph_<name>_ms``."""
     from offload import HostExpertStore, OffloadConfig, PackedHostExpertStore
     from offload.apply import install
+    from offload.policies import make_policy
     dev = model.device
     batches = [int(b) for b in args.batch.split(",")]
     floors = {B: floor_bytes(model, B, 32 + args.steps) / bw * 1e3 for B in batches}  # with the experts resident
@@ -387,17 +421,25 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
     rows = []
     for S in [int(v) for v in args.offload_slots.split(",")]:
         # prefetch_k = top-k: the guesses rows prefetch as many guesses as each holds (--lookahead-k)
-        ocfg = OffloadConfig(slots_per_layer=S, device=str(dev), calibrate=False, policy=args.offload_policy,
-                             lfu_half_life=args.lfu_half_life, prefetch_k=K)
+        policies = args.offload_policy.split(",")
+        cfgs = {p: OffloadConfig(slots_per_layer=S, device=str(dev), calibrate=False, policy=p,
+                                 lfu_half_life=args.lfu_half_life if p == "lfu" else None, prefetch_k=K)
+                for p in policies}
+        ocfg = cfgs[policies[0]]
         cache = install(blocks, store, ocfg, device=dev, top_k=K, slots=S, backend="triton" if cuda else "torch")
+        switch = SwitchPolicy({p: make_policy(p, lfu_half_life=c.lfu_half_life) for p, c in cfgs.items()})
+        switch.bind(cache.num_layers, cache.num_experts)
+        cache.policy = switch  # one cache; the policy that decides is switched between rounds
         if S >= E:
             for layer in range(len(blocks)):
                 cache.prefetch(layer, list(range(E)))
         for B in batches:
-            pol = args.offload_policy + (f"-hl{ocfg.lfu_steps():g}" if ocfg.lfu_steps() else "")
             name = f"{MODELS[key][0]} offloaded {S}/{E}" + (" packed" if args.pack_experts else "")
-            r = dict(model=name, B=B, layers=len(model.layers), floor_ms=floors[B], policy=pol,
-                     routing="rec" if args.trace else "trace" if args.trace_routing else "model", h2d_gbs=h2d / 1e9)
+            by_policy = {p: dict(model=name, B=B, layers=len(model.layers), floor_ms=floors[B],
+                                 policy=p + (f"-hl{c.lfu_steps():g}" if c.lfu_steps() else ""),
+                                 routing="rec" if args.trace else "trace" if args.trace_routing else "model",
+                                 h2d_gbs=h2d / 1e9) for p, c in cfgs.items()}
+            r = by_policy[policies[0]]  # the row being filled (record() and run_lookaheads() write into it)
             # graph: run-ahead where a layer's speculations are mostly kept (the default); always: at every layer
             variants = (("eager", False, True, 0.5), ("graph", True, True, 0.5), ("graph_serial", True, False, 0.5),
                         ("graph_always", True, True, 0.0))
@@ -435,7 +477,7 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
                         t, logits = run(model, B, args.steps, graph=cuda, on_timing=cache.reset_stats)
                         st, info = cache.stats(), dict(LAST_RUN, h2d_gbs=h2d_now)
                         if args.profile_steps and S < E and rnd == args.rounds - 1:
-                            tag = f"{key}_S{S}_B{B}_{args.offload_policy}_{name}"
+                            tag = f"{key}_S{S}_B{B}_{switch.active}_{name}"
                             print(profile_offloaded(model, B, args.profile_steps, cuda, Path(args.out), tag), flush=True)
                     finally:
                         for b in blocks:
@@ -452,7 +494,8 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
             def probes():
                 """The host's Python speed and its copy rate to the GPU, right before a run."""
                 return host_speed_ns(), (copy_bytes_per_s(dev, probe) / 1e9 if cuda else float("nan"))
-            for rnd in range(args.rounds):  # rounds interleave every variant (each keeps its fastest round)
+            for rnd, pol in itertools.product(range(args.rounds), policies):  # rounds interleave variants and policies
+                switch.active, r = pol, by_policy[pol]
                 for label, graph, ahead, min_kept in variants[:4 if cuda else 1]:
                     if rnd and not graph:
                         continue  # eager steps: once (their logits are the reference)
@@ -466,11 +509,13 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
                     else:
                         eager_logits = logits
                 run_lookaheads(rnd)
-            rows.append(r)
-            print(json.dumps(r), flush=True)
-            if args.profile_steps and S < E:  # where the misses are
-                tag = f"{key}_S{S}_B{B}_{args.offload_policy}"
-                print(profile_offloaded(model, B, args.profile_steps, cuda, Path(args.out), tag), flush=True)
+            for pol in policies:
+                rows.append(by_policy[pol])
+                print(json.dumps(by_policy[pol]), flush=True)
+                if args.profile_steps and S < E:  # where the misses are
+                    switch.active = pol
+                    tag = f"{key}_S{S}_B{B}_{pol}"
+                    print(profile_offloaded(model, B, args.profile_steps, cuda, Path(args.out), tag), flush=True)
         del cache
     return rows
 
@@ -499,7 +544,9 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-attention", default="triton",
                     help="comma list of triton,sdpa: how decode steps attend (moe.attention.DECODE_ATTENTION)")
     ap.add_argument("--prompt-len", default="32", help="comma list of prompt lengths (the context decoded over)")
-    ap.add_argument("--offload-policy", default="lru", choices=("lru", "lfu"), help="eviction of --offload-slots")
+    ap.add_argument("--offload-policy", default="lru",
+                    help="eviction of --offload-slots: lru or lfu, or a comma list (one cache; the policy that "
+                         "decides is switched between rounds, a row each)")
     ap.add_argument("--pack-experts", action="store_true",
                     help="offloaded rows: keep the experts packed to 12 bits a weight in host memory, decoded on the "
                          "device after each copy (OffloadConfig.pack_experts; bfloat16)")
@@ -535,7 +582,10 @@ def main(argv=None) -> int:
         ap.error("--lookahead holds guesses for the tokens of a recorded trace: give that trace with --trace")
     if args.lookahead_k and not args.lookahead:
         ap.error("--lookahead-k picks among the guesses of --lookahead: give the guesses file")
-    if args.lfu_half_life is not None and args.offload_policy != "lfu":
+    pols = args.offload_policy.split(",")
+    if not pols or any(p not in ("lru", "lfu") for p in pols) or len(set(pols)) != len(pols):
+        ap.error(f"--offload-policy {args.offload_policy!r}: give lru, lfu or both, comma-separated, each once")
+    if args.lfu_half_life is not None and "lfu" not in pols:
         ap.error("--lfu-half-life applies to --offload-policy lfu")
     dev = torch.device(args.device)
     bw = measure_bandwidth(dev)

@@ -388,6 +388,15 @@ def test_decode_benchmark_routes_by_a_synthetic_trace_row_by_row(tmp_path, capsy
     # --profile-steps: the host-side parts of an offloaded layer, labelled, in the profile's table
     prof = (tmp_path / "profile_tiny_S4_B2_lfu.txt").read_text()
     assert "moeflow.OffloadedExperts.forward" in prof and "moeflow.ExpertCache.ensure" in prof
+    # --offload-policy lru,lfu: one cache, the deciding policy switched between rounds, a row each
+    both = tmp_path / "both"
+    assert mod.main(["--models", "tiny", "--device", "cpu", "--batch", "2", "--steps", "4", "--out", str(both),
+                     "--prompt-len", "8", "--trace-routing", "--offload-slots", "4", "--offload-policy", "lru,lfu",
+                     "--rounds", "2"]) == 0
+    brows = [json.loads(line) for line in (both / "decode_results.jsonl").read_text().splitlines() if '"policy"' in line]
+    assert [r["policy"] for r in brows] == ["lru", "lfu-hl23"] and all(r["eager_rounds"] == 1 for r in brows)
+    with pytest.raises(SystemExit):
+        mod.main(["--models", "tiny", "--device", "cpu", "--offload-slots", "4", "--offload-policy", "lru,belady"])
     # --pack-experts: the same routing, the bytes of packed experts (bfloat16 on the CPU too)
     packed = tmp_path / "packed"
     assert mod.main(["--models", "tiny", "--device", "cpu", "--batch", "2", "--steps", "4", "--out", str(packed),
@@ -397,6 +406,33 @@ def test_decode_benchmark_routes_by_a_synthetic_trace_row_by_row(tmp_path, capsy
     assert prow[0]["model"].endswith(" packed") and prow[0]["eager_hit"] == off[0]["eager_hit"]
     bf16_mb = off[0]["eager_mb_per_step"] / 2  # the same copies of float32 experts, at 2 bytes a weight
     assert 0.74 * bf16_mb < prow[0]["eager_mb_per_step"] < 0.8 * bf16_mb  # 1.5 bytes a weight, aligned parts
+
+
+def test_decode_benchmarks_policy_switch_decides_as_each_policy_alone():
+    """decode.py's SwitchPolicy: every policy sees every routing and use, so the one deciding picks the victim
+    that policy would pick had it run alone over the same calls."""
+    from offload.policies import make_policy
+    mod = load_benchmark("decode")
+    sw = mod.SwitchPolicy({"lru": make_policy("lru"), "lfu": make_policy("lfu")})
+    alone = {"lru": make_policy("lru"), "lfu": make_policy("lfu")}
+    for pol in [sw, *alone.values()]:
+        pol.bind(2, 6)
+    rng = np.random.default_rng(0)
+    clock = differ = 0
+    for step in range(40):
+        ids = rng.choice(6, size=(1, 2), replace=False, p=[0.4, 0.3, 0.1, 0.1, 0.05, 0.05])
+        for pol in [sw, *alone.values()]:
+            pol.observe(0, step, ids)
+        for e in ids[0]:
+            clock += 1
+            for pol in [sw, *alone.values()]:
+                pol.touch(0, int(e), clock)
+        cands = [e for e in range(6) if e not in ids[0]]
+        for name in ("lru", "lfu"):
+            sw.active = name
+            assert sw.victim(0, cands, step) == alone[name].victim(0, cands, step)
+        differ += alone["lru"].victim(0, cands, step) != alone["lfu"].victim(0, cands, step)
+    assert differ > 5  # the two policies do disagree here, so the switch is what picked
 
 
 def test_decode_benchmark_routes_by_a_recorded_trace_and_prefetches_its_guesses(tmp_path):
