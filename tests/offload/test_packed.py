@@ -160,8 +160,12 @@ def test_the_offload_benchmark_has_packed_rows(tmp_path, capsys):
     from tests.conftest import load_benchmark
     mod = load_benchmark("offload")
     out = tmp_path / "rows.json"
-    mod.main(["--smoke", "--dtype", "bfloat16", "--budgets", "0.25", "--slices", "", "--json", str(out)])
+    mod.main(["--smoke", "--dtype", "bfloat16", "--budgets", "0.25", "--slices", "", "--json", str(out), "--rounds", "2"])
     rows = {r["config"]: r for r in json.loads(out.read_text())}
+    # --rounds 2: each cached row ran twice, taking turns with the others, and kept the faster
+    assert all(len(rows[n]["rounds_ms"]) == 2 and rows[n]["ms_per_token"] == min(rows[n]["rounds_ms"])
+               for n in ("lru", "lfu", "cpu", "lru packed", "lfu packed"))
+    assert "rounds_ms" not in rows["oracle bound"]
     for name in ("lru", "lfu"):
         plain, packed = rows[name], rows[f"{name} packed"]
         assert packed["hit_ratio"] == plain["hit_ratio"]
