@@ -411,7 +411,8 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
     from offload.cost_model import copy_bytes_per_s
     # back-to-back copies of a 64 MiB buffer and of one expert's w13 straight from the store's pinned memory;
     # the floor takes the faster (a floor)
-    h2d_64m = copy_bytes_per_s(dev, torch.empty(64 << 20, dtype=torch.uint8)) if cuda else float("nan")
+    probe = torch.empty(64 << 20, dtype=torch.uint8, pin_memory=cuda)  # (also probed before every round below)
+    h2d_64m = copy_bytes_per_s(dev, probe) if cuda else float("nan")
     one = store.packed(0, 0)[0] if args.pack_experts else store.get(0, 0)[0]  # a packed expert, or one w13
     h2d_expert = copy_bytes_per_s(dev, one) if cuda else float("nan")
     h2d = max(h2d_64m, h2d_expert)
@@ -427,9 +428,14 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
                 for p in policies}
         ocfg = cfgs[policies[0]]
         cache = install(blocks, store, ocfg, device=dev, top_k=K, slots=S, backend="triton" if cuda else "torch")
-        switch = SwitchPolicy({p: make_policy(p, lfu_half_life=c.lfu_half_life) for p, c in cfgs.items()})
-        switch.bind(cache.num_layers, cache.num_experts)
-        cache.policy = switch  # one cache; the policy that decides is switched between rounds
+        # the installed policy decides alone, or, with several, a switch between rounds (its loops cost host time
+        # in the timed steps: only where there is something to switch)
+        switch = SwitchPolicy({policies[0]: cache.policy,
+                               **{p: make_policy(p, lfu_half_life=cfgs[p].lfu_half_life) for p in policies[1:]}})
+        for p in policies[1:]:
+            switch.policies[p].bind(cache.num_layers, cache.num_experts)
+        if len(policies) > 1:
+            cache.policy = switch
         if S >= E:
             for layer in range(len(blocks)):
                 cache.prefetch(layer, list(range(E)))
@@ -489,7 +495,6 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
                         r[f"{label}_prefetch_precision"] = st["prefetch_precision"]
                         r[f"{label}_prefetch_recall"] = st["prefetch_recall"]
                         r[f"{label}_same_steps"] = steps_before_parting(eager_logits, logits)
-            probe = torch.empty(64 << 20, dtype=torch.uint8, pin_memory=cuda)
 
             def probes():
                 """The host's Python speed and its copy rate to the GPU, right before a run."""
