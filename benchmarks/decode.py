@@ -420,6 +420,11 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
     print(f"host -> GPU copies: {h2d_64m / 1e9:.1f} GB/s (pinned, 64 MiB), {h2d_expert / 1e9:.1f} GB/s (one expert's "
           f"{what} from the store, {one.numel() * one.element_size() / 1e6:.1f} MB)", flush=True)
     rows = []
+    drivers = args.offload_driver.split(",")
+    if "device" in drivers:
+        rows += run_device_driven(model, key, args, store, floors, h2d, probe)
+    if "host" not in drivers:
+        return rows
     for S in [int(v) for v in args.offload_slots.split(",")]:
         # prefetch_k = top-k: the guesses rows prefetch as many guesses as each holds (--lookahead-k)
         policies = args.offload_policy.split(",")
@@ -525,6 +530,70 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
     return rows
 
 
+def run_device_driven(model: MoEForCausalLM, key: str, args, store, floors: dict, h2d: float, probe) -> list[dict]:
+    """The offloaded rows with OffloadConfig(driver='device') (offload/device_cache.py): the GPU plans hits,
+    misses and victims itself and reads missed experts from the pinned store with a kernel; no host sync, so
+    a decode step is one CUDA graph (DecodeGraphs). One cache per policy over the same store, each kept
+    warm across rounds (its blocks' experts swapped in for its rounds); eager steps once, graph steps every
+    round, each policy keeping its fastest (device_graph_all: every round's ms, host ns, copy rate, MB)."""
+    from offload import OffloadConfig
+    from offload.apply import install
+    from offload.cost_model import copy_bytes_per_s
+    dev = model.device
+    cuda = dev.type == "cuda"
+    blocks = model.moe_blocks()
+    E, K = model.config.num_experts, model.config.num_experts_per_tok
+    rows = []
+    for S in [int(v) for v in args.offload_slots.split(",")]:
+        policies = args.offload_policy.split(",")
+        caches, mods = {}, {}
+        for p in policies:
+            cfg = OffloadConfig(slots_per_layer=S, device=str(dev), calibrate=False, policy=p, driver="device",
+                                lfu_half_life=args.lfu_half_life if p == "lfu" else None)
+            caches[p] = install(blocks, store, cfg, device=dev, top_k=K, slots=S, backend="triton" if cuda else "torch")
+            mods[p] = [b.experts for b in blocks]
+        for B in [int(b) for b in args.batch.split(",")]:
+            by_policy = {p: dict(model=f"{MODELS[key][0]} offloaded {S}/{E} device", B=B, layers=len(model.layers),
+                                 floor_ms=floors[B], driver="device",
+                                 policy=p + (f"-hl{caches[p].lfu_half_life:g}" if caches[p].lfu_half_life else ""),
+                                 routing="rec" if args.trace else "trace" if args.trace_routing else "model",
+                                 h2d_gbs=h2d / 1e9) for p in policies}
+            for rnd, p in itertools.product(range(args.rounds), policies):
+                for b, m in zip(blocks, mods[p]):
+                    b.experts = m
+                cache, r = caches[p], by_policy[p]
+                for label, graph in (("device_eager", False), ("device_graph", True))[0 if rnd == 0 else 1:]:
+                    if graph and not cuda:
+                        continue
+                    host_ns = host_speed_ns()
+                    h2d_now = copy_bytes_per_s(dev, probe) / 1e9 if cuda else float("nan")
+                    cache.reset_stats()
+                    t, logits = run(model, B, args.steps, graph=graph, on_timing=cache.reset_stats)
+                    st, info = cache.stats(), LAST_RUN
+                    mb = st["bytes_copied"] / args.steps / 1e6
+                    r.setdefault(f"{label}_all", []).append([round(t * 1e3, 3), round(host_ns, 1), round(h2d_now, 1),
+                                                             round(mb, 1), round(info["median_step_ms"], 3),
+                                                             round(info["max_step_ms"], 3)])
+                    if f"{label}_ms" not in r or t * 1e3 < r[f"{label}_ms"]:
+                        r.update({f"{label}_ms": t * 1e3, f"{label}_hit": st["hit_ratio"], f"{label}_mb_per_step": mb,
+                                  f"{label}_host_ns": host_ns,
+                                  f"{label}_copy_floor_ms": floors[B] + mb * 1e6 / h2d * 1e3})
+                    if graph:
+                        r["device_graph_same_steps"] = steps_before_parting(r["_eager_logits"], logits)
+                    else:
+                        r["_eager_logits"] = logits
+            for p in policies:
+                by_policy[p].pop("_eager_logits", None)
+                rows.append(by_policy[p])
+                print(json.dumps(by_policy[p]), flush=True)
+        for b in blocks:
+            b.experts = None
+        del caches, mods
+        if cuda:
+            torch.cuda.empty_cache()
+    return rows
+
+
 def measure_bandwidth(dev) -> float:
     if dev.type != "cuda":
         return float("nan")
@@ -558,6 +627,10 @@ def main(argv=None) -> int:
     ap.add_argument("--lfu-half-life", type=float, default=None,
                     help="with --offload-policy lfu: use counts halve over this many steps (default 23, "
                          "OffloadConfig's; inf: counted over the whole run)")
+    ap.add_argument("--offload-driver", default="host",
+                    help="offloaded rows: 'host' (the routing read back at every layer, copies by the copy engine, "
+                         "graph pieces), 'device' (OffloadConfig(driver='device'): the GPU decides and reads missed "
+                         "experts from host memory itself, one CUDA graph a step) or both, comma-separated")
     ap.add_argument("--rounds", type=int, default=1,
                     help="offloaded rows: run every graph variant this many times, interleaved, and keep each one's "
                          "fastest (the host's speed drifts within a process: host_speed_ns)")
@@ -590,6 +663,12 @@ def main(argv=None) -> int:
     pols = args.offload_policy.split(",")
     if not pols or any(p not in ("lru", "lfu") for p in pols) or len(set(pols)) != len(pols):
         ap.error(f"--offload-policy {args.offload_policy!r}: give lru, lfu or both, comma-separated, each once")
+    drv = args.offload_driver.split(",")
+    if not drv or any(d not in ("host", "device") for d in drv) or len(set(drv)) != len(drv):
+        ap.error(f"--offload-driver {args.offload_driver!r}: give host, device or both, comma-separated")
+    if "device" in drv and args.pack_experts:
+        ap.error("--offload-driver device reads the experts unpacked (offload/device_cache.py): drop --pack-experts "
+                 "or use --offload-driver host")
     if args.lfu_half_life is not None and "lfu" not in pols:
         ap.error("--lfu-half-life applies to --offload-policy lfu")
     dev = torch.device(args.device)
@@ -697,6 +776,18 @@ def main(argv=None) -> int:
                       f"{r[g + '_mb_per_step']:8.1f} {r[g + '_copy_floor_ms']:7.2f} "
                       f"{r[g + '_ms'] / r[g + '_copy_floor_ms']:8.2f} {r[g + '_prefetch_precision']:9.2f} "
                       f"{r[g + '_prefetch_recall']:6.2f} {r[g + '_ms'] / r['graph_serial_ms']:9.2f} {r[g + '_host_ns']:6.0f}")
+    dd = [r for r in rows if r.get("driver") == "device"]
+    if dd:
+        print(f"\n## offloaded decode decided on the device (driver='device': one CUDA graph a step, misses read from "
+              f"host memory by a kernel)\n{'model':34s} {'B':>3s} {'policy':>8s} {'routing':>7s} {'eager':>8s} "
+              f"{'graph':>8s} {'hit':>5s} {'MB/step':>8s} {'floor':>7s} {'graph/floor':>11s} {'py ns':>6s}")
+        for r in dd:
+            g = r.get("device_graph_ms", float("nan"))
+            fl = r.get("device_graph_copy_floor_ms", r["device_eager_copy_floor_ms"])
+            print(f"{r['model']:34s} {r['B']:3d} {r['policy']:>8s} {r['routing']:>7s} {r['device_eager_ms']:8.3f} "
+                  f"{g:8.3f} {r.get('device_graph_hit', r['device_eager_hit']):5.2f} "
+                  f"{r.get('device_graph_mb_per_step', r['device_eager_mb_per_step']):8.1f} {fl:7.2f} {g / fl:11.2f} "
+                  f"{r.get('device_graph_host_ns', float('nan')):6.0f}")
     print(f"\n## resident decode, ms per step (tokens/s = B / step); bf16, triton experts\n"
           f"{'model':16s} {'B':>3s} {'prompt':>6s} {'attn':>6s} {'floor':>8s} {'eager':>8s} {'graph':>8s} {'hf':>8s} "
           f"{'eager/graph':>11s} {'hf/graph':>8s} {'graph/floor':>11s} {'tok/s graph':>11s} {'repeat':>6s} {'kernel':>6s}")

@@ -53,6 +53,11 @@ def graph_support(model: torch.nn.Module) -> str | None:
     blocks = model.moe_blocks() if hasattr(model, "moe_blocks") else []
     for block in blocks:
         experts = block.experts
+        if getattr(experts, "capturable", False):  # experts that decide on the device (offload driver='device')
+            if experts.backend != "triton":
+                return (f"MoE layer {block.layer_idx} uses expert backend {experts.backend!r}; only 'triton' runs "
+                        "without host syncs (model.set_backend('triton'))")
+            continue
         if type(experts) is not Experts:
             return (f"MoE layer {block.layer_idx} runs {type(experts).__name__} (offloaded, tiered or expert-parallel "
                     "experts decide on the host); only resident experts can be captured")

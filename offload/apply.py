@@ -33,6 +33,7 @@ from .cache import STAGES, ExpertCache
 from .config import PACK_AUTO_FROM, OffloadConfig, parse_bytes
 from .cost_model import CostModel
 from .cpu_compute import cpu_experts
+from .device_cache import DeviceExpertCache, DeviceOffloadedExperts
 from .policies import count_ids, make_policy
 from .prefetch import CopyBudget, Lookahead, ProbeRouter, default_threshold, guess_count, guessed_experts
 from .slices import check_slices, expand_ids, expand_weights, unit_trace, units_of
@@ -374,6 +375,8 @@ def resolve_pack(cfg: OffloadConfig, *, expert_dtype: torch.dtype, expert_bytes:
     without cpu_fallback (where packing measured a win: BENCHMARKS 3n)."""
     if cfg.pack_experts != "auto":
         return bool(cfg.pack_experts)
+    if cfg.driver == "device":  # the GPU reads its experts from the store as they are (offload/device_cache.py)
+        return False
     return (device.type == "cuda" and expert_dtype == torch.bfloat16 and expert_bytes >= PACK_AUTO_FROM
             and not cfg.pack_clashes(use_disk))
 
@@ -397,7 +400,7 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
     blocks = list(model.moe_blocks())
     if not blocks:
         raise ValueError("the model has no MoE blocks to offload")
-    if any(isinstance(b.experts, OffloadedExperts) for b in blocks):
+    if any(isinstance(b.experts, (OffloadedExperts, DeviceOffloadedExperts)) for b in blocks):
         raise ValueError("the model is already offloaded; apply_offload once")
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -458,6 +461,8 @@ def install(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: torch.dev
     `cost`: a calibrated CostModel to reuse; else calibrated here (cpu_fallback) or from cfg's rates.
     The store's slices (store.slices) must be cfg.expert_slices; slots and the cost model count units.
     """
+    if cfg.driver == "device":
+        return _install_device(blocks, store, cfg, device=device, top_k=top_k, slots=slots, backend=backend)
     G = store.slices
     if G != cfg.expert_slices:
         raise ValueError(f"the store holds experts in {G} slices but the config asks expert_slices="
@@ -497,6 +502,18 @@ def install(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: torch.dev
         b.experts = OffloadedExperts(i, cache, top_k, backend=backend, cost_model=cost, cpu_fallback=cfg.cpu_fallback,
                                      next_router=nxt, lookahead=lookahead, predictor_prefetch=cfg.prefetch == "predictor",
                                      prefetch_k=cfg.prefetch_k, miss_split=cfg.miss_split, copy_budget=budget)
+    return cache
+
+
+def _install_device(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: torch.device, top_k: int, slots: int,
+                    backend: str) -> DeviceExpertCache:
+    """install() for driver='device': one DeviceExpertCache, a DeviceOffloadedExperts in each block."""
+    if not isinstance(store, HostExpertStore):
+        raise ValueError(f"driver='device' reads whole experts from host memory (HostExpertStore), got a "
+                         f"{type(store).__name__}: use driver='host' for packed or disk stores")
+    cache = DeviceExpertCache(store, slots, cfg.policy, device, lfu_half_life=cfg.lfu_half_life)
+    for i, b in enumerate(blocks):
+        b.experts = DeviceOffloadedExperts(i, cache, top_k, backend=backend)
     return cache
 
 

@@ -58,6 +58,11 @@ class OffloadConfig:
     miss_split       how cpu_fallback shares a step's misses: 'reuse' (CPU time weighted by
                      1 + the cache's hit ratio: a unit computed on the CPU stays a miss next time)
                      or 'makespan' (copy engine and CPU simply finish together)
+    driver           who decides hits, misses and evictions: 'host' (the default: the routing read back
+                     at every layer, copies by the copy engine, every policy and prefetch) or 'device'
+                     (offload/device_cache.py: the GPU plans, reads missed experts from pinned host
+                     memory itself and computes, no host sync, a decode step is one CUDA graph;
+                     policies lru / lfu, whole bfloat16 / float experts in host memory, nothing else)
     pack_experts     keep the experts in host memory packed to 12 bits a weight, losslessly
                      (kernels/unpack.py: the exponent as a 4-bit code), so each copy moves a
                      quarter fewer bytes and is decoded on the device; bfloat16 experts, host
@@ -122,6 +127,7 @@ class OffloadConfig:
     expert_slices: int = 1
     miss_split: str = "reuse"
     pack_experts: bool | str = "auto"
+    driver: str = "host"
 
     def lfu_steps(self) -> float | None:
         """The half-life the LFU policy is built with (policies.resolve_lfu_half_life: 23 steps when not
@@ -136,6 +142,15 @@ class OffloadConfig:
                                       ("cpu_fallback (the CPU would decode every expert it computes)",
                                        self.cpu_fallback),
                                       ("expert_slices > 1", self.expert_slices > 1)) if on]
+
+    def device_clashes(self) -> list[str]:
+        """What driver='device' cannot do (offload/device_cache.py), as the settings that ask for it."""
+        return [what for what, on in ((f"policy={self.policy!r}", self.policy not in ("lru", "lfu")),
+                                      (f"prefetch={self.prefetch!r}", self.prefetch != "none"),
+                                      ("cpu_fallback", self.cpu_fallback),
+                                      ("expert_slices > 1", self.expert_slices > 1),
+                                      (f"store={self.store!r}", self.store != "memory"),
+                                      ("pack_experts=True", self.pack_experts is True)) if on]
 
     def __post_init__(self):
         if self.gpu_memory is None and self.slots_per_layer is None:
@@ -198,5 +213,12 @@ class OffloadConfig:
             if clash:
                 raise ValueError(f"pack_experts packs whole experts in host memory for the copy engine; it does "
                                  f"not go with {', '.join(clash)}")
+        if self.driver not in ("host", "device"):
+            raise ValueError(f"driver must be 'host' or 'device', got {self.driver!r}")
+        if self.driver == "device":
+            clash = self.device_clashes()
+            if clash:
+                raise ValueError(f"driver='device' decides on the GPU with LRU or LFU over whole experts in host "
+                                 f"memory; it does not go with {', '.join(clash)} (use driver='host' for those)")
         if self.copy_gbps <= 0 or self.cpu_gflops <= 0:
             raise ValueError(f"copy_gbps ({self.copy_gbps}) and cpu_gflops ({self.cpu_gflops}) must be > 0")

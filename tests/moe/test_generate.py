@@ -397,6 +397,22 @@ def test_decode_benchmark_routes_by_a_synthetic_trace_row_by_row(tmp_path, capsy
     assert [r["policy"] for r in brows] == ["lru", "lfu-hl23"] and all(r["eager_rounds"] == 1 for r in brows)
     with pytest.raises(SystemExit):
         mod.main(["--models", "tiny", "--device", "cpu", "--offload-slots", "4", "--offload-policy", "lru,belady"])
+    # --offload-driver host,device: the GPU-decided cache (offload/device_cache.py) beside the host's, same routing
+    dd = tmp_path / "dd"
+    assert mod.main(["--models", "tiny", "--device", "cpu", "--batch", "2", "--steps", "4", "--out", str(dd),
+                     "--prompt-len", "8", "--trace-routing", "--offload-slots", "4", "--offload-policy", "lru,lfu",
+                     "--offload-driver", "host,device"]) == 0
+    drows = [json.loads(line) for line in (dd / "decode_results.jsonl").read_text().splitlines() if '"policy"' in line]
+    dev_rows = {r["policy"]: r for r in drows if r.get("driver") == "device"}
+    host_rows = {r["policy"]: r for r in drows if "driver" not in r}
+    assert sorted(dev_rows) == sorted(host_rows) == ["lfu-hl23", "lru"]
+    for p in dev_rows:  # the same policy decided on the device and on the host: the same hits, the same bytes
+        assert 0 < dev_rows[p]["device_eager_hit"] < 1
+        assert dev_rows[p]["device_eager_hit"] == pytest.approx(host_rows[p]["eager_hit"])
+        assert dev_rows[p]["device_eager_mb_per_step"] == pytest.approx(host_rows[p]["eager_mb_per_step"])
+    with pytest.raises(SystemExit):
+        mod.main(["--models", "tiny", "--device", "cpu", "--offload-slots", "4", "--offload-driver", "device",
+                  "--pack-experts"])
     # --pack-experts: the same routing, the bytes of packed experts (bfloat16 on the CPU too)
     packed = tmp_path / "packed"
     assert mod.main(["--models", "tiny", "--device", "cpu", "--batch", "2", "--steps", "4", "--out", str(packed),

@@ -132,3 +132,41 @@ def test_gpu_cache_current_stream_is_torchs_and_waits_land_on_it():
     got = greedy(m, PROMPT, 4)  # and offloaded decoding through it still equals resident
     assert got[0] == want[0]
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("policy,slots", [("lru", 1), ("lru", 3), ("lfu", 3)])
+def test_gpu_device_driver_equals_resident_and_replays_in_one_graph(policy, slots):
+    """driver='device' on the GPU: the fill kernel reads missed experts from pinned host memory itself; greedy
+    decoding equals the resident model's, and with the triton experts a whole decode step captures as one
+    CUDA graph (no host sync) whose replays give eager's tokens while the cache keeps deciding inside them."""
+    from moe.cuda_graph import DecodeGraphs, graph_support
+    model = tiny_model("mixtral")
+    want = greedy(twin(model).cuda(), PROMPT, 6)
+    m = apply_offload(twin(model), OffloadConfig(device="cuda", calibrate=False, slots_per_layer=slots, policy=policy,
+                                                 driver="device"))
+    assert m.offload_cache.store.pinned and m.offload_cache.pool_w13[0].is_cuda
+    got = greedy(m, PROMPT, 6)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    assert got[0] == want[0]
+    m.set_backend("triton")
+    assert graph_support(m) is None
+    runs = {}
+    with torch.inference_mode():
+        for graph in (False, True):
+            cache = m.new_cache(1, 64)
+            ids = m(torch.tensor([PROMPT], device="cuda"), cache=cache, last_only=True).argmax(-1)
+            valid = torch.ones(1, 1, dtype=torch.bool, device="cuda")
+            graphs = DecodeGraphs(m, cache) if graph else None
+            m.offload_cache.reset_stats()
+            toks, logits, length = [], [], len(PROMPT)
+            for _ in range(10):
+                out = graphs.step(ids, valid, length) if graph else m(ids, cache=cache)
+                logits.append(out[:, -1].float().clone())  # (a graph writes into one static buffer)
+                ids = out[:, -1].argmax(-1, keepdim=True)
+                toks.append(int(ids))
+                length += 1
+            runs[graph] = toks, torch.cat(logits), m.offload_cache.stats()
+    assert runs[True][0] == runs[False][0]
+    torch.testing.assert_close(runs[True][1], runs[False][1], atol=1e-4, rtol=1e-4)
+    if slots < 8:
+        assert runs[True][2]["misses"] > 0 and runs[True][2]["copies"] >= runs[True][2]["misses"]  # decided in the graph

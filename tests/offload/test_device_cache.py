@@ -1,0 +1,155 @@
+"""driver='device' (offload/device_cache.py): the plan on the device against a plain reference cache, the
+fill kernel (interpreted) against a copy, and offloaded generation equal to resident generation."""
+import numpy as np
+import pytest
+import torch
+
+from offload import OffloadConfig
+from offload.device_cache import DeviceExpertCache, fill_slots
+from offload.store import HostExpertStore
+
+from .helpers import greedy, offloaded, tiny_model
+
+PROMPT = [3, 17, 5, 9, 30]
+STEPS = 6
+
+
+class _RefCache:
+    """The same policy, written plainly on the host: what plan() must decide."""
+
+    def __init__(self, E, S, policy, decay):
+        self.E, self.S, self.policy, self.decay = E, S, policy, decay
+        self.expert_in = [-1] * S
+        self.last = [0] * S
+        self.freq = np.zeros(E)
+        self.clock = self.tick = 0
+        self.hits = self.misses = self.fills = 0
+
+    def step(self, ids):
+        """ids: list of lists (rounds are planned here as the device plans them). Returns per token-slot the
+        round each id was computed in."""
+        pending = [e for e in ids if e >= 0]
+        distinct = sorted(set(pending))
+        self.clock += 1
+        res = {e: s for s, e in enumerate(self.expert_in) if e >= 0}
+        self.hits += sum(e in res for e in distinct)
+        self.misses += sum(e not in res for e in distinct)
+        if self.policy == "lfu":
+            self.freq *= self.decay
+            self.freq[distinct] += 1
+        computed_in = {}
+        rnd = 0
+        while distinct:
+            res = {e: s for s, e in enumerate(self.expert_in) if e >= 0}
+            busy = {res[e] for e in distinct if e in res}
+            cands = [s for s in range(self.S) if s not in busy]
+
+            def key(s):
+                e = self.expert_in[s]
+                if e < 0:
+                    return (0, -np.inf, -np.inf, s)
+                return (0, self.freq[e] if self.policy == "lfu" else 0, self.last[s], s)
+            cands.sort(key=key)
+            misses = [e for e in distinct if e not in res]
+            for e, s in zip(misses, cands):
+                old = self.expert_in[s]
+                self.expert_in[s] = e
+                self.fills += 1
+                res.pop(old, None)
+                res[e] = s
+            done = [e for e in distinct if e in res and e not in misses] + [e for e in misses if e in res]
+            for e in done:  # one tick per expert used, hits first (as the host cache touches them)
+                self.tick += 1
+                self.last[res[e]] = self.tick
+                computed_in[e] = rnd
+            distinct = [e for e in distinct if e not in res]
+            rnd += 1
+        return computed_in
+
+
+def _store(L, E, I=4, D=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return HostExpertStore([(torch.randn(E, 2 * I, D, generator=g), torch.randn(E, D, I, generator=g))
+                            for _ in range(L)])
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("E,S,K,T", [(8, 3, 2, 1), (8, 1, 2, 1), (16, 4, 4, 3), (8, 8, 2, 2), (6, 2, 3, 2)])
+def test_plan_decides_as_the_reference(policy, E, S, K, T):
+    rng = np.random.default_rng(E * 100 + S * 10 + K + T)
+    cache = DeviceExpertCache(_store(1, E), S, policy, "cpu", lfu_half_life=3.0 if policy == "lfu" else None)
+    ref = _RefCache(E, S, policy, cache.decay)
+    for step in range(40):
+        ids = np.stack([rng.choice(E, K, replace=False) for _ in range(T)])
+        if step % 7 == 3:
+            ids[0, -1] = -1  # a dropped slot
+        want = ref.step(ids.reshape(-1).tolist())
+        pending = torch.from_numpy(ids.reshape(-1)).long()
+        for r in range(cache.rounds(T, K)):
+            slot_N, fill_e, fill_s = cache.plan(0, pending, r)
+            got = {int(e) for e, s in zip(pending.tolist(), slot_N.tolist()) if e >= 0 and s >= 0}
+            assert got == {e for e, rr in want.items() if rr == r}, (step, r)
+            # the slots hold what the table says, and the fill list is exactly the admitted misses
+            table = cache.slot_of[0, :E].tolist()
+            for e, s in zip(pending.tolist(), slot_N.tolist()):
+                if s >= 0:
+                    assert table[e] == s and int(cache.expert_in[0, s]) == e
+            fills = {(int(e), int(s)) for e, s in zip(fill_e.tolist(), fill_s.tolist()) if e >= 0}
+            assert all(table[e] == s for e, s in fills)
+            pending = torch.where(slot_N >= 0, -1, pending)
+        assert (pending < 0).all()
+        assert sorted(cache.resident(0)) == sorted(e for e in ref.expert_in if e >= 0)
+    st = cache.stats()
+    assert (st["hits"], st["misses"], st["copies"]) == (ref.hits, ref.misses, ref.fills)
+    assert st["hits"] > 0 and st["misses"] > 0
+
+
+@pytest.mark.parametrize("M", [1, 3])
+def test_fill_kernel_interpreted(M):
+    """The fill kernel (under TRITON_INTERPRET=1 in CI) against its plain reference, with a -1 entry."""
+    src13, src2 = torch.randn(5, 2 * 24, 40), torch.randn(5, 40, 24)
+    ref13, ref2 = torch.full((3, 48, 40), float("nan")), torch.full((3, 40, 24), float("nan"))
+    got13, got2 = ref13.clone(), ref2.clone()
+    fe = torch.tensor([4, -1, 1][:M])
+    fs = torch.tensor([2, 1, 0][:M])
+    fill_slots(src13, src2, ref13, ref2, fe, fs, use_kernel=False)
+    fill_slots(src13, src2, got13, got2, fe, fs, use_kernel=True)
+    torch.testing.assert_close(got13, ref13, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(got2, ref2, equal_nan=True, rtol=0, atol=0)
+    assert torch.equal(got13[2], src13[4])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("mixtral")
+
+
+@pytest.fixture(scope="module")
+def resident(model):
+    return greedy(model, PROMPT, STEPS)
+
+
+@pytest.mark.parametrize("policy,slots", [("lru", 1), ("lru", 3), ("lru", 8), ("lfu", 1), ("lfu", 3)])
+def test_device_driver_equals_resident(model, resident, policy, slots):
+    m = offloaded(model, slots_per_layer=slots, policy=policy, driver="device")
+    toks, logits = greedy(m, PROMPT, STEPS)
+    torch.testing.assert_close(logits, resident[1], atol=1e-6, rtol=0)
+    assert toks == resident[0]
+    st = m.offload_cache.stats()
+    assert st["misses"] > 0 and st["copies"] >= st["misses"]
+    if slots >= 8:
+        assert st["copies"] == st["misses"] <= 8 * len(m.moe_blocks())  # each expert read once, then kept
+    assert "decided on the device" in m.offload_cache.describe()
+
+
+def test_device_driver_refuses_what_it_cannot_do():
+    for kw, what in ((dict(policy="lru", trace_batch=1, prefetch="none", cpu_fallback=False, store="auto"), "store='auto'"), (dict(prefetch="next_layer_gate"), "prefetch"),
+                     (dict(cpu_fallback=True), "cpu_fallback"), (dict(expert_slices=2), "expert_slices"),
+                     (dict(pack_experts=True), "pack_experts"),
+                     (dict(policy="belady", trace=object()), "policy='belady'")):
+        with pytest.raises(ValueError, match=what):
+            OffloadConfig(slots_per_layer=2, driver="device", **kw)
+    with pytest.raises(ValueError, match="driver must be"):
+        OffloadConfig(slots_per_layer=2, driver="gpu")
+    with pytest.raises(ValueError, match="lru' or 'lfu"):
+        DeviceExpertCache(_store(1, 4), 2, "belady")
