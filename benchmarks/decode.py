@@ -553,7 +553,8 @@ def run_device_driven(model: MoEForCausalLM, key: str, args, store, floors: dict
             caches[p] = install(blocks, store, cfg, device=dev, top_k=K, slots=S, backend="triton" if cuda else "torch")
             mods[p] = [b.experts for b in blocks]
         for B in [int(b) for b in args.batch.split(",")]:
-            by_policy = {p: dict(model=f"{MODELS[key][0]} offloaded {S}/{E} device", B=B, layers=len(model.layers),
+            name = f"{MODELS[key][0]} offloaded {S}/{E} device" + (" packed" if args.pack_experts else "")
+            by_policy = {p: dict(model=name, B=B, layers=len(model.layers),
                                  floor_ms=floors[B], driver="device",
                                  policy=p + (f"-hl{caches[p].lfu_half_life:g}" if caches[p].lfu_half_life else ""),
                                  routing="rec" if args.trace else "trace" if args.trace_routing else "model",
@@ -666,9 +667,6 @@ def main(argv=None) -> int:
     drv = args.offload_driver.split(",")
     if not drv or any(d not in ("host", "device") for d in drv) or len(set(drv)) != len(drv):
         ap.error(f"--offload-driver {args.offload_driver!r}: give host, device or both, comma-separated")
-    if "device" in drv and args.pack_experts:
-        ap.error("--offload-driver device reads the experts unpacked (offload/device_cache.py): drop --pack-experts "
-                 "or use --offload-driver host")
     if args.lfu_half_life is not None and "lfu" not in pols:
         ap.error("--lfu-half-life applies to --offload-policy lfu")
     dev = torch.device(args.device)
@@ -779,12 +777,12 @@ def main(argv=None) -> int:
     dd = [r for r in rows if r.get("driver") == "device"]
     if dd:
         print(f"\n## offloaded decode decided on the device (driver='device': one CUDA graph a step, misses read from "
-              f"host memory by a kernel)\n{'model':34s} {'B':>3s} {'policy':>8s} {'routing':>7s} {'eager':>8s} "
+              f"host memory by a kernel)\n{'model':41s} {'B':>3s} {'policy':>8s} {'routing':>7s} {'eager':>8s} "
               f"{'graph':>8s} {'hit':>5s} {'MB/step':>8s} {'floor':>7s} {'graph/floor':>11s} {'py ns':>6s}")
         for r in dd:
             g = r.get("device_graph_ms", float("nan"))
             fl = r.get("device_graph_copy_floor_ms", r["device_eager_copy_floor_ms"])
-            print(f"{r['model']:34s} {r['B']:3d} {r['policy']:>8s} {r['routing']:>7s} {r['device_eager_ms']:8.3f} "
+            print(f"{r['model']:41s} {r['B']:3d} {r['policy']:>8s} {r['routing']:>7s} {r['device_eager_ms']:8.3f} "
                   f"{g:8.3f} {r.get('device_graph_hit', r['device_eager_hit']):5.2f} "
                   f"{r.get('device_graph_mb_per_step', r['device_eager_mb_per_step']):8.1f} {fl:7.2f} {g / fl:11.2f} "
                   f"{r.get('device_graph_host_ns', float('nan')):6.0f}")

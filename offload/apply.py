@@ -30,7 +30,7 @@ from torch import nn
 from kernels import get_backend
 
 from .cache import STAGES, ExpertCache
-from .config import PACK_AUTO_FROM, OffloadConfig, parse_bytes
+from .config import PACK_AUTO_FROM, PACK_AUTO_FROM_DEVICE, OffloadConfig, parse_bytes
 from .cost_model import CostModel
 from .cpu_compute import cpu_experts
 from .device_cache import DeviceExpertCache, DeviceOffloadedExperts
@@ -375,9 +375,10 @@ def resolve_pack(cfg: OffloadConfig, *, expert_dtype: torch.dtype, expert_bytes:
     without cpu_fallback (where packing measured a win: BENCHMARKS 3n)."""
     if cfg.pack_experts != "auto":
         return bool(cfg.pack_experts)
-    if cfg.driver == "device":  # the GPU reads its experts from the store as they are (offload/device_cache.py)
-        return False
-    return (device.type == "cuda" and expert_dtype == torch.bfloat16 and expert_bytes >= PACK_AUTO_FROM
+    # the device driver decodes in its fill kernel with no host work a copy: packed paid there at Qwen3's 9.4 MB
+    # experts too (0.88-0.89x the unpacked step, BENCHMARKS 3p), where on the host path it did not (3n)
+    least = PACK_AUTO_FROM_DEVICE if cfg.driver == "device" else PACK_AUTO_FROM
+    return (device.type == "cuda" and expert_dtype == torch.bfloat16 and expert_bytes >= least
             and not cfg.pack_clashes(use_disk))
 
 
@@ -419,11 +420,14 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
     expert_total = expert_bytes * E * len(blocks)
     use_disk = cfg.store == "disk" or (cfg.store == "auto" and cfg.checkpoint is not None
                                        and expert_total > 0.8 * host_available_bytes())
+    if use_disk and cfg.driver == "device":
+        raise ValueError(f"driver='device' reads the experts from host memory, but they would not fit there "
+                         f"({_fmt_bytes(expert_total)}; store='auto' chose the disk): offload with driver='host'")
     if use_disk and cfg.pack_experts is True:
         raise ValueError(f"pack_experts keeps the experts in host memory, but they would not fit there "
                          f"({_fmt_bytes(expert_total)}; store='auto' chose the disk): offload without pack_experts")
     packed = resolve_pack(cfg, expert_dtype=expert_dtype, expert_bytes=expert_bytes, device=device, use_disk=use_disk)
-    staging, n_stages = packed_staging(packed, expert_bytes, device)
+    staging, n_stages = packed_staging(packed and cfg.driver == "host", expert_bytes, device)  # (device: none)
     dense_bytes += n_stages * staging  # the buffers packed copies land in (~3/4 of an expert each) count first
     # the cache's units: G slices of each expert, each 1/G of its bytes, G per routed expert
     slots = plan_slots(cfg, device=device, dense_bytes=dense_bytes, expert_bytes=expert_bytes // G,
@@ -440,7 +444,7 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
             release(i)
     elif packed:
         store = PackedHostExpertStore.from_blocks(blocks, release=release, pin=device.type == "cuda")
-        if store.max_packed_bytes > staging:  # weights with unusually many exponents outside one window
+        if cfg.driver == "host" and store.max_packed_bytes > staging:  # many exponents outside one window
             warnings.warn(f"packed experts take up to {_fmt_bytes(store.max_packed_bytes)} (of {_fmt_bytes(expert_bytes)} "
                           f"unpacked), more than the {_fmt_bytes(staging)} the budget set aside for each of the "
                           f"{n_stages} staging buffers: the device holds the difference beyond gpu_memory", stacklevel=2)
@@ -508,9 +512,9 @@ def install(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: torch.dev
 def _install_device(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: torch.device, top_k: int, slots: int,
                     backend: str) -> DeviceExpertCache:
     """install() for driver='device': one DeviceExpertCache, a DeviceOffloadedExperts in each block."""
-    if not isinstance(store, HostExpertStore):
-        raise ValueError(f"driver='device' reads whole experts from host memory (HostExpertStore), got a "
-                         f"{type(store).__name__}: use driver='host' for packed or disk stores")
+    if not isinstance(store, (HostExpertStore, PackedHostExpertStore)):
+        raise ValueError(f"driver='device' reads whole experts from host memory, got a {type(store).__name__}: "
+                         "use driver='host' for a disk store")
     cache = DeviceExpertCache(store, slots, cfg.policy, device, lfu_half_life=cfg.lfu_half_life)
     for i, b in enumerate(blocks):
         b.experts = DeviceOffloadedExperts(i, cache, top_k, backend=backend)

@@ -58,6 +58,11 @@ def add_offload_args(parser: argparse.ArgumentParser) -> None:
                    help="keep bfloat16 experts in host memory packed to 12 bits a weight, losslessly: each copy "
                         "moves a quarter fewer bytes and is decoded on the GPU. auto (the default): on a GPU for "
                         "experts of 10 MiB or more (copy-bound); the flag alone: on")
+    g.add_argument("--offload-driver", default="host", choices=["host", "device"],
+                   help="who decides hits, misses and evictions: host (the default: every policy, prefetch and "
+                        "the CPU fallback) or device (the GPU decides itself and reads missed experts from host "
+                        "memory with a kernel: no host sync, a decode step is one CUDA graph; lru / lfu only; "
+                        "OLMoE at 25%%: 0.83-0.94x the host's step, BENCHMARKS 3p)")
     g.add_argument("--offload-from-disk", action="store_true",
                    help="read experts from the checkpoint's memory-mapped safetensors instead of host memory")
 
@@ -97,6 +102,7 @@ def apply_from_args(model, args: argparse.Namespace, checkpoint: str | None = No
                         expert_slices=getattr(args, "expert_slices", 1),
                         lfu_half_life=getattr(args, "offload_lfu_half_life", None),
                         pack_experts=getattr(args, "offload_pack_experts", "auto"),
+                        driver=getattr(args, "offload_driver", "host"),
                         store="disk" if disk else ("auto" if checkpoint else "memory"))
     return apply_offload(model, cfg)
 
@@ -106,7 +112,7 @@ def apply_from_args(model, args: argparse.Namespace, checkpoint: str | None = No
 SETTING_DEFAULTS = {"offload_policy": "lfu", "offload_prefetch": "none", "offload_probes": None,
                     "offload_predictor": None, "offload_prefetch_budget": None, "cpu_fallback": False,
                     "expert_slices": 1, "offload_from_disk": False, "offload_lfu_half_life": None,
-                    "offload_pack_experts": "auto"}
+                    "offload_pack_experts": "auto", "offload_driver": "host"}
 
 
 def settings_given(obj) -> list[str]:

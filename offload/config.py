@@ -16,6 +16,7 @@ from typing import Any
 POLICIES = ("lru", "lfu", "predictor", "belady")
 PREFETCH = ("none", "next_layer_gate", "probe", "predictor")
 PACK_AUTO_FROM = 10 << 20  # bytes of one expert from which pack_experts='auto' packs (copy-bound; see pack_experts)
+PACK_AUTO_FROM_DEVICE = 8 << 20  # the same under driver='device' (packed measured faster at 9.4 MB there: 3p)
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
@@ -61,13 +62,15 @@ class OffloadConfig:
     driver           who decides hits, misses and evictions: 'host' (the default: the routing read back
                      at every layer, copies by the copy engine, every policy and prefetch) or 'device'
                      (offload/device_cache.py: the GPU plans, reads missed experts from pinned host
-                     memory itself and computes, no host sync, a decode step is one CUDA graph;
-                     policies lru / lfu, whole bfloat16 / float experts in host memory, nothing else)
+                     memory itself, decoding packed ones on the way, and computes, no host sync, a
+                     decode step is one CUDA graph; policies lru / lfu, whole experts in host memory,
+                     no prefetch and no cpu_fallback)
     pack_experts     keep the experts in host memory packed to 12 bits a weight, losslessly
                      (kernels/unpack.py: the exponent as a 4-bit code), so each copy moves a
                      quarter fewer bytes and is decoded on the device; bfloat16 experts, host
                      memory store, whole experts, no cpu_fallback. 'auto' (the default): packed
-                     where all of that holds, on a GPU, for experts of PACK_AUTO_FROM bytes or
+                     where all of that holds, on a GPU, for experts of PACK_AUTO_FROM bytes
+                     (PACK_AUTO_FROM_DEVICE, 8 MiB, with driver='device': 3p) or
                      more (copy-bound: OLMoE's 12.6 MB and Mixtral's 352 MB experts step 0.80x
                      and 0.81x packed; Qwen3's 9.4 MB ones are host-bound, 1.06x serial and 1.24x
                      eager:
@@ -149,8 +152,7 @@ class OffloadConfig:
                                       (f"prefetch={self.prefetch!r}", self.prefetch != "none"),
                                       ("cpu_fallback", self.cpu_fallback),
                                       ("expert_slices > 1", self.expert_slices > 1),
-                                      (f"store={self.store!r}", self.store != "memory"),
-                                      ("pack_experts=True", self.pack_experts is True)) if on]
+                                      ("store='disk'", self.store == "disk")) if on]
 
     def __post_init__(self):
         if self.gpu_memory is None and self.slots_per_layer is None:

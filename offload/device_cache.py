@@ -6,12 +6,15 @@ machine's CPU (BENCHMARKS 3n, 3o), costs about what the copies of fine-grained e
 GPU waits through it at every layer. Here the GPU does all of it, in order on the compute stream:
 
     per MoE layer, fixed shapes, no host sync (a whole decode step is one CUDA graph):
-      ids_TK ─► plan: tensor ops over the layer's [E] and [S] tables: the hits; each missed expert takes
-                 the slot of the policy's victim among the slots whose experts this step does not use
-                 (LRU: the oldest use; LFU: the fewest uses, decayed with a half-life, then the oldest)
+      ids_TK ─► plan: one program over the layer's [E] and [S] tables (``_plan_kernel``; ``plan_torch`` is
+                 its plain reference, ~70 small launches): the hits; each missed expert takes the slot of
+                 the policy's victim among the slots whose experts this step does not use (LRU: the
+                 oldest use; LFU: the fewest uses, decayed with a half-life, then the oldest), exactly as
+                 the host cache decides (the same ticks of recency, the same ties)
              ─► fill: one kernel reads the admitted misses straight from the pinned host store (zero-copy,
                  over PCIe: a kernel reading host memory moved 50.8 GB/s on the H200, the copy engine
-                 55.2, BENCHMARKS 3p) into their slots
+                 55.2, BENCHMARKS 3p) into their slots; from a packed store (12 bits a weight,
+                 kernels/unpack.py) it decodes on the way, so a quarter fewer bytes cross the link
              ─► the experts kernel on the slot pool, the ids mapped to slots
 
 A step whose distinct experts outnumber the slots runs in ``rounds`` (known from the shapes alone:
@@ -19,12 +22,14 @@ ceil(min(T*K, E) / S)): each round plans the experts still pending, fills and co
 cache of one slot per layer, or one smaller than top-k, gives the same outputs. Rounds with nothing
 pending cost a few small launches.
 
-The host store is read by the GPU itself, so it must be pinned host memory (``HostExpertStore`` with
-pin=True, as ``apply_offload`` builds it on a GPU). On a CPU "device" the same plan runs and the fill
-is a tensor copy (tests); under ``TRITON_INTERPRET=1`` the fill kernel runs there too.
+The host store is read by the GPU itself, so it must be pinned host memory (``HostExpertStore`` or
+``PackedHostExpertStore`` with pin=True, as ``apply_offload`` builds them on a GPU); pinned memory is
+addressed by the GPU where the host addresses it (unified addressing), which the packed fill uses to
+reach every buffer of the store's arena from one anchor. On a CPU "device" the plan is plan_torch and
+the fill plain copies (tests); under ``TRITON_INTERPRET=1`` the kernels run there too.
 
 What this path does not do (``OffloadConfig`` refuses the combinations with the reason): prefetch,
-CPU fallback, packed experts, expert slices, the predictor and Belady policies, a disk store.
+CPU fallback, expert slices, the predictor and Belady policies, a disk store.
 
 Shape legend: T = tokens, K = experts per token, N = T*K, E = experts, S = slots per layer,
 J = 2*I, D = hidden, M = min(E, S) fills a round at most.
@@ -40,6 +45,10 @@ from torch import nn
 
 from kernels import get_backend
 from kernels.grouped_gemm import _interpreted
+from kernels.launch import Launcher
+from kernels.unpack import BLOCK as UNPACK_BLOCK
+from kernels.unpack import ESC_TILE
+from kernels.unpack import layout as unpack_layout
 
 from .policies import resolve_lfu_half_life
 
@@ -70,6 +79,165 @@ def _fill_kernel(src13_ptr, src2_ptr, dst13_ptr, dst2_ptr, fill_e_ptr, fill_s_pt
             tl.store(dst2_ptr + s * N2 + offs, tl.load(src2_ptr + e * N2 + offs, mask=m), mask=m)
 
 
+@triton.jit
+def _plan_kernel(ids_ptr, slot_of_ptr, expert_in_ptr, last_use_ptr, freq_ptr, decay_ptr, clock_ptr, counters_ptr,
+                 slot_out_ptr, fill_e_ptr, fill_s_ptr, N, E, S, M, rnd,
+                 FIRST: tl.constexpr, LFU: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr, BS: tl.constexpr):
+    """DeviceExpertCache.plan_torch in one program (one layer, one round): the same decisions, one launch
+    instead of ~70 small ones. Membership and gathers over the [E] and [S] tables are [BE, BN], [BS, BE]
+    and [BS, BS] comparison tiles (no gather from registers in Triton)."""
+    e_ar = tl.arange(0, BE)
+    s_ar = tl.arange(0, BS)
+    e_ok = e_ar < E
+    s_ok = s_ar < S
+    routed_i = tl.zeros([BE], dtype=tl.int32)
+    for n0 in range(0, N, BN):
+        n_ar = n0 + tl.arange(0, BN)
+        ids = tl.load(ids_ptr + n_ar, mask=n_ar < N, other=-1).to(tl.int32)
+        routed_i = tl.maximum(routed_i, tl.max((ids[None, :] == e_ar[:, None]).to(tl.int32), axis=1))
+    routed = routed_i > 0
+    slot_of = tl.load(slot_of_ptr + e_ar, mask=e_ok, other=-1).to(tl.int32)
+    resident = slot_of >= 0
+    miss = routed & (slot_of < 0)
+    clock = tl.load(clock_ptr)
+    if FIRST:
+        clock += 1
+        tl.store(clock_ptr, clock)
+        tl.store(counters_ptr, tl.load(counters_ptr) + tl.sum((routed & resident).to(tl.int64), 0))
+        tl.store(counters_ptr + 1, tl.load(counters_ptr + 1) + tl.sum(miss.to(tl.int64), 0))
+    held = tl.load(expert_in_ptr + s_ar, mask=s_ok, other=-1).to(tl.int32)
+    match_se = held[:, None] == e_ar[None, :]  # [BS, BE]
+    busy = tl.max((match_se & routed[None, :]).to(tl.int32), axis=1) > 0
+    cand = s_ok & ~busy
+    rec = tl.load(last_use_ptr + s_ar, mask=s_ok, other=0)
+    key = tl.where(held < 0, -1, rec)  # empty slots first (every stamp is > 0)
+    # t goes before s: a smaller key, or the same key and a lower slot (the torch plan's stable sorts)
+    before = (key[None, :] < key[:, None]) | ((key[None, :] == key[:, None]) & (s_ar[None, :] < s_ar[:, None]))
+    if LFU:
+        f = tl.load(freq_ptr + e_ar, mask=e_ok, other=0.0)
+        if FIRST:
+            f = f * tl.load(decay_ptr) + routed.to(tl.float64)
+            tl.store(freq_ptr + e_ar, f, mask=e_ok)
+        fs = tl.sum(tl.where(match_se, f[None, :], 0.0), axis=1)
+        fs = tl.where(held < 0, -float("inf"), fs)
+        before = (fs[None, :] < fs[:, None]) | ((fs[None, :] == fs[:, None]) & before)
+    rank_s = tl.sum((before & cand[None, :]).to(tl.int32), axis=1)  # [BS]: place among the candidates
+    free = tl.sum(cand.to(tl.int32), 0)
+    mrank = tl.cumsum(miss.to(tl.int32), 0) - 1  # [BE]: place among the misses
+    admit = miss & (mrank < free)
+    tmatch = (rank_s[None, :] == mrank[:, None]) & cand[None, :] & admit[:, None]  # [BE, BS]
+    target = tl.sum(tl.where(tmatch, s_ar[None, :], 0), axis=1)  # [BE]
+    targeted = tl.max(tmatch.to(tl.int32), axis=0) > 0  # [BS]
+    entering = tl.sum(tl.where(tmatch, e_ar[:, None], 0), axis=0)  # [BS]
+    evicted = tl.max((match_se & targeted[:, None]).to(tl.int32), axis=0) > 0  # [BE]
+    slot_new = tl.where(admit, target, tl.where(evicted, -1, slot_of))
+    held_new = tl.where(targeted, entering, held)
+    tl.store(slot_of_ptr + e_ar, slot_new.to(tl.int64), mask=e_ok)
+    tl.store(expert_in_ptr + s_ar, held_new.to(tl.int64), mask=s_ok)
+    stamp = (clock * (E + 1) + rnd) * (2 * E + 2) + tl.where(miss, E, 0) + e_ar
+    use = (held_new[:, None] == e_ar[None, :]) & routed[None, :]  # [BS, BE]
+    used = tl.max(use.to(tl.int32), axis=1) > 0
+    tl.store(last_use_ptr + s_ar, tl.where(used, tl.sum(tl.where(use, stamp[None, :], 0), axis=1), rec), mask=s_ok)
+    fmatch = (mrank[None, :] == s_ar[:, None]) & admit[None, :]  # [BS (fill place), BE]
+    has = tl.max(fmatch.to(tl.int32), axis=1) > 0
+    fe = tl.where(has, tl.sum(tl.where(fmatch, e_ar[None, :], 0), axis=1), -1)
+    fsl = tl.where(has, tl.sum(tl.where(fmatch, target[None, :], 0), axis=1), -1)
+    tl.store(fill_e_ptr + s_ar, fe.to(tl.int64), mask=s_ar < M)
+    tl.store(fill_s_ptr + s_ar, fsl.to(tl.int64), mask=s_ar < M)
+    tl.store(counters_ptr + 2, tl.load(counters_ptr + 2) + tl.sum(admit.to(tl.int64), 0))
+    for n0 in range(0, N, BN):
+        n_ar = n0 + tl.arange(0, BN)
+        ids = tl.load(ids_ptr + n_ar, mask=n_ar < N, other=-1).to(tl.int32)
+        sm = ids[None, :] == e_ar[:, None]  # [BE, BN]
+        found = tl.max(sm.to(tl.int32), axis=0) > 0
+        sl = tl.sum(tl.where(sm, slot_new[:, None], 0), axis=0)
+        tl.store(slot_out_ptr + n_ar, tl.where(found, sl, -1).to(tl.int64), mask=n_ar < N)
+
+
+_plan = Launcher(_plan_kernel)  # launched without per-call binding (kernels/launch.py)
+
+
+def plan_kernel_fits(num_experts: int, slots: int) -> bool:
+    """Whether the one-program plan kernel takes these tables (its comparison tiles stay <= 64k entries)."""
+    be, bs = triton.next_power_of_2(num_experts), triton.next_power_of_2(slots)
+    return be * bs <= 65536 and bs * bs <= 65536 and be <= 1024
+
+
+_fill = Launcher(_fill_kernel)
+
+
+@triton.jit
+def _fill_packed_kernel(anchor_ptr, offs_ptr, size_ptr, dst13_ptr, dst2_ptr, fill_e_ptr, fill_s_ptr, bytes_ptr,
+                        N1, N, OFF_LOW, OFF_META, OFF_ESC, BLOCK: tl.constexpr, ESC: tl.constexpr):
+    """Program (b, j): block b of expert fill_e[j]'s packed buffer (kernels/unpack.py's layout, at anchor +
+    offs[e] in pinned host memory, read over PCIe) decoded into slot fill_s[j]: 1.5 bytes a weight cross
+    the link instead of 2. dst13 / dst2 are the slot pools viewed as int16."""
+    blk = tl.program_id(0)
+    j = tl.program_id(1)
+    e = tl.load(fill_e_ptr + j)
+    if e >= 0:
+        s = tl.load(fill_s_ptr + j).to(tl.int64)
+        p = anchor_ptr + tl.load(offs_ptr + e)
+        if blk == 0:
+            tl.atomic_add(bytes_ptr, tl.load(size_ptr + e))
+        meta = (p + OFF_META).to(tl.pointer_type(tl.int32))
+        esc = (p + OFF_ESC).to(tl.pointer_type(tl.int32))
+        out1 = dst13_ptr + s * N1
+        out2 = dst2_ptr + s * (N - N1)
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        base = tl.load(meta)
+        b = tl.load(p + offs // 2, mask=mask, other=0).to(tl.int32)
+        code = (b >> ((offs % 2) * 4)) & 0xF
+        lo = tl.load(p + OFF_LOW + offs, mask=mask, other=0).to(tl.int32)
+        u = ((lo & 0x80) << 8) | (((base + code) & 0xFF) << 7) | (lo & 0x7F)
+        v = tl.where(u >= 0x8000, u - 0x10000, u).to(tl.int16)
+        keep = mask & (code != 15)  # an escape's place is written from the table below
+        tl.store(out1 + offs, v, mask=keep & (offs < N1))
+        tl.store(out2 + (offs - N1), v, mask=keep & (offs >= N1))
+        start = tl.load(meta + 2 + blk)
+        end = tl.load(meta + 3 + blk)
+        for j0 in range(start, end, ESC):
+            jj = j0 + tl.arange(0, ESC)
+            m = jj < end
+            i = tl.load(esc + 2 * jj, mask=m, other=0)
+            w = tl.load(esc + 2 * jj + 1, mask=m, other=0).to(tl.int16)
+            tl.store(out1 + i, w, mask=m & (i < N1))
+            tl.store(out2 + (i - N1), w, mask=m & (i >= N1))
+
+
+_fill_packed = Launcher(_fill_packed_kernel)
+
+
+class PackedSource:
+    """A layer-indexed view of a PackedHostExpertStore for the packed fill: one anchor tensor and, per
+    (layer, expert), the byte offset of its packed buffer from the anchor (int64 on the device) and its
+    size. Every buffer sits in pinned host memory, which the GPU addresses where the host does (unified
+    addressing), so an offset reaches across the arena's chunks."""
+
+    def __init__(self, store, device: torch.device):
+        self.anchor = store.layers[0][0][0]
+        a = self.anchor.data_ptr()
+        self.offsets = torch.tensor([[buf.data_ptr() - a for buf, _, _ in layer] for layer in store.layers],
+                                    dtype=torch.int64, device=device)
+        self.sizes = torch.tensor([[buf.numel() for buf, _, _ in layer] for layer in store.layers],
+                                  dtype=torch.int64, device=device)
+        n1, n2 = math.prod(store.w13_shape), math.prod(store.w2_shape)
+        self.n1, self.n = n1, n1 + n2
+        self.off_low, self.off_meta, self.off_esc, _ = unpack_layout(self.n, 0)
+
+
+def fill_slots_packed(src: PackedSource, layer: int, dst13: torch.Tensor, dst2: torch.Tensor, fill_e: torch.Tensor,
+                      fill_s: torch.Tensor, bytes_out: torch.Tensor) -> None:
+    """The packed experts fill_e[j] (-1: none) of ``layer`` decoded into slots fill_s[j] of the bfloat16 pools, in
+    one launch with no host sync; bytes_out (int64 [1]) grows by the packed bytes read."""
+    M = fill_e.shape[0]
+    _fill_packed[(triton.cdiv(src.n, UNPACK_BLOCK), M)](
+        src.anchor, src.offsets[layer], src.sizes[layer], dst13.view(torch.int16), dst2.view(torch.int16), fill_e,
+        fill_s, bytes_out, src.n1, src.n, src.off_low, src.off_meta, src.off_esc, BLOCK=UNPACK_BLOCK, ESC=ESC_TILE,
+        num_warps=8)
+
+
 def fill_slots(src13: torch.Tensor, src2: torch.Tensor, dst13: torch.Tensor, dst2: torch.Tensor,
                fill_e: torch.Tensor, fill_s: torch.Tensor, use_kernel: bool | None = None) -> None:
     """dst13[fill_s[j]] = src13[fill_e[j]] (and w2) for every j with fill_e[j] >= 0; no host sync with
@@ -89,8 +257,7 @@ def fill_slots(src13: torch.Tensor, src2: torch.Tensor, dst13: torch.Tensor, dst
     M = fill_e.shape[0]
     n13, n2 = src13[0].numel(), src2[0].numel()
     chunks = max(1, min(FILL_PROGRAMS // max(M, 1), triton.cdiv(max(n13, n2), FILL_BLOCK)))
-    _fill_kernel[(M, chunks)](src13, src2, dst13, dst2, fill_e, fill_s, n13, n2,
-                              BLOCK=FILL_BLOCK, num_warps=8)
+    _fill[(M, chunks)](src13, src2, dst13, dst2, fill_e, fill_s, n13, n2, BLOCK=FILL_BLOCK, num_warps=8)
 
 
 class DeviceExpertCache:
@@ -108,13 +275,16 @@ class DeviceExpertCache:
                              f"{policy} policy decides on the host (use driver='host')")
         if slots_per_layer < 1:
             raise ValueError(f"slots_per_layer must be >= 1, got {slots_per_layer}")
-        if getattr(store, "slices", 1) != 1 or not hasattr(store, "layers"):
-            raise ValueError("driver='device' reads whole experts from a host memory store (HostExpertStore, "
-                             f"expert_slices=1), got {type(store).__name__}")
+        from .store import HostExpertStore, PackedHostExpertStore
+        if not isinstance(store, (HostExpertStore, PackedHostExpertStore)) or getattr(store, "slices", 1) != 1:
+            raise ValueError("driver='device' reads whole experts from host memory (HostExpertStore with "
+                             f"expert_slices=1, or PackedHostExpertStore), got {type(store).__name__}")
         self.device = torch.device(device)
-        if self.device.type == "cuda" and not all(w.is_pinned() for lyr in store.layers for w in lyr):
+        if self.device.type == "cuda" and not store.pinned:
             raise ValueError("driver='device' reads the experts from host memory on the GPU itself, so the store "
-                             "must be pinned: HostExpertStore.from_blocks(..., pin=True)")
+                             "must be pinned: build it with pin=True")
+        packed = isinstance(store, PackedHostExpertStore)
+        self.packed = PackedSource(store, self.device) if packed else None
         self.store, self.policy = store, policy
         L, E, S = store.num_layers, store.num_experts, slots_per_layer
         self.num_layers, self.num_experts, self.slots = L, E, S
@@ -134,9 +304,32 @@ class DeviceExpertCache:
         self._arange_E = torch.arange(E, dtype=torch.int64, device=dev)
         self._inf = torch.tensor(math.inf, dtype=torch.float64, device=dev)
         self.expert_bytes = store.expert_bytes
+        self._decay_t = torch.tensor([self.decay], dtype=torch.float64, device=dev)
+        # the plan kernel on a GPU (one launch a layer instead of ~70: 6.7 ms a 48-layer step, s25-b) and under the
+        # interpreter (the CPU tests); plan_torch elsewhere, and for tables too large for its tiles
+        self._kernel = (dev.type == "cuda" or _interpreted()) and plan_kernel_fits(E, S)
+        self._fill_kernel = dev.type == "cuda" or _interpreted()
+        self._packed_bytes = torch.zeros(1, dtype=torch.int64, device=dev)  # what packed fills read
 
     # --- the plan of one round at one layer ---------------------------------------------------
     def plan(self, layer: int, ids_N: torch.Tensor, rnd: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """plan_torch's decisions in one launch of the plan kernel (on a GPU, and under the Triton interpreter),
+        where its tables fit it (plan_kernel_fits); else plan_torch."""
+        if not self._kernel:
+            return self.plan_torch(layer, ids_N, rnd)
+        N, E, S, M = ids_N.shape[0], self.num_experts, self.slots, self.M
+        dev = ids_N.device
+        slot_N = torch.empty(N, dtype=torch.int64, device=dev)
+        fill_e = torch.empty(M, dtype=torch.int64, device=dev)
+        fill_s = torch.empty(M, dtype=torch.int64, device=dev)
+        _plan[(1,)](ids_N, self.slot_of[layer], self.expert_in[layer], self.last_use[layer], self.freq[layer],
+                    self._decay_t, self.clock[layer:layer + 1], self.counters[layer], slot_N, fill_e, fill_s,
+                    N, E, S, M, rnd, FIRST=rnd == 0, LFU=self.policy == "lfu",
+                    BN=min(64, triton.next_power_of_2(max(N, 1))), BE=triton.next_power_of_2(E),
+                    BS=triton.next_power_of_2(S), num_warps=4)
+        return slot_N, fill_e, fill_s
+
+    def plan_torch(self, layer: int, ids_N: torch.Tensor, rnd: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Slots for the experts ids_N [N] (int64, -1 = none) at ``layer``: returns (slot ids [N], -1 where
         the expert found no slot this round; fill_e [M], fill_s [M]: the experts to read into which slots,
         -1 = none). rnd: the round of the step at this layer; round 0 counts hits and misses, ticks the clock
@@ -194,8 +387,21 @@ class DeviceExpertCache:
         return -(-min(tokens * top_k, self.num_experts) // self.slots)
 
     def fill(self, layer: int, fill_e: torch.Tensor, fill_s: torch.Tensor) -> None:
-        w13, w2 = self.store.layers[layer]
-        fill_slots(w13, w2, self.pool_w13[layer], self.pool_w2[layer], fill_e, fill_s)
+        """The planned experts into their slots: read from host memory by a kernel (decoded on the way when the
+        store is packed), or on a CPU "device" by plain copies."""
+        dst13, dst2 = self.pool_w13[layer], self.pool_w2[layer]
+        if self.packed is None:
+            w13, w2 = self.store.layers[layer]
+            fill_slots(w13, w2, dst13, dst2, fill_e, fill_s, use_kernel=self._fill_kernel)
+        elif self._fill_kernel:
+            fill_slots_packed(self.packed, layer, dst13, dst2, fill_e, fill_s, self._packed_bytes)
+        else:
+            from kernels.unpack import unpack_bf16_reference
+            for e, s in zip(fill_e.tolist(), fill_s.tolist()):
+                if e >= 0:
+                    buf, base, n_esc = self.store.packed(layer, e)
+                    unpack_bf16_reference(buf, base, n_esc, dst13[s], dst2[s])
+                    self._packed_bytes += buf.numel()
 
     def pool(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.pool_w13[layer], self.pool_w2[layer]
@@ -206,19 +412,22 @@ class DeviceExpertCache:
 
     def reset_stats(self) -> None:
         self.counters.zero_()
+        self._packed_bytes.zero_()
 
     def stats(self) -> dict:
         hits, misses, fills = (int(v) for v in self.counters.sum(0).tolist())
         acc = hits + misses
-        return dict(hits=hits, misses=misses, hit_ratio=hits / acc if acc else 0.0, copies=fills,
-                    bytes_copied=fills * self.expert_bytes, evictions=0, prefetches=0, useful_prefetches=0,
-                    prefetch_precision=0.0, prefetch_recall=0.0, cpu_computed=0)
+        moved = int(self._packed_bytes) if self.packed is not None else fills * self.expert_bytes
+        return dict(hits=hits, misses=misses, hit_ratio=hits / acc if acc else 0.0, copies=fills, bytes_copied=moved,
+                    evictions=0, prefetches=0, useful_prefetches=0, prefetch_precision=0.0, prefetch_recall=0.0,
+                    cpu_computed=0)
 
     def describe(self) -> str:
         c = self.stats()
         acc = c["hits"] + c["misses"]
         return (f"offload (decided on the device): {self.slots} of {self.num_experts} experts per layer on "
-                f"{self.device.type}, {self.policy}, read from pinned host memory by the GPU; {acc} expert uses, "
+                f"{self.device.type}, {self.policy}, read from pinned host memory by the GPU"
+                f"{' packed to 12 bits a weight' if self.packed is not None else ''}; {acc} expert uses, "
                 f"{100 * c['hit_ratio']:.1f}% hits, {c['copies']} fills ({c['bytes_copied'] / 1e6:.1f} MB)")
 
     def nbytes(self) -> int:

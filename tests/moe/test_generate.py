@@ -411,8 +411,7 @@ def test_decode_benchmark_routes_by_a_synthetic_trace_row_by_row(tmp_path, capsy
         assert dev_rows[p]["device_eager_hit"] == pytest.approx(host_rows[p]["eager_hit"])
         assert dev_rows[p]["device_eager_mb_per_step"] == pytest.approx(host_rows[p]["eager_mb_per_step"])
     with pytest.raises(SystemExit):
-        mod.main(["--models", "tiny", "--device", "cpu", "--offload-slots", "4", "--offload-driver", "device",
-                  "--pack-experts"])
+        mod.main(["--models", "tiny", "--device", "cpu", "--offload-slots", "4", "--offload-driver", "gpu"])
     # --pack-experts: the same routing, the bytes of packed experts (bfloat16 on the CPU too)
     packed = tmp_path / "packed"
     assert mod.main(["--models", "tiny", "--device", "cpu", "--batch", "2", "--steps", "4", "--out", str(packed),

@@ -143,9 +143,8 @@ def test_device_driver_equals_resident(model, resident, policy, slots):
 
 
 def test_device_driver_refuses_what_it_cannot_do():
-    for kw, what in ((dict(policy="lru", trace_batch=1, prefetch="none", cpu_fallback=False, store="auto"), "store='auto'"), (dict(prefetch="next_layer_gate"), "prefetch"),
+    for kw, what in ((dict(store="disk", checkpoint="x"), "store='disk'"), (dict(prefetch="next_layer_gate"), "prefetch"),
                      (dict(cpu_fallback=True), "cpu_fallback"), (dict(expert_slices=2), "expert_slices"),
-                     (dict(pack_experts=True), "pack_experts"),
                      (dict(policy="belady", trace=object()), "policy='belady'")):
         with pytest.raises(ValueError, match=what):
             OffloadConfig(slots_per_layer=2, driver="device", **kw)
@@ -153,3 +152,74 @@ def test_device_driver_refuses_what_it_cannot_do():
         OffloadConfig(slots_per_layer=2, driver="gpu")
     with pytest.raises(ValueError, match="lru' or 'lfu"):
         DeviceExpertCache(_store(1, 4), 2, "belady")
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("E,S,K,T", [(8, 3, 2, 1), (16, 4, 4, 3), (6, 2, 3, 2), (12, 12, 3, 1)])
+def test_plan_kernel_decides_as_plan_torch(policy, E, S, K, T):
+    """The one-program plan kernel (interpreted in CI) against plan_torch, step by step, round by round: the
+    same slots, fill lists, tables, recency stamps, LFU counts and counters."""
+    rng = np.random.default_rng(E + 7 * S + K + T)
+    caches = [DeviceExpertCache(_store(1, E), S, policy, "cpu", lfu_half_life=2.5 if policy == "lfu" else None)
+              for _ in range(2)]
+    caches[0]._kernel, caches[1]._kernel = False, True
+    for step in range(12):
+        ids = np.stack([rng.choice(E, K, replace=False) for _ in range(T)]).reshape(-1)
+        if step % 5 == 2:
+            ids[-1] = -1
+        pend = [torch.from_numpy(ids).long() for _ in caches]
+        for r in range(caches[0].rounds(T, K)):
+            outs = [c.plan(0, p, r) for c, p in zip(caches, pend)]
+            for a, b in zip(*outs):
+                assert torch.equal(a, b), (step, r)
+            pend = [torch.where(o[0] >= 0, -1, p) for o, p in zip(outs, pend)]
+        for name, n in (("slot_of", E), ("expert_in", S), ("last_use", S), ("freq", E)):  # (past n: nobody's)
+            assert torch.equal(getattr(caches[0], name)[:, :n], getattr(caches[1], name)[:, :n]), name
+        for name in ("clock", "counters"):
+            assert torch.equal(getattr(caches[0], name), getattr(caches[1], name)), name
+
+
+@pytest.mark.parametrize("policy,slots", [("lru", 1), ("lfu", 3)])
+def test_device_driver_packed_equals_unpacked(model, policy, slots):
+    """A packed store (12 bits a weight) under driver='device': the fill decodes the packed buffers (the kernel,
+    interpreted in CI), the tokens and logits are those of the unpacked store bit for bit, and the bytes read
+    are the packed buffers' (~3/4 of the bfloat16 bytes)."""
+    from .helpers import twin
+    bf = twin(model).to(torch.bfloat16)
+    runs = []
+    for pack in (False, True):
+        m = offloaded(bf, slots_per_layer=slots, policy=policy, driver="device", pack_experts=pack)
+        assert (m.offload_cache.packed is not None) == pack
+        runs.append((greedy(m, PROMPT, 4), m.offload_cache.stats()))
+    (a, sa), (b, sb) = runs
+    assert a[0] == b[0] and torch.equal(a[1], b[1])
+    assert sa["copies"] == sb["copies"] > 0 and 0.7 * sa["bytes_copied"] < sb["bytes_copied"] < 0.85 * sa["bytes_copied"]
+    assert "packed" in m.offload_cache.describe()
+
+
+def test_packed_fill_reaches_buffers_in_every_chunk_of_the_arena():
+    """Each packed buffer in a chunk of its own (an arena of tiny chunks): the fill kernel (interpreted) reaches
+    them all from the one anchor and decodes each into its slot exactly as the reference decode."""
+    from kernels.unpack import pack_bf16, unpack_bf16_reference
+    from offload.device_cache import PackedSource, fill_slots_packed
+    from offload.store import PackedHostExpertStore, PinnedArena
+    g = torch.Generator().manual_seed(3)
+    E, I, D = 4, 8, 40
+    w13, w2 = torch.randn(E, 2 * I, D, generator=g).bfloat16(), torch.randn(E, D, I, generator=g).bfloat16()
+    w13[1, 0, :5] = torch.tensor([1e30, -1e-30, 3e20, 0.0, -7e-25]).bfloat16()  # escapes
+    arena = PinnedArena(64, pin=False)  # every buffer larger than a chunk: one chunk each
+    layer = [(arena.take(buf.numel()).copy_(buf), base, n_esc) for buf, base, n_esc in
+             (pack_bf16(w13[e], w2[e]) for e in range(E))]
+    assert len(arena.chunks) == E
+    store = PackedHostExpertStore([layer], (2 * I, D), (D, I), arena)
+    src = PackedSource(store, torch.device("cpu"))
+    d13, d2 = torch.full((3, 2 * I, D), float("nan")).bfloat16(), torch.full((3, D, I), float("nan")).bfloat16()
+    moved = torch.zeros(1, dtype=torch.int64)
+    fill_slots_packed(src, 0, d13, d2, torch.tensor([3, 1, -1]), torch.tensor([0, 2, 1]), moved)
+    for e, s in ((3, 0), (1, 2)):
+        r13, r2 = torch.empty(2 * I, D).bfloat16(), torch.empty(D, I).bfloat16()
+        unpack_bf16_reference(*store.packed(0, e), r13, r2)
+        assert torch.equal(d13[s].view(torch.int16), r13.view(torch.int16)) and torch.equal(d13[s], w13[e])
+        assert torch.equal(d2[s], w2[e])
+    assert torch.isnan(d13[1].float()).all()  # the -1 entry wrote nothing
+    assert int(moved) == store.copy_nbytes(0, 3) + store.copy_nbytes(0, 1)

@@ -109,6 +109,12 @@ def test_auto_packs_large_bfloat16_experts_on_a_gpu_only():
     assert not pack(OffloadConfig(slots_per_layer=2, expert_slices=2))
     assert pack(OffloadConfig(slots_per_layer=2, pack_experts=True), nbytes=1, device=cpu)  # asked for: packed
     assert not pack(OffloadConfig(slots_per_layer=2, pack_experts=False))
+    # driver='device' packs from PACK_AUTO_FROM_DEVICE (Qwen3's 9.4 MB experts: packed paid there, BENCHMARKS 3p)
+    from offload.config import PACK_AUTO_FROM_DEVICE
+    qwen3 = 3 * 2048 * 768 * 2
+    assert PACK_AUTO_FROM_DEVICE <= qwen3 < big
+    assert pack(OffloadConfig(slots_per_layer=2, driver="device"), nbytes=qwen3) and not pack(nbytes=qwen3)
+    assert not pack(OffloadConfig(slots_per_layer=2, driver="device"), nbytes=PACK_AUTO_FROM_DEVICE - 1)
     with pytest.raises(ValueError, match="True, False or 'auto'"):
         OffloadConfig(slots_per_layer=2, pack_experts="yes")
 

@@ -66,6 +66,11 @@ def test_moe_serve_command_line():
     assert config_from_args(args).replica_spec("cuda")["offload"]["expert_slices"] == 4
     args = parser.parse_args(["serve", "--gpu-memory", "0.3", "--offload-policy", "lfu", "--offload-lfu-half-life", "1"])
     assert config_from_args(args).replica_spec("cuda")["offload"]["lfu_half_life"] == 1.0
+    args = parser.parse_args(["serve", "--gpu-memory", "0.3", "--offload-driver", "device"])
+    assert config_from_args(args).replica_spec("cuda")["offload"]["driver"] == "device"
+    with pytest.raises(ValueError, match="driver='device'"):  # offload's own check: no CPU fallback there
+        config_from_args(parser.parse_args(["serve", "--gpu-memory", "0.3", "--offload-driver", "device",
+                                            "--cpu-fallback"]))
     args = parser.parse_args(["serve", "--gpu-memory", "0.3", "--offload-pack-experts"])
     assert config_from_args(args).replica_spec("cuda")["offload"]["pack_experts"] is True
     with pytest.raises(ValueError, match="pack_experts"):  # offload's own check, when the config is made
