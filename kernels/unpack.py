@@ -126,9 +126,11 @@ def unpack_bf16_reference(buf: torch.Tensor, base: int, n_esc: int, out1: torch.
 
 
 @triton.jit
-def _unpack_kernel(nib_ptr, low_ptr, meta_ptr, esc_ptr, out1_ptr, out2_ptr, N1, N,
-                   BLOCK: tl.constexpr, ESC: tl.constexpr):
-    pid = tl.program_id(0)
+def decode_block(nib_ptr, low_ptr, meta_ptr, esc_ptr, out1_ptr, out2_ptr, pid, N1, N,
+                 BLOCK: tl.constexpr, ESC: tl.constexpr):
+    """Block ``pid`` of a packed buffer's N weights into out1 (the first N1) and out2 (int16 views): the
+    weights of the block, then its escapes from the table. Shared by _unpack_kernel and the device-driven
+    cache's packed fill (offload/device_cache.py), which reads the buffer from host memory."""
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     base = tl.load(meta_ptr)
@@ -149,6 +151,12 @@ def _unpack_kernel(nib_ptr, low_ptr, meta_ptr, esc_ptr, out1_ptr, out2_ptr, N1, 
         w = tl.load(esc_ptr + 2 * j + 1, mask=m, other=0).to(tl.int16)  # an int16 sign-extended: truncation keeps it
         tl.store(out1_ptr + i, w, mask=m & (i < N1))
         tl.store(out2_ptr + (i - N1), w, mask=m & (i >= N1))
+
+
+@triton.jit
+def _unpack_kernel(nib_ptr, low_ptr, meta_ptr, esc_ptr, out1_ptr, out2_ptr, N1, N,
+                   BLOCK: tl.constexpr, ESC: tl.constexpr):
+    decode_block(nib_ptr, low_ptr, meta_ptr, esc_ptr, out1_ptr, out2_ptr, tl.program_id(0), N1, N, BLOCK, ESC)
 
 
 _unpack = Launcher(_unpack_kernel)  # launched without per-call binding (kernels/launch.py)

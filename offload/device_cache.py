@@ -47,7 +47,7 @@ from kernels import get_backend
 from kernels.grouped_gemm import _interpreted
 from kernels.launch import Launcher
 from kernels.unpack import BLOCK as UNPACK_BLOCK
-from kernels.unpack import ESC_TILE
+from kernels.unpack import ESC_TILE, decode_block
 from kernels.unpack import layout as unpack_layout
 
 from .policies import resolve_lfu_half_life
@@ -182,28 +182,7 @@ def _fill_packed_kernel(anchor_ptr, offs_ptr, size_ptr, dst13_ptr, dst2_ptr, fil
             tl.atomic_add(bytes_ptr, tl.load(size_ptr + e))
         meta = (p + OFF_META).to(tl.pointer_type(tl.int32))
         esc = (p + OFF_ESC).to(tl.pointer_type(tl.int32))
-        out1 = dst13_ptr + s * N1
-        out2 = dst2_ptr + s * (N - N1)
-        offs = blk * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < N
-        base = tl.load(meta)
-        b = tl.load(p + offs // 2, mask=mask, other=0).to(tl.int32)
-        code = (b >> ((offs % 2) * 4)) & 0xF
-        lo = tl.load(p + OFF_LOW + offs, mask=mask, other=0).to(tl.int32)
-        u = ((lo & 0x80) << 8) | (((base + code) & 0xFF) << 7) | (lo & 0x7F)
-        v = tl.where(u >= 0x8000, u - 0x10000, u).to(tl.int16)
-        keep = mask & (code != 15)  # an escape's place is written from the table below
-        tl.store(out1 + offs, v, mask=keep & (offs < N1))
-        tl.store(out2 + (offs - N1), v, mask=keep & (offs >= N1))
-        start = tl.load(meta + 2 + blk)
-        end = tl.load(meta + 3 + blk)
-        for j0 in range(start, end, ESC):
-            jj = j0 + tl.arange(0, ESC)
-            m = jj < end
-            i = tl.load(esc + 2 * jj, mask=m, other=0)
-            w = tl.load(esc + 2 * jj + 1, mask=m, other=0).to(tl.int16)
-            tl.store(out1 + i, w, mask=m & (i < N1))
-            tl.store(out2 + (i - N1), w, mask=m & (i >= N1))
+        decode_block(p, p + OFF_LOW, meta, esc, dst13_ptr + s * N1, dst2_ptr + s * (N - N1), blk, N1, N, BLOCK, ESC)
 
 
 _fill_packed = Launcher(_fill_packed_kernel)
