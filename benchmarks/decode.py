@@ -422,7 +422,7 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
     rows = []
     drivers = args.offload_driver.split(",")
     if "device" in drivers:
-        rows += run_device_driven(model, key, args, store, floors, h2d, probe)
+        rows += run_device_driven(model, key, args, store, floors, h2d, probe, lookaheads, stride)
     if "host" not in drivers:
         return rows
     for S in [int(v) for v in args.offload_slots.split(",")]:
@@ -530,12 +530,15 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
     return rows
 
 
-def run_device_driven(model: MoEForCausalLM, key: str, args, store, floors: dict, h2d: float, probe) -> list[dict]:
+def run_device_driven(model: MoEForCausalLM, key: str, args, store, floors: dict, h2d: float, probe,
+                      lookaheads: dict | None = None, stride: int = 0) -> list[dict]:
     """The offloaded rows with OffloadConfig(driver='device') (offload/device_cache.py): the GPU plans hits,
     misses and victims itself and reads missed experts from the pinned store with a kernel; no host sync, so
     a decode step is one CUDA graph (DecodeGraphs). One cache per policy over the same store, each kept
     warm across rounds (its blocks' experts swapped in for its rounds); eager steps once, graph steps every
-    round, each policy keeping its fastest (device_graph_all: every round's ms, host ns, copy rate, MB)."""
+    round, each policy keeping its fastest (device_graph_all: every round's ms, host ns, copy rate, MB).
+    ``lookaheads`` (as run_offloaded's): each adds graph steps whose layers prefetch those guesses of the next
+    layer's experts on a side stream (device_graph_<name>)."""
     from offload import OffloadConfig
     from offload.apply import install
     from offload.cost_model import copy_bytes_per_s
@@ -563,13 +566,28 @@ def run_device_driven(model: MoEForCausalLM, key: str, args, store, floors: dict
                 for b, m in zip(blocks, mods[p]):
                     b.experts = m
                 cache, r = caches[p], by_policy[p]
-                for label, graph in (("device_eager", False), ("device_graph", True))[0 if rnd == 0 else 1:]:
-                    if graph and not cuda:
+                runs = [(label, graph, None, None) for label, graph in
+                        (("device_eager", False), ("device_graph", True))[0 if rnd == 0 else 1:]]
+                runs += [(f"device_graph_{name}", True, name, ids) for name, ids in (lookaheads or {}).items()]
+                for label, graph, guess_name, next_ids in runs:
+                    if graph and not cuda and guess_name is None:
                         continue
+                    handles = []
+                    if guess_name is not None:  # (eager steps on the CPU: a check of the script)
+                        from placement.trace_routing import install_trace_lookahead
+                        handles, routers = install_trace_lookahead(model, next_ids, E, stride)
+                        for m, router in zip(mods[p], routers):
+                            m.set_next_router(router)
                     host_ns = host_speed_ns()
                     h2d_now = copy_bytes_per_s(dev, probe) / 1e9 if cuda else float("nan")
                     cache.reset_stats()
-                    t, logits = run(model, B, args.steps, graph=graph, on_timing=cache.reset_stats)
+                    try:
+                        t, logits = run(model, B, args.steps, graph=graph and cuda, on_timing=cache.reset_stats)
+                    finally:
+                        for m in mods[p]:
+                            m.set_next_router(None)
+                        for h in handles:
+                            h.remove()
                     st, info = cache.stats(), LAST_RUN
                     mb = st["bytes_copied"] / args.steps / 1e6
                     r.setdefault(f"{label}_all", []).append([round(t * 1e3, 3), round(host_ns, 1), round(h2d_now, 1),
@@ -579,6 +597,11 @@ def run_device_driven(model: MoEForCausalLM, key: str, args, store, floors: dict
                         r.update({f"{label}_ms": t * 1e3, f"{label}_hit": st["hit_ratio"], f"{label}_mb_per_step": mb,
                                   f"{label}_host_ns": host_ns,
                                   f"{label}_copy_floor_ms": floors[B] + mb * 1e6 / h2d * 1e3})
+                        if guess_name is not None:
+                            r[f"{label}_prefetch_precision"] = st["prefetch_precision"]
+                            r[f"{label}_prefetch_recall"] = st["prefetch_recall"]
+                    if guess_name is not None:
+                        continue
                     if graph:
                         r["device_graph_same_steps"] = steps_before_parting(r["_eager_logits"], logits)
                     else:
@@ -786,6 +809,12 @@ def main(argv=None) -> int:
                   f"{g:8.3f} {r.get('device_graph_hit', r['device_eager_hit']):5.2f} "
                   f"{r.get('device_graph_mb_per_step', r['device_eager_mb_per_step']):8.1f} {fl:7.2f} {g / fl:11.2f} "
                   f"{r.get('device_graph_host_ns', float('nan')):6.0f}")
+            for k in [k for k in r if k.startswith("device_graph_") and k.endswith("_prefetch_precision")]:
+                n = k[:-len("_prefetch_precision")]
+                print(f"{'  + prefetch of ' + n[len('device_graph_'):]:41s} {'':3s} {'':8s} {'':7s} {'':8s} "
+                      f"{r[n + '_ms']:8.3f} {r[n + '_hit']:5.2f} {r[n + '_mb_per_step']:8.1f} {r[n + '_copy_floor_ms']:7.2f} "
+                      f"{r[n + '_ms'] / r[n + '_copy_floor_ms']:11.2f} {r[n + '_host_ns']:6.0f}  precision "
+                      f"{r[k]:.2f} recall {r[n + '_prefetch_recall']:.2f} vs no prefetch {r[n + '_ms'] / g:.2f}")
     print(f"\n## resident decode, ms per step (tokens/s = B / step); bf16, triton experts\n"
           f"{'model':16s} {'B':>3s} {'prompt':>6s} {'attn':>6s} {'floor':>8s} {'eager':>8s} {'graph':>8s} {'hf':>8s} "
           f"{'eager/graph':>11s} {'hf/graph':>8s} {'graph/floor':>11s} {'tok/s graph':>11s} {'repeat':>6s} {'kernel':>6s}")

@@ -491,12 +491,7 @@ def install(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: torch.dev
     budget = None
     if cfg.prefetch_budget is not None and cfg.prefetch == "predictor":
         budget = CopyBudget(cfg.prefetch_budget, cfg.predict_every)
-    if cfg.prefetch == "probe":
-        D = store.w2_shape[0]
-        if cfg.probes.num_layers != len(blocks) or cfg.probes.hidden_size != D:
-            raise ValueError(f"the probes were fitted for {cfg.probes.num_layers} MoE layers of hidden size "
-                             f"{cfg.probes.hidden_size}, this model has {len(blocks)} of {D}: fit them on its own "
-                             "recorded hidden states")
+    _check_probes(cfg, blocks, store)
     for i, b in enumerate(blocks):
         nxt = None
         if i + 1 < len(blocks) and cfg.prefetch == "next_layer_gate":
@@ -509,15 +504,30 @@ def install(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: torch.dev
     return cache
 
 
+def _check_probes(cfg: OffloadConfig, blocks, store: ExpertStore) -> None:
+    if cfg.prefetch == "probe":
+        D = store.w2_shape[0]
+        if cfg.probes.num_layers != len(blocks) or cfg.probes.hidden_size != D:
+            raise ValueError(f"the probes were fitted for {cfg.probes.num_layers} MoE layers of hidden size "
+                             f"{cfg.probes.hidden_size}, this model has {len(blocks)} of {D}: fit them on its own "
+                             "recorded hidden states")
+
+
 def _install_device(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: torch.device, top_k: int, slots: int,
                     backend: str) -> DeviceExpertCache:
     """install() for driver='device': one DeviceExpertCache, a DeviceOffloadedExperts in each block."""
     if not isinstance(store, (HostExpertStore, PackedHostExpertStore)):
         raise ValueError(f"driver='device' reads whole experts from host memory, got a {type(store).__name__}: "
                          "use driver='host' for a disk store")
+    _check_probes(cfg, blocks, store)
     cache = DeviceExpertCache(store, slots, cfg.policy, device, lfu_half_life=cfg.lfu_half_life)
     for i, b in enumerate(blocks):
-        b.experts = DeviceOffloadedExperts(i, cache, top_k, backend=backend)
+        nxt = None
+        if i + 1 < len(blocks) and cfg.prefetch == "next_layer_gate":
+            nxt = blocks[i + 1].router
+        elif i + 1 < len(blocks) and cfg.prefetch == "probe":
+            nxt = ProbeRouter(cfg.probes, i, device)
+        b.experts = DeviceOffloadedExperts(i, cache, top_k, backend=backend, next_router=nxt, prefetch_k=cfg.prefetch_k)
     return cache
 
 

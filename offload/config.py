@@ -64,7 +64,7 @@ class OffloadConfig:
                      (offload/device_cache.py: the GPU plans, reads missed experts from pinned host
                      memory itself, decoding packed ones on the way, and computes, no host sync, a
                      decode step is one CUDA graph; policies lru / lfu, whole experts in host memory,
-                     no prefetch and no cpu_fallback)
+                     prefetch none / next_layer_gate / probe (on a side stream), no cpu_fallback)
     pack_experts     keep the experts in host memory packed to 12 bits a weight, losslessly
                      (kernels/unpack.py: the exponent as a 4-bit code), so each copy moves a
                      quarter fewer bytes and is decoded on the device; bfloat16 experts, host
@@ -149,7 +149,7 @@ class OffloadConfig:
     def device_clashes(self) -> list[str]:
         """What driver='device' cannot do (offload/device_cache.py), as the settings that ask for it."""
         return [what for what, on in ((f"policy={self.policy!r}", self.policy not in ("lru", "lfu")),
-                                      (f"prefetch={self.prefetch!r}", self.prefetch != "none"),
+                                      (f"prefetch={self.prefetch!r}", self.prefetch == "predictor"),
                                       ("cpu_fallback", self.cpu_fallback),
                                       ("expert_slices > 1", self.expert_slices > 1),
                                       ("store='disk'", self.store == "disk")) if on]

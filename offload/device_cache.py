@@ -37,6 +37,7 @@ J = 2*I, D = hidden, M = min(E, S) fills a round at most.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext as _nullcontext
 
 import torch
 import triton
@@ -51,10 +52,14 @@ from kernels.unpack import ESC_TILE, decode_block
 from kernels.unpack import layout as unpack_layout
 
 from .policies import resolve_lfu_half_life
+from .prefetch import guess_count
 
 POLICIES = ("lru", "lfu")
 FILL_BLOCK = 8192  # elements a fill program moves per turn (s25-a: 8192 reached the link's 50.8 GB/s from 16 programs)
 FILL_PROGRAMS = 256  # programs of a fill launch, shared by its experts (s25-a: 32-264 all read 50.7-51.0 GB/s)
+# a prefetch's fill runs beside the compute, on about one program an SM: 48 in all, shared by the fill list's
+# 16 entries of which 1-4 were used, left ~12 programs decoding and made the step 1.9-3.5x slower (s25-e)
+PREFETCH_PROGRAMS = 132
 
 
 @triton.jit
@@ -81,8 +86,9 @@ def _fill_kernel(src13_ptr, src2_ptr, dst13_ptr, dst2_ptr, fill_e_ptr, fill_s_pt
 
 @triton.jit
 def _plan_kernel(ids_ptr, slot_of_ptr, expert_in_ptr, last_use_ptr, freq_ptr, decay_ptr, clock_ptr, counters_ptr,
-                 slot_out_ptr, fill_e_ptr, fill_s_ptr, N, E, S, M, rnd,
-                 FIRST: tl.constexpr, LFU: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr, BS: tl.constexpr):
+                 fresh_ptr, slot_out_ptr, fill_e_ptr, fill_s_ptr, N, E, S, M, rnd,
+                 FIRST: tl.constexpr, PREFETCH: tl.constexpr, LFU: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr,
+                 BS: tl.constexpr):
     """DeviceExpertCache.plan_torch in one program (one layer, one round): the same decisions, one launch
     instead of ~70 small ones. Membership and gathers over the [E] and [S] tables are [BE, BN], [BS, BE]
     and [BS, BS] comparison tiles (no gather from registers in Triton)."""
@@ -109,6 +115,10 @@ def _plan_kernel(ids_ptr, slot_of_ptr, expert_in_ptr, last_use_ptr, freq_ptr, de
     match_se = held[:, None] == e_ar[None, :]  # [BS, BE]
     busy = tl.max((match_se & routed[None, :]).to(tl.int32), axis=1) > 0
     cand = s_ok & ~busy
+    fresh = tl.load(fresh_ptr + s_ar, mask=s_ok, other=0)
+    if not PREFETCH:  # the prefetched experts this step uses
+        tl.store(counters_ptr + 4, tl.load(counters_ptr + 4) + tl.sum(((fresh != 0) & busy).to(tl.int64), 0))
+        fresh = tl.where(busy, 0, fresh)
     rec = tl.load(last_use_ptr + s_ar, mask=s_ok, other=0)
     key = tl.where(held < 0, -1, rec)  # empty slots first (every stamp is > 0)
     # t goes before s: a smaller key, or the same key and a lower slot (the torch plan's stable sorts)
@@ -132,9 +142,17 @@ def _plan_kernel(ids_ptr, slot_of_ptr, expert_in_ptr, last_use_ptr, freq_ptr, de
     evicted = tl.max((match_se & targeted[:, None]).to(tl.int32), axis=0) > 0  # [BE]
     slot_new = tl.where(admit, target, tl.where(evicted, -1, slot_of))
     held_new = tl.where(targeted, entering, held)
+    if PREFETCH:
+        tl.store(fresh_ptr + s_ar, tl.where(targeted, 1, fresh), mask=s_ok)
+    else:
+        tl.store(fresh_ptr + s_ar, tl.where(targeted, 0, fresh), mask=s_ok)
+    tl.store(counters_ptr + 5, tl.load(counters_ptr + 5) + tl.sum((targeted & (held >= 0)).to(tl.int64), 0))
     tl.store(slot_of_ptr + e_ar, slot_new.to(tl.int64), mask=e_ok)
     tl.store(expert_in_ptr + s_ar, held_new.to(tl.int64), mask=s_ok)
-    stamp = (clock * (E + 1) + rnd) * (2 * E + 2) + tl.where(miss, E, 0) + e_ar
+    if PREFETCH:
+        stamp = (clock * (E + 1) + E) * (2 * E + 2) + tl.where(miss, E, 0) + e_ar
+    else:
+        stamp = (clock * (E + 1) + rnd) * (2 * E + 2) + tl.where(miss, E, 0) + e_ar
     use = (held_new[:, None] == e_ar[None, :]) & routed[None, :]  # [BS, BE]
     used = tl.max(use.to(tl.int32), axis=1) > 0
     tl.store(last_use_ptr + s_ar, tl.where(used, tl.sum(tl.where(use, stamp[None, :], 0), axis=1), rec), mask=s_ok)
@@ -145,6 +163,8 @@ def _plan_kernel(ids_ptr, slot_of_ptr, expert_in_ptr, last_use_ptr, freq_ptr, de
     tl.store(fill_e_ptr + s_ar, fe.to(tl.int64), mask=s_ar < M)
     tl.store(fill_s_ptr + s_ar, fsl.to(tl.int64), mask=s_ar < M)
     tl.store(counters_ptr + 2, tl.load(counters_ptr + 2) + tl.sum(admit.to(tl.int64), 0))
+    if PREFETCH:
+        tl.store(counters_ptr + 3, tl.load(counters_ptr + 3) + tl.sum(admit.to(tl.int64), 0))
     for n0 in range(0, N, BN):
         n_ar = n0 + tl.arange(0, BN)
         ids = tl.load(ids_ptr + n_ar, mask=n_ar < N, other=-1).to(tl.int32)
@@ -169,20 +189,22 @@ _fill = Launcher(_fill_kernel)
 @triton.jit
 def _fill_packed_kernel(anchor_ptr, offs_ptr, size_ptr, dst13_ptr, dst2_ptr, fill_e_ptr, fill_s_ptr, bytes_ptr,
                         N1, N, OFF_LOW, OFF_META, OFF_ESC, BLOCK: tl.constexpr, ESC: tl.constexpr):
-    """Program (b, j): block b of expert fill_e[j]'s packed buffer (kernels/unpack.py's layout, at anchor +
-    offs[e] in pinned host memory, read over PCIe) decoded into slot fill_s[j]: 1.5 bytes a weight cross
-    the link instead of 2. dst13 / dst2 are the slot pools viewed as int16."""
-    blk = tl.program_id(0)
+    """Program (b, j): blocks b, b + G, ... (G = num_programs(0)) of expert fill_e[j]'s packed buffer
+    (kernels/unpack.py's layout, at anchor + offs[e] in pinned host memory, read over PCIe) decoded into slot
+    fill_s[j]: 1.5 bytes a weight cross the link instead of 2. dst13 / dst2: the slot pools as int16."""
+    b0 = tl.program_id(0)
     j = tl.program_id(1)
     e = tl.load(fill_e_ptr + j)
     if e >= 0:
         s = tl.load(fill_s_ptr + j).to(tl.int64)
         p = anchor_ptr + tl.load(offs_ptr + e)
-        if blk == 0:
+        if b0 == 0:
             tl.atomic_add(bytes_ptr, tl.load(size_ptr + e))
         meta = (p + OFF_META).to(tl.pointer_type(tl.int32))
         esc = (p + OFF_ESC).to(tl.pointer_type(tl.int32))
-        decode_block(p, p + OFF_LOW, meta, esc, dst13_ptr + s * N1, dst2_ptr + s * (N - N1), blk, N1, N, BLOCK, ESC)
+        for blk in range(b0, tl.cdiv(N, BLOCK), tl.num_programs(0)):
+            decode_block(p, p + OFF_LOW, meta, esc, dst13_ptr + s * N1, dst2_ptr + s * (N - N1), blk, N1, N, BLOCK,
+                         ESC)
 
 
 _fill_packed = Launcher(_fill_packed_kernel)
@@ -207,21 +229,27 @@ class PackedSource:
 
 
 def fill_slots_packed(src: PackedSource, layer: int, dst13: torch.Tensor, dst2: torch.Tensor, fill_e: torch.Tensor,
-                      fill_s: torch.Tensor, bytes_out: torch.Tensor) -> None:
+                      fill_s: torch.Tensor, bytes_out: torch.Tensor, programs: int | None = None) -> None:
     """The packed experts fill_e[j] (-1: none) of ``layer`` decoded into slots fill_s[j] of the bfloat16 pools, in
-    one launch with no host sync; bytes_out (int64 [1]) grows by the packed bytes read."""
+    one launch with no host sync; bytes_out (int64 [1]) grows by the packed bytes read. programs: at most this
+    many programs in all (None: one per block of every expert: the most in flight)."""
     M = fill_e.shape[0]
-    _fill_packed[(triton.cdiv(src.n, UNPACK_BLOCK), M)](
+    blocks = triton.cdiv(src.n, UNPACK_BLOCK)
+    if programs is not None:
+        blocks = max(1, min(blocks, programs // max(M, 1)))
+    _fill_packed[(blocks, M)](
         src.anchor, src.offsets[layer], src.sizes[layer], dst13.view(torch.int16), dst2.view(torch.int16), fill_e,
         fill_s, bytes_out, src.n1, src.n, src.off_low, src.off_meta, src.off_esc, BLOCK=UNPACK_BLOCK, ESC=ESC_TILE,
         num_warps=8)
 
 
 def fill_slots(src13: torch.Tensor, src2: torch.Tensor, dst13: torch.Tensor, dst2: torch.Tensor,
-               fill_e: torch.Tensor, fill_s: torch.Tensor, use_kernel: bool | None = None) -> None:
+               fill_e: torch.Tensor, fill_s: torch.Tensor, use_kernel: bool | None = None,
+               programs: int = 0) -> None:
     """dst13[fill_s[j]] = src13[fill_e[j]] (and w2) for every j with fill_e[j] >= 0; no host sync with
     the kernel. src: [E, ...] (host), dst: [S, ...] (device), both contiguous; fill_e, fill_s: int64 [M]
-    on dst's device. use_kernel None: the kernel on a GPU and under the Triton interpreter."""
+    on dst's device. use_kernel None: the kernel on a GPU and under the Triton interpreter. programs: at most
+    this many programs in all (0: FILL_PROGRAMS)."""
     if use_kernel is None:
         use_kernel = dst13.device.type == "cuda" or _interpreted()
     if not use_kernel:  # plain reference: a host loop (the CPU "device")
@@ -235,7 +263,7 @@ def fill_slots(src13: torch.Tensor, src2: torch.Tensor, dst13: torch.Tensor, dst
             raise ValueError("fill_slots needs contiguous store and pool tensors")
     M = fill_e.shape[0]
     n13, n2 = src13[0].numel(), src2[0].numel()
-    chunks = max(1, min(FILL_PROGRAMS // max(M, 1), triton.cdiv(max(n13, n2), FILL_BLOCK)))
+    chunks = max(1, min((programs or FILL_PROGRAMS) // max(M, 1), triton.cdiv(max(n13, n2), FILL_BLOCK)))
     _fill[(M, chunks)](src13, src2, dst13, dst2, fill_e, fill_s, n13, n2, BLOCK=FILL_BLOCK, num_warps=8)
 
 
@@ -245,7 +273,8 @@ class DeviceExpertCache:
     slot_of [L, E+1] (the slot of each resident expert, -1 elsewhere; entry E is always -1, so an id of
     -1 maps to -1), expert_in [L, S+1] (entry S: where writes for nobody go), last_use [L, S+1] (the
     layer's step count at each slot's last use), freq [L, E] (LFU: decayed uses), clock [L] and the
-    counters [L, 3] (hits, misses, fills) live on the device; stats() reads them back."""
+    counters [L, 6] (hits, misses, fills, prefetched fills, prefetches used, evictions) live on the device, with fresh
+    [L, S+1] (1: a prefetched expert not used since); stats() reads them back."""
 
     def __init__(self, store, slots_per_layer: int, policy: str = "lru", device: str | torch.device = "cpu",
                  lfu_half_life: float | None = None):
@@ -279,7 +308,9 @@ class DeviceExpertCache:
         self.last_use = torch.zeros((L, S + 1), dtype=torch.int64, device=dev)
         self.freq = torch.zeros((L, E), dtype=torch.float64, device=dev)  # float64 as the host's: the same ties
         self.clock = torch.zeros((L,), dtype=torch.int64, device=dev)
-        self.counters = torch.zeros((L, 3), dtype=torch.int64, device=dev)
+        # hits, misses, fills, prefetched fills, prefetches used, evictions
+        self.counters = torch.zeros((L, 6), dtype=torch.int64, device=dev)
+        self.fresh = torch.zeros((L, S + 1), dtype=torch.int64, device=dev)  # 1: prefetched, not used since
         self._arange_E = torch.arange(E, dtype=torch.int64, device=dev)
         self._inf = torch.tensor(math.inf, dtype=torch.float64, device=dev)
         self.expert_bytes = store.expert_bytes
@@ -289,30 +320,38 @@ class DeviceExpertCache:
         self._kernel = (dev.type == "cuda" or _interpreted()) and plan_kernel_fits(E, S)
         self._fill_kernel = dev.type == "cuda" or _interpreted()
         self._packed_bytes = torch.zeros(1, dtype=torch.int64, device=dev)  # what packed fills read
+        self._side, self._events, self._joins = None, {}, {}  # prefetch: its stream, an event per layer, the waits
 
     # --- the plan of one round at one layer ---------------------------------------------------
-    def plan(self, layer: int, ids_N: torch.Tensor, rnd: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def plan(self, layer: int, ids_N: torch.Tensor, rnd: int,
+             prefetch: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """plan_torch's decisions in one launch of the plan kernel (on a GPU, and under the Triton interpreter),
         where its tables fit it (plan_kernel_fits); else plan_torch."""
         if not self._kernel:
-            return self.plan_torch(layer, ids_N, rnd)
+            return self.plan_torch(layer, ids_N, rnd, prefetch)
         N, E, S, M = ids_N.shape[0], self.num_experts, self.slots, self.M
         dev = ids_N.device
         slot_N = torch.empty(N, dtype=torch.int64, device=dev)
         fill_e = torch.empty(M, dtype=torch.int64, device=dev)
         fill_s = torch.empty(M, dtype=torch.int64, device=dev)
         _plan[(1,)](ids_N, self.slot_of[layer], self.expert_in[layer], self.last_use[layer], self.freq[layer],
-                    self._decay_t, self.clock[layer:layer + 1], self.counters[layer], slot_N, fill_e, fill_s,
-                    N, E, S, M, rnd, FIRST=rnd == 0, LFU=self.policy == "lfu",
+                    self._decay_t, self.clock[layer:layer + 1], self.counters[layer], self.fresh[layer], slot_N,
+                    fill_e, fill_s, N, E, S, M, rnd, FIRST=rnd == 0 and not prefetch, PREFETCH=prefetch,
+                    LFU=self.policy == "lfu",
                     BN=min(64, triton.next_power_of_2(max(N, 1))), BE=triton.next_power_of_2(E),
                     BS=triton.next_power_of_2(S), num_warps=4)
         return slot_N, fill_e, fill_s
 
-    def plan_torch(self, layer: int, ids_N: torch.Tensor, rnd: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def plan_torch(self, layer: int, ids_N: torch.Tensor, rnd: int,
+                   prefetch: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Slots for the experts ids_N [N] (int64, -1 = none) at ``layer``: returns (slot ids [N], -1 where
         the expert found no slot this round; fill_e [M], fill_s [M]: the experts to read into which slots,
         -1 = none). rnd: the round of the step at this layer; round 0 counts hits and misses, ticks the clock
-        and counts LFU uses, later rounds plan what the earlier ones left. All on the device, no host sync."""
+        and counts LFU uses, later rounds plan what the earlier ones left. All on the device, no host sync.
+
+        prefetch: ids_N are guesses of the layer's next experts (the previous layer's, ``set_next_router``):
+        nothing is counted as a use, the clock stands, the admitted ones are marked fresh; a demand plan
+        counts the fresh slots it hits as useful prefetches and clears them."""
         E, S, M = self.num_experts, self.slots, self.M
         slot_of, expert_in = self.slot_of[layer], self.expert_in[layer]
         valid = ids_N >= 0
@@ -320,7 +359,7 @@ class DeviceExpertCache:
         routed = torch.zeros(E + 1, dtype=torch.bool, device=ids_N.device).index_fill_(0, idx, True)[:E]
         resident = slot_of[:E] >= 0
         miss = routed & ~resident
-        if rnd == 0:
+        if rnd == 0 and not prefetch:
             self.clock[layer] += 1
             self.counters[layer, 0] += (routed & resident).sum()
             self.counters[layer, 1] += miss.sum()
@@ -329,6 +368,10 @@ class DeviceExpertCache:
                 f.mul_(self.decay).add_(routed.to(f.dtype))
         held = expert_in[:S]
         busy = (held >= 0) & routed[held.clamp(min=0)]  # slots this round computes from: not victims
+        fresh = self.fresh[layer]
+        if not prefetch:  # the prefetched experts this step uses
+            self.counters[layer, 4] += (fresh[:S].bool() & busy).sum()
+            fresh[:S].masked_fill_(busy, 0)
         # the order in which slots give way: empty ones first, then by the policy; busy ones never
         recency = self.last_use[layer, :S].to(torch.float64)
         order = torch.argsort(torch.where(held < 0, -self._inf, recency), stable=True)
@@ -348,7 +391,8 @@ class DeviceExpertCache:
         slot_N = slot_of[idx]
         # recency as the host cache counts it (one tick per expert used, offload/policies.py): this round's
         # experts after every earlier round's, its hits before its misses, each in ascending id
-        stamp_E = (self.clock[layer] * (E + 1) + rnd) * (2 * E + 2) + torch.where(miss, E, 0) + self._arange_E
+        stamp_E = (self.clock[layer] * (E + 1) + (E if prefetch else rnd)) * (2 * E + 2) + torch.where(miss, E, 0) \
+            + self._arange_E  # (a prefetch: after this step's rounds, before the next step's)
         used = torch.where(slot_N >= 0, slot_N, S)
         self.last_use[layer].scatter_(0, used, stamp_E[idx.clamp(max=E - 1)])  # (entry S: nobody's)
         # the fill list: admitted misses in rank order, M at most (M = min(E, S) >= free)
@@ -358,22 +402,51 @@ class DeviceExpertCache:
         fill_e.scatter_(0, pos, torch.where(admit, self._arange_E, -1))
         fill_s.scatter_(0, pos, torch.where(admit, target, -1))
         fill_e[M:].fill_(-1)
+        fresh.scatter_(0, torch.where(admit, target, S), torch.full_like(target, int(prefetch)))
         self.counters[layer, 2] += admit.sum()
+        self.counters[layer, 5] += (admit & (old >= 0)).sum()
+        if prefetch:
+            self.counters[layer, 3] += admit.sum()
         return slot_N, fill_e[:M], fill_s[:M]
+
+    def side_stream(self):
+        """The stream prefetches run on (one per cache, made on first use); None off a GPU (inline there)."""
+        if self.device.type != "cuda":
+            return None
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        return self._side
+
+    def prefetched(self, layer: int, stream, keep: tuple) -> None:
+        """A prefetch into ``layer`` was queued on ``stream``: ``layer``'s next forward waits for it (join);
+        ``keep`` holds the tensors it reads and writes until then (the caching allocator must not hand them out
+        while the side stream still works on them)."""
+        ev = self._events.get(layer)
+        if ev is None:
+            ev = self._events[layer] = torch.cuda.Event()
+        ev.record(stream)
+        self._joins[layer] = (ev, keep)
+
+    def join(self, layer: int) -> None:
+        """The current stream waits for a prefetch queued into ``layer``, if any."""
+        pending = self._joins.pop(layer, None)
+        if pending is not None:
+            torch.cuda.current_stream(self.device).wait_event(pending[0])
 
     def rounds(self, tokens: int, top_k: int) -> int:
         """Rounds a step of ``tokens`` tokens needs at most: its distinct experts over the slots."""
         return -(-min(tokens * top_k, self.num_experts) // self.slots)
 
-    def fill(self, layer: int, fill_e: torch.Tensor, fill_s: torch.Tensor) -> None:
+    def fill(self, layer: int, fill_e: torch.Tensor, fill_s: torch.Tensor, programs: int | None = None) -> None:
         """The planned experts into their slots: read from host memory by a kernel (decoded on the way when the
-        store is packed), or on a CPU "device" by plain copies."""
+        store is packed), or on a CPU "device" by plain copies. programs: at most this many (a prefetch beside
+        the compute: PREFETCH_PROGRAMS); None: as many as help."""
         dst13, dst2 = self.pool_w13[layer], self.pool_w2[layer]
         if self.packed is None:
             w13, w2 = self.store.layers[layer]
-            fill_slots(w13, w2, dst13, dst2, fill_e, fill_s, use_kernel=self._fill_kernel)
+            fill_slots(w13, w2, dst13, dst2, fill_e, fill_s, use_kernel=self._fill_kernel, programs=programs or 0)
         elif self._fill_kernel:
-            fill_slots_packed(self.packed, layer, dst13, dst2, fill_e, fill_s, self._packed_bytes)
+            fill_slots_packed(self.packed, layer, dst13, dst2, fill_e, fill_s, self._packed_bytes, programs)
         else:
             from kernels.unpack import unpack_bf16_reference
             for e, s in zip(fill_e.tolist(), fill_s.tolist()):
@@ -394,12 +467,13 @@ class DeviceExpertCache:
         self._packed_bytes.zero_()
 
     def stats(self) -> dict:
-        hits, misses, fills = (int(v) for v in self.counters.sum(0).tolist())
+        hits, misses, fills, pre, useful, evictions = (int(v) for v in self.counters.sum(0).tolist())
         acc = hits + misses
         moved = int(self._packed_bytes) if self.packed is not None else fills * self.expert_bytes
         return dict(hits=hits, misses=misses, hit_ratio=hits / acc if acc else 0.0, copies=fills, bytes_copied=moved,
-                    evictions=0, prefetches=0, useful_prefetches=0, prefetch_precision=0.0, prefetch_recall=0.0,
-                    cpu_computed=0)
+                    evictions=evictions, prefetches=pre, useful_prefetches=useful,
+                    prefetch_precision=useful / pre if pre else 0.0,
+                    prefetch_recall=useful / (useful + misses) if useful + misses else 0.0, cpu_computed=0)
 
     def describe(self) -> str:
         c = self.stats()
@@ -419,16 +493,47 @@ class DeviceOffloadedExperts(nn.Module):
 
     capturable = True
 
-    def __init__(self, layer: int, cache: DeviceExpertCache, top_k: int, backend: str = "torch"):
+    def __init__(self, layer: int, cache: DeviceExpertCache, top_k: int, backend: str = "torch",
+                 next_router: nn.Module | None = None, prefetch_k: int = 0):
         super().__init__()
         self.layer, self.cache, self.top_k, self.backend = layer, cache, top_k, backend
         self.num_experts = cache.num_experts
+        self._next_router = [next_router]  # a list: not registered as a child module (it belongs to layer l+1)
+        self.guess_k = guess_count(prefetch_k, top_k)
+
+    def set_next_router(self, router: nn.Module | None) -> None:
+        """What guesses layer l+1's experts from this layer's input (forward(x_TD) -> (_, _, logits_TE): layer
+        l+1's router, a probe, placement.trace_routing.TraceLookahead); its guesses are planned and read into
+        layer l+1's slots on a side stream, beside this layer's compute and the next layer's attention. None:
+        no prefetch."""
+        self._next_router = [router]
+
+    def _prefetch_next(self, x_TD: torch.Tensor) -> None:
+        cache, nxt = self.cache, self.layer + 1
+        router = self._next_router[0]
+        if router is None or nxt >= cache.num_layers:
+            return
+        with torch.no_grad():
+            side = cache.side_stream()
+            if side is not None:  # after this layer's demand fill (the link is busy until then), beside its compute
+                side.wait_stream(torch.cuda.current_stream(x_TD.device))
+            with torch.cuda.stream(side) if side is not None else _nullcontext():
+                logits_TE = router.forward(x_TD)[2]  # forward(), not __call__: trace hooks must not fire
+                k = min(self.guess_k, logits_TE.shape[1], getattr(router, "guesses", None) or self.guess_k)
+                top = logits_TE.topk(k, dim=1)
+                guess = torch.where(torch.isfinite(top.values), top.indices, -1).reshape(-1).to(torch.int64)
+                slot_N, fill_e, fill_s = cache.plan(nxt, guess, 0, prefetch=True)
+                n = min(cache.M, guess.shape[0])  # the admitted guesses lead the fill list: the programs go to them
+                cache.fill(nxt, fill_e[:n], fill_s[:n], programs=PREFETCH_PROGRAMS)
+                if side is not None:
+                    cache.prefetched(nxt, side, (x_TD, logits_TE, guess, slot_N, fill_e, fill_s))
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, slots={self.cache.slots}, experts={self.num_experts}, driver=device"
 
     def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
         cache, layer = self.cache, self.layer
+        cache.join(layer)  # a prefetch into this layer's slots (the previous layer's guesses) lands first
         T, K = topk_ids_TK.shape
         pending = topk_ids_TK.reshape(-1).to(torch.int64)
         kernel = get_backend(self.backend)
@@ -436,7 +541,10 @@ class DeviceOffloadedExperts(nn.Module):
         y_TD = None
         for r in range(cache.rounds(T, K)):
             slot_N, fill_e, fill_s = cache.plan(layer, pending, r)
-            cache.fill(layer, fill_e, fill_s)
+            n = min(cache.M, T * K)  # at most this many admitted misses, first in the fill list
+            cache.fill(layer, fill_e[:n], fill_s[:n])
+            if r == 0:
+                self._prefetch_next(x_TD)
             part = kernel(x_TD, pool13, pool2, slot_N.view(T, K), topk_weights_TK)
             y_TD = part if y_TD is None else y_TD + part
             pending = torch.where(slot_N >= 0, -1, pending)  # what found no slot waits for the next round

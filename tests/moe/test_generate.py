@@ -481,6 +481,14 @@ def test_decode_benchmark_routes_by_a_recorded_trace_and_prefetches_its_guesses(
     for name in ("lookahead", "oracle"):
         assert off[f"graph_{name}_prefetch_precision"] == 1.0 and off[f"graph_{name}_prefetch_recall"] > 0
         assert off[f"graph_{name}_hit"] >= off["eager_hit"]
+    # --offload-driver device: the same guesses prefetched by the device-driven cache (inline on the CPU)
+    dd = tmp_path / "dd"
+    assert mod.main([str(dd) if a == str(tmp_path) else a for a in args]
+                    + ["--lookahead", str(tmp_path / "t.lookahead.npz"), "--offload-driver", "device"]) == 0
+    drow = [json.loads(line) for line in (dd / "decode_results.jsonl").read_text().splitlines() if '"driver"' in line][-1]
+    for name in ("lookahead", "oracle"):
+        assert drow[f"device_graph_{name}_prefetch_precision"] == 1.0 and drow[f"device_graph_{name}_prefetch_recall"] > 0
+        assert drow[f"device_graph_{name}_hit"] >= drow["device_eager_hit"]
     with pytest.raises(SystemExit, match="prompt \\+ steps"):
         mod.main(args[:-4] + ["--offload-slots", "3", "--steps", "40", "--trace", str(tmp_path / "t.npz")])
     np.savez(tmp_path / "bad.npz", next_ids=ids[:, :7])

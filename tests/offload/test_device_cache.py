@@ -142,8 +142,23 @@ def test_device_driver_equals_resident(model, resident, policy, slots):
     assert "decided on the device" in m.offload_cache.describe()
 
 
+@pytest.mark.parametrize("policy,slots", [("lru", 2), ("lfu", 3)])
+def test_device_driver_with_next_layer_prefetch_equals_resident(model, resident, policy, slots):
+    """prefetch='next_layer_gate' under driver='device': layer l+1's router on layer l's input guesses, the
+    guesses are planned and read into layer l+1's slots (inline on the CPU, on a side stream on a GPU), and the
+    outputs stay the resident model's; the prefetches are counted and some are used."""
+    m = offloaded(model, slots_per_layer=slots, policy=policy, driver="device", prefetch="next_layer_gate", prefetch_k=2)
+    toks, logits = greedy(m, PROMPT, STEPS)
+    torch.testing.assert_close(logits, resident[1], atol=1e-6, rtol=0)
+    assert toks == resident[0]
+    st = m.offload_cache.stats()
+    assert st["prefetches"] > 0 and 0 < st["useful_prefetches"] <= st["prefetches"]
+    assert 0 < st["prefetch_precision"] <= 1 and 0 < st["prefetch_recall"] <= 1
+    assert st["copies"] >= st["prefetches"] and st["evictions"] > 0
+
+
 def test_device_driver_refuses_what_it_cannot_do():
-    for kw, what in ((dict(store="disk", checkpoint="x"), "store='disk'"), (dict(prefetch="next_layer_gate"), "prefetch"),
+    for kw, what in ((dict(store="disk", checkpoint="x"), "store='disk'"), (dict(prefetch="predictor", predictor=type("P", (), {"predict_batch": None})()), "prefetch='predictor'"),
                      (dict(cpu_fallback=True), "cpu_fallback"), (dict(expert_slices=2), "expert_slices"),
                      (dict(policy="belady", trace=object()), "policy='belady'")):
         with pytest.raises(ValueError, match=what):
@@ -167,13 +182,17 @@ def test_plan_kernel_decides_as_plan_torch(policy, E, S, K, T):
         ids = np.stack([rng.choice(E, K, replace=False) for _ in range(T)]).reshape(-1)
         if step % 5 == 2:
             ids[-1] = -1
+        if step % 3 == 1:  # a prefetch of guesses first (the previous layer's), as the side stream plans it
+            guess = torch.from_numpy(rng.choice(E, min(E, K + 1), replace=False)).long()
+            for a, b in zip(*[c.plan(0, guess.clone(), 0, prefetch=True) for c in caches]):
+                assert torch.equal(a, b), step
         pend = [torch.from_numpy(ids).long() for _ in caches]
         for r in range(caches[0].rounds(T, K)):
             outs = [c.plan(0, p, r) for c, p in zip(caches, pend)]
             for a, b in zip(*outs):
                 assert torch.equal(a, b), (step, r)
             pend = [torch.where(o[0] >= 0, -1, p) for o, p in zip(outs, pend)]
-        for name, n in (("slot_of", E), ("expert_in", S), ("last_use", S), ("freq", E)):  # (past n: nobody's)
+        for name, n in (("slot_of", E), ("expert_in", S), ("last_use", S), ("freq", E), ("fresh", S)):  # (past n: nobody's)
             assert torch.equal(getattr(caches[0], name)[:, :n], getattr(caches[1], name)[:, :n]), name
         for name in ("clock", "counters"):
             assert torch.equal(getattr(caches[0], name), getattr(caches[1], name)), name

@@ -134,9 +134,10 @@ def test_gpu_cache_current_stream_is_torchs_and_waits_land_on_it():
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("policy,slots,pack", [("lru", 1, False), ("lru", 3, False), ("lfu", 3, False),
-                                               ("lru", 1, True), ("lfu", 3, True)])
-def test_gpu_device_driver_equals_resident_and_replays_in_one_graph(policy, slots, pack):
+@pytest.mark.parametrize("policy,slots,pack,prefetch", [
+    ("lru", 1, False, "none"), ("lru", 3, False, "none"), ("lfu", 3, False, "none"), ("lru", 1, True, "none"),
+    ("lfu", 3, True, "none"), ("lfu", 3, False, "next_layer_gate"), ("lru", 2, True, "next_layer_gate")])
+def test_gpu_device_driver_equals_resident_and_replays_in_one_graph(policy, slots, pack, prefetch):
     """driver='device' on the GPU: the fill kernel reads missed experts from pinned host memory itself; greedy
     decoding equals the resident model's, and with the triton experts a whole decode step captures as one
     CUDA graph (no host sync) whose replays give eager's tokens while the cache keeps deciding inside them."""
@@ -145,12 +146,12 @@ def test_gpu_device_driver_equals_resident_and_replays_in_one_graph(policy, slot
     if pack:  # packed stores hold bfloat16 experts: the reference is the same cache over the bfloat16 store, bit for bit
         model = twin(model).to(torch.bfloat16)
         want = greedy(apply_offload(twin(model), OffloadConfig(device="cuda", calibrate=False, slots_per_layer=slots,
-                                                               policy=policy, driver="device", pack_experts=False)),
-                      PROMPT, 6)
+                                                               policy=policy, driver="device", pack_experts=False,
+                                                               prefetch=prefetch)), PROMPT, 6)
     else:
         want = greedy(twin(model).cuda(), PROMPT, 6)
     m = apply_offload(twin(model), OffloadConfig(device="cuda", calibrate=False, slots_per_layer=slots, policy=policy,
-                                                 driver="device", pack_experts=pack))
+                                                 driver="device", pack_experts=pack, prefetch=prefetch))
     assert m.offload_cache.store.pinned and m.offload_cache.pool_w13[0].is_cuda
     assert (m.offload_cache.packed is not None) == pack
     got = greedy(m, PROMPT, 6)
@@ -181,3 +182,5 @@ def test_gpu_device_driver_equals_resident_and_replays_in_one_graph(policy, slot
     torch.testing.assert_close(runs[True][1], runs[False][1], atol=tol, rtol=tol)
     if slots < 8:
         assert runs[True][2]["misses"] > 0 and runs[True][2]["copies"] >= runs[True][2]["misses"]  # decided in the graph
+    if prefetch != "none":  # the side stream's prefetches, captured in the graph too
+        assert runs[True][2]["prefetches"] > 0 and runs[True][2]["useful_prefetches"] > 0
