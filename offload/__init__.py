@@ -4,11 +4,13 @@ missed experts. Offloaded output equals resident output.
     from offload import OffloadConfig, apply_offload, route_by_trace, simulate, oracle_bound
     model = apply_offload(model, OffloadConfig(gpu_memory="24GiB", policy="lru", cpu_fallback=True))
     model.offload_cache.stats()
+    model = apply_offload(model, OffloadConfig(gpu_memory="24GiB", driver="device"))  # decided on the GPU
 """
 from .apply import OffloadedExperts, apply_offload, install, kv_cache_bytes, plan_slots, route_by_trace
 from .cache import ExpertCache
 from .config import OffloadConfig, parse_bytes
 from .cost_model import CostModel
+from .device_cache import DeviceExpertCache, DeviceOffloadedExperts
 from .policies import BeladyPolicy, LFUPolicy, LRUPolicy, Policy, PredictorPolicy, make_policy
 from .prefetch import CopyBudget, Lookahead, TransitionPredictor
 from .simulator import oracle_bound, shared_pool_belady, simulate
@@ -16,6 +18,7 @@ from .store import DiskExpertStore, HostExpertStore, PackedHostExpertStore
 from .tiered import TieredExperts, TierRuntime, TierRuntimeConfig, apply_cpu_tier
 
 __all__ = ["OffloadConfig", "apply_offload", "install", "kv_cache_bytes", "OffloadedExperts", "plan_slots", "route_by_trace", "ExpertCache",
+           "DeviceExpertCache", "DeviceOffloadedExperts",
            "parse_bytes", "CostModel", "Policy", "LRUPolicy", "LFUPolicy", "PredictorPolicy", "BeladyPolicy",
            "make_policy", "CopyBudget", "Lookahead", "TransitionPredictor", "simulate", "oracle_bound", "shared_pool_belady", "HostExpertStore", "PackedHostExpertStore",
            "DiskExpertStore", "TieredExperts", "TierRuntime", "TierRuntimeConfig", "apply_cpu_tier"]

@@ -62,7 +62,7 @@ def add_offload_args(parser: argparse.ArgumentParser) -> None:
                    help="who decides hits, misses and evictions: host (the default: every policy, prefetch and "
                         "the CPU fallback) or device (the GPU decides itself and reads missed experts from host "
                         "memory with a kernel: no host sync, a decode step is one CUDA graph; lru / lfu only; "
-                        "OLMoE at 25%%: 0.83-0.94x the host's step, BENCHMARKS 3p)")
+                        "OLMoE and Qwen3 shapes at 25%%: 0.87-0.95x the host path's best step, BENCHMARKS 3p)")
     g.add_argument("--offload-from-disk", action="store_true",
                    help="read experts from the checkpoint's memory-mapped safetensors instead of host memory")
 
