@@ -174,6 +174,9 @@ def piecewise_support(model: torch.nn.Module, need_cuda: bool = True) -> str | N
         block = layer.mlp
         if not hasattr(block, "route"):
             continue  # a dense MLP: inside a piece
+        if getattr(block.experts, "capturable", False):
+            return (f"MoE layer {block.layer_idx} decides on the device (offload driver='device'): nothing to cut "
+                    "around; DecodeGraphs captures the whole step with the 'triton' experts backend")
         if type(block.experts) is Experts:
             if need_cuda and (block.experts.backend != "triton"
                               or any(p.device.type != "cuda" for p in block.experts.parameters())):

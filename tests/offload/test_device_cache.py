@@ -157,6 +157,16 @@ def test_device_driver_with_next_layer_prefetch_equals_resident(model, resident,
     assert st["copies"] >= st["prefetches"] and st["evictions"] > 0
 
 
+def test_device_driven_models_are_not_cut_into_graph_pieces(model):
+    """Graph pieces cut around host-deciding experts; device-deciding ones need none (the whole step captures
+    with the triton backend, graph_support), so piecewise_support says why not, and the Engine decodes eagerly
+    where the whole step cannot be captured."""
+    from moe.cuda_graph import graph_support, piecewise_support
+    m = offloaded(model, slots_per_layer=2, driver="device")
+    assert "decides on the device" in piecewise_support(m, need_cuda=False)
+    assert graph_support(m) is not None  # on the CPU
+
+
 def test_device_driver_refuses_what_it_cannot_do():
     for kw, what in ((dict(store="disk", checkpoint="x"), "store='disk'"), (dict(prefetch="predictor", predictor=type("P", (), {"predict_batch": None})()), "prefetch='predictor'"),
                      (dict(cpu_fallback=True), "cpu_fallback"), (dict(expert_slices=2), "expert_slices"),
