@@ -274,7 +274,8 @@ class DeviceExpertCache:
     -1 maps to -1), expert_in [L, S+1] (entry S: where writes for nobody go), last_use [L, S+1] (the
     layer's step count at each slot's last use), freq [L, E] (LFU: decayed uses), clock [L] and the
     counters [L, 6] (hits, misses, fills, prefetched fills, prefetches used, evictions) live on the device, with fresh
-    [L, S+1] (1: a prefetched expert not used since); stats() reads them back."""
+    [L, S+1] (1: a prefetched expert not used since); stats() reads them back. A CUDA-graph capture runs its
+    step once eagerly first (DecodeGraphs' warm-up), so each captured bucket counts one step twice."""
 
     def __init__(self, store, slots_per_layer: int, policy: str = "lru", device: str | torch.device = "cpu",
                  lfu_half_life: float | None = None):
