@@ -382,7 +382,7 @@ class SwitchPolicy:
 
 
 def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: dict | None = None,
-                  stride: int = 0) -> list[dict]:
+                  stride: int = 0, spec=None, resident_ms: dict | None = None) -> list[dict]:
     """The same steps with the experts in pinned host memory and S slots per layer on the GPU (an LRU
     cache, offload.install): eager steps against graph pieces around the offloaded experts. The
     model's experts move to the host store for good (run last).
@@ -390,7 +390,8 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
     ``lookaheads`` {name: next_ids [L, N, K]} (trace routing only, keyed like it with ``stride``):
     each adds graph pieces whose layers prefetch those guesses of the next layer's experts
     (placement.trace_routing.TraceLookahead; serial pieces, as every layer with a next-layer guess
-    runs), as ``graph_<name>_ms``."""
+    runs), as ``graph_<name>_ms``. With a trace (``spec``) and the resident steps' ms by batch (``resident_ms``),
+    every row also gets issue 5's oracle bound for its slots (``oracle_ms``, ``oracle_hit``: oracle_step_ms)."""
     from offload import HostExpertStore, OffloadConfig, PackedHostExpertStore
     from offload.apply import install
     from offload.policies import make_policy
@@ -420,9 +421,19 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
     print(f"host -> GPU copies: {h2d_64m / 1e9:.1f} GB/s (pinned, 64 MiB), {h2d_expert / 1e9:.1f} GB/s (one expert's "
           f"{what} from the store, {one.numel() * one.element_size() / 1e6:.1f} MB)", flush=True)
     rows = []
+    # what one miss moves, for the oracle bound: the packed buffers' mean, or an unpacked expert
+    miss_bytes = (sum(store.copy_nbytes(i, e) for i in range(store.num_layers) for e in range(store.num_experts))
+                  / (store.num_layers * store.num_experts) if args.pack_experts else store.expert_bytes)
+    oracle = {}
+    rate = h2d if h2d == h2d else 25e9  # off a GPU (a check of the script): OffloadConfig's nominal copy rate
+    if spec is not None and resident_ms:
+        for S in [int(v) for v in args.offload_slots.split(",")]:
+            for B in batches:
+                if B in resident_ms:
+                    oracle[S, B] = oracle_step_ms(spec, B, 32, args.steps, S, miss_bytes, rate, resident_ms[B])
     drivers = args.offload_driver.split(",")
     if "device" in drivers:
-        rows += run_device_driven(model, key, args, store, floors, h2d, probe, lookaheads, stride)
+        rows += run_device_driven(model, key, args, store, floors, h2d, probe, lookaheads, stride, oracle)
     if "host" not in drivers:
         return rows
     for S in [int(v) for v in args.offload_slots.split(",")]:
@@ -450,6 +461,10 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
                                  policy=p + (f"-hl{c.lfu_steps():g}" if c.lfu_steps() else ""),
                                  routing="rec" if args.trace else "trace" if args.trace_routing else "model",
                                  h2d_gbs=h2d / 1e9) for p, c in cfgs.items()}
+            if (S, B) in oracle:
+                for row in by_policy.values():
+                    row["oracle_ms"], row["oracle_hit"] = oracle[S, B]
+                    row["oracle_rate_gbs"] = rate / 1e9
             r = by_policy[policies[0]]  # the row being filled (record() and run_lookaheads() write into it)
             # graph: run-ahead where a layer's speculations are mostly kept (the default); always: at every layer
             variants = (("eager", False, True, 0.5), ("graph", True, True, 0.5), ("graph_serial", True, False, 0.5),
@@ -530,8 +545,32 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
     return rows
 
 
+def oracle_step_ms(spec, B: int, prompt_len: int, steps: int, slots: int, expert_bytes: float, rate: float,
+                   compute_ms: float) -> tuple[float, float]:
+    """Issue 5's oracle bound for run()'s timed steps: Belady's misses over the routing those steps take (rows
+    0..B-1 step by step; the prompt, as single-token steps, and the two untimed steps warm the cache), every copy
+    hidden behind the compute (each layer's share of ``compute_ms``, the resident graph step), copies only: the
+    CPU measured no help at batch 1 (BENCHMARKS 3b, 3h, 3n). ``expert_bytes``: what one miss moves (packed or
+    not), ``rate``: bytes/s. Returns (ms a step, Belady's hit ratio) (offload.simulator.oracle_bound)."""
+    import math
+
+    import numpy as np
+
+    from offload.cost_model import CostModel
+    from offload.simulator import oracle_bound
+    from placement.trace_routing import trace_keys
+    from routing.trace import RoutingTrace
+    ids = np.asarray(spec.expert_ids)
+    pos, rows = np.divmod(np.arange((prompt_len + 2 + steps) * B), B)  # step-major: position p of every row
+    trace = RoutingTrace(ids[:, trace_keys(rows, pos, spec.stride, ids.shape[1])], spec.num_experts)
+    cost = CostModel(copy_bytes_per_s=rate, cpu_base_s=math.inf, cpu_per_token_s=0.0)
+    o = oracle_bound(trace, slots, cost=cost, expert_bytes=int(expert_bytes),
+                     layer_compute_s=compute_ms / 1e3 / ids.shape[0], tokens_per_step=B, warmup_steps=prompt_len + 2)
+    return o["time_per_step_s"] * 1e3, o["hit_ratio"]
+
+
 def run_device_driven(model: MoEForCausalLM, key: str, args, store, floors: dict, h2d: float, probe,
-                      lookaheads: dict | None = None, stride: int = 0) -> list[dict]:
+                      lookaheads: dict | None = None, stride: int = 0, oracle: dict | None = None) -> list[dict]:
     """The offloaded rows with OffloadConfig(driver='device') (offload/device_cache.py): the GPU plans hits,
     misses and victims itself and reads missed experts from the pinned store with a kernel; no host sync, so
     a decode step is one CUDA graph (DecodeGraphs). One cache per policy over the same store, each kept
@@ -562,6 +601,10 @@ def run_device_driven(model: MoEForCausalLM, key: str, args, store, floors: dict
                                  policy=p + (f"-hl{caches[p].lfu_half_life:g}" if caches[p].lfu_half_life else ""),
                                  routing="rec" if args.trace else "trace" if args.trace_routing else "model",
                                  h2d_gbs=h2d / 1e9) for p in policies}
+            if oracle and (S, B) in oracle:
+                for row in by_policy.values():
+                    row["oracle_ms"], row["oracle_hit"] = oracle[S, B]
+                    row["oracle_rate_gbs"] = (h2d if h2d == h2d else 25e9) / 1e9
             for rnd, p in itertools.product(range(args.rounds), policies):
                 for b, m in zip(blocks, mods[p]):
                     b.experts = m
@@ -748,7 +791,13 @@ def main(argv=None) -> int:
             print(json.dumps(r), flush=True)
         moe.attention.DECODE_ATTENTION = args.decode_attention.split(",")[0]
         if args.offload_slots:
-            rows += run_offloaded(model, key, args, bw, lookaheads, spec.stride if spec is not None else 0)
+            # the resident step by batch (graph, else eager), at the offloaded runs' 32-token prompt where measured
+            resident = {}
+            for r in sorted((r for r in rows if r.get("model") == MODELS[key][0] and "prompt" in r),
+                            key=lambda r: r["prompt"] == 32):
+                resident[r["B"]] = r.get("graph_ms", r["eager_ms"])
+            rows += run_offloaded(model, key, args, bw, lookaheads, spec.stride if spec is not None else 0, spec,
+                                  resident)
         cfg, dtype = model.config, model.dtype
         del model
         gc.collect()  # graphs and their pools hold the memory until collected
@@ -783,6 +832,11 @@ def main(argv=None) -> int:
                   f"{r['graph_serial_ms']:8.3f} {r['graph_always_ms']:8.3f} {r['graph_ms']:9.3f} {r['graph_hit']:5.2f} "
                   f"{r['graph_mb_per_step']:8.1f} {fl:7.2f} {r['graph_ms'] / fl:11.2f} {r['graph_serial_host_ns']:6.0f} "
                   f"{r['graph_serial_gc_ms']:6.2f}")
+        for r in off:
+            if "oracle_ms" in r:
+                best = min(r[k] for k in ("graph_serial_ms", "graph_always_ms", "graph_ms"))
+                print(f"  {r['model']} {r['policy']}: oracle bound {r['oracle_ms']:.2f} ms at Belady's hit "
+                      f"{r['oracle_hit']:.2f}; the best column is {r['oracle_ms'] / best:.0%} of it")
         pre = [(r, k[len("graph_"):-len("_ms")]) for r in off for k in r
                if k.startswith(("graph_lookahead", "graph_oracle")) and k.endswith("_ms")
                and k[:-len("_ms")] + "_hit" in r]
@@ -800,15 +854,18 @@ def main(argv=None) -> int:
     dd = [r for r in rows if r.get("driver") == "device"]
     if dd:
         print(f"\n## offloaded decode decided on the device (driver='device': one CUDA graph a step, misses read from "
-              f"host memory by a kernel)\n{'model':41s} {'B':>3s} {'policy':>8s} {'routing':>7s} {'eager':>8s} "
-              f"{'graph':>8s} {'hit':>5s} {'MB/step':>8s} {'floor':>7s} {'graph/floor':>11s} {'py ns':>6s}")
+              f"host memory by a kernel; oracle: issue 5's bound, Belady + every copy hidden, oracle_step_ms)\n"
+              f"{'model':41s} {'B':>3s} {'policy':>8s} {'routing':>7s} {'eager':>8s} "
+              f"{'graph':>8s} {'hit':>5s} {'MB/step':>8s} {'floor':>7s} {'graph/floor':>11s} {'py ns':>6s} "
+              f"{'oracle':>7s} {'o. hit':>6s} {'of oracle':>9s}")
         for r in dd:
             g = r.get("device_graph_ms", float("nan"))
             fl = r.get("device_graph_copy_floor_ms", r["device_eager_copy_floor_ms"])
             print(f"{r['model']:41s} {r['B']:3d} {r['policy']:>8s} {r['routing']:>7s} {r['device_eager_ms']:8.3f} "
                   f"{g:8.3f} {r.get('device_graph_hit', r['device_eager_hit']):5.2f} "
                   f"{r.get('device_graph_mb_per_step', r['device_eager_mb_per_step']):8.1f} {fl:7.2f} {g / fl:11.2f} "
-                  f"{r.get('device_graph_host_ns', float('nan')):6.0f}")
+                  f"{r.get('device_graph_host_ns', float('nan')):6.0f} {r.get('oracle_ms', float('nan')):7.2f} "
+                  f"{r.get('oracle_hit', float('nan')):6.2f} {r.get('oracle_ms', float('nan')) / g:9.0%}")
             for k in [k for k in r if k.startswith("device_graph_") and k.endswith("_prefetch_precision")]:
                 n = k[:-len("_prefetch_precision")]
                 print(f"{'  + prefetch of ' + n[len('device_graph_'):]:41s} {'':3s} {'':8s} {'':7s} {'':8s} "

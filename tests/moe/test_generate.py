@@ -406,6 +406,9 @@ def test_decode_benchmark_routes_by_a_synthetic_trace_row_by_row(tmp_path, capsy
     dev_rows = {r["policy"]: r for r in drows if r.get("driver") == "device"}
     host_rows = {r["policy"]: r for r in drows if "driver" not in r}
     assert sorted(dev_rows) == sorted(host_rows) == ["lfu-hl23", "lru"]
+    for r in drows:  # issue 5's oracle bound beside every row (off a GPU at a nominal 25 GB/s)
+        assert r["oracle_rate_gbs"] == 25.0 and 0 < r["oracle_ms"] and r["oracle_hit"] >= max(
+            r.get("eager_hit", 0), r.get("device_eager_hit", 0)) - 0.05
     for p in dev_rows:  # the same policy decided on the device and on the host: the same hits, the same bytes
         assert 0 < dev_rows[p]["device_eager_hit"] < 1
         assert dev_rows[p]["device_eager_hit"] == pytest.approx(host_rows[p]["eager_hit"])
@@ -524,3 +527,25 @@ def test_failed_graph_capture_falls_back_to_eager_decoding(model, tok):
         got = run(eng, rids2)
     assert Failing.calls == 1 and eng._graphs is None
     assert [got[r][0] for r in rids2] == [want[r][0] for r in rids]
+
+
+def test_decode_benchmarks_oracle_bound_of_the_timed_steps():
+    """decode.py's oracle_step_ms: Belady over exactly the routing run()'s timed steps take (rows step by step,
+    the prompt and two steps as warm-up), every copy hidden behind the resident step, copies only."""
+    import numpy as np
+
+    from placement.trace_routing import TraceRoutingSpec
+    from routing import synthesize
+    mod = load_benchmark("decode")
+    tr = synthesize(num_layers=3, num_experts=8, top_k=2, num_requests=2, tokens_per_request=60,
+                    temporal_locality=0.3, seed=2)
+    order = np.lexsort((tr.positions, tr.request_ids_or_default()))
+    spec = TraceRoutingSpec.from_trace(tr.select_tokens(order), stride=60)
+    ms, hit = mod.oracle_step_ms(spec, 1, 8, 20, 8, 1e6, 1e9, compute_ms=3.0)
+    assert hit > 0.9 and ms == pytest.approx(3.0)  # every expert fits (a few first uses): the resident step
+    ms2, hit2 = mod.oracle_step_ms(spec, 1, 8, 20, 2, 1e6, 1e9, compute_ms=0.0)
+    assert 0 < hit2 < 1
+    misses_per_step = (1 - hit2) * 3 * 2  # distinct experts a step: 2 a layer at top-2, 3 layers
+    assert ms2 == pytest.approx(misses_per_step * (1e6 / 1e9 + 10e-6) * 1e3, rel=0.05)  # copy time (+ latency)
+    ms3, _ = mod.oracle_step_ms(spec, 2, 8, 20, 2, 1e6, 1e9, compute_ms=0.0)  # two rows: more experts a step
+    assert ms3 > ms2
