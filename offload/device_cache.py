@@ -271,11 +271,12 @@ class DeviceExpertCache:
     """S slots per MoE layer on the device, with the tables and the policy's state there too.
 
     slot_of [L, E+1] (the slot of each resident expert, -1 elsewhere; entry E is always -1, so an id of
-    -1 maps to -1), expert_in [L, S+1] (entry S: where writes for nobody go), last_use [L, S+1] (the
-    layer's step count at each slot's last use), freq [L, E] (LFU: decayed uses), clock [L] and the
-    counters [L, 6] (hits, misses, fills, prefetched fills, prefetches used, evictions) live on the device, with fresh
-    [L, S+1] (1: a prefetched expert not used since); stats() reads them back. A CUDA-graph capture runs its
-    step once eagerly first (DecodeGraphs' warm-up), so each captured bucket counts one step twice."""
+    -1 maps to -1), expert_in [L, S+1] (entry S: where writes for nobody go), last_use [L, S+1] (a recency
+    stamp of each slot's last use: the layer's step, then the round, hits before misses, then the id, as the
+    host cache's ticks order them), freq [L, E] (LFU: decayed uses), clock [L] (the layer's steps), fresh
+    [L, S+1] (1: a prefetched expert not used since) and counters [L, 6] (hits, misses, fills, prefetched
+    fills, prefetches used, evictions) live on the device; stats() reads them back. A CUDA-graph capture runs
+    its step once eagerly first (DecodeGraphs' warm-up), so each captured bucket counts one step twice."""
 
     def __init__(self, store, slots_per_layer: int, policy: str = "lru", device: str | torch.device = "cpu",
                  lfu_half_life: float | None = None):
