@@ -491,26 +491,30 @@ def install(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: torch.dev
     budget = None
     if cfg.prefetch_budget is not None and cfg.prefetch == "predictor":
         budget = CopyBudget(cfg.prefetch_budget, cfg.predict_every)
-    _check_probes(cfg, blocks, store)
-    for i, b in enumerate(blocks):
-        nxt = None
-        if i + 1 < len(blocks) and cfg.prefetch == "next_layer_gate":
-            nxt = blocks[i + 1].router
-        elif i + 1 < len(blocks) and cfg.prefetch == "probe":
-            nxt = ProbeRouter(cfg.probes, i, device)
+    routers = _next_routers(cfg, blocks, store, device)
+    for i, (b, nxt) in enumerate(zip(blocks, routers)):
         b.experts = OffloadedExperts(i, cache, top_k, backend=backend, cost_model=cost, cpu_fallback=cfg.cpu_fallback,
                                      next_router=nxt, lookahead=lookahead, predictor_prefetch=cfg.prefetch == "predictor",
                                      prefetch_k=cfg.prefetch_k, miss_split=cfg.miss_split, copy_budget=budget)
     return cache
 
 
-def _check_probes(cfg: OffloadConfig, blocks, store: ExpertStore) -> None:
+def _next_routers(cfg: OffloadConfig, blocks, store: ExpertStore, device: torch.device) -> list:
+    """Per MoE layer, what guesses the next layer's experts for prefetch (None: nothing): layer l+1's router
+    (next_layer_gate) or the fitted probe l -> l+1 (probe, checked against the model first)."""
     if cfg.prefetch == "probe":
         D = store.w2_shape[0]
         if cfg.probes.num_layers != len(blocks) or cfg.probes.hidden_size != D:
             raise ValueError(f"the probes were fitted for {cfg.probes.num_layers} MoE layers of hidden size "
                              f"{cfg.probes.hidden_size}, this model has {len(blocks)} of {D}: fit them on its own "
                              "recorded hidden states")
+    routers = [None] * len(blocks)
+    for i in range(len(blocks) - 1):
+        if cfg.prefetch == "next_layer_gate":
+            routers[i] = blocks[i + 1].router
+        elif cfg.prefetch == "probe":
+            routers[i] = ProbeRouter(cfg.probes, i, device)
+    return routers
 
 
 def _install_device(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: torch.device, top_k: int, slots: int,
@@ -519,14 +523,9 @@ def _install_device(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: t
     if not isinstance(store, (HostExpertStore, PackedHostExpertStore)):
         raise ValueError(f"driver='device' reads whole experts from host memory, got a {type(store).__name__}: "
                          "use driver='host' for a disk store")
-    _check_probes(cfg, blocks, store)
+    routers = _next_routers(cfg, blocks, store, device)
     cache = DeviceExpertCache(store, slots, cfg.policy, device, lfu_half_life=cfg.lfu_half_life)
-    for i, b in enumerate(blocks):
-        nxt = None
-        if i + 1 < len(blocks) and cfg.prefetch == "next_layer_gate":
-            nxt = blocks[i + 1].router
-        elif i + 1 < len(blocks) and cfg.prefetch == "probe":
-            nxt = ProbeRouter(cfg.probes, i, device)
+    for i, (b, nxt) in enumerate(zip(blocks, routers)):
         b.experts = DeviceOffloadedExperts(i, cache, top_k, backend=backend, next_router=nxt, prefetch_k=cfg.prefetch_k)
     return cache
 
