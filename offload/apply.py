@@ -35,7 +35,8 @@ from .cost_model import CostModel
 from .cpu_compute import cpu_experts
 from .device_cache import DeviceExpertCache, DeviceOffloadedExperts
 from .policies import count_ids, make_policy
-from .prefetch import CopyBudget, Lookahead, ProbeRouter, default_threshold, guess_count, guessed_experts
+from .prefetch import (CopyBudget, Lookahead, ProbeRouter, default_threshold, guess_count, guessed_experts,
+                       router_guess)
 from .slices import check_slices, expand_ids, expand_weights, unit_trace, units_of
 from .store import DiskExpertStore, ExpertStore, HostExpertStore, PackedHostExpertStore
 
@@ -90,11 +91,7 @@ class OffloadedExperts(nn.Module):
         router = self._next_router[0]
         if router is None or self.layer + 1 >= self.cache.num_layers:
             return None
-        with torch.no_grad():  # forward(), not __call__: trace hooks on that router must not fire
-            logits_TE = router.forward(x_TD)[2]
-        k = min(self.guess_k, logits_TE.shape[1], getattr(router, "guesses", None) or self.guess_k)
-        top = logits_TE.topk(k, dim=1)
-        return torch.where(torch.isfinite(top.values), top.indices, -1)  # -inf: no guess (-1 is dropped)
+        return router_guess(router, x_TD, self.guess_k)
 
     def _prefetch_next(self, x_TD: torch.Tensor, ids_np: np.ndarray, guess_np: np.ndarray | None = None) -> None:
         """ids_np: this layer's expert ids (not units); predictions and guesses are experts, copied as units.

@@ -28,8 +28,10 @@ addressed by the GPU where the host addresses it (unified addressing), which the
 reach every buffer of the store's arena from one anchor. On a CPU "device" the plan is plan_torch and
 the fill plain copies (tests); under ``TRITON_INTERPRET=1`` the kernels run there too.
 
-What this path does not do (``OffloadConfig`` refuses the combinations with the reason): prefetch,
-CPU fallback, expert slices, the predictor and Belady policies, a disk store.
+Next-layer prefetch (a next router's guesses, ``set_next_router``) is planned and filled on a side stream
+that the next layer joins. What this path does not do (``OffloadConfig`` refuses the combinations with the
+reason): the predictor's prefetch, CPU fallback, expert slices, the predictor and Belady policies, a disk
+store.
 
 Shape legend: T = tokens, K = experts per token, N = T*K, E = experts, S = slots per layer,
 J = 2*I, D = hidden, M = min(E, S) fills a round at most.
@@ -52,7 +54,7 @@ from kernels.unpack import ESC_TILE, decode_block
 from kernels.unpack import layout as unpack_layout
 
 from .policies import resolve_lfu_half_life
-from .prefetch import guess_count
+from .prefetch import guess_count, router_guess
 
 POLICIES = ("lru", "lfu")
 FILL_BLOCK = 8192  # elements a fill program moves per turn (s25-a: 8192 reached the link's 50.8 GB/s from 16 programs)
@@ -331,7 +333,8 @@ class DeviceExpertCache:
         where its tables fit it (plan_kernel_fits); else plan_torch."""
         if not self._kernel:
             return self.plan_torch(layer, ids_N, rnd, prefetch)
-        N, E, S, M = ids_N.shape[0], self.num_experts, self.slots, self.M
+        N, E, S = ids_N.shape[0], self.num_experts, self.slots
+        M = self.fill_len(N)
         dev = ids_N.device
         slot_N = torch.empty(N, dtype=torch.int64, device=dev)
         fill_e = torch.empty(M, dtype=torch.int64, device=dev)
@@ -348,13 +351,13 @@ class DeviceExpertCache:
                    prefetch: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Slots for the experts ids_N [N] (int64, -1 = none) at ``layer``: returns (slot ids [N], -1 where
         the expert found no slot this round; fill_e [M], fill_s [M]: the experts to read into which slots,
-        -1 = none). rnd: the round of the step at this layer; round 0 counts hits and misses, ticks the clock
+        -1 = none; fill_len(N) long, the admitted ones first). rnd: the round of the step at this layer; round 0 counts hits and misses, ticks the clock
         and counts LFU uses, later rounds plan what the earlier ones left. All on the device, no host sync.
 
         prefetch: ids_N are guesses of the layer's next experts (the previous layer's, ``set_next_router``):
         nothing is counted as a use, the clock stands, the admitted ones are marked fresh; a demand plan
         counts the fresh slots it hits as useful prefetches and clears them."""
-        E, S, M = self.num_experts, self.slots, self.M
+        E, S, M = self.num_experts, self.slots, self.fill_len(ids_N.shape[0])
         slot_of, expert_in = self.slot_of[layer], self.expert_in[layer]
         valid = ids_N >= 0
         idx = torch.where(valid, ids_N, E)
@@ -397,7 +400,7 @@ class DeviceExpertCache:
             + self._arange_E  # (a prefetch: after this step's rounds, before the next step's)
         used = torch.where(slot_N >= 0, slot_N, S)
         self.last_use[layer].scatter_(0, used, stamp_E[idx.clamp(max=E - 1)])  # (entry S: nobody's)
-        # the fill list: admitted misses in rank order, M at most (M = min(E, S) >= free)
+        # the fill list: admitted misses in rank order (at most min(free, distinct ids) <= fill_len)
         pos = torch.where(admit, rank, M)
         fill_e = torch.full((M + 1,), -1, dtype=torch.int64, device=ids_N.device)
         fill_s = torch.full((M + 1,), -1, dtype=torch.int64, device=ids_N.device)
@@ -410,6 +413,12 @@ class DeviceExpertCache:
         if prefetch:
             self.counters[layer, 3] += admit.sum()
         return slot_N, fill_e[:M], fill_s[:M]
+
+    def fill_len(self, n_ids: int) -> int:
+        """Entries of a plan's fill list for n_ids ids: as many experts as can be admitted at most (min(E, S),
+        and no more than the ids), so that a fill's programs go to entries that can be used (s25-e: programs
+        spread over mostly empty entries made a prefetch 2-3.5x slower)."""
+        return min(self.M, n_ids)
 
     def side_stream(self):
         """The stream prefetches run on (one per cache, made on first use); None off a GPU (inline there)."""
@@ -444,6 +453,8 @@ class DeviceExpertCache:
         store is packed), or on a CPU "device" by plain copies. programs: at most this many (a prefetch beside
         the compute: PREFETCH_PROGRAMS); None: as many as help."""
         dst13, dst2 = self.pool_w13[layer], self.pool_w2[layer]
+        if not fill_e.shape[0]:
+            return  # (a plan of no ids)
         if self.packed is None:
             w13, w2 = self.store.layers[layer]
             fill_slots(w13, w2, dst13, dst2, fill_e, fill_s, use_kernel=self._fill_kernel, programs=programs or 0)
@@ -520,15 +531,11 @@ class DeviceOffloadedExperts(nn.Module):
             if side is not None:  # after this layer's demand fill (the link is busy until then), beside its compute
                 side.wait_stream(torch.cuda.current_stream(x_TD.device))
             with torch.cuda.stream(side) if side is not None else _nullcontext():
-                logits_TE = router.forward(x_TD)[2]  # forward(), not __call__: trace hooks must not fire
-                k = min(self.guess_k, logits_TE.shape[1], getattr(router, "guesses", None) or self.guess_k)
-                top = logits_TE.topk(k, dim=1)
-                guess = torch.where(torch.isfinite(top.values), top.indices, -1).reshape(-1).to(torch.int64)
+                guess = router_guess(router, x_TD, self.guess_k).reshape(-1).to(torch.int64)
                 slot_N, fill_e, fill_s = cache.plan(nxt, guess, 0, prefetch=True)
-                n = min(cache.M, guess.shape[0])  # the admitted guesses lead the fill list: the programs go to them
-                cache.fill(nxt, fill_e[:n], fill_s[:n], programs=PREFETCH_PROGRAMS)
+                cache.fill(nxt, fill_e, fill_s, programs=PREFETCH_PROGRAMS)
                 if side is not None:
-                    cache.prefetched(nxt, side, (x_TD, logits_TE, guess, slot_N, fill_e, fill_s))
+                    cache.prefetched(nxt, side, (x_TD, guess, slot_N, fill_e, fill_s))
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, slots={self.cache.slots}, experts={self.num_experts}, driver=device"
@@ -543,8 +550,7 @@ class DeviceOffloadedExperts(nn.Module):
         y_TD = None
         for r in range(cache.rounds(T, K)):
             slot_N, fill_e, fill_s = cache.plan(layer, pending, r)
-            n = min(cache.M, T * K)  # at most this many admitted misses, first in the fill list
-            cache.fill(layer, fill_e[:n], fill_s[:n])
+            cache.fill(layer, fill_e, fill_s)
             if r == 0:
                 self._prefetch_next(x_TD)
             part = kernel(x_TD, pool13, pool2, slot_N.view(T, K), topk_weights_TK)

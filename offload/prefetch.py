@@ -103,6 +103,18 @@ def guess_count(prefetch_k: int, top_k: int) -> int:
     return prefetch_k or -(-top_k // 2)
 
 
+def router_guess(router, x_TD: torch.Tensor, guess_k: int) -> torch.Tensor:
+    """A next router's guess of the next layer's experts for these tokens: ids [T, k] on the device, the
+    router's k likeliest (k = guess_k, or fewer where the router says it holds ``guesses``), -1 where its
+    logit is -inf (no guess). forward(), not __call__: trace hooks on that router must not fire. No host
+    sync (it runs inside graph pieces and CUDA graphs)."""
+    with torch.no_grad():
+        logits_TE = router.forward(x_TD)[2]
+    k = min(guess_k, logits_TE.shape[1], getattr(router, "guesses", None) or guess_k)
+    top = logits_TE.topk(k, dim=1)
+    return torch.where(torch.isfinite(top.values), top.indices, -1)
+
+
 def guessed_experts(guess_ids: np.ndarray, limit: int) -> np.ndarray:
     """The experts a step's next-layer guesses name (ids of any shape, -1 = none), most guessed first
     (ties by id), at most ``limit``: what a layer prefetches for the next one, live (OffloadedExperts)
