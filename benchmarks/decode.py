@@ -381,6 +381,37 @@ class SwitchPolicy:
         return self.policies[self.active].victim(layer, candidates, step)
 
 
+def record_round(r: dict, label: str, t: float, st: dict, host_ns: float, info: dict, steps: int, floor_ms: float,
+                 h2d: float) -> bool:
+    """A variant's figures over the timed decode steps into row ``r`` (st: the cache's stats of those steps;
+    info: LAST_RUN and the copy rate probed before, ``h2d_gbs``); with --rounds, those of its fastest round
+    ({label}_all: every round's ms, host ns and the host -> GPU copy rate measured right before it, the MB its
+    steps copied, its median and slowest step, in order). True when this round is the fastest so far."""
+    mb = st["bytes_copied"] / steps / 1e6
+    r.setdefault(f"{label}_all", []).append([round(t * 1e3, 3), round(host_ns, 1),
+                                             round(info.get("h2d_gbs", float("nan")), 1), round(mb, 1),
+                                             round(info["median_step_ms"], 3), round(info["max_step_ms"], 3)])
+    if f"{label}_ms" in r and r[f"{label}_ms"] <= t * 1e3:
+        r[f"{label}_rounds"] += 1
+        return False
+    r[f"{label}_rounds"] = r.get(f"{label}_rounds", 0) + 1
+    r[f"{label}_ms"] = t * 1e3
+    r[f"{label}_host_ns"] = host_ns  # the host's Python speed right before (host_speed_ns)
+    r[f"{label}_gc_ms"] = info["ms_per_step"]  # collector pauses per timed step
+    r[f"{label}_hit"] = st["hit_ratio"]
+    r[f"{label}_mb_per_step"] = mb
+    # resident floor + the step's copies at the measured rate (copies and compute not overlapped)
+    r[f"{label}_copy_floor_ms"] = floor_ms + mb * 1e6 / h2d * 1e3
+    return True
+
+
+def probe_host(dev: torch.device, probe: torch.Tensor) -> tuple[float, float]:
+    """The host's Python speed (host_speed_ns) and its copy rate to the GPU in GB/s (NaN off a GPU), right
+    before a run."""
+    from offload.cost_model import copy_bytes_per_s
+    return host_speed_ns(), (copy_bytes_per_s(dev, probe) / 1e9 if dev.type == "cuda" else float("nan"))
+
+
 def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: dict | None = None,
                   stride: int = 0, spec=None, resident_ms: dict | None = None) -> list[dict]:
     """The same steps with the experts in pinned host memory and S slots per layer on the GPU (an LRU
@@ -424,13 +455,14 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
     # what one miss moves, for the oracle bound: the packed buffers' mean, or an unpacked expert
     miss_bytes = (sum(store.copy_nbytes(i, e) for i in range(store.num_layers) for e in range(store.num_experts))
                   / (store.num_layers * store.num_experts) if args.pack_experts else store.expert_bytes)
-    oracle = {}
+    oracle = {}  # (S, B) -> the oracle's fields of those rows
     rate = h2d if h2d == h2d else 25e9  # off a GPU (a check of the script): OffloadConfig's nominal copy rate
     if spec is not None and resident_ms:
         for S in [int(v) for v in args.offload_slots.split(",")]:
             for B in batches:
                 if B in resident_ms:
-                    oracle[S, B] = oracle_step_ms(spec, B, 32, args.steps, S, miss_bytes, rate, resident_ms[B])
+                    ms, hit = oracle_step_ms(spec, B, 32, args.steps, S, miss_bytes, rate, resident_ms[B])
+                    oracle[S, B] = dict(oracle_ms=ms, oracle_hit=hit, oracle_rate_gbs=rate / 1e9)
     drivers = args.offload_driver.split(",")
     if "device" in drivers:
         rows += run_device_driven(model, key, args, store, floors, h2d, probe, lookaheads, stride, oracle)
@@ -461,35 +493,15 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
                                  policy=p + (f"-hl{c.lfu_steps():g}" if c.lfu_steps() else ""),
                                  routing="rec" if args.trace else "trace" if args.trace_routing else "model",
                                  h2d_gbs=h2d / 1e9) for p, c in cfgs.items()}
-            if (S, B) in oracle:
-                for row in by_policy.values():
-                    row["oracle_ms"], row["oracle_hit"] = oracle[S, B]
-                    row["oracle_rate_gbs"] = rate / 1e9
+            for row in by_policy.values():
+                row.update(oracle.get((S, B), {}))
             r = by_policy[policies[0]]  # the row being filled (record() and run_lookaheads() write into it)
             # graph: run-ahead where a layer's speculations are mostly kept (the default); always: at every layer
             variants = (("eager", False, True, 0.5), ("graph", True, True, 0.5), ("graph_serial", True, False, 0.5),
                         ("graph_always", True, True, 0.0))
 
             def record(label, t, st, host_ns, info):
-                """A variant's figures over the timed decode steps (st: the cache's stats of those steps); with
-                --rounds, those of its fastest round ({label}_all: every round's ms, host ns and the host -> GPU
-                copy rate measured right before it, the MB its steps copied, its median and slowest step, in order)."""
-                r.setdefault(f"{label}_all", []).append([round(t * 1e3, 3), round(host_ns, 1),
-                                                         round(info.get("h2d_gbs", float("nan")), 1),
-                                                         round(st["bytes_copied"] / args.steps / 1e6, 1),
-                                                         round(info["median_step_ms"], 3), round(info["max_step_ms"], 3)])
-                if f"{label}_ms" in r and r[f"{label}_ms"] <= t * 1e3:
-                    r[f"{label}_rounds"] += 1
-                    return False
-                r[f"{label}_rounds"] = r.get(f"{label}_rounds", 0) + 1
-                r[f"{label}_ms"] = t * 1e3
-                r[f"{label}_host_ns"] = host_ns  # the host's Python speed right before (host_speed_ns)
-                r[f"{label}_gc_ms"] = info["ms_per_step"]  # collector pauses per timed step
-                r[f"{label}_hit"] = st["hit_ratio"]
-                r[f"{label}_mb_per_step"] = st["bytes_copied"] / args.steps / 1e6
-                # resident floor + the step's copies at the measured rate (copies and compute not overlapped)
-                r[f"{label}_copy_floor_ms"] = floors[B] + st["bytes_copied"] / args.steps / h2d * 1e3
-                return True
+                return record_round(r, label, t, st, host_ns, info, args.steps, floors[B], h2d)
 
             def run_lookaheads(rnd):
                 for name, next_ids in (lookaheads or {}).items():  # (eager steps on the CPU: a check of the script)
@@ -517,8 +529,7 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
                         r[f"{label}_same_steps"] = steps_before_parting(eager_logits, logits)
 
             def probes():
-                """The host's Python speed and its copy rate to the GPU, right before a run."""
-                return host_speed_ns(), (copy_bytes_per_s(dev, probe) / 1e9 if cuda else float("nan"))
+                return probe_host(dev, probe)
             for rnd, pol in itertools.product(range(args.rounds), policies):  # rounds interleave variants and policies
                 switch.active, r = pol, by_policy[pol]
                 for label, graph, ahead, min_kept in variants[:4 if cuda else 1]:
@@ -580,7 +591,6 @@ def run_device_driven(model: MoEForCausalLM, key: str, args, store, floors: dict
     layer's experts on a side stream (device_graph_<name>)."""
     from offload import OffloadConfig
     from offload.apply import install
-    from offload.cost_model import copy_bytes_per_s
     dev = model.device
     cuda = dev.type == "cuda"
     blocks = model.moe_blocks()
@@ -601,10 +611,8 @@ def run_device_driven(model: MoEForCausalLM, key: str, args, store, floors: dict
                                  policy=p + (f"-hl{caches[p].lfu_half_life:g}" if caches[p].lfu_half_life else ""),
                                  routing="rec" if args.trace else "trace" if args.trace_routing else "model",
                                  h2d_gbs=h2d / 1e9) for p in policies}
-            if oracle and (S, B) in oracle:
-                for row in by_policy.values():
-                    row["oracle_ms"], row["oracle_hit"] = oracle[S, B]
-                    row["oracle_rate_gbs"] = (h2d if h2d == h2d else 25e9) / 1e9
+            for row in by_policy.values():
+                row.update((oracle or {}).get((S, B), {}))
             for rnd, p in itertools.product(range(args.rounds), policies):
                 for b, m in zip(blocks, mods[p]):
                     b.experts = m
@@ -621,8 +629,7 @@ def run_device_driven(model: MoEForCausalLM, key: str, args, store, floors: dict
                         handles, routers = install_trace_lookahead(model, next_ids, E, stride)
                         for m, router in zip(mods[p], routers):
                             m.set_next_router(router)
-                    host_ns = host_speed_ns()
-                    h2d_now = copy_bytes_per_s(dev, probe) / 1e9 if cuda else float("nan")
+                    host_ns, h2d_now = probe_host(dev, probe)
                     cache.reset_stats()
                     try:
                         t, logits = run(model, B, args.steps, graph=graph and cuda, on_timing=cache.reset_stats)
@@ -631,15 +638,8 @@ def run_device_driven(model: MoEForCausalLM, key: str, args, store, floors: dict
                             m.set_next_router(None)
                         for h in handles:
                             h.remove()
-                    st, info = cache.stats(), LAST_RUN
-                    mb = st["bytes_copied"] / args.steps / 1e6
-                    r.setdefault(f"{label}_all", []).append([round(t * 1e3, 3), round(host_ns, 1), round(h2d_now, 1),
-                                                             round(mb, 1), round(info["median_step_ms"], 3),
-                                                             round(info["max_step_ms"], 3)])
-                    if f"{label}_ms" not in r or t * 1e3 < r[f"{label}_ms"]:
-                        r.update({f"{label}_ms": t * 1e3, f"{label}_hit": st["hit_ratio"], f"{label}_mb_per_step": mb,
-                                  f"{label}_host_ns": host_ns,
-                                  f"{label}_copy_floor_ms": floors[B] + mb * 1e6 / h2d * 1e3})
+                    st = cache.stats()
+                    if record_round(r, label, t, st, host_ns, dict(LAST_RUN, h2d_gbs=h2d_now), args.steps, floors[B], h2d):
                         if guess_name is not None:
                             r[f"{label}_prefetch_precision"] = st["prefetch_precision"]
                             r[f"{label}_prefetch_recall"] = st["prefetch_recall"]

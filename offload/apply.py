@@ -516,10 +516,8 @@ def _next_routers(cfg: OffloadConfig, blocks, store: ExpertStore, device: torch.
 
 def _install_device(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: torch.device, top_k: int, slots: int,
                     backend: str) -> DeviceExpertCache:
-    """install() for driver='device': one DeviceExpertCache, a DeviceOffloadedExperts in each block."""
-    if not isinstance(store, (HostExpertStore, PackedHostExpertStore)):
-        raise ValueError(f"driver='device' reads whole experts from host memory, got a {type(store).__name__}: "
-                         "use driver='host' for a disk store")
+    """install() for driver='device': one DeviceExpertCache (which refuses stores it cannot read), a
+    DeviceOffloadedExperts in each block."""
     routers = _next_routers(cfg, blocks, store, device)
     cache = DeviceExpertCache(store, slots, cfg.policy, device, lfu_half_life=cfg.lfu_half_life)
     for i, (b, nxt) in enumerate(zip(blocks, routers)):

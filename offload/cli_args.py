@@ -57,7 +57,8 @@ def add_offload_args(parser: argparse.ArgumentParser) -> None:
                    metavar="{auto,on,off}",
                    help="keep bfloat16 experts in host memory packed to 12 bits a weight, losslessly: each copy "
                         "moves a quarter fewer bytes and is decoded on the GPU. auto (the default): on a GPU for "
-                        "experts of 10 MiB or more (copy-bound); the flag alone: on")
+                        "experts of 10 MiB or more (copy-bound), 8 MiB with --offload-driver device; the flag "
+                        "alone: on")
     g.add_argument("--offload-driver", default="host", choices=["host", "device"],
                    help="who decides hits, misses and evictions: host (the default: every policy, prefetch and "
                         "the CPU fallback) or device (the GPU decides itself and reads missed experts from host "

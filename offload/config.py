@@ -69,12 +69,11 @@ class OffloadConfig:
                      (kernels/unpack.py: the exponent as a 4-bit code), so each copy moves a
                      quarter fewer bytes and is decoded on the device; bfloat16 experts, host
                      memory store, whole experts, no cpu_fallback. 'auto' (the default): packed
-                     where all of that holds, on a GPU, for experts of PACK_AUTO_FROM bytes
-                     (PACK_AUTO_FROM_DEVICE, 8 MiB, with driver='device': 3p) or
-                     more (copy-bound: OLMoE's 12.6 MB and Mixtral's 352 MB experts step 0.80x
-                     and 0.81x packed; Qwen3's 9.4 MB ones are host-bound, 1.06x serial and 1.24x
-                     eager:
-                     BENCHMARKS 3n); True packs (or says why it cannot), False never does
+                     where all of that holds, on a GPU, for experts of PACK_AUTO_FROM bytes or more
+                     (copy-bound: OLMoE's 12.6 MB and Mixtral's 352 MB experts step 0.80x and 0.81x
+                     packed; Qwen3's 9.4 MB ones are host-bound, 1.06x serial and 1.24x eager,
+                     BENCHMARKS 3n), of PACK_AUTO_FROM_DEVICE (8 MiB) or more with driver='device'
+                     (Qwen3's 0.88x packed there, 3p); True packs (or says why it cannot), False never does
     expert_slices    G: cache, copy and compute experts in G slices of their ffn dimension
                      (offload/slices.py); with cpu_fallback, one missed expert is then shared
                      between a copy and the CPU. 1 = whole experts; slots count slices
