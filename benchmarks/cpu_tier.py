@@ -348,7 +348,7 @@ def main(argv=None):
                   f"{r['split_floor_ms']:>9.1f}ms {100 * cpu_frac:>5.1f}%")
 
         # 1. GPU cache + PCIe copies
-        cfg = OffloadConfig(slots_per_layer=slots, device=str(device), calibrate=False, policy="lru")
+        cfg = OffloadConfig(slots_per_layer=slots, device=str(device), calibrate=False, policy="lru", driver="host")
         cache = install(blocks, store, cfg, device=device, top_k=K, slots=slots, backend=backend, cost=cost)
         secs, steps = decode(blocks, trace, B, args.warmup, device, dtype)
         st = cache.stats()  # counted over warm-up and timed steps: per step, times the timed steps

@@ -471,7 +471,7 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
     for S in [int(v) for v in args.offload_slots.split(",")]:
         # prefetch_k = top-k: the guesses rows prefetch as many guesses as each holds (--lookahead-k)
         policies = args.offload_policy.split(",")
-        cfgs = {p: OffloadConfig(slots_per_layer=S, device=str(dev), calibrate=False, policy=p,
+        cfgs = {p: OffloadConfig(slots_per_layer=S, device=str(dev), calibrate=False, policy=p, driver="host",
                                  lfu_half_life=args.lfu_half_life if p == "lfu" else None, prefetch_k=K)
                 for p in policies}
         ocfg = cfgs[policies[0]]

@@ -261,7 +261,7 @@ def run_model(key, args, device, dtype):
     rows = []
 
     def live(label, budget, slots, cfg_kw, clear=False, fill_all=False, emit=True):
-        cfg = OffloadConfig(slots_per_layer=slots, device=str(device), calibrate=False,
+        cfg = OffloadConfig(slots_per_layer=slots, device=str(device), calibrate=False, driver="host",
                             expert_slices=store.slices, **cfg_kw)
         row_cost = dataclasses.replace(cost)  # its own: the CPU rows learn their in-use CPU time into it
         cache = install(blocks, store, cfg, device=device, top_k=K, slots=slots, backend=backend, cost=row_cost)

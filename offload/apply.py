@@ -18,6 +18,7 @@ Shape legend: T = tokens, D = hidden, K = experts per token, E = experts, S = sl
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
@@ -30,7 +31,7 @@ from torch import nn
 from kernels import get_backend
 
 from .cache import STAGES, ExpertCache
-from .config import PACK_AUTO_FROM, PACK_AUTO_FROM_DEVICE, OffloadConfig, parse_bytes
+from .config import AUTO_DEVICE_MAX_EXPERT, PACK_AUTO_FROM, PACK_AUTO_FROM_DEVICE, OffloadConfig, parse_bytes
 from .cost_model import CostModel
 from .cpu_compute import cpu_experts
 from .device_cache import DeviceExpertCache, DeviceOffloadedExperts
@@ -379,6 +380,21 @@ def resolve_pack(cfg: OffloadConfig, *, expert_dtype: torch.dtype, expert_bytes:
             and not cfg.pack_clashes(use_disk))
 
 
+def resolve_driver(cfg: OffloadConfig, *, device: torch.device, backend: str, use_disk: bool, expert_bytes: int,
+                   slots: int, top_k: int) -> str:
+    """The driver an offload runs with: cfg.driver when 'host' or 'device'. 'auto' takes 'device' where it can run
+    (a CUDA device; the triton expert backend, so its decode steps capture as one CUDA graph; none of the settings
+    it refuses, OffloadConfig.device_clashes; experts in host memory) and where it measured faster than the host
+    path (BENCHMARKS 3q): experts of at most AUTO_DEVICE_MAX_EXPERT bytes (fine-grained: the host path's per-layer
+    work shows there) and a decode step of cfg.decode_batch rows whose top-k fit the slots in one round. Copy-bound
+    steps (Mixtral's experts; OLMoE at 4 and 8 rows: 1.03-1.11x) go faster by the copy engine: 'host'."""
+    if cfg.driver != "auto":
+        return cfg.driver
+    runs = device.type == "cuda" and backend == "triton" and not use_disk and not cfg.device_clashes()
+    pays = expert_bytes <= AUTO_DEVICE_MAX_EXPERT and cfg.decode_batch * top_k <= slots
+    return "device" if runs and pays else "host"
+
+
 def packed_staging(packed: bool, expert_bytes: int, device: torch.device) -> tuple[int, int]:
     """(bytes of one staging buffer, how many) that packed experts set aside on the device before the
     slots: ~4/5 of an expert each (a packed one is ~3/4), STAGES of them on a GPU (the copy engine
@@ -417,6 +433,12 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
     expert_total = expert_bytes * E * len(blocks)
     use_disk = cfg.store == "disk" or (cfg.store == "auto" and cfg.checkpoint is not None
                                        and expert_total > 0.8 * host_available_bytes())
+    backend = cfg.backend or getattr(blocks[0].experts, "backend", None) or "torch"
+    if cfg.driver == "auto":  # (the slots as the device driver would have them: it sets no staging aside)
+        slots = plan_slots(cfg, device=device, dense_bytes=dense_bytes, expert_bytes=expert_bytes // G,
+                           num_layers=len(blocks), num_experts=E * G, top_k=top_k * G)
+        cfg = dataclasses.replace(cfg, driver=resolve_driver(cfg, device=device, backend=backend, use_disk=use_disk,
+                                                             expert_bytes=expert_bytes, slots=slots, top_k=top_k))
     if use_disk and cfg.driver == "device":
         raise ValueError(f"driver='device' reads the experts from host memory, but they would not fit there "
                          f"({_fmt_bytes(expert_total)}; store='auto' chose the disk): offload with driver='host'")
@@ -429,7 +451,6 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
     # the cache's units: G slices of each expert, each 1/G of its bytes, G per routed expert
     slots = plan_slots(cfg, device=device, dense_bytes=dense_bytes, expert_bytes=expert_bytes // G,
                        num_layers=len(blocks), num_experts=E * G, top_k=top_k * G)
-    backend = cfg.backend or getattr(blocks[0].experts, "backend", None) or "torch"
 
     def release(i):  # drop layer i's original experts as soon as the store holds them
         blocks[i].experts = None
@@ -462,6 +483,10 @@ def install(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: torch.dev
     `cost`: a calibrated CostModel to reuse; else calibrated here (cpu_fallback) or from cfg's rates.
     The store's slices (store.slices) must be cfg.expert_slices; slots and the cost model count units.
     """
+    if cfg.driver == "auto":
+        cfg = dataclasses.replace(cfg, driver=resolve_driver(cfg, device=device, backend=backend,
+                                                             use_disk=isinstance(store, DiskExpertStore),
+                                                             expert_bytes=store.expert_bytes, slots=slots, top_k=top_k))
     if cfg.driver == "device":
         return _install_device(blocks, store, cfg, device=device, top_k=top_k, slots=slots, backend=backend)
     G = store.slices

@@ -59,11 +59,13 @@ def add_offload_args(parser: argparse.ArgumentParser) -> None:
                         "moves a quarter fewer bytes and is decoded on the GPU. auto (the default): on a GPU for "
                         "experts of 10 MiB or more (copy-bound), 8 MiB with --offload-driver device; the flag "
                         "alone: on")
-    g.add_argument("--offload-driver", default="host", choices=["host", "device"],
-                   help="who decides hits, misses and evictions: host (the default: every policy, prefetch and "
-                        "the CPU fallback) or device (the GPU decides itself and reads missed experts from host "
-                        "memory with a kernel: no host sync, a decode step is one CUDA graph; lru / lfu only; "
-                        "OLMoE and Qwen3 shapes at 25%%: 0.87-0.95x the host path's best step, BENCHMARKS 3p)")
+    g.add_argument("--offload-driver", default="auto", choices=["auto", "host", "device"],
+                   help="who decides hits, misses and evictions: host (every policy, prefetch and the CPU "
+                        "fallback) or device (the GPU decides itself and reads missed experts from host memory "
+                        "with a kernel: no host sync, a decode step is one CUDA graph; lru / lfu only; Qwen3 shapes "
+                        "at 25%%: 0.74-0.78x the host path's step at 1-4 rows, BENCHMARKS 3q). auto (the default): "
+                        "device on a GPU with --backend triton for experts up to 64 MiB whose step's top-k fit the "
+                        "slots in one round, else host (copy-bound steps, where the copy engine is faster)")
     g.add_argument("--offload-from-disk", action="store_true",
                    help="read experts from the checkpoint's memory-mapped safetensors instead of host memory")
 
@@ -73,7 +75,8 @@ def apply_from_args(model, args: argparse.Namespace, checkpoint: str | None = No
     """apply_offload with the options of add_offload_args; returns the model unchanged without --gpu-memory.
 
     checkpoint: the model directory (disk tier, and 'auto' picking it when host RAM is short).
-    batch_size, max_len: the KV cache the engine will make, counted in the budget before experts.
+    batch_size, max_len: the KV cache the engine will make, counted in the budget before experts (and
+    batch_size the rows of a decode step, OffloadConfig.decode_batch).
     """
     if getattr(args, "gpu_memory", None) is None:
         given = ["--" + name.replace("_", "-") for name in settings_given(args)]
@@ -103,7 +106,7 @@ def apply_from_args(model, args: argparse.Namespace, checkpoint: str | None = No
                         expert_slices=getattr(args, "expert_slices", 1),
                         lfu_half_life=getattr(args, "offload_lfu_half_life", None),
                         pack_experts=getattr(args, "offload_pack_experts", "auto"),
-                        driver=getattr(args, "offload_driver", "host"),
+                        driver=getattr(args, "offload_driver", "auto"), decode_batch=max(1, int(batch_size)),
                         store="disk" if disk else ("auto" if checkpoint else "memory"))
     return apply_offload(model, cfg)
 
@@ -113,7 +116,7 @@ def apply_from_args(model, args: argparse.Namespace, checkpoint: str | None = No
 SETTING_DEFAULTS = {"offload_policy": "lfu", "offload_prefetch": "none", "offload_probes": None,
                     "offload_predictor": None, "offload_prefetch_budget": None, "cpu_fallback": False,
                     "expert_slices": 1, "offload_from_disk": False, "offload_lfu_half_life": None,
-                    "offload_pack_experts": "auto", "offload_driver": "host"}
+                    "offload_pack_experts": "auto", "offload_driver": "auto"}
 
 
 def settings_given(obj) -> list[str]:

@@ -15,8 +15,12 @@ from typing import Any
 
 POLICIES = ("lru", "lfu", "predictor", "belady")
 PREFETCH = ("none", "next_layer_gate", "probe", "predictor")
+DRIVERS = ("host", "device", "auto")
 PACK_AUTO_FROM = 10 << 20  # bytes of one expert from which pack_experts='auto' packs (copy-bound; see pack_experts)
 PACK_AUTO_FROM_DEVICE = 8 << 20  # the same under driver='device' (packed measured faster at 9.4 MB there: 3p)
+# driver='auto' takes the device driver for experts up to this size (Mixtral's 352 MB ones are copy-bound, where the
+# copy engine's 55 GB/s beat the fill kernel's 51: 1.03x; OLMoE's 12.6 MB and Qwen3's 9.4 MB won, BENCHMARKS 3q)
+AUTO_DEVICE_MAX_EXPERT = 64 << 20
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
@@ -59,12 +63,16 @@ class OffloadConfig:
     miss_split       how cpu_fallback shares a step's misses: 'reuse' (CPU time weighted by
                      1 + the cache's hit ratio: a unit computed on the CPU stays a miss next time)
                      or 'makespan' (copy engine and CPU simply finish together)
-    driver           who decides hits, misses and evictions: 'host' (the default: the routing read back
+    driver           who decides hits, misses and evictions: 'host' (the routing read back
                      at every layer, copies by the copy engine, every policy and prefetch) or 'device'
                      (offload/device_cache.py: the GPU plans, reads missed experts from pinned host
                      memory itself, decoding packed ones on the way, and computes, no host sync, a
                      decode step is one CUDA graph; policies lru / lfu, whole experts in host memory,
-                     prefetch none / next_layer_gate / probe (on a side stream), no cpu_fallback)
+                     prefetch none / next_layer_gate / probe (on a side stream), no cpu_fallback), or
+                     'auto' (the default): 'device' where it runs and measured faster (offload.apply.resolve_driver: a CUDA
+                     device, the triton expert backend, none of the settings it refuses, experts in host memory
+                     of at most AUTO_DEVICE_MAX_EXPERT bytes, decode_batch x top-k <= slots: a step's experts in
+                     one round), else 'host' (copy-bound steps, where the copy engine's rate wins: BENCHMARKS 3q)
     pack_experts     keep the experts in host memory packed to 12 bits a weight, losslessly
                      (kernels/unpack.py: the exponent as a 4-bit code), so each copy moves a
                      quarter fewer bytes and is decoded on the device; bfloat16 experts, host
@@ -92,6 +100,8 @@ class OffloadConfig:
                      predictor prefetches only while the copy engine is idle
     trace            RoutingTrace, the future for the Belady policy (simulation / benchmarks)
     trace_batch      tokens per model step in that trace (1 = single-sequence decode)
+    decode_batch     rows a decode step carries (1: one sequence, `moe generate`; the serving engine's
+                     max_batch_size): driver='auto' weighs it
     kv_cache_bytes   bytes the KV cache will take on the device (counted before the experts)
     reserve_bytes    working memory left free for activations
     device           'cuda' / 'cuda:N' / 'cpu' (cpu: the pool is a CPU tensor, same code path)
@@ -117,6 +127,7 @@ class OffloadConfig:
     prefetch_budget: float | None = None
     trace: Any = None
     trace_batch: int = 1
+    decode_batch: int = 1
     kv_cache_bytes: int | str = 0
     reserve_bytes: int | str = "256MiB"
     device: str | None = None
@@ -129,7 +140,7 @@ class OffloadConfig:
     expert_slices: int = 1
     miss_split: str = "reuse"
     pack_experts: bool | str = "auto"
-    driver: str = "host"
+    driver: str = "auto"
 
     def lfu_steps(self) -> float | None:
         """The half-life the LFU policy is built with (policies.resolve_lfu_half_life: 23 steps when not
@@ -197,6 +208,8 @@ class OffloadConfig:
             raise ValueError(f"prefetch_threshold must be in [0, 1), got {self.prefetch_threshold}")
         if self.trace_batch < 1:
             raise ValueError(f"trace_batch must be >= 1, got {self.trace_batch}")
+        if not isinstance(self.decode_batch, int) or self.decode_batch < 1:
+            raise ValueError(f"decode_batch must be an integer >= 1 (rows a decode step carries), got {self.decode_batch!r}")
         self.kv_cache_bytes = parse_bytes(self.kv_cache_bytes)
         self.reserve_bytes = parse_bytes(self.reserve_bytes)
         if self.store not in ("memory", "disk", "auto"):
@@ -214,8 +227,8 @@ class OffloadConfig:
             if clash:
                 raise ValueError(f"pack_experts packs whole experts in host memory for the copy engine; it does "
                                  f"not go with {', '.join(clash)}")
-        if self.driver not in ("host", "device"):
-            raise ValueError(f"driver must be 'host' or 'device', got {self.driver!r}")
+        if self.driver not in DRIVERS:
+            raise ValueError(f"driver must be one of {DRIVERS}, got {self.driver!r}")
         if self.driver == "device":
             clash = self.device_clashes()
             if clash:

@@ -173,7 +173,8 @@ class ServeConfig:
         kw = dict(gpu_memory=self.gpu_memory, policy=self.offload_policy, prefetch=self.offload_prefetch,
                   cpu_fallback=bool(self.cpu_fallback), device=device,
                   store="disk" if self.offload_from_disk else "memory",
-                  checkpoint=self.model if self.offload_from_disk else None)
+                  checkpoint=self.model if self.offload_from_disk else None,
+                  decode_batch=int(self.max_batch_size))  # (driver='auto' weighs the rows of a step)
         if self.offload_prefetch_budget is not None:
             kw["prefetch_budget"] = float(self.offload_prefetch_budget)
         kw.update(self.offload_options)

@@ -23,7 +23,7 @@ def _offloaded(family, device, slots=2, **cfg):
             num_layers=len(blocks), num_experts=blocks[0].experts.w13.shape[0], top_k=2, seed=0)))
     return twin.eval(), apply_offload(m, OffloadConfig(slots_per_layer=slots, device=str(device), calibrate=False,
                                                        backend="triton" if device.type == "cuda" else "torch",
-                                                       **cfg)).eval()
+                                                       **{"driver": "host", **cfg})).eval()
 
 
 def _decode(model, steps, piecewise, device, B=2):
@@ -277,7 +277,8 @@ def test_engine_decodes_offloaded_models_in_pieces():
     outs = []
     for graphs in (False, None):
         m = moe.load_model(path, dtype=torch.float32, device="cuda").eval()
-        m = apply_offload(m, OffloadConfig(slots_per_layer=2, device="cuda", calibrate=False, backend="triton"))
+        m = apply_offload(m, OffloadConfig(slots_per_layer=2, device="cuda", calibrate=False, backend="triton",
+                                           driver="host"))  # (the host path's pieces; 'auto' takes the device here)
         eng = Engine(m, tok, max_batch_size=4, max_len=128, cuda_graph=graphs)
         assert isinstance(eng._graphs, PiecewiseDecodeGraphs) == (graphs is None)
         ids = [eng.add_request(p, params) for p in prompts]

@@ -73,6 +73,38 @@ def _store(L, E, I=4, D=6, seed=0):
                             for _ in range(L)])
 
 
+def test_auto_driver_takes_the_device_where_it_runs_and_measured_faster(model):
+    """driver='auto': 'device' on a CUDA device with the triton experts and settings it takes, for experts of at
+    most AUTO_DEVICE_MAX_EXPERT bytes whose decode step's top-k fit the slots in one round; else 'host' (with the
+    reason being the device, the backend, a refused setting, the disk store, large experts or a batch needing
+    rounds); on this CPU machine the model offloads with the host's cache."""
+    from offload.apply import resolve_driver
+    from offload.cache import ExpertCache
+    from offload.config import AUTO_DEVICE_MAX_EXPERT
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    qwen3, mixtral = 9_437_184, 352_321_536  # bytes of one bfloat16 expert
+
+    def pick(dev=cuda, backend="triton", disk=False, nbytes=qwen3, slots=32, top_k=8, **kw):
+        return resolve_driver(OffloadConfig(slots_per_layer=slots, driver="auto", **kw), device=dev, backend=backend,
+                              use_disk=disk, expert_bytes=nbytes, slots=slots, top_k=top_k)
+    assert pick() == "device"
+    assert pick(prefetch="next_layer_gate") == "device" and pick(policy="lru") == "device"
+    assert pick(dev=cpu) == "host" and pick(backend="torch") == "host" and pick(disk=True) == "host"
+    assert pick(cpu_fallback=True) == "host" and pick(expert_slices=2) == "host"
+    assert pick(policy="belady", trace=object()) == "host"
+    assert pick(nbytes=mixtral, slots=2, top_k=2) == "host" and pick(nbytes=AUTO_DEVICE_MAX_EXPERT) == "device"
+    assert pick(decode_batch=4) == "device" and pick(decode_batch=5) == "host"  # 4 x 8 fit 32 slots in one round
+    assert pick(slots=16, decode_batch=2) == "device" and pick(slots=16, decode_batch=4) == "host"  # OLMoE at 25%
+    assert pick(slots=6) == "host"  # fewer slots than top-k: rounds at any batch
+    for given in ("host", "device"):  # a driver named is kept
+        assert resolve_driver(OffloadConfig(slots_per_layer=2, driver=given), device=cpu, backend="torch",
+                              use_disk=False, expert_bytes=mixtral, slots=2, top_k=8) == given
+    m = offloaded(model, slots_per_layer=2, driver="auto")
+    assert type(m.offload_cache) is ExpertCache
+    with pytest.raises(ValueError, match="decode_batch"):
+        OffloadConfig(slots_per_layer=2, decode_batch=0)
+
+
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
 @pytest.mark.parametrize("E,S,K,T", [(8, 3, 2, 1), (8, 1, 2, 1), (16, 4, 4, 3), (8, 8, 2, 2), (6, 2, 3, 2)])
 def test_plan_decides_as_the_reference(policy, E, S, K, T):

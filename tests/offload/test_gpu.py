@@ -184,3 +184,46 @@ def test_gpu_device_driver_equals_resident_and_replays_in_one_graph(policy, slot
         assert runs[True][2]["misses"] > 0 and runs[True][2]["copies"] >= runs[True][2]["misses"]  # decided in the graph
     if prefetch != "none":  # the side stream's prefetches, captured in the graph too
         assert runs[True][2]["prefetches"] > 0 and runs[True][2]["useful_prefetches"] > 0
+
+
+@pytest.mark.parametrize("driver,slots", [("device", 1), ("auto", 2), ("device", 3)])
+def test_gpu_engine_serves_batches_under_the_device_driver(driver, slots):
+    """The serving engine's path with the GPU-decided cache: requests join and leave a batch of up to 4 (prefills
+    of several tokens run in rounds over the slots, decode steps of 1-4 rows replay one CUDA graph each); the
+    texts are the resident model's engine's. driver='auto' takes the device driver here (a GPU, triton experts)."""
+    import moe
+    from moe import tiny
+    from moe.cuda_graph import DecodeGraphs
+    from moe.generate import Engine
+    from offload.device_cache import DeviceExpertCache
+
+    # the embedded default model (6 layers x 8 experts, top-2) where there is one, else the tiny one (2 x 4)
+    path = tiny.ASSETS_DEFAULT if tiny.default_model_is_embedded() else tiny.ensure_tiny_model()
+    tok = moe.Tokenizer.from_dir(path)
+    prompts = ["def f(x):", "import os\nimport", "class A:\n    pass", "for i in range(10):\n", "x = [1, 2"]
+    params = moe.SamplingParams(max_new_tokens=10)
+
+    def serve(m):
+        eng = Engine(m, tok, max_batch_size=4, max_len=128)
+        assert isinstance(eng._graphs, DecodeGraphs)
+        ids = [eng.add_request(p, params) for p in prompts[:2]]
+        texts = {}
+        steps = 0
+        while eng.has_unfinished():
+            for out in eng.step():
+                texts[out.request_id] = texts.get(out.request_id, "") + out.new_text
+            steps += 1
+            if steps == 3:  # three more join a running batch (one waits for a free row)
+                ids += [eng.add_request(p, params) for p in prompts[2:]]
+        return [texts[i] for i in ids]
+
+    resident = moe.load_model(path, dtype=torch.float32, device="cuda").eval()
+    resident.set_backend("triton")
+    want = serve(resident)
+    m = moe.load_model(path, dtype=torch.float32, device="cuda").eval()
+    m = apply_offload(m, OffloadConfig(slots_per_layer=slots, device="cuda", calibrate=False, backend="triton",
+                                       driver=driver))
+    assert isinstance(m.offload_cache, DeviceExpertCache)
+    assert serve(m) == want
+    st = m.offload_cache.stats()
+    assert st["misses"] > 0 and st["hits"] > 0

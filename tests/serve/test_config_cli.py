@@ -43,6 +43,8 @@ def test_serve_config_checks_and_converts():
     assert ServeConfig().replica_spec("cuda")["offload"] is None
     off = ServeConfig(gpu_memory="2GiB", offload_policy="lfu").replica_spec("cuda")["offload"]
     assert (off["gpu_memory"], off["policy"], off["device"], off["store"]) == ("2GiB", "lfu", "cuda", "memory")
+    assert off["decode_batch"] == 8  # the engine's max_batch_size: driver='auto' weighs it
+    assert ServeConfig(gpu_memory="2GiB", max_batch_size=2).replica_spec("cuda")["offload"]["decode_batch"] == 2
     with pytest.raises(ValueError, match="policy"):
         ServeConfig(gpu_memory="2GiB", offload_policy="random")
 
