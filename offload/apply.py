@@ -381,18 +381,27 @@ def resolve_pack(cfg: OffloadConfig, *, expert_dtype: torch.dtype, expert_bytes:
 
 
 def resolve_driver(cfg: OffloadConfig, *, device: torch.device, backend: str, use_disk: bool, expert_bytes: int,
-                   slots: int, top_k: int) -> str:
+                   slots: int, top_k: int, expert_dtype: torch.dtype | None = None) -> str:
     """The driver an offload runs with: cfg.driver when 'host' or 'device'. 'auto' takes 'device' where it can run
     (a CUDA device; the triton expert backend, so its decode steps capture as one CUDA graph; none of the settings
     it refuses, OffloadConfig.device_clashes; experts in host memory) and where it measured faster than the host
     path (BENCHMARKS 3q): experts of at most AUTO_DEVICE_MAX_EXPERT bytes (fine-grained: the host path's per-layer
-    work shows there) and a decode step of cfg.decode_batch rows whose top-k fit the slots in one round. Copy-bound
-    steps (Mixtral's experts; OLMoE at 4 and 8 rows: 1.03-1.11x) go faster by the copy engine: 'host'."""
+    work shows there), and either a decode step of cfg.decode_batch rows whose top-k fit the slots in one round,
+    or experts that pack_experts='auto' packs under the device driver and not under the host's (``expert_dtype``
+    given; PACK_AUTO_FROM_DEVICE <= bytes < PACK_AUTO_FROM: a quarter fewer bytes outweigh the copy engine's
+    faster reads, Qwen3 at 8 rows 0.80x). Copy-bound steps otherwise (Mixtral's experts; OLMoE at 4 and 8 rows,
+    or 10% of its experts: 1.03-1.11x) go faster by the copy engine: 'host'."""
     if cfg.driver != "auto":
         return cfg.driver
     runs = device.type == "cuda" and backend == "triton" and not use_disk and not cfg.device_clashes()
-    pays = expert_bytes <= AUTO_DEVICE_MAX_EXPERT and cfg.decode_batch * top_k <= slots
-    return "device" if runs and pays else "host"
+    if not runs or expert_bytes > AUTO_DEVICE_MAX_EXPERT:
+        return "host"
+    if cfg.decode_batch * top_k <= slots:
+        return "device"
+    packs = {d: expert_dtype is not None and resolve_pack(dataclasses.replace(cfg, driver=d), expert_dtype=expert_dtype,
+                                                          expert_bytes=expert_bytes, device=device, use_disk=use_disk)
+             for d in ("device", "host")}
+    return "device" if packs["device"] and not packs["host"] else "host"
 
 
 def packed_staging(packed: bool, expert_bytes: int, device: torch.device) -> tuple[int, int]:
@@ -438,7 +447,8 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
         slots = plan_slots(cfg, device=device, dense_bytes=dense_bytes, expert_bytes=expert_bytes // G,
                            num_layers=len(blocks), num_experts=E * G, top_k=top_k * G)
         cfg = dataclasses.replace(cfg, driver=resolve_driver(cfg, device=device, backend=backend, use_disk=use_disk,
-                                                             expert_bytes=expert_bytes, slots=slots, top_k=top_k))
+                                                             expert_bytes=expert_bytes, slots=slots, top_k=top_k,
+                                                             expert_dtype=expert_dtype))
     if use_disk and cfg.driver == "device":
         raise ValueError(f"driver='device' reads the experts from host memory, but they would not fit there "
                          f"({_fmt_bytes(expert_total)}; store='auto' chose the disk): offload with driver='host'")

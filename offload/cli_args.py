@@ -65,7 +65,8 @@ def add_offload_args(parser: argparse.ArgumentParser) -> None:
                         "with a kernel: no host sync, a decode step is one CUDA graph; lru / lfu only; Qwen3 shapes "
                         "at 25%%: 0.74-0.78x the host path's step at 1-4 rows, BENCHMARKS 3q). auto (the default): "
                         "device on a GPU with --backend triton for experts up to 64 MiB whose step's top-k fit the "
-                        "slots in one round, else host (copy-bound steps, where the copy engine is faster)")
+                        "slots in one round (or that only it packs), else host (copy-bound steps, where the copy "
+                        "engine is faster)")
     g.add_argument("--offload-from-disk", action="store_true",
                    help="read experts from the checkpoint's memory-mapped safetensors instead of host memory")
 

@@ -71,8 +71,9 @@ class OffloadConfig:
                      prefetch none / next_layer_gate / probe (on a side stream), no cpu_fallback), or
                      'auto' (the default): 'device' where it runs and measured faster (offload.apply.resolve_driver: a CUDA
                      device, the triton expert backend, none of the settings it refuses, experts in host memory
-                     of at most AUTO_DEVICE_MAX_EXPERT bytes, decode_batch x top-k <= slots: a step's experts in
-                     one round), else 'host' (copy-bound steps, where the copy engine's rate wins: BENCHMARKS 3q)
+                     of at most AUTO_DEVICE_MAX_EXPERT bytes, and decode_batch x top-k <= slots: a step's experts
+                     in one round, or bfloat16 experts it packs and the host path would not), else 'host'
+                     (copy-bound steps, where the copy engine's rate wins: BENCHMARKS 3q)
     pack_experts     keep the experts in host memory packed to 12 bits a weight, losslessly
                      (kernels/unpack.py: the exponent as a 4-bit code), so each copy moves a
                      quarter fewer bytes and is decoded on the device; bfloat16 experts, host

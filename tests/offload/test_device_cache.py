@@ -84,9 +84,9 @@ def test_auto_driver_takes_the_device_where_it_runs_and_measured_faster(model):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     qwen3, mixtral = 9_437_184, 352_321_536  # bytes of one bfloat16 expert
 
-    def pick(dev=cuda, backend="triton", disk=False, nbytes=qwen3, slots=32, top_k=8, **kw):
+    def pick(dev=cuda, backend="triton", disk=False, nbytes=qwen3, slots=32, top_k=8, dtype=None, **kw):
         return resolve_driver(OffloadConfig(slots_per_layer=slots, driver="auto", **kw), device=dev, backend=backend,
-                              use_disk=disk, expert_bytes=nbytes, slots=slots, top_k=top_k)
+                              use_disk=disk, expert_bytes=nbytes, slots=slots, top_k=top_k, expert_dtype=dtype)
     assert pick() == "device"
     assert pick(prefetch="next_layer_gate") == "device" and pick(policy="lru") == "device"
     assert pick(dev=cpu) == "host" and pick(backend="torch") == "host" and pick(disk=True) == "host"
@@ -96,6 +96,13 @@ def test_auto_driver_takes_the_device_where_it_runs_and_measured_faster(model):
     assert pick(decode_batch=4) == "device" and pick(decode_batch=5) == "host"  # 4 x 8 fit 32 slots in one round
     assert pick(slots=16, decode_batch=2) == "device" and pick(slots=16, decode_batch=4) == "host"  # OLMoE at 25%
     assert pick(slots=6) == "host"  # fewer slots than top-k: rounds at any batch
+    # rounds, but bfloat16 experts the device driver packs and the host path would not (8 <= MiB < 10): device
+    bf16 = torch.bfloat16
+    assert pick(decode_batch=8, dtype=bf16) == "device" and pick(decode_batch=8, dtype=torch.float32) == "host"
+    assert pick(decode_batch=8, dtype=bf16, pack_experts=False) == "host"  # (packing as given: the same on both)
+    olmoe = 12_582_912  # both drivers pack it: at 4 rows of 16 slots, the copy engine
+    assert pick(nbytes=olmoe, slots=16, decode_batch=4, dtype=bf16) == "host"
+    assert pick(nbytes=olmoe, slots=16, decode_batch=2, dtype=bf16) == "device"
     for given in ("host", "device"):  # a driver named is kept
         assert resolve_driver(OffloadConfig(slots_per_layer=2, driver=given), device=cpu, backend="torch",
                               use_disk=False, expert_bytes=mixtral, slots=2, top_k=8) == given
