@@ -164,7 +164,8 @@ def _spec(args) -> dict:
     from serve.engine_deployment import resolve_device
     limits = ServeLimits(max_prompt_tokens=args.input_len + 1, max_tokens=args.output_len,
                          max_concurrency=max(args.max_concurrency, 1) + 8, max_waiting=args.num_prompts)
-    return {"model": args.model, "device": args.device, "dtype": args.dtype, "max_batch_size": args.max_batch_size,
+    return {"model": args.model, "device": args.device, "dtype": args.dtype, "backend": args.expert_backend,
+            "max_batch_size": args.max_batch_size,
             "stream_interval": args.stream_interval,
             "max_len": args.input_len + args.output_len + 8, "limits": limits.to_dict(),
             "offload": None if not args.gpu_memory else {"gpu_memory": args.gpu_memory,
@@ -342,7 +343,8 @@ def start_serve(args) -> tuple[str, str]:
         port = s.getsockname()[1]
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    cfg = ServeConfig(model=args.model, device=args.device, dtype=args.dtype, gpu_memory=args.gpu_memory,
+    cfg = ServeConfig(model=args.model, device=args.device, dtype=args.dtype, backend=args.expert_backend,
+                      gpu_memory=args.gpu_memory,
                       offload_policy=args.offload_policy, offload_prefetch=args.offload_prefetch,
                       max_batch_size=args.max_batch_size, max_len=spec["max_len"], replica_cpus=args.replica_cpus,
                       stream_interval=args.stream_interval,
@@ -497,6 +499,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="checkpoint dir, 'tiny', or empty for the embedded default")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None)
+    p.add_argument("--expert-backend", default="auto", choices=("auto", "torch", "triton"),
+                   help="the replica's expert backend (ServeConfig.backend; auto: triton on a GPU, torch on the CPU)")
     p.add_argument("--gpu-memory", default=None, help="offload experts into this much GPU memory, e.g. 24GiB")
     p.add_argument("--offload-policy", default="lru")
     p.add_argument("--offload-prefetch", default="none")

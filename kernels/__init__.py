@@ -35,6 +35,16 @@ def get_backend(name: str) -> Callable[..., torch.Tensor]:
     raise ValueError(f"unknown expert backend {name!r}; choose one of {BACKENDS}")
 
 
+def resolve_backend(name: str, device) -> str:
+    """A backend name with 'auto' made concrete: 'triton' (the fused kernels; decode steps capture as CUDA graphs)
+    on a CUDA device, else 'torch' (the reference, which runs anywhere). Other names are checked and kept."""
+    if name == "auto":
+        return "triton" if torch.device(device).type == "cuda" else "torch"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown expert backend {name!r}; choose one of {BACKENDS} or 'auto'")
+    return name
+
+
 def inference_on_cuda(x: torch.Tensor, *params: torch.Tensor) -> bool:
     """Whether an inference-only Triton kernel (norm, router, attention prep, projections) may take
     x: on CUDA, and no gradient asked of x or of the module's params."""
@@ -45,5 +55,5 @@ def moe_experts(x_TD, w13_EJD, w2_EDI, topk_ids_TK, topk_weights_TK, backend: st
     return get_backend(backend)(x_TD, w13_EJD, w2_EDI, topk_ids_TK, topk_weights_TK)
 
 
-__all__ = ["BACKENDS", "get_backend", "moe_experts", "moe_experts_reference", "expert_mlp_reference",
+__all__ = ["BACKENDS", "get_backend", "resolve_backend", "moe_experts", "moe_experts_reference", "expert_mlp_reference",
            "check_moe_inputs"]

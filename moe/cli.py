@@ -87,8 +87,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights and activations dtype (default auto: the checkpoint's own)")
     p.add_argument("--device", default="auto",
                    help="cpu, cuda or cuda:N (default auto: cuda when a GPU is present, else cpu)")
-    p.add_argument("--backend", default="torch", choices=BACKENDS,
-                   help="expert computation: torch (reference) or triton (fused grouped-GEMM kernels)")
+    p.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS,
+                   help="expert computation: torch (reference) or triton (fused grouped-GEMM kernels; decode steps "
+                        "replay from CUDA graphs); auto (default): triton on a GPU, torch on the CPU")
     from offload.cli_args import add_offload_args
 
     add_offload_args(p)
@@ -154,7 +155,9 @@ def load_from_args(args: argparse.Namespace, stderr: TextIO | None = None):
     stderr = stderr if stderr is not None else sys.stderr
     path = resolve_model_dir(args.model, stderr)
     device = _resolve_device(args.device)
-    if args.backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    from kernels import resolve_backend
+    backend = resolve_backend(args.backend, device)
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise CLIError("--backend triton needs a CUDA device (or TRITON_INTERPRET=1, very slow); "
                        "use --backend torch on CPU")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -162,7 +165,7 @@ def load_from_args(args: argparse.Namespace, stderr: TextIO | None = None):
     offloading = getattr(args, "gpu_memory", None) is not None
     # with --gpu-memory the weights load into host memory; apply_offload then moves the dense part
     # to the device and keeps the experts in the (pinned) host store
-    model = load_model(path, dtype=dtype, device="cpu" if offloading else device, backend=args.backend,
+    model = load_model(path, dtype=dtype, device="cpu" if offloading else device, backend=backend,
                        progress=ProgressBar(stream=stderr))
     model.eval()
     return apply_model_options(model, args, path), tok
@@ -188,7 +191,7 @@ def register_generate(subparsers) -> argparse.ArgumentParser:
                    help="stop when this text appears (trimmed from the output); repeatable")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
     p.add_argument("--no-cuda-graph", action="store_true",
-                   help="run every decode step eagerly (by default a resident model on a GPU with --backend triton "
+                   help="run every decode step eagerly (by default a resident model on a GPU with the triton backend "
                         "replays decode steps from CUDA graphs)")
     p.set_defaults(func=run_generate)
     return p

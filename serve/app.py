@@ -57,6 +57,7 @@ class ServeConfig:
     device: str = "auto"
     dtype: str | None = None
     gpu_memory: str | None = None
+    backend: str = "auto"  # expert computation: 'auto' (triton on a GPU, torch on the CPU), 'torch' or 'triton'
     offload_policy: str = "lfu"
     offload_prefetch: str = "none"
     cpu_fallback: bool = False
@@ -95,6 +96,11 @@ class ServeConfig:
         self.port = int(self.port)
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device ({self.device!r}) must be 'auto', 'cpu' or 'cuda'")
+        from kernels import BACKENDS
+        if self.backend not in ("auto",) + BACKENDS:
+            raise ValueError(f"backend ({self.backend!r}) must be 'auto', 'torch' or 'triton'")
+        if self.backend == "triton" and self.device == "cpu":
+            raise ValueError("backend 'triton' needs a CUDA device; use backend 'torch' (or 'auto') with device 'cpu'")
         for name in ("max_batch_size", "max_len", "num_replicas", "stream_interval"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be a positive integer")
@@ -198,8 +204,8 @@ class ServeConfig:
         return kw
 
     def replica_spec(self, device: str) -> dict:
-        return {"model": self.model, "device": device, "dtype": self.dtype, "max_batch_size": self.max_batch_size,
-                "max_len": self.max_len, "limits": self.limits.to_dict(), "engine_factory": self.engine_factory,
+        return {"model": self.model, "device": device, "dtype": self.dtype, "backend": self.backend,
+                "max_batch_size": self.max_batch_size, "max_len": self.max_len, "limits": self.limits.to_dict(), "engine_factory": self.engine_factory,
                 "stream_interval": self.stream_interval,
                 "offload": self.offload_config(device), "offload_files": self.offload_files(),
                 "cpu_hosts": {"num_hosts": self.cpu_hosts, "num_cpus": self.cpu_host_cpus,

@@ -35,6 +35,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' (default: $MOEFLOW_API_KEY, else no key)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: a GPU per replica when there is one)")
     p.add_argument("--dtype", default=None, help="weights dtype, e.g. bfloat16 (default: the checkpoint's)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="expert computation: triton (fused kernels; decode steps replay from CUDA graphs) or torch "
+                        "(the reference); auto (default): triton on a GPU, torch on the CPU")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: directory name)")
     p.add_argument("--num-replicas", type=int, default=1)
     p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per model replica")
@@ -77,7 +80,7 @@ def config_from_args(args: argparse.Namespace):
                          max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency,
                          max_waiting=args.max_waiting)
     return ServeConfig(model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
-                       api_key=args.api_key, device=args.device, dtype=args.dtype, gpu_memory=args.gpu_memory,
+                       api_key=args.api_key, device=args.device, dtype=args.dtype, backend=args.backend, gpu_memory=args.gpu_memory,
                        offload_policy=args.offload_policy, offload_prefetch=args.offload_prefetch,
                        cpu_fallback=args.cpu_fallback, offload_from_disk=args.offload_from_disk,
                        offload_probes=args.offload_probes, offload_predictor=args.offload_predictor,

@@ -291,8 +291,11 @@ def load_engine(spec: dict) -> LoadedEngine:
         torch.set_num_threads(int(spec["torch_threads"]))
     dtype = getattr(torch, spec["dtype"]) if spec.get("dtype") else None
     ep = spec.get("expert_parallel")
-    # expert-parallel: the ranks take the weights from a host copy, then the replica drops it
-    model = moe.load_model(path, dtype=dtype, device="cpu" if ep else device)
+    from kernels import resolve_backend
+    backend = resolve_backend(spec.get("backend") or "auto", device)
+    # expert-parallel: the ranks take the weights from a host copy, then the replica drops it; offloaded: the
+    # weights load into host memory and apply_offload moves the dense part (the experts may not fit the device)
+    model = moe.load_model(path, dtype=dtype, device="cpu" if ep or spec.get("offload") else device, backend=backend)
     tok = Tokenizer.from_dir(path)
     strategy = "single"
     closers: list = []
@@ -300,7 +303,7 @@ def load_engine(spec: dict) -> LoadedEngine:
         if spec.get("offload") or spec.get("cpu_hosts"):
             raise ValueError("expert_parallel does not combine with offload or cpu_hosts in one replica")
         from serve.ep_model import EPServeSettings, start_expert_parallel
-        model = start_expert_parallel(model, EPServeSettings(**ep), device)
+        model = start_expert_parallel(model, EPServeSettings(**ep), device, backend=backend)
         closers.append(model.shutdown)
         strategy = model.stats()["strategy"]
     elif spec.get("offload"):

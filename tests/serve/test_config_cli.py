@@ -44,6 +44,13 @@ def test_serve_config_checks_and_converts():
     off = ServeConfig(gpu_memory="2GiB", offload_policy="lfu").replica_spec("cuda")["offload"]
     assert (off["gpu_memory"], off["policy"], off["device"], off["store"]) == ("2GiB", "lfu", "cuda", "memory")
     assert off["decode_batch"] == 8  # the engine's max_batch_size: driver='auto' weighs it
+    # the expert backend: auto (triton on a GPU, torch on the CPU), carried to the replica
+    assert ServeConfig().replica_spec("cuda")["backend"] == "auto"
+    assert ServeConfig(backend="torch").replica_spec("cuda")["backend"] == "torch"
+    with pytest.raises(ValueError, match="backend"):
+        ServeConfig(backend="cuda-magic")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        ServeConfig(backend="triton", device="cpu")
     assert ServeConfig(gpu_memory="2GiB", max_batch_size=2).replica_spec("cuda")["offload"]["decode_batch"] == 2
     with pytest.raises(ValueError, match="policy"):
         ServeConfig(gpu_memory="2GiB", offload_policy="random")

@@ -311,3 +311,22 @@ def test_cpu_hosts_need_an_expert_cache():
         ServeConfig(model="tiny", device="cpu", cpu_hosts=2)
     with pytest.raises(ValueError, match="cpu_hosts"):
         ServeConfig(model="tiny", device="cpu", cpu_hosts=-1)
+
+
+def test_replica_loads_the_expert_backend_its_spec_names():
+    """backend 'auto' resolves on the replica's device (torch on this CPU; triton on a GPU: kernels.resolve_backend),
+    a named one is kept; an offloaded replica loads its weights into host memory first (the experts stay there)."""
+    from kernels import resolve_backend
+    from serve.engine_deployment import load_engine
+    assert resolve_backend("auto", "cpu") == "torch" and resolve_backend("auto", "cuda") == "triton"
+    assert resolve_backend("torch", "cuda") == "torch"
+    with pytest.raises(ValueError, match="unknown expert backend"):
+        resolve_backend("cuda-magic", "cpu")
+    for spec in ({"model": "tiny", "device": "cpu", "max_len": 64},
+                 {"model": "tiny", "device": "cpu", "max_len": 64, "backend": "torch",
+                  "offload": {"slots_per_layer": 2, "calibrate": False, "device": "cpu"}}):
+        loaded = load_engine(spec)
+        try:
+            assert {b.experts.backend for b in loaded.model.moe_blocks()} == {"torch"}
+        finally:
+            loaded.close()
