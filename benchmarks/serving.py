@@ -166,7 +166,7 @@ def _spec(args) -> dict:
                          max_concurrency=max(args.max_concurrency, 1) + 8, max_waiting=args.num_prompts)
     return {"model": args.model, "device": args.device, "dtype": args.dtype, "backend": args.expert_backend,
             "max_batch_size": args.max_batch_size,
-            "stream_interval": args.stream_interval,
+            "stream_interval": args.stream_interval, "warm_up": not args.no_warm_up,
             "max_len": args.input_len + args.output_len + 8, "limits": limits.to_dict(),
             "offload": None if not args.gpu_memory else {"gpu_memory": args.gpu_memory,
                                                      "device": resolve_device(args.device),
@@ -200,7 +200,10 @@ async def run_inprocess(args, prompts) -> dict:
         if not ray.is_initialized():  # the rank actors (one GPU each where there are GPUs)
             ray.init(num_cpus=max(2, args.ep_ranks + 1), include_dashboard=False, log_to_driver=True,
                      _node_ip_address="127.0.0.1")
+    t_load = time.perf_counter()
     rep = ModelReplica(_spec(args))
+    print(f"in-process replica loaded in {time.perf_counter() - t_load:.2f} s"
+          f"{'' if args.no_warm_up else ' (with its warm-up on a GPU)'}", flush=True)
     limits = rep.limits
 
     async def one(prompt) -> RequestResult:
@@ -499,6 +502,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="checkpoint dir, 'tiny', or empty for the embedded default")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None)
+    p.add_argument("--no-warm-up", action="store_true",
+                   help="in-process replica: skip its warm-up at load (Engine.warm_up: kernels compile and decode "
+                        "graphs capture before the first request, on a GPU)")
     p.add_argument("--expert-backend", default="auto", choices=("auto", "torch", "triton"),
                    help="the replica's expert backend (ServeConfig.backend; auto: triton on a GPU, torch on the CPU)")
     p.add_argument("--gpu-memory", default=None, help="offload experts into this much GPU memory, e.g. 24GiB")

@@ -136,6 +136,31 @@ class Engine:
         self._rows: list[_Request | None] = [None] * max_batch_size
         self._aborted: list[RequestOutput] = []
 
+    def warm_up(self, rows: int | None = None) -> int:
+        """Throwaway requests through the kinds of step the engine takes, before any real one: a prefill and decode
+        steps of one row, then ``rows`` (default max_batch_size) at once. On a GPU the first call of every Triton
+        kernel compiles (seconds in a machine's first process) and every decode width is captured as a CUDA graph
+        on its first step; here that happens instead of during the first requests (a serving replica calls this
+        when it loads). The engine is left idle, its request ids unused by the warm-up ('warm-N' ids), the model's
+        offload statistics reset (its ``offload_cache`` and ``cpu_tier``). Returns the steps it ran."""
+        if self.has_unfinished():
+            raise RuntimeError("warm_up needs an idle engine: it runs before the first request")
+        rows = self.max_batch_size if rows is None else max(1, min(int(rows), self.max_batch_size))
+        params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+        prompt = self.tokenizer.encode("def warm_up(x):")[: max(1, self.max_len - 4)]
+        steps = 0
+        for wave in dict.fromkeys((1, rows)):
+            for i in range(wave):
+                self.add_request(prompt, params, request_id=f"warm-{wave}-{i}")
+            while self.has_unfinished():
+                self.step()
+                steps += 1
+        for name in ("offload_cache", "cpu_tier"):  # (offload.apply_offload's cache, apply_cpu_tier's runtime)
+            part = getattr(self.model, name, None)
+            if callable(getattr(part, "reset_stats", None)):
+                part.reset_stats()
+        return steps
+
     # --- requests ----------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:

@@ -321,6 +321,9 @@ def load_engine(spec: dict) -> LoadedEngine:
     max_len = int(spec.get("max_len", 2048))
     try:
         engine = Engine(model, tok, max_batch_size=int(spec.get("max_batch_size", 8)), max_len=max_len)
+        if engine.device.type == "cuda" and spec.get("warm_up", True):
+            # the kernels compile and the decode graphs capture now, not inside the first requests' latency
+            engine.warm_up()
     except BaseException:
         for close in reversed(closers):  # the hosts / ranks started above must not outlive a failed load
             close()

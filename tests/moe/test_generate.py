@@ -3,6 +3,8 @@
 The reference for greedy decoding is the plain loop without a KV cache: run the whole sequence
 through the model, take the argmax of the last position, append, repeat.
 """
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -549,3 +551,26 @@ def test_decode_benchmarks_oracle_bound_of_the_timed_steps():
     assert ms2 == pytest.approx(misses_per_step * (1e6 / 1e9 + 10e-6) * 1e3, rel=0.05)  # copy time (+ latency)
     ms3, _ = mod.oracle_step_ms(spec, 2, 8, 20, 2, 1e6, 1e9, compute_ms=0.0)  # two rows: more experts a step
     assert ms3 > ms2
+
+
+def test_warm_up_leaves_the_engine_as_new(model, tok):
+    """Engine.warm_up: a prefill and decode steps of one row, then of max_batch_size rows; afterwards the engine is
+    idle, the next request gets the id it would have had, the outputs are a fresh engine's, and an offloaded
+    model's cache statistics count none of the warm-up's steps."""
+    from offload import OffloadConfig, apply_offload
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    e = Engine(model, tok, max_batch_size=3, max_len=64)
+    assert e.warm_up() == 2 * 3  # two waves (1 row, 3 rows), each a prefill and two decode steps
+    assert not e.has_unfinished() and e.warm_up(rows=1) == 3
+    rids = [e.add_request(p, params) for p in PROMPTS[:3]]
+    assert rids[0] == "req-0"
+    fresh = Engine(model, tok, max_batch_size=3, max_len=64)
+    assert run(e, rids) == run(fresh, [fresh.add_request(p, params) for p in PROMPTS[:3]])
+    off = apply_offload(copy.deepcopy(model), OffloadConfig(slots_per_layer=2, device="cpu", calibrate=False))
+    e = Engine(off, tok, max_batch_size=2, max_len=64)
+    e.warm_up()
+    st = off.offload_cache.stats()
+    assert st["hits"] + st["misses"] == 0
+    e.add_request(PROMPTS[0], params)
+    with pytest.raises(RuntimeError, match="idle engine"):
+        e.warm_up()
