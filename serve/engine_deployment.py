@@ -293,6 +293,9 @@ def load_engine(spec: dict) -> LoadedEngine:
     ep = spec.get("expert_parallel")
     from kernels import resolve_backend
     backend = resolve_backend(spec.get("backend") or "auto", device)
+    if backend == "triton" and torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend 'triton' needs a CUDA device, but this replica runs on {device}: serve with "
+                         "backend 'auto' or 'torch' (or give the replicas GPUs)")
     # expert-parallel: the ranks take the weights from a host copy, then the replica drops it; offloaded: the
     # weights load into host memory and apply_offload moves the dense part (the experts may not fit the device)
     model = moe.load_model(path, dtype=dtype, device="cpu" if ep or spec.get("offload") else device, backend=backend)

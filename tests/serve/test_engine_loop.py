@@ -313,7 +313,7 @@ def test_cpu_hosts_need_an_expert_cache():
         ServeConfig(model="tiny", device="cpu", cpu_hosts=-1)
 
 
-def test_replica_loads_the_expert_backend_its_spec_names():
+def test_replica_loads_the_expert_backend_its_spec_names(monkeypatch):
     """backend 'auto' resolves on the replica's device (torch on this CPU; triton on a GPU: kernels.resolve_backend),
     a named one is kept; an offloaded replica loads its weights into host memory first (the experts stay there)."""
     from kernels import resolve_backend
@@ -322,6 +322,10 @@ def test_replica_loads_the_expert_backend_its_spec_names():
     assert resolve_backend("torch", "cuda") == "torch"
     with pytest.raises(ValueError, match="unknown expert backend"):
         resolve_backend("cuda-magic", "cpu")
+    with monkeypatch.context() as mp:  # (CI interprets Triton on the CPU, where it would run: not here)
+        mp.delenv("TRITON_INTERPRET", raising=False)
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            load_engine({"model": "tiny", "device": "cpu", "backend": "triton"})
     for spec in ({"model": "tiny", "device": "cpu", "max_len": 64},
                  {"model": "tiny", "device": "cpu", "max_len": 64, "backend": "torch",
                   "offload": {"slots_per_layer": 2, "calibrate": False, "device": "cpu"}}):
