@@ -5,6 +5,7 @@ missed experts. Offloaded output equals resident output.
     model = apply_offload(model, OffloadConfig(gpu_memory="24GiB", policy="lru", cpu_fallback=True))
     model.offload_cache.stats()
     model = apply_offload(model, OffloadConfig(gpu_memory="24GiB", driver="device"))  # decided on the GPU
+    # the default driver='auto' takes 'device' where it runs and measured faster, else 'host' (apply.resolve_driver)
 """
 from .apply import OffloadedExperts, apply_offload, install, kv_cache_bytes, plan_slots, route_by_trace
 from .cache import ExpertCache

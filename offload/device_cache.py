@@ -33,6 +33,11 @@ that the next layer joins. What this path does not do (``OffloadConfig`` refuses
 reason): the predictor's prefetch, CPU fallback, expert slices, the predictor and Belady policies, a disk
 store.
 
+``OffloadConfig(driver='auto')``, the default, takes this path on a GPU with the triton experts where it measured
+faster than the host path (``apply.resolve_driver``: experts up to 64 MiB whose decode step's top-k fit the slots
+in one round, or that only this path packs; BENCHMARKS 3q); copy-bound steps keep the host path, whose copy engine
+reads faster.
+
 Shape legend: T = tokens, K = experts per token, N = T*K, E = experts, S = slots per layer,
 J = 2*I, D = hidden, M = min(E, S) fills a round at most.
 """
