@@ -380,6 +380,12 @@ def resolve_pack(cfg: OffloadConfig, *, expert_dtype: torch.dtype, expert_bytes:
             and not cfg.pack_clashes(use_disk))
 
 
+def device_driver_runs(cfg: OffloadConfig, *, device: torch.device, backend: str, use_disk: bool) -> bool:
+    """Whether driver='device' can run this offload: a CUDA device, the triton experts (a decode step then captures
+    as one CUDA graph), experts in host memory and none of the settings it refuses (OffloadConfig.device_clashes)."""
+    return device.type == "cuda" and backend == "triton" and not use_disk and not cfg.device_clashes()
+
+
 def resolve_driver(cfg: OffloadConfig, *, device: torch.device, backend: str, use_disk: bool, expert_bytes: int,
                    slots: int, top_k: int, expert_dtype: torch.dtype | None = None) -> str:
     """The driver an offload runs with: cfg.driver when 'host' or 'device'. 'auto' takes 'device' where it can run
@@ -393,8 +399,8 @@ def resolve_driver(cfg: OffloadConfig, *, device: torch.device, backend: str, us
     or 10% of its experts: 1.03-1.11x) go faster by the copy engine: 'host'."""
     if cfg.driver != "auto":
         return cfg.driver
-    runs = device.type == "cuda" and backend == "triton" and not use_disk and not cfg.device_clashes()
-    if not runs or expert_bytes > AUTO_DEVICE_MAX_EXPERT:
+    if not device_driver_runs(cfg, device=device, backend=backend, use_disk=use_disk) \
+            or expert_bytes > AUTO_DEVICE_MAX_EXPERT:
         return "host"
     if cfg.decode_batch * top_k <= slots:
         return "device"
@@ -443,12 +449,13 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
     use_disk = cfg.store == "disk" or (cfg.store == "auto" and cfg.checkpoint is not None
                                        and expert_total > 0.8 * host_available_bytes())
     backend = cfg.backend or getattr(blocks[0].experts, "backend", None) or "torch"
-    if cfg.driver == "auto":  # (the slots as the device driver would have them: it sets no staging aside)
-        slots = plan_slots(cfg, device=device, dense_bytes=dense_bytes, expert_bytes=expert_bytes // G,
-                           num_layers=len(blocks), num_experts=E * G, top_k=top_k * G)
+    auto = cfg.driver == "auto"
+    if auto:  # (the slots as the device driver would have them: it sets no staging aside)
+        device_slots = plan_slots(cfg, device=device, dense_bytes=dense_bytes, expert_bytes=expert_bytes // G,
+                                  num_layers=len(blocks), num_experts=E * G, top_k=top_k * G)
         cfg = dataclasses.replace(cfg, driver=resolve_driver(cfg, device=device, backend=backend, use_disk=use_disk,
-                                                             expert_bytes=expert_bytes, slots=slots, top_k=top_k,
-                                                             expert_dtype=expert_dtype))
+                                                             expert_bytes=expert_bytes, slots=device_slots,
+                                                             top_k=top_k, expert_dtype=expert_dtype))
     if use_disk and cfg.driver == "device":
         raise ValueError(f"driver='device' reads the experts from host memory, but they would not fit there "
                          f"({_fmt_bytes(expert_total)}; store='auto' chose the disk): offload with driver='host'")
@@ -457,10 +464,18 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
                          f"({_fmt_bytes(expert_total)}; store='auto' chose the disk): offload without pack_experts")
     packed = resolve_pack(cfg, expert_dtype=expert_dtype, expert_bytes=expert_bytes, device=device, use_disk=use_disk)
     staging, n_stages = packed_staging(packed and cfg.driver == "host", expert_bytes, device)  # (device: none)
-    dense_bytes += n_stages * staging  # the buffers packed copies land in (~3/4 of an expert each) count first
     # the cache's units: G slices of each expert, each 1/G of its bytes, G per routed expert
-    slots = plan_slots(cfg, device=device, dense_bytes=dense_bytes, expert_bytes=expert_bytes // G,
-                       num_layers=len(blocks), num_experts=E * G, top_k=top_k * G)
+    try:  # the buffers packed copies land in (~3/4 of an expert each) count first
+        slots = plan_slots(cfg, device=device, dense_bytes=dense_bytes + n_stages * staging,
+                           expert_bytes=expert_bytes // G, num_layers=len(blocks), num_experts=E * G, top_k=top_k * G)
+    except ValueError:
+        # 'auto' chose the host path, whose staging buffers leave too little; the device driver sets none aside
+        if not (auto and n_stages and device_driver_runs(cfg, device=device, backend=backend, use_disk=use_disk)):
+            raise
+        cfg = dataclasses.replace(cfg, driver="device")
+        packed = resolve_pack(cfg, expert_dtype=expert_dtype, expert_bytes=expert_bytes, device=device,
+                              use_disk=use_disk)
+        slots = device_slots
 
     def release(i):  # drop layer i's original experts as soon as the store holds them
         blocks[i].experts = None

@@ -265,6 +265,34 @@ def test_device_driver_packed_equals_unpacked(model, policy, slots):
     assert "packed" in m.offload_cache.describe()
 
 
+def test_auto_takes_the_device_where_the_host_paths_staging_leaves_no_room(model, monkeypatch):
+    """A budget that holds the experts' slots but not the host path's packed staging buffer as well: where 'auto'
+    chose the host path (here by a batch that needs rounds) and the device driver can run, it takes the device
+    driver, which sets no staging aside, instead of failing; where the device driver cannot run, the host path's
+    error stands. (On this CPU the device driver 'runs' only by the patch.)"""
+    import offload.apply as apply_mod
+    from offload import apply_offload
+
+    from .helpers import twin
+    bf = twin(model).to(torch.bfloat16)
+    blocks = bf.moe_blocks()
+    expert = (blocks[0].experts.w13[0].numel() + blocks[0].experts.w2[0].numel()) * 2
+    ids = {id(p) for b in blocks for p in b.experts.parameters()}
+    dense = sum(p.numel() * p.element_size() for p in bf.parameters() if id(p) not in ids)
+    dense += sum(b.numel() * b.element_size() for b in bf.buffers())
+    budget = dense + 2 * len(blocks) * expert + 1024  # 2 slots a layer; the staging buffer (>= 1 MiB) does not fit
+    kw = dict(gpu_memory=budget, reserve_bytes=0, device="cpu", calibrate=False, pack_experts=True, decode_batch=64)
+    with pytest.raises(ValueError, match="cannot hold"):
+        apply_offload(twin(bf), OffloadConfig(**kw))  # the device driver cannot run on the CPU: the host's error
+    monkeypatch.setattr(apply_mod, "device_driver_runs", lambda cfg, **_: True)
+    m = apply_offload(twin(bf), OffloadConfig(**kw))
+    assert isinstance(m.offload_cache, DeviceExpertCache) and m.offload_cache.slots == 2
+    assert m.offload_cache.packed is not None
+    want = greedy(offloaded(bf, slots_per_layer=2, driver="device", pack_experts=True), PROMPT, 4)
+    got = greedy(m, PROMPT, 4)
+    assert got[0] == want[0] and torch.equal(got[1], want[1])
+
+
 def test_packed_fill_reaches_buffers_in_every_chunk_of_the_arena():
     """Each packed buffer in a chunk of its own (an arena of tiny chunks): the fill kernel (interpreted) reaches
     them all from the one anchor and decodes each into its slot exactly as the reference decode."""
