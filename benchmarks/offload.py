@@ -19,6 +19,9 @@ Rows at each GPU expert budget (share of the experts' bytes held on the GPU, slo
   resident      all experts on the GPU (the ceiling; also gives the per-layer compute time)
   no-cache      every expert copied when used, nothing kept
   lru, lfu      the eviction policies, copies on demand (lfu: OffloadConfig's default half-life, 23 steps)
+  lfu device    lfu decided on the GPU (OffloadConfig(driver='device')): a plan kernel, the misses read from
+                pinned host memory by a kernel, no host sync in a layer (the layers here run eagerly, so
+                what it saves is the host's per-layer reads and decisions, not launches)
   gate          lru + next-layer-gate speculation (layer l+1's router on layer l's input; with
                 random router weights this guesses at random: reported as measured)
   cpu           lru + misses split between copying and computing on the CPU (cost model)
@@ -33,9 +36,9 @@ Rows at each GPU expert budget (share of the experts' bytes held on the GPU, slo
                 slices; cpu/G also shares the slices of one missed expert between the copy engine
                 and the CPU (whole-expert misses at batch 1 leave nothing to share); "span": the
                 split ignores that a CPU-computed slice stays a miss (miss_split='makespan')
-  lru packed, lfu packed  (last; --packed, bfloat16 only) the experts drawn again with the same seed and
-                kept packed to 12 bits a weight (OffloadConfig.pack_experts): a quarter fewer
-                bytes a copy, decoded on the GPU after it; "oracle packed": the oracle bound with
+  lru packed, lfu packed, lfu packed device  (last; --packed, bfloat16 only) the experts drawn again with
+                the same seed and kept packed to 12 bits a weight (OffloadConfig.pack_experts): a quarter
+                fewer bytes a copy, decoded on the GPU after it; "oracle packed": the oracle bound with
                 copies of the mean packed expert's bytes (the bound those rows stand against)
   oracle bound  time model: Belady + perfect prefetch + best of copy / CPU per miss, fed by the
                 measured copy bandwidth, CPU rate and resident per-layer compute time (its hit %
@@ -261,8 +264,8 @@ def run_model(key, args, device, dtype):
     rows = []
 
     def live(label, budget, slots, cfg_kw, clear=False, fill_all=False, emit=True):
-        cfg = OffloadConfig(slots_per_layer=slots, device=str(device), calibrate=False, driver="host",
-                            expert_slices=store.slices, **cfg_kw)
+        cfg = OffloadConfig(**{"slots_per_layer": slots, "device": str(device), "calibrate": False, "driver": "host",
+                               "expert_slices": store.slices, **cfg_kw})
         row_cost = dataclasses.replace(cost)  # its own: the CPU rows learn their in-use CPU time into it
         cache = install(blocks, store, cfg, device=device, top_k=K, slots=slots, backend=backend, cost=row_cost)
         if fill_all:
@@ -315,7 +318,7 @@ def run_model(key, args, device, dtype):
         show(row)
         return row
 
-    print(f"  {'budget':>7} {'slots':>5} {'config':<15} {'tok/s':>8} {'ms/tok':>9} {'floor ms':>9} {'hit %':>6} "
+    print(f"  {'budget':>7} {'slots':>5} {'config':<17} {'tok/s':>8} {'ms/tok':>9} {'floor ms':>9} {'hit %':>6} "
           f"{'MB/tok':>8} {'cpu/tok':>7} {'pf P/R':>9}")
     if args.rounds > 1:
         print(f"  (the cached rows of a budget: each the fastest of {args.rounds} rounds, the rows taking turns)")
@@ -328,6 +331,8 @@ def run_model(key, args, device, dtype):
         pk = dict(policy="predictor", prefetch="predictor", predictor=predictor, predict_every=args.predict_every)
         interleaved([("lru", b, S, dict(policy="lru")),
                      ("lfu", b, S, dict(policy="lfu")),  # OffloadConfig's half-life (23 steps) since session 22
+                     # the cache decided on the device (offload/device_cache.py): no host sync in a layer
+                     ("lfu device", b, S, dict(policy="lfu", driver="device")),
                      ("gate", b, S, dict(policy="lru", prefetch="next_layer_gate")),
                      ("cpu", b, S, dict(policy="lru", cpu_fallback=True)),
                      ("predictor", b, S, pk),
@@ -375,7 +380,8 @@ def run_model(key, args, device, dtype):
             S = max(1, round(frac * E))
             b = S / E
             interleaved([("lru packed", b, S, dict(policy="lru", pack_experts=True)),
-                         ("lfu packed", b, S, dict(policy="lfu", pack_experts=True))])
+                         ("lfu packed", b, S, dict(policy="lfu", pack_experts=True)),
+                         ("lfu packed device", b, S, dict(policy="lfu", pack_experts=True, driver="device"))])
             # the bound over the packed bytes (each copy moves the mean packed expert): what these rows stand against
             pb = store.nbytes() / (E * L)
             bound = oracle_bound(trace, S, cost=whole_cost, expert_bytes=int(pb), layer_compute_s=layer_compute_s,
@@ -391,7 +397,7 @@ def run_model(key, args, device, dtype):
 def show(r):
     pf = "" if math.isnan(r["prefetch_precision"]) else f"{r['prefetch_precision']:.2f}/{r['prefetch_recall']:.2f}"
     cpu = "" if math.isnan(r["cpu_experts_per_token"]) else f"{r['cpu_experts_per_token']:.1f}"
-    print(f"  {100 * r['budget']:6.1f}% {r['slots']:5d} {r['config']:<15} {r['tokens_per_s']:8.2f} "
+    print(f"  {100 * r['budget']:6.1f}% {r['slots']:5d} {r['config']:<17} {r['tokens_per_s']:8.2f} "
           f"{r['ms_per_token']:9.2f} {r['copy_floor_ms']:9.2f} {100 * r['hit_ratio']:6.1f} "
           f"{r['mb_copied_per_token']:8.1f} {cpu:>7} {pf:>9}"
           + (f"  (CPU in use x{r['cpu_scale']:.2f} its calibrated time)" if "cpu_scale" in r else ""), flush=True)

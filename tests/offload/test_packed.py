@@ -170,7 +170,11 @@ def test_the_offload_benchmark_has_packed_rows(tmp_path, capsys):
     rows = {r["config"]: r for r in json.loads(out.read_text())}
     # --rounds 2: each cached row ran twice, taking turns with the others, and kept the faster
     assert all(len(rows[n]["rounds_ms"]) == 2 and rows[n]["ms_per_token"] == min(rows[n]["rounds_ms"])
-               for n in ("lru", "lfu", "cpu", "lru packed", "lfu packed"))
+               for n in ("lru", "lfu", "lfu device", "cpu", "lru packed", "lfu packed", "lfu packed device"))
+    # the device-decided rows: the host cache's decisions (the same hits and bytes), packed or not
+    for name in ("lfu", "lfu packed"):
+        assert rows[f"{name} device"]["hit_ratio"] == rows[name]["hit_ratio"]
+        assert rows[f"{name} device"]["mb_copied_per_token"] == pytest.approx(rows[name]["mb_copied_per_token"])
     assert "rounds_ms" not in rows["oracle bound"]
     for name in ("lru", "lfu"):
         plain, packed = rows[name], rows[f"{name} packed"]
