@@ -230,6 +230,8 @@ def run_generate(args: argparse.Namespace, stdout: TextIO | None = None, stderr:
     cache = getattr(model, "offload_cache", None)
     if cache is not None:  # --gpu-memory: where the experts were and what moving them took
         stderr.write(f"moe: {cache.describe()}\n")
+        if getattr(cache, "driver_choice", None):  # which cache decides, and why (offload.apply.driver_choice)
+            stderr.write(f"moe: offload {cache.driver_choice}\n")
     return 0
 
 

@@ -380,34 +380,58 @@ def resolve_pack(cfg: OffloadConfig, *, expert_dtype: torch.dtype, expert_bytes:
             and not cfg.pack_clashes(use_disk))
 
 
+def device_driver_refusal(cfg: OffloadConfig, *, device: torch.device, backend: str, use_disk: bool) -> str | None:
+    """Why driver='device' cannot run this offload, or None where it can: a CUDA device, the triton experts (a
+    decode step then captures as one CUDA graph), experts in host memory and none of the settings it refuses
+    (OffloadConfig.device_clashes)."""
+    if device.type != "cuda":
+        return f"the device driver runs on a CUDA device, not {device.type}"
+    if backend != "triton":
+        return f"the device driver runs the triton experts, not {backend!r} (--backend triton)"
+    if use_disk:
+        return "the device driver reads experts from host memory, these are read from disk"
+    clash = cfg.device_clashes()
+    return f"the device driver does not do {', '.join(clash)}" if clash else None
+
+
 def device_driver_runs(cfg: OffloadConfig, *, device: torch.device, backend: str, use_disk: bool) -> bool:
-    """Whether driver='device' can run this offload: a CUDA device, the triton experts (a decode step then captures
-    as one CUDA graph), experts in host memory and none of the settings it refuses (OffloadConfig.device_clashes)."""
-    return device.type == "cuda" and backend == "triton" and not use_disk and not cfg.device_clashes()
+    """Whether driver='device' can run this offload (device_driver_refusal says why not)."""
+    return device_driver_refusal(cfg, device=device, backend=backend, use_disk=use_disk) is None
 
 
-def resolve_driver(cfg: OffloadConfig, *, device: torch.device, backend: str, use_disk: bool, expert_bytes: int,
-                   slots: int, top_k: int, expert_dtype: torch.dtype | None = None) -> str:
-    """The driver an offload runs with: cfg.driver when 'host' or 'device'. 'auto' takes 'device' where it can run
-    (a CUDA device; the triton expert backend, so its decode steps capture as one CUDA graph; none of the settings
-    it refuses, OffloadConfig.device_clashes; experts in host memory) and where it measured faster than the host
-    path (BENCHMARKS 3q): experts of at most AUTO_DEVICE_MAX_EXPERT bytes (fine-grained: the host path's per-layer
-    work shows there), and either a decode step of cfg.decode_batch rows whose top-k fit the slots in one round,
-    or experts that pack_experts='auto' packs under the device driver and not under the host's (``expert_dtype``
-    given; PACK_AUTO_FROM_DEVICE <= bytes < PACK_AUTO_FROM: a quarter fewer bytes outweigh the copy engine's
-    faster reads, Qwen3 at 8 rows 0.80x). Copy-bound steps otherwise (Mixtral's experts; OLMoE at 4 and 8 rows,
-    or 10% of its experts: 1.03-1.11x) go faster by the copy engine: 'host'."""
+def driver_choice(cfg: OffloadConfig, *, device: torch.device, backend: str, use_disk: bool, expert_bytes: int,
+                  slots: int, top_k: int, expert_dtype: torch.dtype | None = None) -> tuple[str, str]:
+    """(driver, why): cfg.driver when 'host' or 'device' ('as given'). 'auto' takes 'device' where it can run
+    (device_driver_refusal) and where it measured faster than the host path (BENCHMARKS 3q): experts of at most
+    AUTO_DEVICE_MAX_EXPERT bytes (fine-grained: the host path's per-layer work shows there), and either a decode
+    step of cfg.decode_batch rows whose top-k fit the slots in one round, or experts that pack_experts='auto'
+    packs under the device driver and not under the host's (``expert_dtype`` given; PACK_AUTO_FROM_DEVICE <=
+    bytes < PACK_AUTO_FROM: a quarter fewer bytes outweigh the copy engine's faster reads, Qwen3 at 8 rows
+    0.80x). Copy-bound steps otherwise (Mixtral's experts; OLMoE at 4 and 8 rows, or 10% of its experts:
+    1.03-1.11x) go faster by the copy engine: 'host'."""
     if cfg.driver != "auto":
-        return cfg.driver
-    if not device_driver_runs(cfg, device=device, backend=backend, use_disk=use_disk) \
-            or expert_bytes > AUTO_DEVICE_MAX_EXPERT:
-        return "host"
+        return cfg.driver, "as given"
+    why_not = device_driver_refusal(cfg, device=device, backend=backend, use_disk=use_disk)
+    if why_not is not None:
+        return "host", why_not
+    mib = expert_bytes / (1 << 20)
+    if expert_bytes > AUTO_DEVICE_MAX_EXPERT:
+        return "host", (f"experts of {mib:.1f} MiB (over {AUTO_DEVICE_MAX_EXPERT >> 20} MiB) make copy-bound steps, "
+                        "where the copy engine reads faster")
+    rows = f"{cfg.decode_batch} row{'s' if cfg.decode_batch > 1 else ''} x top-{top_k}"
     if cfg.decode_batch * top_k <= slots:
-        return "device"
+        return "device", f"a decode step's experts ({rows}) fit the {slots} slots in one round"
     packs = {d: expert_dtype is not None and resolve_pack(dataclasses.replace(cfg, driver=d), expert_dtype=expert_dtype,
                                                           expert_bytes=expert_bytes, device=device, use_disk=use_disk)
              for d in ("device", "host")}
-    return "device" if packs["device"] and not packs["host"] else "host"
+    if packs["device"] and not packs["host"]:
+        return "device", f"it packs these {mib:.1f} MiB experts to 12 bits a weight and the host path would not"
+    return "host", f"{rows} outnumber the {slots} slots: copy-bound steps in rounds, where the copy engine reads faster"
+
+
+def resolve_driver(cfg: OffloadConfig, **kw) -> str:
+    """The driver an offload runs with (driver_choice, without the reason)."""
+    return driver_choice(cfg, **kw)[0]
 
 
 def packed_staging(packed: bool, expert_bytes: int, device: torch.device) -> tuple[int, int]:
@@ -453,9 +477,9 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
     if auto:  # (the slots as the device driver would have them: it sets no staging aside)
         device_slots = plan_slots(cfg, device=device, dense_bytes=dense_bytes, expert_bytes=expert_bytes // G,
                                   num_layers=len(blocks), num_experts=E * G, top_k=top_k * G)
-        cfg = dataclasses.replace(cfg, driver=resolve_driver(cfg, device=device, backend=backend, use_disk=use_disk,
-                                                             expert_bytes=expert_bytes, slots=device_slots,
-                                                             top_k=top_k, expert_dtype=expert_dtype))
+        driver, why = driver_choice(cfg, device=device, backend=backend, use_disk=use_disk, expert_bytes=expert_bytes,
+                                    slots=device_slots, top_k=top_k, expert_dtype=expert_dtype)
+        cfg = dataclasses.replace(cfg, driver=driver)
     if use_disk and cfg.driver == "device":
         raise ValueError(f"driver='device' reads the experts from host memory, but they would not fit there "
                          f"({_fmt_bytes(expert_total)}; store='auto' chose the disk): offload with driver='host'")
@@ -473,6 +497,7 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
         if not (auto and n_stages and device_driver_runs(cfg, device=device, backend=backend, use_disk=use_disk)):
             raise
         cfg = dataclasses.replace(cfg, driver="device")
+        why = "the host path's staging buffers for packed copies leave the budget too little; the device sets none"
         packed = resolve_pack(cfg, expert_dtype=expert_dtype, expert_bytes=expert_bytes, device=device,
                               use_disk=use_disk)
         slots = device_slots
@@ -497,6 +522,8 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
 
     cache = install(blocks, store, cfg, device=device, top_k=top_k, slots=slots, backend=backend)
     model.offload_cache = cache
+    # what driver='auto' took and why (moe generate prints it beside the cache's describe())
+    cache.driver_choice = f"driver auto -> {cfg.driver}: {why}" if auto else f"driver {cfg.driver}"
     return model
 
 

@@ -208,6 +208,8 @@ def test_gpu_memory_offloads_and_changes_nothing(capsys, lib, tiny_dir, policy):
     # the summary says where the experts were and what moving them took (float32 on the CPU: not packed)
     line = [ln for ln in cap.err.splitlines() if "offload:" in ln]
     assert len(line) == 1 and "experts per layer on cpu, copied float32" in line[0] and "% hits" in line[0]
+    # and which cache decides, and why (the default driver 'auto': the host's on a CPU)
+    assert "moe: offload driver auto -> host: the device driver runs on a CUDA device, not cpu" in cap.err
     # --offload-driver device: the cache decided on the device, the same text
     assert main(["generate", str(tiny_dir), "--prompt", "import os", "-n", "10", "--device", "cpu",
                  "--gpu-memory", "300MiB", "--offload-policy", policy, "--offload-driver", "device"]) == 0

@@ -108,6 +108,25 @@ def test_auto_driver_takes_the_device_where_it_runs_and_measured_faster(model):
                               use_disk=False, expert_bytes=mixtral, slots=2, top_k=8) == given
     m = offloaded(model, slots_per_layer=2, driver="auto")
     assert type(m.offload_cache) is ExpertCache
+    assert m.offload_cache.driver_choice == "driver auto -> host: the device driver runs on a CUDA device, not cpu"
+    assert offloaded(model, slots_per_layer=2, driver="device").offload_cache.driver_choice == "driver device"
+    from offload.apply import driver_choice  # each pick says why
+
+    def why(**kw):
+        kw = {"dev": cuda, "backend": "triton", "disk": False, "nbytes": qwen3, "slots": 32, "top_k": 8, **kw}
+        return driver_choice(OffloadConfig(slots_per_layer=kw["slots"], driver="auto", **kw.pop("cfg", {})),
+                             device=kw["dev"], backend=kw["backend"], use_disk=kw["disk"], expert_bytes=kw["nbytes"],
+                             slots=kw["slots"], top_k=kw["top_k"], expert_dtype=kw.get("dtype"))
+    assert why() == ("device", "a decode step's experts (1 row x top-8) fit the 32 slots in one round")
+    assert why(backend="torch")[1].endswith("not 'torch' (--backend triton)")
+    assert why(cfg=dict(cpu_fallback=True))[1] == "the device driver does not do cpu_fallback"
+    assert why(disk=True)[1].startswith("the device driver reads experts from host memory")
+    assert why(nbytes=mixtral, slots=2, top_k=2) == ("host", "experts of 336.0 MiB (over 64 MiB) make copy-bound "
+                                                     "steps, where the copy engine reads faster")
+    assert why(cfg=dict(decode_batch=8), dtype=bf16)[1] == ("it packs these 9.0 MiB experts to 12 bits a weight and "
+                                                            "the host path would not")
+    assert why(cfg=dict(decode_batch=8)) == ("host", "8 rows x top-8 outnumber the 32 slots: copy-bound steps in "
+                                                     "rounds, where the copy engine reads faster")
     with pytest.raises(ValueError, match="decode_batch"):
         OffloadConfig(slots_per_layer=2, decode_batch=0)
 
@@ -287,6 +306,7 @@ def test_auto_takes_the_device_where_the_host_paths_staging_leaves_no_room(model
     monkeypatch.setattr(apply_mod, "device_driver_runs", lambda cfg, **_: True)
     m = apply_offload(twin(bf), OffloadConfig(**kw))
     assert isinstance(m.offload_cache, DeviceExpertCache) and m.offload_cache.slots == 2
+    assert "staging buffers" in m.offload_cache.driver_choice
     assert m.offload_cache.packed is not None
     want = greedy(offloaded(bf, slots_per_layer=2, driver="device", pack_experts=True), PROMPT, 4)
     got = greedy(m, PROMPT, 4)
