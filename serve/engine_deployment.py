@@ -314,6 +314,7 @@ def load_engine(spec: dict) -> LoadedEngine:
         from offload import OffloadConfig, apply_offload
         from offload.cli_args import offload_objects
         model = apply_offload(model, OffloadConfig(**spec["offload"], **offload_objects(**(spec.get("offload_files") or {}))))
+        log.info("replica offload: %s; %s", model.offload_cache.describe(), model.offload_cache.driver_choice)
         strategy = "offload"
         if spec.get("cpu_hosts"):
             model, hosts = _attach_cpu_hosts(model, spec["cpu_hosts"], path)
