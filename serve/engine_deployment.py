@@ -298,7 +298,9 @@ def load_engine(spec: dict) -> LoadedEngine:
                          "backend 'auto' or 'torch' (or give the replicas GPUs)")
     # expert-parallel: the ranks take the weights from a host copy, then the replica drops it; offloaded: the
     # weights load into host memory and apply_offload moves the dense part (the experts may not fit the device)
-    model = moe.load_model(path, dtype=dtype, device="cpu" if ep or spec.get("offload") else device, backend=backend)
+    # (the expert-parallel host copy keeps the torch experts, as before: the ranks are given `backend`)
+    model = moe.load_model(path, dtype=dtype, device="cpu" if ep or spec.get("offload") else device,
+                           backend="torch" if ep else backend)
     tok = Tokenizer.from_dir(path)
     strategy = "single"
     closers: list = []
