@@ -16,6 +16,7 @@ inference_mode); with grad enabled on any input it also saves what the backward 
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -37,11 +38,16 @@ def get_backend(name: str) -> Callable[..., torch.Tensor]:
 
 def resolve_backend(name: str, device) -> str:
     """A backend name with 'auto' made concrete: 'triton' (the fused kernels; decode steps capture as CUDA graphs)
-    on a CUDA device, else 'torch' (the reference, which runs anywhere). Other names are checked and kept."""
+    on a CUDA device, else 'torch' (the reference, which runs anywhere). Other names are checked and kept:
+    'triton' off a CUDA device is refused unless TRITON_INTERPRET=1 (the interpreter, very slow)."""
+    dev = torch.device(device)
     if name == "auto":
-        return "triton" if torch.device(device).type == "cuda" else "torch"
+        return "triton" if dev.type == "cuda" else "torch"
     if name not in BACKENDS:
         raise ValueError(f"unknown expert backend {name!r}; choose one of {BACKENDS} or 'auto'")
+    if name == "triton" and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend 'triton' needs a CUDA device, not {dev} (or TRITON_INTERPRET=1, very slow): "
+                         "use backend 'auto' or 'torch' there")
     return name
 
 

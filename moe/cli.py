@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 import time
 from pathlib import Path
@@ -156,10 +155,7 @@ def load_from_args(args: argparse.Namespace, stderr: TextIO | None = None):
     path = resolve_model_dir(args.model, stderr)
     device = _resolve_device(args.device)
     from kernels import resolve_backend
-    backend = resolve_backend(args.backend, device)
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise CLIError("--backend triton needs a CUDA device (or TRITON_INTERPRET=1, very slow); "
-                       "use --backend torch on CPU")
+    backend = resolve_backend(args.backend, device)  # (refuses triton off a CUDA device, with the fix)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     tok = Tokenizer.from_dir(path)  # first: a missing tokenizer fails before the weights load
     offloading = getattr(args, "gpu_memory", None) is not None

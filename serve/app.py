@@ -205,7 +205,8 @@ class ServeConfig:
 
     def replica_spec(self, device: str) -> dict:
         return {"model": self.model, "device": device, "dtype": self.dtype, "backend": self.backend,
-                "max_batch_size": self.max_batch_size, "max_len": self.max_len, "limits": self.limits.to_dict(), "engine_factory": self.engine_factory,
+                "max_batch_size": self.max_batch_size, "max_len": self.max_len, "limits": self.limits.to_dict(),
+                "engine_factory": self.engine_factory,
                 "stream_interval": self.stream_interval,
                 "offload": self.offload_config(device), "offload_files": self.offload_files(),
                 "cpu_hosts": {"num_hosts": self.cpu_hosts, "num_cpus": self.cpu_host_cpus,

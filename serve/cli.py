@@ -80,7 +80,8 @@ def config_from_args(args: argparse.Namespace):
                          max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency,
                          max_waiting=args.max_waiting)
     return ServeConfig(model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
-                       api_key=args.api_key, device=args.device, dtype=args.dtype, backend=args.backend, gpu_memory=args.gpu_memory,
+                       api_key=args.api_key, device=args.device, dtype=args.dtype, backend=args.backend,
+                       gpu_memory=args.gpu_memory,
                        offload_policy=args.offload_policy, offload_prefetch=args.offload_prefetch,
                        cpu_fallback=args.cpu_fallback, offload_from_disk=args.offload_from_disk,
                        offload_probes=args.offload_probes, offload_predictor=args.offload_predictor,

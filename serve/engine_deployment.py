@@ -292,10 +292,7 @@ def load_engine(spec: dict) -> LoadedEngine:
     dtype = getattr(torch, spec["dtype"]) if spec.get("dtype") else None
     ep = spec.get("expert_parallel")
     from kernels import resolve_backend
-    backend = resolve_backend(spec.get("backend") or "auto", device)
-    if backend == "triton" and torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"backend 'triton' needs a CUDA device, but this replica runs on {device}: serve with "
-                         "backend 'auto' or 'torch' (or give the replicas GPUs)")
+    backend = resolve_backend(spec.get("backend") or "auto", device)  # (refuses triton off a CUDA device)
     # expert-parallel: the ranks take the weights from a host copy, then the replica drops it; offloaded: the
     # weights load into host memory and apply_offload moves the dense part (the experts may not fit the device)
     # (the expert-parallel host copy keeps the torch experts, as before: the ranks are given `backend`)
