@@ -16,7 +16,9 @@ spreads +-10-30% on the H200 machine, BENCHMARKS 3o).
 Each row prints its floor: bytes copied per token / measured pinned copy bandwidth.
 
 Rows at each GPU expert budget (share of the experts' bytes held on the GPU, slots = share * E):
-  resident      all experts on the GPU (the ceiling; also gives the per-layer compute time)
+  resident      all experts in the cache's slots (every access a hit: the cache's own per-layer work stays)
+  resident plain  the experts as plain device tensors, the kernel called on them, no cache (as many layers
+                as half the free GPU memory holds; per-token figures scaled like the others)
   no-cache      every expert copied when used, nothing kept
   lru, lfu      the eviction policies, copies on demand (lfu: OffloadConfig's default half-life, 23 steps)
   lfu device    lfu decided on the GPU (OffloadConfig(driver='device')): a plan kernel, the misses read from
@@ -41,7 +43,8 @@ Rows at each GPU expert budget (share of the experts' bytes held on the GPU, slo
                 fewer bytes a copy, decoded on the GPU after it; "oracle packed": the oracle bound with
                 copies of the mean packed expert's bytes (the bound those rows stand against)
   oracle bound  time model: Belady + perfect prefetch + best of copy / CPU per miss, fed by the
-                measured copy bandwidth, CPU rate and resident per-layer compute time (its hit %
+                measured copy bandwidth, CPU rate and per-layer compute time (the faster of the two
+                resident rows; the cache's all-hits row alone until session 27) (its hit %
                 is Belady's before prefetch; the other rows count prefetched experts as hits)
 """
 from __future__ import annotations
@@ -169,6 +172,52 @@ def decode(stack, cache, trace, warmup, device, dtype, clear_each_step=False):
                 cache.clear()
         sync(device)
     return time.perf_counter() - t0
+
+
+class ResidentExperts(nn.Module):
+    """One layer's experts all on the device and the expert kernel called on them directly: no cache, no
+    plan, no copies. What the "resident plain" row times, the compute floor the oracle bound stands on."""
+
+    def __init__(self, w13, w2, backend):
+        super().__init__()
+        self.w13, self.w2, self.backend = w13, w2, backend
+
+    def forward(self, x_TD, ids_TK, w_TK):
+        from kernels import get_backend
+        return get_backend(self.backend)(x_TD, self.w13, self.w2, ids_TK, w_TK)
+
+
+class _NoCache:
+    """decode()'s cache hooks for a stack without one."""
+
+    def reset_stats(self):
+        pass
+
+    def clear(self):
+        pass
+
+
+def resident_plain(stack, store, trace, warmup, device, dtype, backend, max_layers):
+    """Seconds a decode token per MoE layer with the experts of the first ``max_layers`` layers resident as
+    plain device tensors (the routers and norms as in every row), and how many layers that ran. Only as many
+    layers as half the free device memory holds run: the time per layer is what the bound needs."""
+    blocks = stack.moe_blocks()
+    per_layer = store.layers[0][0].nbytes + store.layers[0][1].nbytes
+    n = min(len(blocks), max_layers)
+    if device.type == "cuda":
+        n = min(n, max(1, int(0.5 * torch.cuda.mem_get_info(device)[0] // per_layer)))
+    saved = [b.experts for b in blocks[:n]]
+    try:
+        for i, b in enumerate(blocks[:n]):
+            w13, w2 = store.layers[i]
+            b.experts = ResidentExperts(w13.to(device), w2.to(device), backend)
+        secs = decode(Stack(blocks[:n], stack.config.num_experts_per_tok), _NoCache(), trace, warmup, device, dtype)
+    finally:
+        for b, ex in zip(blocks[:n], saved):
+            b.experts = ex
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return secs / max(trace.num_tokens - warmup, 1) / n, n
 
 
 def pick_backend(want, device):
@@ -323,7 +372,15 @@ def run_model(key, args, device, dtype):
     if args.rounds > 1:
         print(f"  (the cached rows of a budget: each the fastest of {args.rounds} rounds, the rows taking turns)")
     res = live("resident", 1.0, E, dict(policy="lru"), fill_all=True)
-    layer_compute_s = res["ms_per_token"] / 1e3 / L_full
+    # the bound's compute: the faster of the cache's all-hits step (the host path's per-layer reads and
+    # decisions included) and the experts resident as plain tensors, no cache at all. Until session 27 only
+    # the first: at Qwen3 widths the host path's own work made that "bound" slower than the device driver.
+    plain_s, plain_layers = resident_plain(stack, store, trace, args.warmup, device, dtype, backend, L)
+    modeled("resident plain", 1.0, E, plain_s * L_full * args.tokens / scale, 1.0, 0.0)
+    print(f"  {'':>7} {'':>5} (resident plain: the experts of {plain_layers} of {L} layers on the device as plain "
+          f"tensors, no cache; {plain_s * 1e3:.3f} ms a layer against the cache's all-hits "
+          f"{res['ms_per_token'] / L_full:.3f})")
+    layer_compute_s = min(res["ms_per_token"] / 1e3 / L_full, plain_s)
     live("no-cache", 0.0, K, dict(policy="lru"), clear=True)
     for frac in args.budgets:
         S = max(1, round(frac * E))

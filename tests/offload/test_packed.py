@@ -176,6 +176,12 @@ def test_the_offload_benchmark_has_packed_rows(tmp_path, capsys):
         assert rows[f"{name} device"]["hit_ratio"] == rows[name]["hit_ratio"]
         assert rows[f"{name} device"]["mb_copied_per_token"] == pytest.approx(rows[name]["mb_copied_per_token"])
     assert "rounds_ms" not in rows["oracle bound"]
+    # the bound's compute is the faster resident row: the plain experts (no cache) or the cache's all hits
+    fastest = min(rows["resident"]["ms_per_token"], rows["resident plain"]["ms_per_token"])
+    assert rows["oracle bound"]["ms_per_token"] >= fastest * (1 - 1e-9)
+    if rows["oracle bound"]["copy_floor_ms"] < fastest:  # compute-bound: the bound is that compute, no more
+        assert rows["oracle bound"]["ms_per_token"] == pytest.approx(fastest)
+    assert rows["resident plain"]["hit_ratio"] == 1.0 and rows["resident plain"]["mb_copied_per_token"] == 0.0
     for name in ("lru", "lfu"):
         plain, packed = rows[name], rows[f"{name} packed"]
         assert packed["hit_ratio"] == plain["hit_ratio"]
