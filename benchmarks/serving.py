@@ -45,6 +45,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -203,7 +204,7 @@ async def run_inprocess(args, prompts) -> dict:
     t_load = time.perf_counter()
     rep = ModelReplica(_spec(args))
     print(f"in-process replica loaded in {time.perf_counter() - t_load:.2f} s"
-          f"{'' if args.no_warm_up else ' (with its warm-up on a GPU)'}", flush=True)
+          f"{' (with its warm-up)' if not args.no_warm_up and args.device != 'cpu' and _cuda() else ''}", flush=True)
     limits = rep.limits
 
     async def one(prompt) -> RequestResult:
@@ -233,18 +234,52 @@ async def run_inprocess(args, prompts) -> dict:
     # warm-up with a full batch, so that each batch size's kernels and graphs are built before the timing. With
     # 4 prompts, the first of several --ep-decode variants read a TTFT of 2546 ms against 688 (BENCHMARKS 6f),
     # likely building batches 5-8 in its timed run; not yet rerun on GPUs with this warm-up
-    await drive(one, prompts[:min(max(4, args.max_batch_size), len(prompts))], math.inf, args.max_concurrency,
-                args.seed)
+    # --cold: no such wave, so the timed requests are a fresh replica's first (what Engine.warm_up is for)
+    if not args.cold:
+        await drive(one, prompts[:min(max(4, args.max_batch_size), len(prompts))], math.inf, args.max_concurrency,
+                    args.seed)
     model = rep.loaded.model
     before = _engine_counters(rep.snapshot(), model)
+    compiled = _compiled_kernels()
     results, duration = await drive(one, prompts, args.request_rate, args.max_concurrency, args.seed)
     after = _engine_counters(rep.snapshot(), model)
+    new = sorted(v for k, v in _compiled_kernels().items() if k not in compiled)
+    if new:  # what a warm-up at load (Engine.warm_up) did not compile: it compiled inside the timed requests
+        names = ", ".join(f"{n} x{new.count(n)}" for n in dict.fromkeys(new))
+        print(f"Triton kernels compiled during the timed requests: {len(new)} ({names})", flush=True)
     rep.shutdown()
     name = "inprocess" if not args.ep_ranks else f"inprocess ep{args.ep_ranks} {args.ep_mode} decode={args.ep_decode}"
     s = summarize(name, results, duration)
     s["texts"] = [r.text if r.ok else None for r in results]  # None: failed (nothing to compare)
     s["engine"] = {k: after[k] - before.get(k, 0.0) for k in after}
     return s
+
+
+def _compiled_kernels() -> dict[str, str]:
+    """Triton's on-disk cache: entry -> kernel name, for each compiled kernel (a .cubin / .hsaco in it)."""
+    root = os.environ.get("TRITON_CACHE_DIR")
+    if not root:
+        try:
+            from triton import knobs
+            root = knobs.cache.dir
+        except Exception:  # noqa: BLE001 - an older Triton: its default place
+            root = str(Path.home() / ".triton" / "cache")
+    out = {}
+    if os.path.isdir(root):
+        for entry in os.listdir(root):
+            try:
+                names = os.listdir(os.path.join(root, entry))
+            except OSError:
+                continue
+            binary = [n for n in names if n.endswith((".cubin", ".hsaco"))]
+            if binary:
+                out[entry] = binary[0].rsplit(".", 1)[0]
+    return out
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 # the engine-side counters of a run (the measured part only): steps, seconds inside engine.step(),
@@ -502,6 +537,10 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="checkpoint dir, 'tiny', or empty for the embedded default")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None)
+    p.add_argument("--cold", action="store_true",
+                   help="in-process replica: time the first requests it serves (no warm-up wave of the benchmark's "
+                        "own before the timing); with --no-warm-up, what a replica without Engine.warm_up shows "
+                        "its first users")
     p.add_argument("--no-warm-up", action="store_true",
                    help="in-process replica: skip its warm-up at load (Engine.warm_up: kernels compile and decode "
                         "graphs capture before the first request, on a GPU)")

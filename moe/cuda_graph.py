@@ -104,6 +104,23 @@ class DecodeGraphs:
     def captured(self) -> list[int]:
         return sorted(self._graphs)
 
+    def buckets(self) -> list[int]:
+        """Every slot bucket a decode step over this cache can take, shortest first."""
+        M, b = self.cache.max_len, self.bucket
+        return sorted({min(k * b, M) for k in range(1, -(-M // b) + 1)})
+
+    @torch.inference_mode()
+    def capture_all(self, limit: int = 64) -> int:
+        """Capture the slot buckets not captured yet (shortest first, at most ``limit``; the others capture on
+        first use, as always), so no request's decode step pays a capture. Returns how many were captured.
+        Runs a step per bucket outside the graph first, as any capture does: call it on an idle engine."""
+        if not getattr(self, "capture", True):  # pieces run eagerly: nothing to capture
+            return 0
+        todo = [s for s in self.buckets() if s not in self._graphs][:max(0, limit)]
+        for s in todo:
+            self._captured(s)
+        return len(todo)
+
     def _forward(self, num_slots: int) -> torch.Tensor:
         return self.model(self._ids_B1, cache=self.cache, valid_BT=self._valid_B1, num_slots=num_slots)
 

@@ -136,25 +136,53 @@ class Engine:
         self._rows: list[_Request | None] = [None] * max_batch_size
         self._aborted: list[RequestOutput] = []
 
-    def warm_up(self, rows: int | None = None) -> int:
-        """Throwaway requests through the kinds of step the engine takes, before any real one: a prefill and decode
-        steps of one row, then ``rows`` (default max_batch_size) at once. On a GPU the first call of every Triton
-        kernel compiles (seconds in a machine's first process) and every decode width is captured as a CUDA graph
-        on its first step; here that happens instead of during the first requests (a serving replica calls this
-        when it loads). The engine is left idle, its request ids unused by the warm-up ('warm-N' ids), the model's
-        offload statistics reset (its ``offload_cache`` and ``cpu_tier``). Returns the steps it ran."""
+    def warm_up(self, rows: int | None = None, max_prompt: int | None = None) -> int:
+        """Throwaway requests through the kinds of step the engine takes, before any real one, so that on a GPU
+        every Triton kernel compiles (seconds each in a machine's first process) and every decode graph captures
+        here instead of inside the first requests' latency (a serving replica calls this when it loads):
+
+        - prompts of 1, then 2^k and 2^k + 1 tokens up to ``max_prompt`` (default max_len - 2; a replica passes its
+          longest allowed prompt), one row each, prefilled and decoded one step: a prefill runs
+          [max_batch_size, T] tokens, the expert kernels' launch configs change with the token count
+          (kernels/launch_config.py), and Triton specialises an integer argument on whether it is 1 and whether
+          16 divides it, so each such variant meets its first call here;
+        - one row, then ``rows`` (default max_batch_size) at once, one of them sampled (temperature, top-p,
+          top-k), the others greedy: the decode widths and both token paths;
+        - every decode slot bucket up to max_len captured (``capture_all``; the first 64).
+
+        Before session 27 only the short-prompt waves ran: a fresh replica's first 64-token prompts still took
+        2.5 s to their first token (BENCHMARKS 8d). The engine is left idle, its request ids unused by the
+        warm-up ('warm-...' ids), the model's offload statistics reset (its ``offload_cache`` and ``cpu_tier``).
+        Returns the steps it ran."""
         if self.has_unfinished():
             raise RuntimeError("warm_up needs an idle engine: it runs before the first request")
         rows = self.max_batch_size if rows is None else max(1, min(int(rows), self.max_batch_size))
-        params = SamplingParams(max_new_tokens=3, ignore_eos=True)
-        prompt = self.tokenizer.encode("def warm_up(x):")[: max(1, self.max_len - 4)]
+        top = self.max_len - 2 if max_prompt is None else max(1, min(int(max_prompt), self.max_len - 2))
+        text = self.tokenizer.encode("def warm_up(x):\n    return [x * 2 for _ in range(3)]\n") or [0]
         steps = 0
-        for wave in dict.fromkeys((1, rows)):
-            for i in range(wave):
-                self.add_request(prompt, params, request_id=f"warm-{wave}-{i}")
+
+        def run(requests):
+            nonlocal steps
+            for rid, prompt, params in requests:
+                self.add_request(prompt, params, request_id=rid)
             while self.has_unfinished():
                 self.step()
                 steps += 1
+
+        lengths = [1] + [n for k in range(1, top.bit_length() + 1) for n in (2 ** k, 2 ** k + 1) if n <= top]
+        if top not in lengths:
+            lengths.append(top)
+        for n in lengths:
+            prompt = (text * (n // len(text) + 1))[:n]
+            run([(f"warm-len{n}", prompt, SamplingParams(max_new_tokens=2, ignore_eos=True))])
+        short = text[: max(1, min(len(text), top))]
+        greedy = SamplingParams(max_new_tokens=3, ignore_eos=True)
+        sampled = SamplingParams(max_new_tokens=3, ignore_eos=True, temperature=0.8, top_p=0.9, top_k=20, seed=0)
+        for wave in dict.fromkeys((1, rows)):
+            run([(f"warm-{wave}-{i}", short, sampled if wave == rows and i == wave - 1 else greedy)
+                 for i in range(wave)])
+        if self._graphs is not None:
+            self._graphs.capture_all()
         for name in ("offload_cache", "cpu_tier"):  # (offload.apply_offload's cache, apply_cpu_tier's runtime)
             part = getattr(self.model, name, None)
             if callable(getattr(part, "reset_stats", None)):

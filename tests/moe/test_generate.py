@@ -340,6 +340,30 @@ def test_cuda_graph_decode_equals_eager(tok):
     assert outs[True] == outs[False]
 
 
+@pytest.mark.gpu
+def test_warm_up_captures_every_bucket_and_changes_no_output(tok):
+    """On a GPU: Engine.warm_up captures every decode slot bucket up to max_len (capture_all), and the requests
+    after it decode the tokens of an engine that never warmed up (graphs replayed from the warm-up's captures)."""
+    cfg = MoEConfig.tiny("qwen3_moe", vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_ids[0])
+    m = MoEForCausalLM(cfg, backend="triton", dtype=torch.float32, device="cuda")
+    m.init_weights(seed=0)
+    m.eval()
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (40, 7, 25)]
+    outs = []
+    for warm in (False, True):
+        eng = Engine(m, tok, max_batch_size=2, max_len=96, cuda_graph=True)
+        eng._graphs.bucket = 16  # six buckets: 16, 32, ..., 96
+        if warm:
+            eng.warm_up()
+            assert eng._graphs.captured == eng._graphs.buckets() == [16, 32, 48, 64, 80, 96]
+            assert eng._graphs.capture_all() == 0  # nothing left
+        rids = [eng.add_request(p, sp) for p, sp in zip(PROMPTS[:3], params)]
+        res = run(eng, rids)
+        outs.append([res[r][0] for r in rids])
+    assert outs[0] == outs[1]
+
+
 def test_decode_benchmark_script_runs_on_cpu(tmp_path, capsys):
     """benchmarks/decode.py (eager steps, the transformers peer) on the tiny shape: the script's own check."""
     import json
@@ -554,14 +578,17 @@ def test_decode_benchmarks_oracle_bound_of_the_timed_steps():
 
 
 def test_warm_up_leaves_the_engine_as_new(model, tok):
-    """Engine.warm_up: a prefill and decode steps of one row, then of max_batch_size rows; afterwards the engine is
-    idle, the next request gets the id it would have had, the outputs are a fresh engine's, and an offloaded
-    model's cache statistics count none of the warm-up's steps."""
+    """Engine.warm_up: one-row prompts of 1, 2^k and 2^k + 1 tokens up to the longest allowed (a prefill and a
+    decode step each), then a prefill and decode steps of one row and of max_batch_size rows; afterwards the
+    engine is idle, the next request gets the id it would have had, the outputs are a fresh engine's, and an
+    offloaded model's cache statistics count none of the warm-up's steps."""
     from offload import OffloadConfig, apply_offload
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
     e = Engine(model, tok, max_batch_size=3, max_len=64)
-    assert e.warm_up() == 2 * 3  # two waves (1 row, 3 rows), each a prefill and two decode steps
-    assert not e.has_unfinished() and e.warm_up(rows=1) == 3
+    # prompts 1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33 and 62 (max_len - 2): 12 x 2 steps; two waves of 3 steps
+    assert e.warm_up() == 12 * 2 + 2 * 3
+    assert not e.has_unfinished() and e.warm_up(rows=1) == 12 * 2 + 3
+    assert e.warm_up(rows=1, max_prompt=10) == 8 * 2 + 3  # 1, 2, 3, 4, 5, 8, 9 and 10
     rids = [e.add_request(p, params) for p in PROMPTS[:3]]
     assert rids[0] == "req-0"
     fresh = Engine(model, tok, max_batch_size=3, max_len=64)

@@ -227,3 +227,42 @@ def test_gpu_engine_serves_batches_under_the_device_driver(driver, slots):
     assert serve(m) == want
     st = m.offload_cache.stats()
     assert st["misses"] > 0 and st["hits"] > 0
+
+
+@pytest.mark.parametrize("driver", ["device", "host"])
+def test_gpu_engine_warm_up_under_offloading_changes_no_text(driver):
+    """Engine.warm_up on an offloaded model (the device driver's whole-step graphs, the host path's graph pieces):
+    it captures every decode bucket, leaves the cache's statistics at zero, and the texts served after it are the
+    resident model's."""
+    import moe
+    from moe import tiny
+    from moe.generate import Engine
+
+    path = tiny.ASSETS_DEFAULT if tiny.default_model_is_embedded() else tiny.ensure_tiny_model()
+    tok = moe.Tokenizer.from_dir(path)
+    prompts = ["def f(x):", "import os\nimport", "class A:\n    pass"]
+    params = moe.SamplingParams(max_new_tokens=12)
+
+    def serve(m, warm):
+        eng = Engine(m, tok, max_batch_size=2, max_len=96)
+        eng._graphs.bucket = 32  # three buckets: 32, 64, 96
+        if warm:
+            eng.warm_up(max_prompt=40)
+            assert eng._graphs.captured == [32, 64, 96]
+            if hasattr(m, "offload_cache"):
+                st = m.offload_cache.stats()
+                assert st["hits"] + st["misses"] == 0
+        texts = {}
+        ids = [eng.add_request(p, params) for p in prompts]
+        while eng.has_unfinished():
+            for out in eng.step():
+                texts[out.request_id] = texts.get(out.request_id, "") + out.new_text
+        return [texts[i] for i in ids]
+
+    resident = moe.load_model(path, dtype=torch.float32, device="cuda").eval()
+    resident.set_backend("triton")
+    want = serve(resident, warm=False)
+    m = moe.load_model(path, dtype=torch.float32, device="cuda").eval()
+    m = apply_offload(m, OffloadConfig(slots_per_layer=2, device="cuda", calibrate=False, backend="triton",
+                                       driver=driver))
+    assert serve(m, warm=True) == want
