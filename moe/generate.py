@@ -189,6 +189,11 @@ class Engine:
                 part.reset_stats()
         return steps
 
+    @property
+    def captured_graphs(self) -> list[int]:
+        """The decode slot buckets captured as CUDA graphs so far (empty when steps run eagerly)."""
+        return self._graphs.captured if self._graphs is not None else []
+
     # --- requests ----------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:

@@ -326,7 +326,10 @@ def load_engine(spec: dict) -> LoadedEngine:
         engine = Engine(model, tok, max_batch_size=int(spec.get("max_batch_size", 8)), max_len=max_len)
         if engine.device.type == "cuda" and spec.get("warm_up", True):
             # the kernels compile and the decode graphs capture now, not inside the first requests' latency
-            engine.warm_up(max_prompt=ServeLimits(**spec.get("limits", {})).max_prompt_tokens)
+            t0, top = time.perf_counter(), ServeLimits(**spec.get("limits", {})).max_prompt_tokens
+            steps = engine.warm_up(max_prompt=top)
+            log.info("replica warm-up: %d steps (prompts of 1 to %d tokens), %d decode graphs captured, %.1f s",
+                     steps, min(top, max_len - 2), len(engine.captured_graphs), time.perf_counter() - t0)
     except BaseException:
         for close in reversed(closers):  # the hosts / ranks started above must not outlive a failed load
             close()

@@ -356,7 +356,7 @@ def test_warm_up_captures_every_bucket_and_changes_no_output(tok):
         eng._graphs.bucket = 16  # six buckets: 16, 32, ..., 96
         if warm:
             eng.warm_up()
-            assert eng._graphs.captured == eng._graphs.buckets() == [16, 32, 48, 64, 80, 96]
+            assert eng.captured_graphs == eng._graphs.buckets() == [16, 32, 48, 64, 80, 96]
             assert eng._graphs.capture_all() == 0  # nothing left
         rids = [eng.add_request(p, sp) for p, sp in zip(PROMPTS[:3], params)]
         res = run(eng, rids)
@@ -589,6 +589,7 @@ def test_warm_up_leaves_the_engine_as_new(model, tok):
     assert e.warm_up() == 12 * 2 + 2 * 3
     assert not e.has_unfinished() and e.warm_up(rows=1) == 12 * 2 + 3
     assert e.warm_up(rows=1, max_prompt=10) == 8 * 2 + 3  # 1, 2, 3, 4, 5, 8, 9 and 10
+    assert e.captured_graphs == []  # on the CPU steps run eagerly
     rids = [e.add_request(p, params) for p in PROMPTS[:3]]
     assert rids[0] == "req-0"
     fresh = Engine(model, tok, max_batch_size=3, max_len=64)
