@@ -174,7 +174,14 @@ class Engine:
             lengths.append(top)
         for n in lengths:
             prompt = (text * (n // len(text) + 1))[:n]
-            run([(f"warm-len{n}", prompt, SamplingParams(max_new_tokens=2, ignore_eos=True))])
+            try:
+                run([(f"warm-len{n}", prompt, SamplingParams(max_new_tokens=2, ignore_eos=True))])
+            except Exception as e:  # a real prompt of this length would fail the same way, mid-traffic
+                raise RuntimeError(
+                    f"Engine.warm_up: a prompt of {n} tokens failed ({type(e).__name__}: {e}); a request that long "
+                    f"would fail the same way. Allow shorter prompts (warm_up's max_prompt, a replica's "
+                    f"max_prompt_tokens: {top} now) or a smaller max_batch_size ({self.max_batch_size} rows run "
+                    f"[rows, prompt] at once), or give the model more memory") from e
         short = text[: max(1, min(len(text), top))]
         greedy = SamplingParams(max_new_tokens=3, ignore_eos=True)
         sampled = SamplingParams(max_new_tokens=3, ignore_eos=True, temperature=0.8, top_p=0.9, top_k=20, seed=0)

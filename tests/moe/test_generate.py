@@ -340,6 +340,22 @@ def test_cuda_graph_decode_equals_eager(tok):
     assert outs[True] == outs[False]
 
 
+def test_warm_up_names_the_prompt_length_that_failed(model, tok, monkeypatch):
+    """A warm-up prefill that fails (e.g. out of memory at the longest prompt allowed) is a load error that names the
+    length and the settings that bound it, not a bare exception."""
+    e = Engine(model, tok, max_batch_size=2, max_len=64)
+    forward = type(model).forward
+
+    def failing(self, input_BT, *a, **kw):
+        if input_BT.shape[1] > 20:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(self, input_BT, *a, **kw)
+
+    monkeypatch.setattr(type(model), "forward", failing)
+    with pytest.raises(RuntimeError, match=r"a prompt of 32 tokens failed \(OutOfMemoryError.*max_prompt_tokens: 40"):
+        e.warm_up(max_prompt=40)
+
+
 @pytest.mark.gpu
 def test_warm_up_captures_every_bucket_and_changes_no_output(tok):
     """On a GPU: Engine.warm_up captures every decode slot bucket up to max_len (capture_all), and the requests
