@@ -58,6 +58,7 @@ class ServeConfig:
     dtype: str | None = None
     gpu_memory: str | None = None
     backend: str = "auto"  # expert computation: 'auto' (triton on a GPU, torch on the CPU), 'torch' or 'triton'
+    warm_up: bool = True  # on a GPU, Engine.warm_up at load: no kernel compiles or graph captures inside requests
     offload_policy: str = "lfu"
     offload_prefetch: str = "none"
     cpu_fallback: bool = False
@@ -205,6 +206,7 @@ class ServeConfig:
 
     def replica_spec(self, device: str) -> dict:
         return {"model": self.model, "device": device, "dtype": self.dtype, "backend": self.backend,
+                "warm_up": bool(self.warm_up),
                 "max_batch_size": self.max_batch_size, "max_len": self.max_len, "limits": self.limits.to_dict(),
                 "engine_factory": self.engine_factory,
                 "stream_interval": self.stream_interval,

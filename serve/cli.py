@@ -38,6 +38,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                    help="expert computation: triton (fused kernels; decode steps replay from CUDA graphs) or torch "
                         "(the reference); auto (default): triton on a GPU, torch on the CPU")
+    p.add_argument("--no-warm-up", action="store_true",
+                   help="on a GPU, skip the replica's warm-up at load (throwaway prompts of every length class up to "
+                        "--max-prompt-tokens and every decode graph: ~15 s on a fresh machine, ~3 s once Triton's "
+                        "cache is warm); without it the first requests compile kernels (seconds each, BENCHMARKS 8d)")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: directory name)")
     p.add_argument("--num-replicas", type=int, default=1)
     p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per model replica")
@@ -81,6 +85,7 @@ def config_from_args(args: argparse.Namespace):
                          max_waiting=args.max_waiting)
     return ServeConfig(model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
                        api_key=args.api_key, device=args.device, dtype=args.dtype, backend=args.backend,
+                       warm_up=not args.no_warm_up,
                        gpu_memory=args.gpu_memory,
                        offload_policy=args.offload_policy, offload_prefetch=args.offload_prefetch,
                        cpu_fallback=args.cpu_fallback, offload_from_disk=args.offload_from_disk,

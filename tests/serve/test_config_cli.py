@@ -47,6 +47,8 @@ def test_serve_config_checks_and_converts():
     # the expert backend: auto (triton on a GPU, torch on the CPU), carried to the replica
     assert ServeConfig().replica_spec("cuda")["backend"] == "auto"
     assert ServeConfig(backend="torch").replica_spec("cuda")["backend"] == "torch"
+    assert ServeConfig().replica_spec("cuda")["warm_up"] is True
+    assert ServeConfig(warm_up=False).replica_spec("cuda")["warm_up"] is False
     with pytest.raises(ValueError, match="backend"):
         ServeConfig(backend="cuda-magic")
     with pytest.raises(ValueError, match="needs a CUDA device"):
@@ -67,6 +69,7 @@ def test_moe_serve_command_line():
     cfg = config_from_args(args)
     assert (cfg.model, cfg.host, cfg.port, cfg.api_key, cfg.gpu_memory) == ("tiny", "0.0.0.0", 9000, "k", "8GiB")
     assert (cfg.limits.max_concurrency, cfg.limits.max_tokens) == (4, 32)
+    assert cfg.warm_up is True and config_from_args(parser.parse_args(["serve", "--no-warm-up"])).warm_up is False
     args = parser.parse_args(["serve", "--gpu-memory", "0.3", "--offload-policy", "lfu", "--cpu-fallback"])
     off = config_from_args(args).replica_spec("cuda")["offload"]
     assert (off["gpu_memory"], off["policy"], off["cpu_fallback"]) == ("0.3", "lfu", True)
