@@ -146,14 +146,17 @@ class Engine:
           [max_batch_size, T] tokens, the expert kernels' launch configs change with the token count
           (kernels/launch_config.py), and Triton specialises an integer argument on whether it is 1 and whether
           16 divides it, so each such variant meets its first call here;
-        - one row, then ``rows`` (default max_batch_size) at once, one of them sampled (temperature, top-p,
-          top-k), the others greedy: the decode widths and both token paths;
+        - ``rows`` (default max_batch_size) prompts of that longest length at once, one of them sampled
+          (temperature, top-p, top-k), the others greedy: the largest prefill a burst of requests can make, so
+          a budget that cannot run it fails here, at load, with what to lower (not a replica mid-traffic), and
+          the allocator holds its blocks before the first request; then a decode step of every row, both token
+          paths;
         - every decode slot bucket up to max_len captured (``capture_all``; the first 64).
 
-        Before session 27 only the short-prompt waves ran: a fresh replica's first 64-token prompts still took
-        2.5 s to their first token (BENCHMARKS 8d). The engine is left idle, its request ids unused by the
-        warm-up ('warm-...' ids), the model's offload statistics reset (its ``offload_cache`` and ``cpu_tier``).
-        Returns the steps it ran."""
+        Before session 27 one short prompt ran (1 row, then rows): a fresh replica's first 64-token prompts still
+        took 2.5 s to their first token (BENCHMARKS 8d). A warm-up request that fails raises RuntimeError naming
+        it. The engine is left idle, its request ids unused by the warm-up ('warm-...' ids), the model's offload
+        statistics reset (its ``offload_cache`` and ``cpu_tier``). Returns the steps it ran."""
         if self.has_unfinished():
             raise RuntimeError("warm_up needs an idle engine: it runs before the first request")
         rows = self.max_batch_size if rows is None else max(1, min(int(rows), self.max_batch_size))
@@ -172,22 +175,28 @@ class Engine:
         lengths = [1] + [n for k in range(1, top.bit_length() + 1) for n in (2 ** k, 2 ** k + 1) if n <= top]
         if top not in lengths:
             lengths.append(top)
+        def prompt_of(n):
+            return (text * (n // len(text) + 1))[:n]
+
+        def failed(what, e):  # a real request (or burst) like it would fail the same way, mid-traffic
+            return RuntimeError(
+                f"Engine.warm_up: {what} failed ({type(e).__name__}: {e}); requests like it would fail the same "
+                f"way. Allow shorter prompts (warm_up's max_prompt, a replica's max_prompt_tokens: {top} now) or a "
+                f"smaller max_batch_size ({self.max_batch_size}: a prefill runs [rows, prompt] at once), or give "
+                "the model more memory")
+
         for n in lengths:
-            prompt = (text * (n // len(text) + 1))[:n]
             try:
-                run([(f"warm-len{n}", prompt, SamplingParams(max_new_tokens=2, ignore_eos=True))])
-            except Exception as e:  # a real prompt of this length would fail the same way, mid-traffic
-                raise RuntimeError(
-                    f"Engine.warm_up: a prompt of {n} tokens failed ({type(e).__name__}: {e}); a request that long "
-                    f"would fail the same way. Allow shorter prompts (warm_up's max_prompt, a replica's "
-                    f"max_prompt_tokens: {top} now) or a smaller max_batch_size ({self.max_batch_size} rows run "
-                    f"[rows, prompt] at once), or give the model more memory") from e
-        short = text[: max(1, min(len(text), top))]
-        greedy = SamplingParams(max_new_tokens=3, ignore_eos=True)
-        sampled = SamplingParams(max_new_tokens=3, ignore_eos=True, temperature=0.8, top_p=0.9, top_k=20, seed=0)
-        for wave in dict.fromkeys((1, rows)):
-            run([(f"warm-{wave}-{i}", short, sampled if wave == rows and i == wave - 1 else greedy)
-                 for i in range(wave)])
+                run([(f"warm-len{n}", prompt_of(n), SamplingParams(max_new_tokens=2, ignore_eos=True))])
+            except Exception as e:
+                raise failed(f"a prompt of {n} tokens", e) from e
+        # the worst case a burst of requests can make: every row's prompt the longest allowed, in one prefill
+        greedy = SamplingParams(max_new_tokens=2, ignore_eos=True)
+        sampled = SamplingParams(max_new_tokens=2, ignore_eos=True, temperature=0.8, top_p=0.9, top_k=20, seed=0)
+        try:
+            run([(f"warm-batch-{i}", prompt_of(top), sampled if i == rows - 1 else greedy) for i in range(rows)])
+        except Exception as e:
+            raise failed(f"a batch of {rows} prompts of {top} tokens", e) from e
         if self._graphs is not None:
             self._graphs.capture_all()
         for name in ("offload_cache", "cpu_tier"):  # (offload.apply_offload's cache, apply_cpu_tier's runtime)

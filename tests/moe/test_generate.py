@@ -355,6 +355,16 @@ def test_warm_up_names_the_prompt_length_that_failed(model, tok, monkeypatch):
     with pytest.raises(RuntimeError, match=r"a prompt of 32 tokens failed \(OutOfMemoryError.*max_prompt_tokens: 40"):
         e.warm_up(max_prompt=40)
 
+    def batch_failing(self, input_BT, *a, valid_BT=None, **kw):  # only when every row prefills 20 tokens at once
+        if valid_BT is not None and int(valid_BT.sum()) >= 2 * 20:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(self, input_BT, *a, valid_BT=valid_BT, **kw)
+
+    monkeypatch.setattr(type(model), "forward", batch_failing)
+    e = Engine(model, tok, max_batch_size=2, max_len=64)
+    with pytest.raises(RuntimeError, match=r"a batch of 2 prompts of 20 tokens failed.*max_batch_size \(2"):
+        e.warm_up(max_prompt=20)
+
 
 @pytest.mark.gpu
 def test_warm_up_captures_every_bucket_and_changes_no_output(tok):
@@ -595,16 +605,16 @@ def test_decode_benchmarks_oracle_bound_of_the_timed_steps():
 
 def test_warm_up_leaves_the_engine_as_new(model, tok):
     """Engine.warm_up: one-row prompts of 1, 2^k and 2^k + 1 tokens up to the longest allowed (a prefill and a
-    decode step each), then a prefill and decode steps of one row and of max_batch_size rows; afterwards the
-    engine is idle, the next request gets the id it would have had, the outputs are a fresh engine's, and an
-    offloaded model's cache statistics count none of the warm-up's steps."""
+    decode step each), then max_batch_size rows of the longest prompt at once; afterwards the engine is idle, the
+    next request gets the id it would have had, the outputs are a fresh engine's, and an offloaded model's cache
+    statistics count none of the warm-up's steps."""
     from offload import OffloadConfig, apply_offload
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
     e = Engine(model, tok, max_batch_size=3, max_len=64)
-    # prompts 1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33 and 62 (max_len - 2): 12 x 2 steps; two waves of 3 steps
-    assert e.warm_up() == 12 * 2 + 2 * 3
-    assert not e.has_unfinished() and e.warm_up(rows=1) == 12 * 2 + 3
-    assert e.warm_up(rows=1, max_prompt=10) == 8 * 2 + 3  # 1, 2, 3, 4, 5, 8, 9 and 10
+    # prompts 1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33 and 62 (max_len - 2): 12 x 2 steps; the batch: 2 steps
+    assert e.warm_up() == 12 * 2 + 2
+    assert not e.has_unfinished() and e.warm_up(rows=1) == 12 * 2 + 2
+    assert e.warm_up(rows=1, max_prompt=10) == 8 * 2 + 2  # 1, 2, 3, 4, 5, 8, 9 and 10
     assert e.captured_graphs == []  # on the CPU steps run eagerly
     rids = [e.add_request(p, params) for p in PROMPTS[:3]]
     assert rids[0] == "req-0"
