@@ -10,6 +10,10 @@ heldout.txt), the next layer's top-k recall from:
   A'  the same, rescaled from layer l's norm gain to layer l+1's
   B   the residual after layer l, through layer l+1's norm (known only once layer l's experts have
       run: a prefetch then overlaps layer l+1's attention alone)
+  C   layer l+1's own attention run on the residual entering layer l's experts (layer l's experts
+      skipped; the keys and values of the earlier tokens are the real ones in the KV cache), then
+      layer l+1's norm and router: known when A is (after layer l's attention), at the cost of one
+      more attention a layer. Decoded token by token with the cache (``attention_point``).
 """
 from __future__ import annotations
 
@@ -74,6 +78,48 @@ def lookahead_points(model, sequences) -> dict[str, list[float]]:
     return out
 
 
+@torch.no_grad()
+def attention_point(model, sequences, batch: int = 16) -> list[float]:
+    """Per target layer 1..L-1 (0.0 where layer l or l+1 has no router): next-layer router recall from C, the
+    sequences decoded token by token in batches of equal length. Layer l+1's attention writes its guess's key and
+    value into the cache slot the real layer l+1 then overwrites (the cache advances after the step)."""
+    layers = model.layers
+    L = len(layers)
+    hits, count = np.zeros(max(L - 1, 0)), np.zeros(max(L - 1, 0))
+    by_len: dict[int, list] = {}
+    for s in sequences:
+        by_len.setdefault(len(s), []).append(s)
+    for n, group in by_len.items():
+        for i in range(0, len(group), batch):
+            ids = torch.tensor(group[i:i + batch], device=model.device)
+            B = ids.shape[0]
+            cache = model.new_cache(B, n + 1)
+            for t in range(n):
+                pos, mask, windowed, slots = model._positions_and_masks(B, 1, cache, None, None)
+                x = model.embed(ids[:, t:t + 1])
+                cos, sin = model.rotary(pos, x.dtype)
+                cache.step_slots(pos)
+                guess = None
+                try:
+                    for l, layer in enumerate(layers):
+                        xmid, h = layer.attention_half(x, cos, sin, layer.pick_mask(mask, windowed), cache, slots)
+                        routed = hasattr(layer.mlp, "router")
+                        if guess is not None and routed:
+                            true = layer.mlp.router(h.reshape(B, -1))[0]
+                            hits[l - 1] += (guess.unsqueeze(-1) == true.unsqueeze(-2)).any(-1).sum().item()
+                            count[l - 1] += true.numel()
+                        guess = None
+                        if routed and l + 1 < L and hasattr(layers[l + 1].mlp, "router"):
+                            nxt = layers[l + 1]
+                            _, hc = nxt.attention_half(xmid, cos, sin, nxt.pick_mask(mask, windowed), cache, slots)
+                            guess = nxt.mlp.router(hc.reshape(B, -1))[0]
+                        x = xmid + layer.mlp(h)
+                finally:
+                    cache.step_slots(None)
+                cache.advance(None, 1)
+    return [float(h / c) if c else 0.0 for h, c in zip(hits, count)]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
@@ -91,6 +137,7 @@ def main() -> int:
             build_corpus(tmp, CorpusConfig())
             seqs = record_trace.heldout_sequences(tok, Path(tmp) / "heldout.txt", args.tokens, args.seq_len)
     res = lookahead_points(model, seqs)
+    res["C"] = attention_point(model, seqs)
     n = len(res["A"])
     print(f"{args.model}: next-layer router recall (top-k) on {sum(map(len, seqs))} held-out tokens")
     print(f"{'target layer':<14}" + "".join(f"{l + 1:>6d}" for l in range(n)) + "   mean")

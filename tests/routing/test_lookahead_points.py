@@ -24,3 +24,22 @@ def test_points_on_a_model_whose_layers_pass_the_residual_through():
     assert set(res) == {"A", "A'", "B"} and all(len(v) == 3 for v in res.values())
     assert min(res["B"]) == 1.0 and min(res["A'"]) > 0.999
     assert min(res["A"]) < 1.0  # the unscaled gains do change the top-k somewhere
+
+
+def test_point_c_reads_through_the_next_attention():
+    """With the experts writing nothing but attention active, the residual entering layer l's experts is what
+    enters layer l+1, so layer l+1's own attention on it, then its norm and router (C), is exactly layer l+1's
+    routing; B (the residual after layer l, without layer l+1's attention) need not be. A wrong layer's
+    attention, norm or router, or a cache slot the guess corrupts, breaks the 1.0s."""
+    torch.manual_seed(0)
+    model = MoEForCausalLM(MoEConfig.tiny("mixtral", num_hidden_layers=4, num_experts=8,
+                                          num_experts_per_tok=2)).eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.mlp.experts.w2.zero_()
+            layer.attn.o_proj.weight.mul_(8.0)  # attention moves the residual a lot
+    seqs = [torch.randint(0, model.config.vocab_size, (12,)).tolist() for _ in range(3)] + [[5, 6, 7]]
+    mod = load_benchmark("lookahead_points")
+    c = mod.attention_point(model, seqs, batch=2)
+    assert len(c) == 3 and min(c) == 1.0
+    assert min(mod.lookahead_points(model, seqs)["B"]) < 1.0
