@@ -6,14 +6,17 @@ from moe.model import MoEForCausalLM
 from tests.conftest import load_benchmark
 
 
+def _four_layers():
+    torch.manual_seed(0)
+    return MoEForCausalLM(MoEConfig.tiny("mixtral", num_hidden_layers=4, num_experts=8, num_experts_per_tok=2)).eval()
+
+
 def test_points_on_a_model_whose_layers_pass_the_residual_through():
     """With attention and experts writing nothing, every layer's input is the embedding. Then the residual
     after layer l (B) is exactly what layer l+1's router sees, and so is layer l's router input rescaled to
     the next norm gain (A'): both must read the next routing perfectly, while A (the norm gains differ)
     need not. A hook on the wrong tensor, or a shift of one layer, breaks the 1.0s."""
-    torch.manual_seed(0)
-    model = MoEForCausalLM(MoEConfig.tiny("mixtral", num_hidden_layers=4, num_experts=8,
-                                          num_experts_per_tok=2)).eval()
+    model = _four_layers()
     with torch.no_grad():
         for layer in model.layers:
             layer.attn.o_proj.weight.zero_()
@@ -31,9 +34,7 @@ def test_point_c_reads_through_the_next_attention():
     enters layer l+1, so layer l+1's own attention on it, then its norm and router (C), is exactly layer l+1's
     routing; B (the residual after layer l, without layer l+1's attention) need not be. A wrong layer's
     attention, norm or router, or a cache slot the guess corrupts, breaks the 1.0s."""
-    torch.manual_seed(0)
-    model = MoEForCausalLM(MoEConfig.tiny("mixtral", num_hidden_layers=4, num_experts=8,
-                                          num_experts_per_tok=2)).eval()
+    model = _four_layers()
     with torch.no_grad():
         for layer in model.layers:
             layer.mlp.experts.w2.zero_()
