@@ -11,6 +11,11 @@ the last row is -1). The guess is probes (``routing.ProbeLookahead``, one layer 
 state entering layer l, fitted from zero on the fitting half (the features file beside the trace,
 ``NAME.features.npz``): what ``OffloadConfig(prefetch="probe")`` applies on the device. Their
 one-ahead recall on the written tokens is printed.
+
+``--guess attention --model DIR`` (the model that recorded the trace): the guess is instead point C of
+benchmarks/lookahead_points.py, layer l+1's own attention on the residual entering layer l's experts, then its
+router (nothing fitted; the requests decoded token by token; needs the trace's token ids, positions from 0).
+``--guess best``: per layer, whichever of the two reads the fitting half's next layer better.
 """
 from __future__ import annotations
 
@@ -38,6 +43,13 @@ def guesses(probes: ProbeLookahead, hidden_NLD: np.ndarray, k: int) -> np.ndarra
     return out
 
 
+def layer_recall(next_ids: np.ndarray, trace: RoutingTrace, layer: int) -> float:
+    """Share of layer+1's routed experts that layer's guess names."""
+    truth, guess = trace.expert_ids[layer + 1], next_ids[layer]
+    hit = sum(len(set(t[t >= 0]) & set(g[g >= 0])) for t, g in zip(truth, guess))
+    return hit / max(1, int((truth >= 0).sum()))
+
+
 def one_ahead_recall(next_ids: np.ndarray, trace: RoutingTrace) -> float:
     """Mean share of layer l+1's routed experts that layer l's guess names (l = 0..L-2)."""
     ids = trace.expert_ids
@@ -47,6 +59,39 @@ def one_ahead_recall(next_ids: np.ndarray, trace: RoutingTrace) -> float:
         truth, guess = ids[layer + 1], next_ids[layer]
         hit += sum(len(set(t[t >= 0]) & set(g[g >= 0])) for t, g in zip(truth, guess))
     return hit / max(1, (L - 1) * N * K)
+
+
+def attention_guesses(model_dir: Path, held: RoutingTrace, device: str) -> np.ndarray:
+    """[L, N, K] int16 in ``held``'s token order: point C's guesses (benchmarks/lookahead_points.py) of the model that
+    recorded the trace, each request decoded from its first token."""
+    import importlib.util
+
+    from moe import load_model
+    spec = importlib.util.spec_from_file_location("lookahead_points", Path(__file__).with_name("lookahead_points.py"))
+    points = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(points)
+    if held.token_ids is None or held.positions is None:
+        raise SystemExit("--model needs the trace's token ids and positions: record it with `moe predictor record`")
+    req = held.request_ids_or_default()
+    order, seqs = [], []
+    for r in np.unique(req):
+        idx = np.flatnonzero(req == r)
+        idx = idx[np.argsort(held.positions[idx], kind="stable")]
+        if not np.array_equal(held.positions[idx], np.arange(len(idx))):
+            raise SystemExit(f"request {r}: positions are not 0..{len(idx) - 1}; point C decodes each request from "
+                             "its first token, so the trace must hold whole requests")
+        order.append(idx)
+        seqs.append(held.token_ids[idx].astype(np.int64).tolist())
+    model = load_model(str(model_dir), dtype=torch.float32, device=device).eval()
+    if len(model.moe_blocks()) != held.num_layers:
+        raise SystemExit(f"{model_dir} has {len(model.moe_blocks())} MoE layers, the trace {held.num_layers}: give the "
+                         "model that recorded it")
+    _, kept = points.attention_point(model, seqs, keep_guesses=True)
+    out = np.full((held.num_layers, held.num_tokens, held.top_k), -1, dtype=np.int16)
+    moe_layers = [i for i, layer in enumerate(model.layers) if hasattr(layer.mlp, "router")]
+    for idx, g in zip(order, kept):
+        out[:, idx] = g[moe_layers][:, :, :held.top_k]
+    return out
 
 
 def _time_model(expert_bytes: float, copy_gbps: float, layer_ms: float) -> dict:
@@ -95,7 +140,12 @@ def main(argv=None) -> int:
     ap.add_argument("trace", type=Path, help="NAME.npz of `moe predictor record` (NAME.features.npz beside it)")
     ap.add_argument("--features", type=Path, default=None, help="default: NAME.features.npz beside the trace")
     ap.add_argument("--out", type=Path, required=True, help="OUT.npz and OUT.lookahead.npz are written")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the probes fit")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where the probes fit (with --model: where the model decodes)")
+    ap.add_argument("--guess", default="probes", choices=["probes", "attention", "best"],
+                    help="probes (fitted on the hidden states), attention (point C of lookahead_points.py; needs "
+                         "--model) or best (per layer, the one that reads the fitting half better)")
+    ap.add_argument("--model", type=Path, default=None, help="the model that recorded the trace (--guess attention/best)")
     ap.add_argument("--simulate", type=int, default=0, metavar="SLOTS",
                     help="also simulate the cache over the written requests (offload.simulate, LRU, SLOTS per layer, "
                          "one token a step) with no prefetch, the guesses and the true next layer")
@@ -108,20 +158,37 @@ def main(argv=None) -> int:
                     help="with --simulate: a layer's compute, ms (OLMoE widths: 5.76 ms a 48-layer step, 3j)")
     args = ap.parse_args(argv)
     trace = RoutingTrace.load(args.trace)
-    fpath = args.features or args.trace.with_name(args.trace.name.replace(".npz", ".features.npz"))
-    if not fpath.exists():
-        raise SystemExit(f"{fpath} not found: record the trace with its hidden states (`moe predictor record`, "
-                         "features on) or give --features")
-    hidden = hidden_matrix(load_features(fpath), trace.num_layers)
-    if hidden is None:
-        raise SystemExit(f"{fpath} lacks hidden_<l> for some of the {trace.num_layers} layers")
     req = trace.request_ids_or_default()
     fit, held = trace.split_requests(0.5, seed=0)
     fit_mask = np.isin(req, np.unique(fit.request_ids_or_default()))
+    if args.guess != "probes" and args.model is None:
+        raise SystemExit(f"--guess {args.guess} needs --model: the model that recorded the trace")
     t0 = time.perf_counter()
-    probes = ProbeLookahead.fit(fit, hidden[fit_mask], span=1, device=args.device)
-    print(f"probes fitted on {int(fit_mask.sum())} tokens in {time.perf_counter() - t0:.1f} s")
-    nxt = guesses(probes, hidden[~fit_mask], trace.top_k)
+    if args.guess != "attention":
+        fpath = args.features or args.trace.with_name(args.trace.name.replace(".npz", ".features.npz"))
+        if not fpath.exists():
+            raise SystemExit(f"{fpath} not found: record the trace with its hidden states (`moe predictor record`, "
+                             "features on) or give --features")
+        hidden = hidden_matrix(load_features(fpath), trace.num_layers)
+        if hidden is None:
+            raise SystemExit(f"{fpath} lacks hidden_<l> for some of the {trace.num_layers} layers")
+        probes = ProbeLookahead.fit(fit, hidden[fit_mask], span=1, device=args.device)
+        print(f"probes fitted on {int(fit_mask.sum())} tokens in {time.perf_counter() - t0:.1f} s")
+        nxt = guesses(probes, hidden[~fit_mask], trace.top_k)
+    if args.guess != "probes":
+        t0 = time.perf_counter()
+        att = attention_guesses(args.model, held, args.device)
+        print(f"point C's guesses (layer l+1's attention, then its router) in {time.perf_counter() - t0:.1f} s")
+        if args.guess == "attention":
+            nxt = att
+        else:  # per layer, the source that reads the fitting half's next layer better
+            on_fit_p = guesses(probes, hidden[fit_mask], trace.top_k)
+            on_fit_a = attention_guesses(args.model, fit, args.device)
+            take = [layer_recall(on_fit_a, fit, l) > layer_recall(on_fit_p, fit, l) for l in range(trace.num_layers - 1)]
+            for l, a in enumerate(take):
+                if a:
+                    nxt[l] = att[l]
+            print("per layer, guessed by: " + " ".join("C" if a else "p" for a in take) + " (fitting half)")
     print(f"held-out requests: {len(np.unique(held.request_ids_or_default()))}, {held.num_tokens} tokens; "
           f"one-ahead recall of the guesses {one_ahead_recall(nxt, held):.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -79,19 +79,24 @@ def lookahead_points(model, sequences) -> dict[str, list[float]]:
 
 
 @torch.no_grad()
-def attention_point(model, sequences, batch: int = 16) -> list[float]:
+def attention_point(model, sequences, batch: int = 16, keep_guesses: bool = False):
     """Per target layer 1..L-1 (0.0 where layer l or l+1 has no router): next-layer router recall from C, the
     sequences decoded token by token in batches of equal length. Layer l+1's attention writes its guess's key and
-    value into the cache slot the real layer l+1 then overwrites (the cache advances after the step)."""
+    value into the cache slot the real layer l+1 then overwrites (the cache advances after the step).
+    keep_guesses: also returns, per sequence in order, the guesses [L, n, K] int16 (row l: layer l's guess of
+    layer l+1's K experts for each token, best first; -1 where there is none, as in the last row)."""
     layers = model.layers
     L = len(layers)
+    K = model.config.num_experts_per_tok
     hits, count = np.zeros(max(L - 1, 0)), np.zeros(max(L - 1, 0))
+    kept = [np.full((L, len(s), K), -1, dtype=np.int16) for s in sequences] if keep_guesses else None
     by_len: dict[int, list] = {}
-    for s in sequences:
-        by_len.setdefault(len(s), []).append(s)
+    for j, s in enumerate(sequences):
+        by_len.setdefault(len(s), []).append(j)
     for n, group in by_len.items():
         for i in range(0, len(group), batch):
-            ids = torch.tensor(group[i:i + batch], device=model.device)
+            rows = group[i:i + batch]
+            ids = torch.tensor([sequences[j] for j in rows], device=model.device)
             B = ids.shape[0]
             cache = model.new_cache(B, n + 1)
             for t in range(n):
@@ -113,11 +118,16 @@ def attention_point(model, sequences, batch: int = 16) -> list[float]:
                             nxt = layers[l + 1]
                             _, hc = nxt.attention_half(xmid, cos, sin, nxt.pick_mask(mask, windowed), cache, slots)
                             guess = nxt.mlp.router(hc.reshape(B, -1))[0]
+                            if kept is not None:
+                                got = guess.cpu().numpy().astype(np.int16)
+                                for b, j in enumerate(rows):
+                                    kept[j][l, t] = got[b]
                         x = xmid + layer.mlp(h)
                 finally:
                     cache.step_slots(None)
                 cache.advance(None, 1)
-    return [float(h / c) if c else 0.0 for h, c in zip(hits, count)]
+    recalls = [float(h / c) if c else 0.0 for h, c in zip(hits, count)]
+    return (recalls, kept) if keep_guesses else recalls
 
 
 def main() -> int:

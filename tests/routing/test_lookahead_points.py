@@ -44,3 +44,26 @@ def test_point_c_reads_through_the_next_attention():
     c = mod.attention_point(model, seqs, batch=2)
     assert len(c) == 3 and min(c) == 1.0
     assert min(mod.lookahead_points(model, seqs)["B"]) < 1.0
+
+
+def test_lookahead_ids_writes_point_c_guesses_in_the_traces_token_order(tmp_path):
+    """benchmarks/lookahead_ids.py --guess attention: the model that recorded the trace decodes its held-out requests
+    and point C's guesses land at each token's place in the written trace. With the experts writing nothing, C is
+    the next layer's routing exactly, so a guess put at another token's place (the split shuffles the
+    requests) would read less than 1.0."""
+    from moe.checkpoint import save_pretrained
+    from routing.record import record_trace
+
+    model = _four_layers()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.mlp.experts.w2.zero_()
+            layer.attn.o_proj.weight.mul_(8.0)
+    save_pretrained(model, tmp_path / "m")
+    seqs = [torch.randint(0, model.config.vocab_size, (10,)).tolist() for _ in range(6)]
+    trace, _ = record_trace(model, seqs, features=False)
+    mod = load_benchmark("lookahead_ids")
+    _, held = trace.split_requests(0.5, seed=0)
+    nxt = mod.attention_guesses(tmp_path / "m", held, "cpu")
+    assert nxt.shape == (4, held.num_tokens, 2) and (nxt[-1] == -1).all()
+    assert mod.one_ahead_recall(nxt, held) == 1.0
