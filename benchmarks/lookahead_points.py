@@ -13,7 +13,8 @@ heldout.txt), the next layer's top-k recall from:
   C   layer l+1's own attention run on the residual entering layer l's experts (layer l's experts
       skipped; the keys and values of the earlier tokens are the real ones in the KV cache), then
       layer l+1's norm and router: known when A is (after layer l's attention), at the cost of one
-      more attention a layer. Decoded token by token with the cache (``attention_point``).
+      more attention a layer. Decoded token by token with the cache (``attention_point``). --ahead 2,4:
+      the same a layers ahead (C2, C4: the attentions of layers l+1 .. l+a in turn, then layer l+a's router).
 """
 from __future__ import annotations
 
@@ -79,12 +80,16 @@ def lookahead_points(model, sequences) -> dict[str, list[float]]:
 
 
 @torch.no_grad()
-def attention_point(model, sequences, batch: int = 16, keep_guesses: bool = False):
-    """Per target layer 1..L-1 (0.0 where layer l or l+1 has no router): next-layer router recall from C, the
-    sequences decoded token by token in batches of equal length. Layer l+1's attention writes its guess's key and
-    value into the cache slot the real layer l+1 then overwrites (the cache advances after the step).
+def attention_point(model, sequences, batch: int = 16, keep_guesses: bool = False, ahead: int = 1):
+    """Per target layer 1..L-1 (0.0 where it or its source layer has no router, or it lies less than ``ahead``
+    layers in): router recall from C, the sequences decoded token by token in batches of equal length. ``ahead``
+    a: layer l's guess of layer l+a runs the attention of layers l+1 .. l+a in turn on the residual entering layer
+    l's experts (every expert between skipped), then layer l+a's router. Each of those attentions writes its
+    guess's key and value into the cache slot the real layer then overwrites (the cache advances after the step).
     keep_guesses: also returns, per sequence in order, the guesses [L, n, K] int16 (row l: layer l's guess of
-    layer l+1's K experts for each token, best first; -1 where there is none, as in the last row)."""
+    layer l+a's K experts for each token, best first; -1 where there is none, as in the last a rows)."""
+    if ahead < 1:
+        raise ValueError(f"ahead must be >= 1, got {ahead}")
     layers = model.layers
     L = len(layers)
     K = model.config.num_experts_per_tok
@@ -104,22 +109,25 @@ def attention_point(model, sequences, batch: int = 16, keep_guesses: bool = Fals
                 x = model.embed(ids[:, t:t + 1])
                 cos, sin = model.rotary(pos, x.dtype)
                 cache.step_slots(pos)
-                guess = None
+                pending: dict[int, torch.Tensor] = {}  # target layer -> the guess made for it
                 try:
                     for l, layer in enumerate(layers):
                         xmid, h = layer.attention_half(x, cos, sin, layer.pick_mask(mask, windowed), cache, slots)
                         routed = hasattr(layer.mlp, "router")
+                        guess = pending.pop(l, None)
                         if guess is not None and routed:
                             true = layer.mlp.router(h.reshape(B, -1))[0]
                             hits[l - 1] += (guess.unsqueeze(-1) == true.unsqueeze(-2)).any(-1).sum().item()
                             count[l - 1] += true.numel()
-                        guess = None
-                        if routed and l + 1 < L and hasattr(layers[l + 1].mlp, "router"):
-                            nxt = layers[l + 1]
-                            _, hc = nxt.attention_half(xmid, cos, sin, nxt.pick_mask(mask, windowed), cache, slots)
-                            guess = nxt.mlp.router(hc.reshape(B, -1))[0]
+                        target = l + ahead
+                        if routed and target < L and hasattr(layers[target].mlp, "router"):
+                            xg = xmid
+                            for j in range(l + 1, target + 1):
+                                xg, hg = layers[j].attention_half(xg, cos, sin, layers[j].pick_mask(mask, windowed),
+                                                                  cache, slots)
+                            pending[target] = layers[target].mlp.router(hg.reshape(B, -1))[0]
                             if kept is not None:
-                                got = guess.cpu().numpy().astype(np.int16)
+                                got = pending[target].cpu().numpy().astype(np.int16)
                                 for b, j in enumerate(rows):
                                     kept[j][l, t] = got[b]
                         x = xmid + layer.mlp(h)
@@ -137,6 +145,9 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--text", type=Path, default=None, help="held-out text (default: the stdlib corpus's held-out half)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--ahead", type=lambda v: [int(a) for a in v.split(",")], default=[1],
+                    help="point C this many layers ahead, comma list (C2: layers l+1 and l+2's attention, then l+2's "
+                         "router; the mean is over the targets it reaches)")
     args = ap.parse_args()
     model = load_model(args.model, dtype=torch.float32, device=args.device).eval()
     tok = Tokenizer.from_dir(args.model)
@@ -147,12 +158,15 @@ def main() -> int:
             build_corpus(tmp, CorpusConfig())
             seqs = record_trace.heldout_sequences(tok, Path(tmp) / "heldout.txt", args.tokens, args.seq_len)
     res = lookahead_points(model, seqs)
-    res["C"] = attention_point(model, seqs)
+    for a in args.ahead:
+        res["C" if a == 1 else f"C{a}"] = attention_point(model, seqs, ahead=a)
     n = len(res["A"])
     print(f"{args.model}: next-layer router recall (top-k) on {sum(map(len, seqs))} held-out tokens")
     print(f"{'target layer':<14}" + "".join(f"{l + 1:>6d}" for l in range(n)) + "   mean")
     for k, v in res.items():
-        print(f"{k:<14}" + "".join(f"{x:>6.3f}" for x in v) + f" {np.mean(v):>6.3f}")
+        first = int(k[1:]) - 1 if k.startswith("C") and k[1:] else 0  # C2 reaches targets 2.. only
+        print(f"{k:<14}" + "".join(f"{x:>6.3f}" if i >= first else f"{'':>6}" for i, x in enumerate(v))
+              + f" {np.mean(v[first:]):>6.3f}")
     return 0
 
 

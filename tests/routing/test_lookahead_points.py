@@ -43,6 +43,8 @@ def test_point_c_reads_through_the_next_attention():
     mod = load_benchmark("lookahead_points")
     c = mod.attention_point(model, seqs, batch=2)
     assert len(c) == 3 and min(c) == 1.0
+    c2 = mod.attention_point(model, seqs, batch=2, ahead=2)  # layers l+1 and l+2's attention, then l+2's router
+    assert c2[0] == 0.0 and min(c2[1:]) == 1.0
     assert min(mod.lookahead_points(model, seqs)["B"]) < 1.0
 
 
