@@ -43,30 +43,38 @@ def guesses(probes: ProbeLookahead, hidden_NLD: np.ndarray, k: int) -> np.ndarra
     return out
 
 
+def _hits(next_ids: np.ndarray, trace: RoutingTrace, layer: int) -> int:
+    """How many of layer+1's routed experts, over the tokens, layer's guess names."""
+    truth, guess = trace.expert_ids[layer + 1], next_ids[layer]
+    return sum(len(set(t[t >= 0]) & set(g[g >= 0])) for t, g in zip(truth, guess))
+
+
 def layer_recall(next_ids: np.ndarray, trace: RoutingTrace, layer: int) -> float:
     """Share of layer+1's routed experts that layer's guess names."""
-    truth, guess = trace.expert_ids[layer + 1], next_ids[layer]
-    hit = sum(len(set(t[t >= 0]) & set(g[g >= 0])) for t, g in zip(truth, guess))
-    return hit / max(1, int((truth >= 0).sum()))
+    return _hits(next_ids, trace, layer) / max(1, int((trace.expert_ids[layer + 1] >= 0).sum()))
 
 
 def one_ahead_recall(next_ids: np.ndarray, trace: RoutingTrace) -> float:
     """Mean share of layer l+1's routed experts that layer l's guess names (l = 0..L-2)."""
-    ids = trace.expert_ids
-    L, N, K = ids.shape
-    hit = 0
-    for layer in range(L - 1):
-        truth, guess = ids[layer + 1], next_ids[layer]
-        hit += sum(len(set(t[t >= 0]) & set(g[g >= 0])) for t, g in zip(truth, guess))
-    return hit / max(1, (L - 1) * N * K)
+    L, N, K = trace.expert_ids.shape
+    return sum(_hits(next_ids, trace, layer) for layer in range(L - 1)) / max(1, (L - 1) * N * K)
 
 
-def attention_guesses(model_dir: Path, held: RoutingTrace, device: str) -> np.ndarray:
+def load_recorder(model_dir: Path, trace: RoutingTrace, device: str):
+    """The model that recorded ``trace`` (float32, eval), checked to have its MoE layers."""
+    from moe import load_model
+    model = load_model(str(model_dir), dtype=torch.float32, device=device).eval()
+    if len(model.moe_blocks()) != trace.num_layers:
+        raise SystemExit(f"{model_dir} has {len(model.moe_blocks())} MoE layers, the trace {trace.num_layers}: give the "
+                         "model that recorded it")
+    return model
+
+
+def attention_guesses(model, held: RoutingTrace) -> np.ndarray:
     """[L, N, K] int16 in ``held``'s token order: point C's guesses (benchmarks/lookahead_points.py) of the model that
-    recorded the trace, each request decoded from its first token."""
+    recorded the trace (load_recorder), each request decoded from its first token."""
     import importlib.util
 
-    from moe import load_model
     spec = importlib.util.spec_from_file_location("lookahead_points", Path(__file__).with_name("lookahead_points.py"))
     points = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(points)
@@ -82,10 +90,6 @@ def attention_guesses(model_dir: Path, held: RoutingTrace, device: str) -> np.nd
                              "its first token, so the trace must hold whole requests")
         order.append(idx)
         seqs.append(held.token_ids[idx].astype(np.int64).tolist())
-    model = load_model(str(model_dir), dtype=torch.float32, device=device).eval()
-    if len(model.moe_blocks()) != held.num_layers:
-        raise SystemExit(f"{model_dir} has {len(model.moe_blocks())} MoE layers, the trace {held.num_layers}: give the "
-                         "model that recorded it")
     _, kept = points.attention_point(model, seqs, keep_guesses=True)
     out = np.full((held.num_layers, held.num_tokens, held.top_k), -1, dtype=np.int16)
     moe_layers = [i for i, layer in enumerate(model.layers) if hasattr(layer.mlp, "router")]
@@ -177,13 +181,14 @@ def main(argv=None) -> int:
         nxt = guesses(probes, hidden[~fit_mask], trace.top_k)
     if args.guess != "probes":
         t0 = time.perf_counter()
-        att = attention_guesses(args.model, held, args.device)
+        model = load_recorder(args.model, trace, args.device)
+        att = attention_guesses(model, held)
         print(f"point C's guesses (layer l+1's attention, then its router) in {time.perf_counter() - t0:.1f} s")
         if args.guess == "attention":
             nxt = att
         else:  # per layer, the source that reads the fitting half's next layer better
             on_fit_p = guesses(probes, hidden[fit_mask], trace.top_k)
-            on_fit_a = attention_guesses(args.model, fit, args.device)
+            on_fit_a = attention_guesses(model, fit)
             take = [layer_recall(on_fit_a, fit, l) > layer_recall(on_fit_p, fit, l) for l in range(trace.num_layers - 1)]
             for l, a in enumerate(take):
                 if a:

@@ -65,6 +65,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from moe.layers import Experts as ResidentExperts  # noqa: E402  (the model's own; `Experts` below is a holder)
 from offload import (CostModel, HostExpertStore, OffloadConfig, PackedHostExpertStore, TransitionPredictor,  # noqa: E402
                      oracle_bound, route_by_trace, shared_pool_belady, simulate)
 from offload.apply import host_available_bytes, install  # noqa: E402
@@ -174,19 +175,6 @@ def decode(stack, cache, trace, warmup, device, dtype, clear_each_step=False):
     return time.perf_counter() - t0
 
 
-class ResidentExperts(nn.Module):
-    """One layer's experts all on the device and the expert kernel called on them directly: no cache, no
-    plan, no copies. What the "resident plain" row times, the compute floor the oracle bound stands on."""
-
-    def __init__(self, w13, w2, backend):
-        super().__init__()
-        self.w13, self.w2, self.backend = w13, w2, backend
-
-    def forward(self, x_TD, ids_TK, w_TK):
-        from kernels import get_backend
-        return get_backend(self.backend)(x_TD, self.w13, self.w2, ids_TK, w_TK)
-
-
 class _NoCache:
     """decode()'s cache hooks for a stack without one."""
 
@@ -209,8 +197,12 @@ def resident_plain(stack, store, trace, warmup, device, dtype, backend, max_laye
     saved = [b.experts for b in blocks[:n]]
     try:
         for i, b in enumerate(blocks[:n]):
-            w13, w2 = store.layers[i]
-            b.experts = ResidentExperts(w13.to(device), w2.to(device), backend)
+            w13, w2 = store.layers[i]  # the model's own experts module: the kernel called on them, no cache
+            b.experts = ResidentExperts(w13.shape[0], w13.shape[2], w2.shape[2], backend=backend, dtype=w13.dtype,
+                                        device=device)
+            with torch.no_grad():
+                b.experts.w13.copy_(w13)
+                b.experts.w2.copy_(w2)
         secs = decode(Stack(blocks[:n], stack.config.num_experts_per_tok), _NoCache(), trace, warmup, device, dtype)
     finally:
         for b, ex in zip(blocks[:n], saved):

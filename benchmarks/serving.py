@@ -204,7 +204,8 @@ async def run_inprocess(args, prompts) -> dict:
     t_load = time.perf_counter()
     rep = ModelReplica(_spec(args))
     print(f"in-process replica loaded in {time.perf_counter() - t_load:.2f} s"
-          f"{' (with its warm-up)' if not args.no_warm_up and args.device != 'cpu' and _cuda() else ''}", flush=True)
+          f"{' (with its warm-up)' if not args.no_warm_up and rep.loaded.engine.device.type == 'cuda' else ''}",
+          flush=True)
     limits = rep.limits
 
     async def one(prompt) -> RequestResult:
@@ -275,11 +276,6 @@ def _compiled_kernels() -> dict[str, str]:
             if binary:
                 out[entry] = binary[0].rsplit(".", 1)[0]
     return out
-
-
-def _cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
 
 
 # the engine-side counters of a run (the measured part only): steps, seconds inside engine.step(),

@@ -175,6 +175,7 @@ class Engine:
         lengths = [1] + [n for k in range(1, top.bit_length() + 1) for n in (2 ** k, 2 ** k + 1) if n <= top]
         if top not in lengths:
             lengths.append(top)
+
         def prompt_of(n):
             return (text * (n // len(text) + 1))[:n]
 

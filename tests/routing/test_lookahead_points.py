@@ -66,6 +66,6 @@ def test_lookahead_ids_writes_point_c_guesses_in_the_traces_token_order(tmp_path
     trace, _ = record_trace(model, seqs, features=False)
     mod = load_benchmark("lookahead_ids")
     _, held = trace.split_requests(0.5, seed=0)
-    nxt = mod.attention_guesses(tmp_path / "m", held, "cpu")
+    nxt = mod.attention_guesses(mod.load_recorder(tmp_path / "m", held, "cpu"), held)
     assert nxt.shape == (4, held.num_tokens, 2) and (nxt[-1] == -1).all()
     assert mod.one_ahead_recall(nxt, held) == 1.0
