@@ -63,7 +63,9 @@ def one_ahead_recall(next_ids: np.ndarray, trace: RoutingTrace) -> float:
 def load_recorder(model_dir: Path, trace: RoutingTrace, device: str):
     """The model that recorded ``trace`` (float32, eval), checked to have its MoE layers."""
     from moe import load_model
-    model = load_model(str(model_dir), dtype=torch.float32, device=device).eval()
+    # triton experts on a GPU: point C decodes token by token, where the torch loop's launches per expert dominate
+    backend = "triton" if str(device).startswith("cuda") else "torch"
+    model = load_model(str(model_dir), dtype=torch.float32, device=device, backend=backend).eval()
     if len(model.moe_blocks()) != trace.num_layers:
         raise SystemExit(f"{model_dir} has {len(model.moe_blocks())} MoE layers, the trace {trace.num_layers}: give the "
                          "model that recorded it")

@@ -23,6 +23,7 @@ import importlib.util
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +81,7 @@ def lookahead_points(model, sequences) -> dict[str, list[float]]:
 
 
 @torch.no_grad()
-def attention_point(model, sequences, batch: int = 16, keep_guesses: bool = False, ahead: int = 1):
+def attention_point(model, sequences, batch: int = 64, keep_guesses: bool = False, ahead: int = 1):
     """Per target layer 1..L-1 (0.0 where it or its source layer has no router, or it lies less than ``ahead``
     layers in): router recall from C, the sequences decoded token by token in batches of equal length. ``ahead``
     a: layer l's guess of layer l+a runs the attention of layers l+1 .. l+a in turn on the residual entering layer
@@ -93,7 +94,9 @@ def attention_point(model, sequences, batch: int = 16, keep_guesses: bool = Fals
     layers = model.layers
     L = len(layers)
     K = model.config.num_experts_per_tok
-    hits, count = np.zeros(max(L - 1, 0)), np.zeros(max(L - 1, 0))
+    # counted on the device, read once at the end: a read per layer would stall the host on every layer's kernels
+    hits = torch.zeros(max(L - 1, 0), dtype=torch.int64, device=model.device)
+    count = torch.zeros(max(L - 1, 0), dtype=torch.int64, device=model.device)
     kept = [np.full((L, len(s), K), -1, dtype=np.int16) for s in sequences] if keep_guesses else None
     by_len: dict[int, list] = {}
     for j, s in enumerate(sequences):
@@ -104,6 +107,7 @@ def attention_point(model, sequences, batch: int = 16, keep_guesses: bool = Fals
             ids = torch.tensor([sequences[j] for j in rows], device=model.device)
             B = ids.shape[0]
             cache = model.new_cache(B, n + 1)
+            made = torch.full((L, B, n, K), -1, dtype=torch.int16, device=model.device) if kept is not None else None
             for t in range(n):
                 pos, mask, windowed, slots = model._positions_and_masks(B, 1, cache, None, None)
                 x = model.embed(ids[:, t:t + 1])
@@ -117,7 +121,7 @@ def attention_point(model, sequences, batch: int = 16, keep_guesses: bool = Fals
                         guess = pending.pop(l, None)
                         if guess is not None and routed:
                             true = layer.mlp.router(h.reshape(B, -1))[0]
-                            hits[l - 1] += (guess.unsqueeze(-1) == true.unsqueeze(-2)).any(-1).sum().item()
+                            hits[l - 1] += (guess.unsqueeze(-1) == true.unsqueeze(-2)).any(-1).sum()
                             count[l - 1] += true.numel()
                         target = l + ahead
                         if routed and target < L and hasattr(layers[target].mlp, "router"):
@@ -126,14 +130,17 @@ def attention_point(model, sequences, batch: int = 16, keep_guesses: bool = Fals
                                 xg, hg = layers[j].attention_half(xg, cos, sin, layers[j].pick_mask(mask, windowed),
                                                                   cache, slots)
                             pending[target] = layers[target].mlp.router(hg.reshape(B, -1))[0]
-                            if kept is not None:
-                                got = pending[target].cpu().numpy().astype(np.int16)
-                                for b, j in enumerate(rows):
-                                    kept[j][l, t] = got[b]
+                            if made is not None:
+                                made[l, :, t] = pending[target].to(torch.int16)
                         x = xmid + layer.mlp(h)
                 finally:
                     cache.step_slots(None)
                 cache.advance(None, 1)
+            if made is not None:
+                got = made.cpu().numpy()
+                for b, j in enumerate(rows):
+                    kept[j][:] = got[:, b]
+    hits, count = hits.tolist(), count.tolist()
     recalls = [float(h / c) if c else 0.0 for h, c in zip(hits, count)]
     return (recalls, kept) if keep_guesses else recalls
 
@@ -148,8 +155,12 @@ def main() -> int:
     ap.add_argument("--ahead", type=lambda v: [int(a) for a in v.split(",")], default=[1],
                     help="point C this many layers ahead, comma list (C2: layers l+1 and l+2's attention, then l+2's "
                          "router; the mean is over the targets it reaches)")
+    ap.add_argument("--backend", default=None, choices=["torch", "triton"],
+                    help="expert backend (default: triton on a GPU, where the torch loop's launches per expert dominate "
+                         "a token-by-token decode; torch on the CPU)")
     args = ap.parse_args()
-    model = load_model(args.model, dtype=torch.float32, device=args.device).eval()
+    backend = args.backend or ("triton" if str(args.device).startswith("cuda") else "torch")
+    model = load_model(args.model, dtype=torch.float32, device=args.device, backend=backend).eval()
     tok = Tokenizer.from_dir(args.model)
     if args.text is not None:
         seqs = record_trace.heldout_sequences(tok, args.text, args.tokens, args.seq_len)
@@ -157,16 +168,23 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             build_corpus(tmp, CorpusConfig())
             seqs = record_trace.heldout_sequences(tok, Path(tmp) / "heldout.txt", args.tokens, args.seq_len)
+    t0 = time.perf_counter()
     res = lookahead_points(model, seqs)
-    for a in args.ahead:
-        res["C" if a == 1 else f"C{a}"] = attention_point(model, seqs, ahead=a)
     n = len(res["A"])
-    print(f"{args.model}: next-layer router recall (top-k) on {sum(map(len, seqs))} held-out tokens")
-    print(f"{'target layer':<14}" + "".join(f"{l + 1:>6d}" for l in range(n)) + "   mean")
-    for k, v in res.items():
-        first = int(k[1:]) - 1 if k.startswith("C") and k[1:] else 0  # C2 reaches targets 2.. only
+    print(f"{args.model}: next-layer router recall (top-k) on {sum(map(len, seqs))} held-out tokens "
+          f"({backend} experts; A, A', B in {time.perf_counter() - t0:.1f} s)")
+    print(f"{'target layer':<14}" + "".join(f"{l + 1:>6d}" for l in range(n)) + "   mean", flush=True)
+
+    def row(k, v, first=0):  # C2 reaches targets 2.. only
         print(f"{k:<14}" + "".join(f"{x:>6.3f}" if i >= first else f"{'':>6}" for i, x in enumerate(v))
-              + f" {np.mean(v[first:]):>6.3f}")
+              + f" {np.mean(v[first:]):>6.3f}", flush=True)
+    for k, v in res.items():
+        row(k, v)
+    for a in args.ahead:  # each printed as it is done: the token-by-token decodes are the slow part
+        t0 = time.perf_counter()
+        v = attention_point(model, seqs, ahead=a)
+        row("C" if a == 1 else f"C{a}", v, a - 1)
+        print(f"{'':<14}({time.perf_counter() - t0:.1f} s)", flush=True)
     return 0
 
 
