@@ -11,6 +11,8 @@ once per prefetch mode:
 
     none               demand caching only (LRU)
     next_layer_gate    layer l+1's router on layer l's input (mixtral-offloading's speculation)
+    attention          layer l+1's own attention on the residual entering layer l's experts, then its
+                       router (point C of benchmarks/lookahead_points.py; offload.prefetch.AttentionRouter)
     probe              layer l's fitted probe to layer l+1 instead of the router
     predictor          LRU + the path predictor's prefetch (with the probes as its lookahead source,
                        handed each layer's input)
@@ -89,6 +91,7 @@ def main(argv=None) -> int:
     modes = {
         "none": dict(),
         "next_layer_gate": dict(prefetch="next_layer_gate"),
+        "attention": dict(prefetch="attention"),
         "probe": dict(prefetch="probe", probes=probes),
         "predictor": dict(prefetch="predictor", predictor=pred),
         "predictor policy": dict(policy="predictor", prefetch="predictor", predictor=pred),

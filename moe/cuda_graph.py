@@ -244,7 +244,7 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
     ``run_ahead_min_kept`` (0: always). On Qwen3-30B-A3B at 25% of the experts with synthetic
     routing, run-ahead read 40.3-42.6 ms a step against 30.8-40.3 serial (BENCHMARKS 3i).
 
-    Next-layer guesses (offloaded experts with a next router: prefetch='next_layer_gate', 'probe', or
+    Next-layer guesses (offloaded experts with a next router: prefetch='next_layer_gate', 'attention', 'probe', or
     ``set_next_router``): the piece that routes layer l also runs its guess of layer l+1's experts
     (``guess_next``) and puts it beside the routing ids, so the host reads both in one copy and
     issues the prefetch without launching the router or syncing again. Set the next routers before

@@ -36,8 +36,8 @@ from .cost_model import CostModel
 from .cpu_compute import cpu_experts
 from .device_cache import DeviceExpertCache, DeviceOffloadedExperts
 from .policies import count_ids, make_policy
-from .prefetch import (CopyBudget, Lookahead, ProbeRouter, default_threshold, guess_count, guessed_experts,
-                       router_guess)
+from .prefetch import (CopyBudget, Lookahead, ProbeRouter, attention_routers, default_threshold, guess_count,
+                       guessed_experts, router_guess)
 from .slices import check_slices, expand_ids, expand_weights, unit_trace, units_of
 from .store import DiskExpertStore, ExpertStore, HostExpertStore, PackedHostExpertStore
 
@@ -520,7 +520,7 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
         store = HostExpertStore.from_blocks(blocks, release=release, pin=device.type == "cuda", slices=G)
     model.to(device)  # what is left is the dense part (and shared experts)
 
-    cache = install(blocks, store, cfg, device=device, top_k=top_k, slots=slots, backend=backend)
+    cache = install(blocks, store, cfg, device=device, top_k=top_k, slots=slots, backend=backend, model=model)
     model.offload_cache = cache
     # what driver='auto' took and why (moe generate prints it beside the cache's describe())
     cache.driver_choice = f"driver auto -> {cfg.driver}: {why}" if auto else f"driver {cfg.driver}"
@@ -528,19 +528,21 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
 
 
 def install(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: torch.device, top_k: int, slots: int,
-            backend: str = "torch", cost: CostModel | None = None) -> ExpertCache:
+            backend: str = "torch", cost: CostModel | None = None, model: nn.Module | None = None) -> ExpertCache:
     """Make the cache over `store` and put an OffloadedExperts into each block (the originals are gone).
 
     Used by apply_offload, and by benchmarks that try several configurations over one store.
     `cost`: a calibrated CostModel to reuse; else calibrated here (cpu_fallback) or from cfg's rates.
     The store's slices (store.slices) must be cfg.expert_slices; slots and the cost model count units.
+    `model`: the model the blocks belong to (prefetch='attention' runs its decoder layers' attention).
     """
     if cfg.driver == "auto":
         cfg = dataclasses.replace(cfg, driver=resolve_driver(cfg, device=device, backend=backend,
                                                              use_disk=isinstance(store, DiskExpertStore),
                                                              expert_bytes=store.expert_bytes, slots=slots, top_k=top_k))
     if cfg.driver == "device":
-        return _install_device(blocks, store, cfg, device=device, top_k=top_k, slots=slots, backend=backend)
+        return _install_device(blocks, store, cfg, device=device, top_k=top_k, slots=slots, backend=backend,
+                               model=model)
     G = store.slices
     if G != cfg.expert_slices:
         raise ValueError(f"the store holds experts in {G} slices but the config asks expert_slices="
@@ -565,7 +567,7 @@ def install(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: torch.dev
     budget = None
     if cfg.prefetch_budget is not None and cfg.prefetch == "predictor":
         budget = CopyBudget(cfg.prefetch_budget, cfg.predict_every)
-    routers = _next_routers(cfg, blocks, store, device)
+    routers = _next_routers(cfg, blocks, store, device, model)
     for i, (b, nxt) in enumerate(zip(blocks, routers)):
         b.experts = OffloadedExperts(i, cache, top_k, backend=backend, cost_model=cost, cpu_fallback=cfg.cpu_fallback,
                                      next_router=nxt, lookahead=lookahead, predictor_prefetch=cfg.prefetch == "predictor",
@@ -573,9 +575,19 @@ def install(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: torch.dev
     return cache
 
 
-def _next_routers(cfg: OffloadConfig, blocks, store: ExpertStore, device: torch.device) -> list:
+def _next_routers(cfg: OffloadConfig, blocks, store: ExpertStore, device: torch.device, model=None) -> list:
     """Per MoE layer, what guesses the next layer's experts for prefetch (None: nothing): layer l+1's router
-    (next_layer_gate) or the fitted probe l -> l+1 (probe, checked against the model first)."""
+    (next_layer_gate), layer l+1's attention and router on layer l's pre-expert residual (attention: needs the
+    model) or the fitted probe l -> l+1 (probe, checked against the model first)."""
+    if cfg.prefetch == "attention":
+        if model is None:
+            raise ValueError("prefetch='attention' runs the next layer's attention: pass install(..., model=) the "
+                             "model the blocks belong to (apply_offload does)")
+        routers = attention_routers(model)
+        if len(routers) != len(blocks) or any(r is not None and r.layers[r.src].mlp is not b
+                                               for r, b in zip(routers, blocks)):
+            raise ValueError("prefetch='attention': the blocks given are not the model's MoE blocks in order")
+        return routers
     if cfg.prefetch == "probe":
         D = store.w2_shape[0]
         if cfg.probes.num_layers != len(blocks) or cfg.probes.hidden_size != D:
@@ -592,10 +604,10 @@ def _next_routers(cfg: OffloadConfig, blocks, store: ExpertStore, device: torch.
 
 
 def _install_device(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: torch.device, top_k: int, slots: int,
-                    backend: str) -> DeviceExpertCache:
+                    backend: str, model=None) -> DeviceExpertCache:
     """install() for driver='device': one DeviceExpertCache (which refuses stores it cannot read), a
     DeviceOffloadedExperts in each block."""
-    routers = _next_routers(cfg, blocks, store, device)
+    routers = _next_routers(cfg, blocks, store, device, model)
     cache = DeviceExpertCache(store, slots, cfg.policy, device, lfu_half_life=cfg.lfu_half_life)
     for i, (b, nxt) in enumerate(zip(blocks, routers)):
         b.experts = DeviceOffloadedExperts(i, cache, top_k, backend=backend, next_router=nxt, prefetch_k=cfg.prefetch_k)

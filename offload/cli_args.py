@@ -33,11 +33,13 @@ def add_offload_args(parser: argparse.ArgumentParser) -> None:
                    help="with --offload-policy lfu: use counts halve over this many steps, so recent requests "
                         "count more (default 23, which did best on a trained model's routing; inf: counted over "
                         "the whole run)")
-    g.add_argument("--offload-prefetch", default="none", choices=["none", "next_layer_gate", "probe", "predictor"],
+    g.add_argument("--offload-prefetch", default="none",
+                   choices=["none", "next_layer_gate", "attention", "probe", "predictor"],
                    help="prefetch next layer's experts by applying its router (next_layer_gate) or a fitted probe "
-                        "(probe; needs --offload-probes) to the current hidden state (each token's likeliest half "
-                        "of its top-k guesses), or by the routing-path predictor (predictor; needs "
-                        "--offload-predictor)")
+                        "(probe; needs --offload-probes) to the current hidden state, or its own attention and then "
+                        "its router (attention: one more attention a layer, the best one-ahead guess measured, "
+                        "BENCHMARKS 7m) (each token's likeliest half of its top-k guesses), or by the routing-path "
+                        "predictor (predictor; needs --offload-predictor)")
     g.add_argument("--offload-predictor", default=None, metavar="FILE",
                    help="a routing-path predictor trained on this model's routing trace (the P.npz of `moe predictor "
                         "train`; its P.probe.npz beside it, when there, becomes its lookahead), for "

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 POLICIES = ("lru", "lfu", "predictor", "belady")
-PREFETCH = ("none", "next_layer_gate", "probe", "predictor")
+PREFETCH = ("none", "next_layer_gate", "attention", "probe", "predictor")
 DRIVERS = ("host", "device", "auto")
 PACK_AUTO_FROM = 10 << 20  # bytes of one expert from which pack_experts='auto' packs (copy-bound; see pack_experts)
 PACK_AUTO_FROM_DEVICE = 8 << 20  # the same under driver='device' (packed measured faster at 9.4 MB there: 3p)
@@ -53,10 +53,13 @@ class OffloadConfig:
                      3-6 points more accesses than LRU and than whole-run counts on a trained
                      model's routing (BENCHMARKS 3j) and decoded it 8% faster than LRU on the GPU (3k)
     prefetch         none | next_layer_gate (apply layer l+1's router to layer l's input) |
+                     attention (layer l+1's own attention on the residual entering layer l's experts,
+                     then its router: offload.prefetch.AttentionRouter; one more attention a layer,
+                     0.957 one-ahead recall against the gate's 0.918 on BENCHMARKS 7m's model) |
                      probe (the same with fitted probes instead of the router: `probes`) |
                      predictor (the routing predictor's probabilities)
     prefetch_k       experts to prefetch per token for the next layer (0: half the model's top-k,
-                     rounded up, of the next_layer_gate / probe guesses, their most confident,
+                     rounded up, of the next_layer_gate / attention / probe guesses, their most confident,
                      offload.prefetch.guess_count; the model's top-k for the predictor)
     cpu_fallback     compute a missed expert on the CPU when the cost model says it is cheaper,
                      and split a step's misses between the copy engine and the CPU
@@ -68,7 +71,7 @@ class OffloadConfig:
                      (offload/device_cache.py: the GPU plans, reads missed experts from pinned host
                      memory itself, decoding packed ones on the way, and computes, no host sync, a
                      decode step is one CUDA graph; policies lru / lfu, whole experts in host memory,
-                     prefetch none / next_layer_gate / probe (on a side stream), no cpu_fallback), or
+                     prefetch none / next_layer_gate / attention / probe (on a side stream), no cpu_fallback), or
                      'auto' (the default): 'device' where it runs and measured faster (offload.apply.resolve_driver: a CUDA
                      device, the triton expert backend, none of the settings it refuses, experts in host memory
                      of at most AUTO_DEVICE_MAX_EXPERT bytes, and decode_batch x top-k <= slots: a step's experts

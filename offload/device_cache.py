@@ -532,11 +532,17 @@ class DeviceOffloadedExperts(nn.Module):
         if router is None or nxt >= cache.num_layers:
             return
         with torch.no_grad():
+            guess = None
+            if getattr(router, "on_compute_stream", False):
+                # a guess that writes state the compute stream reads in order (prefetch='attention': the next
+                # layer's KV-cache slots, which its own attention overwrites) runs here, before the side stream
+                guess = router_guess(router, x_TD, self.guess_k).reshape(-1).to(torch.int64)
             side = cache.side_stream()
             if side is not None:  # after this layer's demand fill (the link is busy until then), beside its compute
                 side.wait_stream(torch.cuda.current_stream(x_TD.device))
             with torch.cuda.stream(side) if side is not None else _nullcontext():
-                guess = router_guess(router, x_TD, self.guess_k).reshape(-1).to(torch.int64)
+                if guess is None:
+                    guess = router_guess(router, x_TD, self.guess_k).reshape(-1).to(torch.int64)
                 slot_N, fill_e, fill_s = cache.plan(nxt, guess, 0, prefetch=True)
                 cache.fill(nxt, fill_e, fill_s, programs=PREFETCH_PROGRAMS)
                 if side is not None:

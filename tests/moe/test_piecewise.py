@@ -238,6 +238,7 @@ def test_support_reasons():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("family,slots,cfg", [("mixtral", 2, {}), ("mixtral", 8, {}), ("qwen3_moe", 2, {}),
                                               ("mixtral", 3, {"prefetch": "next_layer_gate"}),
+                                              ("mixtral", 3, {"prefetch": "attention"}),
                                               ("mixtral", 3, {"prefetch": "predictor", "policy": "predictor",
                                                               "predictor": "fit", "prefetch_budget": 2}),
                                               ("mixtral", 3, {"trace_lookahead": True}),

@@ -15,6 +15,7 @@ PROMPT = [3, 17, 5, 9, 30]
     dict(slots_per_layer=1),
     dict(slots_per_layer=3, cpu_fallback=True, copy_gbps=1e-3, cpu_gflops=1e-3),
     dict(slots_per_layer=3, prefetch="next_layer_gate"),
+    dict(slots_per_layer=3, prefetch="attention"),
     dict(slots_per_layer=3, prefetch="probe"),
     dict(slots_per_layer=3, policy="predictor", prefetch="predictor"),
     dict(slots_per_layer=3, policy="predictor", prefetch="predictor", prefetch_budget=2),
@@ -136,7 +137,8 @@ def test_gpu_cache_current_stream_is_torchs_and_waits_land_on_it():
 
 @pytest.mark.parametrize("policy,slots,pack,prefetch", [
     ("lru", 1, False, "none"), ("lru", 3, False, "none"), ("lfu", 3, False, "none"), ("lru", 1, True, "none"),
-    ("lfu", 3, True, "none"), ("lfu", 3, False, "next_layer_gate"), ("lru", 2, True, "next_layer_gate")])
+    ("lfu", 3, True, "none"), ("lfu", 3, False, "next_layer_gate"), ("lru", 2, True, "next_layer_gate"),
+    ("lru", 2, False, "attention")])
 def test_gpu_device_driver_equals_resident_and_replays_in_one_graph(policy, slots, pack, prefetch):
     """driver='device' on the GPU: the fill kernel reads missed experts from pinned host memory itself; greedy
     decoding equals the resident model's, and with the triton experts a whole decode step captures as one

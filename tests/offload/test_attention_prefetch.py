@@ -1,0 +1,129 @@
+"""prefetch='attention': the next MoE layer's own attention on layer l's pre-expert residual, then its router
+(point C of benchmarks/lookahead_points.py), as the next-layer guess a layer prefetches."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from offload import OffloadConfig, apply_offload
+from offload.apply import install
+from offload.prefetch import AttentionRouter, attention_routers
+from offload.store import HostExpertStore
+
+from .helpers import StandInLM, greedy, offloaded, tiny_model
+
+PROMPT = [3, 17, 5, 9, 30]
+STEPS = 6
+
+pytest.importorskip("moe.model")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """(the tiny mixtral model, its resident greedy decode of PROMPT: tokens and logits)"""
+    m = tiny_model("mixtral")
+    return m, greedy(m, PROMPT, STEPS)
+
+
+@pytest.fixture(scope="module")
+def model(pair):
+    return pair[0]
+
+
+def _same(want, got):
+    torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=0)
+    assert got[0] == want[0]
+
+
+@pytest.mark.parametrize("kw", [dict(policy="lru", slots_per_layer=3), dict(policy="lfu", slots_per_layer=2),
+                                dict(policy="lru", slots_per_layer=3, cpu_fallback=True),
+                                dict(policy="lru", slots_per_layer=2, driver="device"),
+                                dict(policy="lfu", slots_per_layer=3, driver="device")])
+def test_attention_prefetch_keeps_output(pair, kw):
+    """The guess's attention writes the next layer's KV-cache slots for the current tokens; that layer's own
+    attention overwrites them, so the text and logits stay the resident model's (host and device drivers)."""
+    model, resident = pair
+    m = offloaded(model, prefetch="attention", prefetch_k=2, **kw)
+    assert all(isinstance(b.experts._next_router[0], AttentionRouter) for b in m.moe_blocks()[:-1])
+    assert m.moe_blocks()[-1].experts._next_router[0] is None
+    _same(resident, greedy(m, PROMPT, STEPS))
+    st = m.offload_cache.stats()
+    assert st["prefetches"] > 0 and 0 < st["prefetch_precision"] <= 1 and 0 < st["prefetch_recall"] <= 1
+
+
+def _points():
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "lookahead_points.py"
+    spec = importlib.util.spec_from_file_location("lookahead_points", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@torch.no_grad()
+def test_the_live_guess_is_the_measured_point_c(model):
+    """What AttentionRouter guesses in a live decode is what benchmarks/lookahead_points.py measures as point C
+    (the recalls of BENCHMARKS 7l and 7m): the same ids for every layer and token. And asking for it changes
+    nothing the model computes."""
+    seq = [3, 17, 5, 9, 30, 2, 11, 40, 7, 1, 22, 6]
+    K = model.config.num_experts_per_tok
+    _, kept = _points().attention_point(model, [seq], batch=1, keep_guesses=True)
+    routers = attention_routers(model)
+    got = {}
+    hooks = []
+    for l, r in enumerate(routers):
+        if r is not None:
+            def ask(mod, args, l=l, r=r):
+                got.setdefault(l, []).append(r.forward(args[0].reshape(-1, args[0].shape[-1]))[0])
+            hooks.append(model.layers[l].mlp.register_forward_pre_hook(ask))
+    try:
+        cache = model.new_cache(1, len(seq) + 1)
+        with_guess = [model(torch.tensor([[t]]), cache)[0, -1] for t in seq]
+    finally:
+        for h in hooks:
+            h.remove()
+        for r in routers:
+            if r is not None:
+                r.remove()
+    cache = model.new_cache(1, len(seq) + 1)
+    plain = [model(torch.tensor([[t]]), cache)[0, -1] for t in seq]
+    torch.testing.assert_close(torch.stack(with_guess), torch.stack(plain), atol=0, rtol=0)
+    assert sorted(got) == list(range(len(model.layers) - 1))
+    for l, ids in got.items():
+        live = torch.cat(ids).numpy()  # [tokens, K]
+        assert (live == kept[0][l, :, :K]).all(), f"layer {l}: live guesses differ from point C's"
+
+
+def test_dense_layers_between_run_whole():
+    """Qwen's mlp_only_layers: MoE layers 0 and 2 around a dense layer 1; layer 0's guess runs layer 1 whole
+    (attention and dense MLP), then layer 2's attention and router; the output stays the resident model's."""
+    m0 = tiny_model("qwen3_moe", num_hidden_layers=3, mlp_only_layers=[1])
+    assert [hasattr(l.mlp, "router") for l in m0.layers] == [True, False, True]
+    routers = attention_routers(m0)
+    assert (routers[0].src, routers[0].dst) == (0, 2) and routers[1] is None
+    for r in routers[:1]:
+        r.remove()
+    want = greedy(m0, PROMPT, 4)
+    m = offloaded(m0, prefetch="attention", policy="lru", slots_per_layer=3, prefetch_k=2)
+    _same(want, greedy(m, PROMPT, 4))
+    assert m.offload_cache.stats()["prefetches"] > 0
+
+
+def test_attention_prefetch_says_what_it_cannot_do(model):
+    with pytest.raises(ValueError, match="needs moe's decoder layers"):
+        apply_offload(StandInLM(), OffloadConfig(slots_per_layer=2, device="cpu", calibrate=False, prefetch="attention"))
+    m = tiny_model("mixtral")
+    m.layers[1].window = 4  # a sliding window the layer before does not have
+    with pytest.raises(ValueError, match="different windows.*next_layer_gate"):
+        attention_routers(m)
+    r = AttentionRouter(model.layers, 0, 1)
+    try:
+        with pytest.raises(RuntimeError, match="before that layer's attention ran"):
+            r.forward(torch.zeros(1, model.config.hidden_size))
+    finally:
+        r.remove()
+    blocks = list(tiny_model("mixtral").moe_blocks())
+    store = HostExpertStore.from_blocks(blocks, pin=False)
+    with pytest.raises(ValueError, match="pass install"):
+        install(blocks, store, OffloadConfig(slots_per_layer=2, device="cpu", calibrate=False, prefetch="attention",
+                                             policy="lru", driver="host"), device=torch.device("cpu"), top_k=2, slots=2)
