@@ -127,3 +127,15 @@ def test_attention_prefetch_says_what_it_cannot_do(model):
     with pytest.raises(ValueError, match="pass install"):
         install(blocks, store, OffloadConfig(slots_per_layer=2, device="cpu", calibrate=False, prefetch="attention",
                                              policy="lru", driver="host"), device=torch.device("cpu"), top_k=2, slots=2)
+
+
+def test_cost_script_runs_and_keeps_logits(capsys):
+    """benchmarks/attention_lookahead_cost.py on the CPU (eager steps: a check of the script, not a timing): the
+    guesses computed inside the steps leave the logits bit for bit."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "attention_lookahead_cost.py"
+    spec = importlib.util.spec_from_file_location("attention_lookahead_cost", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--models", "tiny", "--device", "cpu", "--batch", "1", "--steps", "3", "--prompt-len", "4"]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert row[0] == "tiny" and row[-1] == "True"
