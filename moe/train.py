@@ -71,7 +71,8 @@ class TrainConfig:
     precision: str = "auto"        # "bf16" autocast | "fp32" | "auto" (bf16 on CUDA)
     save_dtype: str = "bfloat16"   # dtype of final/
     backend: str = "torch"         # expert kernel backend
-    max_minutes: float = 0.0       # >0: at step 25, shrink max_steps once to fit this budget
+    max_minutes: float = 0.0       # >0: at step 25, shrink max_steps once to fit this budget; stop early if
+                                   # the steps get slower, so final/ is written within it anyway
     # routing during training (moe.losses.BalanceConfig)
     lb_coef: float = 0.01
     z_coef: float = 0.001
@@ -517,6 +518,10 @@ def train(cfg: TrainConfig, out: str | Path, data: str, *, model_dict: dict | No
     window_tokens, window_t0 = 0, time.time()
     tok_per_s = 0.0
     fit_t0 = 0.0
+    # max_minutes: everything after loading the data (steps, evaluations, checkpoints, final/) ends by the deadline;
+    # 10 s are set aside for the export and the last save
+    deadline = t_load + cfg.max_minutes * 60 - 10.0
+    per_step, eval_s = 0.0, 0.0  # measured: a step (from the fit on), the longest evaluation so far
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     while step < cfg.max_steps:
         lr = lr_at(step, cfg)
@@ -550,7 +555,7 @@ def train(cfg: TrainConfig, out: str | Path, data: str, *, model_dict: dict | No
             # fit the budget once, early, so the cosine schedule still ends at the last step
             sync()
             per_step = (time.time() - fit_t0) / (_FIT_AT - _FIT_FROM)
-            budget = cfg.max_minutes * 60 - (time.time() - t_load) - 10.0  # 10 s for export and the last save
+            budget = deadline - time.time()
             fit = step + int(budget / (per_step * 1.1))  # 10% reserve for evaluations and checkpoints
             if fit < cfg.max_steps:
                 cfg.max_steps = max(step + 1, fit)
@@ -560,6 +565,20 @@ def train(cfg: TrainConfig, out: str | Path, data: str, *, model_dict: dict | No
                 if not quiet:
                     print(f"\ntrain: {per_step * 1e3:.0f} ms/step; max_steps cut to {cfg.max_steps} to fit "
                           f"{cfg.max_minutes} minutes", file=sys.stderr)
+        if (cfg.max_minutes > 0 and not resume and step < cfg.max_steps
+                and time.time() + eval_s + per_step > deadline):
+            # the steps got slower than the early fit measured (s28: a 4.5-minute run still going at 5:10):
+            # end here, so the last evaluation, checkpoint and final/ still come within max_minutes
+            sync()
+            if time.time() + eval_s + per_step > deadline:
+                if not quiet:
+                    print(f"\ntrain: steps slower than fitted; stopping at step {step} of {cfg.max_steps} to end "
+                          f"within {cfg.max_minutes} minutes", file=sys.stderr)
+                cfg.max_steps = step
+                state["max_steps"] = step
+                state["stopped_early"] = True
+                if bar:
+                    bar.total = step
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             sync()
             step_loss = float(step_loss)
@@ -589,6 +608,7 @@ def train(cfg: TrainConfig, out: str | Path, data: str, *, model_dict: dict | No
             if not quiet:
                 (bar.stream if bar else sys.stderr).write(f"{'' if not bar or not bar.tty else chr(10)}"
                                                           f"step {step}: held-out loss {ev:.4f}\n")
+            eval_s = max(eval_s, time.time() - t)  # the last one must fit before the deadline too
             window_t0 += time.time() - t  # evaluation time is not training time
         if (cfg.save_every and step % cfg.save_every == 0) or last:
             t = time.time()
@@ -609,6 +629,7 @@ def train(cfg: TrainConfig, out: str | Path, data: str, *, model_dict: dict | No
         "eval_loss": state["evals"][-1]["eval_loss"] if state["evals"] else None, "evals": state["evals"],
         "params": counts, "final_bytes": final_bytes, "save_dtype": cfg.save_dtype,
         "balance": balance_hist, "device": str(dev), "config": dataclasses.asdict(cfg),
+        "stopped_early": bool(state.get("stopped_early")),
     }
     if hasattr(model, "config"):
         metrics["model"] = model.config.to_hf_dict() if hasattr(model.config, "to_hf_dict") else None

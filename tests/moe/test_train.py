@@ -334,3 +334,27 @@ def test_continue_training_from_a_checkpoint(trained, corpus, tmp_path):
     with pytest.raises(ValueError, match="exactly one"):
         train(TrainConfig(**TINY_TRAIN), tmp_path / "x", str(corpus), model_dict=TINY_MODEL,
               init=str(out / "final"), quiet=True)
+
+
+def test_max_minutes_holds_when_steps_slow_down(corpus, tmp_path, monkeypatch):
+    """--max-minutes fits max_steps to the step time measured at steps 5-25; when the steps then get slower (s28:
+    a 4.5-minute run was still going at 5:10 and was killed with nothing written), the run stops early and still
+    evaluates, saves and writes final/ within the minutes. A fake clock: 0.1 s a step to step 25, 1 s after."""
+    import moe.train as mt
+
+    clock = {"t": 1000.0, "step": 0}
+    real_loss = mt.lm_loss
+
+    def slow_loss(*a, **k):
+        clock["step"] += 1
+        clock["t"] += 0.1 if clock["step"] <= 25 else 1.0
+        return real_loss(*a, **k)
+    monkeypatch.setattr(mt, "lm_loss", slow_loss)
+    monkeypatch.setattr(mt, "time", type("FakeTime", (), {"time": staticmethod(lambda: clock["t"])}))
+    cfg = TrainConfig(**dict(TINY_TRAIN, max_steps=400, eval_every=0, log_every=10, max_minutes=1.0))
+    m = train(cfg, tmp_path / "run", str(corpus), model_dict=TINY_MODEL, quiet=True)
+    assert m["stopped_early"] and 25 < m["steps"] < 400
+    assert clock["t"] - 1000.0 <= 60.0  # everything after loading, on the fake clock
+    assert (tmp_path / "run" / "final" / "config.json").exists() and m["eval_loss"] is not None
+    # the steps the early fit planned (its 0.1 s a step) were cut: without the stop it would run to ~430 s
+    assert m["config"]["max_steps"] == m["steps"]
