@@ -37,7 +37,7 @@ from .cpu_compute import cpu_experts
 from .device_cache import DeviceExpertCache, DeviceOffloadedExperts
 from .policies import count_ids, make_policy
 from .prefetch import (CopyBudget, Lookahead, ProbeRouter, attention_routers, default_threshold, guess_count,
-                       guessed_experts, router_guess)
+                       guessed_experts, release_router, router_guess)
 from .slices import check_slices, expand_ids, expand_weights, unit_trace, units_of
 from .store import DiskExpertStore, ExpertStore, HostExpertStore, PackedHostExpertStore
 
@@ -79,6 +79,7 @@ class OffloadedExperts(nn.Module):
         """What guesses layer l+1's experts from this layer's input for prefetch: anything with a
         router's call shape, forward(x_TD) -> (_, _, logits_TE) (layer l+1's router, a probe, a
         recorded guess: placement.trace_routing.TraceLookahead). None: no next-layer prefetch."""
+        release_router(self._next_router[0], router)
         self._next_router = [router]
 
     def _expert_resident(self, layer: int, expert: int) -> bool:
@@ -464,6 +465,9 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
     E, expert_dtype = w13.shape[0], w13.dtype
     check_slices(w13.shape[1] // 2, G)
     _check_predictor(cfg.predictor, len(blocks), E)  # before any expert leaves the model
+    if cfg.prefetch == "attention":  # (the same: a model it cannot run on is refused while it is whole)
+        for r in attention_routers(model):
+            release_router(r)
     expert_bytes = (w13[0].numel() + blocks[0].experts.w2[0].numel()) * w13.element_size()
     del w13  # hold no reference to an original: each layer's is freed as soon as the store has it
     expert_params = {id(p) for b in blocks for p in b.experts.parameters()}
@@ -583,6 +587,8 @@ def _next_routers(cfg: OffloadConfig, blocks, store: ExpertStore, device: torch.
         if model is None:
             raise ValueError("prefetch='attention' runs the next layer's attention: pass install(..., model=) the "
                              "model the blocks belong to (apply_offload does)")
+        for b in blocks:  # an earlier install's routers on the same model (benchmarks re-install over one store)
+            release_router(getattr(getattr(b, "experts", None), "_next_router", [None])[0])
         routers = attention_routers(model)
         if len(routers) != len(blocks) or any(r is not None and r.layers[r.src].mlp is not b
                                                for r, b in zip(routers, blocks)):

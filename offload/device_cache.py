@@ -59,7 +59,7 @@ from kernels.unpack import ESC_TILE, decode_block
 from kernels.unpack import layout as unpack_layout
 
 from .policies import resolve_lfu_half_life
-from .prefetch import guess_count, router_guess
+from .prefetch import guess_count, release_router, router_guess
 
 POLICIES = ("lru", "lfu")
 FILL_BLOCK = 8192  # elements a fill program moves per turn (s25-a: 8192 reached the link's 50.8 GB/s from 16 programs)
@@ -524,6 +524,7 @@ class DeviceOffloadedExperts(nn.Module):
         l+1's router, a probe, placement.trace_routing.TraceLookahead); its guesses are planned and read into
         layer l+1's slots on a side stream, beside this layer's compute and the next layer's attention. None:
         no prefetch."""
+        release_router(self._next_router[0], router)
         self._next_router = [router]
 
     def _prefetch_next(self, x_TD: torch.Tensor) -> None:

@@ -302,6 +302,12 @@ class AttentionRouter:
     __call__ = forward
 
 
+def release_router(old, new=None) -> None:
+    """A next router being replaced: an AttentionRouter's hooks on its layer come off (else they keep firing)."""
+    if old is not None and old is not new and hasattr(old, "remove"):
+        old.remove()
+
+
 def attention_routers(model) -> list:
     """prefetch='attention': per MoE block of ``model`` in order, an AttentionRouter onto the next MoE block (None
     for the last). The model needs decoder layers with attention_half, attn and post_attention_layernorm (moe's
@@ -311,4 +317,12 @@ def attention_routers(model) -> list:
         raise ValueError(f"prefetch='attention' runs the next layer's attention, so it needs moe's decoder layers "
                          f"(model.layers with attention_half); {type(model).__name__} has none: use next_layer_gate")
     moe_at = [j for j, l in enumerate(layers) if hasattr(l.mlp, "router")]
-    return [AttentionRouter(layers, a, b) for a, b in zip(moe_at, moe_at[1:])] + [None]
+    made = []
+    try:
+        for a, b in zip(moe_at, moe_at[1:]):
+            made.append(AttentionRouter(layers, a, b))
+    except ValueError:
+        for r in made:  # a refused model is left without hooks
+            r.remove()
+        raise
+    return made + [None]

@@ -139,3 +139,19 @@ def test_cost_script_runs_and_keeps_logits(capsys):
     assert mod.main(["--models", "tiny", "--device", "cpu", "--batch", "1", "--steps", "3", "--prompt-len", "4"]) == 0
     row = capsys.readouterr().out.strip().splitlines()[-1].split()
     assert row[0] == "tiny" and row[-1] == "True"
+
+
+def test_a_refused_model_keeps_its_experts_and_replaced_routers_unhook():
+    """A model prefetch='attention' cannot run on is refused before any expert leaves it; a next router replaced
+    (set_next_router, as the benchmarks do) takes its hooks off the layer."""
+    m = tiny_model("mixtral", num_hidden_layers=3)
+    m.layers[2].window = 4  # layer 0's router onto layer 1 is made, then layer 1's onto 2 is refused
+    with pytest.raises(ValueError, match="different windows"):
+        apply_offload(m, OffloadConfig(slots_per_layer=2, device="cpu", calibrate=False, prefetch="attention"))
+    assert all(b.experts is not None and hasattr(b.experts, "w13") for b in m.moe_blocks())
+    assert not m.layers[0].attn._forward_pre_hooks  # the routers made before the refusal took their hooks off
+    m = offloaded(tiny_model("mixtral"), slots_per_layer=2, prefetch="attention", policy="lru")
+    attn = m.layers[0].attn
+    assert len(attn._forward_pre_hooks) == 1
+    m.moe_blocks()[0].experts.set_next_router(None)
+    assert len(attn._forward_pre_hooks) == 0
