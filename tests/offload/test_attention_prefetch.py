@@ -155,3 +155,22 @@ def test_a_refused_model_keeps_its_experts_and_replaced_routers_unhook():
     assert len(attn._forward_pre_hooks) == 1
     m.moe_blocks()[0].experts.set_next_router(None)
     assert len(attn._forward_pre_hooks) == 0
+
+
+@pytest.mark.parametrize("driver", ["host", "device"])
+def test_batched_engine_generation_is_unchanged_with_attention_prefetch(driver):
+    """Continuous batching (rows of different lengths joining and leaving, padding, idle rows) through experts
+    that prefetch by the next layer's attention: the guesses write every row's next-layer KV slots, padding too, and
+    the texts stay the resident model's."""
+    import moe
+    from moe import tiny
+
+    path = tiny.ensure_tiny_model()
+    model = moe.load_model(path, dtype=torch.float32).eval()
+    tok = moe.Tokenizer.from_dir(path)
+    prompts = ["def f(x):", "import os\nimport", "class A:\n    pass", "x"]
+    params = [moe.SamplingParams(max_new_tokens=n) for n in (6, 3, 8, 5)]
+    want = [moe.generate(model, tok, [p], q)[0] for p, q in zip(prompts, params)]
+    m = offloaded(model, slots_per_layer=2, policy="lru", prefetch="attention", driver=driver)
+    assert moe.generate(m, tok, prompts, params, max_batch_size=3) == want  # 4 requests, 3 rows: one waits
+    assert m.offload_cache.stats()["prefetches"] > 0
