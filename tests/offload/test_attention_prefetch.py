@@ -174,3 +174,14 @@ def test_batched_engine_generation_is_unchanged_with_attention_prefetch(driver):
     m = offloaded(model, slots_per_layer=2, policy="lru", prefetch="attention", driver=driver)
     assert moe.generate(m, tok, prompts, params, max_batch_size=3) == want  # 4 requests, 3 rows: one waits
     assert m.offload_cache.stats()["prefetches"] > 0
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"])
+def test_other_families_keep_output(family):
+    """Shared experts (Qwen2-MoE), q/k norms (Qwen3, OLMoE), MLA attention and dense first layers (DeepSeek): the
+    next layer's attention run early and overwritten leaves the text and logits the resident model's."""
+    m0 = tiny_model(family)
+    want = greedy(m0, PROMPT, 4)
+    m = offloaded(m0, slots_per_layer=2, policy="lru", prefetch="attention")
+    _same(want, greedy(m, PROMPT, 4))
+    assert m.offload_cache.stats()["prefetches"] > 0
