@@ -168,6 +168,11 @@ def test_shipped_recipes_fit_their_promises():
     d48, _ = build("large_traces_48")
     assert d48.num_hidden_layers == 48 and d48.replace(num_hidden_layers=lcfg.num_hidden_layers) == lcfg
     assert load_recipe(recipes / "large_traces_48.json")[1] == load_recipe(recipes / "large_traces.json")[1]
+    # and Qwen3-30B-A3B's routing shape (48 layers x 128 experts, top-8) for decode.py's Qwen3 rows: only the experts
+    q3, _ = build("large_traces_qwen3")
+    assert (q3.num_hidden_layers, q3.num_experts, q3.num_experts_per_tok) == (48, 128, 8)
+    assert q3.replace(num_experts=64) == d48
+    assert load_recipe(recipes / "large_traces_qwen3.json")[1] == load_recipe(recipes / "large_traces.json")[1]
 
 
 # --- training ---------------------------------------------------------------------------------------
