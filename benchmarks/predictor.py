@@ -1,6 +1,6 @@
 """Routing-path prediction, token scheduling and predictor-driven expert caching (ExpertFlow).
 
-    python benchmarks/predictor.py [--quick] [--traces benchmarks/traces] [--recorded-only]
+    python benchmarks/predictor.py [--quick] [--traces benchmarks/traces] [--recorded-only] [--attention]
 
 For every trace (synthetic ones, and each recorded ``benchmarks/traces/*.npz`` with its optional
 companion ``*.features.npz`` of hidden states), split by request 50/50 into train and test:
@@ -19,6 +19,9 @@ companion ``*.features.npz`` of hidden states), split by request 50/50 into trai
    microseconds per token (process CPU time, one thread) of one predict_batch over 64 tokens predicting every
    later layer, the most over the last known layer 0, L/2 and L-2 (one expert copy of
    Qwen3-30B-A3B over PCIe takes 170 us); at Qwen3-30B-A3B's shape also per call at batch 1 and 8;
+   With --attention, recorded traces also get point C's one-ahead recall per target layer (the next layer's own
+   attention on the residual entering the layer's experts, then its router; lookahead_points.py): the recording
+   model decodes the test requests token by token (a trace with token ids, its model at hand);
 2. the token scheduler: distinct experts per batch (summed over layers) under FIFO and under
    grouping by predicted path, with the largest extra wait any token saw (bound: 2 batches); and
    two bounds on what grouping can gain on the trace: the true paths with no wait bound, and the
@@ -189,8 +192,23 @@ def best_partition_reduction(test: RoutingTrace, B: int, rounds: int, restarts: 
     return float(np.mean(out)) if out else float("nan")
 
 
+def attention_row(model, test: RoutingTrace) -> str:
+    """One ahead, per target layer: point C's top-k recall on the test requests (the next layer's own attention on
+    the residual entering the layer's experts, then its router: benchmarks/lookahead_points.py, BENCHMARKS 7l/7m),
+    each request decoded token by token from its first token by the model that recorded the trace."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("lookahead_ids", Path(__file__).with_name("lookahead_ids.py"))
+    ids_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ids_mod)
+    t0 = time.perf_counter()
+    att = ids_mod.attention_guesses(model, test)
+    rec = [ids_mod.layer_recall(att, test, l) for l in range(test.num_layers - 1)]
+    return (f"point C (attention-lookahead) one ahead, per target layer 1..{test.num_layers - 1}: "
+            + " ".join(f"{r:.3f}" for r in rec) + f"; mean {np.mean(rec):.3f} ({time.perf_counter() - t0:.0f} s)")
+
+
 def run_trace(name: str, trace: RoutingTrace, feats: dict | None, quick: bool, summary: list,
-              recall_only: bool = False, only: frozenset = frozenset()) -> None:
+              recall_only: bool = False, only: frozenset = frozenset(), attention: bool = False) -> None:
     print(f"\n=== {name}: {trace!r}")
     print(format_summary(summarize(trace)))
     req = trace.request_ids_or_default()
@@ -201,7 +219,7 @@ def run_trace(name: str, trace: RoutingTrace, feats: dict | None, quick: bool, s
     train, test = trace.split_requests(0.5, seed=0)
     train_mask = np.isin(req, np.unique(train.request_ids_or_default()))
     f_train, f_test = split_features(feats, trace, train_mask)
-    gate = probes = routed = None
+    gate = probes = routed = model = None
     if feats is not None:
         model = find_model(trace)
         fit_dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -260,6 +278,13 @@ def run_trace(name: str, trace: RoutingTrace, feats: dict | None, quick: bool, s
         if n in ("predictor-lean", "lean-zero-probes", "gate-lookahead", "probe-lookahead", "probe+router"):
             print(per_layer_table(n, r, keys=("1",)))
     print(format_table(rows))
+    if attention:
+        if model is None:
+            model = find_model(trace)
+        if model is None or test.token_ids is None or test.positions is None:
+            print("  note: --attention needs the model that recorded the trace and the trace's token ids and positions")
+        else:
+            print(attention_row(model, test))
     if recall_only:
         return
 
@@ -311,6 +336,9 @@ def main(argv=None) -> int:
                     help="stop each trace after its recall table: no scheduler, no cache hit ratios, no summary row")
     ap.add_argument("--models", default="", help="with --recall-only: only these rows, comma-separated names "
                     "(e.g. predictor-lean,gate-lookahead,probe-lookahead,probe+router)")
+    ap.add_argument("--attention", action="store_true",
+                    help="recorded traces: also point C's one-ahead recall (the recording model decodes the test "
+                         "requests token by token; a recorded trace with token ids and its model are needed)")
     args = ap.parse_args(argv)
     only = frozenset(n for n in args.models.split(",") if n)
     if only and not args.recall_only:
@@ -324,7 +352,7 @@ def main(argv=None) -> int:
         print(f"\nnote: no recorded traces under {args.traces} (the training helper records them from the "
               "trained default model); synthetic traces only")
     for name, trace, feats in recorded:
-        run_trace(name, trace, feats, args.quick, summary, args.recall_only, only)
+        run_trace(name, trace, feats, args.quick, summary, args.recall_only, only, args.attention)
 
     if not args.recorded_only:
         qwen3_shape_cost(args.quick)

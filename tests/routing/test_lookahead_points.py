@@ -69,3 +69,19 @@ def test_lookahead_ids_writes_point_c_guesses_in_the_traces_token_order(tmp_path
     nxt = mod.attention_guesses(mod.load_recorder(tmp_path / "m", held, "cpu"), held)
     assert nxt.shape == (4, held.num_tokens, 2) and (nxt[-1] == -1).all()
     assert mod.one_ahead_recall(nxt, held) == 1.0
+
+
+def test_predictor_benchmark_prints_point_c_beside_its_rows():
+    """benchmarks/predictor.py --attention: point C's one-ahead recall per target layer on the test requests, from
+    the model that recorded the trace; with the experts writing nothing it reads the next routing exactly."""
+    from routing.record import record_trace
+
+    model = _four_layers()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.mlp.experts.w2.zero_()
+            layer.attn.o_proj.weight.mul_(8.0)
+    seqs = [torch.randint(0, model.config.vocab_size, (10,)).tolist() for _ in range(4)]
+    trace, _ = record_trace(model, seqs, features=False)
+    row = load_benchmark("predictor").attention_row(model, trace)
+    assert row.startswith("point C") and "1.000 1.000 1.000; mean 1.000" in row
