@@ -52,7 +52,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from routing import (GateLookahead, NearestTraceBaseline, PathPredictor, PopularityBaseline,  # noqa: E402
+from routing import (AttentionLookahead, GateLookahead, NearestTraceBaseline, PathPredictor, PopularityBaseline,  # noqa: E402
                      PredictorConfig, PreviousPathBaseline, ProbeLookahead, RoutingTrace, SchedulerConfig, cost_per_token_us, evaluate,
                      format_summary, hidden_matrix, load_features, simulate_schedule, summarize, synthesize)
 from routing.cli import format_table, per_layer_table  # noqa: E402
@@ -192,19 +192,26 @@ def best_partition_reduction(test: RoutingTrace, B: int, rounds: int, restarts: 
     return float(np.mean(out)) if out else float("nan")
 
 
-def attention_row(model, test: RoutingTrace) -> str:
-    """One ahead, per target layer: point C's top-k recall on the test requests (the next layer's own attention on
-    the residual entering the layer's experts, then its router: benchmarks/lookahead_points.py, BENCHMARKS 7l/7m),
-    each request decoded token by token from its first token by the model that recorded the trace."""
+def attention_features(model, trace: RoutingTrace):
+    """Point C (the next layer's own attention on the residual entering a layer's experts, then its router:
+    benchmarks/lookahead_points.py, BENCHMARKS 7l/7m) over the whole trace, each request decoded token by token from
+    its first token by the model that recorded it: (guesses [L, N, K], logits [N, L, E]) in the trace's token order."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("lookahead_ids", Path(__file__).with_name("lookahead_ids.py"))
     ids_mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ids_mod)
-    t0 = time.perf_counter()
-    att = ids_mod.attention_guesses(model, test)
-    rec = [ids_mod.layer_recall(att, test, l) for l in range(test.num_layers - 1)]
+    return ids_mod.attention_guesses(model, trace, logits=True)
+
+
+def attention_row(guesses: np.ndarray, test: RoutingTrace) -> str:
+    """One ahead, per target layer: point C's top-k recall on the test tokens (``guesses``: theirs, [L, N, K])."""
+    rec = []
+    for l in range(test.num_layers - 1):
+        true = test.expert_ids[l + 1]
+        hit = (guesses[l][:, :, None] == true[:, None, :]) & (true[:, None, :] >= 0)
+        rec.append(float(hit.any(1).sum() / max(1, (true >= 0).sum())))
     return (f"point C (attention-lookahead) one ahead, per target layer 1..{test.num_layers - 1}: "
-            + " ".join(f"{r:.3f}" for r in rec) + f"; mean {np.mean(rec):.3f} ({time.perf_counter() - t0:.0f} s)")
+            + " ".join(f"{r:.3f}" for r in rec) + f"; mean {np.mean(rec):.3f}")
 
 
 def run_trace(name: str, trace: RoutingTrace, feats: dict | None, quick: bool, summary: list,
@@ -277,14 +284,31 @@ def run_trace(name: str, trace: RoutingTrace, feats: dict | None, quick: bool, s
     for n, r, _ in rows[1:]:
         if n in ("predictor-lean", "lean-zero-probes", "gate-lookahead", "probe-lookahead", "probe+router"):
             print(per_layer_table(n, r, keys=("1",)))
-    print(format_table(rows))
     if attention:
         if model is None:
             model = find_model(trace)
-        if model is None or test.token_ids is None or test.positions is None:
+        if model is None or trace.token_ids is None or trace.positions is None:
             print("  note: --attention needs the model that recorded the trace and the trace's token ids and positions")
         else:
-            print(attention_row(model, test))
+            t0 = time.perf_counter()
+            att_ids, att_lg = attention_features(model, trace)
+            print(f"point C decoded over the {trace.num_tokens} tokens in {time.perf_counter() - t0:.0f} s")
+            print(attention_row(att_ids[:, ~train_mask], test))
+            # the lean predictor with C as its lookahead one ahead, over its probes further ahead
+            f_c = att_lg if feats is None else np.concatenate([feats["hidden_NLD"], att_lg], axis=-1)
+            cl = AttentionLookahead(trace.num_layers, trace.num_experts, trace.top_k, base=look,
+                                    fallback=PopularityBaseline.fit(train))
+            lean_c = PathPredictor.fit(train, PredictorConfig(match_layers=0), features={"hidden_NLD": f_c[train_mask]},
+                                       lookahead=cl)
+            lean_c.name = "lean+attention"
+            fc_test = {"hidden_NLD": f_c[~train_mask]}
+            for m in (cl, lean_c):
+                r = evaluate(m, test, fc_test, max_tokens=max_tokens)
+                us = max(cost_per_token_us(m, test, layer=layer, features=fc_test)
+                         for layer in sorted({0, trace.num_layers // 2, trace.num_layers - 2}))
+                rows.append((m.name, r, us))
+                print(per_layer_table(m.name, r, keys=("1",)))
+    print(format_table(rows))
     if recall_only:
         return
 
@@ -321,7 +345,8 @@ def run_trace(name: str, trace: RoutingTrace, feats: dict | None, quick: bool, s
             for k, v in h.items():
                 print(f"  {k:<28}" + "".join(f"{x:>8.3f}" for x in v))
     by = {n: r for n, r, _ in rows}
-    best = {d: max(by[n][d]["mean_recall"] for n in by if n not in ("predictor", "predictor-lean", "lean-zero-probes"))
+    best = {d: max(by[n][d]["mean_recall"] for n in by
+                   if n not in ("predictor", "predictor-lean", "lean-zero-probes", "lean+attention"))
             for d in ("1", "2", "4")}
     summary.append((name, by["predictor"], best, rows[0][2], sched["predictor"], fifo, hits, hits1))
 

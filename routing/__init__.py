@@ -2,7 +2,7 @@
 
 Must not import from offload/ or serve/.
 """
-from .baselines import (GateLookahead, NearestTraceBaseline, PathModel, PopularityBaseline,
+from .baselines import (AttentionLookahead, GateLookahead, NearestTraceBaseline, PathModel, PopularityBaseline,
                         PreviousPathBaseline)
 from .predictor import PathPredictor, PredictorConfig
 from .probe import ProbeLookahead
@@ -15,6 +15,7 @@ from .trace import RoutingTrace
 
 __all__ = ["RoutingTrace", "synthesize", "TraceRecorder", "record_sequences", "save_features", "load_features",
            "hidden_matrix", "PathModel", "PathPredictor", "PredictorConfig", "evaluate", "cost_per_token_us",
-           "PopularityBaseline", "PreviousPathBaseline", "GateLookahead", "ProbeLookahead", "NearestTraceBaseline",
+           "PopularityBaseline", "PreviousPathBaseline", "GateLookahead", "AttentionLookahead", "ProbeLookahead",
+           "NearestTraceBaseline",
            "TokenScheduler", "SchedulerConfig", "simulate_schedule", "summarize", "format_summary",
            "popularity_entropy", "affinity_concentration", "reuse_distance_histogram"]

@@ -1,4 +1,6 @@
 """benchmarks/lookahead_points.py: the hooks read the tensors the docstring names (BENCHMARKS 7f)."""
+import numpy as np
+import pytest
 import torch
 
 from moe.config import MoEConfig
@@ -83,5 +85,49 @@ def test_predictor_benchmark_prints_point_c_beside_its_rows():
             layer.attn.o_proj.weight.mul_(8.0)
     seqs = [torch.randint(0, model.config.vocab_size, (10,)).tolist() for _ in range(4)]
     trace, _ = record_trace(model, seqs, features=False)
-    row = load_benchmark("predictor").attention_row(model, trace)
+    mod = load_benchmark("predictor")
+    ids, logits = mod.attention_features(model, trace)
+    assert ids.shape == (4, trace.num_tokens, 2) and logits.shape == (trace.num_tokens, 4, 8)
+    assert (logits[:, -1] == 0).all() and (np.abs(logits[:, :-1]).sum(-1) > 0).all()
+    # the logits are the guesses' own: their top-k is the guess
+    top = np.sort(np.argsort(-logits[:, :-1], axis=-1)[..., :2], -1)
+    assert (top == np.sort(ids[:-1].transpose(1, 0, 2), -1)).all()
+    row = mod.attention_row(ids, trace)
     assert row.startswith("point C") and "1.000 1.000 1.000; mean 1.000" in row
+
+
+def test_a_predictor_on_point_c_reads_what_c_reads():
+    """routing.AttentionLookahead: point C's logits (recorded beside the hidden states) replace the probes' next layer.
+    Where C is exact (experts writing nothing, attention moving the residual), the lean predictor with it as its
+    lookahead reads the next layer (near) perfectly, above the predictor on the probes alone, which cannot see the
+    next layer's attention; two ahead it keeps the probes' reading."""
+    from routing import AttentionLookahead, PathPredictor, PopularityBaseline, PredictorConfig, ProbeLookahead, evaluate
+    from routing.record import hidden_matrix, record_trace
+
+    model = _four_layers()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.mlp.experts.w2.zero_()
+            layer.attn.o_proj.weight.mul_(8.0)
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, model.config.vocab_size, (16,), generator=g).tolist() for _ in range(32)]
+    trace, feats = record_trace(model, seqs)
+    hidden = hidden_matrix(feats, trace.num_layers).astype(np.float32)
+    ids, logits = load_benchmark("predictor").attention_features(model, trace)
+    train, test = trace.split_requests(0.5, seed=0)
+    tm = np.isin(trace.request_ids_or_default(), np.unique(train.request_ids_or_default()))
+    probes = ProbeLookahead.fit(train, hidden[tm], span=2)
+    plain = PathPredictor.fit(train, PredictorConfig(match_layers=0), features={"hidden_NLD": hidden[tm]},
+                              lookahead=probes)
+    both = np.concatenate([hidden, logits], -1)
+    cl = AttentionLookahead(4, 8, 2, base=probes, fallback=PopularityBaseline.fit(train))
+    assert cl.name == "probe-lookahead+attention" and cl.span == 2
+    with_c = PathPredictor.fit(train, PredictorConfig(match_layers=0), features={"hidden_NLD": both[tm]}, lookahead=cl)
+    r_plain = evaluate(plain, test, {"hidden_NLD": hidden[~tm]})
+    r_c = evaluate(with_c, test, {"hidden_NLD": both[~tm]})
+    r_cl = evaluate(cl, test, {"hidden_NLD": both[~tm]})
+    assert r_cl["1"]["mean_recall"] > 0.999
+    assert r_c["1"]["mean_recall"] > 0.99 and r_c["1"]["mean_recall"] > r_plain["1"]["mean_recall"] + 0.05
+    assert r_c["2"]["mean_recall"] >= r_plain["2"]["mean_recall"] - 0.01
+    with pytest.raises(ValueError, match="C's logits last"):
+        AttentionLookahead(4, 8, 2).lookahead_logits(hidden[:3, 0], 0)
