@@ -319,6 +319,13 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
                     # the next layer's guess (a router, probe or recorded guess) beside the routing, both
                     # read back in one copy: no launch and no sync of its own between the pieces
                     st[f"ig{last}"] = torch.cat([ids, guess.to(ids.dtype)], dim=1)
+                features = getattr(layer.mlp.experts, "lookahead_features", None)
+                f = features(xN) if features is not None else None
+                if f is not None:
+                    # what a predictor reading point C takes beside the routing (the next layer's attention runs
+                    # here, in the piece, in order: it writes that layer's KV slots, which its own attention then
+                    # overwrites; an eager run between pieces would read another bucket's captured arguments)
+                    st[f"lf{last}"] = f
                 if last in self._spec:
                     # the experts' output if all of them are resident, into the buffer the next piece
                     # reads; the host keeps it when it finds them so (no launch of its own), else
@@ -357,6 +364,8 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
             kw = dict(ids_host=both[:, :K] if ids_host is None else ids_host, guess_host=both[:, K:])
         elif ids_host is not None:
             kw = dict(ids_host=ids_host)
+        if f"lf{j}" in st:  # a predictor reading point C: its features, computed in the piece
+            kw["features"] = st[f"lf{j}"]
         if j in self._spec:
             y = experts(*args, speculated=st[f"y{j}"], **kw)
         else:

@@ -49,8 +49,12 @@ class OffloadedExperts(nn.Module):
                  cost_model: CostModel | None = None, cpu_fallback: bool = False,
                  next_router: nn.Module | None = None, lookahead: Lookahead | None = None,
                  predictor_prefetch: bool = False, prefetch_k: int = 0, miss_split: str = "reuse",
-                 copy_budget: CopyBudget | None = None):
+                 copy_budget: CopyBudget | None = None, attention_source=None):
         super().__init__()
+        # the predictor's lookahead reads point C (routing.AttentionLookahead): this layer's AttentionRouter onto
+        # the next MoE layer gives it the next layer's logits (None at the last layer); lookahead_features()
+        self._attention_source = [attention_source]  # a list: not a child module (it runs layer l+1's attention)
+        self.lookahead_attention = lookahead is not None and getattr(lookahead, "reads_attention", False)
         self.copy_budget = copy_budget  # shared by every layer (one copy engine); None: prefetch when idle
         self.miss_split = miss_split
         self.layer, self.cache, self.top_k = layer, cache, top_k
@@ -95,14 +99,33 @@ class OffloadedExperts(nn.Module):
             return None
         return router_guess(router, x_TD, self.guess_k)
 
-    def _prefetch_next(self, x_TD: torch.Tensor, ids_np: np.ndarray, guess_np: np.ndarray | None = None) -> None:
+    def lookahead_features(self, x_TD: torch.Tensor) -> torch.Tensor | None:
+        """What the predictor reads beside this layer's routing when its lookahead source is point C
+        (routing.AttentionLookahead): the hidden state with C's logits of the next layer appended ([T, D + E]; zeros
+        at the last layer), computed on the device with no host sync, so a graph piece can compute it beside the
+        routing (moe.cuda_graph). None for any other predictor (it reads the hidden state itself)."""
+        if self.lookahead is None or not self.lookahead.wants_hidden or not self.lookahead_attention:
+            return None
+        src = self._attention_source[0]
+        with torch.no_grad():
+            if src is None:  # the last MoE layer: nothing ahead
+                c_TE = torch.zeros(x_TD.shape[0], self.num_experts, device=x_TD.device)
+            else:
+                c_TE = src.forward(x_TD)[2].float()
+            return torch.cat([x_TD.float(), c_TE], dim=-1)
+
+    def _prefetch_next(self, x_TD: torch.Tensor, ids_np: np.ndarray, guess_np: np.ndarray | None = None,
+                       features: torch.Tensor | None = None) -> None:
         """ids_np: this layer's expert ids (not units); predictions and guesses are experts, copied as units.
-        guess_np: guess_next()'s ids already on the host (else the next router runs here)."""
+        guess_np: guess_next()'s ids already on the host (else the next router runs here); features:
+        lookahead_features()'s answer already computed (else computed here)."""
         nxt = self.layer + 1
         cache, G = self.cache, self.slices
         hidden = None
         if self.lookahead is not None and self.lookahead.wants_hidden:  # (a small copy; ids_np already synced)
-            hidden = x_TD.detach().to("cpu", torch.float32).numpy()
+            if features is None:
+                features = self.lookahead_features(x_TD)
+            hidden = (x_TD if features is None else features).detach().to("cpu", torch.float32).numpy()
         predicted = self.lookahead is not None and self.lookahead.observe(self.layer, ids_np, hidden)
         budget = self.copy_budget
         if budget is not None:
@@ -190,12 +213,13 @@ class OffloadedExperts(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
                 speculated: torch.Tensor | None = None, ids_host: np.ndarray | None = None,
-                guess_host: np.ndarray | None = None) -> torch.Tensor:
+                guess_host: np.ndarray | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
         """speculated: speculate()'s output for these inputs, kept when every routed expert is
         resident and the residents have not changed since prepare_speculation() (with misses to copy
         it stands for the hits' part, so only the copied experts' kernel runs); ids_host: the
         routing ids already on the host (the caller copied them), else they are read here;
-        guess_host: guess_next()'s answer for these inputs on the host, else computed here."""
+        guess_host: guess_next()'s answer for these inputs on the host, else computed here;
+        features: lookahead_features()'s answer for these inputs (a graph piece computed it), else computed here."""
         cache, layer = self.cache, self.layer
         if speculated is not None and self._prepared_at != cache.changes[layer]:
             speculated = None  # a copy into the layer since: the table the speculation read is stale
@@ -230,7 +254,7 @@ class OffloadedExperts(nn.Module):
             # the guess of the next layer before the stream waits for this layer's copies: a guess read back
             # to the host (a router's or a probe's) then does not wait for them too
             sl = cache.ensure(layer, hits, wait=False)
-            self._prefetch_next(x_TD, expert_ids_np, guess_host)  # copies into later layers: this table stays as is
+            self._prefetch_next(x_TD, expert_ids_np, guess_host, features)  # copies into later layers: this table stays as is
             cache.wait(layer, sl)
             if speculated is None:  # else computed already, from the same table state (see speculate)
                 cache.slot_table(layer)  # made current for speculate()'s gather
@@ -241,7 +265,7 @@ class OffloadedExperts(nn.Module):
             # hits' kernel first (no copy to wait for), then the copied experts' once they land
             rounds = [r for r in (hits, to_copy) if r]
             slots = [cache.ensure(layer, r, wait=False) for r in rounds]
-            self._prefetch_next(x_TD, expert_ids_np, guess_host)  # queued behind this layer's demand copies
+            self._prefetch_next(x_TD, expert_ids_np, guess_host, features)  # queued behind this layer's demand copies
             # a kept speculation is the hits' round already: the same kernel on the same slot ids (the table
             # it read maps exactly the hits, the misses to -1, and the residents have not changed since),
             # computed inside the piece; only the copied experts' round is left to launch
@@ -259,13 +283,13 @@ class OffloadedExperts(nn.Module):
             for r, chunk in enumerate(rounds):
                 sl = cache.ensure(layer, chunk)
                 if r == 0:
-                    self._prefetch_next(x_TD, expert_ids_np, guess_host)
+                    self._prefetch_next(x_TD, expert_ids_np, guess_host, features)
                 ids_TK = self._remap(ids_np, [chunk], [sl], x_TD.device)[0]
                 part = self._kernel(x_TD, ids_TK, topk_weights_TK)
                 y_TD = part if y_TD is None else y_TD + part
                 cache.release(layer, sl, last=r == len(rounds) - 1)
             if not rounds:
-                self._prefetch_next(x_TD, expert_ids_np, guess_host)
+                self._prefetch_next(x_TD, expert_ids_np, guess_host, features)
         if y_TD is None:
             y_TD = torch.zeros_like(x_TD)
         if to_cpu:
@@ -465,8 +489,8 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
     E, expert_dtype = w13.shape[0], w13.dtype
     check_slices(w13.shape[1] // 2, G)
     _check_predictor(cfg.predictor, len(blocks), E)  # before any expert leaves the model
-    if cfg.prefetch == "attention":  # (the same: a model it cannot run on is refused while it is whole)
-        for r in attention_routers(model):
+    if cfg.prefetch == "attention" or getattr(getattr(cfg.predictor, "lookahead", None), "reads_attention", False):
+        for r in attention_routers(model):  # (the same: a model point C cannot run on is refused while it is whole)
             release_router(r)
     expert_bytes = (w13[0].numel() + blocks[0].experts.w2[0].numel()) * w13.element_size()
     del w13  # hold no reference to an original: each layer's is freed as soon as the store has it
@@ -572,11 +596,32 @@ def install(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: torch.dev
     if cfg.prefetch_budget is not None and cfg.prefetch == "predictor":
         budget = CopyBudget(cfg.prefetch_budget, cfg.predict_every)
     routers = _next_routers(cfg, blocks, store, device, model)
-    for i, (b, nxt) in enumerate(zip(blocks, routers)):
+    sources = [None] * len(blocks)
+    if lookahead is not None and lookahead.reads_attention:  # the predictor reads point C: one router a layer
+        sources = routers if cfg.prefetch == "attention" else _attention_sources(blocks, model)
+    for i, (b, nxt, src) in enumerate(zip(blocks, routers, sources)):
         b.experts = OffloadedExperts(i, cache, top_k, backend=backend, cost_model=cost, cpu_fallback=cfg.cpu_fallback,
                                      next_router=nxt, lookahead=lookahead, predictor_prefetch=cfg.prefetch == "predictor",
-                                     prefetch_k=cfg.prefetch_k, miss_split=cfg.miss_split, copy_budget=budget)
+                                     prefetch_k=cfg.prefetch_k, miss_split=cfg.miss_split, copy_budget=budget,
+                                     attention_source=src)
     return cache
+
+
+def _attention_sources(blocks, model) -> list:
+    """Per MoE block, the AttentionRouter onto the next MoE block (None for the last): point C, run by the model's own
+    layers, for prefetch='attention' and for a predictor whose lookahead reads it (routing.AttentionLookahead)."""
+    if model is None:
+        raise ValueError("point C runs the next layer's attention: pass install(..., model=) the model the blocks "
+                         "belong to (apply_offload does)")
+    for b in blocks:  # an earlier install's routers on the same model (benchmarks re-install over one store)
+        old = getattr(b, "experts", None)
+        release_router(getattr(old, "_next_router", [None])[0])
+        release_router(getattr(old, "_attention_source", [None])[0])
+    routers = attention_routers(model)
+    if len(routers) != len(blocks) or any(r is not None and r.layers[r.src].mlp is not b
+                                           for r, b in zip(routers, blocks)):
+        raise ValueError("point C: the blocks given are not the model's MoE blocks in order")
+    return routers
 
 
 def _next_routers(cfg: OffloadConfig, blocks, store: ExpertStore, device: torch.device, model=None) -> list:
@@ -584,16 +629,7 @@ def _next_routers(cfg: OffloadConfig, blocks, store: ExpertStore, device: torch.
     (next_layer_gate), layer l+1's attention and router on layer l's pre-expert residual (attention: needs the
     model) or the fitted probe l -> l+1 (probe, checked against the model first)."""
     if cfg.prefetch == "attention":
-        if model is None:
-            raise ValueError("prefetch='attention' runs the next layer's attention: pass install(..., model=) the "
-                             "model the blocks belong to (apply_offload does)")
-        for b in blocks:  # an earlier install's routers on the same model (benchmarks re-install over one store)
-            release_router(getattr(getattr(b, "experts", None), "_next_router", [None])[0])
-        routers = attention_routers(model)
-        if len(routers) != len(blocks) or any(r is not None and r.layers[r.src].mlp is not b
-                                               for r, b in zip(routers, blocks)):
-            raise ValueError("prefetch='attention': the blocks given are not the model's MoE blocks in order")
-        return routers
+        return _attention_sources(blocks, model)
     if cfg.prefetch == "probe":
         D = store.w2_shape[0]
         if cfg.probes.num_layers != len(blocks) or cfg.probes.hidden_size != D:

@@ -32,6 +32,9 @@ class Lookahead:
         self.predictor = predictor
         # a predictor that reads the hidden state (a PathPredictor with a lookahead source, or a
         # lookahead itself): observe() is then given each layer's input, else it is not copied off the GPU
+        # a lookahead source that reads point C's next-layer logits after the hidden state (routing.AttentionLookahead):
+        # the offloaded layers hand it both (OffloadedExperts.lookahead_features)
+        self.reads_attention = bool(getattr(getattr(predictor, "lookahead", None), "reads_attention", False))
         self.wants_hidden = (getattr(predictor, "lookahead", None) is not None
                              or hasattr(predictor, "lookahead_logits"))
         self.num_layers, self.num_experts = num_layers, num_experts

@@ -193,6 +193,7 @@ class AttentionLookahead(GateLookahead):
     C's, so a PathPredictor reads C one ahead and the probes beyond (and keeps C's own answer where it reads
     better: direct_LD)."""
     name = "attention-lookahead"
+    reads_attention = True  # offload.Lookahead: the offloaded layers hand it the hidden state and C's logits
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, base: GateLookahead | None = None,
                  fallback: PathModel | None = None):

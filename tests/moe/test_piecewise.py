@@ -13,6 +13,9 @@ def _offloaded(family, device, slots=2, **cfg):
     m = tiny_model(family)
     if m is None or not hasattr(m, "layers"):
         pytest.skip("moe's MoEForCausalLM is needed")
+    if cfg.get("predictor") == "fit_attention":  # a predictor reading point C, fitted on the model's own routing
+        from ..offload.test_attention_prefetch import _c_predictor
+        cfg = dict(cfg, predictor=_c_predictor(m))
     m = m.to(device)
     twin = tiny_model(family).to(device)
     if cfg.get("predictor") == "fit":  # a routing predictor of the model's shape
@@ -239,6 +242,8 @@ def test_support_reasons():
 @pytest.mark.parametrize("family,slots,cfg", [("mixtral", 2, {}), ("mixtral", 8, {}), ("qwen3_moe", 2, {}),
                                               ("mixtral", 3, {"prefetch": "next_layer_gate"}),
                                               ("mixtral", 3, {"prefetch": "attention"}),
+                                              ("mixtral", 3, {"prefetch": "predictor", "policy": "predictor",
+                                                              "predictor": "fit_attention", "prefetch_budget": 2}),
                                               ("mixtral", 3, {"prefetch": "predictor", "policy": "predictor",
                                                               "predictor": "fit", "prefetch_budget": 2}),
                                               ("mixtral", 3, {"trace_lookahead": True}),

@@ -185,3 +185,87 @@ def test_other_families_keep_output(family):
     m = offloaded(m0, slots_per_layer=2, policy="lru", prefetch="attention")
     _same(want, greedy(m, PROMPT, 4))
     assert m.offload_cache.stats()["prefetches"] > 0
+
+
+def _c_predictor(model):
+    """A lean PathPredictor whose lookahead reads point C over probes (routing.AttentionLookahead), fitted on the
+    model's own routing of random sequences (hidden states and C's logits recorded beside it)."""
+    import numpy as np
+
+    from routing import AttentionLookahead, PathPredictor, PopularityBaseline, PredictorConfig, ProbeLookahead
+    from routing.record import hidden_matrix, record_trace
+    from tests.conftest import load_benchmark
+
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(1, 60, (12,), generator=g).tolist() for _ in range(16)]
+    trace, feats = record_trace(model, seqs)
+    hidden = hidden_matrix(feats, trace.num_layers).astype(np.float32)
+    _, logits = load_benchmark("predictor").attention_features(model, trace)
+    probes = ProbeLookahead.fit(trace, hidden, span=1)
+    look = AttentionLookahead(trace.num_layers, trace.num_experts, trace.top_k, base=probes,
+                              fallback=PopularityBaseline.fit(trace))
+    return PathPredictor.fit(trace, PredictorConfig(match_layers=0),
+                             features={"hidden_NLD": np.concatenate([hidden, logits], -1)}, lookahead=look)
+
+
+def test_a_predictor_reading_point_c_drives_the_cache_live():
+    """policy/prefetch 'predictor' with a predictor whose lookahead reads point C: each offloaded layer hands it the
+    hidden state with C's next-layer logits appended (its AttentionRouter runs the next layer's attention), and the
+    text and logits stay the resident model's."""
+    m0 = tiny_model("mixtral", num_hidden_layers=3)
+    want = greedy(m0, PROMPT, STEPS)
+    pred = _c_predictor(m0)
+    widths = []
+    real = pred.predict_batch
+
+    def spy(prev, layer, known, features=None):
+        widths.append(None if features is None else features["hidden_NLD"].shape[-1])
+        return real(prev, layer, known, features)
+    pred.predict_batch = spy
+    m = offloaded(m0, slots_per_layer=3, policy="predictor", prefetch="predictor", predictor=pred,
+                  prefetch_budget=2)
+    assert [b.experts._attention_source[0] is not None for b in m.moe_blocks()] == [True, True, False]
+    _same(want, greedy(m, PROMPT, STEPS))
+    D, E = m0.config.hidden_size, m0.config.num_experts
+    assert widths and set(widths) == {D + E}
+    assert m.offload_cache.stats()["prefetches"] > 0
+
+
+def test_graph_pieces_compute_point_c_for_the_predictor(monkeypatch):
+    """In graph pieces (eager on the CPU) the piece that routes a layer also computes the predictor's C features
+    and hands them to the experts (an eager run between pieces would read another bucket's captured arguments); the
+    logits equal the model's own forward."""
+    from moe.cuda_graph import PiecewiseDecodeGraphs
+    from offload.apply import OffloadedExperts
+
+    m0 = tiny_model("mixtral", num_hidden_layers=3)
+    pred = _c_predictor(m0)
+
+    def make():
+        return offloaded(m0, slots_per_layer=3, policy="predictor", prefetch="predictor", predictor=pred,
+                         prefetch_budget=2)
+
+    def decode(model, pieces):
+        cache = model.new_cache(1, 64)
+        with torch.inference_mode():
+            ids = model(torch.tensor([PROMPT]), cache=cache, last_only=True).argmax(-1)
+            runner = PiecewiseDecodeGraphs(model, cache, capture=False) if pieces else None
+            valid, out, length = torch.ones(1, 1, dtype=torch.bool), [], len(PROMPT)
+            for _ in range(4):
+                lg = runner.step(ids, valid, length) if runner else model(ids, cache=cache, num_slots=cache.max_len)
+                out.append(lg[:, -1].clone())
+                ids, length = lg[:, -1].argmax(-1, keepdim=True), length + 1
+        return out
+
+    want = decode(make(), False)
+    handed = []
+    real = OffloadedExperts.forward
+
+    def spy(self, *a, **kw):
+        handed.append(kw.get("features") is not None)
+        return real(self, *a, **kw)
+    monkeypatch.setattr(OffloadedExperts, "forward", spy)
+    got = decode(make(), True)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert any(handed)  # the pieces handed the experts their features
