@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from routing import ProbeLookahead, RoutingTrace, hidden_matrix, load_features  # noqa: E402
+from routing.point_c import attention_guesses  # noqa: E402
 
 
 def guesses(probes: ProbeLookahead, hidden_NLD: np.ndarray, k: int) -> np.ndarray:
@@ -70,42 +71,6 @@ def load_recorder(model_dir: Path, trace: RoutingTrace, device: str):
         raise SystemExit(f"{model_dir} has {len(model.moe_blocks())} MoE layers, the trace {trace.num_layers}: give the "
                          "model that recorded it")
     return model
-
-
-def attention_guesses(model, held: RoutingTrace, logits: bool = False):
-    """[L, N, K] int16 in ``held``'s token order: point C's guesses (benchmarks/lookahead_points.py) of the model that
-    recorded the trace (load_recorder), each request decoded from its first token. logits: returns (guesses,
-    logits [N, L, E] float32): row l of a token holds the router logits of its guess of MoE layer l+1 (0 in the last
-    row), the features of a predictor whose lookahead source is point C (routing.AttentionLookahead)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("lookahead_points", Path(__file__).with_name("lookahead_points.py"))
-    points = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(points)
-    if held.token_ids is None or held.positions is None:
-        raise SystemExit("--model needs the trace's token ids and positions: record it with `moe predictor record`")
-    req = held.request_ids_or_default()
-    order, seqs = [], []
-    for r in np.unique(req):
-        idx = np.flatnonzero(req == r)
-        idx = idx[np.argsort(held.positions[idx], kind="stable")]
-        if not np.array_equal(held.positions[idx], np.arange(len(idx))):
-            raise SystemExit(f"request {r}: positions are not 0..{len(idx) - 1}; point C decodes each request from "
-                             "its first token, so the trace must hold whole requests")
-        order.append(idx)
-        seqs.append(held.token_ids[idx].astype(np.int64).tolist())
-    got = points.attention_point(model, seqs, keep_guesses=True, keep_logits=logits)
-    kept = got[1]
-    out = np.full((held.num_layers, held.num_tokens, held.top_k), -1, dtype=np.int16)
-    moe_layers = [i for i, layer in enumerate(model.layers) if hasattr(layer.mlp, "router")]
-    for idx, g in zip(order, kept):
-        out[:, idx] = g[moe_layers][:, :, :held.top_k]
-    if not logits:
-        return out
-    lg = np.zeros((held.num_tokens, held.num_layers, held.num_experts), dtype=np.float32)
-    for idx, g in zip(order, got[2]):
-        lg[idx] = g[moe_layers].transpose(1, 0, 2)
-    return out, lg
 
 
 def _time_model(expert_bytes: float, copy_gbps: float, layer_ms: float) -> dict:

@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moe import Tokenizer, load_model  # noqa: E402
 from moe.corpus import CorpusConfig, build_corpus  # noqa: E402
+from routing.point_c import attention_point  # noqa: E402  (in the library: the predictor CLI records it too)
 
 # the held-out sequences exactly as record_trace.py cuts them (benchmarks/ is not a package, and its
 # kernels.py would shadow the library's `kernels` on sys.path)
@@ -78,87 +79,6 @@ def lookahead_points(model, sequences) -> dict[str, list[float]]:
         out["A'"].append(topk_recall((rin[l] * gain) @ w.T, ids[l + 1]))
         out["B"].append(topk_recall(nxt.post_attention_layernorm(hout[l]) @ w.T, ids[l + 1]))
     return out
-
-
-@torch.no_grad()
-def attention_point(model, sequences, batch: int = 64, keep_guesses: bool = False, ahead: int = 1,
-                    keep_logits: bool = False):
-    """Per target layer 1..L-1 (0.0 where it or its source layer has no router, or it lies less than ``ahead``
-    layers in): router recall from C, the sequences decoded token by token in batches of equal length. ``ahead``
-    a: layer l's guess of layer l+a runs the attention of layers l+1 .. l+a in turn on the residual entering layer
-    l's experts (every expert between skipped), then layer l+a's router. Each of those attentions writes its
-    guess's key and value into the cache slot the real layer then overwrites (the cache advances after the step).
-    keep_guesses: also returns, per sequence in order, the guesses [L, n, K] int16 (row l: layer l's guess of
-    layer l+a's K experts for each token, best first; -1 where there is none, as in the last a rows).
-    keep_logits: returns (recalls, guesses, logits): also, per sequence, the guesses' router logits [L, n, E]
-    float32 (0 where there is none): what a predictor's lookahead source reads (routing.AttentionLookahead)."""
-    if ahead < 1:
-        raise ValueError(f"ahead must be >= 1, got {ahead}")
-    layers = model.layers
-    L = len(layers)
-    K = model.config.num_experts_per_tok
-    # counted on the device, read once at the end: a read per layer would stall the host on every layer's kernels
-    hits = torch.zeros(max(L - 1, 0), dtype=torch.int64, device=model.device)
-    count = torch.zeros(max(L - 1, 0), dtype=torch.int64, device=model.device)
-    keep_guesses = keep_guesses or keep_logits
-    E = model.config.num_experts
-    kept = [np.full((L, len(s), K), -1, dtype=np.int16) for s in sequences] if keep_guesses else None
-    kept_lg = [np.zeros((L, len(s), E), dtype=np.float32) for s in sequences] if keep_logits else None
-    by_len: dict[int, list] = {}
-    for j, s in enumerate(sequences):
-        by_len.setdefault(len(s), []).append(j)
-    for n, group in by_len.items():
-        for i in range(0, len(group), batch):
-            rows = group[i:i + batch]
-            ids = torch.tensor([sequences[j] for j in rows], device=model.device)
-            B = ids.shape[0]
-            cache = model.new_cache(B, n + 1)
-            made = torch.full((L, B, n, K), -1, dtype=torch.int16, device=model.device) if kept is not None else None
-            made_lg = torch.zeros((L, B, n, E), device=model.device) if kept_lg is not None else None
-            for t in range(n):
-                pos, mask, windowed, slots = model._positions_and_masks(B, 1, cache, None, None)
-                x = model.embed(ids[:, t:t + 1])
-                cos, sin = model.rotary(pos, x.dtype)
-                cache.step_slots(pos)
-                pending: dict[int, torch.Tensor] = {}  # target layer -> the guess made for it
-                try:
-                    for l, layer in enumerate(layers):
-                        xmid, h = layer.attention_half(x, cos, sin, layer.pick_mask(mask, windowed), cache, slots)
-                        routed = hasattr(layer.mlp, "router")
-                        guess = pending.pop(l, None)
-                        if guess is not None and routed:
-                            true = layer.mlp.router(h.reshape(B, -1))[0]
-                            hits[l - 1] += (guess.unsqueeze(-1) == true.unsqueeze(-2)).any(-1).sum()
-                            count[l - 1] += true.numel()
-                        target = l + ahead
-                        if routed and target < L and hasattr(layers[target].mlp, "router"):
-                            xg = xmid
-                            for j in range(l + 1, target + 1):
-                                xg, hg = layers[j].attention_half(xg, cos, sin, layers[j].pick_mask(mask, windowed),
-                                                                  cache, slots)
-                            routed_g = layers[target].mlp.router(hg.reshape(B, -1))
-                            pending[target] = routed_g[0]
-                            if made is not None:
-                                made[l, :, t] = pending[target].to(torch.int16)
-                            if made_lg is not None:
-                                made_lg[l, :, t] = routed_g[2].float()
-                        x = xmid + layer.mlp(h)
-                finally:
-                    cache.step_slots(None)
-                cache.advance(None, 1)
-            if made is not None:
-                got = made.cpu().numpy()
-                for b, j in enumerate(rows):
-                    kept[j][:] = got[:, b]
-            if made_lg is not None:
-                got = made_lg.cpu().numpy()
-                for b, j in enumerate(rows):
-                    kept_lg[j][:] = got[:, b]
-    hits, count = hits.tolist(), count.tolist()
-    recalls = [float(h / c) if c else 0.0 for h, c in zip(hits, count)]
-    if keep_logits:
-        return recalls, kept, kept_lg
-    return (recalls, kept) if keep_guesses else recalls
 
 
 def main() -> int:

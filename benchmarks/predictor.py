@@ -194,13 +194,10 @@ def best_partition_reduction(test: RoutingTrace, B: int, rounds: int, restarts: 
 
 def attention_features(model, trace: RoutingTrace):
     """Point C (the next layer's own attention on the residual entering a layer's experts, then its router:
-    benchmarks/lookahead_points.py, BENCHMARKS 7l/7m) over the whole trace, each request decoded token by token from
-    its first token by the model that recorded it: (guesses [L, N, K], logits [N, L, E]) in the trace's token order."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("lookahead_ids", Path(__file__).with_name("lookahead_ids.py"))
-    ids_mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ids_mod)
-    return ids_mod.attention_guesses(model, trace, logits=True)
+    routing.point_c, BENCHMARKS 7l/7m) over the whole trace, each request decoded token by token from its first
+    token by the model that recorded it: (guesses [L, N, K], logits [N, L, E]) in the trace's token order."""
+    from routing.point_c import attention_guesses
+    return attention_guesses(model, trace, logits=True)
 
 
 def attention_row(guesses: np.ndarray, test: RoutingTrace) -> str:

@@ -1,7 +1,7 @@
 """`moe predictor {record,train,eval,stats,synth}`: the routing-path predictor from the command line.
 
     moe predictor record MODEL --text A.txt [B.txt ...] --out DIR [--name N] [--no-features]
-    moe predictor train TRACE.npz --out P.npz [--features F.npz [--model DIR]]
+    moe predictor train TRACE.npz --out P.npz [--features F.npz [--model DIR [--attention]]]
     moe predictor eval P.npz TEST.npz [--train TRAIN.npz] [--features F.npz [--model DIR]]
     moe predictor stats TRACE.npz
     moe predictor synth OUT.npz --layers 8 --experts 16 --top-k 2 --affinity 0.8 ...
@@ -12,7 +12,9 @@ next layers' experts (``routing.probe.ProbeLookahead``, written beside the predi
 ``P.probe.npz``) and the predictor uses them as its lookahead source. Given ``--model DIR`` (the
 model the trace came from) the probes start from that model's own routers and correct them
 (``--lookahead probe+router``, the default then); ``--lookahead gate`` uses the routers as they are
-(mixtral-offloading's trick). ``eval
+(mixtral-offloading's trick). ``--attention`` adds point C (``routing.point_c``: the next layer's own
+attention on the residual entering a layer's experts, then its router) one ahead over the probes
+(``routing.AttentionLookahead``): the model decodes the trace's requests, and offloading runs it live. ``eval
 --features`` reads the probes back (or the routers, given ``--model``) and adds them as a baseline. The hub
 (moe/cli.py) imports this module lazily and calls ``register(subparsers)``.
 """
@@ -89,11 +91,37 @@ def load_predictor(path: str | Path) -> PathPredictor:
     return PathPredictor.load(path, lookahead=ProbeLookahead.load(beside) if beside.is_file() else None)
 
 
+def _with_point_c(model_dir: Path, trace: RoutingTrace, feats: dict, base, dev: str) -> tuple[dict, GateLookahead]:
+    """--attention: the model decodes the trace's requests token by token and point C's next-layer logits
+    (routing.point_c) are appended to the hidden states; the lookahead reads them one ahead over ``base``."""
+    import torch
+
+    from moe import load_model
+    from .baselines import AttentionLookahead
+    from .point_c import attention_guesses
+    model = load_model(model_dir, dtype=torch.float32, device=dev,
+                       backend="triton" if str(dev).startswith("cuda") else "torch").eval()
+    if len(model.moe_blocks()) != trace.num_layers:
+        raise ValueError(f"{model_dir} has {len(model.moe_blocks())} MoE layers, the trace {trace.num_layers}: give "
+                         "the model that recorded it")
+    t0 = time.perf_counter()
+    _, logits = attention_guesses(model, trace, logits=True)
+    print(f"point C decoded over the trace's {trace.num_tokens} tokens in {time.perf_counter() - t0:.1f} s")
+    look = AttentionLookahead(trace.num_layers, trace.num_experts, trace.top_k, base=base,
+                              fallback=PopularityBaseline.fit(trace))
+    return {"hidden_NLD": np.concatenate([feats["hidden_NLD"].astype(np.float32), logits], axis=-1)}, look
+
+
 def _train(args: argparse.Namespace) -> int:
     trace = RoutingTrace.load(args.trace)
     feats = _features(args, trace)
     if args.model and feats is None:
         raise ValueError("--model needs --features (the hidden states the gates are applied to)")
+    if args.attention and (feats is None or not args.model):
+        raise ValueError("--attention needs --features and --model DIR: the model that recorded the trace runs each "
+                         "next layer's attention (point C) over its requests")
+    if args.attention and (args.lookahead or "") == "gate":
+        raise ValueError("--attention reads point C over fitted probes: use --lookahead probe or probe+router")
     lookahead = None
     if feats is not None:
         kind = args.lookahead or ("probe+router" if args.model else "probe")
@@ -113,6 +141,8 @@ def _train(args: argparse.Namespace) -> int:
                                            prior=prior, device=args.fit_device)
             how = "" if prior is None else " from the model's routers"
             print(f"probes fitted{how} in {time.perf_counter() - t0:.1f} s (span {lookahead.span})")
+    if args.attention:
+        feats, lookahead = _with_point_c(args.model, trace, feats, lookahead, args.fit_device)
     cfg = PredictorConfig(context_layers=args.context_layers, token_buckets=args.token_buckets,
                           max_span=args.max_span, match_layers=args.match_layers, seed=args.seed)
     t0 = time.perf_counter()
@@ -121,8 +151,9 @@ def _train(args: argparse.Namespace) -> int:
     out = p.save(args.out)
     print(f"written to {out}")
     stale = probe_path(out)
-    if isinstance(lookahead, ProbeLookahead):
-        print(f"probes written to {lookahead.save(stale)}")
+    probes = getattr(lookahead, "base", lookahead)  # (point C's lookahead is saved as its probes and a header mark)
+    if isinstance(probes, ProbeLookahead):
+        print(f"probes written to {probes.save(stale)}")
     elif stale.exists():  # a probe file of an earlier training must not pair with this predictor
         stale.unlink()
     return 0
@@ -137,15 +168,23 @@ def _eval(args: argparse.Namespace) -> int:
     probes = ProbeLookahead.load(probe_path(args.predictor)) if feats is not None and \
         probe_path(args.predictor).is_file() else None
     gate = _gate(args, trace) if args.model else None
-    models: list[PathModel] = [PathPredictor.load(args.predictor, lookahead=probes or gate)]
+    pred = PathPredictor.load(args.predictor, lookahead=probes or gate)
+    pred_feats = feats
+    if getattr(pred.lookahead, "reads_attention", False):  # trained with --attention: it reads point C's logits too
+        if feats is None or not args.model:
+            raise ValueError(f"{args.predictor} reads point C (trained with --attention): give --features and --model "
+                             "DIR, whose model decodes the trace's requests for it")
+        pred_feats, _ = _with_point_c(args.model, trace, feats, probes, args.device)
+    models: list[PathModel] = [pred]
     if args.train:
         train = RoutingTrace.load(args.train)
         models += [PopularityBaseline.fit(train), PreviousPathBaseline.fit(train), NearestTraceBaseline.fit(train)]
     models += [m for m in (gate, probes) if m is not None]
     rows = []
     for m in models:
-        r = evaluate(m, trace, feats, max_tokens=args.max_tokens)
-        rows.append((m.name, r, cost_per_token_us(m, trace, features=feats)))
+        f = pred_feats if m is pred else feats
+        r = evaluate(m, trace, f, max_tokens=args.max_tokens)
+        rows.append((m.name, r, cost_per_token_us(m, trace, features=f)))
     print(per_layer_table(rows[0][0], rows[0][1]))
     print(format_table(rows))
     return 0
@@ -214,6 +253,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "routers (gate), or probes started from those routers (probe+router, the default with "
                         "--model: they read deep models' next layers better than either, BENCHMARKS 7h)")
     t.add_argument("--fit-device", default="cpu", help="where the probes are fitted (cuda: seconds for a deep model)")
+    t.add_argument("--attention", action="store_true",
+                   help="the lookahead also reads point C one ahead (the next layer's own attention on the residual "
+                        "entering a layer's experts, then its router; needs --model; the model decodes the trace's "
+                        "requests on --fit-device): BENCHMARKS 7m. Offloading then runs it live in the model")
     t.add_argument("--probe-span", type=int, default=4, help="layers ahead each probe set reaches")
     t.add_argument("--context-layers", type=int, default=3, help="recent known layers used as evidence")
     t.add_argument("--token-buckets", type=int, default=4096, help="hashed token-id table rows (0: off)")
@@ -248,6 +291,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--features", type=Path, default=None)
     e.add_argument("--model", type=Path, default=None)
     e.add_argument("--max-tokens", type=int, default=2000, help="tokens sampled for the evaluation")
+    e.add_argument("--device", default="cpu", help="where a predictor trained with --attention has the model decode "
+                                                   "the trace (point C)")
     e.set_defaults(func=_eval)
 
     s = sub.add_parser("stats", help="popularity entropy, inter-layer affinity, reuse distance of a trace")

@@ -676,6 +676,8 @@ class PathPredictor(PathModel):
             path = path.with_name(path.name + ".npz")
         header = {"format": _FORMAT, "version": _VERSION, "top_k": self.top_k, "config": asdict(self.config),
                   "weight_sets": sorted(self.weight_sets)}
+        if getattr(self.lookahead, "reads_attention", False):  # its features carry point C's logits (load wraps it)
+            header["lookahead"] = "attention"
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(path, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
                             **{f"weights_{k}": w for k, w in self.weight_sets.items()}, **self.tables.arrays(),
@@ -693,5 +695,11 @@ class PathPredictor(PathModel):
         cfg = dict(header["config"])
         if header["version"] == 1:
             cfg["match_layers"] = 0  # v1 had no exact-set sources (its weights have no columns for them)
-        return cls(_Tables.from_arrays(arrays), sets, int(header["top_k"]), PredictorConfig(**cfg), lookahead,
+        tables = _Tables.from_arrays(arrays)
+        if header.get("lookahead") == "attention" and not getattr(lookahead, "reads_attention", False):
+            # fitted on point C's logits over its probes (`moe predictor train --attention`): read them again so
+            from .baselines import AttentionLookahead
+            L, E = tables.log_pop.shape
+            lookahead = AttentionLookahead(L, E, int(header["top_k"]), base=lookahead)
+        return cls(tables, sets, int(header["top_k"]), PredictorConfig(**cfg), lookahead,
                    direct_LD=arrays.get("direct_LD"))  # v1/v2: the predictor's answer everywhere
