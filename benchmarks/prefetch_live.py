@@ -21,6 +21,8 @@ once per prefetch mode:
                        expert copies per layer (``OffloadConfig.prefetch_budget``; the rows above
                        prefetch only while the copy engine is idle)
     pred. policy bN    the same with the predictor's eviction
+    pred.+C [policy] bN  the same with a predictor whose lookahead reads point C one ahead over the probes
+                       (routing.AttentionLookahead; the offloaded layers hand it C's logits live)
 
 Prints the expert-cache hit ratio and the prefetches' precision / recall of each. Runs on the CPU: it
 measures what each guess is worth, not time (the copy engine's overlap is BENCHMARKS section 3's).
@@ -40,7 +42,9 @@ sys.path.insert(0, str(ROOT))
 
 from moe import load_model  # noqa: E402
 from offload import OffloadConfig, apply_offload  # noqa: E402
-from routing import PathPredictor, PredictorConfig, ProbeLookahead, RoutingTrace, hidden_matrix, load_features  # noqa: E402
+from routing import (AttentionLookahead, PathPredictor, PredictorConfig, ProbeLookahead, RoutingTrace,  # noqa: E402
+                     hidden_matrix, load_features)
+from routing.point_c import attention_guesses  # noqa: E402
 
 
 @torch.no_grad()
@@ -76,6 +80,13 @@ def main(argv=None) -> int:
     # with the exact-set sources (match_layers=2), as section 7d was measured
     pred = PathPredictor.fit(train, PredictorConfig(match_layers=2), features={"hidden_NLD": hidden[in_train]},
                              lookahead=probes)
+    # and one reading point C one ahead over the probes (routing.AttentionLookahead; its train half decoded for C)
+    base = load_model(model_dir, dtype=torch.float32)
+    _, c_logits = attention_guesses(base.eval(), train, logits=True)
+    look_c = AttentionLookahead(trace.num_layers, trace.num_experts, trace.top_k, base=probes)
+    pred_c = PathPredictor.fit(train, PredictorConfig(match_layers=2), lookahead=look_c,
+                               features={"hidden_NLD": np.concatenate([hidden[in_train].astype(np.float32), c_logits],
+                                                                      -1)})
     # the test half's longest requests, their first --tokens tokens, decoded together
     t_req = test.request_ids_or_default()
     uniq, counts = np.unique(t_req, return_counts=True)
@@ -83,7 +94,6 @@ def main(argv=None) -> int:
     n = min(args.tokens, int(counts[np.isin(uniq, longest)].min()))
     seqs = [test.token_ids[t_req == r][:n] for r in longest]
     tokens = torch.tensor(np.stack(seqs).astype(np.int64))
-    base = load_model(model_dir, dtype=torch.float32)
     E = trace.num_experts
     print(f"default model ({model_dir}), {trace.num_layers} MoE layers x {E} experts, top-{trace.top_k}; "
           f"{args.slots} slots per layer ({args.slots / E:.0%}); {len(seqs)} held-out requests x {n} tokens "
@@ -100,6 +110,9 @@ def main(argv=None) -> int:
         modes[f"predictor b{b:g}"] = dict(prefetch="predictor", predictor=pred, prefetch_budget=b)
         modes[f"pred. policy b{b:g}"] = dict(policy="predictor", prefetch="predictor", predictor=pred,
                                              prefetch_budget=b)
+        modes[f"pred.+C b{b:g}"] = dict(prefetch="predictor", predictor=pred_c, prefetch_budget=b)
+        modes[f"pred.+C policy b{b:g}"] = dict(policy="predictor", prefetch="predictor", predictor=pred_c,
+                                              prefetch_budget=b)
     print(f"{'prefetch':<18}{'hit ratio':>10}{'prefetches':>12}{'precision':>11}{'recall':>8}")
     for name, kw in modes.items():
         m = apply_offload(copy.deepcopy(base), OffloadConfig(slots_per_layer=args.slots, device="cpu", calibrate=False,
