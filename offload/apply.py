@@ -83,7 +83,8 @@ class OffloadedExperts(nn.Module):
         """What guesses layer l+1's experts from this layer's input for prefetch: anything with a
         router's call shape, forward(x_TD) -> (_, _, logits_TE) (layer l+1's router, a probe, a
         recorded guess: placement.trace_routing.TraceLookahead). None: no next-layer prefetch."""
-        release_router(self._next_router[0], router)
+        if self._next_router[0] is not self._attention_source[0]:  # (the predictor may still read point C through it)
+            release_router(self._next_router[0], router)
         self._next_router = [router]
 
     def _expert_resident(self, layer: int, expert: int) -> bool:

@@ -269,3 +269,17 @@ def test_graph_pieces_compute_point_c_for_the_predictor(monkeypatch):
     for a, b in zip(want, got):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     assert any(handed)  # the pieces handed the experts their features
+
+
+def test_replacing_the_next_router_keeps_the_predictors_point_c():
+    """prefetch='attention' with a predictor reading point C: one AttentionRouter a layer serves both. Replacing the
+    next router (set_next_router, as the benchmarks do) must leave its hooks on for the predictor, whose features
+    would otherwise come from a stale attention (and write the next layer's KV cache at stale slots)."""
+    m0 = tiny_model("mixtral", num_hidden_layers=3)
+    want = greedy(m0, PROMPT, STEPS)
+    m = offloaded(m0, slots_per_layer=3, policy="predictor", prefetch="attention", predictor=_c_predictor(m0))
+    e0 = m.moe_blocks()[0].experts
+    assert e0._next_router[0] is e0._attention_source[0]
+    e0.set_next_router(None)
+    assert len(m.layers[0].attn._forward_pre_hooks) == 1
+    _same(want, greedy(m, PROMPT, STEPS))
