@@ -52,8 +52,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from routing import (AttentionLookahead, GateLookahead, NearestTraceBaseline, PathPredictor, PopularityBaseline,  # noqa: E402
-                     PredictorConfig, PreviousPathBaseline, ProbeLookahead, RoutingTrace, SchedulerConfig, cost_per_token_us, evaluate,
+from routing import (AttentionLookahead, GateLookahead, NearestTraceBaseline, PathPredictor,  # noqa: E402
+                     PopularityBaseline, PredictorConfig, PreviousPathBaseline, ProbeLookahead, RoutingTrace, SchedulerConfig, cost_per_token_us, evaluate,
                      format_summary, hidden_matrix, load_features, simulate_schedule, summarize, synthesize)
 from routing.cli import format_table, per_layer_table  # noqa: E402
 

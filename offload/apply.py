@@ -255,7 +255,8 @@ class OffloadedExperts(nn.Module):
             # the guess of the next layer before the stream waits for this layer's copies: a guess read back
             # to the host (a router's or a probe's) then does not wait for them too
             sl = cache.ensure(layer, hits, wait=False)
-            self._prefetch_next(x_TD, expert_ids_np, guess_host, features)  # copies into later layers: this table stays as is
+            # copies into later layers: this table stays as is
+            self._prefetch_next(x_TD, expert_ids_np, guess_host, features)
             cache.wait(layer, sl)
             if speculated is None:  # else computed already, from the same table state (see speculate)
                 cache.slot_table(layer)  # made current for speculate()'s gather
