@@ -55,7 +55,9 @@ class OffloadConfig:
     prefetch         none | next_layer_gate (apply layer l+1's router to layer l's input) |
                      attention (layer l+1's own attention on the residual entering layer l's experts,
                      then its router: offload.prefetch.AttentionRouter; one more attention a layer,
-                     0.957 one-ahead recall against the gate's 0.918 on BENCHMARKS 7m's model) |
+                     0.957 one-ahead recall against the gate's 0.918 on BENCHMARKS 7m's model; into the
+                     second MoE layer it cannot see the first's experts (0.23 there): a predictor trained
+                     with `moe predictor train --attention` takes the better source per layer) |
                      probe (the same with fitted probes instead of the router: `probes`) |
                      predictor (the routing predictor's probabilities)
     prefetch_k       experts to prefetch per token for the next layer (0: half the model's top-k,
