@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from routing import ProbeLookahead, RoutingTrace, hidden_matrix, load_features  # noqa: E402
-from routing.point_c import attention_guesses  # noqa: E402
+from routing.point_c import attention_guesses, layer_recall, one_ahead_recall  # noqa: E402
 
 
 def guesses(probes: ProbeLookahead, hidden_NLD: np.ndarray, k: int) -> np.ndarray:
@@ -42,23 +42,6 @@ def guesses(probes: ProbeLookahead, hidden_NLD: np.ndarray, k: int) -> np.ndarra
         top = torch.topk(torch.from_numpy(z), k, dim=1).indices.numpy()
         out[layer] = top.astype(np.int16)
     return out
-
-
-def _hits(next_ids: np.ndarray, trace: RoutingTrace, layer: int) -> int:
-    """How many of layer+1's routed experts, over the tokens, layer's guess names."""
-    truth, guess = trace.expert_ids[layer + 1], next_ids[layer]
-    return sum(len(set(t[t >= 0]) & set(g[g >= 0])) for t, g in zip(truth, guess))
-
-
-def layer_recall(next_ids: np.ndarray, trace: RoutingTrace, layer: int) -> float:
-    """Share of layer+1's routed experts that layer's guess names."""
-    return _hits(next_ids, trace, layer) / max(1, int((trace.expert_ids[layer + 1] >= 0).sum()))
-
-
-def one_ahead_recall(next_ids: np.ndarray, trace: RoutingTrace) -> float:
-    """Mean share of layer l+1's routed experts that layer l's guess names (l = 0..L-2)."""
-    L, N, K = trace.expert_ids.shape
-    return sum(_hits(next_ids, trace, layer) for layer in range(L - 1)) / max(1, (L - 1) * N * K)
 
 
 def load_recorder(model_dir: Path, trace: RoutingTrace, device: str):

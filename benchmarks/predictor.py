@@ -202,11 +202,8 @@ def attention_features(model, trace: RoutingTrace):
 
 def attention_row(guesses: np.ndarray, test: RoutingTrace) -> str:
     """One ahead, per target layer: point C's top-k recall on the test tokens (``guesses``: theirs, [L, N, K])."""
-    rec = []
-    for l in range(test.num_layers - 1):
-        true = test.expert_ids[l + 1]
-        hit = (guesses[l][:, :, None] == true[:, None, :]) & (true[:, None, :] >= 0)
-        rec.append(float(hit.any(1).sum() / max(1, (true >= 0).sum())))
+    from routing.point_c import layer_recall
+    rec = [layer_recall(guesses, test, l) for l in range(test.num_layers - 1)]
     return (f"point C (attention-lookahead) one ahead, per target layer 1..{test.num_layers - 1}: "
             + " ".join(f"{r:.3f}" for r in rec) + f"; mean {np.mean(rec):.3f}")
 

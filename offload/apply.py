@@ -54,7 +54,6 @@ class OffloadedExperts(nn.Module):
         # the predictor's lookahead reads point C (routing.AttentionLookahead): this layer's AttentionRouter onto
         # the next MoE layer gives it the next layer's logits (None at the last layer); lookahead_features()
         self._attention_source = [attention_source]  # a list: not a child module (it runs layer l+1's attention)
-        self.lookahead_attention = lookahead is not None and getattr(lookahead, "reads_attention", False)
         self.copy_budget = copy_budget  # shared by every layer (one copy engine); None: prefetch when idle
         self.miss_split = miss_split
         self.layer, self.cache, self.top_k = layer, cache, top_k
@@ -100,12 +99,17 @@ class OffloadedExperts(nn.Module):
             return None
         return router_guess(router, x_TD, self.guess_k)
 
+    @property
+    def lookahead_attention(self) -> bool:
+        """Whether the predictor's lookahead reads point C (then lookahead_features() hands it C's logits)."""
+        return self.lookahead is not None and self.lookahead.reads_attention
+
     def lookahead_features(self, x_TD: torch.Tensor) -> torch.Tensor | None:
         """What the predictor reads beside this layer's routing when its lookahead source is point C
         (routing.AttentionLookahead): the hidden state with C's logits of the next layer appended ([T, D + E]; zeros
         at the last layer), computed on the device with no host sync, so a graph piece can compute it beside the
         routing (moe.cuda_graph). None for any other predictor (it reads the hidden state itself)."""
-        if self.lookahead is None or not self.lookahead.wants_hidden or not self.lookahead_attention:
+        if not self.lookahead_attention:
             return None
         src = self._attention_source[0]
         with torch.no_grad():

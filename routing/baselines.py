@@ -182,14 +182,14 @@ class GateLookahead(PathModel):
 
 class AttentionLookahead(GateLookahead):
     """Point C as a lookahead source: the next layer's router logits from its own attention run on the residual
-    entering the known layer's experts (benchmarks/lookahead_points.py, BENCHMARKS 7l/7m: 0.957 one ahead on the
+    entering the known layer's experts (routing.point_c, BENCHMARKS 7l/7m: 0.957 one ahead on the
     48-layer recipe, where the gate trick reads 0.918 and fitted probes 0.88-0.89), over a ``base`` lookahead for
     the layers further ahead (fitted probes; None: the next layer only).
 
     Its features are ``features["hidden_NLD"]`` = the base's hidden states with C's logits appended on the last
     axis ([N, L, D + E]; [N, L, E] without a base): row l of a token holds, after the hidden state entering MoE layer
-    l, the logits of C's guess of layer l + 1 (``benchmarks/lookahead_ids.attention_guesses(..., logits=True)``
-    records them; 0 in the last row). ``lookahead_logits`` gives the base's logits with the next layer's replaced by
+    l, the logits of C's guess of layer l + 1 (``routing.point_c.attention_guesses(..., logits=True)`` records
+    them; 0 in the last row). ``lookahead_logits`` gives the base's logits with the next layer's replaced by
     C's, so a PathPredictor reads C one ahead and the probes beyond (and keeps C's own answer where it reads
     better: direct_LD)."""
     name = "attention-lookahead"
@@ -203,7 +203,7 @@ class AttentionLookahead(GateLookahead):
         self.routers = []
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
         self.base, self.fallback = base, fallback
-        self.span = max(1, getattr(base, "span", None) or 1) if base is not None else 1
+        self.span = getattr(base, "span", None) or 1
         if base is not None:
             self.name = f"{base.name}+attention"
 

@@ -11,6 +11,7 @@ as the gate trick, for one more attention a layer. BENCHMARKS 7l (the default mo
     attention_guesses(model, trace, logits)  the guesses (and logits) of a recorded trace's requests in its token
                                              order: prefetch files (benchmarks/lookahead_ids.py) and the features
                                              of a predictor reading C (routing.AttentionLookahead)
+    layer_recall, one_ahead_recall           how much of the next layer's routing such guesses name
 
 Live, offload.prefetch.AttentionRouter computes the same guess inside the offloaded model's forward.
 """
@@ -103,7 +104,6 @@ def attention_point(model, sequences, batch: int = 64, keep_guesses: bool = Fals
     return (recalls, kept) if keep_guesses else recalls
 
 
-
 def attention_guesses(model, held: RoutingTrace, logits: bool = False):
     """[L, N, K] int16 in ``held``'s token order: point C's guesses by the model that recorded the trace (float32,
     eval), each request decoded from its first token. logits: returns (guesses, logits [N, L, E] float32): row l of
@@ -134,3 +134,20 @@ def attention_guesses(model, held: RoutingTrace, logits: bool = False):
     for idx, g in zip(order, got[2]):
         lg[idx] = g[moe_layers].transpose(1, 0, 2)
     return out, lg
+
+
+def _hits(next_ids: np.ndarray, trace: RoutingTrace, layer: int) -> int:
+    """How many of layer+1's routed experts, over the tokens, layer's guess names."""
+    truth, guess = trace.expert_ids[layer + 1], next_ids[layer]
+    return sum(len(set(t[t >= 0]) & set(g[g >= 0])) for t, g in zip(truth, guess))
+
+
+def layer_recall(next_ids: np.ndarray, trace: RoutingTrace, layer: int) -> float:
+    """Share of layer+1's routed experts that layer's guess names."""
+    return _hits(next_ids, trace, layer) / max(1, int((trace.expert_ids[layer + 1] >= 0).sum()))
+
+
+def one_ahead_recall(next_ids: np.ndarray, trace: RoutingTrace) -> float:
+    """Mean share of layer l+1's routed experts that layer l's guess names (l = 0..L-2)."""
+    L, N, K = trace.expert_ids.shape
+    return sum(_hits(next_ids, trace, layer) for layer in range(L - 1)) / max(1, (L - 1) * N * K)
