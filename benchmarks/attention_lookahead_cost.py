@@ -13,6 +13,7 @@ link at the measured pinned rate, the time a right guess can hide and a wrong on
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from pathlib import Path
 
@@ -98,7 +99,8 @@ def main(argv=None) -> int:
             print(f"{MODELS[key][0]:<14}{L:>7}{B:>3}{t_plain * 1e3:>10.3f}{tg * 1e3:>10.3f}{tc * 1e3:>9.3f}"
                   f"{(tc - t_plain) / (L - 1) * 1e6:>11.1f}{(tg - t_plain) / (L - 1) * 1e6:>14.1f}{copy_us:>15.0f}"
                   f"{str(same):>12}", flush=True)
-        del model
+        del model, e
+        gc.collect()  # (the graphs and hooks hold the model in reference cycles: Mixtral after Qwen3 ran out of memory)
         if graph:
             torch.cuda.empty_cache()
     return 0

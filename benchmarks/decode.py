@@ -600,8 +600,10 @@ def run_device_driven(model: MoEForCausalLM, key: str, args, store, floors: dict
         policies = args.offload_policy.split(",")
         caches, mods = {}, {}
         for p in policies:
+            # prefetch_k = top-k, as the host rows: the guesses rows prefetch as many guesses as each holds
+            # (--lookahead-k); before s29 these rows took OffloadConfig's default, half of them
             cfg = OffloadConfig(slots_per_layer=S, device=str(dev), calibrate=False, policy=p, driver="device",
-                                lfu_half_life=args.lfu_half_life if p == "lfu" else None)
+                                lfu_half_life=args.lfu_half_life if p == "lfu" else None, prefetch_k=K)
             caches[p] = install(blocks, store, cfg, device=dev, top_k=K, slots=S, backend="triton" if cuda else "torch")
             mods[p] = [b.experts for b in blocks]
         for B in [int(b) for b in args.batch.split(",")]:

@@ -49,7 +49,7 @@ class OffloadedExperts(nn.Module):
                  cost_model: CostModel | None = None, cpu_fallback: bool = False,
                  next_router: nn.Module | None = None, lookahead: Lookahead | None = None,
                  predictor_prefetch: bool = False, prefetch_k: int = 0, miss_split: str = "reuse",
-                 copy_budget: CopyBudget | None = None, attention_source=None):
+                 copy_budget: CopyBudget | None = None, attention_source=None, guess_source: str = ""):
         super().__init__()
         # the predictor's lookahead reads point C (routing.AttentionLookahead): this layer's AttentionRouter onto
         # the next MoE layer gives it the next layer's logits (None at the last layer); lookahead_features()
@@ -64,7 +64,8 @@ class OffloadedExperts(nn.Module):
         self._next_router = [next_router]  # a list: not registered as a child module (it belongs to layer l+1)
         self.lookahead, self.predictor_prefetch = lookahead, predictor_prefetch
         self.prefetch_k = prefetch_k or top_k  # the predictor's prefetch: experts per token
-        self.guess_k = guess_count(prefetch_k, top_k)  # the next router's guesses per token
+        # the next router's guesses per token (guess_source: OffloadConfig.prefetch, whose default count it sets)
+        self.guess_k = guess_count(prefetch_k, top_k, guess_source)
         self.slices = cache.store.slices  # G: the cache holds units, G per expert (offload/slices.py)
         self.num_experts = cache.num_experts // self.slices
         self._prepared_at: int | None = None  # cache.changes[layer] at the last prepare_speculation()
@@ -609,7 +610,7 @@ def install(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: torch.dev
         b.experts = OffloadedExperts(i, cache, top_k, backend=backend, cost_model=cost, cpu_fallback=cfg.cpu_fallback,
                                      next_router=nxt, lookahead=lookahead, predictor_prefetch=cfg.prefetch == "predictor",
                                      prefetch_k=cfg.prefetch_k, miss_split=cfg.miss_split, copy_budget=budget,
-                                     attention_source=src)
+                                     attention_source=src, guess_source=cfg.prefetch)
     return cache
 
 
@@ -658,7 +659,8 @@ def _install_device(blocks, store: ExpertStore, cfg: OffloadConfig, *, device: t
     routers = _next_routers(cfg, blocks, store, device, model)
     cache = DeviceExpertCache(store, slots, cfg.policy, device, lfu_half_life=cfg.lfu_half_life)
     for i, (b, nxt) in enumerate(zip(blocks, routers)):
-        b.experts = DeviceOffloadedExperts(i, cache, top_k, backend=backend, next_router=nxt, prefetch_k=cfg.prefetch_k)
+        b.experts = DeviceOffloadedExperts(i, cache, top_k, backend=backend, next_router=nxt, prefetch_k=cfg.prefetch_k,
+                                           guess_source=cfg.prefetch)
     return cache
 
 

@@ -60,9 +60,10 @@ class OffloadConfig:
                      with `moe predictor train --attention` takes the better source per layer) |
                      probe (the same with fitted probes instead of the router: `probes`) |
                      predictor (the routing predictor's probabilities)
-    prefetch_k       experts to prefetch per token for the next layer (0: half the model's top-k,
-                     rounded up, of the next_layer_gate / attention / probe guesses, their most confident,
-                     offload.prefetch.guess_count; the model's top-k for the predictor)
+    prefetch_k       experts to prefetch per token for the next layer, its most confident guesses (0: the
+                     model's top-k for attention, whose guesses are right ~97% of the time, and for the
+                     predictor; half the top-k, rounded up, of the next_layer_gate / probe guesses, whose
+                     tails are mostly wrong: offload.prefetch.guess_count)
     cpu_fallback     compute a missed expert on the CPU when the cost model says it is cheaper,
                      and split a step's misses between the copy engine and the CPU
     miss_split       how cpu_fallback shares a step's misses: 'reuse' (CPU time weighted by

@@ -512,12 +512,12 @@ class DeviceOffloadedExperts(nn.Module):
     capturable = True
 
     def __init__(self, layer: int, cache: DeviceExpertCache, top_k: int, backend: str = "torch",
-                 next_router: nn.Module | None = None, prefetch_k: int = 0):
+                 next_router: nn.Module | None = None, prefetch_k: int = 0, guess_source: str = ""):
         super().__init__()
         self.layer, self.cache, self.top_k, self.backend = layer, cache, top_k, backend
         self.num_experts = cache.num_experts
         self._next_router = [next_router]  # a list: not registered as a child module (it belongs to layer l+1)
-        self.guess_k = guess_count(prefetch_k, top_k)
+        self.guess_k = guess_count(prefetch_k, top_k, guess_source)  # (guess_source: OffloadConfig.prefetch)
 
     def set_next_router(self, router: nn.Module | None) -> None:
         """What guesses layer l+1's experts from this layer's input (forward(x_TD) -> (_, _, logits_TE): layer

@@ -52,6 +52,16 @@ def test_attention_prefetch_keeps_output(pair, kw):
     assert st["prefetches"] > 0 and 0 < st["prefetch_precision"] <= 1 and 0 < st["prefetch_recall"] <= 1
 
 
+@pytest.mark.parametrize("driver", ["host", "device"])
+def test_attention_prefetches_every_guess_by_default(model, driver):
+    """Point C's guesses are mostly right, so by default a layer prefetches all top-k of them (s29-g: all 8 were
+    fastest); the gate trick's, mostly wrong in their tail, half; prefetch_k, when given, wins over both."""
+    top_k = model.config.num_experts_per_tok
+    for prefetch, k, want in (("attention", 0, top_k), ("next_layer_gate", 0, -(-top_k // 2)), ("attention", 1, 1)):
+        m = offloaded(model, prefetch=prefetch, prefetch_k=k, policy="lru", slots_per_layer=3, driver=driver)
+        assert {b.experts.guess_k for b in m.moe_blocks()} == {want}, (prefetch, k)
+
+
 def _points():
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "lookahead_points.py"
     spec = importlib.util.spec_from_file_location("lookahead_points", path)
