@@ -44,7 +44,9 @@ trained model's routing; row b decodes the file's b-th request. --lookahead FILE
 that model's own guesses of each next layer's experts for the same tokens (probes on its hidden states);
 the offloaded rows then add pieces whose layers prefetch those guesses one layer ahead (graph_lookahead),
 beside the trace's own next layer as the guess (graph_oracle, the bound of one-ahead prefetch; every
-trace routing adds it). The pieces start beside those copies (copies still running are left out of the
+trace routing adds it). --lookahead-pays attention adds lookahead+C: the same guesses, while each layer also
+computes point C live (prefetch='attention''s work, its answer dropped), so the row carries C's real cost. The
+pieces start beside those copies (copies still running are left out of the
 speculation, offload.apply.prepare_speculation). A random-weight model of a published size thus meets a
 trained model's routing and prediction quality; the trace's models are small (routing/record.py).
 --offload-policy lru,lfu: one cache whose deciding policy is switched between rounds (every policy sees every
@@ -412,6 +414,40 @@ def probe_host(dev: torch.device, probe: torch.Tensor) -> tuple[float, float]:
     return host_speed_ns(), (copy_bytes_per_s(dev, probe) / 1e9 if dev.type == "cuda" else float("nan"))
 
 
+class PaidGuess:
+    """A recorded guess of the next layer's experts (TraceLookahead) that first pays for point C live: the next
+    MoE layer's attention and router run on this layer's pre-expert residual (offload.prefetch.AttentionRouter,
+    what prefetch='attention' computes), their answer dropped, then the trace's guess is returned. The rows of a
+    ``lookahead+C`` run thus carry the recorded guesses' quality with C's real cost on the step (its time on the
+    compute stream, in the graphs), which a random-weight model's own C could not give (its guesses are noise)."""
+
+    on_compute_stream = True  # (C writes the next layer's KV-cache slots: in order, as prefetch='attention' runs it)
+
+    def __init__(self, attention, recorded):
+        self.attention, self.recorded = attention, recorded
+        self.guesses = recorded.guesses
+
+    def forward(self, x_TD: torch.Tensor):
+        self.attention.forward(x_TD)
+        return self.recorded.forward(x_TD)
+
+    __call__ = forward
+
+    def remove(self) -> None:  # (offload.prefetch.release_router: the attention's hooks come off with it)
+        self.attention.remove()
+
+
+def lookahead_routers(model: MoEForCausalLM, name: str, next_ids, num_experts: int, stride: int):
+    """(hook handles, next routers) of the guesses row ``name``: the recorded guesses (TraceLookahead); a name
+    ending in '+C' pays for point C besides (PaidGuess)."""
+    from placement.trace_routing import install_trace_lookahead
+    handles, routers = install_trace_lookahead(model, next_ids, num_experts, stride)
+    if name.endswith("+C"):
+        from offload.prefetch import attention_routers
+        routers = [PaidGuess(a, r) for a, r in zip(attention_routers(model), routers)]
+    return handles, routers
+
+
 def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: dict | None = None,
                   stride: int = 0, spec=None, resident_ms: dict | None = None) -> list[dict]:
     """The same steps with the experts in pinned host memory and S slots per layer on the GPU (an LRU
@@ -505,8 +541,7 @@ def run_offloaded(model: MoEForCausalLM, key: str, args, bw: float, lookaheads: 
 
             def run_lookaheads(rnd):
                 for name, next_ids in (lookaheads or {}).items():  # (eager steps on the CPU: a check of the script)
-                    from placement.trace_routing import install_trace_lookahead
-                    handles, routers = install_trace_lookahead(model, next_ids, E, stride)
+                    handles, routers = lookahead_routers(model, name, next_ids, E, stride)
                     try:
                         for b, router in zip(blocks, routers):
                             b.experts.set_next_router(router)
@@ -627,8 +662,7 @@ def run_device_driven(model: MoEForCausalLM, key: str, args, store, floors: dict
                         continue
                     handles = []
                     if guess_name is not None:  # (eager steps on the CPU: a check of the script)
-                        from placement.trace_routing import install_trace_lookahead
-                        handles, routers = install_trace_lookahead(model, next_ids, E, stride)
+                        handles, routers = lookahead_routers(model, guess_name, next_ids, E, stride)
                         for m, router in zip(mods[p], routers):
                             m.set_next_router(router)
                     host_ns, h2d_now = probe_host(dev, probe)
@@ -720,6 +754,10 @@ def main(argv=None) -> int:
     ap.add_argument("--lookahead-k", default="",
                     help="comma list: prefetch only each token's first k guesses of --lookahead (its most confident), "
                          "one row each (default: all of them)")
+    ap.add_argument("--lookahead-pays", default="", choices=["", "attention"],
+                    help="with --lookahead: also a row (lookahead+C) that prefetches all of the file's guesses while "
+                         "each layer computes point C live, prefetch='attention''s work, its answer dropped: the "
+                         "recorded guesses' quality at C's real cost on the step")
     ap.add_argument("--eager-bucket", type=int, default=0,
                     help="also time eager resident steps with the attention width rounded up to this (0: not)")
     args = ap.parse_args(argv)
@@ -727,6 +765,8 @@ def main(argv=None) -> int:
         ap.error("--trace (a recorded trace) and --trace-routing (a synthetic one) exclude each other")
     if args.lookahead and not args.trace:
         ap.error("--lookahead holds guesses for the tokens of a recorded trace: give that trace with --trace")
+    if args.lookahead_pays and not args.lookahead:
+        ap.error("--lookahead-pays adds a row to the guesses of --lookahead: give the guesses file")
     if args.lookahead_k and not args.lookahead:
         ap.error("--lookahead-k picks among the guesses of --lookahead: give the guesses file")
     pols = args.offload_policy.split(",")
@@ -763,6 +803,8 @@ def main(argv=None) -> int:
             if nxt is not None:
                 for k in [int(v) for v in args.lookahead_k.split(",")] if args.lookahead_k else [nxt.shape[2]]:
                     lookaheads["lookahead" if k == nxt.shape[2] else f"lookahead{k}"] = nxt[:, :, :k]
+                if args.lookahead_pays == "attention":
+                    lookaheads["lookahead+C"] = nxt
         elif args.trace_routing:
             _, spec = install_synthetic_routing(model, key, max(int(b) for b in args.batch.split(",")), longest,
                                                 args.locality, args.affinity)

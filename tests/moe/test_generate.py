@@ -523,9 +523,14 @@ def test_decode_benchmark_routes_by_a_recorded_trace_and_prefetches_its_guesses(
     np.savez(tmp_path / "t.lookahead.npz", next_ids=np.concatenate([ids[1:], np.full_like(ids[:1], -1)]))
     args = ["--models", "tiny", "--device", "cpu", "--batch", "2", "--steps", "4", "--out", str(tmp_path),
             "--prompt-len", "8", "--offload-slots", "3", "--trace", str(tmp_path / "t.npz")]
-    assert mod.main(args + ["--lookahead", str(tmp_path / "t.lookahead.npz"), "--rounds", "2"]) == 0
+    assert mod.main(args + ["--lookahead", str(tmp_path / "t.lookahead.npz"), "--rounds", "2",
+                            "--lookahead-pays", "attention"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "decode_results.jsonl").read_text().splitlines()]
     off = [r for r in rows if "policy" in r][-1]
+    # lookahead+C: the same guesses prefetched while each layer also computes point C (its answer dropped)
+    assert off["graph_lookahead+C_prefetch_precision"] == 1.0
+    assert off["graph_lookahead+C_hit"] == off["graph_lookahead_hit"]
+    assert off["graph_lookahead+C_same_steps"] == off["graph_lookahead_same_steps"]
     assert off["routing"] == "rec"
     # --rounds 2: the prefetch rows ran twice, interleaved (the eager reference once), each keeping its fastest,
     # beside the host's Python speed and the collector's pauses
@@ -539,9 +544,10 @@ def test_decode_benchmark_routes_by_a_recorded_trace_and_prefetches_its_guesses(
     # --offload-driver device: the same guesses prefetched by the device-driven cache (inline on the CPU)
     dd = tmp_path / "dd"
     assert mod.main([str(dd) if a == str(tmp_path) else a for a in args]
-                    + ["--lookahead", str(tmp_path / "t.lookahead.npz"), "--offload-driver", "device"]) == 0
+                    + ["--lookahead", str(tmp_path / "t.lookahead.npz"), "--offload-driver", "device",
+                       "--lookahead-pays", "attention"]) == 0
     drow = [json.loads(line) for line in (dd / "decode_results.jsonl").read_text().splitlines() if '"driver"' in line][-1]
-    for name in ("lookahead", "oracle"):
+    for name in ("lookahead", "oracle", "lookahead+C"):
         assert drow[f"device_graph_{name}_prefetch_precision"] == 1.0 and drow[f"device_graph_{name}_prefetch_recall"] > 0
         assert drow[f"device_graph_{name}_hit"] >= drow["device_eager_hit"]
     with pytest.raises(SystemExit, match="prompt \\+ steps"):
@@ -549,7 +555,7 @@ def test_decode_benchmark_routes_by_a_recorded_trace_and_prefetches_its_guesses(
     np.savez(tmp_path / "bad.npz", next_ids=ids[:, :7])
     with pytest.raises(SystemExit, match="same recording"):
         mod.main(args + ["--lookahead", str(tmp_path / "bad.npz")])
-    for extra in (["--trace-routing"], ["--lookahead-k", "2"]):  # exclusive / needing the guesses file: refused
+    for extra in (["--trace-routing"], ["--lookahead-k", "2"], ["--lookahead-pays", "attention"]):  # refused
         with pytest.raises(SystemExit):
             mod.main(args + extra)
     with pytest.raises(SystemExit):
