@@ -99,13 +99,13 @@ IDLE_THRESHOLD = 0.3  # the predictor's prefetch without a copy budget: only exp
 def guess_count(prefetch_k: int, top_k: int, source: str = "") -> int:
     """How many of each token's next-layer guesses (a router's or a probe's, most confident first) a
     layer prefetches: ``prefetch_k``; else, for ``source`` 'attention' (point C), the model's top-k;
-    else half the top-k rounded up. The tail of a token's guesses is mostly wrong where the guesses are,
-    and on a copy-bound path every wrong copy costs what it would have saved: on a trained 48-layer
-    model's routing at 25% (OLMoE widths, top-8) with the probes' guesses (precision 0.78), all 8 took
+    else half the top-k rounded up. On a copy-bound path every wrong copy costs what it would have saved,
+    so how many to take depends on how often the tail of a token's guesses is right. On a trained 48-layer
+    model's routing at 25% (OLMoE widths, top-8), with the probes' guesses (precision 0.78) all 8 took
     1.04x the time of no prefetch, the first 4 0.94x, the first 2 0.96x (one H200, BENCHMARKS 3k; the
     simulator ranked them the same). Point C's guesses are right at 0.97 on that routing, and there all 8
     were fastest: 0.85x the serial step against 0.90x for 4 and 0.93x for 2 under LRU, 0.89x / 0.94x /
-    0.95x under LFU (host driver; BENCHMARKS 7m, s29-g)."""
+    0.95x under LFU (host driver; BENCHMARKS 7n, s29-g)."""
     if prefetch_k:
         return prefetch_k
     return top_k if source == "attention" else -(-top_k // 2)
