@@ -35,11 +35,12 @@ def add_offload_args(parser: argparse.ArgumentParser) -> None:
                         "the whole run)")
     g.add_argument("--offload-prefetch", default="none",
                    choices=["none", "next_layer_gate", "attention", "probe", "predictor"],
-                   help="prefetch next layer's experts by applying its router (next_layer_gate) or a fitted probe "
-                        "(probe; needs --offload-probes) to the current hidden state, or its own attention and then "
-                        "its router (attention: one more attention a layer, the best one-ahead guess measured, "
-                        "BENCHMARKS 7m) (each token's likeliest half of its top-k guesses), or by the routing-path "
-                        "predictor (predictor; needs --offload-predictor)")
+                   help="prefetch the next layer's experts, guessed by: its router on the current hidden state "
+                        "(next_layer_gate), a fitted probe on it (probe; needs --offload-probes), each prefetching "
+                        "every token's likeliest half of its top-k guesses; its own attention on the current "
+                        "residual, then its router (attention: one more attention a layer, the best one-ahead guess "
+                        "measured, BENCHMARKS 7m/7n; all top-k guesses prefetched); or the routing-path predictor "
+                        "(predictor; needs --offload-predictor)")
     g.add_argument("--offload-predictor", default=None, metavar="FILE",
                    help="a routing-path predictor trained on this model's routing trace (the P.npz of `moe predictor "
                         "train`; its P.probe.npz beside it, when there, becomes its lookahead), for "
