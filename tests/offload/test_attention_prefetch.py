@@ -39,10 +39,12 @@ def _same(want, got):
 @pytest.mark.parametrize("kw", [dict(policy="lru", slots_per_layer=3), dict(policy="lfu", slots_per_layer=2),
                                 dict(policy="lru", slots_per_layer=3, cpu_fallback=True),
                                 dict(policy="lru", slots_per_layer=2, driver="device"),
-                                dict(policy="lfu", slots_per_layer=3, driver="device")])
+                                dict(policy="lfu", slots_per_layer=3, driver="device"),
+                                dict(policy="lru", slots_per_layer=1), dict(policy="lfu", slots_per_layer=1, driver="device")])
 def test_attention_prefetch_keeps_output(pair, kw):
     """The guess's attention writes the next layer's KV-cache slots for the current tokens; that layer's own
-    attention overwrites them, so the text and logits stay the resident model's (host and device drivers)."""
+    attention overwrites them, so the text and logits stay the resident model's (host and device drivers; one slot
+    a layer, fewer than the top-k guesses prefetched)."""
     model, resident = pair
     m = offloaded(model, prefetch="attention", prefetch_k=2, **kw)
     assert all(isinstance(b.experts._next_router[0], AttentionRouter) for b in m.moe_blocks()[:-1])
