@@ -369,7 +369,8 @@ def plan_slots(cfg: OffloadConfig, *, device: torch.device, dense_bytes: int, ex
     if left < need:
         raise ValueError(f"gpu_memory={g!r} cannot hold one layer's {top_k} active experts "
                          f"({f(need)} at {f(expert_bytes)} each): {detail}. "
-                         "Raise gpu_memory, lower kv_cache_bytes/reserve_bytes, or shorten max_len")
+                         "Raise gpu_memory, or lower reserve_bytes (--offload-reserve) or kv_cache_bytes (moe "
+                         "serve's --max-len / --max-batch-size)")
     slots = left // (num_layers * expert_bytes)
     if slots < 1:
         raise ValueError(f"gpu_memory={g!r} gives {f(left)} for experts, less than one {f(expert_bytes)} slot "

@@ -70,6 +70,9 @@ def add_offload_args(parser: argparse.ArgumentParser) -> None:
                         "device on a GPU with --backend triton for experts up to 64 MiB whose step's top-k fit the "
                         "slots in one round (or that only it packs), else host (copy-bound steps, where the copy "
                         "engine is faster)")
+    g.add_argument("--offload-reserve", default="256MiB", metavar="SIZE",
+                   help="of --gpu-memory, what is kept free for activations and the kernels' working memory, "
+                        "besides the dense weights and the KV cache (default 256MiB); the expert cache gets the rest")
     g.add_argument("--offload-from-disk", action="store_true",
                    help="read experts from the checkpoint's memory-mapped safetensors instead of host memory")
 
@@ -106,6 +109,7 @@ def apply_from_args(model, args: argparse.Namespace, checkpoint: str | None = No
     cfg = OffloadConfig(gpu_memory=gm, device=device, policy=args.offload_policy, prefetch=args.offload_prefetch,
                         **objects,
                         prefetch_budget=getattr(args, "offload_prefetch_budget", None), kv_cache_bytes=kv,
+                        reserve_bytes=getattr(args, "offload_reserve", SETTING_DEFAULTS["offload_reserve"]),
                         cpu_fallback=args.cpu_fallback, checkpoint=checkpoint,
                         expert_slices=getattr(args, "expert_slices", 1),
                         lfu_half_life=getattr(args, "offload_lfu_half_life", None),
@@ -120,7 +124,7 @@ def apply_from_args(model, args: argparse.Namespace, checkpoint: str | None = No
 SETTING_DEFAULTS = {"offload_policy": "lfu", "offload_prefetch": "none", "offload_probes": None,
                     "offload_predictor": None, "offload_prefetch_budget": None, "cpu_fallback": False,
                     "expert_slices": 1, "offload_from_disk": False, "offload_lfu_half_life": None,
-                    "offload_pack_experts": "auto", "offload_driver": "auto"}
+                    "offload_pack_experts": "auto", "offload_driver": "auto", "offload_reserve": "256MiB"}
 
 
 def settings_given(obj) -> list[str]:

@@ -105,7 +105,7 @@ def _offload_options(args: argparse.Namespace) -> dict:
     for them), as SETTING_DEFAULTS names the defaults."""
     from offload.cli_args import SETTING_DEFAULTS
     fields = {"expert_slices": "expert_slices", "offload_lfu_half_life": "lfu_half_life",
-              "offload_pack_experts": "pack_experts", "offload_driver": "driver"}
+              "offload_pack_experts": "pack_experts", "offload_driver": "driver", "offload_reserve": "reserve_bytes"}
     return {field: getattr(args, dest) for dest, field in fields.items()
             if getattr(args, dest) != SETTING_DEFAULTS[dest]}
 

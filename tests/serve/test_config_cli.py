@@ -80,6 +80,10 @@ def test_moe_serve_command_line():
     assert config_from_args(args).replica_spec("cuda")["offload"]["lfu_half_life"] == 1.0
     args = parser.parse_args(["serve", "--gpu-memory", "0.3", "--offload-driver", "device"])
     assert config_from_args(args).replica_spec("cuda")["offload"]["driver"] == "device"
+    args = parser.parse_args(["serve", "--gpu-memory", "0.3", "--offload-reserve", "1GiB"])
+    assert config_from_args(args).replica_spec("cuda")["offload"]["reserve_bytes"] == "1GiB"
+    with pytest.raises(ValueError, match="needs gpu_memory"):  # like the other offload options: needs offloading
+        config_from_args(parser.parse_args(["serve", "--offload-reserve", "1GiB"]))
     # the same from serve/config.yaml's args (offload_options: {driver: device})
     yaml_cfg = ServeConfig.from_args({"gpu_memory": "0.3", "offload_options": {"driver": "device"}})
     assert yaml_cfg.replica_spec("cuda")["offload"]["driver"] == "device"
