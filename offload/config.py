@@ -174,14 +174,17 @@ class OffloadConfig:
     def __post_init__(self):
         if self.gpu_memory is None and self.slots_per_layer is None:
             raise ValueError("OffloadConfig needs gpu_memory (e.g. '24GiB' or 0.3) or slots_per_layer")
-        if isinstance(self.gpu_memory, float) and not 0.0 < self.gpu_memory <= 1.0:
-            raise ValueError(f"gpu_memory as a fraction must be in (0, 1], got {self.gpu_memory}; "
-                             "for bytes write a string such as '24GiB'")
         if isinstance(self.gpu_memory, str):
             parse_bytes(self.gpu_memory)  # raises with the fix
             s = self.gpu_memory.strip()
             if re.fullmatch(r"0?\.[0-9]+|1(\.0*)?", s):
                 self.gpu_memory = float(s)  # '0.25' on the command line is a fraction
+            elif re.fullmatch(r"[0-9]*\.[0-9]*", s):  # '2.0', '1.5': no unit, and not a fraction (nor whole bytes)
+                raise ValueError(f"gpu_memory={s!r} has no unit and is not a fraction in (0, 1]: write a fraction of "
+                                 "the device's memory such as 0.3, or a size with its unit such as '2GiB'")
+        if isinstance(self.gpu_memory, float) and not 0.0 < self.gpu_memory <= 1.0:
+            raise ValueError(f"gpu_memory as a fraction must be in (0, 1], got {self.gpu_memory}; "
+                             "for bytes write a string such as '24GiB'")
         if self.slots_per_layer is not None and self.slots_per_layer < 1:
             raise ValueError(f"slots_per_layer must be >= 1, got {self.slots_per_layer}")
         if self.policy not in POLICIES:

@@ -21,6 +21,8 @@ def test_parse_bytes():
     (dict(), "gpu_memory"),
     (dict(gpu_memory=1.5), "fraction"),
     (dict(gpu_memory="24 bananas"), "byte size"),
+    (dict(gpu_memory="2.0"), "has no unit"),  # not 2 bytes: a unit-less decimal above 1 is a mistake
+    (dict(gpu_memory="0.0"), "fraction must be in"),  # a fraction from the command line is checked as one
     (dict(slots_per_layer=0), "slots_per_layer"),
     (dict(slots_per_layer=2, policy="fifo"), "fifo"),
     (dict(slots_per_layer=2, prefetch="magic"), "magic"),
