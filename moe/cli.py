@@ -158,6 +158,8 @@ def load_from_args(args: argparse.Namespace, stderr: TextIO | None = None):
     backend = resolve_backend(args.backend, device)  # (refuses triton off a CUDA device, with the fix)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     tok = Tokenizer.from_dir(path)  # first: a missing tokenizer fails before the weights load
+    from offload.cli_args import config_from_args
+    config_from_args(args, checkpoint=str(path))  # so do wrong offload flags and missing or broken probe files
     offloading = getattr(args, "gpu_memory", None) is not None
     # with --gpu-memory the weights load into host memory; apply_offload then moves the dense part
     # to the device and keeps the experts in the (pinned) host store

@@ -9,6 +9,7 @@ The hub (moe/cli.py) calls these; offloading stays a step applied to a loaded mo
 from __future__ import annotations
 
 import argparse
+import os
 
 from .config import POLICIES, OffloadConfig
 
@@ -85,38 +86,47 @@ def apply_from_args(model, args: argparse.Namespace, checkpoint: str | None = No
     batch_size, max_len: the KV cache the engine will make, counted in the budget before experts (and
     batch_size the rows of a decode step, OffloadConfig.decode_batch).
     """
+    kv = 0
+    if max_len and getattr(args, "gpu_memory", None) is not None and hasattr(getattr(model, "config", None),
+                                                                           "num_hidden_layers"):
+        from .apply import kv_cache_bytes
+        kv = kv_cache_bytes(model.config, batch_size, max_len, next(model.parameters()).dtype)
+    cfg = config_from_args(args, checkpoint, batch_size, kv)
+    if cfg is None:
+        return model
+    from .apply import apply_offload
+    return apply_offload(model, cfg)
+
+
+def config_from_args(args: argparse.Namespace, checkpoint: str | None = None, batch_size: int = 1,
+                     kv_cache_bytes: int = 0) -> OffloadConfig | None:
+    """The OffloadConfig the options of add_offload_args describe (None without --gpu-memory), with every check
+    that needs no model: `moe generate` calls it before the weights load, so a wrong flag or a missing or broken
+    probes / predictor file fails at once, not after minutes of loading."""
     if getattr(args, "gpu_memory", None) is None:
         given = ["--" + name.replace("_", "-") for name in settings_given(args)]
         if given:
             raise ValueError(f"{' '.join(given)} configure expert offloading, which --gpu-memory turns on: add "
                              "--gpu-memory SIZE (e.g. 24GiB) or drop them")
-        return model
-    from .apply import apply_offload, kv_cache_bytes
-
+        return None
     disk = bool(getattr(args, "offload_from_disk", False))
     if disk and checkpoint is None:
         raise ValueError("--offload-from-disk needs the model directory (pass checkpoint=<dir> to apply_from_args)")
-    gm = args.gpu_memory
-    kv = 0
-    if max_len and hasattr(model, "config") and hasattr(model.config, "num_hidden_layers"):
-        dtype = next(model.parameters()).dtype
-        kv = kv_cache_bytes(model.config, batch_size, max_len, dtype)
     device = getattr(args, "device", None)
     device = None if device in (None, "auto") else str(device)
     probes_file = getattr(args, "offload_probes", None)
     check_files(args.offload_policy, args.offload_prefetch, probes_file, getattr(args, "offload_predictor", None))
     objects = offload_objects(probes_file, getattr(args, "offload_predictor", None))
-    cfg = OffloadConfig(gpu_memory=gm, device=device, policy=args.offload_policy, prefetch=args.offload_prefetch,
-                        **objects,
-                        prefetch_budget=getattr(args, "offload_prefetch_budget", None), kv_cache_bytes=kv,
-                        reserve_bytes=getattr(args, "offload_reserve", SETTING_DEFAULTS["offload_reserve"]),
-                        cpu_fallback=args.cpu_fallback, checkpoint=checkpoint,
-                        expert_slices=getattr(args, "expert_slices", 1),
-                        lfu_half_life=getattr(args, "offload_lfu_half_life", None),
-                        pack_experts=getattr(args, "offload_pack_experts", "auto"),
-                        driver=getattr(args, "offload_driver", "auto"), decode_batch=max(1, int(batch_size)),
-                        store="disk" if disk else ("auto" if checkpoint else "memory"))
-    return apply_offload(model, cfg)
+    return OffloadConfig(gpu_memory=args.gpu_memory, device=device, policy=args.offload_policy,
+                         prefetch=args.offload_prefetch, **objects,
+                         prefetch_budget=getattr(args, "offload_prefetch_budget", None), kv_cache_bytes=kv_cache_bytes,
+                         reserve_bytes=getattr(args, "offload_reserve", SETTING_DEFAULTS["offload_reserve"]),
+                         cpu_fallback=args.cpu_fallback, checkpoint=checkpoint,
+                         expert_slices=getattr(args, "expert_slices", 1),
+                         lfu_half_life=getattr(args, "offload_lfu_half_life", None),
+                         pack_experts=getattr(args, "offload_pack_experts", "auto"),
+                         driver=getattr(args, "offload_driver", "auto"), decode_batch=max(1, int(batch_size)),
+                         store="disk" if disk else ("auto" if checkpoint else "memory"))
 
 
 # the offload settings of `moe generate` / `moe serve` (argparse dests = ServeConfig fields) and their
@@ -146,6 +156,10 @@ def offload_objects(probes_file: str | None = None, predictor_file: str | None =
     """OffloadConfig's ``probes`` and ``predictor`` loaded from their files (the PathPredictor with the
     P.probe.npz saved beside it, when there, as its lookahead); only the keys of files given."""
     out = {}
+    for what, f, made_by in (("probes", probes_file, "moe predictor train --features"),
+                             ("predictor", predictor_file, "moe predictor train")):
+        if f is not None and not os.path.isfile(f):
+            raise ValueError(f"the {what} file {f} is not found (it comes from `{made_by}`)")
     if probes_file is not None:
         from routing.probe import ProbeLookahead
         out["probes"] = ProbeLookahead.load(probes_file)

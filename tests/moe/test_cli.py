@@ -217,6 +217,18 @@ def test_gpu_memory_offloads_and_changes_nothing(capsys, lib, tiny_dir, policy):
     assert cap.out == want + "\n" and "decided on the device" in cap.err
 
 
+def test_wrong_offload_flags_fail_before_the_weights_load(capsys, tiny_dir, tmp_path):
+    """A flag combination offloading refuses, or a probes file that is not there, is said before the checkpoint
+    loads (on a 90 GB model that is minutes), not after."""
+    base = ["generate", str(tiny_dir), "--prompt", "x", "-n", "2", "--device", "cpu", "--gpu-memory", "300MiB"]
+    for extra, said in ((["--offload-prefetch", "probe"], "go together"),
+                        (["--offload-prefetch", "probe", "--offload-probes", str(tmp_path / "none.npz")], "not found"),
+                        (["--offload-policy", "lru", "--offload-lfu-half-life", "5"], "needs policy='lfu'")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert said in err and "loading weights" not in err, (extra, err)
+
+
 def test_gpu_memory_too_small_is_a_clean_error(capsys, tiny_dir):
     assert main(["generate", str(tiny_dir), "--prompt", "x", "-n", "2", "--device", "cpu",
                  "--gpu-memory", "1KiB"]) == 2
