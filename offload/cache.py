@@ -35,6 +35,15 @@ STAGES = 2  # staging buffers of the packed copy path: a copy lands in one while
 _raw_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
+def prefetch_phrase(c: dict) -> str:
+    """What describe() says of prefetching, from stats(): how many experts were prefetched, how many of them were
+    used, and how much of what was not cached they brought ahead of time ('' when nothing was prefetched)."""
+    if not c.get("prefetches"):
+        return ""
+    return (f", {c['prefetches']} of them prefetched ({100 * c['prefetch_precision']:.0f}% used; they brought "
+            f"{100 * c['prefetch_recall']:.0f}% of the uncached uses ahead of time)")
+
+
 class ExpertCache:
     def __init__(self, store: ExpertStore, slots_per_layer: int, policy: Policy, device: str | torch.device = "cpu"):
         if slots_per_layer < 1:
@@ -117,8 +126,8 @@ class ExpertCache:
         acc = c["hits"] + c["misses"]
         return (f"offload: {self.slots} of {self.num_experts} experts per layer on {self.device.type}, copied "
                 f"{how}; {acc} expert uses, {100 * c['hit_ratio']:.1f}% hits, {c['copies']} copies "
-                f"({c['bytes_copied'] / 1e6:.1f} MB)" + (f", {c['cpu_computed']} computed on the CPU"
-                                                         if c["cpu_computed"] else ""))
+                f"({c['bytes_copied'] / 1e6:.1f} MB)" + prefetch_phrase(c)
+                + (f", {c['cpu_computed']} computed on the CPU" if c["cpu_computed"] else ""))
 
     def resident(self, layer: int) -> list[int]:
         return [e for e in self.expert_in[layer] if e >= 0]

@@ -59,6 +59,7 @@ from kernels.unpack import ESC_TILE, decode_block
 from kernels.unpack import layout as unpack_layout
 
 from .policies import resolve_lfu_half_life
+from .cache import prefetch_phrase
 from .prefetch import guess_count, release_router, router_guess
 
 POLICIES = ("lru", "lfu")
@@ -499,7 +500,8 @@ class DeviceExpertCache:
         return (f"offload (decided on the device): {self.slots} of {self.num_experts} experts per layer on "
                 f"{self.device.type}, {self.policy}, read from pinned host memory by the GPU"
                 f"{' packed to 12 bits a weight' if self.packed is not None else ''}; {acc} expert uses, "
-                f"{100 * c['hit_ratio']:.1f}% hits, {c['copies']} fills ({c['bytes_copied'] / 1e6:.1f} MB)")
+                f"{100 * c['hit_ratio']:.1f}% hits, {c['copies']} fills ({c['bytes_copied'] / 1e6:.1f} MB)"
+                + prefetch_phrase(c))
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.pool_w13 + self.pool_w2)

@@ -1,6 +1,7 @@
 """`moe` end to end, in process: main([...]) on the tiny on-the-fly model, output checked against
 the library's own generate()."""
 import io
+import re
 import shutil
 import textwrap
 
@@ -215,6 +216,23 @@ def test_gpu_memory_offloads_and_changes_nothing(capsys, lib, tiny_dir, policy):
                  "--gpu-memory", "300MiB", "--offload-policy", policy, "--offload-driver", "device"]) == 0
     cap = capsys.readouterr()
     assert cap.out == want + "\n" and "decided on the device" in cap.err
+
+
+@pytest.mark.parametrize("driver", ["host", "device"])
+def test_the_offload_summary_says_what_prefetch_did(capsys, lib, tiny_dir, driver):
+    """With --offload-prefetch the summary line says how many copies were prefetches, how many of those were used,
+    and how much of what was not cached they brought ahead of time; without it, nothing of the kind."""
+    want = expected(lib, "import os", max_new_tokens=10)
+    base = ["generate", str(tiny_dir), "--prompt", "import os", "-n", "10", "--device", "cpu",
+            "--gpu-memory", "300MiB", "--offload-driver", driver, "--offload-reserve", "0"]
+    assert main(base + ["--offload-prefetch", "attention"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out == want + "\n"
+    line = [ln for ln in cap.err.splitlines() if "offload" in ln and "expert uses" in ln][0]
+    assert re.search(r"copies|fills", line) and re.search(r", \d+ of them prefetched \(\d+% used; they brought "
+                                                          r"\d+% of the uncached uses ahead of time\)", line), line
+    assert main(base) == 0
+    assert "prefetched" not in capsys.readouterr().err
 
 
 def test_wrong_offload_flags_fail_before_the_weights_load(capsys, tiny_dir, tmp_path):
