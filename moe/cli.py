@@ -94,15 +94,18 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     add_offload_args(p)
 
 
-def apply_model_options(model, args: argparse.Namespace, model_dir: Path | None = None):
+def apply_model_options(model, offload_cfg=None):
     """Optional transforms of a loaded model chosen by flags; returns the model to run.
 
-    The place for steps such as expert offloading (``--gpu-memory``): each is applied only when
-    its flag is present on ``args``, so commands that do not define the flag are unaffected.
+    The place for steps such as expert offloading (``--gpu-memory``): ``offload_cfg`` is what
+    ``offload.cli_args.offload_config_from_args`` made of the flags before the weights loaded (None: no
+    offloading, also for commands that do not define the flags).
     """
-    from offload.cli_args import apply_from_args
+    if offload_cfg is None:
+        return model
+    from offload import apply_offload
 
-    return apply_from_args(model, args, checkpoint=str(model_dir) if model_dir is not None else None)
+    return apply_offload(model, offload_cfg)
 
 
 def resolve_model_dir(model: str | None, stderr: TextIO) -> Path:
@@ -158,15 +161,16 @@ def load_from_args(args: argparse.Namespace, stderr: TextIO | None = None):
     backend = resolve_backend(args.backend, device)  # (refuses triton off a CUDA device, with the fix)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     tok = Tokenizer.from_dir(path)  # first: a missing tokenizer fails before the weights load
-    from offload.cli_args import config_from_args
-    config_from_args(args, checkpoint=str(path))  # so do wrong offload flags and missing or broken probe files
-    offloading = getattr(args, "gpu_memory", None) is not None
+    from offload.cli_args import offload_config_from_args
+    # so do wrong offload flags and missing or broken probe files (the config is applied once the weights load)
+    offload_cfg = offload_config_from_args(args, checkpoint=str(path))
+    offloading = offload_cfg is not None
     # with --gpu-memory the weights load into host memory; apply_offload then moves the dense part
     # to the device and keeps the experts in the (pinned) host store
     model = load_model(path, dtype=dtype, device="cpu" if offloading else device, backend=backend,
                        progress=ProgressBar(stream=stderr))
     model.eval()
-    return apply_model_options(model, args, path), tok
+    return apply_model_options(model, offload_cfg), tok
 
 
 # --- moe generate ---------------------------------------------------------------------------------

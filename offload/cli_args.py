@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .config import POLICIES, OffloadConfig
+from .config import POLICIES, PREFETCH, OffloadConfig
 
 
 def _pack_choice(v: str):
@@ -35,7 +35,7 @@ def add_offload_args(parser: argparse.ArgumentParser) -> None:
                         "count more (default 23, which did best on a trained model's routing; inf: counted over "
                         "the whole run)")
     g.add_argument("--offload-prefetch", default="none",
-                   choices=["none", "next_layer_gate", "attention", "probe", "predictor"],
+                   choices=list(PREFETCH),
                    help="prefetch the next layer's experts, guessed by: its router on the current hidden state "
                         "(next_layer_gate), a fitted probe on it (probe; needs --offload-probes), each prefetching "
                         "every token's likeliest half of its top-k guesses; its own attention on the current "
@@ -91,14 +91,14 @@ def apply_from_args(model, args: argparse.Namespace, checkpoint: str | None = No
                                                                            "num_hidden_layers"):
         from .apply import kv_cache_bytes
         kv = kv_cache_bytes(model.config, batch_size, max_len, next(model.parameters()).dtype)
-    cfg = config_from_args(args, checkpoint, batch_size, kv)
+    cfg = offload_config_from_args(args, checkpoint, batch_size, kv)
     if cfg is None:
         return model
     from .apply import apply_offload
     return apply_offload(model, cfg)
 
 
-def config_from_args(args: argparse.Namespace, checkpoint: str | None = None, batch_size: int = 1,
+def offload_config_from_args(args: argparse.Namespace, checkpoint: str | None = None, batch_size: int = 1,
                      kv_cache_bytes: int = 0) -> OffloadConfig | None:
     """The OffloadConfig the options of add_offload_args describe (None without --gpu-memory), with every check
     that needs no model: `moe generate` calls it before the weights load, so a wrong flag or a missing or broken
