@@ -350,7 +350,8 @@ class DeviceExpertCache:
                     fill_e, fill_s, N, E, S, M, rnd, FIRST=rnd == 0 and not prefetch, PREFETCH=prefetch,
                     LFU=self.policy == "lfu",
                     BN=min(64, triton.next_power_of_2(max(N, 1))), BE=triton.next_power_of_2(E),
-                    BS=triton.next_power_of_2(S), num_warps=4)
+                    BS=triton.next_power_of_2(S), num_warps=4,
+                    enable_fp_fusion=False)  # LFU's f * decay + use rounded twice, as plan_torch and the host cache
         return slot_N, fill_e, fill_s
 
     def plan_torch(self, layer: int, ids_N: torch.Tensor, rnd: int,

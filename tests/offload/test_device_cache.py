@@ -10,6 +10,8 @@ from offload.store import HostExpertStore
 
 from .helpers import greedy, offloaded, tiny_model
 
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the kernels' tests: interpreted in CI
+
 PROMPT = [3, 17, 5, 9, 30]
 STEPS = 6
 
@@ -67,9 +69,10 @@ class _RefCache:
         return computed_in
 
 
-def _store(L, E, I=4, D=6, seed=0):
+def _store(L, E, I=4, D=6, seed=0, pin=False):
     g = torch.Generator().manual_seed(seed)
-    return HostExpertStore([(torch.randn(E, 2 * I, D, generator=g), torch.randn(E, D, I, generator=g))
+    t = (lambda x: x.pin_memory()) if pin else (lambda x: x)
+    return HostExpertStore([(t(torch.randn(E, 2 * I, D, generator=g)), t(torch.randn(E, D, I, generator=g)))
                             for _ in range(L)])
 
 
@@ -163,18 +166,21 @@ def test_plan_decides_as_the_reference(policy, E, S, K, T):
 
 
 @pytest.mark.parametrize("M", [1, 3])
-def test_fill_kernel_interpreted(M):
-    """The fill kernel (under TRITON_INTERPRET=1 in CI) against its plain reference, with a -1 entry."""
+def test_fill_kernel(M):
+    """The fill kernel (interpreted in CI, compiled on a GPU: host store pinned, slots on the device) against its
+    plain reference, with a -1 entry."""
     src13, src2 = torch.randn(5, 2 * 24, 40), torch.randn(5, 40, 24)
     ref13, ref2 = torch.full((3, 48, 40), float("nan")), torch.full((3, 40, 24), float("nan"))
-    got13, got2 = ref13.clone(), ref2.clone()
     fe = torch.tensor([4, -1, 1][:M])
     fs = torch.tensor([2, 1, 0][:M])
     fill_slots(src13, src2, ref13, ref2, fe, fs, use_kernel=False)
-    fill_slots(src13, src2, got13, got2, fe, fs, use_kernel=True)
-    torch.testing.assert_close(got13, ref13, equal_nan=True, rtol=0, atol=0)
-    torch.testing.assert_close(got2, ref2, equal_nan=True, rtol=0, atol=0)
-    assert torch.equal(got13[2], src13[4])
+    if DEV.type == "cuda":
+        src13, src2 = src13.pin_memory(), src2.pin_memory()
+    got13, got2 = torch.full_like(ref13, float("nan"), device=DEV), torch.full_like(ref2, float("nan"), device=DEV)
+    fill_slots(src13, src2, got13, got2, fe.to(DEV), fs.to(DEV), use_kernel=True)
+    torch.testing.assert_close(got13.cpu(), ref13, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(got2.cpu(), ref2, equal_nan=True, rtol=0, atol=0)
+    assert torch.equal(got13[2].cpu(), src13[4])
 
 
 @pytest.fixture(scope="module")
@@ -240,10 +246,10 @@ def test_device_driver_refuses_what_it_cannot_do():
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
 @pytest.mark.parametrize("E,S,K,T", [(8, 3, 2, 1), (16, 4, 4, 3), (6, 2, 3, 2), (12, 12, 3, 1)])
 def test_plan_kernel_decides_as_plan_torch(policy, E, S, K, T):
-    """The one-program plan kernel (interpreted in CI) against plan_torch, step by step, round by round: the
-    same slots, fill lists, tables, recency stamps, LFU counts and counters."""
+    """The one-program plan kernel (interpreted in CI, compiled on a GPU) against plan_torch, step by step, round by
+    round: the same slots, fill lists, tables, recency stamps, LFU counts and counters."""
     rng = np.random.default_rng(E + 7 * S + K + T)
-    caches = [DeviceExpertCache(_store(1, E), S, policy, "cpu", lfu_half_life=2.5 if policy == "lfu" else None)
+    caches = [DeviceExpertCache(_store(1, E, pin=DEV.type == "cuda"), S, policy, DEV, lfu_half_life=2.5 if policy == "lfu" else None)
               for _ in range(2)]
     caches[0]._kernel, caches[1]._kernel = False, True
     for step in range(12):
@@ -251,10 +257,10 @@ def test_plan_kernel_decides_as_plan_torch(policy, E, S, K, T):
         if step % 5 == 2:
             ids[-1] = -1
         if step % 3 == 1:  # a prefetch of guesses first (the previous layer's), as the side stream plans it
-            guess = torch.from_numpy(rng.choice(E, min(E, K + 1), replace=False)).long()
+            guess = torch.from_numpy(rng.choice(E, min(E, K + 1), replace=False)).long().to(DEV)
             for a, b in zip(*[c.plan(0, guess.clone(), 0, prefetch=True) for c in caches]):
                 assert torch.equal(a, b), step
-        pend = [torch.from_numpy(ids).long() for _ in caches]
+        pend = [torch.from_numpy(ids).long().to(DEV) for _ in caches]
         for r in range(caches[0].rounds(T, K)):
             outs = [c.plan(0, p, r) for c, p in zip(caches, pend)]
             for a, b in zip(*outs):
@@ -315,7 +321,8 @@ def test_auto_takes_the_device_where_the_host_paths_staging_leaves_no_room(model
 
 def test_packed_fill_reaches_buffers_in_every_chunk_of_the_arena():
     """Each packed buffer in a chunk of its own (an arena of tiny chunks): the fill kernel (interpreted) reaches
-    them all from the one anchor and decodes each into its slot exactly as the reference decode."""
+    them all from the one anchor and decodes each into its slot exactly as the reference decode (interpreted in CI;
+    compiled on a GPU, the arena pinned)."""
     from kernels.unpack import pack_bf16, unpack_bf16_reference
     from offload.device_cache import PackedSource, fill_slots_packed
     from offload.store import PackedHostExpertStore, PinnedArena
@@ -323,15 +330,17 @@ def test_packed_fill_reaches_buffers_in_every_chunk_of_the_arena():
     E, I, D = 4, 8, 40
     w13, w2 = torch.randn(E, 2 * I, D, generator=g).bfloat16(), torch.randn(E, D, I, generator=g).bfloat16()
     w13[1, 0, :5] = torch.tensor([1e30, -1e-30, 3e20, 0.0, -7e-25]).bfloat16()  # escapes
-    arena = PinnedArena(64, pin=False)  # every buffer larger than a chunk: one chunk each
+    arena = PinnedArena(64, pin=DEV.type == "cuda")  # every buffer larger than a chunk: one chunk each
     layer = [(arena.take(buf.numel()).copy_(buf), base, n_esc) for buf, base, n_esc in
              (pack_bf16(w13[e], w2[e]) for e in range(E))]
     assert len(arena.chunks) == E
     store = PackedHostExpertStore([layer], (2 * I, D), (D, I), arena)
-    src = PackedSource(store, torch.device("cpu"))
-    d13, d2 = torch.full((3, 2 * I, D), float("nan")).bfloat16(), torch.full((3, D, I), float("nan")).bfloat16()
-    moved = torch.zeros(1, dtype=torch.int64)
-    fill_slots_packed(src, 0, d13, d2, torch.tensor([3, 1, -1]), torch.tensor([0, 2, 1]), moved)
+    src = PackedSource(store, DEV)
+    d13 = torch.full((3, 2 * I, D), float("nan"), device=DEV).bfloat16()
+    d2 = torch.full((3, D, I), float("nan"), device=DEV).bfloat16()
+    moved = torch.zeros(1, dtype=torch.int64, device=DEV)
+    fill_slots_packed(src, 0, d13, d2, torch.tensor([3, 1, -1], device=DEV), torch.tensor([0, 2, 1], device=DEV), moved)
+    d13, d2 = d13.cpu(), d2.cpu()
     for e, s in ((3, 0), (1, 2)):
         r13, r2 = torch.empty(2 * I, D).bfloat16(), torch.empty(D, I).bfloat16()
         unpack_bf16_reference(*store.packed(0, e), r13, r2)
