@@ -421,8 +421,6 @@ class PaidGuess:
     ``lookahead+C`` run thus carry the recorded guesses' quality with C's real cost on the step (its time on the
     compute stream, in the graphs), which a random-weight model's own C could not give (its guesses are noise)."""
 
-    on_compute_stream = True  # (C writes the next layer's KV-cache slots: in order, as prefetch='attention' runs it)
-
     def __init__(self, attention, recorded):
         self.attention, self.recorded = attention, recorded
         self.guesses = recorded.guesses

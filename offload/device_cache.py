@@ -28,10 +28,10 @@ addressed by the GPU where the host addresses it (unified addressing), which the
 reach every buffer of the store's arena from one anchor. On a CPU "device" the plan is plan_torch and
 the fill plain copies (tests); under ``TRITON_INTERPRET=1`` the kernels run there too.
 
-Next-layer prefetch (a next router's guesses, ``set_next_router``) is planned and filled on a side stream
-that the next layer joins. What this path does not do (``OffloadConfig`` refuses the combinations with the
-reason): the predictor's prefetch, CPU fallback, expert slices, the predictor and Belady policies, a disk
-store.
+Next-layer prefetch (a next router's guesses, ``set_next_router``): the guess is computed first in the layer's
+forward, on the compute stream, then planned and filled on a side stream that the next layer joins. What this
+path does not do (``OffloadConfig`` refuses the combinations with the reason): the predictor's prefetch, CPU
+fallback, expert slices, the predictor and Belady policies, a disk store.
 
 ``OffloadConfig(driver='auto')``, the default, takes this path on a GPU with the triton experts where it measured
 faster than the host path (``apply.resolve_driver``: experts up to 64 MiB whose decode step's top-k fit the slots
@@ -524,41 +524,39 @@ class DeviceOffloadedExperts(nn.Module):
 
     def set_next_router(self, router: nn.Module | None) -> None:
         """What guesses layer l+1's experts from this layer's input (forward(x_TD) -> (_, _, logits_TE): layer
-        l+1's router, a probe, placement.trace_routing.TraceLookahead); its guesses are planned and read into
-        layer l+1's slots on a side stream, beside this layer's compute and the next layer's attention. None:
-        no prefetch."""
+        l+1's router, a probe, placement.trace_routing.TraceLookahead); its guesses are computed first in this
+        layer's forward, then planned and read into layer l+1's slots on a side stream, beside this layer's compute
+        and the next layer's attention. None: no prefetch."""
         release_router(self._next_router[0], router)
         self._next_router = [router]
 
     def _early_guess(self, x_TD: torch.Tensor) -> torch.Tensor | None:
-        """The guess of a next router that must run on the compute stream (prefetch='attention': it writes the next
-        layer's KV-cache slots, which that layer's own attention overwrites), computed at the top of forward(),
-        before this layer joins the prefetch into its own slots: the compute stream works on it while that
-        prefetch still fills. Computed after the demand fill instead, it held back the side stream's prefetch by
-        its ~70 us every layer: on OLMoE widths x 48 layers at 25% (B = 1, LFU) the step took 52.8 ms that way
-        against 49.6 without C, and 48.9 this way (one H200, BENCHMARKS 7n, s29-h / s29-i). None: no such
-        router."""
+        """The next router's guess of layer l+1's experts, computed on the compute stream at the top of forward(),
+        before this layer joins the prefetch into its own slots: the compute stream works on it while that prefetch
+        still fills, and the side stream's prefetch of the guess starts as soon as this layer's demand fill is
+        done. Computed after the demand fill instead (on the side stream, or on the compute stream), the guess held
+        that prefetch back by its time every layer. OLMoE widths x 48 layers at 25% (B = 1, LFU, one H200,
+        BENCHMARKS 7n): point C's guess 52.8 ms a step after the fill, 48.9 first (s29-h / s29-i); recorded guesses
+        50.2 on the side stream, 48.5 first (s30-b). It also keeps every guess on the compute stream, in order,
+        which prefetch='attention' needs (offload.prefetch.AttentionRouter writes the next layer's KV-cache
+        slots). None: no next router, or the last layer."""
         router = self._next_router[0]
-        if router is None or self.layer + 1 >= self.cache.num_layers or not getattr(router, "on_compute_stream", False):
+        if router is None or self.layer + 1 >= self.cache.num_layers:
             return None
         with torch.no_grad():
             return router_guess(router, x_TD, self.guess_k).reshape(-1).to(torch.int64)
 
     def _prefetch_next(self, x_TD: torch.Tensor, guess: torch.Tensor | None) -> None:
-        """Plan and fill this layer's guess of the next layer's experts on the side stream, after this layer's
-        demand fill (the link is busy until then), beside its compute. ``guess``: _early_guess's, else the next
-        router runs here, on the side stream."""
+        """Plan and fill ``guess`` (_early_guess's: layer l+1's experts) into layer l+1's slots on the side stream,
+        after this layer's demand fill (the link is busy until then), beside its compute."""
         cache, nxt = self.cache, self.layer + 1
-        router = self._next_router[0]
-        if router is None or nxt >= cache.num_layers:
+        if guess is None:
             return
         with torch.no_grad():
             side = cache.side_stream()
             if side is not None:
                 side.wait_stream(torch.cuda.current_stream(x_TD.device))
             with torch.cuda.stream(side) if side is not None else _nullcontext():
-                if guess is None:
-                    guess = router_guess(router, x_TD, self.guess_k).reshape(-1).to(torch.int64)
                 slot_N, fill_e, fill_s = cache.plan(nxt, guess, 0, prefetch=True)
                 cache.fill(nxt, fill_e, fill_s, programs=PREFETCH_PROGRAMS)
                 if side is not None:

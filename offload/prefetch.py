@@ -256,10 +256,9 @@ class AttentionRouter:
     one CUDA graph a step): its attention's arguments (positions, mask, KV cache, slots) and the residual its
     post-attention norm takes. The guess's attention writes the current tokens' keys and values into layer
     ``dst``'s KV-cache slots, which ``dst``'s own attention overwrites later in the same forward: so the guess must
-    run on the compute stream, in order (``on_compute_stream``), never on a side stream beside that attention.
+    run on the compute stream, in order, never on a side stream beside that attention: both drivers compute every
+    guess there (the device driver first in the layer's forward, ``DeviceOffloadedExperts._early_guess``).
     ``remove()`` takes the hooks off."""
-
-    on_compute_stream = True
 
     def __init__(self, layers, src: int, dst: int):
         if not 0 <= src < dst < len(layers):

@@ -221,6 +221,25 @@ def test_device_driver_with_next_layer_prefetch_equals_resident(model, resident,
     assert st["copies"] >= st["prefetches"] and st["evictions"] > 0
 
 
+def test_device_driver_guesses_before_it_joins_the_prefetch_into_its_layer(model, monkeypatch):
+    """Every next router's guess (here the gate trick's) is computed first in a layer's forward, before the layer
+    joins the prefetch into its own slots (_early_guess: on a GPU the compute stream works on it while that
+    prefetch still fills; after the demand fill it held back the side stream's prefetch, BENCHMARKS 3s); the last
+    MoE layer guesses nothing."""
+    import offload.device_cache as dc
+    m = offloaded(model, slots_per_layer=2, driver="device", prefetch="next_layer_gate", prefetch_k=2)
+    cache, log = m.offload_cache, []
+    real_guess, real_join = dc.router_guess, cache.join
+    monkeypatch.setattr(dc, "router_guess", lambda *a, **k: log.append("guess") or real_guess(*a, **k))
+    monkeypatch.setattr(cache, "join", lambda layer: log.append(layer) or real_join(layer))
+    greedy(m, PROMPT, 2)
+    L = len(m.moe_blocks())
+    joins = [i for i, e in enumerate(log) if e != "guess"]
+    assert len(joins) > L and log.count("guess") == len(joins) // L * (L - 1)
+    for i in joins:
+        assert (log[i - 1] == "guess") == (log[i] < L - 1), log[max(0, i - 3):i + 1]
+
+
 def test_device_driven_models_are_not_cut_into_graph_pieces(model):
     """Graph pieces cut around host-deciding experts; device-deciding ones need none (the whole step captures
     with the triton backend, graph_support), so piecewise_support says why not, and the Engine decodes eagerly
