@@ -609,6 +609,33 @@ def test_decode_benchmarks_oracle_bound_of_the_timed_steps():
     assert ms3 > ms2
 
 
+def test_decode_benchmarks_floors_stand_on_the_fastest_probe(capsys):
+    """decode.py's rerate_to_fastest_probe: a row whose start probe read slower than a round's probe gets its copy
+    floors and oracle bound at the round's rate (the start's kept); a row whose rounds read no faster is left."""
+    mod = load_benchmark("decode")
+    slow = {"model": "Q offloaded 32/128", "policy": "lfu", "B": 1, "floor_ms": 1.0, "h2d_gbs": 25.0,
+            "graph_all": [[40.0, 100.0, 50.0, 1000.0, 0.0, 0.0], [41.0, 100.0, 49.0, 1000.0, 0.0, 0.0]],
+            "graph_mb_per_step": 1000.0, "graph_copy_floor_ms": 41.0, "oracle_ms": 30.0, "oracle_hit": 0.7,
+            "oracle_rate_gbs": 25.0}
+    fine = dict(slow, h2d_gbs=50.0, graph_copy_floor_ms=21.0, oracle_rate_gbs=50.0, oracle_ms=15.0)
+    calls = []
+
+    def oracle_at(S, B, rate_gbs):
+        calls.append((S, B, rate_gbs))
+        return dict(oracle_ms=15.0, oracle_hit=0.7, oracle_rate_gbs=rate_gbs)
+    rows = [dict(slow), dict(fine)]
+    mod.rerate_to_fastest_probe(rows, oracle_at)
+    assert calls == [(32, 1, 50.0)]
+    assert rows[0]["h2d_gbs"] == 50.0 and rows[0]["h2d_start_gbs"] == 25.0
+    assert rows[0]["graph_copy_floor_ms"] == pytest.approx(1.0 + 1000e6 / 50e9 * 1e3)  # 21 ms, not 41
+    assert rows[0]["oracle_ms"] == 15.0 and rows[0]["oracle_rate_gbs"] == 50.0
+    assert rows[1] == fine
+    assert "at 50.0 GB/s" in capsys.readouterr().out
+    nan = dict(slow, h2d_gbs=float("nan"))  # off a GPU: nothing measured, nothing changed
+    mod.rerate_to_fastest_probe([nan], oracle_at)
+    assert nan["graph_copy_floor_ms"] == 41.0 and len(calls) == 1
+
+
 def test_warm_up_leaves_the_engine_as_new(model, tok):
     """Engine.warm_up: one-row prompts of 1, 2^k and 2^k + 1 tokens up to the longest allowed (a prefill and a
     decode step each), then max_batch_size rows of the longest prompt at once; afterwards the engine is idle, the
