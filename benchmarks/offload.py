@@ -388,6 +388,8 @@ def run_model(key, args, device, dtype):
                      ("predictor+cpu", b, S, dict(pk, cpu_fallback=True))]
                     # the predictor's prefetch queued behind demand copies (BENCHMARKS 7d)
                     + [(f"predictor b{nb:g}", b, S, dict(pk, prefetch_budget=nb)) for nb in args.prefetch_budgets])
+        cost = whole_cost = rerate_copy(rows, shape["name"], cost, probe_copy_rate(device, store))
+        bw = cost.copy_bytes_per_s
         sim_kw = dict(cost=cost, expert_bytes=eb, layer_compute_s=layer_compute_s, warmup_steps=args.warmup)
         bound = oracle_bound(trace, S, **sim_kw)
         copies = (bound["misses"] - bound["cpu_misses"]) / args.tokens
@@ -432,6 +434,8 @@ def run_model(key, args, device, dtype):
                          ("lfu packed", b, S, dict(policy="lfu", pack_experts=True)),
                          ("lfu packed device", b, S, dict(policy="lfu", pack_experts=True, driver="device"))])
             # the bound over the packed bytes (each copy moves the mean packed expert): what these rows stand against
+            whole_cost = rerate_copy(rows, shape["name"], whole_cost, probe_copy_rate(device, store))
+            bw = whole_cost.copy_bytes_per_s
             pb = store.nbytes() / (E * L)
             bound = oracle_bound(trace, S, cost=whole_cost, expert_bytes=int(pb), layer_compute_s=layer_compute_s,
                                  warmup_steps=args.warmup)
@@ -441,6 +445,31 @@ def run_model(key, args, device, dtype):
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def probe_copy_rate(device, store) -> float | None:
+    """The host -> GPU rate of one of the store's experts now (bytes/s; None off a GPU)."""
+    if device.type != "cuda":
+        return None
+    from offload.cost_model import copy_bytes_per_s
+    return copy_bytes_per_s(device, store.get(0, 0)[0] if not isinstance(store, PackedHostExpertStore)
+                            else store.packed(0, 0)[0])
+
+
+def rerate_copy(rows: list[dict], model: str, cost: CostModel, now: float | None) -> CostModel:
+    """The cost the oracle bound stands on, at the fastest copy rate seen: the calibration right after the store
+    was built, or ``now`` (a probe right before the bound), if 2% faster; then ``model``'s rows' copy floors are
+    re-rated to it too. A probe right after a 48-layer Qwen3 store was written read 26.9 GB/s where every later
+    probe read 55 (decode.py, BENCHMARKS 3s): a bound at the first would be twice too slow, and the rows' shares
+    of it too high."""
+    if now is None or now <= 1.02 * cost.copy_bytes_per_s:
+        return cost
+    for r in rows:
+        if r["model"] == model:
+            r["copy_floor_ms"] *= cost.copy_bytes_per_s / now
+    print(f"  (copy rate {now / 1e9:.1f} GB/s now, {cost.copy_bytes_per_s / 1e9:.1f} at calibration: the bound and "
+          f"the floors of the rows so far re-rated to it)")
+    return dataclasses.replace(cost, copy_bytes_per_s=now)
 
 
 def show(r):

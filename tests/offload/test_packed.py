@@ -157,6 +157,21 @@ def test_the_arena_keeps_host_memory_near_the_packed_bytes():
     assert store.nbytes() <= store.host_bytes() < store.nbytes() * 1.1 + store.arena.chunk_bytes
 
 
+def test_the_offload_benchmark_bounds_at_the_fastest_copy_rate(capsys):
+    """benchmarks/offload.py's rerate_copy: a probe 2% faster than the calibration re-rates the bound's cost and
+    the model's rows' copy floors; a slower or absent probe (off a GPU) changes nothing."""
+    from offload import CostModel
+    from tests.conftest import load_benchmark
+    mod = load_benchmark("offload")
+    cost = CostModel(copy_bytes_per_s=25e9, cpu_base_s=1e-3, cpu_per_token_s=0.0)
+    rows = [dict(model="Q", copy_floor_ms=40.0), dict(model="Q", copy_floor_ms=0.0), dict(model="M", copy_floor_ms=8.0)]
+    assert mod.rerate_copy(rows, "Q", cost, None) is cost and mod.rerate_copy(rows, "Q", cost, 25.4e9) is cost
+    new = mod.rerate_copy(rows, "Q", cost, 50e9)
+    assert new.copy_bytes_per_s == 50e9 and new.cpu_base_s == cost.cpu_base_s
+    assert [r["copy_floor_ms"] for r in rows] == [20.0, 0.0, 8.0]
+    assert "50.0 GB/s now, 25.0 at calibration" in capsys.readouterr().out
+
+
 def test_the_offload_benchmark_has_packed_rows(tmp_path, capsys):
     """benchmarks/offload.py --packed (on by default; bfloat16 runs): lru and lfu rows over packed experts,
     the same hits as the unpacked lru / lfu rows and ~3/4 of their bytes; and beside the oracle, Belady's
