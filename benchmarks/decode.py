@@ -513,7 +513,7 @@ def rerate_to_fastest_probe(rows: list[dict], oracle_at=None) -> None:
     or any probe right before a round (``*_all``' third field). A start probe once read 26.9 GB/s where every
     round's probe read 55.0-55.4 and the device rows moved 43.5 GB/s themselves (s30-d, Qwen3 48 layers just
     built: 58 GB written to pinned memory): floors at it were 1.7x too slow and the oracle bound 33.3 ms for
-    ~17.4. Where a round's probe beat the start's by 2%, the row's ``*_copy_floor_ms`` and oracle fields are
+    16.7. Where a round's probe beat the start's by 2%, the row's ``*_copy_floor_ms`` and oracle fields are
     recomputed at it (``h2d_start_gbs`` keeps the start's). ``oracle_at(S, B, rate_gbs)`` -> the oracle fields
     (None: no oracle)."""
     import re
