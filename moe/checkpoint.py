@@ -195,14 +195,9 @@ def _set_tensor(model: nn.Module, internal: str, t: torch.Tensor) -> None:
         mod._buffers[leaf] = t
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-               backend: str = "torch", progress: Callable[[int, int], None] | None = None) -> MoEForCausalLM:
-    """Load a Hugging Face MoE checkpoint directory (config.json + safetensors) into MoEForCausalLM.
-
-    dtype None keeps the checkpoint's dtype (config.json ``dtype``/``torch_dtype``, else the stored
-    tensors'). progress(done_bytes, total_bytes) is called after each tensor.
-    """
-    path = os.fspath(path)
+def _open_config(path: str) -> tuple[dict, MoEConfig]:
+    """config.json of the model directory ``path``: its raw dict and the MoEConfig, with the errors that name
+    the fix."""
     if not os.path.isdir(path):
         raise CheckpointError(f"model directory {path} does not exist: pass a directory holding config.json "
                               "and model.safetensors")
@@ -216,20 +211,53 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); fix or re-download it") from e
     try:
-        cfg = MoEConfig.from_hf_dict(raw)
+        return raw, MoEConfig.from_hf_dict(raw)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{cfg_path}: {e}") from e
+
+
+def _checkpoint_dtype(raw: dict, cfg: MoEConfig, reader: _Reader) -> torch.dtype:
+    """The dtype the checkpoint's weights keep: config.json's ``dtype`` / ``torch_dtype``, else the stored
+    embedding's."""
+    if raw.get("dtype") or raw.get("torch_dtype"):
+        return cfg.torch_dtype
+    emb = _normalise("model.embed_tokens.weight")
+    return _ST_DTYPES.get(reader.st_dtype(emb), torch.float32) if reader.has(emb) else torch.float32
+
+
+def model_skeleton(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                   backend: str = "torch") -> MoEForCausalLM:
+    """The model load_model(path, dtype) would build, with every parameter on the meta device: its shapes and
+    dtypes, no memory, nothing read but config.json and (where that names no dtype) the safetensors headers.
+    What checks of the whole model need before minutes of loading (offload.apply.check_budget)."""
+    path = os.fspath(path)
+    raw, cfg = _open_config(path)
+    if dtype is None:
+        files, source = _weight_files(path)
+        with contextlib.ExitStack() as stack:
+            dtype = _checkpoint_dtype(raw, cfg, _Reader(stack, files, None if files else source))
+    model = MoEForCausalLM(cfg, backend=backend, dtype=dtype, device="meta")
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight
+    model.config = cfg.replace(dtype=str(dtype).replace("torch.", ""))
+    return model
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+               backend: str = "torch", progress: Callable[[int, int], None] | None = None) -> MoEForCausalLM:
+    """Load a Hugging Face MoE checkpoint directory (config.json + safetensors) into MoEForCausalLM.
+
+    dtype None keeps the checkpoint's dtype (config.json ``dtype``/``torch_dtype``, else the stored
+    tensors'). progress(done_bytes, total_bytes) is called after each tensor.
+    """
+    path = os.fspath(path)
+    raw, cfg = _open_config(path)
     files, source = _weight_files(path)
     device = torch.device(device)
     with contextlib.ExitStack() as stack:
         reader = _Reader(stack, files, None if files else source)
         if dtype is None:
-            named = raw.get("dtype") or raw.get("torch_dtype")
-            if named:
-                dtype = cfg.torch_dtype
-            else:
-                emb = _normalise("model.embed_tokens.weight")
-                dtype = _ST_DTYPES.get(reader.st_dtype(emb), torch.float32) if reader.has(emb) else torch.float32
+            dtype = _checkpoint_dtype(raw, cfg, reader)
         model = MoEForCausalLM(cfg, backend=backend, dtype=dtype, device="meta")
         _stream_weights(model, cfg, reader, dtype, device, progress)
     model.reset_rotary(device)

@@ -165,6 +165,11 @@ def load_from_args(args: argparse.Namespace, stderr: TextIO | None = None):
     # so do wrong offload flags and missing or broken probe files (the config is applied once the weights load)
     offload_cfg = offload_config_from_args(args, checkpoint=str(path))
     offloading = offload_cfg is not None
+    if offloading:  # and a budget that cannot hold one layer's active experts: from the shapes, not the weights
+        from offload.apply import check_budget
+
+        from .checkpoint import model_skeleton
+        check_budget(model_skeleton(path, dtype, backend), offload_cfg)
     # with --gpu-memory the weights load into host memory; apply_offload then moves the dense part
     # to the device and keeps the experts in the (pinned) host store
     model = load_model(path, dtype=dtype, device="cpu" if offloading else device, backend=backend,

@@ -476,6 +476,35 @@ def packed_staging(packed: bool, expert_bytes: int, device: torch.device) -> tup
     return expert_bytes * 4 // 5 + (1 << 20), STAGES if device.type == "cuda" else 1
 
 
+def _model_bytes(model: nn.Module, blocks: list) -> tuple[int, int]:
+    """(bytes of one expert, bytes of everything else: dense weights, shared experts, buffers) as the budget
+    counts them."""
+    w13 = blocks[0].experts.w13
+    expert_bytes = (w13[0].numel() + blocks[0].experts.w2[0].numel()) * w13.element_size()
+    expert_params = {id(p) for b in blocks for p in b.experts.parameters()}
+    dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in expert_params)
+    dense_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
+    return expert_bytes, dense_bytes
+
+
+def check_budget(model: nn.Module, cfg: OffloadConfig) -> int:
+    """Before the weights load: the slots a layer that cfg's budget gives ``model`` (its parameters may sit on
+    the meta device, moe.checkpoint.model_skeleton), planned as the device driver plans them, with nothing set
+    aside. A budget that cannot hold one layer's active experts even so raises plan_slots' error, the one
+    apply_offload would raise after the load, and a checkpoint of tens of GB is not read first. (A budget this
+    passes can still be refused after the load, where the host path's staging buffers for packed copies do not
+    fit beside the slots and the device driver cannot run.)"""
+    blocks = list(model.moe_blocks())
+    if not blocks:
+        raise ValueError("the model has no MoE blocks to offload")
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    G = cfg.expert_slices
+    expert_bytes, dense_bytes = _model_bytes(model, blocks)
+    return plan_slots(cfg, device=device, dense_bytes=dense_bytes, expert_bytes=expert_bytes // G,
+                      num_layers=len(blocks), num_experts=blocks[0].experts.w13.shape[0] * G,
+                      top_k=_top_k(model, blocks[0]) * G)
+
+
 def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
     """Replace every block.experts by an OffloadedExperts; the rest of the model moves to the device.
 
@@ -500,11 +529,8 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
     if cfg.prefetch == "attention" or getattr(getattr(cfg.predictor, "lookahead", None), "reads_attention", False):
         for r in attention_routers(model):  # (the same: a model point C cannot run on is refused while it is whole)
             release_router(r)
-    expert_bytes = (w13[0].numel() + blocks[0].experts.w2[0].numel()) * w13.element_size()
     del w13  # hold no reference to an original: each layer's is freed as soon as the store has it
-    expert_params = {id(p) for b in blocks for p in b.experts.parameters()}
-    dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in expert_params)
-    dense_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
+    expert_bytes, dense_bytes = _model_bytes(model, blocks)
     expert_total = expert_bytes * E * len(blocks)
     use_disk = cfg.store == "disk" or (cfg.store == "auto" and cfg.checkpoint is not None
                                        and expert_total > 0.8 * host_available_bytes())

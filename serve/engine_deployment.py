@@ -296,6 +296,13 @@ def load_engine(spec: dict) -> LoadedEngine:
     # expert-parallel: the ranks take the weights from a host copy, then the replica drops it; offloaded: the
     # weights load into host memory and apply_offload moves the dense part (the experts may not fit the device)
     # (the expert-parallel host copy keeps the torch experts, as before: the ranks are given `backend`)
+    offload_cfg = None
+    if spec.get("offload") and not ep:  # built, and its budget checked on the model's shapes, before the weights load
+        from offload import OffloadConfig
+        from offload.apply import check_budget
+        from offload.cli_args import offload_objects
+        offload_cfg = OffloadConfig(**spec["offload"], **offload_objects(**(spec.get("offload_files") or {})))
+        check_budget(moe.checkpoint.model_skeleton(path, dtype, backend), offload_cfg)
     model = moe.load_model(path, dtype=dtype, device="cpu" if ep or spec.get("offload") else device,
                            backend="torch" if ep else backend)
     tok = Tokenizer.from_dir(path)
@@ -310,9 +317,8 @@ def load_engine(spec: dict) -> LoadedEngine:
         strategy = model.stats()["strategy"]
     elif spec.get("offload"):
         # offloading is a step applied to a built model (offload/ owns what it does)
-        from offload import OffloadConfig, apply_offload
-        from offload.cli_args import offload_objects
-        model = apply_offload(model, OffloadConfig(**spec["offload"], **offload_objects(**(spec.get("offload_files") or {}))))
+        from offload import apply_offload
+        model = apply_offload(model, offload_cfg)
         log.info("replica offload: %s; %s", model.offload_cache.describe(), model.offload_cache.driver_choice)
         strategy = "offload"
         if spec.get("cpu_hosts"):

@@ -125,6 +125,25 @@ def test_tied_embeddings(tmp_path):
     _same(model, m)
 
 
+@pytest.mark.parametrize("model_type,kw", [("mixtral", {}), ("deepseek_v3", {}),
+                                           ("qwen3_moe", {"tie_word_embeddings": True})])
+def test_model_skeleton_has_the_loaded_models_parameters_on_meta(tmp_path, model_type, kw):
+    """model_skeleton: what load_model builds (every parameter's name, shape and dtype, the tied head, the config's
+    dtype), on the meta device, from config.json and the headers alone; its buffers count the same bytes."""
+    from moe.checkpoint import model_skeleton
+    save_pretrained(_model(model_type, **kw).to(torch.bfloat16), tmp_path)
+    for dtype in (None, torch.float32):
+        real, sk = load_model(tmp_path, dtype=dtype), model_skeleton(tmp_path, dtype)
+        want = {n: (p.shape, p.dtype) for n, p in real.named_parameters()}
+        assert {n: (p.shape, p.dtype) for n, p in sk.named_parameters()} == want
+        assert all(p.is_meta for p in sk.parameters()) and sk.config.dtype == real.config.dtype
+        assert (sk.lm_head.weight is sk.embed.weight) == bool(kw)
+        nb = lambda m: sum(b.numel() * b.element_size() for b in m.buffers())  # noqa: E731
+        assert nb(sk) == nb(real)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        model_skeleton(tmp_path / "nowhere")
+
+
 # --- refused inputs -------------------------------------------------------------------------------
 def test_missing_directory(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):

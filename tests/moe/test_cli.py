@@ -248,15 +248,18 @@ def test_wrong_offload_flags_fail_before_the_weights_load(capsys, tiny_dir, tmp_
 
 
 def test_gpu_memory_too_small_is_a_clean_error(capsys, tiny_dir):
+    """A budget that cannot hold one layer's active experts is said before the weights load (from the model's
+    shapes: moe.checkpoint.model_skeleton), with the fixes."""
     assert main(["generate", str(tiny_dir), "--prompt", "x", "-n", "2", "--device", "cpu",
                  "--gpu-memory", "1KiB"]) == 2
     err = capsys.readouterr().err
     assert "moe generate: error: gpu_memory=" in err and "Raise gpu_memory" in err and "Traceback" not in err
+    assert "loading weights" not in err
     # the reserve it names can be lowered from the command line: a budget the default reserve leaves no room in
     # holds the experts with less kept free
     small = ["generate", str(tiny_dir), "--prompt", "x", "-n", "2", "--device", "cpu", "--gpu-memory", "64MiB"]
     assert main(small) == 2
     err = capsys.readouterr().err
-    assert "reserve 256.00 MiB" in err and "--offload-reserve" in err
+    assert "reserve 256.00 MiB" in err and "--offload-reserve" in err and "loading weights" not in err
     assert main(small + ["--offload-reserve", "8MiB"]) == 0
     assert "experts per layer on cpu" in capsys.readouterr().err

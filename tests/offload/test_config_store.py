@@ -72,6 +72,31 @@ def test_apply_offload_with_a_byte_budget():
         apply_offload(twin(model), OffloadConfig(gpu_memory=dense + eb, reserve_bytes=0, device="cpu"))
 
 
+@pytest.mark.parametrize("slices", [1, 2])
+def test_budget_is_checked_on_the_models_shapes_before_the_load(tmp_path, slices):
+    """offload.apply.check_budget on moe.checkpoint.model_skeleton (nothing loaded): the slots apply_offload gives
+    the loaded model, and its error, word for word, where the budget cannot hold one layer's active experts."""
+    from moe import load_model, save_pretrained
+    from moe.checkpoint import model_skeleton
+    from offload.apply import check_budget
+    save_pretrained(tiny_model("mixtral"), tmp_path)
+    sk, model = model_skeleton(tmp_path), load_model(tmp_path)
+    blocks = model.moe_blocks()
+    ex = blocks[0].experts
+    eb = (ex.w13[0].numel() + ex.w2[0].numel()) * ex.w13.element_size()
+    dense = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." not in n)
+    dense += sum(b.numel() * b.element_size() for b in model.buffers())
+    kw = dict(reserve_bytes=0, device="cpu", calibrate=False, expert_slices=slices)
+    cfg = OffloadConfig(gpu_memory=dense + 3 * eb * len(blocks) + eb // 2, **kw)
+    assert check_budget(sk, cfg) == 3 * slices == apply_offload(twin(model), cfg).offload_cache.slots
+    small = OffloadConfig(gpu_memory=dense + eb, **kw)
+    with pytest.raises(ValueError, match="cannot hold") as before:
+        check_budget(sk, small)
+    with pytest.raises(ValueError, match="cannot hold") as after:
+        apply_offload(twin(model), small)
+    assert str(before.value) == str(after.value)
+
+
 def test_host_store_moves_layer_by_layer():
     model = twin(tiny_model("mixtral"))
     blocks = model.moe_blocks()

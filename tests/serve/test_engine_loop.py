@@ -203,6 +203,17 @@ def test_offloaded_replica_reports_cache_stats_and_matches_resident_output(tiny)
     assert "prefetch_precision" not in comp  # prefetch is off
 
 
+def test_offloaded_replica_refuses_a_budget_too_small_before_the_weights_load(monkeypatch):
+    """A replica whose gpu_memory cannot hold one layer's active experts says so from the model's shapes, before
+    it reads the checkpoint (on a 90 GB model that is minutes of every replica's start)."""
+    import moe
+    from serve.app import ServeConfig
+    monkeypatch.setattr(moe, "load_model", lambda *a, **k: pytest.fail("the weights were read"))
+    cfg = ServeConfig(model="tiny", device="cpu", max_batch_size=2, max_len=64, replica_cpus=1, gpu_memory="1MiB")
+    with pytest.raises(ValueError, match=r"gpu_memory='1MiB' cannot hold one layer's 2 active experts"):
+        ModelReplica(cfg.replica_spec("cpu"))
+
+
 def test_offloaded_replica_loads_the_predictor_and_probes_it_is_given(tiny, tmp_path):
     """moe serve --offload-policy predictor --offload-prefetch predictor --offload-predictor P.npz (with
     P.probe.npz beside it) --offload-prefetch-budget 1: the replica loads the files itself (the spec
