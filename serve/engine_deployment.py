@@ -299,10 +299,15 @@ def load_engine(spec: dict) -> LoadedEngine:
     offload_cfg = None
     if spec.get("offload") and not ep:  # built, and its budget checked on the model's shapes, before the weights load
         from offload import OffloadConfig
-        from offload.apply import check_budget
+        from offload.apply import check_budget, kv_cache_bytes
         from offload.cli_args import offload_objects
-        offload_cfg = OffloadConfig(**spec["offload"], **offload_objects(**(spec.get("offload_files") or {})))
-        check_budget(moe.checkpoint.model_skeleton(path, dtype, backend), offload_cfg)
+        skeleton = moe.checkpoint.model_skeleton(path, dtype, backend)
+        # the engine's KV cache (max_batch_size rows of max_len, made up front) is taken from the budget first
+        kv = kv_cache_bytes(skeleton.config, int(spec.get("max_batch_size", 8)), int(spec.get("max_len", 2048)),
+                            skeleton.dtype)
+        offload_cfg = OffloadConfig(**{"kv_cache_bytes": kv, **spec["offload"]},
+                                    **offload_objects(**(spec.get("offload_files") or {})))
+        check_budget(skeleton, offload_cfg)
     model = moe.load_model(path, dtype=dtype, device="cpu" if ep or spec.get("offload") else device,
                            backend="torch" if ep else backend)
     tok = Tokenizer.from_dir(path)

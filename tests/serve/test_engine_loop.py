@@ -214,6 +214,34 @@ def test_offloaded_replica_refuses_a_budget_too_small_before_the_weights_load(mo
         ModelReplica(cfg.replica_spec("cpu"))
 
 
+def test_offloaded_replica_counts_its_kv_cache_in_the_budget(tiny):
+    """The replica's engine makes a KV cache of max_batch_size rows x max_len up front; the offload budget takes it
+    first (it was left out: a --gpu-memory held the slots, and the cache came on top). A budget with room for one
+    slot a layer plus half that cache is refused, naming the cache's bytes; with the whole cache, it serves."""
+    import moe
+    from moe.tiny import ensure_tiny_model
+    from offload.apply import _fmt_bytes, kv_cache_bytes
+    from serve.app import ServeConfig
+    model, _ = tiny
+    sk = moe.checkpoint.model_skeleton(str(ensure_tiny_model()))
+    kv = kv_cache_bytes(sk.config, 2, 64, sk.dtype)
+    blocks = sk.moe_blocks()
+    eb = (blocks[0].experts.w13[0].numel() + blocks[0].experts.w2[0].numel()) * sk.dtype.itemsize
+    ids = {id(p) for b in blocks for p in b.experts.parameters()}
+    dense = sum(p.numel() * p.element_size() for p in sk.parameters() if id(p) not in ids)
+    dense += sum(b.numel() * b.element_size() for b in sk.buffers())
+    L = len(blocks)
+    assert 0 < kv // 2 < L * eb  # (the case this test needs: half the cache fits beside one slot a layer, not all)
+
+    def cfg(budget):
+        return ServeConfig(model="tiny", device="cpu", max_batch_size=2, max_len=64, replica_cpus=1,
+                           gpu_memory=str(budget), offload_options={"reserve_bytes": 0, "calibrate": False})
+    with pytest.raises(ValueError, match=f"KV cache {_fmt_bytes(kv)}"):
+        ModelReplica(cfg(dense + L * eb + kv // 2).replica_spec("cpu"))
+    events, snap = _run_replica(cfg(dense + L * eb + kv), "def first(x):", 4)
+    assert snap["strategy"] == "offload" and "".join(e["text"] for e in events[1:]) == _alone(tiny, "def first(x):", 4)
+
+
 def test_offloaded_replica_loads_the_predictor_and_probes_it_is_given(tiny, tmp_path):
     """moe serve --offload-policy predictor --offload-prefetch predictor --offload-predictor P.npz (with
     P.probe.npz beside it) --offload-prefetch-budget 1: the replica loads the files itself (the spec
