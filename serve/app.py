@@ -493,6 +493,25 @@ def build_app(args: dict | ServeConfig | None = None):
     return ingress.bind(replica.bind(cfg.replica_spec(device)), config)
 
 
+def check_offload_budget(cfg: ServeConfig) -> None:
+    """moe serve, before Ray starts: a byte budget (--gpu-memory 24GiB) that cannot hold one layer's active experts
+    beside the dense weights, the replica's KV cache and the reserve is refused here, in one line, from the model's
+    shapes (engine_deployment.replica_offload_config), not by each replica Ray Serve starts. A fraction of the
+    GPU (--gpu-memory 0.3) is left to the replica, which checks it on its own GPU."""
+    import torch
+
+    from offload.config import OffloadConfig
+    from serve.engine_deployment import model_dir, replica_offload_config, resolve_device
+    spec = cfg.replica_spec(resolve_device(cfg.device))
+    off = spec.get("offload")
+    if not off or spec.get("expert_parallel") or off.get("gpu_memory") is None:
+        return
+    if isinstance(OffloadConfig(gpu_memory=off["gpu_memory"]).gpu_memory, float):  # ('0.3' is a fraction too)
+        return
+    dtype = getattr(torch, spec["dtype"]) if spec.get("dtype") else None
+    replica_offload_config(spec, model_dir(spec), dtype, "torch")  # (the bytes do not depend on the backend)
+
+
 def run_server(cfg: ServeConfig, blocking: bool = True):
     """Start Ray (if needed) and Serve on cfg.host:cfg.port and deploy the application."""
     import ray

@@ -115,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     if not _is_loopback(cfg.host) and not cfg.api_key:
         print(f"moe serve: warning: listening on {cfg.host} without an API key; anyone who can reach this "
               "port can use the model (pass --api-key)", file=sys.stderr)
-    from serve.app import run_server
+    from serve.app import check_offload_budget, run_server
+    check_offload_budget(cfg)  # a budget too small, said before Ray starts and the replicas load
     run_server(cfg, blocking=True)
     return 0
 

@@ -272,6 +272,35 @@ def moe_api():
         return Engine, Tokenizer, SamplingParams
 
 
+def model_dir(spec: dict) -> str:
+    """The model directory a replica loads (the default model, or "tiny" made on the fly)."""
+    path = spec.get("model") or default_model_path()
+    if path == "tiny":
+        from moe.tiny import ensure_tiny_model
+        path = str(ensure_tiny_model())
+    return path
+
+
+def replica_offload_config(spec: dict, path: str, dtype, backend: str):
+    """The OffloadConfig of a replica's spec (None without offloading), checked against the model's shapes before
+    any weight is read (offload.apply.check_budget on moe.checkpoint.model_skeleton): a budget that cannot hold one
+    layer's active experts fails here. The engine's KV cache (max_batch_size rows of max_len, made up front) is
+    taken from the budget first. ``moe serve`` runs it before Ray starts, the replica again before it loads."""
+    if not spec.get("offload"):
+        return None
+    import moe
+    from offload import OffloadConfig
+    from offload.apply import check_budget, kv_cache_bytes
+    from offload.cli_args import offload_objects
+    skeleton = moe.checkpoint.model_skeleton(path, dtype, backend)
+    kv = kv_cache_bytes(skeleton.config, int(spec.get("max_batch_size", 8)), int(spec.get("max_len", 2048)),
+                        skeleton.dtype)
+    cfg = OffloadConfig(**{"kv_cache_bytes": kv, **spec["offload"]}, **offload_objects(**(spec.get("offload_files")
+                                                                                          or {})))
+    check_budget(skeleton, cfg)
+    return cfg
+
+
 def load_engine(spec: dict) -> LoadedEngine:
     """Build the engine a replica serves from its spec (see ``serve.app.ServeConfig``)."""
     if spec.get("engine_factory"):
@@ -279,10 +308,7 @@ def load_engine(spec: dict) -> LoadedEngine:
     import torch
     import moe
     Engine, Tokenizer, _ = moe_api()
-    path = spec.get("model") or default_model_path()
-    if path == "tiny":
-        from moe.tiny import ensure_tiny_model
-        path = str(ensure_tiny_model())
+    path = model_dir(spec)
     device = resolve_device(spec.get("device", "auto"))
     if spec.get("torch_threads"):
         # match intra-op threads to the CPUs Ray reserved: more threads than cores makes OpenMP
@@ -296,18 +322,8 @@ def load_engine(spec: dict) -> LoadedEngine:
     # expert-parallel: the ranks take the weights from a host copy, then the replica drops it; offloaded: the
     # weights load into host memory and apply_offload moves the dense part (the experts may not fit the device)
     # (the expert-parallel host copy keeps the torch experts, as before: the ranks are given `backend`)
-    offload_cfg = None
-    if spec.get("offload") and not ep:  # built, and its budget checked on the model's shapes, before the weights load
-        from offload import OffloadConfig
-        from offload.apply import check_budget, kv_cache_bytes
-        from offload.cli_args import offload_objects
-        skeleton = moe.checkpoint.model_skeleton(path, dtype, backend)
-        # the engine's KV cache (max_batch_size rows of max_len, made up front) is taken from the budget first
-        kv = kv_cache_bytes(skeleton.config, int(spec.get("max_batch_size", 8)), int(spec.get("max_len", 2048)),
-                            skeleton.dtype)
-        offload_cfg = OffloadConfig(**{"kv_cache_bytes": kv, **spec["offload"]},
-                                    **offload_objects(**(spec.get("offload_files") or {})))
-        check_budget(skeleton, offload_cfg)
+    # built, and its budget checked on the model's shapes, before the weights load
+    offload_cfg = replica_offload_config(spec, path, dtype, backend) if not ep else None
     model = moe.load_model(path, dtype=dtype, device="cpu" if ep or spec.get("offload") else device,
                            backend="torch" if ep else backend)
     tok = Tokenizer.from_dir(path)

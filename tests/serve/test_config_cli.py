@@ -105,3 +105,19 @@ def test_moe_serve_command_line():
     args = parser.parse_args(["serve", "--gpu-memory", "0.3", "--offload-prefetch", "probe"])
     with pytest.raises(ValueError, match="go together"):
         config_from_args(args)
+
+
+def test_moe_serve_refuses_a_byte_budget_too_small_before_ray_starts(monkeypatch):
+    """moe serve --gpu-memory 1MiB: refused from the model's shapes before Ray starts (run_server is never
+    reached), naming the numbers; a fraction is left to the replica's own GPU (the model is not even read here)."""
+    import moe.checkpoint
+    import serve.app
+    from serve.cli import run
+    parser = argparse.ArgumentParser(prog="moe")
+    register(parser.add_subparsers(dest="command"))
+    monkeypatch.setattr(serve.app, "run_server", lambda *a, **k: pytest.fail("Ray was started"))
+    with pytest.raises(ValueError, match=r"gpu_memory='1MiB' cannot hold one layer's 2 active experts.*KV cache"):
+        run(parser.parse_args(["serve", "tiny", "--device", "cpu", "--gpu-memory", "1MiB"]))
+    monkeypatch.setattr(moe.checkpoint, "model_skeleton", lambda *a, **k: pytest.fail("the model was read"))
+    serve.app.check_offload_budget(config_from_args(parser.parse_args(["serve", "tiny", "--gpu-memory", "0.3"])))
+    serve.app.check_offload_budget(config_from_args(parser.parse_args(["serve", "tiny"])))  # no offloading
