@@ -147,8 +147,9 @@ def _resolve_device(name: str):
     return device
 
 
-def load_from_args(args: argparse.Namespace, stderr: TextIO | None = None):
-    """(model, tokenizer) as the flags of ``add_model_arguments`` say, with a progress bar."""
+def load_from_args(args: argparse.Namespace, stderr: TextIO | None = None, kv_tokens=None):
+    """(model, tokenizer) as the flags of ``add_model_arguments`` say, with a progress bar. ``kv_tokens(tok)``: the
+    tokens one sequence's KV cache will hold, counted in an offload budget before the experts (None: none)."""
     import torch
 
     from .checkpoint import load_model
@@ -166,10 +167,16 @@ def load_from_args(args: argparse.Namespace, stderr: TextIO | None = None):
     offload_cfg = offload_config_from_args(args, checkpoint=str(path))
     offloading = offload_cfg is not None
     if offloading:  # and a budget that cannot hold one layer's active experts: from the shapes, not the weights
-        from offload.apply import check_budget
+        import dataclasses
+
+        from offload.apply import check_budget, kv_cache_bytes
 
         from .checkpoint import model_skeleton
-        check_budget(model_skeleton(path, dtype, backend), offload_cfg)
+        skeleton = model_skeleton(path, dtype, backend)
+        if kv_tokens is not None:  # the sequence's KV cache comes out of the budget first
+            kv = kv_cache_bytes(skeleton.config, 1, kv_tokens(tok), skeleton.dtype)
+            offload_cfg = dataclasses.replace(offload_cfg, kv_cache_bytes=kv)
+        check_budget(skeleton, offload_cfg)
     # with --gpu-memory the weights load into host memory; apply_offload then moves the dense part
     # to the device and keeps the experts in the (pinned) host store
     model = load_model(path, dtype=dtype, device="cpu" if offloading else device, backend=backend,
@@ -216,11 +223,16 @@ def run_generate(args: argparse.Namespace, stdout: TextIO | None = None, stderr:
     # checked before loading weights, so a bad flag fails at once
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
-    model, tok = load_from_args(args, stderr)
-    if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
-        prompt = tok.apply_chat_template(messages + [{"role": "user", "content": prompt}])
-    prompt_ids = tok.encode(prompt)
+
+    def encode(tok) -> list[int]:
+        text = prompt
+        if args.chat:
+            messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
+            text = tok.apply_chat_template(messages + [{"role": "user", "content": prompt}])
+        return tok.encode(text)
+    # (the engine's KV cache holds the prompt and max_new_tokens: an offload budget counts it)
+    model, tok = load_from_args(args, stderr, kv_tokens=lambda tok: max(2, len(encode(tok)) + args.max_new_tokens))
+    prompt_ids = encode(tok)
     start = time.perf_counter()
     n_tokens, reason = 0, None
     for out in stream_outputs(model, tok, prompt_ids, params, cuda_graph=False if args.no_cuda_graph else None):

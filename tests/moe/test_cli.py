@@ -247,6 +247,32 @@ def test_wrong_offload_flags_fail_before_the_weights_load(capsys, tiny_dir, tmp_
         assert said in err and "loading weights" not in err, (extra, err)
 
 
+def test_generate_counts_its_kv_cache_in_the_offload_budget(capsys, tiny_dir, lib):
+    """moe generate --gpu-memory: the sequence's KV cache (prompt + --max-new-tokens, made up front) comes out of the
+    budget before the experts: one slot a layer plus half that cache is refused before the load, naming the cache's
+    bytes; with the whole cache it generates."""
+    from moe.checkpoint import model_skeleton
+    from offload.apply import _fmt_bytes, kv_cache_bytes
+    _, tok = lib
+    sk = model_skeleton(tiny_dir)
+    n = 200
+    kv = kv_cache_bytes(sk.config, 1, len(tok.encode("x")) + n, sk.dtype)
+    blocks = sk.moe_blocks()
+    eb = (blocks[0].experts.w13[0].numel() + blocks[0].experts.w2[0].numel()) * sk.dtype.itemsize
+    ids = {id(p) for b in blocks for p in b.experts.parameters()}
+    dense = sum(p.numel() * p.element_size() for p in sk.parameters() if id(p) not in ids)
+    dense += sum(b.numel() * b.element_size() for b in sk.buffers())
+    L = len(blocks)
+    assert 0 < kv // 2 < L * eb  # (half the cache fits beside one slot a layer, the whole does not)
+    base = ["generate", str(tiny_dir), "--prompt", "x", "-n", str(n), "--device", "cpu", "--offload-reserve", "0",
+            "--ignore-eos"]
+    assert main(base + ["--gpu-memory", str(dense + L * eb + kv // 2)]) == 2
+    err = capsys.readouterr().err
+    assert f"KV cache {_fmt_bytes(kv)}" in err and "loading weights" not in err, err
+    assert main(base + ["--gpu-memory", str(dense + L * eb + kv)]) == 0
+    assert "1 of " in capsys.readouterr().err  # one slot a layer
+
+
 def test_gpu_memory_too_small_is_a_clean_error(capsys, tiny_dir):
     """A budget that cannot hold one layer's active experts is said before the weights load (from the model's
     shapes: moe.checkpoint.model_skeleton), with the fixes."""
