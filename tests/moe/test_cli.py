@@ -252,17 +252,13 @@ def test_generate_counts_its_kv_cache_in_the_offload_budget(capsys, tiny_dir, li
     budget before the experts: one slot a layer plus half that cache is refused before the load, naming the cache's
     bytes; with the whole cache it generates."""
     from moe.checkpoint import model_skeleton
-    from offload.apply import _fmt_bytes, kv_cache_bytes
+    from offload.apply import _fmt_bytes, _model_bytes, kv_cache_bytes
     _, tok = lib
     sk = model_skeleton(tiny_dir)
     n = 200
     kv = kv_cache_bytes(sk.config, 1, len(tok.encode("x")) + n, sk.dtype)
-    blocks = sk.moe_blocks()
-    eb = (blocks[0].experts.w13[0].numel() + blocks[0].experts.w2[0].numel()) * sk.dtype.itemsize
-    ids = {id(p) for b in blocks for p in b.experts.parameters()}
-    dense = sum(p.numel() * p.element_size() for p in sk.parameters() if id(p) not in ids)
-    dense += sum(b.numel() * b.element_size() for b in sk.buffers())
-    L = len(blocks)
+    L = len(sk.moe_blocks())
+    eb, dense = _model_bytes(sk, sk.moe_blocks())  # (its counting is tested in tests/offload/test_config_store.py)
     assert 0 < kv // 2 < L * eb  # (half the cache fits beside one slot a layer, the whole does not)
     base = ["generate", str(tiny_dir), "--prompt", "x", "-n", str(n), "--device", "cpu", "--offload-reserve", "0",
             "--ignore-eos"]

@@ -220,17 +220,13 @@ def test_offloaded_replica_counts_its_kv_cache_in_the_budget(tiny):
     slot a layer plus half that cache is refused, naming the cache's bytes; with the whole cache, it serves."""
     import moe
     from moe.tiny import ensure_tiny_model
-    from offload.apply import _fmt_bytes, kv_cache_bytes
+    from offload.apply import _fmt_bytes, _model_bytes, kv_cache_bytes
     from serve.app import ServeConfig
     model, _ = tiny
     sk = moe.checkpoint.model_skeleton(str(ensure_tiny_model()))
     kv = kv_cache_bytes(sk.config, 2, 64, sk.dtype)
-    blocks = sk.moe_blocks()
-    eb = (blocks[0].experts.w13[0].numel() + blocks[0].experts.w2[0].numel()) * sk.dtype.itemsize
-    ids = {id(p) for b in blocks for p in b.experts.parameters()}
-    dense = sum(p.numel() * p.element_size() for p in sk.parameters() if id(p) not in ids)
-    dense += sum(b.numel() * b.element_size() for b in sk.buffers())
-    L = len(blocks)
+    L = len(sk.moe_blocks())
+    eb, dense = _model_bytes(sk, sk.moe_blocks())  # (its counting is tested in tests/offload/test_config_store.py)
     assert 0 < kv // 2 < L * eb  # (the case this test needs: half the cache fits beside one slot a layer, not all)
 
     def cfg(budget):
