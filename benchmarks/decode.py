@@ -516,7 +516,6 @@ def rerate_to_fastest_probe(rows: list[dict], oracle_at=None) -> None:
     16.7. Where a round's probe beat the start's by 2%, the row's ``*_copy_floor_ms`` and oracle fields are
     recomputed at it (``h2d_start_gbs`` keeps the start's). ``oracle_at(S, B, rate_gbs)`` -> the oracle fields
     (None: no oracle)."""
-    import re
     for r in rows:
         start = r.get("h2d_gbs")
         if start is None or start != start:
@@ -529,8 +528,7 @@ def rerate_to_fastest_probe(rows: list[dict], oracle_at=None) -> None:
         for k in [k for k in r if k.endswith("_copy_floor_ms")]:
             r[k] = r["floor_ms"] + r[k[:-len("copy_floor_ms")] + "mb_per_step"] * 1e6 / (best * 1e9) * 1e3
         if oracle_at is not None and "oracle_ms" in r:
-            S = int(re.search(r"offloaded (\d+)/", r["model"]).group(1))
-            r.update(oracle_at(S, r["B"], best))
+            r.update(oracle_at(r["slots"], r["B"], best))
         print(f"  {r['model']} {r['policy']}: floors and oracle at {best:.1f} GB/s, a round's probe (the start's read "
               f"{start:.1f})", flush=True)
 
@@ -566,7 +564,7 @@ def run_host_driven(model: MoEForCausalLM, key: str, args, store, floors: dict, 
                 cache.prefetch(layer, list(range(E)))
         for B in batches:
             name = f"{MODELS[key][0]} offloaded {S}/{E}" + (" packed" if args.pack_experts else "")
-            by_policy = {p: dict(model=name, B=B, layers=len(model.layers), floor_ms=floors[B],
+            by_policy = {p: dict(model=name, B=B, slots=S, layers=len(model.layers), floor_ms=floors[B],
                                  policy=p + (f"-hl{c.lfu_steps():g}" if c.lfu_steps() else ""),
                                  routing="rec" if args.trace else "trace" if args.trace_routing else "model",
                                  h2d_gbs=h2d / 1e9) for p, c in cfgs.items()}
@@ -684,7 +682,7 @@ def run_device_driven(model: MoEForCausalLM, key: str, args, store, floors: dict
             mods[p] = [b.experts for b in blocks]
         for B in [int(b) for b in args.batch.split(",")]:
             name = f"{MODELS[key][0]} offloaded {S}/{E} device" + (" packed" if args.pack_experts else "")
-            by_policy = {p: dict(model=name, B=B, layers=len(model.layers),
+            by_policy = {p: dict(model=name, B=B, slots=S, layers=len(model.layers),
                                  floor_ms=floors[B], driver="device",
                                  policy=p + (f"-hl{caches[p].lfu_half_life:g}" if caches[p].lfu_half_life else ""),
                                  routing="rec" if args.trace else "trace" if args.trace_routing else "model",

@@ -37,7 +37,7 @@ from .cpu_compute import cpu_experts
 from .device_cache import DeviceExpertCache, DeviceOffloadedExperts
 from .policies import count_ids, make_policy
 from .prefetch import (CopyBudget, Lookahead, ProbeRouter, attention_routers, default_threshold, guess_count,
-                       guessed_experts, release_router, router_guess)
+                       guessed_experts, reads_point_c, release_router, router_guess)
 from .slices import check_slices, expand_ids, expand_weights, unit_trace, units_of
 from .store import DiskExpertStore, ExpertStore, HostExpertStore, PackedHostExpertStore
 
@@ -526,7 +526,7 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
     E, expert_dtype = w13.shape[0], w13.dtype
     check_slices(w13.shape[1] // 2, G)
     _check_predictor(cfg.predictor, len(blocks), E)  # before any expert leaves the model
-    if cfg.prefetch == "attention" or getattr(getattr(cfg.predictor, "lookahead", None), "reads_attention", False):
+    if cfg.prefetch == "attention" or reads_point_c(cfg.predictor):
         for r in attention_routers(model):  # (the same: a model point C cannot run on is refused while it is whole)
             release_router(r)
     del w13  # hold no reference to an original: each layer's is freed as soon as the store has it

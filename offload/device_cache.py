@@ -58,8 +58,8 @@ from kernels.unpack import BLOCK as UNPACK_BLOCK
 from kernels.unpack import ESC_TILE, decode_block
 from kernels.unpack import layout as unpack_layout
 
-from .policies import resolve_lfu_half_life
 from .cache import prefetch_phrase
+from .policies import resolve_lfu_half_life
 from .prefetch import guess_count, release_router, router_guess
 
 POLICIES = ("lru", "lfu")

@@ -34,7 +34,7 @@ class Lookahead:
         # lookahead itself): observe() is then given each layer's input, else it is not copied off the GPU
         # a lookahead source that reads point C's next-layer logits after the hidden state (routing.AttentionLookahead):
         # the offloaded layers hand it both (OffloadedExperts.lookahead_features)
-        self.reads_attention = bool(getattr(getattr(predictor, "lookahead", None), "reads_attention", False))
+        self.reads_attention = reads_point_c(predictor)
         self.wants_hidden = (getattr(predictor, "lookahead", None) is not None
                              or hasattr(predictor, "lookahead_logits"))
         self.num_layers, self.num_experts = num_layers, num_experts
@@ -91,6 +91,12 @@ class Lookahead:
     def targets(self, layer: int) -> range:
         """Layers to prefetch for after a prediction at `layer`."""
         return range(layer + 1, min(layer + 1 + self.every, self.num_layers))
+
+
+def reads_point_c(predictor) -> bool:
+    """Whether a routing predictor's lookahead source reads point C (routing.AttentionLookahead): the offloaded
+    model must then run each next layer's attention for it."""
+    return bool(getattr(getattr(predictor, "lookahead", None), "reads_attention", False))
 
 
 IDLE_THRESHOLD = 0.3  # the predictor's prefetch without a copy budget: only experts this likely

@@ -613,7 +613,7 @@ def test_decode_benchmarks_floors_stand_on_the_fastest_probe(capsys):
     """decode.py's rerate_to_fastest_probe: a row whose start probe read slower than a round's probe gets its copy
     floors and oracle bound at the round's rate (the start's kept); a row whose rounds read no faster is left."""
     mod = load_benchmark("decode")
-    slow = {"model": "Q offloaded 32/128", "policy": "lfu", "B": 1, "floor_ms": 1.0, "h2d_gbs": 25.0,
+    slow = {"model": "Q offloaded 32/128", "policy": "lfu", "B": 1, "slots": 32, "floor_ms": 1.0, "h2d_gbs": 25.0,
             "graph_all": [[40.0, 100.0, 50.0, 1000.0, 0.0, 0.0], [41.0, 100.0, 49.0, 1000.0, 0.0, 0.0]],
             "graph_mb_per_step": 1000.0, "graph_copy_floor_ms": 41.0, "oracle_ms": 30.0, "oracle_hit": 0.7,
             "oracle_rate_gbs": 25.0}
