@@ -7,10 +7,12 @@ Each running request owns one row of a ``KVCache`` (``model.new_cache(B, max_len
 ``step()`` is one model forward over all B rows:
 
     admit waiting requests into free rows (cache.reset(rows))
-    input_BT: a new row carries its whole prompt, a running row its last sampled token,
-              a free row nothing; valid_BT marks the real tokens (right padding)
+    input_BT: a new row carries its prompt (or its next chunk of at most ``prefill_chunk``
+              tokens), a running row its last sampled token, a free row nothing; valid_BT marks
+              the real tokens (right padding)
     logits_BTV = model(input_BT, cache, valid_BT)     # the model advances each row by its valid count
-    sample one token per running row from the logits of its last valid token
+    sample one token per row that is decoding or has just fed its prompt's last token, from the
+    logits of its last valid token (a row part-way through its prompt samples nothing)
     stop checks; finished rows are freed and can be taken by a waiting request next step
 
 A model may also offer ``greedy_next(input_BT, cache, valid_BT) -> [B]`` (each row's argmax token of
@@ -19,7 +21,12 @@ instead of fetching logits. Expert-parallel serving (serve/ep_model.py) does, so
 ids back through Ray instead of a vocabulary's logits per row.
 
 So prefill of newcomers and decoding of the others share one forward, and requests join and
-leave at every step. Rows never see each other: attention is per row and the MoE layers are per
+leave at every step. Chunked prefill (``prefill_chunk``): a prompt longer than the chunk is fed over
+several steps, so one step's tensors are at most [B, prefill_chunk] tokens (the activations, and the
+attention mask's [B, 1, T, S], grow with T: a 32k-token prompt in one step needs a 2 GiB mask per row
+in bf16) and the decoding rows keep producing a token every step meanwhile. The cache row holds
+the fed tokens, and each chunk attends to them as the whole prompt would (same logits up to the
+order of floating-point sums). Rows never see each other: attention is per row and the MoE layers are per
 token, so a request's greedy output does not depend on its batch-mates (tested).
 
 Lengths: a sequence (prompt + generated tokens) holds at most ``max_len`` tokens; a request
@@ -96,9 +103,14 @@ class Engine:
     """Continuous-batching generation over one model (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, max_batch_size: int = 8,
-                 max_len: int = 2048, cuda_graph: bool | None = None):
+                 max_len: int = 2048, cuda_graph: bool | None = None, prefill_chunk: int | None = None):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"Engine max_batch_size={max_batch_size!r} must be an int >= 1")
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                          or prefill_chunk < 1):
+            raise ValueError(f"Engine prefill_chunk={prefill_chunk!r} must be an int >= 1 (prompt tokens a row "
+                             "feeds per step) or None (a whole prompt in one step)")
+        self.prefill_chunk = prefill_chunk
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
             raise ValueError(f"Engine max_len={max_len!r} must be an int >= 2 (prompt plus at least one token)")
         self.model = model
@@ -143,7 +155,7 @@ class Engine:
 
         - prompts of 1, then 2^k and 2^k + 1 tokens up to ``max_prompt`` (default max_len - 2; a replica passes its
           longest allowed prompt), one row each, prefilled and decoded one step: a prefill runs
-          [max_batch_size, T] tokens, the expert kernels' launch configs change with the token count
+          [max_batch_size, T] tokens (T at most ``prefill_chunk``), the expert kernels' launch configs change with the token count
           (kernels/launch_config.py), and Triton specialises an integer argument on whether it is 1 and whether
           16 divides it, so each such variant meets its first call here;
         - ``rows`` (default max_batch_size) prompts of that longest length at once, one of them sampled
@@ -183,8 +195,9 @@ class Engine:
             return RuntimeError(
                 f"Engine.warm_up: {what} failed ({type(e).__name__}: {e}); requests like it would fail the same "
                 f"way. Allow shorter prompts (warm_up's max_prompt, a replica's max_prompt_tokens: {top} now) or a "
-                f"smaller max_batch_size ({self.max_batch_size}: a prefill runs [rows, prompt] at once), or give "
-                "the model more memory")
+                f"smaller max_batch_size ({self.max_batch_size}: a prefill runs [rows, prompt] at once) or "
+                f"prefill_chunk ({self.prefill_chunk}: prompt tokens a row feeds per step), or give the model "
+                "more memory")
 
         for n in lengths:
             try:
@@ -298,7 +311,9 @@ class Engine:
         running = [r for r in self._rows if r is not None]
         if not running:
             return outputs
-        feeds = {r.row: (r.output_ids[-1:] if r.prefilled else r.prompt_ids) for r in running}
+        feeds = {r.row: (r.output_ids[-1:] if r.prefilled else self._prompt_chunk(r)) for r in running}
+        # rows that sample this step: decoding, or feeding their prompt's last token
+        sampling = [r for r in running if r.prefilled or r.cached + len(feeds[r.row]) == len(r.prompt_ids)]
         T = max(len(f) for f in feeds.values())
         B = self.max_batch_size
         # the batch built as lists and made a tensor once (a tensor per row cost ~5 us a row)
@@ -308,26 +323,34 @@ class Engine:
             valid[b][:len(f)] = [True] * len(f)
         input_BT = torch.tensor(ids, dtype=torch.long).to(self.device)
         valid_BT = torch.tensor(valid, dtype=torch.bool).to(self.device)
-        rows = torch.tensor([r.row for r in running], device=self.device)
+        rows = torch.tensor([r.row for r in sampling], dtype=torch.long, device=self.device)
         # a pure decode step replays a CUDA graph where one is available; else the model runs eagerly
         logits_RV = self._graph_step(input_BT, valid_BT, rows, running) if T == 1 else None
         tokens = None
-        if logits_RV is None and self._greedy_next is not None and all(r.params.greedy for r in running):
+        if logits_RV is None and self._greedy_next is not None and all(r.params.greedy for r in sampling):
             tokens = self._greedy_next(input_BT, self.cache, valid_BT)[rows].tolist()
         elif logits_RV is None and self._last_only:
             # the model projects only each row's last valid token onto the vocabulary
             logits_RV = self.model(input_BT, cache=self.cache, valid_BT=valid_BT, last_only=True)[rows, 0]
         elif logits_RV is None:
             logits_BTV = self.model(input_BT, cache=self.cache, valid_BT=valid_BT)
-            last = torch.tensor([len(feeds[r.row]) - 1 for r in running], device=self.device)
+            last = torch.tensor([len(feeds[r.row]) - 1 for r in sampling], dtype=torch.long, device=self.device)
             logits_RV = logits_BTV[rows, last]
         if tokens is None:
-            tokens = sample_tokens(logits_RV, [r.params for r in running], [r.generator for r in running])
-        for req, tok in zip(running, tokens):
+            tokens = sample_tokens(logits_RV, [r.params for r in sampling], [r.generator for r in sampling]) \
+                if sampling else []
+        for req in running:
             req.cached += len(feeds[req.row])
+        for req, tok in zip(sampling, tokens):
             req.prefilled = True
             outputs.append(self._advance(req, tok))
         return outputs
+
+    def _prompt_chunk(self, req: _Request) -> list[int]:
+        """The prompt tokens a row feeds this step: the rest of its prompt, at most ``prefill_chunk`` of them."""
+        end = len(req.prompt_ids) if self.prefill_chunk is None else min(len(req.prompt_ids),
+                                                                         req.cached + self.prefill_chunk)
+        return req.prompt_ids[req.cached:end]
 
     def _graph_step(self, input_BT, valid_BT, rows, running) -> torch.Tensor | None:
         """Logits [R, V] of a pure decode step replayed from a CUDA graph, or None to run it eagerly."""
@@ -401,16 +424,17 @@ def _params_list(params: SamplingParams | Sequence[SamplingParams] | None, n: in
 
 def generate(model: torch.nn.Module, tok: Tokenizer, prompts: Sequence[str | Sequence[int]] | str,
              params: SamplingParams | Sequence[SamplingParams] | None = None, max_batch_size: int = 8,
-             max_len: int | None = None) -> list[str]:
+             max_len: int | None = None, prefill_chunk: int | None = None) -> list[str]:
     """Generated text for each prompt (continuous batching, at most ``max_batch_size`` at once).
-    ``max_len`` defaults to the longest prompt plus its max_new_tokens."""
+    ``max_len`` defaults to the longest prompt plus its max_new_tokens; ``prefill_chunk`` as ``Engine``."""
     if isinstance(prompts, str):
         prompts = [prompts]
     # encoded once here: the ids size the cache and are what the engine runs
     prompts = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     plist = _params_list(params, len(prompts))
     engine = Engine(model, tok, max_batch_size=max(1, min(max_batch_size, len(prompts))),
-                    max_len=max_len if max_len is not None else _max_len_for(tok, prompts, plist))
+                    max_len=max_len if max_len is not None else _max_len_for(tok, prompts, plist),
+                    prefill_chunk=prefill_chunk)
     ids = [engine.add_request(pr, p) for pr, p in zip(prompts, plist)]
     texts = {rid: [] for rid in ids}
     while engine.has_unfinished():
@@ -430,14 +454,15 @@ def stream(model: torch.nn.Module, tok: Tokenizer, prompt: str | Sequence[int],
 
 def stream_outputs(model: torch.nn.Module, tok: Tokenizer, prompt: str | Sequence[int],
                    params: SamplingParams | None = None, max_len: int | None = None,
-                   cuda_graph: bool | None = None) -> Iterator[RequestOutput]:
+                   cuda_graph: bool | None = None, prefill_chunk: int | None = None) -> Iterator[RequestOutput]:
     """Every RequestOutput of one prompt, in order (the last one has ``finished=True``).
-    ``cuda_graph``: as ``Engine`` (None = replay decode steps from CUDA graphs where supported)."""
+    ``cuda_graph``, ``prefill_chunk``: as ``Engine`` (None = replay decode steps from CUDA graphs where
+    supported; the whole prompt in one step)."""
     params = params if params is not None else SamplingParams()
     prompt = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
     engine = Engine(model, tok, max_batch_size=1,
                     max_len=max_len if max_len is not None else _max_len_for(tok, [prompt], [params]),
-                    cuda_graph=cuda_graph)
+                    cuda_graph=cuda_graph, prefill_chunk=prefill_chunk)
     engine.add_request(prompt, params)
     while engine.has_unfinished():
         yield from engine.step()

@@ -136,6 +136,82 @@ def test_long_prompt_joins_a_row_set_near_max_len(model, tok):
     assert got["c"] == list(alone(model, tok, PROMPTS[2], SamplingParams(max_new_tokens=2, ignore_eos=True)).values())[0][0]
 
 
+class _Shapes(torch.nn.Module):
+    """The model, with the token count T of every forward recorded."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+        self.T = []
+
+    def new_cache(self, *a):
+        return self.inner.new_cache(*a)
+
+    def forward(self, input_BT, cache=None, valid_BT=None, last_only=False):
+        self.T.append(input_BT.shape[1])
+        return self.inner(input_BT, cache=cache, valid_BT=valid_BT, last_only=last_only)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_chunked_prefill_gives_each_request_its_unchunked_tokens(model, tok, chunk):
+    """Prompts fed ``chunk`` tokens a step (5 requests through 3 rows, greedy and seeded sampling)
+    give the tokens the whole-prompt engine gives, and no forward runs more than ``chunk`` tokens."""
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (9, 4, 12, 6)] + [
+        SamplingParams(max_new_tokens=7, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True)]
+    spy = _Shapes(model)
+    e = Engine(spy, tok, max_batch_size=3, max_len=128, cuda_graph=False, prefill_chunk=chunk)
+    rids = [e.add_request(p, sp) for p, sp in zip(PROMPTS, params)]
+    chunked = run(e, rids)
+    assert max(spy.T) == chunk
+    whole = Engine(model, tok, max_batch_size=3, max_len=128, cuda_graph=False)
+    ref = run(whole, [whole.add_request(p, sp) for p, sp in zip(PROMPTS, params)])
+    assert list(chunked.values()) == list(ref.values())
+
+
+def test_chunked_prefill_keeps_the_decoding_rows_going(model, tok):
+    """A long prompt joins a decoding row: it feeds 4 tokens a step and emits nothing until its last
+    chunk, while the other row gets a token at every step; the prompt's first token comes at step
+    cdiv(len, 4), equal to its unchunked tokens."""
+    long_prompt = tok.encode(PROMPTS[1])
+    sp = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    e = Engine(model, tok, max_batch_size=2, max_len=128, prefill_chunk=4)
+    first = e.add_request(PROMPTS[0], sp)
+    e.step()
+    late = e.add_request(long_prompt, SamplingParams(max_new_tokens=3, ignore_eos=True))
+    n_chunks = -(-len(long_prompt) // 4)
+    assert n_chunks >= 5
+    seen = {first: [], late: []}
+    for step in range(n_chunks):
+        outs = {o.request_id: o for o in e.step()}
+        assert first in outs  # the decoding row advances every step
+        assert (late in outs) == (step == n_chunks - 1)
+        for rid, o in outs.items():
+            seen[rid] += o.new_token_ids
+    while e.has_unfinished():
+        for o in e.step():
+            seen[o.request_id] += o.new_token_ids
+    assert seen[first] == list(alone(model, tok, PROMPTS[0], sp).values())[0][0]
+    assert seen[late] == list(alone(model, tok, long_prompt, SamplingParams(max_new_tokens=3, ignore_eos=True)
+                                    ).values())[0][0]
+
+
+def test_a_prompt_fed_in_chunks_gives_the_whole_prompts_logits(model):
+    """The model on a cache row: a prompt in three chunks gives every position's logits of one
+    forward of the whole prompt (float32, up to summation order)."""
+    ids = torch.tensor([[5, 17, 3, 99, 42, 7, 7, 1, 60, 2, 11]])
+    with torch.no_grad():
+        whole = model(ids, cache=model.new_cache(1, 32))
+        cache = model.new_cache(1, 32)
+        parts = [model(ids[:, a:b], cache=cache) for a, b in ((0, 4), (4, 5), (5, 11))]
+    torch.testing.assert_close(torch.cat(parts, dim=1), whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_prefill_chunk_must_be_a_positive_int(model, tok, bad):
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        Engine(model, tok, max_batch_size=1, max_len=16, prefill_chunk=bad)
+
+
 def test_stop_token_ids_and_eos(model, tok):
     ids, _, _ = list(alone(model, tok, PROMPTS[3], SamplingParams(max_new_tokens=10, ignore_eos=True)).values())[0]
     k = next(i for i in range(2, 10) if ids[i] not in ids[:i])  # first occurrence of some token
