@@ -207,8 +207,34 @@ def register_generate(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="run every decode step eagerly (by default a resident model on a GPU with the triton backend "
                         "replays decode steps from CUDA graphs)")
+    p.add_argument("--prefill-chunk", default="auto", type=prefill_chunk_arg, metavar="N|auto|off",
+                   help="feed the prompt N tokens a step (chunked prefill: a step's activations grow with its "
+                        "tokens); auto (the default): with --gpu-memory, the largest power of two whose activations "
+                        "fit --offload-reserve (offload.prefill_chunk_for), else the whole prompt; off: the whole "
+                        "prompt in one step")
     p.set_defaults(func=run_generate)
     return p
+
+
+def prefill_chunk_arg(text: str) -> int | str | None:
+    """--prefill-chunk: 'auto', 'off' (None: the whole prompt) or a token count >= 1."""
+    if text in ("auto", "off"):
+        return None if text == "off" else text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--prefill-chunk {text!r}: give a token count >= 1, 'auto' or 'off'")
+    return n
+
+
+def auto_prefill_chunk(model, offload_reserve, rows: int, max_len: int) -> int | None:
+    """--prefill-chunk auto: under offloading, the chunk whose activations fit the reserve; else None (whole prompts)."""
+    if getattr(model, "offload_cache", None) is None or not hasattr(model, "config"):
+        return None
+    from offload import parse_bytes, prefill_chunk_for
+    return prefill_chunk_for(model.config, parse_bytes(offload_reserve), rows, max_len, model.dtype)
 
 
 def run_generate(args: argparse.Namespace, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
@@ -233,9 +259,18 @@ def run_generate(args: argparse.Namespace, stdout: TextIO | None = None, stderr:
     # (the engine's KV cache holds the prompt and max_new_tokens: an offload budget counts it)
     model, tok = load_from_args(args, stderr, kv_tokens=lambda tok: max(2, len(encode(tok)) + args.max_new_tokens))
     prompt_ids = encode(tok)
+    chunk = args.prefill_chunk
+    if chunk == "auto":
+        chunk = auto_prefill_chunk(model, getattr(args, "offload_reserve", "256MiB"), 1,
+                                   len(prompt_ids) + args.max_new_tokens)
+        if chunk is not None and chunk < len(prompt_ids):
+            stderr.write(f"moe: the prompt's {len(prompt_ids)} tokens are fed {chunk} a step, so the prefill's "
+                         "activations fit --offload-reserve; each chunk fetches its missed experts again, so a "
+                         "larger --offload-reserve (or --prefill-chunk) prefills faster\n")
     start = time.perf_counter()
     n_tokens, reason = 0, None
-    for out in stream_outputs(model, tok, prompt_ids, params, cuda_graph=False if args.no_cuda_graph else None):
+    for out in stream_outputs(model, tok, prompt_ids, params, cuda_graph=False if args.no_cuda_graph else None,
+                              prefill_chunk=chunk):
         if out.new_text:
             stdout.write(out.new_text)
             stdout.flush()

@@ -78,6 +78,9 @@ class ServeConfig:
     ep_decode: str = "auto"
     max_batch_size: int = 8
     max_len: int = 2048
+    # prompt tokens a row feeds per step (Engine(prefill_chunk=...)): 'auto' = under offloading the largest power of
+    # two whose activations fit the reserve (offload.prefill_chunk_for), else whole prompts; None = whole prompts
+    prefill_chunk: int | str | None = "auto"
     stream_interval: int = 1
     num_replicas: int = 1
     replica_cpus: float = 1.0
@@ -106,6 +109,16 @@ class ServeConfig:
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be a positive integer")
             setattr(self, name, int(getattr(self, name)))
+        if isinstance(self.prefill_chunk, str) and self.prefill_chunk not in ("auto", "off"):
+            try:
+                self.prefill_chunk = int(self.prefill_chunk)
+            except ValueError:
+                pass
+        if self.prefill_chunk == "off":
+            self.prefill_chunk = None
+        if self.prefill_chunk not in ("auto", None) and (isinstance(self.prefill_chunk, bool) or not isinstance(
+                self.prefill_chunk, int) or self.prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk ({self.prefill_chunk!r}) must be a token count >= 1, 'auto' or 'off'")
         for name in ("offload_probes", "offload_predictor"):  # absolute: a replica may run in another directory
             f = getattr(self, name)
             if f is not None:
@@ -207,7 +220,8 @@ class ServeConfig:
     def replica_spec(self, device: str) -> dict:
         return {"model": self.model, "device": device, "dtype": self.dtype, "backend": self.backend,
                 "warm_up": bool(self.warm_up),
-                "max_batch_size": self.max_batch_size, "max_len": self.max_len, "limits": self.limits.to_dict(),
+                "max_batch_size": self.max_batch_size, "max_len": self.max_len, "prefill_chunk": self.prefill_chunk,
+                "limits": self.limits.to_dict(),
                 "engine_factory": self.engine_factory,
                 "stream_interval": self.stream_interval,
                 "offload": self.offload_config(device), "offload_files": self.offload_files(),

@@ -47,6 +47,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per model replica")
     p.add_argument("--max-batch-size", type=int, default=8, help="running batch per replica")
     p.add_argument("--max-len", type=int, default=2048, help="prompt + completion tokens per request")
+    from moe.cli import prefill_chunk_arg
+    p.add_argument("--prefill-chunk", default="auto", type=prefill_chunk_arg, metavar="N|auto|off",
+                   help="prompt tokens a row feeds per step (chunked prefill); auto (default): with --gpu-memory the "
+                        "largest power of two whose activations (--max-batch-size rows) fit --offload-reserve, else "
+                        "whole prompts; off: whole prompts")
     p.add_argument("--stream-interval", type=int, default=1,
                    help="tokens per streamed chunk after the first (default 1; more saves CPU on fast steps)")
     d = ServeLimits()
@@ -92,6 +97,7 @@ def config_from_args(args: argparse.Namespace):
                        offload_probes=args.offload_probes, offload_predictor=args.offload_predictor,
                        offload_prefetch_budget=args.offload_prefetch_budget,
                        max_batch_size=args.max_batch_size, max_len=args.max_len, stream_interval=args.stream_interval,
+                       prefill_chunk=args.prefill_chunk,
                        num_replicas=args.num_replicas,
                        replica_cpus=args.replica_cpus, cpu_hosts=args.cpu_hosts, cpu_host_cpus=args.cpu_host_cpus,
                        cpu_host_threads=args.cpu_host_threads, ep_ranks=args.ep_ranks, ep_mode=args.ep_mode,

@@ -349,8 +349,17 @@ def load_engine(spec: dict) -> LoadedEngine:
     elif spec.get("cpu_hosts"):
         raise ValueError("cpu_hosts needs an expert cache to share misses with: set gpu_memory too")
     max_len = int(spec.get("max_len", 2048))
+    rows = int(spec.get("max_batch_size", 8))
+    chunk = spec.get("prefill_chunk", "auto")
+    if chunk == "auto":  # under offloading: a prefill's activations inside the reserve (offload.prefill_chunk_for)
+        from offload import prefill_chunk_for
+        chunk = prefill_chunk_for(model.config, offload_cfg.reserve_bytes, rows, max_len, model.dtype) \
+            if offload_cfg is not None else None
+        if chunk is not None:
+            log.info("replica prefill: prompts fed %d tokens a step (%d rows' activations inside the %d-byte reserve)",
+                     chunk, rows, offload_cfg.reserve_bytes)
     try:
-        engine = Engine(model, tok, max_batch_size=int(spec.get("max_batch_size", 8)), max_len=max_len)
+        engine = Engine(model, tok, max_batch_size=rows, max_len=max_len, prefill_chunk=chunk)
         if engine.device.type == "cuda" and spec.get("warm_up", True):
             # the kernels compile and the decode graphs capture now, not inside the first requests' latency
             t0, top = time.perf_counter(), ServeLimits(**spec.get("limits", {})).max_prompt_tokens

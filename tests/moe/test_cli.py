@@ -113,6 +113,8 @@ def test_text_is_streamed_piece_by_piece(tiny_dir):
     (["generate", "-p", "hi", "-n", "many"], "invalid int value: 'many'"),
     (["generate", "-p", "hi", "--dtype", "int3"], "invalid choice: 'int3'"),
     (["generate"], "--prompt"),
+    (["generate", "-p", "hi", "--prefill-chunk", "0"], "--prefill-chunk '0': give a token count >= 1"),
+    (["generate", "-p", "hi", "--prefill-chunk", "big"], "'auto' or 'off'"),
 ])
 def test_user_mistakes_are_one_line_errors(capsys, argv, needle):
     assert main(argv) == 2
@@ -267,6 +269,31 @@ def test_generate_counts_its_kv_cache_in_the_offload_budget(capsys, tiny_dir, li
     assert f"KV cache {_fmt_bytes(kv)}" in err and "loading weights" not in err, err
     assert main(base + ["--gpu-memory", str(dense + L * eb + kv)]) == 0
     assert "1 of " in capsys.readouterr().err  # one slot a layer
+
+
+def test_offloaded_generate_chunks_a_prompt_whose_activations_exceed_the_reserve(capsys, lib, tiny_dir):
+    """--gpu-memory with --prefill-chunk auto (the default): a reserve too small for the whole prompt's activations
+    (offload.prefill_chunk_for) feeds it in chunks, says so, and gives the resident model's greedy text; a resident
+    model, or --prefill-chunk off, feeds it whole and says nothing."""
+    prompt = "import os\nimport sys\n\nclass Config(object):\n    def __init__(self, path):\n        self.path = path\n"
+    from moe.checkpoint import model_skeleton
+    from offload import prefill_activation_bytes
+    want = expected(lib, prompt, max_new_tokens=6)
+    n = len(lib[1].encode(prompt))
+    sk = model_skeleton(tiny_dir)
+    reserve = prefill_activation_bytes(sk.config, 1, 32, n + 6, sk.dtype)  # 32 tokens fit, 64 do not
+    assert n > 32
+    base = ["generate", str(tiny_dir), "--prompt", prompt, "-n", "6", "--device", "cpu"]
+    off = base + ["--gpu-memory", "300MiB", "--offload-reserve", str(reserve)]
+    assert main(off) == 0
+    cap = capsys.readouterr()
+    assert cap.out == want + "\n" and f"the prompt's {n} tokens are fed 32 a step" in cap.err, cap.err
+    for argv in (off + ["--prefill-chunk", "off"], base, off + ["--offload-reserve", "256MiB"]):
+        assert main(argv) == 0
+        cap = capsys.readouterr()
+        assert cap.out == want + "\n" and "a step" not in cap.err
+    assert main(base + ["--prefill-chunk", "5"]) == 0
+    assert capsys.readouterr().out == want + "\n"
 
 
 def test_gpu_memory_too_small_is_a_clean_error(capsys, tiny_dir):

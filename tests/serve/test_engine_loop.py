@@ -238,6 +238,37 @@ def test_offloaded_replica_counts_its_kv_cache_in_the_budget(tiny):
     assert snap["strategy"] == "offload" and "".join(e["text"] for e in events[1:]) == _alone(tiny, "def first(x):", 4)
 
 
+def test_offloaded_replica_chunks_prefills_inside_its_reserve(tiny):
+    """moe serve --gpu-memory with --prefill-chunk auto (the default): the replica's engine feeds prompts in the
+    chunk whose activations for --max-batch-size rows fit the reserve (offload.prefill_chunk_for), and serves the
+    resident model's text; a number is taken as given, 'off' feeds whole prompts, and a bad value is refused."""
+    import moe
+    from moe.tiny import ensure_tiny_model
+    from offload import prefill_activation_bytes
+    from serve.app import ServeConfig
+    sk = moe.checkpoint.model_skeleton(str(ensure_tiny_model()))
+    reserve = prefill_activation_bytes(sk.config, 2, 16, 64, sk.dtype)  # 16 tokens a row fit, 32 do not
+
+    def cfg(**kw):
+        return ServeConfig(model="tiny", device="cpu", max_batch_size=2, max_len=64, replica_cpus=1,
+                           gpu_memory="300MiB", offload_options={"reserve_bytes": reserve, "calibrate": False}, **kw)
+    prompt = "import os\nimport sys\n\nclass Config(object):\n    pass\n"
+    assert len(tiny[1].encode(prompt)) > 16
+    for c, chunk in ((cfg(), 16), (cfg(prefill_chunk="off"), None), (cfg(prefill_chunk="5"), 5)):
+        assert c.replica_spec("cpu")["prefill_chunk"] == (chunk if chunk != 16 else "auto")
+        rep = ModelReplica(c.replica_spec("cpu"))
+        assert rep.loaded.engine.prefill_chunk == chunk
+        rep.shutdown()
+    events, _ = _run_replica(cfg(), prompt, 4)
+    assert "".join(e["text"] for e in events[1:]) == _alone(tiny, prompt, 4)
+    for bad in (0, "many", True):
+        with pytest.raises(ValueError, match="prefill_chunk"):
+            cfg(prefill_chunk=bad)
+    # resident: whole prompts unless asked
+    assert ModelReplica(ServeConfig(model="tiny", device="cpu", max_batch_size=2, max_len=64).replica_spec(
+        "cpu")).loaded.engine.prefill_chunk is None
+
+
 def test_offloaded_replica_loads_the_predictor_and_probes_it_is_given(tiny, tmp_path):
     """moe serve --offload-policy predictor --offload-prefetch predictor --offload-predictor P.npz (with
     P.probe.npz beside it) --offload-prefetch-budget 1: the replica loads the files itself (the spec

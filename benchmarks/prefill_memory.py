@@ -1,0 +1,250 @@
+"""A prefill's activation memory, and chunked prefill under offloading, on one GPU.
+
+    python benchmarks/prefill_memory.py --out $OUT --peers transformers   # H200: four published shapes, two layers
+    python benchmarks/prefill_memory.py --models tiny --device cpu        # a check of the script (the bound only)
+
+Resident rows, per (model, rows B, cached tokens L, new tokens T): the peak device memory of one forward
+(``last_only``, the cache at length L) above the weights and the KV cache, from torch.cuda.max_memory_allocated,
+beside ``offload.prefill_activation_bytes`` (the bound ``--prefill-chunk auto`` chooses its chunk from; "x" =
+bound / measured, >= 1 where it holds). Peer (``--peers transformers``): Hugging Face transformers' own model of
+the same family and shape (random weights, bf16, sdpa attention), one forward of B x T tokens from an empty
+DynamicCache, its peak measured the same way (L = 0 rows only).
+
+Offloaded rows (``--offload-tokens P``): the same layers under ``apply_offload`` (device driver, a quarter of each
+layer's experts cached); a prompt of P tokens prefilled whole, then in chunks of each ``--chunks`` C, through one
+cache: time and peak. Floor = every uncached expert copied once: layers x (experts - slots) x expert bytes / the
+copy rate measured in the same run (a 256 MiB pinned host -> device copy), the same for every chunk size: a chunk
+fetches again the experts it uses that the cache no longer holds, which is what chunking costs ("x floor").
+Prompt tokens are random ids (the routing of random weights).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from moe.config import MoEConfig  # noqa: E402
+from moe.model import MoEForCausalLM  # noqa: E402
+from offload import prefill_activation_bytes  # noqa: E402
+
+SHAPES = {
+    "mixtral": dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, num_attention_heads=32,
+                    num_key_value_heads=8, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=14336,
+                    intermediate_size=14336),
+    "qwen3": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, num_attention_heads=32,
+                  num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                  moe_intermediate_size=768, intermediate_size=6144),
+    "dsv2lite": dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, num_attention_heads=16,
+                     num_key_value_heads=16, num_experts=64, num_experts_per_tok=6, moe_intermediate_size=1408,
+                     intermediate_size=10944, kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128,
+                     qk_rope_head_dim=64, v_head_dim=128, n_shared_experts=2, first_k_dense_replace=1),
+    "olmoe": dict(model_type="olmoe", vocab_size=50304, hidden_size=2048, num_attention_heads=16,
+                  num_key_value_heads=16, head_dim=128, num_experts=64, num_experts_per_tok=8,
+                  moe_intermediate_size=1024, intermediate_size=1024),
+    "tiny": dict(model_type="qwen3_moe", vocab_size=512),
+}
+GRID = [(1, 0, 128), (1, 0, 512), (1, 0, 2048), (1, 0, 8192), (4, 0, 512), (4, 0, 2048), (1, 8192, 512),
+        (1, 8192, 2048), (1, 16384, 2048)]
+
+
+def config(key: str, layers: int) -> MoEConfig:
+    kw = dict(SHAPES[key])
+    return MoEConfig.tiny(kw.pop("model_type"), num_hidden_layers=layers, max_position_embeddings=32768, **kw)
+
+
+def peak_forward(m, B: int, L: int, T: int, dev: str) -> tuple[float, float]:
+    """(peak bytes above the baseline, seconds) of one forward of B x T new tokens on a cache at length L."""
+    cache = m.new_cache(B, L + T + 1)
+    ids = torch.randint(0, m.config.vocab_size, (B, T), device=dev)
+    with torch.inference_mode():
+        m(ids[:, :1], cache=cache, last_only=True)  # every layer's KV storage allocated before the baseline
+        best_t, peak = float("inf"), 0
+        for _ in range(2):
+            cache.lengths.fill_(L)
+            torch.cuda.synchronize()
+            gc.collect()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
+            m(ids, cache=cache, last_only=True)
+            torch.cuda.synchronize()
+            best_t = min(best_t, time.perf_counter() - t0)
+            peak = max(peak, torch.cuda.max_memory_allocated() - base)
+    del cache
+    return peak, best_t
+
+
+def peaks_transformers(key: str, layers: int, points: list[tuple[int, int]], log) -> dict:
+    """{(B, T): peak bytes} of transformers' own model (same family and shape, bf16, sdpa), one forward of B x T
+    tokens from an empty DynamicCache each; {} (said) where transformers cannot build or run it."""
+    try:
+        import transformers
+        from transformers import DynamicCache
+        cfg = config(key, layers)
+        hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf_dict())
+        hf_cfg._attn_implementation = "sdpa"
+        with torch.device("cuda"):
+            hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, torch_dtype=torch.bfloat16).eval()
+    except Exception as e:  # a peer that cannot run is reported, not fatal
+        log({"model": key, "mode": "transformers", "error": f"{type(e).__name__}: {e}"[:300]})
+        return {}
+    out = {}
+    for B, T in points:
+        ids = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
+        try:
+            with torch.inference_mode():
+                torch.cuda.synchronize()
+                gc.collect()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                hf(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+                torch.cuda.synchronize()
+                out[(B, T)] = torch.cuda.max_memory_allocated() - base
+        except Exception as e:
+            log({"model": key, "mode": "transformers", "B": B, "T": T, "error": f"{type(e).__name__}: {e}"[:300]})
+    del hf
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def copy_rate() -> float:
+    """Bytes/s of a 256 MiB pinned host -> device copy (best of 5)."""
+    src = torch.empty(256 << 20, dtype=torch.uint8).pin_memory()
+    dst = torch.empty_like(src, device="cuda")
+    best = float("inf")
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return src.numel() / best
+
+
+def offloaded(key: str, layers: int, tokens: int, chunks: list[int], rows_out: list, log) -> None:
+    from offload import OffloadConfig, apply_offload
+    cfg = config(key, layers)
+    m = MoEForCausalLM(cfg, backend="triton", dtype=torch.bfloat16, device="cuda")
+    m.init_weights(seed=0)  # on the GPU (seconds on the CPU at these sizes), then to host memory for apply_offload
+    m = m.to("cpu")
+    torch.cuda.empty_cache()
+    E = cfg.num_experts
+    slots = max(cfg.num_experts_per_tok, E // 4)
+    m = apply_offload(m.eval(), OffloadConfig(slots_per_layer=slots, driver="device", policy="lfu"))
+    expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 2
+    rate = copy_rate()
+    ids = torch.randint(0, cfg.vocab_size, (1, tokens), device="cuda")
+    for chunk in [tokens] + [c for c in chunks if c < tokens]:
+        cache = m.new_cache(1, tokens + 1)
+        with torch.inference_mode():
+            m(ids[:, :1], cache=cache, last_only=True)
+            best_t, peak = float("inf"), 0
+            for _ in range(2):
+                cache.lengths.fill_(0)
+                torch.cuda.synchronize()
+                gc.collect()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                t0 = time.perf_counter()
+                for a in range(0, tokens, chunk):
+                    m(ids[:, a:a + chunk], cache=cache, last_only=True)
+                torch.cuda.synchronize()
+                best_t = min(best_t, time.perf_counter() - t0)
+                peak = max(peak, torch.cuda.max_memory_allocated() - base)
+        del cache
+        n_chunks = -(-tokens // chunk)
+        floor = layers * (E - slots) * expert_bytes / rate
+        row = dict(model=key, mode="offloaded", tokens=tokens, chunk=chunk, chunks=n_chunks, ms=best_t * 1e3,
+                   floor_ms=floor * 1e3, peak_mib=peak / 2 ** 20,
+                   bound_mib=prefill_activation_bytes(cfg, 1, chunk, tokens + 1, torch.bfloat16) / 2 ** 20,
+                   copy_gbs=rate / 1e9)
+        rows_out.append(row)
+        log(row)
+    del m
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="mixtral,qwen3,dsv2lite,olmoe")
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers built (the peak is one layer's)")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--peers", default="", help="'transformers': its own model's peak beside ours (L = 0 rows)")
+    ap.add_argument("--offload-models", default="mixtral,qwen3", help="models of the offloaded rows ('' for none)")
+    ap.add_argument("--offload-tokens", type=int, default=4096)
+    ap.add_argument("--chunks", default="1024,256")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    keys = [k for k in args.models.split(",") if k]
+    for k in keys + [k for k in args.offload_models.split(",") if k]:
+        if k not in SHAPES:
+            ap.error(f"unknown model {k!r}; known: {', '.join(SHAPES)}")
+    rows: list[dict] = []
+
+    def log(row):
+        print(json.dumps(row), flush=True)
+
+    if args.device == "cpu":  # no allocator statistics: the bound alone, a check of the script
+        for key in keys:
+            cfg = config(key, args.layers)
+            for B, L, T in GRID:
+                rows.append(dict(model=key, mode="bound", B=B, L=L, T=T,
+                                 bound_mib=prefill_activation_bytes(cfg, B, T, L + T, torch.float32) / 2 ** 20))
+        for r in rows:
+            print(f"{r['model']:9} B={r['B']} L={r['L']:>5} T={r['T']:>5}  bound {r['bound_mib']:9.1f} MiB")
+        return 0
+    if not torch.cuda.is_available():
+        ap.error("--device cuda needs a CUDA device (use --device cpu for the bound alone)")
+    for key in keys:
+        cfg = config(key, args.layers)
+        m = MoEForCausalLM(cfg, backend="triton", dtype=torch.bfloat16, device="cuda")
+        m.init_weights(seed=0)
+        m.eval()
+        for B, L, T in GRID:
+            peak, secs = peak_forward(m, B, L, T, "cuda")
+            bound = prefill_activation_bytes(cfg, B, T, L + T, torch.bfloat16)
+            row = dict(model=key, mode="resident", B=B, L=L, T=T, peak_mib=peak / 2 ** 20, bound_mib=bound / 2 ** 20,
+                       x=bound / max(peak, 1), ms=secs * 1e3)
+            rows.append(row)
+            log(row)
+        del m
+        gc.collect()
+        torch.cuda.empty_cache()
+        if "transformers" in args.peers:
+            for (B, T), hf in peaks_transformers(key, args.layers, [(B, T) for B, L, T in GRID if L == 0], log).items():
+                row = dict(model=key, mode="transformers", B=B, L=0, T=T, peak_mib=hf / 2 ** 20)
+                rows.append(row)
+                log(row)
+    chunks = [int(c) for c in args.chunks.split(",") if c]
+    for key in [k for k in args.offload_models.split(",") if k]:
+        offloaded(key, args.layers, args.offload_tokens, chunks, rows, log)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "prefill_memory.json").write_text(json.dumps(rows, indent=1))
+    hf = {(r["model"], r["B"], r["T"]): r["peak_mib"] for r in rows if r["mode"] == "transformers"}
+    print(f"\n{'model':9} {'B':>2} {'L':>6} {'T':>5} {'peak MiB':>9} {'bound':>8} {'x':>5} {'transformers':>12} {'ms':>7}")
+    for r in rows:
+        if r["mode"] == "resident":
+            peer = hf.get((r["model"], r["B"], r["T"])) if r["L"] == 0 else None
+            print(f"{r['model']:9} {r['B']:>2} {r['L']:>6} {r['T']:>5} {r['peak_mib']:>9.1f} {r['bound_mib']:>8.1f} "
+                  f"{r['x']:>5.2f} {peer if peer is None else round(peer, 1)!s:>12} {r['ms']:>7.2f}")
+    print(f"\n{'offloaded':9} {'tokens':>6} {'chunk':>5} {'ms':>8} {'floor ms':>8} {'x floor':>7} {'peak MiB':>9} "
+          f"{'bound':>8} {'GB/s':>5}")
+    for r in rows:
+        if r["mode"] == "offloaded":
+            print(f"{r['model']:9} {r['tokens']:>6} {r['chunk']:>5} {r['ms']:>8.1f} {r['floor_ms']:>8.1f} "
+                  f"{r['ms'] / r['floor_ms']:>7.2f} {r['peak_mib']:>9.1f} {r['bound_mib']:>8.1f} {r['copy_gbs']:>5.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The prefill's activation bound and the chunk it gives (offload.apply.prefill_activation_bytes /
+prefill_chunk_for) against what an H200 measured. The engine's chunking is tested in tests/moe/test_generate.py,
+`--prefill-chunk auto` under offloading in tests/moe/test_cli.py and tests/serve/test_engine_loop.py."""
+import pytest
+import torch
+
+from offload import prefill_activation_bytes, prefill_chunk_for
+
+from tests.conftest import load_benchmark
+
+# the published shapes as benchmarks/prefill_memory.py builds them (two layers: the peak is one layer's)
+BENCH = load_benchmark("prefill_memory")
+
+# s31-b / s31-c (one H200, bf16, 2026-11-30; benchmarks/prefill_memory.py, BENCHMARKS 3t): the peak device memory of one forward (last_only) above the weights and the
+# KV cache, in MiB, by (model, rows, cached tokens L, new tokens T); "off" rows under apply_offload (both drivers)
+MEASURED = [
+    ("mixtral", 1, 0, 128, 49.1), ("mixtral", 1, 0, 512, 84.7), ("mixtral", 1, 0, 2048, 244.6),
+    ("mixtral", 1, 0, 8192, 990.4), ("mixtral", 4, 0, 512, 238.6), ("mixtral", 4, 0, 2048, 894.4),
+    ("mixtral", 1, 8192, 512, 92.9), ("mixtral", 1, 8192, 2048, 276.6), ("mixtral", 1, 16384, 2048, 308.6),
+    ("qwen3", 1, 0, 128, 20.1), ("qwen3", 1, 0, 512, 42.7), ("qwen3", 1, 0, 2048, 152.8), ("qwen3", 1, 0, 8192, 635.2),
+    ("qwen3", 4, 0, 512, 146.8), ("qwen3", 4, 0, 2048, 539.2), ("qwen3", 1, 8192, 512, 50.7),
+    ("qwen3", 1, 8192, 2048, 184.8), ("qwen3", 1, 16384, 2048, 216.8),
+    ("dsv2lite", 1, 0, 128, 19.6), ("dsv2lite", 1, 0, 512, 40.6), ("dsv2lite", 1, 0, 2048, 160.5),
+    ("dsv2lite", 1, 0, 8192, 741.1), ("dsv2lite", 4, 0, 512, 154.5), ("dsv2lite", 4, 0, 2048, 645.1),
+    ("dsv2lite", 1, 8192, 512, 49.6), ("dsv2lite", 1, 8192, 2048, 192.5), ("dsv2lite", 1, 16384, 2048, 224.5),
+    ("olmoe", 1, 0, 128, 16.1), ("olmoe", 1, 0, 512, 40.6), ("olmoe", 1, 0, 2048, 152.3), ("olmoe", 1, 0, 8192, 657.2),
+    ("olmoe", 4, 0, 512, 146.3), ("olmoe", 4, 0, 2048, 561.2), ("olmoe", 1, 8192, 512, 48.6),
+    ("olmoe", 1, 8192, 2048, 184.3), ("olmoe", 1, 16384, 2048, 216.3),
+    # offloaded, device driver | host driver (Mixtral)
+    ("mixtral", 1, 0, 512, 64.7), ("mixtral", 1, 0, 2048, 246.7), ("mixtral", 4, 0, 512, 240.7),
+    ("mixtral", 1, 8192, 2048, 278.7), ("mixtral", 1, 0, 512, 71.2), ("mixtral", 1, 0, 2048, 259.1),
+    ("mixtral", 4, 0, 512, 253.1), ("mixtral", 1, 8192, 2048, 291.1),
+]
+
+
+def _cfg(key):
+    return BENCH.config(key, 2)
+
+
+@pytest.mark.parametrize("key,B,L,T,mib", MEASURED)
+def test_the_bound_lies_above_every_measured_prefill_and_not_far(key, B, L, T, mib):
+    est = prefill_activation_bytes(_cfg(key), B, T, L + T, torch.bfloat16) / 2 ** 20
+    assert mib <= est, (est, mib)
+    # close where the chunk is chosen (thousands of tokens); small calls carry the worst-case padding
+    assert est <= (1.7 if B * T >= 2048 else 5.0) * mib, (est, mib)
+
+
+def test_the_bound_grows_with_rows_tokens_slots_and_dtype():
+    cfg = _cfg("qwen3")
+    base = prefill_activation_bytes(cfg, 1, 512, 1024)
+    assert prefill_activation_bytes(cfg, 2, 512, 1024) > base
+    assert prefill_activation_bytes(cfg, 1, 1024, 1024) > base
+    assert prefill_activation_bytes(cfg, 1, 512, 4096) > base
+    assert prefill_activation_bytes(cfg, 1, 512, 1024, torch.float32) > base
+    assert prefill_activation_bytes(cfg, 0, 512, 1024) == 0
+    with pytest.raises(ValueError, match="must be >= 0"):
+        prefill_activation_bytes(cfg, 1, -1, 10)
+
+
+def test_the_chunk_is_the_largest_power_of_two_inside_the_reserve():
+    cfg = _cfg("mixtral")
+    reserve = 256 << 20
+    chunk = prefill_chunk_for(cfg, reserve, 1, 32768)
+    assert chunk is not None and chunk & (chunk - 1) == 0
+    assert prefill_activation_bytes(cfg, 1, chunk, 32768) <= reserve < prefill_activation_bytes(cfg, 1, 2 * chunk, 32768)
+    # more rows, less each; a whole max_len that fits needs no chunk; a reserve short of even 16 tokens gets 16
+    assert prefill_chunk_for(cfg, reserve, 8, 32768) < chunk
+    assert prefill_chunk_for(cfg, reserve, 1, 256) is None
+    assert prefill_chunk_for(cfg, 1 << 20, 1, 32768) == 16
+
+
+def test_the_benchmark_script_prints_the_bound_on_the_cpu(capsys):
+    """benchmarks/prefill_memory.py --device cpu: the bound for every grid point (the GPU measures beside it)."""
+    bench = BENCH
+    assert bench.main(["--models", "tiny,mixtral", "--device", "cpu", "--offload-models", ""]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "bound" in ln]
+    assert len(lines) == 2 * len(bench.GRID) and lines[0].startswith("tiny")
+    with pytest.raises(SystemExit):
+        bench.main(["--models", "nope", "--device", "cpu"])
