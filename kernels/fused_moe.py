@@ -34,6 +34,7 @@ The backward pass (``torch.autograd.Function``) reuses the same layout and kerne
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import warnings
@@ -50,6 +51,13 @@ from .reference import check_moe_inputs
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FUSED_TOO_BIG: set = set()  # (device, FusedDecodeConfig) whose tiles a GPU refused
+
+
+def _fused_tiles(cfg, element_size: int):
+    """The one-token tiles for the input's element size. The configs are tuned for 2-byte weights; in float32 the up
+    projection's pipelined tiles take twice the shared memory (the default (64, 256, 256, 8, 3) asked 288 KB of the
+    H200's 227 in s31-a, and the call fell back to three kernels), so 4-byte inputs step half as far along D."""
+    return cfg if element_size <= 2 else dataclasses.replace(cfg, block_d=max(16, cfg.block_d // 2))
 # Programmatic dependent launch for 2..64 tokens: 1-2% faster on the H200 at 8 and 64 tokens for every
 # shape; at one token it was slower for Qwen3-30B-A3B (+1 us) and Mixtral (+11 us: the down GEMM's
 # early programs take slots the up GEMM's second wave needs), so one token launches plainly.
@@ -183,14 +191,15 @@ def fused_moe(x_TD: torch.Tensor, w13_EJD: torch.Tensor, w2_EDI: torch.Tensor, t
         t.requires_grad for t in (x_TD, w13_EJD, w2_EDI, topk_weights_TK))
     if needs_grad:
         return _FusedMoE.apply(x_TD, w13_EJD, w2_EDI, topk_ids_TK, topk_weights_TK, cfg)
-    if T == 1 and cfg.fused is not None and not (_FUSED_TOO_BIG and (x_TD.device, cfg.fused) in _FUSED_TOO_BIG):
+    fused = _fused_tiles(cfg.fused, x_TD.element_size()) if T == 1 and cfg.fused is not None else None
+    if fused is not None and not (_FUSED_TOO_BIG and (x_TD.device, fused) in _FUSED_TOO_BIG):
         try:  # two launches instead of three (fused_decode.py)
-            return moe_decode1(x_TD, w13_EJD, w2_EDI, topk_ids_TK, topk_weights_TK, cfg.fused)
+            return moe_decode1(x_TD, w13_EJD, w2_EDI, topk_ids_TK, topk_weights_TK, fused)
         except OutOfResources as exc:
             # the tiles were tuned on the H200 (228 KB of shared memory per SM); a GPU with less
             # refuses them at compile time, before anything runs: use the three kernels from now on
-            _FUSED_TOO_BIG.add((x_TD.device, cfg.fused))
-            warnings.warn(f"one-token fused MoE tiles {cfg.fused} do not fit this GPU ({exc}); using the "
+            _FUSED_TOO_BIG.add((x_TD.device, fused))
+            warnings.warn(f"one-token fused MoE tiles {fused} do not fit this GPU ({exc}); using the "
                           f"three-kernel path for one-token calls", RuntimeWarning, stacklevel=2)
     w_P = topk_weights_TK.reshape(-1)
     if not w_P.is_contiguous():

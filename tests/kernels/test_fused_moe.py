@@ -327,6 +327,33 @@ def test_fused_decode_config_round_trip_and_validation():
     assert default_config(1, 8, 128, interpreted=True).fused is None
 
 
+def test_one_token_tiles_step_half_as_far_along_d_in_float32():
+    """The tuned / default one-token tiles are for 2-byte weights; 4-byte ones take twice the shared memory in the
+    up projection's pipeline (the default asked 288 KB of the H200's 227 in float32), so they step half as far."""
+    from kernels.fused_moe import _fused_tiles
+    from kernels.launch_config import FusedDecodeConfig
+    cfg = FusedDecodeConfig(64, 256, 256, 8, 3)
+    assert _fused_tiles(cfg, 2) is cfg and _fused_tiles(cfg, 1) is cfg
+    assert _fused_tiles(cfg, 4) == FusedDecodeConfig(64, 128, 256, 8, 3)
+    assert _fused_tiles(FusedDecodeConfig(16, 16, 16), 4).block_d == 16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_default_one_token_tiles_fit_in_every_dtype(dtype, recwarn):
+    """The default one-token config compiles on the GPU in float32 too (it fell back to three kernels with a
+    warning before, s31-a) and matches the reference."""
+    import kernels.fused_moe as fm
+    from kernels.launch_config import default_config
+    x, w13, w2, topk, w = _to(make_case(1, 256, 192, 8, 2, "distinct", seed=3), dtype)
+    want = moe_experts_reference(*(t.float() if t.is_floating_point() else t for t in (x, w13, w2, topk, w)))
+    cfg = default_config(1, 2, 8)
+    out = fused_moe(x, w13, w2, topk, w, config=cfg)
+    assert rel_err(out, want) < (1e-5 if dtype == torch.float32 else TOL)
+    assert not [r for r in recwarn if "do not fit" in str(r.message)]
+    assert not any(dev == x.device for dev, _ in fm._FUSED_TOO_BIG)
+
+
 @pytest.mark.gpu
 def test_gpu_one_token_fused_kernels_in_a_cuda_graph():
     """Captured once (two launches chained by programmatic dependent launch on Hopper), replayed on
