@@ -188,11 +188,13 @@ def test_gpu_device_driver_equals_resident_and_replays_in_one_graph(policy, slot
         assert runs[True][2]["prefetches"] > 0 and runs[True][2]["useful_prefetches"] > 0
 
 
-@pytest.mark.parametrize("driver,slots", [("device", 1), ("auto", 2), ("device", 3)])
-def test_gpu_engine_serves_batches_under_the_device_driver(driver, slots):
+@pytest.mark.parametrize("driver,slots,chunk", [("device", 1, None), ("auto", 2, None), ("device", 3, None),
+                                               ("device", 2, 3)])
+def test_gpu_engine_serves_batches_under_the_device_driver(driver, slots, chunk):
     """The serving engine's path with the GPU-decided cache: requests join and leave a batch of up to 4 (prefills
     of several tokens run in rounds over the slots, decode steps of 1-4 rows replay one CUDA graph each); the
-    texts are the resident model's engine's. driver='auto' takes the device driver here (a GPU, triton experts)."""
+    texts are the resident model's engine's. driver='auto' takes the device driver here (a GPU, triton experts).
+    chunk: the offloaded engine feeds prompts 3 tokens a step (chunked prefill beside graph-replayed decode rows)."""
     import moe
     from moe import tiny
     from moe.cuda_graph import DecodeGraphs
@@ -205,8 +207,8 @@ def test_gpu_engine_serves_batches_under_the_device_driver(driver, slots):
     prompts = ["def f(x):", "import os\nimport", "class A:\n    pass", "for i in range(10):\n", "x = [1, 2"]
     params = moe.SamplingParams(max_new_tokens=10)
 
-    def serve(m):
-        eng = Engine(m, tok, max_batch_size=4, max_len=128)
+    def serve(m, prefill_chunk=None):
+        eng = Engine(m, tok, max_batch_size=4, max_len=128, prefill_chunk=prefill_chunk)
         assert isinstance(eng._graphs, DecodeGraphs)
         ids = [eng.add_request(p, params) for p in prompts[:2]]
         texts = {}
@@ -226,7 +228,7 @@ def test_gpu_engine_serves_batches_under_the_device_driver(driver, slots):
     m = apply_offload(m, OffloadConfig(slots_per_layer=slots, device="cuda", calibrate=False, backend="triton",
                                        driver=driver))
     assert isinstance(m.offload_cache, DeviceExpertCache)
-    assert serve(m) == want
+    assert serve(m, chunk) == want
     st = m.offload_cache.stats()
     assert st["misses"] > 0 and st["hits"] > 0
 
