@@ -209,9 +209,9 @@ def register_generate(subparsers) -> argparse.ArgumentParser:
                         "replays decode steps from CUDA graphs)")
     p.add_argument("--prefill-chunk", default="auto", type=prefill_chunk_arg, metavar="N|auto|off",
                    help="feed the prompt N tokens a step (chunked prefill: a step's activations grow with its "
-                        "tokens); auto (the default): with --gpu-memory, the largest power of two whose activations "
-                        "fit --offload-reserve (offload.prefill_chunk_for), else the whole prompt; off: the whole "
-                        "prompt in one step")
+                        "tokens); auto (the default): the largest power of two whose activations fit --offload-reserve "
+                        "with --gpu-memory, or the GPU's free memory (offload.auto_prefill_chunk), the whole prompt "
+                        "where it fits and on the CPU; off: the whole prompt in one step")
     p.set_defaults(func=run_generate)
     return p
 
@@ -227,14 +227,6 @@ def prefill_chunk_arg(text: str) -> int | str | None:
     if n < 1:
         raise argparse.ArgumentTypeError(f"--prefill-chunk {text!r}: give a token count >= 1, 'auto' or 'off'")
     return n
-
-
-def auto_prefill_chunk(model, offload_reserve, rows: int, max_len: int) -> int | None:
-    """--prefill-chunk auto: under offloading, the chunk whose activations fit the reserve; else None (whole prompts)."""
-    if getattr(model, "offload_cache", None) is None or not hasattr(model, "config"):
-        return None
-    from offload import parse_bytes, prefill_chunk_for
-    return prefill_chunk_for(model.config, parse_bytes(offload_reserve), rows, max_len, model.dtype)
 
 
 def run_generate(args: argparse.Namespace, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
@@ -260,13 +252,16 @@ def run_generate(args: argparse.Namespace, stdout: TextIO | None = None, stderr:
     model, tok = load_from_args(args, stderr, kv_tokens=lambda tok: max(2, len(encode(tok)) + args.max_new_tokens))
     prompt_ids = encode(tok)
     chunk = args.prefill_chunk
-    if chunk == "auto":
-        chunk = auto_prefill_chunk(model, getattr(args, "offload_reserve", "256MiB"), 1,
-                                   len(prompt_ids) + args.max_new_tokens)
+    if chunk == "auto":  # (offload.auto_prefill_chunk: inside the reserve offloaded, the free memory resident)
+        from offload import auto_prefill_chunk, parse_bytes
+        offloaded = getattr(model, "offload_cache", None) is not None
+        chunk = auto_prefill_chunk(model, 1, len(prompt_ids) + args.max_new_tokens,
+                                   parse_bytes(getattr(args, "offload_reserve", "256MiB")) if offloaded else None)
         if chunk is not None and chunk < len(prompt_ids):
             stderr.write(f"moe: the prompt's {len(prompt_ids)} tokens are fed {chunk} a step, so the prefill's "
-                         "activations fit --offload-reserve; each chunk fetches its missed experts again, so a "
-                         "larger --offload-reserve (or --prefill-chunk) prefills faster\n")
+                         + ("activations fit --offload-reserve; each chunk fetches its missed experts again, so a "
+                            "larger --offload-reserve (or --prefill-chunk) prefills faster\n" if offloaded else
+                            "activations fit the GPU's free memory (--prefill-chunk to choose)\n"))
     start = time.perf_counter()
     n_tokens, reason = 0, None
     for out in stream_outputs(model, tok, prompt_ids, params, cuda_graph=False if args.no_cuda_graph else None,

@@ -7,8 +7,8 @@ missed experts. Offloaded output equals resident output.
     model = apply_offload(model, OffloadConfig(gpu_memory="24GiB", driver="device"))  # decided on the GPU
     # the default driver='auto' takes 'device' where it runs and measured faster, else 'host' (apply.resolve_driver)
 """
-from .apply import (OffloadedExperts, apply_offload, install, kv_cache_bytes, plan_slots, prefill_activation_bytes,
-                    prefill_chunk_for, route_by_trace)
+from .apply import (OffloadedExperts, apply_offload, auto_prefill_chunk, install, kv_cache_bytes, plan_slots,
+                    prefill_activation_bytes, prefill_chunk_for, route_by_trace)
 from .cache import ExpertCache
 from .config import OffloadConfig, parse_bytes
 from .cost_model import CostModel
@@ -20,6 +20,7 @@ from .store import DiskExpertStore, HostExpertStore, PackedHostExpertStore
 from .tiered import TieredExperts, TierRuntime, TierRuntimeConfig, apply_cpu_tier
 
 __all__ = ["OffloadConfig", "apply_offload", "install", "kv_cache_bytes", "prefill_activation_bytes", "prefill_chunk_for",
+           "auto_prefill_chunk",
            "OffloadedExperts", "plan_slots", "route_by_trace", "ExpertCache",
            "DeviceExpertCache", "DeviceOffloadedExperts",
            "parse_bytes", "CostModel", "Policy", "LRUPolicy", "LFUPolicy", "PredictorPolicy", "BeladyPolicy",

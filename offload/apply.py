@@ -405,6 +405,30 @@ def prefill_chunk_for(config, reserve_bytes: int, rows: int, max_len: int, dtype
     return chunk
 
 
+def auto_prefill_chunk(model, rows: int, max_len: int, reserve_bytes: int | None = None,
+                       free_share: float = 0.9) -> int | None:
+    """What ``--prefill-chunk auto`` feeds a row per step (``Engine(prefill_chunk=...)``), or None for whole prompts.
+
+    Offloaded (the model has an ``offload_cache``): the chunk whose activations fit ``reserve_bytes``, the budget's
+    reserve (``prefill_chunk_for``). Resident on a CUDA device: the chunk whose activations fit ``free_share`` of the
+    device's free memory less the engine's KV cache (``rows`` x ``max_len``, allocated at its first forward), so a
+    prompt longer than what fits runs in chunks instead of running out of memory. On the CPU: None."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    dtype = getattr(model, "dtype", torch.bfloat16)
+    if getattr(model, "offload_cache", None) is not None:
+        if reserve_bytes is None:
+            raise ValueError("auto_prefill_chunk: an offloaded model needs its budget's reserve_bytes")
+        return prefill_chunk_for(config, reserve_bytes, rows, max_len, dtype)
+    device = getattr(model, "device", None)
+    if not isinstance(device, torch.device) or device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    room = int(free_share * (free - kv_cache_bytes(config, rows, max_len, dtype)))
+    return prefill_chunk_for(config, max(room, 0), rows, max_len, dtype)
+
+
 def _fmt_bytes(n: int) -> str:
     for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
         if abs(n) >= size:

@@ -351,13 +351,14 @@ def load_engine(spec: dict) -> LoadedEngine:
     max_len = int(spec.get("max_len", 2048))
     rows = int(spec.get("max_batch_size", 8))
     chunk = spec.get("prefill_chunk", "auto")
-    if chunk == "auto":  # under offloading: a prefill's activations inside the reserve (offload.prefill_chunk_for)
-        from offload import prefill_chunk_for
-        chunk = prefill_chunk_for(model.config, offload_cfg.reserve_bytes, rows, max_len, model.dtype) \
-            if offload_cfg is not None else None
+    if chunk == "auto":  # a prefill's activations inside the offload reserve, or the GPU's free memory
+        from offload import auto_prefill_chunk
+        chunk = auto_prefill_chunk(model, rows, max_len, offload_cfg.reserve_bytes if offload_cfg is not None else None) \
+            if not ep else None
         if chunk is not None:
-            log.info("replica prefill: prompts fed %d tokens a step (%d rows' activations inside the %d-byte reserve)",
-                     chunk, rows, offload_cfg.reserve_bytes)
+            log.info("replica prefill: prompts fed %d tokens a step (%d rows' activations inside %s)", chunk, rows,
+                     f"the {offload_cfg.reserve_bytes}-byte offload reserve" if offload_cfg is not None
+                     else "the GPU's free memory")
     try:
         engine = Engine(model, tok, max_batch_size=rows, max_len=max_len, prefill_chunk=chunk)
         if engine.device.type == "cuda" and spec.get("warm_up", True):

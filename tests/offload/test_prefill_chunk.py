@@ -77,3 +77,25 @@ def test_the_benchmark_script_prints_the_bound_on_the_cpu(capsys):
     assert len(lines) == 2 * len(bench.GRID) and lines[0].startswith("tiny")
     with pytest.raises(SystemExit):
         bench.main(["--models", "nope", "--device", "cpu"])
+
+
+def test_auto_takes_the_reserve_offloaded_and_the_free_memory_resident(monkeypatch):
+    """offload.auto_prefill_chunk (--prefill-chunk auto): an offloaded model's chunk fits its budget's reserve; a
+    resident one on a CUDA device fits 90% of the free memory less the engine's KV cache; on the CPU, whole prompts."""
+    from types import SimpleNamespace
+
+    from offload import auto_prefill_chunk, kv_cache_bytes
+    cfg = _cfg("mixtral")
+    offloaded = SimpleNamespace(config=cfg, dtype=torch.bfloat16, offload_cache=object())
+    assert auto_prefill_chunk(offloaded, 1, 32768, 256 << 20) == prefill_chunk_for(cfg, 256 << 20, 1, 32768)
+    with pytest.raises(ValueError, match="reserve_bytes"):
+        auto_prefill_chunk(offloaded, 1, 32768)
+    gpu = SimpleNamespace(config=cfg, dtype=torch.bfloat16, device=torch.device("cuda", 0))
+    kv = kv_cache_bytes(cfg, 2, 32768, torch.bfloat16)
+    fits_512 = prefill_activation_bytes(cfg, 2, 512, 32768)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (int(kv + fits_512 / 0.9) + 1, 1 << 40))
+    assert auto_prefill_chunk(gpu, 2, 32768) == 512
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1 << 40, 1 << 40))
+    assert auto_prefill_chunk(gpu, 2, 32768) is None  # a whole max_len fits
+    assert auto_prefill_chunk(SimpleNamespace(config=cfg, dtype=torch.float32, device=torch.device("cpu")), 1, 32768) \
+        is None
