@@ -206,6 +206,32 @@ def test_a_prompt_fed_in_chunks_gives_the_whole_prompts_logits(model):
     torch.testing.assert_close(torch.cat(parts, dim=1), whole, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family,extra", [("deepseek_v2", {}), ("deepseek_v3", {}), ("olmoe", {"clip_qkv": 8.0}),
+                                          ("qwen2_moe", {"sliding_window": 3}),
+                                          ("qwen3_moe", {"sliding_window": 4,
+                                                         "layer_types": ["sliding_attention", "full_attention"]})])
+def test_every_family_gives_the_whole_prompts_logits_chunk_by_chunk(family, extra):
+    """MLA (DeepSeek), clipped q/k/v (OLMoE), shared experts and sliding windows: chunks of 1, 3 and 6 tokens on a
+    cache row give one forward's logits at every position, and both rows of a batch of two (different lengths)."""
+    cfg = MoEConfig.tiny(family, **extra)
+    m = MoEForCausalLM(cfg)
+    m.init_weights(seed=3)
+    m.eval()
+    ids = torch.randint(3, cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(4))
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[1, 7:] = False  # row 1: a 7-token prompt
+    with torch.no_grad():
+        whole = m(ids, cache=m.new_cache(2, 16), valid_BT=valid)
+        for chunk in (1, 3, 6):
+            cache, parts = m.new_cache(2, 16), []
+            for a in range(0, 10, chunk):
+                parts.append(m(ids[:, a:a + chunk], cache=cache, valid_BT=valid[:, a:a + chunk]))
+            got = torch.cat(parts, dim=1)
+            torch.testing.assert_close(got[0], whole[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[1, :7], whole[1, :7], rtol=1e-5, atol=1e-5)
+            assert cache.lengths.tolist() == [10, 7]
+
+
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True])
 def test_prefill_chunk_must_be_a_positive_int(model, tok, bad):
     with pytest.raises(ValueError, match="prefill_chunk"):
