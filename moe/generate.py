@@ -48,6 +48,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .cuda_graph import DecodeGraphs, GraphCaptureError, PiecewiseDecodeGraphs, graph_support, piecewise_support
+from .kv_cache import KVCache
 from .sampling import SamplingParams, sample_tokens
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -316,6 +317,13 @@ class Engine:
         sampling = [r for r in running if r.prefilled or r.cached + len(feeds[r.row]) == len(r.prompt_ids)]
         T = max(len(f) for f in feeds.values())
         B = self.max_batch_size
+        cache = self.cache
+        if T > 1 and isinstance(cache, KVCache):
+            # an eager step runs the rows up to the last running one, not every row of the cache: rows are taken
+            # lowest first, so a lone request's prefill is [1, T], not [B, T] of padding (attention, norms and
+            # projections run every padded token; the bound on a prefill's activations still counts B rows)
+            B = max(feeds) + 1
+            cache = cache.rows_prefix(B)
         # the batch built as lists and made a tensor once (a tensor per row cost ~5 us a row)
         ids, valid = [[0] * T for _ in range(B)], [[False] * T for _ in range(B)]
         for b, f in feeds.items():
@@ -328,12 +336,12 @@ class Engine:
         logits_RV = self._graph_step(input_BT, valid_BT, rows, running) if T == 1 else None
         tokens = None
         if logits_RV is None and self._greedy_next is not None and all(r.params.greedy for r in sampling):
-            tokens = self._greedy_next(input_BT, self.cache, valid_BT)[rows].tolist()
+            tokens = self._greedy_next(input_BT, cache, valid_BT)[rows].tolist()
         elif logits_RV is None and self._last_only:
             # the model projects only each row's last valid token onto the vocabulary
-            logits_RV = self.model(input_BT, cache=self.cache, valid_BT=valid_BT, last_only=True)[rows, 0]
+            logits_RV = self.model(input_BT, cache=cache, valid_BT=valid_BT, last_only=True)[rows, 0]
         elif logits_RV is None:
-            logits_BTV = self.model(input_BT, cache=self.cache, valid_BT=valid_BT)
+            logits_BTV = self.model(input_BT, cache=cache, valid_BT=valid_BT)
             last = torch.tensor([len(feeds[r.row]) - 1 for r in sampling], dtype=torch.long, device=self.device)
             logits_RV = logits_BTV[rows, last]
         if tokens is None:

@@ -113,6 +113,14 @@ class KVCache:
         else:
             self.lengths[torch.as_tensor(rows, device=self.device, dtype=torch.long)] = 0
 
+    def rows_prefix(self, n: int) -> "KVCache":
+        """Rows 0 .. n-1 as a cache of their own, sharing this one's storage and lengths (no copy: slices of the
+        first dimension stay contiguous): a forward over only those rows writes, reads and advances them here.
+        The generation engine runs its eager steps on the rows up to the last running one, not all B."""
+        if not 1 <= n <= self.batch_size:
+            raise ValueError(f"rows_prefix({n}): a cache of {self.batch_size} rows has prefixes of 1..{self.batch_size}")
+        return self if n == self.batch_size else _RowPrefix(self, n)
+
     # On CUDA, attention reads the slots rounded up to this many (the rest are masked). With the
     # exact width, new at every decode step, eager Qwen3-shaped decode on the H200 took 76.6 ms
     # per 16-layer step at batch 1 against 14.2 rounded up (BENCHMARKS 9): the cost of a new key
@@ -126,3 +134,22 @@ class KVCache:
         if self.device.type == "cuda":
             need = -(-need // self.SLOT_BUCKET) * self.SLOT_BUCKET
         return min(need, self.max_len)
+
+
+class _RowPrefix(KVCache):
+    """The first n rows of a KVCache (``KVCache.rows_prefix``): its lengths a view of the base's, its buffers the
+    base's (allocated there on first use) sliced to n rows, so every write and advance lands in the base."""
+
+    def __init__(self, base: KVCache, n: int):
+        self._base = base
+        self.batch_size, self.max_len, self.device, self.dtype = n, base.max_len, base.device, base.dtype
+        self.lengths = base.lengths[:n]
+        self._k, self._v = {}, {}  # (unused: buffers come from the base)
+        self._step_slots_BT = None
+
+    def buffers(self, layer: int, H: int, Dk: int, Dv: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self._base.buffers(layer, H, Dk, Dv)
+        return k[:self.batch_size], v[:self.batch_size]
+
+    def rows_prefix(self, n: int) -> KVCache:
+        return self._base.rows_prefix(n) if n <= self.batch_size else super().rows_prefix(n)

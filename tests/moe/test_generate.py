@@ -142,13 +142,14 @@ class _Shapes(torch.nn.Module):
     def __init__(self, inner):
         super().__init__()
         self.inner, self.config = inner, inner.config
-        self.T = []
+        self.T, self.shapes = [], []
 
     def new_cache(self, *a):
         return self.inner.new_cache(*a)
 
     def forward(self, input_BT, cache=None, valid_BT=None, last_only=False):
         self.T.append(input_BT.shape[1])
+        self.shapes.append(tuple(input_BT.shape))
         return self.inner(input_BT, cache=cache, valid_BT=valid_BT, last_only=last_only)
 
 
@@ -166,6 +167,47 @@ def test_chunked_prefill_gives_each_request_its_unchunked_tokens(model, tok, chu
     whole = Engine(model, tok, max_batch_size=3, max_len=128, cuda_graph=False)
     ref = run(whole, [whole.add_request(p, sp) for p, sp in zip(PROMPTS, params)])
     assert list(chunked.values()) == list(ref.values())
+
+
+def test_a_prefill_runs_the_rows_up_to_the_last_running_one(model, tok):
+    """An eager prefill step feeds rows 0 .. the last running one (KVCache.rows_prefix), not every row of the
+    cache: a lone request on a 4-row engine prefills [1, T]; decode steps keep all rows; the tokens are the same."""
+    spy = _Shapes(model)
+    sp = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    e = Engine(spy, tok, max_batch_size=4, max_len=64, cuda_graph=False)
+    first = e.add_request(PROMPTS[1], sp)
+    got = run(e, [first])
+    n = len(tok.encode(PROMPTS[1]))
+    assert spy.shapes == [(1, n), (4, 1), (4, 1)]
+    assert got[first] == list(alone(model, tok, PROMPTS[1], sp).values())[0]
+    # rows 0 and 1 running, row 1 joins: [2, T]
+    spy.shapes.clear()
+    e = Engine(spy, tok, max_batch_size=4, max_len=64, cuda_graph=False)
+    a = e.add_request(PROMPTS[0], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    e.step()
+    b = e.add_request(PROMPTS[3], sp)
+    rest = run(e, [a, b])
+    assert spy.shapes[1] == (2, len(tok.encode(PROMPTS[3])))
+    assert rest[b] == list(alone(model, tok, PROMPTS[3], sp).values())[0]
+
+
+def test_rows_prefix_shares_the_storage_and_lengths():
+    from moe.kv_cache import KVCache
+    c = KVCache(3, 8)
+    k, v = c.buffers(0, 2, 4, 4)
+    p = c.rows_prefix(2)
+    assert c.rows_prefix(3) is c and p.batch_size == 2
+    pk, pv = p.buffers(0, 2, 4, 4)
+    assert pk.data_ptr() == k.data_ptr() and pk.shape[0] == 2 and pk.is_contiguous()
+    p.update(0, torch.ones(2, 2, 1, 4), torch.ones(2, 2, 1, 4), 1)
+    p.advance(None, 1)
+    assert c.lengths.tolist() == [1, 1, 0] and k[:2, :, 0].eq(1).all() and k[2].eq(0).all()
+    pk1, _ = p.buffers(1, 2, 4, 4)  # a layer first used through the view is allocated in the base
+    assert c.buffers(1, 2, 4, 4)[0].data_ptr() == pk1.data_ptr()
+    p.reset([0])
+    assert c.lengths.tolist() == [0, 1, 0] and p.rows_prefix(1).batch_size == 1
+    with pytest.raises(ValueError, match="rows_prefix"):
+        c.rows_prefix(0)
 
 
 def test_chunked_prefill_keeps_the_decoding_rows_going(model, tok):
