@@ -50,13 +50,14 @@ def _serve_all(cfg, lengths):
     return asyncio.run(main())
 
 
-@pytest.mark.parametrize("mode, decode", [
-    ("coherent", "auto"),  # decode steps: ExFlow's home-only decoding (placement/decode.py)
-    ("standard", "home"),
-    ("coherent", "replicated"),  # every rank runs the whole decode step
-    ("adaptive", "auto"),  # replicated: the adaptive layer has no homes
+@pytest.mark.parametrize("mode, decode, chunk", [
+    ("coherent", "auto", None),  # decode steps: ExFlow's home-only decoding (placement/decode.py)
+    ("standard", "home", None),
+    ("coherent", "replicated", None),  # every rank runs the whole decode step
+    ("adaptive", "auto", None),  # replicated: the adaptive layer has no homes
+    ("coherent", "auto", 2),  # prompts fed 2 tokens a step (chunked prefill) on the ranks' caches
 ])
-def test_expert_parallel_replica_equals_single_process(ray_session, tiny, tmp_path, mode, decode):
+def test_expert_parallel_replica_equals_single_process(ray_session, tiny, tmp_path, mode, decode, chunk):
     path, model, tok = tiny
     plan = None
     if mode == "standard":  # a plan file that is not round robin: the first half of the experts on rank 1
@@ -65,7 +66,8 @@ def test_expert_parallel_replica_equals_single_process(ray_session, tiny, tmp_pa
         row = tuple(int(e < E // 2) for e in range(E))
         plan = str(PlacementPlan(assignment=(row,) * L, num_ranks=2, method="test").save(tmp_path / "p.json"))
     cfg = ServeConfig(model=path, device="cpu", max_batch_size=2, max_len=96, replica_cpus=0.1, ep_ranks=2,
-                      ep_mode=mode, placement_plan=plan, ep_cpus_per_rank=0.1, ep_decode=decode)
+                      ep_mode=mode, placement_plan=plan, ep_cpus_per_rank=0.1, ep_decode=decode,
+                      prefill_chunk=chunk if chunk else "auto")
     lengths = [9, 4, 7, 5]
     texts, snap = _serve_all(cfg, lengths)
     for p, n, text in zip(PROMPTS, lengths, texts):
