@@ -263,9 +263,11 @@ def run_generate(args: argparse.Namespace, stdout: TextIO | None = None, stderr:
                             "larger --offload-reserve (or --prefill-chunk) prefills faster\n" if offloaded else
                             "activations fit the GPU's free memory (--prefill-chunk to choose)\n"))
     start = time.perf_counter()
-    n_tokens, reason = 0, None
+    n_tokens, reason, first = 0, None, None
     for out in stream_outputs(model, tok, prompt_ids, params, cuda_graph=False if args.no_cuda_graph else None,
                               prefill_chunk=chunk):
+        if first is None:  # the prompt's last chunk and the first token's sampling are done
+            first = time.perf_counter() - start
         if out.new_text:
             stdout.write(out.new_text)
             stdout.flush()
@@ -274,8 +276,15 @@ def run_generate(args: argparse.Namespace, stdout: TextIO | None = None, stderr:
     stdout.write("\n")
     stdout.flush()
     secs = time.perf_counter() - start
-    stderr.write(f"moe: {len(prompt_ids)} prompt tokens, {n_tokens} generated in {secs:.2f} s "
-                 f"({n_tokens / max(secs, 1e-9):.1f} tokens/s), finished: {reason}\n")
+    first = secs if first is None else first
+    n_prompt = len(prompt_ids)
+    chunks = -(-n_prompt // chunk) if isinstance(chunk, int) and chunk < n_prompt else 1
+    # prefill and decode apart, as llama.cpp reports its prompt and eval times: a long prompt's prefill is not decode
+    prefill = f"{n_prompt} prompt tokens in {first:.2f} s ({n_prompt / max(first, 1e-9):.1f} tokens/s" + (
+        f", {chunks} chunks of {chunk})" if chunks > 1 else ")")
+    rest = f", then {(n_tokens - 1) / max(secs - first, 1e-9):.1f} tokens/s" if n_tokens > 1 else ""
+    stderr.write(f"moe: {prefill}; {n_tokens} generated in {secs:.2f} s (the first at {first:.2f} s{rest}), "
+                 f"finished: {reason}\n")
     cache = getattr(model, "offload_cache", None)
     if cache is not None:  # --gpu-memory: where the experts were and what moving them took
         stderr.write(f"moe: {cache.describe()}\n")

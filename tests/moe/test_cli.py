@@ -288,10 +288,14 @@ def test_offloaded_generate_chunks_a_prompt_whose_activations_exceed_the_reserve
     assert main(off) == 0
     cap = capsys.readouterr()
     assert cap.out == want + "\n" and f"the prompt's {n} tokens are fed 32 a step" in cap.err, cap.err
+    # the summary gives the prefill apart from the decode, with its chunks
+    assert re.search(rf"moe: {n} prompt tokens in [\d.]+ s \([\d.]+ tokens/s, 2 chunks of 32\); 6 generated in "
+                     r"[\d.]+ s \(the first at [\d.]+ s, then [\d.]+ tokens/s\), finished: length", cap.err), cap.err
     for argv in (off + ["--prefill-chunk", "off"], base, off + ["--offload-reserve", "256MiB"]):
         assert main(argv) == 0
         cap = capsys.readouterr()
-        assert cap.out == want + "\n" and "a step" not in cap.err
+        assert cap.out == want + "\n" and "a step" not in cap.err and "chunks" not in cap.err
+        assert f"moe: {n} prompt tokens in " in cap.err
     assert main(base + ["--prefill-chunk", "5"]) == 0
     assert capsys.readouterr().out == want + "\n"
 
