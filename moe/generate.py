@@ -155,7 +155,8 @@ class Engine:
         here instead of inside the first requests' latency (a serving replica calls this when it loads):
 
         - prompts of 1, then 2^k and 2^k + 1 tokens up to ``max_prompt`` (default max_len - 2; a replica passes its
-          longest allowed prompt), one row each, prefilled and decoded one step: a prefill runs
+          longest allowed prompt; with ``prefill_chunk``, up to the chunk and one of two chunks and a token, since a
+          longer one only repeats the chunk's steps), one row each, prefilled and decoded one step: a prefill runs
           [max_batch_size, T] tokens (T at most ``prefill_chunk``), the expert kernels' launch configs change with the token count
           (kernels/launch_config.py), and Triton specialises an integer argument on whether it is 1 and whether
           16 divides it, so each such variant meets its first call here;
@@ -188,6 +189,10 @@ class Engine:
         lengths = [1] + [n for k in range(1, top.bit_length() + 1) for n in (2 ** k, 2 ** k + 1) if n <= top]
         if top not in lengths:
             lengths.append(top)
+        if self.prefill_chunk is not None and self.prefill_chunk < top:
+            # a longer prompt only repeats the chunk's own steps (T = chunk, then its remainder) on a longer cache:
+            # one prompt of two chunks and a token covers that (the burst below still reaches the longest prompt)
+            lengths = [n for n in lengths if n <= self.prefill_chunk] + [min(top, 2 * self.prefill_chunk + 1)]
 
         def prompt_of(n):
             return (text * (n // len(text) + 1))[:n]

@@ -510,6 +510,24 @@ def test_warm_up_names_the_prompt_length_that_failed(model, tok, monkeypatch):
         e.warm_up(max_prompt=20)
 
 
+def test_warm_up_with_a_prefill_chunk_runs_one_prompt_past_it_and_the_burst(model, tok, monkeypatch):
+    """With prefill_chunk, warm-up prompts longer than the chunk only repeat its steps: one of two chunks and a token
+    stands for them; the burst still feeds the longest prompt allowed (the peak grows with the cached length), and
+    no step runs more than the chunk."""
+    spy = _Shapes(model)
+    e = Engine(spy, tok, max_batch_size=2, max_len=64, cuda_graph=False, prefill_chunk=4)
+    seen = []
+    add = Engine.add_request
+
+    def record(self, prompt, params=None, request_id=None):
+        seen.append(len(prompt))
+        return add(self, prompt, params, request_id)
+
+    monkeypatch.setattr(Engine, "add_request", record)
+    e.warm_up(max_prompt=40)
+    assert seen == [1, 2, 3, 4, 9, 40, 40] and max(spy.T) == 4
+
+
 @pytest.mark.gpu
 def test_warm_up_captures_every_bucket_and_changes_no_output(tok):
     """On a GPU: Engine.warm_up captures every decode slot bucket up to max_len (capture_all), and the requests
