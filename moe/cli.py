@@ -251,6 +251,12 @@ def run_generate(args: argparse.Namespace, stdout: TextIO | None = None, stderr:
     # (the engine's KV cache holds the prompt and max_new_tokens: an offload budget counts it)
     model, tok = load_from_args(args, stderr, kv_tokens=lambda tok: max(2, len(encode(tok)) + args.max_new_tokens))
     prompt_ids = encode(tok)
+    trained = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if trained and len(prompt_ids) + args.max_new_tokens > trained:
+        # rotary positions past the trained context compute, but the text degrades: said, as llama.cpp does
+        stderr.write(f"moe: warning: the prompt's {len(prompt_ids)} tokens + --max-new-tokens {args.max_new_tokens} "
+                     f"exceed the model's context of {trained} tokens (max_position_embeddings); text past it is "
+                     "unreliable: shorten the prompt or lower --max-new-tokens\n")
     chunk = args.prefill_chunk
     if chunk == "auto":  # (offload.auto_prefill_chunk: inside the reserve offloaded, the free memory resident)
         from offload import auto_prefill_chunk, parse_bytes

@@ -350,6 +350,10 @@ def load_engine(spec: dict) -> LoadedEngine:
         raise ValueError("cpu_hosts needs an expert cache to share misses with: set gpu_memory too")
     max_len = int(spec.get("max_len", 2048))
     rows = int(spec.get("max_batch_size", 8))
+    trained = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if trained and max_len > trained:  # requests past the trained context are served, but their text degrades
+        log.warning("replica max_len %d exceeds the model's context of %d tokens (max_position_embeddings): text "
+                    "past it is unreliable; lower --max-len to %d", max_len, trained, trained)
     chunk = spec.get("prefill_chunk", "auto")
     if chunk == "auto":  # a prefill's activations inside the offload reserve, or the GPU's free memory
         from offload import auto_prefill_chunk

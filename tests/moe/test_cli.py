@@ -300,6 +300,25 @@ def test_offloaded_generate_chunks_a_prompt_whose_activations_exceed_the_reserve
     assert capsys.readouterr().out == want + "\n"
 
 
+def test_a_sequence_past_the_trained_context_is_warned_about(capsys, lib, tiny_dir, tmp_path):
+    """prompt + --max-new-tokens beyond max_position_embeddings still generates (rotary positions compute), with a
+    warning that names the numbers and the fix; within it, no warning. (The tiny model, its context cut to 16.)"""
+    import json
+    short = tmp_path / "short"
+    shutil.copytree(tiny_dir, short)
+    cfg = json.loads((short / "config.json").read_text())
+    cfg["max_position_embeddings"] = 16
+    (short / "config.json").write_text(json.dumps(cfg))
+    n = len(lib[1].encode("import os"))
+    base = ["generate", str(short), "--prompt", "import os", "--device", "cpu", "--ignore-eos"]
+    assert main(base + ["-n", str(17 - n)]) == 0
+    err = capsys.readouterr().err
+    assert (f"the prompt's {n} tokens + --max-new-tokens {17 - n} exceed the model's context of 16 tokens"
+            in err and "lower --max-new-tokens" in err), err
+    assert main(base + ["-n", str(16 - n)]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_gpu_memory_too_small_is_a_clean_error(capsys, tiny_dir):
     """A budget that cannot hold one layer's active experts is said before the weights load (from the model's
     shapes: moe.checkpoint.model_skeleton), with the fixes."""

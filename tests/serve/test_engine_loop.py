@@ -400,3 +400,20 @@ def test_replica_loads_the_expert_backend_its_spec_names(monkeypatch):
             assert {b.experts.backend for b in loaded.model.moe_blocks()} == {"torch"}
         finally:
             loaded.close()
+
+
+def test_a_replica_whose_max_len_exceeds_the_trained_context_says_so(tiny, caplog):
+    """--max-len past the model's max_position_embeddings still serves (rotary positions compute) but the load logs
+    a warning with the numbers and the fix; within it, nothing."""
+    import logging
+
+    from serve.app import ServeConfig
+    trained = tiny[0].config.max_position_embeddings
+    with caplog.at_level(logging.WARNING):
+        ModelReplica(ServeConfig(model="tiny", device="cpu", max_batch_size=1, max_len=trained + 1).replica_spec("cpu"))
+    assert f"max_len {trained + 1} exceeds the model's context of {trained} tokens" in caplog.text
+    assert f"lower --max-len to {trained}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        ModelReplica(ServeConfig(model="tiny", device="cpu", max_batch_size=1, max_len=64).replica_spec("cpu"))
+    assert "exceeds the model's context" not in caplog.text
