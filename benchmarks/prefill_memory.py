@@ -2,6 +2,7 @@
 
     python benchmarks/prefill_memory.py --out $OUT --peers transformers   # H200: four published shapes, two layers
     python benchmarks/prefill_memory.py --models tiny --device cpu        # a check of the script (the bound only)
+    python benchmarks/prefill_memory.py --engine-models mixtral,qwen3 --offload-models "" --models ""  # engine rows
 
 Resident rows, per (model, rows B, cached tokens L, new tokens T): the peak device memory of one forward
 (``last_only``, the cache at length L) above the weights and the KV cache, from torch.cuda.max_memory_allocated,
@@ -16,10 +17,16 @@ cache: time and peak. Floor = every uncached expert copied once: layers x (exper
 copy rate measured in the same run (a 256 MiB pinned host -> device copy), the same for every chunk size: a chunk
 fetches again the experts it uses that the cache no longer holds, which is what chunking costs ("x floor").
 Prompt tokens are random ids (the routing of random weights).
+
+Engine rows (``--engine-rows R``, with ``--engine-models``): one request alone on an Engine of R rows, its prompt of
+``--engine-tokens`` tokens prefilled in one step (``Engine.step``), timed and its peak measured: as the engine runs
+it (rows 0 .. the last running one, ``KVCache.rows_prefix``) and with every row of the cache, as before session 31
+("all rows"). On the CPU the times alone (no allocator statistics).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import sys
@@ -173,6 +180,59 @@ def offloaded(key: str, layers: int, tokens: int, chunks: list[int], rows_out: l
     torch.cuda.empty_cache()
 
 
+def engine_rows(key: str, layers: int, rows: int, tokens: int, device: str, log) -> list[dict]:
+    """A lone request's prefill step on an Engine of ``rows`` rows: by row prefix (the engine's way) and all rows."""
+    from unittest import mock
+
+    from moe.generate import Engine
+    from moe.sampling import SamplingParams
+    cfg = config(key, layers)
+    on_gpu = device == "cuda"
+    m = MoEForCausalLM(cfg, backend="triton" if on_gpu else "torch", dtype=torch.bfloat16 if on_gpu else torch.float32,
+                       device=device)
+    m.init_weights(seed=0)
+    m.eval()
+
+    class _Tok:  # the engine needs ids only: no tokenizer files for random weights
+        eos_token_ids: list = []
+
+        def detokenizer(self, ids):
+            return type("D", (), {"push": lambda self, t: "", "flush": lambda self: ""})()
+
+    prompt = torch.randint(0, cfg.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    out = []
+    for how in ("prefix", "all rows"):
+        # "all rows": the engine's prefix is taken for plain KVCaches only; hiding the class runs every row
+        patch = mock.patch("moe.generate.KVCache", type("NotAKVCache", (), {})) if how == "all rows" else \
+            contextlib.nullcontext()
+        best, peak = float("inf"), None
+        with patch:
+            for _ in range(2):
+                e = Engine(m, _Tok(), max_batch_size=rows, max_len=tokens + 2, cuda_graph=False)
+                e.add_request(prompt, SamplingParams(max_new_tokens=1, ignore_eos=True))
+                if on_gpu:
+                    torch.cuda.synchronize()
+                    gc.collect()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                t0 = time.perf_counter()
+                e.step()
+                if on_gpu:
+                    torch.cuda.synchronize()
+                    peak = torch.cuda.max_memory_allocated() - base
+                best = min(best, time.perf_counter() - t0)
+                del e
+        row = dict(model=key, mode="engine", rows=rows, tokens=tokens, how=how, ms=best * 1e3,
+                   peak_mib=None if peak is None else peak / 2 ** 20)
+        out.append(row)
+        log(row)
+    del m
+    gc.collect()
+    if on_gpu:
+        torch.cuda.empty_cache()
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="mixtral,qwen3,dsv2lite,olmoe")
@@ -182,6 +242,9 @@ def main(argv=None) -> int:
     ap.add_argument("--offload-models", default="mixtral,qwen3", help="models of the offloaded rows ('' for none)")
     ap.add_argument("--offload-tokens", type=int, default=4096)
     ap.add_argument("--chunks", default="1024,256")
+    ap.add_argument("--engine-models", default="", help="models of the engine-rows timing ('' for none)")
+    ap.add_argument("--engine-rows", type=int, default=8)
+    ap.add_argument("--engine-tokens", type=int, default=2048)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     keys = [k for k in args.models.split(",") if k]
@@ -193,6 +256,21 @@ def main(argv=None) -> int:
     def log(row):
         print(json.dumps(row), flush=True)
 
+    engine_keys = [k for k in args.engine_models.split(",") if k]
+    for k in engine_keys:
+        if k not in SHAPES:
+            ap.error(f"unknown model {k!r}; known: {', '.join(SHAPES)}")
+
+    def engine_table():
+        got = [r for key in engine_keys
+               for r in engine_rows(key, args.layers, args.engine_rows, args.engine_tokens, args.device, log)]
+        rows.extend(got)
+        if got:
+            print(f"\n{'engine':9} {'rows':>4} {'tokens':>6} {'how':>9} {'ms':>8} {'peak MiB':>9}")
+        for r in got:
+            peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
+            print(f"{r['model']:9} {r['rows']:>4} {r['tokens']:>6} {r['how']:>9} {r['ms']:>8.2f} {peak:>9}")
+
     if args.device == "cpu":  # no allocator statistics: the bound alone, a check of the script
         for key in keys:
             cfg = config(key, args.layers)
@@ -201,6 +279,7 @@ def main(argv=None) -> int:
                                  bound_mib=prefill_activation_bytes(cfg, B, T, L + T, torch.float32) / 2 ** 20))
         for r in rows:
             print(f"{r['model']:9} B={r['B']} L={r['L']:>5} T={r['T']:>5}  bound {r['bound_mib']:9.1f} MiB")
+        engine_table()
         return 0
     if not torch.cuda.is_available():
         ap.error("--device cuda needs a CUDA device (use --device cpu for the bound alone)")
@@ -227,6 +306,7 @@ def main(argv=None) -> int:
     chunks = [int(c) for c in args.chunks.split(",") if c]
     for key in [k for k in args.offload_models.split(",") if k]:
         offloaded(key, args.layers, args.offload_tokens, chunks, rows, log)
+    engine_table()
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "prefill_memory.json").write_text(json.dumps(rows, indent=1))

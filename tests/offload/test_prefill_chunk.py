@@ -72,9 +72,15 @@ def test_the_chunk_is_the_largest_power_of_two_inside_the_reserve():
 def test_the_benchmark_script_prints_the_bound_on_the_cpu(capsys):
     """benchmarks/prefill_memory.py --device cpu: the bound for every grid point (the GPU measures beside it)."""
     bench = BENCH
-    assert bench.main(["--models", "tiny,mixtral", "--device", "cpu", "--offload-models", ""]) == 0
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if "bound" in ln]
+    assert bench.main(["--models", "tiny,mixtral", "--device", "cpu", "--offload-models", "", "--engine-models", "tiny",
+                       "--engine-rows", "4", "--engine-tokens", "32"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    lines = [ln for ln in out if "bound" in ln]
     assert len(lines) == 2 * len(bench.GRID) and lines[0].startswith("tiny")
+    # the engine's lone prefill timed by row prefix and with every row (on the CPU, no peak)
+    table = out[out.index(next(ln for ln in out if ln.startswith("engine"))) + 1:]
+    assert [ln.split()[:3] for ln in table] == [["tiny", "4", "32"]] * 2
+    assert " prefix " in table[0] and " all rows " in table[1] and all(float(ln.split()[-1]) > 0 for ln in table)
     with pytest.raises(SystemExit):
         bench.main(["--models", "nope", "--device", "cpu"])
 
