@@ -217,16 +217,12 @@ def register_generate(subparsers) -> argparse.ArgumentParser:
 
 
 def prefill_chunk_arg(text: str) -> int | str | None:
-    """--prefill-chunk: 'auto', 'off' (None: the whole prompt) or a token count >= 1."""
-    if text in ("auto", "off"):
-        return None if text == "off" else text
+    """--prefill-chunk: 'auto', 'off' (None: the whole prompt) or a token count >= 1 (generate.prefill_chunk_setting)."""
+    from .generate import prefill_chunk_setting
     try:
-        n = int(text)
+        return prefill_chunk_setting(text)
     except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"--prefill-chunk {text!r}: give a token count >= 1, 'auto' or 'off'")
-    return n
+        raise argparse.ArgumentTypeError(f"--prefill-chunk {text!r}: give a token count >= 1, 'auto' or 'off'") from None
 
 
 def run_generate(args: argparse.Namespace, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
@@ -259,10 +255,9 @@ def run_generate(args: argparse.Namespace, stdout: TextIO | None = None, stderr:
                      "unreliable: shorten the prompt or lower --max-new-tokens\n")
     chunk = args.prefill_chunk
     if chunk == "auto":  # (offload.auto_prefill_chunk: inside the reserve offloaded, the free memory resident)
-        from offload import auto_prefill_chunk, parse_bytes
+        from offload import auto_prefill_chunk
         offloaded = getattr(model, "offload_cache", None) is not None
-        chunk = auto_prefill_chunk(model, 1, len(prompt_ids) + args.max_new_tokens,
-                                   parse_bytes(getattr(args, "offload_reserve", "256MiB")) if offloaded else None)
+        chunk = auto_prefill_chunk(model, 1, len(prompt_ids) + args.max_new_tokens)
         if chunk is not None and chunk < len(prompt_ids):
             stderr.write(f"moe: the prompt's {len(prompt_ids)} tokens are fed {chunk} a step, so the prefill's "
                          + ("activations fit --offload-reserve; each chunk fetches its missed experts again, so a "

@@ -416,6 +416,21 @@ class Engine:
         return RequestOutput(req.request_id, [token], new_text, reason is not None, reason)
 
 
+def prefill_chunk_setting(value) -> int | str | None:
+    """A prefill-chunk setting as `moe generate` / `moe serve` take it: 'auto' (kept for offload.auto_prefill_chunk
+    to decide), 'off' or None (whole prompts), or a token count >= 1 (an int, or its text)."""
+    if value is None or value in ("auto", "off"):
+        return None if value in (None, "off") else value
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"prefill_chunk ({value!r}) must be a token count >= 1, 'auto' or 'off'")
+    return value
+
+
 def _max_len_for(tok: Tokenizer, prompts: Sequence[str | Sequence[int]], params: Sequence[SamplingParams]) -> int:
     need = 0
     for prompt, p in zip(prompts, params):

@@ -144,7 +144,6 @@ class _RowPrefix(KVCache):
         self._base = base
         self.batch_size, self.max_len, self.device, self.dtype = n, base.max_len, base.device, base.dtype
         self.lengths = base.lengths[:n]
-        self._k, self._v = {}, {}  # (unused: buffers come from the base)
         self._step_slots_BT = None
 
     def buffers(self, layer: int, H: int, Dk: int, Dv: int) -> tuple[torch.Tensor, torch.Tensor]:

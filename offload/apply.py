@@ -409,8 +409,8 @@ def auto_prefill_chunk(model, rows: int, max_len: int, reserve_bytes: int | None
                        free_share: float = 0.9) -> int | None:
     """What ``--prefill-chunk auto`` feeds a row per step (``Engine(prefill_chunk=...)``), or None for whole prompts.
 
-    Offloaded (the model has an ``offload_cache``): the chunk whose activations fit ``reserve_bytes``, the budget's
-    reserve (``prefill_chunk_for``). Resident on a CUDA device: the chunk whose activations fit ``free_share`` of the
+    Offloaded (the model has an ``offload_cache``): the chunk whose activations fit ``reserve_bytes``, by default the
+    reserve of the OffloadConfig apply_offload applied (``prefill_chunk_for``). Resident on a CUDA device: the chunk whose activations fit ``free_share`` of the
     device's free memory less the engine's KV cache (``rows`` x ``max_len``, allocated at its first forward), so a
     prompt longer than what fits runs in chunks instead of running out of memory. On the CPU: None."""
     config = getattr(model, "config", None)
@@ -418,6 +418,8 @@ def auto_prefill_chunk(model, rows: int, max_len: int, reserve_bytes: int | None
         return None
     dtype = getattr(model, "dtype", torch.bfloat16)
     if getattr(model, "offload_cache", None) is not None:
+        if reserve_bytes is None and getattr(model, "offload_config", None) is not None:
+            reserve_bytes = model.offload_config.reserve_bytes
         if reserve_bytes is None:
             raise ValueError("auto_prefill_chunk: an offloaded model needs its budget's reserve_bytes")
         return prefill_chunk_for(config, reserve_bytes, rows, max_len, dtype)
@@ -591,7 +593,7 @@ def check_budget(model: nn.Module, cfg: OffloadConfig) -> int:
 def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
     """Replace every block.experts by an OffloadedExperts; the rest of the model moves to the device.
 
-    Returns the model; `model.offload_cache` is the ExpertCache (stats(), reset_stats()).
+    Returns the model; `model.offload_cache` is the ExpertCache (stats(), reset_stats()), `model.offload_config` cfg.
     """
     if not isinstance(cfg, OffloadConfig):
         raise ValueError(f"apply_offload needs an OffloadConfig, got {type(cfg).__name__}")
@@ -667,6 +669,7 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig) -> nn.Module:
 
     cache = install(blocks, store, cfg, device=device, top_k=top_k, slots=slots, backend=backend, model=model)
     model.offload_cache = cache
+    model.offload_config = cfg  # (its reserve bounds a prefill's activations: auto_prefill_chunk)
     # what driver='auto' took and why (moe generate prints it beside the cache's describe())
     cache.driver_choice = f"driver auto -> {cfg.driver}: {why}" if auto else f"driver {cfg.driver}"
     return model

@@ -109,16 +109,8 @@ class ServeConfig:
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be a positive integer")
             setattr(self, name, int(getattr(self, name)))
-        if isinstance(self.prefill_chunk, str) and self.prefill_chunk not in ("auto", "off"):
-            try:
-                self.prefill_chunk = int(self.prefill_chunk)
-            except ValueError:
-                pass
-        if self.prefill_chunk == "off":
-            self.prefill_chunk = None
-        if self.prefill_chunk not in ("auto", None) and (isinstance(self.prefill_chunk, bool) or not isinstance(
-                self.prefill_chunk, int) or self.prefill_chunk < 1):
-            raise ValueError(f"prefill_chunk ({self.prefill_chunk!r}) must be a token count >= 1, 'auto' or 'off'")
+        from moe.generate import prefill_chunk_setting
+        self.prefill_chunk = prefill_chunk_setting(self.prefill_chunk)
         for name in ("offload_probes", "offload_predictor"):  # absolute: a replica may run in another directory
             f = getattr(self, name)
             if f is not None:

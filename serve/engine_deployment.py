@@ -357,8 +357,7 @@ def load_engine(spec: dict) -> LoadedEngine:
     chunk = spec.get("prefill_chunk", "auto")
     if chunk == "auto":  # a prefill's activations inside the offload reserve, or the GPU's free memory
         from offload import auto_prefill_chunk
-        chunk = auto_prefill_chunk(model, rows, max_len, offload_cfg.reserve_bytes if offload_cfg is not None else None) \
-            if not ep else None
+        chunk = auto_prefill_chunk(model, rows, max_len) if not ep else None
         if chunk is not None:
             log.info("replica prefill: prompts fed %d tokens a step (%d rows' activations inside %s)", chunk, rows,
                      f"the {offload_cfg.reserve_bytes}-byte offload reserve" if offload_cfg is not None
