@@ -66,6 +66,21 @@ def config(key: str, layers: int) -> MoEConfig:
     return MoEConfig.tiny(kw.pop("model_type"), num_hidden_layers=layers, max_position_embeddings=32768, **kw)
 
 
+def measured(fn, on_gpu: bool = True) -> tuple[int | None, float]:
+    """(peak device bytes above the allocation before it, seconds) of one call of ``fn``; no peak off a GPU."""
+    if on_gpu:
+        torch.cuda.synchronize()
+        gc.collect()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    fn()
+    if on_gpu:
+        torch.cuda.synchronize()
+    secs = time.perf_counter() - t0
+    return (torch.cuda.max_memory_allocated() - base if on_gpu else None), secs
+
+
 def peak_forward(m, B: int, L: int, T: int, dev: str) -> tuple[float, float]:
     """(peak bytes above the baseline, seconds) of one forward of B x T new tokens on a cache at length L."""
     cache = m.new_cache(B, L + T + 1)
@@ -75,15 +90,8 @@ def peak_forward(m, B: int, L: int, T: int, dev: str) -> tuple[float, float]:
         best_t, peak = float("inf"), 0
         for _ in range(2):
             cache.lengths.fill_(L)
-            torch.cuda.synchronize()
-            gc.collect()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            t0 = time.perf_counter()
-            m(ids, cache=cache, last_only=True)
-            torch.cuda.synchronize()
-            best_t = min(best_t, time.perf_counter() - t0)
-            peak = max(peak, torch.cuda.max_memory_allocated() - base)
+            p, t = measured(lambda: m(ids, cache=cache, last_only=True))
+            best_t, peak = min(best_t, t), max(peak, p)
     del cache
     return peak, best_t
 
@@ -107,13 +115,8 @@ def peaks_transformers(key: str, layers: int, points: list[tuple[int, int]], log
         ids = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
         try:
             with torch.inference_mode():
-                torch.cuda.synchronize()
-                gc.collect()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                hf(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
-                torch.cuda.synchronize()
-                out[(B, T)] = torch.cuda.max_memory_allocated() - base
+                out[(B, T)] = measured(lambda: hf(input_ids=ids, past_key_values=DynamicCache(), use_cache=True,
+                                                  logits_to_keep=1))[0]
         except Exception as e:
             log({"model": key, "mode": "transformers", "B": B, "T": T, "error": f"{type(e).__name__}: {e}"[:300]})
     del hf
@@ -154,18 +157,14 @@ def offloaded(key: str, layers: int, tokens: int, chunks: list[int], rows_out: l
         with torch.inference_mode():
             m(ids[:, :1], cache=cache, last_only=True)
             best_t, peak = float("inf"), 0
-            for _ in range(2):
-                cache.lengths.fill_(0)
-                torch.cuda.synchronize()
-                gc.collect()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                t0 = time.perf_counter()
+
+            def prefill():
                 for a in range(0, tokens, chunk):
                     m(ids[:, a:a + chunk], cache=cache, last_only=True)
-                torch.cuda.synchronize()
-                best_t = min(best_t, time.perf_counter() - t0)
-                peak = max(peak, torch.cuda.max_memory_allocated() - base)
+            for _ in range(2):
+                cache.lengths.fill_(0)
+                p, t = measured(prefill)
+                best_t, peak = min(best_t, t), max(peak, p)
         del cache
         n_chunks = -(-tokens // chunk)
         floor = layers * (E - slots) * expert_bytes / rate
@@ -210,17 +209,8 @@ def engine_rows(key: str, layers: int, rows: int, tokens: int, device: str, log)
             for _ in range(2):
                 e = Engine(m, _Tok(), max_batch_size=rows, max_len=tokens + 2, cuda_graph=False)
                 e.add_request(prompt, SamplingParams(max_new_tokens=1, ignore_eos=True))
-                if on_gpu:
-                    torch.cuda.synchronize()
-                    gc.collect()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                t0 = time.perf_counter()
-                e.step()
-                if on_gpu:
-                    torch.cuda.synchronize()
-                    peak = torch.cuda.max_memory_allocated() - base
-                best = min(best, time.perf_counter() - t0)
+                peak, t = measured(e.step, on_gpu)
+                best = min(best, t)
                 del e
         row = dict(model=key, mode="engine", rows=rows, tokens=tokens, how=how, ms=best * 1e3,
                    peak_mib=None if peak is None else peak / 2 ** 20)
