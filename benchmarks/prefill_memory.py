@@ -21,7 +21,10 @@ Prompt tokens are random ids (the routing of random weights).
 Engine rows (``--engine-rows R``, with ``--engine-models``): one request alone on an Engine of R rows, its prompt of
 ``--engine-tokens`` tokens prefilled in one step (``Engine.step``), timed and its peak measured: as the engine runs
 it (rows 0 .. the last running one, ``KVCache.rows_prefix``) and with every row of the cache, as before session 31
-("all rows"). On the CPU the times alone (no allocator statistics).
+("all rows"). Then the same prompt joining R - 1 rows that decode (the step that feeds it and their next token):
+packed (``Engine`` since session 32: one part per run of rows feeding the same count, [1, R - 1 + tokens]
+tokens) and padded (every row padded to the prompt, [R, tokens], as before). On the CPU the times alone (no
+allocator statistics).
 """
 from __future__ import annotations
 
@@ -200,15 +203,29 @@ def engine_rows(key: str, layers: int, rows: int, tokens: int, device: str, log)
 
     prompt = torch.randint(0, cfg.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     out = []
-    for how in ("prefix", "all rows"):
+
+    def engine_for(how):
+        """A fresh engine, then the step to time: a lone prompt's (prefix, all rows), or the same prompt's joining
+        rows - 1 rows that decode 64-token prompts (joins packed: the engine's way, [1, rows - 1 + tokens]; joins
+        padded: [rows, tokens], as before session 32)."""
+        e = Engine(m, _Tok(), max_batch_size=rows, max_len=tokens + 80, cuda_graph=False)
+        if how.startswith("joins"):
+            e._packed = e._packed and how == "joins packed"
+            for i in range(rows - 1):
+                e.add_request(prompt[i:i + 64], SamplingParams(max_new_tokens=8, ignore_eos=True))
+            e.step()
+            e.step()
+        e.add_request(prompt, SamplingParams(max_new_tokens=1, ignore_eos=True))
+        return e
+
+    for how in ("prefix", "all rows", "joins packed", "joins padded"):
         # "all rows": the engine's prefix is taken for plain KVCaches only; hiding the class runs every row
         patch = mock.patch("moe.generate.KVCache", type("NotAKVCache", (), {})) if how == "all rows" else \
             contextlib.nullcontext()
         best, peak = float("inf"), None
         with patch:
             for _ in range(2):
-                e = Engine(m, _Tok(), max_batch_size=rows, max_len=tokens + 2, cuda_graph=False)
-                e.add_request(prompt, SamplingParams(max_new_tokens=1, ignore_eos=True))
+                e = engine_for(how)
                 peak, t = measured(e.step, on_gpu)
                 best = min(best, t)
                 del e
@@ -256,10 +273,10 @@ def main(argv=None) -> int:
                for r in engine_rows(key, args.layers, args.engine_rows, args.engine_tokens, args.device, log)]
         rows.extend(got)
         if got:
-            print(f"\n{'engine':9} {'rows':>4} {'tokens':>6} {'how':>9} {'ms':>8} {'peak MiB':>9}")
+            print(f"\n{'engine':9} {'rows':>4} {'tokens':>6} {'how':>12} {'ms':>8} {'peak MiB':>9}")
         for r in got:
             peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
-            print(f"{r['model']:9} {r['rows']:>4} {r['tokens']:>6} {r['how']:>9} {r['ms']:>8.2f} {peak:>9}")
+            print(f"{r['model']:9} {r['rows']:>4} {r['tokens']:>6} {r['how']:>12} {r['ms']:>8.2f} {peak:>9}")
 
     if args.device == "cpu":  # no allocator statistics: the bound alone, a check of the script
         for key in keys:

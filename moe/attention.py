@@ -6,7 +6,8 @@ D = hidden size, H = query heads, G = key/value heads, d = head size, R = rotary
 C = kv_lora_rank (MLA latent), Dn / Dv = MLA no-rope key / value head size.
 
 Both kinds take the same arguments: hidden states, cos/sin of each token's absolute position,
-a boolean mask [B, 1, T, S] (True = may attend) and an optional KV cache. The KV cache stores
+a boolean mask [B, 1, T, S] (True = may attend) and an optional KV cache; or, for a packed step of rows
+feeding different token counts (``PackedStep``, in the mask's place), the packed tokens [1, N, D]. The KV cache stores
 keys and values already expanded to heads (for MLA: decompressed K [B, H, S, Dn+R] and
 V [B, H, S, Dv]), so a decoding step does no per-slot recomputation.
 """
@@ -21,7 +22,7 @@ from torch import nn
 import kernels
 
 from .config import MoEConfig
-from .kv_cache import KVCache
+from .kv_cache import KVCache, PackedStep
 from .layers import RMSNorm, apply_rope, apply_rope_halves, mla_softmax_scale
 
 
@@ -90,6 +91,8 @@ class Attention(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_B1TS: torch.Tensor,
                 cache: KVCache | None = None, num_slots: int = 0) -> torch.Tensor:
+        if isinstance(mask_B1TS, PackedStep):  # a packed step: each part of it on its own rows (x is [1, N, D])
+            return mask_B1TS.run(self.forward, x_BTD, cos, sin)
         B, T, _ = x_BTD.shape
         if self._fused_qkv(x_BTD):
             # a decode step on a GPU: the three GEMVs in one Triton launch (kernels/proj.py)
@@ -154,6 +157,8 @@ class MLAttention(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_B1TS: torch.Tensor,
                 cache: KVCache | None = None, num_slots: int = 0) -> torch.Tensor:
+        if isinstance(mask_B1TS, PackedStep):  # a packed step: each part of it on its own rows (x is [1, N, D])
+            return mask_B1TS.run(self.forward, x_BTD, cos, sin)
         B, T, _ = x_BTD.shape
         H = self.num_heads
         if self.q_lora_rank is None:

@@ -131,6 +131,11 @@ class Engine:
         except (TypeError, ValueError):
             self._last_only = False
         self._greedy_next = getattr(model, "greedy_next", None)  # optional: see the module docstring
+        try:  # optional too: packed steps (forward(segments=...), moe.kv_cache.PackedStep) on a plain KVCache
+            self._packed = (self._last_only and self._greedy_next is None and type(self.cache) is KVCache
+                            and "segments" in inspect.signature(model.forward).parameters)
+        except (TypeError, ValueError):
+            self._packed = False
         # decode steps (every running row feeds one token) replay CUDA graphs where the model allows
         # (moe.cuda_graph): None = when supported, True = required, False = never
         self._graphs = None
@@ -323,12 +328,31 @@ class Engine:
         T = max(len(f) for f in feeds.values())
         B = self.max_batch_size
         cache = self.cache
+        segments = None
         if T > 1 and type(cache) is KVCache:  # (a subclass may record what it is given: left whole)
             # an eager step runs the rows up to the last running one, not every row of the cache: rows are taken
             # lowest first, so a lone request's prefill is [1, T], not [B, T] of padding (attention, norms and
             # projections run every padded token; the bound on a prefill's activations still counts B rows)
             B = max(feeds) + 1
             cache = cache.rows_prefix(B)
+            if self._packed:
+                segments = self._segments(feeds, B)
+        if segments is not None:
+            # rows feeding different counts (a prompt's chunk beside decoding rows): packed, each run of rows
+            # feeding the same count one part, so the step computes sum(fed) tokens (idle rows one), not B x T
+            ids, valid, counts = [], [], [t for n, t in segments for _ in range(n)]
+            for b, t in enumerate(counts):
+                f = feeds.get(b, [0])
+                ids += f + [0] * (t - len(f))
+                valid += [b in feeds] * len(f) + [False] * (t - len(f))
+            input_BT = torch.tensor([ids], dtype=torch.long).to(self.device)
+            valid_BT = torch.tensor([valid], dtype=torch.bool).to(self.device)
+            rows = torch.tensor([r.row for r in sampling], dtype=torch.long, device=self.device)
+            logits_RV = self.model(input_BT, cache=self.cache, valid_BT=valid_BT, last_only=True,
+                                   segments=segments)[rows, 0]
+            tokens = sample_tokens(logits_RV, [r.params for r in sampling], [r.generator for r in sampling]) \
+                if sampling else []
+            return self._finish_step(outputs, running, sampling, feeds, tokens)
         # the batch built as lists and made a tensor once (a tensor per row cost ~5 us a row)
         ids, valid = [[0] * T for _ in range(B)], [[False] * T for _ in range(B)]
         for b, f in feeds.items():
@@ -352,12 +376,28 @@ class Engine:
         if tokens is None:
             tokens = sample_tokens(logits_RV, [r.params for r in sampling], [r.generator for r in sampling]) \
                 if sampling else []
+        return self._finish_step(outputs, running, sampling, feeds, tokens)
+
+    def _finish_step(self, outputs, running, sampling, feeds, tokens) -> list[RequestOutput]:
         for req in running:
             req.cached += len(feeds[req.row])
         for req, tok in zip(sampling, tokens):
             req.prefilled = True
             outputs.append(self._advance(req, tok))
         return outputs
+
+    @staticmethod
+    def _segments(feeds: dict[int, list[int]], B: int) -> list[tuple[int, int]] | None:
+        """A packed step's parts over rows 0 .. B-1 (runs of rows feeding the same count; an idle row feeds one
+        padding token), or None where every row feeds the same count (the plain [B, T] step is that)."""
+        counts = [len(feeds[b]) if b in feeds else 1 for b in range(B)]
+        parts: list[list[int]] = []
+        for t in counts:
+            if parts and parts[-1][1] == t:
+                parts[-1][0] += 1
+            else:
+                parts.append([1, t])
+        return [(n, t) for n, t in parts] if len(parts) > 1 else None
 
     def _prompt_chunk(self, req: _Request) -> list[int]:
         """The prompt tokens a row feeds this step: the rest of its prompt, at most ``prefill_chunk`` of them."""

@@ -119,7 +119,19 @@ class KVCache:
         The generation engine runs its eager steps on the rows up to the last running one, not all B."""
         if not 1 <= n <= self.batch_size:
             raise ValueError(f"rows_prefix({n}): a cache of {self.batch_size} rows has prefixes of 1..{self.batch_size}")
-        return self if n == self.batch_size else _RowPrefix(self, n)
+        return self.rows_range(0, n)
+
+    def row_origin(self) -> tuple["KVCache", int]:
+        """(the cache that owns these rows, the index there of this one's row 0): a row view's rows are the
+        owner's, so a caller that follows rows across steps (routing.TraceRecorder) keys them by the owner."""
+        return self, 0
+
+    def rows_range(self, start: int, n: int) -> "KVCache":
+        """Rows start .. start+n-1 as a cache of their own (a view, as rows_prefix): one part of a packed step
+        (PackedStep) attends through it."""
+        if not (0 <= start and 1 <= n and start + n <= self.batch_size):
+            raise ValueError(f"rows_range({start}, {n}): a cache of {self.batch_size} rows has rows 0..{self.batch_size - 1}")
+        return self if (start, n) == (0, self.batch_size) else _RowRange(self, start, n)
 
     # On CUDA, attention reads the slots rounded up to this many (the rest are masked). With the
     # exact width, new at every decode step, eager Qwen3-shaped decode on the H200 took 76.6 ms
@@ -136,19 +148,56 @@ class KVCache:
         return min(need, self.max_len)
 
 
-class _RowPrefix(KVCache):
-    """The first n rows of a KVCache (``KVCache.rows_prefix``): its lengths a view of the base's, its buffers the
-    base's (allocated there on first use) sliced to n rows, so every write and advance lands in the base."""
+class _RowRange(KVCache):
+    """Rows start .. start+n-1 of a KVCache (``KVCache.rows_range``, ``rows_prefix``): its lengths a view of the
+    base's, its buffers the base's (allocated there on first use) sliced to those rows, so every write and advance
+    lands in the base."""
 
-    def __init__(self, base: KVCache, n: int):
-        self._base = base
+    def __init__(self, base: KVCache, start: int, n: int):
+        self._base, self._start = base, start
         self.batch_size, self.max_len, self.device, self.dtype = n, base.max_len, base.device, base.dtype
-        self.lengths = base.lengths[:n]
+        self.lengths = base.lengths[start:start + n]
         self._step_slots_BT = None
 
     def buffers(self, layer: int, H: int, Dk: int, Dv: int) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self._base.buffers(layer, H, Dk, Dv)
-        return k[:self.batch_size], v[:self.batch_size]
+        return k[self._start:self._start + self.batch_size], v[self._start:self._start + self.batch_size]
 
-    def rows_prefix(self, n: int) -> KVCache:
-        return self._base.rows_prefix(n) if n <= self.batch_size else super().rows_prefix(n)
+    def row_origin(self) -> tuple[KVCache, int]:
+        return self._base, self._start
+
+    def rows_range(self, start: int, n: int) -> KVCache:
+        if not (0 <= start and 1 <= n and start + n <= self.batch_size):
+            return super().rows_range(start, n)  # (raises, naming this view's rows)
+        return self._base.rows_range(self._start + start, n)
+
+
+class PackedStep:
+    """One forward over cache rows that feed different numbers of new tokens, packed with no padding between them.
+
+    The step's tokens are [1, N]: its parts one after another, part p covering ``rows`` consecutive cache rows that
+    each feed ``tokens`` (T) tokens, row-major (N = sum rows x T). Everything but attention works token by token, so
+    it runs on the packed tokens as they are; attention runs part by part, each on its rows of the cache
+    (``rows_range``: a view, no copy) as [rows, T], with its own mask and slots. The generation engine makes a
+    part of every run of rows that feed the same count: a long prompt's chunk beside decoding rows is then
+    chunk + rows tokens of projections, norms and attention, not rows x chunk of them mostly padding.
+
+    The model passes it in place of the attention mask (``MoEForCausalLM.forward(segments=...)``), so attention
+    modules and their hooks see one call a layer; ``window(w)`` is the same step with each part's sliding-window
+    mask. ``run(fn, x, cos, sin)`` calls ``fn(x_part [rows, T, D], cos_part, sin_part, mask, cache, num_slots)``
+    per part and packs the outputs back to [1, N, *]."""
+
+    def __init__(self, parts: list[dict]):
+        self.parts = parts  # each: cache (a view), rows, tokens, start, stop (in N), mask, windowed, num_slots
+
+    def window(self, w: int) -> "PackedStep":
+        return PackedStep([dict(p, mask=p["windowed"][w]) for p in self.parts])
+
+    def run(self, fn, x_1ND: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for p in self.parts:
+            n, T, a, b = p["rows"], p["tokens"], p["start"], p["stop"]
+            y = fn(x_1ND[:, a:b].reshape(n, T, -1), cos[:, a:b].reshape(n, T, -1), sin[:, a:b].reshape(n, T, -1),
+                   p["mask"], p["cache"], p["num_slots"])
+            outs.append(y.reshape(1, n * T, -1))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)

@@ -11,6 +11,8 @@ Hugging Face parameter names are mapped to these modules in moe/checkpoint.py.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -18,7 +20,7 @@ import kernels
 
 from .attention import Attention, MLAttention
 from .config import MoEConfig
-from .kv_cache import KVCache
+from .kv_cache import KVCache, PackedStep
 from .layers import MLP, RMSNorm, RotaryEmbedding, SparseMoEBlock
 
 
@@ -158,7 +160,8 @@ class MoEForCausalLM(nn.Module):
         return pos_BT, mask_B1TS, windowed, num_slots
 
     def forward(self, input_ids_BT: torch.Tensor, cache: KVCache | None = None, valid_BT: torch.Tensor | None = None,
-                last_only: bool = False, num_slots: int | None = None) -> torch.Tensor:
+                last_only: bool = False, num_slots: int | None = None,
+                segments: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
         """Logits [B, T, V] (or [B, 1, V] at each row's last valid token with ``last_only``).
 
         cache: KVCache from new_cache(); rows continue at their own lengths and the cache is
@@ -167,6 +170,12 @@ class MoEForCausalLM(nn.Module):
         lengths itself (it must be >= every row's length + T and <= max_len; masked slots change
         nothing). Then the forward reads no device value on the host, so it can be captured in a
         CUDA graph (``moe.cuda_graph``); None: checked and computed here (two host syncs).
+
+        segments: a packed step (``PackedStep``) over cache rows that feed different numbers of tokens:
+        ``[(rows, T), ...]`` covering cache rows 0, 1, ... in order, part p's rows feeding T tokens each;
+        input_ids (and valid_BT) are then [1, N], the parts' [rows, T] tokens flattened one after another
+        (N = sum rows x T). The logits are [1, N, V], or with ``last_only`` [R, 1, V] for the R = sum rows
+        rows in order: each row's as if it had run alone. Needs a KVCache.
         """
         if input_ids_BT.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids_BT.shape)}")
@@ -175,6 +184,8 @@ class MoEForCausalLM(nn.Module):
             if valid_BT.shape != input_ids_BT.shape:
                 raise ValueError(f"valid mask shape {tuple(valid_BT.shape)} != input_ids shape {(B, T)}")
             valid_BT = valid_BT.to(device=input_ids_BT.device, dtype=torch.bool)
+        if segments is not None:
+            return self._forward_packed(input_ids_BT, cache, valid_BT, last_only, segments)
         if cache is not None and cache.batch_size != B:
             raise ValueError(f"cache has {cache.batch_size} rows but the batch has {B}; "
                              "create it with model.new_cache(batch_size, max_len)")
@@ -200,3 +211,54 @@ class MoEForCausalLM(nn.Module):
         if cache is not None:
             cache.advance(valid_BT, T)
         return logits_BTV
+
+    def _forward_packed(self, ids_1N, cache, valid_1N, last_only, segments) -> torch.Tensor:
+        """forward(segments=...): see there."""
+        if not isinstance(cache, KVCache):
+            raise ValueError("a packed step (segments=) attends through a KVCache's rows; pass cache=model.new_cache(...)")
+        parts, start, row = [], 0, 0
+        for seg in segments:
+            n, T = (int(v) for v in seg)
+            if n < 1 or T < 1:
+                raise ValueError(f"segments: each part is (rows >= 1, tokens >= 1), got {tuple(seg)}")
+            parts.append(dict(row=row, rows=n, tokens=T, start=start, stop=start + n * T))
+            row, start = row + n, start + n * T
+        if not parts or row > cache.batch_size or ids_1N.shape != (1, start):
+            raise ValueError(f"segments {list(segments)} cover {row} rows and {start} tokens: input_ids must be [1, "
+                             f"{start}] and the cache hold >= {row} rows (it has {cache.batch_size}); got input_ids of "
+                             f"shape {tuple(ids_1N.shape)}")
+        windows = {layer.window for layer in self.layers if layer.window}
+        pos = []
+        try:
+            for p in parts:
+                n, T = p["rows"], p["tokens"]
+                view = cache.rows_range(p["row"], n)
+                valid = None if valid_1N is None else valid_1N[0, p["start"]:p["stop"]].view(n, T)
+                view.check_room(T, valid)
+                pos_BT, mask, windowed, slots = self._positions_and_masks(n, T, view, valid, view.num_slots_for(T))
+                view.step_slots(pos_BT)
+                p.update(cache=view, valid=valid, mask=mask, windowed=windowed, num_slots=slots)
+                pos.append(pos_BT.reshape(-1))
+            step = PackedStep(parts)
+            masks = {w: step.window(w) for w in windows}
+            x_1ND = self.embed(ids_1N)
+            cos, sin = self.rotary(torch.cat(pos)[None], x_1ND.dtype)
+            for layer in self.layers:
+                x_1ND = layer(x_1ND, cos, sin, layer.pick_mask(step, masks), cache, 0, valid_1N)
+        finally:
+            for p in parts:
+                if "cache" in p:
+                    p["cache"].step_slots(None)
+        x_1ND = self.norm(x_1ND)
+        if last_only:
+            last = []
+            for p in parts:  # each row's last valid token, as an index into N
+                n, T = p["rows"], p["tokens"]
+                ends = torch.full((n,), T - 1, device=x_1ND.device) if p["valid"] is None else \
+                    (p["valid"].sum(1) - 1).clamp(min=0)
+                last.append(p["start"] + torch.arange(n, device=x_1ND.device) * T + ends)
+            x_1ND = x_1ND[0, torch.cat(last)][:, None]
+        logits = self.lm_head(x_1ND)
+        for p in parts:
+            p["cache"].advance(p["valid"], p["tokens"])
+        return logits

@@ -49,6 +49,18 @@ def _moe_blocks(model) -> list:
     return blocks
 
 
+def _packed_rows(segments, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The cache row and the position of every token of a packed step (``MoEForCausalLM.forward(segments=...)``:
+    parts of (rows, T) over rows 0, 1, ..., row-major)."""
+    row, rows, pos = 0, [], []
+    for n, T in segments:
+        for b in range(row, row + int(n)):
+            rows.append(np.full(int(T), b))
+            pos.append(lengths[b] + np.arange(int(T)))
+        row += int(n)
+    return (np.concatenate(rows), np.concatenate(pos)) if rows else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+
 class TraceRecorder:
     """Context manager: ``with TraceRecorder(model) as rec: model(ids)`` then ``rec.trace()``.
 
@@ -117,19 +129,29 @@ class TraceRecorder:
                 pos_BS = np.broadcast_to(np.arange(S), (B, S))
         elif cache is not None and hasattr(cache, "lengths"):
             lengths = cache.lengths.detach().cpu().long().numpy()
-            req_B = np.empty(B, dtype=np.int64)
-            for b in range(B):
-                key = (id(cache), b)
+            segments = kwargs.get("segments")
+            # a packed step (segments=[(rows, T), ...], input [1, N]): its tokens labelled by their cache rows
+            row_N, pos_N = (None, None) if segments is None else _packed_rows(segments, lengths)
+            rows = range(B) if segments is None else range(int(row_N.max()) + 1 if len(row_N) else 0)
+            req_R = np.empty(len(rows), dtype=np.int64)
+            # a row view (KVCache.rows_range, the engine's eager steps) keys its rows by the cache that owns them
+            owner, first = cache.row_origin() if hasattr(cache, "row_origin") else (cache, 0)
+            for b in rows:
+                key = (id(owner), first + b)
                 if lengths[b] == 0 or key not in self._row_request:
                     self._row_request[key] = self._new_request()
-                req_B[b] = self._row_request[key]
-            pos_BS = lengths[:, None] + np.arange(S)[None, :]
+                req_R[b] = self._row_request[key]
+            if segments is None:
+                req_B, pos_BS = req_R, lengths[:, None] + np.arange(S)[None, :]
+            else:
+                req_B, pos_BS = None, pos_N
+                req_N = req_R[row_N]
         else:
             req_B = np.array([self._new_request() for _ in range(B)], dtype=np.int64)
             pos_BS = np.broadcast_to(np.arange(S), (B, S))
         v = valid_BS.numpy()
         self._pending = dict(B=B, S=S, valid=v.reshape(-1),
-                             req=np.broadcast_to(req_B[:, None], (B, S)).reshape(-1),
+                             req=req_N if req_B is None else np.broadcast_to(req_B[:, None], (B, S)).reshape(-1),
                              pos=np.asarray(pos_BS).reshape(-1), tok=ids_BS.numpy().reshape(-1))
 
     def _router_hook(self, layer: int):

@@ -191,6 +191,113 @@ def test_a_prefill_runs_the_rows_up_to_the_last_running_one(model, tok):
     assert rest[b] == list(alone(model, tok, PROMPTS[3], sp).values())[0]
 
 
+class _Packed(_Shapes):
+    """The model, with every forward's input shape and packed parts (segments=) recorded."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.segments = []
+
+    def forward(self, input_BT, cache=None, valid_BT=None, last_only=False, segments=None):
+        self.shapes.append(tuple(input_BT.shape))
+        self.segments.append(None if segments is None else [tuple(p) for p in segments])
+        return self.inner(input_BT, cache=cache, valid_BT=valid_BT, last_only=last_only, segments=segments)
+
+
+@pytest.mark.parametrize("family,extra", [("mixtral", {}), ("deepseek_v2", {}), ("olmoe", {"clip_qkv": 8.0}),
+                                          ("qwen2_moe", {"sliding_window": 3}),
+                                          ("qwen3_moe", {"sliding_window": 4,
+                                                         "layer_types": ["sliding_attention", "full_attention"]})])
+def test_a_packed_step_gives_each_row_its_own_logits(family, extra):
+    """forward(segments=...): rows feeding 1, 6, 1 tokens and an idle row, packed into [1, 9] (no padding between
+    them), give each row the logits and the cache it gets running alone; MLA, clipped q/k/v, shared experts and
+    sliding windows included."""
+    cfg = MoEConfig.tiny(family, **extra)
+    m = MoEForCausalLM(cfg)
+    m.init_weights(seed=3)
+    m.eval()
+    g = torch.Generator().manual_seed(4)
+    before = [torch.randint(3, cfg.vocab_size, (n,), generator=g) for n in (5, 0, 3, 2)]
+    feeds = [torch.randint(3, cfg.vocab_size, (n,), generator=g) for n in (1, 6, 1, 1)]
+
+    def cache_with_history():
+        c = m.new_cache(4, 16)
+        for b, p in enumerate(before):
+            if len(p):
+                m(p[None], cache=c.rows_range(b, 1))
+        return c
+
+    with torch.no_grad():
+        alone_cache = cache_with_history()
+        ref = [m(feeds[b][None], cache=alone_cache.rows_range(b, 1))[0] for b in range(3)]
+        c = cache_with_history()
+        ids = torch.cat(feeds)[None]
+        valid = torch.ones_like(ids, dtype=torch.bool)
+        valid[0, -1] = False  # row 3 idle: one padding token
+        last = m(ids, cache=c, valid_BT=valid, last_only=True, segments=[(1, 1), (1, 6), (2, 1)])
+        c.lengths -= torch.tensor([1, 6, 1, 0])  # the same step again, every token's logits
+        full = m(ids, cache=c, valid_BT=valid, segments=[(1, 1), (1, 6), (2, 1)])
+    assert last.shape == (4, 1, cfg.vocab_size) and full.shape == (1, 9, cfg.vocab_size)
+    for b, (a, z) in enumerate(((0, 1), (1, 7), (7, 8))):
+        torch.testing.assert_close(full[0, a:z], ref[b], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(last[b, 0], ref[b][-1], rtol=1e-5, atol=1e-5)
+    assert c.lengths.tolist() == [6, 6, 4, 2] == alone_cache.lengths.tolist()
+    for layer in alone_cache._k:
+        for b, n in enumerate((6, 6, 4, 2)):
+            torch.testing.assert_close(c._k[layer][b, :, :n], alone_cache._k[layer][b, :, :n])
+            torch.testing.assert_close(c._v[layer][b, :, :n], alone_cache._v[layer][b, :, :n])
+
+
+def test_a_packed_step_refuses_segments_that_do_not_fit(model):
+    ids = torch.zeros(1, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="KVCache"):
+        model(ids, segments=[(1, 5)])
+    for bad in ([(1, 4)], [(2, 2), (1, 1)], [(0, 5)], [(3, 1), (1, 2)]):
+        with pytest.raises(ValueError, match="segments"):
+            model(ids, cache=model.new_cache(2, 16), segments=bad)
+
+
+def test_a_prompt_joining_decoding_rows_is_packed(model, tok):
+    """A step where rows decode while another row feeds its prompt runs packed: the model gets the fed tokens
+    one after another ([1, 1 + prompt], not [2, prompt] of padding), and every request gets the tokens it gets
+    alone, greedy and sampled, with chunked prompts too; so does the same engine made to pad (unpacked)."""
+    sp = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    sampled = SamplingParams(max_new_tokens=6, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True)
+    spy = _Packed(model)
+    e = Engine(spy, tok, max_batch_size=4, max_len=64, cuda_graph=False)
+    a = e.add_request(PROMPTS[0], SamplingParams(max_new_tokens=6, ignore_eos=True))
+    e.step()
+    b = e.add_request(PROMPTS[3], sp)
+    got = run(e, [a, b])
+    n = len(tok.encode(PROMPTS[3]))
+    assert spy.shapes[1] == (1, 1 + n) and spy.segments[1] == [(1, 1), (1, n)]
+    assert got[b] == list(alone(model, tok, PROMPTS[3], sp).values())[0]
+    # (a's first token came from the step before run)
+    assert got[a][0] == list(alone(model, tok, PROMPTS[0], SamplingParams(max_new_tokens=6, ignore_eos=True)
+                                   ).values())[0][0][1:]
+
+    def mixed(engine):  # 5 requests through 3 rows, arriving while others decode; one sampled
+        rids = [engine.add_request(PROMPTS[0], sp)]
+        first = [t for o in engine.step() for t in o.new_token_ids]
+        rids += [engine.add_request(p, sampled if i == 2 else sp) for i, p in enumerate(PROMPTS[1:])]
+        out = list(run(engine, rids).values())
+        return [(first + out[0][0],) + out[0][1:]] + out[1:]
+
+    for chunk in (None, 4):
+        packed = _Packed(model)
+        want = mixed(Engine(model, tok, max_batch_size=3, max_len=128, cuda_graph=False, prefill_chunk=chunk))
+        assert mixed(Engine(packed, tok, max_batch_size=3, max_len=128, cuda_graph=False,
+                            prefill_chunk=chunk)) == want
+        assert any(s is not None and len(s) > 1 for s in packed.segments)
+        padded = Engine(model, tok, max_batch_size=3, max_len=128, cuda_graph=False, prefill_chunk=chunk)
+        padded._packed = False
+        assert mixed(padded) == want
+        for p, want_one in zip(PROMPTS, want):
+            params = sampled if p == PROMPTS[3] else sp
+            ids, text, reason = list(alone(model, tok, p, params).values())[0]
+            assert want_one[0] == ids and want_one[2] == reason
+
+
 def test_rows_prefix_shares_the_storage_and_lengths():
     from moe.kv_cache import KVCache
     c = KVCache(3, 8)

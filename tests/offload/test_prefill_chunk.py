@@ -79,8 +79,10 @@ def test_the_benchmark_script_prints_the_bound_on_the_cpu(capsys):
     assert len(lines) == 2 * len(bench.GRID) and lines[0].startswith("tiny")
     # the engine's lone prefill timed by row prefix and with every row (on the CPU, no peak)
     table = out[out.index(next(ln for ln in out if ln.startswith("engine"))) + 1:]
-    assert [ln.split()[:3] for ln in table] == [["tiny", "4", "32"]] * 2
+    assert [ln.split()[:3] for ln in table] == [["tiny", "4", "32"]] * 4
     assert " prefix " in table[0] and " all rows " in table[1] and all(float(ln.split()[-1]) > 0 for ln in table)
+    # the prompt joining 3 decoding rows: packed, then padded
+    assert " joins packed " in table[2] and " joins padded " in table[3]
     with pytest.raises(SystemExit):
         bench.main(["--models", "nope", "--device", "cpu"])
 

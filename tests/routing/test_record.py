@@ -122,6 +122,38 @@ def test_real_tiny_model_records(family):
     assert la.num_layers == n_moe and la.num_experts == cfg.num_experts and la.top_k == cfg.num_experts_per_tok
 
 
+def test_a_packed_step_is_labelled_by_its_rows():
+    """A packed step (forward(segments=...): a decoding row beside a row feeding a prompt, [1, 1 + 4] tokens, and an
+    idle row's padding) records the trace the same step records padded ([3, 4]): ids, requests, positions, tokens."""
+    moe = pytest.importorskip("moe")
+    cfg = moe.MoEConfig.tiny("qwen3_moe")
+    model = moe.MoEForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    first = torch.randint(0, cfg.vocab_size, (1, 3), generator=g)
+    dec, prompt = torch.randint(0, cfg.vocab_size, (1,), generator=g), torch.randint(0, cfg.vocab_size, (4,), generator=g)
+    traces = []
+    for packed in (True, False):
+        cache = model.new_cache(3, 16)
+        with torch.no_grad(), TraceRecorder(model) as rec:
+            model(first, cache=cache.rows_range(0, 1))  # row 0's prompt
+            if packed:
+                ids = torch.cat([dec, prompt, torch.zeros(1, dtype=torch.long)])[None]
+                valid = torch.tensor([[True] * 5 + [False]])
+                model(ids, cache=cache, valid_BT=valid, segments=[(1, 1), (1, 4), (1, 1)])
+            else:
+                ids = torch.zeros(3, 4, dtype=torch.long)
+                ids[0, 0], ids[1] = dec[0], prompt
+                valid = torch.zeros(3, 4, dtype=torch.bool)
+                valid[0, 0], valid[1] = True, True
+                model(ids, cache=cache, valid_BT=valid)
+        traces.append(rec.trace())
+    p, q = traces
+    np.testing.assert_array_equal(p.positions, [0, 1, 2, 3, 0, 1, 2, 3])
+    np.testing.assert_array_equal(p.request_ids, [0, 0, 0, 0, 1, 1, 1, 1])
+    for name in ("expert_ids", "positions", "request_ids", "token_ids"):
+        np.testing.assert_array_equal(getattr(p, name), getattr(q, name))
+
+
 @torch.no_grad()
 def test_predictor_uses_the_gate_lookahead_source():
     from routing import PathPredictor, PredictorConfig
