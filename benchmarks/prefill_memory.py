@@ -3,6 +3,7 @@
     python benchmarks/prefill_memory.py --out $OUT --peers transformers   # H200: four published shapes, two layers
     python benchmarks/prefill_memory.py --models tiny --device cpu        # a check of the script (the bound only)
     python benchmarks/prefill_memory.py --engine-models mixtral,qwen3 --offload-models "" --models ""  # engine rows
+    python benchmarks/prefill_memory.py --models "" --offload-models "" --offload-engine-models mixtral,qwen3
 
 Resident rows, per (model, rows B, cached tokens L, new tokens T): the peak device memory of one forward
 (``last_only``, the cache at length L) above the weights and the KV cache, from torch.cuda.max_memory_allocated,
@@ -25,6 +26,12 @@ it (rows 0 .. the last running one, ``KVCache.rows_prefix``) and with every row 
 packed (``Engine`` since session 32: one part per run of rows feeding the same count, [1, R - 1 + tokens]
 tokens) and padded (every row padded to the prompt, [R, tokens], as before). On the CPU the times alone (no
 allocator statistics).
+
+Offloaded engine (``--offload-engine-models``): a replica's case, a prompt of ``--offload-engine-tokens`` joining
+``--engine-rows`` - 1 rows that decode, on an offloaded Engine (as above, default 256 MiB reserve), fed at the chunk
+``--prefill-chunk auto`` picks (since session 32 a step's budget across its rows, the step packed) and at the
+per-row chunk it picked before (rows x chunk tokens inside the reserve): seconds to that prompt's first token, and
+the decoding rows' tokens per second meanwhile.
 """
 from __future__ import annotations
 
@@ -182,6 +189,70 @@ def offloaded(key: str, layers: int, tokens: int, chunks: list[int], rows_out: l
     torch.cuda.empty_cache()
 
 
+class _Tok:  # the engine needs ids only: no tokenizer files for random weights
+    eos_token_ids: list = []
+
+    def detokenizer(self, ids):
+        return type("D", (), {"push": lambda self, t: "", "flush": lambda self: ""})()
+
+
+def per_row_chunk(cfg, reserve: int, rows: int, max_len: int) -> int:
+    """What ``--prefill-chunk auto`` gave before session 32, when the chunk was each row's: the largest power of two
+    whose rows x chunk tokens fit the reserve (prefill_activation_bytes), at least 16."""
+    chunk = 16
+    while chunk * 2 < max_len and prefill_activation_bytes(cfg, rows, chunk * 2, max_len, torch.bfloat16) <= reserve:
+        chunk *= 2
+    return chunk
+
+
+def offloaded_engine(key: str, layers: int, rows: int, tokens: int, rows_out: list, log) -> None:
+    """A replica's case under offloading: a prompt of ``tokens`` joining rows - 1 rows that decode, on an Engine of
+    ``rows`` rows with the default 256 MiB reserve, fed at the chunk ``auto`` picks (a step's budget, packed) and at
+    the per-row chunk it picked before session 32: seconds to the prompt's first token and the decode rows' tokens/s
+    meanwhile."""
+    from moe.generate import Engine
+    from moe.sampling import SamplingParams
+    from offload import OffloadConfig, apply_offload, auto_prefill_chunk
+    cfg = config(key, layers)
+    m = MoEForCausalLM(cfg, backend="triton", dtype=torch.bfloat16, device="cuda")
+    m.init_weights(seed=0)
+    m = m.to("cpu")
+    torch.cuda.empty_cache()
+    slots = max(cfg.num_experts_per_tok, cfg.num_experts // 4)
+    m = apply_offload(m.eval(), OffloadConfig(slots_per_layer=slots, driver="device", policy="lfu"))
+    max_len = tokens + 128
+    new = auto_prefill_chunk(m, rows, max_len)
+    old = per_row_chunk(cfg, m.offload_config.reserve_bytes, rows, max_len)
+    prompt = torch.randint(0, cfg.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    def joining(chunk):
+        e = Engine(m, _Tok(), max_batch_size=rows, max_len=max_len, cuda_graph=False, prefill_chunk=chunk)
+        for i in range(rows - 1):
+            e.add_request(prompt[i:i + 64], SamplingParams(max_new_tokens=100000, ignore_eos=True))
+        for _ in range(3):
+            e.step()
+        rid = e.add_request(prompt, SamplingParams(max_new_tokens=1, ignore_eos=True))
+        torch.cuda.synchronize()
+        t0, steps, decoded, done = time.perf_counter(), 0, 0, False
+        while not done:
+            outs = e.step()
+            steps += 1
+            done = any(o.request_id == rid for o in outs)
+            decoded += sum(len(o.new_token_ids) for o in outs if o.request_id != rid)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0, steps, decoded
+
+    for how, chunk in (("auto (step budget)", new), ("per-row (before)", old)):
+        joining(chunk)  # the kernels of these token counts compile here (seconds each), not in the timed round
+        secs, steps, decoded = joining(chunk)
+        row = dict(model=key, mode="offloaded engine", rows=rows, tokens=tokens, how=how, chunk=chunk, steps=steps,
+                   ttft_s=secs, decode_tps=decoded / secs)
+        rows_out.append(row)
+        log(row)
+    del m
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def engine_rows(key: str, layers: int, rows: int, tokens: int, device: str, log) -> list[dict]:
     """A lone request's prefill step on an Engine of ``rows`` rows: by row prefix (the engine's way) and all rows."""
     from unittest import mock
@@ -194,12 +265,6 @@ def engine_rows(key: str, layers: int, rows: int, tokens: int, device: str, log)
                        device=device)
     m.init_weights(seed=0)
     m.eval()
-
-    class _Tok:  # the engine needs ids only: no tokenizer files for random weights
-        eos_token_ids: list = []
-
-        def detokenizer(self, ids):
-            return type("D", (), {"push": lambda self, t: "", "flush": lambda self: ""})()
 
     prompt = torch.randint(0, cfg.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     out = []
@@ -252,10 +317,12 @@ def main(argv=None) -> int:
     ap.add_argument("--engine-models", default="", help="models of the engine-rows timing ('' for none)")
     ap.add_argument("--engine-rows", type=int, default=8)
     ap.add_argument("--engine-tokens", type=int, default=2048)
+    ap.add_argument("--offload-engine-models", default="", help="models of the offloaded engine case ('' for none)")
+    ap.add_argument("--offload-engine-tokens", type=int, default=4096)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     keys = [k for k in args.models.split(",") if k]
-    for k in keys + [k for k in args.offload_models.split(",") if k]:
+    for k in keys + [k for k in (args.offload_models + "," + args.offload_engine_models).split(",") if k]:
         if k not in SHAPES:
             ap.error(f"unknown model {k!r}; known: {', '.join(SHAPES)}")
     rows: list[dict] = []
@@ -314,6 +381,15 @@ def main(argv=None) -> int:
     for key in [k for k in args.offload_models.split(",") if k]:
         offloaded(key, args.layers, args.offload_tokens, chunks, rows, log)
     engine_table()
+    got = []
+    for key in [k for k in args.offload_engine_models.split(",") if k]:
+        offloaded_engine(key, args.layers, args.engine_rows, args.offload_engine_tokens, got, log)
+    rows.extend(got)
+    if got:
+        print(f"\n{'offloaded':9} {'rows':>4} {'tokens':>6} {'chunk':>20} {'steps':>5} {'to 1st s':>8} {'decode t/s':>10}")
+    for r in got:
+        print(f"{r['model']:9} {r['rows']:>4} {r['tokens']:>6} {r['how'] + ' ' + str(r['chunk']):>20} {r['steps']:>5} "
+              f"{r['ttft_s']:>8.3f} {r['decode_tps']:>10.1f}")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "prefill_memory.json").write_text(json.dumps(rows, indent=1))

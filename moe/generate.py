@@ -7,9 +7,9 @@ Each running request owns one row of a ``KVCache`` (``model.new_cache(B, max_len
 ``step()`` is one model forward over all B rows:
 
     admit waiting requests into free rows (cache.reset(rows))
-    input_BT: a new row carries its prompt (or its next chunk of at most ``prefill_chunk``
-              tokens), a running row its last sampled token, a free row nothing; valid_BT marks
-              the real tokens (right padding)
+    input_BT: a new row carries its prompt (or its next chunk: at most ``prefill_chunk`` prompt
+              tokens a step in all, fed first come first served), a running row its last sampled
+              token, a free row nothing; valid_BT marks the real tokens (right padding)
     logits_BTV = model(input_BT, cache, valid_BT)     # the model advances each row by its valid count
     sample one token per row that is decoding or has just fed its prompt's last token, from the
     logits of its last valid token (a row part-way through its prompt samples nothing)
@@ -20,13 +20,22 @@ the step, as the sampler would take it): when every running request is greedy th
 instead of fetching logits. Expert-parallel serving (serve/ep_model.py) does, so rank 0 sends token
 ids back through Ray instead of a vocabulary's logits per row.
 
+Packed steps: where the model takes ``segments`` (``MoEForCausalLM.forward``, a plain KVCache) and
+the rows feed different counts (a prompt beside decoding rows), the step is not padded to [B, T]: the
+fed tokens go one after another as [1, N], one part per run of rows feeding the same count
+(``moe.kv_cache.PackedStep``), so a 2048-token prompt joining 7 decoding rows is 2055 tokens of
+attention, norms and projections, not 8 x 2048. Eager steps of one count run rows 0 .. the last
+running one ([1, T] for a lone prompt).
+
 So prefill of newcomers and decoding of the others share one forward, and requests join and
-leave at every step. Chunked prefill (``prefill_chunk``): a prompt longer than the chunk is fed over
-several steps, so one step's tensors are at most [B, prefill_chunk] tokens (the activations, and the
-attention mask's [B, 1, T, S], grow with T: a 32k-token prompt in one step needs a 2 GiB mask per row
-in bf16) and the decoding rows keep producing a token every step meanwhile. The cache row holds
-the fed tokens, and each chunk attends to them as the whole prompt would (same logits up to the
-order of floating-point sums). Rows never see each other: attention is per row and the MoE layers are per
+leave at every step. Chunked prefill (``prefill_chunk``): a step feeds at most that many prompt
+tokens in all, first come first served (a prompt the budget does not reach waits; vLLM's token
+budget), so a prompt longer than the chunk is fed over several steps, one step's tokens stay near
+prefill_chunk + B (packed; [B, prefill_chunk] padded, for a model without packed steps) whatever
+the prompts (the activations, and the attention mask's [rows, 1, T, S], grow with T: a 32k-token
+prompt in one step needs a 2 GiB mask per row in bf16), and the decoding rows keep producing a
+token every step meanwhile. The cache row holds the fed tokens, and each chunk attends to them as
+the whole prompt would (same logits up to the order of floating-point sums). Rows never see each other: attention is per row and the MoE layers are per
 token, so a request's greedy output does not depend on its batch-mates (tested).
 
 Lengths: a sequence (prompt + generated tokens) holds at most ``max_len`` tokens; a request
@@ -77,6 +86,7 @@ class _Request:
     row: int | None = None
     prefilled: bool = False
     cached: int = 0         # tokens of this request in its cache row (host-side copy of cache.lengths)
+    admitted: int = 0       # admission order: prompts are fed first come, first served within a step's budget
 
 
 def _hooked(model: torch.nn.Module) -> str | None:
@@ -109,8 +119,8 @@ class Engine:
             raise ValueError(f"Engine max_batch_size={max_batch_size!r} must be an int >= 1")
         if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
                                           or prefill_chunk < 1):
-            raise ValueError(f"Engine prefill_chunk={prefill_chunk!r} must be an int >= 1 (prompt tokens a row "
-                             "feeds per step) or None (a whole prompt in one step)")
+            raise ValueError(f"Engine prefill_chunk={prefill_chunk!r} must be an int >= 1 (prompt tokens a step "
+                             "feeds, across its rows) or None (whole prompts in one step)")
         self.prefill_chunk = prefill_chunk
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
             raise ValueError(f"Engine max_len={max_len!r} must be an int >= 2 (prompt plus at least one token)")
@@ -150,6 +160,7 @@ class Engine:
             elif cuda_graph:
                 raise ValueError(f"cuda_graph=True but decode steps cannot be captured: {reason}")
         self._ids = itertools.count()
+        self._admissions = itertools.count()
         self._waiting: deque[_Request] = deque()
         self._rows: list[_Request | None] = [None] * max_batch_size
         self._aborted: list[RequestOutput] = []
@@ -162,11 +173,12 @@ class Engine:
         - prompts of 1, then 2^k and 2^k + 1 tokens up to ``max_prompt`` (default max_len - 2; a replica passes its
           longest allowed prompt; with ``prefill_chunk``, up to the chunk and one of two chunks and a token, since a
           longer one only repeats the chunk's steps), one row each, prefilled and decoded one step: a prefill runs
-          [max_batch_size, T] tokens (T at most ``prefill_chunk``), the expert kernels' launch configs change with the token count
+          [1, T] tokens (T at most ``prefill_chunk``), the expert kernels' launch configs change with the token count
           (kernels/launch_config.py), and Triton specialises an integer argument on whether it is 1 and whether
           16 divides it, so each such variant meets its first call here;
         - ``rows`` (default max_batch_size) prompts of that longest length at once, one of them sampled
-          (temperature, top-p, top-k), the others greedy: the largest prefill a burst of requests can make, so
+          (temperature, top-p, top-k), the others greedy: the largest prefill a burst of requests can make
+          (with ``prefill_chunk``, the chunk fed first come first served beside rows that wait or decode), so
           a budget that cannot run it fails here, at load, with what to lower (not a replica mid-traffic), and
           the allocator holds its blocks before the first request; then a decode step of every row, both token
           paths;
@@ -207,7 +219,7 @@ class Engine:
                 f"Engine.warm_up: {what} failed ({type(e).__name__}: {e}); requests like it would fail the same "
                 f"way. Allow shorter prompts (warm_up's max_prompt, a replica's max_prompt_tokens: {top} now) or a "
                 f"smaller max_batch_size ({self.max_batch_size}: a prefill runs [rows, prompt] at once) or "
-                f"prefill_chunk ({self.prefill_chunk}: prompt tokens a row feeds per step), or give the model "
+                f"prefill_chunk ({self.prefill_chunk}: prompt tokens a step feeds), or give the model "
                 "more memory")
 
         for n in lengths:
@@ -308,7 +320,7 @@ class Engine:
             if not self._waiting:
                 break
             req = self._waiting.popleft()
-            req.row = b
+            req.row, req.admitted = b, next(self._admissions)
             self._rows[b] = req
             new_rows.append(b)
         if new_rows:
@@ -322,9 +334,10 @@ class Engine:
         running = [r for r in self._rows if r is not None]
         if not running:
             return outputs
-        feeds = {r.row: (r.output_ids[-1:] if r.prefilled else self._prompt_chunk(r)) for r in running}
+        feeds = self._feeds(running)
         # rows that sample this step: decoding, or feeding their prompt's last token
-        sampling = [r for r in running if r.prefilled or r.cached + len(feeds[r.row]) == len(r.prompt_ids)]
+        sampling = [r for r in running if r.row in feeds and (
+            r.prefilled or r.cached + len(feeds[r.row]) == len(r.prompt_ids))]
         T = max(len(f) for f in feeds.values())
         B = self.max_batch_size
         cache = self.cache
@@ -380,7 +393,7 @@ class Engine:
 
     def _finish_step(self, outputs, running, sampling, feeds, tokens) -> list[RequestOutput]:
         for req in running:
-            req.cached += len(feeds[req.row])
+            req.cached += len(feeds.get(req.row, ()))
         for req, tok in zip(sampling, tokens):
             req.prefilled = True
             outputs.append(self._advance(req, tok))
@@ -399,11 +412,20 @@ class Engine:
                 parts.append([1, t])
         return [(n, t) for n, t in parts] if len(parts) > 1 else None
 
-    def _prompt_chunk(self, req: _Request) -> list[int]:
-        """The prompt tokens a row feeds this step: the rest of its prompt, at most ``prefill_chunk`` of them."""
-        end = len(req.prompt_ids) if self.prefill_chunk is None else min(len(req.prompt_ids),
-                                                                         req.cached + self.prefill_chunk)
-        return req.prompt_ids[req.cached:end]
+    def _feeds(self, running: list[_Request]) -> dict[int, list[int]]:
+        """The tokens each row feeds this step: a decoding row its last token; rows in their prompt the rest of
+        it, first come first served, at most ``prefill_chunk`` prompt tokens in all (a row the budget does not reach
+        feeds nothing this step and waits)."""
+        feeds, budget = {}, self.prefill_chunk
+        for r in sorted(running, key=lambda r: r.admitted):
+            if r.prefilled:
+                feeds[r.row] = r.output_ids[-1:]
+            elif budget is None:
+                feeds[r.row] = r.prompt_ids[r.cached:]
+            elif budget > 0:
+                feeds[r.row] = r.prompt_ids[r.cached:r.cached + budget]
+                budget -= len(feeds[r.row])
+        return feeds
 
     def _graph_step(self, input_BT, valid_BT, rows, running) -> torch.Tensor | None:
         """Logits [R, V] of a pure decode step replayed from a CUDA graph, or None to run it eagerly."""

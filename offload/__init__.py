@@ -8,7 +8,7 @@ missed experts. Offloaded output equals resident output.
     # the default driver='auto' takes 'device' where it runs and measured faster, else 'host' (apply.resolve_driver)
 """
 from .apply import (OffloadedExperts, apply_offload, auto_prefill_chunk, install, kv_cache_bytes, plan_slots,
-                    prefill_activation_bytes, prefill_chunk_for, route_by_trace)
+                    prefill_activation_bytes, prefill_chunk_for, route_by_trace, step_activation_bytes)
 from .cache import ExpertCache
 from .config import OffloadConfig, parse_bytes
 from .cost_model import CostModel
@@ -20,7 +20,7 @@ from .store import DiskExpertStore, HostExpertStore, PackedHostExpertStore
 from .tiered import TieredExperts, TierRuntime, TierRuntimeConfig, apply_cpu_tier
 
 __all__ = ["OffloadConfig", "apply_offload", "install", "kv_cache_bytes", "prefill_activation_bytes", "prefill_chunk_for",
-           "auto_prefill_chunk",
+           "step_activation_bytes", "auto_prefill_chunk",
            "OffloadedExperts", "plan_slots", "route_by_trace", "ExpertCache",
            "DeviceExpertCache", "DeviceOffloadedExperts",
            "parse_bytes", "CostModel", "Policy", "LRUPolicy", "LFUPolicy", "PredictorPolicy", "BeladyPolicy",

@@ -391,23 +391,34 @@ def prefill_activation_bytes(config, rows: int, tokens: int, slots: int, dtype: 
     return int(n * per_token + (per_call if n else 0))
 
 
+def step_activation_bytes(config, rows: int, chunk: int, slots: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """An upper bound of one engine step's activations where ``chunk`` prompt tokens are fed beside the other
+    ``rows - 1`` rows decoding (Engine(prefill_chunk=chunk) packs the step: chunk + rows - 1 tokens, a row's
+    logits each): ``prefill_activation_bytes`` of those tokens as one row, plus the other rows' logits."""
+    if rows < 1 or chunk < 0:
+        raise ValueError(f"rows ({rows}) must be >= 1 and chunk ({chunk}) >= 0")
+    return prefill_activation_bytes(config, 1, chunk + rows - 1, slots, dtype) + (rows - 1) * config.vocab_size * 4
+
+
 def prefill_chunk_for(config, reserve_bytes: int, rows: int, max_len: int, dtype: torch.dtype = torch.bfloat16,
                       smallest: int = 16) -> int | None:
-    """The prompt tokens a row may feed per step (``Engine(prefill_chunk=...)``) so that a prefill's activations
-    stay inside ``reserve_bytes`` (``prefill_activation_bytes`` with every row at ``max_len``): None where a whole
-    prompt of max_len fits, else the largest power of two that fits, at least ``smallest`` (a reserve too small
-    for even that gets it: the caller's reserve is then short, which prefill_activation_bytes can show)."""
+    """The prompt tokens a step may feed (``Engine(prefill_chunk=...)``: a budget across its rows) so that a step's
+    activations stay inside ``reserve_bytes``: None where every row's whole prompt of max_len fits in one step
+    (``prefill_activation_bytes`` of rows x max_len), else the largest power of two whose step, packed beside the
+    other rows decoding, fits (``step_activation_bytes``), at least ``smallest`` (a reserve too small for even that
+    gets it: the caller's reserve is then short, which those functions can show). Before session 32 the chunk was
+    each row's, so the bound counted rows x chunk tokens and an 8-row replica got an eighth of the chunk."""
     if prefill_activation_bytes(config, rows, max_len, max_len, dtype) <= reserve_bytes:
         return None
     chunk = smallest
-    while chunk * 2 < max_len and prefill_activation_bytes(config, rows, chunk * 2, max_len, dtype) <= reserve_bytes:
+    while chunk * 2 < rows * max_len and step_activation_bytes(config, rows, chunk * 2, max_len, dtype) <= reserve_bytes:
         chunk *= 2
     return chunk
 
 
 def auto_prefill_chunk(model, rows: int, max_len: int, reserve_bytes: int | None = None,
                        free_share: float = 0.9) -> int | None:
-    """What ``--prefill-chunk auto`` feeds a row per step (``Engine(prefill_chunk=...)``), or None for whole prompts.
+    """What ``--prefill-chunk auto`` feeds per step (``Engine(prefill_chunk=...)``), or None for whole prompts.
 
     Offloaded (the model has an ``offload_cache``): the chunk whose activations fit ``reserve_bytes``, by default the
     reserve of the OffloadConfig apply_offload applied (``prefill_chunk_for``). Resident on a CUDA device: the chunk whose activations fit ``free_share`` of the

@@ -78,7 +78,7 @@ class ServeConfig:
     ep_decode: str = "auto"
     max_batch_size: int = 8
     max_len: int = 2048
-    # prompt tokens a row feeds per step (Engine(prefill_chunk=...)): 'auto' = the largest power of two whose
+    # prompt tokens a step feeds across its rows (Engine(prefill_chunk=...)): 'auto' = the largest power of two whose
     # activations fit the offload reserve, or a GPU's free memory (offload.auto_prefill_chunk); None = whole prompts
     prefill_chunk: int | str | None = "auto"
     stream_interval: int = 1

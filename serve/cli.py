@@ -49,9 +49,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=2048, help="prompt + completion tokens per request")
     from moe.cli import prefill_chunk_arg
     p.add_argument("--prefill-chunk", default="auto", type=prefill_chunk_arg, metavar="N|auto|off",
-                   help="prompt tokens a row feeds per step (chunked prefill); auto (default): the largest power of "
-                        "two whose activations (--max-batch-size rows) fit --offload-reserve with --gpu-memory, or the "
-                        "GPU's free memory; whole prompts where they fit and on the CPU; off: whole prompts")
+                   help="prompt tokens a step feeds, across its rows, first come first served (chunked prefill); "
+                        "auto (default): the largest power of two whose step (beside --max-batch-size rows decoding) "
+                        "fits --offload-reserve with --gpu-memory, or the GPU's free memory; whole prompts where "
+                        "they fit and on the CPU; off: whole prompts")
     p.add_argument("--stream-interval", type=int, default=1,
                    help="tokens per streamed chunk after the first (default 1; more saves CPU on fast steps)")
     d = ServeLimits()

@@ -359,7 +359,8 @@ def load_engine(spec: dict) -> LoadedEngine:
         from offload import auto_prefill_chunk
         chunk = auto_prefill_chunk(model, rows, max_len) if not ep else None
         if chunk is not None:
-            log.info("replica prefill: prompts fed %d tokens a step (%d rows' activations inside %s)", chunk, rows,
+            log.info("replica prefill: at most %d prompt tokens a step, first come first served (a step beside %d "
+                     "rows decoding inside %s)", chunk, rows - 1,
                      f"the {offload_cfg.reserve_bytes}-byte offload reserve" if offload_cfg is not None
                      else "the GPU's free memory")
     try:

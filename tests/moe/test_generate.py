@@ -196,11 +196,13 @@ class _Packed(_Shapes):
 
     def __init__(self, inner):
         super().__init__(inner)
-        self.segments = []
+        self.segments, self.valid = [], []
 
     def forward(self, input_BT, cache=None, valid_BT=None, last_only=False, segments=None):
         self.shapes.append(tuple(input_BT.shape))
         self.segments.append(None if segments is None else [tuple(p) for p in segments])
+        self.T.append(input_BT.shape[1] if segments is None else max(t for n, t in segments))
+        self.valid.append(input_BT.numel() if valid_BT is None else int(valid_BT.sum()))
         return self.inner(input_BT, cache=cache, valid_BT=valid_BT, last_only=last_only, segments=segments)
 
 
@@ -208,17 +210,22 @@ class _Packed(_Shapes):
                                           ("qwen2_moe", {"sliding_window": 3}),
                                           ("qwen3_moe", {"sliding_window": 4,
                                                          "layer_types": ["sliding_attention", "full_attention"]})])
-def test_a_packed_step_gives_each_row_its_own_logits(family, extra):
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_packed_step_gives_each_row_its_own_logits(family, extra, device):
     """forward(segments=...): rows feeding 1, 6, 1 tokens and an idle row, packed into [1, 9] (no padding between
     them), give each row the logits and the cache it gets running alone; MLA, clipped q/k/v, shared experts and
-    sliding windows included."""
+    sliding windows included. On a GPU with the triton backend (float32): the fused q/k/v preparation writing into
+    row views of the cache, and the decode attention kernel on the one-token parts."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
     cfg = MoEConfig.tiny(family, **extra)
-    m = MoEForCausalLM(cfg)
+    m = MoEForCausalLM(cfg, backend="triton" if device == "cuda" else "torch", device=device)
     m.init_weights(seed=3)
     m.eval()
+    tol = dict(rtol=1e-5, atol=1e-5) if device == "cpu" else dict(rtol=2e-3, atol=2e-3)
     g = torch.Generator().manual_seed(4)
-    before = [torch.randint(3, cfg.vocab_size, (n,), generator=g) for n in (5, 0, 3, 2)]
-    feeds = [torch.randint(3, cfg.vocab_size, (n,), generator=g) for n in (1, 6, 1, 1)]
+    before = [torch.randint(3, cfg.vocab_size, (n,), generator=g).to(device) for n in (5, 0, 3, 2)]
+    feeds = [torch.randint(3, cfg.vocab_size, (n,), generator=g).to(device) for n in (1, 6, 1, 1)]
 
     def cache_with_history():
         c = m.new_cache(4, 16)
@@ -235,17 +242,17 @@ def test_a_packed_step_gives_each_row_its_own_logits(family, extra):
         valid = torch.ones_like(ids, dtype=torch.bool)
         valid[0, -1] = False  # row 3 idle: one padding token
         last = m(ids, cache=c, valid_BT=valid, last_only=True, segments=[(1, 1), (1, 6), (2, 1)])
-        c.lengths -= torch.tensor([1, 6, 1, 0])  # the same step again, every token's logits
+        c.lengths -= torch.tensor([1, 6, 1, 0], device=device)  # the same step again, every token's logits
         full = m(ids, cache=c, valid_BT=valid, segments=[(1, 1), (1, 6), (2, 1)])
     assert last.shape == (4, 1, cfg.vocab_size) and full.shape == (1, 9, cfg.vocab_size)
     for b, (a, z) in enumerate(((0, 1), (1, 7), (7, 8))):
-        torch.testing.assert_close(full[0, a:z], ref[b], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(last[b, 0], ref[b][-1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(full[0, a:z], ref[b], **tol)
+        torch.testing.assert_close(last[b, 0], ref[b][-1], **tol)
     assert c.lengths.tolist() == [6, 6, 4, 2] == alone_cache.lengths.tolist()
     for layer in alone_cache._k:
         for b, n in enumerate((6, 6, 4, 2)):
-            torch.testing.assert_close(c._k[layer][b, :, :n], alone_cache._k[layer][b, :, :n])
-            torch.testing.assert_close(c._v[layer][b, :, :n], alone_cache._v[layer][b, :, :n])
+            torch.testing.assert_close(c._k[layer][b, :, :n], alone_cache._k[layer][b, :, :n], **tol)
+            torch.testing.assert_close(c._v[layer][b, :, :n], alone_cache._v[layer][b, :, :n], **tol)
 
 
 def test_a_packed_step_refuses_segments_that_do_not_fit(model):
@@ -296,6 +303,33 @@ def test_a_prompt_joining_decoding_rows_is_packed(model, tok):
             params = sampled if p == PROMPTS[3] else sp
             ids, text, reason = list(alone(model, tok, p, params).values())[0]
             assert want_one[0] == ids and want_one[2] == reason
+
+
+def test_the_prefill_chunk_is_a_budget_of_a_step_fed_first_come_first_served(model, tok):
+    """prefill_chunk=4 with three prompts arriving at once: every step feeds at most 4 prompt tokens in all (the
+    earliest admitted prompt first, the next when it is done; the rows it does not reach wait), decoding rows
+    keep decoding, and every request gets its unchunked tokens."""
+    sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    prompts = [PROMPTS[3], PROMPTS[1], PROMPTS[0]]
+    lens = [len(tok.encode(p)) for p in prompts]
+    spy = _Packed(model)
+    e = Engine(spy, tok, max_batch_size=3, max_len=128, cuda_graph=False, prefill_chunk=4)
+    rids = [e.add_request(p, sp) for p in prompts]
+    firsts, step = {}, 0
+    while e.has_unfinished():
+        step += 1
+        for o in e.step():
+            firsts.setdefault(o.request_id, step)
+    # a forward's real tokens: at most the 4 prompt tokens and one per other row (decoding)
+    assert max(spy.valid) <= 4 + 2 and max(spy.T) <= 4
+    assert any(segs and (1, 4) in segs and any(t == 1 for n, t in segs) for segs in spy.segments)
+    # the prompts in arrival order: the first's first token at step cdiv(len, 4), the others after it
+    assert firsts[rids[0]] == -(-lens[0] // 4) < firsts[rids[1]] < firsts[rids[2]]
+    assert firsts[rids[2]] <= -(-sum(lens) // 4) + 2
+    ref = Engine(model, tok, max_batch_size=3, max_len=128, cuda_graph=False)
+    want = run(ref, [ref.add_request(p, sp) for p in prompts])
+    e = Engine(model, tok, max_batch_size=3, max_len=128, cuda_graph=False, prefill_chunk=4)
+    assert list(run(e, [e.add_request(p, sp) for p in prompts]).values()) == list(want.values())
 
 
 def test_rows_prefix_shares_the_storage_and_lengths():
@@ -569,7 +603,8 @@ def test_cuda_graph_refused_with_the_reason(model, tok):
 @pytest.mark.gpu
 def test_cuda_graph_decode_equals_eager(tok):
     """On a GPU with the triton experts: greedy tokens replayed from graphs equal eager decoding,
-    across slot buckets and with rows joining and leaving."""
+    across slot buckets and with rows joining and leaving; prompts joining decoding rows packed (the engine's way)
+    or padded, whole or fed 4 tokens a step, give the same tokens."""
     cfg = MoEConfig.tiny("qwen3_moe", vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id,
                          eos_token_id=tok.eos_token_ids[0])
     m = MoEForCausalLM(cfg, backend="triton", dtype=torch.float32, device="cuda")
@@ -579,16 +614,19 @@ def test_cuda_graph_decode_equals_eager(tok):
     m.eval()
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (40, 7, 25)]
     outs = {}
-    for graph in (False, True):
-        eng = Engine(m, tok, max_batch_size=2, max_len=96, cuda_graph=graph)
+    for graph, packed, chunk in ((False, True, None), (True, True, None), (True, False, None), (True, True, 4),
+                                 (True, False, 4)):
+        eng = Engine(m, tok, max_batch_size=2, max_len=96, cuda_graph=graph, prefill_chunk=chunk)
+        assert eng._packed
+        eng._packed = packed
         if graph:
             eng._graphs.bucket = 16  # several buckets within one run
         rids = [eng.add_request(p, sp) for p, sp in zip(PROMPTS[:3], params)]
         res = run(eng, rids)
-        outs[graph] = [res[r][0] for r in rids]
+        outs[graph, packed, chunk] = [res[r][0] for r in rids]
         if graph:
             assert len(eng._graphs.captured) >= 2
-    assert outs[True] == outs[False]
+    assert all(o == outs[False, True, None] for o in outs.values())
 
 
 def test_warm_up_names_the_prompt_length_that_failed(model, tok, monkeypatch):

@@ -4,7 +4,7 @@ prefill_chunk_for) against what an H200 measured. The engine's chunking is teste
 import pytest
 import torch
 
-from offload import prefill_activation_bytes, prefill_chunk_for
+from offload import prefill_activation_bytes, prefill_chunk_for, step_activation_bytes
 
 from tests.conftest import load_benchmark
 
@@ -63,8 +63,14 @@ def test_the_chunk_is_the_largest_power_of_two_inside_the_reserve():
     chunk = prefill_chunk_for(cfg, reserve, 1, 32768)
     assert chunk is not None and chunk & (chunk - 1) == 0
     assert prefill_activation_bytes(cfg, 1, chunk, 32768) <= reserve < prefill_activation_bytes(cfg, 1, 2 * chunk, 32768)
-    # more rows, less each; a whole max_len that fits needs no chunk; a reserve short of even 16 tokens gets 16
-    assert prefill_chunk_for(cfg, reserve, 8, 32768) < chunk
+    # the chunk is a step's budget across its rows (the engine packs it beside the rows decoding): 8 rows cost the
+    # other 7 rows' decode tokens and logits, not 8 x the chunk (before session 32 they got an eighth of it)
+    eight = prefill_chunk_for(cfg, reserve, 8, 32768)
+    assert step_activation_bytes(cfg, 8, eight, 32768) <= reserve < step_activation_bytes(cfg, 8, 2 * eight, 32768)
+    assert eight == chunk and prefill_activation_bytes(cfg, 8, eight, 32768) > reserve
+    assert step_activation_bytes(cfg, 8, eight, 32768) - prefill_activation_bytes(cfg, 1, eight, 32768) == \
+        prefill_activation_bytes(cfg, 1, eight + 7, 32768) - prefill_activation_bytes(cfg, 1, eight, 32768) + 7 * 32000 * 4
+    # a whole max_len that fits needs no chunk; a reserve short of even 16 tokens gets 16
     assert prefill_chunk_for(cfg, reserve, 1, 256) is None
     assert prefill_chunk_for(cfg, 1 << 20, 1, 32768) == 16
 

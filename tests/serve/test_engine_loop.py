@@ -240,14 +240,15 @@ def test_offloaded_replica_counts_its_kv_cache_in_the_budget(tiny):
 
 def test_offloaded_replica_chunks_prefills_inside_its_reserve(tiny):
     """moe serve --gpu-memory with --prefill-chunk auto (the default): the replica's engine feeds prompts in the
-    chunk whose activations for --max-batch-size rows fit the reserve (offload.prefill_chunk_for), and serves the
+    chunk whose step, beside the other --max-batch-size rows decoding, fits the reserve (offload.prefill_chunk_for,
+    step_activation_bytes), and serves the
     resident model's text; a number is taken as given, 'off' feeds whole prompts, and a bad value is refused."""
     import moe
     from moe.tiny import ensure_tiny_model
-    from offload import prefill_activation_bytes
+    from offload import step_activation_bytes
     from serve.app import ServeConfig
     sk = moe.checkpoint.model_skeleton(str(ensure_tiny_model()))
-    reserve = prefill_activation_bytes(sk.config, 2, 16, 64, sk.dtype)  # 16 tokens a row fit, 32 do not
+    reserve = step_activation_bytes(sk.config, 2, 16, 64, sk.dtype)  # a step of 16 prompt tokens fits, 32 do not
 
     def cfg(**kw):
         return ServeConfig(model="tiny", device="cpu", max_batch_size=2, max_len=64, replica_cpus=1,
