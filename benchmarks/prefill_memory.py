@@ -30,8 +30,9 @@ allocator statistics).
 Offloaded engine (``--offload-engine-models``): a replica's case, a prompt of ``--offload-engine-tokens`` joining
 ``--engine-rows`` - 1 rows that decode, on an offloaded Engine (as above, default 256 MiB reserve), fed at the chunk
 ``--prefill-chunk auto`` picks (since session 32 a step's budget across its rows, the step packed) and at the
-per-row chunk it picked before (rows x chunk tokens inside the reserve): seconds to that prompt's first token, and
-the decoding rows' tokens per second meanwhile.
+per-row chunk it picked before (rows x chunk tokens inside the reserve): seconds to that prompt's first token
+(each chunk's round after one that compiles its kernels) beside the offloaded rows' floor (every uncached expert
+copied once), and the decoding rows' tokens per second meanwhile.
 """
 from __future__ import annotations
 
@@ -221,6 +222,8 @@ def offloaded_engine(key: str, layers: int, rows: int, tokens: int, rows_out: li
     slots = max(cfg.num_experts_per_tok, cfg.num_experts // 4)
     m = apply_offload(m.eval(), OffloadConfig(slots_per_layer=slots, driver="device", policy="lfu"))
     max_len = tokens + 128
+    # floor: every uncached expert copied once (as offloaded()'s), at the link rate measured here
+    floor = layers * (cfg.num_experts - slots) * 3 * cfg.hidden_size * cfg.moe_intermediate_size * 2 / copy_rate()
     new = auto_prefill_chunk(m, rows, max_len)
     old = per_row_chunk(cfg, m.offload_config.reserve_bytes, rows, max_len)
     prompt = torch.randint(0, cfg.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -245,7 +248,7 @@ def offloaded_engine(key: str, layers: int, rows: int, tokens: int, rows_out: li
         joining(chunk)  # the kernels of these token counts compile here (seconds each), not in the timed round
         secs, steps, decoded = joining(chunk)
         row = dict(model=key, mode="offloaded engine", rows=rows, tokens=tokens, how=how, chunk=chunk, steps=steps,
-                   ttft_s=secs, decode_tps=decoded / secs)
+                   ttft_s=secs, floor_s=floor, decode_tps=decoded / secs)
         rows_out.append(row)
         log(row)
     del m
@@ -386,10 +389,11 @@ def main(argv=None) -> int:
         offloaded_engine(key, args.layers, args.engine_rows, args.offload_engine_tokens, got, log)
     rows.extend(got)
     if got:
-        print(f"\n{'offloaded':9} {'rows':>4} {'tokens':>6} {'chunk':>20} {'steps':>5} {'to 1st s':>8} {'decode t/s':>10}")
+        print(f"\n{'offloaded':9} {'rows':>4} {'tokens':>6} {'chunk':>23} {'steps':>5} {'to 1st s':>8} {'floor s':>7} "
+              f"{'x floor':>7} {'decode t/s':>10}")
     for r in got:
-        print(f"{r['model']:9} {r['rows']:>4} {r['tokens']:>6} {r['how'] + ' ' + str(r['chunk']):>20} {r['steps']:>5} "
-              f"{r['ttft_s']:>8.3f} {r['decode_tps']:>10.1f}")
+        print(f"{r['model']:9} {r['rows']:>4} {r['tokens']:>6} {r['how'] + ' ' + str(r['chunk']):>23} {r['steps']:>5} "
+              f"{r['ttft_s']:>8.3f} {r['floor_s']:>7.3f} {r['ttft_s'] / r['floor_s']:>7.1f} {r['decode_tps']:>10.1f}")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "prefill_memory.json").write_text(json.dumps(rows, indent=1))

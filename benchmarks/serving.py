@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -242,18 +243,44 @@ async def run_inprocess(args, prompts) -> dict:
     model = rep.loaded.model
     before = _engine_counters(rep.snapshot(), model)
     compiled = _compiled_kernels()
-    results, duration = await drive(one, prompts, args.request_rate, args.max_concurrency, args.seed)
+    with _compiles_seen() as seen:
+        results, duration = await drive(one, prompts, args.request_rate, args.max_concurrency, args.seed)
     after = _engine_counters(rep.snapshot(), model)
     new = sorted(v for k, v in _compiled_kernels().items() if k not in compiled)
     if new:  # what a warm-up at load (Engine.warm_up) did not compile: it compiled inside the timed requests
         names = ", ".join(f"{n} x{new.count(n)}" for n in dict.fromkeys(new))
         print(f"Triton kernels compiled during the timed requests: {len(new)} ({names})", flush=True)
+        for r in seen:  # which specialisation each was (the call's arguments as Triton keys them)
+            print(f"  {r}", flush=True)
     rep.shutdown()
     name = "inprocess" if not args.ep_ranks else f"inprocess ep{args.ep_ranks} {args.ep_mode} decode={args.ep_decode}"
     s = summarize(name, results, duration)
     s["texts"] = [r.text if r.ok else None for r in results]  # None: failed (nothing to compare)
     s["engine"] = {k: after[k] - before.get(k, 0.0) for k in after}
     return s
+
+
+@contextlib.contextmanager
+def _compiles_seen():
+    """The kernels Triton compiles inside the block, as it describes each (name, launch options and every argument's
+    type and specialisation, one line), from its jit_cache_hook; empty where this Triton has none."""
+    seen: list[str] = []
+    try:
+        from triton import knobs
+        old = knobs.runtime.jit_cache_hook
+    except Exception:  # noqa: BLE001 - an older Triton
+        yield seen
+        return
+
+    def hook(*args, **kw):
+        name = " ".join(str(kw.get("repr", "")).split()).split("(")[0]
+        seen.append(f"{name} {' '.join(str(kw.get('key', '')).split())[:600]}")
+        return False  # compile as usual
+    knobs.runtime.jit_cache_hook = hook
+    try:
+        yield seen
+    finally:
+        knobs.runtime.jit_cache_hook = old
 
 
 def _compiled_kernels() -> dict[str, str]:

@@ -176,12 +176,16 @@ class Engine:
           [1, T] tokens (T at most ``prefill_chunk``), the expert kernels' launch configs change with the token count
           (kernels/launch_config.py), and Triton specialises an integer argument on whether it is 1 and whether
           16 divides it, so each such variant meets its first call here;
+        - without ``prefill_chunk``, prompts arriving together whose tokens make one step of 2^k and 2^k + 1 tokens
+          past the longest prompt, up to ``rows`` of them: the same variants for steps of several prompts;
         - ``rows`` (default max_batch_size) prompts of that longest length at once, one of them sampled
           (temperature, top-p, top-k), the others greedy: the largest prefill a burst of requests can make
           (with ``prefill_chunk``, the chunk fed first come first served beside rows that wait or decode), so
           a budget that cannot run it fails here, at load, with what to lower (not a replica mid-traffic), and
           the allocator holds its blocks before the first request; then a decode step of every row, both token
           paths;
+        - ``rows`` requests arriving one a step (prompts of 2 and of the longest length in turn) while the earlier
+          ones decode: packed steps of a prompt beside 1 .. rows - 1 decoding rows, as traffic makes them;
         - every decode slot bucket up to max_len captured (``capture_all``; the first 64).
 
         Before session 27 one short prompt ran (1 row, then rows): a fresh replica's first 64-token prompts still
@@ -195,11 +199,13 @@ class Engine:
         text = self.tokenizer.encode("def warm_up(x):\n    return [x * 2 for _ in range(3)]\n") or [0]
         steps = 0
 
-        def run(requests):
+        def run(requests, one_a_step=False):
             nonlocal steps
-            for rid, prompt, params in requests:
-                self.add_request(prompt, params, request_id=rid)
-            while self.has_unfinished():
+            pending = list(requests)
+            while pending or self.has_unfinished():
+                for rid, prompt, params in pending[:1] if one_a_step else pending:
+                    self.add_request(prompt, params, request_id=rid)
+                pending = pending[1:] if one_a_step else []
                 self.step()
                 steps += 1
 
@@ -227,6 +233,20 @@ class Engine:
                 run([(f"warm-len{n}", prompt_of(n), SamplingParams(max_new_tokens=2, ignore_eos=True))])
             except Exception as e:
                 raise failed(f"a prompt of {n} tokens", e) from e
+        # steps of more tokens than one prompt holds: prompts arriving together, packed into one step of 2^k and
+        # 2^k + 1 tokens up to what rows prompts make (without a chunk; with one, no step passes chunk + rows). A
+        # fresh replica's first 64-token prompts arriving two and four at once (129-263 tokens a step) compiled the
+        # experts' alignment for those counts inside their latency (s32-g)
+        if self.prefill_chunk is None and rows > 1:
+            for n in (n for k in range(top.bit_length(), (rows * top).bit_length() + 1) for n in (2 ** k, 2 ** k + 1)
+                      if top < n <= rows * top):
+                sizes = [top] * (-(-n // top) - 1)
+                sizes.append(n - sum(sizes))
+                try:
+                    run([(f"warm-sum{n}-{i}", prompt_of(m), SamplingParams(max_new_tokens=2, ignore_eos=True))
+                         for i, m in enumerate(sizes)])
+                except Exception as e:
+                    raise failed(f"{len(sizes)} prompts of {n} tokens in all", e) from e
         # the worst case a burst of requests can make: every row's prompt the longest allowed, in one prefill
         greedy = SamplingParams(max_new_tokens=2, ignore_eos=True)
         sampled = SamplingParams(max_new_tokens=2, ignore_eos=True, temperature=0.8, top_p=0.9, top_k=20, seed=0)
@@ -234,6 +254,16 @@ class Engine:
             run([(f"warm-batch-{i}", prompt_of(top), sampled if i == rows - 1 else greedy) for i in range(rows)])
         except Exception as e:
             raise failed(f"a batch of {rows} prompts of {top} tokens", e) from e
+        # traffic: requests arriving one a step while the earlier ones decode, so prompts join 1 .. rows - 1
+        # decoding rows (packed steps: their one-token parts run kernels, e.g. the fused q/k/v projection of several
+        # rows, that no step above runs eagerly; a fresh replica's first such requests compiled it, s32-e)
+        joins = [(f"warm-join-{i}", prompt_of(top if i % 2 else 2), SamplingParams(max_new_tokens=rows + 1,
+                                                                                    ignore_eos=True))
+                 for i in range(rows)]
+        try:
+            run(joins, one_a_step=True)
+        except Exception as e:
+            raise failed(f"prompts of 2 and {top} tokens joining decoding rows", e) from e
         if self._graphs is not None:
             self._graphs.capture_all()
         for name in ("offload_cache", "cpu_tier"):  # (offload.apply_offload's cache, apply_cpu_tier's runtime)

@@ -659,7 +659,7 @@ def test_warm_up_with_a_prefill_chunk_runs_one_prompt_past_it_and_the_burst(mode
     """With prefill_chunk, warm-up prompts longer than the chunk only repeat its steps: one of two chunks and a token
     stands for them; the burst still feeds the longest prompt allowed (the peak grows with the cached length), and
     no step runs more than the chunk."""
-    spy = _Shapes(model)
+    spy = _Packed(model)
     e = Engine(spy, tok, max_batch_size=2, max_len=64, cuda_graph=False, prefill_chunk=4)
     seen = []
     add = Engine.add_request
@@ -670,7 +670,10 @@ def test_warm_up_with_a_prefill_chunk_runs_one_prompt_past_it_and_the_burst(mode
 
     monkeypatch.setattr(Engine, "add_request", record)
     e.warm_up(max_prompt=40)
-    assert seen == [1, 2, 3, 4, 9, 40, 40] and max(spy.T) == 4
+    # then traffic: requests of 2 and 40 tokens arriving one a step, the second's chunks packed beside the first
+    # decoding (the one-token parts that eager steps meet nowhere else)
+    assert seen == [1, 2, 3, 4, 9, 40, 40, 2, 40] and max(spy.T) == 4
+    assert [(1, 1), (1, 4)] in spy.segments
 
 
 @pytest.mark.gpu
@@ -951,10 +954,17 @@ def test_warm_up_leaves_the_engine_as_new(model, tok):
     from offload import OffloadConfig, apply_offload
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
     e = Engine(model, tok, max_batch_size=3, max_len=64)
-    # prompts 1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33 and 62 (max_len - 2): 12 x 2 steps; the batch: 2 steps
-    assert e.warm_up() == 12 * 2 + 2
-    assert not e.has_unfinished() and e.warm_up(rows=1) == 12 * 2 + 2
-    assert e.warm_up(rows=1, max_prompt=10) == 8 * 2 + 2  # 1, 2, 3, 4, 5, 8, 9 and 10
+    # prompts 1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33 and 62 (max_len - 2): 12 x 2 steps; prompts arriving together
+    # for steps of 64, 65, 128 and 129 tokens (62 + 2, 62 + 3, 62 + 62 + 4, 62 + 62 + 5): 4 x 2; the batch: 2 steps;
+    # then rows requests of 2, 62, 2 tokens arriving one a step, 4 tokens each: the last arrives at step 3 and
+    # decodes to step 6 (one request of 2 tokens, 2 steps, with rows=1, and no steps of several prompts)
+    spy = _Packed(model)
+    e = Engine(spy, tok, max_batch_size=3, max_len=64)
+    assert e.warm_up() == 12 * 2 + 4 * 2 + 2 + 6
+    assert {64, 65, 128, 129} <= set(spy.valid)
+    e = Engine(model, tok, max_batch_size=3, max_len=64)
+    assert not e.has_unfinished() and e.warm_up(rows=1) == 12 * 2 + 2 + 2
+    assert e.warm_up(rows=1, max_prompt=10) == 8 * 2 + 2 + 2  # 1, 2, 3, 4, 5, 8, 9 and 10
     assert e.captured_graphs == []  # on the CPU steps run eagerly
     rids = [e.add_request(p, params) for p in PROMPTS[:3]]
     assert rids[0] == "req-0"
