@@ -33,6 +33,10 @@ Offloaded engine (``--offload-engine-models``): a replica's case, a prompt of ``
 per-row chunk it picked before (rows x chunk tokens inside the reserve): seconds to that prompt's first token
 (each chunk's round after one that compiles its kernels) beside the offloaded rows' floor (every uncached expert
 copied once), and the decoding rows' tokens per second meanwhile.
+
+Mixed steps (``--mixed-models``): one step of each MIXED case (prompts joining decoding rows, or arriving together,
+on an 8-row engine of ``--mixed-layers`` layers) packed, padded, and as the engine chooses (``Engine._pays_to_pack``:
+packing costs host time per part, padding GPU time per padded token).
 """
 from __future__ import annotations
 
@@ -256,18 +260,30 @@ def offloaded_engine(key: str, layers: int, rows: int, tokens: int, rows_out: li
     torch.cuda.empty_cache()
 
 
+def random_model(key: str, layers: int, device: str):
+    """(config, the model of ``layers`` layers of shape ``key`` with random weights, on a GPU?): bf16 with the triton
+    experts on a GPU, float32 with the torch ones on the CPU."""
+    cfg = config(key, layers)
+    on_gpu = device == "cuda"
+    m = MoEForCausalLM(cfg, backend="triton" if on_gpu else "torch", dtype=torch.bfloat16 if on_gpu else torch.float32,
+                       device=device)
+    m.init_weights(seed=0)
+    return cfg, m.eval(), on_gpu
+
+
+def release(on_gpu: bool) -> None:
+    gc.collect()
+    if on_gpu:
+        torch.cuda.empty_cache()
+
+
 def engine_rows(key: str, layers: int, rows: int, tokens: int, device: str, log) -> list[dict]:
     """A lone request's prefill step on an Engine of ``rows`` rows: by row prefix (the engine's way) and all rows."""
     from unittest import mock
 
     from moe.generate import Engine
     from moe.sampling import SamplingParams
-    cfg = config(key, layers)
-    on_gpu = device == "cuda"
-    m = MoEForCausalLM(cfg, backend="triton" if on_gpu else "torch", dtype=torch.bfloat16 if on_gpu else torch.float32,
-                       device=device)
-    m.init_weights(seed=0)
-    m.eval()
+    cfg, m, on_gpu = random_model(key, layers, device)
 
     prompt = torch.randint(0, cfg.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     out = []
@@ -279,6 +295,7 @@ def engine_rows(key: str, layers: int, rows: int, tokens: int, device: str, log)
         e = Engine(m, _Tok(), max_batch_size=rows, max_len=tokens + 80, cuda_graph=False)
         if how.startswith("joins"):
             e._packed = e._packed and how == "joins packed"
+            e.pack_tokens_per_part = 0  # (packed whatever it saves: what the row measures)
             for i in range(rows - 1):
                 e.add_request(prompt[i:i + 64], SamplingParams(max_new_tokens=8, ignore_eos=True))
             e.step()
@@ -302,9 +319,55 @@ def engine_rows(key: str, layers: int, rows: int, tokens: int, device: str, log)
         out.append(row)
         log(row)
     del m
-    gc.collect()
-    if on_gpu:
-        torch.cuda.empty_cache()
+    release(on_gpu)
+    return out
+
+
+MIXED = {  # steps where packing may not pay: (decoding rows with 64-token histories, prompts joining at once)
+    "8 prompts 20-60": (0, [20, 27, 33, 38, 44, 49, 55, 60]),
+    "8 prompts 100-800": (0, [100, 190, 280, 370, 460, 550, 640, 800]),
+    "7 dec + 32": (7, [32]),
+    "7 dec + 256": (7, [256]),
+    "7 dec + 2048": (7, [2048]),
+    "4 dec + 4 x 40-70": (4, [40, 50, 60, 70]),
+    "4 dec + 4 x 200-500": (4, [200, 300, 400, 500]),
+    "1 dec + 16": (1, [16]),
+}
+
+
+def mixed_steps(key: str, layers: int, device: str, log) -> list[dict]:
+    """One step of each MIXED case on an 8-row engine: packed (every such step), padded ([rows, T]) and the engine's
+    own choice (Engine._pays_to_pack); best of 5 after a compiling round, the two orders alternated."""
+    from moe.generate import Engine
+    from moe.sampling import SamplingParams
+    cfg, m, on_gpu = random_model(key, layers, device)
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for name, (dec, lens) in MIXED.items():
+        best = {}
+        for how in ("packed", "padded", "engine") * 2:
+            for rep in range(4):
+                e = Engine(m, _Tok(), max_batch_size=8, max_len=max(lens) + 80, cuda_graph=False)
+                e._packed = e._packed and how != "padded"
+                if how == "packed":
+                    e.pack_tokens_per_part = 0
+                for _ in range(dec):
+                    e.add_request(torch.randint(0, cfg.vocab_size, (64,), generator=g).tolist(),
+                                  SamplingParams(max_new_tokens=50, ignore_eos=True))
+                if dec:
+                    e.step()
+                    e.step()
+                for n in lens:
+                    e.add_request(torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist(),
+                                  SamplingParams(max_new_tokens=1, ignore_eos=True))
+                _, t = measured(e.step, on_gpu)
+                if rep:  # (the first round of each compiles)
+                    best[how] = min(best.get(how, float("inf")), t)
+        row = dict(model=key, mode="mixed", case=name, layers=layers, **{f"{h}_ms": v * 1e3 for h, v in best.items()})
+        out.append(row)
+        log(row)
+    del m
+    release(on_gpu)
     return out
 
 
@@ -321,11 +384,14 @@ def main(argv=None) -> int:
     ap.add_argument("--engine-rows", type=int, default=8)
     ap.add_argument("--engine-tokens", type=int, default=2048)
     ap.add_argument("--offload-engine-models", default="", help="models of the offloaded engine case ('' for none)")
+    ap.add_argument("--mixed-models", default="", help="models of the packed / padded mixed steps ('' for none)")
+    ap.add_argument("--mixed-layers", type=int, default=4)
     ap.add_argument("--offload-engine-tokens", type=int, default=4096)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     keys = [k for k in args.models.split(",") if k]
-    for k in keys + [k for k in (args.offload_models + "," + args.offload_engine_models).split(",") if k]:
+    for k in keys + [k for k in ",".join((args.offload_models, args.offload_engine_models, args.mixed_models)).split(",")
+                     if k]:
         if k not in SHAPES:
             ap.error(f"unknown model {k!r}; known: {', '.join(SHAPES)}")
     rows: list[dict] = []
@@ -348,6 +414,15 @@ def main(argv=None) -> int:
             peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
             print(f"{r['model']:9} {r['rows']:>4} {r['tokens']:>6} {r['how']:>12} {r['ms']:>8.2f} {peak:>9}")
 
+    def mixed_table():
+        got = [r for key in [k for k in args.mixed_models.split(",") if k]
+               for r in mixed_steps(key, args.mixed_layers, args.device, log)]
+        rows.extend(got)
+        if got:
+            print(f"\n{'mixed':9} {'case':22} {'packed ms':>9} {'padded ms':>9} {'engine ms':>9}")
+        for r in got:
+            print(f"{r['model']:9} {r['case']:22} {r['packed_ms']:>9.2f} {r['padded_ms']:>9.2f} {r['engine_ms']:>9.2f}")
+
     if args.device == "cpu":  # no allocator statistics: the bound alone, a check of the script
         for key in keys:
             cfg = config(key, args.layers)
@@ -357,6 +432,7 @@ def main(argv=None) -> int:
         for r in rows:
             print(f"{r['model']:9} B={r['B']} L={r['L']:>5} T={r['T']:>5}  bound {r['bound_mib']:9.1f} MiB")
         engine_table()
+        mixed_table()
         return 0
     if not torch.cuda.is_available():
         ap.error("--device cuda needs a CUDA device (use --device cpu for the bound alone)")
@@ -384,6 +460,7 @@ def main(argv=None) -> int:
     for key in [k for k in args.offload_models.split(",") if k]:
         offloaded(key, args.layers, args.offload_tokens, chunks, rows, log)
     engine_table()
+    mixed_table()
     got = []
     for key in [k for k in args.offload_engine_models.split(",") if k]:
         offloaded_engine(key, args.layers, args.engine_rows, args.offload_engine_tokens, got, log)

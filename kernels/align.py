@@ -21,7 +21,6 @@ other two to) for the largest.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -254,9 +253,15 @@ def _parallel_tiles(num_pairs: int, programs: int | None = None) -> int:
 
     Session 9 (run k23, the one-hot counting sort before this one, programs per call swept 64-512):
     sqrt-sized chunks were the best or within 3 us of it from 512 to 65536 tokens on all four shapes.
+
+    Session 32: "about sqrt(pairs)" is 2^ceil(log2(pairs) / 2), which changes only where the pairs pass a power of
+    two (next_pow2(isqrt(pairs)) changed where they passed (2^j + 1)^2, e.g. Qwen3-30B-A3B at 529 tokens), so a
+    serving replica's warm-up (steps of 2^k and 2^k + 1 tokens, moe.generate.warm_up_token_counts) meets every
+    variant of these launches. Not timed on a GPU since; it differs from before only for pairs in (4^j, (2^j + 1)^2).
     """
     p = max(num_pairs, 1)
-    chunk = next_pow2(cdiv(p, programs)) if programs else max(next_pow2(math.isqrt(p)), next_pow2(cdiv(p, MAX_CHUNKS)))
+    root = 1 << (((p - 1).bit_length() + 1) // 2)
+    chunk = next_pow2(cdiv(p, programs)) if programs else max(root, next_pow2(cdiv(p, MAX_CHUNKS)))
     return max(16, min(MAX_CHUNK, chunk))
 
 
@@ -282,12 +287,16 @@ def align_parallel(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int,
     counts = torch.empty(G, e_p2, dtype=torch.int32, device=dev)
     fill = cdiv(S, G)
     warps = 4 if chunk <= 512 else 8
+    # the tiles of the fill and block-map loops from bounds of what they walk (fill <= chunk + block_m (E + 1), bpg
+    # <= chunk / block_m + E + 1), not from fill and bpg themselves: those change at token counts no power of two
+    # marks (the "+ E" of the padded rows), so a serving warm-up's steps (2^k and 2^k + 1 tokens) missed variants of
+    # these launches (session 32; the loops mask what passes their count, so any tile gives the same layout)
     _count[(G,)](ids, counts, sorted_pair, P, E, S, fill, E_P2=e_p2, CHUNK=chunk,
-                 FILL_BLOCK=min(1024, next_pow2(fill)), num_warps=warps)
+                 FILL_BLOCK=min(1024, next_pow2(chunk + block_m * (E + 1))), num_warps=warps)
     _scatter[(G,)](ids, counts, sorted_pair, expert_start, num_padded, block_expert, P, E, G, num_blocks, bpg,
                    BLOCK_M=block_m, E_P2=e_p2, CHUNK=chunk,
                    GC=max(1, min(COUNT_ROWS, next_pow2(G), COUNT_CELLS // e_p2)),
-                   BSUB=max(1, min(next_pow2(bpg), 4096 // e_p2)), num_warps=warps)
+                   BSUB=max(1, min(next_pow2(cdiv(chunk, block_m) + E + 1), 4096 // e_p2)), num_warps=warps)
     return AlignedRouting(sorted_pair, block_expert, num_padded, expert_start, P, K, block_m)
 
 

@@ -21,11 +21,13 @@ instead of fetching logits. Expert-parallel serving (serve/ep_model.py) does, so
 ids back through Ray instead of a vocabulary's logits per row.
 
 Packed steps: where the model takes ``segments`` (``MoEForCausalLM.forward``, a plain KVCache) and
-the rows feed different counts (a prompt beside decoding rows), the step is not padded to [B, T]: the
-fed tokens go one after another as [1, N], one part per run of rows feeding the same count
+the rows feed different counts (a prompt beside decoding rows), the step need not be padded to [B, T]:
+the fed tokens go one after another as [1, N], one part per run of rows feeding the same count
 (``moe.kv_cache.PackedStep``), so a 2048-token prompt joining 7 decoding rows is 2055 tokens of
-attention, norms and projections, not 8 x 2048. Eager steps of one count run rows 0 .. the last
-running one ([1, T] for a lone prompt).
+attention, norms and projections, not 8 x 2048. Each part costs host time a layer, so a step packs
+where it saves enough padding (``Engine._pays_to_pack``) or where the padded step would pass what the
+prefill chunk bounds. Eager steps of one count run rows 0 .. the last running one ([1, T] for a lone
+prompt).
 
 So prefill of newcomers and decoding of the others share one forward, and requests join and
 leave at every step. Chunked prefill (``prefill_chunk``): a step feeds at most that many prompt
@@ -110,6 +112,27 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return best
 
 
+def warm_up_token_counts(lo: int, hi: int, top_k: int | None = None) -> list[int]:
+    """The step token counts in [lo, hi] Engine.warm_up runs: 2^k and 2^k + 1, and with a top-k that is not a power
+    of two also cdiv(2^k, top_k) and that + 1. The experts' kernels change launch constants (their config, the token
+    alignment's) where the token count or the routed pairs (tokens x top-k) pass a power of two, so a step of each
+    such count meets every variant a step of tokens in [lo, hi] can (tested against kernels' own dispatch for the
+    published shapes)."""
+    out = set()
+    for k in range(max(hi, 1).bit_length() + (top_k or 1).bit_length() + 1):  # (pairs reach hi x top-k)
+        out.update((2 ** k, 2 ** k + 1))
+        if top_k and top_k > 1 and top_k & (top_k - 1):
+            out.update((-(-2 ** k // top_k), -(-2 ** k // top_k) + 1))
+    return sorted(n for n in out if lo <= n <= hi)
+
+
+# padded tokens a packed step must save per part beyond its first (Engine._pays_to_pack), by the device's kind: on the
+# H200 a part costs ~0.3-0.6 ms a layer of host time against ~0.3 us a padded token and layer (s32-j, s32-k); on a
+# CPU padding costs far more (the dev machine, the tiny model: a 256-token prompt beside 7 decoding rows 20 ms packed
+# against 36 padded, four 40-70-token prompts beside 4 rows 26 against 21)
+PACK_TOKENS_PER_PART = {"cuda": 2048, "cpu": 256}
+
+
 class Engine:
     """Continuous-batching generation over one model (see the module docstring)."""
 
@@ -141,6 +164,8 @@ class Engine:
         except (TypeError, ValueError):
             self._last_only = False
         self._greedy_next = getattr(model, "greedy_next", None)  # optional: see the module docstring
+        # a mixed step packs when it saves this many padded tokens per extra part (_pays_to_pack; 0: always)
+        self.pack_tokens_per_part = PACK_TOKENS_PER_PART.get(self.device.type, PACK_TOKENS_PER_PART["cuda"])
         try:  # optional too: packed steps (forward(segments=...), moe.kv_cache.PackedStep) on a plain KVCache
             self._packed = (self._last_only and self._greedy_next is None and type(self.cache) is KVCache
                             and "segments" in inspect.signature(model.forward).parameters)
@@ -209,7 +234,8 @@ class Engine:
                 self.step()
                 steps += 1
 
-        lengths = [1] + [n for k in range(1, top.bit_length() + 1) for n in (2 ** k, 2 ** k + 1) if n <= top]
+        top_k = getattr(getattr(self.model, "config", None), "num_experts_per_tok", None)
+        lengths = warm_up_token_counts(1, top, top_k)
         if top not in lengths:
             lengths.append(top)
         if self.prefill_chunk is not None and self.prefill_chunk < top:
@@ -238,8 +264,7 @@ class Engine:
         # fresh replica's first 64-token prompts arriving two and four at once (129-263 tokens a step) compiled the
         # experts' alignment for those counts inside their latency (s32-g)
         if self.prefill_chunk is None and rows > 1:
-            for n in (n for k in range(top.bit_length(), (rows * top).bit_length() + 1) for n in (2 ** k, 2 ** k + 1)
-                      if top < n <= rows * top):
+            for n in warm_up_token_counts(top + 1, rows * top, top_k):
                 sizes = [top] * (-(-n // top) - 1)
                 sizes.append(n - sum(sizes))
                 try:
@@ -380,6 +405,8 @@ class Engine:
             cache = cache.rows_prefix(B)
             if self._packed:
                 segments = self._segments(feeds, B)
+                if segments is not None and not self._pays_to_pack(segments, B, T):
+                    segments = None
         if segments is not None:
             # rows feeding different counts (a prompt's chunk beside decoding rows): packed, each run of rows
             # feeding the same count one part, so the step computes sum(fed) tokens (idle rows one), not B x T
@@ -428,6 +455,23 @@ class Engine:
             req.prefilled = True
             outputs.append(self._advance(req, tok))
         return outputs
+
+    def _pays_to_pack(self, segments: list[tuple[int, int]], B: int, T: int) -> bool:
+        """Whether a step of rows feeding different counts runs packed, not padded to [B, T].
+
+        Packed, attention runs part by part, each part a few more launches a layer on the host (~0.3-0.6 ms a
+        part and layer at Qwen3-30B-A3B widths on the H200 machine: cuDNN attention, projections, q/k/v
+        preparation); padded, every padded token costs projections, norms and attention on the GPU (~0.3 us a token
+        and layer there). So a step packs when it saves at least ``pack_tokens_per_part`` padded tokens per part
+        beyond the first (PACK_TOKENS_PER_PART by device kind; s32-j, s32-k: a 2048-token prompt beside 7 decoding
+        rows 2.6x faster packed, four prompts of 200-500 tokens beside 4 decoding rows 2.1x slower), and always
+        where the padded step would pass the tokens a prefill chunk was chosen to bound (``prefill_chunk`` + B - 1,
+        ``offload.step_activation_bytes``)."""
+        padded = B * T
+        packed = sum(n * t for n, t in segments)
+        if self.prefill_chunk is not None and padded > self.prefill_chunk + B - 1:
+            return True
+        return padded - packed >= self.pack_tokens_per_part * (len(segments) - 1)
 
     @staticmethod
     def _segments(feeds: dict[int, list[int]], B: int) -> list[tuple[int, int]] | None:

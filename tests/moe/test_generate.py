@@ -272,6 +272,7 @@ def test_a_prompt_joining_decoding_rows_is_packed(model, tok):
     sampled = SamplingParams(max_new_tokens=6, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True)
     spy = _Packed(model)
     e = Engine(spy, tok, max_batch_size=4, max_len=64, cuda_graph=False)
+    e.pack_tokens_per_part = 0  # (these prompts save little padding: pack them all the same, _pays_to_pack)
     a = e.add_request(PROMPTS[0], SamplingParams(max_new_tokens=6, ignore_eos=True))
     e.step()
     b = e.add_request(PROMPTS[3], sp)
@@ -293,8 +294,9 @@ def test_a_prompt_joining_decoding_rows_is_packed(model, tok):
     for chunk in (None, 4):
         packed = _Packed(model)
         want = mixed(Engine(model, tok, max_batch_size=3, max_len=128, cuda_graph=False, prefill_chunk=chunk))
-        assert mixed(Engine(packed, tok, max_batch_size=3, max_len=128, cuda_graph=False,
-                            prefill_chunk=chunk)) == want
+        e = Engine(packed, tok, max_batch_size=3, max_len=128, cuda_graph=False, prefill_chunk=chunk)
+        e.pack_tokens_per_part = 0
+        assert mixed(e) == want
         assert any(s is not None and len(s) > 1 for s in packed.segments)
         padded = Engine(model, tok, max_batch_size=3, max_len=128, cuda_graph=False, prefill_chunk=chunk)
         padded._packed = False
@@ -303,6 +305,36 @@ def test_a_prompt_joining_decoding_rows_is_packed(model, tok):
             params = sampled if p == PROMPTS[3] else sp
             ids, text, reason = list(alone(model, tok, p, params).values())[0]
             assert want_one[0] == ids and want_one[2] == reason
+
+
+def test_a_step_packs_where_it_saves_enough_padding_or_the_chunk_needs_it(model, tok):
+    """Engine._pays_to_pack: packing costs host time per part, so a mixed step packs only where it saves at least
+    pack_tokens_per_part padded tokens per part beyond the first, and always where padding would pass the tokens a
+    prefill chunk bounds (chunk + rows - 1); either way the tokens are the same."""
+    e = Engine(model, tok, max_batch_size=8, max_len=4096, cuda_graph=False)
+    assert e.pack_tokens_per_part == 256  # on the CPU (2048 on a GPU, PACK_TOKENS_PER_PART)
+    assert e._pays_to_pack([(7, 1), (1, 256)], 8, 256) and not e._pays_to_pack([(7, 1), (1, 32)], 8, 32)
+    e.pack_tokens_per_part = 2048
+    assert not e._pays_to_pack([(7, 1), (1, 256)], 8, 256)  # saves 1785 < 2048
+    assert e._pays_to_pack([(7, 1), (1, 2048)], 8, 2048)  # saves 14329
+    assert not e._pays_to_pack([(4, 1), (1, 500), (1, 400), (1, 300), (1, 200)], 8, 500)  # 2596 < 4 x 2048
+    e = Engine(model, tok, max_batch_size=8, max_len=4096, cuda_graph=False, prefill_chunk=64)
+    e.pack_tokens_per_part = 2048
+    assert e._pays_to_pack([(7, 1), (1, 64)], 8, 64)  # 8 x 64 padded would pass the 64 + 7 the chunk bounds
+    assert e._pays_to_pack([(1, 1), (1, 64)], 2, 64)  # 2 x 64 padded: past the 64 + 1 bounded, saving only 63
+    assert not e._pays_to_pack([(1, 1), (1, 20)], 2, 20)  # 2 x 20 padded: inside, and it saves 19
+    e.pack_tokens_per_part = 0
+    assert e._pays_to_pack([(1, 1), (1, 20)], 2, 20)
+    spy = _Packed(model)
+    sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    e = Engine(spy, tok, max_batch_size=3, max_len=128, cuda_graph=False)
+    a = e.add_request(PROMPTS[0], sp)
+    first = [t for o in e.step() for t in o.new_token_ids]
+    b = e.add_request(PROMPTS[1], sp)
+    got = run(e, [a, b])
+    assert all(s is None for s in spy.segments)  # a short prompt beside one decoding row: padded
+    assert first + got[a][0] == list(alone(model, tok, PROMPTS[0], sp).values())[0][0]
+    assert got[b] == list(alone(model, tok, PROMPTS[1], sp).values())[0]
 
 
 def test_the_prefill_chunk_is_a_budget_of_a_step_fed_first_come_first_served(model, tok):
@@ -618,7 +650,7 @@ def test_cuda_graph_decode_equals_eager(tok):
                                  (True, False, 4)):
         eng = Engine(m, tok, max_batch_size=2, max_len=96, cuda_graph=graph, prefill_chunk=chunk)
         assert eng._packed
-        eng._packed = packed
+        eng._packed, eng.pack_tokens_per_part = packed, 0  # (short prompts: packed only when told, _pays_to_pack)
         if graph:
             eng._graphs.bucket = 16  # several buckets within one run
         rids = [eng.add_request(p, sp) for p, sp in zip(PROMPTS[:3], params)]
@@ -944,6 +976,100 @@ def test_decode_benchmarks_floors_stand_on_the_fastest_probe(capsys):
     nan = dict(slow, h2d_gbs=float("nan"))  # off a GPU: nothing measured, nothing changed
     mod.rerate_to_fastest_probe([nan], oracle_at)
     assert nan["graph_copy_floor_ms"] == 41.0 and len(calls) == 1
+
+
+def _expert_variants(token_counts, shape, device_name="NVIDIA H200") -> set:
+    """The launch constants the experts' kernels take on a GPU for each token count of a step: the config
+    kernels.launch_config picks (tuned table or default) and the token alignment's launches, read from the kernels' own
+    dispatch (align_tokens) with recording launchers, so no GPU is needed. shape: (experts, top-k, ffn, hidden)."""
+    import kernels.align as A
+    from kernels.launch_config import _pick_config
+    E, K, ffn, hidden = shape
+    out, seen = set(), []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: seen.append((self.name, tuple(sorted(kw.items()))))
+
+    saved = A._align, A._count, A._scatter
+    A._align, A._count, A._scatter = Recorder("align"), Recorder("count"), Recorder("scatter")
+    try:
+        for n in sorted(set(token_counts)):
+            cfg = _pick_config(n, K, E, ffn, hidden, device_name, False)
+            seen.clear()
+            A.align_tokens(torch.zeros(n, K, dtype=torch.int32), E, cfg.block_m)
+            out.add((repr(cfg), tuple(seen)))
+    finally:
+        A._align, A._count, A._scatter = saved
+    return out
+
+
+# the published shapes (experts, top-k, ffn, hidden) and the default model's
+SHAPES = {"default": (8, 2, 128, 256), "mixtral": (8, 2, 14336, 4096), "qwen3": (128, 8, 768, 2048),
+          "olmoe": (64, 8, 1024, 2048), "dsv2lite": (64, 6, 1408, 2048), "qwen2moe": (60, 4, 1408, 2048)}
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_the_warm_up_token_counts_meet_every_expert_kernel_variant(name):
+    """moe.generate.warm_up_token_counts (the step sizes Engine.warm_up runs): every launch variant of the experts'
+    kernels that a step of 1..3072 tokens takes on an H200 is taken by one of them (DeepSeek-V2-Lite's top-6
+    included). Before session 32 the parallel alignment's chunk changed at (2^j + 1)^2 pairs, which no step size
+    of the warm-up met (Qwen3-30B-A3B at 137-144 and 529-672 tokens)."""
+    from moe.generate import warm_up_token_counts
+    E, K, _, _ = shape = SHAPES[name]
+    for hi in (65, 130, 520, 1536, 3072):  # a warm-up reaches some count: the variants up to it, by steps up to it
+        everything = _expert_variants(range(1, hi + 1), shape)
+        assert everything == _expert_variants(warm_up_token_counts(1, hi, K), shape), hi
+    assert len(everything) >= 8
+
+
+def test_warm_up_meets_every_expert_kernel_variant_of_staggered_traffic(model, tok):
+    """A replica's first requests arriving a few at a time (some steps one prompt beside decoding rows, some several
+    prompts at once) must not compile a kernel inside their latency: every launch variant of the experts' kernels
+    their steps take on a GPU (the token alignment's constants and the GEMM config, which follow a step's token
+    count) was taken by a step of Engine.warm_up. A fresh replica's first such requests compiled two alignment
+    variants when the warm-up's steps stopped at the longest prompt (s32-g, BENCHMARKS 8e). Checked for the
+    default model's shape, Qwen3-30B-A3B's (its tuned H200 table) and Mixtral-8x7B's; and the check finds what a
+    warm-up to 9-token prompts misses."""
+    from moe.layers import Experts
+    counts = []
+    forward = Experts.forward
+
+    def spy(self, x_TD, ids, w):
+        counts.append(x_TD.shape[0])
+        return forward(self, x_TD, ids, w)
+
+    def traffic(max_prompt, seed):
+        e = Engine(model, tok, max_batch_size=8, max_len=136, cuda_graph=False)
+        e.pack_tokens_per_part = 2048  # a GPU's choice of when to pack
+        counts.clear()
+        e.warm_up(max_prompt=max_prompt)
+        warm = list(counts)
+        counts.clear()
+        rng = np.random.default_rng(seed)
+        pending = [rng.integers(3, 400, n).tolist() for n in [64] * 16 + rng.integers(1, 66, 8).tolist()]
+        while pending or e.has_unfinished():
+            for _ in range(int(rng.choice([0, 0, 1, 1, 2, 3]))):
+                if pending:
+                    e.add_request(pending.pop(), SamplingParams(max_new_tokens=int(rng.integers(2, 40)), ignore_eos=True))
+            e.step()
+        return warm, list(counts)
+
+    Experts.forward = spy
+    try:
+        runs = [traffic(65, seed) for seed in (0, 1)]
+        short = traffic(9, 0)
+    finally:
+        Experts.forward = forward
+    shapes = [SHAPES[k] for k in ("default", "qwen3", "mixtral", "olmoe")]
+    for warm, seen in runs:
+        assert max(seen) > 65  # steps of several prompts, past the longest one
+        for shape in shapes:
+            assert _expert_variants(seen, shape) <= _expert_variants(warm, shape), shape
+    assert not _expert_variants(short[1], shapes[0]) <= _expert_variants(short[0], shapes[0])
 
 
 def test_warm_up_leaves_the_engine_as_new(model, tok):

@@ -186,6 +186,23 @@ def test_batched_engine_generation_is_unchanged_with_attention_prefetch(driver):
     m = offloaded(model, slots_per_layer=2, policy="lru", prefetch="attention", driver=driver)
     assert moe.generate(m, tok, prompts, params, max_batch_size=3) == want  # 4 requests, 3 rows: one waits
     assert m.offload_cache.stats()["prefetches"] > 0
+    # the same with every step of rows feeding different counts packed (PackedStep in the attention mask's place:
+    # the router's hook keeps it, and the guess's attention runs part by part on the rows' cache views)
+    e = moe.Engine(m, tok, max_batch_size=3, max_len=64, cuda_graph=False)
+    e.pack_tokens_per_part = 0
+    rids = [e.add_request(p, q) for p, q in zip(prompts, params)]
+    texts, packed = dict.fromkeys(rids, ""), []
+    forward = m.forward
+
+    def spy(*a, segments=None, **kw):
+        packed.append(segments is not None)
+        return forward(*a, segments=segments, **kw)
+    m.forward = spy
+    e._packed = True
+    while e.has_unfinished():
+        for o in e.step():
+            texts[o.request_id] += o.new_text
+    assert any(packed) and list(texts.values()) == want
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"])
