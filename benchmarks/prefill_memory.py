@@ -335,7 +335,7 @@ MIXED = {  # steps where packing may not pay: (decoding rows with 64-token histo
 }
 
 
-def mixed_steps(key: str, layers: int, device: str, log) -> list[dict]:
+def mixed_steps(key: str, layers: int, device: str, log, cases: list[str] | None = None) -> list[dict]:
     """One step of each MIXED case on an 8-row engine: packed (every such step), padded ([rows, T]) and the engine's
     own choice (Engine._pays_to_pack); best of 5 after a compiling round, the two orders alternated."""
     from moe.generate import Engine
@@ -344,6 +344,8 @@ def mixed_steps(key: str, layers: int, device: str, log) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     out = []
     for name, (dec, lens) in MIXED.items():
+        if cases is not None and name not in cases:
+            continue
         best = {}
         for how in ("packed", "padded", "engine") * 2:
             for rep in range(4):
@@ -386,6 +388,7 @@ def main(argv=None) -> int:
     ap.add_argument("--offload-engine-models", default="", help="models of the offloaded engine case ('' for none)")
     ap.add_argument("--mixed-models", default="", help="models of the packed / padded mixed steps ('' for none)")
     ap.add_argument("--mixed-layers", type=int, default=4)
+    ap.add_argument("--mixed-cases", default="", help="';'-separated names of MIXED cases (default: all)")
     ap.add_argument("--offload-engine-tokens", type=int, default=4096)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -394,6 +397,9 @@ def main(argv=None) -> int:
                      if k]:
         if k not in SHAPES:
             ap.error(f"unknown model {k!r}; known: {', '.join(SHAPES)}")
+    for c in [c for c in args.mixed_cases.split(";") if c]:
+        if c not in MIXED:
+            ap.error(f"unknown mixed case {c!r}; known: {'; '.join(MIXED)}")
     rows: list[dict] = []
 
     def log(row):
@@ -416,7 +422,8 @@ def main(argv=None) -> int:
 
     def mixed_table():
         got = [r for key in [k for k in args.mixed_models.split(",") if k]
-               for r in mixed_steps(key, args.mixed_layers, args.device, log)]
+               for r in mixed_steps(key, args.mixed_layers, args.device, log,
+                                    [c for c in args.mixed_cases.split(";") if c] or None)]
         rows.extend(got)
         if got:
             print(f"\n{'mixed':9} {'case':22} {'packed ms':>9} {'padded ms':>9} {'engine ms':>9}")

@@ -400,7 +400,7 @@ class Engine:
         if T > 1 and type(cache) is KVCache:  # (a subclass may record what it is given: left whole)
             # an eager step runs the rows up to the last running one, not every row of the cache: rows are taken
             # lowest first, so a lone request's prefill is [1, T], not [B, T] of padding (attention, norms and
-            # projections run every padded token; the bound on a prefill's activations still counts B rows)
+            # projections run every padded token); rows feeding different counts pack where that pays
             B = max(feeds) + 1
             cache = cache.rows_prefix(B)
             if self._packed:
