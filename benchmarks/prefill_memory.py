@@ -154,18 +154,25 @@ def copy_rate() -> float:
     return src.numel() / best
 
 
-def offloaded(key: str, layers: int, tokens: int, chunks: list[int], rows_out: list, log) -> None:
+def offloaded_model(key: str, layers: int):
+    """(config, the model of ``layers`` layers under apply_offload: device driver, LFU, a quarter of each layer's
+    experts cached, the default reserve; the floor in seconds: every uncached expert copied once at the link rate
+    measured here (a 256 MiB pinned copy), bytes/s of that rate)."""
     from offload import OffloadConfig, apply_offload
     cfg = config(key, layers)
     m = MoEForCausalLM(cfg, backend="triton", dtype=torch.bfloat16, device="cuda")
     m.init_weights(seed=0)  # on the GPU (seconds on the CPU at these sizes), then to host memory for apply_offload
     m = m.to("cpu")
     torch.cuda.empty_cache()
-    E = cfg.num_experts
-    slots = max(cfg.num_experts_per_tok, E // 4)
+    slots = max(cfg.num_experts_per_tok, cfg.num_experts // 4)
     m = apply_offload(m.eval(), OffloadConfig(slots_per_layer=slots, driver="device", policy="lfu"))
-    expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 2
     rate = copy_rate()
+    expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 2
+    return cfg, m, layers * (cfg.num_experts - slots) * expert_bytes / rate, rate
+
+
+def offloaded(key: str, layers: int, tokens: int, chunks: list[int], rows_out: list, log) -> None:
+    cfg, m, floor, rate = offloaded_model(key, layers)
     ids = torch.randint(0, cfg.vocab_size, (1, tokens), device="cuda")
     for chunk in [tokens] + [c for c in chunks if c < tokens]:
         cache = m.new_cache(1, tokens + 1)
@@ -182,7 +189,6 @@ def offloaded(key: str, layers: int, tokens: int, chunks: list[int], rows_out: l
                 best_t, peak = min(best_t, t), max(peak, p)
         del cache
         n_chunks = -(-tokens // chunk)
-        floor = layers * (E - slots) * expert_bytes / rate
         row = dict(model=key, mode="offloaded", tokens=tokens, chunk=chunk, chunks=n_chunks, ms=best_t * 1e3,
                    floor_ms=floor * 1e3, peak_mib=peak / 2 ** 20,
                    bound_mib=prefill_activation_bytes(cfg, 1, chunk, tokens + 1, torch.bfloat16) / 2 ** 20,
@@ -190,8 +196,7 @@ def offloaded(key: str, layers: int, tokens: int, chunks: list[int], rows_out: l
         rows_out.append(row)
         log(row)
     del m
-    gc.collect()
-    torch.cuda.empty_cache()
+    release(True)
 
 
 class _Tok:  # the engine needs ids only: no tokenizer files for random weights
@@ -217,17 +222,9 @@ def offloaded_engine(key: str, layers: int, rows: int, tokens: int, rows_out: li
     meanwhile."""
     from moe.generate import Engine
     from moe.sampling import SamplingParams
-    from offload import OffloadConfig, apply_offload, auto_prefill_chunk
-    cfg = config(key, layers)
-    m = MoEForCausalLM(cfg, backend="triton", dtype=torch.bfloat16, device="cuda")
-    m.init_weights(seed=0)
-    m = m.to("cpu")
-    torch.cuda.empty_cache()
-    slots = max(cfg.num_experts_per_tok, cfg.num_experts // 4)
-    m = apply_offload(m.eval(), OffloadConfig(slots_per_layer=slots, driver="device", policy="lfu"))
+    from offload import auto_prefill_chunk
+    cfg, m, floor, _ = offloaded_model(key, layers)
     max_len = tokens + 128
-    # floor: every uncached expert copied once (as offloaded()'s), at the link rate measured here
-    floor = layers * (cfg.num_experts - slots) * 3 * cfg.hidden_size * cfg.moe_intermediate_size * 2 / copy_rate()
     new = auto_prefill_chunk(m, rows, max_len)
     old = per_row_chunk(cfg, m.offload_config.reserve_bytes, rows, max_len)
     prompt = torch.randint(0, cfg.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -256,8 +253,7 @@ def offloaded_engine(key: str, layers: int, rows: int, tokens: int, rows_out: li
         rows_out.append(row)
         log(row)
     del m
-    gc.collect()
-    torch.cuda.empty_cache()
+    release(True)
 
 
 def random_model(key: str, layers: int, device: str):
@@ -444,10 +440,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         ap.error("--device cuda needs a CUDA device (use --device cpu for the bound alone)")
     for key in keys:
-        cfg = config(key, args.layers)
-        m = MoEForCausalLM(cfg, backend="triton", dtype=torch.bfloat16, device="cuda")
-        m.init_weights(seed=0)
-        m.eval()
+        cfg, m, _ = random_model(key, args.layers, "cuda")
         for B, L, T in GRID:
             peak, secs = peak_forward(m, B, L, T, "cuda")
             bound = prefill_activation_bytes(cfg, B, T, L + T, torch.bfloat16)
@@ -456,8 +449,7 @@ def main(argv=None) -> int:
             rows.append(row)
             log(row)
         del m
-        gc.collect()
-        torch.cuda.empty_cache()
+        release(True)
         if "transformers" in args.peers:
             for (B, T), hf in peaks_transformers(key, args.layers, [(B, T) for B, L, T in GRID if L == 0], log).items():
                 row = dict(model=key, mode="transformers", B=B, L=0, T=T, peak_mib=hf / 2 ** 20)

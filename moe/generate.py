@@ -410,31 +410,28 @@ class Engine:
         if segments is not None:
             # rows feeding different counts (a prompt's chunk beside decoding rows): packed, each run of rows
             # feeding the same count one part, so the step computes sum(fed) tokens (idle rows one), not B x T
-            ids, valid, counts = [], [], [t for n, t in segments for _ in range(n)]
-            for b, t in enumerate(counts):
+            ids, valid = [], []
+            for b, t in enumerate(t for n, t in segments for _ in range(n)):
                 f = feeds.get(b, [0])
                 ids += f + [0] * (t - len(f))
                 valid += [b in feeds] * len(f) + [False] * (t - len(f))
-            input_BT = torch.tensor([ids], dtype=torch.long).to(self.device)
-            valid_BT = torch.tensor([valid], dtype=torch.bool).to(self.device)
-            rows = torch.tensor([r.row for r in sampling], dtype=torch.long, device=self.device)
-            logits_RV = self.model(input_BT, cache=self.cache, valid_BT=valid_BT, last_only=True,
-                                   segments=segments)[rows, 0]
-            tokens = sample_tokens(logits_RV, [r.params for r in sampling], [r.generator for r in sampling]) \
-                if sampling else []
-            return self._finish_step(outputs, running, sampling, feeds, tokens)
-        # the batch built as lists and made a tensor once (a tensor per row cost ~5 us a row)
-        ids, valid = [[0] * T for _ in range(B)], [[False] * T for _ in range(B)]
-        for b, f in feeds.items():
-            ids[b][:len(f)] = f
-            valid[b][:len(f)] = [True] * len(f)
+            ids, valid = [ids], [valid]
+        else:
+            # the batch built as lists and made a tensor once (a tensor per row cost ~5 us a row)
+            ids, valid = [[0] * T for _ in range(B)], [[False] * T for _ in range(B)]
+            for b, f in feeds.items():
+                ids[b][:len(f)] = f
+                valid[b][:len(f)] = [True] * len(f)
         input_BT = torch.tensor(ids, dtype=torch.long).to(self.device)
         valid_BT = torch.tensor(valid, dtype=torch.bool).to(self.device)
         rows = torch.tensor([r.row for r in sampling], dtype=torch.long, device=self.device)
         # a pure decode step replays a CUDA graph where one is available; else the model runs eagerly
         logits_RV = self._graph_step(input_BT, valid_BT, rows, running) if T == 1 else None
         tokens = None
-        if logits_RV is None and self._greedy_next is not None and all(r.params.greedy for r in sampling):
+        if segments is not None:  # (a packed model takes last_only and has no greedy_next)
+            logits_RV = self.model(input_BT, cache=self.cache, valid_BT=valid_BT, last_only=True,
+                                   segments=segments)[rows, 0]
+        elif logits_RV is None and self._greedy_next is not None and all(r.params.greedy for r in sampling):
             tokens = self._greedy_next(input_BT, cache, valid_BT)[rows].tolist()
         elif logits_RV is None and self._last_only:
             # the model projects only each row's last valid token onto the vocabulary
@@ -446,9 +443,6 @@ class Engine:
         if tokens is None:
             tokens = sample_tokens(logits_RV, [r.params for r in sampling], [r.generator for r in sampling]) \
                 if sampling else []
-        return self._finish_step(outputs, running, sampling, feeds, tokens)
-
-    def _finish_step(self, outputs, running, sampling, feeds, tokens) -> list[RequestOutput]:
         for req in running:
             req.cached += len(feeds.get(req.row, ()))
         for req, tok in zip(sampling, tokens):

@@ -127,32 +127,26 @@ class TraceRecorder:
                 raise ValueError(f"set_batch got {req_B.shape[0]} request ids for a batch of {B} rows")
             if pos_BS is None:
                 pos_BS = np.broadcast_to(np.arange(S), (B, S))
+            req_N, pos_N = np.repeat(req_B, S), np.asarray(pos_BS).reshape(-1)
         elif cache is not None and hasattr(cache, "lengths"):
             lengths = cache.lengths.detach().cpu().long().numpy()
-            segments = kwargs.get("segments")
-            # a packed step (segments=[(rows, T), ...], input [1, N]): its tokens labelled by their cache rows
-            row_N, pos_N = (None, None) if segments is None else _packed_rows(segments, lengths)
-            rows = range(B) if segments is None else range(int(row_N.max()) + 1 if len(row_N) else 0)
-            req_R = np.empty(len(rows), dtype=np.int64)
+            # each token's cache row and position: a packed step (segments=[(rows, T), ...], input [1, N]) by its
+            # parts, a plain one as the one part [(B, S)]
+            row_N, pos_N = _packed_rows(kwargs.get("segments") or [(B, S)], lengths)
+            req_R = np.empty(int(row_N.max()) + 1 if len(row_N) else 0, dtype=np.int64)
             # a row view (KVCache.rows_range, the engine's eager steps) keys its rows by the cache that owns them
             owner, first = cache.row_origin() if hasattr(cache, "row_origin") else (cache, 0)
-            for b in rows:
+            for b in range(len(req_R)):
                 key = (id(owner), first + b)
                 if lengths[b] == 0 or key not in self._row_request:
                     self._row_request[key] = self._new_request()
                 req_R[b] = self._row_request[key]
-            if segments is None:
-                req_B, pos_BS = req_R, lengths[:, None] + np.arange(S)[None, :]
-            else:
-                req_B, pos_BS = None, pos_N
-                req_N = req_R[row_N]
+            req_N = req_R[row_N]
         else:
-            req_B = np.array([self._new_request() for _ in range(B)], dtype=np.int64)
-            pos_BS = np.broadcast_to(np.arange(S), (B, S))
-        v = valid_BS.numpy()
-        self._pending = dict(B=B, S=S, valid=v.reshape(-1),
-                             req=req_N if req_B is None else np.broadcast_to(req_B[:, None], (B, S)).reshape(-1),
-                             pos=np.asarray(pos_BS).reshape(-1), tok=ids_BS.numpy().reshape(-1))
+            req_N = np.repeat(np.array([self._new_request() for _ in range(B)], dtype=np.int64), S)
+            pos_N = np.tile(np.arange(S), B)
+        self._pending = dict(B=B, S=S, valid=valid_BS.numpy().reshape(-1), req=req_N, pos=pos_N,
+                             tok=ids_BS.numpy().reshape(-1))
 
     def _router_hook(self, layer: int):
         def hook(module, args, output):
