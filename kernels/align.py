@@ -21,6 +21,7 @@ other two to) for the largest.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -257,12 +258,45 @@ def _parallel_tiles(num_pairs: int, programs: int | None = None) -> int:
     Session 32: "about sqrt(pairs)" is 2^ceil(log2(pairs) / 2), which changes only where the pairs pass a power of
     two (next_pow2(isqrt(pairs)) changed where they passed (2^j + 1)^2, e.g. Qwen3-30B-A3B at 529 tokens), so a
     serving replica's warm-up (steps of 2^k and 2^k + 1 tokens, moe.generate.warm_up_token_counts) meets every
-    variant of these launches. Not timed on a GPU since; it differs from before only for pairs in (4^j, (2^j + 1)^2).
+    variant of these launches. It differs from before only for pairs in (4^j, (2^j + 1)^2); on the H200 (s33-a, the
+    alignment alone, with _loop_tiles' first bounds) Mixtral's calls were within 4% of before either way.
     """
     p = max(num_pairs, 1)
     root = 1 << (((p - 1).bit_length() + 1) // 2)
     chunk = next_pow2(cdiv(p, programs)) if programs else max(root, next_pow2(cdiv(p, MAX_CHUNKS)))
     return max(16, min(MAX_CHUNK, chunk))
+
+
+@functools.lru_cache(maxsize=1024)
+def _fewest_chunks(chunk: int, e_p2: int) -> int:
+    """The fewest chunks (programs) of any pair count that align_tokens sorts in parallel with this chunk: the count
+    at the smallest such pair count (both rules of _parallel_tiles grow with the pairs, so a binary search finds
+    where this chunk starts; align_tokens sorts only past SINGLE_ALIGN_MAX_WORK pairs x experts in parallel)."""
+    lo, hi = 1, MAX_CHUNK * MAX_CHUNKS * 4
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if _parallel_tiles(mid) < chunk else (lo, mid)
+    return cdiv(max(lo, SINGLE_ALIGN_MAX_WORK // e_p2 + 1), chunk)
+
+
+@functools.lru_cache(maxsize=1024)
+def _loop_tiles(chunk: int, num_experts: int, block_m: int) -> tuple[int, int]:
+    """(FILL_BLOCK, BSUB): the tiles of the padding fill and the block-map loops of align_parallel, from bounds on
+    what one program walks over every pair count that has this chunk, so they change only with (chunk, experts,
+    block rows). From the walks themselves they changed at token counts that no power of two marks (the padded
+    rows' "+ E"), and a serving warm-up's steps (2^k and 2^k + 1 tokens) missed variants of these launches
+    (session 32). With G >= g_min programs of at most ``chunk`` pairs each:
+        fill = cdiv(S, G) <= chunk + block_m (E + 1) / g_min + 1      (S <= P + block_m - 1 + block_m E)
+        bpg  = cdiv(S / block_m, G) <= chunk / block_m + (E + 1) / g_min + 1
+    Session 32's first bounds took G >= 1: up to 8x wider tiles than the walks, 4-19% slower alignment on
+    the fine-grained shapes (H200, s33-a). These take the fewest chunks a chunk size can have, which gives
+    the tiles of the walks themselves at the token counts of BENCHMARKS 1 (the loops mask what passes their
+    count, so any tile gives the same layout)."""
+    e_p2 = next_pow2(max(num_experts, 2))
+    g_min = _fewest_chunks(chunk, e_p2)
+    fill = chunk + cdiv(block_m * (num_experts + 1), g_min) + 1
+    bpg = cdiv(chunk, block_m) + cdiv(num_experts + 1, g_min) + 1
+    return min(1024, next_pow2(fill)), max(1, min(next_pow2(bpg), 4096 // e_p2))
 
 
 def align_parallel(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int,
@@ -287,16 +321,13 @@ def align_parallel(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int,
     counts = torch.empty(G, e_p2, dtype=torch.int32, device=dev)
     fill = cdiv(S, G)
     warps = 4 if chunk <= 512 else 8
-    # the tiles of the fill and block-map loops from bounds of what they walk (fill <= chunk + block_m (E + 1), bpg
-    # <= chunk / block_m + E + 1), not from fill and bpg themselves: those change at token counts no power of two
-    # marks (the "+ E" of the padded rows), so a serving warm-up's steps (2^k and 2^k + 1 tokens) missed variants of
-    # these launches (session 32; the loops mask what passes their count, so any tile gives the same layout)
-    _count[(G,)](ids, counts, sorted_pair, P, E, S, fill, E_P2=e_p2, CHUNK=chunk,
-                 FILL_BLOCK=min(1024, next_pow2(chunk + block_m * (E + 1))), num_warps=warps)
+    fill_block, bsub = _loop_tiles(chunk, E, block_m) if programs is None else (
+        min(1024, next_pow2(fill)), max(1, min(next_pow2(bpg), 4096 // e_p2)))
+    _count[(G,)](ids, counts, sorted_pair, P, E, S, fill, E_P2=e_p2, CHUNK=chunk, FILL_BLOCK=fill_block,
+                 num_warps=warps)
     _scatter[(G,)](ids, counts, sorted_pair, expert_start, num_padded, block_expert, P, E, G, num_blocks, bpg,
                    BLOCK_M=block_m, E_P2=e_p2, CHUNK=chunk,
-                   GC=max(1, min(COUNT_ROWS, next_pow2(G), COUNT_CELLS // e_p2)),
-                   BSUB=max(1, min(next_pow2(cdiv(chunk, block_m) + E + 1), 4096 // e_p2)), num_warps=warps)
+                   GC=max(1, min(COUNT_ROWS, next_pow2(G), COUNT_CELLS // e_p2)), BSUB=bsub, num_warps=warps)
     return AlignedRouting(sorted_pair, block_expert, num_padded, expert_start, P, K, block_m)
 
 
