@@ -35,8 +35,9 @@ per-row chunk it picked before (rows x chunk tokens inside the reserve): seconds
 copied once), and the decoding rows' tokens per second meanwhile.
 
 Mixed steps (``--mixed-models``): one step of each MIXED case (prompts joining decoding rows, or arriving together,
-on an 8-row engine of ``--mixed-layers`` layers) packed, padded, and as the engine chooses (``Engine._pays_to_pack``:
-packing costs host time per part, padding GPU time per padded token).
+on an 8-row engine of ``--mixed-layers`` layers) packed (attention over the step in one launch where the model can:
+kernels.packed_attention), packed with attention part by part, padded, and as the engine chooses
+(``Engine._pays_to_pack``: a part attended on its own costs host time, padding GPU time per padded token).
 """
 from __future__ import annotations
 
@@ -332,8 +333,11 @@ MIXED = {  # steps where packing may not pay: (decoding rows with 64-token histo
 
 
 def mixed_steps(key: str, layers: int, device: str, log, cases: list[str] | None = None) -> list[dict]:
-    """One step of each MIXED case on an 8-row engine: packed (every such step), padded ([rows, T]) and the engine's
-    own choice (Engine._pays_to_pack); best of 5 after a compiling round, the two orders alternated."""
+    """One step of each MIXED case on an 8-row engine: packed (every such step; attention over the step in one
+    launch where the model can, kernels.packed_attention), packed with attention part by part ("parts":
+    PACKED_ATTENTION 'never', session 32's packed step), padded ([rows, T]) and the engine's own choice
+    (Engine._pays_to_pack); best of 5 after a compiling round, the orders alternated."""
+    import moe.attention as attention
     from moe.generate import Engine
     from moe.sampling import SamplingParams
     cfg, m, on_gpu = random_model(key, layers, device)
@@ -343,11 +347,12 @@ def mixed_steps(key: str, layers: int, device: str, log, cases: list[str] | None
         if cases is not None and name not in cases:
             continue
         best = {}
-        for how in ("packed", "padded", "engine") * 2:
+        for how in ("packed", "parts", "padded", "engine") * 2:
+            attention.PACKED_ATTENTION = "never" if how == "parts" else "auto"
             for rep in range(4):
                 e = Engine(m, _Tok(), max_batch_size=8, max_len=max(lens) + 80, cuda_graph=False)
                 e._packed = e._packed and how != "padded"
-                if how == "packed":
+                if how in ("packed", "parts"):
                     e.pack_tokens_per_part = 0
                 for _ in range(dec):
                     e.add_request(torch.randint(0, cfg.vocab_size, (64,), generator=g).tolist(),
@@ -361,6 +366,7 @@ def mixed_steps(key: str, layers: int, device: str, log, cases: list[str] | None
                 _, t = measured(e.step, on_gpu)
                 if rep:  # (the first round of each compiles)
                     best[how] = min(best.get(how, float("inf")), t)
+        attention.PACKED_ATTENTION = "auto"
         row = dict(model=key, mode="mixed", case=name, layers=layers, **{f"{h}_ms": v * 1e3 for h, v in best.items()})
         out.append(row)
         log(row)
@@ -422,9 +428,10 @@ def main(argv=None) -> int:
                                     [c for c in args.mixed_cases.split(";") if c] or None)]
         rows.extend(got)
         if got:
-            print(f"\n{'mixed':9} {'case':22} {'packed ms':>9} {'padded ms':>9} {'engine ms':>9}")
+            print(f"\n{'mixed':9} {'case':22} {'packed ms':>9} {'parts ms':>9} {'padded ms':>9} {'engine ms':>9}")
         for r in got:
-            print(f"{r['model']:9} {r['case']:22} {r['packed_ms']:>9.2f} {r['padded_ms']:>9.2f} {r['engine_ms']:>9.2f}")
+            print(f"{r['model']:9} {r['case']:22} {r['packed_ms']:>9.2f} {r['parts_ms']:>9.2f} {r['padded_ms']:>9.2f} "
+                  f"{r['engine_ms']:>9.2f}")
 
     if args.device == "cpu":  # no allocator statistics: the bound alone, a check of the script
         for key in keys:

@@ -59,10 +59,12 @@ def _head(row, w_ptr, offs, mask, d, eps, c, s, NORM: tl.constexpr, DT: tl.const
     return _rope_half(x1, x2, c, s, DT)
 
 
-@triton.jit
-def _prep_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr,
+# T: the step's tokens (a packed step's N), not specialised (Triton would compile a variant each for T = 1 and for T a
+# multiple of 16, which a serving replica's first steps met after its warm-up, s33-b)
+@triton.jit(do_not_specialize=["T"])
+def _prep_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr, row_ptr,
                  T, H, G, d, eps, s_qt, s_kt, s_vt, s_ct, s_kcb, s_kcg, s_kcs, s_vcb, s_vcg, s_vcs,
-                 NORM: tl.constexpr, BLOCK: tl.constexpr):
+                 NORM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     bt = tl.program_id(0).to(tl.int64)  # token (b, t) = (bt // T, bt % T)
     h = tl.program_id(1)
     DT = qo_ptr.dtype.element_ty
@@ -81,6 +83,8 @@ def _prep_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, qo_ptr, 
     else:
         g = h - H
         slot = tl.load(slot_ptr + bt).to(tl.int64)
+        if ROWS:  # a packed step: each token's own cache row
+            b = tl.load(row_ptr + bt).to(tl.int64)
         o1, o2 = _head(k_ptr + bt * s_kt + g * d, kw_ptr, offs, mask, d, eps, c, s, NORM, DT)
         kc = kc_ptr + b * s_kcb + g * s_kcg + slot * s_kcs
         tl.store(kc + offs, o1.to(kc_ptr.dtype.element_ty), mask=mask)
@@ -153,7 +157,36 @@ def prepare_qkv(q_BTX, k_BTY, v_BTY, cos_BTr, sin_BTr, q_weight, k_weight, eps, 
     norm = q_weight is not None
     if B * T:
         _prep[(B * T, H + G)](
-            q, k, v, cos, sin, q_weight if norm else q, k_weight if norm else q, out, k_cache, v_cache, slots,
+            q, k, v, cos, sin, q_weight if norm else q, k_weight if norm else q, out, k_cache, v_cache, slots, slots,
             T, H, G, d, eps, q.stride(1), k.stride(1), v.stride(1), cos.stride(1),
-            *k_cache.stride()[:3], *v_cache.stride()[:3], NORM=norm, **_launch(d))
+            *k_cache.stride()[:3], *v_cache.stride()[:3], NORM=norm, ROWS=False, **_launch(d))
     return out
+
+
+def prepare_qkv_rows(q_NX, k_NY, v_NY, cos_Nr, sin_Nr, q_weight, k_weight, eps, k_cache, v_cache, row_N, slot_N,
+                     num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """prepare_qkv for a packed step's tokens (moe.kv_cache.PackedStep): token n's keys and values go to cache row
+    row_N[n] at slot slot_N[n]; returns q [H, N, d]. q/k/v: [N, H*d] / [N, G*d]; cos/sin [N, d/2]; caches
+    [rows, G, S, d]."""
+    N, X = q_NX.shape
+    H, G = num_heads, num_kv_heads
+    d = X // H
+    if X != H * d or d % 2 or k_NY.shape != (N, G * d) or v_NY.shape != (N, G * d):
+        raise ValueError(f"q {tuple(q_NX.shape)}, k {tuple(k_NY.shape)}, v {tuple(v_NY.shape)} do not split into "
+                         f"{H} query and {G} key/value heads of one even size")
+    if cos_Nr.shape != (N, d // 2) or sin_Nr.shape != cos_Nr.shape or row_N.shape != (N,) or slot_N.shape != (N,):
+        raise ValueError(f"cos/sin must be [{N}, {d // 2}] and rows/slots [{N}], got {tuple(cos_Nr.shape)}, "
+                         f"{tuple(row_N.shape)}, {tuple(slot_N.shape)}")
+    if (q_weight is None) != (k_weight is None):
+        raise ValueError("give both q and k norm weights or neither")
+    if k_cache.shape[1] != G or k_cache.shape[3] != d or v_cache.shape != k_cache.shape:
+        raise ValueError(f"caches must be [rows, {G}, S, {d}], got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    q, k, v, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_NX, k_NY, v_NY, cos_Nr, sin_Nr))
+    out = torch.empty(1, H, N, d, dtype=q.dtype, device=q.device)
+    norm = q_weight is not None
+    if N:
+        _prep[(N, H + G)](
+            q, k, v, cos, sin, q_weight if norm else q, k_weight if norm else q, out, k_cache, v_cache,
+            slot_N.contiguous(), row_N.contiguous(), N, H, G, d, eps, q.stride(0), k.stride(0), v.stride(0),
+            cos.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], NORM=norm, ROWS=True, **_launch(d))
+    return out[0]

@@ -34,6 +34,14 @@ DECODE_ATTENTION = os.environ.get("MOEFLOW_DECODE_ATTENTION", "triton")
 if DECODE_ATTENTION not in ("triton", "sdpa"):
     raise ValueError(f"MOEFLOW_DECODE_ATTENTION must be 'triton' or 'sdpa', got {DECODE_ATTENTION!r}")
 
+# how a packed step (PackedStep: rows feeding different token counts) attends: "auto" = in one launch over the
+# whole step where every attention module can (kernels.packed_attention: grouped-query attention at inference on
+# CUDA, a cache of the activations' dtype), else part by part; "always" = the one launch off CUDA too (the Triton
+# interpreter: tests); "never" = part by part (each part a [rows, T] call of its own; benchmarks time both).
+PACKED_ATTENTION = os.environ.get("MOEFLOW_PACKED_ATTENTION", "auto")
+if PACKED_ATTENTION not in ("auto", "always", "never"):
+    raise ValueError(f"MOEFLOW_PACKED_ATTENTION must be 'auto', 'always' or 'never', got {PACKED_ATTENTION!r}")
+
 
 def attend(q_BHTd: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: torch.Tensor, mask_B1TS: torch.Tensor,
            scale: float) -> torch.Tensor:
@@ -89,9 +97,46 @@ class Attention(nn.Module):
                 and cache.dtype == q.dtype and self.qk_norm in ("none", "head") and self.clip_qkv is None
                 and self.head_dim % 2 == 0)
 
+    def packs(self, dtype: torch.dtype, cache: KVCache, device: torch.device) -> bool:
+        """Whether a packed step's attention can run in one launch here (kernels.packed_attention; PACKED_ATTENTION):
+        inference, a cache of the activations' dtype, an even head size of at most 256."""
+        if PACKED_ATTENTION == "never" or (PACKED_ATTENTION == "auto" and device.type != "cuda"):
+            return False
+        from kernels.packed_attention import MAX_HEAD
+        params = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.o_proj.weight)
+        return (not (torch.is_grad_enabled() and any(p.requires_grad for p in params)) and isinstance(cache, KVCache)
+                and cache.dtype == dtype and self.head_dim % 2 == 0 and self.head_dim <= MAX_HEAD)
+
+    def _forward_packed(self, x_1ND: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: PackedStep,
+                        cache: KVCache) -> torch.Tensor:
+        """A packed step in one pass (the model checked ``packs``): the projections over the N tokens at once, the
+        q/k preparation and the cache writes in one kernel (each token to its own row), attention in one launch."""
+        from kernels.attn_prep import prepare_qkv_rows
+        from kernels.packed_attention import packed_attention
+        N = x_1ND.shape[1]
+        H, G, d = self.num_heads, self.num_kv_heads, self.head_dim
+        x_ND = x_1ND[0]
+        if self._fused_qkv(x_1ND):
+            from kernels.proj import multi_linear
+            q, k, v = multi_linear(x_ND, [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        else:
+            q, k, v = self.q_proj(x_ND), self.k_proj(x_ND), self.v_proj(x_ND)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        k_all, v_all = cache.buffers(self.layer_idx, G, d, d)
+        qw, kw = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm == "head" else (None, None)
+        q_HNd = prepare_qkv_rows(q, k, v, cos[0], sin[0], qw, kw, self.q_norm.eps if qw is not None else 0.0,
+                                 k_all, v_all, step.row_N, step.slot_N, H, G)
+        out_NHd = packed_attention(q_HNd, k_all, v_all, step.table, self.scale, cache.max_len, step.window_size)
+        return self.o_proj(out_NHd.view(1, N, H * d))
+
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_B1TS: torch.Tensor,
                 cache: KVCache | None = None, num_slots: int = 0) -> torch.Tensor:
-        if isinstance(mask_B1TS, PackedStep):  # a packed step: each part of it on its own rows (x is [1, N, D])
+        if isinstance(mask_B1TS, PackedStep):  # a packed step (x is [1, N, D]): in one pass, or part by part
+            if mask_B1TS.fused:
+                return self._forward_packed(x_BTD, cos, sin, mask_B1TS, cache)
             return mask_B1TS.run(self.forward, x_BTD, cos, sin)
         B, T, _ = x_BTD.shape
         if self._fused_qkv(x_BTD):

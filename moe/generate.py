@@ -24,7 +24,9 @@ Packed steps: where the model takes ``segments`` (``MoEForCausalLM.forward``, a 
 the rows feed different counts (a prompt beside decoding rows), the step need not be padded to [B, T]:
 the fed tokens go one after another as [1, N], one part per run of rows feeding the same count
 (``moe.kv_cache.PackedStep``), so a 2048-token prompt joining 7 decoding rows is 2055 tokens of
-attention, norms and projections, not 8 x 2048. Each part costs host time a layer, so a step packs
+attention, norms and projections, not 8 x 2048. Where the model attends over the whole packed step in one
+launch (``MoEForCausalLM.packs_in_one_pass``: grouped-query attention on CUDA, ``kernels.packed_attention``)
+every mixed step packs; where it attends part by part, each part costs host time a layer, so a step packs
 where it saves enough padding (``Engine._pays_to_pack``) or where the padded step would pass what the
 prefill chunk bounds. Eager steps of one count run rows 0 .. the last running one ([1, T] for a lone
 prompt).
@@ -131,6 +133,15 @@ def warm_up_token_counts(lo: int, hi: int, top_k: int | None = None) -> list[int
 # CPU padding costs far more (the dev machine, the tiny model: a 256-token prompt beside 7 decoding rows 20 ms packed
 # against 36 padded, four 40-70-token prompts beside 4 rows 26 against 21)
 PACK_TOKENS_PER_PART = {"cuda": 2048, "cpu": 256}
+# the same where the model attends over a packed step in one launch (MoEForCausalLM.packs_in_one_pass: grouped-query
+# attention on CUDA, kernels.packed_attention): a part then costs no launch of its own, and the step a little host
+# work (its token table, three small copies). On the H200 (s33-b, 8 rows, 4 layers) the one-launch step was the faster
+# in every case that saves >= 84 padded tokens a part (a 2048-token prompt beside 7 decoding rows: Qwen3 5.43 ms
+# against 17.94 padded and 6.67 part by part), 0.1-0.4 ms slower where it saved 15-22. But a padded mixed step of a
+# shape not met before took 50-80 ms once (s33-d, a fresh replica's staggered requests: the longest step 82 ms with
+# 64 here, 12 ms with 0; mean TTFT 53 against 19.5 ms; not profiled, a guess: cuDNN planning attention for a new
+# [rows, T]), where a packed step's kernels have no per-shape plans. So every mixed step packs
+PACK_TOKENS_ONE_PASS = 0
 
 
 class Engine:
@@ -171,6 +182,11 @@ class Engine:
                             and "segments" in inspect.signature(model.forward).parameters)
         except (TypeError, ValueError):
             self._packed = False
+        one_pass = getattr(model, "packs_in_one_pass", None)
+        if self._packed and one_pass is not None:
+            with torch.no_grad():  # (the steps run without autograd)
+                if one_pass(self.cache):
+                    self.pack_tokens_per_part = PACK_TOKENS_ONE_PASS
         # decode steps (every running row feeds one token) replay CUDA graphs where the model allows
         # (moe.cuda_graph): None = when supported, True = required, False = never
         self._graphs = None
@@ -210,7 +226,8 @@ class Engine:
           the allocator holds its blocks before the first request; then a decode step of every row, both token
           paths;
         - ``rows`` requests arriving one a step (prompts of 2 and of the longest length in turn) while the earlier
-          ones decode: packed steps of a prompt beside 1 .. rows - 1 decoding rows, as traffic makes them;
+          ones decode: packed steps of a prompt beside 1 .. rows - 1 decoding rows, as traffic makes them; then one
+          step packed whatever it saves (a model that attends over a packed step in one launch has kernels there);
         - every decode slot bucket up to max_len captured (``capture_all``; the first 64).
 
         Before session 27 one short prompt ran (1 row, then rows): a fresh replica's first 64-token prompts still
@@ -289,6 +306,19 @@ class Engine:
             run(joins, one_a_step=True)
         except Exception as e:
             raise failed(f"prompts of 2 and {top} tokens joining decoding rows", e) from e
+        # a packed step, whatever it saves: the joins above pack only where that pays (_pays_to_pack), which short
+        # prompts may not reach, and a model that attends over a packed step in one launch has kernels of its own
+        # there (kernels.packed_attention, the q/k/v preparation by row) that a fresh replica's first packed step
+        # compiled otherwise (s33-b)
+        if self._packed and rows > 1:
+            saved, self.pack_tokens_per_part = self.pack_tokens_per_part, 0
+            try:
+                run([(f"warm-packed-{i}", prompt_of(2), SamplingParams(max_new_tokens=3, ignore_eos=True))
+                     for i in range(2)], one_a_step=True)
+            except Exception as e:
+                raise failed("a prompt of 2 tokens joining a decoding row, packed", e) from e
+            finally:
+                self.pack_tokens_per_part = saved
         if self._graphs is not None:
             self._graphs.capture_all()
         for name in ("offload_cache", "cpu_tier"):  # (offload.apply_offload's cache, apply_cpu_tier's runtime)
@@ -453,7 +483,8 @@ class Engine:
     def _pays_to_pack(self, segments: list[tuple[int, int]], B: int, T: int) -> bool:
         """Whether a step of rows feeding different counts runs packed, not padded to [B, T].
 
-        Packed, attention runs part by part, each part a few more launches a layer on the host (~0.3-0.6 ms a
+        Where the model attends over a packed step in one launch, always (PACK_TOKENS_ONE_PASS). Else attention
+        runs part by part, each part a few more launches a layer on the host (~0.3-0.6 ms a
         part and layer at Qwen3-30B-A3B widths on the H200 machine: cuDNN attention, projections, q/k/v
         preparation); padded, every padded token costs projections, norms and attention on the GPU (~0.3 us a token
         and layer there). So a step packs when it saves at least ``pack_tokens_per_part`` padded tokens per part

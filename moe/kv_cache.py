@@ -183,12 +183,26 @@ class PackedStep:
     The model passes it in place of the attention mask (``MoEForCausalLM.forward(segments=...)``), so attention
     modules and their hooks see one call a layer; ``window(w)`` is the same step with each part's sliding-window
     mask. ``run(fn, x, cos, sin)`` calls ``fn(x_part [rows, T, D], cos_part, sin_part, mask, cache, num_slots)``
-    per part and packs the outputs back to [1, N, *]."""
+    per part and packs the outputs back to [1, N, *].
 
-    def __init__(self, parts: list[dict]):
+    In one pass instead (``fused``, where every attention module of the model can: ``Attention.packs``), the step
+    carries no masks and no row views: each token's cache row, slot and the attention's query blocks (``row_N``,
+    ``slot_N``, ``table``: kernels.packed_attention), and attention runs over all the step's tokens in one launch.
+
+    ``parts`` then holds each part's rows, tokens, start and stop alone."""
+
+    def __init__(self, parts: list[dict], row_N: torch.Tensor | None = None, slot_N: torch.Tensor | None = None,
+                 table: tuple | None = None, window_size: int = 0):
         self.parts = parts  # each: cache (a view), rows, tokens, start, stop (in N), mask, windowed, num_slots
+        self.row_N, self.slot_N, self.table, self.window_size = row_N, slot_N, table, window_size
+
+    @property
+    def fused(self) -> bool:
+        return self.table is not None
 
     def window(self, w: int) -> "PackedStep":
+        if self.fused:
+            return PackedStep(self.parts, self.row_N, self.slot_N, self.table, w)
         return PackedStep([dict(p, mask=p["windowed"][w]) for p in self.parts])
 
     def run(self, fn, x_1ND: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

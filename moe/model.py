@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -212,6 +213,12 @@ class MoEForCausalLM(nn.Module):
             cache.advance(valid_BT, T)
         return logits_BTV
 
+    def packs_in_one_pass(self, cache: KVCache) -> bool:
+        """Whether a packed step (forward(segments=...)) on this cache attends in one launch over all its tokens
+        (every attention module packs: moe.attention.Attention.packs), not part by part."""
+        return all(hasattr(layer.attn, "packs") and layer.attn.packs(self.dtype, cache, self.device)
+                   for layer in self.layers)
+
     def _forward_packed(self, ids_1N, cache, valid_1N, last_only, segments) -> torch.Tensor:
         """forward(segments=...): see there."""
         if not isinstance(cache, KVCache):
@@ -227,6 +234,8 @@ class MoEForCausalLM(nn.Module):
             raise ValueError(f"segments {list(segments)} cover {row} rows and {start} tokens: input_ids must be [1, "
                              f"{start}] and the cache hold >= {row} rows (it has {cache.batch_size}); got input_ids of "
                              f"shape {tuple(ids_1N.shape)}")
+        if self.packs_in_one_pass(cache):
+            return self._forward_packed_fused(ids_1N, cache, valid_1N, last_only, parts)
         windows = {layer.window for layer in self.layers if layer.window}
         pos = []
         try:
@@ -261,4 +270,46 @@ class MoEForCausalLM(nn.Module):
         logits = self.lm_head(x_1ND)
         for p in parts:
             p["cache"].advance(p["valid"], p["tokens"])
+        return logits
+
+    def _forward_packed_fused(self, ids_1N, cache, valid_1N, last_only, parts) -> torch.Tensor:
+        """forward(segments=...) with attention over the whole step in one launch (every attention module packs):
+        each token's row, position and slot, and the attention's query blocks, worked out once on the host from one
+        read of the rows' lengths, then one pass of the layers over the [1, N] tokens (kernels.packed_attention)."""
+        from kernels.packed_attention import block_table, group_rows, rows_to_device
+        dev = ids_1N.device
+        R = parts[-1]["row"] + parts[-1]["rows"]
+        T_r = np.concatenate([np.full(p["rows"], p["tokens"], dtype=np.int64) for p in parts])
+        start_r = np.concatenate([p["start"] + np.arange(p["rows"], dtype=np.int64) * p["tokens"] for p in parts])
+        lengths = cache.lengths[:R]
+        if valid_1N is None:
+            L = np.asarray(lengths.tolist(), dtype=np.int64)  # the step's one host read
+            fed = T_r
+        else:
+            fed_dev = torch.cat([valid_1N[0, p["start"]:p["stop"]].view(p["rows"], p["tokens"]).sum(1) for p in parts])
+            both = np.asarray(torch.cat([lengths, fed_dev.to(lengths.device, torch.long)]).tolist(), dtype=np.int64)
+            L, fed = both[:R], both[R:]
+        if (L + fed).max() > cache.max_len:
+            raise ValueError(f"KV cache full: a row would hold {int((L + fed).max())} tokens but max_len is "
+                             f"{cache.max_len}; create the cache with a larger max_len (prompt + max_new_tokens)")
+        N = int(T_r.sum())
+        within = np.arange(N, dtype=np.int64) - np.repeat(start_r, T_r)
+        pos = np.repeat(L, T_r) + within
+        host = np.stack([np.repeat(np.arange(R, dtype=np.int64), T_r), np.minimum(pos, cache.max_len), pos])
+        row_N, slot_N, pos_N = rows_to_device(host, dev)
+        cfg = self.config
+        table = block_table(np.arange(R), start_r, T_r, L, group_rows(cfg.num_attention_heads, cfg.num_key_value_heads)[1],
+                            dev)
+        step = PackedStep([{k: p[k] for k in ("row", "rows", "tokens", "start", "stop")} for p in parts],
+                          row_N, slot_N, table)
+        masks = {w: step.window(w) for w in {layer.window for layer in self.layers if layer.window}}
+        x_1ND = self.embed(ids_1N)
+        cos, sin = self.rotary(pos_N[None], x_1ND.dtype)
+        for layer in self.layers:
+            x_1ND = layer(x_1ND, cos, sin, layer.pick_mask(step, masks), cache, 0, valid_1N)
+        x_1ND = self.norm(x_1ND)
+        if last_only:  # each row's last fed token, as an index into N
+            x_1ND = x_1ND[0, torch.from_numpy(start_r + np.maximum(fed - 1, 0)).to(dev)][:, None]
+        logits = self.lm_head(x_1ND)
+        cache.lengths[:R] += torch.from_numpy(fed).to(cache.lengths.device)
         return logits

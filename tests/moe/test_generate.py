@@ -4,6 +4,7 @@ The reference for greedy decoding is the plain loop without a KV cache: run the 
 through the model, take the argmax of the last position, append, repeat.
 """
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -205,19 +206,29 @@ class _Packed(_Shapes):
         self.valid.append(input_BT.numel() if valid_BT is None else int(valid_BT.sum()))
         return self.inner(input_BT, cache=cache, valid_BT=valid_BT, last_only=last_only, segments=segments)
 
+    def packs_in_one_pass(self, cache):
+        return self.inner.packs_in_one_pass(cache)
+
 
 @pytest.mark.parametrize("family,extra", [("mixtral", {}), ("deepseek_v2", {}), ("olmoe", {"clip_qkv": 8.0}),
                                           ("qwen2_moe", {"sliding_window": 3}),
                                           ("qwen3_moe", {"sliding_window": 4,
                                                          "layer_types": ["sliding_attention", "full_attention"]})])
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_a_packed_step_gives_each_row_its_own_logits(family, extra, device):
+@pytest.mark.parametrize("attend", ["parts", "one launch"])
+def test_a_packed_step_gives_each_row_its_own_logits(family, extra, device, attend, monkeypatch):
     """forward(segments=...): rows feeding 1, 6, 1 tokens and an idle row, packed into [1, 9] (no padding between
     them), give each row the logits and the cache it gets running alone; MLA, clipped q/k/v, shared experts and
-    sliding windows included. On a GPU with the triton backend (float32): the fused q/k/v preparation writing into
-    row views of the cache, and the decode attention kernel on the one-token parts."""
+    sliding windows included. Attention part by part (on a GPU with the triton backend, float32: the fused q/k/v
+    preparation writing into row views of the cache, and the decode attention kernel on the one-token parts), or
+    over the whole step in one launch (kernels.packed_attention; on the CPU in the Triton interpreter; MLA keeps
+    its parts)."""
+    import moe.attention as A
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
+    if device == "cpu" and attend == "one launch" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the one-launch kernels take CPU tensors only in the Triton interpreter (CI)")
+    monkeypatch.setattr(A, "PACKED_ATTENTION", "never" if attend == "parts" else "always")
     cfg = MoEConfig.tiny(family, **extra)
     m = MoEForCausalLM(cfg, backend="triton" if device == "cuda" else "torch", device=device)
     m.init_weights(seed=3)
@@ -335,6 +346,38 @@ def test_a_step_packs_where_it_saves_enough_padding_or_the_chunk_needs_it(model,
     assert all(s is None for s in spy.segments)  # a short prompt beside one decoding row: padded
     assert first + got[a][0] == list(alone(model, tok, PROMPTS[0], sp).values())[0][0]
     assert got[b] == list(alone(model, tok, PROMPTS[1], sp).values())[0]
+
+
+def test_an_engine_whose_model_attends_a_packed_step_in_one_launch_packs_every_mixed_step(model, tok, monkeypatch):
+    """Where the model attends over a packed step in one launch (MoEForCausalLM.packs_in_one_pass; here the Triton
+    interpreter, PACKED_ATTENTION 'always'), a part costs no launch of its own: the engine packs every mixed step
+    (PACK_TOKENS_ONE_PASS, 0), and packed so, every request gets the tokens it gets alone, greedy and sampled,
+    chunked or not."""
+    import moe.attention as A
+    from moe.generate import PACK_TOKENS_ONE_PASS
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the one-launch kernels take CPU tensors only in the Triton interpreter (CI; the GPU's own "
+                    "packed-step tests cover the kernels there)")
+    monkeypatch.setattr(A, "PACKED_ATTENTION", "always")
+    assert model.packs_in_one_pass(model.new_cache(2, 8)) is False  # (autograd on: the kernels take no gradient)
+    with torch.no_grad():
+        assert model.packs_in_one_pass(model.new_cache(2, 8))
+    sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    sampled = SamplingParams(max_new_tokens=5, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True)
+    for chunk in (None, 3):
+        spy = _Packed(model)
+        e = Engine(spy, tok, max_batch_size=3, max_len=128, cuda_graph=False, prefill_chunk=chunk)
+        assert e.pack_tokens_per_part == PACK_TOKENS_ONE_PASS == 0
+        rids = [e.add_request(PROMPTS[0], sp)]
+        first = [t for o in e.step() for t in o.new_token_ids]
+        rids += [e.add_request(p, sampled if i == 1 else sp) for i, p in enumerate(PROMPTS[1:4])]
+        got = list(run(e, rids).values())
+        assert any(s is not None and len(s) > 1 for s in spy.segments)
+        monkeypatch.setattr(A, "PACKED_ATTENTION", "never")
+        want = [alone(model, tok, p, sampled if i == 2 else sp) for i, p in enumerate(PROMPTS[:4])]
+        monkeypatch.setattr(A, "PACKED_ATTENTION", "always")
+        assert first + got[0][0] == list(want[0].values())[0][0]
+        assert got[1:] == [list(w.values())[0] for w in want[1:]]
 
 
 def test_the_prefill_chunk_is_a_budget_of_a_step_fed_first_come_first_served(model, tok):
@@ -703,8 +746,8 @@ def test_warm_up_with_a_prefill_chunk_runs_one_prompt_past_it_and_the_burst(mode
     monkeypatch.setattr(Engine, "add_request", record)
     e.warm_up(max_prompt=40)
     # then traffic: requests of 2 and 40 tokens arriving one a step, the second's chunks packed beside the first
-    # decoding (the one-token parts that eager steps meet nowhere else)
-    assert seen == [1, 2, 3, 4, 9, 40, 40, 2, 40] and max(spy.T) == 4
+    # decoding (the one-token parts that eager steps meet nowhere else); then two of 2 tokens, packed
+    assert seen == [1, 2, 3, 4, 9, 40, 40, 2, 40, 2, 2] and max(spy.T) == 4
     assert [(1, 1), (1, 4)] in spy.segments
 
 
@@ -1083,11 +1126,14 @@ def test_warm_up_leaves_the_engine_as_new(model, tok):
     # prompts 1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33 and 62 (max_len - 2): 12 x 2 steps; prompts arriving together
     # for steps of 64, 65, 128 and 129 tokens (62 + 2, 62 + 3, 62 + 62 + 4, 62 + 62 + 5): 4 x 2; the batch: 2 steps;
     # then rows requests of 2, 62, 2 tokens arriving one a step, 4 tokens each: the last arrives at step 3 and
-    # decodes to step 6 (one request of 2 tokens, 2 steps, with rows=1, and no steps of several prompts)
+    # decodes to step 6 (one request of 2 tokens, 2 steps, with rows=1, and no steps of several prompts); then two
+    # 2-token prompts one a step, 3 tokens each, the second's prefill packed beside the first's decode: 4 steps
     spy = _Packed(model)
     e = Engine(spy, tok, max_batch_size=3, max_len=64)
-    assert e.warm_up() == 12 * 2 + 4 * 2 + 2 + 6
+    assert e.warm_up() == 12 * 2 + 4 * 2 + 2 + 6 + 4
     assert {64, 65, 128, 129} <= set(spy.valid)
+    assert spy.segments[-3] == [(1, 1), (1, 2)]  # packed, though it saves one padded token (pack_tokens_per_part 256)
+    assert e.pack_tokens_per_part == 256
     e = Engine(model, tok, max_batch_size=3, max_len=64)
     assert not e.has_unfinished() and e.warm_up(rows=1) == 12 * 2 + 2 + 2
     assert e.warm_up(rows=1, max_prompt=10) == 8 * 2 + 2 + 2  # 1, 2, 3, 4, 5, 8, 9 and 10

@@ -91,13 +91,13 @@ def test_the_benchmark_script_prints_the_bound_on_the_cpu(capsys):
     assert " joins packed " in table[2] and " joins padded " in table[3]
     with pytest.raises(SystemExit):
         bench.main(["--models", "nope", "--device", "cpu"])
-    # mixed steps: packed, padded and the engine's choice, each timed (two small cases, one layer)
+    # mixed steps: packed, packed part by part, padded and the engine's choice, each timed (two small cases, one layer)
     assert bench.main(["--models", "", "--device", "cpu", "--offload-models", "", "--mixed-models", "tiny",
                        "--mixed-layers", "1", "--mixed-cases", "7 dec + 32;1 dec + 16"]) == 0
     out = capsys.readouterr().out.splitlines()
     table = out[out.index(next(ln for ln in out if ln.startswith("mixed"))) + 1:]
     assert [ln.split()[:4] for ln in table] == [["tiny", "7", "dec", "+"], ["tiny", "1", "dec", "+"]]
-    assert all(float(v) > 0 for ln in table for v in ln.split()[-3:])
+    assert all(float(v) > 0 for ln in table for v in ln.split()[-4:])
     with pytest.raises(SystemExit):
         bench.main(["--models", "", "--device", "cpu", "--mixed-models", "tiny", "--mixed-cases", "nope"])
 

@@ -1,0 +1,112 @@
+"""kernels.packed_attention (a packed step's attention in one launch) and kernels.attn_prep.prepare_qkv_rows (its
+q/k/v preparation, each token to its own cache row), against their torch references; on the CPU in the Triton
+interpreter (float32), on a GPU also in bfloat16."""
+import pytest
+import torch
+
+from kernels.attn_prep import prepare_qkv_reference, prepare_qkv_rows
+from kernels.packed_attention import block_table, group_rows, packed_attention, packed_attention_reference
+
+DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]  # (off a GPU the Triton interpreter runs them)
+
+
+def _case(H, G, d, runs, rows=4, max_len=40, dtype=torch.float32, device="cpu", seed=0):
+    """q [H, N, d] and a cache of random keys/values; runs: (row, first position, tokens) one after another."""
+    g = torch.Generator().manual_seed(seed)
+    N = sum(t for _, _, t in runs)
+    q = torch.randn(H, N, d, generator=g).to(device, dtype)
+    k = torch.randn(rows, G, max_len + 1, d, generator=g).to(device, dtype)
+    v = torch.randn(rows, G, max_len + 1, d, generator=g).to(device, dtype)
+    starts, n = [], 0
+    for _, _, t in runs:
+        starts.append(n)
+        n += t
+    R, TB = group_rows(H, G)
+    table = block_table([r for r, _, _ in runs], starts, [t for _, _, t in runs], [p for _, p, _ in runs], TB, device)
+    return q, k, v, table, max_len
+
+
+# (H, G, d, runs): decoding rows (one token), prompts spanning several blocks, a row at its cache's end with
+# padding past max_len, grouped heads of 1, 2, 3 (tile rows masked to 4) and 8 query heads per key/value head
+CASES = [
+    (4, 2, 16, [(0, 5, 1), (1, 0, 37), (3, 12, 1)]),
+    (8, 1, 32, [(2, 3, 9), (0, 30, 1), (1, 0, 1)]),
+    (6, 2, 24, [(0, 0, 21), (1, 38, 4), (2, 7, 1)]),
+    (4, 4, 16, [(3, 0, 70), (0, 2, 2)]),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("H,G,d,runs", CASES)
+@pytest.mark.parametrize("window", [0, 5])
+def test_packed_attention_equals_sdpa_per_run(device, H, G, d, runs, window):
+    max_len = 80 if any(p + t > 40 for _, p, t in runs if t > 30) else 40
+    q, k, v, table, max_len = _case(H, G, d, runs, max_len=max_len, device=device)
+    got = packed_attention(q, k, v, table, 0.3, max_len, window)
+    want = packed_attention_reference(q, k, v, table, 0.3, max_len, window)
+    # tokens past max_len (padding) see the slots below it; with a window they may see none: compare the others
+    live = torch.ones(q.shape[1], dtype=torch.bool)
+    n = 0
+    for _, p, t in runs:
+        for i in range(t):
+            live[n + i] = p + i < max_len
+        n += t
+    tol = dict(rtol=1e-5, atol=1e-5) if device == "cpu" else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(got[live], want[live], **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("window", [0, 5])
+def test_a_tokens_attention_does_not_depend_on_what_is_packed_beside_it(device, window):
+    """The same bits for a row's tokens whether the step holds them alone or beside other rows: what keeps a packed
+    step's greedy tokens from depending on the traffic beside them. (A row's tokens are cut into blocks from its
+    own first token, so its blocks are the same either way.)"""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v, _, L = _case(8, 2, 32, [(1, 6, 11)], dtype=dtype, device=device)
+    R, TB = group_rows(8, 2)
+    assert TB > 11
+    alone = packed_attention(q, k, v, block_table([1], [0], [11], [6], TB, device), 0.2, L, window)
+    g = torch.Generator().manual_seed(9)
+    other = torch.randn(8, 5, 32, generator=g).to(device, dtype)
+    both = torch.cat([other[:, :3], q, other[:, 3:]], dim=1)
+    t2 = block_table([0, 1, 2], [0, 3, 14], [3, 11, 2], [4, 6, 20], TB, device)
+    beside = packed_attention(both, k, v, t2, 0.2, L, window)
+    assert torch.equal(beside[3:14], alone)
+
+
+def test_block_table_cuts_runs_into_blocks():
+    rows, toks, cnts, pos = block_table([2, 0], [0, 10], [10, 1], [7, 3], 4, "cpu")
+    assert rows.tolist() == [2, 2, 2, 0] and toks.tolist() == [0, 4, 8, 10]
+    assert cnts.tolist() == [4, 4, 2, 1] and pos.tolist() == [7, 11, 15, 3]
+    assert group_rows(32, 4) == (8, 8) and group_rows(6, 2) == (4, 16) and group_rows(16, 16) == (1, 64)
+    with pytest.raises(ValueError, match="evenly"):
+        group_rows(6, 4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm", [False, True])
+def test_prepare_qkv_rows_writes_each_token_to_its_own_row(device, norm):
+    """prepare_qkv_rows over packed tokens of three rows = prepare_qkv_reference run row by row."""
+    g = torch.Generator().manual_seed(1)
+    H, G, d, rows, S = 4, 2, 16, 3, 12
+    per_row = [(0, 2, 3), (2, 5, 1), (1, 0, 4)]  # (row, first slot, tokens)
+    N = sum(t for _, _, t in per_row)
+    q, k, v = (torch.randn(N, n * d, generator=g).to(device) for n in (H, G, G))
+    cos, sin = (torch.randn(N, d // 2, generator=g).to(device) for _ in range(2))
+    qw, kw = (torch.randn(d, generator=g).to(device), torch.randn(d, generator=g).to(device)) if norm else (None, None)
+    row_N = torch.tensor([r for r, _, t in per_row for _ in range(t)], device=device)
+    slot_N = torch.tensor([s + i for _, s, t in per_row for i in range(t)], device=device)
+    kc, vc = torch.zeros(rows, G, S, d, device=device), torch.zeros(rows, G, S, d, device=device)
+    got = prepare_qkv_rows(q, k, v, cos, sin, qw, kw, 1e-6, kc, vc, row_N, slot_N, H, G)
+    kr, vr = torch.zeros_like(kc), torch.zeros_like(vc)
+    n = 0
+    for r, s, t in per_row:
+        sl = slice(n, n + t)
+        want = prepare_qkv_reference(q[None, sl], k[None, sl], v[None, sl], cos[None, sl], sin[None, sl], qw, kw,
+                                     1e-6, kr[r:r + 1], vr[r:r + 1], slot_N[None, sl], H, G)
+        torch.testing.assert_close(got[:, sl], want[0], rtol=1e-5, atol=1e-5)
+        n += t
+    torch.testing.assert_close(kc, kr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vc, vr, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="rows/slots"):
+        prepare_qkv_rows(q, k, v, cos, sin, qw, kw, 1e-6, kc, vc, row_N[:-1], slot_N, H, G)
