@@ -22,7 +22,7 @@ No mask tensor: what a query sees follows from its position (the KV cache's rule
 lengths + i; padding tokens past max_len see slots < max_len, never the spare slot).
 
 ``packed_attention_reference`` computes the same with torch's SDPA, a row's run of tokens at a time. Inference only.
-Shape legend: N packed tokens, H query heads, G key/value heads, d head size, S cache slots, NB query blocks.
+Shape legend: N packed tokens, H query heads, G key/value heads, d key and e value head size, S cache slots.
 """
 from __future__ import annotations
 
@@ -46,9 +46,10 @@ MAX_HEAD = 256
 
 @triton.jit(do_not_specialize=["s_qh"])  # (N x d: a stride that changes with the step, not a variant each)
 def _packed_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, brow_ptr, btok_ptr, bcnt_ptr, bpos_ptr,
-                             HG, d, max_len, window, scale,
+                             HG, d, e, max_len, window, scale,
                              s_qh, s_qn, s_kb, s_kg, s_ks, s_vb, s_vg, s_vs, s_on, s_oh,
                              R: tl.constexpr, TB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_E: tl.constexpr,
                              WINDOWED: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr):
     blk = tl.program_id(0)
     g = tl.program_id(1)
@@ -76,7 +77,9 @@ def _packed_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, brow_ptr, btok_ptr, bcn
         lo = tl.maximum(pos0 - window + 1, 0) // BLOCK_N * BLOCK_N
     m_i = tl.full([TB * R], float("-inf"), tl.float32)
     l_i = tl.zeros([TB * R], tl.float32)
-    acc = tl.zeros([TB * R, BLOCK_D], tl.float32)
+    offs_e = tl.arange(0, BLOCK_E)
+    emask = offs_e < e
+    acc = tl.zeros([TB * R, BLOCK_E], tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
     k_base = k_ptr + row * s_kb + g * s_kg
     v_base = v_ptr + row * s_vb + g * s_vg
@@ -85,7 +88,7 @@ def _packed_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, brow_ptr, btok_ptr, bcn
         inb = s < hi
         k = tl.load(k_base + s[:, None].to(tl.int64) * s_ks + offs_d[None, :], mask=inb[:, None] & dmask[None, :],
                     other=0.0)
-        v = tl.load(v_base + s[:, None].to(tl.int64) * s_vs + offs_d[None, :], mask=inb[:, None] & dmask[None, :],
+        v = tl.load(v_base + s[:, None].to(tl.int64) * s_vs + offs_e[None, :], mask=inb[:, None] & emask[None, :],
                     other=0.0)
         if CAST_F32:
             k = k.to(tl.float32)
@@ -95,8 +98,8 @@ def _packed_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, brow_ptr, btok_ptr, bcn
             seen = seen & (s[None, :] > pos[:, None] - window)
         m_i, l_i, acc = softmax_step(tl.where(seen, sc, float("-inf")), v, m_i, l_i, acc, CAST_F32, PREC)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(o_ptr + tok[:, None] * s_on + head[:, None].to(tl.int64) * s_oh + offs_d[None, :],
-             o.to(o_ptr.dtype.element_ty), mask=live[:, None] & dmask[None, :])
+    tl.store(o_ptr + tok[:, None] * s_on + head[:, None].to(tl.int64) * s_oh + offs_e[None, :],
+             o.to(o_ptr.dtype.element_ty), mask=live[:, None] & emask[None, :])
 
 
 _attend = Launcher(_packed_attention_kernel)  # launched without per-call binding (kernels/launch.py)
@@ -137,25 +140,27 @@ def rows_to_device(host: np.ndarray, device) -> tuple[torch.Tensor, ...]:
 
 def packed_attention(q_HNd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table, scale: float,
                      max_len: int, window: int = 0, out_NHd: torch.Tensor | None = None) -> torch.Tensor:
-    """out [N, H, d]: each packed token's attention over its row of the cache (see the module docstring).
+    """out [N, H, e]: each packed token's attention over its row of the cache (see the module docstring).
 
-    q_HNd: the queries [H, N, d] (rows may be strided, each contiguous); k_cache / v_cache: [rows, G, S, d];
+    q_HNd: the queries [H, N, d] (rows may be strided, each contiguous); k_cache [rows, G, S, d], v_cache [rows, G,
+    S, e] (MLA: keys 192 = 128 + 64 rotary, values 128);
     table: block_table(...) for the tokens per block of group_rows(H, G); max_len: slots a row holds (the spare
     slot past it is never read); window: a sliding window (0: none)."""
     H, N, d = q_HNd.shape
     G = k_cache.shape[1]
-    if d > MAX_HEAD or k_cache.shape[3] != d or v_cache.shape != k_cache.shape:
-        raise ValueError(f"packed attention takes key and value heads of one size <= {MAX_HEAD}: q {tuple(q_HNd.shape)}, "
+    e = v_cache.shape[3]
+    if max(d, e) > MAX_HEAD or k_cache.shape[3] != d or v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(f"packed attention takes key and value heads of at most {MAX_HEAD}: q {tuple(q_HNd.shape)}, "
                          f"k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
     R, TB = group_rows(H, G)
-    out = out_NHd if out_NHd is not None else torch.empty(N, H, d, dtype=q_HNd.dtype, device=q_HNd.device)
+    out = out_NHd if out_NHd is not None else torch.empty(N, H, e, dtype=q_HNd.dtype, device=q_HNd.device)
     brow, btok, bcnt, bpos = table
     nb = brow.shape[0]
     if nb and N:
         interpreted = _interpreted()
-        _attend[(nb, G)](q_HNd, k_cache, v_cache, out, brow, btok, bcnt, bpos, H // G, d, max_len, int(window),
+        _attend[(nb, G)](q_HNd, k_cache, v_cache, out, brow, btok, bcnt, bpos, H // G, d, e, max_len, int(window),
                          scale, q_HNd.stride(0), q_HNd.stride(1), *k_cache.stride()[:3],
-                         *v_cache.stride()[:3], out.stride(0), out.stride(1), **_launch(R, TB, d, bool(window),
+                         *v_cache.stride()[:3], out.stride(0), out.stride(1), **_launch(R, TB, d, e, bool(window),
                                                                                         q_HNd.dtype, interpreted))
     return out
 
@@ -165,8 +170,9 @@ def _interpreted() -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _launch(R: int, TB: int, d: int, windowed: bool, dtype: torch.dtype, interpreted: bool) -> dict:
-    return dict(R=R, TB=TB, BLOCK_N=BLOCK_N, BLOCK_D=max(16, next_pow2(d)), WINDOWED=windowed,
+def _launch(R: int, TB: int, d: int, e: int, windowed: bool, dtype: torch.dtype, interpreted: bool) -> dict:
+    return dict(R=R, TB=TB, BLOCK_N=BLOCK_N, BLOCK_D=max(16, next_pow2(d)), BLOCK_E=max(16, next_pow2(e)),
+                WINDOWED=windowed,
                 CAST_F32=interpreted or dtype == torch.float32, PREC="ieee" if dtype == torch.float32 else "tf32",
                 num_warps=4, num_stages=2)
 
@@ -176,7 +182,7 @@ def packed_attention_reference(q_HNd, k_cache, v_cache, table, scale: float, max
     """The same with torch's SDPA, one block at a time (the plain reference the kernel is tested against)."""
     H, N, d = q_HNd.shape
     G = k_cache.shape[1]
-    out = torch.zeros(N, H, d, dtype=q_HNd.dtype, device=q_HNd.device)
+    out = torch.zeros(N, H, v_cache.shape[3], dtype=q_HNd.dtype, device=q_HNd.device)
     for r, t0, c, p0 in zip(*(t.tolist() for t in table)):
         hi = min(p0 + c, max_len)
         q = q_HNd[:, t0:t0 + c][None]  # [1, H, c, d]

@@ -107,6 +107,10 @@ class Attention(nn.Module):
         return (not (torch.is_grad_enabled() and any(p.requires_grad for p in params)) and isinstance(cache, KVCache)
                 and cache.dtype == dtype and self.head_dim % 2 == 0 and self.head_dim <= MAX_HEAD)
 
+    def packed_heads(self) -> tuple[int, int]:
+        """(query heads, key/value heads) as the cache holds them: what a packed step's query blocks are cut for."""
+        return self.num_heads, self.num_kv_heads
+
     def _forward_packed(self, x_1ND: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: PackedStep,
                         cache: KVCache) -> torch.Tensor:
         """A packed step in one pass (the model checked ``packs``): the projections over the N tokens at once, the
@@ -135,9 +139,7 @@ class Attention(nn.Module):
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_B1TS: torch.Tensor,
                 cache: KVCache | None = None, num_slots: int = 0) -> torch.Tensor:
         if isinstance(mask_B1TS, PackedStep):  # a packed step (x is [1, N, D]): in one pass, or part by part
-            if mask_B1TS.fused:
-                return self._forward_packed(x_BTD, cos, sin, mask_B1TS, cache)
-            return mask_B1TS.run(self.forward, x_BTD, cos, sin)
+            return mask_B1TS.attend(self, x_BTD, cos, sin, cache)
         B, T, _ = x_BTD.shape
         if self._fused_qkv(x_BTD):
             # a decode step on a GPU: the three GEMVs in one Triton launch (kernels/proj.py)
@@ -200,10 +202,34 @@ class MLAttention(nn.Module):
         self.interleave = cfg.rope_interleave
         self.scale = mla_softmax_scale(cfg)
 
-    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_B1TS: torch.Tensor,
-                cache: KVCache | None = None, num_slots: int = 0) -> torch.Tensor:
-        if isinstance(mask_B1TS, PackedStep):  # a packed step: each part of it on its own rows (x is [1, N, D])
-            return mask_B1TS.run(self.forward, x_BTD, cos, sin)
+    def packs(self, dtype: torch.dtype, cache: KVCache, device: torch.device) -> bool:
+        """Whether a packed step's attention can run in one launch here (as Attention.packs; the cache holds every
+        head's decompressed keys and values, so each query head is its own key/value head)."""
+        if PACKED_ATTENTION == "never" or (PACKED_ATTENTION == "auto" and device.type != "cuda"):
+            return False
+        from kernels.packed_attention import MAX_HEAD
+        return (not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+                and isinstance(cache, KVCache) and cache.dtype == dtype
+                and max(self.nope + self.rope, self.v_dim) <= MAX_HEAD)
+
+    def packed_heads(self) -> tuple[int, int]:
+        return self.num_heads, self.num_heads
+
+    def _forward_packed(self, x_1ND: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: PackedStep,
+                        cache: KVCache) -> torch.Tensor:
+        """A packed step in one pass (the model checked ``packs``): the projections over the N tokens at once, each
+        token's keys and values written into its own cache row, attention in one launch."""
+        from kernels.packed_attention import packed_attention
+        N = x_1ND.shape[1]
+        q_1HNd, k_1HNd, v_1HNe = self._qkv(x_1ND, cos, sin)
+        k_all, v_all = cache.buffers(self.layer_idx, self.num_heads, k_1HNd.shape[-1], v_1HNe.shape[-1])
+        k_all[step.row_N, :, step.slot_N] = k_1HNd[0].transpose(0, 1).to(k_all.dtype)
+        v_all[step.row_N, :, step.slot_N] = v_1HNe[0].transpose(0, 1).to(v_all.dtype)
+        out_NHe = packed_attention(q_1HNd[0], k_all, v_all, step.table, self.scale, cache.max_len, step.window_size)
+        return self.o_proj(out_NHe.reshape(1, N, self.num_heads * self.v_dim))
+
+    def _qkv(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q [B, H, T, Dn+R] and the decompressed keys [B, H, T, Dn+R] and values [B, H, T, Dv] of new tokens."""
         B, T, _ = x_BTD.shape
         H = self.num_heads
         if self.q_lora_rank is None:
@@ -219,6 +245,15 @@ class MLAttention(nn.Module):
         k_pe_B1TR = apply_rope(k_pe.view(B, 1, T, self.rope), cos, sin, self.interleave)
         q_BHTd = torch.cat([q_nope, q_pe], dim=-1)
         k_BHTd = torch.cat([k_nope, k_pe_B1TR.expand(B, H, T, self.rope)], dim=-1)
+        return q_BHTd, k_BHTd, v_BHTv
+
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_B1TS: torch.Tensor,
+                cache: KVCache | None = None, num_slots: int = 0) -> torch.Tensor:
+        if isinstance(mask_B1TS, PackedStep):  # a packed step (x is [1, N, D]): in one pass, or part by part
+            return mask_B1TS.attend(self, x_BTD, cos, sin, cache)
+        B, T, _ = x_BTD.shape
+        H = self.num_heads
+        q_BHTd, k_BHTd, v_BHTv = self._qkv(x_BTD, cos, sin)
         if cache is not None:
             k_BHTd, v_BHTv = cache.update(self.layer_idx, k_BHTd, v_BHTv, num_slots)
         out_BHTv = attend(q_BHTd, k_BHTd.to(q_BHTd.dtype), v_BHTv.to(q_BHTd.dtype), mask_B1TS, self.scale)

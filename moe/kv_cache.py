@@ -205,6 +205,13 @@ class PackedStep:
             return PackedStep(self.parts, self.row_N, self.slot_N, self.table, w)
         return PackedStep([dict(p, mask=p["windowed"][w]) for p in self.parts])
 
+    def attend(self, module, x_1ND: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """An attention module's output for the step: in one pass (``fused``: ``module._forward_packed``) or part by
+        part (``run`` of ``module.forward``)."""
+        if self.fused:
+            return module._forward_packed(x_1ND, cos, sin, self, cache)
+        return self.run(module.forward, x_1ND, cos, sin)
+
     def run(self, fn, x_1ND: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         outs = []
         for p in self.parts:

@@ -216,8 +216,9 @@ class MoEForCausalLM(nn.Module):
     def packs_in_one_pass(self, cache: KVCache) -> bool:
         """Whether a packed step (forward(segments=...)) on this cache attends in one launch over all its tokens
         (every attention module packs: moe.attention.Attention.packs), not part by part."""
-        return all(hasattr(layer.attn, "packs") and layer.attn.packs(self.dtype, cache, self.device)
-                   for layer in self.layers)
+        heads = {layer.attn.packed_heads() for layer in self.layers if hasattr(layer.attn, "packed_heads")}
+        return len(heads) == 1 and all(hasattr(layer.attn, "packs") and layer.attn.packs(self.dtype, cache, self.device)
+                                       for layer in self.layers)
 
     def _forward_packed(self, ids_1N, cache, valid_1N, last_only, segments) -> torch.Tensor:
         """forward(segments=...): see there."""
@@ -297,9 +298,7 @@ class MoEForCausalLM(nn.Module):
         pos = np.repeat(L, T_r) + within
         host = np.stack([np.repeat(np.arange(R, dtype=np.int64), T_r), np.minimum(pos, cache.max_len), pos])
         row_N, slot_N, pos_N = rows_to_device(host, dev)
-        cfg = self.config
-        table = block_table(np.arange(R), start_r, T_r, L, group_rows(cfg.num_attention_heads, cfg.num_key_value_heads)[1],
-                            dev)
+        table = block_table(np.arange(R), start_r, T_r, L, group_rows(*self.layers[0].attn.packed_heads())[1], dev)
         step = PackedStep([{k: p[k] for k in ("row", "rows", "tokens", "start", "stop")} for p in parts],
                           row_N, slot_N, table)
         masks = {w: step.window(w) for w in {layer.window for layer in self.layers if layer.window}}

@@ -10,13 +10,14 @@ from kernels.packed_attention import block_table, group_rows, packed_attention, 
 DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]  # (off a GPU the Triton interpreter runs them)
 
 
-def _case(H, G, d, runs, rows=4, max_len=40, dtype=torch.float32, device="cpu", seed=0):
-    """q [H, N, d] and a cache of random keys/values; runs: (row, first position, tokens) one after another."""
+def _case(H, G, d, runs, rows=4, max_len=40, dtype=torch.float32, device="cpu", seed=0, e=None):
+    """q [H, N, d] and a cache of random keys/values (value heads of e, default d); runs: (row, first position,
+    tokens) one after another."""
     g = torch.Generator().manual_seed(seed)
     N = sum(t for _, _, t in runs)
     q = torch.randn(H, N, d, generator=g).to(device, dtype)
     k = torch.randn(rows, G, max_len + 1, d, generator=g).to(device, dtype)
-    v = torch.randn(rows, G, max_len + 1, d, generator=g).to(device, dtype)
+    v = torch.randn(rows, G, max_len + 1, e or d, generator=g).to(device, dtype)
     starts, n = [], 0
     for _, _, t in runs:
         starts.append(n)
@@ -26,22 +27,24 @@ def _case(H, G, d, runs, rows=4, max_len=40, dtype=torch.float32, device="cpu", 
     return q, k, v, table, max_len
 
 
-# (H, G, d, runs): decoding rows (one token), prompts spanning several blocks, a row at its cache's end with
-# padding past max_len, grouped heads of 1, 2, 3 (tile rows masked to 4) and 8 query heads per key/value head
+# (H, G, d, e, runs): decoding rows (one token), prompts spanning several blocks, a row at its cache's end with
+# padding past max_len, grouped heads of 1, 2, 3 (tile rows masked to 4) and 8 query heads per key/value head, and
+# MLA's shape (every head its own key/value head; keys wider than values: 24 = 16 + 8 rotary, values 16)
 CASES = [
-    (4, 2, 16, [(0, 5, 1), (1, 0, 37), (3, 12, 1)]),
-    (8, 1, 32, [(2, 3, 9), (0, 30, 1), (1, 0, 1)]),
-    (6, 2, 24, [(0, 0, 21), (1, 38, 4), (2, 7, 1)]),
-    (4, 4, 16, [(3, 0, 70), (0, 2, 2)]),
+    (4, 2, 16, 16, [(0, 5, 1), (1, 0, 37), (3, 12, 1)]),
+    (8, 1, 32, 32, [(2, 3, 9), (0, 30, 1), (1, 0, 1)]),
+    (6, 2, 24, 24, [(0, 0, 21), (1, 38, 4), (2, 7, 1)]),
+    (4, 4, 16, 16, [(3, 0, 70), (0, 2, 2)]),
+    (4, 4, 24, 16, [(1, 4, 1), (2, 0, 19)]),
 ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("H,G,d,runs", CASES)
+@pytest.mark.parametrize("H,G,d,e,runs", CASES)
 @pytest.mark.parametrize("window", [0, 5])
-def test_packed_attention_equals_sdpa_per_run(device, H, G, d, runs, window):
+def test_packed_attention_equals_sdpa_per_run(device, H, G, d, e, runs, window):
     max_len = 80 if any(p + t > 40 for _, p, t in runs if t > 30) else 40
-    q, k, v, table, max_len = _case(H, G, d, runs, max_len=max_len, device=device)
+    q, k, v, table, max_len = _case(H, G, d, runs, max_len=max_len, device=device, e=e)
     got = packed_attention(q, k, v, table, 0.3, max_len, window)
     want = packed_attention_reference(q, k, v, table, 0.3, max_len, window)
     # tokens past max_len (padding) see the slots below it; with a window they may see none: compare the others

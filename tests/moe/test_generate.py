@@ -221,8 +221,8 @@ def test_a_packed_step_gives_each_row_its_own_logits(family, extra, device, atte
     them), give each row the logits and the cache it gets running alone; MLA, clipped q/k/v, shared experts and
     sliding windows included. Attention part by part (on a GPU with the triton backend, float32: the fused q/k/v
     preparation writing into row views of the cache, and the decode attention kernel on the one-token parts), or
-    over the whole step in one launch (kernels.packed_attention; on the CPU in the Triton interpreter; MLA keeps
-    its parts)."""
+    over the whole step in one launch (kernels.packed_attention; on the CPU in the Triton interpreter; MLA's keys
+    and values written by index into their rows)."""
     import moe.attention as A
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
