@@ -9,15 +9,18 @@ launch over a table of query blocks:
 
     block b: row[b], first token tok[b] (an index into N), count cnt[b] <= TB, first position pos[b]
              (its tokens are tok[b] .. tok[b] + cnt[b] - 1 at positions pos[b] .. pos[b] + cnt[b] - 1)
-    program (b, g): the block's tokens x the H/G query heads of key/value head g as the rows of one tile
+    piece p of block b: its slots [lo, hi), the block's cut at multiples of SPLIT (a long context's decoding row
+             is many pieces, run in parallel; a block within one SPLIT is one)
+    program (p, g): the block's tokens x the H/G query heads of key/value head g as the rows of one tile
              (token j, head i at tile row j * R + i, R = next_pow2(H/G), TB = BLOCK_M / R), an online softmax
-             over the row's slots in blocks of BLOCK_N, keys and values read from the cache as they lie.
+             over the piece's slots in blocks of BLOCK_N, keys and values read from the cache as they lie; a
+             block's only piece writes the output, else a second kernel merges its pieces in order.
 
 The grouped query heads share each key tile, so a one-token row (decoding) reads its keys once per key/value head,
 not once per query head. Masked slots are never read past the block's last position; a key block with every slot
 masked adds exactly nothing (the online softmax step is decode_attention's ``softmax_step``), and a row's tokens are
-cut into blocks from its own first token, so a token's result does not depend on what else the step holds: the same
-bits whatever is packed beside it (tested).
+cut into blocks from its own first token and its slots into pieces at fixed multiples, so a token's result does not
+depend on what else the step holds: the same bits whatever is packed beside it (tested).
 No mask tensor: what a query sees follows from its position (the KV cache's rule: query i of a row sees slots <=
 lengths + i; padding tokens past max_len see slots < max_len, never the spare slot).
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -42,17 +46,26 @@ from .launch_config import next_pow2
 BLOCK_M = 64  # tile rows: TB tokens x R query heads of one key/value head
 BLOCK_N = 64  # slots per step of the online softmax
 MAX_HEAD = 256
+# slots one program walks: a block's slots are cut at multiples of SPLIT, each piece a program of its own, and
+# the pieces merged in order. One program per block walked a decoding row's whole context: at 8192 and 32768
+# slots 2.4-7x slower than the parts' decode attention (H200, s33-f: 0.31 / 1.23 ms against 0.12 / 0.18 a layer)
+SPLIT = 1024
 
 
 @triton.jit(do_not_specialize=["s_qh"])  # (N x d: a stride that changes with the step, not a variant each)
-def _packed_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, brow_ptr, btok_ptr, bcnt_ptr, bpos_ptr,
-                             HG, d, e, max_len, window, scale,
+def _packed_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr,
+                             brow_ptr, btok_ptr, bcnt_ptr, bpos_ptr, iblk_ptr, ilo_ptr, ihi_ptr, ione_ptr,
+                             HG, d, e, window, scale,
                              s_qh, s_qn, s_kb, s_kg, s_ks, s_vb, s_vg, s_vs, s_on, s_oh,
                              R: tl.constexpr, TB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_E: tl.constexpr,
                              WINDOWED: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr):
-    blk = tl.program_id(0)
+    item = tl.program_id(0)  # a piece of a block: its slots [lo, hi)
     g = tl.program_id(1)
+    G = tl.num_programs(1)
+    blk = tl.load(iblk_ptr + item)
+    lo = tl.load(ilo_ptr + item)
+    hi = tl.load(ihi_ptr + item)
     row = tl.load(brow_ptr + blk).to(tl.int64)
     tok0 = tl.load(btok_ptr + blk)
     cnt = tl.load(bcnt_ptr + blk)
@@ -70,11 +83,6 @@ def _packed_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, brow_ptr, btok_ptr, bcn
                 mask=live[:, None] & dmask[None, :], other=0.0)
     if CAST_F32:
         q = q.to(tl.float32)
-    # slots [lo, hi): what the block's last token sees (below max_len: padding past the end sees no spare slot)
-    hi = tl.minimum(pos0 + cnt, max_len)
-    lo = 0
-    if WINDOWED:
-        lo = tl.maximum(pos0 - window + 1, 0) // BLOCK_N * BLOCK_N
     m_i = tl.full([TB * R], float("-inf"), tl.float32)
     l_i = tl.zeros([TB * R], tl.float32)
     offs_e = tl.arange(0, BLOCK_E)
@@ -97,12 +105,53 @@ def _packed_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, brow_ptr, btok_ptr, bcn
         if WINDOWED:
             seen = seen & (s[None, :] > pos[:, None] - window)
         m_i, l_i, acc = softmax_step(tl.where(seen, sc, float("-inf")), v, m_i, l_i, acc, CAST_F32, PREC)
-    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if tl.load(ione_ptr + item) != 0:  # the block's only piece: the output itself
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(o_ptr + tok[:, None] * s_on + head[:, None].to(tl.int64) * s_oh + offs_e[None, :],
+                 o.to(o_ptr.dtype.element_ty), mask=live[:, None] & emask[None, :])
+    else:  # the piece's running max, sum and unnormalised output of each tile row, for _merge_kernel
+        r = (item * G + g).to(tl.int64) * (TB * R) + m_offs
+        tl.store(part_ptr + r[:, None] * BLOCK_E + offs_e[None, :], acc)
+        tl.store(ml_ptr + r * 2, m_i)
+        tl.store(ml_ptr + r * 2 + 1, l_i)
+
+
+@triton.jit
+def _merge_kernel(part_ptr, ml_ptr, o_ptr, btok_ptr, bcnt_ptr, mblk_ptr, mfirst_ptr, mcount_ptr, HG, e, s_on, s_oh,
+                  R: tl.constexpr, TB: tl.constexpr, BLOCK_E: tl.constexpr):
+    """A block cut in pieces: the pieces' outputs merged in piece order (a fixed order: the same bits every run)."""
+    mb = tl.program_id(0)
+    g = tl.program_id(1)
+    G = tl.num_programs(1)
+    blk = tl.load(mblk_ptr + mb)
+    first = tl.load(mfirst_ptr + mb)
+    count = tl.load(mcount_ptr + mb)
+    m_offs = tl.arange(0, TB * R)
+    j = m_offs // R
+    i = m_offs % R
+    live = (j < tl.load(bcnt_ptr + blk)) & (i < HG)
+    tok = (tl.load(btok_ptr + blk) + j).to(tl.int64)
+    head = g * HG + i
+    offs_e = tl.arange(0, BLOCK_E)
+    m = tl.full([TB * R], float("-inf"), tl.float32)
+    for c in range(count):  # the overall max first, then the sums, both in piece order
+        r = ((first + c) * G + g).to(tl.int64) * (TB * R) + m_offs
+        m = tl.maximum(m, tl.load(ml_ptr + r * 2))
+    m = tl.where(m == float("-inf"), 0.0, m)  # nothing seen in any piece: the sums stay 0
+    acc = tl.zeros([TB * R, BLOCK_E], tl.float32)
+    l = tl.zeros([TB * R], tl.float32)
+    for c in range(count):
+        r = ((first + c) * G + g).to(tl.int64) * (TB * R) + m_offs
+        w = tl.exp(tl.load(ml_ptr + r * 2) - m)
+        l += w * tl.load(ml_ptr + r * 2 + 1)
+        acc += w[:, None] * tl.load(part_ptr + r[:, None] * BLOCK_E + offs_e[None, :])
+    o = acc / tl.where(l > 0, l, 1.0)[:, None]
     tl.store(o_ptr + tok[:, None] * s_on + head[:, None].to(tl.int64) * s_oh + offs_e[None, :],
-             o.to(o_ptr.dtype.element_ty), mask=live[:, None] & emask[None, :])
+             o.to(o_ptr.dtype.element_ty), mask=live[:, None] & (offs_e[None, :] < e))
 
 
 _attend = Launcher(_packed_attention_kernel)  # launched without per-call binding (kernels/launch.py)
+_merge = Launcher(_merge_kernel)
 
 
 def group_rows(num_heads: int, num_kv_heads: int) -> tuple[int, int]:
@@ -113,17 +162,60 @@ def group_rows(num_heads: int, num_kv_heads: int) -> tuple[int, int]:
     return r, max(1, BLOCK_M // r)
 
 
-def block_table(rows, starts, counts, positions, tokens_per_block: int, device) -> tuple[torch.Tensor, ...]:
+@dataclass(frozen=True)
+class PackedTable:
+    """What packed_attention walks for one step and one window: the query blocks (row, first token, count, first
+    position), their pieces (block, slots [lo, hi), whether the block's only piece) and the blocks cut in pieces
+    (block, first piece, pieces), as int32 device tensors; the cache's max_len and the window (0: none)."""
+    blocks: tuple
+    items: tuple
+    merges: tuple
+    max_len: int
+    window: int
+
+    @property
+    def num_items(self) -> int:
+        return self.items[0].shape[0]
+
+    @property
+    def num_merges(self) -> int:
+        return self.merges[0].shape[0]
+
+
+def block_table(rows, starts, counts, positions, tokens_per_block: int, device, max_len: int, window: int = 0,
+                split: int = SPLIT) -> PackedTable:
     """The query blocks of a packed step: each run of tokens (a row's tokens in the step: row r, its first token's
-    index into N, how many, its first position) cut into blocks of at most ``tokens_per_block``; four int32 tensors
-    on ``device`` (row, first token, count, first position), made with one copy."""
+    index into N, how many, its first position) cut into blocks of at most ``tokens_per_block``; each block's slots
+    (from 0, or the window's first rounded down to BLOCK_N, to its last token's position + 1, below max_len) cut at
+    multiples of ``split`` into pieces. Made on the host, copied in one go."""
     rows, starts, counts, positions = (np.asarray(a, dtype=np.int64) for a in (rows, starts, counts, positions))
     nb = -(-counts // tokens_per_block)
     run = np.repeat(np.arange(len(rows)), nb)
     off = (np.arange(int(nb.sum())) - np.repeat(np.cumsum(nb) - nb, nb)) * tokens_per_block
-    table = np.stack([rows[run], starts[run] + off, np.minimum(counts[run] - off, tokens_per_block),
-                      positions[run] + off]).astype(np.int32)
-    return rows_to_device(table, device)
+    cnt = np.minimum(counts[run] - off, tokens_per_block)
+    pos = positions[run] + off
+    hi = np.minimum(pos + cnt, max_len)
+    lo = np.maximum(pos - window + 1, 0) // BLOCK_N * BLOCK_N if window else np.zeros_like(pos)
+    lo = np.minimum(lo, hi)
+    first_piece, last_piece = lo // split, np.maximum(hi - 1, lo) // split
+    pieces = last_piece - first_piece + 1
+    blk = np.repeat(np.arange(len(pos)), pieces)
+    c = first_piece[blk] + np.arange(int(pieces.sum())) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    ilo, ihi = np.maximum(c * split, lo[blk]), np.minimum((c + 1) * split, hi[blk])
+    cut = np.flatnonzero(pieces > 1)
+    host = [np.stack([rows[run], starts[run] + off, cnt, pos]), np.stack([blk, ilo, ihi, pieces[blk] == 1]),
+            np.stack([cut, (np.cumsum(pieces) - pieces)[cut], pieces[cut]])]
+    # one copy: the three tables side by side, each padded to a multiple of 4 columns so that every row of each
+    # starts 16-byte aligned (rows_to_device)
+    widths = [h.shape[1] for h in host]
+    spans = [-(-max(w, 1) // 4) * 4 for w in widths]
+    flat = rows_to_device(np.concatenate([np.pad(h, ((0, 4 - h.shape[0]), (0, span - w)))
+                                          for h, w, span in zip(host, widths, spans)], axis=1).astype(np.int32), device)
+    parts, at = [], 0
+    for h, w, span in zip(host, widths, spans):
+        parts.append(tuple(t[at:at + w] for t in flat[:h.shape[0]]))
+        at += span
+    return PackedTable(parts[0], parts[1], parts[2], int(max_len), int(window))
 
 
 def rows_to_device(host: np.ndarray, device) -> tuple[torch.Tensor, ...]:
@@ -138,14 +230,13 @@ def rows_to_device(host: np.ndarray, device) -> tuple[torch.Tensor, ...]:
     return tuple(t[:n] for t in torch.from_numpy(padded).to(device).unbind(0))
 
 
-def packed_attention(q_HNd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table, scale: float,
-                     max_len: int, window: int = 0, out_NHd: torch.Tensor | None = None) -> torch.Tensor:
+def packed_attention(q_HNd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: PackedTable,
+                     scale: float, out_NHe: torch.Tensor | None = None) -> torch.Tensor:
     """out [N, H, e]: each packed token's attention over its row of the cache (see the module docstring).
 
     q_HNd: the queries [H, N, d] (rows may be strided, each contiguous); k_cache [rows, G, S, d], v_cache [rows, G,
-    S, e] (MLA: keys 192 = 128 + 64 rotary, values 128);
-    table: block_table(...) for the tokens per block of group_rows(H, G); max_len: slots a row holds (the spare
-    slot past it is never read); window: a sliding window (0: none)."""
+    S, e] (MLA: keys 192 = 128 + 64 rotary, values 128); table: block_table(...) for the tokens per block of
+    group_rows(H, G), the cache's max_len (the spare slot past it is never read) and the layer's window."""
     H, N, d = q_HNd.shape
     G = k_cache.shape[1]
     e = v_cache.shape[3]
@@ -153,15 +244,21 @@ def packed_attention(q_HNd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         raise ValueError(f"packed attention takes key and value heads of at most {MAX_HEAD}: q {tuple(q_HNd.shape)}, "
                          f"k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
     R, TB = group_rows(H, G)
-    out = out_NHd if out_NHd is not None else torch.empty(N, H, e, dtype=q_HNd.dtype, device=q_HNd.device)
-    brow, btok, bcnt, bpos = table
-    nb = brow.shape[0]
-    if nb and N:
-        interpreted = _interpreted()
-        _attend[(nb, G)](q_HNd, k_cache, v_cache, out, brow, btok, bcnt, bpos, H // G, d, e, max_len, int(window),
-                         scale, q_HNd.stride(0), q_HNd.stride(1), *k_cache.stride()[:3],
-                         *v_cache.stride()[:3], out.stride(0), out.stride(1), **_launch(R, TB, d, e, bool(window),
-                                                                                        q_HNd.dtype, interpreted))
+    out = out_NHe if out_NHe is not None else torch.empty(N, H, e, dtype=q_HNd.dtype, device=q_HNd.device)
+    ni, nm = table.num_items, table.num_merges
+    if not (ni and N):
+        return out
+    launch = _launch(R, TB, d, e, bool(table.window), q_HNd.dtype, _interpreted())
+    BE = launch["BLOCK_E"]
+    # the pieces of blocks cut in pieces write here (rows of pieces that are their block's only one are not read)
+    part = torch.empty((ni if nm else 1) * G * TB * R, BE, dtype=torch.float32, device=q_HNd.device)
+    ml = torch.empty((ni if nm else 1) * G * TB * R, 2, dtype=torch.float32, device=q_HNd.device)
+    _attend[(ni, G)](q_HNd, k_cache, v_cache, out, part, ml, *table.blocks, *table.items, H // G, d, e,
+                     table.window, scale, q_HNd.stride(0), q_HNd.stride(1), *k_cache.stride()[:3],
+                     *v_cache.stride()[:3], out.stride(0), out.stride(1), **launch)
+    if nm:
+        _merge[(nm, G)](part, ml, out, table.blocks[1], table.blocks[2], *table.merges, H // G, e, out.stride(0),
+                        out.stride(1), R=R, TB=TB, BLOCK_E=BE, num_warps=4)
     return out
 
 
@@ -177,26 +274,25 @@ def _launch(R: int, TB: int, d: int, e: int, windowed: bool, dtype: torch.dtype,
                 num_warps=4, num_stages=2)
 
 
-def packed_attention_reference(q_HNd, k_cache, v_cache, table, scale: float, max_len: int,
-                               window: int = 0) -> torch.Tensor:
+def packed_attention_reference(q_HNd, k_cache, v_cache, table: PackedTable, scale: float) -> torch.Tensor:
     """The same with torch's SDPA, one block at a time (the plain reference the kernel is tested against)."""
     H, N, d = q_HNd.shape
     G = k_cache.shape[1]
     out = torch.zeros(N, H, v_cache.shape[3], dtype=q_HNd.dtype, device=q_HNd.device)
-    for r, t0, c, p0 in zip(*(t.tolist() for t in table)):
-        hi = min(p0 + c, max_len)
+    for r, t0, c, p0 in zip(*(t.tolist() for t in table.blocks)):
+        hi = min(p0 + c, table.max_len)
         q = q_HNd[:, t0:t0 + c][None]  # [1, H, c, d]
         k, v = k_cache[r:r + 1, :, :hi], v_cache[r:r + 1, :, :hi]
         pos = torch.arange(p0, p0 + c, device=q.device)
         s = torch.arange(hi, device=q.device)
         mask = s[None, :] <= pos[:, None]
-        if window:
-            mask &= s[None, :] > pos[:, None] - window
+        if table.window:
+            mask &= s[None, :] > pos[:, None] - table.window
         o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[None, None], scale=scale,
                                            enable_gqa=H != G)
         out[t0:t0 + c] = o[0].transpose(0, 1)
     return out
 
 
-__all__ = ["packed_attention", "packed_attention_reference", "block_table", "rows_to_device", "group_rows", "BLOCK_M",
-           "BLOCK_N"]
+__all__ = ["packed_attention", "packed_attention_reference", "block_table", "PackedTable", "rows_to_device", "group_rows",
+           "BLOCK_M", "BLOCK_N", "SPLIT"]

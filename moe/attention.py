@@ -133,7 +133,7 @@ class Attention(nn.Module):
         qw, kw = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm == "head" else (None, None)
         q_HNd = prepare_qkv_rows(q, k, v, cos[0], sin[0], qw, kw, self.q_norm.eps if qw is not None else 0.0,
                                  k_all, v_all, step.row_N, step.slot_N, H, G)
-        out_NHd = packed_attention(q_HNd, k_all, v_all, step.table, self.scale, cache.max_len, step.window_size)
+        out_NHd = packed_attention(q_HNd, k_all, v_all, step.table, self.scale)
         return self.o_proj(out_NHd.view(1, N, H * d))
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_B1TS: torch.Tensor,
@@ -225,7 +225,7 @@ class MLAttention(nn.Module):
         k_all, v_all = cache.buffers(self.layer_idx, self.num_heads, k_1HNd.shape[-1], v_1HNe.shape[-1])
         k_all[step.row_N, :, step.slot_N] = k_1HNd[0].transpose(0, 1).to(k_all.dtype)
         v_all[step.row_N, :, step.slot_N] = v_1HNe[0].transpose(0, 1).to(v_all.dtype)
-        out_NHe = packed_attention(q_1HNd[0], k_all, v_all, step.table, self.scale, cache.max_len, step.window_size)
+        out_NHe = packed_attention(q_1HNd[0], k_all, v_all, step.table, self.scale)
         return self.o_proj(out_NHe.reshape(1, N, self.num_heads * self.v_dim))
 
     def _qkv(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

@@ -186,23 +186,28 @@ class PackedStep:
     per part and packs the outputs back to [1, N, *].
 
     In one pass instead (``fused``, where every attention module of the model can: ``Attention.packs``), the step
-    carries no masks and no row views: each token's cache row, slot and the attention's query blocks (``row_N``,
-    ``slot_N``, ``table``: kernels.packed_attention), and attention runs over all the step's tokens in one launch.
+    carries no masks and no row views: each token's cache row and slot (``row_N``, ``slot_N``) and, per sliding
+    window in use (0: none), the attention's query blocks (``tables``: kernels.packed_attention.block_table; ``table``
+    is this step's window's), and attention runs over all the step's tokens in one launch.
 
     ``parts`` then holds each part's rows, tokens, start and stop alone."""
 
     def __init__(self, parts: list[dict], row_N: torch.Tensor | None = None, slot_N: torch.Tensor | None = None,
-                 table: tuple | None = None, window_size: int = 0):
+                 tables: dict | None = None, window_size: int = 0):
         self.parts = parts  # each: cache (a view), rows, tokens, start, stop (in N), mask, windowed, num_slots
-        self.row_N, self.slot_N, self.table, self.window_size = row_N, slot_N, table, window_size
+        self.row_N, self.slot_N, self.tables, self.window_size = row_N, slot_N, tables, window_size
 
     @property
     def fused(self) -> bool:
-        return self.table is not None
+        return self.tables is not None
+
+    @property
+    def table(self):
+        return self.tables[self.window_size]
 
     def window(self, w: int) -> "PackedStep":
         if self.fused:
-            return PackedStep(self.parts, self.row_N, self.slot_N, self.table, w)
+            return PackedStep(self.parts, self.row_N, self.slot_N, self.tables, w)
         return PackedStep([dict(p, mask=p["windowed"][w]) for p in self.parts])
 
     def attend(self, module, x_1ND: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -298,10 +298,12 @@ class MoEForCausalLM(nn.Module):
         pos = np.repeat(L, T_r) + within
         host = np.stack([np.repeat(np.arange(R, dtype=np.int64), T_r), np.minimum(pos, cache.max_len), pos])
         row_N, slot_N, pos_N = rows_to_device(host, dev)
-        table = block_table(np.arange(R), start_r, T_r, L, group_rows(*self.layers[0].attn.packed_heads())[1], dev)
+        windows = {layer.window for layer in self.layers if layer.window}
+        TB = group_rows(*self.layers[0].attn.packed_heads())[1]
+        tables = {w: block_table(np.arange(R), start_r, T_r, L, TB, dev, cache.max_len, w) for w in windows | {0}}
         step = PackedStep([{k: p[k] for k in ("row", "rows", "tokens", "start", "stop")} for p in parts],
-                          row_N, slot_N, table)
-        masks = {w: step.window(w) for w in {layer.window for layer in self.layers if layer.window}}
+                          row_N, slot_N, tables)
+        masks = {w: step.window(w) for w in windows}
         x_1ND = self.embed(ids_1N)
         cos, sin = self.rotary(pos_N[None], x_1ND.dtype)
         for layer in self.layers:

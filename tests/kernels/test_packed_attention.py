@@ -10,9 +10,10 @@ from kernels.packed_attention import block_table, group_rows, packed_attention, 
 DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]  # (off a GPU the Triton interpreter runs them)
 
 
-def _case(H, G, d, runs, rows=4, max_len=40, dtype=torch.float32, device="cpu", seed=0, e=None):
+def _case(H, G, d, runs, rows=4, max_len=40, dtype=torch.float32, device="cpu", seed=0, e=None, window=0,
+          split=None):
     """q [H, N, d] and a cache of random keys/values (value heads of e, default d); runs: (row, first position,
-    tokens) one after another."""
+    tokens) one after another; the table for a window and a split of the slots (default the module's)."""
     g = torch.Generator().manual_seed(seed)
     N = sum(t for _, _, t in runs)
     q = torch.randn(H, N, d, generator=g).to(device, dtype)
@@ -23,7 +24,9 @@ def _case(H, G, d, runs, rows=4, max_len=40, dtype=torch.float32, device="cpu", 
         starts.append(n)
         n += t
     R, TB = group_rows(H, G)
-    table = block_table([r for r, _, _ in runs], starts, [t for _, _, t in runs], [p for _, p, _ in runs], TB, device)
+    kw = {} if split is None else dict(split=split)
+    table = block_table([r for r, _, _ in runs], starts, [t for _, _, t in runs], [p for _, p, _ in runs], TB, device,
+                        max_len, window, **kw)
     return q, k, v, table, max_len
 
 
@@ -42,11 +45,15 @@ CASES = [
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("H,G,d,e,runs", CASES)
 @pytest.mark.parametrize("window", [0, 5])
-def test_packed_attention_equals_sdpa_per_run(device, H, G, d, e, runs, window):
+@pytest.mark.parametrize("split", [None, 16])
+def test_packed_attention_equals_sdpa_per_run(device, H, G, d, e, runs, window, split):
+    """Against SDPA run by run; with the slots cut every 16 too (a block's pieces merged, as for long contexts)."""
     max_len = 80 if any(p + t > 40 for _, p, t in runs if t > 30) else 40
-    q, k, v, table, max_len = _case(H, G, d, runs, max_len=max_len, device=device, e=e)
-    got = packed_attention(q, k, v, table, 0.3, max_len, window)
-    want = packed_attention_reference(q, k, v, table, 0.3, max_len, window)
+    q, k, v, table, max_len = _case(H, G, d, runs, max_len=max_len, device=device, e=e, window=window, split=split)
+    if split:
+        assert table.num_merges > 0 or window
+    got = packed_attention(q, k, v, table, 0.3)
+    want = packed_attention_reference(q, k, v, table, 0.3)
     # tokens past max_len (padding) see the slots below it; with a window they may see none: compare the others
     live = torch.ones(q.shape[1], dtype=torch.bool)
     n = 0
@@ -65,22 +72,38 @@ def test_a_tokens_attention_does_not_depend_on_what_is_packed_beside_it(device, 
     step's greedy tokens from depending on the traffic beside them. (A row's tokens are cut into blocks from its
     own first token, so its blocks are the same either way.)"""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    q, k, v, _, L = _case(8, 2, 32, [(1, 6, 11)], dtype=dtype, device=device)
+    q, k, v, _, L = _case(8, 2, 32, [(1, 6, 11)], dtype=dtype, device=device, max_len=300)
     R, TB = group_rows(8, 2)
     assert TB > 11
-    alone = packed_attention(q, k, v, block_table([1], [0], [11], [6], TB, device), 0.2, L, window)
+    alone = packed_attention(q, k, v, block_table([1], [0], [11], [6], TB, device, L, window, split=64), 0.2)
     g = torch.Generator().manual_seed(9)
     other = torch.randn(8, 5, 32, generator=g).to(device, dtype)
     both = torch.cat([other[:, :3], q, other[:, 3:]], dim=1)
-    t2 = block_table([0, 1, 2], [0, 3, 14], [3, 11, 2], [4, 6, 20], TB, device)
-    beside = packed_attention(both, k, v, t2, 0.2, L, window)
+    t2 = block_table([0, 1, 2], [0, 3, 14], [3, 11, 2], [4, 6, 200], TB, device, L, window, split=64)
+    beside = packed_attention(both, k, v, t2, 0.2)
     assert torch.equal(beside[3:14], alone)
+    # a long context's row cut in pieces beside it: its own bits again
+    t3 = block_table([1, 2], [3, 14], [11, 1], [6, 250], TB, device, L, window, split=64)
+    assert t3.num_merges == (0 if window else 1)
+    assert torch.equal(packed_attention(both, k, v, t3, 0.2)[3:14], alone)
 
 
-def test_block_table_cuts_runs_into_blocks():
-    rows, toks, cnts, pos = block_table([2, 0], [0, 10], [10, 1], [7, 3], 4, "cpu")
+def test_block_table_cuts_runs_into_blocks_and_slots_into_pieces():
+    t = block_table([2, 0], [0, 10], [10, 1], [7, 3], 4, "cpu", 40)
+    rows, toks, cnts, pos = t.blocks
     assert rows.tolist() == [2, 2, 2, 0] and toks.tolist() == [0, 4, 8, 10]
     assert cnts.tolist() == [4, 4, 2, 1] and pos.tolist() == [7, 11, 15, 3]
+    assert t.num_items == 4 and t.num_merges == 0 and t.items[3].tolist() == [1] * 4
+    # a decoding row at 150 and a prompt's block at 60-63, slots cut every 64: [0, 64) [64, 128) [128, 151); [0, 64)
+    t = block_table([0, 1], [0, 1], [1, 4], [150, 60], 4, "cpu", 300, split=64)
+    blk, lo, hi, one = (x.tolist() for x in t.items)
+    assert (blk, lo, hi, one) == ([0, 0, 0, 1], [0, 64, 128, 0], [64, 128, 151, 64], [0, 0, 0, 1])
+    assert [x.tolist() for x in t.merges] == [[0], [0], [3]]
+    # a window of 20 over the row at 150: its slots from 128 (131 rounded down to 64s), one piece
+    t = block_table([0], [0], [1], [150], 4, "cpu", 300, 20, split=64)
+    assert [x.tolist() for x in t.items] == [[0], [128], [151], [1]]
+    for x in (*t.blocks, *t.items, *t.merges):  # each 16-byte aligned (Triton compiles a variant per alignment)
+        assert x.data_ptr() % 16 == 0
     assert group_rows(32, 4) == (8, 8) and group_rows(6, 2) == (4, 16) and group_rows(16, 16) == (1, 64)
     with pytest.raises(ValueError, match="evenly"):
         group_rows(6, 4)
