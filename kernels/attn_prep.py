@@ -133,10 +133,12 @@ def _launch(d: int) -> dict:
 
 
 def prepare_qkv(q_BTX, k_BTY, v_BTY, cos_BTr, sin_BTr, q_weight, k_weight, eps, k_cache, v_cache, slot_BT,
-                num_heads: int, num_kv_heads: int) -> torch.Tensor:
+                num_heads: int, num_kv_heads: int, row_BT: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, H, T, d] ready for attention; the new keys and values written into k_cache / v_cache
     [B, G, S, d] at slot_BT. q/k/v: the projections [B, T, H*d] / [B, T, G*d] (rows may be strided,
-    each row contiguous); q_weight / k_weight: the per-head norm weights [d], or None for no norm."""
+    each row contiguous); q_weight / k_weight: the per-head norm weights [d], or None for no norm.
+    row_BT: each token's cache row instead of its batch row (a packed step: prepare_qkv_rows); the caches are
+    then [rows, G, S, d]."""
     B, T, X = q_BTX.shape
     H, G = num_heads, num_kv_heads
     d = X // H
@@ -145,10 +147,14 @@ def prepare_qkv(q_BTX, k_BTY, v_BTY, cos_BTr, sin_BTr, q_weight, k_weight, eps, 
                          f"{H} query and {G} key/value heads of one even size")
     if cos_BTr.shape != (B, T, d // 2) or sin_BTr.shape != cos_BTr.shape:
         raise ValueError(f"cos/sin must be [{B}, {T}, {d // 2}], got {tuple(cos_BTr.shape)}")
+    if row_BT is not None and (row_BT.shape != (B, T) or slot_BT.shape != (B, T)):
+        raise ValueError(f"rows/slots must both be [{B}, {T}], got {tuple(row_BT.shape)} and {tuple(slot_BT.shape)}")
     if (q_weight is None) != (k_weight is None):
         raise ValueError("give both q and k norm weights or neither")
-    if k_cache.shape[:2] != (B, G) or k_cache.shape[3] != d or v_cache.shape != k_cache.shape:
-        raise ValueError(f"caches must be [{B}, {G}, S, {d}], got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    rows = "rows" if row_BT is not None else B
+    if (k_cache.shape[1] != G or k_cache.shape[3] != d or v_cache.shape != k_cache.shape
+            or (row_BT is None and k_cache.shape[0] != B)):
+        raise ValueError(f"caches must be [{rows}, {G}, S, {d}], got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     ts = [t if t.stride(-1) == 1 and t.stride(0) == T * t.stride(1) else t.contiguous()
           for t in (q_BTX, k_BTY, v_BTY, cos_BTr, sin_BTr)]
     q, k, v, cos, sin = ts
@@ -157,9 +163,10 @@ def prepare_qkv(q_BTX, k_BTY, v_BTY, cos_BTr, sin_BTr, q_weight, k_weight, eps, 
     norm = q_weight is not None
     if B * T:
         _prep[(B * T, H + G)](
-            q, k, v, cos, sin, q_weight if norm else q, k_weight if norm else q, out, k_cache, v_cache, slots, slots,
-            T, H, G, d, eps, q.stride(1), k.stride(1), v.stride(1), cos.stride(1),
-            *k_cache.stride()[:3], *v_cache.stride()[:3], NORM=norm, ROWS=False, **_launch(d))
+            q, k, v, cos, sin, q_weight if norm else q, k_weight if norm else q, out, k_cache, v_cache, slots,
+            slots if row_BT is None else row_BT.contiguous(), T, H, G, d, eps, q.stride(1), k.stride(1), v.stride(1),
+            cos.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], NORM=norm, ROWS=row_BT is not None,
+            **_launch(d))
     return out
 
 
@@ -168,25 +175,5 @@ def prepare_qkv_rows(q_NX, k_NY, v_NY, cos_Nr, sin_Nr, q_weight, k_weight, eps, 
     """prepare_qkv for a packed step's tokens (moe.kv_cache.PackedStep): token n's keys and values go to cache row
     row_N[n] at slot slot_N[n]; returns q [H, N, d]. q/k/v: [N, H*d] / [N, G*d]; cos/sin [N, d/2]; caches
     [rows, G, S, d]."""
-    N, X = q_NX.shape
-    H, G = num_heads, num_kv_heads
-    d = X // H
-    if X != H * d or d % 2 or k_NY.shape != (N, G * d) or v_NY.shape != (N, G * d):
-        raise ValueError(f"q {tuple(q_NX.shape)}, k {tuple(k_NY.shape)}, v {tuple(v_NY.shape)} do not split into "
-                         f"{H} query and {G} key/value heads of one even size")
-    if cos_Nr.shape != (N, d // 2) or sin_Nr.shape != cos_Nr.shape or row_N.shape != (N,) or slot_N.shape != (N,):
-        raise ValueError(f"cos/sin must be [{N}, {d // 2}] and rows/slots [{N}], got {tuple(cos_Nr.shape)}, "
-                         f"{tuple(row_N.shape)}, {tuple(slot_N.shape)}")
-    if (q_weight is None) != (k_weight is None):
-        raise ValueError("give both q and k norm weights or neither")
-    if k_cache.shape[1] != G or k_cache.shape[3] != d or v_cache.shape != k_cache.shape:
-        raise ValueError(f"caches must be [rows, {G}, S, {d}], got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    q, k, v, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_NX, k_NY, v_NY, cos_Nr, sin_Nr))
-    out = torch.empty(1, H, N, d, dtype=q.dtype, device=q.device)
-    norm = q_weight is not None
-    if N:
-        _prep[(N, H + G)](
-            q, k, v, cos, sin, q_weight if norm else q, k_weight if norm else q, out, k_cache, v_cache,
-            slot_N.contiguous(), row_N.contiguous(), N, H, G, d, eps, q.stride(0), k.stride(0), v.stride(0),
-            cos.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], NORM=norm, ROWS=True, **_launch(d))
-    return out[0]
+    return prepare_qkv(q_NX[None], k_NY[None], v_NY[None], cos_Nr[None], sin_Nr[None], q_weight, k_weight, eps,
+                       k_cache, v_cache, slot_N[None], num_heads, num_kv_heads, row_BT=row_N[None])[0]

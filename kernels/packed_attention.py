@@ -30,7 +30,6 @@ Shape legend: N packed tokens, H query heads, G key/value heads, d key and e val
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,13 +38,13 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .decode_attention import softmax_step
+from .decode_attention import MAX_HEAD, softmax_step
+from .grouped_gemm import _interpreted, _precision
 from .launch import Launcher
 from .launch_config import next_pow2
 
 BLOCK_M = 64  # tile rows: TB tokens x R query heads of one key/value head
 BLOCK_N = 64  # slots per step of the online softmax
-MAX_HEAD = 256
 # slots one program walks: a block's slots are cut at multiples of SPLIT, each piece a program of its own, and
 # the pieces merged in order. One program per block walked a decoding row's whole context: at 8192 and 32768
 # slots 2.4-7x slower than the parts' decode attention (H200, s33-f: 0.31 / 1.23 ms against 0.12 / 0.18 a layer)
@@ -231,7 +230,7 @@ def rows_to_device(host: np.ndarray, device) -> tuple[torch.Tensor, ...]:
 
 
 def packed_attention(q_HNd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: PackedTable,
-                     scale: float, out_NHe: torch.Tensor | None = None) -> torch.Tensor:
+                     scale: float) -> torch.Tensor:
     """out [N, H, e]: each packed token's attention over its row of the cache (see the module docstring).
 
     q_HNd: the queries [H, N, d] (rows may be strided, each contiguous); k_cache [rows, G, S, d], v_cache [rows, G,
@@ -244,7 +243,7 @@ def packed_attention(q_HNd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         raise ValueError(f"packed attention takes key and value heads of at most {MAX_HEAD}: q {tuple(q_HNd.shape)}, "
                          f"k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
     R, TB = group_rows(H, G)
-    out = out_NHe if out_NHe is not None else torch.empty(N, H, e, dtype=q_HNd.dtype, device=q_HNd.device)
+    out = torch.empty(N, H, e, dtype=q_HNd.dtype, device=q_HNd.device)
     ni, nm = table.num_items, table.num_merges
     if not (ni and N):
         return out
@@ -262,15 +261,11 @@ def packed_attention(q_HNd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     return out
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @functools.lru_cache(maxsize=64)
 def _launch(R: int, TB: int, d: int, e: int, windowed: bool, dtype: torch.dtype, interpreted: bool) -> dict:
     return dict(R=R, TB=TB, BLOCK_N=BLOCK_N, BLOCK_D=max(16, next_pow2(d)), BLOCK_E=max(16, next_pow2(e)),
                 WINDOWED=windowed,
-                CAST_F32=interpreted or dtype == torch.float32, PREC="ieee" if dtype == torch.float32 else "tf32",
+                CAST_F32=interpreted or dtype == torch.float32, PREC=_precision(dtype),
                 num_warps=4, num_stages=2)
 
 

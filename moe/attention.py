@@ -43,6 +43,18 @@ if PACKED_ATTENTION not in ("auto", "always", "never"):
     raise ValueError(f"MOEFLOW_PACKED_ATTENTION must be 'auto', 'always' or 'never', got {PACKED_ATTENTION!r}")
 
 
+def _packs_in_one_launch(module: nn.Module, head_sizes: tuple[int, ...], dtype: torch.dtype, cache: KVCache,
+                         device: torch.device) -> bool:
+    """Whether an attention module can run a packed step in one launch (kernels.packed_attention; PACKED_ATTENTION):
+    on CUDA (or where asked), at inference (no gradient asked of its parameters), on a KVCache of the activations'
+    dtype, with key and value heads the kernel takes."""
+    if PACKED_ATTENTION == "never" or (PACKED_ATTENTION == "auto" and device.type != "cuda"):
+        return False
+    from kernels.decode_attention import MAX_HEAD
+    return (not (torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()))
+            and isinstance(cache, KVCache) and cache.dtype == dtype and max(head_sizes) <= MAX_HEAD)
+
+
 def attend(q_BHTd: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: torch.Tensor, mask_B1TS: torch.Tensor,
            scale: float) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v, with G key/value heads shared by H/G query heads each."""
@@ -98,14 +110,9 @@ class Attention(nn.Module):
                 and self.head_dim % 2 == 0)
 
     def packs(self, dtype: torch.dtype, cache: KVCache, device: torch.device) -> bool:
-        """Whether a packed step's attention can run in one launch here (kernels.packed_attention; PACKED_ATTENTION):
-        inference, a cache of the activations' dtype, an even head size of at most 256."""
-        if PACKED_ATTENTION == "never" or (PACKED_ATTENTION == "auto" and device.type != "cuda"):
-            return False
-        from kernels.packed_attention import MAX_HEAD
-        params = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.o_proj.weight)
-        return (not (torch.is_grad_enabled() and any(p.requires_grad for p in params)) and isinstance(cache, KVCache)
-                and cache.dtype == dtype and self.head_dim % 2 == 0 and self.head_dim <= MAX_HEAD)
+        """Whether a packed step's attention can run in one launch here (_packs_in_one_launch), with an even head
+        size (the prep kernel's rotation)."""
+        return self.head_dim % 2 == 0 and _packs_in_one_launch(self, (self.head_dim,), dtype, cache, device)
 
     def packed_heads(self) -> tuple[int, int]:
         """(query heads, key/value heads) as the cache holds them: what a packed step's query blocks are cut for."""
@@ -203,14 +210,9 @@ class MLAttention(nn.Module):
         self.scale = mla_softmax_scale(cfg)
 
     def packs(self, dtype: torch.dtype, cache: KVCache, device: torch.device) -> bool:
-        """Whether a packed step's attention can run in one launch here (as Attention.packs; the cache holds every
+        """Whether a packed step's attention can run in one launch here (_packs_in_one_launch; the cache holds every
         head's decompressed keys and values, so each query head is its own key/value head)."""
-        if PACKED_ATTENTION == "never" or (PACKED_ATTENTION == "auto" and device.type != "cuda"):
-            return False
-        from kernels.packed_attention import MAX_HEAD
-        return (not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
-                and isinstance(cache, KVCache) and cache.dtype == dtype
-                and max(self.nope + self.rope, self.v_dim) <= MAX_HEAD)
+        return _packs_in_one_launch(self, (self.nope + self.rope, self.v_dim), dtype, cache, device)
 
     def packed_heads(self) -> tuple[int, int]:
         return self.num_heads, self.num_heads
