@@ -36,6 +36,25 @@ def load_benchmark(name: str):
     return mod
 
 
+_INTERPRET_AT_START = os.environ.get("TRITON_INTERPRET")
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_flag_unchanged():
+    """No test leaves TRITON_INTERPRET changed for the tests after it: the kernels read it once, at import, but
+    tests that choose between the interpreter and compiled kernels read it when they run (a benchmark script run
+    in-process once set it on a GPU machine, and a later test ran CPU cases against compiled kernels)."""
+    yield
+    now = os.environ.get("TRITON_INTERPRET")
+    if now != _INTERPRET_AT_START:
+        if _INTERPRET_AT_START is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = _INTERPRET_AT_START
+        pytest.fail(f"the test left TRITON_INTERPRET={now!r} (was {_INTERPRET_AT_START!r} at the session's start); "
+                    f"change it with monkeypatch.setenv so it is restored")
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

@@ -1,4 +1,6 @@
 """kernels.proj.multi_linear (Triton; interpreted on the CPU) against F.linear per weight."""
+import os
+
 import pytest
 import torch
 
@@ -40,10 +42,13 @@ def test_strided_input_fallbacks_and_errors():
         multi_linear(x, ws * 2)
 
 
-def test_gemv_benchmark_script_smoke_run(capsys):
+def test_gemv_benchmark_script_smoke_run(capsys, monkeypatch):
     """benchmarks/gemv.py --smoke: every shape's one-launch result against F.linear (the script's own
     check); in the interpreter on the CPU (fp32), compiled in bf16 on a GPU machine (where the
-    interpreter is off for the whole session)."""
+    interpreter is off for the whole session). The environment is restored after: the script once left
+    TRITON_INTERPRET=1 behind on a GPU machine, and a later test that skips CPU cases without the
+    interpreter ran them against compiled kernels (s34-a)."""
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
     mod = load_benchmark("gemv")
     assert mod.main(["--device", "cuda" if ON_GPU else "cpu", "--smoke", "--rows", "2"]) == 0
     errs = [float(line.split()[-1]) for line in capsys.readouterr().out.splitlines() if "relative error" in line]
