@@ -17,7 +17,10 @@ launch over a table of query blocks:
              block's only piece writes the output, else a second kernel merges its pieces in order.
 
 The grouped query heads share each key tile, so a one-token row (decoding) reads its keys once per key/value head,
-not once per query head. Masked slots are never read past the block's last position; a key block with every slot
+not once per query head. A one-token block fills only R of a tile's BLOCK_M rows; where its context reaches
+``SINGLE_FROM`` slots such blocks go to a table of their own, launched with tiles of 16 rows (``PackedTable.single``):
+at 32768 slots a 64-row tile made seven decoding rows 1.4x the decode kernel, 16 rows made them level with it
+(H200, s34-c), and below ~8192 slots the second launch costs about what it saves. Masked slots are never read past the block's last position; a key block with every slot
 masked adds exactly nothing (the online softmax step is decode_attention's ``softmax_step``), and a row's tokens are
 cut into blocks from its own first token and its slots into pieces at fixed multiples, so a token's result does not
 depend on what else the step holds: the same bits whatever is packed beside it (tested).
@@ -29,6 +32,7 @@ Shape legend: N packed tokens, H query heads, G key/value heads, d key and e val
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -49,6 +53,11 @@ BLOCK_N = 64  # slots per step of the online softmax
 # the pieces merged in order. One program per block walked a decoding row's whole context: at 8192 and 32768
 # slots 2.4-7x slower than the parts' decode attention (H200, s33-f: 0.31 / 1.23 ms against 0.12 / 0.18 a layer)
 SPLIT = 1024
+# one-token blocks of at least this many slots run in a launch of their own with tiles of SINGLE_ROWS rows (s34-c, Qwen3
+# heads, 7 decoding rows beside a prompt: 0.242 -> 0.175 ms a layer at 32768 slots, the decode kernel's 0.175; level
+# at 8192, 0.02 ms slower at 2048: the second launch)
+SINGLE_FROM = 16384
+SINGLE_ROWS = 16  # the smallest tile a dot takes
 
 
 @triton.jit(do_not_specialize=["s_qh"])  # (N x d: a stride that changes with the step, not a variant each)
@@ -165,12 +174,16 @@ def group_rows(num_heads: int, num_kv_heads: int) -> tuple[int, int]:
 class PackedTable:
     """What packed_attention walks for one step and one window: the query blocks (row, first token, count, first
     position), their pieces (block, slots [lo, hi), whether the block's only piece) and the blocks cut in pieces
-    (block, first piece, pieces), as int32 device tensors; the cache's max_len and the window (0: none)."""
+    (block, first piece, pieces), as int32 device tensors; the cache's max_len, the window (0: none) and the tokens
+    a block holds at most. ``single``: the one-token blocks of long contexts, a table of its own launched with
+    tiles of SINGLE_ROWS rows (None: none)."""
     blocks: tuple
     items: tuple
     merges: tuple
     max_len: int
     window: int
+    tokens_per_block: int = 0
+    single: "PackedTable | None" = None
 
     @property
     def num_items(self) -> int:
@@ -181,13 +194,14 @@ class PackedTable:
         return self.merges[0].shape[0]
 
 
-def block_table(rows, starts, counts, positions, tokens_per_block: int, device, max_len: int, window: int = 0,
-                split: int = SPLIT) -> PackedTable:
-    """The query blocks of a packed step: each run of tokens (a row's tokens in the step: row r, its first token's
-    index into N, how many, its first position) cut into blocks of at most ``tokens_per_block``; each block's slots
-    (from 0, or the window's first rounded down to BLOCK_N, to its last token's position + 1, below max_len) cut at
-    multiples of ``split`` into pieces. Made on the host, copied in one go."""
-    rows, starts, counts, positions = (np.asarray(a, dtype=np.int64) for a in (rows, starts, counts, positions))
+def single_tokens_per_block(tokens_per_block: int) -> int:
+    """Tokens a block of the one-token table holds: its tiles are SINGLE_ROWS rows (of R = BLOCK_M / tokens_per_block
+    rows a token), so a one-token block fills R of them, not R of BLOCK_M."""
+    return max(1, tokens_per_block * SINGLE_ROWS // BLOCK_M)
+
+
+def _host_table(rows, starts, counts, positions, tokens_per_block: int, max_len: int, window: int, split: int):
+    """The three host arrays of one table ([4, blocks], [4, pieces], [3, merges]; see block_table)."""
     nb = -(-counts // tokens_per_block)
     run = np.repeat(np.arange(len(rows)), nb)
     off = (np.arange(int(nb.sum())) - np.repeat(np.cumsum(nb) - nb, nb)) * tokens_per_block
@@ -202,10 +216,30 @@ def block_table(rows, starts, counts, positions, tokens_per_block: int, device, 
     c = first_piece[blk] + np.arange(int(pieces.sum())) - np.repeat(np.cumsum(pieces) - pieces, pieces)
     ilo, ihi = np.maximum(c * split, lo[blk]), np.minimum((c + 1) * split, hi[blk])
     cut = np.flatnonzero(pieces > 1)
-    host = [np.stack([rows[run], starts[run] + off, cnt, pos]), np.stack([blk, ilo, ihi, pieces[blk] == 1]),
+    return [np.stack([rows[run], starts[run] + off, cnt, pos]), np.stack([blk, ilo, ihi, pieces[blk] == 1]),
             np.stack([cut, (np.cumsum(pieces) - pieces)[cut], pieces[cut]])]
-    # one copy: the three tables side by side, each padded to a multiple of 4 columns so that every row of each
-    # starts 16-byte aligned (rows_to_device)
+
+
+def block_table(rows, starts, counts, positions, tokens_per_block: int, device, max_len: int, window: int = 0,
+                split: int | None = None, single_from: int | None = None) -> PackedTable:
+    """The query blocks of a packed step: each run of tokens (a row's tokens in the step: row r, its first token's
+    index into N, how many, its first position) cut into blocks of at most ``tokens_per_block``; each block's slots
+    (from 0, or the window's first rounded down to BLOCK_N, to its last token's position + 1, below max_len) cut at
+    multiples of ``split`` (default SPLIT) into pieces. A run of one token whose slots number ``single_from`` (default
+    SINGLE_FROM) or more goes to ``single``, blocks of single_tokens_per_block(tokens_per_block) tokens: which table
+    a run takes follows from the run alone, so a token's result still does not depend on its neighbours. Made on the
+    host, copied in one go."""
+    split = SPLIT if split is None else int(split)
+    single_from = SINGLE_FROM if single_from is None else int(single_from)
+    rows, starts, counts, positions = (np.asarray(a, dtype=np.int64) for a in (rows, starts, counts, positions))
+    tb1 = single_tokens_per_block(tokens_per_block)
+    seen = np.minimum(positions + 1, max_len) - (np.maximum(positions - window + 1, 0) if window else 0)
+    one = (counts == 1) & (seen >= single_from) if tb1 < tokens_per_block else np.zeros(len(rows), dtype=bool)
+    groups = [(~one, tokens_per_block)] + ([(one, tb1)] if one.any() else [])
+    hosts = [_host_table(rows[m], starts[m], counts[m], positions[m], tb, max_len, window, split) for m, tb in groups]
+    # one copy: every table's three arrays side by side, each padded to a multiple of 4 columns so that every row of
+    # each starts 16-byte aligned (rows_to_device)
+    host = [h for tables in hosts for h in tables]
     widths = [h.shape[1] for h in host]
     spans = [-(-max(w, 1) // 4) * 4 for w in widths]
     flat = rows_to_device(np.concatenate([np.pad(h, ((0, 4 - h.shape[0]), (0, span - w)))
@@ -214,7 +248,25 @@ def block_table(rows, starts, counts, positions, tokens_per_block: int, device, 
     for h, w, span in zip(host, widths, spans):
         parts.append(tuple(t[at:at + w] for t in flat[:h.shape[0]]))
         at += span
-    return PackedTable(parts[0], parts[1], parts[2], int(max_len), int(window))
+    single = None
+    if len(groups) > 1:
+        single = PackedTable(*parts[3:6], int(max_len), int(window), tb1)
+    return PackedTable(*parts[:3], int(max_len), int(window), tokens_per_block, single)
+
+
+@contextlib.contextmanager
+def every_variant(split: int = 1):
+    """Within it block_table cuts every block's slots every ``split`` and gives every one-token run the one-token
+    table, so a short step launches every kernel variant that long contexts take (the attention with both tile
+    sizes, the merges of both), which a serving warm-up wants compiled before its first request. Not for real
+    steps: the cuts change the bits."""
+    global SPLIT, SINGLE_FROM
+    saved = SPLIT, SINGLE_FROM
+    SPLIT, SINGLE_FROM = int(split), 1
+    try:
+        yield
+    finally:
+        SPLIT, SINGLE_FROM = saved
 
 
 def rows_to_device(host: np.ndarray, device) -> tuple[torch.Tensor, ...]:
@@ -244,9 +296,24 @@ def packed_attention(q_HNd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                          f"k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
     R, TB = group_rows(H, G)
     out = torch.empty(N, H, e, dtype=q_HNd.dtype, device=q_HNd.device)
-    ni, nm = table.num_items, table.num_merges
-    if not (ni and N):
+    if not N:
         return out
+    for t in (table, table.single):
+        if t is None or not t.num_items:
+            continue
+        tb = t.tokens_per_block or TB
+        if tb * R > BLOCK_M:
+            raise ValueError(f"a table of {tb} tokens a block for {H} query heads on {G} key/value heads: made for "
+                             f"other heads (block_table's tokens_per_block is group_rows(H, G)[1] = {TB})")
+        _attend_table(q_HNd, k_cache, v_cache, out, t, R, tb, scale)
+    return out
+
+
+def _attend_table(q_HNd, k_cache, v_cache, out, table: PackedTable, R: int, TB: int, scale: float) -> None:
+    H, N, d = q_HNd.shape
+    G = k_cache.shape[1]
+    e = v_cache.shape[3]
+    ni, nm = table.num_items, table.num_merges
     launch = _launch(R, TB, d, e, bool(table.window), q_HNd.dtype, _interpreted())
     BE = launch["BLOCK_E"]
     # the pieces of blocks cut in pieces write here (rows of pieces that are their block's only one are not read)
@@ -258,7 +325,6 @@ def packed_attention(q_HNd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     if nm:
         _merge[(nm, G)](part, ml, out, table.blocks[1], table.blocks[2], *table.merges, H // G, e, out.stride(0),
                         out.stride(1), R=R, TB=TB, BLOCK_E=BE, num_warps=4)
-    return out
 
 
 @functools.lru_cache(maxsize=64)
@@ -274,7 +340,10 @@ def packed_attention_reference(q_HNd, k_cache, v_cache, table: PackedTable, scal
     H, N, d = q_HNd.shape
     G = k_cache.shape[1]
     out = torch.zeros(N, H, v_cache.shape[3], dtype=q_HNd.dtype, device=q_HNd.device)
-    for r, t0, c, p0 in zip(*(t.tolist() for t in table.blocks)):
+    blocks = [b.tolist() for b in table.blocks]
+    if table.single is not None:
+        blocks = [a + b.tolist() for a, b in zip(blocks, table.single.blocks)]
+    for r, t0, c, p0 in zip(*blocks):
         hi = min(p0 + c, table.max_len)
         q = q_HNd[:, t0:t0 + c][None]  # [1, H, c, d]
         k, v = k_cache[r:r + 1, :, :hi], v_cache[r:r + 1, :, :hi]
@@ -290,4 +359,4 @@ def packed_attention_reference(q_HNd, k_cache, v_cache, table: PackedTable, scal
 
 
 __all__ = ["packed_attention", "packed_attention_reference", "block_table", "PackedTable", "rows_to_device", "group_rows",
-           "BLOCK_M", "BLOCK_N", "SPLIT"]
+           "single_tokens_per_block", "every_variant", "BLOCK_M", "BLOCK_N", "SPLIT", "SINGLE_FROM", "SINGLE_ROWS"]

@@ -5,15 +5,17 @@ import pytest
 import torch
 
 from kernels.attn_prep import prepare_qkv_reference, prepare_qkv_rows
-from kernels.packed_attention import block_table, group_rows, packed_attention, packed_attention_reference
+from kernels.packed_attention import (block_table, every_variant, group_rows, packed_attention, packed_attention_reference,
+                                      single_tokens_per_block)
 
 DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]  # (off a GPU the Triton interpreter runs them)
 
 
 def _case(H, G, d, runs, rows=4, max_len=40, dtype=torch.float32, device="cpu", seed=0, e=None, window=0,
-          split=None):
+          split=None, single_from=None):
     """q [H, N, d] and a cache of random keys/values (value heads of e, default d); runs: (row, first position,
-    tokens) one after another; the table for a window and a split of the slots (default the module's)."""
+    tokens) one after another; the table for a window, a split of the slots and the context from which one-token
+    runs take tiles of their own (defaults: the module's)."""
     g = torch.Generator().manual_seed(seed)
     N = sum(t for _, _, t in runs)
     q = torch.randn(H, N, d, generator=g).to(device, dtype)
@@ -25,6 +27,8 @@ def _case(H, G, d, runs, rows=4, max_len=40, dtype=torch.float32, device="cpu", 
         n += t
     R, TB = group_rows(H, G)
     kw = {} if split is None else dict(split=split)
+    if single_from is not None:
+        kw["single_from"] = single_from
     table = block_table([r for r, _, _ in runs], starts, [t for _, _, t in runs], [p for _, p, _ in runs], TB, device,
                         max_len, window, **kw)
     return q, k, v, table, max_len
@@ -45,13 +49,18 @@ CASES = [
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("H,G,d,e,runs", CASES)
 @pytest.mark.parametrize("window", [0, 5])
-@pytest.mark.parametrize("split", [None, 16])
-def test_packed_attention_equals_sdpa_per_run(device, H, G, d, e, runs, window, split):
-    """Against SDPA run by run; with the slots cut every 16 too (a block's pieces merged, as for long contexts)."""
+@pytest.mark.parametrize("split,single_from", [(None, None), (16, None), (16, 4)])
+def test_packed_attention_equals_sdpa_per_run(device, H, G, d, e, runs, window, split, single_from):
+    """Against SDPA run by run; with the slots cut every 16 too (a block's pieces merged, as for long contexts), and
+    with one-token runs of 4 slots or more in a table of their own (16-row tiles, as for contexts of SINGLE_FROM)."""
     max_len = 80 if any(p + t > 40 for _, p, t in runs if t > 30) else 40
-    q, k, v, table, max_len = _case(H, G, d, runs, max_len=max_len, device=device, e=e, window=window, split=split)
+    q, k, v, table, max_len = _case(H, G, d, runs, max_len=max_len, device=device, e=e, window=window, split=split,
+                                    single_from=single_from)
     if split:
-        assert table.num_merges > 0 or window
+        assert table.num_merges > 0 or window or (table.single is not None and table.single.num_merges > 0)
+    if single_from and not window and any(t == 1 and p + 1 >= single_from for _, p, t in runs):
+        assert table.single is not None and table.single.tokens_per_block == single_tokens_per_block(
+            table.tokens_per_block)
     got = packed_attention(q, k, v, table, 0.3)
     want = packed_attention_reference(q, k, v, table, 0.3)
     # tokens past max_len (padding) see the slots below it; with a window they may see none: compare the others
@@ -86,6 +95,48 @@ def test_a_tokens_attention_does_not_depend_on_what_is_packed_beside_it(device, 
     t3 = block_table([1, 2], [3, 14], [11, 1], [6, 250], TB, device, L, window, split=64)
     assert t3.num_merges == (0 if window else 1)
     assert torch.equal(packed_attention(both, k, v, t3, 0.2)[3:14], alone)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_long_contexts_decoding_row_gets_its_own_bits_in_the_one_token_table(device):
+    """A decoding row whose context takes the one-token table (16-row tiles): the same bits alone and beside a prompt
+    (which table a run takes follows from the run alone), and right against SDPA."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v, _, L = _case(8, 2, 32, [(2, 250, 1)], dtype=dtype, device=device, max_len=300)
+    R, TB = group_rows(8, 2)
+    alone_t = block_table([2], [0], [1], [250], TB, device, L, split=64, single_from=100)
+    assert alone_t.num_items == 0 and alone_t.single.num_items == 4 and alone_t.single.num_merges == 1
+    alone = packed_attention(q, k, v, alone_t, 0.2)
+    g = torch.Generator().manual_seed(9)
+    prompt = torch.randn(8, 9, 32, generator=g).to(device, dtype)
+    both = torch.cat([prompt, q], dim=1)
+    t2 = block_table([1, 2], [0, 9], [9, 1], [0, 250], TB, device, L, split=64, single_from=100)
+    assert t2.num_items == 1 and t2.single.num_items == 4
+    beside = packed_attention(both, k, v, t2, 0.2)
+    assert torch.equal(beside[9:], alone)
+    tol = dict(rtol=1e-5, atol=1e-5) if device == "cpu" else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(beside, packed_attention_reference(both, k, v, t2, 0.2), **tol)
+
+
+def test_block_table_gives_one_token_runs_of_long_contexts_a_table_of_their_own():
+    # TB 8 (8 query heads a key/value head: 64-row tiles); one-token runs from 100 slots: tiles of 16 rows, 2 tokens
+    assert [single_tokens_per_block(tb) for tb in (64, 16, 8, 2, 1)] == [16, 4, 2, 1, 1]
+    t = block_table([0, 1, 2, 3], [0, 1, 2, 12], [1, 1, 10, 1], [98, 150, 140, 400], 8, "cpu", 300, single_from=100)
+    assert t.tokens_per_block == 8 and t.single.tokens_per_block == 2 and t.single.single is None
+    assert t.blocks[0].tolist() == [0, 2, 2]  # 99 slots, and the prompt (never the one-token table)
+    assert t.single.blocks[0].tolist() == [1, 3] and t.single.blocks[1].tolist() == [1, 12]
+    assert t.single.blocks[3].tolist() == [150, 400] and t.single.items[2].tolist() == [151, 300]  # below max_len
+    for x in (*t.single.blocks, *t.single.items, *t.single.merges):
+        assert x.data_ptr() % 16 == 0
+    # a window narrower than the threshold: what the row sees is short, so the main table
+    assert block_table([1], [0], [1], [150], 8, "cpu", 300, 20, single_from=100).single is None
+    # tiles already of one token's rows (64 query heads a key/value head): nothing to gain, no second table
+    assert block_table([1], [0], [1], [150], 1, "cpu", 300, single_from=100).single is None
+    assert block_table([1], [0], [1], [150], 8, "cpu", 300).single is None  # the default threshold: 16384 slots
+    with every_variant():  # a warm-up's step: every slot a piece, every one-token run in the one-token table
+        t = block_table([0, 1], [0, 1], [1, 2], [3, 0], 8, "cpu", 300)
+        assert t.single.num_items == 4 and t.single.num_merges == 1 and t.num_merges == 1
+    assert block_table([0, 1], [0, 1], [1, 2], [3, 0], 8, "cpu", 300).single is None
 
 
 def test_block_table_cuts_runs_into_blocks_and_slots_into_pieces():

@@ -380,6 +380,54 @@ def test_an_engine_whose_model_attends_a_packed_step_in_one_launch_packs_every_m
         assert got[1:] == [list(w.values())[0] for w in want[1:]]
 
 
+def test_warm_up_launches_every_packed_attention_variant_a_long_context_takes(model, tok, monkeypatch):
+    """A replica's first packed steps over long contexts must not compile attention kernels inside a request: past
+    SPLIT slots a block is cut in pieces and merged (a kernel of its own), and a decoding row past SINGLE_FROM slots
+    takes the one-token table (16-row tiles: another variant of both kernels). Engine.warm_up's forced packed step
+    runs under kernels.packed_attention.every_variant, so every (tokens a block, merged, window) variant of the
+    traffic's steps was launched by the warm-up; without it the traffic takes ones the warm-up missed. Long contexts
+    scaled down to this cache: SINGLE_FROM 24, SPLIT 16."""
+    import contextlib
+    import kernels.packed_attention as PA
+    import moe.attention as A
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the one-launch kernels take CPU tensors only in the Triton interpreter (CI)")
+    monkeypatch.setattr(A, "PACKED_ATTENTION", "always")
+    monkeypatch.setattr(PA, "SINGLE_FROM", 24)
+    monkeypatch.setattr(PA, "SPLIT", 16)
+    seen = []
+    attend = PA._attend_table
+
+    def spy(q, k, v, out, table, R, TB, scale):
+        seen.append((TB, table.num_merges > 0, table.window))
+        return attend(q, k, v, out, table, R, TB, scale)
+    monkeypatch.setattr(PA, "_attend_table", spy)
+    ids = tok.encode(PROMPTS[1])
+
+    def variants(every_variant):
+        monkeypatch.setattr(PA, "every_variant", every_variant)
+        e = Engine(model, tok, max_batch_size=2, max_len=48, cuda_graph=False)
+        seen.clear()
+        e.warm_up(max_prompt=5)
+        warm = set(seen)
+        seen.clear()
+        # a row decoding past 24 slots, then a prompt joining it: a packed step with the one-token table, merged
+        e.add_request(ids[:10], SamplingParams(max_new_tokens=30, ignore_eos=True))
+        while int(e.cache.lengths[0]) < 26:
+            e.step()
+        e.add_request(ids[:3], SamplingParams(max_new_tokens=2, ignore_eos=True))
+        while e.has_unfinished():
+            e.step()
+        return warm, set(seen)
+
+    warm, traffic = variants(PA.every_variant)
+    tb1 = PA.single_tokens_per_block(PA.group_rows(*model.layers[0].attn.packed_heads())[1])
+    assert (tb1, True, 0) in traffic  # the long context's row: the one-token table, its pieces merged
+    assert traffic <= warm
+    warm, traffic = variants(contextlib.nullcontext)
+    assert not traffic <= warm
+
+
 def test_the_prefill_chunk_is_a_budget_of_a_step_fed_first_come_first_served(model, tok):
     """prefill_chunk=4 with three prompts arriving at once: every step feeds at most 4 prompt tokens in all (the
     earliest admitted prompt first, the next when it is done; the rows it does not reach wait), decoding rows
