@@ -99,7 +99,21 @@ def _packed_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr,
     offs_n = tl.arange(0, BLOCK_N)
     k_base = k_ptr + row * s_kb + g * s_kg
     v_base = v_ptr + row * s_vb + g * s_vg
-    for s0 in range(lo, hi, BLOCK_N):
+    # whole key steps below the block's first position (and no window): every row sees them, so no mask is built and
+    # no slot is checked against the piece's end (the same values as the masked steps below; a long prompt's blocks
+    # and a decoding row spend most of their steps here)
+    full = lo
+    if not WINDOWED:
+        full = lo + (tl.minimum(pos0 + 1, hi) - lo) // BLOCK_N * BLOCK_N
+    for s0 in range(lo, full, BLOCK_N):
+        s = s0 + offs_n
+        k = tl.load(k_base + s[:, None].to(tl.int64) * s_ks + offs_d[None, :], mask=dmask[None, :], other=0.0)
+        v = tl.load(v_base + s[:, None].to(tl.int64) * s_vs + offs_e[None, :], mask=emask[None, :], other=0.0)
+        if CAST_F32:
+            k = k.to(tl.float32)
+        sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # [TB*R, BLOCK_N]
+        m_i, l_i, acc = softmax_step(sc, v, m_i, l_i, acc, CAST_F32, PREC)
+    for s0 in range(full, hi, BLOCK_N):
         s = s0 + offs_n
         inb = s < hi
         k = tl.load(k_base + s[:, None].to(tl.int64) * s_ks + offs_d[None, :], mask=inb[:, None] & dmask[None, :],

@@ -26,7 +26,8 @@ the fed tokens go one after another as [1, N], one part per run of rows feeding 
 (``moe.kv_cache.PackedStep``), so a 2048-token prompt joining 7 decoding rows is 2055 tokens of
 attention, norms and projections, not 8 x 2048. Where the model attends over the whole packed step in one
 launch (``MoEForCausalLM.packs_in_one_pass``: grouped-query attention on CUDA, ``kernels.packed_attention``)
-every mixed step packs; where it attends part by part, each part costs host time a layer, so a step packs
+every mixed step packs, and so does every step of several tokens a row (a lone prompt: one part), since torch's
+SDPA plans a cuDNN graph for each new length it meets (37 ms to 0.95 s once); where it attends part by part, each part costs host time a layer, so a step packs
 where it saves enough padding (``Engine._pays_to_pack``) or where the padded step would pass what the
 prefill chunk bounds. Eager steps of one count run rows 0 .. the last running one ([1, T] for a lone
 prompt).
@@ -140,7 +141,9 @@ PACK_TOKENS_PER_PART = {"cuda": 2048, "cpu": 256}
 # against 17.94 padded and 6.67 part by part), 0.1-0.4 ms slower where it saved 15-22. But a padded mixed step of a
 # shape not met before took 50-80 ms once (s33-d, a fresh replica's staggered requests: the longest step 82 ms with
 # 64 here, 12 ms with 0; mean TTFT 53 against 19.5 ms; not profiled, a guess: cuDNN planning attention for a new
-# [rows, T]), where a packed step's kernels have no per-shape plans. So every mixed step packs
+# [rows, T]), where a packed step's kernels have no per-shape plans. So every mixed step packs, and so does every
+# other step of more than one token a row (s34-h confirmed the guess: torch's SDPA, cuDNN on the H200, took 37-40 ms
+# the first time it met each length, causal, and 38-955 ms with a mask, then 0.06-1.3 ms)
 PACK_TOKENS_ONE_PASS = 0
 
 
@@ -183,10 +186,12 @@ class Engine:
         except (TypeError, ValueError):
             self._packed = False
         one_pass = getattr(model, "packs_in_one_pass", None)
+        self._one_pass = False  # the model attends over a packed step in one launch: every multi-token step packs
         if self._packed and one_pass is not None:
             with torch.no_grad():  # (the steps run without autograd)
                 if one_pass(self.cache):
                     self.pack_tokens_per_part = PACK_TOKENS_ONE_PASS
+                    self._one_pass = True
         # decode steps (every running row feeds one token) replay CUDA graphs where the model allows
         # (moe.cuda_graph): None = when supported, True = required, False = never
         self._graphs = None
@@ -441,6 +446,12 @@ class Engine:
             cache = cache.rows_prefix(B)
             if self._packed:
                 segments = self._segments(feeds, B)
+                if segments is None and self._one_pass:
+                    # rows all feeding T tokens (a lone prompt's prefill): one part, so that attention runs in the
+                    # packed kernel, not torch's SDPA, whose cuDNN backend plans a graph for every new length it
+                    # meets: 37-40 ms the first time, up to 0.95 s with the padded step's mask (H200, s34-h), inside
+                    # the latency of every request whose prompt length the replica had not seen
+                    segments = [(B, T)]
                 if segments is not None and not self._pays_to_pack(segments, B, T):
                     segments = None
         if segments is not None:

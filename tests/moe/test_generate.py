@@ -351,8 +351,8 @@ def test_a_step_packs_where_it_saves_enough_padding_or_the_chunk_needs_it(model,
 def test_an_engine_whose_model_attends_a_packed_step_in_one_launch_packs_every_mixed_step(model, tok, monkeypatch):
     """Where the model attends over a packed step in one launch (MoEForCausalLM.packs_in_one_pass; here the Triton
     interpreter, PACKED_ATTENTION 'always'), a part costs no launch of its own: the engine packs every mixed step
-    (PACK_TOKENS_ONE_PASS, 0), and packed so, every request gets the tokens it gets alone, greedy and sampled,
-    chunked or not."""
+    (PACK_TOKENS_ONE_PASS, 0) and every other step of several tokens a row (one part), and packed so, every request
+    gets the tokens it gets alone, greedy and sampled, chunked or not."""
     import moe.attention as A
     from moe.generate import PACK_TOKENS_ONE_PASS
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -370,9 +370,13 @@ def test_an_engine_whose_model_attends_a_packed_step_in_one_launch_packs_every_m
         assert e.pack_tokens_per_part == PACK_TOKENS_ONE_PASS == 0
         rids = [e.add_request(PROMPTS[0], sp)]
         first = [t for o in e.step() for t in o.new_token_ids]
+        # the lone prompt's prefill packed too, as one part: one launch of the packed kernel, not torch's SDPA
+        # (whose cuDNN backend plans a graph per new length on a GPU: s34-h)
+        assert spy.T[0] > 1 and spy.segments[0] == [(1, spy.T[0])]
         rids += [e.add_request(p, sampled if i == 1 else sp) for i, p in enumerate(PROMPTS[1:4])]
         got = list(run(e, rids).values())
         assert any(s is not None and len(s) > 1 for s in spy.segments)
+        assert all(s is not None for s, T in zip(spy.segments, spy.T) if T > 1)  # no multi-token step padded
         monkeypatch.setattr(A, "PACKED_ATTENTION", "never")
         want = [alone(model, tok, p, sampled if i == 2 else sp) for i, p in enumerate(PROMPTS[:4])]
         monkeypatch.setattr(A, "PACKED_ATTENTION", "always")
