@@ -20,10 +20,17 @@ The grouped query heads share each key tile, so a one-token row (decoding) reads
 not once per query head. A one-token block fills only R of a tile's BLOCK_M rows; where its context reaches
 ``SINGLE_FROM`` slots such blocks go to a table of their own, launched with tiles of 16 rows (``PackedTable.single``):
 at 32768 slots a 64-row tile made seven decoding rows 1.4x the decode kernel, 16 rows made them level with it
-(H200, s34-c), and below ~8192 slots the second launch costs about what it saves. Masked slots are never read past the block's last position; a key block with every slot
-masked adds exactly nothing (the online softmax step is decode_attention's ``softmax_step``), and a row's tokens are
-cut into blocks from its own first token and its slots into pieces at fixed multiples, so a token's result does not
-depend on what else the step holds: the same bits whatever is packed beside it (tested).
+(H200, s34-c), and below ~8192 slots the second launch costs about what it saves.
+
+Key steps below a block's first position are seen by every row of its tile: they run without a mask or bounds check,
+the rest masked. Slots are never read past the block's last position; a key step with every slot masked adds exactly
+nothing (the online softmax step is decode_attention's ``softmax_step``), and a row's tokens are cut into blocks from
+its own first token, its slots into pieces at fixed multiples and its table chosen by itself, so a token's result does
+not depend on what else the step holds: the same bits whatever is packed beside it (tested).
+
+The engine packs every step of several tokens a row where the model attends this way (a lone prompt's prefill is one
+part): nothing here is planned per length, where torch's SDPA (cuDNN on the H200) plans a graph for each length it
+has not met, 37 ms to 0.95 s the first time (BENCHMARKS 3y).
 No mask tensor: what a query sees follows from its position (the KV cache's rule: query i of a row sees slots <=
 lengths + i; padding tokens past max_len see slots < max_len, never the spare slot).
 
@@ -273,7 +280,7 @@ def every_variant(split: int = 1):
     """Within it block_table cuts every block's slots every ``split`` and gives every one-token run the one-token
     table, so a short step launches every kernel variant that long contexts take (the attention with both tile
     sizes, the merges of both), which a serving warm-up wants compiled before its first request. Not for real
-    steps: the cuts change the bits."""
+    steps: the cuts change the bits; and it sets module constants, so it holds for every thread of the process."""
     global SPLIT, SINGLE_FROM
     saved = SPLIT, SINGLE_FROM
     SPLIT, SINGLE_FROM = int(split), 1
@@ -372,5 +379,6 @@ def packed_attention_reference(q_HNd, k_cache, v_cache, table: PackedTable, scal
     return out
 
 
-__all__ = ["packed_attention", "packed_attention_reference", "block_table", "PackedTable", "rows_to_device", "group_rows",
-           "single_tokens_per_block", "every_variant", "BLOCK_M", "BLOCK_N", "SPLIT", "SINGLE_FROM", "SINGLE_ROWS"]
+__all__ = ["packed_attention", "packed_attention_reference", "block_table", "PackedTable", "rows_to_device",
+           "group_rows", "single_tokens_per_block", "every_variant", "BLOCK_M", "BLOCK_N", "SPLIT", "SINGLE_FROM",
+           "SINGLE_ROWS"]

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from kernels.attn_prep import prepare_qkv_reference, prepare_qkv_rows
-from kernels.packed_attention import (block_table, every_variant, group_rows, packed_attention, packed_attention_reference,
-                                      single_tokens_per_block)
+from kernels.packed_attention import (block_table, every_variant, group_rows, packed_attention,
+                                      packed_attention_reference, single_tokens_per_block)
 
 DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]  # (off a GPU the Triton interpreter runs them)
 
