@@ -65,6 +65,12 @@ SPLIT = 1024
 # at 8192, 0.02 ms slower at 2048: the second launch)
 SINGLE_FROM = 16384
 SINGLE_ROWS = 16  # the smallest tile a dot takes
+# a run of at least this many (block, key/value head) programs is not cut in pieces: it fills the GPU as it is, and its
+# pieces would need merges and a scratch of partial results growing with the run and its context (~0.6 GB a layer for
+# a lone 8192-token prompt at Qwen3's heads, ~9 GB at 32768). s34-e (Qwen3 heads, 4 key/value heads): a 512-token run
+# (256 programs) 9-14% faster uncut at 8192 and 30000 slots, level at 2048 tokens from 0; a 64-token run (32 programs)
+# at 30000 slots 5x slower uncut
+UNCUT_PROGRAMS = 256
 
 
 @triton.jit(do_not_specialize=["s_qh"])  # (N x d: a stride that changes with the step, not a variant each)
@@ -205,6 +211,7 @@ class PackedTable:
     window: int
     tokens_per_block: int = 0
     single: "PackedTable | None" = None
+    cut_pieces: int = 0  # pieces of blocks cut in several: the table's first items
 
     @property
     def num_items(self) -> int:
@@ -221,8 +228,10 @@ def single_tokens_per_block(tokens_per_block: int) -> int:
     return max(1, tokens_per_block * SINGLE_ROWS // BLOCK_M)
 
 
-def _host_table(rows, starts, counts, positions, tokens_per_block: int, max_len: int, window: int, split: int):
-    """The three host arrays of one table ([4, blocks], [4, pieces], [3, merges]; see block_table)."""
+def _host_table(rows, starts, counts, positions, tokens_per_block: int, max_len: int, window: int, split):
+    """The three host arrays of one table ([4, blocks], [4, pieces], [3, merges]; see block_table); ``split``: the
+    slots of each run's pieces (an array, a run each). The pieces of blocks cut in several come first, so that the
+    scratch their partial results need is as many rows as they are (a long prompt's uncut blocks need none)."""
     nb = -(-counts // tokens_per_block)
     run = np.repeat(np.arange(len(rows)), nb)
     off = (np.arange(int(nb.sum())) - np.repeat(np.cumsum(nb) - nb, nb)) * tokens_per_block
@@ -231,33 +240,42 @@ def _host_table(rows, starts, counts, positions, tokens_per_block: int, max_len:
     hi = np.minimum(pos + cnt, max_len)
     lo = np.maximum(pos - window + 1, 0) // BLOCK_N * BLOCK_N if window else np.zeros_like(pos)
     lo = np.minimum(lo, hi)
-    first_piece, last_piece = lo // split, np.maximum(hi - 1, lo) // split
+    sp = np.asarray(split, dtype=np.int64)[run]
+    first_piece, last_piece = lo // sp, np.maximum(hi - 1, lo) // sp
     pieces = last_piece - first_piece + 1
-    blk = np.repeat(np.arange(len(pos)), pieces)
-    c = first_piece[blk] + np.arange(int(pieces.sum())) - np.repeat(np.cumsum(pieces) - pieces, pieces)
-    ilo, ihi = np.maximum(c * split, lo[blk]), np.minimum((c + 1) * split, hi[blk])
-    cut = np.flatnonzero(pieces > 1)
+    order = np.argsort(pieces == 1, kind="stable")  # blocks cut in pieces first, each block's pieces together
+    p_o = pieces[order]
+    blk = np.repeat(order, p_o)
+    c = first_piece[blk] + np.arange(int(p_o.sum())) - np.repeat(np.cumsum(p_o) - p_o, p_o)
+    ilo, ihi = np.maximum(c * sp[blk], lo[blk]), np.minimum((c + 1) * sp[blk], hi[blk])
+    first = np.cumsum(p_o) - p_o
+    cut = np.flatnonzero(p_o > 1)
     return [np.stack([rows[run], starts[run] + off, cnt, pos]), np.stack([blk, ilo, ihi, pieces[blk] == 1]),
-            np.stack([cut, (np.cumsum(pieces) - pieces)[cut], pieces[cut]])]
+            np.stack([order[cut], first[cut], p_o[cut]])]
 
 
 def block_table(rows, starts, counts, positions, tokens_per_block: int, device, max_len: int, window: int = 0,
-                split: int | None = None, single_from: int | None = None) -> PackedTable:
+                split: int | None = None, single_from: int | None = None, kv_heads: int = 1) -> PackedTable:
     """The query blocks of a packed step: each run of tokens (a row's tokens in the step: row r, its first token's
     index into N, how many, its first position) cut into blocks of at most ``tokens_per_block``; each block's slots
     (from 0, or the window's first rounded down to BLOCK_N, to its last token's position + 1, below max_len) cut at
-    multiples of ``split`` (default SPLIT) into pieces. A run of one token whose slots number ``single_from`` (default
-    SINGLE_FROM) or more goes to ``single``, blocks of single_tokens_per_block(tokens_per_block) tokens: which table
-    a run takes follows from the run alone, so a token's result still does not depend on its neighbours. Made on the
-    host, copied in one go."""
+    multiples of ``split`` (default SPLIT) into pieces, unless the run's blocks x ``kv_heads`` make UNCUT_PROGRAMS
+    programs or more (such a run fills the GPU without pieces; its pieces would cost merges and a scratch of partial
+    results that grows with the run and its context). A run of one token whose slots number ``single_from`` (default
+    SINGLE_FROM) or more goes to ``single``, blocks of single_tokens_per_block(tokens_per_block) tokens. Whether a run
+    is cut and which table it takes follow from the run alone, so a token's result still does not depend on its
+    neighbours. Made on the host, copied in one go."""
     split = SPLIT if split is None else int(split)
     single_from = SINGLE_FROM if single_from is None else int(single_from)
     rows, starts, counts, positions = (np.asarray(a, dtype=np.int64) for a in (rows, starts, counts, positions))
     tb1 = single_tokens_per_block(tokens_per_block)
     seen = np.minimum(positions + 1, max_len) - (np.maximum(positions - window + 1, 0) if window else 0)
     one = (counts == 1) & (seen >= single_from) if tb1 < tokens_per_block else np.zeros(len(rows), dtype=bool)
+    uncut = -(-counts // tokens_per_block) * max(1, int(kv_heads)) >= UNCUT_PROGRAMS
+    splits = np.where(uncut, max(int(max_len), 1) + 1, split)
     groups = [(~one, tokens_per_block)] + ([(one, tb1)] if one.any() else [])
-    hosts = [_host_table(rows[m], starts[m], counts[m], positions[m], tb, max_len, window, split) for m, tb in groups]
+    hosts = [_host_table(rows[m], starts[m], counts[m], positions[m], tb, max_len, window, splits[m])
+             for m, tb in groups]
     # one copy: every table's three arrays side by side, each padded to a multiple of 4 columns so that every row of
     # each starts 16-byte aligned (rows_to_device)
     host = [h for tables in hosts for h in tables]
@@ -269,10 +287,11 @@ def block_table(rows, starts, counts, positions, tokens_per_block: int, device, 
     for h, w, span in zip(host, widths, spans):
         parts.append(tuple(t[at:at + w] for t in flat[:h.shape[0]]))
         at += span
+    cuts = [int(h[2][2].sum()) for h in hosts]  # each table's pieces of blocks cut in several
     single = None
     if len(groups) > 1:
-        single = PackedTable(*parts[3:6], int(max_len), int(window), tb1)
-    return PackedTable(*parts[:3], int(max_len), int(window), tokens_per_block, single)
+        single = PackedTable(*parts[3:6], int(max_len), int(window), tb1, None, cuts[1])
+    return PackedTable(*parts[:3], int(max_len), int(window), tokens_per_block, single, cuts[0])
 
 
 @contextlib.contextmanager
@@ -281,13 +300,13 @@ def every_variant(split: int = 1):
     table, so a short step launches every kernel variant that long contexts take (the attention with both tile
     sizes, the merges of both), which a serving warm-up wants compiled before its first request. Not for real
     steps: the cuts change the bits; and it sets module constants, so it holds for every thread of the process."""
-    global SPLIT, SINGLE_FROM
-    saved = SPLIT, SINGLE_FROM
-    SPLIT, SINGLE_FROM = int(split), 1
+    global SPLIT, SINGLE_FROM, UNCUT_PROGRAMS
+    saved = SPLIT, SINGLE_FROM, UNCUT_PROGRAMS
+    SPLIT, SINGLE_FROM, UNCUT_PROGRAMS = int(split), 1, 1 << 62
     try:
         yield
     finally:
-        SPLIT, SINGLE_FROM = saved
+        SPLIT, SINGLE_FROM, UNCUT_PROGRAMS = saved
 
 
 def rows_to_device(host: np.ndarray, device) -> tuple[torch.Tensor, ...]:
@@ -337,9 +356,11 @@ def _attend_table(q_HNd, k_cache, v_cache, out, table: PackedTable, R: int, TB: 
     ni, nm = table.num_items, table.num_merges
     launch = _launch(R, TB, d, e, bool(table.window), q_HNd.dtype, _interpreted())
     BE = launch["BLOCK_E"]
-    # the pieces of blocks cut in pieces write here (rows of pieces that are their block's only one are not read)
-    part = torch.empty((ni if nm else 1) * G * TB * R, BE, dtype=torch.float32, device=q_HNd.device)
-    ml = torch.empty((ni if nm else 1) * G * TB * R, 2, dtype=torch.float32, device=q_HNd.device)
+    # the pieces of blocks cut in pieces write here: they come first in the table (block_table), so as many rows as
+    # they are (a merge's last piece is the highest index, its first + count - 1)
+    cut = table.cut_pieces if nm else 1
+    part = torch.empty(cut * G * TB * R, BE, dtype=torch.float32, device=q_HNd.device)
+    ml = torch.empty(cut * G * TB * R, 2, dtype=torch.float32, device=q_HNd.device)
     _attend[(ni, G)](q_HNd, k_cache, v_cache, out, part, ml, *table.blocks, *table.items, H // G, d, e,
                      table.window, scale, q_HNd.stride(0), q_HNd.stride(1), *k_cache.stride()[:3],
                      *v_cache.stride()[:3], out.stride(0), out.stride(1), **launch)
@@ -381,4 +402,4 @@ def packed_attention_reference(q_HNd, k_cache, v_cache, table: PackedTable, scal
 
 __all__ = ["packed_attention", "packed_attention_reference", "block_table", "PackedTable", "rows_to_device",
            "group_rows", "single_tokens_per_block", "every_variant", "BLOCK_M", "BLOCK_N", "SPLIT", "SINGLE_FROM",
-           "SINGLE_ROWS"]
+           "SINGLE_ROWS", "UNCUT_PROGRAMS"]

@@ -299,8 +299,10 @@ class MoEForCausalLM(nn.Module):
         host = np.stack([np.repeat(np.arange(R, dtype=np.int64), T_r), np.minimum(pos, cache.max_len), pos])
         row_N, slot_N, pos_N = rows_to_device(host, dev)
         windows = {layer.window for layer in self.layers if layer.window}
-        TB = group_rows(*self.layers[0].attn.packed_heads())[1]
-        tables = {w: block_table(np.arange(R), start_r, T_r, L, TB, dev, cache.max_len, w) for w in windows | {0}}
+        heads = self.layers[0].attn.packed_heads()
+        TB = group_rows(*heads)[1]
+        tables = {w: block_table(np.arange(R), start_r, T_r, L, TB, dev, cache.max_len, w, kv_heads=heads[1])
+                  for w in windows | {0}}
         step = PackedStep([{k: p[k] for k in ("row", "rows", "tokens", "start", "stop")} for p in parts],
                           row_N, slot_N, tables)
         masks = {w: step.window(w) for w in windows}

@@ -118,6 +118,32 @@ def test_a_long_contexts_decoding_row_gets_its_own_bits_in_the_one_token_table(d
     torch.testing.assert_close(beside, packed_attention_reference(both, k, v, t2, 0.2), **tol)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_run_of_many_programs_is_not_cut_and_only_cut_pieces_take_scratch(device):
+    """A run whose blocks x key/value heads make UNCUT_PROGRAMS programs keeps each block whole (it fills the GPU; its
+    pieces would need merges and a scratch that grows with the run and its context), a short run beside it is cut;
+    the cut pieces come first, so the scratch is theirs alone; the result equals SDPA's."""
+    import kernels.packed_attention as PA
+    H, G, d = 4, 2, 16
+    runs = [(0, 30, 1), (1, 0, 70), (2, 40, 3)]
+    q, k, v, _, L = _case(H, G, d, runs, device=device, max_len=80)
+    R, TB = group_rows(H, G)  # (2, 32): the 70-token run is 3 blocks
+    args = ([0, 1, 2], [0, 1, 71], [1, 70, 3], [30, 0, 40], TB, device, L)
+    cut_all = block_table(*args, split=16)
+    assert cut_all.cut_pieces == 2 + (2 + 4 + 5) + 3 and cut_all.num_items == cut_all.cut_pieces
+    t = block_table(*args, split=16, kv_heads=-(-PA.UNCUT_PROGRAMS // 3))  # 3 blocks x heads: uncut; 1 block: cut
+    blk, lo, hi, one = (x.tolist() for x in t.items)
+    assert t.cut_pieces == 2 + 3 and t.num_items == 5 + 3  # the 70-token run's 3 blocks whole, after the cut pieces
+    assert blk[:5] == [0, 0, 4, 4, 4] and one[:5] == [0] * 5 and blk[5:] == [1, 2, 3] and one[5:] == [1] * 3
+    assert [x.tolist() for x in t.merges] == [[0, 4], [0, 2], [2, 3]]
+    tol = dict(rtol=1e-5, atol=1e-5) if device == "cpu" else dict(rtol=2e-3, atol=2e-3)
+    want = packed_attention_reference(q, k, v, t, 0.3)
+    torch.testing.assert_close(packed_attention(q, k, v, t, 0.3), want, **tol)
+    torch.testing.assert_close(packed_attention(q, k, v, cut_all, 0.3), want, **tol)
+    with every_variant():  # the warm-up's steps cut every run, however many programs
+        assert block_table(*args, kv_heads=PA.UNCUT_PROGRAMS).num_merges == 3
+
+
 def test_block_table_gives_one_token_runs_of_long_contexts_a_table_of_their_own():
     # TB 8 (8 query heads a key/value head: 64-row tiles); one-token runs from 100 slots: tiles of 16 rows, 2 tokens
     assert [single_tokens_per_block(tb) for tb in (64, 16, 8, 2, 1)] == [16, 4, 2, 1, 1]
