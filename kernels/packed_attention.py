@@ -228,6 +228,42 @@ def single_tokens_per_block(tokens_per_block: int) -> int:
     return max(1, tokens_per_block * SINGLE_ROWS // BLOCK_M)
 
 
+def scratch_bytes_bound(num_heads: int, num_kv_heads: int, v_head_dim: int, tokens: int, slots: int) -> int:
+    """Bytes of partial results packed_attention keeps (until the merge) for one run of ``tokens`` tokens over at most
+    ``slots`` cache slots: an upper bound, whatever its positions; 0 for a run that is never cut (UNCUT_PROGRAMS) or
+    whose slots fit one piece. What a step's activation bound adds for it (offload.apply)."""
+    R, TB = group_rows(num_heads, num_kv_heads)
+    G = num_kv_heads
+    per_row = max(16, next_pow2(v_head_dim)) * 4 + 8  # a tile row's partial output (fp32), its max and its sum
+
+    def pieces(n: int) -> int:
+        return -(-max(int(n), 0) // SPLIT)
+    if tokens <= 0 or pieces(slots) <= 1:
+        return 0
+    if tokens == 1:  # a one-token block: a whole tile of the main table, or SINGLE_ROWS of the one-token table
+        tb1 = single_tokens_per_block(TB)
+        if tb1 >= TB:
+            return G * per_row * TB * R * pieces(slots)
+        main = TB * R * pieces(min(slots, SINGLE_FROM - 1))
+        single = tb1 * R * pieces(slots) if slots >= SINGLE_FROM else 0
+        return G * per_row * max(main, single)
+    blocks = -(-int(tokens) // TB)
+    if blocks * G >= UNCUT_PROGRAMS:
+        return 0
+    return blocks * G * TB * R * per_row * pieces(slots)
+
+
+def scratch_bytes(table: PackedTable, num_heads: int, num_kv_heads: int, v_head_dim: int) -> int:
+    """Bytes of partial results packed_attention allocates for ``table`` (both of its tables)."""
+    R, TB = group_rows(num_heads, num_kv_heads)
+    per_row = max(16, next_pow2(v_head_dim)) * 4 + 8
+    total = 0
+    for t in (table, table.single):
+        if t is not None and t.num_merges:
+            total += t.cut_pieces * num_kv_heads * (t.tokens_per_block or TB) * R * per_row
+    return total
+
+
 def _host_table(rows, starts, counts, positions, tokens_per_block: int, max_len: int, window: int, split):
     """The three host arrays of one table ([4, blocks], [4, pieces], [3, merges]; see block_table); ``split``: the
     slots of each run's pieces (an array, a run each). The pieces of blocks cut in several come first, so that the
@@ -402,4 +438,4 @@ def packed_attention_reference(q_HNd, k_cache, v_cache, table: PackedTable, scal
 
 __all__ = ["packed_attention", "packed_attention_reference", "block_table", "PackedTable", "rows_to_device",
            "group_rows", "single_tokens_per_block", "every_variant", "BLOCK_M", "BLOCK_N", "SPLIT", "SINGLE_FROM",
-           "SINGLE_ROWS", "UNCUT_PROGRAMS"]
+           "SINGLE_ROWS", "UNCUT_PROGRAMS", "scratch_bytes", "scratch_bytes_bound"]

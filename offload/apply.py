@@ -359,7 +359,9 @@ def prefill_activation_bytes(config, rows: int, tokens: int, slots: int, dtype: 
     activations and output, K (I + D), plus shared experts' gate and up) and a dense layer's MLP (3 ffn),
     the router's fp32 logits and softmax (8 bytes an expert), and the attention mask ([rows, 1, tokens,
     slots], boolean and additive). Per call: the padding rows of the experts' aligned layout (up to 127 a
-    expert, each with its ffn activation and output) and one row of logits per sequence (fp32).
+    expert, each with its ffn activation and output) and one row of logits per sequence (fp32). Per row: what a
+    packed step's attention keeps of its run until the pieces merge (``_attention_scratch``; 0 for runs that are not
+    cut: every one of 2048 tokens or more at the published shapes).
 
     s31-b measured one forward of two layers of the Mixtral-8x7B, Qwen3-30B-A3B, DeepSeek-V2-Lite and
     OLMoE shapes at 128-8192 tokens, 1 and 4 rows, 0-16384 cached tokens, resident and offloaded, on
@@ -388,16 +390,34 @@ def prefill_activation_bytes(config, rows: int, tokens: int, slots: int, dtype: 
     per_token = (3 * D + attn + mlp) * elem + 8 * E + slots * (elem + 1)
     per_call = E * (_ALIGN_BLOCK - 1) * (I + D) * elem + rows * config.vocab_size * 4
     n = rows * tokens
-    return int(n * per_token + (per_call if n else 0))
+    return int(n * per_token + (per_call if n else 0)) + rows * _attention_scratch(config, tokens, slots)
+
+
+def _attention_scratch(config, tokens: int, slots: int) -> int:
+    """What a packed step's attention keeps of one run of ``tokens`` tokens until its pieces merge
+    (kernels.packed_attention.scratch_bytes_bound): where the engine packs every multi-token step (a GPU), a short
+    run at a long context is cut in pieces, each with partial results in fp32."""
+    from kernels.packed_attention import scratch_bytes_bound
+    H = config.num_attention_heads
+    if getattr(config, "kv_lora_rank", None) and getattr(config, "qk_nope_head_dim", None):
+        G, e = H, config.v_head_dim  # MLA: every head its own decompressed key/value head
+    else:
+        G = getattr(config, "num_key_value_heads", None) or H
+        e = getattr(config, "head_dim", None) or config.hidden_size // H
+    return scratch_bytes_bound(H, G, e, tokens, slots)
 
 
 def step_activation_bytes(config, rows: int, chunk: int, slots: int, dtype: torch.dtype = torch.bfloat16) -> int:
     """An upper bound of one engine step's activations where ``chunk`` prompt tokens are fed beside the other
     ``rows - 1`` rows decoding (Engine(prefill_chunk=chunk) packs the step: chunk + rows - 1 tokens, a row's
-    logits each): ``prefill_activation_bytes`` of those tokens as one row, plus the other rows' logits."""
+    logits each): ``prefill_activation_bytes`` of those tokens as one row, plus the other rows' logits, with the
+    attention's scratch of the chunk's run and of each decoding row's, not of one run of them all."""
     if rows < 1 or chunk < 0:
         raise ValueError(f"rows ({rows}) must be >= 1 and chunk ({chunk}) >= 0")
-    return prefill_activation_bytes(config, 1, chunk + rows - 1, slots, dtype) + (rows - 1) * config.vocab_size * 4
+    n = chunk + rows - 1
+    return (prefill_activation_bytes(config, 1, n, slots, dtype) - _attention_scratch(config, n, slots)
+            + _attention_scratch(config, chunk, slots) + (rows - 1) * _attention_scratch(config, 1, slots)
+            + (rows - 1) * config.vocab_size * 4)
 
 
 def prefill_chunk_for(config, reserve_bytes: int, rows: int, max_len: int, dtype: torch.dtype = torch.bfloat16,

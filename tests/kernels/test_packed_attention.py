@@ -144,6 +144,29 @@ def test_a_run_of_many_programs_is_not_cut_and_only_cut_pieces_take_scratch(devi
         assert block_table(*args, kv_heads=PA.UNCUT_PROGRAMS).num_merges == 3
 
 
+@pytest.mark.parametrize("heads", [(32, 4, 128), (32, 8, 128), (16, 16, 128), (4, 2, 16)])
+def test_the_scratch_bound_holds_for_every_step(heads):
+    """scratch_bytes_bound (what a step's activation bound counts for a run's partial results, offload.apply) lies at
+    or above what packed_attention allocates for random steps: runs of 1 to 600 tokens at any position up to 40000
+    slots, the one-token table and uncut runs included; and the scratch is zero where nothing is cut."""
+    import numpy as np
+    from kernels.packed_attention import scratch_bytes, scratch_bytes_bound
+    H, G, e = heads
+    R, TB = group_rows(H, G)
+    rng = np.random.default_rng(0)
+    L = 40000
+    for _ in range(60):
+        n = int(rng.integers(1, 9))
+        counts = [int(c) for c in rng.choice([1, 1, 1, 3, 40, 200, 600], n)]
+        positions = [int(rng.integers(0, L - c)) for c in counts]
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+        t = block_table(list(range(n)), starts, counts, positions, TB, "cpu", L, kv_heads=G)
+        bound = sum(scratch_bytes_bound(H, G, e, c, L) for c in counts)
+        assert scratch_bytes(t, H, G, e) <= bound
+    assert scratch_bytes(block_table([0, 1], [0, 5], [5, 1], [0, 900], TB, "cpu", L, kv_heads=G), H, G, e) == 0
+    assert scratch_bytes_bound(H, G, e, 600, 1000) == 0 and scratch_bytes_bound(H, G, e, 1, 40000) > 0
+
+
 def test_block_table_gives_one_token_runs_of_long_contexts_a_table_of_their_own():
     # TB 8 (8 query heads a key/value head: 64-row tiles); one-token runs from 100 slots: tiles of 16 rows, 2 tokens
     assert [single_tokens_per_block(tb) for tb in (64, 16, 8, 2, 1)] == [16, 4, 2, 1, 1]
