@@ -228,13 +228,23 @@ def single_tokens_per_block(tokens_per_block: int) -> int:
     return max(1, tokens_per_block * SINGLE_ROWS // BLOCK_M)
 
 
+def _partial_row_bytes(v_head_dim: int) -> int:
+    """A tile row's partial result kept for the merge: its unnormalised output (fp32, BLOCK_E wide), max and sum."""
+    return max(16, next_pow2(v_head_dim)) * 4 + 8
+
+
+def _scratch_rows(table: PackedTable, G: int, R: int, TB: int) -> int:
+    """Tile rows of partial results packed_attention keeps for one table: its cut pieces' (they come first)."""
+    return table.cut_pieces * G * TB * R if table.num_merges else 0
+
+
 def scratch_bytes_bound(num_heads: int, num_kv_heads: int, v_head_dim: int, tokens: int, slots: int) -> int:
     """Bytes of partial results packed_attention keeps (until the merge) for one run of ``tokens`` tokens over at most
     ``slots`` cache slots: an upper bound, whatever its positions; 0 for a run that is never cut (UNCUT_PROGRAMS) or
     whose slots fit one piece. What a step's activation bound adds for it (offload.apply)."""
     R, TB = group_rows(num_heads, num_kv_heads)
     G = num_kv_heads
-    per_row = max(16, next_pow2(v_head_dim)) * 4 + 8  # a tile row's partial output (fp32), its max and its sum
+    per_row = _partial_row_bytes(v_head_dim)
 
     def pieces(n: int) -> int:
         return -(-max(int(n), 0) // SPLIT)
@@ -256,12 +266,8 @@ def scratch_bytes_bound(num_heads: int, num_kv_heads: int, v_head_dim: int, toke
 def scratch_bytes(table: PackedTable, num_heads: int, num_kv_heads: int, v_head_dim: int) -> int:
     """Bytes of partial results packed_attention allocates for ``table`` (both of its tables)."""
     R, TB = group_rows(num_heads, num_kv_heads)
-    per_row = max(16, next_pow2(v_head_dim)) * 4 + 8
-    total = 0
-    for t in (table, table.single):
-        if t is not None and t.num_merges:
-            total += t.cut_pieces * num_kv_heads * (t.tokens_per_block or TB) * R * per_row
-    return total
+    return sum(_scratch_rows(t, num_kv_heads, R, t.tokens_per_block or TB)
+               for t in (table, table.single) if t is not None) * _partial_row_bytes(v_head_dim)
 
 
 def _host_table(rows, starts, counts, positions, tokens_per_block: int, max_len: int, window: int, split):
@@ -394,9 +400,9 @@ def _attend_table(q_HNd, k_cache, v_cache, out, table: PackedTable, R: int, TB: 
     BE = launch["BLOCK_E"]
     # the pieces of blocks cut in pieces write here: they come first in the table (block_table), so as many rows as
     # they are (a merge's last piece is the highest index, its first + count - 1)
-    cut = table.cut_pieces if nm else 1
-    part = torch.empty(cut * G * TB * R, BE, dtype=torch.float32, device=q_HNd.device)
-    ml = torch.empty(cut * G * TB * R, 2, dtype=torch.float32, device=q_HNd.device)
+    rows = max(1, _scratch_rows(table, G, R, TB))
+    part = torch.empty(rows, BE, dtype=torch.float32, device=q_HNd.device)
+    ml = torch.empty(rows, 2, dtype=torch.float32, device=q_HNd.device)
     _attend[(ni, G)](q_HNd, k_cache, v_cache, out, part, ml, *table.blocks, *table.items, H // G, d, e,
                      table.window, scale, q_HNd.stride(0), q_HNd.stride(1), *k_cache.stride()[:3],
                      *v_cache.stride()[:3], out.stride(0), out.stride(1), **launch)

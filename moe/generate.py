@@ -29,8 +29,8 @@ launch (``MoEForCausalLM.packs_in_one_pass``: grouped-query attention on CUDA, `
 every mixed step packs, and so does every step of several tokens a row (a lone prompt: one part), since torch's
 SDPA plans a cuDNN graph for each new length it meets (37 ms to 0.95 s once); where it attends part by part, each
 part costs host time a layer, so a step packs where it saves enough padding (``Engine._pays_to_pack``) or where the
-padded step would pass what the prefill chunk bounds. Eager steps of one count run rows 0 .. the last running one ([1, T] for a lone
-prompt).
+padded step would pass what the prefill chunk bounds. Eager steps of one count run rows 0 .. the last running one
+([1, T] for a lone prompt).
 
 So prefill of newcomers and decoding of the others share one forward, and requests join and
 leave at every step. Chunked prefill (``prefill_chunk``): a step feeds at most that many prompt

@@ -327,6 +327,11 @@ def host_available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def _is_mla(config) -> bool:
+    """Whether a config (a MoEConfig, or one read elsewhere) has DeepSeek's multi-head latent attention."""
+    return bool(getattr(config, "kv_lora_rank", None) and getattr(config, "qk_nope_head_dim", None))
+
+
 def kv_cache_bytes(config, batch_size: int, max_len: int, dtype: torch.dtype = torch.bfloat16) -> int:
     """Bytes moe's KVCache takes for `batch_size` rows of `max_len` tokens (every layer's K and V).
 
@@ -335,7 +340,7 @@ def kv_cache_bytes(config, batch_size: int, max_len: int, dtype: torch.dtype = t
     """
     if batch_size < 0 or max_len < 0:
         raise ValueError(f"batch_size ({batch_size}) and max_len ({max_len}) must be >= 0")
-    if getattr(config, "kv_lora_rank", None) and getattr(config, "qk_nope_head_dim", None):
+    if _is_mla(config):
         per = config.num_attention_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim)
     else:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -369,11 +374,16 @@ def prefill_activation_bytes(config, rows: int, tokens: int, slots: int, dtype: 
     above the fine-grained shapes' at 128-512 tokens, where the padding term (127 rows an expert, the 128-row
     blocks of large calls) overstates what their smaller row blocks pad (tests/offload/test_prefill_chunk.py).
     """
+    return _activation_bytes(config, rows, tokens, slots, dtype) + rows * _attention_scratch(config, tokens, slots)
+
+
+def _activation_bytes(config, rows: int, tokens: int, slots: int, dtype: torch.dtype) -> int:
+    """prefill_activation_bytes without the attention's scratch (which a step counts run by run)."""
     if rows < 0 or tokens < 0 or slots < 0:
         raise ValueError(f"rows ({rows}), tokens ({tokens}) and slots ({slots}) must be >= 0")
     elem = torch.empty((), dtype=dtype).element_size()
     D, H = config.hidden_size, config.num_attention_heads
-    if getattr(config, "kv_lora_rank", None) and getattr(config, "qk_nope_head_dim", None):
+    if _is_mla(config):
         qk = config.qk_nope_head_dim + config.qk_rope_head_dim
         attn = 2 * H * qk + 2 * H * config.v_head_dim + config.kv_lora_rank + config.qk_rope_head_dim
     else:
@@ -390,7 +400,7 @@ def prefill_activation_bytes(config, rows: int, tokens: int, slots: int, dtype: 
     per_token = (3 * D + attn + mlp) * elem + 8 * E + slots * (elem + 1)
     per_call = E * (_ALIGN_BLOCK - 1) * (I + D) * elem + rows * config.vocab_size * 4
     n = rows * tokens
-    return int(n * per_token + (per_call if n else 0)) + rows * _attention_scratch(config, tokens, slots)
+    return int(n * per_token + (per_call if n else 0))
 
 
 def _attention_scratch(config, tokens: int, slots: int) -> int:
@@ -399,7 +409,7 @@ def _attention_scratch(config, tokens: int, slots: int) -> int:
     run at a long context is cut in pieces, each with partial results in fp32."""
     from kernels.packed_attention import scratch_bytes_bound
     H = config.num_attention_heads
-    if getattr(config, "kv_lora_rank", None) and getattr(config, "qk_nope_head_dim", None):
+    if _is_mla(config):
         G, e = H, config.v_head_dim  # MLA: every head its own decompressed key/value head
     else:
         G = getattr(config, "num_key_value_heads", None) or H
@@ -414,10 +424,8 @@ def step_activation_bytes(config, rows: int, chunk: int, slots: int, dtype: torc
     attention's scratch of the chunk's run and of each decoding row's, not of one run of them all."""
     if rows < 1 or chunk < 0:
         raise ValueError(f"rows ({rows}) must be >= 1 and chunk ({chunk}) >= 0")
-    n = chunk + rows - 1
-    return (prefill_activation_bytes(config, 1, n, slots, dtype) - _attention_scratch(config, n, slots)
-            + _attention_scratch(config, chunk, slots) + (rows - 1) * _attention_scratch(config, 1, slots)
-            + (rows - 1) * config.vocab_size * 4)
+    return (_activation_bytes(config, 1, chunk + rows - 1, slots, dtype) + _attention_scratch(config, chunk, slots)
+            + (rows - 1) * (_attention_scratch(config, 1, slots) + config.vocab_size * 4))
 
 
 def prefill_chunk_for(config, reserve_bytes: int, rows: int, max_len: int, dtype: torch.dtype = torch.bfloat16,
