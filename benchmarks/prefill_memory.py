@@ -97,16 +97,19 @@ def measured(fn, on_gpu: bool = True) -> tuple[int | None, float]:
     return (torch.cuda.max_memory_allocated() - base if on_gpu else None), secs
 
 
-def peak_forward(m, B: int, L: int, T: int, dev: str) -> tuple[float, float]:
-    """(peak bytes above the baseline, seconds) of one forward of B x T new tokens on a cache at length L."""
+def peak_forward(m, B: int, L: int, T: int, dev: str, packed: bool = False) -> tuple[float, float]:
+    """(peak bytes above the baseline, seconds) of one forward of B x T new tokens on a cache at length L; ``packed``:
+    as one packed step of the B rows' runs (forward(segments=...), the engine's way since session 34), not padded."""
     cache = m.new_cache(B, L + T + 1)
     ids = torch.randint(0, m.config.vocab_size, (B, T), device=dev)
+    kw = dict(segments=[(B, T)]) if packed else {}
+    feed = ids.reshape(1, B * T) if packed else ids
     with torch.inference_mode():
         m(ids[:, :1], cache=cache, last_only=True)  # every layer's KV storage allocated before the baseline
         best_t, peak = float("inf"), 0
         for _ in range(2):
             cache.lengths.fill_(L)
-            p, t = measured(lambda: m(ids, cache=cache, last_only=True))
+            p, t = measured(lambda: m(feed, cache=cache, last_only=True, **kw))
             best_t, peak = min(best_t, t), max(peak, p)
     del cache
     return peak, best_t
@@ -453,6 +456,11 @@ def main(argv=None) -> int:
             bound = prefill_activation_bytes(cfg, B, T, L + T, torch.bfloat16)
             row = dict(model=key, mode="resident", B=B, L=L, T=T, peak_mib=peak / 2 ** 20, bound_mib=bound / 2 ** 20,
                        x=bound / max(peak, 1), ms=secs * 1e3)
+            with torch.inference_mode():  # (the engine asks at inference: no gradient wanted of the weights)
+                packs = m.packs_in_one_pass(m.new_cache(1, 8))
+            if packs:  # the same tokens as one packed step (the engine's way since session 34)
+                ppeak, psecs = peak_forward(m, B, L, T, "cuda", packed=True)
+                row.update(packed_peak_mib=ppeak / 2 ** 20, packed_x=bound / max(ppeak, 1), packed_ms=psecs * 1e3)
             rows.append(row)
             log(row)
         del m
@@ -481,12 +489,15 @@ def main(argv=None) -> int:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "prefill_memory.json").write_text(json.dumps(rows, indent=1))
     hf = {(r["model"], r["B"], r["T"]): r["peak_mib"] for r in rows if r["mode"] == "transformers"}
-    print(f"\n{'model':9} {'B':>2} {'L':>6} {'T':>5} {'peak MiB':>9} {'bound':>8} {'x':>5} {'transformers':>12} {'ms':>7}")
+    print(f"\n{'model':9} {'B':>2} {'L':>6} {'T':>5} {'peak MiB':>9} {'bound':>8} {'x':>5} {'transformers':>12} {'ms':>7}"
+          f" {'packed MiB':>10} {'x':>5} {'ms':>7}")
     for r in rows:
         if r["mode"] == "resident":
             peer = hf.get((r["model"], r["B"], r["T"])) if r["L"] == 0 else None
+            packed = (f" {r['packed_peak_mib']:>10.1f} {r['packed_x']:>5.2f} {r['packed_ms']:>7.2f}"
+                      if "packed_peak_mib" in r else f" {'-':>10}")
             print(f"{r['model']:9} {r['B']:>2} {r['L']:>6} {r['T']:>5} {r['peak_mib']:>9.1f} {r['bound_mib']:>8.1f} "
-                  f"{r['x']:>5.2f} {peer if peer is None else round(peer, 1)!s:>12} {r['ms']:>7.2f}")
+                  f"{r['x']:>5.2f} {peer if peer is None else round(peer, 1)!s:>12} {r['ms']:>7.2f}{packed}")
     print(f"\n{'offloaded':9} {'tokens':>6} {'chunk':>5} {'ms':>8} {'floor ms':>8} {'x floor':>7} {'peak MiB':>9} "
           f"{'bound':>8} {'GB/s':>5}")
     for r in rows:

@@ -18,9 +18,10 @@ launch over a table of query blocks:
 
 The grouped query heads share each key tile, so a one-token row (decoding) reads its keys once per key/value head,
 not once per query head. A one-token block fills only R of a tile's BLOCK_M rows; where its context reaches
-``SINGLE_FROM`` slots such blocks go to a table of their own, launched with tiles of 16 rows (``PackedTable.single``):
-at 32768 slots a 64-row tile made seven decoding rows 1.4x the decode kernel, 16 rows made them level with it
-(H200, s34-c), and below ~8192 slots the second launch costs about what it saves.
+``single_from_slots(R)`` slots (16384 at Qwen3's 8 query heads a key/value head, fewer for fewer) such blocks go to a
+table of their own, launched with tiles of 16 rows (``PackedTable.single``): at 32768 slots a 64-row tile made seven
+decoding rows 1.4x the decode kernel, 16 rows made them level with it (H200, s34-c); below the threshold the second
+launch costs more than the smaller tiles save (s35-a).
 
 Key steps below a block's first position are seen by every row of its tile: they run without a mask or bounds check,
 the rest masked. Slots are never read past the block's last position; a key step with every slot masked adds exactly
@@ -60,10 +61,16 @@ BLOCK_N = 64  # slots per step of the online softmax
 # the pieces merged in order. One program per block walked a decoding row's whole context: at 8192 and 32768
 # slots 2.4-7x slower than the parts' decode attention (H200, s33-f: 0.31 / 1.23 ms against 0.12 / 0.18 a layer)
 SPLIT = 1024
-# one-token blocks of at least this many slots run in a launch of their own with tiles of SINGLE_ROWS rows (s34-c, Qwen3
-# heads, 7 decoding rows beside a prompt: 0.242 -> 0.175 ms a layer at 32768 slots, the decode kernel's 0.175; level
-# at 8192, 0.02 ms slower at 2048: the second launch)
-SINGLE_FROM = 16384
+# one-token blocks of at least single_from_slots(R) slots run in a launch of their own with tiles of SINGLE_ROWS rows.
+# Such a block fills R of a 64-row tile's rows, so with fewer query heads a key/value head the small tiles pay for
+# their second launch (~0.02 ms) sooner. 7 decoding rows beside a 32-token chunk, ms a layer, one table -> the
+# one-token table (H200, eager): Qwen3's heads (R 8, 4 key/value heads) 0.242 -> 0.175 at 32768 slots (s34-c),
+# 0.118 -> 0.090 at 16384 (s35-b), 1.2-1.5x slower at 4096-12288 (s35-a); Mixtral's (R 4, 8) 0.145 -> 0.119 at 10240,
+# 0.110 -> 0.115 at 8192 (s35-a/b); OLMoE's (R 1, 16) 0.143 -> 0.122 at 5632, 0.106 -> 0.130 at 4096 (s35-a/b); 16
+# heads on 8 (R 2) 0.101 -> 0.126 at 7168, 0.109 -> 0.123 at 9216, 0.162 -> 0.140 at 14336 (s35-b). Runs a few
+# tenths of a ms long move by 10-20% between runs, so these are the thresholds the runs agree on, not a fit.
+SINGLE_FROM = 16384  # R >= 8, and the most slots any R asks
+SINGLE_FROM_BY_R = {1: 5632, 2: 12288, 4: 10240}
 SINGLE_ROWS = 16  # the smallest tile a dot takes
 # a run of at least this many (block, key/value head) programs is not cut in pieces: it fills the GPU as it is, and its
 # pieces would need merges and a scratch of partial results growing with the run and its context (~0.6 GB a layer for
@@ -222,6 +229,11 @@ class PackedTable:
         return self.merges[0].shape[0]
 
 
+def single_from_slots(R: int) -> int:
+    """Slots from which a one-token run takes the one-token table, for R tile rows a token (see SINGLE_FROM)."""
+    return min(SINGLE_FROM, SINGLE_FROM_BY_R.get(int(R), SINGLE_FROM))
+
+
 def single_tokens_per_block(tokens_per_block: int) -> int:
     """Tokens a block of the one-token table holds: its tiles are SINGLE_ROWS rows (of R = BLOCK_M / tokens_per_block
     rows a token), so a one-token block fills R of them, not R of BLOCK_M."""
@@ -254,8 +266,8 @@ def scratch_bytes_bound(num_heads: int, num_kv_heads: int, v_head_dim: int, toke
         tb1 = single_tokens_per_block(TB)
         if tb1 >= TB:
             return G * per_row * TB * R * pieces(slots)
-        main = TB * R * pieces(min(slots, SINGLE_FROM - 1))
-        single = tb1 * R * pieces(slots) if slots >= SINGLE_FROM else 0
+        main = TB * R * pieces(min(slots, single_from_slots(R) - 1))
+        single = tb1 * R * pieces(slots) if slots >= single_from_slots(R) else 0
         return G * per_row * max(main, single)
     blocks = -(-int(tokens) // TB)
     if blocks * G >= UNCUT_PROGRAMS:
@@ -304,11 +316,11 @@ def block_table(rows, starts, counts, positions, tokens_per_block: int, device, 
     multiples of ``split`` (default SPLIT) into pieces, unless the run's blocks x ``kv_heads`` make UNCUT_PROGRAMS
     programs or more (such a run fills the GPU without pieces; its pieces would cost merges and a scratch of partial
     results that grows with the run and its context). A run of one token whose slots number ``single_from`` (default
-    SINGLE_FROM) or more goes to ``single``, blocks of single_tokens_per_block(tokens_per_block) tokens. Whether a run
-    is cut and which table it takes follow from the run alone, so a token's result still does not depend on its
-    neighbours. Made on the host, copied in one go."""
+    single_from_slots(R), R = BLOCK_M / tokens_per_block) or more goes to ``single``, blocks of
+    single_tokens_per_block(tokens_per_block) tokens. Whether a run is cut and which table it takes follow from the run
+    alone, so a token's result still does not depend on its neighbours. Made on the host, copied in one go."""
     split = SPLIT if split is None else int(split)
-    single_from = SINGLE_FROM if single_from is None else int(single_from)
+    single_from = single_from_slots(BLOCK_M // tokens_per_block) if single_from is None else int(single_from)
     rows, starts, counts, positions = (np.asarray(a, dtype=np.int64) for a in (rows, starts, counts, positions))
     tb1 = single_tokens_per_block(tokens_per_block)
     seen = np.minimum(positions + 1, max_len) - (np.maximum(positions - window + 1, 0) if window else 0)
@@ -443,5 +455,5 @@ def packed_attention_reference(q_HNd, k_cache, v_cache, table: PackedTable, scal
 
 
 __all__ = ["packed_attention", "packed_attention_reference", "block_table", "PackedTable", "rows_to_device",
-           "group_rows", "single_tokens_per_block", "every_variant", "BLOCK_M", "BLOCK_N", "SPLIT", "SINGLE_FROM",
-           "SINGLE_ROWS", "UNCUT_PROGRAMS", "scratch_bytes", "scratch_bytes_bound"]
+           "group_rows", "single_tokens_per_block", "single_from_slots", "every_variant", "BLOCK_M", "BLOCK_N", "SPLIT",
+           "SINGLE_FROM", "SINGLE_FROM_BY_R", "SINGLE_ROWS", "UNCUT_PROGRAMS", "scratch_bytes", "scratch_bytes_bound"]

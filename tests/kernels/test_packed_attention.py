@@ -182,6 +182,13 @@ def test_block_table_gives_one_token_runs_of_long_contexts_a_table_of_their_own(
     # tiles already of one token's rows (64 query heads a key/value head): nothing to gain, no second table
     assert block_table([1], [0], [1], [150], 1, "cpu", 300, single_from=100).single is None
     assert block_table([1], [0], [1], [150], 8, "cpu", 300).single is None  # the default threshold: 16384 slots
+    # the default threshold by the query heads a key/value head shares (R = 64 / tokens a block): the fewer, the sooner
+    from kernels.packed_attention import single_from_slots
+    assert [single_from_slots(r) for r in (1, 2, 4, 8, 16)] == [5632, 12288, 10240, 16384, 16384]
+    for tb, r in ((64, 1), (16, 4), (8, 8)):
+        at = single_from_slots(r)
+        assert block_table([1], [0], [1], [at - 2], tb, "cpu", at + 8).single is None  # a row sees pos + 1 slots
+        assert block_table([1], [0], [1], [at - 1], tb, "cpu", at + 8).single.blocks[0].tolist() == [1]
     with every_variant():  # a warm-up's step: every slot a piece, every one-token run in the one-token table
         t = block_table([0, 1], [0, 1], [1, 2], [3, 0], 8, "cpu", 300)
         assert t.single.num_items == 4 and t.single.num_merges == 1 and t.num_merges == 1
