@@ -47,6 +47,10 @@ class CorpusConfig:
     heldout_fraction: float = 0.04
     max_file_bytes: int = 1_000_000  # skip larger files (generated tables); pydoc_data/topics.py, the docs, fits
     max_total_bytes: int = 0  # 0 = no limit; tests use a small corpus
+    # several kinds of text (``parse_mix``): ((name, (name endings, ...)), ...); () = Python files alone. With a mix,
+    # files are taken in the order of a hash of their path (kinds and packages interleaved, not the walk's order)
+    # and each kind gets an equal share of max_total_bytes
+    mix: tuple = ()
 
     def __post_init__(self):
         if not 0.0 < self.heldout_fraction < 0.5:
@@ -55,6 +59,19 @@ class CorpusConfig:
             raise ValueError(f"max_file_bytes must be positive, got {self.max_file_bytes}")
         if self.max_total_bytes < 0:
             raise ValueError(f"max_total_bytes must be >= 0 (0 = no limit), got {self.max_total_bytes}")
+        for kind in self.mix:
+            if len(kind) != 2 or not kind[0] or not kind[1] or not all(kind[1]):
+                raise ValueError(f"a mix kind is (name, (name endings, ...)), got {kind!r}; see parse_mix")
+
+    def kind_of(self, name: str) -> str | None:
+        """The mix kind a file name belongs to (the first whose ending matches), or None; without a mix, "python"
+        for a .py file."""
+        if not self.mix:
+            return "python" if name.endswith(".py") else None
+        for kind, endings in self.mix:
+            if name.endswith(tuple(endings)):
+                return kind
+        return None
 
     def stdlib_root(self) -> Path:
         root = Path(self.root or sysconfig.get_paths()["stdlib"])
@@ -63,19 +80,43 @@ class CorpusConfig:
         return root
 
 
+def parse_mix(text: str) -> tuple:
+    """``"code=.py;c=.h,.hpp;prose=.md,.txt,METADATA"`` -> (("code", (".py",)), ("c", (".h", ".hpp")), ...): kinds
+    of text by file-name ending, for CorpusConfig.mix."""
+    kinds = []
+    for part in (p.strip() for p in text.split(";")):
+        if not part:
+            continue
+        name, eq, endings = part.partition("=")
+        ends = tuple(e.strip() for e in endings.split(",") if e.strip())
+        if not eq or not name.strip() or not ends:
+            raise ValueError(f"--mix takes KIND=ENDING[,ENDING...][;KIND=...], e.g. 'code=.py;c=.h,.hpp'; got {part!r}")
+        kinds.append((name.strip(), ends))
+    names = [k for k, _ in kinds]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--mix names a kind twice: {names}")
+    return tuple(kinds)
+
+
 def iter_stdlib_files(cfg: CorpusConfig) -> Iterator[tuple[str, Path]]:
-    """(relative path, path) of every corpus file under the stdlib root, in sorted order."""
+    """(relative path, path) of every corpus file under the stdlib root, in sorted order (with a mix, every file
+    of one of its kinds, in the order of a hash of the relative path)."""
     root = cfg.stdlib_root()
+    found = []
     for dirpath, dirnames, filenames in os.walk(root):
         # sorting in place makes os.walk's order deterministic across file systems
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("config-"))
         for name in sorted(filenames):
-            if not name.endswith(".py") or name.startswith(_SKIP_FILE_PREFIXES):
+            if cfg.kind_of(name) is None or name.startswith(_SKIP_FILE_PREFIXES):
                 continue
             if name.startswith("test_"):
                 continue
             path = Path(dirpath) / name
-            yield path.relative_to(root).as_posix(), path
+            if cfg.mix:
+                found.append((path.relative_to(root).as_posix(), path))
+            else:
+                yield path.relative_to(root).as_posix(), path
+    yield from sorted(found, key=lambda f: hashlib.sha256(b"order:" + f[0].encode()).digest())
 
 
 def is_heldout(rel_path: str, fraction: float) -> bool:
@@ -90,13 +131,17 @@ def build_corpus(out_dir: str | Path, cfg: CorpusConfig = CorpusConfig()) -> dic
     out.mkdir(parents=True, exist_ok=True)
     parts = {"train": [], "heldout": []}
     files = {"train": [], "heldout": []}
-    used = {"train": 0, "heldout": 0}
-    # with a byte limit each side gets its share, so a small corpus still has held-out text
-    limit = ({"train": cfg.max_total_bytes * (1 - cfg.heldout_fraction),
-              "heldout": cfg.max_total_bytes * cfg.heldout_fraction} if cfg.max_total_bytes else None)
+    kinds = [k for k, _ in cfg.mix] or ["python"]
+    used = {(side, k): 0 for side in ("train", "heldout") for k in kinds}
+    held_by_kind: dict[str, list[str]] = {k: [] for k in kinds}
+    # with a byte limit each side gets its share, so a small corpus still has held-out text; with a mix each kind
+    # gets an equal part of each side's share
+    share = {"train": (1 - cfg.heldout_fraction) / len(kinds), "heldout": cfg.heldout_fraction / len(kinds)}
+    limit = ({key: cfg.max_total_bytes * share[key[0]] for key in used} if cfg.max_total_bytes else None)
     for rel, path in iter_stdlib_files(cfg):
         side = "heldout" if is_heldout(rel, cfg.heldout_fraction) else "train"
-        if limit is not None and used[side] >= limit[side]:
+        key = (side, cfg.kind_of(path.name))
+        if limit is not None and used[key] >= limit[key]:
             if all(used[k] >= limit[k] for k in used):
                 break
             continue
@@ -108,9 +153,12 @@ def build_corpus(out_dir: str | Path, cfg: CorpusConfig = CorpusConfig()) -> dic
         except UnicodeDecodeError:
             continue  # a few stdlib files carry other encodings; not worth guessing
         text = text.replace(EOS_TEXT, "")  # the separator must never occur inside a document
-        parts[side].append(f"# file: {rel}\n{text.rstrip()}\n")
+        doc = f"# file: {rel}\n{text.rstrip()}\n"
+        parts[side].append(doc)
         files[side].append(rel)
-        used[side] += len(raw)
+        used[key] += len(raw)
+        if side == "heldout":
+            held_by_kind[key[1]].append(doc)
     if not files["train"] or not files["heldout"]:
         raise ValueError(f"corpus too small to split ({len(files['train'])} train / {len(files['heldout'])} "
                          f"held-out files); raise max_total_bytes or heldout_fraction")
@@ -119,10 +167,17 @@ def build_corpus(out_dir: str | Path, cfg: CorpusConfig = CorpusConfig()) -> dic
         data = EOS_TEXT.join(parts[side])
         (out / f"{side}.txt").write_text(data, encoding="utf-8")
         sizes[side] = len(data.encode())
+    if cfg.mix:  # each kind's held-out text alone too: requests of one kind (routing traces by kind)
+        for k, docs in held_by_kind.items():
+            (out / f"heldout.{k}.txt").write_text(EOS_TEXT.join(docs), encoding="utf-8")
     # --root names another tree of Python files (BENCHMARKS 7f used a site-packages folder): say so
-    manifest = {"source": "python-files" if cfg.root else "python-stdlib", "python": sys.version.split()[0], "root": str(cfg.stdlib_root()),
+    source = "mixed-files" if cfg.mix else "python-files" if cfg.root else "python-stdlib"
+    manifest = {"source": source, "python": sys.version.split()[0], "root": str(cfg.stdlib_root()),
                 "heldout_fraction": cfg.heldout_fraction, "bytes": sizes,
                 "num_files": {k: len(v) for k, v in files.items()}, "files": files}
+    if cfg.mix:
+        manifest["mix"] = {k: list(e) for k, e in cfg.mix}
+        manifest["bytes_by_kind"] = {f"{side}.{k}": n for (side, k), n in used.items()}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -199,12 +254,15 @@ def load_token_ids(tokenizer_dir: str | Path, path: str | Path):
 
 def run_corpus_command(args: argparse.Namespace) -> int:
     cfg = CorpusConfig(root=args.root, heldout_fraction=args.heldout_fraction,
-                       max_total_bytes=args.max_bytes)
+                       max_total_bytes=args.max_bytes, mix=parse_mix(args.mix) if args.mix else ())
     out = Path(args.out)
     manifest = build_corpus(out, cfg)
     print(f"corpus: {manifest['num_files']['train']} train files ({manifest['bytes']['train'] / 1e6:.1f} MB), "
           f"{manifest['num_files']['heldout']} held-out files ({manifest['bytes']['heldout'] / 1e6:.2f} MB) "
           f"from Python {manifest['python']} -> {out}")
+    if cfg.mix:
+        print("by kind (source bytes): "
+              + ", ".join(f"{k} {n / 1e6:.1f} MB" for k, n in manifest["bytes_by_kind"].items()))
     if args.vocab_size:
         tok_dir = train_tokenizer(read_documents(out / "train.txt"), out / "tokenizer", args.vocab_size)
         print(f"tokenizer: byte-level BPE, vocab {args.vocab_size} -> {tok_dir}")
@@ -217,6 +275,9 @@ def add_corpus_arguments(p: argparse.ArgumentParser) -> None:
                    "BENCHMARKS 7f used a site-packages folder for a larger corpus)")
     p.add_argument("--heldout-fraction", type=float, default=0.04)
     p.add_argument("--max-bytes", type=int, default=0, help="stop after this many source bytes (0 = all)")
+    p.add_argument("--mix", default="", help="several kinds of text by file-name ending, each an equal share of "
+                   "--max-bytes, e.g. 'code=.py;c=.h,.hpp,.cuh;prose=.md,.rst,.txt,METADATA' (default: .py files "
+                   "alone); writes heldout.KIND.txt beside heldout.txt")
     p.add_argument("--vocab-size", type=int, default=4096, help="train a BPE tokenizer of this size (0 = none)")
 
 

@@ -72,6 +72,45 @@ def test_corpus_walk_is_deterministic_and_skips_tests(tmp_path):
         CorpusConfig(heldout_fraction=0.0)
 
 
+def test_mixed_corpus_gives_each_kind_its_share_interleaved(tmp_path):
+    """--mix: files of several kinds by name ending, each kind an equal share of the byte limit, taken in the order of
+    a hash of the path (kinds and folders interleaved, so a limit does not keep the walk's first packages alone), and
+    each kind's held-out text also written alone (requests of one kind for routing traces)."""
+    from moe.corpus import parse_mix
+    root = tmp_path / "site"
+    files = {**{f"a{i // 10}/m{i}.py": "x = 1\n" * 50 for i in range(60)},
+             **{f"b/inc/h{i}.h": "#define X 1\n" * 50 for i in range(60)},
+             **{f"c{i}.dist-info/METADATA": "Some prose here.\n" * 50 for i in range(30)},
+             "b/skip.so": "no", "z/notes.rst": "not asked for"}
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    mix = parse_mix("code=.py; c=.h,.hpp ;prose=METADATA")
+    assert mix == (("code", (".py",)), ("c", (".h", ".hpp")), ("prose", ("METADATA",)))
+    cfg = CorpusConfig(root=str(root), heldout_fraction=0.2, max_total_bytes=30 * 600, mix=mix)
+    m = build_corpus(tmp_path / "o", cfg)
+    assert m["source"] == "mixed-files" and set(m["mix"]) == {"code", "c", "prose"}
+    taken = m["files"]["train"] + m["files"]["heldout"]
+    assert not any(f.endswith((".so", ".rst")) for f in taken)
+    kinds = {k: [f for f in m["files"]["train"] if cfg.kind_of(f.rsplit("/", 1)[-1]) == k] for k in m["mix"]}
+    # each kind stops at its share of the train side (its last file may cross it): 4800 bytes of 300 / 600 / 850-byte
+    # files
+    size = {"code": 300, "c": 600, "prose": 850}
+    assert {k: len(v) for k, v in kinds.items()} == {k: -(-4800 // n) for k, n in size.items()}
+    assert m["bytes_by_kind"]["train.code"] == 4800
+    assert len({f.split("/")[0] for f in kinds["code"]}) > 2  # not the first folders of the walk alone
+    assert m["files"]["train"] != sorted(m["files"]["train"])  # hash order, kinds interleaved
+    for k in m["mix"]:
+        held = (tmp_path / "o" / f"heldout.{k}.txt").read_text()
+        docs = [d for d in held.split(EOS_TEXT) if d.strip()]
+        assert all(cfg.kind_of(d.split("\n", 1)[0].rsplit("/", 1)[-1]) == k for d in docs)
+    assert build_corpus(tmp_path / "o2", cfg)["files"] == m["files"]  # deterministic
+    with pytest.raises(ValueError, match="KIND=ENDING"):
+        parse_mix("code")
+    with pytest.raises(ValueError, match="twice"):
+        parse_mix("a=.py;a=.h")
+
+
 def test_stdlib_corpus_and_tokenizer(corpus):
     manifest = json.loads((corpus / "manifest.json").read_text())
     assert manifest["source"] == "python-stdlib"
