@@ -192,6 +192,33 @@ def best_partition_reduction(test: RoutingTrace, B: int, rounds: int, restarts: 
     return float(np.mean(out)) if out else float("nan")
 
 
+def schedule(test: RoutingTrace, pred, quick: bool, requests: int = 0) -> tuple[dict, object]:
+    """The scheduler's rows: requests of the test split (its first ``requests`` by id; 0 = all) decode together, B = a
+    quarter of them; FIFO, grouping by the true and the predicted paths, and two bounds. Returns (grouped, FIFO)."""
+    req = np.unique(test.request_ids_or_default())
+    if requests:
+        test = test.select_tokens(np.isin(test.request_ids_or_default(), req[:requests]))
+    n_req = min(len(req), requests or len(req))
+    B = max(2, n_req // 4)
+    per_req = 8 if quick else 16
+    fifo = simulate_schedule(test, None, SchedulerConfig(batch_size=B, grouping=False), per_req)
+    sched = {"oracle": simulate_schedule(test, None, SchedulerConfig(batch_size=B, max_wait=2), per_req),
+             "predictor": simulate_schedule(test, pred, SchedulerConfig(batch_size=B, max_wait=2), per_req)}
+    print(f"scheduler ({n_req} requests, B={B}, max_wait=2): distinct experts per batch FIFO "
+          f"{fifo.distinct_experts_per_batch:.1f}; "
+          + "; ".join(f"{k} paths {v.distinct_experts_per_batch:.1f} "
+                      f"({100 * (v.distinct_experts_per_batch / fifo.distinct_experts_per_batch - 1):+.0f}%, "
+                      f"max extra wait {v.max_extra_wait})" for k, v in sched.items()))
+    # how far grouping could go on this trace at all: the true paths with no fairness bound, and the best
+    # partition of each decode round (every request's t-th token) found by pairwise swaps
+    free = simulate_schedule(test, None, SchedulerConfig(batch_size=B, max_wait=10 ** 6), per_req)
+    part = best_partition_reduction(test, B, per_req)
+    free_red = free.distinct_experts_per_batch / fifo.distinct_experts_per_batch - 1
+    print(f"scheduler bounds (true paths): no fairness bound {100 * free_red:+.0f}%; "
+          f"best partition of each decode round {100 * part:+.0f}%")
+    return sched, fifo
+
+
 def attention_features(model, trace: RoutingTrace):
     """Point C (the next layer's own attention on the residual entering a layer's experts, then its router:
     routing.point_c, BENCHMARKS 7l/7m) over the whole trace, each request decoded token by token from its first
@@ -209,7 +236,8 @@ def attention_row(guesses: np.ndarray, test: RoutingTrace) -> str:
 
 
 def run_trace(name: str, trace: RoutingTrace, feats: dict | None, quick: bool, summary: list,
-              recall_only: bool = False, only: frozenset = frozenset(), attention: bool = False) -> None:
+              recall_only: bool = False, only: frozenset = frozenset(), attention: bool = False,
+              scheduler_only: bool = False, scheduler_requests: int = 0) -> None:
     print(f"\n=== {name}: {trace!r}")
     print(format_summary(summarize(trace)))
     req = trace.request_ids_or_default()
@@ -266,12 +294,15 @@ def run_trace(name: str, trace: RoutingTrace, feats: dict | None, quick: bool, s
                              f"its rows are {','.join(names)}")
     rows = []
     max_tokens = 600 if quick else 2000
-    for m in models:
+    for m in ([] if scheduler_only else models):
         r = evaluate(m, test, f_test, max_tokens=max_tokens)
         L = trace.num_layers
         us = max(cost_per_token_us(m, test, layer=layer, features=f_test) for layer in sorted({0, L // 2, L - 2}))
         rows.append((m.name, r, us))
     print(f"predictor fitted in {fit_s:.1f} s on {train.num_tokens} tokens")
+    if scheduler_only:
+        schedule(test, pred, quick, scheduler_requests)
+        return
     print(per_layer_table(rows[0][0], rows[0][1]))
     # one ahead, per target layer, for the lean predictors beside their lookahead sources: where a predictor
     # falls below its source (BENCHMARKS 7i) shows only layer by layer
@@ -306,24 +337,7 @@ def run_trace(name: str, trace: RoutingTrace, feats: dict | None, quick: bool, s
     if recall_only:
         return
 
-    # scheduling: requests of the test split decode together, B = a quarter of them
-    n_req = len(np.unique(test.request_ids_or_default()))
-    B = max(2, n_req // 4)
-    per_req = 8 if quick else 16
-    fifo = simulate_schedule(test, None, SchedulerConfig(batch_size=B, grouping=False), per_req)
-    sched = {"oracle": simulate_schedule(test, None, SchedulerConfig(batch_size=B, max_wait=2), per_req),
-             "predictor": simulate_schedule(test, pred, SchedulerConfig(batch_size=B, max_wait=2), per_req)}
-    print(f"scheduler (B={B}, max_wait=2): distinct experts per batch FIFO {fifo.distinct_experts_per_batch:.1f}; "
-          + "; ".join(f"{k} paths {v.distinct_experts_per_batch:.1f} "
-                      f"({100 * (v.distinct_experts_per_batch / fifo.distinct_experts_per_batch - 1):+.0f}%, "
-                      f"max extra wait {v.max_extra_wait})" for k, v in sched.items()))
-    # how far grouping could go on this trace at all: the true paths with no fairness bound, and the best
-    # partition of each decode round (every request's t-th token) found by pairwise swaps
-    free = simulate_schedule(test, None, SchedulerConfig(batch_size=B, max_wait=10 ** 6), per_req)
-    part = best_partition_reduction(test, B, per_req)
-    free_red = free.distinct_experts_per_batch / fifo.distinct_experts_per_batch - 1
-    print(f"scheduler bounds (true paths): no fairness bound {100 * free_red:+.0f}%; "
-          f"best partition of each decode round {100 * part:+.0f}%")
+    sched, fifo = schedule(test, pred, quick, scheduler_requests)
 
     hid_test = None if f_test is None else f_test["hidden_NLD"]
     hits = hit_ratios(test, models, 256 if quick else 1024, hidden_NLD=hid_test)
@@ -358,20 +372,39 @@ def main(argv=None) -> int:
     ap.add_argument("--attention", action="store_true",
                     help="recorded traces: also point C's one-ahead recall (the recording model decodes the test "
                          "requests token by token; a recorded trace with token ids and its model are needed)")
+    ap.add_argument("--mix", action="append", default=[], metavar="NAME=A.npz,B.npz,...",
+                    help="also a trace of mixed traffic: the requests of these recorded traces (of one model) "
+                         "interleaved in arrival order (RoutingTrace.mix_requests; BENCHMARKS 7o); repeatable")
+    ap.add_argument("--scheduler-only", action="store_true",
+                    help="each trace's scheduler rows alone (the predictor fitted without hidden states; no recall "
+                         "table, no cache hit ratios, no summary row)")
+    ap.add_argument("--scheduler-requests", type=int, default=0,
+                    help="the scheduler's pool: the first N test requests (0 = all; B = a quarter of the pool)")
     args = ap.parse_args(argv)
     only = frozenset(n for n in args.models.split(",") if n)
+    mixes = []
+    for spec in args.mix:
+        name, eq, files = spec.partition("=")
+        paths = [Path(f) for f in files.split(",") if f]
+        if not eq or not name or len(paths) < 2:
+            ap.error(f"--mix takes NAME=A.npz,B.npz[,...] (two traces or more), got {spec!r}")
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            ap.error(f"--mix {name}: no such trace file(s): {missing}")
+        mixes.append((name, RoutingTrace.mix_requests([RoutingTrace.load(p) for p in paths], [p.stem for p in paths])))
     if only and not args.recall_only:
         ap.error("--models needs --recall-only (the scheduler and the hit ratios use the full set)")
     torch.set_num_threads(1)  # the predictor's cost is quoted for one CPU core
     summary: list = []
+    sched = dict(scheduler_only=args.scheduler_only, scheduler_requests=args.scheduler_requests)
     for name, trace in ([] if args.recorded_only else synthetic_suite(args.quick)):
-        run_trace(name, trace, None, args.quick, summary, args.recall_only, only)
+        run_trace(name, trace, None, args.quick, summary, args.recall_only, only, **sched)
     recorded = recorded_suite(args.traces) if args.traces.is_dir() else []
-    if not recorded:
+    if not recorded and not mixes:
         print(f"\nnote: no recorded traces under {args.traces} (the training helper records them from the "
               "trained default model); synthetic traces only")
-    for name, trace, feats in recorded:
-        run_trace(name, trace, feats, args.quick, summary, args.recall_only, only, args.attention)
+    for name, trace, feats in recorded + [(n, t, None) for n, t in mixes]:
+        run_trace(name, trace, feats, args.quick, summary, args.recall_only, only, args.attention, **sched)
 
     if not args.recorded_only:
         qwen3_shape_cost(args.quick)
@@ -404,6 +437,8 @@ def qwen3_shape_cost(quick: bool) -> None:
 
 
 def print_summary(summary: list) -> None:
+    if not summary:  # (--recall-only, --scheduler-only: no rows)
+        return
     print("\n=== summary (predictor: recall of the top-k set; best baseline at 1/2/4 ahead; scheduler; "
           "hit ratio @25% with 4 requests: demand LRU, Belady, predictor policy + prefetch at 1 and 2 copies/layer; "
           "and with 1 request alone: LRU, predictor policy at 2 copies/layer)")

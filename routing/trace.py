@@ -156,6 +156,35 @@ class RoutingTrace:
         order = np.concatenate([np.flatnonzero(req == r)[:n] for r in keep])  # [R * n], request-major
         return order.reshape(len(keep), n).T.reshape(-1), len(keep)  # step-major
 
+    @classmethod
+    def mix_requests(cls, traces: "list[RoutingTrace]", names: list[str] | None = None) -> "RoutingTrace":
+        """The requests of several traces of one model as one trace, interleaved in arrival order: request j of
+        trace i gets id j * len(traces) + i (requests numbered by their ids in each trace), so a scheduler that
+        takes requests in id order meets the traces' requests in turn (mixed traffic: BENCHMARKS 7o). Tokens keep
+        their order; weights are kept only when every trace has them; meta["mixed"] names the sources."""
+        if not traces:
+            raise ValueError("mix_requests needs at least one trace")
+        first = traces[0]
+        for i, t in enumerate(traces[1:], 1):
+            if (t.num_layers, t.top_k, t.num_experts) != (first.num_layers, first.top_k, first.num_experts):
+                raise ValueError(f"trace {i} routes {t.num_layers} layers x top-{t.top_k} of {t.num_experts} experts, "
+                                 f"trace 0 {first.num_layers} x top-{first.top_k} of {first.num_experts}: "
+                                 "mix traces of one model")
+        n = len(traces)
+        rid = []
+        for i, t in enumerate(traces):
+            _, j = np.unique(t.request_ids_or_default(), return_inverse=True)
+            rid.append(j.astype(np.int64) * n + i)
+
+        def joined(name):
+            parts = [getattr(t, name) for t in traces]
+            if any(p is None for p in parts):
+                return None
+            return np.concatenate(parts, axis=1 if name == "weights" else 0)
+        names = names or [str(t.meta.get("text", i)) for i, t in enumerate(traces)]
+        return cls(np.concatenate([t.expert_ids for t in traces], axis=1), first.num_experts, joined("weights"),
+                   np.concatenate(rid), joined("positions"), {"mixed": list(names)}, token_ids=joined("token_ids"))
+
     # --- disk -----------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         path = Path(path)

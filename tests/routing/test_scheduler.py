@@ -70,3 +70,30 @@ def test_bad_input():
         s.add("b", np.zeros((2, 5), np.float32))
     with pytest.raises(ValueError, match="max_wait"):
         SchedulerConfig(max_wait=-1)
+
+
+def test_predictor_benchmark_schedules_mixed_traffic(tmp_path, capsys):
+    """benchmarks/predictor.py --mix NAME=A,B --scheduler-only: the requests of two traces interleaved as one pool.
+    Two kinds of traffic on disjoint experts: FIFO batches mix them, grouping separates them, so grouping cuts the
+    distinct experts far more than on either kind alone."""
+    import re
+
+    from routing import RoutingTrace
+    from tests.conftest import load_benchmark
+    kinds = []
+    for i in range(2):
+        t = synthesize(num_layers=4, num_experts=8, top_k=2, num_requests=16, tokens_per_request=8,
+                       popularity_skew=0.5, seed=i)
+        kinds.append(RoutingTrace(t.expert_ids + 8 * i, 16, None, t.request_ids, t.positions, token_ids=t.token_ids))
+        kinds[-1].save(tmp_path / f"k{i}.npz")
+    (tmp_path / "none").mkdir()
+    mod = load_benchmark("predictor")
+    assert mod.main(["--quick", "--recorded-only", "--traces", str(tmp_path / "none"), "--scheduler-only",
+                     "--scheduler-requests", "16", "--mix", f"two={tmp_path / 'k0.npz'},{tmp_path / 'k1.npz'}"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("scheduler (16 requests, B=4"))
+    oracle = int(re.search(r"oracle paths [\d.]+ \(([-+]\d+)%", line).group(1))
+    assert oracle <= -25, line
+    assert "recall" not in out.lower().split("=== two")[1]  # scheduler rows alone
+    with pytest.raises(SystemExit):
+        mod.main(["--mix", f"bad={tmp_path / 'k0.npz'}"])  # one trace is no mix

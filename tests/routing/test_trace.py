@@ -82,3 +82,18 @@ def test_interleaved_decode_order():
     assert per_step == 1 and u.num_tokens == 3
     with pytest.raises(ValueError, match="no request"):
         t.interleaved(4)
+
+
+def test_mix_requests_interleaves_the_traces_requests_in_arrival_order():
+    a = _trace()  # requests 4 and 7, 5 tokens each
+    b = RoutingTrace(np.full((3, 6, 2), 5), 8, None, [9, 9, 1, 1, 1, 9], [0, 1, 0, 1, 2, 2], token_ids=np.arange(6))
+    m = RoutingTrace.mix_requests([a, b], ["py", "c"])
+    assert m.num_tokens == 16 and m.meta == {"mixed": ["py", "c"]} and m.weights is None  # b has none
+    # a's requests 4, 7 -> 0, 2; b's 1, 9 -> 1, 3: the scheduler meets a, b, a, b
+    np.testing.assert_array_equal(m.request_ids, [0] * 5 + [2] * 5 + [3, 3, 1, 1, 1, 3])
+    np.testing.assert_array_equal(m.expert_ids[:, :10], a.expert_ids)
+    np.testing.assert_array_equal(m.expert_ids[:, 10:], b.expert_ids)
+    np.testing.assert_array_equal(m.token_ids[10:], np.arange(6))
+    np.testing.assert_array_equal(m.previous_token_index()[10:], [-1, 10, -1, 12, 13, 11])  # each request's own order
+    with pytest.raises(ValueError, match="one model"):
+        RoutingTrace.mix_requests([a, RoutingTrace(np.zeros((2, 4, 2), int), 8)])
