@@ -14,7 +14,8 @@ pipeline down to a cubin, with its bundled ptxas) and returns without running; t
 for TMA and programmatic dependent launch answer as on a Hopper GPU; tensors live on the CPU and are
 never read by a kernel. Each (shape, token count) runs the forward of ``fused_moe`` with its tuned
 config, and the forward + backward where training reaches that size (64, 4096, 16384 tokens); then
-the other inference kernels (norm, router, q/k/v projections, attention prep, decode attention) at each model's sizes. Line
+the other inference kernels (norm, router, q/k/v projections, attention prep, decode attention, a packed step's
+attention in every variant) at each model's sizes. Line
 information is left out of the PTX, so a refactor that moves code but compiles to the same PTX shows
 no difference in ``--dump``.
 """
@@ -143,9 +144,25 @@ def check(shapes, tokens, dump: Path | None, compiled: list, log=print) -> int:
     return failures
 
 
-def check_decode(shapes, rows=(1, 8, 64), log=print) -> int:
-    """The other inference kernels (kernels/norm, router, proj, attn_prep, decode_attention, unpack) at each
-    model's sizes."""
+def packed_attention_variants(H: int, G: int, d: int, e: int) -> None:
+    """kernels.packed_attention's launches of a packed step: blocks of several tokens and decoding rows in the main
+    table, then (every_variant) pieces merged by the second kernel and the one-token table's 16-row tiles, then a
+    sliding window."""
+    from kernels.packed_attention import block_table, every_variant, group_rows, packed_attention
+    bf = torch.bfloat16
+    R, TB = group_rows(H, G)
+    k, v = torch.empty(3, G, 257, d, dtype=bf), torch.empty(3, G, 257, e, dtype=bf)
+    q = torch.randn(H, 12, d).to(bf)
+    args = ([0, 1, 2], [0, 1, 2], [1, 1, 10], [200, 50, 100], TB, "cpu", 256)
+    packed_attention(q, k, v, block_table(*args, kv_heads=G), d ** -0.5)
+    with every_variant(split=64):
+        packed_attention(q, k, v, block_table(*args, kv_heads=G), d ** -0.5)
+    packed_attention(q, k, v, block_table(*args, window=32, kv_heads=G), d ** -0.5)
+
+
+def check_decode(shapes, rows=(1, 8, 64), log=print, dump: Path | None = None, compiled: list | None = None) -> int:
+    """The other inference kernels (kernels/norm, router, proj, attn_prep, decode_attention, packed_attention, unpack)
+    at each model's sizes; with ``dump`` (and install()'s log) each one's PTX written there too."""
     from benchmarks.tune_kernels import SHAPES
     from kernels.attn_prep import prepare_qkv
     from kernels.decode_attention import decode_attention
@@ -174,6 +191,8 @@ def check_decode(shapes, rows=(1, 8, 64), log=print) -> int:
                 "decode_attention": lambda: decode_attention(
                     torch.randn(M, H, 1, d).to(bf), torch.empty(M, G, 512, d, dtype=bf), torch.empty(M, G, 512, d, dtype=bf),
                     torch.zeros(M, 1, 1, 512, dtype=bf), d ** -0.5),
+                # a packed step's attention, every variant (DeepSeek-V2-Lite: MLA's 192-wide keys, 128-wide values)
+                "packed_attention": lambda: packed_attention_variants(H, G, 192 if key == "dsv2lite" else d, d),
                 # a packed expert (offload pack_experts), with escapes so that the escape loop compiles too
                 "unpack_bf16": lambda: unpack_bf16(*pack_bf16(torch.tensor([0.0, 1e30, 0.5, 0.25], dtype=bf),
                                                              torch.tensor([2.0, 3.0], dtype=bf)),
@@ -181,11 +200,17 @@ def check_decode(shapes, rows=(1, 8, 64), log=print) -> int:
             }
             failed = 0
             for name, step in steps.items():
+                start = len(compiled) if compiled is not None else 0
                 try:
                     step()
                 except Exception as exc:  # noqa: BLE001 - the point is to report it
                     failed += 1
                     log(f"  FAILED {key} {name} rows={M}: {type(exc).__name__}: {str(exc)[:600]}")
+                    continue
+                if dump is not None and compiled is not None:
+                    dump.mkdir(parents=True, exist_ok=True)
+                    for i, (n, k) in enumerate(compiled[start:]):
+                        (dump / f"{key}-rows{M}-{name}-{i:02d}-{n}.ptx").write_text(k.asm["ptx"])
             if not failed:
                 log(f"  ok {key} decode kernels, {M} rows")
             failures += failed
@@ -204,7 +229,8 @@ def main(argv=None) -> int:
     tokens = [int(t) for t in args.tokens.split(",") if t]
     compiled: list = []
     install(compiled)
-    failures = check(args.shapes.split(","), tokens, args.dump, compiled) + check_decode(args.shapes.split(","))
+    failures = (check(args.shapes.split(","), tokens, args.dump, compiled)
+                + check_decode(args.shapes.split(","), dump=args.dump, compiled=compiled))
     print(json.dumps({"failures": failures}))
     return 1 if failures else 0
 
