@@ -80,6 +80,31 @@ SINGLE_ROWS = 16  # the smallest tile a dot takes
 UNCUT_PROGRAMS = 256
 
 
+@triton.jit
+def _key_step(q, k_base, v_base, s, s_ks, s_vs, offs_d, offs_e, dmask, emask, hi, pos, window, scale, m_i, l_i, acc,
+              MASKED: tl.constexpr, WINDOWED: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr):
+    """One key step of the online softmax over slots s [BLOCK_N]: MASKED checks each slot against the piece's end and
+    each row's position (and window); unmasked, every slot is below every row's position and inside the piece."""
+    if MASKED:
+        inb = s < hi
+        kmask = inb[:, None] & dmask[None, :]
+        vmask = inb[:, None] & emask[None, :]
+    else:
+        kmask = dmask[None, :]
+        vmask = emask[None, :]
+    k = tl.load(k_base + s[:, None].to(tl.int64) * s_ks + offs_d[None, :], mask=kmask, other=0.0)
+    v = tl.load(v_base + s[:, None].to(tl.int64) * s_vs + offs_e[None, :], mask=vmask, other=0.0)
+    if CAST_F32:
+        k = k.to(tl.float32)
+    sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # [TB*R, BLOCK_N]
+    if MASKED:
+        seen = inb[None, :] & (s[None, :] <= pos[:, None])
+        if WINDOWED:
+            seen = seen & (s[None, :] > pos[:, None] - window)
+        sc = tl.where(seen, sc, float("-inf"))
+    return softmax_step(sc, v, m_i, l_i, acc, CAST_F32, PREC)
+
+
 @triton.jit(do_not_specialize=["s_qh"])  # (N x d: a stride that changes with the step, not a variant each)
 def _packed_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr,
                              brow_ptr, btok_ptr, bcnt_ptr, bpos_ptr, iblk_ptr, ilo_ptr, ihi_ptr, ione_ptr,
@@ -126,27 +151,11 @@ def _packed_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr,
     if not WINDOWED:
         full = lo + (tl.minimum(pos0 + 1, hi) - lo) // BLOCK_N * BLOCK_N
     for s0 in range(lo, full, BLOCK_N):
-        s = s0 + offs_n
-        k = tl.load(k_base + s[:, None].to(tl.int64) * s_ks + offs_d[None, :], mask=dmask[None, :], other=0.0)
-        v = tl.load(v_base + s[:, None].to(tl.int64) * s_vs + offs_e[None, :], mask=emask[None, :], other=0.0)
-        if CAST_F32:
-            k = k.to(tl.float32)
-        sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # [TB*R, BLOCK_N]
-        m_i, l_i, acc = softmax_step(sc, v, m_i, l_i, acc, CAST_F32, PREC)
+        m_i, l_i, acc = _key_step(q, k_base, v_base, s0 + offs_n, s_ks, s_vs, offs_d, offs_e, dmask, emask, hi, pos,
+                                  window, scale, m_i, l_i, acc, False, WINDOWED, CAST_F32, PREC)
     for s0 in range(full, hi, BLOCK_N):
-        s = s0 + offs_n
-        inb = s < hi
-        k = tl.load(k_base + s[:, None].to(tl.int64) * s_ks + offs_d[None, :], mask=inb[:, None] & dmask[None, :],
-                    other=0.0)
-        v = tl.load(v_base + s[:, None].to(tl.int64) * s_vs + offs_e[None, :], mask=inb[:, None] & emask[None, :],
-                    other=0.0)
-        if CAST_F32:
-            k = k.to(tl.float32)
-        sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # [TB*R, BLOCK_N]
-        seen = inb[None, :] & (s[None, :] <= pos[:, None])
-        if WINDOWED:
-            seen = seen & (s[None, :] > pos[:, None] - window)
-        m_i, l_i, acc = softmax_step(tl.where(seen, sc, float("-inf")), v, m_i, l_i, acc, CAST_F32, PREC)
+        m_i, l_i, acc = _key_step(q, k_base, v_base, s0 + offs_n, s_ks, s_vs, offs_d, offs_e, dmask, emask, hi, pos,
+                                  window, scale, m_i, l_i, acc, True, WINDOWED, CAST_F32, PREC)
     if tl.load(ione_ptr + item) != 0:  # the block's only piece: the output itself
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(o_ptr + tok[:, None] * s_on + head[:, None].to(tl.int64) * s_oh + offs_e[None, :],
