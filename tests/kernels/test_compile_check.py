@@ -2,9 +2,10 @@
 
 The interpreter tests run the kernels' logic but compile nothing; this compiles every kernel a
 forward and a forward + backward call launch, with the tuned H200 configs of each shape, and the
-other inference kernels (norm, router, projections, attention prep, decode attention), through
-Triton's real pipeline (``benchmarks/compile_check.py``, a stand-in driver, nothing runs). It runs in
-a subprocess: the check replaces Triton's driver and launcher for the whole process.
+other inference kernels (norm, router, projections, attention prep, decode attention, a packed
+step's attention in every variant), through Triton's real pipeline (``benchmarks/compile_check.py``,
+a stand-in driver, nothing runs). It runs in a subprocess: the check replaces Triton's driver and
+launcher for the whole process.
 """
 import json
 import os
