@@ -84,11 +84,16 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a check of the script)")
     ap.add_argument("--calls", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds (the variants of a case timed in turn)")
+    ap.add_argument("--sweeps", default="uncut,single", help="which sweeps: uncut, single")
+    ap.add_argument("--contexts", default="", help="the one-token sweep's contexts (slots, comma-separated; default: "
+                    "around each layout's threshold)")
     ap.add_argument("--out", default=None, help="folder for packed_thresholds.json")
     args = ap.parse_args(argv)
     unknown = [h for h in args.heads.split(",") if h not in HEADS]
     if unknown:
         ap.error(f"--heads: unknown {unknown}; choose from {sorted(HEADS)}")
+    if not set(args.sweeps.split(",")) <= {"uncut", "single"}:
+        ap.error(f"--sweeps takes uncut and/or single, got {args.sweeps!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda needs a CUDA device (--device cpu --quick checks the script)")
     dev, dt = args.device, (torch.bfloat16 if args.device == "cuda" else torch.float32)
@@ -105,6 +110,22 @@ def main(argv=None) -> int:
 
 def sweeps(args, dev, dt, calls: int, d: int) -> int:
     rows = []
+    sweeps_asked = args.sweeps.split(",")
+    if "uncut" in sweeps_asked:
+        uncut_sweep(args, dev, dt, calls, d, rows)
+    if "single" in sweeps_asked:
+        single_sweep(args, dev, dt, calls, d, rows)
+    bad = [r for r in rows if not r["err"] < (1e-4 if dt == torch.float32 else 1e-2)]
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "packed_thresholds.json").write_text(json.dumps(rows, indent=1))
+    if bad:
+        print(f"FAILED: {len(bad)} cases differ from the reference: {bad[:3]}")
+        return 1
+    return 0
+
+
+def uncut_sweep(args, dev, dt, calls: int, d: int, rows: list) -> None:
     print("(1) uncut rule: a run of P tokens at context `at` beside 7 decoding rows at 64 slots; ms cut / uncut")
     print(f"{'heads':>7} {'P':>5} {'at':>6} {'progs':>5} {'cut':>7} {'uncut':>7} {'ratio':>6} {'rule':>5} {'err':>8}")
     sweep = ((150,), (8, 40)) if args.quick else ((2048, 8192, 30000), (64, 128, 192, 256, 384, 512, 1024))
@@ -131,6 +152,9 @@ def sweeps(args, dev, dt, calls: int, d: int) -> int:
                                  uncut_ms=t[1], rule=rule, err=e))
                 print(f"{name:>7} {P:>5} {at:>6} {-(-P // TB) * G:>5} {t[0]:>7.3f} {t[1]:>7.3f} {t[1] / t[0]:>6.2f} "
                       f"{rule:>5} {e:>8.1e}", flush=True)
+
+
+def single_sweep(args, dev, dt, calls: int, d: int, rows: list) -> None:
     print("\n(2) one-token table: 7 decoding rows at `ctx` slots beside a 32-token chunk; ms main / single / default")
     print(f"{'heads':>7} {'R':>2} {'from':>6} {'ctx':>6} {'main':>7} {'single':>7} {'default':>7} {'takes':>6} "
           f"{'err':>8}")
@@ -140,6 +164,8 @@ def sweeps(args, dev, dt, calls: int, d: int) -> int:
         at_ = single_from_slots(R)
         ctxs = (at_ - 1, at_) if args.quick else sorted({c for c in (at_ // 2, at_ - 1024, at_ - 1, at_, at_ + 2048,
                                                                    2 * at_, 32768) if 1024 <= c <= 32768})
+        if args.contexts:
+            ctxs = [int(c) for c in args.contexts.split(",") if c]
         for ctx in ctxs:
             q, k, v, a = case(H, G, d, ctx, 32, 64, dev, dt)
             tabs = (block_table(*a, kv_heads=G, single_from=1 << 30), block_table(*a, kv_heads=G, single_from=1),
@@ -152,14 +178,6 @@ def sweeps(args, dev, dt, calls: int, d: int) -> int:
                              default_ms=t[2], takes=takes, err=e))
             print(f"{name:>7} {R:>2} {at_:>6} {ctx:>6} {t[0]:>7.3f} {t[1]:>7.3f} {t[2]:>7.3f} {takes:>6} {e:>8.1e}",
                   flush=True)
-    bad = [r for r in rows if not r["err"] < (1e-4 if dt == torch.float32 else 1e-2)]
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "packed_thresholds.json").write_text(json.dumps(rows, indent=1))
-    if bad:
-        print(f"FAILED: {len(bad)} cases differ from the reference: {bad[:3]}")
-        return 1
-    return 0
 
 
 if __name__ == "__main__":
