@@ -451,13 +451,13 @@ def main(argv=None) -> int:
         ap.error("--device cuda needs a CUDA device (use --device cpu for the bound alone)")
     for key in keys:
         cfg, m, _ = random_model(key, args.layers, "cuda")
+        with torch.inference_mode():  # (the engine asks at inference: no gradient wanted of the weights)
+            packs = m.packs_in_one_pass(m.new_cache(1, 8))
         for B, L, T in GRID:
             peak, secs = peak_forward(m, B, L, T, "cuda")
             bound = prefill_activation_bytes(cfg, B, T, L + T, torch.bfloat16)
             row = dict(model=key, mode="resident", B=B, L=L, T=T, peak_mib=peak / 2 ** 20, bound_mib=bound / 2 ** 20,
                        x=bound / max(peak, 1), ms=secs * 1e3)
-            with torch.inference_mode():  # (the engine asks at inference: no gradient wanted of the weights)
-                packs = m.packs_in_one_pass(m.new_cache(1, 8))
             if packs:  # the same tokens as one packed step (the engine's way since session 34)
                 ppeak, psecs = peak_forward(m, B, L, T, "cuda", packed=True)
                 row.update(packed_peak_mib=ppeak / 2 ** 20, packed_x=bound / max(ppeak, 1), packed_ms=psecs * 1e3)

@@ -243,6 +243,12 @@ def single_from_slots(R: int) -> int:
     return min(SINGLE_FROM, SINGLE_FROM_BY_R.get(int(R), SINGLE_FROM))
 
 
+def _uncut(blocks, kv_heads: int):
+    """Whether a run of ``blocks`` query blocks (an int or an array) is never cut in pieces: its programs fill the GPU
+    (UNCUT_PROGRAMS)."""
+    return blocks * max(1, int(kv_heads)) >= UNCUT_PROGRAMS
+
+
 def single_tokens_per_block(tokens_per_block: int) -> int:
     """Tokens a block of the one-token table holds: its tiles are SINGLE_ROWS rows (of R = BLOCK_M / tokens_per_block
     rows a token), so a one-token block fills R of them, not R of BLOCK_M."""
@@ -275,11 +281,12 @@ def scratch_bytes_bound(num_heads: int, num_kv_heads: int, v_head_dim: int, toke
         tb1 = single_tokens_per_block(TB)
         if tb1 >= TB:
             return G * per_row * TB * R * pieces(slots)
-        main = TB * R * pieces(min(slots, single_from_slots(R) - 1))
-        single = tb1 * R * pieces(slots) if slots >= single_from_slots(R) else 0
+        at = single_from_slots(R)
+        main = TB * R * pieces(min(slots, at - 1))
+        single = tb1 * R * pieces(slots) if slots >= at else 0
         return G * per_row * max(main, single)
     blocks = -(-int(tokens) // TB)
-    if blocks * G >= UNCUT_PROGRAMS:
+    if _uncut(blocks, G):
         return 0
     return blocks * G * TB * R * per_row * pieces(slots)
 
@@ -334,7 +341,7 @@ def block_table(rows, starts, counts, positions, tokens_per_block: int, device, 
     tb1 = single_tokens_per_block(tokens_per_block)
     seen = np.minimum(positions + 1, max_len) - (np.maximum(positions - window + 1, 0) if window else 0)
     one = (counts == 1) & (seen >= single_from) if tb1 < tokens_per_block else np.zeros(len(rows), dtype=bool)
-    uncut = -(-counts // tokens_per_block) * max(1, int(kv_heads)) >= UNCUT_PROGRAMS
+    uncut = _uncut(-(-counts // tokens_per_block), kv_heads)
     splits = np.where(uncut, max(int(max_len), 1) + 1, split)
     groups = [(~one, tokens_per_block)] + ([(one, tb1)] if one.any() else [])
     hosts = [_host_table(rows[m], starts[m], counts[m], positions[m], tb, max_len, window, splits[m])
