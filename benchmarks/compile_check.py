@@ -80,6 +80,7 @@ def install(log_compiled: list) -> None:
     import kernels.fused_moe as fm
     import kernels.grouped_gemm as gg
     import kernels.launch as kl
+    import kernels.packed_attention as pa
     import kernels.wgrad as wg
     driver.set_active(_StandInCuda())
     kl.ENABLED = False  # every launch through JITFunction.run (below): a compiled kernel is never run
@@ -90,7 +91,7 @@ def install(log_compiled: list) -> None:
         log_compiled.append((self.fn.__name__, k))
         return k
     JITFunction.run = compile_only
-    for mod in (gg, fm, wg):
+    for mod in (gg, fm, wg, pa):
         mod.tma_ok = lambda t: True
     for mod in (gg, fm, fd):
         mod.pdl_ok = lambda t: True
@@ -146,14 +147,14 @@ def check(shapes, tokens, dump: Path | None, compiled: list, log=print) -> int:
 
 def packed_attention_variants(H: int, G: int, d: int, e: int) -> None:
     """kernels.packed_attention's launches of a packed step: blocks of several tokens and decoding rows in the main
-    table, then (every_variant) pieces merged by the second kernel and the one-token table's 16-row tiles, then a
-    sliding window."""
+    table, then (every_variant) pieces merged by the second kernel, the one-token table's 16-row tiles and the wide
+    table's 128-row tiles with keys and values by TMA, then a sliding window."""
     from kernels.packed_attention import block_table, every_variant, group_rows, packed_attention
     bf = torch.bfloat16
     R, TB = group_rows(H, G)
-    k, v = torch.empty(3, G, 257, d, dtype=bf), torch.empty(3, G, 257, e, dtype=bf)
-    q = torch.randn(H, 12, d).to(bf)
-    args = ([0, 1, 2], [0, 1, 2], [1, 1, 10], [200, 50, 100], TB, "cpu", 256)
+    k, v = torch.empty(4, G, 257, d, dtype=bf), torch.empty(4, G, 257, e, dtype=bf)
+    q = torch.randn(H, 14, d).to(bf)
+    args = ([0, 1, 2, 3], [0, 1, 2, 12], [1, 1, 10, 2], [200, 50, 100, 30], TB, "cpu", 256)
     packed_attention(q, k, v, block_table(*args, kv_heads=G), d ** -0.5)
     with every_variant(split=64):
         packed_attention(q, k, v, block_table(*args, kv_heads=G), d ** -0.5)

@@ -44,13 +44,20 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def softmax_step(sc, v, m_i, l_i, acc, CAST_F32: tl.constexpr, PREC: tl.constexpr):
-    """One block of an online softmax: scores sc [rows, slots] (-inf where masked), values v [slots, e]; the running
-    max m_i, sum l_i and unnormalised output acc, updated. A block with nothing seen (so far) adds exactly nothing."""
-    m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+def softmax_step(sc, v, m_i, l_i, acc, scale, CAST_F32: tl.constexpr, PREC: tl.constexpr, LOG2: tl.constexpr):
+    """One block of an online softmax: scores sc [rows, slots] (-inf where masked) taken times ``scale``, values v
+    [slots, e]; the running max m_i, sum l_i and unnormalised output acc, updated. LOG2: m_i in units of log2 and exp2
+    (``scale`` holds log2(e)), so each probability is one fused multiply-add and an exp2 (kernels.packed_attention);
+    else exp (here: scale 1.0, the scores scaled by the caller). A block with nothing seen (so far) adds exactly
+    nothing."""
+    m_new = tl.maximum(m_i, tl.max(sc, axis=1) * scale)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: p and alpha stay 0
-    alpha = tl.exp(m_i - m_safe)
-    p = tl.exp(sc - m_safe[:, None])
+    if LOG2:
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(sc * scale - m_safe[:, None])
+    else:
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(sc * scale - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if CAST_F32:
         pv = tl.dot(p, v.to(tl.float32), input_precision=PREC)
@@ -103,7 +110,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, m_ptr, out_ptr, part_ptr, ml_ptr,
         if ADDITIVE:
             sc += madd[None, :]
         sc = tl.where(seen[None, :], sc, float("-inf"))
-        m_i, l_i, acc = softmax_step(sc, v, m_i, l_i, acc, CAST_F32, PREC)
+        m_i, l_i, acc = softmax_step(sc, v, m_i, l_i, acc, 1.0, CAST_F32, PREC, False)
     if SINGLE:  # one chunk: the output itself (what the merge of one chunk gives, bit for bit)
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + b * s_ob + heads[:, None] * s_oh + offs_e[None, :], o.to(out_ptr.dtype.element_ty),

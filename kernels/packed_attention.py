@@ -21,11 +21,14 @@ not once per query head. A one-token block fills only R of a tile's BLOCK_M rows
 ``single_from_slots(R)`` slots (16384 at Qwen3's 8 query heads a key/value head, fewer for fewer) such blocks go to a
 table of their own, launched with tiles of 16 rows (``PackedTable.single``): at 32768 slots a 64-row tile made seven
 decoding rows 1.4x the decode kernel, 16 rows made them level with it (H200, s34-c); below the threshold the second
-launch costs more than the smaller tiles save (s35-a).
+launch costs more than the smaller tiles save (s35-a). A long run over a long context (a prompt of thousands of tokens,
+or a chunk of one) goes to a third table (``PackedTable.wide``): tiles of 128 rows, 8 warps, keys and values read by
+TMA, 2-2.6x faster than 64-row tiles on the H200 (s36-b) and level with or faster than cuDNN's and FlashAttention-2's
+kernels there (WIDE_ROWS).
 
 Key steps below a block's first position are seen by every row of its tile: they run without a mask or bounds check,
 the rest masked. Slots are never read past the block's last position; a key step with every slot masked adds exactly
-nothing (the online softmax step is decode_attention's ``softmax_step``), and a row's tokens are cut into blocks from
+nothing (the online softmax step, in units of log2), and a row's tokens are cut into blocks from
 its own first token, its slots into pieces at fixed multiples and its table chosen by itself, so a token's result does
 not depend on what else the step holds: the same bits whatever is packed beside it (tested).
 
@@ -51,7 +54,7 @@ import triton
 import triton.language as tl
 
 from .decode_attention import MAX_HEAD, softmax_step
-from .grouped_gemm import _interpreted, _precision
+from .grouped_gemm import _interpreted, _precision, tma_ok
 from .launch import Launcher
 from .launch_config import next_pow2
 
@@ -72,6 +75,22 @@ SPLIT = 1024
 SINGLE_FROM = 16384  # R >= 8, and the most slots any R asks
 SINGLE_FROM_BY_R = {1: 5632, 2: 12288, 4: 10240}
 SINGLE_ROWS = 16  # the smallest tile a dot takes
+# a long run over a long context (a prompt's prefill, a chunk of one) takes a table of its own, tiles of WIDE_M rows
+# (two warp groups, keys and values by TMA, a deeper pipeline): a run of at least WIDE_MIN_TOKENS tokens whose tokens x
+# R x key/value heads reach WIDE_ROWS (so it makes UNCUT_PROGRAMS programs even in the wide tiles: never cut) and whose
+# last token sees WIDE_FROM_SLOTS slots or more. H200, s36-b (a lone run of P tokens at a context, ms a layer, 64-row
+# tiles -> the wide table): Qwen3's heads 2048 at 16384 2.23 -> 1.01, 8192 at 0 2.06 -> 1.03; OLMoE's 1.17 -> 0.54 and
+# 1.16 -> 0.58; DeepSeek-V2-Lite's (192-wide keys, 64-slot key steps) 2.02 -> 0.77 (BENCHMARKS 3aa). Short contexts
+# stay in the main table: there the wide tiles save the GPU 3-20 us a layer (s36-d, CUDA graphs: 1024 and 2048 tokens
+# at 0) and cost the host ~30 us a launch eagerly (s36-b: Triton encodes the two tensor maps at every launch)
+WIDE_M = 128
+WIDE_ROWS = 256 * WIDE_M  # (UNCUT_PROGRAMS tiles of WIDE_M rows)
+WIDE_FROM_SLOTS = 4096
+WIDE_MIN_TOKENS = 2  # (a one-token run is never wide; every_variant raises it to give the main table a run too)
+# each table's (key step, warps, stages, keys and values by TMA) by its tile rows: the one-token table's SINGLE_ROWS, the
+# main table's BLOCK_M, the wide table's WIDE_M (whose key step is 64 slots for heads wider than 128: shared memory).
+# s36-b: the main table at 3 stages 10-15% faster than at 2 for runs of 512-1024 tokens, level for decoding rows
+TILE_LAUNCH = {SINGLE_ROWS: (64, 4, 2, False), BLOCK_M: (64, 4, 3, False), WIDE_M: (128, 8, 3, True)}
 # a run of at least this many (block, key/value head) programs is not cut in pieces: it fills the GPU as it is, and its
 # pieces would need merges and a scratch of partial results growing with the run and its context (~0.6 GB a layer for
 # a lone 8192-token prompt at Qwen3's heads, ~9 GB at 32768). s34-e (Qwen3 heads, 4 key/value heads): a 512-token run
@@ -81,10 +100,14 @@ UNCUT_PROGRAMS = 256
 
 
 @triton.jit
-def _key_step(q, k_base, v_base, s, s_ks, s_vs, offs_d, offs_e, dmask, emask, hi, pos, window, scale, m_i, l_i, acc,
-              MASKED: tl.constexpr, WINDOWED: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr):
-    """One key step of the online softmax over slots s [BLOCK_N]: MASKED checks each slot against the piece's end and
-    each row's position (and window); unmasked, every slot is below every row's position and inside the piece."""
+def _key_step(q, k_base, v_base, k_desc, v_desc, row32, g, s0, offs_n, s_ks, s_vs, offs_d, offs_e, dmask, emask, hi,
+              pos, window, qk_scale, m_i, l_i, acc, MASKED: tl.constexpr, WINDOWED: tl.constexpr,
+              CAST_F32: tl.constexpr, PREC: tl.constexpr, KV_TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+    """One key step of the online softmax over slots s0 .. s0 + BLOCK_N: MASKED checks each slot against the piece's
+    end and each row's position (and window); unmasked, every slot is below every row's position and inside the
+    piece, and KV_TMA reads the keys and values through tensor descriptors (never past a real slot: no zero fill is
+    relied on)."""
+    s = s0 + offs_n
     if MASKED:
         inb = s < hi
         kmask = inb[:, None] & dmask[None, :]
@@ -92,34 +115,41 @@ def _key_step(q, k_base, v_base, s, s_ks, s_vs, offs_d, offs_e, dmask, emask, hi
     else:
         kmask = dmask[None, :]
         vmask = emask[None, :]
-    k = tl.load(k_base + s[:, None].to(tl.int64) * s_ks + offs_d[None, :], mask=kmask, other=0.0)
-    v = tl.load(v_base + s[:, None].to(tl.int64) * s_vs + offs_e[None, :], mask=vmask, other=0.0)
+    if KV_TMA and not MASKED:
+        k = k_desc.load([row32, g, s0, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = v_desc.load([row32, g, s0, 0]).reshape(BLOCK_N, BLOCK_E)
+    else:
+        k = tl.load(k_base + s[:, None].to(tl.int64) * s_ks + offs_d[None, :], mask=kmask, other=0.0)
+        v = tl.load(v_base + s[:, None].to(tl.int64) * s_vs + offs_e[None, :], mask=vmask, other=0.0)
     if CAST_F32:
         k = k.to(tl.float32)
-    sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # [TB*R, BLOCK_N]
+    sc = tl.dot(q, tl.trans(k), input_precision=PREC)  # [TB*R, BLOCK_N], unscaled
     if MASKED:
         seen = inb[None, :] & (s[None, :] <= pos[:, None])
         if WINDOWED:
             seen = seen & (s[None, :] > pos[:, None] - window)
         sc = tl.where(seen, sc, float("-inf"))
-    return softmax_step(sc, v, m_i, l_i, acc, CAST_F32, PREC)
+    # (the online softmax in units of log2: s36-b, 30% faster on long runs than scaling the scores and taking exp)
+    return softmax_step(sc, v, m_i, l_i, acc, qk_scale, CAST_F32, PREC, True)
 
 
 @triton.jit(do_not_specialize=["s_qh"])  # (N x d: a stride that changes with the step, not a variant each)
-def _packed_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr,
+def _packed_attention_kernel(q_ptr, k_ptr, v_ptr, k_desc, v_desc, o_ptr, part_ptr, ml_ptr,
                              brow_ptr, btok_ptr, bcnt_ptr, bpos_ptr, iblk_ptr, ilo_ptr, ihi_ptr, ione_ptr,
                              HG, d, e, window, scale,
                              s_qh, s_qn, s_kb, s_kg, s_ks, s_vb, s_vg, s_vs, s_on, s_oh,
                              R: tl.constexpr, TB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_E: tl.constexpr,
-                             WINDOWED: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr):
+                             WINDOWED: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr,
+                             KV_TMA: tl.constexpr):
     item = tl.program_id(0)  # a piece of a block: its slots [lo, hi)
     g = tl.program_id(1)
     G = tl.num_programs(1)
     blk = tl.load(iblk_ptr + item)
     lo = tl.load(ilo_ptr + item)
     hi = tl.load(ihi_ptr + item)
-    row = tl.load(brow_ptr + blk).to(tl.int64)
+    row32 = tl.load(brow_ptr + blk)
+    row = row32.to(tl.int64)
     tok0 = tl.load(btok_ptr + blk)
     cnt = tl.load(bcnt_ptr + blk)
     pos0 = tl.load(bpos_ptr + blk)
@@ -150,12 +180,15 @@ def _packed_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr,
     full = lo
     if not WINDOWED:
         full = lo + (tl.minimum(pos0 + 1, hi) - lo) // BLOCK_N * BLOCK_N
+    qk_scale = scale * 1.4426950408889634  # (x log2(e): the online softmax in units of log2)
     for s0 in range(lo, full, BLOCK_N):
-        m_i, l_i, acc = _key_step(q, k_base, v_base, s0 + offs_n, s_ks, s_vs, offs_d, offs_e, dmask, emask, hi, pos,
-                                  window, scale, m_i, l_i, acc, False, WINDOWED, CAST_F32, PREC)
+        m_i, l_i, acc = _key_step(q, k_base, v_base, k_desc, v_desc, row32, g, s0, offs_n, s_ks, s_vs, offs_d, offs_e,
+                                  dmask, emask, hi, pos, window, qk_scale, m_i, l_i, acc, False, WINDOWED, CAST_F32,
+                                  PREC, KV_TMA, BLOCK_N, BLOCK_D, BLOCK_E)
     for s0 in range(full, hi, BLOCK_N):
-        m_i, l_i, acc = _key_step(q, k_base, v_base, s0 + offs_n, s_ks, s_vs, offs_d, offs_e, dmask, emask, hi, pos,
-                                  window, scale, m_i, l_i, acc, True, WINDOWED, CAST_F32, PREC)
+        m_i, l_i, acc = _key_step(q, k_base, v_base, k_desc, v_desc, row32, g, s0, offs_n, s_ks, s_vs, offs_d, offs_e,
+                                  dmask, emask, hi, pos, window, qk_scale, m_i, l_i, acc, True, WINDOWED, CAST_F32,
+                                  PREC, KV_TMA, BLOCK_N, BLOCK_D, BLOCK_E)
     if tl.load(ione_ptr + item) != 0:  # the block's only piece: the output itself
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(o_ptr + tok[:, None] * s_on + head[:, None].to(tl.int64) * s_oh + offs_e[None, :],
@@ -193,7 +226,7 @@ def _merge_kernel(part_ptr, ml_ptr, o_ptr, btok_ptr, bcnt_ptr, mblk_ptr, mfirst_
     l = tl.zeros([TB * R], tl.float32)
     for c in range(count):
         r = ((first + c) * G + g).to(tl.int64) * (TB * R) + m_offs
-        w = tl.exp(tl.load(ml_ptr + r * 2) - m)
+        w = tl.exp2(tl.load(ml_ptr + r * 2) - m)  # (the pieces' maxima in units of log2)
         l += w * tl.load(ml_ptr + r * 2 + 1)
         acc += w[:, None] * tl.load(part_ptr + r[:, None] * BLOCK_E + offs_e[None, :])
     o = acc / tl.where(l > 0, l, 1.0)[:, None]
@@ -219,7 +252,7 @@ class PackedTable:
     position), their pieces (block, slots [lo, hi), whether the block's only piece) and the blocks cut in pieces
     (block, first piece, pieces), as int32 device tensors; the cache's max_len, the window (0: none) and the tokens
     a block holds at most. ``single``: the one-token blocks of long contexts, a table of its own launched with
-    tiles of SINGLE_ROWS rows (None: none)."""
+    tiles of SINGLE_ROWS rows; ``wide``: the blocks of long runs, tiles of WIDE_M rows (None: none)."""
     blocks: tuple
     items: tuple
     merges: tuple
@@ -228,6 +261,12 @@ class PackedTable:
     tokens_per_block: int = 0
     single: "PackedTable | None" = None
     cut_pieces: int = 0  # pieces of blocks cut in several: the table's first items
+    wide: "PackedTable | None" = None
+
+    @property
+    def tables(self) -> tuple:
+        """This table and its one-token and wide tables, those that exist."""
+        return tuple(t for t in (self, self.single, self.wide) if t is not None)
 
     @property
     def num_items(self) -> int:
@@ -247,6 +286,11 @@ def _uncut(blocks, kv_heads: int):
     """Whether a run of ``blocks`` query blocks (an int or an array) is never cut in pieces: its programs fill the GPU
     (UNCUT_PROGRAMS)."""
     return blocks * max(1, int(kv_heads)) >= UNCUT_PROGRAMS
+
+
+def wide_tokens_per_block(tokens_per_block: int) -> int:
+    """Tokens a block of the wide table holds (tiles of WIDE_M rows; tokens_per_block is the main table's)."""
+    return tokens_per_block * WIDE_M // BLOCK_M
 
 
 def single_tokens_per_block(tokens_per_block: int) -> int:
@@ -295,7 +339,7 @@ def scratch_bytes(table: PackedTable, num_heads: int, num_kv_heads: int, v_head_
     """Bytes of partial results packed_attention allocates for ``table`` (both of its tables)."""
     R, TB = group_rows(num_heads, num_kv_heads)
     return sum(_scratch_rows(t, num_kv_heads, R, t.tokens_per_block or TB)
-               for t in (table, table.single) if t is not None) * _partial_row_bytes(v_head_dim)
+               for t in table.tables) * _partial_row_bytes(v_head_dim)
 
 
 def _host_table(rows, starts, counts, positions, tokens_per_block: int, max_len: int, window: int, split):
@@ -313,7 +357,9 @@ def _host_table(rows, starts, counts, positions, tokens_per_block: int, max_len:
     sp = np.asarray(split, dtype=np.int64)[run]
     first_piece, last_piece = lo // sp, np.maximum(hi - 1, lo) // sp
     pieces = last_piece - first_piece + 1
-    order = np.argsort(pieces == 1, kind="stable")  # blocks cut in pieces first, each block's pieces together
+    # blocks cut in pieces first (each block's pieces together), then the whole blocks, those of most slots first (a
+    # long prompt's last blocks run longest: started last they would make the launch's tail)
+    order = np.lexsort((np.where(pieces == 1, -hi, 0), pieces == 1))
     p_o = pieces[order]
     blk = np.repeat(order, p_o)
     c = first_piece[blk] + np.arange(int(p_o.sum())) - np.repeat(np.cumsum(p_o) - p_o, p_o)
@@ -333,19 +379,28 @@ def block_table(rows, starts, counts, positions, tokens_per_block: int, device, 
     programs or more (such a run fills the GPU without pieces; its pieces would cost merges and a scratch of partial
     results that grows with the run and its context). A run of one token whose slots number ``single_from`` (default
     single_from_slots(R), R = BLOCK_M / tokens_per_block) or more goes to ``single``, blocks of
-    single_tokens_per_block(tokens_per_block) tokens. Whether a run is cut and which table it takes follow from the run
-    alone, so a token's result still does not depend on its neighbours. Made on the host, copied in one go."""
+    single_tokens_per_block(tokens_per_block) tokens. A run of at least WIDE_MIN_TOKENS tokens whose tokens x R x
+    ``kv_heads`` reach WIDE_ROWS and whose last token sees WIDE_FROM_SLOTS slots or more goes to ``wide``, blocks of
+    wide_tokens_per_block(tokens_per_block) tokens (tiles of WIDE_M rows). Whether a run is cut and which table it takes follow from the run alone, so a token's result still
+    does not depend on its neighbours. Made on the host, copied in one go."""
     split = SPLIT if split is None else int(split)
-    single_from = single_from_slots(BLOCK_M // tokens_per_block) if single_from is None else int(single_from)
+    R = max(1, BLOCK_M // tokens_per_block)
+    single_from = single_from_slots(R) if single_from is None else int(single_from)
     rows, starts, counts, positions = (np.asarray(a, dtype=np.int64) for a in (rows, starts, counts, positions))
-    tb1 = single_tokens_per_block(tokens_per_block)
+    tb1, tbw = single_tokens_per_block(tokens_per_block), wide_tokens_per_block(tokens_per_block)
     seen = np.minimum(positions + 1, max_len) - (np.maximum(positions - window + 1, 0) if window else 0)
     one = (counts == 1) & (seen >= single_from) if tb1 < tokens_per_block else np.zeros(len(rows), dtype=bool)
-    uncut = _uncut(-(-counts // tokens_per_block), kv_heads)
+    wide = ((counts >= max(2, WIDE_MIN_TOKENS)) & (counts * R * max(1, int(kv_heads)) >= WIDE_ROWS)
+            & (np.minimum(positions + counts, max_len) >= WIDE_FROM_SLOTS))
+    if tokens_per_block * R != BLOCK_M:  # tiles of more than BLOCK_M rows already (over 64 query heads a key head)
+        wide[:] = False
+    tb_run = np.where(wide, tbw, tokens_per_block)
+    uncut = _uncut(-(-counts // tb_run), kv_heads)
     splits = np.where(uncut, max(int(max_len), 1) + 1, split)
-    groups = [(~one, tokens_per_block)] + ([(one, tb1)] if one.any() else [])
+    groups = [("main", ~one & ~wide, tokens_per_block), ("single", one, tb1), ("wide", wide, tbw)]
+    groups = groups[:1] + [g for g in groups[1:] if g[1].any()]
     hosts = [_host_table(rows[m], starts[m], counts[m], positions[m], tb, max_len, window, splits[m])
-             for m, tb in groups]
+             for _, m, tb in groups]
     # one copy: every table's three arrays side by side, each padded to a multiple of 4 columns so that every row of
     # each starts 16-byte aligned (rows_to_device)
     host = [h for tables in hosts for h in tables]
@@ -358,25 +413,26 @@ def block_table(rows, starts, counts, positions, tokens_per_block: int, device, 
         parts.append(tuple(t[at:at + w] for t in flat[:h.shape[0]]))
         at += span
     cuts = [int(h[2][2].sum()) for h in hosts]  # each table's pieces of blocks cut in several
-    single = None
-    if len(groups) > 1:
-        single = PackedTable(*parts[3:6], int(max_len), int(window), tb1, None, cuts[1])
-    return PackedTable(*parts[:3], int(max_len), int(window), tokens_per_block, single, cuts[0])
+    extra = {name: PackedTable(*parts[3 * i:3 * i + 3], int(max_len), int(window), tb, None, cuts[i])
+             for i, (name, _, tb) in enumerate(groups) if i}
+    return PackedTable(*parts[:3], int(max_len), int(window), tokens_per_block, extra.get("single"), cuts[0],
+                       extra.get("wide"))
 
 
 @contextlib.contextmanager
 def every_variant(split: int = 1):
-    """Within it block_table cuts every block's slots every ``split`` and gives every one-token run the one-token
-    table, so a short step launches every kernel variant that long contexts take (the attention with both tile
-    sizes, the merges of both), which a serving warm-up wants compiled before its first request. Not for real
+    """Within it block_table cuts every block's slots every ``split``, gives every one-token run the one-token table
+    and every run of 3 tokens or more the wide table (runs of 2 the main table), so a short step launches every
+    kernel variant that long contexts take (the attention with all three tile sizes, the merges of all three), which a
+    serving warm-up wants compiled before its first request. Not for real
     steps: the cuts change the bits; and it sets module constants, so it holds for every thread of the process."""
-    global SPLIT, SINGLE_FROM, UNCUT_PROGRAMS
-    saved = SPLIT, SINGLE_FROM, UNCUT_PROGRAMS
-    SPLIT, SINGLE_FROM, UNCUT_PROGRAMS = int(split), 1, 1 << 62
+    global SPLIT, SINGLE_FROM, UNCUT_PROGRAMS, WIDE_ROWS, WIDE_FROM_SLOTS, WIDE_MIN_TOKENS
+    saved = SPLIT, SINGLE_FROM, UNCUT_PROGRAMS, WIDE_ROWS, WIDE_FROM_SLOTS, WIDE_MIN_TOKENS
+    SPLIT, SINGLE_FROM, UNCUT_PROGRAMS, WIDE_ROWS, WIDE_FROM_SLOTS, WIDE_MIN_TOKENS = int(split), 1, 1 << 62, 0, 0, 3
     try:
         yield
     finally:
-        SPLIT, SINGLE_FROM, UNCUT_PROGRAMS = saved
+        SPLIT, SINGLE_FROM, UNCUT_PROGRAMS, WIDE_ROWS, WIDE_FROM_SLOTS, WIDE_MIN_TOKENS = saved
 
 
 def rows_to_device(host: np.ndarray, device) -> tuple[torch.Tensor, ...]:
@@ -408,11 +464,11 @@ def packed_attention(q_HNd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     out = torch.empty(N, H, e, dtype=q_HNd.dtype, device=q_HNd.device)
     if not N:
         return out
-    for t in (table, table.single):
-        if t is None or not t.num_items:
+    for t in table.tables:
+        if not t.num_items:
             continue
         tb = t.tokens_per_block or TB
-        if tb * R > BLOCK_M:
+        if tb * R > (WIDE_M if t is table.wide else BLOCK_M):
             raise ValueError(f"a table of {tb} tokens a block for {H} query heads on {G} key/value heads: made for "
                              f"other heads (block_table's tokens_per_block is group_rows(H, G)[1] = {TB})")
         _attend_table(q_HNd, k_cache, v_cache, out, t, R, tb, scale)
@@ -424,14 +480,20 @@ def _attend_table(q_HNd, k_cache, v_cache, out, table: PackedTable, R: int, TB: 
     G = k_cache.shape[1]
     e = v_cache.shape[3]
     ni, nm = table.num_items, table.num_merges
-    launch = _launch(R, TB, d, e, bool(table.window), q_HNd.dtype, _interpreted())
+    tma = tma_ok(k_cache) and _tma_layout(k_cache) and _tma_layout(v_cache)
+    launch = _launch(R, TB, d, e, bool(table.window), q_HNd.dtype, _interpreted(), tma)
     BE = launch["BLOCK_E"]
     # the pieces of blocks cut in pieces write here: they come first in the table (block_table), so as many rows as
     # they are (a merge's last piece is the highest index, its first + count - 1)
     rows = max(1, _scratch_rows(table, G, R, TB))
     part = torch.empty(rows, BE, dtype=torch.float32, device=q_HNd.device)
     ml = torch.empty(rows, 2, dtype=torch.float32, device=q_HNd.device)
-    _attend[(ni, G)](q_HNd, k_cache, v_cache, out, part, ml, *table.blocks, *table.items, H // G, d, e,
+    k_desc = v_desc = None
+    if launch["KV_TMA"]:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        k_desc, v_desc = (TensorDescriptor(c, list(c.shape), list(c.stride()), [1, 1, launch["BLOCK_N"], b])
+                          for c, b in ((k_cache, launch["BLOCK_D"]), (v_cache, BE)))
+    _attend[(ni, G)](q_HNd, k_cache, v_cache, k_desc, v_desc, out, part, ml, *table.blocks, *table.items, H // G, d, e,
                      table.window, scale, q_HNd.stride(0), q_HNd.stride(1), *k_cache.stride()[:3],
                      *v_cache.stride()[:3], out.stride(0), out.stride(1), **launch)
     if nm:
@@ -439,12 +501,24 @@ def _attend_table(q_HNd, k_cache, v_cache, out, table: PackedTable, R: int, TB: 
                         out.stride(1), R=R, TB=TB, BLOCK_E=BE, num_warps=4)
 
 
+def _tma_layout(t: torch.Tensor) -> bool:
+    """Whether a cache tensor can back a TMA descriptor: unit last stride, 16-byte aligned base and strides."""
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1]))
+
+
 @functools.lru_cache(maxsize=64)
-def _launch(R: int, TB: int, d: int, e: int, windowed: bool, dtype: torch.dtype, interpreted: bool) -> dict:
-    return dict(R=R, TB=TB, BLOCK_N=BLOCK_N, BLOCK_D=max(16, next_pow2(d)), BLOCK_E=max(16, next_pow2(e)),
-                WINDOWED=windowed,
-                CAST_F32=interpreted or dtype == torch.float32, PREC=_precision(dtype),
-                num_warps=4, num_stages=2)
+def _launch(R: int, TB: int, d: int, e: int, windowed: bool, dtype: torch.dtype, interpreted: bool, tma: bool) -> dict:
+    """The attention kernel's constexprs and launch options for a table of TB tokens a block: its tile rows TB x R
+    pick the key step, warps, stages and whether keys and values come by TMA (TILE_LAUNCH; ``tma``: the caches
+    allow descriptors)."""
+    bn, warps, stages, by_tma = TILE_LAUNCH.get(TB * R, TILE_LAUNCH[BLOCK_M])
+    BD, BE = max(16, next_pow2(d)), max(16, next_pow2(e))
+    if TB * R == WIDE_M and max(BD, BE) > 128:  # (192-wide keys: 128-slot steps at 3 stages pass shared memory)
+        bn = 64
+    return dict(R=R, TB=TB, BLOCK_N=bn, BLOCK_D=BD, BLOCK_E=BE, WINDOWED=windowed,
+                CAST_F32=interpreted or dtype == torch.float32, PREC=_precision(dtype), KV_TMA=bool(by_tma and tma),
+                num_warps=warps, num_stages=stages)
 
 
 def packed_attention_reference(q_HNd, k_cache, v_cache, table: PackedTable, scale: float) -> torch.Tensor:
@@ -453,8 +527,8 @@ def packed_attention_reference(q_HNd, k_cache, v_cache, table: PackedTable, scal
     G = k_cache.shape[1]
     out = torch.zeros(N, H, v_cache.shape[3], dtype=q_HNd.dtype, device=q_HNd.device)
     blocks = [b.tolist() for b in table.blocks]
-    if table.single is not None:
-        blocks = [a + b.tolist() for a, b in zip(blocks, table.single.blocks)]
+    for t in table.tables[1:]:
+        blocks = [a + b.tolist() for a, b in zip(blocks, t.blocks)]
     for r, t0, c, p0 in zip(*blocks):
         hi = min(p0 + c, table.max_len)
         q = q_HNd[:, t0:t0 + c][None]  # [1, H, c, d]

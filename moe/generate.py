@@ -233,7 +233,8 @@ class Engine:
         - ``rows`` requests arriving one a step (prompts of 2 and of the longest length in turn) while the earlier
           ones decode: packed steps of a prompt beside 1 .. rows - 1 decoding rows, as traffic makes them; then one
           step packed whatever it saves (a model that attends over a packed step in one launch has kernels there),
-          its slots cut as a long context's are (``kernels.packed_attention.every_variant``);
+          its slots cut as a long context's are and its longer prompt in the wide table
+          (``kernels.packed_attention.every_variant``);
         - every decode slot bucket up to max_len captured (``capture_all``; the first 64).
 
         Before session 27 one short prompt ran (1 row, then rows): a fresh replica's first 64-token prompts still
@@ -320,11 +321,12 @@ class Engine:
             from kernels.packed_attention import every_variant
             saved, self.pack_tokens_per_part = self.pack_tokens_per_part, 0
             try:
-                # with every block's slots cut in pieces and the decoding row in the one-token table, as a long
-                # context's step has them: merges and one-token tiles compile here, not in a request at 1024 / 16384
-                # slots
+                # with every block's slots cut in pieces, the decoding row in the one-token table and a prompt of 3
+                # tokens in the wide table, as a long context's step and a long prompt have them: merges, one-token
+                # and wide tiles compile here, not in a request at 1024 / 16384 slots or a prompt of thousands
                 with every_variant():
-                    run([(f"warm-packed-{i}", prompt_of(2), SamplingParams(max_new_tokens=3, ignore_eos=True))
+                    run([(f"warm-packed-{i}", prompt_of(min(2 + i, top)), SamplingParams(max_new_tokens=3,
+                                                                                          ignore_eos=True))
                          for i in range(2)], one_a_step=True)
             except Exception as e:
                 raise failed("a prompt of 2 tokens joining a decoding row, packed", e) from e

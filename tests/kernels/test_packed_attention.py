@@ -49,18 +49,26 @@ CASES = [
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("H,G,d,e,runs", CASES)
 @pytest.mark.parametrize("window", [0, 5])
-@pytest.mark.parametrize("split,single_from", [(None, None), (16, None), (16, 4)])
-def test_packed_attention_equals_sdpa_per_run(device, H, G, d, e, runs, window, split, single_from):
-    """Against SDPA run by run; with the slots cut every 16 too (a block's pieces merged, as for long contexts), and
-    with one-token runs of 4 slots or more in a table of their own (16-row tiles, as for contexts of SINGLE_FROM)."""
+@pytest.mark.parametrize("split,single_from,wide", [(None, None, False), (16, None, False), (16, 4, False),
+                                                     (None, None, True), (16, 4, True)])
+def test_packed_attention_equals_sdpa_per_run(device, H, G, d, e, runs, window, split, single_from, wide,
+                                              monkeypatch):
+    """Against SDPA run by run; with the slots cut every 16 too (a block's pieces merged, as for long contexts), with
+    one-token runs of 4 slots or more in a table of their own (16-row tiles, as for contexts of SINGLE_FROM), and with
+    runs of 16 tokens or more in the wide table (128-row tiles, as for prompts of thousands of tokens)."""
+    import kernels.packed_attention as PA
+    if wide:
+        monkeypatch.setattr(PA, "WIDE_ROWS", 16 * group_rows(H, G)[0])  # (block_table's kv_heads: 1)
+        monkeypatch.setattr(PA, "WIDE_FROM_SLOTS", 0)
     max_len = 80 if any(p + t > 40 for _, p, t in runs if t > 30) else 40
     q, k, v, table, max_len = _case(H, G, d, runs, max_len=max_len, device=device, e=e, window=window, split=split,
                                     single_from=single_from)
     if split:
-        assert table.num_merges > 0 or window or (table.single is not None and table.single.num_merges > 0)
+        assert window or any(t.num_merges > 0 for t in table.tables)
     if single_from and not window and any(t == 1 and p + 1 >= single_from for _, p, t in runs):
         assert table.single is not None and table.single.tokens_per_block == single_tokens_per_block(
             table.tokens_per_block)
+    assert (table.wide is not None) == (wide and any(t >= 16 for _, _, t in runs))
     got = packed_attention(q, k, v, table, 0.3)
     want = packed_attention_reference(q, k, v, table, 0.3)
     # tokens past max_len (padding) see the slots below it; with a window they may see none: compare the others
@@ -76,15 +84,22 @@ def test_packed_attention_equals_sdpa_per_run(device, H, G, d, e, runs, window, 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("window", [0, 5])
-def test_a_tokens_attention_does_not_depend_on_what_is_packed_beside_it(device, window):
+@pytest.mark.parametrize("wide", [False, True])
+def test_a_tokens_attention_does_not_depend_on_what_is_packed_beside_it(device, window, wide, monkeypatch):
     """The same bits for a row's tokens whether the step holds them alone or beside other rows: what keeps a packed
     step's greedy tokens from depending on the traffic beside them. (A row's tokens are cut into blocks from its
-    own first token, so its blocks are the same either way.)"""
+    own first token, so its blocks are the same either way.) ``wide``: the row's run long enough for the wide table."""
+    import kernels.packed_attention as PA
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     q, k, v, _, L = _case(8, 2, 32, [(1, 6, 11)], dtype=dtype, device=device, max_len=300)
     R, TB = group_rows(8, 2)
     assert TB > 11
-    alone = packed_attention(q, k, v, block_table([1], [0], [11], [6], TB, device, L, window, split=64), 0.2)
+    if wide:
+        monkeypatch.setattr(PA, "WIDE_ROWS", 10 * R)  # (block_table's kv_heads: 1) the 11-token run, not the others
+        monkeypatch.setattr(PA, "WIDE_FROM_SLOTS", 0)
+    t1 = block_table([1], [0], [11], [6], TB, device, L, window, split=64)
+    assert (t1.wide is not None) == wide
+    alone = packed_attention(q, k, v, t1, 0.2)
     g = torch.Generator().manual_seed(9)
     other = torch.randn(8, 5, 32, generator=g).to(device, dtype)
     both = torch.cat([other[:, :3], q, other[:, 3:]], dim=1)
@@ -134,14 +149,16 @@ def test_a_run_of_many_programs_is_not_cut_and_only_cut_pieces_take_scratch(devi
     t = block_table(*args, split=16, kv_heads=-(-PA.UNCUT_PROGRAMS // 3))  # 3 blocks x heads: uncut; 1 block: cut
     blk, lo, hi, one = (x.tolist() for x in t.items)
     assert t.cut_pieces == 2 + 3 and t.num_items == 5 + 3  # the 70-token run's 3 blocks whole, after the cut pieces
-    assert blk[:5] == [0, 0, 4, 4, 4] and one[:5] == [0] * 5 and blk[5:] == [1, 2, 3] and one[5:] == [1] * 3
+    # the whole blocks longest first: the 70-token run's last block (most slots) starts first
+    assert blk[:5] == [0, 0, 4, 4, 4] and one[:5] == [0] * 5 and blk[5:] == [3, 2, 1] and one[5:] == [1] * 3
     assert [x.tolist() for x in t.merges] == [[0, 4], [0, 2], [2, 3]]
     tol = dict(rtol=1e-5, atol=1e-5) if device == "cpu" else dict(rtol=2e-3, atol=2e-3)
     want = packed_attention_reference(q, k, v, t, 0.3)
     torch.testing.assert_close(packed_attention(q, k, v, t, 0.3), want, **tol)
     torch.testing.assert_close(packed_attention(q, k, v, cut_all, 0.3), want, **tol)
-    with every_variant():  # the warm-up's steps cut every run, however many programs
-        assert block_table(*args, kv_heads=PA.UNCUT_PROGRAMS).num_merges == 3
+    with every_variant():  # the warm-up's steps cut every run, however many programs (runs of 3 tokens and more wide)
+        t = block_table(*args, kv_heads=256)  # (outside it: every run uncut, the long ones wide)
+        assert (t.num_items, t.single.num_merges, t.wide.num_merges) == (0, 1, 3)
 
 
 @pytest.mark.parametrize("heads", [(32, 4, 128), (32, 8, 128), (16, 16, 128), (4, 2, 16)])
@@ -174,7 +191,8 @@ def test_block_table_gives_one_token_runs_of_long_contexts_a_table_of_their_own(
     assert t.tokens_per_block == 8 and t.single.tokens_per_block == 2 and t.single.single is None
     assert t.blocks[0].tolist() == [0, 2, 2]  # 99 slots, and the prompt (never the one-token table)
     assert t.single.blocks[0].tolist() == [1, 3] and t.single.blocks[1].tolist() == [1, 12]
-    assert t.single.blocks[3].tolist() == [150, 400] and t.single.items[2].tolist() == [151, 300]  # below max_len
+    # (whole blocks longest first; the row at 400 sees the slots below max_len)
+    assert t.single.blocks[3].tolist() == [150, 400] and t.single.items[2].tolist() == [300, 151]
     for x in (*t.single.blocks, *t.single.items, *t.single.merges):
         assert x.data_ptr() % 16 == 0
     # a window narrower than the threshold: what the row sees is short, so the main table
@@ -193,6 +211,26 @@ def test_block_table_gives_one_token_runs_of_long_contexts_a_table_of_their_own(
         t = block_table([0, 1], [0, 1], [1, 2], [3, 0], 8, "cpu", 300)
         assert t.single.num_items == 4 and t.single.num_merges == 1 and t.num_merges == 1
     assert block_table([0, 1], [0, 1], [1, 2], [3, 0], 8, "cpu", 300).single is None
+
+
+def test_block_table_gives_long_runs_over_long_contexts_the_wide_table():
+    """A run goes wide when its tokens x R x key/value heads reach WIDE_ROWS and its last token sees WIDE_FROM_SLOTS
+    slots: Qwen3-30B-A3B's heads (R 8, 4 key/value heads) from 1024 tokens, ending at 4096 slots or later; blocks of
+    twice the main table's tokens, never cut; a one-token run never."""
+    import kernels.packed_attention as PA
+    R, TB = group_rows(32, 4)
+    L = 40000
+    assert PA.wide_tokens_per_block(TB) == 2 * TB
+    t = block_table([0, 1, 2, 3], [0, 1024, 2047, 3070], [1024, 1023, 1023, 1], [3072, 3072, 0, 30000], TB, "cpu", L,
+                    kv_heads=4)
+    assert t.wide is not None and t.wide.blocks[0].unique().tolist() == [0]  # 1024 tokens ending at 4096: wide
+    assert t.wide.tokens_per_block == 2 * TB and t.wide.num_items == 1024 // (2 * TB) and t.wide.num_merges == 0
+    assert sorted(set(t.blocks[0].tolist())) == [1, 2]  # 1023 tokens: the main table, wherever they are
+    assert t.single.blocks[0].tolist() == [3]
+    assert block_table([0], [0], [2000], [0], TB, "cpu", L, kv_heads=4).wide is None  # its last token sees 2000 slots
+    assert block_table([0], [0], [2000], [2096], TB, "cpu", L, kv_heads=4).wide is not None
+    assert block_table([0], [0], [4096], [0], TB, "cpu", L, kv_heads=2).wide is not None  # 4096 x 8 x 2
+    assert block_table([0], [0], [4095], [0], TB, "cpu", L, kv_heads=2).wide is None
 
 
 def test_block_table_cuts_runs_into_blocks_and_slots_into_pieces():

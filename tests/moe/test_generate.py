@@ -387,10 +387,11 @@ def test_an_engine_whose_model_attends_a_packed_step_in_one_launch_packs_every_m
 def test_warm_up_launches_every_packed_attention_variant_a_long_context_takes(model, tok, monkeypatch):
     """A replica's first packed steps over long contexts must not compile attention kernels inside a request: past
     SPLIT slots a block is cut in pieces and merged (a kernel of its own), and a decoding row past SINGLE_FROM slots
-    takes the one-token table (16-row tiles: another variant of both kernels). Engine.warm_up's forced packed step
+    takes the one-token table (16-row tiles: another variant of both kernels), and a long prompt the wide table
+    (128-row tiles: another again). Engine.warm_up's forced packed step
     runs under kernels.packed_attention.every_variant, so every (tokens a block, merged, window) variant of the
     traffic's steps was launched by the warm-up; without it the traffic takes ones the warm-up missed. Long contexts
-    scaled down to this cache: SINGLE_FROM 24, SPLIT 16."""
+    and prompts scaled down to this cache: SINGLE_FROM 24, SPLIT 16, WIDE_ROWS 8 tokens."""
     import contextlib
     import kernels.packed_attention as PA
     import moe.attention as A
@@ -399,11 +400,17 @@ def test_warm_up_launches_every_packed_attention_variant_a_long_context_takes(mo
     monkeypatch.setattr(A, "PACKED_ATTENTION", "always")
     monkeypatch.setattr(PA, "SINGLE_FROM", 24)
     monkeypatch.setattr(PA, "SPLIT", 16)
+    H, G = model.layers[0].attn.packed_heads()
+    R, TB = PA.group_rows(H, G)
+    monkeypatch.setattr(PA, "WIDE_ROWS", 8 * R * G)  # a prompt of 8 tokens or more: the wide table
+    monkeypatch.setattr(PA, "WIDE_FROM_SLOTS", 0)
     seen = []
     attend = PA._attend_table
 
     def spy(q, k, v, out, table, R, TB, scale):
-        seen.append((TB, table.num_merges > 0, table.window))
+        seen.append(("attend", TB, table.window))  # the kernels it launches, by the variants they compile
+        if table.num_merges:
+            seen.append(("merge", TB))
         return attend(q, k, v, out, table, R, TB, scale)
     monkeypatch.setattr(PA, "_attend_table", spy)
     ids = tok.encode(PROMPTS[1])
@@ -425,8 +432,9 @@ def test_warm_up_launches_every_packed_attention_variant_a_long_context_takes(mo
         return warm, set(seen)
 
     warm, traffic = variants(PA.every_variant)
-    tb1 = PA.single_tokens_per_block(PA.group_rows(*model.layers[0].attn.packed_heads())[1])
-    assert (tb1, True, 0) in traffic  # the long context's row: the one-token table, its pieces merged
+    tb1 = PA.single_tokens_per_block(TB)
+    assert {("attend", tb1, 0), ("merge", tb1)} <= traffic  # the long context's row: the one-token table, merged
+    assert ("attend", PA.wide_tokens_per_block(TB), 0) in traffic  # the 10-token prompt: the wide table
     assert traffic <= warm
     warm, traffic = variants(contextlib.nullcontext)
     assert not traffic <= warm
@@ -798,8 +806,8 @@ def test_warm_up_with_a_prefill_chunk_runs_one_prompt_past_it_and_the_burst(mode
     monkeypatch.setattr(Engine, "add_request", record)
     e.warm_up(max_prompt=40)
     # then traffic: requests of 2 and 40 tokens arriving one a step, the second's chunks packed beside the first
-    # decoding (the one-token parts that eager steps meet nowhere else); then two of 2 tokens, packed
-    assert seen == [1, 2, 3, 4, 9, 40, 40, 2, 40, 2, 2] and max(spy.T) == 4
+    # decoding (the one-token parts that eager steps meet nowhere else); then of 2 and 3 tokens, packed
+    assert seen == [1, 2, 3, 4, 9, 40, 40, 2, 40, 2, 3] and max(spy.T) == 4
     assert [(1, 1), (1, 4)] in spy.segments
 
 
@@ -1178,13 +1186,14 @@ def test_warm_up_leaves_the_engine_as_new(model, tok):
     # prompts 1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33 and 62 (max_len - 2): 12 x 2 steps; prompts arriving together
     # for steps of 64, 65, 128 and 129 tokens (62 + 2, 62 + 3, 62 + 62 + 4, 62 + 62 + 5): 4 x 2; the batch: 2 steps;
     # then rows requests of 2, 62, 2 tokens arriving one a step, 4 tokens each: the last arrives at step 3 and
-    # decodes to step 6 (one request of 2 tokens, 2 steps, with rows=1, and no steps of several prompts); then two
-    # 2-token prompts one a step, 3 tokens each, the second's prefill packed beside the first's decode: 4 steps
+    # decodes to step 6 (one request of 2 tokens, 2 steps, with rows=1, and no steps of several prompts); then
+    # prompts of 2 and 3 tokens one a step, 3 tokens each, the second's prefill packed beside the first's decode (the
+    # wide table's run under every_variant): 4 steps
     spy = _Packed(model)
     e = Engine(spy, tok, max_batch_size=3, max_len=64)
     assert e.warm_up() == 12 * 2 + 4 * 2 + 2 + 6 + 4
     assert {64, 65, 128, 129} <= set(spy.valid)
-    assert spy.segments[-3] == [(1, 1), (1, 2)]  # packed, though it saves one padded token (pack_tokens_per_part 256)
+    assert spy.segments[-3] == [(1, 1), (1, 3)]  # packed, though it saves two padded tokens (pack_tokens_per_part 256)
     assert e.pack_tokens_per_part == 256
     e = Engine(model, tok, max_batch_size=3, max_len=64)
     assert not e.has_unfinished() and e.warm_up(rows=1) == 12 * 2 + 2 + 2
