@@ -12,8 +12,10 @@ tables: the wide table for long runs over long contexts, WIDE_ROWS; the main tab
   rate and the cache's keys and values over the device-copy rate, both measured in the same run;
 - moeflow: kernels.packed_attention (table / tile rows it took);
 - sdpa flash, sdpa cudnn: torch's FlashAttention-2 and cuDNN backends on the same queries, keys and values (keys and
-  values expanded to every query head, outside the timed region; bottom-right causal: each query sees the context
-  and the run up to itself), where the backend takes the case.
+  values expanded to every query head, outside the timed region; bottom-right causal, ``causal_lower_right``: each
+  query sees the context and the run up to itself), where the backend takes the case;
+- sdpa cudnn mask, sdpa mask: cuDNN, and torch's own choice of backend, given the same as an additive [P, context]
+  mask, as the model's padded path hands it (the mask made outside the timed region).
 
 On the GPU each call is captured in a CUDA graph and the replays timed (CUDA events, the best of --rounds rounds of
 --reps replays), so no host time is in any column; eager calls add the host's launch work. Each output is checked
@@ -149,10 +151,13 @@ def main(argv=None) -> int:
           f"TFLOP/s, device copy {copy_rate / 1e12:.2f} TB/s (measured here)", flush=True)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
-    peers = [("sdpa flash", SDPBackend.FLASH_ATTENTION), ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION)]
+    # (name, backend or None for torch's own choice, the mask: "causal" = causal_lower_right, "dense" = the additive
+    # [P, context] mask the model's padded path hands SDPA)
+    peers = [("sdpa flash", SDPBackend.FLASH_ATTENTION, "causal"), ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION, "causal"),
+             ("sdpa cudnn mask", SDPBackend.CUDNN_ATTENTION, "dense"), ("sdpa mask", None, "dense")]
     rows = []
     header = f"{'heads':9s} {'P':>5s} {'at':>6s} {'floor':>7s} {'moeflow':>8s} {'x floor':>7s} {'table':>10s}"
-    header += "".join(f" {n:>11s}" for n, _ in peers) + "  rel. error (moeflow / peers)"
+    header += "".join(f" {n:>15s}" for n, _, _ in peers) + "  rel. error (moeflow / peers)"
     print(header, flush=True)
     for hk in a.heads.split(","):
         H, G, d, e = HEADS[hk]
@@ -180,10 +185,15 @@ def main(argv=None) -> int:
             if d != e:  # (FlashAttention-2 wants one head size: the values padded, the padding's columns dropped)
                 vx = F.pad(vx, (0, d - e))
             bias = causal_lower_right(P, ctx)
-            for name, backend in peers:
-                def peer(backend=backend):
+            pos = torch.arange(at, ctx, device=dev)
+            dense = torch.zeros(P, ctx, device=dev, dtype=dtype).masked_fill_(
+                torch.arange(ctx, device=dev)[None, :] > pos[:, None], float("-inf"))[None, None]
+            for name, backend, how in peers:
+                def peer(backend=backend, mask=bias if how == "causal" else dense):
+                    if backend is None:
+                        return F.scaled_dot_product_attention(q[None], kx, vx, attn_mask=mask, scale=scale)
                     with sdpa_kernel([backend]):
-                        return F.scaled_dot_product_attention(q[None], kx, vx, attn_mask=bias, scale=scale)
+                        return F.scaled_dot_product_attention(q[None], kx, vx, attn_mask=mask, scale=scale)
                 try:
                     o = peer()
                     errs.append(float((o[0, :, :, :e].transpose(0, 1).float() - ref).norm() / ref.norm()))
@@ -196,14 +206,14 @@ def main(argv=None) -> int:
             kv_bytes = G * ctx * (d + e) * k.element_size() + (q.numel() + P * H * e) * q.element_size()
             floor = max(fl / flops_rate, kv_bytes / copy_rate) * 1e3
             line = (f"{hk:9s} {P:5d} {at:6d} {floor:7.3f} {times[0]:8.3f} {times[0] / floor:7.2f} "
-                    f"{f'{took} {tile}':>10s}" + "".join(f" {t:11.3f}" for t in times[1:])
+                    f"{f'{took} {tile}':>10s}" + "".join(f" {t:15.3f}" for t in times[1:])
                     + "  " + " / ".join(f"{x:.1e}" for x in errs))
             print(line, flush=True)
             rows.append(dict(heads=hk, P=P, at=at, floor_ms=floor, moeflow_ms=times[0], table=took, tile_rows=tile,
-                             **{f"{n}_ms": t for (n, _), t in zip(peers, times[1:])}, errors=errs))
+                             **{f"{n}_ms": t for (n, _, _), t in zip(peers, times[1:])}, errors=errs))
             if errs[0] > (5e-3 if dtype == torch.bfloat16 else 1e-4):
                 raise SystemExit(f"moeflow's output is off the reference ({errs[0]:.1e}) at {hk} {P}@{at}")
-            del q, k, v, kx, vx, ref, out
+            del q, k, v, kx, vx, ref, out, dense
             if dev == "cuda":
                 torch.cuda.empty_cache()
     if a.out:
