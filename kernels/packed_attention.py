@@ -88,7 +88,8 @@ WIDE_ROWS = 256 * WIDE_M  # (UNCUT_PROGRAMS tiles of WIDE_M rows)
 WIDE_FROM_SLOTS = 4096
 WIDE_MIN_TOKENS = 2  # (a one-token run is never wide; every_variant raises it to give the main table a run too)
 # each table's (key step, warps, stages, keys and values by TMA) by its tile rows: the one-token table's SINGLE_ROWS, the
-# main table's BLOCK_M, the wide table's WIDE_M (whose key step is 64 slots for heads wider than 128: shared memory).
+# main table's BLOCK_M, the wide table's WIDE_M; fit_shared narrows the key step, then the stages, where the heads'
+# size and the dtype would pass the shared memory (DeepSeek-V2-Lite's 192-wide keys: 64-slot steps; float32 caches).
 # s36-b: the main table at 3 stages 10-15% faster than at 2 for runs of 512-1024 tokens, level for decoding rows
 TILE_LAUNCH = {SINGLE_ROWS: (64, 4, 2, False), BLOCK_M: (64, 4, 3, False), WIDE_M: (128, 8, 3, True)}
 # a run of at least this many (block, key/value head) programs is not cut in pieces: it fills the GPU as it is, and its
@@ -507,6 +508,31 @@ def _tma_layout(t: torch.Tensor) -> bool:
             and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1]))
 
 
+SHARED_BYTES = 232448  # shared memory a program may take on the H200 (227 KiB)
+
+
+def shared_bytes(rows: int, bn: int, stages: int, BD: int, BE: int, elem: int) -> int:
+    """An upper estimate of the attention kernel's shared memory: its query tile, ``stages`` key and value tiles of
+    ``bn`` slots, and 2 KiB for barriers (sm_90 compiles under Triton 3.6: 114688 for Qwen3's main table, 230400 for
+    its wide table, 214016 for DeepSeek-V2-Lite's wide table at 64-slot steps)."""
+    return (rows * BD + stages * bn * (BD + BE)) * elem + 2048
+
+
+def fit_shared(rows: int, bn: int, stages: int, BD: int, BE: int, elem: int) -> tuple[int, int]:
+    """(key step, stages) within SHARED_BYTES: the key step down to 64 slots first, then the stages down to 2, then
+    the key step again (wide heads, float32 caches; a config that does not fit fails to launch)."""
+    while shared_bytes(rows, bn, stages, BD, BE, elem) > SHARED_BYTES:
+        if bn > 64:
+            bn //= 2
+        elif stages > 2:
+            stages -= 1
+        elif bn > 16:
+            bn //= 2
+        else:
+            break
+    return bn, stages
+
+
 @functools.lru_cache(maxsize=64)
 def _launch(R: int, TB: int, d: int, e: int, windowed: bool, dtype: torch.dtype, interpreted: bool, tma: bool) -> dict:
     """The attention kernel's constexprs and launch options for a table of TB tokens a block: its tile rows TB x R
@@ -514,8 +540,7 @@ def _launch(R: int, TB: int, d: int, e: int, windowed: bool, dtype: torch.dtype,
     allow descriptors)."""
     bn, warps, stages, by_tma = TILE_LAUNCH.get(TB * R, TILE_LAUNCH[BLOCK_M])
     BD, BE = max(16, next_pow2(d)), max(16, next_pow2(e))
-    if TB * R == WIDE_M and max(BD, BE) > 128:  # (192-wide keys: 128-slot steps at 3 stages pass shared memory)
-        bn = 64
+    bn, stages = fit_shared(TB * R, bn, stages, BD, BE, torch.empty((), dtype=dtype).element_size())
     return dict(R=R, TB=TB, BLOCK_N=bn, BLOCK_D=BD, BLOCK_E=BE, WINDOWED=windowed,
                 CAST_F32=interpreted or dtype == torch.float32, PREC=_precision(dtype), KV_TMA=bool(by_tma and tma),
                 num_warps=warps, num_stages=stages)

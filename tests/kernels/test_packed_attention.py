@@ -281,3 +281,26 @@ def test_prepare_qkv_rows_writes_each_token_to_its_own_row(device, norm):
     torch.testing.assert_close(vc, vr, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="rows/slots"):
         prepare_qkv_rows(q, k, v, cos, sin, qw, kw, 1e-6, kc, vc, row_N[:-1], slot_N, H, G)
+
+
+def test_every_tables_launch_fits_the_shared_memory():
+    """_launch's key step and stages, fitted to the shared memory for every head size and dtype a model may bring:
+    the published shapes keep the measured configs (Qwen3's wide table 128-slot steps at 3 stages, DeepSeek-V2-Lite's
+    64-slot), and wide heads or float32 caches get narrower steps or fewer stages instead of a launch that fails."""
+    import kernels.packed_attention as PA
+    PA._launch.cache_clear()
+    for rows, d, e, dtype in [(r, d, e, dt) for r in (PA.SINGLE_ROWS, PA.BLOCK_M, PA.WIDE_M)
+                              for d, e in ((64, 64), (128, 128), (192, 128), (256, 256))
+                              for dt in (torch.bfloat16, torch.float32)]:
+        R = 8 if rows >= 8 else 1
+        c = PA._launch(R, rows // R, d, e, False, dtype, False, True)
+        elem = torch.empty((), dtype=dtype).element_size()
+        assert PA.shared_bytes(rows, c["BLOCK_N"], c["num_stages"], c["BLOCK_D"], c["BLOCK_E"], elem) <= PA.SHARED_BYTES
+        assert c["BLOCK_N"] >= 16 and c["num_stages"] >= 2
+    wide = PA._launch(8, PA.WIDE_M // 8, 128, 128, False, torch.bfloat16, False, True)
+    assert (wide["BLOCK_N"], wide["num_stages"], wide["num_warps"], wide["KV_TMA"]) == (128, 3, 8, True)
+    mla = PA._launch(1, PA.WIDE_M, 192, 128, False, torch.bfloat16, False, True)
+    assert (mla["BLOCK_N"], mla["num_stages"]) == (64, 3)
+    main = PA._launch(8, PA.BLOCK_M // 8, 128, 128, False, torch.bfloat16, False, True)
+    assert (main["BLOCK_N"], main["num_stages"], main["KV_TMA"]) == (64, 3, False)
+    assert PA._launch(8, PA.WIDE_M // 8, 128, 128, False, torch.bfloat16, False, False)["KV_TMA"] is False
